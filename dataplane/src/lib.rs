@@ -1,0 +1,36 @@
+//! # dataplane — pollux's packet engine
+//!
+//! Owns everything that touches packets as bytes and moves them:
+//! - packet buffers ([`PacketBuf`], [`pool::Pool`] of preallocated buffers with
+//!   headroom, huge pages when available) and [`Batch`]es of up to 32;
+//! - the [`Port`] trait, per-port counters ([`stats`]) and the port drivers
+//!   ([`port::ring`], [`port::pcap`]);
+//! - header views ([`wire`]), one-pass parsing into offsets and a flow key
+//!   ([`parse`]) and rewrites with incremental checksums ([`rewrite`]);
+//! - the poll-mode [`worker::Worker`], core pinning and the TSC [`clock`].
+//!
+//! Must not touch: policy. It knows nothing of VMs, vnets, ACLs or VIPs; the
+//! `filter`, `lb` and `vswitch` crates build on it. `unsafe` is allowed only in
+//! port drivers (none of today's drivers needs any).
+//!
+//! Fast-path rules here: no allocation per packet, no locks, bursts of
+//! [`BURST`], no `unwrap`/`expect`/`panic` (denied by lints), and no accessor
+//! that can panic on a packet once its view is validated.
+
+pub mod batch;
+pub mod buf;
+pub mod clock;
+pub mod parse;
+pub mod pool;
+pub mod port;
+pub mod rewrite;
+pub mod stats;
+pub mod wire;
+pub mod worker;
+
+pub use batch::{BURST, Batch};
+pub use buf::{BufError, PacketBuf};
+pub use parse::{FlowKey, L3, Parsed, parse};
+pub use port::{LinkInfo, Port, PortError};
+pub use stats::{DropReason, PortStats};
+pub use wire::{MacAddr, ParseError};

@@ -1,0 +1,95 @@
+//! The `Port` trait and its drivers.
+//!
+//! A port moves bursts of packets in and out. It is owned by one worker, which
+//! calls it from one thread; its counters are shared atomics the control thread
+//! reads. Drivers: [`ring`] (in-memory pairs) and [`pcap`] (files).
+
+pub mod pcap;
+pub mod ring;
+
+use crate::batch::Batch;
+use crate::buf::PacketBuf;
+use crate::stats::PortStats;
+use crate::wire::MacAddr;
+use std::sync::Arc;
+
+/// What a port is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkInfo {
+    /// The port name from the configuration.
+    pub name: String,
+    /// The port's MAC address.
+    pub mac: MacAddr,
+    /// Largest IP packet (L3) the port carries.
+    pub mtu: u16,
+    /// The driver: "ring", "pcap", ...
+    pub driver: &'static str,
+}
+
+impl LinkInfo {
+    /// A link with the default MTU of 1500.
+    pub fn new(name: &str, mac: MacAddr, driver: &'static str) -> Self {
+        LinkInfo {
+            name: name.to_string(),
+            mac,
+            mtu: 1500,
+            driver,
+        }
+    }
+}
+
+/// A source and sink of packet bursts.
+///
+/// Contract: `rx_burst` appends at most `batch.free_space()` packets and
+/// returns how many; `tx_burst` takes every packet out of `batch`, sends what it
+/// can and drops the rest, counting each drop with its reason, and returns how
+/// many were sent. No packet is leaked: every buffer ends sent or freed.
+pub trait Port: Send {
+    /// The buffer type this port receives into and transmits from.
+    type Buf: PacketBuf;
+
+    /// Name, MAC, MTU and driver.
+    fn info(&self) -> &LinkInfo;
+
+    /// The port's counters, shareable with the control thread.
+    fn stats(&self) -> &Arc<PortStats>;
+
+    /// Receives up to `batch.free_space()` packets into `batch`.
+    fn rx_burst(&mut self, batch: &mut Batch<Self::Buf>) -> usize;
+
+    /// Sends every packet of `batch` (leaving it empty); returns how many went out.
+    fn tx_burst(&mut self, batch: &mut Batch<Self::Buf>) -> usize;
+}
+
+/// Why a port could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum PortError {
+    /// A file the port needs could not be opened or created.
+    #[error("port {port:?}: cannot open {path}: {source}")]
+    Open {
+        /// Port name.
+        port: String,
+        /// The file.
+        path: String,
+        /// The OS or format error.
+        source: std::io::Error,
+    },
+    /// A file exists but is not a usable pcap file.
+    #[error("port {port:?}: {path} is not a usable pcap file: {reason}")]
+    BadPcap {
+        /// Port name.
+        port: String,
+        /// The file.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The port configuration is inconsistent.
+    #[error("port {port:?}: {reason}")]
+    BadConfig {
+        /// Port name.
+        port: String,
+        /// What is wrong.
+        reason: String,
+    },
+}

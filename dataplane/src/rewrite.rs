@@ -1,0 +1,517 @@
+//! Header rewrites with incremental checksum updates (RFC 1624).
+//!
+//! Every function takes the frame and the [`Parsed`] that [`crate::parse`]
+//! returned for it, and patches the IPv4 header checksum and the TCP/UDP/ICMPv6
+//! checksum (whose pseudo-header covers the addresses) in place, so a NAT or a
+//! routing step never recomputes a checksum over the payload.
+//!
+//! Rules followed: a UDP-over-IPv4 checksum of 0 means "none" and stays 0; a
+//! computed UDP checksum of 0 is sent as 0xffff (RFC 768); ICMPv4 has no
+//! pseudo-header, so address changes leave it alone; fragments other than the
+//! first carry no transport header, so only the IP header changes.
+
+use crate::parse::{L3, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Parsed};
+use crate::wire::{MacAddr, checksum, icmp, tcp, udp};
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+/// Why a rewrite was refused. The frame is left unchanged in every case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RewriteError {
+    /// An IPv4 rewrite on a frame that is not IPv4.
+    #[error("frame is not ipv4")]
+    NotIpv4,
+    /// An IPv6 rewrite on a frame that is not IPv6.
+    #[error("frame is not ipv6")]
+    NotIpv6,
+    /// A port rewrite on a frame without TCP, UDP or ICMP echo in it.
+    #[error("frame has no ports to rewrite")]
+    NoPorts,
+    /// TTL or hop limit was already 0 or 1: the packet must not be forwarded.
+    #[error("ttl expired")]
+    TtlExpired,
+    /// The frame is shorter than the offsets in `Parsed` (it was not the
+    /// frame that was parsed).
+    #[error("frame does not match its parse result")]
+    Mismatch,
+}
+
+const IPV4_CHECK: usize = 10;
+
+#[inline]
+fn get16(f: &[u8], at: usize) -> Result<u16, RewriteError> {
+    match f.get(at..at + 2) {
+        Some(b) => Ok(u16::from_be_bytes([b[0], b[1]])),
+        None => Err(RewriteError::Mismatch),
+    }
+}
+
+#[inline]
+fn put16(f: &mut [u8], at: usize, v: u16) -> Result<(), RewriteError> {
+    match f.get_mut(at..at + 2) {
+        Some(b) => {
+            b.copy_from_slice(&v.to_be_bytes());
+            Ok(())
+        }
+        None => Err(RewriteError::Mismatch),
+    }
+}
+
+/// Sets the destination MAC.
+#[inline]
+pub fn set_dst_mac(frame: &mut [u8], mac: MacAddr) -> Result<(), RewriteError> {
+    frame
+        .get_mut(0..6)
+        .ok_or(RewriteError::Mismatch)?
+        .copy_from_slice(&mac.0);
+    Ok(())
+}
+
+/// Sets the source MAC.
+#[inline]
+pub fn set_src_mac(frame: &mut [u8], mac: MacAddr) -> Result<(), RewriteError> {
+    frame
+        .get_mut(6..12)
+        .ok_or(RewriteError::Mismatch)?
+        .copy_from_slice(&mac.0);
+    Ok(())
+}
+
+/// Offset of the transport checksum that covers the pseudo-header, if any,
+/// and whether it is UDP over IPv4 (where 0 means "no checksum").
+#[inline]
+fn pseudo_checksum_at(p: &Parsed) -> Option<(usize, bool)> {
+    if !p.has_l4 {
+        return None;
+    }
+    let l4 = usize::from(p.l4_off);
+    match (p.l3, p.key.proto) {
+        (_, PROTO_TCP) => Some((l4 + tcp::CHECKSUM_OFFSET, false)),
+        (L3::Ipv4, PROTO_UDP) => Some((l4 + udp::CHECKSUM_OFFSET, true)),
+        (L3::Ipv6, PROTO_UDP) => Some((l4 + udp::CHECKSUM_OFFSET, false)),
+        (L3::Ipv6, PROTO_ICMPV6) => Some((l4 + icmp::CHECKSUM_OFFSET, false)),
+        _ => None,
+    }
+}
+
+/// Patches the transport checksum at `at` for `old` -> `new` covered bytes.
+#[inline]
+fn patch_l4(
+    frame: &mut [u8],
+    at: usize,
+    udp4: bool,
+    old: &[u8],
+    new: &[u8],
+) -> Result<(), RewriteError> {
+    let check = get16(frame, at)?;
+    if udp4 && check == 0 {
+        return Ok(());
+    }
+    let mut c = checksum::update(check, old, new);
+    if udp4 && c == 0 {
+        c = 0xffff;
+    }
+    put16(frame, at, c)
+}
+
+fn set_ipv4_addr(
+    frame: &mut [u8],
+    p: &Parsed,
+    field: usize,
+    ip: Ipv4Addr,
+) -> Result<(), RewriteError> {
+    if p.l3 != L3::Ipv4 {
+        return Err(RewriteError::NotIpv4);
+    }
+    let l3 = usize::from(p.l3_off);
+    let at = l3 + field;
+    let new = ip.octets();
+    let old: [u8; 4] = frame
+        .get(at..at + 4)
+        .and_then(|s| s.try_into().ok())
+        .ok_or(RewriteError::Mismatch)?;
+    let l4 = pseudo_checksum_at(p);
+    // Validate every offset before the first write: all or nothing.
+    get16(frame, l3 + IPV4_CHECK)?;
+    if let Some((c, _)) = l4 {
+        get16(frame, c)?;
+    }
+    let ipc = get16(frame, l3 + IPV4_CHECK)?;
+    put16(frame, l3 + IPV4_CHECK, checksum::update(ipc, &old, &new))?;
+    if let Some((c, udp4)) = l4 {
+        patch_l4(frame, c, udp4, &old, &new)?;
+    }
+    frame[at..at + 4].copy_from_slice(&new);
+    Ok(())
+}
+
+/// Sets the IPv4 source address, updating the header and transport checksums.
+#[inline]
+pub fn set_ipv4_src(frame: &mut [u8], p: &Parsed, ip: Ipv4Addr) -> Result<(), RewriteError> {
+    set_ipv4_addr(frame, p, 12, ip)
+}
+
+/// Sets the IPv4 destination address, updating the header and transport checksums.
+#[inline]
+pub fn set_ipv4_dst(frame: &mut [u8], p: &Parsed, ip: Ipv4Addr) -> Result<(), RewriteError> {
+    set_ipv4_addr(frame, p, 16, ip)
+}
+
+fn set_ipv6_addr(
+    frame: &mut [u8],
+    p: &Parsed,
+    field: usize,
+    ip: Ipv6Addr,
+) -> Result<(), RewriteError> {
+    if p.l3 != L3::Ipv6 {
+        return Err(RewriteError::NotIpv6);
+    }
+    let at = usize::from(p.l3_off) + field;
+    let new = ip.octets();
+    let old: [u8; 16] = frame
+        .get(at..at + 16)
+        .and_then(|s| s.try_into().ok())
+        .ok_or(RewriteError::Mismatch)?;
+    if let Some((c, udp4)) = pseudo_checksum_at(p) {
+        patch_l4(frame, c, udp4, &old, &new)?;
+    }
+    frame[at..at + 16].copy_from_slice(&new);
+    Ok(())
+}
+
+/// Sets the IPv6 source address, updating the transport checksum.
+#[inline]
+pub fn set_ipv6_src(frame: &mut [u8], p: &Parsed, ip: Ipv6Addr) -> Result<(), RewriteError> {
+    set_ipv6_addr(frame, p, 8, ip)
+}
+
+/// Sets the IPv6 destination address, updating the transport checksum.
+#[inline]
+pub fn set_ipv6_dst(frame: &mut [u8], p: &Parsed, ip: Ipv6Addr) -> Result<(), RewriteError> {
+    set_ipv6_addr(frame, p, 24, ip)
+}
+
+/// Where a port (or ICMP echo id) lives and which checksum covers it.
+#[inline]
+fn port_field(p: &Parsed, dst: bool) -> Result<(usize, usize, bool), RewriteError> {
+    if !p.has_l4 {
+        return Err(RewriteError::NoPorts);
+    }
+    let l4 = usize::from(p.l4_off);
+    let off = if dst { 2 } else { 0 };
+    match (p.l3, p.key.proto) {
+        (L3::Ipv4 | L3::Ipv6, PROTO_TCP) => Ok((l4 + off, l4 + tcp::CHECKSUM_OFFSET, false)),
+        (L3::Ipv4, PROTO_UDP) => Ok((l4 + off, l4 + udp::CHECKSUM_OFFSET, true)),
+        (L3::Ipv6, PROTO_UDP) => Ok((l4 + off, l4 + udp::CHECKSUM_OFFSET, false)),
+        // For ICMP echo the identifier plays the source port; there is no
+        // destination port. `set_port` checks the message is an echo.
+        (L3::Ipv4, PROTO_ICMP) | (L3::Ipv6, PROTO_ICMPV6) if !dst => {
+            Ok((l4 + 4, l4 + icmp::CHECKSUM_OFFSET, false))
+        }
+        _ => Err(RewriteError::NoPorts),
+    }
+}
+
+fn set_port(frame: &mut [u8], p: &Parsed, dst: bool, port: u16) -> Result<(), RewriteError> {
+    let (at, check_at, udp4) = port_field(p, dst)?;
+    if matches!(p.key.proto, PROTO_ICMP | PROTO_ICMPV6) {
+        let t = *frame
+            .get(usize::from(p.l4_off))
+            .ok_or(RewriteError::Mismatch)?;
+        let echo = if p.l3 == L3::Ipv4 {
+            matches!(t, icmp::V4_ECHO_REQUEST | icmp::V4_ECHO_REPLY)
+        } else {
+            matches!(t, icmp::V6_ECHO_REQUEST | icmp::V6_ECHO_REPLY)
+        };
+        if !echo {
+            return Err(RewriteError::NoPorts);
+        }
+    }
+    let old = get16(frame, at)?;
+    get16(frame, check_at)?;
+    patch_l4(
+        frame,
+        check_at,
+        udp4,
+        &old.to_be_bytes(),
+        &port.to_be_bytes(),
+    )?;
+    put16(frame, at, port)
+}
+
+/// Sets the TCP/UDP source port, or the ICMP/ICMPv6 echo identifier.
+#[inline]
+pub fn set_src_port(frame: &mut [u8], p: &Parsed, port: u16) -> Result<(), RewriteError> {
+    set_port(frame, p, false, port)
+}
+
+/// Sets the TCP/UDP destination port.
+#[inline]
+pub fn set_dst_port(frame: &mut [u8], p: &Parsed, port: u16) -> Result<(), RewriteError> {
+    set_port(frame, p, true, port)
+}
+
+/// Decrements the IPv4 TTL (patching the header checksum) or the IPv6 hop
+/// limit. Refuses with [`RewriteError::TtlExpired`] when it is 0 or 1.
+#[inline]
+pub fn dec_ttl(frame: &mut [u8], p: &Parsed) -> Result<(), RewriteError> {
+    let l3 = usize::from(p.l3_off);
+    match p.l3 {
+        L3::Ipv4 => {
+            // TTL shares a 16-bit word with the protocol byte.
+            let word = get16(frame, l3 + 8)?;
+            if word >> 8 <= 1 {
+                return Err(RewriteError::TtlExpired);
+            }
+            let new = word - 0x0100;
+            let c = get16(frame, l3 + IPV4_CHECK)?;
+            put16(frame, l3 + IPV4_CHECK, checksum::update_word(c, word, new))?;
+            put16(frame, l3 + 8, new)
+        }
+        L3::Ipv6 => {
+            let hl = frame.get_mut(l3 + 7).ok_or(RewriteError::Mismatch)?;
+            if *hl <= 1 {
+                return Err(RewriteError::TtlExpired);
+            }
+            *hl -= 1;
+            Ok(())
+        }
+        _ => Err(RewriteError::NotIpv4),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parse::{parse, tests::TCP4};
+    use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
+    use proptest::prelude::*;
+
+    /// Verifies every checksum of `frame` with etherparse as the independent reference.
+    fn assert_checksums_ok(frame: &[u8]) {
+        let s = SlicedPacket::from_ethernet(frame).unwrap();
+        let net = s.net.unwrap();
+        match &net {
+            etherparse::NetSlice::Ipv4(ip) => {
+                let h = ip.header().to_header();
+                assert_eq!(
+                    h.header_checksum,
+                    h.calc_header_checksum(),
+                    "ipv4 header checksum"
+                );
+            }
+            etherparse::NetSlice::Ipv6(_) => {}
+            _ => unreachable!(),
+        }
+        let (src, dst, v6) = match &net {
+            etherparse::NetSlice::Ipv4(ip) => (
+                ip.header().source().to_vec(),
+                ip.header().destination().to_vec(),
+                false,
+            ),
+            etherparse::NetSlice::Ipv6(ip) => (
+                ip.header().source().to_vec(),
+                ip.header().destination().to_vec(),
+                true,
+            ),
+            _ => unreachable!(),
+        };
+        let pseudo = |proto: u8, len: usize| {
+            if v6 {
+                checksum::pseudo_v6(
+                    src.clone().try_into().unwrap(),
+                    dst.clone().try_into().unwrap(),
+                    proto,
+                    len as u32,
+                )
+            } else {
+                checksum::pseudo_v4(
+                    src.clone().try_into().unwrap(),
+                    dst.clone().try_into().unwrap(),
+                    proto,
+                    len as u16,
+                )
+            }
+        };
+        match s.transport {
+            Some(TransportSlice::Tcp(t)) => {
+                let seg = t.slice();
+                assert_eq!(
+                    !checksum::fold(checksum::combine(pseudo(6, seg.len()), checksum::sum(seg))),
+                    0,
+                    "tcp checksum"
+                );
+            }
+            Some(TransportSlice::Udp(u)) => {
+                let d = u.slice();
+                if u.checksum() != 0 || v6 {
+                    assert_eq!(
+                        !checksum::fold(checksum::combine(pseudo(17, d.len()), checksum::sum(d))),
+                        0,
+                        "udp checksum"
+                    );
+                }
+            }
+            Some(TransportSlice::Icmpv4(i)) => {
+                assert_eq!(checksum::checksum(i.slice()), 0, "icmp checksum");
+            }
+            Some(TransportSlice::Icmpv6(i)) => {
+                let m = i.slice();
+                assert_eq!(
+                    !checksum::fold(checksum::combine(pseudo(58, m.len()), checksum::sum(m))),
+                    0,
+                    "icmpv6 checksum"
+                );
+            }
+            None => {}
+        }
+    }
+
+    fn tcp4_frame() -> Vec<u8> {
+        let mut f = TCP4.to_vec();
+        let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc])
+            .ipv4([10, 1, 0, 4], [10, 1, 0, 100], 64)
+            .tcp(40000, 80, 1, 0xffff)
+            .syn();
+        f.clear();
+        b.write(&mut f, b"hello").unwrap();
+        f
+    }
+
+    #[test]
+    fn dnat_tcp4() {
+        let mut f = tcp4_frame();
+        let p = parse(&f, 0).unwrap();
+        set_ipv4_dst(&mut f, &p, Ipv4Addr::new(10, 1, 0, 5)).unwrap();
+        set_dst_port(&mut f, &p, 8080).unwrap();
+        set_dst_mac(&mut f, MacAddr([2, 0, 0, 0, 0, 5])).unwrap();
+        set_src_mac(&mut f, MacAddr([0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc])).unwrap();
+        dec_ttl(&mut f, &p).unwrap();
+        assert_checksums_ok(&f);
+        let q = parse(&f, 0).unwrap();
+        assert_eq!(q.key.dst(), "10.1.0.5".parse::<std::net::IpAddr>().unwrap());
+        assert_eq!(q.key.dst_port, 8080);
+        assert_eq!(f[14 + 8], 63);
+        assert_eq!(&f[0..6], &[2, 0, 0, 0, 0, 5]);
+    }
+
+    #[test]
+    fn udp4_zero_checksum_stays_zero() {
+        let mut f = Vec::new();
+        PacketBuilder::ethernet2([0; 6], [0; 6])
+            .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .udp(1, 2)
+            .write(&mut f, b"x")
+            .unwrap();
+        f[14 + 20 + 6] = 0;
+        f[14 + 20 + 7] = 0;
+        let p = parse(&f, 0).unwrap();
+        set_ipv4_src(&mut f, &p, Ipv4Addr::new(1, 2, 3, 4)).unwrap();
+        set_src_port(&mut f, &p, 999).unwrap();
+        assert_eq!(&f[14 + 26..14 + 28], &[0, 0]);
+        assert_checksums_ok(&f);
+    }
+
+    #[test]
+    fn icmp_echo_ident_and_non_echo() {
+        let mut f = Vec::new();
+        PacketBuilder::ethernet2([0; 6], [0; 6])
+            .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .icmpv4_echo_request(0x1234, 1)
+            .write(&mut f, b"ping")
+            .unwrap();
+        let p = parse(&f, 0).unwrap();
+        set_ipv4_src(&mut f, &p, Ipv4Addr::new(192, 0, 2, 1)).unwrap();
+        set_src_port(&mut f, &p, 0x4321).unwrap();
+        assert_checksums_ok(&f);
+        assert_eq!(parse(&f, 0).unwrap().key.src_port, 0x4321);
+        assert_eq!(set_dst_port(&mut f, &p, 1), Err(RewriteError::NoPorts));
+        // Destination unreachable has no identifier.
+        f[34] = 3;
+        assert_eq!(set_src_port(&mut f, &p, 1), Err(RewriteError::NoPorts));
+    }
+
+    #[test]
+    fn ttl_expiry_and_wrong_family() {
+        let mut f = tcp4_frame();
+        f[14 + 8] = 1;
+        let p = parse(&f, 0).unwrap();
+        let before = f.clone();
+        assert_eq!(dec_ttl(&mut f, &p), Err(RewriteError::TtlExpired));
+        assert_eq!(
+            set_ipv6_dst(&mut f, &p, Ipv6Addr::LOCALHOST),
+            Err(RewriteError::NotIpv6)
+        );
+        assert_eq!(f, before);
+        // A parse result that does not belong to this (shorter) frame.
+        let mut short = f[..30].to_vec();
+        assert_eq!(
+            set_ipv4_dst(&mut short, &p, Ipv4Addr::LOCALHOST),
+            Err(RewriteError::Mismatch)
+        );
+        assert_eq!(&short[..], &before[..30]);
+    }
+
+    fn v6_frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+        let b = PacketBuilder::ethernet2([0; 6], [0; 6]).ipv6(
+            [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+            [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+            64,
+        );
+        let mut f = Vec::new();
+        match kind {
+            0 => b.tcp(1000, 2000, 7, 100).write(&mut f, payload).unwrap(),
+            1 => b.udp(1000, 2000).write(&mut f, payload).unwrap(),
+            _ => b.icmpv6_echo_request(77, 1).write(&mut f, payload).unwrap(),
+        }
+        f
+    }
+
+    fn v4_frame(kind: u8, payload: &[u8], ttl: u8) -> Vec<u8> {
+        let b = PacketBuilder::ethernet2([0; 6], [0; 6]).ipv4([10, 9, 8, 7], [172, 16, 0, 1], ttl);
+        let mut f = Vec::new();
+        match kind {
+            0 => b.tcp(1000, 2000, 7, 100).write(&mut f, payload).unwrap(),
+            1 => b.udp(1000, 2000).write(&mut f, payload).unwrap(),
+            _ => b.icmpv4_echo_request(77, 1).write(&mut f, payload).unwrap(),
+        }
+        f
+    }
+
+    proptest! {
+        // Incremental rewrites give the checksums a full recomputation gives,
+        // for random packets (family, protocol, payload) and random rewrites.
+        #[test]
+        fn rewrites_keep_checksums_valid(
+            v6 in any::<bool>(),
+            kind in 0u8..3,
+            payload in proptest::collection::vec(any::<u8>(), 0..300),
+            ttl in 2u8..=255,
+            src4 in any::<[u8; 4]>(), dst4 in any::<[u8; 4]>(),
+            src6 in any::<[u8; 16]>(), dst6 in any::<[u8; 16]>(),
+            sport in any::<u16>(), dport in any::<u16>(),
+            which in 0u8..32,
+        ) {
+            let mut f = if v6 { v6_frame(kind, &payload) } else { v4_frame(kind, &payload, ttl) };
+            let p = parse(&f, 0).unwrap();
+            if which & 1 != 0 {
+                if v6 { set_ipv6_src(&mut f, &p, src6.into()).unwrap() } else { set_ipv4_src(&mut f, &p, src4.into()).unwrap() }
+            }
+            if which & 2 != 0 {
+                if v6 { set_ipv6_dst(&mut f, &p, dst6.into()).unwrap() } else { set_ipv4_dst(&mut f, &p, dst4.into()).unwrap() }
+            }
+            if which & 4 != 0 {
+                set_src_port(&mut f, &p, sport).unwrap();
+            }
+            if which & 8 != 0 && kind != 2 {
+                set_dst_port(&mut f, &p, dport).unwrap();
+            }
+            if which & 16 != 0 {
+                dec_ttl(&mut f, &p).unwrap();
+            }
+            assert_checksums_ok(&f);
+            let q = parse(&f, 0).unwrap();
+            if which & 4 != 0 { prop_assert_eq!(q.key.src_port, sport); }
+            if which & 8 != 0 && kind != 2 { prop_assert_eq!(q.key.dst_port, dport); }
+        }
+    }
+}

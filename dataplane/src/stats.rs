@@ -1,0 +1,220 @@
+//! Counters as plain atomics: written by the one worker that owns the object,
+//! read by the control thread at any time.
+
+use crate::wire::ParseError;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Why a packet was dropped. Every drop in pollux is counted under one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DropReason {
+    /// The transmit queue (ring, NIC descriptor ring) had no room.
+    TxQueueFull,
+    /// A packet arrived but no buffer was free to hold it.
+    RxNoBuffer,
+    /// A received frame was larger than a buffer.
+    RxOversize,
+    /// Writing the packet out failed (pcap file write error).
+    TxIoError,
+    /// TTL or hop limit expired on forwarding.
+    TtlExpired,
+    /// The pipeline had nowhere to send the packet.
+    NoRoute,
+    /// The frame failed to parse.
+    Malformed(ParseError),
+}
+
+const SIMPLE: [DropReason; 6] = [
+    DropReason::TxQueueFull,
+    DropReason::RxNoBuffer,
+    DropReason::RxOversize,
+    DropReason::TxIoError,
+    DropReason::TtlExpired,
+    DropReason::NoRoute,
+];
+
+impl DropReason {
+    /// Number of distinct reasons (the size of a [`DropCounters`]).
+    pub const COUNT: usize = SIMPLE.len() + ParseError::ALL.len();
+
+    /// A dense index in `0..COUNT`.
+    #[inline]
+    pub const fn index(self) -> usize {
+        match self {
+            DropReason::TxQueueFull => 0,
+            DropReason::RxNoBuffer => 1,
+            DropReason::RxOversize => 2,
+            DropReason::TxIoError => 3,
+            DropReason::TtlExpired => 4,
+            DropReason::NoRoute => 5,
+            DropReason::Malformed(e) => SIMPLE.len() + e as usize,
+        }
+    }
+
+    /// The reason with index `i`, if any.
+    pub fn from_index(i: usize) -> Option<DropReason> {
+        match SIMPLE.get(i) {
+            Some(r) => Some(*r),
+            None => ParseError::ALL
+                .get(i - SIMPLE.len())
+                .map(|e| DropReason::Malformed(*e)),
+        }
+    }
+
+    /// Every reason, in index order.
+    pub fn all() -> impl Iterator<Item = DropReason> {
+        (0..Self::COUNT).filter_map(Self::from_index)
+    }
+
+    /// A stable snake_case name for counters and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            DropReason::TxQueueFull => "tx_queue_full",
+            DropReason::RxNoBuffer => "rx_no_buffer",
+            DropReason::RxOversize => "rx_oversize",
+            DropReason::TxIoError => "tx_io_error",
+            DropReason::TtlExpired => "ttl_expired",
+            DropReason::NoRoute => "no_route",
+            DropReason::Malformed(e) => e.name(),
+        }
+    }
+}
+
+impl From<ParseError> for DropReason {
+    fn from(e: ParseError) -> Self {
+        DropReason::Malformed(e)
+    }
+}
+
+/// One counter per [`DropReason`].
+#[derive(Debug)]
+pub struct DropCounters {
+    counts: [AtomicU64; DropReason::COUNT],
+}
+
+impl Default for DropCounters {
+    fn default() -> Self {
+        DropCounters {
+            counts: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+impl DropCounters {
+    /// Counts `n` drops for `reason`.
+    #[inline]
+    pub fn add(&self, reason: DropReason, n: u64) {
+        self.counts[reason.index()].fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Drops counted for `reason`.
+    pub fn get(&self, reason: DropReason) -> u64 {
+        self.counts[reason.index()].load(Ordering::Relaxed)
+    }
+
+    /// All drops.
+    pub fn total(&self) -> u64 {
+        self.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    /// The non-zero counters, by name.
+    pub fn nonzero(&self) -> Vec<(&'static str, u64)> {
+        DropReason::all()
+            .map(|r| (r.name(), self.get(r)))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+}
+
+/// Per-port counters.
+#[derive(Debug, Default)]
+pub struct PortStats {
+    /// Packets received.
+    pub rx_packets: AtomicU64,
+    /// Bytes received.
+    pub rx_bytes: AtomicU64,
+    /// Packets transmitted.
+    pub tx_packets: AtomicU64,
+    /// Bytes transmitted.
+    pub tx_bytes: AtomicU64,
+    /// Drops on this port, by reason.
+    pub drops: DropCounters,
+}
+
+impl PortStats {
+    /// Counts a received burst.
+    #[inline]
+    pub fn count_rx(&self, packets: u64, bytes: u64) {
+        if packets > 0 {
+            self.rx_packets.fetch_add(packets, Ordering::Relaxed);
+            self.rx_bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a transmitted burst.
+    #[inline]
+    pub fn count_tx(&self, packets: u64, bytes: u64) {
+        if packets > 0 {
+            self.tx_packets.fetch_add(packets, Ordering::Relaxed);
+            self.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// A consistent-enough copy for display.
+    pub fn snapshot(&self) -> PortStatsSnapshot {
+        PortStatsSnapshot {
+            rx_packets: self.rx_packets.load(Ordering::Relaxed),
+            rx_bytes: self.rx_bytes.load(Ordering::Relaxed),
+            tx_packets: self.tx_packets.load(Ordering::Relaxed),
+            tx_bytes: self.tx_bytes.load(Ordering::Relaxed),
+            drops: self.drops.total(),
+        }
+    }
+}
+
+/// Plain copy of [`PortStats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PortStatsSnapshot {
+    /// Packets received.
+    pub rx_packets: u64,
+    /// Bytes received.
+    pub rx_bytes: u64,
+    /// Packets transmitted.
+    pub tx_packets: u64,
+    /// Bytes transmitted.
+    pub tx_bytes: u64,
+    /// Drops, all reasons.
+    pub drops: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn indexes_are_dense_and_names_unique() {
+        let all: Vec<_> = DropReason::all().collect();
+        assert_eq!(all.len(), DropReason::COUNT);
+        for (i, r) in all.iter().enumerate() {
+            assert_eq!(r.index(), i);
+        }
+        let mut names: Vec<_> = all.iter().map(|r| r.name()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), DropReason::COUNT);
+        assert_eq!(DropReason::from_index(DropReason::COUNT), None);
+    }
+
+    #[test]
+    fn counts_by_reason() {
+        let c = DropCounters::default();
+        c.add(DropReason::TxQueueFull, 3);
+        c.add(ParseError::UdpBadLength.into(), 2);
+        assert_eq!(c.get(DropReason::TxQueueFull), 3);
+        assert_eq!(c.total(), 5);
+        assert_eq!(
+            c.nonzero(),
+            vec![("tx_queue_full", 3), ("udp_bad_length", 2)]
+        );
+    }
+}

@@ -1,0 +1,290 @@
+//! The poll loop: one worker per core, run to completion.
+//!
+//! A [`Worker`] owns a set of ports and a [`Pipeline`]. It polls every port
+//! with `rx_burst`, hands each non-empty burst to the pipeline, which sends
+//! packets through a [`Ctx`] into per-output-port transmit batches, and flushes
+//! those with `tx_burst` after every burst. It stops when its stop flag is set.
+//! Ports are called through `dyn Port` once per burst; the pipeline is a
+//! generic parameter, so there is no per-packet dynamic dispatch.
+
+use crate::batch::Batch;
+use crate::buf::PacketBuf;
+use crate::clock::TscClock;
+use crate::port::Port;
+use crate::stats::{DropCounters, DropReason};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+/// A port owned by a worker.
+pub type PortBox<B> = Box<dyn Port<Buf = B>>;
+
+/// What a worker does with a received burst.
+pub trait Pipeline<B: PacketBuf>: Send {
+    /// Processes `pkts`, received on port `in_port`: each packet is either
+    /// sent with [`Ctx::send`] or dropped with [`Ctx::drop_packet`]. Packets
+    /// left in `pkts` are dropped and counted as [`DropReason::NoRoute`].
+    fn process(&mut self, ctx: &mut Ctx<'_, B>, in_port: usize, pkts: &mut Batch<B>);
+}
+
+/// The pipeline's view of its worker during one burst.
+pub struct Ctx<'a, B: PacketBuf> {
+    ports: &'a mut [PortBox<B>],
+    pending: &'a mut [Batch<B>],
+    drops: &'a DropCounters,
+    now: u64,
+}
+
+impl<B: PacketBuf> Ctx<'_, B> {
+    /// Queues `pkt` for transmission on `port` (flushing that port's batch
+    /// first if it is full). An unknown port drops it as `NoRoute`.
+    #[inline]
+    pub fn send(&mut self, port: usize, pkt: B) {
+        let (Some(out), Some(p)) = (self.pending.get_mut(port), self.ports.get_mut(port)) else {
+            self.drops.add(DropReason::NoRoute, 1);
+            return;
+        };
+        if let Err(pkt) = out.push(pkt) {
+            p.tx_burst(out);
+            // Cannot fail: the batch was just emptied.
+            let _ = out.push(pkt);
+        }
+    }
+
+    /// Drops `pkt`, counting `reason` in the worker's counters.
+    #[inline]
+    pub fn drop_packet(&mut self, pkt: B, reason: DropReason) {
+        self.drops.add(reason, 1);
+        drop(pkt);
+    }
+
+    /// The clock reading taken at the start of this poll iteration.
+    #[inline]
+    pub fn now(&self) -> u64 {
+        self.now
+    }
+
+    /// Number of ports of the worker.
+    pub fn n_ports(&self) -> usize {
+        self.ports.len()
+    }
+
+    fn flush(&mut self) -> u64 {
+        let mut sent = 0;
+        for (p, out) in self.ports.iter_mut().zip(self.pending.iter_mut()) {
+            if !out.is_empty() {
+                sent += p.tx_burst(out) as u64;
+            }
+        }
+        sent
+    }
+}
+
+/// Worker counters, published every few hundred polls and at stop.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    /// Poll iterations that received at least one packet.
+    pub busy_polls: AtomicU64,
+    /// Poll iterations that received nothing.
+    pub idle_polls: AtomicU64,
+    /// Clock ticks spent in busy iterations.
+    pub busy_ticks: AtomicU64,
+    /// Clock ticks spent in idle iterations.
+    pub idle_ticks: AtomicU64,
+    /// Packets received over all ports.
+    pub rx_packets: AtomicU64,
+    /// Packets handed to `tx_burst` and sent.
+    pub tx_packets: AtomicU64,
+    /// Drops decided by the pipeline, by reason.
+    pub drops: DropCounters,
+}
+
+/// Why a worker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The configured core does not exist on this machine.
+    #[error(
+        "worker {worker:?}: core {core} does not exist (this machine has cores 0..{available})"
+    )]
+    NoSuchCore {
+        /// Worker name.
+        worker: String,
+        /// Configured core.
+        core: usize,
+        /// Number of cores seen.
+        available: usize,
+    },
+    /// The OS refused to pin the thread.
+    #[error("worker {worker:?}: cannot pin to core {core}")]
+    PinFailed {
+        /// Worker name.
+        worker: String,
+        /// Configured core.
+        core: usize,
+    },
+    /// The thread could not be spawned.
+    #[error("worker {worker:?}: cannot spawn thread: {source}")]
+    Spawn {
+        /// Worker name.
+        worker: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// A poll-mode worker.
+pub struct Worker<B: PacketBuf, P: Pipeline<B>> {
+    name: String,
+    core: Option<usize>,
+    ports: Vec<PortBox<B>>,
+    pipeline: P,
+    stop: Arc<AtomicBool>,
+    stats: Arc<WorkerStats>,
+}
+
+/// What a stopped worker gives back.
+pub struct Stopped<B: PacketBuf, P> {
+    /// The ports, with whatever is still queued in them.
+    pub ports: Vec<PortBox<B>>,
+    /// The pipeline and its state.
+    pub pipeline: P,
+}
+
+/// The thread of a spawned worker; joining it gives back ports and pipeline.
+pub type WorkerHandle<B, P> = std::thread::JoinHandle<Result<Stopped<B, P>, WorkerError>>;
+
+/// Counts kept on the worker's stack between two publications.
+#[derive(Default)]
+struct Tally {
+    busy: u64,
+    idle: u64,
+    busy_ticks: u64,
+    idle_ticks: u64,
+    rx: u64,
+    tx: u64,
+}
+
+impl Tally {
+    fn publish(&mut self, s: &WorkerStats) {
+        let t = std::mem::take(self);
+        s.busy_polls.fetch_add(t.busy, Ordering::Relaxed);
+        s.idle_polls.fetch_add(t.idle, Ordering::Relaxed);
+        s.busy_ticks.fetch_add(t.busy_ticks, Ordering::Relaxed);
+        s.idle_ticks.fetch_add(t.idle_ticks, Ordering::Relaxed);
+        s.rx_packets.fetch_add(t.rx, Ordering::Relaxed);
+        s.tx_packets.fetch_add(t.tx, Ordering::Relaxed);
+    }
+}
+
+/// Polls between two publications of the counters.
+const PUBLISH_EVERY: u32 = 256;
+
+impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
+    /// A worker named `name` over `ports`, pinned to `core` if given.
+    pub fn new(name: &str, core: Option<usize>, ports: Vec<PortBox<B>>, pipeline: P) -> Self {
+        Worker {
+            name: name.to_string(),
+            core,
+            ports,
+            pipeline,
+            stop: Arc::new(AtomicBool::new(false)),
+            stats: Arc::default(),
+        }
+    }
+
+    /// The flag that stops the worker when set.
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// The worker's counters.
+    pub fn stats(&self) -> Arc<WorkerStats> {
+        self.stats.clone()
+    }
+
+    fn pin(&self) -> Result<(), WorkerError> {
+        let Some(core) = self.core else { return Ok(()) };
+        let ids = core_affinity::get_core_ids().unwrap_or_default();
+        let Some(id) = ids.iter().find(|c| c.id == core) else {
+            return Err(WorkerError::NoSuchCore {
+                worker: self.name.clone(),
+                core,
+                available: ids.len(),
+            });
+        };
+        if !core_affinity::set_for_current(*id) {
+            return Err(WorkerError::PinFailed {
+                worker: self.name.clone(),
+                core,
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs the poll loop on the current thread until the stop flag is set.
+    pub fn run(mut self) -> Result<Stopped<B, P>, WorkerError> {
+        self.pin()?;
+        let clock = TscClock::calibrate(Duration::from_millis(10));
+        let mut pending: Vec<Batch<B>> = (0..self.ports.len()).map(|_| Batch::new()).collect();
+        let mut rx = Batch::new();
+        let mut tally = Tally::default();
+        let mut since_publish = 0u32;
+        while !self.stop.load(Ordering::Relaxed) {
+            let t0 = clock.now();
+            let mut got = 0u64;
+            for i in 0..self.ports.len() {
+                let n = self.ports[i].rx_burst(&mut rx);
+                if n == 0 {
+                    continue;
+                }
+                got += n as u64;
+                let mut ctx = Ctx {
+                    ports: &mut self.ports,
+                    pending: &mut pending,
+                    drops: &self.stats.drops,
+                    now: t0,
+                };
+                self.pipeline.process(&mut ctx, i, &mut rx);
+                if !rx.is_empty() {
+                    ctx.drops.add(DropReason::NoRoute, rx.len() as u64);
+                    rx.clear();
+                }
+                tally.tx += ctx.flush();
+            }
+            let dt = clock.now().wrapping_sub(t0);
+            if got > 0 {
+                tally.busy += 1;
+                tally.busy_ticks += dt;
+                tally.rx += got;
+            } else {
+                tally.idle += 1;
+                tally.idle_ticks += dt;
+            }
+            since_publish += 1;
+            if since_publish == PUBLISH_EVERY {
+                since_publish = 0;
+                tally.publish(&self.stats);
+            }
+        }
+        tally.publish(&self.stats);
+        Ok(Stopped {
+            ports: self.ports,
+            pipeline: self.pipeline,
+        })
+    }
+
+    /// Runs the worker on a new thread named after it.
+    pub fn spawn(self) -> Result<WorkerHandle<B, P>, WorkerError>
+    where
+        P: 'static,
+    {
+        let name = self.name.clone();
+        std::thread::Builder::new()
+            .name(format!("pollux-{name}"))
+            .spawn(move || self.run())
+            .map_err(|source| WorkerError::Spawn {
+                worker: name,
+                source,
+            })
+    }
+}
