@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The whole pollux test suite, exactly as CI runs it (.ci/run calls this).
+#
+# Installs what it needs on a fresh Debian 12 machine (apt packages as root or
+# through sudo, cargo-nextest and cargo-fuzz through cargo), then runs:
+#   cargo fmt --check, cargo clippy -D warnings (all targets, all features),
+#   every unit/integration/property test with all features (cargo nextest),
+#   the doc tests, and a short run of each fuzz target.
+#
+# Environment:
+#   POLLUX_FUZZ_SECONDS  seconds per fuzz target (default 30; 0 skips fuzzing)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n==> %s\n' "$*"; }
+
+# --- system packages -------------------------------------------------------
+pkgs=()
+command -v tcpdump >/dev/null 2>&1 || pkgs+=(tcpdump)
+command -v pkg-config >/dev/null 2>&1 || pkgs+=(pkg-config)
+command -v cc >/dev/null 2>&1 || pkgs+=(build-essential)
+if ((${#pkgs[@]})); then
+    log "installing system packages: ${pkgs[*]}"
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${pkgs[@]}"
+fi
+
+# --- huge pages: let the pool tests use real 2 MiB pages when we may ----------
+if [ "$(id -u)" -eq 0 ] && [ -w /proc/sys/vm/nr_hugepages ]; then
+    if [ "$(cat /proc/sys/vm/nr_hugepages)" -lt 256 ]; then
+        echo 256 > /proc/sys/vm/nr_hugepages || true
+    fi
+    log "huge pages reserved: $(cat /proc/sys/vm/nr_hugepages) x 2 MiB"
+else
+    log "not root: huge pages not reserved, pools use normal pages"
+fi
+
+# --- cargo tools -----------------------------------------------------------
+if ! cargo nextest --version >/dev/null 2>&1; then
+    log "installing cargo-nextest"
+    cargo install --locked cargo-nextest
+fi
+
+# Tests that use external tools (tcpdump) fail instead of skipping here.
+export POLLUX_REQUIRE_TOOLS=1
+
+log "cargo fmt --check"
+cargo fmt --all --check
+
+log "cargo clippy"
+cargo clippy --workspace --all-targets --all-features -- -D warnings
+
+log "cargo nextest (unit, property, integration tests; all features)"
+cargo nextest run --workspace --all-features --no-fail-fast
+
+log "doc tests"
+cargo test --workspace --all-features --doc
+
+# --- fuzz smoke run ----------------------------------------------------------
+fuzz_secs="${POLLUX_FUZZ_SECONDS:-30}"
+if [ "$fuzz_secs" -gt 0 ]; then
+    if ! cargo fuzz --version >/dev/null 2>&1; then
+        log "installing cargo-fuzz"
+        cargo install --locked cargo-fuzz
+    fi
+    # cargo-fuzz needs nightly-only flags (sanitizers); this machine has one
+    # stable toolchain, which accepts them with RUSTC_BOOTSTRAP=1.
+    for target in $(RUSTC_BOOTSTRAP=1 cargo fuzz list); do
+        log "fuzz $target for ${fuzz_secs}s"
+        RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" -- -max_total_time="$fuzz_secs" -rss_limit_mb=4096
+    done
+fi
+
+log "all checks passed"
