@@ -491,7 +491,16 @@ mod tests {
             assert_eq!(b.data(), &[7; 1500]);
         } else if free_huge_pages() == 0 {
             let e = Pool::new(&cfg).unwrap_err();
-            assert!(matches!(e, PoolError::Map { what: "huge pages", .. }), "{e}");
+            assert!(
+                matches!(
+                    e,
+                    PoolError::Map {
+                        what: "huge pages",
+                        ..
+                    }
+                ),
+                "{e}"
+            );
             assert!(e.to_string().contains("t-require"), "{e}");
             // Try falls back to normal pages.
             let pool = Pool::new(&PoolConfig::new("t-try", 16)).unwrap();
