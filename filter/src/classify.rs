@@ -1,0 +1,756 @@
+//! The rule-set compiler and the classifier (see the crate doc for the choice
+//! of algorithm).
+
+use crate::rule::{Action, PacketKey, Rule};
+use ipnet::IpNet;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The outcome of a lookup: the winning rule and what it says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    /// Index of the winning rule in [`Classifier::rules`] (priority order).
+    pub rule: usize,
+    /// Its action.
+    pub action: Action,
+    /// True for a stateful allow: admit the connection's return traffic.
+    pub stateful: bool,
+}
+
+/// A field value type the interval search works on.
+trait Key: Copy + Ord + std::hash::Hash + std::fmt::Debug {
+    const BITS: u32;
+    const ZERO: Self;
+    fn block(self, shift: u32) -> usize;
+    fn block_start(i: usize, shift: u32) -> Self;
+    fn succ(self) -> Option<Self>;
+}
+
+macro_rules! key_impl {
+    ($t:ty) => {
+        impl Key for $t {
+            const BITS: u32 = <$t>::BITS;
+            const ZERO: Self = 0;
+            #[inline(always)]
+            fn block(self, shift: u32) -> usize {
+                (self.checked_shr(shift).unwrap_or(0)) as usize
+            }
+            fn block_start(i: usize, shift: u32) -> Self {
+                (i as $t).checked_shl(shift).unwrap_or(0)
+            }
+            fn succ(self) -> Option<Self> {
+                self.checked_add(1)
+            }
+        }
+    };
+}
+key_impl!(u16);
+key_impl!(u32);
+key_impl!(u128);
+
+/// Bit vectors (one bit per rule, in priority order) for each equivalence
+/// class of one field, plus a summary bit per 64-bit word (ABV).
+#[derive(Debug, Clone, Default)]
+struct ClassSet {
+    words: usize,
+    sum_words: usize,
+    bits: Vec<u64>,
+    sums: Vec<u64>,
+    index: HashMap<Vec<u64>, u32>,
+}
+
+impl ClassSet {
+    fn new(words: usize) -> Self {
+        ClassSet {
+            words,
+            sum_words: words.div_ceil(64),
+            ..Default::default()
+        }
+    }
+
+    /// The class id of bit vector `v`, adding it if new.
+    fn intern(&mut self, v: &[u64]) -> u32 {
+        if let Some(&id) = self.index.get(v) {
+            return id;
+        }
+        let id = (self.bits.len() / self.words.max(1)) as u32;
+        self.bits.extend_from_slice(v);
+        let mut sums = vec![0u64; self.sum_words];
+        for (w, &x) in v.iter().enumerate() {
+            if x != 0 {
+                sums[w / 64] |= 1 << (w % 64);
+            }
+        }
+        self.sums.extend_from_slice(&sums);
+        self.index.insert(v.to_vec(), id);
+        id
+    }
+
+    #[inline(always)]
+    fn get(&self, class: u32) -> (&[u64], &[u64]) {
+        let c = class as usize;
+        (
+            &self.bits[c * self.words..(c + 1) * self.words],
+            &self.sums[c * self.sum_words..(c + 1) * self.sum_words],
+        )
+    }
+
+    fn classes(&self) -> usize {
+        self.bits.len() / self.words.max(1)
+    }
+
+    fn done(&mut self) {
+        self.index = HashMap::new();
+    }
+}
+
+/// One field as sorted elementary intervals, each with a class; a direct
+/// table on the top bits narrows the search to a few intervals.
+#[derive(Debug, Clone)]
+struct IntervalField<K: Key> {
+    bounds: Vec<K>,
+    class: Vec<u32>,
+    top: Vec<u32>,
+    shift: u32,
+    set: ClassSet,
+}
+
+impl<K: Key> IntervalField<K> {
+    /// Builds the field from `(lo, hi, rule)` spans (inclusive) over `rules` rules.
+    fn build(spans: &[(K, K, usize)], rules: usize, extra: &[Vec<u64>]) -> (Self, Vec<u32>) {
+        let words = rules.div_ceil(64).max(1);
+        let mut set = ClassSet::new(words);
+        // Sweep: +1 at lo, -1 after hi; a rule's bit is set while its count > 0.
+        let mut events: Vec<(K, bool, usize)> = Vec::with_capacity(spans.len() * 2);
+        for &(lo, hi, r) in spans {
+            events.push((lo, true, r));
+            if let Some(after) = hi.succ() {
+                events.push((after, false, r));
+            }
+        }
+        events.sort_unstable_by_key(|e| e.0);
+        let mut bounds = vec![K::ZERO];
+        bounds.extend(events.iter().map(|e| e.0));
+        bounds.dedup();
+        let mut count = vec![0u32; rules];
+        let mut cur = vec![0u64; words];
+        let mut class = Vec::with_capacity(bounds.len());
+        let mut ev = events.iter().peekable();
+        for &b in &bounds {
+            while let Some(&&(pos, add, r)) = ev.peek() {
+                if pos != b {
+                    break;
+                }
+                if add {
+                    count[r] += 1;
+                    cur[r / 64] |= 1 << (r % 64);
+                } else {
+                    count[r] -= 1;
+                    if count[r] == 0 {
+                        cur[r / 64] &= !(1 << (r % 64));
+                    }
+                }
+                ev.next();
+            }
+            class.push(set.intern(&cur));
+        }
+        let extra_ids = extra.iter().map(|v| set.intern(v)).collect();
+        set.done();
+        // Top table: 2^k entries, k ~ log2(#bounds) + 1, at most 16 bits.
+        let want = (usize::BITS - bounds.len().leading_zeros()) + 1;
+        let k = want.clamp(1, 16).min(K::BITS);
+        let shift = K::BITS - k;
+        let mut top = Vec::with_capacity(1 << k);
+        let mut i = 0usize;
+        for blk in 0..(1usize << k) {
+            let start = K::block_start(blk, shift);
+            while i + 1 < bounds.len() && bounds[i + 1] <= start {
+                i += 1;
+            }
+            top.push(i as u32);
+        }
+        (
+            IntervalField {
+                bounds,
+                class,
+                top,
+                shift,
+                set,
+            },
+            extra_ids,
+        )
+    }
+
+    /// The class of value `x`.
+    #[inline(always)]
+    fn lookup(&self, x: K) -> u32 {
+        let blk = x.block(self.shift);
+        let lo = self.top[blk] as usize;
+        let hi = match self.top.get(blk + 1) {
+            Some(&h) => h as usize + 1,
+            None => self.bounds.len(),
+        };
+        // The interval containing x is the last bound <= x within [lo, hi).
+        let n = self.bounds[lo..hi].partition_point(|&b| b <= x);
+        self.class[lo + n.max(1) - 1]
+    }
+}
+
+/// Counts per rule of how often it won a lookup. Safe to share between
+/// threads; the control thread reads while workers count.
+#[derive(Debug)]
+pub struct HitCounters {
+    hits: Box<[AtomicU64]>,
+}
+
+impl HitCounters {
+    /// Counters for `n` rules, all zero.
+    pub fn new(n: usize) -> Self {
+        HitCounters {
+            hits: (0..n).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Hits of rule `i` (0 for an unknown index).
+    pub fn get(&self, i: usize) -> u64 {
+        self.hits.get(i).map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    #[inline]
+    fn hit(&self, i: usize) {
+        if let Some(c) = self.hits.get(i) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A compiled rule set for one direction of one group.
+#[derive(Debug, Clone)]
+pub struct Classifier {
+    rules: Vec<Rule>,
+    sum_words: usize,
+    proto_class: [u32; 256],
+    proto: ClassSet,
+    src4: IntervalField<u32>,
+    dst4: IntervalField<u32>,
+    src6: IntervalField<u128>,
+    dst6: IntervalField<u128>,
+    sport: IntervalField<u16>,
+    dport: IntervalField<u16>,
+    sport_none: u32,
+    dport_none: u32,
+}
+
+fn v4_span(n: &IpNet) -> Option<(u32, u32)> {
+    match n {
+        IpNet::V4(n) => Some((u32::from(n.network()), u32::from(n.broadcast()))),
+        IpNet::V6(_) => None,
+    }
+}
+
+fn v6_span(n: &IpNet) -> Option<(u128, u128)> {
+    match n {
+        IpNet::V6(n) => Some((u128::from(n.network()), u128::from(n.broadcast()))),
+        IpNet::V4(_) => None,
+    }
+}
+
+impl Classifier {
+    /// Compiles `rules`; they are ordered by priority (stable for ties), and
+    /// the first matching rule in that order wins.
+    pub fn new(mut rules: Vec<Rule>) -> Classifier {
+        rules.sort_by_key(|r| r.priority);
+        let n = rules.len();
+        let words = n.div_ceil(64).max(1);
+        let spans4 = |f: fn(&Rule) -> &Vec<IpNet>| -> Vec<(u32, u32, usize)> {
+            rules
+                .iter()
+                .enumerate()
+                .flat_map(|(i, r)| {
+                    f(r).iter()
+                        .filter_map(move |p| v4_span(p).map(|(a, b)| (a, b, i)))
+                })
+                .collect()
+        };
+        let spans6 = |f: fn(&Rule) -> &Vec<IpNet>| -> Vec<(u128, u128, usize)> {
+            rules
+                .iter()
+                .enumerate()
+                .flat_map(|(i, r)| {
+                    f(r).iter()
+                        .filter_map(move |p| v6_span(p).map(|(a, b)| (a, b, i)))
+                })
+                .collect()
+        };
+        let (src4, _) = IntervalField::build(&spans4(|r| &r.src), n, &[]);
+        let (dst4, _) = IntervalField::build(&spans4(|r| &r.dst), n, &[]);
+        let (src6, _) = IntervalField::build(&spans6(|r| &r.src), n, &[]);
+        let (dst6, _) = IntervalField::build(&spans6(|r| &r.dst), n, &[]);
+        // Packets without ports match only rules whose port lists are "any".
+        let mut none = vec![0u64; words];
+        for (i, r) in rules.iter().enumerate() {
+            if r.ports_are_any() {
+                none[i / 64] |= 1 << (i % 64);
+            }
+        }
+        let ports = |f: fn(&Rule) -> &Vec<crate::rule::PortRange>| -> Vec<(u16, u16, usize)> {
+            rules
+                .iter()
+                .enumerate()
+                .flat_map(|(i, r)| f(r).iter().map(move |p| (p.lo, p.hi, i)))
+                .collect()
+        };
+        let (sport, sn) =
+            IntervalField::build(&ports(|r| &r.src_ports), n, std::slice::from_ref(&none));
+        let (dport, dn) =
+            IntervalField::build(&ports(|r| &r.dst_ports), n, std::slice::from_ref(&none));
+        let mut proto = ClassSet::new(words);
+        let mut proto_class = [0u32; 256];
+        for (p, slot) in proto_class.iter_mut().enumerate() {
+            let mut v = vec![0u64; words];
+            for (i, r) in rules.iter().enumerate() {
+                if r.protocol.covers(p as u8) {
+                    v[i / 64] |= 1 << (i % 64);
+                }
+            }
+            *slot = proto.intern(&v);
+        }
+        proto.done();
+        Classifier {
+            rules,
+            sum_words: words.div_ceil(64),
+            proto_class,
+            proto,
+            src4,
+            dst4,
+            src6,
+            dst6,
+            sport,
+            dport,
+            sport_none: sn.first().copied().unwrap_or(0),
+            dport_none: dn.first().copied().unwrap_or(0),
+        }
+    }
+
+    /// The rules, in priority order (a [`Verdict::rule`] indexes this).
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// The rule with index `i`.
+    pub fn rule(&self, i: usize) -> Option<&Rule> {
+        self.rules.get(i)
+    }
+
+    /// Fresh hit counters sized for this classifier.
+    pub fn new_counters(&self) -> HitCounters {
+        HitCounters::new(self.rules.len())
+    }
+
+    /// Number of equivalence classes per field (for stats and docs).
+    pub fn class_counts(&self) -> [usize; 7] {
+        [
+            self.proto.classes(),
+            self.src4.set.classes(),
+            self.dst4.set.classes(),
+            self.src6.set.classes(),
+            self.dst6.set.classes(),
+            self.sport.set.classes(),
+            self.dport.set.classes(),
+        ]
+    }
+
+    /// The highest-priority rule matching `pkt`, if any.
+    #[inline]
+    pub fn classify(&self, pkt: &PacketKey) -> Option<Verdict> {
+        let (s, d) = match (pkt.src, pkt.dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => (
+                self.src4.set.get(self.src4.lookup(u32::from(s))),
+                self.dst4.set.get(self.dst4.lookup(u32::from(d))),
+            ),
+            (IpAddr::V6(s), IpAddr::V6(d)) => (
+                self.src6.set.get(self.src6.lookup(u128::from(s))),
+                self.dst6.set.get(self.dst6.lookup(u128::from(d))),
+            ),
+            // Mixed families do not occur in one IP header.
+            _ => return None,
+        };
+        let (sp, dp) = if pkt.has_ports() {
+            (
+                self.sport.set.get(self.sport.lookup(pkt.src_port)),
+                self.dport.set.get(self.dport.lookup(pkt.dst_port)),
+            )
+        } else {
+            (
+                self.sport.set.get(self.sport_none),
+                self.dport.set.get(self.dport_none),
+            )
+        };
+        let pr = self.proto.get(self.proto_class[usize::from(pkt.proto)]);
+        let i = self.first_match([pr, s, d, sp, dp])?;
+        let r = self.rules.get(i)?;
+        Some(Verdict {
+            rule: i,
+            action: r.action,
+            stateful: r.stateful && r.action == Action::Allow,
+        })
+    }
+
+    /// [`Classifier::classify`], counting the winning rule in `hits`.
+    #[inline]
+    pub fn classify_counted(&self, pkt: &PacketKey, hits: &HitCounters) -> Option<Verdict> {
+        let v = self.classify(pkt)?;
+        hits.hit(v.rule);
+        Some(v)
+    }
+
+    /// The first rule set in all five bit vectors, visiting only the words
+    /// whose summary bit is set in all five.
+    #[inline(always)]
+    fn first_match(&self, f: [(&[u64], &[u64]); 5]) -> Option<usize> {
+        let [a, b, c, d, e] = f;
+        for s in 0..self.sum_words {
+            let mut agg = a.1[s] & b.1[s] & c.1[s] & d.1[s] & e.1[s];
+            while agg != 0 {
+                let w = s * 64 + agg.trailing_zeros() as usize;
+                let m = a.0[w] & b.0[w] & c.0[w] & d.0[w] & e.0[w];
+                if m != 0 {
+                    return Some(w * 64 + m.trailing_zeros() as usize);
+                }
+                agg &= agg - 1;
+            }
+        }
+        None
+    }
+}
+
+/// The reference: a scan of `rules` in priority order.
+pub fn linear_scan(rules: &[Rule], pkt: &PacketKey) -> Option<usize> {
+    let mut order: Vec<usize> = (0..rules.len()).collect();
+    order.sort_by_key(|&i| rules[i].priority);
+    order.into_iter().find(|&i| rules[i].matches(pkt))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rule::{Direction, PortRange, Protocol};
+    use proptest::prelude::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    fn rule(
+        priority: u32,
+        action: Action,
+        protocol: Protocol,
+        src: &[&str],
+        dst: &[&str],
+        dports: &[(u16, u16)],
+    ) -> Rule {
+        Rule {
+            name: format!("r{priority}"),
+            priority,
+            direction: Direction::In,
+            action,
+            protocol,
+            src: src.iter().map(|s| s.parse().unwrap()).collect(),
+            dst: dst.iter().map(|s| s.parse().unwrap()).collect(),
+            src_ports: vec![PortRange::ANY],
+            dst_ports: dports
+                .iter()
+                .map(|&(lo, hi)| PortRange { lo, hi })
+                .collect(),
+            stateful: action == Action::Allow,
+        }
+    }
+
+    fn pkt(src: &str, dst: &str, proto: u8, dp: u16) -> PacketKey {
+        PacketKey {
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            proto,
+            src_port: 40000,
+            dst_port: dp,
+        }
+    }
+
+    #[test]
+    fn priorities_and_fields() {
+        let rules = vec![
+            rule(
+                300,
+                Action::Deny,
+                Protocol::Any,
+                &["0.0.0.0/0", "::/0"],
+                &["0.0.0.0/0", "::/0"],
+                &[(0, 65535)],
+            ),
+            rule(
+                100,
+                Action::Allow,
+                Protocol::Tcp,
+                &["10.1.0.0/24"],
+                &["10.1.0.4/32"],
+                &[(80, 80), (8000, 8100)],
+            ),
+            rule(
+                200,
+                Action::Deny,
+                Protocol::Tcp,
+                &["10.1.0.0/16"],
+                &["0.0.0.0/0"],
+                &[(0, 65535)],
+            ),
+            rule(
+                150,
+                Action::Allow,
+                Protocol::Icmp,
+                &["2001:db8::/32"],
+                &["::/0"],
+                &[(0, 65535)],
+            ),
+        ];
+        let c = Classifier::new(rules);
+        let name = |p: &PacketKey| c.classify(p).map(|v| c.rule(v.rule).unwrap().name.clone());
+        assert_eq!(
+            name(&pkt("10.1.0.9", "10.1.0.4", 6, 80)).as_deref(),
+            Some("r100")
+        );
+        assert_eq!(
+            name(&pkt("10.1.0.9", "10.1.0.4", 6, 8100)).as_deref(),
+            Some("r100")
+        );
+        assert_eq!(
+            name(&pkt("10.1.0.9", "10.1.0.4", 6, 8101)).as_deref(),
+            Some("r200")
+        );
+        assert_eq!(
+            name(&pkt("10.1.5.9", "10.1.0.4", 6, 80)).as_deref(),
+            Some("r200")
+        );
+        assert_eq!(
+            name(&pkt("10.2.0.1", "10.1.0.4", 6, 80)).as_deref(),
+            Some("r300")
+        );
+        assert_eq!(
+            name(&pkt("2001:db8::1", "2001:db9::1", 58, 0)).as_deref(),
+            Some("r150")
+        );
+        assert_eq!(
+            name(&pkt("2001:db8::1", "2001:db9::1", 6, 22)).as_deref(),
+            Some("r300")
+        );
+        let v = c.classify(&pkt("10.1.0.9", "10.1.0.4", 6, 80)).unwrap();
+        assert_eq!((v.action, v.stateful), (Action::Allow, true));
+    }
+
+    #[test]
+    fn no_rule_no_verdict_and_counters() {
+        let c = Classifier::new(vec![rule(
+            100,
+            Action::Allow,
+            Protocol::Udp,
+            &["10.0.0.0/8"],
+            &["10.0.0.0/8"],
+            &[(53, 53)],
+        )]);
+        assert_eq!(c.classify(&pkt("10.0.0.1", "10.0.0.2", 6, 53)), None);
+        assert_eq!(c.classify(&pkt("10.0.0.1", "10.0.0.2", 17, 54)), None);
+        assert_eq!(c.classify(&pkt("::1", "::2", 17, 53)), None);
+        let hits = c.new_counters();
+        for _ in 0..3 {
+            assert!(
+                c.classify_counted(&pkt("10.0.0.1", "10.0.0.2", 17, 53), &hits)
+                    .is_some()
+            );
+        }
+        assert!(
+            c.classify_counted(&pkt("10.0.0.1", "10.0.0.2", 6, 53), &hits)
+                .is_none()
+        );
+        assert_eq!(hits.get(0), 3);
+        let empty = Classifier::new(vec![]);
+        assert_eq!(empty.classify(&pkt("10.0.0.1", "10.0.0.2", 17, 53)), None);
+    }
+
+    #[test]
+    fn extremes_of_every_domain() {
+        let c = Classifier::new(vec![
+            rule(
+                100,
+                Action::Allow,
+                Protocol::Any,
+                &[
+                    "255.255.255.255/32",
+                    "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff/128",
+                ],
+                &["0.0.0.0/32", "::/128"],
+                &[(65535, 65535)],
+            ),
+            rule(
+                200,
+                Action::Deny,
+                Protocol::Any,
+                &["0.0.0.0/0", "::/0"],
+                &["0.0.0.0/0", "::/0"],
+                &[(0, 0)],
+            ),
+        ]);
+        assert_eq!(
+            c.classify(&pkt("255.255.255.255", "0.0.0.0", 6, 65535))
+                .map(|v| v.rule),
+            Some(0)
+        );
+        assert_eq!(
+            c.classify(&pkt(
+                "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+                "::",
+                17,
+                65535
+            ))
+            .map(|v| v.rule),
+            Some(0)
+        );
+        assert_eq!(
+            c.classify(&pkt("255.255.255.254", "0.0.0.0", 6, 0))
+                .map(|v| v.rule),
+            Some(1)
+        );
+        assert_eq!(c.classify(&pkt("255.255.255.254", "0.0.0.0", 6, 1)), None);
+    }
+
+    // --- property test: classifier == linear scan -------------------------
+
+    fn arb_v4_net() -> impl Strategy<Value = IpNet> {
+        // Few distinct base addresses so that prefixes overlap often.
+        (0u32..8, any::<u32>(), 0u8..=32).prop_map(|(base, noise, len)| {
+            let addr = (10u32 << 24) | (base << 16) | (noise & 0xffff);
+            let addr = if base == 7 { noise } else { addr };
+            IpNet::V4(
+                ipnet::Ipv4Net::new(Ipv4Addr::from(addr), len)
+                    .unwrap()
+                    .trunc(),
+            )
+        })
+    }
+
+    fn arb_v6_net() -> impl Strategy<Value = IpNet> {
+        (0u128..4, any::<u64>(), 0u8..=128).prop_map(|(base, noise, len)| {
+            let addr = (0x2001_0db8u128 << 96) | (base << 64) | u128::from(noise);
+            IpNet::V6(
+                ipnet::Ipv6Net::new(Ipv6Addr::from(addr), len)
+                    .unwrap()
+                    .trunc(),
+            )
+        })
+    }
+
+    fn arb_nets() -> impl Strategy<Value = Vec<IpNet>> {
+        prop_oneof![
+            1 => Just(vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()]),
+            4 => proptest::collection::vec(arb_v4_net(), 1..4),
+            1 => proptest::collection::vec(arb_v6_net(), 1..3),
+        ]
+    }
+
+    fn arb_ports() -> impl Strategy<Value = Vec<PortRange>> {
+        prop_oneof![
+            2 => Just(vec![PortRange::ANY]),
+            3 => proptest::collection::vec((0u16..100, 0u16..20).prop_map(|(lo, w)| PortRange { lo: lo * 10, hi: lo * 10 + w }), 1..4),
+            1 => proptest::collection::vec((any::<u16>(), any::<u16>()).prop_map(|(a, b)| PortRange { lo: a.min(b), hi: a.max(b) }), 1..3),
+        ]
+    }
+
+    fn arb_rule() -> impl Strategy<Value = Rule> {
+        (
+            0u32..2000,
+            any::<bool>(),
+            prop_oneof![
+                Just(Protocol::Tcp),
+                Just(Protocol::Udp),
+                Just(Protocol::Icmp),
+                Just(Protocol::Any)
+            ],
+            arb_nets(),
+            arb_nets(),
+            arb_ports(),
+            arb_ports(),
+        )
+            .prop_map(|(priority, allow, protocol, src, dst, sp, dp)| {
+                let (sp, dp) = if protocol == Protocol::Icmp {
+                    (vec![PortRange::ANY], vec![PortRange::ANY])
+                } else {
+                    (sp, dp)
+                };
+                Rule {
+                    name: String::new(),
+                    priority,
+                    direction: Direction::In,
+                    action: if allow { Action::Allow } else { Action::Deny },
+                    protocol,
+                    src,
+                    dst,
+                    src_ports: sp,
+                    dst_ports: dp,
+                    stateful: allow,
+                }
+            })
+    }
+
+    /// Packets: half drawn near rule prefixes/ports, half anywhere.
+    fn arb_packet() -> impl Strategy<Value = PacketKey> {
+        let v4 = (0u32..8, any::<u32>(), any::<bool>()).prop_map(|(base, noise, wild)| {
+            let a = if wild || base == 7 {
+                noise
+            } else {
+                (10u32 << 24) | (base << 16) | (noise & 0xffff)
+            };
+            IpAddr::V4(Ipv4Addr::from(a))
+        });
+        let v6 = (0u128..4, any::<u64>()).prop_map(|(base, noise)| {
+            IpAddr::V6(Ipv6Addr::from(
+                (0x2001_0db8u128 << 96) | (base << 64) | u128::from(noise),
+            ))
+        });
+        let port = prop_oneof![(0u16..1020), any::<u16>()];
+        (
+            any::<bool>(),
+            v4.clone(),
+            v4,
+            v6.clone(),
+            v6,
+            prop_oneof![Just(6u8), Just(17), Just(1), Just(58), any::<u8>()],
+            port.clone(),
+            port,
+        )
+            .prop_map(|(is6, s4, d4, s6, d6, proto, sp, dp)| {
+                let (src, dst) = if is6 { (s6, d6) } else { (s4, d4) };
+                PacketKey {
+                    src,
+                    dst,
+                    proto,
+                    src_port: sp,
+                    dst_port: dp,
+                }
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+        #[test]
+        fn classifier_equals_linear_scan(
+            rules in proptest::collection::vec(arb_rule(), 0..300),
+            pkts in proptest::collection::vec(arb_packet(), 200),
+        ) {
+            let c = Classifier::new(rules.clone());
+            // Compare by rule identity: ties in priority keep input order in both.
+            let mut order: Vec<usize> = (0..rules.len()).collect();
+            order.sort_by_key(|&i| rules[i].priority);
+            for p in &pkts {
+                let want = linear_scan(&rules, p).map(|i| order.iter().position(|&j| j == i).unwrap());
+                let got = c.classify(p).map(|v| v.rule);
+                prop_assert_eq!(got, want, "packet {:?}", p);
+            }
+        }
+    }
+}
