@@ -211,17 +211,6 @@ fn bench(c: &mut Criterion) {
                 black_box(allow)
             })
         });
-        let mut out = vec![None; pkts.len()];
-        g.bench_with_input(BenchmarkId::new("lookup_batch", n), &pkts, |b, pkts| {
-            b.iter(|| {
-                cls.classify_batch(black_box(pkts), &mut out);
-                black_box(
-                    out.iter()
-                        .filter(|v| v.is_some_and(|v| v.action == Action::Allow))
-                        .count(),
-                )
-            })
-        });
     }
     g.finish();
 

@@ -440,40 +440,6 @@ impl Classifier {
         self.verdict(first_match(self.sum_words, blocks)?)
     }
 
-    /// Classifies a burst: `out[i]` gets the verdict for `pkts[i]` (extra
-    /// outputs are left alone). Same results as [`Classifier::classify`]; it
-    /// runs the field lookups of up to 16 packets before their bit-vector
-    /// ANDs, so the memory accesses of different packets overlap — what
-    /// makes large rule sets fast.
-    pub fn classify_batch(&self, pkts: &[PacketKey], out: &mut [Option<Verdict>]) {
-        const CHUNK: usize = 16;
-        for (pc, oc) in pkts.chunks(CHUNK).zip(out.chunks_mut(CHUNK)) {
-            let mut blocks: [Option<[&[u64]; 5]>; CHUNK] = [None; CHUNK];
-            for (b, p) in blocks.iter_mut().zip(pc) {
-                *b = self.field_blocks(p);
-            }
-            // Touch every summary first: independent loads, in flight together.
-            let mut agg = [0u64; CHUNK];
-            for (a, b) in agg.iter_mut().zip(&blocks) {
-                if let Some([p, s, d, sp, dp]) = b {
-                    *a = p.first().copied().unwrap_or(0)
-                        & s.first().copied().unwrap_or(0)
-                        & d.first().copied().unwrap_or(0)
-                        & sp.first().copied().unwrap_or(0)
-                        & dp.first().copied().unwrap_or(0);
-                }
-            }
-            for ((o, b), a) in oc.iter_mut().zip(&blocks).zip(&agg) {
-                *o = match b {
-                    Some(b) if *a != 0 || self.sum_words > 1 => {
-                        first_match(self.sum_words, *b).and_then(|i| self.verdict(i))
-                    }
-                    _ => None,
-                };
-            }
-        }
-    }
-
     /// The class block of each of the five fields for `pkt`.
     #[inline(always)]
     fn field_blocks(&self, pkt: &PacketKey) -> Option<[&[u64]; 5]> {
@@ -871,13 +837,10 @@ mod tests {
             // Compare by rule identity: ties in priority keep input order in both.
             let mut order: Vec<usize> = (0..rules.len()).collect();
             order.sort_by_key(|&i| rules[i].priority);
-            let mut batch = vec![None; pkts.len()];
-            c.classify_batch(&pkts, &mut batch);
-            for (p, b) in pkts.iter().zip(&batch) {
+            for p in &pkts {
                 let want = linear_scan(&rules, p).map(|i| order.iter().position(|&j| j == i).unwrap());
                 let got = c.classify(p).map(|v| v.rule);
                 prop_assert_eq!(got, want, "packet {:?}", p);
-                prop_assert_eq!(b.map(|v| v.rule), want, "batch, packet {:?}", p);
             }
         }
     }
