@@ -6,4 +6,6 @@
 //! Must not touch: polling cores or port drivers. Apart from the prober, which
 //! runs on the control thread, it is pure logic over parsed headers.
 
+pub mod conntrack;
 pub mod maglev;
+pub mod nat;

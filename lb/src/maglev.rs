@@ -87,7 +87,9 @@ impl MaglevTable {
         let mut live: Vec<&MaglevBackend> = backends.iter().filter(|b| b.weight > 0).collect();
         live.sort_by(|a, b| a.key.cmp(&b.key));
         if let Some(w) = live.windows(2).find(|w| w[0].key == w[1].key) {
-            return Err(MaglevError::DuplicateKey(String::from_utf8_lossy(&w[0].key).into()));
+            return Err(MaglevError::DuplicateKey(
+                String::from_utf8_lossy(&w[0].key).into(),
+            ));
         }
         if live.len() >= size || live.iter().any(|b| b.id == EMPTY) {
             return Err(MaglevError::TooManyBackends {
@@ -104,7 +106,10 @@ impl MaglevTable {
         // Turns per round: weights divided by their gcd, scaled down so that a
         // round claims at most ~1/8 of the table (keeps shares proportional).
         let g = live.iter().fold(0u64, |g, b| gcd(g, u64::from(b.weight)));
-        let mut turns: Vec<u64> = live.iter().map(|b| u64::from(b.weight) / g.max(1)).collect();
+        let mut turns: Vec<u64> = live
+            .iter()
+            .map(|b| u64::from(b.weight) / g.max(1))
+            .collect();
         let total: u64 = turns.iter().sum();
         let cap = (size as u64 / 8).max(live.len() as u64);
         if total > cap {
@@ -188,9 +193,12 @@ mod tests {
         // Pins the table for three backends: a change here means every
         // deployed pollux would send existing flows elsewhere after upgrade.
         let t = MaglevTable::build(&backends(3), DEFAULT_TABLE_SIZE).unwrap();
-        assert_eq!(&t.entries()[..24], &[
-            2, 1, 1, 2, 0, 2, 2, 1, 1, 2, 2, 2, 0, 1, 1, 2, 2, 0, 0, 1, 1, 2, 1, 1
-        ]);
+        assert_eq!(
+            &t.entries()[..24],
+            &[
+                2, 1, 1, 2, 0, 2, 2, 1, 1, 2, 2, 2, 0, 1, 1, 2, 2, 0, 0, 1, 1, 2, 1, 1
+            ]
+        );
         let bytes: Vec<u8> = t.entries().iter().flat_map(|e| e.to_le_bytes()).collect();
         assert_eq!(xxh3_64_with_seed(&bytes, 0), 0x40a1_3209_be10_4610);
         assert_eq!([t.share(0), t.share(1), t.share(2)], [21846, 21846, 21845]);
@@ -198,11 +206,22 @@ mod tests {
 
     #[test]
     fn errors() {
-        assert_eq!(MaglevTable::build(&backends(2), 65536), Err(MaglevError::BadSize(65536)));
-        assert_eq!(MaglevTable::build(&backends(7), 7), Err(MaglevError::TooManyBackends { backends: 7, size: 7 }));
+        assert_eq!(
+            MaglevTable::build(&backends(2), 65536),
+            Err(MaglevError::BadSize(65536))
+        );
+        assert_eq!(
+            MaglevTable::build(&backends(7), 7),
+            Err(MaglevError::TooManyBackends {
+                backends: 7,
+                size: 7
+            })
+        );
         let mut dup = backends(2);
         dup[1].key = dup[0].key.clone();
-        assert!(matches!(MaglevTable::build(&dup, 13), Err(MaglevError::DuplicateKey(k)) if k == "10.1.0.1:8080"));
+        assert!(
+            matches!(MaglevTable::build(&dup, 13), Err(MaglevError::DuplicateKey(k)) if k == "10.1.0.1:8080")
+        );
         let none = MaglevTable::build(&[], 13).unwrap();
         assert_eq!(none.lookup(42), None);
         let mut drained = backends(2);
@@ -216,7 +235,10 @@ mod tests {
         let a = backends(10);
         let mut b = a.clone();
         b.reverse();
-        assert_eq!(MaglevTable::build(&a, 251).unwrap(), MaglevTable::build(&b, 251).unwrap());
+        assert_eq!(
+            MaglevTable::build(&a, 251).unwrap(),
+            MaglevTable::build(&b, 251).unwrap()
+        );
     }
 
     proptest! {

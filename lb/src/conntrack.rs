@@ -1,0 +1,835 @@
+//! Per-core connection tracking: both directions of a connection, TCP state,
+//! per-state idle timeouts, and a bounded table with a clear policy when full.
+//!
+//! One table per worker core (flows of a connection always land on the same
+//! core), so nothing here is shared or locked. Entries sit in a slab; a hash
+//! map points both directions' keys at the slab slot; two intrusive LRU lists
+//! (active, closing) order entries by last use. When the table is full, a new
+//! connection evicts the oldest *closing* entry (FIN/RST seen), else the oldest
+//! active entry if it has already timed out; otherwise the new connection is
+//! refused and counted.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::net::IpAddr;
+use xxhash_rust::xxh3::xxh3_64;
+
+/// One direction of a connection: addresses (IPv4 mapped into IPv6), ports
+/// (or ICMP echo id in `sport`, 0 in `dport`) and protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ConnKey {
+    /// Source address.
+    pub src: [u8; 16],
+    /// Destination address.
+    pub dst: [u8; 16],
+    /// Source port / ICMP echo id.
+    pub sport: u16,
+    /// Destination port.
+    pub dport: u16,
+    /// IP protocol.
+    pub proto: u8,
+}
+
+impl ConnKey {
+    /// A key from addresses and ports.
+    pub fn new(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, proto: u8) -> Self {
+        ConnKey {
+            src: to16(src),
+            dst: to16(dst),
+            sport,
+            dport,
+            proto,
+        }
+    }
+
+    /// True for ICMP and ICMPv6, whose only "port" is the echo id in `sport`.
+    pub fn is_icmp(&self) -> bool {
+        matches!(self.proto, 1 | 58)
+    }
+
+    /// The same connection seen from the other side. For ICMP the echo id
+    /// stays in `sport` (an echo reply carries the request's id).
+    pub fn reversed(&self) -> ConnKey {
+        let (sport, dport) = if self.is_icmp() {
+            (self.sport, self.dport)
+        } else {
+            (self.dport, self.sport)
+        };
+        ConnKey {
+            src: self.dst,
+            dst: self.src,
+            sport,
+            dport,
+            proto: self.proto,
+        }
+    }
+
+    /// Source address.
+    pub fn src_ip(&self) -> IpAddr {
+        from16(self.src)
+    }
+
+    /// Destination address.
+    pub fn dst_ip(&self) -> IpAddr {
+        from16(self.dst)
+    }
+
+    /// XXH3 over the key's 37 bytes: fixed, the same on every machine.
+    #[inline]
+    pub fn hash64(&self) -> u64 {
+        let mut b = [0u8; 37];
+        b[..16].copy_from_slice(&self.src);
+        b[16..32].copy_from_slice(&self.dst);
+        b[32..34].copy_from_slice(&self.sport.to_be_bytes());
+        b[34..36].copy_from_slice(&self.dport.to_be_bytes());
+        b[36] = self.proto;
+        xxh3_64(&b)
+    }
+}
+
+impl From<&dataplane::FlowKey> for ConnKey {
+    fn from(k: &dataplane::FlowKey) -> Self {
+        ConnKey {
+            src: k.src_ip,
+            dst: k.dst_ip,
+            sport: k.src_port,
+            dport: k.dst_port,
+            proto: k.proto,
+        }
+    }
+}
+
+impl Hash for ConnKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash64());
+    }
+}
+
+/// Passes a precomputed u64 through (keys hash themselves with XXH3).
+#[derive(Default)]
+pub struct IdentityHasher(u64);
+
+impl Hasher for IdentityHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) ^ u64::from(b) ^ (self.0 >> 56);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+/// Converts an address to 16 bytes (IPv4 mapped into IPv6).
+pub fn to16(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// Converts 16 bytes back to an address (IPv4 when mapped).
+pub fn from16(b: [u8; 16]) -> IpAddr {
+    let v6 = std::net::Ipv6Addr::from(b);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+/// Which way a packet travels relative to the connection's first packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dir {
+    /// Same direction as the first packet (client to server).
+    Orig,
+    /// The reply direction.
+    Reply,
+}
+
+/// TCP connection state, as far as the tracker follows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpState {
+    /// A SYN was seen from the originator.
+    SynSent,
+    /// The SYN-ACK came back.
+    SynReceived,
+    /// Handshake complete (or a connection picked up mid-stream).
+    Established,
+    /// One side sent FIN.
+    FinWait,
+    /// Both sides sent FIN.
+    TimeWait,
+    /// An RST was seen.
+    Closed,
+}
+
+/// Per-protocol state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnState {
+    /// TCP with its state.
+    Tcp(TcpState),
+    /// UDP; `replied` once traffic came back.
+    Udp {
+        /// Traffic was seen in the reply direction.
+        replied: bool,
+    },
+    /// Anything else (ICMP echo included).
+    Other,
+}
+
+impl ConnState {
+    /// True for states that end a connection (FIN or RST seen).
+    pub fn is_closing(&self) -> bool {
+        matches!(
+            self,
+            ConnState::Tcp(TcpState::FinWait | TcpState::TimeWait | TcpState::Closed)
+        )
+    }
+}
+
+/// Idle timeouts per state, in nanoseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// SYN sent or received, handshake not complete.
+    pub tcp_handshake: u64,
+    /// Established (Azure Load Balancer's default idle timeout: 4 minutes).
+    pub tcp_established: u64,
+    /// One FIN seen.
+    pub tcp_fin: u64,
+    /// Both FINs seen.
+    pub tcp_time_wait: u64,
+    /// RST seen.
+    pub tcp_closed: u64,
+    /// UDP with no reply yet.
+    pub udp_unreplied: u64,
+    /// UDP with replies.
+    pub udp_replied: u64,
+    /// ICMP and other protocols.
+    pub other: u64,
+}
+
+const SEC: u64 = 1_000_000_000;
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            tcp_handshake: 30 * SEC,
+            tcp_established: 240 * SEC,
+            tcp_fin: 30 * SEC,
+            tcp_time_wait: 10 * SEC,
+            tcp_closed: 10 * SEC,
+            udp_unreplied: 30 * SEC,
+            udp_replied: 120 * SEC,
+            other: 30 * SEC,
+        }
+    }
+}
+
+impl Timeouts {
+    /// The idle timeout of `state`.
+    pub fn of(&self, state: ConnState) -> u64 {
+        match state {
+            ConnState::Tcp(TcpState::SynSent | TcpState::SynReceived) => self.tcp_handshake,
+            ConnState::Tcp(TcpState::Established) => self.tcp_established,
+            ConnState::Tcp(TcpState::FinWait) => self.tcp_fin,
+            ConnState::Tcp(TcpState::TimeWait) => self.tcp_time_wait,
+            ConnState::Tcp(TcpState::Closed) => self.tcp_closed,
+            ConnState::Udp { replied: false } => self.udp_unreplied,
+            ConnState::Udp { replied: true } => self.udp_replied,
+            ConnState::Other => self.other,
+        }
+    }
+}
+
+const FIN: u8 = 0x01;
+const SYN: u8 = 0x02;
+const RST: u8 = 0x04;
+const ACK: u8 = 0x10;
+
+/// The initial state for a connection's first packet.
+pub fn initial_state(proto: u8, tcp_flags: u8) -> ConnState {
+    match proto {
+        6 if tcp_flags & RST != 0 => ConnState::Tcp(TcpState::Closed),
+        6 if tcp_flags & SYN != 0 && tcp_flags & ACK == 0 => ConnState::Tcp(TcpState::SynSent),
+        // A connection seen mid-stream (e.g. after an ECMP change moved it
+        // here) is taken as established; Maglev keeps its backend.
+        6 => ConnState::Tcp(TcpState::Established),
+        17 => ConnState::Udp { replied: false },
+        _ => ConnState::Other,
+    }
+}
+
+/// The state after a packet travelling `dir` with `tcp_flags`.
+pub fn next_state(
+    state: ConnState,
+    dir: Dir,
+    tcp_flags: u8,
+    fin_seen: &mut [bool; 2],
+) -> ConnState {
+    match state {
+        ConnState::Tcp(s) => {
+            if tcp_flags & RST != 0 {
+                return ConnState::Tcp(TcpState::Closed);
+            }
+            if tcp_flags & FIN != 0 {
+                fin_seen[dir as usize] = true;
+            }
+            let next = match s {
+                TcpState::SynSent if dir == Dir::Reply && tcp_flags & (SYN | ACK) == SYN | ACK => {
+                    TcpState::SynReceived
+                }
+                TcpState::SynReceived
+                    if dir == Dir::Orig && tcp_flags & SYN == 0 && tcp_flags & ACK != 0 =>
+                {
+                    TcpState::Established
+                }
+                s => s,
+            };
+            let next = match (next, fin_seen[0], fin_seen[1]) {
+                (TcpState::Closed, _, _) => TcpState::Closed,
+                (_, true, true) => TcpState::TimeWait,
+                (_, true, false) | (_, false, true) => TcpState::FinWait,
+                (n, _, _) => n,
+            };
+            ConnState::Tcp(next)
+        }
+        ConnState::Udp { replied } => ConnState::Udp {
+            replied: replied || dir == Dir::Reply,
+        },
+        ConnState::Other => ConnState::Other,
+    }
+}
+
+/// A tracked connection carrying the caller's data `V` (NAT binding etc.).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Conn<V> {
+    /// Key of the originating direction (as the first packet arrived).
+    pub orig: ConnKey,
+    /// Key the reply direction arrives with (after NAT, if any).
+    pub reply: ConnKey,
+    /// Protocol state.
+    pub state: ConnState,
+    /// FIN seen per direction.
+    pub fin_seen: [bool; 2],
+    /// When the connection was created (ns).
+    pub created: u64,
+    /// When a packet last used it (ns).
+    pub last_seen: u64,
+    /// Packets per direction.
+    pub packets: [u64; 2],
+    /// The caller's data.
+    pub value: V,
+}
+
+const NIL: u32 = u32::MAX;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum List {
+    Active = 0,
+    Closing = 1,
+}
+
+#[derive(Debug)]
+struct Slot<V> {
+    conn: Option<Conn<V>>,
+    prev: u32,
+    next: u32,
+    list: List,
+}
+
+/// Counters of a table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnStats {
+    /// Connections created.
+    pub created: u64,
+    /// New connections refused because the table was full of live entries.
+    pub refused_full: u64,
+    /// Closing entries evicted to make room.
+    pub evicted_closing: u64,
+    /// Timed-out entries evicted to make room.
+    pub evicted_idle: u64,
+    /// Entries removed because they timed out.
+    pub expired: u64,
+    /// Entries removed on request.
+    pub removed: u64,
+}
+
+/// Why a connection could not be added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ConnError {
+    /// The table is full and nothing could be evicted.
+    #[error("connection table full ({capacity} live entries)")]
+    Full {
+        /// The table's capacity.
+        capacity: usize,
+    },
+    /// One of the two keys is already tracked.
+    #[error("connection key already tracked")]
+    Exists,
+}
+
+/// A bounded connection table for one core.
+#[derive(Debug)]
+pub struct ConnTable<V> {
+    map: HashMap<ConnKey, (u32, Dir), BuildHasherDefault<IdentityHasher>>,
+    slots: Vec<Slot<V>>,
+    free: Vec<u32>,
+    heads: [u32; 2],
+    tails: [u32; 2],
+    len: usize,
+    capacity: usize,
+    timeouts: Timeouts,
+    stats: ConnStats,
+}
+
+impl<V> ConnTable<V> {
+    /// A table holding at most `capacity` connections (all memory reserved now).
+    pub fn new(capacity: usize, timeouts: Timeouts) -> Self {
+        let capacity = capacity.max(1);
+        let mut map = HashMap::with_hasher(BuildHasherDefault::default());
+        map.reserve(capacity * 2);
+        ConnTable {
+            map,
+            slots: Vec::with_capacity(capacity),
+            free: Vec::new(),
+            heads: [NIL; 2],
+            tails: [NIL; 2],
+            len: 0,
+            capacity,
+            timeouts,
+            stats: ConnStats::default(),
+        }
+    }
+
+    /// Live connections.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when no connection is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Maximum connections.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> ConnStats {
+        self.stats
+    }
+
+    /// The timeouts in force.
+    pub fn timeouts(&self) -> &Timeouts {
+        &self.timeouts
+    }
+
+    fn expired(&self, c: &Conn<V>, now: u64) -> bool {
+        now.saturating_sub(c.last_seen) > self.timeouts.of(c.state)
+    }
+
+    fn unlink(&mut self, i: u32) {
+        let (prev, next, list) = {
+            let s = &self.slots[i as usize];
+            (s.prev, s.next, s.list as usize)
+        };
+        if prev == NIL {
+            self.heads[list] = next;
+        } else {
+            self.slots[prev as usize].next = next;
+        }
+        if next == NIL {
+            self.tails[list] = prev;
+        } else {
+            self.slots[next as usize].prev = prev;
+        }
+    }
+
+    fn push_tail(&mut self, i: u32, list: List) {
+        let l = list as usize;
+        let tail = self.tails[l];
+        {
+            let s = &mut self.slots[i as usize];
+            s.prev = tail;
+            s.next = NIL;
+            s.list = list;
+        }
+        if tail == NIL {
+            self.heads[l] = i;
+        } else {
+            self.slots[tail as usize].next = i;
+        }
+        self.tails[l] = i;
+    }
+
+    fn remove_slot(&mut self, i: u32) -> Option<Conn<V>> {
+        let conn = self.slots.get_mut(i as usize)?.conn.take()?;
+        self.unlink(i);
+        self.map.remove(&conn.orig);
+        self.map.remove(&conn.reply);
+        self.free.push(i);
+        self.len -= 1;
+        Some(conn)
+    }
+
+    /// Looks up `key`: the slot and direction, if tracked and not timed out.
+    /// A timed-out entry is removed (and handed to `on_remove`).
+    pub fn lookup(
+        &mut self,
+        key: &ConnKey,
+        now: u64,
+        on_remove: impl FnOnce(Conn<V>),
+    ) -> Option<(u32, Dir)> {
+        let &(i, dir) = self.map.get(key)?;
+        let expired = self
+            .slots
+            .get(i as usize)?
+            .conn
+            .as_ref()
+            .is_some_and(|c| self.expired(c, now));
+        if expired {
+            if let Some(c) = self.remove_slot(i) {
+                self.stats.expired += 1;
+                on_remove(c);
+            }
+            return None;
+        }
+        Some((i, dir))
+    }
+
+    /// True when `key` is tracked (timed out or not).
+    pub fn contains(&self, key: &ConnKey) -> bool {
+        self.map.contains_key(key)
+    }
+
+    /// The connection in slot `i`.
+    pub fn get(&self, i: u32) -> Option<&Conn<V>> {
+        self.slots.get(i as usize)?.conn.as_ref()
+    }
+
+    /// Records a packet of the connection in slot `i` travelling `dir`:
+    /// updates the state, the counters and the LRU position. Returns the new state.
+    pub fn touch(&mut self, i: u32, dir: Dir, tcp_flags: u8, now: u64) -> Option<ConnState> {
+        let (was_closing, state) = {
+            let c = self.slots.get_mut(i as usize)?.conn.as_mut()?;
+            let was = c.state.is_closing();
+            c.state = next_state(c.state, dir, tcp_flags, &mut c.fin_seen);
+            c.last_seen = now;
+            c.packets[dir as usize] += 1;
+            (was, c.state)
+        };
+        let list = if state.is_closing() {
+            List::Closing
+        } else {
+            List::Active
+        };
+        let _ = was_closing;
+        self.unlink(i);
+        self.push_tail(i, list);
+        Some(state)
+    }
+
+    /// Adds a connection whose first packet (with `tcp_flags`) had key
+    /// `orig` and whose replies will carry `reply`. When full, evicts the
+    /// oldest closing entry, else the oldest timed-out one (both handed to
+    /// `on_evict`), else refuses.
+    pub fn insert(
+        &mut self,
+        orig: ConnKey,
+        reply: ConnKey,
+        tcp_flags: u8,
+        now: u64,
+        value: V,
+        mut on_evict: impl FnMut(Conn<V>),
+    ) -> Result<u32, ConnError> {
+        if self.map.contains_key(&orig) || self.map.contains_key(&reply) {
+            return Err(ConnError::Exists);
+        }
+        if self.len >= self.capacity {
+            let closing = self.heads[List::Closing as usize];
+            let active = self.heads[List::Active as usize];
+            if closing != NIL {
+                if let Some(c) = self.remove_slot(closing) {
+                    self.stats.evicted_closing += 1;
+                    on_evict(c);
+                }
+            } else if active != NIL
+                && self.slots[active as usize]
+                    .conn
+                    .as_ref()
+                    .is_some_and(|c| self.expired(c, now))
+            {
+                if let Some(c) = self.remove_slot(active) {
+                    self.stats.evicted_idle += 1;
+                    on_evict(c);
+                }
+            } else {
+                self.stats.refused_full += 1;
+                return Err(ConnError::Full {
+                    capacity: self.capacity,
+                });
+            }
+        }
+        let state = initial_state(orig.proto, tcp_flags);
+        let conn = Conn {
+            orig,
+            reply,
+            state,
+            fin_seen: [false; 2],
+            created: now,
+            last_seen: now,
+            packets: [1, 0],
+            value,
+        };
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize].conn = Some(conn);
+                i
+            }
+            None => {
+                self.slots.push(Slot {
+                    conn: Some(conn),
+                    prev: NIL,
+                    next: NIL,
+                    list: List::Active,
+                });
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let list = if state.is_closing() {
+            List::Closing
+        } else {
+            List::Active
+        };
+        self.push_tail(i, list);
+        self.map.insert(orig, (i, Dir::Orig));
+        self.map.insert(reply, (i, Dir::Reply));
+        self.len += 1;
+        self.stats.created += 1;
+        Ok(i)
+    }
+
+    /// Removes the connection in slot `i`.
+    pub fn remove(&mut self, i: u32) -> Option<Conn<V>> {
+        let c = self.remove_slot(i)?;
+        self.stats.removed += 1;
+        Some(c)
+    }
+
+    /// Removes up to `budget` timed-out connections, oldest first (call it
+    /// between bursts); each goes to `on_remove`. Returns how many.
+    pub fn expire(&mut self, now: u64, budget: usize, mut on_remove: impl FnMut(Conn<V>)) -> usize {
+        let mut n = 0;
+        for list in [List::Closing, List::Active] {
+            while n < budget {
+                let h = self.heads[list as usize];
+                if h == NIL {
+                    break;
+                }
+                let expired = self.slots[h as usize]
+                    .conn
+                    .as_ref()
+                    .is_some_and(|c| self.expired(c, now));
+                if !expired {
+                    // LRU order: entries behind the head were used later; an
+                    // entry with a shorter timeout may still be behind it and
+                    // is then caught by `lookup` or a later pass.
+                    break;
+                }
+                if let Some(c) = self.remove_slot(h) {
+                    self.stats.expired += 1;
+                    on_remove(c);
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
+    /// Iterates over live connections (slot, connection).
+    pub fn iter(&self) -> impl Iterator<Item = (u32, &Conn<V>)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.conn.as_ref().map(|c| (i as u32, c)))
+    }
+
+    /// Mutable access to the caller's data of slot `i`.
+    pub fn value_mut(&mut self, i: u32) -> Option<&mut V> {
+        self.slots
+            .get_mut(i as usize)?
+            .conn
+            .as_mut()
+            .map(|c| &mut c.value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    fn key(sport: u16) -> ConnKey {
+        ConnKey::new(
+            "10.0.0.1".parse().unwrap(),
+            sport,
+            "10.1.0.100".parse().unwrap(),
+            80,
+            6,
+        )
+    }
+
+    fn table(cap: usize) -> ConnTable<u32> {
+        ConnTable::new(cap, Timeouts::default())
+    }
+
+    fn state(t: &ConnTable<u32>, i: u32) -> ConnState {
+        t.get(i).unwrap().state
+    }
+
+    #[test]
+    fn tcp_open_and_close() {
+        let mut t = table(8);
+        let k = key(1000);
+        let i = t.insert(k, k.reversed(), SYN, 0, 7, |_| {}).unwrap();
+        assert_eq!(state(&t, i), ConnState::Tcp(TcpState::SynSent));
+        assert_eq!(t.lookup(&k.reversed(), 1, |_| {}), Some((i, Dir::Reply)));
+        t.touch(i, Dir::Reply, SYN | ACK, 1);
+        assert_eq!(state(&t, i), ConnState::Tcp(TcpState::SynReceived));
+        t.touch(i, Dir::Orig, ACK, 2);
+        assert_eq!(state(&t, i), ConnState::Tcp(TcpState::Established));
+        t.touch(i, Dir::Orig, ACK | FIN, 3);
+        assert_eq!(state(&t, i), ConnState::Tcp(TcpState::FinWait));
+        t.touch(i, Dir::Reply, ACK | FIN, 4);
+        assert_eq!(state(&t, i), ConnState::Tcp(TcpState::TimeWait));
+        assert_eq!(t.get(i).unwrap().packets, [3, 2]);
+        // Time-wait lasts 10 s of idleness.
+        assert!(t.lookup(&k, 4 + 9_000 * MS, |_| {}).is_some());
+        let mut removed = Vec::new();
+        assert!(
+            t.lookup(&k, 4 + 9_000 * MS + 10_001 * MS, |c| removed.push(c.value))
+                .is_none()
+        );
+        assert_eq!(removed, vec![7]);
+        assert!(t.is_empty());
+        assert!(!t.contains(&k.reversed()));
+    }
+
+    #[test]
+    fn rst_closes_and_midstream_pickup_is_established() {
+        let mut t = table(8);
+        let i = t
+            .insert(key(1), key(1).reversed(), ACK, 0, 0, |_| {})
+            .unwrap();
+        assert_eq!(state(&t, i), ConnState::Tcp(TcpState::Established));
+        t.touch(i, Dir::Reply, RST, 1);
+        assert_eq!(state(&t, i), ConnState::Tcp(TcpState::Closed));
+        // An RST does not reopen.
+        t.touch(i, Dir::Orig, SYN, 2);
+        assert_eq!(state(&t, i), ConnState::Tcp(TcpState::Closed));
+    }
+
+    #[test]
+    fn timeouts_per_state() {
+        let to = Timeouts::default();
+        let mut t = table(8);
+        let syn = t
+            .insert(key(1), key(1).reversed(), SYN, 0, 0, |_| {})
+            .unwrap();
+        let est = t
+            .insert(key(2), key(2).reversed(), ACK, 0, 0, |_| {})
+            .unwrap();
+        let u = ConnKey {
+            proto: 17,
+            ..key(3)
+        };
+        let udp = t.insert(u, u.reversed(), 0, 0, 0, |_| {}).unwrap();
+        assert_eq!(state(&t, udp), ConnState::Udp { replied: false });
+        t.touch(udp, Dir::Reply, 0, 0);
+        assert_eq!(state(&t, udp), ConnState::Udp { replied: true });
+        let _ = (syn, est);
+        // Just past the handshake timeout: the SYN entry goes, the others stay.
+        let now = to.tcp_handshake + 1;
+        let mut gone = Vec::new();
+        assert_eq!(t.expire(now, 100, |c| gone.push(c.orig.sport)), 1);
+        assert_eq!(gone, vec![1]);
+        assert!(t.lookup(&key(2), now, |_| {}).is_some());
+        // UDP (replied) outlives 30 s; established outlives 120 s.
+        let now = to.udp_replied + 1;
+        assert!(t.lookup(&u, now, |_| {}).is_none());
+        assert!(t.lookup(&key(2), now, |_| {}).is_some());
+        assert_eq!(t.stats().expired, 2);
+    }
+
+    #[test]
+    fn full_table_evicts_closing_then_idle_then_refuses() {
+        let mut t = table(3);
+        let a = t
+            .insert(key(1), key(1).reversed(), ACK, 0, 1, |_| {})
+            .unwrap();
+        let _b = t
+            .insert(key(2), key(2).reversed(), ACK, 0, 2, |_| {})
+            .unwrap();
+        let c = t
+            .insert(key(3), key(3).reversed(), ACK, 0, 3, |_| {})
+            .unwrap();
+        t.touch(c, Dir::Orig, FIN | ACK, 1); // closing
+        let mut evicted = Vec::new();
+        t.insert(key(4), key(4).reversed(), SYN, 2, 4, |c| {
+            evicted.push(c.value)
+        })
+        .unwrap();
+        assert_eq!(evicted, vec![3]);
+        // No closing entry left, none timed out: refused and counted.
+        assert_eq!(
+            t.insert(key(5), key(5).reversed(), SYN, 3, 5, |_| {}),
+            Err(ConnError::Full { capacity: 3 })
+        );
+        assert_eq!(t.stats().refused_full, 1);
+        // Once the oldest active entry (a, last used at 0) has timed out, it makes room.
+        t.touch(a, Dir::Orig, ACK, 0);
+        let late = Timeouts::default().tcp_established + 10;
+        t.insert(key(6), key(6).reversed(), SYN, late, 6, |c| {
+            evicted.push(c.value)
+        })
+        .unwrap();
+        assert_eq!(evicted.len(), 2);
+        assert_eq!(t.stats().evicted_closing, 1);
+        assert_eq!(t.stats().evicted_idle, 1);
+        assert_eq!(t.len(), 3);
+        assert_eq!(
+            t.insert(key(6), key(6).reversed(), SYN, late, 6, |_| {}),
+            Err(ConnError::Exists)
+        );
+    }
+
+    #[test]
+    fn slots_are_reused_and_lists_stay_consistent() {
+        let mut t = table(64);
+        for round in 0..10u64 {
+            let ids: Vec<u32> = (0..64u16)
+                .map(|p| {
+                    t.insert(key(p), key(p).reversed(), SYN, round, 0, |_| {})
+                        .unwrap()
+                })
+                .collect();
+            for (n, i) in ids.iter().enumerate() {
+                if n % 2 == 0 {
+                    t.touch(*i, Dir::Orig, FIN, round);
+                }
+            }
+            for i in ids {
+                assert!(t.remove(i).is_some());
+            }
+            assert!(t.is_empty());
+        }
+        assert_eq!(t.slots.len(), 64);
+        assert_eq!(t.heads, [NIL; 2]);
+    }
+}

@@ -1,0 +1,288 @@
+//! NAT bindings: what to rewrite in each direction of a connection, in a form
+//! the switch can fold into its one header-rewrite action per direction.
+
+use crate::conntrack::ConnKey;
+use dataplane::Parsed;
+use dataplane::rewrite::{self, RewriteError};
+use std::net::IpAddr;
+
+/// Address and port rewrites for one direction. `None` leaves a field alone.
+/// For ICMP echo the only "port" is the echo identifier: either side's port
+/// sets it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Rewrite {
+    /// New source address and port.
+    pub src: Option<(IpAddr, u16)>,
+    /// New destination address and port.
+    pub dst: Option<(IpAddr, u16)>,
+}
+
+impl Rewrite {
+    /// No change.
+    pub const NONE: Rewrite = Rewrite {
+        src: None,
+        dst: None,
+    };
+
+    /// Applies the rewrite to `frame` (parsed as `p`), patching checksums
+    /// incrementally. On error the frame may be partly rewritten only if the
+    /// error is in the second field; callers drop such packets.
+    pub fn apply(&self, frame: &mut [u8], p: &Parsed) -> Result<(), RewriteError> {
+        let icmp = matches!(p.key.proto, 1 | 58);
+        if let Some((ip, port)) = self.src {
+            set_addr(frame, p, ip, true)?;
+            if p.key.src_port != port {
+                rewrite::set_src_port(frame, p, port)?;
+            }
+        }
+        if let Some((ip, port)) = self.dst {
+            set_addr(frame, p, ip, false)?;
+            if icmp {
+                if p.key.src_port != port {
+                    rewrite::set_src_port(frame, p, port)?;
+                }
+            } else if p.key.dst_port != port {
+                rewrite::set_dst_port(frame, p, port)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The key a packet with key `k` has after this rewrite.
+    pub fn apply_to_key(&self, k: &ConnKey) -> ConnKey {
+        let mut out = *k;
+        if let Some((ip, port)) = self.src {
+            out.src = crate::conntrack::to16(ip);
+            out.sport = port;
+        }
+        if let Some((ip, port)) = self.dst {
+            out.dst = crate::conntrack::to16(ip);
+            if k.is_icmp() {
+                out.sport = port;
+            } else {
+                out.dport = port;
+            }
+        }
+        out
+    }
+}
+
+fn set_addr(frame: &mut [u8], p: &Parsed, ip: IpAddr, src: bool) -> Result<(), RewriteError> {
+    match (ip, src) {
+        (IpAddr::V4(a), true) => rewrite::set_ipv4_src(frame, p, a),
+        (IpAddr::V4(a), false) => rewrite::set_ipv4_dst(frame, p, a),
+        (IpAddr::V6(a), true) => rewrite::set_ipv6_src(frame, p, a),
+        (IpAddr::V6(a), false) => rewrite::set_ipv6_dst(frame, p, a),
+    }
+}
+
+/// The two rewrites of a NATed connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct NatBinding {
+    /// Applied to packets in the original direction.
+    pub forward: Rewrite,
+    /// Applied to packets in the reply direction.
+    pub reverse: Rewrite,
+}
+
+impl NatBinding {
+    /// DNAT of a connection `orig` (client -> VIP) to `dip:dport`: forward
+    /// packets get the DIP as destination; replies get the VIP back as source.
+    /// For ICMP echo the identifier is kept (`dport` is ignored).
+    pub fn dnat(orig: &ConnKey, dip: IpAddr, dport: u16) -> NatBinding {
+        let (to_port, back_port) = if orig.is_icmp() {
+            (orig.sport, orig.sport)
+        } else {
+            (dport, orig.dport)
+        };
+        NatBinding {
+            forward: Rewrite {
+                src: None,
+                dst: Some((dip, to_port)),
+            },
+            reverse: Rewrite {
+                src: Some((orig.dst_ip(), back_port)),
+                dst: None,
+            },
+        }
+    }
+
+    /// SNAT of a connection `orig` (VM -> outside) to `public:port`: forward
+    /// packets leave from the public address; replies go back to the VM.
+    pub fn snat(orig: &ConnKey, public: IpAddr, port: u16) -> NatBinding {
+        NatBinding {
+            forward: Rewrite {
+                src: Some((public, port)),
+                dst: None,
+            },
+            reverse: Rewrite {
+                src: None,
+                dst: Some((orig.src_ip(), orig.sport)),
+            },
+        }
+    }
+
+    /// The key replies arrive with, for a connection whose first packet had `orig`.
+    pub fn reply_key(&self, orig: &ConnKey) -> ConnKey {
+        self.forward.apply_to_key(orig).reversed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dataplane::parse;
+    use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+
+    /// Checks IPv4 header and TCP/UDP/ICMP checksums by full recomputation.
+    fn assert_checksums(frame: &[u8]) {
+        let s = SlicedPacket::from_ethernet(frame).unwrap();
+        match (&s.net, &s.transport) {
+            (Some(NetSlice::Ipv4(ip)), Some(TransportSlice::Tcp(t))) => {
+                let h = ip.header().to_header();
+                assert_eq!(h.header_checksum, h.calc_header_checksum());
+                let th = t.to_header();
+                assert_eq!(th.checksum, th.calc_checksum_ipv4(&h, t.payload()).unwrap());
+            }
+            (Some(NetSlice::Ipv4(ip)), Some(TransportSlice::Udp(u))) => {
+                let h = ip.header().to_header();
+                assert_eq!(h.header_checksum, h.calc_header_checksum());
+                let uh = u.to_header();
+                assert_eq!(uh.checksum, uh.calc_checksum_ipv4(&h, u.payload()).unwrap());
+            }
+            (Some(NetSlice::Ipv6(ip)), Some(TransportSlice::Tcp(t))) => {
+                let h = ip.header().to_header();
+                let th = t.to_header();
+                assert_eq!(th.checksum, th.calc_checksum_ipv6(&h, t.payload()).unwrap());
+            }
+            (Some(NetSlice::Ipv4(ip)), Some(TransportSlice::Icmpv4(i))) => {
+                let h = ip.header().to_header();
+                assert_eq!(h.header_checksum, h.calc_header_checksum());
+                assert_eq!(dataplane::wire::checksum::checksum(i.slice()), 0);
+            }
+            other => panic!("unexpected packet {other:?}"),
+        }
+    }
+
+    fn key_of(frame: &[u8]) -> ConnKey {
+        ConnKey::from(&parse(frame, 0).unwrap().key)
+    }
+
+    fn apply(frame: &mut [u8], rw: &Rewrite) {
+        let p = parse(frame, 0).unwrap();
+        rw.apply(frame, &p).unwrap();
+        assert_checksums(frame);
+    }
+
+    #[test]
+    fn dnat_round_trip_tcp4() {
+        let client = [203, 0, 113, 7];
+        let vip = [10, 1, 0, 100];
+        let mut req = Vec::new();
+        PacketBuilder::ethernet2([0; 6], [0; 6])
+            .ipv4(client, vip, 64)
+            .tcp(50000, 80, 1, 1000)
+            .syn()
+            .write(&mut req, b"GET / HTTP/1.1\r\n")
+            .unwrap();
+        let orig = key_of(&req);
+        let nat = NatBinding::dnat(&orig, "10.1.0.5".parse().unwrap(), 8080);
+        apply(&mut req, &nat.forward);
+        let seen = key_of(&req);
+        assert_eq!(
+            seen,
+            ConnKey::new(
+                "203.0.113.7".parse().unwrap(),
+                50000,
+                "10.1.0.5".parse().unwrap(),
+                8080,
+                6
+            )
+        );
+        // The DIP answers; its reply arrives with the reply key.
+        let mut resp = Vec::new();
+        PacketBuilder::ethernet2([0; 6], [0; 6])
+            .ipv4([10, 1, 0, 5], client, 64)
+            .tcp(8080, 50000, 9, 1000)
+            .syn()
+            .ack(2)
+            .write(&mut resp, b"HTTP/1.1 200 OK\r\n")
+            .unwrap();
+        assert_eq!(key_of(&resp), nat.reply_key(&orig));
+        apply(&mut resp, &nat.reverse);
+        // The client only ever sees the VIP.
+        assert_eq!(key_of(&resp), orig.reversed());
+    }
+
+    #[test]
+    fn dnat_round_trip_udp4_and_tcp6() {
+        let mut req = Vec::new();
+        PacketBuilder::ethernet2([0; 6], [0; 6])
+            .ipv4([192, 0, 2, 1], [10, 1, 0, 100], 64)
+            .udp(5353, 53)
+            .write(&mut req, b"query")
+            .unwrap();
+        let orig = key_of(&req);
+        let nat = NatBinding::dnat(&orig, "10.1.0.6".parse().unwrap(), 53);
+        apply(&mut req, &nat.forward);
+        assert_eq!(key_of(&req).dst_ip(), "10.1.0.6".parse::<IpAddr>().unwrap());
+
+        let vip6 = "2001:db8::100"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets();
+        let cli6 = "2001:db8:ffff::7"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets();
+        let mut req6 = Vec::new();
+        PacketBuilder::ethernet2([0; 6], [0; 6])
+            .ipv6(cli6, vip6, 64)
+            .tcp(40000, 443, 1, 100)
+            .write(&mut req6, b"x")
+            .unwrap();
+        let orig6 = key_of(&req6);
+        let nat6 = NatBinding::dnat(&orig6, "2001:db8::5".parse().unwrap(), 8443);
+        apply(&mut req6, &nat6.forward);
+        let mut resp6 = Vec::new();
+        let dip6 = "2001:db8::5"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets();
+        PacketBuilder::ethernet2([0; 6], [0; 6])
+            .ipv6(dip6, cli6, 64)
+            .tcp(8443, 40000, 1, 100)
+            .write(&mut resp6, b"y")
+            .unwrap();
+        assert_eq!(key_of(&resp6), nat6.reply_key(&orig6));
+        apply(&mut resp6, &nat6.reverse);
+        assert_eq!(key_of(&resp6), orig6.reversed());
+    }
+
+    #[test]
+    fn snat_round_trip_icmp_echo() {
+        let mut req = Vec::new();
+        PacketBuilder::ethernet2([0; 6], [0; 6])
+            .ipv4([10, 1, 0, 4], [198, 51, 100, 1], 64)
+            .icmpv4_echo_request(0x1234, 1)
+            .write(&mut req, b"ping")
+            .unwrap();
+        let orig = key_of(&req);
+        let nat = NatBinding::snat(&orig, "192.0.2.10".parse().unwrap(), 0x4000);
+        apply(&mut req, &nat.forward);
+        assert_eq!(
+            key_of(&req).src_ip(),
+            "192.0.2.10".parse::<IpAddr>().unwrap()
+        );
+        let mut reply = Vec::new();
+        PacketBuilder::ethernet2([0; 6], [0; 6])
+            .ipv4([198, 51, 100, 1], [192, 0, 2, 10], 64)
+            .icmpv4_echo_reply(0x4000, 1)
+            .write(&mut reply, b"ping")
+            .unwrap();
+        assert_eq!(key_of(&reply), nat.reply_key(&orig));
+        apply(&mut reply, &nat.reverse);
+        assert_eq!(key_of(&reply), orig.reversed());
+        assert_eq!(key_of(&reply).sport, 0x1234);
+    }
+}
