@@ -1,11 +1,23 @@
 //! # lb — load balancing: VIPs, Maglev, connection tracking, NAT
 //!
-//! Owns: the VIP/DIP model, the Maglev lookup table, per-core connection
-//! tracking with NAT/SNAT state, and (with its own issue) the health prober.
+//! Owns: the VIP/DIP model and distribution modes ([`balancer`]), the Maglev
+//! lookup table ([`maglev`]), per-core connection tracking ([`conntrack`]),
+//! NAT bindings ([`nat`]) and SNAT port allocation ([`snat`]); and, with its
+//! own issue, the health prober.
 //!
 //! Must not touch: polling cores or port drivers. Apart from the prober, which
-//! runs on the control thread, it is pure logic over parsed headers.
+//! runs on the control thread, it is pure logic over parsed headers: health
+//! comes in as an input ([`balancer::Vip::with_health`]), and decisions go out
+//! as per-direction header rewrites ([`nat::Rewrite`]) the switch compiles
+//! into its flow actions.
 
+pub mod balancer;
 pub mod conntrack;
 pub mod maglev;
 pub mod nat;
+pub mod snat;
+
+pub use balancer::{Backend, Decision, Distribution, LbCore, LbDrop, Vip, VipConfig, Vips};
+pub use conntrack::{ConnKey, ConnTable, Dir, Timeouts};
+pub use maglev::MaglevTable;
+pub use nat::{NatBinding, Rewrite};

@@ -1,0 +1,1026 @@
+//! VIPs and their backend pools, and the per-core load balancer that ties
+//! VIP lookup, Maglev, connection tracking and NAT together.
+//!
+//! The control plane builds [`Vip`]s (immutable: a health or membership change
+//! makes a new one with a new Maglev table) and publishes them as a [`Vips`]
+//! snapshot. Each worker owns an [`LbCore`] and calls it with the snapshot of
+//! the moment; established connections carry the `Arc<Vip>` they were made
+//! under and are revalidated only when the snapshot's VIP is a different one.
+
+use crate::conntrack::{Conn, ConnError, ConnKey, ConnTable, Dir, Timeouts, to16};
+use crate::maglev::{DEFAULT_TABLE_SIZE, MaglevBackend, MaglevError, MaglevTable};
+use crate::nat::{NatBinding, Rewrite};
+use crate::snat::{SnatAllocator, SnatError};
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+use std::sync::Arc;
+use xxhash_rust::xxh3::xxh3_64_with_seed;
+
+/// Which fields of a flow choose its backend (Azure Load Balancer's
+/// distribution modes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Distribution {
+    /// Source and destination address and port, protocol (the default).
+    #[default]
+    FiveTuple,
+    /// Source and destination address, protocol ("client IP and protocol").
+    ThreeTuple,
+    /// Source and destination address ("client IP").
+    TwoTuple,
+}
+
+impl FromStr for Distribution {
+    type Err = LbError;
+    fn from_str(s: &str) -> Result<Self, LbError> {
+        match s {
+            "5-tuple" => Ok(Distribution::FiveTuple),
+            "3-tuple" => Ok(Distribution::ThreeTuple),
+            "2-tuple" => Ok(Distribution::TwoTuple),
+            _ => Err(LbError::BadDistribution(s.to_string())),
+        }
+    }
+}
+
+const FLOW_SEED: u64 = 0x706f_6c6c_7578_666c; // "polluxfl"
+
+/// The flow hash Maglev is indexed with: XXH3 with a fixed seed over the
+/// fields `dist` selects, so every pollux instance computes the same value.
+#[inline]
+pub fn flow_hash(k: &ConnKey, dist: Distribution) -> u64 {
+    let mut b = [0u8; 37];
+    b[..16].copy_from_slice(&k.src);
+    b[16..32].copy_from_slice(&k.dst);
+    let n = match dist {
+        Distribution::TwoTuple => 32,
+        Distribution::ThreeTuple => {
+            b[32] = k.proto;
+            33
+        }
+        Distribution::FiveTuple => {
+            b[32..34].copy_from_slice(&k.sport.to_be_bytes());
+            b[34..36].copy_from_slice(&k.dport.to_be_bytes());
+            b[36] = k.proto;
+            37
+        }
+    };
+    xxh3_64_with_seed(&b[..n], FLOW_SEED)
+}
+
+/// What happens to established connections of a DIP that turns unhealthy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnUnhealthy {
+    /// They keep flowing while the DIP stays configured (the default).
+    #[default]
+    Keep,
+    /// They are dropped (and their state removed).
+    Reset,
+}
+
+/// What happens to new connections when no DIP is healthy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WhenAllDown {
+    /// They are dropped; established ones continue (the default).
+    #[default]
+    DropNew,
+    /// They are spread over every configured DIP, healthy or not.
+    FailOpen,
+}
+
+/// A backend (DIP) of a VIP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backend {
+    /// Backend address.
+    pub ip: IpAddr,
+    /// Backend port.
+    pub port: u16,
+    /// Relative weight; 0 drains it (no new connections, established stay).
+    pub weight: u32,
+}
+
+/// A VIP as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VipConfig {
+    /// Name used in messages.
+    pub name: String,
+    /// Frontend address.
+    pub addr: IpAddr,
+    /// Frontend port (0 with ICMP).
+    pub port: u16,
+    /// IP protocol (6, 17, 1, 58).
+    pub proto: u8,
+    /// Distribution mode.
+    pub distribution: Distribution,
+    /// The pool.
+    pub backends: Vec<Backend>,
+    /// Maglev table size (a prime; default 65537).
+    pub table_size: usize,
+    /// Policy for established connections of unhealthy DIPs.
+    pub on_unhealthy: OnUnhealthy,
+    /// Policy for new connections when no DIP is healthy.
+    pub when_all_down: WhenAllDown,
+}
+
+impl VipConfig {
+    /// A VIP with default distribution, table size and policies.
+    pub fn new(name: &str, addr: IpAddr, port: u16, proto: u8, backends: Vec<Backend>) -> Self {
+        VipConfig {
+            name: name.to_string(),
+            addr,
+            port,
+            proto,
+            distribution: Distribution::default(),
+            backends,
+            table_size: DEFAULT_TABLE_SIZE,
+            on_unhealthy: OnUnhealthy::default(),
+            when_all_down: WhenAllDown::default(),
+        }
+    }
+}
+
+/// Why a VIP could not be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LbError {
+    /// Unknown distribution mode.
+    #[error("distribution {0:?} is not one of 5-tuple, 3-tuple, 2-tuple")]
+    BadDistribution(String),
+    /// A backend listed twice.
+    #[error("vip {vip:?}: backend {backend} is listed twice")]
+    DuplicateBackend {
+        /// VIP name.
+        vip: String,
+        /// The backend.
+        backend: String,
+    },
+    /// A backend of the other address family.
+    #[error("vip {vip:?}: backend {backend} is not of the VIP's address family")]
+    FamilyMismatch {
+        /// VIP name.
+        vip: String,
+        /// The backend.
+        backend: String,
+    },
+    /// The Maglev table could not be built.
+    #[error("vip {vip:?}: {source}")]
+    Maglev {
+        /// VIP name.
+        vip: String,
+        /// The table error.
+        source: MaglevError,
+    },
+    /// A health update for a backend the VIP does not have.
+    #[error("vip {vip:?}: no backend #{index}")]
+    NoSuchBackend {
+        /// VIP name.
+        vip: String,
+        /// The index given.
+        index: usize,
+    },
+}
+
+/// A VIP with its pool's health and Maglev table. Immutable: health changes
+/// make a new `Vip` ([`Vip::with_health`]).
+#[derive(Debug)]
+pub struct Vip {
+    cfg: VipConfig,
+    healthy: Vec<bool>,
+    table: MaglevTable,
+    /// Table over every configured, weighted backend (fail-open mode only).
+    all: Option<MaglevTable>,
+}
+
+fn table_for(cfg: &VipConfig, include: impl Fn(usize) -> bool) -> Result<MaglevTable, LbError> {
+    let bs: Vec<MaglevBackend> = cfg
+        .backends
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| include(*i))
+        .map(|(i, b)| MaglevBackend {
+            key: format!("{}:{}", b.ip, b.port).into_bytes(),
+            weight: b.weight,
+            id: i as u16,
+        })
+        .collect();
+    MaglevTable::build(&bs, cfg.table_size).map_err(|source| LbError::Maglev {
+        vip: cfg.name.clone(),
+        source,
+    })
+}
+
+impl Vip {
+    /// Validates `cfg` and builds its table with the given health per backend
+    /// (missing entries count as healthy, as for a VIP without a probe).
+    pub fn new(cfg: VipConfig, healthy: &[bool]) -> Result<Vip, LbError> {
+        let mut seen = std::collections::HashSet::new();
+        for b in &cfg.backends {
+            let name = format!("{}:{}", b.ip, b.port);
+            if b.ip.is_ipv4() != cfg.addr.is_ipv4() {
+                return Err(LbError::FamilyMismatch {
+                    vip: cfg.name.clone(),
+                    backend: name,
+                });
+            }
+            if !seen.insert((b.ip, b.port)) {
+                return Err(LbError::DuplicateBackend {
+                    vip: cfg.name.clone(),
+                    backend: name,
+                });
+            }
+        }
+        let healthy: Vec<bool> = (0..cfg.backends.len())
+            .map(|i| healthy.get(i).copied().unwrap_or(true))
+            .collect();
+        let table = table_for(&cfg, |i| healthy[i])?;
+        let all = match cfg.when_all_down {
+            WhenAllDown::FailOpen => Some(table_for(&cfg, |_| true)?),
+            WhenAllDown::DropNew => None,
+        };
+        Ok(Vip {
+            cfg,
+            healthy,
+            table,
+            all,
+        })
+    }
+
+    /// A new `Vip` with backend `index`'s health set (a new Maglev table).
+    pub fn with_health(&self, index: usize, healthy: bool) -> Result<Vip, LbError> {
+        if index >= self.cfg.backends.len() {
+            return Err(LbError::NoSuchBackend {
+                vip: self.cfg.name.clone(),
+                index,
+            });
+        }
+        let mut h = self.healthy.clone();
+        h[index] = healthy;
+        Vip::new(self.cfg.clone(), &h)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &VipConfig {
+        &self.cfg
+    }
+
+    /// Health per backend.
+    pub fn health(&self) -> &[bool] {
+        &self.healthy
+    }
+
+    /// The Maglev table over healthy backends.
+    pub fn table(&self) -> &MaglevTable {
+        &self.table
+    }
+
+    /// The backend a new connection with key `k` goes to (index into the
+    /// configured backends), or `None` when none may take it.
+    #[inline]
+    pub fn pick(&self, k: &ConnKey) -> Option<usize> {
+        let h = flow_hash(k, self.cfg.distribution);
+        match self.table.lookup(h) {
+            Some(i) => Some(usize::from(i)),
+            None => self.all.as_ref()?.lookup(h).map(usize::from),
+        }
+    }
+
+    /// Index of the backend `ip:port`, if configured.
+    pub fn backend_index(&self, ip: IpAddr, port: u16) -> Option<usize> {
+        self.cfg
+            .backends
+            .iter()
+            .position(|b| b.ip == ip && b.port == port)
+    }
+}
+
+/// The frontend key of a VIP: address, port, protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct VipKey {
+    addr: [u8; 16],
+    port: u16,
+    proto: u8,
+}
+
+impl VipKey {
+    fn of_cfg(c: &VipConfig) -> Self {
+        VipKey {
+            addr: to16(c.addr),
+            port: if matches!(c.proto, 1 | 58) { 0 } else { c.port },
+            proto: c.proto,
+        }
+    }
+
+    fn of_packet(k: &ConnKey) -> Self {
+        VipKey {
+            addr: k.dst,
+            port: if k.is_icmp() { 0 } else { k.dport },
+            proto: k.proto,
+        }
+    }
+}
+
+/// A snapshot of every VIP, as workers see it.
+#[derive(Debug, Default, Clone)]
+pub struct Vips {
+    map: HashMap<VipKey, Arc<Vip>>,
+}
+
+impl Vips {
+    /// An empty set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds or replaces a VIP (keyed by address, port, protocol).
+    pub fn insert(&mut self, vip: Vip) -> Arc<Vip> {
+        let a = Arc::new(vip);
+        self.map.insert(VipKey::of_cfg(&a.cfg), a.clone());
+        a
+    }
+
+    /// Removes the VIP `addr:port/proto`.
+    pub fn remove(&mut self, addr: IpAddr, port: u16, proto: u8) -> Option<Arc<Vip>> {
+        let k = VipKey {
+            addr: to16(addr),
+            port: if matches!(proto, 1 | 58) { 0 } else { port },
+            proto,
+        };
+        self.map.remove(&k)
+    }
+
+    /// The VIP a packet with key `k` is addressed to.
+    #[inline]
+    pub fn lookup(&self, k: &ConnKey) -> Option<&Arc<Vip>> {
+        self.map.get(&VipKey::of_packet(k))
+    }
+}
+
+/// Why the load balancer dropped a packet. Each is counted by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LbDrop {
+    /// New connection to a VIP with no backend that may take it.
+    NoHealthyBackend,
+    /// The connection table is full of live connections.
+    TableFull,
+    /// The connection's reply key collides with a tracked connection.
+    TupleCollision,
+    /// The connection's backend (or VIP) is no longer configured.
+    BackendRemoved,
+    /// The backend turned unhealthy and the VIP resets its connections.
+    BackendUnhealthy,
+    /// No SNAT port left for the VM.
+    SnatExhausted,
+    /// SNAT asked for a VM that is not in the outbound pool.
+    SnatNotMember,
+}
+
+impl LbDrop {
+    /// Every reason.
+    pub const ALL: [LbDrop; 7] = [
+        LbDrop::NoHealthyBackend,
+        LbDrop::TableFull,
+        LbDrop::TupleCollision,
+        LbDrop::BackendRemoved,
+        LbDrop::BackendUnhealthy,
+        LbDrop::SnatExhausted,
+        LbDrop::SnatNotMember,
+    ];
+
+    /// Stable snake_case name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            LbDrop::NoHealthyBackend => "lb_no_healthy_backend",
+            LbDrop::TableFull => "lb_conn_table_full",
+            LbDrop::TupleCollision => "lb_tuple_collision",
+            LbDrop::BackendRemoved => "lb_backend_removed",
+            LbDrop::BackendUnhealthy => "lb_backend_unhealthy_reset",
+            LbDrop::SnatExhausted => "snat_port_exhausted",
+            LbDrop::SnatNotMember => "snat_not_member",
+        }
+    }
+}
+
+impl fmt::Display for LbDrop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What the load balancer decided for a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Rewrite with `rewrite` and forward. `conn` is the connection's slot.
+    Forward {
+        /// The header rewrite for this direction.
+        rewrite: Rewrite,
+        /// Direction of the packet within its connection.
+        dir: Dir,
+        /// Connection slot in the core's table.
+        conn: u32,
+        /// True when this packet created the connection.
+        new: bool,
+    },
+    /// Drop, for this reason.
+    Drop(LbDrop),
+    /// Not load-balancer traffic (no VIP, no tracked connection).
+    NotHandled,
+}
+
+/// What a tracked connection is.
+#[derive(Debug, Clone)]
+pub enum ConnKind {
+    /// A connection to a VIP, DNATed to a backend.
+    Dnat {
+        /// The VIP snapshot it was last validated against.
+        vip: Arc<Vip>,
+        /// The backend's address.
+        backend: IpAddr,
+        /// The backend's port.
+        port: u16,
+    },
+    /// An outbound connection, SNATed.
+    Snat {
+        /// The public address.
+        public: IpAddr,
+        /// The public port.
+        port: u16,
+    },
+}
+
+/// Per connection: what it is and its NAT rewrites.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// DNAT or SNAT.
+    pub kind: ConnKind,
+    /// Rewrites per direction.
+    pub nat: NatBinding,
+}
+
+/// Load balancer counters of one core.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LbStats {
+    /// Connections created through a VIP.
+    pub new_dnat: u64,
+    /// Outbound connections created with SNAT.
+    pub new_snat: u64,
+    /// Drops by reason (indexed as [`LbDrop::ALL`]).
+    pub drops: [u64; 7],
+}
+
+impl LbStats {
+    /// Drops counted for `reason`.
+    pub fn dropped(&self, reason: LbDrop) -> u64 {
+        self.drops[reason as usize]
+    }
+}
+
+/// The load balancer of one worker core.
+#[derive(Debug)]
+pub struct LbCore {
+    conns: ConnTable<ConnInfo>,
+    snat: Option<SnatAllocator>,
+    stats: LbStats,
+}
+
+fn release_snat(snat: &mut Option<SnatAllocator>, c: &Conn<ConnInfo>) {
+    if let (Some(s), ConnKind::Snat { public, port }) = (snat.as_mut(), &c.value.kind) {
+        s.release(*public, *port, c.orig.proto);
+    }
+}
+
+impl LbCore {
+    /// A core tracking up to `capacity` connections, with SNAT if given.
+    pub fn new(capacity: usize, timeouts: Timeouts, snat: Option<SnatAllocator>) -> Self {
+        LbCore {
+            conns: ConnTable::new(capacity, timeouts),
+            snat,
+            stats: LbStats::default(),
+        }
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &LbStats {
+        &self.stats
+    }
+
+    /// The connection table.
+    pub fn conns(&self) -> &ConnTable<ConnInfo> {
+        &self.conns
+    }
+
+    /// The SNAT allocator, to add or remove member VMs.
+    pub fn snat_mut(&mut self) -> Option<&mut SnatAllocator> {
+        self.snat.as_mut()
+    }
+
+    fn drop(&mut self, r: LbDrop) -> Decision {
+        self.stats.drops[r as usize] += 1;
+        Decision::Drop(r)
+    }
+
+    /// Looks up a tracked connection for `key`, revalidating a DNAT one
+    /// against the current snapshot. `Ok(None)` means "not tracked".
+    fn existing(
+        &mut self,
+        vips: Option<&Vips>,
+        key: &ConnKey,
+        tcp_flags: u8,
+        now: u64,
+    ) -> Result<Option<Decision>, LbDrop> {
+        let snat = &mut self.snat;
+        let Some((i, dir)) = self.conns.lookup(key, now, |c| release_snat(snat, &c)) else {
+            return Ok(None);
+        };
+        let mut verdict = Ok(());
+        let mut refresh = None;
+        if let Some(Conn {
+            orig,
+            value:
+                ConnInfo {
+                    kind: ConnKind::Dnat { vip, backend, port },
+                    ..
+                },
+            ..
+        }) = self.conns.get(i)
+        {
+            match vips.map(|v| v.lookup(orig)).unwrap_or(Some(vip)) {
+                Some(cur) if Arc::ptr_eq(cur, vip) => {}
+                Some(cur) => match cur.backend_index(*backend, *port) {
+                    None => verdict = Err(LbDrop::BackendRemoved),
+                    Some(b)
+                        if !cur.health()[b] && cur.config().on_unhealthy == OnUnhealthy::Reset =>
+                    {
+                        verdict = Err(LbDrop::BackendUnhealthy)
+                    }
+                    Some(_) => refresh = Some(cur.clone()),
+                },
+                None => verdict = Err(LbDrop::BackendRemoved),
+            }
+        }
+        if let Err(r) = verdict {
+            if let Some(c) = self.conns.remove(i) {
+                release_snat(&mut self.snat, &c);
+            }
+            return Err(r);
+        }
+        if let (
+            Some(cur),
+            Some(ConnInfo {
+                kind: ConnKind::Dnat { vip, .. },
+                ..
+            }),
+        ) = (refresh, self.conns.value_mut(i))
+        {
+            *vip = cur;
+        }
+        self.conns.touch(i, dir, tcp_flags, now);
+        let nat = self.conns.get(i).map(|c| c.value.nat).unwrap_or_default();
+        let rewrite = if dir == Dir::Orig {
+            nat.forward
+        } else {
+            nat.reverse
+        };
+        Ok(Some(Decision::Forward {
+            rewrite,
+            dir,
+            conn: i,
+            new: false,
+        }))
+    }
+
+    /// A packet arriving for a VIP, or a reply from a backend: tracked
+    /// connections get their rewrite; a new connection to a VIP gets a
+    /// backend by Maglev over the healthy backends and a DNAT binding.
+    pub fn process(&mut self, vips: &Vips, key: &ConnKey, tcp_flags: u8, now: u64) -> Decision {
+        match self.existing(Some(vips), key, tcp_flags, now) {
+            Ok(Some(d)) => return d,
+            Err(r) => return self.drop(r),
+            Ok(None) => {}
+        }
+        let Some(vip) = vips.lookup(key) else {
+            return Decision::NotHandled;
+        };
+        let Some(b) = vip.pick(key) else {
+            return self.drop(LbDrop::NoHealthyBackend);
+        };
+        let be = vip.config().backends[b];
+        let nat = NatBinding::dnat(key, be.ip, be.port);
+        let info = ConnInfo {
+            kind: ConnKind::Dnat {
+                vip: vip.clone(),
+                backend: be.ip,
+                port: be.port,
+            },
+            nat,
+        };
+        let snat = &mut self.snat;
+        match self
+            .conns
+            .insert(*key, nat.reply_key(key), tcp_flags, now, info, |c| {
+                release_snat(snat, &c)
+            }) {
+            Ok(i) => {
+                self.stats.new_dnat += 1;
+                Decision::Forward {
+                    rewrite: nat.forward,
+                    dir: Dir::Orig,
+                    conn: i,
+                    new: true,
+                }
+            }
+            Err(ConnError::Full { .. }) => self.drop(LbDrop::TableFull),
+            Err(ConnError::Exists) => self.drop(LbDrop::TupleCollision),
+        }
+    }
+
+    /// An outbound packet of a VM that policy says leaves through SNAT (or a
+    /// reply to one): new connections get a public address and port from
+    /// the VM's blocks.
+    pub fn process_snat(&mut self, key: &ConnKey, tcp_flags: u8, now: u64) -> Decision {
+        match self.existing(None, key, tcp_flags, now) {
+            Ok(Some(d)) => return d,
+            Err(r) => return self.drop(r),
+            Ok(None) => {}
+        }
+        let Some(snat) = self.snat.as_mut() else {
+            return Decision::NotHandled;
+        };
+        let conns = &self.conns;
+        let taken = |public: IpAddr, port: u16| {
+            conns.contains(&NatBinding::snat(key, public, port).reply_key(key))
+        };
+        let (public, port) = match snat.allocate(key.src_ip(), key.proto, taken) {
+            Ok(p) => p,
+            Err(SnatError::NotMember(_)) => return self.drop(LbDrop::SnatNotMember),
+            Err(_) => return self.drop(LbDrop::SnatExhausted),
+        };
+        let nat = NatBinding::snat(key, public, port);
+        let info = ConnInfo {
+            kind: ConnKind::Snat { public, port },
+            nat,
+        };
+        let snat = &mut self.snat;
+        match self
+            .conns
+            .insert(*key, nat.reply_key(key), tcp_flags, now, info, |c| {
+                release_snat(snat, &c)
+            }) {
+            Ok(i) => {
+                self.stats.new_snat += 1;
+                Decision::Forward {
+                    rewrite: nat.forward,
+                    dir: Dir::Orig,
+                    conn: i,
+                    new: true,
+                }
+            }
+            Err(e) => {
+                if let Some(s) = self.snat.as_mut() {
+                    s.release(public, port, key.proto);
+                }
+                self.drop(match e {
+                    ConnError::Full { .. } => LbDrop::TableFull,
+                    ConnError::Exists => LbDrop::TupleCollision,
+                })
+            }
+        }
+    }
+
+    /// Removes up to `budget` timed-out connections (releasing SNAT ports).
+    pub fn expire(&mut self, now: u64, budget: usize) -> usize {
+        let snat = &mut self.snat;
+        self.conns.expire(now, budget, |c| release_snat(snat, &c))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snat::SnatConfig;
+
+    const SEC: u64 = 1_000_000_000;
+    const SYN: u8 = 0x02;
+    const ACK: u8 = 0x10;
+    const FIN: u8 = 0x01;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn vip_cfg(n: usize) -> VipConfig {
+        let backends = (0..n)
+            .map(|i| Backend {
+                ip: ip(&format!("10.1.0.{}", 10 + i)),
+                port: 8080,
+                weight: 1,
+            })
+            .collect();
+        VipConfig::new("web", ip("10.1.0.100"), 80, 6, backends)
+    }
+
+    fn client(i: u32, port: u16) -> ConnKey {
+        let a = std::net::Ipv4Addr::from(0xcb00_7100u32 + i); // 203.0.113.x and up
+        ConnKey::new(IpAddr::V4(a), port, ip("10.1.0.100"), 80, 6)
+    }
+
+    fn backend_of(d: Decision) -> IpAddr {
+        match d {
+            Decision::Forward {
+                rewrite:
+                    Rewrite {
+                        dst: Some((ip, 8080)),
+                        ..
+                    },
+                ..
+            } => ip,
+            other => panic!("not a DNAT forward: {other:?}"),
+        }
+    }
+
+    fn core() -> LbCore {
+        LbCore::new(100_000, Timeouts::default(), None)
+    }
+
+    #[test]
+    fn new_connections_spread_by_weight_and_replies_come_back_as_the_vip() {
+        let mut cfg = vip_cfg(3);
+        cfg.backends[2].weight = 2;
+        let mut vips = Vips::new();
+        vips.insert(Vip::new(cfg, &[]).unwrap());
+        let mut lb = core();
+        let mut per: HashMap<IpAddr, u32> = HashMap::new();
+        for i in 0..8000 {
+            let k = client(i, 40000 + (i % 1000) as u16);
+            let b = backend_of(lb.process(&vips, &k, SYN, 0));
+            *per.entry(b).or_default() += 1;
+            // The backend's SYN-ACK is the reply direction: rewritten back to the VIP.
+            let reply = ConnKey::new(b, 8080, k.src_ip(), k.sport, 6);
+            match lb.process(&vips, &reply, SYN | ACK, 1) {
+                Decision::Forward {
+                    rewrite,
+                    dir: Dir::Reply,
+                    new: false,
+                    ..
+                } => {
+                    assert_eq!(rewrite.apply_to_key(&reply), k.reversed());
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let w = |a: &str| f64::from(per[&ip(a)]) / 8000.0;
+        assert!((w("10.1.0.10") - 0.25).abs() < 0.03, "{per:?}");
+        assert!((w("10.1.0.11") - 0.25).abs() < 0.03, "{per:?}");
+        assert!((w("10.1.0.12") - 0.5).abs() < 0.03, "{per:?}");
+        assert_eq!(lb.stats().new_dnat, 8000);
+        // Traffic for no VIP is not ours.
+        let other = ConnKey::new(ip("203.0.113.1"), 1, ip("10.1.0.99"), 80, 6);
+        assert_eq!(lb.process(&vips, &other, SYN, 0), Decision::NotHandled);
+    }
+
+    #[test]
+    fn distribution_modes() {
+        for (mode, same_for_ports) in [
+            (Distribution::FiveTuple, false),
+            (Distribution::ThreeTuple, true),
+            (Distribution::TwoTuple, true),
+        ] {
+            let mut cfg = vip_cfg(8);
+            cfg.distribution = mode;
+            let vip = Vip::new(cfg, &[]).unwrap();
+            let picks: std::collections::HashSet<usize> = (0..50)
+                .map(|p| vip.pick(&client(1, 10000 + p)).unwrap())
+                .collect();
+            assert_eq!(picks.len() == 1, same_for_ports, "{mode:?}: {picks:?}");
+        }
+        assert_eq!(
+            "2-tuple".parse::<Distribution>(),
+            Ok(Distribution::TwoTuple)
+        );
+        assert!(
+            "4-tuple"
+                .parse::<Distribution>()
+                .unwrap_err()
+                .to_string()
+                .contains("4-tuple")
+        );
+    }
+
+    #[test]
+    fn unhealthy_backend_gets_no_new_flows_but_keeps_established_ones() {
+        let vip = Vip::new(vip_cfg(3), &[]).unwrap();
+        let mut vips = Vips::new();
+        let v = vips.insert(vip);
+        let mut lb = core();
+        // Open one connection per backend.
+        let mut by_backend: HashMap<IpAddr, ConnKey> = HashMap::new();
+        let mut i = 0;
+        while by_backend.len() < 3 {
+            let k = client(i, 1234);
+            i += 1;
+            let b = backend_of(lb.process(&vips, &k, SYN, 0));
+            by_backend.entry(b).or_insert(k);
+        }
+        let sick = ip("10.1.0.11");
+        let idx = v.backend_index(sick, 8080).unwrap();
+        vips.insert(v.with_health(idx, false).unwrap());
+        // Established flow to the sick backend keeps its backend.
+        assert_eq!(
+            backend_of(lb.process(&vips, &by_backend[&sick], ACK, 1)),
+            sick
+        );
+        // New flows avoid it.
+        for j in 1000..3000 {
+            assert_ne!(backend_of(lb.process(&vips, &client(j, 999), SYN, 2)), sick);
+        }
+        // With the reset policy, its established flow is dropped and forgotten.
+        let mut cfg = vip_cfg(3);
+        cfg.on_unhealthy = OnUnhealthy::Reset;
+        let mut h = vec![true; 3];
+        h[idx] = false;
+        vips.insert(Vip::new(cfg, &h).unwrap());
+        assert_eq!(
+            lb.process(&vips, &by_backend[&sick], ACK, 3),
+            Decision::Drop(LbDrop::BackendUnhealthy)
+        );
+        assert_eq!(lb.stats().dropped(LbDrop::BackendUnhealthy), 1);
+        // The healthy ones continue.
+        assert_eq!(
+            backend_of(lb.process(&vips, &by_backend[&ip("10.1.0.10")], ACK, 3)),
+            ip("10.1.0.10")
+        );
+    }
+
+    #[test]
+    fn removed_backend_ends_its_flows_and_drain_keeps_them() {
+        let mut vips = Vips::new();
+        vips.insert(Vip::new(vip_cfg(2), &[]).unwrap());
+        let mut lb = core();
+        let flows: Vec<(ConnKey, IpAddr)> = (0..200)
+            .map(|i| {
+                let k = client(i, 5555);
+                (k, backend_of(lb.process(&vips, &k, SYN, 0)))
+            })
+            .collect();
+        // Drain backend .10 (weight 0): established stay, new ones avoid it.
+        let mut cfg = vip_cfg(2);
+        cfg.backends[0].weight = 0;
+        vips.insert(Vip::new(cfg, &[]).unwrap());
+        for (k, b) in &flows {
+            assert_eq!(backend_of(lb.process(&vips, k, ACK, 1)), *b);
+        }
+        for j in 500..700 {
+            assert_eq!(
+                backend_of(lb.process(&vips, &client(j, 1), SYN, 1)),
+                ip("10.1.0.11")
+            );
+        }
+        // Remove .10 from the pool: its flows are dropped, .11's continue.
+        let mut cfg = vip_cfg(2);
+        cfg.backends.remove(0);
+        vips.insert(Vip::new(cfg, &[]).unwrap());
+        for (k, b) in &flows {
+            let d = lb.process(&vips, k, ACK, 2);
+            if *b == ip("10.1.0.10") {
+                assert_eq!(d, Decision::Drop(LbDrop::BackendRemoved));
+            } else {
+                assert_eq!(backend_of(d), *b);
+            }
+        }
+        assert!(lb.stats().dropped(LbDrop::BackendRemoved) > 50);
+    }
+
+    #[test]
+    fn all_down_drop_new_or_fail_open() {
+        let mut vips = Vips::new();
+        vips.insert(Vip::new(vip_cfg(2), &[]).unwrap());
+        let mut lb = core();
+        let est = client(1, 1);
+        let b = backend_of(lb.process(&vips, &est, SYN, 0));
+        vips.insert(Vip::new(vip_cfg(2), &[false, false]).unwrap());
+        assert_eq!(
+            lb.process(&vips, &client(2, 2), SYN, 1),
+            Decision::Drop(LbDrop::NoHealthyBackend)
+        );
+        assert_eq!(backend_of(lb.process(&vips, &est, ACK, 1)), b);
+        let mut cfg = vip_cfg(2);
+        cfg.when_all_down = WhenAllDown::FailOpen;
+        vips.insert(Vip::new(cfg, &[false, false]).unwrap());
+        backend_of(lb.process(&vips, &client(3, 3), SYN, 2));
+        assert_eq!(lb.stats().dropped(LbDrop::NoHealthyBackend), 1);
+    }
+
+    #[test]
+    fn table_full_is_a_counted_drop() {
+        let mut vips = Vips::new();
+        vips.insert(Vip::new(vip_cfg(2), &[]).unwrap());
+        let mut lb = LbCore::new(10, Timeouts::default(), None);
+        for i in 0..10 {
+            backend_of(lb.process(&vips, &client(i, 1), SYN, 0));
+        }
+        assert_eq!(
+            lb.process(&vips, &client(99, 1), SYN, 0),
+            Decision::Drop(LbDrop::TableFull)
+        );
+        assert_eq!(lb.stats().dropped(LbDrop::TableFull), 1);
+        // After the handshake timeout, the old entries make room.
+        backend_of(lb.process(&vips, &client(99, 1), SYN, 31 * SEC));
+    }
+
+    #[test]
+    fn snat_allocates_reuses_and_releases() {
+        let snat = SnatAllocator::new(SnatConfig {
+            public_ips: vec![ip("192.0.2.10")],
+            port_lo: 2000,
+            port_hi: 2003,
+            block_size: 2,
+            blocks_per_member: 1,
+        })
+        .unwrap();
+        let mut lb = LbCore::new(100, Timeouts::default(), Some(snat));
+        lb.snat_mut().unwrap().add_member(ip("10.1.0.4")).unwrap();
+        let out = |sport: u16, dst: &str| ConnKey::new(ip("10.1.0.4"), sport, ip(dst), 443, 6);
+        let public_of = |d: Decision| match d {
+            Decision::Forward {
+                rewrite: Rewrite { src: Some(p), .. },
+                new: true,
+                ..
+            } => p,
+            other => panic!("{other:?}"),
+        };
+        // Two ports; each destination can take both.
+        let a = public_of(lb.process_snat(&out(1, "198.51.100.1"), SYN, 0));
+        let b = public_of(lb.process_snat(&out(2, "198.51.100.1"), SYN, 0));
+        assert_ne!(a, b);
+        assert_eq!(
+            lb.process_snat(&out(3, "198.51.100.1"), SYN, 0),
+            Decision::Drop(LbDrop::SnatExhausted)
+        );
+        let c = public_of(lb.process_snat(&out(3, "198.51.100.2"), SYN, 0));
+        assert!(
+            c == a || c == b,
+            "TCP reuses a port towards another destination"
+        );
+        // The reply from outside finds its way back to the VM.
+        let reply = ConnKey::new(ip("198.51.100.1"), 443, a.0, a.1, 6);
+        match lb.process_snat(&reply, SYN | ACK, 1) {
+            Decision::Forward {
+                rewrite,
+                dir: Dir::Reply,
+                ..
+            } => assert_eq!(
+                rewrite.apply_to_key(&reply),
+                out(1, "198.51.100.1").reversed()
+            ),
+            other => panic!("{other:?}"),
+        }
+        // Close the first connection (FIN both ways), let time-wait pass: its port is free again.
+        lb.process_snat(&out(1, "198.51.100.1"), FIN | ACK, 2);
+        lb.process_snat(&reply, FIN | ACK, 2);
+        assert_eq!(lb.expire(2 + 11 * SEC, 100), 1);
+        let d = public_of(lb.process_snat(&out(4, "198.51.100.1"), SYN, 2 + 11 * SEC));
+        assert_eq!(d, a);
+        // UDP needs a port of its own per flow, and a non-member is refused.
+        let udp = |sport: u16, dst: &str| ConnKey::new(ip("10.1.0.4"), sport, ip(dst), 53, 17);
+        public_of(lb.process_snat(&udp(7, "198.51.100.9"), 0, 3 + 11 * SEC));
+        public_of(lb.process_snat(&udp(8, "198.51.100.8"), 0, 3 + 11 * SEC));
+        assert_eq!(
+            lb.process_snat(&udp(9, "198.51.100.7"), 0, 3 + 11 * SEC),
+            Decision::Drop(LbDrop::SnatExhausted)
+        );
+        // 30 s later the two UDP flows and the three unanswered TCP
+        // handshakes have timed out: their ports come back.
+        assert_eq!(lb.expire(3 + 42 * SEC, 100), 5);
+        assert_eq!(lb.conns().len(), 0);
+        public_of(lb.process_snat(&udp(9, "198.51.100.7"), 0, 3 + 42 * SEC));
+        let stranger = ConnKey::new(ip("10.1.0.99"), 1, ip("198.51.100.1"), 443, 6);
+        assert_eq!(
+            lb.process_snat(&stranger, SYN, 0),
+            Decision::Drop(LbDrop::SnatNotMember)
+        );
+        assert_eq!(lb.stats().dropped(LbDrop::SnatExhausted), 2);
+    }
+
+    #[test]
+    fn vip_validation() {
+        let mut cfg = vip_cfg(2);
+        cfg.backends[1] = cfg.backends[0];
+        assert!(matches!(
+            Vip::new(cfg, &[]),
+            Err(LbError::DuplicateBackend { .. })
+        ));
+        let mut cfg = vip_cfg(1);
+        cfg.backends[0].ip = ip("2001:db8::1");
+        let e = Vip::new(cfg, &[]).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("vip \"web\": backend 2001:db8::1:8080"),
+            "{e}"
+        );
+        let mut cfg = vip_cfg(1);
+        cfg.table_size = 100;
+        assert!(matches!(Vip::new(cfg, &[]), Err(LbError::Maglev { .. })));
+        assert!(matches!(
+            Vip::new(vip_cfg(1), &[]).unwrap().with_health(5, true),
+            Err(LbError::NoSuchBackend { index: 5, .. })
+        ));
+    }
+}
