@@ -293,11 +293,21 @@ impl Vip {
 }
 
 /// The frontend key of a VIP: address, port, protocol.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VipKey {
     addr: [u8; 16],
     port: u16,
     proto: u8,
+}
+
+impl std::hash::Hash for VipKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let mut b = [0u8; 19];
+        b[..16].copy_from_slice(&self.addr);
+        b[16..18].copy_from_slice(&self.port.to_be_bytes());
+        b[18] = self.proto;
+        state.write_u64(xxhash_rust::xxh3::xxh3_64(&b));
+    }
 }
 
 impl VipKey {
@@ -321,7 +331,7 @@ impl VipKey {
 /// A snapshot of every VIP, as workers see it.
 #[derive(Debug, Default, Clone)]
 pub struct Vips {
-    map: HashMap<VipKey, Arc<Vip>>,
+    map: HashMap<VipKey, Arc<Vip>, std::hash::BuildHasherDefault<crate::conntrack::IdentityHasher>>,
 }
 
 impl Vips {

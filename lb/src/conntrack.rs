@@ -547,7 +547,10 @@ impl<V> ConnTable<V> {
         value: V,
         mut on_evict: impl FnMut(Conn<V>),
     ) -> Result<u32, ConnError> {
-        if self.map.contains_key(&orig) || self.map.contains_key(&reply) {
+        // The caller has usually just missed on `orig`; check `reply` here and
+        // `orig` through the entry API below, so a new connection costs three
+        // hash-table probes, not five.
+        if self.map.contains_key(&reply) {
             return Err(ConnError::Exists);
         }
         if self.len >= self.capacity {
@@ -575,6 +578,17 @@ impl<V> ConnTable<V> {
                 });
             }
         }
+        let i = match self.free.last() {
+            Some(&i) => i,
+            None => self.slots.len() as u32,
+        };
+        match self.map.entry(orig) {
+            std::collections::hash_map::Entry::Occupied(_) => return Err(ConnError::Exists),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert((i, Dir::Orig));
+            }
+        }
+        self.map.insert(reply, (i, Dir::Reply));
         let state = initial_state(orig.proto, tcp_flags);
         let conn = Conn {
             orig,
@@ -586,29 +600,22 @@ impl<V> ConnTable<V> {
             packets: [1, 0],
             value,
         };
-        let i = match self.free.pop() {
-            Some(i) => {
-                self.slots[i as usize].conn = Some(conn);
-                i
-            }
-            None => {
-                self.slots.push(Slot {
-                    conn: Some(conn),
-                    prev: NIL,
-                    next: NIL,
-                    list: List::Active,
-                });
-                (self.slots.len() - 1) as u32
-            }
-        };
+        if self.free.pop().is_some() {
+            self.slots[i as usize].conn = Some(conn);
+        } else {
+            self.slots.push(Slot {
+                conn: Some(conn),
+                prev: NIL,
+                next: NIL,
+                list: List::Active,
+            });
+        }
         let list = if state.is_closing() {
             List::Closing
         } else {
             List::Active
         };
         self.push_tail(i, list);
-        self.map.insert(orig, (i, Dir::Orig));
-        self.map.insert(reply, (i, Dir::Reply));
         self.len += 1;
         self.stats.created += 1;
         Ok(i)
