@@ -169,6 +169,9 @@ pub enum LbError {
         /// The table error.
         source: MaglevError,
     },
+    /// A health update for a VIP that does not exist.
+    #[error("no vip {0}")]
+    NoSuchVip(String),
     /// A health update for a backend the VIP does not have.
     #[error("vip {vip:?}: no backend #{index}")]
     NoSuchBackend {
@@ -355,6 +358,36 @@ impl Vips {
             proto,
         };
         self.map.remove(&k)
+    }
+
+    /// Sets the health of backend `backend` of VIP `addr:port/proto`,
+    /// replacing the VIP with one whose Maglev table reflects it.
+    pub fn set_health(
+        &mut self,
+        vip: (IpAddr, u16, u8),
+        backend: usize,
+        healthy: bool,
+    ) -> Result<(), LbError> {
+        let k = VipKey {
+            addr: to16(vip.0),
+            port: if matches!(vip.2, 1 | 58) { 0 } else { vip.1 },
+            proto: vip.2,
+        };
+        let Some(cur) = self.map.get(&k) else {
+            return Err(LbError::NoSuchVip(format!("{}:{}/{}", vip.0, vip.1, vip.2)));
+        };
+        let next = cur.with_health(backend, healthy)?;
+        self.map.insert(k, Arc::new(next));
+        Ok(())
+    }
+
+    /// The VIP `addr:port/proto`.
+    pub fn get(&self, addr: IpAddr, port: u16, proto: u8) -> Option<&Arc<Vip>> {
+        self.map.get(&VipKey {
+            addr: to16(addr),
+            port: if matches!(proto, 1 | 58) { 0 } else { port },
+            proto,
+        })
     }
 
     /// The VIP a packet with key `k` is addressed to.

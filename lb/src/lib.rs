@@ -15,6 +15,7 @@ pub mod balancer;
 pub mod conntrack;
 pub mod maglev;
 pub mod nat;
+pub mod probe;
 pub mod snat;
 
 pub use balancer::{Backend, Decision, Distribution, LbCore, LbDrop, Vip, VipConfig, Vips};

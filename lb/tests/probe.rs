@@ -1,0 +1,286 @@
+//! Health probes against real TCP stacks: HTTP servers on smoltcp behind ring
+//! ports, a small router in between (answering ARP for the gateway and
+//! forwarding by destination IP, as the switch does), all driven in simulated
+//! time so every run is the same.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+mod sim;
+
+use dataplane::pool::{Pool, PoolBuf};
+use dataplane::port::ring::RingPort;
+use dataplane::wire::MacAddr;
+use lb::probe::device::PortDevice;
+use lb::probe::{FailReason, HealthChange, ProbeKind, ProbeSpec, Prober, ProberConfig, Target};
+use lb::{Backend, Vip, VipConfig, Vips};
+use sim::{Behavior, PROBE_GW, Router, Server, pool};
+use std::cell::Cell;
+use std::net::{IpAddr, Ipv4Addr};
+use std::rc::Rc;
+use std::time::Duration;
+
+struct World {
+    router: Router,
+    prober: Prober<RingPort<PoolBuf>>,
+    servers: Vec<Server>,
+    now: Duration,
+    changes: Vec<(Duration, HealthChange, u64)>,
+}
+
+impl World {
+    fn new(pool: Pool) -> Self {
+        let mut router = Router::new();
+        let src = lb::probe::DEFAULT_SOURCE;
+        let pmac = MacAddr([2, 0, 0, 0, 0, 0xfe]);
+        let pport = router.attach(src, pmac);
+        let cfg = ProberConfig {
+            source: src,
+            prefix_len: 24,
+            mac: pmac.0,
+            gateway: PROBE_GW,
+            seed: 7,
+        };
+        let prober = Prober::new(PortDevice::new(pport, pool), &cfg, Duration::ZERO);
+        World {
+            router,
+            prober,
+            servers: Vec::new(),
+            now: Duration::ZERO,
+            changes: Vec::new(),
+        }
+    }
+
+    fn server(&mut self, pool: Pool, ip: Ipv4Addr, b: Behavior) -> Rc<Cell<Behavior>> {
+        let mac = MacAddr([2, 0, 0, 0, 1, ip.octets()[3]]);
+        let port = self.router.attach(ip, mac);
+        let s = Server::new(port, pool, ip, false, b, self.now);
+        let h = s.behavior.clone();
+        self.servers.push(s);
+        h
+    }
+
+    fn run_for(&mut self, d: Duration, step: Duration) {
+        let end = self.now + d;
+        while self.now < end {
+            self.now += step;
+            for _ in 0..4 {
+                for c in self.prober.poll(self.now) {
+                    let probes = self.prober.health(c.target).unwrap().probes;
+                    self.changes.push((self.now, c, probes));
+                }
+                self.router.run();
+                for s in &mut self.servers {
+                    s.poll(self.now);
+                }
+                self.router.run();
+            }
+        }
+    }
+}
+
+fn http(port: u16, threshold: u32) -> ProbeSpec {
+    ProbeSpec {
+        kind: ProbeKind::Http {
+            path: "/health".into(),
+        },
+        port,
+        interval: Duration::from_secs(1),
+        timeout: Duration::from_millis(500),
+        threshold,
+    }
+}
+
+fn target(ip: Ipv4Addr, spec: ProbeSpec, backend: usize) -> Target {
+    Target {
+        vip: ("10.1.0.100".parse().unwrap(), 80, 6),
+        backend,
+        ip,
+        spec,
+    }
+}
+
+#[test]
+fn each_server_ends_in_the_right_state_with_the_right_reason() {
+    let pool = pool("probe-states");
+    let mut w = World::new(pool);
+    let cases = [
+        (Ipv4Addr::new(10, 1, 0, 10), Behavior::Ok),
+        (Ipv4Addr::new(10, 1, 0, 11), Behavior::Status(500)),
+        (Ipv4Addr::new(10, 1, 0, 12), Behavior::Silent),
+        (Ipv4Addr::new(10, 1, 0, 13), Behavior::Reset),
+        (Ipv4Addr::new(10, 1, 0, 14), Behavior::Garbage),
+        (Ipv4Addr::new(10, 1, 0, 15), Behavior::Flap),
+        (Ipv4Addr::new(10, 1, 0, 16), Behavior::Refuse),
+    ];
+    for (i, &(ip, b)) in cases.iter().enumerate() {
+        w.server(pool, ip, b);
+        w.prober.add(target(ip, http(80, 2), i), Duration::ZERO);
+    }
+    // A TCP probe: success on a listening server, rst on a refusing one.
+    let tcp = |ip| {
+        target(
+            ip,
+            ProbeSpec {
+                kind: ProbeKind::Tcp,
+                ..http(80, 2)
+            },
+            9,
+        )
+    };
+    let t_ok = w
+        .prober
+        .add(tcp(Ipv4Addr::new(10, 1, 0, 10)), Duration::ZERO);
+    let t_refused = w
+        .prober
+        .add(tcp(Ipv4Addr::new(10, 1, 0, 16)), Duration::ZERO);
+    // And a DIP nobody answers for at all (the router has no route to it).
+    let t_gone = w.prober.add(
+        target(Ipv4Addr::new(10, 1, 0, 99), http(80, 2), 8),
+        Duration::ZERO,
+    );
+
+    w.run_for(Duration::from_secs(20), Duration::from_millis(5));
+
+    let h = |i: usize| w.prober.health(i).unwrap().clone();
+    assert!(h(0).up, "{:?}", h(0));
+    assert_eq!(h(0).reason(), "ok");
+    assert!(h(0).rtt.is_some());
+    assert!(h(0).probes >= 18, "one probe per interval: {}", h(0).probes);
+    for (i, want) in [
+        (1, FailReason::Http(500)),
+        (2, FailReason::Timeout),
+        (3, FailReason::Rst),
+        (4, FailReason::BadResponse),
+        (6, FailReason::Rst),
+    ] {
+        let d = h(i);
+        assert!(!d.up, "target {i}: {d:?}");
+        assert_eq!(d.last, Some(Err(want)), "target {i}: {d:?}");
+        assert!(d.probes >= 18, "target {i}: {d:?}");
+    }
+    assert_eq!(h(1).reason(), "http 500");
+    assert_eq!(h(2).reason(), "timeout");
+    assert_eq!(h(4).reason(), "bad response");
+    assert!(h(t_ok).up);
+    assert!(!h(t_refused).up);
+    assert_eq!(h(t_refused).reason(), "rst");
+    assert!(!h(t_gone).up);
+    assert_eq!(h(t_gone).reason(), "timeout");
+    // Never-up DIPs never produced a change.
+    for i in [1, 2, 3, 4, 6, t_refused, t_gone] {
+        assert!(
+            w.changes.iter().all(|(_, c, _)| c.target != i),
+            "target {i}"
+        );
+    }
+    // The flapping server (3 x 200, 3 x 500, ...) with threshold 2: up at its
+    // first success, down at the 2nd failure (probe 5), up at the 2nd success
+    // after that (probe 8), down at probe 11, up at 14, ...
+    let flap: Vec<(u64, bool)> = w
+        .changes
+        .iter()
+        .filter(|(_, c, _)| c.target == 5)
+        .map(|(_, c, n)| (*n, c.up))
+        .collect();
+    assert!(flap.len() >= 5, "{flap:?}");
+    for (k, &(n, up)) in flap.iter().enumerate() {
+        let want = if k == 0 { 1 } else { 2 + 3 * k as u64 };
+        assert_eq!((n, up), (want, k % 2 == 0), "change {k}: {flap:?}");
+    }
+    let downs: Vec<&str> = w
+        .changes
+        .iter()
+        .filter(|(_, c, _)| c.target == 5 && !c.up)
+        .map(|(_, c, _)| c.reason.as_str())
+        .collect();
+    assert!(downs.iter().all(|r| *r == "http 500"), "{downs:?}");
+    // Probes of one DIP are spaced by the interval with jitter (0.9 to 1.1 s).
+    let ups: Vec<Duration> = w
+        .changes
+        .iter()
+        .filter(|(_, c, _)| c.target == 5)
+        .map(|(t, _, _)| *t)
+        .collect();
+    let gap = ups[1] - ups[0];
+    assert!(
+        gap >= Duration::from_millis(3 * 900 - 100) && gap <= Duration::from_millis(4 * 1100 + 100),
+        "{gap:?}"
+    );
+}
+
+#[test]
+fn a_failing_dip_leaves_the_maglev_table_and_comes_back() {
+    let pool = pool("probe-maglev");
+    let mut w = World::new(pool);
+    let ips = [
+        Ipv4Addr::new(10, 1, 0, 20),
+        Ipv4Addr::new(10, 1, 0, 21),
+        Ipv4Addr::new(10, 1, 0, 22),
+    ];
+    let mut knobs = Vec::new();
+    for (i, ip) in ips.iter().enumerate() {
+        knobs.push(w.server(pool, *ip, Behavior::Ok));
+        w.prober.add(target(*ip, http(80, 3), i), Duration::ZERO);
+    }
+    let backends = ips
+        .iter()
+        .map(|ip| Backend {
+            ip: IpAddr::V4(*ip),
+            port: 8080,
+            weight: 1,
+        })
+        .collect();
+    let mut vips = Vips::new();
+    // Probed DIPs start down.
+    vips.insert(
+        Vip::new(
+            VipConfig::new("web", "10.1.0.100".parse().unwrap(), 80, 6, backends),
+            &[false; 3],
+        )
+        .unwrap(),
+    );
+    let share = |vips: &Vips, b: u16| {
+        vips.get("10.1.0.100".parse().unwrap(), 80, 6)
+            .unwrap()
+            .table()
+            .share(b)
+    };
+    let mut applied = 0;
+    let mut apply = |w: &World, vips: &mut Vips| {
+        for (_, c, _) in &w.changes[applied..] {
+            vips.set_health(c.vip, c.backend, c.up).unwrap();
+        }
+        applied = w.changes.len();
+    };
+    w.run_for(Duration::from_secs(3), Duration::from_millis(5));
+    apply(&w, &mut vips);
+    assert!((0..3).all(|b| share(&vips, b) > 20000), "all three up");
+
+    // DIP 1 starts failing: it leaves after exactly 3 failed probes.
+    knobs[1].set(Behavior::Status(503));
+    let probes_before = w.prober.health(1).unwrap().probes;
+    w.run_for(Duration::from_secs(6), Duration::from_millis(5));
+    apply(&w, &mut vips);
+    assert_eq!(share(&vips, 1), 0);
+    assert!(share(&vips, 0) + share(&vips, 2) == 65537);
+    let down = w
+        .changes
+        .iter()
+        .find(|(_, c, _)| c.backend == 1 && !c.up)
+        .unwrap();
+    assert_eq!(down.2, probes_before + 3, "down on the 3rd failure");
+    assert_eq!(down.1.reason, "http 503");
+
+    // It recovers: back after exactly 3 successful probes.
+    knobs[1].set(Behavior::Ok);
+    let probes_before = w.prober.health(1).unwrap().probes;
+    w.run_for(Duration::from_secs(6), Duration::from_millis(5));
+    apply(&w, &mut vips);
+    assert!(share(&vips, 1) > 20000);
+    let up = w
+        .changes
+        .iter()
+        .rev()
+        .find(|(_, c, _)| c.backend == 1 && c.up)
+        .unwrap();
+    assert_eq!(up.2, probes_before + 3, "up on the 3rd success");
+}
