@@ -1,21 +1,70 @@
 //! The `pollux` command.
 //!
-//! Today it only identifies itself: `run`, `check`, `demo`, `pktgen` and `ctl`
-//! arrive with their issues (see DESIGN.md). The core benchmark runs with
-//! `cargo bench --bench forward`.
+//! Today: `pollux check --config FILE` validates a configuration. `run`,
+//! `demo`, `pktgen` and `ctl` arrive with their issues (see DESIGN.md); the
+//! core benchmark runs with `cargo bench --bench forward`.
 
-use clap::Parser;
+mod config;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
 
 /// pollux: a poll-mode virtual networking dataplane.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about = None)]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    let _cli = Cli::parse();
-    println!(
-        "pollux {}: the packet engine is in place; `pollux run/check/demo` are not built yet. \
-         Try `cargo bench --bench forward` for the core benchmark.",
-        env!("CARGO_PKG_VERSION")
-    );
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Validate a configuration: exit 0, or exit 2 with one line per problem.
+    Check {
+        /// The configuration file (TOML; see docs/config.md).
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn check(path: &PathBuf) -> ExitCode {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("config {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    };
+    let problems = match config::Config::parse(&text) {
+        Err(e) => vec![e],
+        Ok(c) => match c.validate() {
+            Ok(s) => {
+                println!(
+                    "{}: ok ({} ports, {} vnets, {} vms, {} nsgs with {} rules, {} vips with {} backends)",
+                    path.display(),
+                    s.ports,
+                    s.vnets,
+                    s.vms,
+                    s.nsgs,
+                    s.rules,
+                    s.vips,
+                    s.backends
+                );
+                return ExitCode::SUCCESS;
+            }
+            Err(p) => p,
+        },
+    };
+    for p in &problems {
+        eprintln!("{p}");
+    }
+    ExitCode::from(2)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match &cli.command {
+        Command::Check { config } => check(config),
+    }
 }

@@ -1,0 +1,770 @@
+//! The configuration file (TOML, schema in docs/config.md) and its validation.
+//!
+//! [`Config::parse`] reads the text; [`Config::validate`] checks every item and
+//! every cross-reference and returns *all* problems, one line each, naming the
+//! offending item (`vip "web": backend 10.1.0.9 is not in vnet "a"`). Nothing
+//! is applied from a configuration with any problem.
+
+use filter::{NsgSpec, RuleError};
+use ipnet::IpNet;
+use lb::balancer::{Backend, Distribution, OnUnhealthy, Vip, VipConfig, WhenAllDown};
+use serde::Deserialize;
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+/// `[dataplane]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataplaneCfg {
+    /// Polling cores (pinned).
+    pub workers: usize,
+    /// Flow table entries per core.
+    pub flow_table_size: usize,
+}
+
+impl Default for DataplaneCfg {
+    fn default() -> Self {
+        DataplaneCfg {
+            workers: 1,
+            flow_table_size: 1 << 20,
+        }
+    }
+}
+
+/// `[control]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlCfg {
+    /// Unix socket of the control API.
+    pub socket: PathBuf,
+}
+
+impl Default for ControlCfg {
+    fn default() -> Self {
+        ControlCfg {
+            socket: PathBuf::from("/run/pollux.sock"),
+        }
+    }
+}
+
+/// `[dpdk]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct DpdkCfg {
+    /// EAL arguments, as for any DPDK application.
+    pub eal_args: Vec<String>,
+}
+
+/// `[[port]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortCfg {
+    /// Port name.
+    pub name: String,
+    /// `ring`, `pcap`, `af_packet` or `dpdk`.
+    pub driver: String,
+    /// Kernel interface (`af_packet`).
+    pub iface: Option<String>,
+    /// DPDK device arguments (`dpdk`).
+    pub devargs: Option<String>,
+    /// PCI address (`dpdk`).
+    pub pci: Option<String>,
+    /// Capture to replay (`pcap`).
+    pub rx_pcap: Option<PathBuf>,
+    /// Capture to write (`pcap`).
+    pub tx_pcap: Option<PathBuf>,
+    /// MTU (default 1500).
+    pub mtu: Option<u16>,
+}
+
+/// `[[vnet]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VnetCfg {
+    /// Vnet name.
+    pub name: String,
+    /// Address prefixes.
+    pub prefixes: Vec<String>,
+    /// The MAC pollux answers ARP with.
+    pub gateway_mac: String,
+}
+
+/// `[[vm]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmCfg {
+    /// VM name.
+    pub name: String,
+    /// The port it is attached to.
+    pub port: String,
+    /// Its vnet.
+    pub vnet: String,
+    /// Its MAC.
+    pub mac: String,
+    /// Its addresses.
+    pub ips: Vec<String>,
+    /// Its security group.
+    pub nsg: Option<String>,
+}
+
+/// One backend of `[[vip]]`: a VM (its first address) or an address.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendCfg {
+    /// A VM name.
+    pub vm: Option<String>,
+    /// An address.
+    pub ip: Option<String>,
+    /// Backend port.
+    pub port: u16,
+    /// Weight (default 1; 0 drains).
+    pub weight: Option<u32>,
+}
+
+/// `[vip.probe]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeCfg {
+    /// `http` or `tcp`.
+    pub kind: String,
+    /// Port probed on each backend.
+    pub port: u16,
+    /// HTTP path (http only, default `/`).
+    pub path: Option<String>,
+    /// Interval (default 5000).
+    pub interval_ms: Option<u64>,
+    /// Timeout (default min(interval, 30000)).
+    pub timeout_ms: Option<u64>,
+    /// Consecutive results that change a DIP's state (default 2).
+    pub threshold: Option<u32>,
+}
+
+/// `[[vip]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VipCfg {
+    /// VIP name.
+    pub name: String,
+    /// The vnet it serves.
+    pub vnet: String,
+    /// Frontend address.
+    pub address: String,
+    /// Frontend port.
+    pub port: u16,
+    /// `tcp` or `udp`.
+    pub protocol: String,
+    /// `5-tuple` (default), `3-tuple`, `2-tuple`.
+    pub distribution: Option<String>,
+    /// `keep` (default) or `reset`: established flows of an unhealthy DIP.
+    pub on_unhealthy: Option<String>,
+    /// `drop-new` (default) or `fail-open`: new flows when no DIP is healthy.
+    pub when_all_down: Option<String>,
+    /// The pool.
+    pub backends: Vec<BackendCfg>,
+    /// Health probe; without it every backend counts as healthy.
+    pub probe: Option<ProbeCfg>,
+}
+
+/// The whole file.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[dataplane]`.
+    #[serde(default)]
+    pub dataplane: DataplaneCfg,
+    /// `[control]`.
+    #[serde(default)]
+    pub control: ControlCfg,
+    /// `[dpdk]`.
+    pub dpdk: Option<DpdkCfg>,
+    /// `[[port]]`.
+    #[serde(default)]
+    pub port: Vec<PortCfg>,
+    /// `[[vnet]]`.
+    #[serde(default)]
+    pub vnet: Vec<VnetCfg>,
+    /// `[[vm]]`.
+    #[serde(default)]
+    pub vm: Vec<VmCfg>,
+    /// `[[nsg]]`.
+    #[serde(default)]
+    pub nsg: Vec<NsgSpec>,
+    /// `[[vip]]`.
+    #[serde(default)]
+    pub vip: Vec<VipCfg>,
+}
+
+/// Summary of a valid configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    /// Ports.
+    pub ports: usize,
+    /// Vnets.
+    pub vnets: usize,
+    /// VMs.
+    pub vms: usize,
+    /// Security groups.
+    pub nsgs: usize,
+    /// Rules over all groups.
+    pub rules: usize,
+    /// VIPs.
+    pub vips: usize,
+    /// Backends over all VIPs.
+    pub backends: usize,
+}
+
+fn dups<'a>(
+    kind: &str,
+    names: impl Iterator<Item = &'a str>,
+    out: &mut Vec<String>,
+) -> HashSet<&'a str> {
+    let mut seen = HashSet::new();
+    for n in names {
+        if n.is_empty() {
+            out.push(format!("{kind} with an empty name"));
+        } else if !seen.insert(n) {
+            out.push(format!("{kind} {n:?} is defined twice"));
+        }
+    }
+    seen
+}
+
+impl Config {
+    /// Parses TOML text. A syntax error or an unknown key is one line naming
+    /// where it is.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| {
+            let msg = e.message().replace('\n', " ");
+            match e.span() {
+                Some(span) => {
+                    let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                    format!("config line {line}: {msg}")
+                }
+                None => format!("config: {msg}"),
+            }
+        })
+    }
+
+    /// Checks everything; returns a summary or every problem, one line each.
+    pub fn validate(&self) -> Result<Summary, Vec<String>> {
+        let mut errs = Vec::new();
+        if self.dataplane.workers == 0 {
+            errs.push("dataplane: workers must be at least 1".to_string());
+        }
+        if self.dataplane.flow_table_size == 0 {
+            errs.push("dataplane: flow_table_size must be at least 1".to_string());
+        }
+        let ports = dups("port", self.port.iter().map(|p| p.name.as_str()), &mut errs);
+        for p in &self.port {
+            self.check_port(p, &mut errs);
+        }
+        // Vnets: prefixes and gateway MAC.
+        dups("vnet", self.vnet.iter().map(|v| v.name.as_str()), &mut errs);
+        let mut vnets: HashMap<&str, Vec<IpNet>> = HashMap::new();
+        for v in &self.vnet {
+            let mut nets = Vec::new();
+            if v.prefixes.is_empty() {
+                errs.push(format!("vnet {:?}: prefixes is empty", v.name));
+            }
+            for p in &v.prefixes {
+                match p.parse::<IpNet>() {
+                    Ok(n) if n.trunc() == n => nets.push(n),
+                    Ok(n) => errs.push(format!(
+                        "vnet {:?}: prefix {p:?} has host bits set (did you mean {}?)",
+                        v.name,
+                        n.trunc()
+                    )),
+                    Err(e) => errs.push(format!(
+                        "vnet {:?}: prefix {p:?} is not a prefix: {e}",
+                        v.name
+                    )),
+                }
+            }
+            if let Err(e) = v.gateway_mac.parse::<dataplane::MacAddr>() {
+                errs.push(format!("vnet {:?}: gateway_mac: {e}", v.name));
+            }
+            vnets.insert(v.name.as_str(), nets);
+        }
+        // Groups: every rule, through the filter's own validation.
+        let nsgs = dups("nsg", self.nsg.iter().map(|n| n.name.as_str()), &mut errs);
+        let mut rules = 0;
+        for n in &self.nsg {
+            match filter::validate(&n.name, &n.rules) {
+                Ok(r) => rules += r.len(),
+                Err(es) => errs.extend(es.iter().map(RuleError::to_string)),
+            }
+        }
+        // VMs: references, MAC, addresses inside their vnet, uniqueness.
+        dups("vm", self.vm.iter().map(|v| v.name.as_str()), &mut errs);
+        let mut port_users: HashMap<&str, &str> = HashMap::new();
+        let mut addrs: HashMap<(&str, IpAddr), &str> = HashMap::new();
+        let mut vm_ips: HashMap<&str, Vec<IpAddr>> = HashMap::new();
+        for vm in &self.vm {
+            let name = &vm.name;
+            if !ports.contains(vm.port.as_str()) {
+                errs.push(format!("vm {name:?}: port {:?} is not defined", vm.port));
+            } else if let Some(other) = port_users.insert(vm.port.as_str(), name.as_str()) {
+                errs.push(format!(
+                    "vm {name:?}: port {:?} is already used by vm {other:?}",
+                    vm.port
+                ));
+            }
+            let nets = vnets.get(vm.vnet.as_str());
+            if nets.is_none() {
+                errs.push(format!("vm {name:?}: vnet {:?} is not defined", vm.vnet));
+            }
+            if let Some(n) = &vm.nsg {
+                if !nsgs.contains(n.as_str()) {
+                    errs.push(format!("vm {name:?}: nsg {n:?} is not defined"));
+                }
+            }
+            match vm.mac.parse::<dataplane::MacAddr>() {
+                Ok(m) if m.is_multicast() || m == dataplane::MacAddr::ZERO => errs.push(format!(
+                    "vm {name:?}: mac {} is not a unicast address",
+                    vm.mac
+                )),
+                Ok(_) => {}
+                Err(e) => errs.push(format!("vm {name:?}: mac: {e}")),
+            }
+            if vm.ips.is_empty() {
+                errs.push(format!("vm {name:?}: ips is empty"));
+            }
+            let mut mine = Vec::new();
+            for ip in &vm.ips {
+                let Ok(a) = ip.parse::<IpAddr>() else {
+                    errs.push(format!("vm {name:?}: {ip:?} is not an IP address"));
+                    continue;
+                };
+                if let Some(nets) = nets {
+                    if !nets.iter().any(|n| n.contains(&a)) {
+                        errs.push(format!("vm {name:?}: {a} is not in vnet {:?}", vm.vnet));
+                    }
+                }
+                if let Some(other) = addrs.insert((vm.vnet.as_str(), a), name.as_str()) {
+                    errs.push(format!(
+                        "vm {name:?}: {a} is already used by vm {other:?} in vnet {:?}",
+                        vm.vnet
+                    ));
+                }
+                mine.push(a);
+            }
+            vm_ips.insert(name.as_str(), mine);
+        }
+        // VIPs.
+        dups("vip", self.vip.iter().map(|v| v.name.as_str()), &mut errs);
+        let mut frontends = HashSet::new();
+        let mut backends = 0;
+        for v in &self.vip {
+            backends += v.backends.len();
+            self.check_vip(v, &vnets, &vm_ips, &mut frontends, &mut errs);
+        }
+        if errs.is_empty() {
+            Ok(Summary {
+                ports: self.port.len(),
+                vnets: self.vnet.len(),
+                vms: self.vm.len(),
+                nsgs: self.nsg.len(),
+                rules,
+                vips: self.vip.len(),
+                backends,
+            })
+        } else {
+            Err(errs)
+        }
+    }
+
+    fn check_port(&self, p: &PortCfg, errs: &mut Vec<String>) {
+        let name = &p.name;
+        let has = |o: &Option<String>| o.as_deref().is_some_and(|s| !s.is_empty());
+        match p.driver.as_str() {
+            "ring" => {}
+            "pcap" => {
+                if p.rx_pcap.is_none() && p.tx_pcap.is_none() {
+                    errs.push(format!(
+                        "port {name:?}: a pcap port needs rx_pcap, tx_pcap or both"
+                    ));
+                }
+            }
+            "af_packet" => {
+                if !has(&p.iface) {
+                    errs.push(format!("port {name:?}: an af_packet port needs iface"));
+                }
+            }
+            "dpdk" => {
+                if !has(&p.devargs) && !has(&p.pci) {
+                    errs.push(format!("port {name:?}: a dpdk port needs devargs or pci"));
+                }
+                if !cfg!(feature = "dpdk") {
+                    errs.push(format!(
+                        "port {name:?}: driver \"dpdk\" needs pollux built with the dpdk feature"
+                    ));
+                }
+            }
+            other => errs.push(format!(
+                "port {name:?}: driver {other:?} is not one of ring, pcap, af_packet, dpdk"
+            )),
+        }
+        if let Some(m) = p.mtu {
+            if !(68..=9000).contains(&m) {
+                errs.push(format!("port {name:?}: mtu {m} is outside 68-9000"));
+            }
+        }
+    }
+
+    fn check_vip<'a>(
+        &'a self,
+        v: &'a VipCfg,
+        vnets: &HashMap<&str, Vec<IpNet>>,
+        vm_ips: &HashMap<&str, Vec<IpAddr>>,
+        frontends: &mut HashSet<(IpAddr, u16, u8)>,
+        errs: &mut Vec<String>,
+    ) {
+        let name = &v.name;
+        let before = errs.len();
+        let nets = vnets.get(v.vnet.as_str());
+        if nets.is_none() {
+            errs.push(format!("vip {name:?}: vnet {:?} is not defined", v.vnet));
+        }
+        let addr = match v.address.parse::<IpAddr>() {
+            Ok(a) => {
+                if let Some(nets) = nets {
+                    if !nets.iter().any(|n| n.contains(&a)) {
+                        errs.push(format!(
+                            "vip {name:?}: address {a} is not in vnet {:?}",
+                            v.vnet
+                        ));
+                    }
+                }
+                Some(a)
+            }
+            Err(_) => {
+                errs.push(format!(
+                    "vip {name:?}: address {:?} is not an IP address",
+                    v.address
+                ));
+                None
+            }
+        };
+        let proto = match v.protocol.as_str() {
+            "tcp" => 6,
+            "udp" => 17,
+            other => {
+                errs.push(format!(
+                    "vip {name:?}: protocol {other:?} is not one of tcp, udp"
+                ));
+                0
+            }
+        };
+        if v.port == 0 {
+            errs.push(format!("vip {name:?}: port must not be 0"));
+        }
+        if let Some(a) = addr {
+            if proto != 0 && !frontends.insert((a, v.port, proto)) {
+                errs.push(format!(
+                    "vip {name:?}: {a}:{}/{} is already another vip's frontend",
+                    v.port, v.protocol
+                ));
+            }
+        }
+        let distribution = match v
+            .distribution
+            .as_deref()
+            .unwrap_or("5-tuple")
+            .parse::<Distribution>()
+        {
+            Ok(d) => d,
+            Err(e) => {
+                errs.push(format!("vip {name:?}: {e}"));
+                Distribution::FiveTuple
+            }
+        };
+        let on_unhealthy = match v.on_unhealthy.as_deref().unwrap_or("keep") {
+            "keep" => OnUnhealthy::Keep,
+            "reset" => OnUnhealthy::Reset,
+            other => {
+                errs.push(format!(
+                    "vip {name:?}: on_unhealthy {other:?} is not one of keep, reset"
+                ));
+                OnUnhealthy::Keep
+            }
+        };
+        let when_all_down = match v.when_all_down.as_deref().unwrap_or("drop-new") {
+            "drop-new" => WhenAllDown::DropNew,
+            "fail-open" => WhenAllDown::FailOpen,
+            other => {
+                errs.push(format!(
+                    "vip {name:?}: when_all_down {other:?} is not one of drop-new, fail-open"
+                ));
+                WhenAllDown::DropNew
+            }
+        };
+        if v.backends.is_empty() {
+            errs.push(format!("vip {name:?}: backends is empty"));
+        }
+        let mut bs = Vec::new();
+        for b in &v.backends {
+            let ip = match (&b.vm, &b.ip) {
+                (Some(vm), None) => match vm_ips.get(vm.as_str()) {
+                    Some(ips) => ips.first().copied(),
+                    None => {
+                        errs.push(format!("vip {name:?}: backend vm {vm:?} is not defined"));
+                        None
+                    }
+                },
+                (None, Some(ip)) => match ip.parse::<IpAddr>() {
+                    Ok(a) => Some(a),
+                    Err(_) => {
+                        errs.push(format!("vip {name:?}: backend {ip:?} is not an IP address"));
+                        None
+                    }
+                },
+                _ => {
+                    errs.push(format!(
+                        "vip {name:?}: a backend needs exactly one of vm, ip"
+                    ));
+                    None
+                }
+            };
+            let Some(ip) = ip else { continue };
+            if let Some(nets) = nets {
+                if !nets.iter().any(|n| n.contains(&ip)) {
+                    errs.push(format!(
+                        "vip {name:?}: backend {ip} is not in vnet {:?}",
+                        v.vnet
+                    ));
+                }
+            }
+            if b.port == 0 {
+                errs.push(format!("vip {name:?}: backend {ip} has port 0"));
+            }
+            bs.push(Backend {
+                ip,
+                port: b.port,
+                weight: b.weight.unwrap_or(1),
+            });
+        }
+        if let Some(p) = &v.probe {
+            if !matches!(p.kind.as_str(), "http" | "tcp") {
+                errs.push(format!(
+                    "vip {name:?}: probe kind {:?} is not one of http, tcp",
+                    p.kind
+                ));
+            }
+            if p.kind == "tcp" && p.path.is_some() {
+                errs.push(format!(
+                    "vip {name:?}: probe path applies to http probes only"
+                ));
+            }
+            if let Some(path) = &p.path {
+                if !path.starts_with('/')
+                    || path.chars().any(|c| c.is_whitespace() || c.is_control())
+                {
+                    errs.push(format!(
+                        "vip {name:?}: probe path {path:?} must start with / and have no spaces"
+                    ));
+                }
+            }
+            if p.port == 0 {
+                errs.push(format!("vip {name:?}: probe port must not be 0"));
+            }
+            let interval = p.interval_ms.unwrap_or(5000);
+            if interval < 100 {
+                errs.push(format!(
+                    "vip {name:?}: probe interval_ms {interval} is below 100"
+                ));
+            }
+            if let Some(t) = p.timeout_ms {
+                if t == 0 || t > interval {
+                    errs.push(format!("vip {name:?}: probe timeout_ms {t} must be between 1 and interval_ms ({interval})"));
+                }
+            }
+            if p.threshold == Some(0) {
+                errs.push(format!("vip {name:?}: probe threshold must be at least 1"));
+            }
+        }
+        // Whatever the load balancer itself refuses (duplicate backends,
+        // family mix, more backends than the table holds).
+        if errs.len() == before {
+            if let Some(a) = addr {
+                let mut cfg = VipConfig::new(name, a, v.port, proto, bs);
+                cfg.distribution = distribution;
+                cfg.on_unhealthy = on_unhealthy;
+                cfg.when_all_down = when_all_down;
+                if let Err(e) = Vip::new(cfg, &[]) {
+                    errs.push(e.to_string());
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../examples/pollux.toml");
+
+    #[test]
+    fn the_example_is_valid() {
+        let c = Config::parse(EXAMPLE).unwrap();
+        let s = c.validate().unwrap();
+        assert_eq!((s.vms, s.vips, s.nsgs), (5, 1, 2));
+        assert!(s.rules >= 3);
+    }
+
+    fn problems(text: &str) -> Vec<String> {
+        match Config::parse(text) {
+            Err(e) => vec![e],
+            Ok(c) => c.validate().err().unwrap_or_default(),
+        }
+    }
+
+    #[test]
+    fn syntax_errors_and_unknown_keys_name_the_line() {
+        let p = problems("[dataplane]\nworkers = 1\ncolour = \"blue\"\n");
+        assert_eq!(p.len(), 1);
+        assert!(
+            p[0].starts_with("config line 3: unknown field `colour`"),
+            "{p:?}"
+        );
+        let p = problems("[[vm]\nname = 1\n");
+        assert!(p[0].starts_with("config line 1:"), "{p:?}");
+    }
+
+    #[test]
+    fn every_problem_is_one_line_naming_its_item() {
+        let text = r#"
+[[port]]
+name = "p1"
+driver = "warp"
+[[port]]
+name = "p2"
+driver = "af_packet"
+
+[[vnet]]
+name = "a"
+prefixes = ["10.1.0.0/16", "10.2.0.1/16"]
+gateway_mac = "12:34:56:78:9a:zz"
+
+[[vm]]
+name = "web1"
+port = "p9"
+vnet = "a"
+mac = "ff:ff:ff:ff:ff:ff"
+ips = ["10.1.0.4", "192.168.1.1"]
+nsg = "nope"
+
+[[vm]]
+name = "web2"
+port = "p1"
+vnet = "b"
+mac = "02:00:00:00:00:02"
+ips = ["10.1.0.4"]
+
+[[nsg]]
+name = "web"
+[[nsg.rule]]
+priority = 100
+direction = "in"
+action = "allow"
+protocol = "icmp"
+dst_ports = ["80"]
+
+[[vip]]
+name = "web"
+vnet = "a"
+address = "10.1.0.100"
+port = 80
+protocol = "tcp"
+distribution = "4-tuple"
+backends = [ { vm = "web1", port = 8080 }, { ip = "10.1.0.9", port = 8080, weight = 2 }, { ip = "10.9.0.9", port = 8080 }, { vm = "ghost", port = 1 } ]
+[vip.probe]
+kind = "http"
+port = 8080
+path = "health"
+interval_ms = 1000
+timeout_ms = 2000
+threshold = 0
+"#;
+        let p = problems(text);
+        let want = [
+            "port \"p1\": driver \"warp\" is not one of ring, pcap, af_packet, dpdk",
+            "port \"p2\": an af_packet port needs iface",
+            "vnet \"a\": prefix \"10.2.0.1/16\" has host bits set (did you mean 10.2.0.0/16?)",
+            "vnet \"a\": gateway_mac: invalid MAC address \"12:34:56:78:9a:zz\"",
+            "nsg \"web\" rule #1 (priority 100, in): dst_ports must be \"any\" on an icmp rule",
+            "vm \"web1\": port \"p9\" is not defined",
+            "vm \"web1\": nsg \"nope\" is not defined",
+            "vm \"web1\": mac ff:ff:ff:ff:ff:ff is not a unicast address",
+            "vm \"web1\": 192.168.1.1 is not in vnet \"a\"",
+            "vm \"web2\": vnet \"b\" is not defined",
+            "vip \"web\": distribution \"4-tuple\" is not one of 5-tuple, 3-tuple, 2-tuple",
+            "vip \"web\": backend 10.9.0.9 is not in vnet \"a\"",
+            "vip \"web\": backend vm \"ghost\" is not defined",
+            "vip \"web\": probe path \"health\" must start with /",
+            "vip \"web\": probe timeout_ms 2000 must be between 1 and interval_ms (1000)",
+            "vip \"web\": probe threshold must be at least 1",
+        ];
+        for w in want {
+            assert!(
+                p.iter().any(|l| l.starts_with(w)),
+                "missing {w:?} in {p:#?}"
+            );
+        }
+        assert_eq!(p.len(), want.len(), "{p:#?}");
+        assert!(p.iter().all(|l| !l.contains('\n')));
+    }
+
+    #[test]
+    fn duplicates_and_conflicts() {
+        let text = r#"
+[[port]]
+name = "p1"
+driver = "ring"
+[[port]]
+name = "p1"
+driver = "ring"
+[[vnet]]
+name = "a"
+prefixes = ["10.1.0.0/16"]
+gateway_mac = "12:34:56:78:9a:bc"
+[[vm]]
+name = "x"
+port = "p1"
+vnet = "a"
+mac = "02:00:00:00:00:01"
+ips = ["10.1.0.4"]
+[[vm]]
+name = "y"
+port = "p1"
+vnet = "a"
+mac = "02:00:00:00:00:02"
+ips = ["10.1.0.4"]
+[[vip]]
+name = "v"
+vnet = "a"
+address = "10.1.0.100"
+port = 80
+protocol = "tcp"
+backends = [ { ip = "10.1.0.4", port = 80 }, { ip = "10.1.0.4", port = 80 } ]
+[[vip]]
+name = "w"
+vnet = "a"
+address = "10.1.0.100"
+port = 80
+protocol = "tcp"
+backends = [ { ip = "10.1.0.5", port = 80 } ]
+"#;
+        let p = problems(text);
+        for w in [
+            "port \"p1\" is defined twice",
+            "vm \"y\": port \"p1\" is already used by vm \"x\"",
+            "vm \"y\": 10.1.0.4 is already used by vm \"x\" in vnet \"a\"",
+            "vip \"v\": backend 10.1.0.4:80 is listed twice",
+            "vip \"w\": 10.1.0.100:80/tcp is already another vip's frontend",
+        ] {
+            assert!(p.iter().any(|l| l == w), "missing {w:?} in {p:#?}");
+        }
+    }
+}

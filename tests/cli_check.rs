@@ -1,0 +1,80 @@
+//! `pollux check` as a user runs it: exit 0 on the example, exit 2 with one
+//! line per problem otherwise.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+use std::process::Command;
+
+fn pollux(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_pollux"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[test]
+fn the_example_checks_ok() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/pollux.toml");
+    let (code, out, err) = pollux(&["check", "--config", example]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("ok (5 ports, 2 vnets, 5 vms, 2 nsgs with 3 rules, 1 vips with 3 backends)"),
+        "{out}"
+    );
+}
+
+#[test]
+fn problems_exit_2_one_line_each() {
+    let dir = std::env::temp_dir().join(format!("pollux-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        r#"
+[[vnet]]
+name = "a"
+prefixes = ["10.1.0.0/16"]
+gateway_mac = "12:34:56:78:9a:bc"
+
+[[vip]]
+name = "web"
+vnet = "a"
+address = "10.1.0.100"
+port = 80
+protocol = "tcp"
+backends = [ { ip = "10.1.0.9", port = 8080 }, { ip = "10.2.0.9", port = 8080 } ]
+
+[[vm]]
+name = "web1"
+port = "nowhere"
+vnet = "a"
+mac = "02:00:00:00:00:01"
+ips = ["10.1.0.9"]
+"#,
+    )
+    .unwrap();
+    let (code, out, err) = pollux(&["check", "--config", bad.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(out.is_empty(), "{out}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(
+        lines,
+        vec![
+            "vm \"web1\": port \"nowhere\" is not defined",
+            "vip \"web\": backend 10.2.0.9 is not in vnet \"a\""
+        ]
+    );
+
+    let (code, _, err) = pollux(&[
+        "check",
+        "--config",
+        dir.join("missing.toml").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("missing.toml"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
