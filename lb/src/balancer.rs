@@ -390,6 +390,13 @@ impl Vips {
         })
     }
 
+    /// True when some VIP has address `ip` (whatever its port and protocol):
+    /// the switch answers ARP for it.
+    pub fn has_address(&self, ip: IpAddr) -> bool {
+        let a = to16(ip);
+        self.map.keys().any(|k| k.addr == a)
+    }
+
     /// The VIP a packet with key `k` is addressed to.
     #[inline]
     pub fn lookup(&self, k: &ConnKey) -> Option<&Arc<Vip>> {
@@ -726,6 +733,19 @@ impl LbCore {
                 })
             }
         }
+    }
+
+    /// Records a packet of tracked connection `conn` handled outside
+    /// [`LbCore::process`] (a flow-table hit in the switch): keeps its state
+    /// and idle timer current.
+    pub fn touch(
+        &mut self,
+        conn: u32,
+        dir: Dir,
+        tcp_flags: u8,
+        now: u64,
+    ) -> Option<crate::conntrack::ConnState> {
+        self.conns.touch(conn, dir, tcp_flags, now)
     }
 
     /// Removes up to `budget` timed-out connections (releasing SNAT ports).

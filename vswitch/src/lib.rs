@@ -1,11 +1,18 @@
 //! # vswitch — the switch
 //!
-//! Owns: ports and VMs, tenant (vnet) routing, the layered policy (anti-spoofing,
-//! ACLs, LB/NAT, routing), the per-core unified flow table, the slow path that
-//! compiles a flow's layers into one action, and policy snapshots.
+//! Owns: the policy snapshot ([`policy`]: vnets, VMs, compiled security
+//! groups, VIPs), the per-core unified flow table ([`flow`]), and the switch
+//! pipeline ([`switch`]) that a dataplane worker runs: anti-spoofing, ARP
+//! responder, load balancing with NAT, vnet routing with MAC rewrite, ACLs,
+//! compiled into one cached action per direction.
 //!
 //! Must not touch: port driver internals or `unsafe` code; it drives ports only
-//! through the [`dataplane`] `Port` trait and buffers through `PacketBuf`.
-//!
-//! Status: the switch is the subject of its own issue; this crate only fixes its
-//! place in the workspace for now.
+//! through the `dataplane` `Port` trait (via the worker) and buffers through
+//! `PacketBuf`.
+
+pub mod flow;
+pub mod policy;
+pub mod switch;
+
+pub use policy::{Policy, PolicyError, Topology, VipDef, VmDef, VnetDef};
+pub use switch::{Switch, SwitchConfig, SwitchDrop, SwitchStats};

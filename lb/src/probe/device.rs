@@ -42,6 +42,16 @@ impl<P: Port<Buf = PoolBuf>> PortDevice<P> {
         &self.port
     }
 
+    /// The port, mutable (to inject frames beside the stack, in tests).
+    pub fn port_mut(&mut self) -> &mut P {
+        &mut self.port
+    }
+
+    /// The pool transmit buffers come from.
+    pub fn pool(&self) -> Pool {
+        self.pool
+    }
+
     /// Frames smoltcp wanted to send while the pool was empty (dropped).
     pub fn tx_no_buffer(&self) -> u64 {
         self.tx_no_buffer

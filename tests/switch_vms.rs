@@ -1,0 +1,401 @@
+//! The switch with VMs: smoltcp stacks on ring ports, a worker thread running
+//! the vswitch pipeline between them. HTTP through a VIP, ACLs, isolation,
+//! anti-spoofing, policy updates under open connections, malformed traffic.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+mod common;
+
+use arc_swap::ArcSwap;
+use common::{Vm, pool, run_until, vm_port};
+use dataplane::pool::{Pool, PoolBuf};
+use dataplane::port::ring::RingPort;
+use dataplane::worker::{Worker, WorkerHandle, WorkerStats};
+use dataplane::{Batch, MacAddr, Port};
+use filter::{NsgSpec, RuleSpec};
+use lb::balancer::{Backend, VipConfig};
+use smoltcp::socket::tcp;
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use vswitch::{
+    Policy, Switch, SwitchConfig, SwitchDrop, SwitchStats, Topology, VipDef, VmDef, VnetDef,
+};
+
+const GW: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 100);
+
+fn rule(priority: i64, dir: &str, action: &str, proto: &str, dst_ports: &[&str]) -> RuleSpec {
+    RuleSpec {
+        name: None,
+        priority,
+        direction: dir.into(),
+        action: action.into(),
+        protocol: proto.into(),
+        src: vec!["any".into()],
+        dst: vec!["any".into()],
+        src_ports: vec!["any".into()],
+        dst_ports: dst_ports.iter().map(|s| s.to_string()).collect(),
+        stateful: None,
+    }
+}
+
+fn mac(i: u8) -> MacAddr {
+    MacAddr([2, 0, 0, 0, 0, i])
+}
+
+fn topology(weights: [u32; 3]) -> Topology {
+    let vnet = |name: &str, g: u8| VnetDef {
+        name: name.into(),
+        prefixes: vec!["10.1.0.0/16".parse().unwrap()],
+        gateway_mac: MacAddr([0x12, 0x34, 0x56, 0x78, 0x9a, g]),
+    };
+    let vm = |name: &str, port: u16, vnet: usize, m: u8, ip: &str, nsg: Option<usize>| VmDef {
+        name: name.into(),
+        port,
+        vnet,
+        mac: mac(m),
+        ips: vec![ip.parse().unwrap()],
+        nsg,
+    };
+    let web = NsgSpec {
+        name: "web".into(),
+        rules: vec![
+            rule(100, "in", "allow", "tcp", &["8080"]),
+            rule(110, "in", "deny", "tcp", &["22"]),
+        ],
+    };
+    let client = NsgSpec {
+        name: "client".into(),
+        rules: vec![rule(100, "out", "deny", "tcp", &["23"])],
+    };
+    let backends = ["10.1.0.4", "10.1.0.5", "10.1.0.6"]
+        .iter()
+        .zip(weights)
+        .map(|(ip, weight)| Backend {
+            ip: ip.parse().unwrap(),
+            port: 8080,
+            weight,
+        })
+        .collect();
+    Topology {
+        vnets: vec![vnet("a", 0xbc), vnet("b", 0xbd)],
+        vms: vec![
+            vm("web1", 0, 0, 1, "10.1.0.4", Some(0)),
+            vm("web2", 1, 0, 2, "10.1.0.5", Some(0)),
+            vm("web3", 2, 0, 3, "10.1.0.6", Some(0)),
+            vm("client", 3, 0, 0x10, "10.1.0.20", Some(1)),
+            vm("other", 4, 1, 0x20, "10.1.0.20", None),
+        ],
+        nsgs: vec![web, client],
+        vips: vec![VipDef {
+            vnet: 0,
+            config: VipConfig::new("web", IpAddr::V4(VIP), 80, 6, backends),
+            health: vec![],
+        }],
+        ports: 6,
+    }
+}
+
+struct Net {
+    vms: Vec<Vm>,
+    /// The VM end of port #5, which has no VM (for "no VM" drops).
+    raw: RingPort<PoolBuf>,
+    acl_hits: Arc<ArcSwap<Vec<vswitch::switch::AclHits>>>,
+    policy: Arc<ArcSwap<Policy>>,
+    stats: Arc<SwitchStats>,
+    worker: Arc<WorkerStats>,
+    stop: Arc<AtomicBool>,
+    handle: Option<WorkerHandle<PoolBuf, Switch>>,
+    pool: Pool,
+}
+
+impl Net {
+    fn new(name: &str) -> Net {
+        let pool = pool(name);
+        let start = Instant::now();
+        let names = [
+            ("web1", 1u8, "10.1.0.4", true),
+            ("web2", 2, "10.1.0.5", true),
+            ("web3", 3, "10.1.0.6", true),
+            ("client", 0x10, "10.1.0.20", false),
+            ("other", 0x20, "10.1.0.20", false),
+        ];
+        let mut vms = Vec::new();
+        let mut sw_ports: Vec<Box<dyn Port<Buf = PoolBuf>>> = Vec::new();
+        for (n, m, ip, server) in names {
+            let (vm_end, sw_end) = vm_port(n, mac(m));
+            vms.push(Vm::new(
+                n,
+                vm_end,
+                pool,
+                ip.parse().unwrap(),
+                GW,
+                server.then_some(8080),
+                start,
+            ));
+            sw_ports.push(Box::new(sw_end));
+        }
+        let (raw, sw_raw) = vm_port("raw", mac(0x30));
+        sw_ports.push(Box::new(sw_raw));
+        let policy = Arc::new(ArcSwap::from_pointee(
+            Policy::compile(&topology([1, 1, 1]), 1).unwrap(),
+        ));
+        let sw = Switch::new(policy.clone(), SwitchConfig::default());
+        let stats = sw.stats();
+        let acl_hits = sw.acl_hits();
+        let worker = Worker::new(name, None, sw_ports, sw);
+        let (stop, wstats) = (worker.stop_flag(), worker.stats());
+        let handle = worker.spawn().unwrap();
+        Net {
+            vms,
+            raw,
+            acl_hits,
+            policy,
+            stats,
+            worker: wstats,
+            stop,
+            handle: Some(handle),
+            pool,
+        }
+    }
+
+    fn vm(&mut self, name: &str) -> &mut Vm {
+        self.vms.iter_mut().find(|v| v.name == name).unwrap()
+    }
+
+    fn run(&mut self, limit: Duration, done: impl FnMut(&[&mut Vm]) -> bool) -> bool {
+        let mut refs: Vec<&mut Vm> = self.vms.iter_mut().collect();
+        run_until(&mut refs, limit, done)
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+#[test]
+fn http_through_the_vip_spreads_over_the_dips() {
+    let mut net = Net::new("sw-http");
+    let gets: Vec<usize> = (0..24)
+        .map(|_| net.vm("client").get(VIP, 80, "/"))
+        .collect();
+    let c = 3;
+    assert!(
+        net.run(Duration::from_secs(20), |vms| gets
+            .iter()
+            .all(|&g| vms[c].body(g).is_some())),
+        "responses did not all arrive"
+    );
+    let bodies: Vec<String> = gets.iter().map(|&g| net.vms[c].body(g).unwrap()).collect();
+    let distinct: HashSet<&str> = bodies.iter().map(|s| s.as_str()).collect();
+    assert!(
+        distinct
+            .iter()
+            .all(|b| ["web1", "web2", "web3"].contains(b)),
+        "{bodies:?}"
+    );
+    assert!(
+        distinct.len() >= 2,
+        "24 connections all went to one DIP: {bodies:?}"
+    );
+    assert_eq!(
+        net.vms[0].served + net.vms[1].served + net.vms[2].served,
+        24
+    );
+    // Direct routing inside the vnet works too (port 8080 is allowed in).
+    let g = net.vm("client").get(Ipv4Addr::new(10, 1, 0, 5), 8080, "/");
+    assert!(net.run(Duration::from_secs(10), |vms| vms[c].body(g).is_some()));
+    assert_eq!(net.vms[c].body(g).unwrap(), "web2");
+    assert!(net.stats.fast_path.load(Ordering::Relaxed) > 0);
+    assert!(net.stats.arp_replies.load(Ordering::Relaxed) > 0);
+    assert_eq!(net.stats.nonzero(), vec![], "no drops expected");
+}
+
+#[test]
+fn acls_deny_and_count_and_stateful_replies_pass() {
+    let mut net = Net::new("sw-acl");
+    let c = 3;
+    // web's group denies tcp/22 in; client's denies tcp/23 out.
+    let ssh = net.vm("client").connect(Ipv4Addr::new(10, 1, 0, 4), 22);
+    let telnet = net.vm("client").connect(Ipv4Addr::new(10, 1, 0, 4), 23);
+    // Port 80 on web1 is allowed by the vnet default (nothing listens: RST).
+    let closed = net.vm("client").connect(Ipv4Addr::new(10, 1, 0, 4), 80);
+    net.run(Duration::from_secs(2), |_| false);
+    assert_eq!(net.vms[c].state(ssh), tcp::State::SynSent);
+    assert_eq!(net.vms[c].state(telnet), tcp::State::SynSent);
+    assert_eq!(
+        net.vms[c].state(closed),
+        tcp::State::Closed,
+        "the RST came back through the stateful return path"
+    );
+    assert!(
+        net.stats.dropped(SwitchDrop::AclDeny) >= 2,
+        "{:?}",
+        net.stats.nonzero()
+    );
+    // The deny rules' own hit counters say which rules fired.
+    let p = net.policy.load();
+    let web = p.vms[0].nsg.unwrap();
+    let rules = p.nsgs[web].inbound.rules();
+    let deny22 = rules.iter().position(|r| r.priority == 110).unwrap();
+    assert!(net.acl_hits.load()[web][0].get(deny22) >= 1);
+    let client = p.vms[3].nsg.unwrap();
+    let deny23 = p.nsgs[client]
+        .outbound
+        .rules()
+        .iter()
+        .position(|r| r.priority == 100)
+        .unwrap();
+    assert!(net.acl_hits.load()[client][1].get(deny23) >= 1);
+}
+
+#[test]
+fn another_vnet_reaches_nothing() {
+    let mut net = Net::new("sw-iso");
+    let o = 4;
+    let to_vip = net.vm("other").get(VIP, 80, "/");
+    let to_vm = net.vm("other").get(Ipv4Addr::new(10, 1, 0, 4), 8080, "/");
+    net.run(Duration::from_secs(2), |_| false);
+    assert_eq!(net.vms[o].state(to_vip), tcp::State::SynSent);
+    assert_eq!(net.vms[o].state(to_vm), tcp::State::SynSent);
+    assert!(
+        net.stats.dropped(SwitchDrop::NoRoute) >= 2,
+        "{:?}",
+        net.stats.nonzero()
+    );
+    assert_eq!(net.vms[0].served + net.vms[1].served + net.vms[2].served, 0);
+}
+
+fn udp_from(src_mac: MacAddr, src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+    let mut f = Vec::new();
+    etherparse::PacketBuilder::ethernet2(src_mac.0, [0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc])
+        .ipv4(src, dst, 64)
+        .udp(1000, 2000)
+        .write(&mut f, b"spoof")
+        .unwrap();
+    f
+}
+
+#[test]
+fn spoofed_and_malformed_traffic_is_dropped_and_counted() {
+    let mut net = Net::new("sw-spoof");
+    // The raw port (#5) has no VM: everything on it is dropped as no_vm.
+    let frames = [udp_from(mac(0x30), [10, 1, 0, 30], [10, 1, 0, 4])];
+    let mut b = Batch::new();
+    for f in &frames {
+        b.push(net.pool.alloc_copy(f).unwrap()).unwrap();
+    }
+    net.raw.tx_burst(&mut b);
+    // Spoofing from the client's own port: a foreign source IP, then a
+    // foreign source MAC (beside the client's stack).
+    let spoofed = vec![
+        udp_from(mac(0x10), [10, 1, 0, 4], [10, 1, 0, 5]),
+        udp_from(mac(0x99), [10, 1, 0, 20], [10, 1, 0, 5]),
+    ];
+    net.vm("client").inject(&spoofed);
+    let mut storm = Batch::new();
+    let mut seed = 0x1234_5678u64;
+    for _ in 0..32 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let len = (seed % 200) as usize;
+        let bytes: Vec<u8> = (0..len).map(|i| (seed >> (i % 56)) as u8).collect();
+        storm.push(net.pool.alloc_copy(&bytes).unwrap()).unwrap();
+    }
+    net.raw.tx_burst(&mut storm);
+    // Good traffic is not disturbed meanwhile.
+    let g = net.vm("client").get(VIP, 80, "/");
+    assert!(net.run(Duration::from_secs(10), |vms| vms[3].body(g).is_some()));
+    net.run(Duration::from_millis(200), |_| false);
+    let malformed: u64 = net.worker.drops.total();
+    let no_vm = net.stats.dropped(SwitchDrop::NoVm);
+    assert_eq!(
+        malformed + no_vm,
+        33,
+        "malformed {malformed}, no_vm {no_vm}"
+    );
+    assert!(no_vm >= 1);
+    assert_eq!(
+        net.stats.dropped(SwitchDrop::Spoofed),
+        2,
+        "{:?}",
+        net.stats.nonzero()
+    );
+}
+
+#[test]
+fn established_connections_survive_policy_updates_and_drains() {
+    let mut net = Net::new("sw-update");
+    let c = 3;
+    // Open 12 connections to the VIP, established but idle.
+    let conns: Vec<usize> = (0..12).map(|_| net.vm("client").connect(VIP, 80)).collect();
+    assert!(net.run(Duration::from_secs(10), |vms| {
+        conns
+            .iter()
+            .all(|&i| vms[c].state(i) == tcp::State::Established)
+    }));
+    // New policy: web2 and web3 drained (weight 0), web1 marked unhealthy too
+    // in a second step; established connections must keep their DIPs.
+    let p2 = Policy::compile(&topology([1, 0, 0]), 2).unwrap();
+    net.policy.store(Arc::new(p2));
+    let req = b"GET / HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n";
+    for &i in &conns {
+        assert_eq!(net.vm("client").send(i, req), req.len());
+    }
+    assert!(
+        net.run(Duration::from_secs(10), |vms| conns
+            .iter()
+            .all(|&i| vms[c].body(i).is_some())),
+        "an established connection broke"
+    );
+    let served: Vec<String> = conns.iter().map(|&i| net.vms[c].body(i).unwrap()).collect();
+    assert!(
+        served.iter().any(|b| b != "web1"),
+        "some connections were on drained DIPs: {served:?}"
+    );
+    // New connections all go to web1 now.
+    let fresh: Vec<usize> = (0..8).map(|_| net.vm("client").get(VIP, 80, "/")).collect();
+    let ok = net.run(Duration::from_secs(10), |vms| {
+        fresh.iter().all(|&i| vms[c].body(i).is_some())
+    });
+    assert!(
+        ok,
+        "drops {:?}, states {:?}, bodies {:?}",
+        net.stats.nonzero(),
+        fresh
+            .iter()
+            .map(|&i| net.vms[c].state(i))
+            .collect::<Vec<_>>(),
+        fresh
+            .iter()
+            .map(|&i| net.vms[c].body(i))
+            .collect::<Vec<_>>()
+    );
+    assert!(fresh.iter().all(|&i| net.vms[c].body(i).unwrap() == "web1"));
+    // web1 goes unhealthy (a probe verdict): no healthy DIP is left, so new
+    // connections are dropped and counted, by name.
+    let p3 = net
+        .policy
+        .load()
+        .with_health(0, (IpAddr::V4(VIP), 80, 6), 0, false, 3)
+        .unwrap();
+    net.policy.store(Arc::new(p3));
+    let late = net.vm("client").get(VIP, 80, "/");
+    net.run(Duration::from_secs(1), |_| false);
+    assert!(net.vms[c].body(late).is_none());
+    assert!(
+        net.stats
+            .dropped(SwitchDrop::Lb(lb::LbDrop::NoHealthyBackend))
+            >= 1,
+        "{:?}",
+        net.stats.nonzero()
+    );
+}

@@ -1,0 +1,187 @@
+//! The unified flow table (UFT): a per-core exact-match cache from a packet's
+//! flow key (in-port + 5-tuple) to the one compiled action the slow path
+//! decided for it.
+
+use dataplane::{FlowKey, MacAddr};
+use lb::conntrack::Dir;
+use lb::nat::Rewrite;
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// FxHash (as in rustc): fast, good enough for keys an attacker cannot steer
+/// into one bucket without also controlling addresses the slow path admits.
+/// std's SipHash costs more than the rest of a flow-table hit.
+#[derive(Default, Clone, Copy)]
+pub struct FxHasher(u64);
+
+const SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+
+impl FxHasher {
+    #[inline]
+    fn add(&mut self, w: u64) {
+        self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(SEED);
+    }
+}
+
+impl Hasher for FxHasher {
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.add(u64::from_le_bytes(w));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut w = [0u8; 8];
+            w[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(w));
+        }
+    }
+
+    #[inline]
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+
+    #[inline]
+    fn write_u16(&mut self, i: u16) {
+        self.add(u64::from(i));
+    }
+
+    #[inline]
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+}
+
+/// What to do with a packet of a flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowAction {
+    /// Output port.
+    pub out_port: u16,
+    /// New source MAC (the vnet's gateway MAC).
+    pub src_mac: MacAddr,
+    /// New destination MAC (the destination VM's).
+    pub dst_mac: MacAddr,
+    /// Address/port rewrite (NAT), if any.
+    pub nat: Rewrite,
+    /// The load-balancer connection this flow belongs to: (vnet, slot, direction).
+    pub lb: Option<(usize, u32, Dir)>,
+}
+
+/// A cached flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowEntry {
+    /// The action.
+    pub action: FlowAction,
+    /// Policy generation it was decided under; revalidated when it changes.
+    pub generation: u64,
+    /// Last packet (ns).
+    pub last_seen: u64,
+    /// Packets.
+    pub packets: u64,
+    /// Bytes.
+    pub bytes: u64,
+    /// FIN or RST seen: expires after the short timeout.
+    pub closing: bool,
+}
+
+/// Flow table counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlowStats {
+    /// Entries installed.
+    pub installed: u64,
+    /// Installs refused because the table was full.
+    pub full: u64,
+    /// Entries removed for idleness or after close.
+    pub expired: u64,
+}
+
+/// A bounded per-core flow table.
+#[derive(Debug)]
+pub struct FlowTable {
+    map: HashMap<FlowKey, FlowEntry, BuildHasherDefault<FxHasher>>,
+    capacity: usize,
+    idle_ns: u64,
+    closing_ns: u64,
+    stats: FlowStats,
+}
+
+impl FlowTable {
+    /// A table of at most `capacity` entries; entries idle for `idle_ns`
+    /// (or `closing_ns` after FIN/RST) expire.
+    pub fn new(capacity: usize, idle_ns: u64, closing_ns: u64) -> Self {
+        let mut map = HashMap::with_hasher(BuildHasherDefault::default());
+        map.reserve(capacity.min(1 << 22));
+        FlowTable {
+            map,
+            capacity: capacity.max(1),
+            idle_ns,
+            closing_ns,
+            stats: FlowStats::default(),
+        }
+    }
+
+    /// The entry of `key`.
+    #[inline]
+    pub fn get_mut(&mut self, key: &FlowKey) -> Option<&mut FlowEntry> {
+        self.map.get_mut(key)
+    }
+
+    /// Installs (or replaces) an entry; false when the table is full.
+    pub fn insert(&mut self, key: FlowKey, e: FlowEntry) -> bool {
+        if self.map.len() >= self.capacity && !self.map.contains_key(&key) {
+            self.stats.full += 1;
+            return false;
+        }
+        self.stats.installed += 1;
+        self.map.insert(key, e);
+        true
+    }
+
+    /// Removes an entry.
+    pub fn remove(&mut self, key: &FlowKey) -> Option<FlowEntry> {
+        self.map.remove(key)
+    }
+
+    /// Entries.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> FlowStats {
+        self.stats
+    }
+
+    /// Removes every expired entry (a full pass: call it every few hundred
+    /// milliseconds from the worker, not per burst).
+    pub fn expire(&mut self, now: u64) -> usize {
+        let (idle, closing) = (self.idle_ns, self.closing_ns);
+        let before = self.map.len();
+        self.map.retain(|_, e| {
+            let limit = if e.closing { closing } else { idle };
+            now.saturating_sub(e.last_seen) <= limit
+        });
+        let n = before - self.map.len();
+        self.stats.expired += n as u64;
+        n
+    }
+
+    /// Iterates over entries.
+    pub fn iter(&self) -> impl Iterator<Item = (&FlowKey, &FlowEntry)> {
+        self.map.iter()
+    }
+}

@@ -1,0 +1,535 @@
+//! The switch pipeline: what a worker runs on every burst.
+//!
+//! Fast path: parse, look the flow key up in the unified flow table, and if
+//! the entry was decided under the current policy generation, apply its one
+//! action (MACs, NAT, TTL) and queue the packet on its output port.
+//!
+//! Slow path (a miss, or an entry from an older generation), in order:
+//! anti-spoofing (source MAC and IP must be the VM's on that port), the ARP
+//! responder (every address of the vnet and every VIP answers with the
+//! gateway MAC; nothing is flooded), load balancing (new connection to a VIP:
+//! Maglev + DNAT; reply from a DIP: reverse NAT; both tracked per vnet), vnet
+//! routing (destination must be a VM of the *same* vnet: tenant isolation),
+//! the source VM's outbound ACL and the destination VM's inbound ACL. The
+//! result is installed for both directions (a stateful allow admits the
+//! return traffic) and applied.
+
+use crate::flow::{FlowAction, FlowEntry, FlowTable};
+use crate::policy::Policy;
+use arc_swap::ArcSwap;
+use dataplane::clock::TscClock;
+use dataplane::wire::arp;
+use dataplane::worker::{Ctx, Pipeline};
+use dataplane::{Batch, DropReason, FlowKey, L3, PacketBuf, Parsed, parse, rewrite};
+use filter::{Action, Direction, HitCounters, PacketKey};
+use lb::balancer::{Decision, LbCore, LbDrop};
+use lb::conntrack::{ConnKey, Dir, Timeouts};
+use lb::nat::Rewrite;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Why the switch dropped a packet (beyond parse errors, which the worker
+/// counts under `DropReason::Malformed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SwitchDrop {
+    /// Source MAC or IP is not the VM's on that port.
+    Spoofed,
+    /// A security-group rule denied it.
+    AclDeny,
+    /// The destination is not a VM of the source's vnet.
+    NoRoute,
+    /// Arrived on a port with no VM.
+    NoVm,
+    /// An ARP packet the switch does not answer (a reply, or an address outside the vnet).
+    ArpIgnored,
+    /// A protocol the switch does not carry (non-IP, non-ARP).
+    Unsupported,
+    /// TTL or hop limit expired.
+    TtlExpired,
+    /// The header rewrite failed.
+    RewriteFailed,
+    /// The load balancer dropped it.
+    Lb(LbDrop),
+}
+
+const BASE: [SwitchDrop; 8] = [
+    SwitchDrop::Spoofed,
+    SwitchDrop::AclDeny,
+    SwitchDrop::NoRoute,
+    SwitchDrop::NoVm,
+    SwitchDrop::ArpIgnored,
+    SwitchDrop::Unsupported,
+    SwitchDrop::TtlExpired,
+    SwitchDrop::RewriteFailed,
+];
+
+impl SwitchDrop {
+    /// Number of reasons.
+    pub const COUNT: usize = BASE.len() + LbDrop::ALL.len();
+
+    /// Dense index.
+    pub fn index(self) -> usize {
+        match self {
+            SwitchDrop::Lb(r) => BASE.len() + r as usize,
+            other => BASE.iter().position(|b| *b == other).unwrap_or(0),
+        }
+    }
+
+    /// Every reason, in index order.
+    pub fn all() -> impl Iterator<Item = SwitchDrop> {
+        BASE.into_iter()
+            .chain(LbDrop::ALL.into_iter().map(SwitchDrop::Lb))
+    }
+
+    /// Stable name.
+    pub fn name(self) -> &'static str {
+        match self {
+            SwitchDrop::Spoofed => "spoofed",
+            SwitchDrop::AclDeny => "acl_deny",
+            SwitchDrop::NoRoute => "no_route",
+            SwitchDrop::NoVm => "no_vm",
+            SwitchDrop::ArpIgnored => "arp_ignored",
+            SwitchDrop::Unsupported => "unsupported",
+            SwitchDrop::TtlExpired => "ttl_expired",
+            SwitchDrop::RewriteFailed => "rewrite_failed",
+            SwitchDrop::Lb(r) => r.name(),
+        }
+    }
+}
+
+/// Switch counters, readable from any thread.
+#[derive(Debug)]
+pub struct SwitchStats {
+    drops: [AtomicU64; SwitchDrop::COUNT],
+    /// Packets handled by a flow-table hit.
+    pub fast_path: AtomicU64,
+    /// Packets that went through the slow path.
+    pub slow_path: AtomicU64,
+    /// ARP requests answered.
+    pub arp_replies: AtomicU64,
+    /// Flows installed.
+    pub flows_installed: AtomicU64,
+}
+
+impl Default for SwitchStats {
+    fn default() -> Self {
+        SwitchStats {
+            drops: std::array::from_fn(|_| AtomicU64::new(0)),
+            fast_path: AtomicU64::new(0),
+            slow_path: AtomicU64::new(0),
+            arp_replies: AtomicU64::new(0),
+            flows_installed: AtomicU64::new(0),
+        }
+    }
+}
+
+impl SwitchStats {
+    /// Drops for `r`.
+    pub fn dropped(&self, r: SwitchDrop) -> u64 {
+        self.drops[r.index()].load(Ordering::Relaxed)
+    }
+
+    /// Non-zero drop counters by name.
+    pub fn nonzero(&self) -> Vec<(&'static str, u64)> {
+        SwitchDrop::all()
+            .map(|r| (r.name(), self.dropped(r)))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+
+    fn count(&self, r: SwitchDrop) {
+        self.drops[r.index()].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Per-rule hit counters of one compiled group: [inbound, outbound].
+pub type AclHits = [HitCounters; 2];
+
+/// Tunables of a switch worker.
+#[derive(Debug, Clone)]
+pub struct SwitchConfig {
+    /// Flow table entries.
+    pub flow_table_size: usize,
+    /// Idle timeout of a flow entry.
+    pub flow_idle: Duration,
+    /// Timeout of a flow entry after FIN/RST.
+    pub flow_closing: Duration,
+    /// Connections tracked per vnet by the load balancer.
+    pub conn_table_size: usize,
+    /// Load-balancer connection timeouts.
+    pub timeouts: Timeouts,
+}
+
+impl Default for SwitchConfig {
+    fn default() -> Self {
+        SwitchConfig {
+            flow_table_size: 1 << 20,
+            flow_idle: Duration::from_secs(240),
+            flow_closing: Duration::from_secs(10),
+            conn_table_size: 1 << 18,
+            timeouts: Timeouts::default(),
+        }
+    }
+}
+
+/// One worker's switch.
+pub struct Switch {
+    policy: Arc<ArcSwap<Policy>>,
+    cfg: SwitchConfig,
+    flows: FlowTable,
+    lb: Vec<LbCore>,
+    generation: u64,
+    acl_hits: Arc<ArcSwap<Vec<AclHits>>>,
+    stats: Arc<SwitchStats>,
+    clock: TscClock,
+    last_expire: u64,
+}
+
+/// What the slow path decided.
+enum Slow {
+    /// Send this (rewritten) packet back out of its port (ARP reply).
+    Reply,
+    /// Forward with this action.
+    Forward(FlowAction),
+}
+
+const TCP_FIN: u8 = 0x01;
+const TCP_RST: u8 = 0x04;
+
+fn tcp_flags(frame: &[u8], p: &Parsed) -> u8 {
+    if p.key.proto == 6 && p.has_l4 {
+        frame.get(usize::from(p.l4_off) + 13).copied().unwrap_or(0)
+    } else {
+        0
+    }
+}
+
+fn flow_key(k: &ConnKey, in_port: u16) -> FlowKey {
+    FlowKey {
+        src_ip: k.src,
+        dst_ip: k.dst,
+        src_port: k.sport,
+        dst_port: k.dport,
+        in_port,
+        proto: k.proto,
+    }
+}
+
+impl Switch {
+    /// A switch worker reading policy from `policy`.
+    pub fn new(policy: Arc<ArcSwap<Policy>>, cfg: SwitchConfig) -> Self {
+        let flows = FlowTable::new(
+            cfg.flow_table_size,
+            cfg.flow_idle.as_nanos() as u64,
+            cfg.flow_closing.as_nanos() as u64,
+        );
+        Switch {
+            policy,
+            flows,
+            lb: Vec::new(),
+            generation: u64::MAX,
+            acl_hits: Arc::new(ArcSwap::from_pointee(Vec::new())),
+            stats: Arc::default(),
+            clock: TscClock::calibrate(Duration::from_millis(10)),
+            last_expire: 0,
+            cfg,
+        }
+    }
+
+    /// The switch's counters.
+    pub fn stats(&self) -> Arc<SwitchStats> {
+        self.stats.clone()
+    }
+
+    /// Per-group rule hit counters (index = `Policy::nsgs` index); replaced
+    /// when the policy generation changes.
+    pub fn acl_hits(&self) -> Arc<ArcSwap<Vec<AclHits>>> {
+        self.acl_hits.clone()
+    }
+
+    /// Flows cached.
+    pub fn flows(&self) -> &FlowTable {
+        &self.flows
+    }
+
+    /// Drops `pkt`, counting `r` in the switch's counters (which name
+    /// switch-level reasons; parse errors go to the worker's counters).
+    fn drop_pkt<B: PacketBuf>(&self, pkt: B, r: SwitchDrop) {
+        self.stats.count(r);
+        drop(pkt);
+    }
+
+    fn on_new_generation(&mut self, p: &Policy) {
+        self.generation = p.generation;
+        while self.lb.len() < p.vnets.len() {
+            self.lb.push(LbCore::new(
+                self.cfg.conn_table_size,
+                self.cfg.timeouts,
+                None,
+            ));
+        }
+        let hits: Vec<AclHits> = p
+            .nsgs
+            .iter()
+            .map(|n| [n.inbound.new_counters(), n.outbound.new_counters()])
+            .collect();
+        self.acl_hits.store(Arc::new(hits));
+    }
+
+    fn acl(
+        &self,
+        p: &Policy,
+        nsg: Option<usize>,
+        dir: Direction,
+        key: &ConnKey,
+    ) -> Result<bool, SwitchDrop> {
+        let Some(n) = nsg.and_then(|i| p.nsgs.get(i).map(|c| (i, c))) else {
+            return Ok(true);
+        };
+        let pk = PacketKey {
+            src: key.src_ip(),
+            dst: key.dst_ip(),
+            proto: key.proto,
+            src_port: key.sport,
+            dst_port: key.dport,
+        };
+        let hits = self.acl_hits.load();
+        let c = n.1.classifier(dir);
+        let v = match hits.get(n.0) {
+            Some(h) => c.classify_counted(&pk, &h[if dir == Direction::In { 0 } else { 1 }]),
+            None => c.classify(&pk),
+        };
+        match v {
+            Some(v) if v.action == Action::Allow => Ok(v.stateful),
+            _ => Err(SwitchDrop::AclDeny),
+        }
+    }
+
+    fn slow(
+        &mut self,
+        p: &Policy,
+        frame: &mut [u8],
+        pk: &Parsed,
+        in_port: u16,
+        now: u64,
+    ) -> Result<Slow, SwitchDrop> {
+        let (_, vm) = p.vm_on_port(in_port).ok_or(SwitchDrop::NoVm)?;
+        let vnet = p.vnets.get(vm.vnet).ok_or(SwitchDrop::NoRoute)?;
+        if frame.get(6..12) != Some(&vm.mac.0[..]) {
+            return Err(SwitchDrop::Spoofed);
+        }
+        match pk.l3 {
+            L3::Arp => {
+                return self
+                    .arp(p, vm.vnet, &vm.ips, frame, pk)
+                    .map(|_| Slow::Reply);
+            }
+            L3::Ipv4 | L3::Ipv6 => {}
+            L3::Other => return Err(SwitchDrop::Unsupported),
+        }
+        if !vm.ips.contains(&pk.key.src()) {
+            return Err(SwitchDrop::Spoofed);
+        }
+        let key = ConnKey::from(&pk.key);
+        let flags = tcp_flags(frame, pk);
+        let (nat, lb, post, reply) = match self
+            .lb
+            .get_mut(vm.vnet)
+            .map(|l| l.process(&vnet.vips, &key, flags, now))
+        {
+            Some(Decision::Forward {
+                rewrite, dir, conn, ..
+            }) => (
+                rewrite,
+                Some((vm.vnet, conn, dir)),
+                rewrite.apply_to_key(&key),
+                dir == Dir::Reply,
+            ),
+            Some(Decision::Drop(r)) => return Err(SwitchDrop::Lb(r)),
+            Some(Decision::NotHandled) | None => (Rewrite::NONE, None, key, false),
+        };
+        // Routing inside the vnet only: tenant isolation.
+        let (_, dst) = p.vm_by_addr(vm.vnet, post.dst).ok_or(SwitchDrop::NoRoute)?;
+        let stateful = if reply {
+            // Return traffic of a tracked load-balanced connection.
+            true
+        } else {
+            let out = self.acl(p, vm.nsg, Direction::Out, &key)?;
+            let inn = self.acl(p, dst.nsg, Direction::In, &post)?;
+            out && inn
+        };
+        let fwd = FlowAction {
+            out_port: dst.port,
+            src_mac: vnet.gateway_mac,
+            dst_mac: dst.mac,
+            nat,
+            lb,
+        };
+        let gen_ = p.generation;
+        let e = |action| FlowEntry {
+            action,
+            generation: gen_,
+            last_seen: now,
+            packets: 0,
+            bytes: 0,
+            closing: false,
+        };
+        if self.flows.insert(pk.key, e(fwd)) {
+            self.stats.flows_installed.fetch_add(1, Ordering::Relaxed);
+        }
+        if stateful || lb.is_some() {
+            // The other direction: arrives on the destination's port with the
+            // post-NAT addresses swapped; gets the opposite rewrite.
+            let back_nat = match lb {
+                Some((vn, conn, dir)) => self
+                    .lb
+                    .get(vn)
+                    .and_then(|l| l.conns().get(conn))
+                    .map(|c| {
+                        if dir == Dir::Orig {
+                            c.value.nat.reverse
+                        } else {
+                            c.value.nat.forward
+                        }
+                    })
+                    .unwrap_or_default(),
+                None => Rewrite::NONE,
+            };
+            let back = FlowAction {
+                out_port: in_port,
+                src_mac: vnet.gateway_mac,
+                dst_mac: vm.mac,
+                nat: back_nat,
+                lb: lb.map(|(vn, c, d)| {
+                    (
+                        vn,
+                        c,
+                        if d == Dir::Orig {
+                            Dir::Reply
+                        } else {
+                            Dir::Orig
+                        },
+                    )
+                }),
+            };
+            if self
+                .flows
+                .insert(flow_key(&post.reversed(), dst.port), e(back))
+            {
+                self.stats.flows_installed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(Slow::Forward(fwd))
+    }
+
+    /// Answers an ARP request for any address of the vnet or any of its VIPs
+    /// with the gateway MAC, rewriting the request into the reply in place.
+    fn arp(
+        &self,
+        p: &Policy,
+        vnet: usize,
+        ips: &[std::net::IpAddr],
+        frame: &mut [u8],
+        pk: &Parsed,
+    ) -> Result<(), SwitchDrop> {
+        let vn = p.vnets.get(vnet).ok_or(SwitchDrop::NoRoute)?;
+        let l3 = usize::from(pk.l3_off);
+        let a = arp::Packet::new_checked(frame.get_mut(l3..).ok_or(SwitchDrop::ArpIgnored)?)
+            .map_err(|_| SwitchDrop::ArpIgnored)?;
+        if a.operation() != arp::OP_REQUEST {
+            return Err(SwitchDrop::ArpIgnored);
+        }
+        let (smac, sip, tip) = (a.sender_mac(), a.sender_ip(), a.target_ip());
+        if !ips.contains(&std::net::IpAddr::V4(sip)) {
+            return Err(SwitchDrop::Spoofed);
+        }
+        let target = std::net::IpAddr::V4(tip);
+        if !vn.contains(&target) && !vn.vips.has_address(target) {
+            return Err(SwitchDrop::ArpIgnored);
+        }
+        let mut a = arp::Packet::new_checked(frame.get_mut(l3..).ok_or(SwitchDrop::ArpIgnored)?)
+            .map_err(|_| SwitchDrop::ArpIgnored)?;
+        a.set_operation(arp::OP_REPLY);
+        a.set_sender(vn.gateway_mac, tip);
+        a.set_target(smac, sip);
+        rewrite::set_dst_mac(frame, smac).map_err(|_| SwitchDrop::RewriteFailed)?;
+        rewrite::set_src_mac(frame, vn.gateway_mac).map_err(|_| SwitchDrop::RewriteFailed)?;
+        self.stats.arp_replies.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn apply<B: PacketBuf>(
+        &mut self,
+        ctx: &mut Ctx<'_, B>,
+        mut pkt: B,
+        pk: &Parsed,
+        a: FlowAction,
+    ) {
+        let f = pkt.data_mut();
+        let r = rewrite::set_src_mac(f, a.src_mac)
+            .and_then(|_| rewrite::set_dst_mac(f, a.dst_mac))
+            .and_then(|_| a.nat.apply(f, pk));
+        if r.is_err() {
+            return self.drop_pkt(pkt, SwitchDrop::RewriteFailed);
+        }
+        if rewrite::dec_ttl(f, pk).is_err() {
+            return self.drop_pkt(pkt, SwitchDrop::TtlExpired);
+        }
+        ctx.send(usize::from(a.out_port), pkt);
+    }
+}
+
+impl<B: PacketBuf> Pipeline<B> for Switch {
+    fn process(&mut self, ctx: &mut Ctx<'_, B>, in_port: usize, pkts: &mut Batch<B>) {
+        let policy = self.policy.load_full();
+        if policy.generation != self.generation {
+            self.on_new_generation(&policy);
+        }
+        let now = self.clock.ticks_to_ns(ctx.now());
+        let in_port16 = in_port as u16;
+        for mut pkt in pkts.drain() {
+            let pk = match parse(pkt.data(), in_port16) {
+                Ok(p) => p,
+                Err(e) => {
+                    ctx.drop_packet(pkt, DropReason::Malformed(e));
+                    continue;
+                }
+            };
+            let flags = tcp_flags(pkt.data(), &pk);
+            let len = pkt.len() as u64;
+            if let Some(e) = self.flows.get_mut(&pk.key) {
+                if e.generation == policy.generation {
+                    e.last_seen = now;
+                    e.packets += 1;
+                    e.bytes += len;
+                    if flags & (TCP_FIN | TCP_RST) != 0 {
+                        e.closing = true;
+                    }
+                    let a = e.action;
+                    if let Some((vn, conn, dir)) = a.lb {
+                        if let Some(l) = self.lb.get_mut(vn) {
+                            l.touch(conn, dir, flags, now);
+                        }
+                    }
+                    self.stats.fast_path.fetch_add(1, Ordering::Relaxed);
+                    self.apply(ctx, pkt, &pk, a);
+                    continue;
+                }
+            }
+            self.stats.slow_path.fetch_add(1, Ordering::Relaxed);
+            match self.slow(&policy, pkt.data_mut(), &pk, in_port16, now) {
+                Ok(Slow::Reply) => ctx.send(in_port, pkt),
+                Ok(Slow::Forward(a)) => self.apply(ctx, pkt, &pk, a),
+                Err(r) => self.drop_pkt(pkt, r),
+            }
+        }
+        if now.saturating_sub(self.last_expire) > 100_000_000 {
+            self.last_expire = now;
+            self.flows.expire(now);
+            for l in &mut self.lb {
+                l.expire(now, 4096);
+            }
+        }
+    }
+}
