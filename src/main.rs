@@ -1,10 +1,10 @@
 //! The `pollux` command.
 //!
-//! Today: `pollux check --config FILE` validates a configuration. `run`,
-//! `demo`, `pktgen` and `ctl` arrive with their issues (see DESIGN.md); the
-//! core benchmark runs with `cargo bench --bench forward`.
+//! Today: `pollux check --config FILE` validates a configuration and
+//! `pollux demo` runs the embedded in-process topology. `run`, `pktgen` and
+//! `ctl` arrive with their issues (see DESIGN.md).
 
-mod config;
+use pollux::config;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -26,6 +26,9 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Run the embedded demo: VMs, a VIP, probes, ACLs and tenants on ring
+    /// ports in this process (no privileges, no system packages).
+    Demo,
 }
 
 fn check(path: &PathBuf) -> ExitCode {
@@ -66,5 +69,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match &cli.command {
         Command::Check { config } => check(config),
+        Command::Demo => {
+            match pollux::demo::run(&mut std::io::stdout(), pollux::demo::Options::default()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("pollux demo: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }

@@ -58,6 +58,7 @@ fn topology(weights: [u32; 3]) -> Topology {
         mac: mac(m),
         ips: vec![ip.parse().unwrap()],
         nsg,
+        internal: false,
     };
     let web = NsgSpec {
         name: "web".into(),
@@ -126,15 +127,18 @@ impl Net {
         let mut sw_ports: Vec<Box<dyn Port<Buf = PoolBuf>>> = Vec::new();
         for (n, m, ip, server) in names {
             let (vm_end, sw_end) = vm_port(n, mac(m));
-            vms.push(Vm::new(
-                n,
-                vm_end,
-                pool,
-                ip.parse().unwrap(),
-                GW,
-                server.then_some(8080),
-                start,
-            ));
+            vms.push(
+                Vm::new(
+                    n,
+                    vm_end,
+                    pool,
+                    ip.parse().unwrap(),
+                    GW,
+                    server.then_some(8080),
+                    start,
+                )
+                .unwrap(),
+            );
             sw_ports.push(Box::new(sw_end));
         }
         let (raw, sw_raw) = vm_port("raw", mac(0x30));

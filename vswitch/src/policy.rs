@@ -36,6 +36,10 @@ pub struct VmDef {
     pub ips: Vec<IpAddr>,
     /// Index of its security group, if any.
     pub nsg: Option<usize>,
+    /// A switch-internal endpoint (the health prober): its addresses may lie
+    /// outside the vnet, and the ARP responder answers it for any address
+    /// (its gateway is outside the vnet too).
+    pub internal: bool,
 }
 
 /// A VIP as given to [`Policy::compile`].
@@ -99,6 +103,8 @@ pub struct Vm {
     pub ips: Vec<IpAddr>,
     /// Compiled security group (defaults included), if any.
     pub nsg: Option<usize>,
+    /// A switch-internal endpoint (see [`VmDef::internal`]).
+    pub internal: bool,
 }
 
 /// Why a topology could not be compiled (one line per problem).
@@ -206,6 +212,7 @@ impl Policy {
                 mac: vm.mac,
                 ips: vm.ips.clone(),
                 nsg,
+                internal: vm.internal,
             });
         }
         if !errs.is_empty() {

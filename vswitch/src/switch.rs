@@ -321,9 +321,7 @@ impl Switch {
         }
         match pk.l3 {
             L3::Arp => {
-                return self
-                    .arp(p, vm.vnet, &vm.ips, frame, pk)
-                    .map(|_| Slow::Reply);
+                return self.arp(p, vm, frame, pk).map(|_| Slow::Reply);
             }
             L3::Ipv4 | L3::Ipv6 => {}
             L3::Other => return Err(SwitchDrop::Unsupported),
@@ -424,16 +422,17 @@ impl Switch {
     }
 
     /// Answers an ARP request for any address of the vnet or any of its VIPs
-    /// with the gateway MAC, rewriting the request into the reply in place.
+    /// (any address at all for an internal endpoint) with the gateway MAC,
+    /// rewriting the request into the reply in place.
     fn arp(
         &self,
         p: &Policy,
-        vnet: usize,
-        ips: &[std::net::IpAddr],
+        vm: &crate::policy::Vm,
         frame: &mut [u8],
         pk: &Parsed,
     ) -> Result<(), SwitchDrop> {
-        let vn = p.vnets.get(vnet).ok_or(SwitchDrop::NoRoute)?;
+        let (ips, internal) = (&vm.ips, vm.internal);
+        let vn = p.vnets.get(vm.vnet).ok_or(SwitchDrop::NoRoute)?;
         let l3 = usize::from(pk.l3_off);
         let a = arp::Packet::new_checked(frame.get_mut(l3..).ok_or(SwitchDrop::ArpIgnored)?)
             .map_err(|_| SwitchDrop::ArpIgnored)?;
@@ -445,7 +444,7 @@ impl Switch {
             return Err(SwitchDrop::Spoofed);
         }
         let target = std::net::IpAddr::V4(tip);
-        if !vn.contains(&target) && !vn.vips.has_address(target) {
+        if !internal && !vn.contains(&target) && !vn.vips.has_address(target) {
             return Err(SwitchDrop::ArpIgnored);
         }
         let mut a = arp::Packet::new_checked(frame.get_mut(l3..).ok_or(SwitchDrop::ArpIgnored)?)

@@ -1,0 +1,10 @@
+//! # pollux — the program around the switch
+//!
+//! Owns: the configuration file and its validation ([`config`]), and the
+//! embedded demo ([`demo`]); the `pollux` binary (`src/main.rs`) is the CLI
+//! over them. The packet path lives in the `dataplane`, `filter`, `lb` and
+//! `vswitch` crates; this crate wires them together and must not duplicate
+//! their logic.
+
+pub mod config;
+pub mod demo;
