@@ -140,6 +140,10 @@ pub struct Worker<B: PacketBuf, P: Pipeline<B>> {
     pipeline: P,
     stop: Arc<AtomicBool>,
     stats: Arc<WorkerStats>,
+    clock: TscClock,
+    pending: Vec<Batch<B>>,
+    rx: Batch<B>,
+    tally: Tally,
 }
 
 /// What a stopped worker gives back.
@@ -153,9 +157,10 @@ pub struct Stopped<B: PacketBuf, P> {
 /// The thread of a spawned worker; joining it gives back ports and pipeline.
 pub type WorkerHandle<B, P> = std::thread::JoinHandle<Result<Stopped<B, P>, WorkerError>>;
 
-/// Counts kept on the worker's stack between two publications.
+/// Counts kept by the worker between two publications.
 #[derive(Default)]
 struct Tally {
+    since_publish: u32,
     busy: u64,
     idle: u64,
     busy_ticks: u64,
@@ -181,7 +186,9 @@ const PUBLISH_EVERY: u32 = 256;
 
 impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
     /// A worker named `name` over `ports`, pinned to `core` if given.
+    /// Calibrates the TSC clock (10 ms).
     pub fn new(name: &str, core: Option<usize>, ports: Vec<PortBox<B>>, pipeline: P) -> Self {
+        let pending = (0..ports.len()).map(|_| Batch::new()).collect();
         Worker {
             name: name.to_string(),
             core,
@@ -189,7 +196,66 @@ impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
             pipeline,
             stop: Arc::new(AtomicBool::new(false)),
             stats: Arc::default(),
+            clock: TscClock::calibrate(Duration::from_millis(10)),
+            pending,
+            rx: Batch::new(),
+            tally: Tally::default(),
         }
+    }
+
+    /// One poll iteration over every port on the calling thread: receive,
+    /// process, transmit. Returns the packets received. `run` loops on this;
+    /// tests and benches call it directly to step a worker deterministically.
+    /// Counters reach [`WorkerStats`] every 256 polls and at stop
+    /// ([`Worker::publish`] forces it).
+    #[inline]
+    pub fn poll_once(&mut self) -> usize {
+        let t0 = self.clock.now();
+        let mut got = 0u64;
+        for i in 0..self.ports.len() {
+            let n = self.ports[i].rx_burst(&mut self.rx);
+            if n == 0 {
+                continue;
+            }
+            got += n as u64;
+            let mut ctx = Ctx {
+                ports: &mut self.ports,
+                pending: &mut self.pending,
+                drops: &self.stats.drops,
+                now: t0,
+            };
+            self.pipeline.process(&mut ctx, i, &mut self.rx);
+            if !self.rx.is_empty() {
+                ctx.drops.add(DropReason::NoRoute, self.rx.len() as u64);
+                self.rx.clear();
+            }
+            self.tally.tx += ctx.flush();
+        }
+        let dt = self.clock.now().wrapping_sub(t0);
+        let t = &mut self.tally;
+        if got > 0 {
+            t.busy += 1;
+            t.busy_ticks += dt;
+            t.rx += got;
+        } else {
+            t.idle += 1;
+            t.idle_ticks += dt;
+        }
+        t.since_publish += 1;
+        if t.since_publish == PUBLISH_EVERY {
+            self.publish();
+        }
+        got as usize
+    }
+
+    /// Publishes the counters kept since the last publication.
+    pub fn publish(&mut self) {
+        self.tally.publish(&self.stats);
+    }
+
+    /// The pipeline (e.g. to read its state between `poll_once` calls).
+    pub fn pipeline(&self) -> &P {
+        &self.pipeline
     }
 
     /// The flag that stops the worker when set.
@@ -224,49 +290,10 @@ impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
     /// Runs the poll loop on the current thread until the stop flag is set.
     pub fn run(mut self) -> Result<Stopped<B, P>, WorkerError> {
         self.pin()?;
-        let clock = TscClock::calibrate(Duration::from_millis(10));
-        let mut pending: Vec<Batch<B>> = (0..self.ports.len()).map(|_| Batch::new()).collect();
-        let mut rx = Batch::new();
-        let mut tally = Tally::default();
-        let mut since_publish = 0u32;
         while !self.stop.load(Ordering::Relaxed) {
-            let t0 = clock.now();
-            let mut got = 0u64;
-            for i in 0..self.ports.len() {
-                let n = self.ports[i].rx_burst(&mut rx);
-                if n == 0 {
-                    continue;
-                }
-                got += n as u64;
-                let mut ctx = Ctx {
-                    ports: &mut self.ports,
-                    pending: &mut pending,
-                    drops: &self.stats.drops,
-                    now: t0,
-                };
-                self.pipeline.process(&mut ctx, i, &mut rx);
-                if !rx.is_empty() {
-                    ctx.drops.add(DropReason::NoRoute, rx.len() as u64);
-                    rx.clear();
-                }
-                tally.tx += ctx.flush();
-            }
-            let dt = clock.now().wrapping_sub(t0);
-            if got > 0 {
-                tally.busy += 1;
-                tally.busy_ticks += dt;
-                tally.rx += got;
-            } else {
-                tally.idle += 1;
-                tally.idle_ticks += dt;
-            }
-            since_publish += 1;
-            if since_publish == PUBLISH_EVERY {
-                since_publish = 0;
-                tally.publish(&self.stats);
-            }
+            self.poll_once();
         }
-        tally.publish(&self.stats);
+        self.publish();
         Ok(Stopped {
             ports: self.ports,
             pipeline: self.pipeline,

@@ -185,3 +185,60 @@ impl FlowTable {
         self.map.iter()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(p: u16) -> FlowKey {
+        FlowKey {
+            src_port: p,
+            proto: 17,
+            ..FlowKey::default()
+        }
+    }
+
+    fn entry(now: u64) -> FlowEntry {
+        FlowEntry {
+            action: FlowAction {
+                out_port: 1,
+                src_mac: MacAddr::ZERO,
+                dst_mac: MacAddr::ZERO,
+                nat: Rewrite::NONE,
+                lb: None,
+            },
+            generation: 1,
+            last_seen: now,
+            packets: 0,
+            bytes: 0,
+            closing: false,
+        }
+    }
+
+    #[test]
+    fn bounded_and_expiring() {
+        let mut t = FlowTable::new(2, 100, 10);
+        assert!(t.insert(key(1), entry(0)));
+        assert!(t.insert(key(2), entry(0)));
+        assert!(!t.insert(key(3), entry(0)));
+        assert_eq!(t.stats().full, 1);
+        // Replacing an existing key is allowed when full.
+        assert!(t.insert(key(2), entry(50)));
+        t.get_mut(&key(2)).unwrap().closing = true;
+        // At 70: key 2 (closing, last seen 50) is past 10; key 1 within 100.
+        assert_eq!(t.expire(70), 1);
+        assert!(t.get_mut(&key(1)).is_some());
+        assert_eq!(t.expire(101), 1);
+        assert!(t.is_empty());
+        assert_eq!(t.stats().expired, 2);
+    }
+
+    #[test]
+    fn fxhasher_spreads_keys() {
+        use std::hash::{BuildHasher, BuildHasherDefault};
+        let b = BuildHasherDefault::<FxHasher>::default();
+        let hashes: std::collections::HashSet<u64> =
+            (0..10_000u16).map(|p| b.hash_one(key(p))).collect();
+        assert_eq!(hashes.len(), 10_000);
+    }
+}

@@ -269,3 +269,67 @@ impl Policy {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm(name: &str, port: u16, vnet: usize, ip: &str) -> VmDef {
+        VmDef {
+            name: name.into(),
+            port,
+            vnet,
+            mac: MacAddr([2, 0, 0, 0, 0, port as u8 + 1]),
+            ips: vec![ip.parse().unwrap()],
+            nsg: None,
+            internal: false,
+        }
+    }
+
+    fn topo() -> Topology {
+        let vnet = |n: &str| VnetDef {
+            name: n.into(),
+            prefixes: vec!["10.1.0.0/16".parse().unwrap()],
+            gateway_mac: MacAddr([0x12, 0, 0, 0, 0, 1]),
+        };
+        Topology {
+            vnets: vec![vnet("a"), vnet("b")],
+            vms: vec![vm("x", 0, 0, "10.1.0.4"), vm("y", 1, 1, "10.1.0.4")],
+            nsgs: vec![],
+            vips: vec![],
+            ports: 3,
+        }
+    }
+
+    #[test]
+    fn lookups_are_per_vnet() {
+        let p = Policy::compile(&topo(), 7).unwrap();
+        assert_eq!(p.generation, 7);
+        let ip = to16("10.1.0.4".parse().unwrap());
+        assert_eq!(p.vm_by_addr(0, ip).unwrap().1.name, "x");
+        assert_eq!(p.vm_by_addr(1, ip).unwrap().1.name, "y");
+        assert_eq!(p.vm_on_port(1).unwrap().1.name, "y");
+        assert!(p.vm_on_port(2).is_none());
+        assert!(p.vm_on_port(9).is_none());
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let mut t = topo();
+        t.vms.push(vm("z", 0, 0, "10.1.0.4"));
+        t.vms.push(vm("w", 9, 5, "10.1.0.9"));
+        t.vms[0].nsg = Some(3);
+        let e = Policy::compile(&t, 1).unwrap_err();
+        let text = e.0.join("\n");
+        assert!(
+            text.contains("vm \"z\": port #0 already has a vm"),
+            "{text}"
+        );
+        assert!(
+            text.contains("vm \"z\": 10.1.0.4 is used twice in vnet \"a\""),
+            "{text}"
+        );
+        assert!(text.contains("vm \"w\": no vnet #5"), "{text}");
+        assert!(text.contains("vm \"x\": no nsg #3"), "{text}");
+    }
+}
