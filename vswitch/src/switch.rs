@@ -195,6 +195,7 @@ enum Slow {
 }
 
 const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 
 fn tcp_flags(frame: &[u8], p: &Parsed) -> u8 {
@@ -369,6 +370,7 @@ impl Switch {
             action,
             generation: gen_,
             last_seen: now,
+            lb_touched: now,
             packets: 0,
             bytes: 0,
             closing: false,
@@ -487,6 +489,7 @@ impl<B: PacketBuf> Pipeline<B> for Switch {
         }
         let now = self.clock.ticks_to_ns(ctx.now());
         let in_port16 = in_port as u16;
+        let (mut fast, mut slow) = (0u64, 0u64);
         for mut pkt in pkts.drain() {
             let pk = match parse(pkt.data(), in_port16) {
                 Ok(p) => p,
@@ -502,26 +505,45 @@ impl<B: PacketBuf> Pipeline<B> for Switch {
                     e.last_seen = now;
                     e.packets += 1;
                     e.bytes += len;
+                    let closing = flags & (TCP_FIN | TCP_RST | TCP_SYN) != 0;
                     if flags & (TCP_FIN | TCP_RST) != 0 {
                         e.closing = true;
                     }
+                    // Keep the load balancer's connection state current: at
+                    // once for SYN/FIN/RST, otherwise at most once a second
+                    // (its idle timeouts are minutes; touching it per packet
+                    // costs cache misses on every hit).
+                    let touch = e
+                        .action
+                        .lb
+                        .filter(|_| closing || now.saturating_sub(e.lb_touched) > 1_000_000_000);
+                    if touch.is_some() {
+                        e.lb_touched = now;
+                    }
                     let a = e.action;
-                    if let Some((vn, conn, dir)) = a.lb {
+                    if let Some((vn, conn, dir)) = touch {
                         if let Some(l) = self.lb.get_mut(vn) {
                             l.touch(conn, dir, flags, now);
                         }
                     }
-                    self.stats.fast_path.fetch_add(1, Ordering::Relaxed);
+                    fast += 1;
                     self.apply(ctx, pkt, &pk, a);
                     continue;
                 }
             }
-            self.stats.slow_path.fetch_add(1, Ordering::Relaxed);
+            slow += 1;
             match self.slow(&policy, pkt.data_mut(), &pk, in_port16, now) {
                 Ok(Slow::Reply) => ctx.send(in_port, pkt),
                 Ok(Slow::Forward(a)) => self.apply(ctx, pkt, &pk, a),
                 Err(r) => self.drop_pkt(pkt, r),
             }
+        }
+        // Counters once per burst, not per packet.
+        if fast > 0 {
+            self.stats.fast_path.fetch_add(fast, Ordering::Relaxed);
+        }
+        if slow > 0 {
+            self.stats.slow_path.fetch_add(slow, Ordering::Relaxed);
         }
         if now.saturating_sub(self.last_expire) > 100_000_000 {
             self.last_expire = now;
