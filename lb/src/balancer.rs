@@ -662,23 +662,39 @@ impl LbCore {
             },
             nat,
         };
+        match self.open(key, tcp_flags, now, info) {
+            Ok(d) => {
+                self.stats.new_dnat += 1;
+                d
+            }
+            Err(r) => self.drop(r),
+        }
+    }
+
+    /// Tracks a new connection whose first packet has `key`; its reply key
+    /// and rewrite come from `info.nat`.
+    fn open(
+        &mut self,
+        key: &ConnKey,
+        tcp_flags: u8,
+        now: u64,
+        info: ConnInfo,
+    ) -> Result<Decision, LbDrop> {
+        let nat = info.nat;
         let snat = &mut self.snat;
         match self
             .conns
             .insert(*key, nat.reply_key(key), tcp_flags, now, info, |c| {
                 release_snat(snat, &c)
             }) {
-            Ok(i) => {
-                self.stats.new_dnat += 1;
-                Decision::Forward {
-                    rewrite: nat.forward,
-                    dir: Dir::Orig,
-                    conn: i,
-                    new: true,
-                }
-            }
-            Err(ConnError::Full { .. }) => self.drop(LbDrop::TableFull),
-            Err(ConnError::Exists) => self.drop(LbDrop::TupleCollision),
+            Ok(i) => Ok(Decision::Forward {
+                rewrite: nat.forward,
+                dir: Dir::Orig,
+                conn: i,
+                new: true,
+            }),
+            Err(ConnError::Full { .. }) => Err(LbDrop::TableFull),
+            Err(ConnError::Exists) => Err(LbDrop::TupleCollision),
         }
     }
 
@@ -708,29 +724,16 @@ impl LbCore {
             kind: ConnKind::Snat { public, port },
             nat,
         };
-        let snat = &mut self.snat;
-        match self
-            .conns
-            .insert(*key, nat.reply_key(key), tcp_flags, now, info, |c| {
-                release_snat(snat, &c)
-            }) {
-            Ok(i) => {
+        match self.open(key, tcp_flags, now, info) {
+            Ok(d) => {
                 self.stats.new_snat += 1;
-                Decision::Forward {
-                    rewrite: nat.forward,
-                    dir: Dir::Orig,
-                    conn: i,
-                    new: true,
-                }
+                d
             }
-            Err(e) => {
+            Err(r) => {
                 if let Some(s) = self.snat.as_mut() {
                     s.release(public, port, key.proto);
                 }
-                self.drop(match e {
-                    ConnError::Full { .. } => LbDrop::TableFull,
-                    ConnError::Exists => LbDrop::TupleCollision,
-                })
+                self.drop(r)
             }
         }
     }
