@@ -248,6 +248,11 @@ impl Config {
 
     /// Checks everything; returns a summary or every problem, one line each.
     pub fn validate(&self) -> Result<Summary, Vec<String>> {
+        self.check_all().map(|(s, _)| s)
+    }
+
+    /// Checks everything; returns the summary and the built VIP configs.
+    fn check_all(&self) -> Result<(Summary, Vec<VipConfig>), Vec<String>> {
         let mut errs = Vec::new();
         if self.dataplane.workers == 0 {
             errs.push("dataplane: workers must be at least 1".to_string());
@@ -355,20 +360,26 @@ impl Config {
         dups("vip", self.vip.iter().map(|v| v.name.as_str()), &mut errs);
         let mut frontends = HashSet::new();
         let mut backends = 0;
+        let mut vips = Vec::new();
         for v in &self.vip {
             backends += v.backends.len();
-            self.check_vip(v, &vnets, &vm_ips, &mut frontends, &mut errs);
+            if let Some(c) = self.check_vip(v, &vnets, &vm_ips, &mut frontends, &mut errs) {
+                vips.push(c);
+            }
         }
         if errs.is_empty() {
-            Ok(Summary {
-                ports: self.port.len(),
-                vnets: self.vnet.len(),
-                vms: self.vm.len(),
-                nsgs: self.nsg.len(),
-                rules,
-                vips: self.vip.len(),
-                backends,
-            })
+            Ok((
+                Summary {
+                    ports: self.port.len(),
+                    vnets: self.vnet.len(),
+                    vms: self.vm.len(),
+                    nsgs: self.nsg.len(),
+                    rules,
+                    vips: self.vip.len(),
+                    backends,
+                },
+                vips,
+            ))
         } else {
             Err(errs)
         }
@@ -419,7 +430,7 @@ impl Config {
         vm_ips: &HashMap<&str, Vec<IpAddr>>,
         frontends: &mut HashSet<(IpAddr, u16, u8)>,
         errs: &mut Vec<String>,
-    ) {
+    ) -> Option<VipConfig> {
         let name = &v.name;
         let before = errs.len();
         let nets = vnets.get(v.vnet.as_str());
@@ -585,17 +596,61 @@ impl Config {
         }
         // Whatever the load balancer itself refuses (duplicate backends,
         // family mix, more backends than the table holds).
-        if errs.len() == before {
-            if let Some(a) = addr {
-                let mut cfg = VipConfig::new(name, a, v.port, proto, bs);
-                cfg.distribution = distribution;
-                cfg.on_unhealthy = on_unhealthy;
-                cfg.when_all_down = when_all_down;
-                if let Err(e) = Vip::new(cfg, &[]) {
-                    errs.push(e.to_string());
-                }
+        if errs.len() != before {
+            return None;
+        }
+        let mut cfg = VipConfig::new(name, addr?, v.port, proto, bs);
+        cfg.distribution = distribution;
+        cfg.on_unhealthy = on_unhealthy;
+        cfg.when_all_down = when_all_down;
+        match Vip::new(cfg.clone(), &[]) {
+            Ok(_) => Some(cfg),
+            Err(e) => {
+                errs.push(e.to_string());
+                None
             }
         }
+    }
+
+    /// Validates and builds the switch topology: ports are numbered in file
+    /// order. Every problem is returned, one line each.
+    pub fn topology(&self) -> Result<vswitch::Topology, Vec<String>> {
+        let (_, vips) = self.check_all()?;
+        let index = |names: &[&str], n: &str| names.iter().position(|x| *x == n);
+        let ports: Vec<&str> = self.port.iter().map(|p| p.name.as_str()).collect();
+        let vnet_names: Vec<&str> = self.vnet.iter().map(|v| v.name.as_str()).collect();
+        let nsg_names: Vec<&str> = self.nsg.iter().map(|n| n.name.as_str()).collect();
+        let mut t = vswitch::Topology {
+            ports: self.port.len() as u16,
+            nsgs: self.nsg.clone(),
+            ..Default::default()
+        };
+        for v in &self.vnet {
+            t.vnets.push(vswitch::VnetDef {
+                name: v.name.clone(),
+                prefixes: v.prefixes.iter().filter_map(|p| p.parse().ok()).collect(),
+                gateway_mac: v.gateway_mac.parse().unwrap_or_default(),
+            });
+        }
+        for vm in &self.vm {
+            t.vms.push(vswitch::VmDef {
+                name: vm.name.clone(),
+                port: index(&ports, &vm.port).unwrap_or(0) as u16,
+                vnet: index(&vnet_names, &vm.vnet).unwrap_or(0),
+                mac: vm.mac.parse().unwrap_or_default(),
+                ips: vm.ips.iter().filter_map(|i| i.parse().ok()).collect(),
+                nsg: vm.nsg.as_deref().and_then(|n| index(&nsg_names, n)),
+                internal: false,
+            });
+        }
+        for (v, cfg) in self.vip.iter().zip(vips) {
+            t.vips.push(vswitch::VipDef {
+                vnet: index(&vnet_names, &v.vnet).unwrap_or(0),
+                config: cfg,
+                health: Vec::new(),
+            });
+        }
+        Ok(t)
     }
 }
 

@@ -1,10 +1,11 @@
 //! # pollux — the program around the switch
 //!
-//! Owns: the configuration file and its validation ([`config`]), and the
-//! embedded demo ([`demo`]); the `pollux` binary (`src/main.rs`) is the CLI
+//! Owns: the configuration file and its validation ([`config`]), running the
+//! switch from it ([`run`]), and the embedded demo ([`demo`]); the `pollux` binary (`src/main.rs`) is the CLI
 //! over them. The packet path lives in the `dataplane`, `filter`, `lb` and
 //! `vswitch` crates; this crate wires them together and must not duplicate
 //! their logic.
 
 pub mod config;
 pub mod demo;
+pub mod run;

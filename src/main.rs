@@ -1,8 +1,9 @@
 //! The `pollux` command.
 //!
-//! Today: `pollux check --config FILE` validates a configuration and
-//! `pollux demo` runs the embedded in-process topology. `run`, `pktgen` and
-//! `ctl` arrive with their issues (see DESIGN.md).
+//! `pollux check --config FILE` validates a configuration, `pollux run
+//! --config FILE` runs the switch on it (pcap and ring ports so far), and
+//! `pollux demo` runs the embedded in-process topology. `pktgen` and `ctl`
+//! arrive with their issues (see DESIGN.md).
 
 use pollux::config;
 
@@ -22,6 +23,12 @@ struct Cli {
 enum Command {
     /// Validate a configuration: exit 0, or exit 2 with one line per problem.
     Check {
+        /// The configuration file (TOML; see docs/config.md).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run the switch on the configured ports until SIGINT or SIGTERM.
+    Run {
         /// The configuration file (TOML; see docs/config.md).
         #[arg(long)]
         config: PathBuf,
@@ -65,10 +72,32 @@ fn check(path: &PathBuf) -> ExitCode {
     ExitCode::from(2)
 }
 
+fn run(path: &PathBuf) -> ExitCode {
+    let parsed = std::fs::read_to_string(path)
+        .map_err(|e| vec![format!("config {}: {e}", path.display())])
+        .and_then(|t| config::Config::parse(&t).map_err(|e| vec![e]));
+    let result = parsed.and_then(|c| pollux::run::run(&c));
+    match result {
+        Ok(report) => {
+            for l in report {
+                println!("{l}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(problems) => {
+            for p in problems {
+                eprintln!("{p}");
+            }
+            ExitCode::from(2)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match &cli.command {
         Command::Check { config } => check(config),
+        Command::Run { config } => run(config),
         Command::Demo => {
             match pollux::demo::run(&mut std::io::stdout(), pollux::demo::Options::default()) {
                 Ok(()) => ExitCode::SUCCESS,
