@@ -19,6 +19,8 @@ pkgs=()
 command -v tcpdump >/dev/null 2>&1 || pkgs+=(tcpdump)
 command -v pkg-config >/dev/null 2>&1 || pkgs+=(pkg-config)
 command -v cc >/dev/null 2>&1 || pkgs+=(build-essential)
+# tests send signals to `pollux run` with kill(1)
+[ -x /usr/bin/kill ] || [ -x /bin/kill ] || pkgs+=(procps)
 if ((${#pkgs[@]})); then
     log "installing system packages: ${pkgs[*]}"
     sudo=""
