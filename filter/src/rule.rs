@@ -399,6 +399,50 @@ fn parse_ports(s: &str) -> Result<PortRange, String> {
     }
 }
 
+fn bad_prefix(rule: &str, field: &'static str, value: &str, reason: String) -> RuleError {
+    RuleError::BadPrefix {
+        rule: rule.to_string(),
+        field,
+        value: value.to_string(),
+        reason,
+    }
+}
+
+fn bad_ports(rule: &str, field: &'static str, value: &str, reason: String) -> RuleError {
+    RuleError::BadPortRange {
+        rule: rule.to_string(),
+        field,
+        value: value.to_string(),
+        reason,
+    }
+}
+
+/// Parses every entry of a list field, pushing one error per bad entry (made
+/// by `bad`) and one if the list is empty.
+fn parse_list<T>(
+    rule: &str,
+    field: &'static str,
+    list: &[String],
+    parse: impl Fn(&str) -> Result<Vec<T>, String>,
+    bad: fn(&str, &'static str, &str, String) -> RuleError,
+    errors: &mut Vec<RuleError>,
+) -> Vec<T> {
+    if list.is_empty() {
+        errors.push(RuleError::EmptyList {
+            rule: rule.to_string(),
+            field,
+        });
+    }
+    let mut out = Vec::new();
+    for v in list {
+        match parse(v) {
+            Ok(items) => out.extend(items),
+            Err(reason) => errors.push(bad(rule, field, v, reason)),
+        }
+    }
+    out
+}
+
 /// Validates one rule; `label` names it in errors. Pushes every problem found.
 fn validate_rule(label: &str, spec: &RuleSpec, errors: &mut Vec<RuleError>) -> Option<Rule> {
     let before = errors.len();
@@ -444,52 +488,25 @@ fn validate_rule(label: &str, spec: &RuleSpec, errors: &mut Vec<RuleError>) -> O
             None
         }
     };
-    let mut nets = |field: &'static str, list: &[String]| -> Vec<IpNet> {
-        if list.is_empty() {
-            errors.push(RuleError::EmptyList {
-                rule: rule.clone(),
-                field,
-            });
-        }
-        let mut out = Vec::new();
-        for v in list {
-            match parse_prefix(v) {
-                Ok(n) => out.extend(n),
-                Err(reason) => errors.push(RuleError::BadPrefix {
-                    rule: rule.clone(),
-                    field,
-                    value: v.clone(),
-                    reason,
-                }),
-            }
-        }
-        out
-    };
-    let src = nets("src", &spec.src);
-    let dst = nets("dst", &spec.dst);
-    let mut ports = |field: &'static str, list: &[String]| -> Vec<PortRange> {
-        if list.is_empty() {
-            errors.push(RuleError::EmptyList {
-                rule: rule.clone(),
-                field,
-            });
-        }
-        let mut out = Vec::new();
-        for v in list {
-            match parse_ports(v) {
-                Ok(r) => out.push(r),
-                Err(reason) => errors.push(RuleError::BadPortRange {
-                    rule: rule.clone(),
-                    field,
-                    value: v.clone(),
-                    reason,
-                }),
-            }
-        }
-        out
-    };
-    let src_ports = ports("src_ports", &spec.src_ports);
-    let dst_ports = ports("dst_ports", &spec.dst_ports);
+    let src = parse_list(&rule, "src", &spec.src, parse_prefix, bad_prefix, errors);
+    let dst = parse_list(&rule, "dst", &spec.dst, parse_prefix, bad_prefix, errors);
+    let one_range = |v: &str| parse_ports(v).map(|r| vec![r]);
+    let src_ports = parse_list(
+        &rule,
+        "src_ports",
+        &spec.src_ports,
+        one_range,
+        bad_ports,
+        errors,
+    );
+    let dst_ports = parse_list(
+        &rule,
+        "dst_ports",
+        &spec.dst_ports,
+        one_range,
+        bad_ports,
+        errors,
+    );
     if protocol == Some(Protocol::Icmp) {
         for (field, p) in [("src_ports", &src_ports), ("dst_ports", &dst_ports)] {
             if !p.is_empty() && !ports_any(p) {
