@@ -88,24 +88,10 @@ impl Vnet {
     }
 }
 
-/// A VM in the snapshot.
-#[derive(Debug, Clone)]
-pub struct Vm {
-    /// Name.
-    pub name: String,
-    /// Switch port.
-    pub port: u16,
-    /// Vnet index.
-    pub vnet: usize,
-    /// MAC.
-    pub mac: MacAddr,
-    /// Addresses.
-    pub ips: Vec<IpAddr>,
-    /// Compiled security group (defaults included), if any.
-    pub nsg: Option<usize>,
-    /// A switch-internal endpoint (see [`VmDef::internal`]).
-    pub internal: bool,
-}
+/// A VM in the snapshot: its definition, with `nsg` indexing
+/// [`Policy::nsgs`] (the group compiled for the VM's vnet) instead of the
+/// topology's groups.
+pub type Vm = VmDef;
 
 /// Why a topology could not be compiled (one line per problem).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -205,15 +191,7 @@ impl Policy {
                     },
                 },
             };
-            vms.push(Vm {
-                name: vm.name.clone(),
-                port: vm.port,
-                vnet: vm.vnet,
-                mac: vm.mac,
-                ips: vm.ips.clone(),
-                nsg,
-                internal: vm.internal,
-            });
+            vms.push(VmDef { nsg, ..vm.clone() });
         }
         if !errs.is_empty() {
             return Err(PolicyError(errs));
