@@ -63,12 +63,12 @@ pub struct FlowKey {
 impl FlowKey {
     /// The source address as an `IpAddr` (IPv4 when it is IPv4-mapped).
     pub fn src(&self) -> IpAddr {
-        to_ip(self.src_ip)
+        from16(self.src_ip)
     }
 
     /// The destination address as an `IpAddr`.
     pub fn dst(&self) -> IpAddr {
-        to_ip(self.dst_ip)
+        from16(self.dst_ip)
     }
 
     /// The key of the other direction of the same connection.
@@ -84,7 +84,16 @@ impl FlowKey {
     }
 }
 
-fn to_ip(b: [u8; 16]) -> IpAddr {
+/// An address as the 16 bytes a [`FlowKey`] holds (IPv4 mapped into IPv6).
+pub fn to16(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// The address of 16 key bytes (IPv4 when they are IPv4-mapped).
+pub fn from16(b: [u8; 16]) -> IpAddr {
     let v6 = Ipv6Addr::from(b);
     match v6.to_ipv4_mapped() {
         Some(v4) => IpAddr::V4(v4),
@@ -93,7 +102,7 @@ fn to_ip(b: [u8; 16]) -> IpAddr {
 }
 
 fn mapped(v4: Ipv4Addr) -> [u8; 16] {
-    v4.to_ipv6_mapped().octets()
+    to16(IpAddr::V4(v4))
 }
 
 /// Where the headers of a frame are, and its flow key.

@@ -123,22 +123,7 @@ impl Hasher for IdentityHasher {
     }
 }
 
-/// Converts an address to 16 bytes (IPv4 mapped into IPv6).
-pub fn to16(ip: IpAddr) -> [u8; 16] {
-    match ip {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-        IpAddr::V6(v6) => v6.octets(),
-    }
-}
-
-/// Converts 16 bytes back to an address (IPv4 when mapped).
-pub fn from16(b: [u8; 16]) -> IpAddr {
-    let v6 = std::net::Ipv6Addr::from(b);
-    match v6.to_ipv4_mapped() {
-        Some(v4) => IpAddr::V4(v4),
-        None => IpAddr::V6(v6),
-    }
-}
+pub use dataplane::parse::{from16, to16};
 
 /// Which way a packet travels relative to the connection's first packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
