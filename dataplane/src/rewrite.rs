@@ -11,7 +11,7 @@
 //! first carry no transport header, so only the IP header changes.
 
 use crate::parse::{L3, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Parsed};
-use crate::wire::{MacAddr, checksum, icmp, tcp, udp};
+use crate::wire::{MacAddr, arp, checksum, icmp, tcp, udp};
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 /// Why a rewrite was refused. The frame is left unchanged in every case.
@@ -250,6 +250,25 @@ pub fn set_dst_port(frame: &mut [u8], p: &Parsed, port: u16) -> Result<(), Rewri
     set_port(frame, p, true, port)
 }
 
+/// Turns the ARP request in `frame` (parsed as `p`) into the reply that
+/// answers it with `mac`, in place: ARP operation, sender and target, and the
+/// Ethernet addresses (back to the requester, from `mac`).
+pub fn arp_reply(frame: &mut [u8], p: &Parsed, mac: MacAddr) -> Result<(), RewriteError> {
+    if p.l3 != L3::Arp {
+        return Err(RewriteError::Mismatch);
+    }
+    let l3 = frame
+        .get_mut(usize::from(p.l3_off)..)
+        .ok_or(RewriteError::Mismatch)?;
+    let mut a = arp::Packet::new_checked(l3).map_err(|_| RewriteError::Mismatch)?;
+    let (smac, sip, tip) = (a.sender_mac(), a.sender_ip(), a.target_ip());
+    a.set_operation(arp::OP_REPLY);
+    a.set_sender(mac, tip);
+    a.set_target(smac, sip);
+    set_dst_mac(frame, smac)?;
+    set_src_mac(frame, mac)
+}
+
 /// Decrements the IPv4 TTL (patching the header checksum) or the IPv6 hop
 /// limit. Refuses with [`RewriteError::TtlExpired`] when it is 0 or 1.
 #[inline]
@@ -428,6 +447,36 @@ mod tests {
         // Destination unreachable has no identifier.
         f[34] = 3;
         assert_eq!(set_src_port(&mut f, &p, 1), Err(RewriteError::NoPorts));
+    }
+
+    #[test]
+    fn arp_request_becomes_its_reply() {
+        let mut f = vec![0xff; 6];
+        f.extend_from_slice(&[2, 0, 0, 0, 0, 1, 0x08, 0x06]);
+        f.extend_from_slice(&[
+            0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 1, 10, 1, 0, 4, 0, 0, 0, 0, 0, 0, 10, 1, 0, 1,
+        ]);
+        let p = parse(&f, 0).unwrap();
+        let gw = MacAddr([0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc]);
+        arp_reply(&mut f, &p, gw).unwrap();
+        assert_eq!(&f[0..6], &[2, 0, 0, 0, 0, 1]);
+        assert_eq!(&f[6..12], &gw.0);
+        let a = arp::Packet::new_checked(&f[14..]).unwrap();
+        assert_eq!(a.operation(), arp::OP_REPLY);
+        assert_eq!(
+            (a.sender_mac(), a.sender_ip()),
+            (gw, Ipv4Addr::new(10, 1, 0, 1))
+        );
+        assert_eq!(
+            (a.target_mac(), a.target_ip()),
+            (MacAddr([2, 0, 0, 0, 0, 1]), Ipv4Addr::new(10, 1, 0, 4))
+        );
+        // Not an ARP frame: refused, unchanged.
+        let mut tcp = tcp4_frame();
+        let before = tcp.clone();
+        let q = parse(&tcp, 0).unwrap();
+        assert_eq!(arp_reply(&mut tcp, &q, gw), Err(RewriteError::Mismatch));
+        assert_eq!(tcp, before);
     }
 
     #[test]

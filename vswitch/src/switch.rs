@@ -435,27 +435,21 @@ impl Switch {
     ) -> Result<(), SwitchDrop> {
         let (ips, internal) = (&vm.ips, vm.internal);
         let vn = p.vnets.get(vm.vnet).ok_or(SwitchDrop::NoRoute)?;
-        let l3 = usize::from(pk.l3_off);
-        let a = arp::Packet::new_checked(frame.get_mut(l3..).ok_or(SwitchDrop::ArpIgnored)?)
-            .map_err(|_| SwitchDrop::ArpIgnored)?;
+        let l3 = frame
+            .get(usize::from(pk.l3_off)..)
+            .ok_or(SwitchDrop::ArpIgnored)?;
+        let a = arp::Packet::new_checked(l3).map_err(|_| SwitchDrop::ArpIgnored)?;
         if a.operation() != arp::OP_REQUEST {
             return Err(SwitchDrop::ArpIgnored);
         }
-        let (smac, sip, tip) = (a.sender_mac(), a.sender_ip(), a.target_ip());
-        if !ips.contains(&std::net::IpAddr::V4(sip)) {
+        if !ips.contains(&std::net::IpAddr::V4(a.sender_ip())) {
             return Err(SwitchDrop::Spoofed);
         }
-        let target = std::net::IpAddr::V4(tip);
+        let target = std::net::IpAddr::V4(a.target_ip());
         if !internal && !vn.contains(&target) && !vn.vips.has_address(target) {
             return Err(SwitchDrop::ArpIgnored);
         }
-        let mut a = arp::Packet::new_checked(frame.get_mut(l3..).ok_or(SwitchDrop::ArpIgnored)?)
-            .map_err(|_| SwitchDrop::ArpIgnored)?;
-        a.set_operation(arp::OP_REPLY);
-        a.set_sender(vn.gateway_mac, tip);
-        a.set_target(smac, sip);
-        rewrite::set_dst_mac(frame, smac).map_err(|_| SwitchDrop::RewriteFailed)?;
-        rewrite::set_src_mac(frame, vn.gateway_mac).map_err(|_| SwitchDrop::RewriteFailed)?;
+        rewrite::arp_reply(frame, pk, vn.gateway_mac).map_err(|_| SwitchDrop::RewriteFailed)?;
         self.stats.arp_replies.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }

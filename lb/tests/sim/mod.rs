@@ -88,18 +88,12 @@ impl Router {
                 };
                 match p.l3 {
                     L3::Arp => {
-                        let f = pkt.data_mut();
                         let l3 = usize::from(p.l3_off);
-                        let mut a = arp::Packet::new_checked(&mut f[l3..]).unwrap();
+                        let a = arp::Packet::new_checked(&pkt.data()[l3..]).unwrap();
                         if a.operation() != arp::OP_REQUEST {
                             continue;
                         }
-                        let (smac, sip, tip) = (a.sender_mac(), a.sender_ip(), a.target_ip());
-                        a.set_operation(arp::OP_REPLY);
-                        a.set_sender(GW_MAC, tip);
-                        a.set_target(smac, sip);
-                        rewrite::set_dst_mac(f, smac).unwrap();
-                        rewrite::set_src_mac(f, GW_MAC).unwrap();
+                        rewrite::arp_reply(pkt.data_mut(), &p, GW_MAC).unwrap();
                         let mut b = Batch::new();
                         b.push(pkt).unwrap();
                         self.ports[i].tx_burst(&mut b);
