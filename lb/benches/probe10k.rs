@@ -15,9 +15,8 @@
 mod sim;
 
 use dataplane::wire::MacAddr;
-use lb::probe::device::PortDevice;
-use lb::probe::{ProbeKind, ProbeSpec, Prober, ProberConfig, Target};
-use sim::{Behavior, PROBE_GW, Router, Server, pool};
+use lb::probe::{ProbeKind, ProbeSpec, Target};
+use sim::{Behavior, Router, Server, pool};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
@@ -26,17 +25,7 @@ const DIPS: u32 = 10_000;
 fn main() {
     let pool = pool("probe10k");
     let mut router = Router::new();
-    let src = lb::probe::DEFAULT_SOURCE;
-    let pmac = MacAddr([2, 0, 0, 0, 0, 0xfe]);
-    let pport = router.attach(src, pmac);
-    let cfg = ProberConfig {
-        source: src,
-        prefix_len: 24,
-        mac: pmac.0,
-        gateway: PROBE_GW,
-        seed: 11,
-    };
-    let mut prober = Prober::new(PortDevice::new(pport, pool), &cfg, Duration::ZERO);
+    let mut prober = sim::prober(&mut router, pool, 11);
     let smac = MacAddr([2, 0, 0, 0, 2, 2]);
     let sport = router.attach_prefix(Ipv4Addr::new(10, 2, 0, 0), 16, smac);
     let mut server = Server::new(

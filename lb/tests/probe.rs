@@ -9,10 +9,9 @@ mod sim;
 use dataplane::pool::{Pool, PoolBuf};
 use dataplane::port::ring::RingPort;
 use dataplane::wire::MacAddr;
-use lb::probe::device::PortDevice;
-use lb::probe::{FailReason, HealthChange, ProbeKind, ProbeSpec, Prober, ProberConfig, Target};
+use lb::probe::{FailReason, HealthChange, ProbeKind, ProbeSpec, Prober, Target};
 use lb::{Backend, Vip, VipConfig, Vips};
-use sim::{Behavior, PROBE_GW, Router, Server, pool};
+use sim::{Behavior, Router, Server, pool};
 use std::cell::Cell;
 use std::net::{IpAddr, Ipv4Addr};
 use std::rc::Rc;
@@ -29,17 +28,7 @@ struct World {
 impl World {
     fn new(pool: Pool) -> Self {
         let mut router = Router::new();
-        let src = lb::probe::DEFAULT_SOURCE;
-        let pmac = MacAddr([2, 0, 0, 0, 0, 0xfe]);
-        let pport = router.attach(src, pmac);
-        let cfg = ProberConfig {
-            source: src,
-            prefix_len: 24,
-            mac: pmac.0,
-            gateway: PROBE_GW,
-            seed: 7,
-        };
-        let prober = Prober::new(PortDevice::new(pport, pool), &cfg, Duration::ZERO);
+        let prober = sim::prober(&mut router, pool, 7);
         World {
             router,
             prober,

@@ -254,3 +254,18 @@ impl Server {
         self.dev.flush();
     }
 }
+
+/// A prober at 168.63.129.16/24 (gateway 168.63.129.1) attached to `router`.
+pub fn prober(router: &mut Router, pool: Pool, seed: u64) -> lb::probe::Prober<RingPort<PoolBuf>> {
+    let src = lb::probe::DEFAULT_SOURCE;
+    let mac = MacAddr([2, 0, 0, 0, 0, 0xfe]);
+    let port = router.attach(src, mac);
+    let cfg = lb::probe::ProberConfig {
+        source: src,
+        prefix_len: 24,
+        mac: mac.0,
+        gateway: PROBE_GW,
+        seed,
+    };
+    lb::probe::Prober::new(PortDevice::new(port, pool), &cfg, Duration::ZERO)
+}
