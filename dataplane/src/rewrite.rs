@@ -131,11 +131,10 @@ fn set_ipv4_addr(
         .ok_or(RewriteError::Mismatch)?;
     let l4 = pseudo_checksum_at(p);
     // Validate every offset before the first write: all or nothing.
-    get16(frame, l3 + IPV4_CHECK)?;
+    let ipc = get16(frame, l3 + IPV4_CHECK)?;
     if let Some((c, _)) = l4 {
         get16(frame, c)?;
     }
-    let ipc = get16(frame, l3 + IPV4_CHECK)?;
     put16(frame, l3 + IPV4_CHECK, checksum::update(ipc, &old, &new))?;
     if let Some((c, udp4)) = l4 {
         patch_l4(frame, c, udp4, &old, &new)?;
