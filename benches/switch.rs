@@ -104,6 +104,7 @@ fn topology() -> Topology {
             name: "a".into(),
             prefixes: vec!["10.1.0.0/16".parse().unwrap()],
             gateway_mac: MacAddr([0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc]),
+            snat: None,
         }],
         vms,
         nsgs: vec![big_nsg()],
@@ -113,6 +114,7 @@ fn topology() -> Topology {
             health: vec![],
         }],
         ports: 4,
+        uplink: None,
     }
 }
 

@@ -8,6 +8,7 @@
 use filter::{NsgSpec, RuleError};
 use ipnet::IpNet;
 use lb::balancer::{Backend, Distribution, OnUnhealthy, Vip, VipConfig, WhenAllDown};
+use lb::snat::SnatConfig;
 use serde::Deserialize;
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -88,7 +89,40 @@ pub struct VnetCfg {
     pub prefixes: Vec<String>,
     /// The MAC pollux answers ARP with.
     pub gateway_mac: String,
+    /// Outbound SNAT through the uplink.
+    pub snat: Option<SnatCfg>,
 }
+
+/// `[vnet.snat]`: the public addresses a vnet's VMs leave from.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnatCfg {
+    /// Public addresses (outside the vnet).
+    pub public_ips: Vec<String>,
+    /// Ports handed out, `"lo-hi"` (default `"1024-65535"`).
+    pub port_range: Option<String>,
+    /// Ports reserved for each VM address, a multiple of 64 (default 1024).
+    pub ports_per_vm: Option<u32>,
+}
+
+/// `[uplink]`: the port towards the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UplinkCfg {
+    /// A `[[port]]` with no VM on it.
+    pub port: String,
+    /// The MAC of the next hop (the router on the wire).
+    pub next_hop_mac: String,
+    /// The MAC pollux sends from and answers ARP with on the wire
+    /// (default 02:50:4c:58:ff:ff).
+    pub mac: Option<String>,
+}
+
+/// The uplink MAC when `[uplink] mac` is not given.
+pub const DEFAULT_UPLINK_MAC: &str = "02:50:4c:58:ff:ff";
+
+/// SNAT port blocks are this many ports.
+const SNAT_BLOCK: u32 = 64;
 
 /// `[[vm]]`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -181,6 +215,8 @@ pub struct Config {
     /// `[[port]]`.
     #[serde(default)]
     pub port: Vec<PortCfg>,
+    /// `[uplink]`.
+    pub uplink: Option<UplinkCfg>,
     /// `[[vnet]]`.
     #[serde(default)]
     pub vnet: Vec<VnetCfg>,
@@ -248,7 +284,11 @@ impl Config {
 
     /// Checks everything; returns a summary or every problem, one line each.
     pub fn validate(&self) -> Result<Summary, Vec<String>> {
-        self.check_all().map(|(s, _)| s)
+        let (summary, _) = self.check_all()?;
+        // What only the whole topology shows (public addresses claimed by
+        // two vnets, say), exactly as `run` will compile it.
+        vswitch::Policy::compile(&self.topology()?, 0).map_err(|e| e.0)?;
+        Ok(summary)
     }
 
     /// Checks everything; returns the summary and the built VIP configs.
@@ -289,7 +329,42 @@ impl Config {
             if let Err(e) = v.gateway_mac.parse::<dataplane::MacAddr>() {
                 errs.push(format!("vnet {:?}: gateway_mac: {e}", v.name));
             }
+            if let Some(snat) = &v.snat {
+                if self.uplink.is_none() {
+                    errs.push(format!(
+                        "vnet {:?}: snat needs an [uplink] to leave through",
+                        v.name
+                    ));
+                }
+                if let Err(e) = snat_config(&v.name, snat, &nets) {
+                    errs.extend(e);
+                }
+            }
             vnets.insert(v.name.as_str(), nets);
+        }
+        if let Some(u) = &self.uplink {
+            if !ports.contains(u.port.as_str()) {
+                errs.push(format!("uplink: port {:?} is not defined", u.port));
+            }
+            if let Some(vm) = self.vm.iter().find(|v| v.port == u.port) {
+                errs.push(format!(
+                    "uplink: port {:?} is already used by vm {:?}",
+                    u.port, vm.name
+                ));
+            }
+            let macs = [
+                ("next_hop_mac", Some(&u.next_hop_mac)),
+                ("mac", u.mac.as_ref()),
+            ];
+            for (what, m) in macs {
+                match m.map(|m| m.parse::<dataplane::MacAddr>()) {
+                    Some(Ok(m)) if m.is_multicast() || m == dataplane::MacAddr::ZERO => {
+                        errs.push(format!("uplink: {what} {m} is not a unicast address"))
+                    }
+                    Some(Err(e)) => errs.push(format!("uplink: {what}: {e}")),
+                    _ => {}
+                }
+            }
         }
         // Groups: every rule, through the filter's own validation.
         let nsgs = dups("nsg", self.nsg.iter().map(|n| n.name.as_str()), &mut errs);
@@ -440,9 +515,10 @@ impl Config {
         let addr = match v.address.parse::<IpAddr>() {
             Ok(a) => {
                 if let Some(nets) = nets {
-                    if !nets.iter().any(|n| n.contains(&a)) {
+                    // Outside the vnet, a VIP is public: reached through the uplink.
+                    if !nets.iter().any(|n| n.contains(&a)) && self.uplink.is_none() {
                         errs.push(format!(
-                            "vip {name:?}: address {a} is not in vnet {:?}",
+                            "vip {name:?}: address {a} is not in vnet {:?} (a public VIP needs an [uplink])",
                             v.vnet
                         ));
                     }
@@ -630,6 +706,10 @@ impl Config {
                 name: v.name.clone(),
                 prefixes: v.prefixes.iter().filter_map(|p| p.parse().ok()).collect(),
                 gateway_mac: v.gateway_mac.parse().unwrap_or_default(),
+                snat: v
+                    .snat
+                    .as_ref()
+                    .and_then(|c| snat_config(&v.name, c, &[]).ok()),
             });
         }
         for vm in &self.vm {
@@ -643,6 +723,16 @@ impl Config {
                 internal: false,
             });
         }
+        t.uplink = self.uplink.as_ref().map(|u| vswitch::UplinkDef {
+            port: index(&ports, &u.port).unwrap_or(0) as u16,
+            mac: u
+                .mac
+                .as_deref()
+                .unwrap_or(DEFAULT_UPLINK_MAC)
+                .parse()
+                .unwrap_or_default(),
+            next_hop_mac: u.next_hop_mac.parse().unwrap_or_default(),
+        });
         for (v, cfg) in self.vip.iter().zip(vips) {
             t.vips.push(vswitch::VipDef {
                 vnet: index(&vnet_names, &v.vnet).unwrap_or(0),
@@ -652,6 +742,61 @@ impl Config {
         }
         Ok(t)
     }
+}
+
+/// Builds the SNAT layout of vnet `vnet` (whose prefixes are `nets`), or
+/// every problem with it.
+fn snat_config(vnet: &str, c: &SnatCfg, nets: &[IpNet]) -> Result<SnatConfig, Vec<String>> {
+    let mut errs = Vec::new();
+    let what = format!("vnet {vnet:?}: snat");
+    if c.public_ips.is_empty() {
+        errs.push(format!("{what}: public_ips is empty"));
+    }
+    let mut public_ips = Vec::new();
+    for ip in &c.public_ips {
+        match ip.parse::<IpAddr>() {
+            Ok(a) if nets.iter().any(|n| n.contains(&a)) => {
+                errs.push(format!("{what}: public address {a} is inside the vnet"))
+            }
+            Ok(a) => public_ips.push(a),
+            Err(_) => errs.push(format!("{what}: {ip:?} is not an IP address")),
+        }
+    }
+    let range = c.port_range.as_deref().unwrap_or("1024-65535");
+    let (port_lo, port_hi) = match range
+        .split_once('-')
+        .and_then(|(a, b)| Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?)))
+    {
+        Some((lo, hi)) if lo >= 1 && lo <= hi => (lo, hi),
+        _ => {
+            errs.push(format!(
+                "{what}: port_range {range:?} is not \"lo-hi\" with 1 <= lo <= hi <= 65535"
+            ));
+            (1024, 65535)
+        }
+    };
+    let per_vm = c.ports_per_vm.unwrap_or(1024);
+    if per_vm == 0 || per_vm % SNAT_BLOCK != 0 {
+        errs.push(format!(
+            "{what}: ports_per_vm {per_vm} is not a positive multiple of {SNAT_BLOCK}"
+        ));
+    }
+    let span = u32::from(port_hi) - u32::from(port_lo) + 1;
+    if per_vm > span {
+        errs.push(format!(
+            "{what}: ports_per_vm {per_vm} is more than port_range {range:?} holds ({span})"
+        ));
+    }
+    if !errs.is_empty() {
+        return Err(errs);
+    }
+    Ok(SnatConfig {
+        public_ips,
+        port_lo,
+        port_hi,
+        block_size: SNAT_BLOCK as u16,
+        blocks_per_member: (per_vm / SNAT_BLOCK) as usize,
+    })
 }
 
 #[cfg(test)]
@@ -821,5 +966,113 @@ backends = [ { ip = "10.1.0.5", port = 80 } ]
         ] {
             assert!(p.iter().any(|l| l == w), "missing {w:?} in {p:#?}");
         }
+    }
+
+    const UPLINK: &str = r#"
+[[port]]
+name = "vm1"
+driver = "ring"
+[[port]]
+name = "wire"
+driver = "ring"
+[uplink]
+port = "wire"
+next_hop_mac = "02:00:00:00:00:fe"
+[[vnet]]
+name = "a"
+prefixes = ["10.1.0.0/16"]
+gateway_mac = "12:34:56:78:9a:bc"
+[vnet.snat]
+public_ips = ["203.0.113.10"]
+ports_per_vm = 256
+[[vm]]
+name = "web1"
+port = "vm1"
+vnet = "a"
+mac = "02:00:00:00:00:01"
+ips = ["10.1.0.4"]
+[[vip]]
+name = "public"
+vnet = "a"
+address = "203.0.113.80"
+port = 80
+protocol = "tcp"
+backends = [ { vm = "web1", port = 8080 } ]
+"#;
+
+    #[test]
+    fn uplink_snat_and_public_vips() {
+        let c = Config::parse(UPLINK).unwrap();
+        c.validate().unwrap();
+        let t = c.topology().unwrap();
+        let up = t.uplink.unwrap();
+        assert_eq!(up.port, 1);
+        assert_eq!(up.mac.to_string(), DEFAULT_UPLINK_MAC);
+        assert_eq!(up.next_hop_mac.to_string(), "02:00:00:00:00:fe");
+        let snat = t.vnets[0].snat.clone().unwrap();
+        assert_eq!(
+            snat.public_ips,
+            vec!["203.0.113.10".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(
+            (
+                snat.port_lo,
+                snat.port_hi,
+                snat.block_size,
+                snat.blocks_per_member
+            ),
+            (1024, 65535, 64, 4)
+        );
+        // Without the uplink: SNAT and the public VIP have nowhere to go.
+        let no_uplink = UPLINK.replace(
+            "[uplink]\nport = \"wire\"\nnext_hop_mac = \"02:00:00:00:00:fe\"\n",
+            "",
+        );
+        let p = problems(&no_uplink);
+        for w in [
+            "vnet \"a\": snat needs an [uplink] to leave through",
+            "vip \"public\": address 203.0.113.80 is not in vnet \"a\" (a public VIP needs an [uplink])",
+        ] {
+            assert!(p.iter().any(|l| l == w), "missing {w:?} in {p:#?}");
+        }
+    }
+
+    #[test]
+    fn uplink_and_snat_problems_name_their_item() {
+        let bad = UPLINK
+            .replace(
+                "port = \"wire\"\nnext_hop_mac = \"02:00:00:00:00:fe\"",
+                "port = \"vm1\"\nnext_hop_mac = \"ff:ff:ff:ff:ff:ff\"\nmac = \"nope\"",
+            )
+            .replace(
+                "public_ips = [\"203.0.113.10\"]\nports_per_vm = 256",
+                "public_ips = [\"10.1.0.9\", \"x\"]\nports_per_vm = 100\nport_range = \"9-3\"",
+            );
+        let p = problems(&bad);
+        let want = [
+            "uplink: port \"vm1\" is already used by vm \"web1\"",
+            "uplink: next_hop_mac ff:ff:ff:ff:ff:ff is not a unicast address",
+            "uplink: mac: invalid MAC address \"nope\": expected six hex bytes separated by ':'",
+            "vnet \"a\": snat: public address 10.1.0.9 is inside the vnet",
+            "vnet \"a\": snat: \"x\" is not an IP address",
+            "vnet \"a\": snat: port_range \"9-3\" is not \"lo-hi\" with 1 <= lo <= hi <= 65535",
+            "vnet \"a\": snat: ports_per_vm 100 is not a positive multiple of 64",
+        ];
+        for w in want {
+            assert!(p.iter().any(|l| l == w), "missing {w:?} in {p:#?}");
+        }
+        assert_eq!(p.len(), want.len(), "{p:#?}");
+        // Only the whole topology shows a public address claimed twice.
+        let twice = format!(
+            "{UPLINK}\n[[vnet]]\nname = \"b\"\nprefixes = [\"10.2.0.0/16\"]\ngateway_mac = \"12:34:56:78:9a:bd\"\n[vnet.snat]\npublic_ips = [\"203.0.113.80\"]\n"
+        );
+        let p = problems(&twice);
+        assert_eq!(
+            p,
+            vec![
+                "vip \"public\": public address 203.0.113.80 is already used by vnet \"b\""
+                    .to_string()
+            ],
+        );
     }
 }

@@ -50,6 +50,7 @@ fn topology(weights: [u32; 3]) -> Topology {
         name: name.into(),
         prefixes: vec!["10.1.0.0/16".parse().unwrap()],
         gateway_mac: MacAddr([0x12, 0x34, 0x56, 0x78, 0x9a, g]),
+        snat: None,
     };
     let vm = |name: &str, port: u16, vnet: usize, m: u8, ip: &str, nsg: Option<usize>| VmDef {
         name: name.into(),
@@ -96,6 +97,7 @@ fn topology(weights: [u32; 3]) -> Topology {
             health: vec![],
         }],
         ports: 6,
+        uplink: None,
     }
 }
 

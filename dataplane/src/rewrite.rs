@@ -268,6 +268,71 @@ pub fn arp_reply(frame: &mut [u8], p: &Parsed, mac: MacAddr) -> Result<(), Rewri
     set_src_mac(frame, mac)
 }
 
+/// True when `frame` is an ICMP (v4) or ICMPv6 echo request.
+pub fn is_echo_request(frame: &[u8], p: &Parsed) -> bool {
+    let want = match (p.l3, p.key.proto) {
+        (L3::Ipv4, PROTO_ICMP) => icmp::V4_ECHO_REQUEST,
+        (L3::Ipv6, PROTO_ICMPV6) => icmp::V6_ECHO_REQUEST,
+        _ => return false,
+    };
+    p.has_l4 && frame.get(usize::from(p.l4_off)) == Some(&want)
+}
+
+/// Turns an ICMP/ICMPv6 echo request into its reply in place, as the owner
+/// of the destination address would send it: addresses swapped, type
+/// changed (checksum patched; the swap itself leaves both the IPv4 header sum
+/// and the ICMPv6 pseudo-header sum unchanged), TTL or hop limit 64, sent
+/// from `mac` back to the requester's MAC.
+pub fn icmp_echo_reply(frame: &mut [u8], p: &Parsed, mac: MacAddr) -> Result<(), RewriteError> {
+    if !is_echo_request(frame, p) {
+        return Err(RewriteError::Mismatch);
+    }
+    let (l3, l4) = (usize::from(p.l3_off), usize::from(p.l4_off));
+    let (addr_at, addr_len, reply) = match p.l3 {
+        L3::Ipv4 => (l3 + 12, 4, icmp::V4_ECHO_REPLY),
+        _ => (l3 + 8, 16, icmp::V6_ECHO_REPLY),
+    };
+    // Validate every offset before the first write: all or nothing.
+    let word = get16(frame, l4)?;
+    let check = get16(frame, l4 + icmp::CHECKSUM_OFFSET)?;
+    let addrs = frame
+        .get_mut(addr_at..addr_at + 2 * addr_len)
+        .ok_or(RewriteError::Mismatch)?;
+    let (src, dst) = addrs.split_at_mut(addr_len);
+    src.swap_with_slice(dst);
+    let new = (u16::from(reply) << 8) | (word & 0xff);
+    put16(frame, l4, new)?;
+    put16(
+        frame,
+        l4 + icmp::CHECKSUM_OFFSET,
+        checksum::update_word(check, word, new),
+    )?;
+    match p.l3 {
+        L3::Ipv4 => {
+            let ttl_word = get16(frame, l3 + 8)?;
+            let new_ttl = (64 << 8) | (ttl_word & 0xff);
+            let c = get16(frame, l3 + IPV4_CHECK)?;
+            put16(
+                frame,
+                l3 + IPV4_CHECK,
+                checksum::update_word(c, ttl_word, new_ttl),
+            )?;
+            put16(frame, l3 + 8, new_ttl)?;
+        }
+        _ => {
+            if let Some(hl) = frame.get_mut(l3 + 7) {
+                *hl = 64;
+            }
+        }
+    }
+    let requester: [u8; 6] = frame
+        .get(6..12)
+        .and_then(|m| m.try_into().ok())
+        .ok_or(RewriteError::Mismatch)?;
+    set_dst_mac(frame, MacAddr(requester))?;
+    set_src_mac(frame, mac)
+}
+
 /// Decrements the IPv4 TTL (patching the header checksum) or the IPv6 hop
 /// limit. Refuses with [`RewriteError::TtlExpired`] when it is 0 or 1.
 #[inline]
@@ -410,6 +475,59 @@ mod tests {
         assert_eq!(q.key.dst_port, 8080);
         assert_eq!(f[14 + 8], 63);
         assert_eq!(&f[0..6], &[2, 0, 0, 0, 0, 5]);
+    }
+
+    #[test]
+    fn echo_requests_become_replies_v4_and_v6() {
+        let gw = MacAddr([0x12, 0, 0, 0, 0, 1]);
+        let mut f = Vec::new();
+        PacketBuilder::ethernet2([2, 0, 0, 0, 0, 4], [0x12, 0, 0, 0, 0, 1])
+            .ipv4([10, 1, 0, 4], [10, 1, 0, 100], 7)
+            .icmpv4_echo_request(0x1234, 9)
+            .write(&mut f, b"ping payload")
+            .unwrap();
+        let p = parse(&f, 0).unwrap();
+        assert!(is_echo_request(&f, &p));
+        icmp_echo_reply(&mut f, &p, gw).unwrap();
+        assert_checksums_ok(&f);
+        let q = parse(&f, 0).unwrap();
+        assert_eq!(
+            q.key.src(),
+            "10.1.0.100".parse::<std::net::IpAddr>().unwrap()
+        );
+        assert_eq!(q.key.dst(), "10.1.0.4".parse::<std::net::IpAddr>().unwrap());
+        assert_eq!(f[usize::from(q.l4_off)], icmp::V4_ECHO_REPLY);
+        assert_eq!(
+            (f[14 + 8], &f[0..6], &f[6..12]),
+            (64, &[2, 0, 0, 0, 0, 4][..], &gw.0[..])
+        );
+        assert!(!is_echo_request(&f, &q), "a reply is not a request");
+        assert_eq!(icmp_echo_reply(&mut f, &q, gw), Err(RewriteError::Mismatch));
+
+        let mut f = Vec::new();
+        let (a, b) = (
+            [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4],
+            [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+        );
+        PacketBuilder::ethernet2([2, 0, 0, 0, 0, 4], [0x12, 0, 0, 0, 0, 1])
+            .ipv6(a, b, 3)
+            .icmpv6_echo_request(7, 1)
+            .write(&mut f, b"v6")
+            .unwrap();
+        let p = parse(&f, 0).unwrap();
+        icmp_echo_reply(&mut f, &p, gw).unwrap();
+        assert_checksums_ok(&f);
+        let q = parse(&f, 0).unwrap();
+        assert_eq!((q.key.src_ip, q.key.dst_ip), (b, a));
+        assert_eq!(
+            (f[usize::from(q.l4_off)], f[14 + 7]),
+            (icmp::V6_ECHO_REPLY, 64)
+        );
+        // Not ICMP at all.
+        let mut t = tcp4_frame();
+        let p = parse(&t, 0).unwrap();
+        assert!(!is_echo_request(&t, &p));
+        assert_eq!(icmp_echo_reply(&mut t, &p, gw), Err(RewriteError::Mismatch));
     }
 
     #[test]

@@ -64,6 +64,7 @@ fn topology() -> Topology {
             16,
         ))],
         gateway_mac: MacAddr([0x12, 0x34, 0x56, 0x78, 0x9a, g]),
+        snat: None,
     };
     let vm =
         |name: &str, port: u16, vnet: usize, ip: Ipv4Addr, nsg: Option<usize>, internal: bool| {
@@ -112,6 +113,7 @@ fn topology() -> Topology {
             health: vec![false; 3],
         }],
         ports: 8,
+        uplink: None,
     }
 }
 

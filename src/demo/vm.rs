@@ -56,6 +56,8 @@ pub struct Vm {
     clients: Vec<Client>,
     /// Requests its server answered.
     pub served: u32,
+    /// The client address and port of every request its server answered.
+    pub peers: Vec<(Ipv4Addr, u16)>,
     /// When true, the HTTP server answers 500 on /health.
     pub failing: bool,
     next_port: u16,
@@ -109,6 +111,7 @@ impl Vm {
             listeners,
             clients: Vec::new(),
             served: 0,
+            peers: Vec::new(),
             failing: false,
             next_port: 40000,
             start,
@@ -147,6 +150,11 @@ impl Vm {
                     let _ = s.send_slice(resp.as_bytes());
                     s.close();
                     self.served += 1;
+                    if let Some(ep) = s.remote_endpoint()
+                        && let IpAddress::Ipv4(a) = ep.addr
+                    {
+                        self.peers.push((a, ep.port));
+                    }
                 }
                 _ => {}
             }

@@ -14,5 +14,5 @@ pub mod flow;
 pub mod policy;
 pub mod switch;
 
-pub use policy::{Policy, PolicyError, Topology, VipDef, VmDef, VnetDef};
+pub use policy::{Policy, PolicyError, Topology, UplinkDef, VipDef, VmDef, VnetDef};
 pub use switch::{Switch, SwitchConfig, SwitchDrop, SwitchStats};

@@ -7,6 +7,7 @@ use filter::{CompiledNsg, DefaultContext, NsgSpec};
 use ipnet::IpNet;
 use lb::balancer::{Vip, VipConfig, Vips};
 use lb::conntrack::to16;
+use lb::snat::SnatConfig;
 use std::collections::HashMap;
 use std::net::IpAddr;
 
@@ -19,6 +20,24 @@ pub struct VnetDef {
     pub prefixes: Vec<IpNet>,
     /// The MAC the switch answers ARP with and sends from.
     pub gateway_mac: MacAddr,
+    /// Outbound SNAT through the uplink: the public addresses and port
+    /// blocks the vnet's VMs leave from. Without it, traffic to addresses
+    /// outside the vnet leaves through the uplink untranslated.
+    pub snat: Option<SnatConfig>,
+}
+
+/// The port towards the wire (a physical NIC or VF): traffic to addresses
+/// outside a vnet leaves through it, and the vnets' public addresses (SNAT
+/// addresses, VIPs outside the vnet's prefixes) are reached through it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UplinkDef {
+    /// Index of its switch port.
+    pub port: u16,
+    /// The MAC the switch sends from on the wire and answers ARP with for
+    /// its public addresses.
+    pub mac: MacAddr,
+    /// The MAC of the next hop (the router on the wire).
+    pub next_hop_mac: MacAddr,
 }
 
 /// A VM as given to [`Policy::compile`].
@@ -66,6 +85,8 @@ pub struct Topology {
     pub vips: Vec<VipDef>,
     /// Number of switch ports.
     pub ports: u16,
+    /// The uplink, if any.
+    pub uplink: Option<UplinkDef>,
 }
 
 /// A vnet in the snapshot.
@@ -79,6 +100,8 @@ pub struct Vnet {
     pub gateway_mac: MacAddr,
     /// Its VIPs.
     pub vips: Vips,
+    /// Outbound SNAT through the uplink.
+    pub snat: Option<SnatConfig>,
 }
 
 impl Vnet {
@@ -109,8 +132,12 @@ pub struct Policy {
     pub vms: Vec<Vm>,
     /// Compiled security groups (one per (group, vnet) pair that VMs use).
     pub nsgs: Vec<CompiledNsg>,
+    /// The uplink, if any.
+    pub uplink: Option<UplinkDef>,
     port_vm: Vec<Option<usize>>,
     addr_vm: HashMap<(usize, [u8; 16]), usize>,
+    /// Public addresses (SNAT addresses, VIPs outside their vnet) -> vnet.
+    public: HashMap<[u8; 16], usize>,
 }
 
 impl Policy {
@@ -125,12 +152,51 @@ impl Policy {
                 prefixes: v.prefixes.clone(),
                 gateway_mac: v.gateway_mac,
                 vips: Vips::new(),
+                snat: v.snat.clone(),
             })
             .collect();
+        let mut public: HashMap<[u8; 16], usize> = HashMap::new();
+        let mut claim = |ip: IpAddr, vnet: usize, what: &str, errs: &mut Vec<String>| {
+            let name = |i: usize| t.vnets.get(i).map_or("?", |v| v.name.as_str());
+            match public.insert(to16(ip), vnet) {
+                Some(other) if other != vnet => errs.push(format!(
+                    "{what}: public address {ip} is already used by vnet {:?}",
+                    name(other)
+                )),
+                _ => {}
+            }
+        };
+        for (i, v) in t.vnets.iter().enumerate() {
+            let Some(snat) = &v.snat else { continue };
+            let what = format!("vnet {:?}: snat", v.name);
+            if t.uplink.is_none() {
+                errs.push(format!("{what} needs an uplink"));
+            }
+            if let Err(e) = lb::snat::SnatAllocator::new(snat.clone()) {
+                errs.push(format!("{what}: {e}"));
+            }
+            for ip in &snat.public_ips {
+                if v.prefixes.iter().any(|n| n.contains(ip)) {
+                    errs.push(format!("{what}: public address {ip} is inside the vnet"));
+                }
+                claim(*ip, i, &what, &mut errs);
+            }
+        }
         for v in &t.vips {
             match vnets.get_mut(v.vnet) {
                 Some(vn) => match Vip::new(v.config.clone(), &v.health) {
                     Ok(vip) => {
+                        let addr = v.config.addr;
+                        if !vn.contains(&addr) {
+                            let what = format!("vip {:?}", v.config.name);
+                            if t.uplink.is_none() {
+                                errs.push(format!(
+                                    "{what}: address {addr} is outside vnet {:?} and there is no uplink",
+                                    vn.name
+                                ));
+                            }
+                            claim(addr, v.vnet, &what, &mut errs);
+                        }
                         vn.vips.insert(vip);
                     }
                     Err(e) => errs.push(e.to_string()),
@@ -193,6 +259,17 @@ impl Policy {
             };
             vms.push(VmDef { nsg, ..vm.clone() });
         }
+        if let Some(u) = &t.uplink {
+            match port_vm.get(usize::from(u.port)) {
+                None => errs.push(format!("uplink: no port #{}", u.port)),
+                Some(Some(vm)) => errs.push(format!(
+                    "uplink: port #{} already has vm {:?}",
+                    u.port,
+                    t.vms.get(*vm).map_or("?", |v| v.name.as_str())
+                )),
+                Some(None) => {}
+            }
+        }
         if !errs.is_empty() {
             return Err(PolicyError(errs));
         }
@@ -201,8 +278,10 @@ impl Policy {
             vnets,
             vms,
             nsgs,
+            uplink: t.uplink.clone(),
             port_vm,
             addr_vm,
+            public,
         })
     }
 
@@ -218,6 +297,19 @@ impl Policy {
     pub fn vm_by_addr(&self, vnet: usize, ip: [u8; 16]) -> Option<(usize, &Vm)> {
         let i = *self.addr_vm.get(&(vnet, ip))?;
         Some((i, self.vms.get(i)?))
+    }
+
+    /// The vnet owning public address `ip` (16-byte form): one of its SNAT
+    /// addresses or of its VIPs outside its prefixes.
+    #[inline]
+    pub fn vnet_by_public(&self, ip: [u8; 16]) -> Option<usize> {
+        self.public.get(&ip).copied()
+    }
+
+    /// True when `port` is the uplink.
+    #[inline]
+    pub fn is_uplink(&self, port: u16) -> bool {
+        self.uplink.as_ref().is_some_and(|u| u.port == port)
     }
 
     /// A copy of this snapshot as generation `generation` with the health of
@@ -242,8 +334,10 @@ impl Policy {
             vnets,
             vms: self.vms.clone(),
             nsgs: self.nsgs.clone(),
+            uplink: self.uplink.clone(),
             port_vm: self.port_vm.clone(),
             addr_vm: self.addr_vm.clone(),
+            public: self.public.clone(),
         })
     }
 }
@@ -269,6 +363,7 @@ mod tests {
             name: n.into(),
             prefixes: vec!["10.1.0.0/16".parse().unwrap()],
             gateway_mac: MacAddr([0x12, 0, 0, 0, 0, 1]),
+            snat: None,
         };
         Topology {
             vnets: vec![vnet("a"), vnet("b")],
@@ -276,6 +371,7 @@ mod tests {
             nsgs: vec![],
             vips: vec![],
             ports: 3,
+            uplink: None,
         }
     }
 
@@ -309,5 +405,60 @@ mod tests {
         );
         assert!(text.contains("vm \"w\": no vnet #5"), "{text}");
         assert!(text.contains("vm \"x\": no nsg #3"), "{text}");
+    }
+
+    fn snat(ip: &str) -> SnatConfig {
+        SnatConfig {
+            public_ips: vec![ip.parse().unwrap()],
+            ..SnatConfig::default()
+        }
+    }
+
+    #[test]
+    fn public_addresses_map_to_their_vnet() {
+        let mut t = topo();
+        t.uplink = Some(UplinkDef {
+            port: 2,
+            mac: MacAddr([2, 0, 0, 0, 0, 9]),
+            next_hop_mac: MacAddr([2, 0, 0, 0, 0, 10]),
+        });
+        t.vnets[1].snat = Some(snat("203.0.113.7"));
+        let p = Policy::compile(&t, 1).unwrap();
+        assert_eq!(
+            p.vnet_by_public(to16("203.0.113.7".parse().unwrap())),
+            Some(1)
+        );
+        assert_eq!(p.vnet_by_public(to16("203.0.113.8".parse().unwrap())), None);
+        assert!(p.is_uplink(2) && !p.is_uplink(1));
+    }
+
+    #[test]
+    fn uplink_and_snat_problems_are_reported() {
+        let mut t = topo();
+        t.vnets[0].snat = Some(snat("203.0.113.7"));
+        t.vnets[1].snat = Some(snat("10.1.0.9"));
+        let text = Policy::compile(&t, 1).unwrap_err().0.join("\n");
+        assert!(text.contains("vnet \"a\": snat needs an uplink"), "{text}");
+        assert!(
+            text.contains("vnet \"b\": snat: public address 10.1.0.9 is inside the vnet"),
+            "{text}"
+        );
+        t.vnets[1].snat = Some(snat("203.0.113.7"));
+        t.uplink = Some(UplinkDef {
+            port: 1,
+            mac: MacAddr([2, 0, 0, 0, 0, 9]),
+            next_hop_mac: MacAddr([2, 0, 0, 0, 0, 10]),
+        });
+        let text = Policy::compile(&t, 1).unwrap_err().0.join("\n");
+        assert!(
+            text.contains(
+                "vnet \"b\": snat: public address 203.0.113.7 is already used by vnet \"a\""
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("uplink: port #1 already has vm \"y\""),
+            "{text}"
+        );
     }
 }

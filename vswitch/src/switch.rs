@@ -15,7 +15,7 @@
 //! return traffic) and applied.
 
 use crate::flow::{FlowAction, FlowEntry, FlowTable};
-use crate::policy::Policy;
+use crate::policy::{Policy, UplinkDef};
 use arc_swap::ArcSwap;
 use dataplane::clock::TscClock;
 use dataplane::wire::arp;
@@ -25,6 +25,7 @@ use filter::{Action, Direction, HitCounters, PacketKey};
 use lb::balancer::{Decision, LbCore, LbDrop};
 use lb::conntrack::{ConnKey, Dir, Timeouts};
 use lb::nat::Rewrite;
+use lb::snat::SnatAllocator;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -108,6 +109,8 @@ pub struct SwitchStats {
     pub slow_path: AtomicU64,
     /// ARP requests answered.
     pub arp_replies: AtomicU64,
+    /// ICMP echo requests to a VIP or public address answered.
+    pub icmp_replies: AtomicU64,
     /// Flows installed.
     pub flows_installed: AtomicU64,
 }
@@ -119,6 +122,7 @@ impl Default for SwitchStats {
             fast_path: AtomicU64::new(0),
             slow_path: AtomicU64::new(0),
             arp_replies: AtomicU64::new(0),
+            icmp_replies: AtomicU64::new(0),
             flows_installed: AtomicU64::new(0),
         }
     }
@@ -184,6 +188,15 @@ pub struct Switch {
     stats: Arc<SwitchStats>,
     clock: TscClock,
     last_expire: u64,
+}
+
+/// Where the slow path routes a packet.
+#[derive(Clone, Copy)]
+enum Hop<'a> {
+    /// A VM of the same vnet.
+    Vm(&'a crate::policy::Vm),
+    /// Out to the wire.
+    Uplink(&'a UplinkDef),
 }
 
 /// What the slow path decided.
@@ -264,11 +277,27 @@ impl Switch {
     fn on_new_generation(&mut self, p: &Policy) {
         self.generation = p.generation;
         while self.lb.len() < p.vnets.len() {
+            // A vnet's SNAT layout is fixed when its core is created (ports
+            // in use must not move); later snapshots only add members.
+            let snat = p
+                .vnets
+                .get(self.lb.len())
+                .and_then(|v| v.snat.clone())
+                .and_then(|c| SnatAllocator::new(c).ok());
             self.lb.push(LbCore::new(
                 self.cfg.conn_table_size,
                 self.cfg.timeouts,
-                None,
+                snat,
             ));
+        }
+        for vm in &p.vms {
+            if let Some(snat) = self.lb.get_mut(vm.vnet).and_then(|l| l.snat_mut()) {
+                for ip in &vm.ips {
+                    // A VM without blocks is refused per connection
+                    // (counted as `snat_not_member`).
+                    let _ = snat.add_member(*ip);
+                }
+            }
         }
         let hits: Vec<AclHits> = p
             .nsgs
@@ -315,6 +344,9 @@ impl Switch {
         in_port: u16,
         now: u64,
     ) -> Result<Slow, SwitchDrop> {
+        if let Some(up) = p.uplink.as_ref().filter(|u| u.port == in_port) {
+            return self.slow_uplink(p, up, frame, pk, now);
+        }
         let (_, vm) = p.vm_on_port(in_port).ok_or(SwitchDrop::NoVm)?;
         let vnet = p.vnets.get(vm.vnet).ok_or(SwitchDrop::NoRoute)?;
         if frame.get(6..12) != Some(&vm.mac.0[..]) {
@@ -331,8 +363,17 @@ impl Switch {
             return Err(SwitchDrop::Spoofed);
         }
         let key = ConnKey::from(&pk.key);
+        if rewrite::is_echo_request(frame, pk) && vnet.vips.has_address(pk.key.dst()) {
+            // A VIP answers ping itself, if the VM's security group lets
+            // the request out.
+            self.acl(p, vm.nsg, Direction::Out, &key)?;
+            rewrite::icmp_echo_reply(frame, pk, vnet.gateway_mac)
+                .map_err(|_| SwitchDrop::RewriteFailed)?;
+            self.stats.icmp_replies.fetch_add(1, Ordering::Relaxed);
+            return Ok(Slow::Reply);
+        }
         let flags = tcp_flags(frame, pk);
-        let (nat, lb, post, reply) = match self
+        let (mut nat, mut lb, mut post, reply) = match self
             .lb
             .get_mut(vm.vnet)
             .map(|l| l.process(&vnet.vips, &key, flags, now))
@@ -348,16 +389,131 @@ impl Switch {
             Some(Decision::Drop(r)) => return Err(SwitchDrop::Lb(r)),
             Some(Decision::NotHandled) | None => (Rewrite::NONE, None, key, false),
         };
-        // Routing inside the vnet only: tenant isolation.
-        let (_, dst) = p.vm_by_addr(vm.vnet, post.dst).ok_or(SwitchDrop::NoRoute)?;
+        // Routing: inside the vnet to a VM of the *same* vnet (tenant
+        // isolation), outside it through the uplink, with SNAT when the vnet
+        // has it.
+        let hop = match p.vm_by_addr(vm.vnet, post.dst) {
+            Some((_, dst)) => Hop::Vm(dst),
+            None => {
+                let up = p
+                    .uplink
+                    .as_ref()
+                    .filter(|_| !vnet.contains(&post.dst_ip()))
+                    .ok_or(SwitchDrop::NoRoute)?;
+                if lb.is_none() && vnet.snat.is_some() {
+                    match self
+                        .lb
+                        .get_mut(vm.vnet)
+                        .map(|l| l.process_snat(&key, flags, now))
+                    {
+                        Some(Decision::Forward {
+                            rewrite, dir, conn, ..
+                        }) => {
+                            nat = rewrite;
+                            lb = Some((vm.vnet, conn, dir));
+                            post = rewrite.apply_to_key(&key);
+                        }
+                        Some(Decision::Drop(r)) => return Err(SwitchDrop::Lb(r)),
+                        Some(Decision::NotHandled) | None => {}
+                    }
+                }
+                Hop::Uplink(up)
+            }
+        };
         let stateful = if reply {
             // Return traffic of a tracked load-balanced connection.
             true
         } else {
             let out = self.acl(p, vm.nsg, Direction::Out, &key)?;
-            let inn = self.acl(p, dst.nsg, Direction::In, &post)?;
+            let inn = match hop {
+                Hop::Vm(dst) => self.acl(p, dst.nsg, Direction::In, &post)?,
+                Hop::Uplink(_) => true,
+            };
             out && inn
         };
+        let fwd = match hop {
+            Hop::Vm(dst) => FlowAction {
+                out_port: dst.port,
+                src_mac: vnet.gateway_mac,
+                dst_mac: dst.mac,
+                nat,
+                lb,
+            },
+            Hop::Uplink(up) => FlowAction {
+                out_port: up.port,
+                src_mac: up.mac,
+                dst_mac: up.next_hop_mac,
+                nat,
+                lb,
+            },
+        };
+        // The other direction arrives on the output port with the post-NAT
+        // addresses swapped and goes back to this VM.
+        let back = FlowAction {
+            out_port: in_port,
+            src_mac: vnet.gateway_mac,
+            dst_mac: vm.mac,
+            ..fwd
+        };
+        self.install(p, now, pk.key, fwd, &post, back, stateful);
+        Ok(Slow::Forward(fwd))
+    }
+
+    /// The slow path of a packet from the wire: ARP and ping for the public
+    /// addresses, replies of SNAT connections, new connections to a VIP
+    /// outside its vnet. Nothing else enters a vnet from outside.
+    fn slow_uplink(
+        &mut self,
+        p: &Policy,
+        up: &UplinkDef,
+        frame: &mut [u8],
+        pk: &Parsed,
+        now: u64,
+    ) -> Result<Slow, SwitchDrop> {
+        match pk.l3 {
+            L3::Arp => {
+                let l3 = frame
+                    .get(usize::from(pk.l3_off)..)
+                    .ok_or(SwitchDrop::ArpIgnored)?;
+                let a = arp::Packet::new_checked(l3).map_err(|_| SwitchDrop::ArpIgnored)?;
+                let target = dataplane::parse::to16(std::net::IpAddr::V4(a.target_ip()));
+                if a.operation() != arp::OP_REQUEST || p.vnet_by_public(target).is_none() {
+                    return Err(SwitchDrop::ArpIgnored);
+                }
+                rewrite::arp_reply(frame, pk, up.mac).map_err(|_| SwitchDrop::RewriteFailed)?;
+                self.stats.arp_replies.fetch_add(1, Ordering::Relaxed);
+                return Ok(Slow::Reply);
+            }
+            L3::Ipv4 | L3::Ipv6 => {}
+            L3::Other => return Err(SwitchDrop::Unsupported),
+        }
+        let vn = p.vnet_by_public(pk.key.dst_ip).ok_or(SwitchDrop::NoRoute)?;
+        let vnet = p.vnets.get(vn).ok_or(SwitchDrop::NoRoute)?;
+        if rewrite::is_echo_request(frame, pk) {
+            rewrite::icmp_echo_reply(frame, pk, up.mac).map_err(|_| SwitchDrop::RewriteFailed)?;
+            self.stats.icmp_replies.fetch_add(1, Ordering::Relaxed);
+            return Ok(Slow::Reply);
+        }
+        let key = ConnKey::from(&pk.key);
+        let flags = tcp_flags(frame, pk);
+        let (nat, lb, post, reply) = match self
+            .lb
+            .get_mut(vn)
+            .map(|l| l.process(&vnet.vips, &key, flags, now))
+        {
+            Some(Decision::Forward {
+                rewrite, dir, conn, ..
+            }) => (
+                rewrite,
+                Some((vn, conn, dir)),
+                rewrite.apply_to_key(&key),
+                dir == Dir::Reply,
+            ),
+            Some(Decision::Drop(r)) => return Err(SwitchDrop::Lb(r)),
+            Some(Decision::NotHandled) | None => return Err(SwitchDrop::NoRoute),
+        };
+        let (_, dst) = p.vm_by_addr(vn, post.dst).ok_or(SwitchDrop::NoRoute)?;
+        let stateful = reply || self.acl(p, dst.nsg, Direction::In, &post)?;
         let fwd = FlowAction {
             out_port: dst.port,
             src_mac: vnet.gateway_mac,
@@ -365,6 +521,30 @@ impl Switch {
             nat,
             lb,
         };
+        let back = FlowAction {
+            out_port: up.port,
+            src_mac: up.mac,
+            dst_mac: up.next_hop_mac,
+            ..fwd
+        };
+        self.install(p, now, pk.key, fwd, &post, back, stateful);
+        Ok(Slow::Forward(fwd))
+    }
+
+    /// Installs `fwd` for `key`, and — for a stateful allow or a tracked
+    /// connection — `back` (its ports and MACs; the NAT is derived here) for
+    /// the reverse of `post` arriving on `fwd`'s output port.
+    #[allow(clippy::too_many_arguments)]
+    fn install(
+        &mut self,
+        p: &Policy,
+        now: u64,
+        key: FlowKey,
+        fwd: FlowAction,
+        post: &ConnKey,
+        back: FlowAction,
+        stateful: bool,
+    ) {
         let gen_ = p.generation;
         let e = |action| FlowEntry {
             action,
@@ -375,14 +555,16 @@ impl Switch {
             bytes: 0,
             closing: false,
         };
-        if self.flows.insert(pk.key, e(fwd)) {
+        if self.flows.insert(key, e(fwd)) {
             self.stats.flows_installed.fetch_add(1, Ordering::Relaxed);
         }
-        if stateful || lb.is_some() {
-            // The other direction: arrives on the destination's port with the
-            // post-NAT addresses swapped; gets the opposite rewrite.
-            let back_nat = match lb {
-                Some((vn, conn, dir)) => self
+        if !stateful && fwd.lb.is_none() {
+            return;
+        }
+        // The reverse direction gets the opposite rewrite of the connection.
+        let (nat, lb) = match fwd.lb {
+            Some((vn, conn, dir)) => {
+                let nat = self
                     .lb
                     .get(vn)
                     .and_then(|l| l.conns().get(conn))
@@ -393,34 +575,23 @@ impl Switch {
                             c.value.nat.forward
                         }
                     })
-                    .unwrap_or_default(),
-                None => Rewrite::NONE,
-            };
-            let back = FlowAction {
-                out_port: in_port,
-                src_mac: vnet.gateway_mac,
-                dst_mac: vm.mac,
-                nat: back_nat,
-                lb: lb.map(|(vn, c, d)| {
-                    (
-                        vn,
-                        c,
-                        if d == Dir::Orig {
-                            Dir::Reply
-                        } else {
-                            Dir::Orig
-                        },
-                    )
-                }),
-            };
-            if self
-                .flows
-                .insert(flow_key(&post.reversed(), dst.port), e(back))
-            {
-                self.stats.flows_installed.fetch_add(1, Ordering::Relaxed);
+                    .unwrap_or_default();
+                let other = if dir == Dir::Orig {
+                    Dir::Reply
+                } else {
+                    Dir::Orig
+                };
+                (nat, Some((vn, conn, other)))
             }
+            None => (Rewrite::NONE, None),
+        };
+        let back = FlowAction { nat, lb, ..back };
+        if self
+            .flows
+            .insert(flow_key(&post.reversed(), fwd.out_port), e(back))
+        {
+            self.stats.flows_installed.fetch_add(1, Ordering::Relaxed);
         }
-        Ok(Slow::Forward(fwd))
     }
 
     /// Answers an ARP request for any address of the vnet or any of its VIPs
