@@ -171,11 +171,113 @@ fn run_refuses_what_it_cannot_do_yet() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("vip \"web\": probes are not started by `pollux run` yet"),
-        "{err}"
-    );
-    assert!(
         err.contains("port \"web1\": driver \"af_packet\" is not available to `pollux run` yet"),
         "{err}"
     );
+}
+
+#[test]
+fn run_probes_backends_through_the_switch() {
+    let dir = std::env::temp_dir().join(format!("pollux-probe-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = format!(
+        r#"
+[[port]]
+name = "web1"
+driver = "pcap"
+tx_pcap = "{d}/web1.pcap"
+[[port]]
+name = "web2"
+driver = "pcap"
+tx_pcap = "{d}/web2.pcap"
+
+[[vnet]]
+name = "a"
+prefixes = ["10.1.0.0/16"]
+gateway_mac = "12:34:56:78:9a:bc"
+
+[[vm]]
+name = "web1"
+port = "web1"
+vnet = "a"
+mac = "02:00:00:00:00:01"
+ips = ["10.1.0.4"]
+[[vm]]
+name = "web2"
+port = "web2"
+vnet = "a"
+mac = "02:00:00:00:00:02"
+ips = ["10.1.0.5"]
+
+[[vip]]
+name = "web"
+vnet = "a"
+address = "10.1.0.100"
+port = 80
+protocol = "tcp"
+backends = [ {{ vm = "web1", port = 8080 }}, {{ vm = "web2", port = 8080 }} ]
+[vip.probe]
+kind = "http"
+port = 8081
+path = "/health"
+interval_ms = 200
+timeout_ms = 100
+threshold = 2
+"#,
+        d = dir.display()
+    );
+    let cfg_path = dir.join("pollux.toml");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_pollux"))
+        .args(["run", "--config", cfg_path.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout {stdout} stderr {stderr}"
+    );
+    assert!(stderr.contains("2 probed backends"), "{stderr}");
+    // Nobody answers: both stay down, and the report says why.
+    for dip in ["10.1.0.4", "10.1.0.5"] {
+        let line = format!("vip \"web\" backend {dip}:8080: down after ");
+        assert!(stdout.contains(&line), "{line} not in {stdout}");
+    }
+    assert!(stdout.contains("(timeout)"), "{stdout}");
+    // The probes took the tenant path: SYNs from the probe source to each
+    // DIP's probe port, delivered by the switch with the gateway MAC.
+    for (file, dip, mac) in [
+        ("web1.pcap", [10, 1, 0, 4], 1u8),
+        ("web2.pcap", [10, 1, 0, 5], 2),
+    ] {
+        let frames = read(&dir.join(file));
+        let syns: Vec<_> = frames
+            .iter()
+            .filter(|f| {
+                let k = dataplane::parse(f, 0).unwrap().key;
+                k.src() == std::net::IpAddr::from([168, 63, 129, 16])
+                    && k.dst() == std::net::IpAddr::from(dip)
+                    && k.dst_port == 8081
+                    && k.proto == 6
+            })
+            .collect();
+        assert!(syns.len() >= 3, "{file}: {} probe packets", syns.len());
+        assert_eq!(&syns[0][0..6], &[2, 0, 0, 0, 0, mac]);
+        assert_eq!(&syns[0][6..12], &[0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc]);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
