@@ -21,6 +21,12 @@ command -v pkg-config >/dev/null 2>&1 || pkgs+=(pkg-config)
 command -v cc >/dev/null 2>&1 || pkgs+=(build-essential)
 # tests send signals to `pollux run` with kill(1)
 [ -x /usr/bin/kill ] || [ -x /bin/kill ] || pkgs+=(procps)
+# kernel-interface and end-to-end tests: namespaces, veth, real clients/servers
+command -v ip >/dev/null 2>&1 || pkgs+=(iproute2)
+command -v ping >/dev/null 2>&1 || pkgs+=(iputils-ping)
+command -v ethtool >/dev/null 2>&1 || pkgs+=(ethtool)
+command -v curl >/dev/null 2>&1 || pkgs+=(curl)
+command -v python3 >/dev/null 2>&1 || pkgs+=(python3)
 if ((${#pkgs[@]})); then
     log "installing system packages: ${pkgs[*]}"
     sudo=""

@@ -7,14 +7,19 @@
 //! 168.63.129.16, as Azure), so probes take the tenant path. Each health
 //! change is published as a new policy generation and logged on stderr.
 //!
-//! Drivers available to `run` today: `pcap` (replay a capture into the
-//! switch, record what it sends) and `ring` (an unconnected in-memory port);
-//! `af_packet` and `dpdk` ports and several workers are refused with a clear
-//! message until their issues land.
+//! Drivers available to `run` today: `af_packet` (a kernel interface),
+//! `pcap` (replay a capture into the switch, record what it sends) and `ring`
+//! (an unconnected in-memory port); `dpdk` ports and several workers are
+//! refused with a clear message until their issues land.
+//!
+//! At stop (SIGINT/SIGTERM) it prints a report: packets, per-port counters,
+//! each probed backend's state and why, every security-group rule that
+//! matched with its hit count, and drops by reason.
 
 use crate::config::{Config, ProbeCfg};
 use arc_swap::ArcSwap;
 use dataplane::pool::{Pool, PoolBuf, PoolConfig};
+use dataplane::port::af_packet::AfPacketPort;
 use dataplane::port::pcap::PcapPort;
 use dataplane::port::ring::{self, RingPort};
 use dataplane::worker::Worker;
@@ -60,6 +65,9 @@ struct VnetProber {
     names: Vec<String>,
 }
 
+/// The switch ends of the probers' internal ports.
+type ProbePorts = Vec<RingPort<PoolBuf>>;
+
 /// Adds one internal prober port per vnet with probed VIPs to `topo`; marks
 /// probed backends down until their first success. Returns the probers and
 /// the switch ends of their ports (numbered after the configured ports).
@@ -67,7 +75,7 @@ fn probers(
     cfg: &Config,
     topo: &mut Topology,
     pool: Pool,
-) -> Result<(Vec<VnetProber>, Vec<RingPort<PoolBuf>>), Vec<String>> {
+) -> Result<(Vec<VnetProber>, ProbePorts), Vec<String>> {
     let mut out: Vec<VnetProber> = Vec::new();
     let mut ends = Vec::new();
     let mut problems = Vec::new();
@@ -154,9 +162,9 @@ pub fn run(cfg: &Config) -> Result<Vec<String>, Vec<String>> {
         ));
     }
     for p in &cfg.port {
-        if !matches!(p.driver.as_str(), "pcap" | "ring") {
+        if !matches!(p.driver.as_str(), "pcap" | "ring" | "af_packet") {
             problems.push(format!(
-                "port {:?}: driver {:?} is not available to `pollux run` yet (pcap and ring are)",
+                "port {:?}: driver {:?} is not available to `pollux run` yet (pcap, ring and af_packet are)",
                 p.name, p.driver
             ));
         }
@@ -178,6 +186,10 @@ pub fn run(cfg: &Config) -> Result<Vec<String>, Vec<String>> {
                 pool,
             )
             .map_err(|e| vec![e.to_string()])?;
+            ports.push(Box::new(port));
+        } else if p.driver == "af_packet" {
+            let iface = p.iface.as_deref().unwrap_or_default();
+            let port = AfPacketPort::open(&p.name, iface, pool).map_err(|e| vec![e.to_string()])?;
             ports.push(Box::new(port));
         } else {
             let (sw, peer) = ring::pair(
@@ -201,6 +213,7 @@ pub fn run(cfg: &Config) -> Result<Vec<String>, Vec<String>> {
     };
     let switch = Switch::new(swap.clone(), sw_cfg);
     let stats = switch.stats();
+    let acl_hits = switch.acl_hits();
     let port_stats: Vec<_> = ports
         .iter()
         .map(|p| (p.info().name.clone(), p.stats().clone()))
@@ -251,6 +264,23 @@ pub fn run(cfg: &Config) -> Result<Vec<String>, Vec<String>> {
                     h.probes,
                     h.reason()
                 ));
+            }
+        }
+    }
+    let (hits, policy) = (acl_hits.load(), swap.load());
+    for (n, h) in policy.nsgs.iter().zip(hits.iter()) {
+        for (dir, counters) in [
+            (filter::Direction::In, &h[0]),
+            (filter::Direction::Out, &h[1]),
+        ] {
+            for (i, r) in n.classifier(dir).rules().iter().enumerate() {
+                let c = counters.get(i);
+                if c > 0 {
+                    report.push(format!(
+                        "nsg {:?} {dir} rule {:?} (priority {}, {}): {c} hits",
+                        n.name, r.name, r.priority, r.action
+                    ));
+                }
             }
         }
     }

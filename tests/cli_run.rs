@@ -161,17 +161,40 @@ backends = [ {{ vm = "web1", port = 5353 }}, {{ vm = "web2", port = 5353 }} ]
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[test]
-fn run_refuses_what_it_cannot_do_yet() {
-    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/pollux.toml");
+fn run_config(text: &str) -> std::process::Output {
+    let dir = std::env::temp_dir().join(format!(
+        "pollux-refuse-{}-{}",
+        std::process::id(),
+        text.len()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("pollux.toml");
+    std::fs::write(&path, text).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_pollux"))
-        .args(["run", "--config", example])
+        .args(["run", "--config", path.to_str().unwrap()])
         .output()
         .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    out
+}
+
+#[test]
+fn run_refuses_what_it_cannot_do_yet() {
+    let out = run_config(
+        "[dataplane]\nworkers = 2\n[[port]]\nname = \"nic\"\ndriver = \"af_packet\"\niface = \"lo\"\n",
+    );
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("port \"web1\": driver \"af_packet\" is not available to `pollux run` yet"),
+        err.contains("dataplane: workers = 2: `pollux run` starts one worker so far"),
+        "{err}"
+    );
+    // A missing interface is named, and nothing runs.
+    let out = run_config("[[port]]\nname = \"vm1\"\ndriver = \"af_packet\"\niface = \"nosuch0\"\n");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("port \"vm1\": interface \"nosuch0\" does not exist"),
         "{err}"
     );
 }

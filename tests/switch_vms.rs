@@ -260,6 +260,17 @@ fn acls_deny_and_count_and_stateful_replies_pass() {
         .position(|r| r.priority == 100)
         .unwrap();
     assert!(net.acl_hits.load()[client][1].get(deny23) >= 1);
+    // A health change is a new generation with the same groups: the rule
+    // counters carry on instead of starting over.
+    let before = net.acl_hits.load()[web][0].get(deny22);
+    let p2 = p
+        .with_health(0, (IpAddr::V4(VIP), 80, 6), 2, false, 2)
+        .unwrap();
+    net.policy.store(Arc::new(p2));
+    let again = net.vm("client").connect(Ipv4Addr::new(10, 1, 0, 4), 22);
+    net.run(Duration::from_secs(1), |_| false);
+    assert_eq!(net.vms[c].state(again), tcp::State::SynSent);
+    assert!(net.acl_hits.load()[web][0].get(deny22) > before);
 }
 
 #[test]

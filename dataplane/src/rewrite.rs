@@ -268,6 +268,24 @@ pub fn arp_reply(frame: &mut [u8], p: &Parsed, mac: MacAddr) -> Result<(), Rewri
     set_src_mac(frame, mac)
 }
 
+/// Finishes a transport checksum the sender left partial (checksum offload:
+/// the field holds the folded pseudo-header sum and the NIC was to add the
+/// rest). Kernel interfaces hand such frames to packet sockets when the
+/// sending stack offloads (veth, tap); the AF_PACKET driver calls this for
+/// frames the kernel marks so. TCP, UDP and ICMPv6 only.
+pub fn complete_partial_checksum(frame: &mut [u8], p: &Parsed) -> Result<(), RewriteError> {
+    let (at, _) = pseudo_checksum_at(p).ok_or(RewriteError::Mismatch)?;
+    let l4 = usize::from(p.l4_off);
+    let seg = frame
+        .get(l4..l4 + usize::from(p.l4_len))
+        .ok_or(RewriteError::Mismatch)?;
+    let mut c = !checksum::fold(checksum::sum(seg));
+    if c == 0 && p.key.proto == PROTO_UDP {
+        c = 0xffff;
+    }
+    put16(frame, at, c)
+}
+
 /// True when `frame` is an ICMP (v4) or ICMPv6 echo request.
 pub fn is_echo_request(frame: &[u8], p: &Parsed) -> bool {
     let want = match (p.l3, p.key.proto) {
@@ -475,6 +493,44 @@ mod tests {
         assert_eq!(q.key.dst_port, 8080);
         assert_eq!(f[14 + 8], 63);
         assert_eq!(&f[0..6], &[2, 0, 0, 0, 0, 5]);
+    }
+
+    #[test]
+    fn partial_checksums_are_completed() {
+        // As an offloading sender leaves them: the field holds the folded
+        // pseudo-header sum, not the checksum.
+        for proto in [6u8, 17] {
+            let mut f = Vec::new();
+            let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(
+                [10, 1, 0, 4],
+                [10, 1, 0, 5],
+                64,
+            );
+            if proto == 6 {
+                b.tcp(40000, 80, 7, 1000)
+                    .write(&mut f, b"partial!")
+                    .unwrap();
+            } else {
+                b.udp(40000, 53).write(&mut f, b"partial!").unwrap();
+            }
+            let p = parse(&f, 0).unwrap();
+            let (at, _) = pseudo_checksum_at(&p).unwrap();
+            let pseudo = checksum::pseudo_v4([10, 1, 0, 4], [10, 1, 0, 5], proto, p.l4_len);
+            f[at..at + 2].copy_from_slice(&checksum::fold(pseudo).to_be_bytes());
+            complete_partial_checksum(&mut f, &p).unwrap();
+            assert_checksums_ok(&f);
+        }
+        let mut f = Vec::new();
+        PacketBuilder::ethernet2([0; 6], [0; 6])
+            .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .icmpv4_echo_request(1, 1)
+            .write(&mut f, b"x")
+            .unwrap();
+        let p = parse(&f, 0).unwrap();
+        assert_eq!(
+            complete_partial_checksum(&mut f, &p),
+            Err(RewriteError::Mismatch)
+        );
     }
 
     #[test]

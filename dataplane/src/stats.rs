@@ -20,17 +20,23 @@ pub enum DropReason {
     TtlExpired,
     /// The pipeline had nowhere to send the packet.
     NoRoute,
+    /// The kernel dropped frames because the port's rx ring was full.
+    RxRingOverflow,
+    /// A packet to send was larger than the port can carry.
+    TxOversize,
     /// The frame failed to parse.
     Malformed(ParseError),
 }
 
-const SIMPLE: [DropReason; 6] = [
+const SIMPLE: [DropReason; 8] = [
     DropReason::TxQueueFull,
     DropReason::RxNoBuffer,
     DropReason::RxOversize,
     DropReason::TxIoError,
     DropReason::TtlExpired,
     DropReason::NoRoute,
+    DropReason::RxRingOverflow,
+    DropReason::TxOversize,
 ];
 
 impl DropReason {
@@ -47,6 +53,8 @@ impl DropReason {
             DropReason::TxIoError => 3,
             DropReason::TtlExpired => 4,
             DropReason::NoRoute => 5,
+            DropReason::RxRingOverflow => 6,
+            DropReason::TxOversize => 7,
             DropReason::Malformed(e) => SIMPLE.len() + e as usize,
         }
     }
@@ -75,6 +83,8 @@ impl DropReason {
             DropReason::TxIoError => "tx_io_error",
             DropReason::TtlExpired => "ttl_expired",
             DropReason::NoRoute => "no_route",
+            DropReason::RxRingOverflow => "rx_ring_overflow",
+            DropReason::TxOversize => "tx_oversize",
             DropReason::Malformed(e) => e.name(),
         }
     }

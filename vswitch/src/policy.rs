@@ -10,6 +10,7 @@ use lb::conntrack::to16;
 use lb::snat::SnatConfig;
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 /// A vnet as given to [`Policy::compile`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,8 +131,9 @@ pub struct Policy {
     pub vnets: Vec<Vnet>,
     /// VMs (index = VM id).
     pub vms: Vec<Vm>,
-    /// Compiled security groups (one per (group, vnet) pair that VMs use).
-    pub nsgs: Vec<CompiledNsg>,
+    /// Compiled security groups (one per (group, vnet) pair that VMs use);
+    /// shared by generations that do not change them.
+    pub nsgs: Arc<Vec<CompiledNsg>>,
     /// The uplink, if any.
     pub uplink: Option<UplinkDef>,
     port_vm: Vec<Option<usize>>,
@@ -277,8 +279,8 @@ impl Policy {
             generation,
             vnets,
             vms,
-            nsgs,
             uplink: t.uplink.clone(),
+            nsgs: Arc::new(nsgs),
             port_vm,
             addr_vm,
             public,

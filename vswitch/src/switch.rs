@@ -185,6 +185,8 @@ pub struct Switch {
     lb: Vec<LbCore>,
     generation: u64,
     acl_hits: Arc<ArcSwap<Vec<AclHits>>>,
+    /// The groups `acl_hits` counts for.
+    counted_nsgs: Option<Arc<Vec<filter::CompiledNsg>>>,
     stats: Arc<SwitchStats>,
     clock: TscClock,
     last_expire: u64,
@@ -244,6 +246,7 @@ impl Switch {
             lb: Vec::new(),
             generation: u64::MAX,
             acl_hits: Arc::new(ArcSwap::from_pointee(Vec::new())),
+            counted_nsgs: None,
             stats: Arc::default(),
             clock: TscClock::calibrate(Duration::from_millis(10)),
             last_expire: 0,
@@ -257,7 +260,8 @@ impl Switch {
     }
 
     /// Per-group rule hit counters (index = `Policy::nsgs` index); replaced
-    /// when the policy generation changes.
+    /// (from zero) when a generation brings different groups, kept across
+    /// generations that share them (health and weight changes).
     pub fn acl_hits(&self) -> Arc<ArcSwap<Vec<AclHits>>> {
         self.acl_hits.clone()
     }
@@ -299,12 +303,21 @@ impl Switch {
                 }
             }
         }
-        let hits: Vec<AclHits> = p
-            .nsgs
-            .iter()
-            .map(|n| [n.inbound.new_counters(), n.outbound.new_counters()])
-            .collect();
-        self.acl_hits.store(Arc::new(hits));
+        // Rule hit counters survive generations that keep the same groups
+        // (health and weight changes); new groups start from zero.
+        if !self
+            .counted_nsgs
+            .as_ref()
+            .is_some_and(|n| Arc::ptr_eq(n, &p.nsgs))
+        {
+            let hits: Vec<AclHits> = p
+                .nsgs
+                .iter()
+                .map(|n| [n.inbound.new_counters(), n.outbound.new_counters()])
+                .collect();
+            self.acl_hits.store(Arc::new(hits));
+            self.counted_nsgs = Some(p.nsgs.clone());
+        }
     }
 
     fn acl(

@@ -2,8 +2,11 @@
 //!
 //! A port moves bursts of packets in and out. It is owned by one worker, which
 //! calls it from one thread; its counters are shared atomics the control thread
-//! reads. Drivers: [`ring`] (in-memory pairs) and [`pcap`] (files).
+//! reads. Drivers: [`ring`] (in-memory pairs), [`pcap`] (files) and
+//! [`af_packet`] (kernel interfaces, Linux).
 
+#[cfg(target_os = "linux")]
+pub mod af_packet;
 pub mod pcap;
 pub mod ring;
 

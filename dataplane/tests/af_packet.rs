@@ -1,0 +1,214 @@
+//! The AF_PACKET port against a real kernel stack: a network namespace behind
+//! a veth pair (created here, removed at the end even on failure). The test
+//! plays the neighbour of the namespace: it answers ARP and ping through the
+//! port, so `ping` in the namespace succeeds only if rx and tx both work; and
+//! it checks that a TCP SYN the kernel sent with checksum offload arrives
+//! with its checksum completed.
+//!
+//! Needs root (namespaces, packet sockets) and `ip`, `ping`, `bash`; without
+//! root it says it is skipped and why.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+use dataplane::pool::{Pool, PoolConfig};
+use dataplane::port::af_packet::AfPacketPort;
+use dataplane::{Batch, MacAddr, PacketBuf, Port, parse, rewrite};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A namespace with one end of a veth pair; deleted on drop.
+struct Netns {
+    ns: String,
+    host: String,
+}
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        let id = std::process::id() % 100_000;
+        let n = Netns {
+            ns: format!("plx{tag}{id}"),
+            host: format!("plx{tag}{id}h"),
+        };
+        let _ = Command::new("ip").args(["netns", "del", &n.ns]).output();
+        sh(&["ip", "netns", "add", &n.ns]);
+        sh(&[
+            "ip", "link", "add", &n.host, "type", "veth", "peer", "name", "eth0", "netns", &n.ns,
+        ]);
+        sh(&["ip", "link", "set", &n.host, "up"]);
+        n.exec(&["ip", "link", "set", "lo", "up"]);
+        n.exec(&["ip", "addr", "add", "10.99.0.2/24", "dev", "eth0"]);
+        n.exec(&["ip", "link", "set", "eth0", "up"]);
+        n
+    }
+
+    fn exec(&self, args: &[&str]) {
+        let mut all = vec!["ip", "netns", "exec", &self.ns];
+        all.extend_from_slice(args);
+        sh(&all);
+    }
+
+    fn spawn(&self, args: &[&str]) -> std::process::Child {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes the veth pair with it.
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
+    }
+}
+
+const ME: MacAddr = MacAddr([0x02, 0x50, 0x4c, 0x58, 0x99, 0x01]);
+
+#[test]
+fn open_errors_name_the_interface() {
+    let pool = Pool::new(&PoolConfig::new("afp-err", 64)).unwrap();
+    let e = AfPacketPort::open("p", "nosuchif0", pool).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("port \"p\": interface \"nosuchif0\" does not exist"),
+        "{e}"
+    );
+    if !is_root() {
+        let e = AfPacketPort::open("p", "lo", pool).unwrap_err();
+        assert!(e.to_string().contains("needs CAP_NET_RAW"), "{e}");
+    }
+}
+
+#[test]
+fn a_kernel_stack_pings_through_the_port() {
+    if !is_root() {
+        eprintln!("skipped: needs root to create network namespaces and packet sockets");
+        return;
+    }
+    let net = Netns::new("p");
+    let pool = Pool::new(&PoolConfig::new("afp-ping", 1024)).unwrap();
+    let mut port = AfPacketPort::open("veth", &net.host, pool).unwrap();
+    assert_eq!(port.info().driver, "af_packet");
+    let mut ping = net.spawn(&["ping", "-c", "3", "-i", "0.2", "-W", "2", "10.99.0.1"]);
+    let (mut arp, mut echo) = (0, 0);
+    let end = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = ping.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < end, "ping did not finish");
+        let mut rx = Batch::new();
+        port.rx_burst(&mut rx);
+        let mut tx = Batch::new();
+        for mut pkt in rx.drain() {
+            let Ok(p) = parse(pkt.data(), 0) else {
+                continue;
+            };
+            let ok = if p.l3 == dataplane::L3::Arp {
+                arp += 1;
+                rewrite::arp_reply(pkt.data_mut(), &p, ME).is_ok()
+            } else if rewrite::is_echo_request(pkt.data(), &p) {
+                echo += 1;
+                rewrite::icmp_echo_reply(pkt.data_mut(), &p, ME).is_ok()
+            } else {
+                false
+            };
+            if ok {
+                tx.push(pkt).unwrap();
+            }
+        }
+        port.tx_burst(&mut tx);
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    let out = ping.wait_with_output().unwrap();
+    assert!(
+        status.success(),
+        "ping failed ({arp} ARP, {echo} echo requests seen): {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("3 received"));
+    assert!(arp >= 1 && echo >= 3, "{arp} ARP, {echo} echo");
+    let s = port.stats().snapshot();
+    assert!(s.rx_packets >= 4 && s.tx_packets >= 4, "{s:?}");
+    assert_eq!(s.drops, 0, "{:?}", port.stats().drops.nonzero());
+}
+
+#[test]
+fn offloaded_checksums_arrive_completed() {
+    if !is_root() {
+        eprintln!("skipped: needs root to create network namespaces and packet sockets");
+        return;
+    }
+    let net = Netns::new("c");
+    // A static neighbour, so the SYN leaves without ARP.
+    net.exec(&[
+        "ip",
+        "neigh",
+        "add",
+        "10.99.0.1",
+        "lladdr",
+        "02:50:4c:58:99:01",
+        "dev",
+        "eth0",
+    ]);
+    let pool = Pool::new(&PoolConfig::new("afp-csum", 1024)).unwrap();
+    let mut port = AfPacketPort::open("veth", &net.host, pool).unwrap();
+    let mut conn = net.spawn(&[
+        "timeout",
+        "2",
+        "bash",
+        "-c",
+        "exec 3<>/dev/tcp/10.99.0.1/8080",
+    ]);
+    let end = Instant::now() + Duration::from_secs(5);
+    let syn = 'found: loop {
+        assert!(Instant::now() < end, "no SYN arrived");
+        let mut rx = Batch::new();
+        port.rx_burst(&mut rx);
+        for pkt in rx.drain() {
+            let Ok(p) = parse(pkt.data(), 0) else {
+                continue;
+            };
+            if p.key.proto == 6 && p.key.dst_port == 8080 {
+                break 'found pkt.data().to_vec();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    let _ = conn.kill();
+    let _ = conn.wait();
+    let s = etherparse::SlicedPacket::from_ethernet(&syn).unwrap();
+    let Some(etherparse::NetSlice::Ipv4(ip)) = &s.net else {
+        panic!("not IPv4")
+    };
+    let Some(etherparse::TransportSlice::Tcp(tcp)) = &s.transport else {
+        panic!("not TCP")
+    };
+    let want = tcp
+        .to_header()
+        .calc_checksum_ipv4(&ip.header().to_header(), tcp.payload())
+        .unwrap();
+    assert_eq!(tcp.checksum(), want, "TCP checksum not completed");
+}
