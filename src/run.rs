@@ -1,16 +1,20 @@
 //! `pollux run --config FILE`: the switch on the configured ports until
 //! SIGINT or SIGTERM.
 //!
-//! The switch runs on one pinned-if-possible worker thread; health probes run
-//! on this (the control) thread, never on the polling core: one prober per
+//! The switch runs on `[dataplane] workers` worker threads, pinned to the
+//! last cores (worker 0 on the last); each has its own queue of every port
+//! (an AF_PACKET fanout socket, a shared ring handle) and hands packets of
+//! connections it does not own to their owner ([`vswitch::placement`]).
+//! Health probes run on this (the control) thread, never on a polling core: one prober per
 //! vnet with probed VIPs, on an internal switch port of that vnet (source
 //! 168.63.129.16, as Azure), so probes take the tenant path. Each health
 //! change is published as a new policy generation and logged on stderr.
 //!
 //! Drivers available to `run` today: `af_packet` (a kernel interface),
 //! `pcap` (replay a capture into the switch, record what it sends) and `ring`
-//! (an unconnected in-memory port); `dpdk` ports and several workers are
-//! refused with a clear message until their issues land.
+//! (an unconnected in-memory port); `dpdk` ports are refused with a clear
+//! message until their issue lands, and so are pcap ports with several
+//! workers (a file has one queue).
 //!
 //! At stop (SIGINT/SIGTERM) it prints a report: packets, per-port counters,
 //! each probed backend's state and why, every security-group rule that
@@ -30,7 +34,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use vswitch::{Policy, Switch, SwitchConfig, Topology, VmDef};
+use vswitch::switch::Handoff;
+use vswitch::{Policy, Switch, SwitchConfig, SwitchStats, Topology, VmDef};
 
 /// The prober's gateway: inside its /24 (smoltcp takes ARP answers only from
 /// its own subnet); the switch answers ARP for any address on internal ports.
@@ -65,7 +70,8 @@ struct VnetProber {
     names: Vec<String>,
 }
 
-/// The switch ends of the probers' internal ports.
+/// Ring ends: the switch ends of the probers' internal ports, or the idle
+/// far ends of configured ring ports.
 type ProbePorts = Vec<RingPort<PoolBuf>>;
 
 /// Adds one internal prober port per vnet with probed VIPs to `topo`; marks
@@ -151,14 +157,79 @@ fn probers(
     }
 }
 
+/// One port per worker: worker `w` gets `ports[w]`.
+type PortSet = Vec<Box<dyn Port<Buf = PoolBuf>>>;
+
+/// Opens every configured port once per worker: `af_packet` ports as the
+/// sockets of one fanout group (the kernel spreads flows over them), `ring`
+/// ports as shared handles on one ring. Returns the per-worker port lists
+/// and the idle far ends of the rings.
+fn open_ports(
+    cfg: &Config,
+    workers: usize,
+    pool: Pool,
+) -> Result<(Vec<PortSet>, ProbePorts), Vec<String>> {
+    let mut sets: Vec<PortSet> = (0..workers).map(|_| Vec::new()).collect();
+    let mut idle_peers = Vec::new();
+    let err = |e: dataplane::port::PortError| vec![e.to_string()];
+    for (i, p) in cfg.port.iter().enumerate() {
+        let mac = MacAddr([0x02, 0x50, 0x4c, 0x58, (i >> 8) as u8, i as u8]);
+        match p.driver.as_str() {
+            "pcap" => {
+                let port = PcapPort::open(
+                    &p.name,
+                    mac,
+                    p.rx_pcap.as_deref(),
+                    p.tx_pcap.as_deref(),
+                    pool,
+                )
+                .map_err(err)?;
+                if let Some(set) = sets.first_mut() {
+                    set.push(Box::new(port));
+                }
+            }
+            "af_packet" => {
+                let iface = p.iface.as_deref().unwrap_or_default();
+                // A fanout group id per interface, distinct between pollux
+                // processes sharing a namespace.
+                let group = (std::process::id() as u16)
+                    .wrapping_mul(31)
+                    .wrapping_add(i as u16);
+                for set in sets.iter_mut() {
+                    let port = if workers == 1 {
+                        AfPacketPort::open(&p.name, iface, pool)
+                    } else {
+                        AfPacketPort::open_fanout(&p.name, iface, pool, group)
+                    };
+                    set.push(Box::new(port.map_err(err)?));
+                }
+            }
+            _ => {
+                let (sw, peer) = ring::pair(
+                    LinkInfo::new(&p.name, mac, "ring"),
+                    LinkInfo::new(&p.name, mac, "ring"),
+                    1024,
+                );
+                for set in sets.iter_mut() {
+                    set.push(Box::new(sw.share()));
+                }
+                idle_peers.push(peer);
+            }
+        }
+    }
+    Ok((sets, idle_peers))
+}
+
 /// Runs the switch; returns the report lines printed at stop, or the problems.
 pub fn run(cfg: &Config) -> Result<Vec<String>, Vec<String>> {
     let mut topo = cfg.topology()?;
+    let workers = cfg.dataplane.workers.max(1);
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
     let mut problems = Vec::new();
-    if cfg.dataplane.workers > 1 {
+    if workers > cores.len().max(1) {
         problems.push(format!(
-            "dataplane: workers = {}: `pollux run` starts one worker so far",
-            cfg.dataplane.workers
+            "dataplane: workers = {workers}, but this machine has {} cores",
+            cores.len()
         ));
     }
     for p in &cfg.port {
@@ -168,42 +239,23 @@ pub fn run(cfg: &Config) -> Result<Vec<String>, Vec<String>> {
                 p.name, p.driver
             ));
         }
+        if p.driver == "pcap" && workers > 1 {
+            problems.push(format!(
+                "port {:?}: a pcap port has one queue; with workers = {workers} use af_packet or ring ports",
+                p.name
+            ));
+        }
     }
     if !problems.is_empty() {
         return Err(problems);
     }
     let pool = Pool::new(&PoolConfig::new("run", 65536)).map_err(|e| vec![e.to_string()])?;
-    let mut ports: Vec<Box<dyn Port<Buf = PoolBuf>>> = Vec::new();
-    let mut idle_peers = Vec::new();
-    for (i, p) in cfg.port.iter().enumerate() {
-        let mac = MacAddr([0x02, 0x50, 0x4c, 0x58, (i >> 8) as u8, i as u8]);
-        if p.driver == "pcap" {
-            let port = PcapPort::open(
-                &p.name,
-                mac,
-                p.rx_pcap.as_deref(),
-                p.tx_pcap.as_deref(),
-                pool,
-            )
-            .map_err(|e| vec![e.to_string()])?;
-            ports.push(Box::new(port));
-        } else if p.driver == "af_packet" {
-            let iface = p.iface.as_deref().unwrap_or_default();
-            let port = AfPacketPort::open(&p.name, iface, pool).map_err(|e| vec![e.to_string()])?;
-            ports.push(Box::new(port));
-        } else {
-            let (sw, peer) = ring::pair(
-                LinkInfo::new(&p.name, mac, "ring"),
-                LinkInfo::new(&p.name, mac, "ring"),
-                1024,
-            );
-            ports.push(Box::new(sw));
-            idle_peers.push(peer);
-        }
-    }
+    let (mut sets, idle_peers) = open_ports(cfg, workers, pool)?;
     let (mut probers, probe_ports) = probers(cfg, &mut topo, pool)?;
     for p in probe_ports {
-        ports.push(Box::new(p));
+        for set in sets.iter_mut() {
+            set.push(Box::new(p.share()));
+        }
     }
     let policy = Policy::compile(&topo, 1).map_err(|e| e.0)?;
     let swap = Arc::new(ArcSwap::from_pointee(policy));
@@ -211,49 +263,85 @@ pub fn run(cfg: &Config) -> Result<Vec<String>, Vec<String>> {
         flow_table_size: cfg.dataplane.flow_table_size,
         ..SwitchConfig::default()
     };
-    let switch = Switch::new(swap.clone(), sw_cfg);
-    let stats = switch.stats();
-    let acl_hits = switch.acl_hits();
-    let port_stats: Vec<_> = ports
-        .iter()
-        .map(|p| (p.info().name.clone(), p.stats().clone()))
-        .collect();
-    let worker = Worker::new("worker0", None, ports, switch);
-    let stop = worker.stop_flag();
-    let wstats = worker.stats();
+    let handoff = Handoff::new(workers, 8192);
     let signalled = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, signalled.clone())
             .map_err(|e| vec![format!("cannot handle signal {sig}: {e}")])?;
     }
-    let handle = worker.spawn().map_err(|e| vec![e.to_string()])?;
+    let (mut stats, mut acl_hits, mut wstats, mut stops, mut handles) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut port_stats: Vec<(String, Vec<Arc<dataplane::PortStats>>)> = Vec::new();
+    for (w, ports) in sets.into_iter().enumerate() {
+        for (i, p) in ports.iter().enumerate() {
+            match port_stats.get_mut(i) {
+                Some((_, v)) => v.push(p.stats().clone()),
+                None => port_stats.push((p.info().name.clone(), vec![p.stats().clone()])),
+            }
+        }
+        let switch = Switch::new(swap.clone(), sw_cfg.clone()).with_handoff(w, handoff.clone());
+        stats.push(switch.stats());
+        acl_hits.push(switch.acl_hits());
+        // Polling cores from the last one down; the control thread floats.
+        let core = cores
+            .len()
+            .checked_sub(w + 1)
+            .and_then(|c| cores.get(c))
+            .map(|c| c.id);
+        let worker = Worker::new(&format!("worker{w}"), core, ports, switch);
+        stops.push(worker.stop_flag());
+        wstats.push(worker.stats());
+        handles.push(worker.spawn().map_err(|e| vec![e.to_string()])?);
+    }
     eprintln!(
-        "pollux: switch running on {} ports, {} probed backends (SIGINT or SIGTERM stops)",
+        "pollux: switch running on {} ports with {workers} worker(s), {} probed backends (SIGINT or SIGTERM stops)",
         cfg.port.len(),
         probers.iter().map(|p| p.names.len()).sum::<usize>()
     );
-    control_loop(&signalled, &stop, &mut probers, &swap);
-    stop.store(true, Ordering::Relaxed);
-    // The worker flushes and closes its ports when it returns.
-    match handle.join() {
-        Ok(Ok(stopped)) => drop(stopped),
-        Ok(Err(e)) => return Err(vec![e.to_string()]),
-        Err(_) => return Err(vec!["worker thread panicked".into()]),
+    control_loop(&signalled, &stops, &mut probers, &swap);
+    for s in &stops {
+        s.store(true, Ordering::Relaxed);
+    }
+    // Workers flush and close their ports when they return.
+    let mut failures = Vec::new();
+    for (w, h) in handles.into_iter().enumerate() {
+        match h.join() {
+            Ok(Ok(stopped)) => drop(stopped),
+            Ok(Err(e)) => failures.push(e.to_string()),
+            Err(_) => failures.push(format!("worker{w} panicked")),
+        }
+    }
+    if !failures.is_empty() {
+        return Err(failures);
     }
     drop(idle_peers);
+    let total = |f: &dyn Fn(&SwitchStats) -> u64| stats.iter().map(|s| f(s)).sum::<u64>();
+    let wtotal = |f: &dyn Fn(&dataplane::worker::WorkerStats) -> u64| {
+        wstats.iter().map(|s| f(s)).sum::<u64>()
+    };
     let mut report = vec![format!(
         "stopped: {} packets received, {} sent; {} fast path, {} slow path",
-        wstats.rx_packets.load(Ordering::Relaxed),
-        wstats.tx_packets.load(Ordering::Relaxed),
-        stats.fast_path.load(Ordering::Relaxed),
-        stats.slow_path.load(Ordering::Relaxed)
+        wtotal(&|s| s.rx_packets.load(Ordering::Relaxed)),
+        wtotal(&|s| s.tx_packets.load(Ordering::Relaxed)),
+        total(&|s| s.fast_path.load(Ordering::Relaxed)),
+        total(&|s| s.slow_path.load(Ordering::Relaxed)),
     )];
-    for (name, s) in port_stats {
-        let s = s.snapshot();
-        report.push(format!(
-            "port {name:?}: rx {} tx {} drops {}",
-            s.rx_packets, s.tx_packets, s.drops
-        ));
+    if workers > 1 {
+        for (w, (s, ws)) in stats.iter().zip(&wstats).enumerate() {
+            report.push(format!(
+                "worker{w}: received {}, processed {}, handed to their owner {}",
+                ws.rx_packets.load(Ordering::Relaxed),
+                s.fast_path.load(Ordering::Relaxed) + s.slow_path.load(Ordering::Relaxed),
+                s.handed_off.load(Ordering::Relaxed)
+            ));
+        }
+    }
+    for (name, ss) in port_stats {
+        let snap = ss.iter().map(|s| s.snapshot());
+        let (rx, tx, drops) = snap.fold((0, 0, 0), |a, s| {
+            (a.0 + s.rx_packets, a.1 + s.tx_packets, a.2 + s.drops)
+        });
+        report.push(format!("port {name:?}: rx {rx} tx {tx} drops {drops}"));
     }
     for p in &probers {
         for (i, name) in p.names.iter().enumerate() {
@@ -267,14 +355,18 @@ pub fn run(cfg: &Config) -> Result<Vec<String>, Vec<String>> {
             }
         }
     }
-    let (hits, policy) = (acl_hits.load(), swap.load());
-    for (n, h) in policy.nsgs.iter().zip(hits.iter()) {
-        for (dir, counters) in [
-            (filter::Direction::In, &h[0]),
-            (filter::Direction::Out, &h[1]),
-        ] {
+    let policy = swap.load();
+    let hits: Vec<_> = acl_hits.iter().map(|h| h.load()).collect();
+    for (g, n) in policy.nsgs.iter().enumerate() {
+        for (d, dir) in [filter::Direction::In, filter::Direction::Out]
+            .into_iter()
+            .enumerate()
+        {
             for (i, r) in n.classifier(dir).rules().iter().enumerate() {
-                let c = counters.get(i);
+                let c: u64 = hits
+                    .iter()
+                    .filter_map(|h| h.get(g).map(|h| h[d].get(i)))
+                    .sum();
                 if c > 0 {
                     report.push(format!(
                         "nsg {:?} {dir} rule {:?} (priority {}, {}): {c} hits",
@@ -284,20 +376,38 @@ pub fn run(cfg: &Config) -> Result<Vec<String>, Vec<String>> {
             }
         }
     }
-    report.push(format!("switch drops: {:?}", stats.nonzero()));
-    report.push(format!("malformed: {:?}", wstats.drops.nonzero()));
+    let mut drops: Vec<(&str, u64)> = Vec::new();
+    for s in &stats {
+        for (name, n) in s.nonzero() {
+            match drops.iter_mut().find(|d| d.0 == name) {
+                Some(d) => d.1 += n,
+                None => drops.push((name, n)),
+            }
+        }
+    }
+    let mut malformed: Vec<(&str, u64)> = Vec::new();
+    for s in &wstats {
+        for (name, n) in s.drops.nonzero() {
+            match malformed.iter_mut().find(|d| d.0 == name) {
+                Some(d) => d.1 += n,
+                None => malformed.push((name, n)),
+            }
+        }
+    }
+    report.push(format!("switch drops: {drops:?}"));
+    report.push(format!("malformed: {malformed:?}"));
     Ok(report)
 }
 
 /// Polls the probers and publishes their health changes until a signal.
 fn control_loop(
     signalled: &AtomicBool,
-    stop: &AtomicBool,
+    stop: &[Arc<AtomicBool>],
     probers: &mut [VnetProber],
     policy: &ArcSwap<Policy>,
 ) {
     let start = Instant::now();
-    while !signalled.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
+    while !signalled.load(Ordering::Relaxed) && !stop.iter().any(|s| s.load(Ordering::Relaxed)) {
         let now = start.elapsed();
         let mut next = now + Duration::from_millis(50);
         for p in probers.iter_mut() {

@@ -181,12 +181,16 @@ fn run_config(text: &str) -> std::process::Output {
 #[test]
 fn run_refuses_what_it_cannot_do_yet() {
     let out = run_config(
-        "[dataplane]\nworkers = 2\n[[port]]\nname = \"nic\"\ndriver = \"af_packet\"\niface = \"lo\"\n",
+        "[dataplane]\nworkers = 512\n[[port]]\nname = \"cap\"\ndriver = \"pcap\"\ntx_pcap = \"/dev/null\"\n",
     );
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("dataplane: workers = 2: `pollux run` starts one worker so far"),
+        err.contains("dataplane: workers = 512, but this machine has "),
+        "{err}"
+    );
+    assert!(
+        err.contains("port \"cap\": a pcap port has one queue; with workers = 512 use af_packet or ring ports"),
         "{err}"
     );
     // A missing interface is named, and nothing runs.

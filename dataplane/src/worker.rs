@@ -25,6 +25,13 @@ pub trait Pipeline<B: PacketBuf>: Send {
     /// sent with [`Ctx::send`] or dropped with [`Ctx::drop_packet`]. Packets
     /// left in `pkts` are dropped and counted as [`DropReason::NoRoute`].
     fn process(&mut self, ctx: &mut Ctx<'_, B>, in_port: usize, pkts: &mut Batch<B>);
+
+    /// Called once per poll iteration after the ports, for packets that
+    /// reach the pipeline other than through a port (handed over by another
+    /// worker). Returns how many it processed. The default has none.
+    fn poll(&mut self, _ctx: &mut Ctx<'_, B>) -> usize {
+        0
+    }
 }
 
 /// The pipeline's view of its worker during one burst.
@@ -229,6 +236,17 @@ impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
                 ctx.drops.add(DropReason::NoRoute, self.rx.len() as u64);
                 self.rx.clear();
             }
+            self.tally.tx += ctx.flush();
+        }
+        let mut ctx = Ctx {
+            ports: &mut self.ports,
+            pending: &mut self.pending,
+            drops: &self.stats.drops,
+            now: t0,
+        };
+        let extra = self.pipeline.poll(&mut ctx);
+        if extra > 0 {
+            got += extra as u64;
             self.tally.tx += ctx.flush();
         }
         let dt = self.clock.now().wrapping_sub(t0);

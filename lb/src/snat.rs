@@ -87,9 +87,34 @@ struct Member {
     cursor: usize,
 }
 
+impl SnatConfig {
+    /// The index of the block holding `port` (counted from `port_lo`, the
+    /// same for every public address), if the port is in the range.
+    pub fn block_of(&self, port: u16) -> Option<usize> {
+        if port < self.port_lo || port > self.port_hi || self.block_size == 0 {
+            return None;
+        }
+        Some(usize::from(port - self.port_lo) / usize::from(self.block_size))
+    }
+
+    /// The worker (of `workers`) whose allocator hands out `port`: blocks
+    /// are dealt round robin, so replies to a SNAT port find the worker
+    /// that tracks the connection. `None` outside the range.
+    pub fn worker_of(&self, port: u16, workers: usize) -> Option<usize> {
+        self.block_of(port).map(|b| b % workers.max(1))
+    }
+}
+
 impl SnatAllocator {
     /// Cuts the port ranges of every public address into blocks.
     pub fn new(cfg: SnatConfig) -> Result<Self, SnatError> {
+        Self::for_worker(cfg, 0, 1)
+    }
+
+    /// The allocator of worker `worker` of `workers`: it owns only the
+    /// blocks [`SnatConfig::worker_of`] assigns to it, so workers never
+    /// share a port and each VM gets its `blocks_per_member` on every worker.
+    pub fn for_worker(cfg: SnatConfig, worker: usize, workers: usize) -> Result<Self, SnatError> {
         if cfg.public_ips.is_empty() {
             return Err(SnatError::BadConfig("no public address".into()));
         }
@@ -99,14 +124,21 @@ impl SnatAllocator {
                 cfg.port_lo, cfg.port_hi, cfg.block_size, cfg.blocks_per_member
             )));
         }
+        if worker >= workers {
+            return Err(SnatError::BadConfig(format!(
+                "worker {worker} of {workers} does not exist"
+            )));
+        }
         let mut free_blocks = Vec::new();
         for ip in 0..cfg.public_ips.len() as u16 {
             let mut start = u32::from(cfg.port_lo);
             while start + u32::from(cfg.block_size) - 1 <= u32::from(cfg.port_hi) {
-                free_blocks.push(Block {
-                    ip,
-                    start: start as u16,
-                });
+                if cfg.worker_of(start as u16, workers) == Some(worker) {
+                    free_blocks.push(Block {
+                        ip,
+                        start: start as u16,
+                    });
+                }
                 start += u32::from(cfg.block_size);
             }
         }
@@ -226,6 +258,33 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn workers_own_disjoint_blocks_and_worker_of_finds_them() {
+        let cfg = SnatConfig {
+            public_ips: vec![ip("203.0.113.1"), ip("203.0.113.2")],
+            port_lo: 1024,
+            port_hi: 1024 + 64 * 12 - 1,
+            block_size: 64,
+            blocks_per_member: 2,
+        };
+        let mut seen = HashSet::new();
+        for w in 0..3 {
+            let mut a = SnatAllocator::for_worker(cfg.clone(), w, 3).unwrap();
+            a.add_member(ip("10.1.0.4")).unwrap();
+            for _ in 0..128 {
+                let (public, port) = a.allocate(ip("10.1.0.4"), 17, |_, _| false).unwrap();
+                assert_eq!(cfg.worker_of(port, 3), Some(w), "port {port}");
+                assert!(
+                    seen.insert((public, port)),
+                    "{public}:{port} handed out twice"
+                );
+            }
+        }
+        assert_eq!(cfg.worker_of(1023, 3), None);
+        assert_eq!(cfg.worker_of(1024 + 64 * 12, 3), None);
+        assert!(SnatAllocator::for_worker(cfg, 3, 3).is_err());
     }
 
     fn alloc(blocks: usize, size: u16) -> SnatAllocator {

@@ -11,6 +11,7 @@
 //! `PacketBuf`.
 
 pub mod flow;
+pub mod placement;
 pub mod policy;
 pub mod switch;
 

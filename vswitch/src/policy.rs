@@ -140,6 +140,9 @@ pub struct Policy {
     addr_vm: HashMap<(usize, [u8; 16]), usize>,
     /// Public addresses (SNAT addresses, VIPs outside their vnet) -> vnet.
     public: HashMap<[u8; 16], usize>,
+    /// Service endpoints (address, port, protocol): every VIP frontend and
+    /// every backend. Connection placement hashes the other side.
+    services: std::collections::HashSet<([u8; 16], u16, u8)>,
 }
 
 impl Policy {
@@ -261,6 +264,14 @@ impl Policy {
             };
             vms.push(VmDef { nsg, ..vm.clone() });
         }
+        let mut services = std::collections::HashSet::new();
+        for v in &t.vips {
+            let c = &v.config;
+            services.insert((to16(c.addr), c.port, c.proto));
+            for b in &c.backends {
+                services.insert((to16(b.ip), b.port, c.proto));
+            }
+        }
         if let Some(u) = &t.uplink {
             match port_vm.get(usize::from(u.port)) {
                 None => errs.push(format!("uplink: no port #{}", u.port)),
@@ -284,6 +295,7 @@ impl Policy {
             port_vm,
             addr_vm,
             public,
+            services,
         })
     }
 
@@ -306,6 +318,24 @@ impl Policy {
     #[inline]
     pub fn vnet_by_public(&self, ip: [u8; 16]) -> Option<usize> {
         self.public.get(&ip).copied()
+    }
+
+    /// True when (`ip`, `port`, `proto`) is a VIP frontend or a backend.
+    #[inline]
+    pub fn is_service(&self, ip: [u8; 16], port: u16, proto: u8) -> bool {
+        !self.services.is_empty() && self.services.contains(&(ip, port, proto))
+    }
+
+    /// The worker (of `workers`) that owns SNAT port `port` of public
+    /// address `ip`, when `ip` is a SNAT address.
+    #[inline]
+    pub fn snat_worker(&self, ip: [u8; 16], port: u16, workers: usize) -> Option<usize> {
+        let v = self.vnets.get(*self.public.get(&ip)?)?;
+        let snat = v.snat.as_ref()?;
+        if !snat.public_ips.iter().any(|a| to16(*a) == ip) {
+            return None;
+        }
+        snat.worker_of(port, workers)
     }
 
     /// True when `port` is the uplink.
@@ -340,6 +370,7 @@ impl Policy {
             port_vm: self.port_vm.clone(),
             addr_vm: self.addr_vm.clone(),
             public: self.public.clone(),
+            services: self.services.clone(),
         })
     }
 }

@@ -17,6 +17,7 @@
 use crate::flow::{FlowAction, FlowEntry, FlowTable};
 use crate::policy::{Policy, UplinkDef};
 use arc_swap::ArcSwap;
+use crossbeam_queue::ArrayQueue;
 use dataplane::clock::TscClock;
 use dataplane::wire::arp;
 use dataplane::worker::{Ctx, Pipeline};
@@ -46,6 +47,8 @@ pub enum SwitchDrop {
     ArpIgnored,
     /// A protocol the switch does not carry (non-IP, non-ARP).
     Unsupported,
+    /// The owning worker's mailbox was full.
+    HandoffFull,
     /// TTL or hop limit expired.
     TtlExpired,
     /// The header rewrite failed.
@@ -54,13 +57,14 @@ pub enum SwitchDrop {
     Lb(LbDrop),
 }
 
-const BASE: [SwitchDrop; 8] = [
+const BASE: [SwitchDrop; 9] = [
     SwitchDrop::Spoofed,
     SwitchDrop::AclDeny,
     SwitchDrop::NoRoute,
     SwitchDrop::NoVm,
     SwitchDrop::ArpIgnored,
     SwitchDrop::Unsupported,
+    SwitchDrop::HandoffFull,
     SwitchDrop::TtlExpired,
     SwitchDrop::RewriteFailed,
 ];
@@ -92,6 +96,7 @@ impl SwitchDrop {
             SwitchDrop::NoVm => "no_vm",
             SwitchDrop::ArpIgnored => "arp_ignored",
             SwitchDrop::Unsupported => "unsupported",
+            SwitchDrop::HandoffFull => "handoff_full",
             SwitchDrop::TtlExpired => "ttl_expired",
             SwitchDrop::RewriteFailed => "rewrite_failed",
             SwitchDrop::Lb(r) => r.name(),
@@ -113,6 +118,8 @@ pub struct SwitchStats {
     pub icmp_replies: AtomicU64,
     /// Flows installed.
     pub flows_installed: AtomicU64,
+    /// Packets handed to the worker that owns their connection.
+    pub handed_off: AtomicU64,
 }
 
 impl Default for SwitchStats {
@@ -124,6 +131,7 @@ impl Default for SwitchStats {
             arp_replies: AtomicU64::new(0),
             icmp_replies: AtomicU64::new(0),
             flows_installed: AtomicU64::new(0),
+            handed_off: AtomicU64::new(0),
         }
     }
 }
@@ -177,8 +185,31 @@ impl Default for SwitchConfig {
     }
 }
 
+/// The mailboxes through which workers hand each other packets of
+/// connections they do not own ([`crate::placement`]): one bounded lock-free
+/// queue per worker, of (input port, packet).
+pub struct Handoff<B> {
+    queues: Vec<ArrayQueue<(u16, B)>>,
+}
+
+impl<B> Handoff<B> {
+    /// Mailboxes for `workers` workers, `capacity` packets each.
+    pub fn new(workers: usize, capacity: usize) -> Arc<Self> {
+        Arc::new(Handoff {
+            queues: (0..workers.max(1))
+                .map(|_| ArrayQueue::new(capacity.max(1)))
+                .collect(),
+        })
+    }
+
+    /// Number of workers.
+    pub fn workers(&self) -> usize {
+        self.queues.len()
+    }
+}
+
 /// One worker's switch.
-pub struct Switch {
+pub struct Switch<B = dataplane::pool::PoolBuf> {
     policy: Arc<ArcSwap<Policy>>,
     cfg: SwitchConfig,
     flows: FlowTable,
@@ -190,6 +221,8 @@ pub struct Switch {
     stats: Arc<SwitchStats>,
     clock: TscClock,
     last_expire: u64,
+    /// This worker's index and the shared mailboxes, with several workers.
+    handoff: Option<(usize, Arc<Handoff<B>>)>,
 }
 
 /// Where the slow path routes a packet.
@@ -232,7 +265,7 @@ fn flow_key(k: &ConnKey, in_port: u16) -> FlowKey {
     }
 }
 
-impl Switch {
+impl<B: PacketBuf> Switch<B> {
     /// A switch worker reading policy from `policy`.
     pub fn new(policy: Arc<ArcSwap<Policy>>, cfg: SwitchConfig) -> Self {
         let flows = FlowTable::new(
@@ -250,8 +283,20 @@ impl Switch {
             stats: Arc::default(),
             clock: TscClock::calibrate(Duration::from_millis(10)),
             last_expire: 0,
+            handoff: None,
             cfg,
         }
+    }
+
+    /// Worker `worker` of `handoff.workers()`: it processes only the
+    /// connections [`crate::placement::owner`] gives it, hands the others
+    /// to their owner's mailbox, and takes its own from its mailbox; its SNAT
+    /// allocators own only its share of the port blocks.
+    pub fn with_handoff(mut self, worker: usize, handoff: Arc<Handoff<B>>) -> Self {
+        if handoff.workers() > 1 && worker < handoff.workers() {
+            self.handoff = Some((worker, handoff));
+        }
+        self
     }
 
     /// The switch's counters.
@@ -273,7 +318,7 @@ impl Switch {
 
     /// Drops `pkt`, counting `r` in the switch's counters (which name
     /// switch-level reasons; parse errors go to the worker's counters).
-    fn drop_pkt<B: PacketBuf>(&self, pkt: B, r: SwitchDrop) {
+    fn drop_pkt(&self, pkt: B, r: SwitchDrop) {
         self.stats.count(r);
         drop(pkt);
     }
@@ -283,11 +328,15 @@ impl Switch {
         while self.lb.len() < p.vnets.len() {
             // A vnet's SNAT layout is fixed when its core is created (ports
             // in use must not move); later snapshots only add members.
+            let (me, workers) = self
+                .handoff
+                .as_ref()
+                .map_or((0, 1), |(w, h)| (*w, h.workers()));
             let snat = p
                 .vnets
                 .get(self.lb.len())
                 .and_then(|v| v.snat.clone())
-                .and_then(|c| SnatAllocator::new(c).ok());
+                .and_then(|c| SnatAllocator::for_worker(c, me, workers).ok());
             self.lb.push(LbCore::new(
                 self.cfg.conn_table_size,
                 self.cfg.timeouts,
@@ -638,13 +687,7 @@ impl Switch {
         Ok(())
     }
 
-    fn apply<B: PacketBuf>(
-        &mut self,
-        ctx: &mut Ctx<'_, B>,
-        mut pkt: B,
-        pk: &Parsed,
-        a: FlowAction,
-    ) {
+    fn apply(&mut self, ctx: &mut Ctx<'_, B>, mut pkt: B, pk: &Parsed, a: FlowAction) {
         let f = pkt.data_mut();
         let r = rewrite::set_src_mac(f, a.src_mac)
             .and_then(|_| rewrite::set_dst_mac(f, a.dst_mac))
@@ -659,69 +702,104 @@ impl Switch {
     }
 }
 
-impl<B: PacketBuf> Pipeline<B> for Switch {
-    fn process(&mut self, ctx: &mut Ctx<'_, B>, in_port: usize, pkts: &mut Batch<B>) {
+impl<B: PacketBuf> Switch<B> {
+    /// One packet received on `in_port`; `owned` when placement already
+    /// chose this worker (a packet from the mailbox).
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    fn packet(
+        &mut self,
+        ctx: &mut Ctx<'_, B>,
+        policy: &Policy,
+        in_port: usize,
+        mut pkt: B,
+        now: u64,
+        owned: bool,
+        tally: &mut (u64, u64, u64),
+    ) {
+        let in_port16 = in_port as u16;
+        let pk = match parse(pkt.data(), in_port16) {
+            Ok(p) => p,
+            Err(e) => {
+                ctx.drop_packet(pkt, DropReason::Malformed(e));
+                return;
+            }
+        };
+        if !owned && pk.is_ip() {
+            if let Some((me, h)) = &self.handoff {
+                let w = crate::placement::owner(policy, &pk.key, h.workers());
+                if w != *me {
+                    match h.queues.get(w).map(|q| q.push((in_port16, pkt))) {
+                        Some(Ok(())) => tally.2 += 1,
+                        Some(Err((_, pkt))) => self.drop_pkt(pkt, SwitchDrop::HandoffFull),
+                        None => {}
+                    }
+                    return;
+                }
+            }
+        }
+        let flags = tcp_flags(pkt.data(), &pk);
+        let len = pkt.len() as u64;
+        if let Some(e) = self.flows.get_mut(&pk.key) {
+            if e.generation == policy.generation {
+                e.last_seen = now;
+                e.packets += 1;
+                e.bytes += len;
+                let closing = flags & (TCP_FIN | TCP_RST | TCP_SYN) != 0;
+                if flags & (TCP_FIN | TCP_RST) != 0 {
+                    e.closing = true;
+                }
+                // Keep the load balancer's connection state current: at
+                // once for SYN/FIN/RST, otherwise at most once a second
+                // (its idle timeouts are minutes; touching it per packet
+                // costs cache misses on every hit).
+                let touch = e
+                    .action
+                    .lb
+                    .filter(|_| closing || now.saturating_sub(e.lb_touched) > 1_000_000_000);
+                if touch.is_some() {
+                    e.lb_touched = now;
+                }
+                let a = e.action;
+                if let Some((vn, conn, dir)) = touch {
+                    if let Some(l) = self.lb.get_mut(vn) {
+                        l.touch(conn, dir, flags, now);
+                    }
+                }
+                tally.0 += 1;
+                self.apply(ctx, pkt, &pk, a);
+                return;
+            }
+        }
+        tally.1 += 1;
+        match self.slow(policy, pkt.data_mut(), &pk, in_port16, now) {
+            Ok(Slow::Reply) => ctx.send(in_port, pkt),
+            Ok(Slow::Forward(a)) => self.apply(ctx, pkt, &pk, a),
+            Err(r) => self.drop_pkt(pkt, r),
+        }
+    }
+
+    /// The policy for this burst (noticing a new generation) and the time.
+    #[inline]
+    fn begin(&mut self, ctx: &Ctx<'_, B>) -> (Arc<Policy>, u64) {
         let policy = self.policy.load_full();
         if policy.generation != self.generation {
             self.on_new_generation(&policy);
         }
-        let now = self.clock.ticks_to_ns(ctx.now());
-        let in_port16 = in_port as u16;
-        let (mut fast, mut slow) = (0u64, 0u64);
-        for mut pkt in pkts.drain() {
-            let pk = match parse(pkt.data(), in_port16) {
-                Ok(p) => p,
-                Err(e) => {
-                    ctx.drop_packet(pkt, DropReason::Malformed(e));
-                    continue;
-                }
-            };
-            let flags = tcp_flags(pkt.data(), &pk);
-            let len = pkt.len() as u64;
-            if let Some(e) = self.flows.get_mut(&pk.key) {
-                if e.generation == policy.generation {
-                    e.last_seen = now;
-                    e.packets += 1;
-                    e.bytes += len;
-                    let closing = flags & (TCP_FIN | TCP_RST | TCP_SYN) != 0;
-                    if flags & (TCP_FIN | TCP_RST) != 0 {
-                        e.closing = true;
-                    }
-                    // Keep the load balancer's connection state current: at
-                    // once for SYN/FIN/RST, otherwise at most once a second
-                    // (its idle timeouts are minutes; touching it per packet
-                    // costs cache misses on every hit).
-                    let touch = e
-                        .action
-                        .lb
-                        .filter(|_| closing || now.saturating_sub(e.lb_touched) > 1_000_000_000);
-                    if touch.is_some() {
-                        e.lb_touched = now;
-                    }
-                    let a = e.action;
-                    if let Some((vn, conn, dir)) = touch {
-                        if let Some(l) = self.lb.get_mut(vn) {
-                            l.touch(conn, dir, flags, now);
-                        }
-                    }
-                    fast += 1;
-                    self.apply(ctx, pkt, &pk, a);
-                    continue;
-                }
-            }
-            slow += 1;
-            match self.slow(&policy, pkt.data_mut(), &pk, in_port16, now) {
-                Ok(Slow::Reply) => ctx.send(in_port, pkt),
-                Ok(Slow::Forward(a)) => self.apply(ctx, pkt, &pk, a),
-                Err(r) => self.drop_pkt(pkt, r),
-            }
-        }
-        // Counters once per burst, not per packet.
+        (policy, self.clock.ticks_to_ns(ctx.now()))
+    }
+
+    /// Counters once per burst, not per packet; periodic expiry.
+    #[inline]
+    fn end(&mut self, now: u64, (fast, slow, handed): (u64, u64, u64)) {
         if fast > 0 {
             self.stats.fast_path.fetch_add(fast, Ordering::Relaxed);
         }
         if slow > 0 {
             self.stats.slow_path.fetch_add(slow, Ordering::Relaxed);
+        }
+        if handed > 0 {
+            self.stats.handed_off.fetch_add(handed, Ordering::Relaxed);
         }
         if now.saturating_sub(self.last_expire) > 100_000_000 {
             self.last_expire = now;
@@ -730,5 +808,44 @@ impl<B: PacketBuf> Pipeline<B> for Switch {
                 l.expire(now, 4096);
             }
         }
+    }
+}
+
+impl<B: PacketBuf> Pipeline<B> for Switch<B> {
+    fn process(&mut self, ctx: &mut Ctx<'_, B>, in_port: usize, pkts: &mut Batch<B>) {
+        let (policy, now) = self.begin(ctx);
+        let mut tally = (0, 0, 0);
+        for pkt in pkts.drain() {
+            self.packet(ctx, &policy, in_port, pkt, now, false, &mut tally);
+        }
+        self.end(now, tally);
+    }
+
+    fn poll(&mut self, ctx: &mut Ctx<'_, B>) -> usize {
+        let Some((me, h)) = self.handoff.clone() else {
+            return 0;
+        };
+        let Some(q) = h.queues.get(me) else { return 0 };
+        if q.is_empty() {
+            return 0;
+        }
+        let (policy, now) = self.begin(ctx);
+        let mut tally = (0, 0, 0);
+        let mut n = 0;
+        while n < 2 * dataplane::BURST {
+            let Some((in_port, pkt)) = q.pop() else { break };
+            self.packet(
+                ctx,
+                &policy,
+                usize::from(in_port),
+                pkt,
+                now,
+                true,
+                &mut tally,
+            );
+            n += 1;
+        }
+        self.end(now, tally);
+        n
     }
 }

@@ -152,6 +152,22 @@ impl AfPacketPort {
         Self::open_with(name, iface, pool, RingSize::default())
     }
 
+    /// One queue of a multi-queue port: the socket joins fanout group
+    /// `group` of `iface` (hash mode), so the kernel spreads the interface's
+    /// frames over the group's sockets by flow; open one per worker with the
+    /// same group. Each socket has its own rings, so each worker transmits
+    /// on its own.
+    pub fn open_fanout(name: &str, iface: &str, pool: Pool, group: u16) -> Result<Self, PortError> {
+        let port = Self::open_with(name, iface, pool, RingSize::default())?;
+        let arg: libc::c_int =
+            libc::c_int::from(group) | ((libc::PACKET_FANOUT_HASH as libc::c_int) << 16);
+        set_opt(port.fd, libc::PACKET_FANOUT, &arg).map_err(|e| PortError::BadConfig {
+            port: name.to_string(),
+            reason: format!("fanout group {group} on {iface:?}: {e}"),
+        })?;
+        Ok(port)
+    }
+
     /// [`AfPacketPort::open`] with explicit ring sizes.
     pub fn open_with(
         name: &str,

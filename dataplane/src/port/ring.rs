@@ -58,6 +58,18 @@ pub fn pair<B: PacketBuf>(
 }
 
 impl<B> RingPort<B> {
+    /// Another handle on this end: the same queues, its own counters. Give
+    /// one to each worker and the end becomes a multi-queue port: every
+    /// packet is received by exactly one of them, and all may transmit.
+    pub fn share(&self) -> RingPort<B> {
+        RingPort {
+            info: self.info.clone(),
+            stats: Arc::default(),
+            rx: self.rx.clone(),
+            tx: self.tx.clone(),
+        }
+    }
+
     /// Packets waiting to be received on this end.
     pub fn rx_pending(&self) -> usize {
         self.rx.len()
