@@ -17,168 +17,40 @@
 //! says it is skipped and why.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
-use std::time::{Duration, Instant};
+mod common;
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
+use common::netns::{Lab, read, sh, skip_reason, wait_for};
+use std::time::Duration;
+
+/// (tag, address, MAC) of every namespace.
+const NODES: [(&str, &str, &str); 5] = [
+    ("d1", "10.1.0.4", "02:00:00:00:00:04"),
+    ("d2", "10.1.0.5", "02:00:00:00:00:05"),
+    ("d3", "10.1.0.6", "02:00:00:00:00:06"),
+    ("cl", "10.1.0.20", "02:00:00:00:00:20"),
+    ("ot", "10.1.0.30", "02:00:00:00:00:30"),
+];
+
+fn node(tag: &str) -> (&'static str, &'static str) {
+    let n = NODES.iter().find(|n| n.0 == tag).unwrap();
+    (n.1, n.2)
 }
 
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-fn sh(args: &[&str]) -> Output {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-struct Ns {
-    name: String,
-    host: String,
-    ip: &'static str,
-    mac: &'static str,
-}
-
-/// Namespaces, processes and files of one run; all removed on drop.
-struct Lab {
-    dir: PathBuf,
-    ns: Vec<Ns>,
-    children: Vec<Child>,
-}
-
-impl Lab {
-    fn new() -> Lab {
-        let id = std::process::id() % 100_000;
-        let dir = std::env::temp_dir().join(format!("pollux-e2e-{id}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut lab = Lab {
-            dir,
-            ns: Vec::new(),
-            children: Vec::new(),
-        };
-        for (tag, ip, mac) in [
-            ("d1", "10.1.0.4", "02:00:00:00:00:04"),
-            ("d2", "10.1.0.5", "02:00:00:00:00:05"),
-            ("d3", "10.1.0.6", "02:00:00:00:00:06"),
-            ("cl", "10.1.0.20", "02:00:00:00:00:20"),
-            ("ot", "10.1.0.30", "02:00:00:00:00:30"),
-        ] {
-            let ns = Ns {
-                name: format!("plx{id}{tag}"),
-                host: format!("plx{id}{tag}h"),
-                ip,
-                mac,
-            };
-            let _ = Command::new("ip").args(["netns", "del", &ns.name]).output();
-            lab.ns.push(ns);
-            let ns = lab.ns.last().unwrap();
-            sh(&["ip", "netns", "add", &ns.name]);
-            sh(&[
-                "ip", "link", "add", &ns.host, "type", "veth", "peer", "name", "eth0", "netns",
-                &ns.name,
-            ]);
-            // The host end carries only switched traffic: no IPv6 chatter.
-            let _ = Command::new("sysctl")
-                .args(["-qw", &format!("net.ipv6.conf.{}.disable_ipv6=1", ns.host)])
-                .output();
-            sh(&["ip", "link", "set", &ns.host, "up"]);
-            let cidr = format!("{}/16", ns.ip);
-            for cmd in [
+fn lab() -> Lab {
+    let mut lab = Lab::new("e2e");
+    for (tag, ip, mac) in NODES {
+        let cidr = format!("{ip}/16");
+        lab.add(
+            tag,
+            mac,
+            &[
                 vec!["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"],
-                vec!["ip", "link", "set", "lo", "up"],
-                vec!["ip", "link", "set", "eth0", "address", ns.mac],
                 vec!["ip", "addr", "add", &cidr, "dev", "eth0"],
-                vec!["ip", "link", "set", "eth0", "up"],
-                vec!["ip", "route", "add", "default", "via", "10.1.0.1"],
-                // Segmentation offloads would hand pollux 64 KB frames over
-                // veth; checksum offload stays on (pollux completes those).
-                vec![
-                    "ethtool", "-K", "eth0", "tso", "off", "gso", "off", "gro", "off",
-                ],
-            ] {
-                lab.exec(ns, &cmd);
-            }
-        }
-        lab
+            ],
+        );
+        lab.exec(tag, &["ip", "route", "add", "default", "via", "10.1.0.1"]);
     }
-
-    fn ns(&self, tag: &str) -> &Ns {
-        self.ns.iter().find(|n| n.name.ends_with(tag)).unwrap()
-    }
-
-    fn exec(&self, ns: &Ns, args: &[&str]) -> Output {
-        let mut all = vec!["ip", "netns", "exec", &ns.name];
-        all.extend_from_slice(args);
-        sh(&all)
-    }
-
-    /// Runs `cmd` with `bash -c` in namespace `tag`; returns its output
-    /// whatever the exit status.
-    fn bash(&self, tag: &str, cmd: &str) -> Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.ns(tag).name, "bash", "-c", cmd])
-            .output()
-            .unwrap()
-    }
-
-    fn spawn(&mut self, tag: &str, cmd: &str, log: &Path) -> usize {
-        let f = std::fs::File::create(log).unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.ns(tag).name, "bash", "-c", cmd])
-            .stdout(f.try_clone().unwrap())
-            .stderr(f)
-            .spawn()
-            .unwrap();
-        self.children.push(child);
-        self.children.len() - 1
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        for ns in &self.ns {
-            // Deleting a namespace deletes its veth pair with it.
-            let _ = Command::new("ip").args(["netns", "del", &ns.name]).output();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn wait_for(limit: Duration, mut what: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + limit;
-    while Instant::now() < end {
-        if what() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
-}
-
-fn read(p: &Path) -> String {
-    std::fs::read_to_string(p).unwrap_or_default()
+    lab
 }
 
 /// Requests from `client` for `path` in a DIP's http.server log.
@@ -196,10 +68,9 @@ fn config(lab: &Lab) -> String {
         )
     };
     let vm = |tag: &str, name: &str, vnet: &str, nsg: &str| {
-        let n = lab.ns(tag);
+        let (ip, mac) = node(tag);
         format!(
-            "[[vm]]\nname = \"{name}\"\nport = \"{name}\"\nvnet = \"{vnet}\"\nmac = \"{}\"\nips = [\"{}\"]\n{nsg}\n",
-            n.mac, n.ip
+            "[[vm]]\nname = \"{name}\"\nport = \"{name}\"\nvnet = \"{vnet}\"\nmac = \"{mac}\"\nips = [\"{ip}\"]\n{nsg}\n"
         )
     };
     let mut c = String::new();
@@ -270,20 +141,11 @@ const BIG: usize = 4 << 20;
 
 #[test]
 fn real_stacks_through_pollux_on_af_packet() {
-    if !is_root() {
-        eprintln!("skipped: needs root to create network namespaces and open packet sockets");
+    if let Some(why) = skip_reason(&["ip", "ethtool", "curl", "ping", "python3"]) {
+        eprintln!("skipped: {why}");
         return;
     }
-    let tools = ["ip", "ethtool", "curl", "ping", "python3"];
-    if let Some(t) = tools.iter().find(|t| !have(t)) {
-        assert!(
-            std::env::var_os("POLLUX_REQUIRE_TOOLS").is_none(),
-            "{t} is missing (scripts/test.sh installs it)"
-        );
-        eprintln!("skipped: {t} is not installed");
-        return;
-    }
-    let mut lab = Lab::new();
+    let mut lab = lab();
     let dir = lab.dir.clone();
     // Web roots: the DIP's name, a health file, a large file.
     for (i, tag) in ["d1", "d2", "d3"].iter().enumerate() {
@@ -292,7 +154,7 @@ fn real_stacks_through_pollux_on_af_packet() {
         std::fs::write(root.join("index.html"), format!("dip{}", i + 1)).unwrap();
         std::fs::write(root.join("health"), "ok").unwrap();
         std::fs::write(root.join("big"), vec![b'x'; BIG]).unwrap();
-        let ip = lab.ns(tag).ip;
+        let ip = node(tag).0;
         let cmd = format!(
             "exec python3 -u -m http.server 8000 --bind {ip} --directory {}",
             root.display()
@@ -312,23 +174,10 @@ fn scenario(lab: &mut Lab, workers: usize) {
         .iter()
         .map(|t| (*t, read(&dir.join(format!("{t}.log"))).len()))
         .collect();
-    let cfg = dir.join(format!("pollux-{workers}.toml"));
-    std::fs::write(
-        &cfg,
-        format!("[dataplane]\nworkers = {workers}\n{}", config(lab)),
-    )
-    .unwrap();
-    let log = dir.join(format!("pollux-{workers}.log"));
-    let out = dir.join(format!("pollux-{workers}.out"));
-    let pollux = Command::new(env!("CARGO_BIN_EXE_pollux"))
-        .args(["run", "--config", cfg.to_str().unwrap()])
-        .stdout(std::fs::File::create(&out).unwrap())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let pid = pollux.id().to_string();
-    lab.children.push(pollux);
-    let pollux_idx = lab.children.len() - 1;
+    let (pollux_idx, pid, out, log) = lab.pollux(
+        &format!("pollux-{workers}"),
+        &format!("[dataplane]\nworkers = {workers}\n{}", config(lab)),
+    );
 
     // 1. Every DIP comes up on its first successful probes.
     assert!(
@@ -398,7 +247,7 @@ fn scenario(lab: &mut Lab, workers: usize) {
     let victim_name = format!("dip{}", &victim[1..]);
     let health = dir.join(victim).join("health");
     std::fs::remove_file(&health).unwrap();
-    let victim_ip = lab.ns(victim).ip;
+    let victim_ip = node(victim).0;
     assert!(
         wait_for(Duration::from_secs(5), || read(&log)
             .contains(&format!("backend {victim_ip}:8000 down"))),

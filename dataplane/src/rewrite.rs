@@ -10,6 +10,7 @@
 //! pseudo-header, so address changes leave it alone; fragments other than the
 //! first carry no transport header, so only the IP header changes.
 
+use crate::buf::PacketBuf;
 use crate::parse::{L3, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Parsed};
 use crate::wire::{MacAddr, arp, checksum, icmp, tcp, udp};
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -286,6 +287,80 @@ pub fn complete_partial_checksum(frame: &mut [u8], p: &Parsed) -> Result<(), Rew
     put16(frame, at, c)
 }
 
+/// ICMPv6 message types of neighbour discovery and multicast listener
+/// discovery: link-local control traffic a switch answers or ignores, never
+/// forwards.
+pub fn is_icmpv6_link_control(frame: &[u8], p: &Parsed) -> bool {
+    p.l3 == L3::Ipv6
+        && p.key.proto == PROTO_ICMPV6
+        && p.has_l4
+        && frame
+            .get(usize::from(p.l4_off))
+            .is_some_and(|t| matches!(t, 130..=137 | 143))
+}
+
+/// A neighbour solicitation a switch may answer: (target, solicitor's
+/// address). `None` for anything else, for a solicitation with extension
+/// headers or a hop limit other than 255 (RFC 4861 says to ignore those).
+pub fn nd_solicitation(frame: &[u8], p: &Parsed) -> Option<([u8; 16], [u8; 16])> {
+    let (l3, l4) = (usize::from(p.l3_off), usize::from(p.l4_off));
+    if p.l3 != L3::Ipv6 || p.key.proto != PROTO_ICMPV6 || !p.has_l4 || l4 != l3 + 40 {
+        return None;
+    }
+    let icmp = frame.get(l4..l4 + 24)?;
+    if icmp[0] != 135 || icmp[1] != 0 || frame.get(l3 + 7) != Some(&255) {
+        return None;
+    }
+    let target: [u8; 16] = icmp[8..24].try_into().ok()?;
+    let src: [u8; 16] = frame.get(l3 + 8..l3 + 24)?.try_into().ok()?;
+    Some((target, src))
+}
+
+/// Turns a neighbour solicitation ([`nd_solicitation`]) into the
+/// advertisement of its target at `mac`, in place: sent from the target to
+/// the solicitor, router, solicited and override flags set, with a
+/// target link-layer address option. The packet is resized to fit.
+pub fn neighbor_advert<B: PacketBuf>(
+    pkt: &mut B,
+    p: &Parsed,
+    mac: MacAddr,
+) -> Result<(), RewriteError> {
+    let (target, solicitor) = nd_solicitation(pkt.data(), p).ok_or(RewriteError::Mismatch)?;
+    let (l3, l4) = (usize::from(p.l3_off), usize::from(p.l4_off));
+    const NA_LEN: usize = 32;
+    let want = l4 + NA_LEN;
+    let len = pkt.len();
+    if len < want {
+        pkt.append(want - len).map_err(|_| RewriteError::Mismatch)?;
+    } else if len > want {
+        pkt.trim(len - want).map_err(|_| RewriteError::Mismatch)?;
+    }
+    let f = pkt.data_mut();
+    let requester: [u8; 6] = f
+        .get(6..12)
+        .and_then(|m| m.try_into().ok())
+        .ok_or(RewriteError::Mismatch)?;
+    set_dst_mac(f, MacAddr(requester))?;
+    set_src_mac(f, mac)?;
+    let ip = f.get_mut(l3..l3 + 40).ok_or(RewriteError::Mismatch)?;
+    ip[4..6].copy_from_slice(&(NA_LEN as u16).to_be_bytes());
+    ip[7] = 255;
+    ip[8..24].copy_from_slice(&target);
+    ip[24..40].copy_from_slice(&solicitor);
+    let icmp = f.get_mut(l4..l4 + NA_LEN).ok_or(RewriteError::Mismatch)?;
+    icmp.fill(0);
+    icmp[0] = 136;
+    icmp[4] = 0xe0; // router, solicited, override
+    icmp[8..24].copy_from_slice(&target);
+    icmp[24] = 2; // target link-layer address
+    icmp[25] = 1; // in units of 8 bytes
+    icmp[26..32].copy_from_slice(&mac.0);
+    let pseudo = checksum::pseudo_v6(target, solicitor, PROTO_ICMPV6, NA_LEN as u32);
+    let c = !checksum::fold(checksum::combine(pseudo, checksum::sum(icmp)));
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    Ok(())
+}
+
 /// True when `frame` is an ICMP (v4) or ICMPv6 echo request.
 pub fn is_echo_request(frame: &[u8], p: &Parsed) -> bool {
     let want = match (p.l3, p.key.proto) {
@@ -493,6 +568,69 @@ mod tests {
         assert_eq!(q.key.dst_port, 8080);
         assert_eq!(f[14 + 8], 63);
         assert_eq!(&f[0..6], &[2, 0, 0, 0, 0, 5]);
+    }
+
+    /// A neighbour solicitation for `target` from `src`, with or without
+    /// the source link-layer address option.
+    fn solicitation(src: [u8; 16], target: [u8; 16], option: bool, hop: u8) -> Vec<u8> {
+        let mut icmp = vec![135u8, 0, 0, 0, 0, 0, 0, 0];
+        icmp.extend_from_slice(&target);
+        if option {
+            icmp.extend_from_slice(&[1, 1, 2, 0, 0, 0, 0, 4]);
+        }
+        let dst = [
+            0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, target[13], target[14], target[15],
+        ];
+        let pseudo = checksum::pseudo_v6(src, dst, 58, icmp.len() as u32);
+        let c = !checksum::fold(checksum::combine(pseudo, checksum::sum(&icmp)));
+        icmp[2..4].copy_from_slice(&c.to_be_bytes());
+        let mut f = vec![
+            0x33, 0x33, 0xff, target[13], target[14], target[15], 2, 0, 0, 0, 0, 4, 0x86, 0xdd,
+        ];
+        f.extend_from_slice(&[0x60, 0, 0, 0]);
+        f.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+        f.extend_from_slice(&[58, hop]);
+        f.extend_from_slice(&src);
+        f.extend_from_slice(&dst);
+        f.extend_from_slice(&icmp);
+        f
+    }
+
+    #[test]
+    fn neighbour_solicitations_get_advertisements() {
+        let pool = crate::pool::Pool::new(&crate::pool::PoolConfig::new("nd", 8)).unwrap();
+        let me = [0xfd, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x20];
+        let gw = [0xfd, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        let mac = MacAddr([0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc]);
+        for option in [true, false] {
+            let f = solicitation(me, gw, option, 255);
+            let mut pkt = pool.alloc_copy(&f).unwrap();
+            let p = parse(pkt.data(), 0).unwrap();
+            assert!(is_icmpv6_link_control(pkt.data(), &p));
+            assert_eq!(nd_solicitation(pkt.data(), &p), Some((gw, me)));
+            neighbor_advert(&mut pkt, &p, mac).unwrap();
+            let d = pkt.data();
+            assert_eq!(d.len(), 14 + 40 + 32);
+            assert_checksums_ok(d);
+            assert_eq!((&d[0..6], &d[6..12]), (&[2, 0, 0, 0, 0, 4][..], &mac.0[..]));
+            assert_eq!((&d[22..38], &d[38..54]), (&gw[..], &me[..]));
+            assert_eq!((d[21], d[54], d[58]), (255, 136, 0xe0));
+            assert_eq!(&d[62..78], &gw[..]);
+            assert_eq!(&d[78..86], &[2, 1, 0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc]);
+        }
+        // A hop limit other than 255 means it crossed a router: ignored.
+        let f = solicitation(me, gw, true, 64);
+        let p = parse(&f, 0).unwrap();
+        assert_eq!(nd_solicitation(&f, &p), None);
+        let mut t = tcp4_frame();
+        let p = parse(&t, 0).unwrap();
+        assert!(!is_icmpv6_link_control(&t, &p));
+        let mut b = pool.alloc_copy(&t).unwrap();
+        assert_eq!(
+            neighbor_advert(&mut b, &p, mac),
+            Err(RewriteError::Mismatch)
+        );
+        t.clear();
     }
 
     #[test]

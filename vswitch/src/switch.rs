@@ -49,6 +49,10 @@ pub enum SwitchDrop {
     Unsupported,
     /// The owning worker's mailbox was full.
     HandoffFull,
+    /// IPv6 neighbour or multicast-listener discovery the switch does not
+    /// answer (advertisements, router and listener messages, duplicate
+    /// address detection, targets outside the vnet).
+    NdIgnored,
     /// TTL or hop limit expired.
     TtlExpired,
     /// The header rewrite failed.
@@ -57,7 +61,7 @@ pub enum SwitchDrop {
     Lb(LbDrop),
 }
 
-const BASE: [SwitchDrop; 9] = [
+const BASE: [SwitchDrop; 10] = [
     SwitchDrop::Spoofed,
     SwitchDrop::AclDeny,
     SwitchDrop::NoRoute,
@@ -65,6 +69,7 @@ const BASE: [SwitchDrop; 9] = [
     SwitchDrop::ArpIgnored,
     SwitchDrop::Unsupported,
     SwitchDrop::HandoffFull,
+    SwitchDrop::NdIgnored,
     SwitchDrop::TtlExpired,
     SwitchDrop::RewriteFailed,
 ];
@@ -97,6 +102,7 @@ impl SwitchDrop {
             SwitchDrop::ArpIgnored => "arp_ignored",
             SwitchDrop::Unsupported => "unsupported",
             SwitchDrop::HandoffFull => "handoff_full",
+            SwitchDrop::NdIgnored => "nd_ignored",
             SwitchDrop::TtlExpired => "ttl_expired",
             SwitchDrop::RewriteFailed => "rewrite_failed",
             SwitchDrop::Lb(r) => r.name(),
@@ -116,6 +122,8 @@ pub struct SwitchStats {
     pub arp_replies: AtomicU64,
     /// ICMP echo requests to a VIP or public address answered.
     pub icmp_replies: AtomicU64,
+    /// IPv6 neighbour solicitations answered.
+    pub nd_replies: AtomicU64,
     /// Flows installed.
     pub flows_installed: AtomicU64,
     /// Packets handed to the worker that owns their connection.
@@ -130,6 +138,7 @@ impl Default for SwitchStats {
             slow_path: AtomicU64::new(0),
             arp_replies: AtomicU64::new(0),
             icmp_replies: AtomicU64::new(0),
+            nd_replies: AtomicU64::new(0),
             flows_installed: AtomicU64::new(0),
             handed_off: AtomicU64::new(0),
         }
@@ -238,6 +247,8 @@ enum Hop<'a> {
 enum Slow {
     /// Send this (rewritten) packet back out of its port (ARP reply).
     Reply,
+    /// Answer this neighbour solicitation with an advertisement at this MAC.
+    Advert(dataplane::MacAddr),
     /// Forward with this action.
     Forward(FlowAction),
 }
@@ -420,6 +431,9 @@ impl<B: PacketBuf> Switch<B> {
             }
             L3::Ipv4 | L3::Ipv6 => {}
             L3::Other => return Err(SwitchDrop::Unsupported),
+        }
+        if rewrite::is_icmpv6_link_control(frame, pk) {
+            return self.nd(p, vm, frame, pk);
         }
         if !vm.ips.contains(&pk.key.src()) {
             return Err(SwitchDrop::Spoofed);
@@ -687,6 +701,35 @@ impl<B: PacketBuf> Switch<B> {
         Ok(())
     }
 
+    /// IPv6's ARP: a neighbour solicitation from a VM for any address of its
+    /// vnet, a VIP, or a link-local address (the gateway) is answered with
+    /// the gateway MAC (any target for an internal endpoint). Duplicate
+    /// address detection (source `::`) is never answered, so a VM's own
+    /// address is never claimed.
+    fn nd(
+        &self,
+        p: &Policy,
+        vm: &crate::policy::Vm,
+        frame: &[u8],
+        pk: &Parsed,
+    ) -> Result<Slow, SwitchDrop> {
+        let vn = p.vnets.get(vm.vnet).ok_or(SwitchDrop::NoRoute)?;
+        let (target, src) = rewrite::nd_solicitation(frame, pk).ok_or(SwitchDrop::NdIgnored)?;
+        let link_local = |a: &[u8; 16]| a[0] == 0xfe && a[1] & 0xc0 == 0x80;
+        if src == [0; 16] {
+            return Err(SwitchDrop::NdIgnored);
+        }
+        if !link_local(&src) && !vm.ips.contains(&dataplane::parse::from16(src)) {
+            return Err(SwitchDrop::Spoofed);
+        }
+        let t = dataplane::parse::from16(target);
+        if vm.internal || link_local(&target) || vn.contains(&t) || vn.vips.has_address(t) {
+            Ok(Slow::Advert(vn.gateway_mac))
+        } else {
+            Err(SwitchDrop::NdIgnored)
+        }
+    }
+
     fn apply(&mut self, ctx: &mut Ctx<'_, B>, mut pkt: B, pk: &Parsed, a: FlowAction) {
         let f = pkt.data_mut();
         let r = rewrite::set_src_mac(f, a.src_mac)
@@ -774,6 +817,13 @@ impl<B: PacketBuf> Switch<B> {
         tally.1 += 1;
         match self.slow(policy, pkt.data_mut(), &pk, in_port16, now) {
             Ok(Slow::Reply) => ctx.send(in_port, pkt),
+            Ok(Slow::Advert(mac)) => match rewrite::neighbor_advert(&mut pkt, &pk, mac) {
+                Ok(()) => {
+                    self.stats.nd_replies.fetch_add(1, Ordering::Relaxed);
+                    ctx.send(in_port, pkt)
+                }
+                Err(_) => self.drop_pkt(pkt, SwitchDrop::RewriteFailed),
+            },
             Ok(Slow::Forward(a)) => self.apply(ctx, pkt, &pk, a),
             Err(r) => self.drop_pkt(pkt, r),
         }

@@ -1,0 +1,209 @@
+//! A lab of network namespaces for end-to-end tests: each namespace has an
+//! `eth0` that is one end of a veth pair whose other end stays in the root
+//! namespace for pollux's `af_packet` ports. Everything (namespaces,
+//! processes, files) is removed on drop, also when a test fails.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+/// True when running as root.
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// True when `tool` is on the PATH.
+pub fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// `None` when the lab can run here; otherwise why it is skipped (printed).
+/// Missing tools fail instead when `POLLUX_REQUIRE_TOOLS` is set (CI).
+pub fn skip_reason(tools: &[&str]) -> Option<String> {
+    if !is_root() {
+        return Some("needs root to create network namespaces and open packet sockets".into());
+    }
+    let t = tools.iter().find(|t| !have(t))?;
+    assert!(
+        std::env::var_os("POLLUX_REQUIRE_TOOLS").is_none(),
+        "{t} is missing (scripts/test.sh installs it)"
+    );
+    Some(format!("{t} is not installed"))
+}
+
+/// Runs a command, panicking with its stderr if it fails.
+pub fn sh(args: &[&str]) -> Output {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// One namespace.
+pub struct Ns {
+    /// Namespace name.
+    pub name: String,
+    /// The veth end in the root namespace.
+    pub host: String,
+    /// Its short tag.
+    pub tag: String,
+}
+
+/// Namespaces, processes and files of one run; all removed on drop.
+pub struct Lab {
+    /// Scratch directory.
+    pub dir: PathBuf,
+    ns: Vec<Ns>,
+    /// Processes to kill at the end.
+    pub children: Vec<Child>,
+}
+
+impl Lab {
+    /// An empty lab; `prefix` keeps names of different tests apart.
+    pub fn new(prefix: &str) -> Lab {
+        let id = std::process::id() % 100_000;
+        let dir = std::env::temp_dir().join(format!("pollux-{prefix}-{id}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Lab {
+            dir,
+            ns: Vec::new(),
+            children: Vec::new(),
+        }
+    }
+
+    /// Adds namespace `tag` (at most 3 characters) whose `eth0` has `mac`,
+    /// is up with segmentation offloads off (they would hand pollux 64 KB
+    /// frames; checksum offload stays on, pollux completes those), and runs
+    /// `setup` (commands inside the namespace). The host end is up, with
+    /// IPv6 off so the root namespace adds no chatter.
+    pub fn add(&mut self, tag: &str, mac: &str, setup: &[Vec<&str>]) {
+        let id = std::process::id() % 100_000;
+        let ns = Ns {
+            name: format!("plx{id}{tag}"),
+            host: format!("plx{id}{tag}h"),
+            tag: tag.to_string(),
+        };
+        let _ = Command::new("ip").args(["netns", "del", &ns.name]).output();
+        sh(&["ip", "netns", "add", &ns.name]);
+        self.ns.push(ns);
+        let ns = self.ns.last().unwrap();
+        sh(&[
+            "ip", "link", "add", &ns.host, "type", "veth", "peer", "name", "eth0", "netns",
+            &ns.name,
+        ]);
+        let _ = Command::new("sysctl")
+            .args(["-qw", &format!("net.ipv6.conf.{}.disable_ipv6=1", ns.host)])
+            .output();
+        sh(&["ip", "link", "set", &ns.host, "up"]);
+        let base = [
+            vec!["ip", "link", "set", "lo", "up"],
+            vec!["ip", "link", "set", "eth0", "address", mac],
+            vec![
+                "ethtool", "-K", "eth0", "tso", "off", "gso", "off", "gro", "off",
+            ],
+        ];
+        for cmd in base.iter().chain(setup) {
+            self.exec(tag, cmd);
+        }
+        self.exec(tag, &["ip", "link", "set", "eth0", "up"]);
+    }
+
+    /// Namespace `tag`.
+    pub fn ns(&self, tag: &str) -> &Ns {
+        self.ns.iter().find(|n| n.tag == tag).unwrap()
+    }
+
+    /// Runs a command in namespace `tag`; panics if it fails.
+    pub fn exec(&self, tag: &str, args: &[&str]) -> Output {
+        let name = self.ns(tag).name.clone();
+        let mut all = vec!["ip", "netns", "exec", name.as_str()];
+        all.extend_from_slice(args);
+        sh(&all)
+    }
+
+    /// Runs `cmd` with `bash -c` in namespace `tag`; returns its output
+    /// whatever the exit status.
+    pub fn bash(&self, tag: &str, cmd: &str) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns(tag).name, "bash", "-c", cmd])
+            .output()
+            .unwrap()
+    }
+
+    /// Starts `cmd` (bash) in namespace `tag`, output to `log`.
+    pub fn spawn(&mut self, tag: &str, cmd: &str, log: &Path) -> usize {
+        let f = std::fs::File::create(log).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns(tag).name, "bash", "-c", cmd])
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap();
+        self.children.push(child);
+        self.children.len() - 1
+    }
+
+    /// Starts `pollux run` on `config`; returns (child index, pid, stdout
+    /// file, stderr file).
+    pub fn pollux(&mut self, name: &str, config: &str) -> (usize, String, PathBuf, PathBuf) {
+        let cfg = self.dir.join(format!("{name}.toml"));
+        std::fs::write(&cfg, config).unwrap();
+        let out = self.dir.join(format!("{name}.out"));
+        let log = self.dir.join(format!("{name}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_pollux"))
+            .args(["run", "--config", cfg.to_str().unwrap()])
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let pid = child.id().to_string();
+        self.children.push(child);
+        (self.children.len() - 1, pid, out, log)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for ns in &self.ns {
+            // Deleting a namespace deletes its veth pair with it.
+            let _ = Command::new("ip").args(["netns", "del", &ns.name]).output();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Polls `what` every 50 ms until it holds or `limit` passes.
+pub fn wait_for(limit: Duration, mut what: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if what() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// A file's text, empty if it cannot be read.
+pub fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
