@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # HTTP requests per second through a VIP, in one run:
 #   1. pollux (release build, `pollux run`, one worker) on af_packet ports
-#      between network namespaces;
+#      between network namespaces, then on af_xdp ports;
 #   2. the same clients and servers behind the Linux kernel as the load
 #      balancer: a router namespace with a bridge and nftables DNAT
 #      (numgen round robin over the three DIPs) — the baseline.
@@ -106,13 +106,23 @@ done
     printf '[[vip]]\nname = "web"\nvnet = "a"\naddress = "10.1.0.100"\nport = 80\nprotocol = "tcp"\n'
     printf 'backends = [ { vm = "dip1", port = 8000 }, { vm = "dip2", port = 8000 }, { vm = "dip3", port = 8000 } ]\n'
 } > "$tmp/pollux.toml"
-target/release/pollux run --config "$tmp/pollux.toml" > "$tmp/pollux.out" 2> "$tmp/pollux.log" &
-pollux_pid=$!
-sleep 1
-ip netns exec "$c" curl -s --max-time 5 http://10.1.0.100/ > /dev/null || { cat "$tmp/pollux.log"; echo "pollux path does not answer"; exit 1; }
-read -r p_rps p_p50 p_p99 < <(wrk_in "$c" http://10.1.0.100/)
-kill "$pollux_pid"; wait "$pollux_pid" || true; pollux_pid=""
-drops=$(grep -E "^switch drops|^malformed" "$tmp/pollux.out" | tr '\n' ' ')
+run_pollux() { # CONFIG -> "rps p50 p99", drops in $tmp/drops
+    target/release/pollux run --config "$1" > "$tmp/pollux.out" 2> "$tmp/pollux.log" &
+    pollux_pid=$!
+    sleep 1
+    ip netns exec "$c" curl -s --max-time 5 http://10.1.0.100/ > /dev/null || { cat "$tmp/pollux.log" >&2; echo "pollux path does not answer" >&2; exit 1; }
+    wrk_in "$c" http://10.1.0.100/
+    kill "$pollux_pid"; wait "$pollux_pid" || true; pollux_pid=""
+    grep -E "^switch drops|^malformed" "$tmp/pollux.out" | tr '\n' ' ' >> "$tmp/drops"
+}
+run_pollux "$tmp/pollux.toml" > "$tmp/res"
+read -r p_rps p_p50 p_p99 < "$tmp/res"
+# AF_XDP: senders must fill in their checksums (XDP gets no partial mark).
+for n in "$c" "${d[@]}"; do ip netns exec "$n" ethtool -K eth0 tx off >/dev/null; done
+sed 's/driver = "af_packet"/driver = "af_xdp"/' "$tmp/pollux.toml" > "$tmp/pollux-xdp.toml"
+run_pollux "$tmp/pollux-xdp.toml" > "$tmp/res"
+read -r x_rps x_p50 x_p99 < "$tmp/res"
+drops=$(cat "$tmp/drops")
 for n in "$c" "${d[@]}"; do ip netns pids "$n" | xargs -r kill; ip netns del "$n"; done
 nsl=()
 
@@ -144,11 +154,13 @@ table ip lb {
 }
 EOF
 ip netns exec "$c" curl -s --max-time 5 http://10.9.0.100/ > /dev/null || { echo "kernel path does not answer"; exit 1; }
-read -r k_rps k_p50 k_p99 < <(wrk_in "$c" http://10.9.0.100/)
+wrk_in "$c" http://10.9.0.100/ > "$tmp/res"
+read -r k_rps k_p50 k_p99 < "$tmp/res"
 
 echo "wrk -t1 -c$conns -d${secs}s, nginx x3 (1 worker each), 64-byte bodies"
 printf '%-34s %10s %10s %10s\n' "path" "req/s" "p50" "p99"
 printf '%-34s %10s %10s %10s\n' "pollux af_packet (1 worker)" "$p_rps" "$p_p50" "$p_p99"
+printf '%-34s %10s %10s %10s\n' "pollux af_xdp (1 worker)" "$x_rps" "$x_p50" "$x_p99"
 printf '%-34s %10s %10s %10s\n' "kernel: bridge + nftables DNAT" "$k_rps" "$k_p50" "$k_p99"
-awk -v a="$p_rps" -v b="$k_rps" 'BEGIN { printf "ratio pollux/kernel: %.2f\n", a / b }'
+awk -v a="$p_rps" -v x="$x_rps" -v b="$k_rps" 'BEGIN { printf "ratio to kernel: af_packet %.2f, af_xdp %.2f\n", a / b, x / b }'
 echo "pollux: $drops"

@@ -63,9 +63,9 @@ pub struct DpdkCfg {
 pub struct PortCfg {
     /// Port name.
     pub name: String,
-    /// `ring`, `pcap`, `af_packet` or `dpdk`.
+    /// `ring`, `pcap`, `af_packet`, `af_xdp` or `dpdk`.
     pub driver: String,
-    /// Kernel interface (`af_packet`).
+    /// Kernel interface (`af_packet`, `af_xdp`).
     pub iface: Option<String>,
     /// DPDK device arguments (`dpdk`).
     pub devargs: Option<String>,
@@ -472,9 +472,9 @@ impl Config {
                     ));
                 }
             }
-            "af_packet" => {
+            "af_packet" | "af_xdp" => {
                 if !has(&p.iface) {
-                    errs.push(format!("port {name:?}: an af_packet port needs iface"));
+                    errs.push(format!("port {name:?}: an {} port needs iface", p.driver));
                 }
             }
             "dpdk" => {
@@ -488,7 +488,7 @@ impl Config {
                 }
             }
             other => errs.push(format!(
-                "port {name:?}: driver {other:?} is not one of ring, pcap, af_packet, dpdk"
+                "port {name:?}: driver {other:?} is not one of ring, pcap, af_packet, af_xdp, dpdk"
             )),
         }
         if let Some(m) = p.mtu {
@@ -889,7 +889,7 @@ threshold = 0
 "#;
         let p = problems(text);
         let want = [
-            "port \"p1\": driver \"warp\" is not one of ring, pcap, af_packet, dpdk",
+            "port \"p1\": driver \"warp\" is not one of ring, pcap, af_packet, af_xdp, dpdk",
             "port \"p2\": an af_packet port needs iface",
             "vnet \"a\": prefix \"10.2.0.1/16\" has host bits set (did you mean 10.2.0.0/16?)",
             "vnet \"a\": gateway_mac: invalid MAC address \"12:34:56:78:9a:zz\"",

@@ -10,7 +10,8 @@
 //! 168.63.129.16, as Azure), so probes take the tenant path. Each health
 //! change is published as a new policy generation and logged on stderr.
 //!
-//! Drivers available to `run` today: `af_packet` (a kernel interface),
+//! Drivers available to `run` today: `af_packet` and `af_xdp` (kernel
+//! interfaces; `af_xdp` with one worker),
 //! `pcap` (replay a capture into the switch, record what it sends) and `ring`
 //! (an unconnected in-memory port); `dpdk` ports are refused with a clear
 //! message until their issue lands, and so are pcap ports with several
@@ -24,6 +25,7 @@ use crate::config::{Config, ProbeCfg};
 use arc_swap::ArcSwap;
 use dataplane::pool::{Pool, PoolBuf, PoolConfig};
 use dataplane::port::af_packet::AfPacketPort;
+use dataplane::port::af_xdp::AfXdpPort;
 use dataplane::port::pcap::PcapPort;
 use dataplane::port::ring::{self, RingPort};
 use dataplane::worker::Worker;
@@ -204,6 +206,13 @@ fn open_ports(
                     set.push(Box::new(port.map_err(err)?));
                 }
             }
+            "af_xdp" => {
+                let iface = p.iface.as_deref().unwrap_or_default();
+                for set in sets.iter_mut() {
+                    let port = AfXdpPort::open(&p.name, iface, 0, pool).map_err(err)?;
+                    set.push(Box::new(port));
+                }
+            }
             _ => {
                 let (sw, peer) = ring::pair(
                     LinkInfo::new(&p.name, mac, "ring"),
@@ -233,10 +242,16 @@ pub fn run(cfg: &Config) -> Result<Vec<String>, Vec<String>> {
         ));
     }
     for p in &cfg.port {
-        if !matches!(p.driver.as_str(), "pcap" | "ring" | "af_packet") {
+        if !matches!(p.driver.as_str(), "pcap" | "ring" | "af_packet" | "af_xdp") {
             problems.push(format!(
-                "port {:?}: driver {:?} is not available to `pollux run` yet (pcap, ring and af_packet are)",
+                "port {:?}: driver {:?} is not available to `pollux run` yet (pcap, ring, af_packet and af_xdp are)",
                 p.name, p.driver
+            ));
+        }
+        if p.driver == "af_xdp" && workers > 1 {
+            problems.push(format!(
+                "port {:?}: an af_xdp port binds one queue so far; with workers = {workers} use af_packet ports",
+                p.name
             ));
         }
         if p.driver == "pcap" && workers > 1 {

@@ -2,11 +2,13 @@
 //!
 //! A port moves bursts of packets in and out. It is owned by one worker, which
 //! calls it from one thread; its counters are shared atomics the control thread
-//! reads. Drivers: [`ring`] (in-memory pairs), [`pcap`] (files) and
-//! [`af_packet`] (kernel interfaces, Linux).
+//! reads. Drivers: [`ring`] (in-memory pairs), [`pcap`] (files), and for
+//! kernel interfaces (Linux) [`af_packet`] and [`af_xdp`].
 
 #[cfg(target_os = "linux")]
 pub mod af_packet;
+#[cfg(target_os = "linux")]
+pub mod af_xdp;
 pub mod pcap;
 pub mod ring;
 

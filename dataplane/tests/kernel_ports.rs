@@ -1,9 +1,10 @@
-//! The AF_PACKET port against a real kernel stack: a network namespace behind
-//! a veth pair (created here, removed at the end even on failure). The test
-//! plays the neighbour of the namespace: it answers ARP and ping through the
-//! port, so `ping` in the namespace succeeds only if rx and tx both work; and
-//! it checks that a TCP SYN the kernel sent with checksum offload arrives
-//! with its checksum completed.
+//! The kernel-interface ports (AF_PACKET, AF_XDP) against a real kernel
+//! stack: a network namespace behind a veth pair (created here, removed at
+//! the end even on failure). The test plays the neighbour of the namespace:
+//! it answers ARP and ping through the port, so `ping` in the namespace
+//! succeeds only if rx and tx both work; and it checks that a TCP SYN the
+//! kernel sent with checksum offload arrives (AF_PACKET) with its checksum
+//! completed.
 //!
 //! Needs root (namespaces, packet sockets) and `ip`, `ping`, `bash`; without
 //! root it says it is skipped and why.
@@ -11,6 +12,7 @@
 
 use dataplane::pool::{Pool, PoolConfig};
 use dataplane::port::af_packet::AfPacketPort;
+use dataplane::port::af_xdp::AfXdpPort;
 use dataplane::{Batch, MacAddr, PacketBuf, Port, parse, rewrite};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -99,18 +101,17 @@ fn open_errors_name_the_interface() {
         let e = AfPacketPort::open("p", "lo", pool).unwrap_err();
         assert!(e.to_string().contains("needs CAP_NET_RAW"), "{e}");
     }
+    let e = AfXdpPort::open("x", "nosuchif0", 0, pool).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("port \"x\": interface \"nosuchif0\" does not exist"),
+        "{e}"
+    );
 }
 
-#[test]
-fn a_kernel_stack_pings_through_the_port() {
-    if !is_root() {
-        eprintln!("skipped: needs root to create network namespaces and packet sockets");
-        return;
-    }
-    let net = Netns::new("p");
-    let pool = Pool::new(&PoolConfig::new("afp-ping", 1024)).unwrap();
-    let mut port = AfPacketPort::open("veth", &net.host, pool).unwrap();
-    assert_eq!(port.info().driver, "af_packet");
+/// Plays the namespace's neighbour 10.99.0.1 on `port` (ARP and ping
+/// answered) while `ping` runs in the namespace; panics unless it succeeds.
+fn answer_pings(net: &Netns, port: &mut impl Port<Buf = dataplane::pool::PoolBuf>) {
     let mut ping = net.spawn(&["ping", "-c", "3", "-i", "0.2", "-W", "2", "10.99.0.1"]);
     let (mut arp, mut echo) = (0, 0);
     let end = Instant::now() + Duration::from_secs(10);
@@ -153,6 +154,47 @@ fn a_kernel_stack_pings_through_the_port() {
     let s = port.stats().snapshot();
     assert!(s.rx_packets >= 4 && s.tx_packets >= 4, "{s:?}");
     assert_eq!(s.drops, 0, "{:?}", port.stats().drops.nonzero());
+}
+
+#[test]
+fn a_kernel_stack_pings_through_the_port() {
+    if !is_root() {
+        eprintln!("skipped: needs root to create network namespaces and packet sockets");
+        return;
+    }
+    let net = Netns::new("p");
+    let pool = Pool::new(&PoolConfig::new("afp-ping", 1024)).unwrap();
+    let mut port = AfPacketPort::open("veth", &net.host, pool).unwrap();
+    assert_eq!(port.info().driver, "af_packet");
+    answer_pings(&net, &mut port);
+}
+
+#[test]
+fn a_kernel_stack_pings_through_an_xdp_socket() {
+    if !is_root() {
+        eprintln!("skipped: needs root to create network namespaces and XDP sockets");
+        return;
+    }
+    let net = Netns::new("x");
+    let pool = Pool::new(&PoolConfig::new("xdp-ping", 1024)).unwrap();
+    let mut port = AfXdpPort::open("veth", &net.host, 0, pool).unwrap();
+    assert_eq!(port.info().driver, "af_xdp");
+    answer_pings(&net, &mut port);
+    let native = port.native();
+    drop(port);
+    // Closing the port detached the program: the interface is clean.
+    let out = Command::new("ip")
+        .args(["link", "show", &net.host])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !text.contains("xdp"),
+        "XDP still attached (native {native}): {text}"
+    );
+    // A second open on the same interface works (nothing left behind).
+    let again = AfXdpPort::open("veth", &net.host, 0, pool).unwrap();
+    drop(again);
 }
 
 #[test]
