@@ -308,3 +308,56 @@ threshold = 2
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn kernel_ports_without_privileges_name_the_capability() {
+    // As root, drop to `nobody` for the run; as a user, run as is.
+    let root = std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
+    let dir = std::env::temp_dir().join(format!("pollux-nopriv-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (driver, want) in [
+        ("af_packet", "needs CAP_NET_RAW"),
+        ("af_xdp", "needs CAP_NET_RAW, CAP_NET_ADMIN and CAP_BPF"),
+    ] {
+        let path = dir.join(format!("{driver}.toml"));
+        std::fs::write(
+            &path,
+            format!("[[port]]\nname = \"vm1\"\ndriver = \"{driver}\"\niface = \"lo\"\n"),
+        )
+        .unwrap();
+        let args = ["run", "--config", path.to_str().unwrap()];
+        let out = if root {
+            // A copy `nobody` can reach, wherever the build lives.
+            use std::os::unix::fs::PermissionsExt;
+            let bin = dir.join("pollux");
+            if !bin.exists() {
+                std::fs::copy(env!("CARGO_BIN_EXE_pollux"), &bin).unwrap();
+            }
+            for (p, mode) in [(&dir, 0o755), (&path, 0o644), (&bin, 0o755)] {
+                std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+            }
+            Command::new("setpriv")
+                .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .arg(&bin)
+                .args(args)
+                .output()
+                .unwrap()
+        } else {
+            Command::new(env!("CARGO_BIN_EXE_pollux"))
+                .args(args)
+                .output()
+                .unwrap()
+        };
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains(&format!("port \"vm1\": opening")) && err.contains(want),
+            "{driver}: {err}"
+        );
+        assert!(err.contains("on \"lo\""), "{err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
