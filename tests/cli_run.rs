@@ -354,7 +354,7 @@ fn kernel_ports_without_privileges_name_the_capability() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{err}");
         assert!(
-            err.contains(&format!("port \"vm1\": opening")) && err.contains(want),
+            err.contains("port \"vm1\": opening") && err.contains(want),
             "{driver}: {err}"
         );
         assert!(err.contains("on \"lo\""), "{err}");
