@@ -82,6 +82,25 @@ pub struct FlowAction {
     pub nat: Rewrite,
     /// The load-balancer connection this flow belongs to: (vnet, slot, direction).
     pub lb: Option<(usize, u32, Dir)>,
+    /// The NAT and TTL rewrite compiled for this flow's key, with its
+    /// checksum deltas (IPv4 TCP/UDP); `None` applies `nat` field by field.
+    pub fast: Option<dataplane::rewrite::Transpose4>,
+}
+
+impl FlowAction {
+    /// This action with its rewrite compiled for packets of `key`.
+    pub fn compiled_for(self, key: &dataplane::FlowKey) -> FlowAction {
+        let v4 = |f: Option<(std::net::IpAddr, u16)>| match f {
+            None => Some(None),
+            Some((std::net::IpAddr::V4(a), port)) => Some(Some((a, port))),
+            Some(_) => None,
+        };
+        let fast = match (v4(self.nat.src), v4(self.nat.dst)) {
+            (Some(src), Some(dst)) => dataplane::rewrite::Transpose4::compile(key, src, dst),
+            _ => None,
+        };
+        FlowAction { fast, ..self }
+    }
 }
 
 /// A cached flow.
@@ -216,6 +235,7 @@ mod tests {
                 dst_mac: MacAddr::ZERO,
                 nat: Rewrite::NONE,
                 lb: None,
+                fast: None,
             },
             generation: 1,
             last_seen: now,

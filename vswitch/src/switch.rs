@@ -514,6 +514,7 @@ impl<B: PacketBuf> Switch<B> {
                 dst_mac: dst.mac,
                 nat,
                 lb,
+                fast: None,
             },
             Hop::Uplink(up) => FlowAction {
                 out_port: up.port,
@@ -521,6 +522,7 @@ impl<B: PacketBuf> Switch<B> {
                 dst_mac: up.next_hop_mac,
                 nat,
                 lb,
+                fast: None,
             },
         };
         // The other direction arrives on the output port with the post-NAT
@@ -596,6 +598,7 @@ impl<B: PacketBuf> Switch<B> {
             dst_mac: dst.mac,
             nat,
             lb,
+            fast: None,
         };
         let back = FlowAction {
             out_port: up.port,
@@ -631,6 +634,7 @@ impl<B: PacketBuf> Switch<B> {
             bytes: 0,
             closing: false,
         };
+        let fwd = fwd.compiled_for(&key);
         if self.flows.insert(key, e(fwd)) {
             self.stats.flows_installed.fetch_add(1, Ordering::Relaxed);
         }
@@ -661,11 +665,9 @@ impl<B: PacketBuf> Switch<B> {
             }
             None => (Rewrite::NONE, None),
         };
-        let back = FlowAction { nat, lb, ..back };
-        if self
-            .flows
-            .insert(flow_key(&post.reversed(), fwd.out_port), e(back))
-        {
+        let back_key = flow_key(&post.reversed(), fwd.out_port);
+        let back = FlowAction { nat, lb, ..back }.compiled_for(&back_key);
+        if self.flows.insert(back_key, e(back)) {
             self.stats.flows_installed.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -732,16 +734,23 @@ impl<B: PacketBuf> Switch<B> {
 
     fn apply(&mut self, ctx: &mut Ctx<'_, B>, mut pkt: B, pk: &Parsed, a: FlowAction) {
         let f = pkt.data_mut();
-        let r = rewrite::set_src_mac(f, a.src_mac)
+        if rewrite::set_src_mac(f, a.src_mac)
             .and_then(|_| rewrite::set_dst_mac(f, a.dst_mac))
-            .and_then(|_| a.nat.apply(f, pk));
-        if r.is_err() {
+            .is_err()
+        {
             return self.drop_pkt(pkt, SwitchDrop::RewriteFailed);
         }
-        if rewrite::dec_ttl(f, pk).is_err() {
-            return self.drop_pkt(pkt, SwitchDrop::TtlExpired);
+        let r = match a.fast {
+            // The compiled transposition: addresses, ports, TTL, two
+            // checksum additions.
+            Some(t) => t.apply(f, pk),
+            None => a.nat.apply(f, pk).and_then(|_| rewrite::dec_ttl(f, pk)),
+        };
+        match r {
+            Ok(()) => ctx.send(usize::from(a.out_port), pkt),
+            Err(rewrite::RewriteError::TtlExpired) => self.drop_pkt(pkt, SwitchDrop::TtlExpired),
+            Err(_) => self.drop_pkt(pkt, SwitchDrop::RewriteFailed),
         }
-        ctx.send(usize::from(a.out_port), pkt);
     }
 }
 
