@@ -8,7 +8,9 @@ use ipnet::IpNet;
 use lb::balancer::{Vip, VipConfig, Vips};
 use lb::conntrack::to16;
 use lb::snat::SnatConfig;
+use crate::flow::FxHasher;
 use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -137,13 +139,18 @@ pub struct Policy {
     /// The uplink, if any.
     pub uplink: Option<UplinkDef>,
     port_vm: Vec<Option<usize>>,
-    addr_vm: HashMap<(usize, [u8; 16]), usize>,
+    addr_vm: FxMap<(usize, [u8; 16]), usize>,
     /// Public addresses (SNAT addresses, VIPs outside their vnet) -> vnet.
-    public: HashMap<[u8; 16], usize>,
+    public: FxMap<[u8; 16], usize>,
     /// Service endpoints (address, port, protocol): every VIP frontend and
     /// every backend. Connection placement hashes the other side.
-    services: std::collections::HashSet<([u8; 16], u16, u8)>,
+    services: std::collections::HashSet<([u8; 16], u16, u8), BuildHasherDefault<FxHasher>>,
 }
+
+/// The snapshot's lookup maps are read on every new flow: FxHash, not SipHash
+/// (the keys come from packets, but the maps only hold the policy's own
+/// addresses, so flooding them is not possible).
+type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
 
 impl Policy {
     /// Compiles a topology into snapshot `generation`; every problem is reported.
@@ -160,7 +167,7 @@ impl Policy {
                 snat: v.snat.clone(),
             })
             .collect();
-        let mut public: HashMap<[u8; 16], usize> = HashMap::new();
+        let mut public: FxMap<[u8; 16], usize> = FxMap::default();
         let mut claim = |ip: IpAddr, vnet: usize, what: &str, errs: &mut Vec<String>| {
             let name = |i: usize| t.vnets.get(i).map_or("?", |v| v.name.as_str());
             match public.insert(to16(ip), vnet) {
@@ -213,7 +220,7 @@ impl Policy {
         let mut nsgs = Vec::new();
         let mut nsg_index: HashMap<(usize, usize), usize> = HashMap::new();
         let mut port_vm = vec![None; usize::from(t.ports)];
-        let mut addr_vm = HashMap::new();
+        let mut addr_vm = FxMap::default();
         let mut vms = Vec::new();
         for (i, vm) in t.vms.iter().enumerate() {
             let Some(vn) = t.vnets.get(vm.vnet) else {
@@ -264,7 +271,7 @@ impl Policy {
             };
             vms.push(VmDef { nsg, ..vm.clone() });
         }
-        let mut services = std::collections::HashSet::new();
+        let mut services = std::collections::HashSet::default();
         for v in &t.vips {
             let c = &v.config;
             services.insert((to16(c.addr), c.port, c.proto));

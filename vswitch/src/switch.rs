@@ -225,6 +225,9 @@ pub struct Switch<B = dataplane::pool::PoolBuf> {
     lb: Vec<LbCore>,
     generation: u64,
     acl_hits: Arc<ArcSwap<Vec<AclHits>>>,
+    /// The counters `acl_hits` publishes, held here so that classifying
+    /// does not go through the `ArcSwap` each time.
+    hits: Arc<Vec<AclHits>>,
     /// The groups `acl_hits` counts for.
     counted_nsgs: Option<Arc<Vec<filter::CompiledNsg>>>,
     stats: Arc<SwitchStats>,
@@ -290,6 +293,7 @@ impl<B: PacketBuf> Switch<B> {
             lb: Vec::new(),
             generation: u64::MAX,
             acl_hits: Arc::new(ArcSwap::from_pointee(Vec::new())),
+            hits: Arc::new(Vec::new()),
             counted_nsgs: None,
             stats: Arc::default(),
             clock: TscClock::calibrate(Duration::from_millis(10)),
@@ -375,7 +379,8 @@ impl<B: PacketBuf> Switch<B> {
                 .iter()
                 .map(|n| [n.inbound.new_counters(), n.outbound.new_counters()])
                 .collect();
-            self.acl_hits.store(Arc::new(hits));
+            self.hits = Arc::new(hits);
+            self.acl_hits.store(self.hits.clone());
             self.counted_nsgs = Some(p.nsgs.clone());
         }
     }
@@ -397,7 +402,7 @@ impl<B: PacketBuf> Switch<B> {
             src_port: key.sport,
             dst_port: key.dport,
         };
-        let hits = self.acl_hits.load();
+        let hits = &self.hits;
         let c = n.1.classifier(dir);
         let v = match hits.get(n.0) {
             Some(h) => c.classify_counted(&pk, &h[if dir == Direction::In { 0 } else { 1 }]),
