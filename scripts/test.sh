@@ -27,6 +27,12 @@ command -v ping >/dev/null 2>&1 || pkgs+=(iputils-ping)
 command -v ethtool >/dev/null 2>&1 || pkgs+=(ethtool)
 command -v curl >/dev/null 2>&1 || pkgs+=(curl)
 command -v python3 >/dev/null 2>&1 || pkgs+=(python3)
+# the dpdk feature: DPDK 22.11 headers and libraries, its tools, and libclang
+# for bindgen
+pkg-config --exists libdpdk 2>/dev/null || pkgs+=(libdpdk-dev)
+command -v dpdk-testpmd >/dev/null 2>&1 || pkgs+=(dpdk)
+ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || pkgs+=(libclang-dev)
+command -v setpriv >/dev/null 2>&1 || pkgs+=(util-linux)
 if ((${#pkgs[@]})); then
     log "installing system packages: ${pkgs[*]}"
     sudo=""

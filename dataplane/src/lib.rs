@@ -4,14 +4,17 @@
 //! - packet buffers ([`PacketBuf`], [`pool::Pool`] of preallocated buffers with
 //!   headroom, huge pages when available) and [`Batch`]es of up to 32;
 //! - the [`Port`] trait, per-port counters ([`stats`]) and the port drivers
-//!   ([`port::ring`], [`port::pcap`]);
+//!   ([`port::ring`], [`port::pcap`], [`port::af_packet`], [`port::af_xdp`],
+//!   and with the `dpdk` feature `port::dpdk`: EAL, mempools, mbufs as
+//!   packet buffers, ethdev ports);
 //! - header views ([`wire`]), one-pass parsing into offsets and a flow key
 //!   ([`parse`]) and rewrites with incremental checksums ([`rewrite`]);
 //! - the poll-mode [`worker::Worker`], core pinning and the TSC [`clock`].
 //!
 //! Must not touch: policy. It knows nothing of VMs, vnets, ACLs or VIPs; the
 //! `filter`, `lb` and `vswitch` crates build on it. `unsafe` is allowed only in
-//! port drivers (none of today's drivers needs any).
+//! port drivers (`af_packet`, `af_xdp`, `dpdk`), each block with its SAFETY
+//! argument.
 //!
 //! Fast-path rules here: no allocation per packet, no locks, bursts of
 //! [`BURST`], no `unwrap`/`expect`/`panic` (denied by lints), and no accessor

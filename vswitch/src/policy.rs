@@ -2,13 +2,13 @@
 //! workers read it. Built whole by the control thread and published
 //! atomically; never changed in place.
 
+use crate::flow::FxHasher;
 use dataplane::MacAddr;
 use filter::{CompiledNsg, DefaultContext, NsgSpec};
 use ipnet::IpNet;
 use lb::balancer::{Vip, VipConfig, Vips};
 use lb::conntrack::to16;
 use lb::snat::SnatConfig;
-use crate::flow::FxHasher;
 use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
 use std::net::IpAddr;

@@ -1,0 +1,489 @@
+//! DPDK ports (feature `dpdk`): the EAL, mempools, mbufs as pollux packet
+//! buffers, and ethdev ports — any DPDK device by devargs (vdevs such as
+//! `net_ring`, `net_tap`, `net_vhost`, `virtio_user`, `net_af_xdp`,
+//! `net_memif`, `net_null`) or PCI address (a NIC or a VF bound to vfio-pci).
+//!
+//! - [`Eal::init`] initialises DPDK's environment once per process (DPDK
+//!   cannot do it twice); later calls with the same arguments return the same
+//!   handle, other arguments are refused.
+//! - [`Mempool`]: an mbuf pool (`rte_pktmbuf_pool_create`).
+//! - [`Mbuf`]: one single-segment mbuf; implements [`PacketBuf`], so the
+//!   whole switch runs on mbufs without copying. Dropping it frees it.
+//! - [`DpdkPort`]: probes the device (`rte_dev_probe`), configures one rx
+//!   and one tx queue per worker, starts it in promiscuous mode, and moves
+//!   bursts of up to 32 through the C shim's `rte_eth_rx_burst` /
+//!   `rte_eth_tx_burst`. Frames the NIC could not take are freed and counted
+//!   `tx_queue_full`; multi-segment frames are dropped as `rx_oversize`.
+
+use super::{LinkInfo, Port, PortError};
+use crate::batch::Batch;
+use crate::buf::{BufError, PacketBuf};
+use crate::stats::{DropReason, PortStats};
+use crate::wire::MacAddr;
+use dpdk_sys as d;
+use std::ffi::{CStr, CString};
+use std::ptr::NonNull;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// Why DPDK could not be set up.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DpdkError {
+    /// `rte_eal_init` failed.
+    #[error("dpdk: EAL initialisation with {args:?} failed: {reason}")]
+    Eal {
+        /// The arguments.
+        args: Vec<String>,
+        /// DPDK's reason.
+        reason: String,
+    },
+    /// EAL is already running with other arguments (it cannot restart).
+    #[error("dpdk: EAL already runs with {running:?}; cannot start again with {wanted:?}")]
+    AlreadyRunning {
+        /// The arguments it runs with.
+        running: Vec<String>,
+        /// The arguments asked for.
+        wanted: Vec<String>,
+    },
+    /// A mempool could not be created.
+    #[error("dpdk: mempool {name:?} of {count} mbufs: {reason}")]
+    Mempool {
+        /// Pool name.
+        name: String,
+        /// Number of mbufs.
+        count: u32,
+        /// DPDK's reason.
+        reason: String,
+    },
+    /// An argument contains a NUL byte.
+    #[error("dpdk: {0:?} contains a NUL byte")]
+    Nul(String),
+}
+
+/// DPDK's error text for `rte_errno` (or a negative return value).
+fn reason(err: i32) -> String {
+    let e = err.abs();
+    // SAFETY: rte_strerror returns a pointer to a static or thread-local
+    // NUL-terminated string for any errno value.
+    let s = unsafe { CStr::from_ptr(d::rte_strerror(e)) };
+    format!("{} (errno {e})", s.to_string_lossy())
+}
+
+fn errno() -> i32 {
+    // SAFETY: reads the calling thread's rte_errno through the shim.
+    unsafe { d::pollux_errno() }
+}
+
+/// The running EAL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Eal {
+    args: Vec<String>,
+}
+
+static EAL: OnceLock<Mutex<Option<Result<Eal, DpdkError>>>> = OnceLock::new();
+
+impl Eal {
+    /// Initialises the EAL with `args` (as on a DPDK application's command
+    /// line, without the program name), once per process.
+    pub fn init(args: &[String]) -> Result<Eal, DpdkError> {
+        let cell = EAL.get_or_init(|| Mutex::new(None));
+        let mut g = cell.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(done) = g.as_ref() {
+            return match done {
+                Ok(e) if e.args == args => Ok(e.clone()),
+                Ok(e) => Err(DpdkError::AlreadyRunning {
+                    running: e.args.clone(),
+                    wanted: args.to_vec(),
+                }),
+                Err(err) => Err(err.clone()),
+            };
+        }
+        let mut c = vec![CString::new("pollux").map_err(|_| DpdkError::Nul("pollux".into()))?];
+        for a in args {
+            c.push(CString::new(a.as_str()).map_err(|_| DpdkError::Nul(a.clone()))?);
+        }
+        let mut argv: Vec<*mut std::os::raw::c_char> =
+            c.iter().map(|a| a.as_ptr().cast_mut()).collect();
+        // SAFETY: argv holds valid NUL-terminated strings kept alive by `c`
+        // for the call (EAL copies what it keeps); called once per process,
+        // under the lock.
+        let r = unsafe { d::rte_eal_init(argv.len() as i32, argv.as_mut_ptr()) };
+        let out = if r < 0 {
+            Err(DpdkError::Eal {
+                args: args.to_vec(),
+                reason: reason(errno()),
+            })
+        } else {
+            Ok(Eal {
+                args: args.to_vec(),
+            })
+        };
+        *g = Some(out.clone());
+        out
+    }
+}
+
+/// A pool of mbufs.
+#[derive(Debug, Clone, Copy)]
+pub struct Mempool(NonNull<d::rte_mempool>);
+
+// SAFETY: DPDK mempools are thread-safe (per-lcore caches, lock-free rings);
+// the pointer stays valid for the life of the process (pools are never freed).
+unsafe impl Send for Mempool {}
+// SAFETY: as for Send: every mempool operation is safe from any thread.
+unsafe impl Sync for Mempool {}
+
+impl Mempool {
+    /// `count` mbufs with `data_room` bytes each (headroom included), in
+    /// the memory of `socket` (-1: any).
+    pub fn new(
+        _eal: &Eal,
+        name: &str,
+        count: u32,
+        data_room: u16,
+        socket: i32,
+    ) -> Result<Mempool, DpdkError> {
+        let c = CString::new(name).map_err(|_| DpdkError::Nul(name.into()))?;
+        // SAFETY: EAL runs (an `Eal` exists); the name is a valid C string.
+        let p = unsafe { d::rte_pktmbuf_pool_create(c.as_ptr(), count, 256, 0, data_room, socket) };
+        NonNull::new(p)
+            .map(Mempool)
+            .ok_or_else(|| DpdkError::Mempool {
+                name: name.into(),
+                count,
+                reason: reason(errno()),
+            })
+    }
+
+    /// One mbuf, or `None` when the pool is empty.
+    pub fn alloc(&self) -> Option<Mbuf> {
+        // SAFETY: a valid mempool; the result is checked.
+        NonNull::new(unsafe { d::pollux_pktmbuf_alloc(self.0.as_ptr()) }).map(Mbuf)
+    }
+
+    /// Mbufs available.
+    pub fn available(&self) -> u32 {
+        // SAFETY: a valid mempool.
+        unsafe { d::rte_mempool_avail_count(self.0.as_ptr()) }
+    }
+}
+
+/// One single-segment mbuf: a pollux packet buffer. Dropping it frees it.
+#[derive(Debug)]
+pub struct Mbuf(NonNull<d::rte_mbuf>);
+
+// SAFETY: an mbuf is owned by exactly one `Mbuf` at a time, and freeing it
+// from any thread is allowed (mempool puts are thread-safe).
+unsafe impl Send for Mbuf {}
+
+impl Mbuf {
+    fn m(&self) -> &d::rte_mbuf {
+        // SAFETY: `self.0` is a live mbuf owned by this value.
+        unsafe { self.0.as_ref() }
+    }
+
+    /// Gives up ownership (for `rte_eth_tx_burst`).
+    fn into_raw(self) -> *mut d::rte_mbuf {
+        let p = self.0.as_ptr();
+        std::mem::forget(self);
+        p
+    }
+}
+
+impl Drop for Mbuf {
+    fn drop(&mut self) {
+        // SAFETY: this value owns the mbuf; it is freed once.
+        unsafe { d::pollux_pktmbuf_free(self.0.as_ptr()) }
+    }
+}
+
+impl PacketBuf for Mbuf {
+    fn data(&self) -> &[u8] {
+        let m = self.m();
+        // SAFETY: a single-segment mbuf's data is `data_len` bytes at
+        // `buf_addr + data_off` (what rte_pktmbuf_mtod computes), inside its
+        // buffer and owned by this value.
+        unsafe {
+            std::slice::from_raw_parts(
+                m.buf_addr.cast::<u8>().add(usize::from(m.data_off)),
+                usize::from(m.data_len),
+            )
+        }
+    }
+
+    fn data_mut(&mut self) -> &mut [u8] {
+        let m = self.m();
+        let (at, len) = (usize::from(m.data_off), usize::from(m.data_len));
+        let base = m.buf_addr.cast::<u8>();
+        // SAFETY: as for `data`, and `&mut self` makes the access exclusive.
+        unsafe { std::slice::from_raw_parts_mut(base.add(at), len) }
+    }
+
+    fn len(&self) -> usize {
+        usize::from(self.m().data_len)
+    }
+
+    fn headroom(&self) -> usize {
+        // SAFETY: a live mbuf owned by this value.
+        usize::from(unsafe { d::pollux_pktmbuf_headroom(self.0.as_ptr()) })
+    }
+
+    fn tailroom(&self) -> usize {
+        // SAFETY: a live mbuf owned by this value.
+        usize::from(unsafe { d::pollux_pktmbuf_tailroom(self.0.as_ptr()) })
+    }
+
+    fn prepend(&mut self, n: usize) -> Result<&mut [u8], BufError> {
+        let no = BufError::NoHeadroom {
+            need: n,
+            have: self.headroom(),
+        };
+        let len = u16::try_from(n).map_err(|_| no)?;
+        // SAFETY: a live mbuf owned by this value; the shim checks room.
+        let p = unsafe { d::pollux_pktmbuf_prepend(self.0.as_ptr(), len) };
+        if p.is_null() {
+            return Err(no);
+        }
+        // SAFETY: DPDK returned `n` bytes of this mbuf's data at `p`.
+        Ok(unsafe { std::slice::from_raw_parts_mut(p.cast::<u8>(), n) })
+    }
+
+    fn adj(&mut self, n: usize) -> Result<(), BufError> {
+        let short = BufError::TooShort {
+            need: n,
+            have: self.len(),
+        };
+        let len = u16::try_from(n).map_err(|_| short)?;
+        // SAFETY: a live mbuf owned by this value; the shim checks length.
+        let p = unsafe { d::pollux_pktmbuf_adj(self.0.as_ptr(), len) };
+        if p.is_null() { Err(short) } else { Ok(()) }
+    }
+
+    fn append(&mut self, n: usize) -> Result<&mut [u8], BufError> {
+        let no = BufError::NoTailroom {
+            need: n,
+            have: self.tailroom(),
+        };
+        let len = u16::try_from(n).map_err(|_| no)?;
+        // SAFETY: a live mbuf owned by this value; the shim checks room.
+        let p = unsafe { d::pollux_pktmbuf_append(self.0.as_ptr(), len) };
+        if p.is_null() {
+            return Err(no);
+        }
+        // SAFETY: DPDK returned `n` new bytes at the end of this mbuf's data.
+        Ok(unsafe { std::slice::from_raw_parts_mut(p.cast::<u8>(), n) })
+    }
+
+    fn trim(&mut self, n: usize) -> Result<(), BufError> {
+        let short = BufError::TooShort {
+            need: n,
+            have: self.len(),
+        };
+        let len = u16::try_from(n).map_err(|_| short)?;
+        // SAFETY: a live mbuf owned by this value; the shim checks length.
+        let r = unsafe { d::pollux_pktmbuf_trim(self.0.as_ptr(), len) };
+        if r == 0 { Ok(()) } else { Err(short) }
+    }
+
+    fn reset(&mut self) {
+        // SAFETY: a live mbuf owned by this value.
+        unsafe { d::pollux_pktmbuf_reset(self.0.as_ptr()) }
+    }
+}
+
+/// One queue of a DPDK ethdev port.
+pub struct DpdkPort {
+    info: LinkInfo,
+    stats: Arc<PortStats>,
+    port: u16,
+    queue: u16,
+}
+
+impl std::fmt::Debug for DpdkPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DpdkPort")
+            .field("info", &self.info)
+            .field("port", &self.port)
+            .field("queue", &self.queue)
+            .finish()
+    }
+}
+
+// SAFETY: the port id and queue are plain numbers; each queue is used by the
+// one worker that owns this value (DPDK queues are single-threaded).
+unsafe impl Send for DpdkPort {}
+
+const RX_DESC: u16 = 1024;
+const TX_DESC: u16 = 1024;
+
+impl DpdkPort {
+    /// Probes `device` (devargs such as `net_ring0` or
+    /// `net_vhost0,iface=/tmp/vm1.sock,client=1`, or a PCI address),
+    /// configures one rx and one tx queue with buffers from `pool`, starts
+    /// it in promiscuous mode, and returns queue 0 as port `name`.
+    pub fn open(_eal: &Eal, name: &str, device: &str, pool: Mempool) -> Result<Self, PortError> {
+        let err = |reason: String| PortError::BadConfig {
+            port: name.to_string(),
+            reason,
+        };
+        let dev =
+            CString::new(device).map_err(|_| err(format!("{device:?} contains a NUL byte")))?;
+        let short = device.split(',').next().unwrap_or(device);
+        let short_c =
+            CString::new(short).map_err(|_| err(format!("{short:?} contains a NUL byte")))?;
+        let mut port: u16 = 0;
+        // SAFETY: a valid C string and an out-parameter for the port id.
+        let known = unsafe { d::rte_eth_dev_get_port_by_name(short_c.as_ptr(), &mut port) } == 0;
+        if !known {
+            // SAFETY: EAL runs; the devargs are a valid C string.
+            let r = unsafe { d::rte_dev_probe(dev.as_ptr()) };
+            if r < 0 {
+                return Err(err(format!(
+                    "device {device:?} could not be probed: {}",
+                    reason(r)
+                )));
+            }
+            // SAFETY: as above.
+            let r = unsafe { d::rte_eth_dev_get_port_by_name(short_c.as_ptr(), &mut port) };
+            if r != 0 {
+                return Err(err(format!(
+                    "device {device:?} has no ethdev port named {short:?}"
+                )));
+            }
+        }
+        let call = |what: &str, r: i32| {
+            if r < 0 {
+                Err(err(format!("{what} on {device:?}: {}", reason(r))))
+            } else {
+                Ok(())
+            }
+        };
+        let conf = d::rte_eth_conf::default();
+        // SAFETY: `port` exists; every pointer passed is valid for the call;
+        // the socket id comes from DPDK itself.
+        unsafe {
+            let socket = d::rte_eth_dev_socket_id(port).max(0) as u32;
+            call("configure", d::rte_eth_dev_configure(port, 1, 1, &conf))?;
+            call(
+                "rx queue setup",
+                d::rte_eth_rx_queue_setup(
+                    port,
+                    0,
+                    RX_DESC,
+                    socket,
+                    std::ptr::null(),
+                    pool.0.as_ptr(),
+                ),
+            )?;
+            call(
+                "tx queue setup",
+                d::rte_eth_tx_queue_setup(port, 0, TX_DESC, socket, std::ptr::null()),
+            )?;
+            call("start", d::rte_eth_dev_start(port))?;
+            // Some vdevs have no promiscuous mode; they pass everything anyway.
+            let _ = d::rte_eth_promiscuous_enable(port);
+        }
+        let mut mac = d::rte_ether_addr::default();
+        // SAFETY: `port` exists; `mac` is a valid out-parameter.
+        unsafe { d::rte_eth_macaddr_get(port, &mut mac) };
+        Ok(DpdkPort {
+            info: LinkInfo {
+                name: name.to_string(),
+                mac: MacAddr(mac.addr_bytes),
+                mtu: 1500,
+                driver: "dpdk",
+            },
+            stats: Arc::default(),
+            port,
+            queue: 0,
+        })
+    }
+
+    /// The ethdev port id.
+    pub fn port_id(&self) -> u16 {
+        self.port
+    }
+}
+
+impl Drop for DpdkPort {
+    fn drop(&mut self) {
+        // SAFETY: stops the port this value started; DPDK tolerates stopping
+        // a stopped port.
+        unsafe {
+            let _ = d::rte_eth_dev_stop(self.port);
+        }
+    }
+}
+
+impl Port for DpdkPort {
+    type Buf = Mbuf;
+
+    fn info(&self) -> &LinkInfo {
+        &self.info
+    }
+
+    fn stats(&self) -> &Arc<PortStats> {
+        &self.stats
+    }
+
+    fn rx_burst(&mut self, batch: &mut Batch<Mbuf>) -> usize {
+        let want = batch.free_space().min(crate::BURST);
+        if want == 0 {
+            return 0;
+        }
+        let mut raw: [*mut d::rte_mbuf; crate::BURST] = [std::ptr::null_mut(); crate::BURST];
+        // SAFETY: `raw` has room for `want` <= BURST mbufs; the queue is
+        // set up and owned by this value's worker.
+        let n = unsafe { d::pollux_rx_burst(self.port, self.queue, raw.as_mut_ptr(), want as u16) };
+        let (mut got, mut bytes) = (0usize, 0u64);
+        for p in raw.iter().take(usize::from(n)) {
+            let Some(m) = NonNull::new(*p).map(Mbuf) else {
+                continue;
+            };
+            if m.m().nb_segs != 1 {
+                self.stats.drops.add(DropReason::RxOversize, 1);
+                continue;
+            }
+            bytes += m.len() as u64;
+            got += 1;
+            // Never fails: free space was checked.
+            let _ = batch.push(m);
+        }
+        self.stats.count_rx(got as u64, bytes);
+        got
+    }
+
+    fn tx_burst(&mut self, batch: &mut Batch<Mbuf>) -> usize {
+        let mut raw: [*mut d::rte_mbuf; crate::BURST] = [std::ptr::null_mut(); crate::BURST];
+        let mut lens = [0u16; crate::BURST];
+        let mut n = 0usize;
+        for m in batch.drain() {
+            if n == crate::BURST {
+                // A batch never holds more than BURST; this is a guard.
+                self.stats.drops.add(DropReason::TxQueueFull, 1);
+                continue;
+            }
+            lens[n] = m.len() as u16;
+            raw[n] = m.into_raw();
+            n += 1;
+        }
+        if n == 0 {
+            return 0;
+        }
+        // SAFETY: `raw[..n]` are mbufs we own; DPDK takes the ones it sends.
+        let sent = usize::from(unsafe {
+            d::pollux_tx_burst(self.port, self.queue, raw.as_mut_ptr(), n as u16)
+        });
+        for p in raw.iter().take(n).skip(sent) {
+            // SAFETY: not sent, so still ours: free it.
+            unsafe { d::pollux_pktmbuf_free(*p) };
+        }
+        if sent < n {
+            self.stats
+                .drops
+                .add(DropReason::TxQueueFull, (n - sent) as u64);
+        }
+        let bytes: u64 = lens.iter().take(sent).map(|&l| u64::from(l)).sum();
+        self.stats.count_tx(sent as u64, bytes);
+        sent
+    }
+}
