@@ -88,6 +88,39 @@ pub struct FlowAction {
 }
 
 impl FlowAction {
+    /// To VM `vm`, from the vnet's gateway MAC `gateway`.
+    pub fn to_vm(
+        vm: &crate::policy::Vm,
+        gateway: MacAddr,
+        nat: Rewrite,
+        lb: Option<(usize, u32, Dir)>,
+    ) -> FlowAction {
+        FlowAction {
+            out_port: vm.port,
+            src_mac: gateway,
+            dst_mac: vm.mac,
+            nat,
+            lb,
+            fast: None,
+        }
+    }
+
+    /// Out of the uplink to the next hop.
+    pub fn to_uplink(
+        up: &crate::policy::UplinkDef,
+        nat: Rewrite,
+        lb: Option<(usize, u32, Dir)>,
+    ) -> FlowAction {
+        FlowAction {
+            out_port: up.port,
+            src_mac: up.mac,
+            dst_mac: up.next_hop_mac,
+            nat,
+            lb,
+            fast: None,
+        }
+    }
+
     /// This action with its rewrite compiled for packets of `key`.
     pub fn compiled_for(self, key: &dataplane::FlowKey) -> FlowAction {
         let v4 = |f: Option<(std::net::IpAddr, u16)>| match f {

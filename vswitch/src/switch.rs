@@ -237,6 +237,33 @@ pub struct Switch<B = dataplane::pool::PoolBuf> {
     handoff: Option<(usize, Arc<Handoff<B>>)>,
 }
 
+/// What the load balancer decided for a packet the switch forwards: the
+/// rewrite, the tracked connection, the key after the rewrite, and whether
+/// the packet is reply traffic of that connection.
+struct LbStep {
+    nat: Rewrite,
+    lb: (usize, u32, Dir),
+    post: ConnKey,
+    reply: bool,
+}
+
+/// Reads a load-balancer decision for `key` in vnet `vnet`: `Ok(None)` when
+/// the load balancer does not handle the packet.
+fn lb_step(d: Option<Decision>, vnet: usize, key: &ConnKey) -> Result<Option<LbStep>, SwitchDrop> {
+    match d {
+        Some(Decision::Forward {
+            rewrite, dir, conn, ..
+        }) => Ok(Some(LbStep {
+            nat: rewrite,
+            lb: (vnet, conn, dir),
+            post: rewrite.apply_to_key(key),
+            reply: dir == Dir::Reply,
+        })),
+        Some(Decision::Drop(r)) => Err(SwitchDrop::Lb(r)),
+        Some(Decision::NotHandled) | None => Ok(None),
+    }
+}
+
 /// Where the slow path routes a packet.
 #[derive(Clone, Copy)]
 enum Hop<'a> {
@@ -454,21 +481,13 @@ impl<B: PacketBuf> Switch<B> {
             return Ok(Slow::Reply);
         }
         let flags = tcp_flags(frame, pk);
-        let (mut nat, mut lb, mut post, reply) = match self
+        let d = self
             .lb
             .get_mut(vm.vnet)
-            .map(|l| l.process(&vnet.vips, &key, flags, now))
-        {
-            Some(Decision::Forward {
-                rewrite, dir, conn, ..
-            }) => (
-                rewrite,
-                Some((vm.vnet, conn, dir)),
-                rewrite.apply_to_key(&key),
-                dir == Dir::Reply,
-            ),
-            Some(Decision::Drop(r)) => return Err(SwitchDrop::Lb(r)),
-            Some(Decision::NotHandled) | None => (Rewrite::NONE, None, key, false),
+            .map(|l| l.process(&vnet.vips, &key, flags, now));
+        let (mut nat, mut lb, mut post, reply) = match lb_step(d, vm.vnet, &key)? {
+            Some(s) => (s.nat, Some(s.lb), s.post, s.reply),
+            None => (Rewrite::NONE, None, key, false),
         };
         // Routing: inside the vnet to a VM of the *same* vnet (tenant
         // isolation), outside it through the uplink, with SNAT when the vnet
@@ -482,20 +501,12 @@ impl<B: PacketBuf> Switch<B> {
                     .filter(|_| !vnet.contains(&post.dst_ip()))
                     .ok_or(SwitchDrop::NoRoute)?;
                 if lb.is_none() && vnet.snat.is_some() {
-                    match self
+                    let d = self
                         .lb
                         .get_mut(vm.vnet)
-                        .map(|l| l.process_snat(&key, flags, now))
-                    {
-                        Some(Decision::Forward {
-                            rewrite, dir, conn, ..
-                        }) => {
-                            nat = rewrite;
-                            lb = Some((vm.vnet, conn, dir));
-                            post = rewrite.apply_to_key(&key);
-                        }
-                        Some(Decision::Drop(r)) => return Err(SwitchDrop::Lb(r)),
-                        Some(Decision::NotHandled) | None => {}
+                        .map(|l| l.process_snat(&key, flags, now));
+                    if let Some(s) = lb_step(d, vm.vnet, &key)? {
+                        (nat, lb, post) = (s.nat, Some(s.lb), s.post);
                     }
                 }
                 Hop::Uplink(up)
@@ -513,22 +524,8 @@ impl<B: PacketBuf> Switch<B> {
             out && inn
         };
         let fwd = match hop {
-            Hop::Vm(dst) => FlowAction {
-                out_port: dst.port,
-                src_mac: vnet.gateway_mac,
-                dst_mac: dst.mac,
-                nat,
-                lb,
-                fast: None,
-            },
-            Hop::Uplink(up) => FlowAction {
-                out_port: up.port,
-                src_mac: up.mac,
-                dst_mac: up.next_hop_mac,
-                nat,
-                lb,
-                fast: None,
-            },
+            Hop::Vm(dst) => FlowAction::to_vm(dst, vnet.gateway_mac, nat, lb),
+            Hop::Uplink(up) => FlowAction::to_uplink(up, nat, lb),
         };
         // The other direction arrives on the output port with the post-NAT
         // addresses swapped and goes back to this VM.
@@ -579,38 +576,21 @@ impl<B: PacketBuf> Switch<B> {
         }
         let key = ConnKey::from(&pk.key);
         let flags = tcp_flags(frame, pk);
-        let (nat, lb, post, reply) = match self
+        let d = self
             .lb
             .get_mut(vn)
-            .map(|l| l.process(&vnet.vips, &key, flags, now))
-        {
-            Some(Decision::Forward {
-                rewrite, dir, conn, ..
-            }) => (
-                rewrite,
-                Some((vn, conn, dir)),
-                rewrite.apply_to_key(&key),
-                dir == Dir::Reply,
-            ),
-            Some(Decision::Drop(r)) => return Err(SwitchDrop::Lb(r)),
-            Some(Decision::NotHandled) | None => return Err(SwitchDrop::NoRoute),
-        };
-        let (_, dst) = p.vm_by_addr(vn, post.dst).ok_or(SwitchDrop::NoRoute)?;
-        let stateful = reply || self.acl(p, dst.nsg, Direction::In, &post)?;
-        let fwd = FlowAction {
-            out_port: dst.port,
-            src_mac: vnet.gateway_mac,
-            dst_mac: dst.mac,
+            .map(|l| l.process(&vnet.vips, &key, flags, now));
+        let LbStep {
             nat,
             lb,
-            fast: None,
-        };
-        let back = FlowAction {
-            out_port: up.port,
-            src_mac: up.mac,
-            dst_mac: up.next_hop_mac,
-            ..fwd
-        };
+            post,
+            reply,
+        } = lb_step(d, vn, &key)?.ok_or(SwitchDrop::NoRoute)?;
+        let lb = Some(lb);
+        let (_, dst) = p.vm_by_addr(vn, post.dst).ok_or(SwitchDrop::NoRoute)?;
+        let stateful = reply || self.acl(p, dst.nsg, Direction::In, &post)?;
+        let fwd = FlowAction::to_vm(dst, vnet.gateway_mac, nat, lb);
+        let back = FlowAction::to_uplink(up, nat, lb);
         self.install(p, now, pk.key, fwd, &post, back, stateful);
         Ok(Slow::Forward(fwd))
     }

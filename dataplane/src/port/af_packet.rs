@@ -31,8 +31,6 @@ use crate::batch::Batch;
 use crate::buf::PacketBuf;
 use crate::pool::{Pool, PoolBuf};
 use crate::stats::{DropReason, PortStats};
-use crate::wire::MacAddr;
-use std::ffi::CString;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -139,12 +137,6 @@ fn set_opt<T>(fd: libc::c_int, opt: libc::c_int, value: &T) -> std::io::Result<(
     if r == 0 { Ok(()) } else { Err(last_error()) }
 }
 
-fn sys_file(iface: &str, what: &str) -> Option<String> {
-    std::fs::read_to_string(format!("/sys/class/net/{iface}/{what}"))
-        .ok()
-        .map(|s| s.trim().to_string())
-}
-
 impl AfPacketPort {
     /// Opens port `name` on kernel interface `iface` with the default ring
     /// sizes; received frames are copied into buffers of `pool`.
@@ -190,13 +182,7 @@ impl AfPacketPort {
                 size.frames, size.frame_size
             )));
         }
-        let c_iface = CString::new(iface)
-            .map_err(|_| err(format!("interface name {iface:?} contains a NUL byte")))?;
-        // SAFETY: `c_iface` is a valid NUL-terminated string for the call.
-        let ifindex = unsafe { libc::if_nametoindex(c_iface.as_ptr()) };
-        if ifindex == 0 {
-            return Err(err(format!("interface {iface:?} does not exist")));
-        }
+        let (ifindex, info) = super::kernel_interface(name, iface, "af_packet")?;
         let proto_be = (libc::ETH_P_ALL as u16).to_be();
         // SAFETY: plain socket creation; the result is checked.
         let fd =
@@ -266,16 +252,7 @@ impl AfPacketPort {
         }
         let base = map.cast::<u8>();
         let port = AfPacketPort {
-            info: LinkInfo {
-                name: name.to_string(),
-                mac: sys_file(iface, "address")
-                    .and_then(|m| m.parse().ok())
-                    .unwrap_or(MacAddr::ZERO),
-                mtu: sys_file(iface, "mtu")
-                    .and_then(|m| m.parse().ok())
-                    .unwrap_or(1500),
-                driver: "af_packet",
-            },
+            info,
             stats: Arc::default(),
             pool,
             fd,

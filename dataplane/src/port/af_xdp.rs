@@ -28,8 +28,6 @@ use crate::batch::Batch;
 use crate::buf::PacketBuf;
 use crate::pool::{Pool, PoolBuf};
 use crate::stats::{DropReason, PortStats};
-use crate::wire::MacAddr;
-use std::ffi::CString;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -174,12 +172,6 @@ impl std::fmt::Debug for AfXdpPort {
     }
 }
 
-fn sys_file(iface: &str, what: &str) -> Option<String> {
-    std::fs::read_to_string(format!("/sys/class/net/{iface}/{what}"))
-        .ok()
-        .map(|s| s.trim().to_string())
-}
-
 impl AfXdpPort {
     /// Opens port `name` on queue `queue` of kernel interface `iface`;
     /// received frames are copied into buffers of `pool`.
@@ -188,13 +180,7 @@ impl AfXdpPort {
             port: name.to_string(),
             reason,
         };
-        let c_iface = CString::new(iface)
-            .map_err(|_| err(format!("interface name {iface:?} contains a NUL byte")))?;
-        // SAFETY: `c_iface` is a valid NUL-terminated string for the call.
-        let ifindex = unsafe { libc::if_nametoindex(c_iface.as_ptr()) };
-        if ifindex == 0 {
-            return Err(err(format!("interface {iface:?} does not exist")));
-        }
+        let (ifindex, info) = super::kernel_interface(name, iface, "af_xdp")?;
         if queue >= XSKMAP_ENTRIES {
             return Err(err(format!(
                 "queue {queue} of {iface:?}: at most {XSKMAP_ENTRIES} queues"
@@ -242,16 +228,7 @@ impl AfXdpPort {
         };
         // From here, `port`'s Drop releases whatever was set up.
         let mut port = AfXdpPort {
-            info: LinkInfo {
-                name: name.to_string(),
-                mac: sys_file(iface, "address")
-                    .and_then(|m| m.parse().ok())
-                    .unwrap_or(MacAddr::ZERO),
-                mtu: sys_file(iface, "mtu")
-                    .and_then(|m| m.parse().ok())
-                    .unwrap_or(1500),
-                driver: "af_xdp",
-            },
+            info,
             stats: Arc::default(),
             pool,
             fd,

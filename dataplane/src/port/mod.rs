@@ -20,6 +20,42 @@ use crate::stats::PortStats;
 use crate::wire::MacAddr;
 use std::sync::Arc;
 
+/// A kernel interface a port binds to: its index, and the port's
+/// `LinkInfo` (MAC and MTU read from sysfs). Errors name the port and the
+/// interface.
+#[cfg(target_os = "linux")]
+pub(crate) fn kernel_interface(
+    port: &str,
+    iface: &str,
+    driver: &'static str,
+) -> Result<(u32, LinkInfo), PortError> {
+    let err = |reason: String| PortError::BadConfig {
+        port: port.to_string(),
+        reason,
+    };
+    let c = std::ffi::CString::new(iface)
+        .map_err(|_| err(format!("interface name {iface:?} contains a NUL byte")))?;
+    // SAFETY: `c` is a valid NUL-terminated string for the call.
+    let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if ifindex == 0 {
+        return Err(err(format!("interface {iface:?} does not exist")));
+    }
+    let sys = |what: &str| {
+        std::fs::read_to_string(format!("/sys/class/net/{iface}/{what}"))
+            .ok()
+            .map(|s| s.trim().to_string())
+    };
+    let info = LinkInfo {
+        name: port.to_string(),
+        mac: sys("address")
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(MacAddr::ZERO),
+        mtu: sys("mtu").and_then(|m| m.parse().ok()).unwrap_or(1500),
+        driver,
+    };
+    Ok((ifindex, info))
+}
+
 /// What a port is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinkInfo {
