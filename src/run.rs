@@ -13,9 +13,9 @@
 //! Drivers available to `run` today: `af_packet` and `af_xdp` (kernel
 //! interfaces; `af_xdp` with one worker),
 //! `pcap` (replay a capture into the switch, record what it sends) and `ring`
-//! (an unconnected in-memory port); `dpdk` ports are refused with a clear
-//! message until their issue lands, and so are pcap ports with several
-//! workers (a file has one queue).
+//! (an unconnected in-memory port), and `dpdk` (any DPDK device; every port
+//! must then be `dpdk`, with one worker and no probes so far). pcap ports
+//! with several workers are refused (a file has one queue).
 //!
 //! At stop (SIGINT/SIGTERM) it prints a report: packets, per-port counters,
 //! each probed backend's state and why, every security-group rule that
@@ -29,7 +29,7 @@ use dataplane::port::af_xdp::AfXdpPort;
 use dataplane::port::pcap::PcapPort;
 use dataplane::port::ring::{self, RingPort};
 use dataplane::worker::Worker;
-use dataplane::{LinkInfo, MacAddr, Port};
+use dataplane::{LinkInfo, MacAddr, PacketBuf, Port};
 use lb::probe::device::PortDevice;
 use lb::probe::{ProbeKind, ProbeSpec, Prober, ProberConfig, Target};
 use std::net::{IpAddr, Ipv4Addr};
@@ -159,8 +159,8 @@ fn probers(
     }
 }
 
-/// One port per worker: worker `w` gets `ports[w]`.
-type PortSet = Vec<Box<dyn Port<Buf = PoolBuf>>>;
+/// The ports of one worker.
+type PortSet<B = PoolBuf> = Vec<Box<dyn Port<Buf = B>>>;
 
 /// Opens every configured port once per worker: `af_packet` ports as the
 /// sockets of one fanout group (the kernel spreads flows over them), `ring`
@@ -242,9 +242,12 @@ pub fn run(cfg: &Config) -> Result<Vec<String>, Vec<String>> {
         ));
     }
     for p in &cfg.port {
-        if !matches!(p.driver.as_str(), "pcap" | "ring" | "af_packet" | "af_xdp") {
+        if !matches!(
+            p.driver.as_str(),
+            "pcap" | "ring" | "af_packet" | "af_xdp" | "dpdk"
+        ) {
             problems.push(format!(
-                "port {:?}: driver {:?} is not available to `pollux run` yet (pcap, ring, af_packet and af_xdp are)",
+                "port {:?}: driver {:?} is not available to `pollux run`",
                 p.name, p.driver
             ));
         }
@@ -264,15 +267,89 @@ pub fn run(cfg: &Config) -> Result<Vec<String>, Vec<String>> {
     if !problems.is_empty() {
         return Err(problems);
     }
+    if cfg.port.iter().any(|p| p.driver == "dpdk") {
+        return run_dpdk(cfg, topo);
+    }
     let pool = Pool::new(&PoolConfig::new("run", 65536)).map_err(|e| vec![e.to_string()])?;
     let (mut sets, idle_peers) = open_ports(cfg, workers, pool)?;
-    let (mut probers, probe_ports) = probers(cfg, &mut topo, pool)?;
+    let (probers, probe_ports) = probers(cfg, &mut topo, pool)?;
     for p in probe_ports {
         for set in sets.iter_mut() {
             set.push(Box::new(p.share()));
         }
     }
-    let policy = Policy::compile(&topo, 1).map_err(|e| e.0)?;
+    let report = run_on(cfg, &topo, sets, probers, &cores);
+    drop(idle_peers);
+    report
+}
+
+/// `run` with DPDK ports: every port must be `dpdk` (the worker moves mbufs
+/// end to end), one worker, no probes yet (the prober's smoltcp device is
+/// written for pool buffers).
+#[cfg(feature = "dpdk")]
+fn run_dpdk(cfg: &Config, topo: Topology) -> Result<Vec<String>, Vec<String>> {
+    use dataplane::port::dpdk::{DpdkPort, Eal, Mempool};
+    let mut problems = Vec::new();
+    for p in cfg.port.iter().filter(|p| p.driver != "dpdk") {
+        problems.push(format!(
+            "port {:?}: driver {:?} cannot share a worker with dpdk ports (make every port dpdk)",
+            p.name, p.driver
+        ));
+    }
+    if cfg.dataplane.workers > 1 {
+        problems.push(format!(
+            "dataplane: workers = {}: dpdk ports take one worker so far",
+            cfg.dataplane.workers
+        ));
+    }
+    for v in cfg.vip.iter().filter(|v| v.probe.is_some()) {
+        problems.push(format!(
+            "vip {:?}: probes are not available with dpdk ports yet (remove [vip.probe] to treat backends as healthy)",
+            v.name
+        ));
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let args = cfg
+        .dpdk
+        .as_ref()
+        .map(|d| d.eal_args.clone())
+        .unwrap_or_default();
+    let eal = Eal::init(&args).map_err(|e| vec![e.to_string()])?;
+    let pool = Mempool::new(&eal, "pollux", 16383, 2176, -1).map_err(|e| vec![e.to_string()])?;
+    let mut ports: PortSet<dataplane::port::dpdk::Mbuf> = Vec::new();
+    for p in &cfg.port {
+        let device = p
+            .devargs
+            .as_deref()
+            .or(p.pci.as_deref())
+            .unwrap_or_default();
+        let port = DpdkPort::open(&eal, &p.name, device, pool).map_err(|e| vec![e.to_string()])?;
+        ports.push(Box::new(port));
+    }
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    run_on(cfg, &topo, vec![ports], Vec::new(), &cores)
+}
+
+#[cfg(not(feature = "dpdk"))]
+fn run_dpdk(_cfg: &Config, _topo: Topology) -> Result<Vec<String>, Vec<String>> {
+    Err(vec![
+        "dpdk ports need pollux built with the dpdk feature (cargo build --features dpdk)".into(),
+    ])
+}
+
+/// Starts one switch worker per port set, runs the control loop until a
+/// signal, stops the workers and returns the report.
+fn run_on<B: PacketBuf>(
+    cfg: &Config,
+    topo: &Topology,
+    sets: Vec<PortSet<B>>,
+    mut probers: Vec<VnetProber>,
+    cores: &[core_affinity::CoreId],
+) -> Result<Vec<String>, Vec<String>> {
+    let workers = sets.len().max(1);
+    let policy = Policy::compile(topo, 1).map_err(|e| e.0)?;
     let swap = Arc::new(ArcSwap::from_pointee(policy));
     let sw_cfg = SwitchConfig {
         flow_table_size: cfg.dataplane.flow_table_size,
@@ -329,7 +406,6 @@ pub fn run(cfg: &Config) -> Result<Vec<String>, Vec<String>> {
     if !failures.is_empty() {
         return Err(failures);
     }
-    drop(idle_peers);
     let total = |f: &dyn Fn(&SwitchStats) -> u64| stats.iter().map(|s| f(s)).sum::<u64>();
     let wtotal = |f: &dyn Fn(&dataplane::worker::WorkerStats) -> u64| {
         wstats.iter().map(|s| f(s)).sum::<u64>()
