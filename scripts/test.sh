@@ -30,7 +30,7 @@ command -v python3 >/dev/null 2>&1 || pkgs+=(python3)
 # the dpdk feature: DPDK 22.11 headers and libraries, its tools, and libclang
 # for bindgen
 pkg-config --exists libdpdk 2>/dev/null || pkgs+=(libdpdk-dev)
-command -v dpdk-testpmd >/dev/null 2>&1 || pkgs+=(dpdk)
+command -v dpdk-testpmd >/dev/null 2>&1 || pkgs+=(dpdk dpdk-dev)
 ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || pkgs+=(libclang-dev)
 command -v setpriv >/dev/null 2>&1 || pkgs+=(util-linux)
 if ((${#pkgs[@]})); then

@@ -431,4 +431,6 @@ fn run_on_dpdk_ports() {
         "{err}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+    // DPDK's runtime directory of the run above.
+    let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/pollux-run-{}", std::process::id()));
 }

@@ -99,4 +99,5 @@ fn a_burst_round_trips_through_net_ring() {
         assert_eq!(d::rte_eth_dev_stop(0), 0);
         d::rte_eal_cleanup();
     }
+    let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/pollux-abi-{}", std::process::id()));
 }

@@ -101,4 +101,5 @@ fn mbufs_through_a_dpdk_port() {
     drop(port);
     // Nothing leaked: every mbuf is back.
     assert_eq!(pool.available(), full);
+    let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/pollux-dp-{}", std::process::id()));
 }
