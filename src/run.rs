@@ -5,19 +5,19 @@
 //! last cores (worker 0 on the last); each has its own queue of every port
 //! (an AF_PACKET fanout socket, a shared ring handle) and hands packets of
 //! connections it does not own to their owner ([`vswitch::placement`]).
-//! Health probes run on this (the control) thread, never on a polling core: one prober per
-//! vnet with probed VIPs, on an internal switch port of that vnet (source
-//! 168.63.129.16, as Azure), so probes take the tenant path. Each health
-//! change is published as a new policy generation and logged on stderr.
+//! Health probes run on this (the control) thread, never on a polling core:
+//! one prober per vnet with probed VIPs, on an internal switch port of that
+//! vnet (source 168.63.129.16, as Azure), so probes take the tenant path.
+//! Each health change is published as a new policy generation and logged on
+//! stderr.
 //!
-//! Drivers available to `run` today: `af_packet` and `af_xdp` (kernel
-//! interfaces; `af_xdp` with one worker),
-//! `pcap` (replay a capture into the switch, record what it sends) and `ring`
-//! (an unconnected in-memory port), and `dpdk` (any DPDK device; every port
-//! must then be `dpdk`, with one worker and no probes so far). pcap ports
-//! with several workers are refused (a file has one queue).
+//! Drivers: `af_packet` and `af_xdp` (kernel interfaces; `af_xdp` with one
+//! worker), `pcap` (replay a capture into the switch, record what it sends;
+//! one worker), `ring` (an unconnected in-memory port), and `dpdk` (any DPDK
+//! device; every port must then be `dpdk`, with one worker and no probes so
+//! far).
 //!
-//! At stop (SIGINT/SIGTERM) it prints a report: packets, per-port counters,
+//! At stop it prints a report: packets, per-worker and per-port counters,
 //! each probed backend's state and why, every security-group rule that
 //! matched with its hit count, and drops by reason.
 

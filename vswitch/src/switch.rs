@@ -6,13 +6,19 @@
 //!
 //! Slow path (a miss, or an entry from an older generation), in order:
 //! anti-spoofing (source MAC and IP must be the VM's on that port), the ARP
-//! responder (every address of the vnet and every VIP answers with the
-//! gateway MAC; nothing is flooded), load balancing (new connection to a VIP:
-//! Maglev + DNAT; reply from a DIP: reverse NAT; both tracked per vnet), vnet
-//! routing (destination must be a VM of the *same* vnet: tenant isolation),
-//! the source VM's outbound ACL and the destination VM's inbound ACL. The
-//! result is installed for both directions (a stateful allow admits the
-//! return traffic) and applied.
+//! and IPv6 neighbour-discovery responder (every address of the vnet and
+//! every VIP answers with the gateway MAC; nothing is flooded), ping to a VIP
+//! answered, load balancing (new connection to a VIP: Maglev + DNAT; reply
+//! from a DIP: reverse NAT; both tracked per vnet), routing (destination must
+//! be a VM of the *same* vnet: tenant isolation; outside the vnet, the uplink
+//! with SNAT), the source VM's outbound ACL and the destination VM's inbound
+//! ACL. The result is installed for both directions (a stateful allow admits
+//! the return traffic), with its rewrite compiled for the fast path, and
+//! applied. Packets from the uplink may only answer connections that left
+//! through it or open connections to a public VIP.
+//!
+//! With several workers, a packet whose connection another worker owns
+//! ([`crate::placement`]) is handed to that worker's mailbox ([`Handoff`]).
 
 use crate::flow::{FlowAction, FlowEntry, FlowTable};
 use crate::policy::{Policy, UplinkDef};
@@ -866,13 +872,16 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
     }
 
     fn poll(&mut self, ctx: &mut Ctx<'_, B>) -> usize {
-        let Some((me, h)) = self.handoff.clone() else {
+        // The common case, an empty mailbox, costs one load and no
+        // reference counting.
+        let busy = self
+            .handoff
+            .as_ref()
+            .is_some_and(|(me, h)| h.queues.get(*me).is_some_and(|q| !q.is_empty()));
+        let (true, Some((me, h))) = (busy, self.handoff.clone()) else {
             return 0;
         };
         let Some(q) = h.queues.get(me) else { return 0 };
-        if q.is_empty() {
-            return 0;
-        }
         let (policy, now) = self.begin(ctx);
         let mut tally = (0, 0, 0);
         let mut n = 0;
