@@ -29,7 +29,7 @@ use dataplane::port::af_xdp::AfXdpPort;
 use dataplane::port::pcap::PcapPort;
 use dataplane::port::ring::{self, RingPort};
 use dataplane::worker::Worker;
-use dataplane::{LinkInfo, MacAddr, PacketBuf, Port};
+use dataplane::{BufAlloc, LinkInfo, MacAddr, Port};
 use lb::probe::device::PortDevice;
 use lb::probe::{ProbeKind, ProbeSpec, Prober, ProberConfig, Target};
 use std::net::{IpAddr, Ipv4Addr};
@@ -64,27 +64,29 @@ pub fn probe_spec(p: &ProbeCfg) -> ProbeSpec {
     }
 }
 
-/// One vnet's prober and what its targets are called in logs.
-struct VnetProber {
+/// One vnet's prober and what its targets are called in logs; its frames
+/// come from `A` (pollux's pool, or a DPDK mempool: the worker's buffers).
+struct VnetProber<A: BufAlloc> {
     vnet: usize,
-    prober: Prober<RingPort<PoolBuf>>,
+    prober: Prober<RingPort<A::Buf>, A>,
     /// `vip "name" backend ip:port` per target.
     names: Vec<String>,
 }
 
 /// Ring ends: the switch ends of the probers' internal ports, or the idle
 /// far ends of configured ring ports.
-type ProbePorts = Vec<RingPort<PoolBuf>>;
+type ProbePorts<B = PoolBuf> = Vec<RingPort<B>>;
 
 /// Adds one internal prober port per vnet with probed VIPs to `topo`; marks
 /// probed backends down until their first success. Returns the probers and
 /// the switch ends of their ports (numbered after the configured ports).
-fn probers(
+#[allow(clippy::type_complexity)]
+fn probers<A: BufAlloc>(
     cfg: &Config,
     topo: &mut Topology,
-    pool: Pool,
-) -> Result<(Vec<VnetProber>, ProbePorts), Vec<String>> {
-    let mut out: Vec<VnetProber> = Vec::new();
+    pool: A,
+) -> Result<(Vec<VnetProber<A>>, ProbePorts<A::Buf>), Vec<String>> {
+    let mut out: Vec<VnetProber<A>> = Vec::new();
     let mut ends = Vec::new();
     let mut problems = Vec::new();
     for (vip_cfg, vip) in cfg.vip.iter().zip(topo.vips.iter_mut()) {
@@ -284,10 +286,9 @@ pub fn run(cfg: &Config) -> Result<Vec<String>, Vec<String>> {
 }
 
 /// `run` with DPDK ports: every port must be `dpdk` (the worker moves mbufs
-/// end to end), one worker, no probes yet (the prober's smoltcp device is
-/// written for pool buffers).
+/// end to end, the probers' internal ports carry mbufs too), one worker.
 #[cfg(feature = "dpdk")]
-fn run_dpdk(cfg: &Config, topo: Topology) -> Result<Vec<String>, Vec<String>> {
+fn run_dpdk(cfg: &Config, mut topo: Topology) -> Result<Vec<String>, Vec<String>> {
     use dataplane::port::dpdk::{DpdkPort, Eal, Mempool};
     let mut problems = Vec::new();
     for p in cfg.port.iter().filter(|p| p.driver != "dpdk") {
@@ -300,12 +301,6 @@ fn run_dpdk(cfg: &Config, topo: Topology) -> Result<Vec<String>, Vec<String>> {
         problems.push(format!(
             "dataplane: workers = {}: dpdk ports take one worker so far",
             cfg.dataplane.workers
-        ));
-    }
-    for v in cfg.vip.iter().filter(|v| v.probe.is_some()) {
-        problems.push(format!(
-            "vip {:?}: probes are not available with dpdk ports yet (remove [vip.probe] to treat backends as healthy)",
-            v.name
         ));
     }
     if !problems.is_empty() {
@@ -328,8 +323,12 @@ fn run_dpdk(cfg: &Config, topo: Topology) -> Result<Vec<String>, Vec<String>> {
         let port = DpdkPort::open(&eal, &p.name, device, pool).map_err(|e| vec![e.to_string()])?;
         ports.push(Box::new(port));
     }
+    let (probers, probe_ports) = probers(cfg, &mut topo, pool)?;
+    for p in probe_ports {
+        ports.push(Box::new(p));
+    }
     let cores = core_affinity::get_core_ids().unwrap_or_default();
-    run_on(cfg, &topo, vec![ports], Vec::new(), &cores)
+    run_on(cfg, &topo, vec![ports], probers, &cores)
 }
 
 #[cfg(not(feature = "dpdk"))]
@@ -341,11 +340,11 @@ fn run_dpdk(_cfg: &Config, _topo: Topology) -> Result<Vec<String>, Vec<String>> 
 
 /// Starts one switch worker per port set, runs the control loop until a
 /// signal, stops the workers and returns the report.
-fn run_on<B: PacketBuf>(
+fn run_on<A: BufAlloc>(
     cfg: &Config,
     topo: &Topology,
-    sets: Vec<PortSet<B>>,
-    mut probers: Vec<VnetProber>,
+    sets: Vec<PortSet<A::Buf>>,
+    mut probers: Vec<VnetProber<A>>,
     cores: &[core_affinity::CoreId],
 ) -> Result<Vec<String>, Vec<String>> {
     let workers = sets.len().max(1);
@@ -491,10 +490,10 @@ fn run_on<B: PacketBuf>(
 }
 
 /// Polls the probers and publishes their health changes until a signal.
-fn control_loop(
+fn control_loop<A: BufAlloc>(
     signalled: &AtomicBool,
     stop: &[Arc<AtomicBool>],
-    probers: &mut [VnetProber],
+    probers: &mut [VnetProber<A>],
     policy: &ArcSwap<Policy>,
 ) {
     let start = Instant::now();

@@ -365,7 +365,8 @@ fn kernel_ports_without_privileges_name_the_capability() {
 /// `pollux run` on DPDK ports: `net_null` vdevs (an endless source of
 /// zero-filled frames, a sink for transmit), EAL without huge pages or PCI.
 /// Every frame is dropped by name (all-zero source MACs belong to no VM);
-/// SIGTERM stops it cleanly. Mixed drivers and probes are refused.
+/// SIGTERM stops it cleanly. Mixed drivers are refused; probes go out
+/// through the switch on mbufs.
 #[cfg(feature = "dpdk")]
 #[test]
 fn run_on_dpdk_ports() {
@@ -410,11 +411,8 @@ fn run_on_dpdk_ports() {
         "{stdout}"
     );
 
-    // A dpdk port cannot share a worker with a pool-buffer port, and probes
-    // are not wired to dpdk ports yet: both refused by name.
-    let mixed = format!(
-        "{eal}{ports}[[port]]\nname = \"r\"\ndriver = \"ring\"\n{net}[[vip]]\nname = \"w\"\nvnet = \"v\"\naddress = \"10.1.0.100\"\nport = 80\nprotocol = \"tcp\"\nbackends = [ {{ vm = \"x\", port = 8080 }} ]\n[vip.probe]\nkind = \"tcp\"\nport = 8080\n"
-    );
+    // A dpdk port cannot share a worker with a pool-buffer port.
+    let mixed = format!("{eal}{ports}[[port]]\nname = \"r\"\ndriver = \"ring\"\n{net}");
     std::fs::write(&path, mixed).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_pollux"))
         .args(["run", "--config", path.to_str().unwrap()])
@@ -426,9 +424,48 @@ fn run_on_dpdk_ports() {
         err.contains("port \"r\": driver \"ring\" cannot share a worker with dpdk ports"),
         "{err}"
     );
+
+    // Probes over dpdk ports: the prober's internal port carries mbufs; its
+    // SYNs reach the DIP's port (a silent net_null sink), which stays down.
+    let quiet = ports
+        .replace("net_null0", "net_null0,no-rx=1")
+        .replace("net_null1", "net_null1,no-rx=1");
+    let probed = format!(
+        "{eal}{quiet}{net}[[vip]]\nname = \"w\"\nvnet = \"v\"\naddress = \"10.1.0.100\"\nport = 80\nprotocol = \"tcp\"\nbackends = [ {{ vm = \"x\", port = 8080 }} ]\n[vip.probe]\nkind = \"tcp\"\nport = 8080\ninterval_ms = 200\ntimeout_ms = 100\n"
+    );
+    std::fs::write(&path, probed).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_pollux"))
+        .args(["run", "--config", path.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2000));
     assert!(
-        err.contains("vip \"w\": probes are not available with dpdk ports yet"),
-        "{err}"
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stderr.contains("1 probed backends"), "{stderr}");
+    assert!(
+        stdout.contains("vip \"w\" backend 10.1.0.4:8080: down after "),
+        "{stdout}"
+    );
+    let tx_a: u64 = stdout
+        .lines()
+        .find(|l| l.starts_with("port \"a\": rx "))
+        .and_then(|l| l.split_whitespace().nth(5))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        tx_a >= 3,
+        "probe SYNs did not reach the DIP's port: {stdout}"
     );
     let _ = std::fs::remove_dir_all(&dir);
     // DPDK's runtime directory of the run above.

@@ -60,3 +60,12 @@ pub trait PacketBuf: Send + 'static {
     /// Sets the length to zero and the headroom to its default.
     fn reset(&mut self);
 }
+
+/// A source of empty packet buffers: pollux's pools, DPDK mempools. What a
+/// component that builds packets itself (a smoltcp stack on a port) needs.
+pub trait BufAlloc: Copy + Send + 'static {
+    /// The buffers it hands out.
+    type Buf: PacketBuf;
+    /// An empty buffer (default headroom), or `None` when none is free.
+    fn alloc_buf(&self) -> Option<Self::Buf>;
+}

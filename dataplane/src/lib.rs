@@ -32,7 +32,7 @@ pub mod wire;
 pub mod worker;
 
 pub use batch::{BURST, Batch};
-pub use buf::{BufError, PacketBuf};
+pub use buf::{BufAlloc, BufError, PacketBuf};
 pub use parse::{FlowKey, L3, Parsed, parse};
 pub use port::{LinkInfo, Port, PortError};
 pub use stats::{DropReason, PortStats};

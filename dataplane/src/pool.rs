@@ -379,6 +379,13 @@ impl PacketBuf for PoolBuf {
     }
 }
 
+impl crate::buf::BufAlloc for Pool {
+    type Buf = PoolBuf;
+    fn alloc_buf(&self) -> Option<PoolBuf> {
+        self.alloc()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

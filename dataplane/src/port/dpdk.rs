@@ -167,6 +167,13 @@ impl Mempool {
     }
 }
 
+impl crate::buf::BufAlloc for Mempool {
+    type Buf = Mbuf;
+    fn alloc_buf(&self) -> Option<Mbuf> {
+        self.alloc()
+    }
+}
+
 /// One single-segment mbuf: a pollux packet buffer. Dropping it frees it.
 #[derive(Debug)]
 pub struct Mbuf(NonNull<d::rte_mbuf>);

@@ -1,25 +1,26 @@
 //! A smoltcp `Device` over a dataplane [`Port`]: what lets a smoltcp stack
 //! (the prober, or an in-process VM) send and receive through pollux ports.
 
-use dataplane::pool::{Pool, PoolBuf};
-use dataplane::{Batch, PacketBuf, Port};
+use dataplane::pool::Pool;
+use dataplane::{Batch, BufAlloc, PacketBuf, Port};
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 use std::collections::VecDeque;
 
-/// A smoltcp device over port `P`, transmitting from buffers of `pool`.
-pub struct PortDevice<P: Port<Buf = PoolBuf>> {
+/// A smoltcp device over port `P`, transmitting from buffers of `pool`
+/// (pollux's pool buffers, or DPDK mbufs from a mempool).
+pub struct PortDevice<P: Port, A: BufAlloc<Buf = P::Buf> = Pool> {
     port: P,
-    pool: Pool,
-    rxq: VecDeque<PoolBuf>,
-    tx: Batch<PoolBuf>,
+    pool: A,
+    rxq: VecDeque<P::Buf>,
+    tx: Batch<P::Buf>,
     scratch: Vec<u8>,
     tx_no_buffer: u64,
 }
 
-impl<P: Port<Buf = PoolBuf>> PortDevice<P> {
+impl<P: Port, A: BufAlloc<Buf = P::Buf>> PortDevice<P, A> {
     /// Wraps `port`; transmitted frames are built in buffers from `pool`.
-    pub fn new(port: P, pool: Pool) -> Self {
+    pub fn new(port: P, pool: A) -> Self {
         PortDevice {
             port,
             pool,
@@ -48,7 +49,7 @@ impl<P: Port<Buf = PoolBuf>> PortDevice<P> {
     }
 
     /// The pool transmit buffers come from.
-    pub fn pool(&self) -> Pool {
+    pub fn pool(&self) -> A {
         self.pool
     }
 
@@ -59,9 +60,9 @@ impl<P: Port<Buf = PoolBuf>> PortDevice<P> {
 }
 
 /// A received frame.
-pub struct PortRx(PoolBuf);
+pub struct PortRx<B>(B);
 
-impl phy::RxToken for PortRx {
+impl<B: PacketBuf> phy::RxToken for PortRx<B> {
     fn consume<R, F>(self, f: F) -> R
     where
         F: FnOnce(&[u8]) -> R,
@@ -71,20 +72,20 @@ impl phy::RxToken for PortRx {
 }
 
 /// Room for one frame to transmit.
-pub struct PortTx<'a, P: Port<Buf = PoolBuf>> {
+pub struct PortTx<'a, P: Port, A: BufAlloc<Buf = P::Buf>> {
     port: &'a mut P,
-    pool: &'a Pool,
-    tx: &'a mut Batch<PoolBuf>,
+    pool: &'a A,
+    tx: &'a mut Batch<P::Buf>,
     scratch: &'a mut Vec<u8>,
     tx_no_buffer: &'a mut u64,
 }
 
-impl<P: Port<Buf = PoolBuf>> phy::TxToken for PortTx<'_, P> {
+impl<P: Port, A: BufAlloc<Buf = P::Buf>> phy::TxToken for PortTx<'_, P, A> {
     fn consume<R, F>(self, len: usize, f: F) -> R
     where
         F: FnOnce(&mut [u8]) -> R,
     {
-        let buf = self.pool.alloc().and_then(|mut b| match b.append(len) {
+        let buf = self.pool.alloc_buf().and_then(|mut b| match b.append(len) {
             Ok(_) => Some(b),
             Err(_) => None,
         });
@@ -110,17 +111,17 @@ impl<P: Port<Buf = PoolBuf>> phy::TxToken for PortTx<'_, P> {
     }
 }
 
-impl<P: Port<Buf = PoolBuf>> phy::Device for PortDevice<P> {
+impl<P: Port, A: BufAlloc<Buf = P::Buf>> phy::Device for PortDevice<P, A> {
     type RxToken<'a>
-        = PortRx
+        = PortRx<P::Buf>
     where
         Self: 'a;
     type TxToken<'a>
-        = PortTx<'a, P>
+        = PortTx<'a, P, A>
     where
         Self: 'a;
 
-    fn receive(&mut self, _ts: Instant) -> Option<(PortRx, PortTx<'_, P>)> {
+    fn receive(&mut self, _ts: Instant) -> Option<(PortRx<P::Buf>, PortTx<'_, P, A>)> {
         if self.rxq.is_empty() {
             let mut b = Batch::new();
             self.port.rx_burst(&mut b);
@@ -139,7 +140,7 @@ impl<P: Port<Buf = PoolBuf>> phy::Device for PortDevice<P> {
         ))
     }
 
-    fn transmit(&mut self, _ts: Instant) -> Option<PortTx<'_, P>> {
+    fn transmit(&mut self, _ts: Instant) -> Option<PortTx<'_, P, A>> {
         Some(PortTx {
             port: &mut self.port,
             pool: &self.pool,

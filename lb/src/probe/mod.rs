@@ -23,8 +23,9 @@
 pub mod device;
 
 use crate::conntrack::from16;
+use dataplane::BufAlloc;
 use dataplane::Port;
-use dataplane::pool::PoolBuf;
+use dataplane::pool::Pool;
 use device::PortDevice;
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
@@ -248,9 +249,9 @@ struct Inflight {
 }
 
 /// Probes many DIPs from one thread.
-pub struct Prober<P: Port<Buf = PoolBuf>> {
+pub struct Prober<P: Port, A: BufAlloc<Buf = P::Buf> = Pool> {
     iface: Interface,
-    dev: PortDevice<P>,
+    dev: PortDevice<P, A>,
     sockets: SocketSet<'static>,
     targets: Vec<Target>,
     health: Vec<DipHealth>,
@@ -267,10 +268,10 @@ fn sinstant(t: Duration) -> SInstant {
     SInstant::from_micros(t.as_micros() as i64)
 }
 
-impl<P: Port<Buf = PoolBuf>> Prober<P> {
+impl<P: Port, A: BufAlloc<Buf = P::Buf>> Prober<P, A> {
     /// A prober on `dev` with `cfg`'s address, MAC and gateway. `now` is the
     /// prober's clock (any monotonic origin).
-    pub fn new(mut dev: PortDevice<P>, cfg: &ProberConfig, now: Duration) -> Self {
+    pub fn new(mut dev: PortDevice<P, A>, cfg: &ProberConfig, now: Duration) -> Self {
         let hw = HardwareAddress::Ethernet(EthernetAddress(cfg.mac));
         let mut iface = Interface::new(Config::new(hw), &mut dev, sinstant(now));
         iface.update_ip_addrs(|a| {
