@@ -14,8 +14,7 @@
 //! Drivers: `af_packet` and `af_xdp` (kernel interfaces; `af_xdp` with one
 //! worker), `pcap` (replay a capture into the switch, record what it sends;
 //! one worker), `ring` (an unconnected in-memory port), and `dpdk` (any DPDK
-//! device; every port must then be `dpdk`, with one worker and no probes so
-//! far).
+//! device; every port must then be `dpdk`, with one worker so far).
 //!
 //! At stop it prints a report: packets, per-worker and per-port counters,
 //! each probed backend's state and why, every security-group rule that
