@@ -14,7 +14,7 @@
 //! Drivers: `af_packet` and `af_xdp` (kernel interfaces; `af_xdp` with one
 //! worker), `pcap` (replay a capture into the switch, record what it sends;
 //! one worker), `ring` (an unconnected in-memory port), and `dpdk` (any DPDK
-//! device; every port must then be `dpdk`, with one worker so far).
+//! device, one queue per worker; every port must then be `dpdk`).
 //!
 //! At stop it prints a report: packets, per-worker and per-port counters,
 //! each probed backend's state and why, every security-group rule that
@@ -284,8 +284,9 @@ pub fn run(cfg: &Config) -> Result<Vec<String>, Vec<String>> {
     report
 }
 
-/// `run` with DPDK ports: every port must be `dpdk` (the worker moves mbufs
-/// end to end, the probers' internal ports carry mbufs too), one worker.
+/// `run` with DPDK ports: every port must be `dpdk` (the workers move mbufs
+/// end to end, the probers' internal ports carry mbufs too); each worker
+/// polls its own queue of every port.
 #[cfg(feature = "dpdk")]
 fn run_dpdk(cfg: &Config, mut topo: Topology) -> Result<Vec<String>, Vec<String>> {
     use dataplane::port::dpdk::{DpdkPort, Eal, Mempool};
@@ -294,12 +295,6 @@ fn run_dpdk(cfg: &Config, mut topo: Topology) -> Result<Vec<String>, Vec<String>
         problems.push(format!(
             "port {:?}: driver {:?} cannot share a worker with dpdk ports (make every port dpdk)",
             p.name, p.driver
-        ));
-    }
-    if cfg.dataplane.workers > 1 {
-        problems.push(format!(
-            "dataplane: workers = {}: dpdk ports take one worker so far",
-            cfg.dataplane.workers
         ));
     }
     if !problems.is_empty() {
@@ -312,22 +307,30 @@ fn run_dpdk(cfg: &Config, mut topo: Topology) -> Result<Vec<String>, Vec<String>
         .unwrap_or_default();
     let eal = Eal::init(&args).map_err(|e| vec![e.to_string()])?;
     let pool = Mempool::new(&eal, "pollux", 16383, 2176, -1).map_err(|e| vec![e.to_string()])?;
-    let mut ports: PortSet<dataplane::port::dpdk::Mbuf> = Vec::new();
+    let workers = cfg.dataplane.workers.max(1);
+    let mut sets: Vec<PortSet<dataplane::port::dpdk::Mbuf>> =
+        (0..workers).map(|_| Vec::new()).collect();
     for p in &cfg.port {
         let device = p
             .devargs
             .as_deref()
             .or(p.pci.as_deref())
             .unwrap_or_default();
-        let port = DpdkPort::open(&eal, &p.name, device, pool).map_err(|e| vec![e.to_string()])?;
-        ports.push(Box::new(port));
+        // One queue per worker.
+        let queues = DpdkPort::open_queues(&eal, &p.name, device, pool, workers as u16)
+            .map_err(|e| vec![e.to_string()])?;
+        for (set, q) in sets.iter_mut().zip(queues) {
+            set.push(Box::new(q));
+        }
     }
     let (probers, probe_ports) = probers(cfg, &mut topo, pool)?;
     for p in probe_ports {
-        ports.push(Box::new(p));
+        for set in sets.iter_mut() {
+            set.push(Box::new(p.share()));
+        }
     }
     let cores = core_affinity::get_core_ids().unwrap_or_default();
-    run_on(cfg, &topo, vec![ports], probers, &cores)
+    run_on(cfg, &topo, sets, probers, &cores)
 }
 
 #[cfg(not(feature = "dpdk"))]

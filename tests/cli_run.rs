@@ -467,6 +467,38 @@ fn run_on_dpdk_ports() {
         tx_a >= 3,
         "probe SYNs did not reach the DIP's port: {stdout}"
     );
+    // Two workers: one queue of every port each.
+    std::fs::write(
+        &path,
+        format!("[dataplane]\nworkers = 2\n{eal}{ports}{net}"),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_pollux"))
+        .args(["run", "--config", path.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    for w in ["worker0", "worker1"] {
+        let got: u64 = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("{w}: received ")))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .and_then(|n| n.trim_end_matches(',').parse().ok())
+            .unwrap_or(0);
+        assert!(got > 1000, "{w} received {got}: {stdout}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
     // DPDK's runtime directory of the run above.
     let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/pollux-run-{}", std::process::id()));

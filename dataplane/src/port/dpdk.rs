@@ -297,12 +297,27 @@ impl PacketBuf for Mbuf {
     }
 }
 
+/// Stops an ethdev port when the last of its queues is dropped.
+#[derive(Debug)]
+struct Started(u16);
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        // SAFETY: stops the port `open_queues` started, once, after every
+        // queue handle of it is gone.
+        unsafe {
+            let _ = d::rte_eth_dev_stop(self.0);
+        }
+    }
+}
+
 /// One queue of a DPDK ethdev port.
 pub struct DpdkPort {
     info: LinkInfo,
     stats: Arc<PortStats>,
     port: u16,
     queue: u16,
+    _started: Arc<Started>,
 }
 
 impl std::fmt::Debug for DpdkPort {
@@ -322,12 +337,45 @@ unsafe impl Send for DpdkPort {}
 const RX_DESC: u16 = 1024;
 const TX_DESC: u16 = 1024;
 
+/// The symmetric Toeplitz key (0x6d5a repeated): a flow's two directions
+/// hash alike, so a NIC's RSS sends both to one queue.
+static SYMMETRIC_RSS_KEY: [u8; 40] = [
+    0x6d, 0x5a, 0x6d, 0x5a, 0x6d, 0x5a, 0x6d, 0x5a, 0x6d, 0x5a, 0x6d, 0x5a, 0x6d, 0x5a, 0x6d, 0x5a,
+    0x6d, 0x5a, 0x6d, 0x5a, 0x6d, 0x5a, 0x6d, 0x5a, 0x6d, 0x5a, 0x6d, 0x5a, 0x6d, 0x5a, 0x6d, 0x5a,
+    0x6d, 0x5a, 0x6d, 0x5a, 0x6d, 0x5a, 0x6d, 0x5a,
+];
+
+/// RTE_ETH_RSS_{IPV4, FRAG_IPV4, NONFRAG_IPV4_TCP, NONFRAG_IPV4_UDP,
+/// NONFRAG_IPV4_OTHER, IPV6, NONFRAG_IPV6_TCP, NONFRAG_IPV6_UDP} (function-
+/// like macros in rte_ethdev.h, so not in the bindings).
+const RSS_HF: u64 =
+    (1 << 2) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 7) | (1 << 8) | (1 << 10) | (1 << 11);
+
 impl DpdkPort {
     /// Probes `device` (devargs such as `net_ring0` or
     /// `net_vhost0,iface=/tmp/vm1.sock,client=1`, or a PCI address),
     /// configures one rx and one tx queue with buffers from `pool`, starts
-    /// it in promiscuous mode, and returns queue 0 as port `name`.
-    pub fn open(_eal: &Eal, name: &str, device: &str, pool: Mempool) -> Result<Self, PortError> {
+    /// it in promiscuous mode, and returns it as port `name`.
+    pub fn open(eal: &Eal, name: &str, device: &str, pool: Mempool) -> Result<Self, PortError> {
+        let mut q = Self::open_queues(eal, name, device, pool, 1)?;
+        q.pop().ok_or_else(|| PortError::BadConfig {
+            port: name.to_string(),
+            reason: "no queue".into(),
+        })
+    }
+
+    /// Like [`DpdkPort::open`] with `queues` rx/tx queue pairs, one handle
+    /// per queue (one per worker). With several queues, RSS with the
+    /// symmetric key spreads flows where the device supports it; whatever the
+    /// spread, the switch hands each packet to the worker owning its
+    /// connection. The port stops when the last handle is dropped.
+    pub fn open_queues(
+        _eal: &Eal,
+        name: &str,
+        device: &str,
+        pool: Mempool,
+        queues: u16,
+    ) -> Result<Vec<Self>, PortError> {
         let err = |reason: String| PortError::BadConfig {
             port: name.to_string(),
             reason,
@@ -364,60 +412,112 @@ impl DpdkPort {
                 Ok(())
             }
         };
-        let conf = d::rte_eth_conf::default();
-        // SAFETY: `port` exists; every pointer passed is valid for the call;
-        // the socket id comes from DPDK itself.
+        let mut info = d::rte_eth_dev_info::default();
+        // SAFETY: `port` exists; `info` is a valid out-parameter.
+        call("device info", unsafe {
+            d::rte_eth_dev_info_get(port, &mut info)
+        })?;
+        let queues = queues.max(1);
+        if queues > info.max_rx_queues || queues > info.max_tx_queues {
+            return Err(err(format!(
+                "{queues} queues asked for, the device has {} rx and {} tx",
+                info.max_rx_queues, info.max_tx_queues
+            )));
+        }
+        let mut conf = d::rte_eth_conf::default();
+        let hf = RSS_HF & info.flow_type_rss_offloads;
+        if queues > 1 && hf != 0 {
+            conf.rxmode.mq_mode = d::RTE_ETH_MQ_RX_RSS;
+            conf.rx_adv_conf.rss_conf = d::rte_eth_rss_conf {
+                rss_key: SYMMETRIC_RSS_KEY.as_ptr().cast_mut(),
+                rss_key_len: SYMMETRIC_RSS_KEY.len() as u8,
+                rss_hf: hf,
+            };
+        }
+        // SAFETY: `port` exists; every pointer passed is valid for the call
+        // (the RSS key is static and DPDK copies it); the socket id comes
+        // from DPDK itself.
         unsafe {
             let socket = d::rte_eth_dev_socket_id(port).max(0) as u32;
-            call("configure", d::rte_eth_dev_configure(port, 1, 1, &conf))?;
             call(
-                "rx queue setup",
-                d::rte_eth_rx_queue_setup(
-                    port,
-                    0,
-                    RX_DESC,
-                    socket,
-                    std::ptr::null(),
-                    pool.0.as_ptr(),
-                ),
+                "configure",
+                d::rte_eth_dev_configure(port, queues, queues, &conf),
             )?;
-            call(
-                "tx queue setup",
-                d::rte_eth_tx_queue_setup(port, 0, TX_DESC, socket, std::ptr::null()),
-            )?;
+            for q in 0..queues {
+                call(
+                    "rx queue setup",
+                    d::rte_eth_rx_queue_setup(
+                        port,
+                        q,
+                        RX_DESC,
+                        socket,
+                        std::ptr::null(),
+                        pool.0.as_ptr(),
+                    ),
+                )?;
+                call(
+                    "tx queue setup",
+                    d::rte_eth_tx_queue_setup(port, q, TX_DESC, socket, std::ptr::null()),
+                )?;
+            }
             call("start", d::rte_eth_dev_start(port))?;
             // Some vdevs have no promiscuous mode; they pass everything anyway.
             let _ = d::rte_eth_promiscuous_enable(port);
         }
+        let started = Arc::new(Started(port));
         let mut mac = d::rte_ether_addr::default();
         // SAFETY: `port` exists; `mac` is a valid out-parameter.
         unsafe { d::rte_eth_macaddr_get(port, &mut mac) };
-        Ok(DpdkPort {
-            info: LinkInfo {
-                name: name.to_string(),
-                mac: MacAddr(mac.addr_bytes),
-                mtu: 1500,
-                driver: "dpdk",
-            },
-            stats: Arc::default(),
-            port,
-            queue: 0,
-        })
+        Ok((0..queues)
+            .map(|queue| DpdkPort {
+                info: LinkInfo {
+                    name: name.to_string(),
+                    mac: MacAddr(mac.addr_bytes),
+                    mtu: 1500,
+                    driver: "dpdk",
+                },
+                stats: Arc::default(),
+                port,
+                queue,
+                _started: started.clone(),
+            })
+            .collect())
     }
 
     /// The ethdev port id.
     pub fn port_id(&self) -> u16 {
         self.port
     }
-}
 
-impl Drop for DpdkPort {
-    fn drop(&mut self) {
-        // SAFETY: stops the port this value started; DPDK tolerates stopping
-        // a stopped port.
-        unsafe {
-            let _ = d::rte_eth_dev_stop(self.port);
+    /// The queue this handle polls.
+    pub fn queue(&self) -> u16 {
+        self.queue
+    }
+
+    /// Link state: (up, speed in Mb/s), without waiting.
+    pub fn link(&self) -> (bool, u32) {
+        let mut l = d::rte_eth_link::default();
+        // SAFETY: the port exists; `l` is a valid out-parameter.
+        let r = unsafe { d::rte_eth_link_get_nowait(self.port, &mut l) };
+        if r < 0 {
+            return (false, 0);
         }
+        (l.link_status() != 0, l.link_speed)
+    }
+
+    /// The device's own counters for this queue: (received, sent), where the
+    /// driver keeps per-queue figures (the first 16 queues).
+    pub fn queue_stats(&self) -> (u64, u64) {
+        let mut st = d::rte_eth_stats::default();
+        // SAFETY: the port exists; `st` is a valid out-parameter.
+        if unsafe { d::rte_eth_stats_get(self.port, &mut st) } != 0 {
+            return (0, 0);
+        }
+        let q = usize::from(self.queue);
+        (
+            st.q_ipackets.get(q).copied().unwrap_or(0),
+            st.q_opackets.get(q).copied().unwrap_or(0),
+        )
     }
 }
 
