@@ -1,7 +1,8 @@
 //! # pollux — the program around the switch
 //!
 //! Owns: the configuration file and its validation ([`config`]), running the
-//! switch from it ([`run`]), and the embedded demo ([`demo`]); the `pollux` binary (`src/main.rs`) is the CLI
+//! switch from it ([`run`]), the embedded demo ([`demo`]) and SR-IOV set-up
+//! ([`sriov`]); the `pollux` binary (`src/main.rs`) is the CLI
 //! over them. The packet path lives in the `dataplane`, `filter`, `lb` and
 //! `vswitch` crates; this crate wires them together and must not duplicate
 //! their logic.
@@ -9,3 +10,4 @@
 pub mod config;
 pub mod demo;
 pub mod run;
+pub mod sriov;

@@ -1,9 +1,10 @@
 //! The `pollux` command.
 //!
 //! `pollux check --config FILE` validates a configuration, `pollux run
-//! --config FILE` runs the switch on it (pcap and ring ports so far), and
-//! `pollux demo` runs the embedded in-process topology. `pktgen` and `ctl`
-//! arrive with their issues (see DESIGN.md).
+//! --config FILE` runs the switch on it, `pollux demo` runs the embedded
+//! in-process topology, and `pollux sriov` creates and configures SR-IOV
+//! virtual functions for DPDK ports. `pktgen` and `ctl` arrive with their
+//! issues (see DESIGN.md).
 
 use pollux::config;
 
@@ -36,6 +37,40 @@ enum Command {
     /// Run the embedded demo: VMs, a VIP, probes, ACLs and tenants on ring
     /// ports in this process (no privileges, no system packages).
     Demo,
+    /// Create SR-IOV virtual functions on a physical function and set a
+    /// VF's MAC, VLAN, spoof check and trust (then use the VF, bound to
+    /// vfio-pci, as a `dpdk` port with `pci = "..."`).
+    Sriov {
+        /// The physical function (kernel interface).
+        #[arg(long)]
+        pf: String,
+        /// Number of VFs to create (0 removes them).
+        #[arg(long)]
+        vfs: Option<u32>,
+        /// The VF to configure.
+        #[arg(long)]
+        vf: Option<u32>,
+        /// The VF's MAC address.
+        #[arg(long)]
+        mac: Option<dataplane::MacAddr>,
+        /// The VF's VLAN (0: none).
+        #[arg(long)]
+        vlan: Option<u16>,
+        /// Spoof checking on the VF: on or off.
+        #[arg(long, value_parser = on_off)]
+        spoofchk: Option<bool>,
+        /// Trust the VF (it may change its MAC, go promiscuous): on or off.
+        #[arg(long, value_parser = on_off)]
+        trust: Option<bool>,
+    },
+}
+
+fn on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => Err(format!("{other:?} is not on or off")),
+    }
 }
 
 fn check(path: &PathBuf) -> ExitCode {
@@ -98,6 +133,37 @@ fn main() -> ExitCode {
     match &cli.command {
         Command::Check { config } => check(config),
         Command::Run { config } => run(config),
+        Command::Sriov {
+            pf,
+            vfs,
+            vf,
+            mac,
+            vlan,
+            spoofchk,
+            trust,
+        } => {
+            let req = pollux::sriov::Request {
+                pf: pf.clone(),
+                vfs: *vfs,
+                vf: *vf,
+                mac: mac.map(|m| m.0),
+                vlan: *vlan,
+                spoofchk: *spoofchk,
+                trust: *trust,
+            };
+            match pollux::sriov::run(&req) {
+                Ok(done) => {
+                    for l in done {
+                        println!("{l}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Demo => {
             match pollux::demo::run(&mut std::io::stdout(), pollux::demo::Options::default()) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,275 @@
+//! `pollux sriov`: SR-IOV virtual functions for DPDK ports.
+//!
+//! Creates VFs on a physical function through sysfs (`sriov_numvfs`) and
+//! sets a VF's MAC, VLAN, spoof check and trust through rtnetlink
+//! (`RTM_SETLINK` on the PF with `IFLA_VFINFO_LIST`), as `ip link set PF vf
+//! N ...` does. Errors name the interface and what is missing. A VF bound to
+//! vfio-pci is then a `dpdk` port with `pci = "0000:..."` (docs/config.md).
+
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+use std::path::PathBuf;
+
+/// What to do.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Request {
+    /// The physical function (a kernel interface name).
+    pub pf: String,
+    /// Number of VFs to create (0 removes them all).
+    pub vfs: Option<u32>,
+    /// The VF to configure.
+    pub vf: Option<u32>,
+    /// Its MAC.
+    pub mac: Option<[u8; 6]>,
+    /// Its VLAN (0: none).
+    pub vlan: Option<u16>,
+    /// Spoof checking on the VF.
+    pub spoofchk: Option<bool>,
+    /// Trusted VF (may change its MAC, enter promiscuous mode).
+    pub trust: Option<bool>,
+}
+
+const RTM_SETLINK: u16 = 19;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_ACK: u16 = 4;
+const NLMSG_ERROR: u16 = 2;
+const IFLA_VFINFO_LIST: u16 = 22;
+const IFLA_VF_INFO: u16 = 1;
+const IFLA_VF_MAC: u16 = 1;
+const IFLA_VF_VLAN: u16 = 2;
+const IFLA_VF_SPOOFCHK: u16 = 4;
+const IFLA_VF_TRUST: u16 = 9;
+
+/// Appends attribute `kind` with `value`, padded to 4 bytes.
+fn attr(out: &mut Vec<u8>, kind: u16, value: &[u8]) {
+    let len = 4 + value.len();
+    out.extend_from_slice(&(len as u16).to_ne_bytes());
+    out.extend_from_slice(&kind.to_ne_bytes());
+    out.extend_from_slice(value);
+    out.resize(out.len().next_multiple_of(4), 0);
+}
+
+fn words(ws: &[u32]) -> Vec<u8> {
+    ws.iter().flat_map(|w| w.to_ne_bytes()).collect()
+}
+
+/// The `RTM_SETLINK` message that sets VF `vf` of interface `ifindex`
+/// (sequence number `seq`); `None` when nothing is to be set.
+pub fn vf_message(req: &Request, ifindex: u32, vf: u32, seq: u32) -> Option<Vec<u8>> {
+    let mut info = Vec::new();
+    if let Some(mac) = req.mac {
+        // struct ifla_vf_mac { __u32 vf; __u8 mac[32]; }
+        let mut v = vf.to_ne_bytes().to_vec();
+        let mut m = [0u8; 32];
+        m[..6].copy_from_slice(&mac);
+        v.extend_from_slice(&m);
+        attr(&mut info, IFLA_VF_MAC, &v);
+    }
+    if let Some(vlan) = req.vlan {
+        // struct ifla_vf_vlan { __u32 vf; __u32 vlan; __u32 qos; }
+        attr(&mut info, IFLA_VF_VLAN, &words(&[vf, u32::from(vlan), 0]));
+    }
+    if let Some(on) = req.spoofchk {
+        attr(&mut info, IFLA_VF_SPOOFCHK, &words(&[vf, u32::from(on)]));
+    }
+    if let Some(on) = req.trust {
+        attr(&mut info, IFLA_VF_TRUST, &words(&[vf, u32::from(on)]));
+    }
+    if info.is_empty() {
+        return None;
+    }
+    let mut vf_info = Vec::new();
+    attr(&mut vf_info, IFLA_VF_INFO, &info);
+    let mut body = Vec::new();
+    // struct ifinfomsg { family, pad, type, index, flags, change }
+    body.extend_from_slice(&[0u8, 0, 0, 0]);
+    body.extend_from_slice(&(ifindex as i32).to_ne_bytes());
+    body.extend_from_slice(&[0u8; 8]);
+    attr(&mut body, IFLA_VFINFO_LIST, &vf_info);
+    let mut msg = Vec::with_capacity(16 + body.len());
+    msg.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
+    msg.extend_from_slice(&RTM_SETLINK.to_ne_bytes());
+    msg.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+    msg.extend_from_slice(&seq.to_ne_bytes());
+    msg.extend_from_slice(&0u32.to_ne_bytes());
+    msg.extend_from_slice(&body);
+    Some(msg)
+}
+
+fn sys(pf: &str, file: &str) -> PathBuf {
+    PathBuf::from(format!("/sys/class/net/{pf}/device/{file}"))
+}
+
+fn ifindex(pf: &str) -> Result<u32, String> {
+    std::fs::read_to_string(format!("/sys/class/net/{pf}/ifindex"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| format!("sriov: interface {pf:?} does not exist"))
+}
+
+/// Sends `msg` on rtnetlink and waits for the kernel's answer (0 or -errno).
+fn rtnetlink(msg: &[u8]) -> Result<i32, String> {
+    let mut s = Socket::new(NETLINK_ROUTE).map_err(|e| format!("sriov: netlink socket: {e}"))?;
+    s.bind_auto()
+        .map_err(|e| format!("sriov: netlink bind: {e}"))?;
+    s.connect(&SocketAddr::new(0, 0))
+        .map_err(|e| format!("sriov: netlink connect: {e}"))?;
+    s.send(msg, 0)
+        .map_err(|e| format!("sriov: netlink send: {e}"))?;
+    let (reply, _) = s
+        .recv_from_full()
+        .map_err(|e| format!("sriov: netlink receive: {e}"))?;
+    // nlmsghdr (16 bytes), then for NLMSG_ERROR an i32 error code.
+    let kind = reply
+        .get(4..6)
+        .map(|b| u16::from_ne_bytes([b[0], b[1]]))
+        .ok_or("sriov: short netlink reply")?;
+    let code = reply
+        .get(16..20)
+        .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+        .ok_or("sriov: short netlink reply")?;
+    if kind != NLMSG_ERROR {
+        return Err(format!("sriov: unexpected netlink reply type {kind}"));
+    }
+    Ok(code)
+}
+
+/// Carries out `req`; returns what was done, one line each.
+pub fn run(req: &Request) -> Result<Vec<String>, String> {
+    let pf = req.pf.as_str();
+    let index = ifindex(pf)?;
+    let mut done = Vec::new();
+    if let Some(n) = req.vfs {
+        let total = std::fs::read_to_string(sys(pf, "sriov_totalvfs"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .ok_or_else(|| {
+                format!(
+                    "sriov: {pf:?} is not an SR-IOV physical function (no {})",
+                    sys(pf, "sriov_totalvfs").display()
+                )
+            })?;
+        if n > total {
+            return Err(format!(
+                "sriov: {pf:?} supports at most {total} VFs, {n} asked for"
+            ));
+        }
+        let path = sys(pf, "sriov_numvfs");
+        let write = |v: u32| {
+            std::fs::write(&path, v.to_string()).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::PermissionDenied {
+                    format!("sriov: writing {} needs root: {e}", path.display())
+                } else {
+                    format!("sriov: writing {}: {e}", path.display())
+                }
+            })
+        };
+        // The kernel only changes the count from or to zero.
+        write(0)?;
+        if n > 0 {
+            write(n)?;
+        }
+        done.push(format!("{pf}: {n} VFs"));
+    }
+    if let Some(vf) = req.vf {
+        let Some(msg) = vf_message(req, index, vf, 1) else {
+            return Err(
+                "sriov: --vf needs at least one of --mac, --vlan, --spoofchk, --trust".into(),
+            );
+        };
+        match rtnetlink(&msg)? {
+            0 => done.push(format!("{pf}: VF {vf} configured")),
+            e => {
+                let err = std::io::Error::from_raw_os_error(-e);
+                return Err(match -e {
+                    libc::EPERM | libc::EACCES => {
+                        format!("sriov: configuring VFs of {pf:?} needs CAP_NET_ADMIN: {err}")
+                    }
+                    libc::EOPNOTSUPP => format!(
+                        "sriov: the driver of {pf:?} cannot configure VFs this way (not an SR-IOV PF?): {err}"
+                    ),
+                    _ => format!("sriov: VF {vf} of {pf:?}: {err}"),
+                });
+            }
+        }
+    }
+    if done.is_empty() {
+        return Err("sriov: nothing to do: give --vfs N and/or --vf I with settings".into());
+    }
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_message_has_the_kernel_layout() {
+        let req = Request {
+            pf: "eth0".into(),
+            vf: Some(3),
+            mac: Some([2, 0, 0, 0, 0, 9]),
+            vlan: Some(100),
+            spoofchk: Some(true),
+            trust: Some(false),
+            ..Request::default()
+        };
+        let m = vf_message(&req, 7, 3, 42).unwrap();
+        let u16_at = |i: usize| u16::from_ne_bytes([m[i], m[i + 1]]);
+        let u32_at = |i: usize| u32::from_ne_bytes([m[i], m[i + 1], m[i + 2], m[i + 3]]);
+        // nlmsghdr
+        assert_eq!(u32_at(0) as usize, m.len());
+        assert_eq!((u16_at(4), u16_at(6), u32_at(8)), (RTM_SETLINK, 5, 42));
+        // ifinfomsg: index 7
+        assert_eq!(u32_at(20), 7);
+        // IFLA_VFINFO_LIST > IFLA_VF_INFO > MAC (40), VLAN (16), SPOOFCHK (12), TRUST (12)
+        assert_eq!(
+            (u16_at(32), u16_at(34)),
+            (4 + 4 + 40 + 16 + 12 + 12, IFLA_VFINFO_LIST)
+        );
+        assert_eq!(
+            (u16_at(36), u16_at(38)),
+            (4 + 40 + 16 + 12 + 12, IFLA_VF_INFO)
+        );
+        assert_eq!((u16_at(40), u16_at(42)), (40, IFLA_VF_MAC));
+        assert_eq!(u32_at(44), 3);
+        assert_eq!(&m[48..54], &[2, 0, 0, 0, 0, 9]);
+        assert_eq!((u16_at(80), u16_at(82)), (16, IFLA_VF_VLAN));
+        assert_eq!((u32_at(84), u32_at(88), u32_at(92)), (3, 100, 0));
+        assert_eq!(
+            (u16_at(96), u16_at(98), u32_at(100), u32_at(104)),
+            (12, IFLA_VF_SPOOFCHK, 3, 1)
+        );
+        assert_eq!(
+            (u16_at(108), u16_at(110), u32_at(112), u32_at(116)),
+            (12, IFLA_VF_TRUST, 3, 0)
+        );
+        assert_eq!(m.len(), 120);
+        assert!(vf_message(&Request::default(), 7, 0, 1).is_none());
+    }
+
+    #[test]
+    fn missing_interfaces_and_capabilities_are_named() {
+        let e = run(&Request {
+            pf: "nosuchpf0".into(),
+            vfs: Some(2),
+            ..Request::default()
+        })
+        .unwrap_err();
+        assert_eq!(e, "sriov: interface \"nosuchpf0\" does not exist");
+        // Loopback is no PF: no sriov_totalvfs.
+        let e = run(&Request {
+            pf: "lo".into(),
+            vfs: Some(2),
+            ..Request::default()
+        })
+        .unwrap_err();
+        assert!(e.starts_with("sriov: \"lo\" is not an SR-IOV physical function (no /sys/class/net/lo/device/sriov_totalvfs)"), "{e}");
+        let e = run(&Request {
+            pf: "lo".into(),
+            vf: Some(0),
+            ..Request::default()
+        })
+        .unwrap_err();
+        assert!(e.contains("--vf needs at least one of"), "{e}");
+    }
+}
