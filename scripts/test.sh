@@ -41,10 +41,15 @@ if ((${#pkgs[@]})); then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${pkgs[@]}"
 fi
 
-# --- huge pages: let the pool tests use real 2 MiB pages when we may ----------
+# --- huge pages: let the pool tests and the DPDK ABI test use real 2 MiB pages
+# when we may (the DPDK tests fall back to --no-huge without them) ----------
 if [ "$(id -u)" -eq 0 ] && [ -w /proc/sys/vm/nr_hugepages ]; then
-    if [ "$(cat /proc/sys/vm/nr_hugepages)" -lt 256 ]; then
-        echo 256 > /proc/sys/vm/nr_hugepages || true
+    if [ "$(cat /proc/sys/vm/nr_hugepages)" -lt 512 ]; then
+        echo 512 > /proc/sys/vm/nr_hugepages || true
+    fi
+    if ! mount | grep -q " /dev/hugepages type hugetlbfs"; then
+        mkdir -p /dev/hugepages
+        mount -t hugetlbfs none /dev/hugepages || true
     fi
     log "huge pages reserved: $(cat /proc/sys/vm/nr_hugepages) x 2 MiB"
 else

@@ -7,15 +7,38 @@
 use dpdk_sys as d;
 use std::ffi::CString;
 
+/// Huge pages when hugetlbfs is mounted with enough free pages (the test
+/// script sets that up as root), else `--no-huge`.
+fn memory_args() -> [&'static str; 2] {
+    let mounted = std::fs::read_to_string("/proc/mounts")
+        .is_ok_and(|m| m.lines().any(|l| l.contains(" hugetlbfs ")));
+    let free = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("HugePages_Free:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    if mounted && free >= 128 {
+        ["--huge-unlink", "--in-memory"]
+    } else {
+        ["--no-huge", "--no-pci"]
+    }
+}
+
 #[test]
 fn a_burst_round_trips_through_net_ring() {
     let prefix = format!("--file-prefix=pollux-abi-{}", std::process::id());
+    let [m1, m2] = memory_args();
+    eprintln!("EAL memory: {m1} {m2}");
     let args = [
         "pollux-abi",
-        "--no-huge",
+        m1,
+        m2,
         "--no-pci",
         "-m",
-        "256",
+        "128",
         "-l",
         "0",
         "--vdev=net_ring0",
