@@ -98,6 +98,9 @@ fn mbufs_through_a_dpdk_port() {
     }
     let st = port.stats().snapshot();
     assert_eq!((st.tx_packets, st.rx_packets, st.drops), (32, 32, 0));
+    // The device's own view: link up, and its queue counters agree.
+    assert!(port.link().0, "net_ring reports its link up once started");
+    assert_eq!(port.queue_stats(), (32, 32));
     drop(port);
     // Nothing leaked: every mbuf is back.
     assert_eq!(pool.available(), full);
