@@ -6,7 +6,7 @@ use dataplane::{FlowKey, MacAddr};
 use lb::conntrack::Dir;
 use lb::nat::Rewrite;
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::Hasher;
 
 /// FxHash (as in rustc) with a MurmurHash3 finaliser. FxHash's multiply only
 /// carries bits upwards, and the varying bytes of an IPv4-mapped address sit
@@ -23,6 +23,30 @@ impl FxHasher {
     #[inline]
     fn add(&mut self, w: u64) {
         self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(SEED);
+    }
+}
+
+/// Builds [`FxHasher`]s that start from a per-table random seed. Flow keys
+/// come from packets, so an attacker who knew the hash could aim many flows
+/// at one bucket; with a secret starting state the bucket a key lands in
+/// cannot be predicted (the finaliser spreads every state bit into the low
+/// bits), at no cost per packet.
+#[derive(Clone, Copy, Debug)]
+pub struct SeededFx(u64);
+
+impl SeededFx {
+    /// A builder with a seed from the process's random source.
+    pub fn random() -> Self {
+        use std::hash::BuildHasher;
+        SeededFx(std::collections::hash_map::RandomState::new().hash_one(0x706f_6c6c_7578u64))
+    }
+}
+
+impl std::hash::BuildHasher for SeededFx {
+    type Hasher = FxHasher;
+    #[inline]
+    fn build_hasher(&self) -> FxHasher {
+        FxHasher(self.0)
     }
 }
 
@@ -169,7 +193,7 @@ pub struct FlowStats {
 /// A bounded per-core flow table.
 #[derive(Debug)]
 pub struct FlowTable {
-    map: HashMap<FlowKey, FlowEntry, BuildHasherDefault<FxHasher>>,
+    map: HashMap<FlowKey, FlowEntry, SeededFx>,
     capacity: usize,
     idle_ns: u64,
     closing_ns: u64,
@@ -180,7 +204,7 @@ impl FlowTable {
     /// A table of at most `capacity` entries; entries idle for `idle_ns`
     /// (or `closing_ns` after FIN/RST) expire.
     pub fn new(capacity: usize, idle_ns: u64, closing_ns: u64) -> Self {
-        let mut map = HashMap::with_hasher(BuildHasherDefault::default());
+        let mut map = HashMap::with_hasher(SeededFx::random());
         map.reserve(capacity.min(1 << 22));
         FlowTable {
             map,
@@ -317,5 +341,15 @@ mod tests {
             "{} of 256 keys in distinct buckets",
             buckets.len()
         );
+    }
+
+    #[test]
+    fn tables_hash_from_their_own_random_seed() {
+        use std::hash::BuildHasher;
+        let (a, b) = (SeededFx::random(), SeededFx::random());
+        let k = FlowKey::default();
+        // Two tables place the same key differently (a 2^-64 chance not).
+        assert_ne!(a.hash_one(k), b.hash_one(k));
+        assert_eq!(a.hash_one(k), a.hash_one(k));
     }
 }
