@@ -112,6 +112,16 @@ pub struct FlowAction {
 }
 
 impl FlowAction {
+    /// The Ethernet destination and source this action writes, as the first
+    /// 12 bytes of the frame.
+    #[inline]
+    pub fn macs(&self) -> [u8; 12] {
+        let mut m = [0u8; 12];
+        m[..6].copy_from_slice(&self.dst_mac.0);
+        m[6..].copy_from_slice(&self.src_mac.0);
+        m
+    }
+
     /// To VM `vm`, from the vnet's gateway MAC `gateway`.
     pub fn to_vm(
         vm: &crate::policy::Vm,

@@ -270,6 +270,36 @@ fn lb_step(d: Option<Decision>, vnet: usize, key: &ConnKey) -> Result<Option<LbS
     }
 }
 
+/// Applies a flow's action to `pkt` and queues it on the output port: MACs,
+/// then the compiled transposition (or the field-by-field NAT and TTL for
+/// flows without one); failures are dropped and counted.
+#[inline]
+fn transpose<B: PacketBuf>(
+    stats: &SwitchStats,
+    ctx: &mut Ctx<'_, B>,
+    mut pkt: B,
+    pk: &Parsed,
+    a: &FlowAction,
+) {
+    let f = pkt.data_mut();
+    let r = match f.get_mut(0..12) {
+        Some(macs) => {
+            macs.copy_from_slice(&a.macs());
+            match a.fast {
+                // Addresses, ports, TTL, two checksum additions.
+                Some(t) => t.apply(f, pk),
+                None => a.nat.apply(f, pk).and_then(|_| rewrite::dec_ttl(f, pk)),
+            }
+        }
+        None => Err(rewrite::RewriteError::Mismatch),
+    };
+    match r {
+        Ok(()) => ctx.send(usize::from(a.out_port), pkt),
+        Err(rewrite::RewriteError::TtlExpired) => stats.count(SwitchDrop::TtlExpired),
+        Err(_) => stats.count(SwitchDrop::RewriteFailed),
+    }
+}
+
 /// Where the slow path routes a packet.
 #[derive(Clone, Copy)]
 enum Hop<'a> {
@@ -722,27 +752,6 @@ impl<B: PacketBuf> Switch<B> {
             Err(SwitchDrop::NdIgnored)
         }
     }
-
-    fn apply(&mut self, ctx: &mut Ctx<'_, B>, mut pkt: B, pk: &Parsed, a: FlowAction) {
-        let f = pkt.data_mut();
-        if rewrite::set_src_mac(f, a.src_mac)
-            .and_then(|_| rewrite::set_dst_mac(f, a.dst_mac))
-            .is_err()
-        {
-            return self.drop_pkt(pkt, SwitchDrop::RewriteFailed);
-        }
-        let r = match a.fast {
-            // The compiled transposition: addresses, ports, TTL, two
-            // checksum additions.
-            Some(t) => t.apply(f, pk),
-            None => a.nat.apply(f, pk).and_then(|_| rewrite::dec_ttl(f, pk)),
-        };
-        match r {
-            Ok(()) => ctx.send(usize::from(a.out_port), pkt),
-            Err(rewrite::RewriteError::TtlExpired) => self.drop_pkt(pkt, SwitchDrop::TtlExpired),
-            Err(_) => self.drop_pkt(pkt, SwitchDrop::RewriteFailed),
-        }
-    }
 }
 
 impl<B: PacketBuf> Switch<B> {
@@ -803,14 +812,14 @@ impl<B: PacketBuf> Switch<B> {
                 if touch.is_some() {
                     e.lb_touched = now;
                 }
-                let a = e.action;
                 if let Some((vn, conn, dir)) = touch {
                     if let Some(l) = self.lb.get_mut(vn) {
                         l.touch(conn, dir, flags, now);
                     }
                 }
                 tally.0 += 1;
-                self.apply(ctx, pkt, &pk, a);
+                // The action is used in place (no copy of it per packet).
+                transpose(&self.stats, ctx, pkt, &pk, &e.action);
                 return;
             }
         }
@@ -824,7 +833,7 @@ impl<B: PacketBuf> Switch<B> {
                 }
                 Err(_) => self.drop_pkt(pkt, SwitchDrop::RewriteFailed),
             },
-            Ok(Slow::Forward(a)) => self.apply(ctx, pkt, &pk, a),
+            Ok(Slow::Forward(a)) => transpose(&self.stats, ctx, pkt, &pk, &a),
             Err(r) => self.drop_pkt(pkt, r),
         }
     }
