@@ -571,8 +571,10 @@ impl<B: PacketBuf> Switch<B> {
             dst_mac: vm.mac,
             ..fwd
         };
-        self.install(p, now, pk.key, fwd, &post, back, stateful);
-        Ok(Slow::Forward(fwd))
+        // The first packet takes the compiled action too.
+        Ok(Slow::Forward(
+            self.install(p, now, pk.key, fwd, &post, back, stateful),
+        ))
     }
 
     /// The slow path of a packet from the wire: ARP and ping for the public
@@ -627,13 +629,16 @@ impl<B: PacketBuf> Switch<B> {
         let stateful = reply || self.acl(p, dst.nsg, Direction::In, &post)?;
         let fwd = FlowAction::to_vm(dst, vnet.gateway_mac, nat, lb);
         let back = FlowAction::to_uplink(up, nat, lb);
-        self.install(p, now, pk.key, fwd, &post, back, stateful);
-        Ok(Slow::Forward(fwd))
+        // The first packet takes the compiled action too.
+        Ok(Slow::Forward(
+            self.install(p, now, pk.key, fwd, &post, back, stateful),
+        ))
     }
 
     /// Installs `fwd` for `key`, and — for a stateful allow or a tracked
     /// connection — `back` (its ports and MACs; the NAT is derived here) for
-    /// the reverse of `post` arriving on `fwd`'s output port.
+    /// the reverse of `post` arriving on `fwd`'s output port. Returns `fwd`
+    /// compiled for `key`.
     #[allow(clippy::too_many_arguments)]
     fn install(
         &mut self,
@@ -644,7 +649,7 @@ impl<B: PacketBuf> Switch<B> {
         post: &ConnKey,
         back: FlowAction,
         stateful: bool,
-    ) {
+    ) -> FlowAction {
         let gen_ = p.generation;
         let e = |action| FlowEntry {
             action,
@@ -660,7 +665,7 @@ impl<B: PacketBuf> Switch<B> {
             self.stats.flows_installed.fetch_add(1, Ordering::Relaxed);
         }
         if !stateful && fwd.lb.is_none() {
-            return;
+            return fwd;
         }
         // The reverse direction gets the opposite rewrite of the connection.
         let (nat, lb) = match fwd.lb {
@@ -691,6 +696,7 @@ impl<B: PacketBuf> Switch<B> {
         if self.flows.insert(back_key, e(back)) {
             self.stats.flows_installed.fetch_add(1, Ordering::Relaxed);
         }
+        fwd
     }
 
     /// Answers an ARP request for any address of the vnet or any of its VIPs
