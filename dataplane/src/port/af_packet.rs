@@ -123,18 +123,7 @@ fn last_error() -> std::io::Error {
 
 /// `setsockopt(fd, SOL_PACKET, opt, &value)`.
 fn set_opt<T>(fd: libc::c_int, opt: libc::c_int, value: &T) -> std::io::Result<()> {
-    // SAFETY: `value` points to a live `T` of exactly the length passed, and
-    // the kernel only reads it during the call.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_PACKET,
-            opt,
-            (value as *const T).cast(),
-            std::mem::size_of::<T>() as libc::socklen_t,
-        )
-    };
-    if r == 0 { Ok(()) } else { Err(last_error()) }
+    super::set_sockopt(fd, libc::SOL_PACKET, opt, value)
 }
 
 impl AfPacketPort {
@@ -300,21 +289,15 @@ impl AfPacketPort {
     /// Reads (and so resets) the kernel's count of frames dropped because
     /// the rx ring was full, and adds it to `rx_ring_overflow`.
     fn collect_kernel_drops(&self) {
-        // SAFETY: an all-zero tpacket_stats is valid; getsockopt fills it and
-        // `len` says how much.
-        let mut st: libc::tpacket_stats = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::tpacket_stats>() as libc::socklen_t;
-        // SAFETY: `st` and `len` are valid for writes of the given size.
-        let r = unsafe {
-            libc::getsockopt(
+        // SAFETY: tpacket_stats is a C struct of u32 counters.
+        let st = unsafe {
+            super::get_sockopt::<libc::tpacket_stats>(
                 self.fd,
                 libc::SOL_PACKET,
                 libc::PACKET_STATISTICS,
-                (&mut st as *mut libc::tpacket_stats).cast(),
-                &mut len,
             )
         };
-        if r == 0 && st.tp_drops > 0 {
+        if let Some(st) = st.ok().filter(|s| s.tp_drops > 0) {
             self.stats
                 .drops
                 .add(DropReason::RxRingOverflow, u64::from(st.tp_drops));

@@ -156,6 +156,8 @@ pub struct AfXdpPort {
     bpf_fds: Vec<libc::c_int>,
     /// Whether the program runs in driver mode (else generic).
     native: bool,
+    /// Polls that found nothing, to pace reading the kernel's drop counts.
+    idle_polls: u32,
 }
 
 // SAFETY: the socket, UMEM and ring mappings are owned by this port alone
@@ -241,6 +243,7 @@ impl AfXdpPort {
             free_tx: Vec::with_capacity(FRAMES / 2),
             bpf_fds: Vec::new(),
             native: false,
+            idle_polls: 0,
         };
         port.setup(iface, ifindex, queue).map_err(err)?;
         Ok(port)
@@ -252,21 +255,7 @@ impl AfXdpPort {
     }
 
     fn sockopt<T>(&self, opt: libc::c_int, v: &T, what: &str) -> Result<(), String> {
-        // SAFETY: `v` points to a live `T` of exactly the length passed.
-        let r = unsafe {
-            libc::setsockopt(
-                self.fd,
-                libc::SOL_XDP,
-                opt,
-                (v as *const T).cast(),
-                std::mem::size_of::<T>() as libc::socklen_t,
-            )
-        };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(format!("{what}: {}", std::io::Error::last_os_error()))
-        }
+        super::set_sockopt(self.fd, libc::SOL_XDP, opt, v).map_err(|e| format!("{what}: {e}"))
     }
 
     fn map_ring(
@@ -325,25 +314,15 @@ impl AfXdpPort {
         ] {
             self.sockopt(opt, &(RING as libc::c_int), what)?;
         }
-        // SAFETY: an all-zero xdp_mmap_offsets is valid; getsockopt fills it.
-        let mut off: libc::xdp_mmap_offsets = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::xdp_mmap_offsets>() as libc::socklen_t;
-        // SAFETY: `off` and `len` are valid for writes of the given size.
-        let r = unsafe {
-            libc::getsockopt(
+        // SAFETY: xdp_mmap_offsets is a C struct of u64 offsets.
+        let off = unsafe {
+            super::get_sockopt::<libc::xdp_mmap_offsets>(
                 self.fd,
                 libc::SOL_XDP,
                 libc::XDP_MMAP_OFFSETS,
-                (&mut off as *mut libc::xdp_mmap_offsets).cast(),
-                &mut len,
             )
-        };
-        if r != 0 {
-            return Err(format!(
-                "XDP_MMAP_OFFSETS: {}",
-                std::io::Error::last_os_error()
-            ));
         }
+        .map_err(|e| format!("XDP_MMAP_OFFSETS: {e}"))?;
         let desc = std::mem::size_of::<libc::xdp_desc>();
         self.rx = self.map_ring(&off.rx, RING, desc, libc::XDP_PGOFF_RX_RING as u64)?;
         self.tx = self.map_ring(&off.tx, RING, desc, libc::XDP_PGOFF_TX_RING as u32 as u64)?;
@@ -466,21 +445,13 @@ impl AfXdpPort {
 
     /// Adds the kernel's own rx drop counts to `rx_ring_overflow`.
     fn collect_kernel_drops(&self) {
-        // SAFETY: an all-zero xdp_statistics is valid; getsockopt fills it.
-        let mut st: libc::xdp_statistics = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::xdp_statistics>() as libc::socklen_t;
-        // SAFETY: `st` and `len` are valid for writes of the given size.
-        let r = unsafe {
-            libc::getsockopt(
-                self.fd,
-                libc::SOL_XDP,
-                libc::XDP_STATISTICS,
-                (&mut st as *mut libc::xdp_statistics).cast(),
-                &mut len,
-            )
+        // SAFETY: xdp_statistics is a C struct of u64 counters.
+        let st = unsafe {
+            super::get_sockopt::<libc::xdp_statistics>(self.fd, libc::SOL_XDP, libc::XDP_STATISTICS)
         };
+        let Ok(st) = st else { return };
         let lost = st.rx_dropped + st.rx_ring_full;
-        if r == 0 && lost > 0 {
+        if lost > 0 {
             let seen = self.stats.drops.get(DropReason::RxRingOverflow);
             if lost > seen {
                 self.stats
@@ -571,9 +542,12 @@ impl Port for AfXdpPort {
         }
         if n > 0 {
             self.stats.count_rx(n as u64, bytes);
-        } else if self.rx.mine == prod && back == 0 {
-            // Idle: a cheap moment to notice kernel-side drops now and then.
-            if self.rx.mine & 0x3ff == 0 {
+        } else if back == 0 {
+            // Idle: a cheap moment to notice kernel-side drops, once every
+            // 64 Ki idle polls (a system call per poll would cost more than
+            // the poll).
+            self.idle_polls = self.idle_polls.wrapping_add(1);
+            if self.idle_polls % (1 << 16) == 0 {
                 self.collect_kernel_drops();
             }
         }

@@ -56,6 +56,57 @@ pub(crate) fn kernel_interface(
     Ok((ifindex, info))
 }
 
+/// `setsockopt(fd, level, opt, value)`, for the kernel-interface drivers.
+#[cfg(target_os = "linux")]
+pub(crate) fn set_sockopt<T>(
+    fd: libc::c_int,
+    level: libc::c_int,
+    opt: libc::c_int,
+    value: &T,
+) -> std::io::Result<()> {
+    // SAFETY: `value` points to a live `T` of exactly the length passed, and
+    // the kernel only reads it during the call.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            opt,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// `getsockopt(fd, level, opt)` into a zero-filled `T`.
+///
+/// # Safety
+///
+/// `T` must be a plain C struct of integers: all-zero bytes, and any bytes
+/// the kernel writes, are valid values of it.
+#[cfg(target_os = "linux")]
+pub(crate) unsafe fn get_sockopt<T>(
+    fd: libc::c_int,
+    level: libc::c_int,
+    opt: libc::c_int,
+) -> std::io::Result<T> {
+    // SAFETY: the caller guarantees all-zero bytes are a valid `T`.
+    let mut out: T = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<T>() as libc::socklen_t;
+    // SAFETY: `out` and `len` are valid for writes of `len` bytes, and any
+    // bytes the kernel writes are a valid `T` (the caller's guarantee).
+    let r = unsafe { libc::getsockopt(fd, level, opt, (&mut out as *mut T).cast(), &mut len) };
+    if r == 0 {
+        Ok(out)
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// What a port is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinkInfo {
