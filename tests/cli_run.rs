@@ -17,6 +17,24 @@ fn udp(src_mac: [u8; 6], src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> 
     f
 }
 
+/// Runs `pollux run --config path` for `wait`, stops it with SIGTERM as a
+/// user would, and returns what it printed and how it exited.
+fn run_then_sigterm(path: &std::path::Path, wait: Duration) -> std::process::Output {
+    let child = Command::new(env!("CARGO_BIN_EXE_pollux"))
+        .args(["run", "--config", path.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(wait);
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "pollux ended before SIGTERM");
+    child.wait_with_output().unwrap()
+}
+
 fn read(path: &std::path::Path) -> Vec<Vec<u8>> {
     let mut r = PcapReader::new(std::fs::File::open(path).unwrap()).unwrap();
     let mut out = Vec::new();
@@ -113,19 +131,7 @@ backends = [ {{ vm = "web1", port = 5353 }}, {{ vm = "web2", port = 5353 }} ]
     );
     let cfg_path = dir.join("pollux.toml");
     std::fs::write(&cfg_path, cfg).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_pollux"))
-        .args(["run", "--config", cfg_path.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let out = child.wait_with_output().unwrap();
+    let out = run_then_sigterm(&cfg_path, Duration::from_millis(1500));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         out.status.code(),
@@ -256,21 +262,7 @@ threshold = 2
     );
     let cfg_path = dir.join("pollux.toml");
     std::fs::write(&cfg_path, cfg).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_pollux"))
-        .args(["run", "--config", cfg_path.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let out = child.wait_with_output().unwrap();
+    let out = run_then_sigterm(&cfg_path, Duration::from_millis(1500));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
@@ -380,21 +372,7 @@ fn run_on_dpdk_ports() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("pollux.toml");
     std::fs::write(&path, format!("{eal}{ports}{net}")).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_pollux"))
-        .args(["run", "--config", path.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let out = child.wait_with_output().unwrap();
+    let out = run_then_sigterm(&path, Duration::from_millis(1500));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
@@ -434,21 +412,7 @@ fn run_on_dpdk_ports() {
         "{eal}{quiet}{net}[[vip]]\nname = \"w\"\nvnet = \"v\"\naddress = \"10.1.0.100\"\nport = 80\nprotocol = \"tcp\"\nbackends = [ {{ vm = \"x\", port = 8080 }} ]\n[vip.probe]\nkind = \"tcp\"\nport = 8080\ninterval_ms = 200\ntimeout_ms = 100\n"
     );
     std::fs::write(&path, probed).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_pollux"))
-        .args(["run", "--config", path.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(2000));
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let out = child.wait_with_output().unwrap();
+    let out = run_then_sigterm(&path, Duration::from_millis(2000));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
@@ -473,21 +437,7 @@ fn run_on_dpdk_ports() {
         format!("[dataplane]\nworkers = 2\n{eal}{ports}{net}"),
     )
     .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_pollux"))
-        .args(["run", "--config", path.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let out = child.wait_with_output().unwrap();
+    let out = run_then_sigterm(&path, Duration::from_millis(1500));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     for w in ["worker0", "worker1"] {
