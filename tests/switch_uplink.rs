@@ -6,10 +6,10 @@
 mod common;
 
 use arc_swap::ArcSwap;
-use common::{Vm, pool, run_until, vm_port};
+use common::{Running, Vm, pool, run_until, vm_port};
 use dataplane::pool::{Pool, PoolBuf};
 use dataplane::port::ring::RingPort;
-use dataplane::worker::{Worker, WorkerHandle};
+use dataplane::worker::Worker;
 use dataplane::{Batch, MacAddr, PacketBuf, Port};
 use filter::{NsgSpec, RuleSpec};
 use lb::balancer::{Backend, VipConfig};
@@ -18,7 +18,7 @@ use smoltcp::socket::tcp;
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use vswitch::{
     Policy, Switch, SwitchConfig, SwitchDrop, SwitchStats, Topology, UplinkDef, VipDef, VmDef,
@@ -114,8 +114,7 @@ struct Net {
     vms: Vec<Vm>,
     pinger: RingPort<PoolBuf>,
     stats: Arc<SwitchStats>,
-    stop: Arc<AtomicBool>,
-    handle: Option<WorkerHandle<PoolBuf, Switch>>,
+    _worker: Running,
     pool: Pool,
 }
 
@@ -167,14 +166,11 @@ impl Net {
         let sw = Switch::new(policy, SwitchConfig::default());
         let stats = sw.stats();
         let worker = Worker::new(name, None, sw_ports, sw);
-        let stop = worker.stop_flag();
-        let handle = worker.spawn().unwrap();
         Net {
             vms,
             pinger,
             stats,
-            stop,
-            handle: Some(handle),
+            _worker: Running::spawn(worker),
             pool,
         }
     }
@@ -182,15 +178,6 @@ impl Net {
     fn run(&mut self, limit: Duration, done: impl FnMut(&[&mut Vm]) -> bool) -> bool {
         let mut refs: Vec<&mut Vm> = self.vms.iter_mut().collect();
         run_until(&mut refs, limit, done)
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
     }
 }
 

@@ -6,10 +6,10 @@
 mod common;
 
 use arc_swap::ArcSwap;
-use common::{Vm, pool, run_until, vm_port};
+use common::{Running, Vm, pool, run_until, vm_port};
 use dataplane::pool::{Pool, PoolBuf};
 use dataplane::port::ring::RingPort;
-use dataplane::worker::{Worker, WorkerHandle, WorkerStats};
+use dataplane::worker::{Worker, WorkerStats};
 use dataplane::{Batch, MacAddr, Port};
 use filter::{NsgSpec, RuleSpec};
 use lb::balancer::{Backend, VipConfig};
@@ -17,7 +17,7 @@ use smoltcp::socket::tcp;
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use vswitch::{
     Policy, Switch, SwitchConfig, SwitchDrop, SwitchStats, Topology, VipDef, VmDef, VnetDef,
@@ -109,8 +109,7 @@ struct Net {
     policy: Arc<ArcSwap<Policy>>,
     stats: Arc<SwitchStats>,
     worker: Arc<WorkerStats>,
-    stop: Arc<AtomicBool>,
-    handle: Option<WorkerHandle<PoolBuf, Switch>>,
+    _worker: Running,
     pool: Pool,
 }
 
@@ -152,8 +151,7 @@ impl Net {
         let stats = sw.stats();
         let acl_hits = sw.acl_hits();
         let worker = Worker::new(name, None, sw_ports, sw);
-        let (stop, wstats) = (worker.stop_flag(), worker.stats());
-        let handle = worker.spawn().unwrap();
+        let wstats = worker.stats();
         Net {
             vms,
             raw,
@@ -161,8 +159,7 @@ impl Net {
             policy,
             stats,
             worker: wstats,
-            stop,
-            handle: Some(handle),
+            _worker: Running::spawn(worker),
             pool,
         }
     }
@@ -174,15 +171,6 @@ impl Net {
     fn run(&mut self, limit: Duration, done: impl FnMut(&[&mut Vm]) -> bool) -> bool {
         let mut refs: Vec<&mut Vm> = self.vms.iter_mut().collect();
         run_until(&mut refs, limit, done)
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
     }
 }
 

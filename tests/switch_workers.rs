@@ -8,17 +8,17 @@
 mod common;
 
 use arc_swap::ArcSwap;
-use common::{Vm, pool, run_until, vm_port};
+use common::{Running, Vm, pool, run_until, vm_port};
 use dataplane::pool::PoolBuf;
 use dataplane::port::ring::RingPort;
-use dataplane::worker::{Worker, WorkerHandle};
+use dataplane::worker::Worker;
 use dataplane::{MacAddr, Port};
 use lb::balancer::{Backend, VipConfig};
 use lb::snat::SnatConfig;
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use vswitch::switch::Handoff;
 use vswitch::{
@@ -126,9 +126,8 @@ fn two_workers_keep_each_connection_on_its_owner() {
         Policy::compile(&topology(), 1).unwrap(),
     ));
     let handoff = Handoff::new(2, 4096);
-    let mut stop: Vec<Arc<AtomicBool>> = Vec::new();
     let mut stats: Vec<Arc<SwitchStats>> = Vec::new();
-    let mut handles: Vec<WorkerHandle<PoolBuf, Switch>> = Vec::new();
+    let mut workers: Vec<Running> = Vec::new();
     for w in 0..2 {
         let ports: Vec<Box<dyn Port<Buf = PoolBuf>>> = ends
             .iter()
@@ -138,8 +137,7 @@ fn two_workers_keep_each_connection_on_its_owner() {
             Switch::new(policy.clone(), SwitchConfig::default()).with_handoff(w, handoff.clone());
         stats.push(sw.stats());
         let worker = Worker::new(&format!("w{w}"), None, ports, sw);
-        stop.push(worker.stop_flag());
-        handles.push(worker.spawn().unwrap());
+        workers.push(Running::spawn(worker));
     }
 
     let (client, inet) = (3, 4);
@@ -151,12 +149,7 @@ fn two_workers_keep_each_connection_on_its_owner() {
             .chain(&out)
             .all(|&g| vms[client].body(g).is_some())
     });
-    for s in &stop {
-        s.store(true, Ordering::Relaxed);
-    }
-    for h in handles {
-        let _ = h.join();
-    }
+    drop(workers);
     let sum = |f: fn(&SwitchStats) -> u64| stats.iter().map(|s| f(s)).sum::<u64>();
     let drops: Vec<_> = stats.iter().map(|s| s.nonzero()).collect();
     assert!(done, "not every request completed; drops {drops:?}");

@@ -6,4 +6,32 @@ pub use pollux::demo::vm::{Vm, run_until, vm_port};
 pub fn pool(name: &str) -> dataplane::pool::Pool {
     pollux::demo::vm::pool(name).unwrap()
 }
+
+/// A switch worker on its own thread; dropping it stops it and waits.
+pub struct Running {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<dataplane::worker::WorkerHandle<dataplane::pool::PoolBuf, vswitch::Switch>>,
+}
+
+impl Running {
+    /// Starts `worker` on a thread of its own.
+    pub fn spawn(
+        worker: dataplane::worker::Worker<dataplane::pool::PoolBuf, vswitch::Switch>,
+    ) -> Running {
+        let stop = worker.stop_flag();
+        Running {
+            stop,
+            handle: Some(worker.spawn().unwrap()),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
 pub mod netns;
