@@ -19,24 +19,15 @@
 
 mod common;
 
-use common::netns::{have, is_root, read, wait_for};
+use common::netns::{Lab, have, is_root, read, wait_for};
 use std::process::{Child, Command};
 use std::time::Duration;
 
-struct Procs(Vec<Child>, std::path::PathBuf);
+/// Removes DPDK's per-process runtime directories of this test.
+struct DpdkDirs;
 
-impl Drop for Procs {
+impl Drop for DpdkDirs {
     fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
-        }
-        for c in &mut self.0 {
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.1);
-        // DPDK's per-process runtime directories.
         let id = std::process::id();
         for p in ["tpdip", "tpcl", "pollux"] {
             let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/{p}{id}"));
@@ -110,13 +101,13 @@ fn testpmd_traffic_crosses_pollux_with_lb_nat() {
         return;
     }
     let id = std::process::id();
-    let dir = std::env::temp_dir().join(format!("pollux-vhost-{id}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    // Dropped last: the processes (the lab's) end before their directories go.
+    let _dpdk_dirs = DpdkDirs;
+    let mut lab = Lab::new("vhost");
+    let dir = lab.dir.clone();
     let sock = |n: &str| dir.join(format!("{n}.sock")).display().to_string();
-    let mut procs = Procs(Vec::new(), dir.clone());
     // The VMs' side: testpmd owns the sockets (server), pollux connects.
-    procs.0.push(testpmd(
+    lab.children.push(testpmd(
         &dir,
         &format!("tpdip{id}"),
         &[format!(
@@ -126,7 +117,7 @@ fn testpmd_traffic_crosses_pollux_with_lb_nat() {
         &["--forward-mode=5tswap", "--port-topology=loop"],
         "dip.log",
     ));
-    procs.0.push(testpmd(
+    lab.children.push(testpmd(
         &dir,
         &format!("tpcl{id}"),
         &[format!(
@@ -188,18 +179,7 @@ backends = [ {{ vm = "dip1", port = 8080 }} ]
         c = sock("client"),
         d = sock("dip1")
     );
-    let cfg_path = dir.join("pollux.toml");
-    std::fs::write(&cfg_path, cfg).unwrap();
-    let out = dir.join("pollux.out");
-    let err = dir.join("pollux.err");
-    let pollux = Command::new(env!("CARGO_BIN_EXE_pollux"))
-        .args(["run", "--config", cfg_path.to_str().unwrap()])
-        .stdout(std::fs::File::create(&out).unwrap())
-        .stderr(std::fs::File::create(&err).unwrap())
-        .spawn()
-        .unwrap();
-    let pid = pollux.id().to_string();
-    procs.0.push(pollux);
+    let (idx, pid, out, err) = lab.pollux("pollux", &cfg);
     // Let traffic flow until the DIP has answered plenty.
     let dip_log = dir.join("dip.log");
     let flowing = wait_for(Duration::from_secs(30), || {
@@ -212,7 +192,7 @@ backends = [ {{ vm = "dip1", port = 8080 }} ]
             .unwrap()
             .success()
     );
-    let status = procs.0.last_mut().unwrap().wait().unwrap();
+    let status = lab.children[idx].wait().unwrap();
     let report = read(&out);
     assert!(
         flowing,
