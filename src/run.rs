@@ -72,21 +72,20 @@ struct VnetProber<A: BufAlloc> {
     names: Vec<String>,
 }
 
-/// Ring ends: the switch ends of the probers' internal ports, or the idle
-/// far ends of configured ring ports.
-type ProbePorts<B = PoolBuf> = Vec<RingPort<B>>;
+/// The idle far ends of configured ring ports.
+type RingEnds = Vec<RingPort<PoolBuf>>;
 
-/// Adds one internal prober port per vnet with probed VIPs to `topo`; marks
-/// probed backends down until their first success. Returns the probers and
-/// the switch ends of their ports (numbered after the configured ports).
-#[allow(clippy::type_complexity)]
+/// Adds one internal prober port per vnet with probed VIPs to `topo` and to
+/// every worker's port set (a shared handle each, numbered after the
+/// configured ports); marks probed backends down until their first success.
+/// Returns the probers.
 fn probers<A: BufAlloc>(
     cfg: &Config,
     topo: &mut Topology,
     pool: A,
-) -> Result<(Vec<VnetProber<A>>, ProbePorts<A::Buf>), Vec<String>> {
+    sets: &mut [PortSet<A::Buf>],
+) -> Result<Vec<VnetProber<A>>, Vec<String>> {
     let mut out: Vec<VnetProber<A>> = Vec::new();
-    let mut ends = Vec::new();
     let mut problems = Vec::new();
     for (vip_cfg, vip) in cfg.vip.iter().zip(topo.vips.iter_mut()) {
         let Some(p) = &vip_cfg.probe else { continue };
@@ -123,7 +122,9 @@ fn probers<A: BufAlloc>(
                     prober: Prober::new(PortDevice::new(end, pool), &pc, Duration::ZERO),
                     names: Vec::new(),
                 });
-                ends.push(sw);
+                for set in sets.iter_mut() {
+                    set.push(Box::new(sw.share()));
+                }
                 k
             }
         };
@@ -154,7 +155,7 @@ fn probers<A: BufAlloc>(
     }
     topo.ports += out.len() as u16;
     if problems.is_empty() {
-        Ok((out, ends))
+        Ok(out)
     } else {
         Err(problems)
     }
@@ -171,7 +172,7 @@ fn open_ports(
     cfg: &Config,
     workers: usize,
     pool: Pool,
-) -> Result<(Vec<PortSet>, ProbePorts), Vec<String>> {
+) -> Result<(Vec<PortSet>, RingEnds), Vec<String>> {
     let mut sets: Vec<PortSet> = (0..workers).map(|_| Vec::new()).collect();
     let mut idle_peers = Vec::new();
     let err = |e: dataplane::port::PortError| vec![e.to_string()];
@@ -273,12 +274,7 @@ pub fn run(cfg: &Config) -> Result<Vec<String>, Vec<String>> {
     }
     let pool = Pool::new(&PoolConfig::new("run", 65536)).map_err(|e| vec![e.to_string()])?;
     let (mut sets, idle_peers) = open_ports(cfg, workers, pool)?;
-    let (probers, probe_ports) = probers(cfg, &mut topo, pool)?;
-    for p in probe_ports {
-        for set in sets.iter_mut() {
-            set.push(Box::new(p.share()));
-        }
-    }
+    let probers = probers(cfg, &mut topo, pool, &mut sets)?;
     let report = run_on(cfg, &topo, sets, probers, &cores);
     drop(idle_peers);
     report
@@ -323,12 +319,7 @@ fn run_dpdk(cfg: &Config, mut topo: Topology) -> Result<Vec<String>, Vec<String>
             set.push(Box::new(q));
         }
     }
-    let (probers, probe_ports) = probers(cfg, &mut topo, pool)?;
-    for p in probe_ports {
-        for set in sets.iter_mut() {
-            set.push(Box::new(p.share()));
-        }
-    }
+    let probers = probers(cfg, &mut topo, pool, &mut sets)?;
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     run_on(cfg, &topo, sets, probers, &cores)
 }

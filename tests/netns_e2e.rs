@@ -53,6 +53,18 @@ fn lab() -> Lab {
     lab
 }
 
+/// The bodies of `n` curls from the client to the VIP, one a line.
+fn curl_vip(lab: &Lab, n: usize) -> Vec<String> {
+    let r = lab.bash(
+        "cl",
+        &format!("for i in $(seq {n}); do curl -s --max-time 5 http://10.1.0.100/; echo; done"),
+    );
+    String::from_utf8_lossy(&r.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
 /// Requests from `client` for `path` in a DIP's http.server log.
 fn served(log: &str, client: &str, path: &str) -> usize {
     log.lines()
@@ -200,14 +212,7 @@ fn scenario(lab: &mut Lab, driver: &str, workers: usize) {
     );
 
     // 2. curl through the VIP spreads over the DIPs.
-    let r = lab.bash(
-        "cl",
-        "for i in $(seq 15); do curl -s --max-time 5 http://10.1.0.100/; echo; done",
-    );
-    let bodies: Vec<String> = String::from_utf8_lossy(&r.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect();
+    let bodies = curl_vip(lab, 15);
     assert_eq!(bodies.len(), 15, "{bodies:?}");
     let count = |name: &str| bodies.iter().filter(|b| b.as_str() == name).count();
     let per = [count("dip1"), count("dip2"), count("dip3")];
@@ -264,14 +269,7 @@ fn scenario(lab: &mut Lab, driver: &str, workers: usize) {
         "{victim} was not taken out:\n{}",
         read(&log)
     );
-    let r = lab.bash(
-        "cl",
-        "for i in $(seq 12); do curl -s --max-time 5 http://10.1.0.100/; echo; done",
-    );
-    let after: Vec<String> = String::from_utf8_lossy(&r.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect();
+    let after = curl_vip(lab, 12);
     assert_eq!(after.len(), 12, "{after:?}");
     assert!(
         after
