@@ -783,19 +783,6 @@ impl<B: PacketBuf> Switch<B> {
                 return;
             }
         };
-        if !owned && pk.is_ip() {
-            if let Some((me, h)) = &self.handoff {
-                let w = crate::placement::owner(policy, &pk.key, h.workers());
-                if w != *me {
-                    match h.queues.get(w).map(|q| q.push((in_port16, pkt))) {
-                        Some(Ok(())) => tally.2 += 1,
-                        Some(Err((_, pkt))) => self.drop_pkt(pkt, SwitchDrop::HandoffFull),
-                        None => {}
-                    }
-                    return;
-                }
-            }
-        }
         let flags = tcp_flags(pkt.data(), &pk);
         let len = pkt.len() as u64;
         if let Some(e) = self.flows.get_mut(&pk.key) {
@@ -827,6 +814,21 @@ impl<B: PacketBuf> Switch<B> {
                 // The action is used in place (no copy of it per packet).
                 transpose(&self.stats, ctx, pkt, &pk, &e.action);
                 return;
+            }
+        }
+        // Not in this worker's table: only the connection's owner may decide
+        // it (a hit needs no placement: only the owner installs flows).
+        if !owned && pk.is_ip() {
+            if let Some((me, h)) = &self.handoff {
+                let w = crate::placement::owner(policy, &pk.key, h.workers());
+                if w != *me {
+                    match h.queues.get(w).map(|q| q.push((in_port16, pkt))) {
+                        Some(Ok(())) => tally.2 += 1,
+                        Some(Err((_, pkt))) => self.drop_pkt(pkt, SwitchDrop::HandoffFull),
+                        None => {}
+                    }
+                    return;
+                }
             }
         }
         tally.1 += 1;
