@@ -18,6 +18,9 @@ pub struct Verdict {
     pub stateful: bool,
 }
 
+/// Words per chunk of a class vector: 512 rules, one 64-byte cache line.
+const CHUNK: usize = 8;
+
 /// A field value type the interval search works on.
 trait Key: Copy + Ord + std::hash::Hash + std::fmt::Debug {
     const BITS: u32;
@@ -51,15 +54,27 @@ key_impl!(u32);
 key_impl!(u128);
 
 /// Bit vectors (one bit per rule, in priority order) for each equivalence
-/// class of one field, each preceded by its summary: one bit per 64-bit word
-/// that is non-zero (the "aggregate" of ABV). A class's block is
-/// `[summary words.., bit words..]`, contiguous, so a lookup touches one run
-/// of memory per field.
+/// class of one field, cut into chunks of [`CHUNK`] words (512 rules, one
+/// cache line):
+///
+/// - chunk 0 — the highest-priority rules, where most lookups end — is
+///   stored per class in `heads`, one line per class, read directly;
+/// - the later chunks are deduplicated: a class holds one small id per
+///   chunk into `tail_vecs`, id 0 being the all-zero chunk. Within 512 rules a
+///   field has few distinct vectors, so 10 000 rules take a few MB per field
+///   instead of one 1.3 KB vector per class (tens of MB), and a zero id lets a
+///   lookup skip a chunk without reading it (the "aggregate" of ABV).
 #[derive(Debug, Clone, Default)]
 struct ClassSet {
-    sum_words: usize,
-    stride: usize,
+    words: usize,
+    /// Full vectors while building (for interning); emptied by `done`.
     data: Vec<u64>,
+    heads: Vec<[u64; CHUNK]>,
+    /// Chunks after the head, per class.
+    tail_chunks: usize,
+    /// `tail_ids[class * tail_chunks + (chunk - 1)]`: index into `tail_vecs`.
+    tail_ids: Vec<u32>,
+    tail_vecs: Vec<[u64; CHUNK]>,
     /// Zobrist hash of a bit vector -> classes with that hash.
     index: HashMap<u64, Vec<u32>>,
 }
@@ -67,8 +82,7 @@ struct ClassSet {
 impl ClassSet {
     fn new(words: usize) -> Self {
         ClassSet {
-            sum_words: words.div_ceil(64),
-            stride: words.div_ceil(64) + words,
+            words,
             ..Default::default()
         }
     }
@@ -76,40 +90,73 @@ impl ClassSet {
     /// The class id of bit vector `v` (whose [`zobrist`] hash is `h`),
     /// adding it if new.
     fn intern(&mut self, v: &[u64], h: u64) -> u32 {
-        let (st, sw) = (self.stride, self.sum_words);
+        let w = self.words;
         let candidates = self.index.entry(h).or_default();
         for &id in candidates.iter() {
-            let at = id as usize * st + sw;
-            if self.data.get(at..at + v.len()) == Some(v) {
+            let at = id as usize * w;
+            if self.data.get(at..at + w) == Some(v) {
                 return id;
             }
         }
-        let id = (self.data.len() / st) as u32;
+        let id = (self.data.len() / w.max(1)) as u32;
         candidates.push(id);
-        let base = self.data.len();
-        self.data.resize(base + sw, 0);
-        for (w, &x) in v.iter().enumerate() {
-            if x != 0 {
-                self.data[base + w / 64] |= 1 << (w % 64);
-            }
-        }
         self.data.extend_from_slice(v);
         id
     }
 
+    /// Cuts the interned vectors into the head and the deduplicated tail.
+    fn done(&mut self) {
+        self.index = HashMap::new();
+        let w = self.words.max(1);
+        let chunks = w.div_ceil(CHUNK);
+        self.tail_chunks = chunks - 1;
+        let classes = self.data.len() / w;
+        let chunk_of = |v: &[u64], c: usize| {
+            let mut out = [0u64; CHUNK];
+            for (o, &x) in out.iter_mut().zip(v.iter().skip(c * CHUNK)) {
+                *o = x;
+            }
+            out
+        };
+        let mut seen: HashMap<[u64; CHUNK], u32> = HashMap::new();
+        self.tail_vecs = vec![[0; CHUNK]];
+        seen.insert([0; CHUNK], 0);
+        self.heads = Vec::with_capacity(classes);
+        self.tail_ids = Vec::with_capacity(classes * self.tail_chunks);
+        for v in self.data.chunks_exact(w) {
+            self.heads.push(chunk_of(v, 0));
+            for c in 1..chunks {
+                let part = chunk_of(v, c);
+                let next = self.tail_vecs.len() as u32;
+                let id = *seen.entry(part).or_insert(next);
+                if id == next {
+                    self.tail_vecs.push(part);
+                }
+                self.tail_ids.push(id);
+            }
+        }
+        self.data = Vec::new();
+    }
+
     #[inline(always)]
-    fn get(&self, class: u32) -> &[u64] {
-        let st = self.stride;
-        let c = class as usize;
-        self.data.get(c * st..(c + 1) * st).unwrap_or(&[])
+    fn head(&self, class: u32) -> &[u64; CHUNK] {
+        self.heads.get(class as usize).unwrap_or(&[0; CHUNK])
+    }
+
+    /// Chunk `c` (1-based, after the head) of `class`, `None` when all zero.
+    #[inline(always)]
+    fn tail(&self, class: u32, c: usize) -> Option<&[u64; CHUNK]> {
+        let id = *self
+            .tail_ids
+            .get(class as usize * self.tail_chunks + c - 1)?;
+        if id == 0 {
+            return None;
+        }
+        self.tail_vecs.get(id as usize)
     }
 
     fn classes(&self) -> usize {
-        self.data.len() / self.stride
-    }
-
-    fn done(&mut self) {
-        self.index = HashMap::new();
+        self.heads.len()
     }
 }
 
@@ -284,7 +331,7 @@ pub struct Classifier {
     rules: Vec<Rule>,
     /// Action and effective stateful flag per rule, compact for the fast path.
     actions: Vec<(Action, bool)>,
-    sum_words: usize,
+    tail_chunks: usize,
     proto_class: [u32; 256],
     proto: ClassSet,
     src4: IntervalField<u32>,
@@ -391,7 +438,7 @@ impl Classifier {
         Classifier {
             rules,
             actions,
-            sum_words: words.div_ceil(64),
+            tail_chunks: words.div_ceil(CHUNK) - 1,
             proto_class,
             proto,
             src4,
@@ -436,38 +483,54 @@ impl Classifier {
     /// The highest-priority rule matching `pkt`, if any.
     #[inline]
     pub fn classify(&self, pkt: &PacketKey) -> Option<Verdict> {
-        let blocks = self.field_blocks(pkt)?;
-        self.verdict(first_match(self.sum_words, blocks)?)
+        let (sets, ids) = self.field_classes(pkt)?;
+        // The first 512 rules from the heads; most lookups end here.
+        let h = [0, 1, 2, 3, 4].map(|f| sets[f].head(ids[f]));
+        if let Some(i) = first_in_chunk(h) {
+            return self.verdict(i);
+        }
+        for c in 1..=self.tail_chunks {
+            let (Some(a), Some(b), Some(d), Some(e), Some(f)) = (
+                sets[0].tail(ids[0], c),
+                sets[1].tail(ids[1], c),
+                sets[2].tail(ids[2], c),
+                sets[3].tail(ids[3], c),
+                sets[4].tail(ids[4], c),
+            ) else {
+                continue;
+            };
+            if let Some(i) = first_in_chunk([a, b, d, e, f]) {
+                return self.verdict(c * CHUNK * 64 + i);
+            }
+        }
+        None
     }
 
-    /// The class block of each of the five fields for `pkt`.
+    /// The class set and class of each of the five fields for `pkt`.
     #[inline(always)]
-    fn field_blocks(&self, pkt: &PacketKey) -> Option<[&[u64]; 5]> {
+    fn field_classes(&self, pkt: &PacketKey) -> Option<([&ClassSet; 5], [u32; 5])> {
         let (s, d) = match (pkt.src, pkt.dst) {
             (IpAddr::V4(s), IpAddr::V4(d)) => (
-                self.src4.set.get(self.src4.lookup(u32::from(s))),
-                self.dst4.set.get(self.dst4.lookup(u32::from(d))),
+                (&self.src4.set, self.src4.lookup(u32::from(s))),
+                (&self.dst4.set, self.dst4.lookup(u32::from(d))),
             ),
             (IpAddr::V6(s), IpAddr::V6(d)) => (
-                self.src6.set.get(self.src6.lookup(u128::from(s))),
-                self.dst6.set.get(self.dst6.lookup(u128::from(d))),
+                (&self.src6.set, self.src6.lookup(u128::from(s))),
+                (&self.dst6.set, self.dst6.lookup(u128::from(d))),
             ),
             // Mixed families do not occur in one IP header.
             _ => return None,
         };
         let (sp, dp) = if pkt.has_ports() {
-            (
-                self.sport.set.get(self.sport.lookup(pkt.src_port)),
-                self.dport.set.get(self.dport.lookup(pkt.dst_port)),
-            )
+            (self.sport.lookup(pkt.src_port), self.dport.lookup(pkt.dst_port))
         } else {
-            (
-                self.sport.set.get(self.sport_none),
-                self.dport.set.get(self.dport_none),
-            )
+            (self.sport_none, self.dport_none)
         };
-        let pr = self.proto.get(self.proto_class[usize::from(pkt.proto)]);
-        Some([pr, s, d, sp, dp])
+        let pr = self.proto_class[usize::from(pkt.proto)];
+        Some((
+            [&self.proto, s.0, d.0, &self.sport.set, &self.dport.set],
+            [pr, s.1, d.1, sp, dp],
+        ))
     }
 
     #[inline(always)]
@@ -489,28 +552,13 @@ impl Classifier {
     }
 }
 
-/// The first rule set in all five class blocks (summary words, then bit
-/// words), visiting only the words whose summary bit is set in all five.
+/// The first bit set in all five chunks.
 #[inline(always)]
-fn first_match(sum_words: usize, f: [&[u64]; 5]) -> Option<usize> {
-    let [a, b, c, d, e] = f;
-    let n = a.len();
-    if b.len() != n || c.len() != n || d.len() != n || e.len() != n || sum_words > n {
-        return None;
-    }
-    for s in 0..sum_words {
-        let mut agg = a[s] & b[s] & c[s] & d[s] & e[s];
-        while agg != 0 {
-            let w = s * 64 + agg.trailing_zeros() as usize;
-            let at = sum_words + w;
-            if at >= n {
-                return None;
-            }
-            let m = a[at] & b[at] & c[at] & d[at] & e[at];
-            if m != 0 {
-                return Some(w * 64 + m.trailing_zeros() as usize);
-            }
-            agg &= agg - 1;
+fn first_in_chunk(f: [&[u64; CHUNK]; 5]) -> Option<usize> {
+    for w in 0..CHUNK {
+        let m = f[0][w] & f[1][w] & f[2][w] & f[3][w] & f[4][w];
+        if m != 0 {
+            return Some(w * 64 + m.trailing_zeros() as usize);
         }
     }
     None
