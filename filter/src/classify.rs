@@ -555,8 +555,9 @@ impl Classifier {
 /// The first bit set in all five chunks.
 #[inline(always)]
 fn first_in_chunk(f: [&[u64; CHUNK]; 5]) -> Option<usize> {
+    let [a, b, c, d, e] = f;
     for w in 0..CHUNK {
-        let m = f[0][w] & f[1][w] & f[2][w] & f[3][w] & f[4][w];
+        let m = a[w] & b[w] & c[w] & d[w] & e[w];
         if m != 0 {
             return Some(w * 64 + m.trailing_zeros() as usize);
         }
