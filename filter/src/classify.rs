@@ -183,16 +183,22 @@ fn hash_of(v: &[u64]) -> u64 {
     h
 }
 
-/// One field as sorted elementary intervals, each with a class; a direct
-/// table on the top bits narrows the search to a few intervals.
+/// One field as sorted elementary intervals, each with a class, and a direct
+/// table on the top bits of the value. A block of that table that lies within
+/// one interval holds the class itself (most blocks: the table has about four
+/// blocks per interval), so the lookup is one load; other blocks hold the
+/// range of intervals to search, stored as `(start, class)` pairs so the
+/// search and the class share cache lines.
 #[derive(Debug, Clone)]
 struct IntervalField<K: Key> {
-    bounds: Vec<K>,
-    class: Vec<u32>,
-    top: Vec<u32>,
+    ivals: Vec<(K, u32)>,
+    top: Vec<u64>,
     shift: u32,
     set: ClassSet,
 }
+
+/// Marks a top-table entry holding a class instead of an interval range.
+const DIRECT: u64 = 1 << 63;
 
 impl<K: Key> IntervalField<K> {
     /// Builds the field from `(lo, hi, rule)` spans (inclusive) over `rules` rules.
@@ -246,25 +252,38 @@ impl<K: Key> IntervalField<K> {
         let extra_ids = extra.iter().map(|v| set.intern(v, hash_of(v))).collect();
         set.done();
         // Top table: 2^k entries, k ~ log2(#bounds) + 2, 8 to 16 bits, so
-        // that a block holds one or two bounds on average.
+        // that most blocks fall inside one interval.
         let want = (usize::BITS - bounds.len().leading_zeros()) + 2;
         let k = want.clamp(8, 16).min(K::BITS);
         let shift = K::BITS - k;
-        let mut top = Vec::with_capacity((1 << k) + 1);
-        let mut i = 0usize;
-        for blk in 0..(1usize << k) {
+        let blocks = 1usize << k;
+        let mut top = Vec::with_capacity(blocks);
+        // The interval holding the start of each block, then of the next.
+        let mut lo = 0usize;
+        for blk in 0..blocks {
             let start = K::block_start(blk, shift);
-            while i + 1 < bounds.len() && bounds[i + 1] <= start {
-                i += 1;
+            while lo + 1 < bounds.len() && bounds[lo + 1] <= start {
+                lo += 1;
             }
-            top.push(i as u32);
+            let mut hi = lo;
+            if blk + 1 < blocks {
+                let next = K::block_start(blk + 1, shift);
+                while hi + 1 < bounds.len() && bounds[hi + 1] < next {
+                    hi += 1;
+                }
+            } else {
+                hi = bounds.len() - 1;
+            }
+            top.push(if lo == hi {
+                DIRECT | u64::from(class[lo])
+            } else {
+                lo as u64 | ((hi as u64) << 32)
+            });
         }
-        // Sentinel: the last block ends at the last interval.
-        top.push((bounds.len() - 1) as u32);
+        let ivals = bounds.into_iter().zip(class).collect();
         (
             IntervalField {
-                bounds,
-                class,
+                ivals,
                 top,
                 shift,
                 set,
@@ -276,24 +295,26 @@ impl<K: Key> IntervalField<K> {
     /// The class of value `x`.
     #[inline(always)]
     fn lookup(&self, x: K) -> u32 {
-        let blk = x.block(self.shift);
-        // The interval holding x is the last bound <= x, between the
-        // intervals holding the starts of this block and of the next.
-        let (lo, hi) = match (self.top.get(blk), self.top.get(blk + 1)) {
-            (Some(&l), Some(&h)) => (l as usize, h as usize),
-            _ => return 0,
+        let Some(&e) = self.top.get(x.block(self.shift)) else {
+            return 0;
         };
-        let i = if hi - lo <= 8 {
-            let mut i = lo;
-            while i < hi && self.bounds.get(i + 1).is_some_and(|&b| b <= x) {
+        if e & DIRECT != 0 {
+            return e as u32;
+        }
+        // The interval holding x is the last one in lo..=hi starting <= x
+        // (the one at lo starts at or before the block).
+        let (lo, hi) = (e as u32 as usize, (e >> 32) as usize);
+        let span = self.ivals.get(lo..=hi).unwrap_or(&[]);
+        let i = if span.len() <= 8 {
+            let mut i = 0;
+            while span.get(i + 1).is_some_and(|b| b.0 <= x) {
                 i += 1;
             }
             i
         } else {
-            let span = self.bounds.get(lo + 1..=hi).unwrap_or(&[]);
-            lo + span.partition_point(|&b| b <= x)
+            span.partition_point(|b| b.0 <= x).saturating_sub(1)
         };
-        self.class.get(i).copied().unwrap_or(0)
+        span.get(i).map_or(0, |b| b.1)
     }
 }
 
@@ -522,7 +543,10 @@ impl Classifier {
             _ => return None,
         };
         let (sp, dp) = if pkt.has_ports() {
-            (self.sport.lookup(pkt.src_port), self.dport.lookup(pkt.dst_port))
+            (
+                self.sport.lookup(pkt.src_port),
+                self.dport.lookup(pkt.dst_port),
+            )
         } else {
             (self.sport_none, self.dport_none)
         };
@@ -890,6 +914,54 @@ mod tests {
                 let want = linear_scan(&rules, p).map(|i| order.iter().position(|&j| j == i).unwrap());
                 let got = c.classify(p).map(|v| v.rule);
                 prop_assert_eq!(got, want, "packet {:?}", p);
+            }
+        }
+    }
+
+    /// A narrow rule (a /32 source, one destination port) that random packets
+    /// seldom match, with a priority below 1000.
+    fn arb_narrow_rule() -> impl Strategy<Value = Rule> {
+        (arb_rule(), any::<u32>(), any::<u16>(), 0u32..1000).prop_map(|(mut r, a, p, prio)| {
+            r.priority = prio;
+            r.src = vec![IpNet::V4(
+                ipnet::Ipv4Net::new(Ipv4Addr::from(a), 32).unwrap(),
+            )];
+            if r.protocol != Protocol::Icmp {
+                r.dst_ports = vec![PortRange { lo: p, hi: p }];
+            }
+            r
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+        /// Sets larger than one 512-rule chunk, whose matches mostly lie in
+        /// the later (deduplicated) chunks: hundreds of narrow rules first,
+        /// then random ones, with or without a catch-all at the end.
+        #[test]
+        fn tail_chunks_equal_linear_scan(
+            narrow in proptest::collection::vec(arb_narrow_rule(), 600..1600),
+            wide in proptest::collection::vec(arb_rule(), 1..100),
+            catch_all in any::<bool>(),
+            pkts in proptest::collection::vec(arb_packet(), 200),
+        ) {
+            let mut rules = narrow;
+            rules.extend(wide.into_iter().map(|mut r| { r.priority += 1000; r }));
+            if catch_all {
+                rules.push(rule(3000, Action::Deny, Protocol::Any, &["0.0.0.0/0", "::/0"], &["0.0.0.0/0", "::/0"], &[(0, u16::MAX)]));
+            }
+            let c = Classifier::new(rules.clone());
+            let mut order: Vec<usize> = (0..rules.len()).collect();
+            order.sort_by_key(|&i| rules[i].priority);
+            let mut in_tail = 0;
+            for p in &pkts {
+                let want = linear_scan(&rules, p).map(|i| order.iter().position(|&j| j == i).unwrap());
+                in_tail += usize::from(want.is_some_and(|i| i >= 512));
+                let got = c.classify(p).map(|v| v.rule);
+                prop_assert_eq!(got, want, "packet {:?}", p);
+            }
+            if catch_all {
+                prop_assert!(in_tail > 0, "no packet was decided past the first chunk");
             }
         }
     }

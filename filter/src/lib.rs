@@ -22,16 +22,20 @@
 //!   share one *equivalence class*, so memory follows the number of distinct
 //!   vectors, not of intervals;
 //! - a lookup finds one class per field — a 256-entry table for the protocol,
-//!   and for addresses and ports a direct table on the top bits that narrows
-//!   a binary search to the few intervals of one block — then ANDs the five
-//!   vectors and returns the lowest set bit: the highest-priority match;
-//! - each vector has a summary bit per 64-bit word; the AND runs first over
-//!   the summaries and then only over the words all five fields mark, and
-//!   stops at the first match.
+//!   and for addresses and ports a direct table on the top bits whose entry is
+//!   either the class itself (a block inside one interval: most of them) or
+//!   the few intervals of the block to search — then ANDs the five vectors and
+//!   returns the lowest set bit: the highest-priority match;
+//! - vectors are stored in chunks of 512 rules (one cache line). The first
+//!   chunk is kept per class and read directly; matches concentrate in the
+//!   highest-priority rules, so most lookups end there. Later chunks are
+//!   deduplicated per field (few distinct vectors exist within 512 rules),
+//!   and an all-zero chunk has id 0, so a lookup skips it without reading it
+//!   (the aggregation of ABV, at chunk granularity).
 //!
 //! Why this and not the alternatives: the lookup is a fixed number of table
 //! probes plus an AND over `rules / 64` words at worst (so it grows by 1/64 of
-//! a linear scan, and much less when the summaries are sparse or a rule matches
+//! a linear scan, and much less when chunks are empty or a rule matches
 //! early), it has no worst-case memory blow-up from rule replication (decision
 //! trees such as HiCuts/HyperSplit do), it handles arbitrary port ranges
 //! without expanding them into prefixes (tuple-space search must), and its
