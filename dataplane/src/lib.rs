@@ -9,7 +9,8 @@
 //!   packet buffers, ethdev ports);
 //! - header views ([`wire`]), one-pass parsing into offsets and a flow key
 //!   ([`parse`]) and rewrites with incremental checksums ([`rewrite`]);
-//! - the poll-mode [`worker::Worker`], core pinning and the TSC [`clock`].
+//! - the poll-mode [`worker::Worker`], core pinning and the TSC [`clock`];
+//! - the traffic generator and latency meter of `pollux pktgen` ([`pktgen`]).
 //!
 //! Must not touch: policy. It knows nothing of VMs, vnets, ACLs or VIPs; the
 //! `filter`, `lb` and `vswitch` crates build on it. `unsafe` is allowed only in
@@ -24,6 +25,7 @@ pub mod batch;
 pub mod buf;
 pub mod clock;
 pub mod parse;
+pub mod pktgen;
 pub mod pool;
 pub mod port;
 pub mod rewrite;
