@@ -1,13 +1,15 @@
 //! # pollux — the program around the switch
 //!
 //! Owns: the configuration file and its validation ([`config`]), running the
-//! switch from it ([`run`]), the embedded demo ([`demo`]) and SR-IOV set-up
-//! ([`sriov`]); the `pollux` binary (`src/main.rs`) is the CLI
+//! switch from it ([`run`]), the embedded demo ([`demo`]), SR-IOV set-up
+//! ([`sriov`]) and the traffic generator's front end ([`pktgen`]); the
+//! `pollux` binary (`src/main.rs`) is the CLI
 //! over them. The packet path lives in the `dataplane`, `filter`, `lb` and
 //! `vswitch` crates; this crate wires them together and must not duplicate
 //! their logic.
 
 pub mod config;
 pub mod demo;
+pub mod pktgen;
 pub mod run;
 pub mod sriov;

@@ -3,8 +3,9 @@
 //! `pollux check --config FILE` validates a configuration, `pollux run
 //! --config FILE` runs the switch on it, `pollux demo` runs the embedded
 //! in-process topology, and `pollux sriov` creates and configures SR-IOV
-//! virtual functions for DPDK ports. `pktgen` and `ctl` arrive with their
-//! issues (see DESIGN.md).
+//! virtual functions for DPDK ports, and `pollux pktgen` generates traffic
+//! and measures throughput, loss and latency (docs/pktgen.md). `ctl`
+//! arrives with its issue (see DESIGN.md).
 
 use pollux::config;
 
@@ -37,6 +38,10 @@ enum Command {
     /// Run the embedded demo: VMs, a VIP, probes, ACLs and tenants on ring
     /// ports in this process (no privileges, no system packages).
     Demo,
+    /// Generate signed traffic and measure throughput, loss, reordering and
+    /// latency: one trial, an NDR/PDR search, or a back-to-back calibration
+    /// (see docs/pktgen.md).
+    Pktgen(Box<PktgenArgs>),
     /// Create SR-IOV virtual functions on a physical function and set a
     /// VF's MAC, VLAN, spoof check and trust (then use the VF, bound to
     /// vfio-pci, as a `dpdk` port with `pci = "..."`).
@@ -63,6 +68,136 @@ enum Command {
         #[arg(long, value_parser = on_off)]
         trust: Option<bool>,
     },
+}
+
+/// `pollux pktgen` options.
+#[derive(clap::Args, Debug)]
+struct PktgenArgs {
+    /// Transmit port: ring:NAME (a ring port of --config), af_packet:IFACE,
+    /// pcap:FILE (written) or dpdk:DEVARGS.
+    #[arg(long)]
+    tx: Option<String>,
+    /// Receive port, same forms (pcap:FILE is read); default: the tx port.
+    #[arg(long)]
+    rx: Option<String>,
+    /// Run pollux in this process on this configuration; --tx/--rx name
+    /// its ring ports, and addresses default to the VMs on them.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Frame size in bytes, FCS included (64 to 1518; 76 for tcp-syn).
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Number of flows (source port, then destination port, vary).
+    #[arg(long, default_value_t = 1)]
+    flows: u32,
+    /// udp or tcp-syn.
+    #[arg(long, default_value = "udp", value_parser = proto)]
+    proto: dataplane::pktgen::Proto,
+    /// Rate: packets/s (250000, 250k, 1.5M, 2Mpps) or a percentage of the
+    /// maximum found first (50%); default: as fast as possible.
+    #[arg(long)]
+    rate: Option<pollux::pktgen::Rate>,
+    /// Measured seconds per trial.
+    #[arg(long, default_value_t = 2.0)]
+    duration: f64,
+    /// Warm-up seconds before each trial (sent, not measured).
+    #[arg(long, default_value_t = 0.5)]
+    warmup: f64,
+    /// Source MAC (default: the tx VM's, or the tx port's).
+    #[arg(long)]
+    src_mac: Option<dataplane::MacAddr>,
+    /// Destination MAC (default: the vnet gateway, or the rx port's).
+    #[arg(long)]
+    dst_mac: Option<dataplane::MacAddr>,
+    /// Source IPv4 address (default: the tx VM's, or 10.0.0.1).
+    #[arg(long)]
+    src_ip: Option<std::net::Ipv4Addr>,
+    /// Destination IPv4 address, e.g. a VIP (default: the rx VM's, or 10.0.0.2).
+    #[arg(long)]
+    dst_ip: Option<std::net::Ipv4Addr>,
+    /// First source port.
+    #[arg(long, default_value_t = 1024)]
+    sport: u16,
+    /// First destination port.
+    #[arg(long, default_value_t = 5000)]
+    dport: u16,
+    /// Find the no-drop and partial-drop rates, then measure latency at 10%,
+    /// 50% and 90% of the no-drop rate.
+    #[arg(long)]
+    search: bool,
+    /// Loss ratio the partial-drop rate allows.
+    #[arg(long, default_value_t = 0.005)]
+    pdr_loss: f64,
+    /// Measure the generator back to back (an in-process ring pair, or the
+    /// given ports connected to each other).
+    #[arg(long)]
+    calibrate: bool,
+    /// EAL arguments for dpdk ports.
+    #[arg(long, allow_hyphen_values = true)]
+    eal: Option<String>,
+    /// Largest transmit burst (1 to 32).
+    #[arg(long, default_value_t = 32)]
+    burst: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn proto(s: &str) -> Result<dataplane::pktgen::Proto, String> {
+    match s {
+        "udp" => Ok(dataplane::pktgen::Proto::Udp),
+        "tcp-syn" | "tcp" => Ok(dataplane::pktgen::Proto::TcpSyn),
+        other => Err(format!("{other:?} is not udp or tcp-syn")),
+    }
+}
+
+fn pktgen(a: &PktgenArgs) -> ExitCode {
+    let opts = pollux::pktgen::Options {
+        tx: a.tx.clone(),
+        rx: a.rx.clone(),
+        config: a.config.clone(),
+        size: a.size,
+        flows: a.flows,
+        proto: a.proto,
+        rate: a.rate,
+        duration: a.duration,
+        warmup: a.warmup,
+        src_mac: a.src_mac,
+        dst_mac: a.dst_mac,
+        src_ip: a.src_ip,
+        dst_ip: a.dst_ip,
+        sport: a.sport,
+        dport: a.dport,
+        search: a.search,
+        pdr_loss: a.pdr_loss,
+        calibrate: a.calibrate,
+        eal: a.eal.clone(),
+        burst: a.burst,
+    };
+    match pollux::pktgen::run(&opts) {
+        Ok(report) => {
+            if a.json {
+                match serde_json::to_string_pretty(&report) {
+                    Ok(j) => println!("{j}"),
+                    Err(e) => {
+                        eprintln!("pollux pktgen: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            } else {
+                for l in pollux::pktgen::table(&report) {
+                    println!("{l}");
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            for l in e.lines() {
+                eprintln!("pollux pktgen: {l}");
+            }
+            ExitCode::from(2)
+        }
+    }
 }
 
 fn on_off(s: &str) -> Result<bool, String> {
@@ -133,6 +268,7 @@ fn main() -> ExitCode {
     match &cli.command {
         Command::Check { config } => check(config),
         Command::Run { config } => run(config),
+        Command::Pktgen(a) => pktgen(a),
         Command::Sriov {
             pf,
             vfs,

@@ -275,9 +275,99 @@ pub fn run(cfg: &Config) -> Result<Vec<String>, Vec<String>> {
     let pool = Pool::new(&PoolConfig::new("run", 65536)).map_err(|e| vec![e.to_string()])?;
     let (mut sets, idle_peers) = open_ports(cfg, workers, pool)?;
     let probers = probers(cfg, &mut topo, pool, &mut sets)?;
-    let report = run_on(cfg, &topo, sets, probers, &cores);
+    let report = run_on(cfg, &topo, sets, probers, &cores, on_signal()?);
     drop(idle_peers);
     report
+}
+
+/// A flag that SIGINT and SIGTERM set.
+fn on_signal() -> Result<Arc<AtomicBool>, Vec<String>> {
+    let signalled = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, signalled.clone())
+            .map_err(|e| vec![format!("cannot handle signal {sig}: {e}")])?;
+    }
+    Ok(signalled)
+}
+
+/// A switch running in this process on a configuration of `ring` ports
+/// (and probes), whose far ends the caller drives: what `pollux pktgen
+/// --config` measures.
+pub struct InProcess {
+    /// The far end of each configured ring port, by port name.
+    pub ends: Vec<(String, RingPort<PoolBuf>)>,
+    /// The pool the switch's ports carry buffers of (send from it).
+    pub pool: Pool,
+    /// Cores the workers are pinned to.
+    pub worker_cores: Vec<usize>,
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Result<Vec<String>, Vec<String>>>,
+}
+
+impl InProcess {
+    /// Starts the switch of `cfg`; every port must be a `ring` port.
+    pub fn start(cfg: &Config) -> Result<InProcess, Vec<String>> {
+        let mut topo = cfg.topology()?;
+        let problems: Vec<String> = cfg
+            .port
+            .iter()
+            .filter(|p| p.driver != "ring")
+            .map(|p| {
+                format!(
+                    "port {:?}: driver {:?}: an in-process switch has ring ports only",
+                    p.name, p.driver
+                )
+            })
+            .collect();
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        let workers = cfg.dataplane.workers.max(1);
+        let cores = core_affinity::get_core_ids().unwrap_or_default();
+        let worker_cores = (0..workers)
+            .filter_map(|w| cores.len().checked_sub(w + 1).and_then(|c| cores.get(c)))
+            .map(|c| c.id)
+            .collect();
+        let pool =
+            Pool::new(&PoolConfig::new("in-process", 65536)).map_err(|e| vec![e.to_string()])?;
+        let (mut sets, peers) = open_ports(cfg, workers, pool)?;
+        let probers = probers(cfg, &mut topo, pool, &mut sets)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let cfg = cfg.clone();
+        let thread = std::thread::Builder::new()
+            .name("pollux-control".into())
+            .spawn(move || run_on(&cfg, &topo, sets, probers, &cores, flag))
+            .map_err(|e| vec![format!("cannot start the switch: {e}")])?;
+        Ok(InProcess {
+            ends: peers
+                .into_iter()
+                .map(|p| (p.info().name.clone(), p))
+                .collect(),
+            pool,
+            worker_cores,
+            stop,
+            thread,
+        })
+    }
+
+    /// Takes the far end of ring port `name`.
+    pub fn take_end(&mut self, name: &str) -> Result<RingPort<PoolBuf>, String> {
+        let i = self
+            .ends
+            .iter()
+            .position(|(n, _)| n == name)
+            .ok_or_else(|| format!("port {name:?} is not a ring port of the configuration"))?;
+        Ok(self.ends.swap_remove(i).1)
+    }
+
+    /// Stops the switch and returns its report.
+    pub fn stop(self) -> Result<Vec<String>, Vec<String>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .join()
+            .map_err(|_| vec!["the switch's control thread panicked".to_string()])?
+    }
 }
 
 /// `run` with DPDK ports: every port must be `dpdk` (the workers move mbufs
@@ -321,7 +411,7 @@ fn run_dpdk(cfg: &Config, mut topo: Topology) -> Result<Vec<String>, Vec<String>
     }
     let probers = probers(cfg, &mut topo, pool, &mut sets)?;
     let cores = core_affinity::get_core_ids().unwrap_or_default();
-    run_on(cfg, &topo, sets, probers, &cores)
+    run_on(cfg, &topo, sets, probers, &cores, on_signal()?)
 }
 
 #[cfg(not(feature = "dpdk"))]
@@ -331,14 +421,15 @@ fn run_dpdk(_cfg: &Config, _topo: Topology) -> Result<Vec<String>, Vec<String>> 
     ])
 }
 
-/// Starts one switch worker per port set, runs the control loop until a
-/// signal, stops the workers and returns the report.
+/// Starts one switch worker per port set, runs the control loop until
+/// `signalled` is set, stops the workers and returns the report.
 fn run_on<A: BufAlloc>(
     cfg: &Config,
     topo: &Topology,
     sets: Vec<PortSet<A::Buf>>,
     mut probers: Vec<VnetProber<A>>,
     cores: &[core_affinity::CoreId],
+    signalled: Arc<AtomicBool>,
 ) -> Result<Vec<String>, Vec<String>> {
     let workers = sets.len().max(1);
     let policy = Policy::compile(topo, 1).map_err(|e| e.0)?;
@@ -348,11 +439,6 @@ fn run_on<A: BufAlloc>(
         ..SwitchConfig::default()
     };
     let handoff = Handoff::new(workers, 8192);
-    let signalled = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, signalled.clone())
-            .map_err(|e| vec![format!("cannot handle signal {sig}: {e}")])?;
-    }
     let (mut stats, mut acl_hits, mut wstats, mut stops, mut handles) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut port_stats: Vec<(String, Vec<Arc<dataplane::PortStats>>)> = Vec::new();

@@ -117,11 +117,7 @@ impl Meter {
         let s = sig.seq;
         if s >= f.next {
             let shift = s - f.next + 1;
-            f.seen = if shift >= WINDOW {
-                0
-            } else {
-                f.seen << shift
-            };
+            f.seen = if shift >= WINDOW { 0 } else { f.seen << shift };
             f.seen |= 1;
             f.next = s + 1;
         } else {

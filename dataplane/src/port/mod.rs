@@ -155,6 +155,30 @@ pub trait Port: Send {
     fn tx_burst(&mut self, batch: &mut Batch<Self::Buf>) -> usize;
 }
 
+/// A boxed port is a port (per-burst dynamic dispatch, for front ends that
+/// choose the driver at run time).
+impl<P: Port + ?Sized> Port for Box<P> {
+    type Buf = P::Buf;
+
+    fn info(&self) -> &LinkInfo {
+        (**self).info()
+    }
+
+    fn stats(&self) -> &Arc<PortStats> {
+        (**self).stats()
+    }
+
+    #[inline]
+    fn rx_burst(&mut self, batch: &mut Batch<Self::Buf>) -> usize {
+        (**self).rx_burst(batch)
+    }
+
+    #[inline]
+    fn tx_burst(&mut self, batch: &mut Batch<Self::Buf>) -> usize {
+        (**self).tx_burst(batch)
+    }
+}
+
 /// Why a port could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum PortError {
