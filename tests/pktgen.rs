@@ -121,6 +121,134 @@ fn pktgen_reports_problems_and_exits_2() {
     assert!(err.contains("port \"nope\" is not a ring port"), "{err}");
 }
 
+/// TCP SYN frames written to a pcap file are what tcpdump calls valid: the
+/// flows' ports and correct TCP checksums.
+#[test]
+fn pktgen_writes_valid_tcp_syn_frames_to_pcap() {
+    use common::netns::have;
+    if !have("tcpdump") {
+        assert!(
+            std::env::var_os("POLLUX_REQUIRE_TOOLS").is_none(),
+            "tcpdump is missing (scripts/test.sh installs it)"
+        );
+        eprintln!("skipped: tcpdump is not installed");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("pollux-pktgen-pcap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("syn.pcap");
+    let out = Command::new(env!("CARGO_BIN_EXE_pollux"))
+        .args([
+            "pktgen",
+            "--tx",
+            &format!("pcap:{}", file.display()),
+            "--proto",
+            "tcp-syn",
+            "--size",
+            "76",
+            "--flows",
+            "3",
+            "--rate",
+            "2k",
+            "--duration",
+            "0.1",
+            "--warmup",
+            "0",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = json(&out);
+    let tx = u(&r["trials"][0]["tx"]);
+    // Nothing comes back from a file: all of it counts as lost.
+    assert_eq!(u(&r["trials"][0]["lost"]), tx);
+    let dump = Command::new("tcpdump")
+        .args(["-nn", "-vv", "-r", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&dump.stdout);
+    let _ = std::fs::remove_dir_all(&dir);
+    let frames: Vec<&str> = text.lines().filter(|l| l.contains("Flags [S]")).collect();
+    assert_eq!(frames.len() as u64, tx, "{text}");
+    let correct = text
+        .lines()
+        .filter(|l| l.contains("cksum") && l.contains("(correct)"));
+    assert_eq!(correct.count() as u64, tx, "{text}");
+    for sport in ["1024", "1025", "1026"] {
+        assert!(
+            text.contains(&format!("10.0.0.1.{sport} > 10.0.0.2.5000")),
+            "{text}"
+        );
+    }
+}
+
+/// Kernel interfaces back to back: a veth pair this test creates, pktgen on
+/// an `af_packet` socket at each end.
+#[test]
+fn pktgen_over_af_packet_on_a_veth_pair() {
+    use common::netns::{sh, skip_reason};
+    if let Some(why) = skip_reason(&["ip"]) {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let a = format!("pga{}", std::process::id() % 100_000);
+    let b = format!("pgb{}", std::process::id() % 100_000);
+    struct Veth(String);
+    impl Drop for Veth {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["link", "del", &self.0]).output();
+        }
+    }
+    sh(&["ip", "link", "add", &a, "type", "veth", "peer", "name", &b]);
+    let _veth = Veth(a.clone());
+    for i in [&a, &b] {
+        // No IPv6 on the pair: no router solicitations among the frames.
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{i}/disable_ipv6"), "1");
+        sh(&["ip", "link", "set", i, "up"]);
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_pollux"))
+        .args([
+            "pktgen",
+            "--tx",
+            &format!("af_packet:{a}"),
+            "--rx",
+            &format!("af_packet:{b}"),
+            "--flows",
+            "16",
+            "--rate",
+            "10k",
+            "--duration",
+            "0.5",
+            "--warmup",
+            "0.2",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = json(&out);
+    let t = &r["trials"][0];
+    let tx = u(&t["tx"]);
+    assert!((4_500..=5_500).contains(&tx), "{t}");
+    // A veth pair loses nothing at 10 kpps; every packet carries its stamp.
+    assert_eq!(u(&t["rx"]), tx, "{t}");
+    assert_eq!(
+        (u(&t["lost"]), u(&t["duplicates"]), u(&t["reordered"])),
+        (0, 0, 0),
+        "{t}"
+    );
+    assert_eq!(u(&t["latency_us"]["samples"]), tx, "{t}");
+}
+
 #[cfg(feature = "dpdk")]
 #[test]
 fn pktgen_over_dpdk_vhost_through_pollux() {
