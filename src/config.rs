@@ -9,13 +9,13 @@ use filter::{NsgSpec, RuleError};
 use ipnet::IpNet;
 use lb::balancer::{Backend, Distribution, OnUnhealthy, Vip, VipConfig, WhenAllDown};
 use lb::snat::SnatConfig;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 
 /// `[dataplane]`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataplaneCfg {
     /// Polling cores (pinned).
@@ -34,23 +34,26 @@ impl Default for DataplaneCfg {
 }
 
 /// `[control]`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ControlCfg {
-    /// Unix socket of the control API.
+    /// Unix socket of the control API (mode 0600).
     pub socket: PathBuf,
+    /// A loopback `address:port` to serve the API on as well.
+    pub tcp: Option<String>,
 }
 
 impl Default for ControlCfg {
     fn default() -> Self {
         ControlCfg {
             socket: PathBuf::from("/run/pollux.sock"),
+            tcp: None,
         }
     }
 }
 
 /// `[dpdk]`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct DpdkCfg {
     /// EAL arguments, as for any DPDK application.
@@ -58,7 +61,7 @@ pub struct DpdkCfg {
 }
 
 /// `[[port]]`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PortCfg {
     /// Port name.
@@ -80,7 +83,7 @@ pub struct PortCfg {
 }
 
 /// `[[vnet]]`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct VnetCfg {
     /// Vnet name.
@@ -94,7 +97,7 @@ pub struct VnetCfg {
 }
 
 /// `[vnet.snat]`: the public addresses a vnet's VMs leave from.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SnatCfg {
     /// Public addresses (outside the vnet).
@@ -106,7 +109,7 @@ pub struct SnatCfg {
 }
 
 /// `[uplink]`: the port towards the wire.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UplinkCfg {
     /// A `[[port]]` with no VM on it.
@@ -125,7 +128,7 @@ pub const DEFAULT_UPLINK_MAC: &str = "02:50:4c:58:ff:ff";
 const SNAT_BLOCK: u32 = 64;
 
 /// `[[vm]]`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmCfg {
     /// VM name.
@@ -143,7 +146,7 @@ pub struct VmCfg {
 }
 
 /// One backend of `[[vip]]`: a VM (its first address) or an address.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendCfg {
     /// A VM name.
@@ -157,7 +160,7 @@ pub struct BackendCfg {
 }
 
 /// `[vip.probe]`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProbeCfg {
     /// `http` or `tcp`.
@@ -175,7 +178,7 @@ pub struct ProbeCfg {
 }
 
 /// `[[vip]]`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct VipCfg {
     /// VIP name.
@@ -201,15 +204,14 @@ pub struct VipCfg {
 }
 
 /// The whole file.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// `[dataplane]`.
     #[serde(default)]
     pub dataplane: DataplaneCfg,
-    /// `[control]`.
-    #[serde(default)]
-    pub control: ControlCfg,
+    /// `[control]`: the control API is served only when this section is present.
+    pub control: Option<ControlCfg>,
     /// `[dpdk]`.
     pub dpdk: Option<DpdkCfg>,
     /// `[[port]]`.
@@ -299,6 +301,13 @@ impl Config {
         }
         if self.dataplane.flow_table_size == 0 {
             errs.push("dataplane: flow_table_size must be at least 1".to_string());
+        }
+        if let Some(t) = self.control.as_ref().and_then(|c| c.tcp.as_deref()) {
+            match t.parse::<std::net::SocketAddr>() {
+                Ok(a) if a.ip().is_loopback() => {}
+                Ok(_) => errs.push(format!("control: tcp {t:?} must be a loopback address")),
+                Err(_) => errs.push(format!("control: tcp {t:?} is not an address:port")),
+            }
         }
         let ports = dups("port", self.port.iter().map(|p| p.name.as_str()), &mut errs);
         for p in &self.port {

@@ -1,7 +1,8 @@
 //! # pollux — the program around the switch
 //!
 //! Owns: the configuration file and its validation ([`config`]), running the
-//! switch from it ([`run`]), the embedded demo ([`demo`]), SR-IOV set-up
+//! switch from it ([`run`]), the control API and metrics ([`control`],
+//! [`metrics`]), the embedded demo ([`demo`]), SR-IOV set-up
 //! ([`sriov`]) and the traffic generator's front end ([`pktgen`]); the
 //! `pollux` binary (`src/main.rs`) is the CLI
 //! over them. The packet path lives in the `dataplane`, `filter`, `lb` and
@@ -9,7 +10,9 @@
 //! their logic.
 
 pub mod config;
+pub mod control;
 pub mod demo;
+pub mod metrics;
 pub mod pktgen;
 pub mod run;
 pub mod sriov;

@@ -246,7 +246,7 @@ fn run(path: &PathBuf) -> ExitCode {
     let parsed = std::fs::read_to_string(path)
         .map_err(|e| vec![format!("config {}: {e}", path.display())])
         .and_then(|t| config::Config::parse(&t).map_err(|e| vec![e]));
-    let result = parsed.and_then(|c| pollux::run::run(&c));
+    let result = parsed.and_then(|c| pollux::run::run_with(&c, Some(path)));
     match result {
         Ok(report) => {
             for l in report {

@@ -66,7 +66,8 @@ pub fn probe_spec(p: &ProbeCfg) -> ProbeSpec {
 /// One vnet's prober and what its targets are called in logs; its frames
 /// come from `A` (pollux's pool, or a DPDK mempool: the worker's buffers).
 struct VnetProber<A: BufAlloc> {
-    vnet: usize,
+    /// The vnet's name (its index may change with the policy).
+    vnet: String,
     prober: Prober<RingPort<A::Buf>, A>,
     /// `vip "name" backend ip:port` per target.
     names: Vec<String>,
@@ -90,7 +91,7 @@ fn probers<A: BufAlloc>(
     for (vip_cfg, vip) in cfg.vip.iter().zip(topo.vips.iter_mut()) {
         let Some(p) = &vip_cfg.probe else { continue };
         let c = &vip.config;
-        let k = match out.iter().position(|v| v.vnet == vip.vnet) {
+        let k = match out.iter().position(|v| v.vnet == vip_cfg.vnet) {
             Some(k) => k,
             None => {
                 let k = out.len();
@@ -118,7 +119,7 @@ fn probers<A: BufAlloc>(
                     seed: k as u64 + 1,
                 };
                 out.push(VnetProber {
-                    vnet: vip.vnet,
+                    vnet: vip_cfg.vnet.clone(),
                     prober: Prober::new(PortDevice::new(end, pool), &pc, Duration::ZERO),
                     names: Vec::new(),
                 });
@@ -233,6 +234,15 @@ fn open_ports(
 
 /// Runs the switch; returns the report lines printed at stop, or the problems.
 pub fn run(cfg: &Config) -> Result<Vec<String>, Vec<String>> {
+    run_with(cfg, None)
+}
+
+/// [`run`], reloading `source` (the file `cfg` came from) on SIGHUP: the new
+/// configuration is validated whole and published, or refused and logged.
+pub fn run_with(
+    cfg: &Config,
+    source: Option<&std::path::Path>,
+) -> Result<Vec<String>, Vec<String>> {
     let mut topo = cfg.topology()?;
     let workers = cfg.dataplane.workers.max(1);
     let cores = core_affinity::get_core_ids().unwrap_or_default();
@@ -269,25 +279,45 @@ pub fn run(cfg: &Config) -> Result<Vec<String>, Vec<String>> {
     if !problems.is_empty() {
         return Err(problems);
     }
+    let stop = Stop::signals(source)?;
     if cfg.port.iter().any(|p| p.driver == "dpdk") {
-        return run_dpdk(cfg, topo);
+        return run_dpdk(cfg, topo, stop);
     }
     let pool = Pool::new(&PoolConfig::new("run", 65536)).map_err(|e| vec![e.to_string()])?;
     let (mut sets, idle_peers) = open_ports(cfg, workers, pool)?;
     let probers = probers(cfg, &mut topo, pool, &mut sets)?;
-    let report = run_on(cfg, &topo, sets, probers, &cores, on_signal()?);
+    let report = run_on(cfg, &topo, sets, probers, &cores, stop);
     drop(idle_peers);
     report
 }
 
-/// A flag that SIGINT and SIGTERM set.
-fn on_signal() -> Result<Arc<AtomicBool>, Vec<String>> {
-    let signalled = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, signalled.clone())
-            .map_err(|e| vec![format!("cannot handle signal {sig}: {e}")])?;
+/// What stops the control loop, and what makes it reload.
+struct Stop {
+    /// Set by SIGINT/SIGTERM (or by an in-process owner).
+    stop: Arc<AtomicBool>,
+    /// Set by SIGHUP, with the file to reload.
+    reload: Option<(Arc<AtomicBool>, std::path::PathBuf)>,
+}
+
+impl Stop {
+    /// SIGINT and SIGTERM stop; SIGHUP reloads `source` if given.
+    fn signals(source: Option<&std::path::Path>) -> Result<Stop, Vec<String>> {
+        let stop = Arc::new(AtomicBool::new(false));
+        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            signal_hook::flag::register(sig, stop.clone())
+                .map_err(|e| vec![format!("cannot handle signal {sig}: {e}")])?;
+        }
+        let reload = match source {
+            Some(p) => {
+                let f = Arc::new(AtomicBool::new(false));
+                signal_hook::flag::register(signal_hook::consts::SIGHUP, f.clone())
+                    .map_err(|e| vec![format!("cannot handle SIGHUP: {e}")])?;
+                Some((f, p.to_path_buf()))
+            }
+            None => None,
+        };
+        Ok(Stop { stop, reload })
     }
-    Ok(signalled)
 }
 
 /// A switch running in this process on a configuration of `ring` ports
@@ -337,7 +367,13 @@ impl InProcess {
         let cfg = cfg.clone();
         let thread = std::thread::Builder::new()
             .name("pollux-control".into())
-            .spawn(move || run_on(&cfg, &topo, sets, probers, &cores, flag))
+            .spawn(move || {
+                let stop = Stop {
+                    stop: flag,
+                    reload: None,
+                };
+                run_on(&cfg, &topo, sets, probers, &cores, stop)
+            })
             .map_err(|e| vec![format!("cannot start the switch: {e}")])?;
         Ok(InProcess {
             ends: peers
@@ -374,7 +410,7 @@ impl InProcess {
 /// end to end, the probers' internal ports carry mbufs too); each worker
 /// polls its own queue of every port.
 #[cfg(feature = "dpdk")]
-fn run_dpdk(cfg: &Config, mut topo: Topology) -> Result<Vec<String>, Vec<String>> {
+fn run_dpdk(cfg: &Config, mut topo: Topology, stop: Stop) -> Result<Vec<String>, Vec<String>> {
     use dataplane::port::dpdk::{DpdkPort, Eal, Mempool};
     let mut problems = Vec::new();
     for p in cfg.port.iter().filter(|p| p.driver != "dpdk") {
@@ -411,25 +447,26 @@ fn run_dpdk(cfg: &Config, mut topo: Topology) -> Result<Vec<String>, Vec<String>
     }
     let probers = probers(cfg, &mut topo, pool, &mut sets)?;
     let cores = core_affinity::get_core_ids().unwrap_or_default();
-    run_on(cfg, &topo, sets, probers, &cores, on_signal()?)
+    run_on(cfg, &topo, sets, probers, &cores, stop)
 }
 
 #[cfg(not(feature = "dpdk"))]
-fn run_dpdk(_cfg: &Config, _topo: Topology) -> Result<Vec<String>, Vec<String>> {
+fn run_dpdk(_cfg: &Config, _topo: Topology, _stop: Stop) -> Result<Vec<String>, Vec<String>> {
     Err(vec![
         "dpdk ports need pollux built with the dpdk feature (cargo build --features dpdk)".into(),
     ])
 }
 
-/// Starts one switch worker per port set, runs the control loop until
-/// `signalled` is set, stops the workers and returns the report.
+/// Starts one switch worker per port set, serves the control API (with a
+/// `[control]` section), runs the control loop until `stop` says so, stops
+/// the workers and returns the report.
 fn run_on<A: BufAlloc>(
     cfg: &Config,
     topo: &Topology,
     sets: Vec<PortSet<A::Buf>>,
     mut probers: Vec<VnetProber<A>>,
     cores: &[core_affinity::CoreId],
-    signalled: Arc<AtomicBool>,
+    stop: Stop,
 ) -> Result<Vec<String>, Vec<String>> {
     let workers = sets.len().max(1);
     let policy = Policy::compile(topo, 1).map_err(|e| e.0)?;
@@ -439,6 +476,15 @@ fn run_on<A: BufAlloc>(
         ..SwitchConfig::default()
     };
     let handoff = Handoff::new(workers, 8192);
+    // Bound before any worker starts: a control socket that cannot be
+    // served is a configuration error, not something to find out later.
+    let server = match &cfg.control {
+        Some(c) => {
+            Some(crate::control::Server::bind(&c.socket, c.tcp.as_deref()).map_err(|e| vec![e])?)
+        }
+        None => None,
+    };
+    let mut flow_control = Vec::new();
     let (mut stats, mut acl_hits, mut wstats, mut stops, mut handles) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut port_stats: Vec<(String, Vec<Arc<dataplane::PortStats>>)> = Vec::new();
@@ -449,7 +495,11 @@ fn run_on<A: BufAlloc>(
                 None => port_stats.push((p.info().name.clone(), vec![p.stats().clone()])),
             }
         }
-        let switch = Switch::new(swap.clone(), sw_cfg.clone()).with_handoff(w, handoff.clone());
+        let fc = Arc::new(vswitch::switch::FlowControl::default());
+        flow_control.push(fc.clone());
+        let switch = Switch::new(swap.clone(), sw_cfg.clone())
+            .with_handoff(w, handoff.clone())
+            .with_control(w, fc);
         stats.push(switch.stats());
         acl_hits.push(switch.acl_hits());
         // Polling cores from the last one down; the control thread floats.
@@ -468,7 +518,32 @@ fn run_on<A: BufAlloc>(
         cfg.port.len(),
         probers.iter().map(|p| p.names.len()).sum::<usize>()
     );
-    control_loop(&signalled, &stops, &mut probers, &swap);
+    let mut state = crate::control::ControlState::new(cfg.clone(), topo, swap.clone());
+    let mut rt = crate::control::Runtime::new(
+        port_stats.clone(),
+        wstats.clone(),
+        stats.clone(),
+        acl_hits.clone(),
+        flow_control,
+    );
+    if let Some(s) = &server {
+        eprintln!(
+            "pollux: control API on {}{}",
+            cfg.control
+                .as_ref()
+                .map_or(String::new(), |c| c.socket.display().to_string()),
+            s.tcp_addr()
+                .map_or(String::new(), |a| format!(" and http://{a}"))
+        );
+    }
+    control_loop(
+        &stop,
+        &stops,
+        &mut probers,
+        &mut state,
+        &mut rt,
+        server.as_ref(),
+    );
     for s in &stops {
         s.store(true, Ordering::Relaxed);
     }
@@ -568,22 +643,33 @@ fn run_on<A: BufAlloc>(
     Ok(report)
 }
 
-/// Polls the probers and publishes their health changes until a signal.
+/// Polls the probers and publishes their health changes, serves the control
+/// API and reloads on SIGHUP, until told to stop.
 fn control_loop<A: BufAlloc>(
-    signalled: &AtomicBool,
+    stop_on: &Stop,
     stop: &[Arc<AtomicBool>],
     probers: &mut [VnetProber<A>],
-    policy: &ArcSwap<Policy>,
+    state: &mut crate::control::ControlState,
+    rt: &mut crate::control::Runtime,
+    server: Option<&crate::control::Server>,
 ) {
     let start = Instant::now();
-    while !signalled.load(Ordering::Relaxed) && !stop.iter().any(|s| s.load(Ordering::Relaxed)) {
+    let policy = state.policy().clone();
+    while !stop_on.stop.load(Ordering::Relaxed) && !stop.iter().any(|s| s.load(Ordering::Relaxed)) {
         let now = start.elapsed();
         let mut next = now + Duration::from_millis(50);
         for p in probers.iter_mut() {
             for c in p.prober.poll(now) {
                 let name = p.names.get(c.target).map_or("?", |s| s.as_str());
                 let cur = policy.load();
-                match cur.with_health(p.vnet, c.vip, c.backend, c.up, cur.generation + 1) {
+                let Some(vnet) = cur.vnets.iter().position(|v| v.name == p.vnet) else {
+                    eprintln!(
+                        "pollux: {name}: vnet {:?} no longer exists; health change not applied",
+                        p.vnet
+                    );
+                    continue;
+                };
+                match cur.with_health(vnet, c.vip, c.backend, c.up, cur.generation + 1) {
                     Ok(next_policy) => {
                         eprintln!(
                             "pollux: {name} {} ({}); policy generation {}",
@@ -598,9 +684,66 @@ fn control_loop<A: BufAlloc>(
             }
             next = next.min(p.prober.poll_at(now));
         }
-        // Sleep until the next probe is due, at most 50 ms (signals are
-        // noticed within that), at least 1 ms (packets of probes in flight).
-        let wait = next.saturating_sub(start.elapsed());
-        std::thread::sleep(wait.clamp(Duration::from_millis(1), Duration::from_millis(50)));
+        rt.probes = probe_states(probers);
+        if let Some((flag, path)) = &stop_on.reload
+            && flag.swap(false, Ordering::Relaxed)
+        {
+            let loaded = std::fs::read_to_string(path)
+                .map_err(|e| format!("config {}: {e}", path.display()))
+                .and_then(|t| Config::parse(&t));
+            match loaded.map(|c| state.replace(c)) {
+                Ok(Ok(g)) => {
+                    eprintln!("pollux: reloaded {}; policy generation {g}", path.display())
+                }
+                Ok(Err(e)) => eprintln!(
+                    "pollux: reload of {} refused, generation {} kept: {}",
+                    path.display(),
+                    state.generation(),
+                    if e.problems.is_empty() {
+                        e.message
+                    } else {
+                        e.problems.join("; ")
+                    }
+                ),
+                Err(e) => eprintln!("pollux: reload refused: {e}"),
+            }
+        }
+        // Wait until the next probe is due, at most 50 ms (signals are
+        // noticed within that), at least 1 ms (packets of probes in flight);
+        // requests to the control API end the wait at once.
+        let wait = next
+            .saturating_sub(start.elapsed())
+            .clamp(Duration::from_millis(1), Duration::from_millis(50));
+        match server {
+            Some(s) => s.serve(wait, state, rt),
+            None => std::thread::sleep(wait),
+        }
     }
+}
+
+/// The probe state of every probed backend, for the API and metrics.
+fn probe_states<A: BufAlloc>(probers: &[VnetProber<A>]) -> Vec<crate::control::ProbeState> {
+    let mut out = Vec::new();
+    for p in probers {
+        for (i, name) in p.names.iter().enumerate() {
+            let Some(h) = p.prober.health(i) else {
+                continue;
+            };
+            // "vip \"web\" backend 10.1.0.4:8080"
+            let (vip, backend) = name
+                .strip_prefix("vip ")
+                .and_then(|r| r.split_once(" backend "))
+                .map(|(v, b)| (v.trim_matches('"').to_string(), b.to_string()))
+                .unwrap_or_else(|| (name.clone(), String::new()));
+            out.push(crate::control::ProbeState {
+                vip,
+                backend,
+                up: h.up,
+                probes: h.probes,
+                reason: h.reason(),
+                rtt_ms: h.rtt.map(|d| d.as_secs_f64() * 1000.0),
+            });
+        }
+    }
+    out
 }

@@ -5,7 +5,7 @@
 //! them into [`Rule`]s or returns *every* problem, each naming its rule.
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -212,7 +212,7 @@ fn default_any() -> Vec<String> {
 
 /// A rule as written in the configuration (`[[nsg.rule]]`) or sent to the
 /// control API. Every field is checked by [`validate`].
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuleSpec {
     /// Optional name for counters and logs.
@@ -249,7 +249,7 @@ fn default_protocol() -> String {
 }
 
 /// A network security group as configured: a name and its rules.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NsgSpec {
     /// Group name.

@@ -280,6 +280,73 @@ impl FlowTable {
     pub fn iter(&self) -> impl Iterator<Item = (&FlowKey, &FlowEntry)> {
         self.map.iter()
     }
+
+    /// Removes every entry `keep` returns false for; returns how many.
+    pub fn remove_where(&mut self, mut remove: impl FnMut(&FlowKey, &FlowEntry) -> bool) -> usize {
+        let before = self.map.len();
+        self.map.retain(|k, e| !remove(k, e));
+        before - self.map.len()
+    }
+}
+
+/// Which flows a control request is about; every field given must match.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FlowFilter {
+    /// Arriving on, or leaving by, this switch port (a VM's port).
+    pub port: Option<u16>,
+    /// Source address (IPv4-mapped for IPv4), before any rewrite.
+    pub src: Option<[u8; 16]>,
+    /// Destination address, before any rewrite.
+    pub dst: Option<[u8; 16]>,
+    /// IP protocol.
+    pub proto: Option<u8>,
+    /// Source port.
+    pub src_port: Option<u16>,
+    /// Destination port.
+    pub dst_port: Option<u16>,
+    /// A VIP (address, port, protocol): flows addressed to it, and the
+    /// reverse flows whose rewrite restores it as the source.
+    pub vip: Option<([u8; 16], u16, u8)>,
+}
+
+impl FlowFilter {
+    /// True when the flow `k` with entry `e` matches.
+    pub fn matches(&self, k: &FlowKey, e: &FlowEntry) -> bool {
+        let to16 = |ip: std::net::IpAddr| match ip {
+            std::net::IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+            std::net::IpAddr::V6(a) => a.octets(),
+        };
+        fn opt<T: PartialEq>(want: Option<T>, got: T) -> bool {
+            want.is_none_or(|w| w == got)
+        }
+        opt(self.src, k.src_ip)
+            && opt(self.dst, k.dst_ip)
+            && opt(self.proto, k.proto)
+            && opt(self.src_port, k.src_port)
+            && opt(self.dst_port, k.dst_port)
+            && self
+                .port
+                .is_none_or(|p| k.in_port == p || e.action.out_port == p)
+            && self.vip.is_none_or(|(a, port, proto)| {
+                k.proto == proto
+                    && ((k.dst_ip == a && k.dst_port == port)
+                        || e.action
+                            .nat
+                            .src
+                            .is_some_and(|(ip, sp)| to16(ip) == a && sp == port))
+            })
+    }
+}
+
+/// One flow as the control API shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowInfo {
+    /// The worker whose table holds it.
+    pub worker: usize,
+    /// Its key (as received).
+    pub key: FlowKey,
+    /// Its cached entry.
+    pub entry: FlowEntry,
 }
 
 #[cfg(test)]

@@ -134,6 +134,8 @@ pub struct SwitchStats {
     pub flows_installed: AtomicU64,
     /// Packets handed to the worker that owns their connection.
     pub handed_off: AtomicU64,
+    /// Flow-table occupancy, published every 100 ms (at expiry).
+    pub flows: AtomicU64,
 }
 
 impl Default for SwitchStats {
@@ -147,6 +149,7 @@ impl Default for SwitchStats {
             nd_replies: AtomicU64::new(0),
             flows_installed: AtomicU64::new(0),
             handed_off: AtomicU64::new(0),
+            flows: AtomicU64::new(0),
         }
     }
 }
@@ -223,6 +226,51 @@ impl<B> Handoff<B> {
     }
 }
 
+/// A control request to one worker about its flow table.
+#[derive(Debug, Clone)]
+pub struct FlowRequest {
+    /// Echoed in the reply.
+    pub id: u64,
+    /// Which flows.
+    pub filter: crate::flow::FlowFilter,
+    /// Remove them (else list them).
+    pub delete: bool,
+    /// List at most this many.
+    pub limit: usize,
+}
+
+/// A worker's answer to a [`FlowRequest`].
+#[derive(Debug, Clone)]
+pub struct FlowReply {
+    /// The request's id.
+    pub id: u64,
+    /// Matching flows (listing), at most the limit.
+    pub flows: Vec<crate::flow::FlowInfo>,
+    /// Matching flows in all (listing: beyond the limit too; deleting: removed).
+    pub matched: usize,
+    /// The worker's table occupancy after the request.
+    pub occupancy: usize,
+}
+
+/// A worker's control mailbox: the control thread posts requests, the
+/// worker answers between bursts (never per packet; one request per poll).
+#[derive(Debug)]
+pub struct FlowControl {
+    /// Requests to the worker.
+    pub requests: ArrayQueue<FlowRequest>,
+    /// Replies from the worker.
+    pub replies: ArrayQueue<FlowReply>,
+}
+
+impl Default for FlowControl {
+    fn default() -> Self {
+        FlowControl {
+            requests: ArrayQueue::new(16),
+            replies: ArrayQueue::new(16),
+        }
+    }
+}
+
 /// One worker's switch.
 pub struct Switch<B = dataplane::pool::PoolBuf> {
     policy: Arc<ArcSwap<Policy>>,
@@ -241,6 +289,8 @@ pub struct Switch<B = dataplane::pool::PoolBuf> {
     last_expire: u64,
     /// This worker's index and the shared mailboxes, with several workers.
     handoff: Option<(usize, Arc<Handoff<B>>)>,
+    /// The control thread's mailbox to this worker, and the worker's index.
+    control: Option<(usize, Arc<FlowControl>)>,
 }
 
 /// What the load balancer decided for a packet the switch forwards: the
@@ -362,6 +412,7 @@ impl<B: PacketBuf> Switch<B> {
             clock: TscClock::calibrate(Duration::from_millis(10)),
             last_expire: 0,
             handoff: None,
+            control: None,
             cfg,
         }
     }
@@ -375,6 +426,47 @@ impl<B: PacketBuf> Switch<B> {
             self.handoff = Some((worker, handoff));
         }
         self
+    }
+
+    /// Answers flow requests from `control` as worker `worker`.
+    pub fn with_control(mut self, worker: usize, control: Arc<FlowControl>) -> Self {
+        self.control = Some((worker, control));
+        self
+    }
+
+    /// Answers one pending flow request, if any.
+    fn serve_control(&mut self) {
+        let Some((worker, c)) = &self.control else {
+            return;
+        };
+        let Some(req) = c.requests.pop() else { return };
+        let mut flows = Vec::new();
+        let matched = if req.delete {
+            self.flows.remove_where(|k, e| req.filter.matches(k, e))
+        } else {
+            let mut n = 0;
+            for (k, e) in self.flows.iter() {
+                if req.filter.matches(k, e) {
+                    if flows.len() < req.limit {
+                        flows.push(crate::flow::FlowInfo {
+                            worker: *worker,
+                            key: *k,
+                            entry: *e,
+                        });
+                    }
+                    n += 1;
+                }
+            }
+            n
+        };
+        // The control thread waits for this reply; a full queue means it
+        // gave up on earlier ones, which are stale.
+        let _ = c.replies.force_push(FlowReply {
+            id: req.id,
+            flows,
+            matched,
+            occupancy: self.flows.len(),
+        });
     }
 
     /// The switch's counters.
@@ -871,6 +963,9 @@ impl<B: PacketBuf> Switch<B> {
         if now.saturating_sub(self.last_expire) > 100_000_000 {
             self.last_expire = now;
             self.flows.expire(now);
+            self.stats
+                .flows
+                .store(self.flows.len() as u64, Ordering::Relaxed);
             for l in &mut self.lb {
                 l.expire(now, 4096);
             }
@@ -889,6 +984,13 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
     }
 
     fn poll(&mut self, ctx: &mut Ctx<'_, B>) -> usize {
+        if self
+            .control
+            .as_ref()
+            .is_some_and(|(_, c)| !c.requests.is_empty())
+        {
+            self.serve_control();
+        }
         // The common case, an empty mailbox, costs one load and no
         // reference counting.
         let busy = self
