@@ -11,6 +11,7 @@
 
 pub mod config;
 pub mod control;
+pub mod ctl;
 pub mod demo;
 pub mod metrics;
 pub mod pktgen;

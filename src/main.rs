@@ -4,8 +4,8 @@
 //! --config FILE` runs the switch on it, `pollux demo` runs the embedded
 //! in-process topology, and `pollux sriov` creates and configures SR-IOV
 //! virtual functions for DPDK ports, and `pollux pktgen` generates traffic
-//! and measures throughput, loss and latency (docs/pktgen.md). `ctl`
-//! arrives with its issue (see DESIGN.md).
+//! and measures throughput, loss and latency (docs/pktgen.md), and `pollux
+//! ctl` talks to a running pollux's control API (docs/control.md).
 
 use pollux::config;
 
@@ -38,6 +38,20 @@ enum Command {
     /// Run the embedded demo: VMs, a VIP, probes, ACLs and tenants on ring
     /// ports in this process (no privileges, no system packages).
     Demo,
+    /// Talk to a running pollux's control API (`[control]` in its config).
+    Ctl {
+        /// The control socket.
+        #[arg(long, default_value = "/run/pollux.sock")]
+        socket: PathBuf,
+        /// A loopback address:port instead of the socket.
+        #[arg(long)]
+        tcp: Option<String>,
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        cmd: CtlCmd,
+    },
     /// Generate signed traffic and measure throughput, loss, reordering and
     /// latency: one trial, an NDR/PDR search, or a back-to-back calibration
     /// (see docs/pktgen.md).
@@ -68,6 +82,142 @@ enum Command {
         #[arg(long, value_parser = on_off)]
         trust: Option<bool>,
     },
+}
+
+/// `pollux ctl` subcommands.
+#[derive(Subcommand, Debug)]
+enum CtlCmd {
+    /// Policy generation and item counts.
+    Status,
+    /// List vnets, vms, nsgs or vips, or show one.
+    Get {
+        /// vnets, vms, nsgs or vips.
+        kind: String,
+        /// One item's name.
+        name: Option<String>,
+    },
+    /// Create or replace an item from a JSON file (- for stdin).
+    Put {
+        /// vnets, vms, nsgs or vips.
+        kind: String,
+        /// The item's name.
+        name: String,
+        /// JSON file.
+        file: String,
+    },
+    /// Delete an item.
+    Delete {
+        /// vnets, vms, nsgs or vips.
+        kind: String,
+        /// The item's name.
+        name: String,
+    },
+    /// Create or replace a rule of a group from a JSON file (- for stdin).
+    PutRule {
+        /// The group.
+        nsg: String,
+        /// The rule's name.
+        rule: String,
+        /// JSON file.
+        file: String,
+    },
+    /// Delete a rule of a group.
+    DeleteRule {
+        /// The group.
+        nsg: String,
+        /// The rule's name.
+        rule: String,
+    },
+    /// Drain a backend: no new flows, established ones stay.
+    Drain {
+        /// The VIP.
+        vip: String,
+        /// The backend: VM name or address, optionally :port.
+        backend: String,
+    },
+    /// Set a backend's weight (0 drains).
+    Weight {
+        /// The VIP.
+        vip: String,
+        /// The backend: VM name or address, optionally :port.
+        backend: String,
+        /// The weight.
+        weight: u32,
+    },
+    /// Probe state of every probed backend.
+    Probes,
+    /// List flows; filters: vm=NAME vip=NAME src=IP dst=IP proto=tcp sport=N dport=N limit=N.
+    Flows {
+        /// key=value filters.
+        filters: Vec<String>,
+        /// Delete the matching flows instead of listing them.
+        #[arg(long)]
+        delete: bool,
+    },
+    /// Port, worker and rule counters.
+    Counters,
+    /// The Prometheus metrics text.
+    Metrics,
+    /// Replace the whole configuration with a TOML file (as SIGHUP does).
+    Reload {
+        /// TOML file.
+        file: String,
+    },
+}
+
+fn ctl(socket: &std::path::Path, tcp: Option<&str>, json: bool, cmd: &CtlCmd) -> ExitCode {
+    use pollux::ctl::{Cmd, Endpoint};
+    let ep = match tcp {
+        Some(t) => Endpoint::Tcp(t),
+        None => Endpoint::Unix(socket),
+    };
+    let mut filters = Vec::new();
+    let c = match cmd {
+        CtlCmd::Status => Cmd::Status,
+        CtlCmd::Get { kind, name } => Cmd::Get(kind.clone(), name.clone()),
+        CtlCmd::Put { kind, name, file } => Cmd::Put(kind.clone(), name.clone(), file.clone()),
+        CtlCmd::Delete { kind, name } => Cmd::Delete(kind.clone(), name.clone()),
+        CtlCmd::PutRule { nsg, rule, file } => {
+            Cmd::PutRule(nsg.clone(), rule.clone(), file.clone())
+        }
+        CtlCmd::DeleteRule { nsg, rule } => Cmd::DeleteRule(nsg.clone(), rule.clone()),
+        CtlCmd::Drain { vip, backend } => Cmd::Drain(vip.clone(), backend.clone()),
+        CtlCmd::Weight {
+            vip,
+            backend,
+            weight,
+        } => Cmd::Weight(vip.clone(), backend.clone(), *weight),
+        CtlCmd::Probes => Cmd::Probes,
+        CtlCmd::Flows { filters: f, delete } => {
+            for kv in f {
+                match kv.split_once('=') {
+                    Some((k, v)) => filters.push((k.to_string(), v.to_string())),
+                    None => {
+                        eprintln!("pollux ctl: filter {kv:?} is not key=value");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
+            Cmd::Flows(filters, *delete)
+        }
+        CtlCmd::Counters => Cmd::Counters,
+        CtlCmd::Metrics => Cmd::Metrics,
+        CtlCmd::Reload { file } => Cmd::Reload(file.clone()),
+    };
+    match pollux::ctl::run(&ep, &c, json) {
+        Ok(lines) => {
+            for l in lines {
+                println!("{l}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            for l in e.lines() {
+                eprintln!("pollux ctl: {l}");
+            }
+            ExitCode::from(2)
+        }
+    }
 }
 
 /// `pollux pktgen` options.
@@ -269,6 +419,12 @@ fn main() -> ExitCode {
         Command::Check { config } => check(config),
         Command::Run { config } => run(config),
         Command::Pktgen(a) => pktgen(a),
+        Command::Ctl {
+            socket,
+            tcp,
+            json,
+            cmd,
+        } => ctl(socket, tcp.as_deref(), *json, cmd),
         Command::Sriov {
             pf,
             vfs,
