@@ -279,7 +279,7 @@ pub fn run_with(
     if !problems.is_empty() {
         return Err(problems);
     }
-    let stop = Stop::signals(source)?;
+    let stop = Stop::signals(cfg, source)?;
     if cfg.port.iter().any(|p| p.driver == "dpdk") {
         return run_dpdk(cfg, topo, stop);
     }
@@ -291,17 +291,31 @@ pub fn run_with(
     report
 }
 
-/// What stops the control loop, and what makes it reload.
+/// What stops the control loop, what makes it reload, and the control API.
 struct Stop {
     /// Set by SIGINT/SIGTERM (or by an in-process owner).
     stop: Arc<AtomicBool>,
     /// Set by SIGHUP, with the file to reload.
     reload: Option<(Arc<AtomicBool>, std::path::PathBuf)>,
+    /// The control API's listeners (with a `[control]` section).
+    server: Option<crate::control::Server>,
+}
+
+/// Binds the control API of `cfg`, before any worker starts: a socket that
+/// cannot be served is a configuration error, not something to find later;
+/// and once this returns, clients can connect.
+fn bind_control(cfg: &Config) -> Result<Option<crate::control::Server>, Vec<String>> {
+    match &cfg.control {
+        Some(c) => crate::control::Server::bind(&c.socket, c.tcp.as_deref())
+            .map(Some)
+            .map_err(|e| vec![e]),
+        None => Ok(None),
+    }
 }
 
 impl Stop {
     /// SIGINT and SIGTERM stop; SIGHUP reloads `source` if given.
-    fn signals(source: Option<&std::path::Path>) -> Result<Stop, Vec<String>> {
+    fn signals(cfg: &Config, source: Option<&std::path::Path>) -> Result<Stop, Vec<String>> {
         let stop = Arc::new(AtomicBool::new(false));
         for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
             signal_hook::flag::register(sig, stop.clone())
@@ -316,7 +330,11 @@ impl Stop {
             }
             None => None,
         };
-        Ok(Stop { stop, reload })
+        Ok(Stop {
+            stop,
+            reload,
+            server: bind_control(cfg)?,
+        })
     }
 }
 
@@ -364,6 +382,7 @@ impl InProcess {
         let probers = probers(cfg, &mut topo, pool, &mut sets)?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
+        let server = bind_control(cfg)?;
         let cfg = cfg.clone();
         let thread = std::thread::Builder::new()
             .name("pollux-control".into())
@@ -371,6 +390,7 @@ impl InProcess {
                 let stop = Stop {
                     stop: flag,
                     reload: None,
+                    server,
                 };
                 run_on(&cfg, &topo, sets, probers, &cores, stop)
             })
@@ -476,14 +496,7 @@ fn run_on<A: BufAlloc>(
         ..SwitchConfig::default()
     };
     let handoff = Handoff::new(workers, 8192);
-    // Bound before any worker starts: a control socket that cannot be
-    // served is a configuration error, not something to find out later.
-    let server = match &cfg.control {
-        Some(c) => {
-            Some(crate::control::Server::bind(&c.socket, c.tcp.as_deref()).map_err(|e| vec![e])?)
-        }
-        None => None,
-    };
+    let server = stop.server;
     let mut flow_control = Vec::new();
     let (mut stats, mut acl_hits, mut wstats, mut stops, mut handles) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -537,7 +550,8 @@ fn run_on<A: BufAlloc>(
         );
     }
     control_loop(
-        &stop,
+        &stop.stop,
+        stop.reload.as_ref(),
         &stops,
         &mut probers,
         &mut state,
@@ -646,7 +660,8 @@ fn run_on<A: BufAlloc>(
 /// Polls the probers and publishes their health changes, serves the control
 /// API and reloads on SIGHUP, until told to stop.
 fn control_loop<A: BufAlloc>(
-    stop_on: &Stop,
+    signalled: &AtomicBool,
+    reload: Option<&(Arc<AtomicBool>, std::path::PathBuf)>,
     stop: &[Arc<AtomicBool>],
     probers: &mut [VnetProber<A>],
     state: &mut crate::control::ControlState,
@@ -655,7 +670,7 @@ fn control_loop<A: BufAlloc>(
 ) {
     let start = Instant::now();
     let policy = state.policy().clone();
-    while !stop_on.stop.load(Ordering::Relaxed) && !stop.iter().any(|s| s.load(Ordering::Relaxed)) {
+    while !signalled.load(Ordering::Relaxed) && !stop.iter().any(|s| s.load(Ordering::Relaxed)) {
         let now = start.elapsed();
         let mut next = now + Duration::from_millis(50);
         for p in probers.iter_mut() {
@@ -685,7 +700,7 @@ fn control_loop<A: BufAlloc>(
             next = next.min(p.prober.poll_at(now));
         }
         rt.probes = probe_states(probers);
-        if let Some((flag, path)) = &stop_on.reload
+        if let Some((flag, path)) = reload
             && flag.swap(false, Ordering::Relaxed)
         {
             let loaded = std::fs::read_to_string(path)

@@ -1,0 +1,595 @@
+//! The control API against a switch running in this process (ring ports,
+//! `run::InProcess`), and `pollux run` reloading on SIGHUP.
+//!
+//! Topology: VM `gen` sends UDP to the VIP 10.1.0.100:5000, which balances
+//! over VMs `sink1` and `sink2` (port 6000). Traffic is pktgen's signed
+//! frames, so every packet is accounted for by flow and sequence number.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+mod common;
+
+use dataplane::clock::TscClock;
+use dataplane::pktgen::{self, Endpoints, Proto, Template, TrafficSpec, TrialConfig};
+use dataplane::pool::PoolBuf;
+use dataplane::port::ring::RingPort;
+use dataplane::{Batch, MacAddr, PacketBuf, Port};
+use pollux::config::Config;
+use pollux::ctl::{Endpoint, call};
+use pollux::run::InProcess;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+fn config(dir: &Path) -> String {
+    format!(
+        r#"[control]
+socket = "{sock}"
+
+[[port]]
+name = "gen"
+driver = "ring"
+[[port]]
+name = "sink1"
+driver = "ring"
+[[port]]
+name = "sink2"
+driver = "ring"
+
+[[vnet]]
+name = "a"
+prefixes = ["10.1.0.0/16"]
+gateway_mac = "12:34:56:78:9a:bc"
+
+[[vm]]
+name = "gen"
+port = "gen"
+vnet = "a"
+mac = "02:00:00:00:00:10"
+ips = ["10.1.0.10"]
+[[vm]]
+name = "sink1"
+port = "sink1"
+vnet = "a"
+mac = "02:00:00:00:00:21"
+ips = ["10.1.0.21"]
+nsg = "sink"
+[[vm]]
+name = "sink2"
+port = "sink2"
+vnet = "a"
+mac = "02:00:00:00:00:22"
+ips = ["10.1.0.22"]
+nsg = "sink"
+
+[[nsg]]
+name = "sink"
+[[nsg.rule]]
+name = "udp-in"
+priority = 100
+direction = "in"
+action = "allow"
+protocol = "udp"
+src = ["10.1.0.0/16"]
+dst_ports = ["6000"]
+
+[[vip]]
+name = "load"
+vnet = "a"
+address = "10.1.0.100"
+port = 5000
+protocol = "udp"
+backends = [{{ vm = "sink1", port = 6000 }}, {{ vm = "sink2", port = 6000 }}]
+"#,
+        sock = dir.join("ctl.sock").display()
+    )
+}
+
+/// A directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let d = std::env::temp_dir().join(format!("pollux-ctl-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        TempDir(d)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The in-process switch (stopped on drop) and its API socket.
+struct Switch {
+    sw: Option<InProcess>,
+    sock: PathBuf,
+}
+
+/// The far ends of the VMs' ports: gen, and the two sinks.
+struct Ends {
+    source: RingPort<PoolBuf>,
+    sinks: [RingPort<PoolBuf>; 2],
+}
+
+impl Switch {
+    fn start(dir: &Path) -> (Switch, Ends) {
+        let cfg = Config::parse(&config(dir)).unwrap();
+        let mut sw = InProcess::start(&cfg).unwrap();
+        let source = sw.take_end("gen").unwrap();
+        let sinks = [sw.take_end("sink1").unwrap(), sw.take_end("sink2").unwrap()];
+        (
+            Switch {
+                sw: Some(sw),
+                sock: dir.join("ctl.sock"),
+            },
+            Ends { source, sinks },
+        )
+    }
+
+    fn api(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+        let (status, text) = call(&Endpoint::Unix(&self.sock), method, path, body).unwrap();
+        let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, v)
+    }
+
+    fn generation(&self) -> u64 {
+        self.api("GET", "/v1/status", None).1["generation"]
+            .as_u64()
+            .unwrap()
+    }
+
+    fn pool(&self) -> dataplane::pool::Pool {
+        self.sw.as_ref().unwrap().pool
+    }
+}
+
+impl Drop for Switch {
+    fn drop(&mut self) {
+        if let Some(sw) = self.sw.take() {
+            let _ = sw.stop();
+        }
+    }
+}
+
+fn spec(flows: u32, sport: u16) -> TrafficSpec {
+    TrafficSpec {
+        src_mac: MacAddr([2, 0, 0, 0, 0, 0x10]),
+        dst_mac: MacAddr([0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc]),
+        src_ip: "10.1.0.10".parse().unwrap(),
+        dst_ip: "10.1.0.100".parse().unwrap(),
+        proto: Proto::Udp,
+        frame_size: 64,
+        flows,
+        sport,
+        dport: 5000,
+    }
+}
+
+/// Sends on `gen`, receives from both sinks.
+struct ToSinks<'a>(&'a mut RingPort<PoolBuf>, &'a mut [RingPort<PoolBuf>; 2]);
+
+impl Endpoints for ToSinks<'_> {
+    type Buf = PoolBuf;
+    fn send(&mut self, b: &mut Batch<PoolBuf>) -> usize {
+        self.0.tx_burst(b)
+    }
+    fn recv(&mut self, b: &mut Batch<PoolBuf>) -> usize {
+        self.1[0].rx_burst(b) + self.1[1].rx_burst(b)
+    }
+}
+
+#[test]
+fn changes_under_traffic_lose_no_packet_of_established_flows() {
+    let dir = TempDir::new("traffic");
+    let (s, ends) = Switch::start(&dir.0);
+    let g0 = s.generation();
+    let pool = s.pool();
+    let sock = s.sock.clone();
+    let Ends {
+        mut source,
+        mut sinks,
+    } = ends;
+    // 200 flows at 20 kpps for 1.5 s after a warm-up that establishes them.
+    let traffic = std::thread::spawn(move || {
+        let clock = TscClock::calibrate(Duration::from_millis(20));
+        let tpl = Template::new(&spec(200, 1000)).unwrap();
+        let cfg = TrialConfig {
+            rate: Some(20_000.0),
+            duration: Duration::from_millis(1500),
+            warmup: Duration::from_millis(300),
+            drain: Duration::from_millis(300),
+            burst: 8,
+        };
+        pktgen::trial(
+            &mut ToSinks(&mut source, &mut sinks),
+            pool,
+            &tpl,
+            &clock,
+            &cfg,
+        )
+        .unwrap()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    // While it flows: a rule, a new VIP, a weight change, a vnet replaced
+    // by itself, a rule removed; each is a new generation.
+    let api = |m: &str, p: &str, b: Option<&str>| {
+        let (st, t) = call(&Endpoint::Unix(&sock), m, p, b).unwrap();
+        (st, serde_json::from_str::<Value>(&t).unwrap())
+    };
+    let steps: [(&str, &str, Option<&str>); 5] = [
+        (
+            "PUT",
+            "/v1/nsgs/sink/rules/no-ssh",
+            Some(
+                r#"{"priority":120,"direction":"in","action":"deny","protocol":"tcp","dst_ports":["22"]}"#,
+            ),
+        ),
+        (
+            "PUT",
+            "/v1/vips/other",
+            Some(
+                r#"{"vnet":"a","address":"10.1.0.101","port":53,"protocol":"udp","backends":[{"vm":"sink2","port":53}]}"#,
+            ),
+        ),
+        (
+            "PUT",
+            "/v1/vips/load/backends/sink2",
+            Some(r#"{"vm":"sink2","port":6000,"weight":3}"#),
+        ),
+        (
+            "PUT",
+            "/v1/vnets/a",
+            Some(r#"{"prefixes":["10.1.0.0/16"],"gateway_mac":"12:34:56:78:9a:bc"}"#),
+        ),
+        ("DELETE", "/v1/nsgs/sink/rules/no-ssh", None),
+    ];
+    for (i, (m, p, b)) in steps.iter().enumerate() {
+        let (st, v) = api(m, p, *b);
+        assert!(st == 200 || st == 201, "{m} {p}: {st} {v}");
+        assert_eq!(v["generation"].as_u64(), Some(g0 + 1 + i as u64), "{v}");
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let r = traffic.join().unwrap();
+    assert!(r.tx > 25_000, "{r:?}");
+    assert_eq!(r.lost(), 0, "packets lost during policy updates: {r:?}");
+    assert_eq!((r.rx.duplicates, r.rx.foreign), (0, 0), "{r:?}");
+    // The changes are visible.
+    let (_, v) = s.api("GET", "/v1/vips/load", None);
+    assert_eq!(v["vip"]["backends"][1]["weight"], 3, "{v}");
+    // Flows: listed by VIP, then deleted by VM.
+    let (st, v) = s.api("GET", "/v1/flows?vip=load&limit=5", None);
+    assert_eq!(st, 200, "{v}");
+    assert!(v["matched"].as_u64().unwrap() >= 200, "{v}");
+    assert_eq!(v["flows"].as_array().unwrap().len(), 5, "{v}");
+    // Both directions of VIP connections: to the VIP, and back from a DIP
+    // with the VIP restored as the source.
+    for f in v["flows"].as_array().unwrap() {
+        assert!(
+            f["dst"] == "10.1.0.100" || f["nat_src"] == "10.1.0.100:5000",
+            "{f}"
+        );
+    }
+    let (st, v) = s.api("DELETE", "/v1/flows?vm=gen", None);
+    assert_eq!(st, 200, "{v}");
+    assert!(v["deleted"].as_u64().unwrap() >= 200, "{v}");
+    let (_, v) = s.api("GET", "/v1/flows?vm=gen", None);
+    assert_eq!(v["matched"], 0, "{v}");
+    // Counters and metrics show the traffic.
+    let (_, v) = s.api("GET", "/v1/counters", None);
+    let gen_port = v["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "gen")
+        .unwrap();
+    assert!(gen_port["rx_packets"].as_u64().unwrap() >= r.tx, "{v}");
+    let (st, text) = call(&Endpoint::Unix(&s.sock), "GET", "/metrics", None).unwrap();
+    assert_eq!(st, 200);
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+    let sample = |name: &str, label: Option<(&str, &str)>| {
+        scrape
+            .samples
+            .iter()
+            .find(|x| x.metric == name && label.is_none_or(|(k, v)| x.labels.get(k) == Some(v)))
+            .map(|x| match x.value {
+                prometheus_parse::Value::Counter(c)
+                | prometheus_parse::Value::Gauge(c)
+                | prometheus_parse::Value::Untyped(c) => c,
+                _ => f64::NAN,
+            })
+            .unwrap_or_else(|| panic!("{name} {label:?} missing:\n{text}"))
+    };
+    let rx = sample("pollux_port_rx_packets_total", Some(("port", "gen")));
+    assert!(rx >= r.tx as f64, "{rx} < {}:\n{text}", r.tx);
+    assert!(sample("pollux_slow_path_packets_total", Some(("worker", "0"))) >= 200.0);
+    assert_eq!(sample("pollux_policy_generation", None), (g0 + 5) as f64);
+    assert!(sample("pollux_rule_hits_total", Some(("rule", "udp-in"))) >= 200.0);
+}
+
+#[test]
+fn bad_requests_are_refused_and_leave_the_generation_unchanged() {
+    let dir = TempDir::new("bad");
+    let (s, _ends) = Switch::start(&dir.0);
+    let g = s.generation();
+    let cases: [(&str, &str, Option<&str>, u16, &str); 9] = [
+        ("PUT", "/v1/vms/x", Some(r#"{"port":"#), 400, "vm \"x\""),
+        (
+            "PUT",
+            "/v1/vms/x",
+            Some(r#"{"port":"gen","vnet":"a","mac":"zz","ips":["10.1.0.9"]}"#),
+            422,
+            "vm \"x\": mac",
+        ),
+        (
+            "PUT",
+            "/v1/vms/x",
+            Some(r#"{"name":"y","port":"gen","vnet":"a","mac":"02:00:00:00:00:99","ips":[]}"#),
+            400,
+            "differs",
+        ),
+        (
+            "PUT",
+            "/v1/vips/load/backends/ghost",
+            Some(r#"{"vm":"ghost","port":6000}"#),
+            422,
+            "ghost",
+        ),
+        (
+            "PUT",
+            "/v1/nsgs/sink/rules/r",
+            Some(r#"{"priority":100,"direction":"in","action":"allow"}"#),
+            422,
+            "priority",
+        ),
+        (
+            "DELETE",
+            "/v1/vms/nobody",
+            None,
+            404,
+            "vm \"nobody\" does not exist",
+        ),
+        ("DELETE", "/v1/vnets/a", None, 422, "vnet"),
+        ("GET", "/v1/flows?proto=xyz", None, 400, "proto"),
+        ("GET", "/v1/nothing", None, 404, "no such endpoint"),
+    ];
+    for (m, p, b, want, says) in cases {
+        let (st, v) = s.api(m, p, b);
+        assert_eq!(st, want, "{m} {p}: {v}");
+        let mut text = v["error"].as_str().unwrap_or("").to_string();
+        for p in v["problems"].as_array().into_iter().flatten() {
+            text += "\n";
+            text += p.as_str().unwrap_or("");
+        }
+        assert!(text.contains(says), "{m} {p}: {v} should say {says:?}");
+        assert_eq!(v["generation"].as_u64(), Some(g), "{m} {p}: {v}");
+        assert_eq!(s.generation(), g);
+    }
+    // What cannot change at run time is named.
+    let (_, cfg) = s.api("GET", "/v1/config", None);
+    let mut c = cfg["config"].clone();
+    c["port"][0]["name"] = "renamed".into();
+    let (st, v) = s.api("PUT", "/v1/config", Some(&c.to_string()));
+    assert_eq!(st, 409, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("[[port]]"), "{v}");
+    assert_eq!(s.generation(), g);
+    // The same configuration back is a valid change.
+    let (st, v) = s.api("PUT", "/v1/config", Some(&cfg["config"].to_string()));
+    assert_eq!((st, v["generation"].as_u64()), (200, Some(g + 1)), "{v}");
+}
+
+/// Sends one packet of each flow of `tpl` (sequence `seq`) and returns, per
+/// flow, the sink (0 or 1) it came out of.
+fn round(s: &Switch, e: &mut Ends, tpl: &Template, seq: u64) -> Vec<Option<usize>> {
+    let flows = tpl.spec().flows;
+    let pool = s.pool();
+    for f in 0..flows {
+        let mut b = Batch::new();
+        let mut buf = pool.alloc().unwrap();
+        let room = buf.append(tpl.len()).unwrap();
+        assert!(tpl.write(
+            room,
+            &pktgen::Signature {
+                warmup: false,
+                flow: f,
+                seq,
+                tx_ts: 0
+            }
+        ));
+        b.push(buf).unwrap();
+        assert_eq!(e.source.tx_burst(&mut b), 1);
+    }
+    let mut out = vec![None; flows as usize];
+    let mut got = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while got < flows && std::time::Instant::now() < deadline {
+        for (i, sink) in e.sinks.iter_mut().enumerate() {
+            let mut b = Batch::new();
+            sink.rx_burst(&mut b);
+            for p in b.drain() {
+                if let Some(sig) = pktgen::find_signature(p.data()) {
+                    assert!(
+                        out[sig.flow as usize].replace(i).is_none(),
+                        "flow {} twice",
+                        sig.flow
+                    );
+                    got += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(got, flows, "not every flow arrived: {out:?}");
+    out
+}
+
+#[test]
+fn drain_moves_new_flows_away_and_keeps_established_ones() {
+    let dir = TempDir::new("drain");
+    let (s, mut e) = Switch::start(&dir.0);
+    let old = Template::new(&spec(64, 1000)).unwrap();
+    let before = round(&s, &mut e, &old, 0);
+    let on_sink1: Vec<usize> = (0..64).filter(|&f| before[f] == Some(0)).collect();
+    assert!(
+        !on_sink1.is_empty() && on_sink1.len() < 64,
+        "both sinks get flows: {before:?}"
+    );
+    let (st, v) = s.api("POST", "/v1/vips/load/backends/sink1/drain", None);
+    assert_eq!(st, 200, "{v}");
+    // Established flows stay where they were, sink1 included.
+    assert_eq!(round(&s, &mut e, &old, 1), before);
+    // New flows avoid the drained backend.
+    let new = Template::new(&spec(64, 3000)).unwrap();
+    assert!(round(&s, &mut e, &new, 0).iter().all(|&x| x == Some(1)));
+    let (_, v) = s.api("GET", "/v1/vips/load", None);
+    assert_eq!(v["vip"]["backends"][0]["weight"], 0, "{v}");
+}
+
+#[test]
+fn the_socket_is_private_to_its_owner() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = TempDir::new("perm");
+    let (s, _ends) = Switch::start(&dir.0);
+    let meta = std::fs::metadata(&s.sock).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert_eq!(meta.uid(), my_uid());
+    if !common::netns::is_root() || !common::netns::have("setpriv") {
+        eprintln!("the other-user check needs root and setpriv; checked the mode only");
+        return;
+    }
+    // Let "nobody" reach the socket's directory: only the socket's own mode stops it.
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            env!("CARGO_BIN_EXE_pollux"),
+            "ctl",
+            "--socket",
+        ])
+        .arg(&s.sock)
+        .arg("status")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("Permission denied"), "{err}");
+    // And its owner gets in.
+    let out = Command::new(env!("CARGO_BIN_EXE_pollux"))
+        .args(["ctl", "--socket"])
+        .arg(&s.sock)
+        .arg("status")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("generation"));
+}
+
+/// This process's uid, read from /proc (no libc call, no unsafe).
+fn my_uid() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(2)?.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn sighup_reloads_the_file_validate_then_swap() {
+    let dir = TempDir::new("hup");
+    let file = dir.0.join("pollux.toml");
+    let text = config(&dir.0);
+    std::fs::write(&file, &text).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pollux"))
+        .args(["run", "--config"])
+        .arg(&file)
+        .stderr(std::fs::File::create(dir.0.join("err")).unwrap())
+        .stdout(std::fs::File::create(dir.0.join("out")).unwrap())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let sock = dir.0.join("ctl.sock");
+    let status = |sock: &Path| {
+        call(&Endpoint::Unix(sock), "GET", "/v1/vips/load", None)
+            .ok()
+            .and_then(|(_, t)| serde_json::from_str::<Value>(&t).ok())
+    };
+    let wait = |what: &dyn Fn(&Value) -> bool| {
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < end {
+            if status(&sock).is_some_and(|v| what(&v)) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    };
+    let pid = child.id().to_string();
+    let guard = Kill(std::mem::replace(
+        &mut child,
+        Command::new("true").spawn().unwrap(),
+    ));
+    assert!(
+        wait(&|v| v["generation"] == 1),
+        "pollux did not serve its API"
+    );
+    let hup = || {
+        assert!(
+            Command::new("kill")
+                .args(["-HUP", &pid])
+                .status()
+                .unwrap()
+                .success()
+        )
+    };
+    // A broken file is refused; the generation stays.
+    std::fs::write(
+        &file,
+        text.replace("port = 6000 }]", "port = 6000, weight = -1 }]"),
+    )
+    .unwrap();
+    hup();
+    let err = dir.0.join("err");
+    let refused = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        std::fs::read_to_string(&err)
+            .unwrap_or_default()
+            .contains("reload")
+    });
+    assert!(
+        refused,
+        "{}",
+        std::fs::read_to_string(&err).unwrap_or_default()
+    );
+    assert!(wait(&|v| v["generation"] == 1));
+    // A valid one is published.
+    std::fs::write(
+        &file,
+        text.replace(
+            "{ vm = \"sink2\", port = 6000 }",
+            "{ vm = \"sink2\", port = 6000, weight = 5 }",
+        ),
+    )
+    .unwrap();
+    hup();
+    assert!(
+        wait(&|v| v["generation"] == 2 && v["vip"]["backends"][1]["weight"] == 5),
+        "{}",
+        std::fs::read_to_string(&err).unwrap_or_default()
+    );
+    drop(guard);
+}
