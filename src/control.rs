@@ -301,6 +301,7 @@ impl Runtime {
                     filter: filter.clone(),
                     delete,
                     limit,
+                    backends: false,
                 })
                 .map_err(|_| ApiError::new(503, "a worker's control mailbox is full; retry"))?;
         }
@@ -326,6 +327,71 @@ impl Runtime {
         flows.truncate(limit);
         Ok((flows, matched, occupancy))
     }
+}
+
+/// Per-backend connection counters summed over workers: for each VIP of
+/// `cfg`, each backend's (name, new connections, active connections).
+pub fn backend_counters(cfg: &Config, rt: &mut Runtime) -> Result<Vec<Value>, ApiError> {
+    let id = rt.next_id;
+    rt.next_id += 1;
+    for c in &rt.flow_control {
+        c.requests
+            .push(FlowRequest {
+                id,
+                filter: FlowFilter::default(),
+                delete: false,
+                limit: 0,
+                backends: true,
+            })
+            .map_err(|_| ApiError::new(503, "a worker's control mailbox is full; retry"))?;
+    }
+    let mut sum: HashMap<lb::balancer::BackendKey, lb::balancer::BackendCounts> = HashMap::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    for c in &rt.flow_control {
+        loop {
+            match c.replies.pop() {
+                Some(r) if r.id == id => {
+                    for (k, v) in r.backends {
+                        let e = sum.entry(k).or_default();
+                        e.new_conns += v.new_conns;
+                        e.active += v.active;
+                    }
+                    break;
+                }
+                Some(_) => {}
+                None if std::time::Instant::now() > deadline => {
+                    return Err(ApiError::new(503, "a worker did not answer within 1 s"));
+                }
+                None => std::thread::sleep(Duration::from_micros(200)),
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for v in &cfg.vip {
+        let (Ok(addr), Ok(proto)) = (v.address.parse::<IpAddr>(), proto_num(&v.protocol)) else {
+            continue;
+        };
+        for b in &v.backends {
+            let ip = match (&b.ip, &b.vm) {
+                (Some(ip), _) => ip.parse::<IpAddr>().ok(),
+                (None, Some(vm)) => cfg
+                    .vm
+                    .iter()
+                    .find(|m| &m.name == vm)
+                    .and_then(|m| m.ips.iter().find_map(|i| i.parse::<IpAddr>().ok())),
+                _ => None,
+            };
+            let Some(ip) = ip else { continue };
+            let c = sum
+                .get(&(addr, v.port, proto, ip, b.port))
+                .copied()
+                .unwrap_or_default();
+            out.push(json!({"vip": v.name, "backend": format!("{ip}:{}", b.port),
+                            "weight": b.weight.unwrap_or(1),
+                            "new_connections": c.new_conns, "active_connections": c.active}));
+        }
+    }
+    Ok(out)
 }
 
 /// Parses `a=b&c=d` (no percent-decoding needed: the values are addresses,
@@ -587,7 +653,10 @@ fn route(
     let ok = |v: Value| Ok(Reply::Json(200, v));
     let changed = |status: u16, g: u64| Ok(Reply::Json(status, json!({"applied": g})));
     match (method, parts.as_slice()) {
-        ("GET", ["metrics"]) => Ok(Reply::Text(crate::metrics::render(state, rt))),
+        ("GET", ["metrics"]) => {
+            let backends = backend_counters(state.config(), rt)?;
+            Ok(Reply::Text(crate::metrics::render(state, rt, &backends)))
+        }
         ("GET", ["v1", "status"]) => {
             let c = state.config();
             ok(json!({
@@ -745,7 +814,11 @@ fn route(
                 }))
             }
         }
-        ("GET", ["v1", "counters"]) => ok(counters(state, rt)),
+        ("GET", ["v1", "counters"]) => {
+            let mut v = counters(state, rt);
+            v["backends"] = Value::Array(backend_counters(state.config(), rt)?);
+            ok(v)
+        }
         _ => Err(ApiError::new(
             404,
             format!("no such endpoint: {method} {path}"),

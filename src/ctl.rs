@@ -357,6 +357,16 @@ fn table(cmd: &Cmd, v: &Value) -> Vec<String> {
                     s(&w["drops"])
                 ));
             }
+            for b in v["backends"].as_array().cloned().unwrap_or_default() {
+                out.push(format!(
+                    "vip {} backend {} (weight {}): {} connections, {} active",
+                    s(&b["vip"]),
+                    s(&b["backend"]),
+                    s(&b["weight"]),
+                    s(&b["new_connections"]),
+                    s(&b["active_connections"])
+                ));
+            }
             for r in v["rules"].as_array().cloned().unwrap_or_default() {
                 if r["hits"].as_u64().unwrap_or(0) > 0 {
                     out.push(format!(

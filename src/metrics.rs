@@ -33,7 +33,7 @@ fn gauges(reg: &mut Registry, name: &str, help: &str) -> Family<Labels, Gauge> {
 }
 
 /// The metrics text.
-pub fn render(state: &ControlState, rt: &Runtime) -> String {
+pub fn render(state: &ControlState, rt: &Runtime, backends: &[serde_json::Value]) -> String {
     let mut reg = Registry::default();
     let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let rx = counters(
@@ -130,6 +130,25 @@ pub fn render(state: &ControlState, rt: &Runtime) -> String {
         if let Some(ms) = p.rtt_ms {
             rtt.get_or_create(&lp).set((ms * 1000.0) as i64);
         }
+    }
+    let conns = counters(
+        &mut reg,
+        "pollux_backend_connections",
+        "Connections created to each VIP backend",
+    );
+    let active = gauges(
+        &mut reg,
+        "pollux_backend_active_connections",
+        "Connections to each VIP backend tracked now",
+    );
+    for b in backends {
+        let s = |k: &str| b.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
+        let n = |k: &str| b.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+        let lb = labels(&[("vip", &s("vip")), ("backend", &s("backend"))]);
+        conns.get_or_create(&lb).inc_by(n("new_connections"));
+        active
+            .get_or_create(&lb)
+            .set(n("active_connections") as i64);
     }
     let hits = counters(
         &mut reg,

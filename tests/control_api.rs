@@ -278,8 +278,24 @@ fn changes_under_traffic_lose_no_packet_of_established_flows() {
     assert!(v["deleted"].as_u64().unwrap() >= 200, "{v}");
     let (_, v) = s.api("GET", "/v1/flows?vm=gen", None);
     assert_eq!(v["matched"], 0, "{v}");
-    // Counters and metrics show the traffic.
+    // Counters and metrics show the traffic: 200 connections through the
+    // VIP, split over its two backends, all still tracked.
     let (_, v) = s.api("GET", "/v1/counters", None);
+    let per: Vec<&Value> = v["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["vip"] == "load")
+        .collect();
+    assert_eq!(per.len(), 2, "{v}");
+    let total = |k: &str| per.iter().map(|b| b[k].as_u64().unwrap()).sum::<u64>();
+    assert_eq!(total("new_connections"), 200, "{v}");
+    assert_eq!(total("active_connections"), 200, "{v}");
+    assert!(
+        per.iter()
+            .all(|b| b["new_connections"].as_u64().unwrap() > 0),
+        "{v}"
+    );
     let gen_port = v["ports"]
         .as_array()
         .unwrap()
@@ -308,6 +324,16 @@ fn changes_under_traffic_lose_no_packet_of_established_flows() {
     assert!(sample("pollux_slow_path_packets_total", Some(("worker", "0"))) >= 200.0);
     assert_eq!(sample("pollux_policy_generation", None), (g0 + 5) as f64);
     assert!(sample("pollux_rule_hits_total", Some(("rule", "udp-in"))) >= 200.0);
+    assert_eq!(
+        sample(
+            "pollux_backend_connections_total",
+            Some(("backend", "10.1.0.21:6000"))
+        ) + sample(
+            "pollux_backend_connections_total",
+            Some(("backend", "10.1.0.22:6000"))
+        ),
+        200.0
+    );
 }
 
 #[test]

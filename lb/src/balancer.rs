@@ -523,12 +523,27 @@ impl LbStats {
     }
 }
 
+/// A backend of a VIP: (VIP address, VIP port, protocol, backend address,
+/// backend port).
+pub type BackendKey = (IpAddr, u16, u8, IpAddr, u16);
+
+/// One backend's counters on one core.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BackendCounts {
+    /// Connections created to it.
+    pub new_conns: u64,
+    /// Connections to it tracked now.
+    pub active: u64,
+}
+
 /// The load balancer of one worker core.
 #[derive(Debug)]
 pub struct LbCore {
     conns: ConnTable<ConnInfo>,
     snat: Option<SnatAllocator>,
     stats: LbStats,
+    /// New connections per backend (counted on the slow path only).
+    new_by_backend: HashMap<BackendKey, u64>,
 }
 
 fn release_snat(snat: &mut Option<SnatAllocator>, c: &Conn<ConnInfo>) {
@@ -544,7 +559,35 @@ impl LbCore {
             conns: ConnTable::new(capacity, timeouts),
             snat,
             stats: LbStats::default(),
+            new_by_backend: HashMap::new(),
         }
+    }
+
+    /// Counters per backend: connections created, and tracked now (a walk
+    /// of the connection table: for the control path, not per packet).
+    pub fn backend_counts(&self) -> HashMap<BackendKey, BackendCounts> {
+        let mut out: HashMap<BackendKey, BackendCounts> = self
+            .new_by_backend
+            .iter()
+            .map(|(k, &n)| {
+                (
+                    *k,
+                    BackendCounts {
+                        new_conns: n,
+                        active: 0,
+                    },
+                )
+            })
+            .collect();
+        for (_, c) in self.conns.iter() {
+            if let ConnKind::Dnat { vip, backend, port } = &c.value.kind {
+                let v = vip.config();
+                out.entry((v.addr, v.port, v.proto, *backend, *port))
+                    .or_default()
+                    .active += 1;
+            }
+        }
+        out
     }
 
     /// Counters.
@@ -665,6 +708,11 @@ impl LbCore {
         match self.open(key, tcp_flags, now, info) {
             Ok(d) => {
                 self.stats.new_dnat += 1;
+                let c = vip.config();
+                *self
+                    .new_by_backend
+                    .entry((c.addr, c.port, c.proto, be.ip, be.port))
+                    .or_default() += 1;
                 d
             }
             Err(r) => self.drop(r),

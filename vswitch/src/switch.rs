@@ -237,6 +237,8 @@ pub struct FlowRequest {
     pub delete: bool,
     /// List at most this many.
     pub limit: usize,
+    /// Instead: report the load balancer's per-backend counters.
+    pub backends: bool,
 }
 
 /// A worker's answer to a [`FlowRequest`].
@@ -250,6 +252,8 @@ pub struct FlowReply {
     pub matched: usize,
     /// The worker's table occupancy after the request.
     pub occupancy: usize,
+    /// Per-backend counters (when asked for).
+    pub backends: Vec<(lb::balancer::BackendKey, lb::balancer::BackendCounts)>,
 }
 
 /// A worker's control mailbox: the control thread posts requests, the
@@ -441,7 +445,13 @@ impl<B: PacketBuf> Switch<B> {
         };
         let Some(req) = c.requests.pop() else { return };
         let mut flows = Vec::new();
-        let matched = if req.delete {
+        let mut backends = Vec::new();
+        let matched = if req.backends {
+            for l in &self.lb {
+                backends.extend(l.backend_counts());
+            }
+            backends.len()
+        } else if req.delete {
             self.flows.remove_where(|k, e| req.filter.matches(k, e))
         } else {
             let mut n = 0;
@@ -466,6 +476,7 @@ impl<B: PacketBuf> Switch<B> {
             flows,
             matched,
             occupancy: self.flows.len(),
+            backends,
         });
     }
 
