@@ -907,6 +907,13 @@ impl Server {
     pub fn bind(socket: &Path, tcp: Option<&str>) -> Result<Server, String> {
         use std::os::unix::fs::PermissionsExt;
         let err = |e: &dyn std::fmt::Display| format!("control socket {}: {e}", socket.display());
+        // A socket someone answers on belongs to a running pollux: never
+        // take it over (a stale file, with nobody listening, is replaced).
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            return Err(err(
+                &"another process is serving it (is pollux already running?)",
+            ));
+        }
         let tmp = socket.with_extension(format!("tmp{}", std::process::id()));
         let _ = std::fs::remove_file(&tmp);
         let listener = std::os::unix::net::UnixListener::bind(&tmp).map_err(|e| err(&e))?;

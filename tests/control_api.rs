@@ -481,6 +481,15 @@ fn the_socket_is_private_to_its_owner() {
     let meta = std::fs::metadata(&s.sock).unwrap();
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     assert_eq!(meta.uid(), my_uid());
+    // A second switch on the same socket is refused instead of taking it over.
+    let cfg = Config::parse(&config(&dir.0)).unwrap();
+    let e = InProcess::start(&cfg)
+        .err()
+        .expect("a second server on the socket");
+    assert!(
+        e.join("\n").contains("another process is serving it"),
+        "{e:?}"
+    );
     if !common::netns::is_root() || !common::netns::have("setpriv") {
         eprintln!("the other-user check needs root and setpriv; checked the mode only");
         return;
