@@ -285,35 +285,24 @@ impl Runtime {
         }
     }
 
-    /// Asks every worker about its flows; waits up to a second for all.
-    fn flows(
-        &mut self,
-        filter: FlowFilter,
-        delete: bool,
-        limit: usize,
-    ) -> Result<(Vec<vswitch::flow::FlowInfo>, usize, usize), ApiError> {
-        let id = self.next_id;
+    /// Posts `req` (its id set here) to every worker and collects their
+    /// replies, waiting up to a second for all.
+    fn ask(&mut self, mut req: FlowRequest) -> Result<Vec<vswitch::switch::FlowReply>, ApiError> {
+        req.id = self.next_id;
         self.next_id += 1;
         for c in &self.flow_control {
             c.requests
-                .push(FlowRequest {
-                    id,
-                    filter: filter.clone(),
-                    delete,
-                    limit,
-                    backends: false,
-                })
+                .push(req.clone())
                 .map_err(|_| ApiError::new(503, "a worker's control mailbox is full; retry"))?;
         }
-        let (mut flows, mut matched, mut occupancy) = (Vec::new(), 0, 0);
         let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        let mut replies = Vec::new();
         for c in &self.flow_control {
             loop {
                 match c.replies.pop() {
-                    Some(r) if r.id == id => {
-                        matched += r.matched;
-                        occupancy += r.occupancy;
-                        flows.extend(r.flows);
+                    // Replies to requests that timed out earlier are stale.
+                    Some(r) if r.id == req.id => {
+                        replies.push(r);
                         break;
                     }
                     Some(_) => {}
@@ -324,6 +313,29 @@ impl Runtime {
                 }
             }
         }
+        Ok(replies)
+    }
+
+    /// Lists (or deletes) the flows matching `filter` in every worker's table.
+    fn flows(
+        &mut self,
+        filter: FlowFilter,
+        delete: bool,
+        limit: usize,
+    ) -> Result<(Vec<vswitch::flow::FlowInfo>, usize, usize), ApiError> {
+        let replies = self.ask(FlowRequest {
+            id: 0,
+            filter,
+            delete,
+            limit,
+            backends: false,
+        })?;
+        let (mut flows, mut matched, mut occupancy) = (Vec::new(), 0, 0);
+        for r in replies {
+            matched += r.matched;
+            occupancy += r.occupancy;
+            flows.extend(r.flows);
+        }
         flows.truncate(limit);
         Ok((flows, matched, occupancy))
     }
@@ -332,39 +344,18 @@ impl Runtime {
 /// Per-backend connection counters summed over workers: for each VIP of
 /// `cfg`, each backend's (name, new connections, active connections).
 pub fn backend_counters(cfg: &Config, rt: &mut Runtime) -> Result<Vec<Value>, ApiError> {
-    let id = rt.next_id;
-    rt.next_id += 1;
-    for c in &rt.flow_control {
-        c.requests
-            .push(FlowRequest {
-                id,
-                filter: FlowFilter::default(),
-                delete: false,
-                limit: 0,
-                backends: true,
-            })
-            .map_err(|_| ApiError::new(503, "a worker's control mailbox is full; retry"))?;
-    }
+    let replies = rt.ask(FlowRequest {
+        id: 0,
+        filter: FlowFilter::default(),
+        delete: false,
+        limit: 0,
+        backends: true,
+    })?;
     let mut sum: HashMap<lb::balancer::BackendKey, lb::balancer::BackendCounts> = HashMap::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(1);
-    for c in &rt.flow_control {
-        loop {
-            match c.replies.pop() {
-                Some(r) if r.id == id => {
-                    for (k, v) in r.backends {
-                        let e = sum.entry(k).or_default();
-                        e.new_conns += v.new_conns;
-                        e.active += v.active;
-                    }
-                    break;
-                }
-                Some(_) => {}
-                None if std::time::Instant::now() > deadline => {
-                    return Err(ApiError::new(503, "a worker did not answer within 1 s"));
-                }
-                None => std::thread::sleep(Duration::from_micros(200)),
-            }
-        }
+    for (k, v) in replies.into_iter().flat_map(|r| r.backends) {
+        let e = sum.entry(k).or_default();
+        e.new_conns += v.new_conns;
+        e.active += v.active;
     }
     let mut out = Vec::new();
     for v in &cfg.vip {
@@ -864,13 +855,36 @@ fn counters(state: &ControlState, rt: &Runtime) -> Value {
                    "handed_off": l(&ss.handed_off), "drops": drops})
         })
         .collect();
-    json!({"ports": ports, "workers": workers, "rules": rule_hits(state, rt)})
+    let rules: Vec<Value> = rule_hits(&state.policy.load(), &rt.acl_hits)
+        .into_iter()
+        .map(|r| {
+            json!({"nsg": r.nsg, "direction": r.direction.to_string(), "rule": r.rule,
+                   "priority": r.priority, "action": r.action.to_string(), "hits": r.hits})
+        })
+        .collect();
+    json!({"ports": ports, "workers": workers, "rules": rules})
 }
 
-/// Every rule with its hits summed over workers: (nsg, direction, rule, priority, action, hits).
-pub fn rule_hits(state: &ControlState, rt: &Runtime) -> Vec<Value> {
-    let policy = state.policy.load();
-    let hits: Vec<_> = rt.acl_hits.iter().map(|h| h.load()).collect();
+/// One security-group rule and how often it won, summed over workers.
+#[derive(Debug, Clone)]
+pub struct RuleHit {
+    /// The group.
+    pub nsg: String,
+    /// Its direction.
+    pub direction: filter::Direction,
+    /// The rule's name.
+    pub rule: String,
+    /// Its priority.
+    pub priority: u32,
+    /// Its action.
+    pub action: filter::Action,
+    /// Lookups it won.
+    pub hits: u64,
+}
+
+/// Every rule of `policy` with its hits summed over the workers' counters.
+pub fn rule_hits(policy: &Policy, acl_hits: &[Arc<ArcSwap<Vec<AclHits>>>]) -> Vec<RuleHit> {
+    let hits: Vec<_> = acl_hits.iter().map(|h| h.load()).collect();
     let mut out = Vec::new();
     for (g, n) in policy.nsgs.iter().enumerate() {
         for (d, dir) in [filter::Direction::In, filter::Direction::Out]
@@ -878,14 +892,17 @@ pub fn rule_hits(state: &ControlState, rt: &Runtime) -> Vec<Value> {
             .enumerate()
         {
             for (i, r) in n.classifier(dir).rules().iter().enumerate() {
-                let c: u64 = hits
-                    .iter()
-                    .filter_map(|h| h.get(g).map(|h| h[d].get(i)))
-                    .sum();
-                out.push(
-                    json!({"nsg": n.name, "direction": dir.to_string(), "rule": r.name,
-                                "priority": r.priority, "action": r.action.to_string(), "hits": c}),
-                );
+                out.push(RuleHit {
+                    nsg: n.name.clone(),
+                    direction: dir,
+                    rule: r.name.clone(),
+                    priority: r.priority,
+                    action: r.action,
+                    hits: hits
+                        .iter()
+                        .filter_map(|h| h.get(g).map(|h| h[d].get(i)))
+                        .sum(),
+                });
             }
         }
     }

@@ -155,15 +155,13 @@ pub fn render(state: &ControlState, rt: &Runtime, backends: &[serde_json::Value]
         "pollux_rule_hits",
         "Lookups won by each security-group rule",
     );
-    for r in rule_hits(state, rt) {
-        let s = |k: &str| r.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
-        let h = r.get("hits").and_then(|v| v.as_u64()).unwrap_or(0);
+    for r in rule_hits(&state.policy().load(), &rt.acl_hits) {
         hits.get_or_create(&labels(&[
-            ("nsg", &s("nsg")),
-            ("direction", &s("direction")),
-            ("rule", &s("rule")),
+            ("nsg", &r.nsg),
+            ("direction", &r.direction.to_string()),
+            ("rule", &r.rule),
         ]))
-        .inc_by(h);
+        .inc_by(r.hits);
     }
     let generation = Gauge::<i64>::default();
     generation.set(state.generation() as i64);

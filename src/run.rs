@@ -613,25 +613,12 @@ fn run_on<A: BufAlloc>(
             }
         }
     }
-    let policy = swap.load();
-    let hits: Vec<_> = acl_hits.iter().map(|h| h.load()).collect();
-    for (g, n) in policy.nsgs.iter().enumerate() {
-        for (d, dir) in [filter::Direction::In, filter::Direction::Out]
-            .into_iter()
-            .enumerate()
-        {
-            for (i, r) in n.classifier(dir).rules().iter().enumerate() {
-                let c: u64 = hits
-                    .iter()
-                    .filter_map(|h| h.get(g).map(|h| h[d].get(i)))
-                    .sum();
-                if c > 0 {
-                    report.push(format!(
-                        "nsg {:?} {dir} rule {:?} (priority {}, {}): {c} hits",
-                        n.name, r.name, r.priority, r.action
-                    ));
-                }
-            }
+    for r in crate::control::rule_hits(&swap.load(), &acl_hits) {
+        if r.hits > 0 {
+            report.push(format!(
+                "nsg {:?} {} rule {:?} (priority {}, {}): {} hits",
+                r.nsg, r.direction, r.rule, r.priority, r.action, r.hits
+            ));
         }
     }
     let mut drops: Vec<(&str, u64)> = Vec::new();

@@ -141,43 +141,10 @@ fn testpmd_traffic_crosses_pollux_with_lb_nat() {
         "testpmd did not open its sockets: {}",
         read(&dir.join("client.log.err"))
     );
-    let cfg = format!(
-        r#"[dpdk]
-eal_args = ["--no-huge", "--no-pci", "-m", "512", "-l", "1", "--log-level=error", "--file-prefix=pollux{id}"]
-[[port]]
-name = "client"
-driver = "dpdk"
-devargs = "net_vhost0,iface={c},client=1"
-[[port]]
-name = "dip1"
-driver = "dpdk"
-devargs = "net_vhost1,iface={d},client=1"
-[[vnet]]
-name = "a"
-prefixes = ["10.1.0.0/16"]
-gateway_mac = "12:34:56:78:9a:bc"
-[[vm]]
-name = "client"
-port = "client"
-vnet = "a"
-mac = "02:00:00:00:00:20"
-ips = ["10.1.0.20"]
-[[vm]]
-name = "dip1"
-port = "dip1"
-vnet = "a"
-mac = "02:00:00:00:00:04"
-ips = ["10.1.0.4"]
-[[vip]]
-name = "web"
-vnet = "a"
-address = "10.1.0.100"
-port = 80
-protocol = "udp"
-backends = [ {{ vm = "dip1", port = 8080 }} ]
-"#,
-        c = sock("client"),
-        d = sock("dip1")
+    let cfg = common::dpdk::vip_config(
+        &format!("pollux{id}"),
+        &format!("net_vhost0,iface={},client=1", sock("client")),
+        &format!("net_vhost1,iface={},client=1", sock("dip1")),
     );
     let (idx, pid, out, err) = lab.pollux("pollux", &cfg);
     // Let traffic flow until the DIP has answered plenty.

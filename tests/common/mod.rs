@@ -34,4 +34,5 @@ impl Drop for Running {
         }
     }
 }
+pub mod dpdk;
 pub mod netns;
