@@ -273,3 +273,36 @@ fn a_failing_dip_leaves_the_maglev_table_and_comes_back() {
         .unwrap();
     assert_eq!(up.2, probes_before + 3, "up on the 3rd success");
 }
+
+#[test]
+fn a_retired_target_is_no_longer_probed_and_its_results_are_ignored() {
+    let pool = pool("probe-retire");
+    let mut w = World::new(pool);
+    let ok = Ipv4Addr::new(10, 1, 0, 10);
+    w.server(pool, ok, Behavior::Ok);
+    // Two targets on a healthy server; one retired before its first probe
+    // (its first is at a random point of the first interval).
+    let a = w.prober.add(target(ok, http(80, 2), 0), Duration::ZERO);
+    let b = w.prober.add(target(ok, http(80, 2), 1), Duration::ZERO);
+    w.prober.retire(a);
+    assert!(!w.prober.is_active(a) && w.prober.is_active(b));
+    w.run_for(Duration::from_secs(5), Duration::from_millis(5));
+    assert_eq!(w.prober.health(a).unwrap().probes, 0);
+    assert!(w.prober.health(b).unwrap().up);
+    assert!(w.changes.iter().any(|(_, c, _)| c.target == b && c.up));
+    assert!(
+        w.changes.iter().all(|(_, c, _)| c.target != a),
+        "{:?}",
+        w.changes
+    );
+    // Retired while probed: at most the probe in flight completes, and its
+    // result is not counted.
+    let probes_b = w.prober.health(b).unwrap().probes;
+    w.prober.retire(b);
+    w.run_for(Duration::from_secs(5), Duration::from_millis(5));
+    assert_eq!(w.prober.health(b).unwrap().probes, probes_b);
+    // A new target for the same DIP is probed from scratch.
+    let c = w.prober.add(target(ok, http(80, 2), 0), Duration::ZERO);
+    w.run_for(Duration::from_secs(5), Duration::from_millis(5));
+    assert!(w.prober.is_active(c) && w.prober.health(c).unwrap().up);
+}

@@ -255,6 +255,8 @@ pub struct Prober<P: Port, A: BufAlloc<Buf = P::Buf> = Pool> {
     sockets: SocketSet<'static>,
     targets: Vec<Target>,
     health: Vec<DipHealth>,
+    /// False for retired targets: no longer probed, results ignored.
+    active: Vec<bool>,
     queue: BinaryHeap<Reverse<(Duration, usize)>>,
     inflight: Vec<Inflight>,
     draining: Vec<(SocketHandle, Duration)>,
@@ -287,6 +289,7 @@ impl<P: Port, A: BufAlloc<Buf = P::Buf>> Prober<P, A> {
             sockets: SocketSet::new(Vec::new()),
             targets: Vec::new(),
             health: Vec::new(),
+            active: Vec::new(),
             queue: BinaryHeap::new(),
             inflight: Vec::new(),
             draining: Vec::new(),
@@ -310,8 +313,23 @@ impl<P: Port, A: BufAlloc<Buf = P::Buf>> Prober<P, A> {
         let first = now + Duration::from_micros(self.random() % iv);
         self.targets.push(t);
         self.health.push(DipHealth::new());
+        self.active.push(true);
         self.queue.push(Reverse((first, i)));
         i
+    }
+
+    /// Stops probing target `i` (its backend left the configuration, or its
+    /// probe changed): it is not probed again and a result still in flight
+    /// is ignored. Indices stay stable; a new probe is a new target.
+    pub fn retire(&mut self, i: usize) {
+        if let Some(a) = self.active.get_mut(i) {
+            *a = false;
+        }
+    }
+
+    /// True while target `i` is probed.
+    pub fn is_active(&self, i: usize) -> bool {
+        self.active.get(i).copied().unwrap_or(false)
     }
 
     /// The targets.
@@ -384,6 +402,9 @@ impl<P: Port, A: BufAlloc<Buf = P::Buf>> Prober<P, A> {
         started: Duration,
         now: Duration,
     ) -> Option<HealthChange> {
+        if !self.is_active(i) {
+            return None;
+        }
         let threshold = self.targets.get(i)?.spec.threshold;
         let h = self.health.get_mut(i)?;
         if h.record(r, threshold, now, now.saturating_sub(started)) {
@@ -409,6 +430,9 @@ impl<P: Port, A: BufAlloc<Buf = P::Buf>> Prober<P, A> {
                 break;
             }
             self.queue.pop();
+            if !self.is_active(i) {
+                continue; // retired: not rescheduled
+            }
             let Some(iv) = self.targets.get(i).map(|t| t.spec.interval) else {
                 continue;
             };
