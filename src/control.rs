@@ -12,8 +12,10 @@
 //! into each new generation.
 //!
 //! What cannot change at run time: ports, `[dataplane]`, `[control]`,
-//! `[dpdk]` and `[uplink]` (they shape the workers), and the probed backends
-//! of a VIP (probers are attached at start): such changes get a 409.
+//! `[dpdk]` and `[uplink]` (they shape the workers), and probes on VIPs of a
+//! vnet added at run time (each vnet's prober port is attached at start):
+//! such changes get a 409. Probes on the other vnets follow every change:
+//! the control loop retires and adds probe targets to match.
 
 use crate::config::{BackendCfg, Config, VipCfg};
 use arc_swap::ArcSwap;
@@ -78,8 +80,10 @@ pub struct ControlState {
     internal: Vec<(String, VmDef)>,
     /// Ports beyond the configured ones (probers' internal ports).
     internal_ports: u16,
-    /// VIPs probed since start: name -> (probe, backend keys in order).
-    probed: HashMap<String, (crate::config::ProbeCfg, Vec<String>)>,
+    /// Vnets with a prober (those that existed at start).
+    prober_vnets: Vec<String>,
+    /// Changes published so far (the control loop resyncs probes on change).
+    changes: u64,
 }
 
 impl ControlState {
@@ -92,29 +96,30 @@ impl ControlState {
             .filter(|v| v.internal)
             .filter_map(|v| Some((topo.vnets.get(v.vnet)?.name.clone(), v.clone())))
             .collect();
-        let probed = config
-            .vip
+        let prober_vnets = topo
+            .vms
             .iter()
-            .filter_map(|v| {
-                let p = v.probe.clone()?;
-                Some((
-                    v.name.clone(),
-                    (p, v.backends.iter().map(backend_key).collect()),
-                ))
-            })
+            .filter(|v| v.internal)
+            .filter_map(|v| Some(topo.vnets.get(v.vnet)?.name.clone()))
             .collect();
         ControlState {
             internal_ports: topo.ports.saturating_sub(config.port.len() as u16),
             config,
             policy,
             internal,
-            probed,
+            prober_vnets,
+            changes: 0,
         }
     }
 
     /// The desired state.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// How many changes were published (health changes excluded).
+    pub fn changes(&self) -> u64 {
+        self.changes
     }
 
     /// The published policy.
@@ -161,30 +166,15 @@ impl ControlState {
         fixed("[control]", next.control == self.config.control)?;
         fixed("[dpdk]", next.dpdk == self.config.dpdk)?;
         fixed("[uplink]", next.uplink == self.config.uplink)?;
-        for v in &next.vip {
-            let Some(p) = &v.probe else { continue };
-            match self.probed.get(&v.name) {
-                Some((p0, keys))
-                    if p0 == p
-                        && *keys == v.backends.iter().map(backend_key).collect::<Vec<_>>() => {}
-                Some(_) => {
-                    return Err(ApiError::new(
-                        409,
-                        format!(
-                            "vip {:?}: its probe and probed backends are fixed while pollux runs (weights may change)",
-                            v.name
-                        ),
-                    ));
-                }
-                None => {
-                    return Err(ApiError::new(
-                        409,
-                        format!(
-                            "vip {:?}: a probed VIP can only be added in the configuration pollux starts with",
-                            v.name
-                        ),
-                    ));
-                }
+        for v in next.vip.iter().filter(|v| v.probe.is_some()) {
+            if !self.prober_vnets.contains(&v.vnet) {
+                return Err(ApiError::new(
+                    409,
+                    format!(
+                        "vip {:?}: vnet {:?} was added while pollux runs and has no prober yet; probe its VIPs after a restart",
+                        v.name, v.vnet
+                    ),
+                ));
             }
         }
         next.validate().map_err(ApiError::invalid)?;
@@ -199,9 +189,17 @@ impl ControlState {
             }
         }
         let cur = self.policy.load_full();
-        // Health carries over: a backend keeps the state its prober gave it;
-        // probed backends without one (never probed yet) start down.
+        // Health carries over: a probed backend keeps what its prober found
+        // while its probe is unchanged; a newly probed one (new backend, or a
+        // new or changed probe) starts down until its first success; without
+        // a probe every backend is healthy.
         for (vcfg, vip) in next.vip.iter().zip(topo.vips.iter_mut()) {
+            let same_probe = self
+                .config
+                .vip
+                .iter()
+                .find(|o| o.name == vcfg.name)
+                .is_some_and(|o| o.probe == vcfg.probe && o.vnet == vcfg.vnet);
             let old = cur
                 .vnets
                 .iter()
@@ -217,9 +215,14 @@ impl ControlState {
                 .backends
                 .iter()
                 .map(|b| {
-                    old.as_ref()
-                        .and_then(|o| Some(*o.health().get(o.backend_index(b.ip, b.port)?)?))
-                        .unwrap_or(!probed)
+                    if !probed {
+                        return true;
+                    }
+                    same_probe
+                        && old
+                            .as_ref()
+                            .and_then(|o| Some(*o.health().get(o.backend_index(b.ip, b.port)?)?))
+                            .unwrap_or(false)
                 })
                 .collect();
         }
@@ -227,6 +230,7 @@ impl ControlState {
         let policy = Policy::compile(&topo, generation).map_err(|e| ApiError::invalid(e.0))?;
         self.policy.store(Arc::new(policy));
         self.config = next;
+        self.changes += 1;
         Ok(generation)
     }
 }

@@ -63,23 +63,29 @@ pub fn probe_spec(p: &ProbeCfg) -> ProbeSpec {
     }
 }
 
-/// One vnet's prober and what its targets are called in logs; its frames
-/// come from `A` (pollux's pool, or a DPDK mempool: the worker's buffers).
+/// What a probe target is for: the VIP (address, port, protocol), the
+/// backend's address and port, and how it is probed.
+type ProbeKey = (IpAddr, u16, u8, Ipv4Addr, u16, ProbeSpec);
+
+/// One vnet's prober and what its targets are; its frames come from `A`
+/// (pollux's pool, or a DPDK mempool: the worker's buffers).
 struct VnetProber<A: BufAlloc> {
     /// The vnet's name (its index may change with the policy).
     vnet: String,
     prober: Prober<RingPort<A::Buf>, A>,
-    /// `vip "name" backend ip:port` per target.
-    names: Vec<String>,
+    /// Per target (index as in the prober): what it probes, and its name
+    /// in logs (`vip "name" backend ip:port`).
+    targets: Vec<(ProbeKey, String)>,
 }
 
 /// The idle far ends of configured ring ports.
 type RingEnds = Vec<RingPort<PoolBuf>>;
 
-/// Adds one internal prober port per vnet with probed VIPs to `topo` and to
-/// every worker's port set (a shared handle each, numbered after the
-/// configured ports); marks probed backends down until their first success.
-/// Returns the probers.
+/// Adds one internal prober port per vnet to `topo` and to every worker's
+/// port set (a shared handle each, numbered after the configured ports), so
+/// that probes can be added to any vnet at run time; gives each prober the
+/// probed backends of its vnet, which start down until their first
+/// success. Returns the probers.
 fn probers<A: BufAlloc>(
     cfg: &Config,
     topo: &mut Topology,
@@ -87,51 +93,66 @@ fn probers<A: BufAlloc>(
     sets: &mut [PortSet<A::Buf>],
 ) -> Result<Vec<VnetProber<A>>, Vec<String>> {
     let mut out: Vec<VnetProber<A>> = Vec::new();
-    let mut problems = Vec::new();
+    for (k, v) in cfg.vnet.iter().enumerate() {
+        let port = topo.ports + k as u16;
+        let mac = MacAddr([0x02, 0x50, 0x4c, 0x58, 0xfe, k as u8]);
+        let (sw, end) = ring::pair(
+            LinkInfo::new(&format!("probe{k}"), mac, "ring"),
+            LinkInfo::new(&format!("probe{k}"), mac, "ring"),
+            1024,
+        );
+        topo.vms.push(VmDef {
+            name: format!("prober:{}", v.name),
+            port,
+            vnet: k,
+            mac,
+            ips: vec![IpAddr::V4(lb::probe::DEFAULT_SOURCE)],
+            nsg: None,
+            internal: true,
+        });
+        let pc = ProberConfig {
+            source: lb::probe::DEFAULT_SOURCE,
+            prefix_len: 24,
+            mac: mac.0,
+            gateway: PROBE_GATEWAY,
+            seed: k as u64 + 1,
+        };
+        out.push(VnetProber {
+            vnet: v.name.clone(),
+            prober: Prober::new(PortDevice::new(end, pool), &pc, Duration::ZERO),
+            targets: Vec::new(),
+        });
+        for set in sets.iter_mut() {
+            set.push(Box::new(sw.share()));
+        }
+    }
+    topo.ports += out.len() as u16;
     for (vip_cfg, vip) in cfg.vip.iter().zip(topo.vips.iter_mut()) {
+        if vip_cfg.probe.is_some() {
+            vip.health = vec![false; vip.config.backends.len()];
+        }
+    }
+    sync_probes(cfg, &mut out, Duration::ZERO)?;
+    Ok(out)
+}
+
+/// Makes each vnet's prober probe exactly the backends `cfg` says: targets
+/// no longer wanted (backend gone, probe changed) are retired, new ones
+/// added (probed from scratch: down until their first success), unchanged
+/// ones keep their state.
+fn sync_probes<A: BufAlloc>(
+    cfg: &Config,
+    probers: &mut [VnetProber<A>],
+    now: Duration,
+) -> Result<(), Vec<String>> {
+    let topo = cfg.topology()?;
+    let mut want: Vec<(String, ProbeKey, String, usize)> = Vec::new();
+    let mut problems = Vec::new();
+    for (vip_cfg, vip) in cfg.vip.iter().zip(topo.vips.iter()) {
         let Some(p) = &vip_cfg.probe else { continue };
         let c = &vip.config;
-        let k = match out.iter().position(|v| v.vnet == vip_cfg.vnet) {
-            Some(k) => k,
-            None => {
-                let k = out.len();
-                let port = topo.ports + k as u16;
-                let mac = MacAddr([0x02, 0x50, 0x4c, 0x58, 0xfe, k as u8]);
-                let (sw, end) = ring::pair(
-                    LinkInfo::new(&format!("probe{k}"), mac, "ring"),
-                    LinkInfo::new(&format!("probe{k}"), mac, "ring"),
-                    1024,
-                );
-                topo.vms.push(VmDef {
-                    name: format!("prober:{}", vip_cfg.vnet),
-                    port,
-                    vnet: vip.vnet,
-                    mac,
-                    ips: vec![IpAddr::V4(lb::probe::DEFAULT_SOURCE)],
-                    nsg: None,
-                    internal: true,
-                });
-                let pc = ProberConfig {
-                    source: lb::probe::DEFAULT_SOURCE,
-                    prefix_len: 24,
-                    mac: mac.0,
-                    gateway: PROBE_GATEWAY,
-                    seed: k as u64 + 1,
-                };
-                out.push(VnetProber {
-                    vnet: vip_cfg.vnet.clone(),
-                    prober: Prober::new(PortDevice::new(end, pool), &pc, Duration::ZERO),
-                    names: Vec::new(),
-                });
-                for set in sets.iter_mut() {
-                    set.push(Box::new(sw.share()));
-                }
-                k
-            }
-        };
         let spec = probe_spec(p);
-        vip.health = vec![false; c.backends.len()];
-        for (i, b) in c.backends.iter().enumerate() {
+        for (bi, b) in c.backends.iter().enumerate() {
             let IpAddr::V4(ip) = b.ip else {
                 problems.push(format!(
                     "vip {:?}: backend {} is IPv6; probes reach IPv4 backends only so far",
@@ -139,27 +160,49 @@ fn probers<A: BufAlloc>(
                 ));
                 continue;
             };
-            if let Some(v) = out.get_mut(k) {
-                v.prober.add(
+            want.push((
+                vip_cfg.vnet.clone(),
+                (c.addr, c.port, c.proto, ip, b.port, spec.clone()),
+                format!("vip {:?} backend {}:{}", c.name, b.ip, b.port),
+                bi,
+            ));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    for p in probers.iter_mut() {
+        let mine: Vec<&(String, ProbeKey, String, usize)> =
+            want.iter().filter(|w| w.0 == p.vnet).collect();
+        for (i, (key, _)) in p.targets.iter().enumerate() {
+            if p.prober.is_active(i) && !mine.iter().any(|w| &w.1 == key) {
+                p.prober.retire(i);
+            }
+        }
+        for (_, key, name, bi) in mine {
+            let have = p
+                .targets
+                .iter()
+                .enumerate()
+                .any(|(i, (k, _))| k == key && p.prober.is_active(i));
+            if !have {
+                let (addr, port, proto, ip, _, spec) = key.clone();
+                p.prober.add(
                     Target {
-                        vip: (c.addr, c.port, c.proto),
-                        backend: i,
+                        vip: (addr, port, proto),
+                        // Its index now; health changes find the backend
+                        // again by address, as the list may change.
+                        backend: *bi,
                         ip,
-                        spec: spec.clone(),
+                        spec,
                     },
-                    Duration::ZERO,
+                    now,
                 );
-                v.names
-                    .push(format!("vip {:?} backend {}:{}", c.name, b.ip, b.port));
+                p.targets.push((key.clone(), name.clone()));
             }
         }
     }
-    topo.ports += out.len() as u16;
-    if problems.is_empty() {
-        Ok(out)
-    } else {
-        Err(problems)
-    }
+    Ok(())
 }
 
 /// The ports of one worker.
@@ -529,7 +572,12 @@ fn run_on<A: BufAlloc>(
     eprintln!(
         "pollux: switch running on {} ports with {workers} worker(s), {} probed backends (SIGINT or SIGTERM stops)",
         cfg.port.len(),
-        probers.iter().map(|p| p.names.len()).sum::<usize>()
+        probers
+            .iter()
+            .map(|p| (0..p.targets.len())
+                .filter(|&i| p.prober.is_active(i))
+                .count())
+            .sum::<usize>()
     );
     let mut state = crate::control::ControlState::new(cfg.clone(), topo, swap.clone());
     let mut rt = crate::control::Runtime::new(
@@ -602,7 +650,10 @@ fn run_on<A: BufAlloc>(
         report.push(format!("port {name:?}: rx {rx} tx {tx} drops {drops}"));
     }
     for p in &probers {
-        for (i, name) in p.names.iter().enumerate() {
+        for (i, (_, name)) in p.targets.iter().enumerate() {
+            if !p.prober.is_active(i) {
+                continue;
+            }
             if let Some(h) = p.prober.health(i) {
                 report.push(format!(
                     "{name}: {} after {} probes ({})",
@@ -657,21 +708,32 @@ fn control_loop<A: BufAlloc>(
 ) {
     let start = Instant::now();
     let policy = state.policy().clone();
+    let mut changes = state.changes();
     while !signalled.load(Ordering::Relaxed) && !stop.iter().any(|s| s.load(Ordering::Relaxed)) {
         let now = start.elapsed();
         let mut next = now + Duration::from_millis(50);
         for p in probers.iter_mut() {
             for c in p.prober.poll(now) {
-                let name = p.names.get(c.target).map_or("?", |s| s.as_str());
-                let cur = policy.load();
-                let Some(vnet) = cur.vnets.iter().position(|v| v.name == p.vnet) else {
-                    eprintln!(
-                        "pollux: {name}: vnet {:?} no longer exists; health change not applied",
-                        p.vnet
-                    );
+                let Some(((addr, port, proto, ip, bport, _), name)) = p.targets.get(c.target)
+                else {
                     continue;
                 };
-                match cur.with_health(vnet, c.vip, c.backend, c.up, cur.generation + 1) {
+                let cur = policy.load();
+                // The backend by address: API changes may have moved it in
+                // the VIP's list (the prober only reports active targets).
+                let found = cur
+                    .vnets
+                    .iter()
+                    .position(|v| v.name == p.vnet)
+                    .and_then(|vn| {
+                        let vip = cur.vnets.get(vn)?.vips.get(*addr, *port, *proto)?;
+                        Some((vn, vip.backend_index(IpAddr::V4(*ip), *bport)?))
+                    });
+                let Some((vnet, backend)) = found else {
+                    eprintln!("pollux: {name}: no longer configured; health change not applied");
+                    continue;
+                };
+                match cur.with_health(vnet, c.vip, backend, c.up, cur.generation + 1) {
                     Ok(next_policy) => {
                         eprintln!(
                             "pollux: {name} {} ({}); policy generation {}",
@@ -685,6 +747,13 @@ fn control_loop<A: BufAlloc>(
                 }
             }
             next = next.min(p.prober.poll_at(now));
+        }
+        // After an API change or a reload: probe what the new state says.
+        if state.changes() != changes {
+            changes = state.changes();
+            if let Err(e) = sync_probes(state.config(), probers, start.elapsed()) {
+                eprintln!("pollux: probes not updated: {}", e.join("; "));
+            }
         }
         rt.probes = probe_states(probers);
         if let Some((flag, path)) = reload
@@ -727,19 +796,18 @@ fn control_loop<A: BufAlloc>(
 fn probe_states<A: BufAlloc>(probers: &[VnetProber<A>]) -> Vec<crate::control::ProbeState> {
     let mut out = Vec::new();
     for p in probers {
-        for (i, name) in p.names.iter().enumerate() {
-            let Some(h) = p.prober.health(i) else {
+        for (i, (key, name)) in p.targets.iter().enumerate() {
+            let (true, Some(h)) = (p.prober.is_active(i), p.prober.health(i)) else {
                 continue;
             };
             // "vip \"web\" backend 10.1.0.4:8080"
-            let (vip, backend) = name
+            let vip = name
                 .strip_prefix("vip ")
-                .and_then(|r| r.split_once(" backend "))
-                .map(|(v, b)| (v.trim_matches('"').to_string(), b.to_string()))
-                .unwrap_or_else(|| (name.clone(), String::new()));
+                .and_then(|r| r.split(" backend ").next())
+                .map_or_else(|| name.clone(), |v| v.trim_matches('"').to_string());
             out.push(crate::control::ProbeState {
                 vip,
-                backend,
+                backend: format!("{}:{}", key.3, key.4),
                 up: h.up,
                 probes: h.probes,
                 reason: h.reason(),

@@ -17,6 +17,7 @@ use pollux::config::Config;
 use pollux::ctl::{Endpoint, call};
 use pollux::run::InProcess;
 use serde_json::Value;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -627,4 +628,69 @@ fn sighup_reloads_the_file_validate_then_swap() {
         std::fs::read_to_string(&err).unwrap_or_default()
     );
     drop(guard);
+}
+
+#[test]
+fn probes_added_and_removed_at_run_time() {
+    let dir = TempDir::new("probe");
+    let (s, mut e) = Switch::start(&dir.0);
+    let g = s.generation();
+    let (_, vip) = s.api("GET", "/v1/vips/load", None);
+    let mut v = vip["vip"].clone();
+    v["probe"] = serde_json::json!({"kind": "tcp", "port": 6000, "interval_ms": 200, "timeout_ms": 100, "threshold": 1});
+    let (st, r) = s.api("PUT", "/v1/vips/load", Some(&v.to_string()));
+    assert_eq!((st, r["generation"].as_u64()), (200, Some(g + 1)), "{r}");
+    // The vnet's prober starts probing both backends: nobody answers on the
+    // test's ring ends, so they stay down, with the reason.
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    let mut probes = Value::Null;
+    while std::time::Instant::now() < end {
+        probes = s.api("GET", "/v1/probes", None).1["probes"].clone();
+        let list = probes.as_array().cloned().unwrap_or_default();
+        if list.len() == 2 && list.iter().all(|p| p["probes"].as_u64().unwrap_or(0) >= 2) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let list = probes.as_array().cloned().unwrap_or_default();
+    assert_eq!(list.len(), 2, "{probes}");
+    let mut backends: Vec<String> = list
+        .iter()
+        .map(|p| p["backend"].as_str().unwrap().to_string())
+        .collect();
+    backends.sort();
+    assert_eq!(backends, ["10.1.0.21:6000", "10.1.0.22:6000"], "{probes}");
+    assert!(
+        list.iter().all(|p| p["up"] == false && p["vip"] == "load"),
+        "{probes}"
+    );
+    assert!(
+        list.iter().all(|p| p["probes"].as_u64().unwrap() >= 2),
+        "{probes}"
+    );
+    // The probes went through the switch to the backends' ports: SYNs from
+    // 168.63.129.16 to port 6000.
+    for sink in &mut e.sinks {
+        let mut b = Batch::new();
+        sink.rx_burst(&mut b);
+        let syn = b.drain().any(|p| {
+            dataplane::parse(p.data(), 0).is_ok_and(|k| {
+                k.key.src() == IpAddr::from([168, 63, 129, 16])
+                    && k.key.proto == 6
+                    && k.key.dst_port == 6000
+            })
+        });
+        assert!(syn, "no probe reached a backend");
+    }
+    // The probe removed: no probe state, the backends healthy again.
+    v.as_object_mut().unwrap().remove("probe");
+    let (st, r) = s.api("PUT", "/v1/vips/load", Some(&v.to_string()));
+    assert_eq!(st, 200, "{r}");
+    std::thread::sleep(Duration::from_millis(200));
+    let (_, p) = s.api("GET", "/v1/probes", None);
+    assert_eq!(p["probes"], serde_json::json!([]), "{p}");
+    // New flows are balanced over both again.
+    let tpl = Template::new(&spec(32, 7000)).unwrap();
+    let to = round(&s, &mut e, &tpl, 0);
+    assert!(to.contains(&Some(0)) && to.contains(&Some(1)), "{to:?}");
 }
