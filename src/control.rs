@@ -227,7 +227,24 @@ impl ControlState {
                 .collect();
         }
         let generation = cur.generation + 1;
-        let policy = Policy::compile(&topo, generation).map_err(|e| ApiError::invalid(e.0))?;
+        let mut policy = Policy::compile(&topo, generation).map_err(|e| ApiError::invalid(e.0))?;
+        // Unchanged security groups keep the published compilation, so the
+        // workers keep counting rule hits where they were (they reset their
+        // counters only when the groups are a different allocation).
+        let same = |a: &filter::CompiledNsg, b: &filter::CompiledNsg| {
+            a.name == b.name
+                && a.inbound.rules() == b.inbound.rules()
+                && a.outbound.rules() == b.outbound.rules()
+        };
+        if policy.nsgs.len() == cur.nsgs.len()
+            && policy
+                .nsgs
+                .iter()
+                .zip(cur.nsgs.iter())
+                .all(|(a, b)| same(a, b))
+        {
+            policy.nsgs = cur.nsgs.clone();
+        }
         self.policy.store(Arc::new(policy));
         self.config = next;
         self.changes += 1;
