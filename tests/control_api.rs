@@ -708,3 +708,86 @@ fn probes_added_and_removed_at_run_time() {
     let to = round(&s, &mut e, &tpl, 0);
     assert!(to.contains(&Some(0)) && to.contains(&Some(1)), "{to:?}");
 }
+
+/// A client that reuses its port after resetting a connection to a drained
+/// backend opens a new connection: it goes to a backend that takes new flows.
+#[test]
+fn a_reused_port_after_reset_avoids_the_drained_backend() {
+    let dir = TempDir::new("reuse");
+    let (s, mut e) = Switch::start(&dir.0);
+    let rule = r#"{"priority":110,"direction":"in","action":"allow","protocol":"tcp","src":["10.1.0.0/16"],"dst_ports":["6000"]}"#;
+    assert_eq!(
+        s.api("PUT", "/v1/nsgs/sink/rules/tcp-in", Some(rule)).0,
+        201
+    );
+    let vip = r#"{"vnet":"a","address":"10.1.0.101","port":80,"protocol":"tcp","backends":[{"vm":"sink1","port":6000},{"vm":"sink2","port":6000}]}"#;
+    assert_eq!(s.api("PUT", "/v1/vips/web", Some(vip)).0, 201);
+    let tpl = Template::new(&TrafficSpec {
+        dst_ip: "10.1.0.101".parse().unwrap(),
+        dport: 80,
+        proto: Proto::TcpSyn,
+        frame_size: 76,
+        ..spec(1, 1024)
+    })
+    .unwrap();
+    // One frame of flow 0 with TCP flags `flags`, sequence `seq`.
+    let send = |e: &mut Ends, flags: u8, seq: u64| {
+        let mut buf = s.pool().alloc().unwrap();
+        let room = buf.append(tpl.len()).unwrap();
+        assert!(tpl.write(
+            room,
+            &pktgen::Signature {
+                warmup: false,
+                flow: 0,
+                seq,
+                tx_ts: 0
+            }
+        ));
+        let f = buf.data_mut();
+        let old = u16::from_be_bytes([f[46], f[47]]);
+        f[47] = flags;
+        let new = u16::from_be_bytes([f[46], f[47]]);
+        let c = u16::from_be_bytes([f[50], f[51]]);
+        let c = dataplane::wire::checksum::update_word(c, old, new);
+        f[50..52].copy_from_slice(&c.to_be_bytes());
+        let mut b = Batch::new();
+        b.push(buf).unwrap();
+        assert_eq!(e.source.tx_burst(&mut b), 1);
+    };
+    // Where the next frame of the flow comes out (0 or 1), if anywhere.
+    let out = |e: &mut Ends| {
+        let end = std::time::Instant::now() + Duration::from_secs(2);
+        while std::time::Instant::now() < end {
+            for (i, sink) in e.sinks.iter_mut().enumerate() {
+                let mut b = Batch::new();
+                sink.rx_burst(&mut b);
+                if b.drain()
+                    .any(|p| pktgen::find_signature(p.data()).is_some())
+                {
+                    return Some(i);
+                }
+            }
+        }
+        None
+    };
+    send(&mut e, 0x02, 0);
+    let first = out(&mut e).expect("the SYN went nowhere");
+    let name = ["sink1", "sink2"][first];
+    assert_eq!(
+        s.api("POST", &format!("/v1/vips/web/backends/{name}/drain"), None)
+            .0,
+        200
+    );
+    // The connection keeps its backend (a retransmitted SYN too).
+    send(&mut e, 0x02, 1);
+    assert_eq!(out(&mut e), Some(first));
+    // The client resets it, then reuses the port: a new connection.
+    send(&mut e, 0x04, 2);
+    assert_eq!(out(&mut e), Some(first), "the RST follows the connection");
+    send(&mut e, 0x02, 3);
+    assert_eq!(
+        out(&mut e),
+        Some(1 - first),
+        "the new connection went to the drained backend"
+    );
+}

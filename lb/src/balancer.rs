@@ -7,7 +7,9 @@
 //! the moment; established connections carry the `Arc<Vip>` they were made
 //! under and are revalidated only when the snapshot's VIP is a different one.
 
-use crate::conntrack::{Conn, ConnError, ConnKey, ConnTable, Dir, Timeouts, to16};
+use crate::conntrack::{
+    Conn, ConnError, ConnKey, ConnState, ConnTable, Dir, TcpState, Timeouts, to16,
+};
 use crate::maglev::{DEFAULT_TABLE_SIZE, MaglevBackend, MaglevError, MaglevTable};
 use crate::nat::{NatBinding, Rewrite};
 use crate::snat::{SnatAllocator, SnatError};
@@ -523,6 +525,10 @@ impl LbStats {
     }
 }
 
+/// TCP flags the tracker reads here.
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
 /// A backend of a VIP: (VIP address, VIP port, protocol, backend address,
 /// backend port).
 pub type BackendKey = (IpAddr, u16, u8, IpAddr, u16);
@@ -623,6 +629,25 @@ impl LbCore {
         let Some((i, dir)) = self.conns.lookup(key, now, |c| release_snat(snat, &c)) else {
             return Ok(None);
         };
+        // A fresh SYN from the client on a finished connection's tuple (both
+        // FINs or an RST seen; the client reused its port): a new
+        // connection, decided afresh, as Linux conntrack does in TIME_WAIT.
+        // It must not inherit a backend that may since have been drained.
+        let finished = |c: &Conn<ConnInfo>| {
+            matches!(
+                c.state,
+                ConnState::Tcp(TcpState::TimeWait | TcpState::Closed)
+            )
+        };
+        if dir == Dir::Orig
+            && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+            && self.conns.get(i).is_some_and(finished)
+        {
+            if let Some(c) = self.conns.remove(i) {
+                release_snat(&mut self.snat, &c);
+            }
+            return Ok(None);
+        }
         let mut verdict = Ok(());
         let mut refresh = None;
         if let Some(Conn {
@@ -888,6 +913,45 @@ mod tests {
         // Traffic for no VIP is not ours.
         let other = ConnKey::new(ip("203.0.113.1"), 1, ip("10.1.0.99"), 80, 6);
         assert_eq!(lb.process(&vips, &other, SYN, 0), Decision::NotHandled);
+    }
+
+    #[test]
+    fn a_reused_port_after_close_is_a_new_connection() {
+        let mut vips = Vips::new();
+        vips.insert(Vip::new(vip_cfg(2), &[]).unwrap());
+        let mut lb = core();
+        let k = client(1, 40000);
+        let first = backend_of(lb.process(&vips, &k, SYN, 0));
+        let reply = ConnKey::new(first, 8080, k.src_ip(), k.sport, 6);
+        lb.process(&vips, &reply, SYN | ACK, 1);
+        lb.process(&vips, &k, ACK, 2);
+        // Drain that backend: the established connection keeps it.
+        let other = (0..2)
+            .find(|&i| ip(&format!("10.1.0.{}", 10 + i)) != first)
+            .unwrap();
+        let mut cfg = vip_cfg(2);
+        cfg.backends[1 - other].weight = 0;
+        let mut drained = Vips::new();
+        drained.insert(Vip::new(cfg, &[]).unwrap());
+        assert_eq!(backend_of(lb.process(&drained, &k, ACK, 3)), first);
+        // A SYN while one side is only half-closed is still that connection.
+        lb.process(&drained, &k, FIN | ACK, 4);
+        assert_eq!(backend_of(lb.process(&drained, &k, SYN, 5)), first);
+        // Both FINs: finished. The client reuses its port: a new connection,
+        // which goes to a backend that takes new flows.
+        lb.process(&drained, &reply, FIN | ACK, 6);
+        let again = lb.process(&drained, &k, SYN, 7);
+        assert!(
+            matches!(again, Decision::Forward { new: true, .. }),
+            "{again:?}"
+        );
+        assert_ne!(backend_of(again), first);
+        assert_eq!(lb.stats().new_dnat, 2);
+        // A retransmitted SYN of that new connection is not new again.
+        assert!(matches!(
+            lb.process(&drained, &k, SYN, 8),
+            Decision::Forward { new: false, .. }
+        ));
     }
 
     #[test]

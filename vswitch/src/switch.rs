@@ -376,6 +376,7 @@ enum Slow {
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
 
 fn tcp_flags(frame: &[u8], p: &Parsed) -> u8 {
     if p.key.proto == 6 && p.has_l4 {
@@ -889,7 +890,10 @@ impl<B: PacketBuf> Switch<B> {
         let flags = tcp_flags(pkt.data(), &pk);
         let len = pkt.len() as u64;
         if let Some(e) = self.flows.get_mut(&pk.key) {
-            if e.generation == policy.generation {
+            // A fresh SYN on a closing flow may open a new connection on a
+            // reused port: the slow path (the load balancer) decides.
+            let reopen = e.closing && flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+            if e.generation == policy.generation && !reopen {
                 e.last_seen = now;
                 e.packets += 1;
                 e.bytes += len;
