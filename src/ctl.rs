@@ -53,7 +53,40 @@ pub fn call(
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| format!("malformed status line: {head:?}"))?;
-    Ok((status, body.to_string()))
+    let chunked = head.lines().any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("transfer-encoding:") && l.contains("chunked")
+    });
+    let body = if chunked {
+        dechunk(body)?
+    } else {
+        body.to_string()
+    };
+    Ok((status, body))
+}
+
+/// The body of a `Transfer-Encoding: chunked` response (large responses
+/// come this way).
+fn dechunk(mut rest: &str) -> Result<String, String> {
+    let mut out = String::new();
+    loop {
+        let (size, after) = rest
+            .split_once("\r\n")
+            .ok_or_else(|| "malformed chunked body".to_string())?;
+        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|_| format!("malformed chunk size {size:?}"))?;
+        if size == 0 {
+            return Ok(out);
+        }
+        let chunk = after
+            .get(..size)
+            .ok_or_else(|| "truncated chunked body".to_string())?;
+        out.push_str(chunk);
+        rest = after
+            .get(size..)
+            .and_then(|r| r.strip_prefix("\r\n"))
+            .ok_or_else(|| "malformed chunked body".to_string())?;
+    }
 }
 
 /// A `pollux ctl` command.
@@ -385,4 +418,20 @@ fn table(cmd: &Cmd, v: &Value) -> Vec<String> {
         _ => out.push(format!("applied: {generation}")),
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunked_bodies_are_joined() {
+        assert_eq!(
+            dechunk("4\r\nWiki\r\n6\r\npedia \r\n0\r\n\r\n").unwrap(),
+            "Wikipedia "
+        );
+        assert_eq!(dechunk("0\r\n\r\n").unwrap(), "");
+        assert!(dechunk("zz\r\nab\r\n").is_err());
+        assert!(dechunk("9\r\nshort\r\n").is_err());
+    }
 }

@@ -274,6 +274,13 @@ fn changes_under_traffic_lose_no_packet_of_established_flows() {
             "{f}"
         );
     }
+    // Each client flow's counters span the whole run (about 180 packets at
+    // 100 pps), not just the time since the last change revalidated it.
+    let (_, v) = s.api("GET", "/v1/flows?src=10.1.0.10&proto=udp", None);
+    assert_eq!(v["matched"], 200, "{v}");
+    for f in v["flows"].as_array().unwrap() {
+        assert!(f["packets"].as_u64().unwrap() >= 120, "{f}");
+    }
     let (st, v) = s.api("DELETE", "/v1/flows?vm=gen", None);
     assert_eq!(st, 200, "{v}");
     assert!(v["deleted"].as_u64().unwrap() >= 200, "{v}");

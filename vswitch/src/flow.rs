@@ -189,10 +189,21 @@ pub struct FlowEntry {
     pub closing: bool,
 }
 
+/// What [`FlowTable::insert`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Insert {
+    /// A new flow.
+    New,
+    /// The flow's entry was replaced (counts kept).
+    Replaced,
+    /// The table is full: nothing installed.
+    Full,
+}
+
 /// Flow table counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FlowStats {
-    /// Entries installed.
+    /// New entries installed (replacements of a flow's entry not counted).
     pub installed: u64,
     /// Installs refused because the table was full.
     pub full: u64,
@@ -231,15 +242,27 @@ impl FlowTable {
         self.map.get_mut(key)
     }
 
-    /// Installs (or replaces) an entry; false when the table is full.
-    pub fn insert(&mut self, key: FlowKey, e: FlowEntry) -> bool {
-        if self.map.len() >= self.capacity && !self.map.contains_key(&key) {
-            self.stats.full += 1;
-            return false;
+    /// Installs an entry, or replaces the entry of `key` (a flow decided
+    /// again under a new policy generation), which keeps its packet and
+    /// byte counts; `Full` when the table is full.
+    pub fn insert(&mut self, key: FlowKey, mut e: FlowEntry) -> Insert {
+        match self.map.get(&key) {
+            Some(old) => {
+                e.packets += old.packets;
+                e.bytes += old.bytes;
+                self.map.insert(key, e);
+                Insert::Replaced
+            }
+            None if self.map.len() >= self.capacity => {
+                self.stats.full += 1;
+                Insert::Full
+            }
+            None => {
+                self.stats.installed += 1;
+                self.map.insert(key, e);
+                Insert::New
+            }
         }
-        self.stats.installed += 1;
-        self.map.insert(key, e);
-        true
     }
 
     /// Removes an entry.
@@ -383,12 +406,15 @@ mod tests {
     #[test]
     fn bounded_and_expiring() {
         let mut t = FlowTable::new(2, 100, 10);
-        assert!(t.insert(key(1), entry(0)));
-        assert!(t.insert(key(2), entry(0)));
-        assert!(!t.insert(key(3), entry(0)));
+        assert_eq!(t.insert(key(1), entry(0)), Insert::New);
+        assert_eq!(t.insert(key(2), entry(0)), Insert::New);
+        assert_eq!(t.insert(key(3), entry(0)), Insert::Full);
         assert_eq!(t.stats().full, 1);
-        // Replacing an existing key is allowed when full.
-        assert!(t.insert(key(2), entry(50)));
+        // Replacing an existing key is allowed when full, and keeps its counts.
+        t.get_mut(&key(2)).unwrap().packets = 7;
+        assert_eq!(t.insert(key(2), entry(50)), Insert::Replaced);
+        assert_eq!(t.get_mut(&key(2)).unwrap().packets, 7);
+        assert_eq!(t.stats().installed, 2);
         t.get_mut(&key(2)).unwrap().closing = true;
         // At 70: key 2 (closing, last seen 50) is past 10; key 1 within 100.
         assert_eq!(t.expire(70), 1);

@@ -765,7 +765,7 @@ impl<B: PacketBuf> Switch<B> {
             closing: false,
         };
         let fwd = fwd.compiled_for(&key);
-        if self.flows.insert(key, e(fwd)) {
+        if self.flows.insert(key, e(fwd)) == crate::flow::Insert::New {
             self.stats.flows_installed.fetch_add(1, Ordering::Relaxed);
         }
         if !stateful && fwd.lb.is_none() {
@@ -797,7 +797,7 @@ impl<B: PacketBuf> Switch<B> {
         };
         let back_key = flow_key(&post.reversed(), fwd.out_port);
         let back = FlowAction { nat, lb, ..back }.compiled_for(&back_key);
-        if self.flows.insert(back_key, e(back)) {
+        if self.flows.insert(back_key, e(back)) == crate::flow::Insert::New {
             self.stats.flows_installed.fetch_add(1, Ordering::Relaxed);
         }
         fwd
