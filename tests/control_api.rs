@@ -39,7 +39,7 @@ driver = "ring"
 
 [[vnet]]
 name = "a"
-prefixes = ["10.1.0.0/16"]
+prefixes = ["10.1.0.0/16", "fd00:1::/64"]
 gateway_mac = "12:34:56:78:9a:bc"
 
 [[vm]]
@@ -349,7 +349,7 @@ fn bad_requests_are_refused_and_leave_the_generation_unchanged() {
     let dir = TempDir::new("bad");
     let (s, _ends) = Switch::start(&dir.0);
     let g = s.generation();
-    let cases: [(&str, &str, Option<&str>, u16, &str); 9] = [
+    let cases: [(&str, &str, Option<&str>, u16, &str); 10] = [
         ("PUT", "/v1/vms/x", Some(r#"{"port":"#), 400, "vm \"x\""),
         (
             "PUT",
@@ -389,6 +389,15 @@ fn bad_requests_are_refused_and_leave_the_generation_unchanged() {
         ("DELETE", "/v1/vnets/a", None, 422, "vnet"),
         ("GET", "/v1/flows?proto=xyz", None, 400, "proto"),
         ("GET", "/v1/nothing", None, 404, "no such endpoint"),
+        (
+            "PUT",
+            "/v1/vips/v6",
+            Some(
+                r#"{"vnet":"a","address":"fd00:1::100","port":80,"protocol":"tcp","backends":[{"ip":"fd00:1::5","port":80}],"probe":{"kind":"tcp","port":80}}"#,
+            ),
+            422,
+            "IPv6",
+        ),
     ];
     for (m, p, b, want, says) in cases {
         let (st, v) = s.api(m, p, b);
