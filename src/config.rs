@@ -678,6 +678,12 @@ impl Config {
             if p.threshold == Some(0) {
                 errs.push(format!("vip {name:?}: probe threshold must be at least 1"));
             }
+            for b in bs.iter().filter(|b| b.ip.is_ipv6()) {
+                errs.push(format!(
+                    "vip {name:?}: backend {} is IPv6; probes reach IPv4 backends only so far",
+                    b.ip
+                ));
+            }
         }
         // Whatever the load balancer itself refuses (duplicate backends,
         // family mix, more backends than the table holds).

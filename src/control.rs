@@ -177,26 +177,9 @@ impl ControlState {
                 ));
             }
         }
-        next.validate().map_err(ApiError::invalid)?;
+        // `topology()` runs every check `pollux check` does except the
+        // policy compile, which happens once, below, on the full topology.
         let mut topo = next.topology().map_err(ApiError::invalid)?;
-        // What the probers cannot do must not leave a backend down forever.
-        let v6: Vec<String> =
-            next.vip
-                .iter()
-                .zip(&topo.vips)
-                .filter(|(c, _)| c.probe.is_some())
-                .flat_map(|(c, v)| {
-                    v.config.backends.iter().filter(|b| b.ip.is_ipv6()).map(move |b| {
-                    format!(
-                        "vip {:?}: backend {} is IPv6; probes reach IPv4 backends only so far",
-                        c.name, b.ip
-                    )
-                })
-                })
-                .collect();
-        if !v6.is_empty() {
-            return Err(ApiError::invalid(v6));
-        }
         topo.ports += self.internal_ports;
         for (vnet, vm) in &self.internal {
             if let Some(i) = topo.vnets.iter().position(|v| &v.name == vnet) {

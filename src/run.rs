@@ -67,15 +67,38 @@ pub fn probe_spec(p: &ProbeCfg) -> ProbeSpec {
 /// backend's address and port, and how it is probed.
 type ProbeKey = (IpAddr, u16, u8, Ipv4Addr, u16, ProbeSpec);
 
+/// A target of a vnet's prober: the VIP's name and what is probed.
+struct ProbeTarget {
+    vip: String,
+    key: ProbeKey,
+}
+
+impl ProbeTarget {
+    /// Its name in logs and reports: `vip "name" backend ip:port`.
+    fn name(&self) -> String {
+        format!("vip {:?} backend {}:{}", self.vip, self.key.3, self.key.4)
+    }
+}
+
 /// One vnet's prober and what its targets are; its frames come from `A`
 /// (pollux's pool, or a DPDK mempool: the worker's buffers).
 struct VnetProber<A: BufAlloc> {
     /// The vnet's name (its index may change with the policy).
     vnet: String,
     prober: Prober<RingPort<A::Buf>, A>,
-    /// Per target (index as in the prober): what it probes, and its name
-    /// in logs (`vip "name" backend ip:port`).
-    targets: Vec<(ProbeKey, String)>,
+    /// Per target, index as in the prober (retired ones stay, inactive).
+    targets: Vec<ProbeTarget>,
+}
+
+impl<A: BufAlloc> VnetProber<A> {
+    /// The targets still probed, with their health.
+    fn active(&self) -> impl Iterator<Item = (&ProbeTarget, &lb::probe::DipHealth)> {
+        self.targets
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.prober.is_active(*i))
+            .filter_map(|(i, t)| Some((t, self.prober.health(i)?)))
+    }
 }
 
 /// The idle far ends of configured ring ports.
@@ -146,47 +169,36 @@ fn sync_probes<A: BufAlloc>(
     now: Duration,
 ) -> Result<(), Vec<String>> {
     let topo = cfg.topology()?;
-    let mut want: Vec<(String, ProbeKey, String, usize)> = Vec::new();
-    let mut problems = Vec::new();
+    // (vnet, target, the backend's index in its VIP now)
+    let mut want: Vec<(&str, ProbeTarget, usize)> = Vec::new();
     for (vip_cfg, vip) in cfg.vip.iter().zip(topo.vips.iter()) {
         let Some(p) = &vip_cfg.probe else { continue };
         let c = &vip.config;
         let spec = probe_spec(p);
         for (bi, b) in c.backends.iter().enumerate() {
-            let IpAddr::V4(ip) = b.ip else {
-                problems.push(format!(
-                    "vip {:?}: backend {} is IPv6; probes reach IPv4 backends only so far",
-                    c.name, b.ip
-                ));
-                continue;
-            };
+            // Probed backends are IPv4: the configuration's validation says so.
+            let IpAddr::V4(ip) = b.ip else { continue };
             want.push((
-                vip_cfg.vnet.clone(),
-                (c.addr, c.port, c.proto, ip, b.port, spec.clone()),
-                format!("vip {:?} backend {}:{}", c.name, b.ip, b.port),
+                &vip_cfg.vnet,
+                ProbeTarget {
+                    vip: c.name.clone(),
+                    key: (c.addr, c.port, c.proto, ip, b.port, spec.clone()),
+                },
                 bi,
             ));
         }
     }
-    if !problems.is_empty() {
-        return Err(problems);
-    }
     for p in probers.iter_mut() {
-        let mine: Vec<&(String, ProbeKey, String, usize)> =
+        let mine: Vec<&(&str, ProbeTarget, usize)> =
             want.iter().filter(|w| w.0 == p.vnet).collect();
-        for (i, (key, _)) in p.targets.iter().enumerate() {
-            if p.prober.is_active(i) && !mine.iter().any(|w| &w.1 == key) {
+        for (i, t) in p.targets.iter().enumerate() {
+            if p.prober.is_active(i) && !mine.iter().any(|w| w.1.key == t.key) {
                 p.prober.retire(i);
             }
         }
-        for (_, key, name, bi) in mine {
-            let have = p
-                .targets
-                .iter()
-                .enumerate()
-                .any(|(i, (k, _))| k == key && p.prober.is_active(i));
-            if !have {
-                let (addr, port, proto, ip, _, spec) = key.clone();
+        for (_, t, bi) in mine {
+            if !p.active().any(|(have, _)| have.key == t.key) {
+                let (addr, port, proto, ip, _, spec) = t.key.clone();
                 p.prober.add(
                     Target {
                         vip: (addr, port, proto),
@@ -198,7 +210,10 @@ fn sync_probes<A: BufAlloc>(
                     },
                     now,
                 );
-                p.targets.push((key.clone(), name.clone()));
+                p.targets.push(ProbeTarget {
+                    vip: t.vip.clone(),
+                    key: t.key.clone(),
+                });
             }
         }
     }
@@ -572,12 +587,7 @@ fn run_on<A: BufAlloc>(
     eprintln!(
         "pollux: switch running on {} ports with {workers} worker(s), {} probed backends (SIGINT or SIGTERM stops)",
         cfg.port.len(),
-        probers
-            .iter()
-            .map(|p| (0..p.targets.len())
-                .filter(|&i| p.prober.is_active(i))
-                .count())
-            .sum::<usize>()
+        probers.iter().map(|p| p.active().count()).sum::<usize>()
     );
     let mut state = crate::control::ControlState::new(cfg.clone(), topo, swap.clone());
     let mut rt = crate::control::Runtime::new(
@@ -650,18 +660,14 @@ fn run_on<A: BufAlloc>(
         report.push(format!("port {name:?}: rx {rx} tx {tx} drops {drops}"));
     }
     for p in &probers {
-        for (i, (_, name)) in p.targets.iter().enumerate() {
-            if !p.prober.is_active(i) {
-                continue;
-            }
-            if let Some(h) = p.prober.health(i) {
-                report.push(format!(
-                    "{name}: {} after {} probes ({})",
-                    if h.up { "up" } else { "down" },
-                    h.probes,
-                    h.reason()
-                ));
-            }
+        for (t, h) in p.active() {
+            report.push(format!(
+                "{}: {} after {} probes ({})",
+                t.name(),
+                if h.up { "up" } else { "down" },
+                h.probes,
+                h.reason()
+            ));
         }
     }
     for r in crate::control::rule_hits(&swap.load(), &acl_hits) {
@@ -714,10 +720,11 @@ fn control_loop<A: BufAlloc>(
         let mut next = now + Duration::from_millis(50);
         for p in probers.iter_mut() {
             for c in p.prober.poll(now) {
-                let Some(((addr, port, proto, ip, bport, _), name)) = p.targets.get(c.target)
-                else {
+                let Some(t) = p.targets.get(c.target) else {
                     continue;
                 };
+                let (addr, port, proto, ip, bport, _) = &t.key;
+                let name = t.name();
                 let cur = policy.load();
                 // The backend by address: API changes may have moved it in
                 // the VIP's list (the prober only reports active targets).
@@ -755,7 +762,10 @@ fn control_loop<A: BufAlloc>(
                 eprintln!("pollux: probes not updated: {}", e.join("; "));
             }
         }
-        rt.probes = probe_states(probers);
+        // Only the API reads them.
+        if server.is_some() {
+            rt.probes = probe_states(probers);
+        }
         if let Some((flag, path)) = reload
             && flag.swap(false, Ordering::Relaxed)
         {
@@ -794,26 +804,16 @@ fn control_loop<A: BufAlloc>(
 
 /// The probe state of every probed backend, for the API and metrics.
 fn probe_states<A: BufAlloc>(probers: &[VnetProber<A>]) -> Vec<crate::control::ProbeState> {
-    let mut out = Vec::new();
-    for p in probers {
-        for (i, (key, name)) in p.targets.iter().enumerate() {
-            let (true, Some(h)) = (p.prober.is_active(i), p.prober.health(i)) else {
-                continue;
-            };
-            // "vip \"web\" backend 10.1.0.4:8080"
-            let vip = name
-                .strip_prefix("vip ")
-                .and_then(|r| r.split(" backend ").next())
-                .map_or_else(|| name.clone(), |v| v.trim_matches('"').to_string());
-            out.push(crate::control::ProbeState {
-                vip,
-                backend: format!("{}:{}", key.3, key.4),
-                up: h.up,
-                probes: h.probes,
-                reason: h.reason(),
-                rtt_ms: h.rtt.map(|d| d.as_secs_f64() * 1000.0),
-            });
-        }
-    }
-    out
+    probers
+        .iter()
+        .flat_map(|p| p.active())
+        .map(|(t, h)| crate::control::ProbeState {
+            vip: t.vip.clone(),
+            backend: format!("{}:{}", t.key.3, t.key.4),
+            up: h.up,
+            probes: h.probes,
+            reason: h.reason(),
+            rtt_ms: h.rtt.map(|d| d.as_secs_f64() * 1000.0),
+        })
+        .collect()
 }
