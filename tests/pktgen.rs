@@ -25,34 +25,12 @@ fn json(out: &std::process::Output) -> serde_json::Value {
     })
 }
 
-fn u(v: &serde_json::Value) -> u64 {
-    v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
-}
-
-#[test]
-fn pktgen_through_in_process_pollux_accounts_for_every_packet() {
-    let cfg = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/pktgen-ring.toml");
+/// Runs `pollux pktgen ARGS --json`, which must succeed; its report.
+fn pktgen_json(args: &[&str]) -> serde_json::Value {
     let out = Command::new(env!("CARGO_BIN_EXE_pollux"))
-        .args([
-            "pktgen",
-            "--config",
-            cfg,
-            "--tx",
-            "ring:gen",
-            "--rx",
-            "ring:sink",
-            "--dst-ip",
-            "10.1.0.100",
-            "--flows",
-            "1000",
-            "--rate",
-            "20k",
-            "--duration",
-            "1",
-            "--warmup",
-            "0.3",
-            "--json",
-        ])
+        .arg("pktgen")
+        .args(args)
+        .arg("--json")
         .output()
         .unwrap();
     assert!(
@@ -60,7 +38,34 @@ fn pktgen_through_in_process_pollux_accounts_for_every_packet() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let r = json(&out);
+    json(&out)
+}
+
+fn u(v: &serde_json::Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
+}
+
+#[test]
+fn pktgen_through_in_process_pollux_accounts_for_every_packet() {
+    let cfg = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/pktgen-ring.toml");
+    let r = pktgen_json(&[
+        "--config",
+        cfg,
+        "--tx",
+        "ring:gen",
+        "--rx",
+        "ring:sink",
+        "--dst-ip",
+        "10.1.0.100",
+        "--flows",
+        "1000",
+        "--rate",
+        "20k",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.3",
+    ]);
     assert_eq!(r["mode"], "trial");
     assert_eq!(r["flows"], 1000);
     let t = &r["trials"][0];
@@ -137,33 +142,22 @@ fn pktgen_writes_valid_tcp_syn_frames_to_pcap() {
     let dir = std::env::temp_dir().join(format!("pollux-pktgen-pcap-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("syn.pcap");
-    let out = Command::new(env!("CARGO_BIN_EXE_pollux"))
-        .args([
-            "pktgen",
-            "--tx",
-            &format!("pcap:{}", file.display()),
-            "--proto",
-            "tcp-syn",
-            "--size",
-            "76",
-            "--flows",
-            "3",
-            "--rate",
-            "2k",
-            "--duration",
-            "0.1",
-            "--warmup",
-            "0",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r = json(&out);
+    let r = pktgen_json(&[
+        "--tx",
+        &format!("pcap:{}", file.display()),
+        "--proto",
+        "tcp-syn",
+        "--size",
+        "76",
+        "--flows",
+        "3",
+        "--rate",
+        "2k",
+        "--duration",
+        "0.1",
+        "--warmup",
+        "0",
+    ]);
     let tx = u(&r["trials"][0]["tx"]);
     // Nothing comes back from a file: all of it counts as lost.
     assert_eq!(u(&r["trials"][0]["lost"]), tx);
@@ -211,31 +205,20 @@ fn pktgen_over_af_packet_on_a_veth_pair() {
         let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{i}/disable_ipv6"), "1");
         sh(&["ip", "link", "set", i, "up"]);
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_pollux"))
-        .args([
-            "pktgen",
-            "--tx",
-            &format!("af_packet:{a}"),
-            "--rx",
-            &format!("af_packet:{b}"),
-            "--flows",
-            "16",
-            "--rate",
-            "10k",
-            "--duration",
-            "0.5",
-            "--warmup",
-            "0.2",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r = json(&out);
+    let r = pktgen_json(&[
+        "--tx",
+        &format!("af_packet:{a}"),
+        "--rx",
+        &format!("af_packet:{b}"),
+        "--flows",
+        "16",
+        "--rate",
+        "10k",
+        "--duration",
+        "0.5",
+        "--warmup",
+        "0.2",
+    ]);
     let t = &r["trials"][0];
     let tx = u(&t["tx"]);
     assert!((4_500..=5_500).contains(&tx), "{t}");
