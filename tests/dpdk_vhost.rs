@@ -146,21 +146,13 @@ fn testpmd_traffic_crosses_pollux_with_lb_nat() {
         &format!("net_vhost0,iface={},client=1", sock("client")),
         &format!("net_vhost1,iface={},client=1", sock("dip1")),
     );
-    let (idx, pid, out, err) = lab.pollux("pollux", &cfg);
+    let (idx, out, err) = lab.pollux("pollux", &cfg);
     // Let traffic flow until the DIP has answered plenty.
     let dip_log = dir.join("dip.log");
     let flowing = wait_for(Duration::from_secs(30), || {
         last(&read(&dip_log), "RX-packets") > 10_000
     });
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = lab.children[idx].wait().unwrap();
-    let report = read(&out);
+    let (status, report) = lab.stop(idx, &out);
     assert!(
         flowing,
         "the DIP saw no traffic\npollux: {report}{}\ntestpmd: {}",

@@ -19,7 +19,7 @@
 
 mod common;
 
-use common::netns::{Lab, read, sh, skip_reason, wait_for};
+use common::netns::{Lab, read, skip_reason, wait_for};
 use std::time::Duration;
 
 /// (tag, address, MAC) of every namespace.
@@ -196,7 +196,7 @@ fn scenario(lab: &mut Lab, driver: &str, workers: usize) {
         .iter()
         .map(|t| (*t, read(&dir.join(format!("{t}.log"))).len()))
         .collect();
-    let (pollux_idx, pid, out, log) = lab.pollux(
+    let (pollux_idx, out, log) = lab.pollux(
         &format!("pollux-{driver}-{workers}"),
         &format!("[dataplane]\nworkers = {workers}\n{}", config(lab, driver)),
     );
@@ -321,9 +321,7 @@ fn scenario(lab: &mut Lab, driver: &str, workers: usize) {
     }
 
     // 6. A clean stop, with a report that names what was dropped and why.
-    sh(&["kill", "-TERM", &pid]);
-    let status = lab.children[pollux_idx].wait().unwrap();
-    let report = read(&out);
+    let (status, report) = lab.stop(pollux_idx, &out);
     eprintln!("pollux log:\n{}\nreport:\n{report}", read(&log));
     assert!(status.success(), "{report}\n{}", read(&log));
     assert!(

@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::netns::{Lab, read, sh, skip_reason, wait_for};
+use common::netns::{Lab, read, skip_reason, wait_for};
 use std::time::Duration;
 
 const NODES: [(&str, &str, &str, &str); 3] = [
@@ -90,7 +90,7 @@ fn ipv6_stacks_resolve_and_talk_through_pollux() {
         ),
         &log,
     );
-    let (idx, pid, out, err) = lab.pollux("pollux-v6", &config(&lab));
+    let (idx, out, err) = lab.pollux("pollux-v6", &config(&lab));
     assert!(
         wait_for(Duration::from_secs(10), || read(&err)
             .contains("switch running")),
@@ -123,9 +123,7 @@ fn ipv6_stacks_resolve_and_talk_through_pollux() {
     let text = String::from_utf8_lossy(&r.stdout);
     assert!(text.contains("vip=28") && text.contains("dip=28"), "{text}");
 
-    sh(&["kill", "-TERM", &pid]);
-    let status = lab.children[idx].wait().unwrap();
-    let report = read(&out);
+    let (status, report) = lab.stop(idx, &out);
     assert!(status.success(), "{report}\n{}", read(&err));
     assert!(report.contains("(\"no_route\", "), "{report}");
     assert!(

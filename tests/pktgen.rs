@@ -262,7 +262,7 @@ fn pktgen_over_dpdk_vhost_through_pollux() {
         &format!("net_vhost0,iface={}", sock("client")),
         &format!("net_vhost1,iface={}", sock("dip1")),
     );
-    let (idx, pid, out, err) = lab.pollux("pollux", &cfg);
+    let (idx, out, err) = lab.pollux("pollux", &cfg);
     assert!(
         wait_for(Duration::from_secs(20), || {
             std::path::Path::new(&sock("client")).exists()
@@ -306,15 +306,7 @@ fn pktgen_over_dpdk_vhost_through_pollux() {
         ])
         .output()
         .unwrap();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = lab.children[idx].wait().unwrap();
-    let report = read(&out);
+    let (status, report) = lab.stop(idx, &out);
     assert!(
         gen_out.status.success(),
         "pktgen: {}\npollux: {report}{}",

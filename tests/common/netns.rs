@@ -158,9 +158,9 @@ impl Lab {
         self.children.len() - 1
     }
 
-    /// Starts `pollux run` on `config`; returns (child index, pid, stdout
-    /// file, stderr file).
-    pub fn pollux(&mut self, name: &str, config: &str) -> (usize, String, PathBuf, PathBuf) {
+    /// Starts `pollux run` on `config`; returns (child index, stdout file,
+    /// stderr file). [`Lab::stop`] stops it.
+    pub fn pollux(&mut self, name: &str, config: &str) -> (usize, PathBuf, PathBuf) {
         let cfg = self.dir.join(format!("{name}.toml"));
         std::fs::write(&cfg, config).unwrap();
         let out = self.dir.join(format!("{name}.out"));
@@ -171,9 +171,18 @@ impl Lab {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let pid = child.id().to_string();
         self.children.push(child);
-        (self.children.len() - 1, pid, out, log)
+        (self.children.len() - 1, out, log)
+    }
+
+    /// Stops the `pollux run` started as child `idx` the way an operator
+    /// does (SIGTERM) and waits for it; returns its exit status and its
+    /// stop report (`out`, its stdout file).
+    pub fn stop(&mut self, idx: usize, out: &Path) -> (std::process::ExitStatus, String) {
+        let pid = self.children[idx].id().to_string();
+        sh(&["kill", "-TERM", &pid]);
+        let status = self.children[idx].wait().unwrap();
+        (status, read(out))
     }
 }
 
