@@ -12,12 +12,16 @@
 //!
 //! One thread does everything: the generator fills 32 frames and sends them
 //! into the switch's input ring, the worker polls once (`Worker::poll_once`),
-//! and the three backend rings are drained; the figure includes the
-//! generator's and sinks' work.
+//! and the three backend rings are drained. `fast_path` and
+//! `new_flows/slow_path` time only the worker's poll (TSC stamps around
+//! `poll_once`: receive, pipeline, transmit), which is the switch's cost per
+//! core; the `..._with_generator` variants time the whole loop, the
+//! generator's and sinks' work included.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 use arc_swap::ArcSwap;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use dataplane::clock::TscClock;
 use dataplane::pool::{Pool, PoolBuf, PoolConfig};
 use dataplane::port::ring::{self, RingPort};
 use dataplane::worker::Worker;
@@ -176,9 +180,9 @@ impl Rig {
         }
     }
 
-    /// One burst: generate 32 frames, poll the switch once, drain the sinks.
+    /// Generates 32 frames into the switch's input ring.
     #[inline]
-    fn burst(&mut self) -> usize {
+    fn generate(&mut self) {
         let mut b = Batch::new();
         for _ in 0..BURST {
             let mut buf = self.pool.alloc().unwrap();
@@ -192,7 +196,11 @@ impl Rig {
             b.push(buf).unwrap();
         }
         self.gen_end.tx_burst(&mut b);
-        self.worker.poll_once();
+    }
+
+    /// Drains the backend rings, freeing the frames; returns how many.
+    #[inline]
+    fn drain(&mut self) -> usize {
         let mut n = 0;
         for s in &mut self.sinks {
             n += s.rx_burst(&mut self.rx);
@@ -200,12 +208,37 @@ impl Rig {
         }
         n
     }
+
+    /// One burst: generate 32 frames, poll the switch once, drain the sinks.
+    #[inline]
+    fn burst(&mut self) -> usize {
+        self.generate();
+        self.worker.poll_once();
+        self.drain()
+    }
+
+    /// `iters` bursts, timing only the worker's poll (TSC ticks).
+    fn timed_bursts(&mut self, clock: &TscClock, iters: u64) -> u64 {
+        let mut ticks = 0;
+        for _ in 0..iters {
+            self.generate();
+            let t0 = clock.now();
+            self.worker.poll_once();
+            ticks += clock.now().wrapping_sub(t0);
+            self.drain();
+        }
+        ticks
+    }
 }
 
 fn bench(c: &mut Criterion) {
-    let mut g = c.benchmark_group("fast_path");
-    g.throughput(Throughput::Elements(BURST as u64));
-    for flows in [1_000u32, 100_000, 1_000_000] {
+    let clock = TscClock::calibrate(Duration::from_millis(50));
+    // `SWITCH_BENCH_FLOWS=1000,100000` runs only those sizes.
+    let sizes: Vec<u32> = std::env::var("SWITCH_BENCH_FLOWS")
+        .map(|v| v.split(',').map(|x| x.parse().unwrap()).collect())
+        .unwrap_or_else(|_| vec![1_000, 100_000, 1_000_000]);
+    let mut rigs = Vec::new();
+    for flows in sizes {
         let mut rig = Rig::new(flows, flows as usize);
         // Install every flow once (slow path), then check they all hit.
         let mut out = 0;
@@ -216,35 +249,61 @@ fn bench(c: &mut Criterion) {
             out as u32 >= flows - BURST as u32,
             "only {out} of {flows} forwarded while installing"
         );
-        g.bench_with_input(BenchmarkId::from_parameter(flows), &flows, |b, _| {
+        rigs.push((flows, rig));
+    }
+    // The switch's own cost: only `poll_once` is timed (receive from the
+    // input ring, the pipeline, transmit to the backend rings).
+    let mut g = c.benchmark_group("fast_path");
+    g.throughput(Throughput::Elements(BURST as u64));
+    for (flows, rig) in &mut rigs {
+        g.bench_with_input(BenchmarkId::from_parameter(*flows), flows, |b, _| {
+            b.iter_custom(|iters| {
+                Duration::from_nanos(clock.ticks_to_ns(rig.timed_bursts(&clock, iters)))
+            })
+        });
+    }
+    g.finish();
+    // The same with the generator's and sinks' work on the same thread.
+    let mut g = c.benchmark_group("fast_path_with_generator");
+    g.throughput(Throughput::Elements(BURST as u64));
+    for (flows, rig) in &mut rigs {
+        g.bench_with_input(BenchmarkId::from_parameter(*flows), flows, |b, _| {
             b.iter(|| rig.burst())
         });
     }
     g.finish();
+    drop(rigs);
 
     let mut g = c.benchmark_group("new_flows");
     g.throughput(Throughput::Elements(BURST as u64));
     g.sample_size(10);
-    g.bench_function("slow_path", |b| {
-        b.iter_custom(|iters| {
-            // Fresh switch per 16 384 bursts (built untimed): each packet is
-            // a flow the switch has not seen.
-            let mut total = Duration::ZERO;
-            let mut done = 0u64;
-            while done < iters {
-                let n = (iters - done).min(16_384);
-                let flows = (n as usize * BURST) as u32;
-                let mut rig = Rig::new(flows, flows as usize);
-                let t = Instant::now();
-                for _ in 0..n {
-                    rig.burst();
+    for (name, worker_only) in [("slow_path", true), ("slow_path_with_generator", false)] {
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                // Fresh switch per 16 384 bursts (built untimed): each packet
+                // is a flow the switch has not seen.
+                let mut total = Duration::ZERO;
+                let mut done = 0u64;
+                while done < iters {
+                    let n = (iters - done).min(16_384);
+                    let flows = (n as usize * BURST) as u32;
+                    let mut rig = Rig::new(flows, flows as usize);
+                    if worker_only {
+                        total +=
+                            Duration::from_nanos(clock.ticks_to_ns(rig.timed_bursts(&clock, n)));
+                    } else {
+                        let t = Instant::now();
+                        for _ in 0..n {
+                            rig.burst();
+                        }
+                        total += t.elapsed();
+                    }
+                    done += n;
                 }
-                total += t.elapsed();
-                done += n;
-            }
-            total
-        })
-    });
+                total
+            })
+        });
+    }
     g.finish();
 }
 

@@ -35,7 +35,7 @@ pub mod worker;
 
 pub use batch::{BURST, Batch};
 pub use buf::{BufAlloc, BufError, PacketBuf};
-pub use parse::{FlowKey, L3, Parsed, parse};
+pub use parse::{FlowKey, L3, Parsed, parse, parse_into};
 pub use port::{LinkInfo, Port, PortError};
 pub use stats::{DropReason, PortStats};
 pub use wire::{MacAddr, ParseError};

@@ -136,8 +136,17 @@ impl Parsed {
 
 /// Parses `frame`, received on `in_port`, into offsets and a flow key.
 pub fn parse(frame: &[u8], in_port: u16) -> Result<Parsed, ParseError> {
+    let mut out = Parsed::default();
+    parse_into(frame, in_port, &mut out).map(|()| out)
+}
+
+/// [`parse`] writing into `out` (left partly written on error). For a burst
+/// parsed into an array: the result is written in place rather than
+/// returned and copied, and a copy read right after the field-by-field
+/// writes of the parse stalls on store forwarding.
+pub fn parse_into(frame: &[u8], in_port: u16, out: &mut Parsed) -> Result<(), ParseError> {
     let eth = ethernet::Frame::new_checked(frame)?;
-    let mut out = Parsed {
+    *out = Parsed {
         l3_off: ethernet::HEADER_LEN as u16,
         ethertype: eth.ethertype(),
         key: FlowKey {
@@ -154,8 +163,8 @@ pub fn parse(frame: &[u8], in_port: u16) -> Result<Parsed, ParseError> {
     }
     let l3 = &frame[usize::from(out.l3_off)..];
     match out.ethertype {
-        ETHERTYPE_IPV4 => parse_ipv4(l3, &mut out)?,
-        ETHERTYPE_IPV6 => parse_ipv6(l3, &mut out)?,
+        ETHERTYPE_IPV4 => parse_ipv4(l3, out)?,
+        ETHERTYPE_IPV6 => parse_ipv6(l3, out)?,
         ETHERTYPE_ARP => {
             let a = arp::Packet::new_checked(l3)?;
             out.l3 = L3::Arp;
@@ -164,7 +173,7 @@ pub fn parse(frame: &[u8], in_port: u16) -> Result<Parsed, ParseError> {
         }
         _ => {}
     }
-    Ok(out)
+    Ok(())
 }
 
 fn parse_ipv4(l3: &[u8], out: &mut Parsed) -> Result<(), ParseError> {

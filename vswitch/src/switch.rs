@@ -27,7 +27,7 @@ use crossbeam_queue::ArrayQueue;
 use dataplane::clock::TscClock;
 use dataplane::wire::arp;
 use dataplane::worker::{Ctx, Pipeline};
-use dataplane::{Batch, DropReason, FlowKey, L3, PacketBuf, Parsed, parse, rewrite};
+use dataplane::{Batch, DropReason, FlowKey, L3, PacketBuf, Parsed, parse, parse_into, rewrite};
 use filter::{Action, Direction, HitCounters, PacketKey};
 use lb::balancer::{Decision, LbCore, LbDrop};
 use lb::conntrack::{ConnKey, Dir, Timeouts};
@@ -353,6 +353,10 @@ fn transpose<B: PacketBuf>(
         Err(_) => stats.count(SwitchDrop::RewriteFailed),
     }
 }
+
+/// A packet parsed and looked up ahead of its turn in the burst: headers,
+/// flow hash, and the flow found then (see [`FlowTable::entry_for`]).
+type Pre<'a> = (&'a Parsed, u64, Option<crate::flow::FlowRef>);
 
 /// Where the slow path routes a packet.
 #[derive(Clone, Copy)]
@@ -878,18 +882,27 @@ impl<B: PacketBuf> Switch<B> {
         now: u64,
         owned: bool,
         tally: &mut (u64, u64, u64),
+        pre: Option<Pre<'_>>,
     ) {
         let in_port16 = in_port as u16;
-        let pk = match parse(pkt.data(), in_port16) {
-            Ok(p) => p,
-            Err(e) => {
-                ctx.drop_packet(pkt, DropReason::Malformed(e));
-                return;
-            }
+        let parsed;
+        // By reference: copying the parsed headers costs more than using them.
+        let (pk, hash, hint): (&Parsed, u64, _) = match pre {
+            Some(p) => p,
+            None => match parse(pkt.data(), in_port16) {
+                Ok(p) => {
+                    parsed = p;
+                    (&parsed, self.flows.hash(&parsed.key), None)
+                }
+                Err(e) => {
+                    ctx.drop_packet(pkt, DropReason::Malformed(e));
+                    return;
+                }
+            },
         };
-        let flags = tcp_flags(pkt.data(), &pk);
+        let flags = tcp_flags(pkt.data(), pk);
         let len = pkt.len() as u64;
-        if let Some(e) = self.flows.get_mut(&pk.key) {
+        if let Some(e) = self.flows.entry_for(hint, hash, &pk.key) {
             // A fresh SYN on a closing flow may open a new connection on a
             // reused port: the slow path (the load balancer) decides.
             let reopen = e.closing && flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
@@ -919,7 +932,7 @@ impl<B: PacketBuf> Switch<B> {
                 }
                 tally.0 += 1;
                 // The action is used in place (no copy of it per packet).
-                transpose(&self.stats, ctx, pkt, &pk, &e.action);
+                transpose(&self.stats, ctx, pkt, pk, &e.action);
                 return;
             }
         }
@@ -939,16 +952,16 @@ impl<B: PacketBuf> Switch<B> {
             }
         }
         tally.1 += 1;
-        match self.slow(policy, pkt.data_mut(), &pk, in_port16, now) {
+        match self.slow(policy, pkt.data_mut(), pk, in_port16, now) {
             Ok(Slow::Reply) => ctx.send(in_port, pkt),
-            Ok(Slow::Advert(mac)) => match rewrite::neighbor_advert(&mut pkt, &pk, mac) {
+            Ok(Slow::Advert(mac)) => match rewrite::neighbor_advert(&mut pkt, pk, mac) {
                 Ok(()) => {
                     self.stats.nd_replies.fetch_add(1, Ordering::Relaxed);
                     ctx.send(in_port, pkt)
                 }
                 Err(_) => self.drop_pkt(pkt, SwitchDrop::RewriteFailed),
             },
-            Ok(Slow::Forward(a)) => transpose(&self.stats, ctx, pkt, &pk, &a),
+            Ok(Slow::Forward(a)) => transpose(&self.stats, ctx, pkt, pk, &a),
             Err(r) => self.drop_pkt(pkt, r),
         }
     }
@@ -992,8 +1005,56 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
     fn process(&mut self, ctx: &mut Ctx<'_, B>, in_port: usize, pkts: &mut Batch<B>) {
         let (policy, now) = self.begin(ctx);
         let mut tally = (0, 0, 0);
-        for pkt in pkts.drain() {
-            self.packet(ctx, &policy, in_port, pkt, now, false, &mut tally);
+        // The burst in stages, so that the cache misses of its lookups
+        // overlap instead of following one another, and no stage reads
+        // what the one before has only just written (store forwarding
+        // stalls): parse every packet in place; hash every key; search the
+        // index for all of them (the bucket and slot loads of one packet do
+        // not wait for the previous one); then process each packet.
+        const N: usize = dataplane::BURST;
+        let in16 = in_port as u16;
+        let n = pkts.len();
+        let mut parsed = [Parsed::default(); N];
+        let mut status = [Ok(()); N];
+        let mut hash = [0u64; N];
+        let mut hint = [None; N];
+        for ((pkt, p), st) in pkts.iter().zip(parsed.iter_mut()).zip(status.iter_mut()) {
+            *st = parse_into(pkt.data(), in16, p);
+        }
+        for (h, p) in hash.iter_mut().zip(parsed.iter()).take(n) {
+            *h = self.flows.hash(&p.key);
+        }
+        for (((r, p), h), st) in hint
+            .iter_mut()
+            .zip(parsed.iter())
+            .zip(hash.iter())
+            .zip(status.iter())
+            .take(n)
+        {
+            *r = match st {
+                Ok(()) => self.flows.find(*h, &p.key),
+                Err(_) => None,
+            };
+        }
+        for (i, pkt) in pkts.drain().enumerate() {
+            let (Some(p), Some(h), Some(r), Some(st)) =
+                (parsed.get(i), hash.get(i), hint.get(i), status.get(i))
+            else {
+                break;
+            };
+            match st {
+                Ok(()) => self.packet(
+                    ctx,
+                    &policy,
+                    in_port,
+                    pkt,
+                    now,
+                    false,
+                    &mut tally,
+                    Some((p, *h, *r)),
+                ),
+                Err(e) => ctx.drop_packet(pkt, DropReason::Malformed(*e)),
+            }
         }
         self.end(now, tally);
     }
@@ -1029,6 +1090,7 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                 now,
                 true,
                 &mut tally,
+                None,
             );
             n += 1;
         }

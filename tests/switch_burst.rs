@@ -1,0 +1,176 @@
+//! One burst through the switch's staged fast path (parse all, hash all,
+//! look up all, then process): packets of a flow whose first packet is
+//! earlier in the same burst must hit the entry that packet installed, and
+//! malformed frames mixed in are dropped and counted without disturbing the
+//! others. The worker is polled by hand, so a burst is exactly what was sent.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+use arc_swap::ArcSwap;
+use dataplane::pool::{HugePages, Pool, PoolBuf, PoolConfig};
+use dataplane::port::ring::{self, RingPort};
+use dataplane::worker::Worker;
+use dataplane::{BURST, Batch, LinkInfo, MacAddr, PacketBuf, Port};
+use filter::{NsgSpec, RuleSpec};
+use lb::balancer::{Backend, VipConfig};
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use vswitch::{Policy, Switch, SwitchConfig, Topology, VipDef, VmDef, VnetDef};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 100);
+const GW_MAC: MacAddr = MacAddr([0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc]);
+
+fn mac(i: u8) -> MacAddr {
+    MacAddr([2, 0, 0, 0, 0, i])
+}
+
+fn topology() -> Topology {
+    let allow = RuleSpec {
+        name: Some("udp-8080".into()),
+        priority: 100,
+        direction: "in".into(),
+        action: "allow".into(),
+        protocol: "udp".into(),
+        src: vec!["10.1.1.0/24".into()],
+        dst: vec!["any".into()],
+        src_ports: vec!["any".into()],
+        dst_ports: vec!["8080".into()],
+        stateful: None,
+    };
+    let mut vms = vec![VmDef {
+        name: "client".into(),
+        port: 0,
+        vnet: 0,
+        mac: mac(1),
+        ips: vec![IpAddr::V4(Ipv4Addr::new(10, 1, 1, 1))],
+        nsg: Some(0),
+        internal: false,
+    }];
+    for b in 0..3u8 {
+        vms.push(VmDef {
+            name: format!("dip{b}"),
+            port: 1 + u16::from(b),
+            vnet: 0,
+            mac: mac(10 + b),
+            ips: vec![IpAddr::V4(Ipv4Addr::new(10, 1, 0, 4 + b))],
+            nsg: Some(0),
+            internal: false,
+        });
+    }
+    let backends = (0..3)
+        .map(|b| Backend {
+            ip: IpAddr::V4(Ipv4Addr::new(10, 1, 0, 4 + b)),
+            port: 8080,
+            weight: 1,
+        })
+        .collect();
+    Topology {
+        vnets: vec![VnetDef {
+            name: "a".into(),
+            prefixes: vec!["10.1.0.0/16".parse().unwrap()],
+            gateway_mac: GW_MAC,
+            snat: None,
+        }],
+        vms,
+        nsgs: vec![NsgSpec {
+            name: "n".into(),
+            rules: vec![allow],
+        }],
+        vips: vec![VipDef {
+            vnet: 0,
+            config: VipConfig::new("v", IpAddr::V4(VIP), 80, 17, backends),
+            health: vec![],
+        }],
+        ports: 4,
+        uplink: None,
+    }
+}
+
+/// A UDP frame from the client to the VIP, source port `sport`.
+fn to_vip(sport: u16) -> Vec<u8> {
+    let mut v = Vec::new();
+    etherparse::PacketBuilder::ethernet2(mac(1).0, GW_MAC.0)
+        .ipv4([10, 1, 1, 1], VIP.octets(), 64)
+        .udp(sport, 80)
+        .write(&mut v, &[7u8; 18])
+        .unwrap();
+    v
+}
+
+#[test]
+fn flows_installed_earlier_in_a_burst_hit_later_in_it() {
+    let mut cfg = PoolConfig::new("burst-test", 1024);
+    cfg.huge = HugePages::Never;
+    let pool = Pool::new(&cfg).unwrap();
+    let policy = Arc::new(ArcSwap::from_pointee(
+        Policy::compile(&topology(), 1).unwrap(),
+    ));
+    let sw = Switch::new(policy, SwitchConfig::default());
+    let stats = sw.stats();
+    let l = |n: &str| LinkInfo::new(n, MacAddr([2, 0, 0, 0, 9, 9]), "ring");
+    let (mut client, sw_client) = ring::pair(l("client"), l("sw-client"), 256);
+    let mut ports: Vec<Box<dyn Port<Buf = PoolBuf>>> = vec![Box::new(sw_client)];
+    let mut dips: Vec<RingPort<PoolBuf>> = Vec::new();
+    for b in 0..3 {
+        let (d, s) = ring::pair(l(&format!("dip{b}")), l(&format!("sw-dip{b}")), 256);
+        dips.push(d);
+        ports.push(Box::new(s));
+    }
+    let mut worker = Worker::new("burst", None, ports, sw);
+    let wstats = worker.stats();
+
+    // One burst: four flows, eight packets each, interleaved, with every
+    // eighth frame replaced by a truncated one (4 malformed, 28 good).
+    let mut b = Batch::new();
+    let mut sent: HashMap<u16, usize> = HashMap::new();
+    for i in 0..BURST {
+        let sport = 5000 + (i % 4) as u16;
+        let mut f = to_vip(sport);
+        if i % 8 == 7 {
+            f.truncate(20);
+        } else {
+            *sent.entry(sport).or_default() += 1;
+        }
+        b.push(pool.alloc_copy(&f).unwrap()).unwrap();
+    }
+    assert_eq!(client.tx_burst(&mut b), BURST);
+    worker.poll_once();
+    worker.publish();
+
+    // Each flow's first packet took the slow path; the other 24 good ones
+    // hit the entries installed earlier in the same burst.
+    assert_eq!(stats.slow_path.load(Ordering::Relaxed), 4);
+    assert_eq!(stats.fast_path.load(Ordering::Relaxed), 24);
+    assert_eq!(wstats.drops.total(), 4, "the truncated frames");
+    // Every good packet arrived, rewritten to one backend per flow.
+    let mut got: HashMap<u16, (usize, usize)> = HashMap::new();
+    let mut rx = Batch::new();
+    for (d, port) in dips.iter_mut().enumerate() {
+        port.rx_burst(&mut rx);
+        for p in rx.drain() {
+            let f = p.data();
+            let ip = etherparse::Ipv4HeaderSlice::from_slice(&f[14..]).unwrap();
+            assert_eq!(&f[0..6], &mac(10 + d as u8).0, "dst MAC of dip{d}");
+            assert_eq!(ip.destination(), [10, 1, 0, 4 + d as u8]);
+            assert_eq!(ip.ttl(), 63);
+            let sport = u16::from_be_bytes([f[34], f[35]]);
+            assert_eq!(u16::from_be_bytes([f[36], f[37]]), 8080);
+            let e = got.entry(sport).or_insert((d, 0));
+            assert_eq!(e.0, d, "flow {sport} went to two backends");
+            e.1 += 1;
+        }
+    }
+    let counts: HashMap<u16, usize> = got.iter().map(|(k, v)| (*k, v.1)).collect();
+    assert_eq!(counts, sent);
+
+    // The next burst of the same flows is all hits.
+    for i in 0..BURST {
+        let f = to_vip(5000 + (i % 4) as u16);
+        b.push(pool.alloc_copy(&f).unwrap()).unwrap();
+    }
+    client.tx_burst(&mut b);
+    worker.poll_once();
+    assert_eq!(stats.slow_path.load(Ordering::Relaxed), 4);
+    assert_eq!(stats.fast_path.load(Ordering::Relaxed), 24 + BURST as u64);
+}
