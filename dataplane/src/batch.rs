@@ -57,6 +57,13 @@ impl<B> Batch<B> {
         self.pkts.pop()
     }
 
+    /// Removes the first `n` packets (all, if fewer), yielding them in order.
+    #[inline]
+    pub fn drain_front(&mut self, n: usize) -> arrayvec::Drain<'_, B, BURST> {
+        let n = n.min(self.pkts.len());
+        self.pkts.drain(..n)
+    }
+
     /// Removes and yields every packet, in order.
     #[inline]
     pub fn drain(&mut self) -> arrayvec::Drain<'_, B, BURST> {
