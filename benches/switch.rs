@@ -30,10 +30,11 @@ use filter::{NsgSpec, RuleSpec};
 use lb::balancer::{Backend, VipConfig};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use vswitch::{Policy, Switch, SwitchConfig, Topology, VipDef, VmDef, VnetDef};
+use vswitch::{Policy, Switch, SwitchConfig, SwitchStats, Topology, VipDef, VmDef, VnetDef};
 
-const GEN_IPS: u32 = 16;
+const GEN_IPS: u32 = 64;
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 100);
 
 fn gen_ip(i: u32) -> Ipv4Addr {
@@ -139,25 +140,48 @@ fn frame(f: u32) -> [u8; 60] {
 
 struct Rig {
     worker: Worker<PoolBuf, Switch>,
+    stats: Arc<SwitchStats>,
     gen_end: RingPort<PoolBuf>,
     sinks: Vec<RingPort<PoolBuf>>,
     pool: Pool,
     frames: Vec<[u8; 60]>,
     next: usize,
     rx: Batch<PoolBuf>,
+    forwarded: u64,
 }
 
 impl Rig {
     fn new(flows: u32, table: usize) -> Rig {
+        Rig::with_timeouts(flows, table, None)
+    }
+
+    /// A rig whose flows and connections time out after `idle` (instead
+    /// of the defaults: minutes).
+    fn with_timeouts(flows: u32, table: usize, idle: Option<Duration>) -> Rig {
         let pool = Pool::new(&PoolConfig::new("switch-bench", 8192)).unwrap();
         let policy = Arc::new(ArcSwap::from_pointee(
             Policy::compile(&topology(), 1).unwrap(),
         ));
-        let cfg = SwitchConfig {
+        let mut cfg = SwitchConfig {
             flow_table_size: table * 2 + 64,
             conn_table_size: table + 64,
             ..SwitchConfig::default()
         };
+        if let Some(idle) = idle {
+            let ns = idle.as_nanos() as u64;
+            cfg.flow_idle = idle;
+            cfg.flow_closing = idle;
+            cfg.timeouts = lb::conntrack::Timeouts {
+                tcp_handshake: ns,
+                tcp_established: ns,
+                tcp_fin: ns,
+                tcp_time_wait: ns,
+                tcp_closed: ns,
+                udp_unreplied: ns,
+                udp_replied: ns,
+                other: ns,
+            };
+        }
         let sw = Switch::new(policy, cfg);
         let l = |n: &str| LinkInfo::new(n, MacAddr([2, 0, 0, 0, 9, 9]), "ring");
         let (gen_end, sw_gen) = ring::pair(l("gen"), l("sw-gen"), 1024);
@@ -168,16 +192,25 @@ impl Rig {
             sinks.push(s);
             ports.push(Box::new(sw));
         }
+        let stats = sw.stats();
         let worker = Worker::new("bench", None, ports, sw);
         Rig {
             worker,
+            stats,
             gen_end,
             sinks,
             pool,
             frames: (0..flows).map(frame).collect(),
             next: 0,
             rx: Batch::new(),
+            forwarded: 0,
         }
+    }
+
+    /// From now on, generate flows `first..first + count`.
+    fn use_flows(&mut self, first: u32, count: u32) {
+        self.frames = (first..first + count).map(frame).collect();
+        self.next = 0;
     }
 
     /// Generates 32 frames into the switch's input ring.
@@ -217,7 +250,8 @@ impl Rig {
         self.drain()
     }
 
-    /// `iters` bursts, timing only the worker's poll (TSC ticks).
+    /// `iters` bursts, timing only the worker's poll (TSC ticks); adds the
+    /// packets that came out to `self.forwarded`.
     fn timed_bursts(&mut self, clock: &TscClock, iters: u64) -> u64 {
         let mut ticks = 0;
         for _ in 0..iters {
@@ -225,7 +259,7 @@ impl Rig {
             let t0 = clock.now();
             self.worker.poll_once();
             ticks += clock.now().wrapping_sub(t0);
-            self.drain();
+            self.forwarded += self.drain() as u64;
         }
         ticks
     }
@@ -281,7 +315,8 @@ fn bench(c: &mut Criterion) {
         g.bench_function(name, |b| {
             b.iter_custom(|iters| {
                 // Fresh switch per 16 384 bursts (built untimed): each packet
-                // is a flow the switch has not seen.
+                // is a flow the switch has not seen, and the tables' memory
+                // is touched for the first time.
                 let mut total = Duration::ZERO;
                 let mut done = 0u64;
                 while done < iters {
@@ -304,6 +339,46 @@ fn bench(c: &mut Criterion) {
             })
         });
     }
+    // Steady state: the tables are full of flows that have timed out (as on
+    // a switch that has run a while), so new flows reuse their memory:
+    // flow-table slots from the free list after the periodic expiry, load
+    // balancer connections by evicting the oldest expired one. The same
+    // number of flows and table sizes as `slow_path`; what differs is that
+    // the memory was touched before (no page faults on first use).
+    g.bench_function("steady_state", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            let mut done = 0u64;
+            while done < iters {
+                let n = (iters - done).min(16_384);
+                let flows = (n as usize * BURST) as u32;
+                // Long enough that the timed flows stay in the table (it
+                // grows to as many entries as in `slow_path`).
+                let idle = Duration::from_millis(500);
+                let mut rig = Rig::with_timeouts(flows, flows as usize, Some(idle));
+                // Fill (untimed), let everything time out, and send one
+                // burst of other flows: the flow table's expiry step, more
+                // than a second after the last, sweeps the whole table.
+                for _ in 0..n {
+                    rig.burst();
+                }
+                std::thread::sleep(Duration::from_millis(1200));
+                rig.use_flows(2 * flows, BURST as u32);
+                rig.burst();
+                rig.use_flows(flows, flows);
+                let slow = rig.stats.slow_path.load(Ordering::Relaxed);
+                rig.forwarded = 0;
+                total += Duration::from_nanos(clock.ticks_to_ns(rig.timed_bursts(&clock, n)));
+                // Every packet was a new flow, and every one was forwarded
+                // (none refused for a full table).
+                let new = rig.stats.slow_path.load(Ordering::Relaxed) - slow;
+                assert_eq!(new, u64::from(flows), "slow-path packets");
+                assert_eq!(rig.forwarded, u64::from(flows), "forwarded");
+                done += n;
+            }
+            total
+        })
+    });
     g.finish();
 }
 

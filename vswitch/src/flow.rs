@@ -246,6 +246,8 @@ pub struct FlowTable {
     idle_ns: u64,
     closing_ns: u64,
     stats: FlowStats,
+    /// Where [`FlowTable::expire_some`] goes on from.
+    cursor: usize,
 }
 
 /// The 128-bit product of `a` and `b`, folded to 64 bits (as in wyhash).
@@ -294,6 +296,7 @@ impl FlowTable {
             idle_ns,
             closing_ns,
             stats: FlowStats::default(),
+            cursor: 0,
         }
     }
 
@@ -537,6 +540,41 @@ impl FlowTable {
         n
     }
 
+    /// Slots in the slab, live or free: what one sweep of
+    /// [`FlowTable::expire_some`] visits.
+    pub fn slots(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Checks the next `budget` slots of the slab (wrapping around) and
+    /// removes the expired entries among them; returns how many. The
+    /// worker calls it a little at a time, so that a table of millions of
+    /// flows is swept about once a second without a pause, and without
+    /// reading the whole table (hundreds of megabytes) every time.
+    pub fn expire_some(&mut self, now: u64, budget: usize) -> usize {
+        let (idle, closing) = (self.idle_ns, self.closing_ns);
+        let mut removed = 0;
+        for _ in 0..budget.min(self.slots.len()) {
+            if self.cursor >= self.slots.len() {
+                self.cursor = 0;
+            }
+            let at = self.cursor;
+            self.cursor += 1;
+            let Some(s) = self.slots.get(at).filter(|s| s.live) else {
+                continue;
+            };
+            let limit = if s.entry.closing { closing } else { idle };
+            if now.saturating_sub(s.entry.last_seen) > limit {
+                let key = s.key;
+                if self.remove(&key).is_some() {
+                    removed += 1;
+                }
+            }
+        }
+        self.stats.expired += removed as u64;
+        removed
+    }
+
     /// Iterates over entries.
     pub fn iter(&self) -> impl Iterator<Item = (&FlowKey, &FlowEntry)> {
         self.slots
@@ -753,6 +791,32 @@ mod tests {
         }
         assert_eq!(t.slots.len(), slots);
         assert_eq!(t.iter().count(), n as usize);
+    }
+
+    #[test]
+    fn expiry_a_little_at_a_time_sweeps_the_whole_table() {
+        let mut t = FlowTable::new(1000, 100, 10);
+        for k in 0..300 {
+            t.insert(key(k), entry(u64::from(k % 3) * 1000));
+        }
+        // At 1050: entries last seen at 0 are past 100 (idle), at 1000 not,
+        // at 2000 not; 100 of 300 expire, whatever the chunk size.
+        let mut removed = 0;
+        for _ in 0..(300 / 7 + 1) {
+            removed += t.expire_some(1050, 7);
+        }
+        assert_eq!(removed, 100);
+        assert_eq!(t.len(), 200);
+        assert_eq!(t.stats().expired, 100);
+        for k in 0..300 {
+            assert_eq!(t.get_mut(&key(k)).is_some(), k % 3 != 0, "key {k}");
+        }
+        // The cursor wraps: another sweep later takes the next hundred.
+        let mut removed = 0;
+        for _ in 0..(t.slots() / 50 + 1) {
+            removed += t.expire_some(1150, 50);
+        }
+        assert_eq!(removed, 100);
     }
 
     #[test]

@@ -291,6 +291,7 @@ pub struct Switch<B = dataplane::pool::PoolBuf> {
     stats: Arc<SwitchStats>,
     clock: TscClock,
     last_expire: u64,
+    last_sweep: u64,
     /// This worker's index and the shared mailboxes, with several workers.
     handoff: Option<(usize, Arc<Handoff<B>>)>,
     /// The control thread's mailbox to this worker, and the worker's index.
@@ -420,6 +421,7 @@ impl<B: PacketBuf> Switch<B> {
             stats: Arc::default(),
             clock: TscClock::calibrate(Duration::from_millis(10)),
             last_expire: 0,
+            last_sweep: 0,
             handoff: None,
             control: None,
             cfg,
@@ -988,9 +990,18 @@ impl<B: PacketBuf> Switch<B> {
         if handed > 0 {
             self.stats.handed_off.fetch_add(handed, Ordering::Relaxed);
         }
+        // Flow expiry a little every millisecond, in proportion to the time
+        // since the last step, so the whole table is swept about once a
+        // second (entries expire at most about a second late).
+        let since = now.saturating_sub(self.last_sweep);
+        if since > 1_000_000 {
+            self.last_sweep = now;
+            let share = self.flows.slots() as u128 * u128::from(since.min(1_000_000_000));
+            let budget = (share / 1_000_000_000) as usize;
+            self.flows.expire_some(now, budget.max(64));
+        }
         if now.saturating_sub(self.last_expire) > 100_000_000 {
             self.last_expire = now;
-            self.flows.expire(now);
             self.stats
                 .flows
                 .store(self.flows.len() as u64, Ordering::Relaxed);
@@ -1021,9 +1032,12 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
         for ((pkt, p), st) in pkts.iter().zip(parsed.iter_mut()).zip(status.iter_mut()) {
             *st = parse_into(pkt.data(), in16, p);
         }
+        let mut touched = 0;
         for (h, p) in hash.iter_mut().zip(parsed.iter()).take(n) {
             *h = self.flows.hash(&p.key);
+            touched ^= self.flows.touch(*h);
         }
+        std::hint::black_box(touched);
         for (((r, p), h), st) in hint
             .iter_mut()
             .zip(parsed.iter())
