@@ -14,8 +14,8 @@
 //!
 //! Must not touch: policy. It knows nothing of VMs, vnets, ACLs or VIPs; the
 //! `filter`, `lb` and `vswitch` crates build on it. `unsafe` is allowed only in
-//! port drivers (`af_packet`, `af_xdp`, `dpdk`), each block with its SAFETY
-//! argument.
+//! port drivers (`af_packet`, `af_xdp`, `dpdk`, and `ring`'s burst ring),
+//! each block with its SAFETY argument.
 //!
 //! Fast-path rules here: no allocation per packet, no locks, bursts of
 //! [`BURST`], no `unwrap`/`expect`/`panic` (denied by lints), and no accessor
