@@ -81,11 +81,13 @@ pub struct FlowAction {
     pub src_mac: MacAddr,
     /// New destination MAC (the destination VM's).
     pub dst_mac: MacAddr,
-    /// The load-balancer connection this flow belongs to: (vnet, slot, direction).
-    pub lb: Option<(usize, u32, Dir)>,
     /// The NAT and TTL rewrite compiled for this flow's key, with its
     /// checksum deltas (IPv4 TCP/UDP); `None` applies `nat` field by field.
     pub fast: Option<dataplane::rewrite::Transpose4>,
+    /// The load-balancer connection this flow belongs to: (vnet, slot,
+    /// direction). Read on a hit only when the connection is due to be
+    /// told of traffic (about once a second).
+    pub lb: Option<(u32, u32, Dir)>,
     /// Address/port rewrite (NAT), if any.
     pub nat: Rewrite,
 }
@@ -106,7 +108,7 @@ impl FlowAction {
         vm: &crate::policy::Vm,
         gateway: MacAddr,
         nat: Rewrite,
-        lb: Option<(usize, u32, Dir)>,
+        lb: Option<(u32, u32, Dir)>,
     ) -> FlowAction {
         FlowAction {
             out_port: vm.port,
@@ -122,7 +124,7 @@ impl FlowAction {
     pub fn to_uplink(
         up: &crate::policy::UplinkDef,
         nat: Rewrite,
-        lb: Option<(usize, u32, Dir)>,
+        lb: Option<(u32, u32, Dir)>,
     ) -> FlowAction {
         FlowAction {
             out_port: up.port,
@@ -207,22 +209,27 @@ struct Bucket {
     overflow: u32,
 }
 
-/// A flow's key and entry, in the slab. The key and the fields a hit reads
-/// and writes come first (see [`FlowEntry`]'s layout), so a hit touches the
-/// first two or three cache lines of its slot.
+/// A flow's key and entry, in the slab: three cache lines, of which a hit
+/// reads and writes the first two (the key, then [`FlowEntry`]'s fields in
+/// their `repr(C)` order up to the compiled rewrite; a test checks it).
+/// Whether a slot is in use is kept apart, in [`FlowTable`]'s `live`, which
+/// a hit does not read.
 #[derive(Debug, Clone, Copy)]
 #[repr(C, align(64))]
 struct Slot {
     key: FlowKey,
-    live: bool,
     entry: FlowEntry,
 }
 
-/// A flow found by [`FlowTable::find`]: its slot, valid until the table is
-/// next changed (an insert never moves other flows; a removal frees only the
-/// removed flow's slot, which a later insert may reuse).
+/// A flow found by [`FlowTable::find`]: its slot, and the table's removal
+/// count then. Inserts never move a flow; a removal frees a slot that a
+/// later insert may reuse, so a reference taken before any removal is
+/// trusted as it is, and one taken before is checked again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FlowRef(u32);
+pub struct FlowRef {
+    slot: u32,
+    epoch: u32,
+}
 
 /// A bounded per-core flow table.
 ///
@@ -240,6 +247,10 @@ pub struct FlowTable {
     buckets: Vec<Bucket>,
     mask: usize,
     slots: Vec<Slot>,
+    /// Per slot: in use (false: on the free list).
+    live: Vec<bool>,
+    /// Removals so far (wrapping): what a [`FlowRef`] is checked against.
+    removals: u32,
     free: Vec<u32>,
     len: usize,
     capacity: usize,
@@ -290,6 +301,8 @@ impl FlowTable {
             buckets: vec![Bucket::default(); n],
             mask: n - 1,
             slots: Vec::with_capacity(initial.min(capacity)),
+            live: Vec::with_capacity(initial.min(capacity)),
+            removals: 0,
             free: Vec::new(),
             len: 0,
             capacity,
@@ -342,7 +355,10 @@ impl FlowTable {
     /// The flow with key `key`, whose [`FlowTable::hash`] is `hash`.
     #[inline]
     pub fn find(&self, hash: u64, key: &FlowKey) -> Option<FlowRef> {
-        self.position(hash, key).map(|(_, _, s)| FlowRef(s))
+        self.position(hash, key).map(|(_, _, s)| FlowRef {
+            slot: s,
+            epoch: self.removals,
+        })
     }
 
     /// Where `key` is: (bucket, way, slot).
@@ -355,11 +371,8 @@ impl FlowTable {
             for w in 0..WAYS {
                 if bucket.sig[w] == sig {
                     let s = bucket.slot[w];
-                    if self
-                        .slots
-                        .get(s as usize)
-                        .is_some_and(|sl| sl.live && sl.key == *key)
-                    {
+                    // The index points only at slots in use.
+                    if self.slots.get(s as usize).is_some_and(|sl| sl.key == *key) {
                         return Some((b, w, s));
                     }
                 }
@@ -372,19 +385,22 @@ impl FlowTable {
         None
     }
 
-    /// The key and entry of a flow found by [`FlowTable::find`].
+    /// The key and entry of a flow found by [`FlowTable::find`] (`None`
+    /// when a flow has been removed since: look it up again).
     #[inline(always)]
     pub fn at(&mut self, r: FlowRef) -> Option<(&FlowKey, &mut FlowEntry)> {
+        if r.epoch != self.removals {
+            return None;
+        }
         self.slots
-            .get_mut(r.0 as usize)
-            .filter(|s| s.live)
+            .get_mut(r.slot as usize)
             .map(|s| (&s.key, &mut s.entry))
     }
 
-    /// The entry of `key` (hash `hash`), trying `hint` first: a lookup
-    /// made earlier in the burst, still right unless the flow was removed
-    /// or installed since (then the key no longer matches, or there was no
-    /// hint, and the index is searched again).
+    /// The entry of `key` (hash `hash`), trying `hint` first: a lookup made
+    /// earlier in the burst, still right unless a flow was removed since
+    /// (then, or without a hint, the index is searched again: the flow may
+    /// have been installed since).
     #[inline(always)]
     pub fn entry_for(
         &mut self,
@@ -392,12 +408,7 @@ impl FlowTable {
         hash: u64,
         key: &FlowKey,
     ) -> Option<&mut FlowEntry> {
-        let valid = hint.filter(|r| {
-            self.slots
-                .get(r.0 as usize)
-                .is_some_and(|s| s.live && s.key == *key)
-        });
-        let r = match valid {
+        let r = match hint.filter(|r| r.epoch == self.removals) {
             Some(r) => r,
             None => self.find(hash, key)?,
         };
@@ -431,20 +442,20 @@ impl FlowTable {
         if (self.len + 1) * 2 > self.buckets.len() * WAYS {
             self.grow();
         }
-        let slot = Slot {
-            key,
-            live: true,
-            entry: e,
-        };
+        let slot = Slot { key, entry: e };
         let s = match self.free.pop() {
             Some(s) => {
                 if let Some(old) = self.slots.get_mut(s as usize) {
                     *old = slot;
                 }
+                if let Some(l) = self.live.get_mut(s as usize) {
+                    *l = true;
+                }
                 s
             }
             None => {
                 self.slots.push(slot);
+                self.live.push(true);
                 (self.slots.len() - 1) as u32
             }
         };
@@ -484,7 +495,7 @@ impl FlowTable {
         self.buckets = vec![Bucket::default(); n];
         self.mask = n - 1;
         for i in 0..self.slots.len() {
-            let Some(slot) = self.slots.get(i).filter(|s| s.live) else {
+            let (Some(slot), Some(true)) = (self.slots.get(i), self.live.get(i)) else {
                 continue;
             };
             let h = self.hash(&slot.key);
@@ -506,11 +517,13 @@ impl FlowTable {
         if let Some(x) = self.buckets.get_mut(b) {
             x.sig[w] = 0;
         }
-        let slot = self.slots.get_mut(s as usize)?;
-        slot.live = false;
+        if let Some(l) = self.live.get_mut(s as usize) {
+            *l = false;
+        }
+        self.removals = self.removals.wrapping_add(1);
         self.free.push(s);
         self.len -= 1;
-        Some(slot.entry)
+        self.slots.get(s as usize).map(|slot| slot.entry)
     }
 
     /// Entries.
@@ -560,7 +573,7 @@ impl FlowTable {
             }
             let at = self.cursor;
             self.cursor += 1;
-            let Some(s) = self.slots.get(at).filter(|s| s.live) else {
+            let (Some(s), Some(true)) = (self.slots.get(at), self.live.get(at)) else {
                 continue;
             };
             let limit = if s.entry.closing { closing } else { idle };
@@ -579,8 +592,9 @@ impl FlowTable {
     pub fn iter(&self) -> impl Iterator<Item = (&FlowKey, &FlowEntry)> {
         self.slots
             .iter()
-            .filter(|s| s.live)
-            .map(|s| (&s.key, &s.entry))
+            .zip(&self.live)
+            .filter(|(_, l)| **l)
+            .map(|(s, _)| (&s.key, &s.entry))
     }
 
     /// Removes every entry `remove` returns true for; returns how many.
@@ -820,6 +834,18 @@ mod tests {
     }
 
     #[test]
+    fn a_hit_touches_two_cache_lines_of_a_three_line_slot() {
+        use std::mem::{offset_of, size_of};
+        assert_eq!(size_of::<Slot>(), 192);
+        assert_eq!(size_of::<Bucket>(), 64);
+        let action = offset_of!(Slot, entry) + offset_of!(FlowEntry, action);
+        let fast_end = action
+            + offset_of!(FlowAction, fast)
+            + size_of::<Option<dataplane::rewrite::Transpose4>>();
+        assert!(fast_end <= 128, "hot part ends at {fast_end}");
+    }
+
+    #[test]
     fn a_stale_hint_is_not_trusted() {
         let mut t = FlowTable::new(16, 100, 10);
         let (a, b) = (key(1), key(2));
@@ -829,9 +855,10 @@ mod tests {
         // `a` goes; `b` takes its slot (the free list reuses it).
         t.remove(&a);
         t.insert(b, entry(2));
-        assert_eq!(t.find(t.hash(&b), &b), hint);
-        // The hint now points at `b`'s slot: a lookup of `a` with it misses,
-        // a lookup of `b` with it (or without) finds `b`.
+        assert_eq!(t.find(t.hash(&b), &b).map(|r| r.slot), hint.map(|r| r.slot));
+        // The hint (from before the removal) points at `b`'s slot now: it
+        // is not trusted, so a lookup of `a` with it misses, and one of `b`
+        // with it (or without) finds `b`.
         let ha = t.hash(&a);
         assert!(t.entry_for(hint, ha, &a).is_none());
         let hb = t.hash(&b);
