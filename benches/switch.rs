@@ -311,34 +311,23 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("new_flows");
     g.throughput(Throughput::Elements(BURST as u64));
     g.sample_size(10);
-    for (name, worker_only) in [("slow_path", true), ("slow_path_with_generator", false)] {
-        g.bench_function(name, |b| {
-            b.iter_custom(|iters| {
-                // Fresh switch per 16 384 bursts (built untimed): each packet
-                // is a flow the switch has not seen, and the tables' memory
-                // is touched for the first time.
-                let mut total = Duration::ZERO;
-                let mut done = 0u64;
-                while done < iters {
-                    let n = (iters - done).min(16_384);
-                    let flows = (n as usize * BURST) as u32;
-                    let mut rig = Rig::new(flows, flows as usize);
-                    if worker_only {
-                        total +=
-                            Duration::from_nanos(clock.ticks_to_ns(rig.timed_bursts(&clock, n)));
-                    } else {
-                        let t = Instant::now();
-                        for _ in 0..n {
-                            rig.burst();
-                        }
-                        total += t.elapsed();
-                    }
-                    done += n;
-                }
-                total
-            })
-        });
-    }
+    let worker_only = |rig: &mut Rig, n: u64| {
+        Duration::from_nanos(clock.ticks_to_ns(rig.timed_bursts(&clock, n)))
+    };
+    let whole_loop = |rig: &mut Rig, n: u64| {
+        let t = Instant::now();
+        for _ in 0..n {
+            rig.forwarded += rig.burst() as u64;
+        }
+        t.elapsed()
+    };
+    // Fresh tables: their memory is touched for the first time.
+    g.bench_function("slow_path", |b| {
+        b.iter_custom(|iters| new_flows(iters, false, worker_only))
+    });
+    g.bench_function("slow_path_with_generator", |b| {
+        b.iter_custom(|iters| new_flows(iters, false, whole_loop))
+    });
     // Steady state: the tables are full of flows that have timed out (as on
     // a switch that has run a while), so new flows reuse their memory:
     // flow-table slots from the free list after the periodic expiry, load
@@ -346,40 +335,50 @@ fn bench(c: &mut Criterion) {
     // number of flows and table sizes as `slow_path`; what differs is that
     // the memory was touched before (no page faults on first use).
     g.bench_function("steady_state", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            let mut done = 0u64;
-            while done < iters {
-                let n = (iters - done).min(16_384);
-                let flows = (n as usize * BURST) as u32;
-                // Long enough that the timed flows stay in the table (it
-                // grows to as many entries as in `slow_path`).
-                let idle = Duration::from_millis(500);
-                let mut rig = Rig::with_timeouts(flows, flows as usize, Some(idle));
-                // Fill (untimed), let everything time out, and send one
-                // burst of other flows: the flow table's expiry step, more
-                // than a second after the last, sweeps the whole table.
-                for _ in 0..n {
-                    rig.burst();
-                }
-                std::thread::sleep(Duration::from_millis(1200));
-                rig.use_flows(2 * flows, BURST as u32);
-                rig.burst();
-                rig.use_flows(flows, flows);
-                let slow = rig.stats.slow_path.load(Ordering::Relaxed);
-                rig.forwarded = 0;
-                total += Duration::from_nanos(clock.ticks_to_ns(rig.timed_bursts(&clock, n)));
-                // Every packet was a new flow, and every one was forwarded
-                // (none refused for a full table).
-                let new = rig.stats.slow_path.load(Ordering::Relaxed) - slow;
-                assert_eq!(new, u64::from(flows), "slow-path packets");
-                assert_eq!(rig.forwarded, u64::from(flows), "forwarded");
-                done += n;
-            }
-            total
-        })
+        b.iter_custom(|iters| new_flows(iters, true, worker_only))
     });
     g.finish();
+}
+
+/// Times `iters` bursts of flows the switch has not seen, with `run`, on a
+/// fresh rig per 16 384 bursts (built untimed); `steady` first fills the
+/// rig's tables with other flows and lets them time out. Checks that every
+/// packet took the slow path and was forwarded (none refused for a full
+/// table).
+fn new_flows(iters: u64, steady: bool, run: impl Fn(&mut Rig, u64) -> Duration) -> Duration {
+    let mut total = Duration::ZERO;
+    let mut done = 0u64;
+    while done < iters {
+        let n = (iters - done).min(16_384);
+        let flows = (n as usize * BURST) as u32;
+        let mut rig = if steady {
+            // Long enough that the timed flows stay in the table (it grows
+            // to as many entries as without `steady`).
+            let idle = Duration::from_millis(500);
+            let mut rig = Rig::with_timeouts(flows, flows as usize, Some(idle));
+            // Fill, let everything time out, and send one burst of other
+            // flows: the flow table's expiry step, more than a second after
+            // the last, sweeps the whole table.
+            for _ in 0..n {
+                rig.burst();
+            }
+            std::thread::sleep(Duration::from_millis(1200));
+            rig.use_flows(2 * flows, BURST as u32);
+            rig.burst();
+            rig.use_flows(flows, flows);
+            rig
+        } else {
+            Rig::new(flows, flows as usize)
+        };
+        let slow = rig.stats.slow_path.load(Ordering::Relaxed);
+        rig.forwarded = 0;
+        total += run(&mut rig, n);
+        let new = rig.stats.slow_path.load(Ordering::Relaxed) - slow;
+        assert_eq!(new, u64::from(flows), "slow-path packets");
+        assert_eq!(rig.forwarded, u64::from(flows), "forwarded");
+        done += n;
+    }
+    total
 }
 
 criterion_group!(benches, bench);

@@ -103,6 +103,40 @@ impl<T> BurstRing<T> {
         tail.store(to, Ordering::Release);
     }
 
+    /// Moves `head` (the producers' or the consumers' head) on by up to
+    /// `want`, bounded by `room(h)`: how many entries lie past head value
+    /// `h` (`None` when `h` is stale — the other side has moved past it
+    /// since it was read — and must be read again). Returns the reserved
+    /// range's start and length, `None` when there is no room.
+    #[inline]
+    fn reserve(
+        head: &AtomicUsize,
+        want: usize,
+        room: impl Fn(usize) -> Option<usize>,
+    ) -> Option<(usize, usize)> {
+        // Acquire on the head loads keeps `room`'s tail load after them.
+        let mut h = head.load(Ordering::Acquire);
+        loop {
+            let Some(r) = room(h) else {
+                h = head.load(Ordering::Acquire);
+                continue;
+            };
+            let n = want.min(r);
+            if n == 0 {
+                return None;
+            }
+            match head.compare_exchange_weak(
+                h,
+                h.wrapping_add(n),
+                Ordering::Relaxed,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Some((h, n)),
+                Err(x) => h = x,
+            }
+        }
+    }
+
     /// Moves as many values of `batch` as fit, from the front, into the
     /// ring; what did not fit stays in `batch`. Returns how many moved.
     #[inline]
@@ -111,35 +145,20 @@ impl<T> BurstRing<T> {
         if want == 0 {
             return 0;
         }
-        // Acquire on the head loads keeps the tail load after them.
-        let mut head = self.prod_head.0.load(Ordering::Acquire);
-        let n = loop {
-            let used = head.wrapping_sub(self.cons_tail.0.load(Ordering::Acquire));
-            if used > self.capacity {
-                // `head` is stale: consumers passed it since it was read.
-                head = self.prod_head.0.load(Ordering::Acquire);
-                continue;
-            }
-            let n = want.min(self.capacity - used);
-            if n == 0 {
-                return 0;
-            }
-            match self.prod_head.0.compare_exchange_weak(
-                head,
-                head.wrapping_add(n),
-                Ordering::Relaxed,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => break n,
-                Err(h) => head = h,
-            }
+        let cap = self.capacity;
+        let free = |h: usize| {
+            let used = h.wrapping_sub(self.cons_tail.0.load(Ordering::Acquire));
+            (used <= cap).then(|| cap - used)
+        };
+        let Some((head, n)) = Self::reserve(&self.prod_head.0, want, free) else {
+            return 0;
         };
         for (i, v) in batch.drain_front(n).enumerate() {
             let slot = &self.slots[head.wrapping_add(i) & self.mask];
             // SAFETY: [head, head + n) was reserved by this thread alone (the
-            // CAS above), and it lies below cons_tail + capacity, so those
+            // CAS in `reserve`), and it lies below cons_tail + capacity, so those
             // slots are free: their last reader published cons_tail past
-            // them (acquired above) and no reader may touch them before
+            // them (acquired by `free`) and no reader may touch them before
             // prod_tail passes them, which happens after these writes.
             unsafe { (*slot.get()).write(v) };
         }
@@ -155,33 +174,19 @@ impl<T> BurstRing<T> {
         if want == 0 {
             return 0;
         }
-        let mut head = self.cons_head.0.load(Ordering::Acquire);
-        let n = loop {
-            let ready = self.prod_tail.0.load(Ordering::Acquire).wrapping_sub(head);
-            if ready > self.capacity {
-                // `head` is stale: other consumers moved on since.
-                head = self.cons_head.0.load(Ordering::Acquire);
-                continue;
-            }
-            let n = want.min(ready);
-            if n == 0 {
-                return 0;
-            }
-            match self.cons_head.0.compare_exchange_weak(
-                head,
-                head.wrapping_add(n),
-                Ordering::Relaxed,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => break n,
-                Err(h) => head = h,
-            }
+        let cap = self.capacity;
+        let ready = |h: usize| {
+            let ready = self.prod_tail.0.load(Ordering::Acquire).wrapping_sub(h);
+            (ready <= cap).then_some(ready)
+        };
+        let Some((head, n)) = Self::reserve(&self.cons_head.0, want, ready) else {
+            return 0;
         };
         for i in 0..n {
             let slot = &self.slots[head.wrapping_add(i) & self.mask];
-            // SAFETY: [head, head + n) lies below prod_tail (acquired above,
+            // SAFETY: [head, head + n) lies below prod_tail (acquired by `ready`,
             // so the producers' writes of these slots are visible) and was
-            // reserved by this thread alone (the CAS above); each slot is
+            // reserved by this thread alone (the CAS in `reserve`); each slot is
             // read exactly once, and producers do not reuse it before
             // cons_tail passes it, which happens after these reads.
             let v = unsafe { (*slot.get()).assume_init_read() };
