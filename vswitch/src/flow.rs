@@ -197,6 +197,25 @@ pub struct FlowStats {
 /// Ways per bucket of the index.
 const WAYS: usize = 8;
 
+/// 1 in every 16-bit lane of a `u128`.
+const LANE_LO: u128 = 0x0001_0001_0001_0001_0001_0001_0001_0001;
+/// The top bit of every 16-bit lane.
+const LANE_HI: u128 = LANE_LO << 15;
+
+/// The top bit of every lane of `sigs` that may equal `sig`: every lane
+/// that does, and possibly lanes above one that does (a borrow).
+#[inline(always)]
+fn candidates(sigs: u128, sig: u16) -> u128 {
+    let x = sigs ^ (u128::from(sig) * LANE_LO);
+    x.wrapping_sub(LANE_LO) & !x & LANE_HI
+}
+
+/// Lane `w` of `sigs`.
+#[inline(always)]
+fn lane(sigs: u128, w: usize) -> u16 {
+    (sigs >> (16 * w)) as u16
+}
+
 /// One cache line of the index: eight 16-bit signatures (0 = empty way) and
 /// the slots they point to, plus how many entries whose home is this bucket
 /// or an earlier one were stored past it (a lookup that misses here stops
@@ -204,7 +223,9 @@ const WAYS: usize = 8;
 #[derive(Debug, Clone, Copy, Default)]
 #[repr(C, align(64))]
 struct Bucket {
-    sig: [u16; WAYS],
+    /// Eight 16-bit lanes, way `w` in bits `16 w ..`: one compare (SWAR)
+    /// finds the ways matching a signature.
+    sigs: u128,
     slot: [u32; WAYS],
     overflow: u32,
 }
@@ -368,13 +389,24 @@ impl FlowTable {
         let mut b = hash as usize & self.mask;
         for _ in 0..self.buckets.len() {
             let bucket = self.buckets.get(b)?;
-            for w in 0..WAYS {
-                if bucket.sig[w] == sig {
-                    let s = bucket.slot[w];
-                    // The index points only at slots in use.
-                    if self.slots.get(s as usize).is_some_and(|sl| sl.key == *key) {
-                        return Some((b, w, s));
-                    }
+            // The ways whose signature matches, found in one go (SWAR:
+            // lanes of `x` that are zero): which way holds the flow is
+            // random, and a loop stopping there would mispredict its exit
+            // on most lookups. A lane above a match may show a false match
+            // (borrow), never a missed one; each is checked exactly.
+            let mut m = candidates(bucket.sigs, sig);
+            while m != 0 {
+                let w = (m.trailing_zeros() / 16) as usize;
+                m &= m - 1;
+                if lane(bucket.sigs, w) != sig {
+                    // A false match: possibly an empty way, whose slot
+                    // number is stale.
+                    continue;
+                }
+                let s = bucket.slot.get(w).copied().unwrap_or(u32::MAX);
+                // The index points only at slots in use.
+                if self.slots.get(s as usize).is_some_and(|sl| sl.key == *key) {
+                    return Some((b, w, s));
                 }
             }
             if bucket.overflow == 0 {
@@ -475,8 +507,8 @@ impl FlowTable {
             let Some(bucket) = self.buckets.get_mut(b) else {
                 return;
             };
-            if let Some(w) = bucket.sig.iter().position(|&x| x == 0) {
-                bucket.sig[w] = sig;
+            if let Some(w) = (0..WAYS).find(|&w| lane(bucket.sigs, w) == 0) {
+                bucket.sigs |= u128::from(sig) << (16 * w);
                 bucket.slot[w] = s;
                 return;
             }
@@ -515,7 +547,7 @@ impl FlowTable {
             at = (at + 1) & self.mask;
         }
         if let Some(x) = self.buckets.get_mut(b) {
-            x.sig[w] = 0;
+            x.sigs &= !(0xffff_u128 << (16 * w));
         }
         if let Some(l) = self.live.get_mut(s as usize) {
             *l = false;
@@ -891,11 +923,7 @@ mod tests {
         for k in 0..64 {
             assert!(t.remove(&key(k)).is_some(), "key {k}");
         }
-        assert!(
-            t.buckets
-                .iter()
-                .all(|b| b.overflow == 0 && b.sig == [0; WAYS])
-        );
+        assert!(t.buckets.iter().all(|b| b.overflow == 0 && b.sigs == 0));
         assert!(t.is_empty());
     }
 
@@ -912,6 +940,30 @@ mod tests {
             2 => (0..200u16).prop_map(Op::Remove),
             1 => (0..1100u64).prop_map(Op::Expire),
         ]
+    }
+
+    proptest! {
+        /// The SWAR match finds every lane equal to the signature (false
+        /// candidates allowed, misses not), including signatures of 1,
+        /// where an empty lane above a match becomes a false candidate.
+        #[test]
+        fn signature_match_misses_no_lane(
+            lanes in proptest::array::uniform8(prop_oneof![Just(0u16), Just(1u16), Just(2u16), any::<u16>()]),
+            sig in prop_oneof![Just(1u16), Just(2u16), 1..=u16::MAX],
+        ) {
+            let sigs = lanes
+                .iter()
+                .enumerate()
+                .fold(0u128, |a, (w, &x)| a | u128::from(x) << (16 * w));
+            let c = candidates(sigs, sig);
+            for (w, &x) in lanes.iter().enumerate() {
+                prop_assert_eq!(lane(sigs, w), x);
+                if x == sig {
+                    prop_assert!(c >> (16 * w + 15) & 1 == 1, "lane {} missed", w);
+                }
+            }
+            prop_assert_eq!(c & !LANE_HI, 0);
+        }
     }
 
     proptest! {
