@@ -244,8 +244,9 @@ struct Slot {
 
 /// A flow found by [`FlowTable::find`]: its slot, and the table's removal
 /// count then. Inserts never move a flow; a removal frees a slot that a
-/// later insert may reuse, so a reference taken before any removal is
-/// trusted as it is, and one taken before is checked again.
+/// later insert may reuse, so a reference is good while no flow has been
+/// removed since it was taken ([`FlowTable::at`] and
+/// [`FlowTable::entry_for`] check that).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlowRef {
     slot: u32,

@@ -1017,9 +1017,10 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
         // The burst in stages, so that the cache misses of its lookups
         // overlap instead of following one another, and no stage reads
         // what the one before has only just written (store forwarding
-        // stalls): parse every packet in place; hash every key; search the
-        // index for all of them (the bucket and slot loads of one packet do
-        // not wait for the previous one); then process each packet.
+        // stalls): parse every packet in place; hash every key and load its
+        // bucket; search the index for all of them (the bucket and slot
+        // loads of one packet do not wait for the previous one); then
+        // process each packet.
         const N: usize = dataplane::BURST;
         let in16 = in_port as u16;
         let n = pkts.len();
