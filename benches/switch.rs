@@ -6,7 +6,7 @@
 //!
 //! - `fast_path/{1000,100000,1000000}`: flow-table hits, the flows cycled
 //!   round robin (each packet a different flow of the set), after every flow
-//!   was installed once;
+//!   was installed once; `fast_path_random/*` the same flows in random order;
 //! - `new_flows`: every packet a new connection through the slow path (ACL
 //!   classification both ways, Maglev, conntrack, DNAT, two flow installs).
 //!
@@ -146,6 +146,9 @@ struct Rig {
     pool: Pool,
     frames: Vec<[u8; 60]>,
     next: usize,
+    /// Flows in random order (xorshift) instead of round robin.
+    random: bool,
+    rng: u64,
     rx: Batch<PoolBuf>,
     forwarded: u64,
 }
@@ -202,6 +205,8 @@ impl Rig {
             pool,
             frames: (0..flows).map(frame).collect(),
             next: 0,
+            random: false,
+            rng: 0x9e37_79b9_7f4a_7c15,
             rx: Batch::new(),
             forwarded: 0,
         }
@@ -222,9 +227,16 @@ impl Rig {
             buf.append(60)
                 .unwrap()
                 .copy_from_slice(&self.frames[self.next]);
-            self.next += 1;
-            if self.next == self.frames.len() {
-                self.next = 0;
+            if self.random {
+                self.rng ^= self.rng << 13;
+                self.rng ^= self.rng >> 7;
+                self.rng ^= self.rng << 17;
+                self.next = (self.rng % self.frames.len() as u64) as usize;
+            } else {
+                self.next += 1;
+                if self.next == self.frames.len() {
+                    self.next = 0;
+                }
             }
             b.push(buf).unwrap();
         }
@@ -295,6 +307,21 @@ fn bench(c: &mut Criterion) {
                 Duration::from_nanos(clock.ticks_to_ns(rig.timed_bursts(&clock, iters)))
             })
         });
+    }
+    g.finish();
+    // The same with the flows in random order: round robin walks the flow
+    // table's slab in the order the flows were installed, which the
+    // hardware prefetcher follows; random order is what traffic looks like.
+    let mut g = c.benchmark_group("fast_path_random");
+    g.throughput(Throughput::Elements(BURST as u64));
+    for (flows, rig) in &mut rigs {
+        rig.random = true;
+        g.bench_with_input(BenchmarkId::from_parameter(*flows), flows, |b, _| {
+            b.iter_custom(|iters| {
+                Duration::from_nanos(clock.ticks_to_ns(rig.timed_bursts(&clock, iters)))
+            })
+        });
+        rig.random = false;
     }
     g.finish();
     // The same with the generator's and sinks' work on the same thread.

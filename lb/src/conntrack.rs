@@ -214,6 +214,24 @@ impl Default for Timeouts {
 }
 
 impl Timeouts {
+    /// The shortest of the timeouts: a connection told of its traffic at
+    /// least a few times in this span never times out while in use.
+    pub fn shortest(&self) -> u64 {
+        [
+            self.tcp_handshake,
+            self.tcp_established,
+            self.tcp_fin,
+            self.tcp_time_wait,
+            self.tcp_closed,
+            self.udp_unreplied,
+            self.udp_replied,
+            self.other,
+        ]
+        .into_iter()
+        .min()
+        .unwrap_or(0)
+    }
+
     /// The idle timeout of `state`.
     pub fn of(&self, state: ConnState) -> u64 {
         match state {
@@ -323,7 +341,21 @@ struct Slot<V> {
     prev: u32,
     next: u32,
     list: List,
+    /// When it was put at the tail of its list: a connection seen since
+    /// (`last_seen` later) is further back in LRU order than its place.
+    queued: u64,
 }
+
+/// What [`ConnTable::settle_head`] found at the head of a list.
+enum Head {
+    Empty,
+    Expired(u32),
+    Requeued,
+    Live,
+}
+
+/// Heads an insert into a full table looks at for an idle connection.
+const EVICT_SCAN: usize = 8;
 
 /// Counters of a table.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -435,7 +467,7 @@ impl<V> ConnTable<V> {
         }
     }
 
-    fn push_tail(&mut self, i: u32, list: List) {
+    fn push_tail(&mut self, i: u32, list: List, now: u64) {
         let l = list as usize;
         let tail = self.tails[l];
         {
@@ -443,6 +475,7 @@ impl<V> ConnTable<V> {
             s.prev = tail;
             s.next = NIL;
             s.list = list;
+            s.queued = now;
         }
         if tail == NIL {
             self.heads[l] = i;
@@ -498,25 +531,58 @@ impl<V> ConnTable<V> {
     }
 
     /// Records a packet of the connection in slot `i` travelling `dir`:
-    /// updates the state, the counters and the LRU position. Returns the new state.
+    /// updates the state and the counters. Returns the new state.
+    ///
+    /// The LRU position is updated lazily: the connection moves to the tail
+    /// of its list only when its state moves it between the active and
+    /// closing lists; otherwise it stays in place with a later `last_seen`
+    /// than its place says, and is moved back when it reaches the head (in
+    /// [`ConnTable::expire`] or an eviction). Moving it on every packet
+    /// would write its neighbours and the tail: several cache misses per
+    /// packet in a table of a million connections.
     pub fn touch(&mut self, i: u32, dir: Dir, tcp_flags: u8, now: u64) -> Option<ConnState> {
-        let (was_closing, state) = {
-            let c = self.slots.get_mut(i as usize)?.conn.as_mut()?;
-            let was = c.state.is_closing();
+        let (list_before, state) = {
+            let slot = self.slots.get_mut(i as usize)?;
+            let before = slot.list;
+            let c = slot.conn.as_mut()?;
             c.state = next_state(c.state, dir, tcp_flags, &mut c.fin_seen);
             c.last_seen = now;
             c.packets[dir as usize] += 1;
-            (was, c.state)
+            (before, c.state)
         };
         let list = if state.is_closing() {
             List::Closing
         } else {
             List::Active
         };
-        let _ = was_closing;
-        self.unlink(i);
-        self.push_tail(i, list);
+        if list != list_before {
+            self.unlink(i);
+            self.push_tail(i, list, now);
+        }
         Some(state)
+    }
+
+    /// What the head of `list` is: nothing, expired, seen since it was
+    /// queued (then it is moved to the tail, its true LRU place), or the
+    /// least recently used live connection.
+    fn settle_head(&mut self, list: List, now: u64) -> Head {
+        let h = self.heads[list as usize];
+        let Some(slot) = self.slots.get(h as usize) else {
+            return Head::Empty;
+        };
+        let Some(c) = slot.conn.as_ref() else {
+            return Head::Empty;
+        };
+        if self.expired(c, now) {
+            return Head::Expired(h);
+        }
+        if c.last_seen > slot.queued {
+            let seen = c.last_seen;
+            self.unlink(h);
+            self.push_tail(h, list, now.max(seen));
+            return Head::Requeued;
+        }
+        Head::Live
     }
 
     /// Adds a connection whose first packet (with `tcp_flags`) had key
@@ -540,19 +606,28 @@ impl<V> ConnTable<V> {
         }
         if self.len >= self.capacity {
             let closing = self.heads[List::Closing as usize];
-            let active = self.heads[List::Active as usize];
+            // The oldest timed-out active connection: heads seen since they
+            // were queued go back (a few at most, so an insert stays cheap).
+            let mut idle = None;
+            if closing == NIL {
+                for _ in 0..EVICT_SCAN {
+                    match self.settle_head(List::Active, now) {
+                        Head::Expired(h) => {
+                            idle = Some(h);
+                            break;
+                        }
+                        Head::Requeued => continue,
+                        Head::Live | Head::Empty => break,
+                    }
+                }
+            }
             if closing != NIL {
                 if let Some(c) = self.remove_slot(closing) {
                     self.stats.evicted_closing += 1;
                     on_evict(c);
                 }
-            } else if active != NIL
-                && self.slots[active as usize]
-                    .conn
-                    .as_ref()
-                    .is_some_and(|c| self.expired(c, now))
-            {
-                if let Some(c) = self.remove_slot(active) {
+            } else if let Some(h) = idle {
+                if let Some(c) = self.remove_slot(h) {
                     self.stats.evicted_idle += 1;
                     on_evict(c);
                 }
@@ -593,6 +668,7 @@ impl<V> ConnTable<V> {
                 prev: NIL,
                 next: NIL,
                 list: List::Active,
+                queued: now,
             });
         }
         let list = if state.is_closing() {
@@ -600,7 +676,7 @@ impl<V> ConnTable<V> {
         } else {
             List::Active
         };
-        self.push_tail(i, list);
+        self.push_tail(i, list, now);
         self.len += 1;
         self.stats.created += 1;
         Ok(i)
@@ -613,30 +689,30 @@ impl<V> ConnTable<V> {
         Some(c)
     }
 
-    /// Removes up to `budget` timed-out connections, oldest first (call it
-    /// between bursts); each goes to `on_remove`. Returns how many.
+    /// Removes timed-out connections, oldest first, looking at up to
+    /// `budget` list heads (each removed, or moved back to its true LRU
+    /// place when seen since it was queued); call it between bursts. Each
+    /// removed connection goes to `on_remove`. Returns how many.
     pub fn expire(&mut self, now: u64, budget: usize, mut on_remove: impl FnMut(Conn<V>)) -> usize {
         let mut n = 0;
+        let mut steps = 0;
         for list in [List::Closing, List::Active] {
-            while n < budget {
-                let h = self.heads[list as usize];
-                if h == NIL {
-                    break;
-                }
-                let expired = self.slots[h as usize]
-                    .conn
-                    .as_ref()
-                    .is_some_and(|c| self.expired(c, now));
-                if !expired {
+            while steps < budget {
+                steps += 1;
+                match self.settle_head(list, now) {
+                    Head::Expired(h) => {
+                        if let Some(c) = self.remove_slot(h) {
+                            self.stats.expired += 1;
+                            on_remove(c);
+                            n += 1;
+                        }
+                    }
+                    // Seen since it was queued: moved to its place; go on.
+                    Head::Requeued => {}
                     // LRU order: entries behind the head were used later; an
                     // entry with a shorter timeout may still be behind it and
                     // is then caught by `lookup` or a later pass.
-                    break;
-                }
-                if let Some(c) = self.remove_slot(h) {
-                    self.stats.expired += 1;
-                    on_remove(c);
-                    n += 1;
+                    Head::Live | Head::Empty => break,
                 }
             }
         }
@@ -679,6 +755,79 @@ mod tests {
 
     fn table(cap: usize) -> ConnTable<u32> {
         ConnTable::new(cap, Timeouts::default())
+    }
+
+    #[test]
+    fn shortest_timeout_is_the_minimum() {
+        let mut t = Timeouts::default();
+        assert_eq!(t.shortest(), 10 * SEC);
+        t.udp_unreplied = 3 * SEC;
+        assert_eq!(t.shortest(), 3 * SEC);
+    }
+
+    /// UDP connections timing out after 50 ns.
+    fn udp_table(cap: usize) -> ConnTable<u32> {
+        let to = Timeouts {
+            udp_unreplied: 50,
+            ..Timeouts::default()
+        };
+        ConnTable::new(cap, to)
+    }
+
+    fn udp(sport: u16) -> ConnKey {
+        ConnKey {
+            proto: 17,
+            ..key(sport)
+        }
+    }
+
+    #[test]
+    fn a_connection_seen_lately_is_not_expired_from_the_head_and_does_not_shield_others() {
+        let mut t = udp_table(8);
+        let a = t
+            .insert(udp(1), udp(1).reversed(), 0, 0, 1, |_| {})
+            .unwrap();
+        let b = t
+            .insert(udp(2), udp(2).reversed(), 0, 10, 2, |_| {})
+            .unwrap();
+        // `a` is seen again at 40 but stays at the head of the list.
+        t.touch(a, Dir::Orig, 0, 40);
+        // At 70: `a` (seen 30 ago) lives, `b` (60 ago) has timed out though
+        // it is behind `a`.
+        let mut gone = Vec::new();
+        assert_eq!(t.expire(70, 16, |c| gone.push(c.value)), 1);
+        assert_eq!(gone, vec![2]);
+        assert!(t.get(a).is_some());
+        assert!(t.get(b).is_none());
+        // `a` went back to its place: at 91 (51 after it was seen) it goes.
+        assert_eq!(t.expire(89, 16, |_| {}), 0);
+        assert_eq!(t.expire(91, 16, |_| {}), 1);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn a_full_table_evicts_an_idle_connection_behind_a_busy_head() {
+        let mut t = udp_table(2);
+        let a = t
+            .insert(udp(1), udp(1).reversed(), 0, 0, 1, |_| {})
+            .unwrap();
+        t.insert(udp(2), udp(2).reversed(), 0, 10, 2, |_| {})
+            .unwrap();
+        t.touch(a, Dir::Orig, 0, 40);
+        let mut evicted = Vec::new();
+        let c = t
+            .insert(udp(3), udp(3).reversed(), 0, 70, 3, |c| {
+                evicted.push(c.value)
+            })
+            .unwrap();
+        assert_eq!(evicted, vec![2]);
+        assert_eq!(t.stats().evicted_idle, 1);
+        assert!(t.get(a).is_some() && t.get(c).is_some());
+        // Both live now: a fourth is refused.
+        assert!(matches!(
+            t.insert(udp(4), udp(4).reversed(), 0, 71, 4, |_| {}),
+            Err(ConnError::Full { .. })
+        ));
     }
 
     fn state(t: &ConnTable<u32>, i: u32) -> ConnState {

@@ -292,6 +292,8 @@ pub struct Switch<B = dataplane::pool::PoolBuf> {
     clock: TscClock,
     last_expire: u64,
     last_sweep: u64,
+    /// How long a flow's hits go untold to its load-balancer connection.
+    lb_touch_ns: u64,
     /// This worker's index and the shared mailboxes, with several workers.
     handoff: Option<(usize, Arc<Handoff<B>>)>,
     /// The control thread's mailbox to this worker, and the worker's index.
@@ -422,6 +424,7 @@ impl<B: PacketBuf> Switch<B> {
             clock: TscClock::calibrate(Duration::from_millis(10)),
             last_expire: 0,
             last_sweep: 0,
+            lb_touch_ns: (cfg.timeouts.shortest() / 4).clamp(1_000_000, 10_000_000_000),
             handoff: None,
             control: None,
             cfg,
@@ -917,12 +920,14 @@ impl<B: PacketBuf> Switch<B> {
                     e.closing = true;
                 }
                 // Keep the load balancer's connection state current: at
-                // once for SYN/FIN/RST, otherwise at most once a second
-                // (its idle timeouts are minutes; touching it per packet
-                // costs cache misses on every hit).
-                // The time is checked first: `lb` lies in the slot's third
-                // cache line, which a hit otherwise does not read.
-                if closing || now.saturating_sub(e.lb_touched) > 1_000_000_000 {
+                // once for SYN/FIN/RST, otherwise at most every
+                // `lb_touch_ns` (a quarter of its shortest timeout, so a
+                // connection in use never times out there; touching it per
+                // packet costs several cache misses: it moves the
+                // connection in its LRU list). The time is checked first:
+                // `lb` lies in the slot's third cache line, which a hit
+                // otherwise does not read.
+                if closing || now.saturating_sub(e.lb_touched) > self.lb_touch_ns {
                     e.lb_touched = now;
                     if let Some((vn, conn, dir)) = e.action.lb {
                         if let Some(l) = self.lb.get_mut(vn as usize) {
