@@ -811,16 +811,27 @@ impl LbCore {
         }
     }
 
-    /// Records a packet of tracked connection `conn` handled outside
-    /// [`LbCore::process`] (a flow-table hit in the switch): keeps its state
-    /// and idle timer current.
+    /// Records a packet with key `key` of tracked connection `conn`, going
+    /// `dir`, handled outside [`LbCore::process`] (a flow-table hit in the
+    /// switch): keeps its state and idle timer current. `None`, touching
+    /// nothing, when slot `conn` no longer holds that connection (it timed
+    /// out here and the slot was reused while the flow stayed cached).
     pub fn touch(
         &mut self,
         conn: u32,
+        key: &ConnKey,
         dir: Dir,
         tcp_flags: u8,
         now: u64,
     ) -> Option<crate::conntrack::ConnState> {
+        let c = self.conns.get(conn)?;
+        let own = match dir {
+            Dir::Orig => c.orig == *key,
+            Dir::Reply => c.reply == *key,
+        };
+        if !own {
+            return None;
+        }
         self.conns.touch(conn, dir, tcp_flags, now)
     }
 
@@ -913,6 +924,39 @@ mod tests {
         // Traffic for no VIP is not ours.
         let other = ConnKey::new(ip("203.0.113.1"), 1, ip("10.1.0.99"), 80, 6);
         assert_eq!(lb.process(&vips, &other, SYN, 0), Decision::NotHandled);
+    }
+
+    #[test]
+    fn a_touch_for_a_connection_whose_slot_was_reused_touches_nothing() {
+        let mut vips = Vips::new();
+        vips.insert(Vip::new(vip_cfg(2), &[]).unwrap());
+        let mut lb = LbCore::new(1, Timeouts::default(), None);
+        let conn_of = |d: Decision| match d {
+            Decision::Forward { conn, .. } => conn,
+            other => panic!("{other:?}"),
+        };
+        let a = client(1, 40000);
+        let slot = conn_of(lb.process(&vips, &a, ACK, 0));
+        assert!(lb.touch(slot, &a, Dir::Orig, ACK, 1).is_some());
+        // `a` times out (established: 240 s); `b` takes its slot.
+        let b = client(2, 40001);
+        let later = 300 * SEC;
+        assert_eq!(conn_of(lb.process(&vips, &b, SYN, later)), slot);
+        // A cached flow of `a` touching that slot does not reach `b`, even
+        // with a FIN that would close it.
+        assert!(
+            lb.touch(slot, &a, Dir::Orig, FIN | ACK, later + 1)
+                .is_none()
+        );
+        let c = lb.conns().get(slot).unwrap();
+        assert_eq!(c.orig, b);
+        assert_eq!(c.packets, [1, 0]);
+        assert!(!c.state.is_closing());
+        let reply = c.reply;
+        // `b`'s own touches (either way) still count.
+        assert!(lb.touch(slot, &b, Dir::Orig, ACK, later + 2).is_some());
+        assert!(lb.touch(slot, &reply, Dir::Reply, ACK, later + 3).is_some());
+        assert!(lb.touch(slot, &b, Dir::Reply, ACK, later + 4).is_none());
     }
 
     #[test]

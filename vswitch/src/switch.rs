@@ -930,8 +930,17 @@ impl<B: PacketBuf> Switch<B> {
                 if closing || now.saturating_sub(e.lb_touched) > self.lb_touch_ns {
                     e.lb_touched = now;
                     if let Some((vn, conn, dir)) = e.action.lb {
-                        if let Some(l) = self.lb.get_mut(vn as usize) {
-                            l.touch(conn, dir, flags, now);
+                        let key = ConnKey::from(&pk.key);
+                        let told = self
+                            .lb
+                            .get_mut(vn as usize)
+                            .and_then(|l| l.touch(conn, &key, dir, flags, now));
+                        if told.is_none() {
+                            // The load balancer has forgotten the connection
+                            // (it timed out there): the flow keeps its
+                            // backend, but must not touch whatever
+                            // connection now has that slot.
+                            e.action.lb = None;
                         }
                     }
                 }
