@@ -605,9 +605,16 @@ impl<V> ConnTable<V> {
             return Err(ConnError::Exists);
         }
         if self.len >= self.capacity {
+            // The least recently used closing connection: heads seen since
+            // they were queued go back first (a few at most, so an insert
+            // stays cheap).
+            for _ in 0..EVICT_SCAN {
+                if !matches!(self.settle_head(List::Closing, now), Head::Requeued) {
+                    break;
+                }
+            }
             let closing = self.heads[List::Closing as usize];
-            // The oldest timed-out active connection: heads seen since they
-            // were queued go back (a few at most, so an insert stays cheap).
+            // Else the oldest timed-out active connection, likewise.
             let mut idle = None;
             if closing == NIL {
                 for _ in 0..EVICT_SCAN {
@@ -803,6 +810,31 @@ mod tests {
         assert_eq!(t.expire(89, 16, |_| {}), 0);
         assert_eq!(t.expire(91, 16, |_| {}), 1);
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn a_full_table_evicts_the_closing_connection_seen_least_lately() {
+        let mut t = table(2);
+        let a = t
+            .insert(key(1), key(1).reversed(), ACK, 0, 1, |_| {})
+            .unwrap();
+        let b = t
+            .insert(key(2), key(2).reversed(), ACK, 1, 2, |_| {})
+            .unwrap();
+        // Both close (queued in that order), then `a` sees more packets.
+        t.touch(a, Dir::Orig, FIN | ACK, 2);
+        t.touch(b, Dir::Orig, FIN | ACK, 3);
+        t.touch(a, Dir::Reply, ACK, 4);
+        let mut evicted = Vec::new();
+        t.insert(key(3), key(3).reversed(), SYN, 5, 3, |c| {
+            evicted.push(c.value)
+        })
+        .unwrap();
+        assert_eq!(evicted, vec![2]);
+        assert_eq!(t.stats().evicted_closing, 1);
+        // `a` stays; `b`'s slot went to the new connection.
+        assert_eq!(t.get(a).map(|c| c.orig), Some(key(1)));
+        assert_eq!(t.get(b).map(|c| c.orig), Some(key(3)));
     }
 
     #[test]
