@@ -742,13 +742,16 @@ fn control_loop<A: BufAlloc>(
                 };
                 match cur.with_health(vnet, c.vip, backend, c.up, cur.generation + 1) {
                     Ok(next_policy) => {
+                        // Published before it is logged: whoever reads the
+                        // log line (a test, an operator) may rely on new
+                        // connections already seeing the change.
+                        let generation = next_policy.generation;
+                        policy.store(Arc::new(next_policy));
                         eprintln!(
-                            "pollux: {name} {} ({}); policy generation {}",
+                            "pollux: {name} {} ({}); policy generation {generation}",
                             if c.up { "up" } else { "down" },
                             c.reason,
-                            next_policy.generation
                         );
-                        policy.store(Arc::new(next_policy));
                     }
                     Err(e) => eprintln!("pollux: {name}: health change not applied: {e}"),
                 }
