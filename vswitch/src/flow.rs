@@ -574,16 +574,12 @@ impl FlowTable {
         self.stats
     }
 
-    /// Removes every expired entry (a full pass: call it every few hundred
-    /// milliseconds from the worker, not per burst).
+    /// Removes every expired entry in one pass over the slab; returns how
+    /// many. The worker uses [`FlowTable::expire_some`] instead, a little at
+    /// a time.
     pub fn expire(&mut self, now: u64) -> usize {
-        let (idle, closing) = (self.idle_ns, self.closing_ns);
-        let n = self.remove_where(|_, e| {
-            let limit = if e.closing { closing } else { idle };
-            now.saturating_sub(e.last_seen) > limit
-        });
-        self.stats.expired += n as u64;
-        n
+        // One lap of the sweep's cursor visits every slot once.
+        self.expire_some(now, self.slots.len())
     }
 
     /// Slots in the slab, live or free: what one sweep of
