@@ -335,6 +335,17 @@ enum List {
     Closing = 1,
 }
 
+impl List {
+    /// The list a connection in `state` belongs on.
+    fn of(state: ConnState) -> List {
+        if state.is_closing() {
+            List::Closing
+        } else {
+            List::Active
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Slot<V> {
     conn: Option<Conn<V>>,
@@ -550,11 +561,7 @@ impl<V> ConnTable<V> {
             c.packets[dir as usize] += 1;
             (before, c.state)
         };
-        let list = if state.is_closing() {
-            List::Closing
-        } else {
-            List::Active
-        };
+        let list = List::of(state);
         if list != list_before {
             self.unlink(i);
             self.push_tail(i, list, now);
@@ -585,6 +592,21 @@ impl<V> ConnTable<V> {
         Head::Live
     }
 
+    /// [`ConnTable::settle_head`] until the head of `list` stays put: heads
+    /// seen since they were queued go back first, a few at most (so an
+    /// insert into a full table stays cheap; `Requeued` when that was not
+    /// enough).
+    fn settled_head(&mut self, list: List, now: u64) -> Head {
+        let mut head = Head::Empty;
+        for _ in 0..EVICT_SCAN {
+            head = self.settle_head(list, now);
+            if !matches!(head, Head::Requeued) {
+                break;
+            }
+        }
+        head
+    }
+
     /// Adds a connection whose first packet (with `tcp_flags`) had key
     /// `orig` and whose replies will carry `reply`. When full, evicts the
     /// oldest closing entry, else the oldest timed-out one (both handed to
@@ -605,30 +627,20 @@ impl<V> ConnTable<V> {
             return Err(ConnError::Exists);
         }
         if self.len >= self.capacity {
-            // The least recently used closing connection: heads seen since
-            // they were queued go back first (a few at most, so an insert
-            // stays cheap).
-            for _ in 0..EVICT_SCAN {
-                if !matches!(self.settle_head(List::Closing, now), Head::Requeued) {
-                    break;
-                }
-            }
-            let closing = self.heads[List::Closing as usize];
-            // Else the oldest timed-out active connection, likewise.
-            let mut idle = None;
-            if closing == NIL {
-                for _ in 0..EVICT_SCAN {
-                    match self.settle_head(List::Active, now) {
-                        Head::Expired(h) => {
-                            idle = Some(h);
-                            break;
-                        }
-                        Head::Requeued => continue,
-                        Head::Live | Head::Empty => break,
-                    }
-                }
-            }
-            if closing != NIL {
+            // The least recently used closing connection (timed out or
+            // not), else the oldest timed-out active one.
+            let closing = match self.settled_head(List::Closing, now) {
+                Head::Empty => None,
+                _ => Some(self.heads[List::Closing as usize]),
+            };
+            let idle = match closing {
+                None => match self.settled_head(List::Active, now) {
+                    Head::Expired(h) => Some(h),
+                    _ => None,
+                },
+                Some(_) => None,
+            };
+            if let Some(closing) = closing {
                 if let Some(c) = self.remove_slot(closing) {
                     self.stats.evicted_closing += 1;
                     on_evict(c);
@@ -678,12 +690,7 @@ impl<V> ConnTable<V> {
                 queued: now,
             });
         }
-        let list = if state.is_closing() {
-            List::Closing
-        } else {
-            List::Active
-        };
-        self.push_tail(i, list, now);
+        self.push_tail(i, List::of(state), now);
         self.len += 1;
         self.stats.created += 1;
         Ok(i)
