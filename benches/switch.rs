@@ -297,33 +297,26 @@ fn bench(c: &mut Criterion) {
         );
         rigs.push((flows, rig));
     }
+    let worker_only = |rig: &mut Rig, n: u64| {
+        Duration::from_nanos(clock.ticks_to_ns(rig.timed_bursts(&clock, n)))
+    };
     // The switch's own cost: only `poll_once` is timed (receive from the
-    // input ring, the pipeline, transmit to the backend rings).
-    let mut g = c.benchmark_group("fast_path");
-    g.throughput(Throughput::Elements(BURST as u64));
-    for (flows, rig) in &mut rigs {
-        g.bench_with_input(BenchmarkId::from_parameter(*flows), flows, |b, _| {
-            b.iter_custom(|iters| {
-                Duration::from_nanos(clock.ticks_to_ns(rig.timed_bursts(&clock, iters)))
-            })
-        });
-    }
-    g.finish();
-    // The same with the flows in random order: round robin walks the flow
+    // input ring, the pipeline, transmit to the backend rings); then the
+    // same with the flows in random order: round robin walks the flow
     // table's slab in the order the flows were installed, which the
     // hardware prefetcher follows; random order is what traffic looks like.
-    let mut g = c.benchmark_group("fast_path_random");
-    g.throughput(Throughput::Elements(BURST as u64));
-    for (flows, rig) in &mut rigs {
-        rig.random = true;
-        g.bench_with_input(BenchmarkId::from_parameter(*flows), flows, |b, _| {
-            b.iter_custom(|iters| {
-                Duration::from_nanos(clock.ticks_to_ns(rig.timed_bursts(&clock, iters)))
-            })
-        });
-        rig.random = false;
+    for (name, random) in [("fast_path", false), ("fast_path_random", true)] {
+        let mut g = c.benchmark_group(name);
+        g.throughput(Throughput::Elements(BURST as u64));
+        for (flows, rig) in &mut rigs {
+            rig.random = random;
+            g.bench_with_input(BenchmarkId::from_parameter(*flows), flows, |b, _| {
+                b.iter_custom(|iters| worker_only(rig, iters))
+            });
+            rig.random = false;
+        }
+        g.finish();
     }
-    g.finish();
     // The same with the generator's and sinks' work on the same thread.
     let mut g = c.benchmark_group("fast_path_with_generator");
     g.throughput(Throughput::Elements(BURST as u64));
@@ -338,9 +331,6 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("new_flows");
     g.throughput(Throughput::Elements(BURST as u64));
     g.sample_size(10);
-    let worker_only = |rig: &mut Rig, n: u64| {
-        Duration::from_nanos(clock.ticks_to_ns(rig.timed_bursts(&clock, n)))
-    };
     let whole_loop = |rig: &mut Rig, n: u64| {
         let t = Instant::now();
         for _ in 0..n {
