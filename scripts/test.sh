@@ -15,24 +15,33 @@ cd "$(dirname "$0")/.."
 log() { printf '\n==> %s\n' "$*"; }
 
 # --- system packages -------------------------------------------------------
+# Each package is checked by its dpkg status, not by a file or command that
+# happens to look like it: a fresh Debian 12 image ships libclang-cpp14, whose
+# libclang-cpp.so.14 fooled a `libclang*.so*` glob, yet bindgen (clang-sys)
+# loads libclang.so / libclang-14.so, which only libclang-dev brings.
+needed=(
+    build-essential   # cc for the C shim and -sys crates
+    pkg-config        # finds libdpdk for the dpdk feature
+    libclang-dev      # bindgen (dpdk-sys) loads libclang.so
+    libdpdk-dev       # DPDK 22.11 headers and libraries (dpdk feature)
+    dpdk              # dpdk-testpmd and the PMD plugins the DPDK tests load
+    dpdk-dev          # DPDK's development tools
+    tcpdump           # pcap and pktgen tests read captures back with it
+    procps            # kill(1) and sysctl(8) in the end-to-end tests
+    util-linux        # setpriv(1): tests as another user
+    iproute2          # ip(8): namespaces and veth pairs
+    iputils-ping      # ping in the namespaces
+    ethtool           # offload settings of test veths
+    curl              # HTTP client in the namespaces
+    python3           # python3 -m http.server backends
+)
+installed() {
+    dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'
+}
 pkgs=()
-command -v tcpdump >/dev/null 2>&1 || pkgs+=(tcpdump)
-command -v pkg-config >/dev/null 2>&1 || pkgs+=(pkg-config)
-command -v cc >/dev/null 2>&1 || pkgs+=(build-essential)
-# tests send signals to `pollux run` with kill(1)
-[ -x /usr/bin/kill ] || [ -x /bin/kill ] || pkgs+=(procps)
-# kernel-interface and end-to-end tests: namespaces, veth, real clients/servers
-command -v ip >/dev/null 2>&1 || pkgs+=(iproute2)
-command -v ping >/dev/null 2>&1 || pkgs+=(iputils-ping)
-command -v ethtool >/dev/null 2>&1 || pkgs+=(ethtool)
-command -v curl >/dev/null 2>&1 || pkgs+=(curl)
-command -v python3 >/dev/null 2>&1 || pkgs+=(python3)
-# the dpdk feature: DPDK 22.11 headers and libraries, its tools, and libclang
-# for bindgen
-pkg-config --exists libdpdk 2>/dev/null || pkgs+=(libdpdk-dev)
-command -v dpdk-testpmd >/dev/null 2>&1 || pkgs+=(dpdk dpdk-dev)
-ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || pkgs+=(libclang-dev)
-command -v setpriv >/dev/null 2>&1 || pkgs+=(util-linux)
+for p in "${needed[@]}"; do
+    installed "$p" || pkgs+=("$p")
+done
 if ((${#pkgs[@]})); then
     log "installing system packages: ${pkgs[*]}"
     sudo=""
