@@ -313,6 +313,7 @@ impl Config {
         for p in &self.port {
             self.check_port(p, &mut errs);
         }
+        self.check_workers(&mut errs);
         // Vnets: prefixes and gateway MAC.
         dups("vnet", self.vnet.iter().map(|v| v.name.as_str()), &mut errs);
         let mut vnets: HashMap<&str, Vec<IpNet>> = HashMap::new();
@@ -503,6 +504,40 @@ impl Config {
         if let Some(m) = p.mtu {
             if !(68..=9000).contains(&m) {
                 errs.push(format!("port {name:?}: mtu {m} is outside 68-9000"));
+            }
+        }
+    }
+
+    /// What the workers and ports must agree on: the machine's cores, one
+    /// queue per worker on every port, and DPDK ports on their own.
+    fn check_workers(&self, errs: &mut Vec<String>) {
+        let workers = self.dataplane.workers;
+        let cores = usable_cores();
+        if workers > cores.max(1) {
+            errs.push(format!(
+                "dataplane: workers = {workers}, but this machine has {cores} cores"
+            ));
+        }
+        for p in &self.port {
+            let name = &p.name;
+            if p.driver == "af_xdp" && workers > 1 {
+                errs.push(format!(
+                    "port {name:?}: an af_xdp port binds one queue so far; with workers = {workers} use af_packet ports"
+                ));
+            }
+            if p.driver == "pcap" && workers > 1 {
+                errs.push(format!(
+                    "port {name:?}: a pcap port has one queue; with workers = {workers} use af_packet or ring ports"
+                ));
+            }
+        }
+        // DPDK workers move mbufs end to end: every port carries them.
+        if self.port.iter().any(|p| p.driver == "dpdk") {
+            for p in self.port.iter().filter(|p| p.driver != "dpdk") {
+                errs.push(format!(
+                    "port {:?}: driver {:?} cannot share a worker with dpdk ports (make every port dpdk)",
+                    p.name, p.driver
+                ));
             }
         }
     }
@@ -812,6 +847,14 @@ fn snat_config(vnet: &str, c: &SnatCfg, nets: &[IpNet]) -> Result<SnatConfig, Ve
         block_size: SNAT_BLOCK as u16,
         blocks_per_member: (per_vm / SNAT_BLOCK) as usize,
     })
+}
+
+/// The cores this process may run on, as first seen (before DPDK's EAL,
+/// if any, pins the main thread to its own lcores): every later check, such
+/// as an API change validated on the control thread, sees the same count.
+fn usable_cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| core_affinity::get_core_ids().map_or(0, |c| c.len()))
 }
 
 #[cfg(test)]

@@ -304,39 +304,6 @@ pub fn run_with(
     let mut topo = cfg.topology()?;
     let workers = cfg.dataplane.workers.max(1);
     let cores = core_affinity::get_core_ids().unwrap_or_default();
-    let mut problems = Vec::new();
-    if workers > cores.len().max(1) {
-        problems.push(format!(
-            "dataplane: workers = {workers}, but this machine has {} cores",
-            cores.len()
-        ));
-    }
-    for p in &cfg.port {
-        if !matches!(
-            p.driver.as_str(),
-            "pcap" | "ring" | "af_packet" | "af_xdp" | "dpdk"
-        ) {
-            problems.push(format!(
-                "port {:?}: driver {:?} is not available to `pollux run`",
-                p.name, p.driver
-            ));
-        }
-        if p.driver == "af_xdp" && workers > 1 {
-            problems.push(format!(
-                "port {:?}: an af_xdp port binds one queue so far; with workers = {workers} use af_packet ports",
-                p.name
-            ));
-        }
-        if p.driver == "pcap" && workers > 1 {
-            problems.push(format!(
-                "port {:?}: a pcap port has one queue; with workers = {workers} use af_packet or ring ports",
-                p.name
-            ));
-        }
-    }
-    if !problems.is_empty() {
-        return Err(problems);
-    }
     let stop = Stop::signals(cfg, source)?;
     if cfg.port.iter().any(|p| p.driver == "dpdk") {
         return run_dpdk(cfg, topo, stop);
@@ -490,16 +457,6 @@ impl InProcess {
 #[cfg(feature = "dpdk")]
 fn run_dpdk(cfg: &Config, mut topo: Topology, stop: Stop) -> Result<Vec<String>, Vec<String>> {
     use dataplane::port::dpdk::{DpdkPort, Eal, Mempool};
-    let mut problems = Vec::new();
-    for p in cfg.port.iter().filter(|p| p.driver != "dpdk") {
-        problems.push(format!(
-            "port {:?}: driver {:?} cannot share a worker with dpdk ports (make every port dpdk)",
-            p.name, p.driver
-        ));
-    }
-    if !problems.is_empty() {
-        return Err(problems);
-    }
     let args = cfg
         .dpdk
         .as_ref()

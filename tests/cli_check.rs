@@ -78,3 +78,55 @@ ips = ["10.1.0.9"]
     assert!(err.contains("missing.toml"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `pollux check` refuses exactly what `pollux run` refuses, with the same
+/// lines: the rules live in one place (`Config::validate`).
+#[test]
+fn check_and_run_refuse_the_same_configurations() {
+    let dir = std::env::temp_dir().join(format!("pollux-check-run-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ring = "[[port]]\nname = \"r\"\ndriver = \"ring\"\n";
+    let cases = [
+        (
+            "[dataplane]\nworkers = 512\n[[port]]\nname = \"cap\"\ndriver = \"pcap\"\ntx_pcap = \"/dev/null\"\n".to_string(),
+            vec![
+                "dataplane: workers = 512, but this machine has ",
+                "port \"cap\": a pcap port has one queue; with workers = 512 use af_packet or ring ports",
+            ],
+        ),
+        (
+            "[dataplane]\nworkers = 2\n[[port]]\nname = \"x\"\ndriver = \"af_xdp\"\niface = \"lo\"\n".to_string(),
+            vec!["port \"x\": an af_xdp port binds one queue so far; with workers = 2 use af_packet ports"],
+        ),
+        (
+            format!("[[port]]\nname = \"d\"\ndriver = \"dpdk\"\ndevargs = \"net_null0\"\n{ring}"),
+            vec!["port \"r\": driver \"ring\" cannot share a worker with dpdk ports (make every port dpdk)"],
+        ),
+        (
+            "[[port]]\nname = \"t\"\ndriver = \"tap\"\n".to_string(),
+            vec!["port \"t\": driver \"tap\" is not one of ring, pcap, af_packet, af_xdp, dpdk"],
+        ),
+    ];
+    for (i, (text, want)) in cases.iter().enumerate() {
+        let path = dir.join(format!("case{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let path = path.to_str().unwrap();
+        let (check_code, _, check_err) = pollux(&["check", "--config", path]);
+        let (run_code, _, run_err) = pollux(&["run", "--config", path]);
+        assert_eq!(
+            (check_code, run_code),
+            (2, 2),
+            "{text}\n{check_err}\n{run_err}"
+        );
+        let lines = |s: &str| {
+            let mut v: Vec<String> = s.lines().map(str::to_string).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(lines(&check_err), lines(&run_err), "{text}");
+        for w in want {
+            assert!(check_err.contains(w), "{text}\nwant {w:?} in\n{check_err}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

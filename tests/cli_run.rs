@@ -5,7 +5,11 @@
 
 use pcap_file::pcap::{PcapPacket, PcapReader, PcapWriter};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+mod common;
+
+use common::api::Api;
 
 fn udp(src_mac: [u8; 6], src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
     let mut f = Vec::new();
@@ -19,20 +23,55 @@ fn udp(src_mac: [u8; 6], src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> 
 
 /// Runs `pollux run --config path` for `wait`, stops it with SIGTERM as a
 /// user would, and returns what it printed and how it exited.
-fn run_then_sigterm(path: &std::path::Path, wait: Duration) -> std::process::Output {
-    let child = Command::new(env!("CARGO_BIN_EXE_pollux"))
+/// Runs `pollux run` on the configuration at `path` (given a control
+/// socket beside it) until `ready` holds on its control API, then stops it
+/// with SIGTERM as an operator does; returns its output. Panics, with that
+/// output, when `ready` does not hold within a minute.
+fn run_until(
+    path: &std::path::Path,
+    why: &str,
+    ready: impl Fn(&Api) -> bool,
+) -> std::process::Output {
+    let sock = path.with_extension("sock");
+    let text = std::fs::read_to_string(path).unwrap();
+    std::fs::write(
+        path,
+        format!("[control]\nsocket = \"{}\"\n{text}", sock.display()),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pollux"))
         .args(["run", "--config", path.to_str().unwrap()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(wait);
-    let status = Command::new("kill")
+    let api = Api { sock };
+    let end = Instant::now() + Duration::from_secs(60);
+    let mut held = false;
+    while Instant::now() < end && child.try_wait().unwrap().is_none() {
+        if ready(&api) {
+            held = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success(), "pollux ended before SIGTERM");
-    child.wait_with_output().unwrap()
+        .status();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        held,
+        "{why}: not so within a minute (or pollux ended)\nstdout {}\nstderr {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Counter `field` of port `name` now, 0 until the API answers.
+fn port_now(api: &Api, name: &str, field: &str) -> u64 {
+    api.get("/v1/counters")
+        .map_or(0, |v| common::api::port(&v, name, field))
 }
 
 fn read(path: &std::path::Path) -> Vec<Vec<u8>> {
@@ -131,7 +170,11 @@ backends = [ {{ vm = "web1", port = 5353 }}, {{ vm = "web2", port = 5353 }} ]
     );
     let cfg_path = dir.join("pollux.toml");
     std::fs::write(&cfg_path, cfg).unwrap();
-    let out = run_then_sigterm(&cfg_path, Duration::from_millis(1500));
+    // The capture's 26 frames read, the 25 that are not spoofed written.
+    let out = run_until(&cfg_path, "the capture switched", |api| {
+        port_now(api, "client", "rx_packets") == 26
+            && port_now(api, "web1", "tx_packets") + port_now(api, "web2", "tx_packets") == 25
+    });
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         out.status.code(),
@@ -262,7 +305,16 @@ threshold = 2
     );
     let cfg_path = dir.join("pollux.toml");
     std::fs::write(&cfg_path, cfg).unwrap();
-    let out = run_then_sigterm(&cfg_path, Duration::from_millis(1500));
+    // Three probe SYNs out of each DIP's port, and each probe timed out.
+    let out = run_until(&cfg_path, "probes sent and timed out", |api| {
+        let timed_out = api.get("/v1/probes").is_some_and(|v| {
+            let list = v["probes"].as_array().cloned().unwrap_or_default();
+            list.len() == 2 && list.iter().all(|p| p["reason"] == "timeout")
+        });
+        timed_out
+            && port_now(api, "web1", "tx_packets") >= 3
+            && port_now(api, "web2", "tx_packets") >= 3
+    });
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
@@ -304,10 +356,10 @@ threshold = 2
 #[test]
 fn kernel_ports_without_privileges_name_the_capability() {
     // As root, drop to `nobody` for the run; as a user, run as is.
-    let root = std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
+    let root = testkit::require::is_root();
+    if root && !testkit::require::tool("setpriv") {
+        return;
+    }
     let dir = std::env::temp_dir().join(format!("pollux-nopriv-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     for (driver, want) in [
@@ -372,7 +424,9 @@ fn run_on_dpdk_ports() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("pollux.toml");
     std::fs::write(&path, format!("{eal}{ports}{net}")).unwrap();
-    let out = run_then_sigterm(&path, Duration::from_millis(1500));
+    let out = run_until(&path, "frames from both null ports", |api| {
+        port_now(api, "a", "rx_packets") > 1000 && port_now(api, "b", "rx_packets") > 1000
+    });
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
@@ -412,7 +466,9 @@ fn run_on_dpdk_ports() {
         "{eal}{quiet}{net}[[vip]]\nname = \"w\"\nvnet = \"v\"\naddress = \"10.1.0.100\"\nport = 80\nprotocol = \"tcp\"\nbackends = [ {{ vm = \"x\", port = 8080 }} ]\n[vip.probe]\nkind = \"tcp\"\nport = 8080\ninterval_ms = 200\ntimeout_ms = 100\n"
     );
     std::fs::write(&path, probed).unwrap();
-    let out = run_then_sigterm(&path, Duration::from_millis(2000));
+    let out = run_until(&path, "probe SYNs out of the DIP's port", |api| {
+        port_now(api, "a", "tx_packets") >= 3
+    });
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
@@ -437,7 +493,10 @@ fn run_on_dpdk_ports() {
         format!("[dataplane]\nworkers = 2\n{eal}{ports}{net}"),
     )
     .unwrap();
-    let out = run_then_sigterm(&path, Duration::from_millis(1500));
+    let out = run_until(&path, "frames on both workers", |api| {
+        api.get("/v1/counters")
+            .is_some_and(|v| (0..2).all(|w| common::api::worker(&v, w, "rx_packets") > 1000))
+    });
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     for w in ["worker0", "worker1"] {
@@ -481,12 +540,8 @@ fn sriov_names_what_is_missing() {
     );
     let out = sriov(&["--pf", "lo", "--vf", "0", "--spoofchk", "maybe"]);
     assert_eq!(out.status.code(), Some(2), "bad on/off is a usage error");
-    let root = std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
-    if !root {
-        eprintln!("skipped the kernel part: needs root to create a veth");
+    // The kernel part: root to create a veth.
+    if !testkit::require::root_and(&["ip"]) {
         return;
     }
     let (a, b) = (

@@ -521,8 +521,8 @@ fn the_socket_is_private_to_its_owner() {
         e.join("\n").contains("another process is serving it"),
         "{e:?}"
     );
-    if !common::netns::is_root() || !common::netns::have("setpriv") {
-        eprintln!("the other-user check needs root and setpriv; checked the mode only");
+    // The other-user check: root to become "nobody", with setpriv.
+    if !testkit::require::root_and(&["setpriv"]) {
         return;
     }
     // Let "nobody" reach the socket's directory: only the socket's own mode stops it.

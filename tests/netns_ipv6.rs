@@ -4,13 +4,14 @@
 //! ping, a direct HTTP request and one through an IPv6 VIP all work, and the
 //! other tenant reaches nothing.
 //!
-//! Needs root and `ip`, `ethtool`, `curl`, `ping`, `python3`; without root it
-//! says it is skipped and why.
+//! Needs root and `ip`, `ethtool`, `curl`, `ping`, `python3`
+//! (`testkit::require`: without them it says why it did not run; under CI it
+//! fails).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 mod common;
 
-use common::netns::{Lab, read, skip_reason, wait_for};
+use common::netns::{Lab, read, wait_for};
 use std::time::Duration;
 
 const NODES: [(&str, &str, &str, &str); 3] = [
@@ -54,8 +55,7 @@ backends = [ { vm = "w1", port = 8000 } ]
 
 #[test]
 fn ipv6_stacks_resolve_and_talk_through_pollux() {
-    if let Some(why) = skip_reason(&["ip", "ethtool", "curl", "ping", "python3"]) {
-        eprintln!("skipped: {why}");
+    if !testkit::require::root_and(&["ip", "ethtool", "curl", "ping", "python3"]) {
         return;
     }
     let mut lab = Lab::new("v6");
@@ -91,14 +91,10 @@ fn ipv6_stacks_resolve_and_talk_through_pollux() {
         &log,
     );
     let (idx, out, err) = lab.pollux("pollux-v6", &config(&lab));
-    assert!(
-        wait_for(Duration::from_secs(10), || read(&err)
-            .contains("switch running")),
-        "{}",
-        read(&err)
-    );
+    lab.api("pollux-v6")
+        .wait_ready(Duration::from_secs(60), || read(&err));
     // Wait for the server to listen before the first request.
-    assert!(wait_for(Duration::from_secs(10), || lab
+    assert!(wait_for(Duration::from_secs(30), || lab
         .bash("w1", "ss -ltn | grep -q ':8000'")
         .status
         .success()));

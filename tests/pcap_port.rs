@@ -2,8 +2,8 @@
 //! (pcap-file), recording transmitted packets in a file that tcpdump reads, and
 //! a worker forwarding pcap-in to pcap-out with a rewrite.
 //!
-//! tcpdump is installed by the test command; when it is missing the tcpdump
-//! checks are skipped with a notice, unless POLLUX_REQUIRE_TOOLS=1 (as in CI).
+//! The tcpdump checks need `tcpdump` (`testkit::require`: scripts/test.sh
+//! installs it; without it they say so, and under CI they fail).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 use dataplane::pool::{HugePages, Pool, PoolBuf, PoolConfig};
@@ -61,36 +61,28 @@ fn read_capture(path: &Path) -> Vec<Vec<u8>> {
     out
 }
 
-/// `tcpdump -nn -r FILE` output lines, or None (with a notice) if tcpdump is absent.
+/// `tcpdump -nn -r FILE` output lines, or None (said why) if tcpdump is absent.
 fn tcpdump(path: &Path) -> Option<Vec<String>> {
-    match Command::new("tcpdump")
+    if !testkit::require::tool("tcpdump") {
+        return None;
+    }
+    let out = Command::new("tcpdump")
         .arg("-nn")
         .arg("-r")
         .arg(path)
         .output()
-    {
-        Ok(out) => {
-            assert!(
-                out.status.success(),
-                "tcpdump failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            Some(
-                String::from_utf8_lossy(&out.stdout)
-                    .lines()
-                    .map(str::to_string)
-                    .collect(),
-            )
-        }
-        Err(e) => {
-            assert!(
-                std::env::var("POLLUX_REQUIRE_TOOLS").as_deref() != Ok("1"),
-                "tcpdump is required (POLLUX_REQUIRE_TOOLS=1) but cannot run: {e}"
-            );
-            eprintln!("NOTICE: tcpdump not found ({e}); skipping the tcpdump check");
-            None
-        }
-    }
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tcpdump failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect(),
+    )
 }
 
 #[test]

@@ -130,13 +130,7 @@ fn pktgen_reports_problems_and_exits_2() {
 /// flows' ports and correct TCP checksums.
 #[test]
 fn pktgen_writes_valid_tcp_syn_frames_to_pcap() {
-    use common::netns::have;
-    if !have("tcpdump") {
-        assert!(
-            std::env::var_os("POLLUX_REQUIRE_TOOLS").is_none(),
-            "tcpdump is missing (scripts/test.sh installs it)"
-        );
-        eprintln!("skipped: tcpdump is not installed");
+    if !testkit::require::tool("tcpdump") {
         return;
     }
     let dir = std::env::temp_dir().join(format!("pollux-pktgen-pcap-{}", std::process::id()));
@@ -185,9 +179,8 @@ fn pktgen_writes_valid_tcp_syn_frames_to_pcap() {
 /// an `af_packet` socket at each end.
 #[test]
 fn pktgen_over_af_packet_on_a_veth_pair() {
-    use common::netns::{sh, skip_reason};
-    if let Some(why) = skip_reason(&["ip"]) {
-        eprintln!("skipped: {why}");
+    use common::netns::sh;
+    if !testkit::require::root_and(&["ip"]) {
         return;
     }
     let a = format!("pga{}", std::process::id() % 100_000);
@@ -235,13 +228,12 @@ fn pktgen_over_af_packet_on_a_veth_pair() {
 #[cfg(feature = "dpdk")]
 #[test]
 fn pktgen_over_dpdk_vhost_through_pollux() {
-    use common::netns::{Lab, have, is_root, read, wait_for};
+    use common::netns::{Lab, read, wait_for};
     use std::time::Duration;
-    if !is_root() {
-        eprintln!("skipped: needs root (DPDK's runtime directory)");
+    // Root for DPDK's runtime directory.
+    if !testkit::require::root() {
         return;
     }
-    let _ = have;
     let id = std::process::id();
     struct Dirs(u32);
     impl Drop for Dirs {
@@ -263,8 +255,11 @@ fn pktgen_over_dpdk_vhost_through_pollux() {
         &format!("net_vhost1,iface={}", sock("dip1")),
     );
     let (idx, out, err) = lab.pollux("pollux", &cfg);
+    // The API answers once every port is open and the workers run.
+    lab.api("pollux")
+        .wait_ready(Duration::from_secs(60), || read(&err));
     assert!(
-        wait_for(Duration::from_secs(20), || {
+        wait_for(Duration::from_secs(10), || {
             std::path::Path::new(&sock("client")).exists()
                 && std::path::Path::new(&sock("dip1")).exists()
         }),

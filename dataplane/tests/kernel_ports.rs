@@ -6,8 +6,9 @@
 //! kernel sent with checksum offload arrives (AF_PACKET) with its checksum
 //! completed.
 //!
-//! Needs root (namespaces, packet sockets) and `ip`, `ping`, `bash`; without
-//! root it says it is skipped and why.
+//! Needs root (namespaces, packet sockets) and `ip`, `ping`, `bash`
+//! (`testkit::require`: without them it says why it did not run, and under
+//! CI it fails).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 use dataplane::pool::{Pool, PoolConfig};
@@ -16,17 +17,6 @@ use dataplane::port::af_xdp::AfXdpPort;
 use dataplane::{Batch, MacAddr, PacketBuf, Port, parse, rewrite};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
-}
 
 fn sh(args: &[&str]) {
     let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
@@ -97,7 +87,7 @@ fn open_errors_name_the_interface() {
             .contains("port \"p\": interface \"nosuchif0\" does not exist"),
         "{e}"
     );
-    if !is_root() {
+    if !testkit::require::is_root() {
         let e = AfPacketPort::open("p", "lo", pool).unwrap_err();
         assert!(e.to_string().contains("needs CAP_NET_RAW"), "{e}");
     }
@@ -158,8 +148,7 @@ fn answer_pings(net: &Netns, port: &mut impl Port<Buf = dataplane::pool::PoolBuf
 
 #[test]
 fn a_kernel_stack_pings_through_the_port() {
-    if !is_root() {
-        eprintln!("skipped: needs root to create network namespaces and packet sockets");
+    if !testkit::require::root_and(&["ip", "ping", "bash"]) {
         return;
     }
     let net = Netns::new("p");
@@ -171,8 +160,7 @@ fn a_kernel_stack_pings_through_the_port() {
 
 #[test]
 fn a_kernel_stack_pings_through_an_xdp_socket() {
-    if !is_root() {
-        eprintln!("skipped: needs root to create network namespaces and XDP sockets");
+    if !testkit::require::root_and(&["ip", "ping", "bash"]) {
         return;
     }
     let net = Netns::new("x");
@@ -199,8 +187,7 @@ fn a_kernel_stack_pings_through_an_xdp_socket() {
 
 #[test]
 fn offloaded_checksums_arrive_completed() {
-    if !is_root() {
-        eprintln!("skipped: needs root to create network namespaces and packet sockets");
+    if !testkit::require::root_and(&["ip", "ping", "bash"]) {
         return;
     }
     let net = Netns::new("c");

@@ -34,5 +34,6 @@ impl Drop for Running {
         }
     }
 }
+pub mod api;
 pub mod dpdk;
 pub mod netns;

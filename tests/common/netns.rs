@@ -8,40 +8,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
-/// True when running as root.
-pub fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
-/// True when `tool` is on the PATH.
-pub fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-/// `None` when the lab can run here; otherwise why it is skipped (printed).
-/// Missing tools fail instead when `POLLUX_REQUIRE_TOOLS` is set (CI).
-pub fn skip_reason(tools: &[&str]) -> Option<String> {
-    if !is_root() {
-        return Some("needs root to create network namespaces and open packet sockets".into());
-    }
-    let t = tools.iter().find(|t| !have(t))?;
-    assert!(
-        std::env::var_os("POLLUX_REQUIRE_TOOLS").is_none(),
-        "{t} is missing (scripts/test.sh installs it)"
-    );
-    Some(format!("{t} is not installed"))
-}
-
 /// Runs a command, panicking with its stderr if it fails.
 pub fn sh(args: &[&str]) -> Output {
     let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
@@ -158,10 +124,19 @@ impl Lab {
         self.children.len() - 1
     }
 
-    /// Starts `pollux run` on `config`; returns (child index, stdout file,
-    /// stderr file). [`Lab::stop`] stops it.
+    /// Starts `pollux run` on `config`, with a control socket
+    /// ([`Lab::api`]) unless `config` has a `[control]` section; returns
+    /// (child index, stdout file, stderr file). [`Lab::stop`] stops it.
     pub fn pollux(&mut self, name: &str, config: &str) -> (usize, PathBuf, PathBuf) {
         let cfg = self.dir.join(format!("{name}.toml"));
+        let config = if config.contains("[control]") {
+            config.to_string()
+        } else {
+            format!(
+                "[control]\nsocket = \"{}\"\n{config}",
+                self.api(name).sock.display()
+            )
+        };
         std::fs::write(&cfg, config).unwrap();
         let out = self.dir.join(format!("{name}.out"));
         let log = self.dir.join(format!("{name}.log"));
@@ -173,6 +148,13 @@ impl Lab {
             .unwrap();
         self.children.push(child);
         (self.children.len() - 1, out, log)
+    }
+
+    /// The control API of the `pollux run` started as `name`.
+    pub fn api(&self, name: &str) -> super::api::Api {
+        super::api::Api {
+            sock: self.dir.join(format!("{name}-ctl.sock")),
+        }
     }
 
     /// Stops the `pollux run` started as child `idx` the way an operator

@@ -1,0 +1,9 @@
+//! Test-only helpers shared by every pollux crate (a dev-dependency, never a
+//! dependency of the product).
+//!
+//! It owns one thing: [`require`], the single way a test states what it needs
+//! from the machine (root, a tool, huge pages) and what happens when that is
+//! missing. It must not depend on any pollux crate, so every crate's tests,
+//! down to `dataplane`'s unit tests, can use it.
+
+pub mod require;
