@@ -194,13 +194,13 @@ fn changes_under_traffic_lose_no_packet_of_established_flows() {
         mut source,
         mut sinks,
     } = ends;
-    // 200 flows at 20 kpps for 1.5 s after a warm-up that establishes them.
+    // 200 flows at 20 kpps for 3 s after a warm-up that establishes them.
     let traffic = std::thread::spawn(move || {
         let clock = TscClock::calibrate(Duration::from_millis(20));
         let tpl = Template::new(&spec(200, 1000)).unwrap();
         let cfg = TrialConfig {
             rate: Some(20_000.0),
-            duration: Duration::from_millis(1500),
+            duration: Duration::from_millis(3000),
             warmup: Duration::from_millis(300),
             drain: Duration::from_millis(300),
             burst: 8,
@@ -214,13 +214,31 @@ fn changes_under_traffic_lose_no_packet_of_established_flows() {
         )
         .unwrap()
     });
-    std::thread::sleep(Duration::from_millis(500));
     // While it flows: a rule, a new VIP, a weight change, a vnet replaced
-    // by itself, a rule removed; each is a new generation.
+    // by itself, a rule removed; each is a new generation. Each change
+    // waits for more traffic into the switch (its port counter), so the
+    // changes are spread over the flowing traffic however loaded the
+    // machine is.
     let api = |m: &str, p: &str, b: Option<&str>| {
         let (st, t) = call(&Endpoint::Unix(&sock), m, p, b).unwrap();
         (st, serde_json::from_str::<Value>(&t).unwrap())
     };
+    let ctl = common::api::Api { sock: sock.clone() };
+    let received = || {
+        ctl.get("/v1/counters")
+            .map_or(0, |v| common::api::port(&v, "gen", "rx_packets"))
+    };
+    let more_traffic = |than: u64| {
+        ctl.wait_for(
+            "/v1/counters",
+            Duration::from_secs(30),
+            "traffic into the switch",
+            |v| common::api::port(v, "gen", "rx_packets") >= than,
+            String::new,
+        );
+    };
+    // The warm-up's 6 000 packets established the flows.
+    more_traffic(6_000);
     let steps: [(&str, &str, Option<&str>); 5] = [
         (
             "PUT",
@@ -248,14 +266,18 @@ fn changes_under_traffic_lose_no_packet_of_established_flows() {
         ),
         ("DELETE", "/v1/nsgs/sink/rules/no-ssh", None),
     ];
+    let mut at_last_change = 0;
     for (i, (m, p, b)) in steps.iter().enumerate() {
+        more_traffic(received() + 2_000);
+        at_last_change = received();
         let (st, v) = api(m, p, *b);
         assert!(st == 200 || st == 201, "{m} {p}: {st} {v}");
         assert_eq!(v["generation"].as_u64(), Some(g0 + 1 + i as u64), "{v}");
-        std::thread::sleep(Duration::from_millis(150));
     }
     let r = traffic.join().unwrap();
-    assert!(r.tx > 25_000, "{r:?}");
+    // Traffic went on after the last change.
+    assert!(received() > at_last_change, "{r:?}");
+    assert!(r.tx > 50_000, "{r:?}");
     assert_eq!(r.lost(), 0, "packets lost during policy updates: {r:?}");
     assert_eq!((r.rx.duplicates, r.rx.foreign), (0, 0), "{r:?}");
     // The changes are visible.
@@ -716,9 +738,14 @@ fn probes_added_and_removed_at_run_time() {
     v.as_object_mut().unwrap().remove("probe");
     let (st, r) = s.api("PUT", "/v1/vips/load", Some(&v.to_string()));
     assert_eq!(st, 200, "{r}");
-    std::thread::sleep(Duration::from_millis(200));
-    let (_, p) = s.api("GET", "/v1/probes", None);
-    assert_eq!(p["probes"], serde_json::json!([]), "{p}");
+    // The control loop retires the probes after the change is applied.
+    common::api::Api { sock: s.sock.clone() }.wait_for(
+        "/v1/probes",
+        Duration::from_secs(30),
+        "probes retired",
+        |p| p["probes"] == serde_json::json!([]),
+        String::new,
+    );
     // New flows are balanced over both again.
     let tpl = Template::new(&spec(32, 7000)).unwrap();
     let to = round(&s, &mut e, &tpl, 0);

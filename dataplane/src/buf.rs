@@ -30,7 +30,8 @@ pub enum BufError {
 }
 
 /// A packet in a buffer with headroom: pollux's own pool buffers implement it,
-/// and so will the DPDK mbuf, so the pipeline runs zero-copy on either.
+/// and so does the DPDK mbuf (with the `dpdk` feature), so the pipeline runs
+/// zero-copy on either.
 ///
 /// The data is one contiguous slice (no chained segments). Dropping a buffer
 /// returns it to where it came from.

@@ -2,8 +2,8 @@
 //!
 //! Owns: the VIP/DIP model and distribution modes ([`balancer`]), the Maglev
 //! lookup table ([`maglev`]), per-core connection tracking ([`conntrack`]),
-//! NAT bindings ([`nat`]) and SNAT port allocation ([`snat`]); and, with its
-//! own issue, the health prober.
+//! NAT bindings ([`nat`]) and SNAT port allocation ([`snat`]); and the health
+//! prober ([`probe`]: HTTP GET and TCP probes over smoltcp).
 //!
 //! Must not touch: polling cores or port drivers. Apart from the prober, which
 //! runs on the control thread, it is pure logic over parsed headers: health
