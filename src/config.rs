@@ -522,7 +522,7 @@ impl Config {
             let name = &p.name;
             if p.driver == "af_xdp" && workers > 1 {
                 errs.push(format!(
-                    "port {name:?}: an af_xdp port binds one queue so far; with workers = {workers} use af_packet ports"
+                    "port {name:?}: an af_xdp port binds one queue; with workers = {workers} use af_packet ports"
                 ));
             }
             if p.driver == "pcap" && workers > 1 {
@@ -715,7 +715,7 @@ impl Config {
             }
             for b in bs.iter().filter(|b| b.ip.is_ipv6()) {
                 errs.push(format!(
-                    "vip {name:?}: backend {} is IPv6; probes reach IPv4 backends only so far",
+                    "vip {name:?}: backend {} is IPv6; probes reach IPv4 backends only",
                     b.ip
                 ));
             }

@@ -6,8 +6,9 @@
 //! (an AF_PACKET fanout socket, a shared ring handle) and hands packets of
 //! connections it does not own to their owner ([`vswitch::placement`]).
 //! Health probes run on this (the control) thread, never on a polling core:
-//! one prober per vnet with probed VIPs, on an internal switch port of that
-//! vnet (source 168.63.129.16, as Azure), so probes take the tenant path.
+//! one prober per vnet (so probes can be added to any vnet at run time), on
+//! an internal switch port of that vnet (source 168.63.129.16, as Azure),
+//! so probes take the tenant path.
 //! Each health change is published as a new policy generation and logged on
 //! stderr.
 //!

@@ -96,7 +96,7 @@ fn check_and_run_refuse_the_same_configurations() {
         ),
         (
             "[dataplane]\nworkers = 2\n[[port]]\nname = \"x\"\ndriver = \"af_xdp\"\niface = \"lo\"\n".to_string(),
-            vec!["port \"x\": an af_xdp port binds one queue so far; with workers = 2 use af_packet ports"],
+            vec!["port \"x\": an af_xdp port binds one queue; with workers = 2 use af_packet ports"],
         ),
         (
             format!("[[port]]\nname = \"d\"\ndriver = \"dpdk\"\ndevargs = \"net_null0\"\n{ring}"),

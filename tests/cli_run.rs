@@ -228,7 +228,7 @@ fn run_config(text: &str) -> std::process::Output {
 }
 
 #[test]
-fn run_refuses_what_it_cannot_do_yet() {
+fn run_refuses_what_it_cannot_do() {
     let out = run_config(
         "[dataplane]\nworkers = 512\n[[port]]\nname = \"cap\"\ndriver = \"pcap\"\ntx_pcap = \"/dev/null\"\n",
     );

@@ -739,7 +739,10 @@ fn probes_added_and_removed_at_run_time() {
     let (st, r) = s.api("PUT", "/v1/vips/load", Some(&v.to_string()));
     assert_eq!(st, 200, "{r}");
     // The control loop retires the probes after the change is applied.
-    common::api::Api { sock: s.sock.clone() }.wait_for(
+    common::api::Api {
+        sock: s.sock.clone(),
+    }
+    .wait_for(
         "/v1/probes",
         Duration::from_secs(30),
         "probes retired",

@@ -812,7 +812,7 @@ mod tests {
     }
 
     #[test]
-    fn parses_the_design_example_from_toml() {
+    fn parses_an_example_group_from_toml() {
         let nsg: NsgSpec = toml::from_str(
             r#"
             name = "web"

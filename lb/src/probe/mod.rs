@@ -68,7 +68,7 @@ pub struct ProbeSpec {
 }
 
 impl ProbeSpec {
-    /// A spec with DESIGN.md's defaults: 5 s interval, timeout
+    /// A spec with Azure Load Balancer's defaults: 5 s interval, timeout
     /// min(interval, 30 s), threshold 2.
     pub fn new(kind: ProbeKind, port: u16) -> Self {
         ProbeSpec {
