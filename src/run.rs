@@ -9,8 +9,9 @@
 //! one prober per vnet (so probes can be added to any vnet at run time), on
 //! an internal switch port of that vnet (source 168.63.129.16, as Azure),
 //! so probes take the tenant path.
-//! Each health change is published as a new policy generation and logged on
-//! stderr.
+//! Each health change swaps the VIP's backend set in place (no new policy
+//! generation: only that VIP's cached flows are revalidated) and is logged
+//! on stderr.
 //!
 //! Drivers: `af_packet` and `af_xdp` (kernel interfaces; `af_xdp` with one
 //! worker), `pcap` (replay a capture into the switch, record what it sends;
@@ -698,19 +699,16 @@ fn control_loop<A: BufAlloc>(
                     eprintln!("pollux: {name}: no longer configured; health change not applied");
                     continue;
                 };
-                match cur.with_health(vnet, c.vip, backend, c.up, cur.generation + 1) {
-                    Ok(next_policy) => {
-                        // Published before it is logged: whoever reads the
-                        // log line (a test, an operator) may rely on new
-                        // connections already seeing the change.
-                        let generation = next_policy.generation;
-                        policy.store(Arc::new(next_policy));
-                        eprintln!(
-                            "pollux: {name} {} ({}); policy generation {generation}",
-                            if c.up { "up" } else { "down" },
-                            c.reason,
-                        );
-                    }
+                // In place: the VIP swaps its backend set; only its own
+                // cached flows are revalidated. Applied before it is logged:
+                // whoever reads the log line (an operator) may rely on new
+                // connections already seeing the change.
+                match cur.set_health(vnet, c.vip, backend, c.up) {
+                    Ok(_) => eprintln!(
+                        "pollux: {name} {} ({})",
+                        if c.up { "up" } else { "down" },
+                        c.reason,
+                    ),
                     Err(e) => eprintln!("pollux: {name}: health change not applied: {e}"),
                 }
             }

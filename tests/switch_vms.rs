@@ -248,12 +248,12 @@ fn acls_deny_and_count_and_stateful_replies_pass() {
         .position(|r| r.priority == 100)
         .unwrap();
     assert!(net.acl_hits.load()[client][1].get(deny23) >= 1);
-    // A health change is a new generation with the same groups: the rule
-    // counters carry on instead of starting over.
+    // A new generation with the same groups (the control API keeps their
+    // compilation when they do not change): the rule counters carry on
+    // instead of starting over.
     let before = net.acl_hits.load()[web][0].get(deny22);
-    let p2 = p
-        .with_health(0, (IpAddr::V4(VIP), 80, 6), 2, false, 2)
-        .unwrap();
+    let mut p2 = Policy::compile(&topology([1, 1, 2]), 2).unwrap();
+    p2.nsgs = p.nsgs.clone();
     net.policy.store(Arc::new(p2));
     let again = net.vm("client").connect(Ipv4Addr::new(10, 1, 0, 4), 22);
     net.run(Duration::from_secs(1), |_| false);
@@ -385,14 +385,14 @@ fn established_connections_survive_policy_updates_and_drains() {
             .collect::<Vec<_>>()
     );
     assert!(fresh.iter().all(|&i| net.vms[c].body(i).unwrap() == "web1"));
-    // web1 goes unhealthy (a probe verdict): no healthy DIP is left, so new
-    // connections are dropped and counted, by name.
-    let p3 = net
+    // web1 goes unhealthy (a probe verdict, in place): no healthy DIP is
+    // left, so new connections are dropped and counted, by name.
+    let changed = net
         .policy
         .load()
-        .with_health(0, (IpAddr::V4(VIP), 80, 6), 0, false, 3)
+        .set_health(0, (IpAddr::V4(VIP), 80, 6), 0, false)
         .unwrap();
-    net.policy.store(Arc::new(p3));
+    assert!(changed);
     let late = net.vm("client").get(VIP, 80, "/");
     net.run(Duration::from_secs(1), |_| false);
     assert!(net.vms[c].body(late).is_none());

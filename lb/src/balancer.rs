@@ -1,11 +1,17 @@
 //! VIPs and their backend pools, and the per-core load balancer that ties
 //! VIP lookup, Maglev, connection tracking and NAT together.
 //!
-//! The control plane builds [`Vip`]s (immutable: a health or membership change
-//! makes a new one with a new Maglev table) and publishes them as a [`Vips`]
-//! snapshot. Each worker owns an [`LbCore`] and calls it with the snapshot of
-//! the moment; established connections carry the `Arc<Vip>` they were made
-//! under and are revalidated only when the snapshot's VIP is a different one.
+//! The control plane builds [`Vip`]s and publishes them as a [`Vips`]
+//! snapshot. A VIP's configuration is immutable (a membership change makes a
+//! new `Vip`); its [`BackendSet`] (which backends are healthy, and the Maglev
+//! tables over them) is swapped whole by health checks ([`Vip::set_health`],
+//! as Pingora swaps its selector), without a new snapshot: each set carries
+//! an epoch, and every change ticks a [`HealthClock`] that workers watch, so
+//! a switch revalidates only the cached flows of the VIP that changed. Each
+//! worker owns an [`LbCore`] and calls it with the snapshot of the moment;
+//! established connections carry the `Arc<Vip>` they were made under and
+//! keep their backend while it is configured (and, for a VIP that resets
+//! the connections of unhealthy backends, while it is healthy).
 
 use crate::conntrack::{
     Conn, ConnError, ConnKey, ConnState, ConnTable, Dir, TcpState, Timeouts, to16,
@@ -18,6 +24,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// Which fields of a flow choose its backend (Azure Load Balancer's
@@ -184,15 +191,80 @@ pub enum LbError {
     },
 }
 
-/// A VIP with its pool's health and Maglev table. Immutable: health changes
-/// make a new `Vip` ([`Vip::with_health`]).
+/// Ticks on every health change of the VIPs that share it (one per policy
+/// snapshot): a worker that sees it move re-reads the VIPs' epochs.
+#[derive(Debug, Default)]
+pub struct HealthClock(AtomicU64);
+
+impl HealthClock {
+    /// Health changes so far.
+    #[inline]
+    pub fn now(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn tick(&self) {
+        self.0.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// What health checks change of a VIP: which backends are healthy and the
+/// Maglev tables over them. Immutable; [`Vip::set_health`] swaps in a new
+/// one with the next epoch.
 #[derive(Debug)]
-pub struct Vip {
-    cfg: VipConfig,
+pub struct BackendSet {
     healthy: Vec<bool>,
     table: MaglevTable,
     /// Table over every configured, weighted backend (fail-open mode only).
     all: Option<MaglevTable>,
+    epoch: u32,
+}
+
+impl BackendSet {
+    fn build(cfg: &VipConfig, healthy: Vec<bool>, epoch: u32) -> Result<BackendSet, LbError> {
+        let table = table_for(cfg, |i| healthy.get(i).copied().unwrap_or(false))?;
+        let all = match cfg.when_all_down {
+            WhenAllDown::FailOpen => Some(table_for(cfg, |_| true)?),
+            WhenAllDown::DropNew => None,
+        };
+        Ok(BackendSet {
+            healthy,
+            table,
+            all,
+            epoch,
+        })
+    }
+
+    /// Health per configured backend.
+    pub fn health(&self) -> &[bool] {
+        &self.healthy
+    }
+
+    /// Whether backend `index` is healthy (false if there is none).
+    pub fn is_healthy(&self, index: usize) -> bool {
+        self.healthy.get(index).copied().unwrap_or(false)
+    }
+
+    /// The Maglev table over healthy backends.
+    pub fn table(&self) -> &MaglevTable {
+        &self.table
+    }
+
+    /// Changes of the VIP's set before this one (wrapping).
+    pub fn epoch(&self) -> u32 {
+        self.epoch
+    }
+}
+
+/// A VIP: its configuration, fixed for its lifetime, and its backend set,
+/// swapped by health checks.
+#[derive(Debug)]
+pub struct Vip {
+    cfg: VipConfig,
+    /// Its number in the policy snapshot (flows name their VIP by it).
+    id: u16,
+    set: arc_swap::ArcSwap<BackendSet>,
+    clock: Arc<HealthClock>,
 }
 
 fn table_for(cfg: &VipConfig, include: impl Fn(usize) -> bool) -> Result<MaglevTable, LbError> {
@@ -236,30 +308,45 @@ impl Vip {
         let healthy: Vec<bool> = (0..cfg.backends.len())
             .map(|i| healthy.get(i).copied().unwrap_or(true))
             .collect();
-        let table = table_for(&cfg, |i| healthy[i])?;
-        let all = match cfg.when_all_down {
-            WhenAllDown::FailOpen => Some(table_for(&cfg, |_| true)?),
-            WhenAllDown::DropNew => None,
-        };
+        let set = BackendSet::build(&cfg, healthy, 0)?;
         Ok(Vip {
             cfg,
-            healthy,
-            table,
-            all,
+            id: 0,
+            set: arc_swap::ArcSwap::from_pointee(set),
+            clock: Arc::default(),
         })
     }
 
-    /// A new `Vip` with backend `index`'s health set (a new Maglev table).
-    pub fn with_health(&self, index: usize, healthy: bool) -> Result<Vip, LbError> {
+    /// This VIP numbered `id` in a snapshot whose health changes tick
+    /// `clock`.
+    pub fn numbered(mut self, id: u16, clock: Arc<HealthClock>) -> Vip {
+        self.id = id;
+        self.clock = clock;
+        self
+    }
+
+    /// Sets backend `index`'s health: a new backend set (new Maglev table,
+    /// next epoch) when it changes, and a tick of the health clock. Returns
+    /// whether it changed. Connections keep their backends; only new ones
+    /// (and, with [`OnUnhealthy::Reset`], those of a backend that went down)
+    /// see the change.
+    pub fn set_health(&self, index: usize, healthy: bool) -> Result<bool, LbError> {
+        let cur = self.set.load();
         if index >= self.cfg.backends.len() {
             return Err(LbError::NoSuchBackend {
                 vip: self.cfg.name.clone(),
                 index,
             });
         }
-        let mut h = self.healthy.clone();
+        if cur.healthy.get(index) == Some(&healthy) {
+            return Ok(false);
+        }
+        let mut h = cur.healthy.clone();
         h[index] = healthy;
-        Vip::new(self.cfg.clone(), &h)
+        let next = BackendSet::build(&self.cfg, h, cur.epoch.wrapping_add(1))?;
+        self.set.store(Arc::new(next));
+        self.clock.tick();
+        Ok(true)
     }
 
     /// The configuration.
@@ -267,14 +354,27 @@ impl Vip {
         &self.cfg
     }
 
-    /// Health per backend.
-    pub fn health(&self) -> &[bool] {
-        &self.healthy
+    /// Its number in the snapshot.
+    #[inline]
+    pub fn id(&self) -> u16 {
+        self.id
     }
 
-    /// The Maglev table over healthy backends.
-    pub fn table(&self) -> &MaglevTable {
-        &self.table
+    /// The backend set now (health and tables).
+    #[inline]
+    pub fn backends(&self) -> Arc<BackendSet> {
+        self.set.load_full()
+    }
+
+    /// The current backend set's epoch.
+    #[inline]
+    pub fn epoch(&self) -> u32 {
+        self.set.load().epoch
+    }
+
+    /// Health per backend, now.
+    pub fn health(&self) -> Vec<bool> {
+        self.set.load().healthy.clone()
     }
 
     /// The backend a new connection with key `k` goes to (index into the
@@ -282,9 +382,10 @@ impl Vip {
     #[inline]
     pub fn pick(&self, k: &ConnKey) -> Option<usize> {
         let h = flow_hash(k, self.cfg.distribution);
-        match self.table.lookup(h) {
+        let set = self.set.load();
+        match set.table.lookup(h) {
             Some(i) => Some(usize::from(i)),
-            None => self.all.as_ref()?.lookup(h).map(usize::from),
+            None => set.all.as_ref()?.lookup(h).map(usize::from),
         }
     }
 
@@ -362,25 +463,23 @@ impl Vips {
         self.map.remove(&k)
     }
 
-    /// Sets the health of backend `backend` of VIP `addr:port/proto`,
-    /// replacing the VIP with one whose Maglev table reflects it.
+    /// Sets the health of backend `backend` of VIP `addr:port/proto`
+    /// ([`Vip::set_health`]); returns whether it changed.
     pub fn set_health(
-        &mut self,
+        &self,
         vip: (IpAddr, u16, u8),
         backend: usize,
         healthy: bool,
-    ) -> Result<(), LbError> {
-        let k = VipKey {
-            addr: to16(vip.0),
-            port: if matches!(vip.2, 1 | 58) { 0 } else { vip.1 },
-            proto: vip.2,
-        };
-        let Some(cur) = self.map.get(&k) else {
+    ) -> Result<bool, LbError> {
+        let Some(cur) = self.get(vip.0, vip.1, vip.2) else {
             return Err(LbError::NoSuchVip(format!("{}:{}/{}", vip.0, vip.1, vip.2)));
         };
-        let next = cur.with_health(backend, healthy)?;
-        self.map.insert(k, Arc::new(next));
-        Ok(())
+        cur.set_health(backend, healthy)
+    }
+
+    /// Every VIP.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Vip>> {
+        self.map.values()
     }
 
     /// The VIP `addr:port/proto`.
@@ -661,16 +760,22 @@ impl LbCore {
         }) = self.conns.get(i)
         {
             match vips.map(|v| v.lookup(orig)).unwrap_or(Some(vip)) {
-                Some(cur) if Arc::ptr_eq(cur, vip) => {}
-                Some(cur) => match cur.backend_index(*backend, *port) {
-                    None => verdict = Err(LbDrop::BackendRemoved),
-                    Some(b)
-                        if !cur.health()[b] && cur.config().on_unhealthy == OnUnhealthy::Reset =>
-                    {
-                        verdict = Err(LbDrop::BackendUnhealthy)
+                Some(cur) => {
+                    // The same VIP keeps its backends; its health may have
+                    // changed in place.
+                    let same = Arc::ptr_eq(cur, vip);
+                    let reset = cur.config().on_unhealthy == OnUnhealthy::Reset;
+                    if !same || reset {
+                        match cur.backend_index(*backend, *port) {
+                            None => verdict = Err(LbDrop::BackendRemoved),
+                            Some(b) if reset && !cur.backends().is_healthy(b) => {
+                                verdict = Err(LbDrop::BackendUnhealthy)
+                            }
+                            Some(_) if !same => refresh = Some(cur.clone()),
+                            Some(_) => {}
+                        }
                     }
-                    Some(_) => refresh = Some(cur.clone()),
-                },
+                }
                 None => verdict = Err(LbDrop::BackendRemoved),
             }
         }
@@ -1043,7 +1148,13 @@ mod tests {
         }
         let sick = ip("10.1.0.11");
         let idx = v.backend_index(sick, 8080).unwrap();
-        vips.insert(v.with_health(idx, false).unwrap());
+        let epoch = v.epoch();
+        assert!(v.set_health(idx, false).unwrap());
+        // In place: the same VIP, its next backend set.
+        assert!(Arc::ptr_eq(&v, vips.get(v.config().addr, 80, 6).unwrap()));
+        assert_eq!(v.epoch(), epoch.wrapping_add(1));
+        assert!(!v.set_health(idx, false).unwrap(), "no change, no new set");
+        assert_eq!(v.epoch(), epoch.wrapping_add(1));
         // Established flow to the sick backend keeps its backend.
         assert_eq!(
             backend_of(lb.process(&vips, &by_backend[&sick], ACK, 1)),
@@ -1241,7 +1352,7 @@ mod tests {
         cfg.table_size = 100;
         assert!(matches!(Vip::new(cfg, &[]), Err(LbError::Maglev { .. })));
         assert!(matches!(
-            Vip::new(vip_cfg(1), &[]).unwrap().with_health(5, true),
+            Vip::new(vip_cfg(1), &[]).unwrap().set_health(5, true),
             Err(LbError::NoSuchBackend { index: 5, .. })
         ));
     }

@@ -7,7 +7,7 @@
 //!
 //! Must not touch: polling cores or port drivers. Apart from the prober, which
 //! runs on the control thread, it is pure logic over parsed headers: health
-//! comes in as an input ([`balancer::Vip::with_health`]), and decisions go out
+//! comes in as an input ([`balancer::Vip::set_health`]), and decisions go out
 //! as per-direction header rewrites ([`nat::Rewrite`]) the switch compiles
 //! into its flow actions.
 

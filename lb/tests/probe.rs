@@ -230,6 +230,7 @@ fn a_failing_dip_leaves_the_maglev_table_and_comes_back() {
     let share = |vips: &Vips, b: u16| {
         vips.get("10.1.0.100".parse().unwrap(), 80, 6)
             .unwrap()
+            .backends()
             .table()
             .share(b)
     };

@@ -137,18 +137,17 @@ impl Demo {
         self.vms.iter().position(|v| v.name == name).unwrap_or(0)
     }
 
-    /// One round: VMs, prober, and publishing health changes as new policy.
+    /// One round: VMs, prober, and health changes applied to their VIPs.
     fn tick(&mut self) -> Result<(), String> {
         for v in &mut self.vms {
             v.poll();
         }
         let now = self.start.elapsed();
         for c in self.prober.poll(now) {
-            let cur = self.policy.load_full();
-            let next = cur
-                .with_health(0, c.vip, c.backend, c.up, cur.generation + 1)
+            self.policy
+                .load()
+                .set_health(0, c.vip, c.backend, c.up)
                 .map_err(|e| e.to_string())?;
-            self.policy.store(Arc::new(next));
             self.changes.push((now, c));
         }
         std::thread::sleep(Duration::from_micros(200));

@@ -166,10 +166,22 @@ pub struct FlowEntry {
     pub bytes: u64,
     /// When the load balancer's connection was last told of a packet (ns).
     pub lb_touched: u64,
-    /// FIN or RST seen: expires after the short timeout.
-    pub closing: bool,
+    /// The VIP whose connection this flow carries
+    /// ([`crate::policy::NO_VIP`] if none): the flow is revalidated when
+    /// that VIP's health changes, and only then (besides a new policy
+    /// generation).
+    pub vip: u16,
+    /// The low 16 bits of that VIP's backend-set epoch the flow was decided
+    /// under (16 bits keep the hot part of the slot in two cache lines; a flow
+    /// would have to sit idle through 65 536 health changes of its VIP to
+    /// be taken for current by mistake, and idle flows expire long before).
+    pub vip_epoch: u16,
     /// The action.
     pub action: FlowAction,
+    /// FIN or RST seen: expires after the short timeout. After the action:
+    /// a hit reads it only for a SYN (port reuse), writes it only on FIN
+    /// or RST.
+    pub closing: bool,
 }
 
 /// What [`FlowTable::insert`] did.
@@ -730,6 +742,8 @@ mod tests {
             packets: 0,
             bytes: 0,
             closing: false,
+            vip: crate::policy::NO_VIP,
+            vip_epoch: 0,
         }
     }
 
@@ -872,6 +886,9 @@ mod tests {
             + offset_of!(FlowAction, fast)
             + size_of::<Option<dataplane::rewrite::Transpose4>>();
         assert!(fast_end <= 128, "hot part ends at {fast_end}");
+        // The VIP stamp every hit compares is in it too.
+        let stamp_end = offset_of!(Slot, entry) + offset_of!(FlowEntry, vip_epoch) + 2;
+        assert!(stamp_end <= 128, "VIP stamp ends at {stamp_end}");
     }
 
     #[test]

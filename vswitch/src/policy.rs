@@ -6,7 +6,7 @@ use crate::flow::FxHasher;
 use dataplane::MacAddr;
 use filter::{CompiledNsg, DefaultContext, NsgSpec};
 use ipnet::IpNet;
-use lb::balancer::{Vip, VipConfig, Vips};
+use lb::balancer::{HealthClock, Vip, VipConfig, Vips};
 use lb::conntrack::to16;
 use lb::snat::SnatConfig;
 use std::collections::HashMap;
@@ -124,7 +124,11 @@ pub type Vm = VmDef;
 #[error("{}", .0.join("; "))]
 pub struct PolicyError(pub Vec<String>);
 
-/// An immutable policy snapshot.
+/// What a flow of no VIP stores as its VIP number; also one more than the
+/// largest VIP number.
+pub const NO_VIP: u16 = u16::MAX;
+
+/// An immutable policy snapshot (health, which changes in place, aside).
 #[derive(Debug)]
 pub struct Policy {
     /// Increases with every published snapshot.
@@ -145,6 +149,10 @@ pub struct Policy {
     /// Service endpoints (address, port, protocol): every VIP frontend and
     /// every backend. Connection placement hashes the other side.
     services: std::collections::HashSet<([u8; 16], u16, u8), BuildHasherDefault<FxHasher>>,
+    /// Every VIP by its number ([`lb::Vip::id`]): flows name their VIP by it.
+    vips: Vec<Arc<Vip>>,
+    /// Ticks on every health change of this snapshot's VIPs.
+    health: Arc<HealthClock>,
 }
 
 /// The snapshot's lookup maps are read on every new flow: FxHash, not SipHash
@@ -194,10 +202,21 @@ impl Policy {
                 claim(*ip, i, &what, &mut errs);
             }
         }
+        let health = Arc::new(HealthClock::default());
+        let mut vips = Vec::new();
+        if t.vips.len() >= usize::from(NO_VIP) {
+            errs.push(format!(
+                "{} vips: at most {} fit in one policy",
+                t.vips.len(),
+                NO_VIP
+            ));
+        }
         for v in &t.vips {
+            let id = vips.len() as u16;
             match vnets.get_mut(v.vnet) {
                 Some(vn) => match Vip::new(v.config.clone(), &v.health) {
                     Ok(vip) => {
+                        let vip = vip.numbered(id, health.clone());
                         let addr = v.config.addr;
                         if !vn.contains(&addr) {
                             let what = format!("vip {:?}", v.config.name);
@@ -209,7 +228,7 @@ impl Policy {
                             }
                             claim(addr, v.vnet, &what, &mut errs);
                         }
-                        vn.vips.insert(vip);
+                        vips.push(vn.vips.insert(vip));
                     }
                     Err(e) => errs.push(e.to_string()),
                 },
@@ -303,6 +322,8 @@ impl Policy {
             addr_vm,
             public,
             services,
+            vips,
+            health,
         })
     }
 
@@ -351,34 +372,41 @@ impl Policy {
         self.uplink.as_ref().is_some_and(|u| u.port == port)
     }
 
-    /// A copy of this snapshot as generation `generation` with the health of
-    /// a VIP's backend changed (a new Maglev table).
-    pub fn with_health(
+    /// Sets the health of backend `backend` of VIP `vip` in vnet `vnet`, in
+    /// place: the VIP swaps in a new backend set and the health clock ticks,
+    /// so workers revalidate the cached flows of that VIP only; the policy
+    /// generation stays. Returns whether it changed.
+    pub fn set_health(
         &self,
         vnet: usize,
         vip: (IpAddr, u16, u8),
         backend: usize,
         healthy: bool,
-        generation: u64,
-    ) -> Result<Policy, PolicyError> {
-        let mut vnets = self.vnets.clone();
-        let vn = vnets
-            .get_mut(vnet)
+    ) -> Result<bool, PolicyError> {
+        let vn = self
+            .vnets
+            .get(vnet)
             .ok_or_else(|| PolicyError(vec![format!("no vnet #{vnet}")]))?;
         vn.vips
             .set_health(vip, backend, healthy)
-            .map_err(|e| PolicyError(vec![e.to_string()]))?;
-        Ok(Policy {
-            generation,
-            vnets,
-            vms: self.vms.clone(),
-            nsgs: self.nsgs.clone(),
-            uplink: self.uplink.clone(),
-            port_vm: self.port_vm.clone(),
-            addr_vm: self.addr_vm.clone(),
-            public: self.public.clone(),
-            services: self.services.clone(),
-        })
+            .map_err(|e| PolicyError(vec![e.to_string()]))
+    }
+
+    /// The VIP numbered `id`.
+    #[inline]
+    pub fn vip(&self, id: u16) -> Option<&Arc<Vip>> {
+        self.vips.get(usize::from(id))
+    }
+
+    /// Every VIP, by number.
+    pub fn vips(&self) -> &[Arc<Vip>] {
+        &self.vips
+    }
+
+    /// Health changes of this snapshot's VIPs so far.
+    #[inline]
+    pub fn health_changes(&self) -> u64 {
+        self.health.now()
     }
 }
 

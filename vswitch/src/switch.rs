@@ -1,10 +1,15 @@
 //! The switch pipeline: what a worker runs on every burst.
 //!
 //! Fast path: parse, look the flow key up in the unified flow table, and if
-//! the entry was decided under the current policy generation, apply its one
-//! action (MACs, NAT, TTL) and queue the packet on its output port.
+//! the entry was decided under the current policy generation (and, for a
+//! flow of a load-balanced connection, under its VIP's current backend set),
+//! apply its one action (MACs, NAT, TTL) and queue the packet on its output
+//! port. A health change swaps one VIP's backend set in place: only that
+//! VIP's flows go back through the slow path, where the connection keeps
+//! its backend.
 //!
-//! Slow path (a miss, or an entry from an older generation), in order:
+//! Slow path (a miss, or an entry decided under an older generation or
+//! backend set), in order:
 //! anti-spoofing (source MAC and IP must be the VM's on that port), the ARP
 //! and IPv6 neighbour-discovery responder (every address of the vnet and
 //! every VIP answers with the gateway MAC; nothing is flooded), ping to a VIP
@@ -21,7 +26,7 @@
 //! ([`crate::placement`]) is handed to that worker's mailbox ([`Handoff`]).
 
 use crate::flow::{FlowAction, FlowEntry, FlowTable};
-use crate::policy::{Policy, UplinkDef};
+use crate::policy::{NO_VIP, Policy, UplinkDef};
 use arc_swap::ArcSwap;
 use crossbeam_queue::ArrayQueue;
 use dataplane::clock::TscClock;
@@ -282,6 +287,11 @@ pub struct Switch<B = dataplane::pool::PoolBuf> {
     flows: FlowTable,
     lb: Vec<LbCore>,
     generation: u64,
+    /// The health clock reading the epochs below were taken at.
+    health_seen: u64,
+    /// Each VIP's backend-set epoch (by VIP number) as of `health_seen`: a
+    /// cached flow of a VIP whose epoch moved is revalidated.
+    vip_epochs: Vec<u16>,
     acl_hits: Arc<ArcSwap<Vec<AclHits>>>,
     /// The counters `acl_hits` publishes, held here so that classifying
     /// does not go through the `ArcSwap` each time.
@@ -417,6 +427,8 @@ impl<B: PacketBuf> Switch<B> {
             flows,
             lb: Vec::new(),
             generation: u64::MAX,
+            health_seen: u64::MAX,
+            vip_epochs: Vec::new(),
             acl_hits: Arc::new(ArcSwap::from_pointee(Vec::new())),
             hits: Arc::new(Vec::new()),
             counted_nsgs: None,
@@ -764,9 +776,25 @@ impl<B: PacketBuf> Switch<B> {
         stateful: bool,
     ) -> FlowAction {
         let gen_ = p.generation;
+        // The VIP of the connection, if load-balanced, and its epoch as this
+        // worker last read it (never newer than what decided the
+        // connection: at worst the flow is revalidated once more).
+        let (vip, vip_epoch) = fwd
+            .lb
+            .and_then(|(vn, conn, _)| {
+                let c = self.lb.get(vn as usize)?.conns().get(conn)?;
+                match &c.value.kind {
+                    lb::balancer::ConnKind::Dnat { vip, .. } => Some(vip.id()),
+                    _ => None,
+                }
+            })
+            .and_then(|id| Some((id, *self.vip_epochs.get(usize::from(id))?)))
+            .unwrap_or((NO_VIP, 0));
         let e = |action| FlowEntry {
             action,
             generation: gen_,
+            vip,
+            vip_epoch,
             last_seen: now,
             lb_touched: now,
             packets: 0,
@@ -910,8 +938,14 @@ impl<B: PacketBuf> Switch<B> {
         if let Some(e) = self.flows.entry_for(hint, hash, &pk.key) {
             // A fresh SYN on a closing flow may open a new connection on a
             // reused port: the slow path (the load balancer) decides.
-            let reopen = e.closing && flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-            if e.generation == policy.generation && !reopen {
+            let reopen = flags & (TCP_SYN | TCP_ACK) == TCP_SYN && e.closing;
+            // Decided under this policy and, for a flow of a VIP, under
+            // that VIP's current backend set (health changes elsewhere
+            // leave it alone).
+            let current = e.generation == policy.generation
+                && (e.vip == NO_VIP
+                    || self.vip_epochs.get(usize::from(e.vip)) == Some(&e.vip_epoch));
+            if current && !reopen {
                 e.last_seen = now;
                 e.packets += 1;
                 e.bytes += len;
@@ -984,8 +1018,17 @@ impl<B: PacketBuf> Switch<B> {
     #[inline]
     fn begin(&mut self, ctx: &Ctx<'_, B>) -> (Arc<Policy>, u64) {
         let policy = self.policy.load_full();
-        if policy.generation != self.generation {
+        let fresh = policy.generation != self.generation;
+        if fresh {
             self.on_new_generation(&policy);
+        }
+        // A new snapshot has new VIPs (and its own clock).
+        let health = policy.health_changes();
+        if fresh || health != self.health_seen {
+            self.health_seen = health;
+            self.vip_epochs.clear();
+            self.vip_epochs
+                .extend(policy.vips().iter().map(|v| v.epoch() as u16));
         }
         (policy, self.clock.ticks_to_ns(ctx.now()))
     }
