@@ -3,9 +3,10 @@
 # pktgen) run RUNS times in a row (default 5) while one busy loop per core
 # (`sh -c 'while :; do :; done'`) competes with them: the timing-sensitive
 # tests must wait on states, never on luck. Needs what scripts/test.sh
-# installs, and root; missing tools fail the run (POLLUX_REQUIRE_TOOLS=1).
+# installs, and root (run it in a root shell, where cargo is on PATH);
+# missing tools fail the run (POLLUX_REQUIRE_TOOLS=1).
 #
-#   sudo scripts/stress-e2e.sh [RUNS]
+#   scripts/stress-e2e.sh [RUNS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs="${1:-5}"

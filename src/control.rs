@@ -171,7 +171,7 @@ impl ControlState {
                 return Err(ApiError::new(
                     409,
                     format!(
-                        "vip {:?}: vnet {:?} was added while pollux runs and has no prober yet; probe its VIPs after a restart",
+                        "vip {:?}: vnet {:?} was added while pollux runs and has no prober; probe its VIPs after a restart",
                         v.name, v.vnet
                     ),
                 ));
@@ -267,7 +267,20 @@ pub struct Runtime {
     pub flow_control: Vec<Arc<FlowControl>>,
     /// Probe states: (vip, backend, health) per target.
     pub probes: Vec<ProbeState>,
+    /// Reloads of the configuration file (SIGHUP) so far.
+    pub reloads: Reloads,
     next_id: u64,
+}
+
+/// What SIGHUP reloads did, as `GET /v1/status` shows it.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Reloads {
+    /// Reloads published.
+    pub applied: u64,
+    /// Reloads refused (the file unreadable or invalid); nothing changed.
+    pub refused: u64,
+    /// Why the last refused reload was refused.
+    pub last_error: Option<String>,
 }
 
 /// One probed backend's state as the API shows it.
@@ -303,6 +316,7 @@ impl Runtime {
             acl_hits,
             flow_control,
             probes: Vec::new(),
+            reloads: Reloads::default(),
             next_id: 1,
         }
     }
@@ -675,6 +689,7 @@ fn route(
             ok(json!({
                 "vnets": c.vnet.len(), "vms": c.vm.len(), "nsgs": c.nsg.len(),
                 "vips": c.vip.len(), "workers": rt.workers.len(), "ports": c.port.len(),
+                "reloads": rt.reloads,
             }))
         }
         ("GET", ["v1", "config"]) => ok(json!({"config": state.config()})),

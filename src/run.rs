@@ -731,21 +731,25 @@ fn control_loop<A: BufAlloc>(
             let loaded = std::fs::read_to_string(path)
                 .map_err(|e| format!("config {}: {e}", path.display()))
                 .and_then(|t| Config::parse(&t));
-            match loaded.map(|c| state.replace(c)) {
+            let refused = match loaded.map(|c| state.replace(c)) {
                 Ok(Ok(g)) => {
-                    eprintln!("pollux: reloaded {}; policy generation {g}", path.display())
+                    rt.reloads.applied += 1;
+                    eprintln!("pollux: reloaded {}; policy generation {g}", path.display());
+                    None
                 }
-                Ok(Err(e)) => eprintln!(
-                    "pollux: reload of {} refused, generation {} kept: {}",
+                Ok(Err(e)) if e.problems.is_empty() => Some(e.message),
+                Ok(Err(e)) => Some(e.problems.join("; ")),
+                Err(e) => Some(e),
+            };
+            if let Some(why) = refused {
+                let why = format!(
+                    "reload of {} refused, generation {} kept: {why}",
                     path.display(),
                     state.generation(),
-                    if e.problems.is_empty() {
-                        e.message
-                    } else {
-                        e.problems.join("; ")
-                    }
-                ),
-                Err(e) => eprintln!("pollux: reload refused: {e}"),
+                );
+                eprintln!("pollux: {why}");
+                rt.reloads.refused += 1;
+                rt.reloads.last_error = Some(why);
             }
         }
         // Wait until the next probe is due, at most 50 ms (signals are

@@ -21,8 +21,6 @@ fn udp(src_mac: [u8; 6], src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> 
     f
 }
 
-/// Runs `pollux run --config path` for `wait`, stops it with SIGTERM as a
-/// user would, and returns what it printed and how it exited.
 /// Runs `pollux run` on the configuration at `path` (given a control
 /// socket beside it) until `ready` holds on its control API, then stops it
 /// with SIGTERM as an operator does; returns its output. Panics, with that
@@ -55,9 +53,7 @@ fn run_until(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
+    common::netns::terminate(&mut child);
     let out = child.wait_with_output().unwrap();
     assert!(
         held,

@@ -242,28 +242,44 @@ fn scenario(lab: &mut Lab, driver: &str, workers: usize) {
     lab.spawn(
         "cl",
         &format!(
-            "exec curl -s --max-time 90 --limit-rate 1M -o {} -w '%{{http_code}} %{{size_download}}' http://10.1.0.100/big",
+            "exec curl -s --max-time 90 --limit-rate 512K -o {} -w '%{{http_code}} %{{size_download}}' http://10.1.0.100/big",
             dl.display()
         ),
         &dl_log,
     );
-    let mut victim = None;
-    // The server logs the request as it starts the response.
-    assert!(
-        wait_for(Duration::from_secs(30), || {
-            victim = ["d1", "d2", "d3"]
-                .into_iter()
-                .find(|t| served(&logs(t), "10.1.0.20", "/big") > 0);
-            victim.is_some()
-        }),
-        "the download did not start"
+    // The download's connection, as the switch's flow table shows it: the
+    // one flow of the client to the VIP that is not closing; its DNAT
+    // names the backend.
+    let open_flow = |v: &serde_json::Value| {
+        v["flows"].as_array().and_then(|fs| {
+            fs.iter()
+                .find(|f| f["src"] == "10.1.0.20" && f["closing"] == false)
+                .and_then(|f| f["nat_dst"].as_str().map(str::to_string))
+        })
+    };
+    let flows = api.wait_for(
+        "/v1/flows?vip=web",
+        Duration::from_secs(60),
+        "the download's connection",
+        |v| open_flow(v).is_some(),
+        context,
     );
-    let victim = victim.unwrap();
+    let backend = open_flow(&flows).unwrap();
+    let victim = ["d1", "d2", "d3"]
+        .into_iter()
+        .find(|t| backend == format!("{}:8000", node(t).0))
+        .unwrap_or_else(|| panic!("download to {backend}"));
     let victim_name = format!("dip{}", &victim[1..]);
     let health = dir.join(victim).join("health");
     std::fs::remove_file(&health).unwrap();
     let victim_backend = format!("{}:8000", node(victim).0);
-    api.wait_probes(&[&victim_backend], false, Duration::from_secs(30), context);
+    api.wait_probes(&[&victim_backend], false, Duration::from_secs(60), context);
+    // The download is still running: it outlives its backend's health.
+    let so_far = std::fs::metadata(&dl).map_or(0, |m| m.len()) as usize;
+    assert!(
+        so_far < BIG && !read(&dl_log).starts_with("200"),
+        "the download ended ({so_far} bytes) before {victim} was taken out"
+    );
     let after = curl_vip(lab, 12);
     assert_eq!(after.len(), 12, "{after:?}");
     assert!(

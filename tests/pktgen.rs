@@ -153,6 +153,7 @@ fn pktgen_writes_valid_tcp_syn_frames_to_pcap() {
         "0",
     ]);
     let tx = u(&r["trials"][0]["tx"]);
+    assert!(tx > 0, "{r}");
     // Nothing comes back from a file: all of it counts as lost.
     assert_eq!(u(&r["trials"][0]["lost"]), tx);
     let dump = Command::new("tcpdump")

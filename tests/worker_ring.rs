@@ -155,7 +155,6 @@ fn worker_forwards_rewrites_and_counts_drops() {
     let back = receive(&mut vm_a, 3);
     assert_eq!(back, good[..3].to_vec());
 
-    std::thread::sleep(Duration::from_millis(20));
     stop.store(true, Ordering::Relaxed);
     let stopped = handle.join().unwrap().unwrap();
     assert_eq!(stopped.ports.len(), 2);

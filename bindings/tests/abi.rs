@@ -7,20 +7,22 @@
 use dpdk_sys as d;
 use std::ffi::CString;
 
-/// Huge pages when hugetlbfs is mounted with enough free pages (the test
-/// script sets that up as root), else `--no-huge`.
+/// Huge pages when hugetlbfs is mounted with enough free pages (always
+/// under CI, where scripts/test.sh sets that up as root and
+/// `testkit::require` fails the test without them); elsewhere `--no-huge`
+/// when they are missing.
 fn memory_args() -> [&'static str; 2] {
-    let mounted = std::fs::read_to_string("/proc/mounts")
-        .is_ok_and(|m| m.lines().any(|l| l.contains(" hugetlbfs ")));
-    let free = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("HugePages_Free:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .unwrap_or(0);
-    if mounted && free >= 128 {
+    use testkit::require::{self, Need};
+    let needs = [Need::Hugetlbfs, Need::HugePages(128)];
+    let have = if require::strict() {
+        require::met(&needs)
+    } else {
+        require::is_root()
+            && require::free_huge_pages() >= 128
+            && std::fs::read_to_string("/proc/mounts")
+                .is_ok_and(|m| m.lines().any(|l| l.contains(" hugetlbfs ")))
+    };
+    if have {
         ["--huge-unlink", "--in-memory"]
     } else {
         ["--no-huge", "--no-pci"]

@@ -3,7 +3,7 @@
 //! A test states its needs first and returns when [`met`] (or one of its
 //! shorthands) says no:
 //!
-//! ```
+//! ```no_run
 //! use testkit::require::{self, Need};
 //! if !require::met(&[Need::Root, Need::Tool("ip")]) {
 //!     return;
@@ -29,6 +29,8 @@ pub enum Need<'a> {
     Tool(&'a str),
     /// At least this many free 2 MiB huge pages.
     HugePages(u64),
+    /// A mounted hugetlbfs (DPDK's EAL maps its huge pages through one).
+    Hugetlbfs,
 }
 
 impl Need<'_> {
@@ -41,6 +43,14 @@ impl Need<'_> {
             Need::Tool(t) => Some(format!(
                 "the program {t:?} on PATH (scripts/test.sh installs it)"
             )),
+            Need::Hugetlbfs => {
+                let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+                let mounted = mounts
+                    .lines()
+                    .any(|l| l.split_whitespace().nth(2) == Some("hugetlbfs"));
+                (!mounted)
+                    .then(|| "a mounted hugetlbfs (scripts/test.sh mounts one as root)".to_string())
+            }
             Need::HugePages(n) => {
                 let free = free_huge_pages();
                 (free < n).then(|| {
@@ -53,8 +63,8 @@ impl Need<'_> {
     }
 }
 
-/// True when CI asks for every test to run: `CI` is set (and not `false` or
-/// `0`) or `POLLUX_REQUIRE_TOOLS` is `1`.
+/// True when CI asks for every test to run: `CI` or `POLLUX_REQUIRE_TOOLS`
+/// is set to anything but empty, `0` or `false`.
 pub fn strict() -> bool {
     strict_in(
         std::env::var("CI").ok().as_deref(),
@@ -63,8 +73,10 @@ pub fn strict() -> bool {
 }
 
 fn strict_in(ci: Option<&str>, require: Option<&str>) -> bool {
-    let ci = ci.is_some_and(|v| !matches!(v.trim(), "" | "0" | "false" | "FALSE" | "False"));
-    ci || require == Some("1")
+    let on = |v: Option<&str>| {
+        v.is_some_and(|v| !matches!(v.trim(), "" | "0" | "false" | "FALSE" | "False"))
+    };
+    on(ci) || on(require)
 }
 
 /// True when the machine has everything in `needs`. Otherwise, under CI
@@ -177,6 +189,7 @@ mod tests {
         assert!(!strict_in(Some("0"), None));
         assert!(!strict_in(Some(""), None));
         assert!(!strict_in(None, Some("0")));
+        assert!(strict_in(None, Some("true")));
         assert!(!strict_in(None, None));
     }
 

@@ -76,7 +76,7 @@ impl Api {
                 backends.iter().all(|b| {
                     probes(v)
                         .iter()
-                        .any(|(name, is_up)| name == b && *is_up == up)
+                        .any(|(name, is_up)| name == b && *is_up == Some(up))
                 })
             },
             context,
@@ -84,8 +84,9 @@ impl Api {
     }
 }
 
-/// (backend "ip:port", up) of every probe in a `/v1/probes` answer.
-pub fn probes(v: &Value) -> Vec<(String, bool)> {
+/// (backend "ip:port", up) of every probe in a `/v1/probes` answer (`up`
+/// `None` if the answer lacks it).
+pub fn probes(v: &Value) -> Vec<(String, Option<bool>)> {
     v["probes"]
         .as_array()
         .map(|list| {
@@ -93,7 +94,7 @@ pub fn probes(v: &Value) -> Vec<(String, bool)> {
                 .map(|p| {
                     (
                         p["backend"].as_str().unwrap_or_default().to_string(),
-                        p["up"].as_bool().unwrap_or(false),
+                        p["up"].as_bool(),
                     )
                 })
                 .collect()

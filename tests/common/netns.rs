@@ -161,8 +161,7 @@ impl Lab {
     /// does (SIGTERM) and waits for it; returns its exit status and its
     /// stop report (`out`, its stdout file).
     pub fn stop(&mut self, idx: usize, out: &Path) -> (std::process::ExitStatus, String) {
-        let pid = self.children[idx].id().to_string();
-        sh(&["kill", "-TERM", &pid]);
+        terminate(&mut self.children[idx]);
         let status = self.children[idx].wait().unwrap();
         (status, read(out))
     }
@@ -179,6 +178,22 @@ impl Drop for Lab {
             let _ = Command::new("ip").args(["netns", "del", &ns.name]).output();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Sends SIGTERM to `child` (as an operator stops pollux) if it still runs,
+/// or SIGKILL when SIGTERM cannot be sent; a child already reaped is left
+/// alone (its pid may belong to another process by now).
+pub fn terminate(child: &mut Child) {
+    if !matches!(child.try_wait(), Ok(None)) {
+        return;
+    }
+    let sent = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !sent {
+        let _ = child.kill();
     }
 }
 
