@@ -31,8 +31,9 @@ use dataplane::port::pcap::PcapPort;
 use dataplane::port::ring::{self, RingPort};
 use dataplane::worker::Worker;
 use dataplane::{BufAlloc, LinkInfo, MacAddr, Port};
+use lb::health::{HealthService, ProbeTarget};
 use lb::probe::device::PortDevice;
-use lb::probe::{ProbeKind, ProbeSpec, Prober, ProberConfig, Target};
+use lb::probe::{ProbeKind, ProbeSpec, Prober, ProberConfig};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -65,59 +66,26 @@ pub fn probe_spec(p: &ProbeCfg) -> ProbeSpec {
     }
 }
 
-/// What a probe target is for: the VIP (address, port, protocol), the
-/// backend's address and port, and how it is probed.
-type ProbeKey = (IpAddr, u16, u8, Ipv4Addr, u16, ProbeSpec);
-
-/// A target of a vnet's prober: the VIP's name and what is probed.
-struct ProbeTarget {
-    vip: String,
-    key: ProbeKey,
-}
-
-impl ProbeTarget {
-    /// Its name in logs and reports: `vip "name" backend ip:port`.
-    fn name(&self) -> String {
-        format!("vip {:?} backend {}:{}", self.vip, self.key.3, self.key.4)
-    }
-}
-
-/// One vnet's prober and what its targets are; its frames come from `A`
-/// (pollux's pool, or a DPDK mempool: the worker's buffers).
-struct VnetProber<A: BufAlloc> {
-    /// The vnet's name (its index may change with the policy).
-    vnet: String,
-    prober: Prober<RingPort<A::Buf>, A>,
-    /// Per target, index as in the prober (retired ones stay, inactive).
-    targets: Vec<ProbeTarget>,
-}
-
-impl<A: BufAlloc> VnetProber<A> {
-    /// The targets still probed, with their health.
-    fn active(&self) -> impl Iterator<Item = (&ProbeTarget, &lb::probe::DipHealth)> {
-        self.targets
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| self.prober.is_active(*i))
-            .filter_map(|(i, t)| Some((t, self.prober.health(i)?)))
-    }
-}
+/// The health service of a switch whose frames come from `A` (pollux's
+/// pool, or a DPDK mempool: the worker's buffers): one prober per vnet on an
+/// internal ring port.
+type Health<A> = HealthService<RingPort<<A as BufAlloc>::Buf>, A>;
 
 /// The idle far ends of configured ring ports.
 type RingEnds = Vec<RingPort<PoolBuf>>;
 
 /// Adds one internal prober port per vnet to `topo` and to every worker's
 /// port set (a shared handle each, numbered after the configured ports), so
-/// that probes can be added to any vnet at run time; gives each prober the
-/// probed backends of its vnet, which start down until their first
-/// success. Returns the probers.
+/// that probes can be added to any vnet at run time; gives each vnet's
+/// prober the probed backends of its vnet, which start down until their
+/// first success. Returns the health service.
 fn probers<A: BufAlloc>(
     cfg: &Config,
     topo: &mut Topology,
     pool: A,
     sets: &mut [PortSet<A::Buf>],
-) -> Result<Vec<VnetProber<A>>, Vec<String>> {
-    let mut out: Vec<VnetProber<A>> = Vec::new();
+) -> Result<Health<A>, Vec<String>> {
+    let mut health = Health::<A>::new();
     for (k, v) in cfg.vnet.iter().enumerate() {
         let port = topo.ports + k as u16;
         let mac = MacAddr([0x02, 0x50, 0x4c, 0x58, 0xfe, k as u8]);
@@ -142,84 +110,50 @@ fn probers<A: BufAlloc>(
             gateway: PROBE_GATEWAY,
             seed: k as u64 + 1,
         };
-        out.push(VnetProber {
-            vnet: v.name.clone(),
-            prober: Prober::new(PortDevice::new(end, pool), &pc, Duration::ZERO),
-            targets: Vec::new(),
-        });
+        health.add_vnet(
+            &v.name,
+            Prober::new(PortDevice::new(end, pool), &pc, Duration::ZERO),
+        );
         for set in sets.iter_mut() {
             set.push(Box::new(sw.share()));
         }
     }
-    topo.ports += out.len() as u16;
+    topo.ports += cfg.vnet.len() as u16;
     for (vip_cfg, vip) in cfg.vip.iter().zip(topo.vips.iter_mut()) {
         if vip_cfg.probe.is_some() {
             vip.health = vec![false; vip.config.backends.len()];
         }
     }
-    sync_probes(cfg, &mut out, Duration::ZERO)?;
-    Ok(out)
+    sync_probes(cfg, &mut health, Duration::ZERO)?;
+    Ok(health)
 }
 
-/// Makes each vnet's prober probe exactly the backends `cfg` says: targets
-/// no longer wanted (backend gone, probe changed) are retired, new ones
-/// added (probed from scratch: down until their first success), unchanged
-/// ones keep their state.
+/// Makes the health service probe exactly the backends `cfg` says.
 fn sync_probes<A: BufAlloc>(
     cfg: &Config,
-    probers: &mut [VnetProber<A>],
+    health: &mut Health<A>,
     now: Duration,
 ) -> Result<(), Vec<String>> {
     let topo = cfg.topology()?;
-    // (vnet, target, the backend's index in its VIP now)
-    let mut want: Vec<(&str, ProbeTarget, usize)> = Vec::new();
+    let mut want = Vec::new();
     for (vip_cfg, vip) in cfg.vip.iter().zip(topo.vips.iter()) {
         let Some(p) = &vip_cfg.probe else { continue };
         let c = &vip.config;
         let spec = probe_spec(p);
-        for (bi, b) in c.backends.iter().enumerate() {
+        for (index, b) in c.backends.iter().enumerate() {
             // Probed backends are IPv4: the configuration's validation says so.
             let IpAddr::V4(ip) = b.ip else { continue };
-            want.push((
-                &vip_cfg.vnet,
-                ProbeTarget {
-                    vip: c.name.clone(),
-                    key: (c.addr, c.port, c.proto, ip, b.port, spec.clone()),
-                },
-                bi,
-            ));
+            let target = ProbeTarget {
+                vnet: vip_cfg.vnet.clone(),
+                vip: c.name.clone(),
+                frontend: (c.addr, c.port, c.proto),
+                backend: (ip, b.port),
+                spec: spec.clone(),
+            };
+            want.push((target, index));
         }
     }
-    for p in probers.iter_mut() {
-        let mine: Vec<&(&str, ProbeTarget, usize)> =
-            want.iter().filter(|w| w.0 == p.vnet).collect();
-        for (i, t) in p.targets.iter().enumerate() {
-            if p.prober.is_active(i) && !mine.iter().any(|w| w.1.key == t.key) {
-                p.prober.retire(i);
-            }
-        }
-        for (_, t, bi) in mine {
-            if !p.active().any(|(have, _)| have.key == t.key) {
-                let (addr, port, proto, ip, _, spec) = t.key.clone();
-                p.prober.add(
-                    Target {
-                        vip: (addr, port, proto),
-                        // Its index now; health changes find the backend
-                        // again by address, as the list may change.
-                        backend: *bi,
-                        ip,
-                        spec,
-                    },
-                    now,
-                );
-                p.targets.push(ProbeTarget {
-                    vip: t.vip.clone(),
-                    key: t.key.clone(),
-                });
-            }
-        }
-    }
-    Ok(())
+    health.sync(&want, now).map_err(|e| vec![e.to_string()])
 }
 
 /// The ports of one worker.
@@ -501,7 +435,7 @@ fn run_on<A: BufAlloc>(
     cfg: &Config,
     topo: &Topology,
     sets: Vec<PortSet<A::Buf>>,
-    mut probers: Vec<VnetProber<A>>,
+    mut health: Health<A>,
     cores: &[core_affinity::CoreId],
     stop: Stop,
 ) -> Result<Vec<String>, Vec<String>> {
@@ -546,7 +480,7 @@ fn run_on<A: BufAlloc>(
     eprintln!(
         "pollux: switch running on {} ports with {workers} worker(s), {} probed backends (SIGINT or SIGTERM stops)",
         cfg.port.len(),
-        probers.iter().map(|p| p.active().count()).sum::<usize>()
+        health.states().count()
     );
     let mut state = crate::control::ControlState::new(cfg.clone(), topo, swap.clone());
     let mut rt = crate::control::Runtime::new(
@@ -570,7 +504,7 @@ fn run_on<A: BufAlloc>(
         &stop.stop,
         stop.reload.as_ref(),
         &stops,
-        &mut probers,
+        &mut health,
         &mut state,
         &mut rt,
         server.as_ref(),
@@ -618,16 +552,14 @@ fn run_on<A: BufAlloc>(
         });
         report.push(format!("port {name:?}: rx {rx} tx {tx} drops {drops}"));
     }
-    for p in &probers {
-        for (t, h) in p.active() {
-            report.push(format!(
-                "{}: {} after {} probes ({})",
-                t.name(),
-                if h.up { "up" } else { "down" },
-                h.probes,
-                h.reason()
-            ));
-        }
+    for (t, h) in health.states() {
+        report.push(format!(
+            "{}: {} after {} probes ({})",
+            t.name(),
+            if h.up { "up" } else { "down" },
+            h.probes,
+            h.reason()
+        ));
     }
     for r in crate::control::rule_hits(&swap.load(), &acl_hits) {
         if r.hits > 0 {
@@ -660,13 +592,13 @@ fn run_on<A: BufAlloc>(
     Ok(report)
 }
 
-/// Polls the probers and publishes their health changes, serves the control
-/// API and reloads on SIGHUP, until told to stop.
+/// Polls the health service (which applies health changes to their VIPs),
+/// serves the control API and reloads on SIGHUP, until told to stop.
 fn control_loop<A: BufAlloc>(
     signalled: &AtomicBool,
     reload: Option<&(Arc<AtomicBool>, std::path::PathBuf)>,
     stop: &[Arc<AtomicBool>],
-    probers: &mut [VnetProber<A>],
+    health: &mut Health<A>,
     state: &mut crate::control::ControlState,
     rt: &mut crate::control::Runtime,
     server: Option<&crate::control::Server>,
@@ -677,53 +609,34 @@ fn control_loop<A: BufAlloc>(
     while !signalled.load(Ordering::Relaxed) && !stop.iter().any(|s| s.load(Ordering::Relaxed)) {
         let now = start.elapsed();
         let mut next = now + Duration::from_millis(50);
-        for p in probers.iter_mut() {
-            for c in p.prober.poll(now) {
-                let Some(t) = p.targets.get(c.target) else {
-                    continue;
-                };
-                let (addr, port, proto, ip, bport, _) = &t.key;
-                let name = t.name();
-                let cur = policy.load();
-                // The backend by address: API changes may have moved it in
-                // the VIP's list (the prober only reports active targets).
-                let found = cur
-                    .vnets
-                    .iter()
-                    .position(|v| v.name == p.vnet)
-                    .and_then(|vn| {
-                        let vip = cur.vnets.get(vn)?.vips.get(*addr, *port, *proto)?;
-                        Some((vn, vip.backend_index(IpAddr::V4(*ip), *bport)?))
-                    });
-                let Some((vnet, backend)) = found else {
-                    eprintln!("pollux: {name}: no longer configured; health change not applied");
-                    continue;
-                };
-                // In place: the VIP swaps its backend set; only its own
-                // cached flows are revalidated. Applied before it is logged:
-                // whoever reads the log line (an operator) may rely on new
-                // connections already seeing the change.
-                match cur.set_health(vnet, c.vip, backend, c.up) {
-                    Ok(_) => eprintln!(
-                        "pollux: {name} {} ({})",
-                        if c.up { "up" } else { "down" },
-                        c.reason,
-                    ),
-                    Err(e) => eprintln!("pollux: {name}: health change not applied: {e}"),
-                }
+        // Each change swaps its VIP's backend set in place (only that VIP's
+        // cached flows are revalidated), and is applied before it is logged:
+        // whoever reads the line (an operator) may rely on new connections
+        // already seeing it.
+        let cur = policy.load();
+        let by_name = |name: &str| cur.vnets.iter().find(|v| v.name == name).map(|v| &v.vips);
+        for a in health.poll(now, by_name) {
+            match a.result {
+                Ok(_) => eprintln!(
+                    "pollux: {} {} ({})",
+                    a.target.name(),
+                    if a.up { "up" } else { "down" },
+                    a.reason,
+                ),
+                Err(e) => eprintln!("pollux: {e}"),
             }
-            next = next.min(p.prober.poll_at(now));
         }
+        next = next.min(health.poll_at(now));
         // After an API change or a reload: probe what the new state says.
         if state.changes() != changes {
             changes = state.changes();
-            if let Err(e) = sync_probes(state.config(), probers, start.elapsed()) {
+            if let Err(e) = sync_probes(state.config(), health, start.elapsed()) {
                 eprintln!("pollux: probes not updated: {}", e.join("; "));
             }
         }
         // Only the API reads them.
         if server.is_some() {
-            rt.probes = probe_states(probers);
+            rt.probes = probe_states(health);
         }
         if let Some((flag, path)) = reload
             && flag.swap(false, Ordering::Relaxed)
@@ -766,13 +679,12 @@ fn control_loop<A: BufAlloc>(
 }
 
 /// The probe state of every probed backend, for the API and metrics.
-fn probe_states<A: BufAlloc>(probers: &[VnetProber<A>]) -> Vec<crate::control::ProbeState> {
-    probers
-        .iter()
-        .flat_map(|p| p.active())
+fn probe_states<A: BufAlloc>(health: &Health<A>) -> Vec<crate::control::ProbeState> {
+    health
+        .states()
         .map(|(t, h)| crate::control::ProbeState {
             vip: t.vip.clone(),
-            backend: format!("{}:{}", t.key.3, t.key.4),
+            backend: format!("{}:{}", t.backend.0, t.backend.1),
             up: h.up,
             probes: h.probes,
             reason: h.reason(),

@@ -2,8 +2,10 @@
 //!
 //! Owns: the VIP/DIP model and distribution modes ([`balancer`]), the Maglev
 //! lookup table ([`maglev`]), per-core connection tracking ([`conntrack`]),
-//! NAT bindings ([`nat`]) and SNAT port allocation ([`snat`]); and the health
-//! prober ([`probe`]: HTTP GET and TCP probes over smoltcp).
+//! NAT bindings ([`nat`]) and SNAT port allocation ([`snat`]); the health
+//! prober ([`probe`]: HTTP GET and TCP probes over smoltcp) and the health
+//! service that runs one per vnet and applies what they learn to the VIPs
+//! in place ([`health`]).
 //!
 //! Must not touch: polling cores or port drivers. Apart from the prober, which
 //! runs on the control thread, it is pure logic over parsed headers: health
@@ -13,6 +15,7 @@
 
 pub mod balancer;
 pub mod conntrack;
+pub mod health;
 pub mod maglev;
 pub mod nat;
 pub mod probe;

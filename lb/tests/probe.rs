@@ -307,3 +307,113 @@ fn a_retired_target_is_no_longer_probed_and_its_results_are_ignored() {
     w.run_for(Duration::from_secs(5), Duration::from_millis(5));
     assert!(w.prober.is_active(c) && w.prober.health(c).unwrap().up);
 }
+
+/// The health service: a vnet's prober with typed targets, each change
+/// applied to its VIP in place (same `Vip`, its next backend set), targets
+/// synced to what is wanted, and changes for a VIP that went away named.
+#[test]
+fn the_health_service_applies_changes_to_its_vip_in_place() {
+    use lb::health::{HealthError, HealthService, ProbeTarget};
+    use std::sync::Arc;
+    let pool = pool("probe-service");
+    let mut router = Router::new();
+    let mut service: HealthService<RingPort<PoolBuf>, Pool> = HealthService::new();
+    service.add_vnet("a", sim::prober(&mut router, pool, 9));
+    let ips = [Ipv4Addr::new(10, 1, 0, 30), Ipv4Addr::new(10, 1, 0, 31)];
+    let mut servers = Vec::new();
+    let mut knobs = Vec::new();
+    for ip in ips {
+        let port = router.attach(ip, MacAddr([2, 0, 0, 0, 1, ip.octets()[3]]));
+        let s = Server::new(port, pool, ip, false, Behavior::Ok, Duration::ZERO);
+        knobs.push(s.behavior.clone());
+        servers.push(s);
+    }
+    let frontend = ("10.1.0.100".parse().unwrap(), 80, 6);
+    let backends = ips
+        .iter()
+        .map(|ip| Backend {
+            ip: IpAddr::V4(*ip),
+            port: 8080,
+            weight: 1,
+        })
+        .collect();
+    let mut vips = Vips::new();
+    // Probed backends start down.
+    let vip = vips.insert(
+        Vip::new(
+            VipConfig::new("web", frontend.0, 80, 6, backends),
+            &[false; 2],
+        )
+        .unwrap(),
+    );
+    let target = |ip: Ipv4Addr, vnet: &str| ProbeTarget {
+        vnet: vnet.into(),
+        vip: "web".into(),
+        frontend,
+        backend: (ip, 8080),
+        spec: http(80, 2),
+    };
+    let want = [(target(ips[0], "a"), 0), (target(ips[1], "a"), 1)];
+    service.sync(&want, Duration::ZERO).unwrap();
+    let now = Cell::new(Duration::ZERO);
+    let mut run =
+        |service: &mut HealthService<RingPort<PoolBuf>, Pool>, vips: Option<&Vips>, d: Duration| {
+            let mut applied = Vec::new();
+            let end = now.get() + d;
+            while now.get() < end {
+                now.set(now.get() + Duration::from_millis(5));
+                for _ in 0..4 {
+                    applied.extend(service.poll(now.get(), |n| vips.filter(|_| n == "a")));
+                    router.run();
+                    for s in &mut servers {
+                        s.poll(now.get());
+                    }
+                    router.run();
+                }
+            }
+            applied
+        };
+    // Both come up: two changes, applied to the same VIP, in place.
+    let applied = run(&mut service, Some(&vips), Duration::from_secs(4));
+    assert_eq!(applied.len(), 2, "{applied:?}");
+    assert!(applied.iter().all(|a| a.up && matches!(a.result, Ok(true))));
+    assert_eq!(vip.health(), [true, true]);
+    assert_eq!(vip.epoch(), 2);
+    assert!(Arc::ptr_eq(&vip, vips.get(frontend.0, 80, 6).unwrap()));
+    assert_eq!(service.states().count(), 2);
+    // One fails its probes: it leaves the VIP's table, with the reason.
+    knobs[0].set(Behavior::Status(500));
+    let applied = run(&mut service, Some(&vips), Duration::from_secs(4));
+    assert_eq!(applied.len(), 1, "{applied:?}");
+    assert_eq!(
+        applied[0].target.name(),
+        "vip \"web\" backend 10.1.0.30:8080"
+    );
+    assert_eq!(
+        (applied[0].up, applied[0].reason.as_str()),
+        (false, "http 500")
+    );
+    assert_eq!(vip.health(), [false, true]);
+    assert_eq!(vip.backends().table().share(0), 0);
+    // Synced to the second backend only: the first is no longer probed.
+    service.sync(&want[1..], now.get()).unwrap();
+    let probed: Vec<String> = service.states().map(|(t, _)| t.name()).collect();
+    assert_eq!(probed, ["vip \"web\" backend 10.1.0.31:8080"]);
+    // A change for a VIP that is gone is named, not applied.
+    knobs[1].set(Behavior::Status(503));
+    let applied = run(&mut service, None, Duration::from_secs(4));
+    assert_eq!(applied.len(), 1, "{applied:?}");
+    let e = applied[0].result.as_ref().unwrap_err();
+    assert!(matches!(e, HealthError::Gone(_)), "{e}");
+    assert_eq!(
+        e.to_string(),
+        "vip \"web\" backend 10.1.0.31:8080: no longer configured; health change not applied"
+    );
+    assert_eq!(vip.health(), [false, true], "not applied");
+    // A target in a vnet without a prober is refused whole.
+    let e = service
+        .sync(&[(target(ips[1], "b"), 1)], now.get())
+        .unwrap_err();
+    assert!(matches!(e, HealthError::NoProber { .. }), "{e}");
+    assert_eq!(service.states().count(), 1, "nothing changed");
+}
