@@ -8,6 +8,7 @@
 //! over them. The packet path lives in the `dataplane`, `filter`, `lb` and
 //! `vswitch` crates; this crate wires them together and must not duplicate
 //! their logic.
+#![forbid(unsafe_code)]
 
 pub mod config;
 pub mod control;

@@ -6,6 +6,7 @@
 //! virtual functions for DPDK ports, and `pollux pktgen` generates traffic
 //! and measures throughput, loss and latency (docs/pktgen.md), and `pollux
 //! ctl` talks to a running pollux's control API (docs/control.md).
+#![forbid(unsafe_code)]
 
 use pollux::config;
 

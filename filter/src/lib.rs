@@ -42,6 +42,7 @@
 //! compile step is a sort-and-sweep per field, fast enough to rebuild a group
 //! on every policy change. Its correctness reference is simple: a priority
 //! scan of [`Rule::matches`], which a property test compares it against.
+#![forbid(unsafe_code)]
 
 pub mod classify;
 pub mod rule;

@@ -12,6 +12,7 @@
 //! comes in as an input ([`balancer::Vip::set_health`]), and decisions go out
 //! as per-direction header rewrites ([`nat::Rewrite`]) the switch compiles
 //! into its flow actions.
+#![forbid(unsafe_code)]
 
 pub mod balancer;
 pub mod conntrack;

@@ -5,5 +5,6 @@
 //! from the machine (root, a tool, huge pages) and what happens when that is
 //! missing. It must not depend on any pollux crate, so every crate's tests,
 //! down to `dataplane`'s unit tests, can use it.
+#![forbid(unsafe_code)]
 
 pub mod require;

@@ -9,8 +9,10 @@
 //! Must not touch: port driver internals or `unsafe` code; it drives ports only
 //! through the `dataplane` `Port` trait (via the worker) and buffers through
 //! `PacketBuf`.
+#![forbid(unsafe_code)]
 
 pub mod flow;
+pub mod hash;
 pub mod placement;
 pub mod policy;
 pub mod switch;

@@ -16,7 +16,7 @@
 //! - otherwise a symmetric hash of both endpoints (ICMP: of both addresses
 //!   and the echo identifier).
 
-use crate::flow::FxHasher;
+use crate::hash::FxHasher;
 use crate::policy::Policy;
 use dataplane::FlowKey;
 use std::hash::Hasher;

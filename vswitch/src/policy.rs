@@ -2,7 +2,7 @@
 //! workers read it. Built whole by the control thread and published
 //! atomically; never changed in place.
 
-use crate::flow::FxHasher;
+use crate::hash::FxHasher;
 use dataplane::MacAddr;
 use filter::{CompiledNsg, DefaultContext, NsgSpec};
 use ipnet::IpNet;
