@@ -2,7 +2,7 @@
 //! encoded by the `prometheus-client` crate from a registry built per scrape
 //! (the values live in the workers' atomics; nothing is kept here).
 
-use crate::control::{ControlState, Runtime, rule_hits};
+use crate::control::state::{ControlState, Runtime, rule_hits};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
