@@ -241,3 +241,40 @@ fn offloaded_checksums_arrive_completed() {
         .unwrap();
     assert_eq!(tcp.checksum(), want, "TCP checksum not completed");
 }
+
+/// Descriptors and mappings open now (`/proc/self/fd`, `/proc/self/maps`).
+fn open_resources() -> (usize, usize) {
+    let fds = std::fs::read_dir("/proc/self/fd").unwrap().count();
+    let maps = std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .count();
+    (fds, maps)
+}
+
+/// Opening and dropping ports, and failing to open them half way (a bad
+/// queue, a second XDP socket on a queue that has one), leaves no
+/// descriptor or mapping behind: each is owned (`OwnedFd`, `Mapping`) and
+/// released once.
+#[test]
+fn ports_release_their_descriptors_and_mappings() {
+    if !testkit::require::root_and(&["ip"]) {
+        return;
+    }
+    let net = Netns::new("r");
+    let pool = Pool::new(&PoolConfig::new("release", 1024)).unwrap();
+    // Warm up whatever the first open allocates for good (caches, threads).
+    drop(AfPacketPort::open("veth", &net.host, pool).unwrap());
+    drop(AfXdpPort::open("veth", &net.host, 0, pool).unwrap());
+    let before = open_resources();
+    for _ in 0..3 {
+        drop(AfPacketPort::open("veth", &net.host, pool).unwrap());
+        let xdp = AfXdpPort::open("veth", &net.host, 0, pool).unwrap();
+        // The queue is taken: the second socket fails after its socket and
+        // UMEM exist, and must release them.
+        let e = AfXdpPort::open("veth2", &net.host, 0, pool).unwrap_err();
+        assert!(e.to_string().contains("port \"veth2\""), "{e}");
+        drop(xdp);
+    }
+    assert_eq!(open_resources(), before, "(descriptors, mappings)");
+}

@@ -26,11 +26,12 @@
 //! per-frame slots give the lowest latency and the same zero-syscall rx, and
 //! V3's tx ring is V2's anyway.
 
-use super::{LinkInfo, Port, PortError};
+use super::{LinkInfo, Mapping, Port, PortError};
 use crate::batch::Batch;
 use crate::buf::PacketBuf;
 use crate::pool::{Pool, PoolBuf};
 use crate::stats::{DropReason, PortStats};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -96,16 +97,18 @@ pub struct AfPacketPort {
     info: LinkInfo,
     stats: Arc<PortStats>,
     pool: Pool,
-    fd: libc::c_int,
-    map: *mut libc::c_void,
-    map_len: usize,
     rx: Ring,
     tx: Ring,
+    /// The rx and tx rings, held so that dropping the port unmaps them
+    /// (before the socket closes).
+    _map: Mapping,
+    fd: OwnedFd,
 }
 
-// SAFETY: the socket and its mapping are owned by this port alone; the raw
-// pointers are only dereferenced through `&mut self` (rx_burst/tx_burst) or in
-// `Drop`, so moving the port to the worker thread that uses it is sound.
+// SAFETY: the socket and its mapping are owned by this port alone; the
+// rings' raw pointers point into `map` and are only dereferenced through
+// `&mut self` (rx_burst/tx_burst), so moving the port to the worker thread
+// that uses it is sound.
 unsafe impl Send for AfPacketPort {}
 
 impl std::fmt::Debug for AfPacketPort {
@@ -142,9 +145,11 @@ impl AfPacketPort {
         let port = Self::open_with(name, iface, pool, RingSize::default())?;
         let arg: libc::c_int =
             libc::c_int::from(group) | ((libc::PACKET_FANOUT_HASH as libc::c_int) << 16);
-        set_opt(port.fd, libc::PACKET_FANOUT, &arg).map_err(|e| PortError::BadConfig {
-            port: name.to_string(),
-            reason: format!("fanout group {group} on {iface:?}: {e}"),
+        set_opt(port.fd.as_raw_fd(), libc::PACKET_FANOUT, &arg).map_err(|e| {
+            PortError::BadConfig {
+                port: name.to_string(),
+                reason: format!("fanout group {group} on {iface:?}: {e}"),
+            }
         })?;
         Ok(port)
     }
@@ -174,9 +179,9 @@ impl AfPacketPort {
         let (ifindex, info) = super::kernel_interface(name, iface, "af_packet")?;
         let proto_be = (libc::ETH_P_ALL as u16).to_be();
         // SAFETY: plain socket creation; the result is checked.
-        let fd =
+        let raw =
             unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, libc::c_int::from(proto_be)) };
-        if fd < 0 {
+        if raw < 0 {
             let e = last_error();
             return Err(match e.raw_os_error() {
                 Some(libc::EPERM) | Some(libc::EACCES) => err(format!(
@@ -185,12 +190,9 @@ impl AfPacketPort {
                 _ => err(format!("cannot open a packet socket on {iface:?}: {e}")),
             });
         }
-        // From here the fd is closed on every error path by `close_on_err`.
-        let close_on_err = |e: PortError| {
-            // SAFETY: `fd` is the socket opened above and not yet owned by a port.
-            unsafe { libc::close(fd) };
-            e
-        };
+        // Closed on every error path from here (dropped).
+        let owned = super::owned_fd(raw);
+        let fd = owned.as_raw_fd();
         let setup = |what: &str, r: std::io::Result<()>| {
             r.map_err(|e| err(format!("{what} on {iface:?}: {e}")))
         };
@@ -198,55 +200,41 @@ impl AfPacketPort {
         setup(
             "PACKET_VERSION",
             set_opt(fd, libc::PACKET_VERSION, &version),
-        )
-        .map_err(close_on_err)?;
+        )?;
         let req = libc::tpacket_req {
             tp_block_size: BLOCK_SIZE as u32,
             tp_block_nr: (size.frames * size.frame_size / BLOCK_SIZE) as u32,
             tp_frame_size: size.frame_size as u32,
             tp_frame_nr: size.frames as u32,
         };
-        setup("PACKET_RX_RING", set_opt(fd, libc::PACKET_RX_RING, &req)).map_err(close_on_err)?;
-        setup("PACKET_TX_RING", set_opt(fd, libc::PACKET_TX_RING, &req)).map_err(close_on_err)?;
+        setup("PACKET_RX_RING", set_opt(fd, libc::PACKET_RX_RING, &req))?;
+        setup("PACKET_TX_RING", set_opt(fd, libc::PACKET_TX_RING, &req))?;
         let one: libc::c_int = 1;
         setup(
             "PACKET_QDISC_BYPASS",
             set_opt(fd, libc::PACKET_QDISC_BYPASS, &one),
-        )
-        .map_err(close_on_err)?;
+        )?;
         setup(
             "PACKET_IGNORE_OUTGOING",
             set_opt(fd, libc::PACKET_IGNORE_OUTGOING, &one),
-        )
-        .map_err(close_on_err)?;
+        )?;
         let ring_len = size.frames * size.frame_size;
-        let map_len = 2 * ring_len;
-        // SAFETY: maps the two rings the kernel just allocated for `fd`
-        // (rx then tx, as packet(7) specifies); the result is checked.
-        let map = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                map_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_LOCKED,
-                fd,
-                0,
-            )
-        };
-        if map == libc::MAP_FAILED {
-            return Err(close_on_err(err(format!(
-                "cannot map the packet rings of {iface:?}: {}",
-                last_error()
-            ))));
-        }
-        let base = map.cast::<u8>();
+        // The two rings the kernel just allocated for the socket (rx then
+        // tx, as packet(7) specifies).
+        let map = Mapping::new(
+            2 * ring_len,
+            libc::MAP_SHARED | libc::MAP_LOCKED,
+            Some(owned.as_fd()),
+            0,
+        )
+        .map_err(|e| err(format!("cannot map the packet rings of {iface:?}: {e}")))?;
+        let base = map.as_ptr();
         let port = AfPacketPort {
             info,
             stats: Arc::default(),
             pool,
-            fd,
-            map,
-            map_len,
+            _map: map,
+            fd: owned,
             rx: Ring {
                 base,
                 frame_size: size.frame_size,
@@ -260,7 +248,7 @@ impl AfPacketPort {
                 next: 0,
             },
         };
-        // From here `port`'s Drop unmaps and closes.
+        // From here dropping `port` unmaps and closes.
         // SAFETY: an all-zero sockaddr_ll is a valid value to fill in.
         let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         sll.sll_family = libc::AF_PACKET as u16;
@@ -292,7 +280,7 @@ impl AfPacketPort {
         // SAFETY: tpacket_stats is a C struct of u32 counters.
         let st = unsafe {
             super::get_sockopt::<libc::tpacket_stats>(
-                self.fd,
+                self.fd.as_raw_fd(),
                 libc::SOL_PACKET,
                 libc::PACKET_STATISTICS,
             )
@@ -318,17 +306,6 @@ impl AfPacketPort {
             h.tp_snaplen as usize,
             h.tp_len as usize,
         )
-    }
-}
-
-impl Drop for AfPacketPort {
-    fn drop(&mut self) {
-        // SAFETY: `map`/`map_len` are the mapping made in `open_with` and
-        // `fd` its socket; both are owned by this port and released once.
-        unsafe {
-            libc::munmap(self.map, self.map_len);
-            libc::close(self.fd);
-        }
     }
 }
 
@@ -437,7 +414,7 @@ impl Port for AfPacketPort {
             // kernel to transmit the slots marked SEND_REQUEST.
             let r = unsafe {
                 libc::sendto(
-                    self.fd,
+                    self.fd.as_raw_fd(),
                     std::ptr::null(),
                     0,
                     libc::MSG_DONTWAIT,

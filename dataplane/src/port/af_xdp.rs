@@ -23,11 +23,12 @@
 //! checksum offload off on whatever sends into the interface (`ethtool -K
 //! eth0 tx off` in a VM's namespace), as well as TSO/GSO.
 
-use super::{LinkInfo, Port, PortError};
+use super::{LinkInfo, Mapping, Port, PortError};
 use crate::batch::Batch;
 use crate::buf::PacketBuf;
 use crate::pool::{Pool, PoolBuf};
 use crate::stats::{DropReason, PortStats};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -101,6 +102,12 @@ fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> std::io::Result<i32> {
     }
 }
 
+/// `bpf(cmd, attr)` for a command that creates a descriptor (a map, a
+/// program, a link), owned from here on.
+fn bpf_fd(cmd: libc::c_long, attr: &mut [u8; 128]) -> std::io::Result<OwnedFd> {
+    bpf(cmd, attr).map(super::owned_fd)
+}
+
 fn put32(a: &mut [u8; 128], at: usize, v: u32) {
     a[at..at + 4].copy_from_slice(&v.to_ne_bytes());
 }
@@ -117,8 +124,9 @@ struct XRing {
     mask: u32,
     /// Our copy of the index we advance (producer or consumer).
     mine: u32,
-    map: *mut libc::c_void,
-    map_len: usize,
+    /// The ring's memory (`None` until mapped): the pointers above point
+    /// into it; held so that dropping the ring unmaps it.
+    _map: Option<Mapping>,
 }
 
 impl XRing {
@@ -145,15 +153,17 @@ pub struct AfXdpPort {
     info: LinkInfo,
     stats: Arc<PortStats>,
     pool: Pool,
-    fd: libc::c_int,
-    umem: *mut u8,
-    umem_len: usize,
     rx: XRing,
     tx: XRing,
     fill: XRing,
     comp: XRing,
+    /// The socket and its UMEM, dropped after the rings that refer to them.
+    fd: OwnedFd,
+    umem: Mapping,
     free_tx: Vec<u64>,
-    bpf_fds: Vec<libc::c_int>,
+    /// The XSK map, the program and its link, in that order; closed in
+    /// reverse (the link first: detaching the program stops the redirects).
+    bpf_fds: Vec<OwnedFd>,
     /// Whether the program runs in driver mode (else generic).
     native: bool,
     /// Polls that found nothing, to pace reading the kernel's drop counts.
@@ -161,8 +171,8 @@ pub struct AfXdpPort {
 }
 
 // SAFETY: the socket, UMEM and ring mappings are owned by this port alone
-// and only touched through `&mut self` or in `Drop`, so moving the port to
-// the worker thread that uses it is sound.
+// and the rings' raw pointers into them are only dereferenced through
+// `&mut self`, so moving the port to the worker thread that uses it is sound.
 unsafe impl Send for AfXdpPort {}
 
 impl std::fmt::Debug for AfXdpPort {
@@ -189,8 +199,8 @@ impl AfXdpPort {
             )));
         }
         // SAFETY: plain socket creation; the result is checked.
-        let fd = unsafe { libc::socket(libc::AF_XDP, libc::SOCK_RAW, 0) };
-        if fd < 0 {
+        let raw = unsafe { libc::socket(libc::AF_XDP, libc::SOCK_RAW, 0) };
+        if raw < 0 {
             let e = std::io::Error::last_os_error();
             return Err(match e.raw_os_error() {
                 Some(libc::EPERM) | Some(libc::EACCES) => err(format!(
@@ -199,47 +209,39 @@ impl AfXdpPort {
                 _ => err(format!("cannot open an AF_XDP socket on {iface:?}: {e}")),
             });
         }
+        // Closed on every error path from here (dropped).
+        let fd = super::owned_fd(raw);
         let umem_len = FRAMES * FRAME;
-        // SAFETY: an anonymous private mapping; the result is checked.
-        let umem = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                umem_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
-                -1,
-                0,
-            )
-        };
-        if umem == libc::MAP_FAILED {
-            // SAFETY: `fd` is the socket opened above, owned here.
-            unsafe { libc::close(fd) };
-            return Err(err(format!(
-                "cannot map {umem_len} bytes of UMEM for {iface:?}: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
+        let umem = Mapping::new(
+            umem_len,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+            None,
+            0,
+        )
+        .map_err(|e| {
+            err(format!(
+                "cannot map {umem_len} bytes of UMEM for {iface:?}: {e}"
+            ))
+        })?;
         let empty = || XRing {
             producer: std::ptr::null(),
             consumer: std::ptr::null(),
             desc: std::ptr::null_mut(),
             mask: 0,
             mine: 0,
-            map: std::ptr::null_mut(),
-            map_len: 0,
+            _map: None,
         };
-        // From here, `port`'s Drop releases whatever was set up.
+        // From here, dropping `port` releases whatever was set up.
         let mut port = AfXdpPort {
             info,
             stats: Arc::default(),
             pool,
-            fd,
-            umem: umem.cast(),
-            umem_len,
             rx: empty(),
             tx: empty(),
             fill: empty(),
             comp: empty(),
+            fd,
+            umem,
             free_tx: Vec::with_capacity(FRAMES / 2),
             bpf_fds: Vec::new(),
             native: false,
@@ -255,7 +257,8 @@ impl AfXdpPort {
     }
 
     fn sockopt<T>(&self, opt: libc::c_int, v: &T, what: &str) -> Result<(), String> {
-        super::set_sockopt(self.fd, libc::SOL_XDP, opt, v).map_err(|e| format!("{what}: {e}"))
+        super::set_sockopt(self.fd.as_raw_fd(), libc::SOL_XDP, opt, v)
+            .map_err(|e| format!("{what}: {e}"))
     }
 
     fn map_ring(
@@ -266,40 +269,30 @@ impl AfXdpPort {
         pgoff: u64,
     ) -> Result<XRing, String> {
         let len = off.desc as usize + entries as usize * width;
-        // SAFETY: maps a ring the kernel created for this socket at the
-        // page offset packet(7)/af_xdp document; the result is checked.
-        let map = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_POPULATE,
-                self.fd,
-                pgoff as libc::off_t,
-            )
-        };
-        if map == libc::MAP_FAILED {
-            return Err(format!(
-                "cannot map an XDP ring: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
-        let base = map.cast::<u8>();
+        // The ring the kernel created for this socket, at the page offset
+        // the AF_XDP documentation gives.
+        let map = Mapping::new(
+            len,
+            libc::MAP_SHARED | libc::MAP_POPULATE,
+            Some(self.fd.as_fd()),
+            pgoff as libc::off_t,
+        )
+        .map_err(|e| format!("cannot map an XDP ring: {e}"))?;
+        let base = map.as_ptr();
         Ok(XRing {
             producer: base.wrapping_add(off.producer as usize).cast(),
             consumer: base.wrapping_add(off.consumer as usize).cast(),
             desc: base.wrapping_add(off.desc as usize),
             mask: entries - 1,
             mine: 0,
-            map,
-            map_len: len,
+            _map: Some(map),
         })
     }
 
     fn setup(&mut self, iface: &str, ifindex: u32, queue: u32) -> Result<(), String> {
         let reg = libc::xdp_umem_reg {
-            addr: self.umem as u64,
-            len: self.umem_len as u64,
+            addr: self.umem.as_ptr() as u64,
+            len: self.umem.len() as u64,
             chunk_size: FRAME as u32,
             headroom: 0,
             flags: 0,
@@ -317,7 +310,7 @@ impl AfXdpPort {
         // SAFETY: xdp_mmap_offsets is a C struct of u64 offsets.
         let off = unsafe {
             super::get_sockopt::<libc::xdp_mmap_offsets>(
-                self.fd,
+                self.fd.as_raw_fd(),
                 libc::SOL_XDP,
                 libc::XDP_MMAP_OFFSETS,
             )
@@ -353,7 +346,7 @@ impl AfXdpPort {
             // SAFETY: `sxdp` is a valid sockaddr_xdp of the length passed.
             let r = unsafe {
                 libc::bind(
-                    self.fd,
+                    self.fd.as_raw_fd(),
                     (&sxdp as *const libc::sockaddr_xdp).cast(),
                     std::mem::size_of::<libc::sockaddr_xdp>() as libc::socklen_t,
                 )
@@ -378,10 +371,11 @@ impl AfXdpPort {
         put32(&mut a, 4, 4);
         put32(&mut a, 8, 4);
         put32(&mut a, 12, XSKMAP_ENTRIES);
-        let map_fd = bpf(BPF_MAP_CREATE, &mut a)
+        let map = bpf_fd(BPF_MAP_CREATE, &mut a)
             .map_err(|e| format!("cannot create an XSKMAP (needs CAP_BPF): {e}"))?;
-        self.bpf_fds.push(map_fd);
-        let (key, value) = (queue, self.fd as u32);
+        let map_fd = map.as_raw_fd();
+        self.bpf_fds.push(map);
+        let (key, value) = (queue, self.fd.as_raw_fd() as u32);
         let mut a = [0u8; 128];
         put32(&mut a, 0, map_fd as u32);
         put64(&mut a, 8, &key as *const u32 as u64);
@@ -401,14 +395,15 @@ impl AfXdpPort {
         put64(&mut a, 32, log.as_mut_ptr() as u64);
         // expected_attach_type (after kern_version, prog_flags, prog_name[16], prog_ifindex)
         put32(&mut a, 68, BPF_XDP);
-        let prog_fd = bpf(BPF_PROG_LOAD, &mut a).map_err(|e| {
+        let prog = bpf_fd(BPF_PROG_LOAD, &mut a).map_err(|e| {
             let text = String::from_utf8_lossy(&log);
             format!(
                 "the XDP program was refused: {e} ({})",
                 text.trim_end_matches('\0').trim()
             )
         })?;
-        self.bpf_fds.push(prog_fd);
+        let prog_fd = prog.as_raw_fd();
+        self.bpf_fds.push(prog);
         let mut last = String::new();
         for (mode, native) in [(XDP_FLAGS_DRV_MODE, true), (XDP_FLAGS_SKB_MODE, false)] {
             let mut a = [0u8; 128];
@@ -416,7 +411,7 @@ impl AfXdpPort {
             put32(&mut a, 4, ifindex);
             put32(&mut a, 8, BPF_XDP);
             put32(&mut a, 12, mode);
-            match bpf(BPF_LINK_CREATE, &mut a) {
+            match bpf_fd(BPF_LINK_CREATE, &mut a) {
                 Ok(link) => {
                     self.bpf_fds.push(link);
                     self.native = native;
@@ -447,7 +442,11 @@ impl AfXdpPort {
     fn collect_kernel_drops(&self) {
         // SAFETY: xdp_statistics is a C struct of u64 counters.
         let st = unsafe {
-            super::get_sockopt::<libc::xdp_statistics>(self.fd, libc::SOL_XDP, libc::XDP_STATISTICS)
+            super::get_sockopt::<libc::xdp_statistics>(
+                self.fd.as_raw_fd(),
+                libc::SOL_XDP,
+                libc::XDP_STATISTICS,
+            )
         };
         let Ok(st) = st else { return };
         let lost = st.rx_dropped + st.rx_ring_full;
@@ -464,22 +463,10 @@ impl AfXdpPort {
 
 impl Drop for AfXdpPort {
     fn drop(&mut self) {
-        // The link first: detaching the program stops the redirects.
-        for fd in self.bpf_fds.iter().rev() {
-            // SAFETY: descriptors opened by this port, closed once.
-            unsafe { libc::close(*fd) };
-        }
-        for r in [&self.rx, &self.tx, &self.fill, &self.comp] {
-            if !r.map.is_null() {
-                // SAFETY: a ring mapping made by `map_ring`, unmapped once.
-                unsafe { libc::munmap(r.map, r.map_len) };
-            }
-        }
-        // SAFETY: the socket and UMEM of this port, released once, after
-        // the rings that refer to them.
-        unsafe {
-            libc::close(self.fd);
-            libc::munmap(self.umem.cast(), self.umem_len);
+        // The link first: detaching the program stops the redirects. The
+        // rings, then the socket and UMEM, go with the fields, in order.
+        while let Some(fd) = self.bpf_fds.pop() {
+            drop(fd);
         }
     }
 }
@@ -506,14 +493,15 @@ impl Port for AfXdpPort {
             let d = unsafe { at.read() };
             self.rx.mine = self.rx.mine.wrapping_add(1);
             let (addr, len) = (d.addr as usize, d.len as usize);
-            if addr + len <= self.umem_len && len <= FRAME {
+            if addr + len <= self.umem.len() && len <= FRAME {
                 match self.pool.alloc() {
                     Some(mut buf) => match buf.append(len) {
                         Ok(dst) => {
                             // SAFETY: `addr + len` is inside the UMEM (checked),
                             // and the kernel handed this frame to us.
-                            let src =
-                                unsafe { std::slice::from_raw_parts(self.umem.add(addr), len) };
+                            let src = unsafe {
+                                std::slice::from_raw_parts(self.umem.as_ptr().add(addr), len)
+                            };
                             dst.copy_from_slice(src);
                             bytes += len as u64;
                             n += 1;
@@ -576,7 +564,7 @@ impl Port for AfXdpPort {
             unsafe {
                 std::ptr::copy_nonoverlapping(
                     data.as_ptr(),
-                    self.umem.add(frame as usize),
+                    self.umem.as_ptr().add(frame as usize),
                     data.len(),
                 );
                 self.tx
@@ -598,7 +586,7 @@ impl Port for AfXdpPort {
             // kernel to transmit the posted descriptors.
             let _ = unsafe {
                 libc::sendto(
-                    self.fd,
+                    self.fd.as_raw_fd(),
                     std::ptr::null(),
                     0,
                     libc::MSG_DONTWAIT,

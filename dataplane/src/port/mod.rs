@@ -56,6 +56,86 @@ pub(crate) fn kernel_interface(
     Ok((ifindex, info))
 }
 
+/// A memory mapping made with `mmap` (a kernel ring of a packet or XDP
+/// socket, or an anonymous region), unmapped when dropped.
+#[cfg(target_os = "linux")]
+pub(crate) struct Mapping {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+#[cfg(target_os = "linux")]
+impl Mapping {
+    /// Maps `len` bytes read-write with `flags` (`MAP_SHARED` or
+    /// `MAP_PRIVATE`, plus any others): of `fd` at `offset`, or anonymous
+    /// memory when `fd` is `None`.
+    pub(crate) fn new(
+        len: usize,
+        flags: libc::c_int,
+        fd: Option<std::os::fd::BorrowedFd<'_>>,
+        offset: libc::off_t,
+    ) -> std::io::Result<Mapping> {
+        use std::os::fd::AsRawFd;
+        let raw = fd.map_or(-1, |f| f.as_raw_fd());
+        // SAFETY: a new mapping at an address the kernel chooses, so no
+        // existing memory is affected; `raw` is a live descriptor (borrowed
+        // for the call) or -1 with MAP_ANONYMOUS; the result is checked.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                raw,
+                offset,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        std::ptr::NonNull::new(p.cast::<u8>())
+            .map(|ptr| Mapping { ptr, len })
+            .ok_or_else(|| std::io::Error::other("mmap returned a null address"))
+    }
+
+    /// Its first byte.
+    #[inline]
+    pub(crate) fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Its length in bytes.
+    #[inline]
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` and `len` are exactly a mapping `Mapping::new` made;
+        // it is owned by this value alone and unmapped once, here.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+// SAFETY: a mapping is memory owned by this value; it is only read or
+// written through its owner (a port, moved to the thread that polls it), so
+// moving it between threads is sound.
+#[cfg(target_os = "linux")]
+unsafe impl Send for Mapping {}
+
+/// Takes ownership of a descriptor a system call just returned (`raw >= 0`),
+/// so it is closed exactly once, when dropped.
+#[cfg(target_os = "linux")]
+pub(crate) fn owned_fd(raw: libc::c_int) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: callers pass a descriptor the kernel just created for this
+    // process and that nothing else owns or has closed.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) }
+}
+
 /// `setsockopt(fd, level, opt, value)`, for the kernel-interface drivers.
 #[cfg(target_os = "linux")]
 pub(crate) fn set_sockopt<T>(
