@@ -1,0 +1,50 @@
+//! The fast path's action: a cached flow's header transposition applied
+//! to a packet, which is then queued on its output port.
+
+use super::*;
+
+/// Applies a flow's action to `pkt` and queues it on the output port: MACs,
+/// then the compiled transposition (or the field-by-field NAT and TTL for
+/// flows without one); failures are dropped and counted.
+#[inline]
+pub(super) fn transpose<B: PacketBuf>(
+    stats: &SwitchStats,
+    ctx: &mut Ctx<'_, B>,
+    mut pkt: B,
+    pk: &Parsed,
+    a: &FlowAction,
+) {
+    let f = pkt.data_mut();
+    let r = match f.get_mut(0..12) {
+        Some(macs) => {
+            macs.copy_from_slice(&a.macs());
+            match a.fast {
+                // Addresses, ports, TTL, two checksum additions.
+                Some(t) => t.apply(f, pk),
+                None => a.nat.apply(f, pk).and_then(|_| rewrite::dec_ttl(f, pk)),
+            }
+        }
+        None => Err(rewrite::RewriteError::Mismatch),
+    };
+    match r {
+        Ok(()) => ctx.send(usize::from(a.out_port), pkt),
+        Err(rewrite::RewriteError::TtlExpired) => stats.count(SwitchDrop::TtlExpired),
+        Err(_) => stats.count(SwitchDrop::RewriteFailed),
+    }
+}
+
+pub(super) const TCP_FIN: u8 = 0x01;
+
+pub(super) const TCP_SYN: u8 = 0x02;
+
+pub(super) const TCP_RST: u8 = 0x04;
+
+pub(super) const TCP_ACK: u8 = 0x10;
+
+pub(super) fn tcp_flags(frame: &[u8], p: &Parsed) -> u8 {
+    if p.key.proto == 6 && p.has_l4 {
+        frame.get(usize::from(p.l4_off) + 13).copied().unwrap_or(0)
+    } else {
+        0
+    }
+}

@@ -1,0 +1,97 @@
+//! Installing a decision: the flow of each direction, with its compiled
+//! rewrite and its VIP stamp.
+
+use super::*;
+
+pub(super) fn flow_key(k: &ConnKey, in_port: u16) -> FlowKey {
+    FlowKey {
+        src_ip: k.src,
+        dst_ip: k.dst,
+        src_port: k.sport,
+        dst_port: k.dport,
+        in_port,
+        proto: k.proto,
+    }
+}
+
+impl<B: PacketBuf> Switch<B> {
+    /// Installs `fwd` for `key`, and — for a stateful allow or a tracked
+    /// connection — `back` (its ports and MACs; the NAT is derived here) for
+    /// the reverse of `post` arriving on `fwd`'s output port. Returns `fwd`
+    /// compiled for `key`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn install(
+        &mut self,
+        p: &Policy,
+        now: u64,
+        key: FlowKey,
+        fwd: FlowAction,
+        post: &ConnKey,
+        back: FlowAction,
+        stateful: bool,
+    ) -> FlowAction {
+        let gen_ = p.generation;
+        // The VIP of the connection, if load-balanced, and its epoch as this
+        // worker last read it (never newer than what decided the
+        // connection: at worst the flow is revalidated once more).
+        let (vip, vip_epoch) = fwd
+            .lb
+            .and_then(|(vn, conn, _)| {
+                let c = self.lb.get(vn as usize)?.conns().get(conn)?;
+                match &c.value.kind {
+                    lb::balancer::ConnKind::Dnat { vip, .. } => Some(vip.id()),
+                    _ => None,
+                }
+            })
+            .and_then(|id| Some((id, *self.vip_epochs.get(usize::from(id))?)))
+            .unwrap_or((NO_VIP, 0));
+        let e = |action| FlowEntry {
+            action,
+            generation: gen_,
+            vip,
+            vip_epoch,
+            last_seen: now,
+            lb_touched: now,
+            packets: 0,
+            bytes: 0,
+            closing: false,
+        };
+        let fwd = fwd.compiled_for(&key);
+        if self.flows.insert(key, e(fwd)) == crate::flow::Insert::New {
+            self.stats.flows_installed.fetch_add(1, Ordering::Relaxed);
+        }
+        if !stateful && fwd.lb.is_none() {
+            return fwd;
+        }
+        // The reverse direction gets the opposite rewrite of the connection.
+        let (nat, lb) = match fwd.lb {
+            Some((vn, conn, dir)) => {
+                let nat = self
+                    .lb
+                    .get(vn as usize)
+                    .and_then(|l| l.conns().get(conn))
+                    .map(|c| {
+                        if dir == Dir::Orig {
+                            c.value.nat.reverse
+                        } else {
+                            c.value.nat.forward
+                        }
+                    })
+                    .unwrap_or_default();
+                let other = if dir == Dir::Orig {
+                    Dir::Reply
+                } else {
+                    Dir::Orig
+                };
+                (nat, Some((vn, conn, other)))
+            }
+            None => (Rewrite::NONE, None),
+        };
+        let back_key = flow_key(&post.reversed(), fwd.out_port);
+        let back = FlowAction { nat, lb, ..back }.compiled_for(&back_key);
+        if self.flows.insert(back_key, e(back)) == crate::flow::Insert::New {
+            self.stats.flows_installed.fetch_add(1, Ordering::Relaxed);
+        }
+        fwd
+    }
+}

@@ -1,0 +1,511 @@
+//! The switch pipeline: what a worker runs on every burst.
+//!
+//! Fast path: parse, look the flow key up in the unified flow table, and if
+//! the entry was decided under the current policy generation (and, for a
+//! flow of a load-balanced connection, under its VIP's current backend set),
+//! apply its one action (MACs, NAT, TTL) and queue the packet on its output
+//! port. A health change swaps one VIP's backend set in place: only that
+//! VIP's flows go back through the slow path, where the connection keeps
+//! its backend.
+//!
+//! Slow path (a miss, or an entry decided under an older generation or
+//! backend set), in order:
+//! anti-spoofing (source MAC and IP must be the VM's on that port), the ARP
+//! and IPv6 neighbour-discovery responder (every address of the vnet and
+//! every VIP answers with the gateway MAC; nothing is flooded), ping to a VIP
+//! answered, load balancing (new connection to a VIP: Maglev + DNAT; reply
+//! from a DIP: reverse NAT; both tracked per vnet), routing (destination must
+//! be a VM of the *same* vnet: tenant isolation; outside the vnet, the uplink
+//! with SNAT), the source VM's outbound ACL and the destination VM's inbound
+//! ACL. The result is installed for both directions (a stateful allow admits
+//! the return traffic), with its rewrite compiled for the fast path, and
+//! applied. Packets from the uplink may only answer connections that left
+//! through it or open connections to a public VIP.
+//!
+//! With several workers, a packet whose connection another worker owns
+//! ([`crate::placement`]) is handed to that worker's mailbox ([`Handoff`]).
+//!
+//! The modules, in the order a packet meets them: this one (the burst in
+//! stages, the flow-table hit, the hand-off), `fast` (the cached action
+//! applied), `slow` (the layers of a miss), `respond` (ARP and neighbour
+//! discovery), `install` (both directions cached); beside them `stats`
+//! (drop reasons and counters), `handoff` (the workers' mailboxes) and
+//! `requests` (flow queries from the control thread).
+
+use crate::flow::{FlowAction, FlowEntry, FlowTable};
+use crate::policy::{NO_VIP, Policy, UplinkDef};
+use arc_swap::ArcSwap;
+use crossbeam_queue::ArrayQueue;
+use dataplane::clock::TscClock;
+use dataplane::wire::arp;
+use dataplane::worker::{Ctx, Pipeline};
+use dataplane::{Batch, DropReason, FlowKey, L3, PacketBuf, Parsed, parse, parse_into, rewrite};
+use filter::{Action, Direction, HitCounters, PacketKey};
+use lb::balancer::{Decision, LbCore, LbDrop};
+use lb::conntrack::{ConnKey, Dir, Timeouts};
+use lb::nat::Rewrite;
+use lb::snat::SnatAllocator;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+mod fast;
+mod handoff;
+mod install;
+mod requests;
+mod respond;
+mod slow;
+mod stats;
+
+use fast::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, tcp_flags, transpose};
+pub use handoff::Handoff;
+pub use requests::{FlowControl, FlowReply, FlowRequest};
+use slow::Slow;
+pub use stats::{AclHits, SwitchDrop, SwitchStats};
+
+/// Tunables of a switch worker.
+#[derive(Debug, Clone)]
+pub struct SwitchConfig {
+    /// Flow table entries.
+    pub flow_table_size: usize,
+    /// Idle timeout of a flow entry.
+    pub flow_idle: Duration,
+    /// Timeout of a flow entry after FIN/RST.
+    pub flow_closing: Duration,
+    /// Connections tracked per vnet by the load balancer.
+    pub conn_table_size: usize,
+    /// Load-balancer connection timeouts.
+    pub timeouts: Timeouts,
+}
+
+impl Default for SwitchConfig {
+    fn default() -> Self {
+        SwitchConfig {
+            flow_table_size: 1 << 20,
+            flow_idle: Duration::from_secs(240),
+            flow_closing: Duration::from_secs(10),
+            conn_table_size: 1 << 18,
+            timeouts: Timeouts::default(),
+        }
+    }
+}
+
+/// One worker's switch.
+pub struct Switch<B = dataplane::pool::PoolBuf> {
+    policy: Arc<ArcSwap<Policy>>,
+    cfg: SwitchConfig,
+    flows: FlowTable,
+    lb: Vec<LbCore>,
+    generation: u64,
+    /// The health clock reading the epochs below were taken at.
+    health_seen: u64,
+    /// Each VIP's backend-set epoch (by VIP number) as of `health_seen`: a
+    /// cached flow of a VIP whose epoch moved is revalidated.
+    vip_epochs: Vec<u16>,
+    acl_hits: Arc<ArcSwap<Vec<AclHits>>>,
+    /// The counters `acl_hits` publishes, held here so that classifying
+    /// does not go through the `ArcSwap` each time.
+    hits: Arc<Vec<AclHits>>,
+    /// The groups `acl_hits` counts for.
+    counted_nsgs: Option<Arc<Vec<filter::CompiledNsg>>>,
+    stats: Arc<SwitchStats>,
+    clock: TscClock,
+    last_expire: u64,
+    last_sweep: u64,
+    /// How long a flow's hits go untold to its load-balancer connection.
+    lb_touch_ns: u64,
+    /// This worker's index and the shared mailboxes, with several workers.
+    handoff: Option<(usize, Arc<Handoff<B>>)>,
+    /// The control thread's mailbox to this worker, and the worker's index.
+    control: Option<(usize, Arc<FlowControl>)>,
+}
+
+/// A packet parsed and looked up ahead of its turn in the burst: headers,
+/// flow hash, and the flow found then (see [`FlowTable::entry_for`]).
+type Pre<'a> = (&'a Parsed, u64, Option<crate::flow::FlowRef>);
+
+impl<B: PacketBuf> Switch<B> {
+    /// A switch worker reading policy from `policy`.
+    pub fn new(policy: Arc<ArcSwap<Policy>>, cfg: SwitchConfig) -> Self {
+        let flows = FlowTable::new(
+            cfg.flow_table_size,
+            cfg.flow_idle.as_nanos() as u64,
+            cfg.flow_closing.as_nanos() as u64,
+        );
+        Switch {
+            policy,
+            flows,
+            lb: Vec::new(),
+            generation: u64::MAX,
+            health_seen: u64::MAX,
+            vip_epochs: Vec::new(),
+            acl_hits: Arc::new(ArcSwap::from_pointee(Vec::new())),
+            hits: Arc::new(Vec::new()),
+            counted_nsgs: None,
+            stats: Arc::default(),
+            clock: TscClock::calibrate(Duration::from_millis(10)),
+            last_expire: 0,
+            last_sweep: 0,
+            lb_touch_ns: (cfg.timeouts.shortest() / 4).clamp(1_000_000, 10_000_000_000),
+            handoff: None,
+            control: None,
+            cfg,
+        }
+    }
+
+    /// Worker `worker` of `handoff.workers()`: it processes only the
+    /// connections [`crate::placement::owner`] gives it, hands the others
+    /// to their owner's mailbox, and takes its own from its mailbox; its SNAT
+    /// allocators own only its share of the port blocks.
+    pub fn with_handoff(mut self, worker: usize, handoff: Arc<Handoff<B>>) -> Self {
+        if handoff.workers() > 1 && worker < handoff.workers() {
+            self.handoff = Some((worker, handoff));
+        }
+        self
+    }
+
+    /// Answers flow requests from `control` as worker `worker`.
+    pub fn with_control(mut self, worker: usize, control: Arc<FlowControl>) -> Self {
+        self.control = Some((worker, control));
+        self
+    }
+
+    /// The switch's counters.
+    pub fn stats(&self) -> Arc<SwitchStats> {
+        self.stats.clone()
+    }
+
+    /// Per-group rule hit counters (index = `Policy::nsgs` index); replaced
+    /// (from zero) when a generation brings different groups, kept across
+    /// generations that share them (health and weight changes).
+    pub fn acl_hits(&self) -> Arc<ArcSwap<Vec<AclHits>>> {
+        self.acl_hits.clone()
+    }
+
+    /// Flows cached.
+    pub fn flows(&self) -> &FlowTable {
+        &self.flows
+    }
+
+    /// Drops `pkt`, counting `r` in the switch's counters (which name
+    /// switch-level reasons; parse errors go to the worker's counters).
+    fn drop_pkt(&self, pkt: B, r: SwitchDrop) {
+        self.stats.count(r);
+        drop(pkt);
+    }
+
+    fn on_new_generation(&mut self, p: &Policy) {
+        self.generation = p.generation;
+        while self.lb.len() < p.vnets.len() {
+            // A vnet's SNAT layout is fixed when its core is created (ports
+            // in use must not move); later snapshots only add members.
+            let (me, workers) = self
+                .handoff
+                .as_ref()
+                .map_or((0, 1), |(w, h)| (*w, h.workers()));
+            let snat = p
+                .vnets
+                .get(self.lb.len())
+                .and_then(|v| v.snat.clone())
+                .and_then(|c| SnatAllocator::for_worker(c, me, workers).ok());
+            self.lb.push(LbCore::new(
+                self.cfg.conn_table_size,
+                self.cfg.timeouts,
+                snat,
+            ));
+        }
+        for vm in &p.vms {
+            if let Some(snat) = self.lb.get_mut(vm.vnet).and_then(|l| l.snat_mut()) {
+                for ip in &vm.ips {
+                    // A VM without blocks is refused per connection
+                    // (counted as `snat_not_member`).
+                    let _ = snat.add_member(*ip);
+                }
+            }
+        }
+        // Rule hit counters survive generations that keep the same groups
+        // (health and weight changes); new groups start from zero.
+        if !self
+            .counted_nsgs
+            .as_ref()
+            .is_some_and(|n| Arc::ptr_eq(n, &p.nsgs))
+        {
+            let hits: Vec<AclHits> = p
+                .nsgs
+                .iter()
+                .map(|n| [n.inbound.new_counters(), n.outbound.new_counters()])
+                .collect();
+            self.hits = Arc::new(hits);
+            self.acl_hits.store(self.hits.clone());
+            self.counted_nsgs = Some(p.nsgs.clone());
+        }
+    }
+}
+
+impl<B: PacketBuf> Switch<B> {
+    /// One packet received on `in_port`; `owned` when placement already
+    /// chose this worker (a packet from the mailbox).
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    fn packet(
+        &mut self,
+        ctx: &mut Ctx<'_, B>,
+        policy: &Policy,
+        in_port: usize,
+        mut pkt: B,
+        now: u64,
+        owned: bool,
+        tally: &mut (u64, u64, u64),
+        pre: Option<Pre<'_>>,
+    ) {
+        let in_port16 = in_port as u16;
+        let parsed;
+        // By reference: copying the parsed headers costs more than using them.
+        let (pk, hash, hint): (&Parsed, u64, _) = match pre {
+            Some(p) => p,
+            None => match parse(pkt.data(), in_port16) {
+                Ok(p) => {
+                    parsed = p;
+                    (&parsed, self.flows.hash(&parsed.key), None)
+                }
+                Err(e) => {
+                    ctx.drop_packet(pkt, DropReason::Malformed(e));
+                    return;
+                }
+            },
+        };
+        let flags = tcp_flags(pkt.data(), pk);
+        let len = pkt.len() as u64;
+        if let Some(e) = self.flows.entry_for(hint, hash, &pk.key) {
+            // A fresh SYN on a closing flow may open a new connection on a
+            // reused port: the slow path (the load balancer) decides.
+            let reopen = flags & (TCP_SYN | TCP_ACK) == TCP_SYN && e.closing;
+            // Decided under this policy and, for a flow of a VIP, under
+            // that VIP's current backend set (health changes elsewhere
+            // leave it alone).
+            let current = e.generation == policy.generation
+                && (e.vip == NO_VIP
+                    || self.vip_epochs.get(usize::from(e.vip)) == Some(&e.vip_epoch));
+            if current && !reopen {
+                e.last_seen = now;
+                e.packets += 1;
+                e.bytes += len;
+                let closing = flags & (TCP_FIN | TCP_RST | TCP_SYN) != 0;
+                if flags & (TCP_FIN | TCP_RST) != 0 {
+                    e.closing = true;
+                }
+                // Keep the load balancer's connection state current: at
+                // once for SYN/FIN/RST, otherwise at most every
+                // `lb_touch_ns` (a quarter of its shortest timeout, so a
+                // connection in use never times out there; touching it per
+                // packet costs several cache misses: it moves the
+                // connection in its LRU list). The time is checked first:
+                // `lb` lies in the slot's third cache line, which a hit
+                // otherwise does not read.
+                if closing || now.saturating_sub(e.lb_touched) > self.lb_touch_ns {
+                    e.lb_touched = now;
+                    if let Some((vn, conn, dir)) = e.action.lb {
+                        let key = ConnKey::from(&pk.key);
+                        let told = self
+                            .lb
+                            .get_mut(vn as usize)
+                            .and_then(|l| l.touch(conn, &key, dir, flags, now));
+                        if told.is_none() {
+                            // The load balancer has forgotten the connection
+                            // (it timed out there): the flow keeps its
+                            // backend, but must not touch whatever
+                            // connection now has that slot.
+                            e.action.lb = None;
+                        }
+                    }
+                }
+                tally.0 += 1;
+                // The action is used in place (no copy of it per packet).
+                transpose(&self.stats, ctx, pkt, pk, &e.action);
+                return;
+            }
+        }
+        // Not in this worker's table: only the connection's owner may decide
+        // it (a hit needs no placement: only the owner installs flows).
+        if !owned && pk.is_ip() {
+            if let Some((me, h)) = &self.handoff {
+                let w = crate::placement::owner(policy, &pk.key, h.workers());
+                if w != *me {
+                    match h.queues.get(w).map(|q| q.push((in_port16, pkt))) {
+                        Some(Ok(())) => tally.2 += 1,
+                        Some(Err((_, pkt))) => self.drop_pkt(pkt, SwitchDrop::HandoffFull),
+                        None => {}
+                    }
+                    return;
+                }
+            }
+        }
+        tally.1 += 1;
+        match self.slow(policy, pkt.data_mut(), pk, in_port16, now) {
+            Ok(Slow::Reply) => ctx.send(in_port, pkt),
+            Ok(Slow::Advert(mac)) => match rewrite::neighbor_advert(&mut pkt, pk, mac) {
+                Ok(()) => {
+                    self.stats.nd_replies.fetch_add(1, Ordering::Relaxed);
+                    ctx.send(in_port, pkt)
+                }
+                Err(_) => self.drop_pkt(pkt, SwitchDrop::RewriteFailed),
+            },
+            Ok(Slow::Forward(a)) => transpose(&self.stats, ctx, pkt, pk, &a),
+            Err(r) => self.drop_pkt(pkt, r),
+        }
+    }
+
+    /// The policy for this burst (noticing a new generation) and the time.
+    #[inline]
+    fn begin(&mut self, ctx: &Ctx<'_, B>) -> (Arc<Policy>, u64) {
+        let policy = self.policy.load_full();
+        let fresh = policy.generation != self.generation;
+        if fresh {
+            self.on_new_generation(&policy);
+        }
+        // A new snapshot has new VIPs (and its own clock).
+        let health = policy.health_changes();
+        if fresh || health != self.health_seen {
+            self.health_seen = health;
+            self.vip_epochs.clear();
+            self.vip_epochs
+                .extend(policy.vips().iter().map(|v| v.epoch() as u16));
+        }
+        (policy, self.clock.ticks_to_ns(ctx.now()))
+    }
+
+    /// Counters once per burst, not per packet; periodic expiry.
+    #[inline]
+    fn end(&mut self, now: u64, (fast, slow, handed): (u64, u64, u64)) {
+        if fast > 0 {
+            self.stats.fast_path.fetch_add(fast, Ordering::Relaxed);
+        }
+        if slow > 0 {
+            self.stats.slow_path.fetch_add(slow, Ordering::Relaxed);
+        }
+        if handed > 0 {
+            self.stats.handed_off.fetch_add(handed, Ordering::Relaxed);
+        }
+        // Flow expiry a little every millisecond, in proportion to the time
+        // since the last step, so the whole table is swept about once a
+        // second (entries expire at most about a second late).
+        let since = now.saturating_sub(self.last_sweep);
+        if since > 1_000_000 {
+            self.last_sweep = now;
+            let share = self.flows.slots() as u128 * u128::from(since.min(1_000_000_000));
+            let budget = (share / 1_000_000_000) as usize;
+            self.flows.expire_some(now, budget.max(64));
+        }
+        if now.saturating_sub(self.last_expire) > 100_000_000 {
+            self.last_expire = now;
+            self.stats
+                .flows
+                .store(self.flows.len() as u64, Ordering::Relaxed);
+            for l in &mut self.lb {
+                l.expire(now, 4096);
+            }
+        }
+    }
+}
+
+impl<B: PacketBuf> Pipeline<B> for Switch<B> {
+    fn process(&mut self, ctx: &mut Ctx<'_, B>, in_port: usize, pkts: &mut Batch<B>) {
+        let (policy, now) = self.begin(ctx);
+        let mut tally = (0, 0, 0);
+        // The burst in stages, so that the cache misses of its lookups
+        // overlap instead of following one another, and no stage reads
+        // what the one before has only just written (store forwarding
+        // stalls): parse every packet in place; hash every key and load its
+        // bucket; search the index for all of them (the bucket and slot
+        // loads of one packet do not wait for the previous one); then
+        // process each packet.
+        const N: usize = dataplane::BURST;
+        let in16 = in_port as u16;
+        let n = pkts.len();
+        let mut parsed = [Parsed::default(); N];
+        let mut status = [Ok(()); N];
+        let mut hash = [0u64; N];
+        let mut hint = [None; N];
+        for ((pkt, p), st) in pkts.iter().zip(parsed.iter_mut()).zip(status.iter_mut()) {
+            *st = parse_into(pkt.data(), in16, p);
+        }
+        let mut touched = 0;
+        for (h, p) in hash.iter_mut().zip(parsed.iter()).take(n) {
+            *h = self.flows.hash(&p.key);
+            touched ^= self.flows.touch(*h);
+        }
+        std::hint::black_box(touched);
+        for (((r, p), h), st) in hint
+            .iter_mut()
+            .zip(parsed.iter())
+            .zip(hash.iter())
+            .zip(status.iter())
+            .take(n)
+        {
+            *r = match st {
+                Ok(()) => self.flows.find(*h, &p.key),
+                Err(_) => None,
+            };
+        }
+        for (i, pkt) in pkts.drain().enumerate() {
+            let (Some(p), Some(h), Some(r), Some(st)) =
+                (parsed.get(i), hash.get(i), hint.get(i), status.get(i))
+            else {
+                break;
+            };
+            match st {
+                Ok(()) => self.packet(
+                    ctx,
+                    &policy,
+                    in_port,
+                    pkt,
+                    now,
+                    false,
+                    &mut tally,
+                    Some((p, *h, *r)),
+                ),
+                Err(e) => ctx.drop_packet(pkt, DropReason::Malformed(*e)),
+            }
+        }
+        self.end(now, tally);
+    }
+
+    fn poll(&mut self, ctx: &mut Ctx<'_, B>) -> usize {
+        if self
+            .control
+            .as_ref()
+            .is_some_and(|(_, c)| !c.requests.is_empty())
+        {
+            self.serve_control();
+        }
+        // The common case, an empty mailbox, costs one load and no
+        // reference counting.
+        let busy = self
+            .handoff
+            .as_ref()
+            .is_some_and(|(me, h)| h.queues.get(*me).is_some_and(|q| !q.is_empty()));
+        let (true, Some((me, h))) = (busy, self.handoff.clone()) else {
+            return 0;
+        };
+        let Some(q) = h.queues.get(me) else { return 0 };
+        let (policy, now) = self.begin(ctx);
+        let mut tally = (0, 0, 0);
+        let mut n = 0;
+        while n < 2 * dataplane::BURST {
+            let Some((in_port, pkt)) = q.pop() else { break };
+            self.packet(
+                ctx,
+                &policy,
+                usize::from(in_port),
+                pkt,
+                now,
+                true,
+                &mut tally,
+                None,
+            );
+            n += 1;
+        }
+        self.end(now, tally);
+        n
+    }
+}

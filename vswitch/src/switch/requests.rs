@@ -1,0 +1,97 @@
+//! Flow queries from the control thread: listing and deleting flows, and
+//! per-backend connection counts, served by each worker between bursts.
+
+use super::*;
+
+/// A control request to one worker about its flow table.
+#[derive(Debug, Clone)]
+pub struct FlowRequest {
+    /// Echoed in the reply.
+    pub id: u64,
+    /// Which flows.
+    pub filter: crate::flow::FlowFilter,
+    /// Remove them (else list them).
+    pub delete: bool,
+    /// List at most this many.
+    pub limit: usize,
+    /// Instead: report the load balancer's per-backend counters.
+    pub backends: bool,
+}
+
+/// A worker's answer to a [`FlowRequest`].
+#[derive(Debug, Clone)]
+pub struct FlowReply {
+    /// The request's id.
+    pub id: u64,
+    /// Matching flows (listing), at most the limit.
+    pub flows: Vec<crate::flow::FlowInfo>,
+    /// Matching flows in all (listing: beyond the limit too; deleting: removed).
+    pub matched: usize,
+    /// The worker's table occupancy after the request.
+    pub occupancy: usize,
+    /// Per-backend counters (when asked for).
+    pub backends: Vec<(lb::balancer::BackendKey, lb::balancer::BackendCounts)>,
+}
+
+/// A worker's control mailbox: the control thread posts requests, the
+/// worker answers between bursts (never per packet; one request per poll).
+#[derive(Debug)]
+pub struct FlowControl {
+    /// Requests to the worker.
+    pub requests: ArrayQueue<FlowRequest>,
+    /// Replies from the worker.
+    pub replies: ArrayQueue<FlowReply>,
+}
+
+impl Default for FlowControl {
+    fn default() -> Self {
+        FlowControl {
+            requests: ArrayQueue::new(16),
+            replies: ArrayQueue::new(16),
+        }
+    }
+}
+
+impl<B: PacketBuf> Switch<B> {
+    /// Answers one pending flow request, if any.
+    pub(super) fn serve_control(&mut self) {
+        let Some((worker, c)) = &self.control else {
+            return;
+        };
+        let Some(req) = c.requests.pop() else { return };
+        let mut flows = Vec::new();
+        let mut backends = Vec::new();
+        let matched = if req.backends {
+            for l in &self.lb {
+                backends.extend(l.backend_counts());
+            }
+            backends.len()
+        } else if req.delete {
+            self.flows.remove_where(|k, e| req.filter.matches(k, e))
+        } else {
+            let mut n = 0;
+            for (k, e) in self.flows.iter() {
+                if req.filter.matches(k, e) {
+                    if flows.len() < req.limit {
+                        flows.push(crate::flow::FlowInfo {
+                            worker: *worker,
+                            key: *k,
+                            entry: *e,
+                        });
+                    }
+                    n += 1;
+                }
+            }
+            n
+        };
+        // The control thread waits for this reply; a full queue means it
+        // gave up on earlier ones, which are stale.
+        let _ = c.replies.force_push(FlowReply {
+            id: req.id,
+            flows,
+            matched,
+            occupancy: self.flows.len(),
+            backends,
+        });
+    }
+}

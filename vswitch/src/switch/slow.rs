@@ -1,0 +1,245 @@
+//! The slow path, in layer order: the port's VM, anti-spoofing, the
+//! ARP/ND/echo responders (`respond`), the load balancer, routing, the
+//! outbound and inbound ACLs; then `install`. Packets from the uplink take
+//! `slow_uplink`.
+
+use super::*;
+
+/// What the load balancer decided for a packet the switch forwards: the
+/// rewrite, the tracked connection, the key after the rewrite, and whether
+/// the packet is reply traffic of that connection.
+pub(super) struct LbStep {
+    nat: Rewrite,
+    lb: (u32, u32, Dir),
+    post: ConnKey,
+    reply: bool,
+}
+
+/// Reads a load-balancer decision for `key` in vnet `vnet`: `Ok(None)` when
+/// the load balancer does not handle the packet.
+pub(super) fn lb_step(
+    d: Option<Decision>,
+    vnet: usize,
+    key: &ConnKey,
+) -> Result<Option<LbStep>, SwitchDrop> {
+    match d {
+        Some(Decision::Forward {
+            rewrite, dir, conn, ..
+        }) => Ok(Some(LbStep {
+            nat: rewrite,
+            lb: (vnet as u32, conn, dir),
+            post: rewrite.apply_to_key(key),
+            reply: dir == Dir::Reply,
+        })),
+        Some(Decision::Drop(r)) => Err(SwitchDrop::Lb(r)),
+        Some(Decision::NotHandled) | None => Ok(None),
+    }
+}
+
+/// Where the slow path routes a packet.
+#[derive(Clone, Copy)]
+pub(super) enum Hop<'a> {
+    /// A VM of the same vnet.
+    Vm(&'a crate::policy::Vm),
+    /// Out to the wire.
+    Uplink(&'a UplinkDef),
+}
+
+/// What the slow path decided.
+pub(super) enum Slow {
+    /// Send this (rewritten) packet back out of its port (ARP reply).
+    Reply,
+    /// Answer this neighbour solicitation with an advertisement at this MAC.
+    Advert(dataplane::MacAddr),
+    /// Forward with this action.
+    Forward(FlowAction),
+}
+
+impl<B: PacketBuf> Switch<B> {
+    pub(super) fn acl(
+        &self,
+        p: &Policy,
+        nsg: Option<usize>,
+        dir: Direction,
+        key: &ConnKey,
+    ) -> Result<bool, SwitchDrop> {
+        let Some(n) = nsg.and_then(|i| p.nsgs.get(i).map(|c| (i, c))) else {
+            return Ok(true);
+        };
+        let pk = PacketKey {
+            src: key.src_ip(),
+            dst: key.dst_ip(),
+            proto: key.proto,
+            src_port: key.sport,
+            dst_port: key.dport,
+        };
+        let hits = &self.hits;
+        let c = n.1.classifier(dir);
+        let v = match hits.get(n.0) {
+            Some(h) => c.classify_counted(&pk, &h[if dir == Direction::In { 0 } else { 1 }]),
+            None => c.classify(&pk),
+        };
+        match v {
+            Some(v) if v.action == Action::Allow => Ok(v.stateful),
+            _ => Err(SwitchDrop::AclDeny),
+        }
+    }
+
+    pub(super) fn slow(
+        &mut self,
+        p: &Policy,
+        frame: &mut [u8],
+        pk: &Parsed,
+        in_port: u16,
+        now: u64,
+    ) -> Result<Slow, SwitchDrop> {
+        if let Some(up) = p.uplink.as_ref().filter(|u| u.port == in_port) {
+            return self.slow_uplink(p, up, frame, pk, now);
+        }
+        let (_, vm) = p.vm_on_port(in_port).ok_or(SwitchDrop::NoVm)?;
+        let vnet = p.vnets.get(vm.vnet).ok_or(SwitchDrop::NoRoute)?;
+        if frame.get(6..12) != Some(&vm.mac.0[..]) {
+            return Err(SwitchDrop::Spoofed);
+        }
+        match pk.l3 {
+            L3::Arp => {
+                return self.arp(p, vm, frame, pk).map(|_| Slow::Reply);
+            }
+            L3::Ipv4 | L3::Ipv6 => {}
+            L3::Other => return Err(SwitchDrop::Unsupported),
+        }
+        if rewrite::is_icmpv6_link_control(frame, pk) {
+            return self.nd(p, vm, frame, pk);
+        }
+        if !vm.ips.contains(&pk.key.src()) {
+            return Err(SwitchDrop::Spoofed);
+        }
+        let key = ConnKey::from(&pk.key);
+        if rewrite::is_echo_request(frame, pk) && vnet.vips.has_address(pk.key.dst()) {
+            // A VIP answers ping itself, if the VM's security group lets
+            // the request out.
+            self.acl(p, vm.nsg, Direction::Out, &key)?;
+            rewrite::icmp_echo_reply(frame, pk, vnet.gateway_mac)
+                .map_err(|_| SwitchDrop::RewriteFailed)?;
+            self.stats.icmp_replies.fetch_add(1, Ordering::Relaxed);
+            return Ok(Slow::Reply);
+        }
+        let flags = tcp_flags(frame, pk);
+        let d = self
+            .lb
+            .get_mut(vm.vnet)
+            .map(|l| l.process(&vnet.vips, &key, flags, now));
+        let (mut nat, mut lb, mut post, reply) = match lb_step(d, vm.vnet, &key)? {
+            Some(s) => (s.nat, Some(s.lb), s.post, s.reply),
+            None => (Rewrite::NONE, None, key, false),
+        };
+        // Routing: inside the vnet to a VM of the *same* vnet (tenant
+        // isolation), outside it through the uplink, with SNAT when the vnet
+        // has it.
+        let hop = match p.vm_by_addr(vm.vnet, post.dst) {
+            Some((_, dst)) => Hop::Vm(dst),
+            None => {
+                let up = p
+                    .uplink
+                    .as_ref()
+                    .filter(|_| !vnet.contains(&post.dst_ip()))
+                    .ok_or(SwitchDrop::NoRoute)?;
+                if lb.is_none() && vnet.snat.is_some() {
+                    let d = self
+                        .lb
+                        .get_mut(vm.vnet)
+                        .map(|l| l.process_snat(&key, flags, now));
+                    if let Some(s) = lb_step(d, vm.vnet, &key)? {
+                        (nat, lb, post) = (s.nat, Some(s.lb), s.post);
+                    }
+                }
+                Hop::Uplink(up)
+            }
+        };
+        let stateful = if reply {
+            // Return traffic of a tracked load-balanced connection.
+            true
+        } else {
+            let out = self.acl(p, vm.nsg, Direction::Out, &key)?;
+            let inn = match hop {
+                Hop::Vm(dst) => self.acl(p, dst.nsg, Direction::In, &post)?,
+                Hop::Uplink(_) => true,
+            };
+            out && inn
+        };
+        let fwd = match hop {
+            Hop::Vm(dst) => FlowAction::to_vm(dst, vnet.gateway_mac, nat, lb),
+            Hop::Uplink(up) => FlowAction::to_uplink(up, nat, lb),
+        };
+        // The other direction arrives on the output port with the post-NAT
+        // addresses swapped and goes back to this VM.
+        let back = FlowAction {
+            out_port: in_port,
+            src_mac: vnet.gateway_mac,
+            dst_mac: vm.mac,
+            ..fwd
+        };
+        // The first packet takes the compiled action too.
+        Ok(Slow::Forward(
+            self.install(p, now, pk.key, fwd, &post, back, stateful),
+        ))
+    }
+
+    /// The slow path of a packet from the wire: ARP and ping for the public
+    /// addresses, replies of SNAT connections, new connections to a VIP
+    /// outside its vnet. Nothing else enters a vnet from outside.
+    pub(super) fn slow_uplink(
+        &mut self,
+        p: &Policy,
+        up: &UplinkDef,
+        frame: &mut [u8],
+        pk: &Parsed,
+        now: u64,
+    ) -> Result<Slow, SwitchDrop> {
+        match pk.l3 {
+            L3::Arp => {
+                let l3 = frame
+                    .get(usize::from(pk.l3_off)..)
+                    .ok_or(SwitchDrop::ArpIgnored)?;
+                let a = arp::Packet::new_checked(l3).map_err(|_| SwitchDrop::ArpIgnored)?;
+                let target = dataplane::parse::to16(std::net::IpAddr::V4(a.target_ip()));
+                if a.operation() != arp::OP_REQUEST || p.vnet_by_public(target).is_none() {
+                    return Err(SwitchDrop::ArpIgnored);
+                }
+                rewrite::arp_reply(frame, pk, up.mac).map_err(|_| SwitchDrop::RewriteFailed)?;
+                self.stats.arp_replies.fetch_add(1, Ordering::Relaxed);
+                return Ok(Slow::Reply);
+            }
+            L3::Ipv4 | L3::Ipv6 => {}
+            L3::Other => return Err(SwitchDrop::Unsupported),
+        }
+        let vn = p.vnet_by_public(pk.key.dst_ip).ok_or(SwitchDrop::NoRoute)?;
+        let vnet = p.vnets.get(vn).ok_or(SwitchDrop::NoRoute)?;
+        if rewrite::is_echo_request(frame, pk) {
+            rewrite::icmp_echo_reply(frame, pk, up.mac).map_err(|_| SwitchDrop::RewriteFailed)?;
+            self.stats.icmp_replies.fetch_add(1, Ordering::Relaxed);
+            return Ok(Slow::Reply);
+        }
+        let key = ConnKey::from(&pk.key);
+        let flags = tcp_flags(frame, pk);
+        let d = self
+            .lb
+            .get_mut(vn)
+            .map(|l| l.process(&vnet.vips, &key, flags, now));
+        let LbStep {
+            nat,
+            lb,
+            post,
+            reply,
+        } = lb_step(d, vn, &key)?.ok_or(SwitchDrop::NoRoute)?;
+        let lb = Some(lb);
+        let (_, dst) = p.vm_by_addr(vn, post.dst).ok_or(SwitchDrop::NoRoute)?;
+        let stateful = reply || self.acl(p, dst.nsg, Direction::In, &post)?;
+        let fwd = FlowAction::to_vm(dst, vnet.gateway_mac, nat, lb);
+        let back = FlowAction::to_uplink(up, nat, lb);
+        // The first packet takes the compiled action too.
+        Ok(Slow::Forward(
+            self.install(p, now, pk.key, fwd, &post, back, stateful),
+        ))
+    }
+}

@@ -1,0 +1,142 @@
+//! Why the switch drops packets, and its counters.
+
+use super::*;
+
+/// Why the switch dropped a packet (beyond parse errors, which the worker
+/// counts under `DropReason::Malformed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SwitchDrop {
+    /// Source MAC or IP is not the VM's on that port.
+    Spoofed,
+    /// A security-group rule denied it.
+    AclDeny,
+    /// The destination is not a VM of the source's vnet.
+    NoRoute,
+    /// Arrived on a port with no VM.
+    NoVm,
+    /// An ARP packet the switch does not answer (a reply, or an address outside the vnet).
+    ArpIgnored,
+    /// A protocol the switch does not carry (non-IP, non-ARP).
+    Unsupported,
+    /// The owning worker's mailbox was full.
+    HandoffFull,
+    /// IPv6 neighbour or multicast-listener discovery the switch does not
+    /// answer (advertisements, router and listener messages, duplicate
+    /// address detection, targets outside the vnet).
+    NdIgnored,
+    /// TTL or hop limit expired.
+    TtlExpired,
+    /// The header rewrite failed.
+    RewriteFailed,
+    /// The load balancer dropped it.
+    Lb(LbDrop),
+}
+
+const BASE: [SwitchDrop; 10] = [
+    SwitchDrop::Spoofed,
+    SwitchDrop::AclDeny,
+    SwitchDrop::NoRoute,
+    SwitchDrop::NoVm,
+    SwitchDrop::ArpIgnored,
+    SwitchDrop::Unsupported,
+    SwitchDrop::HandoffFull,
+    SwitchDrop::NdIgnored,
+    SwitchDrop::TtlExpired,
+    SwitchDrop::RewriteFailed,
+];
+
+impl SwitchDrop {
+    /// Number of reasons.
+    pub const COUNT: usize = BASE.len() + LbDrop::ALL.len();
+
+    /// Dense index.
+    pub fn index(self) -> usize {
+        match self {
+            SwitchDrop::Lb(r) => BASE.len() + r as usize,
+            other => BASE.iter().position(|b| *b == other).unwrap_or(0),
+        }
+    }
+
+    /// Every reason, in index order.
+    pub fn all() -> impl Iterator<Item = SwitchDrop> {
+        BASE.into_iter()
+            .chain(LbDrop::ALL.into_iter().map(SwitchDrop::Lb))
+    }
+
+    /// Stable name.
+    pub fn name(self) -> &'static str {
+        match self {
+            SwitchDrop::Spoofed => "spoofed",
+            SwitchDrop::AclDeny => "acl_deny",
+            SwitchDrop::NoRoute => "no_route",
+            SwitchDrop::NoVm => "no_vm",
+            SwitchDrop::ArpIgnored => "arp_ignored",
+            SwitchDrop::Unsupported => "unsupported",
+            SwitchDrop::HandoffFull => "handoff_full",
+            SwitchDrop::NdIgnored => "nd_ignored",
+            SwitchDrop::TtlExpired => "ttl_expired",
+            SwitchDrop::RewriteFailed => "rewrite_failed",
+            SwitchDrop::Lb(r) => r.name(),
+        }
+    }
+}
+
+/// Switch counters, readable from any thread.
+#[derive(Debug)]
+pub struct SwitchStats {
+    drops: [AtomicU64; SwitchDrop::COUNT],
+    /// Packets handled by a flow-table hit.
+    pub fast_path: AtomicU64,
+    /// Packets that went through the slow path.
+    pub slow_path: AtomicU64,
+    /// ARP requests answered.
+    pub arp_replies: AtomicU64,
+    /// ICMP echo requests to a VIP or public address answered.
+    pub icmp_replies: AtomicU64,
+    /// IPv6 neighbour solicitations answered.
+    pub nd_replies: AtomicU64,
+    /// Flows installed.
+    pub flows_installed: AtomicU64,
+    /// Packets handed to the worker that owns their connection.
+    pub handed_off: AtomicU64,
+    /// Flow-table occupancy, published every 100 ms (at expiry).
+    pub flows: AtomicU64,
+}
+
+impl Default for SwitchStats {
+    fn default() -> Self {
+        SwitchStats {
+            drops: std::array::from_fn(|_| AtomicU64::new(0)),
+            fast_path: AtomicU64::new(0),
+            slow_path: AtomicU64::new(0),
+            arp_replies: AtomicU64::new(0),
+            icmp_replies: AtomicU64::new(0),
+            nd_replies: AtomicU64::new(0),
+            flows_installed: AtomicU64::new(0),
+            handed_off: AtomicU64::new(0),
+            flows: AtomicU64::new(0),
+        }
+    }
+}
+
+impl SwitchStats {
+    /// Drops for `r`.
+    pub fn dropped(&self, r: SwitchDrop) -> u64 {
+        self.drops[r.index()].load(Ordering::Relaxed)
+    }
+
+    /// Non-zero drop counters by name.
+    pub fn nonzero(&self) -> Vec<(&'static str, u64)> {
+        SwitchDrop::all()
+            .map(|r| (r.name(), self.dropped(r)))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+
+    pub(super) fn count(&self, r: SwitchDrop) {
+        self.drops[r.index()].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Per-rule hit counters of one compiled group: [inbound, outbound].
+pub type AclHits = [HitCounters; 2];
