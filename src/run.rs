@@ -609,6 +609,14 @@ fn control_loop<A: BufAlloc>(
     while !signalled.load(Ordering::Relaxed) && !stop.iter().any(|s| s.load(Ordering::Relaxed)) {
         let now = start.elapsed();
         let mut next = now + Duration::from_millis(50);
+        // After an API change or a reload: probe what the new state says,
+        // before any result of a probe the change retired is applied.
+        if state.changes() != changes {
+            changes = state.changes();
+            if let Err(e) = sync_probes(state.config(), health, start.elapsed()) {
+                eprintln!("pollux: probes not updated: {}", e.join("; "));
+            }
+        }
         // Each change swaps its VIP's backend set in place (only that VIP's
         // cached flows are revalidated), and is applied before it is logged:
         // whoever reads the line (an operator) may rely on new connections
@@ -627,13 +635,6 @@ fn control_loop<A: BufAlloc>(
             }
         }
         next = next.min(health.poll_at(now));
-        // After an API change or a reload: probe what the new state says.
-        if state.changes() != changes {
-            changes = state.changes();
-            if let Err(e) = sync_probes(state.config(), health, start.elapsed()) {
-                eprintln!("pollux: probes not updated: {}", e.join("; "));
-            }
-        }
         // Only the API reads them.
         if server.is_some() {
             rt.probes = probe_states(health);

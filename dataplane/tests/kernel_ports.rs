@@ -31,7 +31,12 @@ fn sh(args: &[&str]) {
 struct Netns {
     ns: String,
     host: String,
+    /// The tests of this file take turns (one `Netns` at a time), so one
+    /// that counts the process's descriptors and mappings sees only its own.
+    _turn: std::sync::MutexGuard<'static, ()>,
 }
+
+static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Netns {
     fn new(tag: &str) -> Netns {
@@ -39,6 +44,7 @@ impl Netns {
         let n = Netns {
             ns: format!("plx{tag}{id}"),
             host: format!("plx{tag}{id}h"),
+            _turn: TURN.lock().unwrap_or_else(|p| p.into_inner()),
         };
         let _ = Command::new("ip").args(["netns", "del", &n.ns]).output();
         sh(&["ip", "netns", "add", &n.ns]);

@@ -14,7 +14,7 @@
 //! the connections of unhealthy backends, while it is healthy).
 
 use crate::conntrack::{
-    Conn, ConnError, ConnKey, ConnState, ConnTable, Dir, TcpState, Timeouts, to16,
+    Conn, ConnError, ConnKey, ConnRef, ConnState, ConnTable, Dir, TcpState, Timeouts, to16,
 };
 use crate::maglev::{DEFAULT_TABLE_SIZE, MaglevBackend, MaglevError, MaglevTable};
 use crate::nat::{NatBinding, Rewrite};
@@ -327,7 +327,9 @@ impl Vip {
 
     /// Sets backend `index`'s health: a new backend set (new Maglev table,
     /// next epoch) when it changes, and a tick of the health clock. Returns
-    /// whether it changed. Connections keep their backends; only new ones
+    /// whether it changed. One writer at a time (the control thread): two
+    /// concurrent calls could each build on the same set and one change be
+    /// lost. Connections keep their backends; only new ones
     /// (and, with [`OnUnhealthy::Reset`], those of a backend that went down)
     /// see the change.
     pub fn set_health(&self, index: usize, healthy: bool) -> Result<bool, LbError> {
@@ -370,6 +372,12 @@ impl Vip {
     #[inline]
     pub fn epoch(&self) -> u32 {
         self.set.load().epoch
+    }
+
+    /// Whether backend `index` is healthy now (false if there is none).
+    #[inline]
+    pub fn is_healthy(&self, index: usize) -> bool {
+        self.set.load().is_healthy(index)
     }
 
     /// Health per backend, now.
@@ -559,14 +567,14 @@ impl fmt::Display for LbDrop {
 /// What the load balancer decided for a packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
-    /// Rewrite with `rewrite` and forward. `conn` is the connection's slot.
+    /// Rewrite with `rewrite` and forward. `conn` names the connection.
     Forward {
         /// The header rewrite for this direction.
         rewrite: Rewrite,
         /// Direction of the packet within its connection.
         dir: Dir,
-        /// Connection slot in the core's table.
-        conn: u32,
+        /// The connection in the core's table.
+        conn: ConnRef,
         /// True when this packet created the connection.
         new: bool,
     },
@@ -768,7 +776,7 @@ impl LbCore {
                     if !same || reset {
                         match cur.backend_index(*backend, *port) {
                             None => verdict = Err(LbDrop::BackendRemoved),
-                            Some(b) if reset && !cur.backends().is_healthy(b) => {
+                            Some(b) if reset && !cur.is_healthy(b) => {
                                 verdict = Err(LbDrop::BackendUnhealthy)
                             }
                             Some(_) if !same => refresh = Some(cur.clone()),
@@ -796,6 +804,9 @@ impl LbCore {
             *vip = cur;
         }
         self.conns.touch(i, dir, tcp_flags, now);
+        let Some(conn) = self.conns.conn_ref(i) else {
+            return Ok(None);
+        };
         let nat = self.conns.get(i).map(|c| c.value.nat).unwrap_or_default();
         let rewrite = if dir == Dir::Orig {
             nat.forward
@@ -805,7 +816,7 @@ impl LbCore {
         Ok(Some(Decision::Forward {
             rewrite,
             dir,
-            conn: i,
+            conn,
             new: false,
         }))
     }
@@ -868,7 +879,9 @@ impl LbCore {
             Ok(i) => Ok(Decision::Forward {
                 rewrite: nat.forward,
                 dir: Dir::Orig,
-                conn: i,
+                // Just inserted: the slot holds it (a missing one would be
+                // a table without room).
+                conn: self.conns.conn_ref(i).ok_or(LbDrop::TableFull)?,
                 new: true,
             }),
             Err(ConnError::Full { .. }) => Err(LbDrop::TableFull),
@@ -916,28 +929,26 @@ impl LbCore {
         }
     }
 
-    /// Records a packet with key `key` of tracked connection `conn`, going
-    /// `dir`, handled outside [`LbCore::process`] (a flow-table hit in the
-    /// switch): keeps its state and idle timer current. `None`, touching
-    /// nothing, when slot `conn` no longer holds that connection (it timed
-    /// out here and the slot was reused while the flow stayed cached).
+    /// Records a packet of tracked connection `conn`, going `dir`, handled
+    /// outside [`LbCore::process`] (a flow-table hit in the switch): keeps
+    /// its state and idle timer current. `None`, touching nothing, when the
+    /// connection is gone (it timed out here, and its slot may since hold
+    /// another, while the flow stayed cached): the reference says so by its
+    /// generation.
     pub fn touch(
         &mut self,
-        conn: u32,
-        key: &ConnKey,
+        conn: ConnRef,
         dir: Dir,
         tcp_flags: u8,
         now: u64,
     ) -> Option<crate::conntrack::ConnState> {
-        let c = self.conns.get(conn)?;
-        let own = match dir {
-            Dir::Orig => c.orig == *key,
-            Dir::Reply => c.reply == *key,
-        };
-        if !own {
-            return None;
-        }
-        self.conns.touch(conn, dir, tcp_flags, now)
+        let i = self.conns.resolve(conn)?;
+        self.conns.touch(i, dir, tcp_flags, now)
+    }
+
+    /// The connection `conn` names, if it is still tracked.
+    pub fn conn(&self, conn: ConnRef) -> Option<&Conn<ConnInfo>> {
+        self.conns.get(self.conns.resolve(conn)?)
     }
 
     /// Removes up to `budget` timed-out connections (releasing SNAT ports).
@@ -1041,27 +1052,27 @@ mod tests {
             other => panic!("{other:?}"),
         };
         let a = client(1, 40000);
-        let slot = conn_of(lb.process(&vips, &a, ACK, 0));
-        assert!(lb.touch(slot, &a, Dir::Orig, ACK, 1).is_some());
-        // `a` times out (established: 240 s); `b` takes its slot.
+        let a_ref = conn_of(lb.process(&vips, &a, ACK, 0));
+        assert!(lb.touch(a_ref, Dir::Orig, ACK, 1).is_some());
+        // `a` times out (established: 240 s); `b` takes its slot, as a
+        // later generation of it.
         let b = client(2, 40001);
         let later = 300 * SEC;
-        assert_eq!(conn_of(lb.process(&vips, &b, SYN, later)), slot);
-        // A cached flow of `a` touching that slot does not reach `b`, even
-        // with a FIN that would close it.
-        assert!(
-            lb.touch(slot, &a, Dir::Orig, FIN | ACK, later + 1)
-                .is_none()
-        );
-        let c = lb.conns().get(slot).unwrap();
+        let b_ref = conn_of(lb.process(&vips, &b, SYN, later));
+        assert_eq!(b_ref.slot(), a_ref.slot());
+        assert_ne!(b_ref, a_ref);
+        // A cached flow of `a` touching its reference does not reach `b`,
+        // even with a FIN that would close it.
+        assert!(lb.touch(a_ref, Dir::Orig, FIN | ACK, later + 1).is_none());
+        assert!(lb.conn(a_ref).is_none());
+        let c = lb.conn(b_ref).unwrap();
         assert_eq!(c.orig, b);
         assert_eq!(c.packets, [1, 0]);
         assert!(!c.state.is_closing());
-        let reply = c.reply;
         // `b`'s own touches (either way) still count.
-        assert!(lb.touch(slot, &b, Dir::Orig, ACK, later + 2).is_some());
-        assert!(lb.touch(slot, &reply, Dir::Reply, ACK, later + 3).is_some());
-        assert!(lb.touch(slot, &b, Dir::Reply, ACK, later + 4).is_none());
+        assert!(lb.touch(b_ref, Dir::Orig, ACK, later + 2).is_some());
+        assert!(lb.touch(b_ref, Dir::Reply, ACK, later + 3).is_some());
+        assert_eq!(lb.conn(b_ref).unwrap().packets, [2, 1]);
     }
 
     #[test]

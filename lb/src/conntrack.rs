@@ -349,12 +349,33 @@ impl List {
 #[derive(Debug)]
 struct Slot<V> {
     conn: Option<Conn<V>>,
+    /// Connections this slot has held before the current one (wrapping):
+    /// what a [`ConnRef`] is checked against.
+    generation: u32,
     prev: u32,
     next: u32,
     list: List,
     /// When it was put at the tail of its list: a connection seen since
     /// (`last_seen` later) is further back in LRU order than its place.
     queued: u64,
+}
+
+/// A tracked connection as others hold it (a flow of the switch): its slot
+/// and the slot's generation when the connection was put there. A slot
+/// reused by another connection is of a later generation, so a stale
+/// reference resolves to nothing ([`ConnTable::resolve`]) instead of to the
+/// wrong connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnRef {
+    slot: u32,
+    generation: u32,
+}
+
+impl ConnRef {
+    /// The slot it names (valid only while [`ConnTable::resolve`] says so).
+    pub fn slot(self) -> u32 {
+        self.slot
+    }
 }
 
 /// What [`ConnTable::settle_head`] found at the head of a list.
@@ -497,7 +518,10 @@ impl<V> ConnTable<V> {
     }
 
     fn remove_slot(&mut self, i: u32) -> Option<Conn<V>> {
-        let conn = self.slots.get_mut(i as usize)?.conn.take()?;
+        let slot = self.slots.get_mut(i as usize)?;
+        let conn = slot.conn.take()?;
+        // References to this connection no longer resolve.
+        slot.generation = slot.generation.wrapping_add(1);
         self.unlink(i);
         self.map.remove(&conn.orig);
         self.map.remove(&conn.reply);
@@ -539,6 +563,23 @@ impl<V> ConnTable<V> {
     /// The connection in slot `i`.
     pub fn get(&self, i: u32) -> Option<&Conn<V>> {
         self.slots.get(i as usize)?.conn.as_ref()
+    }
+
+    /// A reference to the connection in slot `i`, if there is one.
+    pub fn conn_ref(&self, i: u32) -> Option<ConnRef> {
+        let s = self.slots.get(i as usize)?;
+        s.conn.as_ref()?;
+        Some(ConnRef {
+            slot: i,
+            generation: s.generation,
+        })
+    }
+
+    /// The slot of the connection `r` names, if it is still tracked (not
+    /// removed, its slot not reused since).
+    pub fn resolve(&self, r: ConnRef) -> Option<u32> {
+        let s = self.slots.get(r.slot as usize)?;
+        (s.generation == r.generation && s.conn.is_some()).then_some(r.slot)
     }
 
     /// Records a packet of the connection in slot `i` travelling `dir`:
@@ -684,6 +725,7 @@ impl<V> ConnTable<V> {
         } else {
             self.slots.push(Slot {
                 conn: Some(conn),
+                generation: 0,
                 prev: NIL,
                 next: NIL,
                 list: List::Active,
@@ -769,6 +811,27 @@ mod tests {
 
     fn table(cap: usize) -> ConnTable<u32> {
         ConnTable::new(cap, Timeouts::default())
+    }
+
+    #[test]
+    fn a_reference_outlives_nothing_its_slot_holds_later() {
+        let mut t = table(4);
+        let (a, b) = (key(1000), key(1001));
+        let i = t.insert(a, a.reversed(), 0x02, 0, 7, drop).unwrap();
+        let ra = t.conn_ref(i).unwrap();
+        assert_eq!(t.resolve(ra), Some(i));
+        assert!(t.remove(i).is_some());
+        assert_eq!(t.resolve(ra), None, "removed");
+        assert_eq!(t.conn_ref(i), None, "an empty slot has no connection");
+        // The free slot is reused for `b`: a later generation of it.
+        let j = t.insert(b, b.reversed(), 0x02, 1, 8, drop).unwrap();
+        assert_eq!(j, i);
+        let rb = t.conn_ref(j).unwrap();
+        assert_ne!(rb, ra);
+        assert_eq!(rb.slot(), ra.slot());
+        assert_eq!(t.resolve(ra), None, "the old reference does not reach b");
+        assert_eq!(t.resolve(rb), Some(j));
+        assert_eq!(t.get(j).map(|c| c.value), Some(8));
     }
 
     #[test]

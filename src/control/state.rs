@@ -203,7 +203,7 @@ impl ControlState {
                     same_probe
                         && old
                             .as_ref()
-                            .and_then(|o| Some(*o.health().get(o.backend_index(b.ip, b.port)?)?))
+                            .and_then(|o| Some(o.is_healthy(o.backend_index(b.ip, b.port)?)))
                             .unwrap_or(false)
                 })
                 .collect();

@@ -3,8 +3,22 @@
 //! decided for it.
 
 use dataplane::{FlowKey, MacAddr};
-use lb::conntrack::Dir;
+use lb::conntrack::{ConnRef, Dir};
 use lb::nat::Rewrite;
+
+/// The load-balancer connection a flow belongs to: the core of its vnet,
+/// the connection (a [`ConnRef`]: a connection that is gone, its slot
+/// perhaps reused, no longer resolves), and which direction of it the flow
+/// carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LbRef {
+    /// The vnet whose load-balancer core tracks it.
+    pub vnet: u32,
+    /// The connection.
+    pub conn: ConnRef,
+    /// The direction of this flow within it.
+    pub dir: Dir,
+}
 
 /// What to do with a packet of a flow. `repr(C)` with what a hit reads
 /// first, the field-by-field `nat` (for flows without `fast`) last.
@@ -20,10 +34,10 @@ pub struct FlowAction {
     /// The NAT and TTL rewrite compiled for this flow's key, with its
     /// checksum deltas (IPv4 TCP/UDP); `None` applies `nat` field by field.
     pub fast: Option<dataplane::rewrite::Transpose4>,
-    /// The load-balancer connection this flow belongs to: (vnet, slot,
-    /// direction). Read on a hit only when the connection is due to be
-    /// told of traffic (about once a second).
-    pub lb: Option<(u32, u32, Dir)>,
+    /// The load-balancer connection this flow belongs to. Read on a hit
+    /// only when the connection is due to be told of traffic (every few
+    /// seconds).
+    pub lb: Option<LbRef>,
     /// Address/port rewrite (NAT), if any.
     pub nat: Rewrite,
 }
@@ -44,7 +58,7 @@ impl FlowAction {
         vm: &crate::policy::Vm,
         gateway: MacAddr,
         nat: Rewrite,
-        lb: Option<(u32, u32, Dir)>,
+        lb: Option<LbRef>,
     ) -> FlowAction {
         FlowAction {
             out_port: vm.port,
@@ -57,11 +71,7 @@ impl FlowAction {
     }
 
     /// Out of the uplink to the next hop.
-    pub fn to_uplink(
-        up: &crate::policy::UplinkDef,
-        nat: Rewrite,
-        lb: Option<(u32, u32, Dir)>,
-    ) -> FlowAction {
+    pub fn to_uplink(up: &crate::policy::UplinkDef, nat: Rewrite, lb: Option<LbRef>) -> FlowAction {
         FlowAction {
             out_port: up.port,
             src_mac: up.mac,

@@ -204,7 +204,7 @@ impl Policy {
         }
         let health = Arc::new(HealthClock::default());
         let mut vips = Vec::new();
-        if t.vips.len() >= usize::from(NO_VIP) {
+        if t.vips.len() > usize::from(NO_VIP) {
             errs.push(format!(
                 "{} vips: at most {} fit in one policy",
                 t.vips.len(),

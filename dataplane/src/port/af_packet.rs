@@ -191,7 +191,9 @@ impl AfPacketPort {
             });
         }
         // Closed on every error path from here (dropped).
-        let owned = super::owned_fd(raw);
+        // SAFETY: `raw` is the socket just created above (checked >= 0),
+        // owned by nothing else.
+        let owned = unsafe { super::owned_fd(raw) };
         let fd = owned.as_raw_fd();
         let setup = |what: &str, r: std::io::Result<()>| {
             r.map_err(|e| err(format!("{what} on {iface:?}: {e}")))

@@ -105,7 +105,9 @@ fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> std::io::Result<i32> {
 /// `bpf(cmd, attr)` for a command that creates a descriptor (a map, a
 /// program, a link), owned from here on.
 fn bpf_fd(cmd: libc::c_long, attr: &mut [u8; 128]) -> std::io::Result<OwnedFd> {
-    bpf(cmd, attr).map(super::owned_fd)
+    // SAFETY: for these commands `bpf` returns a new descriptor (it returns
+    // an error, not a negative number, on failure), owned by nothing else.
+    bpf(cmd, attr).map(|raw| unsafe { super::owned_fd(raw) })
 }
 
 fn put32(a: &mut [u8; 128], at: usize, v: u32) {
@@ -210,7 +212,9 @@ impl AfXdpPort {
             });
         }
         // Closed on every error path from here (dropped).
-        let fd = super::owned_fd(raw);
+        // SAFETY: `raw` is the socket just created above (checked >= 0),
+        // owned by nothing else.
+        let fd = unsafe { super::owned_fd(raw) };
         let umem_len = FRAMES * FRAME;
         let umem = Mapping::new(
             umem_len,

@@ -126,13 +126,17 @@ impl Drop for Mapping {
 #[cfg(target_os = "linux")]
 unsafe impl Send for Mapping {}
 
-/// Takes ownership of a descriptor a system call just returned (`raw >= 0`),
-/// so it is closed exactly once, when dropped.
+/// Takes ownership of a descriptor, so it is closed exactly once, when
+/// dropped.
+///
+/// # Safety
+///
+/// `raw` must be an open descriptor (not negative) that a system call just
+/// created for this process and that nothing else owns or will close.
 #[cfg(target_os = "linux")]
-pub(crate) fn owned_fd(raw: libc::c_int) -> std::os::fd::OwnedFd {
+pub(crate) unsafe fn owned_fd(raw: libc::c_int) -> std::os::fd::OwnedFd {
     use std::os::fd::FromRawFd;
-    // SAFETY: callers pass a descriptor the kernel just created for this
-    // process and that nothing else owns or has closed.
+    // SAFETY: the caller guarantees `raw` is open and owned by no one else.
     unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) }
 }
 

@@ -36,8 +36,8 @@ impl<B: PacketBuf> Switch<B> {
         // connection: at worst the flow is revalidated once more).
         let (vip, vip_epoch) = fwd
             .lb
-            .and_then(|(vn, conn, _)| {
-                let c = self.lb.get(vn as usize)?.conns().get(conn)?;
+            .and_then(|r| {
+                let c = self.lb.get(r.vnet as usize)?.conn(r.conn)?;
                 match &c.value.kind {
                     lb::balancer::ConnKind::Dnat { vip, .. } => Some(vip.id()),
                     _ => None,
@@ -65,25 +65,25 @@ impl<B: PacketBuf> Switch<B> {
         }
         // The reverse direction gets the opposite rewrite of the connection.
         let (nat, lb) = match fwd.lb {
-            Some((vn, conn, dir)) => {
+            Some(r) => {
                 let nat = self
                     .lb
-                    .get(vn as usize)
-                    .and_then(|l| l.conns().get(conn))
+                    .get(r.vnet as usize)
+                    .and_then(|l| l.conn(r.conn))
                     .map(|c| {
-                        if dir == Dir::Orig {
+                        if r.dir == Dir::Orig {
                             c.value.nat.reverse
                         } else {
                             c.value.nat.forward
                         }
                     })
                     .unwrap_or_default();
-                let other = if dir == Dir::Orig {
+                let dir = if r.dir == Dir::Orig {
                     Dir::Reply
                 } else {
                     Dir::Orig
                 };
-                (nat, Some((vn, conn, other)))
+                (nat, Some(LbRef { dir, ..r }))
             }
             None => (Rewrite::NONE, None),
         };

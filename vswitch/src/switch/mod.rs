@@ -32,7 +32,7 @@
 //! (drop reasons and counters), `handoff` (the workers' mailboxes) and
 //! `requests` (flow queries from the control thread).
 
-use crate::flow::{FlowAction, FlowEntry, FlowTable};
+use crate::flow::{FlowAction, FlowEntry, FlowTable, LbRef};
 use crate::policy::{NO_VIP, Policy, UplinkDef};
 use arc_swap::ArcSwap;
 use crossbeam_queue::ArrayQueue;
@@ -304,18 +304,19 @@ impl<B: PacketBuf> Switch<B> {
                 // otherwise does not read.
                 if closing || now.saturating_sub(e.lb_touched) > self.lb_touch_ns {
                     e.lb_touched = now;
-                    if let Some((vn, conn, dir)) = e.action.lb {
-                        let key = ConnKey::from(&pk.key);
+                    if let Some(r) = e.action.lb {
                         let told = self
                             .lb
-                            .get_mut(vn as usize)
-                            .and_then(|l| l.touch(conn, &key, dir, flags, now));
+                            .get_mut(r.vnet as usize)
+                            .and_then(|l| l.touch(r.conn, r.dir, flags, now));
                         if told.is_none() {
                             // The load balancer has forgotten the connection
-                            // (it timed out there): the flow keeps its
-                            // backend, but must not touch whatever
-                            // connection now has that slot.
+                            // (it timed out there; its reference no longer
+                            // resolves): the flow keeps its backend and
+                            // stops touching; with no connection to
+                            // revalidate, health changes leave it alone.
                             e.action.lb = None;
+                            e.vip = NO_VIP;
                         }
                     }
                 }

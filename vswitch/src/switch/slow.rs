@@ -10,7 +10,7 @@ use super::*;
 /// the packet is reply traffic of that connection.
 pub(super) struct LbStep {
     nat: Rewrite,
-    lb: (u32, u32, Dir),
+    lb: LbRef,
     post: ConnKey,
     reply: bool,
 }
@@ -27,7 +27,11 @@ pub(super) fn lb_step(
             rewrite, dir, conn, ..
         }) => Ok(Some(LbStep {
             nat: rewrite,
-            lb: (vnet as u32, conn, dir),
+            lb: LbRef {
+                vnet: vnet as u32,
+                conn,
+                dir,
+            },
             post: rewrite.apply_to_key(key),
             reply: dir == Dir::Reply,
         })),
