@@ -1,7 +1,10 @@
 //! The fast path's action: a cached flow's header transposition applied
 //! to a packet, which is then queued on its output port.
 
-use super::*;
+use super::{SwitchDrop, SwitchStats};
+use crate::flow::FlowAction;
+use dataplane::worker::Ctx;
+use dataplane::{PacketBuf, Parsed, rewrite};
 
 /// Applies a flow's action to `pkt` and queues it on the output port: MACs,
 /// then the compiled transposition (or the field-by-field NAT and TTL for

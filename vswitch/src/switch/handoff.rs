@@ -1,7 +1,8 @@
 //! The mailboxes through which workers hand each other packets of
 //! connections they do not own.
 
-use super::*;
+use crossbeam_queue::ArrayQueue;
+use std::sync::Arc;
 
 /// The mailboxes through which workers hand each other packets of
 /// connections they do not own ([`crate::placement`]): one bounded lock-free

@@ -1,7 +1,13 @@
 //! Installing a decision: the flow of each direction, with its compiled
 //! rewrite and its VIP stamp.
 
-use super::*;
+use super::Switch;
+use crate::flow::{FlowAction, FlowEntry, LbRef};
+use crate::policy::{NO_VIP, Policy};
+use dataplane::{FlowKey, PacketBuf};
+use lb::conntrack::{ConnKey, Dir};
+use lb::nat::Rewrite;
+use std::sync::atomic::Ordering;
 
 pub(super) fn flow_key(k: &ConnKey, in_port: u16) -> FlowKey {
     FlowKey {

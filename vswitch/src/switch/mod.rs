@@ -32,21 +32,17 @@
 //! (drop reasons and counters), `handoff` (the workers' mailboxes) and
 //! `requests` (flow queries from the control thread).
 
-use crate::flow::{FlowAction, FlowEntry, FlowTable, LbRef};
-use crate::policy::{NO_VIP, Policy, UplinkDef};
+use crate::flow::FlowTable;
+use crate::policy::{NO_VIP, Policy};
 use arc_swap::ArcSwap;
-use crossbeam_queue::ArrayQueue;
 use dataplane::clock::TscClock;
-use dataplane::wire::arp;
 use dataplane::worker::{Ctx, Pipeline};
-use dataplane::{Batch, DropReason, FlowKey, L3, PacketBuf, Parsed, parse, parse_into, rewrite};
-use filter::{Action, Direction, HitCounters, PacketKey};
-use lb::balancer::{Decision, LbCore, LbDrop};
-use lb::conntrack::{ConnKey, Dir, Timeouts};
-use lb::nat::Rewrite;
+use dataplane::{Batch, DropReason, PacketBuf, Parsed, parse, parse_into, rewrite};
+use lb::balancer::LbCore;
+use lb::conntrack::Timeouts;
 use lb::snat::SnatAllocator;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 mod fast;

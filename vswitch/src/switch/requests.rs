@@ -1,7 +1,9 @@
 //! Flow queries from the control thread: listing and deleting flows, and
 //! per-backend connection counts, served by each worker between bursts.
 
-use super::*;
+use super::Switch;
+use crossbeam_queue::ArrayQueue;
+use dataplane::PacketBuf;
 
 /// A control request to one worker about its flow table.
 #[derive(Debug, Clone)]

@@ -1,7 +1,11 @@
 //! The responders: ARP and IPv6 neighbour discovery answered in place with
 //! the gateway MAC (nothing is flooded).
 
-use super::*;
+use super::{Slow, Switch, SwitchDrop};
+use crate::policy::Policy;
+use dataplane::wire::arp;
+use dataplane::{PacketBuf, Parsed, rewrite};
+use std::sync::atomic::Ordering;
 
 impl<B: PacketBuf> Switch<B> {
     /// Answers an ARP request for any address of the vnet or any of its VIPs

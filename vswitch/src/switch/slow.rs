@@ -3,7 +3,17 @@
 //! outbound and inbound ACLs; then `install`. Packets from the uplink take
 //! `slow_uplink`.
 
-use super::*;
+use super::fast::tcp_flags;
+use super::{Switch, SwitchDrop};
+use crate::flow::{FlowAction, LbRef};
+use crate::policy::{Policy, UplinkDef};
+use dataplane::wire::arp;
+use dataplane::{L3, PacketBuf, Parsed, rewrite};
+use filter::{Action, Direction, PacketKey};
+use lb::balancer::Decision;
+use lb::conntrack::{ConnKey, Dir};
+use lb::nat::Rewrite;
+use std::sync::atomic::Ordering;
 
 /// What the load balancer decided for a packet the switch forwards: the
 /// rewrite, the tracked connection, the key after the rewrite, and whether

@@ -1,6 +1,8 @@
 //! Why the switch drops packets, and its counters.
 
-use super::*;
+use filter::HitCounters;
+use lb::balancer::LbDrop;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Why the switch dropped a packet (beyond parse errors, which the worker
 /// counts under `DropReason::Malformed`).
