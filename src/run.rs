@@ -86,6 +86,8 @@ fn probers<A: BufAlloc>(
     sets: &mut [PortSet<A::Buf>],
 ) -> Result<Health<A>, Vec<String>> {
     let mut health = Health::<A>::new();
+    // Fresh ports and sequence numbers in every process (see ProberConfig).
+    let seed = ProberConfig::process_seed();
     for (k, v) in cfg.vnet.iter().enumerate() {
         let port = topo.ports + k as u16;
         let mac = MacAddr([0x02, 0x50, 0x4c, 0x58, 0xfe, k as u8]);
@@ -108,7 +110,7 @@ fn probers<A: BufAlloc>(
             prefix_len: 24,
             mac: mac.0,
             gateway: PROBE_GATEWAY,
-            seed: k as u64 + 1,
+            seed: seed.wrapping_add(k as u64),
         };
         health.add_vnet(
             &v.name,

@@ -234,8 +234,26 @@ pub struct ProberConfig {
     pub mac: [u8; 6],
     /// Next hop for every probe (the switch's gateway address).
     pub gateway: Ipv4Addr,
-    /// Seed of the jitter generator (fixed: runs are reproducible).
+    /// Seed of the jitter, of the first local port and of the TCP initial
+    /// sequence numbers: fixed in tests (runs are reproducible), different
+    /// for every process in production ([`ProberConfig::process_seed`]).
     pub seed: u64,
+}
+
+impl ProberConfig {
+    /// A seed of this process and moment (clock and process id mixed), for
+    /// probers that must not repeat an earlier process's ports and sequence
+    /// numbers.
+    pub fn process_seed() -> u64 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let mut z = nanos ^ (u64::from(std::process::id()) << 32);
+        // SplitMix64's finaliser: nearby clocks give unrelated seeds.
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
 }
 
 struct Inflight {
@@ -275,7 +293,13 @@ impl<P: Port, A: BufAlloc<Buf = P::Buf>> Prober<P, A> {
     /// prober's clock (any monotonic origin).
     pub fn new(mut dev: PortDevice<P, A>, cfg: &ProberConfig, now: Duration) -> Self {
         let hw = HardwareAddress::Ethernet(EthernetAddress(cfg.mac));
-        let mut iface = Interface::new(Config::new(hw), &mut dev, sinstant(now));
+        // The seed also picks the TCP initial sequence numbers and the first
+        // local port: a prober started again within a backend's TIME_WAIT
+        // (60 s on Linux) must not reuse the same (port, ISN) sequence, or
+        // the backend answers its SYNs as old duplicates and probes fail.
+        let mut config = Config::new(hw);
+        config.random_seed = cfg.seed;
+        let mut iface = Interface::new(config, &mut dev, sinstant(now));
         iface.update_ip_addrs(|a| {
             let _ = a.push(IpCidr::new(
                 IpAddress::Ipv4(cfg.source),
@@ -293,7 +317,7 @@ impl<P: Port, A: BufAlloc<Buf = P::Buf>> Prober<P, A> {
             queue: BinaryHeap::new(),
             inflight: Vec::new(),
             draining: Vec::new(),
-            next_port: 49152,
+            next_port: 49152 + (cfg.seed % 16384) as u16,
             rng: cfg.seed | 1,
         }
     }
