@@ -108,13 +108,17 @@ struct Rig {
 
 impl Rig {
     fn new() -> Rig {
+        Rig::with(SwitchConfig::default())
+    }
+
+    fn with(switch: SwitchConfig) -> Rig {
         let mut cfg = PoolConfig::new("health-flips", 4096);
         cfg.huge = HugePages::Never;
         let pool = Pool::new(&cfg).unwrap();
         let policy = Arc::new(ArcSwap::from_pointee(
             Policy::compile(&topology(), 1).unwrap(),
         ));
-        let sw = Switch::new(policy.clone(), SwitchConfig::default());
+        let sw = Switch::new(policy.clone(), switch);
         let stats = sw.stats();
         let l = |n: &str| LinkInfo::new(n, MacAddr([2, 0, 0, 0, 9, 9]), "ring");
         let (client, sw_client) = ring::pair(l("client"), l("sw-client"), 256);
@@ -237,4 +241,42 @@ fn a_health_flip_revalidates_only_its_own_vips_flows() {
     }
     // Health never made a new policy generation.
     assert_eq!(rig.policy.load().generation, generation);
+}
+
+/// A flow whose load-balancer connection timed out while the flow stayed
+/// cached keeps its backend and stops telling the load balancer; with no
+/// connection left to revalidate, a health change of its VIP leaves it on
+/// the fast path, on its backend (it used to go back through the slow path
+/// and be balanced afresh, away from a backend that went down).
+#[test]
+fn a_flow_whose_connection_timed_out_ignores_health_changes() {
+    // UDP connections time out after 50 ms at the load balancer (flows
+    // after 240 s): a flow tells its connection of traffic every 12.5 ms.
+    let mut cfg = SwitchConfig::default();
+    cfg.timeouts.udp_unreplied = 50_000_000;
+    cfg.timeouts.udp_replied = 50_000_000;
+    let mut rig = Rig::with(cfg);
+    let a: Vec<Vec<u8>> = (0..100).map(|i| frame(VIP_A, A_PORTS + i)).collect();
+    let b: Vec<Vec<u8>> = (0..100).map(|i| frame(VIP_B, B_PORTS + i)).collect();
+    let a_backend = rig.pass(&a);
+    rig.pass(&b);
+    assert!(a_backend.values().any(|&x| x == 0), "some flows on web0");
+    // Let the connections time out (a timeout elapsing, not a state being
+    // waited for), then traffic: the load balancer's expiry pass runs after
+    // the first burst and forgets them; the flows' next touches find them
+    // gone.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let before = rig.slow();
+    rig.pass(&b);
+    assert_eq!(rig.pass(&a), a_backend);
+    assert_eq!(rig.slow(), before, "cached flows stay cached");
+    // web0 goes down: the flows of VIP A stay where they are, fast.
+    rig.web0(false);
+    let before = rig.slow();
+    assert_eq!(rig.pass(&a), a_backend, "a flow moved off web0");
+    assert_eq!(
+        rig.slow(),
+        before,
+        "flows without a connection were revalidated"
+    );
 }
