@@ -99,6 +99,12 @@ cargo nextest run --workspace --all-features --no-fail-fast
 log "doc tests"
 cargo test --workspace --all-features --doc
 
+# The burst ring's model check: dataplane built with loom's atomics and
+# cells (its own target directory, so the main build is left alone).
+log "loom model check of the burst ring"
+RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
+    cargo test -p dataplane --test loom_ring --release
+
 # --- fuzz smoke run ----------------------------------------------------------
 fuzz_secs="${POLLUX_FUZZ_SECONDS:-30}"
 if [ "$fuzz_secs" -gt 0 ]; then

@@ -7,9 +7,11 @@ use super::{LinkInfo, Port};
 use crate::batch::Batch;
 use crate::buf::PacketBuf;
 use crate::stats::{DropReason, PortStats};
-use std::cell::UnsafeCell;
+#[cfg(loom)]
+use loom::sync::atomic::{AtomicUsize, Ordering};
 use std::mem::MaybeUninit;
 use std::sync::Arc;
+#[cfg(not(loom))]
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Default number of packets each direction of a pair can hold.
@@ -18,8 +20,44 @@ pub const DEFAULT_CAPACITY: usize = 1024;
 /// A counter on its own cache lines (two: adjacent-line prefetch), so the
 /// producers' and consumers' counters do not share a line.
 #[repr(align(128))]
-#[derive(Default)]
 struct Padded(AtomicUsize);
+
+impl Padded {
+    fn zero() -> Self {
+        Padded(AtomicUsize::new(0))
+    }
+}
+
+/// A slot's cell: std's `UnsafeCell`, or, built with `--cfg loom`, loom's,
+/// whose accesses the model checker tracks (`dataplane/tests/loom_ring.rs`).
+#[cfg(not(loom))]
+struct SlotCell<T>(std::cell::UnsafeCell<T>);
+
+#[cfg(not(loom))]
+impl<T> SlotCell<T> {
+    fn new(v: T) -> Self {
+        SlotCell(std::cell::UnsafeCell::new(v))
+    }
+
+    #[inline]
+    fn with_mut<R>(&self, f: impl FnOnce(*mut T) -> R) -> R {
+        f(self.0.get())
+    }
+}
+
+#[cfg(loom)]
+struct SlotCell<T>(loom::cell::UnsafeCell<T>);
+
+#[cfg(loom)]
+impl<T> SlotCell<T> {
+    fn new(v: T) -> Self {
+        SlotCell(loom::cell::UnsafeCell::new(v))
+    }
+
+    fn with_mut<R>(&self, f: impl FnOnce(*mut T) -> R) -> R {
+        self.0.with_mut(f)
+    }
+}
 
 /// A bounded multi-producer multi-consumer ring that moves whole bursts,
 /// in the manner of DPDK's `rte_ring`: a producer reserves room for its
@@ -39,7 +77,7 @@ struct Padded(AtomicUsize);
 /// `[cons_tail, cons_head)` are being read by the consumers that reserved
 /// them; all others are uninitialised.
 pub struct BurstRing<T> {
-    slots: Box<[UnsafeCell<MaybeUninit<T>>]>,
+    slots: Box<[SlotCell<MaybeUninit<T>>]>,
     mask: usize,
     capacity: usize,
     prod_head: Padded,
@@ -64,14 +102,14 @@ impl<T> BurstRing<T> {
         let n = capacity.next_power_of_two();
         BurstRing {
             slots: (0..n)
-                .map(|_| UnsafeCell::new(MaybeUninit::uninit()))
+                .map(|_| SlotCell::new(MaybeUninit::uninit()))
                 .collect(),
             mask: n - 1,
             capacity,
-            prod_head: Padded::default(),
-            prod_tail: Padded::default(),
-            cons_head: Padded::default(),
-            cons_tail: Padded::default(),
+            prod_head: Padded::zero(),
+            prod_tail: Padded::zero(),
+            cons_head: Padded::zero(),
+            cons_tail: Padded::zero(),
         }
     }
 
@@ -93,7 +131,11 @@ impl<T> BurstRing<T> {
         let mut spins = 0u32;
         while tail.load(Ordering::Acquire) != from {
             spins += 1;
-            if spins < 64 {
+            if cfg!(loom) {
+                // The model checker must run the thread we wait for.
+                #[cfg(loom)]
+                loom::thread::yield_now();
+            } else if spins < 64 {
                 std::hint::spin_loop();
             } else {
                 // The thread we wait for may have been preempted.
@@ -118,6 +160,10 @@ impl<T> BurstRing<T> {
         let mut h = head.load(Ordering::Acquire);
         loop {
             let Some(r) = room(h) else {
+                // Under the model checker a reload may see the same old
+                // value until another thread runs.
+                #[cfg(loom)]
+                loom::thread::yield_now();
                 h = head.load(Ordering::Acquire);
                 continue;
             };
@@ -160,7 +206,7 @@ impl<T> BurstRing<T> {
             // slots are free: their last reader published cons_tail past
             // them (acquired by `free`) and no reader may touch them before
             // prod_tail passes them, which happens after these writes.
-            unsafe { (*slot.get()).write(v) };
+            slot.with_mut(move |p| unsafe { (*p).write(v) });
         }
         Self::publish(&self.prod_tail.0, head, head.wrapping_add(n));
         n
@@ -189,7 +235,7 @@ impl<T> BurstRing<T> {
             // reserved by this thread alone (the CAS in `reserve`); each slot is
             // read exactly once, and producers do not reuse it before
             // cons_tail passes it, which happens after these reads.
-            let v = unsafe { (*slot.get()).assume_init_read() };
+            let v = slot.with_mut(|p| unsafe { (*p).assume_init_read() });
             // Cannot fail: n is at most the batch's free space.
             let _ = batch.push(v);
         }
@@ -200,13 +246,15 @@ impl<T> BurstRing<T> {
 
 impl<T> Drop for BurstRing<T> {
     fn drop(&mut self) {
-        let (from, to) = (*self.cons_tail.0.get_mut(), *self.prod_tail.0.get_mut());
+        // `&mut self`: no other thread; relaxed loads see the last stores.
+        let from = self.cons_tail.0.load(Ordering::Relaxed);
+        let to = self.prod_tail.0.load(Ordering::Relaxed);
         let mut i = from;
         while i != to {
-            let slot = &mut self.slots[i & self.mask];
+            let slot = &self.slots[i & self.mask];
             // SAFETY: `&mut self`: no other thread; [cons_tail, prod_tail)
             // holds initialised values no one took, each dropped once.
-            unsafe { slot.get_mut().assume_init_drop() };
+            slot.with_mut(|p| unsafe { (*p).assume_init_drop() });
             i = i.wrapping_add(1);
         }
     }
@@ -311,8 +359,11 @@ impl<B: PacketBuf> Port for RingPort<B> {
     }
 }
 
+// Real threads and std atomics: not under the model checker.
+#[cfg(not(loom))]
 #[cfg(test)]
 mod tests {
+
     use super::*;
     use crate::pool::{HugePages, Pool, PoolConfig};
     use crate::wire::MacAddr;
