@@ -78,6 +78,17 @@ fn http(port: u16, threshold: u32) -> ProbeSpec {
     }
 }
 
+/// Backends on port 8080 of `ips`, weight 1.
+fn backends_8080(ips: &[Ipv4Addr]) -> Vec<Backend> {
+    ips.iter()
+        .map(|ip| Backend {
+            ip: IpAddr::V4(*ip),
+            port: 8080,
+            weight: 1,
+        })
+        .collect()
+}
+
 fn target(ip: Ipv4Addr, spec: ProbeSpec, backend: usize) -> Target {
     Target {
         vip: ("10.1.0.100".parse().unwrap(), 80, 6),
@@ -210,14 +221,7 @@ fn a_failing_dip_leaves_the_maglev_table_and_comes_back() {
         knobs.push(w.server(pool, *ip, Behavior::Ok));
         w.prober.add(target(*ip, http(80, 3), i), Duration::ZERO);
     }
-    let backends = ips
-        .iter()
-        .map(|ip| Backend {
-            ip: IpAddr::V4(*ip),
-            port: 8080,
-            weight: 1,
-        })
-        .collect();
+    let backends = backends_8080(&ips);
     let mut vips = Vips::new();
     // Probed DIPs start down.
     vips.insert(
@@ -329,14 +333,7 @@ fn the_health_service_applies_changes_to_its_vip_in_place() {
         servers.push(s);
     }
     let frontend = ("10.1.0.100".parse().unwrap(), 80, 6);
-    let backends = ips
-        .iter()
-        .map(|ip| Backend {
-            ip: IpAddr::V4(*ip),
-            port: 8080,
-            weight: 1,
-        })
-        .collect();
+    let backends = backends_8080(&ips);
     let mut vips = Vips::new();
     // Probed backends start down.
     let vip = vips.insert(
