@@ -612,30 +612,18 @@ fn sighup_reloads_the_file_validate_then_swap() {
         }
     }
     let sock = dir.0.join("ctl.sock");
-    let status = |sock: &Path| {
-        call(&Endpoint::Unix(sock), "GET", "/v1/vips/load", None)
-            .ok()
-            .and_then(|(_, t)| serde_json::from_str::<Value>(&t).ok())
-    };
-    let wait = |what: &dyn Fn(&Value) -> bool| {
-        let end = std::time::Instant::now() + Duration::from_secs(60);
-        while std::time::Instant::now() < end {
-            if status(&sock).is_some_and(|v| what(&v)) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        false
+    let err = dir.0.join("err");
+    let ctl = common::api::Api { sock: sock.clone() };
+    let log = || std::fs::read_to_string(&err).unwrap_or_default();
+    let wait = |why: &str, what: &dyn Fn(&Value) -> bool| {
+        ctl.wait_for("/v1/vips/load", Duration::from_secs(60), why, what, log);
     };
     let pid = child.id().to_string();
     let guard = Kill(std::mem::replace(
         &mut child,
         Command::new("true").spawn().unwrap(),
     ));
-    assert!(
-        wait(&|v| v["generation"] == 1),
-        "pollux did not serve its API"
-    );
+    wait("pollux serving its API", &|v| v["generation"] == 1);
     let hup = || {
         assert!(
             Command::new("kill")
@@ -652,21 +640,19 @@ fn sighup_reloads_the_file_validate_then_swap() {
     )
     .unwrap();
     hup();
-    let err = dir.0.join("err");
     // The API counts the refusal and says why; the generation stays.
-    let ctl = common::api::Api { sock: sock.clone() };
     let st = ctl.wait_for(
         "/v1/status",
         Duration::from_secs(60),
         "the reload refused",
         |v| v["reloads"]["refused"] == 1,
-        || std::fs::read_to_string(&err).unwrap_or_default(),
+        log,
     );
     assert_eq!(st["generation"], 1, "{st}");
     assert_eq!(st["reloads"]["applied"], 0, "{st}");
     let why = st["reloads"]["last_error"].as_str().unwrap_or_default();
     assert!(why.contains("refused, generation 1 kept"), "{st}");
-    assert!(wait(&|v| v["generation"] == 1));
+    wait("the generation kept", &|v| v["generation"] == 1);
     // A valid one is published.
     std::fs::write(
         &file,
@@ -677,11 +663,9 @@ fn sighup_reloads_the_file_validate_then_swap() {
     )
     .unwrap();
     hup();
-    assert!(
-        wait(&|v| v["generation"] == 2 && v["vip"]["backends"][1]["weight"] == 5),
-        "{}",
-        std::fs::read_to_string(&err).unwrap_or_default()
-    );
+    wait("the valid file published", &|v| {
+        v["generation"] == 2 && v["vip"]["backends"][1]["weight"] == 5
+    });
     drop(guard);
 }
 

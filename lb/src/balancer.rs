@@ -485,11 +485,6 @@ impl Vips {
         cur.set_health(backend, healthy)
     }
 
-    /// Every VIP.
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<Vip>> {
-        self.map.values()
-    }
-
     /// The VIP `addr:port/proto`.
     pub fn get(&self, addr: IpAddr, port: u16, proto: u8) -> Option<&Arc<Vip>> {
         self.map.get(&VipKey {

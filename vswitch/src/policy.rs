@@ -392,12 +392,6 @@ impl Policy {
             .map_err(|e| PolicyError(vec![e.to_string()]))
     }
 
-    /// The VIP numbered `id`.
-    #[inline]
-    pub fn vip(&self, id: u16) -> Option<&Arc<Vip>> {
-        self.vips.get(usize::from(id))
-    }
-
     /// Every VIP, by number.
     pub fn vips(&self) -> &[Arc<Vip>] {
         &self.vips
