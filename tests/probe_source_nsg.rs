@@ -2,7 +2,8 @@
 //! so health probes reach VMs whose groups have no explicit rule for them.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
-use filter::{Action, DefaultContext, Direction, NsgSpec, PacketKey, compile_nsg};
+use dataplane::FlowKey;
+use filter::{Action, DefaultContext, Direction, NsgSpec, compile_nsg};
 use std::net::IpAddr;
 
 #[test]
@@ -17,20 +18,20 @@ fn default_inbound_rules_allow_the_probe_source() {
         &DefaultContext::for_vnet(vec!["10.1.0.0/16".parse().unwrap()]),
     )
     .unwrap();
-    let probe = PacketKey {
-        src: IpAddr::V4(lb::probe::DEFAULT_SOURCE),
-        dst: "10.1.0.4".parse().unwrap(),
-        proto: 6,
-        src_port: 49152,
-        dst_port: 8080,
-    };
+    let probe = FlowKey::new(
+        IpAddr::V4(lb::probe::DEFAULT_SOURCE),
+        49152,
+        "10.1.0.4".parse().unwrap(),
+        8080,
+        6,
+    );
     let c = nsg.classifier(Direction::In);
     let v = c.classify(&probe).unwrap();
     assert_eq!(v.action, Action::Allow);
     assert_eq!(c.rule(v.rule).unwrap().name, "AllowProbeInBound");
     // Someone else from outside is denied.
-    let other = PacketKey {
-        src: "203.0.113.5".parse().unwrap(),
+    let other = FlowKey {
+        src_ip: dataplane::key::to16("203.0.113.5".parse().unwrap()),
         ..probe
     };
     assert_eq!(c.classify(&other).unwrap().action, Action::Deny);

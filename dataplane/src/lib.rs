@@ -24,6 +24,7 @@
 pub mod batch;
 pub mod buf;
 pub mod clock;
+pub mod key;
 pub mod parse;
 pub mod pktgen;
 pub mod pool;
@@ -35,7 +36,8 @@ pub mod worker;
 
 pub use batch::{BURST, Batch};
 pub use buf::{BufAlloc, BufError, PacketBuf};
-pub use parse::{FlowKey, L3, Parsed, parse, parse_into};
+pub use key::FlowKey;
+pub use parse::{L3, Parsed, parse, parse_into};
 pub use port::{LinkInfo, Port, PortError};
 pub use stats::{DropReason, PortStats};
 pub use wire::{MacAddr, ParseError};

@@ -6,6 +6,7 @@
 //! or the [`ParseError`] that names the drop reason. It never panics, whatever
 //! the bytes (property-tested and fuzzed).
 
+use crate::key::{FlowKey, to16};
 use crate::wire::{
     ParseError, arp,
     ethernet::{
@@ -13,16 +14,9 @@ use crate::wire::{
     },
     icmp, ipv4, ipv6, tcp, udp,
 };
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr};
 
-/// IP protocol number of ICMP.
-pub const PROTO_ICMP: u8 = 1;
-/// IP protocol number of TCP.
-pub const PROTO_TCP: u8 = 6;
-/// IP protocol number of UDP.
-pub const PROTO_UDP: u8 = 17;
-/// IP protocol number of ICMPv6.
-pub const PROTO_ICMPV6: u8 = 58;
+use crate::key::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 
 /// The network layer found in a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -36,69 +30,6 @@ pub enum L3 {
     Ipv4,
     /// IPv6.
     Ipv6,
-}
-
-/// The exact-match key of a flow: what the flow table hashes.
-///
-/// Addresses are stored as 16 bytes; IPv4 addresses as IPv4-mapped IPv6
-/// (`::ffff:a.b.c.d`), so one key type serves both families. For ICMP echo the
-/// identifier is in `src_port` and `dst_port` is 0. For ARP the addresses are
-/// the sender and target protocol addresses and the ports are 0.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct FlowKey {
-    /// Source address (IPv4-mapped for IPv4).
-    pub src_ip: [u8; 16],
-    /// Destination address (IPv4-mapped for IPv4).
-    pub dst_ip: [u8; 16],
-    /// Source port, or ICMP echo identifier.
-    pub src_port: u16,
-    /// Destination port.
-    pub dst_port: u16,
-    /// The port the frame arrived on.
-    pub in_port: u16,
-    /// IP protocol (0 for non-IP).
-    pub proto: u8,
-}
-
-impl FlowKey {
-    /// The source address as an `IpAddr` (IPv4 when it is IPv4-mapped).
-    pub fn src(&self) -> IpAddr {
-        from16(self.src_ip)
-    }
-
-    /// The destination address as an `IpAddr`.
-    pub fn dst(&self) -> IpAddr {
-        from16(self.dst_ip)
-    }
-
-    /// The key of the other direction of the same connection.
-    pub fn reversed(&self) -> FlowKey {
-        FlowKey {
-            src_ip: self.dst_ip,
-            dst_ip: self.src_ip,
-            src_port: self.dst_port,
-            dst_port: self.src_port,
-            in_port: self.in_port,
-            proto: self.proto,
-        }
-    }
-}
-
-/// An address as the 16 bytes a [`FlowKey`] holds (IPv4 mapped into IPv6).
-pub fn to16(ip: IpAddr) -> [u8; 16] {
-    match ip {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-        IpAddr::V6(v6) => v6.octets(),
-    }
-}
-
-/// The address of 16 key bytes (IPv4 when they are IPv4-mapped).
-pub fn from16(b: [u8; 16]) -> IpAddr {
-    let v6 = Ipv6Addr::from(b);
-    match v6.to_ipv4_mapped() {
-        Some(v4) => IpAddr::V4(v4),
-        None => IpAddr::V6(v6),
-    }
 }
 
 fn mapped(v4: Ipv4Addr) -> [u8; 16] {
@@ -123,6 +54,8 @@ pub struct Parsed {
     /// True when the transport header is in this frame (false for non-IP
     /// frames, IP fragments other than the first, and ESP / no-next-header).
     pub has_l4: bool,
+    /// The port the frame arrived on.
+    pub in_port: u16,
     /// The flow key.
     pub key: FlowKey,
 }
@@ -149,10 +82,7 @@ pub fn parse_into(frame: &[u8], in_port: u16, out: &mut Parsed) -> Result<(), Pa
     *out = Parsed {
         l3_off: ethernet::HEADER_LEN as u16,
         ethertype: eth.ethertype(),
-        key: FlowKey {
-            in_port,
-            ..FlowKey::default()
-        },
+        in_port,
         ..Parsed::default()
     };
     if matches!(out.ethertype, ETHERTYPE_VLAN | ETHERTYPE_QINQ) {
@@ -258,7 +188,7 @@ pub(crate) mod tests {
         assert_eq!(p.vlan, None);
         assert_eq!((p.l3_off, p.l4_off, p.l4_len), (14, 34, 20));
         assert!(p.has_l4);
-        assert_eq!(p.key.in_port, 3);
+        assert_eq!(p.in_port, 3);
         assert_eq!(p.key.proto, PROTO_TCP);
         assert_eq!(p.key.src(), "10.1.0.4".parse::<IpAddr>().unwrap());
         assert_eq!(p.key.dst(), "10.1.0.100".parse::<IpAddr>().unwrap());
@@ -331,8 +261,18 @@ pub(crate) mod tests {
         let mut f = TCP4[..12].to_vec();
         f.extend_from_slice(&[0x86, 0xdd]);
         f.extend_from_slice(&[0x60, 0, 0, 0, 0x00, 0x1c, 60, 64]); // payload 28, dest opts
-        f.extend_from_slice(&"2001:db8::1".parse::<Ipv6Addr>().unwrap().octets());
-        f.extend_from_slice(&"2001:db8::2".parse::<Ipv6Addr>().unwrap().octets());
+        f.extend_from_slice(
+            &"2001:db8::1"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+        );
+        f.extend_from_slice(
+            &"2001:db8::2"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+        );
         f.extend_from_slice(&[6, 0, 1, 4, 0, 0, 0, 0]); // dest opts -> TCP
         f.extend_from_slice(&[
             0x01, 0xbb, 0xc3, 0x50, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x12, 0, 0, 0, 0, 0, 0,

@@ -11,7 +11,8 @@
 //! first carry no transport header, so only the IP header changes.
 
 use crate::buf::PacketBuf;
-use crate::parse::{L3, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Parsed};
+use crate::key::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
+use crate::parse::{L3, Parsed};
 use crate::wire::{MacAddr, arp, checksum, icmp, tcp, udp};
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -302,7 +303,7 @@ impl Transpose4 {
     /// Compiles the rewrite of packets with key `key` (IPv4, TCP or UDP) to
     /// `src`/`dst` (address, port); `None` for other flows.
     pub fn compile(
-        key: &crate::parse::FlowKey,
+        key: &crate::key::FlowKey,
         src: Option<(Ipv4Addr, u16)>,
         dst: Option<(Ipv4Addr, u16)>,
     ) -> Option<Transpose4> {
@@ -311,7 +312,7 @@ impl Transpose4 {
             PROTO_UDP => true,
             _ => return None,
         };
-        let v4 = |a: [u8; 16]| match crate::parse::from16(a) {
+        let v4 = |a: [u8; 16]| match crate::key::from16(a) {
             std::net::IpAddr::V4(v) => Some(v.octets()),
             std::net::IpAddr::V6(_) => None,
         };

@@ -13,9 +13,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use dataplane::FlowKey;
 use filter::{
-    Action, Classifier, DefaultContext, Direction, PacketKey, PortRange, Protocol, Rule,
-    default_rules,
+    Action, Classifier, DefaultContext, Direction, PortRange, Protocol, Rule, default_rules,
 };
 use ipnet::{IpNet, Ipv4Net};
 use std::hint::black_box;
@@ -143,7 +143,7 @@ fn inside(rng: &mut Rng, nets: &[IpNet]) -> IpAddr {
     ))
 }
 
-fn packets(rules: &[Rule], n: usize, seed: u64) -> Vec<PacketKey> {
+fn packets(rules: &[Rule], n: usize, seed: u64) -> Vec<FlowKey> {
     let mut rng = Rng(seed);
     (0..n)
         .map(|_| {
@@ -159,26 +159,19 @@ fn packets(rules: &[Rule], n: usize, seed: u64) -> Vec<PacketKey> {
                     let p = v[rng.below(v.len() as u64) as usize];
                     p.lo + (rng.below(u64::from(p.hi - p.lo) + 1) as u16)
                 };
-                PacketKey {
-                    src: inside(&mut rng, &r.src),
-                    dst: inside(&mut rng, &r.dst),
-                    proto,
-                    src_port: pr(&mut rng, &r.src_ports),
-                    dst_port: pr(&mut rng, &r.dst_ports),
-                }
+                let src = inside(&mut rng, &r.src);
+                let sp = pr(&mut rng, &r.src_ports);
+                let dst = inside(&mut rng, &r.dst);
+                FlowKey::new(src, sp, dst, pr(&mut rng, &r.dst_ports), proto)
             } else {
                 let a = |rng: &mut Rng| {
                     IpAddr::V4(Ipv4Addr::from(
                         (10u32 << 24) | (rng.next() as u32 & 0x00ff_ffff),
                     ))
                 };
-                PacketKey {
-                    src: a(&mut rng),
-                    dst: a(&mut rng),
-                    proto: [6, 17, 1][rng.below(3) as usize],
-                    src_port: rng.next() as u16,
-                    dst_port: rng.next() as u16,
-                }
+                let (src, dst) = (a(&mut rng), a(&mut rng));
+                let proto = [6, 17, 1][rng.below(3) as usize];
+                FlowKey::new(src, rng.next() as u16, dst, rng.next() as u16, proto)
             }
         })
         .collect()

@@ -1,7 +1,8 @@
 //! The rule-set compiler and the classifier (see the crate doc for the choice
 //! of algorithm).
 
-use crate::rule::{Action, PacketKey, Rule};
+use crate::rule::{Action, Rule};
+use dataplane::FlowKey;
 use ipnet::IpNet;
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -503,7 +504,7 @@ impl Classifier {
 
     /// The highest-priority rule matching `pkt`, if any.
     #[inline]
-    pub fn classify(&self, pkt: &PacketKey) -> Option<Verdict> {
+    pub fn classify(&self, pkt: &FlowKey) -> Option<Verdict> {
         let (sets, ids) = self.field_classes(pkt)?;
         // The first 512 rules from the heads; most lookups end here.
         let h = [0, 1, 2, 3, 4].map(|f| sets[f].head(ids[f]));
@@ -529,8 +530,8 @@ impl Classifier {
 
     /// The class set and class of each of the five fields for `pkt`.
     #[inline(always)]
-    fn field_classes(&self, pkt: &PacketKey) -> Option<([&ClassSet; 5], [u32; 5])> {
-        let (s, d) = match (pkt.src, pkt.dst) {
+    fn field_classes(&self, pkt: &FlowKey) -> Option<([&ClassSet; 5], [u32; 5])> {
+        let (s, d) = match (pkt.src(), pkt.dst()) {
             (IpAddr::V4(s), IpAddr::V4(d)) => (
                 (&self.src4.set, self.src4.lookup(u32::from(s))),
                 (&self.dst4.set, self.dst4.lookup(u32::from(d))),
@@ -569,7 +570,7 @@ impl Classifier {
 
     /// [`Classifier::classify`], counting the winning rule in `hits`.
     #[inline]
-    pub fn classify_counted(&self, pkt: &PacketKey, hits: &HitCounters) -> Option<Verdict> {
+    pub fn classify_counted(&self, pkt: &FlowKey, hits: &HitCounters) -> Option<Verdict> {
         let v = self.classify(pkt)?;
         hits.hit(v.rule);
         Some(v)
@@ -590,7 +591,7 @@ fn first_in_chunk(f: [&[u64; CHUNK]; 5]) -> Option<usize> {
 }
 
 /// The reference: a scan of `rules` in priority order.
-pub fn linear_scan(rules: &[Rule], pkt: &PacketKey) -> Option<usize> {
+pub fn linear_scan(rules: &[Rule], pkt: &FlowKey) -> Option<usize> {
     let mut order: Vec<usize> = (0..rules.len()).collect();
     order.sort_by_key(|&i| rules[i].priority);
     order.into_iter().find(|&i| rules[i].matches(pkt))
@@ -628,14 +629,8 @@ mod tests {
         }
     }
 
-    fn pkt(src: &str, dst: &str, proto: u8, dp: u16) -> PacketKey {
-        PacketKey {
-            src: src.parse().unwrap(),
-            dst: dst.parse().unwrap(),
-            proto,
-            src_port: 40000,
-            dst_port: dp,
-        }
+    fn pkt(src: &str, dst: &str, proto: u8, dp: u16) -> FlowKey {
+        FlowKey::new(src.parse().unwrap(), 40000, dst.parse().unwrap(), dp, proto)
     }
 
     #[test]
@@ -675,7 +670,7 @@ mod tests {
             ),
         ];
         let c = Classifier::new(rules);
-        let name = |p: &PacketKey| c.classify(p).map(|v| c.rule(v.rule).unwrap().name.clone());
+        let name = |p: &FlowKey| c.classify(p).map(|v| c.rule(v.rule).unwrap().name.clone());
         assert_eq!(
             name(&pkt("10.1.0.9", "10.1.0.4", 6, 80)).as_deref(),
             Some("r100")
@@ -862,7 +857,7 @@ mod tests {
     }
 
     /// Packets: half drawn near rule prefixes/ports, half anywhere.
-    fn arb_packet() -> impl Strategy<Value = PacketKey> {
+    fn arb_packet() -> impl Strategy<Value = FlowKey> {
         let v4 = (0u32..8, any::<u32>(), any::<bool>()).prop_map(|(base, noise, wild)| {
             let a = if wild || base == 7 {
                 noise
@@ -889,13 +884,7 @@ mod tests {
         )
             .prop_map(|(is6, s4, d4, s6, d6, proto, sp, dp)| {
                 let (src, dst) = if is6 { (s6, d6) } else { (s4, d4) };
-                PacketKey {
-                    src,
-                    dst,
-                    proto,
-                    src_port: sp,
-                    dst_port: dp,
-                }
+                FlowKey::new(src, sp, dst, dp, proto)
             })
     }
 

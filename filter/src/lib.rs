@@ -49,8 +49,8 @@ pub mod rule;
 
 pub use classify::{Classifier, HitCounters, Verdict, linear_scan};
 pub use rule::{
-    Action, DefaultContext, Direction, NsgSpec, PacketKey, PortRange, Protocol, Rule, RuleError,
-    RuleSpec, default_rules, validate,
+    Action, DefaultContext, Direction, NsgSpec, PortRange, Protocol, Rule, RuleError, RuleSpec,
+    default_rules, validate,
 };
 
 /// A group compiled for both directions, default rules included.
@@ -132,13 +132,13 @@ mod tests {
         let nsg = compile_nsg(&spec, &ctx).unwrap();
         let check = |dir, src: &str, dst: &str, proto, dport, name: &str, action| {
             let c = nsg.classifier(dir);
-            let p = PacketKey {
-                src: src.parse().unwrap(),
-                dst: dst.parse().unwrap(),
+            let p = dataplane::FlowKey::new(
+                src.parse().unwrap(),
+                40000,
+                dst.parse().unwrap(),
+                dport,
                 proto,
-                src_port: 40000,
-                dst_port: dport,
-            };
+            );
             let v = c.classify(&p).unwrap();
             assert_eq!(
                 (c.rule(v.rule).unwrap().name.as_str(), v.action),

@@ -4,6 +4,7 @@
 //! as in the `[[nsg.rule]]` TOML tables); [`validate`] turns a whole group of
 //! them into [`Rule`]s or returns *every* problem, each naming its rule.
 
+use dataplane::FlowKey;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -99,43 +100,6 @@ impl PortRange {
     }
 }
 
-/// The fields of a packet the filter looks at.
-///
-/// Ports are only meaningful for TCP and UDP; for other protocols they are
-/// ignored (see [`Rule::matches`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct PacketKey {
-    /// Source address.
-    pub src: IpAddr,
-    /// Destination address.
-    pub dst: IpAddr,
-    /// IP protocol number.
-    pub proto: u8,
-    /// Source port (TCP/UDP).
-    pub src_port: u16,
-    /// Destination port (TCP/UDP).
-    pub dst_port: u16,
-}
-
-impl PacketKey {
-    /// True when the protocol carries ports (TCP or UDP).
-    pub fn has_ports(&self) -> bool {
-        self.proto == 6 || self.proto == 17
-    }
-}
-
-impl From<&dataplane::FlowKey> for PacketKey {
-    fn from(k: &dataplane::FlowKey) -> Self {
-        PacketKey {
-            src: k.src(),
-            dst: k.dst(),
-            proto: k.proto,
-            src_port: k.src_port,
-            dst_port: k.dst_port,
-        }
-    }
-}
-
 /// A validated rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
@@ -180,12 +144,12 @@ impl Rule {
 
     /// The reference semantics of a rule: does it match `pkt`?
     /// (The classifier must agree with a priority-ordered scan of this.)
-    pub fn matches(&self, pkt: &PacketKey) -> bool {
+    pub fn matches(&self, pkt: &FlowKey) -> bool {
         if !self.protocol.covers(pkt.proto) {
             return false;
         }
-        if !self.src.iter().any(|n| n.contains(&pkt.src))
-            || !self.dst.iter().any(|n| n.contains(&pkt.dst))
+        if !self.src.iter().any(|n| n.contains(&pkt.src()))
+            || !self.dst.iter().any(|n| n.contains(&pkt.dst()))
         {
             return false;
         }
@@ -801,14 +765,8 @@ mod tests {
         }
     }
 
-    fn pkt(src: &str, dst: &str, proto: u8, sp: u16, dp: u16) -> PacketKey {
-        PacketKey {
-            src: src.parse().unwrap(),
-            dst: dst.parse().unwrap(),
-            proto,
-            src_port: sp,
-            dst_port: dp,
-        }
+    fn pkt(src: &str, dst: &str, proto: u8, sp: u16, dp: u16) -> FlowKey {
+        FlowKey::new(src.parse().unwrap(), sp, dst.parse().unwrap(), dp, proto)
     }
 
     #[test]
@@ -979,7 +937,7 @@ mod tests {
     #[test]
     fn defaults_follow_azure() {
         let ctx = DefaultContext::for_vnet(vec!["10.1.0.0/16".parse().unwrap()]);
-        let first = |dir, p: &PacketKey| {
+        let first = |dir, p: &FlowKey| {
             default_rules(dir, &ctx)
                 .into_iter()
                 .find(|r| r.matches(p))

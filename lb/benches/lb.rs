@@ -6,8 +6,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use dataplane::FlowKey;
 use lb::maglev::{DEFAULT_TABLE_SIZE, MaglevBackend, MaglevTable};
-use lb::{Backend, ConnKey, Decision, LbCore, Timeouts, Vip, VipConfig, Vips};
+use lb::{Backend, Decision, LbCore, Timeouts, Vip, VipConfig, Vips};
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
@@ -22,8 +23,8 @@ fn backends(n: usize) -> Vec<MaglevBackend> {
         .collect()
 }
 
-fn client(i: u32) -> ConnKey {
-    ConnKey::new(
+fn client(i: u32) -> FlowKey {
+    FlowKey::new(
         IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | (i >> 8))),
         1024 + (i & 0xff) as u16 * 200,
         "10.1.0.100".parse().unwrap(),
@@ -63,7 +64,7 @@ fn bench(c: &mut Criterion) {
     g.finish();
 
     let v = vips(100);
-    let keys: Vec<ConnKey> = (0..4096).map(client).collect();
+    let keys: Vec<FlowKey> = (0..4096).map(client).collect();
     let vip = v.lookup(&keys[0]).unwrap().clone();
     let mut g = c.benchmark_group("maglev_lookup");
     g.throughput(Throughput::Elements(keys.len() as u64));
@@ -89,7 +90,7 @@ fn bench(c: &mut Criterion) {
             while done < iters {
                 let n = (iters - done).min(1 << 20);
                 let mut core = LbCore::new(n as usize, Timeouts::default(), None);
-                let keys: Vec<ConnKey> = (0..n as u32).map(client).collect();
+                let keys: Vec<FlowKey> = (0..n as u32).map(client).collect();
                 let t = Instant::now();
                 for k in &keys {
                     match core.process(&v, k, 0x02, 0) {

@@ -14,11 +14,12 @@
 //! the connections of unhealthy backends, while it is healthy).
 
 use crate::conntrack::{
-    Conn, ConnError, ConnKey, ConnRef, ConnState, ConnTable, Dir, TcpState, Timeouts, to16,
+    Conn, ConnError, ConnRef, ConnState, ConnTable, Dir, TcpState, Timeouts, to16,
 };
 use crate::maglev::{DEFAULT_TABLE_SIZE, MaglevBackend, MaglevError, MaglevTable};
 use crate::nat::{NatBinding, Rewrite};
 use crate::snat::{SnatAllocator, SnatError};
+use dataplane::FlowKey;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
@@ -57,10 +58,10 @@ const FLOW_SEED: u64 = 0x706f_6c6c_7578_666c; // "polluxfl"
 /// The flow hash Maglev is indexed with: XXH3 with a fixed seed over the
 /// fields `dist` selects, so every pollux instance computes the same value.
 #[inline]
-pub fn flow_hash(k: &ConnKey, dist: Distribution) -> u64 {
+pub fn flow_hash(k: &FlowKey, dist: Distribution) -> u64 {
     let mut b = [0u8; 37];
-    b[..16].copy_from_slice(&k.src);
-    b[16..32].copy_from_slice(&k.dst);
+    b[..16].copy_from_slice(&k.src_ip);
+    b[16..32].copy_from_slice(&k.dst_ip);
     let n = match dist {
         Distribution::TwoTuple => 32,
         Distribution::ThreeTuple => {
@@ -68,8 +69,8 @@ pub fn flow_hash(k: &ConnKey, dist: Distribution) -> u64 {
             33
         }
         Distribution::FiveTuple => {
-            b[32..34].copy_from_slice(&k.sport.to_be_bytes());
-            b[34..36].copy_from_slice(&k.dport.to_be_bytes());
+            b[32..34].copy_from_slice(&k.src_port.to_be_bytes());
+            b[34..36].copy_from_slice(&k.dst_port.to_be_bytes());
             b[36] = k.proto;
             37
         }
@@ -388,7 +389,7 @@ impl Vip {
     /// The backend a new connection with key `k` goes to (index into the
     /// configured backends), or `None` when none may take it.
     #[inline]
-    pub fn pick(&self, k: &ConnKey) -> Option<usize> {
+    pub fn pick(&self, k: &FlowKey) -> Option<usize> {
         let h = flow_hash(k, self.cfg.distribution);
         let set = self.set.load();
         match set.table.lookup(h) {
@@ -433,10 +434,10 @@ impl VipKey {
         }
     }
 
-    fn of_packet(k: &ConnKey) -> Self {
+    fn of_packet(k: &FlowKey) -> Self {
         VipKey {
-            addr: k.dst,
-            port: if k.is_icmp() { 0 } else { k.dport },
+            addr: k.dst_ip,
+            port: if k.is_icmp() { 0 } else { k.dst_port },
             proto: k.proto,
         }
     }
@@ -503,7 +504,7 @@ impl Vips {
 
     /// The VIP a packet with key `k` is addressed to.
     #[inline]
-    pub fn lookup(&self, k: &ConnKey) -> Option<&Arc<Vip>> {
+    pub fn lookup(&self, k: &FlowKey) -> Option<&Arc<Vip>> {
         self.map.get(&VipKey::of_packet(k))
     }
 }
@@ -723,7 +724,7 @@ impl LbCore {
     fn existing(
         &mut self,
         vips: Option<&Vips>,
-        key: &ConnKey,
+        key: &FlowKey,
         tcp_flags: u8,
         now: u64,
     ) -> Result<Option<Decision>, LbDrop> {
@@ -819,7 +820,7 @@ impl LbCore {
     /// A packet arriving for a VIP, or a reply from a backend: tracked
     /// connections get their rewrite; a new connection to a VIP gets a
     /// backend by Maglev over the healthy backends and a DNAT binding.
-    pub fn process(&mut self, vips: &Vips, key: &ConnKey, tcp_flags: u8, now: u64) -> Decision {
+    pub fn process(&mut self, vips: &Vips, key: &FlowKey, tcp_flags: u8, now: u64) -> Decision {
         match self.existing(Some(vips), key, tcp_flags, now) {
             Ok(Some(d)) => return d,
             Err(r) => return self.drop(r),
@@ -859,7 +860,7 @@ impl LbCore {
     /// and rewrite come from `info.nat`.
     fn open(
         &mut self,
-        key: &ConnKey,
+        key: &FlowKey,
         tcp_flags: u8,
         now: u64,
         info: ConnInfo,
@@ -887,7 +888,7 @@ impl LbCore {
     /// An outbound packet of a VM that policy says leaves through SNAT (or a
     /// reply to one): new connections get a public address and port from
     /// the VM's blocks.
-    pub fn process_snat(&mut self, key: &ConnKey, tcp_flags: u8, now: u64) -> Decision {
+    pub fn process_snat(&mut self, key: &FlowKey, tcp_flags: u8, now: u64) -> Decision {
         match self.existing(None, key, tcp_flags, now) {
             Ok(Some(d)) => return d,
             Err(r) => return self.drop(r),
@@ -900,7 +901,7 @@ impl LbCore {
         let taken = |public: IpAddr, port: u16| {
             conns.contains(&NatBinding::snat(key, public, port).reply_key(key))
         };
-        let (public, port) = match snat.allocate(key.src_ip(), key.proto, taken) {
+        let (public, port) = match snat.allocate(key.src(), key.proto, taken) {
             Ok(p) => p,
             Err(SnatError::NotMember(_)) => return self.drop(LbDrop::SnatNotMember),
             Err(_) => return self.drop(LbDrop::SnatExhausted),
@@ -978,9 +979,9 @@ mod tests {
         VipConfig::new("web", ip("10.1.0.100"), 80, 6, backends)
     }
 
-    fn client(i: u32, port: u16) -> ConnKey {
+    fn client(i: u32, port: u16) -> FlowKey {
         let a = std::net::Ipv4Addr::from(0xcb00_7100u32 + i); // 203.0.113.x and up
-        ConnKey::new(IpAddr::V4(a), port, ip("10.1.0.100"), 80, 6)
+        FlowKey::new(IpAddr::V4(a), port, ip("10.1.0.100"), 80, 6)
     }
 
     fn backend_of(d: Decision) -> IpAddr {
@@ -1014,7 +1015,7 @@ mod tests {
             let b = backend_of(lb.process(&vips, &k, SYN, 0));
             *per.entry(b).or_default() += 1;
             // The backend's SYN-ACK is the reply direction: rewritten back to the VIP.
-            let reply = ConnKey::new(b, 8080, k.src_ip(), k.sport, 6);
+            let reply = FlowKey::new(b, 8080, k.src(), k.src_port, 6);
             match lb.process(&vips, &reply, SYN | ACK, 1) {
                 Decision::Forward {
                     rewrite,
@@ -1033,7 +1034,7 @@ mod tests {
         assert!((w("10.1.0.12") - 0.5).abs() < 0.03, "{per:?}");
         assert_eq!(lb.stats().new_dnat, 8000);
         // Traffic for no VIP is not ours.
-        let other = ConnKey::new(ip("203.0.113.1"), 1, ip("10.1.0.99"), 80, 6);
+        let other = FlowKey::new(ip("203.0.113.1"), 1, ip("10.1.0.99"), 80, 6);
         assert_eq!(lb.process(&vips, &other, SYN, 0), Decision::NotHandled);
     }
 
@@ -1077,7 +1078,7 @@ mod tests {
         let mut lb = core();
         let k = client(1, 40000);
         let first = backend_of(lb.process(&vips, &k, SYN, 0));
-        let reply = ConnKey::new(first, 8080, k.src_ip(), k.sport, 6);
+        let reply = FlowKey::new(first, 8080, k.src(), k.src_port, 6);
         lb.process(&vips, &reply, SYN | ACK, 1);
         lb.process(&vips, &k, ACK, 2);
         // Drain that backend: the established connection keeps it.
@@ -1144,7 +1145,7 @@ mod tests {
         let v = vips.insert(vip);
         let mut lb = core();
         // Open one connection per backend.
-        let mut by_backend: HashMap<IpAddr, ConnKey> = HashMap::new();
+        let mut by_backend: HashMap<IpAddr, FlowKey> = HashMap::new();
         let mut i = 0;
         while by_backend.len() < 3 {
             let k = client(i, 1234);
@@ -1193,7 +1194,7 @@ mod tests {
         let mut vips = Vips::new();
         vips.insert(Vip::new(vip_cfg(2), &[]).unwrap());
         let mut lb = core();
-        let flows: Vec<(ConnKey, IpAddr)> = (0..200)
+        let flows: Vec<(FlowKey, IpAddr)> = (0..200)
             .map(|i| {
                 let k = client(i, 5555);
                 (k, backend_of(lb.process(&vips, &k, SYN, 0)))
@@ -1276,7 +1277,7 @@ mod tests {
         .unwrap();
         let mut lb = LbCore::new(100, Timeouts::default(), Some(snat));
         lb.snat_mut().unwrap().add_member(ip("10.1.0.4")).unwrap();
-        let out = |sport: u16, dst: &str| ConnKey::new(ip("10.1.0.4"), sport, ip(dst), 443, 6);
+        let out = |sport: u16, dst: &str| FlowKey::new(ip("10.1.0.4"), sport, ip(dst), 443, 6);
         let public_of = |d: Decision| match d {
             Decision::Forward {
                 rewrite: Rewrite { src: Some(p), .. },
@@ -1299,7 +1300,7 @@ mod tests {
             "TCP reuses a port towards another destination"
         );
         // The reply from outside finds its way back to the VM.
-        let reply = ConnKey::new(ip("198.51.100.1"), 443, a.0, a.1, 6);
+        let reply = FlowKey::new(ip("198.51.100.1"), 443, a.0, a.1, 6);
         match lb.process_snat(&reply, SYN | ACK, 1) {
             Decision::Forward {
                 rewrite,
@@ -1318,7 +1319,7 @@ mod tests {
         let d = public_of(lb.process_snat(&out(4, "198.51.100.1"), SYN, 2 + 11 * SEC));
         assert_eq!(d, a);
         // UDP needs a port of its own per flow, and a non-member is refused.
-        let udp = |sport: u16, dst: &str| ConnKey::new(ip("10.1.0.4"), sport, ip(dst), 53, 17);
+        let udp = |sport: u16, dst: &str| FlowKey::new(ip("10.1.0.4"), sport, ip(dst), 53, 17);
         public_of(lb.process_snat(&udp(7, "198.51.100.9"), 0, 3 + 11 * SEC));
         public_of(lb.process_snat(&udp(8, "198.51.100.8"), 0, 3 + 11 * SEC));
         assert_eq!(
@@ -1330,7 +1331,7 @@ mod tests {
         assert_eq!(lb.expire(3 + 42 * SEC, 100), 5);
         assert_eq!(lb.conns().len(), 0);
         public_of(lb.process_snat(&udp(9, "198.51.100.7"), 0, 3 + 42 * SEC));
-        let stranger = ConnKey::new(ip("10.1.0.99"), 1, ip("198.51.100.1"), 443, 6);
+        let stranger = FlowKey::new(ip("10.1.0.99"), 1, ip("198.51.100.1"), 443, 6);
         assert_eq!(
             lb.process_snat(&stranger, SYN, 0),
             Decision::Drop(LbDrop::SnatNotMember)

@@ -9,101 +9,9 @@
 //! active entry if it has already timed out; otherwise the new connection is
 //! refused and counted.
 
+use dataplane::FlowKey;
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hash, Hasher};
-use std::net::IpAddr;
-use xxhash_rust::xxh3::xxh3_64;
-
-/// One direction of a connection: addresses (IPv4 mapped into IPv6), ports
-/// (or ICMP echo id in `sport`, 0 in `dport`) and protocol.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct ConnKey {
-    /// Source address.
-    pub src: [u8; 16],
-    /// Destination address.
-    pub dst: [u8; 16],
-    /// Source port / ICMP echo id.
-    pub sport: u16,
-    /// Destination port.
-    pub dport: u16,
-    /// IP protocol.
-    pub proto: u8,
-}
-
-impl ConnKey {
-    /// A key from addresses and ports.
-    pub fn new(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, proto: u8) -> Self {
-        ConnKey {
-            src: to16(src),
-            dst: to16(dst),
-            sport,
-            dport,
-            proto,
-        }
-    }
-
-    /// True for ICMP and ICMPv6, whose only "port" is the echo id in `sport`.
-    pub fn is_icmp(&self) -> bool {
-        matches!(self.proto, 1 | 58)
-    }
-
-    /// The same connection seen from the other side. For ICMP the echo id
-    /// stays in `sport` (an echo reply carries the request's id).
-    pub fn reversed(&self) -> ConnKey {
-        let (sport, dport) = if self.is_icmp() {
-            (self.sport, self.dport)
-        } else {
-            (self.dport, self.sport)
-        };
-        ConnKey {
-            src: self.dst,
-            dst: self.src,
-            sport,
-            dport,
-            proto: self.proto,
-        }
-    }
-
-    /// Source address.
-    pub fn src_ip(&self) -> IpAddr {
-        from16(self.src)
-    }
-
-    /// Destination address.
-    pub fn dst_ip(&self) -> IpAddr {
-        from16(self.dst)
-    }
-
-    /// XXH3 over the key's 37 bytes: fixed, the same on every machine.
-    #[inline]
-    pub fn hash64(&self) -> u64 {
-        let mut b = [0u8; 37];
-        b[..16].copy_from_slice(&self.src);
-        b[16..32].copy_from_slice(&self.dst);
-        b[32..34].copy_from_slice(&self.sport.to_be_bytes());
-        b[34..36].copy_from_slice(&self.dport.to_be_bytes());
-        b[36] = self.proto;
-        xxh3_64(&b)
-    }
-}
-
-impl From<&dataplane::FlowKey> for ConnKey {
-    fn from(k: &dataplane::FlowKey) -> Self {
-        ConnKey {
-            src: k.src_ip,
-            dst: k.dst_ip,
-            sport: k.src_port,
-            dport: k.dst_port,
-            proto: k.proto,
-        }
-    }
-}
-
-impl Hash for ConnKey {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        state.write_u64(self.hash64());
-    }
-}
+use std::hash::{BuildHasherDefault, Hasher};
 
 /// Passes a precomputed u64 through (keys hash themselves with XXH3).
 #[derive(Default)]
@@ -123,7 +31,7 @@ impl Hasher for IdentityHasher {
     }
 }
 
-pub use dataplane::parse::{from16, to16};
+pub use dataplane::key::{from16, to16};
 
 /// Which way a packet travels relative to the connection's first packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -310,9 +218,9 @@ pub fn next_state(
 #[derive(Debug, Clone, PartialEq)]
 pub struct Conn<V> {
     /// Key of the originating direction (as the first packet arrived).
-    pub orig: ConnKey,
+    pub orig: FlowKey,
     /// Key the reply direction arrives with (after NAT, if any).
-    pub reply: ConnKey,
+    pub reply: FlowKey,
     /// Protocol state.
     pub state: ConnState,
     /// FIN seen per direction.
@@ -423,7 +331,7 @@ pub enum ConnError {
 /// A bounded connection table for one core.
 #[derive(Debug)]
 pub struct ConnTable<V> {
-    map: HashMap<ConnKey, (u32, Dir), BuildHasherDefault<IdentityHasher>>,
+    map: HashMap<FlowKey, (u32, Dir), BuildHasherDefault<IdentityHasher>>,
     slots: Vec<Slot<V>>,
     free: Vec<u32>,
     heads: [u32; 2],
@@ -534,7 +442,7 @@ impl<V> ConnTable<V> {
     /// A timed-out entry is removed (and handed to `on_remove`).
     pub fn lookup(
         &mut self,
-        key: &ConnKey,
+        key: &FlowKey,
         now: u64,
         on_remove: impl FnOnce(Conn<V>),
     ) -> Option<(u32, Dir)> {
@@ -556,7 +464,7 @@ impl<V> ConnTable<V> {
     }
 
     /// True when `key` is tracked (timed out or not).
-    pub fn contains(&self, key: &ConnKey) -> bool {
+    pub fn contains(&self, key: &FlowKey) -> bool {
         self.map.contains_key(key)
     }
 
@@ -654,8 +562,8 @@ impl<V> ConnTable<V> {
     /// `on_evict`), else refuses.
     pub fn insert(
         &mut self,
-        orig: ConnKey,
-        reply: ConnKey,
+        orig: FlowKey,
+        reply: FlowKey,
         tcp_flags: u8,
         now: u64,
         value: V,
@@ -799,8 +707,8 @@ mod tests {
 
     const MS: u64 = 1_000_000;
 
-    fn key(sport: u16) -> ConnKey {
-        ConnKey::new(
+    fn key(sport: u16) -> FlowKey {
+        FlowKey::new(
             "10.0.0.1".parse().unwrap(),
             sport,
             "10.1.0.100".parse().unwrap(),
@@ -851,8 +759,8 @@ mod tests {
         ConnTable::new(cap, to)
     }
 
-    fn udp(sport: u16) -> ConnKey {
-        ConnKey {
+    fn udp(sport: u16) -> FlowKey {
+        FlowKey {
             proto: 17,
             ..key(sport)
         }
@@ -988,7 +896,7 @@ mod tests {
         let est = t
             .insert(key(2), key(2).reversed(), ACK, 0, 0, |_| {})
             .unwrap();
-        let u = ConnKey {
+        let u = FlowKey {
             proto: 17,
             ..key(3)
         };
@@ -1000,7 +908,7 @@ mod tests {
         // Just past the handshake timeout: the SYN entry goes, the others stay.
         let now = to.tcp_handshake + 1;
         let mut gone = Vec::new();
-        assert_eq!(t.expire(now, 100, |c| gone.push(c.orig.sport)), 1);
+        assert_eq!(t.expire(now, 100, |c| gone.push(c.orig.src_port)), 1);
         assert_eq!(gone, vec![1]);
         assert!(t.lookup(&key(2), now, |_| {}).is_some());
         // UDP (replied) outlives 30 s; established outlives 120 s.

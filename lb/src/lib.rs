@@ -23,6 +23,6 @@ pub mod probe;
 pub mod snat;
 
 pub use balancer::{Backend, Decision, Distribution, LbCore, LbDrop, Vip, VipConfig, Vips};
-pub use conntrack::{ConnKey, ConnRef, ConnTable, Dir, Timeouts};
+pub use conntrack::{ConnRef, ConnTable, Dir, Timeouts};
 pub use maglev::MaglevTable;
 pub use nat::{NatBinding, Rewrite};

@@ -1,7 +1,7 @@
 //! NAT bindings: what to rewrite in each direction of a connection, in a form
 //! the switch can fold into its one header-rewrite action per direction.
 
-use crate::conntrack::ConnKey;
+use dataplane::FlowKey;
 use dataplane::Parsed;
 use dataplane::rewrite::{self, RewriteError};
 use std::net::IpAddr;
@@ -49,18 +49,18 @@ impl Rewrite {
     }
 
     /// The key a packet with key `k` has after this rewrite.
-    pub fn apply_to_key(&self, k: &ConnKey) -> ConnKey {
+    pub fn apply_to_key(&self, k: &FlowKey) -> FlowKey {
         let mut out = *k;
         if let Some((ip, port)) = self.src {
-            out.src = crate::conntrack::to16(ip);
-            out.sport = port;
+            out.src_ip = crate::conntrack::to16(ip);
+            out.src_port = port;
         }
         if let Some((ip, port)) = self.dst {
-            out.dst = crate::conntrack::to16(ip);
+            out.dst_ip = crate::conntrack::to16(ip);
             if k.is_icmp() {
-                out.sport = port;
+                out.src_port = port;
             } else {
-                out.dport = port;
+                out.dst_port = port;
             }
         }
         out
@@ -89,11 +89,11 @@ impl NatBinding {
     /// DNAT of a connection `orig` (client -> VIP) to `dip:dport`: forward
     /// packets get the DIP as destination; replies get the VIP back as source.
     /// For ICMP echo the identifier is kept (`dport` is ignored).
-    pub fn dnat(orig: &ConnKey, dip: IpAddr, dport: u16) -> NatBinding {
+    pub fn dnat(orig: &FlowKey, dip: IpAddr, dport: u16) -> NatBinding {
         let (to_port, back_port) = if orig.is_icmp() {
-            (orig.sport, orig.sport)
+            (orig.src_port, orig.src_port)
         } else {
-            (dport, orig.dport)
+            (dport, orig.dst_port)
         };
         NatBinding {
             forward: Rewrite {
@@ -101,7 +101,7 @@ impl NatBinding {
                 dst: Some((dip, to_port)),
             },
             reverse: Rewrite {
-                src: Some((orig.dst_ip(), back_port)),
+                src: Some((orig.dst(), back_port)),
                 dst: None,
             },
         }
@@ -109,7 +109,7 @@ impl NatBinding {
 
     /// SNAT of a connection `orig` (VM -> outside) to `public:port`: forward
     /// packets leave from the public address; replies go back to the VM.
-    pub fn snat(orig: &ConnKey, public: IpAddr, port: u16) -> NatBinding {
+    pub fn snat(orig: &FlowKey, public: IpAddr, port: u16) -> NatBinding {
         NatBinding {
             forward: Rewrite {
                 src: Some((public, port)),
@@ -117,13 +117,13 @@ impl NatBinding {
             },
             reverse: Rewrite {
                 src: None,
-                dst: Some((orig.src_ip(), orig.sport)),
+                dst: Some((orig.src(), orig.src_port)),
             },
         }
     }
 
     /// The key replies arrive with, for a connection whose first packet had `orig`.
-    pub fn reply_key(&self, orig: &ConnKey) -> ConnKey {
+    pub fn reply_key(&self, orig: &FlowKey) -> FlowKey {
         self.forward.apply_to_key(orig).reversed()
     }
 }
@@ -164,8 +164,8 @@ mod tests {
         }
     }
 
-    fn key_of(frame: &[u8]) -> ConnKey {
-        ConnKey::from(&parse(frame, 0).unwrap().key)
+    fn key_of(frame: &[u8]) -> FlowKey {
+        parse(frame, 0).unwrap().key
     }
 
     fn apply(frame: &mut [u8], rw: &Rewrite) {
@@ -191,7 +191,7 @@ mod tests {
         let seen = key_of(&req);
         assert_eq!(
             seen,
-            ConnKey::new(
+            FlowKey::new(
                 "203.0.113.7".parse().unwrap(),
                 50000,
                 "10.1.0.5".parse().unwrap(),
@@ -225,7 +225,7 @@ mod tests {
         let orig = key_of(&req);
         let nat = NatBinding::dnat(&orig, "10.1.0.6".parse().unwrap(), 53);
         apply(&mut req, &nat.forward);
-        assert_eq!(key_of(&req).dst_ip(), "10.1.0.6".parse::<IpAddr>().unwrap());
+        assert_eq!(key_of(&req).dst(), "10.1.0.6".parse::<IpAddr>().unwrap());
 
         let vip6 = "2001:db8::100"
             .parse::<std::net::Ipv6Addr>()
@@ -270,10 +270,7 @@ mod tests {
         let orig = key_of(&req);
         let nat = NatBinding::snat(&orig, "192.0.2.10".parse().unwrap(), 0x4000);
         apply(&mut req, &nat.forward);
-        assert_eq!(
-            key_of(&req).src_ip(),
-            "192.0.2.10".parse::<IpAddr>().unwrap()
-        );
+        assert_eq!(key_of(&req).src(), "192.0.2.10".parse::<IpAddr>().unwrap());
         let mut reply = Vec::new();
         PacketBuilder::ethernet2([0; 6], [0; 6])
             .ipv4([198, 51, 100, 1], [192, 0, 2, 10], 64)
@@ -283,6 +280,6 @@ mod tests {
         assert_eq!(key_of(&reply), nat.reply_key(&orig));
         apply(&mut reply, &nat.reverse);
         assert_eq!(key_of(&reply), orig.reversed());
-        assert_eq!(key_of(&reply).sport, 0x1234);
+        assert_eq!(key_of(&reply).src_port, 0x1234);
     }
 }

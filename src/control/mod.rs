@@ -176,7 +176,7 @@ fn flow_json(i: &vswitch::flow::FlowInfo, ports: &[String]) -> Value {
     };
     json!({
         "worker": i.worker,
-        "in_port": port(k.in_port),
+        "in_port": port(i.in_port),
         "src": k.src().to_string(),
         "dst": k.dst().to_string(),
         "proto": k.proto,

@@ -197,6 +197,9 @@ struct Bucket {
 #[repr(C, align(64))]
 struct Slot {
     key: FlowKey,
+    /// The switch port the flow arrives on: part of the flow's identity
+    /// (the same 5-tuple on two ports is two flows).
+    in_port: u16,
     entry: FlowEntry,
 }
 
@@ -293,10 +296,10 @@ impl FlowTable {
         }
     }
 
-    /// The hash of `key` in this table (seeded; the low bits choose the
-    /// bucket, the top 16 the signature).
+    /// The hash of `key` arriving on `in_port` in this table (seeded; the
+    /// low bits choose the bucket, the top 16 the signature).
     #[inline(always)]
-    pub fn hash(&self, key: &FlowKey) -> u64 {
+    pub fn hash(&self, in_port: u16, key: &FlowKey) -> u64 {
         let w = |b: &[u8; 16]| {
             let (lo, hi) = b.split_at(8);
             let mut a = [0u8; 8];
@@ -309,7 +312,7 @@ impl FlowTable {
         let (d0, d1) = w(&key.dst_ip);
         let rest = u64::from(key.src_port)
             | u64::from(key.dst_port) << 16
-            | u64::from(key.in_port) << 32
+            | u64::from(in_port) << 32
             | u64::from(key.proto) << 48;
         let [k0, k1, k2, k3] = self.seed;
         let h = fold(s0 ^ k0, s1 ^ k1) ^ fold(d0 ^ k2, d1 ^ k3) ^ fold(rest ^ k1, k0);
@@ -332,10 +335,10 @@ impl FlowTable {
             .map_or(0, |b| b.overflow)
     }
 
-    /// The flow with key `key`, whose [`FlowTable::hash`] is `hash`.
+    /// The flow of `key` on `in_port`, whose [`FlowTable::hash`] is `hash`.
     #[inline]
-    pub fn find(&self, hash: u64, key: &FlowKey) -> Option<FlowRef> {
-        self.position(hash, key).map(|(_, _, s)| FlowRef {
+    pub fn find(&self, hash: u64, in_port: u16, key: &FlowKey) -> Option<FlowRef> {
+        self.position(hash, in_port, key).map(|(_, _, s)| FlowRef {
             slot: s,
             epoch: self.removals,
         })
@@ -343,7 +346,7 @@ impl FlowTable {
 
     /// Where `key` is: (bucket, way, slot).
     #[inline(always)]
-    fn position(&self, hash: u64, key: &FlowKey) -> Option<(usize, usize, u32)> {
+    fn position(&self, hash: u64, in_port: u16, key: &FlowKey) -> Option<(usize, usize, u32)> {
         let sig = Self::sig(hash);
         let mut b = hash as usize & self.mask;
         for _ in 0..self.buckets.len() {
@@ -364,7 +367,11 @@ impl FlowTable {
                 }
                 let s = bucket.slot.get(w).copied().unwrap_or(u32::MAX);
                 // The index points only at slots in use.
-                if self.slots.get(s as usize).is_some_and(|sl| sl.key == *key) {
+                if self
+                    .slots
+                    .get(s as usize)
+                    .is_some_and(|sl| sl.key == *key && sl.in_port == in_port)
+                {
                     return Some((b, w, s));
                 }
             }
@@ -388,7 +395,7 @@ impl FlowTable {
             .map(|s| (&s.key, &mut s.entry))
     }
 
-    /// The entry of `key` (hash `hash`), trying `hint` first: a lookup made
+    /// The entry of `key` on `in_port` (hash `hash`), trying `hint` first: a lookup made
     /// earlier in the burst, still right unless a flow was removed since
     /// (then, or without a hint, the index is searched again: the flow may
     /// have been installed since).
@@ -397,28 +404,29 @@ impl FlowTable {
         &mut self,
         hint: Option<FlowRef>,
         hash: u64,
+        in_port: u16,
         key: &FlowKey,
     ) -> Option<&mut FlowEntry> {
         let r = match hint.filter(|r| r.epoch == self.removals) {
             Some(r) => r,
-            None => self.find(hash, key)?,
+            None => self.find(hash, in_port, key)?,
         };
         self.at(r).map(|(_, e)| e)
     }
 
-    /// The entry of `key`.
+    /// The entry of `key` on `in_port`.
     #[inline]
-    pub fn get_mut(&mut self, key: &FlowKey) -> Option<&mut FlowEntry> {
-        let r = self.find(self.hash(key), key)?;
+    pub fn get_mut(&mut self, in_port: u16, key: &FlowKey) -> Option<&mut FlowEntry> {
+        let r = self.find(self.hash(in_port, key), in_port, key)?;
         self.at(r).map(|(_, e)| e)
     }
 
-    /// Installs an entry, or replaces the entry of `key` (a flow decided
-    /// again under a new policy generation), which keeps its packet and
-    /// byte counts; `Full` when the table is full.
-    pub fn insert(&mut self, key: FlowKey, mut e: FlowEntry) -> Insert {
-        let hash = self.hash(&key);
-        if let Some((_, _, s)) = self.position(hash, &key) {
+    /// Installs an entry for `key` on `in_port`, or replaces the flow's
+    /// entry (a flow decided again under a new policy generation), which
+    /// keeps its packet and byte counts; `Full` when the table is full.
+    pub fn insert(&mut self, in_port: u16, key: FlowKey, mut e: FlowEntry) -> Insert {
+        let hash = self.hash(in_port, &key);
+        if let Some((_, _, s)) = self.position(hash, in_port, &key) {
             if let Some(slot) = self.slots.get_mut(s as usize) {
                 e.packets += slot.entry.packets;
                 e.bytes += slot.entry.bytes;
@@ -433,7 +441,11 @@ impl FlowTable {
         if (self.len + 1) * 2 > self.buckets.len() * WAYS {
             self.grow();
         }
-        let slot = Slot { key, entry: e };
+        let slot = Slot {
+            key,
+            in_port,
+            entry: e,
+        };
         let s = match self.free.pop() {
             Some(s) => {
                 if let Some(old) = self.slots.get_mut(s as usize) {
@@ -489,15 +501,15 @@ impl FlowTable {
             let (Some(slot), Some(true)) = (self.slots.get(i), self.live.get(i)) else {
                 continue;
             };
-            let h = self.hash(&slot.key);
+            let h = self.hash(slot.in_port, &slot.key);
             self.place(h, i as u32);
         }
     }
 
-    /// Removes an entry.
-    pub fn remove(&mut self, key: &FlowKey) -> Option<FlowEntry> {
-        let hash = self.hash(key);
-        let (b, w, s) = self.position(hash, key)?;
+    /// Removes the flow of `key` on `in_port`.
+    pub fn remove(&mut self, in_port: u16, key: &FlowKey) -> Option<FlowEntry> {
+        let hash = self.hash(in_port, key);
+        let (b, w, s) = self.position(hash, in_port, key)?;
         let mut at = hash as usize & self.mask;
         while at != b {
             if let Some(x) = self.buckets.get_mut(at) {
@@ -565,8 +577,8 @@ impl FlowTable {
             };
             let limit = if s.entry.closing { closing } else { idle };
             if now.saturating_sub(s.entry.last_seen) > limit {
-                let key = s.key;
-                if self.remove(&key).is_some() {
+                let (port, key) = (s.in_port, s.key);
+                if self.remove(port, &key).is_some() {
                     removed += 1;
                 }
             }
@@ -575,24 +587,28 @@ impl FlowTable {
         removed
     }
 
-    /// Iterates over entries.
-    pub fn iter(&self) -> impl Iterator<Item = (&FlowKey, &FlowEntry)> {
+    /// Iterates over entries: input port, key, entry.
+    pub fn iter(&self) -> impl Iterator<Item = (u16, &FlowKey, &FlowEntry)> {
         self.slots
             .iter()
             .zip(&self.live)
             .filter(|(_, l)| **l)
-            .map(|(s, _)| (&s.key, &s.entry))
+            .map(|(s, _)| (s.in_port, &s.key, &s.entry))
     }
 
-    /// Removes every entry `remove` returns true for; returns how many.
-    pub fn remove_where(&mut self, mut remove: impl FnMut(&FlowKey, &FlowEntry) -> bool) -> usize {
-        let doomed: Vec<FlowKey> = self
+    /// Removes every entry `remove` returns true for (given its input
+    /// port, key and entry); returns how many.
+    pub fn remove_where(
+        &mut self,
+        mut remove: impl FnMut(u16, &FlowKey, &FlowEntry) -> bool,
+    ) -> usize {
+        let doomed: Vec<(u16, FlowKey)> = self
             .iter()
-            .filter(|(k, e)| remove(k, e))
-            .map(|(k, _)| *k)
+            .filter(|(p, k, e)| remove(*p, k, e))
+            .map(|(p, k, _)| (p, *k))
             .collect();
-        for k in &doomed {
-            self.remove(k);
+        for (p, k) in &doomed {
+            self.remove(*p, k);
         }
         doomed.len()
     }
@@ -619,8 +635,9 @@ pub struct FlowFilter {
 }
 
 impl FlowFilter {
-    /// True when the flow `k` with entry `e` matches.
-    pub fn matches(&self, k: &FlowKey, e: &FlowEntry) -> bool {
+    /// True when the flow `k` arriving on `in_port`, with entry `e`,
+    /// matches.
+    pub fn matches(&self, in_port: u16, k: &FlowKey, e: &FlowEntry) -> bool {
         let to16 = |ip: std::net::IpAddr| match ip {
             std::net::IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
             std::net::IpAddr::V6(a) => a.octets(),
@@ -635,7 +652,7 @@ impl FlowFilter {
             && opt(self.dst_port, k.dst_port)
             && self
                 .port
-                .is_none_or(|p| k.in_port == p || e.action.out_port == p)
+                .is_none_or(|p| in_port == p || e.action.out_port == p)
             && self.vip.is_none_or(|(a, port, proto)| {
                 k.proto == proto
                     && ((k.dst_ip == a && k.dst_port == port)
@@ -652,6 +669,8 @@ impl FlowFilter {
 pub struct FlowInfo {
     /// The worker whose table holds it.
     pub worker: usize,
+    /// The switch port it arrives on.
+    pub in_port: u16,
     /// Its key (as received).
     pub key: FlowKey,
     /// Its cached entry.
@@ -694,21 +713,41 @@ mod tests {
     }
 
     #[test]
+    fn one_key_on_two_ports_is_two_flows() {
+        let mut t = FlowTable::new(8, 100, 10);
+        assert_eq!(t.insert(1, key(7), entry(1)), Insert::New);
+        assert_eq!(t.insert(2, key(7), entry(2)), Insert::New);
+        assert_eq!(t.get_mut(1, &key(7)).map(|e| e.last_seen), Some(1));
+        assert_eq!(t.get_mut(2, &key(7)).map(|e| e.last_seen), Some(2));
+        assert!(t.get_mut(3, &key(7)).is_none());
+        let ports: HashSet<u16> = t.iter().map(|(p, _, _)| p).collect();
+        assert_eq!(ports, HashSet::from([1, 2]));
+        assert!(t.remove(1, &key(7)).is_some());
+        assert!(t.get_mut(2, &key(7)).is_some());
+        let f = FlowFilter {
+            port: Some(2),
+            ..FlowFilter::default()
+        };
+        assert_eq!(t.remove_where(|p, k, e| f.matches(p, k, e)), 1);
+        assert!(t.is_empty());
+    }
+
+    #[test]
     fn bounded_and_expiring() {
         let mut t = FlowTable::new(2, 100, 10);
-        assert_eq!(t.insert(key(1), entry(0)), Insert::New);
-        assert_eq!(t.insert(key(2), entry(0)), Insert::New);
-        assert_eq!(t.insert(key(3), entry(0)), Insert::Full);
+        assert_eq!(t.insert(0, key(1), entry(0)), Insert::New);
+        assert_eq!(t.insert(0, key(2), entry(0)), Insert::New);
+        assert_eq!(t.insert(0, key(3), entry(0)), Insert::Full);
         assert_eq!(t.stats().full, 1);
         // Replacing an existing key is allowed when full, and keeps its counts.
-        t.get_mut(&key(2)).unwrap().packets = 7;
-        assert_eq!(t.insert(key(2), entry(50)), Insert::Replaced);
-        assert_eq!(t.get_mut(&key(2)).unwrap().packets, 7);
+        t.get_mut(0, &key(2)).unwrap().packets = 7;
+        assert_eq!(t.insert(0, key(2), entry(50)), Insert::Replaced);
+        assert_eq!(t.get_mut(0, &key(2)).unwrap().packets, 7);
         assert_eq!(t.stats().installed, 2);
-        t.get_mut(&key(2)).unwrap().closing = true;
+        t.get_mut(0, &key(2)).unwrap().closing = true;
         // At 70: key 2 (closing, last seen 50) is past 10; key 1 within 100.
         assert_eq!(t.expire(70), 1);
-        assert!(t.get_mut(&key(1)).is_some());
+        assert!(t.get_mut(0, &key(1)).is_some());
         assert_eq!(t.expire(101), 1);
         assert!(t.is_empty());
         assert_eq!(t.stats().expired, 2);
@@ -719,8 +758,8 @@ mod tests {
         let (a, b) = (FlowTable::new(8, 1, 1), FlowTable::new(8, 1, 1));
         let k = FlowKey::default();
         // Two tables place the same key differently (a 2^-64 chance not).
-        assert_ne!(a.hash(&k), b.hash(&k));
-        assert_eq!(a.hash(&k), a.hash(&k));
+        assert_ne!(a.hash(0, &k), b.hash(0, &k));
+        assert_eq!(a.hash(0, &k), a.hash(0, &k));
     }
 
     #[test]
@@ -732,7 +771,7 @@ mod tests {
             k.src_ip = std::net::Ipv4Addr::new(10, 1, 1, i)
                 .to_ipv6_mapped()
                 .octets();
-            let h = t.hash(&k);
+            let h = t.hash(0, &k);
             buckets.insert(h & 1023);
             sigs.insert(h >> 48);
         }
@@ -751,24 +790,24 @@ mod tests {
             k
         };
         for i in 0..n {
-            assert_eq!(t.insert(k(i), entry(u64::from(i))), Insert::New);
+            assert_eq!(t.insert(0, k(i), entry(u64::from(i))), Insert::New);
         }
         assert_eq!(t.len(), n as usize);
         for i in 0..n {
-            let r = t.find(t.hash(&k(i)), &k(i)).unwrap();
+            let r = t.find(t.hash(0, &k(i)), 0, &k(i)).unwrap();
             let (key, e) = t.at(r).unwrap();
             assert_eq!((*key, e.last_seen), (k(i), u64::from(i)));
         }
         for i in (0..n).step_by(2) {
-            assert!(t.remove(&k(i)).is_some());
+            assert!(t.remove(0, &k(i)).is_some());
         }
         for i in 0..n {
-            assert_eq!(t.get_mut(&k(i)).is_some(), i % 2 == 1, "key {i}");
+            assert_eq!(t.get_mut(0, &k(i)).is_some(), i % 2 == 1, "key {i}");
         }
         // Freed slots are reused: the slab does not grow.
         let slots = t.slots.len();
         for i in (0..n).step_by(2) {
-            assert_eq!(t.insert(k(i), entry(0)), Insert::New);
+            assert_eq!(t.insert(0, k(i), entry(0)), Insert::New);
         }
         assert_eq!(t.slots.len(), slots);
         assert_eq!(t.iter().count(), n as usize);
@@ -778,7 +817,7 @@ mod tests {
     fn expiry_a_little_at_a_time_sweeps_the_whole_table() {
         let mut t = FlowTable::new(1000, 100, 10);
         for k in 0..300 {
-            t.insert(key(k), entry(u64::from(k % 3) * 1000));
+            t.insert(0, key(k), entry(u64::from(k % 3) * 1000));
         }
         // At 1050: entries last seen at 0 are past 100 (idle), at 1000 not,
         // at 2000 not; 100 of 300 expire, whatever the chunk size.
@@ -790,7 +829,7 @@ mod tests {
         assert_eq!(t.len(), 200);
         assert_eq!(t.stats().expired, 100);
         for k in 0..300 {
-            assert_eq!(t.get_mut(&key(k)).is_some(), k % 3 != 0, "key {k}");
+            assert_eq!(t.get_mut(0, &key(k)).is_some(), k % 3 != 0, "key {k}");
         }
         // The cursor wraps: another sweep later takes the next hundred.
         let mut removed = 0;
@@ -819,24 +858,27 @@ mod tests {
     fn a_stale_hint_is_not_trusted() {
         let mut t = FlowTable::new(16, 100, 10);
         let (a, b) = (key(1), key(2));
-        t.insert(a, entry(1));
-        let hint = t.find(t.hash(&a), &a);
+        t.insert(0, a, entry(1));
+        let hint = t.find(t.hash(0, &a), 0, &a);
         assert!(hint.is_some());
         // `a` goes; `b` takes its slot (the free list reuses it).
-        t.remove(&a);
-        t.insert(b, entry(2));
-        assert_eq!(t.find(t.hash(&b), &b).map(|r| r.slot), hint.map(|r| r.slot));
+        t.remove(0, &a);
+        t.insert(0, b, entry(2));
+        assert_eq!(
+            t.find(t.hash(0, &b), 0, &b).map(|r| r.slot),
+            hint.map(|r| r.slot)
+        );
         // The hint (from before the removal) points at `b`'s slot now: it
         // is not trusted, so a lookup of `a` with it misses, and one of `b`
         // with it (or without) finds `b`.
-        let ha = t.hash(&a);
-        assert!(t.entry_for(hint, ha, &a).is_none());
-        let hb = t.hash(&b);
-        assert_eq!(t.entry_for(hint, hb, &b).map(|e| e.last_seen), Some(2));
-        assert_eq!(t.entry_for(None, hb, &b).map(|e| e.last_seen), Some(2));
+        let ha = t.hash(0, &a);
+        assert!(t.entry_for(hint, ha, 0, &a).is_none());
+        let hb = t.hash(0, &b);
+        assert_eq!(t.entry_for(hint, hb, 0, &b).map(|e| e.last_seen), Some(2));
+        assert_eq!(t.entry_for(None, hb, 0, &b).map(|e| e.last_seen), Some(2));
         // A miss earlier in a burst, then installed: found without a hint.
-        t.insert(a, entry(3));
-        assert_eq!(t.entry_for(None, ha, &a).map(|e| e.last_seen), Some(3));
+        t.insert(0, a, entry(3));
+        assert_eq!(t.entry_for(None, ha, 0, &a).map(|e| e.last_seen), Some(3));
     }
 
     #[test]
@@ -848,7 +890,7 @@ mod tests {
         for _ in 0..1000 {
             t = FlowTable::new(64, 100, 10);
             for k in 0..64 {
-                assert_eq!(t.insert(key(k), entry(0)), Insert::New);
+                assert_eq!(t.insert(0, key(k), entry(0)), Insert::New);
             }
             if t.buckets.iter().any(|b| b.overflow > 0) {
                 break;
@@ -856,10 +898,10 @@ mod tests {
         }
         assert!(t.buckets.iter().any(|b| b.overflow > 0));
         for k in 0..64 {
-            assert!(t.get_mut(&key(k)).is_some(), "key {k}");
+            assert!(t.get_mut(0, &key(k)).is_some(), "key {k}");
         }
         for k in 0..64 {
-            assert!(t.remove(&key(k)).is_some(), "key {k}");
+            assert!(t.remove(0, &key(k)).is_some(), "key {k}");
         }
         assert!(t.buckets.iter().all(|b| b.overflow == 0 && b.sigs == 0));
         assert!(t.is_empty());
@@ -915,7 +957,7 @@ mod tests {
             for o in ops {
                 match o {
                     Op::Insert(k, now) => {
-                        let got = t.insert(key(k), entry(now));
+                        let got = t.insert(0, key(k), entry(now));
                         let want = if let Some(e) = model.get_mut(&k) {
                             *e = entry(now);
                             Insert::Replaced
@@ -928,7 +970,7 @@ mod tests {
                         prop_assert_eq!(got, want);
                     }
                     Op::Remove(k) => {
-                        prop_assert_eq!(t.remove(&key(k)), model.remove(&k));
+                        prop_assert_eq!(t.remove(0, &key(k)), model.remove(&k));
                     }
                     Op::Expire(now) => {
                         let before = model.len();
@@ -939,7 +981,7 @@ mod tests {
                 prop_assert_eq!(t.len(), model.len());
             }
             for k in 0..200u16 {
-                prop_assert_eq!(t.get_mut(&key(k)).copied(), model.get(&k).copied());
+                prop_assert_eq!(t.get_mut(0, &key(k)).copied(), model.get(&k).copied());
             }
         }
     }

@@ -61,7 +61,7 @@ mod tests {
     use super::*;
     use crate::policy::{Topology, UplinkDef, VipDef, VmDef, VnetDef};
     use dataplane::MacAddr;
-    use dataplane::parse::to16;
+    use dataplane::key::to16;
     use lb::balancer::{Backend, VipConfig};
     use lb::snat::SnatConfig;
     use std::net::IpAddr;
@@ -76,7 +76,6 @@ mod tests {
             dst_ip: ip(dst),
             src_port: sport,
             dst_port: dport,
-            in_port: 0,
             proto,
         }
     }

@@ -5,23 +5,12 @@ use super::Switch;
 use crate::flow::{FlowAction, FlowEntry, LbRef};
 use crate::policy::{NO_VIP, Policy};
 use dataplane::{FlowKey, PacketBuf};
-use lb::conntrack::{ConnKey, Dir};
+use lb::conntrack::Dir;
 use lb::nat::Rewrite;
 use std::sync::atomic::Ordering;
 
-pub(super) fn flow_key(k: &ConnKey, in_port: u16) -> FlowKey {
-    FlowKey {
-        src_ip: k.src,
-        dst_ip: k.dst,
-        src_port: k.sport,
-        dst_port: k.dport,
-        in_port,
-        proto: k.proto,
-    }
-}
-
 impl<B: PacketBuf> Switch<B> {
-    /// Installs `fwd` for `key`, and — for a stateful allow or a tracked
+    /// Installs `fwd` for `key` arriving on `in_port`, and — for a stateful allow or a tracked
     /// connection — `back` (its ports and MACs; the NAT is derived here) for
     /// the reverse of `post` arriving on `fwd`'s output port. Returns `fwd`
     /// compiled for `key`.
@@ -30,9 +19,10 @@ impl<B: PacketBuf> Switch<B> {
         &mut self,
         p: &Policy,
         now: u64,
+        in_port: u16,
         key: FlowKey,
         fwd: FlowAction,
-        post: &ConnKey,
+        post: &FlowKey,
         back: FlowAction,
         stateful: bool,
     ) -> FlowAction {
@@ -63,7 +53,7 @@ impl<B: PacketBuf> Switch<B> {
             closing: false,
         };
         let fwd = fwd.compiled_for(&key);
-        if self.flows.insert(key, e(fwd)) == crate::flow::Insert::New {
+        if self.flows.insert(in_port, key, e(fwd)) == crate::flow::Insert::New {
             self.stats.flows_installed.fetch_add(1, Ordering::Relaxed);
         }
         if !stateful && fwd.lb.is_none() {
@@ -93,9 +83,9 @@ impl<B: PacketBuf> Switch<B> {
             }
             None => (Rewrite::NONE, None),
         };
-        let back_key = flow_key(&post.reversed(), fwd.out_port);
+        let back_key = post.reversed();
         let back = FlowAction { nat, lb, ..back }.compiled_for(&back_key);
-        if self.flows.insert(back_key, e(back)) == crate::flow::Insert::New {
+        if self.flows.insert(fwd.out_port, back_key, e(back)) == crate::flow::Insert::New {
             self.stats.flows_installed.fetch_add(1, Ordering::Relaxed);
         }
         fwd

@@ -262,7 +262,7 @@ impl<B: PacketBuf> Switch<B> {
             None => match parse(pkt.data(), in_port16) {
                 Ok(p) => {
                     parsed = p;
-                    (&parsed, self.flows.hash(&parsed.key), None)
+                    (&parsed, self.flows.hash(in_port16, &parsed.key), None)
                 }
                 Err(e) => {
                     ctx.drop_packet(pkt, DropReason::Malformed(e));
@@ -272,7 +272,7 @@ impl<B: PacketBuf> Switch<B> {
         };
         let flags = tcp_flags(pkt.data(), pk);
         let len = pkt.len() as u64;
-        if let Some(e) = self.flows.entry_for(hint, hash, &pk.key) {
+        if let Some(e) = self.flows.entry_for(hint, hash, in_port16, &pk.key) {
             // A fresh SYN on a closing flow may open a new connection on a
             // reused port: the slow path (the load balancer) decides.
             let reopen = flags & (TCP_SYN | TCP_ACK) == TCP_SYN && e.closing;
@@ -428,7 +428,7 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
         }
         let mut touched = 0;
         for (h, p) in hash.iter_mut().zip(parsed.iter()).take(n) {
-            *h = self.flows.hash(&p.key);
+            *h = self.flows.hash(in16, &p.key);
             touched ^= self.flows.touch(*h);
         }
         std::hint::black_box(touched);
@@ -440,7 +440,7 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
             .take(n)
         {
             *r = match st {
-                Ok(()) => self.flows.find(*h, &p.key),
+                Ok(()) => self.flows.find(*h, in16, &p.key),
                 Err(_) => None,
             };
         }

@@ -69,14 +69,16 @@ impl<B: PacketBuf> Switch<B> {
             }
             backends.len()
         } else if req.delete {
-            self.flows.remove_where(|k, e| req.filter.matches(k, e))
+            self.flows
+                .remove_where(|p, k, e| req.filter.matches(p, k, e))
         } else {
             let mut n = 0;
-            for (k, e) in self.flows.iter() {
-                if req.filter.matches(k, e) {
+            for (p, k, e) in self.flows.iter() {
+                if req.filter.matches(p, k, e) {
                     if flows.len() < req.limit {
                         flows.push(crate::flow::FlowInfo {
                             worker: *worker,
+                            in_port: p,
                             key: *k,
                             entry: *e,
                         });

@@ -57,10 +57,10 @@ impl<B: PacketBuf> Switch<B> {
         if src == [0; 16] {
             return Err(SwitchDrop::NdIgnored);
         }
-        if !link_local(&src) && !vm.ips.contains(&dataplane::parse::from16(src)) {
+        if !link_local(&src) && !vm.ips.contains(&dataplane::key::from16(src)) {
             return Err(SwitchDrop::Spoofed);
         }
-        let t = dataplane::parse::from16(target);
+        let t = dataplane::key::from16(target);
         if vm.internal || link_local(&target) || vn.contains(&t) || vn.vips.has_address(t) {
             Ok(Slow::Advert(vn.gateway_mac))
         } else {

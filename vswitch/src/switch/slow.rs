@@ -8,10 +8,10 @@ use super::{Switch, SwitchDrop};
 use crate::flow::{FlowAction, LbRef};
 use crate::policy::{Policy, UplinkDef};
 use dataplane::wire::arp;
-use dataplane::{L3, PacketBuf, Parsed, rewrite};
-use filter::{Action, Direction, PacketKey};
+use dataplane::{FlowKey, L3, PacketBuf, Parsed, rewrite};
+use filter::{Action, Direction};
 use lb::balancer::Decision;
-use lb::conntrack::{ConnKey, Dir};
+use lb::conntrack::Dir;
 use lb::nat::Rewrite;
 use std::sync::atomic::Ordering;
 
@@ -21,7 +21,7 @@ use std::sync::atomic::Ordering;
 pub(super) struct LbStep {
     nat: Rewrite,
     lb: LbRef,
-    post: ConnKey,
+    post: FlowKey,
     reply: bool,
 }
 
@@ -30,7 +30,7 @@ pub(super) struct LbStep {
 pub(super) fn lb_step(
     d: Option<Decision>,
     vnet: usize,
-    key: &ConnKey,
+    key: &FlowKey,
 ) -> Result<Option<LbStep>, SwitchDrop> {
     match d {
         Some(Decision::Forward {
@@ -75,23 +75,16 @@ impl<B: PacketBuf> Switch<B> {
         p: &Policy,
         nsg: Option<usize>,
         dir: Direction,
-        key: &ConnKey,
+        key: &FlowKey,
     ) -> Result<bool, SwitchDrop> {
         let Some(n) = nsg.and_then(|i| p.nsgs.get(i).map(|c| (i, c))) else {
             return Ok(true);
         };
-        let pk = PacketKey {
-            src: key.src_ip(),
-            dst: key.dst_ip(),
-            proto: key.proto,
-            src_port: key.sport,
-            dst_port: key.dport,
-        };
         let hits = &self.hits;
         let c = n.1.classifier(dir);
         let v = match hits.get(n.0) {
-            Some(h) => c.classify_counted(&pk, &h[if dir == Direction::In { 0 } else { 1 }]),
-            None => c.classify(&pk),
+            Some(h) => c.classify_counted(key, &h[if dir == Direction::In { 0 } else { 1 }]),
+            None => c.classify(key),
         };
         match v {
             Some(v) if v.action == Action::Allow => Ok(v.stateful),
@@ -128,7 +121,7 @@ impl<B: PacketBuf> Switch<B> {
         if !vm.ips.contains(&pk.key.src()) {
             return Err(SwitchDrop::Spoofed);
         }
-        let key = ConnKey::from(&pk.key);
+        let key = pk.key;
         if rewrite::is_echo_request(frame, pk) && vnet.vips.has_address(pk.key.dst()) {
             // A VIP answers ping itself, if the VM's security group lets
             // the request out.
@@ -150,13 +143,13 @@ impl<B: PacketBuf> Switch<B> {
         // Routing: inside the vnet to a VM of the *same* vnet (tenant
         // isolation), outside it through the uplink, with SNAT when the vnet
         // has it.
-        let hop = match p.vm_by_addr(vm.vnet, post.dst) {
+        let hop = match p.vm_by_addr(vm.vnet, post.dst_ip) {
             Some((_, dst)) => Hop::Vm(dst),
             None => {
                 let up = p
                     .uplink
                     .as_ref()
-                    .filter(|_| !vnet.contains(&post.dst_ip()))
+                    .filter(|_| !vnet.contains(&post.dst()))
                     .ok_or(SwitchDrop::NoRoute)?;
                 if lb.is_none() && vnet.snat.is_some() {
                     let d = self
@@ -194,9 +187,9 @@ impl<B: PacketBuf> Switch<B> {
             ..fwd
         };
         // The first packet takes the compiled action too.
-        Ok(Slow::Forward(
-            self.install(p, now, pk.key, fwd, &post, back, stateful),
-        ))
+        Ok(Slow::Forward(self.install(
+            p, now, pk.in_port, pk.key, fwd, &post, back, stateful,
+        )))
     }
 
     /// The slow path of a packet from the wire: ARP and ping for the public
@@ -216,7 +209,7 @@ impl<B: PacketBuf> Switch<B> {
                     .get(usize::from(pk.l3_off)..)
                     .ok_or(SwitchDrop::ArpIgnored)?;
                 let a = arp::Packet::new_checked(l3).map_err(|_| SwitchDrop::ArpIgnored)?;
-                let target = dataplane::parse::to16(std::net::IpAddr::V4(a.target_ip()));
+                let target = dataplane::key::to16(std::net::IpAddr::V4(a.target_ip()));
                 if a.operation() != arp::OP_REQUEST || p.vnet_by_public(target).is_none() {
                     return Err(SwitchDrop::ArpIgnored);
                 }
@@ -234,7 +227,7 @@ impl<B: PacketBuf> Switch<B> {
             self.stats.icmp_replies.fetch_add(1, Ordering::Relaxed);
             return Ok(Slow::Reply);
         }
-        let key = ConnKey::from(&pk.key);
+        let key = pk.key;
         let flags = tcp_flags(frame, pk);
         let d = self
             .lb
@@ -247,13 +240,13 @@ impl<B: PacketBuf> Switch<B> {
             reply,
         } = lb_step(d, vn, &key)?.ok_or(SwitchDrop::NoRoute)?;
         let lb = Some(lb);
-        let (_, dst) = p.vm_by_addr(vn, post.dst).ok_or(SwitchDrop::NoRoute)?;
+        let (_, dst) = p.vm_by_addr(vn, post.dst_ip).ok_or(SwitchDrop::NoRoute)?;
         let stateful = reply || self.acl(p, dst.nsg, Direction::In, &post)?;
         let fwd = FlowAction::to_vm(dst, vnet.gateway_mac, nat, lb);
         let back = FlowAction::to_uplink(up, nat, lb);
         // The first packet takes the compiled action too.
-        Ok(Slow::Forward(
-            self.install(p, now, pk.key, fwd, &post, back, stateful),
-        ))
+        Ok(Slow::Forward(self.install(
+            p, now, pk.in_port, pk.key, fwd, &post, back, stateful,
+        )))
     }
 }
