@@ -9,6 +9,7 @@ use filter::{NsgSpec, RuleError};
 use ipnet::IpNet;
 use lb::balancer::{Backend, Distribution, OnUnhealthy, Vip, VipConfig, WhenAllDown};
 use lb::snat::SnatConfig;
+use dataplane::port::spec::{PortSpec, Queues};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -60,26 +61,58 @@ pub struct DpdkCfg {
     pub eal_args: Vec<String>,
 }
 
-/// `[[port]]`.
+/// `[[port]]`: a name, an MTU, and the driver with its own settings
+/// (`driver = "af_packet"`, `iface = "..."`; [`PortSpec`]). A key another
+/// driver takes is an error, naming the port.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "RawPort", into = "RawPort")]
 pub struct PortCfg {
     /// Port name.
     pub name: String,
-    /// `ring`, `pcap`, `af_packet`, `af_xdp` or `dpdk`.
-    pub driver: String,
-    /// Kernel interface (`af_packet`, `af_xdp`).
-    pub iface: Option<String>,
-    /// DPDK device arguments (`dpdk`).
-    pub devargs: Option<String>,
-    /// PCI address (`dpdk`).
-    pub pci: Option<String>,
-    /// Capture to replay (`pcap`).
-    pub rx_pcap: Option<PathBuf>,
-    /// Capture to write (`pcap`).
-    pub tx_pcap: Option<PathBuf>,
     /// MTU (default 1500).
     pub mtu: Option<u16>,
+    /// The driver and its settings.
+    pub spec: PortSpec,
+}
+
+/// A `[[port]]` table as written: the common keys, and the rest for the
+/// driver. (serde cannot refuse unknown keys of a flattened enum; read this
+/// way, the driver's variant refuses them.)
+#[derive(Deserialize, Serialize)]
+struct RawPort {
+    name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mtu: Option<u16>,
+    #[serde(flatten)]
+    rest: serde_json::Map<String, serde_json::Value>,
+}
+
+impl TryFrom<RawPort> for PortCfg {
+    type Error = String;
+
+    fn try_from(r: RawPort) -> Result<PortCfg, String> {
+        let spec = PortSpec::deserialize(serde_json::Value::Object(r.rest))
+            .map_err(|e| format!("port {:?}: {e}", r.name))?;
+        Ok(PortCfg {
+            name: r.name,
+            mtu: r.mtu,
+            spec,
+        })
+    }
+}
+
+impl From<PortCfg> for RawPort {
+    fn from(p: PortCfg) -> RawPort {
+        let rest = match serde_json::to_value(&p.spec) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => serde_json::Map::new(),
+        };
+        RawPort {
+            name: p.name,
+            mtu: p.mtu,
+            rest,
+        }
+    }
 }
 
 /// `[[vnet]]`.
@@ -472,34 +505,11 @@ impl Config {
 
     fn check_port(&self, p: &PortCfg, errs: &mut Vec<String>) {
         let name = &p.name;
-        let has = |o: &Option<String>| o.as_deref().is_some_and(|s| !s.is_empty());
-        match p.driver.as_str() {
-            "ring" => {}
-            "pcap" => {
-                if p.rx_pcap.is_none() && p.tx_pcap.is_none() {
-                    errs.push(format!(
-                        "port {name:?}: a pcap port needs rx_pcap, tx_pcap or both"
-                    ));
-                }
-            }
-            "af_packet" | "af_xdp" => {
-                if !has(&p.iface) {
-                    errs.push(format!("port {name:?}: an {} port needs iface", p.driver));
-                }
-            }
-            "dpdk" => {
-                if !has(&p.devargs) && !has(&p.pci) {
-                    errs.push(format!("port {name:?}: a dpdk port needs devargs or pci"));
-                }
-                if !cfg!(feature = "dpdk") {
-                    errs.push(format!(
-                        "port {name:?}: driver \"dpdk\" needs pollux built with the dpdk feature"
-                    ));
-                }
-            }
-            other => errs.push(format!(
-                "port {name:?}: driver {other:?} is not one of ring, pcap, af_packet, af_xdp, dpdk"
-            )),
+        errs.extend(p.spec.problems(name).iter().map(ToString::to_string));
+        if p.spec.is_dpdk() && !cfg!(feature = "dpdk") {
+            errs.push(format!(
+                "port {name:?}: driver \"dpdk\" needs pollux built with the dpdk feature"
+            ));
         }
         if let Some(m) = p.mtu {
             if !(68..=9000).contains(&m) {
@@ -520,23 +530,25 @@ impl Config {
         }
         for p in &self.port {
             let name = &p.name;
-            if p.driver == "af_xdp" && workers > 1 {
-                errs.push(format!(
-                    "port {name:?}: an af_xdp port binds one queue; with workers = {workers} use af_packet ports"
-                ));
-            }
-            if p.driver == "pcap" && workers > 1 {
-                errs.push(format!(
-                    "port {name:?}: a pcap port has one queue; with workers = {workers} use af_packet or ring ports"
-                ));
+            if p.spec.queues() == Queues::One && workers > 1 {
+                errs.push(match p.spec {
+                    PortSpec::AfXdp { .. } => format!(
+                        "port {name:?}: an af_xdp port binds one queue; with workers = {workers} use af_packet ports"
+                    ),
+                    _ => format!(
+                        "port {name:?}: a {} port has one queue; with workers = {workers} use af_packet or ring ports",
+                        p.spec.driver()
+                    ),
+                });
             }
         }
         // DPDK workers move mbufs end to end: every port carries them.
-        if self.port.iter().any(|p| p.driver == "dpdk") {
-            for p in self.port.iter().filter(|p| p.driver != "dpdk") {
+        if self.port.iter().any(|p| p.spec.is_dpdk()) {
+            for p in self.port.iter().filter(|p| !p.spec.is_dpdk()) {
                 errs.push(format!(
                     "port {:?}: driver {:?} cannot share a worker with dpdk ports (make every port dpdk)",
-                    p.name, p.driver
+                    p.name,
+                    p.spec.driver()
                 ));
             }
         }
@@ -888,6 +900,28 @@ mod tests {
         );
         let p = problems("[[vm]\nname = 1\n");
         assert!(p[0].starts_with("config line 1:"), "{p:?}");
+        // A port's driver decides which keys it takes.
+        let port = |rest: &str| problems(&format!("\n[[port]]\nname = \"p1\"\n{rest}"));
+        let cases = [
+            (
+                "driver = \"warp\"\n",
+                "config line 2: port \"p1\": unknown variant `warp`, expected one of `ring`, `pcap`, `af_packet`, `af_xdp`, `dpdk`",
+            ),
+            (
+                "driver = \"af_packet\"\n",
+                "config line 2: port \"p1\": missing field `iface`",
+            ),
+            (
+                "driver = \"ring\"\niface = \"eth0\"\n",
+                "config line 2: port \"p1\": unknown field `iface`",
+            ),
+            ("iface = \"eth0\"\n", "config line 2: port \"p1\": missing field `driver`"),
+        ];
+        for (rest, want) in cases {
+            let p = port(rest);
+            assert_eq!(p.len(), 1, "{p:?}");
+            assert!(p[0].starts_with(want), "{rest}: {p:?}");
+        }
     }
 
     #[test]
@@ -895,10 +929,11 @@ mod tests {
         let text = r#"
 [[port]]
 name = "p1"
-driver = "warp"
+driver = "ring"
 [[port]]
 name = "p2"
 driver = "af_packet"
+iface = ""
 
 [[vnet]]
 name = "a"
@@ -947,7 +982,6 @@ threshold = 0
 "#;
         let p = problems(text);
         let want = [
-            "port \"p1\": driver \"warp\" is not one of ring, pcap, af_packet, af_xdp, dpdk",
             "port \"p2\": an af_packet port needs iface",
             "vnet \"a\": prefix \"10.2.0.1/16\" has host bits set (did you mean 10.2.0.0/16?)",
             "vnet \"a\": gateway_mac: invalid MAC address \"12:34:56:78:9a:zz\"",

@@ -20,9 +20,8 @@ use crate::run::InProcess;
 use dataplane::clock::TscClock;
 use dataplane::pktgen::{Pair, Proto, Template, TrafficSpec, TrialConfig, TrialResult};
 use dataplane::pool::{Pool, PoolBuf, PoolConfig};
-use dataplane::port::af_packet::AfPacketPort;
-use dataplane::port::pcap::PcapPort;
 use dataplane::port::ring;
+use dataplane::port::spec::{self, PortSpec};
 use dataplane::{BufAlloc, LinkInfo, MacAddr, Port};
 use serde::Serialize;
 use std::net::Ipv4Addr;
@@ -694,24 +693,25 @@ pub fn run(opts: &Options) -> Result<Report, String> {
             let pool = Pool::new(&PoolConfig::new("pktgen", 16384)).map_err(|e| e.to_string())?;
             let open = |s: &Spec, dir: &str| -> Result<Box<dyn Port<Buf = PoolBuf>>, String> {
                 let name = format!("pktgen-{dir}");
-                match s {
-                    Spec::AfPacket(i) => Ok(Box::new(
-                        AfPacketPort::open(&name, i, pool).map_err(|e| e.to_string())?,
-                    )),
-                    Spec::Pcap(f) => {
-                        let p = std::path::Path::new(f);
-                        let (rxf, txf) = if dir == "tx" {
-                            (None, Some(p))
-                        } else {
-                            (Some(p), None)
-                        };
-                        Ok(Box::new(
-                            PcapPort::open(&name, MacAddr([2, 0, 0, 0, 0, 1]), rxf, txf, pool)
-                                .map_err(|e| e.to_string())?,
-                        ))
-                    }
-                    other => Err(format!("{other:?}: not usable here")),
-                }
+                let spec = match s {
+                    Spec::AfPacket(i) => PortSpec::AfPacket { iface: i.clone() },
+                    Spec::Pcap(f) if dir == "tx" => PortSpec::Pcap {
+                        rx_pcap: None,
+                        tx_pcap: Some(f.into()),
+                    },
+                    Spec::Pcap(f) => PortSpec::Pcap {
+                        rx_pcap: Some(f.into()),
+                        tx_pcap: None,
+                    },
+                    other => return Err(format!("{other:?}: not usable here")),
+                };
+                let mac = MacAddr([2, 0, 0, 0, 0, 1]);
+                let mut opened =
+                    spec::open(&spec, &name, mac, 1, pool, 0).map_err(|e| e.to_string())?;
+                opened
+                    .queues
+                    .pop()
+                    .ok_or_else(|| format!("port {name:?}: opened without a queue"))
             };
             let txp = open(t, "tx")?;
             let rxp = r.as_ref().map(|r| open(r, "rx")).transpose()?;

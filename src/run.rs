@@ -25,10 +25,8 @@
 use crate::config::{Config, ProbeCfg};
 use arc_swap::ArcSwap;
 use dataplane::pool::{Pool, PoolBuf, PoolConfig};
-use dataplane::port::af_packet::AfPacketPort;
-use dataplane::port::af_xdp::AfXdpPort;
-use dataplane::port::pcap::PcapPort;
 use dataplane::port::ring::{self, RingPort};
+use dataplane::port::spec::{self, PortSpec};
 use dataplane::worker::Worker;
 use dataplane::{BufAlloc, LinkInfo, MacAddr, Port};
 use lb::health::{HealthService, ProbeTarget};
@@ -161,10 +159,10 @@ fn sync_probes<A: BufAlloc>(
 /// The ports of one worker.
 type PortSet<B = PoolBuf> = Vec<Box<dyn Port<Buf = B>>>;
 
-/// Opens every configured port once per worker: `af_packet` ports as the
-/// sockets of one fanout group (the kernel spreads flows over them), `ring`
-/// ports as shared handles on one ring. Returns the per-worker port lists
-/// and the idle far ends of the rings.
+/// Opens every configured port for `workers` workers (through
+/// [`dataplane::port::spec::open`]): queue `w` of each port goes to worker
+/// `w`. Returns the per-worker port lists and the idle far ends of the
+/// rings.
 fn open_ports(
     cfg: &Config,
     workers: usize,
@@ -172,58 +170,19 @@ fn open_ports(
 ) -> Result<(Vec<PortSet>, RingEnds), Vec<String>> {
     let mut sets: Vec<PortSet> = (0..workers).map(|_| Vec::new()).collect();
     let mut idle_peers = Vec::new();
-    let err = |e: dataplane::port::PortError| vec![e.to_string()];
     for (i, p) in cfg.port.iter().enumerate() {
         let mac = MacAddr([0x02, 0x50, 0x4c, 0x58, (i >> 8) as u8, i as u8]);
-        match p.driver.as_str() {
-            "pcap" => {
-                let port = PcapPort::open(
-                    &p.name,
-                    mac,
-                    p.rx_pcap.as_deref(),
-                    p.tx_pcap.as_deref(),
-                    pool,
-                )
-                .map_err(err)?;
-                if let Some(set) = sets.first_mut() {
-                    set.push(Box::new(port));
-                }
-            }
-            "af_packet" => {
-                let iface = p.iface.as_deref().unwrap_or_default();
-                // A fanout group id per interface, distinct between pollux
-                // processes sharing a namespace.
-                let group = (std::process::id() as u16)
-                    .wrapping_mul(31)
-                    .wrapping_add(i as u16);
-                for set in sets.iter_mut() {
-                    let port = if workers == 1 {
-                        AfPacketPort::open(&p.name, iface, pool)
-                    } else {
-                        AfPacketPort::open_fanout(&p.name, iface, pool, group)
-                    };
-                    set.push(Box::new(port.map_err(err)?));
-                }
-            }
-            "af_xdp" => {
-                let iface = p.iface.as_deref().unwrap_or_default();
-                for set in sets.iter_mut() {
-                    let port = AfXdpPort::open(&p.name, iface, 0, pool).map_err(err)?;
-                    set.push(Box::new(port));
-                }
-            }
-            _ => {
-                let (sw, peer) = ring::pair(
-                    LinkInfo::new(&p.name, mac, "ring"),
-                    LinkInfo::new(&p.name, mac, "ring"),
-                    1024,
-                );
-                for set in sets.iter_mut() {
-                    set.push(Box::new(sw.share()));
-                }
-                idle_peers.push(peer);
-            }
+        // A fanout group id per interface, distinct between pollux
+        // processes sharing a namespace.
+        let group = (std::process::id() as u16)
+            .wrapping_mul(31)
+            .wrapping_add(i as u16);
+        let opened = spec::open(&p.spec, &p.name, mac, workers, pool, group)
+            .map_err(|e| vec![e.to_string()])?;
+        for (set, q) in sets.iter_mut().zip(opened.queues) {
+            set.push(q);
         }
+        idle_peers.extend(opened.peer);
     }
     Ok((sets, idle_peers))
 }
@@ -243,7 +202,7 @@ pub fn run_with(
     let workers = cfg.dataplane.workers.max(1);
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let stop = Stop::signals(cfg, source)?;
-    if cfg.port.iter().any(|p| p.driver == "dpdk") {
+    if cfg.port.iter().any(|p| p.spec.is_dpdk()) {
         return run_dpdk(cfg, topo, stop);
     }
     let pool = Pool::new(&PoolConfig::new("run", 65536)).map_err(|e| vec![e.to_string()])?;
@@ -322,11 +281,12 @@ impl InProcess {
         let problems: Vec<String> = cfg
             .port
             .iter()
-            .filter(|p| p.driver != "ring")
+            .filter(|p| p.spec != PortSpec::Ring {})
             .map(|p| {
                 format!(
                     "port {:?}: driver {:?}: an in-process switch has ring ports only",
-                    p.name, p.driver
+                    p.name,
+                    p.spec.driver()
                 )
             })
             .collect();
@@ -394,7 +354,7 @@ impl InProcess {
 /// polls its own queue of every port.
 #[cfg(feature = "dpdk")]
 fn run_dpdk(cfg: &Config, mut topo: Topology, stop: Stop) -> Result<Vec<String>, Vec<String>> {
-    use dataplane::port::dpdk::{DpdkPort, Eal, Mempool};
+    use dataplane::port::dpdk::{Eal, Mempool};
     let args = cfg
         .dpdk
         .as_ref()
@@ -406,16 +366,11 @@ fn run_dpdk(cfg: &Config, mut topo: Topology, stop: Stop) -> Result<Vec<String>,
     let mut sets: Vec<PortSet<dataplane::port::dpdk::Mbuf>> =
         (0..workers).map(|_| Vec::new()).collect();
     for p in &cfg.port {
-        let device = p
-            .devargs
-            .as_deref()
-            .or(p.pci.as_deref())
-            .unwrap_or_default();
         // One queue per worker.
-        let queues = DpdkPort::open_queues(&eal, &p.name, device, pool, workers as u16)
+        let opened = spec::open_dpdk(&p.spec, &p.name, workers, &eal, pool)
             .map_err(|e| vec![e.to_string()])?;
-        for (set, q) in sets.iter_mut().zip(queues) {
-            set.push(Box::new(q));
+        for (set, q) in sets.iter_mut().zip(opened.queues) {
+            set.push(q);
         }
     }
     let probers = probers(cfg, &mut topo, pool, &mut sets)?;

@@ -104,7 +104,7 @@ fn check_and_run_refuse_the_same_configurations() {
         ),
         (
             "[[port]]\nname = \"t\"\ndriver = \"tap\"\n".to_string(),
-            vec!["port \"t\": driver \"tap\" is not one of ring, pcap, af_packet, af_xdp, dpdk"],
+            vec!["config line 1: port \"t\": unknown variant `tap`, expected one of `ring`, `pcap`, `af_packet`, `af_xdp`, `dpdk`"],
         ),
     ];
     for (i, (text, want)) in cases.iter().enumerate() {

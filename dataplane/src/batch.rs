@@ -113,7 +113,7 @@ mod tests {
         }
         assert!(b.is_full());
         assert_eq!(b.push(99), Err(99));
-        assert_eq!(b.drain().sum::<usize>(), (0..BURST).sum());
+        assert_eq!(b.drain().sum::<usize>(), (0..BURST).sum::<usize>());
         assert!(b.is_empty());
         assert_eq!(b.free_space(), BURST);
     }

@@ -3,7 +3,8 @@
 //! A port moves bursts of packets in and out. It is owned by one worker, which
 //! calls it from one thread; its counters are shared atomics the control thread
 //! reads. Drivers: [`ring`] (in-memory pairs), [`pcap`] (files), and for
-//! kernel interfaces (Linux) [`af_packet`] and [`af_xdp`].
+//! kernel interfaces (Linux) [`af_packet`] and [`af_xdp`]; [`spec`] is what a
+//! configured port is and the one factory that opens it.
 
 #[cfg(target_os = "linux")]
 pub mod af_packet;
@@ -13,6 +14,7 @@ pub mod af_xdp;
 pub mod dpdk;
 pub mod pcap;
 pub mod ring;
+pub mod spec;
 
 use crate::batch::Batch;
 use crate::buf::PacketBuf;
