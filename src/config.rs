@@ -5,11 +5,11 @@
 //! offending item (`vip "web": backend 10.1.0.9 is not in vnet "a"`). Nothing
 //! is applied from a configuration with any problem.
 
+use dataplane::port::spec::{PortSpec, Queues};
 use filter::{NsgSpec, RuleError};
 use ipnet::IpNet;
 use lb::balancer::{Backend, Distribution, OnUnhealthy, Vip, VipConfig, WhenAllDown};
 use lb::snat::SnatConfig;
-use dataplane::port::spec::{PortSpec, Queues};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -266,6 +266,41 @@ pub struct Config {
     pub vip: Vec<VipCfg>,
 }
 
+/// Why a configuration cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("config {path}: {reason}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The OS error.
+        reason: String,
+    },
+    /// Not TOML, or not of the schema (an unknown key, a wrong type).
+    #[error("config{}: {message}", line.map(|l| format!(" line {l}")).unwrap_or_default())]
+    Syntax {
+        /// Where, when known (1-based).
+        line: Option<usize>,
+        /// What is wrong.
+        message: String,
+    },
+    /// Well-formed, with problems: every one, one line each naming its
+    /// item.
+    #[error("{}", .0.join("\n"))]
+    Invalid(Vec<String>),
+}
+
+impl ConfigError {
+    /// Every problem, one line each.
+    pub fn problems(&self) -> Vec<String> {
+        match self {
+            ConfigError::Invalid(p) => p.clone(),
+            other => vec![other.to_string()],
+        }
+    }
+}
+
 /// Summary of a valid configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Summary {
@@ -304,30 +339,35 @@ fn dups<'a>(
 impl Config {
     /// Parses TOML text. A syntax error or an unknown key is one line naming
     /// where it is.
-    pub fn parse(text: &str) -> Result<Config, String> {
-        toml::from_str(text).map_err(|e| {
-            let msg = e.message().replace('\n', " ");
-            match e.span() {
-                Some(span) => {
-                    let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-                    format!("config line {line}: {msg}")
-                }
-                None => format!("config: {msg}"),
-            }
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            line: e
+                .span()
+                .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1),
+            message: e.message().replace('\n', " "),
         })
     }
 
+    /// Reads and parses the file at `path`.
+    pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Config::parse(&text)
+    }
+
     /// Checks everything; returns a summary or every problem, one line each.
-    pub fn validate(&self) -> Result<Summary, Vec<String>> {
+    pub fn validate(&self) -> Result<Summary, ConfigError> {
         let (summary, _) = self.check_all()?;
         // What only the whole topology shows (public addresses claimed by
         // two vnets, say), exactly as `run` will compile it.
-        vswitch::Policy::compile(&self.topology()?, 0).map_err(|e| e.0)?;
+        vswitch::Policy::compile(&self.topology()?, 0).map_err(|e| ConfigError::Invalid(e.0))?;
         Ok(summary)
     }
 
     /// Checks everything; returns the summary and the built VIP configs.
-    fn check_all(&self) -> Result<(Summary, Vec<VipConfig>), Vec<String>> {
+    fn check_all(&self) -> Result<(Summary, Vec<VipConfig>), ConfigError> {
         let mut errs = Vec::new();
         if self.dataplane.workers == 0 {
             errs.push("dataplane: workers must be at least 1".to_string());
@@ -499,7 +539,7 @@ impl Config {
                 vips,
             ))
         } else {
-            Err(errs)
+            Err(ConfigError::Invalid(errs))
         }
     }
 
@@ -752,7 +792,7 @@ impl Config {
 
     /// Validates and builds the switch topology: ports are numbered in file
     /// order. Every problem is returned, one line each.
-    pub fn topology(&self) -> Result<vswitch::Topology, Vec<String>> {
+    pub fn topology(&self) -> Result<vswitch::Topology, ConfigError> {
         let (_, vips) = self.check_all()?;
         let index = |names: &[&str], n: &str| names.iter().position(|x| *x == n);
         let ports: Vec<&str> = self.port.iter().map(|p| p.name.as_str()).collect();
@@ -885,8 +925,8 @@ mod tests {
 
     fn problems(text: &str) -> Vec<String> {
         match Config::parse(text) {
-            Err(e) => vec![e],
-            Ok(c) => c.validate().err().unwrap_or_default(),
+            Err(e) => e.problems(),
+            Ok(c) => c.validate().err().map(|e| e.problems()).unwrap_or_default(),
         }
     }
 
@@ -915,7 +955,10 @@ mod tests {
                 "driver = \"ring\"\niface = \"eth0\"\n",
                 "config line 2: port \"p1\": unknown field `iface`",
             ),
-            ("iface = \"eth0\"\n", "config line 2: port \"p1\": missing field `driver`"),
+            (
+                "iface = \"eth0\"\n",
+                "config line 2: port \"p1\": missing field `driver`",
+            ),
         ];
         for (rest, want) in cases {
             let p = port(rest);

@@ -1,10 +1,75 @@
 //! `pollux ctl`: calls the control API of a running pollux and prints
 //! readable tables (or the JSON it got, with `--json`).
 
+use crate::api::{
+    Applied, Counters, ErrorBody, Flows, FlowsDeleted, Probes, Status, WithGeneration,
+};
+use crate::config::{BackendCfg, ConfigError, VipCfg, VmCfg, VnetCfg};
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::path::Path;
 use std::time::Duration;
+
+/// Why a `pollux ctl` command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    /// The API could not be reached or read.
+    #[error("{endpoint}: {source}")]
+    Io {
+        /// The socket or address.
+        endpoint: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The answer is not the HTTP the API speaks.
+    #[error("malformed HTTP response: {0}")]
+    Http(String),
+    /// The body is not the JSON expected.
+    #[error("{path}: unexpected reply ({source}): {text}")]
+    Body {
+        /// The request path.
+        path: String,
+        /// What did not fit.
+        source: serde_json::Error,
+        /// The body.
+        text: String,
+    },
+    /// The API refused the request (its message, or every problem).
+    #[error("{0}")]
+    Refused(String),
+    /// `/metrics` answered with an error status.
+    #[error("HTTP {0}")]
+    Status(u16),
+    /// The input file cannot be read.
+    #[error("{file}: {source}")]
+    Input {
+        /// The file (`-`: stdin).
+        file: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The configuration to reload has problems.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// `weight` of a backend the VIP does not have.
+    #[error("vip {vip:?} has no backend {backend:?}")]
+    NoBackend {
+        /// The VIP.
+        vip: String,
+        /// The backend as given.
+        backend: String,
+    },
+}
+
+impl Endpoint<'_> {
+    fn name(&self) -> String {
+        match self {
+            Endpoint::Unix(p) => format!("control socket {}", p.display()),
+            Endpoint::Tcp(a) => format!("control {a}"),
+        }
+    }
+}
 
 /// Where the API is.
 #[derive(Debug, Clone)]
@@ -21,7 +86,7 @@ pub fn call(
     method: &str,
     path: &str,
     body: Option<&str>,
-) -> Result<(u16, String), String> {
+) -> Result<(u16, String), CtlError> {
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: pollux\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{}",
         body.map_or(0, str::len),
@@ -29,30 +94,33 @@ pub fn call(
     );
     let mut raw = Vec::new();
     let timeout = Some(Duration::from_secs(10));
+    let io = |source| CtlError::Io {
+        endpoint: ep.name(),
+        source,
+    };
     match ep {
         Endpoint::Unix(p) => {
-            let mut s = std::os::unix::net::UnixStream::connect(p)
-                .map_err(|e| format!("control socket {}: {e}", p.display()))?;
-            s.set_read_timeout(timeout).map_err(|e| e.to_string())?;
-            s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
-            s.read_to_end(&mut raw).map_err(|e| e.to_string())?;
+            let mut s = std::os::unix::net::UnixStream::connect(p).map_err(io)?;
+            s.set_read_timeout(timeout).map_err(io)?;
+            s.write_all(req.as_bytes()).map_err(io)?;
+            s.read_to_end(&mut raw).map_err(io)?;
         }
         Endpoint::Tcp(a) => {
-            let mut s = std::net::TcpStream::connect(a).map_err(|e| format!("control {a}: {e}"))?;
-            s.set_read_timeout(timeout).map_err(|e| e.to_string())?;
-            s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
-            s.read_to_end(&mut raw).map_err(|e| e.to_string())?;
+            let mut s = std::net::TcpStream::connect(a).map_err(io)?;
+            s.set_read_timeout(timeout).map_err(io)?;
+            s.write_all(req.as_bytes()).map_err(io)?;
+            s.read_to_end(&mut raw).map_err(io)?;
         }
     }
     let text = String::from_utf8_lossy(&raw);
     let (head, body) = text
         .split_once("\r\n\r\n")
-        .ok_or_else(|| "malformed HTTP response".to_string())?;
+        .ok_or_else(|| CtlError::Http("no end of headers".into()))?;
     let status = head
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("malformed status line: {head:?}"))?;
+        .ok_or_else(|| CtlError::Http(format!("status line {head:?}")))?;
     let chunked = head.lines().any(|l| {
         let l = l.to_ascii_lowercase();
         l.starts_with("transfer-encoding:") && l.contains("chunked")
@@ -67,25 +135,26 @@ pub fn call(
 
 /// The body of a `Transfer-Encoding: chunked` response (large responses
 /// come this way).
-fn dechunk(mut rest: &str) -> Result<String, String> {
+fn dechunk(mut rest: &str) -> Result<String, CtlError> {
+    let bad = |what: String| CtlError::Http(what);
     let mut out = String::new();
     loop {
         let (size, after) = rest
             .split_once("\r\n")
-            .ok_or_else(|| "malformed chunked body".to_string())?;
+            .ok_or_else(|| bad("chunked body without a chunk size".into()))?;
         let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
-            .map_err(|_| format!("malformed chunk size {size:?}"))?;
+            .map_err(|_| bad(format!("chunk size {size:?}")))?;
         if size == 0 {
             return Ok(out);
         }
         let chunk = after
             .get(..size)
-            .ok_or_else(|| "truncated chunked body".to_string())?;
+            .ok_or_else(|| bad("truncated chunked body".into()))?;
         out.push_str(chunk);
         rest = after
             .get(size..)
             .and_then(|r| r.strip_prefix("\r\n"))
-            .ok_or_else(|| "malformed chunked body".to_string())?;
+            .ok_or_else(|| bad("chunk without its line end".into()))?;
     }
 }
 
@@ -120,53 +189,51 @@ pub enum Cmd {
     Reload(String),
 }
 
-fn read_input(file: &str) -> Result<String, String> {
+fn read_input(file: &str) -> Result<String, CtlError> {
+    let input = |source| CtlError::Input {
+        file: file.to_string(),
+        source,
+    };
     if file == "-" {
         let mut s = String::new();
-        std::io::stdin()
-            .read_to_string(&mut s)
-            .map_err(|e| format!("stdin: {e}"))?;
+        std::io::stdin().read_to_string(&mut s).map_err(input)?;
         Ok(s)
     } else {
-        std::fs::read_to_string(file).map_err(|e| format!("{file}: {e}"))
+        std::fs::read_to_string(file).map_err(input)
     }
 }
 
-fn get_json(ep: &Endpoint<'_>, path: &str) -> Result<Value, String> {
-    let (status, body) = call(ep, "GET", path, None)?;
-    let v: Value = serde_json::from_str(&body).map_err(|e| format!("{path}: not JSON ({e})"))?;
+/// The body of a reply as `T` (with the generation), or the API's refusal.
+fn decode<T: DeserializeOwned>(
+    path: &str,
+    status: u16,
+    text: &str,
+) -> Result<WithGeneration<T>, CtlError> {
+    let body = |source| CtlError::Body {
+        path: path.to_string(),
+        source,
+        text: text.to_string(),
+    };
     if status >= 400 {
-        return Err(error_text(&v));
+        let e: ErrorBody = serde_json::from_str(text).map_err(body)?;
+        return Err(CtlError::Refused(e.text()));
     }
-    Ok(v)
+    serde_json::from_str(text).map_err(body)
 }
 
-fn error_text(v: &Value) -> String {
-    let problems: Vec<String> = v["problems"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|p| p.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default();
-    if problems.len() > 1 {
-        problems.join("\n")
-    } else {
-        v["error"].as_str().unwrap_or("error").to_string()
-    }
+fn get<T: DeserializeOwned>(ep: &Endpoint<'_>, path: &str) -> Result<WithGeneration<T>, CtlError> {
+    let (status, text) = call(ep, "GET", path, None)?;
+    decode(path, status, &text)
 }
 
-fn s(v: &Value) -> String {
-    match v {
-        Value::Null => "-".into(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
+/// `{"vip": {...}}`: one VIP.
+#[derive(serde::Deserialize)]
+struct OneVip {
+    vip: VipCfg,
 }
 
 /// Runs `cmd`; returns the lines to print, or the error (exit 2).
-pub fn run(ep: &Endpoint<'_>, cmd: &Cmd, json: bool) -> Result<Vec<String>, String> {
+pub fn run(ep: &Endpoint<'_>, cmd: &Cmd, json: bool) -> Result<Vec<String>, CtlError> {
     let (method, path, body): (&str, String, Option<String>) = match cmd {
         Cmd::Status => ("GET", "/v1/status".into(), None),
         Cmd::Get(kind, None) => ("GET", format!("/v1/{kind}"), None),
@@ -181,27 +248,27 @@ pub fn run(ep: &Endpoint<'_>, cmd: &Cmd, json: bool) -> Result<Vec<String>, Stri
         Cmd::DeleteRule(g, r) => ("DELETE", format!("/v1/nsgs/{g}/rules/{r}"), None),
         Cmd::Drain(v, b) => ("POST", format!("/v1/vips/{v}/backends/{b}/drain"), None),
         Cmd::Weight(v, b, w) => {
-            let vip = get_json(ep, &format!("/v1/vips/{v}"))?;
-            let backends = vip["vip"]["backends"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
-            let mut found = backends
+            let vip = get::<OneVip>(ep, &format!("/v1/vips/{v}"))?.body.vip;
+            let mut found: BackendCfg = vip
+                .backends
                 .into_iter()
                 .find(|x| {
-                    let port = x["port"].as_u64().unwrap_or(0);
-                    [&x["vm"], &x["ip"]].iter().any(|k| {
-                        k.as_str()
-                            .is_some_and(|k| *b == k || *b == format!("{k}:{port}"))
+                    [&x.vm, &x.ip].iter().any(|k| {
+                        k.as_deref()
+                            .is_some_and(|k| *b == k || *b == format!("{k}:{}", x.port))
                     })
                 })
-                .ok_or_else(|| format!("vip {v:?} has no backend {b:?}"))?;
-            found["weight"] = Value::from(*w);
-            (
-                "PUT",
-                format!("/v1/vips/{v}/backends/{b}"),
-                Some(found.to_string()),
-            )
+                .ok_or_else(|| CtlError::NoBackend {
+                    vip: v.clone(),
+                    backend: b.clone(),
+                })?;
+            found.weight = Some(*w);
+            let body = serde_json::to_string(&found).map_err(|source| CtlError::Body {
+                path: format!("/v1/vips/{v}"),
+                source,
+                text: String::new(),
+            })?;
+            ("PUT", format!("/v1/vips/{v}/backends/{b}"), Some(body))
         }
         Cmd::Probes => ("GET", "/v1/probes".into(), None),
         Cmd::Flows(filters, delete) => {
@@ -215,9 +282,12 @@ pub fn run(ep: &Endpoint<'_>, cmd: &Cmd, json: bool) -> Result<Vec<String>, Stri
         Cmd::Counters => ("GET", "/v1/counters".into(), None),
         Cmd::Metrics => ("GET", "/metrics".into(), None),
         Cmd::Reload(f) => {
-            let text = read_input(f)?;
-            let cfg = crate::config::Config::parse(&text)?;
-            let body = serde_json::to_string(&cfg).map_err(|e| e.to_string())?;
+            let cfg = crate::config::Config::parse(&read_input(f)?)?;
+            let body = serde_json::to_string(&cfg).map_err(|source| CtlError::Body {
+                path: f.clone(),
+                source,
+                text: String::new(),
+            })?;
             ("PUT", "/v1/config".into(), Some(body))
         }
     };
@@ -226,196 +296,254 @@ pub fn run(ep: &Endpoint<'_>, cmd: &Cmd, json: bool) -> Result<Vec<String>, Stri
         return if status == 200 {
             Ok(text.lines().map(String::from).collect())
         } else {
-            Err(format!("HTTP {status}"))
+            Err(CtlError::Status(status))
         };
     }
-    let v: Value =
-        serde_json::from_str(&text).map_err(|e| format!("{path}: not JSON ({e}): {text}"))?;
-    if status >= 400 {
-        return Err(error_text(&v));
-    }
     if json {
-        return Ok(vec![serde_json::to_string_pretty(&v).unwrap_or_default()]);
+        return Ok(vec![pretty(decode(&path, status, &text)?)]);
     }
-    Ok(table(cmd, &v))
+    table(cmd, &path, status, &text)
 }
 
-fn table(cmd: &Cmd, v: &Value) -> Vec<String> {
-    let generation = format!("generation {}", s(&v["generation"]));
+/// A reply as indented JSON, its generation included.
+fn pretty(v: WithGeneration<Value>) -> String {
+    let mut body = v.body;
+    if let Some(o) = body.as_object_mut() {
+        o.insert("generation".into(), Value::from(v.generation));
+    }
+    serde_json::to_string_pretty(&body).unwrap_or_default()
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
+    v.as_ref().map_or("-".into(), T::to_string)
+}
+
+/// A list of `T` under `key`.
+#[derive(serde::Deserialize)]
+struct List<T> {
+    #[serde(flatten)]
+    items: std::collections::HashMap<String, Vec<T>>,
+}
+
+fn list<T: DeserializeOwned>(
+    path: &str,
+    status: u16,
+    text: &str,
+    key: &str,
+) -> Result<(Vec<T>, u64), CtlError> {
+    let mut l = decode::<List<T>>(path, status, text)?;
+    Ok((l.body.items.remove(key).unwrap_or_default(), l.generation))
+}
+
+/// The readable form of a reply.
+fn table(cmd: &Cmd, path: &str, status: u16, text: &str) -> Result<Vec<String>, CtlError> {
+    let generation = |g: u64| format!("generation {g}");
     let mut out = Vec::new();
     match cmd {
         Cmd::Status => {
-            out.push(generation);
-            for k in ["ports", "workers", "vnets", "vms", "nsgs", "vips"] {
-                out.push(format!("{k:<8} {}", s(&v[k])));
+            let r = decode::<Status>(path, status, text)?;
+            let st = &r.body;
+            out.push(generation(r.generation));
+            for (k, v) in [
+                ("ports", st.ports),
+                ("workers", st.workers),
+                ("vnets", st.vnets),
+                ("vms", st.vms),
+                ("nsgs", st.nsgs),
+                ("vips", st.vips),
+            ] {
+                out.push(format!("{k:<8} {v}"));
             }
         }
         Cmd::Get(kind, None) => {
-            let items = v[kind.as_str()].as_array().cloned().unwrap_or_default();
-            for i in items {
-                let detail = match kind.as_str() {
-                    "vnets" => format!("{} gateway {}", s(&i["prefixes"]), s(&i["gateway_mac"])),
-                    "vms" => format!(
-                        "port {} vnet {} mac {} ips {} nsg {}",
-                        s(&i["port"]),
-                        s(&i["vnet"]),
-                        s(&i["mac"]),
-                        s(&i["ips"]),
-                        s(&i["nsg"])
-                    ),
-                    "nsgs" => format!("{} rules", i["rule"].as_array().map_or(0, Vec::len)),
-                    "vips" => format!(
-                        "{} {}:{} vnet {} backends {}",
-                        s(&i["protocol"]),
-                        s(&i["address"]),
-                        s(&i["port"]),
-                        s(&i["vnet"]),
-                        i["backends"].as_array().map_or(String::new(), |b| b
+            let g = match kind.as_str() {
+                "vnets" => {
+                    let (items, g) = list::<VnetCfg>(path, status, text, kind)?;
+                    for i in items {
+                        out.push(format!(
+                            "{:<16} {:?} gateway {}",
+                            i.name, i.prefixes, i.gateway_mac
+                        ));
+                    }
+                    g
+                }
+                "vms" => {
+                    let (items, g) = list::<VmCfg>(path, status, text, kind)?;
+                    for i in items {
+                        out.push(format!(
+                            "{:<16} port {} vnet {} mac {} ips {:?} nsg {}",
+                            i.name,
+                            i.port,
+                            i.vnet,
+                            i.mac,
+                            i.ips,
+                            opt(&i.nsg)
+                        ));
+                    }
+                    g
+                }
+                "vips" => {
+                    let (items, g) = list::<VipCfg>(path, status, text, kind)?;
+                    for i in items {
+                        let backends: Vec<String> = i
+                            .backends
                             .iter()
-                            .map(|b| format!(
-                                "{}:{}{}",
-                                s(if b["vm"].is_null() {
-                                    &b["ip"]
-                                } else {
-                                    &b["vm"]
-                                }),
-                                s(&b["port"]),
-                                b["weight"]
-                                    .as_u64()
-                                    .map_or(String::new(), |w| format!(" w{w}"))
-                            ))
-                            .collect::<Vec<_>>()
-                            .join(", "))
-                    ),
-                    _ => String::new(),
-                };
-                out.push(format!("{:<16} {detail}", s(&i["name"])));
-            }
-            out.push(generation);
+                            .map(|b| {
+                                format!(
+                                    "{}:{}{}",
+                                    b.vm.as_deref().or(b.ip.as_deref()).unwrap_or("-"),
+                                    b.port,
+                                    b.weight.map_or(String::new(), |w| format!(" w{w}"))
+                                )
+                            })
+                            .collect();
+                        out.push(format!(
+                            "{:<16} {} {}:{} vnet {} backends {}",
+                            i.name,
+                            i.protocol,
+                            i.address,
+                            i.port,
+                            i.vnet,
+                            backends.join(", ")
+                        ));
+                    }
+                    g
+                }
+                _ => {
+                    let (items, g) = list::<Value>(path, status, text, kind)?;
+                    for i in items {
+                        let rules = i["rule"].as_array().map_or(0, Vec::len);
+                        out.push(format!("{:<16} {rules} rules", s(&i["name"])));
+                    }
+                    g
+                }
+            };
+            out.push(generation(g));
         }
-        Cmd::Get(_, Some(_)) => {
-            out.push(serde_json::to_string_pretty(v).unwrap_or_default());
-        }
+        Cmd::Get(_, Some(_)) => out.push(pretty(decode(path, status, text)?)),
         Cmd::Probes => {
+            let r = decode::<Probes>(path, status, text)?;
             out.push(format!(
                 "{:<16} {:<22} {:<5} {:>7} {:>9}  reason",
                 "vip", "backend", "state", "probes", "rtt ms"
             ));
-            for p in v["probes"].as_array().cloned().unwrap_or_default() {
+            for p in r.body.probes {
                 out.push(format!(
                     "{:<16} {:<22} {:<5} {:>7} {:>9}  {}",
-                    s(&p["vip"]),
-                    s(&p["backend"]),
-                    if p["up"].as_bool() == Some(true) {
-                        "up"
-                    } else {
-                        "down"
-                    },
-                    s(&p["probes"]),
-                    p["rtt_ms"]
-                        .as_f64()
-                        .map_or("-".into(), |r| format!("{r:.3}")),
-                    s(&p["reason"])
+                    p.vip,
+                    p.backend,
+                    if p.up { "up" } else { "down" },
+                    p.probes,
+                    p.rtt_ms.map_or("-".into(), |r| format!("{r:.3}")),
+                    p.reason
                 ));
             }
         }
         Cmd::Flows(_, false) => {
+            let r = decode::<Flows>(path, status, text)?;
             out.push(format!(
                 "{:<3} {:<10} {:<40} {:<10} {:<22} {:>10} {:>12}",
                 "w", "in", "flow", "out", "nat", "packets", "bytes"
             ));
-            for f in v["flows"].as_array().cloned().unwrap_or_default() {
-                let nat = match (&f["nat_src"], &f["nat_dst"]) {
-                    (Value::Null, Value::Null) => "-".to_string(),
-                    (a, Value::Null) => format!("src {}", s(a)),
-                    (Value::Null, b) => format!("dst {}", s(b)),
-                    (a, b) => format!("src {} dst {}", s(a), s(b)),
+            for f in &r.body.flows {
+                let nat = match (&f.nat_src, &f.nat_dst) {
+                    (None, None) => "-".to_string(),
+                    (Some(a), None) => format!("src {a}"),
+                    (None, Some(b)) => format!("dst {b}"),
+                    (Some(a), Some(b)) => format!("src {a} dst {b}"),
                 };
                 out.push(format!(
                     "{:<3} {:<10} {:<40} {:<10} {:<22} {:>10} {:>12}",
-                    s(&f["worker"]),
-                    s(&f["in_port"]),
-                    format!(
-                        "{} {}:{} > {}:{}",
-                        s(&f["proto"]),
-                        s(&f["src"]),
-                        s(&f["sport"]),
-                        s(&f["dst"]),
-                        s(&f["dport"])
-                    ),
-                    s(&f["out_port"]),
+                    f.worker,
+                    f.in_port,
+                    format!("{} {}:{} > {}:{}", f.proto, f.src, f.sport, f.dst, f.dport),
+                    f.out_port,
                     nat,
-                    s(&f["packets"]),
-                    s(&f["bytes"])
+                    f.packets,
+                    f.bytes
                 ));
             }
             out.push(format!(
-                "{} matched, {} in the tables; {generation}",
-                s(&v["matched"]),
-                s(&v["occupancy"])
+                "{} matched, {} in the tables; {}",
+                r.body.matched,
+                r.body.occupancy,
+                generation(r.generation)
             ));
         }
         Cmd::Flows(_, true) => {
-            out.push(format!("{} flows deleted; {generation}", s(&v["deleted"])))
+            let r = decode::<FlowsDeleted>(path, status, text)?;
+            out.push(format!(
+                "{} flows deleted; {}",
+                r.body.deleted,
+                generation(r.generation)
+            ))
         }
         Cmd::Counters => {
-            out.push(format!(
-                "{:<12} {:>12} {:>14} {:>12} {:>14}  drops",
-                "port", "rx pkts", "rx bytes", "tx pkts", "tx bytes"
-            ));
-            for p in v["ports"].as_array().cloned().unwrap_or_default() {
-                out.push(format!(
-                    "{:<12} {:>12} {:>14} {:>12} {:>14}  {}",
-                    s(&p["name"]),
-                    s(&p["rx_packets"]),
-                    s(&p["rx_bytes"]),
-                    s(&p["tx_packets"]),
-                    s(&p["tx_bytes"]),
-                    s(&p["drops"])
-                ));
-            }
-            out.push(format!(
-                "{:<7} {:>12} {:>12} {:>12} {:>12} {:>12}  drops",
-                "worker", "busy polls", "idle polls", "rx", "fast path", "slow path"
-            ));
-            for w in v["workers"].as_array().cloned().unwrap_or_default() {
-                out.push(format!(
-                    "{:<7} {:>12} {:>12} {:>12} {:>12} {:>12}  {}",
-                    s(&w["worker"]),
-                    s(&w["busy_polls"]),
-                    s(&w["idle_polls"]),
-                    s(&w["rx_packets"]),
-                    s(&w["fast_path"]),
-                    s(&w["slow_path"]),
-                    s(&w["drops"])
-                ));
-            }
-            for b in v["backends"].as_array().cloned().unwrap_or_default() {
-                out.push(format!(
-                    "vip {} backend {} (weight {}): {} connections, {} active",
-                    s(&b["vip"]),
-                    s(&b["backend"]),
-                    s(&b["weight"]),
-                    s(&b["new_connections"]),
-                    s(&b["active_connections"])
-                ));
-            }
-            for r in v["rules"].as_array().cloned().unwrap_or_default() {
-                if r["hits"].as_u64().unwrap_or(0) > 0 {
-                    out.push(format!(
-                        "nsg {} {} rule {} (priority {}, {}): {} hits",
-                        s(&r["nsg"]),
-                        s(&r["direction"]),
-                        s(&r["rule"]),
-                        s(&r["priority"]),
-                        s(&r["action"]),
-                        s(&r["hits"])
-                    ));
-                }
-            }
-            out.push(generation);
+            let r = decode::<Counters>(path, status, text)?;
+            out.extend(counters_table(&r.body));
+            out.push(generation(r.generation));
         }
-        _ => out.push(format!("applied: {generation}")),
+        _ => {
+            let r = decode::<Applied>(path, status, text)?;
+            out.push(format!("applied: {}", generation(r.generation)));
+        }
+    }
+    Ok(out)
+}
+
+/// `pollux ctl counters` as text.
+fn counters_table(c: &Counters) -> Vec<String> {
+    let drops = |m: &std::collections::BTreeMap<String, u64>| format!("{m:?}");
+    let mut out = vec![format!(
+        "{:<12} {:>12} {:>14} {:>12} {:>14}  drops",
+        "port", "rx pkts", "rx bytes", "tx pkts", "tx bytes"
+    )];
+    for p in &c.ports {
+        out.push(format!(
+            "{:<12} {:>12} {:>14} {:>12} {:>14}  {}",
+            p.name,
+            p.rx_packets,
+            p.rx_bytes,
+            p.tx_packets,
+            p.tx_bytes,
+            drops(&p.drops)
+        ));
+    }
+    out.push(format!(
+        "{:<7} {:>12} {:>12} {:>12} {:>12} {:>12}  drops",
+        "worker", "busy polls", "idle polls", "rx", "fast path", "slow path"
+    ));
+    for w in &c.workers {
+        out.push(format!(
+            "{:<7} {:>12} {:>12} {:>12} {:>12} {:>12}  {}",
+            w.worker,
+            w.busy_polls,
+            w.idle_polls,
+            w.rx_packets,
+            w.fast_path,
+            w.slow_path,
+            drops(&w.drops)
+        ));
+    }
+    for b in &c.backends {
+        out.push(format!(
+            "vip {} backend {} (weight {}): {} connections, {} active",
+            b.vip, b.backend, b.weight, b.new_connections, b.active_connections
+        ));
+    }
+    for r in c.rules.iter().filter(|r| r.hits > 0) {
+        out.push(format!(
+            "nsg {} {} rule {} (priority {}, {}): {} hits",
+            r.nsg, r.direction, r.rule, r.priority, r.action, r.hits
+        ));
     }
     out
 }

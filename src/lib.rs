@@ -10,6 +10,7 @@
 //! their logic.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod config;
 pub mod control;
 pub mod ctl;

@@ -213,7 +213,7 @@ fn ctl(socket: &std::path::Path, tcp: Option<&str>, json: bool, cmd: &CtlCmd) ->
             ExitCode::SUCCESS
         }
         Err(e) => {
-            for l in e.lines() {
+            for l in e.to_string().lines() {
                 eprintln!("pollux ctl: {l}");
             }
             ExitCode::from(2)
@@ -343,7 +343,7 @@ fn pktgen(a: &PktgenArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            for l in e.lines() {
+            for l in e.to_string().lines() {
                 eprintln!("pollux pktgen: {l}");
             }
             ExitCode::from(2)
@@ -359,55 +359,45 @@ fn on_off(s: &str) -> Result<bool, String> {
     }
 }
 
-fn check(path: &PathBuf) -> ExitCode {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("config {}: {e}", path.display());
-            return ExitCode::from(2);
+fn check(path: &std::path::Path) -> ExitCode {
+    match config::Config::load(path).and_then(|c| c.validate()) {
+        Ok(s) => {
+            println!(
+                "{}: ok ({} ports, {} vnets, {} vms, {} nsgs with {} rules, {} vips with {} backends)",
+                path.display(),
+                s.ports,
+                s.vnets,
+                s.vms,
+                s.nsgs,
+                s.rules,
+                s.vips,
+                s.backends
+            );
+            ExitCode::SUCCESS
         }
-    };
-    let problems = match config::Config::parse(&text) {
-        Err(e) => vec![e],
-        Ok(c) => match c.validate() {
-            Ok(s) => {
-                println!(
-                    "{}: ok ({} ports, {} vnets, {} vms, {} nsgs with {} rules, {} vips with {} backends)",
-                    path.display(),
-                    s.ports,
-                    s.vnets,
-                    s.vms,
-                    s.nsgs,
-                    s.rules,
-                    s.vips,
-                    s.backends
-                );
-                return ExitCode::SUCCESS;
+        Err(e) => {
+            for p in e.problems() {
+                eprintln!("{p}");
             }
-            Err(p) => p,
-        },
-    };
-    for p in &problems {
-        eprintln!("{p}");
+            ExitCode::from(2)
+        }
     }
-    ExitCode::from(2)
 }
 
-fn run(path: &PathBuf) -> ExitCode {
-    let parsed = std::fs::read_to_string(path)
-        .map_err(|e| vec![format!("config {}: {e}", path.display())])
-        .and_then(|t| config::Config::parse(&t).map_err(|e| vec![e]));
-    let result = parsed.and_then(|c| pollux::run::run_with(&c, Some(path)));
+fn run(path: &std::path::Path) -> ExitCode {
+    let result = config::Config::load(path)
+        .map_err(pollux::run::RunError::from)
+        .and_then(|c| pollux::run::run_with(&c, Some(path)));
     match result {
         Ok(report) => {
-            for l in report {
+            for l in report.lines() {
                 println!("{l}");
             }
             ExitCode::SUCCESS
         }
-        Err(problems) => {
-            for p in problems {
-                eprintln!("{p}");
+        Err(e) => {
+            for l in e.lines() {
+                eprintln!("{l}");
             }
             ExitCode::from(2)
         }

@@ -1,14 +1,14 @@
 //! `GET /metrics`: the counters in the Prometheus/OpenMetrics text format,
 //! encoded by the `prometheus-client` crate from a registry built per scrape
-//! (the values live in the workers' atomics; nothing is kept here).
+//! (from the same typed counters `GET /v1/counters` returns; nothing is
+//! kept here).
 
-use crate::control::state::{ControlState, Runtime, rule_hits};
+use crate::api::{Counters, ProbeState};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 type Labels = Vec<(String, String)>;
 
@@ -32,10 +32,10 @@ fn gauges(reg: &mut Registry, name: &str, help: &str) -> Family<Labels, Gauge> {
     f
 }
 
-/// The metrics text.
-pub fn render(state: &ControlState, rt: &Runtime, backends: &[serde_json::Value]) -> String {
+/// The metrics text of `c` (what `GET /v1/counters` shows), the probe
+/// states and the published generation.
+pub fn render(c: &Counters, probes: &[ProbeState], generation: u64) -> String {
     let mut reg = Registry::default();
-    let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let rx = counters(
         &mut reg,
         "pollux_port_rx_packets",
@@ -49,19 +49,16 @@ pub fn render(state: &ControlState, rt: &Runtime, backends: &[serde_json::Value]
         "pollux_port_drops",
         "Packets dropped per port, by reason",
     );
-    for (name, ss) in &rt.ports {
-        let lb = labels(&[("port", name)]);
-        for s in ss {
-            let n = s.snapshot();
-            rx.get_or_create(&lb).inc_by(n.rx_packets);
-            rxb.get_or_create(&lb).inc_by(n.rx_bytes);
-            tx.get_or_create(&lb).inc_by(n.tx_packets);
-            txb.get_or_create(&lb).inc_by(n.tx_bytes);
-            for (r, c) in s.drops.nonzero() {
-                pdrops
-                    .get_or_create(&labels(&[("port", name), ("reason", r)]))
-                    .inc_by(c);
-            }
+    for p in &c.ports {
+        let lp = labels(&[("port", &p.name)]);
+        rx.get_or_create(&lp).inc_by(p.rx_packets);
+        rxb.get_or_create(&lp).inc_by(p.rx_bytes);
+        tx.get_or_create(&lp).inc_by(p.tx_packets);
+        txb.get_or_create(&lp).inc_by(p.tx_bytes);
+        for (r, n) in &p.drops {
+            pdrops
+                .get_or_create(&labels(&[("port", &p.name), ("reason", r)]))
+                .inc_by(*n);
         }
     }
     let drops = counters(
@@ -99,20 +96,20 @@ pub fn render(state: &ControlState, rt: &Runtime, backends: &[serde_json::Value]
         "pollux_worker_idle_polls",
         "Poll iterations that received nothing",
     );
-    for (w, (ws, ss)) in rt.workers.iter().zip(&rt.switches).enumerate() {
-        let ws_name = w.to_string();
-        let lw = labels(&[("worker", &ws_name)]);
-        for (r, c) in ws.drops.nonzero().into_iter().chain(ss.nonzero()) {
+    for w in &c.workers {
+        let name = w.worker.to_string();
+        let lw = labels(&[("worker", &name)]);
+        for (r, n) in &w.drops {
             drops
-                .get_or_create(&labels(&[("worker", &ws_name), ("reason", r)]))
-                .inc_by(c);
+                .get_or_create(&labels(&[("worker", &name), ("reason", r)]))
+                .inc_by(*n);
         }
-        fast.get_or_create(&lw).inc_by(l(&ss.fast_path));
-        slow.get_or_create(&lw).inc_by(l(&ss.slow_path));
-        installed.get_or_create(&lw).inc_by(l(&ss.flows_installed));
-        flows.get_or_create(&lw).set(l(&ss.flows) as i64);
-        busy.get_or_create(&lw).inc_by(l(&ws.busy_polls));
-        idle.get_or_create(&lw).inc_by(l(&ws.idle_polls));
+        fast.get_or_create(&lw).inc_by(w.fast_path);
+        slow.get_or_create(&lw).inc_by(w.slow_path);
+        installed.get_or_create(&lw).inc_by(w.flows_installed);
+        flows.get_or_create(&lw).set(w.flow_table_entries as i64);
+        busy.get_or_create(&lw).inc_by(w.busy_polls);
+        idle.get_or_create(&lw).inc_by(w.idle_polls);
     }
     let up = gauges(
         &mut reg,
@@ -124,7 +121,7 @@ pub fn render(state: &ControlState, rt: &Runtime, backends: &[serde_json::Value]
         "pollux_backend_probe_rtt_microseconds",
         "Round trip of the last successful probe",
     );
-    for p in &rt.probes {
+    for p in probes {
         let lp = labels(&[("vip", &p.vip), ("backend", &p.backend)]);
         up.get_or_create(&lp).set(i64::from(p.up));
         if let Some(ms) = p.rtt_ms {
@@ -141,37 +138,68 @@ pub fn render(state: &ControlState, rt: &Runtime, backends: &[serde_json::Value]
         "pollux_backend_active_connections",
         "Connections to each VIP backend tracked now",
     );
-    for b in backends {
-        let s = |k: &str| b.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
-        let n = |k: &str| b.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
-        let lb = labels(&[("vip", &s("vip")), ("backend", &s("backend"))]);
-        conns.get_or_create(&lb).inc_by(n("new_connections"));
-        active
-            .get_or_create(&lb)
-            .set(n("active_connections") as i64);
+    for b in &c.backends {
+        let lb = labels(&[("vip", &b.vip), ("backend", &b.backend)]);
+        conns.get_or_create(&lb).inc_by(b.new_connections);
+        active.get_or_create(&lb).set(b.active_connections as i64);
     }
     let hits = counters(
         &mut reg,
         "pollux_rule_hits",
         "Lookups won by each security-group rule",
     );
-    for r in rule_hits(&state.policy().load(), &rt.acl_hits) {
+    for r in &c.rules {
         hits.get_or_create(&labels(&[
             ("nsg", &r.nsg),
-            ("direction", &r.direction.to_string()),
+            ("direction", &r.direction),
             ("rule", &r.rule),
         ]))
         .inc_by(r.hits);
     }
-    let generation = Gauge::<i64>::default();
-    generation.set(state.generation() as i64);
+    let g = Gauge::<i64>::default();
+    g.set(generation as i64);
     reg.register(
         "pollux_policy_generation",
         "The published policy generation",
-        generation,
+        g,
     );
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &reg);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{PortCounters, WorkerCounters};
+
+    #[test]
+    fn the_counters_of_the_api_are_the_metrics() {
+        let c = Counters {
+            ports: vec![PortCounters {
+                name: "web1".into(),
+                rx_packets: 5,
+                drops: [("rx_oversize".to_string(), 2)].into(),
+                ..PortCounters::default()
+            }],
+            workers: vec![WorkerCounters {
+                worker: 0,
+                fast_path: 40,
+                flow_table_entries: 3,
+                ..WorkerCounters::default()
+            }],
+            ..Counters::default()
+        };
+        let text = render(&c, &[], 9);
+        for line in [
+            "pollux_port_rx_packets_total{port=\"web1\"} 5",
+            "pollux_port_drops_total{port=\"web1\",reason=\"rx_oversize\"} 2",
+            "pollux_fast_path_packets_total{worker=\"0\"} 40",
+            "pollux_flow_table_entries{worker=\"0\"} 3",
+            "pollux_policy_generation 9",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+        }
+    }
 }

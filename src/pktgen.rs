@@ -28,6 +28,43 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// Why `pollux pktgen` could not measure.
+#[derive(Debug, thiserror::Error)]
+pub enum PktgenError {
+    /// The options do not describe a measurement (named in the message).
+    #[error("{0}")]
+    Usage(String),
+    /// The configuration of `--config` cannot be used.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The in-process switch failed.
+    #[error(transparent)]
+    Switch(#[from] crate::run::RunError),
+    /// A port could not be opened.
+    #[error(transparent)]
+    Port(#[from] dataplane::port::PortError),
+    /// The buffer pool could not be made.
+    #[error("buffer pool: {0}")]
+    Pool(#[from] dataplane::pool::PoolError),
+    /// The traffic cannot be built.
+    #[error(transparent)]
+    Traffic(#[from] dataplane::pktgen::frame::SpecError),
+    /// A trial failed.
+    #[error(transparent)]
+    Trial(#[from] dataplane::pktgen::TrialError),
+    /// DPDK could not be set up.
+    #[cfg(feature = "dpdk")]
+    #[error(transparent)]
+    Dpdk(#[from] dataplane::port::dpdk::DpdkError),
+    /// `dpdk:` ports in a build without DPDK.
+    #[error("dpdk ports need pollux built with the dpdk feature (cargo build --features dpdk)")]
+    NoDpdk,
+}
+
+fn usage(msg: impl Into<String>) -> PktgenError {
+    PktgenError::Usage(msg.into())
+}
+
 /// A rate: packets per second, or a fraction of the found maximum.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Rate {
@@ -261,7 +298,7 @@ pub struct Report {
     /// Every trial, in order.
     pub trials: Vec<TrialReport>,
     /// The in-process switch's stop report (`--config`).
-    pub switch: Vec<String>,
+    pub switch: Option<crate::run::RunReport>,
 }
 
 /// Runs trials on one pair of ports (or one port both ways).
@@ -276,7 +313,7 @@ struct Bench<'a, T: Port, R: Port<Buf = T::Buf>, A: BufAlloc<Buf = T::Buf>> {
 }
 
 impl<T: Port, R: Port<Buf = T::Buf>, A: BufAlloc<Buf = T::Buf>> Bench<'_, T, R, A> {
-    fn trial(&mut self, label: &str, rate: Option<f64>) -> Result<TrialResult, String> {
+    fn trial(&mut self, label: &str, rate: Option<f64>) -> Result<TrialResult, PktgenError> {
         let cfg = TrialConfig {
             rate,
             ..self.base.clone()
@@ -296,8 +333,7 @@ impl<T: Port, R: Port<Buf = T::Buf>, A: BufAlloc<Buf = T::Buf>> Bench<'_, T, R, 
                 self.clock,
                 &cfg,
             ),
-        }
-        .map_err(|e| e.to_string())?;
+        }?;
         let rep = TrialReport::new(label, &r);
         eprintln!("pktgen: {}", row(&rep));
         self.trials.push(rep);
@@ -307,7 +343,13 @@ impl<T: Port, R: Port<Buf = T::Buf>, A: BufAlloc<Buf = T::Buf>> Bench<'_, T, R, 
     /// Binary search for the highest rate whose loss is at most `loss`,
     /// between `lo` (known good, may be 0) and `hi`; to 1% of `hi` or 12
     /// trials.
-    fn search(&mut self, what: &str, loss: f64, mut lo: f64, mut hi: f64) -> Result<f64, String> {
+    fn search(
+        &mut self,
+        what: &str,
+        loss: f64,
+        mut lo: f64,
+        mut hi: f64,
+    ) -> Result<f64, PktgenError> {
         for _ in 0..12 {
             if hi - lo <= hi * 0.01 {
                 break;
@@ -324,7 +366,7 @@ impl<T: Port, R: Port<Buf = T::Buf>, A: BufAlloc<Buf = T::Buf>> Bench<'_, T, R, 
     }
 
     /// Latency trials at 10%, 50% and 90% of `rate`.
-    fn latencies(&mut self, of: &str, rate: f64) -> Result<(), String> {
+    fn latencies(&mut self, of: &str, rate: f64) -> Result<(), PktgenError> {
         for pct in [10u32, 50, 90] {
             let r = rate * f64::from(pct) / 100.0;
             if r >= 1.0 {
@@ -334,7 +376,7 @@ impl<T: Port, R: Port<Buf = T::Buf>, A: BufAlloc<Buf = T::Buf>> Bench<'_, T, R, 
         Ok(())
     }
 
-    fn run(&mut self, opts: &Options, report: &mut Report) -> Result<(), String> {
+    fn run(&mut self, opts: &Options, report: &mut Report) -> Result<(), PktgenError> {
         if opts.search {
             let max = self.trial("max", None)?;
             let top = max.tx_pps();
@@ -441,7 +483,9 @@ pub fn table(r: &Report) -> Vec<String> {
             pdr / 1e6
         ));
     }
-    out.extend(r.switch.iter().map(|l| format!("switch: {l}")));
+    if let Some(sw) = &r.switch {
+        out.extend(sw.lines().iter().map(|l| format!("switch: {l}")));
+    }
     out
 }
 
@@ -454,12 +498,14 @@ enum Spec {
     Dpdk(String),
 }
 
-fn parse_spec(s: &str) -> Result<Spec, String> {
+fn parse_spec(s: &str) -> Result<Spec, PktgenError> {
     let (kind, arg) = s.split_once(':').ok_or_else(|| {
-        format!("port {s:?}: use ring:NAME, af_packet:IFACE, pcap:FILE or dpdk:DEVARGS")
+        usage(format!(
+            "port {s:?}: use ring:NAME, af_packet:IFACE, pcap:FILE or dpdk:DEVARGS"
+        ))
     })?;
     if arg.is_empty() {
-        return Err(format!("port {s:?}: nothing after \"{kind}:\""));
+        return Err(usage(format!("port {s:?}: nothing after \"{kind}:\"")));
     }
     Ok(match kind {
         "ring" => Spec::Ring(arg.into()),
@@ -467,9 +513,9 @@ fn parse_spec(s: &str) -> Result<Spec, String> {
         "pcap" => Spec::Pcap(arg.into()),
         "dpdk" => Spec::Dpdk(arg.into()),
         _ => {
-            return Err(format!(
+            return Err(usage(format!(
                 "port {s:?}: unknown kind {kind:?} (ring, af_packet, pcap, dpdk)"
-            ));
+            )));
         }
     })
 }
@@ -481,7 +527,7 @@ fn traffic(
     cfg: Option<(&Config, &str, &str)>,
     tx_mac: MacAddr,
     rx_mac: MacAddr,
-) -> Result<TrafficSpec, String> {
+) -> Result<TrafficSpec, PktgenError> {
     let vm_on = |c: &Config, port: &str| c.vm.iter().find(|v| v.port == port).cloned();
     let first_v4 = |ips: &[String]| {
         ips.iter()
@@ -495,22 +541,21 @@ fn traffic(
     );
     if let Some((c, txp, rxp)) = cfg {
         let g = vm_on(c, txp)
-            .ok_or_else(|| format!("port {txp:?}: no VM of the configuration is on it"))?;
+            .ok_or_else(|| usage(format!("port {txp:?}: no VM of the configuration is on it")))?;
         src_mac = g
             .mac
             .parse()
-            .map_err(|e| format!("vm {:?}: mac: {e}", g.name))?;
+            .map_err(|e| usage(format!("vm {:?}: mac: {e}", g.name)))?;
         src_ip = first_v4(&g.ips)
-            .ok_or_else(|| format!("vm {:?}: no IPv4 address to send from", g.name))?;
-        let vnet = c
-            .vnet
-            .iter()
-            .find(|v| v.name == g.vnet)
-            .ok_or_else(|| format!("vm {:?}: vnet {:?} is not defined", g.name, g.vnet))?;
+            .ok_or_else(|| usage(format!("vm {:?}: no IPv4 address to send from", g.name)))?;
+        let vnet =
+            c.vnet.iter().find(|v| v.name == g.vnet).ok_or_else(|| {
+                usage(format!("vm {:?}: vnet {:?} is not defined", g.name, g.vnet))
+            })?;
         dst_mac = vnet
             .gateway_mac
             .parse()
-            .map_err(|e| format!("vnet {:?}: gateway_mac: {e}", vnet.name))?;
+            .map_err(|e| usage(format!("vnet {:?}: gateway_mac: {e}", vnet.name)))?;
         if let Some(s) = vm_on(c, rxp).and_then(|v| first_v4(&v.ips)) {
             dst_ip = s;
         }
@@ -528,30 +573,30 @@ fn traffic(
     })
 }
 
-fn trial_config(opts: &Options) -> Result<TrialConfig, String> {
+fn trial_config(opts: &Options) -> Result<TrialConfig, PktgenError> {
     let secs = |what: &str, v: f64| {
         if v.is_finite() && (0.0..=3600.0).contains(&v) {
             Ok(Duration::from_secs_f64(v))
         } else {
-            Err(format!("{what} {v}: must be 0 to 3600 seconds"))
+            Err(usage(format!("{what} {v}: must be 0 to 3600 seconds")))
         }
     };
     let duration = secs("duration", opts.duration)?;
     if duration.is_zero() {
-        return Err("duration 0: a trial must last some time".into());
+        return Err(usage("duration 0: a trial must last some time"));
     }
     if !(0.0..1.0).contains(&opts.pdr_loss) {
-        return Err(format!(
+        return Err(usage(format!(
             "pdr-loss {}: must be at least 0 and below 1",
             opts.pdr_loss
-        ));
+        )));
     }
     if opts.burst == 0 || opts.burst > dataplane::BURST {
-        return Err(format!(
+        return Err(usage(format!(
             "burst {}: must be 1 to {}",
             opts.burst,
             dataplane::BURST
-        ));
+        )));
     }
     Ok(TrialConfig {
         rate: None,
@@ -574,7 +619,7 @@ fn pin_away_from(workers: &[usize]) {
 }
 
 /// Runs `pollux pktgen`; returns the report, or what was wrong.
-pub fn run(opts: &Options) -> Result<Report, String> {
+pub fn run(opts: &Options) -> Result<Report, PktgenError> {
     let base = trial_config(opts)?;
     let clock = TscClock::calibrate(Duration::from_millis(50));
     let mut report = Report {
@@ -601,7 +646,7 @@ pub fn run(opts: &Options) -> Result<Report, String> {
         pdr_loss: None,
         generator_bound: false,
         trials: Vec::new(),
-        switch: Vec::new(),
+        switch: None,
     };
     let tx = opts.tx.as_deref().map(parse_spec).transpose()?;
     let rx = opts.rx.as_deref().map(parse_spec).transpose()?;
@@ -625,34 +670,33 @@ pub fn run(opts: &Options) -> Result<Report, String> {
         (None, None, None) if opts.calibrate => {
             report.tx_port = "ring:a".into();
             report.rx_port = "ring:b".into();
-            let pool = Pool::new(&PoolConfig::new("pktgen", 16384)).map_err(|e| e.to_string())?;
+            let pool = Pool::new(&PoolConfig::new("pktgen", 16384))?;
             let (a, b) = ring::pair(
                 LinkInfo::new("a", MacAddr([2, 0, 0, 0, 0, 1]), "ring"),
                 LinkInfo::new("b", MacAddr([2, 0, 0, 0, 0, 2]), "ring"),
                 4096,
             );
-            let tpl = Template::new(&traffic(opts, None, a.info().mac, b.info().mac)?)
-                .map_err(|e| e.to_string())?;
+            let tpl = Template::new(&traffic(opts, None, a.info().mac, b.info().mac)?)?;
             bench(Box::new(a), Some(Box::new(b)), pool, &tpl, &mut report)?;
         }
         (None, _, _) => {
-            return Err("--tx is needed (ring:NAME with --config, af_packet:IFACE, pcap:FILE, dpdk:DEVARGS), or --calibrate alone".into());
+            return Err(usage(
+                "--tx is needed (ring:NAME with --config, af_packet:IFACE, pcap:FILE, dpdk:DEVARGS), or --calibrate alone",
+            ));
         }
         (Some(Spec::Ring(t)), r, Some(path)) => {
             let r = match r {
                 None => None,
                 Some(Spec::Ring(r)) => Some(r.clone()),
                 Some(other) => {
-                    return Err(format!(
+                    return Err(usage(format!(
                         "--rx {other:?}: with --config both ports are ring ports of the configuration"
-                    ));
+                    )));
                 }
             };
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("config {}: {e}", path.display()))?;
-            let cfg = Config::parse(&text)?;
-            cfg.validate().map_err(|p| p.join("\n"))?;
-            let mut sw = InProcess::start(&cfg).map_err(|p| p.join("\n"))?;
+            let cfg = Config::load(path)?;
+            cfg.validate()?;
+            let mut sw = InProcess::start(&cfg)?;
             report.tx_port = format!("ring:{t}");
             report.rx_port = format!("ring:{}", r.as_deref().unwrap_or(t));
             let result = (|| {
@@ -664,7 +708,7 @@ pub fn run(opts: &Options) -> Result<Report, String> {
                     txp.info().mac,
                     rxp.as_ref().map_or(txp.info().mac, |p| p.info().mac),
                 )?;
-                let tpl = Template::new(&spec).map_err(|e| e.to_string())?;
+                let tpl = Template::new(&spec)?;
                 pin_away_from(&sw.worker_cores);
                 let pool = sw.pool;
                 bench(
@@ -677,10 +721,12 @@ pub fn run(opts: &Options) -> Result<Report, String> {
             })();
             let stopped = sw.stop();
             result?;
-            report.switch = stopped.map_err(|p| p.join("\n"))?;
+            report.switch = Some(stopped?);
         }
         (Some(Spec::Ring(_)), _, None) => {
-            return Err("ring:NAME ports belong to an in-process switch: give --config".into());
+            return Err(usage(
+                "ring:NAME ports belong to an in-process switch: give --config",
+            ));
         }
         (Some(Spec::Dpdk(_)), _, _) | (_, Some(Spec::Dpdk(_)), _) => {
             report.tx_port = opts.tx.clone().unwrap_or_default();
@@ -690,8 +736,8 @@ pub fn run(opts: &Options) -> Result<Report, String> {
         (Some(t), r, None) => {
             report.tx_port = opts.tx.clone().unwrap_or_default();
             report.rx_port = opts.rx.clone().or(opts.tx.clone()).unwrap_or_default();
-            let pool = Pool::new(&PoolConfig::new("pktgen", 16384)).map_err(|e| e.to_string())?;
-            let open = |s: &Spec, dir: &str| -> Result<Box<dyn Port<Buf = PoolBuf>>, String> {
+            let pool = Pool::new(&PoolConfig::new("pktgen", 16384))?;
+            let open = |s: &Spec, dir: &str| -> Result<Box<dyn Port<Buf = PoolBuf>>, PktgenError> {
                 let name = format!("pktgen-{dir}");
                 let spec = match s {
                     Spec::AfPacket(i) => PortSpec::AfPacket { iface: i.clone() },
@@ -703,25 +749,25 @@ pub fn run(opts: &Options) -> Result<Report, String> {
                         rx_pcap: Some(f.into()),
                         tx_pcap: None,
                     },
-                    other => return Err(format!("{other:?}: not usable here")),
+                    other => return Err(usage(format!("{other:?}: not usable here"))),
                 };
                 let mac = MacAddr([2, 0, 0, 0, 0, 1]);
-                let mut opened =
-                    spec::open(&spec, &name, mac, 1, pool, 0).map_err(|e| e.to_string())?;
+                let mut opened = spec::open(&spec, &name, mac, 1, pool, 0)?;
                 opened
                     .queues
                     .pop()
-                    .ok_or_else(|| format!("port {name:?}: opened without a queue"))
+                    .ok_or_else(|| usage(format!("port {name:?}: opened without a queue")))
             };
             let txp = open(t, "tx")?;
             let rxp = r.as_ref().map(|r| open(r, "rx")).transpose()?;
             let rx_mac = rxp.as_ref().map_or(txp.info().mac, |p| p.info().mac);
-            let tpl = Template::new(&traffic(opts, None, txp.info().mac, rx_mac)?)
-                .map_err(|e| e.to_string())?;
+            let tpl = Template::new(&traffic(opts, None, txp.info().mac, rx_mac)?)?;
             bench(txp, rxp, pool, &tpl, &mut report)?;
         }
         (Some(_), _, Some(_)) => {
-            return Err("--config runs pollux in this process: its ports are ring:NAME".into());
+            return Err(usage(
+                "--config runs pollux in this process: its ports are ring:NAME",
+            ));
         }
     }
     Ok(report)
@@ -736,13 +782,13 @@ fn run_dpdk(
     clock: &TscClock,
     base: &TrialConfig,
     report: &mut Report,
-) -> Result<(), String> {
+) -> Result<(), PktgenError> {
     use dataplane::port::dpdk::{DpdkPort, Eal, Mempool};
     let dev = |s: Option<&Spec>| match s {
         Some(Spec::Dpdk(d)) => Ok(d.clone()),
-        other => Err(format!(
+        other => Err(usage(format!(
             "{other:?}: with a dpdk port, both ports must be dpdk (one buffer type)"
-        )),
+        ))),
     };
     let txd = dev(tx)?;
     let rxd = rx.map(|r| dev(Some(r))).transpose()?;
@@ -753,17 +799,15 @@ fn run_dpdk(
         .split_whitespace()
         .map(String::from)
         .collect();
-    let eal = Eal::init(&args).map_err(|e| e.to_string())?;
-    let pool = Mempool::new(&eal, "pktgen", 16383, 2176, -1).map_err(|e| e.to_string())?;
-    let txp = DpdkPort::open(&eal, "pktgen-tx", &txd, pool).map_err(|e| e.to_string())?;
+    let eal = Eal::init(&args)?;
+    let pool = Mempool::new(&eal, "pktgen", 16383, 2176, -1)?;
+    let txp = DpdkPort::open(&eal, "pktgen-tx", &txd, pool)?;
     let rxp = rxd
         .as_deref()
         .map(|d| DpdkPort::open(&eal, "pktgen-rx", d, pool))
-        .transpose()
-        .map_err(|e| e.to_string())?;
+        .transpose()?;
     let rx_mac = rxp.as_ref().map_or(txp.info().mac, |p| p.info().mac);
-    let tpl =
-        Template::new(&traffic(opts, None, txp.info().mac, rx_mac)?).map_err(|e| e.to_string())?;
+    let tpl = Template::new(&traffic(opts, None, txp.info().mac, rx_mac)?)?;
     Bench {
         tx: txp,
         rx: rxp,
@@ -784,8 +828,8 @@ fn run_dpdk(
     _clock: &TscClock,
     _base: &TrialConfig,
     _report: &mut Report,
-) -> Result<(), String> {
-    Err("dpdk ports need pollux built with the dpdk feature (cargo build --features dpdk)".into())
+) -> Result<(), PktgenError> {
+    Err(PktgenError::NoDpdk)
 }
 
 #[cfg(test)]
@@ -807,18 +851,29 @@ mod tests {
 
     #[test]
     fn port_specs_name_the_problem() {
-        assert_eq!(parse_spec("ring:gen"), Ok(Spec::Ring("gen".into())));
+        assert_eq!(parse_spec("ring:gen").ok(), Some(Spec::Ring("gen".into())));
         assert_eq!(
-            parse_spec("dpdk:net_virtio_user0,path=/tmp/s"),
-            Ok(Spec::Dpdk("net_virtio_user0,path=/tmp/s".into()))
+            parse_spec("dpdk:net_virtio_user0,path=/tmp/s").ok(),
+            Some(Spec::Dpdk("net_virtio_user0,path=/tmp/s".into()))
         );
-        assert!(parse_spec("eth0").unwrap_err().contains("ring:NAME"));
+        assert!(
+            parse_spec("eth0")
+                .unwrap_err()
+                .to_string()
+                .contains("ring:NAME")
+        );
         assert!(
             parse_spec("tap:x")
                 .unwrap_err()
+                .to_string()
                 .contains("unknown kind \"tap\"")
         );
-        assert!(parse_spec("pcap:").unwrap_err().contains("nothing after"));
+        assert!(
+            parse_spec("pcap:")
+                .unwrap_err()
+                .to_string()
+                .contains("nothing after")
+        );
     }
 
     #[test]
@@ -827,25 +882,25 @@ mod tests {
             duration: 0.0,
             ..Options::default()
         };
-        assert!(run(&o).unwrap_err().contains("duration 0"));
+        assert!(run(&o).unwrap_err().to_string().contains("duration 0"));
         let o = Options {
             pdr_loss: 1.5,
             ..Options::default()
         };
-        assert!(run(&o).unwrap_err().contains("pdr-loss"));
+        assert!(run(&o).unwrap_err().to_string().contains("pdr-loss"));
         let o = Options::default();
-        assert!(run(&o).unwrap_err().contains("--tx is needed"));
+        assert!(run(&o).unwrap_err().to_string().contains("--tx is needed"));
         let o = Options {
             tx: Some("ring:gen".into()),
             ..Options::default()
         };
-        assert!(run(&o).unwrap_err().contains("give --config"));
+        assert!(run(&o).unwrap_err().to_string().contains("give --config"));
         let o = Options {
             calibrate: true,
             size: 40,
             ..Options::default()
         };
-        assert!(run(&o).unwrap_err().contains("frame size 40"));
+        assert!(run(&o).unwrap_err().to_string().contains("frame size 40"));
     }
 
     #[test]

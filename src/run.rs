@@ -22,7 +22,8 @@
 //! each probed backend's state and why, every security-group rule that
 //! matched with its hit count, and drops by reason.
 
-use crate::config::{Config, ProbeCfg};
+use crate::api::{PortCounters, ProbeState, RuleCounters, WorkerCounters};
+use crate::config::{Config, ConfigError, ProbeCfg};
 use arc_swap::ArcSwap;
 use dataplane::pool::{Pool, PoolBuf, PoolConfig};
 use dataplane::port::ring::{self, RingPort};
@@ -32,12 +33,150 @@ use dataplane::{BufAlloc, LinkInfo, MacAddr, Port};
 use lb::health::{HealthService, ProbeTarget};
 use lb::probe::device::PortDevice;
 use lb::probe::{ProbeKind, ProbeSpec, Prober, ProberConfig};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use vswitch::switch::Handoff;
-use vswitch::{Policy, Switch, SwitchConfig, SwitchStats, Topology, VmDef};
+use vswitch::{Policy, Switch, SwitchConfig, Topology, VmDef};
+
+/// Why the switch could not run (or stopped with an error).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The configuration has problems (every one, one line each).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A port could not be opened.
+    #[error(transparent)]
+    Port(#[from] dataplane::port::PortError),
+    /// The packet buffer pool could not be made.
+    #[error("buffer pool: {0}")]
+    Pool(#[from] dataplane::pool::PoolError),
+    /// DPDK could not be set up.
+    #[cfg(feature = "dpdk")]
+    #[error(transparent)]
+    Dpdk(#[from] dataplane::port::dpdk::DpdkError),
+    /// `dpdk` ports in a build without DPDK.
+    #[error("dpdk ports need pollux built with the dpdk feature (cargo build --features dpdk)")]
+    NoDpdk,
+    /// The health service refused the probes of the configuration.
+    #[error("probes: {0}")]
+    Health(#[from] lb::health::HealthError),
+    /// The control API could not be served.
+    #[error("{0}")]
+    Control(String),
+    /// A signal handler could not be installed.
+    #[error("cannot handle signal {signal}: {source}")]
+    Signal {
+        /// The signal number.
+        signal: i32,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A thread could not be started.
+    #[error("cannot start {what}: {source}")]
+    Spawn {
+        /// Which thread.
+        what: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Workers failed while running, one line each.
+    #[error("{}", .0.join("\n"))]
+    Workers(Vec<String>),
+    /// An in-process switch got a port that is not a ring.
+    #[error("{}", .0.join("\n"))]
+    NotRing(Vec<String>),
+    /// `take_end` of a port that is not a ring port of the configuration.
+    #[error("port {0:?} is not a ring port of the configuration")]
+    NoSuchRing(String),
+}
+
+impl RunError {
+    /// The error, one line per problem.
+    pub fn lines(&self) -> Vec<String> {
+        self.to_string().lines().map(String::from).collect()
+    }
+}
+
+/// What `pollux run` prints when it stops: every counter that says what
+/// the switch did (serde, so it can be read as JSON too).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunReport {
+    /// Per worker.
+    pub workers: Vec<WorkerCounters>,
+    /// Per port, summed over its queues.
+    pub ports: Vec<PortCounters>,
+    /// Each probed backend's last state.
+    pub probes: Vec<ProbeState>,
+    /// Security-group rules that won lookups.
+    pub rules: Vec<RuleCounters>,
+    /// Drops by the switch's pipeline, by reason.
+    pub switch_drops: BTreeMap<String, u64>,
+    /// Frames the workers could not parse, by reason.
+    pub malformed: BTreeMap<String, u64>,
+}
+
+impl RunReport {
+    /// The report as text lines.
+    pub fn lines(&self) -> Vec<String> {
+        let sum = |f: fn(&WorkerCounters) -> u64| self.workers.iter().map(f).sum::<u64>();
+        let mut out = vec![format!(
+            "stopped: {} packets received, {} sent; {} fast path, {} slow path",
+            sum(|w| w.rx_packets),
+            sum(|w| w.tx_packets),
+            sum(|w| w.fast_path),
+            sum(|w| w.slow_path),
+        )];
+        if self.workers.len() > 1 {
+            for w in &self.workers {
+                out.push(format!(
+                    "worker{}: received {}, processed {}, handed to their owner {}",
+                    w.worker,
+                    w.rx_packets,
+                    w.fast_path + w.slow_path,
+                    w.handed_off
+                ));
+            }
+        }
+        for p in &self.ports {
+            out.push(format!(
+                "port {:?}: rx {} tx {} drops {}",
+                p.name,
+                p.rx_packets,
+                p.tx_packets,
+                p.drops.values().sum::<u64>()
+            ));
+        }
+        for p in &self.probes {
+            out.push(format!(
+                "vip {:?} backend {}: {} after {} probes ({})",
+                p.vip,
+                p.backend,
+                if p.up { "up" } else { "down" },
+                p.probes,
+                p.reason
+            ));
+        }
+        for r in self.rules.iter().filter(|r| r.hits > 0) {
+            out.push(format!(
+                "nsg {:?} {} rule {:?} (priority {}, {}): {} hits",
+                r.nsg, r.direction, r.rule, r.priority, r.action, r.hits
+            ));
+        }
+        let list = |m: &BTreeMap<String, u64>| {
+            format!(
+                "{:?}",
+                m.iter().map(|(k, v)| (k.as_str(), *v)).collect::<Vec<_>>()
+            )
+        };
+        out.push(format!("switch drops: {}", list(&self.switch_drops)));
+        out.push(format!("malformed: {}", list(&self.malformed)));
+        out
+    }
+}
 
 /// The prober's gateway: inside its /24 (smoltcp takes ARP answers only from
 /// its own subnet); the switch answers ARP for any address on internal ports.
@@ -82,7 +221,7 @@ fn probers<A: BufAlloc>(
     topo: &mut Topology,
     pool: A,
     sets: &mut [PortSet<A::Buf>],
-) -> Result<Health<A>, Vec<String>> {
+) -> Result<Health<A>, RunError> {
     let mut health = Health::<A>::new();
     // Fresh ports and sequence numbers in every process (see ProberConfig).
     let seed = ProberConfig::process_seed();
@@ -133,7 +272,7 @@ fn sync_probes<A: BufAlloc>(
     cfg: &Config,
     health: &mut Health<A>,
     now: Duration,
-) -> Result<(), Vec<String>> {
+) -> Result<(), RunError> {
     let topo = cfg.topology()?;
     let mut want = Vec::new();
     for (vip_cfg, vip) in cfg.vip.iter().zip(topo.vips.iter()) {
@@ -153,7 +292,8 @@ fn sync_probes<A: BufAlloc>(
             want.push((target, index));
         }
     }
-    health.sync(&want, now).map_err(|e| vec![e.to_string()])
+    health.sync(&want, now)?;
+    Ok(())
 }
 
 /// The ports of one worker.
@@ -167,7 +307,7 @@ fn open_ports(
     cfg: &Config,
     workers: usize,
     pool: Pool,
-) -> Result<(Vec<PortSet>, RingEnds), Vec<String>> {
+) -> Result<(Vec<PortSet>, RingEnds), RunError> {
     let mut sets: Vec<PortSet> = (0..workers).map(|_| Vec::new()).collect();
     let mut idle_peers = Vec::new();
     for (i, p) in cfg.port.iter().enumerate() {
@@ -177,8 +317,7 @@ fn open_ports(
         let group = (std::process::id() as u16)
             .wrapping_mul(31)
             .wrapping_add(i as u16);
-        let opened = spec::open(&p.spec, &p.name, mac, workers, pool, group)
-            .map_err(|e| vec![e.to_string()])?;
+        let opened = spec::open(&p.spec, &p.name, mac, workers, pool, group)?;
         for (set, q) in sets.iter_mut().zip(opened.queues) {
             set.push(q);
         }
@@ -187,17 +326,14 @@ fn open_ports(
     Ok((sets, idle_peers))
 }
 
-/// Runs the switch; returns the report lines printed at stop, or the problems.
-pub fn run(cfg: &Config) -> Result<Vec<String>, Vec<String>> {
+/// Runs the switch; returns the report printed at stop, or the problems.
+pub fn run(cfg: &Config) -> Result<RunReport, RunError> {
     run_with(cfg, None)
 }
 
 /// [`run`], reloading `source` (the file `cfg` came from) on SIGHUP: the new
 /// configuration is validated whole and published, or refused and logged.
-pub fn run_with(
-    cfg: &Config,
-    source: Option<&std::path::Path>,
-) -> Result<Vec<String>, Vec<String>> {
+pub fn run_with(cfg: &Config, source: Option<&std::path::Path>) -> Result<RunReport, RunError> {
     let mut topo = cfg.topology()?;
     let workers = cfg.dataplane.workers.max(1);
     let cores = core_affinity::get_core_ids().unwrap_or_default();
@@ -205,7 +341,7 @@ pub fn run_with(
     if cfg.port.iter().any(|p| p.spec.is_dpdk()) {
         return run_dpdk(cfg, topo, stop);
     }
-    let pool = Pool::new(&PoolConfig::new("run", 65536)).map_err(|e| vec![e.to_string()])?;
+    let pool = Pool::new(&PoolConfig::new("run", 65536))?;
     let (mut sets, idle_peers) = open_ports(cfg, workers, pool)?;
     let probers = probers(cfg, &mut topo, pool, &mut sets)?;
     let report = run_on(cfg, &topo, sets, probers, &cores, stop);
@@ -226,28 +362,31 @@ struct Stop {
 /// Binds the control API of `cfg`, before any worker starts: a socket that
 /// cannot be served is a configuration error, not something to find later;
 /// and once this returns, clients can connect.
-fn bind_control(cfg: &Config) -> Result<Option<crate::control::Server>, Vec<String>> {
+fn bind_control(cfg: &Config) -> Result<Option<crate::control::Server>, RunError> {
     match &cfg.control {
         Some(c) => crate::control::Server::bind(&c.socket, c.tcp.as_deref())
             .map(Some)
-            .map_err(|e| vec![e]),
+            .map_err(RunError::Control),
         None => Ok(None),
     }
 }
 
 impl Stop {
     /// SIGINT and SIGTERM stop; SIGHUP reloads `source` if given.
-    fn signals(cfg: &Config, source: Option<&std::path::Path>) -> Result<Stop, Vec<String>> {
+    fn signals(cfg: &Config, source: Option<&std::path::Path>) -> Result<Stop, RunError> {
         let stop = Arc::new(AtomicBool::new(false));
+        let register = |signal, flag: &Arc<AtomicBool>| {
+            signal_hook::flag::register(signal, flag.clone())
+                .map(drop)
+                .map_err(|source| RunError::Signal { signal, source })
+        };
         for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-            signal_hook::flag::register(sig, stop.clone())
-                .map_err(|e| vec![format!("cannot handle signal {sig}: {e}")])?;
+            register(sig, &stop)?;
         }
         let reload = match source {
             Some(p) => {
                 let f = Arc::new(AtomicBool::new(false));
-                signal_hook::flag::register(signal_hook::consts::SIGHUP, f.clone())
-                    .map_err(|e| vec![format!("cannot handle SIGHUP: {e}")])?;
+                register(signal_hook::consts::SIGHUP, &f)?;
                 Some((f, p.to_path_buf()))
             }
             None => None,
@@ -271,12 +410,12 @@ pub struct InProcess {
     /// Cores the workers are pinned to.
     pub worker_cores: Vec<usize>,
     stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<Result<Vec<String>, Vec<String>>>,
+    thread: std::thread::JoinHandle<Result<RunReport, RunError>>,
 }
 
 impl InProcess {
     /// Starts the switch of `cfg`; every port must be a `ring` port.
-    pub fn start(cfg: &Config) -> Result<InProcess, Vec<String>> {
+    pub fn start(cfg: &Config) -> Result<InProcess, RunError> {
         let mut topo = cfg.topology()?;
         let problems: Vec<String> = cfg
             .port
@@ -291,7 +430,7 @@ impl InProcess {
             })
             .collect();
         if !problems.is_empty() {
-            return Err(problems);
+            return Err(RunError::NotRing(problems));
         }
         let workers = cfg.dataplane.workers.max(1);
         let cores = core_affinity::get_core_ids().unwrap_or_default();
@@ -299,8 +438,7 @@ impl InProcess {
             .filter_map(|w| cores.len().checked_sub(w + 1).and_then(|c| cores.get(c)))
             .map(|c| c.id)
             .collect();
-        let pool =
-            Pool::new(&PoolConfig::new("in-process", 65536)).map_err(|e| vec![e.to_string()])?;
+        let pool = Pool::new(&PoolConfig::new("in-process", 65536))?;
         let (mut sets, peers) = open_ports(cfg, workers, pool)?;
         let probers = probers(cfg, &mut topo, pool, &mut sets)?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -317,7 +455,10 @@ impl InProcess {
                 };
                 run_on(&cfg, &topo, sets, probers, &cores, stop)
             })
-            .map_err(|e| vec![format!("cannot start the switch: {e}")])?;
+            .map_err(|source| RunError::Spawn {
+                what: "the switch's control thread".into(),
+                source,
+            })?;
         Ok(InProcess {
             ends: peers
                 .into_iter()
@@ -331,21 +472,21 @@ impl InProcess {
     }
 
     /// Takes the far end of ring port `name`.
-    pub fn take_end(&mut self, name: &str) -> Result<RingPort<PoolBuf>, String> {
+    pub fn take_end(&mut self, name: &str) -> Result<RingPort<PoolBuf>, RunError> {
         let i = self
             .ends
             .iter()
             .position(|(n, _)| n == name)
-            .ok_or_else(|| format!("port {name:?} is not a ring port of the configuration"))?;
+            .ok_or_else(|| RunError::NoSuchRing(name.to_string()))?;
         Ok(self.ends.swap_remove(i).1)
     }
 
     /// Stops the switch and returns its report.
-    pub fn stop(self) -> Result<Vec<String>, Vec<String>> {
+    pub fn stop(self) -> Result<RunReport, RunError> {
         self.stop.store(true, Ordering::Relaxed);
-        self.thread
-            .join()
-            .map_err(|_| vec!["the switch's control thread panicked".to_string()])?
+        self.thread.join().map_err(|_| {
+            RunError::Workers(vec!["the switch's control thread panicked".to_string()])
+        })?
     }
 }
 
@@ -353,22 +494,21 @@ impl InProcess {
 /// end to end, the probers' internal ports carry mbufs too); each worker
 /// polls its own queue of every port.
 #[cfg(feature = "dpdk")]
-fn run_dpdk(cfg: &Config, mut topo: Topology, stop: Stop) -> Result<Vec<String>, Vec<String>> {
+fn run_dpdk(cfg: &Config, mut topo: Topology, stop: Stop) -> Result<RunReport, RunError> {
     use dataplane::port::dpdk::{Eal, Mempool};
     let args = cfg
         .dpdk
         .as_ref()
         .map(|d| d.eal_args.clone())
         .unwrap_or_default();
-    let eal = Eal::init(&args).map_err(|e| vec![e.to_string()])?;
-    let pool = Mempool::new(&eal, "pollux", 16383, 2176, -1).map_err(|e| vec![e.to_string()])?;
+    let eal = Eal::init(&args)?;
+    let pool = Mempool::new(&eal, "pollux", 16383, 2176, -1)?;
     let workers = cfg.dataplane.workers.max(1);
     let mut sets: Vec<PortSet<dataplane::port::dpdk::Mbuf>> =
         (0..workers).map(|_| Vec::new()).collect();
     for p in &cfg.port {
         // One queue per worker.
-        let opened = spec::open_dpdk(&p.spec, &p.name, workers, &eal, pool)
-            .map_err(|e| vec![e.to_string()])?;
+        let opened = spec::open_dpdk(&p.spec, &p.name, workers, &eal, pool)?;
         for (set, q) in sets.iter_mut().zip(opened.queues) {
             set.push(q);
         }
@@ -379,10 +519,8 @@ fn run_dpdk(cfg: &Config, mut topo: Topology, stop: Stop) -> Result<Vec<String>,
 }
 
 #[cfg(not(feature = "dpdk"))]
-fn run_dpdk(_cfg: &Config, _topo: Topology, _stop: Stop) -> Result<Vec<String>, Vec<String>> {
-    Err(vec![
-        "dpdk ports need pollux built with the dpdk feature (cargo build --features dpdk)".into(),
-    ])
+fn run_dpdk(_cfg: &Config, _topo: Topology, _stop: Stop) -> Result<RunReport, RunError> {
+    Err(RunError::NoDpdk)
 }
 
 /// Starts one switch worker per port set, serves the control API (with a
@@ -395,9 +533,9 @@ fn run_on<A: BufAlloc>(
     mut health: Health<A>,
     cores: &[core_affinity::CoreId],
     stop: Stop,
-) -> Result<Vec<String>, Vec<String>> {
+) -> Result<RunReport, RunError> {
     let workers = sets.len().max(1);
-    let policy = Policy::compile(topo, 1).map_err(|e| e.0)?;
+    let policy = Policy::compile(topo, 1).map_err(|e| ConfigError::Invalid(e.0))?;
     let swap = Arc::new(ArcSwap::from_pointee(policy));
     let sw_cfg = SwitchConfig {
         flow_table_size: cfg.dataplane.flow_table_size,
@@ -432,7 +570,11 @@ fn run_on<A: BufAlloc>(
         let worker = Worker::new(&format!("worker{w}"), core, ports, switch);
         stops.push(worker.stop_flag());
         wstats.push(worker.stats());
-        handles.push(worker.spawn().map_err(|e| vec![e.to_string()])?);
+        handles.push(
+            worker
+                .spawn()
+                .map_err(|e| RunError::Workers(vec![e.to_string()]))?,
+        );
     }
     eprintln!(
         "pollux: switch running on {} ports with {workers} worker(s), {} probed backends (SIGINT or SIGTERM stops)",
@@ -479,73 +621,25 @@ fn run_on<A: BufAlloc>(
         }
     }
     if !failures.is_empty() {
-        return Err(failures);
+        return Err(RunError::Workers(failures));
     }
-    let total = |f: &dyn Fn(&SwitchStats) -> u64| stats.iter().map(|s| f(s)).sum::<u64>();
-    let wtotal = |f: &dyn Fn(&dataplane::worker::WorkerStats) -> u64| {
-        wstats.iter().map(|s| f(s)).sum::<u64>()
+    let mut counters = crate::control::local_counters(&state, &rt);
+    let by_reason = |pairs: Vec<(&str, u64)>, into: &mut BTreeMap<String, u64>| {
+        for (r, n) in pairs {
+            *into.entry(r.to_string()).or_default() += n;
+        }
     };
-    let mut report = vec![format!(
-        "stopped: {} packets received, {} sent; {} fast path, {} slow path",
-        wtotal(&|s| s.rx_packets.load(Ordering::Relaxed)),
-        wtotal(&|s| s.tx_packets.load(Ordering::Relaxed)),
-        total(&|s| s.fast_path.load(Ordering::Relaxed)),
-        total(&|s| s.slow_path.load(Ordering::Relaxed)),
-    )];
-    if workers > 1 {
-        for (w, (s, ws)) in stats.iter().zip(&wstats).enumerate() {
-            report.push(format!(
-                "worker{w}: received {}, processed {}, handed to their owner {}",
-                ws.rx_packets.load(Ordering::Relaxed),
-                s.fast_path.load(Ordering::Relaxed) + s.slow_path.load(Ordering::Relaxed),
-                s.handed_off.load(Ordering::Relaxed)
-            ));
-        }
+    let mut report = RunReport {
+        probes: probe_states(&health),
+        ..RunReport::default()
+    };
+    for (s, ws) in stats.iter().zip(&wstats) {
+        by_reason(s.nonzero(), &mut report.switch_drops);
+        by_reason(ws.drops.nonzero(), &mut report.malformed);
     }
-    for (name, ss) in port_stats {
-        let snap = ss.iter().map(|s| s.snapshot());
-        let (rx, tx, drops) = snap.fold((0, 0, 0), |a, s| {
-            (a.0 + s.rx_packets, a.1 + s.tx_packets, a.2 + s.drops)
-        });
-        report.push(format!("port {name:?}: rx {rx} tx {tx} drops {drops}"));
-    }
-    for (t, h) in health.states() {
-        report.push(format!(
-            "{}: {} after {} probes ({})",
-            t.name(),
-            if h.up { "up" } else { "down" },
-            h.probes,
-            h.reason()
-        ));
-    }
-    for r in crate::control::rule_hits(&swap.load(), &acl_hits) {
-        if r.hits > 0 {
-            report.push(format!(
-                "nsg {:?} {} rule {:?} (priority {}, {}): {} hits",
-                r.nsg, r.direction, r.rule, r.priority, r.action, r.hits
-            ));
-        }
-    }
-    let mut drops: Vec<(&str, u64)> = Vec::new();
-    for s in &stats {
-        for (name, n) in s.nonzero() {
-            match drops.iter_mut().find(|d| d.0 == name) {
-                Some(d) => d.1 += n,
-                None => drops.push((name, n)),
-            }
-        }
-    }
-    let mut malformed: Vec<(&str, u64)> = Vec::new();
-    for s in &wstats {
-        for (name, n) in s.drops.nonzero() {
-            match malformed.iter_mut().find(|d| d.0 == name) {
-                Some(d) => d.1 += n,
-                None => malformed.push((name, n)),
-            }
-        }
-    }
-    report.push(format!("switch drops: {drops:?}"));
-    report.push(format!("malformed: {malformed:?}"));
+    report.workers = std::mem::take(&mut counters.workers);
+    report.ports = std::mem::take(&mut counters.ports);
+    report.rules = std::mem::take(&mut counters.rules);
     Ok(report)
 }
 
@@ -571,7 +665,7 @@ fn control_loop<A: BufAlloc>(
         if state.changes() != changes {
             changes = state.changes();
             if let Err(e) = sync_probes(state.config(), health, start.elapsed()) {
-                eprintln!("pollux: probes not updated: {}", e.join("; "));
+                eprintln!("pollux: probes not updated: {}", e.lines().join("; "));
             }
         }
         // Each change swaps its VIP's backend set in place (only that VIP's
@@ -599,9 +693,7 @@ fn control_loop<A: BufAlloc>(
         if let Some((flag, path)) = reload
             && flag.swap(false, Ordering::Relaxed)
         {
-            let loaded = std::fs::read_to_string(path)
-                .map_err(|e| format!("config {}: {e}", path.display()))
-                .and_then(|t| Config::parse(&t));
+            let loaded = Config::load(path).map_err(|e| e.problems().join("; "));
             let refused = match loaded.map(|c| state.replace(c)) {
                 Ok(Ok(g)) => {
                     rt.reloads.applied += 1;
@@ -637,10 +729,10 @@ fn control_loop<A: BufAlloc>(
 }
 
 /// The probe state of every probed backend, for the API and metrics.
-fn probe_states<A: BufAlloc>(health: &Health<A>) -> Vec<crate::control::ProbeState> {
+fn probe_states<A: BufAlloc>(health: &Health<A>) -> Vec<ProbeState> {
     health
         .states()
-        .map(|(t, h)| crate::control::ProbeState {
+        .map(|(t, h)| ProbeState {
             vip: t.vip.clone(),
             backend: format!("{}:{}", t.backend.0, t.backend.1),
             up: h.up,

@@ -95,46 +95,120 @@ pub fn vf_message(req: &Request, ifindex: u32, vf: u32, seq: u32) -> Option<Vec<
     Some(msg)
 }
 
+/// Why an SR-IOV request was not carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum SriovError {
+    /// No such network interface.
+    #[error("sriov: interface {0:?} does not exist")]
+    NoInterface(String),
+    /// The interface has no SR-IOV capability.
+    #[error("sriov: {pf:?} is not an SR-IOV physical function (no {})", path.display())]
+    NotPf {
+        /// The interface.
+        pf: String,
+        /// The sysfs file it lacks.
+        path: PathBuf,
+    },
+    /// More VFs than the device has.
+    #[error("sriov: {pf:?} supports at most {total} VFs, {asked} asked for")]
+    TooMany {
+        /// The interface.
+        pf: String,
+        /// Its `sriov_totalvfs`.
+        total: u32,
+        /// The count asked for.
+        asked: u32,
+    },
+    /// Writing `sriov_numvfs` failed.
+    #[error("sriov: writing {}{}: {source}", path.display(), if source.kind() == std::io::ErrorKind::PermissionDenied { " needs root" } else { "" })]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// `--vf` without a setting.
+    #[error("sriov: --vf needs at least one of --mac, --vlan, --spoofchk, --trust")]
+    NoSetting,
+    /// Neither `--vfs` nor `--vf`.
+    #[error("sriov: nothing to do: give --vfs N and/or --vf I with settings")]
+    NothingToDo,
+    /// The netlink socket failed.
+    #[error("sriov: netlink {step}: {source}")]
+    Netlink {
+        /// What was being done.
+        step: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The kernel's answer is not an acknowledgement.
+    #[error("sriov: {0}")]
+    Reply(String),
+    /// The kernel refused the VF settings.
+    #[error("sriov: {}", refusal(pf, *vf, *errno))]
+    Refused {
+        /// The interface.
+        pf: String,
+        /// The VF.
+        vf: u32,
+        /// The kernel's errno.
+        errno: i32,
+    },
+}
+
+/// What a refusal of VF settings means, by errno.
+fn refusal(pf: &str, vf: u32, errno: i32) -> String {
+    let err = std::io::Error::from_raw_os_error(errno);
+    match errno {
+        libc::EPERM | libc::EACCES => {
+            format!("configuring VFs of {pf:?} needs CAP_NET_ADMIN: {err}")
+        }
+        libc::EOPNOTSUPP => {
+            format!("the driver of {pf:?} cannot configure VFs this way (not an SR-IOV PF?): {err}")
+        }
+        _ => format!("VF {vf} of {pf:?}: {err}"),
+    }
+}
+
 fn sys(pf: &str, file: &str) -> PathBuf {
     PathBuf::from(format!("/sys/class/net/{pf}/device/{file}"))
 }
 
-fn ifindex(pf: &str) -> Result<u32, String> {
+fn ifindex(pf: &str) -> Result<u32, SriovError> {
     std::fs::read_to_string(format!("/sys/class/net/{pf}/ifindex"))
         .ok()
         .and_then(|s| s.trim().parse().ok())
-        .ok_or_else(|| format!("sriov: interface {pf:?} does not exist"))
+        .ok_or_else(|| SriovError::NoInterface(pf.to_string()))
 }
 
 /// Sends `msg` on rtnetlink and waits for the kernel's answer (0 or -errno).
-fn rtnetlink(msg: &[u8]) -> Result<i32, String> {
-    let mut s = Socket::new(NETLINK_ROUTE).map_err(|e| format!("sriov: netlink socket: {e}"))?;
-    s.bind_auto()
-        .map_err(|e| format!("sriov: netlink bind: {e}"))?;
-    s.connect(&SocketAddr::new(0, 0))
-        .map_err(|e| format!("sriov: netlink connect: {e}"))?;
-    s.send(msg, 0)
-        .map_err(|e| format!("sriov: netlink send: {e}"))?;
-    let (reply, _) = s
-        .recv_from_full()
-        .map_err(|e| format!("sriov: netlink receive: {e}"))?;
+fn rtnetlink(msg: &[u8]) -> Result<i32, SriovError> {
+    let step = |step| move |source| SriovError::Netlink { step, source };
+    let mut s = Socket::new(NETLINK_ROUTE).map_err(step("socket"))?;
+    s.bind_auto().map_err(step("bind"))?;
+    s.connect(&SocketAddr::new(0, 0)).map_err(step("connect"))?;
+    s.send(msg, 0).map_err(step("send"))?;
+    let (reply, _) = s.recv_from_full().map_err(step("receive"))?;
+    let short = || SriovError::Reply("short netlink reply".into());
     // nlmsghdr (16 bytes), then for NLMSG_ERROR an i32 error code.
     let kind = reply
         .get(4..6)
         .map(|b| u16::from_ne_bytes([b[0], b[1]]))
-        .ok_or("sriov: short netlink reply")?;
+        .ok_or_else(short)?;
     let code = reply
         .get(16..20)
         .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-        .ok_or("sriov: short netlink reply")?;
+        .ok_or_else(short)?;
     if kind != NLMSG_ERROR {
-        return Err(format!("sriov: unexpected netlink reply type {kind}"));
+        return Err(SriovError::Reply(format!(
+            "unexpected netlink reply type {kind}"
+        )));
     }
     Ok(code)
 }
 
 /// Carries out `req`; returns what was done, one line each.
-pub fn run(req: &Request) -> Result<Vec<String>, String> {
+pub fn run(req: &Request) -> Result<Vec<String>, SriovError> {
     let pf = req.pf.as_str();
     let index = ifindex(pf)?;
     let mut done = Vec::new();
@@ -142,25 +216,22 @@ pub fn run(req: &Request) -> Result<Vec<String>, String> {
         let total = std::fs::read_to_string(sys(pf, "sriov_totalvfs"))
             .ok()
             .and_then(|s| s.trim().parse::<u32>().ok())
-            .ok_or_else(|| {
-                format!(
-                    "sriov: {pf:?} is not an SR-IOV physical function (no {})",
-                    sys(pf, "sriov_totalvfs").display()
-                )
+            .ok_or_else(|| SriovError::NotPf {
+                pf: pf.to_string(),
+                path: sys(pf, "sriov_totalvfs"),
             })?;
         if n > total {
-            return Err(format!(
-                "sriov: {pf:?} supports at most {total} VFs, {n} asked for"
-            ));
+            return Err(SriovError::TooMany {
+                pf: pf.to_string(),
+                total,
+                asked: n,
+            });
         }
         let path = sys(pf, "sriov_numvfs");
         let write = |v: u32| {
-            std::fs::write(&path, v.to_string()).map_err(|e| {
-                if e.kind() == std::io::ErrorKind::PermissionDenied {
-                    format!("sriov: writing {} needs root: {e}", path.display())
-                } else {
-                    format!("sriov: writing {}: {e}", path.display())
-                }
+            std::fs::write(&path, v.to_string()).map_err(|source| SriovError::Write {
+                path: path.clone(),
+                source,
             })
         };
         // The kernel only changes the count from or to zero.
@@ -172,28 +243,21 @@ pub fn run(req: &Request) -> Result<Vec<String>, String> {
     }
     if let Some(vf) = req.vf {
         let Some(msg) = vf_message(req, index, vf, 1) else {
-            return Err(
-                "sriov: --vf needs at least one of --mac, --vlan, --spoofchk, --trust".into(),
-            );
+            return Err(SriovError::NoSetting);
         };
         match rtnetlink(&msg)? {
             0 => done.push(format!("{pf}: VF {vf} configured")),
             e => {
-                let err = std::io::Error::from_raw_os_error(-e);
-                return Err(match -e {
-                    libc::EPERM | libc::EACCES => {
-                        format!("sriov: configuring VFs of {pf:?} needs CAP_NET_ADMIN: {err}")
-                    }
-                    libc::EOPNOTSUPP => format!(
-                        "sriov: the driver of {pf:?} cannot configure VFs this way (not an SR-IOV PF?): {err}"
-                    ),
-                    _ => format!("sriov: VF {vf} of {pf:?}: {err}"),
+                return Err(SriovError::Refused {
+                    pf: pf.to_string(),
+                    vf,
+                    errno: -e,
                 });
             }
         }
     }
     if done.is_empty() {
-        return Err("sriov: nothing to do: give --vfs N and/or --vf I with settings".into());
+        return Err(SriovError::NothingToDo);
     }
     Ok(done)
 }
@@ -254,7 +318,8 @@ mod tests {
             vfs: Some(2),
             ..Request::default()
         })
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert_eq!(e, "sriov: interface \"nosuchpf0\" does not exist");
         // Loopback is no PF: no sriov_totalvfs.
         let e = run(&Request {
@@ -262,14 +327,16 @@ mod tests {
             vfs: Some(2),
             ..Request::default()
         })
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.starts_with("sriov: \"lo\" is not an SR-IOV physical function (no /sys/class/net/lo/device/sriov_totalvfs)"), "{e}");
         let e = run(&Request {
             pf: "lo".into(),
             vf: Some(0),
             ..Request::default()
         })
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("--vf needs at least one of"), "{e}");
     }
 }

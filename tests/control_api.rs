@@ -541,7 +541,7 @@ fn the_socket_is_private_to_its_owner() {
         .err()
         .expect("a second server on the socket");
     assert!(
-        e.join("\n").contains("another process is serving it"),
+        e.to_string().contains("another process is serving it"),
         "{e:?}"
     );
     // The other-user check: root to become "nobody", with setpriv.

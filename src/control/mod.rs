@@ -22,9 +22,14 @@ pub mod state;
 use state::backend_key;
 pub use state::{ApiError, ControlState, ProbeState, Reloads, RuleHit, Runtime, rule_hits};
 
+use crate::api::{
+    Applied, BackendCounters, Counters, ErrorBody, Flow, Flows, FlowsDeleted, PortCounters, Probes,
+    RuleCounters, Status, WorkerCounters,
+};
 use crate::config::{BackendCfg, Config, VipCfg};
+use serde::Serialize;
 use serde_json::{Value, json};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -34,7 +39,7 @@ use vswitch::switch::FlowRequest;
 
 /// Per-backend connection counters summed over workers: for each VIP of
 /// `cfg`, each backend's (name, new connections, active connections).
-pub fn backend_counters(cfg: &Config, rt: &mut Runtime) -> Result<Vec<Value>, ApiError> {
+pub fn backend_counters(cfg: &Config, rt: &mut Runtime) -> Result<Vec<BackendCounters>, ApiError> {
     let replies = rt.ask(FlowRequest {
         id: 0,
         filter: FlowFilter::default(),
@@ -68,9 +73,13 @@ pub fn backend_counters(cfg: &Config, rt: &mut Runtime) -> Result<Vec<Value>, Ap
                 .get(&(addr, v.port, proto, ip, b.port))
                 .copied()
                 .unwrap_or_default();
-            out.push(json!({"vip": v.name, "backend": format!("{ip}:{}", b.port),
-                            "weight": b.weight.unwrap_or(1),
-                            "new_connections": c.new_conns, "active_connections": c.active}));
+            out.push(BackendCounters {
+                vip: v.name.clone(),
+                backend: format!("{ip}:{}", b.port),
+                weight: b.weight.unwrap_or(1),
+                new_connections: c.new_conns,
+                active_connections: c.active,
+            });
         }
     }
     Ok(out)
@@ -165,7 +174,8 @@ fn flow_filter(cfg: &Config, q: &HashMap<String, String>) -> Result<FlowFilter, 
     Ok(f)
 }
 
-fn flow_json(i: &vswitch::flow::FlowInfo, ports: &[String]) -> Value {
+/// A cached flow as the API shows it, ports by name.
+fn flow_body(i: &vswitch::flow::FlowInfo, ports: &[String]) -> Flow {
     let k = &i.key;
     let e = &i.entry;
     let port = |p: u16| {
@@ -174,22 +184,22 @@ fn flow_json(i: &vswitch::flow::FlowInfo, ports: &[String]) -> Value {
             .cloned()
             .unwrap_or_else(|| format!("#{p}"))
     };
-    json!({
-        "worker": i.worker,
-        "in_port": port(i.in_port),
-        "src": k.src().to_string(),
-        "dst": k.dst().to_string(),
-        "proto": k.proto,
-        "sport": k.src_port,
-        "dport": k.dst_port,
-        "out_port": port(e.action.out_port),
-        "nat_src": e.action.nat.src.map(|(a, p)| format!("{a}:{p}")),
-        "nat_dst": e.action.nat.dst.map(|(a, p)| format!("{a}:{p}")),
-        "packets": e.packets,
-        "bytes": e.bytes,
-        "generation": e.generation,
-        "closing": e.closing,
-    })
+    Flow {
+        worker: i.worker,
+        in_port: port(i.in_port),
+        src: k.src().to_string(),
+        dst: k.dst().to_string(),
+        proto: k.proto,
+        sport: k.src_port,
+        dport: k.dst_port,
+        out_port: port(e.action.out_port),
+        nat_src: e.action.nat.src.map(|(a, p)| format!("{a}:{p}")),
+        nat_dst: e.action.nat.dst.map(|(a, p)| format!("{a}:{p}")),
+        packets: e.packets,
+        bytes: e.bytes,
+        generation: e.generation,
+        closing: e.closing,
+    }
 }
 
 /// An item kind of the desired state.
@@ -287,7 +297,8 @@ fn same_name(body: &mut Value, name: &str, what: &str) -> Result<(), ApiError> {
     }
 }
 
-/// Answers one request: (status, JSON or text body, content type).
+/// Answers one request: (status, JSON or text body, content type). Every
+/// JSON body carries the published generation.
 pub fn handle(
     state: &mut ControlState,
     rt: &mut Runtime,
@@ -297,23 +308,26 @@ pub fn handle(
 ) -> (u16, String, &'static str) {
     let r = route(state, rt, method, url, body);
     let generation = state.generation();
-    match r {
-        Ok(Reply::Json(status, mut v)) => {
-            if let Some(o) = v.as_object_mut() {
-                o.insert("generation".into(), json!(generation));
-            }
-            (status, v.to_string(), "application/json")
+    let with_generation = |status: u16, mut v: Value| {
+        if let Some(o) = v.as_object_mut() {
+            o.insert("generation".into(), json!(generation));
         }
+        (status, v.to_string(), "application/json")
+    };
+    match r {
+        Ok(Reply::Json(status, v)) => with_generation(status, v),
         Ok(Reply::Text(t)) => (
             200,
             t,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         ),
-        Err(e) => (
+        Err(e) => with_generation(
             e.status,
-            json!({"error": e.message, "problems": e.problems, "generation": generation})
-                .to_string(),
-            "application/json",
+            serde_json::to_value(ErrorBody {
+                error: e.message,
+                problems: e.problems,
+            })
+            .unwrap_or(Value::Null),
         ),
     }
 }
@@ -323,6 +337,23 @@ enum Reply {
     Text(String),
 }
 
+/// A typed body as a reply.
+fn reply<T: Serialize>(status: u16, body: &T) -> Result<Reply, ApiError> {
+    serde_json::to_value(body)
+        .map(|v| Reply::Json(status, v))
+        .map_err(|e| ApiError::new(500, format!("cannot encode the reply: {e}")))
+}
+
+/// A change published as generation `g`: 201 when it created the item.
+fn applied(created: bool, g: u64) -> Result<Reply, ApiError> {
+    reply(if created { 201 } else { 200 }, &Applied { applied: g })
+}
+
+fn no_endpoint(method: &str, path: &str) -> ApiError {
+    ApiError::new(404, format!("no such endpoint: {method} {path}"))
+}
+
+/// Dispatches a request to its handler by method and path.
 fn route(
     state: &mut ControlState,
     rt: &mut Runtime,
@@ -332,32 +363,73 @@ fn route(
 ) -> Result<Reply, ApiError> {
     let (path, q) = query(url);
     let parts: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    let ok = |v: Value| Ok(Reply::Json(200, v));
-    let changed = |status: u16, g: u64| Ok(Reply::Json(status, json!({"applied": g})));
     match (method, parts.as_slice()) {
         ("GET", ["metrics"]) => {
-            let backends = backend_counters(state.config(), rt)?;
-            Ok(Reply::Text(crate::metrics::render(state, rt, &backends)))
+            let c = counters(state, rt)?;
+            Ok(Reply::Text(crate::metrics::render(
+                &c,
+                &rt.probes,
+                state.generation(),
+            )))
         }
-        ("GET", ["v1", "status"]) => {
-            let c = state.config();
-            ok(json!({
-                "vnets": c.vnet.len(), "vms": c.vm.len(), "nsgs": c.nsg.len(),
-                "vips": c.vip.len(), "workers": rt.workers.len(), "ports": c.port.len(),
-                "reloads": rt.reloads,
-            }))
+        ("GET", ["v1", "status"]) => reply(200, &status(state, rt)),
+        ("GET", ["v1", "config"]) => reply(200, &json!({"config": state.config()})),
+        ("PUT", ["v1", "config"]) => applied(false, state.replace(body_json(body, "config")?)?),
+        (_, ["v1", kind, name @ ..]) if name.len() <= 1 && Kind::parse(kind).is_some() => {
+            item(state, method, kind, name.first().copied(), body)
+                .map_err(|e| e.unwrap_or_else(|| no_endpoint(method, &path)))
         }
-        ("GET", ["v1", "config"]) => ok(json!({"config": state.config()})),
-        ("PUT", ["v1", "config"]) => {
-            let next: Config = body_json(body, "config")?;
-            changed(200, state.replace(next)?)
+        ("PUT" | "DELETE", ["v1", "nsgs", nsg, "rules", rule]) => {
+            put_rule(state, nsg, rule, (method == "PUT").then_some(body))
         }
-        ("GET", ["v1", kind]) if Kind::parse(kind).is_some() => {
-            let k = Kind::parse(kind).ok_or_else(|| ApiError::new(404, "?"))?;
-            ok(json!({ *kind: k.list(state.config()) }))
+        (_, ["v1", "vips", vip, "backends", backend, rest @ ..]) => {
+            let change = match (method, rest) {
+                ("PUT", []) => BackendChange::Put(body_json(body, &backend_what(vip, backend))?),
+                ("DELETE", []) => BackendChange::Delete,
+                ("POST", ["drain"]) => BackendChange::Drain,
+                _ => return Err(no_endpoint(method, &path)),
+            };
+            change_backend(state, vip, backend, change)
         }
-        ("GET", ["v1", kind, name]) if Kind::parse(kind).is_some() => {
-            let k = Kind::parse(kind).ok_or_else(|| ApiError::new(404, "?"))?;
+        ("GET", ["v1", "probes"]) => reply(
+            200,
+            &Probes {
+                probes: rt.probes.clone(),
+            },
+        ),
+        ("GET" | "DELETE", ["v1", "flows"]) => flows(state, rt, method == "DELETE", &q),
+        ("GET", ["v1", "counters"]) => reply(200, &counters(state, rt)?),
+        _ => Err(no_endpoint(method, &path)),
+    }
+}
+
+/// `GET /v1/status`.
+fn status(state: &ControlState, rt: &Runtime) -> Status {
+    let c = state.config();
+    Status {
+        ports: c.port.len(),
+        workers: rt.workers.len(),
+        vnets: c.vnet.len(),
+        vms: c.vm.len(),
+        nsgs: c.nsg.len(),
+        vips: c.vip.len(),
+        reloads: rt.reloads.clone(),
+    }
+}
+
+/// `GET /v1/{kind}`, and `GET`, `PUT`, `DELETE /v1/{kind}/{name}` of vnets,
+/// VMs, groups and VIPs. `Err(None)`: no such endpoint.
+fn item(
+    state: &mut ControlState,
+    method: &str,
+    kind: &str,
+    name: Option<&str>,
+    body: &str,
+) -> Result<Reply, Option<ApiError>> {
+    let k = Kind::parse(kind).ok_or(None)?;
+    match (method, name) {
+        ("GET", None) => Ok(reply(200, &json!({ kind: k.list(state.config()) }))?),
+        ("GET", Some(name)) => {
             let i = k
                 .names(state.config())
                 .iter()
@@ -365,10 +437,14 @@ fn route(
                 .ok_or_else(|| {
                     ApiError::new(404, format!("{} {name:?} does not exist", k.noun()))
                 })?;
-            ok(json!({ k.noun(): k.list(state.config()).get(i).cloned().unwrap_or(Value::Null) }))
+            let one = k
+                .list(state.config())
+                .get(i)
+                .cloned()
+                .unwrap_or(Value::Null);
+            Ok(reply(200, &json!({ k.noun(): one }))?)
         }
-        ("PUT", ["v1", kind, name]) if Kind::parse(kind).is_some() => {
-            let k = Kind::parse(kind).ok_or_else(|| ApiError::new(404, "?"))?;
+        ("PUT", Some(name)) => {
             let what = format!("{} {name:?}", k.noun());
             let mut v: Value = body_json(body, &what)?;
             same_name(&mut v, name, &what)?;
@@ -383,178 +459,228 @@ fn route(
                 };
                 Ok(())
             })?;
-            changed(if created { 201 } else { 200 }, generation)
+            Ok(applied(created, generation)?)
         }
-        ("DELETE", ["v1", kind, name]) if Kind::parse(kind).is_some() => {
-            let k = Kind::parse(kind).ok_or_else(|| ApiError::new(404, "?"))?;
+        ("DELETE", Some(name)) => {
             let gone = ApiError::new(404, format!("{} {name:?} does not exist", k.noun()));
-            changed(
-                200,
-                state.apply(|c| {
-                    let found = match k {
-                        Kind::Vnet => remove(&mut c.vnet, name, |x| &x.name),
-                        Kind::Vm => remove(&mut c.vm, name, |x| &x.name),
-                        Kind::Nsg => remove(&mut c.nsg, name, |x| &x.name),
-                        Kind::Vip => remove(&mut c.vip, name, |x| &x.name),
-                    };
-                    if found { Ok(()) } else { Err(gone) }
-                })?,
-            )
-        }
-        ("PUT" | "DELETE", ["v1", "nsgs", nsg, "rules", rule]) => {
-            let what = format!("nsg {nsg:?} rule {rule:?}");
-            let spec: Option<filter::RuleSpec> = if method == "PUT" {
-                let mut v: Value = body_json(body, &what)?;
-                same_name(&mut v, rule, &what)?;
-                Some(body_json(&v.to_string(), &what)?)
-            } else {
-                None
-            };
-            let mut created = false;
             let generation = state.apply(|c| {
-                let g = c
-                    .nsg
-                    .iter_mut()
-                    .find(|g| g.name == *nsg)
-                    .ok_or_else(|| ApiError::new(404, format!("nsg {nsg:?} does not exist")))?;
-                fn name_of(r: &filter::RuleSpec) -> &str {
-                    r.name.as_deref().unwrap_or("")
-                }
-                match spec {
-                    Some(s) => created = upsert(&mut g.rules, rule, s, name_of),
-                    None if remove(&mut g.rules, rule, name_of) => {}
-                    None => return Err(ApiError::new(404, format!("{what} does not exist"))),
-                }
-                Ok(())
-            })?;
-            changed(if created { 201 } else { 200 }, generation)
-        }
-        ("PUT" | "DELETE" | "POST", ["v1", "vips", vip, "backends", backend, rest @ ..]) => {
-            let what = format!("vip {vip:?} backend {backend:?}");
-            let action = match (method, rest) {
-                ("PUT", []) => Some(body_json::<BackendCfg>(body, &what)?),
-                ("DELETE", []) => None,
-                ("POST", ["drain"]) => None,
-                _ => {
-                    return Err(ApiError::new(
-                        404,
-                        format!("no such endpoint: {method} {path}"),
-                    ));
-                }
-            };
-            let drain = method == "POST";
-            let mut created = false;
-            let generation = state.apply(|c| {
-                let v: &mut VipCfg = c
-                    .vip
-                    .iter_mut()
-                    .find(|v| v.name == *vip)
-                    .ok_or_else(|| ApiError::new(404, format!("vip {vip:?} does not exist")))?;
-                // A backend is named by its VM or address, optionally :port.
-                let is = |b: &BackendCfg| {
-                    backend_key(b) == *backend
-                        || b.vm.as_deref() == Some(backend)
-                        || b.ip.as_deref() == Some(backend)
+                let found = match k {
+                    Kind::Vnet => remove(&mut c.vnet, name, |x| &x.name),
+                    Kind::Vm => remove(&mut c.vm, name, |x| &x.name),
+                    Kind::Nsg => remove(&mut c.nsg, name, |x| &x.name),
+                    Kind::Vip => remove(&mut c.vip, name, |x| &x.name),
                 };
-                let at = v.backends.iter().position(is);
-                match (action, at) {
-                    (Some(b), Some(i)) => v.backends[i] = b,
-                    (Some(b), None) => {
-                        v.backends.push(b);
-                        created = true;
-                    }
-                    (None, Some(i)) if drain => v.backends[i].weight = Some(0),
-                    (None, Some(i)) => {
-                        v.backends.remove(i);
-                    }
-                    (None, None) => {
-                        return Err(ApiError::new(404, format!("{what} does not exist")));
-                    }
-                }
-                Ok(())
+                if found { Ok(()) } else { Err(gone) }
             })?;
-            changed(if created { 201 } else { 200 }, generation)
+            Ok(applied(false, generation)?)
         }
-        ("GET", ["v1", "probes"]) => ok(json!({"probes": rt.probes})),
-        ("GET" | "DELETE", ["v1", "flows"]) => {
-            let f = flow_filter(state.config(), &q)?;
-            let limit = match q.get("limit") {
-                Some(l) => l
-                    .parse()
-                    .map_err(|_| ApiError::new(400, format!("limit: {l:?} is not a number")))?,
-                None => 1000,
-            };
-            let delete = method == "DELETE";
-            let (flows, matched, occupancy) = rt.flows(f, delete, limit)?;
-            let ports: Vec<String> = state.config().port.iter().map(|p| p.name.clone()).collect();
-            if delete {
-                ok(json!({"deleted": matched, "occupancy": occupancy}))
-            } else {
-                ok(json!({
-                    "flows": flows.iter().map(|i| flow_json(i, &ports)).collect::<Vec<_>>(),
-                    "matched": matched,
-                    "occupancy": occupancy,
-                }))
-            }
-        }
-        ("GET", ["v1", "counters"]) => {
-            let mut v = counters(state, rt);
-            v["backends"] = Value::Array(backend_counters(state.config(), rt)?);
-            ok(v)
-        }
-        _ => Err(ApiError::new(
-            404,
-            format!("no such endpoint: {method} {path}"),
-        )),
+        _ => Err(None),
     }
 }
 
-/// `GET /v1/counters`.
-fn counters(state: &ControlState, rt: &Runtime) -> Value {
-    let ports: Vec<Value> = rt
+/// `PUT` (with `body`) or `DELETE` (without) `/v1/nsgs/{nsg}/rules/{rule}`.
+fn put_rule(
+    state: &mut ControlState,
+    nsg: &str,
+    rule: &str,
+    body: Option<&str>,
+) -> Result<Reply, ApiError> {
+    let what = format!("nsg {nsg:?} rule {rule:?}");
+    let spec: Option<filter::RuleSpec> = match body {
+        Some(body) => {
+            let mut v: Value = body_json(body, &what)?;
+            same_name(&mut v, rule, &what)?;
+            Some(body_json(&v.to_string(), &what)?)
+        }
+        None => None,
+    };
+    let mut created = false;
+    let generation = state.apply(|c| {
+        let g = c
+            .nsg
+            .iter_mut()
+            .find(|g| g.name == *nsg)
+            .ok_or_else(|| ApiError::new(404, format!("nsg {nsg:?} does not exist")))?;
+        fn name_of(r: &filter::RuleSpec) -> &str {
+            r.name.as_deref().unwrap_or("")
+        }
+        match spec {
+            Some(s) => created = upsert(&mut g.rules, rule, s, name_of),
+            None if remove(&mut g.rules, rule, name_of) => {}
+            None => return Err(ApiError::new(404, format!("{what} does not exist"))),
+        }
+        Ok(())
+    })?;
+    applied(created, generation)
+}
+
+/// What a request does to one backend of a VIP.
+enum BackendChange {
+    /// Create or replace it.
+    Put(BackendCfg),
+    /// Remove it.
+    Delete,
+    /// Weight 0: no new connections, established ones stay.
+    Drain,
+}
+
+fn backend_what(vip: &str, backend: &str) -> String {
+    format!("vip {vip:?} backend {backend:?}")
+}
+
+/// `PUT`, `DELETE /v1/vips/{vip}/backends/{backend}` and `POST .../drain`.
+/// A backend is named by its VM or address, optionally with `:port`.
+fn change_backend(
+    state: &mut ControlState,
+    vip: &str,
+    backend: &str,
+    change: BackendChange,
+) -> Result<Reply, ApiError> {
+    let what = backend_what(vip, backend);
+    let mut created = false;
+    let generation = state.apply(|c| {
+        let v: &mut VipCfg = c
+            .vip
+            .iter_mut()
+            .find(|v| v.name == *vip)
+            .ok_or_else(|| ApiError::new(404, format!("vip {vip:?} does not exist")))?;
+        let is = |b: &BackendCfg| {
+            backend_key(b) == *backend
+                || b.vm.as_deref() == Some(backend)
+                || b.ip.as_deref() == Some(backend)
+        };
+        let at = v.backends.iter().position(is);
+        match (change, at) {
+            (BackendChange::Put(b), Some(i)) => v.backends[i] = b,
+            (BackendChange::Put(b), None) => {
+                v.backends.push(b);
+                created = true;
+            }
+            (BackendChange::Drain, Some(i)) => v.backends[i].weight = Some(0),
+            (BackendChange::Delete, Some(i)) => {
+                v.backends.remove(i);
+            }
+            (_, None) => return Err(ApiError::new(404, format!("{what} does not exist"))),
+        }
+        Ok(())
+    })?;
+    applied(created, generation)
+}
+
+/// `GET` (or `DELETE`) `/v1/flows?filters`.
+fn flows(
+    state: &ControlState,
+    rt: &mut Runtime,
+    delete: bool,
+    q: &HashMap<String, String>,
+) -> Result<Reply, ApiError> {
+    let f = flow_filter(state.config(), q)?;
+    let limit = match q.get("limit") {
+        Some(l) => l
+            .parse()
+            .map_err(|_| ApiError::new(400, format!("limit: {l:?} is not a number")))?,
+        None => 1000,
+    };
+    let (flows, matched, occupancy) = rt.flows(f, delete, limit)?;
+    if delete {
+        return reply(
+            200,
+            &FlowsDeleted {
+                deleted: matched,
+                occupancy,
+            },
+        );
+    }
+    let ports: Vec<String> = state.config().port.iter().map(|p| p.name.clone()).collect();
+    reply(
+        200,
+        &Flows {
+            flows: flows.iter().map(|i| flow_body(i, &ports)).collect(),
+            matched,
+            occupancy,
+        },
+    )
+}
+
+/// Sums `(reason, count)` pairs by reason.
+fn by_reason<'a>(pairs: impl IntoIterator<Item = (&'a str, u64)>) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for (r, c) in pairs {
+        *out.entry(r.to_string()).or_default() += c;
+    }
+    out
+}
+
+/// `GET /v1/counters`, which the metrics are made of too.
+pub fn counters(state: &ControlState, rt: &mut Runtime) -> Result<Counters, ApiError> {
+    Ok(Counters {
+        backends: backend_counters(state.config(), rt)?,
+        ..local_counters(state, rt)
+    })
+}
+
+/// The counters the control thread reads by itself (ports, workers, rules;
+/// not the backends', which the workers are asked for): also what is left
+/// to read once the workers have stopped.
+pub fn local_counters(state: &ControlState, rt: &Runtime) -> Counters {
+    let ports = rt
         .ports
         .iter()
         .map(|(name, ss)| {
-            let mut t = dataplane::stats::PortStatsSnapshot::default();
-            let mut drops: HashMap<&str, u64> = HashMap::new();
+            let mut c = PortCounters {
+                name: name.clone(),
+                ..PortCounters::default()
+            };
             for s in ss {
                 let n = s.snapshot();
-                t.rx_packets += n.rx_packets;
-                t.rx_bytes += n.rx_bytes;
-                t.tx_packets += n.tx_packets;
-                t.tx_bytes += n.tx_bytes;
-                for (r, c) in s.drops.nonzero() {
-                    *drops.entry(r).or_default() += c;
-                }
+                c.rx_packets += n.rx_packets;
+                c.rx_bytes += n.rx_bytes;
+                c.tx_packets += n.tx_packets;
+                c.tx_bytes += n.tx_bytes;
             }
-            json!({"name": name, "rx_packets": t.rx_packets, "rx_bytes": t.rx_bytes,
-                   "tx_packets": t.tx_packets, "tx_bytes": t.tx_bytes, "drops": drops})
+            c.drops = by_reason(ss.iter().flat_map(|s| s.drops.nonzero()));
+            c
         })
         .collect();
-    let workers: Vec<Value> = rt
+    let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let workers = rt
         .workers
         .iter()
         .zip(&rt.switches)
         .enumerate()
-        .map(|(w, (ws, ss))| {
-            let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-            let drops: HashMap<&str, u64> =
-                ws.drops.nonzero().into_iter().chain(ss.nonzero()).collect();
-            json!({"worker": w, "busy_polls": l(&ws.busy_polls), "idle_polls": l(&ws.idle_polls),
-                   "busy_ticks": l(&ws.busy_ticks), "idle_ticks": l(&ws.idle_ticks),
-                   "rx_packets": l(&ws.rx_packets), "tx_packets": l(&ws.tx_packets),
-                   "fast_path": l(&ss.fast_path), "slow_path": l(&ss.slow_path),
-                   "handed_off": l(&ss.handed_off), "drops": drops})
+        .map(|(w, (ws, ss))| WorkerCounters {
+            worker: w,
+            busy_polls: l(&ws.busy_polls),
+            idle_polls: l(&ws.idle_polls),
+            busy_ticks: l(&ws.busy_ticks),
+            idle_ticks: l(&ws.idle_ticks),
+            rx_packets: l(&ws.rx_packets),
+            tx_packets: l(&ws.tx_packets),
+            fast_path: l(&ss.fast_path),
+            slow_path: l(&ss.slow_path),
+            handed_off: l(&ss.handed_off),
+            flows_installed: l(&ss.flows_installed),
+            flow_table_entries: l(&ss.flows),
+            drops: by_reason(ws.drops.nonzero().into_iter().chain(ss.nonzero())),
         })
         .collect();
-    let rules: Vec<Value> = rule_hits(&state.policy().load(), &rt.acl_hits)
+    let rules = rule_hits(&state.policy().load(), &rt.acl_hits)
         .into_iter()
-        .map(|r| {
-            json!({"nsg": r.nsg, "direction": r.direction.to_string(), "rule": r.rule,
-                   "priority": r.priority, "action": r.action.to_string(), "hits": r.hits})
+        .map(|r| RuleCounters {
+            nsg: r.nsg,
+            direction: r.direction.to_string(),
+            rule: r.rule,
+            priority: r.priority,
+            action: r.action.to_string(),
+            hits: r.hits,
         })
         .collect();
-    json!({"ports": ports, "workers": workers, "rules": rules})
+    Counters {
+        ports,
+        workers,
+        backends: Vec::new(),
+        rules,
+    }
 }
 
 /// The control API's listeners: a unix socket (mode 0600) and optionally a

@@ -3,9 +3,9 @@
 //! API reads ([`Runtime`]), and the figures derived from them. Routes
 //! (`super`) and metrics (`crate::metrics`) read it; it reads neither.
 
+pub use crate::api::{ProbeState, Reloads};
 use crate::config::{BackendCfg, Config};
 use arc_swap::ArcSwap;
-use serde::Serialize;
 use std::sync::Arc;
 use std::time::Duration;
 use vswitch::flow::FlowFilter;
@@ -13,7 +13,8 @@ use vswitch::switch::{AclHits, FlowControl, FlowRequest};
 use vswitch::{Policy, SwitchStats, Topology, VmDef};
 
 /// A refused request: HTTP status, message, and the problems found.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
 pub struct ApiError {
     /// 400, 404, 409, 422, 500, 503.
     pub status: u16,
@@ -160,7 +161,9 @@ impl ControlState {
         }
         // `topology()` runs every check `pollux check` does except the
         // policy compile, which happens once, below, on the full topology.
-        let mut topo = next.topology().map_err(ApiError::invalid)?;
+        let mut topo = next
+            .topology()
+            .map_err(|e| ApiError::invalid(e.problems()))?;
         topo.ports += self.internal_ports;
         for (vnet, vm) in &self.internal {
             if let Some(i) = topo.vnets.iter().position(|v| &v.name == vnet) {
@@ -251,34 +254,6 @@ pub struct Runtime {
     /// Reloads of the configuration file (SIGHUP) so far.
     pub reloads: Reloads,
     next_id: u64,
-}
-
-/// What SIGHUP reloads did, as `GET /v1/status` shows it.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
-pub struct Reloads {
-    /// Reloads published.
-    pub applied: u64,
-    /// Reloads refused (the file unreadable or invalid); nothing changed.
-    pub refused: u64,
-    /// Why the last refused reload was refused.
-    pub last_error: Option<String>,
-}
-
-/// One probed backend's state as the API shows it.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct ProbeState {
-    /// VIP name.
-    pub vip: String,
-    /// Backend address:port.
-    pub backend: String,
-    /// Receives new flows.
-    pub up: bool,
-    /// Probes completed.
-    pub probes: u64,
-    /// Why it is up or down.
-    pub reason: String,
-    /// Last successful probe's round trip, milliseconds.
-    pub rtt_ms: Option<f64>,
 }
 
 impl Runtime {

@@ -5,8 +5,6 @@
 //! load spreading, probe failover with an open connection kept, an ACL drop,
 //! tenant isolation, and latency and packet rate through the switch.
 
-pub mod vm;
-
 use arc_swap::ArcSwap;
 use dataplane::clock::TscClock;
 use dataplane::pool::{Pool, PoolBuf};
@@ -23,8 +21,28 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use vm::{Vm, vm_port};
+use vmsim::{Vm, vm_port};
 use vswitch::{Policy, Switch, SwitchConfig, SwitchDrop, Topology, VipDef, VmDef, VnetDef};
+
+/// Why the demo could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// A VM could not be made.
+    #[error(transparent)]
+    Vm(#[from] vmsim::VmError),
+    /// The demo's topology or a health change was refused.
+    #[error(transparent)]
+    Policy(#[from] vswitch::policy::PolicyError),
+    /// The switch's worker could not start.
+    #[error(transparent)]
+    Worker(#[from] dataplane::worker::WorkerError),
+    /// The buffer pool could not be made.
+    #[error("buffer pool: {0}")]
+    Pool(#[from] dataplane::pool::PoolError),
+    /// A piece of the demo's own set-up is missing (named).
+    #[error("demo set-up: {0}")]
+    Setup(String),
+}
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 100);
 const GW: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 1);
@@ -126,11 +144,11 @@ struct Demo {
 }
 
 impl Demo {
-    fn vm(&mut self, name: &str) -> Result<&mut Vm, String> {
+    fn vm(&mut self, name: &str) -> Result<&mut Vm, DemoError> {
         self.vms
             .iter_mut()
             .find(|v| v.name == name)
-            .ok_or(format!("no vm {name}"))
+            .ok_or_else(|| DemoError::Setup(format!("no vm {name}")))
     }
 
     fn idx(&self, name: &str) -> usize {
@@ -138,16 +156,13 @@ impl Demo {
     }
 
     /// One round: VMs, prober, and health changes applied to their VIPs.
-    fn tick(&mut self) -> Result<(), String> {
+    fn tick(&mut self) -> Result<(), DemoError> {
         for v in &mut self.vms {
             v.poll();
         }
         let now = self.start.elapsed();
         for c in self.prober.poll(now) {
-            self.policy
-                .load()
-                .set_health(0, c.vip, c.backend, c.up)
-                .map_err(|e| e.to_string())?;
+            self.policy.load().set_health(0, c.vip, c.backend, c.up)?;
             self.changes.push((now, c));
         }
         std::thread::sleep(Duration::from_micros(200));
@@ -158,7 +173,7 @@ impl Demo {
         &mut self,
         limit: Duration,
         mut done: impl FnMut(&Demo) -> bool,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, DemoError> {
         let end = Instant::now() + limit;
         while Instant::now() < end {
             self.tick()?;
@@ -170,7 +185,7 @@ impl Demo {
     }
 
     /// `n` GETs through the VIP; answers counted per backend.
-    fn spread(&mut self, n: usize) -> Result<[usize; 3], String> {
+    fn spread(&mut self, n: usize) -> Result<[usize; 3], DemoError> {
         let c = self.idx("client");
         let gets: Vec<usize> = (0..n).map(|_| self.vms[c].get(VIP, 80, "/")).collect();
         self.run_until(Duration::from_secs(10), |d| {
@@ -335,16 +350,14 @@ impl Default for Options {
 }
 
 /// Runs the demo, writing the report to `out`.
-pub fn run(out: &mut impl Write, opts: Options) -> Result<(), String> {
+pub fn run(out: &mut impl Write, opts: Options) -> Result<(), DemoError> {
     let w = |out: &mut dyn Write, s: String| {
         let _ = writeln!(out, "{s}");
     };
-    let pool = vm::pool("demo")?;
+    let pool = vmsim::pool("demo")?;
     let start = Instant::now();
     let topo = topology();
-    let policy = Arc::new(ArcSwap::from_pointee(
-        Policy::compile(&topo, 1).map_err(|e| e.to_string())?,
-    ));
+    let policy = Arc::new(ArcSwap::from_pointee(Policy::compile(&topo, 1)?));
     let mut sw_ports: Vec<Box<dyn Port<Buf = PoolBuf>>> = Vec::new();
     let mut vms = Vec::new();
     let mut ends = Vec::new();
@@ -367,9 +380,13 @@ pub fn run(out: &mut impl Write, opts: Options) -> Result<(), String> {
             start,
         )?);
     }
-    let prober_end = ends.next().ok_or("no prober port")?;
-    let mut gen_port = ends.next().ok_or("no gen port")?;
-    let mut sink = ends.next().ok_or("no sink port")?;
+    let mut port = |what: &str| {
+        ends.next()
+            .ok_or_else(|| DemoError::Setup(format!("no {what} port")))
+    };
+    let prober_end = port("prober")?;
+    let mut gen_port = port("gen")?;
+    let mut sink = port("sink")?;
     let cfg = ProberConfig {
         source: lb::probe::DEFAULT_SOURCE,
         prefix_len: 24,
@@ -403,7 +420,7 @@ pub fn run(out: &mut impl Write, opts: Options) -> Result<(), String> {
     let hits = switch.acl_hits();
     let worker = Worker::new("demo", None, sw_ports, switch);
     let (stop, wstats) = (worker.stop_flag(), worker.stats());
-    let handle = worker.spawn().map_err(|e| e.to_string())?;
+    let handle = worker.spawn()?;
     let mut d = Demo {
         vms,
         prober,

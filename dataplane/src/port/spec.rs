@@ -169,7 +169,9 @@ pub fn open(
         }
         #[cfg(target_os = "linux")]
         PortSpec::AfXdp { iface } => {
-            queues.push(Box::new(super::af_xdp::AfXdpPort::open(name, iface, 0, pool)?));
+            queues.push(Box::new(super::af_xdp::AfXdpPort::open(
+                name, iface, 0, pool,
+            )?));
         }
         #[cfg(not(target_os = "linux"))]
         PortSpec::AfPacket { .. } | PortSpec::AfXdp { .. } => {
@@ -181,8 +183,7 @@ pub fn open(
         PortSpec::Dpdk { .. } => {
             return Err(PortError::BadConfig {
                 port: name.to_string(),
-                reason: "a dpdk port opens through the EAL, with every other port dpdk too"
-                    .into(),
+                reason: "a dpdk port opens through the EAL, with every other port dpdk too".into(),
             });
         }
     }
@@ -275,7 +276,15 @@ mod tests {
     #[test]
     fn a_ring_gives_every_worker_a_queue_and_keeps_the_far_end() {
         let pool = Pool::new(&PoolConfig::new("spec-test", 64)).unwrap();
-        let o = open(&PortSpec::Ring {}, "r", MacAddr([2, 0, 0, 0, 0, 1]), 3, pool, 0).unwrap();
+        let o = open(
+            &PortSpec::Ring {},
+            "r",
+            MacAddr([2, 0, 0, 0, 0, 1]),
+            3,
+            pool,
+            0,
+        )
+        .unwrap();
         assert_eq!(o.queues.len(), 3);
         assert!(o.peer.is_some());
         assert!(o.queues.iter().all(|q| q.info().name == "r"));

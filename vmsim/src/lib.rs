@@ -1,7 +1,12 @@
-//! In-process VMs: each is a smoltcp stack on one end of a ring port pair
-//! whose other end is a switch port. Servers answer HTTP GETs with their name
-//! (and `/health` with 200, or 500 while `failing`); clients open connections
-//! and collect the answers. Used by `pollux demo` and the integration tests.
+//! # vmsim — in-process VMs
+//!
+//! Each VM is a smoltcp stack on one end of a ring port pair whose other end
+//! is a switch port. Servers answer HTTP GETs with their name (and `/health`
+//! with 200, or 500 while `failing`); clients open connections and collect
+//! the answers. Used by `pollux demo` and by the switch's tests (in
+//! `vswitch/tests` and the root package's tests). Owns nothing of the
+//! switch: it only speaks to ports, as a guest would.
+#![forbid(unsafe_code)]
 
 use dataplane::pool::{HugePages, Pool, PoolBuf, PoolConfig};
 use dataplane::port::ring::{self, RingPort};
@@ -14,11 +19,35 @@ use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
+/// Why a VM could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// The buffer pool could not be made.
+    #[error("pool {name:?}: {source}")]
+    Pool {
+        /// The pool's name.
+        name: String,
+        /// Why.
+        source: dataplane::pool::PoolError,
+    },
+    /// The stack refused a setting.
+    #[error("vm {vm}: {what}")]
+    Stack {
+        /// The VM.
+        vm: String,
+        /// What it refused.
+        what: String,
+    },
+}
+
 /// A pool of 16 384 buffers (normal pages: no privileges needed).
-pub fn pool(name: &str) -> Result<Pool, String> {
+pub fn pool(name: &str) -> Result<Pool, VmError> {
     let mut cfg = PoolConfig::new(name, 16384);
     cfg.huge = HugePages::Never;
-    Pool::new(&cfg).map_err(|e| e.to_string())
+    Pool::new(&cfg).map_err(|source| VmError::Pool {
+        name: name.to_string(),
+        source,
+    })
 }
 
 /// A VM's port pair: (VM end, switch end), 4096 packets each way.
@@ -74,7 +103,7 @@ impl Vm {
         gw: Ipv4Addr,
         http_port: Option<u16>,
         start: Instant,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, VmError> {
         let mac = port.info().mac;
         let mut dev = PortDevice::new(port, pool);
         let mut iface = Interface::new(
@@ -88,7 +117,10 @@ impl Vm {
         iface
             .routes_mut()
             .add_default_ipv4_route(gw)
-            .map_err(|e| format!("vm {name}: {e}"))?;
+            .map_err(|e| VmError::Stack {
+                vm: name.to_string(),
+                what: e.to_string(),
+            })?;
         let mut sockets = SocketSet::new(Vec::new());
         let mut listeners = Vec::new();
         if let Some(p) = http_port {
@@ -98,8 +130,10 @@ impl Vm {
                     tcp::SocketBuffer::new(vec![0; 4096]),
                     tcp::SocketBuffer::new(vec![0; 4096]),
                 );
-                s.listen(p)
-                    .map_err(|e| format!("vm {name}: listen {p}: {e}"))?;
+                s.listen(p).map_err(|e| VmError::Stack {
+                    vm: name.to_string(),
+                    what: format!("listen {p}: {e}"),
+                })?;
                 listeners.push(sockets.add(s));
             }
         }

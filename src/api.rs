@@ -1,0 +1,273 @@
+//! The control API's bodies as types: what the server ([`crate::control`])
+//! sends, what `pollux ctl` ([`crate::ctl`]) reads, and what the metrics
+//! ([`crate::metrics`]) and the stop report ([`crate::run::RunReport`]) are
+//! made of. One definition each, so the three cannot drift apart.
+//!
+//! Every JSON body of the API is one of these with the published
+//! `generation` added at the top level.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// A refused request: `{"error", "problems"}` with a 4xx/5xx status.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// One line naming what is wrong.
+    pub error: String,
+    /// Every validation problem, one per line (422).
+    #[serde(default)]
+    pub problems: Vec<String>,
+}
+
+impl ErrorBody {
+    /// The text to show: every problem when there are several, else the
+    /// error.
+    pub fn text(&self) -> String {
+        if self.problems.len() > 1 {
+            self.problems.join("\n")
+        } else {
+            self.error.clone()
+        }
+    }
+}
+
+/// A change applied: the generation it published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    /// The new policy generation.
+    pub applied: u64,
+}
+
+/// `GET /v1/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// Configured ports.
+    pub ports: usize,
+    /// Worker threads.
+    pub workers: usize,
+    /// Vnets.
+    pub vnets: usize,
+    /// VMs.
+    pub vms: usize,
+    /// Security groups.
+    pub nsgs: usize,
+    /// VIPs.
+    pub vips: usize,
+    /// Reloads of the configuration file (SIGHUP).
+    pub reloads: Reloads,
+}
+
+/// What SIGHUP reloads did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reloads {
+    /// Reloads published.
+    pub applied: u64,
+    /// Reloads refused (the file unreadable or invalid); nothing changed.
+    pub refused: u64,
+    /// Why the last refused reload was refused.
+    pub last_error: Option<String>,
+}
+
+/// One probed backend's state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProbeState {
+    /// VIP name.
+    pub vip: String,
+    /// Backend address:port.
+    pub backend: String,
+    /// Receives new flows.
+    pub up: bool,
+    /// Probes completed.
+    pub probes: u64,
+    /// Why it is up or down.
+    pub reason: String,
+    /// Last successful probe's round trip, milliseconds.
+    pub rtt_ms: Option<f64>,
+}
+
+/// `GET /v1/probes`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Probes {
+    /// Every probed backend.
+    pub probes: Vec<ProbeState>,
+}
+
+/// One cached flow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Flow {
+    /// The worker whose table holds it.
+    pub worker: usize,
+    /// The port it arrives on (name).
+    pub in_port: String,
+    /// Source address, as received.
+    pub src: String,
+    /// Destination address, as received.
+    pub dst: String,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Source port (or ICMP echo id).
+    pub sport: u16,
+    /// Destination port.
+    pub dport: u16,
+    /// The port it leaves by (name).
+    pub out_port: String,
+    /// Source rewrite, `address:port`.
+    pub nat_src: Option<String>,
+    /// Destination rewrite, `address:port`.
+    pub nat_dst: Option<String>,
+    /// Packets so far.
+    pub packets: u64,
+    /// Bytes so far.
+    pub bytes: u64,
+    /// The policy generation that decided it.
+    pub generation: u64,
+    /// FIN or RST seen.
+    pub closing: bool,
+}
+
+/// `GET /v1/flows`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Flows {
+    /// Matching flows, up to the limit.
+    pub flows: Vec<Flow>,
+    /// How many matched.
+    pub matched: usize,
+    /// Flows in all tables.
+    pub occupancy: usize,
+}
+
+/// `DELETE /v1/flows`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowsDeleted {
+    /// How many were removed.
+    pub deleted: usize,
+    /// Flows left in all tables.
+    pub occupancy: usize,
+}
+
+/// One port's counters, summed over its queues.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortCounters {
+    /// Port name.
+    pub name: String,
+    /// Packets received.
+    pub rx_packets: u64,
+    /// Bytes received.
+    pub rx_bytes: u64,
+    /// Packets sent.
+    pub tx_packets: u64,
+    /// Bytes sent.
+    pub tx_bytes: u64,
+    /// Drops by reason.
+    pub drops: BTreeMap<String, u64>,
+}
+
+/// One worker's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerCounters {
+    /// Worker number.
+    pub worker: usize,
+    /// Polls that received packets.
+    pub busy_polls: u64,
+    /// Polls that received nothing.
+    pub idle_polls: u64,
+    /// Clock ticks spent in busy polls.
+    pub busy_ticks: u64,
+    /// Clock ticks spent in idle polls.
+    pub idle_ticks: u64,
+    /// Packets received.
+    pub rx_packets: u64,
+    /// Packets sent.
+    pub tx_packets: u64,
+    /// Packets handled by a flow-table hit.
+    pub fast_path: u64,
+    /// Packets decided by the slow path.
+    pub slow_path: u64,
+    /// Packets handed to the worker that owns their connection.
+    pub handed_off: u64,
+    /// Flows installed.
+    pub flows_installed: u64,
+    /// Flows in its table now.
+    pub flow_table_entries: u64,
+    /// Drops by reason (pipeline and malformed).
+    pub drops: BTreeMap<String, u64>,
+}
+
+/// One VIP backend's connections, summed over workers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendCounters {
+    /// VIP name.
+    pub vip: String,
+    /// Backend `address:port`.
+    pub backend: String,
+    /// Its weight.
+    pub weight: u32,
+    /// Connections created to it.
+    pub new_connections: u64,
+    /// Connections to it tracked now.
+    pub active_connections: u64,
+}
+
+/// One security-group rule and the lookups it won, summed over workers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleCounters {
+    /// The group.
+    pub nsg: String,
+    /// `in` or `out`.
+    pub direction: String,
+    /// The rule's name.
+    pub rule: String,
+    /// Its priority.
+    pub priority: u32,
+    /// `allow` or `deny`.
+    pub action: String,
+    /// Lookups it won.
+    pub hits: u64,
+}
+
+/// `GET /v1/counters`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Per port.
+    pub ports: Vec<PortCounters>,
+    /// Per worker.
+    pub workers: Vec<WorkerCounters>,
+    /// Per VIP backend.
+    pub backends: Vec<BackendCounters>,
+    /// Per security-group rule.
+    pub rules: Vec<RuleCounters>,
+}
+
+/// A body with the published generation beside it (every JSON reply).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WithGeneration<T> {
+    /// The body.
+    #[serde(flatten)]
+    pub body: T,
+    /// The published policy generation when the reply was made.
+    pub generation: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_carry_the_generation_beside_their_fields() {
+        let v = serde_json::to_value(WithGeneration {
+            body: Applied { applied: 7 },
+            generation: 7,
+        })
+        .unwrap();
+        assert_eq!(v, serde_json::json!({"applied": 7, "generation": 7}));
+        let e: WithGeneration<ErrorBody> =
+            serde_json::from_str(r#"{"error":"vm \"x\" does not exist","generation":3}"#).unwrap();
+        assert_eq!(e.generation, 3);
+        assert_eq!(e.body.text(), "vm \"x\" does not exist");
+        let two = ErrorBody {
+            error: "a".into(),
+            problems: vec!["a".into(), "b".into()],
+        };
+        assert_eq!(two.text(), "a\nb");
+    }
+}
