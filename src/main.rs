@@ -154,6 +154,10 @@ enum CtlCmd {
         /// Delete the matching flows instead of listing them.
         #[arg(long)]
         delete: bool,
+        /// With --delete: forget their connections too, so that their next
+        /// packets are judged by the current rules as new connections.
+        #[arg(long, requires = "delete")]
+        reset: bool,
     },
     /// Port, worker and rule counters.
     Counters,
@@ -189,7 +193,11 @@ fn ctl(socket: &std::path::Path, tcp: Option<&str>, json: bool, cmd: &CtlCmd) ->
             weight,
         } => Cmd::Weight(vip.clone(), backend.clone(), *weight),
         CtlCmd::Probes => Cmd::Probes,
-        CtlCmd::Flows { filters: f, delete } => {
+        CtlCmd::Flows {
+            filters: f,
+            delete,
+            reset,
+        } => {
             for kv in f {
                 match kv.split_once('=') {
                     Some((k, v)) => filters.push((k.to_string(), v.to_string())),
@@ -198,6 +206,9 @@ fn ctl(socket: &std::path::Path, tcp: Option<&str>, json: bool, cmd: &CtlCmd) ->
                         return ExitCode::from(2);
                     }
                 }
+            }
+            if *reset {
+                filters.push(("reset".into(), "true".into()));
             }
             Cmd::Flows(filters, *delete)
         }

@@ -65,8 +65,8 @@ pub enum RunError {
     #[error("probes: {0}")]
     Health(#[from] lb::health::HealthError),
     /// The control API could not be served.
-    #[error("{0}")]
-    Control(String),
+    #[error(transparent)]
+    Control(#[from] crate::control::BindError),
     /// A signal handler could not be installed.
     #[error("cannot handle signal {signal}: {source}")]
     Signal {
@@ -366,7 +366,7 @@ fn bind_control(cfg: &Config) -> Result<Option<crate::control::Server>, RunError
     match &cfg.control {
         Some(c) => crate::control::Server::bind(&c.socket, c.tcp.as_deref())
             .map(Some)
-            .map_err(RunError::Control),
+            .map_err(RunError::from),
         None => Ok(None),
     }
 }
@@ -741,4 +741,64 @@ fn probe_states<A: BufAlloc>(health: &Health<A>) -> Vec<ProbeState> {
             rtt_ms: h.rtt.map(|d| d.as_secs_f64() * 1000.0),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_report_reads_as_lines_and_round_trips_as_json() {
+        let w = |worker, rx, fast, slow| WorkerCounters {
+            worker,
+            rx_packets: rx,
+            tx_packets: rx,
+            fast_path: fast,
+            slow_path: slow,
+            ..WorkerCounters::default()
+        };
+        let report = RunReport {
+            workers: vec![w(0, 10, 8, 2), w(1, 5, 5, 0)],
+            ports: vec![PortCounters {
+                name: "web1".into(),
+                rx_packets: 15,
+                tx_packets: 15,
+                drops: [("tx_queue_full".to_string(), 2)].into(),
+                ..PortCounters::default()
+            }],
+            probes: vec![ProbeState {
+                vip: "web".into(),
+                backend: "10.1.0.4:8080".into(),
+                up: true,
+                probes: 3,
+                reason: "HTTP 200".into(),
+                rtt_ms: None,
+            }],
+            rules: vec![RuleCounters {
+                nsg: "web".into(),
+                direction: "in".into(),
+                rule: "http".into(),
+                priority: 100,
+                action: "allow".into(),
+                hits: 4,
+            }],
+            switch_drops: BTreeMap::new(),
+            malformed: [("truncated".to_string(), 1)].into(),
+        };
+        assert_eq!(
+            report.lines(),
+            [
+                "stopped: 15 packets received, 15 sent; 13 fast path, 2 slow path",
+                "worker0: received 10, processed 10, handed to their owner 0",
+                "worker1: received 5, processed 5, handed to their owner 0",
+                "port \"web1\": rx 15 tx 15 drops 2",
+                "vip \"web\" backend 10.1.0.4:8080: up after 3 probes (HTTP 200)",
+                "nsg \"web\" in rule \"http\" (priority 100, allow): 4 hits",
+                "switch drops: []",
+                "malformed: [(\"truncated\", 1)]",
+            ]
+        );
+        let json = serde_json::to_string(&report).unwrap();
+        assert_eq!(serde_json::from_str::<RunReport>(&json).unwrap(), report);
+    }
 }

@@ -599,12 +599,16 @@ pub enum ConnKind {
         /// The public port.
         port: u16,
     },
+    /// A connection the security groups admitted, without NAT (VM to VM,
+    /// or out of the uplink from a vnet without SNAT): tracked so that its
+    /// admission holds for its life, whatever the rules become.
+    Plain,
 }
 
 /// Per connection: what it is and its NAT rewrites.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
-    /// DNAT or SNAT.
+    /// DNAT, SNAT or plain.
     pub kind: ConnKind,
     /// Rewrites per direction.
     pub nat: NatBinding,
@@ -617,6 +621,8 @@ pub struct LbStats {
     pub new_dnat: u64,
     /// Outbound connections created with SNAT.
     pub new_snat: u64,
+    /// Connections admitted without NAT.
+    pub new_plain: u64,
     /// Drops by reason (indexed as [`LbDrop::ALL`]).
     pub drops: [u64; 7],
 }
@@ -922,6 +928,50 @@ impl LbCore {
                 }
                 self.drop(r)
             }
+        }
+    }
+
+    /// The decision for a packet of a connection tracked already, of any
+    /// kind (`None` when there is none): for packets whose connection may
+    /// be any vnet's (replies arriving from the wire).
+    pub fn lookup(&mut self, key: &FlowKey, tcp_flags: u8, now: u64) -> Option<Decision> {
+        match self.existing(None, key, tcp_flags, now) {
+            Ok(d) => d,
+            Err(r) => Some(self.drop(r)),
+        }
+    }
+
+    /// Tracks a new connection the security groups admitted, without NAT,
+    /// whose first packet has `key` (the caller has found no connection
+    /// for it: [`LbCore::process`] or [`LbCore::lookup`] said so). Its later
+    /// packets, both ways, are this connection's, whatever the rules
+    /// become, until it closes or times out.
+    pub fn open_plain(&mut self, key: &FlowKey, tcp_flags: u8, now: u64) -> Decision {
+        let info = ConnInfo {
+            kind: ConnKind::Plain,
+            nat: NatBinding::default(),
+        };
+        match self.open(key, tcp_flags, now, info) {
+            Ok(d) => {
+                self.stats.new_plain += 1;
+                d
+            }
+            Err(r) => self.drop(r),
+        }
+    }
+
+    /// Forgets connection `conn` (releasing its SNAT port): its next packet
+    /// is decided as a new connection. False when it was gone already.
+    pub fn forget(&mut self, conn: ConnRef) -> bool {
+        let Some(i) = self.conns.resolve(conn) else {
+            return false;
+        };
+        match self.conns.remove(i) {
+            Some(c) => {
+                release_snat(&mut self.snat, &c);
+                true
+            }
+            None => false,
         }
     }
 

@@ -44,6 +44,7 @@ pub fn backend_counters(cfg: &Config, rt: &mut Runtime) -> Result<Vec<BackendCou
         id: 0,
         filter: FlowFilter::default(),
         delete: false,
+        reset: false,
         limit: 0,
         backends: true,
     })?;
@@ -160,12 +161,12 @@ fn flow_filter(cfg: &Config, q: &HashMap<String, String>) -> Result<FlowFilter, 
                     proto_num(&vip.protocol)?,
                 ));
             }
-            "limit" => {}
+            "limit" | "reset" => {}
             other => {
                 return Err(ApiError::new(
                     400,
                     format!(
-                        "flows: unknown filter {other:?} (vm, vip, src, dst, proto, sport, dport, limit)"
+                        "flows: unknown filter {other:?} (vm, vip, src, dst, proto, sport, dport, limit, reset)"
                     ),
                 ));
             }
@@ -581,7 +582,23 @@ fn flows(
             .map_err(|_| ApiError::new(400, format!("limit: {l:?} is not a number")))?,
         None => 1000,
     };
-    let (flows, matched, occupancy) = rt.flows(f, delete, limit)?;
+    let reset = match q.get("reset").map(String::as_str) {
+        None | Some("0" | "false") => false,
+        Some("1" | "true") => true,
+        Some(other) => {
+            return Err(ApiError::new(
+                400,
+                format!("reset: {other:?} is not true or false"),
+            ));
+        }
+    };
+    if reset && !delete {
+        return Err(ApiError::new(
+            400,
+            "reset: only with DELETE (it forgets the connections of the flows deleted)",
+        ));
+    }
+    let (flows, matched, occupancy) = rt.flows(f, delete, reset, limit)?;
     if delete {
         return reply(
             200,
@@ -683,6 +700,27 @@ pub fn local_counters(state: &ControlState, rt: &Runtime) -> Counters {
     }
 }
 
+/// Why the control API could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    /// The unix socket could not be set up.
+    #[error("control socket {}: {reason}", path.display())]
+    Socket {
+        /// The socket's path.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The TCP listener could not be set up.
+    #[error("control tcp {addr:?}: {reason}")]
+    Tcp {
+        /// The address as configured.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+}
+
 /// The control API's listeners: a unix socket (mode 0600) and optionally a
 /// loopback TCP address, both feeding one request queue.
 pub struct Server {
@@ -695,9 +733,12 @@ impl Server {
     /// Binds `socket` (replacing a stale socket file) with mode 0600 before
     /// anyone can connect: it is bound under a temporary name, restricted,
     /// then renamed into place; and `tcp`, which must be a loopback address.
-    pub fn bind(socket: &Path, tcp: Option<&str>) -> Result<Server, String> {
+    pub fn bind(socket: &Path, tcp: Option<&str>) -> Result<Server, BindError> {
         use std::os::unix::fs::PermissionsExt;
-        let err = |e: &dyn std::fmt::Display| format!("control socket {}: {e}", socket.display());
+        let err = |e: &dyn std::fmt::Display| BindError::Socket {
+            path: socket.to_path_buf(),
+            reason: e.to_string(),
+        };
         // A socket someone answers on belongs to a running pollux: never
         // take it over (a stale file, with nobody listening, is replaced).
         if std::os::unix::net::UnixStream::connect(socket).is_ok() {
@@ -715,18 +756,18 @@ impl Server {
         let tcp = match tcp {
             None => None,
             Some(addr) => {
+                let err = |reason: String| BindError::Tcp {
+                    addr: addr.to_string(),
+                    reason,
+                };
                 let a: std::net::SocketAddr = addr
                     .parse()
-                    .map_err(|_| format!("control tcp {addr:?}: not an address:port"))?;
+                    .map_err(|_| err("not an address:port".into()))?;
                 if !a.ip().is_loopback() {
-                    return Err(format!("control tcp {addr:?}: must be a loopback address"));
+                    return Err(err("must be a loopback address".into()));
                 }
-                let l = std::net::TcpListener::bind(a)
-                    .map_err(|e| format!("control tcp {addr}: {e}"))?;
-                Some(
-                    tiny_http::Server::from_listener(l, None)
-                        .map_err(|e| format!("control tcp {addr}: {e}"))?,
-                )
+                let l = std::net::TcpListener::bind(a).map_err(|e| err(e.to_string()))?;
+                Some(tiny_http::Server::from_listener(l, None).map_err(|e| err(e.to_string()))?)
             }
         };
         Ok(Server {

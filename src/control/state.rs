@@ -316,12 +316,14 @@ impl Runtime {
         &mut self,
         filter: FlowFilter,
         delete: bool,
+        reset: bool,
         limit: usize,
     ) -> Result<(Vec<vswitch::flow::FlowInfo>, usize, usize), ApiError> {
         let replies = self.ask(FlowRequest {
             id: 0,
             filter,
             delete,
+            reset,
             limit,
             backends: false,
         })?;

@@ -24,6 +24,13 @@ impl Api {
         serde_json::from_str(&body).ok()
     }
 
+    /// `method path` with `body`: (status, body); panics when the API
+    /// cannot be reached.
+    pub fn send(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        call(&Endpoint::Unix(&self.sock), method, path, body)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
     /// Polls `GET path` every 50 ms until `what` holds on the answer or
     /// `limit` passes; panics then, with the last answer and `context()`.
     pub fn wait_for(

@@ -14,6 +14,10 @@ pub struct FlowRequest {
     pub filter: crate::flow::FlowFilter,
     /// Remove them (else list them).
     pub delete: bool,
+    /// With `delete`: forget their connections too, so that their next
+    /// packets are judged by the current rules as new connections (and a
+    /// load-balanced one may get another backend).
+    pub reset: bool,
     /// List at most this many.
     pub limit: usize,
     /// Instead: report the load balancer's per-backend counters.
@@ -69,8 +73,27 @@ impl<B: PacketBuf> Switch<B> {
             }
             backends.len()
         } else if req.delete {
-            self.flows
-                .remove_where(|p, k, e| req.filter.matches(p, k, e))
+            let mut conns = Vec::new();
+            let n = self.flows.remove_where(|p, k, e| {
+                let m = req.filter.matches(p, k, e);
+                if m && req.reset {
+                    conns.extend(e.action.lb);
+                }
+                m
+            });
+            // The other direction of each connection goes too (it may not
+            // match the filter), or it would go on forwarding from the cache.
+            let of = |r: &crate::flow::LbRef| (r.vnet, r.conn);
+            let gone: Vec<_> = conns.iter().map(of).collect();
+            let more = self.flows.remove_where(|_, _, e| {
+                e.action.lb.as_ref().is_some_and(|r| gone.contains(&of(r)))
+            });
+            for r in conns {
+                if let Some(l) = self.lb.get_mut(r.vnet as usize) {
+                    l.forget(r.conn);
+                }
+            }
+            n + more
         } else {
             let mut n = 0;
             for (p, k, e) in self.flows.iter() {

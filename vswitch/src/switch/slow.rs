@@ -11,18 +11,18 @@ use dataplane::wire::arp;
 use dataplane::{FlowKey, L3, PacketBuf, Parsed, rewrite};
 use filter::{Action, Direction};
 use lb::balancer::Decision;
-use lb::conntrack::Dir;
 use lb::nat::Rewrite;
 use std::sync::atomic::Ordering;
 
-/// What the load balancer decided for a packet the switch forwards: the
+/// What connection tracking decided for a packet the switch forwards: the
 /// rewrite, the tracked connection, the key after the rewrite, and whether
-/// the packet is reply traffic of that connection.
+/// the packet opened the connection (else the connection was admitted
+/// before, and its admission holds).
 pub(super) struct LbStep {
     nat: Rewrite,
     lb: LbRef,
     post: FlowKey,
-    reply: bool,
+    new: bool,
 }
 
 /// Reads a load-balancer decision for `key` in vnet `vnet`: `Ok(None)` when
@@ -34,7 +34,10 @@ pub(super) fn lb_step(
 ) -> Result<Option<LbStep>, SwitchDrop> {
     match d {
         Some(Decision::Forward {
-            rewrite, dir, conn, ..
+            rewrite,
+            dir,
+            conn,
+            new,
         }) => Ok(Some(LbStep {
             nat: rewrite,
             lb: LbRef {
@@ -43,7 +46,7 @@ pub(super) fn lb_step(
                 dir,
             },
             post: rewrite.apply_to_key(key),
-            reply: dir == Dir::Reply,
+            new,
         })),
         Some(Decision::Drop(r)) => Err(SwitchDrop::Lb(r)),
         Some(Decision::NotHandled) | None => Ok(None),
@@ -136,8 +139,8 @@ impl<B: PacketBuf> Switch<B> {
             .lb
             .get_mut(vm.vnet)
             .map(|l| l.process(&vnet.vips, &key, flags, now));
-        let (mut nat, mut lb, mut post, reply) = match lb_step(d, vm.vnet, &key)? {
-            Some(s) => (s.nat, Some(s.lb), s.post, s.reply),
+        let (mut nat, mut lb, mut post, mut tracked) = match lb_step(d, vm.vnet, &key)? {
+            Some(s) => (s.nat, Some(s.lb), s.post, !s.new),
             None => (Rewrite::NONE, None, key, false),
         };
         // Routing: inside the vnet to a VM of the *same* vnet (tenant
@@ -157,22 +160,37 @@ impl<B: PacketBuf> Switch<B> {
                         .get_mut(vm.vnet)
                         .map(|l| l.process_snat(&key, flags, now));
                     if let Some(s) = lb_step(d, vm.vnet, &key)? {
-                        (nat, lb, post) = (s.nat, Some(s.lb), s.post);
+                        (nat, lb, post, tracked) = (s.nat, Some(s.lb), s.post, !s.new);
                     }
                 }
                 Hop::Uplink(up)
             }
         };
-        let stateful = if reply {
-            // Return traffic of a tracked load-balanced connection.
+        // The security groups judge a connection when it starts; a packet
+        // of a connection admitted before (either way) keeps that decision,
+        // whatever the rules have become since (as Azure's NSGs promise).
+        let stateful = if tracked {
             true
         } else {
-            let out = self.acl(p, vm.nsg, Direction::Out, &key)?;
-            let inn = match hop {
-                Hop::Vm(dst) => self.acl(p, dst.nsg, Direction::In, &post)?,
-                Hop::Uplink(_) => true,
-            };
-            out && inn
+            let verdict = self.acl(p, vm.nsg, Direction::Out, &key).and_then(|out| {
+                Ok(out
+                    && match hop {
+                        Hop::Vm(dst) => self.acl(p, dst.nsg, Direction::In, &post)?,
+                        Hop::Uplink(_) => true,
+                    })
+            });
+            let admitted = self.admit(verdict, lb)?;
+            // A stateful allow of a connection nobody tracks yet: track it
+            // (without NAT), so that its replies and its later packets are
+            // its own after any policy change.
+            if admitted && lb.is_none() {
+                let d = self
+                    .lb
+                    .get_mut(vm.vnet)
+                    .map(|l| l.open_plain(&key, flags, now));
+                lb = lb_step(d, vm.vnet, &key)?.map(|s| s.lb);
+            }
+            admitted
         };
         let fwd = match hop {
             Hop::Vm(dst) => FlowAction::to_vm(dst, vnet.gateway_mac, nat, lb),
@@ -220,7 +238,9 @@ impl<B: PacketBuf> Switch<B> {
             L3::Ipv4 | L3::Ipv6 => {}
             L3::Other => return Err(SwitchDrop::Unsupported),
         }
-        let vn = p.vnet_by_public(pk.key.dst_ip).ok_or(SwitchDrop::NoRoute)?;
+        let Some(vn) = p.vnet_by_public(pk.key.dst_ip) else {
+            return self.slow_uplink_reply(p, up, frame, pk, now);
+        };
         let vnet = p.vnets.get(vn).ok_or(SwitchDrop::NoRoute)?;
         if rewrite::is_echo_request(frame, pk) {
             rewrite::icmp_echo_reply(frame, pk, up.mac).map_err(|_| SwitchDrop::RewriteFailed)?;
@@ -233,20 +253,67 @@ impl<B: PacketBuf> Switch<B> {
             .lb
             .get_mut(vn)
             .map(|l| l.process(&vnet.vips, &key, flags, now));
-        let LbStep {
-            nat,
-            lb,
-            post,
-            reply,
-        } = lb_step(d, vn, &key)?.ok_or(SwitchDrop::NoRoute)?;
+        let LbStep { nat, lb, post, new } = lb_step(d, vn, &key)?.ok_or(SwitchDrop::NoRoute)?;
         let lb = Some(lb);
         let (_, dst) = p.vm_by_addr(vn, post.dst_ip).ok_or(SwitchDrop::NoRoute)?;
-        let stateful = reply || self.acl(p, dst.nsg, Direction::In, &post)?;
+        let stateful = !new || {
+            let verdict = self.acl(p, dst.nsg, Direction::In, &post);
+            self.admit(verdict, lb)?
+        };
         let fwd = FlowAction::to_vm(dst, vnet.gateway_mac, nat, lb);
         let back = FlowAction::to_uplink(up, nat, lb);
         // The first packet takes the compiled action too.
         Ok(Slow::Forward(self.install(
             p, now, pk.in_port, pk.key, fwd, &post, back, stateful,
         )))
+    }
+
+    /// The security groups' verdict on a new connection: a denied one is
+    /// forgotten at once if connection tracking already holds it (a new
+    /// VIP or SNAT connection), so that its next packet is judged again
+    /// rather than taken for a packet of an admitted connection.
+    fn admit(
+        &mut self,
+        verdict: Result<bool, SwitchDrop>,
+        lb: Option<LbRef>,
+    ) -> Result<bool, SwitchDrop> {
+        if verdict.is_err() {
+            if let Some(r) = lb {
+                if let Some(l) = self.lb.get_mut(r.vnet as usize) {
+                    l.forget(r.conn);
+                }
+            }
+        }
+        verdict
+    }
+
+    /// A packet from the wire for no public address: a reply of a
+    /// connection a VM opened out of the uplink without SNAT (its
+    /// destination is the VM's own address). Whichever vnet tracks the
+    /// connection takes it to the VM; nothing else enters.
+    fn slow_uplink_reply(
+        &mut self,
+        p: &Policy,
+        up: &UplinkDef,
+        frame: &mut [u8],
+        pk: &Parsed,
+        now: u64,
+    ) -> Result<Slow, SwitchDrop> {
+        let key = pk.key;
+        let flags = tcp_flags(frame, pk);
+        for vn in 0..self.lb.len().min(p.vnets.len()) {
+            let d = self.lb.get_mut(vn).and_then(|l| l.lookup(&key, flags, now));
+            let Some(LbStep { nat, lb, post, .. }) = lb_step(d, vn, &key)? else {
+                continue;
+            };
+            let vnet = p.vnets.get(vn).ok_or(SwitchDrop::NoRoute)?;
+            let (_, dst) = p.vm_by_addr(vn, post.dst_ip).ok_or(SwitchDrop::NoRoute)?;
+            let fwd = FlowAction::to_vm(dst, vnet.gateway_mac, nat, Some(lb));
+            let back = FlowAction::to_uplink(up, nat, Some(lb));
+            return Ok(Slow::Forward(
+                self.install(p, now, pk.in_port, pk.key, fwd, &post, back, true),
+            ));
+        }
+        Err(SwitchDrop::NoRoute)
     }
 }

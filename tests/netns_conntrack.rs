@@ -1,0 +1,398 @@
+//! Connections outlive policy changes: real kernel TCP stacks in network
+//! namespaces behind `pollux run` (af_packet ports), long downloads, and
+//! the control API changing the rules and a backend's health under them.
+//!
+//! Topology: vnet a (10.1.0.0/16, no SNAT: its addresses are routable) has
+//! a server 10.1.0.4 (also the first backend of VIP 10.1.0.100:80; a second
+//! backend 10.1.0.5 is probed every 100 ms and flips), and a client
+//! 10.1.0.20 whose group denies inbound TCP from its vnet (its own
+//! connections work only because the groups are stateful). vnet b
+//! (10.2.0.0/16) has a client 10.2.0.20 and SNAT to 198.51.100.50. A host on
+//! the wire (198.51.100.10, behind the uplink) serves too.
+//!
+//! Shown: downloads VM to VM, through the VIP, out of the uplink without
+//! SNAT (whose replies the client's inbound rules would deny as new traffic)
+//! and with SNAT, all running while 1 000 policy changes and 100 health
+//! flips are applied, complete with every byte; `DELETE /v1/flows?reset=true`
+//! makes the connections of a VM be judged again by the current rules.
+//!
+//! Needs root and `ip`, `ethtool`, `curl`, `python3`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+mod common;
+
+use common::netns::{Lab, read, wait_for};
+use std::time::{Duration, Instant};
+
+/// (tag, address/prefix, MAC, default gateway) of every namespace.
+const NODES: [(&str, &str, &str, &str); 5] = [
+    ("sv", "10.1.0.4/16", "02:00:00:00:01:04", "10.1.0.1"),
+    ("s2", "10.1.0.5/16", "02:00:00:00:01:05", "10.1.0.1"),
+    ("cl", "10.1.0.20/16", "02:00:00:00:01:20", "10.1.0.1"),
+    ("cb", "10.2.0.20/16", "02:00:00:00:02:20", "10.2.0.1"),
+    ("wr", "198.51.100.10/24", "02:00:00:00:03:10", ""),
+];
+
+/// pollux's MAC on the wire.
+const UPLINK_MAC: &str = "02:50:4c:58:ff:ff";
+
+/// Size of each download.
+const SIZE: usize = 2 << 20;
+
+fn lab() -> Lab {
+    let mut lab = Lab::new("ct");
+    for (tag, cidr, mac, gw) in NODES {
+        lab.add(
+            tag,
+            mac,
+            &[
+                vec!["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"],
+                vec!["ip", "addr", "add", cidr, "dev", "eth0"],
+            ],
+        );
+        if !gw.is_empty() {
+            lab.exec(tag, &["ip", "route", "add", "default", "via", gw]);
+        }
+    }
+    // The wire host reaches vnet a's routable addresses through pollux (a
+    // router at 198.51.100.1 whose MAC is pollux's uplink MAC).
+    lab.exec(
+        "wr",
+        &[
+            "ip",
+            "neigh",
+            "add",
+            "198.51.100.1",
+            "lladdr",
+            UPLINK_MAC,
+            "dev",
+            "eth0",
+        ],
+    );
+    lab.exec(
+        "wr",
+        &["ip", "route", "add", "10.1.0.0/16", "via", "198.51.100.1"],
+    );
+    lab
+}
+
+fn config(lab: &Lab) -> String {
+    let mut c = String::new();
+    for (tag, name) in [
+        ("sv", "sv"),
+        ("s2", "s2"),
+        ("cl", "cl"),
+        ("cb", "cb"),
+        ("wr", "wire"),
+    ] {
+        c += &format!(
+            "[[port]]\nname = \"{name}\"\ndriver = \"af_packet\"\niface = \"{}\"\n",
+            lab.ns(tag).host
+        );
+    }
+    c += &format!(
+        r#"
+[uplink]
+port = "wire"
+next_hop_mac = "{}"
+
+[[vnet]]
+name = "a"
+prefixes = ["10.1.0.0/16"]
+gateway_mac = "12:34:56:78:9a:bc"
+[[vnet]]
+name = "b"
+prefixes = ["10.2.0.0/16"]
+gateway_mac = "12:34:56:78:9a:bd"
+[vnet.snat]
+public_ips = ["198.51.100.50"]
+
+[[nsg]]
+name = "cli"
+[[nsg.rule]]
+name = "deny-vnet-tcp"
+priority = 100
+direction = "in"
+action = "deny"
+protocol = "tcp"
+src = ["10.1.0.0/16"]
+
+[[nsg]]
+name = "srv"
+[[nsg.rule]]
+name = "allow-http"
+priority = 100
+direction = "in"
+action = "allow"
+protocol = "tcp"
+dst_ports = ["8000"]
+
+[[nsg]]
+name = "spare"
+
+[[vip]]
+name = "web"
+vnet = "a"
+address = "10.1.0.100"
+port = 80
+protocol = "tcp"
+backends = [ {{ vm = "sv", port = 8000 }}, {{ vm = "s2", port = 8000 }} ]
+[vip.probe]
+kind = "http"
+port = 8000
+path = "/health"
+interval_ms = 100
+timeout_ms = 80
+threshold = 1
+
+[[vm]]
+name = "sv"
+port = "sv"
+vnet = "a"
+mac = "02:00:00:00:01:04"
+ips = ["10.1.0.4"]
+nsg = "srv"
+[[vm]]
+name = "s2"
+port = "s2"
+vnet = "a"
+mac = "02:00:00:00:01:05"
+ips = ["10.1.0.5"]
+nsg = "srv"
+[[vm]]
+name = "cl"
+port = "cl"
+vnet = "a"
+mac = "02:00:00:00:01:20"
+ips = ["10.1.0.20"]
+nsg = "cli"
+[[vm]]
+name = "cb"
+port = "cb"
+vnet = "b"
+mac = "02:00:00:00:02:20"
+ips = ["10.2.0.20"]
+"#,
+        NODES[4].2
+    );
+    c
+}
+
+/// A rule for the spare group that changes with `i` (what the churn PUTs).
+fn churn_rule(i: usize) -> String {
+    format!(
+        r#"{{"priority": {}, "direction": "in", "action": "deny", "protocol": "udp", "dst_ports": ["{}"]}}"#,
+        200 + i % 2,
+        10_000 + i
+    )
+}
+
+#[test]
+fn connections_outlive_policy_changes_and_health_flips() {
+    if !testkit::require::root_and(&["ip", "ethtool", "curl", "python3", "cmp"]) {
+        return;
+    }
+    let mut lab = lab();
+    let dir = lab.dir.clone();
+    // Random bytes, so a download that mixes up data shows.
+    let data: Vec<u8> = {
+        let mut x = 0x9e37_79b9_7f4a_7c15_u64 ^ u64::from(std::process::id());
+        (0..SIZE)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    };
+    for (tag, ip) in [
+        ("sv", "10.1.0.4"),
+        ("s2", "10.1.0.5"),
+        ("wr", "198.51.100.10"),
+    ] {
+        let root = dir.join(format!("www-{tag}"));
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("big"), &data).unwrap();
+        std::fs::write(root.join("health"), "ok").unwrap();
+        let cmd = format!(
+            "exec python3 -u -m http.server 8000 --bind {ip} --directory {}",
+            root.display()
+        );
+        lab.spawn(tag, &cmd, &dir.join(format!("{tag}.log")));
+    }
+    // The client serves too: a new connection to it from its vnet is
+    // denied by its group.
+    lab.spawn(
+        "cl",
+        &format!(
+            "exec python3 -u -m http.server 8000 --bind 10.1.0.20 --directory {}",
+            dir.join("www-sv").display()
+        ),
+        &dir.join("cl-server.log"),
+    );
+    let (idx, out, log) = lab.pollux("ct", &config(&lab));
+    let api = lab.api("ct");
+    let context = || read(&log);
+    api.wait_ready(Duration::from_secs(30), context);
+    api.wait_probes(
+        &["10.1.0.4:8000", "10.1.0.5:8000"],
+        true,
+        Duration::from_secs(30),
+        context,
+    );
+    // The servers answer on their port (python may take a moment).
+    for (tag, url) in [
+        ("cl", "http://10.1.0.4:8000/health"),
+        ("cl", "http://198.51.100.10:8000/health"),
+    ] {
+        assert!(
+            wait_for(Duration::from_secs(20), || {
+                lab.bash(tag, &format!("curl -sf --max-time 2 {url}"))
+                    .status
+                    .success()
+            }),
+            "{url} from {tag}\n{}",
+            read(&log)
+        );
+    }
+
+    // 100 downloads, each stretched over the churn (a rate limit), in four
+    // kinds: VM to VM (the client's inbound rules would deny its replies as
+    // new traffic), through the VIP, out of the uplink without SNAT (the
+    // same), and with SNAT.
+    let kinds = [
+        ("cl", "http://10.1.0.4:8000/big"),
+        ("cl", "http://10.1.0.100/big"),
+        ("cl", "http://198.51.100.10:8000/big"),
+        ("cb", "http://198.51.100.10:8000/big"),
+    ];
+    let mut jobs = Vec::new();
+    for i in 0..100 {
+        let (tag, url) = kinds[i % kinds.len()];
+        let file = dir.join(format!("dl{i}"));
+        let cmd = format!(
+            "exec curl -s --max-time 120 --limit-rate 64k -o {} -w '%{{http_code}}' {url}",
+            file.display()
+        );
+        let c = lab.spawn(tag, &cmd, &dir.join(format!("dl{i}.log")));
+        jobs.push((i, c, file, tag, url));
+    }
+    let started = Instant::now();
+
+    // 1 000 policy changes through the API while they run, and 100 health
+    // flips of the VIP's second backend.
+    let health = dir.join("www-s2").join("health");
+    let mut flips = 0;
+    for i in 0..1000 {
+        let (status, body) = api.send(
+            "PUT",
+            &format!("/v1/nsgs/spare/rules/churn{}", i % 2),
+            Some(&churn_rule(i)),
+        );
+        assert!(status < 300, "change {i}: {status} {body}");
+        if i % 10 == 9 {
+            let up = flips % 2 == 1;
+            if up {
+                std::fs::write(&health, "ok").unwrap();
+            } else {
+                std::fs::remove_file(&health).unwrap();
+            }
+            api.wait_probes(&["10.1.0.5:8000"], up, Duration::from_secs(10), context);
+            flips += 1;
+        }
+    }
+    if flips % 2 == 1 {
+        std::fs::write(&health, "ok").unwrap();
+    }
+    let churn = started.elapsed();
+    let status = api.get("/v1/status").unwrap();
+    assert!(status["generation"].as_u64().unwrap() >= 1000, "{status}");
+
+    // Every download completes with every byte.
+    let mut broken = Vec::new();
+    for (i, c, file, tag, url) in &jobs {
+        let code = lab.children[*c].wait().unwrap();
+        let got = std::fs::read(file).unwrap_or_default();
+        if !code.success() || got != data {
+            broken.push(format!(
+                "{tag} {url}: exit {code}, {} of {SIZE} bytes, {}",
+                got.len(),
+                read(&dir.join(format!("dl{i}.log")))
+            ));
+        }
+    }
+    eprintln!(
+        "100 downloads over {churn:?} of churn (1000 changes, {flips} flips) in {:?}",
+        started.elapsed()
+    );
+    assert!(
+        broken.is_empty(),
+        "{} of 100 downloads broke:\n{}\npollux:\n{}",
+        broken.len(),
+        broken.join("\n"),
+        read(&log)
+    );
+
+    // A new connection is judged by the rules: the client's group denies
+    // inbound TCP from its vnet, so the server cannot reach the client's
+    // server, while the wire host (allowed by nothing either) cannot
+    // either; the client reaches both.
+    for (tag, url) in [
+        ("sv", "http://10.1.0.20:8000/health"),
+        ("wr", "http://10.1.0.20:8000/health"),
+    ] {
+        let r = lab.bash(tag, &format!("curl -sf --max-time 2 {url}"));
+        assert!(!r.status.success(), "{tag} reached {url}");
+    }
+
+    // Re-judging: a client connection admitted now, then the rule that
+    // admitted it replaced by a deny; the connection goes on until the
+    // operator resets the client's flows, after which it is judged anew.
+    let spawn_slow = |lab: &mut Lab, n: &str| {
+        let file = dir.join(n);
+        let cmd = format!(
+            "exec curl -s --max-time 30 --limit-rate 100k -o {} http://10.1.0.4:8000/big",
+            file.display()
+        );
+        lab.spawn("cl", &cmd, &dir.join(format!("{n}.log")))
+    };
+    let kept = spawn_slow(&mut lab, "kept");
+    assert!(wait_for(Duration::from_secs(10), || {
+        std::fs::metadata(dir.join("kept")).is_ok_and(|m| m.len() > 100_000)
+    }));
+    let (status, body) = api.send(
+        "PUT",
+        "/v1/nsgs/srv/rules/allow-http",
+        Some(
+            r#"{"priority": 100, "direction": "in", "action": "deny", "protocol": "tcp", "dst_ports": ["8000"]}"#,
+        ),
+    );
+    assert!(status < 300, "{status} {body}");
+    let before = std::fs::metadata(dir.join("kept")).unwrap().len();
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            std::fs::metadata(dir.join("kept")).unwrap().len() > before + 200_000
+        }),
+        "an admitted connection stopped when its rule changed"
+    );
+    let (status, body) = api.send("DELETE", "/v1/flows?vm=cl&reset=true", None);
+    assert_eq!(status, 200, "{body}");
+    let code = lab.children[kept].wait().unwrap();
+    let got = std::fs::metadata(dir.join("kept")).unwrap().len() as usize;
+    assert!(
+        !code.success() && got < SIZE,
+        "the reset connection went on: exit {code}, {got} bytes"
+    );
+    let counters = api.get("/v1/counters").unwrap();
+    let denied: u64 = counters["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["drops"]["acl_deny"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(denied > 0, "{counters}");
+
+    let (st, report) = lab.stop(idx, &out);
+    assert!(st.success(), "{report}\n{}", read(&log));
+}
