@@ -356,7 +356,10 @@ fn changes_under_traffic_lose_no_packet_of_established_flows() {
     // Rule hits count connections judged: the 200 were admitted before the
     // first change replaced their group (which restarts its counters), and
     // are not judged again after it.
-    assert_eq!(sample("pollux_rule_hits_total", Some(("rule", "udp-in"))), 0.0);
+    assert_eq!(
+        sample("pollux_rule_hits_total", Some(("rule", "udp-in"))),
+        0.0
+    );
     assert_eq!(
         sample(
             "pollux_backend_connections_total",
