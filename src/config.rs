@@ -90,7 +90,9 @@ struct RawPort {
 impl TryFrom<RawPort> for PortCfg {
     type Error = String;
 
-    fn try_from(r: RawPort) -> Result<PortCfg, String> {
+    fn try_from(mut r: RawPort) -> Result<PortCfg, String> {
+        // A JSON client may send every key, the unused ones as null.
+        r.rest.retain(|_, v| !v.is_null());
         let spec = PortSpec::deserialize(serde_json::Value::Object(r.rest))
             .map_err(|e| format!("port {:?}: {e}", r.name))?;
         Ok(PortCfg {

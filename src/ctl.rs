@@ -49,6 +49,14 @@ pub enum CtlError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// A request body could not be encoded.
+    #[error("{what}: cannot encode the request: {source}")]
+    Encode {
+        /// What was being sent.
+        what: String,
+        /// Why.
+        source: serde_json::Error,
+    },
     /// The configuration to reload has problems.
     #[error(transparent)]
     Config(#[from] ConfigError),
@@ -263,10 +271,9 @@ pub fn run(ep: &Endpoint<'_>, cmd: &Cmd, json: bool) -> Result<Vec<String>, CtlE
                     backend: b.clone(),
                 })?;
             found.weight = Some(*w);
-            let body = serde_json::to_string(&found).map_err(|source| CtlError::Body {
-                path: format!("/v1/vips/{v}"),
+            let body = serde_json::to_string(&found).map_err(|source| CtlError::Encode {
+                what: format!("vip {v:?} backend {b:?}"),
                 source,
-                text: String::new(),
             })?;
             ("PUT", format!("/v1/vips/{v}/backends/{b}"), Some(body))
         }
@@ -283,10 +290,9 @@ pub fn run(ep: &Endpoint<'_>, cmd: &Cmd, json: bool) -> Result<Vec<String>, CtlE
         Cmd::Metrics => ("GET", "/metrics".into(), None),
         Cmd::Reload(f) => {
             let cfg = crate::config::Config::parse(&read_input(f)?)?;
-            let body = serde_json::to_string(&cfg).map_err(|source| CtlError::Body {
-                path: f.clone(),
+            let body = serde_json::to_string(&cfg).map_err(|source| CtlError::Encode {
+                what: f.clone(),
                 source,
-                text: String::new(),
             })?;
             ("PUT", "/v1/config".into(), Some(body))
         }
@@ -501,7 +507,8 @@ fn table(cmd: &Cmd, path: &str, status: u16, text: &str) -> Result<Vec<String>, 
 
 /// `pollux ctl counters` as text.
 fn counters_table(c: &Counters) -> Vec<String> {
-    let drops = |m: &std::collections::BTreeMap<String, u64>| format!("{m:?}");
+    let drops =
+        |m: &std::collections::BTreeMap<String, u64>| serde_json::to_string(m).unwrap_or_default();
     let mut out = vec![format!(
         "{:<12} {:>12} {:>14} {:>12} {:>14}  drops",
         "port", "rx pkts", "rx bytes", "tx pkts", "tx bytes"

@@ -68,10 +68,10 @@ pub enum RunError {
     #[error(transparent)]
     Control(#[from] crate::control::BindError),
     /// A signal handler could not be installed.
-    #[error("cannot handle signal {signal}: {source}")]
+    #[error("cannot handle {signal}: {source}")]
     Signal {
-        /// The signal number.
-        signal: i32,
+        /// The signal's name.
+        signal: &'static str,
         /// The OS error.
         source: std::io::Error,
     },
@@ -375,18 +375,19 @@ impl Stop {
     /// SIGINT and SIGTERM stop; SIGHUP reloads `source` if given.
     fn signals(cfg: &Config, source: Option<&std::path::Path>) -> Result<Stop, RunError> {
         let stop = Arc::new(AtomicBool::new(false));
-        let register = |signal, flag: &Arc<AtomicBool>| {
-            signal_hook::flag::register(signal, flag.clone())
+        let register = |(number, signal), flag: &Arc<AtomicBool>| {
+            signal_hook::flag::register(number, flag.clone())
                 .map(drop)
                 .map_err(|source| RunError::Signal { signal, source })
         };
-        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        for sig in [(SIGINT, "SIGINT"), (SIGTERM, "SIGTERM")] {
             register(sig, &stop)?;
         }
         let reload = match source {
             Some(p) => {
                 let f = Arc::new(AtomicBool::new(false));
-                register(signal_hook::consts::SIGHUP, &f)?;
+                register((SIGHUP, "SIGHUP"), &f)?;
                 Some((f, p.to_path_buf()))
             }
             None => None,
@@ -624,19 +625,13 @@ fn run_on<A: BufAlloc>(
         return Err(RunError::Workers(failures));
     }
     let mut counters = crate::control::local_counters(&state, &rt);
-    let by_reason = |pairs: Vec<(&str, u64)>, into: &mut BTreeMap<String, u64>| {
-        for (r, n) in pairs {
-            *into.entry(r.to_string()).or_default() += n;
-        }
-    };
+    use crate::control::by_reason;
     let mut report = RunReport {
         probes: probe_states(&health),
+        switch_drops: by_reason(stats.iter().flat_map(|s| s.nonzero())),
+        malformed: by_reason(wstats.iter().flat_map(|s| s.drops.nonzero())),
         ..RunReport::default()
     };
-    for (s, ws) in stats.iter().zip(&wstats) {
-        by_reason(s.nonzero(), &mut report.switch_drops);
-        by_reason(ws.drops.nonzero(), &mut report.malformed);
-    }
     report.workers = std::mem::take(&mut counters.workers);
     report.ports = std::mem::take(&mut counters.ports);
     report.rules = std::mem::take(&mut counters.rules);

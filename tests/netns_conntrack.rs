@@ -357,6 +357,15 @@ fn connections_outlive_policy_changes_and_health_flips() {
         );
         lab.spawn("cl", &cmd, &dir.join(format!("{n}.log")))
     };
+    let acl_deny = || -> u64 {
+        let c = api.get("/v1/counters").unwrap();
+        c["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["drops"]["acl_deny"].as_u64().unwrap_or(0))
+            .sum()
+    };
     let kept = spawn_slow(&mut lab, "kept");
     assert!(wait_for(Duration::from_secs(10), || {
         std::fs::metadata(dir.join("kept")).is_ok_and(|m| m.len() > 100_000)
@@ -376,6 +385,7 @@ fn connections_outlive_policy_changes_and_health_flips() {
         }),
         "an admitted connection stopped when its rule changed"
     );
+    let denied_before = acl_deny();
     let (status, body) = api.send("DELETE", "/v1/flows?vm=cl&reset=true", None);
     assert_eq!(status, 200, "{body}");
     let code = lab.children[kept].wait().unwrap();
@@ -384,14 +394,8 @@ fn connections_outlive_policy_changes_and_health_flips() {
         !code.success() && got < SIZE,
         "the reset connection went on: exit {code}, {got} bytes"
     );
-    let counters = api.get("/v1/counters").unwrap();
-    let denied: u64 = counters["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|w| w["drops"]["acl_deny"].as_u64().unwrap_or(0))
-        .sum();
-    assert!(denied > 0, "{counters}");
+    // What stopped it: its packets, judged again, were denied.
+    assert!(acl_deny() > denied_before, "no acl_deny after the reset");
 
     let (st, report) = lab.stop(idx, &out);
     assert!(st.success(), "{report}\n{}", read(&log));

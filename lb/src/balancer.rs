@@ -599,10 +599,13 @@ pub enum ConnKind {
         /// The public port.
         port: u16,
     },
-    /// A connection the security groups admitted, without NAT (VM to VM,
-    /// or out of the uplink from a vnet without SNAT): tracked so that its
+    /// A connection a stateful allow admitted, without NAT (VM to VM, or
+    /// out of the uplink from a vnet without SNAT): tracked so that its
     /// admission holds for its life, whatever the rules become.
-    Plain,
+    Plain {
+        /// It left through the uplink: its replies come from the wire.
+        uplink: bool,
+    },
 }
 
 /// Per connection: what it is and its NAT rewrites.
@@ -623,6 +626,9 @@ pub struct LbStats {
     pub new_snat: u64,
     /// Connections admitted without NAT.
     pub new_plain: u64,
+    /// Connections admitted while the table was full: forwarded without
+    /// tracking (their admission does not outlive their cached flows).
+    pub untracked: u64,
     /// Drops by reason (indexed as [`LbDrop::ALL`]).
     pub drops: [u64; 7],
 }
@@ -931,30 +937,54 @@ impl LbCore {
         }
     }
 
-    /// The decision for a packet of a connection tracked already, of any
-    /// kind (`None` when there is none): for packets whose connection may
-    /// be any vnet's (replies arriving from the wire).
-    pub fn lookup(&mut self, key: &FlowKey, tcp_flags: u8, now: u64) -> Option<Decision> {
+    /// True when `key` is the reply direction of a connection a VM opened
+    /// out of the uplink without NAT (a packet from the wire for a VM's own
+    /// address). Looks without touching anything: a packet from the wire
+    /// that matches any other connection must not affect it.
+    pub fn is_uplink_reply(&self, key: &FlowKey) -> bool {
+        self.conns.peek(key).is_some_and(|(i, dir)| {
+            dir == Dir::Reply
+                && self
+                    .conns
+                    .get(i)
+                    .is_some_and(|c| matches!(c.value.kind, ConnKind::Plain { uplink: true }))
+        })
+    }
+
+    /// The decision for a reply from the wire of a connection a VM opened
+    /// out of the uplink without NAT ([`LbCore::is_uplink_reply`]); `None`
+    /// for any other packet, which it leaves alone.
+    pub fn uplink_reply(&mut self, key: &FlowKey, tcp_flags: u8, now: u64) -> Option<Decision> {
+        if !self.is_uplink_reply(key) {
+            return None;
+        }
         match self.existing(None, key, tcp_flags, now) {
             Ok(d) => d,
             Err(r) => Some(self.drop(r)),
         }
     }
 
-    /// Tracks a new connection the security groups admitted, without NAT,
-    /// whose first packet has `key` (the caller has found no connection
-    /// for it: [`LbCore::process`] or [`LbCore::lookup`] said so). Its later
-    /// packets, both ways, are this connection's, whatever the rules
-    /// become, until it closes or times out.
-    pub fn open_plain(&mut self, key: &FlowKey, tcp_flags: u8, now: u64) -> Decision {
+    /// Tracks a new connection a stateful allow admitted, without NAT,
+    /// whose first packet has `key` (`uplink`: it leaves through the
+    /// uplink). The caller has found no connection for it
+    /// ([`LbCore::process`] said so). Its later packets, both ways, are this
+    /// connection's, whatever the rules become, until it closes or times
+    /// out. When the table is full the connection goes untracked
+    /// (`NotHandled`, counted in `untracked`): forwarded as admitted, but
+    /// judged again once its cached flows are gone.
+    pub fn open_plain(&mut self, key: &FlowKey, tcp_flags: u8, now: u64, uplink: bool) -> Decision {
         let info = ConnInfo {
-            kind: ConnKind::Plain,
+            kind: ConnKind::Plain { uplink },
             nat: NatBinding::default(),
         };
         match self.open(key, tcp_flags, now, info) {
             Ok(d) => {
                 self.stats.new_plain += 1;
                 d
+            }
+            Err(LbDrop::TableFull) => {
+                self.stats.untracked += 1;
+                Decision::NotHandled
             }
             Err(r) => self.drop(r),
         }

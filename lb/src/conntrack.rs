@@ -463,6 +463,12 @@ impl<V> ConnTable<V> {
         Some((i, dir))
     }
 
+    /// The slot and direction of `key` if tracked (timed out or not),
+    /// changing nothing.
+    pub fn peek(&self, key: &FlowKey) -> Option<(u32, Dir)> {
+        self.map.get(key).copied()
+    }
+
     /// True when `key` is tracked (timed out or not).
     pub fn contains(&self, key: &FlowKey) -> bool {
         self.map.contains_key(key)

@@ -102,14 +102,9 @@ fn query(url: &str) -> (String, HashMap<String, String>) {
 }
 
 fn ip16(s: &str, what: &str) -> Result<[u8; 16], ApiError> {
-    match s.parse::<IpAddr>() {
-        Ok(IpAddr::V4(a)) => Ok(a.to_ipv6_mapped().octets()),
-        Ok(IpAddr::V6(a)) => Ok(a.octets()),
-        Err(_) => Err(ApiError::new(
-            400,
-            format!("{what}: {s:?} is not an IP address"),
-        )),
-    }
+    s.parse::<IpAddr>()
+        .map(dataplane::key::to16)
+        .map_err(|_| ApiError::new(400, format!("{what}: {s:?} is not an IP address")))
 }
 
 fn proto_num(s: &str) -> Result<u8, ApiError> {
@@ -381,7 +376,7 @@ fn route(
                 .map_err(|e| e.unwrap_or_else(|| no_endpoint(method, &path)))
         }
         ("PUT" | "DELETE", ["v1", "nsgs", nsg, "rules", rule]) => {
-            put_rule(state, nsg, rule, (method == "PUT").then_some(body))
+            change_rule(state, nsg, rule, (method == "PUT").then_some(body))
         }
         (_, ["v1", "vips", vip, "backends", backend, rest @ ..]) => {
             let change = match (method, rest) {
@@ -480,7 +475,7 @@ fn item(
 }
 
 /// `PUT` (with `body`) or `DELETE` (without) `/v1/nsgs/{nsg}/rules/{rule}`.
-fn put_rule(
+fn change_rule(
     state: &mut ControlState,
     nsg: &str,
     rule: &str,
@@ -620,7 +615,7 @@ fn flows(
 }
 
 /// Sums `(reason, count)` pairs by reason.
-fn by_reason<'a>(pairs: impl IntoIterator<Item = (&'a str, u64)>) -> BTreeMap<String, u64> {
+pub fn by_reason<'a>(pairs: impl IntoIterator<Item = (&'a str, u64)>) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
     for (r, c) in pairs {
         *out.entry(r.to_string()).or_default() += c;

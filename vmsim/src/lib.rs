@@ -3,9 +3,9 @@
 //! Each VM is a smoltcp stack on one end of a ring port pair whose other end
 //! is a switch port. Servers answer HTTP GETs with their name (and `/health`
 //! with 200, or 500 while `failing`); clients open connections and collect
-//! the answers. Used by `pollux demo` and by the switch's tests (in
-//! `vswitch/tests` and the root package's tests). Owns nothing of the
-//! switch: it only speaks to ports, as a guest would.
+//! the answers. Used by `pollux demo` and by the switch's tests in
+//! `vswitch/tests`. Owns nothing of the switch: it only speaks to ports, as
+//! a guest would.
 #![forbid(unsafe_code)]
 
 use dataplane::pool::{HugePages, Pool, PoolBuf, PoolConfig};

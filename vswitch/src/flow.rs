@@ -638,10 +638,7 @@ impl FlowFilter {
     /// True when the flow `k` arriving on `in_port`, with entry `e`,
     /// matches.
     pub fn matches(&self, in_port: u16, k: &FlowKey, e: &FlowEntry) -> bool {
-        let to16 = |ip: std::net::IpAddr| match ip {
-            std::net::IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
-            std::net::IpAddr::V6(a) => a.octets(),
-        };
+        use dataplane::key::to16;
         fn opt<T: PartialEq>(want: Option<T>, got: T) -> bool {
             want.is_none_or(|w| w == got)
         }

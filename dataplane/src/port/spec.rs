@@ -187,6 +187,7 @@ pub fn open(
             });
         }
     }
+    #[cfg(not(target_os = "linux"))]
     let _ = group;
     Ok(Opened { queues, peer })
 }

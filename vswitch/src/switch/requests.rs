@@ -84,10 +84,14 @@ impl<B: PacketBuf> Switch<B> {
             // The other direction of each connection goes too (it may not
             // match the filter), or it would go on forwarding from the cache.
             let of = |r: &crate::flow::LbRef| (r.vnet, r.conn);
-            let gone: Vec<_> = conns.iter().map(of).collect();
-            let more = self.flows.remove_where(|_, _, e| {
-                e.action.lb.as_ref().is_some_and(|r| gone.contains(&of(r)))
-            });
+            let gone: std::collections::HashSet<_> = conns.iter().map(of).collect();
+            let more = if gone.is_empty() {
+                0
+            } else {
+                self.flows.remove_where(|_, _, e| {
+                    e.action.lb.as_ref().is_some_and(|r| gone.contains(&of(r)))
+                })
+            };
             for r in conns {
                 if let Some(l) = self.lb.get_mut(r.vnet as usize) {
                     l.forget(r.conn);

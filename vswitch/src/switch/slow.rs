@@ -143,17 +143,18 @@ impl<B: PacketBuf> Switch<B> {
             Some(s) => (s.nat, Some(s.lb), s.post, !s.new),
             None => (Rewrite::NONE, None, key, false),
         };
+        // A connection this packet opened is forgotten if the packet goes
+        // no further, so that nothing unjudged is ever taken for admitted.
+        let fresh = if tracked { None } else { lb };
         // Routing: inside the vnet to a VM of the *same* vnet (tenant
         // isolation), outside it through the uplink, with SNAT when the vnet
         // has it.
         let hop = match p.vm_by_addr(vm.vnet, post.dst_ip) {
             Some((_, dst)) => Hop::Vm(dst),
             None => {
-                let up = p
-                    .uplink
-                    .as_ref()
-                    .filter(|_| !vnet.contains(&post.dst()))
-                    .ok_or(SwitchDrop::NoRoute)?;
+                let Some(up) = p.uplink.as_ref().filter(|_| !vnet.contains(&post.dst())) else {
+                    return Err(self.abandon(SwitchDrop::NoRoute, fresh));
+                };
                 if lb.is_none() && vnet.snat.is_some() {
                     let d = self
                         .lb
@@ -172,22 +173,27 @@ impl<B: PacketBuf> Switch<B> {
         let stateful = if tracked {
             true
         } else {
+            // Both groups are consulted (each counts its rule), whatever
+            // the first says.
             let verdict = self.acl(p, vm.nsg, Direction::Out, &key).and_then(|out| {
-                Ok(out
-                    && match hop {
-                        Hop::Vm(dst) => self.acl(p, dst.nsg, Direction::In, &post)?,
-                        Hop::Uplink(_) => true,
-                    })
+                let inn = match hop {
+                    Hop::Vm(dst) => self.acl(p, dst.nsg, Direction::In, &post)?,
+                    Hop::Uplink(_) => true,
+                };
+                Ok(out && inn)
             });
+            // (`lb` here is a connection this packet opened, if any: a new
+            // VIP or SNAT connection.)
             let admitted = self.admit(verdict, lb)?;
             // A stateful allow of a connection nobody tracks yet: track it
             // (without NAT), so that its replies and its later packets are
             // its own after any policy change.
             if admitted && lb.is_none() {
+                let uplink = matches!(hop, Hop::Uplink(_));
                 let d = self
                     .lb
                     .get_mut(vm.vnet)
-                    .map(|l| l.open_plain(&key, flags, now));
+                    .map(|l| l.open_plain(&key, flags, now, uplink));
                 lb = lb_step(d, vm.vnet, &key)?.map(|s| s.lb);
             }
             admitted
@@ -255,7 +261,9 @@ impl<B: PacketBuf> Switch<B> {
             .map(|l| l.process(&vnet.vips, &key, flags, now));
         let LbStep { nat, lb, post, new } = lb_step(d, vn, &key)?.ok_or(SwitchDrop::NoRoute)?;
         let lb = Some(lb);
-        let (_, dst) = p.vm_by_addr(vn, post.dst_ip).ok_or(SwitchDrop::NoRoute)?;
+        let Some((_, dst)) = p.vm_by_addr(vn, post.dst_ip) else {
+            return Err(self.abandon(SwitchDrop::NoRoute, lb.filter(|_| new)));
+        };
         let stateful = !new || {
             let verdict = self.acl(p, dst.nsg, Direction::In, &post);
             self.admit(verdict, lb)?
@@ -266,6 +274,18 @@ impl<B: PacketBuf> Switch<B> {
         Ok(Slow::Forward(self.install(
             p, now, pk.in_port, pk.key, fwd, &post, back, stateful,
         )))
+    }
+
+    /// Drops a packet for `why`, forgetting the connection it opened, if
+    /// any (`fresh`): a connection whose first packet went nowhere was never
+    /// judged, and must not be taken for admitted later.
+    fn abandon(&mut self, why: SwitchDrop, fresh: Option<LbRef>) -> SwitchDrop {
+        if let Some(r) = fresh {
+            if let Some(l) = self.lb.get_mut(r.vnet as usize) {
+                l.forget(r.conn);
+            }
+        }
+        why
     }
 
     /// The security groups' verdict on a new connection: a denied one is
@@ -289,8 +309,9 @@ impl<B: PacketBuf> Switch<B> {
 
     /// A packet from the wire for no public address: a reply of a
     /// connection a VM opened out of the uplink without SNAT (its
-    /// destination is the VM's own address). Whichever vnet tracks the
-    /// connection takes it to the VM; nothing else enters.
+    /// destination is the VM's own address, its source outside the vnet).
+    /// Exactly one vnet must track it as such (vnets may share a prefix);
+    /// no other connection is touched by what comes from the wire.
     fn slow_uplink_reply(
         &mut self,
         p: &Policy,
@@ -300,20 +321,25 @@ impl<B: PacketBuf> Switch<B> {
         now: u64,
     ) -> Result<Slow, SwitchDrop> {
         let key = pk.key;
+        let mut owners = (0..self.lb.len().min(p.vnets.len())).filter(|&vn| {
+            p.vnets.get(vn).is_some_and(|v| !v.contains(&key.src()))
+                && self.lb.get(vn).is_some_and(|l| l.is_uplink_reply(&key))
+        });
+        let (Some(vn), None) = (owners.next(), owners.next()) else {
+            return Err(SwitchDrop::NoRoute);
+        };
         let flags = tcp_flags(frame, pk);
-        for vn in 0..self.lb.len().min(p.vnets.len()) {
-            let d = self.lb.get_mut(vn).and_then(|l| l.lookup(&key, flags, now));
-            let Some(LbStep { nat, lb, post, .. }) = lb_step(d, vn, &key)? else {
-                continue;
-            };
-            let vnet = p.vnets.get(vn).ok_or(SwitchDrop::NoRoute)?;
-            let (_, dst) = p.vm_by_addr(vn, post.dst_ip).ok_or(SwitchDrop::NoRoute)?;
-            let fwd = FlowAction::to_vm(dst, vnet.gateway_mac, nat, Some(lb));
-            let back = FlowAction::to_uplink(up, nat, Some(lb));
-            return Ok(Slow::Forward(
-                self.install(p, now, pk.in_port, pk.key, fwd, &post, back, true),
-            ));
-        }
-        Err(SwitchDrop::NoRoute)
+        let d = self
+            .lb
+            .get_mut(vn)
+            .and_then(|l| l.uplink_reply(&key, flags, now));
+        let LbStep { nat, lb, post, .. } = lb_step(d, vn, &key)?.ok_or(SwitchDrop::NoRoute)?;
+        let vnet = p.vnets.get(vn).ok_or(SwitchDrop::NoRoute)?;
+        let (_, dst) = p.vm_by_addr(vn, post.dst_ip).ok_or(SwitchDrop::NoRoute)?;
+        let fwd = FlowAction::to_vm(dst, vnet.gateway_mac, nat, Some(lb));
+        let back = FlowAction::to_uplink(up, nat, Some(lb));
+        Ok(Slow::Forward(self.install(
+            p, now, pk.in_port, pk.key, fwd, &post, back, true,
+        )))
     }
 }

@@ -1,0 +1,442 @@
+//! Connection tracking of every admitted connection, frame by frame: the
+//! security groups judge a connection when it starts and the decision holds
+//! through new policy generations; what is denied, or goes nowhere, is never
+//! taken for admitted later; a stateless allow out does not bypass the
+//! destination's inbound rules; from the wire, only replies of connections
+//! a VM opened out of the uplink enter, in the vnet that owns them. The
+//! worker is polled by hand, so each step is exactly what was sent.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+use arc_swap::ArcSwap;
+use dataplane::pool::{HugePages, Pool, PoolBuf, PoolConfig};
+use dataplane::port::ring::{self, RingPort};
+use dataplane::worker::Worker;
+use dataplane::{Batch, LinkInfo, MacAddr, PacketBuf, Port};
+use filter::{NsgSpec, RuleSpec};
+use lb::balancer::{Backend, VipConfig};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use vswitch::{
+    Policy, Switch, SwitchConfig, SwitchStats, Topology, UplinkDef, VipDef, VmDef, VnetDef,
+};
+
+const GW: MacAddr = MacAddr([0x12, 0, 0, 0, 0, 1]);
+const GW_B: MacAddr = MacAddr([0x12, 0, 0, 0, 0, 2]);
+const UPLINK: MacAddr = MacAddr([2, 0x50, 0x4c, 0x58, 0xff, 0xff]);
+const ROUTER: MacAddr = MacAddr([2, 0, 0, 0, 9, 9]);
+/// Ports: 0 client (a), 1 server (a), 2 dip (a), 3 other (b, same
+/// addresses as the client), 4 uplink.
+const CLIENT: usize = 0;
+const SERVER: usize = 1;
+const DIP: usize = 2;
+const OTHER: usize = 3;
+const WIRE: usize = 4;
+
+fn mac(i: u8) -> MacAddr {
+    MacAddr([2, 0, 0, 0, 0, i])
+}
+
+fn v4(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+fn rule(name: &str, prio: i64, dir: &str, action: &str, src: &str, dst_ports: &str) -> RuleSpec {
+    RuleSpec {
+        name: Some(name.into()),
+        priority: prio,
+        direction: dir.into(),
+        action: action.into(),
+        protocol: "tcp".into(),
+        src: vec![src.into()],
+        dst: vec!["any".into()],
+        src_ports: vec!["any".into()],
+        dst_ports: vec![dst_ports.into()],
+        stateful: None,
+    }
+}
+
+/// The client's group denies inbound TCP from its vnet; the server's allows
+/// TCP 8000 in; the DIP's denies everything in; `extra` rules go to a spare
+/// group (what changes between generations); `stateless_out` makes the
+/// client's outbound allow to 9000 stateless.
+fn topology(extra: usize, stateless_out: bool) -> Topology {
+    let vm = |name: &str, port: u16, vnet: usize, m: u8, ip: &str, nsg: Option<usize>| VmDef {
+        name: name.into(),
+        port,
+        vnet,
+        mac: mac(m),
+        ips: vec![IpAddr::V4(v4(ip))],
+        nsg,
+        internal: false,
+    };
+    let mut out9000 = rule("out-9000", 100, "out", "allow", "any", "9000");
+    if stateless_out {
+        out9000.stateful = Some(false);
+    }
+    let client = NsgSpec {
+        name: "client".into(),
+        rules: vec![
+            rule("deny-vnet", 100, "in", "deny", "10.1.0.0/16", "any"),
+            out9000,
+        ],
+    };
+    let server = NsgSpec {
+        name: "server".into(),
+        rules: vec![
+            rule("http", 100, "in", "allow", "any", "8000"),
+            rule("no-9000", 110, "in", "deny", "any", "9000"),
+        ],
+    };
+    let dip = NsgSpec {
+        name: "dip".into(),
+        rules: vec![rule("nothing", 100, "in", "deny", "any", "any")],
+    };
+    let spare = NsgSpec {
+        name: "spare".into(),
+        rules: (0..extra)
+            .map(|i| rule(&format!("r{i}"), 200 + i as i64, "in", "deny", "any", "1"))
+            .collect(),
+    };
+    Topology {
+        vnets: vec![
+            VnetDef {
+                name: "a".into(),
+                prefixes: vec!["10.1.0.0/16".parse().unwrap()],
+                gateway_mac: GW,
+                snat: None,
+            },
+            VnetDef {
+                name: "b".into(),
+                prefixes: vec!["10.1.0.0/16".parse().unwrap()],
+                gateway_mac: GW_B,
+                snat: None,
+            },
+        ],
+        vms: vec![
+            vm("client", CLIENT as u16, 0, 1, "10.1.0.20", Some(0)),
+            vm("server", SERVER as u16, 0, 4, "10.1.0.4", Some(1)),
+            vm("dip", DIP as u16, 0, 5, "10.1.0.5", Some(2)),
+            vm("other", OTHER as u16, 1, 1, "10.1.0.20", None),
+        ],
+        nsgs: vec![client, server, dip, spare],
+        vips: vec![VipDef {
+            vnet: 0,
+            config: VipConfig::new(
+                "v",
+                IpAddr::V4(v4("10.1.0.100")),
+                80,
+                6,
+                vec![Backend {
+                    ip: IpAddr::V4(v4("10.1.0.5")),
+                    port: 8000,
+                    weight: 1,
+                }],
+            ),
+            health: vec![],
+        }],
+        ports: 5,
+        uplink: Some(UplinkDef {
+            port: WIRE as u16,
+            mac: UPLINK,
+            next_hop_mac: ROUTER,
+        }),
+    }
+}
+
+struct Net {
+    pool: Pool,
+    policy: Arc<ArcSwap<Policy>>,
+    generation: u64,
+    worker: Worker<PoolBuf, Switch>,
+    ends: Vec<RingPort<PoolBuf>>,
+    stats: Arc<SwitchStats>,
+}
+
+impl Net {
+    fn new(stateless_out: bool) -> Net {
+        let mut cfg = PoolConfig::new("conntrack-test", 1024);
+        cfg.huge = HugePages::Never;
+        let pool = Pool::new(&cfg).unwrap();
+        let policy = Arc::new(ArcSwap::from_pointee(
+            Policy::compile(&topology(0, stateless_out), 1).unwrap(),
+        ));
+        let sw = Switch::new(
+            policy.clone(),
+            SwitchConfig {
+                flow_table_size: 1024,
+                conn_table_size: 1024,
+                ..SwitchConfig::default()
+            },
+        );
+        let stats = sw.stats();
+        let mut ports: Vec<Box<dyn Port<Buf = PoolBuf>>> = Vec::new();
+        let mut ends = Vec::new();
+        for i in 0..5 {
+            let l = |n: String| LinkInfo::new(&n, MacAddr([2, 0, 0, 0, 8, i]), "ring");
+            let (end, sw_end) = ring::pair(l(format!("p{i}")), l(format!("sw-p{i}")), 256);
+            ports.push(Box::new(sw_end));
+            ends.push(end);
+        }
+        Net {
+            pool,
+            policy,
+            generation: 1,
+            worker: Worker::new("conntrack", None, ports, sw),
+            ends,
+            stats,
+        }
+    }
+
+    /// Publishes a new policy generation (rules of the spare group change),
+    /// as any API change does: every cached flow goes back through the slow
+    /// path.
+    fn new_generation(&mut self, stateless_out: bool) {
+        self.generation += 1;
+        let t = topology(self.generation as usize, stateless_out);
+        self.policy
+            .store(Arc::new(Policy::compile(&t, self.generation).unwrap()));
+    }
+
+    /// Sends `frame` into switch port `port`; returns the ports it left by.
+    fn send(&mut self, port: usize, frame: Vec<u8>) -> Vec<usize> {
+        let mut b = Batch::new();
+        b.push(self.pool.alloc_copy(&frame).unwrap()).unwrap();
+        self.ends[port].tx_burst(&mut b);
+        self.worker.poll_once();
+        let mut out = Vec::new();
+        let mut rx = Batch::new();
+        for (i, e) in self.ends.iter_mut().enumerate() {
+            e.rx_burst(&mut rx);
+            for p in rx.drain() {
+                assert!(p.len() > 14);
+                out.push(i);
+            }
+        }
+        out
+    }
+
+    fn dropped(&self, name: &str) -> u64 {
+        self.stats
+            .nonzero()
+            .iter()
+            .find(|d| d.0 == name)
+            .map_or(0, |d| d.1)
+    }
+}
+
+/// A TCP frame (flags: 0x02 SYN, 0x12 SYN-ACK, 0x10 ACK).
+fn tcp(
+    src_mac: MacAddr,
+    dst_mac: MacAddr,
+    src: &str,
+    sport: u16,
+    dst: &str,
+    dport: u16,
+    flags: u8,
+) -> Vec<u8> {
+    let mut v = Vec::new();
+    let b = etherparse::PacketBuilder::ethernet2(src_mac.0, dst_mac.0)
+        .ipv4(v4(src).octets(), v4(dst).octets(), 64)
+        .tcp(sport, dport, 1, 65535);
+    let b = if flags & 0x02 != 0 { b.syn() } else { b };
+    let b = if flags & 0x10 != 0 { b.ack(1) } else { b };
+    b.write(&mut v, &[0x61; 8]).unwrap();
+    v
+}
+
+#[test]
+fn an_admitted_connection_outlives_new_generations_and_new_ones_are_judged() {
+    let mut n = Net::new(false);
+    // Client -> server:8000: admitted (client out: default allow to the
+    // vnet; server in: "http"), and its replies pass although the client's
+    // group denies inbound TCP from the vnet.
+    assert_eq!(
+        n.send(
+            CLIENT,
+            tcp(mac(1), GW, "10.1.0.20", 40000, "10.1.0.4", 8000, 0x02)
+        ),
+        [SERVER]
+    );
+    assert_eq!(
+        n.send(
+            SERVER,
+            tcp(mac(4), GW, "10.1.0.4", 8000, "10.1.0.20", 40000, 0x12)
+        ),
+        [CLIENT]
+    );
+    for _ in 0..3 {
+        n.new_generation(false);
+        // The reply direction first: after a new generation its flow is
+        // stale, and judged as new it would be denied.
+        let slow = n.stats.slow_path.load(Ordering::Relaxed);
+        assert_eq!(
+            n.send(
+                SERVER,
+                tcp(mac(4), GW, "10.1.0.4", 8000, "10.1.0.20", 40000, 0x10)
+            ),
+            [CLIENT]
+        );
+        assert_eq!(
+            n.stats.slow_path.load(Ordering::Relaxed),
+            slow + 1,
+            "revalidated"
+        );
+        assert_eq!(
+            n.send(
+                CLIENT,
+                tcp(mac(1), GW, "10.1.0.20", 40000, "10.1.0.4", 8000, 0x10)
+            ),
+            [SERVER]
+        );
+    }
+    assert_eq!(n.dropped("acl_deny"), 0);
+    // A new connection from the server to the client is judged: denied.
+    assert!(
+        n.send(
+            SERVER,
+            tcp(mac(4), GW, "10.1.0.4", 8001, "10.1.0.20", 22, 0x02)
+        )
+        .is_empty()
+    );
+    assert_eq!(n.dropped("acl_deny"), 1);
+    // ... and so is its next packet: a denied connection is not tracked.
+    assert!(
+        n.send(
+            SERVER,
+            tcp(mac(4), GW, "10.1.0.4", 8001, "10.1.0.20", 22, 0x10)
+        )
+        .is_empty()
+    );
+    assert_eq!(n.dropped("acl_deny"), 2);
+}
+
+#[test]
+fn a_denied_vip_connection_is_forgotten_and_judged_again() {
+    let mut n = Net::new(false);
+    // Client -> VIP -> DIP, whose group denies everything in.
+    for i in 1..=3 {
+        assert!(
+            n.send(
+                CLIENT,
+                tcp(mac(1), GW, "10.1.0.20", 41000, "10.1.0.100", 80, 0x02)
+            )
+            .is_empty()
+        );
+        assert_eq!(n.dropped("acl_deny"), i, "attempt {i} judged again");
+    }
+    // A reply the DIP makes up for that tuple finds no connection: it is a
+    // new connection from the DIP to the client, which the client denies.
+    assert!(
+        n.send(
+            DIP,
+            tcp(mac(5), GW, "10.1.0.5", 8000, "10.1.0.20", 41000, 0x12)
+        )
+        .is_empty()
+    );
+    assert_eq!(n.dropped("acl_deny"), 4);
+}
+
+#[test]
+fn a_stateless_allow_out_does_not_bypass_the_destination_inbound_rules() {
+    let mut n = Net::new(true);
+    // The client's "out-9000" allows statelessly; the server's "no-9000"
+    // denies it in.
+    assert!(
+        n.send(
+            CLIENT,
+            tcp(mac(1), GW, "10.1.0.20", 42000, "10.1.0.4", 9000, 0x02)
+        )
+        .is_empty()
+    );
+    assert_eq!(n.dropped("acl_deny"), 1);
+}
+
+#[test]
+fn from_the_wire_only_replies_of_a_vms_own_uplink_connections_enter() {
+    let mut n = Net::new(false);
+    // The client opens a connection out of the uplink (its vnet has no
+    // SNAT: the address goes out as it is).
+    assert_eq!(
+        n.send(
+            CLIENT,
+            tcp(mac(1), GW, "10.1.0.20", 43000, "203.0.113.9", 443, 0x02)
+        ),
+        [WIRE]
+    );
+    // Its replies come back, in every generation, though the client's group
+    // denies inbound traffic from the wire as new connections.
+    assert_eq!(
+        n.send(
+            WIRE,
+            tcp(ROUTER, UPLINK, "203.0.113.9", 443, "10.1.0.20", 43000, 0x12)
+        ),
+        [CLIENT]
+    );
+    n.new_generation(false);
+    assert_eq!(
+        n.send(
+            WIRE,
+            tcp(ROUTER, UPLINK, "203.0.113.9", 443, "10.1.0.20", 43000, 0x10)
+        ),
+        [CLIENT]
+    );
+    // A connection of the client inside its vnet, and a packet from the wire
+    // that pretends to be its server: it enters nowhere, and the client's
+    // connection goes on where it went.
+    assert_eq!(
+        n.send(
+            CLIENT,
+            tcp(mac(1), GW, "10.1.0.20", 44000, "10.1.0.4", 8000, 0x02)
+        ),
+        [SERVER]
+    );
+    let before = n.dropped("no_route");
+    assert!(
+        n.send(
+            WIRE,
+            tcp(ROUTER, UPLINK, "10.1.0.4", 8000, "10.1.0.20", 44000, 0x12)
+        )
+        .is_empty()
+    );
+    assert_eq!(n.dropped("no_route"), before + 1);
+    assert_eq!(
+        n.send(
+            CLIENT,
+            tcp(mac(1), GW, "10.1.0.20", 44000, "10.1.0.4", 8000, 0x10)
+        ),
+        [SERVER]
+    );
+    assert_eq!(
+        n.send(
+            SERVER,
+            tcp(mac(4), GW, "10.1.0.4", 8000, "10.1.0.20", 44000, 0x12)
+        ),
+        [CLIENT]
+    );
+    // Uninvited traffic from the wire to a VM goes nowhere.
+    assert!(
+        n.send(
+            WIRE,
+            tcp(ROUTER, UPLINK, "203.0.113.9", 443, "10.1.0.20", 45000, 0x02)
+        )
+        .is_empty()
+    );
+    // The other tenant's VM (same address) opens the same tuple out of the
+    // uplink: now two vnets track it, and the reply goes to neither.
+    assert_eq!(
+        n.send(
+            OTHER,
+            tcp(mac(1), GW_B, "10.1.0.20", 43000, "203.0.113.9", 443, 0x10)
+        ),
+        [WIRE]
+    );
+    n.new_generation(false);
+    assert!(
+        n.send(
+            WIRE,
+            tcp(ROUTER, UPLINK, "203.0.113.9", 443, "10.1.0.20", 43000, 0x10)
+        )
+        .is_empty()
+    );
+}
