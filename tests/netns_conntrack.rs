@@ -16,7 +16,13 @@
 //! flips are applied, complete with every byte; `DELETE /v1/flows?reset=true`
 //! makes the connections of a VM be judged again by the current rules.
 //!
-//! Needs root and `ip`, `ethtool`, `curl`, `python3`.
+//! Also shown: IPv4 datagrams larger than the links' MTU, fragmented by the
+//! sending kernel and reassembled by the receiving one, cross pollux VM to
+//! VM (`ping -s 4000`), through a VIP and through SNAT (a 4 000-byte UDP
+//! datagram echoed by a real server), every fragment after the first
+//! following its first.
+//!
+//! Needs root and `ip`, `ethtool`, `curl`, `python3`, `ping`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 mod common;
@@ -144,6 +150,14 @@ path = "/health"
 interval_ms = 100
 timeout_ms = 80
 threshold = 1
+
+[[vip]]
+name = "echo"
+vnet = "a"
+address = "10.1.0.101"
+port = 7
+protocol = "udp"
+backends = [ {{ vm = "sv", port = 7007 }} ]
 
 [[vm]]
 name = "sv"
@@ -399,4 +413,103 @@ fn connections_outlive_policy_changes_and_health_flips() {
 
     let (st, report) = lab.stop(idx, &out);
     assert!(st.success(), "{report}\n{}", read(&log));
+}
+
+/// A UDP echo server (every datagram sent back to its sender).
+const ECHO_SERVER: &str = "import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 7007))
+while True:
+    d, a = s.recvfrom(65535)
+    s.sendto(d, a)
+";
+
+/// Sends one 4 000-byte datagram to argv[1]:argv[2] and waits for the same
+/// bytes back (three tries); exit status 0 when they came.
+const ECHO_CLIENT: &str = "import socket, sys
+data = bytes((i * 7) % 251 for i in range(4000))
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(2)
+for _ in range(3):
+    s.sendto(data, (sys.argv[1], int(sys.argv[2])))
+    try:
+        got, _ = s.recvfrom(65535)
+    except socket.timeout:
+        continue
+    sys.exit(0 if got == data else 2)
+sys.exit(1)
+";
+
+#[test]
+fn datagrams_larger_than_the_mtu_cross_in_fragments() {
+    if !testkit::require::root_and(&["ip", "ethtool", "python3", "ping"]) {
+        return;
+    }
+    let mut lab = lab();
+    let dir = lab.dir.clone();
+    std::fs::write(dir.join("echo_server.py"), ECHO_SERVER).unwrap();
+    std::fs::write(dir.join("echo_client.py"), ECHO_CLIENT).unwrap();
+    for (tag, ip) in [("sv", "10.1.0.4"), ("wr", "198.51.100.10")] {
+        let cmd = format!(
+            "exec python3 -u {} {ip}",
+            dir.join("echo_server.py").display()
+        );
+        lab.spawn(tag, &cmd, &dir.join(format!("{tag}-echo.log")));
+    }
+    // One worker, then two (AF_PACKET fanout queues: the kernel sends every
+    // fragment of a datagram to the same queue, and its worker hands them
+    // to the connection's owner).
+    for workers in [1, 2] {
+        let name = format!("frag{workers}");
+        let cfg = format!("[dataplane]\nworkers = {workers}\n{}", config(&lab));
+        let (idx, out, log) = lab.pollux(&name, &cfg);
+        let api = lab.api(&name);
+        let context = || read(&log);
+        api.wait_ready(Duration::from_secs(30), context);
+        let client = dir.join("echo_client.py");
+        let client = client.display();
+        for (what, tag, cmd) in [
+            (
+                "ping VM to VM",
+                "cl",
+                "ping -c 3 -W 2 -s 4000 10.1.0.4".to_string(),
+            ),
+            (
+                "ping through SNAT",
+                "cb",
+                "ping -c 3 -W 2 -s 4000 198.51.100.10".to_string(),
+            ),
+            (
+                "UDP through the VIP",
+                "cl",
+                format!("python3 {client} 10.1.0.101 7"),
+            ),
+            (
+                "UDP through SNAT",
+                "cb",
+                format!("python3 {client} 198.51.100.10 7007"),
+            ),
+        ] {
+            // The servers may take a moment to start: a few tries.
+            let ok = wait_for(Duration::from_secs(20), || {
+                lab.bash(tag, &cmd).status.success()
+            });
+            assert!(
+                ok,
+                "{workers} worker(s), {what}: {cmd} failed\n{}",
+                read(&log)
+            );
+        }
+        // Fragments did cross: none was dropped for want of its first.
+        let c = api.get("/v1/counters").unwrap();
+        let lost: u64 = c["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["drops"]["frag_no_first"].as_u64().unwrap_or(0))
+            .sum();
+        assert_eq!(lost, 0, "{c}");
+        let (st, report) = lab.stop(idx, &out);
+        assert!(st.success(), "{report}\n{}", read(&log));
+    }
 }

@@ -56,8 +56,34 @@ pub struct Parsed {
     pub has_l4: bool,
     /// The port the frame arrived on.
     pub in_port: u16,
-    /// The flow key.
+    /// Where the packet sits in its datagram, if it is a fragment.
+    pub frag: Frag,
+    /// The flow key (for a later fragment: addresses and protocol, ports 0).
     pub key: FlowKey,
+}
+
+/// Where an IP fragment sits in its datagram (all zero: not a fragment).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Frag {
+    /// The datagram's identification (IPv4: 16 bits, IPv6: 32).
+    pub id: u32,
+    /// The fragment's offset in the datagram, in 8-byte units.
+    pub offset: u16,
+    /// More fragments follow.
+    pub more: bool,
+}
+
+impl Frag {
+    /// The first fragment of a fragmented datagram (it has the transport
+    /// header; the others do not).
+    pub fn is_first(&self) -> bool {
+        self.offset == 0 && self.more
+    }
+
+    /// A fragment after the first (no transport header, no ports).
+    pub fn is_later(&self) -> bool {
+        self.offset != 0
+    }
 }
 
 impl Parsed {
@@ -115,7 +141,12 @@ fn parse_ipv4(l3: &[u8], out: &mut Parsed) -> Result<(), ParseError> {
     let hl = ip.header_len();
     out.l4_off = out.l3_off + hl as u16;
     out.l4_len = (ip.total_len() - hl) as u16;
-    if ip.frag_offset() != 0 {
+    out.frag = Frag {
+        id: u32::from(ip.ident()),
+        offset: (ip.frag_offset() / 8) as u16,
+        more: ip.more_frags(),
+    };
+    if out.frag.is_later() {
         return Ok(());
     }
     parse_l4(ip.payload(), out, false)
@@ -131,6 +162,9 @@ fn parse_ipv6(l3: &[u8], out: &mut Parsed) -> Result<(), ParseError> {
     out.key.proto = up.protocol;
     out.l4_off = out.l3_off + (ipv6::HEADER_LEN + up.offset) as u16;
     out.l4_len = (payload.len() - up.offset) as u16;
+    if let Some((id, offset, more)) = up.fragment {
+        out.frag = Frag { id, offset, more };
+    }
     if up.later_fragment || matches!(up.protocol, ipv6::NH_ESP | ipv6::NH_NONE) {
         return Ok(());
     }
@@ -145,7 +179,11 @@ fn parse_l4(l4: &[u8], out: &mut Parsed, v6: bool) -> Result<(), ParseError> {
             out.key.dst_port = t.dst_port();
         }
         PROTO_UDP => {
-            let u = udp::Datagram::new_checked(l4)?;
+            let u = if out.frag.is_first() {
+                udp::Datagram::new_checked_first_fragment(l4)?
+            } else {
+                udp::Datagram::new_checked(l4)?
+            };
             out.key.src_port = u.src_port();
             out.key.dst_port = u.dst_port();
         }
@@ -254,6 +292,34 @@ pub(crate) mod tests {
         let p = parse(&frag, 0).unwrap();
         assert!(!p.has_l4);
         assert_eq!((p.key.src_port, p.key.dst_port), (0, 0));
+        assert!(p.frag.is_later() && !p.frag.is_first());
+        assert_eq!(p.frag.offset, 16);
+    }
+
+    #[test]
+    fn a_udp_first_fragment_has_its_ports_and_its_datagram_length() {
+        // IPv4 id 0x1234, more fragments; UDP 5000 -> 53 whose length (3000)
+        // counts the whole datagram, 8 bytes of it here.
+        let mut f = TCP4[..14].to_vec();
+        f.extend_from_slice(&[
+            0x45, 0, 0x00, 0x24, 0x12, 0x34, 0x20, 0x00, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0,
+            2, //
+            0x13, 0x88, 0x00, 0x35, 0x0b, 0xb8, 0, 0, //
+            1, 2, 3, 4, 5, 6, 7, 8,
+        ]);
+        let p = parse(&f, 0).unwrap();
+        assert!(p.has_l4 && p.frag.is_first());
+        assert_eq!(p.frag.id, 0x1234);
+        assert_eq!((p.key.src_port, p.key.dst_port), (5000, 53));
+        // Not a fragment: the same length is a lie.
+        let mut whole = f.clone();
+        whole[20] = 0;
+        assert_eq!(parse(&whole, 0).unwrap_err(), ParseError::UdpBadLength);
+        // A first fragment still needs a whole UDP header.
+        let mut short = f.clone();
+        short[17] = 24;
+        short.truncate(38);
+        assert_eq!(parse(&short, 0).unwrap_err(), ParseError::UdpTruncated);
     }
 
     #[test]

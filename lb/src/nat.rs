@@ -48,6 +48,20 @@ impl Rewrite {
         Ok(())
     }
 
+    /// Applies only the address part of the rewrite: for a fragment after
+    /// the first, which carries no transport header (the first fragment's
+    /// transport checksum, which covers the whole datagram, takes the
+    /// change of ports and addresses).
+    pub fn apply_l3(&self, frame: &mut [u8], p: &Parsed) -> Result<(), RewriteError> {
+        if let Some((ip, _)) = self.src {
+            set_addr(frame, p, ip, true)?;
+        }
+        if let Some((ip, _)) = self.dst {
+            set_addr(frame, p, ip, false)?;
+        }
+        Ok(())
+    }
+
     /// The key a packet with key `k` has after this rewrite.
     pub fn apply_to_key(&self, k: &FlowKey) -> FlowKey {
         let mut out = *k;

@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod flow;
+pub mod frag;
 pub mod hash;
 pub mod placement;
 pub mod policy;

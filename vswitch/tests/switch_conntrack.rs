@@ -3,8 +3,10 @@
 //! through new policy generations; what is denied, or goes nowhere, is never
 //! taken for admitted later; a stateless allow out does not bypass the
 //! destination's inbound rules; from the wire, only replies of connections
-//! a VM opened out of the uplink enter, in the vnet that owns them. The
-//! worker is polled by hand, so each step is exactly what was sent.
+//! a VM opened out of the uplink enter, in the vnet that owns them. IPv4
+//! fragments after the first follow their first fragment's flow through a
+//! VIP. The worker is polled by hand, so each step is exactly what was
+//! sent.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 use arc_swap::ArcSwap;
@@ -120,21 +122,38 @@ fn topology(extra: usize, stateless_out: bool) -> Topology {
             vm("other", OTHER as u16, 1, 1, "10.1.0.20", None),
         ],
         nsgs: vec![client, server, dip, spare],
-        vips: vec![VipDef {
-            vnet: 0,
-            config: VipConfig::new(
-                "v",
-                IpAddr::V4(v4("10.1.0.100")),
-                80,
-                6,
-                vec![Backend {
-                    ip: IpAddr::V4(v4("10.1.0.5")),
-                    port: 8000,
-                    weight: 1,
-                }],
-            ),
-            health: vec![],
-        }],
+        vips: vec![
+            VipDef {
+                vnet: 0,
+                config: VipConfig::new(
+                    "v",
+                    IpAddr::V4(v4("10.1.0.100")),
+                    80,
+                    6,
+                    vec![Backend {
+                        ip: IpAddr::V4(v4("10.1.0.5")),
+                        port: 8000,
+                        weight: 1,
+                    }],
+                ),
+                health: vec![],
+            },
+            VipDef {
+                vnet: 0,
+                config: VipConfig::new(
+                    "dns",
+                    IpAddr::V4(v4("10.1.0.101")),
+                    53,
+                    17,
+                    vec![Backend {
+                        ip: IpAddr::V4(v4("10.1.0.4")),
+                        port: 5353,
+                        weight: 1,
+                    }],
+                ),
+                health: vec![],
+            },
+        ],
         ports: 5,
         uplink: Some(UplinkDef {
             port: WIRE as u16,
@@ -200,6 +219,15 @@ impl Net {
 
     /// Sends `frame` into switch port `port`; returns the ports it left by.
     fn send(&mut self, port: usize, frame: Vec<u8>) -> Vec<usize> {
+        self.send_frames(port, frame)
+            .into_iter()
+            .map(|f| f.0)
+            .collect()
+    }
+
+    /// Sends `frame` into switch port `port`; returns each frame that left
+    /// the switch, with its port.
+    fn send_frames(&mut self, port: usize, frame: Vec<u8>) -> Vec<(usize, Vec<u8>)> {
         let mut b = Batch::new();
         b.push(self.pool.alloc_copy(&frame).unwrap()).unwrap();
         self.ends[port].tx_burst(&mut b);
@@ -210,7 +238,7 @@ impl Net {
             e.rx_burst(&mut rx);
             for p in rx.drain() {
                 assert!(p.len() > 14);
-                out.push(i);
+                out.push((i, p.data().to_vec()));
             }
         }
         out
@@ -439,4 +467,117 @@ fn from_the_wire_only_replies_of_a_vms_own_uplink_connections_enter() {
         )
         .is_empty()
     );
+}
+
+/// An IPv4 fragment: `payload` at `offset` (8-byte units) of datagram `id`.
+fn fragment(src: &str, dst: &str, id: u16, offset: u16, more: bool, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&GW.0);
+    f.extend_from_slice(&mac(1).0);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let total = (20 + payload.len()) as u16;
+    let flags = offset | if more { 0x2000 } else { 0 };
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&total.to_be_bytes());
+    ip.extend_from_slice(&id.to_be_bytes());
+    ip.extend_from_slice(&flags.to_be_bytes());
+    ip.extend_from_slice(&[64, 17, 0, 0]);
+    ip.extend_from_slice(&v4(src).octets());
+    ip.extend_from_slice(&v4(dst).octets());
+    let c = ipv4_checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(payload);
+    f
+}
+
+/// The IPv4 header checksum of `h` (with its checksum field as it is: 0
+/// to compute it, the stored value to check it, which then gives 0).
+fn ipv4_checksum(h: &[u8]) -> u16 {
+    let mut sum: u32 = h
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+#[test]
+fn later_fragments_follow_their_first_through_a_vip() {
+    let mut n = Net::new(false);
+    // A 2 968-byte UDP datagram from the client to the DNS VIP, in three
+    // fragments (1 480 + 1 480 + 16 bytes of IP payload).
+    let mut udp = Vec::new();
+    udp.extend_from_slice(&41000u16.to_be_bytes());
+    udp.extend_from_slice(&53u16.to_be_bytes());
+    udp.extend_from_slice(&2968u16.to_be_bytes());
+    udp.extend_from_slice(&[0, 0]); // no checksum
+    udp.extend((0..2960).map(|i| (i % 251) as u8));
+    let parts = [
+        (0u16, &udp[..1480]),
+        (185, &udp[1480..2960]),
+        (370, &udp[2960..]),
+    ];
+    // A later fragment before any first: dropped, and counted.
+    assert!(
+        n.send(
+            CLIENT,
+            fragment("10.1.0.20", "10.1.0.101", 7, 185, true, parts[1].1)
+        )
+        .is_empty()
+    );
+    assert_eq!(n.dropped("frag_no_first"), 1);
+    for (i, (offset, data)) in parts.iter().enumerate() {
+        let more = i < 2;
+        let out = n.send_frames(
+            CLIENT,
+            fragment("10.1.0.20", "10.1.0.101", 7, *offset, more, data),
+        );
+        assert_eq!(out.len(), 1, "fragment {i}");
+        let (port, f) = &out[0];
+        assert_eq!(*port, SERVER, "fragment {i}");
+        let ip = &f[14..34];
+        // DNATed to the backend, TTL down by one, header checksum right,
+        // fragment fields and payload untouched.
+        assert_eq!(&ip[16..20], &[10, 1, 0, 4], "fragment {i}");
+        assert_eq!(ip[8], 63);
+        assert_eq!(ipv4_checksum(ip), 0, "fragment {i}");
+        assert_eq!(u16::from_be_bytes([ip[4], ip[5]]), 7);
+        assert_eq!(u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff, *offset);
+        if i == 0 {
+            // The first carries the UDP header: its port is the backend's.
+            assert_eq!(u16::from_be_bytes([f[36], f[37]]), 5353);
+            assert_eq!(&f[42..], &data[8..]);
+        } else {
+            assert_eq!(&f[34..], *data, "fragment {i}");
+        }
+    }
+    assert_eq!(n.dropped("frag_no_first"), 1);
+    // The backend's answer, fragmented too, comes back from the VIP.
+    let mut reply = Vec::new();
+    reply.extend_from_slice(&5353u16.to_be_bytes());
+    reply.extend_from_slice(&41000u16.to_be_bytes());
+    reply.extend_from_slice(&2008u16.to_be_bytes());
+    reply.extend_from_slice(&[0, 0]);
+    reply.extend(std::iter::repeat_n(0x55, 2000));
+    let mut back = |offset: u16, more: bool, data: &[u8]| {
+        let mut f = fragment("10.1.0.4", "10.1.0.20", 9, offset, more, data);
+        f[6..12].copy_from_slice(&mac(4).0);
+        n.send_frames(SERVER, f)
+    };
+    let first = back(0, true, &reply[..1480]);
+    let last = back(185, false, &reply[1480..]);
+    for (i, out) in [first, last].iter().enumerate() {
+        assert_eq!(out.len(), 1, "reply fragment {i}");
+        assert_eq!(out[0].0, CLIENT);
+        let ip = &out[0].1[14..34];
+        assert_eq!(
+            &ip[12..16],
+            &[10, 1, 0, 101],
+            "reply fragment {i} from the VIP"
+        );
+        assert_eq!(ipv4_checksum(ip), 0);
+    }
 }

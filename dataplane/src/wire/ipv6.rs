@@ -114,6 +114,9 @@ pub struct Upper {
     /// True when a fragment header with a non-zero offset was seen: the
     /// upper-layer header is in another fragment.
     pub later_fragment: bool,
+    /// The fragment header's (identification, offset in 8-byte units, more
+    /// fragments), when there is one.
+    pub fragment: Option<(u32, u16, bool)>,
 }
 
 /// Walks the extension headers in `payload` starting at `next_header`.
@@ -124,6 +127,7 @@ pub fn skip_extensions(next_header: u8, payload: &[u8]) -> Result<Upper, ParseEr
     let mut nh = next_header;
     let mut off = 0usize;
     let mut later_fragment = false;
+    let mut fragment = None;
     for _ in 0..=MAX_EXTENSIONS {
         let len = match nh {
             NH_HOP_BY_HOP | NH_ROUTING | NH_DEST_OPTS => {
@@ -142,9 +146,12 @@ pub fn skip_extensions(next_header: u8, payload: &[u8]) -> Result<Upper, ParseEr
                 let hdr = payload
                     .get(off..off + 8)
                     .ok_or(ParseError::Ipv6ExtTruncated)?;
-                if be16(hdr, 2) & 0xfff8 != 0 {
+                let off_flags = be16(hdr, 2);
+                if off_flags & 0xfff8 != 0 {
                     later_fragment = true;
                 }
+                let id = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
+                fragment = Some((id, off_flags >> 3, off_flags & 1 != 0));
                 8
             }
             _ => {
@@ -152,6 +159,7 @@ pub fn skip_extensions(next_header: u8, payload: &[u8]) -> Result<Upper, ParseEr
                     protocol: nh,
                     offset: off,
                     later_fragment,
+                    fragment,
                 });
             }
         };
@@ -165,6 +173,7 @@ pub fn skip_extensions(next_header: u8, payload: &[u8]) -> Result<Upper, ParseEr
                 protocol: nh,
                 offset: off,
                 later_fragment,
+                fragment,
             });
         }
     }
@@ -203,7 +212,8 @@ mod tests {
             Upper {
                 protocol: 17,
                 offset: 8,
-                later_fragment: false
+                later_fragment: false,
+                fragment: None,
             }
         );
     }
@@ -264,12 +274,15 @@ mod tests {
             Upper {
                 protocol: 17,
                 offset: 8,
-                later_fragment: false
+                later_fragment: false,
+                fragment: Some((1, 0, true)),
             }
         );
         // Later fragment: offset 1480 -> no upper header here.
         let later = [17, 0, 0x05, 0xc8, 0, 0, 0, 1];
-        assert!(skip_extensions(NH_FRAGMENT, &later).unwrap().later_fragment);
+        let up = skip_extensions(NH_FRAGMENT, &later).unwrap();
+        assert!(up.later_fragment);
+        assert_eq!(up.fragment, Some((1, 185, false)));
         // AH with payload length 4 -> (4 + 2) * 4 = 24 bytes.
         let mut ah = vec![6, 4];
         ah.resize(24, 0);
@@ -278,7 +291,8 @@ mod tests {
             Upper {
                 protocol: 6,
                 offset: 24,
-                later_fragment: false
+                later_fragment: false,
+                fragment: None,
             }
         );
     }

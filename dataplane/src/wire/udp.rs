@@ -28,6 +28,20 @@ impl<T: AsRef<[u8]>> Datagram<T> {
         Ok(Datagram { buffer })
     }
 
+    /// A view of the first fragment of a datagram: the header is here, its
+    /// length field counts the whole datagram, which goes on in later
+    /// fragments (so it may exceed `buffer`, not undercut the header).
+    pub fn new_checked_first_fragment(buffer: T) -> Result<Self, ParseError> {
+        let b = buffer.as_ref();
+        if b.len() < HEADER_LEN {
+            return Err(ParseError::UdpTruncated);
+        }
+        if usize::from(be16(b, 4)) < HEADER_LEN {
+            return Err(ParseError::UdpBadLength);
+        }
+        Ok(Datagram { buffer })
+    }
+
     /// Source port.
     pub fn src_port(&self) -> u16 {
         be16(self.buffer.as_ref(), 0)

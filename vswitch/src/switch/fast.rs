@@ -22,6 +22,11 @@ pub(super) fn transpose<B: PacketBuf>(
         Some(macs) => {
             macs.copy_from_slice(&a.macs());
             match a.fast {
+                // A fragment after the first has no transport header: only
+                // its addresses change.
+                _ if pk.frag.is_later() => {
+                    a.nat.apply_l3(f, pk).and_then(|_| rewrite::dec_ttl(f, pk))
+                }
                 // Addresses, ports, TTL, two checksum additions.
                 Some(t) => t.apply(f, pk),
                 None => a.nat.apply(f, pk).and_then(|_| rewrite::dec_ttl(f, pk)),

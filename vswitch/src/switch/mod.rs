@@ -33,6 +33,7 @@
 //! `requests` (flow queries from the control thread).
 
 use crate::flow::FlowTable;
+use crate::frag::FragTable;
 use crate::policy::{NO_VIP, Policy};
 use arc_swap::ArcSwap;
 use dataplane::clock::TscClock;
@@ -72,6 +73,10 @@ pub struct SwitchConfig {
     pub conn_table_size: usize,
     /// Load-balancer connection timeouts.
     pub timeouts: Timeouts,
+    /// Fragmented datagrams remembered (first fragment's flow key).
+    pub frag_table_size: usize,
+    /// How long a first fragment is remembered for its later fragments.
+    pub frag_timeout: Duration,
 }
 
 impl Default for SwitchConfig {
@@ -82,6 +87,8 @@ impl Default for SwitchConfig {
             flow_closing: Duration::from_secs(10),
             conn_table_size: 1 << 18,
             timeouts: Timeouts::default(),
+            frag_table_size: 4096,
+            frag_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -91,6 +98,8 @@ pub struct Switch<B = dataplane::pool::PoolBuf> {
     policy: Arc<ArcSwap<Policy>>,
     cfg: SwitchConfig,
     flows: FlowTable,
+    /// First fragments' flow keys, for the later fragments.
+    frags: FragTable,
     lb: Vec<LbCore>,
     generation: u64,
     /// The health clock reading the epochs below were taken at.
@@ -131,6 +140,7 @@ impl<B: PacketBuf> Switch<B> {
         Switch {
             policy,
             flows,
+            frags: FragTable::new(cfg.frag_table_size, cfg.frag_timeout.as_nanos() as u64),
             lb: Vec::new(),
             generation: u64::MAX,
             health_seen: u64::MAX,
@@ -269,6 +279,23 @@ impl<B: PacketBuf> Switch<B> {
                     return;
                 }
             },
+        };
+        // A later fragment has no ports: it takes its first fragment's flow
+        // key (hence its flow and decision); a first fragment is noted for
+        // them.
+        let later;
+        let (pk, hash, hint) = if pk.frag.is_later() {
+            let Some(key) = self.frags.find(pk, now) else {
+                self.drop_pkt(pkt, SwitchDrop::FragNoFirst);
+                return;
+            };
+            later = Parsed { key, ..*pk };
+            (&later, self.flows.hash(in_port16, &key), None)
+        } else {
+            if pk.frag.is_first() {
+                self.frags.note(pk, now);
+            }
+            (pk, hash, hint)
         };
         let flags = tcp_flags(pkt.data(), pk);
         let len = pkt.len() as u64;

@@ -125,7 +125,12 @@ impl<B: PacketBuf> Switch<B> {
             return Err(SwitchDrop::Spoofed);
         }
         let key = pk.key;
-        if rewrite::is_echo_request(frame, pk) && vnet.vips.has_address(pk.key.dst()) {
+        // (A fragmented echo request cannot be answered from its first
+        // fragment: it goes the ordinary way.)
+        if rewrite::is_echo_request(frame, pk)
+            && !pk.frag.is_first()
+            && vnet.vips.has_address(pk.key.dst())
+        {
             // A VIP answers ping itself, if the VM's security group lets
             // the request out.
             self.acl(p, vm.nsg, Direction::Out, &key)?;
@@ -248,7 +253,7 @@ impl<B: PacketBuf> Switch<B> {
             return self.slow_uplink_reply(p, up, frame, pk, now);
         };
         let vnet = p.vnets.get(vn).ok_or(SwitchDrop::NoRoute)?;
-        if rewrite::is_echo_request(frame, pk) {
+        if rewrite::is_echo_request(frame, pk) && !pk.frag.is_first() {
             rewrite::icmp_echo_reply(frame, pk, up.mac).map_err(|_| SwitchDrop::RewriteFailed)?;
             self.stats.icmp_replies.fetch_add(1, Ordering::Relaxed);
             return Ok(Slow::Reply);

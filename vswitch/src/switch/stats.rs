@@ -30,11 +30,14 @@ pub enum SwitchDrop {
     TtlExpired,
     /// The header rewrite failed.
     RewriteFailed,
+    /// A fragment after the first whose first fragment this worker has not
+    /// seen (out of order, or expired).
+    FragNoFirst,
     /// The load balancer dropped it.
     Lb(LbDrop),
 }
 
-const BASE: [SwitchDrop; 10] = [
+const BASE: [SwitchDrop; 11] = [
     SwitchDrop::Spoofed,
     SwitchDrop::AclDeny,
     SwitchDrop::NoRoute,
@@ -45,6 +48,7 @@ const BASE: [SwitchDrop; 10] = [
     SwitchDrop::NdIgnored,
     SwitchDrop::TtlExpired,
     SwitchDrop::RewriteFailed,
+    SwitchDrop::FragNoFirst,
 ];
 
 impl SwitchDrop {
@@ -78,6 +82,7 @@ impl SwitchDrop {
             SwitchDrop::NdIgnored => "nd_ignored",
             SwitchDrop::TtlExpired => "ttl_expired",
             SwitchDrop::RewriteFailed => "rewrite_failed",
+            SwitchDrop::FragNoFirst => "frag_no_first",
             SwitchDrop::Lb(r) => r.name(),
         }
     }

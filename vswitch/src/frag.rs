@@ -1,0 +1,200 @@
+//! Later IP fragments carry no transport header, so no ports: they cannot
+//! find their flow by themselves. Each worker remembers, for a while, the
+//! flow key of every first fragment it sees (by input port, addresses,
+//! protocol and the datagram's identification), and a later fragment takes
+//! its first fragment's key, hence its flow and its decision: through
+//! VIPs, security groups and SNAT alike (as VPP and Ananta forward
+//! fragments without reassembling them). A later fragment whose first has
+//! not been seen (out of order, or from before a restart) is dropped and
+//! counted (`frag_no_first`).
+//!
+//! The table is bounded: at capacity the oldest entry makes room; entries
+//! expire after a timeout. Written here (a map plus a ring of insertion
+//! order) because the standard map alone cannot find the oldest entry
+//! without a scan.
+
+use dataplane::{FlowKey, Parsed};
+use std::collections::hash_map::RandomState;
+use std::collections::{HashMap, VecDeque};
+
+/// What identifies a fragmented datagram on a port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    in_port: u16,
+    src: [u8; 16],
+    dst: [u8; 16],
+    proto: u8,
+    id: u32,
+}
+
+impl FragKey {
+    /// The datagram `p` (a fragment) belongs to.
+    pub fn of(p: &Parsed) -> FragKey {
+        FragKey {
+            in_port: p.in_port,
+            src: p.key.src_ip,
+            dst: p.key.dst_ip,
+            proto: p.key.proto,
+            id: p.frag.id,
+        }
+    }
+}
+
+/// Counters of a fragment table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FragStats {
+    /// First fragments remembered.
+    pub noted: u64,
+    /// Later fragments that found their first.
+    pub found: u64,
+    /// Entries pushed out at capacity before they expired.
+    pub evicted: u64,
+}
+
+/// A bounded, expiring map from datagram to its first fragment's flow key.
+#[derive(Debug)]
+pub struct FragTable {
+    /// Keyed with a random seed: fragment keys come from packets.
+    map: HashMap<FragKey, (FlowKey, u64), RandomState>,
+    /// Insertion order, with each entry's expiry (an entry noted again is
+    /// found here twice; the stale copy is skipped).
+    order: VecDeque<(FragKey, u64)>,
+    capacity: usize,
+    timeout_ns: u64,
+    stats: FragStats,
+}
+
+impl FragTable {
+    /// A table of at most `capacity` datagrams, each remembered for
+    /// `timeout_ns`.
+    pub fn new(capacity: usize, timeout_ns: u64) -> FragTable {
+        let capacity = capacity.max(1);
+        FragTable {
+            map: HashMap::with_capacity_and_hasher(capacity, RandomState::new()),
+            order: VecDeque::with_capacity(capacity * 2),
+            capacity,
+            timeout_ns,
+            stats: FragStats::default(),
+        }
+    }
+
+    /// Remembers that the datagram of first fragment `p` belongs to flow
+    /// `p.key`.
+    pub fn note(&mut self, p: &Parsed, now: u64) {
+        self.expire(now);
+        let k = FragKey::of(p);
+        let until = now.saturating_add(self.timeout_ns);
+        if self.map.len() >= self.capacity && !self.map.contains_key(&k) {
+            while let Some((old, t)) = self.order.pop_front() {
+                if self.map.get(&old).is_some_and(|e| e.1 == t) {
+                    self.map.remove(&old);
+                    self.stats.evicted += 1;
+                    break;
+                }
+            }
+        }
+        self.map.insert(k, (p.key, until));
+        // Bounded: stale copies of re-noted entries go first.
+        if self.order.len() >= self.capacity * 2 {
+            self.order.pop_front();
+        }
+        self.order.push_back((k, until));
+        self.stats.noted += 1;
+    }
+
+    /// The flow key of the first fragment of later fragment `p`'s datagram.
+    pub fn find(&mut self, p: &Parsed, now: u64) -> Option<FlowKey> {
+        let (key, until) = *self.map.get(&FragKey::of(p))?;
+        if now > until {
+            return None;
+        }
+        self.stats.found += 1;
+        Some(key)
+    }
+
+    /// Drops the entries that expired by `now`, oldest first.
+    fn expire(&mut self, now: u64) {
+        while let Some(&(k, t)) = self.order.front() {
+            if t > now {
+                break;
+            }
+            self.order.pop_front();
+            if self.map.get(&k).is_some_and(|e| e.1 == t) {
+                self.map.remove(&k);
+            }
+        }
+    }
+
+    /// Datagrams remembered.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// True when none is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> FragStats {
+        self.stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dataplane::parse::Frag;
+
+    fn frag(id: u32, sport: u16, offset: u16) -> Parsed {
+        let mut p = Parsed::default();
+        p.key.src_ip[15] = 1;
+        p.key.dst_ip[15] = 2;
+        p.key.proto = 17;
+        p.key.src_port = sport;
+        p.frag = Frag {
+            id,
+            offset,
+            more: offset == 0,
+        };
+        p
+    }
+
+    #[test]
+    fn later_fragments_find_their_first_until_it_expires() {
+        let mut t = FragTable::new(4, 100);
+        t.note(&frag(7, 5000, 0), 0);
+        let later = Parsed {
+            key: FlowKey {
+                src_port: 0,
+                ..frag(7, 0, 185).key
+            },
+            ..frag(7, 0, 185)
+        };
+        assert_eq!(t.find(&later, 50).map(|k| k.src_port), Some(5000));
+        assert_eq!(t.find(&frag(8, 0, 185), 50), None, "another datagram");
+        let other_port = Parsed {
+            in_port: 3,
+            ..later
+        };
+        assert_eq!(t.find(&other_port, 50), None, "another port");
+        assert_eq!(t.find(&later, 101), None, "expired");
+        t.note(&frag(9, 1, 0), 200);
+        assert_eq!(t.len(), 1, "the expired entry went");
+    }
+
+    #[test]
+    fn at_capacity_the_oldest_makes_room() {
+        let mut t = FragTable::new(3, 1_000);
+        for id in 0..5 {
+            t.note(&frag(id, 5000 + id as u16, 0), u64::from(id));
+        }
+        assert_eq!(t.len(), 3);
+        assert_eq!(t.stats().evicted, 2);
+        assert_eq!(t.find(&frag(0, 0, 1), 10), None);
+        assert_eq!(t.find(&frag(4, 0, 1), 10).map(|k| k.src_port), Some(5004));
+        // Noting the same datagram again keeps one entry.
+        t.note(&frag(4, 5004, 0), 11);
+        assert_eq!(t.len(), 3);
+    }
+}
