@@ -20,7 +20,8 @@
 //! sending kernel and reassembled by the receiving one, cross pollux VM to
 //! VM (`ping -s 4000`), through a VIP and through SNAT (a 4 000-byte UDP
 //! datagram echoed by a real server), every fragment after the first
-//! following its first.
+//! following its first; and a packet whose TTL runs out in pollux is
+//! answered with ICMP time exceeded from the vnet's gateway (`ping -t 1`).
 //!
 //! Needs root and `ip`, `ethtool`, `curl`, `python3`, `ping`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
@@ -441,7 +442,7 @@ sys.exit(1)
 ";
 
 #[test]
-fn datagrams_larger_than_the_mtu_cross_in_fragments() {
+fn fragments_cross_and_expiring_ttls_are_answered() {
     if !testkit::require::root_and(&["ip", "ethtool", "python3", "ping"]) {
         return;
     }
@@ -500,6 +501,15 @@ fn datagrams_larger_than_the_mtu_cross_in_fragments() {
                 read(&log)
             );
         }
+        // A packet whose TTL runs out in pollux is answered from the
+        // vnet's gateway, as traceroute sees a router.
+        let r = lab.bash("cl", "ping -c 1 -W 2 -t 1 10.1.0.4");
+        let text = String::from_utf8_lossy(&r.stdout);
+        assert!(
+            text.contains("From 10.1.0.1") && text.contains("Time to live exceeded"),
+            "{workers} worker(s): {text}\n{}",
+            read(&log)
+        );
         // Fragments did cross: none was dropped for want of its first.
         let c = api.get("/v1/counters").unwrap();
         let lost: u64 = c["workers"]

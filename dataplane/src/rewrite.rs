@@ -548,6 +548,66 @@ pub fn icmp_echo_reply(frame: &mut [u8], p: &Parsed, mac: MacAddr) -> Result<(),
     set_src_mac(frame, mac)
 }
 
+/// The TTL (IPv4) or hop limit (IPv6) of a parsed IP packet.
+#[inline]
+pub fn hop_limit(frame: &[u8], p: &Parsed) -> Option<u8> {
+    let l3 = usize::from(p.l3_off);
+    match p.l3 {
+        L3::Ipv4 => frame.get(l3 + 8).copied(),
+        L3::Ipv6 => frame.get(l3 + 7).copied(),
+        _ => None,
+    }
+}
+
+/// Turns `pkt`, an IPv4 packet whose TTL ran out (parsed as `p`), into the
+/// ICMP time-exceeded error (type 11, code 0) for its sender, in place:
+/// from `from_mac`/`from_ip` to the sender's MAC and address, quoting the
+/// packet's IP header and the first 8 bytes after it (RFC 792), as
+/// `traceroute` reads it. Frames with a VLAN tag and non-IPv4 packets are
+/// refused (the caller drops them).
+pub fn ipv4_time_exceeded<B: crate::PacketBuf>(
+    pkt: &mut B,
+    p: &Parsed,
+    from_mac: MacAddr,
+    from_ip: Ipv4Addr,
+) -> Result<(), RewriteError> {
+    if p.l3 != L3::Ipv4 || p.vlan.is_some() {
+        return Err(RewriteError::NotIpv4);
+    }
+    let frame = pkt.data();
+    let l3 = usize::from(p.l3_off);
+    let ihl = usize::from(frame.get(l3).ok_or(RewriteError::Mismatch)? & 0x0f) * 4;
+    let quoted = (ihl + 8).min(frame.len().saturating_sub(l3));
+    let mut quote = [0u8; 68];
+    let q = quote.get_mut(..quoted).ok_or(RewriteError::Mismatch)?;
+    q.copy_from_slice(frame.get(l3..l3 + quoted).ok_or(RewriteError::Mismatch)?);
+    let mut to_mac = [0u8; 6];
+    to_mac.copy_from_slice(frame.get(6..12).ok_or(RewriteError::Mismatch)?);
+    let mut to_ip = [0u8; 4];
+    to_ip.copy_from_slice(frame.get(l3 + 12..l3 + 16).ok_or(RewriteError::Mismatch)?);
+    let total = 20 + 8 + quoted;
+    pkt.reset();
+    let out = pkt.append(14 + total).map_err(|_| RewriteError::Mismatch)?;
+    out[0..6].copy_from_slice(&to_mac);
+    out[6..12].copy_from_slice(&from_mac.0);
+    out[12..14].copy_from_slice(&[0x08, 0x00]);
+    let ip = &mut out[14..34];
+    ip.copy_from_slice(&[
+        0x45, 0xc0, 0, 0, 0, 0, 0, 0, 64, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ]);
+    ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    ip[12..16].copy_from_slice(&from_ip.octets());
+    ip[16..20].copy_from_slice(&to_ip);
+    let c = checksum::checksum(ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let icmp = &mut out[34..];
+    icmp[..8].copy_from_slice(&[11, 0, 0, 0, 0, 0, 0, 0]);
+    icmp[8..].copy_from_slice(&quote[..quoted]);
+    let c = checksum::checksum(icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    Ok(())
+}
+
 /// Decrements the IPv4 TTL (patching the header checksum) or the IPv6 hop
 /// limit. Refuses with [`RewriteError::TtlExpired`] when it is 0 or 1.
 #[inline]

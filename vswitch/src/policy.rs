@@ -112,6 +112,18 @@ impl Vnet {
     pub fn contains(&self, ip: &IpAddr) -> bool {
         self.prefixes.iter().any(|n| n.contains(ip))
     }
+
+    /// The gateway's IPv4 address: the first host of the first IPv4
+    /// prefix (x.y.0.1 of x.y.0.0/16, as clouds number their gateways),
+    /// what ICMP errors the switch makes come from.
+    pub fn gateway_v4(&self) -> Option<std::net::Ipv4Addr> {
+        self.prefixes.iter().find_map(|n| match n {
+            IpNet::V4(v4) if v4.prefix_len() < 31 => {
+                Some(std::net::Ipv4Addr::from(u32::from(v4.network()) + 1))
+            }
+            _ => None,
+        })
+    }
 }
 
 /// A VM in the snapshot: its definition, with `nsg` indexing

@@ -581,3 +581,44 @@ fn later_fragments_follow_their_first_through_a_vip() {
         assert_eq!(ipv4_checksum(ip), 0);
     }
 }
+
+#[test]
+fn a_packet_whose_ttl_runs_out_is_answered_from_the_gateway_within_a_rate() {
+    let mut n = Net::new(false);
+    let expiring = |sport: u16| {
+        let mut v = Vec::new();
+        etherparse::PacketBuilder::ethernet2(mac(1).0, GW.0)
+            .ipv4(v4("10.1.0.20").octets(), v4("10.1.0.4").octets(), 1)
+            .udp(sport, 33434)
+            .write(&mut v, &[0x61; 12])
+            .unwrap();
+        v
+    };
+    let sent = expiring(50000);
+    let out = n.send_frames(CLIENT, sent.clone());
+    assert_eq!(out.len(), 1);
+    let (port, f) = &out[0];
+    assert_eq!(*port, CLIENT, "back to the sender");
+    // From the gateway to the client, ICMP time exceeded quoting the IP
+    // header and the first 8 bytes after it, checksums right.
+    assert_eq!(&f[0..6], &mac(1).0);
+    assert_eq!(&f[6..12], &GW.0);
+    let ip = etherparse::Ipv4HeaderSlice::from_slice(&f[14..]).unwrap();
+    assert_eq!(ip.source_addr(), v4("10.1.0.1"));
+    assert_eq!(ip.destination_addr(), v4("10.1.0.20"));
+    assert_eq!(ip.protocol(), etherparse::IpNumber::ICMP);
+    assert_eq!(ipv4_checksum(&f[14..34]), 0);
+    let icmp = &f[34..];
+    assert_eq!((icmp[0], icmp[1]), (11, 0));
+    assert_eq!(ipv4_checksum(icmp), 0, "ICMP checksum");
+    assert_eq!(&icmp[8..], &sent[14..14 + 28], "the quote");
+    assert_eq!(n.stats.icmp_errors.load(Ordering::Relaxed), 1);
+    // A burst of 60 more: the bucket holds 50 (one already spent), the
+    // rest are dropped and counted.
+    let mut answered = 0;
+    for i in 0..60 {
+        answered += n.send_frames(CLIENT, expiring(50001 + i)).len();
+    }
+    assert!((49..=52).contains(&answered), "{answered} answered");
+    assert_eq!(n.dropped("ttl_expired"), 60 - answered as u64);
+}

@@ -8,7 +8,9 @@ use dataplane::{PacketBuf, Parsed, rewrite};
 
 /// Applies a flow's action to `pkt` and queues it on the output port: MACs,
 /// then the compiled transposition (or the field-by-field NAT and TTL for
-/// flows without one); failures are dropped and counted.
+/// flows without one); failures are dropped and counted. A packet whose TTL
+/// or hop limit runs out here is handed back untouched (the caller answers
+/// it with an ICMP error or drops it).
 #[inline]
 pub(super) fn transpose<B: PacketBuf>(
     stats: &SwitchStats,
@@ -16,7 +18,10 @@ pub(super) fn transpose<B: PacketBuf>(
     mut pkt: B,
     pk: &Parsed,
     a: &FlowAction,
-) {
+) -> Option<B> {
+    if rewrite::hop_limit(pkt.data(), pk).is_some_and(|t| t <= 1) {
+        return Some(pkt);
+    }
     let f = pkt.data_mut();
     let r = match f.get_mut(0..12) {
         Some(macs) => {
@@ -39,6 +44,7 @@ pub(super) fn transpose<B: PacketBuf>(
         Err(rewrite::RewriteError::TtlExpired) => stats.count(SwitchDrop::TtlExpired),
         Err(_) => stats.count(SwitchDrop::RewriteFailed),
     }
+    None
 }
 
 pub(super) const TCP_FIN: u8 = 0x01;

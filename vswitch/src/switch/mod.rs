@@ -93,6 +93,12 @@ impl Default for SwitchConfig {
     }
 }
 
+/// ICMP errors one worker sends at most, a second (as Linux's
+/// `icmp_msgs_per_sec`), after a burst of `ICMP_ERROR_BURST`.
+pub const ICMP_ERRORS_PER_SEC: u64 = 1000;
+/// The burst of ICMP errors a worker may send at once.
+pub const ICMP_ERROR_BURST: u64 = 50;
+
 /// One worker's switch.
 pub struct Switch<B = dataplane::pool::PoolBuf> {
     policy: Arc<ArcSwap<Policy>>,
@@ -100,6 +106,8 @@ pub struct Switch<B = dataplane::pool::PoolBuf> {
     flows: FlowTable,
     /// First fragments' flow keys, for the later fragments.
     frags: FragTable,
+    /// The ICMP-error token bucket, as the time its tokens start from.
+    icmp_bucket: u64,
     lb: Vec<LbCore>,
     generation: u64,
     /// The health clock reading the epochs below were taken at.
@@ -141,6 +149,7 @@ impl<B: PacketBuf> Switch<B> {
             policy,
             flows,
             frags: FragTable::new(cfg.frag_table_size, cfg.frag_timeout.as_nanos() as u64),
+            icmp_bucket: 0,
             lb: Vec::new(),
             generation: u64::MAX,
             health_seen: u64::MAX,
@@ -195,6 +204,52 @@ impl<B: PacketBuf> Switch<B> {
 
     /// Drops `pkt`, counting `r` in the switch's counters (which name
     /// switch-level reasons; parse errors go to the worker's counters).
+    /// A packet whose TTL ran out in the switch: a VM's IPv4 packet is
+    /// answered with an ICMP time-exceeded error from its vnet's gateway
+    /// (what `traceroute` shows as the switch's hop), at most
+    /// `ICMP_ERRORS_PER_SEC` a second with bursts of `ICMP_ERROR_BURST`;
+    /// the rest are dropped as `ttl_expired`.
+    #[cold]
+    fn ttl_expired(
+        &mut self,
+        ctx: &mut Ctx<'_, B>,
+        policy: &Policy,
+        mut pkt: B,
+        pk: &Parsed,
+        now: u64,
+    ) {
+        let gateway = policy
+            .vm_on_port(pk.in_port)
+            .and_then(|(_, vm)| policy.vnets.get(vm.vnet))
+            .and_then(|v| Some((v.gateway_mac, v.gateway_v4()?)));
+        let answered = gateway.is_some_and(|(mac, ip)| {
+            self.icmp_budget(now) && rewrite::ipv4_time_exceeded(&mut pkt, pk, mac, ip).is_ok()
+        });
+        if answered {
+            self.stats.icmp_errors.fetch_add(1, Ordering::Relaxed);
+            ctx.send(usize::from(pk.in_port), pkt);
+        } else {
+            self.drop_pkt(pkt, SwitchDrop::TtlExpired);
+        }
+    }
+
+    /// Takes one ICMP error from this worker's token bucket, refilled at
+    /// `ICMP_ERRORS_PER_SEC`; false when it is empty.
+    fn icmp_budget(&mut self, now: u64) -> bool {
+        let per = 1_000_000_000 / ICMP_ERRORS_PER_SEC;
+        let full = ICMP_ERROR_BURST * per;
+        // The bucket is a time: tokens are what lies between it and now.
+        let floor = now.saturating_sub(full);
+        if self.icmp_bucket < floor {
+            self.icmp_bucket = floor;
+        }
+        if self.icmp_bucket + per > now {
+            return false;
+        }
+        self.icmp_bucket += per;
+        true
+    }
+
     fn drop_pkt(&self, pkt: B, r: SwitchDrop) {
         self.stats.count(r);
         drop(pkt);
@@ -345,7 +400,9 @@ impl<B: PacketBuf> Switch<B> {
                 }
                 tally.0 += 1;
                 // The action is used in place (no copy of it per packet).
-                transpose(&self.stats, ctx, pkt, pk, &e.action);
+                if let Some(pkt) = transpose(&self.stats, ctx, pkt, pk, &e.action) {
+                    self.ttl_expired(ctx, policy, pkt, pk, now);
+                }
                 return;
             }
         }
@@ -374,7 +431,11 @@ impl<B: PacketBuf> Switch<B> {
                 }
                 Err(_) => self.drop_pkt(pkt, SwitchDrop::RewriteFailed),
             },
-            Ok(Slow::Forward(a)) => transpose(&self.stats, ctx, pkt, pk, &a),
+            Ok(Slow::Forward(a)) => {
+                if let Some(pkt) = transpose(&self.stats, ctx, pkt, pk, &a) {
+                    self.ttl_expired(ctx, policy, pkt, pk, now);
+                }
+            }
             Err(r) => self.drop_pkt(pkt, r),
         }
     }

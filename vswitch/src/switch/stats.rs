@@ -102,6 +102,8 @@ pub struct SwitchStats {
     pub icmp_replies: AtomicU64,
     /// IPv6 neighbour solicitations answered.
     pub nd_replies: AtomicU64,
+    /// ICMP errors sent (time exceeded).
+    pub icmp_errors: AtomicU64,
     /// Flows installed.
     pub flows_installed: AtomicU64,
     /// Packets handed to the worker that owns their connection.
@@ -119,6 +121,7 @@ impl Default for SwitchStats {
             arp_replies: AtomicU64::new(0),
             icmp_replies: AtomicU64::new(0),
             nd_replies: AtomicU64::new(0),
+            icmp_errors: AtomicU64::new(0),
             flows_installed: AtomicU64::new(0),
             handed_off: AtomicU64::new(0),
             flows: AtomicU64::new(0),
