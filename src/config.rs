@@ -23,6 +23,8 @@ pub struct DataplaneCfg {
     pub workers: usize,
     /// Flow table entries per core.
     pub flow_table_size: usize,
+    /// Connections tracked per vnet per core.
+    pub conn_table_size: usize,
 }
 
 impl Default for DataplaneCfg {
@@ -30,6 +32,7 @@ impl Default for DataplaneCfg {
         DataplaneCfg {
             workers: 1,
             flow_table_size: 1 << 20,
+            conn_table_size: 1 << 18,
         }
     }
 }
@@ -376,6 +379,12 @@ impl Config {
         }
         if self.dataplane.flow_table_size == 0 {
             errs.push("dataplane: flow_table_size must be at least 1".to_string());
+        }
+        if !(1..=1 << 24).contains(&self.dataplane.conn_table_size) {
+            errs.push(format!(
+                "dataplane: conn_table_size {} is outside 1-16777216",
+                self.dataplane.conn_table_size
+            ));
         }
         if let Some(t) = self.control.as_ref().and_then(|c| c.tcp.as_deref()) {
             match t.parse::<std::net::SocketAddr>() {

@@ -540,6 +540,7 @@ fn run_on<A: BufAlloc>(
     let swap = Arc::new(ArcSwap::from_pointee(policy));
     let sw_cfg = SwitchConfig {
         flow_table_size: cfg.dataplane.flow_table_size,
+        conn_table_size: cfg.dataplane.conn_table_size,
         ..SwitchConfig::default()
     };
     let handoff = Handoff::new(workers, 8192);

@@ -1333,16 +1333,62 @@ mod tests {
         let mut vips = Vips::new();
         vips.insert(Vip::new(vip_cfg(2), &[]).unwrap());
         let mut lb = LbCore::new(10, Timeouts::default(), None);
+        // Ten established connections (picked up mid-stream).
         for i in 0..10 {
-            backend_of(lb.process(&vips, &client(i, 1), SYN, 0));
+            backend_of(lb.process(&vips, &client(i, 1), ACK, 0));
         }
         assert_eq!(
             lb.process(&vips, &client(99, 1), SYN, 0),
             Decision::Drop(LbDrop::TableFull)
         );
         assert_eq!(lb.stats().dropped(LbDrop::TableFull), 1);
-        // After the handshake timeout, the old entries make room.
-        backend_of(lb.process(&vips, &client(99, 1), SYN, 31 * SEC));
+        // After the established timeout, the old entries make room.
+        let later = Timeouts::default().tcp_established + SEC;
+        backend_of(lb.process(&vips, &client(99, 1), SYN, later));
+    }
+
+    #[test]
+    fn a_syn_flood_displaces_only_its_own_kind() {
+        let mut vips = Vips::new();
+        vips.insert(Vip::new(vip_cfg(2), &[]).unwrap());
+        let mut lb = LbCore::new(100, Timeouts::default(), None);
+        // Twenty established connections, their handshakes done.
+        let est: Vec<FlowKey> = (0..20).map(|i| client(i, 1)).collect();
+        for k in &est {
+            let b = backend_of(lb.process(&vips, k, SYN, 0));
+            let reply = FlowKey::new(b, 8080, k.src(), k.src_port, 6);
+            let d = lb.process(&vips, &reply, SYN | ACK, 0);
+            assert!(matches!(d, Decision::Forward { new: false, .. }), "{d:?}");
+            backend_of(lb.process(&vips, k, ACK, 0));
+        }
+        // A flood of spoofed SYNs, ten times the table: never refused, and
+        // the established connections are never pushed out.
+        for i in 0..1000u32 {
+            let k = client(1000 + i, 2);
+            assert!(matches!(
+                lb.process(&vips, &k, SYN, SEC),
+                Decision::Forward { new: true, .. }
+            ));
+        }
+        assert_eq!(lb.stats().dropped(LbDrop::TableFull), 0);
+        assert_eq!(lb.conns().stats().evicted_embryonic, 1000 - 80);
+        for k in &est {
+            assert!(
+                matches!(
+                    lb.process(&vips, k, ACK, 2 * SEC),
+                    Decision::Forward { new: false, .. }
+                ),
+                "{k:?} was pushed out"
+            );
+        }
+        // A legitimate client amid the flood completes its handshake.
+        let k = client(5000, 3);
+        let b = backend_of(lb.process(&vips, &k, SYN, 3 * SEC));
+        let reply = FlowKey::new(b, 8080, k.src(), k.src_port, 6);
+        assert!(matches!(
+            lb.process(&vips, &reply, SYN | ACK, 3 * SEC),
+            Decision::Forward { new: false, .. }
+        ));
     }
 
     #[test]

@@ -241,15 +241,20 @@ const NIL: u32 = u32::MAX;
 enum List {
     Active = 0,
     Closing = 1,
+    /// TCP connections of which only the opening SYN has been seen: what a
+    /// SYN flood fills the table with.
+    Embryonic = 2,
 }
+
+const LISTS: usize = 3;
 
 impl List {
     /// The list a connection in `state` belongs on.
     fn of(state: ConnState) -> List {
-        if state.is_closing() {
-            List::Closing
-        } else {
-            List::Active
+        match state {
+            s if s.is_closing() => List::Closing,
+            ConnState::Tcp(TcpState::SynSent) => List::Embryonic,
+            _ => List::Active,
         }
     }
 }
@@ -306,6 +311,8 @@ pub struct ConnStats {
     pub refused_full: u64,
     /// Closing entries evicted to make room.
     pub evicted_closing: u64,
+    /// Embryonic entries (a TCP SYN, nothing since) evicted to make room.
+    pub evicted_embryonic: u64,
     /// Timed-out entries evicted to make room.
     pub evicted_idle: u64,
     /// Entries removed because they timed out.
@@ -334,8 +341,8 @@ pub struct ConnTable<V> {
     map: HashMap<FlowKey, (u32, Dir), BuildHasherDefault<IdentityHasher>>,
     slots: Vec<Slot<V>>,
     free: Vec<u32>,
-    heads: [u32; 2],
-    tails: [u32; 2],
+    heads: [u32; LISTS],
+    tails: [u32; LISTS],
     len: usize,
     capacity: usize,
     timeouts: Timeouts,
@@ -352,8 +359,8 @@ impl<V> ConnTable<V> {
             map,
             slots: Vec::with_capacity(capacity),
             free: Vec::new(),
-            heads: [NIL; 2],
-            tails: [NIL; 2],
+            heads: [NIL; LISTS],
+            tails: [NIL; LISTS],
             len: 0,
             capacity,
             timeouts,
@@ -583,21 +590,42 @@ impl<V> ConnTable<V> {
         }
         if self.len >= self.capacity {
             // The least recently used closing connection (timed out or
-            // not), else the oldest timed-out active one.
-            let closing = match self.settled_head(List::Closing, now) {
+            // not), else the oldest embryonic one (a SYN and nothing since:
+            // under a SYN flood the flood's own entries make room, and an
+            // established connection is never pushed out), else the oldest
+            // timed-out active one.
+            let any = |head: Head, list: List, heads: &[u32; LISTS]| match head {
                 Head::Empty => None,
-                _ => Some(self.heads[List::Closing as usize]),
+                _ => Some(heads[list as usize]),
             };
-            let idle = match closing {
-                None => match self.settled_head(List::Active, now) {
+            let closing = any(
+                self.settled_head(List::Closing, now),
+                List::Closing,
+                &self.heads,
+            );
+            let embryonic = match closing {
+                None => any(
+                    self.settled_head(List::Embryonic, now),
+                    List::Embryonic,
+                    &self.heads,
+                ),
+                Some(_) => None,
+            };
+            let idle = match (closing, embryonic) {
+                (None, None) => match self.settled_head(List::Active, now) {
                     Head::Expired(h) => Some(h),
                     _ => None,
                 },
-                Some(_) => None,
+                _ => None,
             };
             if let Some(closing) = closing {
                 if let Some(c) = self.remove_slot(closing) {
                     self.stats.evicted_closing += 1;
+                    on_evict(c);
+                }
+            } else if let Some(h) = embryonic {
+                if let Some(c) = self.remove_slot(h) {
+                    self.stats.evicted_embryonic += 1;
                     on_evict(c);
                 }
             } else if let Some(h) = idle {
@@ -666,7 +694,7 @@ impl<V> ConnTable<V> {
     pub fn expire(&mut self, now: u64, budget: usize, mut on_remove: impl FnMut(Conn<V>)) -> usize {
         let mut n = 0;
         let mut steps = 0;
-        for list in [List::Closing, List::Active] {
+        for list in [List::Closing, List::Embryonic, List::Active] {
             while steps < budget {
                 steps += 1;
                 match self.settle_head(list, now) {
@@ -938,7 +966,7 @@ mod tests {
             .unwrap();
         t.touch(c, Dir::Orig, FIN | ACK, 1); // closing
         let mut evicted = Vec::new();
-        t.insert(key(4), key(4).reversed(), SYN, 2, 4, |c| {
+        t.insert(key(4), key(4).reversed(), ACK, 2, 4, |c| {
             evicted.push(c.value)
         })
         .unwrap();
@@ -967,6 +995,38 @@ mod tests {
     }
 
     #[test]
+    fn a_full_table_evicts_the_oldest_embryonic_before_refusing() {
+        let mut t = table(3);
+        let est = t
+            .insert(key(1), key(1).reversed(), SYN, 0, 1, |_| {})
+            .unwrap();
+        t.touch(est, Dir::Reply, SYN | ACK, 0);
+        t.touch(est, Dir::Orig, ACK, 0);
+        t.insert(key(2), key(2).reversed(), SYN, 1, 2, |_| {})
+            .unwrap();
+        t.insert(key(3), key(3).reversed(), SYN, 2, 3, |_| {})
+            .unwrap();
+        let mut evicted = Vec::new();
+        t.insert(key(4), key(4).reversed(), SYN, 3, 4, |c| {
+            evicted.push(c.value)
+        })
+        .unwrap();
+        // The oldest SYN-only entry went; the established one stays.
+        assert_eq!(evicted, vec![2]);
+        assert_eq!(t.stats().evicted_embryonic, 1);
+        assert!(t.lookup(&key(1), 3, |_| {}).is_some());
+        // A SYN answered is no longer embryonic: it is not evicted.
+        let (i3, _) = t.lookup(&key(3), 3, |_| {}).unwrap();
+        t.touch(i3, Dir::Reply, SYN | ACK, 3);
+        t.insert(key(5), key(5).reversed(), SYN, 4, 5, |c| {
+            evicted.push(c.value)
+        })
+        .unwrap();
+        assert_eq!(evicted, vec![2, 4]);
+        assert!(t.lookup(&key(3), 4, |_| {}).is_some());
+    }
+
+    #[test]
     fn slots_are_reused_and_lists_stay_consistent() {
         let mut t = table(64);
         for round in 0..10u64 {
@@ -987,6 +1047,6 @@ mod tests {
             assert!(t.is_empty());
         }
         assert_eq!(t.slots.len(), 64);
-        assert_eq!(t.heads, [NIL; 2]);
+        assert_eq!(t.heads, [NIL; LISTS]);
     }
 }
