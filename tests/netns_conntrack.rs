@@ -21,7 +21,9 @@
 //! VM (`ping -s 4000`), through a VIP and through SNAT (a 4 000-byte UDP
 //! datagram echoed by a real server), every fragment after the first
 //! following its first; and a packet whose TTL runs out in pollux is
-//! answered with ICMP time exceeded from the vnet's gateway (`ping -t 1`).
+//! answered with ICMP time exceeded from the vnet's gateway (`ping -t 1`);
+//! and ICMP errors the servers' kernels send (port unreachable) reach the
+//! client's socket through a VIP and through SNAT, translated.
 //!
 //! Needs root and `ip`, `ethtool`, `curl`, `python3`, `ping`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
@@ -159,6 +161,14 @@ address = "10.1.0.101"
 port = 7
 protocol = "udp"
 backends = [ {{ vm = "sv", port = 7007 }} ]
+
+[[vip]]
+name = "closed"
+vnet = "a"
+address = "10.1.0.102"
+port = 9
+protocol = "udp"
+backends = [ {{ vm = "sv", port = 9999 }} ]
 
 [[vm]]
 name = "sv"
@@ -441,6 +451,24 @@ for _ in range(3):
 sys.exit(1)
 ";
 
+/// Sends to argv[1]:argv[2] on a connected UDP socket; exit status 0 when
+/// the kernel reports the port unreachable (ECONNREFUSED: an ICMP error
+/// quoting exactly what this socket sent came back).
+const REFUSED_CLIENT: &str = "import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(2)
+s.connect((sys.argv[1], int(sys.argv[2])))
+for _ in range(3):
+    try:
+        s.send(b'anyone?')
+        s.recv(100)
+    except ConnectionRefusedError:
+        sys.exit(0)
+    except socket.timeout:
+        continue
+sys.exit(1)
+";
+
 #[test]
 fn fragments_cross_and_expiring_ttls_are_answered() {
     if !testkit::require::root_and(&["ip", "ethtool", "python3", "ping"]) {
@@ -450,6 +478,7 @@ fn fragments_cross_and_expiring_ttls_are_answered() {
     let dir = lab.dir.clone();
     std::fs::write(dir.join("echo_server.py"), ECHO_SERVER).unwrap();
     std::fs::write(dir.join("echo_client.py"), ECHO_CLIENT).unwrap();
+    std::fs::write(dir.join("refused.py"), REFUSED_CLIENT).unwrap();
     for (tag, ip) in [("sv", "10.1.0.4"), ("wr", "198.51.100.10")] {
         let cmd = format!(
             "exec python3 -u {} {ip}",
@@ -469,6 +498,8 @@ fn fragments_cross_and_expiring_ttls_are_answered() {
         api.wait_ready(Duration::from_secs(30), context);
         let client = dir.join("echo_client.py");
         let client = client.display();
+        let refused = dir.join("refused.py");
+        let refused = refused.display();
         for (what, tag, cmd) in [
             (
                 "ping VM to VM",
@@ -489,6 +520,19 @@ fn fragments_cross_and_expiring_ttls_are_answered() {
                 "UDP through SNAT",
                 "cb",
                 format!("python3 {client} 198.51.100.10 7007"),
+            ),
+            // The servers' kernels answer a closed port with ICMP port
+            // unreachable; translated back through the VIP's and SNAT's
+            // NAT, it reaches the client's socket.
+            (
+                "port unreachable through the VIP",
+                "cl",
+                format!("python3 {refused} 10.1.0.102 9"),
+            ),
+            (
+                "port unreachable through SNAT",
+                "cb",
+                format!("python3 {refused} 198.51.100.10 9999"),
             ),
         ] {
             // The servers may take a moment to start: a few tries.

@@ -24,6 +24,7 @@
 pub mod batch;
 pub mod buf;
 pub mod clock;
+pub mod icmp_error;
 pub mod key;
 pub mod parse;
 pub mod pktgen;

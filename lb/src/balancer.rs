@@ -990,6 +990,21 @@ impl LbCore {
         }
     }
 
+    /// The rewrite for an ICMP error about a packet of a tracked
+    /// connection: `quoted` is the packet the error quotes, as the host that
+    /// made the error saw it; the error travels against it, as a packet of
+    /// the other direction does, and takes that direction's rewrite. Looks
+    /// without touching the connection (errors do not keep one alive).
+    pub fn related(&self, quoted: &FlowKey) -> Option<Rewrite> {
+        let (i, dir) = self.conns.peek(&quoted.reversed())?;
+        let c = self.conns.get(i)?;
+        Some(if dir == Dir::Orig {
+            c.value.nat.forward
+        } else {
+            c.value.nat.reverse
+        })
+    }
+
     /// Forgets connection `conn` (releasing its SNAT port): its next packet
     /// is decided as a new connection. False when it was gone already.
     pub fn forget(&mut self, conn: ConnRef) -> bool {

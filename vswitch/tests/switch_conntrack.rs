@@ -622,3 +622,74 @@ fn a_packet_whose_ttl_runs_out_is_answered_from_the_gateway_within_a_rate() {
     assert!((49..=52).contains(&answered), "{answered} answered");
     assert_eq!(n.dropped("ttl_expired"), 60 - answered as u64);
 }
+
+#[test]
+fn an_icmp_error_about_a_vip_connection_reaches_the_client_translated() {
+    let mut n = Net::new(false);
+    let udp = |src: &str, sport: u16, dst: &str, dport: u16, ttl: u8| {
+        let mut v = Vec::new();
+        etherparse::PacketBuilder::ipv4(v4(src).octets(), v4(dst).octets(), ttl)
+            .udp(sport, dport)
+            .write(&mut v, &[0x61; 16])
+            .unwrap();
+        v
+    };
+    let error_from_server = |quoted: &[u8]| {
+        let mut v = Vec::new();
+        etherparse::PacketBuilder::ethernet2(mac(4).0, GW.0)
+            .ipv4(v4("10.1.0.4").octets(), v4("10.1.0.20").octets(), 64)
+            .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::Port,
+            ))
+            .write(&mut v, quoted)
+            .unwrap();
+        v
+    };
+    // The client's datagram to the DNS VIP reaches the server DNATed.
+    let mut first = GW.0.to_vec();
+    first.extend_from_slice(&mac(1).0);
+    first.extend_from_slice(&[0x08, 0x00]);
+    first.extend_from_slice(&udp("10.1.0.20", 41000, "10.1.0.101", 53, 64));
+    assert_eq!(n.send(CLIENT, first), [SERVER]);
+    // The server's port is closed: its kernel quotes the datagram as it
+    // got it (to 10.1.0.4:5353). The client gets the error as from the
+    // VIP, quoting what it sent (to the VIP, port 53).
+    let out = n.send_frames(
+        SERVER,
+        error_from_server(&udp("10.1.0.20", 41000, "10.1.0.4", 5353, 63)),
+    );
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].0, CLIENT);
+    let s = etherparse::SlicedPacket::from_ethernet(&out[0].1).unwrap();
+    let Some(etherparse::NetSlice::Ipv4(ip)) = &s.net else {
+        panic!()
+    };
+    assert_eq!(ip.header().source_addr(), v4("10.1.0.101"));
+    assert_eq!(ip.header().destination_addr(), v4("10.1.0.20"));
+    assert_eq!(ipv4_checksum(ip.header().slice()), 0);
+    let Some(etherparse::TransportSlice::Icmpv4(icmp)) = &s.transport else {
+        panic!()
+    };
+    assert_eq!(
+        icmp.icmp_type().calc_checksum(icmp.payload()),
+        icmp.checksum()
+    );
+    let quoted = icmp.payload();
+    assert_eq!(&quoted[16..20], &[10, 1, 0, 101]);
+    assert_eq!(u16::from_be_bytes([quoted[22], quoted[23]]), 53);
+    assert_eq!(
+        ipv4_checksum(&quoted[..20]),
+        0,
+        "the quoted header's checksum"
+    );
+    assert_eq!(n.stats.icmp_related.load(Ordering::Relaxed), 1);
+    // An error about nothing the switch tracks goes nowhere, counted.
+    assert!(
+        n.send(
+            SERVER,
+            error_from_server(&udp("10.1.0.20", 1, "10.1.0.4", 2, 63))
+        )
+        .is_empty()
+    );
+    assert_eq!(n.dropped("icmp_unrelated"), 1);
+}

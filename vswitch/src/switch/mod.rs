@@ -410,7 +410,11 @@ impl<B: PacketBuf> Switch<B> {
         // it (a hit needs no placement: only the owner installs flows).
         if !owned && pk.is_ip() {
             if let Some((me, h)) = &self.handoff {
-                let w = crate::placement::owner(policy, &pk.key, h.workers());
+                // An ICMP error goes where the connection it quotes is (the
+                // quote reversed is a packet of the error's direction).
+                let place = dataplane::icmp_error::quote(pkt.data(), pk)
+                    .map_or(pk.key, |q| q.key.reversed());
+                let w = crate::placement::owner(policy, &place, h.workers());
                 if w != *me {
                     match h.queues.get(w).map(|q| q.push((in_port16, pkt))) {
                         Some(Ok(())) => tally.2 += 1,

@@ -125,6 +125,16 @@ impl<B: PacketBuf> Switch<B> {
             return Err(SwitchDrop::Spoofed);
         }
         let key = pk.key;
+        // An ICMP error about a packet of a tracked connection belongs to
+        // that connection: translated through its NAT and passed on.
+        // One about nothing tracked is dropped (as conntrack's INVALID):
+        // passed on as a flow of its own, it would be cached and later
+        // errors between the same hosts would skip their translation.
+        if let Some(q) = dataplane::icmp_error::quote(frame, pk) {
+            let r = self.lb.get(vm.vnet).and_then(|l| l.related(&q.key));
+            let r = r.ok_or(SwitchDrop::IcmpUnrelated)?;
+            return self.related_error(p, vm.vnet, frame, pk, &q, r);
+        }
         // (A fragmented echo request cannot be answered from its first
         // fragment: it goes the ordinary way.)
         if rewrite::is_echo_request(frame, pk)
@@ -249,6 +259,22 @@ impl<B: PacketBuf> Switch<B> {
             L3::Ipv4 | L3::Ipv6 => {}
             L3::Other => return Err(SwitchDrop::Unsupported),
         }
+        // An ICMP error from the wire about a packet of a tracked
+        // connection: that of the vnet of its public destination, else of
+        // the one vnet tracking it that its source is outside of.
+        if let Some(q) = dataplane::icmp_error::quote(frame, pk) {
+            let mut owners = (0..self.lb.len().min(p.vnets.len())).filter(|&vn| {
+                let public = p.vnet_by_public(pk.key.dst_ip) == Some(vn);
+                let outside = p.vnets.get(vn).is_some_and(|v| !v.contains(&pk.key.src()));
+                (public || outside) && self.lb.get(vn).is_some_and(|l| l.related(&q.key).is_some())
+            });
+            let (Some(vn), None) = (owners.next(), owners.next()) else {
+                return Err(SwitchDrop::IcmpUnrelated);
+            };
+            let r = self.lb.get(vn).and_then(|l| l.related(&q.key));
+            let r = r.ok_or(SwitchDrop::IcmpUnrelated)?;
+            return self.related_error(p, vn, frame, pk, &q, r);
+        }
         let Some(vn) = p.vnet_by_public(pk.key.dst_ip) else {
             return self.slow_uplink_reply(p, up, frame, pk, now);
         };
@@ -279,6 +305,57 @@ impl<B: PacketBuf> Switch<B> {
         Ok(Slow::Forward(self.install(
             p, now, pk.in_port, pk.key, fwd, &post, back, stateful,
         )))
+    }
+
+    /// Passes on an ICMP error about a packet of a tracked connection of
+    /// vnet `vn` (`q`, the packet it quotes; `r`, the rewrite of the
+    /// direction the error travels): translated outside and inside through
+    /// the connection's NAT, then routed to its new destination, a VM of
+    /// the vnet or the wire. No security group judges it (it is part of a
+    /// connection they admitted), and no flow is installed (errors are
+    /// rare).
+    fn related_error(
+        &mut self,
+        p: &Policy,
+        vn: usize,
+        frame: &mut [u8],
+        pk: &Parsed,
+        q: &dataplane::icmp_error::Quote,
+        r: Rewrite,
+    ) -> Result<Slow, SwitchDrop> {
+        use std::net::IpAddr;
+        let v4 = |a: Option<(IpAddr, u16)>| match a {
+            None => Ok(None),
+            Some((IpAddr::V4(a), port)) => Ok(Some((a, port))),
+            Some(_) => Err(SwitchDrop::Unsupported),
+        };
+        let (src, dst) = (v4(r.src)?, v4(r.dst)?);
+        let t = dataplane::icmp_error::Translation {
+            outer_src: src.map(|s| s.0),
+            outer_dst: dst.map(|d| d.0),
+            // The quoted packet went the other way: what the error's
+            // direction rewrites at the source, it rewrites at the
+            // destination, and the other way round.
+            quoted_src: dst,
+            quoted_dst: src,
+        };
+        dataplane::icmp_error::translate_v4(frame, pk, q, &t)
+            .map_err(|_| SwitchDrop::RewriteFailed)?;
+        let to = t.outer_dst.map_or(pk.key.dst(), IpAddr::V4);
+        let vnet = p.vnets.get(vn).ok_or(SwitchDrop::NoRoute)?;
+        let action = match p.vm_by_addr(vn, dataplane::key::to16(to)) {
+            Some((_, vm)) => FlowAction::to_vm(vm, vnet.gateway_mac, Rewrite::NONE, None),
+            None => {
+                let up = p
+                    .uplink
+                    .as_ref()
+                    .filter(|_| !vnet.contains(&to))
+                    .ok_or(SwitchDrop::NoRoute)?;
+                FlowAction::to_uplink(up, Rewrite::NONE, None)
+            }
+        };
+        self.stats.icmp_related.fetch_add(1, Ordering::Relaxed);
+        Ok(Slow::Forward(action))
     }
 
     /// Drops a packet for `why`, forgetting the connection it opened, if

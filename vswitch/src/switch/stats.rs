@@ -33,11 +33,13 @@ pub enum SwitchDrop {
     /// A fragment after the first whose first fragment this worker has not
     /// seen (out of order, or expired).
     FragNoFirst,
+    /// An ICMP error about no connection the switch tracks.
+    IcmpUnrelated,
     /// The load balancer dropped it.
     Lb(LbDrop),
 }
 
-const BASE: [SwitchDrop; 11] = [
+const BASE: [SwitchDrop; 12] = [
     SwitchDrop::Spoofed,
     SwitchDrop::AclDeny,
     SwitchDrop::NoRoute,
@@ -49,6 +51,7 @@ const BASE: [SwitchDrop; 11] = [
     SwitchDrop::TtlExpired,
     SwitchDrop::RewriteFailed,
     SwitchDrop::FragNoFirst,
+    SwitchDrop::IcmpUnrelated,
 ];
 
 impl SwitchDrop {
@@ -83,6 +86,7 @@ impl SwitchDrop {
             SwitchDrop::TtlExpired => "ttl_expired",
             SwitchDrop::RewriteFailed => "rewrite_failed",
             SwitchDrop::FragNoFirst => "frag_no_first",
+            SwitchDrop::IcmpUnrelated => "icmp_unrelated",
             SwitchDrop::Lb(r) => r.name(),
         }
     }
@@ -104,6 +108,9 @@ pub struct SwitchStats {
     pub nd_replies: AtomicU64,
     /// ICMP errors sent (time exceeded).
     pub icmp_errors: AtomicU64,
+    /// ICMP errors about a tracked connection passed on (translated
+    /// through its NAT).
+    pub icmp_related: AtomicU64,
     /// Flows installed.
     pub flows_installed: AtomicU64,
     /// Packets handed to the worker that owns their connection.
@@ -122,6 +129,7 @@ impl Default for SwitchStats {
             icmp_replies: AtomicU64::new(0),
             nd_replies: AtomicU64::new(0),
             icmp_errors: AtomicU64::new(0),
+            icmp_related: AtomicU64::new(0),
             flows_installed: AtomicU64::new(0),
             handed_off: AtomicU64::new(0),
             flows: AtomicU64::new(0),
