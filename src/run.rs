@@ -541,6 +541,9 @@ fn run_on<A: BufAlloc>(
     let sw_cfg = SwitchConfig {
         flow_table_size: cfg.dataplane.flow_table_size,
         conn_table_size: cfg.dataplane.conn_table_size,
+        // Each configured port's MTU (the probers' internal ports, after
+        // them, have none).
+        port_mtu: cfg.port.iter().map(|p| p.mtu.unwrap_or(1500)).collect(),
         ..SwitchConfig::default()
     };
     let handoff = Handoff::new(workers, 8192);

@@ -23,7 +23,9 @@
 //! following its first; and a packet whose TTL runs out in pollux is
 //! answered with ICMP time exceeded from the vnet's gateway (`ping -t 1`);
 //! and ICMP errors the servers' kernels send (port unreachable) reach the
-//! client's socket through a VIP and through SNAT, translated.
+//! client's socket through a VIP and through SNAT, translated; and a VM
+//! behind a port with a smaller MTU is reached by path-MTU discovery (the
+//! sender's kernel learns the MTU from pollux's "fragmentation needed").
 //!
 //! Needs root and `ip`, `ethtool`, `curl`, `python3`, `ping`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
@@ -98,6 +100,10 @@ fn config(lab: &Lab) -> String {
             "[[port]]\nname = \"{name}\"\ndriver = \"af_packet\"\niface = \"{}\"\n",
             lab.ns(tag).host
         );
+        // s2 stands behind a narrower link: 1 400 bytes of IP at most.
+        if tag == "s2" {
+            c += "mtu = 1400\n";
+        }
     }
     c += &format!(
         r#"
@@ -161,6 +167,14 @@ address = "10.1.0.101"
 port = 7
 protocol = "udp"
 backends = [ {{ vm = "sv", port = 7007 }} ]
+
+[[vip]]
+name = "sink"
+vnet = "a"
+address = "10.1.0.103"
+port = 7100
+protocol = "tcp"
+backends = [ {{ vm = "s2", port = 7100 }} ]
 
 [[vip]]
 name = "closed"
@@ -451,6 +465,35 @@ for _ in range(3):
 sys.exit(1)
 ";
 
+/// A TCP sink: reads each connection to its end and answers with the
+/// number of bytes it read.
+const SINK_SERVER: &str = "import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 7100))
+s.listen(8)
+while True:
+    c, _ = s.accept()
+    n = 0
+    while True:
+        d = c.recv(65536)
+        if not d:
+            break
+        n += len(d)
+    c.sendall(str(n).encode())
+    c.close()
+";
+
+/// Uploads 2 MiB to argv[1]:argv[2]; exit status 0 when the sink counted
+/// every byte.
+const UPLOAD: &str = "import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=20)
+s.sendall(bytes(2 << 20))
+s.shutdown(socket.SHUT_WR)
+got = s.recv(100).decode()
+sys.exit(0 if got == str(2 << 20) else 1)
+";
+
 /// Sends to argv[1]:argv[2] on a connected UDP socket; exit status 0 when
 /// the kernel reports the port unreachable (ECONNREFUSED: an ICMP error
 /// quoting exactly what this socket sent came back).
@@ -479,6 +522,13 @@ fn fragments_cross_and_expiring_ttls_are_answered() {
     std::fs::write(dir.join("echo_server.py"), ECHO_SERVER).unwrap();
     std::fs::write(dir.join("echo_client.py"), ECHO_CLIENT).unwrap();
     std::fs::write(dir.join("refused.py"), REFUSED_CLIENT).unwrap();
+    std::fs::write(dir.join("sink.py"), SINK_SERVER).unwrap();
+    std::fs::write(dir.join("upload.py"), UPLOAD).unwrap();
+    lab.spawn(
+        "s2",
+        &format!("exec python3 -u {} 10.1.0.5", dir.join("sink.py").display()),
+        &dir.join("s2-sink.log"),
+    );
     for (tag, ip) in [("sv", "10.1.0.4"), ("wr", "198.51.100.10")] {
         let cmd = format!(
             "exec python3 -u {} {ip}",
@@ -500,6 +550,8 @@ fn fragments_cross_and_expiring_ttls_are_answered() {
         let client = client.display();
         let refused = dir.join("refused.py");
         let refused = refused.display();
+        let upload = dir.join("upload.py");
+        let upload = upload.display();
         for (what, tag, cmd) in [
             (
                 "ping VM to VM",
@@ -534,6 +586,21 @@ fn fragments_cross_and_expiring_ttls_are_answered() {
                 "cb",
                 format!("python3 {refused} 198.51.100.10 9999"),
             ),
+            // s2's port takes 1 400 bytes of IP: a ping of 1 500 that may
+            // not be fragmented is answered "fragmentation needed" with
+            // that MTU, and a TCP upload through a VIP completes by
+            // path-MTU discovery (s2's own link is 1 500: its MSS does
+            // not spare the client from learning).
+            (
+                "fragmentation needed",
+                "cl",
+                "ping -c 1 -W 2 -M do -s 1472 10.1.0.5 2>&1 | grep -Eq 'mtu ?= ?1400'".to_string(),
+            ),
+            (
+                "path-MTU discovery through a VIP",
+                "cl",
+                format!("python3 {upload} 10.1.0.103 7100"),
+            ),
         ] {
             // The servers may take a moment to start: a few tries.
             let ok = wait_for(Duration::from_secs(20), || {
@@ -554,6 +621,10 @@ fn fragments_cross_and_expiring_ttls_are_answered() {
             "{workers} worker(s): {text}\n{}",
             read(&log)
         );
+        // The client's kernel learnt the path MTU from pollux's errors.
+        let r = lab.bash("cl", "ip route get 10.1.0.103");
+        let route = String::from_utf8_lossy(&r.stdout);
+        assert!(route.contains("mtu 1400"), "{workers} worker(s): {route}");
         // Fragments did cross: none was dropped for want of its first.
         let c = api.get("/v1/counters").unwrap();
         let lost: u64 = c["workers"]

@@ -571,6 +571,43 @@ pub fn ipv4_time_exceeded<B: crate::PacketBuf>(
     from_mac: MacAddr,
     from_ip: Ipv4Addr,
 ) -> Result<(), RewriteError> {
+    ipv4_error(pkt, p, from_mac, from_ip, [11, 0], [0; 4])
+}
+
+/// Turns `pkt`, an IPv4 packet with "don't fragment" set that is larger
+/// than `mtu` (parsed as `p`), into the ICMP "fragmentation needed" error
+/// (type 3, code 4, with the next-hop MTU, RFC 1191) for its sender, in
+/// place, as [`ipv4_time_exceeded`] does: what path-MTU discovery learns
+/// from.
+pub fn ipv4_frag_needed<B: crate::PacketBuf>(
+    pkt: &mut B,
+    p: &Parsed,
+    from_mac: MacAddr,
+    from_ip: Ipv4Addr,
+    mtu: u16,
+) -> Result<(), RewriteError> {
+    let m = mtu.to_be_bytes();
+    ipv4_error(pkt, p, from_mac, from_ip, [3, 4], [0, 0, m[0], m[1]])
+}
+
+/// True for an IPv4 packet with "don't fragment" set.
+pub fn ipv4_dont_fragment(frame: &[u8], p: &Parsed) -> bool {
+    p.l3 == L3::Ipv4
+        && frame
+            .get(usize::from(p.l3_off) + 6)
+            .is_some_and(|b| b & 0x40 != 0)
+}
+
+/// The ICMPv4 error `kind` (type, code) with the 4 bytes `rest` after the
+/// checksum, made of `pkt` in place (see [`ipv4_time_exceeded`]).
+fn ipv4_error<B: crate::PacketBuf>(
+    pkt: &mut B,
+    p: &Parsed,
+    from_mac: MacAddr,
+    from_ip: Ipv4Addr,
+    kind: [u8; 2],
+    rest: [u8; 4],
+) -> Result<(), RewriteError> {
     if p.l3 != L3::Ipv4 || p.vlan.is_some() {
         return Err(RewriteError::NotIpv4);
     }
@@ -601,7 +638,9 @@ pub fn ipv4_time_exceeded<B: crate::PacketBuf>(
     let c = checksum::checksum(ip);
     ip[10..12].copy_from_slice(&c.to_be_bytes());
     let icmp = &mut out[34..];
-    icmp[..8].copy_from_slice(&[11, 0, 0, 0, 0, 0, 0, 0]);
+    icmp[..2].copy_from_slice(&kind);
+    icmp[2..4].copy_from_slice(&[0, 0]);
+    icmp[4..8].copy_from_slice(&rest);
     icmp[8..].copy_from_slice(&quote[..quoted]);
     let c = checksum::checksum(icmp);
     icmp[2..4].copy_from_slice(&c.to_be_bytes());

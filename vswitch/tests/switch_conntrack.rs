@@ -174,6 +174,11 @@ struct Net {
 
 impl Net {
     fn new(stateless_out: bool) -> Net {
+        Net::with_mtu(stateless_out, Vec::new())
+    }
+
+    /// With `port_mtu` (by port).
+    fn with_mtu(stateless_out: bool, port_mtu: Vec<u16>) -> Net {
         let mut cfg = PoolConfig::new("conntrack-test", 1024);
         cfg.huge = HugePages::Never;
         let pool = Pool::new(&cfg).unwrap();
@@ -185,6 +190,7 @@ impl Net {
             SwitchConfig {
                 flow_table_size: 1024,
                 conn_table_size: 1024,
+                port_mtu,
                 ..SwitchConfig::default()
             },
         );
@@ -692,4 +698,51 @@ fn an_icmp_error_about_a_vip_connection_reaches_the_client_translated() {
         .is_empty()
     );
     assert_eq!(n.dropped("icmp_unrelated"), 1);
+}
+
+#[test]
+fn a_packet_too_big_for_its_port_is_answered_with_the_mtu_when_it_may_not_be_fragmented() {
+    // The server's port takes IP packets of 1 400 bytes at most.
+    let mut n = Net::with_mtu(false, vec![1500, 1400, 1500, 1500, 1500]);
+    // 1 500 bytes of IP (etherparse sets "don't fragment"; cleared here
+    // on demand, the header checksum made right again).
+    let big = |df: bool, sport: u16| {
+        let mut v = Vec::new();
+        etherparse::PacketBuilder::ethernet2(mac(1).0, GW.0)
+            .ipv4(v4("10.1.0.20").octets(), v4("10.1.0.4").octets(), 64)
+            .udp(sport, 7000)
+            .write(&mut v, &[0x61; 1472])
+            .unwrap();
+        if !df {
+            v[20] &= !0x40;
+            v[24..26].copy_from_slice(&[0, 0]);
+            let c = ipv4_checksum(&v[14..34]);
+            v[24..26].copy_from_slice(&c.to_be_bytes());
+        }
+        v
+    };
+    // 1 500 bytes with "don't fragment": fragmentation needed, MTU 1 400.
+    let sent = big(true, 46000);
+    let out = n.send_frames(CLIENT, sent.clone());
+    assert_eq!(out.len(), 1);
+    let (port, f) = &out[0];
+    assert_eq!(*port, CLIENT);
+    assert_eq!(&f[26..30], &[10, 1, 0, 1], "from the gateway");
+    let icmp = &f[34..];
+    assert_eq!((icmp[0], icmp[1]), (3, 4));
+    assert_eq!(u16::from_be_bytes([icmp[6], icmp[7]]), 1400);
+    assert_eq!(ipv4_checksum(icmp), 0);
+    assert_eq!(&icmp[8..], &sent[14..42], "the quote");
+    // 1 400 bytes pass.
+    let mut fits = Vec::new();
+    etherparse::PacketBuilder::ethernet2(mac(1).0, GW.0)
+        .ipv4(v4("10.1.0.20").octets(), v4("10.1.0.4").octets(), 64)
+        .udp(46001, 7000)
+        .write(&mut fits, &[0x61; 1372])
+        .unwrap();
+    assert_eq!(n.send(CLIENT, fits), [SERVER]);
+    // Without "don't fragment" it is dropped (the switch does not
+    // fragment), and counted.
+    assert!(n.send(CLIENT, big(false, 46002)).is_empty());
+    assert_eq!(n.dropped("too_big"), 1);
 }

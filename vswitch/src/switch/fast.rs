@@ -6,11 +6,21 @@ use crate::flow::FlowAction;
 use dataplane::worker::Ctx;
 use dataplane::{PacketBuf, Parsed, rewrite};
 
+/// A packet the switch cannot forward as it is, handed back untouched:
+/// the caller answers it with an ICMP error or drops it.
+pub(super) enum Bounce<B> {
+    /// Its TTL or hop limit ran out.
+    Ttl(B),
+    /// It is larger than the output port's MTU (given).
+    TooBig(B, u16),
+}
+
 /// Applies a flow's action to `pkt` and queues it on the output port: MACs,
 /// then the compiled transposition (or the field-by-field NAT and TTL for
 /// flows without one); failures are dropped and counted. A packet whose TTL
-/// or hop limit runs out here is handed back untouched (the caller answers
-/// it with an ICMP error or drops it).
+/// or hop limit runs out here, or whose IP packet is larger than the
+/// output port's MTU (`mtu`, by port; ports beyond it have none), is
+/// handed back untouched.
 #[inline]
 pub(super) fn transpose<B: PacketBuf>(
     stats: &SwitchStats,
@@ -18,9 +28,15 @@ pub(super) fn transpose<B: PacketBuf>(
     mut pkt: B,
     pk: &Parsed,
     a: &FlowAction,
-) -> Option<B> {
+    mtu: &[u16],
+) -> Option<Bounce<B>> {
     if rewrite::hop_limit(pkt.data(), pk).is_some_and(|t| t <= 1) {
-        return Some(pkt);
+        return Some(Bounce::Ttl(pkt));
+    }
+    if let Some(&m) = mtu.get(usize::from(a.out_port)) {
+        if pkt.len().saturating_sub(usize::from(pk.l3_off)) > usize::from(m) {
+            return Some(Bounce::TooBig(pkt, m));
+        }
     }
     let f = pkt.data_mut();
     let r = match f.get_mut(0..12) {

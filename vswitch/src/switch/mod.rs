@@ -54,7 +54,7 @@ mod respond;
 mod slow;
 mod stats;
 
-use fast::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, tcp_flags, transpose};
+use fast::{Bounce, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, tcp_flags, transpose};
 pub use handoff::Handoff;
 pub use requests::{FlowControl, FlowReply, FlowRequest};
 use slow::Slow;
@@ -73,6 +73,9 @@ pub struct SwitchConfig {
     pub conn_table_size: usize,
     /// Load-balancer connection timeouts.
     pub timeouts: Timeouts,
+    /// The MTU of each port, by port number: larger IP packets are not
+    /// sent there (ports beyond the list have no limit).
+    pub port_mtu: Vec<u16>,
     /// Fragmented datagrams remembered (first fragment's flow key).
     pub frag_table_size: usize,
     /// How long a first fragment is remembered for its later fragments.
@@ -87,6 +90,7 @@ impl Default for SwitchConfig {
             flow_closing: Duration::from_secs(10),
             conn_table_size: 1 << 18,
             timeouts: Timeouts::default(),
+            port_mtu: Vec::new(),
             frag_table_size: 4096,
             frag_timeout: Duration::from_secs(5),
         }
@@ -204,32 +208,47 @@ impl<B: PacketBuf> Switch<B> {
 
     /// Drops `pkt`, counting `r` in the switch's counters (which name
     /// switch-level reasons; parse errors go to the worker's counters).
-    /// A packet whose TTL ran out in the switch: a VM's IPv4 packet is
-    /// answered with an ICMP time-exceeded error from its vnet's gateway
-    /// (what `traceroute` shows as the switch's hop), at most
-    /// `ICMP_ERRORS_PER_SEC` a second with bursts of `ICMP_ERROR_BURST`;
-    /// the rest are dropped as `ttl_expired`.
+    /// A packet the switch cannot forward as it is. A VM's IPv4 packet is
+    /// answered from its vnet's gateway: with ICMP time exceeded when its
+    /// TTL ran out (what `traceroute` shows as the switch's hop), with
+    /// "fragmentation needed" and the port's MTU when it is too big with
+    /// "don't fragment" set (what path-MTU discovery learns from); at most
+    /// `ICMP_ERRORS_PER_SEC` a second with bursts of `ICMP_ERROR_BURST`.
+    /// The rest are dropped as `ttl_expired` or `too_big` (the switch does
+    /// not fragment).
     #[cold]
-    fn ttl_expired(
+    fn bounce(
         &mut self,
         ctx: &mut Ctx<'_, B>,
         policy: &Policy,
-        mut pkt: B,
+        bounce: Bounce<B>,
         pk: &Parsed,
         now: u64,
     ) {
+        let (mut pkt, why, mtu) = match bounce {
+            Bounce::Ttl(p) => (p, SwitchDrop::TtlExpired, None),
+            Bounce::TooBig(p, m) => (p, SwitchDrop::TooBig, Some(m)),
+        };
+        if mtu.is_some() && !rewrite::ipv4_dont_fragment(pkt.data(), pk) {
+            // Fragmentable, or not IPv4: dropped, not answered.
+            return self.drop_pkt(pkt, why);
+        }
         let gateway = policy
             .vm_on_port(pk.in_port)
             .and_then(|(_, vm)| policy.vnets.get(vm.vnet))
             .and_then(|v| Some((v.gateway_mac, v.gateway_v4()?)));
         let answered = gateway.is_some_and(|(mac, ip)| {
-            self.icmp_budget(now) && rewrite::ipv4_time_exceeded(&mut pkt, pk, mac, ip).is_ok()
+            self.icmp_budget(now)
+                && match mtu {
+                    Some(m) => rewrite::ipv4_frag_needed(&mut pkt, pk, mac, ip, m).is_ok(),
+                    None => rewrite::ipv4_time_exceeded(&mut pkt, pk, mac, ip).is_ok(),
+                }
         });
         if answered {
             self.stats.icmp_errors.fetch_add(1, Ordering::Relaxed);
             ctx.send(usize::from(pk.in_port), pkt);
         } else {
-            self.drop_pkt(pkt, SwitchDrop::TtlExpired);
+            self.drop_pkt(pkt, why);
         }
     }
 
@@ -400,8 +419,9 @@ impl<B: PacketBuf> Switch<B> {
                 }
                 tally.0 += 1;
                 // The action is used in place (no copy of it per packet).
-                if let Some(pkt) = transpose(&self.stats, ctx, pkt, pk, &e.action) {
-                    self.ttl_expired(ctx, policy, pkt, pk, now);
+                if let Some(b) = transpose(&self.stats, ctx, pkt, pk, &e.action, &self.cfg.port_mtu)
+                {
+                    self.bounce(ctx, policy, b, pk, now);
                 }
                 return;
             }
@@ -436,8 +456,8 @@ impl<B: PacketBuf> Switch<B> {
                 Err(_) => self.drop_pkt(pkt, SwitchDrop::RewriteFailed),
             },
             Ok(Slow::Forward(a)) => {
-                if let Some(pkt) = transpose(&self.stats, ctx, pkt, pk, &a) {
-                    self.ttl_expired(ctx, policy, pkt, pk, now);
+                if let Some(b) = transpose(&self.stats, ctx, pkt, pk, &a, &self.cfg.port_mtu) {
+                    self.bounce(ctx, policy, b, pk, now);
                 }
             }
             Err(r) => self.drop_pkt(pkt, r),

@@ -35,11 +35,14 @@ pub enum SwitchDrop {
     FragNoFirst,
     /// An ICMP error about no connection the switch tracks.
     IcmpUnrelated,
+    /// Larger than the output port's MTU (and not answered with
+    /// "fragmentation needed": fragmentable, IPv6, or over the ICMP rate).
+    TooBig,
     /// The load balancer dropped it.
     Lb(LbDrop),
 }
 
-const BASE: [SwitchDrop; 12] = [
+const BASE: [SwitchDrop; 13] = [
     SwitchDrop::Spoofed,
     SwitchDrop::AclDeny,
     SwitchDrop::NoRoute,
@@ -52,6 +55,7 @@ const BASE: [SwitchDrop; 12] = [
     SwitchDrop::RewriteFailed,
     SwitchDrop::FragNoFirst,
     SwitchDrop::IcmpUnrelated,
+    SwitchDrop::TooBig,
 ];
 
 impl SwitchDrop {
@@ -87,6 +91,7 @@ impl SwitchDrop {
             SwitchDrop::RewriteFailed => "rewrite_failed",
             SwitchDrop::FragNoFirst => "frag_no_first",
             SwitchDrop::IcmpUnrelated => "icmp_unrelated",
+            SwitchDrop::TooBig => "too_big",
             SwitchDrop::Lb(r) => r.name(),
         }
     }
