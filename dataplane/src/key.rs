@@ -18,11 +18,17 @@ pub const PROTO_UDP: u8 = 17;
 /// IP protocol number of ICMPv6.
 pub const PROTO_ICMPV6: u8 = 58;
 
+/// What an ICMP or ICMPv6 message other than echo has as its `dst_port`
+/// (errors, neighbour discovery, ...): so that no such message shares a key
+/// with an echo, whose `dst_port` is 0.
+pub const ICMP_NOT_ECHO: u16 = u16::MAX;
+
 /// One direction of a flow: addresses, ports and protocol.
 ///
 /// Addresses are stored as 16 bytes; IPv4 addresses as IPv4-mapped IPv6
 /// (`::ffff:a.b.c.d`), so one key type serves both families. For ICMP echo
-/// the identifier is in `src_port` and `dst_port` is 0, in both directions.
+/// the identifier is in `src_port` and `dst_port` is 0, in both directions;
+/// other ICMP messages have `dst_port` [`ICMP_NOT_ECHO`].
 /// For ARP the addresses are the sender and target protocol addresses and
 /// the ports are 0.
 ///

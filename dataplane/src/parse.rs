@@ -16,7 +16,7 @@ use crate::wire::{
 };
 use std::net::{IpAddr, Ipv4Addr};
 
-use crate::key::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
+use crate::key::{ICMP_NOT_ECHO, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 
 /// The network layer found in a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -191,12 +191,16 @@ fn parse_l4(l4: &[u8], out: &mut Parsed, v6: bool) -> Result<(), ParseError> {
             let i = icmp::Packet::new_checked(l4)?;
             if i.is_v4_echo() {
                 out.key.src_port = i.echo_ident();
+            } else {
+                out.key.dst_port = ICMP_NOT_ECHO;
             }
         }
         PROTO_ICMPV6 if v6 => {
             let i = icmp::Packet::new_checked(l4)?;
             if i.is_v6_echo() {
                 out.key.src_port = i.echo_ident();
+            } else {
+                out.key.dst_port = ICMP_NOT_ECHO;
             }
         }
         _ => {}

@@ -590,6 +590,28 @@ pub fn ipv4_frag_needed<B: crate::PacketBuf>(
     ipv4_error(pkt, p, from_mac, from_ip, [3, 4], [0, 0, m[0], m[1]])
 }
 
+/// True when an ICMP error may be sent about this IPv4 packet (RFC 1122
+/// 3.2.2): not about an ICMP error (only echo is answered for ICMP), a
+/// fragment after the first, or a packet to or from a multicast or
+/// broadcast address or from 0.0.0.0.
+pub fn may_answer_with_error(frame: &[u8], p: &Parsed) -> bool {
+    if p.l3 != L3::Ipv4 || p.frag.is_later() || p.vlan.is_some() {
+        return false;
+    }
+    let (std::net::IpAddr::V4(src), std::net::IpAddr::V4(dst)) = (p.key.src(), p.key.dst()) else {
+        return false;
+    };
+    let odd = |a: Ipv4Addr| a.is_multicast() || a.is_broadcast() || a.is_unspecified();
+    if odd(src) || odd(dst) {
+        return false;
+    }
+    p.key.proto != PROTO_ICMP
+        || (p.has_l4
+            && frame
+                .get(usize::from(p.l4_off))
+                .is_some_and(|t| matches!(t, 0 | 8)))
+}
+
 /// True for an IPv4 packet with "don't fragment" set.
 pub fn ipv4_dont_fragment(frame: &[u8], p: &Parsed) -> bool {
     p.l3 == L3::Ipv4

@@ -292,6 +292,8 @@ fn harness() -> &'static Mutex<Harness> {
             flow_table_size: 4096,
             conn_table_size: 4096,
             flow_idle: Duration::from_secs(60),
+            // web1's port is narrow: "fragmentation needed" and too_big.
+            port_mtu: vec![1500, 600, 1500, 1500, 1500, 1500],
             ..SwitchConfig::default()
         };
         let sw = Switch::new(policy, sw_cfg);

@@ -3,9 +3,11 @@
 //!
 //! One table per worker core (flows of a connection always land on the same
 //! core), so nothing here is shared or locked. Entries sit in a slab; a hash
-//! map points both directions' keys at the slab slot; two intrusive LRU lists
-//! (active, closing) order entries by last use. When the table is full, a new
-//! connection evicts the oldest *closing* entry (FIN/RST seen), else the oldest
+//! map points both directions' keys at the slab slot; three intrusive LRU
+//! lists (active, closing, embryonic) order entries by last use. When the
+//! table is full, a new connection evicts the oldest *closing* entry (FIN/RST
+//! seen), else the oldest *embryonic* one (TCP before its handshake
+//! completed, UDP before a reply: what a flood is made of), else the oldest
 //! active entry if it has already timed out; otherwise the new connection is
 //! refused and counted.
 
@@ -241,8 +243,9 @@ const NIL: u32 = u32::MAX;
 enum List {
     Active = 0,
     Closing = 1,
-    /// TCP connections of which only the opening SYN has been seen: what a
-    /// SYN flood fills the table with.
+    /// Connections not confirmed yet (as Linux's early drop reads
+    /// "not assured"): TCP before its handshake completes, UDP before any
+    /// reply. What a flood fills the table with.
     Embryonic = 2,
 }
 
@@ -253,7 +256,8 @@ impl List {
     fn of(state: ConnState) -> List {
         match state {
             s if s.is_closing() => List::Closing,
-            ConnState::Tcp(TcpState::SynSent) => List::Embryonic,
+            ConnState::Tcp(TcpState::SynSent | TcpState::SynReceived)
+            | ConnState::Udp { replied: false } => List::Embryonic,
             _ => List::Active,
         }
     }
@@ -311,7 +315,8 @@ pub struct ConnStats {
     pub refused_full: u64,
     /// Closing entries evicted to make room.
     pub evicted_closing: u64,
-    /// Embryonic entries (a TCP SYN, nothing since) evicted to make room.
+    /// Embryonic entries (TCP before its handshake completed, UDP before
+    /// a reply) evicted to make room.
     pub evicted_embryonic: u64,
     /// Timed-out entries evicted to make room.
     pub evicted_idle: u64,
@@ -571,8 +576,8 @@ impl<V> ConnTable<V> {
 
     /// Adds a connection whose first packet (with `tcp_flags`) had key
     /// `orig` and whose replies will carry `reply`. When full, evicts the
-    /// oldest closing entry, else the oldest timed-out one (both handed to
-    /// `on_evict`), else refuses.
+    /// oldest closing entry, else the oldest embryonic one, else the oldest
+    /// timed-out one (each handed to `on_evict`), else refuses.
     pub fn insert(
         &mut self,
         orig: FlowKey,
@@ -788,6 +793,7 @@ mod tests {
     fn udp_table(cap: usize) -> ConnTable<u32> {
         let to = Timeouts {
             udp_unreplied: 50,
+            udp_replied: 50,
             ..Timeouts::default()
         };
         ConnTable::new(cap, to)
@@ -852,11 +858,15 @@ mod tests {
     #[test]
     fn a_full_table_evicts_an_idle_connection_behind_a_busy_head() {
         let mut t = udp_table(2);
+        // Two replied (confirmed) flows, so none is embryonic.
         let a = t
             .insert(udp(1), udp(1).reversed(), 0, 0, 1, |_| {})
             .unwrap();
-        t.insert(udp(2), udp(2).reversed(), 0, 10, 2, |_| {})
+        t.touch(a, Dir::Reply, 0, 0);
+        let b = t
+            .insert(udp(2), udp(2).reversed(), 0, 10, 2, |_| {})
             .unwrap();
+        t.touch(b, Dir::Reply, 0, 10);
         t.touch(a, Dir::Orig, 0, 40);
         let mut evicted = Vec::new();
         let c = t
@@ -867,7 +877,8 @@ mod tests {
         assert_eq!(evicted, vec![2]);
         assert_eq!(t.stats().evicted_idle, 1);
         assert!(t.get(a).is_some() && t.get(c).is_some());
-        // Both live now: a fourth is refused.
+        // Both live and confirmed now: a fourth is refused.
+        t.touch(c, Dir::Reply, 0, 71);
         assert!(matches!(
             t.insert(udp(4), udp(4).reversed(), 0, 71, 4, |_| {}),
             Err(ConnError::Full { .. })

@@ -56,8 +56,7 @@ pub struct FragStats {
 pub struct FragTable {
     /// Keyed with a random seed: fragment keys come from packets.
     map: HashMap<FragKey, (FlowKey, u64), RandomState>,
-    /// Insertion order, with each entry's expiry (an entry noted again is
-    /// found here twice; the stale copy is skipped).
+    /// Insertion order, with each entry's expiry: one record per entry.
     order: VecDeque<(FragKey, u64)>,
     capacity: usize,
     timeout_ns: u64,
@@ -70,8 +69,10 @@ impl FragTable {
     pub fn new(capacity: usize, timeout_ns: u64) -> FragTable {
         let capacity = capacity.max(1);
         FragTable {
-            map: HashMap::with_capacity_and_hasher(capacity, RandomState::new()),
-            order: VecDeque::with_capacity(capacity * 2),
+            // Room for twice the entries, so that the map never grows
+            // (nor allocates) while it churns.
+            map: HashMap::with_capacity_and_hasher(capacity * 2, RandomState::new()),
+            order: VecDeque::with_capacity(capacity + 1),
             capacity,
             timeout_ns,
             stats: FragStats::default(),
@@ -79,12 +80,17 @@ impl FragTable {
     }
 
     /// Remembers that the datagram of first fragment `p` belongs to flow
-    /// `p.key`.
+    /// `p.key`. A datagram remembered already keeps its first entry (a
+    /// repeated or forged first fragment cannot redirect the later ones,
+    /// nor fill the order queue).
     pub fn note(&mut self, p: &Parsed, now: u64) {
         self.expire(now);
         let k = FragKey::of(p);
+        if self.map.contains_key(&k) {
+            return;
+        }
         let until = now.saturating_add(self.timeout_ns);
-        if self.map.len() >= self.capacity && !self.map.contains_key(&k) {
+        if self.map.len() >= self.capacity {
             while let Some((old, t)) = self.order.pop_front() {
                 if self.map.get(&old).is_some_and(|e| e.1 == t) {
                     self.map.remove(&old);
@@ -94,10 +100,8 @@ impl FragTable {
             }
         }
         self.map.insert(k, (p.key, until));
-        // Bounded: stale copies of re-noted entries go first.
-        if self.order.len() >= self.capacity * 2 {
-            self.order.pop_front();
-        }
+        // Every live entry has exactly one record in `order` (entries are
+        // never noted twice), so it holds at most `capacity` records.
         self.order.push_back((k, until));
         self.stats.noted += 1;
     }
@@ -193,8 +197,19 @@ mod tests {
         assert_eq!(t.stats().evicted, 2);
         assert_eq!(t.find(&frag(0, 0, 1), 10), None);
         assert_eq!(t.find(&frag(4, 0, 1), 10).map(|k| k.src_port), Some(5004));
-        // Noting the same datagram again keeps one entry.
-        t.note(&frag(4, 5004, 0), 11);
+        // Noting the same datagram again keeps its first entry: a forged
+        // first fragment cannot redirect the later ones.
+        t.note(&frag(4, 9999, 0), 11);
         assert_eq!(t.len(), 3);
+        assert_eq!(t.find(&frag(4, 0, 1), 12).map(|k| k.src_port), Some(5004));
+        // However often a datagram is noted, the table keeps its capacity.
+        for _ in 0..100 {
+            t.note(&frag(4, 5004, 0), 13);
+        }
+        for id in 10..13 {
+            t.note(&frag(id, 6000 + id as u16, 0), 14);
+        }
+        assert_eq!(t.len(), 3);
+        assert_eq!(t.order.len(), 3);
     }
 }

@@ -206,8 +206,6 @@ impl<B: PacketBuf> Switch<B> {
         &self.flows
     }
 
-    /// Drops `pkt`, counting `r` in the switch's counters (which name
-    /// switch-level reasons; parse errors go to the worker's counters).
     /// A packet the switch cannot forward as it is. A VM's IPv4 packet is
     /// answered from its vnet's gateway: with ICMP time exceeded when its
     /// TTL ran out (what `traceroute` shows as the switch's hop), with
@@ -231,6 +229,10 @@ impl<B: PacketBuf> Switch<B> {
         };
         if mtu.is_some() && !rewrite::ipv4_dont_fragment(pkt.data(), pk) {
             // Fragmentable, or not IPv4: dropped, not answered.
+            return self.drop_pkt(pkt, why);
+        }
+        // Nothing an error may not be sent about takes a token.
+        if !rewrite::may_answer_with_error(pkt.data(), pk) {
             return self.drop_pkt(pkt, why);
         }
         let gateway = policy
@@ -269,6 +271,8 @@ impl<B: PacketBuf> Switch<B> {
         true
     }
 
+    /// Drops `pkt`, counting `r` in the switch's counters (which name
+    /// switch-level reasons; parse errors go to the worker's counters).
     fn drop_pkt(&self, pkt: B, r: SwitchDrop) {
         self.stats.count(r);
         drop(pkt);
@@ -363,6 +367,12 @@ impl<B: PacketBuf> Switch<B> {
                 self.drop_pkt(pkt, SwitchDrop::FragNoFirst);
                 return;
             };
+            // The rest of an ICMP message that is no echo (an error, whose
+            // quote is in the first fragment) is never passed on alone.
+            if key.is_icmp() && key.dst_port == dataplane::key::ICMP_NOT_ECHO {
+                self.drop_pkt(pkt, SwitchDrop::IcmpUnrelated);
+                return;
+            }
             later = Parsed { key, ..*pk };
             (&later, self.flows.hash(in_port16, &key), None)
         } else {

@@ -130,10 +130,15 @@ impl<B: PacketBuf> Switch<B> {
         // One about nothing tracked is dropped (as conntrack's INVALID):
         // passed on as a flow of its own, it would be cached and later
         // errors between the same hosts would skip their translation.
+        // A VM may only speak of packets it received (it is no router):
+        // the quoted packet's destination is the VM itself.
         if let Some(q) = dataplane::icmp_error::quote(frame, pk) {
+            if q.key.dst_ip != pk.key.src_ip {
+                return Err(SwitchDrop::IcmpUnrelated);
+            }
             let r = self.lb.get(vm.vnet).and_then(|l| l.related(&q.key));
             let r = r.ok_or(SwitchDrop::IcmpUnrelated)?;
-            return self.related_error(p, vm.vnet, frame, pk, &q, r);
+            return self.related_error(p, vm.vnet, frame, pk, &q, r, false);
         }
         // (A fragmented echo request cannot be answered from its first
         // fragment: it goes the ordinary way.)
@@ -273,7 +278,7 @@ impl<B: PacketBuf> Switch<B> {
             };
             let r = self.lb.get(vn).and_then(|l| l.related(&q.key));
             let r = r.ok_or(SwitchDrop::IcmpUnrelated)?;
-            return self.related_error(p, vn, frame, pk, &q, r);
+            return self.related_error(p, vn, frame, pk, &q, r, true);
         }
         let Some(vn) = p.vnet_by_public(pk.key.dst_ip) else {
             return self.slow_uplink_reply(p, up, frame, pk, now);
@@ -313,7 +318,12 @@ impl<B: PacketBuf> Switch<B> {
     /// the connection's NAT, then routed to its new destination, a VM of
     /// the vnet or the wire. No security group judges it (it is part of a
     /// connection they admitted), and no flow is installed (errors are
-    /// rare).
+    /// rare). An error goes only to the host that sent the quoted packet
+    /// (after translation, the outer destination is the quoted source, as
+    /// Linux's conntrack checks); one from the wire (`from_wire`) only to a
+    /// VM of the vnet about a packet it sent out: so no forged quote can
+    /// carry an error past the groups to another host, or back out.
+    #[allow(clippy::too_many_arguments)]
     fn related_error(
         &mut self,
         p: &Policy,
@@ -322,6 +332,7 @@ impl<B: PacketBuf> Switch<B> {
         pk: &Parsed,
         q: &dataplane::icmp_error::Quote,
         r: Rewrite,
+        from_wire: bool,
     ) -> Result<Slow, SwitchDrop> {
         use std::net::IpAddr;
         let v4 = |a: Option<(IpAddr, u16)>| match a {
@@ -339,11 +350,19 @@ impl<B: PacketBuf> Switch<B> {
             quoted_src: dst,
             quoted_dst: src,
         };
+        let to = t.outer_dst.map_or(pk.key.dst(), IpAddr::V4);
+        let quoted_src = t.quoted_src.map_or(q.key.src(), |(a, _)| IpAddr::V4(a));
+        if to != quoted_src {
+            return Err(SwitchDrop::IcmpUnrelated);
+        }
+        let vnet = p.vnets.get(vn).ok_or(SwitchDrop::NoRoute)?;
+        let vm = p.vm_by_addr(vn, dataplane::key::to16(to));
+        if from_wire && vm.is_none() {
+            return Err(SwitchDrop::IcmpUnrelated);
+        }
         dataplane::icmp_error::translate_v4(frame, pk, q, &t)
             .map_err(|_| SwitchDrop::RewriteFailed)?;
-        let to = t.outer_dst.map_or(pk.key.dst(), IpAddr::V4);
-        let vnet = p.vnets.get(vn).ok_or(SwitchDrop::NoRoute)?;
-        let action = match p.vm_by_addr(vn, dataplane::key::to16(to)) {
+        let action = match vm {
             Some((_, vm)) => FlowAction::to_vm(vm, vnet.gateway_mac, Rewrite::NONE, None),
             None => {
                 let up = p
