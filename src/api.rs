@@ -189,6 +189,12 @@ pub struct WorkerCounters {
     pub flows_installed: u64,
     /// Flows in its table now.
     pub flow_table_entries: u64,
+    /// ICMP errors it sent (time exceeded, fragmentation needed).
+    #[serde(default)]
+    pub icmp_errors: u64,
+    /// ICMP errors about tracked connections it passed on, translated.
+    #[serde(default)]
+    pub icmp_related: u64,
     /// Drops by reason (pipeline and malformed).
     pub drops: BTreeMap<String, u64>,
 }

@@ -86,6 +86,16 @@ pub fn render(c: &Counters, probes: &[ProbeState], generation: u64) -> String {
         "pollux_flow_table_entries",
         "Flow-table occupancy per worker",
     );
+    let icmp_sent = counters(
+        &mut reg,
+        "pollux_icmp_errors_sent",
+        "ICMP errors the switch made (time exceeded, fragmentation needed)",
+    );
+    let icmp_related = counters(
+        &mut reg,
+        "pollux_icmp_errors_related",
+        "ICMP errors about tracked connections passed on, translated",
+    );
     let busy = counters(
         &mut reg,
         "pollux_worker_busy_polls",
@@ -108,6 +118,8 @@ pub fn render(c: &Counters, probes: &[ProbeState], generation: u64) -> String {
         slow.get_or_create(&lw).inc_by(w.slow_path);
         installed.get_or_create(&lw).inc_by(w.flows_installed);
         flows.get_or_create(&lw).set(w.flow_table_entries as i64);
+        icmp_sent.get_or_create(&lw).inc_by(w.icmp_errors);
+        icmp_related.get_or_create(&lw).inc_by(w.icmp_related);
         busy.get_or_create(&lw).inc_by(w.busy_polls);
         idle.get_or_create(&lw).inc_by(w.idle_polls);
     }

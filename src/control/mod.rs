@@ -673,6 +673,8 @@ pub fn local_counters(state: &ControlState, rt: &Runtime) -> Counters {
             handed_off: l(&ss.handed_off),
             flows_installed: l(&ss.flows_installed),
             flow_table_entries: l(&ss.flows),
+            icmp_errors: l(&ss.icmp_errors),
+            icmp_related: l(&ss.icmp_related),
             drops: by_reason(ws.drops.nonzero().into_iter().chain(ss.nonzero())),
         })
         .collect();
