@@ -268,16 +268,15 @@ impl<B: PacketBuf> Switch<B> {
         // connection: that of the vnet of its public destination, else of
         // the one vnet tracking it that its source is outside of.
         if let Some(q) = dataplane::icmp_error::quote(frame, pk) {
-            let mut owners = (0..self.lb.len().min(p.vnets.len())).filter(|&vn| {
+            let mut owners = (0..self.lb.len().min(p.vnets.len())).filter_map(|vn| {
                 let public = p.vnet_by_public(pk.key.dst_ip) == Some(vn);
                 let outside = p.vnets.get(vn).is_some_and(|v| !v.contains(&pk.key.src()));
-                (public || outside) && self.lb.get(vn).is_some_and(|l| l.related(&q.key).is_some())
+                let r = self.lb.get(vn)?.related(&q.key)?;
+                (public || outside).then_some((vn, r))
             });
-            let (Some(vn), None) = (owners.next(), owners.next()) else {
+            let (Some((vn, r)), None) = (owners.next(), owners.next()) else {
                 return Err(SwitchDrop::IcmpUnrelated);
             };
-            let r = self.lb.get(vn).and_then(|l| l.related(&q.key));
-            let r = r.ok_or(SwitchDrop::IcmpUnrelated)?;
             return self.related_error(p, vn, frame, pk, &q, r, true);
         }
         let Some(vn) = p.vnet_by_public(pk.key.dst_ip) else {
