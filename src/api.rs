@@ -195,6 +195,22 @@ pub struct WorkerCounters {
     /// ICMP errors about tracked connections it passed on, translated.
     #[serde(default)]
     pub icmp_related: u64,
+    /// Connections it tracks now (all vnets).
+    #[serde(default)]
+    pub connections: u64,
+    /// Embryonic connections it evicted to make room (a full table or a
+    /// VIP at its limit: what a SYN flood costs).
+    #[serde(default)]
+    pub conns_evicted_embryonic: u64,
+    /// Connections it admitted untracked (the table full of live ones).
+    #[serde(default)]
+    pub conns_untracked: u64,
+    /// First fragments it remembered for their later fragments.
+    #[serde(default)]
+    pub frags_noted: u64,
+    /// Later fragments it sent after their first.
+    #[serde(default)]
+    pub frags_followed: u64,
     /// Drops by reason (pipeline and malformed).
     pub drops: BTreeMap<String, u64>,
 }

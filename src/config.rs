@@ -235,6 +235,9 @@ pub struct VipCfg {
     pub on_unhealthy: Option<String>,
     /// `drop-new` (default) or `fail-open`: new flows when no DIP is healthy.
     pub when_all_down: Option<String>,
+    /// Most connections to it at once, over all workers (none by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_conns: Option<u32>,
     /// The pool.
     pub backends: Vec<BackendCfg>,
     /// Health probe; without it every backend counts as healthy.
@@ -696,6 +699,11 @@ impl Config {
         if v.backends.is_empty() {
             errs.push(format!("vip {name:?}: backends is empty"));
         }
+        if v.max_conns == Some(0) {
+            errs.push(format!(
+                "vip {name:?}: max_conns must be at least 1 (leave it out for no limit)"
+            ));
+        }
         let mut bs = Vec::new();
         for b in &v.backends {
             let ip = match (&b.vm, &b.ip) {
@@ -792,6 +800,7 @@ impl Config {
         cfg.distribution = distribution;
         cfg.on_unhealthy = on_unhealthy;
         cfg.when_all_down = when_all_down;
+        cfg.max_conns = v.max_conns.unwrap_or(0);
         match Vip::new(cfg.clone(), &[]) {
             Ok(_) => Some(cfg),
             Err(e) => {
@@ -1025,6 +1034,7 @@ address = "10.1.0.100"
 port = 80
 protocol = "tcp"
 distribution = "4-tuple"
+max_conns = 0
 backends = [ { vm = "web1", port = 8080 }, { ip = "10.1.0.9", port = 8080, weight = 2 }, { ip = "10.9.0.9", port = 8080 }, { vm = "ghost", port = 1 } ]
 [vip.probe]
 kind = "http"
@@ -1046,6 +1056,7 @@ threshold = 0
             "vm \"web1\": 192.168.1.1 is not in vnet \"a\"",
             "vm \"web2\": vnet \"b\" is not defined",
             "vip \"web\": distribution \"4-tuple\" is not one of 5-tuple, 3-tuple, 2-tuple",
+            "vip \"web\": max_conns must be at least 1 (leave it out for no limit)",
             "vip \"web\": backend 10.9.0.9 is not in vnet \"a\"",
             "vip \"web\": backend vm \"ghost\" is not defined",
             "vip \"web\": probe path \"health\" must start with /",

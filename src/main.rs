@@ -249,7 +249,8 @@ struct PktgenArgs {
     /// Frame size in bytes, FCS included (64 to 1518; 76 for tcp-syn).
     #[arg(long, default_value_t = 64)]
     size: usize,
-    /// Number of flows (source port, then destination port, vary).
+    /// Number of flows (source address over --src-ips, then source port,
+    /// then destination port, vary).
     #[arg(long, default_value_t = 1)]
     flows: u32,
     /// udp or tcp-syn.
@@ -274,6 +275,10 @@ struct PktgenArgs {
     /// Source IPv4 address (default: the tx VM's, or 10.0.0.1).
     #[arg(long)]
     src_ip: Option<std::net::Ipv4Addr>,
+    /// Source addresses: flow i comes from --src-ip + i % N (many clients,
+    /// or a spoofed flood from the wire).
+    #[arg(long, default_value_t = 1)]
+    src_ips: u32,
     /// Destination IPv4 address, e.g. a VIP (default: the rx VM's, or 10.0.0.2).
     #[arg(long)]
     dst_ip: Option<std::net::Ipv4Addr>,
@@ -327,6 +332,7 @@ fn pktgen(a: &PktgenArgs) -> ExitCode {
         src_mac: a.src_mac,
         dst_mac: a.dst_mac,
         src_ip: a.src_ip,
+        src_ips: a.src_ips,
         dst_ip: a.dst_ip,
         sport: a.sport,
         dport: a.dport,

@@ -96,6 +96,26 @@ pub fn render(c: &Counters, probes: &[ProbeState], generation: u64) -> String {
         "pollux_icmp_errors_related",
         "ICMP errors about tracked connections passed on, translated",
     );
+    let conns = gauges(
+        &mut reg,
+        "pollux_connections",
+        "Connections tracked per worker",
+    );
+    let evicted = counters(
+        &mut reg,
+        "pollux_connections_evicted_embryonic",
+        "Embryonic connections evicted to make room (full table or VIP limit)",
+    );
+    let untracked = counters(
+        &mut reg,
+        "pollux_connections_untracked",
+        "Connections admitted untracked because the table was full",
+    );
+    let frags = counters(
+        &mut reg,
+        "pollux_fragments",
+        "IP fragments: first ones remembered (noted), later ones that followed them (followed)",
+    );
     let busy = counters(
         &mut reg,
         "pollux_worker_busy_polls",
@@ -120,6 +140,14 @@ pub fn render(c: &Counters, probes: &[ProbeState], generation: u64) -> String {
         flows.get_or_create(&lw).set(w.flow_table_entries as i64);
         icmp_sent.get_or_create(&lw).inc_by(w.icmp_errors);
         icmp_related.get_or_create(&lw).inc_by(w.icmp_related);
+        conns.get_or_create(&lw).set(w.connections as i64);
+        evicted.get_or_create(&lw).inc_by(w.conns_evicted_embryonic);
+        untracked.get_or_create(&lw).inc_by(w.conns_untracked);
+        for (kind, n) in [("noted", w.frags_noted), ("followed", w.frags_followed)] {
+            frags
+                .get_or_create(&labels(&[("worker", &name), ("kind", kind)]))
+                .inc_by(n);
+        }
         busy.get_or_create(&lw).inc_by(w.busy_polls);
         idle.get_or_create(&lw).inc_by(w.idle_polls);
     }

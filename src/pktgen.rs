@@ -135,6 +135,9 @@ pub struct Options {
     pub dst_mac: Option<MacAddr>,
     /// Source address.
     pub src_ip: Option<Ipv4Addr>,
+    /// Consecutive source addresses from `src_ip` (flow `i` from the
+    /// `i % src_ips`-th).
+    pub src_ips: u32,
     /// Destination address.
     pub dst_ip: Option<Ipv4Addr>,
     /// First source port.
@@ -168,6 +171,7 @@ impl Default for Options {
             src_mac: None,
             dst_mac: None,
             src_ip: None,
+            src_ips: 1,
             dst_ip: None,
             sport: 1024,
             dport: 5000,
@@ -564,6 +568,7 @@ fn traffic(
         src_mac: opts.src_mac.unwrap_or(src_mac),
         dst_mac: opts.dst_mac.unwrap_or(dst_mac),
         src_ip: opts.src_ip.unwrap_or(src_ip),
+        src_ips: opts.src_ips,
         dst_ip: opts.dst_ip.unwrap_or(dst_ip),
         proto: opts.proto,
         frame_size: opts.size,

@@ -161,6 +161,7 @@ fn spec(flows: u32, sport: u16) -> TrafficSpec {
         src_mac: MacAddr([2, 0, 0, 0, 0, 0x10]),
         dst_mac: MacAddr([0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc]),
         src_ip: "10.1.0.10".parse().unwrap(),
+        src_ips: 1,
         dst_ip: "10.1.0.100".parse().unwrap(),
         proto: Proto::Udp,
         frame_size: 64,

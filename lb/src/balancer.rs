@@ -130,6 +130,9 @@ pub struct VipConfig {
     pub on_unhealthy: OnUnhealthy,
     /// Policy for new connections when no DIP is healthy.
     pub when_all_down: WhenAllDown,
+    /// Most connections tracked to this VIP at once, over all workers
+    /// (each takes an equal share); 0: no limit beyond the table's.
+    pub max_conns: u32,
 }
 
 impl VipConfig {
@@ -145,6 +148,7 @@ impl VipConfig {
             table_size: DEFAULT_TABLE_SIZE,
             on_unhealthy: OnUnhealthy::default(),
             when_all_down: WhenAllDown::default(),
+            max_conns: 0,
         }
     }
 }
@@ -526,11 +530,14 @@ pub enum LbDrop {
     SnatExhausted,
     /// SNAT asked for a VM that is not in the outbound pool.
     SnatNotMember,
+    /// New connection to a VIP at its connection limit, none of whose
+    /// embryonic connections could make room.
+    VipConnLimit,
 }
 
 impl LbDrop {
     /// Every reason.
-    pub const ALL: [LbDrop; 7] = [
+    pub const ALL: [LbDrop; 8] = [
         LbDrop::NoHealthyBackend,
         LbDrop::TableFull,
         LbDrop::TupleCollision,
@@ -538,6 +545,7 @@ impl LbDrop {
         LbDrop::BackendUnhealthy,
         LbDrop::SnatExhausted,
         LbDrop::SnatNotMember,
+        LbDrop::VipConnLimit,
     ];
 
     /// Stable snake_case name.
@@ -550,6 +558,7 @@ impl LbDrop {
             LbDrop::BackendUnhealthy => "lb_backend_unhealthy_reset",
             LbDrop::SnatExhausted => "snat_port_exhausted",
             LbDrop::SnatNotMember => "snat_not_member",
+            LbDrop::VipConnLimit => "lb_vip_conn_limit",
         }
     }
 }
@@ -630,7 +639,7 @@ pub struct LbStats {
     /// tracking (their admission does not outlive their cached flows).
     pub untracked: u64,
     /// Drops by reason (indexed as [`LbDrop::ALL`]).
-    pub drops: [u64; 7],
+    pub drops: [u64; LbDrop::ALL.len()],
 }
 
 impl LbStats {
@@ -639,6 +648,9 @@ impl LbStats {
         self.drops[reason as usize]
     }
 }
+
+/// Embryonic connections a VIP at its limit looks at for one of its own.
+const VIP_EVICT_SCAN: usize = 32;
 
 /// TCP flags the tracker reads here.
 const TCP_SYN: u8 = 0x02;
@@ -661,15 +673,44 @@ pub struct BackendCounts {
 #[derive(Debug)]
 pub struct LbCore {
     conns: ConnTable<ConnInfo>,
-    snat: Option<SnatAllocator>,
+    held: Held,
+    /// Workers sharing each VIP's connection limit (each takes its share).
+    shards: u32,
     stats: LbStats,
     /// New connections per backend (counted on the slow path only).
     new_by_backend: HashMap<BackendKey, u64>,
 }
 
-fn release_snat(snat: &mut Option<SnatAllocator>, c: &Conn<ConnInfo>) {
-    if let (Some(s), ConnKind::Snat { public, port }) = (snat.as_mut(), &c.value.kind) {
-        s.release(*public, *port, c.orig.proto);
+/// What tracked connections hold beyond their table slot: SNAT ports, and
+/// their VIPs' connection counts. Every connection that leaves the table
+/// goes through [`Held::release`].
+#[derive(Debug)]
+struct Held {
+    snat: Option<SnatAllocator>,
+    /// DNAT connections tracked per VIP.
+    per_vip: HashMap<VipKey, u32>,
+}
+
+impl Held {
+    fn release(&mut self, c: &Conn<ConnInfo>) {
+        match &c.value.kind {
+            ConnKind::Snat { public, port } => {
+                if let Some(s) = self.snat.as_mut() {
+                    s.release(*public, *port, c.orig.proto);
+                }
+            }
+            ConnKind::Dnat { vip, .. } => {
+                let key = VipKey::of_cfg(vip.config());
+                match self.per_vip.get_mut(&key) {
+                    Some(n) if *n > 1 => *n -= 1,
+                    Some(_) => {
+                        self.per_vip.remove(&key);
+                    }
+                    None => {}
+                }
+            }
+            _ => {}
+        }
     }
 }
 
@@ -678,7 +719,11 @@ impl LbCore {
     pub fn new(capacity: usize, timeouts: Timeouts, snat: Option<SnatAllocator>) -> Self {
         LbCore {
             conns: ConnTable::new(capacity, timeouts),
-            snat,
+            held: Held {
+                snat,
+                per_vip: HashMap::new(),
+            },
+            shards: 1,
             stats: LbStats::default(),
             new_by_backend: HashMap::new(),
         }
@@ -716,6 +761,13 @@ impl LbCore {
         &self.stats
     }
 
+    /// This core as one of `n` workers: each VIP's connection limit is
+    /// shared equally among them (flows are spread evenly over workers).
+    pub fn with_shards(mut self, n: u32) -> Self {
+        self.shards = n.max(1);
+        self
+    }
+
     /// The connection table.
     pub fn conns(&self) -> &ConnTable<ConnInfo> {
         &self.conns
@@ -723,7 +775,7 @@ impl LbCore {
 
     /// The SNAT allocator, to add or remove member VMs.
     pub fn snat_mut(&mut self) -> Option<&mut SnatAllocator> {
-        self.snat.as_mut()
+        self.held.snat.as_mut()
     }
 
     fn drop(&mut self, r: LbDrop) -> Decision {
@@ -740,8 +792,8 @@ impl LbCore {
         tcp_flags: u8,
         now: u64,
     ) -> Result<Option<Decision>, LbDrop> {
-        let snat = &mut self.snat;
-        let Some((i, dir)) = self.conns.lookup(key, now, |c| release_snat(snat, &c)) else {
+        let held = &mut self.held;
+        let Some((i, dir)) = self.conns.lookup(key, now, |c| held.release(&c)) else {
             return Ok(None);
         };
         // A fresh SYN from the client on a finished connection's tuple (both
@@ -759,7 +811,7 @@ impl LbCore {
             && self.conns.get(i).is_some_and(finished)
         {
             if let Some(c) = self.conns.remove(i) {
-                release_snat(&mut self.snat, &c);
+                self.held.release(&c);
             }
             return Ok(None);
         }
@@ -797,7 +849,7 @@ impl LbCore {
         }
         if let Err(r) = verdict {
             if let Some(c) = self.conns.remove(i) {
-                release_snat(&mut self.snat, &c);
+                self.held.release(&c);
             }
             return Err(r);
         }
@@ -844,6 +896,9 @@ impl LbCore {
         let Some(b) = vip.pick(key) else {
             return self.drop(LbDrop::NoHealthyBackend);
         };
+        if vip.config().max_conns > 0 && !self.room_for(vip.config(), now) {
+            return self.drop(LbDrop::VipConnLimit);
+        }
         let be = vip.config().backends[b];
         let nat = NatBinding::dnat(key, be.ip, be.port);
         let info = ConnInfo {
@@ -858,6 +913,7 @@ impl LbCore {
             Ok(d) => {
                 self.stats.new_dnat += 1;
                 let c = vip.config();
+                *self.held.per_vip.entry(VipKey::of_cfg(c)).or_default() += 1;
                 *self
                     .new_by_backend
                     .entry((c.addr, c.port, c.proto, be.ip, be.port))
@@ -866,6 +922,22 @@ impl LbCore {
             }
             Err(r) => self.drop(r),
         }
+    }
+
+    /// Whether a new connection to the VIP configured as `cfg` fits under
+    /// this worker's share of its limit: it does when the VIP has fewer
+    /// connections here, or when one of its embryonic ones (near the head
+    /// of the embryonic list: the flood's own oldest entries) makes room.
+    fn room_for(&mut self, cfg: &VipConfig, now: u64) -> bool {
+        let key = VipKey::of_cfg(cfg);
+        let share = cfg.max_conns.div_ceil(self.shards.max(1));
+        if self.held.per_vip.get(&key).copied().unwrap_or(0) < share {
+            return true;
+        }
+        let ours = |c: &Conn<ConnInfo>| matches!(&c.value.kind, ConnKind::Dnat { vip, .. } if VipKey::of_cfg(vip.config()) == key);
+        let held = &mut self.held;
+        self.conns
+            .evict_embryonic(VIP_EVICT_SCAN, now, ours, |c| held.release(&c))
     }
 
     /// Tracks a new connection whose first packet has `key`; its reply key
@@ -878,11 +950,11 @@ impl LbCore {
         info: ConnInfo,
     ) -> Result<Decision, LbDrop> {
         let nat = info.nat;
-        let snat = &mut self.snat;
+        let held = &mut self.held;
         match self
             .conns
             .insert(*key, nat.reply_key(key), tcp_flags, now, info, |c| {
-                release_snat(snat, &c)
+                held.release(&c)
             }) {
             Ok(i) => Ok(Decision::Forward {
                 rewrite: nat.forward,
@@ -906,7 +978,7 @@ impl LbCore {
             Err(r) => return self.drop(r),
             Ok(None) => {}
         }
-        let Some(snat) = self.snat.as_mut() else {
+        let Some(snat) = self.held.snat.as_mut() else {
             return Decision::NotHandled;
         };
         let conns = &self.conns;
@@ -929,7 +1001,7 @@ impl LbCore {
                 d
             }
             Err(r) => {
-                if let Some(s) = self.snat.as_mut() {
+                if let Some(s) = self.held.snat.as_mut() {
                     s.release(public, port, key.proto);
                 }
                 self.drop(r)
@@ -1013,7 +1085,7 @@ impl LbCore {
         };
         match self.conns.remove(i) {
             Some(c) => {
-                release_snat(&mut self.snat, &c);
+                self.held.release(&c);
                 true
             }
             None => false,
@@ -1044,8 +1116,8 @@ impl LbCore {
 
     /// Removes up to `budget` timed-out connections (releasing SNAT ports).
     pub fn expire(&mut self, now: u64, budget: usize) -> usize {
-        let snat = &mut self.snat;
-        self.conns.expire(now, budget, |c| release_snat(snat, &c))
+        let held = &mut self.held;
+        self.conns.expire(now, budget, |c| held.release(&c))
     }
 }
 
@@ -1404,6 +1476,95 @@ mod tests {
             lb.process(&vips, &reply, SYN | ACK, 3 * SEC),
             Decision::Forward { new: false, .. }
         ));
+    }
+
+    #[test]
+    fn a_vip_at_its_limit_displaces_its_own_embryonic_connections_or_refuses() {
+        let mut vips = Vips::new();
+        let mut cfg = vip_cfg(2);
+        // 8 over two workers: 4 on this one.
+        cfg.max_conns = 8;
+        vips.insert(Vip::new(cfg, &[]).unwrap());
+        let mut other = vip_cfg(1);
+        other.name = "other".into();
+        other.port = 81;
+        vips.insert(Vip::new(other, &[]).unwrap());
+        let mut lb = LbCore::new(100, Timeouts::default(), None).with_shards(2);
+        let handshake = |lb: &mut LbCore, k: &FlowKey, now: u64| {
+            let b = backend_of(lb.process(&vips, k, SYN, now));
+            let reply = FlowKey::new(b, 8080, k.src(), k.src_port, 6);
+            lb.process(&vips, &reply, SYN | ACK, now);
+            backend_of(lb.process(&vips, k, ACK, now));
+        };
+        // Two established connections, then a flood of spoofed SYNs: it
+        // keeps displacing its own oldest entries, so the VIP never holds
+        // more than its share and nothing is refused.
+        handshake(&mut lb, &client(0, 1), 0);
+        handshake(&mut lb, &client(1, 1), 0);
+        for i in 0..100u32 {
+            // The backend answers each spoofed SYN (its SYN-ACK goes
+            // nowhere): the connection stays embryonic, and evictable.
+            let k = client(100 + i, 2);
+            let b = backend_of(lb.process(&vips, &k, SYN, SEC));
+            let reply = FlowKey::new(b, 8080, k.src(), k.src_port, 6);
+            lb.process(&vips, &reply, SYN | ACK, SEC + 1);
+        }
+        assert_eq!(lb.conns().len(), 4);
+        assert_eq!(lb.conns().stats().evicted_embryonic, 98);
+        assert_eq!(lb.stats().dropped(LbDrop::VipConnLimit), 0);
+        // A legitimate client amid the flood gets in; the established stay.
+        handshake(&mut lb, &client(7, 1), 2 * SEC);
+        for k in [client(0, 1), client(1, 1)] {
+            assert!(matches!(
+                lb.process(&vips, &k, ACK, 2 * SEC),
+                Decision::Forward { new: false, .. }
+            ));
+        }
+        // The limit is the VIP's own: another VIP is not held by it.
+        let mut k = client(50, 3);
+        k.dst_port = 81;
+        assert!(matches!(
+            lb.process(&vips, &k, SYN, 2 * SEC),
+            Decision::Forward { new: true, .. }
+        ));
+        // With its share established, a new connection is refused, counted.
+        handshake(&mut lb, &client(8, 1), 2 * SEC);
+        assert_eq!(
+            lb.process(&vips, &client(9, 1), SYN, 2 * SEC),
+            Decision::Drop(LbDrop::VipConnLimit)
+        );
+        assert_eq!(lb.stats().dropped(LbDrop::VipConnLimit), 1);
+        // A connection that ends gives its place back.
+        let gone = client(0, 1);
+        lb.process(&vips, &gone, 0x04, 3 * SEC);
+        assert_eq!(lb.expire(3 * SEC + 11 * SEC, 100), 1);
+        handshake(&mut lb, &client(9, 1), 15 * SEC);
+    }
+
+    #[test]
+    fn a_vip_at_its_limit_under_a_long_answered_flood_never_refuses() {
+        // Each spoofed SYN is answered by the backend a little later (20
+        // SYNs on): the VIP's share fills with answered embryonic entries,
+        // turns over fifty times, and a new connection always finds room.
+        let mut vips = Vips::new();
+        let mut cfg = vip_cfg(1);
+        cfg.max_conns = 4096;
+        vips.insert(Vip::new(cfg, &[]).unwrap());
+        let mut lb = LbCore::new(16_384, Timeouts::default(), None);
+        let mut pending = std::collections::VecDeque::new();
+        for i in 0..200_000u32 {
+            let now = u64::from(i) * 50_000;
+            let k = client(i, 1000);
+            let b = backend_of(lb.process(&vips, &k, SYN, now));
+            pending.push_back(FlowKey::new(b, 8080, k.src(), k.src_port, 6));
+            if pending.len() > 20 {
+                let reply = pending.pop_front().unwrap();
+                lb.process(&vips, &reply, SYN | ACK, now);
+            }
+        }
+        assert_eq!(lb.stats().dropped(LbDrop::VipConnLimit), 0);
+        assert_eq!(lb.conns().len(), 4096);
+        assert_eq!(lb.conns().stats().evicted_embryonic, 200_000 - 4096);
     }
 
     #[test]

@@ -685,6 +685,57 @@ impl<V> ConnTable<V> {
         Ok(i)
     }
 
+    /// Evicts the oldest embryonic connection that `pred` accepts among the
+    /// first `scan` of the embryonic list, handing it to `on_evict`; up to
+    /// `scan` of those seen since they were queued (a SYN answered, or
+    /// retransmitted) go to their true place at the tail on the way, as
+    /// the expiry does. False when none was found. What a group at its own limit (a VIP)
+    /// uses to make room among its own entries.
+    pub fn evict_embryonic(
+        &mut self,
+        scan: usize,
+        now: u64,
+        pred: impl Fn(&Conn<V>) -> bool,
+        on_evict: impl FnOnce(Conn<V>),
+    ) -> bool {
+        let mut i = self.heads[List::Embryonic as usize];
+        let mut found = None;
+        // Up to `scan` entries seen since they were queued move to the tail
+        // first (they do not count against `scan`); past that, such an
+        // entry is taken as it stands: under a flood nearly every one was
+        // answered since (the backend's SYN-ACK), and a VIP at its limit
+        // must not refuse a new connection while it holds embryonic ones.
+        let (mut looked, mut moved) = (0, 0);
+        while looked < scan {
+            let Some(s) = self.slots.get(i as usize) else {
+                break;
+            };
+            let next = s.next;
+            if let Some(c) = &s.conn {
+                let seen = c.last_seen;
+                if moved < scan && seen > s.queued && !self.expired(c, now) {
+                    self.unlink(i);
+                    self.push_tail(i, List::Embryonic, now.max(seen));
+                    moved += 1;
+                } else if pred(c) {
+                    found = Some(i);
+                    break;
+                } else {
+                    looked += 1;
+                }
+            } else {
+                looked += 1;
+            }
+            i = next;
+        }
+        let Some(c) = found.and_then(|i| self.remove_slot(i)) else {
+            return false;
+        };
+        self.stats.evicted_embryonic += 1;
+        on_evict(c);
+        true
+    }
+
     /// Removes the connection in slot `i`.
     pub fn remove(&mut self, i: u32) -> Option<Conn<V>> {
         let c = self.remove_slot(i)?;

@@ -675,6 +675,11 @@ pub fn local_counters(state: &ControlState, rt: &Runtime) -> Counters {
             flow_table_entries: l(&ss.flows),
             icmp_errors: l(&ss.icmp_errors),
             icmp_related: l(&ss.icmp_related),
+            connections: l(&ss.conns),
+            conns_evicted_embryonic: l(&ss.conns_evicted_embryonic),
+            conns_untracked: l(&ss.conns_untracked),
+            frags_noted: l(&ss.frags_noted),
+            frags_followed: l(&ss.frags_followed),
             drops: by_reason(ws.drops.nonzero().into_iter().chain(ss.nonzero())),
         })
         .collect();

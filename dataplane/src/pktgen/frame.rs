@@ -95,8 +95,12 @@ pub struct TrafficSpec {
     pub src_mac: MacAddr,
     /// Destination MAC (the switch's gateway, or the next hop).
     pub dst_mac: MacAddr,
-    /// Source address.
+    /// Source address (the first of `src_ips`).
     pub src_ip: Ipv4Addr,
+    /// Consecutive source addresses from `src_ip`: flow `i` comes from
+    /// `src_ip + i % src_ips` (many clients, or a spoofed flood), and its
+    /// ports advance once every `src_ips` flows; 1 for one address.
+    pub src_ips: u32,
     /// Destination address (a VIP, a VM).
     pub dst_ip: Ipv4Addr,
     /// UDP or TCP SYN.
@@ -104,8 +108,9 @@ pub struct TrafficSpec {
     /// Frame size in bytes including the 4-byte FCS, as traffic generators
     /// count (64 is the minimum Ethernet frame: 60 bytes in the buffer).
     pub frame_size: usize,
-    /// Number of flows; flow `i` has source port `sport + i % 64 000` and
-    /// destination port `dport + i / 64 000`.
+    /// Number of flows; with one source address, flow `i` has source port
+    /// `sport + i % 64 000` and destination port `dport + i / 64 000` (with
+    /// several, `i / src_ips` takes the place of `i`).
     pub flows: u32,
     /// First source port.
     pub sport: u16,
@@ -135,13 +140,35 @@ pub enum SpecError {
         /// The largest count for these ports.
         max: u32,
     },
+    /// Zero source addresses, or more than lie between the first and
+    /// 255.255.255.255.
+    #[error("source addresses {count} from {first}: must be 1 to {max}")]
+    SrcIps {
+        /// The requested count.
+        count: u32,
+        /// The first address.
+        first: Ipv4Addr,
+        /// The largest count from it.
+        max: u64,
+    },
+}
+
+/// Flow `i`'s source address as a number.
+fn flow_src(spec: &TrafficSpec, flow: u32) -> u32 {
+    u32::from(spec.src_ip).wrapping_add(flow % spec.src_ips.max(1))
+}
+
+/// The one's-complement sum of an IPv4 address's two words.
+fn addr_sum(a: u32) -> u32 {
+    (a >> 16) + (a & 0xffff)
 }
 
 /// Flow `i`'s source and destination ports.
 fn flow_ports(spec: &TrafficSpec, flow: u32) -> (u16, u16) {
+    let j = flow / spec.src_ips.max(1);
     (
-        spec.sport.wrapping_add((flow % 64_000) as u16),
-        spec.dport.wrapping_add((flow / 64_000) as u16),
+        spec.sport.wrapping_add((j % 64_000) as u16),
+        spec.dport.wrapping_add((j / 64_000) as u16),
     )
 }
 
@@ -156,8 +183,11 @@ pub struct Template {
     csum_at: usize,
     sig_at: usize,
     /// One's-complement sum of everything the L4 checksum covers except the
-    /// two port words and the signature.
+    /// two port words, the source address and the signature.
     base_sum: u32,
+    /// One's-complement sum of the IPv4 header without its checksum and
+    /// source address.
+    ip_sum: u32,
 }
 
 impl Template {
@@ -171,7 +201,16 @@ impl Template {
                 proto: spec.proto,
             });
         }
-        let max_flows = MAX_FLOWS.min(64_000 * (u32::from(u16::MAX - spec.dport) + 1));
+        let max_ips = (1u64 << 32) - u64::from(u32::from(spec.src_ip));
+        if spec.src_ips == 0 || u64::from(spec.src_ips) > max_ips {
+            return Err(SpecError::SrcIps {
+                count: spec.src_ips,
+                first: spec.src_ip,
+                max: max_ips,
+            });
+        }
+        let tuples = 64_000 * (u64::from(u16::MAX - spec.dport) + 1) * u64::from(spec.src_ips);
+        let max_flows = u64::from(MAX_FLOWS).min(tuples) as u32;
         if spec.flows == 0 || spec.flows > max_flows {
             return Err(SpecError::Flows {
                 flows: spec.flows,
@@ -193,10 +232,10 @@ impl Template {
             Proto::Udp => 17,
             Proto::TcpSyn => 6,
         };
-        f[26..30].copy_from_slice(&spec.src_ip.octets());
+        // The source address and the header checksum are written per
+        // packet (the address may vary by flow).
         f[30..34].copy_from_slice(&spec.dst_ip.octets());
-        let c = checksum::checksum(&f[14..34]);
-        f[24..26].copy_from_slice(&c.to_be_bytes());
+        let ip_sum = checksum::sum(&f[14..34]);
         let csum_at = match spec.proto {
             Proto::Udp => {
                 f[l4 + 4..l4 + 6].copy_from_slice(&(l4_len as u16).to_be_bytes());
@@ -212,14 +251,10 @@ impl Template {
         };
         let sig_at = l4 + spec.proto.l4_header();
         // Ports, checksum and signature are zero here, so the sum of the
-        // segment is the sum of everything else.
+        // segment is the sum of everything else; so is the pseudo-header's
+        // source address.
         let base_sum = checksum::combine(
-            checksum::pseudo_v4(
-                spec.src_ip.octets(),
-                spec.dst_ip.octets(),
-                f[23],
-                l4_len as u16,
-            ),
+            checksum::pseudo_v4([0; 4], spec.dst_ip.octets(), f[23], l4_len as u16),
             checksum::sum(&f[l4..]),
         );
         Ok(Template {
@@ -229,6 +264,7 @@ impl Template {
             csum_at,
             sig_at,
             base_sum,
+            ip_sum,
         })
     }
 
@@ -256,15 +292,19 @@ impl Template {
         }
         out.copy_from_slice(&self.bytes);
         let (sp, dp) = flow_ports(&self.spec, sig.flow);
+        let src = flow_src(&self.spec, sig.flow);
         let s = sig.encode();
         let l4 = self.l4;
+        out[26..30].copy_from_slice(&src.to_be_bytes());
+        let ip_c = !checksum::fold(checksum::combine(self.ip_sum, addr_sum(src)));
+        out[24..26].copy_from_slice(&ip_c.to_be_bytes());
         out[l4..l4 + 2].copy_from_slice(&sp.to_be_bytes());
         out[l4 + 2..l4 + 4].copy_from_slice(&dp.to_be_bytes());
         if let Some(dst) = out.get_mut(self.sig_at..self.sig_at + SIG_LEN) {
             dst.copy_from_slice(&s);
         }
         let sum = checksum::combine(
-            checksum::combine(self.base_sum, u32::from(sp) + u32::from(dp)),
+            checksum::combine(self.base_sum, u32::from(sp) + u32::from(dp) + addr_sum(src)),
             checksum::sum(&s),
         );
         let mut c = !checksum::fold(sum);
@@ -313,6 +353,7 @@ mod tests {
             src_mac: MacAddr([2, 0, 0, 0, 0, 1]),
             dst_mac: MacAddr([2, 0, 0, 0, 0, 2]),
             src_ip: Ipv4Addr::new(10, 1, 0, 5),
+            src_ips: 1,
             dst_ip: Ipv4Addr::new(10, 1, 0, 100),
             proto,
             frame_size: size,
@@ -350,13 +391,27 @@ mod tests {
 
     #[test]
     fn frames_are_valid_and_carry_their_signature() {
-        for (proto, size) in [
+        // One source, and 1 000 from an address whose low word is about to
+        // carry into the high one.
+        let sources = [
+            (1, Ipv4Addr::new(10, 1, 0, 5)),
+            (1000, Ipv4Addr::new(10, 1, 255, 200)),
+        ];
+        for ((proto, size), (n, first)) in [
             (Proto::Udp, 64),
             (Proto::Udp, 1518),
             (Proto::TcpSyn, 76),
             (Proto::TcpSyn, 512),
-        ] {
-            let t = Template::new(&spec(proto, size)).unwrap();
+        ]
+        .into_iter()
+        .flat_map(|p| sources.map(|s| (p, s)))
+        {
+            let t = Template::new(&TrafficSpec {
+                src_ip: first,
+                src_ips: n,
+                ..spec(proto, size)
+            })
+            .unwrap();
             assert_eq!(t.len(), size - 4);
             let mut buf = vec![0u8; t.len()];
             for flow in [0u32, 1, 63_999, 64_000, 199_999] {
@@ -373,7 +428,10 @@ mod tests {
                 };
                 let h = ip.header().to_header();
                 assert_eq!(h.header_checksum, h.calc_header_checksum());
-                let (sp, dp) = (1024 + (flow % 64_000) as u16, 5000 + (flow / 64_000) as u16);
+                let src = u32::from(first) + flow % n;
+                assert_eq!(h.source, src.to_be_bytes(), "flow {flow} of {n} sources");
+                let j = flow / n;
+                let (sp, dp) = (1024 + (j % 64_000) as u16, 5000 + (j / 64_000) as u16);
                 match p.transport.unwrap() {
                     TransportSlice::Udp(u) => {
                         assert_eq!((u.source_port(), u.destination_port()), (sp, dp));
@@ -402,6 +460,16 @@ mod tests {
 
     #[test]
     fn bad_specs_are_refused_with_the_limit() {
+        let e = Template::new(&TrafficSpec {
+            src_ip: Ipv4Addr::new(255, 255, 255, 0),
+            src_ips: 300,
+            ..spec(Proto::Udp, 64)
+        })
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "source addresses 300 from 255.255.255.0: must be 1 to 256"
+        );
         let e = Template::new(&spec(Proto::TcpSyn, 64)).unwrap_err();
         assert_eq!(
             e.to_string(),

@@ -350,6 +350,7 @@ mod tests {
             src_mac: MacAddr([2, 0, 0, 0, 0, 1]),
             dst_mac: MacAddr([2, 0, 0, 0, 0, 2]),
             src_ip: Ipv4Addr::new(10, 0, 0, 1),
+            src_ips: 1,
             dst_ip: Ipv4Addr::new(10, 0, 0, 2),
             proto: Proto::Udp,
             frame_size: 64,

@@ -292,11 +292,10 @@ impl<B: PacketBuf> Switch<B> {
                 .get(self.lb.len())
                 .and_then(|v| v.snat.clone())
                 .and_then(|c| SnatAllocator::for_worker(c, me, workers).ok());
-            self.lb.push(LbCore::new(
-                self.cfg.conn_table_size,
-                self.cfg.timeouts,
-                snat,
-            ));
+            self.lb.push(
+                LbCore::new(self.cfg.conn_table_size, self.cfg.timeouts, snat)
+                    .with_shards(u32::try_from(workers).unwrap_or(u32::MAX)),
+            );
         }
         for vm in &p.vms {
             if let Some(snat) = self.lb.get_mut(vm.vnet).and_then(|l| l.snat_mut()) {
@@ -520,9 +519,20 @@ impl<B: PacketBuf> Switch<B> {
             self.stats
                 .flows
                 .store(self.flows.len() as u64, Ordering::Relaxed);
+            let (mut conns, mut evicted, mut untracked) = (0, 0, 0);
             for l in &mut self.lb {
                 l.expire(now, 4096);
+                conns += l.conns().len() as u64;
+                evicted += l.conns().stats().evicted_embryonic;
+                untracked += l.stats().untracked;
             }
+            let s = &self.stats;
+            s.conns.store(conns, Ordering::Relaxed);
+            s.conns_evicted_embryonic.store(evicted, Ordering::Relaxed);
+            s.conns_untracked.store(untracked, Ordering::Relaxed);
+            let f = self.frags.stats();
+            s.frags_noted.store(f.noted, Ordering::Relaxed);
+            s.frags_followed.store(f.found, Ordering::Relaxed);
         }
     }
 }

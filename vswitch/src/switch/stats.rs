@@ -122,6 +122,19 @@ pub struct SwitchStats {
     pub handed_off: AtomicU64,
     /// Flow-table occupancy, published every 100 ms (at expiry).
     pub flows: AtomicU64,
+    /// Connections tracked (all vnets), published every 100 ms.
+    pub conns: AtomicU64,
+    /// Embryonic connections evicted to make room for new ones (a full
+    /// table, or a VIP at its limit), published every 100 ms.
+    pub conns_evicted_embryonic: AtomicU64,
+    /// Connections admitted untracked because the table was full,
+    /// published every 100 ms.
+    pub conns_untracked: AtomicU64,
+    /// First fragments remembered for their later fragments, published
+    /// every 100 ms.
+    pub frags_noted: AtomicU64,
+    /// Later fragments that followed their first, published every 100 ms.
+    pub frags_followed: AtomicU64,
 }
 
 impl Default for SwitchStats {
@@ -138,6 +151,11 @@ impl Default for SwitchStats {
             flows_installed: AtomicU64::new(0),
             handed_off: AtomicU64::new(0),
             flows: AtomicU64::new(0),
+            conns: AtomicU64::new(0),
+            conns_evicted_embryonic: AtomicU64::new(0),
+            conns_untracked: AtomicU64::new(0),
+            frags_noted: AtomicU64::new(0),
+            frags_followed: AtomicU64::new(0),
         }
     }
 }

@@ -1,0 +1,335 @@
+//! A spoofed-SYN flood against a public VIP: real kernel TCP stacks in
+//! network namespaces behind `pollux run` (af_packet ports), the flood from
+//! `pollux pktgen` on the wire (15 000 SYN/s, or as `POLLUX_FLOOD_PPS`
+//! says: `full` for the generator's full rate), from 65 536 spoofed
+//! sources.
+//!
+//! Topology: two backends (10.1.0.4 and 10.1.0.5, python's http.server on
+//! port 8000) of the public VIP 198.51.100.100:80 (`max_conns` 4 096), and
+//! a host on the wire (198.51.100.10) that is both the real client (curl)
+//! and the attacker (pktgen on its own interface, sending SYNs from
+//! 100.64.0.0/16 to the VIP).
+//!
+//! Shown: during the flood, the established downloads finish intact, at
+//! least 99% of new requests through the VIP succeed, the connections
+//! pollux tracks never exceed the VIP's limit (the flood displaces its own
+//! embryonic entries, counted), and pollux's resident memory stays under
+//! the bound its tables set.
+//!
+//! Needs root and `ip`, `ethtool`, `curl`, `python3`, `cmp`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+mod common;
+
+use common::netns::{Lab, read, wait_for};
+use std::time::{Duration, Instant};
+
+/// pollux's MAC on the wire.
+const UPLINK_MAC: &str = "02:50:4c:58:ff:ff";
+/// The wire host's MAC (pollux's next hop).
+const WIRE_MAC: &str = "02:00:00:00:03:10";
+/// The VIP's connection limit.
+const MAX_CONNS: u64 = 4096;
+/// Connections tracked per vnet per core, and flow entries per core.
+const CONN_TABLE: u64 = 16_384;
+const FLOW_TABLE: u64 = 65_536;
+/// How long the flood lasts, and each request's deadline.
+const FLOOD_SECS: u64 = 30;
+const REQUEST_SECS: u64 = 10;
+/// The flood's rate unless `POLLUX_FLOOD_PPS` says otherwise (a number, or
+/// `full` for the generator's full rate): what a two-core machine carries
+/// through pollux and the backends' kernels together (pollux's worker core
+/// also runs the backends' answers to every SYN); docs/performance.md has
+/// what the full rate does.
+const FLOOD_PPS: u64 = 15_000;
+
+fn config(lab: &Lab) -> String {
+    let mut c =
+        format!("[dataplane]\nconn_table_size = {CONN_TABLE}\nflow_table_size = {FLOW_TABLE}\n");
+    for (tag, name) in [("sv", "sv"), ("s2", "s2"), ("wr", "wire")] {
+        c += &format!(
+            "[[port]]\nname = \"{name}\"\ndriver = \"af_packet\"\niface = \"{}\"\n",
+            lab.ns(tag).host
+        );
+    }
+    c += &format!(
+        r#"
+[uplink]
+port = "wire"
+next_hop_mac = "{WIRE_MAC}"
+mac = "{UPLINK_MAC}"
+
+[[vnet]]
+name = "a"
+prefixes = ["10.1.0.0/16"]
+gateway_mac = "12:34:56:78:9a:bc"
+
+[[nsg]]
+name = "srv"
+[[nsg.rule]]
+name = "allow-http"
+priority = 100
+direction = "in"
+action = "allow"
+protocol = "tcp"
+dst_ports = ["8000"]
+
+[[vip]]
+name = "web"
+vnet = "a"
+address = "198.51.100.100"
+port = 80
+protocol = "tcp"
+max_conns = {MAX_CONNS}
+backends = [ {{ vm = "sv", port = 8000 }}, {{ vm = "s2", port = 8000 }} ]
+
+[[vm]]
+name = "sv"
+port = "sv"
+vnet = "a"
+mac = "02:00:00:00:01:04"
+ips = ["10.1.0.4"]
+nsg = "srv"
+[[vm]]
+name = "s2"
+port = "s2"
+vnet = "a"
+mac = "02:00:00:00:01:05"
+ips = ["10.1.0.5"]
+nsg = "srv"
+"#
+    );
+    c
+}
+
+/// Resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    read(std::path::Path::new(&format!("/proc/{pid}/status")))
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Connections tracked to the VIP now: its backends' active connections.
+fn vip_conns(counters: &serde_json::Value) -> u64 {
+    counters["backends"]
+        .as_array()
+        .map(|bs| {
+            bs.iter()
+                .map(|b| b["active_connections"].as_u64().unwrap_or(0))
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_spoofed_syn_flood_leaves_established_and_new_connections_working() {
+    if !testkit::require::root_and(&["ip", "ethtool", "curl", "python3", "cmp"]) {
+        return;
+    }
+    let mut lab = Lab::new("sf");
+    for (tag, cidr, mac, gw) in [
+        ("sv", "10.1.0.4/16", "02:00:00:00:01:04", "10.1.0.1"),
+        ("s2", "10.1.0.5/16", "02:00:00:00:01:05", "10.1.0.1"),
+        ("wr", "198.51.100.10/24", WIRE_MAC, ""),
+    ] {
+        lab.add(
+            tag,
+            mac,
+            &[
+                vec!["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"],
+                vec!["ip", "addr", "add", cidr, "dev", "eth0"],
+            ],
+        );
+        if !gw.is_empty() {
+            lab.exec(tag, &["ip", "route", "add", "default", "via", gw]);
+        }
+    }
+    let dir = lab.dir.clone();
+    // 2 MiB of varied bytes, so a download that mixes up data shows.
+    let data: Vec<u8> = {
+        let mut x = 0x2545_f491_4f6c_dd1d_u64 ^ u64::from(std::process::id());
+        (0..2 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    };
+    for (tag, ip) in [("sv", "10.1.0.4"), ("s2", "10.1.0.5")] {
+        let root = dir.join(format!("www-{tag}"));
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("big"), &data).unwrap();
+        std::fs::write(root.join("small"), "ok\n").unwrap();
+        let cmd = format!(
+            "exec python3 -u -m http.server 8000 --bind {ip} --directory {}",
+            root.display()
+        );
+        lab.spawn(tag, &cmd, &dir.join(format!("{tag}.log")));
+    }
+    let (idx, _out, log) = lab.pollux("sf", &config(&lab));
+    let pid = lab.children[idx].id();
+    let api = lab.api("sf");
+    let context = || read(&log);
+    api.wait_ready(Duration::from_secs(30), context);
+    let vip = "http://198.51.100.100/small";
+    assert!(
+        wait_for(Duration::from_secs(20), || {
+            lab.bash("wr", &format!("curl -sf --max-time 2 {vip}"))
+                .status
+                .success()
+        }),
+        "{vip} before the flood\n{}",
+        read(&log)
+    );
+    let rss_before = rss_kib(pid);
+
+    // Established transfers, stretched over the flood.
+    let mut downloads = Vec::new();
+    for i in 0..4 {
+        let file = dir.join(format!("dl{i}"));
+        let cmd = format!(
+            "exec curl -s --max-time 120 --limit-rate 64k -o {} -w '%{{http_code}}' \
+             http://198.51.100.100/big",
+            file.display()
+        );
+        downloads.push((lab.spawn("wr", &cmd, &dir.join(format!("dl{i}.log"))), file));
+    }
+    // They are established (bytes arrive) before the flood starts.
+    assert!(
+        wait_for(Duration::from_secs(20), || downloads
+            .iter()
+            .all(|(_, f)| std::fs::metadata(f).is_ok_and(|m| m.len() > 0))),
+        "downloads did not start\n{}",
+        read(&log)
+    );
+
+    // The flood: as fast as the generator goes, from 65 536 spoofed
+    // sources, two million distinct connections.
+    let report = dir.join("flood.json");
+    let rate = match std::env::var("POLLUX_FLOOD_PPS").as_deref() {
+        Ok("full") => String::new(),
+        Ok(n) => format!("--rate {}", n.parse::<u64>().expect("POLLUX_FLOOD_PPS")),
+        Err(_) => format!("--rate {FLOOD_PPS}"),
+    };
+    let flood = format!(
+        "exec {} pktgen --tx af_packet:eth0 --proto tcp-syn --size 76 \
+         --src-ip 100.64.0.0 --src-ips 65536 --flows 2000000 \
+         --dst-ip 198.51.100.100 --dport 80 --dst-mac {UPLINK_MAC} \
+         {rate} --warmup 0 --duration {FLOOD_SECS} --json > {}",
+        env!("CARGO_BIN_EXE_pollux"),
+        report.display()
+    );
+    let flooder = lab.spawn("wr", &flood, &dir.join("flood.log"));
+    let started = Instant::now();
+    // The flood is under way when pollux's table has filled with it.
+    let flood_log = dir.join("flood.log");
+    api.wait_for(
+        "/v1/counters",
+        Duration::from_secs(20),
+        "the flood fills the VIP's share",
+        |c| common::api::worker(c, 0, "conns_evicted_embryonic") > 0,
+        || format!("{}\n{}", read(&flood_log), read(&log)),
+    );
+
+    // New clients during the flood: one request at a time, each with a
+    // deadline (curl's own SYN retransmissions included) that ends before
+    // the flood does.
+    let mut ok = 0;
+    let mut tried = 0;
+    let mut peak_rss = rss_before;
+    let mut peak_conns = 0;
+    let mut failures = Vec::new();
+    while started.elapsed() < Duration::from_secs(FLOOD_SECS - REQUEST_SECS) && tried < 300 {
+        tried += 1;
+        let t = Instant::now();
+        let out = lab.bash("wr", &format!("curl -sf --max-time {REQUEST_SECS} {vip}"));
+        if out.status.success() && out.stdout == b"ok\n" {
+            ok += 1;
+        } else {
+            failures.push(format!(
+                "curl exit {:?} after {:?} at {:?} into the flood",
+                out.status.code(),
+                t.elapsed(),
+                t - started
+            ));
+        }
+        peak_rss = peak_rss.max(rss_kib(pid));
+        if let Some(c) = api.get("/v1/counters") {
+            peak_conns = peak_conns.max(vip_conns(&c));
+        }
+    }
+    // Every request ended while the flood still ran.
+    assert!(
+        matches!(lab.children[flooder].try_wait(), Ok(None)),
+        "the flood ended before the requests did: {}",
+        read(&flood_log)
+    );
+    let flood_status = lab.children[flooder].wait().unwrap();
+    let flood_report = read(&report);
+    assert!(
+        flood_status.success(),
+        "pktgen: {}\n{}",
+        read(&flood_log),
+        flood_report
+    );
+    let sent_pps = serde_json::from_str::<serde_json::Value>(&flood_report)
+        .ok()
+        .and_then(|r| r["trials"][0]["tx_pps"].as_f64())
+        .unwrap_or(0.0);
+    let counters = api.get("/v1/counters").unwrap();
+    let evicted = common::api::worker(&counters, 0, "conns_evicted_embryonic");
+
+    // The established downloads finished, every byte right.
+    for (c, file) in &downloads {
+        let status = lab.children[*c].wait().unwrap();
+        assert!(status.success(), "download {}", file.display());
+        assert_eq!(
+            std::fs::read(file).unwrap(),
+            data,
+            "download {} is not the file",
+            file.display()
+        );
+    }
+    let wire = |f: &str| common::api::port(&counters, "wire", f);
+
+    eprintln!(
+        "flood: {sent_pps:.0} SYN/s sent; pollux received {} packets on the wire port \
+         (dropped there: {}); \
+         requests during the flood: {ok}/{tried} ({failures:?}); embryonic connections \
+         evicted: {evicted}; refused at the VIP's limit: {}; peak connections to the VIP: {peak_conns}; \
+         rss {rss_before} KiB before, {peak_rss} KiB at most",
+        wire("rx_packets"),
+        counters["ports"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["name"] == "wire"))
+            .map(|p| p["drops"].to_string())
+            .unwrap_or_default(),
+        counters["workers"][0]["drops"]["lb_vip_conn_limit"]
+    );
+    assert!(tried >= 50, "only {tried} requests in the flood");
+    assert!(
+        ok * 100 >= tried * 99,
+        "only {ok} of {tried} requests through the VIP succeeded under the flood: {failures:?}\n{counters}\n{}",
+        read(&log)
+    );
+    // The flood displaced its own entries, far more than the VIP holds.
+    assert!(evicted > 10 * MAX_CONNS, "evicted {evicted}");
+    // The VIP never held more than its limit (one worker: all of it).
+    assert!(
+        peak_conns <= MAX_CONNS,
+        "{peak_conns} connections to the VIP"
+    );
+    // Memory: what pollux had reserved before the flood, plus what the
+    // tables take when full (a connection's entry and its two flows, with
+    // their hash-map slots: well under 1 KiB together), plus 16 MiB for
+    // everything else; the flood cannot push it further.
+    let bound = rss_before + (CONN_TABLE + FLOW_TABLE) + 16 * 1024;
+    assert!(
+        peak_rss <= bound,
+        "rss {peak_rss} KiB over the bound {bound} KiB (before the flood: {rss_before} KiB)"
+    );
+}
