@@ -33,6 +33,7 @@ needed=(
     util-linux        # setpriv(1): tests as another user
     iproute2          # ip(8): namespaces and veth pairs
     iputils-ping      # ping in the namespaces
+    traceroute        # traceroute through pollux in the namespaces
     ethtool           # offload settings of test veths
     curl              # HTTP client in the namespaces
     python3           # python3 -m http.server backends

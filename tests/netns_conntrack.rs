@@ -21,13 +21,15 @@
 //! VM (`ping -s 4000`), through a VIP and through SNAT (a 4 000-byte UDP
 //! datagram echoed by a real server), every fragment after the first
 //! following its first; and a packet whose TTL runs out in pollux is
-//! answered with ICMP time exceeded from the vnet's gateway (`ping -t 1`);
+//! answered with ICMP time exceeded from the vnet's gateway (`ping -t 1`,
+//! and `traceroute` VM to VM, to a VIP and out of the uplink shows pollux
+//! as the first hop);
 //! and ICMP errors the servers' kernels send (port unreachable) reach the
 //! client's socket through a VIP and through SNAT, translated; and a VM
 //! behind a port with a smaller MTU is reached by path-MTU discovery (the
 //! sender's kernel learns the MTU from pollux's "fragmentation needed").
 //!
-//! Needs root and `ip`, `ethtool`, `curl`, `python3`, `ping`.
+//! Needs root and `ip`, `ethtool`, `curl`, `python3`, `ping`, `traceroute`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 mod common;
@@ -514,7 +516,7 @@ sys.exit(1)
 
 #[test]
 fn fragments_cross_and_expiring_ttls_are_answered() {
-    if !testkit::require::root_and(&["ip", "ethtool", "python3", "ping"]) {
+    if !testkit::require::root_and(&["ip", "ethtool", "python3", "ping", "traceroute"]) {
         return;
     }
     let mut lab = lab();
@@ -621,6 +623,30 @@ fn fragments_cross_and_expiring_ttls_are_answered() {
             "{workers} worker(s): {text}\n{}",
             read(&log)
         );
+        // traceroute shows pollux as the first hop, VM to VM, to a VIP
+        // (TCP probes to its port) and out of the uplink; the last hop
+        // answers through pollux (port unreachable or the SYN-ACK).
+        for (args, last) in [
+            ("10.1.0.4", "10.1.0.4"),
+            ("-T -p 7100 10.1.0.103", "10.1.0.103"),
+            ("198.51.100.10", "198.51.100.10"),
+        ] {
+            let r = lab.bash("cl", &format!("traceroute -n -q 1 -w 2 -m 4 {args}"));
+            let text = String::from_utf8_lossy(&r.stdout);
+            let hops: Vec<Vec<&str>> = text
+                .lines()
+                .skip(1)
+                .map(|l| l.split_whitespace().take(2).collect())
+                .collect();
+            assert_eq!(
+                hops,
+                [vec!["1", "10.1.0.1"], vec!["2", last]],
+                "{workers} worker(s): traceroute {args}: {text}{}\n{}\n{}",
+                String::from_utf8_lossy(&r.stderr),
+                api.get("/v1/counters").unwrap_or_default(),
+                read(&log)
+            );
+        }
         // The client's kernel learnt the path MTU from pollux's errors.
         let r = lab.bash("cl", "ip route get 10.1.0.103");
         let route = String::from_utf8_lossy(&r.stdout);
