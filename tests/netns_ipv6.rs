@@ -2,7 +2,11 @@
 //! on `af_packet` ports. The kernels resolve each other and their gateway
 //! (a link-local address) through pollux's neighbour-discovery responder;
 //! ping, a direct HTTP request and one through an IPv6 VIP all work, and the
-//! other tenant reaches nothing.
+//! other tenant reaches nothing. A download through the VIP to a client
+//! behind a port with a smaller MTU completes by path-MTU discovery (the
+//! server's kernel learns it from pollux's ICMPv6 "packet too big"), and a
+//! packet whose hop limit runs out is answered with ICMPv6 time exceeded
+//! from the vnet's gateway address.
 //!
 //! Needs root and `ip`, `ethtool`, `curl`, `ping`, `python3`
 //! (`testkit::require`: without them it says why it did not run; under CI it
@@ -27,6 +31,10 @@ fn config(lab: &Lab) -> String {
             "[[port]]\nname = \"{tag}\"\ndriver = \"af_packet\"\niface = \"{}\"\n",
             lab.ns(tag).host
         );
+        // The client stands behind a narrower link.
+        if tag == "cl" {
+            c += "mtu = 1400\n";
+        }
     }
     c += r#"
 [[vnet]]
@@ -81,6 +89,8 @@ fn ipv6_stacks_resolve_and_talk_through_pollux() {
     let root = lab.dir.join("www");
     std::fs::create_dir_all(&root).unwrap();
     std::fs::write(root.join("index.html"), "w1 over v6").unwrap();
+    let big: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(root.join("big"), &big).unwrap();
     let log = lab.dir.join("w1.log");
     lab.spawn(
         "w1",
@@ -110,6 +120,31 @@ fn ipv6_stacks_resolve_and_talk_through_pollux() {
     assert_eq!(String::from_utf8_lossy(&r.stdout), "w1 over v6");
     let r = lab.bash("cl", "curl -s -g --max-time 5 'http://[fd00:1::100]/'");
     assert_eq!(String::from_utf8_lossy(&r.stdout), "w1 over v6");
+    // A download through the VIP to the client behind its 1 400-byte link:
+    // the server's kernel learns the path MTU from pollux's "packet too
+    // big" and the download completes, every byte.
+    let got = lab.dir.join("big.got");
+    let r = lab.bash(
+        "cl",
+        &format!(
+            "curl -s -g --max-time 30 -o {} 'http://[fd00:1::100]/big'",
+            got.display()
+        ),
+    );
+    assert!(r.status.success(), "download: {:?}\n{}", r, read(&err));
+    assert!(std::fs::read(&got).unwrap() == big, "download differs");
+    let r = lab.bash("w1", "ip -6 route get fd00:1::20");
+    let route = String::from_utf8_lossy(&r.stdout);
+    assert!(route.contains("mtu 1400"), "{route}");
+    // A packet whose hop limit runs out in pollux is answered from the
+    // vnet's gateway address.
+    let r = lab.bash("cl", "ping -6 -c 1 -W 2 -t 1 fd00:1::4");
+    let text = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        text.contains("From fd00:1::1") && text.contains("Time exceeded"),
+        "{text}\n{}",
+        read(&err)
+    );
     // The other tenant has the same prefix and reaches neither.
     let r = lab.bash(
         "ot",

@@ -590,26 +590,117 @@ pub fn ipv4_frag_needed<B: crate::PacketBuf>(
     ipv4_error(pkt, p, from_mac, from_ip, [3, 4], [0, 0, m[0], m[1]])
 }
 
-/// True when an ICMP error may be sent about this IPv4 packet (RFC 1122
-/// 3.2.2): not about an ICMP error (only echo is answered for ICMP), a
-/// fragment after the first, or a packet to or from a multicast or
-/// broadcast address or from 0.0.0.0.
+/// True when an ICMP error may be sent about this IP packet: not about an
+/// ICMP error (for ICMPv4 only echo is answered, for ICMPv6 only
+/// informational messages), a fragment after the first, or a packet to or
+/// from a multicast or broadcast address or from the unspecified address
+/// (RFC 1122 3.2.2, RFC 4443 2.4).
 pub fn may_answer_with_error(frame: &[u8], p: &Parsed) -> bool {
-    if p.l3 != L3::Ipv4 || p.frag.is_later() || p.vlan.is_some() {
+    if p.frag.is_later() || p.vlan.is_some() {
         return false;
     }
-    let (std::net::IpAddr::V4(src), std::net::IpAddr::V4(dst)) = (p.key.src(), p.key.dst()) else {
-        return false;
+    let icmp_type = || {
+        frame
+            .get(usize::from(p.l4_off))
+            .copied()
+            .filter(|_| p.has_l4)
     };
-    let odd = |a: Ipv4Addr| a.is_multicast() || a.is_broadcast() || a.is_unspecified();
-    if odd(src) || odd(dst) {
-        return false;
+    match (p.l3, p.key.src(), p.key.dst()) {
+        (L3::Ipv4, std::net::IpAddr::V4(src), std::net::IpAddr::V4(dst)) => {
+            let odd = |a: Ipv4Addr| a.is_multicast() || a.is_broadcast() || a.is_unspecified();
+            !odd(src)
+                && !odd(dst)
+                && (p.key.proto != PROTO_ICMP || icmp_type().is_some_and(|t| matches!(t, 0 | 8)))
+        }
+        (L3::Ipv6, std::net::IpAddr::V6(src), std::net::IpAddr::V6(dst)) => {
+            !src.is_multicast()
+                && !src.is_unspecified()
+                && !dst.is_multicast()
+                && (p.key.proto != PROTO_ICMPV6 || icmp_type().is_some_and(|t| t >= 128))
+        }
+        _ => false,
     }
-    p.key.proto != PROTO_ICMP
-        || (p.has_l4
-            && frame
-                .get(usize::from(p.l4_off))
-                .is_some_and(|t| matches!(t, 0 | 8)))
+}
+
+/// Turns `pkt`, an IPv6 packet whose hop limit ran out (parsed as `p`),
+/// into the ICMPv6 time-exceeded error (type 3, code 0) for its sender, in
+/// place: from `from_mac`/`from_ip` to the sender's MAC and address,
+/// quoting as much of the packet as keeps the error within the minimum
+/// IPv6 MTU (RFC 4443 2.4). Frames with a VLAN tag and non-IPv6 packets
+/// are refused (the caller drops them).
+pub fn ipv6_time_exceeded<B: crate::PacketBuf>(
+    pkt: &mut B,
+    p: &Parsed,
+    from_mac: MacAddr,
+    from_ip: Ipv6Addr,
+) -> Result<(), RewriteError> {
+    ipv6_error(pkt, p, from_mac, from_ip, [3, 0], [0; 4])
+}
+
+/// Turns `pkt`, an IPv6 packet larger than `mtu` (parsed as `p`), into
+/// the ICMPv6 "packet too big" error (type 2, with the MTU; RFC 4443 3.2,
+/// what IPv6 path-MTU discovery learns from: routers never fragment IPv6)
+/// for its sender, in place, as [`ipv6_time_exceeded`] does.
+pub fn ipv6_packet_too_big<B: crate::PacketBuf>(
+    pkt: &mut B,
+    p: &Parsed,
+    from_mac: MacAddr,
+    from_ip: Ipv6Addr,
+    mtu: u16,
+) -> Result<(), RewriteError> {
+    let m = u32::from(mtu).to_be_bytes();
+    ipv6_error(pkt, p, from_mac, from_ip, [2, 0], m)
+}
+
+/// Bytes of the offending packet an ICMPv6 error quotes at most: the
+/// minimum IPv6 MTU less the error's own IPv6 and ICMPv6 headers.
+const V6_QUOTE: usize = 1280 - 40 - 8;
+
+/// The ICMPv6 error `kind` (type, code) with the 4 bytes `rest` after the
+/// checksum, made of `pkt` in place (see [`ipv6_time_exceeded`]).
+fn ipv6_error<B: crate::PacketBuf>(
+    pkt: &mut B,
+    p: &Parsed,
+    from_mac: MacAddr,
+    from_ip: Ipv6Addr,
+    kind: [u8; 2],
+    rest: [u8; 4],
+) -> Result<(), RewriteError> {
+    if p.l3 != L3::Ipv6 || p.vlan.is_some() {
+        return Err(RewriteError::NotIpv6);
+    }
+    let frame = pkt.data();
+    let l3 = usize::from(p.l3_off);
+    let quoted = frame.len().saturating_sub(l3).min(V6_QUOTE);
+    let mut quote = [0u8; V6_QUOTE];
+    let q = quote.get_mut(..quoted).ok_or(RewriteError::Mismatch)?;
+    q.copy_from_slice(frame.get(l3..l3 + quoted).ok_or(RewriteError::Mismatch)?);
+    let mut to_mac = [0u8; 6];
+    to_mac.copy_from_slice(frame.get(6..12).ok_or(RewriteError::Mismatch)?);
+    let mut to_ip = [0u8; 16];
+    to_ip.copy_from_slice(frame.get(l3 + 8..l3 + 24).ok_or(RewriteError::Mismatch)?);
+    let len = 8 + quoted;
+    pkt.reset();
+    let out = pkt
+        .append(14 + 40 + len)
+        .map_err(|_| RewriteError::Mismatch)?;
+    out[0..6].copy_from_slice(&to_mac);
+    out[6..12].copy_from_slice(&from_mac.0);
+    out[12..14].copy_from_slice(&[0x86, 0xdd]);
+    let ip = &mut out[14..54];
+    ip[..8].copy_from_slice(&[0x60, 0, 0, 0, 0, 0, PROTO_ICMPV6, 64]);
+    ip[4..6].copy_from_slice(&(len as u16).to_be_bytes());
+    ip[8..24].copy_from_slice(&from_ip.octets());
+    ip[24..40].copy_from_slice(&to_ip);
+    let icmp = &mut out[54..];
+    icmp[..2].copy_from_slice(&kind);
+    icmp[2..4].copy_from_slice(&[0, 0]);
+    icmp[4..8].copy_from_slice(&rest);
+    icmp[8..].copy_from_slice(&quote[..quoted]);
+    let pseudo = checksum::pseudo_v6(from_ip.octets(), to_ip, PROTO_ICMPV6, len as u32);
+    let c = !checksum::fold(checksum::combine(pseudo, checksum::sum(icmp)));
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    Ok(())
 }
 
 /// True for an IPv4 packet with "don't fragment" set.

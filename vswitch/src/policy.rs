@@ -124,6 +124,18 @@ impl Vnet {
             _ => None,
         })
     }
+
+    /// The gateway's IPv6 address: the first host of the first IPv6
+    /// prefix (`fd00:1::1` of `fd00:1::/64`), what ICMPv6 errors the switch
+    /// makes come from.
+    pub fn gateway_v6(&self) -> Option<std::net::Ipv6Addr> {
+        self.prefixes.iter().find_map(|n| match n {
+            IpNet::V6(v6) if v6.prefix_len() < 127 => {
+                Some(std::net::Ipv6Addr::from(u128::from(v6.network()) + 1))
+            }
+            _ => None,
+        })
+    }
 }
 
 /// A VM in the snapshot: its definition, with `nsg` indexing

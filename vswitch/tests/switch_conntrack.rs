@@ -58,6 +58,12 @@ fn rule(name: &str, prio: i64, dir: &str, action: &str, src: &str, dst_ports: &s
     }
 }
 
+/// `vm` with an IPv6 address too.
+fn with_v6(mut vm: VmDef, ip: &str) -> VmDef {
+    vm.ips.push(ip.parse().unwrap());
+    vm
+}
+
 /// The client's group denies inbound TCP from its vnet; the server's allows
 /// TCP 8000 in; the DIP's denies everything in; `extra` rules go to a spare
 /// group (what changes between generations); `stateless_out` makes the
@@ -104,7 +110,10 @@ fn topology(extra: usize, stateless_out: bool) -> Topology {
         vnets: vec![
             VnetDef {
                 name: "a".into(),
-                prefixes: vec!["10.1.0.0/16".parse().unwrap()],
+                prefixes: vec![
+                    "10.1.0.0/16".parse().unwrap(),
+                    "fd00:1::/64".parse().unwrap(),
+                ],
                 gateway_mac: GW,
                 snat: None,
             },
@@ -116,8 +125,14 @@ fn topology(extra: usize, stateless_out: bool) -> Topology {
             },
         ],
         vms: vec![
-            vm("client", CLIENT as u16, 0, 1, "10.1.0.20", Some(0)),
-            vm("server", SERVER as u16, 0, 4, "10.1.0.4", Some(1)),
+            with_v6(
+                vm("client", CLIENT as u16, 0, 1, "10.1.0.20", Some(0)),
+                "fd00:1::20",
+            ),
+            with_v6(
+                vm("server", SERVER as u16, 0, 4, "10.1.0.4", Some(1)),
+                "fd00:1::4",
+            ),
             vm("dip", DIP as u16, 0, 5, "10.1.0.5", Some(2)),
             vm("other", OTHER as u16, 1, 1, "10.1.0.20", None),
         ],
@@ -757,6 +772,77 @@ fn a_packet_too_big_for_its_port_is_answered_with_the_mtu_when_it_may_not_be_fra
     // fragment), and counted.
     assert!(n.send(CLIENT, big(false, 46002)).is_empty());
     assert_eq!(n.dropped("too_big"), 1);
+}
+
+#[test]
+fn ipv6_hop_limit_and_port_mtu_are_answered_with_icmpv6_from_the_gateway() {
+    let mut n = Net::with_mtu(false, vec![1500, 1400, 1500, 1500, 1500]);
+    let client: [u8; 16] = "fd00:1::20".parse::<std::net::Ipv6Addr>().unwrap().octets();
+    let server: [u8; 16] = "fd00:1::4".parse::<std::net::Ipv6Addr>().unwrap().octets();
+    let gateway: [u8; 16] = "fd00:1::1".parse::<std::net::Ipv6Addr>().unwrap().octets();
+    let udp6 = |hops: u8, sport: u16, payload: usize| {
+        let mut v = Vec::new();
+        etherparse::PacketBuilder::ethernet2(mac(1).0, GW.0)
+            .ipv6(client, server, hops)
+            .udp(sport, 7000)
+            .write(&mut v, &vec![0x61; payload])
+            .unwrap();
+        v
+    };
+    // Checks an ICMPv6 error from the gateway to the client: returns its
+    // type, its 4 bytes after the checksum and its quote.
+    let error = |f: &[u8]| {
+        assert_eq!(&f[0..6], &mac(1).0);
+        assert_eq!(&f[6..12], &GW.0);
+        let s = etherparse::SlicedPacket::from_ethernet(f).unwrap();
+        let Some(etherparse::NetSlice::Ipv6(ip)) = &s.net else {
+            panic!("not ipv6: {f:?}")
+        };
+        assert_eq!(ip.header().source(), gateway);
+        assert_eq!(ip.header().destination(), client);
+        let Some(etherparse::TransportSlice::Icmpv6(icmp)) = &s.transport else {
+            panic!("not icmpv6")
+        };
+        let want = icmp
+            .icmp_type()
+            .calc_checksum(gateway, client, icmp.payload())
+            .unwrap();
+        assert_eq!(icmp.checksum(), want, "ICMPv6 checksum");
+        let raw = icmp.slice();
+        (raw[0], raw[4..8].to_vec(), icmp.payload().to_vec())
+    };
+    // Hop limit 1: time exceeded (type 3), quoting the whole packet.
+    let sent = udp6(1, 50000, 12);
+    let out = n.send_frames(CLIENT, sent.clone());
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].0, CLIENT);
+    let (kind, _, quote) = error(&out[0].1);
+    assert_eq!(kind, 3);
+    assert_eq!(quote, &sent[14..]);
+    // 1 500 bytes of IP to a port of 1 400: packet too big (type 2) with
+    // the MTU, quoting what fits in 1 280 bytes.
+    let sent = udp6(64, 50001, 1452);
+    let out = n.send_frames(CLIENT, sent.clone());
+    assert_eq!(out.len(), 1);
+    let (kind, mtu, quote) = error(&out[0].1);
+    assert_eq!(kind, 2);
+    assert_eq!(mtu, 1400u32.to_be_bytes());
+    assert_eq!(out[0].1.len(), 14 + 1280);
+    assert_eq!(quote, &sent[14..14 + 1232]);
+    // 1 400 bytes pass.
+    assert_eq!(n.send(CLIENT, udp6(64, 50002, 1352)), [SERVER]);
+    assert_eq!(n.stats.icmp_errors.load(Ordering::Relaxed), 2);
+    // No error about an ICMPv6 error (RFC 4443 2.4).
+    let mut err = Vec::new();
+    etherparse::PacketBuilder::ethernet2(mac(1).0, GW.0)
+        .ipv6(client, server, 1)
+        .icmpv6(etherparse::Icmpv6Type::DestinationUnreachable(
+            etherparse::icmpv6::DestUnreachableCode::Port,
+        ))
+        .write(&mut err, &[0; 48])
+        .unwrap();
+    assert!(n.send(CLIENT, err).is_empty());
+    assert_eq!(n.stats.icmp_errors.load(Ordering::Relaxed), 2);
 }
 
 #[test]

@@ -38,7 +38,7 @@ use crate::policy::{NO_VIP, Policy};
 use arc_swap::ArcSwap;
 use dataplane::clock::TscClock;
 use dataplane::worker::{Ctx, Pipeline};
-use dataplane::{Batch, DropReason, PacketBuf, Parsed, parse, parse_into, rewrite};
+use dataplane::{Batch, DropReason, L3, PacketBuf, Parsed, parse, parse_into, rewrite};
 use lb::balancer::LbCore;
 use lb::conntrack::Timeouts;
 use lb::snat::SnatAllocator;
@@ -206,11 +206,12 @@ impl<B: PacketBuf> Switch<B> {
         &self.flows
     }
 
-    /// A packet the switch cannot forward as it is. A VM's IPv4 packet is
+    /// A packet the switch cannot forward as it is. A VM's packet is
     /// answered from its vnet's gateway: with ICMP time exceeded when its
-    /// TTL ran out (what `traceroute` shows as the switch's hop), with
-    /// "fragmentation needed" and the port's MTU when it is too big with
-    /// "don't fragment" set (what path-MTU discovery learns from); at most
+    /// TTL or hop limit ran out (what `traceroute` shows as the switch's
+    /// hop), with "fragmentation needed" and the port's MTU when an IPv4
+    /// packet is too big with "don't fragment" set, or "packet too big"
+    /// for IPv6 (what path-MTU discovery learns from); at most
     /// `ICMP_ERRORS_PER_SEC` a second with bursts of `ICMP_ERROR_BURST`.
     /// The rest are dropped as `ttl_expired` or `too_big` (the switch does
     /// not fragment).
@@ -227,24 +228,40 @@ impl<B: PacketBuf> Switch<B> {
             Bounce::Ttl(p) => (p, SwitchDrop::TtlExpired, None),
             Bounce::TooBig(p, m) => (p, SwitchDrop::TooBig, Some(m)),
         };
-        if mtu.is_some() && !rewrite::ipv4_dont_fragment(pkt.data(), pk) {
-            // Fragmentable, or not IPv4: dropped, not answered.
+        let v6 = pk.l3 == L3::Ipv6;
+        if mtu.is_some() && !v6 && !rewrite::ipv4_dont_fragment(pkt.data(), pk) {
+            // Fragmentable IPv4: dropped, not answered (the switch does not
+            // fragment). IPv6 is never fragmented on the way: always told.
             return self.drop_pkt(pkt, why);
         }
         // Nothing an error may not be sent about takes a token.
         if !rewrite::may_answer_with_error(pkt.data(), pk) {
             return self.drop_pkt(pkt, why);
         }
-        let gateway = policy
+        let vnet = policy
             .vm_on_port(pk.in_port)
-            .and_then(|(_, vm)| policy.vnets.get(vm.vnet))
-            .and_then(|v| Some((v.gateway_mac, v.gateway_v4()?)));
-        let answered = gateway.is_some_and(|(mac, ip)| {
-            self.icmp_budget(now)
-                && match mtu {
-                    Some(m) => rewrite::ipv4_frag_needed(&mut pkt, pk, mac, ip, m).is_ok(),
-                    None => rewrite::ipv4_time_exceeded(&mut pkt, pk, mac, ip).is_ok(),
+            .and_then(|(_, vm)| policy.vnets.get(vm.vnet));
+        let answered = vnet.is_some_and(|v| {
+            let mac = v.gateway_mac;
+            match (v6, v.gateway_v4(), v.gateway_v6(), mtu) {
+                (false, Some(ip), _, Some(m)) => {
+                    self.icmp_budget(now)
+                        && rewrite::ipv4_frag_needed(&mut pkt, pk, mac, ip, m).is_ok()
                 }
+                (false, Some(ip), _, None) => {
+                    self.icmp_budget(now)
+                        && rewrite::ipv4_time_exceeded(&mut pkt, pk, mac, ip).is_ok()
+                }
+                (true, _, Some(ip), Some(m)) => {
+                    self.icmp_budget(now)
+                        && rewrite::ipv6_packet_too_big(&mut pkt, pk, mac, ip, m).is_ok()
+                }
+                (true, _, Some(ip), None) => {
+                    self.icmp_budget(now)
+                        && rewrite::ipv6_time_exceeded(&mut pkt, pk, mac, ip).is_ok()
+                }
+                _ => false,
+            }
         });
         if answered {
             self.stats.icmp_errors.fetch_add(1, Ordering::Relaxed);
