@@ -6,7 +6,9 @@
 //! behind a port with a smaller MTU completes by path-MTU discovery (the
 //! server's kernel learns it from pollux's ICMPv6 "packet too big"), and a
 //! packet whose hop limit runs out is answered with ICMPv6 time exceeded
-//! from the vnet's gateway address.
+//! from the vnet's gateway address; the server kernel's ICMPv6 port
+//! unreachable about a datagram to a UDP VIP reaches the client's socket
+//! translated.
 //!
 //! Needs root and `ip`, `ethtool`, `curl`, `ping`, `python3`
 //! (`testkit::require`: without them it says why it did not run; under CI it
@@ -52,6 +54,13 @@ address = "fd00:1::100"
 port = 80
 protocol = "tcp"
 backends = [ { vm = "w1", port = 8000 } ]
+[[vip]]
+name = "closed6"
+vnet = "a"
+address = "fd00:1::101"
+port = 9
+protocol = "udp"
+backends = [ { vm = "w1", port = 9999 } ]
 "#;
     for (tag, ip, mac, vnet) in NODES {
         c += &format!(
@@ -143,6 +152,33 @@ fn ipv6_stacks_resolve_and_talk_through_pollux() {
     assert!(
         text.contains("From fd00:1::1") && text.contains("Time exceeded"),
         "{text}\n{}",
+        read(&err)
+    );
+    // The server's port unreachable about a datagram to a VIP reaches the
+    // client's socket translated (it quotes what the client sent: the
+    // VIP's address and port).
+    let probe = "import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.settimeout(2)
+s.connect(('fd00:1::101', 9))
+for _ in range(3):
+    try:
+        s.send(b'anyone?')
+        s.recv(100)
+    except ConnectionRefusedError:
+        sys.exit(0)
+    except socket.timeout:
+        continue
+sys.exit(1)
+";
+    std::fs::write(lab.dir.join("refused.py"), probe).unwrap();
+    let r = lab.bash(
+        "cl",
+        &format!("python3 {}", lab.dir.join("refused.py").display()),
+    );
+    assert!(
+        r.status.success(),
+        "no port unreachable through the IPv6 VIP: {r:?}\n{}",
         read(&err)
     );
     // The other tenant has the same prefix and reaches neither.

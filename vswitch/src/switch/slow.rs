@@ -333,13 +333,7 @@ impl<B: PacketBuf> Switch<B> {
         r: Rewrite,
         from_wire: bool,
     ) -> Result<Slow, SwitchDrop> {
-        use std::net::IpAddr;
-        let v4 = |a: Option<(IpAddr, u16)>| match a {
-            None => Ok(None),
-            Some((IpAddr::V4(a), port)) => Ok(Some((a, port))),
-            Some(_) => Err(SwitchDrop::Unsupported),
-        };
-        let (src, dst) = (v4(r.src)?, v4(r.dst)?);
+        let (src, dst) = (r.src, r.dst);
         let t = dataplane::icmp_error::Translation {
             outer_src: src.map(|s| s.0),
             outer_dst: dst.map(|d| d.0),
@@ -349,8 +343,8 @@ impl<B: PacketBuf> Switch<B> {
             quoted_src: dst,
             quoted_dst: src,
         };
-        let to = t.outer_dst.map_or(pk.key.dst(), IpAddr::V4);
-        let quoted_src = t.quoted_src.map_or(q.key.src(), |(a, _)| IpAddr::V4(a));
+        let to = t.outer_dst.unwrap_or(pk.key.dst());
+        let quoted_src = t.quoted_src.map_or(q.key.src(), |(a, _)| a);
         if to != quoted_src {
             return Err(SwitchDrop::IcmpUnrelated);
         }
@@ -359,7 +353,7 @@ impl<B: PacketBuf> Switch<B> {
         if from_wire && vm.is_none() {
             return Err(SwitchDrop::IcmpUnrelated);
         }
-        dataplane::icmp_error::translate_v4(frame, pk, q, &t)
+        dataplane::icmp_error::translate(frame, pk, q, &t)
             .map_err(|_| SwitchDrop::RewriteFailed)?;
         let action = match vm {
             Some((_, vm)) => FlowAction::to_vm(vm, vnet.gateway_mac, Rewrite::NONE, None),
