@@ -5,9 +5,12 @@
 #   scripts/fuzz-long.sh [TARGET] [SECONDS] [JOBS]
 #
 # TARGET defaults to `switch` (the whole pipeline), SECONDS to 3600, JOBS
-# (parallel fuzzing processes) to 1. Needs cargo-fuzz (scripts/test.sh
-# installs it). Exits non-zero, naming what libFuzzer reported, if a run
-# crashed.
+# (parallel fuzzing processes) to 1. POLLUX_FUZZ_SANITIZER picks
+# cargo-fuzz's sanitizer (default `address`; `none` runs several times
+# faster: the code under test is safe Rust apart from the ring and pool
+# internals, which the short runs under ASan keep covering). Needs
+# cargo-fuzz (scripts/test.sh installs it). Exits non-zero, naming what
+# libFuzzer reported, if a run crashed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target="${1:-switch}"
@@ -22,7 +25,9 @@ if [ "$jobs" -gt 1 ]; then
     args+=(-jobs="$jobs" -workers="$jobs")
 fi
 status=0
-(cd "$work" && RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir "$OLDPWD/fuzz" "$target" -- "${args[@]}") \
+sanitizer="${POLLUX_FUZZ_SANITIZER:-address}"
+echo "sanitizer: $sanitizer"
+(cd "$work" && RUSTC_BOOTSTRAP=1 cargo fuzz run --sanitizer "$sanitizer" --fuzz-dir "$OLDPWD/fuzz" "$target" -- "${args[@]}") \
     >"$work/main.log" 2>&1 || status=$?
 logs=("$work"/*.log)
 # libFuzzer prints "stat::number_of_executed_units: N" per process at the end.

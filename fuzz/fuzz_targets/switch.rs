@@ -131,7 +131,12 @@ fn topology() -> Topology {
             },
             VipDef {
                 vnet: 0,
-                config: VipConfig::new("public", ip("198.51.100.80"), 80, 6, backends(8000)),
+                // A connection limit small enough that the fuzzer reaches
+                // it: eviction of the VIP's embryonic entries, and refusal.
+                config: VipConfig {
+                    max_conns: 16,
+                    ..VipConfig::new("public", ip("198.51.100.80"), 80, 6, backends(8000))
+                },
                 health: vec![],
             },
             VipDef {
