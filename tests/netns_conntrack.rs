@@ -27,7 +27,9 @@
 //! and ICMP errors the servers' kernels send (port unreachable) reach the
 //! client's socket through a VIP and through SNAT, translated; and a VM
 //! behind a port with a smaller MTU is reached by path-MTU discovery (the
-//! sender's kernel learns the MTU from pollux's "fragmentation needed").
+//! sender's kernel learns the MTU from pollux's "fragmentation needed"),
+//! also from the wire through a public VIP (the error then comes from the
+//! VIP's address).
 //!
 //! Needs root and `ip`, `ethtool`, `curl`, `python3`, `ping`, `traceroute`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
@@ -143,6 +145,13 @@ direction = "in"
 action = "allow"
 protocol = "tcp"
 dst_ports = ["8000"]
+[[nsg.rule]]
+name = "allow-sink"
+priority = 110
+direction = "in"
+action = "allow"
+protocol = "tcp"
+dst_ports = ["7100"]
 
 [[nsg]]
 name = "spare"
@@ -174,6 +183,14 @@ backends = [ {{ vm = "sv", port = 7007 }} ]
 name = "sink"
 vnet = "a"
 address = "10.1.0.103"
+port = 7100
+protocol = "tcp"
+backends = [ {{ vm = "s2", port = 7100 }} ]
+
+[[vip]]
+name = "sink-public"
+vnet = "a"
+address = "198.51.100.103"
 port = 7100
 protocol = "tcp"
 backends = [ {{ vm = "s2", port = 7100 }} ]
@@ -602,6 +619,13 @@ fn fragments_cross_and_expiring_ttls_are_answered() {
                 "path-MTU discovery through a VIP",
                 "cl",
                 format!("python3 {upload} 10.1.0.103 7100"),
+            ),
+            // From the wire through a public VIP: the VIP's address
+            // answers.
+            (
+                "path-MTU discovery from the wire through a public VIP",
+                "wr",
+                format!("python3 {upload} 198.51.100.103 7100"),
             ),
         ] {
             // The servers may take a moment to start: a few tries.

@@ -42,6 +42,7 @@ use dataplane::{Batch, DropReason, L3, PacketBuf, Parsed, parse, parse_into, rew
 use lb::balancer::LbCore;
 use lb::conntrack::Timeouts;
 use lb::snat::SnatAllocator;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -207,7 +208,9 @@ impl<B: PacketBuf> Switch<B> {
     }
 
     /// A packet the switch cannot forward as it is. A VM's packet is
-    /// answered from its vnet's gateway: with ICMP time exceeded when its
+    /// answered from its vnet's gateway, and a packet from the wire to a
+    /// public address of the switch from that address: with ICMP time
+    /// exceeded when its
     /// TTL or hop limit ran out (what `traceroute` shows as the switch's
     /// hop), with "fragmentation needed" and the port's MTU when an IPv4
     /// packet is too big with "don't fragment" set, or "packet too big"
@@ -238,30 +241,42 @@ impl<B: PacketBuf> Switch<B> {
         if !rewrite::may_answer_with_error(pkt.data(), pk) {
             return self.drop_pkt(pkt, why);
         }
-        let vnet = policy
-            .vm_on_port(pk.in_port)
-            .and_then(|(_, vm)| policy.vnets.get(vm.vnet));
-        let answered = vnet.is_some_and(|v| {
-            let mac = v.gateway_mac;
-            match (v6, v.gateway_v4(), v.gateway_v6(), mtu) {
-                (false, Some(ip), _, Some(m)) => {
-                    self.icmp_budget(now)
-                        && rewrite::ipv4_frag_needed(&mut pkt, pk, mac, ip, m).is_ok()
+        // From a VM: the vnet's gateway answers. From the wire, for a public
+        // address of the switch (a VIP or an SNAT address): that address
+        // answers, from the uplink's MAC (the switch has no address of its
+        // own on the wire).
+        let from = match policy.vm_on_port(pk.in_port) {
+            Some((_, vm)) => policy.vnets.get(vm.vnet).and_then(|v| {
+                let ip = if v6 {
+                    v.gateway_v6().map(IpAddr::V6)
+                } else {
+                    v.gateway_v4().map(IpAddr::V4)
+                };
+                Some((v.gateway_mac, ip?))
+            }),
+            None => policy
+                .uplink
+                .as_ref()
+                .filter(|up| up.port == pk.in_port)
+                .filter(|_| policy.vnet_by_public(pk.key.dst_ip).is_some())
+                .map(|up| (up.mac, pk.key.dst())),
+        };
+        let answered = from.is_some_and(|(mac, ip)| {
+            self.icmp_budget(now)
+                && match (ip, mtu) {
+                    (IpAddr::V4(ip), Some(m)) => {
+                        rewrite::ipv4_frag_needed(&mut pkt, pk, mac, ip, m).is_ok()
+                    }
+                    (IpAddr::V4(ip), None) => {
+                        rewrite::ipv4_time_exceeded(&mut pkt, pk, mac, ip).is_ok()
+                    }
+                    (IpAddr::V6(ip), Some(m)) => {
+                        rewrite::ipv6_packet_too_big(&mut pkt, pk, mac, ip, m).is_ok()
+                    }
+                    (IpAddr::V6(ip), None) => {
+                        rewrite::ipv6_time_exceeded(&mut pkt, pk, mac, ip).is_ok()
+                    }
                 }
-                (false, Some(ip), _, None) => {
-                    self.icmp_budget(now)
-                        && rewrite::ipv4_time_exceeded(&mut pkt, pk, mac, ip).is_ok()
-                }
-                (true, _, Some(ip), Some(m)) => {
-                    self.icmp_budget(now)
-                        && rewrite::ipv6_packet_too_big(&mut pkt, pk, mac, ip, m).is_ok()
-                }
-                (true, _, Some(ip), None) => {
-                    self.icmp_budget(now)
-                        && rewrite::ipv6_time_exceeded(&mut pkt, pk, mac, ip).is_ok()
-                }
-                _ => false,
-            }
         });
         if answered {
             self.stats.icmp_errors.fetch_add(1, Ordering::Relaxed);
