@@ -1420,9 +1420,13 @@ mod tests {
         let mut vips = Vips::new();
         vips.insert(Vip::new(vip_cfg(2), &[]).unwrap());
         let mut lb = LbCore::new(10, Timeouts::default(), None);
-        // Ten established connections (picked up mid-stream).
+        // Ten established connections (picked up mid-stream, confirmed by
+        // their backends' replies).
         for i in 0..10 {
-            backend_of(lb.process(&vips, &client(i, 1), ACK, 0));
+            let k = client(i, 1);
+            let b = backend_of(lb.process(&vips, &k, ACK, 0));
+            let reply = FlowKey::new(b, 8080, k.src(), k.src_port, 6);
+            lb.process(&vips, &reply, ACK, 0);
         }
         assert_eq!(
             lb.process(&vips, &client(99, 1), SYN, 0),

@@ -244,20 +244,25 @@ enum List {
     Active = 0,
     Closing = 1,
     /// Connections not confirmed yet (as Linux's early drop reads
-    /// "not assured"): TCP before its handshake completes, UDP before any
-    /// reply. What a flood fills the table with.
+    /// "not assured"): TCP before its handshake completes, TCP picked up
+    /// mid-stream before any reply, UDP before any reply. What a flood
+    /// fills the table with.
     Embryonic = 2,
 }
 
 const LISTS: usize = 3;
 
 impl List {
-    /// The list a connection in `state` belongs on.
-    fn of(state: ConnState) -> List {
+    /// The list a connection in `state` belongs on (`replied`: a packet
+    /// came back in the reply direction).
+    fn of(state: ConnState, replied: bool) -> List {
         match state {
             s if s.is_closing() => List::Closing,
             ConnState::Tcp(TcpState::SynSent | TcpState::SynReceived)
             | ConnState::Udp { replied: false } => List::Embryonic,
+            // Picked up mid-stream (a bare ACK, or an ECMP change moved it
+            // here): confirmed by its first reply, evictable before it.
+            ConnState::Tcp(TcpState::Established) if !replied => List::Embryonic,
             _ => List::Active,
         }
     }
@@ -526,9 +531,10 @@ impl<V> ConnTable<V> {
             c.state = next_state(c.state, dir, tcp_flags, &mut c.fin_seen);
             c.last_seen = now;
             c.packets[dir as usize] += 1;
-            (before, c.state)
+            (before, (c.state, c.packets[1] > 0))
         };
-        let list = List::of(state);
+        let (state, replied) = state;
+        let list = List::of(state, replied);
         if list != list_before {
             self.unlink(i);
             self.push_tail(i, list, now);
@@ -679,7 +685,7 @@ impl<V> ConnTable<V> {
                 queued: now,
             });
         }
-        self.push_tail(i, List::of(state), now);
+        self.push_tail(i, List::of(state, false), now);
         self.len += 1;
         self.stats.created += 1;
         Ok(i)
@@ -1017,21 +1023,27 @@ mod tests {
     #[test]
     fn full_table_evicts_closing_then_idle_then_refuses() {
         let mut t = table(3);
+        // Connections picked up mid-stream, each confirmed by a reply.
         let a = t
             .insert(key(1), key(1).reversed(), ACK, 0, 1, |_| {})
             .unwrap();
-        let _b = t
+        let b = t
             .insert(key(2), key(2).reversed(), ACK, 0, 2, |_| {})
             .unwrap();
         let c = t
             .insert(key(3), key(3).reversed(), ACK, 0, 3, |_| {})
             .unwrap();
+        for i in [a, b] {
+            t.touch(i, Dir::Reply, ACK, 0);
+        }
         t.touch(c, Dir::Orig, FIN | ACK, 1); // closing
         let mut evicted = Vec::new();
-        t.insert(key(4), key(4).reversed(), ACK, 2, 4, |c| {
-            evicted.push(c.value)
-        })
-        .unwrap();
+        let d = t
+            .insert(key(4), key(4).reversed(), ACK, 2, 4, |c| {
+                evicted.push(c.value)
+            })
+            .unwrap();
+        t.touch(d, Dir::Reply, ACK, 2);
         assert_eq!(evicted, vec![3]);
         // No closing entry left, none timed out: refused and counted.
         assert_eq!(
@@ -1086,6 +1098,32 @@ mod tests {
         .unwrap();
         assert_eq!(evicted, vec![2, 4]);
         assert!(t.lookup(&key(3), 4, |_| {}).is_some());
+    }
+
+    #[test]
+    fn a_connection_picked_up_mid_stream_is_evictable_until_its_first_reply() {
+        let mut t = table(3);
+        // Two bare ACKs (mid-stream pickups); the first one hears back.
+        let a = t
+            .insert(key(1), key(1).reversed(), ACK, 0, 1, |_| {})
+            .unwrap();
+        t.insert(key(2), key(2).reversed(), ACK, 1, 2, |_| {})
+            .unwrap();
+        t.touch(a, Dir::Reply, ACK, 2);
+        t.insert(key(3), key(3).reversed(), ACK, 3, 3, |_| {})
+            .unwrap();
+        // A flood of bare ACKs displaces the unconfirmed ones, oldest
+        // first, never the confirmed one.
+        let mut evicted = Vec::new();
+        for k in 4..10u16 {
+            t.insert(key(k), key(k).reversed(), ACK, 4, u32::from(k), |c| {
+                evicted.push(c.value)
+            })
+            .unwrap();
+        }
+        assert_eq!(evicted, vec![2, 3, 4, 5, 6, 7]);
+        assert_eq!(t.stats().evicted_embryonic, 6);
+        assert!(t.lookup(&key(1), 5, |_| {}).is_some());
     }
 
     #[test]
