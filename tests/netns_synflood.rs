@@ -16,7 +16,8 @@
 //! embryonic entries, counted), and pollux's resident memory stays under
 //! the bound its tables set.
 //!
-//! Needs root and `ip`, `ethtool`, `curl`, `python3`, `cmp`.
+//! Needs root and `ip`, `ethtool`, `curl`, `python3`. Runs alone
+//! (.config/nextest.toml): its figure is what gets through a busy machine.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 mod common;
@@ -34,7 +35,7 @@ const MAX_CONNS: u64 = 4096;
 const CONN_TABLE: u64 = 16_384;
 const FLOW_TABLE: u64 = 65_536;
 /// How long the flood lasts, and each request's deadline.
-const FLOOD_SECS: u64 = 30;
+const FLOOD_SECS: u64 = 40;
 const REQUEST_SECS: u64 = 10;
 /// The flood's rate unless `POLLUX_FLOOD_PPS` says otherwise (a number, or
 /// `full` for the generator's full rate): what a two-core machine carries
@@ -125,7 +126,7 @@ fn vip_conns(counters: &serde_json::Value) -> u64 {
 
 #[test]
 fn a_spoofed_syn_flood_leaves_established_and_new_connections_working() {
-    if !testkit::require::root_and(&["ip", "ethtool", "curl", "python3", "cmp"]) {
+    if !testkit::require::root_and(&["ip", "ethtool", "curl", "python3"]) {
         return;
     }
     let mut lab = Lab::new("sf");
@@ -186,6 +187,7 @@ fn a_spoofed_syn_flood_leaves_established_and_new_connections_working() {
         read(&log)
     );
     let rss_before = rss_kib(pid);
+    assert!(rss_before > 0, "no resident memory read for pid {pid}");
 
     // Established transfers, stretched over the flood.
     let mut downloads = Vec::new();
@@ -207,8 +209,8 @@ fn a_spoofed_syn_flood_leaves_established_and_new_connections_working() {
         read(&log)
     );
 
-    // The flood: as fast as the generator goes, from 65 536 spoofed
-    // sources, two million distinct connections.
+    // The flood, from 65 536 spoofed sources, two million distinct
+    // connections.
     let report = dir.join("flood.json");
     let rate = match std::env::var("POLLUX_FLOOD_PPS").as_deref() {
         Ok("full") => String::new(),
@@ -237,13 +239,18 @@ fn a_spoofed_syn_flood_leaves_established_and_new_connections_working() {
 
     // New clients during the flood: one request at a time, each with a
     // deadline (curl's own SYN retransmissions included) that ends before
-    // the flood does.
+    // the flood does (with 3 s to spare).
     let mut ok = 0;
     let mut tried = 0;
     let mut peak_rss = rss_before;
     let mut peak_conns = 0;
     let mut failures = Vec::new();
-    while started.elapsed() < Duration::from_secs(FLOOD_SECS - REQUEST_SECS) && tried < 300 {
+    while started.elapsed() < Duration::from_secs(FLOOD_SECS - REQUEST_SECS - 3) && tried < 300 {
+        assert!(
+            matches!(lab.children[flooder].try_wait(), Ok(None)),
+            "the flood ended early: {}",
+            read(&flood_log)
+        );
         tried += 1;
         let t = Instant::now();
         let out = lab.bash("wr", &format!("curl -sf --max-time {REQUEST_SECS} {vip}"));
@@ -310,7 +317,7 @@ fn a_spoofed_syn_flood_leaves_established_and_new_connections_working() {
             .unwrap_or_default(),
         counters["workers"][0]["drops"]["lb_vip_conn_limit"]
     );
-    assert!(tried >= 50, "only {tried} requests in the flood");
+    assert!(tried >= 100, "only {tried} requests in the flood");
     assert!(
         ok * 100 >= tried * 99,
         "only {ok} of {tried} requests through the VIP succeeded under the flood: {failures:?}\n{counters}\n{}",
@@ -318,10 +325,10 @@ fn a_spoofed_syn_flood_leaves_established_and_new_connections_working() {
     );
     // The flood displaced its own entries, far more than the VIP holds.
     assert!(evicted > 10 * MAX_CONNS, "evicted {evicted}");
-    // The VIP never held more than its limit (one worker: all of it).
+    // The VIP held its limit (one worker: all of it), never more.
     assert!(
-        peak_conns <= MAX_CONNS,
-        "{peak_conns} connections to the VIP"
+        (MAX_CONNS * 9 / 10..=MAX_CONNS).contains(&peak_conns),
+        "{peak_conns} connections to the VIP at most"
     );
     // Memory: what pollux had reserved before the flood, plus what the
     // tables take when full (a connection's entry and its two flows, with

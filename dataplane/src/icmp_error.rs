@@ -96,12 +96,19 @@ fn quote_v6(frame: &[u8], p: &Parsed) -> Option<Quote> {
     if !V6_ERRORS.contains(frame.get(icmp)?) {
         return None;
     }
+    // The quote must lie inside the error's own IPv6 payload.
+    let l3 = usize::from(p.l3_off);
+    let plen = frame.get(l3 + 4..l3 + 6)?;
+    let end = (l3 + 40 + usize::from(u16::from_be_bytes([plen[0], plen[1]]))).min(frame.len());
     let ip_off = icmp + 8;
     let ip = frame.get(ip_off..ip_off + 40)?;
     if ip[0] >> 4 != 6 {
         return None;
     }
     let l4_off = ip_off + 40;
+    if l4_off + 8 > end {
+        return None;
+    }
     let l4 = frame.get(l4_off..l4_off + 8)?;
     let proto = ip[6];
     let be16 = |b: &[u8], at: usize| u16::from_be_bytes([b[at], b[at + 1]]);

@@ -671,7 +671,10 @@ fn ipv6_error<B: crate::PacketBuf>(
     }
     let frame = pkt.data();
     let l3 = usize::from(p.l3_off);
-    let quoted = frame.len().saturating_sub(l3).min(V6_QUOTE);
+    // The IP packet (without any Ethernet padding after it), as much as fits.
+    let plen = frame.get(l3 + 4..l3 + 6).ok_or(RewriteError::Mismatch)?;
+    let packet = 40 + usize::from(u16::from_be_bytes([plen[0], plen[1]]));
+    let quoted = frame.len().saturating_sub(l3).min(packet).min(V6_QUOTE);
     let mut quote = [0u8; V6_QUOTE];
     let q = quote.get_mut(..quoted).ok_or(RewriteError::Mismatch)?;
     q.copy_from_slice(frame.get(l3..l3 + quoted).ok_or(RewriteError::Mismatch)?);

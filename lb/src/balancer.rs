@@ -649,6 +649,13 @@ impl LbStats {
     }
 }
 
+/// Worker `i` of `n`'s share of a limit of `max`: the shares of all
+/// workers add up to `max` exactly.
+fn share_of(max: u32, (i, n): (u32, u32)) -> u32 {
+    let n = n.max(1);
+    max / n + u32::from(i < max % n)
+}
+
 /// Embryonic connections a VIP at its limit looks at for one of its own.
 const VIP_EVICT_SCAN: usize = 32;
 
@@ -674,8 +681,9 @@ pub struct BackendCounts {
 pub struct LbCore {
     conns: ConnTable<ConnInfo>,
     held: Held,
-    /// Workers sharing each VIP's connection limit (each takes its share).
-    shards: u32,
+    /// This core's number among the workers sharing each VIP's connection
+    /// limit, and how many they are.
+    shard: (u32, u32),
     stats: LbStats,
     /// New connections per backend (counted on the slow path only).
     new_by_backend: HashMap<BackendKey, u64>,
@@ -688,7 +696,7 @@ pub struct LbCore {
 struct Held {
     snat: Option<SnatAllocator>,
     /// DNAT connections tracked per VIP.
-    per_vip: HashMap<VipKey, u32>,
+    per_vip: HashMap<VipKey, u32, std::hash::BuildHasherDefault<crate::conntrack::IdentityHasher>>,
 }
 
 impl Held {
@@ -701,6 +709,11 @@ impl Held {
             }
             ConnKind::Dnat { vip, .. } => {
                 let key = VipKey::of_cfg(vip.config());
+                debug_assert!(
+                    self.per_vip.contains_key(&key),
+                    "vip {:?}: a connection released that was never counted",
+                    vip.config().name
+                );
                 match self.per_vip.get_mut(&key) {
                     Some(n) if *n > 1 => *n -= 1,
                     Some(_) => {
@@ -721,9 +734,9 @@ impl LbCore {
             conns: ConnTable::new(capacity, timeouts),
             held: Held {
                 snat,
-                per_vip: HashMap::new(),
+                per_vip: HashMap::default(),
             },
-            shards: 1,
+            shard: (0, 1),
             stats: LbStats::default(),
             new_by_backend: HashMap::new(),
         }
@@ -761,10 +774,12 @@ impl LbCore {
         &self.stats
     }
 
-    /// This core as one of `n` workers: each VIP's connection limit is
-    /// shared equally among them (flows are spread evenly over workers).
-    pub fn with_shards(mut self, n: u32) -> Self {
-        self.shards = n.max(1);
+    /// This core as worker `index` of `n`: each VIP's connection limit is
+    /// shared among them as evenly as whole numbers allow (flows are
+    /// spread evenly over workers), the shares adding up to the limit.
+    pub fn with_shard(mut self, index: u32, n: u32) -> Self {
+        let n = n.max(1);
+        self.shard = (index.min(n - 1), n);
         self
     }
 
@@ -896,11 +911,11 @@ impl LbCore {
         let Some(b) = vip.pick(key) else {
             return self.drop(LbDrop::NoHealthyBackend);
         };
-        if vip.config().max_conns > 0 && !self.room_for(vip.config(), now) {
-            return self.drop(LbDrop::VipConnLimit);
-        }
         let be = vip.config().backends[b];
         let nat = NatBinding::dnat(key, be.ip, be.port);
+        if vip.config().max_conns > 0 && !self.room_for(vip.config(), &nat.reply_key(key), now) {
+            return self.drop(LbDrop::VipConnLimit);
+        }
         let info = ConnInfo {
             kind: ConnKind::Dnat {
                 vip: vip.clone(),
@@ -928,10 +943,15 @@ impl LbCore {
     /// this worker's share of its limit: it does when the VIP has fewer
     /// connections here, or when one of its embryonic ones (near the head
     /// of the embryonic list: the flood's own oldest entries) makes room.
-    fn room_for(&mut self, cfg: &VipConfig, now: u64) -> bool {
+    fn room_for(&mut self, cfg: &VipConfig, reply: &FlowKey, now: u64) -> bool {
         let key = VipKey::of_cfg(cfg);
-        let share = cfg.max_conns.div_ceil(self.shards.max(1));
+        let share = share_of(cfg.max_conns, self.shard);
         if self.held.per_vip.get(&key).copied().unwrap_or(0) < share {
+            return true;
+        }
+        // A connection that cannot be opened (its reply key is taken) must
+        // not cost another its place.
+        if self.conns.contains(reply) {
             return true;
         }
         let ours = |c: &Conn<ConnInfo>| matches!(&c.value.kind, ConnKind::Dnat { vip, .. } if VipKey::of_cfg(vip.config()) == key);
@@ -1493,7 +1513,7 @@ mod tests {
         other.name = "other".into();
         other.port = 81;
         vips.insert(Vip::new(other, &[]).unwrap());
-        let mut lb = LbCore::new(100, Timeouts::default(), None).with_shards(2);
+        let mut lb = LbCore::new(100, Timeouts::default(), None).with_shard(1, 2);
         let handshake = |lb: &mut LbCore, k: &FlowKey, now: u64| {
             let b = backend_of(lb.process(&vips, k, SYN, now));
             let reply = FlowKey::new(b, 8080, k.src(), k.src_port, 6);
@@ -1543,6 +1563,19 @@ mod tests {
         lb.process(&vips, &gone, 0x04, 3 * SEC);
         assert_eq!(lb.expire(3 * SEC + 11 * SEC, 100), 1);
         handshake(&mut lb, &client(9, 1), 15 * SEC);
+    }
+
+    #[test]
+    fn the_workers_shares_of_a_limit_add_up_to_it() {
+        for (max, n) in [(8, 2), (5, 2), (1, 3), (100, 7), (7, 1)] {
+            let shares: Vec<u32> = (0..n).map(|i| share_of(max, (i, n))).collect();
+            assert_eq!(
+                shares.iter().sum::<u32>(),
+                max,
+                "{max} over {n}: {shares:?}"
+            );
+            assert!(shares.iter().max().unwrap() - shares.iter().min().unwrap() <= 1);
+        }
     }
 
     #[test]

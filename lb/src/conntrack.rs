@@ -695,8 +695,8 @@ impl<V> ConnTable<V> {
     /// first `scan` of the embryonic list, handing it to `on_evict`; up to
     /// `scan` of those seen since they were queued (a SYN answered, or
     /// retransmitted) go to their true place at the tail on the way, as
-    /// the expiry does. False when none was found. What a group at its own limit (a VIP)
-    /// uses to make room among its own entries.
+    /// the expiry does. False when none was found. What a group at its own
+    /// limit (a VIP) uses to make room among its own entries.
     pub fn evict_embryonic(
         &mut self,
         scan: usize,

@@ -832,16 +832,27 @@ fn ipv6_hop_limit_and_port_mtu_are_answered_with_icmpv6_from_the_gateway() {
     // 1 400 bytes pass.
     assert_eq!(n.send(CLIENT, udp6(64, 50002, 1352)), [SERVER]);
     assert_eq!(n.stats.icmp_errors.load(Ordering::Relaxed), 2);
-    // No error about an ICMPv6 error (RFC 4443 2.4).
-    let mut err = Vec::new();
-    etherparse::PacketBuilder::ethernet2(mac(1).0, GW.0)
-        .ipv6(client, server, 1)
-        .icmpv6(etherparse::Icmpv6Type::DestinationUnreachable(
-            etherparse::icmpv6::DestUnreachableCode::Port,
-        ))
-        .write(&mut err, &[0; 48])
-        .unwrap();
-    assert!(n.send(CLIENT, err).is_empty());
+    // No error about an ICMPv6 error (RFC 4443 2.4): the server's port
+    // unreachable about the client's datagram goes back to the client (it
+    // belongs to the client's connection), but with its hop limit run out
+    // it is dropped, not answered.
+    let dgram = udp6(64, 50003, 12);
+    assert_eq!(n.send(CLIENT, dgram.clone()), [SERVER]);
+    let unreachable = |hops: u8| {
+        let mut v = Vec::new();
+        etherparse::PacketBuilder::ethernet2(mac(4).0, GW.0)
+            .ipv6(server, client, hops)
+            .icmpv6(etherparse::Icmpv6Type::DestinationUnreachable(
+                etherparse::icmpv6::DestUnreachableCode::Port,
+            ))
+            .write(&mut v, &dgram[14..])
+            .unwrap();
+        v
+    };
+    assert_eq!(n.send(SERVER, unreachable(64)), [CLIENT]);
+    let expired = n.dropped("ttl_expired");
+    assert!(n.send(SERVER, unreachable(1)).is_empty());
+    assert_eq!(n.dropped("ttl_expired"), expired + 1);
     assert_eq!(n.stats.icmp_errors.load(Ordering::Relaxed), 2);
 }
 

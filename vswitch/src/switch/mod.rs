@@ -111,8 +111,9 @@ pub struct Switch<B = dataplane::pool::PoolBuf> {
     flows: FlowTable,
     /// First fragments' flow keys, for the later fragments.
     frags: FragTable,
-    /// The ICMP-error token bucket, as the time its tokens start from.
-    icmp_bucket: u64,
+    /// The ICMP-error token buckets (errors to VMs, errors to the wire),
+    /// each as the time its tokens start from.
+    icmp_bucket: [u64; 2],
     lb: Vec<LbCore>,
     generation: u64,
     /// The health clock reading the epochs below were taken at.
@@ -154,7 +155,7 @@ impl<B: PacketBuf> Switch<B> {
             policy,
             flows,
             frags: FragTable::new(cfg.frag_table_size, cfg.frag_timeout.as_nanos() as u64),
-            icmp_bucket: 0,
+            icmp_bucket: [0; 2],
             lb: Vec::new(),
             generation: u64::MAX,
             health_seen: u64::MAX,
@@ -245,7 +246,9 @@ impl<B: PacketBuf> Switch<B> {
         // address of the switch (a VIP or an SNAT address): that address
         // answers, from the uplink's MAC (the switch has no address of its
         // own on the wire).
-        let from = match policy.vm_on_port(pk.in_port) {
+        let vm = policy.vm_on_port(pk.in_port);
+        let wire = vm.is_none();
+        let from = match vm {
             Some((_, vm)) => policy.vnets.get(vm.vnet).and_then(|v| {
                 let ip = if v6 {
                     v.gateway_v6().map(IpAddr::V6)
@@ -262,7 +265,7 @@ impl<B: PacketBuf> Switch<B> {
                 .map(|up| (up.mac, pk.key.dst())),
         };
         let answered = from.is_some_and(|(mac, ip)| {
-            self.icmp_budget(now)
+            self.icmp_budget(now, wire)
                 && match (ip, mtu) {
                     (IpAddr::V4(ip), Some(m)) => {
                         rewrite::ipv4_frag_needed(&mut pkt, pk, mac, ip, m).is_ok()
@@ -287,19 +290,22 @@ impl<B: PacketBuf> Switch<B> {
     }
 
     /// Takes one ICMP error from this worker's token bucket, refilled at
-    /// `ICMP_ERRORS_PER_SEC`; false when it is empty.
-    fn icmp_budget(&mut self, now: u64) -> bool {
+    /// `ICMP_ERRORS_PER_SEC`; false when it is empty. Errors about packets
+    /// from the wire have a bucket of their own: the wire cannot spend
+    /// what the VMs' path-MTU discovery needs.
+    fn icmp_budget(&mut self, now: u64, wire: bool) -> bool {
         let per = 1_000_000_000 / ICMP_ERRORS_PER_SEC;
         let full = ICMP_ERROR_BURST * per;
         // The bucket is a time: tokens are what lies between it and now.
+        let bucket = &mut self.icmp_bucket[usize::from(wire)];
         let floor = now.saturating_sub(full);
-        if self.icmp_bucket < floor {
-            self.icmp_bucket = floor;
+        if *bucket < floor {
+            *bucket = floor;
         }
-        if self.icmp_bucket + per > now {
+        if *bucket + per > now {
             return false;
         }
-        self.icmp_bucket += per;
+        *bucket += per;
         true
     }
 
@@ -325,8 +331,10 @@ impl<B: PacketBuf> Switch<B> {
                 .and_then(|v| v.snat.clone())
                 .and_then(|c| SnatAllocator::for_worker(c, me, workers).ok());
             self.lb.push(
-                LbCore::new(self.cfg.conn_table_size, self.cfg.timeouts, snat)
-                    .with_shards(u32::try_from(workers).unwrap_or(u32::MAX)),
+                LbCore::new(self.cfg.conn_table_size, self.cfg.timeouts, snat).with_shard(
+                    u32::try_from(me).unwrap_or(u32::MAX),
+                    u32::try_from(workers).unwrap_or(u32::MAX),
+                ),
             );
         }
         for vm in &p.vms {
