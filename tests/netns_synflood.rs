@@ -39,9 +39,10 @@ const FLOOD_SECS: u64 = 40;
 const REQUEST_SECS: u64 = 10;
 /// The flood's rate unless `POLLUX_FLOOD_PPS` says otherwise (a number, or
 /// `full` for the generator's full rate): what a two-core machine carries
-/// through pollux and the backends' kernels together (pollux's worker core
-/// also runs the backends' answers to every SYN); docs/performance.md has
-/// what the full rate does.
+/// with the generator, the backends' and the hosts' kernels and the client
+/// on one core and pollux on the other. docs/performance.md has what the
+/// full rate does (there the client gets too few requests done, slowly, on
+/// its loaded core for this test's checks).
 const FLOOD_PPS: u64 = 15_000;
 
 fn config(lab: &Lab) -> String {

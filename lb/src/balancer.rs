@@ -131,7 +131,8 @@ pub struct VipConfig {
     /// Policy for new connections when no DIP is healthy.
     pub when_all_down: WhenAllDown,
     /// Most connections tracked to this VIP at once, over all workers
-    /// (each takes an equal share); 0: no limit beyond the table's.
+    /// (each takes a share, the shares adding up to it); 0: no limit
+    /// beyond the table's.
     pub max_conns: u32,
 }
 
@@ -1237,13 +1238,16 @@ mod tests {
         let a = client(1, 40000);
         let a_ref = conn_of(lb.process(&vips, &a, ACK, 0));
         assert!(lb.touch(a_ref, Dir::Orig, ACK, 1).is_some());
-        // `a` times out (established: 240 s); `b` takes its slot, as a
-        // later generation of it.
+        // Confirmed by a reply, `a` is established.
+        assert!(lb.touch(a_ref, Dir::Reply, ACK, 1).is_some());
+        // `a` times out (established: 240 s) and is evicted as idle; `b`
+        // takes its slot, as a later generation of it.
         let b = client(2, 40001);
         let later = 300 * SEC;
         let b_ref = conn_of(lb.process(&vips, &b, SYN, later));
         assert_eq!(b_ref.slot(), a_ref.slot());
         assert_ne!(b_ref, a_ref);
+        assert_eq!(lb.conns().stats().evicted_idle, 1);
         // A cached flow of `a` touching its reference does not reach `b`,
         // even with a FIN that would close it.
         assert!(lb.touch(a_ref, Dir::Orig, FIN | ACK, later + 1).is_none());

@@ -7,7 +7,8 @@
 //! lists (active, closing, embryonic) order entries by last use. When the
 //! table is full, a new connection evicts the oldest *closing* entry (FIN/RST
 //! seen), else the oldest *embryonic* one (TCP before its handshake
-//! completed, UDP before a reply: what a flood is made of), else the oldest
+//! completed or, picked up mid-stream, before its first reply; UDP before a
+//! reply: what a flood is made of), else the oldest
 //! active entry if it has already timed out; otherwise the new connection is
 //! refused and counted.
 
@@ -320,8 +321,9 @@ pub struct ConnStats {
     pub refused_full: u64,
     /// Closing entries evicted to make room.
     pub evicted_closing: u64,
-    /// Embryonic entries (TCP before its handshake completed, UDP before
-    /// a reply) evicted to make room.
+    /// Embryonic entries (TCP before its handshake completed or, picked up
+    /// mid-stream, before its first reply; UDP before a reply) evicted to
+    /// make room.
     pub evicted_embryonic: u64,
     /// Timed-out entries evicted to make room.
     pub evicted_idle: u64,
@@ -404,7 +406,17 @@ impl<V> ConnTable<V> {
     }
 
     fn expired(&self, c: &Conn<V>, now: u64) -> bool {
-        now.saturating_sub(c.last_seen) > self.timeouts.of(c.state)
+        // A connection picked up mid-stream that never heard back has the
+        // handshake's timeout, as the other embryonic ones: its list is
+        // expired in order, and one long-lived entry at its head would
+        // hold up those behind it.
+        let timeout = match c.state {
+            ConnState::Tcp(TcpState::Established) if c.packets[1] == 0 => {
+                self.timeouts.tcp_handshake
+            }
+            s => self.timeouts.of(s),
+        };
+        now.saturating_sub(c.last_seen) > timeout
     }
 
     fn unlink(&mut self, i: u32) {
@@ -602,8 +614,8 @@ impl<V> ConnTable<V> {
         if self.len >= self.capacity {
             // The least recently used closing connection (timed out or
             // not), else the oldest embryonic one (a SYN and nothing since:
-            // under a SYN flood the flood's own entries make room, and an
-            // established connection is never pushed out), else the oldest
+            // under a SYN flood the flood's own entries make room, and a
+            // confirmed connection is never pushed out), else the oldest
             // timed-out active one.
             let any = |head: Head, list: List, heads: &[u32; LISTS]| match head {
                 Head::Empty => None,
@@ -998,6 +1010,8 @@ mod tests {
         let est = t
             .insert(key(2), key(2).reversed(), ACK, 0, 0, |_| {})
             .unwrap();
+        // Picked up mid-stream and answered: established.
+        t.touch(est, Dir::Reply, ACK, 0);
         let u = FlowKey {
             proto: 17,
             ..key(3)
@@ -1124,6 +1138,25 @@ mod tests {
         assert_eq!(evicted, vec![2, 3, 4, 5, 6, 7]);
         assert_eq!(t.stats().evicted_embryonic, 6);
         assert!(t.lookup(&key(1), 5, |_| {}).is_some());
+    }
+
+    #[test]
+    fn an_unanswered_mid_stream_pickup_times_out_as_a_handshake() {
+        let to = Timeouts::default();
+        let mut t = table(8);
+        // A stray ACK first, a SYN behind it: both go when the handshake
+        // timeout has passed (the first does not hold up the second).
+        t.insert(key(1), key(1).reversed(), ACK, 0, 1, |_| {})
+            .unwrap();
+        t.insert(key(2), key(2).reversed(), SYN, 0, 2, |_| {})
+            .unwrap();
+        // One answered pickup keeps the established timeout.
+        let c = t
+            .insert(key(3), key(3).reversed(), ACK, 0, 3, |_| {})
+            .unwrap();
+        t.touch(c, Dir::Reply, ACK, 0);
+        assert_eq!(t.expire(to.tcp_handshake + 1, 100, |_| {}), 2);
+        assert!(t.lookup(&key(3), to.tcp_handshake + 1, |_| {}).is_some());
     }
 
     #[test]

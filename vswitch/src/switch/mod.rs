@@ -98,8 +98,9 @@ impl Default for SwitchConfig {
     }
 }
 
-/// ICMP errors one worker sends at most, a second (as Linux's
-/// `icmp_msgs_per_sec`), after a burst of `ICMP_ERROR_BURST`.
+/// ICMP errors one worker sends at most, a second, to VMs and again to the
+/// wire (each has its bucket; as Linux's `icmp_msgs_per_sec`), after a
+/// burst of `ICMP_ERROR_BURST`.
 pub const ICMP_ERRORS_PER_SEC: u64 = 1000;
 /// The burst of ICMP errors a worker may send at once.
 pub const ICMP_ERROR_BURST: u64 = 50;
@@ -216,7 +217,8 @@ impl<B: PacketBuf> Switch<B> {
     /// hop), with "fragmentation needed" and the port's MTU when an IPv4
     /// packet is too big with "don't fragment" set, or "packet too big"
     /// for IPv6 (what path-MTU discovery learns from); at most
-    /// `ICMP_ERRORS_PER_SEC` a second with bursts of `ICMP_ERROR_BURST`.
+    /// `ICMP_ERRORS_PER_SEC` a second to VMs and as many to the wire, with
+    /// bursts of `ICMP_ERROR_BURST`.
     /// The rest are dropped as `ttl_expired` or `too_big` (the switch does
     /// not fragment).
     #[cold]
@@ -448,7 +450,10 @@ impl<B: PacketBuf> Switch<B> {
                 // connection in its LRU list). The time is checked first:
                 // `lb` lies in the slot's third cache line, which a hit
                 // otherwise does not read.
-                if closing || now.saturating_sub(e.lb_touched) > self.lb_touch_ns {
+                // And on a flow's first hit: a reply's first packet is what
+                // confirms a connection to the tracker (no longer embryonic).
+                if closing || e.packets == 1 || now.saturating_sub(e.lb_touched) > self.lb_touch_ns
+                {
                     e.lb_touched = now;
                     if let Some(r) = e.action.lb {
                         let told = self
