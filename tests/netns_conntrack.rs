@@ -36,7 +36,7 @@
 
 mod common;
 
-use common::netns::{Lab, read, wait_for};
+use common::netns::{Lab, REFUSED_CLIENT, read, wait_for};
 use std::time::{Duration, Instant};
 
 /// (tag, address/prefix, MAC, default gateway) of every namespace.
@@ -511,24 +511,6 @@ s.sendall(bytes(2 << 20))
 s.shutdown(socket.SHUT_WR)
 got = s.recv(100).decode()
 sys.exit(0 if got == str(2 << 20) else 1)
-";
-
-/// Sends to argv[1]:argv[2] on a connected UDP socket; exit status 0 when
-/// the kernel reports the port unreachable (ECONNREFUSED: an ICMP error
-/// quoting exactly what this socket sent came back).
-const REFUSED_CLIENT: &str = "import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.settimeout(2)
-s.connect((sys.argv[1], int(sys.argv[2])))
-for _ in range(3):
-    try:
-        s.send(b'anyone?')
-        s.recv(100)
-    except ConnectionRefusedError:
-        sys.exit(0)
-    except socket.timeout:
-        continue
-sys.exit(1)
 ";
 
 #[test]

@@ -17,7 +17,7 @@
 
 mod common;
 
-use common::netns::{Lab, read, wait_for};
+use common::netns::{Lab, REFUSED_CLIENT, read, wait_for};
 use std::time::Duration;
 
 const NODES: [(&str, &str, &str, &str); 3] = [
@@ -157,24 +157,13 @@ fn ipv6_stacks_resolve_and_talk_through_pollux() {
     // The server's port unreachable about a datagram to a VIP reaches the
     // client's socket translated (it quotes what the client sent: the
     // VIP's address and port).
-    let probe = "import socket, sys
-s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-s.settimeout(2)
-s.connect(('fd00:1::101', 9))
-for _ in range(3):
-    try:
-        s.send(b'anyone?')
-        s.recv(100)
-    except ConnectionRefusedError:
-        sys.exit(0)
-    except socket.timeout:
-        continue
-sys.exit(1)
-";
-    std::fs::write(lab.dir.join("refused.py"), probe).unwrap();
+    std::fs::write(lab.dir.join("refused.py"), REFUSED_CLIENT).unwrap();
     let r = lab.bash(
         "cl",
-        &format!("python3 {}", lab.dir.join("refused.py").display()),
+        &format!(
+            "python3 {} fd00:1::101 9",
+            lab.dir.join("refused.py").display()
+        ),
     );
     assert!(
         r.status.success(),

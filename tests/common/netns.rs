@@ -197,6 +197,26 @@ pub fn terminate(child: &mut Child) {
     }
 }
 
+/// A python script that sends to argv[1]:argv[2] (IPv4 or IPv6) on a
+/// connected UDP socket; exit status 0 when the kernel reports the port
+/// unreachable (ECONNREFUSED: an ICMP or ICMPv6 error quoting exactly what
+/// this socket sent came back).
+pub const REFUSED_CLIENT: &str = "import socket, sys
+family = socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET
+s = socket.socket(family, socket.SOCK_DGRAM)
+s.settimeout(2)
+s.connect((sys.argv[1], int(sys.argv[2])))
+for _ in range(3):
+    try:
+        s.send(b'anyone?')
+        s.recv(100)
+    except ConnectionRefusedError:
+        sys.exit(0)
+    except socket.timeout:
+        continue
+sys.exit(1)
+";
+
 /// Polls `what` every 50 ms until it holds or `limit` passes.
 pub fn wait_for(limit: Duration, mut what: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + limit;
