@@ -211,6 +211,12 @@ pub struct WorkerCounters {
     /// Later fragments it sent after their first.
     #[serde(default)]
     pub frags_followed: u64,
+    /// SYNs its SYN proxy answered with a cookie.
+    #[serde(default)]
+    pub syn_cookies_sent: u64,
+    /// Connections it opened on the ACK of a cookie.
+    #[serde(default)]
+    pub syn_proxied: u64,
     /// Drops by reason (pipeline and malformed).
     pub drops: BTreeMap<String, u64>,
 }

@@ -8,7 +8,7 @@
 use dataplane::port::spec::{PortSpec, Queues};
 use filter::{NsgSpec, RuleError};
 use ipnet::IpNet;
-use lb::balancer::{Backend, Distribution, OnUnhealthy, Vip, VipConfig, WhenAllDown};
+use lb::balancer::{Backend, Distribution, OnUnhealthy, SynProxy, Vip, VipConfig, WhenAllDown};
 use lb::snat::SnatConfig;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
@@ -238,6 +238,10 @@ pub struct VipCfg {
     /// Most connections to it at once, over all workers (none by default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_conns: Option<u32>,
+    /// `off` (default), `auto` (at the connection limit) or `on`: when the
+    /// switch answers SYNs itself with cookies (TCP only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub syn_proxy: Option<String>,
     /// The pool.
     pub backends: Vec<BackendCfg>,
     /// Health probe; without it every backend counts as healthy.
@@ -704,6 +708,14 @@ impl Config {
                 "vip {name:?}: max_conns must be at least 1 (leave it out for no limit)"
             ));
         }
+        let syn_proxy = match v.syn_proxy.as_deref().map(str::parse::<SynProxy>) {
+            None => SynProxy::Off,
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
+                errs.push(format!("vip {name:?}: {e}"));
+                SynProxy::Off
+            }
+        };
         let mut bs = Vec::new();
         for b in &v.backends {
             let ip = match (&b.vm, &b.ip) {
@@ -801,6 +813,7 @@ impl Config {
         cfg.on_unhealthy = on_unhealthy;
         cfg.when_all_down = when_all_down;
         cfg.max_conns = v.max_conns.unwrap_or(0);
+        cfg.syn_proxy = syn_proxy;
         match Vip::new(cfg.clone(), &[]) {
             Ok(_) => Some(cfg),
             Err(e) => {
@@ -1035,6 +1048,7 @@ port = 80
 protocol = "tcp"
 distribution = "4-tuple"
 max_conns = 0
+syn_proxy = "maybe"
 backends = [ { vm = "web1", port = 8080 }, { ip = "10.1.0.9", port = 8080, weight = 2 }, { ip = "10.9.0.9", port = 8080 }, { vm = "ghost", port = 1 } ]
 [vip.probe]
 kind = "http"
@@ -1057,6 +1071,7 @@ threshold = 0
             "vm \"web2\": vnet \"b\" is not defined",
             "vip \"web\": distribution \"4-tuple\" is not one of 5-tuple, 3-tuple, 2-tuple",
             "vip \"web\": max_conns must be at least 1 (leave it out for no limit)",
+            "vip \"web\": syn_proxy \"maybe\" is not one of off, auto, on",
             "vip \"web\": backend 10.9.0.9 is not in vnet \"a\"",
             "vip \"web\": backend vm \"ghost\" is not defined",
             "vip \"web\": probe path \"health\" must start with /",
@@ -1112,9 +1127,18 @@ address = "10.1.0.100"
 port = 80
 protocol = "tcp"
 backends = [ { ip = "10.1.0.5", port = 80 } ]
+[[vip]]
+name = "dns"
+vnet = "a"
+address = "10.1.0.100"
+port = 53
+protocol = "udp"
+syn_proxy = "on"
+backends = [ { ip = "10.1.0.5", port = 53 } ]
 "#;
         let p = problems(text);
         for w in [
+            "vip \"dns\": syn_proxy needs a tcp vip",
             "port \"p1\" is defined twice",
             "vm \"y\": port \"p1\" is already used by vm \"x\"",
             "vm \"y\": 10.1.0.4 is already used by vm \"x\" in vnet \"a\"",

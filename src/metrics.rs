@@ -116,6 +116,11 @@ pub fn render(c: &Counters, probes: &[ProbeState], generation: u64) -> String {
         "pollux_fragments",
         "IP fragments: first ones remembered (noted), later ones that followed them (followed)",
     );
+    let synproxy = counters(
+        &mut reg,
+        "pollux_syn_proxy",
+        "SYN proxy: SYNs answered with a cookie (cookies_sent), connections opened by a cookie's ACK (connections)",
+    );
     let busy = counters(
         &mut reg,
         "pollux_worker_busy_polls",
@@ -143,6 +148,14 @@ pub fn render(c: &Counters, probes: &[ProbeState], generation: u64) -> String {
         conns.get_or_create(&lw).set(w.connections as i64);
         evicted.get_or_create(&lw).inc_by(w.conns_evicted_embryonic);
         untracked.get_or_create(&lw).inc_by(w.conns_untracked);
+        for (kind, n) in [
+            ("cookies_sent", w.syn_cookies_sent),
+            ("connections", w.syn_proxied),
+        ] {
+            synproxy
+                .get_or_create(&labels(&[("worker", &name), ("kind", kind)]))
+                .inc_by(n);
+        }
         for (kind, n) in [("noted", w.frags_noted), ("followed", w.frags_followed)] {
             frags
                 .get_or_create(&labels(&[("worker", &name), ("kind", kind)]))

@@ -9,6 +9,7 @@
 //!   packet buffers, ethdev ports);
 //! - header views ([`wire`]), one-pass parsing into offsets and a flow key
 //!   ([`parse`]) and rewrites with incremental checksums ([`rewrite`]);
+//!   the TCP segments a SYN proxy writes ([`synproxy`]);
 //! - the poll-mode [`worker::Worker`], core pinning and the TSC [`clock`];
 //! - the traffic generator and latency meter of `pollux pktgen` ([`pktgen`]).
 //!
@@ -32,6 +33,7 @@ pub mod pool;
 pub mod port;
 pub mod rewrite;
 pub mod stats;
+pub mod synproxy;
 pub mod wire;
 pub mod worker;
 

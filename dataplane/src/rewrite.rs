@@ -251,6 +251,33 @@ pub fn set_dst_port(frame: &mut [u8], p: &Parsed, port: u16) -> Result<(), Rewri
     set_port(frame, p, true, port)
 }
 
+/// Adds `seq` to a TCP segment's sequence number and `ack` to its
+/// acknowledgment number (wrapping), patching the checksum: the sequence
+/// offset of a connection whose two ends chose different initial
+/// sequence numbers (a SYN proxy's). Not TCP, or a later fragment: left
+/// alone.
+pub fn shift_seq(frame: &mut [u8], p: &Parsed, seq: u32, ack: u32) -> Result<(), RewriteError> {
+    if p.key.proto != PROTO_TCP || !p.has_l4 {
+        return Ok(());
+    }
+    let l4 = usize::from(p.l4_off);
+    let at = l4 + tcp::CHECKSUM_OFFSET;
+    let old: [u8; 8] = frame
+        .get(l4 + 4..l4 + 12)
+        .and_then(|b| b.try_into().ok())
+        .ok_or(RewriteError::Mismatch)?;
+    get16(frame, at)?;
+    let s = u32::from_be_bytes([old[0], old[1], old[2], old[3]]).wrapping_add(seq);
+    let a = u32::from_be_bytes([old[4], old[5], old[6], old[7]]).wrapping_add(ack);
+    let mut new = [0u8; 8];
+    new[..4].copy_from_slice(&s.to_be_bytes());
+    new[4..].copy_from_slice(&a.to_be_bytes());
+    if let Some(b) = frame.get_mut(l4 + 4..l4 + 12) {
+        b.copy_from_slice(&new);
+    }
+    patch_l4(frame, at, false, &old, &new)
+}
+
 /// Turns the ARP request in `frame` (parsed as `p`) into the reply that
 /// answers it with `mac`, in place: ARP operation, sender and target, and the
 /// Ethernet addresses (back to the requester, from `mac`).

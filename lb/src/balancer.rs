@@ -17,9 +17,11 @@ use crate::conntrack::{
     Conn, ConnError, ConnRef, ConnState, ConnTable, Dir, TcpState, Timeouts, to16,
 };
 use crate::maglev::{DEFAULT_TABLE_SIZE, MaglevBackend, MaglevError, MaglevTable};
-use crate::nat::{NatBinding, Rewrite};
+use crate::nat::{NatBinding, Rewrite, SeqShift};
 use crate::snat::{SnatAllocator, SnatError};
+use crate::syncookie::SynCookies;
 use dataplane::FlowKey;
+pub use dataplane::synproxy::Seg;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
@@ -49,6 +51,34 @@ impl FromStr for Distribution {
             "3-tuple" => Ok(Distribution::ThreeTuple),
             "2-tuple" => Ok(Distribution::TwoTuple),
             _ => Err(LbError::BadDistribution(s.to_string())),
+        }
+    }
+}
+
+/// When a TCP VIP answers SYNs itself ([`crate::syncookie`]): the
+/// backend then sees a connection only once the client has completed the
+/// handshake with the switch, so a flood of spoofed SYNs never reaches it
+/// and takes no connection state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SynProxy {
+    /// Never: every SYN goes to a backend (the default).
+    #[default]
+    Off,
+    /// When the VIP is at its connection limit (or the table is full),
+    /// as Linux sends cookies when a listener's queue overflows.
+    Auto,
+    /// Always.
+    On,
+}
+
+impl FromStr for SynProxy {
+    type Err = LbError;
+    fn from_str(s: &str) -> Result<Self, LbError> {
+        match s {
+            "off" => Ok(SynProxy::Off),
+            "auto" => Ok(SynProxy::Auto),
+            "on" => Ok(SynProxy::On),
+            _ => Err(LbError::BadSynProxy(s.to_string())),
         }
     }
 }
@@ -134,6 +164,8 @@ pub struct VipConfig {
     /// (each takes a share, the shares adding up to it); 0: no limit
     /// beyond the table's.
     pub max_conns: u32,
+    /// When the switch answers the VIP's SYNs itself (TCP only).
+    pub syn_proxy: SynProxy,
 }
 
 impl VipConfig {
@@ -150,6 +182,7 @@ impl VipConfig {
             on_unhealthy: OnUnhealthy::default(),
             when_all_down: WhenAllDown::default(),
             max_conns: 0,
+            syn_proxy: SynProxy::Off,
         }
     }
 }
@@ -160,6 +193,12 @@ pub enum LbError {
     /// Unknown distribution mode.
     #[error("distribution {0:?} is not one of 5-tuple, 3-tuple, 2-tuple")]
     BadDistribution(String),
+    /// Unknown SYN proxy mode.
+    #[error("syn_proxy {0:?} is not one of off, auto, on")]
+    BadSynProxy(String),
+    /// A SYN proxy on a VIP that is not TCP.
+    #[error("vip {0:?}: syn_proxy needs a tcp vip")]
+    SynProxyNotTcp(String),
     /// A backend listed twice.
     #[error("vip {vip:?}: backend {backend} is listed twice")]
     DuplicateBackend {
@@ -295,6 +334,9 @@ impl Vip {
     /// Validates `cfg` and builds its table with the given health per backend
     /// (missing entries count as healthy, as for a VIP without a probe).
     pub fn new(cfg: VipConfig, healthy: &[bool]) -> Result<Vip, LbError> {
+        if cfg.syn_proxy != SynProxy::Off && cfg.proto != 6 {
+            return Err(LbError::SynProxyNotTcp(cfg.name.clone()));
+        }
         let mut seen = std::collections::HashSet::new();
         for b in &cfg.backends {
             let name = format!("{}:{}", b.ip, b.port);
@@ -534,11 +576,17 @@ pub enum LbDrop {
     /// New connection to a VIP at its connection limit, none of whose
     /// embryonic connections could make room.
     VipConnLimit,
+    /// A segment to a VIP whose SYN proxy is on that opens nothing: not a
+    /// SYN, and no ACK of a cookie of this period or the last.
+    SynCookieInvalid,
+    /// A segment from a backend of a SYN-proxied connection before the
+    /// backend's SYN-ACK (which sets the connection's sequence offset).
+    SynProxyPending,
 }
 
 impl LbDrop {
     /// Every reason.
-    pub const ALL: [LbDrop; 8] = [
+    pub const ALL: [LbDrop; 10] = [
         LbDrop::NoHealthyBackend,
         LbDrop::TableFull,
         LbDrop::TupleCollision,
@@ -547,6 +595,8 @@ impl LbDrop {
         LbDrop::SnatExhausted,
         LbDrop::SnatNotMember,
         LbDrop::VipConnLimit,
+        LbDrop::SynCookieInvalid,
+        LbDrop::SynProxyPending,
     ];
 
     /// Stable snake_case name.
@@ -560,6 +610,8 @@ impl LbDrop {
             LbDrop::SnatExhausted => "snat_port_exhausted",
             LbDrop::SnatNotMember => "snat_not_member",
             LbDrop::VipConnLimit => "lb_vip_conn_limit",
+            LbDrop::SynCookieInvalid => "lb_syn_cookie_invalid",
+            LbDrop::SynProxyPending => "lb_syn_proxy_pending",
         }
     }
 }
@@ -588,6 +640,41 @@ pub enum Decision {
     Drop(LbDrop),
     /// Not load-balancer traffic (no VIP, no tracked connection).
     NotHandled,
+    /// A SYN to a SYN-proxied VIP: answer it with a SYN-ACK whose sequence
+    /// number is `cookie`, announcing `mss`. Nothing is tracked.
+    /// `rewrite` is the DNAT the connection would take now (the backend's
+    /// security group may be asked whether it would be admitted).
+    Cookie {
+        /// The SYN-ACK's sequence number.
+        cookie: u32,
+        /// The MSS the cookie carries.
+        mss: u16,
+        /// The DNAT to the backend Maglev picks now.
+        rewrite: Rewrite,
+    },
+    /// A packet of a SYN-proxied connection whose backend has not answered
+    /// yet (its first: the client's ACK of a cookie): sent on to the
+    /// backend as the SYN `seg`, its payload dropped (the client sends it
+    /// again), with the DNAT `rewrite`.
+    ProxySyn {
+        /// The DNAT to the backend.
+        rewrite: Rewrite,
+        /// The connection in the core's table.
+        conn: ConnRef,
+        /// True when this packet created the connection.
+        new: bool,
+        /// The SYN to write over it.
+        seg: Seg,
+    },
+    /// The backend's SYN-ACK of a SYN-proxied connection: answered with
+    /// the ACK `seg` back to the backend, not passed on (the client has
+    /// had its SYN-ACK).
+    ProxyAck {
+        /// The connection in the core's table.
+        conn: ConnRef,
+        /// The ACK to write over it.
+        seg: Seg,
+    },
 }
 
 /// What a tracked connection is.
@@ -625,6 +712,39 @@ pub struct ConnInfo {
     pub kind: ConnKind,
     /// Rewrites per direction.
     pub nat: NatBinding,
+    /// The SYN proxy's part, for a connection opened by a cookie.
+    pub proxy: Option<Proxied>,
+}
+
+impl Proxied {
+    /// The SYN the backend gets in the client's name.
+    fn syn(&self) -> Seg {
+        Seg {
+            flags: TCP_SYN,
+            seq: self.client_isn,
+            ack: 0,
+            window: self.window,
+            mss: Some(self.mss),
+        }
+    }
+}
+
+/// A connection whose handshake the SYN proxy made with the client: what
+/// it needs to make the backend's handshake and to shift sequence numbers
+/// between the two.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Proxied {
+    /// The cookie: the initial sequence number the client was given.
+    pub cookie: u32,
+    /// The client's initial sequence number.
+    pub client_isn: u32,
+    /// The MSS the cookie carried, for the backend's SYN.
+    pub mss: u16,
+    /// The client's window, for the segments sent in its name.
+    pub window: u16,
+    /// The backend answered (its SYN-ACK set the sequence offset, now in
+    /// the connection's NAT binding), or reset.
+    pub answered: bool,
 }
 
 /// Load balancer counters of one core.
@@ -639,6 +759,11 @@ pub struct LbStats {
     /// Connections admitted while the table was full: forwarded without
     /// tracking (their admission does not outlive their cached flows).
     pub untracked: u64,
+    /// SYNs answered with a cookie.
+    pub syn_cookies_sent: u64,
+    /// Connections opened by the ACK of a cookie (counted in `new_dnat`
+    /// too).
+    pub syn_proxied: u64,
     /// Drops by reason (indexed as [`LbDrop::ALL`]).
     pub drops: [u64; LbDrop::ALL.len()],
 }
@@ -662,6 +787,7 @@ const VIP_EVICT_SCAN: usize = 32;
 
 /// TCP flags the tracker reads here.
 const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
 /// A backend of a VIP: (VIP address, VIP port, protocol, backend address,
@@ -688,6 +814,8 @@ pub struct LbCore {
     stats: LbStats,
     /// New connections per backend (counted on the slow path only).
     new_by_backend: HashMap<BackendKey, u64>,
+    /// The SYN cookies' secret (every worker's core has the same).
+    cookies: SynCookies,
 }
 
 /// What tracked connections hold beyond their table slot: SNAT ports, and
@@ -740,7 +868,15 @@ impl LbCore {
             shard: (0, 1),
             stats: LbStats::default(),
             new_by_backend: HashMap::new(),
+            cookies: SynCookies::new(),
         }
+    }
+
+    /// This core with the SYN cookies' secret `cookies` (the same for all
+    /// workers).
+    pub fn with_cookies(mut self, cookies: SynCookies) -> Self {
+        self.cookies = cookies;
+        self
     }
 
     /// Counters per backend: connections created, and tracked now (a walk
@@ -805,9 +941,10 @@ impl LbCore {
         &mut self,
         vips: Option<&Vips>,
         key: &FlowKey,
-        tcp_flags: u8,
+        seg: &Seg,
         now: u64,
     ) -> Result<Option<Decision>, LbDrop> {
+        let tcp_flags = seg.flags;
         let held = &mut self.held;
         let Some((i, dir)) = self.conns.lookup(key, now, |c| held.release(&c)) else {
             return Ok(None);
@@ -883,6 +1020,12 @@ impl LbCore {
         let Some(conn) = self.conns.conn_ref(i) else {
             return Ok(None);
         };
+        if let Some(px) = self.conns.get(i).and_then(|c| c.value.proxy) {
+            let synack = tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
+            if !px.answered || (dir == Dir::Reply && synack) {
+                return self.proxy_step(i, conn, dir, seg, px);
+            }
+        }
         let nat = self.conns.get(i).map(|c| c.value.nat).unwrap_or_default();
         let rewrite = if dir == Dir::Orig {
             nat.forward
@@ -901,7 +1044,17 @@ impl LbCore {
     /// connections get their rewrite; a new connection to a VIP gets a
     /// backend by Maglev over the healthy backends and a DNAT binding.
     pub fn process(&mut self, vips: &Vips, key: &FlowKey, tcp_flags: u8, now: u64) -> Decision {
-        match self.existing(Some(vips), key, tcp_flags, now) {
+        let seg = Seg {
+            flags: tcp_flags,
+            ..Seg::default()
+        };
+        self.process_seg(vips, key, &seg, now)
+    }
+
+    /// [`LbCore::process`] for a packet whose TCP header is `seg` (what a
+    /// VIP with a SYN proxy needs: sequence numbers, window, MSS).
+    pub fn process_seg(&mut self, vips: &Vips, key: &FlowKey, seg: &Seg, now: u64) -> Decision {
+        match self.existing(Some(vips), key, seg, now) {
             Ok(Some(d)) => return d,
             Err(r) => return self.drop(r),
             Ok(None) => {}
@@ -909,13 +1062,95 @@ impl LbCore {
         let Some(vip) = vips.lookup(key) else {
             return Decision::NotHandled;
         };
-        let Some(b) = vip.pick(key) else {
-            return self.drop(LbDrop::NoHealthyBackend);
-        };
+        let mode = vip.config().syn_proxy;
+        if mode != SynProxy::Off && key.proto == 6 {
+            let flags = seg.flags & (TCP_SYN | TCP_ACK | TCP_RST);
+            if flags == TCP_SYN && (mode == SynProxy::On || self.under_pressure(vip.config())) {
+                let Some(b) = vip.pick(key) else {
+                    return self.drop(LbDrop::NoHealthyBackend);
+                };
+                let be = vip.config().backends[b];
+                let (cookie, mss) = self.cookies.make(key, seg.seq, seg.mss, now);
+                self.stats.syn_cookies_sent += 1;
+                return Decision::Cookie {
+                    cookie,
+                    mss,
+                    rewrite: NatBinding::dnat(key, be.ip, be.port).forward,
+                };
+            }
+            if flags == TCP_ACK {
+                let client_isn = seg.seq.wrapping_sub(1);
+                let cookie = seg.ack.wrapping_sub(1);
+                if let Some(mss) = self.cookies.check(key, client_isn, cookie, now) {
+                    let px = Proxied {
+                        cookie,
+                        client_isn,
+                        mss,
+                        window: seg.window,
+                        answered: false,
+                    };
+                    return match self.open_dnat(vip, key, seg.flags, now, Some(px)) {
+                        Ok((rewrite, conn)) => {
+                            self.stats.syn_proxied += 1;
+                            Decision::ProxySyn {
+                                rewrite,
+                                conn,
+                                new: true,
+                                seg: px.syn(),
+                            }
+                        }
+                        Err(r) => self.drop(r),
+                    };
+                }
+            }
+            // Under `auto`, anything else is what it would be without the
+            // proxy (a SYN, a connection picked up mid-stream). Under `on`,
+            // only a SYN or a cookie's ACK opens a connection.
+            if mode == SynProxy::On && flags != TCP_SYN {
+                return self.drop(LbDrop::SynCookieInvalid);
+            }
+        }
+        match self.open_dnat(vip, key, seg.flags, now, None) {
+            Ok((rewrite, conn)) => Decision::Forward {
+                rewrite,
+                dir: Dir::Orig,
+                conn,
+                new: true,
+            },
+            Err(r) => self.drop(r),
+        }
+    }
+
+    /// Whether a VIP with `syn_proxy = "auto"` answers SYNs itself now: at
+    /// this worker's share of its limit, or with the table full.
+    fn under_pressure(&self, cfg: &VipConfig) -> bool {
+        let at_limit = cfg.max_conns > 0
+            && self
+                .held
+                .per_vip
+                .get(&VipKey::of_cfg(cfg))
+                .copied()
+                .unwrap_or(0)
+                >= share_of(cfg.max_conns, self.shard);
+        at_limit || self.conns.len() >= self.conns.capacity()
+    }
+
+    /// Opens a connection to `vip` for a packet with `key`: a backend by
+    /// Maglev over the healthy ones, the VIP's limit, the DNAT binding.
+    /// Returns the forward rewrite and the connection.
+    fn open_dnat(
+        &mut self,
+        vip: &Arc<Vip>,
+        key: &FlowKey,
+        tcp_flags: u8,
+        now: u64,
+        proxy: Option<Proxied>,
+    ) -> Result<(Rewrite, ConnRef), LbDrop> {
+        let b = vip.pick(key).ok_or(LbDrop::NoHealthyBackend)?;
         let be = vip.config().backends[b];
         let nat = NatBinding::dnat(key, be.ip, be.port);
         if vip.config().max_conns > 0 && !self.room_for(vip.config(), &nat.reply_key(key), now) {
-            return self.drop(LbDrop::VipConnLimit);
+            return Err(LbDrop::VipConnLimit);
         }
         let info = ConnInfo {
             kind: ConnKind::Dnat {
@@ -924,19 +1159,85 @@ impl LbCore {
                 port: be.port,
             },
             nat,
+            proxy,
         };
-        match self.open(key, tcp_flags, now, info) {
-            Ok(d) => {
-                self.stats.new_dnat += 1;
-                let c = vip.config();
-                *self.held.per_vip.entry(VipKey::of_cfg(c)).or_default() += 1;
-                *self
-                    .new_by_backend
-                    .entry((c.addr, c.port, c.proto, be.ip, be.port))
-                    .or_default() += 1;
-                d
+        let conn = match self.open(key, tcp_flags, now, info)? {
+            Decision::Forward { conn, .. } => conn,
+            _ => return Err(LbDrop::TableFull),
+        };
+        self.stats.new_dnat += 1;
+        let c = vip.config();
+        *self.held.per_vip.entry(VipKey::of_cfg(c)).or_default() += 1;
+        *self
+            .new_by_backend
+            .entry((c.addr, c.port, c.proto, be.ip, be.port))
+            .or_default() += 1;
+        Ok((nat.forward, conn))
+    }
+
+    /// A packet of a SYN-proxied connection (slot `i`, reference `conn`)
+    /// before its backend answered, or a SYN-ACK of its backend:
+    /// - from the client, before the answer: the backend's SYN again (the
+    ///   first was lost, or this is data sent before the backend answered);
+    /// - the backend's SYN-ACK: sets the sequence offset (the client was
+    ///   told `cookie`, the backend chose its own) in the NAT binding and
+    ///   is answered with the ACK that completes the backend's handshake
+    ///   (again for a repeated SYN-ACK);
+    /// - the backend's RST before that: passed on, its sequence number
+    ///   made the one the client expects;
+    /// - anything else from the backend before its answer: dropped.
+    fn proxy_step(
+        &mut self,
+        i: u32,
+        conn: ConnRef,
+        dir: Dir,
+        seg: &Seg,
+        px: Proxied,
+    ) -> Result<Option<Decision>, LbDrop> {
+        let Some(c) = self.conns.value_mut(i) else {
+            return Ok(None);
+        };
+        let synack = seg.flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
+        match dir {
+            Dir::Orig => Ok(Some(Decision::ProxySyn {
+                rewrite: c.nat.forward,
+                conn,
+                new: false,
+                seg: px.syn(),
+            })),
+            Dir::Reply if synack && seg.ack == px.client_isn.wrapping_add(1) => {
+                let offset = seg.seq.wrapping_sub(px.cookie);
+                c.nat.forward.shift = SeqShift::ack(offset);
+                c.nat.reverse.shift = SeqShift::seq(offset.wrapping_neg());
+                c.proxy = Some(Proxied {
+                    answered: true,
+                    ..px
+                });
+                Ok(Some(Decision::ProxyAck {
+                    conn,
+                    seg: Seg {
+                        flags: TCP_ACK,
+                        seq: seg.ack,
+                        ack: seg.seq.wrapping_add(1),
+                        window: px.window,
+                        mss: None,
+                    },
+                }))
             }
-            Err(r) => self.drop(r),
+            Dir::Reply if seg.flags & TCP_RST != 0 && !px.answered => {
+                c.nat.reverse.shift = SeqShift::seq(px.cookie.wrapping_add(1).wrapping_sub(seg.seq));
+                c.proxy = Some(Proxied {
+                    answered: true,
+                    ..px
+                });
+                Ok(Some(Decision::Forward {
+                    rewrite: c.nat.reverse,
+                    dir,
+                    conn,
+                    new: false,
+                }))
+            }
+            Dir::Reply => Err(LbDrop::SynProxyPending),
         }
     }
 
@@ -994,7 +1295,11 @@ impl LbCore {
     /// reply to one): new connections get a public address and port from
     /// the VM's blocks.
     pub fn process_snat(&mut self, key: &FlowKey, tcp_flags: u8, now: u64) -> Decision {
-        match self.existing(None, key, tcp_flags, now) {
+        let seg = Seg {
+            flags: tcp_flags,
+            ..Seg::default()
+        };
+        match self.existing(None, key, &seg, now) {
             Ok(Some(d)) => return d,
             Err(r) => return self.drop(r),
             Ok(None) => {}
@@ -1015,6 +1320,7 @@ impl LbCore {
         let info = ConnInfo {
             kind: ConnKind::Snat { public, port },
             nat,
+            proxy: None,
         };
         match self.open(key, tcp_flags, now, info) {
             Ok(d) => {
@@ -1051,7 +1357,11 @@ impl LbCore {
         if !self.is_uplink_reply(key) {
             return None;
         }
-        match self.existing(None, key, tcp_flags, now) {
+        let seg = Seg {
+            flags: tcp_flags,
+            ..Seg::default()
+        };
+        match self.existing(None, key, &seg, now) {
             Ok(d) => d,
             Err(r) => Some(self.drop(r)),
         }
@@ -1069,6 +1379,7 @@ impl LbCore {
         let info = ConnInfo {
             kind: ConnKind::Plain { uplink },
             nat: NatBinding::default(),
+            proxy: None,
         };
         match self.open(key, tcp_flags, now, info) {
             Ok(d) => {
@@ -1705,5 +2016,187 @@ mod tests {
             Vip::new(vip_cfg(1), &[]).unwrap().set_health(5, true),
             Err(LbError::NoSuchBackend { index: 5, .. })
         ));
+    }
+
+    fn seg(flags: u8, seq: u32, ack: u32, window: u16, mss: Option<u16>) -> Seg {
+        Seg {
+            flags,
+            seq,
+            ack,
+            window,
+            mss,
+        }
+    }
+
+    fn proxied_vips(mode: SynProxy, max_conns: u32) -> Vips {
+        let mut vips = Vips::new();
+        let mut cfg = vip_cfg(2);
+        cfg.syn_proxy = mode;
+        cfg.max_conns = max_conns;
+        vips.insert(Vip::new(cfg, &[]).unwrap());
+        vips
+    }
+
+    const RST: u8 = 0x04;
+
+    #[test]
+    fn a_syn_proxied_connection_opens_on_its_cookies_ack_and_shifts_sequence_numbers() {
+        let vips = proxied_vips(SynProxy::On, 0);
+        let mut lb = core();
+        let k = client(1, 40000);
+        let now = 5 * SEC;
+        let Decision::Cookie {
+            cookie,
+            mss,
+            rewrite,
+        } = lb.process_seg(&vips, &k, &seg(SYN, 1000, 0, 64240, Some(1460)), now)
+        else {
+            panic!("a SYN is answered with a cookie")
+        };
+        assert_eq!(mss, 1460);
+        assert_eq!(lb.conns().len(), 0, "a SYN leaves nothing behind");
+        // An ACK that does not carry the cookie opens nothing (nor does a
+        // segment without ACK).
+        for bad in [
+            seg(ACK, 1001, cookie.wrapping_add(2), 502, None),
+            seg(ACK, 1002, cookie.wrapping_add(1), 502, None),
+            seg(FIN, 1001, cookie.wrapping_add(1), 502, None),
+            seg(RST | ACK, 1001, cookie.wrapping_add(1), 502, None),
+        ] {
+            assert_eq!(
+                lb.process_seg(&vips, &k, &bad, now),
+                Decision::Drop(LbDrop::SynCookieInvalid)
+            );
+        }
+        assert_eq!(lb.conns().len(), 0);
+        // The client's ACK: the backend gets the client's SYN, with the
+        // MSS the cookie carried and the client's window.
+        let ack = seg(ACK, 1001, cookie.wrapping_add(1), 502, None);
+        let Decision::ProxySyn {
+            rewrite: to_backend,
+            new: true,
+            seg: syn,
+            ..
+        } = lb.process_seg(&vips, &k, &ack, now)
+        else {
+            panic!("the cookie's ACK opens the connection")
+        };
+        assert_eq!(to_backend, rewrite, "the backend the cookie was made for");
+        assert_eq!(syn, seg(SYN, 1000, 0, 502, Some(1460)));
+        // Data before the backend answered: its SYN again.
+        let data = seg(ACK | 0x08, 1001, cookie.wrapping_add(1), 502, None);
+        assert!(matches!(
+            lb.process_seg(&vips, &k, &data, now),
+            Decision::ProxySyn {
+                new: false,
+                seg: s,
+                ..
+            } if s == syn
+        ));
+        let reply = to_backend.apply_to_key(&k).reversed();
+        assert_eq!(
+            lb.process_seg(&vips, &reply, &seg(ACK, 5, 1001, 100, None), now),
+            Decision::Drop(LbDrop::SynProxyPending)
+        );
+        // The backend's SYN-ACK: answered with the ACK of its handshake.
+        let backend_isn = 7_000_000u32;
+        let synack = seg(SYN | ACK, backend_isn, 1001, 65160, Some(1460));
+        for _ in 0..2 {
+            let Decision::ProxyAck { seg: a, .. } = lb.process_seg(&vips, &reply, &synack, now)
+            else {
+                panic!("a backend's SYN-ACK is answered, repeated or not")
+            };
+            assert_eq!(a, seg(ACK, 1001, backend_isn + 1, 502, None));
+        }
+        // From now on both ways are forwarded, shifted: the client acks
+        // the cookie's numbers, the backend its own.
+        let Decision::Forward {
+            rewrite: fwd,
+            new: false,
+            ..
+        } = lb.process_seg(&vips, &k, &data, now)
+        else {
+            panic!("established")
+        };
+        let (seq, ack) = fwd.shift.amounts();
+        assert_eq!(cookie.wrapping_add(1).wrapping_add(ack), backend_isn + 1);
+        assert_eq!(seq, 0);
+        let Decision::Forward { rewrite: back, .. } =
+            lb.process_seg(&vips, &reply, &seg(ACK, backend_isn + 1, 1001, 100, None), now)
+        else {
+            panic!("established")
+        };
+        let (seq, ack) = back.shift.amounts();
+        assert_eq!((backend_isn + 1).wrapping_add(seq), cookie.wrapping_add(1));
+        assert_eq!(ack, 0);
+        assert_eq!(lb.stats().syn_cookies_sent, 1);
+        assert_eq!(lb.stats().syn_proxied, 1);
+        assert_eq!(lb.stats().new_dnat, 1);
+    }
+
+    #[test]
+    fn a_backends_reset_reaches_the_client_at_its_sequence() {
+        let vips = proxied_vips(SynProxy::On, 0);
+        let mut lb = core();
+        let k = client(1, 40000);
+        let Decision::Cookie { cookie, .. } =
+            lb.process_seg(&vips, &k, &seg(SYN, 1000, 0, 64240, None), 0)
+        else {
+            panic!("cookie")
+        };
+        let ack = seg(ACK, 1001, cookie.wrapping_add(1), 502, None);
+        let Decision::ProxySyn { rewrite, seg: syn, .. } = lb.process_seg(&vips, &k, &ack, 0)
+        else {
+            panic!("opened")
+        };
+        assert_eq!(syn.mss, Some(536), "no MSS offered: the default");
+        let reply = rewrite.apply_to_key(&k).reversed();
+        let Decision::Forward { rewrite: back, .. } =
+            lb.process_seg(&vips, &reply, &seg(RST | ACK, 0, 1001, 0, None), 0)
+        else {
+            panic!("a reset is passed on")
+        };
+        assert_eq!(back.shift, SeqShift::seq(cookie.wrapping_add(1)));
+    }
+
+    #[test]
+    fn auto_answers_with_cookies_only_at_the_vips_limit() {
+        let vips = proxied_vips(SynProxy::Auto, 2);
+        let mut lb = core();
+        for i in 0..2 {
+            let d = lb.process_seg(&vips, &client(i, 1), &seg(SYN, 9, 0, 1000, None), 0);
+            assert!(matches!(d, Decision::Forward { new: true, .. }), "{d:?}");
+        }
+        let k = client(7, 1);
+        let Decision::Cookie { cookie, .. } =
+            lb.process_seg(&vips, &k, &seg(SYN, 9, 0, 1000, None), 0)
+        else {
+            panic!("at the limit: a cookie")
+        };
+        // Its ACK makes room among the VIP's embryonic connections.
+        let ack = seg(ACK, 10, cookie.wrapping_add(1), 1000, None);
+        assert!(matches!(
+            lb.process_seg(&vips, &k, &ack, 0),
+            Decision::ProxySyn { new: true, .. }
+        ));
+        assert_eq!(lb.conns().len(), 2);
+        // Under `auto`, an ACK without a cookie is a connection picked up
+        // mid-stream, as without the proxy.
+        let d = lb.process_seg(&vips, &client(8, 1), &seg(ACK, 10, 77, 1000, None), 0);
+        assert!(matches!(d, Decision::Forward { new: true, .. }), "{d:?}");
+    }
+
+    #[test]
+    fn a_syn_proxy_needs_tcp() {
+        let mut cfg = VipConfig::new("dns", ip("10.1.0.100"), 53, 17, vec![]);
+        cfg.syn_proxy = SynProxy::Auto;
+        assert_eq!(
+            Vip::new(cfg, &[]).err(),
+            Some(LbError::SynProxyNotTcp("dns".into()))
+        );
+        assert_eq!(
+            "maybe".parse::<SynProxy>(),
+            Err(LbError::BadSynProxy("maybe".into()))
+        );
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! Owns: the VIP/DIP model and distribution modes ([`balancer`]), the Maglev
 //! lookup table ([`maglev`]), per-core connection tracking ([`conntrack`]),
-//! NAT bindings ([`nat`]) and SNAT port allocation ([`snat`]); the health
+//! NAT bindings ([`nat`]), SNAT port allocation ([`snat`]) and the SYN
+//! proxy's cookies ([`syncookie`]); the health
 //! prober ([`probe`]: HTTP GET and TCP probes over smoltcp) and the health
 //! service that runs one per vnet and applies what they learn to the VIPs
 //! in place ([`health`]).
@@ -21,8 +22,9 @@ pub mod maglev;
 pub mod nat;
 pub mod probe;
 pub mod snat;
+pub mod syncookie;
 
 pub use balancer::{Backend, Decision, Distribution, LbCore, LbDrop, Vip, VipConfig, Vips};
 pub use conntrack::{ConnRef, ConnTable, Dir, Timeouts};
 pub use maglev::MaglevTable;
-pub use nat::{NatBinding, Rewrite};
+pub use nat::{NatBinding, Rewrite, SeqShift};

@@ -15,6 +15,47 @@ pub struct Rewrite {
     pub src: Option<(IpAddr, u16)>,
     /// New destination address and port.
     pub dst: Option<(IpAddr, u16)>,
+    /// The TCP sequence offset of this direction, if any. Only a
+    /// SYN-proxied connection has one: its server chose another initial
+    /// sequence number than the proxy told the client.
+    pub shift: SeqShift,
+}
+
+/// A TCP sequence offset of one direction, added (wrapping) to the
+/// sequence number or to the acknowledgment number. A SYN proxy shifts
+/// one end's numbers only: one direction's sequence numbers, the other's
+/// acknowledgments. Bytes rather than a `u32`, so that the flow slot
+/// holding a [`Rewrite`] keeps its size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SeqShift {
+    /// No offset.
+    #[default]
+    None,
+    /// Added to the sequence number (big-endian bytes).
+    Seq([u8; 4]),
+    /// Added to the acknowledgment number (big-endian bytes).
+    Ack([u8; 4]),
+}
+
+impl SeqShift {
+    /// `n` added to sequence numbers.
+    pub fn seq(n: u32) -> Self {
+        SeqShift::Seq(n.to_be_bytes())
+    }
+
+    /// `n` added to acknowledgment numbers.
+    pub fn ack(n: u32) -> Self {
+        SeqShift::Ack(n.to_be_bytes())
+    }
+
+    /// What is added to the sequence and to the acknowledgment number.
+    pub fn amounts(self) -> (u32, u32) {
+        match self {
+            SeqShift::None => (0, 0),
+            SeqShift::Seq(b) => (u32::from_be_bytes(b), 0),
+            SeqShift::Ack(b) => (0, u32::from_be_bytes(b)),
+        }
+    }
 }
 
 impl Rewrite {
@@ -22,7 +63,13 @@ impl Rewrite {
     pub const NONE: Rewrite = Rewrite {
         src: None,
         dst: None,
+        shift: SeqShift::None,
     };
+
+    /// True when it shifts TCP sequence or acknowledgment numbers.
+    pub fn shifts_seq(&self) -> bool {
+        self.shift != SeqShift::None
+    }
 
     /// Applies the rewrite to `frame` (parsed as `p`), patching checksums
     /// incrementally. On error the frame may be partly rewritten only if the
@@ -44,6 +91,10 @@ impl Rewrite {
             } else if p.key.dst_port != port {
                 rewrite::set_dst_port(frame, p, port)?;
             }
+        }
+        if self.shifts_seq() {
+            let (seq, ack) = self.shift.amounts();
+            rewrite::shift_seq(frame, p, seq, ack)?;
         }
         Ok(())
     }
@@ -111,12 +162,12 @@ impl NatBinding {
         };
         NatBinding {
             forward: Rewrite {
-                src: None,
                 dst: Some((dip, to_port)),
+                ..Rewrite::NONE
             },
             reverse: Rewrite {
                 src: Some((orig.dst(), back_port)),
-                dst: None,
+                ..Rewrite::NONE
             },
         }
     }
@@ -127,11 +178,11 @@ impl NatBinding {
         NatBinding {
             forward: Rewrite {
                 src: Some((public, port)),
-                dst: None,
+                ..Rewrite::NONE
             },
             reverse: Rewrite {
-                src: None,
                 dst: Some((orig.src(), orig.src_port)),
+                ..Rewrite::NONE
             },
         }
     }

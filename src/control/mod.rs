@@ -680,6 +680,8 @@ pub fn local_counters(state: &ControlState, rt: &Runtime) -> Counters {
             conns_untracked: l(&ss.conns_untracked),
             frags_noted: l(&ss.frags_noted),
             frags_followed: l(&ss.frags_followed),
+            syn_cookies_sent: l(&ss.syn_cookies_sent),
+            syn_proxied: l(&ss.syn_proxied),
             drops: by_reason(ws.drops.nonzero().into_iter().chain(ss.nonzero())),
         })
         .collect();

@@ -12,8 +12,10 @@ use lb::nat::Rewrite;
 /// carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LbRef {
-    /// The vnet whose load-balancer core tracks it.
-    pub vnet: u32,
+    /// The vnet whose load-balancer core tracks it (16 bits keep the flow
+    /// slot in three cache lines; a policy has at most
+    /// [`crate::policy::MAX_VNETS`]).
+    pub vnet: u16,
     /// The connection.
     pub conn: ConnRef,
     /// The direction of this flow within it.
@@ -90,6 +92,9 @@ impl FlowAction {
             Some(_) => None,
         };
         let fast = match (v4(self.nat.src), v4(self.nat.dst)) {
+            // (The compiled form moves addresses and ports only: a SYN-proxied
+            // connection's sequence offset is applied field by field.)
+            _ if self.nat.shifts_seq() => None,
             (Some(src), Some(dst)) => dataplane::rewrite::Transpose4::compile(key, src, dst),
             _ => None,
         };

@@ -184,10 +184,20 @@ pub struct Policy {
 /// addresses, so flooding them is not possible).
 type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
 
+/// The most vnets a policy holds.
+pub const MAX_VNETS: u16 = u16::MAX;
+
 impl Policy {
     /// Compiles a topology into snapshot `generation`; every problem is reported.
     pub fn compile(t: &Topology, generation: u64) -> Result<Policy, PolicyError> {
         let mut errs = Vec::new();
+        // A flow names its connection's vnet in 16 bits (`LbRef`).
+        if t.vnets.len() > usize::from(MAX_VNETS) {
+            errs.push(format!(
+                "{} vnets: at most {MAX_VNETS} are supported",
+                t.vnets.len()
+            ));
+        }
         let mut vnets: Vec<Vnet> = t
             .vnets
             .iter()

@@ -38,7 +38,7 @@ use crate::policy::{NO_VIP, Policy};
 use arc_swap::ArcSwap;
 use dataplane::clock::TscClock;
 use dataplane::worker::{Ctx, Pipeline};
-use dataplane::{Batch, DropReason, L3, PacketBuf, Parsed, parse, parse_into, rewrite};
+use dataplane::{Batch, DropReason, L3, PacketBuf, Parsed, parse, parse_into, rewrite, synproxy};
 use lb::balancer::LbCore;
 use lb::conntrack::Timeouts;
 use lb::snat::SnatAllocator;
@@ -81,6 +81,9 @@ pub struct SwitchConfig {
     pub frag_table_size: usize,
     /// How long a first fragment is remembered for its later fragments.
     pub frag_timeout: Duration,
+    /// The SYN cookies' secret: every worker's switch must have the same
+    /// (clones of one configuration do).
+    pub syn_cookies: lb::syncookie::SynCookies,
 }
 
 impl Default for SwitchConfig {
@@ -94,6 +97,7 @@ impl Default for SwitchConfig {
             port_mtu: Vec::new(),
             frag_table_size: 4096,
             frag_timeout: Duration::from_secs(5),
+            syn_cookies: lb::syncookie::SynCookies::new(),
         }
     }
 }
@@ -333,10 +337,12 @@ impl<B: PacketBuf> Switch<B> {
                 .and_then(|v| v.snat.clone())
                 .and_then(|c| SnatAllocator::for_worker(c, me, workers).ok());
             self.lb.push(
-                LbCore::new(self.cfg.conn_table_size, self.cfg.timeouts, snat).with_shard(
-                    u32::try_from(me).unwrap_or(u32::MAX),
-                    u32::try_from(workers).unwrap_or(u32::MAX),
-                ),
+                LbCore::new(self.cfg.conn_table_size, self.cfg.timeouts, snat)
+                    .with_shard(
+                        u32::try_from(me).unwrap_or(u32::MAX),
+                        u32::try_from(workers).unwrap_or(u32::MAX),
+                    )
+                    .with_cookies(self.cfg.syn_cookies.clone()),
             );
         }
         for vm in &p.vms {
@@ -514,6 +520,28 @@ impl<B: PacketBuf> Switch<B> {
                     self.bounce(ctx, policy, b, pk, now);
                 }
             }
+            Ok(Slow::Segment(mac, seg)) => {
+                match synproxy::write(&mut pkt, pk, synproxy::Way::Back(mac), &seg) {
+                    Ok(()) => ctx.send(in_port, pkt),
+                    Err(_) => self.drop_pkt(pkt, SwitchDrop::RewriteFailed),
+                }
+            }
+            Ok(Slow::ProxySyn(a, seg)) => {
+                // The SYN is parsed again: its lengths are not the packet's.
+                let syn = synproxy::write(&mut pkt, pk, synproxy::Way::Onward, &seg)
+                    .ok()
+                    .and_then(|()| parse(pkt.data(), in_port16).ok());
+                match syn {
+                    Some(sp) => {
+                        if let Some(b) =
+                            transpose(&self.stats, ctx, pkt, &sp, &a, &self.cfg.port_mtu)
+                        {
+                            self.bounce(ctx, policy, b, &sp, now);
+                        }
+                    }
+                    None => self.drop_pkt(pkt, SwitchDrop::RewriteFailed),
+                }
+            }
             Err(r) => self.drop_pkt(pkt, r),
         }
     }
@@ -565,16 +593,21 @@ impl<B: PacketBuf> Switch<B> {
                 .flows
                 .store(self.flows.len() as u64, Ordering::Relaxed);
             let (mut conns, mut evicted, mut untracked) = (0, 0, 0);
+            let (mut cookies, mut proxied) = (0, 0);
             for l in &mut self.lb {
                 l.expire(now, 4096);
                 conns += l.conns().len() as u64;
                 evicted += l.conns().stats().evicted_embryonic;
                 untracked += l.stats().untracked;
+                cookies += l.stats().syn_cookies_sent;
+                proxied += l.stats().syn_proxied;
             }
             let s = &self.stats;
             s.conns.store(conns, Ordering::Relaxed);
             s.conns_evicted_embryonic.store(evicted, Ordering::Relaxed);
             s.conns_untracked.store(untracked, Ordering::Relaxed);
+            s.syn_cookies_sent.store(cookies, Ordering::Relaxed);
+            s.syn_proxied.store(proxied, Ordering::Relaxed);
             let f = self.frags.stats();
             s.frags_noted.store(f.noted, Ordering::Relaxed);
             s.frags_followed.store(f.found, Ordering::Relaxed);

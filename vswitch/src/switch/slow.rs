@@ -10,23 +10,27 @@ use crate::policy::{Policy, UplinkDef};
 use dataplane::wire::arp;
 use dataplane::{FlowKey, L3, PacketBuf, Parsed, rewrite};
 use filter::{Action, Direction};
+use dataplane::synproxy::{self, Seg};
 use lb::balancer::Decision;
 use lb::nat::Rewrite;
 use std::sync::atomic::Ordering;
 
 /// What connection tracking decided for a packet the switch forwards: the
-/// rewrite, the tracked connection, the key after the rewrite, and whether
+/// rewrite, the tracked connection, the key after the rewrite, whether
 /// the packet opened the connection (else the connection was admitted
-/// before, and its admission holds).
+/// before, and its admission holds), and the SYN to write over it first
+/// (the SYN proxy's to a backend).
 pub(super) struct LbStep {
     nat: Rewrite,
     lb: LbRef,
     post: FlowKey,
     new: bool,
+    syn: Option<Seg>,
 }
 
 /// Reads a load-balancer decision for `key` in vnet `vnet`: `Ok(None)` when
-/// the load balancer does not handle the packet.
+/// the load balancer does not handle the packet. (`vnet` fits 16 bits:
+/// [`Policy::compile`] refuses more vnets.)
 pub(super) fn lb_step(
     d: Option<Decision>,
     vnet: usize,
@@ -41,14 +45,35 @@ pub(super) fn lb_step(
         }) => Ok(Some(LbStep {
             nat: rewrite,
             lb: LbRef {
-                vnet: vnet as u32,
+                vnet: vnet as u16,
                 conn,
                 dir,
             },
             post: rewrite.apply_to_key(key),
             new,
+            syn: None,
+        })),
+        Some(Decision::ProxySyn {
+            rewrite,
+            conn,
+            new,
+            seg,
+        }) => Ok(Some(LbStep {
+            nat: rewrite,
+            lb: LbRef {
+                vnet: vnet as u16,
+                conn,
+                dir: lb::conntrack::Dir::Orig,
+            },
+            post: rewrite.apply_to_key(key),
+            new,
+            syn: Some(seg),
         })),
         Some(Decision::Drop(r)) => Err(SwitchDrop::Lb(r)),
+        // The SYN proxy's answers go back where the packet came from
+        // before any routing (`Switch::proxy_answer`): a caller that did
+        // not take them out has nothing to write them with.
+        Some(Decision::Cookie { .. } | Decision::ProxyAck { .. }) => Err(SwitchDrop::RewriteFailed),
         Some(Decision::NotHandled) | None => Ok(None),
     }
 }
@@ -70,6 +95,15 @@ pub(super) enum Slow {
     Advert(dataplane::MacAddr),
     /// Forward with this action.
     Forward(FlowAction),
+    /// Write this TCP segment over the packet and send it back out of its
+    /// port from this MAC: the SYN proxy's SYN-ACK to a client, its ACK to
+    /// a backend.
+    Segment(dataplane::MacAddr, Seg),
+    /// Write this SYN over the packet (the SYN proxy's to a backend), then
+    /// forward it with this action. Nothing is installed: the
+    /// connection's flows wait for the backend's answer, which sets its
+    /// sequence offset.
+    ProxySyn(FlowAction, Seg),
 }
 
 impl<B: PacketBuf> Switch<B> {
@@ -155,13 +189,18 @@ impl<B: PacketBuf> Switch<B> {
             return Ok(Slow::Reply);
         }
         let flags = tcp_flags(frame, pk);
+        let seg = synproxy::read(frame, pk).unwrap_or_default();
         let d = self
             .lb
             .get_mut(vm.vnet)
-            .map(|l| l.process(&vnet.vips, &key, flags, now));
-        let (mut nat, mut lb, mut post, mut tracked) = match lb_step(d, vm.vnet, &key)? {
-            Some(s) => (s.nat, Some(s.lb), s.post, !s.new),
-            None => (Rewrite::NONE, None, key, false),
+            .map(|l| l.process_seg(&vnet.vips, &key, &seg, now));
+        let client = (Some(vm), in_port);
+        if let Some(s) = self.proxy_answer(p, vm.vnet, client, vnet.gateway_mac, &d, &key, &seg)? {
+            return Ok(s);
+        }
+        let (mut nat, mut lb, mut post, mut tracked, syn) = match lb_step(d, vm.vnet, &key)? {
+            Some(s) => (s.nat, Some(s.lb), s.post, !s.new, s.syn),
+            None => (Rewrite::NONE, None, key, false, None),
         };
         // A connection this packet opened is forgotten if the packet goes
         // no further, so that nothing unjudged is ever taken for admitted.
@@ -224,6 +263,9 @@ impl<B: PacketBuf> Switch<B> {
         };
         // The other direction arrives on the output port with the post-NAT
         // addresses swapped and goes back to this VM.
+        if let Some(seg) = syn {
+            return Ok(Slow::ProxySyn(fwd, seg));
+        }
         let back = FlowAction {
             out_port: in_port,
             src_mac: vnet.gateway_mac,
@@ -289,12 +331,21 @@ impl<B: PacketBuf> Switch<B> {
             return Ok(Slow::Reply);
         }
         let key = pk.key;
-        let flags = tcp_flags(frame, pk);
+        let seg = synproxy::read(frame, pk).unwrap_or_default();
         let d = self
             .lb
             .get_mut(vn)
-            .map(|l| l.process(&vnet.vips, &key, flags, now));
-        let LbStep { nat, lb, post, new } = lb_step(d, vn, &key)?.ok_or(SwitchDrop::NoRoute)?;
+            .map(|l| l.process_seg(&vnet.vips, &key, &seg, now));
+        if let Some(s) = self.proxy_answer(p, vn, (None, pk.in_port), up.mac, &d, &key, &seg)? {
+            return Ok(s);
+        }
+        let LbStep {
+            nat,
+            lb,
+            post,
+            new,
+            syn,
+        } = lb_step(d, vn, &key)?.ok_or(SwitchDrop::NoRoute)?;
         let lb = Some(lb);
         let Some((_, dst)) = p.vm_by_addr(vn, post.dst_ip) else {
             return Err(self.abandon(SwitchDrop::NoRoute, lb.filter(|_| new)));
@@ -304,11 +355,68 @@ impl<B: PacketBuf> Switch<B> {
             self.admit(verdict, lb)?
         };
         let fwd = FlowAction::to_vm(dst, vnet.gateway_mac, nat, lb);
+        if let Some(seg) = syn {
+            return Ok(Slow::ProxySyn(fwd, seg));
+        }
         let back = FlowAction::to_uplink(up, nat, lb);
         // The first packet takes the compiled action too.
         Ok(Slow::Forward(self.install(
             p, now, pk.in_port, pk.key, fwd, &post, back, stateful,
         )))
+    }
+
+    /// The SYN proxy's answers, which go back out of the port the packet
+    /// came in on, from `mac`, before any routing: a cookie's SYN-ACK to a
+    /// SYN (if the client's group lets the SYN out, `from` being the
+    /// client VM, and the group of the backend Maglev picks now would let
+    /// it in: a client is not told of a connection it could not have),
+    /// and the ACK that answers a backend's SYN-ACK. `None` for any other
+    /// decision. The MSS a cookie announces fits both ports' MTUs.
+    #[allow(clippy::too_many_arguments)]
+    fn proxy_answer(
+        &mut self,
+        p: &Policy,
+        vn: usize,
+        (from, in_port): (Option<&crate::policy::Vm>, u16),
+        mac: dataplane::MacAddr,
+        d: &Option<Decision>,
+        key: &FlowKey,
+        seg: &Seg,
+    ) -> Result<Option<Slow>, SwitchDrop> {
+        match *d {
+            Some(Decision::Cookie {
+                cookie,
+                mss,
+                rewrite,
+            }) => {
+                if let Some(vm) = from {
+                    self.acl(p, vm.nsg, Direction::Out, key)?;
+                }
+                let post = rewrite.apply_to_key(key);
+                let dst = p.vm_by_addr(vn, post.dst_ip).map(|(_, d)| d);
+                if let Some(dst) = dst {
+                    self.acl(p, dst.nsg, Direction::In, &post)?;
+                }
+                let ip_tcp = if key.src().is_ipv4() { 40 } else { 60 };
+                let fits = |port: Option<u16>| {
+                    port.and_then(|pt| self.cfg.port_mtu.get(usize::from(pt)))
+                        .map_or(u16::MAX, |m| m.saturating_sub(ip_tcp))
+                };
+                let mss = mss.min(fits(Some(in_port))).min(fits(dst.map(|d| d.port)));
+                Ok(Some(Slow::Segment(
+                    mac,
+                    Seg {
+                        flags: super::fast::TCP_SYN | super::fast::TCP_ACK,
+                        seq: cookie,
+                        ack: seg.seq.wrapping_add(1),
+                        window: u16::MAX,
+                        mss: Some(mss),
+                    },
+                )))
+            }
+            Some(Decision::ProxyAck { seg, .. }) => Ok(Some(Slow::Segment(mac, seg))),
+            _ => Ok(None),
+        }
     }
 
     /// Passes on an ICMP error about a packet of a tracked connection of

@@ -135,6 +135,10 @@ pub struct SwitchStats {
     pub frags_noted: AtomicU64,
     /// Later fragments that followed their first, published every 100 ms.
     pub frags_followed: AtomicU64,
+    /// SYNs the SYN proxy answered with a cookie, published every 100 ms.
+    pub syn_cookies_sent: AtomicU64,
+    /// Connections opened by the ACK of a cookie, published every 100 ms.
+    pub syn_proxied: AtomicU64,
 }
 
 impl Default for SwitchStats {
@@ -156,6 +160,8 @@ impl Default for SwitchStats {
             conns_untracked: AtomicU64::new(0),
             frags_noted: AtomicU64::new(0),
             frags_followed: AtomicU64::new(0),
+            syn_cookies_sent: AtomicU64::new(0),
+            syn_proxied: AtomicU64::new(0),
         }
     }
 }
