@@ -16,6 +16,12 @@
 //! embryonic entries, counted), and pollux's resident memory stays under
 //! the bound its tables set.
 //!
+//! With the VIP's SYN proxy on, the flood at the generator's full rate:
+//! pollux answers every SYN with a cookie, the backends' kernels see only
+//! the connections of real clients (their passive opens), pollux tracks
+//! nothing of the flood, and the same holds for downloads, requests and
+//! memory.
+//!
 //! Needs root and `ip`, `ethtool`, `curl`, `python3`. Runs alone
 //! (.config/nextest.toml): its figure is what gets through a busy machine.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
@@ -34,8 +40,11 @@ const MAX_CONNS: u64 = 4096;
 /// Connections tracked per vnet per core, and flow entries per core.
 const CONN_TABLE: u64 = 16_384;
 const FLOW_TABLE: u64 = 65_536;
-/// How long the flood lasts, and each request's deadline.
+/// How long the flood lasts (with the SYN proxy: longer, for as many
+/// requests on a core the full-rate generator keeps busy), and each
+/// request's deadline.
 const FLOOD_SECS: u64 = 40;
+const PROXY_FLOOD_SECS: u64 = 60;
 const REQUEST_SECS: u64 = 10;
 /// The flood's rate unless `POLLUX_FLOOD_PPS` says otherwise (a number, or
 /// `full` for the generator's full rate): what a two-core machine carries
@@ -45,7 +54,7 @@ const REQUEST_SECS: u64 = 10;
 /// its loaded core for this test's checks).
 const FLOOD_PPS: u64 = 15_000;
 
-fn config(lab: &Lab) -> String {
+fn config(lab: &Lab, proxy: bool) -> String {
     let mut c =
         format!("[dataplane]\nconn_table_size = {CONN_TABLE}\nflow_table_size = {FLOW_TABLE}\n");
     for (tag, name) in [("sv", "sv"), ("s2", "s2"), ("wr", "wire")] {
@@ -83,6 +92,7 @@ address = "198.51.100.100"
 port = 80
 protocol = "tcp"
 max_conns = {MAX_CONNS}
+syn_proxy = "{}"
 backends = [ {{ vm = "sv", port = 8000 }}, {{ vm = "s2", port = 8000 }} ]
 
 [[vm]]
@@ -99,7 +109,8 @@ vnet = "a"
 mac = "02:00:00:00:01:05"
 ips = ["10.1.0.5"]
 nsg = "srv"
-"#
+"#,
+        if proxy { "on" } else { "off" }
     );
     c
 }
@@ -125,12 +136,39 @@ fn vip_conns(counters: &serde_json::Value) -> u64 {
         .unwrap_or(0)
 }
 
+/// TCP connections a backend's kernel accepted (`PassiveOpens` of its
+/// namespace).
+fn passive_opens(lab: &Lab, tag: &str) -> u64 {
+    let out = lab.bash(tag, "cat /proc/net/snmp");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
+    let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else {
+        panic!("no Tcp lines in /proc/net/snmp of {tag}: {text}");
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "PassiveOpens")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or_else(|| panic!("no PassiveOpens in {names}"))
+}
+
 #[test]
 fn a_spoofed_syn_flood_leaves_established_and_new_connections_working() {
+    flood(false);
+}
+
+#[test]
+fn a_syn_proxy_keeps_a_full_rate_flood_off_the_backends() {
+    flood(true);
+}
+
+fn flood(proxy: bool) {
     if !testkit::require::root_and(&["ip", "ethtool", "curl", "python3"]) {
         return;
     }
-    let mut lab = Lab::new("sf");
+    let flood_secs = if proxy { PROXY_FLOOD_SECS } else { FLOOD_SECS };
+    let mut lab = Lab::new(if proxy { "sp" } else { "sf" });
     for (tag, cidr, mac, gw) in [
         ("sv", "10.1.0.4/16", "02:00:00:00:01:04", "10.1.0.1"),
         ("s2", "10.1.0.5/16", "02:00:00:00:01:05", "10.1.0.1"),
@@ -184,7 +222,7 @@ fn a_spoofed_syn_flood_leaves_established_and_new_connections_working() {
         );
         lab.spawn(tag, &cmd, &dir.join(format!("{tag}.log")));
     }
-    let (idx, _out, log) = lab.pollux("sf", &config(&lab));
+    let (idx, _out, log) = lab.pollux("sf", &config(&lab, proxy));
     let pid = lab.children[idx].id();
     let api = lab.api("sf");
     let context = || read(&log);
@@ -226,15 +264,20 @@ fn a_spoofed_syn_flood_leaves_established_and_new_connections_working() {
     // connections.
     let report = dir.join("flood.json");
     let rate = match std::env::var("POLLUX_FLOOD_PPS").as_deref() {
+        _ if proxy => String::new(),
         Ok("full") => String::new(),
         Ok(n) => format!("--rate {}", n.parse::<u64>().expect("POLLUX_FLOOD_PPS")),
         Err(_) => format!("--rate {FLOOD_PPS}"),
     };
+    let opens_before = passive_opens(&lab, "sv") + passive_opens(&lab, "s2");
+    let proxied_before = api
+        .get("/v1/counters")
+        .map_or(0, |c| common::api::worker(&c, 0, "syn_proxied"));
     let flood = format!(
         "exec {} pktgen --tx af_packet:eth0 --proto tcp-syn --size 76 \
          --src-ip 100.64.0.0 --src-ips 65536 --flows 2000000 \
          --dst-ip 198.51.100.100 --dport 80 --dst-mac {UPLINK_MAC} \
-         {rate} --warmup 0 --duration {FLOOD_SECS} --json > {}",
+         {rate} --warmup 0 --duration {flood_secs} --json > {}",
         env!("CARGO_BIN_EXE_pollux"),
         report.display()
     );
@@ -245,8 +288,14 @@ fn a_spoofed_syn_flood_leaves_established_and_new_connections_working() {
     api.wait_for(
         "/v1/counters",
         Duration::from_secs(20),
-        "the flood fills the VIP's share",
-        |c| common::api::worker(c, 0, "conns_evicted_embryonic") > 0,
+        "the flood fills the VIP's share, or gets cookies",
+        |c| {
+            if proxy {
+                common::api::worker(c, 0, "syn_cookies_sent") > 10_000
+            } else {
+                common::api::worker(c, 0, "conns_evicted_embryonic") > 0
+            }
+        },
         || format!("{}\n{}", read(&flood_log), read(&log)),
     );
 
@@ -258,7 +307,7 @@ fn a_spoofed_syn_flood_leaves_established_and_new_connections_working() {
     let mut peak_rss = rss_before;
     let mut peak_conns = 0;
     let mut failures = Vec::new();
-    while started.elapsed() < Duration::from_secs(FLOOD_SECS - REQUEST_SECS - 3) && tried < 300 {
+    while started.elapsed() < Duration::from_secs(flood_secs - REQUEST_SECS - 3) && tried < 300 {
         assert!(
             matches!(lab.children[flooder].try_wait(), Ok(None)),
             "the flood ended early: {}",
@@ -302,6 +351,9 @@ fn a_spoofed_syn_flood_leaves_established_and_new_connections_working() {
         .unwrap_or(0.0);
     let counters = api.get("/v1/counters").unwrap();
     let evicted = common::api::worker(&counters, 0, "conns_evicted_embryonic");
+    let cookies = common::api::worker(&counters, 0, "syn_cookies_sent");
+    let proxied = common::api::worker(&counters, 0, "syn_proxied") - proxied_before;
+    let opens = passive_opens(&lab, "sv") + passive_opens(&lab, "s2") - opens_before;
 
     // The established downloads finished, every byte right.
     for (c, file) in &downloads {
@@ -321,14 +373,17 @@ fn a_spoofed_syn_flood_leaves_established_and_new_connections_working() {
          (dropped there: {}); \
          requests during the flood: {ok}/{tried} ({failures:?}); embryonic connections \
          evicted: {evicted}; refused at the VIP's limit: {}; peak connections to the VIP: {peak_conns}; \
-         rss {rss_before} KiB before, {peak_rss} KiB at most",
+         cookies sent: {cookies}, connections opened by a cookie: {proxied}; \
+         connections the backends accepted: {opens}; \
+         rss {rss_before} KiB before, {peak_rss} KiB at most; switch drops {}",
         wire("rx_packets"),
         counters["ports"]
             .as_array()
             .and_then(|ps| ps.iter().find(|p| p["name"] == "wire"))
             .map(|p| p["drops"].to_string())
             .unwrap_or_default(),
-        counters["workers"][0]["drops"]["lb_vip_conn_limit"]
+        counters["workers"][0]["drops"]["lb_vip_conn_limit"],
+        counters["workers"][0]["drops"]
     );
     assert!(tried >= 100, "only {tried} requests in the flood");
     assert!(
@@ -336,13 +391,33 @@ fn a_spoofed_syn_flood_leaves_established_and_new_connections_working() {
         "only {ok} of {tried} requests through the VIP succeeded under the flood: {failures:?}\n{counters}\n{}",
         read(&log)
     );
-    // The flood displaced its own entries, far more than the VIP holds.
-    assert!(evicted > 10 * MAX_CONNS, "evicted {evicted}");
-    // The VIP held its limit (one worker: all of it), never more.
-    assert!(
-        (MAX_CONNS * 9 / 10..=MAX_CONNS).contains(&peak_conns),
-        "{peak_conns} connections to the VIP at most"
-    );
+    if proxy {
+        // Every SYN got a cookie; only real clients came back with one,
+        // and only they reached the backends: the flood took no state.
+        assert!(cookies > 100 * MAX_CONNS, "{cookies} cookies sent");
+        assert!(
+            (tried..=tried + 10).contains(&proxied),
+            "{proxied} connections opened by a cookie for {tried} requests"
+        );
+        assert!(
+            opens <= tried + 10,
+            "the backends accepted {opens} connections for {tried} requests"
+        );
+        // Every connection pollux tracked was a real client's.
+        assert!(
+            peak_conns <= tried + 4,
+            "{peak_conns} connections to the VIP for {tried} requests and 4 downloads"
+        );
+        assert_eq!(evicted, 0, "nothing to evict");
+    } else {
+        // The flood displaced its own entries, far more than the VIP holds.
+        assert!(evicted > 10 * MAX_CONNS, "evicted {evicted}");
+        // The VIP held its limit (one worker: all of it), never more.
+        assert!(
+            (MAX_CONNS * 9 / 10..=MAX_CONNS).contains(&peak_conns),
+            "{peak_conns} connections to the VIP at most"
+        );
+    }
     // Memory: what pollux had reserved before the flood, plus what the
     // tables take when full (a connection's entry and its two flows, with
     // their hash-map slots: well under 1 KiB together), plus 16 MiB for

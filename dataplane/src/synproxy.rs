@@ -56,6 +56,16 @@ pub fn read(frame: &[u8], p: &Parsed) -> Option<Seg> {
     })
 }
 
+/// The bytes of data a TCP segment carries (after its header), if it has
+/// a TCP header.
+pub fn payload_len(frame: &[u8], p: &Parsed) -> Option<usize> {
+    if p.key.proto != PROTO_TCP || !p.has_l4 {
+        return None;
+    }
+    let off = frame.get(usize::from(p.l4_off) + 12)?;
+    usize::from(p.l4_len).checked_sub(usize::from(off >> 4) * 4)
+}
+
 /// The MSS option among `opts` (the bytes after the fixed header).
 fn mss_option(opts: &[u8]) -> Option<u16> {
     let mut i = 0;

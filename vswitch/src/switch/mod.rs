@@ -109,6 +109,20 @@ pub const ICMP_ERRORS_PER_SEC: u64 = 1000;
 /// The burst of ICMP errors a worker may send at once.
 pub const ICMP_ERROR_BURST: u64 = 50;
 
+/// Packets a worker holds for SYN-proxied connections whose backends have
+/// not answered: the first data a client sends (it usually follows its
+/// ACK at once, before the backend's SYN-ACK can come back) goes on when
+/// the backend answers instead of after the client's retransmission
+/// timeout. A bounded number, each holding a packet buffer.
+pub const PARK_SLOTS: usize = 64;
+
+/// A packet held for a SYN-proxied connection.
+struct Parked<B> {
+    conn: crate::flow::LbRef,
+    port: u16,
+    pkt: B,
+}
+
 /// One worker's switch.
 pub struct Switch<B = dataplane::pool::PoolBuf> {
     policy: Arc<ArcSwap<Policy>>,
@@ -142,6 +156,11 @@ pub struct Switch<B = dataplane::pool::PoolBuf> {
     handoff: Option<(usize, Arc<Handoff<B>>)>,
     /// The control thread's mailbox to this worker, and the worker's index.
     control: Option<(usize, Arc<FlowControl>)>,
+    /// Data from clients of SYN-proxied connections whose backends have
+    /// not answered yet ([`PARK_SLOTS`] places, taken in turn).
+    parked: Vec<Option<Parked<B>>>,
+    /// The place the next parked packet takes when none is free.
+    park_next: usize,
 }
 
 /// A packet parsed and looked up ahead of its turn in the burst: headers,
@@ -175,6 +194,8 @@ impl<B: PacketBuf> Switch<B> {
             lb_touch_ns: (cfg.timeouts.shortest() / 4).clamp(1_000_000, 10_000_000_000),
             handoff: None,
             control: None,
+            parked: (0..PARK_SLOTS).map(|_| None).collect(),
+            park_next: 0,
             cfg,
         }
     }
@@ -526,7 +547,22 @@ impl<B: PacketBuf> Switch<B> {
                     Err(_) => self.drop_pkt(pkt, SwitchDrop::RewriteFailed),
                 }
             }
-            Ok(Slow::ProxySyn(a, seg)) => {
+            Ok(Slow::ProxyAck(mac, seg, r)) => {
+                match synproxy::write(&mut pkt, pk, synproxy::Way::Back(mac), &seg) {
+                    Ok(()) => ctx.send(in_port, pkt),
+                    Err(_) => self.drop_pkt(pkt, SwitchDrop::RewriteFailed),
+                }
+                self.unpark(ctx, policy, r, now, tally);
+            }
+            Ok(Slow::ProxySyn(a, seg, first)) => {
+                if !first && synproxy::payload_len(pkt.data(), pk).is_some_and(|n| n > 0) {
+                    if let Some(r) = a.lb {
+                        match self.park(r, in_port16, pkt) {
+                            None => return,
+                            Some(p) => pkt = p,
+                        }
+                    }
+                }
                 // The SYN is parsed again: its lengths are not the packet's.
                 let syn = synproxy::write(&mut pkt, pk, synproxy::Way::Onward, &seg)
                     .ok()
@@ -543,6 +579,59 @@ impl<B: PacketBuf> Switch<B> {
                 }
             }
             Err(r) => self.drop_pkt(pkt, r),
+        }
+    }
+
+    /// Holds `pkt`, data from a client (on `port`) of SYN-proxied
+    /// connection `conn` whose backend has not answered, until it does.
+    /// Hands it back when the connection has a packet held already: a
+    /// retransmission, which goes to the backend as its SYN again (the
+    /// first may have been lost). With every place taken, the oldest
+    /// place's packet is dropped (counted).
+    #[cold]
+    fn park(&mut self, conn: crate::flow::LbRef, port: u16, pkt: B) -> Option<B> {
+        let same = |p: &Option<Parked<B>>| p.as_ref().is_some_and(|p| p.conn == conn);
+        if self.parked.is_empty() || self.parked.iter().any(same) {
+            return Some(pkt);
+        }
+        let at = match self.parked.iter().position(Option::is_none) {
+            Some(i) => i,
+            None => {
+                let i = self.park_next % self.parked.len().max(1);
+                self.park_next = i + 1;
+                i
+            }
+        };
+        let old = self
+            .parked
+            .get_mut(at)
+            .and_then(|p| p.replace(Parked { conn, port, pkt }));
+        if let Some(old) = old {
+            self.drop_pkt(old.pkt, SwitchDrop::SynProxyParkFull);
+        }
+        None
+    }
+
+    /// Sends on the packets held for SYN-proxied connection `conn`, whose
+    /// backend has just answered (through the pipeline again: the
+    /// connection now has its sequence offset).
+    #[cold]
+    fn unpark(
+        &mut self,
+        ctx: &mut Ctx<'_, B>,
+        policy: &Policy,
+        conn: crate::flow::LbRef,
+        now: u64,
+        tally: &mut (u64, u64, u64),
+    ) {
+        for i in 0..self.parked.len() {
+            let ours = self
+                .parked
+                .get(i)
+                .is_some_and(|p| p.as_ref().is_some_and(|p| p.conn.conn == conn.conn && p.conn.vnet == conn.vnet));
+            if let Some(p) = ours.then(|| self.parked.get_mut(i).and_then(Option::take)).flatten() {
+                self.packet(ctx, policy, usize::from(p.port), p.pkt, now, true, tally, None);
+            }
         }
     }
 

@@ -100,10 +100,16 @@ pub(super) enum Slow {
     /// a backend.
     Segment(dataplane::MacAddr, Seg),
     /// Write this SYN over the packet (the SYN proxy's to a backend), then
-    /// forward it with this action. Nothing is installed: the
-    /// connection's flows wait for the backend's answer, which sets its
-    /// sequence offset.
-    ProxySyn(FlowAction, Seg),
+    /// forward it with this action; `first` when the packet opened the
+    /// connection (otherwise, if it carries data, it waits for the
+    /// backend's answer instead). Nothing is installed: the connection's
+    /// flows wait for the backend's answer, which sets its sequence
+    /// offset.
+    ProxySyn(FlowAction, Seg, bool),
+    /// Write this ACK over the packet (the SYN proxy's answer to a
+    /// backend's SYN-ACK) and send it back out of its port from this MAC;
+    /// then the data waiting for the connection goes on.
+    ProxyAck(dataplane::MacAddr, Seg, LbRef),
 }
 
 impl<B: PacketBuf> Switch<B> {
@@ -264,7 +270,7 @@ impl<B: PacketBuf> Switch<B> {
         // The other direction arrives on the output port with the post-NAT
         // addresses swapped and goes back to this VM.
         if let Some(seg) = syn {
-            return Ok(Slow::ProxySyn(fwd, seg));
+            return Ok(Slow::ProxySyn(fwd, seg, !tracked));
         }
         let back = FlowAction {
             out_port: in_port,
@@ -356,7 +362,7 @@ impl<B: PacketBuf> Switch<B> {
         };
         let fwd = FlowAction::to_vm(dst, vnet.gateway_mac, nat, lb);
         if let Some(seg) = syn {
-            return Ok(Slow::ProxySyn(fwd, seg));
+            return Ok(Slow::ProxySyn(fwd, seg, new));
         }
         let back = FlowAction::to_uplink(up, nat, lb);
         // The first packet takes the compiled action too.
@@ -414,7 +420,14 @@ impl<B: PacketBuf> Switch<B> {
                     },
                 )))
             }
-            Some(Decision::ProxyAck { seg, .. }) => Ok(Some(Slow::Segment(mac, seg))),
+            Some(Decision::ProxyAck { seg, conn }) => {
+                let r = LbRef {
+                    vnet: vn as u16,
+                    conn,
+                    dir: lb::conntrack::Dir::Reply,
+                };
+                Ok(Some(Slow::ProxyAck(mac, seg, r)))
+            }
             _ => Ok(None),
         }
     }

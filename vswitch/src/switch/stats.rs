@@ -38,11 +38,15 @@ pub enum SwitchDrop {
     /// Larger than the output port's MTU (and not answered with
     /// "fragmentation needed": fragmentable, IPv6, or over the ICMP rate).
     TooBig,
+    /// Data a client sent on a SYN-proxied connection before its backend
+    /// answered, held for it, whose place a later one took (the client
+    /// sends it again).
+    SynProxyParkFull,
     /// The load balancer dropped it.
     Lb(LbDrop),
 }
 
-const BASE: [SwitchDrop; 13] = [
+const BASE: [SwitchDrop; 14] = [
     SwitchDrop::Spoofed,
     SwitchDrop::AclDeny,
     SwitchDrop::NoRoute,
@@ -56,6 +60,7 @@ const BASE: [SwitchDrop; 13] = [
     SwitchDrop::FragNoFirst,
     SwitchDrop::IcmpUnrelated,
     SwitchDrop::TooBig,
+    SwitchDrop::SynProxyParkFull,
 ];
 
 impl SwitchDrop {
@@ -92,6 +97,7 @@ impl SwitchDrop {
             SwitchDrop::FragNoFirst => "frag_no_first",
             SwitchDrop::IcmpUnrelated => "icmp_unrelated",
             SwitchDrop::TooBig => "too_big",
+            SwitchDrop::SynProxyParkFull => "syn_proxy_park_full",
             SwitchDrop::Lb(r) => r.name(),
         }
     }
