@@ -11,8 +11,13 @@
 //! real network would send (a client's SYN to a VIP, a reply from a
 //! backend, an SNAT reply from the wire, ARP, neighbour solicitation, ...)
 //! on its port and overwrite some of its bytes, so that the fuzzer reaches
-//! the deep states without a corpus. The switch persists from input to
-//! input (flows and connections pile up, as in a running switch).
+//! the deep states without a corpus. For the VIPs with a SYN proxy, the
+//! harness reads the cookies and the backends' SYNs the switch sends, so
+//! that templates can answer them (the client's ACK of the last cookie,
+//! the backend's SYN-ACK of the last SYN). The switch persists from input
+//! to input (flows and connections pile up, as in a running switch).
+//! Packets the switch holds for a SYN-proxied connection count as
+//! accounted for while it holds them.
 //!
 //! Run: `RUSTC_BOOTSTRAP=1 cargo fuzz run switch` from the repository root
 //! (see docs/fuzzing.md).
@@ -22,9 +27,9 @@ use arc_swap::ArcSwap;
 use dataplane::pool::{HugePages, Pool, PoolBuf, PoolConfig};
 use dataplane::port::ring::{self, RingPort};
 use dataplane::worker::Worker;
-use dataplane::{Batch, LinkInfo, MacAddr, Port, PortStats};
+use dataplane::{Batch, LinkInfo, MacAddr, PacketBuf, Port, PortStats};
 use filter::{NsgSpec, RuleSpec};
-use lb::balancer::{Backend, VipConfig};
+use lb::balancer::{Backend, SynProxy, VipConfig};
 use lb::snat::SnatConfig;
 use libfuzzer_sys::fuzz_target;
 use std::net::IpAddr;
@@ -132,10 +137,20 @@ fn topology() -> Topology {
             VipDef {
                 vnet: 0,
                 // A connection limit small enough that the fuzzer reaches
-                // it: eviction of the VIP's embryonic entries, and refusal.
+                // it: eviction of the VIP's embryonic entries, and refusal;
+                // and SYN cookies at the limit.
                 config: VipConfig {
                     max_conns: 16,
+                    syn_proxy: SynProxy::Auto,
                     ..VipConfig::new("public", ip("198.51.100.80"), 80, 6, backends(8000))
+                },
+                health: vec![],
+            },
+            VipDef {
+                vnet: 0,
+                config: VipConfig {
+                    syn_proxy: SynProxy::On,
+                    ..VipConfig::new("proxied", ip("10.1.0.100"), 81, 6, backends(8000))
                 },
                 health: vec![],
             },
@@ -244,9 +259,114 @@ fn arp(src_mac: [u8; 6], src: [u8; 4], target: [u8; 4]) -> Vec<u8> {
     f
 }
 
+/// What the harness learned from the frames the switch sent: the last
+/// SYN-ACK with a cookie to the client VM and to the wire (client port,
+/// client's sequence number + 1, cookie), and the last SYN a SYN proxy
+/// sent a backend (its switch port and frame).
+#[derive(Default)]
+struct Learned {
+    vm_cookie: Option<(u16, u32, u32)>,
+    wire_cookie: Option<(u16, u32, u32)>,
+    backend_syn: Option<(usize, Vec<u8>)>,
+}
+
+impl Learned {
+    /// Reads a frame the switch sent out of `port` (IPv4 TCP, no options
+    /// in the IP header).
+    fn read(&mut self, port: usize, f: &[u8]) {
+        let be32 = |at: usize| f.get(at..at + 4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+        let be16 = |at: usize| f.get(at..at + 2).map(|b| u16::from_be_bytes([b[0], b[1]]));
+        if f.get(12..14) != Some(&[0x08, 0x00]) || f.get(14) != Some(&0x45) || f.get(23) != Some(&6) {
+            return;
+        }
+        let (Some(sport), Some(dport), Some(seq), Some(ack), Some(&flags)) =
+            (be16(34), be16(36), be32(38), be32(42), f.get(47))
+        else {
+            return;
+        };
+        match (port, flags & 0x12) {
+            (0, 0x12) if sport == 81 => self.vm_cookie = Some((dport, ack, seq)),
+            (5, 0x12) if sport == 80 => self.wire_cookie = Some((dport, ack, seq)),
+            (1 | 2, 0x02) => self.backend_syn = Some((port, f.to_vec())),
+            _ => {}
+        }
+    }
+}
+
+/// `f` (Ethernet + IPv4 without options + TCP) with sequence and
+/// acknowledgment numbers `seq` and `ack`.
+fn with_numbers(mut f: Vec<u8>, seq: u32, ack: u32) -> Vec<u8> {
+    if let Some(b) = f.get_mut(38..46) {
+        b[..4].copy_from_slice(&seq.to_be_bytes());
+        b[4..].copy_from_slice(&ack.to_be_bytes());
+    }
+    f
+}
+
+/// The backend's SYN-ACK to the SYN `syn` (as the switch sent it), with
+/// its own sequence number `isn`.
+fn syn_ack_to(syn: &[u8], isn: u32) -> Vec<u8> {
+    let mut f = syn.to_vec();
+    if f.len() < 54 {
+        return f;
+    }
+    let (dst, src) = f.split_at_mut(6);
+    dst.swap_with_slice(&mut src[..6]);
+    let (a, b) = f[26..34].split_at_mut(4);
+    a.swap_with_slice(b);
+    let (a, b) = f[34..38].split_at_mut(2);
+    a.swap_with_slice(b);
+    let client_isn = u32::from_be_bytes([f[38], f[39], f[40], f[41]]);
+    let f = with_numbers(f, isn, client_isn.wrapping_add(1));
+    let mut f = f;
+    f[47] = 0x12;
+    f
+}
+
 /// Frame number `which` of what a real network sends, with its port; `x`
 /// varies ports and addresses.
-fn template(which: u8, x: u16) -> (usize, Vec<u8>) {
+fn template(which: u8, x: u16, learned: &Learned) -> (usize, Vec<u8>) {
+    let client = vm_mac(0, 1);
+    let c4 = [10, 1, 0, 20];
+    let vip = [10, 1, 0, 100];
+    let sport = 40000 + x % 64;
+    let wire = [2, 0, 0, 0, 9, 9];
+    match which % 19 {
+        14 => (0, ipv4(client, GW_A, c4, vip, 6, sport, 81, 0x02)),
+        // The client's ACK of the last cookie (with 8 bytes of data:
+        // the first opens the connection, the next wait for the backend).
+        15 => match learned.vm_cookie {
+            Some((p, next, cookie)) => (
+                0,
+                with_numbers(ipv4(client, GW_A, c4, vip, 6, p, 81, 0x10), next, cookie.wrapping_add(1)),
+            ),
+            None => (0, ipv4(client, GW_A, c4, vip, 6, sport, 81, 0x10)),
+        },
+        16 => match &learned.backend_syn {
+            Some((p, syn)) => (*p, syn_ack_to(syn, u32::from(x) << 8)),
+            None => (1, ipv4(vm_mac(0, 4), GW_A, [10, 1, 0, 4], c4, 6, 8000, sport, 0x12)),
+        },
+        17 => match learned.wire_cookie {
+            Some((p, next, cookie)) => (
+                5,
+                with_numbers(
+                    ipv4(wire, UPLINK_MAC, [203, 0, 113, 9], [198, 51, 100, 80], 6, p, 80, 0x10),
+                    next,
+                    cookie.wrapping_add(1),
+                ),
+            ),
+            None => (5, ipv4(wire, UPLINK_MAC, [203, 0, 113, 9], [198, 51, 100, 80], 6, sport, 80, 0x10)),
+        },
+        18 => (
+            1,
+            ipv4(vm_mac(0, 4), GW_A, [10, 1, 0, 4], c4, 6, 8000, sport, 0x04),
+        ),
+        which => template_plain(which, x),
+    }
+}
+
+/// The templates that need nothing learned.
+fn template_plain(which: u8, x: u16) -> (usize, Vec<u8>) {
     let client = vm_mac(0, 1);
     let c4 = [10, 1, 0, 20];
     let vip = [10, 1, 0, 100];
@@ -279,6 +399,7 @@ fn template(which: u8, x: u16) -> (usize, Vec<u8>) {
 }
 
 struct Harness {
+    learned: Learned,
     pool: Pool,
     worker: Worker<PoolBuf, Switch>,
     ends: Vec<RingPort<PoolBuf>>,
@@ -314,6 +435,7 @@ fn harness() -> &'static Mutex<Harness> {
             ends.push(end);
         }
         Mutex::new(Harness {
+            learned: Learned::default(),
             pool,
             worker: Worker::new("fuzz", None, ports, sw),
             ends,
@@ -331,7 +453,8 @@ fn accounted(h: &Harness) -> (u64, u64) {
     let port_drops: u64 = snap.iter().map(|s| s.drops).sum();
     let switch_drops: u64 = h.switch.nonzero().iter().map(|d| d.1).sum();
     let worker_drops = h.worker.stats().drops.total();
-    (rx, tx + port_drops + switch_drops + worker_drops)
+    let held = h.switch.syn_proxy_held.load(std::sync::atomic::Ordering::Relaxed);
+    (rx, tx + port_drops + switch_drops + worker_drops + held)
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -352,7 +475,7 @@ fuzz_target!(|data: &[u8]| {
                 [w, ..] => (*w, 0),
                 [] => (*port, 0),
             };
-            let (p, mut f) = template(which, x);
+            let (p, mut f) = template(which, x, &h.learned);
             if let [_, _, _, at, bytes @ ..] = frame {
                 for (i, b) in bytes.iter().enumerate().take(8) {
                     let at = usize::from(*at) + i;
@@ -370,9 +493,11 @@ fuzz_target!(|data: &[u8]| {
         h.worker.poll_once();
         // Whatever the switch sent is taken off the far ends.
         let mut out = Batch::new();
-        for e in &mut h.ends {
+        for (i, e) in h.ends.iter_mut().enumerate() {
             while e.rx_burst(&mut out) > 0 {
-                out.clear();
+                for pkt in out.drain() {
+                    h.learned.read(i, pkt.data());
+                }
             }
         }
         let (rx, fate) = accounted(h);

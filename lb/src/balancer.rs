@@ -1206,13 +1206,16 @@ impl LbCore {
                 seg: px.syn(),
             })),
             Dir::Reply if synack && seg.ack == px.client_isn.wrapping_add(1) => {
-                let offset = seg.seq.wrapping_sub(px.cookie);
-                c.nat.forward.shift = SeqShift::ack(offset);
-                c.nat.reverse.shift = SeqShift::seq(offset.wrapping_neg());
-                c.proxy = Some(Proxied {
-                    answered: true,
-                    ..px
-                });
+                // (A repeated SYN-ACK leaves the offset as the first set it.)
+                if !px.answered {
+                    let offset = seg.seq.wrapping_sub(px.cookie);
+                    c.nat.forward.shift = SeqShift::ack(offset);
+                    c.nat.reverse.shift = SeqShift::seq(offset.wrapping_neg());
+                    c.proxy = Some(Proxied {
+                        answered: true,
+                        ..px
+                    });
+                }
                 Ok(Some(Decision::ProxyAck {
                     conn,
                     seg: Seg {

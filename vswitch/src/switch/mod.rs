@@ -606,8 +606,11 @@ impl<B: PacketBuf> Switch<B> {
             .parked
             .get_mut(at)
             .and_then(|p| p.replace(Parked { conn, port, pkt }));
-        if let Some(old) = old {
-            self.drop_pkt(old.pkt, SwitchDrop::SynProxyParkFull);
+        match old {
+            Some(old) => self.drop_pkt(old.pkt, SwitchDrop::SynProxyParkFull),
+            None => {
+                self.stats.syn_proxy_held.fetch_add(1, Ordering::Relaxed);
+            }
         }
         None
     }
@@ -630,6 +633,7 @@ impl<B: PacketBuf> Switch<B> {
                 .get(i)
                 .is_some_and(|p| p.as_ref().is_some_and(|p| p.conn.conn == conn.conn && p.conn.vnet == conn.vnet));
             if let Some(p) = ours.then(|| self.parked.get_mut(i).and_then(Option::take)).flatten() {
+                self.stats.syn_proxy_held.fetch_sub(1, Ordering::Relaxed);
                 self.packet(ctx, policy, usize::from(p.port), p.pkt, now, true, tally, None);
             }
         }

@@ -145,6 +145,9 @@ pub struct SwitchStats {
     pub syn_cookies_sent: AtomicU64,
     /// Connections opened by the ACK of a cookie, published every 100 ms.
     pub syn_proxied: AtomicU64,
+    /// Packets held now for SYN-proxied connections whose backends have
+    /// not answered (neither sent nor dropped yet).
+    pub syn_proxy_held: AtomicU64,
 }
 
 impl Default for SwitchStats {
@@ -168,6 +171,7 @@ impl Default for SwitchStats {
             frags_followed: AtomicU64::new(0),
             syn_cookies_sent: AtomicU64::new(0),
             syn_proxied: AtomicU64::new(0),
+            syn_proxy_held: AtomicU64::new(0),
         }
     }
 }
