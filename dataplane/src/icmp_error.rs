@@ -150,6 +150,9 @@ pub struct Translation {
     pub quoted_src: Option<(IpAddr, u16)>,
     /// New quoted destination.
     pub quoted_dst: Option<(IpAddr, u16)>,
+    /// Added (wrapping) to the quoted TCP segment's sequence number: a
+    /// SYN proxy's offset, so that the sender recognizes its own segment.
+    pub quoted_seq: u32,
 }
 
 /// Applies `t` to the ICMP or ICMPv6 error `frame` (parsed as `p`,
@@ -181,6 +184,7 @@ pub fn translate(
                     .quoted_dst
                     .map(|(a, p)| v4(a).map(|a| (a, p)))
                     .transpose()?,
+                quoted_seq: t.quoted_seq,
             };
             translate_v4(frame, p, q, &t4)
         }
@@ -200,6 +204,7 @@ pub fn translate(
                     .quoted_dst
                     .map(|(a, p)| v6(a).map(|a| (a, p)))
                     .transpose()?,
+                quoted_seq: t.quoted_seq,
             };
             translate_v6(frame, p, q, &t6)
         }
@@ -213,6 +218,7 @@ struct Translated<A> {
     outer_dst: Option<A>,
     quoted_src: Option<(A, u16)>,
     quoted_dst: Option<(A, u16)>,
+    quoted_seq: u32,
 }
 
 type Translation4 = Translated<Ipv4Addr>;
@@ -246,6 +252,13 @@ fn put_quoted<A: Copy>(
         if !echo {
             put(q.l4_off + 2, &port.to_be_bytes())?;
         }
+    }
+    if t.quoted_seq != 0 && q.key.proto == crate::key::PROTO_TCP {
+        let b = frame
+            .get_mut(q.l4_off + 4..q.l4_off + 8)
+            .ok_or(RewriteError::Mismatch)?;
+        let seq = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+        b.copy_from_slice(&seq.wrapping_add(t.quoted_seq).to_be_bytes());
     }
     Ok(())
 }

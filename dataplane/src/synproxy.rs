@@ -289,12 +289,19 @@ mod tests {
             };
             write(&mut pkt, &p, Way::Back(me), &seg).unwrap();
             let f = pkt.data();
-            assert_eq!(&f[0..6], &[2, 0, 0, 0, 0, 1], "to the client's MAC (the SYN's source)");
+            assert_eq!(
+                &f[0..6],
+                &[2, 0, 0, 0, 0, 1],
+                "to the client's MAC (the SYN's source)"
+            );
             assert_eq!(&f[6..12], &me.0);
             let h = checked(f);
             assert_eq!((h.source_port, h.destination_port), (80, 40000));
             assert!(h.syn && h.ack && !h.rst && !h.fin);
-            assert_eq!((h.sequence_number, h.acknowledgment_number), (0xdead_beef, 1001));
+            assert_eq!(
+                (h.sequence_number, h.acknowledgment_number),
+                (0xdead_beef, 1001)
+            );
             assert_eq!(h.window_size, 65535);
             let q = parse(f, 0).unwrap();
             assert_eq!(q.key.src(), p.key.dst());

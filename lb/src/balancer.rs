@@ -580,7 +580,8 @@ pub enum LbDrop {
     /// SYN, and no ACK of a cookie of this period or the last.
     SynCookieInvalid,
     /// A segment from a backend of a SYN-proxied connection before the
-    /// backend's SYN-ACK (which sets the connection's sequence offset).
+    /// backend's SYN-ACK (which sets the connection's sequence offset), or
+    /// the client's reset before it (the backend's SYN-ACK then gets one).
     SynProxyPending,
 }
 
@@ -745,6 +746,9 @@ pub struct Proxied {
     /// The backend answered (its SYN-ACK set the sequence offset, now in
     /// the connection's NAT binding), or reset.
     pub answered: bool,
+    /// The client reset the connection before the backend answered: the
+    /// backend's SYN-ACK is answered with a reset.
+    pub reset: bool,
 }
 
 /// Load balancer counters of one core.
@@ -1088,6 +1092,7 @@ impl LbCore {
                         mss,
                         window: seg.window,
                         answered: false,
+                        reset: false,
                     };
                     return match self.open_dnat(vip, key, seg.flags, now, Some(px)) {
                         Ok((rewrite, conn)) => {
@@ -1179,10 +1184,14 @@ impl LbCore {
     /// before its backend answered, or a SYN-ACK of its backend:
     /// - from the client, before the answer: the backend's SYN again (the
     ///   first was lost, or this is data sent before the backend answered);
+    /// - a new SYN from the client: the connection is forgotten (the SYN
+    ///   gets a cookie again);
+    /// - the client's reset: noted (and dropped), so that the backend's
+    ///   SYN-ACK is answered with a reset and the connection forgotten;
     /// - the backend's SYN-ACK: sets the sequence offset (the client was
     ///   told `cookie`, the backend chose its own) in the NAT binding and
     ///   is answered with the ACK that completes the backend's handshake
-    ///   (again for a repeated SYN-ACK);
+    ///   (again for a repeated SYN-ACK, leaving the offset as it was);
     /// - the backend's RST before that: passed on, its sequence number
     ///   made the one the client expects;
     /// - anything else from the backend before its answer: dropped.
@@ -1199,12 +1208,39 @@ impl LbCore {
         };
         let synack = seg.flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
         match dir {
+            // A new SYN from the client: it starts again (with a cookie).
+            Dir::Orig if seg.flags & (TCP_SYN | TCP_ACK) == TCP_SYN => {
+                if let Some(c) = self.conns.remove(i) {
+                    self.held.release(&c);
+                }
+                Ok(None)
+            }
+            // The client gave up: the backend's answer gets a reset.
+            Dir::Orig if seg.flags & TCP_RST != 0 => {
+                c.proxy = Some(Proxied { reset: true, ..px });
+                Err(LbDrop::SynProxyPending)
+            }
             Dir::Orig => Ok(Some(Decision::ProxySyn {
                 rewrite: c.nat.forward,
                 conn,
                 new: false,
                 seg: px.syn(),
             })),
+            Dir::Reply if synack && seg.ack == px.client_isn.wrapping_add(1) && px.reset => {
+                if let Some(c) = self.conns.remove(i) {
+                    self.held.release(&c);
+                }
+                Ok(Some(Decision::ProxyAck {
+                    conn,
+                    seg: Seg {
+                        flags: TCP_RST,
+                        seq: seg.ack,
+                        ack: 0,
+                        window: 0,
+                        mss: None,
+                    },
+                }))
+            }
             Dir::Reply if synack && seg.ack == px.client_isn.wrapping_add(1) => {
                 // (A repeated SYN-ACK leaves the offset as the first set it.)
                 if !px.answered {
@@ -1228,7 +1264,8 @@ impl LbCore {
                 }))
             }
             Dir::Reply if seg.flags & TCP_RST != 0 && !px.answered => {
-                c.nat.reverse.shift = SeqShift::seq(px.cookie.wrapping_add(1).wrapping_sub(seg.seq));
+                c.nat.reverse.shift =
+                    SeqShift::seq(px.cookie.wrapping_add(1).wrapping_sub(seg.seq));
                 c.proxy = Some(Proxied {
                     answered: true,
                     ..px
@@ -2124,9 +2161,12 @@ mod tests {
         let (seq, ack) = fwd.shift.amounts();
         assert_eq!(cookie.wrapping_add(1).wrapping_add(ack), backend_isn + 1);
         assert_eq!(seq, 0);
-        let Decision::Forward { rewrite: back, .. } =
-            lb.process_seg(&vips, &reply, &seg(ACK, backend_isn + 1, 1001, 100, None), now)
-        else {
+        let Decision::Forward { rewrite: back, .. } = lb.process_seg(
+            &vips,
+            &reply,
+            &seg(ACK, backend_isn + 1, 1001, 100, None),
+            now,
+        ) else {
             panic!("established")
         };
         let (seq, ack) = back.shift.amounts();
@@ -2148,7 +2188,9 @@ mod tests {
             panic!("cookie")
         };
         let ack = seg(ACK, 1001, cookie.wrapping_add(1), 502, None);
-        let Decision::ProxySyn { rewrite, seg: syn, .. } = lb.process_seg(&vips, &k, &ack, 0)
+        let Decision::ProxySyn {
+            rewrite, seg: syn, ..
+        } = lb.process_seg(&vips, &k, &ack, 0)
         else {
             panic!("opened")
         };

@@ -4,8 +4,9 @@
 //!
 //! A cookie is 32 bits: the low two bits of the time period it was made in
 //! (periods of [`PERIOD_NS`]), two bits choosing the MSS from
-//! [`MSS_TABLE`], and 28 bits of a keyed hash (SipHash, with a key drawn
-//! at random when the switch starts) over the connection's addresses,
+//! [`MSS_TABLE`], and 28 bits of a keyed hash (SipHash-2-4, with a
+//! 128-bit key drawn from the system's random source when the switch
+//! starts) over the connection's addresses,
 //! ports, the client's initial sequence number, the period and the MSS
 //! bits. An ACK
 //! whose acknowledgment number less one is the cookie of its own
@@ -15,8 +16,8 @@
 //! scale, SACK or timestamp option.
 
 use dataplane::FlowKey;
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
+use siphasher::sip::SipHasher24;
+use std::hash::Hasher;
 
 /// MSS values a cookie carries (its index, in two bits): the largest not
 /// above the client's is chosen (536, the TCP default, without one).
@@ -28,23 +29,43 @@ pub const PERIOD_NS: u64 = 64 * 1_000_000_000;
 
 const HASH_BITS: u32 = 0x0fff_ffff;
 
-/// The cookie secret, shared by every worker (a SYN's ACK may come back to
-/// another worker than the SYN, after a change of placement).
-#[derive(Debug, Clone, Default)]
+/// The cookie secret, shared by every worker (one secret for the switch,
+/// whichever worker a connection lands on).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SynCookies {
-    key: RandomState,
+    key: [u8; 16],
+}
+
+impl Default for SynCookies {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl SynCookies {
-    /// A new random secret.
+    /// A new random secret, from the system's random source (if that
+    /// fails, from std's per-process random hash keys, which come from
+    /// the same source).
     pub fn new() -> Self {
-        Self::default()
+        let mut key = [0u8; 16];
+        if getrandom::fill(&mut key).is_err() {
+            use std::hash::BuildHasher;
+            let s = std::collections::hash_map::RandomState::new();
+            key[..8].copy_from_slice(&s.hash_one(0u8).to_le_bytes());
+            key[8..].copy_from_slice(&s.hash_one(1u8).to_le_bytes());
+        }
+        SynCookies { key }
+    }
+
+    /// A given secret (tests; a successor process taking over).
+    pub fn with_key(key: [u8; 16]) -> Self {
+        SynCookies { key }
     }
 
     fn hash(&self, key: &FlowKey, client_isn: u32, period: u64, mss_idx: u32) -> u32 {
         // The fields themselves, not the key's own (unkeyed) digest: the
         // secret must cover every bit an attacker chooses.
-        let mut h = self.key.build_hasher();
+        let mut h = SipHasher24::new_with_key(&self.key);
         h.write(&key.src_ip);
         h.write(&key.dst_ip);
         h.write_u16(key.src_port);
@@ -110,7 +131,11 @@ mod tests {
         assert_eq!(c.check(&k, 77, cookie, T), Some(1460));
         assert_eq!(c.check(&k, 77, cookie, T + PERIOD_NS), Some(1460));
         assert_eq!(c.check(&k, 77, cookie, T + 2 * PERIOD_NS), None, "expired");
-        assert_eq!(c.check(&k, 77, cookie, T - PERIOD_NS), None, "from the future");
+        assert_eq!(
+            c.check(&k, 77, cookie, T - PERIOD_NS),
+            None,
+            "from the future"
+        );
         // Another connection, another client sequence, another secret.
         assert_eq!(c.check(&key(2, 40000), 77, cookie, T), None);
         assert_eq!(c.check(&key(1, 40001), 77, cookie, T), None);

@@ -294,7 +294,16 @@ fn a_proxied_connection_from_syn_to_data_both_ways() {
     // waiting data follows, shifted to the backend's numbers.
     let out = n.send(
         BACKEND,
-        seg(mac(5), B, C, 0x12, BISN, ISN.wrapping_add(1), Some(1400), b""),
+        seg(
+            mac(5),
+            B,
+            C,
+            0x12,
+            BISN,
+            ISN.wrapping_add(1),
+            Some(1400),
+            b"",
+        ),
     );
     assert_eq!(out.len(), 2, "{out:02x?}");
     let a = seen(&out[0].1);
@@ -302,11 +311,17 @@ fn a_proxied_connection_from_syn_to_data_both_ways() {
     assert_eq!(a.dst_mac, mac(5).0);
     assert_eq!((a.src, a.dst), ((v4(C.0), C.1), (v4(B.0), B.1)));
     assert!(a.ack && !a.syn);
-    assert_eq!((a.seq, a.ack_no), (ISN.wrapping_add(1), BISN.wrapping_add(1)));
+    assert_eq!(
+        (a.seq, a.ack_no),
+        (ISN.wrapping_add(1), BISN.wrapping_add(1))
+    );
     let d = seen(&out[1].1);
     assert_eq!(out[1].0, BACKEND);
     assert_eq!(d.payload, b"GET /");
-    assert_eq!((d.seq, d.ack_no), (ISN.wrapping_add(1), BISN.wrapping_add(1)));
+    assert_eq!(
+        (d.seq, d.ack_no),
+        (ISN.wrapping_add(1), BISN.wrapping_add(1))
+    );
     // Both ways, twice: the slow path, then the cached flows.
     for round in 0..2u32 {
         let sent = 5 + 3 * round;
@@ -331,6 +346,40 @@ fn a_proxied_connection_from_syn_to_data_both_ways() {
         assert_eq!(to_c.ack_no, ISN.wrapping_add(1 + sent));
         assert_eq!(to_c.payload, [0x5a; 100]);
     }
+    // An ICMP error the client sends about a segment it got reaches the
+    // backend about the backend's own segment: addresses and sequence
+    // number as the backend sent it (Linux ignores an error whose quoted
+    // sequence number it never sent).
+    let seq = BISN.wrapping_add(201);
+    let back = seg(mac(5), B, C, 0x10, seq, ISN.wrapping_add(12), None, b"xyz");
+    let out = n.send(BACKEND, back);
+    assert_eq!(out.len(), 1);
+    let got = &out[0].1;
+    assert_eq!(seen(got).seq, cookie.wrapping_add(201));
+    let mut err = Vec::new();
+    etherparse::PacketBuilder::ethernet2(mac(1).0, GW.0)
+        .ipv4(v4(C.0).octets(), v4(VIP.0).octets(), 64)
+        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::Port,
+        ))
+        .write(&mut err, &got[14..14 + 28])
+        .unwrap();
+    let out = n.send(CLIENT, err);
+    assert_eq!(out.len(), 1, "{out:02x?}");
+    assert_eq!(out[0].0, BACKEND);
+    let e = &out[0].1;
+    let quoted_ip = 14 + 20 + 8;
+    assert_eq!(
+        &e[quoted_ip + 12..quoted_ip + 16],
+        &v4(B.0).octets(),
+        "quoted source"
+    );
+    assert_eq!(&e[quoted_ip + 20..quoted_ip + 22], &8000u16.to_be_bytes());
+    assert_eq!(
+        &e[quoted_ip + 24..quoted_ip + 28],
+        &seq.to_be_bytes(),
+        "the backend's own sequence number"
+    );
     assert_eq!(n.dropped("rewrite_failed"), 0);
 }
 
@@ -373,4 +422,146 @@ fn a_backend_that_refuses_resets_the_client_at_its_sequence() {
     let r = one(n.send(BACKEND, rst), CLIENT);
     assert_eq!(r.seq, cookie.wrapping_add(1), "where the client expects it");
     assert_eq!(r.src, (v4(VIP.0), 80));
+}
+
+/// The SYN-ACK and the ACK that opens the connection; returns the cookie.
+fn open(n: &mut Net, c: (&str, u16)) -> u32 {
+    let sa = one(
+        n.send(CLIENT, seg(mac(1), c, VIP, 0x02, ISN, 0, Some(1460), b"")),
+        CLIENT,
+    );
+    let cookie = sa.seq;
+    let ack = seg(
+        mac(1),
+        c,
+        VIP,
+        0x10,
+        ISN.wrapping_add(1),
+        cookie.wrapping_add(1),
+        None,
+        b"",
+    );
+    let syn = one(n.send(CLIENT, ack), BACKEND);
+    assert!(syn.syn);
+    cookie
+}
+
+#[test]
+fn before_the_backend_answers() {
+    let mut n = Net::new();
+    // Two data segments wait, in order; the first sent again goes to the
+    // backend as its SYN again.
+    let c = ("10.1.0.20", 40001);
+    let cookie = open(&mut n, c);
+    let data = |off: u32, payload: &[u8]| {
+        seg(
+            mac(1),
+            c,
+            VIP,
+            0x18,
+            ISN.wrapping_add(1 + off),
+            cookie.wrapping_add(1),
+            None,
+            payload,
+        )
+    };
+    assert!(n.send(CLIENT, data(0, b"first-")).is_empty());
+    assert!(n.send(CLIENT, data(6, b"second")).is_empty());
+    let again = one(n.send(CLIENT, data(0, b"first-")), BACKEND);
+    assert!(again.syn && again.payload.is_empty());
+    assert_eq!(
+        n.stats
+            .syn_proxy_held
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+    let out = n.send(
+        BACKEND,
+        seg(
+            mac(5),
+            B,
+            c,
+            0x12,
+            BISN,
+            ISN.wrapping_add(1),
+            Some(1460),
+            b"",
+        ),
+    );
+    let got: Vec<_> = out.iter().map(|(p, f)| (*p, seen(f))).collect();
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert!(got.iter().all(|(p, _)| *p == BACKEND));
+    assert!(got[0].1.ack && got[0].1.payload.is_empty());
+    assert_eq!(got[1].1.payload, b"first-");
+    assert_eq!(got[2].1.payload, b"second");
+    assert_eq!(got[2].1.ack_no, BISN.wrapping_add(1));
+    assert_eq!(
+        n.stats
+            .syn_proxy_held
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+
+    // The client resets before the backend answers: the backend's
+    // SYN-ACK is answered with a reset, and what waited is dropped.
+    let c = ("10.1.0.20", 40002);
+    let cookie = open(&mut n, c);
+    let d = seg(
+        mac(1),
+        c,
+        VIP,
+        0x18,
+        ISN.wrapping_add(1),
+        cookie.wrapping_add(1),
+        None,
+        b"x",
+    );
+    assert!(n.send(CLIENT, d).is_empty());
+    let rst = seg(
+        mac(1),
+        c,
+        VIP,
+        0x10,
+        ISN.wrapping_add(1),
+        cookie.wrapping_add(1),
+        None,
+        b"",
+    );
+    let mut rst = rst;
+    rst[14 + 20 + 13] |= 0x04;
+    assert!(n.send(CLIENT, rst).is_empty());
+    let out = n.send(
+        BACKEND,
+        seg(
+            mac(5),
+            B,
+            c,
+            0x12,
+            BISN,
+            ISN.wrapping_add(1),
+            Some(1460),
+            b"",
+        ),
+    );
+    let r = one(out, BACKEND);
+    assert_eq!(r.seq, ISN.wrapping_add(1));
+    assert!(!r.syn && !r.ack);
+    assert_eq!(
+        &seen_flags(&n.send(CLIENT, seg(mac(1), c, VIP, 0x02, ISN + 7, 0, None, b""))),
+        &[(CLIENT, 0x12)],
+        "a new SYN gets a cookie"
+    );
+    assert_eq!(n.dropped("syn_proxy_park_expired"), 1);
+
+    // A new SYN (another sequence number) while the backend is silent:
+    // the client starts again with a cookie.
+    let c = ("10.1.0.20", 40003);
+    open(&mut n, c);
+    let out = n.send(CLIENT, seg(mac(1), c, VIP, 0x02, ISN + 99, 0, None, b""));
+    assert_eq!(seen_flags(&out), [(CLIENT, 0x12)]);
+    assert_eq!(seen(&out[0].1).ack_no, ISN + 100);
+}
+
+fn seen_flags(out: &[(usize, Vec<u8>)]) -> Vec<(usize, u8)> {
+    out.iter().map(|(p, f)| (*p, f[14 + 20 + 13])).collect()
 }

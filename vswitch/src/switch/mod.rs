@@ -50,6 +50,7 @@ use std::time::Duration;
 mod fast;
 mod handoff;
 mod install;
+mod park;
 mod requests;
 mod respond;
 mod slow;
@@ -57,6 +58,8 @@ mod stats;
 
 use fast::{Bounce, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, tcp_flags, transpose};
 pub use handoff::Handoff;
+pub use park::PARK_SLOTS;
+use park::Parked;
 pub use requests::{FlowControl, FlowReply, FlowRequest};
 use slow::Slow;
 pub use stats::{AclHits, SwitchDrop, SwitchStats};
@@ -109,20 +112,6 @@ pub const ICMP_ERRORS_PER_SEC: u64 = 1000;
 /// The burst of ICMP errors a worker may send at once.
 pub const ICMP_ERROR_BURST: u64 = 50;
 
-/// Packets a worker holds for SYN-proxied connections whose backends have
-/// not answered: the first data a client sends (it usually follows its
-/// ACK at once, before the backend's SYN-ACK can come back) goes on when
-/// the backend answers instead of after the client's retransmission
-/// timeout. A bounded number, each holding a packet buffer.
-pub const PARK_SLOTS: usize = 64;
-
-/// A packet held for a SYN-proxied connection.
-struct Parked<B> {
-    conn: crate::flow::LbRef,
-    port: u16,
-    pkt: B,
-}
-
 /// One worker's switch.
 pub struct Switch<B = dataplane::pool::PoolBuf> {
     policy: Arc<ArcSwap<Policy>>,
@@ -159,8 +148,6 @@ pub struct Switch<B = dataplane::pool::PoolBuf> {
     /// Data from clients of SYN-proxied connections whose backends have
     /// not answered yet ([`PARK_SLOTS`] places, taken in turn).
     parked: Vec<Option<Parked<B>>>,
-    /// The place the next parked packet takes when none is free.
-    park_next: usize,
 }
 
 /// A packet parsed and looked up ahead of its turn in the burst: headers,
@@ -195,7 +182,6 @@ impl<B: PacketBuf> Switch<B> {
             handoff: None,
             control: None,
             parked: (0..PARK_SLOTS).map(|_| None).collect(),
-            park_next: 0,
             cfg,
         }
     }
@@ -552,12 +538,18 @@ impl<B: PacketBuf> Switch<B> {
                     Ok(()) => ctx.send(in_port, pkt),
                     Err(_) => self.drop_pkt(pkt, SwitchDrop::RewriteFailed),
                 }
-                self.unpark(ctx, policy, r, now, tally);
+                if seg.flags & TCP_RST != 0 {
+                    // The client reset before the backend answered.
+                    self.unpark_drop(r);
+                } else {
+                    self.unpark(ctx, policy, r, now, tally);
+                }
             }
             Ok(Slow::ProxySyn(a, seg, first)) => {
                 if !first && synproxy::payload_len(pkt.data(), pk).is_some_and(|n| n > 0) {
                     if let Some(r) = a.lb {
-                        match self.park(r, in_port16, pkt) {
+                        let seq = synproxy::read(pkt.data(), pk).map_or(0, |s| s.seq);
+                        match self.park(r, in_port16, seq, now, pkt) {
                             None => return,
                             Some(p) => pkt = p,
                         }
@@ -579,63 +571,6 @@ impl<B: PacketBuf> Switch<B> {
                 }
             }
             Err(r) => self.drop_pkt(pkt, r),
-        }
-    }
-
-    /// Holds `pkt`, data from a client (on `port`) of SYN-proxied
-    /// connection `conn` whose backend has not answered, until it does.
-    /// Hands it back when the connection has a packet held already: a
-    /// retransmission, which goes to the backend as its SYN again (the
-    /// first may have been lost). With every place taken, the oldest
-    /// place's packet is dropped (counted).
-    #[cold]
-    fn park(&mut self, conn: crate::flow::LbRef, port: u16, pkt: B) -> Option<B> {
-        let same = |p: &Option<Parked<B>>| p.as_ref().is_some_and(|p| p.conn == conn);
-        if self.parked.is_empty() || self.parked.iter().any(same) {
-            return Some(pkt);
-        }
-        let at = match self.parked.iter().position(Option::is_none) {
-            Some(i) => i,
-            None => {
-                let i = self.park_next % self.parked.len().max(1);
-                self.park_next = i + 1;
-                i
-            }
-        };
-        let old = self
-            .parked
-            .get_mut(at)
-            .and_then(|p| p.replace(Parked { conn, port, pkt }));
-        match old {
-            Some(old) => self.drop_pkt(old.pkt, SwitchDrop::SynProxyParkFull),
-            None => {
-                self.stats.syn_proxy_held.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        None
-    }
-
-    /// Sends on the packets held for SYN-proxied connection `conn`, whose
-    /// backend has just answered (through the pipeline again: the
-    /// connection now has its sequence offset).
-    #[cold]
-    fn unpark(
-        &mut self,
-        ctx: &mut Ctx<'_, B>,
-        policy: &Policy,
-        conn: crate::flow::LbRef,
-        now: u64,
-        tally: &mut (u64, u64, u64),
-    ) {
-        for i in 0..self.parked.len() {
-            let ours = self
-                .parked
-                .get(i)
-                .is_some_and(|p| p.as_ref().is_some_and(|p| p.conn.conn == conn.conn && p.conn.vnet == conn.vnet));
-            if let Some(p) = ours.then(|| self.parked.get_mut(i).and_then(Option::take)).flatten() {
-                self.stats.syn_proxy_held.fetch_sub(1, Ordering::Relaxed);
-                self.packet(ctx, policy, usize::from(p.port), p.pkt, now, true, tally, None);
-            }
         }
     }
 
@@ -704,6 +639,7 @@ impl<B: PacketBuf> Switch<B> {
             let f = self.frags.stats();
             s.frags_noted.store(f.noted, Ordering::Relaxed);
             s.frags_followed.store(f.found, Ordering::Relaxed);
+            self.expire_parked(now);
         }
     }
 }

@@ -7,10 +7,10 @@ use super::fast::tcp_flags;
 use super::{Switch, SwitchDrop};
 use crate::flow::{FlowAction, LbRef};
 use crate::policy::{Policy, UplinkDef};
+use dataplane::synproxy::{self, Seg};
 use dataplane::wire::arp;
 use dataplane::{FlowKey, L3, PacketBuf, Parsed, rewrite};
 use filter::{Action, Direction};
-use dataplane::synproxy::{self, Seg};
 use lb::balancer::Decision;
 use lb::nat::Rewrite;
 use std::sync::atomic::Ordering;
@@ -270,7 +270,10 @@ impl<B: PacketBuf> Switch<B> {
         // The other direction arrives on the output port with the post-NAT
         // addresses swapped and goes back to this VM.
         if let Some(seg) = syn {
-            return Ok(Slow::ProxySyn(fwd, seg, !tracked));
+            let mss = seg
+                .mss
+                .map(|m| self.mss_fit(m, &key, [in_port, fwd.out_port]));
+            return Ok(Slow::ProxySyn(fwd, Seg { mss, ..seg }, !tracked));
         }
         let back = FlowAction {
             out_port: in_port,
@@ -362,7 +365,10 @@ impl<B: PacketBuf> Switch<B> {
         };
         let fwd = FlowAction::to_vm(dst, vnet.gateway_mac, nat, lb);
         if let Some(seg) = syn {
-            return Ok(Slow::ProxySyn(fwd, seg, new));
+            let mss = seg
+                .mss
+                .map(|m| self.mss_fit(m, &key, [pk.in_port, fwd.out_port]));
+            return Ok(Slow::ProxySyn(fwd, Seg { mss, ..seg }, new));
         }
         let back = FlowAction::to_uplink(up, nat, lb);
         // The first packet takes the compiled action too.
@@ -403,12 +409,13 @@ impl<B: PacketBuf> Switch<B> {
                 if let Some(dst) = dst {
                     self.acl(p, dst.nsg, Direction::In, &post)?;
                 }
-                let ip_tcp = if key.src().is_ipv4() { 40 } else { 60 };
-                let fits = |port: Option<u16>| {
-                    port.and_then(|pt| self.cfg.port_mtu.get(usize::from(pt)))
-                        .map_or(u16::MAX, |m| m.saturating_sub(ip_tcp))
-                };
-                let mss = mss.min(fits(Some(in_port))).min(fits(dst.map(|d| d.port)));
+                let to = dst.map_or(in_port, |d| d.port);
+                // Flows cached for an earlier connection on the same ports
+                // (a client reusing its port) must not take this one's
+                // packets past the proxy.
+                self.flows.remove(in_port, key);
+                self.flows.remove(to, &post.reversed());
+                let mss = self.mss_fit(mss, key, [in_port, to]);
                 Ok(Some(Slow::Segment(
                     mac,
                     Seg {
@@ -430,6 +437,16 @@ impl<B: PacketBuf> Switch<B> {
             }
             _ => Ok(None),
         }
+    }
+
+    /// `mss` lowered so that a segment fits the MTU of both `ports` (an
+    /// IPv4 or IPv6 packet with `key`'s addresses, no options).
+    fn mss_fit(&self, mss: u16, key: &FlowKey, ports: [u16; 2]) -> u16 {
+        let ip_tcp = if key.src().is_ipv4() { 40 } else { 60 };
+        ports
+            .iter()
+            .filter_map(|&pt| self.cfg.port_mtu.get(usize::from(pt)))
+            .fold(mss, |m, mtu| m.min(mtu.saturating_sub(ip_tcp)))
     }
 
     /// Passes on an ICMP error about a packet of a tracked connection of
@@ -463,6 +480,10 @@ impl<B: PacketBuf> Switch<B> {
             // destination, and the other way round.
             quoted_src: dst,
             quoted_dst: src,
+            // A SYN-proxied connection: the quoted segment's sequence
+            // number goes back to its sender's numbering (what this
+            // direction adds to acknowledgments).
+            quoted_seq: r.shift.amounts().1,
         };
         let to = t.outer_dst.unwrap_or(pk.key.dst());
         let quoted_src = t.quoted_src.map_or(q.key.src(), |(a, _)| a);

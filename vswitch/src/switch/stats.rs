@@ -39,14 +39,17 @@ pub enum SwitchDrop {
     /// "fragmentation needed": fragmentable, IPv6, or over the ICMP rate).
     TooBig,
     /// Data a client sent on a SYN-proxied connection before its backend
-    /// answered, held for it, whose place a later one took (the client
-    /// sends it again).
+    /// answered, held for it, whose place a later one took (the oldest
+    /// held goes; the client sends it again).
     SynProxyParkFull,
+    /// Data held for a SYN-proxied connection that ended (the client reset
+    /// it, or it timed out) before its backend answered.
+    SynProxyParkExpired,
     /// The load balancer dropped it.
     Lb(LbDrop),
 }
 
-const BASE: [SwitchDrop; 14] = [
+const BASE: [SwitchDrop; 15] = [
     SwitchDrop::Spoofed,
     SwitchDrop::AclDeny,
     SwitchDrop::NoRoute,
@@ -61,6 +64,7 @@ const BASE: [SwitchDrop; 14] = [
     SwitchDrop::IcmpUnrelated,
     SwitchDrop::TooBig,
     SwitchDrop::SynProxyParkFull,
+    SwitchDrop::SynProxyParkExpired,
 ];
 
 impl SwitchDrop {
@@ -98,6 +102,7 @@ impl SwitchDrop {
             SwitchDrop::IcmpUnrelated => "icmp_unrelated",
             SwitchDrop::TooBig => "too_big",
             SwitchDrop::SynProxyParkFull => "syn_proxy_park_full",
+            SwitchDrop::SynProxyParkExpired => "syn_proxy_park_expired",
             SwitchDrop::Lb(r) => r.name(),
         }
     }
