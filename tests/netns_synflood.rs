@@ -253,10 +253,15 @@ fn flood(proxy: bool) {
     }
     // They are established (bytes arrive) before the flood starts.
     assert!(
-        wait_for(Duration::from_secs(20), || downloads
+        wait_for(Duration::from_secs(60), || downloads
             .iter()
             .all(|(_, f)| std::fs::metadata(f).is_ok_and(|m| m.len() > 0))),
-        "downloads did not start\n{}",
+        "downloads did not start: {:?}\ncounters: {:?}\n{}",
+        downloads
+            .iter()
+            .map(|(_, f)| std::fs::metadata(f).map(|m| m.len()).ok())
+            .collect::<Vec<_>>(),
+        api.get("/v1/counters"),
         read(&log)
     );
 
@@ -349,6 +354,16 @@ fn flood(proxy: bool) {
         .ok()
         .and_then(|r| r["trials"][0]["tx_pps"].as_f64())
         .unwrap_or(0.0);
+    // The counters of the last requests are published (every 100 ms).
+    if proxy {
+        api.wait_for(
+            "/v1/counters",
+            Duration::from_secs(10),
+            "a connection opened by a cookie for every request",
+            |c| common::api::worker(c, 0, "syn_proxied") >= proxied_before + tried,
+            || read(&log),
+        );
+    }
     let counters = api.get("/v1/counters").unwrap();
     let evicted = common::api::worker(&counters, 0, "conns_evicted_embryonic");
     let cookies = common::api::worker(&counters, 0, "syn_cookies_sent");

@@ -33,6 +33,9 @@ pub struct Ns {
 pub struct Lab {
     /// Scratch directory.
     pub dir: PathBuf,
+    /// What keeps this lab's names apart from other labs' (other test
+    /// processes, and earlier labs of this one): five digits.
+    id: u32,
     ns: Vec<Ns>,
     /// Processes to kill at the end.
     pub children: Vec<Child>,
@@ -41,12 +44,15 @@ pub struct Lab {
 impl Lab {
     /// An empty lab; `prefix` keeps names of different tests apart.
     pub fn new(prefix: &str) -> Lab {
-        let id = std::process::id() % 100_000;
+        static LABS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = LABS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = std::process::id() % 10_000 * 10 + n % 10;
         let dir = std::env::temp_dir().join(format!("pollux-{prefix}-{id}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         Lab {
             dir,
+            id,
             ns: Vec::new(),
             children: Vec::new(),
         }
@@ -58,7 +64,7 @@ impl Lab {
     /// `setup` (commands inside the namespace). The host end is up, with
     /// IPv6 off so the root namespace adds no chatter.
     pub fn add(&mut self, tag: &str, mac: &str, setup: &[Vec<&str>]) {
-        let id = std::process::id() % 100_000;
+        let id = self.id;
         let ns = Ns {
             name: format!("plx{id}{tag}"),
             host: format!("plx{id}{tag}h"),

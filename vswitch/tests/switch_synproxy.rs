@@ -469,25 +469,8 @@ fn before_the_backend_answers() {
     assert!(n.send(CLIENT, data(6, b"second")).is_empty());
     let again = one(n.send(CLIENT, data(0, b"first-")), BACKEND);
     assert!(again.syn && again.payload.is_empty());
-    assert_eq!(
-        n.stats
-            .syn_proxy_held
-            .load(std::sync::atomic::Ordering::Relaxed),
-        2
-    );
-    let out = n.send(
-        BACKEND,
-        seg(
-            mac(5),
-            B,
-            c,
-            0x12,
-            BISN,
-            ISN.wrapping_add(1),
-            Some(1460),
-            b"",
-        ),
-    );
+    assert_eq!(held(&n), 2);
+    let out = n.send(BACKEND, backend_syn_ack(c));
     let got: Vec<_> = out.iter().map(|(p, f)| (*p, seen(f))).collect();
     assert_eq!(got.len(), 3, "{got:?}");
     assert!(got.iter().all(|(p, _)| *p == BACKEND));
@@ -495,12 +478,7 @@ fn before_the_backend_answers() {
     assert_eq!(got[1].1.payload, b"first-");
     assert_eq!(got[2].1.payload, b"second");
     assert_eq!(got[2].1.ack_no, BISN.wrapping_add(1));
-    assert_eq!(
-        n.stats
-            .syn_proxy_held
-            .load(std::sync::atomic::Ordering::Relaxed),
-        0
-    );
+    assert_eq!(held(&n), 0);
 
     // The client resets before the backend answers: the backend's
     // SYN-ACK is answered with a reset, and what waited is dropped.
@@ -530,19 +508,7 @@ fn before_the_backend_answers() {
     let mut rst = rst;
     rst[14 + 20 + 13] |= 0x04;
     assert!(n.send(CLIENT, rst).is_empty());
-    let out = n.send(
-        BACKEND,
-        seg(
-            mac(5),
-            B,
-            c,
-            0x12,
-            BISN,
-            ISN.wrapping_add(1),
-            Some(1460),
-            b"",
-        ),
-    );
+    let out = n.send(BACKEND, backend_syn_ack(c));
     let r = one(out, BACKEND);
     assert_eq!(r.seq, ISN.wrapping_add(1));
     assert!(!r.syn && !r.ack);
@@ -560,6 +526,27 @@ fn before_the_backend_answers() {
     let out = n.send(CLIENT, seg(mac(1), c, VIP, 0x02, ISN + 99, 0, None, b""));
     assert_eq!(seen_flags(&out), [(CLIENT, 0x12)]);
     assert_eq!(seen(&out[0].1).ack_no, ISN + 100);
+}
+
+/// The backend's SYN-ACK for client `c` (its SYN carried `ISN`).
+fn backend_syn_ack(c: (&str, u16)) -> Vec<u8> {
+    seg(
+        mac(5),
+        B,
+        c,
+        0x12,
+        BISN,
+        ISN.wrapping_add(1),
+        Some(1460),
+        b"",
+    )
+}
+
+/// Packets the switch holds for proxied connections now.
+fn held(n: &Net) -> u64 {
+    n.stats
+        .syn_proxy_held
+        .load(std::sync::atomic::Ordering::Relaxed)
 }
 
 fn seen_flags(out: &[(usize, Vec<u8>)]) -> Vec<(usize, u8)> {
