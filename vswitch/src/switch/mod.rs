@@ -146,7 +146,8 @@ pub struct Switch<B = dataplane::pool::PoolBuf> {
     /// The control thread's mailbox to this worker, and the worker's index.
     control: Option<(usize, Arc<FlowControl>)>,
     /// Data from clients of SYN-proxied connections whose backends have
-    /// not answered yet ([`PARK_SLOTS`] places, taken in turn).
+    /// not answered yet ([`PARK_SLOTS`] places; the oldest goes when all
+    /// are taken).
     parked: Vec<Option<Parked<B>>>,
 }
 
