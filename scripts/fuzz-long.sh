@@ -33,7 +33,13 @@ sanitizer="${POLLUX_FUZZ_SANITIZER:-address}"
 echo "sanitizer: $sanitizer"
 (cd "$work" && RUSTC_BOOTSTRAP=1 cargo fuzz run --sanitizer "$sanitizer" --fuzz-dir "$OLDPWD/fuzz" "$target" -- "${args[@]}") \
     >"$work/main.log" 2>&1 || status=$?
-logs=("$work"/*.log)
+# With several processes each writes its own log and the main log repeats
+# their final statistics: count each process once.
+if [ "$jobs" -gt 1 ]; then
+    logs=("$work"/fuzz-*.log)
+else
+    logs=("$work"/main.log)
+fi
 # libFuzzer prints "stat::number_of_executed_units: N" per process at the end.
 total=$(awk '/stat::number_of_executed_units:/ { n += $2 } END { print n + 0 }' "${logs[@]}")
 echo "$target: $total executions in $(($(date +%s) - start))s, exit status $status"
