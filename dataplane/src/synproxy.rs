@@ -31,6 +31,16 @@ pub struct Seg {
     pub mss: Option<u16>,
 }
 
+impl Seg {
+    /// A header of which only the flags are known (numbers zero).
+    pub fn with_flags(flags: u8) -> Self {
+        Seg {
+            flags,
+            ..Seg::default()
+        }
+    }
+}
+
 /// The MSS option's kind and length.
 const OPT_MSS: [u8; 2] = [2, 4];
 

@@ -967,9 +967,7 @@ impl LbCore {
             && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
             && self.conns.get(i).is_some_and(finished)
         {
-            if let Some(c) = self.conns.remove(i) {
-                self.held.release(&c);
-            }
+            self.remove_conn(i);
             return Ok(None);
         }
         let mut verdict = Ok(());
@@ -1005,9 +1003,7 @@ impl LbCore {
             }
         }
         if let Err(r) = verdict {
-            if let Some(c) = self.conns.remove(i) {
-                self.held.release(&c);
-            }
+            self.remove_conn(i);
             return Err(r);
         }
         if let (
@@ -1048,10 +1044,7 @@ impl LbCore {
     /// connections get their rewrite; a new connection to a VIP gets a
     /// backend by Maglev over the healthy backends and a DNAT binding.
     pub fn process(&mut self, vips: &Vips, key: &FlowKey, tcp_flags: u8, now: u64) -> Decision {
-        let seg = Seg {
-            flags: tcp_flags,
-            ..Seg::default()
-        };
+        let seg = Seg::with_flags(tcp_flags);
         self.process_seg(vips, key, &seg, now)
     }
 
@@ -1210,9 +1203,7 @@ impl LbCore {
         match dir {
             // A new SYN from the client: it starts again (with a cookie).
             Dir::Orig if seg.flags & (TCP_SYN | TCP_ACK) == TCP_SYN => {
-                if let Some(c) = self.conns.remove(i) {
-                    self.held.release(&c);
-                }
+                self.remove_conn(i);
                 Ok(None)
             }
             // The client gave up: the backend's answer gets a reset.
@@ -1227,9 +1218,7 @@ impl LbCore {
                 seg: px.syn(),
             })),
             Dir::Reply if synack && seg.ack == px.client_isn.wrapping_add(1) && px.reset => {
-                if let Some(c) = self.conns.remove(i) {
-                    self.held.release(&c);
-                }
+                self.remove_conn(i);
                 Ok(Some(Decision::ProxyAck {
                     conn,
                     seg: Seg {
@@ -1335,10 +1324,7 @@ impl LbCore {
     /// reply to one): new connections get a public address and port from
     /// the VM's blocks.
     pub fn process_snat(&mut self, key: &FlowKey, tcp_flags: u8, now: u64) -> Decision {
-        let seg = Seg {
-            flags: tcp_flags,
-            ..Seg::default()
-        };
+        let seg = Seg::with_flags(tcp_flags);
         match self.existing(None, key, &seg, now) {
             Ok(Some(d)) => return d,
             Err(r) => return self.drop(r),
@@ -1397,10 +1383,7 @@ impl LbCore {
         if !self.is_uplink_reply(key) {
             return None;
         }
-        let seg = Seg {
-            flags: tcp_flags,
-            ..Seg::default()
-        };
+        let seg = Seg::with_flags(tcp_flags);
         match self.existing(None, key, &seg, now) {
             Ok(d) => d,
             Err(r) => Some(self.drop(r)),
@@ -1452,9 +1435,14 @@ impl LbCore {
     /// Forgets connection `conn` (releasing its SNAT port): its next packet
     /// is decided as a new connection. False when it was gone already.
     pub fn forget(&mut self, conn: ConnRef) -> bool {
-        let Some(i) = self.conns.resolve(conn) else {
-            return false;
-        };
+        self.conns
+            .resolve(conn)
+            .is_some_and(|i| self.remove_conn(i))
+    }
+
+    /// Removes the connection in slot `i`, releasing what it holds; false
+    /// when the slot was empty.
+    fn remove_conn(&mut self, i: u32) -> bool {
         match self.conns.remove(i) {
             Some(c) => {
                 self.held.release(&c);

@@ -174,6 +174,8 @@ fn seg(
         .ipv4(v4(src).octets(), v4(dst).octets(), 64)
         .tcp(sport, dport, seq, 64240);
     let b = if flags & 0x02 != 0 { b.syn() } else { b };
+    let b = if flags & 0x04 != 0 { b.rst() } else { b };
+    let b = if flags & 0x08 != 0 { b.psh() } else { b };
     let b = if flags & 0x10 != 0 { b.ack(ack) } else { b };
     let b = match mss {
         Some(m) => b
@@ -269,18 +271,7 @@ fn a_proxied_connection_from_syn_to_data_both_ways() {
     );
     assert_eq!(n.dropped("lb_syn_cookie_invalid"), 1);
     // The client's ACK: the backend's SYN, in the client's name.
-    let ack = |payload: &[u8], acked: u32| {
-        seg(
-            mac(1),
-            C,
-            VIP,
-            0x10,
-            ISN.wrapping_add(1),
-            cookie.wrapping_add(1).wrapping_add(acked),
-            None,
-            payload,
-        )
-    };
+    let ack = |payload: &[u8], acked: u32| to_vip(C, 0x10, 0, cookie.wrapping_add(acked), payload);
     let syn = one(n.send(CLIENT, ack(b"", 0)), BACKEND);
     assert_eq!(syn.dst_mac, mac(5).0);
     assert_eq!((syn.src, syn.dst), ((v4(C.0), C.1), (v4(B.0), B.1)));
@@ -392,36 +383,28 @@ fn a_backend_that_refuses_resets_the_client_at_its_sequence() {
     );
     assert_eq!(sa.mss, Some(536), "no MSS offered: the default");
     let cookie = sa.seq;
-    let ack = seg(
-        mac(1),
-        C,
-        VIP,
-        0x10,
-        ISN.wrapping_add(1),
-        cookie.wrapping_add(1),
-        None,
-        b"",
-    );
-    one(n.send(CLIENT, ack), BACKEND);
+    one(n.send(CLIENT, to_vip(C, 0x10, 0, cookie, b"")), BACKEND);
     // The backend's RST (as Linux answers a SYN to a closed port).
-    let mut rst = seg(mac(5), B, C, 0x10, 0, ISN.wrapping_add(1), None, b"");
-    rst[14 + 20 + 13] |= 0x04;
-    let sum_at = 14 + 20 + 16;
-    rst[sum_at..sum_at + 2].fill(0);
-    let c = {
-        let s = SlicedPacket::from_ethernet(&rst).unwrap();
-        let (Some(NetSlice::Ipv4(ip)), Some(TransportSlice::Tcp(t))) = (&s.net, &s.transport)
-        else {
-            panic!()
-        };
-        t.to_header()
-            .calc_checksum_ipv4(&ip.header().to_header(), &[])
-            .unwrap()
-    };
-    rst[sum_at..sum_at + 2].copy_from_slice(&c.to_be_bytes());
+    let rst = seg(mac(5), B, C, 0x14, 0, ISN.wrapping_add(1), None, b"");
     let r = one(n.send(BACKEND, rst), CLIENT);
     assert_eq!(r.seq, cookie.wrapping_add(1), "where the client expects it");
     assert_eq!(r.src, (v4(VIP.0), 80));
+}
+
+/// A segment from client `c` to the VIP, `off` bytes into its stream,
+/// acknowledging the SYN-ACK with `cookie`.
+fn to_vip(c: (&str, u16), flags: u8, off: u32, cookie: u32, payload: &[u8]) -> Vec<u8> {
+    let seq = ISN.wrapping_add(1 + off);
+    seg(
+        mac(1),
+        c,
+        VIP,
+        flags,
+        seq,
+        cookie.wrapping_add(1),
+        None,
+        payload,
+    )
 }
 
 /// The SYN-ACK and the ACK that opens the connection; returns the cookie.
@@ -431,17 +414,7 @@ fn open(n: &mut Net, c: (&str, u16)) -> u32 {
         CLIENT,
     );
     let cookie = sa.seq;
-    let ack = seg(
-        mac(1),
-        c,
-        VIP,
-        0x10,
-        ISN.wrapping_add(1),
-        cookie.wrapping_add(1),
-        None,
-        b"",
-    );
-    let syn = one(n.send(CLIENT, ack), BACKEND);
+    let syn = one(n.send(CLIENT, to_vip(c, 0x10, 0, cookie, b"")), BACKEND);
     assert!(syn.syn);
     cookie
 }
@@ -453,18 +426,7 @@ fn before_the_backend_answers() {
     // backend as its SYN again.
     let c = ("10.1.0.20", 40001);
     let cookie = open(&mut n, c);
-    let data = |off: u32, payload: &[u8]| {
-        seg(
-            mac(1),
-            c,
-            VIP,
-            0x18,
-            ISN.wrapping_add(1 + off),
-            cookie.wrapping_add(1),
-            None,
-            payload,
-        )
-    };
+    let data = |off: u32, payload: &[u8]| to_vip(c, 0x18, off, cookie, payload);
     assert!(n.send(CLIENT, data(0, b"first-")).is_empty());
     assert!(n.send(CLIENT, data(6, b"second")).is_empty());
     let again = one(n.send(CLIENT, data(0, b"first-")), BACKEND);
@@ -484,30 +446,8 @@ fn before_the_backend_answers() {
     // SYN-ACK is answered with a reset, and what waited is dropped.
     let c = ("10.1.0.20", 40002);
     let cookie = open(&mut n, c);
-    let d = seg(
-        mac(1),
-        c,
-        VIP,
-        0x18,
-        ISN.wrapping_add(1),
-        cookie.wrapping_add(1),
-        None,
-        b"x",
-    );
-    assert!(n.send(CLIENT, d).is_empty());
-    let rst = seg(
-        mac(1),
-        c,
-        VIP,
-        0x10,
-        ISN.wrapping_add(1),
-        cookie.wrapping_add(1),
-        None,
-        b"",
-    );
-    let mut rst = rst;
-    rst[14 + 20 + 13] |= 0x04;
-    assert!(n.send(CLIENT, rst).is_empty());
+    assert!(n.send(CLIENT, to_vip(c, 0x18, 0, cookie, b"x")).is_empty());
+    assert!(n.send(CLIENT, to_vip(c, 0x14, 0, cookie, b"")).is_empty());
     let out = n.send(BACKEND, backend_syn_ack(c));
     let r = one(out, BACKEND);
     assert_eq!(r.seq, ISN.wrapping_add(1));

@@ -528,17 +528,9 @@ impl<B: PacketBuf> Switch<B> {
                     self.bounce(ctx, policy, b, pk, now);
                 }
             }
-            Ok(Slow::Segment(mac, seg)) => {
-                match synproxy::write(&mut pkt, pk, synproxy::Way::Back(mac), &seg) {
-                    Ok(()) => ctx.send(in_port, pkt),
-                    Err(_) => self.drop_pkt(pkt, SwitchDrop::RewriteFailed),
-                }
-            }
+            Ok(Slow::Segment(mac, seg)) => self.answer(ctx, in_port, pkt, pk, mac, &seg),
             Ok(Slow::ProxyAck(mac, seg, r)) => {
-                match synproxy::write(&mut pkt, pk, synproxy::Way::Back(mac), &seg) {
-                    Ok(()) => ctx.send(in_port, pkt),
-                    Err(_) => self.drop_pkt(pkt, SwitchDrop::RewriteFailed),
-                }
+                self.answer(ctx, in_port, pkt, pk, mac, &seg);
                 if seg.flags & TCP_RST != 0 {
                     // The client reset before the backend answered.
                     self.unpark_drop(r);
@@ -572,6 +564,23 @@ impl<B: PacketBuf> Switch<B> {
                 }
             }
             Err(r) => self.drop_pkt(pkt, r),
+        }
+    }
+
+    /// Writes the SYN proxy's segment `seg` over `pkt` and sends it back
+    /// out of `in_port`, from `mac`.
+    fn answer(
+        &self,
+        ctx: &mut Ctx<'_, B>,
+        in_port: usize,
+        mut pkt: B,
+        pk: &Parsed,
+        mac: dataplane::MacAddr,
+        seg: &synproxy::Seg,
+    ) {
+        match synproxy::write(&mut pkt, pk, synproxy::Way::Back(mac), seg) {
+            Ok(()) => ctx.send(in_port, pkt),
+            Err(_) => self.drop_pkt(pkt, SwitchDrop::RewriteFailed),
         }
     }
 
