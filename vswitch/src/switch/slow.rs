@@ -194,8 +194,10 @@ impl<B: PacketBuf> Switch<B> {
             self.stats.icmp_replies.fetch_add(1, Ordering::Relaxed);
             return Ok(Slow::Reply);
         }
-        let flags = tcp_flags(frame, pk);
         let seg = synproxy::read(frame, pk).unwrap_or_default();
+        // (A parsed TCP packet has its whole fixed header: these are the
+        // flags `tcp_flags` reads.)
+        let flags = seg.flags;
         let d = self
             .lb
             .get_mut(vm.vnet)
