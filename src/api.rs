@@ -217,6 +217,16 @@ pub struct WorkerCounters {
     /// Connections it opened on the ACK of a cookie.
     #[serde(default)]
     pub syn_proxied: u64,
+    /// Packets it hairpinned (sent to a public address of the switch and
+    /// put back through it as from the wire).
+    #[serde(default)]
+    pub hairpinned: u64,
+    /// Connections its SNAT mappings let in from the wire (filtering).
+    #[serde(default)]
+    pub snat_inbound: u64,
+    /// SNAT public ports it holds now.
+    #[serde(default)]
+    pub snat_ports_in_use: u64,
     /// Drops by reason (pipeline and malformed).
     pub drops: BTreeMap<String, u64>,
 }

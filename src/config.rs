@@ -144,6 +144,41 @@ pub struct SnatCfg {
     pub port_range: Option<String>,
     /// Ports reserved for each VM address, a multiple of 64 (default 1024).
     pub ports_per_vm: Option<u32>,
+    /// Mapping behaviour (default endpoint-independent).
+    pub mapping: Option<SnatMappingCfg>,
+    /// Filtering behaviour (default address-and-port-dependent).
+    pub filtering: Option<SnatFilteringCfg>,
+    /// Idle timeout of UDP mappings, seconds (default 300).
+    pub udp_timeout: Option<u64>,
+    /// Idle timeout of established TCP connections, seconds (default 7440).
+    pub tcp_established_timeout: Option<u64>,
+    /// Idle timeout of TCP connections opening or closing, seconds
+    /// (default 240).
+    pub tcp_transitory_timeout: Option<u64>,
+    /// Idle timeout of ICMP query mappings, seconds (default 60).
+    pub icmp_timeout: Option<u64>,
+}
+
+/// `mapping` of `[vnet.snat]` (RFC 4787 section 4.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SnatMappingCfg {
+    /// One public address and port per private address and port.
+    EndpointIndependent,
+    /// A public port per connection.
+    AddressAndPortDependent,
+}
+
+/// `filtering` of `[vnet.snat]` (RFC 4787 section 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SnatFilteringCfg {
+    /// Anything may enter through a mapping.
+    EndpointIndependent,
+    /// Anything from an address the mapping has a connection with.
+    AddressDependent,
+    /// Only replies of the mapping's connections.
+    AddressAndPortDependent,
 }
 
 /// `[uplink]`: the port towards the wire.
@@ -922,6 +957,48 @@ fn snat_config(vnet: &str, c: &SnatCfg, nets: &[IpNet]) -> Result<SnatConfig, Ve
             "{what}: ports_per_vm {per_vm} is more than port_range {range:?} holds ({span})"
         ));
     }
+    let mapping = match c.mapping {
+        Some(SnatMappingCfg::AddressAndPortDependent) => lb::snat::Mapping::AddressAndPortDependent,
+        _ => lb::snat::Mapping::EndpointIndependent,
+    };
+    let filtering = match c.filtering {
+        Some(SnatFilteringCfg::EndpointIndependent) => lb::snat::Filtering::EndpointIndependent,
+        Some(SnatFilteringCfg::AddressDependent) => lb::snat::Filtering::AddressDependent,
+        _ => lb::snat::Filtering::AddressAndPortDependent,
+    };
+    if mapping == lb::snat::Mapping::AddressAndPortDependent
+        && filtering != lb::snat::Filtering::AddressAndPortDependent
+    {
+        errs.push(format!(
+            "{what}: filtering {:?} needs endpoint-independent mapping (an \
+             address-and-port-dependent mapping lets in only its connections' replies)",
+            filter_name(filtering)
+        ));
+    }
+    let d = lb::snat::SnatTimeouts::default();
+    let mut secs = |key: &str, v: Option<u64>, default: u64| -> u64 {
+        let v = v.unwrap_or(default / 1_000_000_000);
+        if !(SNAT_MIN_TIMEOUT..=SNAT_MAX_TIMEOUT).contains(&v) {
+            errs.push(format!(
+                "{what}: {key} {v} is not {SNAT_MIN_TIMEOUT}-{SNAT_MAX_TIMEOUT} seconds"
+            ));
+        }
+        v.clamp(SNAT_MIN_TIMEOUT, SNAT_MAX_TIMEOUT) * 1_000_000_000
+    };
+    let timeouts = lb::snat::SnatTimeouts {
+        udp: secs("udp_timeout", c.udp_timeout, d.udp),
+        tcp_established: secs(
+            "tcp_established_timeout",
+            c.tcp_established_timeout,
+            d.tcp_established,
+        ),
+        tcp_transitory: secs(
+            "tcp_transitory_timeout",
+            c.tcp_transitory_timeout,
+            d.tcp_transitory,
+        ),
+        icmp: secs("icmp_timeout", c.icmp_timeout, d.icmp),
+    };
     if !errs.is_empty() {
         return Err(errs);
     }
@@ -931,7 +1008,25 @@ fn snat_config(vnet: &str, c: &SnatCfg, nets: &[IpNet]) -> Result<SnatConfig, Ve
         port_hi,
         block_size: SNAT_BLOCK as u16,
         blocks_per_member: (per_vm / SNAT_BLOCK) as usize,
+        mapping,
+        filtering,
+        timeouts,
     })
+}
+
+/// The SNAT idle timeouts allowed, in seconds: from the conntrack's
+/// shortest (what the switch's touches of a connection in use assume) to
+/// a week.
+const SNAT_MIN_TIMEOUT: u64 = 10;
+const SNAT_MAX_TIMEOUT: u64 = 7 * 24 * 3600;
+
+/// The configuration's name of a filtering behaviour.
+fn filter_name(f: lb::snat::Filtering) -> &'static str {
+    match f {
+        lb::snat::Filtering::EndpointIndependent => "endpoint-independent",
+        lb::snat::Filtering::AddressDependent => "address-dependent",
+        lb::snat::Filtering::AddressAndPortDependent => "address-and-port-dependent",
+    }
 }
 
 /// The cores this process may run on, as first seen (before DPDK's EAL,
@@ -1204,6 +1299,30 @@ backends = [ { vm = "web1", port = 8080 } ]
             ),
             (1024, 65535, 64, 4)
         );
+        // The RFC 4787 / 5382 / 5508 behaviour by default.
+        assert_eq!(snat.mapping, lb::snat::Mapping::EndpointIndependent);
+        assert_eq!(snat.filtering, lb::snat::Filtering::AddressAndPortDependent);
+        assert_eq!(snat.timeouts, lb::snat::SnatTimeouts::default());
+        // Each key set.
+        let set = UPLINK.replace(
+            "ports_per_vm = 256",
+            "ports_per_vm = 256\nmapping = \"endpoint-independent\"\n\
+             filtering = \"address-dependent\"\nudp_timeout = 600\n\
+             tcp_established_timeout = 86400\ntcp_transitory_timeout = 300\nicmp_timeout = 90",
+        );
+        let t = Config::parse(&set).unwrap().topology().unwrap();
+        let snat = t.vnets[0].snat.clone().unwrap();
+        assert_eq!(snat.filtering, lb::snat::Filtering::AddressDependent);
+        let s = 1_000_000_000;
+        assert_eq!(
+            snat.timeouts,
+            lb::snat::SnatTimeouts {
+                udp: 600 * s,
+                tcp_established: 86400 * s,
+                tcp_transitory: 300 * s,
+                icmp: 90 * s,
+            }
+        );
         // Without the uplink: SNAT and the public VIP have nowhere to go.
         let no_uplink = UPLINK.replace(
             "[uplink]\nport = \"wire\"\nnext_hop_mac = \"02:00:00:00:00:fe\"\n",
@@ -1243,6 +1362,28 @@ backends = [ { vm = "web1", port = 8080 } ]
             assert!(p.iter().any(|l| l == w), "missing {w:?} in {p:#?}");
         }
         assert_eq!(p.len(), want.len(), "{p:#?}");
+        // Behaviours and timeouts.
+        let bad = UPLINK.replace(
+            "ports_per_vm = 256",
+            "ports_per_vm = 256\nmapping = \"address-and-port-dependent\"\n\
+             filtering = \"endpoint-independent\"\nudp_timeout = 5\nicmp_timeout = 999999999",
+        );
+        let p = problems(&bad);
+        let want = [
+            "vnet \"a\": snat: filtering \"endpoint-independent\" needs endpoint-independent \
+             mapping (an address-and-port-dependent mapping lets in only its connections' replies)",
+            "vnet \"a\": snat: udp_timeout 5 is not 10-604800 seconds",
+            "vnet \"a\": snat: icmp_timeout 999999999 is not 10-604800 seconds",
+        ];
+        assert_eq!(p, want, "{p:#?}");
+        let p = problems(&UPLINK.replace(
+            "ports_per_vm = 256",
+            "ports_per_vm = 256\nfiltering = \"full-cone\"",
+        ));
+        assert!(
+            p.iter().any(|l| l.contains("unknown variant `full-cone`")),
+            "{p:#?}"
+        );
         // Only the whole topology shows a public address claimed twice.
         let twice = format!(
             "{UPLINK}\n[[vnet]]\nname = \"b\"\nprefixes = [\"10.2.0.0/16\"]\ngateway_mac = \"12:34:56:78:9a:bd\"\n[vnet.snat]\npublic_ips = [\"203.0.113.80\"]\n"

@@ -121,6 +121,21 @@ pub fn render(c: &Counters, probes: &[ProbeState], generation: u64) -> String {
         "pollux_syn_proxy",
         "SYN proxy: SYNs answered with a cookie (cookies_sent), connections opened by a cookie's ACK (connections)",
     );
+    let hairpinned = counters(
+        &mut reg,
+        "pollux_hairpinned_packets",
+        "Packets sent to a public address of the switch and put back through it as from the wire",
+    );
+    let snat_inbound = counters(
+        &mut reg,
+        "pollux_snat_inbound_connections",
+        "Connections SNAT mappings let in from the wire (endpoint-independent or address-dependent filtering)",
+    );
+    let snat_ports = gauges(
+        &mut reg,
+        "pollux_snat_ports_in_use",
+        "SNAT public ports held per worker (each protocol's counted apart); exhaustion is pollux_drops{reason=\"snat_port_exhausted\"}",
+    );
     let busy = counters(
         &mut reg,
         "pollux_worker_busy_polls",
@@ -161,6 +176,11 @@ pub fn render(c: &Counters, probes: &[ProbeState], generation: u64) -> String {
                 .get_or_create(&labels(&[("worker", &name), ("kind", kind)]))
                 .inc_by(n);
         }
+        hairpinned.get_or_create(&lw).inc_by(w.hairpinned);
+        snat_inbound.get_or_create(&lw).inc_by(w.snat_inbound);
+        snat_ports
+            .get_or_create(&lw)
+            .set(w.snat_ports_in_use as i64);
         busy.get_or_create(&lw).inc_by(w.busy_polls);
         idle.get_or_create(&lw).inc_by(w.idle_polls);
     }

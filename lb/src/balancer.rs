@@ -583,11 +583,18 @@ pub enum LbDrop {
     /// backend's SYN-ACK (which sets the connection's sequence offset), or
     /// the client's reset before it (the backend's SYN-ACK then gets one).
     SynProxyPending,
+    /// A packet from the wire to a SNAT address and port that no mapping
+    /// holds.
+    SnatNoMapping,
+    /// A packet from the wire to a SNAT mapping that its filtering does
+    /// not let in (or a TCP segment other than a SYN that no connection
+    /// expects).
+    SnatFiltered,
 }
 
 impl LbDrop {
     /// Every reason.
-    pub const ALL: [LbDrop; 10] = [
+    pub const ALL: [LbDrop; 12] = [
         LbDrop::NoHealthyBackend,
         LbDrop::TableFull,
         LbDrop::TupleCollision,
@@ -598,6 +605,8 @@ impl LbDrop {
         LbDrop::VipConnLimit,
         LbDrop::SynCookieInvalid,
         LbDrop::SynProxyPending,
+        LbDrop::SnatNoMapping,
+        LbDrop::SnatFiltered,
     ];
 
     /// Stable snake_case name.
@@ -613,6 +622,8 @@ impl LbDrop {
             LbDrop::VipConnLimit => "lb_vip_conn_limit",
             LbDrop::SynCookieInvalid => "lb_syn_cookie_invalid",
             LbDrop::SynProxyPending => "lb_syn_proxy_pending",
+            LbDrop::SnatNoMapping => "snat_no_mapping",
+            LbDrop::SnatFiltered => "snat_filtered",
         }
     }
 }
@@ -690,12 +701,16 @@ pub enum ConnKind {
         /// The backend's port.
         port: u16,
     },
-    /// An outbound connection, SNATed.
+    /// An outbound connection, SNATed, or one its mapping's filtering let
+    /// in from the wire (`inbound`).
     Snat {
         /// The public address.
         public: IpAddr,
         /// The public port.
         port: u16,
+        /// Opened by a packet from the wire: its first packet went to the
+        /// public address (the binding DNATs it to the VM).
+        inbound: bool,
     },
     /// A connection a stateful allow admitted, without NAT (VM to VM, or
     /// out of the uplink from a vnet without SNAT): tracked so that its
@@ -758,6 +773,8 @@ pub struct LbStats {
     pub new_dnat: u64,
     /// Outbound connections created with SNAT.
     pub new_snat: u64,
+    /// Connections a SNAT mapping's filtering let in from the wire.
+    pub new_snat_inbound: u64,
     /// Connections admitted without NAT.
     pub new_plain: u64,
     /// Connections admitted while the table was full: forwarded without
@@ -785,6 +802,9 @@ fn share_of(max: u32, (i, n): (u32, u32)) -> u32 {
     let n = n.max(1);
     max / n + u32::from(i < max % n)
 }
+
+/// The connection table's timeout class of SNAT connections.
+pub const SNAT_CLASS: u8 = 1;
 
 /// Embryonic connections a VIP at its limit looks at for one of its own.
 const VIP_EVICT_SCAN: usize = 32;
@@ -835,9 +855,15 @@ struct Held {
 impl Held {
     fn release(&mut self, c: &Conn<ConnInfo>) {
         match &c.value.kind {
-            ConnKind::Snat { public, port } => {
+            ConnKind::Snat {
+                public,
+                port,
+                inbound,
+            } => {
                 if let Some(s) = self.snat.as_mut() {
-                    s.release(*public, *port, c.orig.proto);
+                    // The far end: where the first packet came from, or went.
+                    let remote = if *inbound { c.orig.src() } else { c.orig.dst() };
+                    s.release(*public, *port, c.orig.proto, remote);
                 }
             }
             ConnKind::Dnat { vip, .. } => {
@@ -862,9 +888,15 @@ impl Held {
 
 impl LbCore {
     /// A core tracking up to `capacity` connections, with SNAT if given.
+    ///
+    /// SNAT connections keep the SNAT configuration's timeouts (in a
+    /// timeout class of their own, [`SNAT_CLASS`]).
     pub fn new(capacity: usize, timeouts: Timeouts, snat: Option<SnatAllocator>) -> Self {
+        let snat_timeouts = snat
+            .as_ref()
+            .map_or(timeouts, |s| s.config().timeouts.conn_timeouts(&timeouts));
         LbCore {
-            conns: ConnTable::new(capacity, timeouts),
+            conns: ConnTable::with_classes(capacity, vec![timeouts, snat_timeouts]),
             held: Held {
                 snat,
                 per_vip: HashMap::default(),
@@ -927,6 +959,11 @@ impl LbCore {
     /// The connection table.
     pub fn conns(&self) -> &ConnTable<ConnInfo> {
         &self.conns
+    }
+
+    /// The SNAT allocator.
+    pub fn snat(&self) -> Option<&SnatAllocator> {
+        self.held.snat.as_ref()
     }
 
     /// The SNAT allocator, to add or remove member VMs.
@@ -1301,10 +1338,14 @@ impl LbCore {
         info: ConnInfo,
     ) -> Result<Decision, LbDrop> {
         let nat = info.nat;
+        let class = match info.kind {
+            ConnKind::Snat { .. } => SNAT_CLASS,
+            _ => 0,
+        };
         let held = &mut self.held;
         match self
             .conns
-            .insert(*key, nat.reply_key(key), tcp_flags, now, info, |c| {
+            .insert_in(class, *key, nat.reply_key(key), tcp_flags, now, info, |c| {
                 held.release(&c)
             }) {
             Ok(i) => Ok(Decision::Forward {
@@ -1337,14 +1378,19 @@ impl LbCore {
         let taken = |public: IpAddr, port: u16| {
             conns.contains(&NatBinding::snat(key, public, port).reply_key(key))
         };
-        let (public, port) = match snat.allocate(key.src(), key.proto, taken) {
-            Ok(p) => p,
-            Err(SnatError::NotMember(_)) => return self.drop(LbDrop::SnatNotMember),
-            Err(_) => return self.drop(LbDrop::SnatExhausted),
-        };
+        let (public, port) =
+            match snat.allocate(key.src(), key.src_port, key.proto, key.dst(), taken) {
+                Ok(p) => p,
+                Err(SnatError::NotMember(_)) => return self.drop(LbDrop::SnatNotMember),
+                Err(_) => return self.drop(LbDrop::SnatExhausted),
+            };
         let nat = NatBinding::snat(key, public, port);
         let info = ConnInfo {
-            kind: ConnKind::Snat { public, port },
+            kind: ConnKind::Snat {
+                public,
+                port,
+                inbound: false,
+            },
             nat,
             proxy: None,
         };
@@ -1355,7 +1401,58 @@ impl LbCore {
             }
             Err(r) => {
                 if let Some(s) = self.held.snat.as_mut() {
-                    s.release(public, port, key.proto);
+                    s.release(public, port, key.proto, key.dst());
+                }
+                self.drop(r)
+            }
+        }
+    }
+
+    /// True when `ip` is one of this vnet's SNAT addresses.
+    pub fn is_snat_address(&self, ip: IpAddr) -> bool {
+        self.held.snat.as_ref().is_some_and(|s| s.is_public(ip))
+    }
+
+    /// A packet from the wire to a SNAT address that no tracked connection
+    /// expects ([`LbCore::process`] did not handle it): if an
+    /// endpoint-independent mapping holds its destination port and the
+    /// mapping's filtering lets its source in, it opens a connection to
+    /// the mapping's VM (the binding DNATs it there; the VM's replies leave
+    /// from the mapping), counted in `new_snat_inbound`. TCP only by a SYN.
+    /// `NotHandled` for an address that is not this vnet's.
+    pub fn snat_inbound(&mut self, key: &FlowKey, tcp_flags: u8, now: u64) -> Decision {
+        let public = key.dst();
+        let Some(snat) = self.held.snat.as_mut().filter(|s| s.is_public(public)) else {
+            return Decision::NotHandled;
+        };
+        if !matches!(key.proto, 6 | 17) {
+            return self.drop(LbDrop::SnatNoMapping);
+        }
+        if key.proto == 6 && tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) != TCP_SYN {
+            return self.drop(LbDrop::SnatFiltered);
+        }
+        let (ip, port) = match snat.inbound(public, key.dst_port, key.proto, key.src()) {
+            Ok(p) => p,
+            Err(SnatError::Filtered { .. }) => return self.drop(LbDrop::SnatFiltered),
+            Err(_) => return self.drop(LbDrop::SnatNoMapping),
+        };
+        let info = ConnInfo {
+            kind: ConnKind::Snat {
+                public,
+                port: key.dst_port,
+                inbound: true,
+            },
+            nat: NatBinding::dnat(key, ip, port),
+            proxy: None,
+        };
+        match self.open(key, tcp_flags, now, info) {
+            Ok(d) => {
+                self.stats.new_snat_inbound += 1;
+                d
+            }
+            Err(r) => {
+                if let Some(s) = self.held.snat.as_mut() {
+                    s.release(public, key.dst_port, key.proto, key.src());
                 }
                 self.drop(r)
             }
@@ -1949,12 +2046,22 @@ mod tests {
 
     #[test]
     fn snat_allocates_reuses_and_releases() {
+        // Per-connection ports (TCP reusing them across destinations),
+        // with short timeouts.
         let snat = SnatAllocator::new(SnatConfig {
             public_ips: vec![ip("192.0.2.10")],
             port_lo: 2000,
             port_hi: 2003,
             block_size: 2,
             blocks_per_member: 1,
+            mapping: crate::snat::Mapping::AddressAndPortDependent,
+            timeouts: crate::snat::SnatTimeouts {
+                udp: 30 * SEC,
+                tcp_established: 240 * SEC,
+                tcp_transitory: 30 * SEC,
+                icmp: 30 * SEC,
+            },
+            ..SnatConfig::default()
         })
         .unwrap();
         let mut lb = LbCore::new(100, Timeouts::default(), Some(snat));
@@ -2019,6 +2126,141 @@ mod tests {
             Decision::Drop(LbDrop::SnatNotMember)
         );
         assert_eq!(lb.stats().dropped(LbDrop::SnatExhausted), 2);
+    }
+
+    fn eim_core(filtering: crate::snat::Filtering) -> LbCore {
+        let snat = SnatAllocator::new(SnatConfig {
+            public_ips: vec![ip("192.0.2.10")],
+            port_lo: 2000,
+            port_hi: 2127,
+            block_size: 64,
+            blocks_per_member: 1,
+            filtering,
+            ..SnatConfig::default()
+        })
+        .unwrap();
+        let mut lb = LbCore::new(100, Timeouts::default(), Some(snat));
+        lb.snat_mut().unwrap().add_member(ip("10.1.0.4")).unwrap();
+        lb.snat_mut().unwrap().add_member(ip("10.1.0.5")).unwrap();
+        lb
+    }
+
+    fn snat_public(d: Decision) -> (IpAddr, u16) {
+        match d {
+            Decision::Forward {
+                rewrite: Rewrite { src: Some(p), .. },
+                new: true,
+                ..
+            } => p,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn snat_maps_a_private_endpoint_once_and_lets_in_what_its_filtering_allows() {
+        use crate::snat::Filtering;
+        let mut lb = eim_core(Filtering::EndpointIndependent);
+        let udp = |src: &str, sport: u16, dst: &str, dport: u16| {
+            FlowKey::new(ip(src), sport, ip(dst), dport, 17)
+        };
+        let m = snat_public(lb.process_snat(&udp("10.1.0.4", 5000, "198.51.100.1", 3478), 0, 0));
+        for (dst, dport) in [("198.51.100.1", 3479), ("198.51.100.2", 3478)] {
+            let d = lb.process_snat(&udp("10.1.0.4", 5000, dst, dport), 0, 0);
+            assert_eq!(snat_public(d), m, "one mapping towards {dst}:{dport}");
+        }
+        // Another VM with the same private port: another public port.
+        let n = snat_public(lb.process_snat(&udp("10.1.0.5", 5000, "198.51.100.1", 3478), 0, 0));
+        assert_ne!(n, m);
+        // Endpoint-independent filtering: a stranger's packet to the
+        // mapping opens a connection to the VM, whose reply leaves from
+        // the mapping.
+        let stranger = FlowKey::new(ip("203.0.113.7"), 999, m.0, m.1, 17);
+        match lb.snat_inbound(&stranger, 0, 1) {
+            Decision::Forward {
+                rewrite,
+                dir: Dir::Orig,
+                new: true,
+                ..
+            } => assert_eq!(
+                rewrite.apply_to_key(&stranger),
+                udp("203.0.113.7", 999, "10.1.0.4", 5000)
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(lb.stats().new_snat_inbound, 1);
+        let back = udp("10.1.0.4", 5000, "203.0.113.7", 999);
+        match lb.process_snat(&back, 0, 2) {
+            Decision::Forward {
+                rewrite,
+                dir: Dir::Reply,
+                new: false,
+                ..
+            } => assert_eq!(rewrite.apply_to_key(&back), stranger.reversed()),
+            other => panic!("{other:?}"),
+        }
+        // A port nothing maps; TCP other than a SYN.
+        let nothing = FlowKey::new(ip("203.0.113.7"), 999, m.0, 2127, 17);
+        assert_eq!(
+            lb.snat_inbound(&nothing, 0, 3),
+            Decision::Drop(LbDrop::SnatNoMapping)
+        );
+        let ack = FlowKey::new(ip("203.0.113.7"), 999, m.0, m.1, 6);
+        assert_eq!(
+            lb.snat_inbound(&ack, ACK, 3),
+            Decision::Drop(LbDrop::SnatFiltered)
+        );
+        // Another vnet's address is not this core's.
+        let elsewhere = FlowKey::new(ip("203.0.113.7"), 999, ip("192.0.2.99"), m.1, 17);
+        assert_eq!(lb.snat_inbound(&elsewhere, 0, 3), Decision::NotHandled);
+        // Address-and-port-dependent filtering (the default) lets nothing in.
+        let mut lb = eim_core(Filtering::AddressAndPortDependent);
+        let m = snat_public(lb.process_snat(&udp("10.1.0.4", 5000, "198.51.100.1", 3478), 0, 0));
+        let other_port = FlowKey::new(ip("198.51.100.1"), 3479, m.0, m.1, 17);
+        assert_eq!(
+            lb.snat_inbound(&other_port, 0, 1),
+            Decision::Drop(LbDrop::SnatFiltered)
+        );
+    }
+
+    #[test]
+    fn snat_connections_keep_the_nat_timeouts_without_holding_up_others() {
+        use crate::snat::Filtering;
+        let mut lb = eim_core(Filtering::AddressAndPortDependent);
+        let udp = FlowKey::new(ip("10.1.0.4"), 5000, ip("198.51.100.1"), 3478, 17);
+        let m = snat_public(lb.process_snat(&udp, 0, 0));
+        // A plain connection queued after it, with the default 30 s.
+        let plain = FlowKey::new(ip("10.1.0.4"), 6000, ip("10.1.0.5"), 53, 17);
+        assert!(matches!(
+            lb.open_plain(&plain, 0, SEC, false),
+            Decision::Forward { new: true, .. }
+        ));
+        // At 2 minutes idle the UDP mapping is alive (5 minutes by
+        // default), the plain connection gone.
+        assert_eq!(lb.expire(120 * SEC, 100), 1);
+        let reply = FlowKey::new(ip("198.51.100.1"), 3478, m.0, m.1, 17);
+        assert!(matches!(
+            lb.process_snat(&reply, 0, 120 * SEC),
+            Decision::Forward {
+                dir: Dir::Reply,
+                ..
+            }
+        ));
+        assert_eq!(lb.expire(419 * SEC, 100), 0);
+        assert_eq!(lb.expire(421 * SEC, 100), 1);
+        assert_eq!(
+            lb.snat_mut().unwrap().mapping_of(ip("10.1.0.4"), 5000, 17),
+            None
+        );
+        // Established TCP lives past 2 hours idle, and then goes.
+        let tcp = FlowKey::new(ip("10.1.0.4"), 5001, ip("198.51.100.1"), 443, 6);
+        let t0 = 500 * SEC;
+        let m = snat_public(lb.process_snat(&tcp, SYN, t0));
+        let reply = FlowKey::new(ip("198.51.100.1"), 443, m.0, m.1, 6);
+        lb.process_snat(&reply, SYN | ACK, t0);
+        lb.process_snat(&tcp, ACK, t0);
+        assert_eq!(lb.expire(t0 + 7439 * SEC, 100), 0);
+        assert_eq!(lb.expire(t0 + 7441 * SEC, 100), 1);
+        assert_eq!(lb.snat_mut().unwrap().users(m.0, m.1, 6), 0);
     }
 
     #[test]

@@ -11,6 +11,11 @@
 //! reply: what a flood is made of), else the oldest
 //! active entry if it has already timed out; otherwise the new connection is
 //! refused and counted.
+//!
+//! A table may keep several *timeout classes* ([`ConnTable::with_classes`]):
+//! each has its own timeouts and its own three lists, so that connections
+//! with long timeouts (a NAT's, which RFC 5382 wants at two hours and more)
+//! never hold up the expiry of short-lived ones queued behind them.
 
 use dataplane::FlowKey;
 use std::collections::HashMap;
@@ -272,6 +277,8 @@ impl List {
 #[derive(Debug)]
 struct Slot<V> {
     conn: Option<Conn<V>>,
+    /// The connection's timeout class (index into the table's timeouts).
+    class: u8,
     /// Connections this slot has held before the current one (wrapping):
     /// what a [`ConnRef`] is checked against.
     generation: u32,
@@ -353,31 +360,55 @@ pub struct ConnTable<V> {
     map: HashMap<FlowKey, (u32, Dir), BuildHasherDefault<IdentityHasher>>,
     slots: Vec<Slot<V>>,
     free: Vec<u32>,
-    heads: [u32; LISTS],
-    tails: [u32; LISTS],
+    /// List heads and tails, `LISTS` per timeout class.
+    heads: Vec<u32>,
+    tails: Vec<u32>,
     len: usize,
     capacity: usize,
-    timeouts: Timeouts,
+    /// Timeouts per class.
+    timeouts: Vec<Timeouts>,
     stats: ConnStats,
+}
+
+/// The index of `list` of timeout class `class` in the heads and tails.
+#[inline]
+fn li(class: u8, list: List) -> usize {
+    usize::from(class) * LISTS + list as usize
 }
 
 impl<V> ConnTable<V> {
     /// A table holding at most `capacity` connections (all memory reserved now).
     pub fn new(capacity: usize, timeouts: Timeouts) -> Self {
+        Self::with_classes(capacity, vec![timeouts])
+    }
+
+    /// A table with one timeout class per entry of `timeouts` (at least
+    /// one, at most 256): [`ConnTable::insert_in`] puts a connection in
+    /// one, [`ConnTable::insert`] in the first.
+    pub fn with_classes(capacity: usize, mut timeouts: Vec<Timeouts>) -> Self {
         let capacity = capacity.max(1);
+        if timeouts.is_empty() {
+            timeouts.push(Timeouts::default());
+        }
+        timeouts.truncate(256);
         let mut map = HashMap::with_hasher(BuildHasherDefault::default());
         map.reserve(capacity * 2);
         ConnTable {
             map,
             slots: Vec::with_capacity(capacity),
             free: Vec::new(),
-            heads: [NIL; LISTS],
-            tails: [NIL; LISTS],
+            heads: vec![NIL; LISTS * timeouts.len()],
+            tails: vec![NIL; LISTS * timeouts.len()],
             len: 0,
             capacity,
             timeouts,
             stats: ConnStats::default(),
         }
+    }
+
+    /// The timeout classes.
+    fn classes(&self) -> std::ops::Range<u8> {
+        0..self.timeouts.len() as u8
     }
 
     /// Live connections.
@@ -400,29 +431,42 @@ impl<V> ConnTable<V> {
         self.stats
     }
 
-    /// The timeouts in force.
+    /// The timeouts of the first class.
     pub fn timeouts(&self) -> &Timeouts {
-        &self.timeouts
+        // (There is always one class.)
+        &self.timeouts[0]
     }
 
-    fn expired(&self, c: &Conn<V>, now: u64) -> bool {
+    /// The timeout of the connection in slot `i` in its current state, if
+    /// there is one.
+    pub fn timeout_of(&self, i: u32) -> Option<u64> {
+        let s = self.slots.get(i as usize)?;
+        Some(self.timeout(s.conn.as_ref()?, s.class))
+    }
+
+    fn timeout(&self, c: &Conn<V>, class: u8) -> u64 {
+        let t = self
+            .timeouts
+            .get(usize::from(class))
+            .unwrap_or(&self.timeouts[0]);
         // A connection picked up mid-stream that never heard back has the
         // handshake's timeout, as the other embryonic ones: its list is
         // expired in order, and one long-lived entry at its head would
         // hold up those behind it.
-        let timeout = match c.state {
-            ConnState::Tcp(TcpState::Established) if c.packets[1] == 0 => {
-                self.timeouts.tcp_handshake
-            }
-            s => self.timeouts.of(s),
-        };
-        now.saturating_sub(c.last_seen) > timeout
+        match c.state {
+            ConnState::Tcp(TcpState::Established) if c.packets[1] == 0 => t.tcp_handshake,
+            s => t.of(s),
+        }
+    }
+
+    fn expired(&self, c: &Conn<V>, class: u8, now: u64) -> bool {
+        now.saturating_sub(c.last_seen) > self.timeout(c, class)
     }
 
     fn unlink(&mut self, i: u32) {
         let (prev, next, list) = {
             let s = &self.slots[i as usize];
-            (s.prev, s.next, s.list as usize)
+            (s.prev, s.next, li(s.class, s.list))
         };
         if prev == NIL {
             self.heads[list] = next;
@@ -437,7 +481,7 @@ impl<V> ConnTable<V> {
     }
 
     fn push_tail(&mut self, i: u32, list: List, now: u64) {
-        let l = list as usize;
+        let l = li(self.slots[i as usize].class, list);
         let tail = self.tails[l];
         {
             let s = &mut self.slots[i as usize];
@@ -476,12 +520,11 @@ impl<V> ConnTable<V> {
         on_remove: impl FnOnce(Conn<V>),
     ) -> Option<(u32, Dir)> {
         let &(i, dir) = self.map.get(key)?;
-        let expired = self
-            .slots
-            .get(i as usize)?
+        let slot = self.slots.get(i as usize)?;
+        let expired = slot
             .conn
             .as_ref()
-            .is_some_and(|c| self.expired(c, now));
+            .is_some_and(|c| self.expired(c, slot.class, now));
         if expired {
             if let Some(c) = self.remove_slot(i) {
                 self.stats.expired += 1;
@@ -557,15 +600,15 @@ impl<V> ConnTable<V> {
     /// What the head of `list` is: nothing, expired, seen since it was
     /// queued (then it is moved to the tail, its true LRU place), or the
     /// least recently used live connection.
-    fn settle_head(&mut self, list: List, now: u64) -> Head {
-        let h = self.heads[list as usize];
+    fn settle_head(&mut self, class: u8, list: List, now: u64) -> Head {
+        let h = self.heads[li(class, list)];
         let Some(slot) = self.slots.get(h as usize) else {
             return Head::Empty;
         };
         let Some(c) = slot.conn.as_ref() else {
             return Head::Empty;
         };
-        if self.expired(c, now) {
+        if self.expired(c, class, now) {
             return Head::Expired(h);
         }
         if c.last_seen > slot.queued {
@@ -581,10 +624,10 @@ impl<V> ConnTable<V> {
     /// seen since they were queued go back first, a few at most (so an
     /// insert into a full table stays cheap; `Requeued` when that was not
     /// enough).
-    fn settled_head(&mut self, list: List, now: u64) -> Head {
+    fn settled_head(&mut self, class: u8, list: List, now: u64) -> Head {
         let mut head = Head::Empty;
         for _ in 0..EVICT_SCAN {
-            head = self.settle_head(list, now);
+            head = self.settle_head(class, list, now);
             if !matches!(head, Head::Requeued) {
                 break;
             }
@@ -603,8 +646,31 @@ impl<V> ConnTable<V> {
         tcp_flags: u8,
         now: u64,
         value: V,
+        on_evict: impl FnMut(Conn<V>),
+    ) -> Result<u32, ConnError> {
+        self.insert_in(0, orig, reply, tcp_flags, now, value, on_evict)
+    }
+
+    /// [`ConnTable::insert`] into timeout class `class` (a class the table
+    /// does not have is the first). When full, the entry evicted is the
+    /// oldest closing one of the first class that has one, else the
+    /// oldest embryonic one likewise, else a timed-out one.
+    #[allow(clippy::too_many_arguments)]
+    pub fn insert_in(
+        &mut self,
+        class: u8,
+        orig: FlowKey,
+        reply: FlowKey,
+        tcp_flags: u8,
+        now: u64,
+        value: V,
         mut on_evict: impl FnMut(Conn<V>),
     ) -> Result<u32, ConnError> {
+        let class = if usize::from(class) < self.timeouts.len() {
+            class
+        } else {
+            0
+        };
         // The caller has usually just missed on `orig`; check `reply` here and
         // `orig` through the entry API below, so a new connection costs three
         // hash-table probes, not five.
@@ -617,28 +683,19 @@ impl<V> ConnTable<V> {
             // under a SYN flood the flood's own entries make room, and a
             // confirmed connection is never pushed out), else the oldest
             // timed-out active one.
-            let any = |head: Head, list: List, heads: &[u32; LISTS]| match head {
-                Head::Empty => None,
-                _ => Some(heads[list as usize]),
-            };
-            let closing = any(
-                self.settled_head(List::Closing, now),
-                List::Closing,
-                &self.heads,
-            );
+            let closing = self.any_head(List::Closing, now);
             let embryonic = match closing {
-                None => any(
-                    self.settled_head(List::Embryonic, now),
-                    List::Embryonic,
-                    &self.heads,
-                ),
+                None => self.any_head(List::Embryonic, now),
                 Some(_) => None,
             };
             let idle = match (closing, embryonic) {
-                (None, None) => match self.settled_head(List::Active, now) {
-                    Head::Expired(h) => Some(h),
-                    _ => None,
-                },
+                (None, None) => {
+                    self.classes()
+                        .find_map(|k| match self.settled_head(k, List::Active, now) {
+                            Head::Expired(h) => Some(h),
+                            _ => None,
+                        })
+                }
                 _ => None,
             };
             if let Some(closing) = closing {
@@ -686,10 +743,13 @@ impl<V> ConnTable<V> {
             value,
         };
         if self.free.pop().is_some() {
-            self.slots[i as usize].conn = Some(conn);
+            let s = &mut self.slots[i as usize];
+            s.conn = Some(conn);
+            s.class = class;
         } else {
             self.slots.push(Slot {
                 conn: Some(conn),
+                class,
                 generation: 0,
                 prev: NIL,
                 next: NIL,
@@ -703,8 +763,19 @@ impl<V> ConnTable<V> {
         Ok(i)
     }
 
+    /// The head of `list` in the first class where it is not empty, after
+    /// [`ConnTable::settled_head`].
+    fn any_head(&mut self, list: List, now: u64) -> Option<u32> {
+        self.classes()
+            .find_map(|k| match self.settled_head(k, list, now) {
+                Head::Empty => None,
+                _ => Some(self.heads[li(k, list)]),
+            })
+    }
+
     /// Evicts the oldest embryonic connection that `pred` accepts among the
-    /// first `scan` of the embryonic list, handing it to `on_evict`; up to
+    /// first `scan` of the embryonic list of the first timeout class,
+    /// handing it to `on_evict`; up to
     /// `scan` of those seen since they were queued (a SYN answered, or
     /// retransmitted) go to their true place at the tail on the way, as
     /// the expiry does. False when none was found. What a group at its own
@@ -716,7 +787,7 @@ impl<V> ConnTable<V> {
         pred: impl Fn(&Conn<V>) -> bool,
         on_evict: impl FnOnce(Conn<V>),
     ) -> bool {
-        let mut i = self.heads[List::Embryonic as usize];
+        let mut i = self.heads[li(0, List::Embryonic)];
         let mut found = None;
         // Up to `scan` entries seen since they were queued move to the tail
         // first (they do not count against `scan`); past that, such an
@@ -731,7 +802,7 @@ impl<V> ConnTable<V> {
             let next = s.next;
             if let Some(c) = &s.conn {
                 let seen = c.last_seen;
-                if moved < scan && seen > s.queued && !self.expired(c, now) {
+                if moved < scan && seen > s.queued && !self.expired(c, s.class, now) {
                     self.unlink(i);
                     self.push_tail(i, List::Embryonic, now.max(seen));
                     moved += 1;
@@ -762,29 +833,33 @@ impl<V> ConnTable<V> {
     }
 
     /// Removes timed-out connections, oldest first, looking at up to
-    /// `budget` list heads (each removed, or moved back to its true LRU
-    /// place when seen since it was queued); call it between bursts. Each
-    /// removed connection goes to `on_remove`. Returns how many.
+    /// `budget` list heads of each timeout class (each removed, or moved
+    /// back to its true LRU place when seen since it was queued); call it
+    /// between bursts. Each removed connection goes to `on_remove`. Returns
+    /// how many.
     pub fn expire(&mut self, now: u64, budget: usize, mut on_remove: impl FnMut(Conn<V>)) -> usize {
         let mut n = 0;
-        let mut steps = 0;
-        for list in [List::Closing, List::Embryonic, List::Active] {
-            while steps < budget {
-                steps += 1;
-                match self.settle_head(list, now) {
-                    Head::Expired(h) => {
-                        if let Some(c) = self.remove_slot(h) {
-                            self.stats.expired += 1;
-                            on_remove(c);
-                            n += 1;
+        for class in self.classes() {
+            let mut steps = 0;
+            for list in [List::Closing, List::Embryonic, List::Active] {
+                while steps < budget {
+                    steps += 1;
+                    match self.settle_head(class, list, now) {
+                        Head::Expired(h) => {
+                            if let Some(c) = self.remove_slot(h) {
+                                self.stats.expired += 1;
+                                on_remove(c);
+                                n += 1;
+                            }
                         }
+                        // Seen since it was queued: moved to its place; go on.
+                        Head::Requeued => {}
+                        // LRU order: entries behind the head were used
+                        // later; an entry with a shorter timeout may still
+                        // be behind it and is then caught by `lookup` or a
+                        // later pass.
+                        Head::Live | Head::Empty => break,
                     }
-                    // Seen since it was queued: moved to its place; go on.
-                    Head::Requeued => {}
-                    // LRU order: entries behind the head were used later; an
-                    // entry with a shorter timeout may still be behind it and
-                    // is then caught by `lookup` or a later pass.
-                    Head::Live | Head::Empty => break,
                 }
             }
         }

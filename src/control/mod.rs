@@ -174,11 +174,12 @@ fn flow_filter(cfg: &Config, q: &HashMap<String, String>) -> Result<FlowFilter, 
 fn flow_body(i: &vswitch::flow::FlowInfo, ports: &[String]) -> Flow {
     let k = &i.key;
     let e = &i.entry;
-    let port = |p: u16| {
-        ports
+    let port = |p: u16| match p {
+        vswitch::flow::HAIRPIN_PORT => "hairpin".to_string(),
+        _ => ports
             .get(usize::from(p))
             .cloned()
-            .unwrap_or_else(|| format!("#{p}"))
+            .unwrap_or_else(|| format!("#{p}")),
     };
     Flow {
         worker: i.worker,
@@ -682,6 +683,9 @@ pub fn local_counters(state: &ControlState, rt: &Runtime) -> Counters {
             frags_followed: l(&ss.frags_followed),
             syn_cookies_sent: l(&ss.syn_cookies_sent),
             syn_proxied: l(&ss.syn_proxied),
+            hairpinned: l(&ss.hairpinned),
+            snat_inbound: l(&ss.snat_inbound),
+            snat_ports_in_use: l(&ss.snat_ports),
             drops: by_reason(ws.drops.nonzero().into_iter().chain(ss.nonzero())),
         })
         .collect();

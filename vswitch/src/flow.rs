@@ -22,6 +22,12 @@ pub struct LbRef {
     pub dir: Dir,
 }
 
+/// The port of hairpinned packets: a flow whose action sends there puts
+/// its packets (rewritten) back into the switch, which takes them as
+/// packets from the wire arriving on this port; the flows of their
+/// replies are keyed by it too, apart from the uplink's.
+pub const HAIRPIN_PORT: u16 = u16::MAX;
+
 /// What to do with a packet of a flow. `repr(C)` with what a hit reads
 /// first, the field-by-field `nat` (for flows without `fast`) last.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +88,24 @@ impl FlowAction {
             lb,
             fast: None,
         }
+    }
+
+    /// Towards `dst` on the wire: out of the uplink to the next hop, or,
+    /// when `dst` is a public address of the switch (a SNAT address, a
+    /// public VIP), back into the switch as if from the wire
+    /// ([`HAIRPIN_PORT`]): hairpinning, as RFC 4787 REQ-9 asks of a NAT.
+    pub fn to_wire(
+        p: &crate::policy::Policy,
+        up: &crate::policy::UplinkDef,
+        dst: [u8; 16],
+        nat: Rewrite,
+        lb: Option<LbRef>,
+    ) -> FlowAction {
+        let mut a = Self::to_uplink(up, nat, lb);
+        if p.vnet_by_public(dst).is_some() {
+            a.out_port = HAIRPIN_PORT;
+        }
+        a
     }
 
     /// This action with its rewrite compiled for packets of `key`.

@@ -6,13 +6,18 @@
 //!
 //! The owner is computed from the packet alone, the same way for both
 //! directions:
-//! - a packet to a SNAT address (a reply from the wire) belongs to the worker
-//!   whose SNAT blocks hold its destination port
-//!   ([`lb::snat::SnatConfig::worker_of`]); a worker only hands out ports of
-//!   its own blocks, so the outbound direction was placed there already;
+//! - a packet to a SNAT address (from the wire) belongs to the worker
+//!   whose SNAT blocks hold its destination port (ICMP: its echo
+//!   identifier) ([`lb::snat::SnatConfig::worker_of`]); a worker only hands
+//!   out ports of its own blocks, so the outbound direction was placed
+//!   there already;
 //! - when exactly one side is a service endpoint (a VIP frontend or a
 //!   backend), the hash of the *other* side (the client's address and port),
 //!   which DNAT and reverse NAT leave unchanged;
+//! - a packet from a VM of a vnet with SNAT to an address outside the vnet:
+//!   the hash of its source (address and port, or echo identifier), so
+//!   that every connection of one private endpoint meets the one mapping
+//!   that endpoint-independent SNAT gives it, on one worker;
 //! - otherwise a symmetric hash of both endpoints (ICMP: of both addresses
 //!   and the echo identifier).
 
@@ -28,24 +33,37 @@ fn endpoint(ip: &[u8; 16], port: u16) -> u64 {
     h.finish()
 }
 
-/// The worker of `workers` that owns the connection of `k`.
-pub fn owner(p: &Policy, k: &FlowKey, workers: usize) -> usize {
+/// The worker of `workers` that owns the connection of `k`, which arrived
+/// on `in_port`.
+pub fn owner(p: &Policy, in_port: u16, k: &FlowKey, workers: usize) -> usize {
     if workers <= 1 {
         return 0;
     }
-    if let Some(w) = p.snat_worker(k.dst_ip, k.dst_port, workers) {
+    let icmp = matches!(k.proto, 1 | 58);
+    // (Echo request and reply both carry the identifier in `src_port`.)
+    let dst_port = if icmp { k.src_port } else { k.dst_port };
+    if let Some(w) = p.snat_worker(k.dst_ip, dst_port, workers) {
         return w;
     }
-    let h = if matches!(k.proto, 1 | 58) {
-        // Echo request and reply both carry the identifier in `src_port`.
-        let (a, b) = (endpoint(&k.src_ip, 0), endpoint(&k.dst_ip, 0));
-        a.wrapping_add(b) ^ endpoint(&[0; 16], k.src_port)
+    let snat_source = || {
+        p.vm_on_port(in_port)
+            .and_then(|(_, vm)| p.vnets.get(vm.vnet))
+            .is_some_and(|v| v.snat.is_some() && !v.contains(&k.dst()))
+    };
+    let h = if icmp {
+        if snat_source() {
+            endpoint(&k.src_ip, k.src_port)
+        } else {
+            let (a, b) = (endpoint(&k.src_ip, 0), endpoint(&k.dst_ip, 0));
+            a.wrapping_add(b) ^ endpoint(&[0; 16], k.src_port)
+        }
     } else {
         let src = p.is_service(k.src_ip, k.src_port, k.proto);
         let dst = p.is_service(k.dst_ip, k.dst_port, k.proto);
         match (src, dst) {
             (true, false) => endpoint(&k.dst_ip, k.dst_port),
             (false, true) => endpoint(&k.src_ip, k.src_port),
+            _ if snat_source() => endpoint(&k.src_ip, k.src_port),
             _ => endpoint(&k.src_ip, k.src_port).wrapping_add(endpoint(&k.dst_ip, k.dst_port)),
         }
     };
@@ -137,33 +155,48 @@ mod tests {
             for cport in 40000..40200u16 {
                 // Client -> VIP, and the DIP's reply after DNAT.
                 let orig = key("10.1.0.20", cport, "10.1.0.100", 80, 6);
-                let w = owner(&p, &orig, workers);
+                let w = owner(&p, 2, &orig, workers);
                 used.insert(w);
-                for dip in ["10.1.0.4", "10.1.0.5"] {
+                for (dport, dip) in [(0, "10.1.0.4"), (1, "10.1.0.5")] {
                     let reply = key(dip, 8080, "10.1.0.20", cport, 6);
-                    assert_eq!(owner(&p, &reply, workers), w);
+                    assert_eq!(owner(&p, dport, &reply, workers), w);
                     // And straight to a DIP, not through the VIP.
                     let direct = key("10.1.0.20", cport, dip, 8080, 6);
-                    assert_eq!(owner(&p, &direct, workers), w);
+                    assert_eq!(owner(&p, 2, &direct, workers), w);
                 }
                 // VM to VM, no service: symmetric.
                 let a = key("10.1.0.20", cport, "10.1.0.4", 22, 6);
                 let b = key("10.1.0.4", 22, "10.1.0.20", cport, 6);
-                assert_eq!(owner(&p, &a, workers), owner(&p, &b, workers));
+                assert_eq!(owner(&p, 2, &a, workers), owner(&p, 0, &b, workers));
                 // ICMP echo: the identifier rides in src_port both ways.
                 let e = key("10.1.0.20", cport, "10.1.0.4", 0, 1);
                 let r = key("10.1.0.4", cport, "10.1.0.20", 0, 1);
-                assert_eq!(owner(&p, &e, workers), owner(&p, &r, workers));
+                assert_eq!(owner(&p, 2, &e, workers), owner(&p, 0, &r, workers));
                 // Replies from the wire to a SNAT port go to the port's worker.
                 let back = key("198.51.100.7", 443, "203.0.113.10", 1024 + cport % 4000, 6);
                 let snat = SnatConfig::default();
                 assert_eq!(
-                    Some(owner(&p, &back, workers)),
+                    Some(owner(&p, 3, &back, workers)),
                     snat.worker_of(1024 + cport % 4000, workers)
                 );
+                // An echo reply to a SNAT address: by its identifier.
+                let echo = key("198.51.100.7", 1024 + cport % 4000, "203.0.113.10", 0, 1);
+                assert_eq!(
+                    Some(owner(&p, 3, &echo, workers)),
+                    snat.worker_of(1024 + cport % 4000, workers)
+                );
+                // Out through SNAT: every destination of one private
+                // endpoint on one worker (its one mapping's).
+                for proto in [6, 17, 1] {
+                    let out = |dst: &str, dport: u16| key("10.1.0.20", cport, dst, dport, proto);
+                    let first = owner(&p, 2, &out("198.51.100.1", 443), workers);
+                    for (dst, dport) in [("198.51.100.2", 443), ("192.0.2.9", 3478)] {
+                        assert_eq!(owner(&p, 2, &out(dst, dport), workers), first);
+                    }
+                }
             }
             assert_eq!(used.len(), workers, "connections spread over every worker");
         }
-        assert_eq!(owner(&p, &key("10.1.0.20", 1, "10.1.0.4", 2, 6), 1), 0);
+        assert_eq!(owner(&p, 2, &key("10.1.0.20", 1, "10.1.0.4", 2, 6), 1), 0);
     }
 }

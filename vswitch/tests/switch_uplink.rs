@@ -215,12 +215,14 @@ fn snat_outbound_through_the_uplink() {
     assert_eq!(ports.len(), 6, "{peers:?}");
     assert_eq!(net.stats.nonzero(), vec![], "no drops expected");
     // Nothing enters from the wire uninvited: a connection to the SNAT
-    // address with no outbound connection behind it goes nowhere.
+    // address on a port no mapping holds goes nowhere.
     let probe = net.vms[INTERNET].connect(SNAT_IP, 5555);
     net.run(Duration::from_secs(1), |_| false);
     assert_eq!(net.vms[INTERNET].state(probe), tcp::State::SynSent);
     assert!(
-        net.stats.dropped(SwitchDrop::NoRoute) >= 1,
+        net.stats
+            .dropped(SwitchDrop::Lb(lb::balancer::LbDrop::SnatNoMapping))
+            >= 1,
         "{:?}",
         net.stats.nonzero()
     );

@@ -13,6 +13,9 @@ pub(super) enum Bounce<B> {
     Ttl(B),
     /// It is larger than the output port's MTU (given).
     TooBig(B, u16),
+    /// Rewritten for a flow that hairpins: it goes back into the switch,
+    /// as from the wire ([`crate::flow::HAIRPIN_PORT`]).
+    Hairpin(B),
 }
 
 /// Applies a flow's action to `pkt` and queues it on the output port: MACs,
@@ -20,7 +23,7 @@ pub(super) enum Bounce<B> {
 /// flows without one); failures are dropped and counted. A packet whose TTL
 /// or hop limit runs out here, or whose IP packet is larger than the
 /// output port's MTU (`mtu`, by port; ports beyond it have none), is
-/// handed back untouched.
+/// handed back untouched; one for a flow that hairpins, rewritten.
 #[inline]
 pub(super) fn transpose<B: PacketBuf>(
     stats: &SwitchStats,
@@ -56,6 +59,7 @@ pub(super) fn transpose<B: PacketBuf>(
         None => Err(rewrite::RewriteError::Mismatch),
     };
     match r {
+        Ok(()) if a.out_port == crate::flow::HAIRPIN_PORT => return Some(Bounce::Hairpin(pkt)),
         Ok(()) => ctx.send(usize::from(a.out_port), pkt),
         Err(rewrite::RewriteError::TtlExpired) => stats.count(SwitchDrop::TtlExpired),
         Err(_) => stats.count(SwitchDrop::RewriteFailed),

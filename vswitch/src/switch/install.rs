@@ -12,8 +12,9 @@ use std::sync::atomic::Ordering;
 impl<B: PacketBuf> Switch<B> {
     /// Installs `fwd` for `key` arriving on `in_port`, and — for a stateful allow or a tracked
     /// connection — `back` (its ports and MACs; the NAT is derived here) for
-    /// the reverse of `post` arriving on `fwd`'s output port. Returns `fwd`
-    /// compiled for `key`.
+    /// the reverse of `post` arriving on `fwd`'s output port (a hairpinned
+    /// packet's reply comes back in on [`crate::flow::HAIRPIN_PORT`] too).
+    /// Returns `fwd` compiled for `key`.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn install(
         &mut self,

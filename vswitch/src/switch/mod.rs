@@ -32,7 +32,7 @@
 //! (drop reasons and counters), `handoff` (the workers' mailboxes) and
 //! `requests` (flow queries from the control thread).
 
-use crate::flow::FlowTable;
+use crate::flow::{FlowTable, HAIRPIN_PORT};
 use crate::frag::FragTable;
 use crate::policy::{NO_VIP, Policy};
 use arc_swap::ArcSwap;
@@ -149,7 +149,14 @@ pub struct Switch<B = dataplane::pool::PoolBuf> {
     /// not answered yet ([`PARK_SLOTS`] places; the oldest goes when all
     /// are taken).
     parked: Vec<Option<Parked<B>>>,
+    /// Hairpinned packets waiting to go through the switch again, as from
+    /// the wire (at most [`HAIRPIN_QUEUE`]; room reserved up front).
+    looped: std::collections::VecDeque<B>,
 }
+
+/// Hairpinned packets a worker holds between bursts at most (more are
+/// dropped as `hairpin_full`).
+pub const HAIRPIN_QUEUE: usize = 2 * dataplane::BURST;
 
 /// A packet parsed and looked up ahead of its turn in the burst: headers,
 /// flow hash, and the flow found then (see [`FlowTable::entry_for`]).
@@ -183,6 +190,7 @@ impl<B: PacketBuf> Switch<B> {
             handoff: None,
             control: None,
             parked: (0..PARK_SLOTS).map(|_| None).collect(),
+            looped: std::collections::VecDeque::with_capacity(HAIRPIN_QUEUE),
             cfg,
         }
     }
@@ -245,6 +253,7 @@ impl<B: PacketBuf> Switch<B> {
         let (mut pkt, why, mtu) = match bounce {
             Bounce::Ttl(p) => (p, SwitchDrop::TtlExpired, None),
             Bounce::TooBig(p, m) => (p, SwitchDrop::TooBig, Some(m)),
+            Bounce::Hairpin(p) => return self.hairpin(p),
         };
         let v6 = pk.l3 == L3::Ipv6;
         if mtu.is_some() && !v6 && !rewrite::ipv4_dont_fragment(pkt.data(), pk) {
@@ -274,7 +283,7 @@ impl<B: PacketBuf> Switch<B> {
             None => policy
                 .uplink
                 .as_ref()
-                .filter(|up| up.port == pk.in_port)
+                .filter(|up| up.port == pk.in_port || pk.in_port == HAIRPIN_PORT)
                 .filter(|_| policy.vnet_by_public(pk.key.dst_ip).is_some())
                 .map(|up| (up.mac, pk.key.dst())),
         };
@@ -297,9 +306,50 @@ impl<B: PacketBuf> Switch<B> {
         });
         if answered {
             self.stats.icmp_errors.fetch_add(1, Ordering::Relaxed);
-            ctx.send(usize::from(pk.in_port), pkt);
+            self.send_back(ctx, pk.in_port, pkt);
         } else {
             self.drop_pkt(pkt, why);
+        }
+    }
+
+    /// Queues a hairpinned packet to go through the switch again, as from
+    /// the wire (on [`HAIRPIN_PORT`]), after the packets in hand; dropped
+    /// as `hairpin_full` when [`HAIRPIN_QUEUE`] wait already.
+    fn hairpin(&mut self, pkt: B) {
+        if self.looped.len() < HAIRPIN_QUEUE {
+            self.looped.push_back(pkt);
+            self.stats.hairpinned.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.drop_pkt(pkt, SwitchDrop::HairpinFull);
+        }
+    }
+
+    /// Sends `pkt`, an answer to a packet that came in on `in_port`, back
+    /// where that came from: out of the port, or, for a hairpinned packet,
+    /// into the switch again (to the public address that sent it).
+    fn send_back(&mut self, ctx: &mut Ctx<'_, B>, in_port: u16, pkt: B) {
+        if in_port == HAIRPIN_PORT {
+            self.hairpin(pkt);
+        } else {
+            ctx.send(usize::from(in_port), pkt);
+        }
+    }
+
+    /// The hairpinned packets (and those they hairpin in turn, up to
+    /// twice the queue's size), each through the switch as from the wire.
+    fn drain_looped(
+        &mut self,
+        ctx: &mut Ctx<'_, B>,
+        policy: &Policy,
+        now: u64,
+        tally: &mut (u64, u64, u64),
+    ) {
+        for _ in 0..2 * HAIRPIN_QUEUE {
+            let Some(pkt) = self.looped.pop_front() else {
+                return;
+            };
+            let port = usize::from(HAIRPIN_PORT);
+            self.packet(ctx, policy, port, pkt, now, false, tally, None);
         }
     }
 
@@ -502,7 +552,7 @@ impl<B: PacketBuf> Switch<B> {
                 // quote reversed is a packet of the error's direction).
                 let place = dataplane::icmp_error::quote(pkt.data(), pk)
                     .map_or(pk.key, |q| q.key.reversed());
-                let w = crate::placement::owner(policy, &place, h.workers());
+                let w = crate::placement::owner(policy, in_port16, &place, h.workers());
                 if w != *me {
                     match h.queues.get(w).map(|q| q.push((in_port16, pkt))) {
                         Some(Ok(())) => tally.2 += 1,
@@ -515,11 +565,11 @@ impl<B: PacketBuf> Switch<B> {
         }
         tally.1 += 1;
         match self.slow(policy, pkt.data_mut(), pk, in_port16, now) {
-            Ok(Slow::Reply) => ctx.send(in_port, pkt),
+            Ok(Slow::Reply) => self.send_back(ctx, in_port16, pkt),
             Ok(Slow::Advert(mac)) => match rewrite::neighbor_advert(&mut pkt, pk, mac) {
                 Ok(()) => {
                     self.stats.nd_replies.fetch_add(1, Ordering::Relaxed);
-                    ctx.send(in_port, pkt)
+                    self.send_back(ctx, in_port16, pkt)
                 }
                 Err(_) => self.drop_pkt(pkt, SwitchDrop::RewriteFailed),
             },
@@ -570,7 +620,7 @@ impl<B: PacketBuf> Switch<B> {
     /// Writes the SYN proxy's segment `seg` over `pkt` and sends it back
     /// out of `in_port`, from `mac`.
     fn answer(
-        &self,
+        &mut self,
         ctx: &mut Ctx<'_, B>,
         in_port: usize,
         mut pkt: B,
@@ -579,7 +629,7 @@ impl<B: PacketBuf> Switch<B> {
         seg: &synproxy::Seg,
     ) {
         match synproxy::write(&mut pkt, pk, synproxy::Way::Back(mac), seg) {
-            Ok(()) => ctx.send(in_port, pkt),
+            Ok(()) => self.send_back(ctx, in_port as u16, pkt),
             Err(_) => self.drop_pkt(pkt, SwitchDrop::RewriteFailed),
         }
     }
@@ -632,6 +682,7 @@ impl<B: PacketBuf> Switch<B> {
                 .store(self.flows.len() as u64, Ordering::Relaxed);
             let (mut conns, mut evicted, mut untracked) = (0, 0, 0);
             let (mut cookies, mut proxied) = (0, 0);
+            let (mut inbound, mut ports) = (0, 0);
             for l in &mut self.lb {
                 l.expire(now, 4096);
                 conns += l.conns().len() as u64;
@@ -639,6 +690,8 @@ impl<B: PacketBuf> Switch<B> {
                 untracked += l.stats().untracked;
                 cookies += l.stats().syn_cookies_sent;
                 proxied += l.stats().syn_proxied;
+                inbound += l.stats().new_snat_inbound;
+                ports += l.snat().map_or(0, |s| s.ports_in_use() as u64);
             }
             let s = &self.stats;
             s.conns.store(conns, Ordering::Relaxed);
@@ -646,6 +699,8 @@ impl<B: PacketBuf> Switch<B> {
             s.conns_untracked.store(untracked, Ordering::Relaxed);
             s.syn_cookies_sent.store(cookies, Ordering::Relaxed);
             s.syn_proxied.store(proxied, Ordering::Relaxed);
+            s.snat_inbound.store(inbound, Ordering::Relaxed);
+            s.snat_ports.store(ports, Ordering::Relaxed);
             let f = self.frags.stats();
             s.frags_noted.store(f.noted, Ordering::Relaxed);
             s.frags_followed.store(f.found, Ordering::Relaxed);
@@ -713,6 +768,9 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                 Err(e) => ctx.drop_packet(pkt, DropReason::Malformed(*e)),
             }
         }
+        if !self.looped.is_empty() {
+            self.drain_looped(ctx, &policy, now, &mut tally);
+        }
         self.end(now, tally);
     }
 
@@ -724,6 +782,14 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
         {
             self.serve_control();
         }
+        // Hairpinned packets left over (a burst that hairpinned more than
+        // the queue's size).
+        if !self.looped.is_empty() {
+            let (policy, now) = self.begin(ctx);
+            let mut tally = (0, 0, 0);
+            self.drain_looped(ctx, &policy, now, &mut tally);
+            self.end(now, tally);
+        }
         // The common case, an empty mailbox, costs one load and no
         // reference counting.
         let busy = self
@@ -731,6 +797,12 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
             .as_ref()
             .is_some_and(|(me, h)| h.queues.get(*me).is_some_and(|q| !q.is_empty()));
         let (true, Some((me, h))) = (busy, self.handoff.clone()) else {
+            // Idle: the periodic work (expiry, counters published) is not
+            // left waiting for traffic.
+            let now = self.clock.ticks_to_ns(ctx.now());
+            if now.saturating_sub(self.last_expire) > 100_000_000 {
+                self.end(now, (0, 0, 0));
+            }
             return 0;
         };
         let Some(q) = h.queues.get(me) else { return 0 };
@@ -750,6 +822,9 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                 None,
             );
             n += 1;
+        }
+        if !self.looped.is_empty() {
+            self.drain_looped(ctx, &policy, now, &mut tally);
         }
         self.end(now, tally);
         n

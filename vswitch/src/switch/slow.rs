@@ -1,11 +1,12 @@
 //! The slow path, in layer order: the port's VM, anti-spoofing, the
 //! ARP/ND/echo responders (`respond`), the load balancer, routing, the
-//! outbound and inbound ACLs; then `install`. Packets from the uplink take
-//! `slow_uplink`.
+//! outbound and inbound ACLs; then `install`. Packets from the uplink, and
+//! hairpinned ones (sent to a public address of the switch, and put back
+//! through it on `HAIRPIN_PORT`), take `slow_uplink`.
 
 use super::fast::tcp_flags;
 use super::{Switch, SwitchDrop};
-use crate::flow::{FlowAction, LbRef};
+use crate::flow::{FlowAction, HAIRPIN_PORT, LbRef};
 use crate::policy::{Policy, UplinkDef};
 use dataplane::synproxy::{self, Seg};
 use dataplane::wire::arp;
@@ -143,7 +144,8 @@ impl<B: PacketBuf> Switch<B> {
         in_port: u16,
         now: u64,
     ) -> Result<Slow, SwitchDrop> {
-        if let Some(up) = p.uplink.as_ref().filter(|u| u.port == in_port) {
+        let wire = |u: &&UplinkDef| u.port == in_port || in_port == HAIRPIN_PORT;
+        if let Some(up) = p.uplink.as_ref().filter(wire) {
             return self.slow_uplink(p, up, frame, pk, now);
         }
         let (_, vm) = p.vm_on_port(in_port).ok_or(SwitchDrop::NoVm)?;
@@ -267,7 +269,8 @@ impl<B: PacketBuf> Switch<B> {
         };
         let fwd = match hop {
             Hop::Vm(dst) => FlowAction::to_vm(dst, vnet.gateway_mac, nat, lb),
-            Hop::Uplink(up) => FlowAction::to_uplink(up, nat, lb),
+            // (To a public address of the switch: hairpinned.)
+            Hop::Uplink(up) => FlowAction::to_wire(p, up, post.dst_ip, nat, lb),
         };
         // The other direction arrives on the output port with the post-NAT
         // addresses swapped and goes back to this VM.
@@ -343,10 +346,14 @@ impl<B: PacketBuf> Switch<B> {
         }
         let key = pk.key;
         let seg = synproxy::read(frame, pk).unwrap_or_default();
-        let d = self
-            .lb
-            .get_mut(vn)
-            .map(|l| l.process_seg(&vnet.vips, &key, &seg, now));
+        let d = self.lb.get_mut(vn).map(|l| {
+            match l.process_seg(&vnet.vips, &key, &seg, now) {
+                // No connection expects it and it is for no VIP: a SNAT
+                // mapping may let it in.
+                Decision::NotHandled => l.snat_inbound(&key, seg.flags, now),
+                d => d,
+            }
+        });
         if let Some(s) = self.proxy_answer(p, vn, (None, pk.in_port), up.mac, &d, &key, &seg)? {
             return Ok(s);
         }
@@ -372,7 +379,8 @@ impl<B: PacketBuf> Switch<B> {
                 .map(|m| self.mss_fit(m, &key, [pk.in_port, fwd.out_port]));
             return Ok(Slow::ProxySyn(fwd, Seg { mss, ..seg }, new));
         }
-        let back = FlowAction::to_uplink(up, nat, lb);
+        // (From a public address of the switch: its replies hairpin.)
+        let back = FlowAction::to_wire(p, up, key.src_ip, nat, lb);
         // The first packet takes the compiled action too.
         Ok(Slow::Forward(self.install(
             p, now, pk.in_port, pk.key, fwd, &post, back, stateful,
@@ -507,7 +515,7 @@ impl<B: PacketBuf> Switch<B> {
                     .as_ref()
                     .filter(|_| !vnet.contains(&to))
                     .ok_or(SwitchDrop::NoRoute)?;
-                FlowAction::to_uplink(up, Rewrite::NONE, None)
+                FlowAction::to_wire(p, up, dataplane::key::to16(to), Rewrite::NONE, None)
             }
         };
         self.stats.icmp_related.fetch_add(1, Ordering::Relaxed);
@@ -575,7 +583,7 @@ impl<B: PacketBuf> Switch<B> {
         let vnet = p.vnets.get(vn).ok_or(SwitchDrop::NoRoute)?;
         let (_, dst) = p.vm_by_addr(vn, post.dst_ip).ok_or(SwitchDrop::NoRoute)?;
         let fwd = FlowAction::to_vm(dst, vnet.gateway_mac, nat, Some(lb));
-        let back = FlowAction::to_uplink(up, nat, Some(lb));
+        let back = FlowAction::to_wire(p, up, key.src_ip, nat, Some(lb));
         Ok(Slow::Forward(self.install(
             p, now, pk.in_port, pk.key, fwd, &post, back, true,
         )))

@@ -45,11 +45,14 @@ pub enum SwitchDrop {
     /// Data held for a SYN-proxied connection that ended (the client reset
     /// it, or it timed out) before its backend answered.
     SynProxyParkExpired,
+    /// A hairpinned packet (to a public address of the switch) found
+    /// [`super::HAIRPIN_QUEUE`] others waiting to go through again.
+    HairpinFull,
     /// The load balancer dropped it.
     Lb(LbDrop),
 }
 
-const BASE: [SwitchDrop; 15] = [
+const BASE: [SwitchDrop; 16] = [
     SwitchDrop::Spoofed,
     SwitchDrop::AclDeny,
     SwitchDrop::NoRoute,
@@ -65,6 +68,7 @@ const BASE: [SwitchDrop; 15] = [
     SwitchDrop::TooBig,
     SwitchDrop::SynProxyParkFull,
     SwitchDrop::SynProxyParkExpired,
+    SwitchDrop::HairpinFull,
 ];
 
 impl SwitchDrop {
@@ -103,6 +107,7 @@ impl SwitchDrop {
             SwitchDrop::TooBig => "too_big",
             SwitchDrop::SynProxyParkFull => "syn_proxy_park_full",
             SwitchDrop::SynProxyParkExpired => "syn_proxy_park_expired",
+            SwitchDrop::HairpinFull => "hairpin_full",
             SwitchDrop::Lb(r) => r.name(),
         }
     }
@@ -153,6 +158,15 @@ pub struct SwitchStats {
     /// Packets held now for SYN-proxied connections whose backends have
     /// not answered (neither sent nor dropped yet).
     pub syn_proxy_held: AtomicU64,
+    /// Packets hairpinned: sent to a public address of the switch, and put
+    /// back through it as from the wire.
+    pub hairpinned: AtomicU64,
+    /// Connections SNAT mappings let in from the wire (their filtering
+    /// allowed them), published every 100 ms.
+    pub snat_inbound: AtomicU64,
+    /// SNAT public ports in use (each protocol's counted apart), published
+    /// every 100 ms.
+    pub snat_ports: AtomicU64,
 }
 
 impl Default for SwitchStats {
@@ -177,6 +191,9 @@ impl Default for SwitchStats {
             syn_cookies_sent: AtomicU64::new(0),
             syn_proxied: AtomicU64::new(0),
             syn_proxy_held: AtomicU64::new(0),
+            hairpinned: AtomicU64::new(0),
+            snat_inbound: AtomicU64::new(0),
+            snat_ports: AtomicU64::new(0),
         }
     }
 }
