@@ -37,6 +37,7 @@ needed=(
     ethtool           # offload settings of test veths
     curl              # HTTP client in the namespaces
     python3           # python3 -m http.server backends
+    coturn            # turnserver and turnutils_natdiscovery: SNAT's behaviour (RFC 5780)
 )
 installed() {
     dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'
