@@ -9,7 +9,8 @@
 //! byte below 0x80 sends `bytes` as the frame into switch port `port % 6`
 //! (port 5 is the uplink); from 0x80 on, `bytes` pick one of the frames a
 //! real network would send (a client's SYN to a VIP, a reply from a
-//! backend, an SNAT reply from the wire, ARP, neighbour solicitation, ...)
+//! backend, an SNAT reply from the wire, a VM's packet to a public address
+//! that hairpins, ARP, neighbour solicitation, ...)
 //! on its port and overwrite some of its bytes, so that the fuzzer reaches
 //! the deep states without a corpus. For the VIPs with a SYN proxy, the
 //! harness reads the cookies and the backends' SYNs the switch sends, so
@@ -90,8 +91,11 @@ fn topology() -> Topology {
                 name: "a".into(),
                 prefixes: vec!["10.1.0.0/16".parse().unwrap(), "fd00:1::/64".parse().unwrap()],
                 gateway_mac: MacAddr([0x12, 0, 0, 0, 0, 1]),
+                // Endpoint-independent filtering: the wire may open
+                // connections to the mappings (and VMs hairpin to them).
                 snat: Some(SnatConfig {
                     public_ips: vec![ip("198.51.100.50")],
+                    filtering: lb::snat::Filtering::EndpointIndependent,
                     ..SnatConfig::default()
                 }),
             },
@@ -331,7 +335,7 @@ fn template(which: u8, x: u16, learned: &Learned) -> (usize, Vec<u8>) {
     let vip = [10, 1, 0, 100];
     let sport = 40000 + x % 64;
     let wire = [2, 0, 0, 0, 9, 9];
-    match which % 19 {
+    match which % 22 {
         14 => (0, ipv4(client, GW_A, c4, vip, 6, sport, 81, 0x02)),
         // The client's ACK of the last cookie (with 8 bytes of data:
         // the first opens the connection, the next wait for the backend).
@@ -361,6 +365,8 @@ fn template(which: u8, x: u16, learned: &Learned) -> (usize, Vec<u8>) {
             1,
             ipv4(vm_mac(0, 4), GW_A, [10, 1, 0, 4], c4, 6, 8000, sport, 0x04),
         ),
+        // (19-21: the plain templates from 14 on.)
+        which if which >= 19 => template_plain(which - 5, x),
         which => template_plain(which, x),
     }
 }
@@ -371,7 +377,8 @@ fn template_plain(which: u8, x: u16) -> (usize, Vec<u8>) {
     let c4 = [10, 1, 0, 20];
     let vip = [10, 1, 0, 100];
     let sport = 40000 + x % 64;
-    match which % 14 {
+    let snat_port = 1024 + x % 4096;
+    match which % 17 {
         0 => (0, ipv4(client, GW_A, c4, vip, 6, sport, 80, 0x02)),
         1 => (0, ipv4(client, GW_A, c4, vip, 6, sport, 80, 0x10)),
         2 => (0, ipv4(client, GW_A, c4, vip, 17, sport, 53, 0)),
@@ -391,9 +398,17 @@ fn template_plain(which: u8, x: u16) -> (usize, Vec<u8>) {
         10 => (0, ipv6_syn(client, GW_A, 0x20, 0x00 | (x % 2) as u8 * 4, 8000)),
         11 => (0, neighbor_solicit((x % 8) as u8)),
         12 => (3, ipv4(vm_mac(1, 30), [0x12, 0, 0, 0, 0, 2], [10, 1, 0, 30], c4, 6, sport, 80, 0x02)),
-        _ => (
+        13 => (
             5,
             ipv4([2, 0, 0, 0, 9, 9], UPLINK_MAC, [203, 0, 113, 9], c4, 6, 443, sport, 0x12),
+        ),
+        // Hairpinned: to a SNAT mapping, and to the public VIP, from a VM.
+        14 => (0, ipv4(client, GW_A, c4, [198, 51, 100, 50], 17, sport, snat_port, 0)),
+        15 => (0, ipv4(client, GW_A, c4, [198, 51, 100, 80], 6, sport, 80, 0x02)),
+        // From the wire to a SNAT mapping that no connection expects.
+        _ => (
+            5,
+            ipv4([2, 0, 0, 0, 9, 9], UPLINK_MAC, [203, 0, 113, 9], [198, 51, 100, 50], 17, 3478, snat_port, 0),
         ),
     }
 }
