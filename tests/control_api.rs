@@ -448,6 +448,18 @@ fn bad_requests_are_refused_and_leave_the_generation_unchanged() {
     assert_eq!(st, 409, "{v}");
     assert!(v["error"].as_str().unwrap().contains("[[port]]"), "{v}");
     assert_eq!(s.generation(), g);
+    let mut c = cfg["config"].clone();
+    c["vnet"][0]["snat"] = serde_json::json!({"public_ips": ["203.0.113.10"]});
+    let (st, v) = s.api("PUT", "/v1/config", Some(&c.to_string()));
+    assert_eq!(st, 409, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("[vnet.snat] cannot change"),
+        "{v}"
+    );
+    assert_eq!(s.generation(), g);
     // The same configuration back is a valid change.
     let (st, v) = s.api("PUT", "/v1/config", Some(&cfg["config"].to_string()));
     assert_eq!((st, v["generation"].as_u64()), (200, Some(g + 1)), "{v}");

@@ -148,6 +148,17 @@ impl ControlState {
         fixed("[control]", next.control == self.config.control)?;
         fixed("[dpdk]", next.dpdk == self.config.dpdk)?;
         fixed("[uplink]", next.uplink == self.config.uplink)?;
+        // A vnet's SNAT (ports, behaviours, timeouts) is laid out in every
+        // worker when the vnet first appears; it does not change under
+        // the connections and mappings that use it.
+        for v in &next.vnet {
+            if let Some(old) = self.config.vnet.iter().find(|o| o.name == v.name) {
+                fixed(
+                    &format!("vnet {:?}: [vnet.snat]", v.name),
+                    old.snat == v.snat,
+                )?;
+            }
+        }
         for v in next.vip.iter().filter(|v| v.probe.is_some()) {
             if !self.prober_vnets.contains(&v.vnet) {
                 return Err(ApiError::new(
