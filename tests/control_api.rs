@@ -463,6 +463,25 @@ fn bad_requests_are_refused_and_leave_the_generation_unchanged() {
     // The same configuration back is a valid change.
     let (st, v) = s.api("PUT", "/v1/config", Some(&cfg["config"].to_string()));
     assert_eq!((st, v["generation"].as_u64()), (200, Some(g + 1)), "{v}");
+    // A vnet is added at the end; none is removed (workers keep each
+    // vnet's connections and SNAT by its place).
+    let (st, v) = s.api(
+        "PUT",
+        "/v1/vnets/z",
+        Some(r#"{"prefixes":["10.9.0.0/16"],"gateway_mac":"12:34:56:78:9a:99"}"#),
+    );
+    assert!(st == 200 || st == 201, "{st} {v}");
+    let g = s.generation();
+    let (st, v) = s.api("DELETE", "/v1/vnets/z", None);
+    assert_eq!(st, 409, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot be removed or reordered"),
+        "{v}"
+    );
+    assert_eq!(s.generation(), g);
 }
 
 /// Sends one packet of each flow of `tpl` (sequence `seq`) and returns, per

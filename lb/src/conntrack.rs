@@ -383,14 +383,14 @@ impl<V> ConnTable<V> {
     }
 
     /// A table with one timeout class per entry of `timeouts` (at least
-    /// one, at most 256): [`ConnTable::insert_in`] puts a connection in
+    /// one, at most 255): [`ConnTable::insert_in`] puts a connection in
     /// one, [`ConnTable::insert`] in the first.
     pub fn with_classes(capacity: usize, mut timeouts: Vec<Timeouts>) -> Self {
         let capacity = capacity.max(1);
         if timeouts.is_empty() {
             timeouts.push(Timeouts::default());
         }
-        timeouts.truncate(256);
+        timeouts.truncate(usize::from(u8::MAX));
         let mut map = HashMap::with_hasher(BuildHasherDefault::default());
         map.reserve(capacity * 2);
         ConnTable {

@@ -13,7 +13,8 @@
 //!
 //! What cannot change at run time: ports, `[dataplane]`, `[control]`,
 //! `[dpdk]` and `[uplink]` (they shape the workers), an existing vnet's
-//! `[vnet.snat]` (laid out in every worker), and probes on VIPs of a
+//! `[vnet.snat]` (laid out in every worker), removing or reordering vnets
+//! (workers keep their state by the vnet's place), and probes on VIPs of a
 //! vnet added at run time (each vnet's prober port is attached at start):
 //! such changes get a 409. Probes on the other vnets follow every change:
 //! the control loop retires and adds probe targets to match.

@@ -175,6 +175,24 @@ impl ControlState {
         let mut topo = next
             .topology()
             .map_err(|e| ApiError::invalid(e.problems()))?;
+        // Workers keep a vnet's connections and SNAT state by its place in
+        // the list: the vnets there stay where they are (new ones are
+        // added at the end).
+        let kept = next.vnet.len() >= self.config.vnet.len()
+            && self
+                .config
+                .vnet
+                .iter()
+                .zip(&next.vnet)
+                .all(|(o, n)| o.name == n.name);
+        if !kept {
+            return Err(ApiError::new(
+                409,
+                "vnets cannot be removed or reordered while pollux runs (new ones are added \
+                 at the end; restart it with the new configuration)"
+                    .to_string(),
+            ));
+        }
         topo.ports += self.internal_ports;
         for (vnet, vm) in &self.internal {
             if let Some(i) = topo.vnets.iter().position(|v| &v.name == vnet) {

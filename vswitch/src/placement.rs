@@ -6,7 +6,7 @@
 //!
 //! The owner is computed from the packet alone, the same way for both
 //! directions:
-//! - a packet to a SNAT address (from the wire) belongs to the worker
+//! - a packet from the wire (or hairpinned) to a SNAT address belongs to the worker
 //!   whose SNAT blocks hold its destination port (ICMP: its echo
 //!   identifier) ([`lb::snat::SnatConfig::worker_of`]); a worker only hands
 //!   out ports of its own blocks, so the outbound direction was placed
@@ -40,14 +40,20 @@ pub fn owner(p: &Policy, in_port: u16, k: &FlowKey, workers: usize) -> usize {
         return 0;
     }
     let icmp = matches!(k.proto, 1 | 58);
-    // (Echo request and reply both carry the identifier in `src_port`.)
+    let vm = p.vm_on_port(in_port).map(|(_, vm)| vm);
+    // From the wire (or hairpinned): to a SNAT port, its block's worker.
+    // (Echo request and reply both carry the identifier in `src_port`.) A
+    // VM's packet to a SNAT address is placed by its own source below: it
+    // takes its own mapping first, and only its hairpinned half goes to
+    // the destination port's worker.
     let dst_port = if icmp { k.src_port } else { k.dst_port };
-    if let Some(w) = p.snat_worker(k.dst_ip, dst_port, workers) {
-        return w;
+    if vm.is_none() {
+        if let Some(w) = p.snat_worker(k.dst_ip, dst_port, workers) {
+            return w;
+        }
     }
     let snat_source = || {
-        p.vm_on_port(in_port)
-            .and_then(|(_, vm)| p.vnets.get(vm.vnet))
+        vm.and_then(|vm| p.vnets.get(vm.vnet))
             .is_some_and(|v| v.snat.is_some() && !v.contains(&k.dst()))
     };
     let h = if icmp {
@@ -186,10 +192,21 @@ mod tests {
                     snat.worker_of(1024 + cport % 4000, workers)
                 );
                 // Out through SNAT: every destination of one private
-                // endpoint on one worker (its one mapping's).
+                // endpoint on one worker (its one mapping's), a SNAT
+                // address of the switch too (hairpinning: the VM's own
+                // mapping first; the hairpinned half, from the hairpin
+                // port, then goes to the destination port's worker).
                 for proto in [6, 17, 1] {
                     let out = |dst: &str, dport: u16| key("10.1.0.20", cport, dst, dport, proto);
                     let first = owner(&p, 2, &out("198.51.100.1", 443), workers);
+                    for dport in [1024, 1025, 1026, 2000] {
+                        assert_eq!(owner(&p, 2, &out("203.0.113.10", dport), workers), first);
+                        let looped = key("203.0.113.10", 5000, "203.0.113.10", dport, 6);
+                        assert_eq!(
+                            Some(owner(&p, crate::flow::HAIRPIN_PORT, &looped, workers)),
+                            snat.worker_of(dport, workers)
+                        );
+                    }
                     for (dst, dport) in [("198.51.100.2", 443), ("192.0.2.9", 3478)] {
                         assert_eq!(owner(&p, 2, &out(dst, dport), workers), first);
                     }

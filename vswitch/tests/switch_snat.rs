@@ -1,9 +1,10 @@
 //! SNAT as RFC 4787 asks of a NAT, on raw UDP frames through ring ports:
 //! endpoint-independent mapping (one public port per private endpoint,
 //! whatever the destination; the private port kept when it lies free in
-//! the VM's block), each filtering behaviour, hairpinning between two VMs
-//! through their public mappings, and exhaustion of one VM's ports counted
-//! without touching another's.
+//! the VM's block), each filtering behaviour (and a forged public source
+//! from the wire refused), hairpinning between two VMs through their public
+//! mappings, and exhaustion of one VM's ports counted without touching
+//! another's.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 mod common;
@@ -285,6 +286,11 @@ fn each_filtering_lets_in_what_it_says() {
         net.from_wire(stranger, 2000, b"nobody");
         assert_eq!(net.recv(Some(0)), None);
         assert_eq!(net.dropped(LbDrop::SnatNoMapping), 1);
+        // From the wire, the switch's own public address as the source is
+        // forged (what answered it would hairpin back in).
+        net.from_wire((SNAT_IP, 4444), pa, b"forged");
+        assert_eq!(net.recv(Some(0)), None, "{filtering:?}");
+        assert_eq!(net.stats.dropped(SwitchDrop::Spoofed), 1);
     }
 }
 

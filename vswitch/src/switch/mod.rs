@@ -337,20 +337,22 @@ impl<B: PacketBuf> Switch<B> {
 
     /// The hairpinned packets (and those they hairpin in turn, up to
     /// twice the queue's size), each through the switch as from the wire.
+    /// Returns how many went through.
     fn drain_looped(
         &mut self,
         ctx: &mut Ctx<'_, B>,
         policy: &Policy,
         now: u64,
         tally: &mut (u64, u64, u64),
-    ) {
-        for _ in 0..2 * HAIRPIN_QUEUE {
+    ) -> usize {
+        for n in 0..2 * HAIRPIN_QUEUE {
             let Some(pkt) = self.looped.pop_front() else {
-                return;
+                return n;
             };
             let port = usize::from(HAIRPIN_PORT);
             self.packet(ctx, policy, port, pkt, now, false, tally, None);
         }
+        2 * HAIRPIN_QUEUE
     }
 
     /// Takes one ICMP error from this worker's token bucket, refilled at
@@ -783,11 +785,13 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
             self.serve_control();
         }
         // Hairpinned packets left over (a burst that hairpinned more than
-        // the queue's size).
+        // the queue's size); counted in what this poll did, so that the
+        // worker flushes what they sent.
+        let mut looped = 0;
         if !self.looped.is_empty() {
             let (policy, now) = self.begin(ctx);
             let mut tally = (0, 0, 0);
-            self.drain_looped(ctx, &policy, now, &mut tally);
+            looped = self.drain_looped(ctx, &policy, now, &mut tally);
             self.end(now, tally);
         }
         // The common case, an empty mailbox, costs one load and no
@@ -803,9 +807,11 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
             if now.saturating_sub(self.last_expire) > 100_000_000 {
                 self.end(now, (0, 0, 0));
             }
-            return 0;
+            return looped;
         };
-        let Some(q) = h.queues.get(me) else { return 0 };
+        let Some(q) = h.queues.get(me) else {
+            return looped;
+        };
         let (policy, now) = self.begin(ctx);
         let mut tally = (0, 0, 0);
         let mut n = 0;
@@ -824,9 +830,9 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
             n += 1;
         }
         if !self.looped.is_empty() {
-            self.drain_looped(ctx, &policy, now, &mut tally);
+            n += self.drain_looped(ctx, &policy, now, &mut tally);
         }
         self.end(now, tally);
-        n
+        n + looped
     }
 }

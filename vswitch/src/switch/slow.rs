@@ -320,6 +320,12 @@ impl<B: PacketBuf> Switch<B> {
             L3::Ipv4 | L3::Ipv6 => {}
             L3::Other => return Err(SwitchDrop::Unsupported),
         }
+        // Only the switch itself sends from its public addresses: from the
+        // wire, such a source is forged (its answers would hairpin back
+        // into the switch). Hairpinned packets come in on their own port.
+        if pk.in_port != HAIRPIN_PORT && p.vnet_by_public(pk.key.src_ip).is_some() {
+            return Err(SwitchDrop::Spoofed);
+        }
         // An ICMP error from the wire about a packet of a tracked
         // connection: that of the vnet of its public destination, else of
         // the one vnet tracking it that its source is outside of.
