@@ -304,16 +304,39 @@ impl SnatAllocator {
         &self.cfg
     }
 
-    /// Gives `member` its blocks (idempotent).
+    /// Gives `member` its blocks (idempotent): all of one public address
+    /// when one has enough free (RFC 4787 REQ-2, "paired" pooling: a VM
+    /// appears from one address), the lowest ports first.
     pub fn add_member(&mut self, member: IpAddr) -> Result<(), SnatError> {
         if self.members.contains_key(&member) {
             return Ok(());
         }
-        if self.free_blocks.len() < self.cfg.blocks_per_member {
+        let want = self.cfg.blocks_per_member;
+        if self.free_blocks.len() < want {
             return Err(SnatError::NoBlocks { member });
         }
-        let at = self.free_blocks.len() - self.cfg.blocks_per_member;
-        let blocks = self.free_blocks.split_off(at);
+        // (The free list is kept with the lowest blocks of the first
+        // address at its end.)
+        let ips = self.cfg.public_ips.len() as u16;
+        let paired =
+            (0..ips).find(|&ip| self.free_blocks.iter().filter(|b| b.ip == ip).count() >= want);
+        let blocks = match paired {
+            Some(ip) => {
+                let mut taken = Vec::with_capacity(want);
+                let mut i = self.free_blocks.len();
+                while taken.len() < want && i > 0 {
+                    i -= 1;
+                    if self.free_blocks[i].ip == ip {
+                        taken.push(self.free_blocks.remove(i));
+                    }
+                }
+                taken
+            }
+            None => {
+                let at = self.free_blocks.len() - want;
+                self.free_blocks.split_off(at)
+            }
+        };
         self.members.insert(member, Member { blocks });
         Ok(())
     }
@@ -819,6 +842,33 @@ mod tests {
             Err(SnatError::Filtered { .. })
         ));
         assert!(a.inbound(public, port, 17, stranger).is_ok());
+    }
+
+    #[test]
+    fn a_member_leaves_from_one_public_address_when_one_has_room() {
+        let mut a = SnatAllocator::new(SnatConfig {
+            public_ips: vec![ip("192.0.2.10"), ip("192.0.2.11")],
+            port_lo: 1024,
+            port_hi: 1024 + 3 * 64 - 1,
+            block_size: 64,
+            blocks_per_member: 2,
+            ..SnatConfig::default()
+        })
+        .unwrap();
+        // Three blocks per address: the second member does not fit in
+        // what the first left of 192.0.2.10, and takes 192.0.2.11's.
+        for (vm, want) in [("10.1.0.4", "192.0.2.10"), ("10.1.0.5", "192.0.2.11")] {
+            a.add_member(ip(vm)).unwrap();
+            for sport in 0..128 {
+                let (public, _) = a
+                    .allocate(ip(vm), 30000 + sport, 17, ip(R), |_, _| false)
+                    .unwrap();
+                assert_eq!(public, ip(want), "{vm}");
+            }
+        }
+        // The last two blocks, one of each address: mixed, not refused.
+        a.add_member(ip("10.1.0.6")).unwrap();
+        assert_eq!(a.member_ports(ip("10.1.0.6")), 128);
     }
 
     #[test]
