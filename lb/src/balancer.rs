@@ -1385,32 +1385,42 @@ impl LbCore {
                 Err(_) => return self.drop(LbDrop::SnatExhausted),
             };
         let nat = NatBinding::snat(key, public, port);
-        let info = ConnInfo {
-            kind: ConnKind::Snat {
-                public,
-                port,
-                inbound: false,
-            },
-            nat,
-            proxy: None,
-        };
-        match self.open(key, tcp_flags, now, info) {
+        match self.open_snat(key, tcp_flags, now, (public, port, false), nat) {
             Ok(d) => {
                 self.stats.new_snat += 1;
                 d
             }
-            Err(r) => {
-                if let Some(s) = self.held.snat.as_mut() {
-                    s.release(public, port, key.proto, key.dst());
-                }
-                self.drop(r)
-            }
+            Err(r) => self.drop(r),
         }
     }
 
-    /// True when `ip` is one of this vnet's SNAT addresses.
-    pub fn is_snat_address(&self, ip: IpAddr) -> bool {
-        self.held.snat.as_ref().is_some_and(|s| s.is_public(ip))
+    /// Tracks a SNAT connection on `public` port `port` (`inbound`: opened
+    /// from the wire) whose first packet has `key`, with binding `nat`; if
+    /// it cannot be tracked, the allocator's hold on the port is released.
+    fn open_snat(
+        &mut self,
+        key: &FlowKey,
+        tcp_flags: u8,
+        now: u64,
+        (public, port, inbound): (IpAddr, u16, bool),
+        nat: NatBinding,
+    ) -> Result<Decision, LbDrop> {
+        let info = ConnInfo {
+            kind: ConnKind::Snat {
+                public,
+                port,
+                inbound,
+            },
+            nat,
+            proxy: None,
+        };
+        self.open(key, tcp_flags, now, info).inspect_err(|_| {
+            if let Some(s) = self.held.snat.as_mut() {
+                // The far end, as `Held::release` finds it.
+                let remote = if inbound { key.src() } else { key.dst() };
+                s.release(public, port, key.proto, remote);
+            }
+        })
     }
 
     /// A packet from the wire to a SNAT address that no tracked connection
@@ -1436,26 +1446,13 @@ impl LbCore {
             Err(SnatError::Filtered { .. }) => return self.drop(LbDrop::SnatFiltered),
             Err(_) => return self.drop(LbDrop::SnatNoMapping),
         };
-        let info = ConnInfo {
-            kind: ConnKind::Snat {
-                public,
-                port: key.dst_port,
-                inbound: true,
-            },
-            nat: NatBinding::dnat(key, ip, port),
-            proxy: None,
-        };
-        match self.open(key, tcp_flags, now, info) {
+        let nat = NatBinding::dnat(key, ip, port);
+        match self.open_snat(key, tcp_flags, now, (public, key.dst_port, true), nat) {
             Ok(d) => {
                 self.stats.new_snat_inbound += 1;
                 d
             }
-            Err(r) => {
-                if let Some(s) = self.held.snat.as_mut() {
-                    s.release(public, key.dst_port, key.proto, key.src());
-                }
-                self.drop(r)
-            }
+            Err(r) => self.drop(r),
         }
     }
 

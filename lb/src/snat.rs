@@ -428,9 +428,9 @@ impl SnatAllocator {
         let free = |b: Block, port: u16, taken: &mut dyn FnMut(IpAddr, u16) -> bool| {
             if !eim && proto == 6 {
                 // (Endpoint-independent mappings hold their ports alone.)
-                !in_use
+                in_use
                     .get(&(b.ip, port, proto))
-                    .is_some_and(|u| u.private.is_some())
+                    .is_none_or(|u| u.private.is_none())
                     && !taken(ips[usize::from(b.ip)], port)
             } else {
                 !in_use.contains_key(&(b.ip, port, proto))

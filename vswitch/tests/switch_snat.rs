@@ -147,7 +147,7 @@ impl Net {
     }
 
     /// The wire sends from `src` to the SNAT address's port `port`.
-    fn from_wire(&mut self, src: ([u8; 4], u16), port: u16, data: &[u8]) {
+    fn wire_sends(&mut self, src: ([u8; 4], u16), port: u16, data: &[u8]) {
         let f = Self::frame(ROUTER_MAC, UPLINK_MAC, src, (SNAT_IP, port), data);
         self.push(None, f);
     }
@@ -212,12 +212,12 @@ fn one_public_port_per_private_endpoint_and_udp_hairpins_between_vms() {
     assert_ne!(pb, pa);
     // Replies come back; address-and-port-dependent filtering lets
     // nothing else in.
-    net.from_wire(STUN2, pa, b"back");
+    net.wire_sends(STUN2, pa, b"back");
     assert_eq!(
         net.recv(Some(0)),
         Some((STUN2, (VMS[0], 7000), b"back".to_vec()))
     );
-    net.from_wire(([198, 51, 100, 1], 9999), pa, b"stranger");
+    net.wire_sends(([198, 51, 100, 1], 9999), pa, b"stranger");
     assert_eq!(net.recv(Some(0)), None);
     assert_eq!(net.dropped(LbDrop::SnatFiltered), 1);
     // Hairpinning, with the hole punching of peer-to-peer applications:
@@ -255,7 +255,7 @@ fn each_filtering_lets_in_what_it_says() {
         let mut net = Net::new(&format!("snat-{filtering:?}"), filtering);
         let pa = net.mapped(0, 7000, STUN1);
         for (src, allowed) in [(other_port, from_other_port), (stranger, from_stranger)] {
-            net.from_wire(src, pa, b"in");
+            net.wire_sends(src, pa, b"in");
             let got = net.recv(Some(0));
             if allowed {
                 assert_eq!(
@@ -283,12 +283,12 @@ fn each_filtering_lets_in_what_it_says() {
         }
         assert_eq!(net.stats.snat_inbound.load(Ordering::Relaxed), inbound);
         // A port no mapping holds.
-        net.from_wire(stranger, 2000, b"nobody");
+        net.wire_sends(stranger, 2000, b"nobody");
         assert_eq!(net.recv(Some(0)), None);
         assert_eq!(net.dropped(LbDrop::SnatNoMapping), 1);
         // From the wire, the switch's own public address as the source is
         // forged (what answered it would hairpin back in).
-        net.from_wire((SNAT_IP, 4444), pa, b"forged");
+        net.wire_sends((SNAT_IP, 4444), pa, b"forged");
         assert_eq!(net.recv(Some(0)), None, "{filtering:?}");
         assert_eq!(net.stats.dropped(SwitchDrop::Spoofed), 1);
     }
