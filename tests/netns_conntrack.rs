@@ -441,7 +441,8 @@ fn connections_outlive_policy_changes_and_health_flips() {
         wait_for(Duration::from_secs(10), || {
             std::fs::metadata(dir.join("kept")).unwrap().len() > before + 200_000
         }),
-        "an admitted connection stopped when its rule changed"
+        "an admitted connection stopped when its rule changed: counters {}",
+        api.get("/v1/counters").unwrap_or_default()
     );
     let denied_before = acl_deny();
     let (status, body) = api.send("DELETE", "/v1/flows?vm=cl&reset=true", None);
@@ -450,7 +451,8 @@ fn connections_outlive_policy_changes_and_health_flips() {
     let got = std::fs::metadata(dir.join("kept")).unwrap().len() as usize;
     assert!(
         !code.success() && got < SIZE,
-        "the reset connection went on: exit {code}, {got} bytes"
+        "the reset connection went on: exit {code}, {got} bytes; the reset said {body}; counters {}",
+        api.get("/v1/counters").unwrap_or_default()
     );
     // What stopped it: its packets, judged again, were denied.
     assert!(acl_deny() > denied_before, "no acl_deny after the reset");
