@@ -38,6 +38,7 @@ needed=(
     curl              # HTTP client in the namespaces
     python3           # python3 -m http.server backends
     coturn            # turnserver and turnutils_natdiscovery: SNAT's behaviour (RFC 5780)
+    cpio              # reads back the guest harness's initramfs archives
 )
 installed() {
     dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'
@@ -46,18 +47,46 @@ pkgs=()
 for p in "${needed[@]}"; do
     installed "$p" || pkgs+=("$p")
 done
-if ((${#pkgs[@]})); then
-    log "installing system packages: ${pkgs[*]}"
+# QEMU for the guest VM tests comes from bookworm-backports (10.0; Debian 12
+# itself has 7.2): every qemu package from one suite, since the image's
+# qemu-utils is the backports one and main's qemu-system-common 7.2
+# conflicts with it.
+qemu_bpo=1
+if installed qemu-system-x86 &&
+    dpkg-query -W -f='${Version}' qemu-system-x86 | grep -q '~bpo12'; then
+    qemu_bpo=0
+fi
+backports=/etc/apt/sources.list.d/pollux-backports.sources
+# The guest image is made of Debian packages fetched with apt-get download,
+# which needs current package lists the first time.
+guest_debs=0
+ls target/guest/debs/linux-image-*.deb >/dev/null 2>&1 && guest_debs=1
+if ((${#pkgs[@]})) || [ "$qemu_bpo" -eq 1 ] || [ "$guest_debs" -eq 0 ]; then
     sudo=""
     if [ "$(id -u)" -ne 0 ]; then
         if ! command -v sudo >/dev/null 2>&1; then
-            echo "scripts/test.sh: installing ${pkgs[*]} needs root or sudo" >&2
+            echo "scripts/test.sh: installing ${pkgs[*]} qemu-system-x86 needs root or sudo" >&2
             exit 1
         fi
         sudo="sudo"
     fi
+    if [ "$qemu_bpo" -eq 1 ] &&
+        ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        log "adding the bookworm-backports suite ($backports)"
+        printf '%s\n' 'Types: deb' 'URIs: http://deb.debian.org/debian' \
+            'Suites: bookworm-backports' 'Components: main' \
+            'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' | $sudo tee "$backports" >/dev/null
+    fi
     $sudo apt-get update -qq
-    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${pkgs[@]}"
+    if ((${#pkgs[@]})); then
+        log "installing system packages: ${pkgs[*]}"
+        $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${pkgs[@]}"
+    fi
+    if [ "$qemu_bpo" -eq 1 ]; then
+        log "installing qemu-system-x86 from bookworm-backports"
+        $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            -t bookworm-backports qemu-system-x86
+    fi
 fi
 
 # --- huge pages: let the pool tests and the DPDK ABI test use real 2 MiB pages

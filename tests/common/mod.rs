@@ -5,3 +5,4 @@
 pub mod api;
 pub mod dpdk;
 pub mod netns;
+pub mod vm;

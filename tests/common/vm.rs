@@ -1,0 +1,133 @@
+//! Real QEMU guests on pollux's `net_vhost` ports (testkit::guest): the
+//! configuration of such a pollux, the guests' start in parallel, and what
+//! a failing test prints about them.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use super::netns::{Lab, read};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use testkit::guest::{Guest, Nic, Spec};
+
+/// What a guest VM test needs from the machine; false (or a failure under
+/// CI) when something is missing.
+pub fn required() -> bool {
+    testkit::require::root_and(&["qemu-system-x86_64", "apt-get", "dpkg-deb", "taskset"])
+}
+
+/// Boot deadline of a guest. Generous: under TCG several guests share one
+/// core, and CI machines are slower still.
+pub const BOOT: Duration = Duration::from_secs(240);
+
+/// One VM: name (also its pollux port and VM name), vnet, address, MAC,
+/// security group (or none), memory in MiB.
+#[derive(Clone, Copy)]
+pub struct Vm {
+    pub name: &'static str,
+    pub vnet: &'static str,
+    pub ip: &'static str,
+    pub mac: &'static str,
+    pub nsg: Option<&'static str>,
+    pub memory_mb: u32,
+}
+
+/// The vhost-user socket of VM `name` in `dir`.
+pub fn socket(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.vu"))
+}
+
+/// Removes DPDK's runtime directory of pollux's file prefix at the end.
+pub struct DpdkDir(pub String);
+
+impl Drop for DpdkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/{}", self.0));
+    }
+}
+
+/// pollux's `[dpdk]`, `[dataplane]`, ports, and `[[vm]]` sections for
+/// `vms` (`net_vhost` ports in client mode with `queues` queue pairs, EAL
+/// on core 1 without huge pages); the caller adds vnets, groups, VIPs.
+pub fn config(dir: &Path, prefix: &str, workers: usize, queues: u16, vms: &[Vm]) -> String {
+    let cores = if workers > 1 { "0-1" } else { "1" };
+    let mut c = format!(
+        "[dataplane]\nworkers = {workers}\n[dpdk]\neal_args = [\"--no-huge\", \"--no-pci\", \"-m\", \"512\", \"-l\", \"{cores}\", \"--log-level=error\", \"--file-prefix={prefix}\"]\n"
+    );
+    for (i, vm) in vms.iter().enumerate() {
+        c += &format!(
+            "[[port]]\nname = \"{}\"\ndriver = \"dpdk\"\ndevargs = \"net_vhost{i},iface={},client=1,queues={queues}\"\n",
+            vm.name,
+            socket(dir, vm.name).display()
+        );
+    }
+    for vm in vms {
+        c += &format!(
+            "[[vm]]\nname = \"{}\"\nport = \"{}\"\nvnet = \"{}\"\nmac = \"{}\"\nips = [\"{}\"]\n",
+            vm.name, vm.name, vm.vnet, vm.mac, vm.ip
+        );
+        if let Some(n) = vm.nsg {
+            c += &format!("nsg = \"{n}\"\n");
+        }
+    }
+    c
+}
+
+/// Starts a QEMU guest for each VM (on host CPU 0: pollux polls CPU 1),
+/// with a default route through 10.1.0.1. They run once pollux connects.
+pub fn start(dir: &Path, vms: &[Vm], queues: u16, cpus: u32) -> Vec<Guest> {
+    vms.iter()
+        .map(|vm| {
+            let nic = Nic::new(socket(dir, vm.name), vm.mac, &format!("{}/16", vm.ip))
+                .gateway("10.1.0.1")
+                .queues(queues);
+            let spec = Spec::new(vm.name)
+                .memory(vm.memory_mb)
+                .cpus(cpus)
+                .host_cpus("0")
+                .nic(nic);
+            Guest::start(dir, spec).unwrap_or_else(|e| panic!("{e}"))
+        })
+        .collect()
+}
+
+/// Waits for every guest to answer on its channel; on failure says what
+/// pollux logged.
+pub fn wait_all(guests: &mut [Guest], pollux_log: &Path) {
+    for g in guests.iter_mut() {
+        if let Err(e) = g.wait_ready(BOOT) {
+            panic!("{e}\n--- pollux ---\n{}", read(pollux_log));
+        }
+    }
+}
+
+/// The guest named `name`.
+pub fn guest<'a>(guests: &'a mut [Guest], name: &str) -> &'a mut Guest {
+    guests.iter_mut().find(|g| g.spec.name == name).unwrap()
+}
+
+/// Runs `cmd` in `g`; panics (with the guest's console) unless it exits 0.
+pub fn ok(g: &mut Guest, cmd: &str, secs: u64) -> String {
+    g.ok(cmd, Duration::from_secs(secs))
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Hits of rule `rule` of group `nsg` in a `/v1/counters` answer.
+pub fn rule_hits(v: &serde_json::Value, nsg: &str, rule: &str) -> u64 {
+    v["rules"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["nsg"] == nsg && r["rule"] == rule))
+        .and_then(|r| r["hits"].as_u64())
+        .unwrap_or(0)
+}
+
+/// pollux's log and each guest's console tail, for failure messages.
+pub fn context(lab: &Lab, guests: &[Guest]) -> String {
+    let mut s = format!("--- pollux ---\n{}", read(&lab.dir.join("pollux.log")));
+    for g in guests {
+        s += &format!(
+            "\n--- {} console ---\n{}",
+            g.spec.name,
+            g.console_tail(1500)
+        );
+    }
+    s
+}
