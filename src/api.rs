@@ -160,6 +160,32 @@ pub struct PortCounters {
     pub tx_bytes: u64,
     /// Drops by reason.
     pub drops: BTreeMap<String, u64>,
+    /// `up` or `down`, for drivers that report their link (DPDK).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
+    /// Link changes since the port opened (the first up counts one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_changes: Option<u64>,
+    /// Per queue, when the port has several (queue N is worker N's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub queues: Vec<QueueCounters>,
+}
+
+/// One queue of a port (polled by the worker of the same number).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueCounters {
+    /// Queue number, which is also its worker's.
+    pub queue: usize,
+    /// Packets received.
+    pub rx_packets: u64,
+    /// Bytes received.
+    pub rx_bytes: u64,
+    /// Packets sent.
+    pub tx_packets: u64,
+    /// Bytes sent.
+    pub tx_bytes: u64,
+    /// Drops counted on this queue.
+    pub drops: u64,
 }
 
 /// One worker's counters.
@@ -171,6 +197,9 @@ pub struct WorkerCounters {
     pub busy_polls: u64,
     /// Polls that received nothing.
     pub idle_polls: u64,
+    /// Sleeps after a run of empty polls (`[dataplane] idle_sleep_us`).
+    #[serde(default)]
+    pub idle_sleeps: u64,
     /// Clock ticks spent in busy polls.
     pub busy_ticks: u64,
     /// Clock ticks spent in idle polls.

@@ -15,6 +15,10 @@ use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 
+/// The longest idle sleep of a worker (10 ms): longer would make the first
+/// packet after a quiet spell wait too long.
+pub const MAX_IDLE_SLEEP_US: u64 = 10_000;
+
 /// `[dataplane]`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -25,6 +29,8 @@ pub struct DataplaneCfg {
     pub flow_table_size: usize,
     /// Connections tracked per vnet per core.
     pub conn_table_size: usize,
+    /// Microseconds a worker sleeps after a run of empty polls (0: never).
+    pub idle_sleep_us: u64,
 }
 
 impl Default for DataplaneCfg {
@@ -33,6 +39,7 @@ impl Default for DataplaneCfg {
             workers: 1,
             flow_table_size: 1 << 20,
             conn_table_size: 1 << 18,
+            idle_sleep_us: 0,
         }
     }
 }
@@ -422,6 +429,12 @@ impl Config {
         if self.dataplane.flow_table_size == 0 {
             errs.push("dataplane: flow_table_size must be at least 1".to_string());
         }
+        if self.dataplane.idle_sleep_us > MAX_IDLE_SLEEP_US {
+            errs.push(format!(
+                "dataplane: idle_sleep_us {} is above {MAX_IDLE_SLEEP_US}",
+                self.dataplane.idle_sleep_us
+            ));
+        }
         if !(1..=1 << 24).contains(&self.dataplane.conn_table_size) {
             errs.push(format!(
                 "dataplane: conn_table_size {} is outside 1-16777216",
@@ -633,6 +646,23 @@ impl Config {
                         p.spec.driver()
                     ),
                 });
+            }
+        }
+        // A vhost-user port has as many queue pairs as its devargs say
+        // (one by default): each worker needs one.
+        for p in &self.port {
+            if let PortSpec::Dpdk {
+                devargs: Some(d), ..
+            } = &p.spec
+            {
+                if let Some(q) = vhost_queues(d) {
+                    if q < workers {
+                        errs.push(format!(
+                            "port {:?}: net_vhost queues={q} is fewer than workers = {workers} (add queues={workers} to its devargs)",
+                            p.name
+                        ));
+                    }
+                }
             }
         }
         // DPDK workers move mbufs end to end: every port carries them.
@@ -1029,6 +1059,20 @@ fn filter_name(f: lb::snat::Filtering) -> &'static str {
     }
 }
 
+/// The queue pairs of a `net_vhost` device's devargs (`queues=N`, 1 when
+/// absent); `None` for other devices, or when `queues` is not a number (the
+/// driver then refuses it, naming it).
+fn vhost_queues(devargs: &str) -> Option<usize> {
+    let mut parts = devargs.split(',');
+    if !parts.next()?.trim().starts_with("net_vhost") {
+        return None;
+    }
+    match parts.find_map(|kv| kv.trim().strip_prefix("queues=")) {
+        Some(q) => q.trim().parse().ok(),
+        None => Some(1),
+    }
+}
+
 /// The cores this process may run on, as first seen (before DPDK's EAL,
 /// if any, pins the main thread to its own lcores): every later check, such
 /// as an API change validated on the control thread, sees the same count.
@@ -1055,6 +1099,33 @@ mod tests {
         match Config::parse(text) {
             Err(e) => e.problems(),
             Ok(c) => c.validate().err().map(|e| e.problems()).unwrap_or_default(),
+        }
+    }
+
+    #[test]
+    fn idle_sleep_and_vhost_queues_are_checked() {
+        let p = problems("[dataplane]\nidle_sleep_us = 20000\n");
+        assert_eq!(p, ["dataplane: idle_sleep_us 20000 is above 10000"]);
+        assert!(problems("[dataplane]\nidle_sleep_us = 50\n").is_empty());
+        assert_eq!(vhost_queues("net_vhost0,iface=/tmp/a,client=1"), Some(1));
+        assert_eq!(
+            vhost_queues("net_vhost1,iface=/tmp/a,queues=2,client=1"),
+            Some(2)
+        );
+        assert_eq!(vhost_queues("net_ring0"), None);
+        assert_eq!(vhost_queues("net_vhost0,queues=two"), None);
+        if usable_cores() >= 2 {
+            let p = problems(
+                "[dataplane]\nworkers = 2\n[[port]]\nname = \"vm1\"\ndriver = \"dpdk\"\ndevargs = \"net_vhost0,iface=/tmp/vm1.sock,client=1\"\n",
+            );
+            // (Without the dpdk feature the port is also refused for that.)
+            assert!(
+                p.contains(
+                    &"port \"vm1\": net_vhost queues=1 is fewer than workers = 2 (add queues=2 to its devargs)"
+                        .to_string()
+                ),
+                "{p:?}"
+            );
         }
     }
 

@@ -523,6 +523,18 @@ fn counters_table(c: &Counters) -> Vec<String> {
             p.tx_bytes,
             drops(&p.drops)
         ));
+        if let Some(l) = &p.link {
+            out.push(format!(
+                "  link {l} ({} changes)",
+                p.link_changes.unwrap_or(0)
+            ));
+        }
+        for q in &p.queues {
+            out.push(format!(
+                "  queue {:<4} {:>12} {:>14} {:>12} {:>14}  {}",
+                q.queue, q.rx_packets, q.rx_bytes, q.tx_packets, q.tx_bytes, q.drops
+            ));
+        }
     }
     out.push(format!(
         "{:<7} {:>12} {:>12} {:>12} {:>12} {:>12}  drops",

@@ -49,8 +49,41 @@ pub fn render(c: &Counters, probes: &[ProbeState], generation: u64) -> String {
         "pollux_port_drops",
         "Packets dropped per port, by reason",
     );
+    let link = gauges(
+        &mut reg,
+        "pollux_port_link_up",
+        "1 while the port's link is up (drivers that report it: DPDK)",
+    );
+    let link_changes = counters(
+        &mut reg,
+        "pollux_port_link_changes",
+        "Link changes since the port opened",
+    );
+    let queue = counters(
+        &mut reg,
+        "pollux_port_queue_packets",
+        "Packets per queue of ports with several (queue N is worker N's), by direction",
+    );
     for p in &c.ports {
         let lp = labels(&[("port", &p.name)]);
+        if let Some(l) = &p.link {
+            link.get_or_create(&lp).set(i64::from(l == "up"));
+        }
+        if let Some(n) = p.link_changes {
+            link_changes.get_or_create(&lp).inc_by(n);
+        }
+        for q in &p.queues {
+            let qs = q.queue.to_string();
+            for (dir, n) in [("rx", q.rx_packets), ("tx", q.tx_packets)] {
+                queue
+                    .get_or_create(&labels(&[
+                        ("port", &p.name),
+                        ("queue", &qs),
+                        ("direction", dir),
+                    ]))
+                    .inc_by(n);
+            }
+        }
         rx.get_or_create(&lp).inc_by(p.rx_packets);
         rxb.get_or_create(&lp).inc_by(p.rx_bytes);
         tx.get_or_create(&lp).inc_by(p.tx_packets);
@@ -146,6 +179,11 @@ pub fn render(c: &Counters, probes: &[ProbeState], generation: u64) -> String {
         "pollux_worker_idle_polls",
         "Poll iterations that received nothing",
     );
+    let sleeps = counters(
+        &mut reg,
+        "pollux_worker_idle_sleeps",
+        "Sleeps after a run of empty polls ([dataplane] idle_sleep_us)",
+    );
     for w in &c.workers {
         let name = w.worker.to_string();
         let lw = labels(&[("worker", &name)]);
@@ -183,6 +221,7 @@ pub fn render(c: &Counters, probes: &[ProbeState], generation: u64) -> String {
             .set(w.snat_ports_in_use as i64);
         busy.get_or_create(&lw).inc_by(w.busy_polls);
         idle.get_or_create(&lw).inc_by(w.idle_polls);
+        sleeps.get_or_create(&lw).inc_by(w.idle_sleeps);
     }
     let up = gauges(
         &mut reg,

@@ -572,7 +572,8 @@ fn run_on<A: BufAlloc>(
             .checked_sub(w + 1)
             .and_then(|c| cores.get(c))
             .map(|c| c.id);
-        let worker = Worker::new(&format!("worker{w}"), core, ports, switch);
+        let worker = Worker::new(&format!("worker{w}"), core, ports, switch)
+            .with_idle_sleep(Duration::from_micros(cfg.dataplane.idle_sleep_us));
         stops.push(worker.stop_flag());
         wstats.push(worker.stats());
         handles.push(

@@ -144,7 +144,7 @@ fn guests_on_pollux_vips_probes_groups_tenants_and_a_large_transfer() {
     vm::wait_all(&mut guests, &log);
     eprintln!("5 guests up in {:?}", started.elapsed());
     let api = lab.api("pollux");
-    let ctx = |guests: &[testkit::guest::Guest]| vm::context(&lab, guests);
+    let ctx = |guests: &[testkit::guest::Guest]| vm::context(&dir, guests);
 
     for name in ["web1", "web2", "web3", "b1"] {
         ok(guest(&mut guests, name), "httpd -p 8080 -h /www", 10);

@@ -2,6 +2,7 @@
 //! read by the control thread at any time.
 
 use crate::wire::ParseError;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Why a packet was dropped. Every drop in pollux is counted under one of these.
@@ -24,11 +25,14 @@ pub enum DropReason {
     RxRingOverflow,
     /// A packet to send was larger than the port can carry.
     TxOversize,
+    /// The port's link was down (a VM's vhost-user port with no guest
+    /// driver behind it: the VM stopped, rebooting, or not yet booted).
+    LinkDown,
     /// The frame failed to parse.
     Malformed(ParseError),
 }
 
-const SIMPLE: [DropReason; 8] = [
+const SIMPLE: [DropReason; 9] = [
     DropReason::TxQueueFull,
     DropReason::RxNoBuffer,
     DropReason::RxOversize,
@@ -37,6 +41,7 @@ const SIMPLE: [DropReason; 8] = [
     DropReason::NoRoute,
     DropReason::RxRingOverflow,
     DropReason::TxOversize,
+    DropReason::LinkDown,
 ];
 
 impl DropReason {
@@ -55,6 +60,7 @@ impl DropReason {
             DropReason::NoRoute => 5,
             DropReason::RxRingOverflow => 6,
             DropReason::TxOversize => 7,
+            DropReason::LinkDown => 8,
             DropReason::Malformed(e) => SIMPLE.len() + e as usize,
         }
     }
@@ -85,6 +91,7 @@ impl DropReason {
             DropReason::NoRoute => "no_route",
             DropReason::RxRingOverflow => "rx_ring_overflow",
             DropReason::TxOversize => "tx_oversize",
+            DropReason::LinkDown => "link_down",
             DropReason::Malformed(e) => e.name(),
         }
     }
@@ -136,6 +143,34 @@ impl DropCounters {
     }
 }
 
+/// A port's link as its driver reports it (drivers that know: DPDK).
+#[derive(Debug, Default)]
+pub struct LinkState {
+    up: std::sync::atomic::AtomicBool,
+    changes: AtomicU64,
+}
+
+impl LinkState {
+    /// Records the link as `up`; counts a change when it differs.
+    pub fn set(&self, up: bool) {
+        if self.up.swap(up, Ordering::Relaxed) != up {
+            self.changes.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the link is up.
+    #[inline]
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Changes seen since the port opened (down at first: the first up
+    /// counts one).
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Relaxed)
+    }
+}
+
 /// Per-port counters.
 #[derive(Debug, Default)]
 pub struct PortStats {
@@ -149,6 +184,9 @@ pub struct PortStats {
     pub tx_bytes: AtomicU64,
     /// Drops on this port, by reason.
     pub drops: DropCounters,
+    /// The link, shared by every queue of the port, where the driver
+    /// reports it.
+    pub link: Option<Arc<LinkState>>,
 }
 
 impl PortStats {
@@ -200,6 +238,19 @@ pub struct PortStatsSnapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn link_changes_count_transitions_only() {
+        let l = LinkState::default();
+        assert!(!l.is_up());
+        l.set(false);
+        assert_eq!(l.changes(), 0);
+        l.set(true);
+        l.set(true);
+        assert!(l.is_up());
+        l.set(false);
+        assert_eq!(l.changes(), 2);
+    }
 
     #[test]
     fn indexes_are_dense_and_names_unique() {

@@ -104,6 +104,9 @@ pub struct WorkerStats {
     pub tx_packets: AtomicU64,
     /// Drops decided by the pipeline, by reason.
     pub drops: DropCounters,
+    /// Times the worker slept after a run of empty polls (only with an
+    /// idle sleep set: [`Worker::with_idle_sleep`]).
+    pub idle_sleeps: AtomicU64,
 }
 
 /// Why a worker could not start.
@@ -151,6 +154,7 @@ pub struct Worker<B: PacketBuf, P: Pipeline<B>> {
     pending: Vec<Batch<B>>,
     rx: Batch<B>,
     tally: Tally,
+    idle_sleep: Duration,
 }
 
 /// What a stopped worker gives back.
@@ -191,6 +195,9 @@ impl Tally {
 /// Polls between two publications of the counters.
 const PUBLISH_EVERY: u32 = 256;
 
+/// Empty polls in a row after which a worker with an idle sleep sleeps.
+pub const IDLE_POLLS_BEFORE_SLEEP: u32 = 64;
+
 impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
     /// A worker named `name` over `ports`, pinned to `core` if given.
     /// Calibrates the TSC clock (10 ms).
@@ -207,7 +214,18 @@ impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
             pending,
             rx: Batch::new(),
             tally: Tally::default(),
+            idle_sleep: Duration::ZERO,
         }
+    }
+
+    /// Makes [`Worker::run`] sleep `d` after every [`IDLE_POLLS_BEFORE_SLEEP`]
+    /// empty polls in a row (as OVS's `pmd-maxsleep` does), giving the core
+    /// to other work (VMs sharing the machine) while no packet comes; the
+    /// first packet after a quiet spell waits up to `d` longer. Zero (the
+    /// default) polls without pause.
+    pub fn with_idle_sleep(mut self, d: Duration) -> Self {
+        self.idle_sleep = d;
+        self
     }
 
     /// One poll iteration over every port on the calling thread: receive,
@@ -308,8 +326,21 @@ impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
     /// Runs the poll loop on the current thread until the stop flag is set.
     pub fn run(mut self) -> Result<Stopped<B, P>, WorkerError> {
         self.pin()?;
+        let mut empty = 0u32;
         while !self.stop.load(Ordering::Relaxed) {
-            self.poll_once();
+            if self.poll_once() > 0 {
+                empty = 0;
+                continue;
+            }
+            if self.idle_sleep.is_zero() {
+                continue;
+            }
+            empty += 1;
+            if empty >= IDLE_POLLS_BEFORE_SLEEP {
+                empty = 0;
+                self.stats.idle_sleeps.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(self.idle_sleep);
+            }
         }
         self.publish();
         Ok(Stopped {

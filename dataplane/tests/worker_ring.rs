@@ -220,3 +220,26 @@ fn pinning_to_a_missing_core_is_a_clear_error() {
     assert!(matches!(err, WorkerError::NoSuchCore { core: 100_000, .. }));
     assert!(err.to_string().contains("w-bad"), "{err}");
 }
+
+#[test]
+fn an_idle_worker_with_a_sleep_sleeps_and_still_forwards() {
+    let pool = small_pool("worker-sleepy", 256);
+    let (mut vm_a, sw_a, mut vm_b, sw_b) = pairs();
+    let worker = Worker::new("w-sleep", None, vec![Box::new(sw_a), Box::new(sw_b)], Dnat)
+        .with_idle_sleep(Duration::from_micros(200));
+    let (stop, stats) = (worker.stop_flag(), worker.stats());
+    let handle = worker.spawn().unwrap();
+    // Nothing arrives: it sleeps, again and again.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while stats.idle_sleeps.load(Ordering::Relaxed) < 10 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(stats.idle_sleeps.load(Ordering::Relaxed) >= 10);
+    // Then packets come, and all of them are forwarded.
+    let frames: Vec<_> = (0..50).map(|i| udp_frame(1000 + i, 64)).collect();
+    send_all(&mut vm_a, &pool, &frames);
+    let got = receive(&mut vm_b, 50);
+    assert_eq!(got.len(), 50);
+    stop.store(true, Ordering::Relaxed);
+    drop(handle.join().unwrap().unwrap());
+}

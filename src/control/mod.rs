@@ -26,7 +26,7 @@ pub use state::{ApiError, ControlState, ProbeState, Reloads, RuleHit, Runtime, r
 
 use crate::api::{
     Applied, BackendCounters, Counters, ErrorBody, Flow, Flows, FlowsDeleted, PortCounters, Probes,
-    RuleCounters, Status, WorkerCounters,
+    QueueCounters, RuleCounters, Status, WorkerCounters,
 };
 use crate::config::{BackendCfg, Config, VipCfg};
 use serde::Serialize;
@@ -646,14 +646,28 @@ pub fn local_counters(state: &ControlState, rt: &Runtime) -> Counters {
                 name: name.clone(),
                 ..PortCounters::default()
             };
-            for s in ss {
+            for (queue, s) in ss.iter().enumerate() {
                 let n = s.snapshot();
                 c.rx_packets += n.rx_packets;
                 c.rx_bytes += n.rx_bytes;
                 c.tx_packets += n.tx_packets;
                 c.tx_bytes += n.tx_bytes;
+                if ss.len() > 1 {
+                    c.queues.push(QueueCounters {
+                        queue,
+                        rx_packets: n.rx_packets,
+                        rx_bytes: n.rx_bytes,
+                        tx_packets: n.tx_packets,
+                        tx_bytes: n.tx_bytes,
+                        drops: n.drops,
+                    });
+                }
             }
             c.drops = by_reason(ss.iter().flat_map(|s| s.drops.nonzero()));
+            if let Some(l) = ss.first().and_then(|s| s.link.as_ref()) {
+                c.link = Some(if l.is_up() { "up" } else { "down" }.to_string());
+                c.link_changes = Some(l.changes());
+            }
             c
         })
         .collect();
@@ -667,6 +681,7 @@ pub fn local_counters(state: &ControlState, rt: &Runtime) -> Counters {
             worker: w,
             busy_polls: l(&ws.busy_polls),
             idle_polls: l(&ws.idle_polls),
+            idle_sleeps: l(&ws.idle_sleeps),
             busy_ticks: l(&ws.busy_ticks),
             idle_ticks: l(&ws.idle_ticks),
             rx_packets: l(&ws.rx_packets),

@@ -3,7 +3,7 @@
 //! a failing test prints about them.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use super::netns::{Lab, read};
+use super::netns::read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use testkit::guest::{Guest, Nic, Spec};
@@ -120,8 +120,8 @@ pub fn rule_hits(v: &serde_json::Value, nsg: &str, rule: &str) -> u64 {
 }
 
 /// pollux's log and each guest's console tail, for failure messages.
-pub fn context(lab: &Lab, guests: &[Guest]) -> String {
-    let mut s = format!("--- pollux ---\n{}", read(&lab.dir.join("pollux.log")));
+pub fn context(dir: &Path, guests: &[Guest]) -> String {
+    let mut s = format!("--- pollux ---\n{}", read(&dir.join("pollux.log")));
     for g in guests {
         s += &format!(
             "\n--- {} console ---\n{}",

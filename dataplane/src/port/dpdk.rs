@@ -13,12 +13,17 @@
 //!   and one tx queue per worker, starts it in promiscuous mode, and moves
 //!   bursts of up to 32 through the C shim's `rte_eth_rx_burst` /
 //!   `rte_eth_tx_burst`. Frames the NIC could not take are freed and counted
-//!   `tx_queue_full`; multi-segment frames are dropped as `rx_oversize`.
+//!   `tx_queue_full`, or `link_down` while the link is down (a vhost-user
+//!   port whose guest is gone or not yet running); multi-segment frames are
+//!   dropped as `rx_oversize`. The link state comes from DPDK's
+//!   link-status-change event (a `net_vhost` port raises it when a guest's
+//!   driver starts or stops, and when the VM's socket connects or closes),
+//!   shared by every queue's [`PortStats::link`].
 
 use super::{LinkInfo, Port, PortError};
 use crate::batch::Batch;
 use crate::buf::{BufError, PacketBuf};
-use crate::stats::{DropReason, PortStats};
+use crate::stats::{DropReason, LinkState, PortStats};
 use crate::wire::MacAddr;
 use dpdk_sys as d;
 use std::ffi::{CStr, CString};
@@ -297,16 +302,64 @@ impl PacketBuf for Mbuf {
     }
 }
 
-/// Stops an ethdev port when the last of its queues is dropped.
+/// Stops an ethdev port when the last of its queues is dropped, after
+/// taking back its link-status callback.
 #[derive(Debug)]
-struct Started(u16);
+struct Started {
+    port: u16,
+    /// What the callback writes to; outlives its registration.
+    link: Arc<LinkState>,
+}
+
+/// DPDK's link-status-change callback: records the port's link.
+unsafe extern "C" fn on_link_change(
+    port: u16,
+    _event: d::rte_eth_event_type,
+    arg: *mut std::ffi::c_void,
+    _ret: *mut std::ffi::c_void,
+) -> i32 {
+    // SAFETY: `arg` is the `LinkState` of the `Started` that registered this
+    // callback; it unregisters the callback before that `Arc` can go.
+    let link = unsafe { &*arg.cast::<LinkState>() };
+    link.set(link_up(port));
+    0
+}
+
+/// The link of `port` as the driver has it now, without waiting.
+fn link_up(port: u16) -> bool {
+    let mut l = d::rte_eth_link::default();
+    // SAFETY: `l` is a valid out-parameter; an unknown port returns < 0.
+    let r = unsafe { d::rte_eth_link_get_nowait(port, &mut l) };
+    r >= 0 && l.link_status() != 0
+}
+
+impl Started {
+    fn arg(&self) -> *mut std::ffi::c_void {
+        Arc::as_ptr(&self.link).cast_mut().cast()
+    }
+}
 
 impl Drop for Started {
     fn drop(&mut self) {
-        // SAFETY: stops the port `open_queues` started, once, after every
-        // queue handle of it is gone.
+        // SAFETY: takes back the callback registered with this `Started`'s
+        // argument; DPDK answers -EAGAIN while the callback runs, so it is
+        // asked again until the callback is out. Then stops the port
+        // `open_queues` started, once, after every queue handle of it is
+        // gone.
         unsafe {
-            let _ = d::rte_eth_dev_stop(self.0);
+            for _ in 0..1000 {
+                let r = d::rte_eth_dev_callback_unregister(
+                    self.port,
+                    d::RTE_ETH_EVENT_INTR_LSC,
+                    Some(on_link_change),
+                    self.arg(),
+                );
+                if r != -libc::EAGAIN {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            let _ = d::rte_eth_dev_stop(self.port);
         }
     }
 }
@@ -464,7 +517,28 @@ impl DpdkPort {
             // Some vdevs have no promiscuous mode; they pass everything anyway.
             let _ = d::rte_eth_promiscuous_enable(port);
         }
-        let started = Arc::new(Started(port));
+        let started = Arc::new(Started {
+            port,
+            link: Arc::default(),
+        });
+        // SAFETY: the callback and its argument stay valid until `Started`
+        // unregisters it (in its drop).
+        let r = unsafe {
+            d::rte_eth_dev_callback_register(
+                port,
+                d::RTE_ETH_EVENT_INTR_LSC,
+                Some(on_link_change),
+                started.arg(),
+            )
+        };
+        if r < 0 {
+            return Err(err(format!(
+                "link-status callback on {device:?}: {}",
+                reason(r)
+            )));
+        }
+        // The link as it is now (the callback may already have said so).
+        started.link.set(link_up(port));
         let mut mac = d::rte_ether_addr::default();
         // SAFETY: `port` exists; `mac` is a valid out-parameter.
         unsafe { d::rte_eth_macaddr_get(port, &mut mac) };
@@ -476,7 +550,10 @@ impl DpdkPort {
                     mtu: 1500,
                     driver: "dpdk",
                 },
-                stats: Arc::default(),
+                stats: Arc::new(PortStats {
+                    link: Some(started.link.clone()),
+                    ..PortStats::default()
+                }),
                 port,
                 queue,
                 _started: started.clone(),
@@ -492,6 +569,11 @@ impl DpdkPort {
     /// The queue this handle polls.
     pub fn queue(&self) -> u16 {
         self.queue
+    }
+
+    /// The link as the driver's events reported it.
+    pub fn link_state(&self) -> Option<&Arc<LinkState>> {
+        self.stats.link.as_ref()
     }
 
     /// Link state: (up, speed in Mb/s), without waiting.
@@ -585,9 +667,14 @@ impl Port for DpdkPort {
             unsafe { d::pollux_pktmbuf_free(*p) };
         }
         if sent < n {
-            self.stats
-                .drops
-                .add(DropReason::TxQueueFull, (n - sent) as u64);
+            // Only on a shortfall: the link is read from the shared state.
+            let down = self.stats.link.as_ref().is_some_and(|l| !l.is_up());
+            let why = if down {
+                DropReason::LinkDown
+            } else {
+                DropReason::TxQueueFull
+            };
+            self.stats.drops.add(why, (n - sent) as u64);
         }
         let bytes: u64 = lens.iter().take(sent).map(|&l| u64::from(l)).sum();
         self.stats.count_tx(sent as u64, bytes);

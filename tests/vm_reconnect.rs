@@ -1,0 +1,244 @@
+//! Reconnection between pollux and real virtual machines, both ways: two
+//! QEMU guests (testkit::guest) on pollux's `net_vhost` ports in client
+//! mode.
+//!
+//! - pollux restarted while the guests run (and a download between them
+//!   is under way): the new pollux connects to the guests' sockets, their
+//!   links come back, and the download completes intact (the connection is
+//!   picked up mid-stream); the guests never rebooted.
+//! - A guest rebooted while pollux runs: its port's link goes down and up
+//!   (counted), and traffic resumes.
+//! - A guest's QEMU killed and started again on the same socket: pollux
+//!   reconnects by itself, while the link was down what it had to send the
+//!   guest was counted `link_down`, and traffic resumes.
+//!
+//! Needs root, the `dpdk` feature and QEMU (`testkit::require`).
+#![cfg(feature = "dpdk")]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+mod common;
+
+use common::api::port;
+use common::netns::Lab;
+use common::vm::{self, Vm, guest, ok};
+use serde_json::Value;
+use std::time::Duration;
+use testkit::guest::{Guest, Nic, Spec, accel};
+
+const VMS: [Vm; 2] = [
+    Vm {
+        name: "client",
+        vnet: "a",
+        ip: "10.1.0.20",
+        mac: "02:00:00:00:00:20",
+        nsg: None,
+        memory_mb: 160,
+    },
+    Vm {
+        name: "web1",
+        vnet: "a",
+        ip: "10.1.0.4",
+        mac: "02:00:00:00:00:04",
+        nsg: None,
+        memory_mb: 224,
+    },
+];
+
+const POLICY: &str = r#"
+[[vnet]]
+name = "a"
+prefixes = ["10.1.0.0/16"]
+gateway_mac = "12:34:56:78:9a:bc"
+"#;
+
+fn link(v: &Value, name: &str) -> (String, u64) {
+    let p = v["ports"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == name))
+        .cloned()
+        .unwrap_or(Value::Null);
+    (
+        p["link"].as_str().unwrap_or("").to_string(),
+        p["link_changes"].as_u64().unwrap_or(0),
+    )
+}
+
+fn drops(v: &Value, name: &str, reason: &str) -> u64 {
+    v["ports"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == name))
+        .and_then(|p| p["drops"][reason].as_u64())
+        .unwrap_or(0)
+}
+
+/// Pings from the client to web1 until one gets through (a link just back
+/// may lose the first).
+fn reachable(client: &mut Guest) {
+    let o = ok(
+        client,
+        "for i in $(seq 30); do ping -c 1 -W 2 10.1.0.4 >/dev/null && echo ok && break; done",
+        120,
+    );
+    assert!(o.contains("ok"), "web1 unreachable: {o}");
+}
+
+#[test]
+fn guests_and_pollux_reconnect_after_either_restarts() {
+    if !vm::required() {
+        return;
+    }
+    let mut lab = Lab::new("vmre");
+    let dir = lab.dir.clone();
+    let prefix = format!("pxre{}", std::process::id());
+    let _dpdk = vm::DpdkDir(prefix.clone());
+    let (a, why) = accel();
+    eprintln!("guests run on {a}: {why}");
+    let mut guests: Vec<Guest> = VMS
+        .iter()
+        .map(|v| {
+            let nic = Nic::new(vm::socket(&dir, v.name), v.mac, &format!("{}/16", v.ip))
+                .gateway("10.1.0.1");
+            // web1 reboots below: QEMU keeps running through it.
+            let spec = Spec::new(v.name)
+                .memory(v.memory_mb)
+                .host_cpus("0")
+                .nic(nic)
+                .rebootable();
+            Guest::start(&dir, spec).unwrap_or_else(|e| panic!("{e}"))
+        })
+        .collect();
+    let cfg = vm::config(&dir, &prefix, 1, 1, &VMS) + POLICY;
+    let (idx, out, log) = lab.pollux("pollux", &cfg);
+    vm::wait_all(&mut guests, &log);
+    let api = lab.api("pollux");
+    let ctx = |guests: &[Guest]| vm::context(&dir, guests);
+    api.wait_for(
+        "/v1/counters",
+        Duration::from_secs(60),
+        "both links up",
+        |v| link(v, "client").0 == "up" && link(v, "web1").0 == "up",
+        || ctx(&guests),
+    );
+    ok(guest(&mut guests, "web1"), "httpd -p 8080 -h /www", 10);
+    reachable(guest(&mut guests, "client"));
+
+    // pollux restarts under a download: it stalls in the client's pipe
+    // until /tmp/go exists, pollux stops and starts again, then it goes on.
+    let boots: Vec<String> = guests.iter().map(|g| g.boot_id.clone()).collect();
+    let sent = ok(
+        guest(&mut guests, "web1"),
+        "dd if=/dev/urandom of=/www/blob bs=1M count=30 2>/dev/null && md5sum /www/blob",
+        300,
+    );
+    let sent = sent.split_whitespace().next().unwrap().to_string();
+    ok(
+        guest(&mut guests, "client"),
+        "(timeout 600 wget -q -O - http://10.1.0.4:8080/blob | (while [ ! -e /tmp/go ]; do sleep 0.2; done; md5sum > /tmp/blob.md5)) >/dev/null 2>&1 &",
+        10,
+    );
+    api.wait_for(
+        "/v1/counters",
+        Duration::from_secs(60),
+        "the download under way",
+        |v| port(v, "web1", "rx_bytes") > 200_000,
+        || ctx(&guests),
+    );
+    let (status, report) = lab.stop(idx, &out);
+    assert!(status.success(), "{report}");
+    let _ = lab.pollux("pollux", &cfg);
+    api.wait_for(
+        "/v1/counters",
+        Duration::from_secs(60),
+        "both links up after pollux restarted",
+        |v| link(v, "client").0 == "up" && link(v, "web1").0 == "up",
+        || ctx(&guests),
+    );
+    ok(guest(&mut guests, "client"), "touch /tmp/go", 10);
+    let got = (0..600)
+        .find_map(|_| {
+            let o = guest(&mut guests, "client")
+                .run("cat /tmp/blob.md5", Duration::from_secs(10))
+                .unwrap();
+            if o.status == 0 && o.out.len() >= 32 {
+                return Some(o.out.split_whitespace().next().unwrap().to_string());
+            }
+            std::thread::sleep(Duration::from_millis(500));
+            None
+        })
+        .unwrap_or_else(|| panic!("the download did not finish\n{}", ctx(&guests)));
+    assert_eq!(
+        got, sent,
+        "the download across pollux's restart arrived damaged"
+    );
+    for (g, before) in guests.iter_mut().zip(&boots) {
+        let now = g.wait_ready(vm::BOOT).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            &now, before,
+            "{} rebooted while pollux restarted",
+            g.spec.name
+        );
+    }
+
+    // web1 reboots; pollux sees its link go down and come back.
+    let (_, changes) = link(&api.get("/v1/counters").unwrap(), "web1");
+    let web1 = guest(&mut guests, "web1");
+    let old = web1.boot_id.clone();
+    ok(web1, "(sleep 1; reboot -f) >/dev/null 2>&1 &", 10);
+    web1.wait_rebooted(&old, vm::BOOT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    api.wait_for(
+        "/v1/counters",
+        Duration::from_secs(60),
+        "web1's link down and up again",
+        |v| {
+            let (l, n) = link(v, "web1");
+            l == "up" && n >= changes + 2
+        },
+        || ctx(&guests),
+    );
+    ok(guest(&mut guests, "web1"), "httpd -p 8080 -h /www", 10);
+    let body = ok(
+        guest(&mut guests, "client"),
+        "timeout 20 wget -q -O - http://10.1.0.4:8080/",
+        30,
+    );
+    assert_eq!(body.trim(), "web1");
+
+    // web1's QEMU dies and starts again: pollux reconnects by itself. What
+    // it had for web1 meanwhile is counted link_down.
+    let web1 = guest(&mut guests, "web1");
+    let before_kill = web1.boot_id.clone();
+    web1.kill();
+    api.wait_for(
+        "/v1/counters",
+        Duration::from_secs(60),
+        "web1's link down",
+        |v| link(v, "web1").0 == "down",
+        || ctx(&guests),
+    );
+    let o = guest(&mut guests, "client")
+        .run("ping -c 3 -W 1 10.1.0.4", Duration::from_secs(20))
+        .unwrap();
+    assert_ne!(o.status, 0, "web1 answered while its QEMU was gone: {o:?}");
+    // The client's ARP for web1 is answered by pollux; its pings reach the
+    // switch and find web1's link down.
+    api.wait_for(
+        "/v1/counters",
+        Duration::from_secs(30),
+        "link_down drops on web1",
+        |v| drops(v, "web1", "link_down") > 0,
+        || ctx(&guests),
+    );
+    let web1 = guest(&mut guests, "web1");
+    web1.restart().unwrap_or_else(|e| panic!("{e}"));
+    web1.wait_rebooted(&before_kill, vm::BOOT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    api.wait_for(
+        "/v1/counters",
+        Duration::from_secs(60),
+        "web1's link up after its QEMU restarted",
+        |v| link(v, "web1").0 == "up",
+        || ctx(&guests),
+    );
+    reachable(guest(&mut guests, "client"));
+}
