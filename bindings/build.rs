@@ -77,6 +77,10 @@ mod link {
                 println!("cargo:rustc-link-arg={l}");
             }
         }
+        // The vhost PMD's own API (which queues a guest enabled) is in its
+        // driver library, which libdpdk's pkg-config does not list. It is
+        // the same file EAL loads as a plugin, so it is loaded once.
+        println!("cargo:rustc-link-lib=dylib=rte_net_vhost");
         let mut cc = cc::Build::new();
         cc.file("shim/shim.c").include("shim").warnings(true);
         let mut it = cflags.iter();

@@ -9,6 +9,7 @@
 #include <rte_mempool.h>
 #include <rte_version.h>
 #include <rte_bus_vdev.h>
+#include <rte_eth_vhost.h>
 
 uint16_t pollux_rx_burst(uint16_t port, uint16_t queue, struct rte_mbuf **pkts, uint16_t n);
 uint16_t pollux_tx_burst(uint16_t port, uint16_t queue, struct rte_mbuf **pkts, uint16_t n);

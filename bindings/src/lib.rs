@@ -1,7 +1,8 @@
 //! # dpdk-sys — raw bindings to DPDK
 //!
 //! Owns: the bindgen-generated declarations for DPDK's public headers (EAL,
-//! ethdev, mbuf, mempool, lcore, errno, vdev bus; `rte_*` only) and a small C
+//! ethdev, mbuf, mempool, lcore, errno, vdev bus, the vhost PMD's queue
+//! events; `rte_*` only) and a small C
 //! shim (`shim/shim.c`) that exports DPDK's static-inline fast path as real
 //! symbols: `pollux_rx_burst`, `pollux_tx_burst`, mbuf alloc / bulk alloc /
 //! free / append / prepend / adj / trim / headroom / tailroom / reset,

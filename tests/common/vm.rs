@@ -71,18 +71,22 @@ pub fn config(dir: &Path, prefix: &str, workers: usize, queues: u16, vms: &[Vm])
     c
 }
 
-/// Starts a QEMU guest for each VM (on host CPU 0: pollux polls CPU 1),
-/// with a default route through 10.1.0.1. They run once pollux connects.
+/// Starts a QEMU guest for each VM with `cpus` virtual CPUs and a NIC of
+/// `queues` queue pairs, with a default route through 10.1.0.1. They run
+/// once pollux connects.
 pub fn start(dir: &Path, vms: &[Vm], queues: u16, cpus: u32) -> Vec<Guest> {
     vms.iter()
         .map(|vm| {
             let nic = Nic::new(socket(dir, vm.name), vm.mac, &format!("{}/16", vm.ip))
                 .gateway("10.1.0.1")
                 .queues(queues);
+            // Guests of one CPU stay off the core pollux's single worker
+            // polls; guests of two share both cores with two workers.
+            let host = if cpus > 1 { "0-1" } else { "0" };
             let spec = Spec::new(vm.name)
                 .memory(vm.memory_mb)
                 .cpus(cpus)
-                .host_cpus("0")
+                .host_cpus(host)
                 .nic(nic);
             Guest::start(dir, spec).unwrap_or_else(|e| panic!("{e}"))
         })

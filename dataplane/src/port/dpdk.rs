@@ -19,6 +19,12 @@
 //!   link-status-change event (a `net_vhost` port raises it when a guest's
 //!   driver starts or stops, and when the VM's socket connects or closes),
 //!   shared by every queue's [`PortStats::link`].
+//! - A `net_vhost` port's guest may enable fewer queue pairs than pollux has
+//!   workers (a VM with one CPU enables one). The PMD's queue events say
+//!   which transmit queues the guest enabled; a worker whose own queue is
+//!   off sends on an enabled one. While any queue is off, every sender of
+//!   the port takes the lock of the queue it uses (as OVS does for vhost
+//!   ports in that state); with every queue on, no lock is taken.
 
 use super::{LinkInfo, Port, PortError};
 use crate::batch::Batch;
@@ -303,12 +309,107 @@ impl PacketBuf for Mbuf {
 }
 
 /// Stops an ethdev port when the last of its queues is dropped, after
-/// taking back its link-status callback.
+/// taking back its callbacks.
 #[derive(Debug)]
 struct Started {
     port: u16,
-    /// What the callback writes to; outlives its registration.
+    /// What the link callback writes to; outlives its registration.
     link: Arc<LinkState>,
+    /// What the queue-state callback writes to (vhost ports).
+    txq: Arc<TxQueues>,
+    /// Whether the queue-state callback is registered.
+    queue_events: bool,
+}
+
+/// Which transmit queues of a port can send: all, except on a vhost-user
+/// port whose guest has not enabled them all.
+#[derive(Debug)]
+struct TxQueues {
+    /// Bit q set: queue q is enabled.
+    enabled: std::sync::atomic::AtomicU64,
+    /// Every configured queue's bit.
+    all: u64,
+    /// One per queue, taken only while some queue is off.
+    locks: Box<[Mutex<()>]>,
+    /// Serializes the reading of queue events.
+    events: Mutex<()>,
+}
+
+impl TxQueues {
+    fn new(queues: u16, enabled: bool) -> TxQueues {
+        let all = if queues >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << queues) - 1
+        };
+        TxQueues {
+            enabled: std::sync::atomic::AtomicU64::new(if enabled { all } else { 0 }),
+            all,
+            locks: (0..queues).map(|_| Mutex::new(())).collect(),
+            events: Mutex::new(()),
+        }
+    }
+
+    /// The queue a sender owning `own` uses: its own when enabled, else
+    /// the enabled ones shared out by queue number; `None` when every
+    /// queue is on (no lock needed).
+    #[inline]
+    fn shared(&self, own: u16) -> Option<u16> {
+        let on = self.enabled.load(std::sync::atomic::Ordering::Relaxed);
+        if on == self.all {
+            return None;
+        }
+        if on & (1u64 << (own % 64)) != 0 || on == 0 {
+            return Some(own);
+        }
+        // The off queues, in order, take the enabled ones in turn.
+        let below = (1u64 << (own % 64)) - 1;
+        let nth = (!on & self.all & below).count_ones() % on.count_ones();
+        let mut bits = on;
+        for _ in 0..nth {
+            bits &= bits - 1;
+        }
+        Some(bits.trailing_zeros() as u16)
+    }
+
+    /// Reads the vhost PMD's pending queue events of `port`.
+    fn drain(&self, port: u16) {
+        let _one_reader = self.events.lock();
+        loop {
+            let mut e = d::rte_eth_vhost_queue_event::default();
+            // SAFETY: `e` is a valid out-parameter; the port is a vhost port.
+            if unsafe { d::rte_eth_vhost_get_queue_event(port, &mut e) } < 0 {
+                break;
+            }
+            // `rx` events are the guest's transmit side (our receive).
+            if e.rx || e.queue_id >= 64 {
+                continue;
+            }
+            let bit = 1u64 << e.queue_id;
+            if e.enable {
+                self.enabled
+                    .fetch_or(bit, std::sync::atomic::Ordering::Relaxed);
+            } else {
+                self.enabled
+                    .fetch_and(!bit, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// DPDK's queue-state callback (vhost ports): records which transmit
+/// queues the guest enabled.
+unsafe extern "C" fn on_queue_state(
+    port: u16,
+    _event: d::rte_eth_event_type,
+    arg: *mut std::ffi::c_void,
+    _ret: *mut std::ffi::c_void,
+) -> i32 {
+    // SAFETY: `arg` is the `TxQueues` of the `Started` that registered this
+    // callback; it unregisters the callback before that `Arc` can go.
+    let txq = unsafe { &*arg.cast::<TxQueues>() };
+    txq.drain(port);
+    0
 }
 
 /// DPDK's link-status-change callback: records the port's link.
@@ -337,27 +438,51 @@ impl Started {
     fn arg(&self) -> *mut std::ffi::c_void {
         Arc::as_ptr(&self.link).cast_mut().cast()
     }
+
+    fn txq_arg(&self) -> *mut std::ffi::c_void {
+        Arc::as_ptr(&self.txq).cast_mut().cast()
+    }
+}
+
+/// Unregisters a callback, asking again while DPDK says it runs (-EAGAIN).
+///
+/// # Safety
+/// `cb` and `arg` must be a registration made on `port`, or none.
+unsafe fn unregister(
+    port: u16,
+    event: d::rte_eth_event_type,
+    cb: d::rte_eth_dev_cb_fn,
+    arg: *mut std::ffi::c_void,
+) {
+    for _ in 0..1000 {
+        // SAFETY: as the caller promises.
+        let r = unsafe { d::rte_eth_dev_callback_unregister(port, event, cb, arg) };
+        if r != -libc::EAGAIN {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
 }
 
 impl Drop for Started {
     fn drop(&mut self) {
-        // SAFETY: takes back the callback registered with this `Started`'s
-        // argument; DPDK answers -EAGAIN while the callback runs, so it is
-        // asked again until the callback is out. Then stops the port
-        // `open_queues` started, once, after every queue handle of it is
-        // gone.
+        // SAFETY: takes back the callbacks registered with this `Started`'s
+        // arguments, then stops the port `open_queues` started, once,
+        // after every queue handle of it is gone.
         unsafe {
-            for _ in 0..1000 {
-                let r = d::rte_eth_dev_callback_unregister(
+            unregister(
+                self.port,
+                d::RTE_ETH_EVENT_INTR_LSC,
+                Some(on_link_change),
+                self.arg(),
+            );
+            if self.queue_events {
+                unregister(
                     self.port,
-                    d::RTE_ETH_EVENT_INTR_LSC,
-                    Some(on_link_change),
-                    self.arg(),
+                    d::RTE_ETH_EVENT_QUEUE_STATE,
+                    Some(on_queue_state),
+                    self.txq_arg(),
                 );
-                if r != -libc::EAGAIN {
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(1));
             }
             let _ = d::rte_eth_dev_stop(self.port);
         }
@@ -370,6 +495,7 @@ pub struct DpdkPort {
     stats: Arc<PortStats>,
     port: u16,
     queue: u16,
+    txq: Arc<TxQueues>,
     _started: Arc<Started>,
 }
 
@@ -517,10 +643,35 @@ impl DpdkPort {
             // Some vdevs have no promiscuous mode; they pass everything anyway.
             let _ = d::rte_eth_promiscuous_enable(port);
         }
+        // SAFETY: `driver_name` is DPDK's static C string (or null).
+        let vhost = !info.driver_name.is_null()
+            && unsafe { CStr::from_ptr(info.driver_name) }.to_bytes() == b"net_vhost";
         let started = Arc::new(Started {
             port,
             link: Arc::default(),
+            txq: Arc::new(TxQueues::new(queues, !vhost)),
+            queue_events: vhost,
         });
+        if vhost {
+            // SAFETY: the callback and its argument stay valid until
+            // `Started` unregisters it (in its drop).
+            let r = unsafe {
+                d::rte_eth_dev_callback_register(
+                    port,
+                    d::RTE_ETH_EVENT_QUEUE_STATE,
+                    Some(on_queue_state),
+                    started.txq_arg(),
+                )
+            };
+            if r < 0 {
+                return Err(err(format!(
+                    "queue-state callback on {device:?}: {}",
+                    reason(r)
+                )));
+            }
+            // Events of a guest that connected before the callback was in.
+            started.txq.drain(port);
+        }
         // SAFETY: the callback and its argument stay valid until `Started`
         // unregisters it (in its drop).
         let r = unsafe {
@@ -556,6 +707,7 @@ impl DpdkPort {
                 }),
                 port,
                 queue,
+                txq: started.txq.clone(),
                 _started: started.clone(),
             })
             .collect())
@@ -658,9 +810,23 @@ impl Port for DpdkPort {
         if n == 0 {
             return 0;
         }
-        // SAFETY: `raw[..n]` are mbufs we own; DPDK takes the ones it sends.
+        // With every queue on, the worker's own queue, unlocked; otherwise
+        // the queue `shared` picks, under its lock (other workers may use
+        // it too).
+        let (queue, _lock) = match self.txq.shared(self.queue) {
+            None => (self.queue, None),
+            Some(q) => (
+                q,
+                self.txq
+                    .locks
+                    .get(usize::from(q))
+                    .and_then(|l| l.lock().ok()),
+            ),
+        };
+        // SAFETY: `raw[..n]` are mbufs we own; DPDK takes the ones it sends;
+        // the queue is this worker's or held under its lock.
         let sent = usize::from(unsafe {
-            d::pollux_tx_burst(self.port, self.queue, raw.as_mut_ptr(), n as u16)
+            d::pollux_tx_burst(self.port, queue, raw.as_mut_ptr(), n as u16)
         });
         for p in raw.iter().take(n).skip(sent) {
             // SAFETY: not sent, so still ours: free it.
@@ -679,5 +845,33 @@ impl Port for DpdkPort {
         let bytes: u64 = lens.iter().take(sent).map(|&l| u64::from(l)).sum();
         self.stats.count_tx(sent as u64, bytes);
         sent
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TxQueues;
+    use std::sync::atomic::Ordering;
+
+    #[test]
+    fn senders_share_the_enabled_queues_only_while_one_is_off() {
+        let q = TxQueues::new(4, true);
+        assert!(
+            (0..4).all(|own| q.shared(own).is_none()),
+            "all on: own queue, no lock"
+        );
+        // Queues 1 and 3 off: their owners take 0 and 2 in turn; 0 and 2
+        // keep theirs.
+        q.enabled.store(0b0101, Ordering::Relaxed);
+        let picks: Vec<_> = (0..4).map(|own| q.shared(own)).collect();
+        assert_eq!(picks, [Some(0), Some(0), Some(2), Some(2)]);
+        // Only queue 0 (a one-CPU guest): everyone sends there.
+        q.enabled.store(0b0001, Ordering::Relaxed);
+        assert!((0..4).all(|own| q.shared(own) == Some(0)));
+        // None on (no guest yet): each its own, which refuses.
+        q.enabled.store(0, Ordering::Relaxed);
+        assert_eq!(q.shared(3), Some(3));
+        // A vhost port starts with nothing enabled until the guest says so.
+        assert_eq!(TxQueues::new(2, false).shared(1), Some(1));
     }
 }
