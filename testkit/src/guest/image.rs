@@ -11,10 +11,11 @@
 
 use super::GuestError;
 use super::cpio::Cpio;
+use std::collections::BTreeMap;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 /// Debian's metapackage of the cloud kernel (virtio drivers, fast boot).
 const KERNEL_META: &str = "linux-image-cloud-amd64";
@@ -45,12 +46,57 @@ pub fn cache_dir() -> PathBuf {
 }
 
 /// The image, built on first use in this process (or found in the cache).
-pub fn image() -> Result<&'static Image, GuestError> {
-    static IMAGE: OnceLock<Result<Image, GuestError>> = OnceLock::new();
-    IMAGE
-        .get_or_init(|| build(&cache_dir()))
-        .as_ref()
-        .map_err(Clone::clone)
+pub fn image() -> Result<Image, GuestError> {
+    image_with(&[])
+}
+
+/// The image with host programs `tools` added (found on `PATH`, copied
+/// with the shared libraries `ldd` lists, at the same paths), as the
+/// benchmarks' guests need (`sockperf`, `iperf3`).
+pub fn image_with(tools: &[&str]) -> Result<Image, GuestError> {
+    static IMAGES: OnceLock<Mutex<BTreeMap<Vec<String>, Result<Image, GuestError>>>> =
+        OnceLock::new();
+    let key: Vec<String> = tools.iter().map(|t| t.to_string()).collect();
+    let mut built = IMAGES
+        .get_or_init(Mutex::default)
+        .lock()
+        .map_err(|_| GuestError::Image("image cache lock".into()))?;
+    built
+        .entry(key.clone())
+        .or_insert_with(|| build(&cache_dir(), &key))
+        .clone()
+}
+
+/// Host files of program `tool`: (path in the guest, contents), the
+/// program first, then its libraries and loader.
+fn tool_files(tool: &str) -> Result<Vec<(String, Vec<u8>)>, GuestError> {
+    let path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+        .ok_or_else(|| GuestError::Image(format!("{tool}: not on PATH (install it)")))?;
+    let mut paths = vec![path.clone()];
+    let ldd = run(Command::new("ldd").arg(&path))?;
+    for l in ldd.lines() {
+        // "libm.so.6 => /lib/x86_64-linux-gnu/libm.so.6 (0x...)" or
+        // "/lib64/ld-linux-x86-64.so.2 (0x...)"; linux-vdso has no file.
+        let file = match l.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => l.split_whitespace().next(),
+        };
+        if let Some(f) = file.filter(|f| f.starts_with('/')) {
+            paths.push(PathBuf::from(f));
+        }
+    }
+    paths
+        .into_iter()
+        .map(|p| {
+            let data = std::fs::read(&p).map_err(|e| io(&p, e))?;
+            let name = p.to_string_lossy().trim_start_matches('/').to_string();
+            Ok((name, data))
+        })
+        .collect()
 }
 
 fn run(cmd: &mut Command) -> Result<String, GuestError> {
@@ -230,7 +276,7 @@ fn fnv(parts: &[&[u8]]) -> u64 {
     h
 }
 
-fn build(cache: &Path) -> Result<Image, GuestError> {
+fn build(cache: &Path, tools: &[String]) -> Result<Image, GuestError> {
     let debs = cache.join("debs");
     std::fs::create_dir_all(&debs).map_err(|e| io(&debs, e))?;
     let kernel_pkg = kernel_package()?;
@@ -267,15 +313,22 @@ fn build(cache: &Path) -> Result<Image, GuestError> {
         super::scripts::CMDLOOP.as_bytes(),
         super::scripts::INITTAB.as_bytes(),
         MODULES.join(",").as_bytes(),
+        tools.join(",").as_bytes(),
     ]);
     let initrd = cache.join(format!("initrd-{key:016x}.cpio"));
     if !initrd.is_file() {
         let bb = std::fs::read(&busybox).map_err(|e| io(&busybox, e))?;
         let applets = run(Command::new(&busybox).arg("--list-full"))?;
         let modules = modules_in_order(&modules_dir, MODULES)?;
+        // Programs share libraries: each file once.
+        let mut extra = BTreeMap::new();
+        for t in tools {
+            extra.extend(tool_files(t)?);
+        }
+        let extra: Vec<(String, Vec<u8>)> = extra.into_iter().collect();
         let tmp = cache.join(format!(".initrd-{}.cpio", std::process::id()));
         let f = std::fs::File::create(&tmp).map_err(|e| io(&tmp, e))?;
-        let w = write_initrd(std::io::BufWriter::new(f), &bb, &applets, &modules)
+        let w = write_initrd(std::io::BufWriter::new(f), &bb, &applets, &modules, &extra)
             .map_err(|e| io(&tmp, e))?;
         w.into_inner()
             .map_err(|e| io(&tmp, e.into_error()))?
@@ -293,12 +346,14 @@ fn build(cache: &Path) -> Result<Image, GuestError> {
 /// The initramfs: busybox with a link per applet (`applets`: its
 /// `--list-full` output), the modules in load order (`/lib/modules/NN-name.ko`),
 /// `/dev/console` (the kernel opens it before anything mounts devtmpfs)
-/// and the guest's scripts.
+/// the guest's scripts, and `extra` files (path without the leading `/`,
+/// contents) with their directories.
 fn write_initrd<W: std::io::Write>(
     out: W,
     busybox: &[u8],
     applets: &str,
     modules: &[(String, Vec<u8>)],
+    extra: &[(String, Vec<u8>)],
 ) -> std::io::Result<W> {
     let mut c = Cpio::new(out);
     for d in [
@@ -334,6 +389,28 @@ fn write_initrd<W: std::io::Write>(
     c.file("etc/inittab", 0o644, super::scripts::INITTAB.as_bytes())?;
     c.file("etc/rc", 0o755, super::scripts::RC.as_bytes())?;
     c.file("bin/cmdloop", 0o755, super::scripts::CMDLOOP.as_bytes())?;
+    let mut dirs: BTreeSet<String> = ["bin", "usr", "usr/bin", "lib", "etc", "sbin", "usr/sbin"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    for (path, data) in extra {
+        let mut parent = String::new();
+        for part in path
+            .split('/')
+            .collect::<Vec<_>>()
+            .split_last()
+            .map_or(&[][..], |x| x.1)
+        {
+            if !parent.is_empty() {
+                parent.push('/');
+            }
+            parent.push_str(part);
+            if dirs.insert(parent.clone()) {
+                c.dir(&parent, 0o755)?;
+            }
+        }
+        c.file(path, 0o755, data)?;
+    }
     c.finish()
 }
 

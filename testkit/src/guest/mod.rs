@@ -146,11 +146,14 @@ fn last_line(s: &str) -> &str {
     s.trim().lines().last().unwrap_or("")
 }
 
-/// One virtio-net NIC on a vhost-user socket.
+/// One virtio-net NIC on a vhost-user socket (or on a tap device).
 #[derive(Debug, Clone)]
 pub struct Nic {
     /// The socket QEMU listens on (the switch connects to it).
     pub socket: PathBuf,
+    /// Instead of vhost-user: this tap device (QEMU's own virtio-net
+    /// backend, as a kernel-switched VM has), created by QEMU if missing.
+    pub tap: Option<String>,
     /// The NIC's MAC address.
     pub mac: String,
     /// The guest's address on it, with its prefix length (`10.1.0.4/16`).
@@ -166,6 +169,7 @@ impl Nic {
     pub fn new(socket: PathBuf, mac: &str, cidr: &str) -> Nic {
         Nic {
             socket,
+            tap: None,
             mac: mac.into(),
             cidr: cidr.into(),
             gateway: None,
@@ -182,6 +186,12 @@ impl Nic {
     /// With `n` queue pairs.
     pub fn queues(mut self, n: u16) -> Nic {
         self.queues = n;
+        self
+    }
+
+    /// On tap device `ifname` instead of a vhost-user socket.
+    pub fn tap(mut self, ifname: &str) -> Nic {
+        self.tap = Some(ifname.into());
         self
     }
 }
@@ -201,6 +211,10 @@ pub struct Spec {
     pub reboot: bool,
     /// Host CPUs QEMU may run on (`taskset -c` list), if restricted.
     pub host_cpus: Option<String>,
+    /// Host programs added to the image ([`image::image_with`]).
+    pub tools: Vec<String>,
+    /// The network namespace QEMU runs in (where its tap devices are).
+    pub netns: Option<String>,
 }
 
 impl Spec {
@@ -213,7 +227,27 @@ impl Spec {
             nics: Vec::new(),
             reboot: false,
             host_cpus: None,
+            tools: Vec::new(),
+            netns: None,
         }
+    }
+
+    /// With host programs `tools` in its image.
+    pub fn tools(mut self, tools: &[&str]) -> Spec {
+        self.tools = tools.iter().map(|t| t.to_string()).collect();
+        self
+    }
+
+    /// QEMU run in network namespace `ns`.
+    pub fn netns(mut self, ns: &str) -> Spec {
+        self.netns = Some(ns.into());
+        self
+    }
+
+    /// Its image.
+    pub fn image(&self) -> Result<image::Image, GuestError> {
+        let tools: Vec<&str> = self.tools.iter().map(String::as_str).collect();
+        image::image_with(&tools)
     }
 
     /// With one more NIC.
@@ -249,6 +283,9 @@ impl Spec {
     /// QEMU's command line for this guest (the program first).
     pub fn command(&self, img: &image::Image, accel: Accel, dir: &Path) -> Vec<String> {
         let mut a: Vec<String> = Vec::new();
+        if let Some(ns) = &self.netns {
+            a.extend(["ip".into(), "netns".into(), "exec".into(), ns.clone()]);
+        }
         if let Some(cpus) = &self.host_cpus {
             a.extend(["taskset".into(), "-c".into(), cpus.clone()]);
         }
@@ -313,6 +350,15 @@ impl Spec {
             "chardev:cmd".into(),
         ]);
         for (i, n) in self.nics.iter().enumerate() {
+            if let Some(tap) = &n.tap {
+                a.push("-netdev".into());
+                a.push(format!(
+                    "tap,id=n{i},ifname={tap},script=no,downscript=no,vhost=off"
+                ));
+                a.push("-device".into());
+                a.push(format!("virtio-net-pci,netdev=n{i},mac={},romfile=", n.mac));
+                continue;
+            }
             a.push("-chardev".into());
             a.push(format!(
                 "socket,id=vu{i},path={},server=on,wait=off",
@@ -395,7 +441,7 @@ impl Guest {
     /// `spec`, its files in `dir`. The guest runs once the switch has
     /// connected to its NICs' sockets; [`Guest::wait_ready`] waits for it.
     pub fn start(dir: &Path, spec: Spec) -> Result<Guest, GuestError> {
-        let img = image::image()?;
+        let img = spec.image()?;
         let (accel, _) = accel();
         let chan = Arc::new(Chan::default());
         let cmd_sock = dir.join(format!("{}.cmd", spec.name));
@@ -438,7 +484,7 @@ impl Guest {
             boot_id: String::new(),
             accel,
         };
-        g.spawn_qemu(img)?;
+        g.spawn_qemu(&img)?;
         Ok(g)
     }
 
@@ -651,8 +697,8 @@ impl Guest {
     /// Starts QEMU again for the same guest (after [`Guest::kill`]).
     pub fn restart(&mut self) -> Result<(), GuestError> {
         self.kill();
-        let img = image::image()?;
-        self.spawn_qemu(img)
+        let img = self.spec.image()?;
+        self.spawn_qemu(&img)
     }
 
     /// How many times QEMU connected to the command channel.
