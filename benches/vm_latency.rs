@@ -120,7 +120,10 @@ fn measure(a: &mut Guest, b: &mut Guest, secs: u64) -> Figures {
 
 fn bridge(dir: &Path, secs: u64) -> Figures {
     let ns = format!("pxlat{}", std::process::id());
-    let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+    let _ = Command::new("ip")
+        .args(["netns", "del", &ns])
+        .stderr(Stdio::null())
+        .status();
     sh(&["ip", "netns", "add", &ns]);
     struct Ns(String);
     impl Drop for Ns {
@@ -312,8 +315,14 @@ fn main() {
         ("OVS-DPDK 3.1, vhost-user, NORMAL", ovs(&dir, secs)),
     ];
     println!(
-        "Guests on {acc} ({why}); {secs} s per measurement; QEMUs on CPU 0, the switch on CPU 1.\n"
+        "Guests on {acc} ({why}); {secs} s per measurement; QEMUs on CPU 0, the switch on CPU 1."
     );
+    if acc == testkit::guest::Accel::Tcg {
+        println!(
+            "Under TCG the guests' emulated CPUs (their virtio drivers, TCP stacks, sockperf) dominate every figure: it compares what each path costs the guests, not the switches' own latency."
+        );
+    }
+    println!();
     println!("| path | UDP RTT p50 (us) | p99 (us) | p99.9 (us) | TCP (Mbit/s) |");
     println!("|---|---:|---:|---:|---:|");
     for (name, f) in &rows {

@@ -54,8 +54,8 @@ pub fn image() -> Result<Image, GuestError> {
 /// with the shared libraries `ldd` lists, at the same paths), as the
 /// benchmarks' guests need (`sockperf`, `iperf3`).
 pub fn image_with(tools: &[&str]) -> Result<Image, GuestError> {
-    static IMAGES: OnceLock<Mutex<BTreeMap<Vec<String>, Result<Image, GuestError>>>> =
-        OnceLock::new();
+    type Built = BTreeMap<Vec<String>, Result<Image, GuestError>>;
+    static IMAGES: OnceLock<Mutex<Built>> = OnceLock::new();
     let key: Vec<String> = tools.iter().map(|t| t.to_string()).collect();
     let mut built = IMAGES
         .get_or_init(Mutex::default)
