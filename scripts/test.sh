@@ -57,21 +57,23 @@ if installed qemu-system-x86 &&
     qemu_bpo=0
 fi
 backports=/etc/apt/sources.list.d/pollux-backports.sources
-# The guest image is made of Debian packages fetched with apt-get download,
-# which needs current package lists the first time.
-guest_debs=0
-ls target/guest/debs/linux-image-*.deb >/dev/null 2>&1 && guest_debs=1
-if ((${#pkgs[@]})) || [ "$qemu_bpo" -eq 1 ] || [ "$guest_debs" -eq 0 ]; then
+# The guest image is made of Debian packages the tests fetch with apt-get
+# download, which needs package lists that know them.
+lists_ok=0
+apt-cache show linux-image-cloud-amd64 busybox-static >/dev/null 2>&1 && lists_ok=1
+if ((${#pkgs[@]})) || [ "$qemu_bpo" -eq 1 ] || [ "$lists_ok" -eq 0 ]; then
     sudo=""
     if [ "$(id -u)" -ne 0 ]; then
         if ! command -v sudo >/dev/null 2>&1; then
-            echo "scripts/test.sh: installing ${pkgs[*]} qemu-system-x86 needs root or sudo" >&2
+            echo "scripts/test.sh: installing packages (${pkgs[*]:-} qemu-system-x86 from bookworm-backports, or the package lists for the guest image) needs root or sudo" >&2
             exit 1
         fi
         sudo="sudo"
     fi
+    # A source that names the suite on a line of its own (not a comment).
     if [ "$qemu_bpo" -eq 1 ] &&
-        ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        ! grep -qsE '^[^#]*bookworm-backports' /etc/apt/sources.list \
+            /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; then
         log "adding the bookworm-backports suite ($backports)"
         printf '%s\n' 'Types: deb' 'URIs: http://deb.debian.org/debian' \
             'Suites: bookworm-backports' 'Components: main' \

@@ -649,16 +649,17 @@ impl Config {
             }
         }
         // A vhost-user port has as many queue pairs as its devargs say
-        // (one by default): each worker needs one.
+        // (one by default), each polled by one worker: fewer leave workers
+        // without a queue, more leave a guest's queues unpolled.
         for p in &self.port {
             if let PortSpec::Dpdk {
                 devargs: Some(d), ..
             } = &p.spec
             {
                 if let Some(q) = vhost_queues(d) {
-                    if q < workers {
+                    if q != workers {
                         errs.push(format!(
-                            "port {:?}: net_vhost queues={q} is fewer than workers = {workers} (add queues={workers} to its devargs)",
+                            "port {:?}: net_vhost queues={q}, but workers = {workers} (give it queues={workers}: one queue pair per worker)",
                             p.name
                         ));
                     }
@@ -1064,7 +1065,8 @@ fn filter_name(f: lb::snat::Filtering) -> &'static str {
 /// driver then refuses it, naming it).
 fn vhost_queues(devargs: &str) -> Option<usize> {
     let mut parts = devargs.split(',');
-    if !parts.next()?.trim().starts_with("net_vhost") {
+    let dev = parts.next()?.trim();
+    if !dev.starts_with("net_vhost") && !dev.starts_with("eth_vhost") {
         return None;
     }
     match parts.find_map(|kv| kv.trim().strip_prefix("queues=")) {
@@ -1114,6 +1116,16 @@ mod tests {
         );
         assert_eq!(vhost_queues("net_ring0"), None);
         assert_eq!(vhost_queues("net_vhost0,queues=two"), None);
+        assert_eq!(vhost_queues("eth_vhost0,iface=/tmp/a,queues=4"), Some(4));
+        // One worker: the default single queue is right, two are not.
+        let one = |q: &str| {
+            problems(&format!(
+                "[[port]]\nname = \"vm1\"\ndriver = \"dpdk\"\ndevargs = \"net_vhost0,iface=/tmp/vm1.sock{q}\"\n"
+            ))
+        };
+        let queue_problem = |p: &[String]| p.iter().any(|l| l.contains("net_vhost queues="));
+        assert!(!queue_problem(&one("")), "{:?}", one(""));
+        assert!(queue_problem(&one(",queues=2")), "{:?}", one(",queues=2"));
         if usable_cores() >= 2 {
             let p = problems(
                 "[dataplane]\nworkers = 2\n[[port]]\nname = \"vm1\"\ndriver = \"dpdk\"\ndevargs = \"net_vhost0,iface=/tmp/vm1.sock,client=1\"\n",
@@ -1121,7 +1133,7 @@ mod tests {
             // (Without the dpdk feature the port is also refused for that.)
             assert!(
                 p.contains(
-                    &"port \"vm1\": net_vhost queues=1 is fewer than workers = 2 (add queues=2 to its devargs)"
+                    &"port \"vm1\": net_vhost queues=1, but workers = 2 (give it queues=2: one queue pair per worker)"
                         .to_string()
                 ),
                 "{p:?}"

@@ -114,6 +114,16 @@ threshold = 2
 
 const WEBS: [&str; 3] = ["10.1.0.4:8080", "10.1.0.5:8080", "10.1.0.6:8080"];
 
+/// The link of port `name` in a `/v1/counters` answer.
+fn link_of(v: &serde_json::Value, name: &str) -> String {
+    v["ports"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == name))
+        .and_then(|p| p["link"].as_str())
+        .unwrap_or("")
+        .to_string()
+}
+
 /// The names answering `n` requests from the client to the VIP.
 fn vip_names(g: &mut testkit::guest::Guest, n: usize) -> Vec<String> {
     let out = ok(
@@ -150,6 +160,7 @@ fn guests_on_pollux_vips_probes_groups_tenants_and_a_large_transfer() {
         ok(guest(&mut guests, name), "httpd -p 8080 -h /www", 10);
     }
     api.wait_probes(&WEBS, true, Duration::from_secs(120), || ctx(&guests));
+    let at_start = api.get("/v1/counters").unwrap();
 
     // Spread: the VIP reaches all three web guests.
     let names = vip_names(guest(&mut guests, "client"), 30);
@@ -323,6 +334,27 @@ fn guests_on_pollux_vips_probes_groups_tenants_and_a_large_transfer() {
             "unexpected drop {d}: {}",
             v["workers"][0]["drops"]
         );
+    }
+    // Every link stayed up and every frame from a guest was taken in; a
+    // guest under emulation may fall behind and fill its ring
+    // (tx_queue_full, which TCP recovers from).
+    let port_drop = |v: &serde_json::Value, name: &str, reason: &str| {
+        v["ports"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["name"] == name))
+            .and_then(|p| p["drops"][reason].as_u64())
+            .unwrap_or(0)
+    };
+    for vm in VMS {
+        for reason in ["link_down", "rx_no_buffer", "rx_oversize"] {
+            assert_eq!(
+                port_drop(&v, vm.name, reason),
+                port_drop(&at_start, vm.name, reason),
+                "{reason} on {}: {v}",
+                vm.name
+            );
+        }
+        assert_eq!(link_of(&v, vm.name), "up", "{v}");
     }
     let p = probes(&api.get("/v1/probes").unwrap());
     assert_eq!(p.len(), 3, "{p:?}");

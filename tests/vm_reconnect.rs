@@ -145,7 +145,9 @@ fn guests_and_pollux_reconnect_after_either_restarts() {
     );
     let (status, report) = lab.stop(idx, &out);
     assert!(status.success(), "{report}");
-    let _ = lab.pollux("pollux", &cfg);
+    // A second name: the first run's log stays for the failure context.
+    let _ = lab.pollux("pollux2", &cfg);
+    let api = lab.api("pollux2");
     api.wait_for(
         "/v1/counters",
         Duration::from_secs(60),
@@ -183,7 +185,8 @@ fn guests_and_pollux_reconnect_after_either_restarts() {
     let (_, changes) = link(&api.get("/v1/counters").unwrap(), "web1");
     let web1 = guest(&mut guests, "web1");
     let old = web1.boot_id.clone();
-    ok(web1, "(sleep 1; reboot -f) >/dev/null 2>&1 &", 10);
+    web1.start_command("reboot -f")
+        .unwrap_or_else(|e| panic!("{e}"));
     web1.wait_rebooted(&old, vm::BOOT)
         .unwrap_or_else(|e| panic!("{e}"));
     api.wait_for(

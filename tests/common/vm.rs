@@ -125,7 +125,13 @@ pub fn rule_hits(v: &serde_json::Value, nsg: &str, rule: &str) -> u64 {
 
 /// pollux's log and each guest's console tail, for failure messages.
 pub fn context(dir: &Path, guests: &[Guest]) -> String {
-    let mut s = format!("--- pollux ---\n{}", read(&dir.join("pollux.log")));
+    let mut s = String::new();
+    for name in ["pollux", "pollux2"] {
+        let log = dir.join(format!("{name}.log"));
+        if log.exists() {
+            s += &format!("--- {name} ---\n{}\n", read(&log));
+        }
+    }
     for g in guests {
         s += &format!(
             "\n--- {} console ---\n{}",

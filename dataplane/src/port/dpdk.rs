@@ -15,16 +15,17 @@
 //!   `rte_eth_tx_burst`. Frames the NIC could not take are freed and counted
 //!   `tx_queue_full`, or `link_down` while the link is down (a vhost-user
 //!   port whose guest is gone or not yet running); multi-segment frames are
-//!   dropped as `rx_oversize`. The link state comes from DPDK's
-//!   link-status-change event (a `net_vhost` port raises it when a guest's
-//!   driver starts or stops, and when the VM's socket connects or closes),
-//!   shared by every queue's [`PortStats::link`].
+//!   dropped as `rx_oversize`. Devices that can raise link-status-change
+//!   events (NICs, `net_vhost`: when the guest's device becomes ready and
+//!   when it goes away) are asked to, and their link is kept from them,
+//!   shared by every queue's [`PortStats::link`]; others report none.
 //! - A `net_vhost` port's guest may enable fewer queue pairs than pollux has
 //!   workers (a VM with one CPU enables one). The PMD's queue events say
-//!   which transmit queues the guest enabled; a worker whose own queue is
-//!   off sends on an enabled one. While any queue is off, every sender of
-//!   the port takes the lock of the queue it uses (as OVS does for vhost
-//!   ports in that state); with every queue on, no lock is taken.
+//!   which transmit queues the guest enabled (none once it goes away); a
+//!   worker whose own queue is off sends on an enabled one. Every send on a
+//!   vhost-user port holds the lock of the queue it uses (uncontended while
+//!   every queue is on; the vhost library locks the ring itself anyway), as
+//!   OVS does for vhost ports; other devices' sends take no lock.
 
 use super::{LinkInfo, Port, PortError};
 use crate::batch::Batch;
@@ -313,56 +314,72 @@ impl PacketBuf for Mbuf {
 #[derive(Debug)]
 struct Started {
     port: u16,
-    /// What the link callback writes to; outlives its registration.
-    link: Arc<LinkState>,
-    /// What the queue-state callback writes to (vhost ports).
-    txq: Arc<TxQueues>,
-    /// Whether the queue-state callback is registered.
+    /// What the callbacks write to; outlives their registration.
+    events: Arc<PortEvents>,
+    /// Whether the link callback is registered.
+    link_events: bool,
+    /// Whether the queue-state callback is registered (vhost ports).
     queue_events: bool,
 }
 
-/// Which transmit queues of a port can send: all, except on a vhost-user
-/// port whose guest has not enabled them all.
+/// What a port's DPDK events keep: its link, and on a vhost-user port which
+/// transmit queues its guest enabled.
+#[derive(Debug)]
+struct PortEvents {
+    link: Arc<LinkState>,
+    txq: TxQueues,
+    /// Serializes the callbacks' reading and recording (DPDK may run them,
+    /// and the opening thread its first reading, at the same time).
+    update: Mutex<()>,
+}
+
+/// Which transmit queues of a port can send.
 #[derive(Debug)]
 struct TxQueues {
-    /// Bit q set: queue q is enabled.
+    /// Bit q set: queue q is enabled (the guest of a vhost-user port
+    /// enabled it; every queue of other devices).
     enabled: std::sync::atomic::AtomicU64,
     /// Every configured queue's bit.
     all: u64,
-    /// One per queue, taken only while some queue is off.
+    /// A vhost-user port: every send holds the lock of the queue it uses.
+    shared: bool,
+    /// One per queue.
     locks: Box<[Mutex<()>]>,
-    /// Serializes the reading of queue events.
-    events: Mutex<()>,
 }
 
 impl TxQueues {
-    fn new(queues: u16, enabled: bool) -> TxQueues {
+    /// `queues` queues (at most 64, which `open_queues` checks), of a
+    /// vhost-user port (all off until its guest enables them) or not (all
+    /// on, for good).
+    fn new(queues: u16, vhost: bool) -> TxQueues {
         let all = if queues >= 64 {
             u64::MAX
         } else {
             (1u64 << queues) - 1
         };
         TxQueues {
-            enabled: std::sync::atomic::AtomicU64::new(if enabled { all } else { 0 }),
+            enabled: std::sync::atomic::AtomicU64::new(if vhost { 0 } else { all }),
             all,
+            shared: vhost,
             locks: (0..queues).map(|_| Mutex::new(())).collect(),
-            events: Mutex::new(()),
         }
     }
 
-    /// The queue a sender owning `own` uses: its own when enabled, else
-    /// the enabled ones shared out by queue number; `None` when every
-    /// queue is on (no lock needed).
+    /// The queue a sender owning `own` uses, if it must lock it: `None` on
+    /// other devices (each worker its own queue, no lock); on a vhost-user
+    /// port its own queue when enabled, else one of the enabled ones (the
+    /// off queues take them in turn), always under that queue's lock: the
+    /// queue may be another worker's, and the mask may change between two
+    /// workers' readings of it.
     #[inline]
     fn shared(&self, own: u16) -> Option<u16> {
-        let on = self.enabled.load(std::sync::atomic::Ordering::Relaxed);
-        if on == self.all {
+        if !self.shared {
             return None;
         }
+        let on = self.enabled.load(std::sync::atomic::Ordering::Relaxed) & self.all;
         if on & (1u64 << (own % 64)) != 0 || on == 0 {
             return Some(own);
         }
-        // The off queues, in order, take the enabled ones in turn.
         let below = (1u64 << (own % 64)) - 1;
         let nth = (!on & self.all & below).count_ones() % on.count_ones();
         let mut bits = on;
@@ -371,58 +388,82 @@ impl TxQueues {
         }
         Some(bits.trailing_zeros() as u16)
     }
+}
+
+impl PortEvents {
+    /// Records the link of `port` as the driver has it now. When a vhost
+    /// port's guest goes away its queues go with it (the PMD resets their
+    /// state without a queue event): none is enabled until the guest
+    /// enables them again.
+    fn link_changed(&self, port: u16) {
+        let _one = self
+            .update
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let up = link_up(port);
+        if !up && self.txq.shared {
+            self.txq
+                .enabled
+                .store(0, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.link.set(up);
+    }
 
     /// Reads the vhost PMD's pending queue events of `port`.
-    fn drain(&self, port: u16) {
-        let _one_reader = self.events.lock();
+    fn queues_changed(&self, port: u16) {
+        let _one = self
+            .update
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         loop {
             let mut e = d::rte_eth_vhost_queue_event::default();
             // SAFETY: `e` is a valid out-parameter; the port is a vhost port.
             if unsafe { d::rte_eth_vhost_get_queue_event(port, &mut e) } < 0 {
                 break;
             }
-            // `rx` events are the guest's transmit side (our receive).
-            if e.rx || e.queue_id >= 64 {
+            // `rx` events are the guest's transmit side (our receive); a
+            // queue beyond those configured is never sent on.
+            if e.rx || e.queue_id >= 64 || (1u64 << e.queue_id) & self.txq.all == 0 {
                 continue;
             }
             let bit = 1u64 << e.queue_id;
             if e.enable {
-                self.enabled
+                self.txq
+                    .enabled
                     .fetch_or(bit, std::sync::atomic::Ordering::Relaxed);
             } else {
-                self.enabled
+                self.txq
+                    .enabled
                     .fetch_and(!bit, std::sync::atomic::Ordering::Relaxed);
             }
         }
     }
 }
 
-/// DPDK's queue-state callback (vhost ports): records which transmit
-/// queues the guest enabled.
-unsafe extern "C" fn on_queue_state(
-    port: u16,
-    _event: d::rte_eth_event_type,
-    arg: *mut std::ffi::c_void,
-    _ret: *mut std::ffi::c_void,
-) -> i32 {
-    // SAFETY: `arg` is the `TxQueues` of the `Started` that registered this
-    // callback; it unregisters the callback before that `Arc` can go.
-    let txq = unsafe { &*arg.cast::<TxQueues>() };
-    txq.drain(port);
-    0
-}
-
-/// DPDK's link-status-change callback: records the port's link.
+/// DPDK's link-status-change callback.
 unsafe extern "C" fn on_link_change(
     port: u16,
     _event: d::rte_eth_event_type,
     arg: *mut std::ffi::c_void,
     _ret: *mut std::ffi::c_void,
 ) -> i32 {
-    // SAFETY: `arg` is the `LinkState` of the `Started` that registered this
-    // callback; it unregisters the callback before that `Arc` can go.
-    let link = unsafe { &*arg.cast::<LinkState>() };
-    link.set(link_up(port));
+    // SAFETY: `arg` is the `PortEvents` of the `Started` that registered
+    // this callback; it unregisters the callback before that `Arc` can go.
+    let ev = unsafe { &*arg.cast::<PortEvents>() };
+    ev.link_changed(port);
+    0
+}
+
+/// DPDK's queue-state callback (vhost ports).
+unsafe extern "C" fn on_queue_state(
+    port: u16,
+    _event: d::rte_eth_event_type,
+    arg: *mut std::ffi::c_void,
+    _ret: *mut std::ffi::c_void,
+) -> i32 {
+    // SAFETY: as in `on_link_change`.
+    let ev = unsafe { &*arg.cast::<PortEvents>() };
+    ev.queues_changed(port);
     0
 }
 
@@ -436,15 +477,20 @@ fn link_up(port: u16) -> bool {
 
 impl Started {
     fn arg(&self) -> *mut std::ffi::c_void {
-        Arc::as_ptr(&self.link).cast_mut().cast()
+        Arc::as_ptr(&self.events).cast_mut().cast()
     }
 
-    fn txq_arg(&self) -> *mut std::ffi::c_void {
-        Arc::as_ptr(&self.txq).cast_mut().cast()
+    /// Registers `cb` for `event` with this port's `PortEvents`.
+    fn register(&self, event: d::rte_eth_event_type, cb: d::rte_eth_dev_cb_fn) -> Result<(), i32> {
+        // SAFETY: the callback and its argument stay valid until `Started`
+        // unregisters it (in its drop, waiting for it to be out).
+        let r = unsafe { d::rte_eth_dev_callback_register(self.port, event, cb, self.arg()) };
+        if r < 0 { Err(r) } else { Ok(()) }
     }
 }
 
-/// Unregisters a callback, asking again while DPDK says it runs (-EAGAIN).
+/// Unregisters a callback, asking again for as long as DPDK says it runs
+/// (-EAGAIN): its argument may go only once it is out.
 ///
 /// # Safety
 /// `cb` and `arg` must be a registration made on `port`, or none.
@@ -454,7 +500,7 @@ unsafe fn unregister(
     cb: d::rte_eth_dev_cb_fn,
     arg: *mut std::ffi::c_void,
 ) {
-    for _ in 0..1000 {
+    loop {
         // SAFETY: as the caller promises.
         let r = unsafe { d::rte_eth_dev_callback_unregister(port, event, cb, arg) };
         if r != -libc::EAGAIN {
@@ -467,21 +513,23 @@ unsafe fn unregister(
 impl Drop for Started {
     fn drop(&mut self) {
         // SAFETY: takes back the callbacks registered with this `Started`'s
-        // arguments, then stops the port `open_queues` started, once,
+        // argument, then stops the port `open_queues` started, once,
         // after every queue handle of it is gone.
         unsafe {
-            unregister(
-                self.port,
-                d::RTE_ETH_EVENT_INTR_LSC,
-                Some(on_link_change),
-                self.arg(),
-            );
+            if self.link_events {
+                unregister(
+                    self.port,
+                    d::RTE_ETH_EVENT_INTR_LSC,
+                    Some(on_link_change),
+                    self.arg(),
+                );
+            }
             if self.queue_events {
                 unregister(
                     self.port,
                     d::RTE_ETH_EVENT_QUEUE_STATE,
                     Some(on_queue_state),
-                    self.txq_arg(),
+                    self.arg(),
                 );
             }
             let _ = d::rte_eth_dev_stop(self.port);
@@ -495,7 +543,6 @@ pub struct DpdkPort {
     stats: Arc<PortStats>,
     port: u16,
     queue: u16,
-    txq: Arc<TxQueues>,
     _started: Arc<Started>,
 }
 
@@ -509,9 +556,15 @@ impl std::fmt::Debug for DpdkPort {
     }
 }
 
-// SAFETY: the port id and queue are plain numbers; each queue is used by the
-// one worker that owns this value (DPDK queues are single-threaded).
+// SAFETY: the port id and queue are plain numbers; each receive queue is
+// used by the one worker that owns this value (DPDK queues are
+// single-threaded), and so is each transmit queue, except on a vhost-user
+// port, where every send holds the lock of the queue it uses.
 unsafe impl Send for DpdkPort {}
+
+/// RTE_ETH_DEV_INTR_LSC (a function-like macro in rte_ethdev.h): the device
+/// can raise link-status-change events.
+const RTE_ETH_DEV_INTR_LSC: u32 = 1 << 1;
 
 const RX_DESC: u16 = 1024;
 const TX_DESC: u16 = 1024;
@@ -597,6 +650,9 @@ impl DpdkPort {
             d::rte_eth_dev_info_get(port, &mut info)
         })?;
         let queues = queues.max(1);
+        if queues > 64 {
+            return Err(err(format!("{queues} queues asked for, at most 64")));
+        }
         if queues > info.max_rx_queues || queues > info.max_tx_queues {
             return Err(err(format!(
                 "{queues} queues asked for, the device has {} rx and {} tx",
@@ -604,6 +660,14 @@ impl DpdkPort {
             )));
         }
         let mut conf = d::rte_eth_conf::default();
+        // SAFETY: `dev_flags` points into the port's data, which lives as
+        // long as the port (or is null).
+        let lsc =
+            !info.dev_flags.is_null() && unsafe { *info.dev_flags } & RTE_ETH_DEV_INTR_LSC != 0;
+        if lsc {
+            // Drivers that can tell link changes do so when asked.
+            conf.intr_conf.set_lsc(1);
+        }
         let hf = RSS_HF & info.flow_type_rss_offloads;
         if queues > 1 && hf != 0 {
             conf.rxmode.mq_mode = d::RTE_ETH_MQ_RX_RSS;
@@ -648,48 +712,32 @@ impl DpdkPort {
             && unsafe { CStr::from_ptr(info.driver_name) }.to_bytes() == b"net_vhost";
         let started = Arc::new(Started {
             port,
-            link: Arc::default(),
-            txq: Arc::new(TxQueues::new(queues, !vhost)),
+            events: Arc::new(PortEvents {
+                link: Arc::default(),
+                txq: TxQueues::new(queues, vhost),
+                update: Mutex::new(()),
+            }),
+            // (Unregistering what was not registered is harmless.)
+            link_events: lsc,
             queue_events: vhost,
         });
+        let failed =
+            |what: &str, r: i32| err(format!("{what} callback on {device:?}: {}", reason(r)));
         if vhost {
-            // SAFETY: the callback and its argument stay valid until
-            // `Started` unregisters it (in its drop).
-            let r = unsafe {
-                d::rte_eth_dev_callback_register(
-                    port,
-                    d::RTE_ETH_EVENT_QUEUE_STATE,
-                    Some(on_queue_state),
-                    started.txq_arg(),
-                )
-            };
-            if r < 0 {
-                return Err(err(format!(
-                    "queue-state callback on {device:?}: {}",
-                    reason(r)
-                )));
-            }
+            started
+                .register(d::RTE_ETH_EVENT_QUEUE_STATE, Some(on_queue_state))
+                .map_err(|r| failed("queue-state", r))?;
             // Events of a guest that connected before the callback was in.
-            started.txq.drain(port);
+            started.events.queues_changed(port);
         }
-        // SAFETY: the callback and its argument stay valid until `Started`
-        // unregisters it (in its drop).
-        let r = unsafe {
-            d::rte_eth_dev_callback_register(
-                port,
-                d::RTE_ETH_EVENT_INTR_LSC,
-                Some(on_link_change),
-                started.arg(),
-            )
-        };
-        if r < 0 {
-            return Err(err(format!(
-                "link-status callback on {device:?}: {}",
-                reason(r)
-            )));
+        if lsc {
+            started
+                .register(d::RTE_ETH_EVENT_INTR_LSC, Some(on_link_change))
+                .map_err(|r| failed("link-status", r))?;
+            // The link as it is now (under the callbacks' lock: a newer
+            // event is recorded after this reading, never before).
+            started.events.link_changed(port);
         }
-        // The link as it is now (the callback may already have said so).
-        started.link.set(link_up(port));
         let mut mac = d::rte_ether_addr::default();
         // SAFETY: `port` exists; `mac` is a valid out-parameter.
         unsafe { d::rte_eth_macaddr_get(port, &mut mac) };
@@ -702,12 +750,12 @@ impl DpdkPort {
                     driver: "dpdk",
                 },
                 stats: Arc::new(PortStats {
-                    link: Some(started.link.clone()),
+                    // Only drivers that tell link changes report a link.
+                    link: lsc.then(|| started.events.link.clone()),
                     ..PortStats::default()
                 }),
                 port,
                 queue,
-                txq: started.txq.clone(),
                 _started: started.clone(),
             })
             .collect())
@@ -810,17 +858,16 @@ impl Port for DpdkPort {
         if n == 0 {
             return 0;
         }
-        // With every queue on, the worker's own queue, unlocked; otherwise
-        // the queue `shared` picks, under its lock (other workers may use
-        // it too).
-        let (queue, _lock) = match self.txq.shared(self.queue) {
+        // Other devices: the worker's own queue, unlocked. A vhost-user
+        // port: the queue `shared` picks, under its lock.
+        let txq = &self._started.events.txq;
+        let (queue, _lock) = match txq.shared(self.queue) {
             None => (self.queue, None),
             Some(q) => (
                 q,
-                self.txq
-                    .locks
+                txq.locks
                     .get(usize::from(q))
-                    .and_then(|l| l.lock().ok()),
+                    .map(|l| l.lock().unwrap_or_else(std::sync::PoisonError::into_inner)),
             ),
         };
         // SAFETY: `raw[..n]` are mbufs we own; DPDK takes the ones it sends;
@@ -854,24 +901,28 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     #[test]
-    fn senders_share_the_enabled_queues_only_while_one_is_off() {
+    fn vhost_senders_use_enabled_queues_and_others_their_own() {
+        // Other devices: every worker its own queue, no lock.
+        let q = TxQueues::new(4, false);
+        assert!((0..4).all(|own| q.shared(own).is_none()));
+        // A vhost-user port: nothing enabled until the guest says so (each
+        // its own queue, which refuses); always a queue to lock.
         let q = TxQueues::new(4, true);
-        assert!(
-            (0..4).all(|own| q.shared(own).is_none()),
-            "all on: own queue, no lock"
-        );
-        // Queues 1 and 3 off: their owners take 0 and 2 in turn; 0 and 2
-        // keep theirs.
+        assert_eq!(q.shared(3), Some(3));
+        q.enabled.store(0b1111, Ordering::Relaxed);
+        let picks: Vec<_> = (0..4).map(|own| q.shared(own)).collect();
+        assert_eq!(picks, [Some(0), Some(1), Some(2), Some(3)]);
+        // Queues 1 and 3 off: their owners take 0 and 2 in turn.
         q.enabled.store(0b0101, Ordering::Relaxed);
         let picks: Vec<_> = (0..4).map(|own| q.shared(own)).collect();
         assert_eq!(picks, [Some(0), Some(0), Some(2), Some(2)]);
         // Only queue 0 (a one-CPU guest): everyone sends there.
         q.enabled.store(0b0001, Ordering::Relaxed);
         assert!((0..4).all(|own| q.shared(own) == Some(0)));
-        // None on (no guest yet): each its own, which refuses.
-        q.enabled.store(0, Ordering::Relaxed);
-        assert_eq!(q.shared(3), Some(3));
-        // A vhost port starts with nothing enabled until the guest says so.
-        assert_eq!(TxQueues::new(2, false).shared(1), Some(1));
+        // A bit beyond the configured queues is never picked.
+        q.enabled.store(0b1_0000, Ordering::Relaxed);
+        assert!((0..4).all(|own| q.shared(own) == Some(own)));
+        q.enabled.store(0b1_0010, Ordering::Relaxed);
+        assert!((0..4).all(|own| q.shared(own) == Some(1)));
     }
 }

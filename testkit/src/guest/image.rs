@@ -22,6 +22,10 @@ const KERNEL_META: &str = "linux-image-cloud-amd64";
 /// The static busybox: the guest's whole userland.
 const BUSYBOX: &str = "busybox-static";
 
+/// The version of the image's layout (initramfs contents, scripts'
+/// interface): part of the cache key, raised when the layout changes.
+const FORMAT: &str = "pollux-guest-1";
+
 /// Modules the guest loads (with what they depend on, found from the
 /// modules' own `depends=` tags: the package has no `modules.dep`).
 pub const MODULES: &[&str] = &["virtio_pci", "virtio_net"];
@@ -306,7 +310,21 @@ fn build(cache: &Path, tools: &[String]) -> Result<Image, GuestError> {
             .map(|n| n.as_encoded_bytes().to_vec())
             .unwrap_or_default()
     };
+    // Programs share libraries: each file once. Their contents are part of
+    // the key (a host upgrade makes a new image).
+    let mut extra = BTreeMap::new();
+    for t in tools {
+        extra.extend(tool_files(t)?);
+    }
+    let extra: Vec<(String, Vec<u8>)> = extra.into_iter().collect();
+    let parts: Vec<&[u8]> = extra
+        .iter()
+        .flat_map(|(p, d)| [p.as_bytes(), d.as_slice()])
+        .collect();
+    let extra_key = fnv(&parts);
     let key = fnv(&[
+        FORMAT.as_bytes(),
+        &extra_key.to_le_bytes(),
         &names(&kdeb),
         &names(&bdeb),
         super::scripts::RC.as_bytes(),
@@ -320,12 +338,6 @@ fn build(cache: &Path, tools: &[String]) -> Result<Image, GuestError> {
         let bb = std::fs::read(&busybox).map_err(|e| io(&busybox, e))?;
         let applets = run(Command::new(&busybox).arg("--list-full"))?;
         let modules = modules_in_order(&modules_dir, MODULES)?;
-        // Programs share libraries: each file once.
-        let mut extra = BTreeMap::new();
-        for t in tools {
-            extra.extend(tool_files(t)?);
-        }
-        let extra: Vec<(String, Vec<u8>)> = extra.into_iter().collect();
         let tmp = cache.join(format!(".initrd-{}.cpio", std::process::id()));
         let f = std::fs::File::create(&tmp).map_err(|e| io(&tmp, e))?;
         let w = write_initrd(std::io::BufWriter::new(f), &bb, &applets, &modules, &extra)

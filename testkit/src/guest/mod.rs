@@ -677,6 +677,19 @@ impl Guest {
         found.ok_or_else(|| self.err(format!("{cmd:?}: no answer within {limit:?}")))
     }
 
+    /// Starts `cmd` without waiting for any answer (one that ends the
+    /// guest, such as `reboot -f`).
+    pub fn start_command(&mut self, cmd: &str) -> Result<(), GuestError> {
+        if cmd.chars().any(char::is_control) {
+            return Err(self.err(format!("command {cmd:?} has control characters")));
+        }
+        if !self.send(&format!("{} {cmd}\n", token())) {
+            self.alive()?;
+            return Err(self.err("command channel not connected"));
+        }
+        Ok(())
+    }
+
     /// Runs `cmd` and returns its output; an error unless it exits 0.
     pub fn ok(&mut self, cmd: &str, limit: Duration) -> Result<String, GuestError> {
         let o = self.run(cmd, limit)?;

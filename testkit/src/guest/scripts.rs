@@ -60,7 +60,9 @@ echo "@@BOOTED"
 /// `TOKEN COMMAND` lines; each command runs with no input, and its output
 /// comes back between `@@BEGIN TOKEN` and `@@END TOKEN STATUS`. A random
 /// token per request means neither a command's output nor an old answer
-/// can pass for the answer. `TOKEN @@PING` is answered `@@PONG TOKEN
+/// can pass for the answer (and each command's output file is its own: a
+/// process it left in the background cannot write into another's).
+/// `TOKEN @@PING` is answered `@@PONG TOKEN
 /// BOOT_ID` (a new boot id: the guest rebooted). The line is raw: no echo,
 /// no translation.
 pub const CMDLOOP: &str = r#"#!/bin/sh
@@ -74,10 +76,12 @@ while IFS= read -r line; do
         echo "@@PONG $tok $boot"
         continue
     fi
-    sh -c "$cmd" </dev/null >/tmp/.cmdout 2>&1
+    out=/tmp/.out.$tok
+    sh -c "$cmd" </dev/null >"$out" 2>&1
     rc=$?
     echo "@@BEGIN $tok"
-    cat /tmp/.cmdout
+    cat "$out"
+    rm -f "$out"
     echo ""
     echo "@@END $tok $rc"
 done
