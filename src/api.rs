@@ -123,6 +123,11 @@ pub struct Flow {
     pub generation: u64,
     /// FIN or RST seen.
     pub closing: bool,
+    /// The state of its tracked connection (`syn_sent`, `syn_received`,
+    /// `established`, `fin_wait`, `time_wait`, `closed`; `udp`,
+    /// `udp_replied`; `other`), or none when nothing tracks it.
+    #[serde(default)]
+    pub connection: Option<String>,
 }
 
 /// `GET /v1/flows`.

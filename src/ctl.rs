@@ -456,8 +456,8 @@ fn table(cmd: &Cmd, path: &str, status: u16, text: &str) -> Result<Vec<String>, 
         Cmd::Flows(_, false) => {
             let r = decode::<Flows>(path, status, text)?;
             out.push(format!(
-                "{:<3} {:<10} {:<40} {:<10} {:<22} {:>10} {:>12}",
-                "w", "in", "flow", "out", "nat", "packets", "bytes"
+                "{:<3} {:<10} {:<40} {:<10} {:<22} {:<12} {:>10} {:>12}",
+                "w", "in", "flow", "out", "nat", "connection", "packets", "bytes"
             ));
             for f in &r.body.flows {
                 let nat = match (&f.nat_src, &f.nat_dst) {
@@ -467,12 +467,13 @@ fn table(cmd: &Cmd, path: &str, status: u16, text: &str) -> Result<Vec<String>, 
                     (Some(a), Some(b)) => format!("src {a} dst {b}"),
                 };
                 out.push(format!(
-                    "{:<3} {:<10} {:<40} {:<10} {:<22} {:>10} {:>12}",
+                    "{:<3} {:<10} {:<40} {:<10} {:<22} {:<12} {:>10} {:>12}",
                     f.worker,
                     f.in_port,
                     format!("{} {}:{} > {}:{}", f.proto, f.src, f.sport, f.dst, f.dport),
                     f.out_port,
                     nat,
+                    f.connection.as_deref().unwrap_or("-"),
                     f.packets,
                     f.bytes
                 ));

@@ -296,6 +296,13 @@ fn changes_under_traffic_lose_no_packet_of_established_flows() {
             f["dst"] == "10.1.0.100" || f["nat_src"] == "10.1.0.100:5000",
             "{f}"
         );
+        // Each belongs to a tracked UDP connection.
+        assert!(
+            f["connection"]
+                .as_str()
+                .is_some_and(|c| c.starts_with("udp")),
+            "{f}"
+        );
     }
     // Each client flow's counters span the whole run (about 180 packets at
     // 100 pps), not just the time since the last change revalidated it.

@@ -428,6 +428,7 @@ fn connections_outlive_policy_changes_and_health_flips() {
     assert!(wait_for(Duration::from_secs(10), || {
         std::fs::metadata(dir.join("kept")).is_ok_and(|m| m.len() > 100_000)
     }));
+    let flows_before = api.get("/v1/flows?vm=cl&proto=tcp").unwrap_or_default();
     let (status, body) = api.send(
         "PUT",
         "/v1/nsgs/srv/rules/allow-http",
@@ -437,13 +438,32 @@ fn connections_outlive_policy_changes_and_health_flips() {
     );
     assert!(status < 300, "{status} {body}");
     let before = std::fs::metadata(dir.join("kept")).unwrap().len();
-    assert!(
-        wait_for(Duration::from_secs(10), || {
-            std::fs::metadata(dir.join("kept")).unwrap().len() > before + 200_000
-        }),
-        "an admitted connection stopped when its rule changed: counters {}",
-        api.get("/v1/counters").unwrap_or_default()
-    );
+    let went_on = wait_for(Duration::from_secs(10), || {
+        std::fs::metadata(dir.join("kept")).unwrap().len() > before + 200_000
+    });
+    if !went_on {
+        let ss = |tag: &str| {
+            String::from_utf8_lossy(
+                &lab.bash(
+                    tag,
+                    "ss -tino state all '( sport = :8000 or dport = :8000 )'",
+                )
+                .stdout,
+            )
+            .into_owned()
+        };
+        panic!(
+            "an admitted connection stopped when its rule changed: {before} bytes at the change, {} now\n\
+             flows of the client before the change: {flows_before}\nnow: {}\ncounters: {}\n\
+             client sockets:\n{}\nserver sockets:\n{}\npollux:\n{}",
+            std::fs::metadata(dir.join("kept")).unwrap().len(),
+            api.get("/v1/flows?vm=cl&proto=tcp").unwrap_or_default(),
+            api.get("/v1/counters").unwrap_or_default(),
+            ss("cl"),
+            ss("sv"),
+            read(&log)
+        );
+    }
     let denied_before = acl_deny();
     let (status, body) = api.send("DELETE", "/v1/flows?vm=cl&reset=true", None);
     assert_eq!(status, 200, "{body}");

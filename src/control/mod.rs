@@ -198,6 +198,23 @@ fn flow_body(i: &vswitch::flow::FlowInfo, ports: &[String]) -> Flow {
         bytes: e.bytes,
         generation: e.generation,
         closing: e.closing,
+        connection: i.conn.map(|c| conn_state_name(c).to_string()),
+    }
+}
+
+/// A tracked connection's state as the API names it.
+fn conn_state_name(c: lb::conntrack::ConnState) -> &'static str {
+    use lb::conntrack::{ConnState, TcpState};
+    match c {
+        ConnState::Tcp(TcpState::SynSent) => "syn_sent",
+        ConnState::Tcp(TcpState::SynReceived) => "syn_received",
+        ConnState::Tcp(TcpState::Established) => "established",
+        ConnState::Tcp(TcpState::FinWait) => "fin_wait",
+        ConnState::Tcp(TcpState::TimeWait) => "time_wait",
+        ConnState::Tcp(TcpState::Closed) => "closed",
+        ConnState::Udp { replied: false } => "udp",
+        ConnState::Udp { replied: true } => "udp_replied",
+        ConnState::Other => "other",
     }
 }
 

@@ -153,9 +153,9 @@ pub struct FlowEntry {
     pub vip_epoch: u16,
     /// The action.
     pub action: FlowAction,
-    /// FIN or RST seen: expires after the short timeout. After the action:
-    /// a hit reads it only for a SYN (port reuse), writes it only on FIN
-    /// or RST.
+    /// FIN or RST seen (or installed for a connection that had seen one):
+    /// expires after the short timeout. After the action: a hit writes it
+    /// only on FIN or RST, and never reads it.
     pub closing: bool,
 }
 
@@ -701,6 +701,9 @@ pub struct FlowInfo {
     pub key: FlowKey,
     /// Its cached entry.
     pub entry: FlowEntry,
+    /// The state of the tracked connection it belongs to, if the tracker
+    /// still holds one (a flow whose connection timed out has none).
+    pub conn: Option<lb::conntrack::ConnState>,
 }
 
 #[cfg(test)]

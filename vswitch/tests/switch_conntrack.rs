@@ -194,21 +194,32 @@ impl Net {
 
     /// With `port_mtu` (by port).
     fn with_mtu(stateless_out: bool, port_mtu: Vec<u16>) -> Net {
+        Net::with_config(
+            stateless_out,
+            SwitchConfig {
+                port_mtu,
+                ..Net::config()
+            },
+        )
+    }
+
+    /// The switch configuration the tests start from.
+    fn config() -> SwitchConfig {
+        SwitchConfig {
+            flow_table_size: 1024,
+            conn_table_size: 1024,
+            ..SwitchConfig::default()
+        }
+    }
+
+    fn with_config(stateless_out: bool, sw_cfg: SwitchConfig) -> Net {
         let mut cfg = PoolConfig::new("conntrack-test", 1024);
         cfg.huge = HugePages::Never;
         let pool = Pool::new(&cfg).unwrap();
         let policy = Arc::new(ArcSwap::from_pointee(
             Policy::compile(&topology(0, stateless_out), 1).unwrap(),
         ));
-        let sw = Switch::new(
-            policy.clone(),
-            SwitchConfig {
-                flow_table_size: 1024,
-                conn_table_size: 1024,
-                port_mtu,
-                ..SwitchConfig::default()
-            },
-        );
+        let sw = Switch::new(policy.clone(), sw_cfg);
         let stats = sw.stats();
         let mut ports: Vec<Box<dyn Port<Buf = PoolBuf>>> = Vec::new();
         let mut ends = Vec::new();
@@ -274,7 +285,7 @@ impl Net {
     }
 }
 
-/// A TCP frame (flags: 0x02 SYN, 0x12 SYN-ACK, 0x10 ACK).
+/// A TCP frame (flags: 0x02 SYN, 0x12 SYN-ACK, 0x10 ACK, 0x11 FIN-ACK).
 fn tcp(
     src_mac: MacAddr,
     dst_mac: MacAddr,
@@ -290,6 +301,7 @@ fn tcp(
         .tcp(sport, dport, 1, 65535);
     let b = if flags & 0x02 != 0 { b.syn() } else { b };
     let b = if flags & 0x10 != 0 { b.ack(1) } else { b };
+    let b = if flags & 0x01 != 0 { b.fin() } else { b };
     b.write(&mut v, &[0x61; 8]).unwrap();
     v
 }
@@ -358,6 +370,49 @@ fn an_admitted_connection_outlives_new_generations_and_new_ones_are_judged() {
         .is_empty()
     );
     assert_eq!(n.dropped("acl_deny"), 2);
+}
+
+#[test]
+fn a_new_connection_on_the_port_of_a_timed_out_one_is_tracked_afresh() {
+    // Closed connections are forgotten 20 ms after their last packet; their
+    // flows stay cached far longer.
+    let mut n = Net::with_config(
+        false,
+        SwitchConfig {
+            timeouts: lb::conntrack::Timeouts {
+                tcp_time_wait: 20_000_000,
+                ..lb::conntrack::Timeouts::default()
+            },
+            ..Net::config()
+        },
+    );
+    let to_server = |flags| tcp(mac(1), GW, "10.1.0.20", 43000, "10.1.0.4", 8000, flags);
+    let to_client = |flags| tcp(mac(4), GW, "10.1.0.4", 8000, "10.1.0.20", 43000, flags);
+    // A connection opens and closes (FIN each way); a policy change comes
+    // before its last ACK, whose flow is decided again then: it belongs to
+    // a closing connection.
+    assert_eq!(n.send(CLIENT, to_server(0x02)), [SERVER]);
+    assert_eq!(n.send(SERVER, to_client(0x12)), [CLIENT]);
+    assert_eq!(n.send(CLIENT, to_server(0x10)), [SERVER]);
+    assert_eq!(n.send(SERVER, to_client(0x11)), [CLIENT]);
+    assert_eq!(n.send(CLIENT, to_server(0x11)), [SERVER]);
+    n.new_generation(false);
+    assert_eq!(n.send(SERVER, to_client(0x10)), [CLIENT]);
+    // The connection times out; its flows remain.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    n.worker.poll_once();
+    // The client opens a new connection on the same port: the SYN goes to
+    // connection tracking (the slow path), not down the old flow.
+    let slow = n.stats.slow_path.load(Ordering::Relaxed);
+    assert_eq!(n.send(CLIENT, to_server(0x02)), [SERVER]);
+    assert_eq!(n.stats.slow_path.load(Ordering::Relaxed), slow + 1);
+    assert_eq!(n.send(SERVER, to_client(0x12)), [CLIENT]);
+    // Tracked: after another policy change the server's packets are still
+    // the replies of an admitted connection (the client's group denies new
+    // inbound TCP from its vnet).
+    n.new_generation(false);
+    assert_eq!(n.send(SERVER, to_client(0x10)), [CLIENT]);
+    assert_eq!(n.dropped("acl_deny"), 0);
 }
 
 #[test]

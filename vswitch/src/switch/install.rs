@@ -31,17 +31,19 @@ impl<B: PacketBuf> Switch<B> {
         // The VIP of the connection, if load-balanced, and its epoch as this
         // worker last read it (never newer than what decided the
         // connection: at worst the flow is revalidated once more).
-        let (vip, vip_epoch) = fwd
+        let conn = fwd
             .lb
-            .and_then(|r| {
-                let c = self.lb.get(r.vnet as usize)?.conn(r.conn)?;
-                match &c.value.kind {
-                    lb::balancer::ConnKind::Dnat { vip, .. } => Some(vip.id()),
-                    _ => None,
-                }
+            .and_then(|r| self.lb.get(r.vnet as usize)?.conn(r.conn));
+        let (vip, vip_epoch) = conn
+            .and_then(|c| match &c.value.kind {
+                lb::balancer::ConnKind::Dnat { vip, .. } => Some(vip.id()),
+                _ => None,
             })
             .and_then(|id| Some((id, *self.vip_epochs.get(usize::from(id))?)))
             .unwrap_or((NO_VIP, 0));
+        // A closing connection's flows (its last packets, decided again
+        // after a policy change) expire as closing ones do.
+        let closing = conn.is_some_and(|c| c.state.is_closing());
         let e = |action| FlowEntry {
             action,
             generation: gen_,
@@ -51,7 +53,7 @@ impl<B: PacketBuf> Switch<B> {
             lb_touched: now,
             packets: 0,
             bytes: 0,
-            closing: false,
+            closing,
         };
         let fwd = fwd.compiled_for(&key);
         if self.flows.insert(in_port, key, e(fwd)) == crate::flow::Insert::New {

@@ -491,9 +491,12 @@ impl<B: PacketBuf> Switch<B> {
         let flags = tcp_flags(pkt.data(), pk);
         let len = pkt.len() as u64;
         if let Some(e) = self.flows.entry_for(hint, hash, in_port16, &pk.key) {
-            // A fresh SYN on a closing flow may open a new connection on a
-            // reused port: the slow path (the load balancer) decides.
-            let reopen = flags & (TCP_SYN | TCP_ACK) == TCP_SYN && e.closing;
+            // A SYN opens a connection: connection tracking decides it,
+            // whatever the cached flow says (a new connection on a reused
+            // port, whose old one closed or timed out while its flows
+            // stayed cached, must not ride them untracked; a retransmitted
+            // SYN costs one slow-path lookup).
+            let reopen = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
             // Decided under this policy and, for a flow of a VIP, under
             // that VIP's current backend set (health changes elsewhere
             // leave it alone).

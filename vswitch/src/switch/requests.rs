@@ -108,6 +108,9 @@ impl<B: PacketBuf> Switch<B> {
                             in_port: p,
                             key: *k,
                             entry: *e,
+                            conn: e.action.lb.and_then(|r| {
+                                Some(self.lb.get(usize::from(r.vnet))?.conn(r.conn)?.state)
+                            }),
                         });
                     }
                     n += 1;
