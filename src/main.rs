@@ -82,6 +82,9 @@ enum Command {
         /// Trust the VF (it may change its MAC, go promiscuous): on or off.
         #[arg(long, value_parser = on_off)]
         trust: Option<bool>,
+        /// Bind the VF to this kernel driver (`vfio-pci` for a DPDK port).
+        #[arg(long)]
+        bind: Option<String>,
     },
 }
 
@@ -441,6 +444,7 @@ fn main() -> ExitCode {
             vlan,
             spoofchk,
             trust,
+            bind,
         } => {
             let req = pollux::sriov::Request {
                 pf: pf.clone(),
@@ -450,6 +454,7 @@ fn main() -> ExitCode {
                 vlan: *vlan,
                 spoofchk: *spoofchk,
                 trust: *trust,
+                bind: bind.clone(),
             };
             match pollux::sriov::run(&req) {
                 Ok(done) => {

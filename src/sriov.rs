@@ -3,8 +3,10 @@
 //! Creates VFs on a physical function through sysfs (`sriov_numvfs`) and
 //! sets a VF's MAC, VLAN, spoof check and trust through rtnetlink
 //! (`RTM_SETLINK` on the PF with `IFLA_VFINFO_LIST`), as `ip link set PF vf
-//! N ...` does. Errors name the interface and what is missing. A VF bound to
-//! vfio-pci is then a `dpdk` port with `pci = "0000:..."` (docs/config.md).
+//! N ...` does; binds a VF to a driver (`driver_override`, as
+//! `dpdk-devbind.py` does). Errors name the interface and what is missing.
+//! A VF bound to vfio-pci is then a `dpdk` port with `pci = "0000:..."`
+//! (docs/config.md).
 
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 use std::path::PathBuf;
@@ -26,6 +28,8 @@ pub struct Request {
     pub spoofchk: Option<bool>,
     /// Trusted VF (may change its MAC, enter promiscuous mode).
     pub trust: Option<bool>,
+    /// The kernel driver to bind the VF to (`vfio-pci` for DPDK).
+    pub bind: Option<String>,
 }
 
 const RTM_SETLINK: u16 = 19;
@@ -128,8 +132,32 @@ pub enum SriovError {
         source: std::io::Error,
     },
     /// `--vf` without a setting.
-    #[error("sriov: --vf needs at least one of --mac, --vlan, --spoofchk, --trust")]
+    #[error("sriov: --vf needs at least one of --mac, --vlan, --spoofchk, --trust, --bind")]
     NoSetting,
+    /// A VF index the PF does not have.
+    #[error("sriov: {pf:?} has {count} VFs (0-{last}), no VF {vf}", last = count.saturating_sub(1))]
+    NoVf {
+        /// The interface.
+        pf: String,
+        /// The VF asked for.
+        vf: u32,
+        /// Its `sriov_numvfs`.
+        count: u32,
+    },
+    /// Binding a VF to a driver failed.
+    #[error("sriov: binding VF {vf} ({pci}) of {pf:?} to {driver:?}: {what}")]
+    Bind {
+        /// The interface.
+        pf: String,
+        /// The VF.
+        vf: u32,
+        /// Its PCI address.
+        pci: String,
+        /// The driver.
+        driver: String,
+        /// What went wrong.
+        what: String,
+    },
     /// Neither `--vfs` nor `--vf`.
     #[error("sriov: nothing to do: give --vfs N and/or --vf I with settings")]
     NothingToDo,
@@ -207,6 +235,44 @@ fn rtnetlink(msg: &[u8]) -> Result<i32, SriovError> {
     Ok(code)
 }
 
+/// The PCI address of VF `vf` of `pf` (its `virtfnN` link).
+fn vf_pci(pf: &str, vf: u32) -> Option<String> {
+    let link = std::fs::read_link(sys(pf, &format!("virtfn{vf}"))).ok()?;
+    Some(link.file_name()?.to_string_lossy().into_owned())
+}
+
+/// Binds PCI device `pci` to kernel driver `driver`: its driver override
+/// set, unbound from its driver, probed again (what `dpdk-devbind.py`
+/// does). The driver must be loaded.
+fn bind(pci: &str, driver: &str) -> Result<(), String> {
+    let dev = PathBuf::from(format!("/sys/bus/pci/devices/{pci}"));
+    if !PathBuf::from(format!("/sys/bus/pci/drivers/{driver}")).is_dir() {
+        return Err(format!("no driver {driver:?} loaded (modprobe it)"));
+    }
+    let current = std::fs::read_link(dev.join("driver"))
+        .ok()
+        .and_then(|l| l.file_name().map(|n| n.to_string_lossy().into_owned()));
+    if current.as_deref() == Some(driver) {
+        return Ok(());
+    }
+    let write = |path: PathBuf, v: &str| {
+        std::fs::write(&path, v).map_err(|e| format!("writing {}: {e}", path.display()))
+    };
+    write(dev.join("driver_override"), driver)?;
+    if current.is_some() {
+        write(dev.join("driver/unbind"), pci)?;
+    }
+    write(PathBuf::from("/sys/bus/pci/drivers_probe"), pci)?;
+    let now = std::fs::read_link(dev.join("driver"))
+        .ok()
+        .and_then(|l| l.file_name().map(|n| n.to_string_lossy().into_owned()));
+    match now {
+        Some(d) if d == driver => Ok(()),
+        Some(d) => Err(format!("bound to {d} instead")),
+        None => Err(format!("{driver} did not take it (see dmesg)")),
+    }
+}
+
 /// Carries out `req`; returns what was done, one line each.
 pub fn run(req: &Request) -> Result<Vec<String>, SriovError> {
     let pf = req.pf.as_str();
@@ -240,20 +306,54 @@ pub fn run(req: &Request) -> Result<Vec<String>, SriovError> {
             write(n)?;
         }
         done.push(format!("{pf}: {n} VFs"));
+        for i in 0..n {
+            if let Some(pci) = vf_pci(pf, i) {
+                done.push(format!("{pf}: VF {i} is {pci}"));
+            }
+        }
     }
     if let Some(vf) = req.vf {
-        let Some(msg) = vf_message(req, index, vf, 1) else {
+        let msg = vf_message(req, index, vf, 1);
+        if msg.is_none() && req.bind.is_none() {
             return Err(SriovError::NoSetting);
-        };
-        match rtnetlink(&msg)? {
-            0 => done.push(format!("{pf}: VF {vf} configured")),
-            e => {
-                return Err(SriovError::Refused {
-                    pf: pf.to_string(),
-                    vf,
-                    errno: -e,
-                });
+        }
+        // The kernel's answer to a VF it lacks is a bare EINVAL: name it.
+        let count = std::fs::read_to_string(sys(pf, "sriov_numvfs"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .ok_or_else(|| SriovError::NotPf {
+                pf: pf.to_string(),
+                path: sys(pf, "sriov_numvfs"),
+            })?;
+        if vf >= count {
+            return Err(SriovError::NoVf {
+                pf: pf.to_string(),
+                vf,
+                count,
+            });
+        }
+        if let Some(msg) = msg {
+            match rtnetlink(&msg)? {
+                0 => done.push(format!("{pf}: VF {vf} configured")),
+                e => {
+                    return Err(SriovError::Refused {
+                        pf: pf.to_string(),
+                        vf,
+                        errno: -e,
+                    });
+                }
             }
+        }
+        if let Some(driver) = &req.bind {
+            let pci = vf_pci(pf, vf).unwrap_or_default();
+            bind(&pci, driver).map_err(|what| SriovError::Bind {
+                pf: pf.to_string(),
+                vf,
+                pci: pci.clone(),
+                driver: driver.clone(),
+                what,
+            })?;
+            done.push(format!("{pf}: VF {vf} ({pci}) bound to {driver}"));
         }
     }
     if done.is_empty() {

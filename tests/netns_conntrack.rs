@@ -68,6 +68,16 @@ fn lab() -> Lab {
         if !gw.is_empty() {
             lab.exec(tag, &["ip", "route", "add", "default", "via", gw]);
         }
+        // The clients' receive buffers stay small, so a rate-limited
+        // download's bytes cross the switch as curl reads them: the kernel
+        // would otherwise take the whole file in at once and leave nothing
+        // to carry over the churn, a rule change or a reset.
+        if tag == "cl" || tag == "cb" {
+            lab.exec(
+                tag,
+                &["sysctl", "-qw", "net.ipv4.tcp_rmem=4096 32768 65536"],
+            );
+        }
     }
     // The wire host reaches vnet a's routable addresses through pollux (a
     // router at 198.51.100.1 whose MAC is pollux's uplink MAC).

@@ -1,5 +1,6 @@
-//! The guest image: Debian's cloud kernel and an initramfs built from
-//! busybox, the kernel modules the guest needs, and the guest's scripts.
+//! The guest image: Debian's cloud kernel (or its generic one) and an
+//! initramfs built from busybox, the kernel modules the guest needs, the
+//! guest's scripts and any host programs it runs.
 //!
 //! Everything comes from Debian packages fetched with `apt-get download`
 //! (never installed on the host) and unpacked with `dpkg-deb -x`. The image
@@ -19,16 +20,36 @@ use std::sync::{Mutex, OnceLock};
 
 /// Debian's metapackage of the cloud kernel (virtio drivers, fast boot).
 const KERNEL_META: &str = "linux-image-cloud-amd64";
+/// Debian's metapackage of the generic kernel: every driver (the cloud
+/// kernel has no `igb`, `igbvf` or vfio no-IOMMU).
+const GENERIC_KERNEL_META: &str = "linux-image-amd64";
 /// The static busybox: the guest's whole userland.
 const BUSYBOX: &str = "busybox-static";
 
 /// The version of the image's layout (initramfs contents, scripts'
 /// interface): part of the cache key, raised when the layout changes.
-const FORMAT: &str = "pollux-guest-1";
+const FORMAT: &str = "pollux-guest-2";
 
-/// Modules the guest loads (with what they depend on, found from the
+/// Modules every guest loads (with what they depend on, found from the
 /// modules' own `depends=` tags: the package has no `modules.dep`).
 pub const MODULES: &[&str] = &["virtio_pci", "virtio_net"];
+
+/// What an image holds beyond busybox, the virtio modules and the scripts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Contents {
+    /// Debian's generic kernel instead of the cloud one.
+    pub generic_kernel: bool,
+    /// More modules loaded at boot, in this order (after their
+    /// dependencies).
+    pub modules: Vec<String>,
+    /// Host programs (names on `PATH`, copied to the same path, or
+    /// absolute paths, copied to `/usr/local/bin`), with the shared
+    /// libraries `ldd` lists, at their paths.
+    pub tools: Vec<String>,
+    /// Host shared objects (absolute paths) copied likewise: libraries a
+    /// program loads itself, as DPDK's EAL loads its drivers.
+    pub libs: Vec<String>,
+}
 
 /// A built guest image.
 #[derive(Debug, Clone)]
@@ -51,37 +72,57 @@ pub fn cache_dir() -> PathBuf {
 
 /// The image, built on first use in this process (or found in the cache).
 pub fn image() -> Result<Image, GuestError> {
-    image_with(&[])
+    image_of(&Contents::default())
 }
 
 /// The image with host programs `tools` added (found on `PATH`, copied
 /// with the shared libraries `ldd` lists, at the same paths), as the
 /// benchmarks' guests need (`sockperf`, `iperf3`).
 pub fn image_with(tools: &[&str]) -> Result<Image, GuestError> {
-    type Built = BTreeMap<Vec<String>, Result<Image, GuestError>>;
+    image_of(&Contents {
+        tools: tools.iter().map(|t| t.to_string()).collect(),
+        ..Contents::default()
+    })
+}
+
+/// The image holding `contents`, built on first use in this process (or
+/// found in the cache).
+pub fn image_of(contents: &Contents) -> Result<Image, GuestError> {
+    type Built = BTreeMap<Contents, Result<Image, GuestError>>;
     static IMAGES: OnceLock<Mutex<Built>> = OnceLock::new();
-    let key: Vec<String> = tools.iter().map(|t| t.to_string()).collect();
     let mut built = IMAGES
         .get_or_init(Mutex::default)
         .lock()
         .map_err(|_| GuestError::Image("image cache lock".into()))?;
     built
-        .entry(key.clone())
-        .or_insert_with(|| build(&cache_dir(), &key))
+        .entry(contents.clone())
+        .or_insert_with(|| build(&cache_dir(), contents))
         .clone()
 }
 
-/// Host files of program `tool`: (path in the guest, contents), the
-/// program first, then its libraries and loader.
-fn tool_files(tool: &str) -> Result<Vec<(String, Vec<u8>)>, GuestError> {
-    let path = std::env::var_os("PATH")
+/// A host program's path: `tool` itself if absolute, else found on `PATH`.
+fn tool_path(tool: &str) -> Result<PathBuf, GuestError> {
+    if tool.starts_with('/') {
+        let p = PathBuf::from(tool);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(GuestError::Image(format!("{tool}: no such file")))
+        };
+    }
+    std::env::var_os("PATH")
         .into_iter()
         .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
         .map(|d| d.join(tool))
         .find(|p| p.is_file())
-        .ok_or_else(|| GuestError::Image(format!("{tool}: not on PATH (install it)")))?;
-    let mut paths = vec![path.clone()];
-    let ldd = run(Command::new("ldd").arg(&path))?;
+        .ok_or_else(|| GuestError::Image(format!("{tool}: not on PATH (install it)")))
+}
+
+/// Host files of the program or library at `path`: (path in the guest,
+/// contents), the file first, then its libraries and loader.
+fn files_with_libs(path: &Path) -> Result<Vec<(String, Vec<u8>)>, GuestError> {
+    let mut paths = vec![path.to_path_buf()];
+    let ldd = run(Command::new("ldd").arg(path))?;
     for l in ldd.lines() {
         // "libm.so.6 => /lib/x86_64-linux-gnu/libm.so.6 (0x...)" or
         // "/lib64/ld-linux-x86-64.so.2 (0x...)"; linux-vdso has no file.
@@ -121,16 +162,16 @@ fn run(cmd: &mut Command) -> Result<String, GuestError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The package the kernel metapackage depends on (its versioned image).
-fn kernel_package() -> Result<String, GuestError> {
-    let deps = run(Command::new("apt-cache").args(["depends", KERNEL_META]))?;
+/// The package kernel metapackage `meta` depends on (its versioned image).
+fn kernel_package(meta: &str) -> Result<String, GuestError> {
+    let deps = run(Command::new("apt-cache").args(["depends", meta]))?;
     deps.lines()
         .filter_map(|l| l.trim().strip_prefix("Depends: "))
         .find(|p| p.starts_with("linux-image-"))
         .map(str::to_string)
         .ok_or_else(|| {
             GuestError::Image(format!(
-                "apt-cache depends {KERNEL_META} names no linux-image package (run apt-get update)"
+                "apt-cache depends {meta} names no linux-image package (run apt-get update)"
             ))
         })
 }
@@ -280,10 +321,14 @@ fn fnv(parts: &[&[u8]]) -> u64 {
     h
 }
 
-fn build(cache: &Path, tools: &[String]) -> Result<Image, GuestError> {
+fn build(cache: &Path, contents: &Contents) -> Result<Image, GuestError> {
     let debs = cache.join("debs");
     std::fs::create_dir_all(&debs).map_err(|e| io(&debs, e))?;
-    let kernel_pkg = kernel_package()?;
+    let kernel_pkg = kernel_package(if contents.generic_kernel {
+        GENERIC_KERNEL_META
+    } else {
+        KERNEL_META
+    })?;
     let kdeb = deb(&debs, &kernel_pkg)?;
     let bdeb = deb(&debs, BUSYBOX)?;
     let kdir = unpack(&debs, &kdeb)?;
@@ -313,9 +358,27 @@ fn build(cache: &Path, tools: &[String]) -> Result<Image, GuestError> {
     // Programs share libraries: each file once. Their contents are part of
     // the key (a host upgrade makes a new image).
     let mut extra = BTreeMap::new();
-    for t in tools {
-        extra.extend(tool_files(t)?);
+    for t in &contents.tools {
+        let mut files = files_with_libs(&tool_path(t)?)?;
+        // A program given by its path (a build's output, under a /tmp the
+        // guest mounts over) goes to /usr/local/bin.
+        if let (true, Some(first), Some(name)) = (
+            t.starts_with('/'),
+            files.first_mut(),
+            Path::new(t).file_name(),
+        ) {
+            first.0 = format!("usr/local/bin/{}", name.to_string_lossy());
+        }
+        extra.extend(files);
     }
+    for l in &contents.libs {
+        extra.extend(files_with_libs(Path::new(l))?);
+    }
+    let modules_wanted: Vec<&str> = MODULES
+        .iter()
+        .copied()
+        .chain(contents.modules.iter().map(String::as_str))
+        .collect();
     let extra: Vec<(String, Vec<u8>)> = extra.into_iter().collect();
     let parts: Vec<&[u8]> = extra
         .iter()
@@ -330,14 +393,15 @@ fn build(cache: &Path, tools: &[String]) -> Result<Image, GuestError> {
         super::scripts::RC.as_bytes(),
         super::scripts::CMDLOOP.as_bytes(),
         super::scripts::INITTAB.as_bytes(),
-        MODULES.join(",").as_bytes(),
-        tools.join(",").as_bytes(),
+        modules_wanted.join(",").as_bytes(),
+        contents.tools.join(",").as_bytes(),
+        contents.libs.join(",").as_bytes(),
     ]);
     let initrd = cache.join(format!("initrd-{key:016x}.cpio"));
     if !initrd.is_file() {
         let bb = std::fs::read(&busybox).map_err(|e| io(&busybox, e))?;
         let applets = run(Command::new(&busybox).arg("--list-full"))?;
-        let modules = modules_in_order(&modules_dir, MODULES)?;
+        let modules = modules_in_order(&modules_dir, &modules_wanted)?;
         let tmp = cache.join(format!(".initrd-{}.cpio", std::process::id()));
         let f = std::fs::File::create(&tmp).map_err(|e| io(&tmp, e))?;
         let w = write_initrd(std::io::BufWriter::new(f), &bb, &applets, &modules, &extra)

@@ -162,6 +162,10 @@ pub struct Nic {
     pub gateway: Option<String>,
     /// Queue pairs (multi-queue virtio-net when above 1).
     pub queues: u16,
+    /// An emulated Intel 82576 (`igb`, with SR-IOV) on a tap device
+    /// instead of virtio-net: the guest's machine becomes a q35 with an
+    /// emulated IOMMU, which DPDK's vfio needs for the device's VFs.
+    pub igb: bool,
 }
 
 impl Nic {
@@ -174,6 +178,17 @@ impl Nic {
             cidr: cidr.into(),
             gateway: None,
             queues: 1,
+            igb: false,
+        }
+    }
+
+    /// An emulated igb (82576, SR-IOV capable) on tap device `ifname`,
+    /// with MAC `mac` and no address in the guest (`cidr` empty).
+    pub fn igb(ifname: &str, mac: &str) -> Nic {
+        Nic {
+            tap: Some(ifname.into()),
+            igb: true,
+            ..Nic::new(PathBuf::new(), mac, "")
         }
     }
 
@@ -215,6 +230,14 @@ pub struct Spec {
     pub tools: Vec<String>,
     /// The network namespace QEMU runs in (where its tap devices are).
     pub netns: Option<String>,
+    /// Debian's generic kernel (igb, igbvf, vfio) instead of the cloud one.
+    pub generic_kernel: bool,
+    /// More modules loaded at boot.
+    pub modules: Vec<String>,
+    /// Host shared objects added to the image with their libraries.
+    pub libs: Vec<String>,
+    /// 2 MiB huge pages reserved at boot.
+    pub hugepages: u32,
 }
 
 impl Spec {
@@ -229,7 +252,30 @@ impl Spec {
             host_cpus: None,
             tools: Vec::new(),
             netns: None,
+            generic_kernel: false,
+            modules: Vec::new(),
+            libs: Vec::new(),
+            hugepages: 0,
         }
+    }
+
+    /// On Debian's generic kernel, loading `modules` at boot too.
+    pub fn generic_kernel(mut self, modules: &[&str]) -> Spec {
+        self.generic_kernel = true;
+        self.modules = modules.iter().map(|m| m.to_string()).collect();
+        self
+    }
+
+    /// With host shared objects `libs` (absolute paths) in its image.
+    pub fn libs(mut self, libs: &[&str]) -> Spec {
+        self.libs = libs.iter().map(|l| l.to_string()).collect();
+        self
+    }
+
+    /// With `n` 2 MiB huge pages reserved at boot.
+    pub fn hugepages(mut self, n: u32) -> Spec {
+        self.hugepages = n;
+        self
     }
 
     /// With host programs `tools` in its image.
@@ -246,8 +292,12 @@ impl Spec {
 
     /// Its image.
     pub fn image(&self) -> Result<image::Image, GuestError> {
-        let tools: Vec<&str> = self.tools.iter().map(String::as_str).collect();
-        image::image_with(&tools)
+        image::image_of(&image::Contents {
+            generic_kernel: self.generic_kernel,
+            modules: self.modules.clone(),
+            tools: self.tools.clone(),
+            libs: self.libs.clone(),
+        })
     }
 
     /// With one more NIC.
@@ -293,15 +343,30 @@ impl Spec {
         let name = &self.name;
         let mut append =
             format!("console=ttyS0 panic=-1 loglevel=4 ipv6.disable=1 pollux.name={name}");
-        for n in &self.nics {
+        for n in self.nics.iter().filter(|n| !n.cidr.is_empty()) {
             append.push_str(&format!(" pollux.net={},{}", n.mac, n.cidr));
             if let Some(gw) = &n.gateway {
                 append.push_str(&format!(",{gw}"));
             }
         }
+        // An igb's VFs are for vfio, which needs an IOMMU: q35 with
+        // QEMU's emulated Intel IOMMU (the guest's kernel has no vfio
+        // no-IOMMU mode).
+        let iommu = self.nics.iter().any(|n| n.igb);
+        if iommu {
+            append.push_str(" intel_iommu=on");
+        }
+        if self.hugepages > 0 {
+            append.push_str(&format!(" hugepagesz=2M hugepages={}", self.hugepages));
+        }
         let (accel, cpu) = match accel {
             Accel::Kvm => ("kvm", "host"),
             Accel::Tcg => ("tcg", "max"),
+        };
+        let machine = if iommu {
+            "q35,memory-backend=mem"
+        } else {
+            "pc,memory-backend=mem"
         };
         a.extend(
             [
@@ -313,7 +378,7 @@ impl Spec {
                 "-display",
                 "none",
                 "-machine",
-                "pc,memory-backend=mem",
+                machine,
                 "-accel",
                 accel,
                 "-cpu",
@@ -349,7 +414,23 @@ impl Spec {
             "-serial".into(),
             "chardev:cmd".into(),
         ]);
+        if iommu {
+            a.extend(["-device".into(), "intel-iommu".into()]);
+        }
         for (i, n) in self.nics.iter().enumerate() {
+            if let (true, Some(tap)) = (n.igb, &n.tap) {
+                // On a root port of its own (SR-IOV is a PCI Express
+                // capability; the VFs live on the port's bus).
+                a.push("-netdev".into());
+                a.push(format!(
+                    "tap,id=n{i},ifname={tap},script=no,downscript=no,vhost=off"
+                ));
+                a.push("-device".into());
+                a.push(format!("pcie-root-port,id=rp{i},chassis={},slot={}", i + 1, i + 1));
+                a.push("-device".into());
+                a.push(format!("igb,bus=rp{i},netdev=n{i},mac={},romfile=", n.mac));
+                continue;
+            }
             if let Some(tap) = &n.tap {
                 a.push("-netdev".into());
                 a.push(format!(
