@@ -55,6 +55,32 @@ pub struct Status {
     pub vips: usize,
     /// Reloads of the configuration file (SIGHUP).
     pub reloads: Reloads,
+    /// The DPDK devices under the ports.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<Device>,
+}
+
+/// A DPDK device under a port, as its driver describes it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Device {
+    /// The port.
+    pub port: String,
+    /// The DPDK driver (`net_e1000_igb_vf`, `net_vhost`, ...).
+    pub driver: String,
+    /// The device: a PCI address, or a vdev's name.
+    pub device: String,
+    /// Queue pairs in use (one per worker).
+    pub queues: u16,
+    /// Receive queues the device has.
+    pub max_rx_queues: u16,
+    /// Transmit queues the device has.
+    pub max_tx_queues: u16,
+    /// `up` or `down`, where the driver reports its link.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
+    /// The link's speed in Mbit/s, where known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub speed_mbps: Option<u32>,
 }
 
 /// What SIGHUP reloads did.
@@ -171,6 +197,10 @@ pub struct PortCounters {
     /// Link changes since the port opened (the first up counts one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub link_changes: Option<u64>,
+    /// The link's speed in Mbit/s, where the driver says (DPDK NICs and
+    /// VFs; absent while down or unknown).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub speed_mbps: Option<u32>,
     /// Per queue, when the port has several (queue N is worker N's).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub queues: Vec<QueueCounters>,

@@ -368,6 +368,17 @@ fn table(cmd: &Cmd, path: &str, status: u16, text: &str) -> Result<Vec<String>, 
             ] {
                 out.push(format!("{k:<8} {v}"));
             }
+            for d in &st.devices {
+                let link = match (&d.link, d.speed_mbps) {
+                    (Some(l), Some(s)) => format!(", link {l} at {s} Mb/s"),
+                    (Some(l), None) => format!(", link {l}"),
+                    _ => String::new(),
+                };
+                out.push(format!(
+                    "port {}: {} {}, {} of {}/{} queues{link}",
+                    d.port, d.driver, d.device, d.queues, d.max_rx_queues, d.max_tx_queues
+                ));
+            }
         }
         Cmd::Get(kind, None) => {
             let g = match kind.as_str() {

@@ -399,8 +399,10 @@ fn vfs_of_an_emulated_igb_provisioned_and_driven_by_pollux() {
         .unwrap_or_else(|| panic!("no wire port: {c}"));
     assert_eq!(wire["link"], "up", "{wire}");
     assert!(wire["speed_mbps"].as_u64().is_some_and(|s| s > 0), "{wire}");
-    assert!(wire["rx_packets"].as_u64().unwrap() > 700, "{wire}");
-    assert!(wire["tx_packets"].as_u64().unwrap() > 300, "{wire}");
+    // Out of the VF: the 1 MB in about 700 full frames; into it, the
+    // client's requests and acknowledgements.
+    assert!(wire["tx_packets"].as_u64().unwrap() >= 690, "{wire}");
+    assert!(wire["rx_packets"].as_u64().unwrap() > 100, "{wire}");
     let status = ok(&mut g, &format!("{ctl} status"));
     assert!(status.contains(&vf0) && status.contains("net_e1000_igb_vf"), "{status}");
     let (st, log) = run(&mut g, "kill -TERM $(pidof pollux); sleep 2; cat /tmp/pollux.out /tmp/pollux.log");

@@ -42,5 +42,5 @@ pub use buf::{BufAlloc, BufError, PacketBuf};
 pub use key::FlowKey;
 pub use parse::{L3, Parsed, parse, parse_into};
 pub use port::{LinkInfo, Port, PortError};
-pub use stats::{DropReason, LinkState, PortStats};
+pub use stats::{DeviceInfo, DropReason, LinkState, PortStats};
 pub use wire::{MacAddr, ParseError};

@@ -148,9 +148,20 @@ impl DropCounters {
 pub struct LinkState {
     up: std::sync::atomic::AtomicBool,
     changes: AtomicU64,
+    speed_mbps: std::sync::atomic::AtomicU32,
 }
 
 impl LinkState {
+    /// Records the link's speed in Mbit/s (0: unknown, or down).
+    pub fn set_speed(&self, mbps: u32) {
+        self.speed_mbps.store(mbps, Ordering::Relaxed);
+    }
+
+    /// The link's speed in Mbit/s as the driver last said (0: unknown).
+    pub fn speed_mbps(&self) -> u32 {
+        self.speed_mbps.load(Ordering::Relaxed)
+    }
+
     /// Records the link as `up`; counts a change when it differs.
     pub fn set(&self, up: bool) {
         if self.up.swap(up, Ordering::Relaxed) != up {
@@ -187,6 +198,22 @@ pub struct PortStats {
     /// The link, shared by every queue of the port, where the driver
     /// reports it.
     pub link: Option<Arc<LinkState>>,
+    /// What the port is, where the driver says (a DPDK device's driver
+    /// and name).
+    pub device: Option<DeviceInfo>,
+}
+
+/// A DPDK device as its driver describes it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// The driver (`net_e1000_igb_vf`, `net_vhost`, ...).
+    pub driver: String,
+    /// The device: its PCI address, or the vdev's name.
+    pub name: String,
+    /// Queue pairs in use.
+    pub queues: u16,
+    /// Queue pairs the device has (receive, transmit).
+    pub max_queues: (u16, u16),
 }
 
 impl PortStats {

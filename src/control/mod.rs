@@ -25,7 +25,7 @@ use state::backend_key;
 pub use state::{ApiError, ControlState, ProbeState, Reloads, RuleHit, Runtime, rule_hits};
 
 use crate::api::{
-    Applied, BackendCounters, Counters, ErrorBody, Flow, Flows, FlowsDeleted, PortCounters, Probes,
+    Applied, BackendCounters, Counters, Device, ErrorBody, Flow, Flows, FlowsDeleted, PortCounters, Probes,
     QueueCounters, RuleCounters, Status, WorkerCounters,
 };
 use crate::config::{BackendCfg, Config, VipCfg};
@@ -430,6 +430,25 @@ fn status(state: &ControlState, rt: &Runtime) -> Status {
         nsgs: c.nsg.len(),
         vips: c.vip.len(),
         reloads: rt.reloads.clone(),
+        devices: rt
+            .ports
+            .iter()
+            .filter_map(|(name, ss)| {
+                let s = ss.first()?;
+                let d = s.device.as_ref()?;
+                let link = s.link.as_ref();
+                Some(Device {
+                    port: name.clone(),
+                    driver: d.driver.clone(),
+                    device: d.name.clone(),
+                    queues: d.queues,
+                    max_rx_queues: d.max_queues.0,
+                    max_tx_queues: d.max_queues.1,
+                    link: link.map(|l| if l.is_up() { "up" } else { "down" }.to_string()),
+                    speed_mbps: link.map(|l| l.speed_mbps()).filter(|&s| s > 0),
+                })
+            })
+            .collect(),
     }
 }
 
@@ -684,6 +703,7 @@ pub fn local_counters(state: &ControlState, rt: &Runtime) -> Counters {
             if let Some(l) = ss.first().and_then(|s| s.link.as_ref()) {
                 c.link = Some(if l.is_up() { "up" } else { "down" }.to_string());
                 c.link_changes = Some(l.changes());
+                c.speed_mbps = Some(l.speed_mbps()).filter(|&s| s > 0);
             }
             c
         })

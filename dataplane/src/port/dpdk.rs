@@ -30,7 +30,7 @@
 use super::{LinkInfo, Port, PortError};
 use crate::batch::Batch;
 use crate::buf::{BufError, PacketBuf};
-use crate::stats::{DropReason, LinkState, PortStats};
+use crate::stats::{DeviceInfo, DropReason, LinkState, PortStats};
 use crate::wire::MacAddr;
 use dpdk_sys as d;
 use std::ffi::{CStr, CString};
@@ -320,6 +320,24 @@ struct Started {
     link_events: bool,
     /// Whether the queue-state callback is registered (vhost ports).
     queue_events: bool,
+    /// The thread that reads the link of a PCI device that raises no link
+    /// events, and its stop flag.
+    link_poller: Option<(Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<()>)>,
+}
+
+/// How often the link of a PCI device without link events is read.
+const LINK_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Whether `device` is a PCI address (`0000:01:10.0`): a physical device
+/// (a NIC or a VF), not a vdev.
+fn is_pci(device: &str) -> bool {
+    let b = device.as_bytes();
+    b.len() == 12
+        && [4, 7].iter().all(|&i| b[i] == b':')
+        && b[10] == b'.'
+        && b.iter()
+            .enumerate()
+            .all(|(i, c)| matches!(i, 4 | 7 | 10) || c.is_ascii_hexdigit())
 }
 
 /// What a port's DPDK events keep: its link, and on a vhost-user port which
@@ -400,12 +418,13 @@ impl PortEvents {
             .update
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let up = link_up(port);
+        let (up, speed) = link_of(port);
         if !up && self.txq.shared {
             self.txq
                 .enabled
                 .store(0, std::sync::atomic::Ordering::Relaxed);
         }
+        self.link.set_speed(speed);
         self.link.set(up);
     }
 
@@ -468,11 +487,20 @@ unsafe extern "C" fn on_queue_state(
 }
 
 /// The link of `port` as the driver has it now, without waiting.
-fn link_up(port: u16) -> bool {
+/// Whether `port`'s link is up, and its speed in Mbit/s (0 when down or
+/// unknown).
+fn link_of(port: u16) -> (bool, u32) {
     let mut l = d::rte_eth_link::default();
     // SAFETY: `l` is a valid out-parameter; an unknown port returns < 0.
     let r = unsafe { d::rte_eth_link_get_nowait(port, &mut l) };
-    r >= 0 && l.link_status() != 0
+    let up = r >= 0 && l.link_status() != 0;
+    // (RTE_ETH_SPEED_NUM_UNKNOWN is u32::MAX.)
+    let speed = if up && l.link_speed != u32::MAX {
+        l.link_speed
+    } else {
+        0
+    };
+    (up, speed)
 }
 
 impl Started {
@@ -513,8 +541,7 @@ unsafe fn unregister(
 impl Drop for Started {
     fn drop(&mut self) {
         // SAFETY: takes back the callbacks registered with this `Started`'s
-        // argument, then stops the port `open_queues` started, once,
-        // after every queue handle of it is gone.
+        // argument (every queue handle of the port is gone).
         unsafe {
             if self.link_events {
                 unregister(
@@ -532,6 +559,14 @@ impl Drop for Started {
                     self.arg(),
                 );
             }
+        }
+        if let Some((stop, t)) = self.link_poller.take() {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let _ = t.join();
+        }
+        // SAFETY: stops the port `open_queues` started, once, after every
+        // queue handle of it and the link poller are gone.
+        unsafe {
             let _ = d::rte_eth_dev_stop(self.port);
         }
     }
@@ -710,7 +745,7 @@ impl DpdkPort {
         // SAFETY: `driver_name` is DPDK's static C string (or null).
         let vhost = !info.driver_name.is_null()
             && unsafe { CStr::from_ptr(info.driver_name) }.to_bytes() == b"net_vhost";
-        let started = Arc::new(Started {
+        let mut started = Arc::new(Started {
             port,
             events: Arc::new(PortEvents {
                 link: Arc::default(),
@@ -720,7 +755,29 @@ impl DpdkPort {
             // (Unregistering what was not registered is harmless.)
             link_events: lsc,
             queue_events: vhost,
+            link_poller: None,
         });
+        // A PCI device that raises no link events (an e1000 VF) has its
+        // link read every `LINK_POLL` (as OVS reads its DPDK ports' links),
+        // off the workers.
+        let polled = !lsc && is_pci(short);
+        if polled {
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let (events, flag) = (started.events.clone(), stop.clone());
+            events.link_changed(port);
+            let t = std::thread::Builder::new()
+                .name(format!("link-{name}"))
+                .spawn(move || {
+                    while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                        std::thread::sleep(LINK_POLL);
+                        events.link_changed(port);
+                    }
+                })
+                .map_err(|e| err(format!("link poller: {e}")))?;
+            if let Some(s) = Arc::get_mut(&mut started) {
+                s.link_poller = Some((stop, t));
+            }
+        }
         let failed =
             |what: &str, r: i32| err(format!("{what} callback on {device:?}: {}", reason(r)));
         if vhost {
@@ -741,6 +798,19 @@ impl DpdkPort {
         let mut mac = d::rte_ether_addr::default();
         // SAFETY: `port` exists; `mac` is a valid out-parameter.
         unsafe { d::rte_eth_macaddr_get(port, &mut mac) };
+        let device = DeviceInfo {
+            // SAFETY: as above, DPDK's static C string (or null).
+            driver: if info.driver_name.is_null() {
+                String::new()
+            } else {
+                unsafe { CStr::from_ptr(info.driver_name) }
+                    .to_string_lossy()
+                    .into_owned()
+            },
+            name: short.to_string(),
+            queues,
+            max_queues: (info.max_rx_queues, info.max_tx_queues),
+        };
         Ok((0..queues)
             .map(|queue| DpdkPort {
                 info: LinkInfo {
@@ -750,8 +820,10 @@ impl DpdkPort {
                     driver: "dpdk",
                 },
                 stats: Arc::new(PortStats {
-                    // Only drivers that tell link changes report a link.
-                    link: lsc.then(|| started.events.link.clone()),
+                    // Drivers that tell link changes, and PCI devices (read
+                    // every `LINK_POLL`), report a link.
+                    link: (lsc || polled).then(|| started.events.link.clone()),
+                    device: Some(device.clone()),
                     ..PortStats::default()
                 }),
                 port,
@@ -899,6 +971,24 @@ impl Port for DpdkPort {
 mod tests {
     use super::TxQueues;
     use std::sync::atomic::Ordering;
+
+    #[test]
+    fn pci_addresses_are_told_from_vdevs() {
+        for d in ["0000:01:10.0", "0000:af:00.7", "ffff:ff:1f.2"] {
+            assert!(super::is_pci(d), "{d}");
+        }
+        for d in [
+            "net_vhost0",
+            "net_ring0",
+            "0000:01:10",
+            "0000:01:10.0,x",
+            "000g:01:10.0",
+            "0000-01:10.0",
+            "",
+        ] {
+            assert!(!super::is_pci(d), "{d}");
+        }
+    }
 
     #[test]
     fn vhost_senders_use_enabled_queues_and_others_their_own() {
