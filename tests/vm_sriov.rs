@@ -213,7 +213,7 @@ fn vfs_of_an_emulated_igb_provisioned_and_driven_by_pollux() {
         .memory(1024)
         .cpus(2)
         .hugepages(128)
-        .tools(&[env!("CARGO_BIN_EXE_pollux"), "/usr/bin/ip", "/usr/sbin/ethtool"])
+        .tools(&[env!("CARGO_BIN_EXE_pollux"), &host_tool("ip"), &host_tool("ethtool")])
         .libs(&PMDS)
         .nic(Nic::igb(&tap, GATEWAY_MAC));
     let mut g = Guest::start(&dir, spec).unwrap_or_else(|e| panic!("{e}"));
@@ -408,6 +408,20 @@ fn vfs_of_an_emulated_igb_provisioned_and_driven_by_pollux() {
     let (st, log) = run(&mut g, "kill -TERM $(pidof pollux); sleep 2; cat /tmp/pollux.out /tmp/pollux.log");
     assert_eq!(st, 0, "{log}");
     drop(g);
+}
+
+/// The path of host program `name` (iproute2's `ip`, whose `link show`
+/// prints VF settings, which busybox's does not; `ethtool`): in the guest
+/// it is `/usr/local/bin/NAME`.
+fn host_tool(name: &str) -> String {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{name} is not on PATH"))
+        .display()
+        .to_string()
 }
 
 /// Standard base64 (what busybox's `base64 -d` reads).
