@@ -309,6 +309,17 @@ fn vfs_of_an_emulated_igb_provisioned_and_driven_by_pollux() {
         ),
     );
     ok(&mut g, &format!("{pollux} check --config /tmp/pollux.toml"));
+    // EAL arguments that would leave the VF unopened are named up front.
+    let bad = cfg.replace("\"-a\", ", "\"--no-pci\", \"-a\", ");
+    ok(
+        &mut g,
+        &format!("echo {} | base64 -d > /tmp/bad.toml", base64(bad.as_bytes())),
+    );
+    let (st, out) = run(&mut g, &format!("{pollux} check --config /tmp/bad.toml"));
+    assert!(
+        st != 0 && out.contains(&format!("PCI device {vf0} needs the PCI bus, but [dpdk] eal_args has --no-pci")),
+        "{st} {out}"
+    );
     ok(
         &mut g,
         &format!("{pollux} run --config /tmp/pollux.toml > /tmp/pollux.out 2> /tmp/pollux.log &"),
