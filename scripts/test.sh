@@ -60,7 +60,7 @@ backports=/etc/apt/sources.list.d/pollux-backports.sources
 # The guest image is made of Debian packages the tests fetch with apt-get
 # download, which needs package lists that know them.
 lists_ok=0
-apt-cache show linux-image-cloud-amd64 busybox-static >/dev/null 2>&1 && lists_ok=1
+apt-cache show linux-image-cloud-amd64 linux-image-amd64 busybox-static >/dev/null 2>&1 && lists_ok=1
 if ((${#pkgs[@]})) || [ "$qemu_bpo" -eq 1 ] || [ "$lists_ok" -eq 0 ]; then
     sudo=""
     if [ "$(id -u)" -ne 0 ]; then

@@ -669,9 +669,16 @@ impl Config {
         // A PCI device is found by EAL's scan of the PCI bus at start and
         // does DMA from huge pages: EAL arguments that rule either out
         // leave it unopened, which is better said now.
-        let eal = self.dpdk.as_ref().map(|d| d.eal_args.as_slice()).unwrap_or(&[]);
+        let eal = self
+            .dpdk
+            .as_ref()
+            .map(|d| d.eal_args.as_slice())
+            .unwrap_or(&[]);
         for p in &self.port {
-            if let PortSpec::Dpdk { pci: Some(addr), .. } = &p.spec {
+            if let PortSpec::Dpdk {
+                pci: Some(addr), ..
+            } = &p.spec
+            {
                 errs.extend(pci_eal_problems(&p.name, addr, eal));
             }
         }
@@ -1099,7 +1106,9 @@ fn pci_eal_problems(name: &str, addr: &str, eal: &[String]) -> Vec<String> {
             _ => (a, None),
         };
         let value = |it: &mut std::iter::Peekable<_>| -> Option<String> {
-            inline.map(str::to_string).or_else(|| it.next().map(|v: &str| v.to_string()))
+            inline
+                .map(str::to_string)
+                .or_else(|| it.next().map(|v: &str| v.to_string()))
         };
         match flag {
             "--no-pci" => errs.push(format!(
@@ -1149,15 +1158,34 @@ mod tests {
             let v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
             pci_eal_problems("wire", "0000:01:10.0", &v)
         };
-        assert!(a(&["-l", "0", "-a", "0000:01:10.0", "--huge-dir", "/dev/hugepages"]).is_empty());
+        assert!(
+            a(&[
+                "-l",
+                "0",
+                "-a",
+                "0000:01:10.0",
+                "--huge-dir",
+                "/dev/hugepages"
+            ])
+            .is_empty()
+        );
         assert!(a(&["-a", "0000:01:10.0,rxq_pkt_split=0", "-a", "0000:02:00.0"]).is_empty());
         assert!(a(&["--allow=0000:01:10.0"]).is_empty());
-        assert!(a(&[]).is_empty(), "no allow list: every bound device is scanned");
+        assert!(
+            a(&[]).is_empty(),
+            "no allow list: every bound device is scanned"
+        );
         let e = a(&["--no-pci", "--no-huge", "-m", "512"]);
         assert_eq!(e.len(), 2, "{e:?}");
-        assert!(e[0].contains("needs the PCI bus") && e[1].contains("--no-huge"), "{e:?}");
+        assert!(
+            e[0].contains("needs the PCI bus") && e[1].contains("--no-huge"),
+            "{e:?}"
+        );
         let e = a(&["-a", "0000:02:00.0"]);
-        assert!(e.len() == 1 && e[0].contains("not in [dpdk] eal_args' allow list (-a 0000:01:10.0)"), "{e:?}");
+        assert!(
+            e.len() == 1 && e[0].contains("not in [dpdk] eal_args' allow list (-a 0000:01:10.0)"),
+            "{e:?}"
+        );
         let e = a(&["-b0000:01:10.0"]);
         assert!(e.len() == 1 && e[0].contains("block list"), "{e:?}");
     }

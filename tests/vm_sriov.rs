@@ -213,7 +213,11 @@ fn vfs_of_an_emulated_igb_provisioned_and_driven_by_pollux() {
         .memory(1024)
         .cpus(2)
         .hugepages(128)
-        .tools(&[env!("CARGO_BIN_EXE_pollux"), &host_tool("ip"), &host_tool("ethtool")])
+        .tools(&[
+            env!("CARGO_BIN_EXE_pollux"),
+            &host_tool("ip"),
+            &host_tool("ethtool"),
+        ])
         .libs(&PMDS)
         .nic(Nic::igb(&tap, GATEWAY_MAC));
     let mut g = Guest::start(&dir, spec).unwrap_or_else(|e| panic!("{e}"));
@@ -237,13 +241,26 @@ fn vfs_of_an_emulated_igb_provisioned_and_driven_by_pollux() {
     .trim()
     .to_string();
     assert!(!pf.is_empty() && !pf.contains('\n'), "PF {pf:?}");
-    assert_eq!(ok(&mut g, &format!("cat /sys/class/net/{pf}/device/sriov_totalvfs")).trim(), "7");
+    assert_eq!(
+        ok(
+            &mut g,
+            &format!("cat /sys/class/net/{pf}/device/sriov_totalvfs")
+        )
+        .trim(),
+        "7"
+    );
 
     // What the device lacks is refused by name.
     let (st, out) = run(&mut g, &format!("{pollux} sriov --pf lo --vfs 2"));
-    assert!(st != 0 && out.contains("\"lo\" is not an SR-IOV physical function"), "{st} {out}");
+    assert!(
+        st != 0 && out.contains("\"lo\" is not an SR-IOV physical function"),
+        "{st} {out}"
+    );
     let (st, out) = run(&mut g, &format!("{pollux} sriov --pf {pf} --vfs 8"));
-    assert!(st != 0 && out.contains("supports at most 7 VFs, 8 asked for"), "{st} {out}");
+    assert!(
+        st != 0 && out.contains("supports at most 7 VFs, 8 asked for"),
+        "{st} {out}"
+    );
     // Two VFs, each at its PCI address.
     let out = ok(&mut g, &format!("{pollux} sriov --pf {pf} --vfs 2"));
     assert!(out.contains(&format!("{pf}: 2 VFs")), "{out}");
@@ -257,10 +274,22 @@ fn vfs_of_an_emulated_igb_provisioned_and_driven_by_pollux() {
     };
     let vf0 = vf_pci(&out, 0);
     let vf1 = vf_pci(&out, 1);
-    let (st, out) = run(&mut g, &format!("{pollux} sriov --pf {pf} --vf 2 --trust on"));
-    assert!(st != 0 && out.contains(&format!("\"{pf}\" has 2 VFs (0-1), no VF 2")), "{st} {out}");
-    let (st, out) = run(&mut g, &format!("{pollux} sriov --pf {pf} --vf 0 --bind no_such_driver"));
-    assert!(st != 0 && out.contains("no driver \"no_such_driver\" loaded"), "{st} {out}");
+    let (st, out) = run(
+        &mut g,
+        &format!("{pollux} sriov --pf {pf} --vf 2 --trust on"),
+    );
+    assert!(
+        st != 0 && out.contains(&format!("\"{pf}\" has 2 VFs (0-1), no VF 2")),
+        "{st} {out}"
+    );
+    let (st, out) = run(
+        &mut g,
+        &format!("{pollux} sriov --pf {pf} --vf 0 --bind no_such_driver"),
+    );
+    assert!(
+        st != 0 && out.contains("no driver \"no_such_driver\" loaded"),
+        "{st} {out}"
+    );
     // Each VF set up; the driver reports back what it applied.
     ok(
         &mut g,
@@ -268,7 +297,9 @@ fn vfs_of_an_emulated_igb_provisioned_and_driven_by_pollux() {
     );
     ok(
         &mut g,
-        &format!("{pollux} sriov --pf {pf} --vf 1 --mac {VF1_MAC} --vlan 100 --spoofchk off --trust on"),
+        &format!(
+            "{pollux} sriov --pf {pf} --vf 1 --mac {VF1_MAC} --vlan 100 --spoofchk off --trust on"
+        ),
     );
     let show = ok(&mut g, &format!("/usr/local/bin/ip link show {pf}"));
     let vf_line = |i: u32| -> String {
@@ -279,20 +310,38 @@ fn vfs_of_an_emulated_igb_provisioned_and_driven_by_pollux() {
     };
     let (l0, l1) = (vf_line(0), vf_line(1));
     assert!(l0.contains(&format!("link/ether {VF0_MAC}")), "{l0}");
-    assert!(l0.contains("spoof checking on") && l0.contains("trust off"), "{l0}");
+    assert!(
+        l0.contains("spoof checking on") && l0.contains("trust off"),
+        "{l0}"
+    );
     assert!(!l0.contains("vlan"), "{l0}");
     assert!(l1.contains(&format!("link/ether {VF1_MAC}")), "{l1}");
     assert!(l1.contains("vlan 100"), "{l1}");
-    assert!(l1.contains("spoof checking off") && l1.contains("trust on"), "{l1}");
+    assert!(
+        l1.contains("spoof checking off") && l1.contains("trust on"),
+        "{l1}"
+    );
     // VF 0 to vfio-pci, for DPDK.
-    let out = ok(&mut g, &format!("{pollux} sriov --pf {pf} --vf 0 --bind vfio-pci"));
-    assert!(out.contains(&format!("VF 0 ({vf0}) bound to vfio-pci")), "{out}");
-    let drv = ok(&mut g, &format!("basename $(readlink /sys/bus/pci/devices/{vf0}/driver)"));
+    let out = ok(
+        &mut g,
+        &format!("{pollux} sriov --pf {pf} --vf 0 --bind vfio-pci"),
+    );
+    assert!(
+        out.contains(&format!("VF 0 ({vf0}) bound to vfio-pci")),
+        "{out}"
+    );
+    let drv = ok(
+        &mut g,
+        &format!("basename $(readlink /sys/bus/pci/devices/{vf0}/driver)"),
+    );
     assert_eq!(drv.trim(), "vfio-pci");
     assert_ne!(vf0, vf1);
 
     // pollux on VF 0 (uplink) and the PF (the server's port).
-    ok(&mut g, "mkdir -p /dev/hugepages /var/run && mount -t hugetlbfs nodev /dev/hugepages");
+    ok(
+        &mut g,
+        "mkdir -p /dev/hugepages /var/run && mount -t hugetlbfs nodev /dev/hugepages",
+    );
     ok(&mut g, &format!("/usr/local/bin/ip link set {pf} up"));
     // The PF's receive offloads would hand DPDK's af_packet driver
     // coalesced frames larger than the MTU.
@@ -313,11 +362,17 @@ fn vfs_of_an_emulated_igb_provisioned_and_driven_by_pollux() {
     let bad = cfg.replace("\"-a\", ", "\"--no-pci\", \"-a\", ");
     ok(
         &mut g,
-        &format!("echo {} | base64 -d > /tmp/bad.toml", base64(bad.as_bytes())),
+        &format!(
+            "echo {} | base64 -d > /tmp/bad.toml",
+            base64(bad.as_bytes())
+        ),
     );
     let (st, out) = run(&mut g, &format!("{pollux} check --config /tmp/bad.toml"));
     assert!(
-        st != 0 && out.contains(&format!("PCI device {vf0} needs the PCI bus, but [dpdk] eal_args has --no-pci")),
+        st != 0
+            && out.contains(&format!(
+                "PCI device {vf0} needs the PCI bus, but [dpdk] eal_args has --no-pci"
+            )),
         "{st} {out}"
     );
     ok(
@@ -333,7 +388,11 @@ fn vfs_of_an_emulated_igb_provisioned_and_driven_by_pollux() {
         }
         std::thread::sleep(Duration::from_millis(500));
     }
-    assert!(ready, "pollux did not come up: {}", run(&mut g, "cat /tmp/pollux.log").1);
+    assert!(
+        ready,
+        "pollux did not come up: {}",
+        run(&mut g, "cat /tmp/pollux.log").1
+    );
 
     // Capture on the bridge while the client talks to the VIP.
     let pcap = dir.join("bridge.pcap");
@@ -345,13 +404,19 @@ fn vfs_of_an_emulated_igb_provisioned_and_driven_by_pollux() {
         .spawn()
         .unwrap();
     assert!(
-        wait_for(Duration::from_secs(20), || read(&dir.join("tcpdump.log")).contains("listening")),
+        wait_for(Duration::from_secs(20), || read(&dir.join("tcpdump.log"))
+            .contains("listening")),
         "tcpdump did not start: {}",
         read(&dir.join("tcpdump.log"))
     );
-    let page = lab.bash("cl", "curl -sf --max-time 20 http://198.51.100.100/index.html");
+    let page = lab.bash(
+        "cl",
+        "curl -sf --max-time 20 http://198.51.100.100/index.html",
+    );
     let got_blob = lab.bash("cl", "curl -sSf --max-time 120 http://198.51.100.100/blob");
-    let _ = Command::new("kill").args(["-INT", &dump.id().to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-INT", &dump.id().to_string()])
+        .status();
     let _ = dump.wait();
     let counters = run(&mut g, &format!("{ctl} --json counters")).1;
     assert_eq!(
@@ -362,7 +427,12 @@ fn vfs_of_an_emulated_igb_provisioned_and_driven_by_pollux() {
         run(&mut g, "cat /tmp/pollux.log").1
     );
     if got_blob.stdout != blob {
-        let text = Command::new("tcpdump").args(["-r"]).arg(&pcap).args(["-n", "-e", "-t"]).output().unwrap();
+        let text = Command::new("tcpdump")
+            .args(["-r"])
+            .arg(&pcap)
+            .args(["-n", "-e", "-t"])
+            .output()
+            .unwrap();
         let text = String::from_utf8_lossy(&text.stdout).into_owned();
         let resets: Vec<&str> = text.lines().filter(|l| l.contains("Flags [R")).collect();
         panic!(
@@ -386,7 +456,9 @@ fn vfs_of_an_emulated_igb_provisioned_and_driven_by_pollux() {
     // "SRC_MAC > DST_MAC, ethertype IPv4 (0x0800), length N: A.P > B.Q: ..."
     let leg = |src_mac: &str, dst_mac: &str, from: &str, to: &str| {
         text.lines().any(|l| {
-            let ips = l.split_once("length ").and_then(|(_, r)| r.split_once(": "));
+            let ips = l
+                .split_once("length ")
+                .and_then(|(_, r)| r.split_once(": "));
             let words: Vec<&str> = ips.map_or(vec![], |(_, r)| r.split_whitespace().collect());
             l.starts_with(&format!("{src_mac} > {dst_mac},"))
                 && words.len() > 2
@@ -395,15 +467,27 @@ fn vfs_of_an_emulated_igb_provisioned_and_driven_by_pollux() {
         })
     };
     let cl = "198.51.100.10.";
-    assert!(leg(CLIENT_MAC, VF0_MAC, cl, "198.51.100.100.80"), "client to the VIP (into the VF):\n{text}");
-    assert!(leg(GATEWAY_MAC, WEB_MAC, cl, "10.1.0.4.8000"), "DNATed to the server (out of the PF):\n{text}");
-    assert!(leg(WEB_MAC, GATEWAY_MAC, "10.1.0.4.8000", cl), "the server's reply (into the PF):\n{text}");
-    assert!(leg(VF0_MAC, CLIENT_MAC, "198.51.100.100.80", cl), "the reply from the VIP (out of the VF):\n{text}");
+    assert!(
+        leg(CLIENT_MAC, VF0_MAC, cl, "198.51.100.100.80"),
+        "client to the VIP (into the VF):\n{text}"
+    );
+    assert!(
+        leg(GATEWAY_MAC, WEB_MAC, cl, "10.1.0.4.8000"),
+        "DNATed to the server (out of the PF):\n{text}"
+    );
+    assert!(
+        leg(WEB_MAC, GATEWAY_MAC, "10.1.0.4.8000", cl),
+        "the server's reply (into the PF):\n{text}"
+    );
+    assert!(
+        leg(VF0_MAC, CLIENT_MAC, "198.51.100.100.80", cl),
+        "the reply from the VIP (out of the VF):\n{text}"
+    );
 
     // What pollux says of the VF: link up at its speed, the device, its
     // traffic.
-    let c: serde_json::Value = serde_json::from_str(&counters)
-        .unwrap_or_else(|e| panic!("{e}: {counters}"));
+    let c: serde_json::Value =
+        serde_json::from_str(&counters).unwrap_or_else(|e| panic!("{e}: {counters}"));
     let wire = c["ports"]
         .as_array()
         .and_then(|p| p.iter().find(|p| p["name"] == "wire"))
@@ -415,8 +499,15 @@ fn vfs_of_an_emulated_igb_provisioned_and_driven_by_pollux() {
     assert!(wire["tx_packets"].as_u64().unwrap() >= 690, "{wire}");
     assert!(wire["rx_packets"].as_u64().unwrap() > 100, "{wire}");
     let status = ok(&mut g, &format!("{ctl} status"));
-    assert!(status.contains(&vf0) && status.contains("net_e1000_igb_vf"), "{status}");
-    let (st, log) = run(&mut g, "kill -TERM $(pidof pollux); sleep 2; cat /tmp/pollux.out /tmp/pollux.log");
+    eprintln!("pollux ctl status in the guest:\n{status}");
+    assert!(
+        status.contains(&vf0) && status.contains("net_e1000_igb_vf"),
+        "{status}"
+    );
+    let (st, log) = run(
+        &mut g,
+        "kill -TERM $(pidof pollux); sleep 2; cat /tmp/pollux.out /tmp/pollux.log",
+    );
     assert_eq!(st, 0, "{log}");
     drop(g);
 }

@@ -25,8 +25,8 @@ use state::backend_key;
 pub use state::{ApiError, ControlState, ProbeState, Reloads, RuleHit, Runtime, rule_hits};
 
 use crate::api::{
-    Applied, BackendCounters, Counters, Device, ErrorBody, Flow, Flows, FlowsDeleted, PortCounters, Probes,
-    QueueCounters, RuleCounters, Status, WorkerCounters,
+    Applied, BackendCounters, Counters, Device, ErrorBody, Flow, Flows, FlowsDeleted, PortCounters,
+    Probes, QueueCounters, RuleCounters, Status, WorkerCounters,
 };
 use crate::config::{BackendCfg, Config, VipCfg};
 use serde::Serialize;

@@ -322,7 +322,10 @@ struct Started {
     queue_events: bool,
     /// The thread that reads the link of a PCI device that raises no link
     /// events, and its stop flag.
-    link_poller: Option<(Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<()>)>,
+    link_poller: Option<(
+        Arc<std::sync::atomic::AtomicBool>,
+        std::thread::JoinHandle<()>,
+    )>,
 }
 
 /// How often the link of a PCI device without link events is read.
@@ -798,15 +801,17 @@ impl DpdkPort {
         let mut mac = d::rte_ether_addr::default();
         // SAFETY: `port` exists; `mac` is a valid out-parameter.
         unsafe { d::rte_eth_macaddr_get(port, &mut mac) };
+        let driver = if info.driver_name.is_null() {
+            String::new()
+        } else {
+            // SAFETY: `driver_name` is DPDK's static C string (checked not
+            // null).
+            unsafe { CStr::from_ptr(info.driver_name) }
+                .to_string_lossy()
+                .into_owned()
+        };
         let device = DeviceInfo {
-            // SAFETY: as above, DPDK's static C string (or null).
-            driver: if info.driver_name.is_null() {
-                String::new()
-            } else {
-                unsafe { CStr::from_ptr(info.driver_name) }
-                    .to_string_lossy()
-                    .into_owned()
-            },
+            driver,
             name: short.to_string(),
             queues,
             max_queues: (info.max_rx_queues, info.max_tx_queues),

@@ -426,7 +426,11 @@ impl Spec {
                     "tap,id=n{i},ifname={tap},script=no,downscript=no,vhost=off"
                 ));
                 a.push("-device".into());
-                a.push(format!("pcie-root-port,id=rp{i},chassis={},slot={}", i + 1, i + 1));
+                a.push(format!(
+                    "pcie-root-port,id=rp{i},chassis={},slot={}",
+                    i + 1,
+                    i + 1
+                ));
                 a.push("-device".into());
                 a.push(format!("igb,bus=rp{i},netdev=n{i},mac={},romfile=", n.mac));
                 continue;
