@@ -666,9 +666,8 @@ impl Config {
                 }
             }
         }
-        // A PCI device is found by EAL's scan of the PCI bus at start and
-        // does DMA from huge pages: EAL arguments that rule either out
-        // leave it unopened, which is better said now.
+        // A PCI device needs EAL's PCI bus: without it the port would
+        // not open, which is better said now.
         let eal = self
             .dpdk
             .as_ref()
@@ -1092,50 +1091,19 @@ fn vhost_queues(devargs: &str) -> Option<usize> {
 }
 
 /// What in EAL arguments `eal` keeps port `name`'s PCI device `addr`
-/// from being opened: no PCI bus, no huge pages, an allow list without it
-/// or a block list with it (`-a`/`-b` entries may carry devargs after a
-/// comma).
+/// from being opened: without the PCI bus (`--no-pci`) EAL cannot find it.
+/// (An allow or block list does not: pollux probes a device EAL left
+/// alone, which adds it to the allowed ones.)
 fn pci_eal_problems(name: &str, addr: &str, eal: &[String]) -> Vec<String> {
-    let mut errs = Vec::new();
-    let mut allowed = Vec::new();
-    let mut blocked = Vec::new();
-    let mut it = eal.iter().map(String::as_str).peekable();
-    while let Some(a) = it.next() {
-        let (flag, inline) = match a.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f, Some(v)),
-            _ => (a, None),
-        };
-        let value = |it: &mut std::iter::Peekable<_>| -> Option<String> {
-            inline
-                .map(str::to_string)
-                .or_else(|| it.next().map(|v: &str| v.to_string()))
-        };
-        match flag {
-            "--no-pci" => errs.push(format!(
+    eal.iter()
+        .filter(|a| a.as_str() == "--no-pci")
+        .take(1)
+        .map(|_| {
+            format!(
                 "port {name:?}: PCI device {addr} needs the PCI bus, but [dpdk] eal_args has --no-pci"
-            )),
-            "--no-huge" => errs.push(format!(
-                "port {name:?}: PCI device {addr} does DMA from huge pages, but [dpdk] eal_args has --no-huge"
-            )),
-            "-a" | "--allow" | "-w" | "--pci-whitelist" => allowed.extend(value(&mut it)),
-            "-b" | "--block" | "--pci-blacklist" => blocked.extend(value(&mut it)),
-            _ if a.starts_with("-a") && a.len() > 2 => allowed.push(a[2..].to_string()),
-            _ if a.starts_with("-b") && a.len() > 2 => blocked.push(a[2..].to_string()),
-            _ => {}
-        }
-    }
-    let dev = |v: &String| v.split(',').next().unwrap_or("").trim().to_string();
-    if !allowed.is_empty() && !allowed.iter().any(|v| dev(v) == addr) {
-        errs.push(format!(
-            "port {name:?}: PCI device {addr} is not in [dpdk] eal_args' allow list (-a {addr})"
-        ));
-    }
-    if blocked.iter().any(|v| dev(v) == addr) {
-        errs.push(format!(
-            "port {name:?}: PCI device {addr} is in [dpdk] eal_args' block list (-b)"
-        ));
-    }
-    errs
+            )
+        })
+        .collect()
 }
 
 /// The cores this process may run on, as first seen (before DPDK's EAL,
@@ -1169,25 +1137,15 @@ mod tests {
             ])
             .is_empty()
         );
-        assert!(a(&["-a", "0000:01:10.0,rxq_pkt_split=0", "-a", "0000:02:00.0"]).is_empty());
-        assert!(a(&["--allow=0000:01:10.0"]).is_empty());
-        assert!(
-            a(&[]).is_empty(),
-            "no allow list: every bound device is scanned"
+        assert!(a(&["-a", "0000:02:00.0", "--no-huge"]).is_empty());
+        assert!(a(&[]).is_empty());
+        let e = a(&["--no-pci", "-m", "512", "--no-pci"]);
+        assert_eq!(
+            e,
+            [
+                "port \"wire\": PCI device 0000:01:10.0 needs the PCI bus, but [dpdk] eal_args has --no-pci"
+            ]
         );
-        let e = a(&["--no-pci", "--no-huge", "-m", "512"]);
-        assert_eq!(e.len(), 2, "{e:?}");
-        assert!(
-            e[0].contains("needs the PCI bus") && e[1].contains("--no-huge"),
-            "{e:?}"
-        );
-        let e = a(&["-a", "0000:02:00.0"]);
-        assert!(
-            e.len() == 1 && e[0].contains("not in [dpdk] eal_args' allow list (-a 0000:01:10.0)"),
-            "{e:?}"
-        );
-        let e = a(&["-b0000:01:10.0"]);
-        assert!(e.len() == 1 && e[0].contains("block list"), "{e:?}");
     }
 
     #[test]

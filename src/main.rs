@@ -71,19 +71,19 @@ enum Command {
         #[arg(long)]
         vf: Option<u32>,
         /// The VF's MAC address.
-        #[arg(long)]
+        #[arg(long, requires = "vf")]
         mac: Option<dataplane::MacAddr>,
         /// The VF's VLAN (0: none).
-        #[arg(long)]
+        #[arg(long, requires = "vf")]
         vlan: Option<u16>,
         /// Spoof checking on the VF: on or off.
-        #[arg(long, value_parser = on_off)]
+        #[arg(long, value_parser = on_off, requires = "vf")]
         spoofchk: Option<bool>,
         /// Trust the VF (it may change its MAC, go promiscuous): on or off.
-        #[arg(long, value_parser = on_off)]
+        #[arg(long, value_parser = on_off, requires = "vf")]
         trust: Option<bool>,
         /// Bind the VF to this kernel driver (`vfio-pci` for a DPDK port).
-        #[arg(long)]
+        #[arg(long, requires = "vf")]
         bind: Option<String>,
     },
 }

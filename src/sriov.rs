@@ -135,7 +135,7 @@ pub enum SriovError {
     #[error("sriov: --vf needs at least one of --mac, --vlan, --spoofchk, --trust, --bind")]
     NoSetting,
     /// A VF index the PF does not have.
-    #[error("sriov: {pf:?} has {count} VFs (0-{last}), no VF {vf}", last = count.saturating_sub(1))]
+    #[error("sriov: {pf:?} has {}, no VF {vf}", if *count == 0 { "no VFs (create them with --vfs N)".to_string() } else { format!("{count} VFs (0-{})", count - 1) })]
     NoVf {
         /// The interface.
         pf: String,
@@ -345,7 +345,15 @@ pub fn run(req: &Request) -> Result<Vec<String>, SriovError> {
             }
         }
         if let Some(driver) = &req.bind {
-            let pci = vf_pci(pf, vf).unwrap_or_default();
+            let Some(pci) = vf_pci(pf, vf) else {
+                return Err(SriovError::Bind {
+                    pf: pf.to_string(),
+                    vf,
+                    pci: String::new(),
+                    driver: driver.clone(),
+                    what: format!("no {} link", sys(pf, &format!("virtfn{vf}")).display()),
+                });
+            };
             bind(&pci, driver).map_err(|what| SriovError::Bind {
                 pf: pf.to_string(),
                 vf,

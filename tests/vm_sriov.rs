@@ -17,9 +17,11 @@
 //! bridge shows all four legs with the addresses and MACs each should
 //! have. pollux reports the VF's link, speed and device.
 //!
-//! Needs root, the `dpdk` feature, QEMU 10 (igb with SR-IOV; Debian's
-//! bookworm-backports), tcpdump, curl and python3 (`testkit::require`:
-//! without them it says why it did not run; under CI it fails).
+//! Needs root, the `dpdk` feature with DPDK's e1000, af_packet and ring
+//! mempool drivers, QEMU with the igb device (QEMU 10; Debian's
+//! bookworm-backports), tcpdump, curl, python3, ip and ethtool
+//! (`testkit::require`: without them it says why it did not run; under CI
+//! it fails).
 #![cfg(feature = "dpdk")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
@@ -42,14 +44,31 @@ const WEB_MAC: &str = "02:00:00:00:01:04";
 
 /// DPDK's drivers pollux loads in the guest (`-d`): the VF's, the
 /// af_packet one and the ring mempool handler (the libraries pollux links
-/// come with it).
-const PMDS: [&str; 3] = [
-    "/usr/lib/x86_64-linux-gnu/librte_net_e1000.so.23",
-    "/usr/lib/x86_64-linux-gnu/librte_net_af_packet.so.23",
-    "/usr/lib/x86_64-linux-gnu/librte_mempool_ring.so.23",
-];
+/// come with it), beside the EAL pollux links (same directory, same ABI).
+fn pmds() -> Vec<String> {
+    let ldd = Command::new("ldd")
+        .arg(env!("CARGO_BIN_EXE_pollux"))
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    // "librte_eal.so.23 => /lib/x86_64-linux-gnu/librte_eal.so.23 (0x...)"
+    let eal = ldd
+        .lines()
+        .filter_map(|l| l.split_once("=> "))
+        .filter_map(|(_, r)| r.split_whitespace().next())
+        .find(|p| p.contains("/librte_eal.so."))
+        .unwrap_or("/usr/lib/x86_64-linux-gnu/librte_eal.so.23");
+    [
+        "librte_net_e1000",
+        "librte_net_af_packet",
+        "librte_mempool_ring",
+    ]
+    .iter()
+    .map(|d| eal.replace("librte_eal", d))
+    .collect()
+}
 
-fn config(vf: &str, pf: &str) -> String {
+fn config(vf: &str, pf: &str, pmds: &[String]) -> String {
     let mut eal = vec![
         "-l".to_string(),
         "0".into(),
@@ -60,8 +79,8 @@ fn config(vf: &str, pf: &str) -> String {
         "--file-prefix=sriov".into(),
         "--log-level=notice".into(),
     ];
-    for p in PMDS {
-        eal.extend(["-d".into(), p.to_string()]);
+    for p in pmds {
+        eal.extend(["-d".into(), p.clone()]);
     }
     let eal: Vec<String> = eal.iter().map(|a| format!("{a:?}")).collect();
     format!(
@@ -131,7 +150,10 @@ impl Drop for Bridge {
 
 #[test]
 fn vfs_of_an_emulated_igb_provisioned_and_driven_by_pollux() {
-    if !testkit::require::root_and(&[
+    use testkit::require::{Need, met};
+    let pmds = pmds();
+    let mut needs = vec![Need::Root];
+    for t in [
         "qemu-system-x86_64",
         "apt-get",
         "dpkg-deb",
@@ -139,7 +161,15 @@ fn vfs_of_an_emulated_igb_provisioned_and_driven_by_pollux() {
         "curl",
         "python3",
         "ethtool",
-    ]) {
+        "ip",
+    ] {
+        needs.push(Need::Tool(t));
+    }
+    needs.push(Need::QemuDevice("igb"));
+    for p in &pmds {
+        needs.push(Need::File(p, "a DPDK driver"));
+    }
+    if !met(&needs) {
         return;
     }
     // In the guest, the host's build is /usr/local/bin/pollux.
@@ -218,7 +248,7 @@ fn vfs_of_an_emulated_igb_provisioned_and_driven_by_pollux() {
             &host_tool("ip"),
             &host_tool("ethtool"),
         ])
-        .libs(&PMDS)
+        .libs(&pmds.iter().map(String::as_str).collect::<Vec<_>>())
         .nic(Nic::igb(&tap, GATEWAY_MAC));
     let mut g = Guest::start(&dir, spec).unwrap_or_else(|e| panic!("{e}"));
     // QEMU made the tap: onto the bridge with it.
@@ -349,7 +379,7 @@ fn vfs_of_an_emulated_igb_provisioned_and_driven_by_pollux() {
         &mut g,
         &format!("/usr/local/bin/ethtool -K {pf} gro off lro off tso off gso off"),
     );
-    let cfg = config(&vf0, &pf);
+    let cfg = config(&vf0, &pf, &pmds);
     ok(
         &mut g,
         &format!(
@@ -375,9 +405,12 @@ fn vfs_of_an_emulated_igb_provisioned_and_driven_by_pollux() {
             )),
         "{st} {out}"
     );
+    // Its exit status is kept, to see it stop cleanly at the end.
     ok(
         &mut g,
-        &format!("{pollux} run --config /tmp/pollux.toml > /tmp/pollux.out 2> /tmp/pollux.log &"),
+        &format!(
+            "({pollux} run --config /tmp/pollux.toml > /tmp/pollux.out 2> /tmp/pollux.log; echo $? > /tmp/pollux.rc) &"
+        ),
     );
     let ctl = format!("{pollux} ctl --socket /tmp/pollux.sock");
     let mut ready = false;
@@ -504,11 +537,23 @@ fn vfs_of_an_emulated_igb_provisioned_and_driven_by_pollux() {
         status.contains(&vf0) && status.contains("net_e1000_igb_vf"),
         "{status}"
     );
-    let (st, log) = run(
-        &mut g,
-        "kill -TERM $(pidof pollux); sleep 2; cat /tmp/pollux.out /tmp/pollux.log",
+    // SIGTERM stops it cleanly: the VF's link poller and the ports go
+    // down in order, exit status 0.
+    ok(&mut g, "kill -TERM $(pidof pollux)");
+    let mut rc = String::new();
+    for _ in 0..60 {
+        rc = run(&mut g, "cat /tmp/pollux.rc 2>/dev/null").1;
+        if !rc.trim().is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(
+        rc.trim(),
+        "0",
+        "pollux's exit: {}",
+        run(&mut g, "cat /tmp/pollux.out /tmp/pollux.log").1
     );
-    assert_eq!(st, 0, "{log}");
     drop(g);
 }
 
@@ -521,9 +566,7 @@ fn host_tool(name: &str) -> String {
         .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
         .map(|d| d.join(name))
         .find(|p| p.is_file())
-        .unwrap_or_else(|| panic!("{name} is not on PATH"))
-        .display()
-        .to_string()
+        .map_or_else(|| name.to_string(), |p| p.display().to_string())
 }
 
 /// Standard base64 (what busybox's `base64 -d` reads).

@@ -31,6 +31,10 @@ pub enum Need<'a> {
     HugePages(u64),
     /// A mounted hugetlbfs (DPDK's EAL maps its huge pages through one).
     Hugetlbfs,
+    /// A file (path, and what it is).
+    File(&'a str, &'a str),
+    /// A device model QEMU (`qemu-system-x86_64`) has (`-device help`).
+    QemuDevice(&'a str),
 }
 
 impl Need<'_> {
@@ -50,6 +54,20 @@ impl Need<'_> {
                     .any(|l| l.split_whitespace().nth(2) == Some("hugetlbfs"));
                 (!mounted)
                     .then(|| "a mounted hugetlbfs (scripts/test.sh mounts one as root)".to_string())
+            }
+            Need::File(path, what) => (!std::path::Path::new(path).exists())
+                .then(|| format!("{what} ({path}; scripts/test.sh installs it)")),
+            Need::QemuDevice(dev) => {
+                let help = std::process::Command::new("qemu-system-x86_64")
+                    .args(["-device", "help"])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default();
+                (!help.contains(&format!("name \"{dev}\""))).then(|| {
+                    format!(
+                        "QEMU with the {dev:?} device model (QEMU 10 from bookworm-backports; scripts/test.sh installs it)"
+                    )
+                })
             }
             Need::HugePages(n) => {
                 let free = free_huge_pages();

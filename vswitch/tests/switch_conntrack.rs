@@ -416,6 +416,40 @@ fn a_new_connection_on_the_port_of_a_timed_out_one_is_tracked_afresh() {
 }
 
 #[test]
+fn a_syn_on_a_flow_whose_connection_timed_out_opens_a_tracked_one() {
+    // A handshake left unfinished is forgotten 20 ms after its last packet,
+    // without FIN or RST; its flows stay cached, not closing.
+    let mut n = Net::with_config(
+        false,
+        SwitchConfig {
+            timeouts: lb::conntrack::Timeouts {
+                tcp_handshake: 20_000_000,
+                ..lb::conntrack::Timeouts::default()
+            },
+            ..Net::config()
+        },
+    );
+    let to_server = |flags| tcp(mac(1), GW, "10.1.0.20", 43100, "10.1.0.4", 8000, flags);
+    let to_client = |flags| tcp(mac(4), GW, "10.1.0.4", 8000, "10.1.0.20", 43100, flags);
+    assert_eq!(n.send(CLIENT, to_server(0x02)), [SERVER]);
+    assert_eq!(n.send(SERVER, to_client(0x12)), [CLIENT]);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    n.worker.poll_once();
+    // The client tries again on the same port: connection tracking decides
+    // the SYN (the slow path), not the cached flow.
+    let slow = n.stats.slow_path.load(Ordering::Relaxed);
+    assert_eq!(n.send(CLIENT, to_server(0x02)), [SERVER]);
+    assert_eq!(n.stats.slow_path.load(Ordering::Relaxed), slow + 1);
+    assert_eq!(n.send(SERVER, to_client(0x12)), [CLIENT]);
+    assert_eq!(n.send(CLIENT, to_server(0x10)), [SERVER]);
+    // Tracked: after a policy change the server's packets are still the
+    // replies of an admitted connection.
+    n.new_generation(false);
+    assert_eq!(n.send(SERVER, to_client(0x10)), [CLIENT]);
+    assert_eq!(n.dropped("acl_deny"), 0);
+}
+
+#[test]
 fn a_denied_vip_connection_is_forgotten_and_judged_again() {
     let mut n = Net::new(false);
     // Client -> VIP -> DIP, whose group denies everything in.

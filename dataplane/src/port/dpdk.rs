@@ -565,6 +565,7 @@ impl Drop for Started {
         }
         if let Some((stop, t)) = self.link_poller.take() {
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            t.thread().unpark();
             let _ = t.join();
         }
         // SAFETY: stops the port `open_queues` started, once, after every
@@ -748,39 +749,52 @@ impl DpdkPort {
         // SAFETY: `driver_name` is DPDK's static C string (or null).
         let vhost = !info.driver_name.is_null()
             && unsafe { CStr::from_ptr(info.driver_name) }.to_bytes() == b"net_vhost";
-        let mut started = Arc::new(Started {
-            port,
-            events: Arc::new(PortEvents {
-                link: Arc::default(),
-                txq: TxQueues::new(queues, vhost),
-                update: Mutex::new(()),
-            }),
-            // (Unregistering what was not registered is harmless.)
-            link_events: lsc,
-            queue_events: vhost,
-            link_poller: None,
+        let events = Arc::new(PortEvents {
+            link: Arc::default(),
+            txq: TxQueues::new(queues, vhost),
+            update: Mutex::new(()),
         });
         // A PCI device that raises no link events (an e1000 VF) has its
         // link read every `LINK_POLL` (as OVS reads its DPDK ports' links),
-        // off the workers.
+        // off the workers. (If the spawn fails, the port was started: it
+        // is stopped, as every failure after the start is, by `Started`.)
         let polled = !lsc && is_pci(short);
-        if polled {
-            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let (events, flag) = (started.events.clone(), stop.clone());
+        let link_poller = if polled {
             events.link_changed(port);
-            let t = std::thread::Builder::new()
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let (ev, flag) = (events.clone(), stop.clone());
+            match std::thread::Builder::new()
                 .name(format!("link-{name}"))
                 .spawn(move || {
-                    while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-                        std::thread::sleep(LINK_POLL);
-                        events.link_changed(port);
+                    loop {
+                        std::thread::park_timeout(LINK_POLL);
+                        if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                            return;
+                        }
+                        ev.link_changed(port);
                     }
-                })
-                .map_err(|e| err(format!("link poller: {e}")))?;
-            if let Some(s) = Arc::get_mut(&mut started) {
-                s.link_poller = Some((stop, t));
+                }) {
+                Ok(t) => Some((stop, t)),
+                Err(e) => {
+                    // SAFETY: stops the port started above, which nothing
+                    // else refers to yet.
+                    unsafe {
+                        let _ = d::rte_eth_dev_stop(port);
+                    }
+                    return Err(err(format!("link poller: {e}")));
+                }
             }
-        }
+        } else {
+            None
+        };
+        let started = Arc::new(Started {
+            port,
+            events,
+            // (Unregistering what was not registered is harmless.)
+            link_events: lsc,
+            queue_events: vhost,
+            link_poller,
+        });
         let failed =
             |what: &str, r: i32| err(format!("{what} callback on {device:?}: {}", reason(r)));
         if vhost {
@@ -853,15 +867,10 @@ impl DpdkPort {
         self.stats.link.as_ref()
     }
 
-    /// Link state: (up, speed in Mb/s), without waiting.
+    /// Link state: (up, speed in Mb/s; 0 when down or unknown), without
+    /// waiting.
     pub fn link(&self) -> (bool, u32) {
-        let mut l = d::rte_eth_link::default();
-        // SAFETY: the port exists; `l` is a valid out-parameter.
-        let r = unsafe { d::rte_eth_link_get_nowait(self.port, &mut l) };
-        if r < 0 {
-            return (false, 0);
-        }
-        (l.link_status() != 0, l.link_speed)
+        link_of(self.port)
     }
 
     /// The device's own counters for this queue: (received, sent), where the

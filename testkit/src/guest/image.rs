@@ -21,7 +21,7 @@ use std::sync::{Mutex, OnceLock};
 /// Debian's metapackage of the cloud kernel (virtio drivers, fast boot).
 const KERNEL_META: &str = "linux-image-cloud-amd64";
 /// Debian's metapackage of the generic kernel: every driver (the cloud
-/// kernel has no `igb`, `igbvf` or vfio no-IOMMU).
+/// kernel has no `igb` or `igbvf`; neither has vfio's no-IOMMU mode).
 const GENERIC_KERNEL_META: &str = "linux-image-amd64";
 /// The static busybox: the guest's whole userland.
 const BUSYBOX: &str = "busybox-static";
@@ -412,11 +412,39 @@ fn build(cache: &Path, contents: &Contents) -> Result<Image, GuestError> {
             .map_err(|e| io(&tmp, e))?;
         std::fs::rename(&tmp, &initrd).map_err(|e| io(&initrd, e))?;
     }
+    // Images are named by what went in (a test's own build among it), so
+    // old ones pile up: this one is marked used, those unused for a day go.
+    if let Ok(f) = std::fs::File::options().append(true).open(&initrd) {
+        let _ = f.set_modified(std::time::SystemTime::now());
+    }
+    prune(cache, &initrd);
     Ok(Image {
         kernel,
         initrd,
         release,
     })
+}
+
+/// Removes the images in `cache` other than `keep` that no process has
+/// used for a day.
+fn prune(cache: &Path, keep: &Path) {
+    let day = std::time::Duration::from_secs(24 * 3600);
+    let Ok(dir) = std::fs::read_dir(cache) else {
+        return;
+    };
+    for e in dir.filter_map(Result::ok) {
+        let p = e.path();
+        let name = e.file_name().to_string_lossy().into_owned();
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > day);
+        if p != keep && name.starts_with("initrd-") && name.ends_with(".cpio") && old {
+            let _ = std::fs::remove_file(&p);
+        }
+    }
 }
 
 /// The initramfs: busybox with a link per applet (`applets`: its
