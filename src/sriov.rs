@@ -273,19 +273,25 @@ fn bind(pci: &str, driver: &str) -> Result<(), String> {
     }
 }
 
+/// The number in `pf`'s device file `file` (`sriov_totalvfs`,
+/// `sriov_numvfs`): only an SR-IOV PF has them.
+fn sys_count(pf: &str, file: &str) -> Result<u32, SriovError> {
+    std::fs::read_to_string(sys(pf, file))
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .ok_or_else(|| SriovError::NotPf {
+            pf: pf.to_string(),
+            path: sys(pf, file),
+        })
+}
+
 /// Carries out `req`; returns what was done, one line each.
 pub fn run(req: &Request) -> Result<Vec<String>, SriovError> {
     let pf = req.pf.as_str();
     let index = ifindex(pf)?;
     let mut done = Vec::new();
     if let Some(n) = req.vfs {
-        let total = std::fs::read_to_string(sys(pf, "sriov_totalvfs"))
-            .ok()
-            .and_then(|s| s.trim().parse::<u32>().ok())
-            .ok_or_else(|| SriovError::NotPf {
-                pf: pf.to_string(),
-                path: sys(pf, "sriov_totalvfs"),
-            })?;
+        let total = sys_count(pf, "sriov_totalvfs")?;
         if n > total {
             return Err(SriovError::TooMany {
                 pf: pf.to_string(),
@@ -318,13 +324,7 @@ pub fn run(req: &Request) -> Result<Vec<String>, SriovError> {
             return Err(SriovError::NoSetting);
         }
         // The kernel's answer to a VF it lacks is a bare EINVAL: name it.
-        let count = std::fs::read_to_string(sys(pf, "sriov_numvfs"))
-            .ok()
-            .and_then(|s| s.trim().parse::<u32>().ok())
-            .ok_or_else(|| SriovError::NotPf {
-                pf: pf.to_string(),
-                path: sys(pf, "sriov_numvfs"),
-            })?;
+        let count = sys_count(pf, "sriov_numvfs")?;
         if vf >= count {
             return Err(SriovError::NoVf {
                 pf: pf.to_string(),

@@ -459,14 +459,15 @@ fn vfs_of_an_emulated_igb_provisioned_and_driven_by_pollux() {
         String::from_utf8_lossy(&page.stderr),
         run(&mut g, "cat /tmp/pollux.log").1
     );
+    // The capture as text, with link-layer headers.
+    let text = Command::new("tcpdump")
+        .args(["-r"])
+        .arg(&pcap)
+        .args(["-n", "-e", "-t"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
     if got_blob.stdout != blob {
-        let text = Command::new("tcpdump")
-            .args(["-r"])
-            .arg(&pcap)
-            .args(["-n", "-e", "-t"])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&text.stdout).into_owned();
         let resets: Vec<&str> = text.lines().filter(|l| l.contains("Flags [R")).collect();
         panic!(
             "the 1 MB download came back {} bytes: {} {}\nresets: {resets:#?}\ncounters: {counters}\npollux: {}\nlast of the capture:\n{}",
@@ -479,13 +480,6 @@ fn vfs_of_an_emulated_igb_provisioned_and_driven_by_pollux() {
     }
 
     // The four legs on the wire, with pollux's rewrite.
-    let text = Command::new("tcpdump")
-        .args(["-r"])
-        .arg(&pcap)
-        .args(["-n", "-e", "-t"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&text.stdout).into_owned();
     // "SRC_MAC > DST_MAC, ethertype IPv4 (0x0800), length N: A.P > B.Q: ..."
     let leg = |src_mac: &str, dst_mac: &str, from: &str, to: &str| {
         text.lines().any(|l| {
