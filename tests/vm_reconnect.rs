@@ -140,7 +140,9 @@ fn guests_and_pollux_reconnect_after_either_restarts() {
         "/v1/counters",
         Duration::from_secs(60),
         "the download under way",
-        |v| port(v, "web1", "rx_bytes") > 200_000,
+        // Well under what the client's socket and pipe hold before the
+        // download stalls (about 200 KB in a small guest).
+        |v| port(v, "web1", "rx_bytes") > 100_000,
         || ctx(&guests),
     );
     let (status, report) = lab.stop(idx, &out);
