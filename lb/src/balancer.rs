@@ -473,7 +473,7 @@ impl std::hash::Hash for VipKey {
 }
 
 impl VipKey {
-    fn of_cfg(c: &VipConfig) -> Self {
+    pub(crate) fn of_cfg(c: &VipConfig) -> Self {
         VipKey {
             addr: to16(c.addr),
             port: if matches!(c.proto, 1 | 58) { 0 } else { c.port },
@@ -959,6 +959,16 @@ impl LbCore {
     /// The connection table.
     pub fn conns(&self) -> &ConnTable<ConnInfo> {
         &self.conns
+    }
+
+    /// The connection table, to restore saved connections.
+    pub(crate) fn conns_mut(&mut self) -> &mut ConnTable<ConnInfo> {
+        &mut self.conns
+    }
+
+    /// Counts one more connection of the VIP `key`.
+    pub(crate) fn count_vip(&mut self, key: VipKey) {
+        *self.held.per_vip.entry(key).or_default() += 1;
     }
 
     /// The SNAT allocator.

@@ -825,6 +825,55 @@ impl<V> ConnTable<V> {
         true
     }
 
+    /// Puts back a connection saved elsewhere (another process's table, a
+    /// hitless upgrade) into timeout class `class`, as it was: state,
+    /// counts and times (on this table's clock). It goes to the tail of
+    /// the list its state belongs on, so connections should come least
+    /// recently used first. Refused when full or when either key is
+    /// tracked already; nothing is evicted for it.
+    pub fn restore(&mut self, class: u8, conn: Conn<V>, now: u64) -> Result<(), ConnError> {
+        let class = if usize::from(class) < self.timeouts.len() {
+            class
+        } else {
+            0
+        };
+        if self.len >= self.capacity {
+            return Err(ConnError::Full {
+                capacity: self.capacity,
+            });
+        }
+        if conn.orig == conn.reply
+            || self.map.contains_key(&conn.orig)
+            || self.map.contains_key(&conn.reply)
+        {
+            return Err(ConnError::Exists);
+        }
+        let i = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.slots.push(Slot {
+                    conn: None,
+                    class,
+                    generation: 0,
+                    prev: NIL,
+                    next: NIL,
+                    list: List::Active,
+                    queued: now,
+                });
+                self.slots.len() as u32 - 1
+            }
+        };
+        self.map.insert(conn.orig, (i, Dir::Orig));
+        self.map.insert(conn.reply, (i, Dir::Reply));
+        let list = List::of(conn.state, conn.packets[1] > 0);
+        let s = &mut self.slots[i as usize];
+        s.conn = Some(conn);
+        s.class = class;
+        self.push_tail(i, list, now);
+        self.len += 1;
+        Ok(())
+    }
+
     /// Removes the connection in slot `i`.
     pub fn remove(&mut self, i: u32) -> Option<Conn<V>> {
         let c = self.remove_slot(i)?;

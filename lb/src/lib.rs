@@ -3,7 +3,8 @@
 //! Owns: the VIP/DIP model and distribution modes ([`balancer`]), the Maglev
 //! lookup table ([`maglev`]), per-core connection tracking ([`conntrack`]),
 //! NAT bindings ([`nat`]), SNAT port allocation ([`snat`]) and the SYN
-//! proxy's cookies ([`syncookie`]); the health
+//! proxy's cookies ([`syncookie`]), the state one process hands the next in
+//! a hitless upgrade ([`handover`]); the health
 //! prober ([`probe`]: HTTP GET and TCP probes over smoltcp) and the health
 //! service that runs one per vnet and applies what they learn to the VIPs
 //! in place ([`health`]).
@@ -17,6 +18,7 @@
 
 pub mod balancer;
 pub mod conntrack;
+pub mod handover;
 pub mod health;
 pub mod maglev;
 pub mod nat;

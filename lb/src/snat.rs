@@ -539,6 +539,78 @@ impl SnatAllocator {
         self.in_use.get(&(ip, port, proto)).map_or(0, |u| u.conns)
     }
 
+    /// Each member and its blocks as (public address index, first port).
+    pub(crate) fn members_raw(&self) -> impl Iterator<Item = (IpAddr, Vec<(u16, u16)>)> + '_ {
+        self.members
+            .iter()
+            .map(|(ip, m)| (*ip, m.blocks.iter().map(|b| (b.ip, b.start)).collect()))
+    }
+
+    /// Gives each member of `members` the blocks it had (in another
+    /// process: a hitless upgrade), each given as its public address and
+    /// first port, before any port is in use here. Members not listed keep
+    /// what they have; a listed member's current blocks go back first.
+    /// Refused whole, changing nothing, when a block is not a block of this
+    /// allocator's layout and share or is given twice.
+    pub fn restore_blocks(
+        &mut self,
+        members: &[(IpAddr, Vec<std::net::SocketAddr>)],
+        exhausted: u64,
+    ) -> Result<(), SnatError> {
+        let mut free = self.free_blocks.clone();
+        let mut kept: HashMap<IpAddr, Member> = HashMap::new();
+        for (ip, m) in &self.members {
+            if members.iter().any(|(x, _)| x == ip) {
+                free.extend(m.blocks.iter().copied());
+            }
+        }
+        for (member, blocks) in members {
+            let mut taken = Vec::with_capacity(blocks.len());
+            for b in blocks {
+                let block = self.ip_index(b.ip()).map(|ip| Block {
+                    ip,
+                    start: b.port(),
+                });
+                let Some(at) = block.and_then(|k| free.iter().position(|f| *f == k)) else {
+                    return Err(SnatError::BadConfig(format!(
+                        "member {member}: block {b} is not a free block of this layout"
+                    )));
+                };
+                taken.push(free.swap_remove(at));
+            }
+            kept.insert(*member, Member { blocks: taken });
+        }
+        // Lowest ports handed out first, as a fresh allocator does.
+        free.sort_by(|a, b| (b.ip, b.start).cmp(&(a.ip, a.start)));
+        self.free_blocks = free;
+        self.members.retain(|ip, _| !kept.contains_key(ip));
+        self.members.extend(kept);
+        self.exhausted = exhausted;
+        Ok(())
+    }
+
+    /// Holds `public` port `port` (`proto`) again for a connection saved
+    /// elsewhere: with `private` its endpoint-independent mapping (for an
+    /// outbound connection, its own endpoint), `remote` its far end.
+    pub fn restore_hold(
+        &mut self,
+        public: IpAddr,
+        port: u16,
+        proto: u8,
+        private: Option<(IpAddr, u16)>,
+        remote: IpAddr,
+    ) {
+        let Some(ip) = self.ip_index(public) else {
+            return;
+        };
+        let eim = self.cfg.mapping == Mapping::EndpointIndependent;
+        let private = private.filter(|_| eim);
+        if let Some((a, p)) = private {
+            self.maps.insert((a, p, proto), (ip, port));
+        }
+        self.hold((ip, port, proto), private, remote);
+    }
+
     /// The endpoint-independent mapping of (`private`, `port`, `proto`),
     /// if there is one.
     pub fn mapping_of(&self, private: IpAddr, port: u16, proto: u8) -> Option<(IpAddr, u16)> {

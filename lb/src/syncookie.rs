@@ -62,6 +62,12 @@ impl SynCookies {
         SynCookies { key }
     }
 
+    /// The secret (for a successor process, so that the cookies this one
+    /// gave out still check).
+    pub fn key(&self) -> [u8; 16] {
+        self.key
+    }
+
     fn hash(&self, key: &FlowKey, client_isn: u32, period: u64, mss_idx: u32) -> u32 {
         // The fields themselves, not the key's own (unkeyed) digest: the
         // secret must cover every bit an attacker chooses.
