@@ -10,10 +10,25 @@
 //! a polling core; the caller passes the time and the VIPs of the moment.
 
 use crate::balancer::{LbError, Vips};
-use crate::probe::{DipHealth, ProbeSpec, Prober, Target};
+use crate::probe::{DipHealth, ProbeSpec, Prober, SavedHealth, Target};
 use dataplane::{BufAlloc, Port};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
+
+/// A probed backend's health as one process hands it to the next.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HealthRecord {
+    /// The vnet's name.
+    pub vnet: String,
+    /// The VIP's address and port.
+    pub vip: SocketAddr,
+    /// The VIP's protocol.
+    pub proto: u8,
+    /// The backend's address and port.
+    pub backend: SocketAddr,
+    /// Its health.
+    pub health: SavedHealth,
+}
 
 /// What a probe target is for: a backend of a VIP of a vnet, and how it is
 /// probed.
@@ -213,6 +228,59 @@ impl<P: Port, A: BufAlloc<Buf = P::Buf>> HealthService<P, A> {
             .map(|v| v.prober.poll_at(now))
             .min()
             .unwrap_or(now + Duration::from_secs(1))
+    }
+
+    /// Every probed backend's health, for a successor process.
+    pub fn export(&self) -> Vec<HealthRecord> {
+        self.states()
+            .map(|(t, h)| HealthRecord {
+                vnet: t.vnet.clone(),
+                vip: SocketAddr::new(t.frontend.0, t.frontend.1),
+                proto: t.frontend.2,
+                backend: SocketAddr::new(IpAddr::V4(t.backend.0), t.backend.1),
+                health: h.into(),
+            })
+            .collect()
+    }
+
+    /// Takes in what a predecessor learnt ([`HealthService::export`]): each
+    /// record of a target probed here sets its health, and the VIP's
+    /// backend (found through `vips`, as [`HealthService::poll`] does) is
+    /// set up or down to match. Returns how many records were taken.
+    pub fn restore<'v>(
+        &mut self,
+        saved: &[HealthRecord],
+        vips: impl Fn(&str) -> Option<&'v Vips>,
+    ) -> usize {
+        let mut n = 0;
+        for r in saved {
+            let IpAddr::V4(b) = r.backend.ip() else {
+                continue;
+            };
+            let Some(v) = self.vnets.iter_mut().find(|v| v.vnet == r.vnet) else {
+                continue;
+            };
+            let frontend = (r.vip.ip(), r.vip.port(), r.proto);
+            let found = v.targets.iter().enumerate().find(|(i, t)| {
+                v.prober.is_active(*i)
+                    && t.frontend == frontend
+                    && t.backend == (b, r.backend.port())
+            });
+            let Some((i, _)) = found else { continue };
+            if !v.prober.restore_health(i, &r.health) {
+                continue;
+            }
+            let set = vips(&v.vnet)
+                .and_then(|vs| vs.get(frontend.0, frontend.1, frontend.2))
+                .and_then(|vip| {
+                    let bi = vip.backend_index(r.backend.ip(), r.backend.port())?;
+                    vip.set_health(bi, r.health.up).ok()
+                });
+            if set.is_some() {
+                n += 1;
+            }
+        }
+        n
     }
 
     /// Every target probed now, with its health.

@@ -581,7 +581,7 @@ impl SnatAllocator {
             kept.insert(*member, Member { blocks: taken });
         }
         // Lowest ports handed out first, as a fresh allocator does.
-        free.sort_by(|a, b| (b.ip, b.start).cmp(&(a.ip, a.start)));
+        free.sort_by_key(|b| std::cmp::Reverse((b.ip, b.start)));
         self.free_blocks = free;
         self.members.retain(|ip, _| !kept.contains_key(ip));
         self.members.extend(kept);

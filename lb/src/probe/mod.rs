@@ -89,7 +89,8 @@ impl ProbeSpec {
 }
 
 /// Why a probe failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum FailReason {
     /// The server answered with this HTTP status (not 200).
     Http(u16),
@@ -191,6 +192,37 @@ impl DipHealth {
             self.last_change = Some(now);
         }
         self.up != before
+    }
+}
+
+/// What a successor process needs of a [`DipHealth`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedHealth {
+    /// Up.
+    pub up: bool,
+    /// It has been up before (a later success brings it back only after
+    /// the threshold).
+    pub ever_up: bool,
+    /// Consecutive successes.
+    pub ok_streak: u32,
+    /// Consecutive failures.
+    pub fail_streak: u32,
+    /// The last result.
+    pub last: Option<Result<(), FailReason>>,
+    /// Probes completed.
+    pub probes: u64,
+}
+
+impl From<&DipHealth> for SavedHealth {
+    fn from(h: &DipHealth) -> SavedHealth {
+        SavedHealth {
+            up: h.up,
+            ever_up: h.ever_up,
+            ok_streak: h.ok_streak,
+            fail_streak: h.fail_streak,
+            last: h.last,
+            probes: h.probes,
+        }
     }
 }
 
@@ -364,6 +396,23 @@ impl<P: Port, A: BufAlloc<Buf = P::Buf>> Prober<P, A> {
     /// Health of target `i`.
     pub fn health(&self, i: usize) -> Option<&DipHealth> {
         self.health.get(i)
+    }
+
+    /// Sets target `i`'s health to what another process learnt of the same
+    /// backend (a hitless upgrade): up or down, the streaks, the last
+    /// result and how many probes, so that the switch goes on from there
+    /// instead of starting the backend down. False for no such target.
+    pub fn restore_health(&mut self, i: usize, saved: &SavedHealth) -> bool {
+        let Some(h) = self.health.get_mut(i) else {
+            return false;
+        };
+        h.up = saved.up;
+        h.ever_up = saved.up || saved.ever_up;
+        h.ok_streak = saved.ok_streak;
+        h.fail_streak = saved.fail_streak;
+        h.last = saved.last;
+        h.probes = saved.probes;
+        true
     }
 
     /// Probes in flight.
