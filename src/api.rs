@@ -55,6 +55,20 @@ pub struct Status {
     pub vips: usize,
     /// Reloads of the configuration file (SIGHUP).
     pub reloads: Reloads,
+    /// The running pollux's version.
+    #[serde(default)]
+    pub version: String,
+    /// Its process id.
+    #[serde(default)]
+    pub pid: u32,
+    /// The takeover this process made from its predecessor, if it took
+    /// over (`pollux run --takeover`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub takeover: Option<crate::takeover::Takeover>,
+    /// Why the last attempt to hand over to a successor failed (this
+    /// process went on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub takeover_failed: Option<String>,
     /// The DPDK devices under the ports.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<Device>,

@@ -379,6 +379,23 @@ fn table(cmd: &Cmd, path: &str, status: u16, text: &str) -> Result<Vec<String>, 
                     d.port, d.driver, d.device, d.queues, d.max_rx_queues, d.max_tx_queues
                 ));
             }
+            out.push(format!("version  {} (pid {})", st.version, st.pid));
+            if let Some(t) = &st.takeover {
+                out.push(format!(
+                    "took over from pid {} (version {}) at {}: traffic stopped {:.1} ms; {} connections, {} left out, {} probe states, {} sockets",
+                    t.from_pid,
+                    t.from_version,
+                    utc(t.at_unix),
+                    t.blackout_us as f64 / 1000.0,
+                    t.connections,
+                    t.connections_dropped,
+                    t.probes,
+                    t.sockets
+                ));
+            }
+            if let Some(f) = &st.takeover_failed {
+                out.push(f.clone());
+            }
         }
         Cmd::Get(kind, None) => {
             let g = match kind.as_str() {
@@ -579,8 +596,36 @@ fn counters_table(c: &Counters) -> Vec<String> {
     out
 }
 
+/// Seconds since the Unix epoch as `YYYY-MM-DD HH:MM:SS UTC` (the civil
+/// calendar from a day count, as in Howard Hinnant's `civil_from_days`).
+fn utc(secs: u64) -> String {
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn utc_reads_as_a_calendar_date() {
+        assert_eq!(super::utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(super::utc(1_796_256_000 + 3_723), "2026-12-03 01:02:03 UTC");
+        assert_eq!(super::utc(951_782_400), "2000-02-29 00:00:00 UTC");
+    }
+
     use super::*;
 
     #[test]

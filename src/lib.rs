@@ -19,3 +19,4 @@ pub mod metrics;
 pub mod pktgen;
 pub mod run;
 pub mod sriov;
+pub mod takeover;

@@ -32,9 +32,17 @@ enum Command {
     },
     /// Run the switch on the configured ports until SIGINT or SIGTERM.
     Run {
-        /// The configuration file (TOML; see docs/config.md).
-        #[arg(long)]
-        config: PathBuf,
+        /// The configuration file (TOML; see docs/config.md). With
+        /// --takeover: instead of the running pollux's configuration (same
+        /// ports and workers).
+        #[arg(long, required_unless_present = "takeover")]
+        config: Option<PathBuf>,
+        /// Take over from the pollux serving this control socket, with its
+        /// connections, probe states, counters and port sockets (a hitless
+        /// upgrade); it exits once this one runs, and goes on if this one
+        /// fails.
+        #[arg(long, value_name = "SOCKET")]
+        takeover: Option<PathBuf>,
     },
     /// Run the embedded demo: VMs, a VIP, probes, ACLs and tenants on ring
     /// ports in this process (no privileges, no system packages).
@@ -404,10 +412,16 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
-fn run(path: &std::path::Path) -> ExitCode {
-    let result = config::Config::load(path)
-        .map_err(pollux::run::RunError::from)
-        .and_then(|c| pollux::run::run_with(&c, Some(path)));
+fn run(path: Option<&std::path::Path>, takeover: Option<&std::path::Path>) -> ExitCode {
+    let result = match (path, takeover) {
+        (file, Some(socket)) => pollux::run::run_takeover(socket, file),
+        (Some(path), None) => config::Config::load(path)
+            .map_err(pollux::run::RunError::from)
+            .and_then(|c| pollux::run::run_with(&c, Some(path))),
+        (None, None) => Err(pollux::run::RunError::Config(config::ConfigError::Invalid(
+            vec!["pollux run needs --config or --takeover".into()],
+        ))),
+    };
     match result {
         Ok(report) => {
             for l in report.lines() {
@@ -428,7 +442,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match &cli.command {
         Command::Check { config } => check(config),
-        Command::Run { config } => run(config),
+        Command::Run { config, takeover } => run(config.as_deref(), takeover.as_deref()),
         Command::Pktgen(a) => pktgen(a),
         Command::Ctl {
             socket,

@@ -92,6 +92,9 @@ pub enum RunError {
     /// `take_end` of a port that is not a ring port of the configuration.
     #[error("port {0:?} is not a ring port of the configuration")]
     NoSuchRing(String),
+    /// Taking over from a running pollux failed (it goes on).
+    #[error("takeover: {0}")]
+    Takeover(#[from] crate::takeover::TakeoverError),
 }
 
 impl RunError {
@@ -344,9 +347,105 @@ pub fn run_with(cfg: &Config, source: Option<&std::path::Path>) -> Result<RunRep
     let pool = Pool::new(&PoolConfig::new("run", 65536))?;
     let (mut sets, idle_peers) = open_ports(cfg, workers, pool)?;
     let probers = probers(cfg, &mut topo, pool, &mut sets)?;
-    let report = run_on(cfg, &topo, sets, probers, &cores, stop);
+    let report = run_on(cfg, &topo, sets, probers, &cores, stop, None);
     drop(idle_peers);
     report
+}
+
+/// `pollux run --takeover SOCKET`: takes over from the pollux serving the
+/// control socket `control` ([`crate::takeover`]), with its running
+/// configuration or, given `file`, with that one if it keeps the same
+/// ports and workers; then runs as [`run_with`] does (reloading `file` on
+/// SIGHUP). Any failure before this process starts its workers leaves the
+/// running pollux as it was.
+pub fn run_takeover(
+    control: &std::path::Path,
+    file: Option<&std::path::Path>,
+) -> Result<RunReport, RunError> {
+    // A file this build refuses is refused before the running pollux is
+    // even asked.
+    let mine = match file {
+        Some(f) => {
+            let c = Config::load(f)?;
+            c.validate()?;
+            Some(c)
+        }
+        None => None,
+    };
+    let mut inc = crate::takeover::Incoming::request(control)?;
+    match prepare_takeover(&mut inc, mine, file) {
+        Ok((cfg, topo, sets, probers, stop)) => {
+            let cores = core_affinity::get_core_ids().unwrap_or_default();
+            run_on(&cfg, &topo, sets, probers, &cores, stop, Some(inc))
+        }
+        Err(e) => Err(RunError::Takeover(inc.abort(e.lines().join("; ")))),
+    }
+}
+
+/// What [`run_on`] needs, for a successor.
+type Prepared = (Config, Topology, Vec<PortSet>, Health<Pool>, Stop);
+
+/// The configuration a successor runs, checked, and its ports opened on
+/// the sockets handed over.
+fn prepare_takeover(
+    inc: &mut crate::takeover::Incoming,
+    mine: Option<Config>,
+    file: Option<&std::path::Path>,
+) -> Result<Prepared, RunError> {
+    let running: Config = serde_json::from_value(inc.state.config.clone()).map_err(|e| {
+        ConfigError::Invalid(vec![format!(
+            "the running configuration does not parse here: {e}"
+        )])
+    })?;
+    let cfg = mine.unwrap_or_else(|| running.clone());
+    cfg.validate()?;
+    let problems = crate::takeover::compatibility(&running, &cfg);
+    if !problems.is_empty() {
+        return Err(ConfigError::Invalid(problems).into());
+    }
+    let mut topo = cfg.topology()?;
+    let workers = cfg.dataplane.workers.max(1);
+    let stop = Stop::signals_only(file)?;
+    let pool = Pool::new(&PoolConfig::new("run", 65536))?;
+    let mut sets: Vec<PortSet> = (0..workers).map(|_| Vec::new()).collect();
+    let ports = inc.state.ports.clone();
+    for (i, p) in cfg.port.iter().enumerate() {
+        let dataplane::port::spec::PortSpec::AfPacket { iface } = &p.spec else {
+            return Err(ConfigError::Invalid(crate::takeover::port_problems(&cfg)).into());
+        };
+        let Some(ps) = ports.get(i).filter(|ps| ps.name == p.name && ps.queues.len() == workers)
+        else {
+            return Err(ConfigError::Invalid(vec![format!(
+                "port {:?}: the running pollux handed over no socket per worker for it",
+                p.name
+            )])
+            .into());
+        };
+        for (set, q) in sets.iter_mut().zip(&ps.queues) {
+            let fd = inc.take_fd(q).ok_or_else(|| {
+                ConfigError::Invalid(vec![format!(
+                    "port {:?}: descriptor {} was not handed over",
+                    p.name, q.fd
+                )])
+            })?;
+            let port = dataplane::port::af_packet::AfPacketPort::adopt(
+                &p.name,
+                iface,
+                pool,
+                dataplane::port::Handover {
+                    fd,
+                    rx_next: q.rx_next,
+                    tx_next: q.tx_next,
+                    frame_size: q.frame_size,
+                    frames: q.frames,
+                },
+            )?;
+            crate::takeover::add_counters(port.stats(), &q.counters);
+            set.push(Box::new(port));
+        }
+    }
+    let probers = probers(&cfg, &mut topo, pool, &mut sets)?;
+    Ok((cfg, topo, sets, probers, stop))
 }
 
 /// What stops the control loop, what makes it reload, and the control API.
@@ -374,6 +473,14 @@ fn bind_control(cfg: &Config) -> Result<Option<crate::control::Server>, RunError
 impl Stop {
     /// SIGINT and SIGTERM stop; SIGHUP reloads `source` if given.
     fn signals(cfg: &Config, source: Option<&std::path::Path>) -> Result<Stop, RunError> {
+        let mut s = Self::signals_only(source)?;
+        s.server = bind_control(cfg)?;
+        Ok(s)
+    }
+
+    /// [`Stop::signals`] without the control API (a successor binds it
+    /// once it runs).
+    fn signals_only(source: Option<&std::path::Path>) -> Result<Stop, RunError> {
         let stop = Arc::new(AtomicBool::new(false));
         let register = |(number, signal), flag: &Arc<AtomicBool>| {
             signal_hook::flag::register(number, flag.clone())
@@ -395,7 +502,7 @@ impl Stop {
         Ok(Stop {
             stop,
             reload,
-            server: bind_control(cfg)?,
+            server: None,
         })
     }
 }
@@ -454,7 +561,7 @@ impl InProcess {
                     reload: None,
                     server,
                 };
-                run_on(&cfg, &topo, sets, probers, &cores, stop)
+                run_on(&cfg, &topo, sets, probers, &cores, stop, None)
             })
             .map_err(|source| RunError::Spawn {
                 what: "the switch's control thread".into(),
@@ -516,7 +623,7 @@ fn run_dpdk(cfg: &Config, mut topo: Topology, stop: Stop) -> Result<RunReport, R
     }
     let probers = probers(cfg, &mut topo, pool, &mut sets)?;
     let cores = core_affinity::get_core_ids().unwrap_or_default();
-    run_on(cfg, &topo, sets, probers, &cores, stop)
+    run_on(cfg, &topo, sets, probers, &cores, stop, None)
 }
 
 #[cfg(not(feature = "dpdk"))]
@@ -524,9 +631,16 @@ fn run_dpdk(_cfg: &Config, _topo: Topology, _stop: Stop) -> Result<RunReport, Ru
     Err(RunError::NoDpdk)
 }
 
+/// A stopped worker: its ports and switch.
+type StoppedWorker<B> = dataplane::worker::Stopped<B, Switch<B>>;
+
 /// Starts one switch worker per port set, serves the control API (with a
 /// `[control]` section), runs the control loop until `stop` says so, stops
-/// the workers and returns the report.
+/// the workers and returns the report. A successor (`incoming`) restores
+/// its predecessor's state into the switches, and serves the control API
+/// once its workers run. A successor's request to take over (from the
+/// API) stops the workers and hands over; if that fails, the same workers
+/// start again and the loop goes on.
 fn run_on<A: BufAlloc>(
     cfg: &Config,
     topo: &Topology,
@@ -534,11 +648,13 @@ fn run_on<A: BufAlloc>(
     mut health: Health<A>,
     cores: &[core_affinity::CoreId],
     stop: Stop,
+    mut incoming: Option<crate::takeover::Incoming>,
 ) -> Result<RunReport, RunError> {
     let workers = sets.len().max(1);
-    let policy = Policy::compile(topo, 1).map_err(|e| ConfigError::Invalid(e.0))?;
+    let generation = incoming.as_ref().map_or(1, |i| i.state.generation + 1);
+    let policy = Policy::compile(topo, generation).map_err(|e| ConfigError::Invalid(e.0))?;
     let swap = Arc::new(ArcSwap::from_pointee(policy));
-    let sw_cfg = SwitchConfig {
+    let mut sw_cfg = SwitchConfig {
         flow_table_size: cfg.dataplane.flow_table_size,
         conn_table_size: cfg.dataplane.conn_table_size,
         // Each configured port's MTU (the probers' internal ports, after
@@ -546,12 +662,16 @@ fn run_on<A: BufAlloc>(
         port_mtu: cfg.port.iter().map(|p| p.mtu.unwrap_or(1500)).collect(),
         ..SwitchConfig::default()
     };
+    if let Some(inc) = &incoming {
+        // Cookies the predecessor gave out still check here.
+        sw_cfg.syn_cookies = lb::syncookie::SynCookies::with_key(inc.state.syn_cookie_key);
+    }
     let handoff = Handoff::new(workers, 8192);
-    let server = stop.server;
+    let mut server = stop.server;
     let mut flow_control = Vec::new();
-    let (mut stats, mut acl_hits, mut wstats, mut stops, mut handles) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut stats, mut acl_hits, mut wstats) = (Vec::new(), Vec::new(), Vec::new());
     let mut port_stats: Vec<(String, Vec<Arc<dataplane::PortStats>>)> = Vec::new();
+    let mut built = Vec::new();
     for (w, ports) in sets.into_iter().enumerate() {
         for (i, p) in ports.iter().enumerate() {
             match port_stats.get_mut(i) {
@@ -561,33 +681,61 @@ fn run_on<A: BufAlloc>(
         }
         let fc = Arc::new(vswitch::switch::FlowControl::default());
         flow_control.push(fc.clone());
-        let switch = Switch::new(swap.clone(), sw_cfg.clone())
+        let mut switch = Switch::new(swap.clone(), sw_cfg.clone())
             .with_handoff(w, handoff.clone())
             .with_control(w, fc);
+        if let Some(inc) = incoming.as_mut() {
+            let rec = inc.state.workers.get(w).cloned().unwrap_or_default();
+            match switch.import_state(&rec) {
+                Ok(done) => inc.count(&done),
+                Err(e) => {
+                    return Err(RunError::Takeover(
+                        inc.abort(format!("worker{w}: state not restored: {e}")),
+                    ));
+                }
+            }
+        }
         stats.push(switch.stats());
         acl_hits.push(switch.acl_hits());
+        wstats.push(Arc::new(dataplane::worker::WorkerStats::default()));
+        built.push(dataplane::worker::Stopped {
+            ports,
+            pipeline: switch,
+        });
+    }
+    if let Some(inc) = incoming.as_mut() {
+        let cur = swap.load();
+        let by_name = |name: &str| cur.vnets.iter().find(|v| v.name == name).map(|v| &v.vips);
+        inc.report.probes = health.restore(&inc.state.probes, by_name) as u64;
+        // The predecessor stops serving and says go; from here on this
+        // process owns the ports.
+        inc.ready()?;
+    }
+    let core_of = |w: usize| {
         // Polling cores from the last one down; the control thread floats.
-        let core = cores
+        cores
             .len()
             .checked_sub(w + 1)
             .and_then(|c| cores.get(c))
-            .map(|c| c.id);
-        let worker = Worker::new(&format!("worker{w}"), core, ports, switch)
-            .with_idle_sleep(Duration::from_micros(cfg.dataplane.idle_sleep_us));
-        stops.push(worker.stop_flag());
-        wstats.push(worker.stats());
-        handles.push(
-            worker
-                .spawn()
-                .map_err(|e| RunError::Workers(vec![e.to_string()]))?,
-        );
-    }
-    eprintln!(
-        "pollux: switch running on {} ports with {workers} worker(s), {} probed backends (SIGINT or SIGTERM stops)",
-        cfg.port.len(),
-        health.states().count()
-    );
-    let mut state = crate::control::ControlState::new(cfg.clone(), topo, swap.clone());
+            .map(|c| c.id)
+    };
+    let idle_sleep = Duration::from_micros(cfg.dataplane.idle_sleep_us);
+    let spawn = |stopped: Vec<StoppedWorker<A::Buf>>| {
+        let mut out = (Vec::new(), Vec::new());
+        for (w, s) in stopped.into_iter().enumerate() {
+            let worker = Worker::new(&format!("worker{w}"), core_of(w), s.ports, s.pipeline)
+                .with_idle_sleep(idle_sleep)
+                .with_stats(wstats[w].clone());
+            out.0.push(worker.stop_flag());
+            out.1.push(
+                worker
+                    .spawn()
+                    .map_err(|e| RunError::Workers(vec![e.to_string()]))?,
+            );
+        }
+        Ok::<_, RunError>(out)
+    };
+    let (mut stops, mut handles) = spawn(built)?;
     let mut rt = crate::control::Runtime::new(
         port_stats.clone(),
         wstats.clone(),
@@ -595,6 +743,33 @@ fn run_on<A: BufAlloc>(
         acl_hits.clone(),
         flow_control,
     );
+    if let Some(mut inc) = incoming.take() {
+        inc.started();
+        eprintln!(
+            "pollux: took over from pid {} (version {}): traffic stopped {:.1} ms; {} connections, {} probe states, {} sockets",
+            inc.report.from_pid,
+            inc.report.from_version,
+            inc.report.blackout_us as f64 / 1000.0,
+            inc.report.connections,
+            inc.report.probes,
+            inc.report.sockets,
+        );
+        server = match &cfg.control {
+            Some(c) => Some(crate::control::Server::bind_as(
+                &c.socket,
+                c.tcp.as_deref(),
+                true,
+            )?),
+            None => None,
+        };
+        rt.takeover = Some(inc.report.clone());
+    }
+    eprintln!(
+        "pollux: switch running on {} ports with {workers} worker(s), {} probed backends (SIGINT or SIGTERM stops)",
+        cfg.port.len(),
+        health.states().count()
+    );
+    let mut state = crate::control::ControlState::new(cfg.clone(), topo, swap.clone());
     if let Some(s) = &server {
         eprintln!(
             "pollux: control API on {}{}",
@@ -605,29 +780,56 @@ fn run_on<A: BufAlloc>(
                 .map_or(String::new(), |a| format!(" and http://{a}"))
         );
     }
-    control_loop(
-        &stop.stop,
-        stop.reload.as_ref(),
-        &stops,
-        &mut health,
-        &mut state,
-        &mut rt,
-        server.as_ref(),
-    );
-    for s in &stops {
-        s.store(true, Ordering::Relaxed);
-    }
-    // Workers flush and close their ports when they return.
-    let mut failures = Vec::new();
-    for (w, h) in handles.into_iter().enumerate() {
-        match h.join() {
-            Ok(Ok(stopped)) => drop(stopped),
-            Ok(Err(e)) => failures.push(e.to_string()),
-            Err(_) => failures.push(format!("worker{w} panicked")),
+    loop {
+        control_loop(
+            &stop.stop,
+            stop.reload.as_ref(),
+            &stops,
+            &mut health,
+            &mut state,
+            &mut rt,
+            server.as_ref(),
+        );
+        for s in &stops {
+            s.store(true, Ordering::Relaxed);
         }
-    }
-    if !failures.is_empty() {
-        return Err(RunError::Workers(failures));
+        // Workers flush their ports when they return.
+        let mut failures = Vec::new();
+        let mut stopped = Vec::new();
+        for (w, h) in std::mem::take(&mut handles).into_iter().enumerate() {
+            match h.join() {
+                Ok(Ok(s)) => stopped.push(s),
+                Ok(Err(e)) => failures.push(e.to_string()),
+                Err(_) => failures.push(format!("worker{w} panicked")),
+            }
+        }
+        if !failures.is_empty() {
+            return Err(RunError::Workers(failures));
+        }
+        let Some(req) = rt.takeover_request.take() else {
+            break;
+        };
+        match hand_over(&req, &stopped, &state, &health, &port_stats, &sw_cfg, &mut server) {
+            Ok(()) => {
+                eprintln!("pollux: handed over to pid {}", req.pid);
+                break;
+            }
+            Err(e) => {
+                let why = format!("handover to pid {} failed, going on: {e}", req.pid);
+                eprintln!("pollux: {why}");
+                rt.takeover_failed = Some(why);
+                (stops, handles) = spawn(stopped)?;
+                // Released to a successor that then failed: serve again.
+                if server.is_none()
+                    && let Some(c) = &cfg.control
+                {
+                    match crate::control::Server::bind_as(&c.socket, c.tcp.as_deref(), true) {
+                        Ok(s) => server = Some(s),
+                        Err(e) => eprintln!("pollux: control API not served again: {e}"),
+                    }
+                }
+            }
+        }
     }
     let mut counters = crate::control::local_counters(&state, &rt);
     use crate::control::by_reason;
@@ -641,6 +843,65 @@ fn run_on<A: BufAlloc>(
     report.ports = std::mem::take(&mut counters.ports);
     report.rules = std::mem::take(&mut counters.rules);
     Ok(report)
+}
+
+/// Hands the stopped workers' state and sockets to the successor that
+/// asked (`req`); `server` is released (left to the successor) when it is
+/// ready. An error: nothing was handed over, this process goes on.
+fn hand_over<A: BufAlloc>(
+    req: &crate::takeover::Request,
+    stopped: &[StoppedWorker<A::Buf>],
+    state: &crate::control::ControlState,
+    health: &Health<A>,
+    port_stats: &[(String, Vec<Arc<dataplane::PortStats>>)],
+    sw_cfg: &SwitchConfig,
+    server: &mut Option<crate::control::Server>,
+) -> Result<(), crate::takeover::TakeoverError> {
+    use crate::takeover::{PortState, QueueState, TakeoverError, counters_of, offer, state_of};
+    let cfg = state.config();
+    let mut st = state_of(cfg, state.generation(), sw_cfg.syn_cookies.key());
+    let mut fds = Vec::new();
+    for (i, p) in cfg.port.iter().enumerate() {
+        let mut queues = Vec::new();
+        for (w, s) in stopped.iter().enumerate() {
+            let h = s
+                .ports
+                .get(i)
+                .and_then(|q| q.handover())
+                .ok_or_else(|| {
+                    TakeoverError::Unusable(format!("port {:?} cannot hand over", p.name))
+                })?
+                .map_err(|e| TakeoverError::Io(format!("port {:?}: {e}", p.name)))?;
+            let counters = port_stats
+                .get(i)
+                .and_then(|(_, v)| v.get(w))
+                .map(|s| counters_of(&p.name, s))
+                .unwrap_or_default();
+            queues.push(QueueState {
+                fd: fds.len(),
+                rx_next: h.rx_next,
+                tx_next: h.tx_next,
+                frame_size: h.frame_size,
+                frames: h.frames,
+                counters,
+            });
+            fds.push(h.fd);
+        }
+        st.ports.push(PortState {
+            name: p.name.clone(),
+            driver: p.spec.driver().to_string(),
+            queues,
+        });
+    }
+    st.workers = stopped.iter().map(|s| s.pipeline.export_state()).collect();
+    st.probes = health.export();
+    use std::os::fd::AsFd;
+    let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+    offer(req, &st, &borrowed, || {
+        if let Some(s) = server.take() {
+            s.release();
+        }
+    })
 }
 
 /// Polls the health service (which applies health changes to their VIPs),
@@ -657,7 +918,10 @@ fn control_loop<A: BufAlloc>(
     let start = Instant::now();
     let policy = state.policy().clone();
     let mut changes = state.changes();
-    while !signalled.load(Ordering::Relaxed) && !stop.iter().any(|s| s.load(Ordering::Relaxed)) {
+    while !signalled.load(Ordering::Relaxed)
+        && !stop.iter().any(|s| s.load(Ordering::Relaxed))
+        && rt.takeover_request.is_none()
+    {
         let now = start.elapsed();
         let mut next = now + Duration::from_millis(50);
         // After an API change or a reload: probe what the new state says,

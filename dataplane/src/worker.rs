@@ -289,6 +289,13 @@ impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
         self.tally.publish(&self.stats);
     }
 
+    /// This worker counting into `stats` (those of an earlier worker over
+    /// the same ports and pipeline, started again).
+    pub fn with_stats(mut self, stats: Arc<WorkerStats>) -> Self {
+        self.stats = stats;
+        self
+    }
+
     /// The pipeline (e.g. to read its state between `poll_once` calls).
     pub fn pipeline(&self) -> &P {
         &self.pipeline

@@ -415,8 +415,47 @@ fn route(
         ),
         ("GET" | "DELETE", ["v1", "flows"]) => flows(state, rt, method == "DELETE", &q),
         ("GET", ["v1", "counters"]) => reply(200, &counters(state, rt)?),
+        ("POST", ["v1", "takeover"]) => takeover(state, rt, body),
         _ => Err(no_endpoint(method, &path)),
     }
+}
+
+/// `POST /v1/takeover`: a successor asks to take over. Accepted (202) when
+/// every port can be handed over and it reads this build's state format;
+/// the control loop then stops the workers and hands over.
+fn takeover(state: &ControlState, rt: &mut Runtime, body: &str) -> Result<Reply, ApiError> {
+    use crate::takeover::{FORMAT, Request, port_problems};
+    let req: Request = body_json(body, "takeover request")?;
+    if rt.takeover_request.is_some() {
+        return Err(ApiError::new(409, "a takeover is already under way"));
+    }
+    if !req.formats.contains(&FORMAT) {
+        return Err(ApiError::new(
+            409,
+            format!(
+                "this pollux ({}) writes state format {FORMAT}; the successor ({}) reads {:?}",
+                crate::takeover::VERSION,
+                req.version,
+                req.formats
+            ),
+        ));
+    }
+    let problems = port_problems(state.config());
+    if !problems.is_empty() {
+        return Err(ApiError {
+            status: 409,
+            message: problems.join("; "),
+            problems,
+        });
+    }
+    eprintln!(
+        "pollux: pid {} (version {}) takes over; handing over at {}",
+        req.pid,
+        req.version,
+        req.socket.display()
+    );
+    rt.takeover_request = Some(req);
+    reply(202, &json!({"accepted": true}))
 }
 
 /// `GET /v1/status`.
@@ -430,6 +469,10 @@ fn status(state: &ControlState, rt: &Runtime) -> Status {
         nsgs: c.nsg.len(),
         vips: c.vip.len(),
         reloads: rt.reloads.clone(),
+        version: crate::takeover::VERSION.to_string(),
+        pid: std::process::id(),
+        takeover: rt.takeover.clone(),
+        takeover_failed: rt.takeover_failed.clone(),
         devices: rt
             .ports
             .iter()
@@ -796,6 +839,14 @@ impl Server {
     /// anyone can connect: it is bound under a temporary name, restricted,
     /// then renamed into place; and `tcp`, which must be a loopback address.
     pub fn bind(socket: &Path, tcp: Option<&str>) -> Result<Server, BindError> {
+        Self::bind_as(socket, tcp, false)
+    }
+
+    /// [`Server::bind`]; `successor`: this process takes over from the
+    /// pollux that served `socket`, which has stopped serving it (its file
+    /// is replaced, and a TCP address it just closed is retried for a
+    /// while).
+    pub fn bind_as(socket: &Path, tcp: Option<&str>, successor: bool) -> Result<Server, BindError> {
         use std::os::unix::fs::PermissionsExt;
         let err = |e: &dyn std::fmt::Display| BindError::Socket {
             path: socket.to_path_buf(),
@@ -803,7 +854,7 @@ impl Server {
         };
         // A socket someone answers on belongs to a running pollux: never
         // take it over (a stale file, with nobody listening, is replaced).
-        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+        if !successor && std::os::unix::net::UnixStream::connect(socket).is_ok() {
             return Err(err(
                 &"another process is serving it (is pollux already running?)",
             ));
@@ -828,7 +879,17 @@ impl Server {
                 if !a.ip().is_loopback() {
                     return Err(err("must be a loopback address".into()));
                 }
-                let l = std::net::TcpListener::bind(a).map_err(|e| err(e.to_string()))?;
+                let mut tries = if successor { 200 } else { 1 };
+                let l = loop {
+                    match std::net::TcpListener::bind(a) {
+                        Ok(l) => break l,
+                        Err(e) if tries > 1 && e.kind() == std::io::ErrorKind::AddrInUse => {
+                            tries -= 1;
+                            std::thread::sleep(Duration::from_millis(10));
+                        }
+                        Err(e) => return Err(err(e.to_string())),
+                    }
+                };
                 Some(tiny_http::Server::from_listener(l, None).map_err(|e| err(e.to_string()))?)
             }
         };
@@ -891,8 +952,18 @@ impl Server {
     }
 }
 
+impl Server {
+    /// Stops serving, leaving the socket file for the successor that
+    /// takes it over (a hitless upgrade).
+    pub fn release(mut self) {
+        self.path = PathBuf::new();
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if !self.path.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }

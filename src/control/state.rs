@@ -282,6 +282,13 @@ pub struct Runtime {
     pub probes: Vec<ProbeState>,
     /// Reloads of the configuration file (SIGHUP) so far.
     pub reloads: Reloads,
+    /// A successor's request to take over, accepted and not yet carried
+    /// out (the control loop carries it out).
+    pub takeover_request: Option<crate::takeover::Request>,
+    /// The takeover this process made, if it took over.
+    pub takeover: Option<crate::takeover::Takeover>,
+    /// Why the last attempt to hand over to a successor failed.
+    pub takeover_failed: Option<String>,
     next_id: u64,
 }
 
@@ -302,6 +309,9 @@ impl Runtime {
             flow_control,
             probes: Vec::new(),
             reloads: Reloads::default(),
+            takeover_request: None,
+            takeover: None,
+            takeover_failed: None,
             next_id: 1,
         }
     }

@@ -130,6 +130,19 @@ impl Lab {
         self.children.len() - 1
     }
 
+    /// Starts `cmd` (bash) in the root namespace, output to `log`.
+    pub fn spawn_root(&mut self, cmd: &str, log: &Path) -> usize {
+        let f = std::fs::File::create(log).unwrap();
+        let child = Command::new("bash")
+            .args(["-c", cmd])
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap();
+        self.children.push(child);
+        self.children.len() - 1
+    }
+
     /// Starts `pollux run` on `config`, with a control socket
     /// ([`Lab::api`]) unless `config` has a `[control]` section; returns
     /// (child index, stdout file, stderr file). [`Lab::stop`] stops it.
@@ -148,6 +161,29 @@ impl Lab {
         let log = self.dir.join(format!("{name}.log"));
         let child = Command::new(env!("CARGO_BIN_EXE_pollux"))
             .args(["run", "--config", cfg.to_str().unwrap()])
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        self.children.push(child);
+        (self.children.len() - 1, out, log)
+    }
+
+    /// Starts `pollux run --takeover` on the control socket of the pollux
+    /// started as `from` ([`Lab::pollux`]), with `args` added; returns
+    /// (child index, stdout file, stderr file), named after `name`.
+    pub fn pollux_takeover(
+        &mut self,
+        name: &str,
+        from: &str,
+        args: &[&str],
+    ) -> (usize, PathBuf, PathBuf) {
+        let out = self.dir.join(format!("{name}.out"));
+        let log = self.dir.join(format!("{name}.log"));
+        let sock = self.api(from).sock;
+        let child = Command::new(env!("CARGO_BIN_EXE_pollux"))
+            .args(["run", "--takeover", sock.to_str().unwrap()])
+            .args(args)
             .stdout(std::fs::File::create(&out).unwrap())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()

@@ -276,6 +276,73 @@ impl AfPacketPort {
         Ok(port)
     }
 
+    /// Goes on with the socket `fd` of a predecessor process's port on
+    /// `iface` (its [`Port::handover`]): maps the same rings and reads and
+    /// writes on from the slots it gave. Nothing the kernel queued for the
+    /// socket is lost, and no frame is read twice. The socket must be a
+    /// TPACKET_V2 packet socket with rings of `h`'s sizes.
+    pub fn adopt(
+        name: &str,
+        iface: &str,
+        pool: Pool,
+        h: super::Handover,
+    ) -> Result<Self, PortError> {
+        let err = |reason: String| PortError::BadConfig {
+            port: name.to_string(),
+            reason,
+        };
+        let (_, info) = super::kernel_interface(name, iface, "af_packet")?;
+        let fd = h.fd.as_raw_fd();
+        // SAFETY: SO_DOMAIN and PACKET_VERSION read C ints.
+        let domain = unsafe { super::get_sockopt::<libc::c_int>(fd, libc::SOL_SOCKET, libc::SO_DOMAIN) };
+        // SAFETY: as above.
+        let version =
+            unsafe { super::get_sockopt::<libc::c_int>(fd, libc::SOL_PACKET, libc::PACKET_VERSION) };
+        if domain.ok() != Some(libc::AF_PACKET)
+            || version.ok() != Some(libc::tpacket_versions::TPACKET_V2 as libc::c_int)
+        {
+            return Err(err(format!(
+                "the socket handed over for {iface:?} is not a TPACKET_V2 packet socket"
+            )));
+        }
+        if h.frames == 0 || h.frame_size == 0 || h.rx_next >= h.frames || h.tx_next >= h.frames {
+            return Err(err(format!(
+                "ring positions {}/{} of {} slots do not fit",
+                h.rx_next, h.tx_next, h.frames
+            )));
+        }
+        let ring_len = h.frames * h.frame_size;
+        // The kernel maps a packet socket's rings only whole: a size that
+        // is not theirs is refused here.
+        let map = Mapping::new(
+            2 * ring_len,
+            libc::MAP_SHARED | libc::MAP_LOCKED,
+            Some(h.fd.as_fd()),
+            0,
+        )
+        .map_err(|e| err(format!("cannot map the handed-over rings of {iface:?}: {e}")))?;
+        let base = map.as_ptr();
+        Ok(AfPacketPort {
+            info,
+            stats: Arc::default(),
+            pool,
+            _map: map,
+            fd: h.fd,
+            rx: Ring {
+                base,
+                frame_size: h.frame_size,
+                frames: h.frames,
+                next: h.rx_next,
+            },
+            tx: Ring {
+                base: base.wrapping_add(ring_len),
+                frame_size: h.frame_size,
+                frames: h.frames,
+                next: h.tx_next,
+            },
+        })
+    }
+
     /// Reads (and so resets) the kernel's count of frames dropped because
     /// the rx ring was full, and adds it to `rx_ring_overflow`.
     fn collect_kernel_drops(&self) {
@@ -320,6 +387,16 @@ impl Port for AfPacketPort {
 
     fn stats(&self) -> &Arc<PortStats> {
         &self.stats
+    }
+
+    fn handover(&self) -> Option<std::io::Result<super::Handover>> {
+        Some(self.fd.try_clone().map(|fd| super::Handover {
+            fd,
+            rx_next: self.rx.next % self.rx.frames,
+            tx_next: self.tx.next % self.tx.frames,
+            frame_size: self.rx.frame_size,
+            frames: self.rx.frames,
+        }))
     }
 
     fn rx_burst(&mut self, batch: &mut Batch<PoolBuf>) -> usize {

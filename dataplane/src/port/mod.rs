@@ -12,6 +12,8 @@ pub mod af_packet;
 pub mod af_xdp;
 #[cfg(feature = "dpdk")]
 pub mod dpdk;
+#[cfg(target_os = "linux")]
+pub mod fdpass;
 pub mod pcap;
 pub mod ring;
 pub mod spec;
@@ -239,6 +241,32 @@ pub trait Port: Send {
 
     /// Sends every packet of `batch` (leaving it empty); returns how many went out.
     fn tx_burst(&mut self, batch: &mut Batch<Self::Buf>) -> usize;
+
+    /// What a successor process needs to go on with this port where it
+    /// stands (a hitless upgrade), on a port no worker polls any more:
+    /// `None` for drivers that cannot hand over (the successor reopens
+    /// them).
+    fn handover(&self) -> Option<std::io::Result<Handover>> {
+        None
+    }
+}
+
+/// A port's kernel socket, and where its rings stand, for a successor
+/// process: with the socket it keeps everything the kernel has queued, and
+/// reads on from the first frame this process did not.
+#[derive(Debug)]
+pub struct Handover {
+    /// A descriptor of the port's socket (a duplicate: the port keeps its
+    /// own).
+    pub fd: std::os::fd::OwnedFd,
+    /// The next rx ring slot to read.
+    pub rx_next: usize,
+    /// The next tx ring slot to fill.
+    pub tx_next: usize,
+    /// The rings' slot size.
+    pub frame_size: usize,
+    /// Slots per ring.
+    pub frames: usize,
 }
 
 /// A boxed port is a port (per-burst dynamic dispatch, for front ends that
@@ -262,6 +290,10 @@ impl<P: Port + ?Sized> Port for Box<P> {
     #[inline]
     fn tx_burst(&mut self, batch: &mut Batch<Self::Buf>) -> usize {
         (**self).tx_burst(batch)
+    }
+
+    fn handover(&self) -> Option<std::io::Result<Handover>> {
+        (**self).handover()
     }
 }
 

@@ -49,6 +49,7 @@ use std::time::Duration;
 
 mod fast;
 mod handoff;
+pub mod handover;
 mod install;
 mod park;
 mod requests;

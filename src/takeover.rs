@@ -1,0 +1,520 @@
+//! Hitless upgrade: a new pollux process (`pollux run --takeover SOCKET`)
+//! takes over from the running one, with its connections, probe states,
+//! counters and port sockets.
+//!
+//! The conversation (the old process is "old", the successor "new"):
+//!
+//! 1. new binds a one-time handover socket beside the control socket and
+//!    asks `POST /v1/takeover` on old's control API with its path and the
+//!    state formats it reads. old checks that it can hand every port over
+//!    and answers 202, or refuses (409) and nothing happens.
+//! 2. old stops its workers (traffic stops: the blackout starts), takes
+//!    their state and connects to the handover socket: one message with
+//!    the [`State`] (JSON) and the port sockets (`SCM_RIGHTS`).
+//! 3. new checks the format and the configuration (old's running one, or
+//!    its own `--config` when it keeps the same ports and workers), opens
+//!    its ports on the sockets it got, restores connections, SNAT layouts,
+//!    probe states, counters and the SYN-cookie secret, and says
+//!    [`Msg::Ready`] (or [`Msg::Abort`] with why).
+//! 4. old stops serving its control API and says [`Msg::Go`]; new starts
+//!    its workers (the blackout ends), says [`Msg::Started`], serves the
+//!    control socket in old's place, and old exits.
+//!
+//! Until `Go`, any failure of new (a refusal, an error, being killed: old
+//! sees the socket close) leaves old running: it starts its workers again
+//! on the same ports and state and goes on. After `Go`, old waits for
+//! `Started`; if new dies first, old goes on too.
+//!
+//! Ports hand over by driver: `af_packet` passes its sockets with the
+//! positions of its rings (nothing the kernel queued is lost or read
+//! twice); the probers' internal ports are rebuilt. Other drivers
+//! (`af_xdp`, `dpdk`, `pcap`, `ring`) cannot hand over yet: old refuses
+//! the takeover, naming the port.
+
+use crate::api::PortCounters;
+use dataplane::port::fdpass;
+use dataplane::{DropReason, PortStats};
+use lb::health::HealthRecord;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+use vswitch::switch::handover::{WorkerImport, WorkerRecord};
+
+/// The state format this build writes.
+pub const FORMAT: u32 = 1;
+/// The state formats this build reads.
+pub const READS: &[u32] = &[1];
+/// This build's version.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Largest state message read (a million connections fit).
+const MAX_STATE: usize = 1 << 30;
+
+/// How long old waits for new's `Ready` (restoring a large table takes a
+/// while), and for `Started` after `Go`.
+const READY_WAIT: Duration = Duration::from_secs(60);
+const STARTED_WAIT: Duration = Duration::from_secs(30);
+
+/// Why a takeover did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum TakeoverError {
+    /// The running pollux could not be reached or refused.
+    #[error("the running pollux at {socket}: {reason}")]
+    Refused {
+        /// Its control socket.
+        socket: PathBuf,
+        /// What it said, or why it could not be asked.
+        reason: String,
+    },
+    /// The handover conversation broke.
+    #[error("handover: {0}")]
+    Io(String),
+    /// The state or configuration received cannot be used.
+    #[error("{0}")]
+    Unusable(String),
+}
+
+fn io(what: &str) -> impl Fn(std::io::Error) -> TakeoverError + '_ {
+    move |e| TakeoverError::Io(format!("{what}: {e}"))
+}
+
+/// `POST /v1/takeover`'s body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// The handover socket to connect to.
+    pub socket: PathBuf,
+    /// State formats the successor reads.
+    pub formats: Vec<u32>,
+    /// Its version.
+    pub version: String,
+    /// Its process id.
+    pub pid: u32,
+}
+
+/// One queue of a port as handed over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueState {
+    /// Index of its socket among the descriptors of the message.
+    pub fd: usize,
+    /// Next rx ring slot.
+    pub rx_next: usize,
+    /// Next tx ring slot.
+    pub tx_next: usize,
+    /// Ring slot size.
+    pub frame_size: usize,
+    /// Slots per ring.
+    pub frames: usize,
+    /// The queue's counters so far.
+    pub counters: PortCounters,
+}
+
+/// A configured port as handed over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortState {
+    /// Its name.
+    pub name: String,
+    /// Its driver.
+    pub driver: String,
+    /// One per worker.
+    pub queues: Vec<QueueState>,
+}
+
+/// Everything old hands new.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    /// The format ([`FORMAT`] of the writer).
+    pub format: u32,
+    /// The writer's version.
+    pub version: String,
+    /// The writer's process id.
+    pub pid: u32,
+    /// When its workers stopped (ns since the Unix epoch).
+    pub stopped_at_ns: u64,
+    /// Its running configuration (API changes included).
+    pub config: serde_json::Value,
+    /// Its policy generation.
+    pub generation: u64,
+    /// The SYN cookies' secret.
+    pub syn_cookie_key: [u8; 16],
+    /// The configured ports.
+    pub ports: Vec<PortState>,
+    /// Per worker: connections and SNAT layouts.
+    pub workers: Vec<WorkerRecord>,
+    /// Probe states.
+    pub probes: Vec<HealthRecord>,
+}
+
+/// The other messages of the conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "msg")]
+pub enum Msg {
+    /// new: ports open and state restored; waiting for `Go`.
+    Ready,
+    /// new: cannot take over.
+    Abort {
+        /// Why.
+        reason: String,
+    },
+    /// old: stopped serving; start.
+    Go,
+    /// new: workers running.
+    Started,
+}
+
+/// What the last takeover did, as the control API shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Takeover {
+    /// When (seconds since the Unix epoch).
+    pub at_unix: u64,
+    /// The process taken over from.
+    pub from_pid: u32,
+    /// Its version.
+    pub from_version: String,
+    /// From its workers' stop to this process's workers' start, in
+    /// microseconds: how long no packet was forwarded.
+    pub blackout_us: u64,
+    /// Connections restored.
+    pub connections: u64,
+    /// Connections left out: their VIP, backend or vnet is no longer
+    /// configured.
+    pub connections_dropped: u64,
+    /// Probe states restored.
+    pub probes: u64,
+    /// Port sockets taken over.
+    pub sockets: u64,
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+fn send(s: &mut UnixStream, m: &Msg) -> Result<(), TakeoverError> {
+    let text = serde_json::to_vec(m).map_err(|e| TakeoverError::Io(e.to_string()))?;
+    fdpass::send(s, &text, &[]).map_err(io("sending"))
+}
+
+fn recv(s: &mut UnixStream, wait: Duration) -> Result<Msg, TakeoverError> {
+    s.set_read_timeout(Some(wait)).map_err(io("socket"))?;
+    let (text, _) = fdpass::recv(s, 1 << 16).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => TakeoverError::Io("the other side went away".into()),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            TakeoverError::Io(format!("no answer within {} s", wait.as_secs()))
+        }
+        _ => TakeoverError::Io(e.to_string()),
+    })?;
+    serde_json::from_slice(&text).map_err(|e| TakeoverError::Io(format!("message: {e}")))
+}
+
+/// A port's counters as a record.
+pub fn counters_of(name: &str, s: &PortStats) -> PortCounters {
+    let snap = s.snapshot();
+    PortCounters {
+        name: name.to_string(),
+        rx_packets: snap.rx_packets,
+        rx_bytes: snap.rx_bytes,
+        tx_packets: snap.tx_packets,
+        tx_bytes: snap.tx_bytes,
+        drops: s
+            .drops
+            .nonzero()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+        ..PortCounters::default()
+    }
+}
+
+/// Adds a predecessor's counters to a port's.
+pub fn add_counters(s: &PortStats, c: &PortCounters) {
+    use std::sync::atomic::Ordering::Relaxed;
+    s.rx_packets.fetch_add(c.rx_packets, Relaxed);
+    s.rx_bytes.fetch_add(c.rx_bytes, Relaxed);
+    s.tx_packets.fetch_add(c.tx_packets, Relaxed);
+    s.tx_bytes.fetch_add(c.tx_bytes, Relaxed);
+    let by_name: BTreeMap<&str, DropReason> = DropReason::all().map(|r| (r.name(), r)).collect();
+    for (k, v) in &c.drops {
+        if let Some(r) = by_name.get(k.as_str()) {
+            s.drops.add(*r, *v);
+        }
+    }
+}
+
+// ---- the running process's side ----------------------------------------
+
+/// Old's part after its workers stopped: connects to `req.socket`, sends
+/// `state` with `fds`, and waits for new's `Ready`; then calls `release`
+/// (stop serving the control API), says `Go` and waits for `Started`.
+/// `Ok(true)`: handed over (exit); `Ok(false)` never; an error: go on.
+pub fn offer(
+    req: &Request,
+    state: &State,
+    fds: &[std::os::fd::BorrowedFd<'_>],
+    release: impl FnOnce(),
+) -> Result<(), TakeoverError> {
+    let mut s = UnixStream::connect(&req.socket).map_err(io("connecting"))?;
+    let text = serde_json::to_vec(state).map_err(|e| TakeoverError::Io(e.to_string()))?;
+    fdpass::send(&mut s, &text, fds).map_err(io("sending the state"))?;
+    match recv(&mut s, READY_WAIT)? {
+        Msg::Ready => {}
+        Msg::Abort { reason } => return Err(TakeoverError::Unusable(reason)),
+        m => return Err(TakeoverError::Io(format!("unexpected {m:?}"))),
+    }
+    release();
+    send(&mut s, &Msg::Go)?;
+    match recv(&mut s, STARTED_WAIT) {
+        Ok(Msg::Started) => Ok(()),
+        Ok(m) => Err(TakeoverError::Io(format!("unexpected {m:?} after go"))),
+        Err(e) => Err(e),
+    }
+}
+
+// ---- the successor's side ----------------------------------------------
+
+/// New's end of the conversation, from the state received until it runs.
+pub struct Incoming {
+    /// What old sent.
+    pub state: State,
+    /// The port sockets, by the index in [`QueueState::fd`].
+    pub fds: Vec<Option<std::os::fd::OwnedFd>>,
+    conn: UnixStream,
+    /// Old's control socket (new serves it once running).
+    pub control: PathBuf,
+    /// What was restored (filled in while starting).
+    pub report: Takeover,
+}
+
+impl Incoming {
+    /// Asks the pollux serving `control` to hand over, and receives its
+    /// state: what `pollux run --takeover` does first.
+    pub fn request(control: &Path) -> Result<Incoming, TakeoverError> {
+        let refused = |reason: String| TakeoverError::Refused {
+            socket: control.to_path_buf(),
+            reason,
+        };
+        let path = control.with_extension(format!("takeover{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).map_err(|e| {
+            TakeoverError::Io(format!("cannot bind {}: {e}", path.display()))
+        })?;
+        // Removed whatever happens next: old has connected by then or never will.
+        struct Unlink<'a>(&'a Path);
+        impl Drop for Unlink<'_> {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(self.0);
+            }
+        }
+        let _unlink = Unlink(&path);
+        let req = Request {
+            socket: path.clone(),
+            formats: READS.to_vec(),
+            version: VERSION.to_string(),
+            pid: std::process::id(),
+        };
+        let body = serde_json::to_string(&req).map_err(|e| refused(e.to_string()))?;
+        let ep = crate::ctl::Endpoint::Unix(control);
+        let (status, text) =
+            crate::ctl::call(&ep, "POST", "/v1/takeover", Some(&body)).map_err(|e| refused(e.to_string()))?;
+        if status != 202 {
+            let why = serde_json::from_str::<crate::api::ErrorBody>(&text)
+                .map(|e| e.error)
+                .unwrap_or(text);
+            return Err(refused(format!("refused ({status}): {why}")));
+        }
+        // Old connects once its workers stopped and its state is taken.
+        listener.set_nonblocking(true).map_err(io("listener"))?;
+        let end = std::time::Instant::now() + READY_WAIT;
+        let mut conn = loop {
+            match listener.accept() {
+                Ok((c, _)) => break c,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if std::time::Instant::now() > end {
+                        return Err(TakeoverError::Io("the running pollux never connected".into()));
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(e) => return Err(TakeoverError::Io(format!("accept: {e}"))),
+            }
+        };
+        conn.set_nonblocking(false).map_err(io("socket"))?;
+        conn.set_read_timeout(Some(READY_WAIT)).map_err(io("socket"))?;
+        let (text, fds) = fdpass::recv(&mut conn, MAX_STATE).map_err(io("receiving the state"))?;
+        let mut inc = Incoming {
+            state: State {
+                format: 0,
+                version: String::new(),
+                pid: 0,
+                stopped_at_ns: 0,
+                config: serde_json::Value::Null,
+                generation: 0,
+                syn_cookie_key: [0; 16],
+                ports: Vec::new(),
+                workers: Vec::new(),
+                probes: Vec::new(),
+            },
+            fds: fds.into_iter().map(Some).collect(),
+            conn,
+            control: control.to_path_buf(),
+            report: Takeover::default(),
+        };
+        // A format this build does not read, or a state it cannot parse:
+        // old is told why and goes on.
+        let format = serde_json::from_slice::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v.get("format").and_then(|f| f.as_u64()));
+        if !format.is_some_and(|f| READS.iter().any(|&r| u64::from(r) == f)) {
+            return Err(inc.abort(format!(
+                "state format {} is not one this pollux reads ({READS:?})",
+                format.map_or("unknown".to_string(), |f| f.to_string())
+            )));
+        }
+        match serde_json::from_slice::<State>(&text) {
+            Ok(s) => inc.state = s,
+            Err(e) => return Err(inc.abort(format!("the state does not parse: {e}"))),
+        }
+        inc.report.from_pid = inc.state.pid;
+        inc.report.from_version = inc.state.version.clone();
+        inc.report.sockets = inc.fds.len() as u64;
+        Ok(inc)
+    }
+
+    /// Tells old why this process will not take over (old goes on), and
+    /// returns the error to exit with.
+    pub fn abort(&mut self, reason: String) -> TakeoverError {
+        let _ = send(&mut self.conn, &Msg::Abort {
+            reason: reason.clone(),
+        });
+        TakeoverError::Unusable(reason)
+    }
+
+    /// Takes the socket of queue `q`.
+    pub fn take_fd(&mut self, q: &QueueState) -> Option<std::os::fd::OwnedFd> {
+        self.fds.get_mut(q.fd)?.take()
+    }
+
+    /// Everything is ready: tells old, waits for `Go`.
+    pub fn ready(&mut self) -> Result<(), TakeoverError> {
+        send(&mut self.conn, &Msg::Ready)?;
+        match recv(&mut self.conn, READY_WAIT)? {
+            Msg::Go => Ok(()),
+            m => Err(TakeoverError::Io(format!("unexpected {m:?} instead of go"))),
+        }
+    }
+
+    /// Workers running: tells old (which exits) and notes the blackout.
+    pub fn started(&mut self) {
+        let now = now_ns();
+        self.report.blackout_us = now.saturating_sub(self.state.stopped_at_ns) / 1000;
+        self.report.at_unix = now / 1_000_000_000;
+        let _ = send(&mut self.conn, &Msg::Started);
+    }
+
+    /// Adds one worker's import to the report.
+    pub fn count(&mut self, w: &WorkerImport) {
+        self.report.connections += w.conns.conns;
+        self.report.connections_dropped += w.conns.vip_gone + w.vnet_gone;
+    }
+}
+
+/// The state old hands over, less ports and workers (filled by the caller).
+pub fn state_of(config: &crate::config::Config, generation: u64, cookie_key: [u8; 16]) -> State {
+    State {
+        format: FORMAT,
+        version: VERSION.to_string(),
+        pid: std::process::id(),
+        stopped_at_ns: now_ns(),
+        config: serde_json::to_value(config).unwrap_or(serde_json::Value::Null),
+        generation,
+        syn_cookie_key: cookie_key,
+        ports: Vec::new(),
+        workers: Vec::new(),
+        probes: Vec::new(),
+    }
+}
+
+/// Why old cannot hand `cfg`'s ports over, one line per port; empty when
+/// it can.
+pub fn port_problems(cfg: &crate::config::Config) -> Vec<String> {
+    cfg.port
+        .iter()
+        .filter(|p| p.spec.driver() != "af_packet")
+        .map(|p| {
+            format!(
+                "port {:?} (driver {}): only af_packet ports hand over to a successor",
+                p.name,
+                p.spec.driver()
+            )
+        })
+        .collect()
+}
+
+/// Why new cannot run `mine` on old's ports, one line per problem: the
+/// same ports (names, drivers, interfaces, in order) and workers.
+pub fn compatibility(old: &crate::config::Config, mine: &crate::config::Config) -> Vec<String> {
+    let mut out = Vec::new();
+    if old.port != mine.port {
+        let names = |c: &crate::config::Config| {
+            c.port
+                .iter()
+                .map(|p| format!("{} ({:?})", p.name, p.spec))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        out.push(format!(
+            "ports differ from the running pollux's: [{}] here, [{}] there",
+            names(mine),
+            names(old)
+        ));
+    }
+    if old.dataplane.workers.max(1) != mine.dataplane.workers.max(1) {
+        out.push(format!(
+            "workers differ from the running pollux's: {} here, {} there",
+            mine.dataplane.workers.max(1),
+            old.dataplane.workers.max(1)
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The state format as this build writes it: a fixture of format 1
+    /// (`tests/data/takeover-state-v1.json`, written by the first release
+    /// that had it) must always parse.
+    #[test]
+    fn the_first_format_still_parses() {
+        let text = include_str!("../tests/data/takeover-state-v1.json");
+        let s: State = serde_json::from_str(text).unwrap();
+        assert_eq!(s.format, 1);
+        assert!(READS.contains(&s.format));
+        assert!(!s.workers.is_empty());
+        let conns: usize = s.workers.iter().flat_map(|w| &w.vnets).map(|v| v.core.conns.len()).sum();
+        assert!(conns > 0);
+        let cfg: crate::config::Config = serde_json::from_value(s.config.clone()).unwrap();
+        cfg.validate().unwrap();
+        // It writes back to the same JSON (nothing in it is dropped).
+        let again: serde_json::Value = serde_json::to_value(&s).unwrap();
+        assert_eq!(again, serde_json::from_str::<serde_json::Value>(text).unwrap());
+    }
+
+    #[test]
+    fn messages_round_trip() {
+        for m in [
+            Msg::Ready,
+            Msg::Go,
+            Msg::Started,
+            Msg::Abort {
+                reason: "no".into(),
+            },
+        ] {
+            let t = serde_json::to_string(&m).unwrap();
+            assert_eq!(serde_json::from_str::<Msg>(&t).unwrap(), m);
+        }
+        assert_eq!(serde_json::to_string(&Msg::Go).unwrap(), r#"{"msg":"go"}"#);
+    }
+}
