@@ -372,8 +372,13 @@ pub fn run_takeover(
         }
         None => None,
     };
+    // What costs time and does not depend on the state is done before the
+    // running pollux stops: the packet pool (prefaulted) and the clock's
+    // calibration.
+    let pool = Pool::new(&PoolConfig::new("run", 65536))?;
+    let _ = dataplane::clock::TscClock::process();
     let mut inc = crate::takeover::Incoming::request(control)?;
-    match prepare_takeover(&mut inc, mine, file) {
+    match prepare_takeover(&mut inc, mine, file, pool) {
         Ok((cfg, topo, sets, probers, stop)) => {
             let cores = core_affinity::get_core_ids().unwrap_or_default();
             run_on(&cfg, &topo, sets, probers, &cores, stop, Some(inc))
@@ -391,6 +396,7 @@ fn prepare_takeover(
     inc: &mut crate::takeover::Incoming,
     mine: Option<Config>,
     file: Option<&std::path::Path>,
+    pool: Pool,
 ) -> Result<Prepared, RunError> {
     let running: Config = serde_json::from_value(inc.state.config.clone()).map_err(|e| {
         ConfigError::Invalid(vec![format!(
@@ -406,14 +412,15 @@ fn prepare_takeover(
     let mut topo = cfg.topology()?;
     let workers = cfg.dataplane.workers.max(1);
     let stop = Stop::signals_only(file)?;
-    let pool = Pool::new(&PoolConfig::new("run", 65536))?;
     let mut sets: Vec<PortSet> = (0..workers).map(|_| Vec::new()).collect();
     let ports = inc.state.ports.clone();
     for (i, p) in cfg.port.iter().enumerate() {
         let dataplane::port::spec::PortSpec::AfPacket { iface } = &p.spec else {
             return Err(ConfigError::Invalid(crate::takeover::port_problems(&cfg)).into());
         };
-        let Some(ps) = ports.get(i).filter(|ps| ps.name == p.name && ps.queues.len() == workers)
+        let Some(ps) = ports
+            .get(i)
+            .filter(|ps| ps.name == p.name && ps.queues.len() == workers)
         else {
             return Err(ConfigError::Invalid(vec![format!(
                 "port {:?}: the running pollux handed over no socket per worker for it",
@@ -809,7 +816,15 @@ fn run_on<A: BufAlloc>(
         let Some(req) = rt.takeover_request.take() else {
             break;
         };
-        match hand_over(&req, &stopped, &state, &health, &port_stats, &sw_cfg, &mut server) {
+        match hand_over(
+            &req,
+            &stopped,
+            &state,
+            &health,
+            &port_stats,
+            &sw_cfg,
+            &mut server,
+        ) {
             Ok(()) => {
                 eprintln!("pollux: handed over to pid {}", req.pid);
                 break;

@@ -297,9 +297,8 @@ impl Incoming {
         };
         let path = control.with_extension(format!("takeover{}", std::process::id()));
         let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path).map_err(|e| {
-            TakeoverError::Io(format!("cannot bind {}: {e}", path.display()))
-        })?;
+        let listener = UnixListener::bind(&path)
+            .map_err(|e| TakeoverError::Io(format!("cannot bind {}: {e}", path.display())))?;
         // Removed whatever happens next: old has connected by then or never will.
         struct Unlink<'a>(&'a Path);
         impl Drop for Unlink<'_> {
@@ -316,8 +315,8 @@ impl Incoming {
         };
         let body = serde_json::to_string(&req).map_err(|e| refused(e.to_string()))?;
         let ep = crate::ctl::Endpoint::Unix(control);
-        let (status, text) =
-            crate::ctl::call(&ep, "POST", "/v1/takeover", Some(&body)).map_err(|e| refused(e.to_string()))?;
+        let (status, text) = crate::ctl::call(&ep, "POST", "/v1/takeover", Some(&body))
+            .map_err(|e| refused(e.to_string()))?;
         if status != 202 {
             let why = serde_json::from_str::<crate::api::ErrorBody>(&text)
                 .map(|e| e.error)
@@ -332,7 +331,9 @@ impl Incoming {
                 Ok((c, _)) => break c,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     if std::time::Instant::now() > end {
-                        return Err(TakeoverError::Io("the running pollux never connected".into()));
+                        return Err(TakeoverError::Io(
+                            "the running pollux never connected".into(),
+                        ));
                     }
                     std::thread::sleep(Duration::from_millis(1));
                 }
@@ -340,7 +341,8 @@ impl Incoming {
             }
         };
         conn.set_nonblocking(false).map_err(io("socket"))?;
-        conn.set_read_timeout(Some(READY_WAIT)).map_err(io("socket"))?;
+        conn.set_read_timeout(Some(READY_WAIT))
+            .map_err(io("socket"))?;
         let (text, fds) = fdpass::recv(&mut conn, MAX_STATE).map_err(io("receiving the state"))?;
         let mut inc = Incoming {
             state: State {
@@ -384,9 +386,12 @@ impl Incoming {
     /// Tells old why this process will not take over (old goes on), and
     /// returns the error to exit with.
     pub fn abort(&mut self, reason: String) -> TakeoverError {
-        let _ = send(&mut self.conn, &Msg::Abort {
-            reason: reason.clone(),
-        });
+        let _ = send(
+            &mut self.conn,
+            &Msg::Abort {
+                reason: reason.clone(),
+            },
+        );
         TakeoverError::Unusable(reason)
     }
 
@@ -493,13 +498,21 @@ mod tests {
         assert_eq!(s.format, 1);
         assert!(READS.contains(&s.format));
         assert!(!s.workers.is_empty());
-        let conns: usize = s.workers.iter().flat_map(|w| &w.vnets).map(|v| v.core.conns.len()).sum();
+        let conns: usize = s
+            .workers
+            .iter()
+            .flat_map(|w| &w.vnets)
+            .map(|v| v.core.conns.len())
+            .sum();
         assert!(conns > 0);
         let cfg: crate::config::Config = serde_json::from_value(s.config.clone()).unwrap();
         cfg.validate().unwrap();
         // It writes back to the same JSON (nothing in it is dropped).
         let again: serde_json::Value = serde_json::to_value(&s).unwrap();
-        assert_eq!(again, serde_json::from_str::<serde_json::Value>(text).unwrap());
+        assert_eq!(
+            again,
+            serde_json::from_str::<serde_json::Value>(text).unwrap()
+        );
     }
 
     #[test]

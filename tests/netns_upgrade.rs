@@ -216,12 +216,21 @@ fn download(lab: &mut Lab, tag: &str, i: usize, url: &str, rate: &str) {
 
 /// Waits for downloads `ids` to end; panics unless each exited 0 with
 /// exactly `want`.
-fn downloads_intact(dir: &Path, ids: impl Iterator<Item = usize> + Clone, want: &[u8], ctx: impl Fn() -> String) {
+fn downloads_intact(
+    dir: &Path,
+    ids: impl Iterator<Item = usize> + Clone,
+    want: &[u8],
+    ctx: impl Fn() -> String,
+) {
     let rc = |i: usize| read(&dir.join(format!("dl-{i}.rc"))).trim().to_string();
     assert!(
-        wait_for(Duration::from_secs(240), || ids.clone().all(|i| !rc(i).is_empty())),
+        wait_for(Duration::from_secs(240), || ids
+            .clone()
+            .all(|i| !rc(i).is_empty())),
         "downloads did not end: {:?}\n{}",
-        ids.clone().filter(|&i| rc(i).is_empty()).collect::<Vec<_>>(),
+        ids.clone()
+            .filter(|&i| rc(i).is_empty())
+            .collect::<Vec<_>>(),
         ctx()
     );
     for i in ids {
@@ -406,9 +415,11 @@ fn fifty_downloads_and_a_curl_loop_outlive_ten_upgrades() {
         Duration::from_secs(30),
         "every download under way",
         |v| {
-            let conns: u64 = v["workers"]
-                .as_array()
-                .map_or(0, |w| w.iter().map(|w| w["connections"].as_u64().unwrap_or(0)).sum());
+            let conns: u64 = v["workers"].as_array().map_or(0, |w| {
+                w.iter()
+                    .map(|w| w["connections"].as_u64().unwrap_or(0))
+                    .sum()
+            });
             conns >= 50
         },
         || read(&log0),
@@ -422,7 +433,11 @@ fn fifty_downloads_and_a_curl_loop_outlive_ten_upgrades() {
         let (next, _, _) = lab.pollux_takeover(&format!("u{n}"), "u0", &[]);
         let st = exited(&mut lab, idx, Duration::from_secs(60))
             .unwrap_or_else(|| panic!("upgrade {n}: pid {old_pid} did not exit\n{}", logs(n)));
-        assert!(st.success(), "upgrade {n}: pid {old_pid} exited {st}\n{}", logs(n));
+        assert!(
+            st.success(),
+            "upgrade {n}: pid {old_pid} exited {st}\n{}",
+            logs(n)
+        );
         let s = api.wait_for(
             "/v1/status",
             Duration::from_secs(30),
@@ -438,14 +453,20 @@ fn fifty_downloads_and_a_curl_loop_outlive_ten_upgrades() {
         );
         let t = &s["takeover"];
         assert!(t["connections"].as_u64().unwrap() >= 50, "upgrade {n}: {t}");
-        assert_eq!(t["connections_dropped"].as_u64(), Some(0), "upgrade {n}: {t}");
+        assert_eq!(
+            t["connections_dropped"].as_u64(),
+            Some(0),
+            "upgrade {n}: {t}"
+        );
         assert_eq!(t["probes"].as_u64(), Some(2), "upgrade {n}: {t}");
         assert_eq!(t["sockets"].as_u64(), Some(10), "upgrade {n}: {t}");
         // Probe states came along: both backends up at once, not after
         // their first probes.
         let p = api.get("/v1/probes").unwrap();
         assert!(
-            common::api::probes(&p).iter().all(|(_, up)| *up == Some(true)),
+            common::api::probes(&p)
+                .iter()
+                .all(|(_, up)| *up == Some(true)),
             "upgrade {n}: {p}"
         );
         // Counters carried over: they only grow.
@@ -461,7 +482,10 @@ fn fifty_downloads_and_a_curl_loop_outlive_ten_upgrades() {
     let l = read(&loop_file);
     let (ok, bad) = l.trim().split_once(' ').unwrap_or(("0", "0"));
     assert_eq!(bad, "0", "the curl loop saw failures ({ok} ok)");
-    assert!(ok.parse::<u64>().unwrap() > 10, "the curl loop ran {ok} times");
+    assert!(
+        ok.parse::<u64>().unwrap() > 10,
+        "the curl loop ran {ok} times"
+    );
     let (per, lost) = gaps(&udp_log, &windows);
     for (n, (g, t)) in per.iter().zip(&reports).enumerate() {
         eprintln!(
@@ -559,22 +583,31 @@ fn a_successor_that_refuses_or_dies_leaves_the_running_pollux_forwarding() {
         Duration::from_secs(30),
         "the downloads under way",
         |v| {
-            v["workers"]
-                .as_array()
-                .map_or(0, |w| w.iter().map(|w| w["connections"].as_u64().unwrap_or(0)).sum::<u64>())
-                >= 6
+            v["workers"].as_array().map_or(0, |w| {
+                w.iter()
+                    .map(|w| w["connections"].as_u64().unwrap_or(0))
+                    .sum::<u64>()
+            }) >= 6
         },
         || read(&log),
     );
 
     // An invalid file: refused before the running pollux is asked.
     let bad = dir.join("bad.toml");
-    std::fs::write(&bad, config(&lab, None).replace("workers = 2", "workers = 0\nbogus = 1")).unwrap();
+    std::fs::write(
+        &bad,
+        config(&lab, None).replace("workers = 2", "workers = 0\nbogus = 1"),
+    )
+    .unwrap();
     let (n, _, l1) = lab.pollux_takeover("t1", "f0", &["--config", bad.to_str().unwrap()]);
     let st = exited(&mut lab, n, Duration::from_secs(30)).expect("t1 did not exit");
     assert_eq!(st.code(), Some(2), "{}", read(&l1));
     assert!(read(&l1).contains("bogus"), "{}", read(&l1));
-    assert!(status(&api)["takeover_failed"].is_null(), "{}", status(&api));
+    assert!(
+        status(&api)["takeover_failed"].is_null(),
+        "{}",
+        status(&api)
+    );
 
     // Other ports: the running pollux stopped for it, then goes on.
     let other = dir.join("other.toml");
@@ -595,7 +628,11 @@ fn a_successor_that_refuses_or_dies_leaves_the_running_pollux_forwarding() {
         "/v1/status",
         Duration::from_secs(30),
         "the refusal noted",
-        |v| v["takeover_failed"].as_str().is_some_and(|f| f.contains("ports differ")),
+        |v| {
+            v["takeover_failed"]
+                .as_str()
+                .is_some_and(|f| f.contains("ports differ"))
+        },
         || read(&log),
     );
     assert_eq!(s["pid"].as_u64(), Some(pid));
@@ -617,7 +654,11 @@ fn a_successor_that_refuses_or_dies_leaves_the_running_pollux_forwarding() {
         "/v1/status",
         Duration::from_secs(30),
         "the dead successor noted",
-        |v| v["takeover_failed"].as_str().is_some_and(|f| f.contains("went away")),
+        |v| {
+            v["takeover_failed"]
+                .as_str()
+                .is_some_and(|f| f.contains("went away"))
+        },
         || read(&log),
     );
     assert_eq!(s["pid"].as_u64(), Some(pid));

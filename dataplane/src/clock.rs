@@ -32,6 +32,17 @@ impl TscClock {
         }
     }
 
+    /// The process's clock: calibrated over 10 ms on first use, then
+    /// shared (the counter is the same on every core), so that workers and
+    /// switches built later (a successor taking over, while traffic waits)
+    /// cost no calibration each.
+    pub fn process() -> TscClock {
+        static CLOCK: std::sync::OnceLock<TscClock> = std::sync::OnceLock::new();
+        CLOCK
+            .get_or_init(|| TscClock::calibrate(Duration::from_millis(10)))
+            .clone()
+    }
+
     /// The current raw tick count (TSC cycles where the TSC is used).
     #[inline(always)]
     pub fn now(&self) -> u64 {

@@ -200,7 +200,7 @@ pub const IDLE_POLLS_BEFORE_SLEEP: u32 = 64;
 
 impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
     /// A worker named `name` over `ports`, pinned to `core` if given.
-    /// Calibrates the TSC clock (10 ms).
+    /// Its clock is the process's ([`TscClock::process`]: calibrated once).
     pub fn new(name: &str, core: Option<usize>, ports: Vec<PortBox<B>>, pipeline: P) -> Self {
         let pending = (0..ports.len()).map(|_| Batch::new()).collect();
         Worker {
@@ -210,7 +210,7 @@ impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
             pipeline,
             stop: Arc::new(AtomicBool::new(false)),
             stats: Arc::default(),
-            clock: TscClock::calibrate(Duration::from_millis(10)),
+            clock: TscClock::process(),
             pending,
             rx: Batch::new(),
             tally: Tally::default(),

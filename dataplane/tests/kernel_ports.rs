@@ -312,7 +312,14 @@ fn a_handed_over_socket_reads_on_from_where_its_port_stopped() {
     }
     let net = Netns::new("h");
     net.exec(&[
-        "ip", "neigh", "add", "10.99.0.1", "lladdr", "02:50:4c:58:99:01", "dev", "eth0",
+        "ip",
+        "neigh",
+        "add",
+        "10.99.0.1",
+        "lladdr",
+        "02:50:4c:58:99:01",
+        "dev",
+        "eth0",
     ]);
     let pool = Pool::new(&PoolConfig::new("afp-handover", 4096)).unwrap();
     let mut first = AfPacketPort::open("veth", &net.host, pool).unwrap();
@@ -383,5 +390,8 @@ fn a_handed_over_socket_reads_on_from_where_its_port_stopped() {
         },
     )
     .unwrap_err();
-    assert!(e.to_string().contains("not a TPACKET_V2 packet socket"), "{e}");
+    assert!(
+        e.to_string().contains("not a TPACKET_V2 packet socket"),
+        "{e}"
+    );
 }

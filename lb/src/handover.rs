@@ -594,10 +594,7 @@ mod tests {
         let mut new = LbCore::new(
             1000,
             Timeouts::default(),
-            Some(
-                SnatAllocator::new(old.snat().unwrap().config().clone())
-                    .unwrap(),
-            ),
+            Some(SnatAllocator::new(old.snat().unwrap().config().clone()).unwrap()),
         );
         for m in ["10.1.0.5", "10.1.0.4"] {
             new.snat_mut().unwrap().add_member(ip(m)).unwrap();
@@ -628,7 +625,8 @@ mod tests {
             }
         );
         // Each connection keeps its backend, even with the one it has down.
-        vips.set_health((ip("10.1.0.100"), 80, 6), 0, false).unwrap();
+        vips.set_health((ip("10.1.0.100"), 80, 6), 0, false)
+            .unwrap();
         for (k, dip) in clients.iter().zip(&dips) {
             let (rw, new_conn) = forward(new.process(&vips, k, ACK, t1));
             assert!(!new_conn);
@@ -644,7 +642,8 @@ mod tests {
         assert_eq!(s.users(public, port, 17), 1);
         assert_eq!(s.mapping_of(ip("10.1.0.4"), 5000, 17), Some((public, port)));
         assert_eq!(
-            s.member_blocks().collect::<std::collections::BTreeMap<_, _>>(),
+            s.member_blocks()
+                .collect::<std::collections::BTreeMap<_, _>>(),
             old.snat()
                 .unwrap()
                 .member_blocks()
@@ -712,8 +711,12 @@ mod tests {
         assert!(e.to_string().contains("192.0.2.10:2001"), "{e}");
         let after: Vec<_> = lb.snat().unwrap().member_blocks().collect();
         assert_eq!(
-            before.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
-            after.into_iter().collect::<std::collections::BTreeMap<_, _>>()
+            before
+                .into_iter()
+                .collect::<std::collections::BTreeMap<_, _>>(),
+            after
+                .into_iter()
+                .collect::<std::collections::BTreeMap<_, _>>()
         );
     }
 }

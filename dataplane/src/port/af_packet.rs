@@ -294,10 +294,12 @@ impl AfPacketPort {
         let (_, info) = super::kernel_interface(name, iface, "af_packet")?;
         let fd = h.fd.as_raw_fd();
         // SAFETY: SO_DOMAIN and PACKET_VERSION read C ints.
-        let domain = unsafe { super::get_sockopt::<libc::c_int>(fd, libc::SOL_SOCKET, libc::SO_DOMAIN) };
+        let domain =
+            unsafe { super::get_sockopt::<libc::c_int>(fd, libc::SOL_SOCKET, libc::SO_DOMAIN) };
         // SAFETY: as above.
-        let version =
-            unsafe { super::get_sockopt::<libc::c_int>(fd, libc::SOL_PACKET, libc::PACKET_VERSION) };
+        let version = unsafe {
+            super::get_sockopt::<libc::c_int>(fd, libc::SOL_PACKET, libc::PACKET_VERSION)
+        };
         if domain.ok() != Some(libc::AF_PACKET)
             || version.ok() != Some(libc::tpacket_versions::TPACKET_V2 as libc::c_int)
         {
@@ -320,7 +322,11 @@ impl AfPacketPort {
             Some(h.fd.as_fd()),
             0,
         )
-        .map_err(|e| err(format!("cannot map the handed-over rings of {iface:?}: {e}")))?;
+        .map_err(|e| {
+            err(format!(
+                "cannot map the handed-over rings of {iface:?}: {e}"
+            ))
+        })?;
         let base = map.as_ptr();
         Ok(AfPacketPort {
             info,

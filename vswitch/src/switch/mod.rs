@@ -184,7 +184,7 @@ impl<B: PacketBuf> Switch<B> {
             hits: Arc::new(Vec::new()),
             counted_nsgs: None,
             stats: Arc::default(),
-            clock: TscClock::calibrate(Duration::from_millis(10)),
+            clock: TscClock::process(),
             last_expire: 0,
             last_sweep: 0,
             lb_touch_ns: (cfg.timeouts.shortest() / 4).clamp(1_000_000, 10_000_000_000),
