@@ -411,7 +411,11 @@ fn prepare_takeover(
     }
     let mut topo = cfg.topology()?;
     let workers = cfg.dataplane.workers.max(1);
-    let stop = Stop::signals_only(file)?;
+    // SIGHUP reloads this process's file, or the one its predecessor did.
+    let reload = file
+        .map(std::path::Path::to_path_buf)
+        .or_else(|| inc.state.config_file.clone());
+    let stop = Stop::signals_only(reload.as_deref())?;
     let mut sets: Vec<PortSet> = (0..workers).map(|_| Vec::new()).collect();
     let ports = inc.state.ports.clone();
     for (i, p) in cfg.port.iter().enumerate() {
@@ -769,6 +773,11 @@ fn run_on<A: BufAlloc>(
             )?),
             None => None,
         };
+        // The predecessor left its socket file for this process; one this
+        // process does not serve would stay behind.
+        if cfg.control.as_ref().is_none_or(|c| c.socket != inc.control) {
+            let _ = std::fs::remove_file(&inc.control);
+        }
         rt.takeover = Some(inc.report.clone());
     }
     eprintln!(
@@ -816,10 +825,11 @@ fn run_on<A: BufAlloc>(
         let Some(req) = rt.takeover_request.take() else {
             break;
         };
+        let file = stop.reload.as_ref().map(|(_, p)| p.as_path());
         match hand_over(
             &req,
             &stopped,
-            &state,
+            (&state, file),
             &health,
             &port_stats,
             &sw_cfg,
@@ -866,7 +876,7 @@ fn run_on<A: BufAlloc>(
 fn hand_over<A: BufAlloc>(
     req: &crate::takeover::Request,
     stopped: &[StoppedWorker<A::Buf>],
-    state: &crate::control::ControlState,
+    (state, file): (&crate::control::ControlState, Option<&std::path::Path>),
     health: &Health<A>,
     port_stats: &[(String, Vec<Arc<dataplane::PortStats>>)],
     sw_cfg: &SwitchConfig,
@@ -874,7 +884,7 @@ fn hand_over<A: BufAlloc>(
 ) -> Result<(), crate::takeover::TakeoverError> {
     use crate::takeover::{PortState, QueueState, TakeoverError, counters_of, offer, state_of};
     let cfg = state.config();
-    let mut st = state_of(cfg, state.generation(), sw_cfg.syn_cookies.key());
+    let mut st = state_of(cfg, file, state.generation(), sw_cfg.syn_cookies.key());
     let mut fds = Vec::new();
     for (i, p) in cfg.port.iter().enumerate() {
         let mut queues = Vec::new();

@@ -134,6 +134,10 @@ pub struct State {
     pub stopped_at_ns: u64,
     /// Its running configuration (API changes included).
     pub config: serde_json::Value,
+    /// The file it reloads on SIGHUP, which the successor reloads too
+    /// (unless given its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_file: Option<PathBuf>,
     /// Its policy generation.
     pub generation: u64,
     /// The SYN cookies' secret.
@@ -351,6 +355,7 @@ impl Incoming {
                 pid: 0,
                 stopped_at_ns: 0,
                 config: serde_json::Value::Null,
+                config_file: None,
                 generation: 0,
                 syn_cookie_key: [0; 16],
                 ports: Vec::new(),
@@ -425,13 +430,19 @@ impl Incoming {
 }
 
 /// The state old hands over, less ports and workers (filled by the caller).
-pub fn state_of(config: &crate::config::Config, generation: u64, cookie_key: [u8; 16]) -> State {
+pub fn state_of(
+    config: &crate::config::Config,
+    config_file: Option<&Path>,
+    generation: u64,
+    cookie_key: [u8; 16],
+) -> State {
     State {
         format: FORMAT,
         version: VERSION.to_string(),
         pid: std::process::id(),
         stopped_at_ns: now_ns(),
         config: serde_json::to_value(config).unwrap_or(serde_json::Value::Null),
+        config_file: config_file.map(Path::to_path_buf),
         generation,
         syn_cookie_key: cookie_key,
         ports: Vec::new(),

@@ -505,6 +505,16 @@ fn fifty_downloads_and_a_curl_loop_outlive_ten_upgrades() {
             .any(|t| t > last),
         "no UDP datagram after the last upgrade"
     );
+    // The last successor reloads the file the first one was started with.
+    let pid = lab.children[idx].id().to_string();
+    common::netns::sh(&["kill", "-HUP", &pid]);
+    api.wait_for(
+        "/v1/status",
+        Duration::from_secs(30),
+        "a SIGHUP reload by the last successor",
+        |v| v["reloads"]["applied"].as_u64() == Some(1),
+        || logs(10),
+    );
     let (st, report) = lab.stop(idx, &dir.join("u10.out"));
     assert!(st.success(), "{report}\n{}", logs(10));
 }
