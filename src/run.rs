@@ -825,6 +825,22 @@ fn run_on<A: BufAlloc>(
         let Some(req) = rt.takeover_request.take() else {
             break;
         };
+        // Packets one worker handed another, or queued to go through it
+        // again, are sent before the sockets go.
+        let mut idle: Vec<_> = stopped
+            .into_iter()
+            .enumerate()
+            .map(|(w, s)| {
+                Worker::new(&format!("worker{w}"), None, s.ports, s.pipeline)
+                    .with_stats(wstats[w].clone())
+            })
+            .collect();
+        for _ in 0..1000 {
+            if idle.iter_mut().map(|w| w.finish_pending()).sum::<usize>() == 0 {
+                break;
+            }
+        }
+        let stopped: Vec<_> = idle.into_iter().map(Worker::into_stopped).collect();
         let file = stop.reload.as_ref().map(|(_, p)| p.as_path());
         match hand_over(
             &req,

@@ -284,6 +284,35 @@ impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
         got as usize
     }
 
+    /// Lets the pipeline finish what it holds for later (packets handed to
+    /// it other than through a port: [`Pipeline::poll`]) without receiving
+    /// from the ports, sending what that produces; returns how many
+    /// packets it moved. A stopped worker's owner calls it, on every
+    /// worker over and over until none moves anything, before handing the
+    /// ports to someone else (a hitless upgrade), so that nothing waiting
+    /// between workers is lost.
+    pub fn finish_pending(&mut self) -> usize {
+        let mut ctx = Ctx {
+            ports: &mut self.ports,
+            pending: &mut self.pending,
+            drops: &self.stats.drops,
+            now: self.clock.now(),
+        };
+        let n = self.pipeline.poll(&mut ctx);
+        self.tally.tx += ctx.flush();
+        self.publish();
+        n
+    }
+
+    /// The stopped worker's ports and pipeline, without running it again.
+    pub fn into_stopped(mut self) -> Stopped<B, P> {
+        self.publish();
+        Stopped {
+            ports: self.ports,
+            pipeline: self.pipeline,
+        }
+    }
+
     /// Publishes the counters kept since the last publication.
     pub fn publish(&mut self) {
         self.tally.publish(&self.stats);

@@ -392,6 +392,35 @@ fn the_health_service_applies_changes_to_its_vip_in_place() {
     );
     assert_eq!(vip.health(), [false, true]);
     assert_eq!(vip.backends().table().share(0), 0);
+    // A successor's service, synced to the same targets, restores what
+    // this one learnt: its VIP (all down, as probed backends start) gets
+    // the same health at once, and each target its probes and reason.
+    let saved = service.export();
+    assert_eq!(saved.len(), 2);
+    let text = serde_json::to_string(&saved).unwrap();
+    let saved: Vec<lb::health::HealthRecord> = serde_json::from_str(&text).unwrap();
+    let mut next: HealthService<RingPort<PoolBuf>, Pool> = HealthService::new();
+    next.add_vnet("a", sim::prober(&mut Router::new(), pool, 10));
+    next.sync(&want, Duration::ZERO).unwrap();
+    let mut vips2 = Vips::new();
+    let vip2 = vips2.insert(
+        Vip::new(
+            VipConfig::new("web", frontend.0, 80, 6, backends_8080(&ips)),
+            &[false; 2],
+        )
+        .unwrap(),
+    );
+    assert_eq!(next.restore(&saved, |n| (n == "a").then_some(&vips2)), 2);
+    assert_eq!(vip2.health(), [false, true]);
+    let before: Vec<(String, bool, u64, String)> = service
+        .states()
+        .map(|(t, h)| (t.name(), h.up, h.probes, h.reason()))
+        .collect();
+    let after: Vec<(String, bool, u64, String)> = next
+        .states()
+        .map(|(t, h)| (t.name(), h.up, h.probes, h.reason()))
+        .collect();
+    assert_eq!(after, before);
     // Synced to the second backend only: the first is no longer probed.
     service.sync(&want[1..], now.get()).unwrap();
     let probed: Vec<String> = service.states().map(|(t, _)| t.name()).collect();
