@@ -14,6 +14,8 @@
 # namespace and veth is created here and removed on exit.
 #
 # Usage (root): benches/upgrade.sh [upgrades, default 10]
+# (RESTARTS=N: restarts in the second phase, default half the upgrades;
+# KEEP=1 keeps the scratch directory with the UDP arrivals.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n="${1:-10}"
@@ -184,17 +186,19 @@ for l in open(sys.argv[2]):
     a, b = float(a), float(b)
     g = max([(y[0] - x[0]) * 1000 for x, y in zip(arr, arr[1:]) if y[0] >= a and x[0] <= b] or [0])
     print("%-10s %12s %16.1f" % (label, blackout, g))
+# From the first datagram the sink got (the source may start first).
 seen = sorted(set(k for _, k in arr))
-print("UDP datagrams sent %d, lost %d" % (seen[-1] + 1 if seen else 0, (seen[-1] + 1 - len(seen)) if seen else 0))
+span = seen[-1] - seen[0] + 1 if seen else 0
+print("UDP datagrams %d (from the first received), lost %d" % (span, span - len(seen)))
 EOF
 
 # phase LABEL COUNT ACTION: downloads and the UDP stream across COUNT
 # actions (upgrade or restart), one every 2 s.
 phase() {
     local label=$1 count=$2 action=$3
-    rm -f "$tmp/stop" "$tmp"/dl-* "$tmp/udp.log"
+    rm -f "$tmp/stop" "$tmp"/dl-* "$tmp/udp-$label.log"
     # (`ip netns exec` execs python: $! is python's pid.)
-    ip netns exec "pu${id}s1" python3 "$tmp/sink.py" "$tmp/udp.log" & pids+=($!); local sink=$!
+    ip netns exec "pu${id}s1" python3 "$tmp/sink.py" "$tmp/udp-$label.log" & pids+=($!); local sink=$!
     ip netns exec "pu${id}cl" python3 "$tmp/source.py" "$tmp/stop" & pids+=($!)
     local rate=$((3 * 1024 / (2 * count + 6)))k
     for i in $(seq 0 14); do
@@ -233,11 +237,12 @@ phase() {
     done
     touch "$tmp/stop"; sleep 0.5; kill "$sink" 2>/dev/null || true; wait "$sink" 2>/dev/null || true
     printf '%-10s %12s %16s\n' "$label" "blackout ms" "UDP silence ms"
-    python3 "$tmp/gaps.py" "$tmp/udp.log" "$tmp/windows"
+    python3 "$tmp/gaps.py" "$tmp/udp-$label.log" "$tmp/windows"
     echo "downloads (10 through the VIP, 5 through SNAT): $ok intact, $broken broken or cut short"
     echo
 }
 
 echo "$("$bin" --version); $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)); $(date -u +%F)"
 phase upgrade "$n" upgrade
-phase restart $(((n + 1) / 2)) restart
+restarts="${RESTARTS:-$(((n + 1) / 2))}"
+[ "$restarts" -eq 0 ] || phase restart "$restarts" restart

@@ -330,7 +330,11 @@ fn gaps(log: &Path, windows: &[(f64, f64)]) -> (Vec<f64>, u64) {
     let mut seen: Vec<u64> = arrivals.iter().map(|a| a.1).collect();
     seen.sort_unstable();
     seen.dedup();
-    let lost = seen.last().map_or(0, |&m| m + 1 - seen.len() as u64);
+    // From the first datagram received (the sender may start first).
+    let lost = match (seen.first(), seen.last()) {
+        (Some(&a), Some(&b)) => b - a + 1 - seen.len() as u64,
+        _ => 0,
+    };
     (per, lost)
 }
 
