@@ -382,11 +382,15 @@ fn table(cmd: &Cmd, path: &str, status: u16, text: &str) -> Result<Vec<String>, 
             out.push(format!("version  {} (pid {})", st.version, st.pid));
             if let Some(t) = &st.takeover {
                 out.push(format!(
-                    "took over from pid {} (version {}) at {}: traffic stopped {:.1} ms; {} connections, {} left out, {} probe states, {} sockets",
+                    "took over from pid {} (version {}) at {}: traffic stopped {:.1} ms{}; {} connections, {} left out, {} probe states, {} sockets",
                     t.from_pid,
                     t.from_version,
                     utc(t.at_unix),
                     t.blackout_us as f64 / 1000.0,
+                    t.links_up_us.map_or(String::new(), |u| format!(
+                        " (links up again after {:.1} ms)",
+                        u as f64 / 1000.0
+                    )),
                     t.connections,
                     t.connections_dropped,
                     t.probes,

@@ -373,15 +373,22 @@ pub fn run_takeover(
         None => None,
     };
     // What costs time and does not depend on the state is done before the
-    // running pollux stops: the packet pool (prefaulted) and the clock's
-    // calibration.
+    // running pollux stops: the packet pool (prefaulted) or DPDK's EAL and
+    // mempool, and the clock's calibration.
+    let ahead = match &mine {
+        Some(c) => c.clone(),
+        None => crate::takeover::running_config(control)?,
+    };
+    if ahead.port.iter().any(|p| p.spec.is_dpdk()) {
+        return run_takeover_dpdk(control, mine, file, &ahead);
+    }
     let pool = Pool::new(&PoolConfig::new("run", 65536))?;
     let _ = dataplane::clock::TscClock::process();
     let mut inc = crate::takeover::Incoming::request(control)?;
     match prepare_takeover(&mut inc, mine, file, pool) {
         Ok((cfg, topo, sets, probers, stop)) => {
             let cores = core_affinity::get_core_ids().unwrap_or_default();
-            run_on(&cfg, &topo, sets, probers, &cores, stop, Some(inc))
+            run_on(&cfg, &topo, sets, probers, &cores, stop, Some((inc, None)))
         }
         Err(e) => Err(RunError::Takeover(inc.abort(e.lines().join("; ")))),
     }
@@ -392,12 +399,15 @@ type Prepared = (Config, Topology, Vec<PortSet>, Health<Pool>, Stop);
 
 /// The configuration a successor runs, checked, and its ports opened on
 /// the sockets handed over.
-fn prepare_takeover(
-    inc: &mut crate::takeover::Incoming,
+/// The configuration a successor runs (its own `mine`, or its
+/// predecessor's), checked against what the predecessor runs; its
+/// topology, and the signals (SIGHUP reloads `file`, or the file the
+/// predecessor reloaded).
+fn takeover_config(
+    inc: &crate::takeover::Incoming,
     mine: Option<Config>,
     file: Option<&std::path::Path>,
-    pool: Pool,
-) -> Result<Prepared, RunError> {
+) -> Result<(Config, Topology, Stop), RunError> {
     let running: Config = serde_json::from_value(inc.state.config.clone()).map_err(|e| {
         ConfigError::Invalid(vec![format!(
             "the running configuration does not parse here: {e}"
@@ -409,13 +419,22 @@ fn prepare_takeover(
     if !problems.is_empty() {
         return Err(ConfigError::Invalid(problems).into());
     }
-    let mut topo = cfg.topology()?;
-    let workers = cfg.dataplane.workers.max(1);
-    // SIGHUP reloads this process's file, or the one its predecessor did.
+    let topo = cfg.topology()?;
     let reload = file
         .map(std::path::Path::to_path_buf)
         .or_else(|| inc.state.config_file.clone());
     let stop = Stop::signals_only(reload.as_deref())?;
+    Ok((cfg, topo, stop))
+}
+
+fn prepare_takeover(
+    inc: &mut crate::takeover::Incoming,
+    mine: Option<Config>,
+    file: Option<&std::path::Path>,
+    pool: Pool,
+) -> Result<Prepared, RunError> {
+    let (cfg, mut topo, stop) = takeover_config(inc, mine, file)?;
+    let workers = cfg.dataplane.workers.max(1);
     let mut sets: Vec<PortSet> = (0..workers).map(|_| Vec::new()).collect();
     let ports = inc.state.ports.clone();
     for (i, p) in cfg.port.iter().enumerate() {
@@ -435,7 +454,7 @@ fn prepare_takeover(
         for (set, q) in sets.iter_mut().zip(&ps.queues) {
             let fd = inc.take_fd(q).ok_or_else(|| {
                 ConfigError::Invalid(vec![format!(
-                    "port {:?}: descriptor {} was not handed over",
+                    "port {:?}: descriptor {:?} was not handed over",
                     p.name, q.fd
                 )])
             })?;
@@ -637,6 +656,95 @@ fn run_dpdk(cfg: &Config, mut topo: Topology, stop: Stop) -> Result<RunReport, R
     run_on(cfg, &topo, sets, probers, &cores, stop, None)
 }
 
+/// [`run_takeover`] of a pollux on DPDK vhost-user ports: EAL (under a
+/// file prefix of its own) and the mempool are made before the running
+/// pollux is asked; the ports are opened once it has stopped and said go
+/// (its guests' QEMUs take the new connections when its own close, as it
+/// exits).
+#[cfg(feature = "dpdk")]
+fn run_takeover_dpdk(
+    control: &std::path::Path,
+    mine: Option<Config>,
+    file: Option<&std::path::Path>,
+    ahead: &Config,
+) -> Result<RunReport, RunError> {
+    use dataplane::port::dpdk::{Eal, Mempool};
+    let args = ahead
+        .dpdk
+        .as_ref()
+        .map(|d| d.eal_args.clone())
+        .unwrap_or_default();
+    let eal = Eal::init(&crate::takeover::successor_eal_args(&args))?;
+    let pool = Mempool::new(&eal, "pollux", 16383, 2176, -1)?;
+    let _ = dataplane::clock::TscClock::process();
+    let mut inc = crate::takeover::Incoming::request(control)?;
+    let prepared = (|| {
+        let (cfg, mut topo, stop) = takeover_config(&inc, mine, file)?;
+        if cfg.dpdk != ahead.dpdk || cfg.port != ahead.port {
+            return Err(RunError::Config(ConfigError::Invalid(vec![
+                "the running configuration's ports or [dpdk] changed while taking over".into(),
+            ])));
+        }
+        if let Some(p) = cfg.port.iter().find(|p| !crate::takeover::reopens(p)) {
+            return Err(RunError::Config(ConfigError::Invalid(vec![format!(
+                "port {:?}: only vhost-user (net_vhost) DPDK ports are taken over",
+                p.name
+            )])));
+        }
+        let workers = cfg.dataplane.workers.max(1);
+        let mut sets: Vec<PortSet<dataplane::port::dpdk::Mbuf>> =
+            (0..workers).map(|_| Vec::new()).collect();
+        let probers = probers(&cfg, &mut topo, pool, &mut sets)?;
+        Ok((cfg, topo, sets, probers, stop))
+    })();
+    let (cfg, topo, sets, probers, stop) = match prepared {
+        Ok(p) => p,
+        Err(e) => return Err(RunError::Takeover(inc.abort(e.lines().join("; ")))),
+    };
+    let counters: Vec<Vec<crate::api::PortCounters>> = inc
+        .state
+        .ports
+        .iter()
+        .map(|p| p.queues.iter().map(|q| q.counters.clone()).collect())
+        .collect();
+    let ports = cfg.port.clone();
+    let workers = sets.len();
+    let late: Late<dataplane::port::dpdk::Mbuf> = Box::new(move || {
+        let mut out: Vec<PortSet<dataplane::port::dpdk::Mbuf>> =
+            (0..workers).map(|_| Vec::new()).collect();
+        for (i, p) in ports.iter().enumerate() {
+            let opened = spec::open_dpdk(&p.spec, &p.name, workers, &eal, pool)?;
+            for (w, (set, q)) in out.iter_mut().zip(opened.queues).enumerate() {
+                if let Some(c) = counters.get(i).and_then(|c| c.get(w)) {
+                    crate::takeover::add_counters(q.stats(), c);
+                }
+                set.push(q);
+            }
+        }
+        Ok(out)
+    });
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    run_on(
+        &cfg,
+        &topo,
+        sets,
+        probers,
+        &cores,
+        stop,
+        Some((inc, Some(late))),
+    )
+}
+
+#[cfg(not(feature = "dpdk"))]
+fn run_takeover_dpdk(
+    _control: &std::path::Path,
+    _mine: Option<Config>,
+    _file: Option<&std::path::Path>,
+    _ahead: &Config,
+) -> Result<RunReport, RunError> {
+    Err(RunError::NoDpdk)
+}
+
 #[cfg(not(feature = "dpdk"))]
 fn run_dpdk(_cfg: &Config, _topo: Topology, _stop: Stop) -> Result<RunReport, RunError> {
     Err(RunError::NoDpdk)
@@ -644,6 +752,15 @@ fn run_dpdk(_cfg: &Config, _topo: Topology, _stop: Stop) -> Result<RunReport, Ru
 
 /// A stopped worker: its ports and switch.
 type StoppedWorker<B> = dataplane::worker::Stopped<B, Switch<B>>;
+
+/// Opens, for a successor, the configured ports it does not get from its
+/// predecessor (per worker, in configuration order), once the predecessor
+/// has stopped.
+type Late<B> = Box<dyn FnOnce() -> Result<Vec<PortSet<B>>, RunError>>;
+
+/// What a successor's [`run_on`] takes over: its predecessor's state, and
+/// the ports it opens itself once the predecessor has stopped.
+type Successor<B> = (crate::takeover::Incoming, Option<Late<B>>);
 
 /// Starts one switch worker per port set, serves the control API (with a
 /// `[control]` section), runs the control loop until `stop` says so, stops
@@ -659,8 +776,12 @@ fn run_on<A: BufAlloc>(
     mut health: Health<A>,
     cores: &[core_affinity::CoreId],
     stop: Stop,
-    mut incoming: Option<crate::takeover::Incoming>,
+    successor: Option<Successor<A::Buf>>,
 ) -> Result<RunReport, RunError> {
+    let (mut incoming, late) = match successor {
+        Some((i, l)) => (Some(i), l),
+        None => (None, None),
+    };
     let workers = sets.len().max(1);
     let generation = incoming.as_ref().map_or(1, |i| i.state.generation + 1);
     let policy = Policy::compile(topo, generation).map_err(|e| ConfigError::Invalid(e.0))?;
@@ -681,15 +802,8 @@ fn run_on<A: BufAlloc>(
     let mut server = stop.server;
     let mut flow_control = Vec::new();
     let (mut stats, mut acl_hits, mut wstats) = (Vec::new(), Vec::new(), Vec::new());
-    let mut port_stats: Vec<(String, Vec<Arc<dataplane::PortStats>>)> = Vec::new();
     let mut built = Vec::new();
     for (w, ports) in sets.into_iter().enumerate() {
-        for (i, p) in ports.iter().enumerate() {
-            match port_stats.get_mut(i) {
-                Some((_, v)) => v.push(p.stats().clone()),
-                None => port_stats.push((p.info().name.clone(), vec![p.stats().clone()])),
-            }
-        }
         let fc = Arc::new(vswitch::switch::FlowControl::default());
         flow_control.push(fc.clone());
         let mut switch = Switch::new(swap.clone(), sw_cfg.clone())
@@ -721,6 +835,23 @@ fn run_on<A: BufAlloc>(
         // The predecessor stops serving and says go; from here on this
         // process owns the ports.
         inc.ready()?;
+        // Ports this process opens itself, now that its predecessor has
+        // stopped: before the internal ports, as numbered.
+        if let Some(open) = late {
+            for (b, mut ports) in built.iter_mut().zip(open()?) {
+                ports.append(&mut b.ports);
+                b.ports = ports;
+            }
+        }
+    }
+    let mut port_stats: Vec<(String, Vec<Arc<dataplane::PortStats>>)> = Vec::new();
+    for b in &built {
+        for (i, p) in b.ports.iter().enumerate() {
+            match port_stats.get_mut(i) {
+                Some((_, v)) => v.push(p.stats().clone()),
+                None => port_stats.push((p.info().name.clone(), vec![p.stats().clone()])),
+            }
+        }
     }
     let core_of = |w: usize| {
         // Polling cores from the last one down; the control thread floats.
@@ -905,6 +1036,24 @@ fn hand_over<A: BufAlloc>(
     for (i, p) in cfg.port.iter().enumerate() {
         let mut queues = Vec::new();
         for (w, s) in stopped.iter().enumerate() {
+            let counters = port_stats
+                .get(i)
+                .and_then(|(_, v)| v.get(w))
+                .map(|s| counters_of(&p.name, s))
+                .unwrap_or_default();
+            if crate::takeover::reopens(p) {
+                // The successor connects anew; the guest's QEMU takes it
+                // when this process's connection closes.
+                queues.push(QueueState {
+                    fd: None,
+                    rx_next: 0,
+                    tx_next: 0,
+                    frame_size: 0,
+                    frames: 0,
+                    counters,
+                });
+                continue;
+            }
             let h = s
                 .ports
                 .get(i)
@@ -913,13 +1062,8 @@ fn hand_over<A: BufAlloc>(
                     TakeoverError::Unusable(format!("port {:?} cannot hand over", p.name))
                 })?
                 .map_err(|e| TakeoverError::Io(format!("port {:?}: {e}", p.name)))?;
-            let counters = port_stats
-                .get(i)
-                .and_then(|(_, v)| v.get(w))
-                .map(|s| counters_of(&p.name, s))
-                .unwrap_or_default();
             queues.push(QueueState {
-                fd: fds.len(),
+                fd: Some(fds.len()),
                 rx_next: h.rx_next,
                 tx_next: h.tx_next,
                 frame_size: h.frame_size,
@@ -994,6 +1138,9 @@ fn control_loop<A: BufAlloc>(
         // Only the API reads them.
         if server.is_some() {
             rt.probes = probe_states(health);
+        }
+        if let Some(t) = rt.takeover.as_mut() {
+            crate::takeover::note_links(t, &rt.ports);
         }
         if let Some((flag, path)) = reload
             && flag.swap(false, Ordering::Relaxed)

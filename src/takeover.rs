@@ -96,15 +96,21 @@ pub struct Request {
 /// One queue of a port as handed over.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueState {
-    /// Index of its socket among the descriptors of the message.
-    pub fd: usize,
+    /// Index of its socket among the descriptors of the message (none for
+    /// a port the successor opens itself: vhost-user).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fd: Option<usize>,
     /// Next rx ring slot.
+    #[serde(default)]
     pub rx_next: usize,
     /// Next tx ring slot.
+    #[serde(default)]
     pub tx_next: usize,
     /// Ring slot size.
+    #[serde(default)]
     pub frame_size: usize,
     /// Slots per ring.
+    #[serde(default)]
     pub frames: usize,
     /// The queue's counters so far.
     pub counters: PortCounters,
@@ -179,6 +185,15 @@ pub struct Takeover {
     /// From its workers' stop to this process's workers' start, in
     /// microseconds: how long no packet was forwarded.
     pub blackout_us: u64,
+    /// From the predecessor's workers' stop until every port that reports
+    /// its link (DPDK: a vhost-user guest's device ready again) was up, in
+    /// microseconds; absent while one is down, and for ports without a
+    /// link state (af_packet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub links_up_us: Option<u64>,
+    /// When the predecessor's workers stopped (ns since the Unix epoch).
+    #[serde(default)]
+    pub stopped_at_ns: u64,
     /// Connections restored.
     pub connections: u64,
     /// Connections left out: their VIP, backend or vnet is no longer
@@ -402,7 +417,7 @@ impl Incoming {
 
     /// Takes the socket of queue `q`.
     pub fn take_fd(&mut self, q: &QueueState) -> Option<std::os::fd::OwnedFd> {
-        self.fds.get_mut(q.fd)?.take()
+        self.fds.get_mut(q.fd?)?.take()
     }
 
     /// Everything is ready: tells old, waits for `Go`.
@@ -418,6 +433,7 @@ impl Incoming {
     pub fn started(&mut self) {
         let now = now_ns();
         self.report.blackout_us = now.saturating_sub(self.state.stopped_at_ns) / 1000;
+        self.report.stopped_at_ns = self.state.stopped_at_ns;
         self.report.at_unix = now / 1_000_000_000;
         let _ = send(&mut self.conn, &Msg::Started);
     }
@@ -426,6 +442,21 @@ impl Incoming {
     pub fn count(&mut self, w: &WorkerImport) {
         self.report.connections += w.conns.conns;
         self.report.connections_dropped += w.conns.vip_gone + w.vnet_gone;
+    }
+}
+
+/// Notes in `t` when every port that reports a link is up after a
+/// takeover (once): `ports`' link states.
+pub fn note_links(t: &mut Takeover, ports: &[(String, Vec<std::sync::Arc<PortStats>>)]) {
+    if t.links_up_us.is_some() {
+        return;
+    }
+    let links: Vec<bool> = ports
+        .iter()
+        .filter_map(|(_, q)| q.first()?.link.as_ref().map(|l| l.is_up()))
+        .collect();
+    if !links.is_empty() && links.iter().all(|&up| up) {
+        t.links_up_us = Some(now_ns().saturating_sub(t.stopped_at_ns) / 1000);
     }
 }
 
@@ -451,20 +482,69 @@ pub fn state_of(
     }
 }
 
+/// True for a port the successor opens itself once its predecessor has
+/// stopped: a DPDK vhost-user port (`net_vhost`), whose guest's QEMU takes
+/// the successor's connection when the predecessor's closes.
+pub fn reopens(p: &crate::config::PortCfg) -> bool {
+    matches!(&p.spec, dataplane::port::spec::PortSpec::Dpdk { devargs: Some(d), .. } if d.starts_with("net_vhost"))
+}
+
 /// Why old cannot hand `cfg`'s ports over, one line per port; empty when
 /// it can.
 pub fn port_problems(cfg: &crate::config::Config) -> Vec<String> {
     cfg.port
         .iter()
-        .filter(|p| p.spec.driver() != "af_packet")
+        .filter(|p| p.spec.driver() != "af_packet" && !reopens(p))
         .map(|p| {
             format!(
-                "port {:?} (driver {}): only af_packet ports hand over to a successor",
+                "port {:?} (driver {}): only af_packet and vhost-user (net_vhost) ports hand over to a successor",
                 p.name,
                 p.spec.driver()
             )
         })
         .collect()
+}
+
+/// The EAL arguments of a successor: its predecessor's, with a file
+/// prefix of its own (two DPDK primary processes cannot share one; the
+/// last `--file-prefix` given is the one EAL takes).
+pub fn successor_eal_args(args: &[String]) -> Vec<String> {
+    let mut prefix = "rte".to_string();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if let Some(p) = a.strip_prefix("--file-prefix=") {
+            prefix = p.to_string();
+        } else if a == "--file-prefix" {
+            if let Some(p) = it.next() {
+                prefix = p.clone();
+            }
+        }
+    }
+    // A successor of a successor does not grow the name.
+    let base = prefix.split("-pid").next().unwrap_or(&prefix).to_string();
+    let mut out = args.to_vec();
+    out.push(format!("--file-prefix={base}-pid{}", std::process::id()));
+    out
+}
+
+/// The configuration the pollux serving `control` runs (`GET
+/// /v1/config`), which a successor prepares with before it asks to take
+/// over.
+pub fn running_config(control: &Path) -> Result<crate::config::Config, TakeoverError> {
+    let refused = |reason: String| TakeoverError::Refused {
+        socket: control.to_path_buf(),
+        reason,
+    };
+    let ep = crate::ctl::Endpoint::Unix(control);
+    let (status, text) =
+        crate::ctl::call(&ep, "GET", "/v1/config", None).map_err(|e| refused(e.to_string()))?;
+    if status != 200 {
+        return Err(refused(format!("GET /v1/config answered {status}")));
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| refused(format!("its configuration: {e}")))?;
+    serde_json::from_value(v.get("config").cloned().unwrap_or_default())
+        .map_err(|e| refused(format!("its configuration does not parse here: {e}")))
 }
 
 /// Why new cannot run `mine` on old's ports, one line per problem: the
@@ -524,6 +604,19 @@ mod tests {
             again,
             serde_json::from_str::<serde_json::Value>(text).unwrap()
         );
+    }
+
+    #[test]
+    fn a_successor_runs_dpdk_under_a_file_prefix_of_its_own() {
+        let me = std::process::id();
+        let v = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let got = successor_eal_args(&v(&["-l", "1", "--file-prefix=px1", "--no-huge"]));
+        assert_eq!(got.last().unwrap(), &format!("--file-prefix=px1-pid{me}"));
+        assert_eq!(got.len(), 5);
+        let got = successor_eal_args(&v(&["--file-prefix", "px1-pid77"]));
+        assert_eq!(got.last().unwrap(), &format!("--file-prefix=px1-pid{me}"));
+        let got = successor_eal_args(&v(&["--no-pci"]));
+        assert_eq!(got.last().unwrap(), &format!("--file-prefix=rte-pid{me}"));
     }
 
     #[test]

@@ -41,6 +41,17 @@ pub struct DpdkDir(pub String);
 impl Drop for DpdkDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/{}", self.0));
+        // A successor's (`pollux run --takeover`): PREFIX-pidN.
+        let ours = format!("{}-pid", self.0);
+        for e in std::fs::read_dir("/var/run/dpdk")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if e.file_name().to_string_lossy().starts_with(&ours) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
     }
 }
 
