@@ -27,9 +27,12 @@
 //!
 //! Ports hand over by driver: `af_packet` passes its sockets with the
 //! positions of its rings (nothing the kernel queued is lost or read
-//! twice); the probers' internal ports are rebuilt. Other drivers
-//! (`af_xdp`, `dpdk`, `pcap`, `ring`) cannot hand over yet: old refuses
-//! the takeover, naming the port.
+//! twice); DPDK vhost-user ports (`net_vhost`) are opened by new once old
+//! has said go (new runs DPDK under a file prefix of its own, made before
+//! it asks), and each guest's QEMU takes new's connection when old's
+//! closes as old exits; the probers' internal ports are rebuilt. Other
+//! drivers (`af_xdp`, other DPDK devices, `pcap`, `ring`) cannot hand over
+//! yet: old refuses the takeover, naming the port.
 
 use crate::api::PortCounters;
 use dataplane::port::fdpass;
