@@ -375,9 +375,18 @@ pub fn run_takeover(
     // What costs time and does not depend on the state is done before the
     // running pollux stops: the packet pool (prefaulted) or DPDK's EAL and
     // mempool, and the clock's calibration.
+    let running = crate::takeover::running_config(control)?;
     let ahead = match &mine {
-        Some(c) => c.clone(),
-        None => crate::takeover::running_config(control)?,
+        Some(c) => {
+            // Ports or workers this process cannot take over are refused
+            // before the running pollux stops for it.
+            let problems = crate::takeover::compatibility(&running, c);
+            if !problems.is_empty() {
+                return Err(ConfigError::Invalid(problems).into());
+            }
+            c.clone()
+        }
+        None => running,
     };
     if ahead.port.iter().any(|p| p.spec.is_dpdk()) {
         return run_takeover_dpdk(control, mine, file, &ahead);
@@ -397,8 +406,6 @@ pub fn run_takeover(
 /// What [`run_on`] needs, for a successor.
 type Prepared = (Config, Topology, Vec<PortSet>, Health<Pool>, Stop);
 
-/// The configuration a successor runs, checked, and its ports opened on
-/// the sockets handed over.
 /// The configuration a successor runs (its own `mine`, or its
 /// predecessor's), checked against what the predecessor runs; its
 /// topology, and the signals (SIGHUP reloads `file`, or the file the
@@ -427,6 +434,8 @@ fn takeover_config(
     Ok((cfg, topo, stop))
 }
 
+/// The configuration a successor runs, checked, and its ports opened on
+/// the sockets handed over.
 fn prepare_takeover(
     inc: &mut crate::takeover::Incoming,
     mine: Option<Config>,
@@ -784,7 +793,11 @@ fn run_on<A: BufAlloc>(
     };
     let workers = sets.len().max(1);
     let generation = incoming.as_ref().map_or(1, |i| i.state.generation + 1);
-    let policy = Policy::compile(topo, generation).map_err(|e| ConfigError::Invalid(e.0))?;
+    let policy = match (Policy::compile(topo, generation), incoming.as_mut()) {
+        (Ok(p), _) => p,
+        (Err(e), Some(inc)) => return Err(RunError::Takeover(inc.abort(e.0.join("; ")))),
+        (Err(e), None) => return Err(ConfigError::Invalid(e.0).into()),
+    };
     let swap = Arc::new(ArcSwap::from_pointee(policy));
     let mut sw_cfg = SwitchConfig {
         flow_table_size: cfg.dataplane.flow_table_size,
@@ -810,14 +823,18 @@ fn run_on<A: BufAlloc>(
             .with_handoff(w, handoff.clone())
             .with_control(w, fc);
         if let Some(inc) = incoming.as_mut() {
-            let rec = inc.state.workers.get(w).cloned().unwrap_or_default();
-            match switch.import_state(&rec) {
+            let done = match inc.state.workers.get(w) {
+                Some(rec) => switch
+                    .import_state(rec)
+                    .map_err(|e| format!("worker{w}: state not restored: {e}")),
+                None => Err(format!(
+                    "worker{w}: the running pollux sent no state for it ({} workers)",
+                    inc.state.workers.len()
+                )),
+            };
+            match done {
                 Ok(done) => inc.count(&done),
-                Err(e) => {
-                    return Err(RunError::Takeover(
-                        inc.abort(format!("worker{w}: state not restored: {e}")),
-                    ));
-                }
+                Err(why) => return Err(RunError::Takeover(inc.abort(why))),
             }
         }
         stats.push(switch.stats());
@@ -832,17 +849,41 @@ fn run_on<A: BufAlloc>(
         let cur = swap.load();
         let by_name = |name: &str| cur.vnets.iter().find(|v| v.name == name).map(|v| &v.vips);
         inc.report.probes = health.restore(&inc.state.probes, by_name) as u64;
+        // Told to stop meanwhile: not taking over at all.
+        if stop.stop.load(Ordering::Relaxed) {
+            return Err(RunError::Takeover(inc.abort("stopped by a signal".into())));
+        }
         // The predecessor stops serving and says go; from here on this
         // process owns the ports.
         inc.ready()?;
         // Ports this process opens itself, now that its predecessor has
-        // stopped: before the internal ports, as numbered.
+        // stopped: before the internal ports, as numbered. If one cannot
+        // be opened, the predecessor is told and goes on.
         if let Some(open) = late {
-            for (b, mut ports) in built.iter_mut().zip(open()?) {
-                ports.append(&mut b.ports);
-                b.ports = ports;
+            match open() {
+                Ok(opened) => {
+                    for (b, mut ports) in built.iter_mut().zip(opened) {
+                        ports.append(&mut b.ports);
+                        b.ports = ports;
+                    }
+                }
+                Err(e) => return Err(RunError::Takeover(inc.abort(e.lines().join("; ")))),
             }
         }
+        // The control socket, in the predecessor's place (it stopped
+        // serving it). One it served that this process does not is removed
+        // first (if both name one file, the bind makes it anew).
+        if cfg.control.as_ref().is_none_or(|c| c.socket != inc.control) {
+            let _ = std::fs::remove_file(&inc.control);
+        }
+        if let Some(c) = &cfg.control {
+            match crate::control::Server::bind_as(&c.socket, c.tcp.as_deref(), true) {
+                Ok(s) => server = Some(s),
+                // Forwarding matters more than the API: go on without it.
+                Err(e) => eprintln!("pollux: control API not served: {e}"),
+            }
+        }
+        inc.started();
     }
     let mut port_stats: Vec<(String, Vec<Arc<dataplane::PortStats>>)> = Vec::new();
     for b in &built {
@@ -885,8 +926,7 @@ fn run_on<A: BufAlloc>(
         acl_hits.clone(),
         flow_control,
     );
-    if let Some(mut inc) = incoming.take() {
-        inc.started();
+    if let Some(inc) = incoming.take() {
         eprintln!(
             "pollux: took over from pid {} (version {}): traffic stopped {:.1} ms; {} connections, {} probe states, {} sockets",
             inc.report.from_pid,
@@ -896,19 +936,6 @@ fn run_on<A: BufAlloc>(
             inc.report.probes,
             inc.report.sockets,
         );
-        server = match &cfg.control {
-            Some(c) => Some(crate::control::Server::bind_as(
-                &c.socket,
-                c.tcp.as_deref(),
-                true,
-            )?),
-            None => None,
-        };
-        // The predecessor left its socket file for this process; one this
-        // process does not serve would stay behind.
-        if cfg.control.as_ref().is_none_or(|c| c.socket != inc.control) {
-            let _ = std::fs::remove_file(&inc.control);
-        }
         rt.takeover = Some(inc.report.clone());
     }
     eprintln!(
@@ -940,6 +967,7 @@ fn run_on<A: BufAlloc>(
         for s in &stops {
             s.store(true, Ordering::Relaxed);
         }
+        let stopped_at = crate::takeover::now_ns();
         // Workers flush their ports when they return.
         let mut failures = Vec::new();
         let mut stopped = Vec::new();
@@ -973,20 +1001,22 @@ fn run_on<A: BufAlloc>(
         }
         let stopped: Vec<_> = idle.into_iter().map(Worker::into_stopped).collect();
         let file = stop.reload.as_ref().map(|(_, p)| p.as_path());
-        match hand_over(
+        let outcome = hand_over(
             &req,
             &stopped,
-            (&state, file),
+            (&state, file, stopped_at),
             &health,
             &port_stats,
             &sw_cfg,
             &mut server,
-        ) {
-            Ok(()) => {
+        );
+        match outcome {
+            crate::takeover::Outcome::HandedOver => {
                 eprintln!("pollux: handed over to pid {}", req.pid);
                 break;
             }
-            Err(e) => {
+            crate::takeover::Outcome::Orphaned(e) => return Err(RunError::Takeover(e)),
+            crate::takeover::Outcome::Failed(e) => {
                 let why = format!("handover to pid {} failed, going on: {e}", req.pid);
                 eprintln!("pollux: {why}");
                 rt.takeover_failed = Some(why);
@@ -1023,15 +1053,26 @@ fn run_on<A: BufAlloc>(
 fn hand_over<A: BufAlloc>(
     req: &crate::takeover::Request,
     stopped: &[StoppedWorker<A::Buf>],
-    (state, file): (&crate::control::ControlState, Option<&std::path::Path>),
+    (state, file, stopped_at): (&crate::control::ControlState, Option<&std::path::Path>, u64),
     health: &Health<A>,
     port_stats: &[(String, Vec<Arc<dataplane::PortStats>>)],
     sw_cfg: &SwitchConfig,
     server: &mut Option<crate::control::Server>,
-) -> Result<(), crate::takeover::TakeoverError> {
-    use crate::takeover::{PortState, QueueState, TakeoverError, counters_of, offer, state_of};
+) -> crate::takeover::Outcome {
+    use crate::takeover::{
+        Outcome, PortState, QueueState, TakeoverError, counters_of, offer, state_of,
+    };
     let cfg = state.config();
-    let mut st = state_of(cfg, file, state.generation(), sw_cfg.syn_cookies.key());
+    let mut st = match state_of(
+        cfg,
+        file,
+        state.generation(),
+        sw_cfg.syn_cookies.key(),
+        stopped_at,
+    ) {
+        Ok(st) => st,
+        Err(e) => return Outcome::Failed(e),
+    };
     let mut fds = Vec::new();
     for (i, p) in cfg.port.iter().enumerate() {
         let mut queues = Vec::new();
@@ -1054,14 +1095,18 @@ fn hand_over<A: BufAlloc>(
                 });
                 continue;
             }
-            let h = s
-                .ports
-                .get(i)
-                .and_then(|q| q.handover())
-                .ok_or_else(|| {
-                    TakeoverError::Unusable(format!("port {:?} cannot hand over", p.name))
-                })?
-                .map_err(|e| TakeoverError::Io(format!("port {:?}: {e}", p.name)))?;
+            let h = match s.ports.get(i).and_then(|q| q.handover()) {
+                Some(Ok(h)) => h,
+                Some(Err(e)) => {
+                    return Outcome::Failed(TakeoverError::Io(format!("port {:?}: {e}", p.name)));
+                }
+                None => {
+                    return Outcome::Failed(TakeoverError::Unusable(format!(
+                        "port {:?} cannot hand over",
+                        p.name
+                    )));
+                }
+            };
             queues.push(QueueState {
                 fd: Some(fds.len()),
                 rx_next: h.rx_next,

@@ -12,18 +12,23 @@
 //!    their state and connects to the handover socket: one message with
 //!    the [`State`] (JSON) and the port sockets (`SCM_RIGHTS`).
 //! 3. new checks the format and the configuration (old's running one, or
-//!    its own `--config` when it keeps the same ports and workers), opens
-//!    its ports on the sockets it got, restores connections, SNAT layouts,
-//!    probe states, counters and the SYN-cookie secret, and says
-//!    [`Msg::Ready`] (or [`Msg::Abort`] with why).
-//! 4. old stops serving its control API and says [`Msg::Go`]; new starts
-//!    its workers (the blackout ends), says [`Msg::Started`], serves the
-//!    control socket in old's place, and old exits.
+//!    its own `--config` when it keeps the same ports and workers: checked
+//!    against `GET /v1/config` before it asks), opens its ports on the
+//!    sockets it got, restores connections, SNAT layouts, probe states,
+//!    counters and the SYN-cookie secret, and says [`Msg::Ready`] (or
+//!    [`Msg::Abort`] with why).
+//! 4. old stops serving its control API and says [`Msg::Go`]: the ports
+//!    are new's from here. New opens the ports it opens itself, serves the
+//!    control socket, says [`Msg::Started`] and starts its workers (the
+//!    blackout ends); old exits.
 //!
 //! Until `Go`, any failure of new (a refusal, an error, being killed: old
 //! sees the socket close) leaves old running: it starts its workers again
-//! on the same ports and state and goes on. After `Go`, old waits for
-//! `Started`; if new dies first, old goes on too.
+//! on the same ports and state and goes on. After `Go`, old goes on only
+//! if new says `Abort` (it could not open a port) or is dead without
+//! having said `Started` (its process gone); while new lives, old never
+//! polls the ports again (two processes on one ring would corrupt it), and
+//! exits with an error if new neither starts nor dies in time.
 //!
 //! Ports hand over by driver: `af_packet` passes its sockets with the
 //! positions of its rings (nothing the kernel queued is lost or read
@@ -52,13 +57,18 @@ pub const READS: &[u32] = &[1];
 /// This build's version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// Port sockets one handover carries at most.
+pub const MAX_SOCKETS: usize = fdpass::MAX_FDS;
+
 /// Largest state message read (a million connections fit).
 const MAX_STATE: usize = 1 << 30;
 
 /// How long old waits for new's `Ready` (restoring a large table takes a
-/// while), and for `Started` after `Go`.
+/// while), and for `Started` after `Go`; how long a dead successor's
+/// process may take to be seen gone.
 const READY_WAIT: Duration = Duration::from_secs(60);
-const STARTED_WAIT: Duration = Duration::from_secs(30);
+const STARTED_WAIT: Duration = Duration::from_secs(60);
+const GONE_WAIT: Duration = Duration::from_secs(5);
 
 /// Why a takeover did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -170,10 +180,22 @@ pub enum Msg {
         /// Why.
         reason: String,
     },
-    /// old: stopped serving; start.
+    /// old: stopped serving; the ports are new's.
     Go,
-    /// new: workers running.
+    /// new: starting its workers; old exits.
     Started,
+}
+
+/// How a handover ended, for the process that offered it.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The successor runs: exit.
+    HandedOver,
+    /// The successor failed before it could touch the ports: go on.
+    Failed(TakeoverError),
+    /// The successor owns the ports but neither started nor died in time:
+    /// this process must not poll them again; it exits with this error.
+    Orphaned(TakeoverError),
 }
 
 /// What the last takeover did, as the control API shows it.
@@ -208,7 +230,8 @@ pub struct Takeover {
     pub sockets: u64,
 }
 
-fn now_ns() -> u64 {
+/// Now, in ns since the Unix epoch.
+pub fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
@@ -267,30 +290,70 @@ pub fn add_counters(s: &PortStats, c: &PortCounters) {
 
 // ---- the running process's side ----------------------------------------
 
+/// True while process `pid` lives (neither gone nor a zombie).
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses.
+        Ok(st) => st
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
 /// Old's part after its workers stopped: connects to `req.socket`, sends
 /// `state` with `fds`, and waits for new's `Ready`; then calls `release`
 /// (stop serving the control API), says `Go` and waits for `Started`.
-/// `Ok(true)`: handed over (exit); `Ok(false)` never; an error: go on.
 pub fn offer(
     req: &Request,
     state: &State,
     fds: &[std::os::fd::BorrowedFd<'_>],
     release: impl FnOnce(),
-) -> Result<(), TakeoverError> {
-    let mut s = UnixStream::connect(&req.socket).map_err(io("connecting"))?;
-    let text = serde_json::to_vec(state).map_err(|e| TakeoverError::Io(e.to_string()))?;
-    fdpass::send(&mut s, &text, fds).map_err(io("sending the state"))?;
-    match recv(&mut s, READY_WAIT)? {
-        Msg::Ready => {}
-        Msg::Abort { reason } => return Err(TakeoverError::Unusable(reason)),
-        m => return Err(TakeoverError::Io(format!("unexpected {m:?}"))),
-    }
+) -> Outcome {
+    let before_go = || -> Result<UnixStream, TakeoverError> {
+        let mut s = UnixStream::connect(&req.socket).map_err(io("connecting"))?;
+        // A successor that stops reading must not hold this process (and
+        // its traffic) forever.
+        s.set_write_timeout(Some(READY_WAIT))
+            .map_err(io("socket"))?;
+        let text = serde_json::to_vec(state).map_err(|e| TakeoverError::Io(e.to_string()))?;
+        fdpass::send(&mut s, &text, fds).map_err(io("sending the state"))?;
+        match recv(&mut s, READY_WAIT)? {
+            Msg::Ready => Ok(s),
+            Msg::Abort { reason } => Err(TakeoverError::Unusable(reason)),
+            m => Err(TakeoverError::Io(format!("unexpected {m:?}"))),
+        }
+    };
+    let mut s = match before_go() {
+        Ok(s) => s,
+        Err(e) => return Outcome::Failed(e),
+    };
     release();
-    send(&mut s, &Msg::Go)?;
-    match recv(&mut s, STARTED_WAIT) {
-        Ok(Msg::Started) => Ok(()),
-        Ok(m) => Err(TakeoverError::Io(format!("unexpected {m:?} after go"))),
-        Err(e) => Err(e),
+    let answer = send(&mut s, &Msg::Go).and_then(|()| recv(&mut s, STARTED_WAIT));
+    match answer {
+        Ok(Msg::Started) => Outcome::HandedOver,
+        Ok(Msg::Abort { reason }) => Outcome::Failed(TakeoverError::Unusable(reason)),
+        other => {
+            let why = match other {
+                Ok(m) => TakeoverError::Io(format!("unexpected {m:?} after go")),
+                Err(e) => e,
+            };
+            // Gone without a word: it never started; still there: it owns
+            // the ports now.
+            let end = std::time::Instant::now() + GONE_WAIT;
+            while alive(req.pid) && std::time::Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if alive(req.pid) {
+                Outcome::Orphaned(TakeoverError::Io(format!(
+                    "pid {} has the ports but did not start ({why}); not polling them again",
+                    req.pid
+                )))
+            } else {
+                Outcome::Failed(why)
+            }
+        }
     }
 }
 
@@ -387,16 +450,20 @@ impl Incoming {
         };
         // A format this build does not read, or a state it cannot parse:
         // old is told why and goes on.
-        let format = serde_json::from_slice::<serde_json::Value>(&text)
-            .ok()
-            .and_then(|v| v.get("format").and_then(|f| f.as_u64()));
-        if !format.is_some_and(|f| READS.iter().any(|&r| u64::from(r) == f)) {
+        let parsed = serde_json::from_slice::<State>(&text);
+        let format = match &parsed {
+            Ok(s) => Some(u64::from(s.format)),
+            // (Only on a failure is it read a second time, for the format.)
+            Err(_) => serde_json::from_slice::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| v.get("format").and_then(|f| f.as_u64())),
+        };
+        if let Some(f) = format.filter(|&f| !READS.iter().any(|&r| u64::from(r) == f)) {
             return Err(inc.abort(format!(
-                "state format {} is not one this pollux reads ({READS:?})",
-                format.map_or("unknown".to_string(), |f| f.to_string())
+                "state format {f} is not one this pollux reads ({READS:?})"
             )));
         }
-        match serde_json::from_slice::<State>(&text) {
+        match parsed {
             Ok(s) => inc.state = s,
             Err(e) => return Err(inc.abort(format!("the state does not parse: {e}"))),
         }
@@ -432,7 +499,8 @@ impl Incoming {
         }
     }
 
-    /// Workers running: tells old (which exits) and notes the blackout.
+    /// About to start the workers: tells old (which exits; if it cannot
+    /// be told, it is gone already) and notes the blackout.
     pub fn started(&mut self) {
         let now = now_ns();
         self.report.blackout_us = now.saturating_sub(self.state.stopped_at_ns) / 1000;
@@ -444,7 +512,7 @@ impl Incoming {
     /// Adds one worker's import to the report.
     pub fn count(&mut self, w: &WorkerImport) {
         self.report.connections += w.conns.conns;
-        self.report.connections_dropped += w.conns.vip_gone + w.vnet_gone;
+        self.report.connections_dropped += w.conns.vip_gone + w.conns.duplicate + w.vnet_gone;
     }
 }
 
@@ -469,20 +537,22 @@ pub fn state_of(
     config_file: Option<&Path>,
     generation: u64,
     cookie_key: [u8; 16],
-) -> State {
-    State {
+    stopped_at_ns: u64,
+) -> Result<State, TakeoverError> {
+    Ok(State {
         format: FORMAT,
         version: VERSION.to_string(),
         pid: std::process::id(),
-        stopped_at_ns: now_ns(),
-        config: serde_json::to_value(config).unwrap_or(serde_json::Value::Null),
+        stopped_at_ns,
+        config: serde_json::to_value(config)
+            .map_err(|e| TakeoverError::Io(format!("the configuration as JSON: {e}")))?,
         config_file: config_file.map(Path::to_path_buf),
         generation,
         syn_cookie_key: cookie_key,
         ports: Vec::new(),
         workers: Vec::new(),
         probes: Vec::new(),
-    }
+    })
 }
 
 /// True for a port the successor opens itself once its predecessor has

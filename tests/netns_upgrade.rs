@@ -13,10 +13,11 @@
 //! a row: every download completes with every byte, no request fails; each
 //! successor restored the connections, probe states and counters; the
 //! longest silence of the UDP stream around each upgrade is printed. And:
-//! a successor whose configuration file is invalid never touches the
-//! running pollux; one whose ports differ, and one killed after it
-//! received the state, leave it forwarding with nothing lost (the
-//! downloads under way complete), and it says why in `/v1/status`.
+//! a successor whose configuration file is invalid, or has other ports,
+//! never touches the running pollux; one killed after it received the
+//! state, and one killed after it was told to go, leave it forwarding with
+//! nothing lost (the downloads under way complete) and serving its control
+//! socket, and it says why in `/v1/status`.
 //!
 //! Needs root and `ip`, `ethtool`, `curl`, `python3`, `cmp`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
@@ -524,10 +525,11 @@ fn fifty_downloads_and_a_curl_loop_outlive_ten_upgrades() {
 }
 
 /// A successor that cannot take over: saves the state it received (argv[2])
-/// and kills itself, as if killed halfway.
+/// and kills itself, as if killed halfway; with argv[3] `go`, only after it
+/// said it was ready and was told to go.
 const DYING_SUCCESSOR: &str = "import socket, sys, os, json
 ctl, out = sys.argv[1], sys.argv[2]
-path = ctl + '.fake'
+path = os.path.splitext(ctl)[0] + '.takeover%d' % os.getpid()
 l = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 l.bind(path)
 l.listen(1)
@@ -553,6 +555,18 @@ while len(data) < n:
     data += s.recv(n - len(data))
 open(out, 'wb').write(data)
 os.unlink(path)
+if len(sys.argv) > 3 and sys.argv[3] == 'go':
+    ready = json.dumps({'msg': 'ready'}).encode()
+    s.sendall(len(ready).to_bytes(8, 'big') + ready)
+    head = b''
+    while len(head) < 8:
+        head += s.recv(8 - len(head))
+    n = int.from_bytes(head, 'big')
+    msg = b''
+    while len(msg) < n:
+        msg += s.recv(n - len(msg))
+    if json.loads(msg) != {'msg': 'go'}:
+        sys.exit('not go: %r' % msg)
 os.kill(os.getpid(), 9)
 ";
 
@@ -623,7 +637,7 @@ fn a_successor_that_refuses_or_dies_leaves_the_running_pollux_forwarding() {
         status(&api)
     );
 
-    // Other ports: the running pollux stopped for it, then goes on.
+    // Other ports: refused before the running pollux is asked.
     let other = dir.join("other.toml");
     std::fs::write(
         &other,
@@ -638,17 +652,8 @@ fn a_successor_that_refuses_or_dies_leaves_the_running_pollux_forwarding() {
     let st = exited(&mut lab, n, Duration::from_secs(30)).expect("t2 did not exit");
     assert_eq!(st.code(), Some(2), "{}", read(&l2));
     assert!(read(&l2).contains("ports differ"), "{}", read(&l2));
-    let s = api.wait_for(
-        "/v1/status",
-        Duration::from_secs(30),
-        "the refusal noted",
-        |v| {
-            v["takeover_failed"]
-                .as_str()
-                .is_some_and(|f| f.contains("ports differ"))
-        },
-        || read(&log),
-    );
+    let s = status(&api);
+    assert!(s["takeover_failed"].is_null(), "{s}");
     assert_eq!(s["pid"].as_u64(), Some(pid));
 
     // Killed after it received the state: the running pollux goes on.
@@ -688,6 +693,42 @@ fn a_successor_that_refuses_or_dies_leaves_the_running_pollux_forwarding() {
         .map(|v| v["conns"].as_array().unwrap().len())
         .sum();
     assert!(conns >= 6, "{sent}");
+
+    // Killed after "go": it never started, so the running pollux goes on
+    // and serves its control socket again.
+    let n = lab.spawn_root(
+        &format!(
+            "exec python3 {dying} {} {} go",
+            api.sock.display(),
+            dir.join("state2.json").display()
+        ),
+        &dir.join("dying2.log"),
+    );
+    let st = exited(&mut lab, n, Duration::from_secs(30)).expect("the dying successor lives");
+    assert_eq!(st.code(), None, "{}", read(&dir.join("dying2.log")));
+    // Its second handover failed too, and its control socket answers
+    // again.
+    assert!(
+        wait_for(Duration::from_secs(30), || read(&log)
+            .matches("failed, going on")
+            .count()
+            >= 2),
+        "{}",
+        read(&log)
+    );
+    let s = api.wait_for(
+        "/v1/status",
+        Duration::from_secs(30),
+        "the control API served again",
+        |v| v["pid"].as_u64() == Some(pid),
+        || read(&log),
+    );
+    assert!(
+        s["takeover_failed"]
+            .as_str()
+            .is_some_and(|f| f.contains("went away")),
+        "{s}"
+    );
 
     downloads_intact(&dir, 0..6, &big, || read(&log));
     assert!(idx < lab.children.len());

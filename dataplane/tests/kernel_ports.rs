@@ -307,22 +307,29 @@ fn seqs(rx: &mut Batch<dataplane::pool::PoolBuf>, out: &mut Vec<u32>) {
 /// successor sends on its rings.
 #[test]
 fn a_handed_over_socket_reads_on_from_where_its_port_stopped() {
-    if !testkit::require::root_and(&["ip", "bash"]) {
+    if !testkit::require::root_and(&["ip", "ping", "bash"]) {
         return;
     }
     let net = Netns::new("h");
+    let pool = Pool::new(&PoolConfig::new("afp-handover", 4096)).unwrap();
+    let mut first = AfPacketPort::open("veth", &net.host, pool).unwrap();
+    // The first port sends too (ARP and echo replies), so the second must
+    // go on from its tx position: the kernel sends a ring's slots in order
+    // from where it stopped.
+    answer_pings(&net, &mut first);
+    // The datagrams below leave without asking ARP again.
     net.exec(&[
         "ip",
         "neigh",
-        "add",
+        "replace",
         "10.99.0.1",
         "lladdr",
         "02:50:4c:58:99:01",
         "dev",
         "eth0",
+        "nud",
+        "permanent",
     ]);
-    let pool = Pool::new(&PoolConfig::new("afp-handover", 4096)).unwrap();
-    let mut first = AfPacketPort::open("veth", &net.host, pool).unwrap();
     const N: u32 = 600;
     let mut sender = net.spawn(&[
         "bash",
@@ -373,8 +380,25 @@ fn a_handed_over_socket_reads_on_from_where_its_port_stopped() {
         seqs(&mut rx, &mut got);
     }
     assert_eq!(got, (1..=N).collect::<Vec<_>>());
-    // The successor answers a ping through the same socket.
+    // The successor answers ARP and ping through the same socket.
+    net.exec(&["ip", "neigh", "del", "10.99.0.1", "dev", "eth0"]);
     answer_pings(&net, &mut second);
+    // Ring sizes the driver would never make are refused before mapping.
+    let h = second.handover().unwrap().unwrap();
+    let e = AfPacketPort::adopt(
+        "veth",
+        &net.host,
+        pool,
+        dataplane::port::Handover {
+            frame_size: 100,
+            ..h
+        },
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("slots must be a power of two"),
+        "{e}"
+    );
     // A socket that is not a packet socket is refused by name.
     let (x, _y) = std::os::unix::net::UnixStream::pair().unwrap();
     let e = AfPacketPort::adopt(

@@ -596,7 +596,9 @@ mod tests {
             Timeouts::default(),
             Some(SnatAllocator::new(old.snat().unwrap().config().clone()).unwrap()),
         );
-        for m in ["10.1.0.5", "10.1.0.4"] {
+        // (And one more, only in the new configuration, which must not
+        // take a block the others had.)
+        for m in ["10.1.0.6", "10.1.0.5", "10.1.0.4"] {
             new.snat_mut().unwrap().add_member(ip(m)).unwrap();
         }
         let t0 = 100 * SEC;
@@ -641,13 +643,14 @@ mod tests {
         let s = new.snat().unwrap();
         assert_eq!(s.users(public, port, 17), 1);
         assert_eq!(s.mapping_of(ip("10.1.0.4"), 5000, 17), Some((public, port)));
-        assert_eq!(
-            s.member_blocks()
-                .collect::<std::collections::BTreeMap<_, _>>(),
-            old.snat()
-                .unwrap()
-                .member_blocks()
-                .collect::<std::collections::BTreeMap<_, _>>()
+        let mut now: std::collections::BTreeMap<_, _> = s.member_blocks().collect();
+        let extra = now.remove(&ip("10.1.0.6")).unwrap();
+        let had: std::collections::BTreeMap<_, _> = old.snat().unwrap().member_blocks().collect();
+        assert_eq!(now, had);
+        assert_eq!(extra.len(), 1);
+        assert!(
+            had.values().all(|b| !b.contains(&extra[0])),
+            "{extra:?} {had:?}"
         );
         // A new connection of the same endpoint to another address reuses
         // the mapping (endpoint-independent), as it would have in the old.

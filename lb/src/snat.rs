@@ -548,23 +548,27 @@ impl SnatAllocator {
 
     /// Gives each member of `members` the blocks it had (in another
     /// process: a hitless upgrade), each given as its public address and
-    /// first port, before any port is in use here. Members not listed keep
-    /// what they have; a listed member's current blocks go back first.
-    /// Refused whole, changing nothing, when a block is not a block of this
-    /// allocator's layout and share or is given twice.
+    /// first port, before any port is in use here; members not listed get
+    /// blocks afresh afterwards (so a fresh member cannot hold a block a
+    /// listed one needs). Refused whole, changing nothing, when a block is
+    /// not a block of this allocator's layout and share, is given twice,
+    /// or a member is listed twice.
     pub fn restore_blocks(
         &mut self,
         members: &[(IpAddr, Vec<std::net::SocketAddr>)],
         exhausted: u64,
     ) -> Result<(), SnatError> {
         let mut free = self.free_blocks.clone();
-        let mut kept: HashMap<IpAddr, Member> = HashMap::new();
-        for (ip, m) in &self.members {
-            if members.iter().any(|(x, _)| x == ip) {
-                free.extend(m.blocks.iter().copied());
-            }
+        for m in self.members.values() {
+            free.extend(m.blocks.iter().copied());
         }
+        let mut restored: HashMap<IpAddr, Member> = HashMap::new();
         for (member, blocks) in members {
+            if restored.contains_key(member) {
+                return Err(SnatError::BadConfig(format!(
+                    "member {member} is listed twice"
+                )));
+            }
             let mut taken = Vec::with_capacity(blocks.len());
             for b in blocks {
                 let block = self.ip_index(b.ip()).map(|ip| Block {
@@ -578,13 +582,23 @@ impl SnatAllocator {
                 };
                 taken.push(free.swap_remove(at));
             }
-            kept.insert(*member, Member { blocks: taken });
+            restored.insert(*member, Member { blocks: taken });
         }
+        let others: Vec<IpAddr> = self
+            .members
+            .keys()
+            .filter(|ip| !restored.contains_key(ip))
+            .copied()
+            .collect();
         // Lowest ports handed out first, as a fresh allocator does.
         free.sort_by_key(|b| std::cmp::Reverse((b.ip, b.start)));
         self.free_blocks = free;
-        self.members.retain(|ip, _| !kept.contains_key(ip));
-        self.members.extend(kept);
+        self.members = restored;
+        for ip in others {
+            // One left without blocks is refused per connection, as at
+            // any time (`snat_not_member`).
+            let _ = self.add_member(ip);
+        }
         self.exhausted = exhausted;
         Ok(())
     }

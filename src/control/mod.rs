@@ -440,7 +440,41 @@ fn takeover(state: &ControlState, rt: &mut Runtime, body: &str) -> Result<Reply,
             ),
         ));
     }
-    let problems = port_problems(state.config());
+    // The handover socket is the successor's, beside the control socket
+    // and named after it (`pollux.takeoverPID` beside `pollux.sock`).
+    let beside = |p: &Path| {
+        let ours = state.config().control.as_ref().map(|c| c.socket.clone());
+        ours.is_some_and(|c| {
+            c.parent() == p.parent()
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .zip(c.file_stem().and_then(|n| n.to_str()))
+                    .is_some_and(|(n, stem)| n.starts_with(&format!("{stem}.takeover")))
+        })
+    };
+    if !beside(&req.socket) {
+        return Err(ApiError::new(
+            400,
+            format!(
+                "handover socket {}: not beside the control socket",
+                req.socket.display()
+            ),
+        ));
+    }
+    let mut problems = port_problems(state.config());
+    let sockets = state
+        .config()
+        .port
+        .iter()
+        .filter(|p| p.spec.driver() == "af_packet")
+        .count()
+        * state.config().dataplane.workers.max(1);
+    if sockets > crate::takeover::MAX_SOCKETS {
+        problems.push(format!(
+            "{sockets} port sockets are more than one handover carries ({})",
+            crate::takeover::MAX_SOCKETS
+        ));
+    }
     if !problems.is_empty() {
         return Err(ApiError {
             status: 409,
@@ -922,7 +956,16 @@ impl Server {
         let mut next = Some(first);
         while let Some(mut req) = next {
             let mut body = String::new();
+            // A takeover hands over the port sockets: asked only on the
+            // unix socket (mode 0600), never over TCP.
+            let over_tcp = req.remote_addr().is_some() && req.url().starts_with("/v1/takeover");
             let resp = match std::io::Read::read_to_string(req.as_reader(), &mut body) {
+                Ok(_) if over_tcp => (
+                    403,
+                    json!({"error": "a takeover is asked on the control socket, not over TCP"})
+                        .to_string(),
+                    "application/json",
+                ),
                 Ok(_) => handle(
                     state,
                     rt,
@@ -956,7 +999,12 @@ impl Server {
     /// Stops serving, leaving the socket file for the successor that
     /// takes it over (a hitless upgrade).
     pub fn release(mut self) {
-        self.path = PathBuf::new();
+        let path = std::mem::take(&mut self.path);
+        drop(self);
+        // tiny_http wakes its accept thread (to see it must stop) by
+        // connecting to the name it bound, which was renamed into place:
+        // connect to that place instead, so the listener really closes.
+        let _ = std::os::unix::net::UnixStream::connect(&path);
     }
 }
 

@@ -54,6 +54,30 @@ pub struct RingSize {
     pub frames: usize,
 }
 
+impl RingSize {
+    /// Refuses sizes the rings cannot have: slots a power of two from 256
+    /// bytes (a slot holds its header and a frame, 4-byte aligned) to a
+    /// block, filling whole blocks, and rings that fit in memory.
+    fn check(&self) -> Result<usize, String> {
+        let ok = self.frame_size.is_power_of_two()
+            && self.frame_size >= 256
+            && self.frame_size <= BLOCK_SIZE
+            && self.frames > 0
+            && self.frames % (BLOCK_SIZE / self.frame_size) == 0;
+        let len = self
+            .frames
+            .checked_mul(self.frame_size)
+            .filter(|&l| l.checked_mul(2).is_some());
+        match (ok, len) {
+            (true, Some(len)) => Ok(len),
+            _ => Err(format!(
+                "ring of {} slots of {} bytes: slots must be a power of two from 256 to {BLOCK_SIZE} bytes, filling whole {BLOCK_SIZE}-byte blocks",
+                self.frames, self.frame_size
+            )),
+        }
+    }
+}
+
 impl Default for RingSize {
     fn default() -> Self {
         RingSize {
@@ -105,10 +129,14 @@ pub struct AfPacketPort {
     fd: OwnedFd,
 }
 
-// SAFETY: the socket and its mapping are owned by this port alone; the
-// rings' raw pointers point into `map` and are only dereferenced through
+// SAFETY: the rings' raw pointers point into `map`, which this port owns
+// (unmapped only when it is dropped), and are only dereferenced through
 // `&mut self` (rx_burst/tx_burst), so moving the port to the worker thread
-// that uses it is sound.
+// that uses it is sound. The socket may have another descriptor and
+// mapping in another process (`handover`/`adopt`): the slots' status words
+// are atomics shared with the kernel anyway, and the handover protocol
+// lets one process poll a ring at a time (the first stops before it gives
+// its positions, and polls no more once the second may start).
 unsafe impl Send for AfPacketPort {}
 
 impl std::fmt::Debug for AfPacketPort {
@@ -165,17 +193,7 @@ impl AfPacketPort {
             port: name.to_string(),
             reason,
         };
-        if !size.frame_size.is_power_of_two()
-            || size.frame_size < 256
-            || size.frame_size > BLOCK_SIZE
-            || size.frames == 0
-            || size.frames % (BLOCK_SIZE / size.frame_size) != 0
-        {
-            return Err(err(format!(
-                "ring of {} slots of {} bytes: slots must be a power of two from 256 to {BLOCK_SIZE} bytes, filling whole {BLOCK_SIZE}-byte blocks",
-                size.frames, size.frame_size
-            )));
-        }
+        size.check().map_err(err)?;
         let (ifindex, info) = super::kernel_interface(name, iface, "af_packet")?;
         let proto_be = (libc::ETH_P_ALL as u16).to_be();
         // SAFETY: plain socket creation; the result is checked.
@@ -291,7 +309,7 @@ impl AfPacketPort {
             port: name.to_string(),
             reason,
         };
-        let (_, info) = super::kernel_interface(name, iface, "af_packet")?;
+        let (ifindex, info) = super::kernel_interface(name, iface, "af_packet")?;
         let fd = h.fd.as_raw_fd();
         // SAFETY: SO_DOMAIN and PACKET_VERSION read C ints.
         let domain =
@@ -307,13 +325,29 @@ impl AfPacketPort {
                 "the socket handed over for {iface:?} is not a TPACKET_V2 packet socket"
             )));
         }
-        if h.frames == 0 || h.frame_size == 0 || h.rx_next >= h.frames || h.tx_next >= h.frames {
+        let ring_len = RingSize {
+            frame_size: h.frame_size,
+            frames: h.frames,
+        }
+        .check()
+        .map_err(err)?;
+        if h.rx_next >= h.frames || h.tx_next >= h.frames {
             return Err(err(format!(
                 "ring positions {}/{} of {} slots do not fit",
                 h.rx_next, h.tx_next, h.frames
             )));
         }
-        let ring_len = h.frames * h.frame_size;
+        // SAFETY: an all-zero sockaddr_ll is a valid value to fill in.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+        // SAFETY: `sll` is writable for `len` bytes, and `len` says so.
+        let r =
+            unsafe { libc::getsockname(fd, (&mut sll as *mut libc::sockaddr_ll).cast(), &mut len) };
+        if r != 0 || sll.sll_ifindex != ifindex as i32 {
+            return Err(err(format!(
+                "the socket handed over is not bound to {iface:?}"
+            )));
+        }
         // The kernel maps a packet socket's rings only whole: a size that
         // is not theirs is refused here.
         let map = Mapping::new(
