@@ -974,6 +974,58 @@ mod tests {
         assert_eq!(t.get(j).map(|c| c.value), Some(8));
     }
 
+    /// Restored connections sit in LRU order on the list their state
+    /// belongs on: they expire oldest first, an embryonic one is what a
+    /// full table evicts, and a full table or a tracked key refuses.
+    #[test]
+    fn restored_connections_expire_and_evict_as_if_they_had_been_here() {
+        let mut t = table(3);
+        let conn = |sport: u16, state: ConnState, last_seen: u64, replied: bool| Conn {
+            orig: key(sport),
+            reply: key(sport).reversed(),
+            state,
+            fin_seen: [false; 2],
+            created: 0,
+            last_seen,
+            packets: [3, u64::from(replied)],
+            value: u32::from(sport),
+        };
+        let est = ConnState::Tcp(TcpState::Established);
+        let now = 1000 * SEC;
+        // Least recently used first, as an export lists them.
+        t.restore(0, conn(1, est, now - 240 * SEC + MS, true), now)
+            .unwrap();
+        t.restore(0, conn(2, est, now - 100 * SEC, true), now)
+            .unwrap();
+        let syn = ConnState::Tcp(TcpState::SynSent);
+        t.restore(0, conn(3, syn, now, false), now).unwrap();
+        assert_eq!(t.len(), 3);
+        assert_eq!(
+            t.restore(0, conn(4, est, now, true), now),
+            Err(ConnError::Full { capacity: 3 })
+        );
+        let mut t2 = table(3);
+        t2.restore(0, conn(1, est, now, true), now).unwrap();
+        assert_eq!(
+            t2.restore(0, conn(1, est, now, true), now),
+            Err(ConnError::Exists)
+        );
+        // A second later only the first has timed out (240 s idle).
+        let mut gone = Vec::new();
+        t.expire(now + SEC, 64, |c| gone.push(c.value));
+        assert_eq!(gone, [1]);
+        // Full again, a new connection evicts the embryonic one (its SYN
+        // was never answered), not the established one.
+        t.restore(0, conn(5, est, now, true), now).unwrap();
+        let mut evicted = Vec::new();
+        t.insert(key(6), key(6).reversed(), 0x02, now + 2 * SEC, 6, |c| {
+            evicted.push(c.value)
+        })
+        .unwrap();
+        assert_eq!(evicted, [3]);
+        assert!(t.contains(&key(2)) && t.contains(&key(5)) && t.contains(&key(6)));
+    }
+
     #[test]
     fn shortest_timeout_is_the_minimum() {
         let mut t = Timeouts::default();

@@ -612,6 +612,12 @@ mod tests {
         }
         let out = FlowKey::new(ip("10.1.0.4"), 5000, ip("198.51.100.1"), 3478, 17);
         let (snat_rw, _) = forward(old.process_snat(&out, 0, t0));
+        let (public, port) = snat_rw.src.unwrap();
+        // Its contact, from another port, comes in through the mapping
+        // (address-dependent filtering): an inbound SNAT connection.
+        let contact = FlowKey::new(ip("198.51.100.1"), 3479, public, port, 17);
+        let (inbound_rw, new_conn) = forward(old.snat_inbound(&contact, 0, t0));
+        assert!(new_conn);
         let saved = old.export(t0 + SEC);
         // Through JSON, as between processes.
         let text = serde_json::to_string(&saved).unwrap();
@@ -622,7 +628,7 @@ mod tests {
         assert_eq!(
             got,
             Imported {
-                conns: 21,
+                conns: 22,
                 ..Imported::default()
             }
         );
@@ -639,9 +645,21 @@ mod tests {
         let (rw, new_conn) = forward(new.process_snat(&out, 0, t1));
         assert!(!new_conn);
         assert_eq!(rw.src, snat_rw.src);
-        let (public, port) = snat_rw.src.unwrap();
+        // The inbound connection goes on too (its next packet is not new),
+        // and the mapping's filtering still knows the contact: a third
+        // port of it may come in, a stranger may not.
+        let (rw, new_conn) = forward(new.process_snat(&contact, 0, t1));
+        assert!(!new_conn);
+        assert_eq!(rw.dst, inbound_rw.dst);
+        let again = FlowKey::new(ip("198.51.100.1"), 3480, public, port, 17);
+        assert!(forward(new.snat_inbound(&again, 0, t1)).1);
+        let stranger = FlowKey::new(ip("198.51.100.9"), 3478, public, port, 17);
+        assert_eq!(
+            new.snat_inbound(&stranger, 0, t1),
+            Decision::Drop(crate::LbDrop::SnatFiltered)
+        );
         let s = new.snat().unwrap();
-        assert_eq!(s.users(public, port, 17), 1);
+        assert_eq!(s.users(public, port, 17), 3);
         assert_eq!(s.mapping_of(ip("10.1.0.4"), 5000, 17), Some((public, port)));
         let mut now: std::collections::BTreeMap<_, _> = s.member_blocks().collect();
         let extra = now.remove(&ip("10.1.0.6")).unwrap();
@@ -657,7 +675,7 @@ mod tests {
         let other = FlowKey::new(ip("10.1.0.4"), 5000, ip("198.51.100.2"), 3478, 17);
         let (rw, _) = forward(new.process_snat(&other, 0, t1));
         assert_eq!(rw.src, snat_rw.src);
-        assert_eq!(new.snat().unwrap().users(public, port, 17), 2);
+        assert_eq!(new.snat().unwrap().users(public, port, 17), 4);
         // Ages carried over: the connections are as idle as they were.
         let c = new
             .conns()
