@@ -29,7 +29,7 @@ use dataplane::pool::{Pool, PoolBuf, PoolConfig};
 use dataplane::port::ring::{self, RingPort};
 use dataplane::port::spec::{self, PortSpec};
 use dataplane::worker::Worker;
-use dataplane::{BufAlloc, LinkInfo, MacAddr, Port};
+use dataplane::{BufAlloc, LinkInfo, MacAddr, PacketBuf, Port};
 use lb::health::{HealthService, ProbeTarget};
 use lb::probe::device::PortDevice;
 use lb::probe::{ProbeKind, ProbeSpec, Prober, ProberConfig};
@@ -393,14 +393,31 @@ pub fn run_takeover(
     }
     let pool = Pool::new(&PoolConfig::new("run", 65536))?;
     let _ = dataplane::clock::TscClock::process();
+    let prebuilt = prebuild::<PoolBuf>(&ahead)?;
     let mut inc = crate::takeover::Incoming::request(control)?;
     match prepare_takeover(&mut inc, mine, file, pool) {
         Ok((cfg, topo, sets, probers, stop)) => {
             let cores = core_affinity::get_core_ids().unwrap_or_default();
-            run_on(&cfg, &topo, sets, probers, &cores, stop, Some((inc, None)))
+            let successor = Successor {
+                incoming: inc,
+                late: None,
+                prebuilt: Some(prebuilt),
+            };
+            run_on(&cfg, &topo, sets, probers, &cores, stop, Some(successor))
         }
         Err(e) => Err(RunError::Takeover(inc.abort(e.lines().join("; ")))),
     }
+}
+
+/// The switches of `ahead` (the configuration a successor expects to
+/// run), built before the running pollux is asked to stop.
+fn prebuild<B: PacketBuf>(ahead: &Config) -> Result<Switches<B>, RunError> {
+    let policy = Policy::compile(&ahead.topology()?, 0).map_err(|e| ConfigError::Invalid(e.0))?;
+    Ok(Switches::build(
+        ahead,
+        policy,
+        ahead.dataplane.workers.max(1),
+    ))
 }
 
 /// What [`run_on`] needs, for a successor.
@@ -686,6 +703,7 @@ fn run_takeover_dpdk(
     let eal = Eal::init(&crate::takeover::successor_eal_args(&args))?;
     let pool = Mempool::new(&eal, "pollux", 16383, 2176, -1)?;
     let _ = dataplane::clock::TscClock::process();
+    let prebuilt = prebuild::<dataplane::port::dpdk::Mbuf>(ahead)?;
     let mut inc = crate::takeover::Incoming::request(control)?;
     let prepared = (|| {
         let (cfg, mut topo, stop) = takeover_config(&inc, mine, file)?;
@@ -740,7 +758,11 @@ fn run_takeover_dpdk(
         probers,
         &cores,
         stop,
-        Some((inc, Some(late))),
+        Some(Successor {
+            incoming: inc,
+            late: Some(late),
+            prebuilt: Some(prebuilt),
+        }),
     )
 }
 
@@ -767,9 +789,78 @@ type StoppedWorker<B> = dataplane::worker::Stopped<B, Switch<B>>;
 /// has stopped.
 type Late<B> = Box<dyn FnOnce() -> Result<Vec<PortSet<B>>, RunError>>;
 
-/// What a successor's [`run_on`] takes over: its predecessor's state, and
-/// the ports it opens itself once the predecessor has stopped.
-type Successor<B> = (crate::takeover::Incoming, Option<Late<B>>);
+/// What a successor's [`run_on`] takes over and brings.
+struct Successor<B: PacketBuf> {
+    /// Its predecessor's state.
+    incoming: crate::takeover::Incoming,
+    /// The ports it opens itself once the predecessor has stopped.
+    late: Option<Late<B>>,
+    /// Its switches, built before the predecessor stopped.
+    prebuilt: Option<Switches<B>>,
+}
+
+/// A process's switches, one per worker, before their workers run, with
+/// what they share. A successor builds them before its predecessor stops:
+/// their tables take most of a takeover's time to allocate.
+struct Switches<B: PacketBuf> {
+    swap: Arc<ArcSwap<Policy>>,
+    cfg: SwitchConfig,
+    flow_control: Vec<Arc<vswitch::switch::FlowControl>>,
+    switches: Vec<Switch<B>>,
+    /// The configuration they were built for.
+    made_for: Config,
+}
+
+impl<B: PacketBuf> Switches<B> {
+    /// One switch per worker on `policy`, with each vnet's load balancer
+    /// made.
+    fn build(cfg: &Config, policy: Policy, workers: usize) -> Self {
+        let swap = Arc::new(ArcSwap::from_pointee(policy));
+        let sw_cfg = SwitchConfig {
+            flow_table_size: cfg.dataplane.flow_table_size,
+            conn_table_size: cfg.dataplane.conn_table_size,
+            // Each configured port's MTU (the probers' internal ports,
+            // after them, have none).
+            port_mtu: cfg.port.iter().map(|p| p.mtu.unwrap_or(1500)).collect(),
+            ..SwitchConfig::default()
+        };
+        let handoff = Handoff::new(workers, 8192);
+        let mut flow_control = Vec::new();
+        let mut switches = Vec::new();
+        for w in 0..workers {
+            let fc = Arc::new(vswitch::switch::FlowControl::default());
+            flow_control.push(fc.clone());
+            let mut switch = Switch::new(swap.clone(), sw_cfg.clone())
+                .with_handoff(w, handoff.clone())
+                .with_control(w, fc);
+            switch.load_policy();
+            switches.push(switch);
+        }
+        Switches {
+            swap,
+            cfg: sw_cfg,
+            flow_control,
+            switches,
+            made_for: cfg.clone(),
+        }
+    }
+
+    /// Whether these switches serve `cfg` on `workers` workers as well as
+    /// ones built for it: the same tables, ports (MTUs) and vnets' SNAT
+    /// layouts, which a switch fixes when it is built.
+    fn fits(&self, cfg: &Config, workers: usize) -> bool {
+        let vnets = |c: &Config| -> Vec<(String, Option<crate::config::SnatCfg>)> {
+            c.vnet
+                .iter()
+                .map(|v| (v.name.clone(), v.snat.clone()))
+                .collect()
+        };
+        self.switches.len() == workers
+            && self.made_for.dataplane == cfg.dataplane
+            && self.made_for.port == cfg.port
+            && vnets(&self.made_for) == vnets(cfg)
+    }
+}
 
 /// Starts one switch worker per port set, serves the control API (with a
 /// `[control]` section), runs the control loop until `stop` says so, stops
@@ -787,9 +878,9 @@ fn run_on<A: BufAlloc>(
     stop: Stop,
     successor: Option<Successor<A::Buf>>,
 ) -> Result<RunReport, RunError> {
-    let (mut incoming, late) = match successor {
-        Some((i, l)) => (Some(i), l),
-        None => (None, None),
+    let (mut incoming, late, prebuilt) = match successor {
+        Some(s) => (Some(s.incoming), s.late, s.prebuilt),
+        None => (None, None, None),
     };
     let workers = sets.len().max(1);
     let generation = incoming.as_ref().map_or(1, |i| i.state.generation + 1);
@@ -798,31 +889,32 @@ fn run_on<A: BufAlloc>(
         (Err(e), Some(inc)) => return Err(RunError::Takeover(inc.abort(e.0.join("; ")))),
         (Err(e), None) => return Err(ConfigError::Invalid(e.0).into()),
     };
-    let swap = Arc::new(ArcSwap::from_pointee(policy));
-    let mut sw_cfg = SwitchConfig {
-        flow_table_size: cfg.dataplane.flow_table_size,
-        conn_table_size: cfg.dataplane.conn_table_size,
-        // Each configured port's MTU (the probers' internal ports, after
-        // them, have none).
-        port_mtu: cfg.port.iter().map(|p| p.mtu.unwrap_or(1500)).collect(),
-        ..SwitchConfig::default()
+    // Switches built ahead serve if they were built for the same tables,
+    // ports and SNAT layouts; else they are built now.
+    let Switches {
+        swap,
+        cfg: mut sw_cfg,
+        flow_control,
+        switches,
+        ..
+    } = match prebuilt.filter(|s| s.fits(cfg, workers)) {
+        Some(s) => {
+            s.swap.store(Arc::new(policy));
+            s
+        }
+        None => Switches::build(cfg, policy, workers),
     };
+    // Cookies the predecessor gave out still check here (and go on to a
+    // successor of this process).
     if let Some(inc) = &incoming {
-        // Cookies the predecessor gave out still check here.
         sw_cfg.syn_cookies = lb::syncookie::SynCookies::with_key(inc.state.syn_cookie_key);
     }
-    let handoff = Handoff::new(workers, 8192);
     let mut server = stop.server;
-    let mut flow_control = Vec::new();
     let (mut stats, mut acl_hits, mut wstats) = (Vec::new(), Vec::new(), Vec::new());
     let mut built = Vec::new();
-    for (w, ports) in sets.into_iter().enumerate() {
-        let fc = Arc::new(vswitch::switch::FlowControl::default());
-        flow_control.push(fc.clone());
-        let mut switch = Switch::new(swap.clone(), sw_cfg.clone())
-            .with_handoff(w, handoff.clone())
-            .with_control(w, fc);
+    for (w, (ports, mut switch)) in sets.into_iter().zip(switches).enumerate() {
         if let Some(inc) = incoming.as_mut() {
+            switch.set_syn_cookies(sw_cfg.syn_cookies.clone());
             let done = match inc.state.workers.get(w) {
                 Some(rec) => switch
                     .import_state(rec)

@@ -15,9 +15,11 @@
 //! longest silence of the UDP stream around each upgrade is printed. And:
 //! a successor whose configuration file is invalid, or has other ports,
 //! never touches the running pollux; one killed after it received the
-//! state, and one killed after it was told to go, leave it forwarding with
-//! nothing lost (the downloads under way complete) and serving its control
-//! socket, and it says why in `/v1/status`.
+//! state, one killed after it was told to go, and a real pollux killed
+//! once it holds the handed-over sockets, leave it forwarding with nothing
+//! lost (the downloads under way complete) and serving its control
+//! socket, and it says why in `/v1/status`; the SYN-cookie secret goes
+//! from one process to the next.
 //!
 //! Needs root and `ip`, `ethtool`, `curl`, `python3`, `cmp`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
@@ -579,7 +581,7 @@ fn a_successor_that_refuses_or_dies_leaves_the_running_pollux_forwarding() {
     let dir = lab.dir.clone();
     let big = data(1 << 20);
     servers(&mut lab, &big);
-    let (idx, out, log) = lab.pollux("f0", &config(&lab, None));
+    let (idx, _, log) = lab.pollux("f0", &config(&lab, None));
     let api = lab.api("f0");
     api.wait_ready(Duration::from_secs(30), || read(&log));
     api.wait_probes(
@@ -730,8 +732,79 @@ fn a_successor_that_refuses_or_dies_leaves_the_running_pollux_forwarding() {
         "{s}"
     );
 
-    downloads_intact(&dir, 0..6, &big, || read(&log));
-    assert!(idx < lab.children.len());
-    let (st, report) = lab.stop(idx, &out);
-    assert!(st.success(), "{report}\n{}", read(&log));
+    // A real pollux killed halfway: once it holds its predecessor's
+    // sockets (the state has arrived with them), before it has started.
+    let failed_before = s["takeover_failed"].as_str().unwrap_or("").to_string();
+    let (n, _, l3) = lab.pollux_takeover("t3", "f0", &[]);
+    let child = lab.children[n].id();
+    let olds = socket_inodes(pid as u32);
+    let end = Instant::now() + Duration::from_secs(60);
+    while socket_inodes(child).is_disjoint(&olds) {
+        assert!(
+            Instant::now() < end && lab.children[n].try_wait().unwrap().is_none(),
+            "t3 never received the sockets: {}",
+            read(&l3)
+        );
+        std::thread::yield_now();
+    }
+    lab.children[n].kill().unwrap();
+    lab.children[n].wait().unwrap();
+    let s = api.wait_for(
+        "/v1/status",
+        Duration::from_secs(30),
+        "the killed successor noted",
+        |v| {
+            v["pid"].as_u64() == Some(pid)
+                && v["takeover_failed"]
+                    .as_str()
+                    .is_some_and(|f| f != failed_before && f.contains(&child.to_string()))
+        },
+        || format!("{}\n{}", read(&log), read(&l3)),
+    );
+    assert!(s["takeover"].is_null(), "{s}");
+
+    // A successor that runs: the SYN-cookie secret goes on to the next
+    // one (cookies given out before still check after two upgrades).
+    let (n4, out4, l4) = lab.pollux_takeover("t4", "f0", &[]);
+    let s = api.wait_for(
+        "/v1/status",
+        Duration::from_secs(60),
+        "t4 running",
+        |v| v["pid"].as_u64() == Some(u64::from(lab.children[n4].id())),
+        || format!("{}\n{}", read(&log), read(&l4)),
+    );
+    assert_eq!(s["takeover"]["from_pid"].as_u64(), Some(pid), "{s}");
+    assert!(exited(&mut lab, idx, Duration::from_secs(30)).is_some_and(|s| s.success()));
+    let n = lab.spawn_root(
+        &format!(
+            "exec python3 {dying} {} {}",
+            api.sock.display(),
+            dir.join("state3.json").display()
+        ),
+        &dir.join("dying3.log"),
+    );
+    exited(&mut lab, n, Duration::from_secs(30)).expect("the dying successor lives");
+    let third: Value = serde_json::from_str(&read(&dir.join("state3.json"))).unwrap();
+    assert_eq!(
+        third["pid"].as_u64(),
+        Some(u64::from(lab.children[n4].id()))
+    );
+    assert_eq!(third["syn_cookie_key"], sent["syn_cookie_key"]);
+    assert!(third["generation"].as_u64() > sent["generation"].as_u64());
+
+    downloads_intact(&dir, 0..6, &big, || read(&l4));
+    let (st, report) = lab.stop(n4, &out4);
+    assert!(st.success(), "{report}\n{}", read(&l4));
+}
+
+/// The inodes of the sockets process `pid` holds.
+fn socket_inodes(pid: u32) -> std::collections::HashSet<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|l| l.to_string_lossy().into_owned())
+        .filter(|l| l.starts_with("socket:"))
+        .collect()
 }

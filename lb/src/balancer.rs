@@ -915,6 +915,12 @@ impl LbCore {
         self
     }
 
+    /// Checks and gives out cookies of `cookies` from now on (those of
+    /// the secret before no longer check).
+    pub fn set_cookies(&mut self, cookies: SynCookies) {
+        self.cookies = cookies;
+    }
+
     /// Counters per backend: connections created, and tracked now (a walk
     /// of the connection table: for the control path, not per packet).
     pub fn backend_counts(&self) -> HashMap<BackendKey, BackendCounts> {

@@ -383,6 +383,24 @@ impl<B: PacketBuf> Switch<B> {
         drop(pkt);
     }
 
+    /// Takes in the current policy now, as the first burst would: each
+    /// vnet's load balancer is made with its tables. (A process that takes
+    /// over from another builds its switches this far before its
+    /// predecessor stops.)
+    pub fn load_policy(&mut self) {
+        let p = self.policy.load_full();
+        self.on_new_generation(&p);
+    }
+
+    /// SYN cookies of `cookies` from now on, in every vnet (a successor
+    /// process checks those its predecessor gave out).
+    pub fn set_syn_cookies(&mut self, cookies: lb::syncookie::SynCookies) {
+        for l in &mut self.lb {
+            l.set_cookies(cookies.clone());
+        }
+        self.cfg.syn_cookies = cookies;
+    }
+
     fn on_new_generation(&mut self, p: &Policy) {
         self.generation = p.generation;
         while self.lb.len() < p.vnets.len() {
