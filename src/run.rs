@@ -464,12 +464,17 @@ fn prepare_takeover(
     let mut sets: Vec<PortSet> = (0..workers).map(|_| Vec::new()).collect();
     let ports = inc.state.ports.clone();
     for (i, p) in cfg.port.iter().enumerate() {
-        let dataplane::port::spec::PortSpec::AfPacket { iface } = &p.spec else {
+        let (PortSpec::AfPacket { iface } | PortSpec::AfXdp { iface }) = &p.spec else {
             return Err(ConfigError::Invalid(crate::takeover::port_problems(&cfg)).into());
+        };
+        // One queue for every worker, or the one an af_xdp port has.
+        let queues = match p.spec.queues() {
+            spec::Queues::One => 1,
+            spec::Queues::PerWorker => workers,
         };
         let Some(ps) = ports
             .get(i)
-            .filter(|ps| ps.name == p.name && ps.queues.len() == workers)
+            .filter(|ps| ps.name == p.name && ps.queues.len() == queues)
         else {
             return Err(ConfigError::Invalid(vec![format!(
                 "port {:?}: the running pollux handed over no socket per worker for it",
@@ -484,20 +489,31 @@ fn prepare_takeover(
                     p.name, q.fd
                 )])
             })?;
-            let port = dataplane::port::af_packet::AfPacketPort::adopt(
-                &p.name,
-                iface,
-                pool,
-                dataplane::port::Handover {
-                    fd,
-                    rx_next: q.rx_next,
-                    tx_next: q.tx_next,
-                    frame_size: q.frame_size,
-                    frames: q.frames,
-                },
-            )?;
+            let extra = inc.take_extra(q).ok_or_else(|| {
+                ConfigError::Invalid(vec![format!(
+                    "port {:?}: descriptors {:?} were not handed over",
+                    p.name, q.extra_fds
+                )])
+            })?;
+            let h = dataplane::port::Handover {
+                fd,
+                rx_next: q.rx_next,
+                tx_next: q.tx_next,
+                frame_size: q.frame_size,
+                frames: q.frames,
+                extra,
+                free: q.free_frames.clone(),
+            };
+            let port: Box<dyn Port<Buf = PoolBuf>> = match &p.spec {
+                PortSpec::AfXdp { .. } => Box::new(dataplane::port::af_xdp::AfXdpPort::adopt(
+                    &p.name, iface, pool, h,
+                )?),
+                _ => Box::new(dataplane::port::af_packet::AfPacketPort::adopt(
+                    &p.name, iface, pool, h,
+                )?),
+            };
             crate::takeover::add_counters(port.stats(), &q.counters);
-            set.push(Box::new(port));
+            set.push(port);
         }
     }
     let probers = probers(&cfg, &mut topo, pool, &mut sets)?;
@@ -1183,6 +1199,8 @@ fn hand_over<A: BufAlloc>(
                     tx_next: 0,
                     frame_size: 0,
                     frames: 0,
+                    extra_fds: Vec::new(),
+                    free_frames: Vec::new(),
                     counters,
                 });
                 continue;
@@ -1199,15 +1217,19 @@ fn hand_over<A: BufAlloc>(
                     )));
                 }
             };
+            let first = fds.len();
             queues.push(QueueState {
-                fd: Some(fds.len()),
+                fd: Some(first),
                 rx_next: h.rx_next,
                 tx_next: h.tx_next,
                 frame_size: h.frame_size,
                 frames: h.frames,
+                extra_fds: (first + 1..first + 1 + h.extra.len()).collect(),
+                free_frames: h.free,
                 counters,
             });
             fds.push(h.fd);
+            fds.extend(h.extra);
         }
         st.ports.push(PortState {
             name: p.name.clone(),

@@ -32,11 +32,13 @@
 //!
 //! Ports hand over by driver: `af_packet` passes its sockets with the
 //! positions of its rings (nothing the kernel queued is lost or read
-//! twice); DPDK vhost-user ports (`net_vhost`) are opened by new once old
+//! twice); `af_xdp` its socket, the memfd of its UMEM, its XDP objects
+//! (the program stays attached) and its free transmit frames, the ring
+//! indexes being in the shared rings; DPDK vhost-user ports (`net_vhost`) are opened by new once old
 //! has said go (new runs DPDK under a file prefix of its own, made before
 //! it asks), and each guest's QEMU takes new's connection when old's
 //! closes as old exits; the probers' internal ports are rebuilt. Other
-//! drivers (`af_xdp`, other DPDK devices, `pcap`, `ring`) cannot hand over
+//! drivers (other DPDK devices, `pcap`, `ring`) cannot hand over
 //! yet: old refuses the takeover, naming the port.
 
 use crate::api::PortCounters;
@@ -125,6 +127,13 @@ pub struct QueueState {
     /// Slots per ring.
     #[serde(default)]
     pub frames: usize,
+    /// Indexes of further descriptors the queue needs (af_xdp: its UMEM's
+    /// memory and its XDP map, program and link).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_fds: Vec<usize>,
+    /// UMEM frames free for transmit (af_xdp).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub free_frames: Vec<u64>,
     /// The queue's counters so far.
     pub counters: PortCounters,
 }
@@ -490,6 +499,15 @@ impl Incoming {
         self.fds.get_mut(q.fd?)?.take()
     }
 
+    /// The further descriptors of `q` (taken: each once); `None` if one
+    /// is missing.
+    pub fn take_extra(&mut self, q: &QueueState) -> Option<Vec<std::os::fd::OwnedFd>> {
+        q.extra_fds
+            .iter()
+            .map(|&i| self.fds.get_mut(i)?.take())
+            .collect()
+    }
+
     /// Everything is ready: tells old, waits for `Go`.
     pub fn ready(&mut self) -> Result<(), TakeoverError> {
         send(&mut self.conn, &Msg::Ready)?;
@@ -567,15 +585,29 @@ pub fn reopens(p: &crate::config::PortCfg) -> bool {
 pub fn port_problems(cfg: &crate::config::Config) -> Vec<String> {
     cfg.port
         .iter()
-        .filter(|p| p.spec.driver() != "af_packet" && !reopens(p))
+        .filter(|p| !matches!(p.spec.driver(), "af_packet" | "af_xdp") && !reopens(p))
         .map(|p| {
             format!(
-                "port {:?} (driver {}): only af_packet and vhost-user (net_vhost) ports hand over to a successor",
+                "port {:?} (driver {}): only af_packet, af_xdp and vhost-user (net_vhost) ports hand over to a successor",
                 p.name,
                 p.spec.driver()
             )
         })
         .collect()
+}
+
+/// How many descriptors the handover of `cfg`'s ports carries: a socket
+/// per worker of every af_packet port; the socket, the UMEM's memory and
+/// the XDP map, program and link of every af_xdp port (one queue).
+pub fn descriptors(cfg: &crate::config::Config) -> usize {
+    cfg.port
+        .iter()
+        .map(|p| match p.spec.driver() {
+            "af_packet" => cfg.dataplane.workers.max(1),
+            "af_xdp" => 5,
+            _ => 0,
+        })
+        .sum()
 }
 
 /// The EAL arguments of a successor: its predecessor's, with a file

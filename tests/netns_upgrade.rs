@@ -808,3 +808,98 @@ fn socket_inodes(pid: u32) -> std::collections::HashSet<String> {
         .filter(|l| l.starts_with("socket:"))
         .collect()
 }
+
+/// The same lab on af_xdp ports (one worker): three upgrades in a row hand
+/// over each port's socket, UMEM and XDP program; downloads through the
+/// VIP and through SNAT go on intact, and the last pollux leaves no XDP
+/// program behind when it stops.
+#[test]
+fn af_xdp_ports_hand_over_with_their_connections() {
+    if !testkit::require::root_and(&["ip", "ethtool", "curl", "python3", "cmp"]) {
+        return;
+    }
+    let mut lab = lab("ux");
+    for (tag, ..) in NODES {
+        // XDP sees no "checksum not ready" mark: senders fill theirs in.
+        lab.exec(tag, &["ethtool", "-K", "eth0", "tx", "off"]);
+    }
+    let big = data(1 << 20);
+    servers(&mut lab, &big);
+    let cfg = config(&lab, None)
+        .replace("workers = 2", "workers = 1")
+        .replace("driver = \"af_packet\"", "driver = \"af_xdp\"");
+    let (mut idx, mut out, mut log) = lab.pollux("x0", &cfg);
+    let api = lab.api("x0");
+    api.wait_ready(Duration::from_secs(30), || read(&log));
+    api.wait_probes(
+        &["10.1.0.4:8000", "10.1.0.5:8000"],
+        true,
+        Duration::from_secs(30),
+        || read(&log),
+    );
+    for i in 0..4 {
+        let (tag, url) = if i < 2 {
+            ("cl", "http://10.1.0.100/big")
+        } else {
+            ("cb", "http://198.51.100.10:8000/big")
+        };
+        download(&mut lab, tag, i, url, "60k");
+    }
+    api.wait_for(
+        "/v1/counters",
+        Duration::from_secs(30),
+        "the downloads under way",
+        |v| {
+            v["workers"].as_array().map_or(0, |w| {
+                w.iter()
+                    .map(|w| w["connections"].as_u64().unwrap_or(0))
+                    .sum::<u64>()
+            }) >= 4
+        },
+        || read(&log),
+    );
+    for k in 1..=3 {
+        let (n, o, l) = lab.pollux_takeover(&format!("x{k}"), "x0", &[]);
+        let pid = u64::from(lab.children[n].id());
+        let s = api.wait_for(
+            "/v1/status",
+            Duration::from_secs(60),
+            "the successor running",
+            |v| v["pid"].as_u64() == Some(pid),
+            || format!("{}\n{}", read(&log), read(&l)),
+        );
+        let t = &s["takeover"];
+        // Five ports, each its socket, UMEM and map, program and link.
+        assert_eq!(t["sockets"].as_u64(), Some(25), "{s}");
+        assert!(t["connections"].as_u64().unwrap() >= 4, "{s}");
+        assert!(
+            exited(&mut lab, idx, Duration::from_secs(30)).is_some_and(|s| s.success()),
+            "{}",
+            read(&log)
+        );
+        (idx, out, log) = (n, o, l);
+    }
+    downloads_intact(&lab.dir.clone(), 0..4, &big, || read(&log));
+    assert!(
+        lab.bash("cl", "curl -sf --max-time 5 http://10.1.0.100/health")
+            .status
+            .success(),
+        "{}",
+        read(&log)
+    );
+    let (st, report) = lab.stop(idx, &out);
+    assert!(st.success(), "{report}\n{}", read(&log));
+    let links = std::process::Command::new("ip")
+        .args(["-d", "link", "show"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&links.stdout);
+    for (tag, ..) in NODES {
+        let host = &lab.ns(tag).host;
+        let line = text
+            .lines()
+            .find(|l| l.contains(&format!(" {host}@")))
+            .unwrap_or("");
+        assert!(!line.contains("xdp"), "XDP left on {host}: {line}");
+    }
+}

@@ -365,6 +365,8 @@ fn a_handed_over_socket_reads_on_from_where_its_port_stopped() {
         tx_next: n[1],
         frame_size: n[2],
         frames: n[3],
+        extra: Vec::new(),
+        free: Vec::new(),
     };
     let mut second = AfPacketPort::adopt("veth", &net.host, pool, h).unwrap();
     assert!(sender.wait().unwrap().success());
@@ -411,6 +413,8 @@ fn a_handed_over_socket_reads_on_from_where_its_port_stopped() {
             tx_next: 0,
             frame_size: 2048,
             frames: 2048,
+            extra: Vec::new(),
+            free: Vec::new(),
         },
     )
     .unwrap_err();
@@ -418,4 +422,130 @@ fn a_handed_over_socket_reads_on_from_where_its_port_stopped() {
         e.to_string().contains("not a TPACKET_V2 packet socket"),
         "{e}"
     );
+}
+
+/// An AF_XDP port handed to a successor (socket, UMEM memfd and XDP
+/// objects through `SCM_RIGHTS`) goes on where the first stopped: the
+/// program stays attached, every frame redirected meanwhile arrives once,
+/// in order, and the successor sends from the free frames it was given.
+#[test]
+fn a_handed_over_xdp_socket_reads_on_from_where_its_port_stopped() {
+    if !testkit::require::root_and(&["ip", "ping", "bash"]) {
+        return;
+    }
+    let net = Netns::new("y");
+    let pool = Pool::new(&PoolConfig::new("xdp-handover", 4096)).unwrap();
+    let mut first = AfXdpPort::open("veth", &net.host, 0, pool).unwrap();
+    answer_pings(&net, &mut first);
+    net.exec(&[
+        "ip",
+        "neigh",
+        "replace",
+        "10.99.0.1",
+        "lladdr",
+        "02:50:4c:58:99:01",
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ]);
+    const N: u32 = 600;
+    let mut sender = net.spawn(&[
+        "bash",
+        "-c",
+        &format!("for i in $(seq 1 {N}); do echo \"seq $i\" > /dev/udp/10.99.0.1/9999; done"),
+    ]);
+    let mut got = Vec::new();
+    let end = Instant::now() + Duration::from_secs(20);
+    while got.len() < 100 {
+        assert!(Instant::now() < end, "only {} frames arrived", got.len());
+        let mut rx = Batch::new();
+        first.rx_burst(&mut rx);
+        seqs(&mut rx, &mut got);
+    }
+    let h = first.handover().expect("af_xdp hands over").unwrap();
+    assert_eq!(h.extra.len(), 4);
+    let (mut a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let meta = h
+        .free
+        .iter()
+        .map(|f| f.to_string())
+        .collect::<Vec<_>>()
+        .join(" ");
+    {
+        use std::os::fd::AsFd;
+        let mut fds = vec![h.fd.as_fd()];
+        fds.extend(h.extra.iter().map(|f| f.as_fd()));
+        dataplane::port::fdpass::send(&mut a, meta.as_bytes(), &fds).unwrap();
+    }
+    drop(h);
+    // The first process's port goes; the descriptors in flight keep the
+    // socket, its memory and the program's link alive.
+    drop(first);
+    let (payload, mut fds) = dataplane::port::fdpass::recv(&mut b, 1 << 16).unwrap();
+    let free: Vec<u64> = String::from_utf8(payload)
+        .unwrap()
+        .split(' ')
+        .map(|x| x.parse().unwrap())
+        .collect();
+    let fd = fds.remove(0);
+    let h = dataplane::port::Handover {
+        fd,
+        rx_next: 0,
+        tx_next: 0,
+        frame_size: 2048,
+        frames: 4096,
+        extra: fds,
+        free,
+    };
+    let mut second = AfXdpPort::adopt("veth", &net.host, pool, h).unwrap();
+    assert!(sender.wait().unwrap().success());
+    while got.len() < N as usize {
+        assert!(
+            Instant::now() < end,
+            "{} of {N} frames arrived: {:?}",
+            got.len(),
+            &got[got.len().saturating_sub(5)..]
+        );
+        let mut rx = Batch::new();
+        second.rx_burst(&mut rx);
+        seqs(&mut rx, &mut got);
+    }
+    assert_eq!(got, (1..=N).collect::<Vec<_>>());
+    net.exec(&["ip", "neigh", "del", "10.99.0.1", "dev", "eth0"]);
+    answer_pings(&net, &mut second);
+    // A UMEM of another geometry, a frame twice, or a packet socket are
+    // refused by name.
+    let h = second.handover().unwrap().unwrap();
+    let e = AfXdpPort::adopt(
+        "veth",
+        &net.host,
+        pool,
+        dataplane::port::Handover { frames: 1024, ..h },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("1024 frames"), "{e}");
+    let h = second.handover().unwrap().unwrap();
+    let twice = vec![h.free[0], h.free[0]];
+    let e = AfXdpPort::adopt(
+        "veth",
+        &net.host,
+        pool,
+        dataplane::port::Handover { free: twice, ..h },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("or twice"), "{e}");
+    let packet = AfPacketPort::open("veth2", &net.host, pool).unwrap();
+    let mut h = packet.handover().unwrap().unwrap();
+    h.extra = second.handover().unwrap().unwrap().extra;
+    let e = AfXdpPort::adopt("veth", &net.host, pool, h).unwrap_err();
+    assert!(e.to_string().contains("not an AF_XDP socket"), "{e}");
+    drop(second);
+    // The last holder gone, the program is detached.
+    let out = Command::new("ip")
+        .args(["link", "show", &net.host])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("xdp"), "XDP still attached: {text}");
 }

@@ -462,16 +462,10 @@ fn takeover(state: &ControlState, rt: &mut Runtime, body: &str) -> Result<Reply,
         ));
     }
     let mut problems = port_problems(state.config());
-    let sockets = state
-        .config()
-        .port
-        .iter()
-        .filter(|p| p.spec.driver() == "af_packet")
-        .count()
-        * state.config().dataplane.workers.max(1);
+    let sockets = crate::takeover::descriptors(state.config());
     if sockets > crate::takeover::MAX_SOCKETS {
         problems.push(format!(
-            "{sockets} port sockets are more than one handover carries ({})",
+            "{sockets} port descriptors are more than one handover carries ({})",
             crate::takeover::MAX_SOCKETS
         ));
     }

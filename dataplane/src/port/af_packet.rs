@@ -436,6 +436,8 @@ impl Port for AfPacketPort {
             tx_next: self.tx.next % self.tx.frames,
             frame_size: self.rx.frame_size,
             frames: self.rx.frames,
+            extra: Vec::new(),
+            free: Vec::new(),
         }))
     }
 

@@ -4,7 +4,8 @@
 //! sees it; transmit goes out through the socket's tx ring.
 //!
 //! Set-up, all with plain system calls (no libbpf): a UMEM area of 4 096
-//! frames of 2 KiB registered with the socket; fill, completion, rx and tx
+//! frames of 2 KiB (shared memory of a memfd, so that a successor process
+//! can map the same pages) registered with the socket; fill, completion, rx and tx
 //! rings mapped into the process; the socket bound to (interface, queue) in
 //! copy mode; an `XSKMAP` with the socket at its queue index; a five-
 //! instruction XDP program (`bpf_redirect_map(&xsks, rx_queue_index,
@@ -18,6 +19,14 @@
 //! return through the completion ring. Counted drops: `rx_no_buffer`,
 //! `rx_oversize`, `tx_queue_full` (no free frame or tx slot), `tx_oversize`,
 //! and the kernel's own rx drops (`rx_ring_overflow`, from `XDP_STATISTICS`).
+//!
+//! A successor process (a hitless upgrade) takes the port over
+//! ([`AfXdpPort::adopt`]) with duplicates of the socket, the UMEM's memfd
+//! and the XDP objects, and the list of free transmit frames: it maps the
+//! same rings and memory and goes on from the ring indexes as they stand
+//! (this port publishes its own after every burst), so every frame the
+//! kernel queued meanwhile is read once; the program stays attached as
+//! long as either process holds its link.
 //!
 //! Unlike AF_PACKET, XDP gets no "checksum not ready" mark: turn transmit
 //! checksum offload off on whatever sends into the interface (`ethtool -K
@@ -162,6 +171,8 @@ pub struct AfXdpPort {
     /// The socket and its UMEM, dropped after the rings that refer to them.
     fd: OwnedFd,
     umem: Mapping,
+    /// The memfd whose pages `umem` maps.
+    umem_fd: OwnedFd,
     free_tx: Vec<u64>,
     /// The XSK map, the program and its link, in that order; closed in
     /// reverse (the link first: detaching the program stops the redirects).
@@ -216,10 +227,27 @@ impl AfXdpPort {
         // owned by nothing else.
         let fd = unsafe { super::owned_fd(raw) };
         let umem_len = FRAMES * FRAME;
+        // SAFETY: memfd_create with a NUL-terminated name; the result is
+        // checked.
+        let raw = unsafe { libc::memfd_create(c"pollux-umem".as_ptr(), libc::MFD_CLOEXEC) };
+        if raw < 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(err(format!("cannot make UMEM memory for {iface:?}: {e}")));
+        }
+        // SAFETY: `raw` is the memfd just created (checked >= 0), owned by
+        // nothing else.
+        let umem_fd = unsafe { super::owned_fd(raw) };
+        // SAFETY: ftruncate on our own memfd; the result is checked.
+        if unsafe { libc::ftruncate(umem_fd.as_raw_fd(), umem_len as libc::off_t) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(err(format!(
+                "cannot size {umem_len} bytes of UMEM for {iface:?}: {e}"
+            )));
+        }
         let umem = Mapping::new(
             umem_len,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
-            None,
+            libc::MAP_SHARED | libc::MAP_POPULATE,
+            Some(umem_fd.as_fd()),
             0,
         )
         .map_err(|e| {
@@ -227,6 +255,14 @@ impl AfXdpPort {
                 "cannot map {umem_len} bytes of UMEM for {iface:?}: {e}"
             ))
         })?;
+        // From here, dropping `port` releases whatever was set up.
+        let mut port = Self::unmapped(info, pool, fd, umem, umem_fd);
+        port.setup(iface, ifindex, queue).map_err(err)?;
+        Ok(port)
+    }
+
+    /// A port on `fd` and its UMEM whose rings are not mapped yet.
+    fn unmapped(info: LinkInfo, pool: Pool, fd: OwnedFd, umem: Mapping, umem_fd: OwnedFd) -> Self {
         let empty = || XRing {
             producer: std::ptr::null(),
             consumer: std::ptr::null(),
@@ -235,8 +271,7 @@ impl AfXdpPort {
             mine: 0,
             _map: None,
         };
-        // From here, dropping `port` releases whatever was set up.
-        let mut port = AfXdpPort {
+        AfXdpPort {
             info,
             stats: Arc::default(),
             pool,
@@ -246,16 +281,100 @@ impl AfXdpPort {
             comp: empty(),
             fd,
             umem,
+            umem_fd,
             free_tx: Vec::with_capacity(FRAMES / 2),
             bpf_fds: Vec::new(),
             native: false,
             idle_polls: 0,
+        }
+    }
+
+    /// Port `name` on kernel interface `iface` from the socket, UMEM and
+    /// XDP objects a predecessor process handed over (`h`, from
+    /// [`Port::handover`] of an AF_XDP port): the same rings, read and
+    /// written on from where they stand.
+    pub fn adopt(
+        name: &str,
+        iface: &str,
+        pool: Pool,
+        h: super::Handover,
+    ) -> Result<Self, PortError> {
+        let err = |reason: String| PortError::BadConfig {
+            port: name.to_string(),
+            reason,
         };
-        port.setup(iface, ifindex, queue).map_err(err)?;
+        let (_, info) = super::kernel_interface(name, iface, "af_xdp")?;
+        // SAFETY: SO_DOMAIN reads a C int.
+        let domain = unsafe {
+            super::get_sockopt::<libc::c_int>(h.fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_DOMAIN)
+        };
+        if domain.ok() != Some(libc::AF_XDP) {
+            return Err(err(format!(
+                "the socket handed over for {iface:?} is not an AF_XDP socket"
+            )));
+        }
+        let umem_len = FRAMES * FRAME;
+        if h.frame_size != FRAME || h.frames != FRAMES {
+            return Err(err(format!(
+                "a UMEM of {} frames of {} bytes was handed over for {iface:?}; this pollux's has {FRAMES} of {FRAME}",
+                h.frames, h.frame_size
+            )));
+        }
+        let mut extra = h.extra.into_iter();
+        let (Some(umem_fd), Some(map), Some(prog), Some(link), None) = (
+            extra.next(),
+            extra.next(),
+            extra.next(),
+            extra.next(),
+            extra.next(),
+        ) else {
+            return Err(err(format!(
+                "the handover for {iface:?} does not bring the UMEM and the XDP map, program and link"
+            )));
+        };
+        // SAFETY: an all-zero stat is a valid value for fstat to fill in.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat writes into `st`, which is a live stat.
+        let r = unsafe { libc::fstat(umem_fd.as_raw_fd(), &mut st) };
+        if r != 0 || st.st_size != umem_len as libc::off_t {
+            return Err(err(format!(
+                "the UMEM memory handed over for {iface:?} is not {umem_len} bytes"
+            )));
+        }
+        let mut seen = vec![false; FRAMES];
+        for &f in &h.free {
+            let i = (f as usize) / FRAME;
+            if f as usize % FRAME != 0 || i >= FRAMES || std::mem::replace(&mut seen[i], true) {
+                return Err(err(format!(
+                    "free frame {f} handed over for {iface:?} is not a frame of the UMEM, or twice"
+                )));
+            }
+        }
+        let umem = Mapping::new(
+            umem_len,
+            libc::MAP_SHARED | libc::MAP_POPULATE,
+            Some(umem_fd.as_fd()),
+            0,
+        )
+        .map_err(|e| {
+            err(format!(
+                "cannot map the UMEM handed over for {iface:?}: {e}"
+            ))
+        })?;
+        let mut port = Self::unmapped(info, pool, h.fd, umem, umem_fd);
+        port.bpf_fds = vec![map, prog, link];
+        port.map_rings().map_err(err)?;
+        // Our indexes are the ones published (after every burst).
+        port.rx.mine = port.rx.cons().load(Ordering::Acquire);
+        port.tx.mine = port.tx.prod().load(Ordering::Acquire);
+        port.fill.mine = port.fill.prod().load(Ordering::Acquire);
+        port.comp.mine = port.comp.cons().load(Ordering::Acquire);
+        port.free_tx.extend(h.free);
         Ok(port)
     }
 
-    /// Whether the XDP program runs in driver (native) mode.
+    /// Whether the XDP program runs in driver (native) mode (false on a
+    /// port taken over from a predecessor: the mode is not handed over).
     pub fn native(&self) -> bool {
         self.native
     }
@@ -293,6 +412,25 @@ impl AfXdpPort {
         })
     }
 
+    /// Maps the socket's four rings.
+    fn map_rings(&mut self) -> Result<(), String> {
+        // SAFETY: xdp_mmap_offsets is a C struct of u64 offsets.
+        let off = unsafe {
+            super::get_sockopt::<libc::xdp_mmap_offsets>(
+                self.fd.as_raw_fd(),
+                libc::SOL_XDP,
+                libc::XDP_MMAP_OFFSETS,
+            )
+        }
+        .map_err(|e| format!("XDP_MMAP_OFFSETS: {e}"))?;
+        let desc = std::mem::size_of::<libc::xdp_desc>();
+        self.rx = self.map_ring(&off.rx, RING, desc, libc::XDP_PGOFF_RX_RING as u64)?;
+        self.tx = self.map_ring(&off.tx, RING, desc, libc::XDP_PGOFF_TX_RING as u32 as u64)?;
+        self.fill = self.map_ring(&off.fr, RING, 8, libc::XDP_UMEM_PGOFF_FILL_RING)?;
+        self.comp = self.map_ring(&off.cr, RING, 8, libc::XDP_UMEM_PGOFF_COMPLETION_RING)?;
+        Ok(())
+    }
+
     fn setup(&mut self, iface: &str, ifindex: u32, queue: u32) -> Result<(), String> {
         let reg = libc::xdp_umem_reg {
             addr: self.umem.as_ptr() as u64,
@@ -311,20 +449,7 @@ impl AfXdpPort {
         ] {
             self.sockopt(opt, &(RING as libc::c_int), what)?;
         }
-        // SAFETY: xdp_mmap_offsets is a C struct of u64 offsets.
-        let off = unsafe {
-            super::get_sockopt::<libc::xdp_mmap_offsets>(
-                self.fd.as_raw_fd(),
-                libc::SOL_XDP,
-                libc::XDP_MMAP_OFFSETS,
-            )
-        }
-        .map_err(|e| format!("XDP_MMAP_OFFSETS: {e}"))?;
-        let desc = std::mem::size_of::<libc::xdp_desc>();
-        self.rx = self.map_ring(&off.rx, RING, desc, libc::XDP_PGOFF_RX_RING as u64)?;
-        self.tx = self.map_ring(&off.tx, RING, desc, libc::XDP_PGOFF_TX_RING as u32 as u64)?;
-        self.fill = self.map_ring(&off.fr, RING, 8, libc::XDP_UMEM_PGOFF_FILL_RING)?;
-        self.comp = self.map_ring(&off.cr, RING, 8, libc::XDP_UMEM_PGOFF_COMPLETION_RING)?;
+        self.map_rings()?;
         // Half the frames wait in the fill ring for rx; half are for tx.
         for f in 0..FRAMES / 2 {
             let at = self.fill.entry(self.fill.mine, 8).cast::<u64>();
@@ -484,6 +609,26 @@ impl Port for AfXdpPort {
 
     fn stats(&self) -> &Arc<PortStats> {
         &self.stats
+    }
+
+    fn handover(&self) -> Option<std::io::Result<super::Handover>> {
+        let dup = || -> std::io::Result<super::Handover> {
+            let mut extra = vec![self.umem_fd.try_clone()?];
+            for f in &self.bpf_fds {
+                extra.push(f.try_clone()?);
+            }
+            Ok(super::Handover {
+                fd: self.fd.try_clone()?,
+                // The ring indexes travel in the rings themselves.
+                rx_next: 0,
+                tx_next: 0,
+                frame_size: FRAME,
+                frames: FRAMES,
+                extra,
+                free: self.free_tx.clone(),
+            })
+        };
+        Some(dup())
     }
 
     fn rx_burst(&mut self, batch: &mut Batch<PoolBuf>) -> usize {

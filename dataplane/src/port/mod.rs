@@ -267,6 +267,12 @@ pub struct Handover {
     pub frame_size: usize,
     /// Slots per ring.
     pub frames: usize,
+    /// Further descriptors the port needs (AF_XDP: its UMEM's memory, then
+    /// its XDP program's map, program and link); duplicates too.
+    pub extra: Vec<std::os::fd::OwnedFd>,
+    /// Offsets of the UMEM frames free for transmit (AF_XDP: the others
+    /// are in its rings or in the kernel's hands).
+    pub free: Vec<u64>,
 }
 
 /// A boxed port is a port (per-burst dynamic dispatch, for front ends that
