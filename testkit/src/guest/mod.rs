@@ -166,6 +166,11 @@ pub struct Nic {
     /// instead of virtio-net: the guest's machine becomes a q35 with an
     /// emulated IOMMU, which DPDK's vfio needs for the device's VFs.
     pub igb: bool,
+    /// Whether the virtio-net device tells the guest its link state
+    /// (`VIRTIO_NET_F_STATUS`). Without it the guest's link is always up:
+    /// a vhost-user backend that reconnects (a switch replaced under the
+    /// guest) is no link loss to it.
+    pub link_status: bool,
 }
 
 impl Nic {
@@ -179,6 +184,7 @@ impl Nic {
             gateway: None,
             queues: 1,
             igb: false,
+            link_status: true,
         }
     }
 
@@ -201,6 +207,13 @@ impl Nic {
     /// With `n` queue pairs.
     pub fn queues(mut self, n: u16) -> Nic {
         self.queues = n;
+        self
+    }
+
+    /// Without link state for the guest (`status=off`: see
+    /// [`Nic::link_status`]).
+    pub fn without_link_status(mut self) -> Nic {
+        self.link_status = false;
         self
     }
 
@@ -458,6 +471,9 @@ impl Spec {
             let mut dev = format!("virtio-net-pci,netdev=n{i},mac={},romfile=", n.mac);
             if n.queues > 1 {
                 dev.push_str(&format!(",mq=on,vectors={}", 2 * u32::from(n.queues) + 2));
+            }
+            if !n.link_status {
+                dev.push_str(",status=off");
             }
             a.push(dev);
         }
