@@ -347,7 +347,7 @@ pub fn run_with(cfg: &Config, source: Option<&std::path::Path>) -> Result<RunRep
     let pool = Pool::new(&PoolConfig::new("run", 65536))?;
     let (mut sets, idle_peers) = open_ports(cfg, workers, pool)?;
     let probers = probers(cfg, &mut topo, pool, &mut sets)?;
-    let report = run_on(cfg, &topo, sets, probers, &cores, stop, None);
+    let report = run_on(cfg, &topo, sets, probers, &cores, stop, Extra::none());
     drop(idle_peers);
     report
 }
@@ -403,7 +403,11 @@ pub fn run_takeover(
                 late: None,
                 prebuilt: Some(prebuilt),
             };
-            run_on(&cfg, &topo, sets, probers, &cores, stop, Some(successor))
+            let extra = Extra {
+                successor: Some(successor),
+                devices: None,
+            };
+            run_on(&cfg, &topo, sets, probers, &cores, stop, extra)
         }
         Err(e) => Err(RunError::Takeover(inc.abort(e.lines().join("; ")))),
     }
@@ -633,7 +637,7 @@ impl InProcess {
                     reload: None,
                     server,
                 };
-                run_on(&cfg, &topo, sets, probers, &cores, stop, None)
+                run_on(&cfg, &topo, sets, probers, &cores, stop, Extra::none())
             })
             .map_err(|source| RunError::Spawn {
                 what: "the switch's control thread".into(),
@@ -695,7 +699,11 @@ fn run_dpdk(cfg: &Config, mut topo: Topology, stop: Stop) -> Result<RunReport, R
     }
     let probers = probers(cfg, &mut topo, pool, &mut sets)?;
     let cores = core_affinity::get_core_ids().unwrap_or_default();
-    run_on(cfg, &topo, sets, probers, &cores, stop, None)
+    let extra = Extra {
+        successor: None,
+        devices: Some(dpdk_devices(cfg, &eal, pool, workers)),
+    };
+    run_on(cfg, &topo, sets, probers, &cores, stop, extra)
 }
 
 /// [`run_takeover`] of a pollux on DPDK vhost-user ports: EAL (under a
@@ -728,12 +736,6 @@ fn run_takeover_dpdk(
                 "the running configuration's ports or [dpdk] changed while taking over".into(),
             ])));
         }
-        if let Some(p) = cfg.port.iter().find(|p| !crate::takeover::reopens(p)) {
-            return Err(RunError::Config(ConfigError::Invalid(vec![format!(
-                "port {:?}: only vhost-user (net_vhost) DPDK ports are taken over",
-                p.name
-            )])));
-        }
         let workers = cfg.dataplane.workers.max(1);
         let mut sets: Vec<PortSet<dataplane::port::dpdk::Mbuf>> =
             (0..workers).map(|_| Vec::new()).collect();
@@ -752,6 +754,7 @@ fn run_takeover_dpdk(
         .collect();
     let ports = cfg.port.clone();
     let workers = sets.len();
+    let devices = dpdk_devices(&cfg, &eal, pool, workers);
     let late: Late<dataplane::port::dpdk::Mbuf> = Box::new(move || {
         let mut out: Vec<PortSet<dataplane::port::dpdk::Mbuf>> =
             (0..workers).map(|_| Vec::new()).collect();
@@ -774,11 +777,14 @@ fn run_takeover_dpdk(
         probers,
         &cores,
         stop,
-        Some(Successor {
-            incoming: inc,
-            late: Some(late),
-            prebuilt: Some(prebuilt),
-        }),
+        Extra {
+            successor: Some(Successor {
+                incoming: inc,
+                late: Some(late),
+                prebuilt: Some(prebuilt),
+            }),
+            devices: Some(devices),
+        },
     )
 }
 
@@ -804,6 +810,171 @@ type StoppedWorker<B> = dataplane::worker::Stopped<B, Switch<B>>;
 /// predecessor (per worker, in configuration order), once the predecessor
 /// has stopped.
 type Late<B> = Box<dyn FnOnce() -> Result<Vec<PortSet<B>>, RunError>>;
+
+/// A port's name and each worker's counters of it.
+type PortStatsOf = (String, Vec<Arc<dataplane::PortStats>>);
+
+/// What a [`run_on`] has beyond its ports and probes.
+struct Extra<B: PacketBuf> {
+    /// It takes over from a predecessor.
+    successor: Option<Successor<B>>,
+    /// Its DPDK devices that a successor opens itself.
+    devices: Option<Devices<B>>,
+}
+
+impl<B: PacketBuf> Extra<B> {
+    fn none() -> Self {
+        Extra {
+            successor: None,
+            devices: None,
+        }
+    }
+}
+
+/// DPDK devices (every DPDK port but vhost-user's: a NIC's PCI function
+/// above all) that a running pollux gives up for a successor, which opens
+/// them once told to go (only one process can drive a device), and takes
+/// back if the handover fails.
+struct Devices<B: PacketBuf> {
+    /// Their ports' places in the configuration (and in each worker's
+    /// port set).
+    ports: Vec<usize>,
+    /// Removes the devices from this process (their queues gone first).
+    release: Box<dyn Fn() -> Result<(), RunError>>,
+    /// Opens them again: per port of `ports`, a queue per worker.
+    reopen: ReopenFn<B>,
+}
+
+type ReopenFn<B> = Box<dyn Fn() -> Result<Vec<PortSet<B>>, RunError>>;
+
+impl<B: PacketBuf> Devices<B> {
+    /// Puts a stand-in in place of each of the devices' queues (keeping
+    /// name and counters; dropping the last queue of a port stops it) and
+    /// releases the devices.
+    fn give_up(&self, stopped: &mut [StoppedWorker<B>]) -> Result<(), RunError> {
+        for s in stopped.iter_mut() {
+            for &i in &self.ports {
+                if let Some(q) = s.ports.get_mut(i) {
+                    let stand_in = Released::new(q.info().clone(), q.stats().clone());
+                    *q = Box::new(stand_in);
+                }
+            }
+        }
+        (self.release)()
+    }
+
+    /// Opens the devices again in their stand-ins' places, their counters
+    /// going on from the stand-ins'; `port_stats` follows.
+    fn take_back(
+        &self,
+        stopped: &mut [StoppedWorker<B>],
+        port_stats: &mut [PortStatsOf],
+    ) -> Result<(), RunError> {
+        let opened = (self.reopen)()?;
+        for (&i, queues) in self.ports.iter().zip(opened) {
+            for (w, q) in queues.into_iter().enumerate() {
+                let (Some(s), Some((name, stats))) = (stopped.get_mut(w), port_stats.get_mut(i))
+                else {
+                    continue;
+                };
+                if let (Some(slot), Some(old)) = (s.ports.get_mut(i), stats.get_mut(w)) {
+                    crate::takeover::add_counters(
+                        q.stats(),
+                        &crate::takeover::counters_of(name, old),
+                    );
+                    *old = q.stats().clone();
+                    *slot = q;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The stand-in of a DPDK queue whose device this process gave up: it
+/// receives nothing and drops what it is given (`link_down`).
+struct Released<B> {
+    info: LinkInfo,
+    stats: Arc<dataplane::PortStats>,
+    _buf: std::marker::PhantomData<fn() -> B>,
+}
+
+impl<B> Released<B> {
+    fn new(info: LinkInfo, stats: Arc<dataplane::PortStats>) -> Self {
+        Released {
+            info,
+            stats,
+            _buf: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<B: PacketBuf> Port for Released<B> {
+    type Buf = B;
+
+    fn info(&self) -> &LinkInfo {
+        &self.info
+    }
+
+    fn stats(&self) -> &Arc<dataplane::PortStats> {
+        &self.stats
+    }
+
+    fn rx_burst(&mut self, _batch: &mut dataplane::Batch<B>) -> usize {
+        0
+    }
+
+    fn tx_burst(&mut self, batch: &mut dataplane::Batch<B>) -> usize {
+        let n = batch.drain().count();
+        self.stats
+            .drops
+            .add(dataplane::DropReason::LinkDown, n as u64);
+        0
+    }
+}
+
+/// The devices of `cfg`'s DPDK ports that a successor opens itself (all
+/// but vhost-user's), opened again through `eal` and `pool` for
+/// `workers` workers.
+#[cfg(feature = "dpdk")]
+fn dpdk_devices(
+    cfg: &Config,
+    eal: &dataplane::port::dpdk::Eal,
+    pool: dataplane::port::dpdk::Mempool,
+    workers: usize,
+) -> Devices<dataplane::port::dpdk::Mbuf> {
+    let ports: Vec<usize> = cfg
+        .port
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.spec.is_dpdk() && !crate::takeover::reopens(p))
+        .map(|(i, _)| i)
+        .collect();
+    let specs: Vec<(String, PortSpec)> = ports
+        .iter()
+        .filter_map(|&i| cfg.port.get(i))
+        .map(|p| (p.name.clone(), p.spec.clone()))
+        .collect();
+    let (eal2, eal3, specs2) = (eal.clone(), eal.clone(), specs.clone());
+    Devices {
+        ports,
+        release: Box::new(move || {
+            for (name, spec) in &specs {
+                if let PortSpec::Dpdk { devargs, pci } = spec {
+                    let device = devargs.as_deref().or(pci.as_deref()).unwrap_or_default();
+                    dataplane::port::dpdk::DpdkPort::release(&eal2, name, device)?;
+                }
+            }
+            Ok(())
+        }),
+        reopen: Box::new(move || {
+            specs2
+                .iter()
+                .map(|(name, spec)| Ok(spec::open_dpdk(spec, name, workers, &eal3, pool)?.queues))
+                .collect()
+        }),
+    }
+}
 
 /// What a successor's [`run_on`] takes over and brings.
 struct Successor<B: PacketBuf> {
@@ -892,8 +1063,9 @@ fn run_on<A: BufAlloc>(
     mut health: Health<A>,
     cores: &[core_affinity::CoreId],
     stop: Stop,
-    successor: Option<Successor<A::Buf>>,
+    extra: Extra<A::Buf>,
 ) -> Result<RunReport, RunError> {
+    let Extra { successor, devices } = extra;
     let (mut incoming, late, prebuilt) = match successor {
         Some(s) => (Some(s.incoming), s.late, s.prebuilt),
         None => (None, None, None),
@@ -993,7 +1165,7 @@ fn run_on<A: BufAlloc>(
         }
         inc.started();
     }
-    let mut port_stats: Vec<(String, Vec<Arc<dataplane::PortStats>>)> = Vec::new();
+    let mut port_stats: Vec<PortStatsOf> = Vec::new();
     for b in &built {
         for (i, p) in b.ports.iter().enumerate() {
             match port_stats.get_mut(i) {
@@ -1107,7 +1279,18 @@ fn run_on<A: BufAlloc>(
                 break;
             }
         }
-        let stopped: Vec<_> = idle.into_iter().map(Worker::into_stopped).collect();
+        let mut stopped: Vec<_> = idle.into_iter().map(Worker::into_stopped).collect();
+        // Devices only one process may hold go now: the successor opens
+        // them once told to go.
+        let released = devices
+            .as_ref()
+            .filter(|d| !d.ports.is_empty())
+            .map(|d| d.give_up(&mut stopped));
+        if let Some(Err(e)) = &released {
+            // The successor finds them busy and says so: this process then
+            // takes them back below.
+            eprintln!("pollux: {e}");
+        }
         let file = stop.reload.as_ref().map(|(_, p)| p.as_path());
         let outcome = hand_over(
             &req,
@@ -1128,6 +1311,15 @@ fn run_on<A: BufAlloc>(
                 let why = format!("handover to pid {} failed, going on: {e}", req.pid);
                 eprintln!("pollux: {why}");
                 rt.takeover_failed = Some(why);
+                if let (Some(d), Some(_)) = (&devices, &released) {
+                    if let Err(e) = d.take_back(&mut stopped, &mut port_stats) {
+                        // Forwarding on the other ports goes on.
+                        let why = format!("devices not opened again: {}", e.lines().join("; "));
+                        eprintln!("pollux: {why}");
+                        rt.takeover_failed = Some(why);
+                    }
+                    rt.ports = port_stats.clone();
+                }
                 (stops, handles) = spawn(stopped)?;
                 // Released to a successor that then failed: serve again.
                 if server.is_none()
@@ -1163,7 +1355,7 @@ fn hand_over<A: BufAlloc>(
     stopped: &[StoppedWorker<A::Buf>],
     (state, file, stopped_at): (&crate::control::ControlState, Option<&std::path::Path>, u64),
     health: &Health<A>,
-    port_stats: &[(String, Vec<Arc<dataplane::PortStats>>)],
+    port_stats: &[PortStatsOf],
     sw_cfg: &SwitchConfig,
     server: &mut Option<crate::control::Server>,
 ) -> crate::takeover::Outcome {
@@ -1190,9 +1382,10 @@ fn hand_over<A: BufAlloc>(
                 .and_then(|(_, v)| v.get(w))
                 .map(|s| counters_of(&p.name, s))
                 .unwrap_or_default();
-            if crate::takeover::reopens(p) {
-                // The successor connects anew; the guest's QEMU takes it
-                // when this process's connection closes.
+            if p.spec.is_dpdk() {
+                // The successor opens it anew: a vhost-user guest's QEMU
+                // takes its connection when this process's closes; other
+                // devices this process has given up already.
                 queues.push(QueueState {
                     fd: None,
                     rx_next: 0,

@@ -37,9 +37,12 @@
 //! indexes being in the shared rings; DPDK vhost-user ports (`net_vhost`) are opened by new once old
 //! has said go (new runs DPDK under a file prefix of its own, made before
 //! it asks), and each guest's QEMU takes new's connection when old's
-//! closes as old exits; the probers' internal ports are rebuilt. Other
-//! drivers (other DPDK devices, `pcap`, `ring`) cannot hand over
-//! yet: old refuses the takeover, naming the port.
+//! closes as old exits; other DPDK devices (PCI functions, vdevs) are
+//! one process's at a time: old removes them from its process once its
+//! workers stop (and probes them again if the handover fails), new opens
+//! them after go. The probers' internal ports are rebuilt. `pcap` and
+//! `ring` ports cannot hand over: old refuses the takeover, naming the
+//! port.
 
 use crate::api::PortCounters;
 use dataplane::port::fdpass;
@@ -585,10 +588,10 @@ pub fn reopens(p: &crate::config::PortCfg) -> bool {
 pub fn port_problems(cfg: &crate::config::Config) -> Vec<String> {
     cfg.port
         .iter()
-        .filter(|p| !matches!(p.spec.driver(), "af_packet" | "af_xdp") && !reopens(p))
+        .filter(|p| !matches!(p.spec.driver(), "af_packet" | "af_xdp" | "dpdk"))
         .map(|p| {
             format!(
-                "port {:?} (driver {}): only af_packet, af_xdp and vhost-user (net_vhost) ports hand over to a successor",
+                "port {:?} (driver {}): only af_packet, af_xdp and dpdk ports hand over to a successor",
                 p.name,
                 p.spec.driver()
             )

@@ -526,52 +526,6 @@ fn fifty_downloads_and_a_curl_loop_outlive_ten_upgrades() {
     assert!(st.success(), "{report}\n{}", logs(10));
 }
 
-/// A successor that cannot take over: saves the state it received (argv[2])
-/// and kills itself, as if killed halfway; with argv[3] `go`, only after it
-/// said it was ready and was told to go.
-const DYING_SUCCESSOR: &str = "import socket, sys, os, json
-ctl, out = sys.argv[1], sys.argv[2]
-path = os.path.splitext(ctl)[0] + '.takeover%d' % os.getpid()
-l = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-l.bind(path)
-l.listen(1)
-c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-c.connect(ctl)
-body = json.dumps({'socket': path, 'formats': [1], 'version': 'dying', 'pid': os.getpid()})
-c.sendall(('POST /v1/takeover HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\nContent-Length: %d\\r\\n\\r\\n%s' % (len(body), body)).encode())
-resp = b''
-while True:
-    d = c.recv(4096)
-    if not d:
-        break
-    resp += d
-if b' 202 ' not in resp.split(b'\\r\\n')[0]:
-    sys.exit('refused: %r' % resp)
-s, _ = l.accept()
-head, fds, _, _ = socket.recv_fds(s, 8, 300)
-while len(head) < 8:
-    head += s.recv(8 - len(head))
-n = int.from_bytes(head, 'big')
-data = b''
-while len(data) < n:
-    data += s.recv(n - len(data))
-open(out, 'wb').write(data)
-os.unlink(path)
-if len(sys.argv) > 3 and sys.argv[3] == 'go':
-    ready = json.dumps({'msg': 'ready'}).encode()
-    s.sendall(len(ready).to_bytes(8, 'big') + ready)
-    head = b''
-    while len(head) < 8:
-        head += s.recv(8 - len(head))
-    n = int.from_bytes(head, 'big')
-    msg = b''
-    while len(msg) < n:
-        msg += s.recv(n - len(msg))
-    if json.loads(msg) != {'msg': 'go'}:
-        sys.exit('not go: %r' % msg)
-os.kill(os.getpid(), 9)
-";
-
 #[test]
 fn a_successor_that_refuses_or_dies_leaves_the_running_pollux_forwarding() {
     if !testkit::require::root_and(&["ip", "ethtool", "curl", "python3", "cmp"]) {
@@ -660,7 +614,7 @@ fn a_successor_that_refuses_or_dies_leaves_the_running_pollux_forwarding() {
 
     // Killed after it received the state: the running pollux goes on.
     let state = dir.join("state.json");
-    let dying = script(&dir, "dying.py", DYING_SUCCESSOR);
+    let dying = script(&dir, "dying.py", common::takeover::DYING_SUCCESSOR);
     let n = lab.spawn_root(
         &format!(
             "exec python3 {dying} {} {}",

@@ -5,4 +5,5 @@
 pub mod api;
 pub mod dpdk;
 pub mod netns;
+pub mod takeover;
 pub mod vm;

@@ -635,6 +635,47 @@ impl DpdkPort {
         })
     }
 
+    /// Gives `device` (as [`DpdkPort::open_queues`] took it) up: removes
+    /// it from this process (its driver closes its port; a PCI function's
+    /// VFIO device and group are let go), so that another DPDK process can
+    /// open it; [`DpdkPort::open_queues`] probes it again. Every queue
+    /// handle of it must be gone first (the port is then stopped). A device
+    /// this process does not have is no error.
+    pub fn release(_eal: &Eal, name: &str, device: &str) -> Result<(), PortError> {
+        let err = |reason: String| PortError::BadConfig {
+            port: name.to_string(),
+            reason,
+        };
+        let short = device.split(',').next().unwrap_or(device);
+        let short_c =
+            CString::new(short).map_err(|_| err(format!("{short:?} contains a NUL byte")))?;
+        let mut port: u16 = 0;
+        // SAFETY: a valid C string and an out-parameter for the port id.
+        if unsafe { d::rte_eth_dev_get_port_by_name(short_c.as_ptr(), &mut port) } != 0 {
+            return Ok(());
+        }
+        let mut info = d::rte_eth_dev_info::default();
+        // SAFETY: `port` exists; `info` is a valid out-parameter.
+        let r = unsafe { d::rte_eth_dev_info_get(port, &mut info) };
+        if r < 0 || info.device.is_null() {
+            return Err(err(format!(
+                "device {device:?}: no device behind port {port}: {}",
+                reason(r)
+            )));
+        }
+        // SAFETY: `info.device` is the rte_device of a probed port whose
+        // queue handles are all gone (the caller's promise), so nothing
+        // uses it while it is removed.
+        let r = unsafe { d::rte_dev_remove(info.device) };
+        if r < 0 {
+            return Err(err(format!(
+                "device {device:?} could not be removed: {}",
+                reason(r)
+            )));
+        }
+        Ok(())
+    }
+
     /// Like [`DpdkPort::open`] with `queues` rx/tx queue pairs, one handle
     /// per queue (one per worker). With several queues, RSS with the
     /// symmetric key spreads flows where the device supports it; whatever the
