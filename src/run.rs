@@ -724,7 +724,15 @@ fn run_takeover_dpdk(
         .as_ref()
         .map(|d| d.eal_args.clone())
         .unwrap_or_default();
-    let eal = Eal::init(&crate::takeover::successor_eal_args(&args))?;
+    let pci: Vec<String> = ahead
+        .port
+        .iter()
+        .filter_map(|p| match &p.spec {
+            PortSpec::Dpdk { pci: Some(a), .. } => Some(a.clone()),
+            _ => None,
+        })
+        .collect();
+    let eal = Eal::init(&crate::takeover::successor_eal_args(&args, &pci))?;
     let pool = Mempool::new(&eal, "pollux", 16383, 2176, -1)?;
     let _ = dataplane::clock::TscClock::process();
     let prebuilt = prebuild::<dataplane::port::dpdk::Mbuf>(ahead)?;

@@ -614,23 +614,57 @@ pub fn descriptors(cfg: &crate::config::Config) -> usize {
 }
 
 /// The EAL arguments of a successor: its predecessor's, with a file
-/// prefix of its own (two DPDK primary processes cannot share one; the
-/// last `--file-prefix` given is the one EAL takes).
-pub fn successor_eal_args(args: &[String]) -> Vec<String> {
+/// prefix of its own instead (two DPDK primary processes cannot share
+/// one), and without probing
+/// the PCI functions of its ports (`pci`) when EAL starts: the predecessor
+/// still drives them then (EAL would fail on them), and they are probed
+/// once it has let them go. They leave the allow list (`-a`); if nothing
+/// is left in it, they are blocked (`-b`) instead, so that EAL does not
+/// take every other device bound to a DPDK driver either.
+pub fn successor_eal_args(args: &[String], pci: &[String]) -> Vec<String> {
     let mut prefix = "rte".to_string();
+    let mut out = Vec::new();
+    let mut allowed = 0;
     let mut it = args.iter();
+    let ours = |dev: &str| {
+        pci.iter()
+            .any(|p| dev.split(',').next() == Some(p.as_str()))
+    };
     while let Some(a) = it.next() {
+        // (The successor's own prefix replaces it.)
         if let Some(p) = a.strip_prefix("--file-prefix=") {
             prefix = p.to_string();
+            continue;
         } else if a == "--file-prefix" {
             if let Some(p) = it.next() {
                 prefix = p.clone();
             }
+            continue;
+        }
+        let allow = ["-a", "--allow", "-w", "--pci-whitelist"].contains(&a.as_str());
+        if allow && let Some(dev) = it.next() {
+            if !ours(dev) {
+                allowed += 1;
+                out.extend([a.clone(), dev.clone()]);
+            }
+            continue;
+        }
+        if let Some(dev) = a.strip_prefix("--allow=") {
+            if !ours(dev) {
+                allowed += 1;
+                out.push(a.clone());
+            }
+            continue;
+        }
+        out.push(a.clone());
+    }
+    if allowed == 0 {
+        for p in pci {
+            out.extend(["-b".to_string(), p.clone()]);
         }
     }
     // A successor of a successor does not grow the name.
     let base = prefix.split("-pid").next().unwrap_or(&prefix).to_string();
-    let mut out = args.to_vec();
     out.push(format!("--file-prefix={base}-pid{}", std::process::id()));
     out
 }
@@ -718,13 +752,48 @@ mod tests {
     fn a_successor_runs_dpdk_under_a_file_prefix_of_its_own() {
         let me = std::process::id();
         let v = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let got = successor_eal_args(&v(&["-l", "1", "--file-prefix=px1", "--no-huge"]));
+        let got = successor_eal_args(&v(&["-l", "1", "--file-prefix=px1", "--no-huge"]), &[]);
+        assert_eq!(
+            got,
+            v(&[
+                "-l",
+                "1",
+                "--no-huge",
+                &format!("--file-prefix=px1-pid{me}")
+            ])
+        );
+        let got = successor_eal_args(&v(&["--file-prefix", "px1-pid77"]), &[]);
         assert_eq!(got.last().unwrap(), &format!("--file-prefix=px1-pid{me}"));
-        assert_eq!(got.len(), 5);
-        let got = successor_eal_args(&v(&["--file-prefix", "px1-pid77"]));
-        assert_eq!(got.last().unwrap(), &format!("--file-prefix=px1-pid{me}"));
-        let got = successor_eal_args(&v(&["--no-pci"]));
+        let got = successor_eal_args(&v(&["--no-pci"]), &[]);
         assert_eq!(got.last().unwrap(), &format!("--file-prefix=rte-pid{me}"));
+        // A port's PCI function leaves the allow list; with nothing left
+        // there, it is blocked at start instead.
+        let vf = "0000:01:10.0".to_string();
+        let got = successor_eal_args(
+            &v(&["-l", "0", "-a", "0000:01:10.0", "--file-prefix=s"]),
+            &[vf.clone()],
+        );
+        assert_eq!(
+            got,
+            v(&[
+                "-l",
+                "0",
+                "-b",
+                "0000:01:10.0",
+                &format!("--file-prefix=s-pid{me}")
+            ])
+        );
+        let got = successor_eal_args(
+            &v(&["-a", "0000:01:10.0,txq_inline=0", "--allow=0000:02:00.0"]),
+            &[vf],
+        );
+        assert_eq!(
+            got,
+            v(&[
+                "--allow=0000:02:00.0",
+                &format!("--file-prefix=rte-pid{me}")
+            ])
+        );
     }
 
     #[test]

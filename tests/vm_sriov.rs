@@ -242,7 +242,7 @@ fn vfs_of_an_emulated_igb_provisioned_and_driven_by_pollux() {
         .generic_kernel(&["igb", "igbvf", "vfio_pci", "vfio_iommu_type1"])
         .memory(1024)
         .cpus(2)
-        .hugepages(128)
+        .hugepages(192)
         .tools(&[
             env!("CARGO_BIN_EXE_pollux"),
             &host_tool("ip"),
@@ -531,22 +531,68 @@ fn vfs_of_an_emulated_igb_provisioned_and_driven_by_pollux() {
         status.contains(&vf0) && status.contains("net_e1000_igb_vf"),
         "{status}"
     );
+    let exit = |g: &mut Guest, n: &str| -> String {
+        for _ in 0..120 {
+            let rc = run(g, &format!("cat /tmp/pollux{n}.rc 2>/dev/null")).1;
+            if !rc.trim().is_empty() {
+                return rc.trim().to_string();
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        String::new()
+    };
+
+    // A hitless upgrade on the VF: the running pollux gives the PCI
+    // function up once its worker stops, the successor (DPDK under a file
+    // prefix of its own) probes it after "go".
+    let st: serde_json::Value =
+        serde_json::from_str(&ok(&mut g, &format!("{ctl} --json status"))).unwrap();
+    let old_pid = st["pid"].as_u64().unwrap();
+    ok(
+        &mut g,
+        &format!(
+            "({pollux} run --takeover /tmp/pollux.sock > /tmp/pollux2.out 2> /tmp/pollux2.log; echo $? > /tmp/pollux2.rc) &"
+        ),
+    );
+    assert_eq!(
+        exit(&mut g, ""),
+        "0",
+        "the predecessor's exit: {}\nthe successor: {}",
+        run(&mut g, "cat /tmp/pollux.out /tmp/pollux.log").1,
+        run(&mut g, "cat /tmp/pollux2.log").1
+    );
+    let st: serde_json::Value =
+        serde_json::from_str(&ok(&mut g, &format!("{ctl} --json status"))).unwrap();
+    assert_eq!(st["takeover"]["from_pid"].as_u64(), Some(old_pid), "{st}");
+    eprintln!(
+        "upgrade on the VF: traffic stopped {:.1} ms (the VF and the PF's af_packet device given up and probed again)",
+        st["takeover"]["blackout_us"].as_u64().unwrap_or(0) as f64 / 1000.0
+    );
+    let page = lab.bash(
+        "cl",
+        "curl -sf --max-time 20 http://198.51.100.100/index.html",
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&page.stdout),
+        "web behind a VF\n",
+        "after the upgrade: {}\npollux: {}",
+        String::from_utf8_lossy(&page.stderr),
+        run(&mut g, "cat /tmp/pollux2.log").1
+    );
+    let status = ok(&mut g, &format!("{ctl} status"));
+    assert!(
+        status.contains(&vf0) && status.contains("net_e1000_igb_vf"),
+        "{status}"
+    );
+
     // SIGTERM stops it cleanly: the VF's link poller and the ports go
     // down in order, exit status 0.
     ok(&mut g, "kill -TERM $(pidof pollux)");
-    let mut rc = String::new();
-    for _ in 0..60 {
-        rc = run(&mut g, "cat /tmp/pollux.rc 2>/dev/null").1;
-        if !rc.trim().is_empty() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
     assert_eq!(
-        rc.trim(),
+        exit(&mut g, "2"),
         "0",
         "pollux's exit: {}",
-        run(&mut g, "cat /tmp/pollux.out /tmp/pollux.log").1
+        run(&mut g, "cat /tmp/pollux2.out /tmp/pollux2.log").1
     );
     drop(g);
 }
