@@ -10,15 +10,23 @@
 # For each upgrade: the blackout the successor counts (from its
 # predecessor's workers' stop to its own workers' start) and the longest
 # silence of the UDP stream; at the end, downloads completed intact and
-# UDP datagrams lost. Release build, af_packet ports, two workers. Every
-# namespace and veth is created here and removed on exit.
+# UDP datagrams lost. Release build, af_packet ports and two workers
+# (DRIVER=af_xdp: af_xdp ports and one worker). Every namespace and veth
+# is created here and removed on exit.
 #
 # Usage (root): benches/upgrade.sh [upgrades, default 10]
 # (RESTARTS=N: restarts in the second phase, default half the upgrades;
-# KEEP=1 keeps the scratch directory with the UDP arrivals.)
+# DRIVER=af_packet|af_xdp; KEEP=1 keeps the scratch directory with the UDP
+# arrivals.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n="${1:-10}"
+driver="${DRIVER:-af_packet}"
+case "$driver" in
+    af_packet) workers=2 ;;
+    af_xdp) workers=1 ;;
+    *) echo "DRIVER must be af_packet or af_xdp"; exit 2 ;;
+esac
 [ "$(id -u)" -eq 0 ] || { echo "needs root (network namespaces, packet sockets)"; exit 2; }
 pkgs=()
 command -v curl >/dev/null || pkgs+=(curl)
@@ -62,6 +70,8 @@ mkns() { # TAG IP/LEN MAC GW
     ip netns exec "$ns" ip link set eth0 up
     [ -z "$4" ] || ip netns exec "$ns" ip route add default via "$4"
     ip netns exec "$ns" ethtool -K eth0 tso off gso off gro off >/dev/null
+    # XDP sees no "checksum not ready" mark: senders fill theirs in.
+    [ "$driver" != af_xdp ] || ip netns exec "$ns" ethtool -K eth0 tx off >/dev/null
 }
 in_ns() { local t=$1; shift; ip netns exec "pu${id}$t" "$@"; }
 
@@ -84,9 +94,9 @@ done
 
 sock=$tmp/ctl.sock
 {
-    printf '[control]\nsocket = "%s"\n[dataplane]\nworkers = 2\nidle_sleep_us = 20\n' "$sock"
+    printf '[control]\nsocket = "%s"\n[dataplane]\nworkers = %s\nidle_sleep_us = 20\n' "$sock" "$workers"
     for p in s1 s2 cl cb wr; do
-        printf '[[port]]\nname = "%s"\ndriver = "af_packet"\niface = "pu%s%s-h"\n' "$p" "$id" "$p"
+        printf '[[port]]\nname = "%s"\ndriver = "%s"\niface = "pu%s%s-h"\n' "$p" "$driver" "$id" "$p"
     done
     cat <<'EOF'
 [uplink]
@@ -242,6 +252,7 @@ phase() {
     echo
 }
 
+echo "$driver ports, $workers worker(s)"
 echo "$("$bin" --version); $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)); $(date -u +%F)"
 phase upgrade "$n" upgrade
 restarts="${RESTARTS:-$(((n + 1) / 2))}"
