@@ -5,7 +5,12 @@
 #      (default 10) while downloads cross it (through a VIP and through
 #      SNAT) and a UDP stream sends one datagram a millisecond VM to VM;
 #   2. restart: the same traffic, pollux stopped (SIGTERM) and started
-#      again N/2 times, as an upgrade without takeover would be.
+#      again N/2 times, as an upgrade without takeover would be;
+#   3. with OVS=N: pollux stopped for good and Open vSwitch's user-space
+#      datapath (the one OVS-DPDK runs: its own connection tracking and
+#      NAT, here on the same veths as system ports) doing the same VIP
+#      DNAT and SNAT, its ovs-vswitchd restarted N times and its flows
+#      added again each time (as `ovs-ctl restart` restores them).
 #
 # For each upgrade: the blackout the successor counts (from its
 # predecessor's workers' stop to its own workers' start) and the longest
@@ -16,8 +21,9 @@
 #
 # Usage (root): benches/upgrade.sh [upgrades, default 10]
 # (RESTARTS=N: restarts in the second phase, default half the upgrades;
-# DRIVER=af_packet|af_xdp; KEEP=1 keeps the scratch directory with the UDP
-# arrivals.)
+# DRIVER=af_packet|af_xdp; OVS=N restarts of OVS in a third phase, which
+# needs openvswitch-switch-dpdk; KEEP=1 keeps the scratch directory with
+# the UDP arrivals.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n="${1:-10}"
@@ -46,6 +52,7 @@ pids=()
 cleanup() {
     set +e
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
+    [ -z "${ovs_pids:-}" ] || kill $ovs_pids 2>/dev/null
     pkill -f "pollux run --takeover $tmp" 2>/dev/null
     pkill -f "pollux run --config $tmp" 2>/dev/null
     for ns in "${nsl[@]}"; do
@@ -221,7 +228,10 @@ phase() {
     for k in $(seq 1 "$count"); do
         local a b old=$pollux_pid
         a=$(date +%s.%N)
-        if [ "$action" = upgrade ]; then
+        if [ "$action" = ovs ]; then
+            ovs_restart
+            us=-
+        elif [ "$action" = upgrade ]; then
             "$bin" run --takeover "$sock" >> "$tmp/pollux.out" 2>> "$tmp/pollux.log" &
             pollux_pid=$!
             while kill -0 "$old" 2>/dev/null; do sleep 0.01; done
@@ -257,3 +267,64 @@ echo "$("$bin" --version); $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo 
 phase upgrade "$n" upgrade
 restarts="${RESTARTS:-$(((n + 1) / 2))}"
 [ "$restarts" -eq 0 ] || phase restart "$restarts" restart
+
+ovs="${OVS:-0}"
+[ "$ovs" -gt 0 ] || exit 0
+vswitchd=/usr/lib/openvswitch-switch-dpdk/ovs-vswitchd-dpdk
+[ -x "$vswitchd" ] || { echo "OVS=$ovs needs openvswitch-switch-dpdk"; exit 2; }
+kill -TERM "$pollux_pid"; wait "$pollux_pid" || true
+od=$tmp/ovs
+mkdir -p "$od"
+export OVS_RUNDIR=$od OVS_DBDIR=$od OVS_LOGDIR=$od OVS_SYSCONFDIR=$od
+ovsdb-tool create "$od/conf.db" /usr/share/openvswitch/vswitch.ovsschema
+ovsdb-server "$od/conf.db" --remote="punix:$od/db.sock" --unixctl="$od/ovsdb.ctl" > "$od/ovsdb.log" 2>&1 &
+ovs_pids=$!
+vsctl() { ovs-vsctl --db="unix:$od/db.sock" --timeout=30 "$@"; }
+until vsctl --no-wait init 2>/dev/null; do sleep 0.1; done
+vswitchd_start() {
+    "$vswitchd" "unix:$od/db.sock" --unixctl="$od/vswitchd.ctl" >> "$od/vswitchd.log" 2>&1 &
+    vswitchd_pid=$!
+    ovs_pids="$ovs_pids $vswitchd_pid"
+    until ovs-appctl -t "$od/vswitchd.ctl" version >/dev/null 2>&1; do sleep 0.01; done
+}
+vswitchd_start
+vsctl add-br br0 -- set bridge br0 datapath_type=netdev fail_mode=secure
+for p in s1 s2 cl cb wr; do
+    vsctl add-port br0 "pu${id}$p-h"
+    # OVS's user-space datapath gets no "checksum not ready" mark either.
+    in_ns "$p" ethtool -K eth0 tx off >/dev/null
+done
+# The VIP's and gateways' MACs (pollux answers ARP for them).
+in_ns cl ip neigh replace 10.1.0.100 lladdr 12:34:56:78:9a:bc dev eth0
+in_ns cb ip neigh replace 10.2.0.1 lladdr 12:34:56:78:9a:bd dev eth0
+in_ns wr ip neigh replace 198.51.100.50 lladdr 02:50:4c:58:ff:ff dev eth0
+port() { echo "pu${id}$1-h"; }
+cat > "$tmp/flows" <<FLOWS
+table=0,priority=100,tcp,nw_dst=10.1.0.100,tp_dst=80,actions=ct(commit,nat(dst=10.1.0.4-10.1.0.5:8000),table=1)
+table=0,priority=100,tcp,nw_src=10.1.0.4,tp_src=8000,actions=ct(nat,table=1)
+table=0,priority=100,tcp,nw_src=10.1.0.5,tp_src=8000,actions=ct(nat,table=1)
+table=0,priority=100,ip,in_port=$(port cb),actions=ct(commit,nat(src=198.51.100.50),table=1)
+table=0,priority=100,ip,in_port=$(port wr),nw_dst=198.51.100.50,actions=ct(nat,table=1)
+table=0,priority=50,ip,actions=resubmit(,1)
+table=0,priority=0,actions=NORMAL
+table=1,ip,nw_dst=10.1.0.4,actions=mod_dl_dst:02:00:00:00:01:04,output:$(port s1)
+table=1,ip,nw_dst=10.1.0.5,actions=mod_dl_dst:02:00:00:00:01:05,output:$(port s2)
+table=1,ip,nw_dst=10.1.0.20,actions=mod_dl_dst:02:00:00:00:01:20,output:$(port cl)
+table=1,ip,nw_dst=10.2.0.20,actions=mod_dl_src:12:34:56:78:9a:bd,mod_dl_dst:02:00:00:00:02:20,output:$(port cb)
+table=1,ip,nw_dst=198.51.100.10,actions=mod_dl_src:02:50:4c:58:ff:ff,mod_dl_dst:02:00:00:00:03:10,output:$(port wr)
+FLOWS
+flows() { ovs-ofctl add-flows "unix:$od/br0.mgmt" "$tmp/flows"; }
+until flows 2>/dev/null; do sleep 0.05; done
+ovs_restart() {
+    ovs-appctl -t "$od/vswitchd.ctl" exit >/dev/null 2>&1 || kill "$vswitchd_pid"
+    wait "$vswitchd_pid" 2>/dev/null || true
+    vswitchd_start
+    until flows 2>/dev/null; do sleep 0.01; done
+}
+for _ in $(seq 100); do
+    in_ns cl curl -sf --max-time 1 -o /dev/null http://10.1.0.100/health && break
+    sleep 0.1
+done
+in_ns cb curl -sf --max-time 2 -o /dev/null http://198.51.100.10:8000/health || { echo "OVS does not forward"; exit 1; }
+echo "Open vSwitch $(ovs-vsctl --version | head -1 | awk '{print $NF}'), user-space datapath, the same traffic:"
+phase ovs "$ovs" ovs
