@@ -21,9 +21,9 @@
 #
 # Usage (root): benches/upgrade.sh [upgrades, default 10]
 # (RESTARTS=N: restarts in the second phase, default half the upgrades;
-# DRIVER=af_packet|af_xdp; OVS=N restarts of OVS in a third phase, which
-# needs openvswitch-switch-dpdk; KEEP=1 keeps the scratch directory with
-# the UDP arrivals.)
+# DRIVER=af_packet|af_xdp; OVS=N restarts of OVS in a third phase, for
+# which it installs openvswitch-switch-dpdk; KEEP=1 keeps the scratch
+# directory with the UDP arrivals.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n="${1:-10}"
@@ -38,6 +38,7 @@ pkgs=()
 command -v curl >/dev/null || pkgs+=(curl)
 command -v ethtool >/dev/null || pkgs+=(ethtool)
 command -v python3 >/dev/null || pkgs+=(python3)
+[ "${OVS:-0}" -eq 0 ] || [ -x /usr/lib/openvswitch-switch-dpdk/ovs-vswitchd-dpdk ] || pkgs+=(openvswitch-switch-dpdk)
 if ((${#pkgs[@]})); then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${pkgs[@]}"
@@ -271,7 +272,6 @@ restarts="${RESTARTS:-$(((n + 1) / 2))}"
 ovs="${OVS:-0}"
 [ "$ovs" -gt 0 ] || exit 0
 vswitchd=/usr/lib/openvswitch-switch-dpdk/ovs-vswitchd-dpdk
-[ -x "$vswitchd" ] || { echo "OVS=$ovs needs openvswitch-switch-dpdk"; exit 2; }
 kill -TERM "$pollux_pid"; wait "$pollux_pid" || true
 od=$tmp/ovs
 mkdir -p "$od"
