@@ -421,6 +421,7 @@ fn prebuild<B: PacketBuf>(ahead: &Config) -> Result<Switches<B>, RunError> {
         ahead,
         policy,
         ahead.dataplane.workers.max(1),
+        true,
     ))
 }
 
@@ -706,11 +707,12 @@ fn run_dpdk(cfg: &Config, mut topo: Topology, stop: Stop) -> Result<RunReport, R
     run_on(cfg, &topo, sets, probers, &cores, stop, extra)
 }
 
-/// [`run_takeover`] of a pollux on DPDK vhost-user ports: EAL (under a
-/// file prefix of its own) and the mempool are made before the running
-/// pollux is asked; the ports are opened once it has stopped and said go
-/// (its guests' QEMUs take the new connections when its own close, as it
-/// exits).
+/// [`run_takeover`] of a pollux on DPDK ports: EAL (under a file prefix
+/// of its own, the ports' PCI functions kept out of its start-up probe)
+/// and the mempool are made before the running pollux is asked; the ports
+/// are opened once it has stopped and said go (vhost-user guests' QEMUs
+/// take the new connections when its own close, as it exits; other
+/// devices it has given up by then).
 #[cfg(feature = "dpdk")]
 fn run_takeover_dpdk(
     control: &std::path::Path,
@@ -727,10 +729,7 @@ fn run_takeover_dpdk(
     let pci: Vec<String> = ahead
         .port
         .iter()
-        .filter_map(|p| match &p.spec {
-            PortSpec::Dpdk { pci: Some(a), .. } => Some(a.clone()),
-            _ => None,
-        })
+        .filter_map(|p| p.spec.pci_address())
         .collect();
     let eal = Eal::init(&crate::takeover::successor_eal_args(&args, &pci))?;
     let pool = Mempool::new(&eal, "pollux", 16383, 2176, -1)?;
@@ -767,7 +766,24 @@ fn run_takeover_dpdk(
         let mut out: Vec<PortSet<dataplane::port::dpdk::Mbuf>> =
             (0..workers).map(|_| Vec::new()).collect();
         for (i, p) in ports.iter().enumerate() {
-            let opened = spec::open_dpdk(&p.spec, &p.name, workers, &eal, pool)?;
+            let opened = match spec::open_dpdk(&p.spec, &p.name, workers, &eal, pool) {
+                Ok(o) => o,
+                Err(e) => {
+                    // The devices opened so far go back, for the
+                    // predecessor to take.
+                    drop(out);
+                    for q in ports
+                        .iter()
+                        .take(i)
+                        .filter(|q| !crate::takeover::reopens(q))
+                    {
+                        if let Some(d) = q.spec.dpdk_device() {
+                            let _ = dataplane::port::dpdk::DpdkPort::release(&eal, &q.name, d);
+                        }
+                    }
+                    return Err(e.into());
+                }
+            };
             for (w, (set, q)) in out.iter_mut().zip(opened.queues).enumerate() {
                 if let Some(c) = counters.get(i).and_then(|c| c.get(w)) {
                     crate::takeover::add_counters(q.stats(), c);
@@ -853,7 +869,7 @@ struct Devices<B: PacketBuf> {
     reopen: ReopenFn<B>,
 }
 
-type ReopenFn<B> = Box<dyn Fn() -> Result<Vec<PortSet<B>>, RunError>>;
+type ReopenFn<B> = Box<dyn Fn() -> Vec<Result<PortSet<B>, RunError>>>;
 
 impl<B: PacketBuf> Devices<B> {
     /// Puts a stand-in in place of each of the devices' queues (keeping
@@ -872,14 +888,23 @@ impl<B: PacketBuf> Devices<B> {
     }
 
     /// Opens the devices again in their stand-ins' places, their counters
-    /// going on from the stand-ins'; `port_stats` follows.
+    /// going on from the stand-ins'; `port_stats` follows. A device that
+    /// cannot be opened keeps its stand-in (named in the error); the
+    /// others are back.
     fn take_back(
         &self,
         stopped: &mut [StoppedWorker<B>],
         port_stats: &mut [PortStatsOf],
-    ) -> Result<(), RunError> {
-        let opened = (self.reopen)()?;
-        for (&i, queues) in self.ports.iter().zip(opened) {
+    ) -> Result<(), String> {
+        let mut failed = Vec::new();
+        for (&i, opened) in self.ports.iter().zip((self.reopen)()) {
+            let queues = match opened {
+                Ok(q) => q,
+                Err(e) => {
+                    failed.push(e.lines().join("; "));
+                    continue;
+                }
+            };
             for (w, q) in queues.into_iter().enumerate() {
                 let (Some(s), Some((name, stats))) = (stopped.get_mut(w), port_stats.get_mut(i))
                 else {
@@ -895,7 +920,11 @@ impl<B: PacketBuf> Devices<B> {
                 }
             }
         }
-        Ok(())
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(failed.join("; "))
+        }
     }
 }
 
@@ -968,8 +997,7 @@ fn dpdk_devices(
         ports,
         release: Box::new(move || {
             for (name, spec) in &specs {
-                if let PortSpec::Dpdk { devargs, pci } = spec {
-                    let device = devargs.as_deref().or(pci.as_deref()).unwrap_or_default();
+                if let Some(device) = spec.dpdk_device() {
                     dataplane::port::dpdk::DpdkPort::release(&eal2, name, device)?;
                 }
             }
@@ -1007,9 +1035,10 @@ struct Switches<B: PacketBuf> {
 }
 
 impl<B: PacketBuf> Switches<B> {
-    /// One switch per worker on `policy`, with each vnet's load balancer
-    /// made.
-    fn build(cfg: &Config, policy: Policy, workers: usize) -> Self {
+    /// One switch per worker on `policy`; `ahead`: with each vnet's load
+    /// balancer made now (else the worker makes them on its first burst,
+    /// touching their memory first from its own core).
+    fn build(cfg: &Config, policy: Policy, workers: usize, ahead: bool) -> Self {
         let swap = Arc::new(ArcSwap::from_pointee(policy));
         let sw_cfg = SwitchConfig {
             flow_table_size: cfg.dataplane.flow_table_size,
@@ -1028,7 +1057,9 @@ impl<B: PacketBuf> Switches<B> {
             let mut switch = Switch::new(swap.clone(), sw_cfg.clone())
                 .with_handoff(w, handoff.clone())
                 .with_control(w, fc);
-            switch.load_policy();
+            if ahead {
+                switch.load_policy();
+            }
             switches.push(switch);
         }
         Switches {
@@ -1098,7 +1129,7 @@ fn run_on<A: BufAlloc>(
             s.swap.store(Arc::new(policy));
             s
         }
-        None => Switches::build(cfg, policy, workers),
+        None => Switches::build(cfg, policy, workers, false),
     };
     // Cookies the predecessor gave out still check here (and go on to a
     // successor of this process).
@@ -1294,21 +1325,27 @@ fn run_on<A: BufAlloc>(
             .as_ref()
             .filter(|d| !d.ports.is_empty())
             .map(|d| d.give_up(&mut stopped));
-        if let Some(Err(e)) = &released {
-            // The successor finds them busy and says so: this process then
-            // takes them back below.
-            eprintln!("pollux: {e}");
-        }
         let file = stop.reload.as_ref().map(|(_, p)| p.as_path());
-        let outcome = hand_over(
-            &req,
-            &stopped,
-            (&state, file, stopped_at),
-            &health,
-            &port_stats,
-            &sw_cfg,
-            &mut server,
-        );
+        let outcome = match &released {
+            // Not handed over at all (the successor is told by the
+            // conversation's end); they are taken back below.
+            Some(Err(e)) => {
+                crate::takeover::decline(&req);
+                crate::takeover::Outcome::Failed(crate::takeover::TakeoverError::Unusable(format!(
+                    "devices not given up: {}",
+                    e.lines().join("; ")
+                )))
+            }
+            _ => hand_over(
+                &req,
+                &stopped,
+                (&state, file, stopped_at),
+                &health,
+                &port_stats,
+                &sw_cfg,
+                &mut server,
+            ),
+        };
         match outcome {
             crate::takeover::Outcome::HandedOver => {
                 eprintln!("pollux: handed over to pid {}", req.pid);
@@ -1318,15 +1355,20 @@ fn run_on<A: BufAlloc>(
             crate::takeover::Outcome::Failed(e) => {
                 let why = format!("handover to pid {} failed, going on: {e}", req.pid);
                 eprintln!("pollux: {why}");
-                rt.takeover_failed = Some(why);
                 if let (Some(d), Some(_)) = (&devices, &released) {
+                    // A successor that opened some of them lets them go as
+                    // it exits.
+                    crate::takeover::wait_gone(req.pid);
                     if let Err(e) = d.take_back(&mut stopped, &mut port_stats) {
                         // Forwarding on the other ports goes on.
-                        let why = format!("devices not opened again: {}", e.lines().join("; "));
-                        eprintln!("pollux: {why}");
+                        eprintln!("pollux: devices not opened again: {e}");
+                        rt.takeover_failed = Some(format!("{why}; devices not opened again: {e}"));
+                    } else {
                         rt.takeover_failed = Some(why);
                     }
                     rt.ports = port_stats.clone();
+                } else {
+                    rt.takeover_failed = Some(why);
                 }
                 (stops, handles) = spawn(stopped)?;
                 // Released to a successor that then failed: serve again.

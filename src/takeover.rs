@@ -302,6 +302,20 @@ pub fn add_counters(s: &PortStats, c: &PortCounters) {
 
 // ---- the running process's side ----------------------------------------
 
+/// Waits (up to a few seconds) for process `pid` to be gone.
+pub fn wait_gone(pid: u32) {
+    let end = std::time::Instant::now() + GONE_WAIT;
+    while alive(pid) && std::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Tells the successor that asked (`req`) that nothing is handed over: its
+/// handover socket is connected to and closed at once, before any state.
+pub fn decline(req: &Request) {
+    drop(UnixStream::connect(&req.socket));
+}
+
 /// True while process `pid` lives (neither gone nor a zombie).
 fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -317,7 +331,30 @@ fn alive(pid: u32) -> bool {
 /// Old's part after its workers stopped: connects to `req.socket`, sends
 /// `state` with `fds`, and waits for new's `Ready`; then calls `release`
 /// (stop serving the control API), says `Go` and waits for `Started`.
+/// A successor that died in between leaves its handover socket's file
+/// behind (it removes it itself otherwise): it is removed here.
 pub fn offer(
+    req: &Request,
+    state: &State,
+    fds: &[std::os::fd::BorrowedFd<'_>],
+    release: impl FnOnce(),
+) -> Outcome {
+    let out = converse(req, state, fds, release);
+    if matches!(out, Outcome::Failed(TakeoverError::Io(_))) {
+        // A killed process closes its sockets (the conversation ends) a
+        // moment before it is gone.
+        let end = std::time::Instant::now() + Duration::from_millis(100);
+        while alive(req.pid) && std::time::Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if !alive(req.pid) {
+            let _ = std::fs::remove_file(&req.socket);
+        }
+    }
+    out
+}
+
+fn converse(
     req: &Request,
     state: &State,
     fds: &[std::os::fd::BorrowedFd<'_>],
@@ -615,21 +652,25 @@ pub fn descriptors(cfg: &crate::config::Config) -> usize {
 
 /// The EAL arguments of a successor: its predecessor's, with a file
 /// prefix of its own instead (two DPDK primary processes cannot share
-/// one), and without probing
-/// the PCI functions of its ports (`pci`) when EAL starts: the predecessor
-/// still drives them then (EAL would fail on them), and they are probed
-/// once it has let them go. They leave the allow list (`-a`); if nothing
-/// is left in it, they are blocked (`-b`) instead, so that EAL does not
-/// take every other device bound to a DPDK driver either.
+/// one), and without probing the PCI functions of its ports (`pci`, full
+/// lower-case addresses) when EAL starts: the predecessor still drives
+/// them then (EAL would fail on them), and they are probed once it has
+/// let them go. They leave the allow list (`-a`); if that leaves it empty,
+/// an address no machine has stands in, so that EAL does not take every
+/// other device bound to a DPDK driver; with no allow list, they are
+/// blocked (`-b`).
 pub fn successor_eal_args(args: &[String], pci: &[String]) -> Vec<String> {
+    /// In the allow list of a successor whose every allowed device is a
+    /// port's: a PCI address no machine has (domain ffff).
+    const NOTHING: &str = "ffff:ff:1f.7";
     let mut prefix = "rte".to_string();
     let mut out = Vec::new();
-    let mut allowed = 0;
-    let mut it = args.iter();
+    let (mut listed, mut kept) = (0, 0);
     let ours = |dev: &str| {
-        pci.iter()
-            .any(|p| dev.split(',').next() == Some(p.as_str()))
+        let name = dev.split(',').next().unwrap_or(dev);
+        dataplane::port::spec::pci_address(name).is_some_and(|a| pci.contains(&a))
     };
+    let mut it = args.iter();
     while let Some(a) = it.next() {
         // (The successor's own prefix replaces it.)
         if let Some(p) = a.strip_prefix("--file-prefix=") {
@@ -641,27 +682,35 @@ pub fn successor_eal_args(args: &[String], pci: &[String]) -> Vec<String> {
             }
             continue;
         }
-        let allow = ["-a", "--allow", "-w", "--pci-whitelist"].contains(&a.as_str());
-        if allow && let Some(dev) = it.next() {
-            if !ours(dev) {
-                allowed += 1;
-                out.extend([a.clone(), dev.clone()]);
-            }
+        let (flag, dev) = if ["-a", "--allow", "-w", "--pci-whitelist"].contains(&a.as_str()) {
+            (Some(a.clone()), it.next().cloned())
+        } else if let Some(d) = a.strip_prefix("--allow=") {
+            (None, Some(d.to_string()))
+        } else if let Some(d) = a.strip_prefix("-a").filter(|d| !d.is_empty()) {
+            (None, Some(d.to_string()))
+        } else {
+            out.push(a.clone());
             continue;
-        }
-        if let Some(dev) = a.strip_prefix("--allow=") {
-            if !ours(dev) {
-                allowed += 1;
-                out.push(a.clone());
-            }
+        };
+        let Some(dev) = dev else {
+            out.extend(flag);
             continue;
+        };
+        listed += 1;
+        if !ours(&dev) {
+            kept += 1;
+            match flag {
+                Some(flag) => out.extend([flag, dev]),
+                None => out.push(a.clone()),
+            }
         }
-        out.push(a.clone());
     }
-    if allowed == 0 {
+    if listed == 0 {
         for p in pci {
             out.extend(["-b".to_string(), p.clone()]);
         }
+    } else if kept == 0 {
+        out.extend(["-a".to_string(), NOTHING.to_string()]);
     }
     // A successor of a successor does not grow the name.
     let base = prefix.split("-pid").next().unwrap_or(&prefix).to_string();
@@ -766,34 +815,30 @@ mod tests {
         assert_eq!(got.last().unwrap(), &format!("--file-prefix=px1-pid{me}"));
         let got = successor_eal_args(&v(&["--no-pci"]), &[]);
         assert_eq!(got.last().unwrap(), &format!("--file-prefix=rte-pid{me}"));
-        // A port's PCI function leaves the allow list; with nothing left
-        // there, it is blocked at start instead.
+        // A port's PCI function leaves the allow list (however written);
+        // an address no machine has keeps the list from becoming empty
+        // (EAL would then take every DPDK-bound device); without an allow
+        // list, the port's function is blocked at start.
         let vf = "0000:01:10.0".to_string();
         let got = successor_eal_args(
-            &v(&["-l", "0", "-a", "0000:01:10.0", "--file-prefix=s"]),
-            &[vf.clone()],
+            &v(&["-l", "0", "-a", "01:10.0", "--file-prefix=s"]),
+            std::slice::from_ref(&vf),
         );
-        assert_eq!(
-            got,
-            v(&[
-                "-l",
-                "0",
-                "-b",
-                "0000:01:10.0",
-                &format!("--file-prefix=s-pid{me}")
-            ])
-        );
+        let want = format!("--file-prefix=s-pid{me}");
+        assert_eq!(got, v(&["-l", "0", "-a", "ffff:ff:1f.7", &want]));
         let got = successor_eal_args(
-            &v(&["-a", "0000:01:10.0,txq_inline=0", "--allow=0000:02:00.0"]),
-            &[vf],
-        );
-        assert_eq!(
-            got,
-            v(&[
+            &v(&[
+                "-a",
+                "0000:01:10.0,txq_inline=0",
                 "--allow=0000:02:00.0",
-                &format!("--file-prefix=rte-pid{me}")
-            ])
+                "-a0000:01:10.0",
+            ]),
+            std::slice::from_ref(&vf),
         );
+        let want = format!("--file-prefix=rte-pid{me}");
+        assert_eq!(got, v(&["--allow=0000:02:00.0", &want]));
+        let got = successor_eal_args(&v(&["-l", "0"]), &[vf]);
+        assert_eq!(got, v(&["-l", "0", "-b", "0000:01:10.0", &want]));
     }
 
     #[test]

@@ -191,6 +191,7 @@ fn dpdk_devices_are_given_up_and_taken_back_across_upgrades() {
     // Killed after it received the state: the running pollux opens its
     // devices again and goes on.
     let pid = status(&api)["pid"].as_u64().unwrap();
+    let before = api.get("/v1/counters").unwrap();
     let dying = dir.join("dying.py");
     std::fs::write(&dying, common::takeover::DYING_SUCCESSOR).unwrap();
     let n = lab.spawn_root(
@@ -226,6 +227,15 @@ fn dpdk_devices_are_given_up_and_taken_back_across_upgrades() {
         "no new request through the VIP after the failed handover\n{}",
         read(&log)
     );
+    // The devices opened again count on from where they were.
+    let after = api.get("/v1/counters").unwrap();
+    for name in ["s1", "cl"] {
+        let (b, a) = (
+            common::api::port(&before, name, "rx_packets"),
+            common::api::port(&after, name, "rx_packets"),
+        );
+        assert!(a > b && b > 0, "{name}: rx_packets {b} then {a}");
+    }
 
     let rc = |i: usize| read(&dir.join(format!("dl-{i}.rc"))).trim().to_string();
     assert!(

@@ -716,6 +716,13 @@ fn a_successor_that_refuses_or_dies_leaves_the_running_pollux_forwarding() {
         || format!("{}\n{}", read(&log), read(&l3)),
     );
     assert!(s["takeover"].is_null(), "{s}");
+    // Its handover socket's file, left behind, was removed.
+    let left = api.sock.with_extension(format!("takeover{child}"));
+    assert!(
+        wait_for(Duration::from_secs(10), || !left.exists()),
+        "{} left behind",
+        left.display()
+    );
 
     // A successor that runs: the SYN-cookie secret goes on to the next
     // one (cookies given out before still check after two upgrades).

@@ -2322,6 +2322,35 @@ mod tests {
 
     const RST: u8 = 0x04;
 
+    /// A core given another's secret (a successor process's, built before
+    /// it knew the secret) checks the cookies the other gave out; with its
+    /// own secret it does not.
+    #[test]
+    fn a_core_given_anothers_cookie_secret_checks_its_cookies() {
+        let vips = proxied_vips(SynProxy::On, 0);
+        let key = [7u8; 16];
+        let mut first = core().with_cookies(SynCookies::with_key(key));
+        let k = client(1, 40000);
+        let now = 5 * SEC;
+        let Decision::Cookie { cookie, .. } =
+            first.process_seg(&vips, &k, &seg(SYN, 1000, 0, 64240, Some(1460)), now)
+        else {
+            panic!("a SYN is answered with a cookie")
+        };
+        let ack = seg(ACK, 1001, cookie.wrapping_add(1), 502, None);
+        let mut own = core();
+        assert_eq!(
+            own.process_seg(&vips, &k, &ack, now),
+            Decision::Drop(LbDrop::SynCookieInvalid)
+        );
+        let mut next = core();
+        next.set_cookies(SynCookies::with_key(key));
+        assert!(matches!(
+            next.process_seg(&vips, &k, &ack, now),
+            Decision::ProxySyn { new: true, .. }
+        ));
+    }
+
     #[test]
     fn a_syn_proxied_connection_opens_on_its_cookies_ack_and_shifts_sequence_numbers() {
         let vips = proxied_vips(SynProxy::On, 0);

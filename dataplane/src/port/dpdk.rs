@@ -573,7 +573,20 @@ impl Drop for Started {
         unsafe {
             let _ = d::rte_eth_dev_stop(self.port);
         }
+        live_ports(|live| {
+            if let Some(i) = live.iter().position(|&p| p == self.port) {
+                live.swap_remove(i);
+            }
+        });
     }
+}
+
+/// Runs `f` on the ports that have queue handles alive (started by
+/// [`DpdkPort::open_queues`], not yet stopped by the last handle's drop).
+fn live_ports<T>(f: impl FnOnce(&mut Vec<u16>) -> T) -> T {
+    static LIVE: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+    f(&mut live)
 }
 
 /// One queue of a DPDK ethdev port.
@@ -600,6 +613,22 @@ impl std::fmt::Debug for DpdkPort {
 // single-threaded), and so is each transmit queue, except on a vhost-user
 // port, where every send holds the lock of the queue it uses.
 unsafe impl Send for DpdkPort {}
+
+/// The ethdev name of `device` (devargs or a PCI address): what comes
+/// before its first comma.
+pub fn device_name(device: &str) -> &str {
+    device.split(',').next().unwrap_or(device)
+}
+
+/// The ethdev port of `device` in this process, if it has one.
+fn port_named(device: &str) -> Result<Option<u16>, String> {
+    let short = device_name(device);
+    let c = CString::new(short).map_err(|_| format!("{short:?} contains a NUL byte"))?;
+    let mut port: u16 = 0;
+    // SAFETY: a valid C string and an out-parameter for the port id.
+    let known = unsafe { d::rte_eth_dev_get_port_by_name(c.as_ptr(), &mut port) } == 0;
+    Ok(known.then_some(port))
+}
 
 /// RTE_ETH_DEV_INTR_LSC (a function-like macro in rte_ethdev.h): the device
 /// can raise link-status-change events.
@@ -639,20 +668,21 @@ impl DpdkPort {
     /// it from this process (its driver closes its port; a PCI function's
     /// VFIO device and group are let go), so that another DPDK process can
     /// open it; [`DpdkPort::open_queues`] probes it again. Every queue
-    /// handle of it must be gone first (the port is then stopped). A device
-    /// this process does not have is no error.
+    /// handle of it must be gone first (the port is then stopped): while
+    /// one lives it is refused. A device this process does not have is no
+    /// error.
     pub fn release(_eal: &Eal, name: &str, device: &str) -> Result<(), PortError> {
         let err = |reason: String| PortError::BadConfig {
             port: name.to_string(),
             reason,
         };
-        let short = device.split(',').next().unwrap_or(device);
-        let short_c =
-            CString::new(short).map_err(|_| err(format!("{short:?} contains a NUL byte")))?;
-        let mut port: u16 = 0;
-        // SAFETY: a valid C string and an out-parameter for the port id.
-        if unsafe { d::rte_eth_dev_get_port_by_name(short_c.as_ptr(), &mut port) } != 0 {
+        let Some(port) = port_named(device).map_err(err)? else {
             return Ok(());
+        };
+        if live_ports(|live| live.contains(&port)) {
+            return Err(err(format!(
+                "device {device:?} is still in use: its queues must go first"
+            )));
         }
         let mut info = d::rte_eth_dev_info::default();
         // SAFETY: `port` exists; `info` is a valid out-parameter.
@@ -694,7 +724,7 @@ impl DpdkPort {
         };
         let dev =
             CString::new(device).map_err(|_| err(format!("{device:?} contains a NUL byte")))?;
-        let short = device.split(',').next().unwrap_or(device);
+        let short = device_name(device);
         let short_c =
             CString::new(short).map_err(|_| err(format!("{short:?} contains a NUL byte")))?;
         let mut port: u16 = 0;
@@ -828,6 +858,7 @@ impl DpdkPort {
         } else {
             None
         };
+        live_ports(|live| live.push(port));
         let started = Arc::new(Started {
             port,
             events,

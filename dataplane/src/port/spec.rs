@@ -88,6 +88,22 @@ impl PortSpec {
         matches!(self, PortSpec::Dpdk { .. })
     }
 
+    /// The device of a `dpdk` port: its devargs, else its PCI address.
+    pub fn dpdk_device(&self) -> Option<&str> {
+        match self {
+            PortSpec::Dpdk { devargs, pci } => devargs.as_deref().or(pci.as_deref()),
+            _ => None,
+        }
+    }
+
+    /// The PCI address of a `dpdk` port's device when it is a PCI
+    /// function (given as `pci`, or as devargs with driver options), in
+    /// the full lower-case form `dddd:bb:dd.f`.
+    pub fn pci_address(&self) -> Option<String> {
+        let name = self.dpdk_device()?.split(',').next()?;
+        pci_address(name)
+    }
+
     /// Every problem of the settings themselves (what serde's types do not
     /// say: empty names, a pcap port with no file), naming `port`.
     pub fn problems(&self, port: &str) -> Vec<PortError> {
@@ -112,6 +128,21 @@ impl PortSpec {
             PortSpec::Dpdk { .. } => vec![],
         }
     }
+}
+
+/// `name` as a PCI address (`dddd:bb:dd.f` or `bb:dd.f`, hexadecimal) in
+/// the full lower-case form, or `None` if it is not one.
+pub fn pci_address(name: &str) -> Option<String> {
+    let hex = |s: &str, n: usize| s.len() == n && s.chars().all(|c| c.is_ascii_hexdigit());
+    let parts: Vec<&str> = name.split(':').collect();
+    let (domain, bus, devfn) = match parts.as_slice() {
+        [b, df] => ("0000", *b, *df),
+        [d, b, df] => (*d, *b, *df),
+        _ => return None,
+    };
+    let (dev, func) = devfn.split_once('.')?;
+    (hex(domain, 4) && hex(bus, 2) && hex(dev, 2) && hex(func, 1))
+        .then(|| format!("{domain}:{bus}:{dev}.{func}").to_ascii_lowercase())
 }
 
 /// A port opened for a switch: its queues, the first for worker 0, and for
@@ -202,7 +233,7 @@ pub fn open_dpdk(
     eal: &super::dpdk::Eal,
     pool: super::dpdk::Mempool,
 ) -> Result<Opened<super::dpdk::Mbuf>, PortError> {
-    let PortSpec::Dpdk { devargs, pci } = spec else {
+    let Some(device) = spec.dpdk_device() else {
         return Err(PortError::BadConfig {
             port: name.to_string(),
             reason: format!(
@@ -211,7 +242,6 @@ pub fn open_dpdk(
             ),
         });
     };
-    let device = devargs.as_deref().or(pci.as_deref()).unwrap_or_default();
     let queues =
         super::dpdk::DpdkPort::open_queues(eal, name, device, pool, workers.max(1) as u16)?;
     Ok(Opened {
@@ -227,6 +257,32 @@ pub fn open_dpdk(
 mod tests {
     use super::*;
     use crate::pool::PoolConfig;
+
+    #[test]
+    fn pci_addresses_are_told_from_vdevs() {
+        assert_eq!(pci_address("0000:01:10.0"), Some("0000:01:10.0".into()));
+        assert_eq!(pci_address("01:10.0"), Some("0000:01:10.0".into()));
+        assert_eq!(pci_address("0000:0A:1F.7"), Some("0000:0a:1f.7".into()));
+        for not in [
+            "net_vhost0",
+            "net_af_packet0",
+            "0000:01:10",
+            "x:01:10.0",
+            "",
+        ] {
+            assert_eq!(pci_address(not), None, "{not}");
+        }
+        let spec = PortSpec::Dpdk {
+            devargs: Some("0000:01:10.0,txq_inline=0".into()),
+            pci: None,
+        };
+        assert_eq!(spec.pci_address(), Some("0000:01:10.0".into()));
+        let vhost = PortSpec::Dpdk {
+            devargs: Some("net_vhost0,iface=/tmp/a".into()),
+            pci: None,
+        };
+        assert_eq!(vhost.pci_address(), None);
+    }
 
     #[test]
     fn every_driver_reads_only_its_own_keys() {
