@@ -240,6 +240,9 @@ pub struct Takeover {
     pub probes: u64,
     /// Port sockets taken over.
     pub sockets: u64,
+    /// Fragmented datagrams whose first fragment it had seen, taken over.
+    #[serde(default)]
+    pub fragments: u64,
 }
 
 /// Now, in ns since the Unix epoch.
@@ -571,6 +574,7 @@ impl Incoming {
     pub fn count(&mut self, w: &WorkerImport) {
         self.report.connections += w.conns.conns;
         self.report.connections_dropped += w.conns.vip_gone + w.conns.duplicate + w.vnet_gone;
+        self.report.fragments += w.frags;
     }
 }
 

@@ -9,13 +9,40 @@
 //! counted (`frag_no_first`).
 //!
 //! The table is bounded: at capacity the oldest entry makes room; entries
-//! expire after a timeout. Written here (a map plus a ring of insertion
+//! expire after a timeout. A successor process (a hitless upgrade) gets
+//! the live entries with the time each has left ([`FragRecord`]), so the
+//! later fragments of a datagram whose first crossed the predecessor still
+//! find their flow. Written here (a map plus a ring of insertion
 //! order) because the standard map alone cannot find the oldest entry
 //! without a scan.
 
 use dataplane::{FlowKey, Parsed};
+use serde::{Deserialize, Serialize};
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
+use std::net::Ipv6Addr;
+
+/// One remembered datagram as a successor process takes it in (addresses
+/// IPv4-mapped for IPv4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FragRecord {
+    /// The port its fragments arrive on.
+    pub in_port: u16,
+    /// Its source address.
+    pub src: Ipv6Addr,
+    /// Its destination address.
+    pub dst: Ipv6Addr,
+    /// Its protocol.
+    pub proto: u8,
+    /// Its identification.
+    pub id: u32,
+    /// Its first fragment's ports: source.
+    pub src_port: u16,
+    /// And destination.
+    pub dst_port: u16,
+    /// Time it has left, in ns.
+    pub left_ns: u64,
+}
 
 /// What identifies a fragmented datagram on a port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -143,6 +170,60 @@ impl FragTable {
     pub fn stats(&self) -> FragStats {
         self.stats
     }
+
+    /// The live entries, oldest first, with the time each has left at
+    /// `now`.
+    pub fn export(&self, now: u64) -> Vec<FragRecord> {
+        self.order
+            .iter()
+            .filter(|(k, t)| *t > now && self.map.get(k).is_some_and(|e| e.1 == *t))
+            .filter_map(|(k, t)| {
+                let (key, _) = self.map.get(k)?;
+                Some(FragRecord {
+                    in_port: k.in_port,
+                    src: Ipv6Addr::from(k.src),
+                    dst: Ipv6Addr::from(k.dst),
+                    proto: k.proto,
+                    id: k.id,
+                    src_port: key.src_port,
+                    dst_port: key.dst_port,
+                    left_ns: t - now,
+                })
+            })
+            .collect()
+    }
+
+    /// Takes in a predecessor's entries (from [`FragTable::export`]), each
+    /// with the time it had left from `now`, as far as capacity allows
+    /// (the newest are kept); returns how many.
+    pub fn restore(&mut self, recs: &[FragRecord], now: u64) -> usize {
+        let skip = recs.len().saturating_sub(self.capacity);
+        let mut n = 0;
+        for r in recs.iter().skip(skip) {
+            let k = FragKey {
+                in_port: r.in_port,
+                src: r.src.octets(),
+                dst: r.dst.octets(),
+                proto: r.proto,
+                id: r.id,
+            };
+            if self.map.contains_key(&k) || self.map.len() >= self.capacity {
+                continue;
+            }
+            let key = FlowKey {
+                src_ip: k.src,
+                dst_ip: k.dst,
+                src_port: r.src_port,
+                dst_port: r.dst_port,
+                proto: r.proto,
+            };
+            let until = now.saturating_add(r.left_ns.min(self.timeout_ns));
+            self.map.insert(k, (key, until));
+            self.order.push_back((k, until));
+            n += 1;
+        }
+        n
+    }
 }
 
 #[cfg(test)]
@@ -185,6 +266,42 @@ mod tests {
         assert_eq!(t.find(&later, 101), None, "expired");
         t.note(&frag(9, 1, 0), 200);
         assert_eq!(t.len(), 1, "the expired entry went");
+    }
+
+    /// A successor's table finds the first fragments its predecessor's
+    /// remembered, for the time they had left; expired ones are not sent.
+    #[test]
+    fn remembered_datagrams_go_to_a_successor_with_their_time_left() {
+        let mut t = FragTable::new(4, 100);
+        t.note(&frag(1, 5001, 0), 0);
+        t.note(&frag(2, 5002, 0), 60);
+        let recs = t.export(120);
+        assert_eq!(recs.len(), 1, "the first expired at 100: {recs:?}");
+        assert_eq!((recs[0].id, recs[0].left_ns), (2, 40));
+        let recs = t.export(50);
+        assert_eq!(recs.len(), 2);
+        assert_eq!((recs[0].id, recs[0].left_ns), (1, 50));
+        assert_eq!((recs[1].id, recs[1].src_port), (2, 5002));
+        let json = serde_json::to_string(&recs).unwrap();
+        let back: Vec<FragRecord> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, recs);
+        // The successor's clock reads 1 000 at that moment.
+        let mut next = FragTable::new(1, 100);
+        assert_eq!(next.restore(&back, 1_000), 1, "capacity keeps the newest");
+        assert_eq!(
+            next.find(&frag(2, 0, 185), 1_050).map(|k| k.src_port),
+            Some(5002)
+        );
+        assert_eq!(next.find(&frag(1, 0, 185), 1_050), None);
+        let mut next = FragTable::new(4, 100);
+        assert_eq!(next.restore(&back, 1_000), 2);
+        assert_eq!(
+            next.find(&frag(1, 0, 185), 1_049).map(|k| k.src_port),
+            Some(5001)
+        );
+        assert_eq!(next.find(&frag(1, 0, 185), 1_051), None, "its time ran out");
+        next.note(&frag(3, 5003, 0), 1_200);
+        assert_eq!(next.len(), 1, "restored entries expire in order");
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! A worker's switch state as one process hands it to the next (a hitless
-//! upgrade): each vnet's load balancer core (connections, SNAT layout).
+//! upgrade): each vnet's load balancer core (connections, SNAT layout)
+//! and the fragment table.
 //! The flow cache is not carried: it is a cache of this state, rebuilt
 //! by the first packets of each connection through the slow path; nor
-//! are fragments in flight (seconds at most) or parked SYN-proxy data.
+//! is parked SYN-proxy data.
 
 use super::Switch;
 use dataplane::PacketBuf;
@@ -24,6 +25,9 @@ pub struct VnetRecord {
 pub struct WorkerRecord {
     /// Per vnet.
     pub vnets: Vec<VnetRecord>,
+    /// First fragments remembered, for their later fragments.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub frags: Vec<crate::frag::FragRecord>,
 }
 
 /// What a worker took in.
@@ -34,6 +38,9 @@ pub struct WorkerImport {
     pub conns: Imported,
     /// Connections of vnets the configuration no longer has.
     pub vnet_gone: u64,
+    /// Fragmented datagrams remembered.
+    #[serde(default)]
+    pub frags: u64,
 }
 
 impl<B: PacketBuf> Switch<B> {
@@ -51,6 +58,7 @@ impl<B: PacketBuf> Switch<B> {
                     core: l.export(now),
                 })
                 .collect(),
+            frags: self.frags.export(now),
         }
     }
 
@@ -75,6 +83,7 @@ impl<B: PacketBuf> Switch<B> {
             };
             done.conns += l.import(&v.core, &vn.vips, now)?;
         }
+        done.frags = self.frags.restore(&rec.frags, now) as u64;
         Ok(done)
     }
 }
