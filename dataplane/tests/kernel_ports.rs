@@ -301,6 +301,46 @@ fn seqs(rx: &mut Batch<dataplane::pool::PoolBuf>, out: &mut Vec<u32>) {
     }
 }
 
+/// Datagrams sent by [`first_datagrams`].
+const N: u32 = 600;
+
+/// Answers pings through `port`; then the namespace sends `N` numbered
+/// datagrams to 10.99.0.1:9999 (its neighbour entry made permanent, so
+/// they leave without asking ARP again) and the first 100 are read through
+/// `port`. Returns the sender, the numbers read and the test's deadline.
+fn first_datagrams(
+    net: &Netns,
+    port: &mut impl Port<Buf = dataplane::pool::PoolBuf>,
+) -> (std::process::Child, Vec<u32>, Instant) {
+    answer_pings(net, port);
+    net.exec(&[
+        "ip",
+        "neigh",
+        "replace",
+        "10.99.0.1",
+        "lladdr",
+        "02:50:4c:58:99:01",
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ]);
+    let sender = net.spawn(&[
+        "bash",
+        "-c",
+        &format!("for i in $(seq 1 {N}); do echo \"seq $i\" > /dev/udp/10.99.0.1/9999; done"),
+    ]);
+    let mut got = Vec::new();
+    let end = Instant::now() + Duration::from_secs(20);
+    while got.len() < 100 {
+        assert!(Instant::now() < end, "only {} frames arrived", got.len());
+        let mut rx = Batch::new();
+        port.rx_burst(&mut rx);
+        seqs(&mut rx, &mut got);
+    }
+    (sender, got, end)
+}
+
 /// A port's socket handed to a successor (through `SCM_RIGHTS`, as between
 /// two processes) goes on where the first stopped: every frame the kernel
 /// queued arrives once, in order, none lost or read twice, and the
@@ -316,34 +356,7 @@ fn a_handed_over_socket_reads_on_from_where_its_port_stopped() {
     // The first port sends too (ARP and echo replies), so the second must
     // go on from its tx position: the kernel sends a ring's slots in order
     // from where it stopped.
-    answer_pings(&net, &mut first);
-    // The datagrams below leave without asking ARP again.
-    net.exec(&[
-        "ip",
-        "neigh",
-        "replace",
-        "10.99.0.1",
-        "lladdr",
-        "02:50:4c:58:99:01",
-        "dev",
-        "eth0",
-        "nud",
-        "permanent",
-    ]);
-    const N: u32 = 600;
-    let mut sender = net.spawn(&[
-        "bash",
-        "-c",
-        &format!("for i in $(seq 1 {N}); do echo \"seq $i\" > /dev/udp/10.99.0.1/9999; done"),
-    ]);
-    let mut got = Vec::new();
-    let end = Instant::now() + Duration::from_secs(20);
-    while got.len() < 100 {
-        assert!(Instant::now() < end, "only {} frames arrived", got.len());
-        let mut rx = Batch::new();
-        first.rx_burst(&mut rx);
-        seqs(&mut rx, &mut got);
-    }
+    let (mut sender, mut got, end) = first_datagrams(&net, &mut first);
     let h = first.handover().expect("af_packet hands over").unwrap();
     let (mut a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
     let meta = format!("{} {} {} {}", h.rx_next, h.tx_next, h.frame_size, h.frames);
@@ -436,33 +449,7 @@ fn a_handed_over_xdp_socket_reads_on_from_where_its_port_stopped() {
     let net = Netns::new("y");
     let pool = Pool::new(&PoolConfig::new("xdp-handover", 4096)).unwrap();
     let mut first = AfXdpPort::open("veth", &net.host, 0, pool).unwrap();
-    answer_pings(&net, &mut first);
-    net.exec(&[
-        "ip",
-        "neigh",
-        "replace",
-        "10.99.0.1",
-        "lladdr",
-        "02:50:4c:58:99:01",
-        "dev",
-        "eth0",
-        "nud",
-        "permanent",
-    ]);
-    const N: u32 = 600;
-    let mut sender = net.spawn(&[
-        "bash",
-        "-c",
-        &format!("for i in $(seq 1 {N}); do echo \"seq $i\" > /dev/udp/10.99.0.1/9999; done"),
-    ]);
-    let mut got = Vec::new();
-    let end = Instant::now() + Duration::from_secs(20);
-    while got.len() < 100 {
-        assert!(Instant::now() < end, "only {} frames arrived", got.len());
-        let mut rx = Batch::new();
-        first.rx_burst(&mut rx);
-        seqs(&mut rx, &mut got);
-    }
+    let (mut sender, mut got, end) = first_datagrams(&net, &mut first);
     let h = first.handover().expect("af_xdp hands over").unwrap();
     assert_eq!(h.extra.len(), 4);
     let (mut a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();

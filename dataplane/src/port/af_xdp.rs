@@ -159,6 +159,17 @@ impl XRing {
     }
 }
 
+/// The UMEM's memory: all of memfd `fd`, shared (a successor process maps
+/// the same pages), faulted in at once.
+fn map_umem(fd: &OwnedFd) -> std::io::Result<Mapping> {
+    Mapping::new(
+        FRAMES * FRAME,
+        libc::MAP_SHARED | libc::MAP_POPULATE,
+        Some(fd.as_fd()),
+        0,
+    )
+}
+
 /// A port on one queue of a kernel interface, through AF_XDP.
 pub struct AfXdpPort {
     info: LinkInfo,
@@ -244,13 +255,7 @@ impl AfXdpPort {
                 "cannot size {umem_len} bytes of UMEM for {iface:?}: {e}"
             )));
         }
-        let umem = Mapping::new(
-            umem_len,
-            libc::MAP_SHARED | libc::MAP_POPULATE,
-            Some(umem_fd.as_fd()),
-            0,
-        )
-        .map_err(|e| {
+        let umem = map_umem(&umem_fd).map_err(|e| {
             err(format!(
                 "cannot map {umem_len} bytes of UMEM for {iface:?}: {e}"
             ))
@@ -350,13 +355,7 @@ impl AfXdpPort {
                 )));
             }
         }
-        let umem = Mapping::new(
-            umem_len,
-            libc::MAP_SHARED | libc::MAP_POPULATE,
-            Some(umem_fd.as_fd()),
-            0,
-        )
-        .map_err(|e| {
+        let umem = map_umem(&umem_fd).map_err(|e| {
             err(format!(
                 "cannot map the UMEM handed over for {iface:?}: {e}"
             ))
