@@ -1256,6 +1256,10 @@ fn run_on<A: BufAlloc>(
             inc.report.sockets,
         );
         rt.takeover = Some(inc.report.clone());
+        // Counters go on from the predecessor's.
+        if inc.state.worker_counters.len() == workers {
+            rt.base = inc.state.worker_counters.clone();
+        }
     }
     eprintln!(
         "pollux: switch running on {} ports with {workers} worker(s), {} probed backends (SIGINT or SIGTERM stops)",
@@ -1339,7 +1343,12 @@ fn run_on<A: BufAlloc>(
             _ => hand_over(
                 &req,
                 &stopped,
-                (&state, file, stopped_at),
+                (
+                    &state,
+                    file,
+                    stopped_at,
+                    crate::control::local_counters(&state, &rt).workers,
+                ),
                 &health,
                 &port_stats,
                 &sw_cfg,
@@ -1403,7 +1412,12 @@ fn run_on<A: BufAlloc>(
 fn hand_over<A: BufAlloc>(
     req: &crate::takeover::Request,
     stopped: &[StoppedWorker<A::Buf>],
-    (state, file, stopped_at): (&crate::control::ControlState, Option<&std::path::Path>, u64),
+    (state, file, stopped_at, counted): (
+        &crate::control::ControlState,
+        Option<&std::path::Path>,
+        u64,
+        Vec<crate::api::WorkerCounters>,
+    ),
     health: &Health<A>,
     port_stats: &[PortStatsOf],
     sw_cfg: &SwitchConfig,
@@ -1482,6 +1496,7 @@ fn hand_over<A: BufAlloc>(
     }
     st.workers = stopped.iter().map(|s| s.pipeline.export_state()).collect();
     st.probes = health.export();
+    st.worker_counters = counted;
     use std::os::fd::AsFd;
     let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
     offer(req, &st, &borrowed, || {

@@ -179,6 +179,10 @@ pub struct State {
     pub workers: Vec<WorkerRecord>,
     /// Probe states.
     pub probes: Vec<HealthRecord>,
+    /// Per worker, its counters so far (what the successor adds its own
+    /// to, so that they only grow).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub worker_counters: Vec<crate::api::WorkerCounters>,
 }
 
 /// The other messages of the conversation.
@@ -494,6 +498,7 @@ impl Incoming {
                 ports: Vec::new(),
                 workers: Vec::new(),
                 probes: Vec::new(),
+                worker_counters: Vec::new(),
             },
             fds: fds.into_iter().map(Some).collect(),
             conn,
@@ -614,6 +619,7 @@ pub fn state_of(
         ports: Vec::new(),
         workers: Vec::new(),
         probes: Vec::new(),
+        worker_counters: Vec::new(),
     })
 }
 

@@ -433,7 +433,20 @@ fn fifty_downloads_and_a_curl_loop_outlive_ten_upgrades() {
     );
     let mut windows = Vec::new();
     let mut reports = Vec::new();
-    let mut before = common::api::port(&api.get("/v1/counters").unwrap(), "cl", "rx_packets");
+    // A port's and the workers' counters (summed).
+    let counted = |c: &Value| {
+        let workers = |f: &str| {
+            c["workers"].as_array().map_or(0, |w| {
+                w.iter().map(|w| w[f].as_u64().unwrap_or(0)).sum::<u64>()
+            })
+        };
+        (
+            common::api::port(c, "cl", "rx_packets"),
+            workers("rx_packets"),
+            workers("slow_path"),
+        )
+    };
+    let mut before = counted(&api.get("/v1/counters").unwrap());
     for n in 1..=10 {
         let old_pid = status(&api)["pid"].as_u64().unwrap();
         let start = unix_now();
@@ -476,10 +489,13 @@ fn fifty_downloads_and_a_curl_loop_outlive_ten_upgrades() {
                 .all(|(_, up)| *up == Some(true)),
             "upgrade {n}: {p}"
         );
-        // Counters carried over: they only grow.
-        let c = api.get("/v1/counters").unwrap();
-        let now = common::api::port(&c, "cl", "rx_packets");
-        assert!(now >= before, "upgrade {n}: cl rx_packets {now} < {before}");
+        // Counters carried over, the ports' and the workers': they only
+        // grow.
+        let now = counted(&api.get("/v1/counters").unwrap());
+        assert!(
+            now.0 >= before.0 && now.1 >= before.1 && now.2 >= before.2,
+            "upgrade {n}: (cl rx_packets, workers' rx_packets, slow_path) {now:?} < {before:?}"
+        );
         before = now;
         reports.push(t.clone());
         idx = next;

@@ -813,6 +813,12 @@ pub fn local_counters(state: &ControlState, rt: &Runtime) -> Counters {
             snat_ports_in_use: l(&ss.snat_ports),
             drops: by_reason(ws.drops.nonzero().into_iter().chain(ss.nonzero())),
         })
+        .map(|mut c| {
+            if let Some(b) = rt.base.get(c.worker) {
+                c.add(b);
+            }
+            c
+        })
         .collect();
     let rules = rule_hits(&state.policy().load(), &rt.acl_hits)
         .into_iter()

@@ -289,6 +289,9 @@ pub struct Runtime {
     pub takeover: Option<crate::takeover::Takeover>,
     /// Why the last attempt to hand over to a successor failed.
     pub takeover_failed: Option<String>,
+    /// Per worker, what a predecessor process had counted: added to this
+    /// process's counts wherever they are shown.
+    pub base: Vec<crate::api::WorkerCounters>,
     next_id: u64,
 }
 
@@ -312,6 +315,7 @@ impl Runtime {
             takeover_request: None,
             takeover: None,
             takeover_failed: None,
+            base: Vec::new(),
             next_id: 1,
         }
     }
