@@ -401,7 +401,7 @@ pub fn run_takeover(
             let successor = Successor {
                 incoming: inc,
                 late: None,
-                prebuilt: Some(prebuilt),
+                prebuilt,
             };
             let extra = Extra {
                 successor: Some(successor),
@@ -772,15 +772,13 @@ fn run_takeover_dpdk(
                     // The devices opened so far go back, for the
                     // predecessor to take.
                     drop(out);
-                    for q in ports
+                    let opened: Vec<(String, PortSpec)> = ports
                         .iter()
                         .take(i)
                         .filter(|q| !crate::takeover::reopens(q))
-                    {
-                        if let Some(d) = q.spec.dpdk_device() {
-                            let _ = dataplane::port::dpdk::DpdkPort::release(&eal, &q.name, d);
-                        }
-                    }
+                        .map(|q| (q.name.clone(), q.spec.clone()))
+                        .collect();
+                    let _ = release_devices(&eal, &opened);
                     return Err(e.into());
                 }
             };
@@ -805,7 +803,7 @@ fn run_takeover_dpdk(
             successor: Some(Successor {
                 incoming: inc,
                 late: Some(late),
-                prebuilt: Some(prebuilt),
+                prebuilt,
             }),
             devices: Some(devices),
         },
@@ -995,14 +993,7 @@ fn dpdk_devices(
     let (eal2, eal3, specs2) = (eal.clone(), eal.clone(), specs.clone());
     Devices {
         ports,
-        release: Box::new(move || {
-            for (name, spec) in &specs {
-                if let Some(device) = spec.dpdk_device() {
-                    dataplane::port::dpdk::DpdkPort::release(&eal2, name, device)?;
-                }
-            }
-            Ok(())
-        }),
+        release: Box::new(move || release_devices(&eal2, &specs)),
         reopen: Box::new(move || {
             specs2
                 .iter()
@@ -1012,6 +1003,26 @@ fn dpdk_devices(
     }
 }
 
+/// Removes the devices of `ports` (name, spec) from this process
+/// ([`dataplane::port::dpdk::DpdkPort::release`]; one it does not have is
+/// no error), each tried whatever became of the others; the first error.
+#[cfg(feature = "dpdk")]
+fn release_devices(
+    eal: &dataplane::port::dpdk::Eal,
+    ports: &[(String, PortSpec)],
+) -> Result<(), RunError> {
+    let mut first = Ok(());
+    for (name, spec) in ports {
+        if let Some(device) = spec.dpdk_device() {
+            let r = dataplane::port::dpdk::DpdkPort::release(eal, name, device);
+            if first.is_ok() {
+                first = r.map_err(RunError::from);
+            }
+        }
+    }
+    first
+}
+
 /// What a successor's [`run_on`] takes over and brings.
 struct Successor<B: PacketBuf> {
     /// Its predecessor's state.
@@ -1019,7 +1030,7 @@ struct Successor<B: PacketBuf> {
     /// The ports it opens itself once the predecessor has stopped.
     late: Option<Late<B>>,
     /// Its switches, built before the predecessor stopped.
-    prebuilt: Option<Switches<B>>,
+    prebuilt: Switches<B>,
 }
 
 /// A process's switches, one per worker, before their workers run, with
@@ -1106,7 +1117,7 @@ fn run_on<A: BufAlloc>(
 ) -> Result<RunReport, RunError> {
     let Extra { successor, devices } = extra;
     let (mut incoming, late, prebuilt) = match successor {
-        Some(s) => (Some(s.incoming), s.late, s.prebuilt),
+        Some(s) => (Some(s.incoming), s.late, Some(s.prebuilt)),
         None => (None, None, None),
     };
     let workers = sets.len().max(1);
