@@ -27,14 +27,7 @@ use std::time::{Duration, Instant};
 use testkit::guest::accel;
 
 const VMS: [Vm; 5] = [
-    Vm {
-        name: "client",
-        vnet: "a",
-        ip: "10.1.0.20",
-        mac: "02:00:00:00:00:20",
-        nsg: None,
-        memory_mb: 160,
-    },
+    vm::CLIENT,
     Vm {
         name: "web1",
         vnet: "a",

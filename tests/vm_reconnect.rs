@@ -25,24 +25,7 @@ use serde_json::Value;
 use std::time::Duration;
 use testkit::guest::{Guest, Nic, Spec, accel};
 
-const VMS: [Vm; 2] = [
-    Vm {
-        name: "client",
-        vnet: "a",
-        ip: "10.1.0.20",
-        mac: "02:00:00:00:00:20",
-        nsg: None,
-        memory_mb: 160,
-    },
-    Vm {
-        name: "web1",
-        vnet: "a",
-        ip: "10.1.0.4",
-        mac: "02:00:00:00:00:04",
-        nsg: None,
-        memory_mb: 224,
-    },
-];
+const VMS: [Vm; 2] = [vm::CLIENT, vm::WEB1];
 
 const POLICY: &str = r#"
 [[vnet]]

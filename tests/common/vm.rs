@@ -30,6 +30,26 @@ pub struct Vm {
     pub memory_mb: u32,
 }
 
+/// A client guest of vnet a.
+pub const CLIENT: Vm = Vm {
+    name: "client",
+    vnet: "a",
+    ip: "10.1.0.20",
+    mac: "02:00:00:00:00:20",
+    nsg: None,
+    memory_mb: 160,
+};
+
+/// A web guest of vnet a, in no security group.
+pub const WEB1: Vm = Vm {
+    name: "web1",
+    vnet: "a",
+    ip: "10.1.0.4",
+    mac: "02:00:00:00:00:04",
+    nsg: None,
+    memory_mb: 224,
+};
+
 /// The vhost-user socket of VM `name` in `dir`.
 pub fn socket(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("{name}.vu"))
