@@ -21,6 +21,7 @@
 mod common;
 
 use common::netns::{Lab, read, wait_for};
+use common::takeover::{download, downloads_intact};
 use common::vm::DpdkDir;
 use serde_json::Value;
 use std::time::{Duration, Instant};
@@ -140,15 +141,7 @@ fn dpdk_devices_are_given_up_and_taken_back_across_upgrades() {
         read(&log)
     );
     for i in 0..2 {
-        let f = dir.join(format!("dl-{i}"));
-        lab.spawn(
-            "cl",
-            &format!(
-                "curl -sS --max-time 300 --limit-rate 50k -o {f} http://10.1.0.100/big; echo $? > {f}.rc",
-                f = f.display()
-            ),
-            &dir.join(format!("dl-{i}.log")),
-        );
+        download(&mut lab, "cl", i, "http://10.1.0.100/big", "50k");
     }
     api.wait_for(
         "/v1/counters",
@@ -237,22 +230,7 @@ fn dpdk_devices_are_given_up_and_taken_back_across_upgrades() {
         assert!(a > b && b > 0, "{name}: rx_packets {b} then {a}");
     }
 
-    let rc = |i: usize| read(&dir.join(format!("dl-{i}.rc"))).trim().to_string();
-    assert!(
-        wait_for(Duration::from_secs(120), || (0..2)
-            .all(|i| !rc(i).is_empty())),
-        "downloads did not end\n{}",
-        read(&log)
-    );
-    for i in 0..2 {
-        assert_eq!(rc(i), "0", "{}", read(&dir.join(format!("dl-{i}.log"))));
-        let got = std::fs::read(dir.join(format!("dl-{i}"))).unwrap();
-        assert!(
-            got == big,
-            "download {i}: {} bytes or other bytes",
-            got.len()
-        );
-    }
+    downloads_intact(&dir, Duration::from_secs(120), 0..2, &big, || read(&log));
     let (st, report) = lab.stop(idx, &out);
     assert!(st.success(), "{report}\n{}", read(&log));
 }

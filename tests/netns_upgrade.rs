@@ -27,6 +27,7 @@
 mod common;
 
 use common::netns::{Lab, read, wait_for};
+use common::takeover::{download, downloads_intact};
 use serde_json::Value;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
@@ -42,6 +43,9 @@ const NODES: [(&str, &str, &str, &str); 5] = [
 
 /// pollux's MAC on the wire.
 const UPLINK_MAC: &str = "02:50:4c:58:ff:ff";
+
+/// How long the downloads have to end once the upgrades are done.
+const DEADLINE: Duration = Duration::from_secs(240);
 
 fn lab(prefix: &str) -> Lab {
     let mut lab = Lab::new(prefix);
@@ -198,58 +202,6 @@ fn servers(lab: &mut Lab, big: &[u8]) {
                 root.display()
             ),
             &dir.join(format!("{tag}.log")),
-        );
-    }
-}
-
-/// Starts download `i` of `url` in namespace `tag` at `rate`; its exit
-/// status goes to `dl-i.rc` once it ends.
-fn download(lab: &mut Lab, tag: &str, i: usize, url: &str, rate: &str) {
-    let dir = lab.dir.clone();
-    let f = dir.join(format!("dl-{i}"));
-    lab.spawn(
-        tag,
-        &format!(
-            "curl -sS --max-time 300 --limit-rate {rate} -o {f} {url}; echo $? > {f}.rc",
-            f = f.display()
-        ),
-        &dir.join(format!("dl-{i}.log")),
-    );
-}
-
-/// Waits for downloads `ids` to end; panics unless each exited 0 with
-/// exactly `want`.
-fn downloads_intact(
-    dir: &Path,
-    ids: impl Iterator<Item = usize> + Clone,
-    want: &[u8],
-    ctx: impl Fn() -> String,
-) {
-    let rc = |i: usize| read(&dir.join(format!("dl-{i}.rc"))).trim().to_string();
-    assert!(
-        wait_for(Duration::from_secs(240), || ids
-            .clone()
-            .all(|i| !rc(i).is_empty())),
-        "downloads did not end: {:?}\n{}",
-        ids.clone()
-            .filter(|&i| rc(i).is_empty())
-            .collect::<Vec<_>>(),
-        ctx()
-    );
-    for i in ids {
-        assert_eq!(
-            rc(i),
-            "0",
-            "download {i} failed: {}\n{}",
-            read(&dir.join(format!("dl-{i}.log"))),
-            ctx()
-        );
-        let got = std::fs::read(dir.join(format!("dl-{i}"))).unwrap();
-        assert!(
-            got == want,
-            "download {i}: {} bytes, not the {} served (or different bytes)",
-            got.len(),
-            want.len()
         );
     }
 }
@@ -500,7 +452,7 @@ fn fifty_downloads_and_a_curl_loop_outlive_ten_upgrades() {
         reports.push(t.clone());
         idx = next;
     }
-    downloads_intact(&dir, 0..50, &big, || logs(10));
+    downloads_intact(&dir, DEADLINE, 0..50, &big, || logs(10));
     std::fs::write(&stop, "").unwrap();
     let l = read(&loop_file);
     let (ok, bad) = l.trim().split_once(' ').unwrap_or(("0", "0"));
@@ -769,7 +721,7 @@ fn a_successor_that_refuses_or_dies_leaves_the_running_pollux_forwarding() {
     assert_eq!(third["syn_cookie_key"], sent["syn_cookie_key"]);
     assert!(third["generation"].as_u64() > sent["generation"].as_u64());
 
-    downloads_intact(&dir, 0..6, &big, || read(&l4));
+    downloads_intact(&dir, DEADLINE, 0..6, &big, || read(&l4));
     let (st, report) = lab.stop(n4, &out4);
     assert!(st.success(), "{report}\n{}", read(&l4));
 }
@@ -856,7 +808,7 @@ fn af_xdp_ports_hand_over_with_their_connections() {
         );
         (idx, out, log) = (n, o, l);
     }
-    downloads_intact(&lab.dir.clone(), 0..4, &big, || read(&log));
+    downloads_intact(&lab.dir.clone(), DEADLINE, 0..4, &big, || read(&log));
     assert!(
         lab.bash("cl", "curl -sf --max-time 5 http://10.1.0.100/health")
             .status

@@ -1,5 +1,9 @@
 //! What the hitless-upgrade tests share.
 
+use super::netns::{Lab, read, wait_for};
+use std::path::Path;
+use std::time::Duration;
+
 /// A successor that cannot take over: saves the state it received (argv[2])
 /// and kills itself, as if killed halfway; with argv[3] `go`, only after it
 /// said it was ready and was told to go.
@@ -45,3 +49,54 @@ if len(sys.argv) > 3 and sys.argv[3] == 'go':
         sys.exit('not go: %r' % msg)
 os.kill(os.getpid(), 9)
 ";
+
+/// Starts download `i` of `url` in namespace `tag` at `rate`; its exit
+/// status goes to `dl-i.rc` once it ends.
+pub fn download(lab: &mut Lab, tag: &str, i: usize, url: &str, rate: &str) {
+    let dir = lab.dir.clone();
+    let f = dir.join(format!("dl-{i}"));
+    lab.spawn(
+        tag,
+        &format!(
+            "curl -sS --max-time 300 --limit-rate {rate} -o {f} {url}; echo $? > {f}.rc",
+            f = f.display()
+        ),
+        &dir.join(format!("dl-{i}.log")),
+    );
+}
+
+/// Waits (up to `limit`) for downloads `ids` to end; panics unless each exited 0 with
+/// exactly `want`.
+pub fn downloads_intact(
+    dir: &Path,
+    limit: Duration,
+    ids: impl Iterator<Item = usize> + Clone,
+    want: &[u8],
+    ctx: impl Fn() -> String,
+) {
+    let rc = |i: usize| read(&dir.join(format!("dl-{i}.rc"))).trim().to_string();
+    assert!(
+        wait_for(limit, || ids.clone().all(|i| !rc(i).is_empty())),
+        "downloads did not end: {:?}\n{}",
+        ids.clone()
+            .filter(|&i| rc(i).is_empty())
+            .collect::<Vec<_>>(),
+        ctx()
+    );
+    for i in ids {
+        assert_eq!(
+            rc(i),
+            "0",
+            "download {i} failed: {}\n{}",
+            read(&dir.join(format!("dl-{i}.log"))),
+            ctx()
+        );
+        let got = std::fs::read(dir.join(format!("dl-{i}"))).unwrap();
+        assert!(
+            got == want,
+            "download {i}: {} bytes, not the {} served (or different bytes)",
+            got.len(),
+            want.len()
+        );
+    }
+}
