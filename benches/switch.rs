@@ -110,6 +110,8 @@ fn topology() -> Topology {
             prefixes: vec!["10.1.0.0/16".parse().unwrap()],
             gateway_mac: MacAddr([0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc]),
             snat: None,
+            vni: None,
+            encap: Default::default(),
         }],
         vms,
         nsgs: vec![big_nsg()],
@@ -120,6 +122,8 @@ fn topology() -> Topology {
         }],
         ports: 4,
         uplink: None,
+        remotes: Vec::new(),
+        neighbours: Vec::new(),
     }
 }
 

@@ -12,7 +12,7 @@ use lb::balancer::{Backend, Distribution, OnUnhealthy, SynProxy, Vip, VipConfig,
 use lb::snat::SnatConfig;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
 /// The longest idle sleep of a worker (10 ms): longer would make the first
@@ -139,6 +139,41 @@ pub struct VnetCfg {
     pub gateway_mac: String,
     /// Outbound SNAT through the uplink.
     pub snat: Option<SnatCfg>,
+    /// Virtual network identifier on the overlay (1-16777215): its
+    /// addresses on other hosts (`[[remote]]`) are reached in tunnels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vni: Option<u32>,
+    /// `vxlan` (default) or `geneve`: the tunnel it sends in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encap: Option<String>,
+}
+
+/// `[[remote]]`: addresses of a vnet that live on another host (VFP's
+/// customer-address -> provider-address mapping).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteCfg {
+    /// Name.
+    pub name: String,
+    /// Its vnet (which must have a `vni`).
+    pub vnet: String,
+    /// Its addresses in the vnet.
+    pub ips: Vec<String>,
+    /// The underlay address of the host it lives on.
+    pub host: String,
+    /// Its MAC (the inner destination MAC; default: the vnet's gateway MAC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+/// `[[uplink.route]]`: a static route of the underlay.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteCfg {
+    /// Destination prefix (IPv4).
+    pub prefix: String,
+    /// Next hop, on the uplink's network.
+    pub via: String,
 }
 
 /// `[vnet.snat]`: the public addresses a vnet's VMs leave from.
@@ -194,11 +229,25 @@ pub enum SnatFilteringCfg {
 pub struct UplinkCfg {
     /// A `[[port]]` with no VM on it.
     pub port: String,
-    /// The MAC of the next hop (the router on the wire).
-    pub next_hop_mac: String,
+    /// The MAC of the next hop (the router on the wire); with `address`,
+    /// next hops are resolved with ARP instead, and this is only the MAC
+    /// of destinations no route covers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_hop_mac: Option<String>,
     /// The MAC pollux sends from and answers ARP with on the wire
     /// (default 02:50:4c:58:ff:ff).
     pub mac: Option<String>,
+    /// The uplink's own IPv4 address with its network's prefix length
+    /// (`192.168.100.1/24`): tunnels' outer source, answered to ARP and
+    /// ping.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// The default route's next hop (on-link).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    /// Static routes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub route: Vec<RouteCfg>,
 }
 
 /// The uplink MAC when `[uplink] mac` is not given.
@@ -318,6 +367,9 @@ pub struct Config {
     /// `[[vip]]`.
     #[serde(default)]
     pub vip: Vec<VipCfg>,
+    /// `[[remote]]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remote: Vec<RemoteCfg>,
 }
 
 /// Why a configuration cannot be used.
@@ -478,6 +530,17 @@ impl Config {
             if let Err(e) = v.gateway_mac.parse::<dataplane::MacAddr>() {
                 errs.push(format!("vnet {:?}: gateway_mac: {e}", v.name));
             }
+            if let Some(e) = &v.encap {
+                if encap_of(e).is_none() {
+                    errs.push(format!(
+                        "vnet {:?}: encap {e:?} is not vxlan or geneve",
+                        v.name
+                    ));
+                }
+                if v.vni.is_none() {
+                    errs.push(format!("vnet {:?}: encap needs a vni", v.name));
+                }
+            }
             if let Some(snat) = &v.snat {
                 if self.uplink.is_none() {
                     errs.push(format!(
@@ -502,9 +565,18 @@ impl Config {
                 ));
             }
             let macs = [
-                ("next_hop_mac", Some(&u.next_hop_mac)),
+                ("next_hop_mac", u.next_hop_mac.as_ref()),
                 ("mac", u.mac.as_ref()),
             ];
+            if u.next_hop_mac.is_none() && u.address.is_none() {
+                errs.push(
+                    "uplink: next_hop_mac is required without an address (whose next hops ARP resolves)"
+                        .to_string(),
+                );
+            }
+            if let Err(e) = underlay(u) {
+                errs.extend(e);
+            }
             for (what, m) in macs {
                 match m.map(|m| m.parse::<dataplane::MacAddr>()) {
                     Some(Ok(m)) if m.is_multicast() || m == dataplane::MacAddr::ZERO => {
@@ -579,6 +651,65 @@ impl Config {
                 mine.push(a);
             }
             vm_ips.insert(name.as_str(), mine);
+        }
+        // Remote endpoints: their vnet on an overlay, addresses in it and
+        // no VM's, a host on the underlay.
+        dups(
+            "remote",
+            self.remote.iter().map(|r| r.name.as_str()),
+            &mut errs,
+        );
+        for r in &self.remote {
+            let name = &r.name;
+            let nets = vnets.get(r.vnet.as_str());
+            match self.vnet.iter().find(|v| v.name == r.vnet) {
+                None => errs.push(format!("remote {name:?}: vnet {:?} is not defined", r.vnet)),
+                Some(v) if v.vni.is_none() => errs.push(format!(
+                    "remote {name:?}: vnet {:?} has no vni (it is on no overlay)",
+                    r.vnet
+                )),
+                Some(_) => {}
+            }
+            if self.uplink.as_ref().is_none_or(|u| u.address.is_none()) {
+                errs.push(format!(
+                    "remote {name:?}: tunnels need an [uplink] with an address"
+                ));
+            }
+            if r.host.parse::<Ipv4Addr>().is_err() {
+                errs.push(format!(
+                    "remote {name:?}: host {:?} is not an IPv4 address",
+                    r.host
+                ));
+            }
+            if let Some(m) = &r.mac {
+                match m.parse::<dataplane::MacAddr>() {
+                    Ok(m) if m.is_multicast() || m == dataplane::MacAddr::ZERO => {
+                        errs.push(format!("remote {name:?}: mac {m} is not a unicast address"))
+                    }
+                    Ok(_) => {}
+                    Err(e) => errs.push(format!("remote {name:?}: mac: {e}")),
+                }
+            }
+            if r.ips.is_empty() {
+                errs.push(format!("remote {name:?}: ips is empty"));
+            }
+            for ip in &r.ips {
+                let Ok(a) = ip.parse::<IpAddr>() else {
+                    errs.push(format!("remote {name:?}: {ip:?} is not an IP address"));
+                    continue;
+                };
+                if let Some(nets) = nets {
+                    if !nets.iter().any(|n| n.contains(&a)) {
+                        errs.push(format!("remote {name:?}: {a} is not in vnet {:?}", r.vnet));
+                    }
+                }
+                if let Some(other) = addrs.insert((r.vnet.as_str(), a), name.as_str()) {
+                    errs.push(format!(
+                        "remote {name:?}: {a} is already used by {other:?} in vnet {:?}",
+                        r.vnet
+                    ));
+                }
+            }
         }
         // VIPs.
         dups("vip", self.vip.iter().map(|v| v.name.as_str()), &mut errs);
@@ -926,6 +1057,8 @@ impl Config {
                     .snat
                     .as_ref()
                     .and_then(|c| snat_config(&v.name, c, &[]).ok()),
+                vni: v.vni,
+                encap: v.encap.as_deref().and_then(encap_of).unwrap_or_default(),
             });
         }
         for vm in &self.vm {
@@ -947,8 +1080,22 @@ impl Config {
                 .unwrap_or(DEFAULT_UPLINK_MAC)
                 .parse()
                 .unwrap_or_default(),
-            next_hop_mac: u.next_hop_mac.parse().unwrap_or_default(),
+            next_hop_mac: u
+                .next_hop_mac
+                .as_deref()
+                .and_then(|m| m.parse().ok())
+                .unwrap_or_default(),
+            underlay: underlay(u).ok().flatten(),
         });
+        for r in &self.remote {
+            t.remotes.push(vswitch::RemoteDef {
+                name: r.name.clone(),
+                vnet: index(&vnet_names, &r.vnet).unwrap_or(0),
+                ips: r.ips.iter().filter_map(|i| i.parse().ok()).collect(),
+                host: r.host.parse().unwrap_or(Ipv4Addr::UNSPECIFIED),
+                mac: r.mac.as_deref().and_then(|m| m.parse().ok()),
+            });
+        }
         for (v, cfg) in self.vip.iter().zip(vips) {
             t.vips.push(vswitch::VipDef {
                 vnet: index(&vnet_names, &v.vnet).unwrap_or(0),
@@ -957,6 +1104,95 @@ impl Config {
             });
         }
         Ok(t)
+    }
+}
+
+/// The tunnel a vnet's `encap` names.
+pub fn encap_of(name: &str) -> Option<dataplane::tunnel::Encap> {
+    match name {
+        "vxlan" => Some(dataplane::tunnel::Encap::Vxlan),
+        "geneve" => Some(dataplane::tunnel::Encap::Geneve),
+        _ => None,
+    }
+}
+
+/// The uplink's underlay (`None` without an address), or every problem
+/// with its address, gateway and routes.
+fn underlay(u: &UplinkCfg) -> Result<Option<vswitch::Underlay>, Vec<String>> {
+    let Some(a) = &u.address else {
+        let mut errs = Vec::new();
+        if u.gateway.is_some() || !u.route.is_empty() {
+            errs.push("uplink: gateway and routes need an address".to_string());
+        }
+        return if errs.is_empty() { Ok(None) } else { Err(errs) };
+    };
+    let mut errs = Vec::new();
+    let address = match a.parse::<ipnet::Ipv4Net>() {
+        Ok(n) if n.prefix_len() > 30 => {
+            errs.push(format!(
+                "uplink: address {a:?} leaves no room for neighbours (at most /30)"
+            ));
+            n
+        }
+        Ok(n) if n.addr() == n.network() || n.addr() == n.broadcast() => {
+            errs.push(format!("uplink: address {a:?} is not a host address"));
+            n
+        }
+        Ok(n) => n,
+        Err(_) => {
+            errs.push(format!(
+                "uplink: address {a:?} is not an IPv4 address with its prefix length (192.0.2.1/24)"
+            ));
+            return Err(errs);
+        }
+    };
+    let mut routes = Vec::new();
+    let via = |what: &str, v: &str, errs: &mut Vec<String>| match v.parse::<Ipv4Addr>() {
+        Ok(h) if address.contains(&h) && h != address.addr() => Some(h),
+        Ok(h) => {
+            errs.push(format!(
+                "uplink: {what}: next hop {h} is not on the uplink's network {}",
+                address.trunc()
+            ));
+            None
+        }
+        Err(_) => {
+            errs.push(format!("uplink: {what}: {v:?} is not an IPv4 address"));
+            None
+        }
+    };
+    if let Some(g) = &u.gateway {
+        if let Some(h) = via("gateway", g, &mut errs) {
+            routes.push((ipnet::Ipv4Net::default(), h));
+        }
+    }
+    for r in &u.route {
+        let what = format!("route {:?}", r.prefix);
+        let prefix = match r.prefix.parse::<ipnet::Ipv4Net>() {
+            Ok(n) if n.trunc() == n => Some(n),
+            Ok(n) => {
+                errs.push(format!(
+                    "uplink: {what} has host bits set (did you mean {}?)",
+                    n.trunc()
+                ));
+                None
+            }
+            Err(_) => {
+                errs.push(format!("uplink: {what} is not an IPv4 prefix"));
+                None
+            }
+        };
+        if let (Some(p), Some(h)) = (prefix, via(&what, &r.via, &mut errs)) {
+            if routes.iter().any(|(q, _)| *q == p) {
+                errs.push(format!("uplink: {what} is given twice"));
+            }
+            routes.push((p, h));
+        }
+    }
+    if errs.is_empty() {
+        Ok(Some(vswitch::Underlay { address, routes }))
+    } else {
+        Err(errs)
     }
 }
 

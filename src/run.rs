@@ -347,7 +347,7 @@ pub fn run_with(cfg: &Config, source: Option<&std::path::Path>) -> Result<RunRep
     let pool = Pool::new(&PoolConfig::new("run", 65536))?;
     let (mut sets, idle_peers) = open_ports(cfg, workers, pool)?;
     let probers = probers(cfg, &mut topo, pool, &mut sets)?;
-    let report = run_on(cfg, &topo, sets, probers, &cores, stop, Extra::none());
+    let report = run_on(cfg, &topo, sets, probers, pool, &cores, stop, Extra::none());
     drop(idle_peers);
     report
 }
@@ -407,7 +407,7 @@ pub fn run_takeover(
                 successor: Some(successor),
                 devices: None,
             };
-            run_on(&cfg, &topo, sets, probers, &cores, stop, extra)
+            run_on(&cfg, &topo, sets, probers, pool, &cores, stop, extra)
         }
         Err(e) => Err(RunError::Takeover(inc.abort(e.lines().join("; ")))),
     }
@@ -638,7 +638,16 @@ impl InProcess {
                     reload: None,
                     server,
                 };
-                run_on(&cfg, &topo, sets, probers, &cores, stop, Extra::none())
+                run_on(
+                    &cfg,
+                    &topo,
+                    sets,
+                    probers,
+                    pool,
+                    &cores,
+                    stop,
+                    Extra::none(),
+                )
             })
             .map_err(|source| RunError::Spawn {
                 what: "the switch's control thread".into(),
@@ -704,7 +713,7 @@ fn run_dpdk(cfg: &Config, mut topo: Topology, stop: Stop) -> Result<RunReport, R
         successor: None,
         devices: Some(dpdk_devices(cfg, &eal, pool, workers)),
     };
-    run_on(cfg, &topo, sets, probers, &cores, stop, extra)
+    run_on(cfg, &topo, sets, probers, pool, &cores, stop, extra)
 }
 
 /// [`run_takeover`] of a pollux on DPDK ports: EAL (under a file prefix
@@ -797,6 +806,7 @@ fn run_takeover_dpdk(
         &topo,
         sets,
         probers,
+        pool,
         &cores,
         stop,
         Extra {
@@ -1111,6 +1121,7 @@ fn run_on<A: BufAlloc>(
     topo: &Topology,
     sets: Vec<PortSet<A::Buf>>,
     mut health: Health<A>,
+    alloc: A,
     cores: &[core_affinity::CoreId],
     stop: Stop,
     extra: Extra<A::Buf>,
@@ -1150,7 +1161,12 @@ fn run_on<A: BufAlloc>(
     let mut server = stop.server;
     let (mut stats, mut acl_hits, mut wstats) = (Vec::new(), Vec::new(), Vec::new());
     let mut built = Vec::new();
-    for (w, (ports, mut switch)) in sets.into_iter().zip(switches).enumerate() {
+    let neigh_mail = Arc::new(vswitch::neigh::NeighMail::default());
+    for (w, (ports, switch)) in sets.into_iter().zip(switches).enumerate() {
+        // Worker 0 sends the underlay's ARP requests.
+        let arp_bufs =
+            (w == 0).then(|| Box::new(move || alloc.alloc_buf()) as vswitch::switch::Alloc<A::Buf>);
+        let mut switch = switch.with_underlay(neigh_mail.clone(), arp_bufs);
         if let Some(inc) = incoming.as_mut() {
             switch.set_syn_cookies(sw_cfg.syn_cookies.clone());
             let done = match inc.state.workers.get(w) {
@@ -1256,6 +1272,7 @@ fn run_on<A: BufAlloc>(
         acl_hits.clone(),
         flow_control,
     );
+    rt.neighbours.mail = neigh_mail;
     if let Some(inc) = incoming.take() {
         eprintln!(
             "pollux: took over from pid {} (version {}): traffic stopped {:.1} ms; {} connections, {} probe states, {} sockets",
@@ -1595,6 +1612,8 @@ fn control_loop<A: BufAlloc>(
                 rt.reloads.last_error = Some(why);
             }
         }
+        // The underlay's neighbours: requests due, answers taken in.
+        rt.neighbours.step(state);
         // Wait until the next probe is due, at most 50 ms (signals are
         // noticed within that), at least 1 ms (packets of probes in flight);
         // requests to the control API end the wait at once.

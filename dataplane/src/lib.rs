@@ -11,6 +11,8 @@
 //!   ([`parse`]) and rewrites with incremental checksums ([`rewrite`]);
 //!   the TCP segments a SYN proxy writes ([`synproxy`]);
 //! - the poll-mode [`worker::Worker`], core pinning and the TSC [`clock`];
+//! - overlay tunnels (VXLAN, Geneve) in front of frames and ARP requests
+//!   for an underlay address ([`tunnel`]);
 //! - the traffic generator and latency meter of `pollux pktgen` ([`pktgen`]).
 //!
 //! Must not touch: policy. It knows nothing of VMs, vnets, ACLs or VIPs; the
@@ -34,6 +36,7 @@ pub mod port;
 pub mod rewrite;
 pub mod stats;
 pub mod synproxy;
+pub mod tunnel;
 pub mod wire;
 pub mod worker;
 

@@ -89,7 +89,10 @@ fn topology() -> Topology {
         vnets: vec![
             VnetDef {
                 name: "a".into(),
-                prefixes: vec!["10.1.0.0/16".parse().unwrap(), "fd00:1::/64".parse().unwrap()],
+                prefixes: vec![
+                    "10.1.0.0/16".parse().unwrap(),
+                    "fd00:1::/64".parse().unwrap(),
+                ],
                 gateway_mac: MacAddr([0x12, 0, 0, 0, 0, 1]),
                 // Endpoint-independent filtering: the wire may open
                 // connections to the mappings (and VMs hairpin to them).
@@ -98,12 +101,16 @@ fn topology() -> Topology {
                     filtering: lb::snat::Filtering::EndpointIndependent,
                     ..SnatConfig::default()
                 }),
+                vni: None,
+                encap: Default::default(),
             },
             VnetDef {
                 name: "b".into(),
                 prefixes: vec!["10.1.0.0/16".parse().unwrap()],
                 gateway_mac: MacAddr([0x12, 0, 0, 0, 0, 2]),
                 snat: None,
+                vni: None,
+                encap: Default::default(),
             },
         ],
         vms: vec![
@@ -160,11 +167,17 @@ fn topology() -> Topology {
             },
             VipDef {
                 vnet: 0,
-                config: VipConfig::new("v6", ip("fd00:1::100"), 80, 6, vec![Backend {
-                    ip: ip("fd00:1::4"),
-                    port: 8000,
-                    weight: 1,
-                }]),
+                config: VipConfig::new(
+                    "v6",
+                    ip("fd00:1::100"),
+                    80,
+                    6,
+                    vec![Backend {
+                        ip: ip("fd00:1::4"),
+                        port: 8000,
+                        weight: 1,
+                    }],
+                ),
                 health: vec![],
             },
         ],
@@ -173,7 +186,10 @@ fn topology() -> Topology {
             port: 5,
             mac: MacAddr([2, 0x50, 0x4c, 0x58, 0xff, 0xff]),
             next_hop_mac: MacAddr([2, 0, 0, 0, 9, 9]),
+            underlay: None,
         }),
+        remotes: Vec::new(),
+        neighbours: Vec::new(),
     }
 }
 
@@ -202,7 +218,20 @@ fn ipv4(
     f.extend_from_slice(&src_mac);
     f.extend_from_slice(&[0x08, 0x00]);
     let total = (20 + l4_len + 8) as u16;
-    f.extend_from_slice(&[0x45, 0, (total >> 8) as u8, total as u8, 0, 1, 0x40, 0, 64, proto, 0, 0]);
+    f.extend_from_slice(&[
+        0x45,
+        0,
+        (total >> 8) as u8,
+        total as u8,
+        0,
+        1,
+        0x40,
+        0,
+        64,
+        proto,
+        0,
+        0,
+    ]);
     f.extend_from_slice(&src);
     f.extend_from_slice(&dst);
     f.extend_from_slice(&sport.to_be_bytes());
@@ -278,9 +307,13 @@ impl Learned {
     /// Reads a frame the switch sent out of `port` (IPv4 TCP, no options
     /// in the IP header).
     fn read(&mut self, port: usize, f: &[u8]) {
-        let be32 = |at: usize| f.get(at..at + 4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+        let be32 = |at: usize| {
+            f.get(at..at + 4)
+                .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        };
         let be16 = |at: usize| f.get(at..at + 2).map(|b| u16::from_be_bytes([b[0], b[1]]));
-        if f.get(12..14) != Some(&[0x08, 0x00]) || f.get(14) != Some(&0x45) || f.get(23) != Some(&6) {
+        if f.get(12..14) != Some(&[0x08, 0x00]) || f.get(14) != Some(&0x45) || f.get(23) != Some(&6)
+        {
             return;
         }
         let (Some(sport), Some(dport), Some(seq), Some(ack), Some(&flags)) =
@@ -342,24 +375,52 @@ fn template(which: u8, x: u16, learned: &Learned) -> (usize, Vec<u8>) {
         15 => match learned.vm_cookie {
             Some((p, next, cookie)) => (
                 0,
-                with_numbers(ipv4(client, GW_A, c4, vip, 6, p, 81, 0x10), next, cookie.wrapping_add(1)),
+                with_numbers(
+                    ipv4(client, GW_A, c4, vip, 6, p, 81, 0x10),
+                    next,
+                    cookie.wrapping_add(1),
+                ),
             ),
             None => (0, ipv4(client, GW_A, c4, vip, 6, sport, 81, 0x10)),
         },
         16 => match &learned.backend_syn {
             Some((p, syn)) => (*p, syn_ack_to(syn, u32::from(x) << 8)),
-            None => (1, ipv4(vm_mac(0, 4), GW_A, [10, 1, 0, 4], c4, 6, 8000, sport, 0x12)),
+            None => (
+                1,
+                ipv4(vm_mac(0, 4), GW_A, [10, 1, 0, 4], c4, 6, 8000, sport, 0x12),
+            ),
         },
         17 => match learned.wire_cookie {
             Some((p, next, cookie)) => (
                 5,
                 with_numbers(
-                    ipv4(wire, UPLINK_MAC, [203, 0, 113, 9], [198, 51, 100, 80], 6, p, 80, 0x10),
+                    ipv4(
+                        wire,
+                        UPLINK_MAC,
+                        [203, 0, 113, 9],
+                        [198, 51, 100, 80],
+                        6,
+                        p,
+                        80,
+                        0x10,
+                    ),
                     next,
                     cookie.wrapping_add(1),
                 ),
             ),
-            None => (5, ipv4(wire, UPLINK_MAC, [203, 0, 113, 9], [198, 51, 100, 80], 6, sport, 80, 0x10)),
+            None => (
+                5,
+                ipv4(
+                    wire,
+                    UPLINK_MAC,
+                    [203, 0, 113, 9],
+                    [198, 51, 100, 80],
+                    6,
+                    sport,
+                    80,
+                    0x10,
+                ),
+            ),
         },
         18 => (
             1,
@@ -382,33 +443,111 @@ fn template_plain(which: u8, x: u16) -> (usize, Vec<u8>) {
         0 => (0, ipv4(client, GW_A, c4, vip, 6, sport, 80, 0x02)),
         1 => (0, ipv4(client, GW_A, c4, vip, 6, sport, 80, 0x10)),
         2 => (0, ipv4(client, GW_A, c4, vip, 17, sport, 53, 0)),
-        3 => (1, ipv4(vm_mac(0, 4), GW_A, [10, 1, 0, 4], c4, 6, 8000, sport, 0x12)),
-        4 => (0, ipv4(client, GW_A, c4, [10, 1, 0, 4], 6, sport, 8000, 0x02)),
-        5 => (0, ipv4(client, GW_A, c4, [203, 0, 113, 9], 6, sport, 443, 0x02)),
+        3 => (
+            1,
+            ipv4(vm_mac(0, 4), GW_A, [10, 1, 0, 4], c4, 6, 8000, sport, 0x12),
+        ),
+        4 => (
+            0,
+            ipv4(client, GW_A, c4, [10, 1, 0, 4], 6, sport, 8000, 0x02),
+        ),
+        5 => (
+            0,
+            ipv4(client, GW_A, c4, [203, 0, 113, 9], 6, sport, 443, 0x02),
+        ),
         6 => (
             5,
-            ipv4([2, 0, 0, 0, 9, 9], UPLINK_MAC, [203, 0, 113, 9], [198, 51, 100, 50], 6, 443, 1024 + x % 4096, 0x12),
+            ipv4(
+                [2, 0, 0, 0, 9, 9],
+                UPLINK_MAC,
+                [203, 0, 113, 9],
+                [198, 51, 100, 50],
+                6,
+                443,
+                1024 + x % 4096,
+                0x12,
+            ),
         ),
         7 => (
             5,
-            ipv4([2, 0, 0, 0, 9, 9], UPLINK_MAC, [203, 0, 113, 9], [198, 51, 100, 80], 6, sport, 80, 0x02),
+            ipv4(
+                [2, 0, 0, 0, 9, 9],
+                UPLINK_MAC,
+                [203, 0, 113, 9],
+                [198, 51, 100, 80],
+                6,
+                sport,
+                80,
+                0x02,
+            ),
         ),
         8 => (0, arp(client, c4, [10, 1, 0, (x % 8) as u8])),
-        9 => (5, arp([2, 0, 0, 0, 9, 9], [203, 0, 113, 9], [198, 51, 100, 50])),
-        10 => (0, ipv6_syn(client, GW_A, 0x20, 0x00 | (x % 2) as u8 * 4, 8000)),
+        9 => (
+            5,
+            arp([2, 0, 0, 0, 9, 9], [203, 0, 113, 9], [198, 51, 100, 50]),
+        ),
+        10 => (
+            0,
+            ipv6_syn(client, GW_A, 0x20, 0x00 | (x % 2) as u8 * 4, 8000),
+        ),
         11 => (0, neighbor_solicit((x % 8) as u8)),
-        12 => (3, ipv4(vm_mac(1, 30), [0x12, 0, 0, 0, 0, 2], [10, 1, 0, 30], c4, 6, sport, 80, 0x02)),
+        12 => (
+            3,
+            ipv4(
+                vm_mac(1, 30),
+                [0x12, 0, 0, 0, 0, 2],
+                [10, 1, 0, 30],
+                c4,
+                6,
+                sport,
+                80,
+                0x02,
+            ),
+        ),
         13 => (
             5,
-            ipv4([2, 0, 0, 0, 9, 9], UPLINK_MAC, [203, 0, 113, 9], c4, 6, 443, sport, 0x12),
+            ipv4(
+                [2, 0, 0, 0, 9, 9],
+                UPLINK_MAC,
+                [203, 0, 113, 9],
+                c4,
+                6,
+                443,
+                sport,
+                0x12,
+            ),
         ),
         // Hairpinned: to a SNAT mapping, and to the public VIP, from a VM.
-        14 => (0, ipv4(client, GW_A, c4, [198, 51, 100, 50], 17, sport, snat_port, 0)),
-        15 => (0, ipv4(client, GW_A, c4, [198, 51, 100, 80], 6, sport, 80, 0x02)),
+        14 => (
+            0,
+            ipv4(
+                client,
+                GW_A,
+                c4,
+                [198, 51, 100, 50],
+                17,
+                sport,
+                snat_port,
+                0,
+            ),
+        ),
+        15 => (
+            0,
+            ipv4(client, GW_A, c4, [198, 51, 100, 80], 6, sport, 80, 0x02),
+        ),
         // From the wire to a SNAT mapping that no connection expects.
         _ => (
             5,
-            ipv4([2, 0, 0, 0, 9, 9], UPLINK_MAC, [203, 0, 113, 9], [198, 51, 100, 50], 17, 3478, snat_port, 0),
+            ipv4(
+                [2, 0, 0, 0, 9, 9],
+                UPLINK_MAC,
+                [203, 0, 113, 9],
+                [198, 51, 100, 50],
+                17,
+                3478,
+                snat_port,
+                0,
+            ),
         ),
     }
 }
@@ -428,7 +567,9 @@ fn harness() -> &'static Mutex<Harness> {
         let mut cfg = PoolConfig::new("fuzz-switch", 4096);
         cfg.huge = HugePages::Never;
         let pool = Pool::new(&cfg).unwrap();
-        let policy = Arc::new(ArcSwap::from_pointee(Policy::compile(&topology(), 1).unwrap()));
+        let policy = Arc::new(ArcSwap::from_pointee(
+            Policy::compile(&topology(), 1).unwrap(),
+        ));
         let sw_cfg = SwitchConfig {
             flow_table_size: 4096,
             conn_table_size: 4096,
@@ -468,7 +609,10 @@ fn accounted(h: &Harness) -> (u64, u64) {
     let port_drops: u64 = snap.iter().map(|s| s.drops).sum();
     let switch_drops: u64 = h.switch.nonzero().iter().map(|d| d.1).sum();
     let worker_drops = h.worker.stats().drops.total();
-    let held = h.switch.syn_proxy_held.load(std::sync::atomic::Ordering::Relaxed);
+    let held = h
+        .switch
+        .syn_proxy_held
+        .load(std::sync::atomic::Ordering::Relaxed);
     (rx, tx + port_drops + switch_drops + worker_drops + held)
 }
 
@@ -477,7 +621,9 @@ fuzz_target!(|data: &[u8]| {
     let h = &mut *h;
     let mut rest = data;
     while let [port, hi, lo, tail @ ..] = rest {
-        let len = (usize::from(*hi) << 8 | usize::from(*lo)).min(tail.len()).min(2000);
+        let len = (usize::from(*hi) << 8 | usize::from(*lo))
+            .min(tail.len())
+            .min(2000);
         let (frame, after) = tail.split_at(len);
         rest = after;
         let (p, frame) = if port & 0x80 == 0 {
@@ -501,7 +647,9 @@ fuzz_target!(|data: &[u8]| {
             }
             (p, f)
         };
-        let Ok(buf) = h.pool.alloc_copy(&frame) else { continue };
+        let Ok(buf) = h.pool.alloc_copy(&frame) else {
+            continue;
+        };
         let mut b = Batch::new();
         let _ = b.push(buf);
         h.ends[p].tx_burst(&mut b);

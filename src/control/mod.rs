@@ -225,6 +225,7 @@ enum Kind {
     Vm,
     Nsg,
     Vip,
+    Remote,
 }
 
 impl Kind {
@@ -234,6 +235,7 @@ impl Kind {
             "vms" => Kind::Vm,
             "nsgs" => Kind::Nsg,
             "vips" => Kind::Vip,
+            "remotes" => Kind::Remote,
             _ => return None,
         })
     }
@@ -244,6 +246,7 @@ impl Kind {
             Kind::Vm => "vm",
             Kind::Nsg => "nsg",
             Kind::Vip => "vip",
+            Kind::Remote => "remote",
         }
     }
 
@@ -253,6 +256,7 @@ impl Kind {
             Kind::Vm => serde_json::to_value(&c.vm),
             Kind::Nsg => serde_json::to_value(&c.nsg),
             Kind::Vip => serde_json::to_value(&c.vip),
+            Kind::Remote => serde_json::to_value(&c.remote),
         };
         v.unwrap_or(Value::Null)
     }
@@ -263,6 +267,7 @@ impl Kind {
             Kind::Vm => c.vm.iter().map(|x| x.name.clone()).collect(),
             Kind::Nsg => c.nsg.iter().map(|x| x.name.clone()).collect(),
             Kind::Vip => c.vip.iter().map(|x| x.name.clone()).collect(),
+            Kind::Remote => c.remote.iter().map(|x| x.name.clone()).collect(),
         }
     }
 }
@@ -524,7 +529,7 @@ fn status(state: &ControlState, rt: &Runtime) -> Status {
 }
 
 /// `GET /v1/{kind}`, and `GET`, `PUT`, `DELETE /v1/{kind}/{name}` of vnets,
-/// VMs, groups and VIPs. `Err(None)`: no such endpoint.
+/// VMs, groups, VIPs and remote endpoints. `Err(None)`: no such endpoint.
 fn item(
     state: &mut ControlState,
     method: &str,
@@ -562,6 +567,7 @@ fn item(
                     Kind::Vm => upsert(&mut c.vm, name, body_json(&v, &what)?, |x| &x.name),
                     Kind::Nsg => upsert(&mut c.nsg, name, body_json(&v, &what)?, |x| &x.name),
                     Kind::Vip => upsert(&mut c.vip, name, body_json(&v, &what)?, |x| &x.name),
+                    Kind::Remote => upsert(&mut c.remote, name, body_json(&v, &what)?, |x| &x.name),
                 };
                 Ok(())
             })?;
@@ -575,6 +581,7 @@ fn item(
                     Kind::Vm => remove(&mut c.vm, name, |x| &x.name),
                     Kind::Nsg => remove(&mut c.nsg, name, |x| &x.name),
                     Kind::Vip => remove(&mut c.vip, name, |x| &x.name),
+                    Kind::Remote => remove(&mut c.remote, name, |x| &x.name),
                 };
                 if found { Ok(()) } else { Err(gone) }
             })?;

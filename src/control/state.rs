@@ -66,6 +66,8 @@ pub struct ControlState {
     prober_vnets: Vec<String>,
     /// Changes published so far (the control loop resyncs probes on change).
     changes: u64,
+    /// The underlay neighbours' MACs each policy is compiled with.
+    neighbours: Vec<(std::net::Ipv4Addr, dataplane::MacAddr)>,
 }
 
 impl ControlState {
@@ -91,6 +93,7 @@ impl ControlState {
             internal,
             prober_vnets,
             changes: 0,
+            neighbours: topo.neighbours.clone(),
         }
     }
 
@@ -123,6 +126,20 @@ impl ControlState {
         let mut next = self.config.clone();
         change(&mut next)?;
         self.publish(next)
+    }
+
+    /// Publishes the current desired state again with the neighbour
+    /// cache's MACs `neighbours` (the cache resolved, changed or lost one).
+    pub fn set_neighbours(
+        &mut self,
+        neighbours: Vec<(std::net::Ipv4Addr, dataplane::MacAddr)>,
+    ) -> Result<u64, ApiError> {
+        let old = std::mem::replace(&mut self.neighbours, neighbours);
+        let r = self.publish(self.config.clone());
+        if r.is_err() {
+            self.neighbours = old;
+        }
+        r
     }
 
     /// Replaces the whole desired state (`PUT /v1/config`, SIGHUP).
@@ -194,6 +211,7 @@ impl ControlState {
             ));
         }
         topo.ports += self.internal_ports;
+        topo.neighbours = self.neighbours.clone();
         for (vnet, vm) in &self.internal {
             if let Some(i) = topo.vnets.iter().position(|v| &v.name == vnet) {
                 topo.vms.push(VmDef {
@@ -292,7 +310,64 @@ pub struct Runtime {
     /// Per worker, what a predecessor process had counted: added to this
     /// process's counts wherever they are shown.
     pub base: Vec<crate::api::WorkerCounters>,
+    /// The underlay's neighbour cache and its mailboxes to the workers.
+    pub neighbours: Neighbours,
     next_id: u64,
+}
+
+/// The control thread's side of the underlay: the ARP cache, the
+/// workers' mailboxes, and the clock the cache's timers run on.
+pub struct Neighbours {
+    /// Shared with every worker's switch.
+    pub mail: Arc<vswitch::neigh::NeighMail>,
+    /// The cache.
+    pub cache: vswitch::neigh::NeighCache,
+    epoch: std::time::Instant,
+}
+
+impl Default for Neighbours {
+    fn default() -> Self {
+        Neighbours {
+            mail: Arc::default(),
+            cache: vswitch::neigh::NeighCache::default(),
+            epoch: std::time::Instant::now(),
+        }
+    }
+}
+
+impl Neighbours {
+    /// Nanoseconds on the cache's clock.
+    pub fn now(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// One step of the cache for `state`'s policy; publishes the policy
+    /// again when the resolved MACs changed, and says so.
+    pub fn step(&mut self, state: &mut ControlState) {
+        let cur = state.policy().load_full();
+        let Some((_, ul)) = cur.underlay() else {
+            return;
+        };
+        let now = self.now();
+        let needed = cur.next_hops();
+        if self
+            .cache
+            .step(now, &self.mail, &needed, |ip| ul.on_link(ip))
+        {
+            let resolved = self.cache.resolved();
+            let list: Vec<String> = resolved
+                .iter()
+                .map(|(ip, mac)| format!("{ip} at {mac}"))
+                .collect();
+            match state.set_neighbours(resolved) {
+                Ok(g) => eprintln!(
+                    "pollux: underlay neighbours now [{}]; policy generation {g}",
+                    list.join(", ")
+                ),
+                Err(e) => eprintln!("pollux: underlay neighbours not applied: {}", e.message),
+            }
+        }
+    }
 }
 
 impl Runtime {
@@ -316,6 +391,7 @@ impl Runtime {
             takeover: None,
             takeover_failed: None,
             base: Vec::new(),
+            neighbours: Neighbours::default(),
             next_id: 1,
         }
     }

@@ -83,6 +83,8 @@ fn topology() -> Topology {
         ))],
         gateway_mac: MacAddr([0x12, 0x34, 0x56, 0x78, 0x9a, g]),
         snat: None,
+        vni: None,
+        encap: Default::default(),
     };
     let vm =
         |name: &str, port: u16, vnet: usize, ip: Ipv4Addr, nsg: Option<usize>, internal: bool| {
@@ -132,6 +134,8 @@ fn topology() -> Topology {
         }],
         ports: 8,
         uplink: None,
+        remotes: Vec::new(),
+        neighbours: Vec::new(),
     }
 }
 

@@ -78,12 +78,17 @@ impl FlowAction {
         }
     }
 
-    /// Out of the uplink to the next hop.
-    pub fn to_uplink(up: &crate::policy::UplinkDef, nat: Rewrite, lb: Option<LbRef>) -> FlowAction {
+    /// Out of the uplink to the next hop at `next_hop`.
+    pub fn to_uplink(
+        up: &crate::policy::UplinkDef,
+        next_hop: MacAddr,
+        nat: Rewrite,
+        lb: Option<LbRef>,
+    ) -> FlowAction {
         FlowAction {
             out_port: up.port,
             src_mac: up.mac,
-            dst_mac: up.next_hop_mac,
+            dst_mac: next_hop,
             nat,
             lb,
             fast: None,
@@ -94,18 +99,22 @@ impl FlowAction {
     /// when `dst` is a public address of the switch (a SNAT address, a
     /// public VIP), back into the switch as if from the wire
     /// ([`HAIRPIN_PORT`]): hairpinning, as RFC 4787 REQ-9 asks of a NAT.
+    /// `Err` as [`crate::policy::Policy::wire_mac`]: the next hop's MAC
+    /// is not known yet (`Some`) or there is no route.
     pub fn to_wire(
         p: &crate::policy::Policy,
         up: &crate::policy::UplinkDef,
         dst: [u8; 16],
         nat: Rewrite,
         lb: Option<LbRef>,
-    ) -> FlowAction {
-        let mut a = Self::to_uplink(up, nat, lb);
+    ) -> Result<FlowAction, Option<std::net::Ipv4Addr>> {
         if p.vnet_by_public(dst).is_some() {
+            let mut a = Self::to_uplink(up, up.next_hop_mac, nat, lb);
             a.out_port = HAIRPIN_PORT;
+            return Ok(a);
         }
-        a
+        let mac = p.wire_mac(dataplane::key::from16(dst))?;
+        Ok(Self::to_uplink(up, mac, nat, lb))
     }
 
     /// This action with its rewrite compiled for packets of `key`.

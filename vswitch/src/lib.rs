@@ -14,9 +14,12 @@
 pub mod flow;
 pub mod frag;
 pub mod hash;
+pub mod neigh;
 pub mod placement;
 pub mod policy;
 pub mod switch;
 
-pub use policy::{Policy, PolicyError, Topology, UplinkDef, VipDef, VmDef, VnetDef};
+pub use policy::{
+    Policy, PolicyError, RemoteDef, Topology, Underlay, UplinkDef, VipDef, VmDef, VnetDef,
+};
 pub use switch::{Switch, SwitchConfig, SwitchDrop, SwitchStats};

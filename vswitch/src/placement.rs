@@ -131,6 +131,8 @@ mod tests {
                     public_ips: vec!["203.0.113.10".parse().unwrap()],
                     ..SnatConfig::default()
                 }),
+                vni: None,
+                encap: Default::default(),
             }],
             vms: vec![
                 vm("w1", 0, "10.1.0.4"),
@@ -148,7 +150,9 @@ mod tests {
                 port: 3,
                 mac: MacAddr([2, 0, 0, 0, 0, 9]),
                 next_hop_mac: MacAddr([2, 0, 0, 0, 0, 10]),
+                underlay: None,
             }),
+            ..Topology::default()
         };
         Policy::compile(&t, 1).unwrap()
     }

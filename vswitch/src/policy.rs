@@ -4,14 +4,16 @@
 
 use crate::hash::FxHasher;
 use dataplane::MacAddr;
+use dataplane::tunnel::Encap;
 use filter::{CompiledNsg, DefaultContext, NsgSpec};
 use ipnet::IpNet;
+use ipnet::Ipv4Net;
 use lb::balancer::{HealthClock, Vip, VipConfig, Vips};
 use lb::conntrack::to16;
 use lb::snat::SnatConfig;
 use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 /// A vnet as given to [`Policy::compile`].
@@ -27,6 +29,12 @@ pub struct VnetDef {
     /// blocks the vnet's VMs leave from. Without it, traffic to addresses
     /// outside the vnet leaves through the uplink untranslated.
     pub snat: Option<SnatConfig>,
+    /// Its virtual network identifier on the overlay (24 bits): traffic to
+    /// its addresses on other hosts ([`RemoteDef`]) travels in tunnels
+    /// with it, and tunnel packets with it are this vnet's.
+    pub vni: Option<u32>,
+    /// The tunnel its traffic to other hosts is sent in (both are taken in).
+    pub encap: Encap,
 }
 
 /// The port towards the wire (a physical NIC or VF): traffic to addresses
@@ -39,8 +47,93 @@ pub struct UplinkDef {
     /// The MAC the switch sends from on the wire and answers ARP with for
     /// its public addresses.
     pub mac: MacAddr,
-    /// The MAC of the next hop (the router on the wire).
+    /// The MAC of the next hop (the router on the wire); zero when the
+    /// underlay resolves its next hops ([`Underlay`]) instead.
     pub next_hop_mac: MacAddr,
+    /// The uplink's own address, routes and neighbours, if it has them.
+    pub underlay: Option<Underlay>,
+}
+
+/// The uplink as a host on its network: an address, static routes, and
+/// next hops resolved with ARP (their MACs learned by the control thread
+/// and given to each snapshot).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Underlay {
+    /// The uplink's address and the prefix of its network (on-link).
+    pub address: Ipv4Net,
+    /// Static routes: a prefix and the next hop it is reached through
+    /// (on-link); a default route is `0.0.0.0/0`.
+    pub routes: Vec<(Ipv4Net, Ipv4Addr)>,
+}
+
+impl Underlay {
+    /// The next hop towards `dst`: the route with the longest prefix that
+    /// holds it, else `dst` itself when it is on-link. `None`: no route.
+    pub fn next_hop(&self, dst: Ipv4Addr) -> Option<Ipv4Addr> {
+        let routed = self
+            .routes
+            .iter()
+            .filter(|(n, _)| n.contains(&dst))
+            .max_by_key(|(n, _)| n.prefix_len())
+            .map(|(n, via)| (n.prefix_len(), *via));
+        let on_link = self
+            .address
+            .contains(&dst)
+            .then_some((self.address.prefix_len(), dst));
+        match (routed, on_link) {
+            (Some(r), Some(l)) => Some(if r.0 > l.0 { r.1 } else { l.1 }),
+            (r, l) => r.or(l).map(|x| x.1),
+        }
+    }
+
+    /// True when `ip` is on the uplink's network (a neighbour may have it).
+    pub fn on_link(&self, ip: Ipv4Addr) -> bool {
+        self.address.contains(&ip) && ip != self.address.addr()
+    }
+}
+
+/// Customer addresses of a vnet that live on another host (VFP's VNET
+/// mapping, customer address -> provider address): traffic to them is
+/// sent there in the vnet's tunnel, and tunnel packets from them must come
+/// from that host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteDef {
+    /// Name.
+    pub name: String,
+    /// Index of its vnet in the topology.
+    pub vnet: usize,
+    /// Its addresses in the vnet.
+    pub ips: Vec<IpAddr>,
+    /// The host's underlay (provider) address.
+    pub host: Ipv4Addr,
+    /// Its MAC, if known: the inner destination of what is sent to it
+    /// (a host with a kernel VXLAN device takes only frames to its MAC);
+    /// else the vnet's gateway MAC.
+    pub mac: Option<MacAddr>,
+}
+
+/// Switch ports from here up are remote endpoints' tunnels: the port of
+/// remote `i` ([`Topology::remotes`]) is `TUNNEL_PORT_BASE + i`. Packets
+/// taken out of a tunnel come in on it; flows to a remote go out of it,
+/// encapsulated, through the uplink.
+pub const TUNNEL_PORT_BASE: u16 = 0x8000;
+/// The most remote endpoints a policy holds.
+pub const MAX_REMOTES: usize = 0x7000;
+
+/// A remote endpoint's tunnel, compiled: what its packets are wrapped in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tunnel {
+    /// The remote's name.
+    pub name: String,
+    /// Its vnet.
+    pub vnet: usize,
+    /// The host's underlay address.
+    pub host: Ipv4Addr,
+    /// The next hop towards the host (`None`: no route).
+    pub next_hop: Option<Ipv4Addr>,
+    /// The outer headers, when the next hop's MAC is known; `None` while
+    /// it is being resolved.
+    pub outer: Option<dataplane::tunnel::Outer>,
 }
 
 /// A VM as given to [`Policy::compile`].
@@ -90,6 +183,11 @@ pub struct Topology {
     pub ports: u16,
     /// The uplink, if any.
     pub uplink: Option<UplinkDef>,
+    /// Addresses of vnets on other hosts.
+    pub remotes: Vec<RemoteDef>,
+    /// The underlay's neighbours whose MACs are known (the control
+    /// thread's ARP cache).
+    pub neighbours: Vec<(Ipv4Addr, MacAddr)>,
 }
 
 /// A vnet in the snapshot.
@@ -105,6 +203,10 @@ pub struct Vnet {
     pub vips: Vips,
     /// Outbound SNAT through the uplink.
     pub snat: Option<SnatConfig>,
+    /// Its VNI on the overlay, if any.
+    pub vni: Option<u32>,
+    /// The tunnel it sends in.
+    pub encap: Encap,
 }
 
 impl Vnet {
@@ -140,8 +242,18 @@ impl Vnet {
 
 /// A VM in the snapshot: its definition, with `nsg` indexing
 /// [`Policy::nsgs`] (the group compiled for the VM's vnet) instead of the
-/// topology's groups.
+/// topology's groups. A remote endpoint is a VM of its vnet on its tunnel
+/// port (at or above [`TUNNEL_PORT_BASE`]), with no group (its own host
+/// applies its groups).
 pub type Vm = VmDef;
+
+impl VmDef {
+    /// True for a remote endpoint (on another host, through a tunnel).
+    #[inline]
+    pub fn is_remote(&self) -> bool {
+        self.port >= TUNNEL_PORT_BASE
+    }
+}
 
 /// Why a topology could not be compiled (one line per problem).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -177,6 +289,14 @@ pub struct Policy {
     vips: Vec<Arc<Vip>>,
     /// Ticks on every health change of this snapshot's VIPs.
     health: Arc<HealthClock>,
+    /// Remote endpoints' tunnels (index = port - [`TUNNEL_PORT_BASE`]).
+    pub tunnels: Vec<Tunnel>,
+    /// VNI -> vnet.
+    vni_vnet: FxMap<u32, usize>,
+    /// The underlay's neighbours with known MACs.
+    neighbours: FxMap<Ipv4Addr, MacAddr>,
+    /// Each tunnel's VM (index = port - [`TUNNEL_PORT_BASE`]).
+    tunnel_vm: Vec<usize>,
 }
 
 /// The snapshot's lookup maps are read on every new flow: FxHash, not SipHash
@@ -207,6 +327,8 @@ impl Policy {
                 gateway_mac: v.gateway_mac,
                 vips: Vips::new(),
                 snat: v.snat.clone(),
+                vni: v.vni,
+                encap: v.encap,
             })
             .collect();
         let mut public: FxMap<[u8; 16], usize> = FxMap::default();
@@ -324,6 +446,96 @@ impl Policy {
             };
             vms.push(VmDef { nsg, ..vm.clone() });
         }
+        // Vnets on the overlay: VNIs unique, 24 bits.
+        let mut vni_vnet = FxMap::default();
+        for (i, v) in t.vnets.iter().enumerate() {
+            let Some(vni) = v.vni else { continue };
+            if vni == 0 || vni > 0x00ff_ffff {
+                errs.push(format!("vnet {:?}: vni {vni} is not in 1-16777215", v.name));
+            } else if let Some(o) = vni_vnet.insert(vni, i) {
+                errs.push(format!(
+                    "vnet {:?}: vni {vni} is already vnet {:?}'s",
+                    v.name,
+                    t.vnets.get(o).map_or("?", |v| v.name.as_str())
+                ));
+            }
+        }
+        // Remote endpoints: VMs of their vnet on their tunnel ports.
+        let underlay = t
+            .uplink
+            .as_ref()
+            .and_then(|u| Some((u, u.underlay.as_ref()?)));
+        let neighbours: FxMap<Ipv4Addr, MacAddr> = t.neighbours.iter().copied().collect();
+        let mut tunnels = Vec::new();
+        let mut tunnel_vm = Vec::new();
+        if t.remotes.len() > MAX_REMOTES {
+            errs.push(format!(
+                "{} remotes: at most {MAX_REMOTES} fit in one policy",
+                t.remotes.len()
+            ));
+        }
+        for (k, r) in t.remotes.iter().enumerate().take(MAX_REMOTES) {
+            let what = format!("remote {:?}", r.name);
+            let Some(vn) = t.vnets.get(r.vnet) else {
+                errs.push(format!("{what}: no vnet #{}", r.vnet));
+                continue;
+            };
+            let Some(vni) = vn.vni else {
+                errs.push(format!(
+                    "{what}: vnet {:?} has no vni (it is on no overlay)",
+                    vn.name
+                ));
+                continue;
+            };
+            let Some((up, ul)) = underlay else {
+                errs.push(format!("{what}: tunnels need an [uplink] with an address"));
+                continue;
+            };
+            let i = vms.len();
+            for ip in &r.ips {
+                if !vn.prefixes.iter().any(|n| n.contains(ip)) {
+                    errs.push(format!("{what}: {ip} is not in vnet {:?}", vn.name));
+                }
+                if addr_vm.insert((r.vnet, to16(*ip)), i).is_some() {
+                    errs.push(format!("{what}: {ip} is used twice in vnet {:?}", vn.name));
+                }
+            }
+            if r.host == ul.address.addr() {
+                errs.push(format!(
+                    "{what}: host {} is this host's own address",
+                    r.host
+                ));
+            }
+            vms.push(VmDef {
+                name: r.name.clone(),
+                port: TUNNEL_PORT_BASE + k as u16,
+                vnet: r.vnet,
+                mac: r.mac.unwrap_or(vn.gateway_mac),
+                ips: r.ips.clone(),
+                nsg: None,
+                internal: false,
+            });
+            tunnel_vm.push(i);
+            let next_hop = ul.next_hop(r.host);
+            let outer =
+                next_hop
+                    .and_then(|nh| neighbours.get(&nh))
+                    .map(|mac| dataplane::tunnel::Outer {
+                        encap: vn.encap,
+                        vni,
+                        src_mac: up.mac,
+                        dst_mac: *mac,
+                        src_ip: ul.address.addr(),
+                        dst_ip: r.host,
+                    });
+            tunnels.push(Tunnel {
+                name: r.name.clone(),
+                vnet: r.vnet,
+                host: r.host,
+                next_hop,
+                outer,
+            });
+        }
         let mut services = std::collections::HashSet::default();
         for v in &t.vips {
             let c = &v.config;
@@ -358,14 +570,76 @@ impl Policy {
             services,
             vips,
             health,
+            tunnels,
+            tunnel_vm,
+            vni_vnet,
+            neighbours,
         })
     }
 
-    /// The VM attached to `port`.
+    /// The VM attached to `port` (a remote endpoint, for a tunnel port).
     #[inline]
     pub fn vm_on_port(&self, port: u16) -> Option<(usize, &Vm)> {
-        let i = (*self.port_vm.get(usize::from(port))?)?;
+        let i = match port.checked_sub(TUNNEL_PORT_BASE) {
+            Some(k) => *self.tunnel_vm.get(usize::from(k))?,
+            None => (*self.port_vm.get(usize::from(port))?)?,
+        };
         Some((i, self.vms.get(i)?))
+    }
+
+    /// The tunnel of tunnel port `port`.
+    #[inline]
+    pub fn tunnel(&self, port: u16) -> Option<&Tunnel> {
+        self.tunnels
+            .get(usize::from(port.checked_sub(TUNNEL_PORT_BASE)?))
+    }
+
+    /// The vnet of VNI `vni`.
+    #[inline]
+    pub fn vnet_by_vni(&self, vni: u32) -> Option<usize> {
+        self.vni_vnet.get(&vni).copied()
+    }
+
+    /// The uplink and its underlay, when it has an address.
+    #[inline]
+    pub fn underlay(&self) -> Option<(&UplinkDef, &Underlay)> {
+        let u = self.uplink.as_ref()?;
+        Some((u, u.underlay.as_ref()?))
+    }
+
+    /// The MAC a packet to `dst` on the wire goes to: the uplink's static
+    /// next hop, or, with an underlay, the MAC of the next hop its routes
+    /// give. `Err(Some(hop))` while that next hop's MAC is unknown,
+    /// `Err(None)` when there is no route.
+    pub fn wire_mac(&self, dst: IpAddr) -> Result<MacAddr, Option<Ipv4Addr>> {
+        let up = self.uplink.as_ref().ok_or(None)?;
+        let hop = match (&up.underlay, dst) {
+            (Some(ul), IpAddr::V4(d)) => ul.next_hop(d),
+            _ => None,
+        };
+        match hop {
+            Some(h) => self.neighbours.get(&h).copied().ok_or(Some(h)),
+            None if up.next_hop_mac != MacAddr::ZERO => Ok(up.next_hop_mac),
+            None => Err(None),
+        }
+    }
+
+    /// The MAC known for neighbour `ip`.
+    pub fn neighbour(&self, ip: Ipv4Addr) -> Option<MacAddr> {
+        self.neighbours.get(&ip).copied()
+    }
+
+    /// The next hops this policy sends through: its routes' and its
+    /// tunnels' (the neighbour cache keeps them resolved).
+    pub fn next_hops(&self) -> Vec<Ipv4Addr> {
+        let mut v: Vec<Ipv4Addr> = self
+            .underlay()
+            .map(|(_, ul)| ul.routes.iter().map(|r| r.1).collect())
+            .unwrap_or_default();
+        v.extend(self.tunnels.iter().filter_map(|t| t.next_hop));
+        v.sort();
+        v.dedup();
+        v
     }
 
     /// The VM with address `ip` (16-byte form) in vnet `vnet`.
@@ -460,6 +734,8 @@ mod tests {
             prefixes: vec!["10.1.0.0/16".parse().unwrap()],
             gateway_mac: MacAddr([0x12, 0, 0, 0, 0, 1]),
             snat: None,
+            vni: None,
+            encap: Default::default(),
         };
         Topology {
             vnets: vec![vnet("a"), vnet("b")],
@@ -468,6 +744,8 @@ mod tests {
             vips: vec![],
             ports: 3,
             uplink: None,
+            remotes: Vec::new(),
+            neighbours: Vec::new(),
         }
     }
 
@@ -517,6 +795,7 @@ mod tests {
             port: 2,
             mac: MacAddr([2, 0, 0, 0, 0, 9]),
             next_hop_mac: MacAddr([2, 0, 0, 0, 0, 10]),
+            underlay: None,
         });
         t.vnets[1].snat = Some(snat("203.0.113.7"));
         let p = Policy::compile(&t, 1).unwrap();
@@ -544,6 +823,7 @@ mod tests {
             port: 1,
             mac: MacAddr([2, 0, 0, 0, 0, 9]),
             next_hop_mac: MacAddr([2, 0, 0, 0, 0, 10]),
+            underlay: None,
         });
         let text = Policy::compile(&t, 1).unwrap_err().0.join("\n");
         assert!(

@@ -71,6 +71,8 @@ fn topology() -> Topology {
             prefixes: vec!["10.1.0.0/16".parse().unwrap()],
             gateway_mac: GW_MAC,
             snat: None,
+            vni: None,
+            encap: Default::default(),
         }],
         vms,
         nsgs: vec![NsgSpec {
@@ -84,6 +86,8 @@ fn topology() -> Topology {
         }],
         ports: 4,
         uplink: None,
+        remotes: Vec::new(),
+        neighbours: Vec::new(),
     }
 }
 

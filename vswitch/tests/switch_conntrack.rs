@@ -116,12 +116,16 @@ fn topology(extra: usize, stateless_out: bool) -> Topology {
                 ],
                 gateway_mac: GW,
                 snat: None,
+                vni: None,
+                encap: Default::default(),
             },
             VnetDef {
                 name: "b".into(),
                 prefixes: vec!["10.1.0.0/16".parse().unwrap()],
                 gateway_mac: GW_B,
                 snat: None,
+                vni: None,
+                encap: Default::default(),
             },
         ],
         vms: vec![
@@ -174,7 +178,10 @@ fn topology(extra: usize, stateless_out: bool) -> Topology {
             port: WIRE as u16,
             mac: UPLINK,
             next_hop_mac: ROUTER,
+            underlay: None,
         }),
+        remotes: Vec::new(),
+        neighbours: Vec::new(),
     }
 }
 

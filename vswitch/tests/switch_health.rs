@@ -77,12 +77,16 @@ fn topology() -> Topology {
             prefixes: vec!["10.1.0.0/16".parse().unwrap()],
             gateway_mac: GW_MAC,
             snat: None,
+            vni: None,
+            encap: Default::default(),
         }],
         vms,
         nsgs: vec![],
         vips: vec![vip("a", VIP_A, 0), vip("b", VIP_B, 2)],
         ports: 5,
         uplink: None,
+        remotes: Vec::new(),
+        neighbours: Vec::new(),
     }
 }
 

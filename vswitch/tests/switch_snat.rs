@@ -50,6 +50,8 @@ fn topology(filtering: Filtering) -> Topology {
                 filtering,
                 ..SnatConfig::default()
             }),
+            vni: None,
+            encap: Default::default(),
         }],
         vms: VMS
             .iter()
@@ -71,7 +73,10 @@ fn topology(filtering: Filtering) -> Topology {
             port: 3,
             mac: UPLINK_MAC,
             next_hop_mac: ROUTER_MAC,
+            underlay: None,
         }),
+        remotes: Vec::new(),
+        neighbours: Vec::new(),
     }
 }
 

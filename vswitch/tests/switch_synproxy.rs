@@ -75,6 +75,8 @@ fn topology() -> Topology {
             prefixes: vec!["10.1.0.0/16".parse().unwrap()],
             gateway_mac: GW,
             snat: None,
+            vni: None,
+            encap: Default::default(),
         }],
         vms: vec![
             vm("client", CLIENT as u16, 1, "10.1.0.20", None),
@@ -88,6 +90,8 @@ fn topology() -> Topology {
         }],
         ports: 2,
         uplink: None,
+        remotes: Vec::new(),
+        neighbours: Vec::new(),
     }
 }
 

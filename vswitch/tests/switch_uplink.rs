@@ -81,6 +81,8 @@ fn topology() -> Topology {
                 blocks_per_member: 2,
                 ..SnatConfig::default()
             }),
+            vni: None,
+            encap: Default::default(),
         }],
         vms: vec![
             vm("client", 0, 0x10, "10.1.0.20", None),
@@ -105,7 +107,10 @@ fn topology() -> Topology {
             port: 3,
             mac: UPLINK_MAC,
             next_hop_mac: mac(0x40),
+            underlay: None,
         }),
+        remotes: Vec::new(),
+        neighbours: Vec::new(),
     }
 }
 

@@ -51,6 +51,8 @@ fn topology(weights: [u32; 3]) -> Topology {
         prefixes: vec!["10.1.0.0/16".parse().unwrap()],
         gateway_mac: MacAddr([0x12, 0x34, 0x56, 0x78, 0x9a, g]),
         snat: None,
+        vni: None,
+        encap: Default::default(),
     };
     let vm = |name: &str, port: u16, vnet: usize, m: u8, ip: &str, nsg: Option<usize>| VmDef {
         name: name.into(),
@@ -98,6 +100,8 @@ fn topology(weights: [u32; 3]) -> Topology {
         }],
         ports: 6,
         uplink: None,
+        remotes: Vec::new(),
+        neighbours: Vec::new(),
     }
 }
 

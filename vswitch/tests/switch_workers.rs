@@ -75,6 +75,8 @@ fn topology() -> Topology {
                 blocks_per_member: 2,
                 ..SnatConfig::default()
             }),
+            vni: None,
+            encap: Default::default(),
         }],
         vms,
         nsgs: vec![],
@@ -88,7 +90,10 @@ fn topology() -> Topology {
             port: 4,
             mac: MacAddr([0x12, 0x34, 0x56, 0x78, 0x9a, 0xfe]),
             next_hop_mac: mac(0x40),
+            underlay: None,
         }),
+        remotes: Vec::new(),
+        neighbours: Vec::new(),
     }
 }
 

@@ -16,14 +16,18 @@ pub(super) enum Bounce<B> {
     /// Rewritten for a flow that hairpins: it goes back into the switch,
     /// as from the wire ([`crate::flow::HAIRPIN_PORT`]).
     Hairpin(B),
+    /// Rewritten for a flow to a remote endpoint: it goes in the tunnel of
+    /// this tunnel port.
+    Tunnel(B, u16),
 }
 
 /// Applies a flow's action to `pkt` and queues it on the output port: MACs,
 /// then the compiled transposition (or the field-by-field NAT and TTL for
 /// flows without one); failures are dropped and counted. A packet whose TTL
 /// or hop limit runs out here, or whose IP packet is larger than the
-/// output port's MTU (`mtu`, by port; ports beyond it have none), is
-/// handed back untouched; one for a flow that hairpins, rewritten.
+/// output port's MTU (`mtu`, by port; ports beyond it have none; a
+/// tunnel's is `tunnel_mtu`), is handed back untouched; one for a flow that
+/// hairpins, or goes in a tunnel, rewritten.
 #[inline]
 pub(super) fn transpose<B: PacketBuf>(
     stats: &SwitchStats,
@@ -32,11 +36,18 @@ pub(super) fn transpose<B: PacketBuf>(
     pk: &Parsed,
     a: &FlowAction,
     mtu: &[u16],
+    tunnel_mtu: Option<u16>,
 ) -> Option<Bounce<B>> {
     if rewrite::hop_limit(pkt.data(), pk).is_some_and(|t| t <= 1) {
         return Some(Bounce::Ttl(pkt));
     }
-    if let Some(&m) = mtu.get(usize::from(a.out_port)) {
+    let tunnel = super::overlay::is_tunnel(a.out_port);
+    let limit = if tunnel {
+        tunnel_mtu
+    } else {
+        mtu.get(usize::from(a.out_port)).copied()
+    };
+    if let Some(m) = limit {
         if pkt.len().saturating_sub(usize::from(pk.l3_off)) > usize::from(m) {
             return Some(Bounce::TooBig(pkt, m));
         }
@@ -60,6 +71,7 @@ pub(super) fn transpose<B: PacketBuf>(
     };
     match r {
         Ok(()) if a.out_port == crate::flow::HAIRPIN_PORT => return Some(Bounce::Hairpin(pkt)),
+        Ok(()) if tunnel => return Some(Bounce::Tunnel(pkt, a.out_port)),
         Ok(()) => ctx.send(usize::from(a.out_port), pkt),
         Err(rewrite::RewriteError::TtlExpired) => stats.count(SwitchDrop::TtlExpired),
         Err(_) => stats.count(SwitchDrop::RewriteFailed),

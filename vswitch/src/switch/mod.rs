@@ -51,6 +51,7 @@ mod fast;
 mod handoff;
 pub mod handover;
 mod install;
+mod overlay;
 mod park;
 mod requests;
 mod respond;
@@ -153,7 +154,18 @@ pub struct Switch<B = dataplane::pool::PoolBuf> {
     /// Hairpinned packets waiting to go through the switch again, as from
     /// the wire (at most [`HAIRPIN_QUEUE`]; room reserved up front).
     looped: std::collections::VecDeque<B>,
+    /// The mailboxes of the control thread's neighbour cache.
+    neigh: Option<Arc<crate::neigh::NeighMail>>,
+    /// Where worker 0 takes the buffers of the ARP requests it sends.
+    alloc: Option<Alloc<B>>,
+    /// The largest IP packet a tunnel carries: the uplink's MTU less the
+    /// tunnel's headers.
+    tunnel_mtu: Option<u16>,
 }
+
+/// A source of empty buffers for packets the switch makes itself (ARP
+/// requests), not per packet forwarded.
+pub type Alloc<B> = Box<dyn FnMut() -> Option<B> + Send>;
 
 /// Hairpinned packets a worker holds between bursts at most (more are
 /// dropped as `hairpin_full`).
@@ -192,6 +204,9 @@ impl<B: PacketBuf> Switch<B> {
             control: None,
             parked: (0..PARK_SLOTS).map(|_| None).collect(),
             looped: std::collections::VecDeque::with_capacity(HAIRPIN_QUEUE),
+            neigh: None,
+            alloc: None,
+            tunnel_mtu: None,
             cfg,
         }
     }
@@ -204,6 +219,20 @@ impl<B: PacketBuf> Switch<B> {
         if handoff.workers() > 1 && worker < handoff.workers() {
             self.handoff = Some((worker, handoff));
         }
+        self
+    }
+
+    /// Tells the control thread's neighbour cache (`mail`) what the
+    /// uplink's network says and what packets wait for; with `alloc`, this
+    /// worker also sends the ARP requests the cache asks for (one worker
+    /// does).
+    pub fn with_underlay(
+        mut self,
+        mail: Arc<crate::neigh::NeighMail>,
+        alloc: Option<Alloc<B>>,
+    ) -> Self {
+        self.neigh = Some(mail);
+        self.alloc = alloc;
         self
     }
 
@@ -255,6 +284,10 @@ impl<B: PacketBuf> Switch<B> {
             Bounce::Ttl(p) => (p, SwitchDrop::TtlExpired, None),
             Bounce::TooBig(p, m) => (p, SwitchDrop::TooBig, Some(m)),
             Bounce::Hairpin(p) => return self.hairpin(p),
+            Bounce::Tunnel(p, port) => {
+                let sport = dataplane::tunnel::entropy_port(&pk.key);
+                return self.encap_send(ctx, policy, port, p, sport);
+            }
         };
         let v6 = pk.l3 == L3::Ipv6;
         if mtu.is_some() && !v6 && !rewrite::ipv4_dont_fragment(pkt.data(), pk) {
@@ -331,6 +364,8 @@ impl<B: PacketBuf> Switch<B> {
     fn send_back(&mut self, ctx: &mut Ctx<'_, B>, in_port: u16, pkt: B) {
         if in_port == HAIRPIN_PORT {
             self.hairpin(pkt);
+        } else if overlay::is_tunnel(in_port) {
+            self.send_back_tunnel(ctx, in_port, pkt);
         } else {
             ctx.send(usize::from(in_port), pkt);
         }
@@ -403,6 +438,10 @@ impl<B: PacketBuf> Switch<B> {
 
     fn on_new_generation(&mut self, p: &Policy) {
         self.generation = p.generation;
+        self.tunnel_mtu = p
+            .underlay()
+            .and_then(|(u, _)| self.cfg.port_mtu.get(usize::from(u.port)))
+            .map(|m| m.saturating_sub(dataplane::tunnel::OVERHEAD as u16));
         while self.lb.len() < p.vnets.len() {
             // A vnet's SNAT layout is fixed when its core is created (ports
             // in use must not move); later snapshots only add members.
@@ -561,8 +600,15 @@ impl<B: PacketBuf> Switch<B> {
                 }
                 tally.0 += 1;
                 // The action is used in place (no copy of it per packet).
-                if let Some(b) = transpose(&self.stats, ctx, pkt, pk, &e.action, &self.cfg.port_mtu)
-                {
+                if let Some(b) = transpose(
+                    &self.stats,
+                    ctx,
+                    pkt,
+                    pk,
+                    &e.action,
+                    &self.cfg.port_mtu,
+                    self.tunnel_mtu,
+                ) {
                     self.bounce(ctx, policy, b, pk, now);
                 }
                 return;
@@ -598,7 +644,15 @@ impl<B: PacketBuf> Switch<B> {
                 Err(_) => self.drop_pkt(pkt, SwitchDrop::RewriteFailed),
             },
             Ok(Slow::Forward(a)) => {
-                if let Some(b) = transpose(&self.stats, ctx, pkt, pk, &a, &self.cfg.port_mtu) {
+                if let Some(b) = transpose(
+                    &self.stats,
+                    ctx,
+                    pkt,
+                    pk,
+                    &a,
+                    &self.cfg.port_mtu,
+                    self.tunnel_mtu,
+                ) {
                     self.bounce(ctx, policy, b, pk, now);
                 }
             }
@@ -628,9 +682,15 @@ impl<B: PacketBuf> Switch<B> {
                     .and_then(|()| parse(pkt.data(), in_port16).ok());
                 match syn {
                     Some(sp) => {
-                        if let Some(b) =
-                            transpose(&self.stats, ctx, pkt, &sp, &a, &self.cfg.port_mtu)
-                        {
+                        if let Some(b) = transpose(
+                            &self.stats,
+                            ctx,
+                            pkt,
+                            &sp,
+                            &a,
+                            &self.cfg.port_mtu,
+                            self.tunnel_mtu,
+                        ) {
                             self.bounce(ctx, policy, b, &sp, now);
                         }
                     }
@@ -751,38 +811,70 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
         let mut status = [Ok(()); N];
         let mut hash = [0u64; N];
         let mut hint = [None; N];
-        for ((pkt, p), st) in pkts.iter().zip(parsed.iter_mut()).zip(status.iter_mut()) {
-            *st = parse_into(pkt.data(), in16, p);
+        // Packets from the uplink come out of their tunnels first: each
+        // then arrives on its remote endpoint's tunnel port.
+        let mut ports = [in16; N];
+        let mut refused: [Option<SwitchDrop>; N] = [None; N];
+        if policy.is_uplink(in16) && policy.underlay().is_some() {
+            for ((pkt, port), r) in pkts
+                .iter_mut()
+                .zip(ports.iter_mut())
+                .zip(refused.iter_mut())
+            {
+                match self.decap(&policy, pkt) {
+                    Ok(Some(t)) => *port = t,
+                    Ok(None) => {}
+                    Err(why) => *r = Some(why),
+                }
+            }
+        }
+        for (((pkt, p), st), port) in pkts
+            .iter()
+            .zip(parsed.iter_mut())
+            .zip(status.iter_mut())
+            .zip(ports.iter())
+        {
+            *st = parse_into(pkt.data(), *port, p);
         }
         let mut touched = 0;
-        for (h, p) in hash.iter_mut().zip(parsed.iter()).take(n) {
-            *h = self.flows.hash(in16, &p.key);
+        for ((h, p), port) in hash.iter_mut().zip(parsed.iter()).zip(ports.iter()).take(n) {
+            *h = self.flows.hash(*port, &p.key);
             touched ^= self.flows.touch(*h);
         }
         std::hint::black_box(touched);
-        for (((r, p), h), st) in hint
+        for ((((r, p), h), st), port) in hint
             .iter_mut()
             .zip(parsed.iter())
             .zip(hash.iter())
             .zip(status.iter())
+            .zip(ports.iter())
             .take(n)
         {
             *r = match st {
-                Ok(()) => self.flows.find(*h, in16, &p.key),
+                Ok(()) => self.flows.find(*h, *port, &p.key),
                 Err(_) => None,
             };
         }
         for (i, pkt) in pkts.drain().enumerate() {
-            let (Some(p), Some(h), Some(r), Some(st)) =
-                (parsed.get(i), hash.get(i), hint.get(i), status.get(i))
-            else {
+            let (Some(p), Some(h), Some(r), Some(st), Some(port), Some(no)) = (
+                parsed.get(i),
+                hash.get(i),
+                hint.get(i),
+                status.get(i),
+                ports.get(i),
+                refused.get(i),
+            ) else {
                 break;
             };
+            if let Some(why) = no {
+                self.drop_pkt(pkt, *why);
+                continue;
+            }
             match st {
                 Ok(()) => self.packet(
                     ctx,
                     &policy,
-                    in_port,
+                    usize::from(*port),
                     pkt,
                     now,
                     false,
@@ -799,6 +891,11 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
     }
 
     fn poll(&mut self, ctx: &mut Ctx<'_, B>) -> usize {
+        let arp = if self.alloc.is_some() {
+            self.send_arp_requests(ctx)
+        } else {
+            0
+        };
         if self
             .control
             .as_ref()
@@ -829,10 +926,10 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
             if now.saturating_sub(self.last_expire) > 100_000_000 {
                 self.end(now, (0, 0, 0));
             }
-            return looped;
+            return looped + arp;
         };
         let Some(q) = h.queues.get(me) else {
-            return looped;
+            return looped + arp;
         };
         let (policy, now) = self.begin(ctx);
         let mut tally = (0, 0, 0);
@@ -855,6 +952,6 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
             n += self.drain_looped(ctx, &policy, now, &mut tally);
         }
         self.end(now, tally);
-        n + looped
+        n + looped + arp
     }
 }

@@ -150,7 +150,11 @@ impl<B: PacketBuf> Switch<B> {
         }
         let (_, vm) = p.vm_on_port(in_port).ok_or(SwitchDrop::NoVm)?;
         let vnet = p.vnets.get(vm.vnet).ok_or(SwitchDrop::NoRoute)?;
-        if frame.get(6..12) != Some(&vm.mac.0[..]) {
+        // (A remote endpoint's frames come from its host's switch, with
+        // whatever inner MAC it sends from; its host was checked when the
+        // packet left its tunnel.)
+        let remote = vm.is_remote();
+        if !remote && frame.get(6..12) != Some(&vm.mac.0[..]) {
             return Err(SwitchDrop::Spoofed);
         }
         match pk.l3 {
@@ -219,7 +223,13 @@ impl<B: PacketBuf> Switch<B> {
         // isolation), outside it through the uplink, with SNAT when the vnet
         // has it.
         let hop = match p.vm_by_addr(vm.vnet, post.dst_ip) {
+            // A remote endpoint reaches this host's VMs only: its other
+            // traffic is its own host's to route.
+            Some((_, dst)) if remote && dst.is_remote() => {
+                return Err(self.abandon(SwitchDrop::NoRoute, fresh));
+            }
             Some((_, dst)) => Hop::Vm(dst),
+            None if remote => return Err(self.abandon(SwitchDrop::NoRoute, fresh)),
             None => {
                 let Some(up) = p.uplink.as_ref().filter(|_| !vnet.contains(&post.dst())) else {
                     return Err(self.abandon(SwitchDrop::NoRoute, fresh));
@@ -270,7 +280,10 @@ impl<B: PacketBuf> Switch<B> {
         let fwd = match hop {
             Hop::Vm(dst) => FlowAction::to_vm(dst, vnet.gateway_mac, nat, lb),
             // (To a public address of the switch: hairpinned.)
-            Hop::Uplink(up) => FlowAction::to_wire(p, up, post.dst_ip, nat, lb),
+            Hop::Uplink(up) => match FlowAction::to_wire(p, up, post.dst_ip, nat, lb) {
+                Ok(a) => a,
+                Err(hop) => return Err(self.unresolved(hop, fresh)),
+            },
         };
         // The other direction arrives on the output port with the post-NAT
         // addresses swapped and goes back to this VM.
@@ -305,6 +318,15 @@ impl<B: PacketBuf> Switch<B> {
     ) -> Result<Slow, SwitchDrop> {
         match pk.l3 {
             L3::Arp => {
+                if let Some(r) = self.underlay_arp(p, frame, pk) {
+                    return r.and_then(|answered| {
+                        if answered {
+                            Ok(Slow::Reply)
+                        } else {
+                            Err(SwitchDrop::ArpIgnored)
+                        }
+                    });
+                }
                 let l3 = frame
                     .get(usize::from(pk.l3_off)..)
                     .ok_or(SwitchDrop::ArpIgnored)?;
@@ -342,6 +364,16 @@ impl<B: PacketBuf> Switch<B> {
             return self.related_error(p, vn, frame, pk, &q, r, true);
         }
         let Some(vn) = p.vnet_by_public(pk.key.dst_ip) else {
+            // Ping to the uplink's own address is answered.
+            let mine = p
+                .underlay()
+                .is_some_and(|(_, ul)| pk.key.dst() == std::net::IpAddr::V4(ul.address.addr()));
+            if mine && rewrite::is_echo_request(frame, pk) && !pk.frag.is_first() {
+                rewrite::icmp_echo_reply(frame, pk, up.mac)
+                    .map_err(|_| SwitchDrop::RewriteFailed)?;
+                self.stats.icmp_replies.fetch_add(1, Ordering::Relaxed);
+                return Ok(Slow::Reply);
+            }
             return self.slow_uplink_reply(p, up, frame, pk, now);
         };
         let vnet = p.vnets.get(vn).ok_or(SwitchDrop::NoRoute)?;
@@ -386,7 +418,10 @@ impl<B: PacketBuf> Switch<B> {
             return Ok(Slow::ProxySyn(fwd, Seg { mss, ..seg }, new));
         }
         // (From a public address of the switch: its replies hairpin.)
-        let back = FlowAction::to_wire(p, up, key.src_ip, nat, lb);
+        let back = match FlowAction::to_wire(p, up, key.src_ip, nat, lb) {
+            Ok(a) => a,
+            Err(hop) => return Err(self.unresolved(hop, lb.filter(|_| new))),
+        };
         // The first packet takes the compiled action too.
         Ok(Slow::Forward(self.install(
             p, now, pk.in_port, pk.key, fwd, &post, back, stateful,
@@ -522,6 +557,7 @@ impl<B: PacketBuf> Switch<B> {
                     .filter(|_| !vnet.contains(&to))
                     .ok_or(SwitchDrop::NoRoute)?;
                 FlowAction::to_wire(p, up, dataplane::key::to16(to), Rewrite::NONE, None)
+                    .map_err(|hop| self.unresolved(hop, None))?
             }
         };
         self.stats.icmp_related.fetch_add(1, Ordering::Relaxed);
@@ -538,6 +574,19 @@ impl<B: PacketBuf> Switch<B> {
             }
         }
         why
+    }
+
+    /// Drops a packet to the wire whose next hop has no known MAC (the
+    /// neighbour cache is told, and resolves it) or that has no route,
+    /// forgetting the connection it opened, if any.
+    fn unresolved(&mut self, hop: Option<std::net::Ipv4Addr>, fresh: Option<LbRef>) -> SwitchDrop {
+        match hop {
+            Some(h) => {
+                self.want(h);
+                self.abandon(SwitchDrop::NeighborUnresolved, fresh)
+            }
+            None => self.abandon(SwitchDrop::NoRoute, fresh),
+        }
     }
 
     /// The security groups' verdict on a new connection: a denied one is
@@ -589,7 +638,8 @@ impl<B: PacketBuf> Switch<B> {
         let vnet = p.vnets.get(vn).ok_or(SwitchDrop::NoRoute)?;
         let (_, dst) = p.vm_by_addr(vn, post.dst_ip).ok_or(SwitchDrop::NoRoute)?;
         let fwd = FlowAction::to_vm(dst, vnet.gateway_mac, nat, Some(lb));
-        let back = FlowAction::to_wire(p, up, key.src_ip, nat, Some(lb));
+        let back = FlowAction::to_wire(p, up, key.src_ip, nat, Some(lb))
+            .map_err(|hop| self.unresolved(hop, None))?;
         Ok(Slow::Forward(self.install(
             p, now, pk.in_port, pk.key, fwd, &post, back, true,
         )))

@@ -48,11 +48,26 @@ pub enum SwitchDrop {
     /// A hairpinned packet (to a public address of the switch) found
     /// [`super::HAIRPIN_QUEUE`] others waiting to go through again.
     HairpinFull,
+    /// To the wire or a tunnel through a next hop whose MAC the underlay
+    /// is still resolving (the control thread sends ARP requests for it).
+    NeighborUnresolved,
+    /// A tunnel packet (VXLAN or Geneve, to the uplink's address) that is
+    /// truncated, fragmented, or has a header the switch does not take
+    /// (flags, version, critical options, a payload other than Ethernet).
+    TunnelMalformed,
+    /// A tunnel packet with a VNI no vnet has.
+    TunnelUnknownVni,
+    /// A tunnel packet whose inner source is no remote endpoint of the
+    /// VNI's vnet.
+    TunnelUnknownSource,
+    /// A tunnel packet whose inner source is a remote endpoint living on
+    /// another host than the one that sent it.
+    TunnelSpoofed,
     /// The load balancer dropped it.
     Lb(LbDrop),
 }
 
-const BASE: [SwitchDrop; 16] = [
+const BASE: [SwitchDrop; 21] = [
     SwitchDrop::Spoofed,
     SwitchDrop::AclDeny,
     SwitchDrop::NoRoute,
@@ -69,6 +84,11 @@ const BASE: [SwitchDrop; 16] = [
     SwitchDrop::SynProxyParkFull,
     SwitchDrop::SynProxyParkExpired,
     SwitchDrop::HairpinFull,
+    SwitchDrop::NeighborUnresolved,
+    SwitchDrop::TunnelMalformed,
+    SwitchDrop::TunnelUnknownVni,
+    SwitchDrop::TunnelUnknownSource,
+    SwitchDrop::TunnelSpoofed,
 ];
 
 impl SwitchDrop {
@@ -108,6 +128,11 @@ impl SwitchDrop {
             SwitchDrop::SynProxyParkFull => "syn_proxy_park_full",
             SwitchDrop::SynProxyParkExpired => "syn_proxy_park_expired",
             SwitchDrop::HairpinFull => "hairpin_full",
+            SwitchDrop::NeighborUnresolved => "neighbor_unresolved",
+            SwitchDrop::TunnelMalformed => "tunnel_malformed",
+            SwitchDrop::TunnelUnknownVni => "tunnel_unknown_vni",
+            SwitchDrop::TunnelUnknownSource => "tunnel_unknown_source",
+            SwitchDrop::TunnelSpoofed => "tunnel_spoofed",
             SwitchDrop::Lb(r) => r.name(),
         }
     }
@@ -167,6 +192,13 @@ pub struct SwitchStats {
     /// SNAT public ports in use (each protocol's counted apart), published
     /// every 100 ms.
     pub snat_ports: AtomicU64,
+    /// Packets sent to other hosts in a tunnel (VXLAN or Geneve).
+    pub tunnel_tx: AtomicU64,
+    /// Tunnel packets taken in (decapsulated) from other hosts.
+    pub tunnel_rx: AtomicU64,
+    /// ARP requests sent on the uplink (the underlay resolving its next
+    /// hops).
+    pub arp_requests: AtomicU64,
 }
 
 impl Default for SwitchStats {
@@ -194,6 +226,9 @@ impl Default for SwitchStats {
             hairpinned: AtomicU64::new(0),
             snat_inbound: AtomicU64::new(0),
             snat_ports: AtomicU64::new(0),
+            tunnel_tx: AtomicU64::new(0),
+            tunnel_rx: AtomicU64::new(0),
+            arp_requests: AtomicU64::new(0),
         }
     }
 }

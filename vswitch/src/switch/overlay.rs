@@ -1,0 +1,180 @@
+//! The overlay and the underlay on the switch's side: tunnel packets
+//! taken out of their tunnel as they arrive on the uplink (`decap`, before
+//! the burst is parsed), packets to a remote endpoint put in its vnet's
+//! tunnel as they leave (`encap_send`), and the ARP of the uplink's own
+//! address (answered; what it says of the neighbours passed to the
+//! control thread's cache, whose requests worker 0 sends).
+
+use super::{Switch, SwitchDrop};
+use crate::policy::{Policy, TUNNEL_PORT_BASE};
+use dataplane::tunnel;
+use dataplane::wire::arp;
+use dataplane::worker::Ctx;
+use dataplane::{PacketBuf, Parsed, rewrite};
+use std::net::Ipv4Addr;
+use std::sync::atomic::Ordering;
+
+/// ARP requests worker 0 sends per poll at most.
+const ARP_SENDS_PER_POLL: usize = 8;
+
+impl<B: PacketBuf> Switch<B> {
+    /// Takes a packet that arrived on the uplink out of its tunnel, when
+    /// it is one (VXLAN or Geneve to the uplink's address): `Ok(Some(port))`,
+    /// the tunnel port of the remote endpoint that sent it, with the outer
+    /// headers stripped; `Ok(None)` for any other packet. The VNI names the
+    /// vnet, the inner source must be a remote endpoint of that vnet, and
+    /// the outer source its host.
+    pub(super) fn decap(&self, p: &Policy, pkt: &mut B) -> Result<Option<u16>, SwitchDrop> {
+        let Some((_, ul)) = p.underlay() else {
+            return Ok(None);
+        };
+        let d = match tunnel::peek(pkt.data(), ul.address.addr()) {
+            Ok(Some(d)) => d,
+            Ok(None) => return Ok(None),
+            Err(_) => return Err(SwitchDrop::TunnelMalformed),
+        };
+        let vnet = p.vnet_by_vni(d.vni).ok_or(SwitchDrop::TunnelUnknownVni)?;
+        let inner = pkt.data().get(d.inner..).unwrap_or_default();
+        let src = tunnel::inner_source(inner).ok_or(SwitchDrop::TunnelUnknownSource)?;
+        let (_, vm) = p
+            .vm_by_addr(vnet, dataplane::key::to16(src))
+            .ok_or(SwitchDrop::TunnelUnknownSource)?;
+        // (A local VM's address coming out of a tunnel is as unknown.)
+        let t = p.tunnel(vm.port).ok_or(SwitchDrop::TunnelUnknownSource)?;
+        if t.host != d.src {
+            return Err(SwitchDrop::TunnelSpoofed);
+        }
+        let trailer = tunnel::trailer(pkt.data());
+        pkt.trim(trailer)
+            .and_then(|()| pkt.adj(d.inner))
+            .map_err(|_| SwitchDrop::TunnelMalformed)?;
+        self.stats.tunnel_rx.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(vm.port))
+    }
+
+    /// Puts `pkt` (its inner frame ready) in the tunnel of tunnel port
+    /// `port` and sends it out of the uplink, from UDP source port `sport`.
+    /// While the next hop towards the remote host is being resolved the
+    /// packet is dropped (`neighbor_unresolved`) and the control thread is
+    /// told.
+    pub(super) fn encap_send(
+        &self,
+        ctx: &mut Ctx<'_, B>,
+        p: &Policy,
+        port: u16,
+        mut pkt: B,
+        sport: u16,
+    ) {
+        let (Some(t), Some(up)) = (p.tunnel(port), p.uplink.as_ref()) else {
+            return self.drop_pkt(pkt, SwitchDrop::NoRoute);
+        };
+        let Some(outer) = t.outer else {
+            if let Some(hop) = t.next_hop {
+                self.want(hop);
+                return self.drop_pkt(pkt, SwitchDrop::NeighborUnresolved);
+            }
+            return self.drop_pkt(pkt, SwitchDrop::NoRoute);
+        };
+        match tunnel::encap(&mut pkt, &outer, sport) {
+            Ok(()) => {
+                self.stats.tunnel_tx.fetch_add(1, Ordering::Relaxed);
+                ctx.send(usize::from(up.port), pkt);
+            }
+            Err(_) => self.drop_pkt(pkt, SwitchDrop::RewriteFailed),
+        }
+    }
+
+    /// Sends a packet the switch answered with (ARP, ICMP, a SYN proxy's
+    /// segment) back through the tunnel of `port`.
+    pub(super) fn send_back_tunnel(&self, ctx: &mut Ctx<'_, B>, port: u16, pkt: B) {
+        let p = self.policy.load();
+        let sport = tunnel::ENTROPY_BASE | (port & 0x3fff);
+        self.encap_send(ctx, &p, port, pkt, sport);
+    }
+
+    /// Tells the control thread's neighbour cache that a packet waits for
+    /// `hop`'s MAC.
+    pub(super) fn want(&self, hop: Ipv4Addr) {
+        if let Some(m) = &self.neigh {
+            // (A full mailbox: the cache hears of it from the next packet.)
+            let _ = m.wanted.push(hop);
+        }
+    }
+
+    /// An ARP packet from the wire about the uplink's own address: a
+    /// request is answered, and what it or a reply says of its sender goes
+    /// to the neighbour cache (a gratuitous one may only update an entry).
+    /// `Ok(true)`: answered in place; `Ok(false)`: taken in.
+    pub(super) fn underlay_arp(
+        &self,
+        p: &Policy,
+        frame: &mut [u8],
+        pk: &Parsed,
+    ) -> Option<Result<bool, SwitchDrop>> {
+        let (up, ul) = p.underlay()?;
+        let a = arp::Packet::new_checked(frame.get(usize::from(pk.l3_off)..)?).ok()?;
+        let me = ul.address.addr();
+        let (sender, smac, target) = (a.sender_ip(), a.sender_mac(), a.target_ip());
+        let op = a.operation();
+        let for_me = target == me;
+        let gratuitous = sender == target && sender != me;
+        if !for_me && !gratuitous {
+            return None;
+        }
+        if sender == me {
+            // Another host claims this host's address.
+            return Some(Err(SwitchDrop::Spoofed));
+        }
+        if let Some(m) = &self.neigh {
+            if ul.on_link(sender) {
+                let _ = m.learned.push((sender, smac, for_me));
+            }
+        }
+        if op == arp::OP_REQUEST && for_me {
+            return Some(
+                rewrite::arp_reply(frame, pk, up.mac)
+                    .map(|()| {
+                        self.stats.arp_replies.fetch_add(1, Ordering::Relaxed);
+                        true
+                    })
+                    .map_err(|_| SwitchDrop::RewriteFailed),
+            );
+        }
+        Some(Ok(false))
+    }
+
+    /// Sends the ARP requests the neighbour cache asked for (worker 0, the
+    /// one with a buffer source); returns how many.
+    pub(super) fn send_arp_requests(&mut self, ctx: &mut Ctx<'_, B>) -> usize {
+        let (Some(m), Some(alloc)) = (self.neigh.clone(), self.alloc.as_mut()) else {
+            return 0;
+        };
+        if m.send.is_empty() {
+            return 0;
+        }
+        let p = self.policy.load();
+        let Some((up, ul)) = p.underlay() else {
+            while m.send.pop().is_some() {}
+            return 0;
+        };
+        let mut n = 0;
+        while n < ARP_SENDS_PER_POLL {
+            let Some((target, to)) = m.send.pop() else {
+                break;
+            };
+            let Some(mut pkt) = alloc() else { break };
+            if tunnel::arp_request(&mut pkt, up.mac, ul.address.addr(), target, to).is_ok() {
+                ctx.send(usize::from(up.port), pkt);
+                self.stats.arp_requests.fetch_add(1, Ordering::Relaxed);
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+/// True for a tunnel port.
+#[inline]
+pub(super) fn is_tunnel(port: u16) -> bool {
+    port >= TUNNEL_PORT_BASE && port != crate::flow::HAIRPIN_PORT
+}
