@@ -29,6 +29,7 @@ needed=(
     dpdk              # dpdk-testpmd and the PMD plugins the DPDK tests load
     dpdk-dev          # DPDK's development tools
     tcpdump           # pcap and pktgen tests read captures back with it
+    tshark            # decodes the overlay test's captured VXLAN and Geneve headers
     procps            # kill(1) and sysctl(8) in the end-to-end tests
     util-linux        # setpriv(1): tests as another user
     iproute2          # ip(8): namespaces and veth pairs

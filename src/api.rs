@@ -132,6 +132,52 @@ pub struct Probes {
     pub probes: Vec<ProbeState>,
 }
 
+/// `GET /v1/underlay`: the uplink as a host on its network, its
+/// neighbours, and the tunnels to remote endpoints.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct UnderlayView {
+    /// The uplink's address (`None`: it has none; no tunnels).
+    pub address: Option<String>,
+    /// Static routes (prefix, next hop).
+    pub routes: Vec<(String, String)>,
+    /// The ARP cache.
+    pub neighbours: Vec<NeighbourView>,
+    /// One tunnel per remote endpoint.
+    pub tunnels: Vec<TunnelView>,
+}
+
+/// One entry of the underlay's ARP cache.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NeighbourView {
+    /// Its address.
+    pub ip: String,
+    /// Its MAC, once resolved.
+    pub mac: Option<String>,
+    /// `incomplete`, `reachable`, `stale` (being confirmed) or `failed`.
+    pub state: String,
+    /// Seconds since it last answered (`None`: never).
+    pub confirmed_ago_s: Option<f64>,
+}
+
+/// A remote endpoint's tunnel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunnelView {
+    /// The remote endpoint (`[[remote]]`).
+    pub remote: String,
+    /// Its vnet.
+    pub vnet: String,
+    /// The vnet's VNI.
+    pub vni: u32,
+    /// `vxlan` or `geneve`.
+    pub encap: String,
+    /// The host's underlay address.
+    pub host: String,
+    /// The next hop towards it (`None`: no route).
+    pub next_hop: Option<String>,
+    /// The next hop's MAC (`None` while it is being resolved).
+    pub next_hop_mac: Option<String>,
+}
+
 /// One cached flow.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Flow {
@@ -305,6 +351,16 @@ pub struct WorkerCounters {
     /// SNAT public ports it holds now.
     #[serde(default)]
     pub snat_ports_in_use: u64,
+    /// Packets it sent to other hosts in a tunnel (VXLAN or Geneve).
+    #[serde(default)]
+    pub tunnel_tx: u64,
+    /// Tunnel packets from other hosts it took in.
+    #[serde(default)]
+    pub tunnel_rx: u64,
+    /// ARP requests it sent on the uplink (the underlay resolving its next
+    /// hops).
+    #[serde(default)]
+    pub arp_requests: u64,
     /// Drops by reason (pipeline and malformed).
     pub drops: BTreeMap<String, u64>,
 }
@@ -339,6 +395,9 @@ impl WorkerCounters {
             (&mut self.syn_proxied, base.syn_proxied),
             (&mut self.hairpinned, base.hairpinned),
             (&mut self.snat_inbound, base.snat_inbound),
+            (&mut self.tunnel_tx, base.tunnel_tx),
+            (&mut self.tunnel_rx, base.tunnel_rx),
+            (&mut self.arp_requests, base.arp_requests),
         ] {
             *c += b;
         }

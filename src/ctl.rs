@@ -187,6 +187,8 @@ pub enum Cmd {
     Weight(String, String, u32),
     /// Probe states.
     Probes,
+    /// The underlay: address, routes, neighbours, tunnels.
+    Underlay,
     /// List (or delete) flows matching `key=value` filters.
     Flows(Vec<(String, String)>, bool),
     /// Counters.
@@ -278,6 +280,7 @@ pub fn run(ep: &Endpoint<'_>, cmd: &Cmd, json: bool) -> Result<Vec<String>, CtlE
             ("PUT", format!("/v1/vips/{v}/backends/{b}"), Some(body))
         }
         Cmd::Probes => ("GET", "/v1/probes".into(), None),
+        Cmd::Underlay => ("GET", "/v1/underlay".into(), None),
         Cmd::Flows(filters, delete) => {
             let q: Vec<String> = filters.iter().map(|(k, v)| format!("{k}={v}")).collect();
             (
@@ -455,6 +458,20 @@ fn table(cmd: &Cmd, path: &str, status: u16, text: &str) -> Result<Vec<String>, 
                     }
                     g
                 }
+                "remotes" => {
+                    let (items, g) = list::<crate::config::RemoteCfg>(path, status, text, kind)?;
+                    for i in items {
+                        out.push(format!(
+                            "{:<16} vnet {} ips {:?} host {} mac {}",
+                            i.name,
+                            i.vnet,
+                            i.ips,
+                            i.host,
+                            opt(&i.mac)
+                        ));
+                    }
+                    g
+                }
                 _ => {
                     let (items, g) = list::<Value>(path, status, text, kind)?;
                     for i in items {
@@ -467,6 +484,47 @@ fn table(cmd: &Cmd, path: &str, status: u16, text: &str) -> Result<Vec<String>, 
             out.push(generation(g));
         }
         Cmd::Get(_, Some(_)) => out.push(pretty(decode(path, status, text)?)),
+        Cmd::Underlay => {
+            let u = decode::<crate::api::UnderlayView>(path, status, text)?.body;
+            let Some(a) = u.address else {
+                out.push("the uplink has no address: no underlay, no tunnels".into());
+                return Ok(out);
+            };
+            out.push(format!("address {a}"));
+            for (n, via) in &u.routes {
+                out.push(format!("route {n} via {via}"));
+            }
+            out.push(format!(
+                "{:<16} {:<18} {:<11} {:>10}",
+                "neighbour", "mac", "state", "answered"
+            ));
+            for n in &u.neighbours {
+                out.push(format!(
+                    "{:<16} {:<18} {:<11} {:>10}",
+                    n.ip,
+                    opt(&n.mac),
+                    n.state,
+                    n.confirmed_ago_s
+                        .map_or("-".into(), |s| format!("{s:.1} s ago"))
+                ));
+            }
+            out.push(format!(
+                "{:<16} {:<10} {:>8} {:<7} {:<16} {:<16} next hop mac",
+                "tunnel", "vnet", "vni", "encap", "host", "next hop"
+            ));
+            for t in &u.tunnels {
+                out.push(format!(
+                    "{:<16} {:<10} {:>8} {:<7} {:<16} {:<16} {}",
+                    t.remote,
+                    t.vnet,
+                    t.vni,
+                    t.encap,
+                    t.host,
+                    opt(&t.next_hop),
+                    t.next_hop_mac.as_deref().unwrap_or("(resolving)")
+                ));
+            }
+        }
         Cmd::Probes => {
             let r = decode::<Probes>(path, status, text)?;
             out.push(format!(

@@ -158,6 +158,9 @@ enum CtlCmd {
     },
     /// Probe state of every probed backend.
     Probes,
+    /// The uplink's address and routes, its ARP neighbours, and the tunnels
+    /// to remote endpoints.
+    Underlay,
     /// List flows; filters: vm=NAME vip=NAME src=IP dst=IP proto=tcp sport=N dport=N limit=N.
     Flows {
         /// key=value filters.
@@ -204,6 +207,7 @@ fn ctl(socket: &std::path::Path, tcp: Option<&str>, json: bool, cmd: &CtlCmd) ->
             weight,
         } => Cmd::Weight(vip.clone(), backend.clone(), *weight),
         CtlCmd::Probes => Cmd::Probes,
+        CtlCmd::Underlay => Cmd::Underlay,
         CtlCmd::Flows {
             filters: f,
             delete,

@@ -169,6 +169,16 @@ pub fn render(c: &Counters, probes: &[ProbeState], generation: u64) -> String {
         "pollux_snat_ports_in_use",
         "SNAT public ports held per worker (each protocol's counted apart); exhaustion is pollux_drops{reason=\"snat_port_exhausted\"}",
     );
+    let tunnel = counters(
+        &mut reg,
+        "pollux_tunnel_packets",
+        "Overlay packets: sent to other hosts in a tunnel (direction tx), taken in from them (rx)",
+    );
+    let arp_requests = counters(
+        &mut reg,
+        "pollux_arp_requests",
+        "ARP requests sent on the uplink, resolving and confirming the underlay's next hops",
+    );
     let busy = counters(
         &mut reg,
         "pollux_worker_busy_polls",
@@ -215,6 +225,12 @@ pub fn render(c: &Counters, probes: &[ProbeState], generation: u64) -> String {
                 .inc_by(n);
         }
         hairpinned.get_or_create(&lw).inc_by(w.hairpinned);
+        for (dir, n) in [("tx", w.tunnel_tx), ("rx", w.tunnel_rx)] {
+            tunnel
+                .get_or_create(&labels(&[("worker", &name), ("direction", dir)]))
+                .inc_by(n);
+        }
+        arp_requests.get_or_create(&lw).inc_by(w.arp_requests);
         snat_inbound.get_or_create(&lw).inc_by(w.snat_inbound);
         snat_ports
             .get_or_create(&lw)

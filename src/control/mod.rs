@@ -412,6 +412,7 @@ fn route(
             };
             change_backend(state, vip, backend, change)
         }
+        ("GET", ["v1", "underlay"]) => reply(200, &underlay(state, rt)),
         ("GET", ["v1", "probes"]) => reply(
             200,
             &Probes {
@@ -422,6 +423,52 @@ fn route(
         ("GET", ["v1", "counters"]) => reply(200, &counters(state, rt)?),
         ("POST", ["v1", "takeover"]) => takeover(state, rt, body),
         _ => Err(no_endpoint(method, &path)),
+    }
+}
+
+/// `GET /v1/underlay`.
+fn underlay(state: &ControlState, rt: &Runtime) -> crate::api::UnderlayView {
+    let p = state.policy().load();
+    let Some((_, ul)) = p.underlay() else {
+        return crate::api::UnderlayView::default();
+    };
+    let now = rt.neighbours.now();
+    let t = *rt.neighbours.cache.timers();
+    crate::api::UnderlayView {
+        address: Some(ul.address.to_string()),
+        routes: ul
+            .routes
+            .iter()
+            .map(|(n, via)| (n.to_string(), via.to_string()))
+            .collect(),
+        neighbours: rt
+            .neighbours
+            .cache
+            .entries()
+            .map(|(ip, n)| crate::api::NeighbourView {
+                ip: ip.to_string(),
+                mac: n.mac.map(|m| m.to_string()),
+                state: n.state(now, &t).to_string(),
+                confirmed_ago_s: (n.confirmed > 0)
+                    .then(|| now.saturating_sub(n.confirmed) as f64 / 1e9),
+            })
+            .collect(),
+        tunnels: p
+            .tunnels
+            .iter()
+            .map(|tn| {
+                let vn = p.vnets.get(tn.vnet);
+                crate::api::TunnelView {
+                    remote: tn.name.clone(),
+                    vnet: vn.map_or(String::new(), |v| v.name.clone()),
+                    vni: vn.and_then(|v| v.vni).unwrap_or(0),
+                    encap: vn.map_or("", |v| v.encap.name()).to_string(),
+                    host: tn.host.to_string(),
+                    next_hop: tn.next_hop.map(|h| h.to_string()),
+                    next_hop_mac: tn.outer.map(|o| o.dst_mac.to_string()),
+                }
+            })
+            .collect(),
     }
 }
 
@@ -818,6 +865,9 @@ pub fn local_counters(state: &ControlState, rt: &Runtime) -> Counters {
             hairpinned: l(&ss.hairpinned),
             snat_inbound: l(&ss.snat_inbound),
             snat_ports_in_use: l(&ss.snat_ports),
+            tunnel_tx: l(&ss.tunnel_tx),
+            tunnel_rx: l(&ss.tunnel_rx),
+            arp_requests: l(&ss.arp_requests),
             drops: by_reason(ws.drops.nonzero().into_iter().chain(ss.nonzero())),
         })
         .map(|mut c| {
