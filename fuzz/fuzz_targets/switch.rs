@@ -1,6 +1,7 @@
 //! Fuzzes the whole pipeline: arbitrary frames into a switch with a
 //! realistic policy (two tenants with the same prefix, security groups,
-//! UDP and TCP VIPs, SNAT and a public VIP on an uplink, ARP/ND/echo
+//! UDP and TCP VIPs, SNAT and a public VIP on an uplink with an underlay
+//! address and tunnels to a remote endpoint of each tenant, ARP/ND/echo
 //! responders that rewrite frames in place) on every port. Besides never
 //! panicking, every packet is accounted for: each one received is sent, or
 //! dropped and counted with a reason (by the switch, the worker or a port).
@@ -10,7 +11,8 @@
 //! (port 5 is the uplink); from 0x80 on, `bytes` pick one of the frames a
 //! real network would send (a client's SYN to a VIP, a reply from a
 //! backend, an SNAT reply from the wire, a VM's packet to a public address
-//! that hairpins, ARP, neighbour solicitation, ...)
+//! that hairpins, ARP, neighbour solicitation, VXLAN and Geneve packets
+//! from remote endpoints, ...)
 //! on its port and overwrite some of its bytes, so that the fuzzer reaches
 //! the deep states without a corpus. For the VIPs with a SYN proxy, the
 //! harness reads the cookies and the backends' SYNs the switch sends, so
@@ -101,7 +103,7 @@ fn topology() -> Topology {
                     filtering: lb::snat::Filtering::EndpointIndependent,
                     ..SnatConfig::default()
                 }),
-                vni: None,
+                vni: Some(100),
                 encap: Default::default(),
             },
             VnetDef {
@@ -109,8 +111,8 @@ fn topology() -> Topology {
                 prefixes: vec!["10.1.0.0/16".parse().unwrap()],
                 gateway_mac: MacAddr([0x12, 0, 0, 0, 0, 2]),
                 snat: None,
-                vni: None,
-                encap: Default::default(),
+                vni: Some(200),
+                encap: dataplane::tunnel::Encap::Geneve,
             },
         ],
         vms: vec![
@@ -186,10 +188,30 @@ fn topology() -> Topology {
             port: 5,
             mac: MacAddr([2, 0x50, 0x4c, 0x58, 0xff, 0xff]),
             next_hop_mac: MacAddr([2, 0, 0, 0, 9, 9]),
-            underlay: None,
+            underlay: Some(vswitch::Underlay {
+                address: "192.0.2.1/24".parse().unwrap(),
+                routes: Vec::new(),
+            }),
         }),
-        remotes: Vec::new(),
-        neighbours: Vec::new(),
+        // 10.1.0.30 (vnet a) and 10.1.0.31 (vnet b) on other hosts: vnet a's host's MAC is
+        // known, vnet b's is not (its packets wait for ARP).
+        remotes: vec![
+            vswitch::RemoteDef {
+                name: "ra".into(),
+                vnet: 0,
+                ips: vec![ip("10.1.0.30")],
+                host: "192.0.2.7".parse().unwrap(),
+                mac: None,
+            },
+            vswitch::RemoteDef {
+                name: "rb".into(),
+                vnet: 1,
+                ips: vec![ip("10.1.0.31")],
+                host: "192.0.2.8".parse().unwrap(),
+                mac: Some(MacAddr([2, 0, 0, 0, 7, 7])),
+            },
+        ],
+        neighbours: vec![("192.0.2.7".parse().unwrap(), MacAddr([2, 0, 0, 0, 7, 1]))],
     }
 }
 
@@ -242,6 +264,45 @@ fn ipv4(
         f.extend_from_slice(&[0, 16, 0, 0]);
     }
     f.extend_from_slice(&[0x61; 8]);
+    f
+}
+
+/// `inner` in a VXLAN (or Geneve) packet with VNI `vni` from `src` to the
+/// uplink's underlay address; checksums left 0.
+fn tunnelled(geneve: bool, vni: u32, src: [u8; 4], inner: Vec<u8>) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&UPLINK_MAC);
+    f.extend_from_slice(&[2, 0, 0, 0, 7, 1]);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let total = (20 + 8 + 8 + inner.len()) as u16;
+    f.extend_from_slice(&[
+        0x45,
+        0,
+        (total >> 8) as u8,
+        total as u8,
+        0,
+        0,
+        0x40,
+        0,
+        64,
+        17,
+        0,
+        0,
+    ]);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&[192, 0, 2, 1]);
+    let port: u16 = if geneve { 6081 } else { 4789 };
+    f.extend_from_slice(&50000u16.to_be_bytes());
+    f.extend_from_slice(&port.to_be_bytes());
+    f.extend_from_slice(&(total - 20).to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    if geneve {
+        f.extend_from_slice(&[0, 0, 0x65, 0x58]);
+    } else {
+        f.extend_from_slice(&[0x08, 0, 0, 0]);
+    }
+    f.extend_from_slice(&(vni << 8).to_be_bytes());
+    f.extend_from_slice(&inner);
     f
 }
 
@@ -439,7 +500,7 @@ fn template_plain(which: u8, x: u16) -> (usize, Vec<u8>) {
     let vip = [10, 1, 0, 100];
     let sport = 40000 + x % 64;
     let snat_port = 1024 + x % 4096;
-    match which % 17 {
+    match which % 20 {
         0 => (0, ipv4(client, GW_A, c4, vip, 6, sport, 80, 0x02)),
         1 => (0, ipv4(client, GW_A, c4, vip, 6, sport, 80, 0x10)),
         2 => (0, ipv4(client, GW_A, c4, vip, 17, sport, 53, 0)),
@@ -534,6 +595,49 @@ fn template_plain(which: u8, x: u16) -> (usize, Vec<u8>) {
         15 => (
             0,
             ipv4(client, GW_A, c4, [198, 51, 100, 80], 6, sport, 80, 0x02),
+        ),
+        // To the remote endpoint of vnet a: out in VXLAN.
+        17 => (
+            0,
+            ipv4(client, GW_A, c4, [10, 1, 0, 30], 6, sport, 8000, 0x02),
+        ),
+        // From the remote endpoints, in their tunnels (VXLAN from vnet a's
+        // host, Geneve from vnet b's), to the server and the client.
+        18 => (
+            5,
+            tunnelled(
+                false,
+                100,
+                [192, 0, 2, 7],
+                ipv4(
+                    [2, 0, 0, 0, 7, 1],
+                    GW_A,
+                    [10, 1, 0, 30],
+                    [10, 1, 0, 4],
+                    6,
+                    sport,
+                    8000,
+                    0x02,
+                ),
+            ),
+        ),
+        19 => (
+            5,
+            tunnelled(
+                true,
+                200,
+                [192, 0, 2, 8],
+                ipv4(
+                    [2, 0, 0, 0, 7, 7],
+                    [0x12, 0, 0, 0, 0, 2],
+                    [10, 1, 0, 31],
+                    [10, 1, 0, 20],
+                    17,
+                    sport,
+                    53,
+                    0,
+                ),
+            ),
         ),
         // From the wire to a SNAT mapping that no connection expects.
         _ => (
