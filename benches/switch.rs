@@ -8,7 +8,12 @@
 //!   round robin (each packet a different flow of the set), after every flow
 //!   was installed once; `fast_path_random/*` the same flows in random order;
 //! - `new_flows`: every packet a new connection through the slow path (ACL
-//!   classification both ways, Maglev, conntrack, DNAT, two flow installs).
+//!   classification both ways, Maglev, conntrack, DNAT, two flow installs);
+//! - `overlay/encap/*`: `fast_path` with the three backends on other hosts
+//!   (remote endpoints): every packet put in VXLAN and sent out of the
+//!   uplink; `overlay/decap/*`: the clients on another host, every packet
+//!   arriving in VXLAN on the uplink and taken out of its tunnel (its VNI,
+//!   inner source and outer source checked) before the same pipeline.
 //!
 //! One thread does everything: the generator fills 32 frames and sends them
 //! into the switch's input ring, the worker polls once (`Worker::poll_once`),
@@ -75,18 +80,58 @@ fn big_nsg() -> NsgSpec {
     }
 }
 
-fn topology() -> Topology {
+/// Where the generator's clients and the backends are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// All VMs of this host.
+    Plain,
+    /// The backends on other hosts, behind the uplink (port 1).
+    Encap,
+    /// The clients on another host: their packets come in VXLAN on the
+    /// uplink (port 0).
+    Decap,
+}
+
+/// The uplink's underlay address, and the hosts'.
+const LOCAL: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+const CLIENT_HOST: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
+const UPLINK_MAC: [u8; 6] = [2, 0x50, 0x4c, 0x58, 0, 1];
+
+fn topology(mode: Mode) -> Topology {
     let mac = |i: u8| MacAddr([2, 0, 0, 0, 0, i]);
-    let mut vms = vec![VmDef {
-        name: "gen".into(),
-        port: 0,
-        vnet: 0,
-        mac: mac(1),
-        ips: (0..GEN_IPS).map(|i| IpAddr::V4(gen_ip(i))).collect(),
-        nsg: Some(0),
-        internal: false,
-    }];
+    let clients: Vec<IpAddr> = (0..GEN_IPS).map(|i| IpAddr::V4(gen_ip(i))).collect();
+    let mut vms = Vec::new();
+    let mut remotes = Vec::new();
+    if mode == Mode::Decap {
+        remotes.push(vswitch::RemoteDef {
+            name: "clients".into(),
+            vnet: 0,
+            ips: clients,
+            host: CLIENT_HOST,
+            mac: None,
+        });
+    } else {
+        vms.push(VmDef {
+            name: "gen".into(),
+            port: 0,
+            vnet: 0,
+            mac: mac(1),
+            ips: clients,
+            nsg: Some(0),
+            internal: false,
+        });
+    }
     for b in 0..3u8 {
+        if mode == Mode::Encap {
+            remotes.push(vswitch::RemoteDef {
+                name: format!("dip{b}"),
+                vnet: 0,
+                ips: vec![IpAddr::V4(Ipv4Addr::new(10, 1, 0, 4 + b))],
+                host: Ipv4Addr::new(192, 0, 2, 10 + b),
+                mac: None,
+            });
+            continue;
+        }
         vms.push(VmDef {
             name: format!("dip{b}"),
             port: 1 + u16::from(b),
@@ -110,7 +155,7 @@ fn topology() -> Topology {
             prefixes: vec!["10.1.0.0/16".parse().unwrap()],
             gateway_mac: MacAddr([0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc]),
             snat: None,
-            vni: None,
+            vni: Some(100),
             encap: Default::default(),
         }],
         vms,
@@ -121,15 +166,29 @@ fn topology() -> Topology {
             health: vec![],
         }],
         ports: 4,
-        uplink: None,
-        remotes: Vec::new(),
-        neighbours: Vec::new(),
+        uplink: match mode {
+            Mode::Plain => None,
+            _ => Some(vswitch::UplinkDef {
+                port: if mode == Mode::Encap { 1 } else { 0 },
+                mac: MacAddr(UPLINK_MAC),
+                next_hop_mac: MacAddr::ZERO,
+                underlay: Some(vswitch::Underlay {
+                    address: "192.0.2.1/24".parse().unwrap(),
+                    routes: Vec::new(),
+                }),
+            }),
+        },
+        remotes,
+        // The hosts' MACs are known (resolved by ARP in a running switch).
+        neighbours: (7..13)
+            .map(|h| (Ipv4Addr::new(192, 0, 2, h), MacAddr([2, 0, 0, 0, 2, h])))
+            .collect(),
     }
 }
 
-/// A 60-byte UDP frame of flow `f` (source address and port vary).
-fn frame(f: u32) -> [u8; 60] {
-    let mut out = [0u8; 60];
+/// A 60-byte UDP frame of flow `f` (source address and port vary); for
+/// `Mode::Decap`, in VXLAN from the clients' host (110 bytes).
+fn frame(f: u32, mode: Mode) -> Vec<u8> {
     let mut v = Vec::with_capacity(60);
     let src = gen_ip(f % GEN_IPS);
     let sport = 1024 + (f / GEN_IPS) as u16;
@@ -138,8 +197,19 @@ fn frame(f: u32) -> [u8; 60] {
         .udp(sport, 80)
         .write(&mut v, &[0u8; 18])
         .unwrap();
-    out.copy_from_slice(&v);
-    out
+    if mode != Mode::Decap {
+        return v;
+    }
+    let mut outer = Vec::with_capacity(110);
+    etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 2, 7], UPLINK_MAC)
+        .ipv4(CLIENT_HOST.octets(), LOCAL.octets(), 64)
+        .udp(50000 + (f % 1000) as u16, 4789)
+        .write(
+            &mut outer,
+            &[[0x08, 0, 0, 0, 0, 0, 100, 0].as_slice(), &v].concat(),
+        )
+        .unwrap();
+    outer
 }
 
 struct Rig {
@@ -148,7 +218,8 @@ struct Rig {
     gen_end: RingPort<PoolBuf>,
     sinks: Vec<RingPort<PoolBuf>>,
     pool: Pool,
-    frames: Vec<[u8; 60]>,
+    frames: Vec<Vec<u8>>,
+    mode: Mode,
     next: usize,
     /// Flows in random order (xorshift) instead of round robin.
     random: bool,
@@ -159,15 +230,15 @@ struct Rig {
 
 impl Rig {
     fn new(flows: u32, table: usize) -> Rig {
-        Rig::with_timeouts(flows, table, None)
+        Rig::with_timeouts(flows, table, None, Mode::Plain)
     }
 
     /// A rig whose flows and connections time out after `idle` (instead
     /// of the defaults: minutes).
-    fn with_timeouts(flows: u32, table: usize, idle: Option<Duration>) -> Rig {
+    fn with_timeouts(flows: u32, table: usize, idle: Option<Duration>, mode: Mode) -> Rig {
         let pool = Pool::new(&PoolConfig::new("switch-bench", 8192)).unwrap();
         let policy = Arc::new(ArcSwap::from_pointee(
-            Policy::compile(&topology(), 1).unwrap(),
+            Policy::compile(&topology(mode), 1).unwrap(),
         ));
         let mut cfg = SwitchConfig {
             flow_table_size: table * 2 + 64,
@@ -207,7 +278,8 @@ impl Rig {
             gen_end,
             sinks,
             pool,
-            frames: (0..flows).map(frame).collect(),
+            frames: (0..flows).map(|f| frame(f, mode)).collect(),
+            mode,
             next: 0,
             random: false,
             rng: 0x9e37_79b9_7f4a_7c15,
@@ -218,7 +290,9 @@ impl Rig {
 
     /// From now on, generate flows `first..first + count`.
     fn use_flows(&mut self, first: u32, count: u32) {
-        self.frames = (first..first + count).map(frame).collect();
+        self.frames = (first..first + count)
+            .map(|f| frame(f, self.mode))
+            .collect();
         self.next = 0;
     }
 
@@ -228,9 +302,8 @@ impl Rig {
         let mut b = Batch::new();
         for _ in 0..BURST {
             let mut buf = self.pool.alloc().unwrap();
-            buf.append(60)
-                .unwrap()
-                .copy_from_slice(&self.frames[self.next]);
+            let f = &self.frames[self.next];
+            buf.append(f.len()).unwrap().copy_from_slice(f);
             if self.random {
                 self.rng ^= self.rng << 13;
                 self.rng ^= self.rng >> 7;
@@ -332,6 +405,31 @@ fn bench(c: &mut Criterion) {
     g.finish();
     drop(rigs);
 
+    // The overlay: the same pipeline with every packet leaving in a tunnel
+    // (encap) or arriving in one (decap), next to the plain fast path.
+    let mut g = c.benchmark_group("overlay");
+    g.throughput(Throughput::Elements(BURST as u64));
+    for (name, mode) in [
+        ("plain", Mode::Plain),
+        ("encap", Mode::Encap),
+        ("decap", Mode::Decap),
+    ] {
+        let flows = 1_000;
+        let mut rig = Rig::with_timeouts(flows, flows as usize, None, mode);
+        let mut out = 0;
+        for _ in 0..(flows as usize).div_ceil(BURST) {
+            out += rig.burst();
+        }
+        assert!(
+            out as u32 >= flows - BURST as u32,
+            "{name}: only {out} forwarded"
+        );
+        g.bench_with_input(BenchmarkId::new(name, flows), &flows, |b, _| {
+            b.iter_custom(|iters| worker_only(&mut rig, iters))
+        });
+    }
+    g.finish();
+
     let mut g = c.benchmark_group("new_flows");
     g.throughput(Throughput::Elements(BURST as u64));
     g.sample_size(10);
@@ -376,7 +474,7 @@ fn new_flows(iters: u64, steady: bool, run: impl Fn(&mut Rig, u64) -> Duration) 
             // Long enough that the timed flows stay in the table (it grows
             // to as many entries as without `steady`).
             let idle = Duration::from_millis(500);
-            let mut rig = Rig::with_timeouts(flows, flows as usize, Some(idle));
+            let mut rig = Rig::with_timeouts(flows, flows as usize, Some(idle), Mode::Plain);
             // Fill, let everything time out, and send one burst of other
             // flows: the flow table's expiry step, more than a second after
             // the last, sweeps the whole table.

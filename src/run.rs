@@ -1133,6 +1133,17 @@ fn run_on<A: BufAlloc>(
     };
     let workers = sets.len().max(1);
     let generation = incoming.as_ref().map_or(1, |i| i.state.generation + 1);
+    // A successor starts with its predecessor's underlay neighbours.
+    let mut topo = topo.clone();
+    if let Some(inc) = &incoming {
+        topo.neighbours = inc
+            .state
+            .neighbours
+            .iter()
+            .map(|(ip, m)| (*ip, dataplane::MacAddr(*m)))
+            .collect();
+    }
+    let topo = &topo;
     let policy = match (Policy::compile(topo, generation), incoming.as_mut()) {
         (Ok(p), _) => p,
         (Err(e), Some(inc)) => return Err(RunError::Takeover(inc.abort(e.0.join("; ")))),
@@ -1273,6 +1284,7 @@ fn run_on<A: BufAlloc>(
         flow_control,
     );
     rt.neighbours.mail = neigh_mail;
+    rt.neighbours.seed(&topo.neighbours);
     if let Some(inc) = incoming.take() {
         eprintln!(
             "pollux: took over from pid {} (version {}): traffic stopped {:.1} ms; {} connections, {} probe states, {} sockets",
@@ -1525,6 +1537,11 @@ fn hand_over<A: BufAlloc>(
     st.workers = stopped.iter().map(|s| s.pipeline.export_state()).collect();
     st.probes = health.export();
     st.worker_counters = counted;
+    st.neighbours = state
+        .neighbours()
+        .iter()
+        .map(|(ip, m)| (*ip, m.0))
+        .collect();
     use std::os::fd::AsFd;
     let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
     offer(req, &st, &borrowed, || {

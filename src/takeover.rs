@@ -183,6 +183,10 @@ pub struct State {
     /// to, so that they only grow).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub worker_counters: Vec<crate::api::WorkerCounters>,
+    /// The underlay's resolved neighbours (address, MAC): the successor's
+    /// tunnels and routes need not wait for ARP.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub neighbours: Vec<(std::net::Ipv4Addr, [u8; 6])>,
 }
 
 /// The other messages of the conversation.
@@ -499,6 +503,7 @@ impl Incoming {
                 workers: Vec::new(),
                 probes: Vec::new(),
                 worker_counters: Vec::new(),
+                neighbours: Vec::new(),
             },
             fds: fds.into_iter().map(Some).collect(),
             conn,
@@ -620,6 +625,7 @@ pub fn state_of(
         workers: Vec::new(),
         probes: Vec::new(),
         worker_counters: Vec::new(),
+        neighbours: Vec::new(),
     })
 }
 

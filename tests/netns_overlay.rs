@@ -24,7 +24,8 @@
 //! addresses, their outer source ports varying with the inner flow; KW
 //! sending with an unknown VNI, from an address mapped to another host,
 //! and from an unmapped address, each dropped with its reason; the
-//! neighbours and tunnels as `pollux ctl underlay` shows them.
+//! neighbours and tunnels as `pollux ctl underlay` shows them; a hitless
+//! upgrade of A whose successor starts with the resolved neighbours.
 //!
 //! Needs root and `ip`, `ethtool`, `curl`, `python3`, `ping`, `tcpdump`,
 //! `tshark`, and a kernel with VXLAN.
@@ -323,6 +324,12 @@ host = "192.168.100.1"
     )
 }
 
+/// What `curl` in namespace `tag` got from `url` (empty on failure).
+fn curl(lab: &Lab, tag: &str, url: &str) -> String {
+    let out = lab.bash(tag, &format!("curl -sf --max-time 5 {url}"));
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
 /// The value of drop reason `reason` summed over workers in a
 /// `/v1/counters` answer.
 fn drops(v: &serde_json::Value, reason: &str) -> u64 {
@@ -372,7 +379,7 @@ fn a_vnet_spans_hosts_in_vxlan_and_geneve_with_the_kernel_as_a_peer() {
         ),
         &dir.join("tcpdump.log"),
     );
-    let (_, _, log_a) = lab.pollux("a", &host_a(&lab, &a_up));
+    let (idx_a, _, log_a) = lab.pollux("a", &host_a(&lab, &a_up));
     let (_, _, log_b) = lab.pollux("b", &host_b(&lab, &b_up));
     let (api_a, api_b) = (lab.api("a"), lab.api("b"));
     let logs = || format!("A:\n{}\nB:\n{}", read(&log_a), read(&log_b));
@@ -413,10 +420,7 @@ fn a_vnet_spans_hosts_in_vxlan_and_geneve_with_the_kernel_as_a_peer() {
     );
 
     // curl across hosts: each vnet reaches its own server at 10.1.0.20.
-    let curl = |tag: &str, url: &str| {
-        let out = lab.bash(tag, &format!("curl -sf --max-time 5 {url}"));
-        String::from_utf8_lossy(&out.stdout).to_string()
-    };
+
     for (from, url, want) in [
         ("a1", "http://10.1.0.20:8000/name", "b1"),
         ("a2", "http://10.1.0.20:8000/name", "b2"),
@@ -424,12 +428,17 @@ fn a_vnet_spans_hosts_in_vxlan_and_geneve_with_the_kernel_as_a_peer() {
         ("b2", "http://10.1.0.10:8000/name", "a2"),
     ] {
         // (The first packets may wait for the servers to listen.)
-        let ok = wait_for(Duration::from_secs(20), || curl(from, url) == want);
-        assert!(ok, "{from} -> {url}: {:?}\n{}", curl(from, url), logs());
+        let ok = wait_for(Duration::from_secs(20), || curl(&lab, from, url) == want);
+        assert!(
+            ok,
+            "{from} -> {url}: {:?}\n{}",
+            curl(&lab, from, url),
+            logs()
+        );
     }
     // Several connections: their tunnel packets' source ports differ.
     for _ in 0..8 {
-        assert_eq!(curl("a1", "http://10.1.0.20:8000/name"), "b1");
+        assert_eq!(curl(&lab, "a1", "http://10.1.0.20:8000/name"), "b1");
     }
     for (from, to) in [
         ("a1", "10.1.0.20"),
@@ -470,12 +479,12 @@ fn a_vnet_spans_hosts_in_vxlan_and_geneve_with_the_kernel_as_a_peer() {
 
     // The kernel's VXLAN as a third host.
     let ok = wait_for(Duration::from_secs(20), || {
-        curl("kv", "http://10.1.0.10:8000/name") == "a1"
+        curl(&lab, "kv", "http://10.1.0.10:8000/name") == "a1"
     });
     assert!(
         ok,
         "kv -> a1: {:?}\n{}",
-        curl("kv", "http://10.1.0.10:8000/name"),
+        curl(&lab, "kv", "http://10.1.0.10:8000/name"),
         logs()
     );
     let out = lab.bash("a1", "ping -c 3 -i 0.2 -W 2 10.1.0.50");
@@ -538,6 +547,52 @@ fn a_vnet_spans_hosts_in_vxlan_and_geneve_with_the_kernel_as_a_peer() {
     ] {
         assert!(text.contains(want), "no {want:?} in:\n{text}");
     }
+
+    // A hitless upgrade of A: the successor starts with A's neighbours
+    // (its tunnels need no ARP first), and the vnet goes on.
+    let old_pid = api_a.get("/v1/status").unwrap()["pid"].as_u64().unwrap();
+    let unresolved = drops(&api_a.get("/v1/counters").unwrap(), "neighbor_unresolved");
+    let (_, _, log_n) = lab.pollux_takeover("a-next", "a", &[]);
+    let gone = wait_for(Duration::from_secs(60), || {
+        lab.children[idx_a].try_wait().unwrap().is_some()
+    });
+    assert!(gone, "A did not hand over\n{}\n{}", logs(), read(&log_n));
+    let st = api_a.wait_for(
+        "/v1/status",
+        Duration::from_secs(30),
+        "the successor serves the API",
+        |v| v["takeover"]["from_pid"].as_u64() == Some(old_pid),
+        || read(&log_n),
+    );
+    let u = api_a.get("/v1/underlay").unwrap();
+    assert!(
+        u["tunnels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["next_hop_mac"].is_string()),
+        "successor's tunnels unresolved: {u}\n{st}"
+    );
+    assert_eq!(
+        curl(&lab, "a1", "http://10.1.0.20:8000/name"),
+        "b1",
+        "{}",
+        read(&log_n)
+    );
+    assert_eq!(
+        curl(&lab, "kv", "http://10.1.0.10:8000/name"),
+        "a1",
+        "{}",
+        read(&log_n)
+    );
+    let c = api_a.get("/v1/counters").unwrap();
+    // (The counters go on from the predecessor's.)
+    assert_eq!(
+        drops(&c, "neighbor_unresolved"),
+        unresolved,
+        "{}",
+        c["workers"]
+    );
 
     // The captured tunnel packets, decoded by tshark.
     std::thread::sleep(Duration::from_millis(300));
@@ -607,10 +662,20 @@ fn a_vnet_spans_hosts_in_vxlan_and_geneve_with_the_kernel_as_a_peer() {
     let bad = fields("(vxlan or geneve) and _ws.malformed", &["frame.number"]);
     let detail = bad.first().map(|n| {
         let out = std::process::Command::new("tshark")
-            .args(["-r", cap.to_str().unwrap(), "-Y", &format!("frame.number == {n}"), "-V"])
+            .args([
+                "-r",
+                cap.to_str().unwrap(),
+                "-Y",
+                &format!("frame.number == {n}"),
+                "-V",
+            ])
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout).to_string()
     });
-    assert!(bad.is_empty(), "malformed: {bad:?}\n{}", detail.unwrap_or_default());
+    assert!(
+        bad.is_empty(),
+        "malformed: {bad:?}\n{}",
+        detail.unwrap_or_default()
+    );
 }

@@ -142,6 +142,11 @@ impl ControlState {
         r
     }
 
+    /// The neighbours' MACs the published policy was compiled with.
+    pub fn neighbours(&self) -> &[(std::net::Ipv4Addr, dataplane::MacAddr)] {
+        &self.neighbours
+    }
+
     /// Replaces the whole desired state (`PUT /v1/config`, SIGHUP).
     pub fn replace(&mut self, next: Config) -> Result<u64, ApiError> {
         self.publish(next)
@@ -336,6 +341,15 @@ impl Default for Neighbours {
 }
 
 impl Neighbours {
+    /// Takes `known` in as neighbours confirmed now (a predecessor's).
+    pub fn seed(&mut self, known: &[(std::net::Ipv4Addr, dataplane::MacAddr)]) {
+        let now = self.now();
+        for (ip, mac) in known {
+            let _ = self.mail.learned.push((*ip, *mac, true));
+        }
+        self.cache.step(now, &self.mail, &[], |_| true);
+    }
+
     /// Nanoseconds on the cache's clock.
     pub fn now(&self) -> u64 {
         self.epoch.elapsed().as_nanos() as u64
