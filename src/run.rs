@@ -347,7 +347,15 @@ pub fn run_with(cfg: &Config, source: Option<&std::path::Path>) -> Result<RunRep
     let pool = Pool::new(&PoolConfig::new("run", 65536))?;
     let (mut sets, idle_peers) = open_ports(cfg, workers, pool)?;
     let probers = probers(cfg, &mut topo, pool, &mut sets)?;
-    let report = run_on(cfg, &topo, sets, probers, pool, &cores, stop, Extra::none());
+    let report = run_on(
+        cfg,
+        &topo,
+        sets,
+        (probers, pool),
+        &cores,
+        stop,
+        Extra::none(),
+    );
     drop(idle_peers);
     report
 }
@@ -407,7 +415,7 @@ pub fn run_takeover(
                 successor: Some(successor),
                 devices: None,
             };
-            run_on(&cfg, &topo, sets, probers, pool, &cores, stop, extra)
+            run_on(&cfg, &topo, sets, (probers, pool), &cores, stop, extra)
         }
         Err(e) => Err(RunError::Takeover(inc.abort(e.lines().join("; ")))),
     }
@@ -642,8 +650,7 @@ impl InProcess {
                     &cfg,
                     &topo,
                     sets,
-                    probers,
-                    pool,
+                    (probers, pool),
                     &cores,
                     stop,
                     Extra::none(),
@@ -713,7 +720,7 @@ fn run_dpdk(cfg: &Config, mut topo: Topology, stop: Stop) -> Result<RunReport, R
         successor: None,
         devices: Some(dpdk_devices(cfg, &eal, pool, workers)),
     };
-    run_on(cfg, &topo, sets, probers, pool, &cores, stop, extra)
+    run_on(cfg, &topo, sets, (probers, pool), &cores, stop, extra)
 }
 
 /// [`run_takeover`] of a pollux on DPDK ports: EAL (under a file prefix
@@ -805,8 +812,7 @@ fn run_takeover_dpdk(
         &cfg,
         &topo,
         sets,
-        probers,
-        pool,
+        (probers, pool),
         &cores,
         stop,
         Extra {
@@ -1111,7 +1117,8 @@ impl<B: PacketBuf> Switches<B> {
 
 /// Starts one switch worker per port set, serves the control API (with a
 /// `[control]` section), runs the control loop until `stop` says so, stops
-/// the workers and returns the report. A successor (`incoming`) restores
+/// the workers and returns the report. `health` probes; `alloc` gives
+/// worker 0 the buffers of the underlay's ARP requests. A successor (`incoming`) restores
 /// its predecessor's state into the switches, and serves the control API
 /// once its workers run. A successor's request to take over (from the
 /// API) stops the workers and hands over; if that fails, the same workers
@@ -1120,8 +1127,7 @@ fn run_on<A: BufAlloc>(
     cfg: &Config,
     topo: &Topology,
     sets: Vec<PortSet<A::Buf>>,
-    mut health: Health<A>,
-    alloc: A,
+    (mut health, alloc): (Health<A>, A),
     cores: &[core_affinity::CoreId],
     stop: Stop,
     extra: Extra<A::Buf>,
