@@ -1716,6 +1716,105 @@ backends = [ { vm = "web1", port = 8080 } ]
     }
 
     #[test]
+    fn an_overlay_builds_remotes_routes_and_tunnels() {
+        let text = format!(
+            "{}\n[[remote]]\nname = \"db\"\nvnet = \"a\"\nips = [\"10.1.0.20\"]\nhost = \"192.168.101.2\"\nmac = \"02:00:00:00:00:50\"\n",
+            UPLINK
+                .replace(
+                    "next_hop_mac = \"02:00:00:00:00:fe\"",
+                    "address = \"192.168.100.1/24\"\ngateway = \"192.168.100.254\"\n[[uplink.route]]\nprefix = \"192.168.101.0/24\"\nvia = \"192.168.100.253\"",
+                )
+                .replace(
+                    "gateway_mac = \"12:34:56:78:9a:bc\"\n",
+                    "gateway_mac = \"12:34:56:78:9a:bc\"\nvni = 100\n",
+                )
+        );
+        let c = Config::parse(&text).unwrap();
+        c.validate().unwrap();
+        let t = c.topology().unwrap();
+        let ul = t.uplink.as_ref().unwrap().underlay.clone().unwrap();
+        assert_eq!(ul.address.to_string(), "192.168.100.1/24");
+        let hop = |d: &str| ul.next_hop(d.parse().unwrap()).map(|h| h.to_string());
+        // On-link, a static route, the default route.
+        assert_eq!(hop("192.168.100.9").as_deref(), Some("192.168.100.9"));
+        assert_eq!(hop("192.168.101.2").as_deref(), Some("192.168.100.253"));
+        assert_eq!(hop("8.8.8.8").as_deref(), Some("192.168.100.254"));
+        assert_eq!(t.remotes.len(), 1);
+        assert_eq!(t.vnets[0].vni, Some(100));
+        let p = vswitch::Policy::compile(&t, 1).unwrap();
+        let tn = &p.tunnels[0];
+        assert_eq!(
+            (tn.name.as_str(), tn.next_hop.map(|h| h.to_string())),
+            ("db", Some("192.168.100.253".to_string()))
+        );
+        // Not resolved yet: no outer headers.
+        assert!(tn.outer.is_none());
+        let (_, vm) = p
+            .vm_by_addr(0, lb::conntrack::to16("10.1.0.20".parse().unwrap()))
+            .unwrap();
+        assert!(vm.is_remote());
+    }
+
+    #[test]
+    fn overlay_problems_name_their_item() {
+        let base = UPLINK.replace(
+            "next_hop_mac = \"02:00:00:00:00:fe\"",
+            "address = \"192.168.100.0/24\"\ngateway = \"10.9.9.9\"\n[[uplink.route]]\nprefix = \"192.168.101.1/24\"\nvia = \"192.168.100.7\"",
+        );
+        let text = format!(
+            "{base}\n[[vnet]]\nname = \"b\"\nprefixes = [\"10.2.0.0/16\"]\ngateway_mac = \"12:34:56:78:9a:bd\"\nencap = \"gre\"\n\
+             [[remote]]\nname = \"r1\"\nvnet = \"b\"\nips = [\"10.3.0.1\"]\nhost = \"nowhere\"\n\
+             [[remote]]\nname = \"r2\"\nvnet = \"a\"\nips = [\"10.1.0.4\"]\nhost = \"192.168.100.9\"\nmac = \"ff:ff:ff:ff:ff:ff\"\n"
+        );
+        let p = problems(&text);
+        let want = [
+            "uplink: address \"192.168.100.0/24\" is not a host address",
+            "uplink: gateway: next hop 10.9.9.9 is not on the uplink's network 192.168.100.0/24",
+            "uplink: route \"192.168.101.1/24\" has host bits set (did you mean 192.168.101.0/24?)",
+            "vnet \"b\": encap \"gre\" is not vxlan or geneve",
+            "vnet \"b\": encap needs a vni",
+            "remote \"r1\": vnet \"b\" has no vni (it is on no overlay)",
+            "remote \"r1\": host \"nowhere\" is not an IPv4 address",
+            "remote \"r1\": 10.3.0.1 is not in vnet \"b\"",
+            "remote \"r2\": vnet \"a\" has no vni (it is on no overlay)",
+            "remote \"r2\": mac ff:ff:ff:ff:ff:ff is not a unicast address",
+            "remote \"r2\": 10.1.0.4 is already used by \"web1\" in vnet \"a\"",
+        ];
+        for w in want {
+            assert!(p.iter().any(|l| l == w), "missing {w:?} in {p:#?}");
+        }
+        assert_eq!(p.len(), want.len(), "{p:#?}");
+        // Without an address: next_hop_mac is required, and tunnels have
+        // nowhere to leave from.
+        let p = problems(&format!(
+            "{}\n[[remote]]\nname = \"r\"\nvnet = \"a\"\nips = [\"10.1.0.9\"]\nhost = \"192.0.2.1\"\n",
+            UPLINK
+                .replace("next_hop_mac = \"02:00:00:00:00:fe\"\n", "")
+                .replace(
+                    "gateway_mac = \"12:34:56:78:9a:bc\"\n",
+                    "gateway_mac = \"12:34:56:78:9a:bc\"\nvni = 7\n"
+                )
+        ));
+        assert_eq!(
+            p,
+            [
+                "uplink: next_hop_mac is required without an address (whose next hops ARP resolves)",
+                "remote \"r\": tunnels need an [uplink] with an address",
+            ],
+            "{p:#?}"
+        );
+        // Two vnets with one VNI: the whole topology shows it.
+        let p = problems(&format!(
+            "{}\n[[vnet]]\nname = \"b\"\nprefixes = [\"10.2.0.0/16\"]\ngateway_mac = \"12:34:56:78:9a:bd\"\nvni = 7\n",
+            UPLINK.replace(
+                "gateway_mac = \"12:34:56:78:9a:bc\"\n",
+                "gateway_mac = \"12:34:56:78:9a:bc\"\nvni = 7\n"
+            )
+        ));
+        assert_eq!(p, ["vnet \"b\": vni 7 is already vnet \"a\"'s"], "{p:#?}");
+    }
+
+    #[test]
     fn uplink_and_snat_problems_name_their_item() {
         let bad = UPLINK
             .replace(
