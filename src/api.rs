@@ -159,6 +159,18 @@ pub struct NeighbourView {
     pub confirmed_ago_s: Option<f64>,
 }
 
+/// `GET` / `PUT /v1/routes`: the uplink's default gateway and static routes
+/// (`PUT` replaces both).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Routes {
+    /// The default route's next hop.
+    #[serde(default)]
+    pub gateway: Option<String>,
+    /// Static routes.
+    #[serde(default)]
+    pub routes: Vec<crate::config::RouteCfg>,
+}
+
 /// A remote endpoint's tunnel.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TunnelView {

@@ -189,6 +189,8 @@ pub enum Cmd {
     Probes,
     /// The underlay: address, routes, neighbours, tunnels.
     Underlay,
+    /// Replace the uplink's gateway and routes from a JSON file.
+    PutRoutes(String),
     /// List (or delete) flows matching `key=value` filters.
     Flows(Vec<(String, String)>, bool),
     /// Counters.
@@ -281,6 +283,7 @@ pub fn run(ep: &Endpoint<'_>, cmd: &Cmd, json: bool) -> Result<Vec<String>, CtlE
         }
         Cmd::Probes => ("GET", "/v1/probes".into(), None),
         Cmd::Underlay => ("GET", "/v1/underlay".into(), None),
+        Cmd::PutRoutes(f) => ("PUT", "/v1/routes".into(), Some(read_input(f)?)),
         Cmd::Flows(filters, delete) => {
             let q: Vec<String> = filters.iter().map(|(k, v)| format!("{k}={v}")).collect();
             (

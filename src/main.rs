@@ -161,6 +161,13 @@ enum CtlCmd {
     /// The uplink's address and routes, its ARP neighbours, and the tunnels
     /// to remote endpoints.
     Underlay,
+    /// Replace the uplink's default gateway and static routes from a JSON
+    /// file (`-`: stdin): `{"gateway": "192.0.2.254", "routes": [{"prefix":
+    /// "10.0.0.0/8", "via": "192.0.2.253"}]}`.
+    PutRoutes {
+        /// JSON file.
+        file: String,
+    },
     /// List flows; filters: vm=NAME vip=NAME src=IP dst=IP proto=tcp sport=N dport=N limit=N.
     Flows {
         /// key=value filters.
@@ -208,6 +215,7 @@ fn ctl(socket: &std::path::Path, tcp: Option<&str>, json: bool, cmd: &CtlCmd) ->
         } => Cmd::Weight(vip.clone(), backend.clone(), *weight),
         CtlCmd::Probes => Cmd::Probes,
         CtlCmd::Underlay => Cmd::Underlay,
+        CtlCmd::PutRoutes { file } => Cmd::PutRoutes(file.clone()),
         CtlCmd::Flows {
             filters: f,
             delete,

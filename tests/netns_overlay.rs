@@ -24,7 +24,8 @@
 //! addresses, their outer source ports varying with the inner flow; KW
 //! sending with an unknown VNI, from an address mapped to another host,
 //! and from an unmapped address, each dropped with its reason; the
-//! neighbours and tunnels as `pollux ctl underlay` shows them; a hitless
+//! neighbours and tunnels as `pollux ctl underlay` shows them; A's routes
+//! changed through the API and put back with `pollux ctl put-routes`; a hitless
 //! upgrade of A whose successor starts with the resolved neighbours.
 //!
 //! Needs root and `ip`, `ethtool`, `curl`, `python3`, `ping`, `tcpdump`,
@@ -547,6 +548,52 @@ fn a_vnet_spans_hosts_in_vxlan_and_geneve_with_the_kernel_as_a_peer() {
     ] {
         assert!(text.contains(want), "no {want:?} in:\n{text}");
     }
+
+    // A's route to B's network changed through the API to a next hop
+    // nobody answers for: the tunnels to B wait for ARP (and their packets
+    // are dropped as unresolved); put back with `pollux ctl put-routes`,
+    // they work again.
+    let dead = r#"{"routes": [{"prefix": "192.168.101.0/24", "via": "192.168.100.250"}]}"#;
+    let (code, body) = api_a.send("PUT", "/v1/routes", Some(dead));
+    assert_eq!(code, 200, "{body}");
+    let before = drops(&api_a.get("/v1/counters").unwrap(), "neighbor_unresolved");
+    let moved = wait_for(Duration::from_secs(10), || {
+        api_a.get("/v1/underlay").is_some_and(|u| {
+            u["tunnels"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|t| t["next_hop"] == "192.168.100.250" && t["next_hop_mac"].is_null())
+        })
+    });
+    assert!(moved, "{:?}", api_a.get("/v1/underlay"));
+    assert_eq!(curl(&lab, "a1", "http://10.1.0.20:8000/name"), "");
+    assert!(drops(&api_a.get("/v1/counters").unwrap(), "neighbor_unresolved") > before);
+    let routes = dir.join("routes.json");
+    std::fs::write(
+        &routes,
+        r#"{"routes": [{"prefix": "192.168.101.0/24", "via": "192.168.100.254"}]}"#,
+    )
+    .unwrap();
+    let ctl = std::process::Command::new(env!("CARGO_BIN_EXE_pollux"))
+        .args([
+            "ctl",
+            "--socket",
+            api_a.sock.to_str().unwrap(),
+            "put-routes",
+        ])
+        .arg(&routes)
+        .output()
+        .unwrap();
+    assert!(
+        ctl.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ctl.stderr)
+    );
+    let back = wait_for(Duration::from_secs(20), || {
+        curl(&lab, "a1", "http://10.1.0.20:8000/name") == "b1"
+    });
+    assert!(back, "{:?}\n{}", api_a.get("/v1/underlay"), logs());
 
     // A hitless upgrade of A: the successor starts with A's neighbours
     // (its tunnels need no ARP first), and the vnet goes on.

@@ -413,6 +413,22 @@ fn route(
             change_backend(state, vip, backend, change)
         }
         ("GET", ["v1", "underlay"]) => reply(200, &underlay(state, rt)),
+        ("GET", ["v1", "routes"]) => reply(200, &routes_of(state.config())),
+        ("PUT", ["v1", "routes"]) => {
+            let r: crate::api::Routes = body_json(body, "routes")?;
+            let g = state.apply(|c| match c.uplink.as_mut() {
+                Some(u) if u.address.is_some() => {
+                    u.gateway = r.gateway;
+                    u.route = r.routes;
+                    Ok(())
+                }
+                _ => Err(ApiError::new(
+                    409,
+                    "the uplink has no address: it has no routes (give [uplink] an address and restart)",
+                )),
+            })?;
+            applied(false, g)
+        }
         ("GET", ["v1", "probes"]) => reply(
             200,
             &Probes {
@@ -423,6 +439,18 @@ fn route(
         ("GET", ["v1", "counters"]) => reply(200, &counters(state, rt)?),
         ("POST", ["v1", "takeover"]) => takeover(state, rt, body),
         _ => Err(no_endpoint(method, &path)),
+    }
+}
+
+/// `GET /v1/routes`: the uplink's gateway and static routes.
+fn routes_of(c: &crate::config::Config) -> crate::api::Routes {
+    crate::api::Routes {
+        gateway: c.uplink.as_ref().and_then(|u| u.gateway.clone()),
+        routes: c
+            .uplink
+            .as_ref()
+            .map(|u| u.route.clone())
+            .unwrap_or_default(),
     }
 }
 

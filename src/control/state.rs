@@ -169,7 +169,19 @@ impl ControlState {
         fixed("[dataplane]", next.dataplane == self.config.dataplane)?;
         fixed("[control]", next.control == self.config.control)?;
         fixed("[dpdk]", next.dpdk == self.config.dpdk)?;
-        fixed("[uplink]", next.uplink == self.config.uplink)?;
+        // The uplink's routes (and default gateway) may change; its port,
+        // MACs and address may not.
+        let fixed_part = |u: &Option<crate::config::UplinkCfg>| {
+            u.clone().map(|u| crate::config::UplinkCfg {
+                route: Vec::new(),
+                gateway: None,
+                ..u
+            })
+        };
+        fixed(
+            "[uplink] (but its routes and gateway)",
+            fixed_part(&next.uplink) == fixed_part(&self.config.uplink),
+        )?;
         // A vnet's SNAT (ports, behaviours, timeouts) is laid out in every
         // worker when the vnet first appears; it does not change under
         // the connections and mappings that use it.
