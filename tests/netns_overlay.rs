@@ -4,7 +4,7 @@
 //! on both hosts, and a Linux kernel `vxlan` device standing in for a third
 //! host.
 //!
-//! Underlay: A is 192.168.100.1/24 with a static route to 192.168.101.0/24
+//! Underlay (B with two workers): A is 192.168.100.1/24 with a static route to 192.168.101.0/24
 //! via the router (192.168.100.254); B is 192.168.101.2/24 with the router
 //! (192.168.101.254) as its default gateway; the kernel hosts KV
 //! (192.168.100.3) and KW (192.168.100.4) share A's network (a bridge in
@@ -271,8 +271,14 @@ mac = "{KV_MAC}"
 }
 
 fn host_b(lab: &Lab, uplink: &str) -> String {
+    // Two workers: a tunnel packet taken in by one may belong to a
+    // connection the other owns.
     format!(
         r#"
+[dataplane]
+workers = 2
+idle_sleep_us = 200
+
 [[port]]
 name = "b1"
 driver = "af_packet"
@@ -527,6 +533,9 @@ fn a_vnet_spans_hosts_in_vxlan_and_geneve_with_the_kernel_as_a_peer() {
             assert!(sum(&c, f) > 0, "{name} {f}: {}", c["workers"]);
         }
     }
+    // B's workers handed each other packets taken out of tunnels.
+    let c = api_b.get("/v1/counters").unwrap();
+    assert!(sum(&c, "handed_off") > 0, "{}", c["workers"]);
     // What an operator sees.
     let ctl = std::process::Command::new(env!("CARGO_BIN_EXE_pollux"))
         .args(["ctl", "--socket", api_a.sock.to_str().unwrap(), "underlay"])
