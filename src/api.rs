@@ -162,6 +162,7 @@ pub struct NeighbourView {
 /// `GET` / `PUT /v1/routes`: the uplink's default gateway and static routes
 /// (`PUT` replaces both).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 pub struct Routes {
     /// The default route's next hop.
     #[serde(default)]

@@ -5,7 +5,8 @@
 //! [`encap`] puts the outer Ethernet, IPv4, UDP and tunnel headers in front
 //! of a frame (in the buffer's headroom: no copy of the frame); [`peek`]
 //! reads them from a received frame, and the caller strips them with
-//! [`PacketBuf::adj`]. Both check every length and never panic, whatever
+//! [`PacketBuf::adj`] (and what follows the UDP datagram with
+//! [`PacketBuf::trim`]). Both check every length and never panic, whatever
 //! the bytes (unit-tested, and fuzzed through the switch).
 
 use crate::key::FlowKey;
@@ -177,6 +178,9 @@ pub struct Decap {
     pub dst: Ipv4Addr,
     /// Where the inner Ethernet frame starts (the bytes to strip).
     pub inner: usize,
+    /// Where it ends: the end of the UDP datagram (what follows is the
+    /// outer frame's padding, trimmed with the outer headers).
+    pub end: usize,
 }
 
 /// Reads the outer headers of `frame`: `Ok(None)` when it is no IPv4 UDP
@@ -252,17 +256,8 @@ pub fn peek(frame: &[u8], local: Ipv4Addr) -> Result<Option<Decap>, TunnelError>
         src: Ipv4Addr::from([ip[12], ip[13], ip[14], ip[15]]),
         dst: local,
         inner,
+        end: udp_off + udp_len,
     }))
-}
-
-/// The bytes of a received tunnel packet after its inner frame (the outer
-/// Ethernet frame's padding, or anything else past the UDP datagram),
-/// which are trimmed with the outer headers.
-pub fn trailer(frame: &[u8]) -> usize {
-    let total = frame
-        .get(16..18)
-        .map_or(0, |b| usize::from(u16::from_be_bytes([b[0], b[1]])));
-    frame.len().saturating_sub(14 + total)
 }
 
 /// The source address of an inner frame: IPv4's or IPv6's, or the ARP
@@ -363,8 +358,8 @@ mod tests {
                 (d.encap, d.vni, d.src, d.inner),
                 (e, 0x12_3456, Ipv4Addr::new(192, 168, 100, 1), OVERHEAD)
             );
-            assert_eq!(&f[d.inner..], &inner[..]);
-            assert_eq!(trailer(f), 0);
+            assert_eq!(&f[d.inner..d.end], &inner[..]);
+            assert_eq!(d.end, f.len());
             assert_eq!(
                 inner_source(&f[d.inner..]),
                 Some(IpAddr::V4(Ipv4Addr::new(10, 1, 0, 10)))

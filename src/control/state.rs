@@ -340,6 +340,8 @@ pub struct Neighbours {
     /// The cache.
     pub cache: vswitch::neigh::NeighCache,
     epoch: std::time::Instant,
+    /// Why the last publication of the neighbours failed, if it did.
+    failed: Option<String>,
 }
 
 impl Default for Neighbours {
@@ -348,18 +350,19 @@ impl Default for Neighbours {
             mail: Arc::default(),
             cache: vswitch::neigh::NeighCache::default(),
             epoch: std::time::Instant::now(),
+            failed: None,
         }
     }
 }
 
 impl Neighbours {
-    /// Takes `known` in as neighbours confirmed now (a predecessor's).
+    /// Takes `known` in as neighbours confirmed and in use now (a
+    /// predecessor's).
     pub fn seed(&mut self, known: &[(std::net::Ipv4Addr, dataplane::MacAddr)]) {
         let now = self.now();
         for (ip, mac) in known {
-            let _ = self.mail.learned.push((*ip, *mac, true));
+            self.cache.insert(*ip, *mac, now);
         }
-        self.cache.step(now, &self.mail, &[], |_| true);
     }
 
     /// Nanoseconds on the cache's clock.
@@ -368,7 +371,8 @@ impl Neighbours {
     }
 
     /// One step of the cache for `state`'s policy; publishes the policy
-    /// again when the resolved MACs changed, and says so.
+    /// again when the resolved MACs in use differ from the published ones
+    /// (also after a publication that failed), and says so.
     pub fn step(&mut self, state: &mut ControlState) {
         let cur = state.policy().load_full();
         let Some((_, ul)) = cur.underlay() else {
@@ -376,22 +380,30 @@ impl Neighbours {
         };
         let now = self.now();
         let needed = cur.next_hops();
-        if self
-            .cache
-            .step(now, &self.mail, &needed, |ip| ul.on_link(ip))
-        {
-            let resolved = self.cache.resolved();
-            let list: Vec<String> = resolved
-                .iter()
-                .map(|(ip, mac)| format!("{ip} at {mac}"))
-                .collect();
-            match state.set_neighbours(resolved) {
-                Ok(g) => eprintln!(
+        self.cache
+            .step(now, &self.mail, &needed, |ip| ul.on_link(ip));
+        let resolved = self.cache.resolved();
+        if resolved == state.neighbours() {
+            return;
+        }
+        let list: Vec<String> = resolved
+            .iter()
+            .map(|(ip, mac)| format!("{ip} at {mac}"))
+            .collect();
+        match state.set_neighbours(resolved) {
+            Ok(g) => {
+                self.failed = None;
+                eprintln!(
                     "pollux: underlay neighbours now [{}]; policy generation {g}",
                     list.join(", ")
-                ),
-                Err(e) => eprintln!("pollux: underlay neighbours not applied: {}", e.message),
+                )
             }
+            // Said once; tried again every step.
+            Err(e) if self.failed.as_ref() != Some(&e.message) => {
+                eprintln!("pollux: underlay neighbours not applied: {}", e.message);
+                self.failed = Some(e.message);
+            }
+            Err(_) => {}
         }
     }
 }

@@ -18,7 +18,14 @@
 //! from it), then confirmed by unicast requests (three, one a second) and
 //! forgotten if none is answered. Entries of next hops the policy uses
 //! (its routes' and tunnels' next hops) are resolved whether or not
-//! traffic waits for them, and kept.
+//! traffic waits for them, and kept. Only requests for the uplink's
+//! address create entries from the wire; replies and announcements fill
+//! or update entries the cache has, and a MAC that changed less than
+//! `locktime` after the last is ignored (two devices answering for one
+//! address do not make the policy flap). The policy is given the MACs of
+//! next hops in use only (needed, or wanted by a packet once, until the
+//! entry is forgotten): what the wire teaches the cache beyond them costs
+//! no new policy generation.
 
 use crossbeam_queue::ArrayQueue;
 use dataplane::MacAddr;
@@ -59,6 +66,9 @@ pub struct NeighTimers {
     pub retrans: u64,
     /// Requests before an entry is given up (3).
     pub probes: u32,
+    /// How long after a confirmation another MAC is ignored (1 s, as
+    /// Linux's `locktime`).
+    pub locktime: u64,
 }
 
 impl Default for NeighTimers {
@@ -67,6 +77,7 @@ impl Default for NeighTimers {
             reachable: 30_000_000_000,
             retrans: 1_000_000_000,
             probes: 3,
+            locktime: 1_000_000_000,
         }
     }
 }
@@ -86,6 +97,9 @@ pub struct Neighbour {
     pub probes: u32,
     /// When the last request went (ns).
     pub probed: u64,
+    /// When a packet last wanted it, or the policy needed it (ns; 0:
+    /// never).
+    pub used: u64,
 }
 
 /// The state names `pollux ctl neighbours` shows, as `ip neigh` does.
@@ -127,19 +141,38 @@ impl NeighCache {
         self.entries.iter()
     }
 
-    /// The resolved entries, as a policy takes them.
+    /// The resolved entries in use (a packet or the policy wanted them),
+    /// as a policy takes them.
     pub fn resolved(&self) -> Vec<(Ipv4Addr, MacAddr)> {
         self.entries
             .iter()
+            .filter(|(_, n)| n.used > 0)
             .filter_map(|(ip, n)| Some((*ip, n.mac?)))
             .collect()
+    }
+
+    /// Takes `ip` at `mac` in as confirmed and in use at `now` (a
+    /// predecessor's entry).
+    pub fn insert(&mut self, ip: Ipv4Addr, mac: MacAddr, now: u64) {
+        if self.entries.len() < MAX_NEIGHBOURS || self.entries.contains_key(&ip) {
+            self.entries.insert(
+                ip,
+                Neighbour {
+                    mac: Some(mac),
+                    confirmed: now,
+                    probes: 0,
+                    probed: 0,
+                    used: now.max(1),
+                },
+            );
+        }
     }
 
     /// One step at `now`: takes in what the workers sent (`on_link` says
     /// which addresses may be neighbours), keeps the policy's next hops
     /// (`needed`) resolved, sends the requests that are due through
     /// `mail.send`, ages entries out. Returns true when the resolved MACs
-    /// changed (the policy must be published again).
+    /// in use changed (the policy must be published again).
     pub fn step(
         &mut self,
         now: u64,
@@ -155,13 +188,15 @@ impl NeighCache {
             }
             let room = self.entries.len() < MAX_NEIGHBOURS;
             match self.entries.get_mut(&ip) {
+                // Another MAC right after a confirmation: ignored.
+                Some(n)
+                    if n.mac.is_some_and(|m| m != mac)
+                        && now.saturating_sub(n.confirmed) < t.locktime => {}
                 Some(n) => {
-                    *n = Neighbour {
-                        mac: Some(mac),
-                        confirmed: now,
-                        probes: 0,
-                        probed: 0,
-                    }
+                    n.mac = Some(mac);
+                    n.confirmed = now;
+                    n.probes = 0;
+                    n.probed = 0;
                 }
                 None if create && room => {
                     self.entries.insert(
@@ -171,18 +206,22 @@ impl NeighCache {
                             confirmed: now,
                             probes: 0,
                             probed: 0,
+                            used: 0,
                         },
                     );
                 }
                 None => {}
             }
         }
-        let mut want: Vec<Ipv4Addr> = needed.to_vec();
+        let mut want: Vec<(Ipv4Addr, bool)> = needed.iter().map(|ip| (*ip, true)).collect();
         while let Some(ip) = mail.wanted.pop() {
-            want.push(ip);
+            want.push((ip, false));
         }
-        for ip in want {
-            if !on_link(ip) || self.entries.len() >= MAX_NEIGHBOURS {
+        for (ip, need) in want {
+            // (The policy's next hops always have room: they are bounded
+            // by its size.)
+            let full = self.entries.len() >= MAX_NEIGHBOURS && !self.entries.contains_key(&ip);
+            if !on_link(ip) || (full && !need) {
                 continue;
             }
             let n = self.entries.entry(ip).or_insert(Neighbour {
@@ -190,7 +229,9 @@ impl NeighCache {
                 confirmed: 0,
                 probes: 0,
                 probed: 0,
+                used: 0,
             });
+            n.used = now.max(1);
             // A failed entry that is wanted again starts over, a second on.
             if n.mac.is_none() && n.probes >= t.probes && now.saturating_sub(n.probed) >= t.retrans
             {
@@ -236,6 +277,7 @@ impl NeighCache {
                             confirmed: 0,
                             probes: 0,
                             probed: 0,
+                            used: n.used,
                         };
                         if !needed.contains(ip) {
                             gone.push(*ip);
@@ -299,9 +341,12 @@ mod tests {
         m.learned.push((gw, mac(1), false)).unwrap();
         assert!(!c.step(31 * S + 2, &m, &[gw], local));
         assert!(sent(&m).is_empty());
-        // A new MAC (the router replaced): the policy must change.
+        // Another MAC right after the confirmation: ignored (locktime).
         m.learned.push((gw, mac(2), false)).unwrap();
-        assert!(c.step(32 * S, &m, &[gw], local));
+        assert!(!c.step(31 * S + 3, &m, &[gw], local));
+        // A new MAC later (the router replaced): the policy must change.
+        m.learned.push((gw, mac(2), false)).unwrap();
+        assert!(c.step(33 * S, &m, &[gw], local));
         assert_eq!(c.resolved(), [(gw, mac(2))]);
     }
 
@@ -340,6 +385,15 @@ mod tests {
         m.wanted.push(Ipv4Addr::new(10, 0, 0, 2)).unwrap();
         assert!(!c.step(0, &m, &[], local));
         assert_eq!(c.entries().count(), 0);
+        // A request for the uplink's address creates an entry, which no
+        // policy takes until a packet wants it.
+        m.learned.push((ip(9), mac(9), true)).unwrap();
+        assert!(!c.step(0, &m, &[], local));
+        assert_eq!(c.entries().count(), 1);
+        m.wanted.push(ip(9)).unwrap();
+        assert!(c.step(1, &m, &[], local));
+        assert_eq!(c.resolved(), [(ip(9), mac(9))]);
+        c.entries.remove(&ip(9));
         // A worker's wanted next hop is resolved, given up after three
         // requests, and resolved again when wanted again.
         m.wanted.push(ip(5)).unwrap();

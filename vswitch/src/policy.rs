@@ -446,6 +446,43 @@ impl Policy {
             };
             vms.push(VmDef { nsg, ..vm.clone() });
         }
+        // Tunnel ports lie above every real port.
+        if t.ports >= TUNNEL_PORT_BASE {
+            errs.push(format!(
+                "{} ports: at most {TUNNEL_PORT_BASE} are supported",
+                t.ports
+            ));
+        }
+        // The underlay is the provider's network: no vnet may hold its
+        // addresses, and no public address may be the uplink's own.
+        if let Some(ul) = t.uplink.as_ref().and_then(|u| u.underlay.as_ref()) {
+            let under = IpNet::V4(ul.address.trunc());
+            for v in &t.vnets {
+                if v.prefixes
+                    .iter()
+                    .any(|n| n.contains(&under) || under.contains(n))
+                {
+                    errs.push(format!(
+                        "vnet {:?}: its prefixes overlap the uplink's network {under}",
+                        v.name
+                    ));
+                }
+                for r in &t.remotes {
+                    if v.prefixes.iter().any(|n| n.contains(&IpAddr::V4(r.host))) {
+                        errs.push(format!(
+                            "vnet {:?}: its prefixes hold remote {:?}'s host {}",
+                            v.name, r.name, r.host
+                        ));
+                    }
+                }
+            }
+            if public.contains_key(&to16(IpAddr::V4(ul.address.addr()))) {
+                errs.push(format!(
+                    "uplink: address {} is also a public address (SNAT or VIP)",
+                    ul.address.addr()
+                ));
+            }
+        }
         // Vnets on the overlay: VNIs unique, 24 bits.
         let mut vni_vnet = FxMap::default();
         for (i, v) in t.vnets.iter().enumerate() {
@@ -622,6 +659,22 @@ impl Policy {
             None if up.next_hop_mac != MacAddr::ZERO => Ok(up.next_hop_mac),
             None => Err(None),
         }
+    }
+
+    /// True when a vnet is on the overlay (has a VNI) and the uplink has an
+    /// address: tunnel packets may arrive.
+    #[inline]
+    pub fn has_overlay(&self) -> bool {
+        !self.vni_vnet.is_empty() && self.underlay().is_some()
+    }
+
+    /// True for an address of the underlay: on the uplink's network, or a
+    /// tunnel's host. No VM may send there.
+    pub fn is_underlay(&self, ip: IpAddr) -> bool {
+        let IpAddr::V4(v4) = ip else { return false };
+        self.underlay()
+            .is_some_and(|(_, ul)| ul.address.contains(&v4))
+            || self.tunnels.iter().any(|t| t.host == v4)
     }
 
     /// The MAC known for neighbour `ip`.

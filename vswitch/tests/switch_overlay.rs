@@ -199,9 +199,42 @@ fn a_vms_packet_to_a_remote_endpoint_leaves_in_vxlan_and_comes_back_out_of_it() 
     assert_eq!(to_vm.len(), 1, "{:?}", r.stats.nonzero());
     assert_eq!(&to_vm[0][..12], &[VM_MAC.0, GW_MAC.0].concat()[..]);
     assert_eq!(&to_vm[0][26..], &answer[26..]);
+    // The underlay is no VM's to reach: a tunnel's host, the uplink's
+    // network.
+    for dst in ["192.0.2.7", "192.0.2.99"] {
+        let before = r.stats.dropped(SwitchDrop::NoRoute);
+        let (_, to_wire) = r.send(false, &udp(VM_MAC, GW_MAC, "10.1.0.4", dst, 8));
+        assert!(to_wire.is_empty(), "{dst}");
+        assert_eq!(r.stats.dropped(SwitchDrop::NoRoute), before + 1, "{dst}");
+    }
     let tx = r.stats.tunnel_tx.load(std::sync::atomic::Ordering::Relaxed);
     let rx = r.stats.tunnel_rx.load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!((tx, rx), (1, 1));
+}
+
+#[test]
+fn no_vnet_may_hold_the_underlay_and_no_public_address_be_the_uplinks() {
+    let mut t = topology(true);
+    t.vnets[0].prefixes.push("192.0.0.0/16".parse().unwrap());
+    let e = Policy::compile(&t, 1).unwrap_err().0.join("\n");
+    assert!(
+        e.contains("vnet \"a\": its prefixes overlap the uplink's network 192.0.2.0/24"),
+        "{e}"
+    );
+    assert!(
+        e.contains("vnet \"a\": its prefixes hold remote \"db\"'s host 192.0.2.7"),
+        "{e}"
+    );
+    let mut t = topology(true);
+    t.vnets[0].snat = Some(lb::snat::SnatConfig {
+        public_ips: vec![IpAddr::V4(LOCAL)],
+        ..lb::snat::SnatConfig::default()
+    });
+    let e = Policy::compile(&t, 1).unwrap_err().0.join("\n");
+    assert!(
+        e.contains("uplink: address 192.0.2.1 is also a public address"),
+        "{e}"
+    );
 }
 
 #[test]

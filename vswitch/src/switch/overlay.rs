@@ -34,7 +34,7 @@ impl<B: PacketBuf> Switch<B> {
             Err(_) => return Err(SwitchDrop::TunnelMalformed),
         };
         let vnet = p.vnet_by_vni(d.vni).ok_or(SwitchDrop::TunnelUnknownVni)?;
-        let inner = pkt.data().get(d.inner..).unwrap_or_default();
+        let inner = pkt.data().get(d.inner..d.end).unwrap_or_default();
         let src = tunnel::inner_source(inner).ok_or(SwitchDrop::TunnelUnknownSource)?;
         let (_, vm) = p
             .vm_by_addr(vnet, dataplane::key::to16(src))
@@ -44,7 +44,7 @@ impl<B: PacketBuf> Switch<B> {
         if t.host != d.src {
             return Err(SwitchDrop::TunnelSpoofed);
         }
-        let trailer = tunnel::trailer(pkt.data());
+        let trailer = pkt.len().saturating_sub(d.end);
         pkt.trim(trailer)
             .and_then(|()| pkt.adj(d.inner))
             .map_err(|_| SwitchDrop::TunnelMalformed)?;
@@ -103,8 +103,10 @@ impl<B: PacketBuf> Switch<B> {
 
     /// An ARP packet from the wire about the uplink's own address: a
     /// request is answered, and what it or a reply says of its sender goes
-    /// to the neighbour cache (a gratuitous one may only update an entry).
-    /// `Ok(true)`: answered in place; `Ok(false)`: taken in.
+    /// to the neighbour cache (only a request for the uplink's address may
+    /// create an entry; a reply or an announcement only fills or updates
+    /// one the cache has). `Ok(true)`: answered in place; `Ok(false)`:
+    /// taken in (counted as `arp_to_cache`).
     pub(super) fn underlay_arp(
         &self,
         p: &Policy,
@@ -127,7 +129,9 @@ impl<B: PacketBuf> Switch<B> {
         }
         if let Some(m) = &self.neigh {
             if ul.on_link(sender) {
-                let _ = m.learned.push((sender, smac, for_me));
+                let _ = m
+                    .learned
+                    .push((sender, smac, op == arp::OP_REQUEST && for_me));
             }
         }
         if op == arp::OP_REQUEST && for_me {
@@ -146,7 +150,7 @@ impl<B: PacketBuf> Switch<B> {
     /// Sends the ARP requests the neighbour cache asked for (worker 0, the
     /// one with a buffer source); returns how many.
     pub(super) fn send_arp_requests(&mut self, ctx: &mut Ctx<'_, B>) -> usize {
-        let (Some(m), Some(alloc)) = (self.neigh.clone(), self.alloc.as_mut()) else {
+        let (Some(m), Some(alloc)) = (self.neigh.as_ref(), self.alloc.as_mut()) else {
             return 0;
         };
         if m.send.is_empty() {

@@ -230,6 +230,12 @@ impl<B: PacketBuf> Switch<B> {
             }
             Some((_, dst)) => Hop::Vm(dst),
             None if remote => return Err(self.abandon(SwitchDrop::NoRoute, fresh)),
+            // The underlay (the uplink's network, the tunnels' hosts) is the
+            // provider's: no VM reaches it (a VM's packet there could pass
+            // for a host's tunnel packet).
+            None if p.is_underlay(post.dst()) => {
+                return Err(self.abandon(SwitchDrop::NoRoute, fresh));
+            }
             None => {
                 let Some(up) = p.uplink.as_ref().filter(|_| !vnet.contains(&post.dst())) else {
                     return Err(self.abandon(SwitchDrop::NoRoute, fresh));
@@ -323,7 +329,7 @@ impl<B: PacketBuf> Switch<B> {
                         if answered {
                             Ok(Slow::Reply)
                         } else {
-                            Err(SwitchDrop::ArpIgnored)
+                            Err(SwitchDrop::ArpToCache)
                         }
                     });
                 }
@@ -496,7 +502,13 @@ impl<B: PacketBuf> Switch<B> {
         let ip_tcp = if key.src().is_ipv4() { 40 } else { 60 };
         ports
             .iter()
-            .filter_map(|&pt| self.cfg.port_mtu.get(usize::from(pt)))
+            .filter_map(|&pt| {
+                if super::overlay::is_tunnel(pt) {
+                    self.tunnel_mtu
+                } else {
+                    self.cfg.port_mtu.get(usize::from(pt)).copied()
+                }
+            })
             .fold(mss, |m, mtu| m.min(mtu.saturating_sub(ip_tcp)))
     }
 

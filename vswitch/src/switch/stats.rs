@@ -63,11 +63,14 @@ pub enum SwitchDrop {
     /// A tunnel packet whose inner source is a remote endpoint living on
     /// another host than the one that sent it.
     TunnelSpoofed,
+    /// An ARP reply or announcement on the uplink, taken in by the
+    /// underlay's neighbour cache (not forwarded).
+    ArpToCache,
     /// The load balancer dropped it.
     Lb(LbDrop),
 }
 
-const BASE: [SwitchDrop; 21] = [
+const BASE: [SwitchDrop; 22] = [
     SwitchDrop::Spoofed,
     SwitchDrop::AclDeny,
     SwitchDrop::NoRoute,
@@ -89,6 +92,7 @@ const BASE: [SwitchDrop; 21] = [
     SwitchDrop::TunnelUnknownVni,
     SwitchDrop::TunnelUnknownSource,
     SwitchDrop::TunnelSpoofed,
+    SwitchDrop::ArpToCache,
 ];
 
 impl SwitchDrop {
@@ -133,6 +137,7 @@ impl SwitchDrop {
             SwitchDrop::TunnelUnknownVni => "tunnel_unknown_vni",
             SwitchDrop::TunnelUnknownSource => "tunnel_unknown_source",
             SwitchDrop::TunnelSpoofed => "tunnel_spoofed",
+            SwitchDrop::ArpToCache => "arp_to_cache",
             SwitchDrop::Lb(r) => r.name(),
         }
     }
