@@ -1118,8 +1118,9 @@ impl<B: PacketBuf> Switches<B> {
 /// Starts one switch worker per port set, serves the control API (with a
 /// `[control]` section), runs the control loop until `stop` says so, stops
 /// the workers and returns the report. `health` probes; `alloc` gives
-/// worker 0 the buffers of the underlay's ARP requests. A successor (`incoming`) restores
-/// its predecessor's state into the switches, and serves the control API
+/// worker 0 the buffers of the underlay's ARP requests. A successor
+/// (`incoming`) restores its predecessor's state (its underlay neighbours
+/// too) into the switches, and serves the control API
 /// once its workers run. A successor's request to take over (from the
 /// API) stops the workers and hands over; if that fails, the same workers
 /// start again and the loop goes on.
