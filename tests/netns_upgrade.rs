@@ -352,7 +352,7 @@ fn fifty_downloads_and_a_curl_loop_outlive_ten_upgrades() {
         &format!(
             "ok=0; bad=0; while [ ! -e {stop} ]; do \
              if curl -sf --max-time 10 -o /dev/null http://10.1.0.100/health; then ok=$((ok+1)); else bad=$((bad+1)); fi; \
-             echo \"$ok $bad\" > {f}; sleep 0.05; done",
+             sleep 0.05; done; echo \"$ok $bad\" > {f}.tmp && mv {f}.tmp {f}",
             stop = stop.display(),
             f = loop_file.display()
         ),
@@ -454,6 +454,13 @@ fn fifty_downloads_and_a_curl_loop_outlive_ten_upgrades() {
     }
     downloads_intact(&dir, DEADLINE, 0..50, &big, || logs(10));
     std::fs::write(&stop, "").unwrap();
+    // The loop writes its tally once, after its last curl, by a rename:
+    // never read half-written.
+    assert!(
+        wait_for(Duration::from_secs(30), || loop_file.exists()),
+        "the curl loop did not finish\n{}",
+        read(&dir.join("loop.log"))
+    );
     let l = read(&loop_file);
     let (ok, bad) = l.trim().split_once(' ').unwrap_or(("0", "0"));
     assert_eq!(bad, "0", "the curl loop saw failures ({ok} ok)");
