@@ -8,7 +8,9 @@
 use dataplane::port::spec::{PortSpec, Queues};
 use filter::{NsgSpec, RuleError};
 use ipnet::IpNet;
-use lb::balancer::{Backend, Distribution, OnUnhealthy, SynProxy, Vip, VipConfig, WhenAllDown};
+use lb::balancer::{
+    Backend, Distribution, OnUnhealthy, SynProxy, Vip, VipConfig, VipMode, WhenAllDown,
+};
 use lb::snat::SnatConfig;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
@@ -333,6 +335,10 @@ pub struct VipCfg {
     /// switch answers SYNs itself with cookies (TCP only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub syn_proxy: Option<String>,
+    /// `local` (default), `mux` (to DIPs on other hosts in IP in IP,
+    /// replies not through here) or `dsr` (this host's VMs behind Muxes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
     /// The pool.
     pub backends: Vec<BackendCfg>,
     /// Health probe; without it every backend counts as healthy.
@@ -928,6 +934,19 @@ impl Config {
                 SynProxy::Off
             }
         };
+        let mode = match v.mode.as_deref().map(str::parse::<VipMode>) {
+            None => VipMode::Local,
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
+                errs.push(format!("vip {name:?}: {e}"));
+                VipMode::Local
+            }
+        };
+        if mode == VipMode::Mux && v.probe.is_some() {
+            errs.push(format!(
+                "vip {name:?}: a mux vip's probes are not supported (its DIPs are on other hosts)"
+            ));
+        }
         let mut bs = Vec::new();
         for b in &v.backends {
             let ip = match (&b.vm, &b.ip) {
@@ -953,7 +972,9 @@ impl Config {
                 }
             };
             let Some(ip) = ip else { continue };
-            if let Some(nets) = nets {
+            // (A Mux's backends are on other hosts, anywhere its underlay
+            // routes to.)
+            if let Some(nets) = nets.filter(|_| mode != VipMode::Mux) {
                 if !nets.iter().any(|n| n.contains(&ip)) {
                     errs.push(format!(
                         "vip {name:?}: backend {ip} is not in vnet {:?}",
@@ -1026,6 +1047,7 @@ impl Config {
         cfg.when_all_down = when_all_down;
         cfg.max_conns = v.max_conns.unwrap_or(0);
         cfg.syn_proxy = syn_proxy;
+        cfg.mode = mode;
         match Vip::new(cfg.clone(), &[]) {
             Ok(_) => Some(cfg),
             Err(e) => {

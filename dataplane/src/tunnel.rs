@@ -1,6 +1,7 @@
 //! Overlay encapsulation on an IPv4 underlay: VXLAN (RFC 7348) and Geneve
-//! (RFC 8926), each an Ethernet frame in UDP, and the ARP requests an
-//! underlay address resolves its next hops with.
+//! (RFC 8926), each an Ethernet frame in UDP; IP in IP (RFC 2003), what a
+//! load balancer's Mux sends to its DIPs (as Ananta and Katran do); and the
+//! ARP requests an underlay address resolves its next hops with.
 //!
 //! [`encap`] puts the outer Ethernet, IPv4, UDP and tunnel headers in front
 //! of a frame (in the buffer's headroom: no copy of the frame); [`peek`]
@@ -33,6 +34,10 @@ pub const ENTROPY_BASE: u16 = 49152;
 const ETHERTYPE_TEB: u16 = 0x6558;
 /// The outer TTL.
 const OUTER_TTL: u8 = 64;
+/// IP in IP's protocol number.
+pub const PROTO_IPIP: u8 = 4;
+/// Bytes IP in IP adds to the inner IP packet: the outer IPv4 header.
+pub const IPIP_OVERHEAD: usize = 20;
 
 /// The tunnel a frame travels in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -42,6 +47,9 @@ pub enum Encap {
     Vxlan,
     /// Geneve, UDP port 6081 (sent without options).
     Geneve,
+    /// IP in IP (protocol 4): the inner IPv4 packet, without its Ethernet
+    /// header, in an outer IPv4 header. No VNI: what a Mux sends to a DIP.
+    Ipip,
 }
 
 impl Encap {
@@ -50,6 +58,7 @@ impl Encap {
         match self {
             Encap::Vxlan => VXLAN_PORT,
             Encap::Geneve => GENEVE_PORT,
+            Encap::Ipip => 0,
         }
     }
 
@@ -58,6 +67,7 @@ impl Encap {
         match self {
             Encap::Vxlan => "vxlan",
             Encap::Geneve => "geneve",
+            Encap::Ipip => "ipip",
         }
     }
 }
@@ -96,6 +106,12 @@ pub fn entropy_port(key: &FlowKey) -> u16 {
 /// RFC 8926 allow over IPv4. Fails, leaving the packet as it was, when the
 /// headroom is short or the result would exceed an IPv4 packet.
 pub fn encap<B: PacketBuf>(pkt: &mut B, o: &Outer, sport: u16) -> Result<(), BufError> {
+    if o.encap == Encap::Ipip {
+        return encap_ipip(pkt, o).map_err(|_| BufError::NoHeadroom {
+            need: IPIP_OVERHEAD,
+            have: pkt.headroom(),
+        });
+    }
     let inner = pkt.len();
     let ip_len = inner + OVERHEAD - 14;
     let Ok(ip_len16) = u16::try_from(ip_len) else {
@@ -144,6 +160,8 @@ pub fn encap<B: PacketBuf>(pkt: &mut B, o: &Outer, sport: u16) -> Result<(), Buf
             t[0..2].copy_from_slice(&[0, 0]);
             t[2..4].copy_from_slice(&ETHERTYPE_TEB.to_be_bytes());
         }
+        // (Taken apart by `encap_ipip`, never reaching here.)
+        Encap::Ipip => {}
     }
     t[4..8].copy_from_slice(&vni.to_be_bytes());
     Ok(())
@@ -163,6 +181,132 @@ pub enum TunnelError {
     /// sets "don't fragment"; not reassembled).
     #[error("fragmented tunnel packet")]
     Fragmented,
+    /// Not enough headroom in the buffer for the outer headers.
+    #[error("no room for the outer headers")]
+    NoRoom,
+}
+
+/// Puts the IPv4 packet of the frame in `pkt` (after its Ethernet header
+/// and at most one VLAN tag) in an outer IPv4 header with protocol 4 from
+/// `o.src_ip` to `o.dst_ip` ("don't fragment", TTL 64), behind `o`'s
+/// Ethernet header: the inner Ethernet header goes, 20 bytes come in front
+/// (in the headroom). Link padding after the inner packet is trimmed.
+/// Fails, leaving the packet as it was, for a frame that is not IPv4 or
+/// is shorter than its IPv4 header says, or without the headroom.
+pub fn encap_ipip<B: PacketBuf>(pkt: &mut B, o: &Outer) -> Result<(), TunnelError> {
+    let f = pkt.data();
+    let l3 = match (f.get(12..14), f.get(16..18)) {
+        (Some([0x08, 0x00]), _) => 14,
+        (Some([0x81, 0x00] | [0x88, 0xa8]), Some([0x08, 0x00])) => 18,
+        _ => return Err(TunnelError::Unsupported),
+    };
+    let ip = f.get(l3..l3 + 20).ok_or(TunnelError::Truncated)?;
+    if ip[0] >> 4 != 4 {
+        return Err(TunnelError::Unsupported);
+    }
+    let inner_len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    if inner_len < 20 || l3 + inner_len > f.len() {
+        return Err(TunnelError::Truncated);
+    }
+    let total = u16::try_from(inner_len + IPIP_OVERHEAD).map_err(|_| TunnelError::Truncated)?;
+    let grow = 14 + IPIP_OVERHEAD - l3;
+    if pkt.headroom() < grow {
+        return Err(TunnelError::NoRoom);
+    }
+    let pad = pkt.len() - l3 - inner_len;
+    pkt.trim(pad).map_err(|_| TunnelError::Truncated)?;
+    pkt.prepend(grow).map_err(|_| TunnelError::NoRoom)?;
+    let h = pkt.data_mut().get_mut(..34).ok_or(TunnelError::NoRoom)?;
+    h[0..6].copy_from_slice(&o.dst_mac.0);
+    h[6..12].copy_from_slice(&o.src_mac.0);
+    h[12..14].copy_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
+    let ip = &mut h[14..34];
+    ip[0] = 0x45;
+    ip[1] = 0;
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip[4..6].copy_from_slice(&[0, 0]);
+    ip[6..8].copy_from_slice(&0x4000u16.to_be_bytes());
+    ip[8] = OUTER_TTL;
+    ip[9] = PROTO_IPIP;
+    ip[10..12].copy_from_slice(&[0, 0]);
+    ip[12..16].copy_from_slice(&o.src_ip.octets());
+    ip[16..20].copy_from_slice(&o.dst_ip.octets());
+    let c = checksum::checksum(ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    Ok(())
+}
+
+/// The outer header of an IP-in-IP packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipip {
+    /// Outer source address (the Mux's).
+    pub src: Ipv4Addr,
+    /// Outer destination address (the DIP's).
+    pub dst: Ipv4Addr,
+    /// Where the inner IPv4 packet starts.
+    pub inner: usize,
+    /// Where it ends (its own total length).
+    pub end: usize,
+}
+
+/// Reads `frame` as an IP-in-IP packet: `Ok(None)` when it is no IPv4
+/// packet of protocol 4 (an ordinary frame); `Ok(Some(..))` for one whose
+/// inner IPv4 header is whole and whose lengths agree; an error for one
+/// that cannot be taken in (truncated, fragmented, not IPv4 inside).
+pub fn peek_ipip(frame: &[u8]) -> Result<Option<Ipip>, TunnelError> {
+    if frame.get(12..14) != Some(&ETHERTYPE_IPV4.to_be_bytes()[..]) {
+        return Ok(None);
+    }
+    let Some(ip) = frame.get(14..34) else {
+        return Ok(None);
+    };
+    if ip[0] >> 4 != 4 || ip[9] != PROTO_IPIP {
+        return Ok(None);
+    }
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    if ihl < 20 || total < ihl + 20 || frame.len() < 14 + total {
+        return Err(TunnelError::Truncated);
+    }
+    if u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
+        return Err(TunnelError::Fragmented);
+    }
+    let inner = 14 + ihl;
+    let i = frame.get(inner..inner + 20).ok_or(TunnelError::Truncated)?;
+    if i[0] >> 4 != 4 {
+        return Err(TunnelError::Unsupported);
+    }
+    let inner_ihl = usize::from(i[0] & 0x0f) * 4;
+    let inner_len = usize::from(u16::from_be_bytes([i[2], i[3]]));
+    if inner_ihl < 20 || inner_len < inner_ihl || inner_len > total - ihl {
+        return Err(TunnelError::Truncated);
+    }
+    Ok(Some(Ipip {
+        src: Ipv4Addr::from([ip[12], ip[13], ip[14], ip[15]]),
+        dst: Ipv4Addr::from([ip[16], ip[17], ip[18], ip[19]]),
+        inner,
+        end: inner + inner_len,
+    }))
+}
+
+/// Takes the inner packet of `d` (read by [`peek_ipip`] from `pkt`) out:
+/// the frame becomes an Ethernet frame to `dst_mac`, from the outer
+/// frame's source MAC, carrying the inner IPv4 packet (what follows it is
+/// trimmed).
+pub fn decap_ipip<B: PacketBuf>(pkt: &mut B, d: &Ipip, dst_mac: MacAddr) -> Result<(), BufError> {
+    let mut src = [0u8; 6];
+    src.copy_from_slice(pkt.data().get(6..12).unwrap_or(&[0; 6]));
+    let trailer = pkt.len().saturating_sub(d.end);
+    pkt.trim(trailer)?;
+    pkt.adj(d.inner.saturating_sub(14))?;
+    let f = pkt.data_mut();
+    let Some(h) = f.get_mut(..14) else {
+        return Err(BufError::TooShort { need: 14, have: 0 });
+    };
+    h[0..6].copy_from_slice(&dst_mac.0);
+    h[6..12].copy_from_slice(&src);
+    h[12..14].copy_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
+    Ok(())
 }
 
 /// The outer headers of a tunnel packet.
@@ -244,6 +388,7 @@ pub fn peek(frame: &[u8], local: Ipv4Addr) -> Result<Option<Decap>, TunnelError>
             }
             t + 8 + opts
         }
+        Encap::Ipip => return Ok(None),
     };
     // The inner frame ends where the UDP datagram does (anything after it
     // is the outer frame's padding).
@@ -397,6 +542,74 @@ mod tests {
             f[i] ^= 0xff;
             let _ = peek(&f, local);
             let _ = inner_source(&f[i..]);
+        }
+    }
+
+    #[test]
+    fn ip_in_ip_carries_the_inner_packet_and_reads_back() {
+        let pool = Pool::new(&PoolConfig::new("tunnel-ipip", 8)).unwrap();
+        // With link padding after the inner packet, and with a VLAN tag.
+        let mut padded = inner_frame();
+        padded.extend_from_slice(&[0xee; 6]);
+        let mut tagged = inner_frame();
+        tagged.splice(12..12, [0x81, 0x00, 0x00, 0x05]);
+        for frame in [inner_frame(), padded, tagged] {
+            let mut b = pool.alloc().unwrap();
+            b.append(frame.len()).unwrap().copy_from_slice(&frame);
+            encap(&mut b, &outer(Encap::Ipip), 0).unwrap();
+            let f = b.data().to_vec();
+            let ip = &inner_frame()[14..];
+            assert_eq!(f.len(), 14 + IPIP_OVERHEAD + ip.len());
+            assert_eq!(checksum::checksum(&f[14..34]), 0);
+            assert_eq!((f[23], u16::from_be_bytes([f[16], f[17]])), (4, 52));
+            assert_eq!(&f[34..], ip);
+            let d = peek_ipip(&f).unwrap().unwrap();
+            assert_eq!(
+                (d.src, d.dst, d.inner, d.end),
+                (
+                    Ipv4Addr::new(192, 168, 100, 1),
+                    Ipv4Addr::new(192, 168, 100, 2),
+                    34,
+                    f.len()
+                )
+            );
+            let vm = MacAddr([2, 0, 0, 0, 9, 9]);
+            decap_ipip(&mut b, &d, vm).unwrap();
+            let g = b.data();
+            assert_eq!(&g[0..6], &vm.0);
+            assert_eq!(&g[6..12], &outer(Encap::Ipip).src_mac.0);
+            assert_eq!(&g[14..], ip);
+        }
+        // Not IPv4 inside, or no IP: refused, the packet unchanged.
+        let mut arp = inner_frame();
+        arp[12..14].copy_from_slice(&ETHERTYPE_ARP.to_be_bytes());
+        let mut b = pool.alloc().unwrap();
+        b.append(arp.len()).unwrap().copy_from_slice(&arp);
+        assert_eq!(
+            encap_ipip(&mut b, &outer(Encap::Ipip)),
+            Err(TunnelError::Unsupported)
+        );
+        assert_eq!(b.data(), &arp[..]);
+        // An ordinary frame is none; truncations and flipped bytes are
+        // refused or read within bounds, never a panic.
+        assert_eq!(peek_ipip(&inner_frame()), Ok(None));
+        let mut b = pool.alloc().unwrap();
+        let f = inner_frame();
+        b.append(f.len()).unwrap().copy_from_slice(&f);
+        encap(&mut b, &outer(Encap::Ipip), 0).unwrap();
+        let good = b.data().to_vec();
+        for n in 0..good.len() {
+            assert!(!matches!(peek_ipip(&good[..n]), Ok(Some(_))), "{n} bytes");
+        }
+        let mut frag = good.clone();
+        frag[20] |= 0x20;
+        assert_eq!(peek_ipip(&frag), Err(TunnelError::Fragmented));
+        for i in 0..good.len() {
+            let mut f = good.clone();
+            f[i] ^= 0xff;
+            if let Ok(Some(d)) = peek_ipip(&f) {
+                assert!(d.inner + 20 <= d.end && d.end <= f.len());
+            }
         }
     }
 

@@ -83,6 +83,49 @@ impl FromStr for SynProxy {
     }
 }
 
+/// How a VIP's traffic reaches its backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub enum VipMode {
+    /// The switch picks a backend, DNATs to it and reverses its replies
+    /// (the default).
+    #[default]
+    Local,
+    /// A Mux (Ananta's, Katran's): the switch picks the backend (DIP) by
+    /// Maglev and sends the packet, unchanged, to the DIP's address in IP
+    /// in IP; the replies go from the DIP's host straight to the client
+    /// (direct server return) and never pass here, so the connection is
+    /// tracked one way.
+    Mux,
+    /// The host of a Mux's DIPs: the VIP's traffic arrives in IP in IP
+    /// from a Mux, whose outer destination names the backend; it is DNATed
+    /// to that backend, and the replies leave with the VIP as their source
+    /// straight to the client.
+    Dsr,
+}
+
+impl VipMode {
+    /// Its name as the configuration spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            VipMode::Local => "local",
+            VipMode::Mux => "mux",
+            VipMode::Dsr => "dsr",
+        }
+    }
+}
+
+impl FromStr for VipMode {
+    type Err = LbError;
+    fn from_str(s: &str) -> Result<Self, LbError> {
+        match s {
+            "local" => Ok(VipMode::Local),
+            "mux" => Ok(VipMode::Mux),
+            "dsr" => Ok(VipMode::Dsr),
+            _ => Err(LbError::BadMode(s.to_string())),
+        }
+    }
+}
+
 const FLOW_SEED: u64 = 0x706f_6c6c_7578_666c; // "polluxfl"
 
 /// The flow hash Maglev is indexed with: XXH3 with a fixed seed over the
@@ -166,6 +209,8 @@ pub struct VipConfig {
     pub max_conns: u32,
     /// When the switch answers the VIP's SYNs itself (TCP only).
     pub syn_proxy: SynProxy,
+    /// How its traffic reaches the backends.
+    pub mode: VipMode,
 }
 
 impl VipConfig {
@@ -183,6 +228,7 @@ impl VipConfig {
             when_all_down: WhenAllDown::default(),
             max_conns: 0,
             syn_proxy: SynProxy::Off,
+            mode: VipMode::Local,
         }
     }
 }
@@ -199,6 +245,19 @@ pub enum LbError {
     /// A SYN proxy on a VIP that is not TCP.
     #[error("vip {0:?}: syn_proxy needs a tcp vip")]
     SynProxyNotTcp(String),
+    /// Unknown VIP mode.
+    #[error("mode {0:?} is not one of local, mux, dsr")]
+    BadMode(String),
+    /// A Mux or DSR VIP that cannot be one.
+    #[error("vip {vip:?}: a {mode} vip {why}")]
+    Mode {
+        /// VIP name.
+        vip: String,
+        /// Its mode.
+        mode: &'static str,
+        /// What is wrong.
+        why: &'static str,
+    },
     /// A backend listed twice.
     #[error("vip {vip:?}: backend {backend} is listed twice")]
     DuplicateBackend {
@@ -336,6 +395,25 @@ impl Vip {
     pub fn new(cfg: VipConfig, healthy: &[bool]) -> Result<Vip, LbError> {
         if cfg.syn_proxy != SynProxy::Off && cfg.proto != 6 {
             return Err(LbError::SynProxyNotTcp(cfg.name.clone()));
+        }
+        if cfg.mode != VipMode::Local {
+            let bad = |why| LbError::Mode {
+                vip: cfg.name.clone(),
+                mode: cfg.mode.name(),
+                why,
+            };
+            // IP in IP (protocol 4) carries IPv4.
+            if !cfg.addr.is_ipv4() {
+                return Err(bad("must be IPv4 (IP in IP carries IPv4)"));
+            }
+            if cfg.syn_proxy != SynProxy::Off {
+                return Err(bad("cannot have a SYN proxy"));
+            }
+            // The outer destination names a backend by its address alone.
+            let mut ips = std::collections::HashSet::new();
+            if !cfg.backends.iter().all(|b| ips.insert(b.ip)) {
+                return Err(bad("lists a backend address twice"));
+            }
         }
         let mut seen = std::collections::HashSet::new();
         for b in &cfg.backends {
@@ -590,11 +668,15 @@ pub enum LbDrop {
     /// not let in (or a TCP segment other than a SYN that no connection
     /// expects).
     SnatFiltered,
+    /// A Mux's packet (IP in IP) whose outer destination is no backend of
+    /// the DSR VIP it carries a packet for, or that carries one for a VIP
+    /// that takes no Mux traffic.
+    DsrNotBackend,
 }
 
 impl LbDrop {
     /// Every reason.
-    pub const ALL: [LbDrop; 12] = [
+    pub const ALL: [LbDrop; 13] = [
         LbDrop::NoHealthyBackend,
         LbDrop::TableFull,
         LbDrop::TupleCollision,
@@ -607,6 +689,7 @@ impl LbDrop {
         LbDrop::SynProxyPending,
         LbDrop::SnatNoMapping,
         LbDrop::SnatFiltered,
+        LbDrop::DsrNotBackend,
     ];
 
     /// Stable snake_case name.
@@ -624,6 +707,7 @@ impl LbDrop {
             LbDrop::SynProxyPending => "lb_syn_proxy_pending",
             LbDrop::SnatNoMapping => "snat_no_mapping",
             LbDrop::SnatFiltered => "snat_filtered",
+            LbDrop::DsrNotBackend => "lb_dsr_not_backend",
         }
     }
 }
@@ -721,6 +805,17 @@ pub enum ConnKind {
     },
 }
 
+impl ConnKind {
+    /// The connection table's timeout class of a connection of this kind.
+    pub fn class(&self) -> u8 {
+        match self {
+            ConnKind::Snat { .. } => SNAT_CLASS,
+            ConnKind::Dnat { vip, .. } if vip.config().mode == VipMode::Mux => MUX_CLASS,
+            _ => 0,
+        }
+    }
+}
+
 /// Per connection: what it is and its NAT rewrites.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
@@ -805,6 +900,9 @@ fn share_of(max: u32, (i, n): (u32, u32)) -> u32 {
 
 /// The connection table's timeout class of SNAT connections.
 pub const SNAT_CLASS: u8 = 1;
+/// The connection table's timeout class of a Mux's connections: tracked
+/// one way (their replies go straight from the DIPs to the clients).
+pub const MUX_CLASS: u8 = 2;
 
 /// Embryonic connections a VIP at its limit looks at for one of its own.
 const VIP_EVICT_SCAN: usize = 32;
@@ -896,7 +994,8 @@ impl LbCore {
             .as_ref()
             .map_or(timeouts, |s| s.config().timeouts.conn_timeouts(&timeouts));
         LbCore {
-            conns: ConnTable::with_classes(capacity, vec![timeouts, snat_timeouts]),
+            conns: ConnTable::with_classes(capacity, vec![timeouts, snat_timeouts, timeouts])
+                .with_one_way(MUX_CLASS),
             held: Held {
                 snat,
                 per_vip: HashMap::default(),
@@ -1104,6 +1203,34 @@ impl LbCore {
     /// [`LbCore::process`] for a packet whose TCP header is `seg` (what a
     /// VIP with a SYN proxy needs: sequence numbers, window, MSS).
     pub fn process_seg(&mut self, vips: &Vips, key: &FlowKey, seg: &Seg, now: u64) -> Decision {
+        self.process_to(vips, key, seg, now, None)
+    }
+
+    /// [`LbCore::process_seg`] for a packet a Mux sent to the backend at
+    /// `dip` (IP in IP): a new connection to a [`VipMode::Dsr`] VIP goes
+    /// to that backend, whatever its health here (the Mux chose it);
+    /// one to a VIP of another mode, or to an address that is none of
+    /// its backends, is dropped (`lb_dsr_not_backend`). A tracked
+    /// connection keeps its backend.
+    pub fn process_dsr(
+        &mut self,
+        vips: &Vips,
+        key: &FlowKey,
+        seg: &Seg,
+        now: u64,
+        dip: IpAddr,
+    ) -> Decision {
+        self.process_to(vips, key, seg, now, Some(dip))
+    }
+
+    fn process_to(
+        &mut self,
+        vips: &Vips,
+        key: &FlowKey,
+        seg: &Seg,
+        now: u64,
+        dip: Option<IpAddr>,
+    ) -> Decision {
         match self.existing(Some(vips), key, seg, now) {
             Ok(Some(d)) => return d,
             Err(r) => return self.drop(r),
@@ -1112,6 +1239,29 @@ impl LbCore {
         let Some(vip) = vips.lookup(key) else {
             return Decision::NotHandled;
         };
+        let pinned = match (vip.config().mode, dip) {
+            (VipMode::Dsr, Some(ip)) => {
+                match vip.config().backends.iter().position(|b| b.ip == ip) {
+                    Some(b) => Some(b),
+                    None => return self.drop(LbDrop::DsrNotBackend),
+                }
+            }
+            // A DSR VIP is reached only through a Mux.
+            (VipMode::Dsr, None) => return Decision::NotHandled,
+            (_, Some(_)) => return self.drop(LbDrop::DsrNotBackend),
+            (_, None) => None,
+        };
+        if let Some(b) = pinned {
+            return match self.open_dnat(vip, key, seg.flags, now, None, Some(b)) {
+                Ok((rewrite, conn)) => Decision::Forward {
+                    rewrite,
+                    dir: Dir::Orig,
+                    conn,
+                    new: true,
+                },
+                Err(r) => self.drop(r),
+            };
+        }
         let mode = vip.config().syn_proxy;
         if mode != SynProxy::Off && key.proto == 6 {
             let flags = seg.flags & (TCP_SYN | TCP_ACK | TCP_RST);
@@ -1140,7 +1290,7 @@ impl LbCore {
                         answered: false,
                         reset: false,
                     };
-                    return match self.open_dnat(vip, key, seg.flags, now, Some(px)) {
+                    return match self.open_dnat(vip, key, seg.flags, now, Some(px), None) {
                         Ok((rewrite, conn)) => {
                             self.stats.syn_proxied += 1;
                             Decision::ProxySyn {
@@ -1161,7 +1311,7 @@ impl LbCore {
                 return self.drop(LbDrop::SynCookieInvalid);
             }
         }
-        match self.open_dnat(vip, key, seg.flags, now, None) {
+        match self.open_dnat(vip, key, seg.flags, now, None, None) {
             Ok((rewrite, conn)) => Decision::Forward {
                 rewrite,
                 dir: Dir::Orig,
@@ -1187,8 +1337,10 @@ impl LbCore {
     }
 
     /// Opens a connection to `vip` for a packet with `key`: a backend by
-    /// Maglev over the healthy ones, the VIP's limit, the DNAT binding.
-    /// Returns the forward rewrite and the connection.
+    /// Maglev over the healthy ones (or backend `pinned`), the VIP's
+    /// limit, the DNAT binding (none for a Mux: the packet goes to the
+    /// backend unchanged, in IP in IP). Returns the forward rewrite and
+    /// the connection.
     fn open_dnat(
         &mut self,
         vip: &Arc<Vip>,
@@ -1196,10 +1348,21 @@ impl LbCore {
         tcp_flags: u8,
         now: u64,
         proxy: Option<Proxied>,
+        pinned: Option<usize>,
     ) -> Result<(Rewrite, ConnRef), LbDrop> {
-        let b = vip.pick(key).ok_or(LbDrop::NoHealthyBackend)?;
-        let be = vip.config().backends[b];
-        let nat = NatBinding::dnat(key, be.ip, be.port);
+        let b = match pinned {
+            Some(b) => b,
+            None => vip.pick(key).ok_or(LbDrop::NoHealthyBackend)?,
+        };
+        let be = *vip
+            .config()
+            .backends
+            .get(b)
+            .ok_or(LbDrop::NoHealthyBackend)?;
+        let nat = match vip.config().mode {
+            VipMode::Mux => NatBinding::default(),
+            _ => NatBinding::dnat(key, be.ip, be.port),
+        };
         if vip.config().max_conns > 0 && !self.room_for(vip.config(), &nat.reply_key(key), now) {
             return Err(LbDrop::VipConnLimit);
         }
@@ -1354,10 +1517,7 @@ impl LbCore {
         info: ConnInfo,
     ) -> Result<Decision, LbDrop> {
         let nat = info.nat;
-        let class = match info.kind {
-            ConnKind::Snat { .. } => SNAT_CLASS,
-            _ => 0,
-        };
+        let class = info.kind.class();
         let held = &mut self.held;
         match self
             .conns
@@ -1637,6 +1797,119 @@ mod tests {
 
     fn core() -> LbCore {
         LbCore::new(100_000, Timeouts::default(), None)
+    }
+
+    #[test]
+    fn a_mux_keeps_its_pick_unrewritten_and_tracks_one_way() {
+        let mut cfg = vip_cfg(3);
+        cfg.mode = VipMode::Mux;
+        let mut vips = Vips::new();
+        let vip = vips.insert(Vip::new(cfg, &[]).unwrap());
+        let mut lb = core();
+        let k = client(1, 40000);
+        let (conn, first) = match lb.process(&vips, &k, SYN, 0) {
+            Decision::Forward {
+                rewrite,
+                conn,
+                new: true,
+                ..
+            } => {
+                // The packet goes on as it came (in IP in IP).
+                assert_eq!(rewrite, Rewrite::NONE);
+                (conn, lb.conn(conn).unwrap().clone())
+            }
+            d => panic!("{d:?}"),
+        };
+        let ConnKind::Dnat { backend, .. } = first.value.kind else {
+            panic!("{:?}", first.value.kind)
+        };
+        // The same backend as Maglev's pick, which any Mux makes alike.
+        let picked = vip.config().backends[vip.pick(&k).unwrap()].ip;
+        assert_eq!(backend, picked);
+        // The client's ACK completes the handshake; its connection is
+        // confirmed without ever a reply, and times out as established.
+        assert!(matches!(
+            lb.process(&vips, &k, ACK, 1),
+            Decision::Forward { new: false, .. }
+        ));
+        let c = lb.conn(conn).unwrap();
+        assert_eq!(c.state, ConnState::Tcp(TcpState::Established));
+        let i = lb.conns().resolve(conn).unwrap();
+        assert_eq!(
+            lb.conns().timeout_of(i),
+            Some(Timeouts::default().tcp_established)
+        );
+        // A connection picked up mid-stream (another Mux had its SYN) goes
+        // to the same backend, established at once.
+        let mut other = core();
+        match other.process(&vips, &k, ACK, 5) {
+            Decision::Forward { conn, new: true, .. } => {
+                let c = other.conn(conn).unwrap();
+                assert_eq!(c.state, ConnState::Tcp(TcpState::Established));
+                assert!(matches!(&c.value.kind, ConnKind::Dnat { backend: b, .. } if *b == picked));
+                let i = other.conns().resolve(conn).unwrap();
+                assert_eq!(
+                    other.conns().timeout_of(i),
+                    Some(Timeouts::default().tcp_established)
+                );
+            }
+            d => panic!("{d:?}"),
+        }
+    }
+
+    #[test]
+    fn a_dsr_vip_takes_the_backend_the_mux_named_and_nothing_else() {
+        let mut cfg = vip_cfg(2);
+        cfg.mode = VipMode::Dsr;
+        let mut vips = Vips::new();
+        vips.insert(Vip::new(cfg, &[false, false]).unwrap());
+        vips.insert(Vip::new(VipConfig::new("plain", ip("10.1.0.101"), 80, 6, vec![Backend { ip: ip("10.1.0.10"), port: 80, weight: 1 }]), &[]).unwrap());
+        let mut lb = core();
+        let k = client(1, 40000);
+        let seg = Seg::with_flags(SYN);
+        // Unhealthy here: the Mux chose it, the host takes it.
+        let d = lb.process_dsr(&vips, &k, &seg, 0, ip("10.1.0.11"));
+        assert_eq!(backend_of(d), ip("10.1.0.11"));
+        // Its replies leave as the VIP.
+        let reply = FlowKey::new(ip("10.1.0.11"), 8080, k.src(), 40000, 6);
+        match lb.process(&vips, &reply, SYN | ACK, 1) {
+            Decision::Forward { rewrite, dir: Dir::Reply, .. } => {
+                assert_eq!(rewrite.src, Some((ip("10.1.0.100"), 80)))
+            }
+            d => panic!("{d:?}"),
+        }
+        // Not through a Mux, to no backend, or to a VIP of another mode.
+        let k2 = client(2, 40000);
+        assert_eq!(lb.process(&vips, &k2, SYN, 2), Decision::NotHandled);
+        assert_eq!(
+            lb.process_dsr(&vips, &k2, &seg, 2, ip("10.1.0.99")),
+            Decision::Drop(LbDrop::DsrNotBackend)
+        );
+        let k3 = FlowKey::new(k2.src(), 40000, ip("10.1.0.101"), 80, 6);
+        assert_eq!(
+            lb.process_dsr(&vips, &k3, &seg, 2, ip("10.1.0.10")),
+            Decision::Drop(LbDrop::DsrNotBackend)
+        );
+        assert_eq!(lb.stats().dropped(LbDrop::DsrNotBackend), 2);
+        // What a Mux or DSR VIP cannot be.
+        for (mode, bad) in [
+            (VipMode::Mux, "must be IPv4"),
+            (VipMode::Dsr, "cannot have a SYN proxy"),
+            (VipMode::Mux, "lists a backend address twice"),
+        ] {
+            let mut c = vip_cfg(2);
+            c.mode = mode;
+            match bad {
+                "must be IPv4" => {
+                    c.addr = ip("2001:db8::1");
+                    c.backends = vec![Backend { ip: ip("2001:db8::5"), port: 80, weight: 1 }];
+                }
+                "cannot have a SYN proxy" => c.syn_proxy = SynProxy::On,
+                _ => c.backends[1].ip = c.backends[0].ip,
+            }
+            let e = Vip::new(c, &[]).unwrap_err().to_string();
+            assert!(e.contains(bad) && e.contains(mode.name()), "{e}");
+        }
     }
 
     #[test]

@@ -367,6 +367,9 @@ pub struct ConnTable<V> {
     capacity: usize,
     /// Timeouts per class.
     timeouts: Vec<Timeouts>,
+    /// Per class: its connections are seen one way only (a Mux's, whose
+    /// replies go straight from the backend to the client).
+    one_way: Vec<bool>,
     stats: ConnStats,
 }
 
@@ -401,9 +404,33 @@ impl<V> ConnTable<V> {
             tails: vec![NIL; LISTS * timeouts.len()],
             len: 0,
             capacity,
+            one_way: vec![false; timeouts.len()],
             timeouts,
             stats: ConnStats::default(),
         }
+    }
+
+    /// This table with timeout class `class` tracking connections seen
+    /// one way only (as Linux's IPVS does for direct routing): the
+    /// originator's ACK after its SYN completes the handshake, and an
+    /// established connection is confirmed without a reply.
+    pub fn with_one_way(mut self, class: u8) -> Self {
+        if let Some(o) = self.one_way.get_mut(usize::from(class)) {
+            *o = true;
+        }
+        self
+    }
+
+    fn is_one_way(&self, class: u8) -> bool {
+        self.one_way.get(usize::from(class)).copied().unwrap_or(false)
+    }
+
+    /// True when a connection in `state` with `packets` counts as
+    /// confirmed (not embryonic): a reply came back, or, seen one way, it
+    /// is established.
+    fn confirmed(&self, class: u8, state: ConnState, packets: [u64; 2]) -> bool {
+        packets[1] > 0
+            || (self.is_one_way(class) && state == ConnState::Tcp(TcpState::Established))
     }
 
     /// The timeout classes.
@@ -454,7 +481,9 @@ impl<V> ConnTable<V> {
         // expired in order, and one long-lived entry at its head would
         // hold up those behind it.
         match c.state {
-            ConnState::Tcp(TcpState::Established) if c.packets[1] == 0 => t.tcp_handshake,
+            ConnState::Tcp(TcpState::Established) if !self.confirmed(class, c.state, c.packets) => {
+                t.tcp_handshake
+            }
             s => t.of(s),
         }
     }
@@ -579,17 +608,28 @@ impl<V> ConnTable<V> {
     /// would write its neighbours and the tail: several cache misses per
     /// packet in a table of a million connections.
     pub fn touch(&mut self, i: u32, dir: Dir, tcp_flags: u8, now: u64) -> Option<ConnState> {
-        let (list_before, state) = {
+        let one_way = self.is_one_way(self.slots.get(i as usize)?.class);
+        let (list_before, state, packets) = {
             let slot = self.slots.get_mut(i as usize)?;
             let before = slot.list;
             let c = slot.conn.as_mut()?;
+            let was = c.state;
             c.state = next_state(c.state, dir, tcp_flags, &mut c.fin_seen);
+            // Seen one way: the originator's ACK after its SYN says the
+            // handshake completed (its SYN-ACK went another way).
+            if one_way
+                && was == ConnState::Tcp(TcpState::SynSent)
+                && c.state == was
+                && tcp_flags & (SYN | ACK | RST) == ACK
+            {
+                c.state = ConnState::Tcp(TcpState::Established);
+            }
             c.last_seen = now;
             c.packets[dir as usize] += 1;
-            (before, (c.state, c.packets[1] > 0))
+            (before, c.state, c.packets)
         };
-        let (state, replied) = state;
-        let list = List::of(state, replied);
+        let class = self.slots.get(i as usize).map_or(0, |s| s.class);
+        let list = List::of(state, self.confirmed(class, state, packets));
         if list != list_before {
             self.unlink(i);
             self.push_tail(i, list, now);
@@ -757,7 +797,8 @@ impl<V> ConnTable<V> {
                 queued: now,
             });
         }
-        self.push_tail(i, List::of(state, false), now);
+        let confirmed = self.confirmed(class, state, [1, 0]);
+        self.push_tail(i, List::of(state, confirmed), now);
         self.len += 1;
         self.stats.created += 1;
         Ok(i)
@@ -865,7 +906,7 @@ impl<V> ConnTable<V> {
         };
         self.map.insert(conn.orig, (i, Dir::Orig));
         self.map.insert(conn.reply, (i, Dir::Reply));
-        let list = List::of(conn.state, conn.packets[1] > 0);
+        let list = List::of(conn.state, self.confirmed(class, conn.state, conn.packets));
         let s = &mut self.slots[i as usize];
         s.conn = Some(conn);
         s.class = class;

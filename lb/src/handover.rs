@@ -12,7 +12,7 @@
 //! Must not touch: ports, threads, the flow cache (a cache of this state:
 //! the next process rebuilds it from the connections).
 
-use crate::balancer::{ConnInfo, ConnKind, LbCore, Proxied, SNAT_CLASS, VipKey, Vips};
+use crate::balancer::{ConnInfo, ConnKind, LbCore, Proxied, VipKey, Vips};
 use crate::conntrack::{Conn, ConnError, ConnState, TcpState};
 use crate::nat::{NatBinding, Rewrite, SeqShift};
 use crate::snat::SnatAllocator;
@@ -429,10 +429,7 @@ impl LbCore {
                     }),
                 },
             };
-            let class = match conn.value.kind {
-                ConnKind::Snat { .. } => SNAT_CLASS,
-                _ => 0,
-            };
+            let class = conn.value.kind.class();
             match self.restore_conn(class, conn, now) {
                 Ok(()) => done.conns += 1,
                 Err(ConnError::Exists) => done.duplicate += 1,

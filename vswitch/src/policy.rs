@@ -8,7 +8,7 @@ use dataplane::tunnel::Encap;
 use filter::{CompiledNsg, DefaultContext, NsgSpec};
 use ipnet::IpNet;
 use ipnet::Ipv4Net;
-use lb::balancer::{HealthClock, Vip, VipConfig, Vips};
+use lb::balancer::{HealthClock, Vip, VipConfig, VipMode, Vips};
 use lb::conntrack::to16;
 use lb::snat::SnatConfig;
 use std::collections::HashMap;
@@ -295,8 +295,17 @@ pub struct Policy {
     vni_vnet: FxMap<u32, usize>,
     /// The underlay's neighbours with known MACs.
     neighbours: FxMap<Ipv4Addr, MacAddr>,
-    /// Each tunnel's VM (index = port - [`TUNNEL_PORT_BASE`]).
+    /// Each tunnel's VM (index = port - [`TUNNEL_PORT_BASE`]; remote
+    /// endpoints' tunnels only).
     tunnel_vm: Vec<usize>,
+    /// A Mux's backends -> their tunnel ports (IP in IP).
+    mux_ports: FxMap<Ipv4Addr, u16>,
+    /// DSR backends' addresses -> their ports.
+    dsr_ports: FxMap<Ipv4Addr, u16>,
+    /// The first DSR backend's port (after every tunnel's).
+    dsr_base: u16,
+    /// Each DSR port's VM and address (index = port - `dsr_base`).
+    dsr_vm: Vec<(usize, Ipv4Addr)>,
 }
 
 /// The snapshot's lookup maps are read on every new flow: FxHash, not SipHash
@@ -374,15 +383,27 @@ impl Policy {
                     Ok(vip) => {
                         let vip = vip.numbered(id, health.clone());
                         let addr = v.config.addr;
+                        let what = format!("vip {:?}", v.config.name);
+                        let mode = v.config.mode;
+                        if mode != VipMode::Local && vn.contains(&addr) {
+                            errs.push(format!(
+                                "{what}: a {} vip's address {addr} must be outside vnet {:?} (it is reached from the wire)",
+                                mode.name(),
+                                vn.name
+                            ));
+                        }
                         if !vn.contains(&addr) {
-                            let what = format!("vip {:?}", v.config.name);
                             if t.uplink.is_none() {
                                 errs.push(format!(
                                     "{what}: address {addr} is outside vnet {:?} and there is no uplink",
                                     vn.name
                                 ));
                             }
-                            claim(addr, v.vnet, &what, &mut errs);
+                            // A DSR VIP is the Muxes' on the wire: this
+                            // host answers no ARP or ping for it.
+                            if mode != VipMode::Dsr {
+                                claim(addr, v.vnet, &what, &mut errs);
+                            }
                         }
                         vips.push(vn.vips.insert(vip));
                     }
@@ -573,6 +594,106 @@ impl Policy {
                 outer,
             });
         }
+        // A Mux's backends: a tunnel each (IP in IP to the DIP's address),
+        // after the remote endpoints'. Then a DSR VIP's backends: a port
+        // each, that the Muxes' packets to it come in on.
+        let mut mux_ports: FxMap<Ipv4Addr, u16> = FxMap::default();
+        for v in t.vips.iter().filter(|v| v.config.mode == VipMode::Mux) {
+            let what = format!("vip {:?}", v.config.name);
+            let Some((up, ul)) = underlay else {
+                errs.push(format!("{what}: a mux vip needs an [uplink] with an address"));
+                continue;
+            };
+            for b in &v.config.backends {
+                // (IPv4: `Vip::new` refused the rest.)
+                let IpAddr::V4(dip) = b.ip else { continue };
+                if t.vms.iter().any(|vm| vm.vnet == v.vnet && vm.ips.contains(&b.ip)) {
+                    errs.push(format!(
+                        "{what}: backend {dip} is a vm of this host (a mux's backends are on other hosts)"
+                    ));
+                    continue;
+                }
+                if dip == ul.address.addr() {
+                    errs.push(format!("{what}: backend {dip} is this host's own address"));
+                    continue;
+                }
+                let Some(next_hop) = ul.next_hop(dip) else {
+                    errs.push(format!("{what}: backend {dip} has no route on the underlay"));
+                    continue;
+                };
+                if mux_ports.contains_key(&dip) {
+                    continue;
+                }
+                mux_ports.insert(dip, TUNNEL_PORT_BASE.saturating_add(tunnels.len() as u16));
+                let outer = neighbours
+                    .get(&next_hop)
+                    .map(|mac| dataplane::tunnel::Outer {
+                        encap: Encap::Ipip,
+                        vni: 0,
+                        src_mac: up.mac,
+                        dst_mac: *mac,
+                        src_ip: ul.address.addr(),
+                        dst_ip: dip,
+                    });
+                tunnels.push(Tunnel {
+                    name: format!("{}/{dip}", v.config.name),
+                    vnet: v.vnet,
+                    host: dip,
+                    next_hop: Some(next_hop),
+                    outer,
+                });
+            }
+        }
+        let dsr_base = TUNNEL_PORT_BASE.saturating_add(tunnels.len() as u16);
+        let mut dsr_ports: FxMap<Ipv4Addr, u16> = FxMap::default();
+        let mut dsr_vm: Vec<(usize, Ipv4Addr)> = Vec::new();
+        for v in t.vips.iter().filter(|v| v.config.mode == VipMode::Dsr) {
+            let what = format!("vip {:?}", v.config.name);
+            if t.uplink.is_none() {
+                errs.push(format!("{what}: a dsr vip needs an [uplink]"));
+                continue;
+            }
+            if public.contains_key(&to16(v.config.addr)) {
+                errs.push(format!(
+                    "{what}: address {} is also a public address of this host",
+                    v.config.addr
+                ));
+            }
+            for b in &v.config.backends {
+                let IpAddr::V4(dip) = b.ip else { continue };
+                let vm = addr_vm
+                    .get(&(v.vnet, to16(b.ip)))
+                    .copied()
+                    .filter(|&i| vms.get(i).is_some_and(|vm: &Vm| !vm.is_remote()));
+                let Some(i) = vm else {
+                    errs.push(format!(
+                        "{what}: backend {dip} is no vm of this host (a dsr vip's backends are)"
+                    ));
+                    continue;
+                };
+                match dsr_ports.get(&dip) {
+                    Some(&port) => {
+                        let k = usize::from(port - dsr_base);
+                        if dsr_vm.get(k).map(|d| d.0) != Some(i) {
+                            errs.push(format!(
+                                "{what}: backend {dip} is a dsr backend in another vnet (the Muxes name it by its address alone)"
+                            ));
+                        }
+                    }
+                    None => {
+                        dsr_ports.insert(dip, dsr_base.saturating_add(dsr_vm.len() as u16));
+                        dsr_vm.push((i, dip));
+                    }
+                }
+            }
+        }
+        if tunnels.len() + dsr_vm.len() > MAX_REMOTES {
+            errs.push(format!(
+                "{} tunnels and {} dsr backends: at most {MAX_REMOTES} fit in one policy",
+                tunnels.len(),
+                dsr_vm.len()
+            ));
+        }
         let mut services = std::collections::HashSet::default();
         for v in &t.vips {
             let c = &v.config;
@@ -611,7 +732,41 @@ impl Policy {
             tunnel_vm,
             vni_vnet,
             neighbours,
+            mux_ports,
+            dsr_ports,
+            dsr_base,
+            dsr_vm,
         })
+    }
+
+    /// The tunnel port a Mux sends to backend `dip` through.
+    #[inline]
+    pub fn mux_port(&self, dip: IpAddr) -> Option<u16> {
+        let IpAddr::V4(d) = dip else { return None };
+        self.mux_ports.get(&d).copied()
+    }
+
+    /// The port of DSR backend `dip` (the outer destination of a Mux's
+    /// packet) and its VM.
+    #[inline]
+    pub fn dsr_backend(&self, dip: Ipv4Addr) -> Option<(u16, &Vm)> {
+        let port = *self.dsr_ports.get(&dip)?;
+        Some((port, self.dsr_on_port(port)?.0))
+    }
+
+    /// The DSR backend whose Mux traffic comes in on `port`: its VM and
+    /// the address the Muxes send to.
+    #[inline]
+    pub fn dsr_on_port(&self, port: u16) -> Option<(&Vm, Ipv4Addr)> {
+        let k = port.checked_sub(self.dsr_base)?;
+        let (i, ip) = *self.dsr_vm.get(usize::from(k))?;
+        Some((self.vms.get(i)?, ip))
+    }
+
+    /// True when a VIP takes Mux traffic (IP in IP may arrive).
+    #[inline]
+    pub fn has_dsr(&self) -> bool {
+        !self.dsr_vm.is_empty()
     }
 
     /// The VM attached to `port` (a remote endpoint, for a tunnel port).

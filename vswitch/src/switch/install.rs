@@ -62,6 +62,11 @@ impl<B: PacketBuf> Switch<B> {
         if !stateful && fwd.lb.is_none() {
             return fwd;
         }
+        // Nothing comes back through a Mux's tunnel to a DIP (its replies
+        // go straight to the client).
+        if super::overlay::is_tunnel(fwd.out_port) && p.vm_on_port(fwd.out_port).is_none() {
+            return fwd;
+        }
         // The reverse direction gets the opposite rewrite of the connection.
         let (nat, lb) = match fwd.lb {
             Some(r) => {

@@ -815,7 +815,7 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
         // then arrives on its remote endpoint's tunnel port.
         let mut ports = [in16; N];
         let mut refused: [Option<SwitchDrop>; N] = [None; N];
-        if policy.is_uplink(in16) && policy.has_overlay() {
+        if policy.is_uplink(in16) && (policy.has_overlay() || policy.has_dsr()) {
             for ((pkt, port), r) in pkts
                 .iter_mut()
                 .zip(ports.iter_mut())

@@ -25,7 +25,12 @@ impl<B: PacketBuf> Switch<B> {
     /// vnet, the inner source must be a remote endpoint of that vnet, and
     /// the outer source its host.
     pub(super) fn decap(&self, p: &Policy, pkt: &mut B) -> Result<Option<u16>, SwitchDrop> {
-        let Some((_, ul)) = p.underlay() else {
+        if p.has_dsr() {
+            if let Some(port) = self.decap_dsr(p, pkt)? {
+                return Ok(Some(port));
+            }
+        }
+        let Some((_, ul)) = p.underlay().filter(|_| p.has_overlay()) else {
             return Ok(None);
         };
         let d = match tunnel::peek(pkt.data(), ul.address.addr()) {
@@ -50,6 +55,25 @@ impl<B: PacketBuf> Switch<B> {
             .map_err(|_| SwitchDrop::TunnelMalformed)?;
         self.stats.tunnel_rx.fetch_add(1, Ordering::Relaxed);
         Ok(Some(vm.port))
+    }
+
+    /// Takes a Mux's packet (IP in IP to the address of a DSR VIP's
+    /// backend) out of its outer header: `Ok(Some(port))`, the backend's
+    /// DSR port, the inner packet now in an Ethernet frame to the
+    /// backend's MAC; `Ok(None)` for any other packet (IP in IP to another
+    /// address included: not this host's to take).
+    fn decap_dsr(&self, p: &Policy, pkt: &mut B) -> Result<Option<u16>, SwitchDrop> {
+        let d = match tunnel::peek_ipip(pkt.data()) {
+            Ok(Some(d)) => d,
+            Ok(None) => return Ok(None),
+            Err(_) => return Err(SwitchDrop::TunnelMalformed),
+        };
+        let Some((port, vm)) = p.dsr_backend(d.dst) else {
+            return Ok(None);
+        };
+        tunnel::decap_ipip(pkt, &d, vm.mac).map_err(|_| SwitchDrop::TunnelMalformed)?;
+        self.stats.dsr_rx.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(port))
     }
 
     /// Puts `pkt` (its inner frame ready) in the tunnel of tunnel port
@@ -77,7 +101,12 @@ impl<B: PacketBuf> Switch<B> {
         };
         match tunnel::encap(&mut pkt, &outer, sport) {
             Ok(()) => {
-                self.stats.tunnel_tx.fetch_add(1, Ordering::Relaxed);
+                let n = if outer.encap == tunnel::Encap::Ipip {
+                    &self.stats.mux_tx
+                } else {
+                    &self.stats.tunnel_tx
+                };
+                n.fetch_add(1, Ordering::Relaxed);
                 ctx.send(usize::from(up.port), pkt);
             }
             Err(_) => self.drop_pkt(pkt, SwitchDrop::RewriteFailed),

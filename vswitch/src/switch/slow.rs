@@ -12,7 +12,7 @@ use dataplane::synproxy::{self, Seg};
 use dataplane::wire::arp;
 use dataplane::{FlowKey, L3, PacketBuf, Parsed, rewrite};
 use filter::{Action, Direction};
-use lb::balancer::Decision;
+use lb::balancer::{ConnKind, Decision, VipMode};
 use lb::nat::Rewrite;
 use std::sync::atomic::Ordering;
 
@@ -144,6 +144,9 @@ impl<B: PacketBuf> Switch<B> {
         in_port: u16,
         now: u64,
     ) -> Result<Slow, SwitchDrop> {
+        if let Some((dip, ip)) = p.dsr_on_port(in_port) {
+            return self.slow_dsr(p, dip, ip, frame, pk, now);
+        }
         let wire = |u: &&UplinkDef| u.port == in_port || in_port == HAIRPIN_PORT;
         if let Some(up) = p.uplink.as_ref().filter(wire) {
             return self.slow_uplink(p, up, frame, pk, now);
@@ -233,7 +236,9 @@ impl<B: PacketBuf> Switch<B> {
             // The underlay (the uplink's network, the tunnels' hosts) is the
             // provider's: no VM reaches it (a VM's packet there could pass
             // for a host's tunnel packet).
-            None if p.is_underlay(post.dst()) => {
+            // (A tracked connection's reply may: the connection came from
+            // the wire, e.g. a Mux's health probe.)
+            None if p.is_underlay(post.dst()) && !tracked => {
                 return Err(self.abandon(SwitchDrop::NoRoute, fresh));
             }
             None => {
@@ -408,6 +413,22 @@ impl<B: PacketBuf> Switch<B> {
             new,
             syn,
         } = lb_step(d, vn, &key)?.ok_or(SwitchDrop::NoRoute)?;
+        // A Mux's connection: the packet goes on unchanged, in IP in IP to
+        // its DIP; nothing comes back this way.
+        if let Some(port) = self.mux_port_of(p, lb) {
+            let port = port.map_err(|e| self.abandon(e, Some(lb).filter(|_| new)))?;
+            let fwd = FlowAction {
+                out_port: port,
+                src_mac: up.mac,
+                dst_mac: up.mac,
+                nat,
+                lb: Some(lb),
+                fast: None,
+            };
+            return Ok(Slow::Forward(self.install(
+                p, now, pk.in_port, pk.key, fwd, &post, fwd, true,
+            )));
+        }
         let lb = Some(lb);
         let Some((_, dst)) = p.vm_by_addr(vn, post.dst_ip) else {
             return Err(self.abandon(SwitchDrop::NoRoute, lb.filter(|_| new)));
@@ -429,6 +450,69 @@ impl<B: PacketBuf> Switch<B> {
             Err(hop) => return Err(self.unresolved(hop, lb.filter(|_| new))),
         };
         // The first packet takes the compiled action too.
+        Ok(Slow::Forward(self.install(
+            p, now, pk.in_port, pk.key, fwd, &post, back, stateful,
+        )))
+    }
+
+    /// The tunnel port to the DIP of connection `r`, when it is a Mux's
+    /// (`Err` when the policy has no tunnel to it).
+    fn mux_port_of(&self, p: &Policy, r: LbRef) -> Option<Result<u16, SwitchDrop>> {
+        let c = self.lb.get(r.vnet as usize)?.conn(r.conn)?;
+        match &c.value.kind {
+            ConnKind::Dnat { vip, backend, .. } if vip.config().mode == VipMode::Mux => {
+                Some(p.mux_port(*backend).ok_or(SwitchDrop::NoRoute))
+            }
+            _ => None,
+        }
+    }
+
+    /// The slow path of a Mux's packet, taken out of its IP in IP on the
+    /// DSR port of backend `dip` (address `ip`): a new connection to the
+    /// DSR VIP it is for goes to that backend (DNAT), if its inbound group
+    /// admits it; the replies leave by the uplink with the VIP as their
+    /// source, straight to the client (direct server return).
+    fn slow_dsr(
+        &mut self,
+        p: &Policy,
+        dip: &crate::policy::Vm,
+        ip: std::net::Ipv4Addr,
+        frame: &mut [u8],
+        pk: &Parsed,
+        now: u64,
+    ) -> Result<Slow, SwitchDrop> {
+        let up = p.uplink.as_ref().ok_or(SwitchDrop::NoRoute)?;
+        if pk.l3 != L3::Ipv4 {
+            return Err(SwitchDrop::Unsupported);
+        }
+        // From the wire: never from this host's public addresses.
+        if p.vnet_by_public(pk.key.src_ip).is_some() {
+            return Err(SwitchDrop::Spoofed);
+        }
+        let vn = dip.vnet;
+        let vnet = p.vnets.get(vn).ok_or(SwitchDrop::NoRoute)?;
+        let key = pk.key;
+        let seg = synproxy::read(frame, pk).unwrap_or_default();
+        let d = self
+            .lb
+            .get_mut(vn)
+            .map(|l| l.process_dsr(&vnet.vips, &key, &seg, now, std::net::IpAddr::V4(ip)));
+        let LbStep {
+            nat, lb, post, new, ..
+        } = lb_step(d, vn, &key)?.ok_or(SwitchDrop::NoRoute)?;
+        let lb = Some(lb);
+        let Some((_, dst)) = p.vm_by_addr(vn, post.dst_ip) else {
+            return Err(self.abandon(SwitchDrop::NoRoute, lb.filter(|_| new)));
+        };
+        let stateful = !new || {
+            let verdict = self.acl(p, dst.nsg, Direction::In, &post);
+            self.admit(verdict, lb)?
+        };
+        let fwd = FlowAction::to_vm(dst, vnet.gateway_mac, nat, lb);
+        let back = match FlowAction::to_wire(p, up, key.src_ip, nat, lb) {
+            Ok(a) => a,
+            Err(hop) => return Err(self.unresolved(hop, lb.filter(|_| new))),
+        };
         Ok(Slow::Forward(self.install(
             p, now, pk.in_port, pk.key, fwd, &post, back, stateful,
         )))

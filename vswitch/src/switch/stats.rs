@@ -204,6 +204,10 @@ pub struct SwitchStats {
     /// ARP requests sent on the uplink (the underlay resolving its next
     /// hops).
     pub arp_requests: AtomicU64,
+    /// Packets a Mux sent to its DIPs in IP in IP.
+    pub mux_tx: AtomicU64,
+    /// Packets from a Mux (IP in IP) taken in for a DSR VIP's backend.
+    pub dsr_rx: AtomicU64,
 }
 
 impl Default for SwitchStats {
@@ -234,6 +238,8 @@ impl Default for SwitchStats {
             tunnel_tx: AtomicU64::new(0),
             tunnel_rx: AtomicU64::new(0),
             arp_requests: AtomicU64::new(0),
+            mux_tx: AtomicU64::new(0),
+            dsr_rx: AtomicU64::new(0),
         }
     }
 }
