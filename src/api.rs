@@ -374,6 +374,12 @@ pub struct WorkerCounters {
     /// hops).
     #[serde(default)]
     pub arp_requests: u64,
+    /// Packets it sent, as a Mux, to DIPs in IP in IP.
+    #[serde(default)]
+    pub mux_tx: u64,
+    /// Packets from Muxes (IP in IP) it took in for a DSR VIP's backend.
+    #[serde(default)]
+    pub dsr_rx: u64,
     /// Drops by reason (pipeline and malformed).
     pub drops: BTreeMap<String, u64>,
 }
@@ -411,6 +417,8 @@ impl WorkerCounters {
             (&mut self.tunnel_tx, base.tunnel_tx),
             (&mut self.tunnel_rx, base.tunnel_rx),
             (&mut self.arp_requests, base.arp_requests),
+            (&mut self.mux_tx, base.mux_tx),
+            (&mut self.dsr_rx, base.dsr_rx),
         ] {
             *c += b;
         }

@@ -174,6 +174,11 @@ pub fn render(c: &Counters, probes: &[ProbeState], generation: u64) -> String {
         "pollux_tunnel_packets",
         "Overlay packets: sent to other hosts in a tunnel (direction tx), taken in from them (rx)",
     );
+    let mux = counters(
+        &mut reg,
+        "pollux_mux_packets",
+        "Load balancer Mux traffic: packets a Mux sent to DIPs in IP in IP (direction tx), packets from Muxes a DSR host took in (rx)",
+    );
     let arp_requests = counters(
         &mut reg,
         "pollux_arp_requests",
@@ -228,6 +233,10 @@ pub fn render(c: &Counters, probes: &[ProbeState], generation: u64) -> String {
         for (dir, n) in [("tx", w.tunnel_tx), ("rx", w.tunnel_rx)] {
             tunnel
                 .get_or_create(&labels(&[("worker", &name), ("direction", dir)]))
+                .inc_by(n);
+        }
+        for (dir, n) in [("tx", w.mux_tx), ("rx", w.dsr_rx)] {
+            mux.get_or_create(&labels(&[("worker", &name), ("direction", dir)]))
                 .inc_by(n);
         }
         arp_requests.get_or_create(&lw).inc_by(w.arp_requests);

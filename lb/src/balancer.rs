@@ -1843,7 +1843,9 @@ mod tests {
         // to the same backend, established at once.
         let mut other = core();
         match other.process(&vips, &k, ACK, 5) {
-            Decision::Forward { conn, new: true, .. } => {
+            Decision::Forward {
+                conn, new: true, ..
+            } => {
                 let c = other.conn(conn).unwrap();
                 assert_eq!(c.state, ConnState::Tcp(TcpState::Established));
                 assert!(matches!(&c.value.kind, ConnKind::Dnat { backend: b, .. } if *b == picked));
@@ -1863,7 +1865,23 @@ mod tests {
         cfg.mode = VipMode::Dsr;
         let mut vips = Vips::new();
         vips.insert(Vip::new(cfg, &[false, false]).unwrap());
-        vips.insert(Vip::new(VipConfig::new("plain", ip("10.1.0.101"), 80, 6, vec![Backend { ip: ip("10.1.0.10"), port: 80, weight: 1 }]), &[]).unwrap());
+        vips.insert(
+            Vip::new(
+                VipConfig::new(
+                    "plain",
+                    ip("10.1.0.101"),
+                    80,
+                    6,
+                    vec![Backend {
+                        ip: ip("10.1.0.10"),
+                        port: 80,
+                        weight: 1,
+                    }],
+                ),
+                &[],
+            )
+            .unwrap(),
+        );
         let mut lb = core();
         let k = client(1, 40000);
         let seg = Seg::with_flags(SYN);
@@ -1873,7 +1891,11 @@ mod tests {
         // Its replies leave as the VIP.
         let reply = FlowKey::new(ip("10.1.0.11"), 8080, k.src(), 40000, 6);
         match lb.process(&vips, &reply, SYN | ACK, 1) {
-            Decision::Forward { rewrite, dir: Dir::Reply, .. } => {
+            Decision::Forward {
+                rewrite,
+                dir: Dir::Reply,
+                ..
+            } => {
                 assert_eq!(rewrite.src, Some((ip("10.1.0.100"), 80)))
             }
             d => panic!("{d:?}"),
@@ -1902,7 +1924,11 @@ mod tests {
             match bad {
                 "must be IPv4" => {
                     c.addr = ip("2001:db8::1");
-                    c.backends = vec![Backend { ip: ip("2001:db8::5"), port: 80, weight: 1 }];
+                    c.backends = vec![Backend {
+                        ip: ip("2001:db8::5"),
+                        port: 80,
+                        weight: 1,
+                    }];
                 }
                 "cannot have a SYN proxy" => c.syn_proxy = SynProxy::On,
                 _ => c.backends[1].ip = c.backends[0].ip,

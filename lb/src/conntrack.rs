@@ -422,15 +422,17 @@ impl<V> ConnTable<V> {
     }
 
     fn is_one_way(&self, class: u8) -> bool {
-        self.one_way.get(usize::from(class)).copied().unwrap_or(false)
+        self.one_way
+            .get(usize::from(class))
+            .copied()
+            .unwrap_or(false)
     }
 
     /// True when a connection in `state` with `packets` counts as
     /// confirmed (not embryonic): a reply came back, or, seen one way, it
     /// is established.
     fn confirmed(&self, class: u8, state: ConnState, packets: [u64; 2]) -> bool {
-        packets[1] > 0
-            || (self.is_one_way(class) && state == ConnState::Tcp(TcpState::Established))
+        packets[1] > 0 || (self.is_one_way(class) && state == ConnState::Tcp(TcpState::Established))
     }
 
     /// The timeout classes.

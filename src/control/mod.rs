@@ -896,6 +896,8 @@ pub fn local_counters(state: &ControlState, rt: &Runtime) -> Counters {
             tunnel_tx: l(&ss.tunnel_tx),
             tunnel_rx: l(&ss.tunnel_rx),
             arp_requests: l(&ss.arp_requests),
+            mux_tx: l(&ss.mux_tx),
+            dsr_rx: l(&ss.dsr_rx),
             drops: by_reason(ws.drops.nonzero().into_iter().chain(ss.nonzero())),
         })
         .map(|mut c| {

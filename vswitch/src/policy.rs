@@ -601,13 +601,18 @@ impl Policy {
         for v in t.vips.iter().filter(|v| v.config.mode == VipMode::Mux) {
             let what = format!("vip {:?}", v.config.name);
             let Some((up, ul)) = underlay else {
-                errs.push(format!("{what}: a mux vip needs an [uplink] with an address"));
+                errs.push(format!(
+                    "{what}: a mux vip needs an [uplink] with an address"
+                ));
                 continue;
             };
             for b in &v.config.backends {
                 // (IPv4: `Vip::new` refused the rest.)
                 let IpAddr::V4(dip) = b.ip else { continue };
-                if t.vms.iter().any(|vm| vm.vnet == v.vnet && vm.ips.contains(&b.ip)) {
+                if t.vms
+                    .iter()
+                    .any(|vm| vm.vnet == v.vnet && vm.ips.contains(&b.ip))
+                {
                     errs.push(format!(
                         "{what}: backend {dip} is a vm of this host (a mux's backends are on other hosts)"
                     ));
@@ -618,7 +623,9 @@ impl Policy {
                     continue;
                 }
                 let Some(next_hop) = ul.next_hop(dip) else {
-                    errs.push(format!("{what}: backend {dip} has no route on the underlay"));
+                    errs.push(format!(
+                        "{what}: backend {dip} has no route on the underlay"
+                    ));
                     continue;
                 };
                 if mux_ports.contains_key(&dip) {

@@ -425,9 +425,9 @@ impl<B: PacketBuf> Switch<B> {
                 lb: Some(lb),
                 fast: None,
             };
-            return Ok(Slow::Forward(self.install(
-                p, now, pk.in_port, pk.key, fwd, &post, fwd, true,
-            )));
+            return Ok(Slow::Forward(
+                self.install(p, now, pk.in_port, pk.key, fwd, &post, fwd, true),
+            ));
         }
         let lb = Some(lb);
         let Some((_, dst)) = p.vm_by_addr(vn, post.dst_ip) else {

@@ -1,0 +1,467 @@
+//! The load balancer as a Mux with direct server return: a client behind a
+//! router, one Mux pollux and two host pollux instances with two DIPs
+//! each, all real kernel stacks in namespaces.
+//!
+//! Underlay 10.200.0.0/24, a bridge in the router namespace: the router
+//! 10.200.0.254, the Mux 10.200.0.1, host H1 10.200.0.2 (two workers), host
+//! H2 10.200.0.3. The client 203.0.113.10 is on the router's other side.
+//! The router routes the VIP 192.0.2.10 to the Mux; the Mux routes
+//! 10.1.0.0/24 to H1 and 10.2.0.0/24 to H2, whose VMs are the DIPs
+//! (10.1.0.4, 10.1.0.5 on H1; 10.2.0.4, 10.2.0.5 on H2), serving on port
+//! 8080. Nothing is configured with a MAC: next hops are resolved by ARP.
+//!
+//! Shown: the Mux picks a DIP per connection and sends the client's
+//! packets to it in IP in IP; the host takes them out, DNATs them to the
+//! DIP's port 8080 and sends the replies straight to the client from the
+//! VIP. A curl loop reaches all four DIPs and long downloads arrive whole;
+//! a capture of the Mux's link holds the client's packets and the IP in
+//! IP ones, and not one reply; the DIPs log the client's own address; a
+//! packet in IP in IP to an address that is no DIP is refused by reason.
+//!
+//! Needs root and `ip`, `ethtool`, `curl`, `python3`, `tcpdump`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+mod common;
+
+use common::netns::{Lab, read, sh, wait_for};
+use std::time::Duration;
+
+/// (tag, address/prefix, MAC, gateway) of the DIPs: two on each host.
+const DIPS: [(&str, &str, &str, &str); 4] = [
+    ("d11", "10.1.0.4/24", "02:00:00:01:00:04", "10.1.0.1"),
+    ("d12", "10.1.0.5/24", "02:00:00:01:00:05", "10.1.0.1"),
+    ("d21", "10.2.0.4/24", "02:00:00:02:00:04", "10.2.0.1"),
+    ("d22", "10.2.0.5/24", "02:00:00:02:00:05", "10.2.0.1"),
+];
+
+const VIP: &str = "192.0.2.10";
+const CLIENT: &str = "203.0.113.10";
+
+/// The download's size.
+const SIZE: usize = 3 << 20;
+
+/// The lab; returns it with the root-side ends of the uplinks of the Mux,
+/// H1 and H2.
+fn lab() -> (Lab, [String; 3]) {
+    let mut lab = Lab::new("mx");
+    for (tag, cidr, mac, gw) in DIPS {
+        lab.add(
+            tag,
+            mac,
+            &[
+                vec!["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"],
+                vec!["ip", "addr", "add", cidr, "dev", "eth0"],
+            ],
+        );
+        lab.exec(tag, &["ip", "route", "add", "default", "via", gw]);
+    }
+    // The router: its eth0 (to the Mux's uplink) in the underlay bridge
+    // with H1's and H2's links.
+    lab.add(
+        "rt",
+        "02:00:00:00:fe:01",
+        &[
+            vec!["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"],
+            vec!["sysctl", "-qw", "net.ipv4.ip_forward=1"],
+            vec!["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0"],
+            vec!["ip", "link", "add", "br0", "type", "bridge"],
+            vec!["ip", "link", "set", "eth0", "master", "br0"],
+            vec!["ip", "addr", "add", "10.200.0.254/24", "dev", "br0"],
+            vec!["ip", "link", "set", "br0", "up"],
+        ],
+    );
+    let mux_up = lab.ns("rt").host.clone();
+    let rt = lab.ns("rt").name.clone();
+    let mut ups = vec![mux_up.clone()];
+    for (i, mac) in [(1, "02:00:00:00:fe:11"), (2, "02:00:00:00:fe:12")] {
+        let up = format!("{}{i}", &mux_up[..mux_up.len() - 1]);
+        let peer = format!("eth{i}");
+        sh(&[
+            "ip", "link", "add", &up, "type", "veth", "peer", "name", &peer, "netns", &rt,
+        ]);
+        let _ = sh(&[
+            "sysctl",
+            "-qw",
+            &format!("net.ipv6.conf.{up}.disable_ipv6=1"),
+        ]);
+        sh(&["ip", "link", "set", &up, "up"]);
+        for cmd in [
+            vec!["ip", "link", "set", &peer, "address", mac],
+            vec![
+                "ethtool", "-K", &peer, "tso", "off", "gso", "off", "gro", "off",
+            ],
+            vec!["ip", "link", "set", &peer, "master", "br0"],
+            vec!["ip", "link", "set", &peer, "up"],
+        ] {
+            lab.exec("rt", &cmd);
+        }
+        ups.push(up);
+    }
+    // The client, on the router's other side; the router sends the VIP to
+    // the Mux.
+    lab.add(
+        "cl",
+        "02:00:00:00:cc:10",
+        &[
+            vec!["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"],
+            vec!["ip", "addr", "add", "203.0.113.10/24", "dev", "eth0"],
+        ],
+    );
+    lab.exec(
+        "cl",
+        &["ip", "route", "add", "default", "via", "203.0.113.1"],
+    );
+    let cl = lab.ns("cl").host.clone();
+    sh(&["ip", "link", "set", &cl, "netns", &rt]);
+    for cmd in [
+        vec!["ip", "addr", "add", "203.0.113.1/24", "dev", &cl],
+        vec!["ip", "link", "set", &cl, "up"],
+        vec!["ip", "route", "add", "192.0.2.10/32", "via", "10.200.0.1"],
+    ] {
+        lab.exec("rt", &cmd);
+    }
+    (lab, [ups[0].clone(), ups[1].clone(), ups[2].clone()])
+}
+
+fn mux_config(uplink: &str) -> String {
+    format!(
+        r#"
+[dataplane]
+idle_sleep_us = 200
+
+[[port]]
+name = "wire"
+driver = "af_packet"
+iface = "{uplink}"
+
+[uplink]
+port = "wire"
+mac = "02:50:4c:58:00:01"
+address = "10.200.0.1/24"
+gateway = "10.200.0.254"
+[[uplink.route]]
+prefix = "10.1.0.0/24"
+via = "10.200.0.2"
+[[uplink.route]]
+prefix = "10.2.0.0/24"
+via = "10.200.0.3"
+
+[[vnet]]
+name = "lb"
+prefixes = ["10.9.0.0/24"]
+gateway_mac = "12:34:56:78:9a:01"
+
+[[vip]]
+name = "web"
+vnet = "lb"
+mode = "mux"
+address = "{VIP}"
+port = 80
+protocol = "tcp"
+backends = [
+  {{ ip = "10.1.0.4", port = 8080 }},
+  {{ ip = "10.1.0.5", port = 8080 }},
+  {{ ip = "10.2.0.4", port = 8080 }},
+  {{ ip = "10.2.0.5", port = 8080 }},
+]
+"#
+    )
+}
+
+/// Host `n` (1 or 2), its DIPs on the ports of namespaces `dips`.
+fn host_config(lab: &Lab, n: u8, uplink: &str, workers: u8) -> String {
+    let (a, b) = (
+        &DIPS[usize::from(n - 1) * 2],
+        &DIPS[usize::from(n - 1) * 2 + 1],
+    );
+    let ip = |d: &(&str, &str, &str, &str)| d.1.split('/').next().unwrap().to_string();
+    format!(
+        r#"
+[dataplane]
+workers = {workers}
+idle_sleep_us = 200
+
+[[port]]
+name = "{ta}"
+driver = "af_packet"
+iface = "{ia}"
+[[port]]
+name = "{tb}"
+driver = "af_packet"
+iface = "{ib}"
+[[port]]
+name = "wire"
+driver = "af_packet"
+iface = "{uplink}"
+
+[uplink]
+port = "wire"
+mac = "02:50:4c:58:00:1{n}"
+address = "10.200.0.{h}/24"
+gateway = "10.200.0.254"
+
+[[vnet]]
+name = "t"
+prefixes = ["10.{n}.0.0/24"]
+gateway_mac = "12:34:56:78:9a:1{n}"
+
+[[vm]]
+name = "{ta}"
+port = "{ta}"
+vnet = "t"
+mac = "{ma}"
+ips = ["{pa}"]
+[[vm]]
+name = "{tb}"
+port = "{tb}"
+vnet = "t"
+mac = "{mb}"
+ips = ["{pb}"]
+
+[[vip]]
+name = "web"
+vnet = "t"
+mode = "dsr"
+address = "{VIP}"
+port = 80
+protocol = "tcp"
+backends = [ {{ vm = "{ta}", port = 8080 }}, {{ vm = "{tb}", port = 8080 }} ]
+"#,
+        ta = a.0,
+        tb = b.0,
+        ia = lab.ns(a.0).host,
+        ib = lab.ns(b.0).host,
+        ma = a.2,
+        mb = b.2,
+        pa = ip(a),
+        pb = ip(b),
+        h = n + 1,
+    )
+}
+
+fn sum(v: &serde_json::Value, field: &str) -> u64 {
+    v["workers"]
+        .as_array()
+        .map(|ws| ws.iter().filter_map(|w| w[field].as_u64()).sum())
+        .unwrap_or(0)
+}
+
+fn drops(v: &serde_json::Value, reason: &str) -> u64 {
+    v["workers"]
+        .as_array()
+        .map(|ws| ws.iter().filter_map(|w| w["drops"][reason].as_u64()).sum())
+        .unwrap_or(0)
+}
+
+/// Packets in capture `pcap` that tcpdump's `filter` matches.
+fn count(pcap: &std::path::Path, filter: &str) -> usize {
+    let out = std::process::Command::new("tcpdump")
+        .args(["-nn", "-r", pcap.to_str().unwrap(), filter])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+#[test]
+fn a_mux_spreads_a_vip_over_two_hosts_whose_replies_go_straight_to_the_client() {
+    if !testkit::require::root_and(&["ip", "ethtool", "curl", "python3", "tcpdump", "cmp"]) {
+        return;
+    }
+    let (mut lab, [mux_up, h1_up, h2_up]) = lab();
+    let dir = lab.dir.clone();
+    // Each DIP serves a page naming it and a download, and logs who asked.
+    let data: Vec<u8> = (0..SIZE).map(|i| (i * 13 % 251) as u8).collect();
+    for (tag, cidr, _, _) in DIPS {
+        let root = dir.join(format!("www-{tag}"));
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("name"), tag).unwrap();
+        std::fs::write(root.join("big"), &data).unwrap();
+        let ip = cidr.split('/').next().unwrap();
+        let cmd = format!(
+            "exec python3 -u -m http.server 8080 --bind {ip} --directory {}",
+            root.display()
+        );
+        lab.spawn(tag, &cmd, &dir.join(format!("{tag}.log")));
+    }
+    // What the Mux's link carries, as its other end sees it (pollux sends
+    // past the kernel's taps on its own end).
+    let cap = dir.join("mux.pcap");
+    let tcpdump = lab.spawn(
+        "rt",
+        &format!("exec tcpdump -i eth0 -nn -U -w {}", cap.display()),
+        &dir.join("tcpdump.log"),
+    );
+    let (_, _, log_m) = lab.pollux("mux", &mux_config(&mux_up));
+    let (_, _, log_1) = lab.pollux("h1", &host_config(&lab, 1, &h1_up, 2));
+    let (_, _, log_2) = lab.pollux("h2", &host_config(&lab, 2, &h2_up, 1));
+    let (mux, h1, h2) = (lab.api("mux"), lab.api("h1"), lab.api("h2"));
+    let logs = || {
+        format!(
+            "MUX:\n{}\nH1:\n{}\nH2:\n{}",
+            read(&log_m),
+            read(&log_1),
+            read(&log_2)
+        )
+    };
+    for api in [&mux, &h1, &h2] {
+        api.wait_ready(Duration::from_secs(30), logs);
+    }
+    // The Mux's tunnels to the four DIPs, their next hops (the hosts)
+    // resolved by ARP.
+    let u = mux.wait_for(
+        "/v1/underlay",
+        Duration::from_secs(20),
+        "the Mux's tunnels resolved",
+        |u| {
+            u["tunnels"]
+                .as_array()
+                .is_some_and(|t| t.len() == 4 && t.iter().all(|t| t["next_hop_mac"].is_string()))
+        },
+        logs,
+    );
+    let tunnels = u["tunnels"].to_string();
+    for (dip, hop, mac) in [
+        ("10.1.0.4", "10.200.0.2", "02:50:4c:58:00:11"),
+        ("10.2.0.5", "10.200.0.3", "02:50:4c:58:00:12"),
+    ] {
+        assert!(
+            tunnels.contains(dip) && tunnels.contains(hop) && tunnels.contains(mac),
+            "{tunnels}"
+        );
+    }
+    // The client reaches the VIP: every connection to one DIP, all four
+    // DIPs among them.
+    let ok = wait_for(Duration::from_secs(20), || {
+        lab.bash("cl", &format!("curl -sf --max-time 2 http://{VIP}/name"))
+            .status
+            .success()
+    });
+    assert!(ok, "the VIP from the client\n{}", logs());
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..40 {
+        let out = lab.bash("cl", &format!("curl -sf --max-time 5 http://{VIP}/name"));
+        assert!(out.status.success(), "{out:?}\n{}", logs());
+        *seen
+            .entry(String::from_utf8_lossy(&out.stdout).to_string())
+            .or_insert(0) += 1;
+    }
+    let names: Vec<&str> = DIPS.iter().map(|d| d.0).collect();
+    assert_eq!(
+        seen.keys().map(String::as_str).collect::<Vec<_>>(),
+        names,
+        "{seen:?}"
+    );
+    // Long downloads, with a curl loop beside them.
+    let stop = dir.join("stop");
+    let tally = dir.join("loop");
+    lab.spawn(
+        "cl",
+        &format!(
+            "ok=0; bad=0; while [ ! -e {stop} ]; do \
+             if curl -sf --max-time 10 -o /dev/null http://{VIP}/name; then ok=$((ok+1)); else bad=$((bad+1)); fi; \
+             sleep 0.05; done; echo \"$ok $bad\" > {t}.tmp && mv {t}.tmp {t}",
+            stop = stop.display(),
+            t = tally.display()
+        ),
+        &dir.join("loop.log"),
+    );
+    for i in 0..8 {
+        lab.spawn(
+            "cl",
+            &format!(
+                "curl -sf --max-time 120 --limit-rate 400k -o {d}/dl{i} http://{VIP}/big; echo $? > {d}/dl{i}.rc",
+                d = dir.display()
+            ),
+            &dir.join(format!("dl{i}.log")),
+        );
+    }
+    let done = wait_for(Duration::from_secs(150), || {
+        (0..8).all(|i| dir.join(format!("dl{i}.rc")).exists())
+    });
+    assert!(done, "downloads did not finish\n{}", logs());
+    std::fs::write(&stop, "").unwrap();
+    for i in 0..8 {
+        assert_eq!(
+            read(&dir.join(format!("dl{i}.rc"))).trim(),
+            "0",
+            "download {i}"
+        );
+        assert!(
+            std::fs::read(dir.join(format!("dl{i}"))).unwrap() == data,
+            "download {i} differs"
+        );
+    }
+    assert!(
+        wait_for(Duration::from_secs(30), || tally.exists()),
+        "the curl loop did not finish"
+    );
+    let t = read(&tally);
+    let (ok, bad) = t.trim().split_once(' ').unwrap();
+    assert_eq!(bad, "0", "the curl loop saw failures ({ok} ok)");
+    assert!(
+        ok.parse::<u64>().unwrap() > 5,
+        "the curl loop ran {ok} times"
+    );
+    // The DIPs saw the client's own address.
+    for (tag, ..) in DIPS {
+        let log = read(&dir.join(format!("{tag}.log")));
+        assert!(
+            log.contains(&format!("{CLIENT} - - ")),
+            "{tag} did not log the client's address:\n{log}"
+        );
+    }
+    // The counters: the Mux sent in IP in IP, each host took in.
+    let cm = mux.get("/v1/counters").unwrap();
+    let (c1, c2) = (
+        h1.get("/v1/counters").unwrap(),
+        h2.get("/v1/counters").unwrap(),
+    );
+    assert!(sum(&cm, "mux_tx") > 1000, "{cm}");
+    assert!(
+        sum(&c1, "dsr_rx") > 100 && sum(&c2, "dsr_rx") > 100,
+        "{c1}\n{c2}"
+    );
+    assert!(sum(&cm, "mux_tx") >= sum(&c1, "dsr_rx") + sum(&c2, "dsr_rx"));
+    // IP in IP to an address no DIP has, sent to H1 from the router: not
+    // taken in (its inner packet is not H1's), dropped as no route; and to
+    // a DIP, with a cut inner packet: taken in, then dropped as malformed.
+    let c = h1.get("/v1/counters").unwrap();
+    let (rx0, nr0) = (sum(&c, "dsr_rx"), drops(&c, "no_route"));
+    let py = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_RAW, 4)\n\
+         inner = bytes([0x45,0,0,20,0,0,0x40,0,64,6,0,0]) + socket.inet_aton('{CLIENT}') + socket.inet_aton('{VIP}')\n\
+         for dst in ['10.1.0.9', '10.1.0.4']:\n    s.sendto(inner, (dst, 0))\n"
+    );
+    lab.exec(
+        "rt",
+        &["ip", "route", "add", "10.1.0.0/24", "via", "10.200.0.2"],
+    );
+    lab.exec("rt", &["python3", "-c", &py]);
+    h1.wait_for(
+        "/v1/counters",
+        Duration::from_secs(10),
+        "the IP-in-IP packets counted",
+        |c| sum(c, "dsr_rx") > rx0 && drops(c, "no_route") > nr0,
+        logs,
+    );
+    // Nothing came back through the Mux: the capture of its link has the
+    // client's packets to the VIP and the IP-in-IP ones to the DIPs, and
+    // not one packet from the VIP.
+    common::netns::terminate(&mut lab.children[tcpdump]);
+    let _ = lab.children[tcpdump].wait();
+    let to_vip = count(
+        &cap,
+        &format!("tcp and dst host {VIP} and src host {CLIENT}"),
+    );
+    let ipip = count(&cap, "ip proto 4 and src host 10.200.0.1");
+    let replies = count(&cap, &format!("src host {VIP}"));
+    assert!(
+        to_vip > 1000 && ipip > 1000,
+        "to the VIP {to_vip}, IP in IP {ipip}"
+    );
+    assert_eq!(replies, 0, "replies through the Mux");
+    eprintln!(
+        "mux uplink: {to_vip} client packets in, {ipip} IP-in-IP out, {replies} replies; DIPs {seen:?}"
+    );
+}
