@@ -942,11 +942,6 @@ impl Config {
                 VipMode::Local
             }
         };
-        if mode == VipMode::Mux && v.probe.is_some() {
-            errs.push(format!(
-                "vip {name:?}: a mux vip's probes are not supported (its DIPs are on other hosts)"
-            ));
-        }
         let mut bs = Vec::new();
         for b in &v.backends {
             let ip = match (&b.vm, &b.ip) {

@@ -13,7 +13,10 @@
 //! Shown: the Mux picks a DIP per connection and sends the client's
 //! packets to it in IP in IP; the host takes them out, DNATs them to the
 //! DIP's port 8080 and sends the replies straight to the client from the
-//! VIP. A curl loop reaches all four DIPs and long downloads arrive whole;
+//! VIP. The Mux probes each DIP through the VIP the same way (from its own
+//! address, which the answers come straight back to), and takes a DIP
+//! whose server stopped out of the VIP. A curl loop reaches all four DIPs
+//! and long downloads arrive whole;
 //! a capture of the Mux's link holds the client's packets and the IP in
 //! IP ones, and not one reply; the DIPs log the client's own address; a
 //! packet in IP in IP to an address that is no DIP is refused by reason.
@@ -164,6 +167,12 @@ backends = [
   {{ ip = "10.2.0.4", port = 8080 }},
   {{ ip = "10.2.0.5", port = 8080 }},
 ]
+[vip.probe]
+kind = "http"
+port = 80
+path = "/name"
+interval_ms = 300
+threshold = 2
 "#
     )
 }
@@ -271,6 +280,7 @@ fn a_mux_spreads_a_vip_over_two_hosts_whose_replies_go_straight_to_the_client() 
     let dir = lab.dir.clone();
     // Each DIP serves a page naming it and a download, and logs who asked.
     let data: Vec<u8> = (0..SIZE).map(|i| (i * 13 % 251) as u8).collect();
+    let mut servers = Vec::new();
     for (tag, cidr, _, _) in DIPS {
         let root = dir.join(format!("www-{tag}"));
         std::fs::create_dir_all(&root).unwrap();
@@ -281,7 +291,7 @@ fn a_mux_spreads_a_vip_over_two_hosts_whose_replies_go_straight_to_the_client() 
             "exec python3 -u -m http.server 8080 --bind {ip} --directory {}",
             root.display()
         );
-        lab.spawn(tag, &cmd, &dir.join(format!("{tag}.log")));
+        servers.push(lab.spawn(tag, &cmd, &dir.join(format!("{tag}.log"))));
     }
     // What the Mux's link carries, as its other end sees it (pollux sends
     // past the kernel's taps on its own end).
@@ -319,6 +329,15 @@ fn a_mux_spreads_a_vip_over_two_hosts_whose_replies_go_straight_to_the_client() 
         },
         logs,
     );
+    // The Mux probes each DIP through the VIP, as clients reach it (IP in
+    // IP from its own address; the answer comes straight back): all up.
+    let all = [
+        "10.1.0.4:8080",
+        "10.1.0.5:8080",
+        "10.2.0.4:8080",
+        "10.2.0.5:8080",
+    ];
+    mux.wait_probes(&all, true, Duration::from_secs(30), logs);
     let tunnels = u["tunnels"].to_string();
     for (dip, hop, mac) in [
         ("10.1.0.4", "10.200.0.2", "02:50:4c:58:00:11"),
@@ -402,6 +421,18 @@ fn a_mux_spreads_a_vip_over_two_hosts_whose_replies_go_straight_to_the_client() 
         ok.parse::<u64>().unwrap() > 5,
         "the curl loop ran {ok} times"
     );
+    // A DIP whose server stops is taken down by the Mux's probes; new
+    // connections go to the other three.
+    common::netns::terminate(&mut lab.children[servers[3]]);
+    mux.wait_probes(&["10.2.0.5:8080"], false, Duration::from_secs(30), logs);
+    mux.wait_probes(&all[..3], true, Duration::from_secs(5), logs);
+    let mut after = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let out = lab.bash("cl", &format!("curl -sf --max-time 5 http://{VIP}/name"));
+        assert!(out.status.success(), "{out:?}\n{}", logs());
+        after.insert(String::from_utf8_lossy(&out.stdout).to_string());
+    }
+    assert!(!after.contains("d22") && after.len() == 3, "{after:?}");
     // The DIPs saw the client's own address.
     for (tag, ..) in DIPS {
         let log = read(&dir.join(format!("{tag}.log")));
@@ -421,7 +452,6 @@ fn a_mux_spreads_a_vip_over_two_hosts_whose_replies_go_straight_to_the_client() 
         sum(&c1, "dsr_rx") > 100 && sum(&c2, "dsr_rx") > 100,
         "{c1}\n{c2}"
     );
-    assert!(sum(&cm, "mux_tx") >= sum(&c1, "dsr_rx") + sum(&c2, "dsr_rx"));
     // IP in IP to an address no DIP has, sent to H1 from the router: not
     // taken in (its inner packet is not H1's), dropped as no route; and to
     // a DIP, with a cut inner packet: taken in, then dropped as malformed.
@@ -447,7 +477,8 @@ fn a_mux_spreads_a_vip_over_two_hosts_whose_replies_go_straight_to_the_client() 
     );
     // Nothing came back through the Mux: the capture of its link has the
     // client's packets to the VIP and the IP-in-IP ones to the DIPs, and
-    // not one packet from the VIP.
+    // not one packet from the VIP to the client (from the VIP, only the
+    // answers to the Mux's own probes, to its own address).
     common::netns::terminate(&mut lab.children[tcpdump]);
     let _ = lab.children[tcpdump].wait();
     let to_vip = count(
@@ -455,13 +486,16 @@ fn a_mux_spreads_a_vip_over_two_hosts_whose_replies_go_straight_to_the_client() 
         &format!("tcp and dst host {VIP} and src host {CLIENT}"),
     );
     let ipip = count(&cap, "ip proto 4 and src host 10.200.0.1");
-    let replies = count(&cap, &format!("src host {VIP}"));
+    let replies = count(&cap, &format!("src host {VIP} and dst host {CLIENT}"));
+    let probes = count(&cap, &format!("src host {VIP} and dst host 10.200.0.1"));
+    let other = count(&cap, &format!("src host {VIP} and not dst host 10.200.0.1"));
     assert!(
         to_vip > 1000 && ipip > 1000,
         "to the VIP {to_vip}, IP in IP {ipip}"
     );
-    assert_eq!(replies, 0, "replies through the Mux");
+    assert_eq!((replies, other), (0, 0), "replies through the Mux");
+    assert!(probes > 0, "no probe answers");
     eprintln!(
-        "mux uplink: {to_vip} client packets in, {ipip} IP-in-IP out, {replies} replies; DIPs {seen:?}"
+        "mux link: {to_vip} client packets in, {ipip} IP-in-IP out, {replies} replies, {probes} probe answers; DIPs {seen:?}"
     );
 }

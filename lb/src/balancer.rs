@@ -1660,6 +1660,36 @@ impl LbCore {
         }
     }
 
+    /// A health probe a Mux sends to a DIP through the VIP (the prober's
+    /// packet `key`, to the DIP): tracked as a connection out of the uplink
+    /// with `nat` (from the Mux's own address, to the VIP), so that the
+    /// DIP's reply, which comes straight from its host to that address,
+    /// finds its way back to the prober. Its later packets, both ways, are
+    /// this connection's.
+    pub fn probe_through(
+        &mut self,
+        key: &FlowKey,
+        tcp_flags: u8,
+        now: u64,
+        nat: NatBinding,
+    ) -> Decision {
+        let seg = Seg::with_flags(tcp_flags);
+        match self.existing(None, key, &seg, now) {
+            Ok(Some(d)) => return d,
+            Err(r) => return self.drop(r),
+            Ok(None) => {}
+        }
+        let info = ConnInfo {
+            kind: ConnKind::Plain { uplink: true },
+            nat,
+            proxy: None,
+        };
+        match self.open(key, tcp_flags, now, info) {
+            Ok(d) => d,
+            Err(r) => self.drop(r),
+        }
+    }
+
     /// Tracks a new connection a stateful allow admitted, without NAT,
     /// whose first packet has `key` (`uplink`: it leaves through the
     /// uplink). The caller has found no connection for it

@@ -18,6 +18,10 @@
 //!   the hash of its source (address and port, or echo identifier), so
 //!   that every connection of one private endpoint meets the one mapping
 //!   that endpoint-independent SNAT gives it, on one worker;
+//! - a Mux's health probe (from the prober to a DIP of a Mux VIP, sent
+//!   on from the uplink's address) and its reply (from the wire to the
+//!   uplink's address): the hash of the prober's port alone, which the
+//!   probe's NAT keeps;
 //! - otherwise a symmetric hash of both endpoints (ICMP: of both addresses
 //!   and the echo identifier).
 
@@ -51,6 +55,19 @@ pub fn owner(p: &Policy, in_port: u16, k: &FlowKey, workers: usize) -> usize {
         if let Some(w) = p.snat_worker(k.dst_ip, dst_port, workers) {
             return w;
         }
+    }
+    let mine = p
+        .underlay()
+        .is_some_and(|(_, ul)| k.dst() == std::net::IpAddr::V4(ul.address.addr()));
+    let probe_port = match vm {
+        Some(vm) if vm.internal && p.mux_port(k.dst()).is_some() => Some(k.src_port),
+        None if mine => Some(k.dst_port),
+        _ => None,
+    };
+    if let Some(port) = probe_port {
+        let mut f = FxHasher::default();
+        f.write_u64(endpoint(&[0; 16], port));
+        return (f.finish() % workers as u64) as usize;
     }
     let snat_source = || {
         vm.and_then(|vm| p.vnets.get(vm.vnet))

@@ -173,6 +173,11 @@ impl<B: PacketBuf> Switch<B> {
         if !vm.ips.contains(&pk.key.src()) {
             return Err(SwitchDrop::Spoofed);
         }
+        if vm.internal {
+            if let Some(s) = self.mux_probe(p, vm, frame, pk, now)? {
+                return Ok(s);
+            }
+        }
         let key = pk.key;
         // An ICMP error about a packet of a tracked connection belongs to
         // that connection: translated through its NAT and passed on.
@@ -356,7 +361,10 @@ impl<B: PacketBuf> Switch<B> {
         // Only the switch itself sends from its public addresses: from the
         // wire, such a source is forged (its answers would hairpin back
         // into the switch). Hairpinned packets come in on their own port.
-        if pk.in_port != HAIRPIN_PORT && p.vnet_by_public(pk.key.src_ip).is_some() {
+        if pk.in_port != HAIRPIN_PORT
+            && p.vnet_by_public(pk.key.src_ip).is_some()
+            && !self.probe_reply(p, pk)
+        {
             return Err(SwitchDrop::Spoofed);
         }
         // An ICMP error from the wire about a packet of a tracked
@@ -465,6 +473,77 @@ impl<B: PacketBuf> Switch<B> {
             }
             _ => None,
         }
+    }
+
+    /// A packet of the health prober (internal VM `prober`) to a DIP of a
+    /// Mux VIP of its vnet: the probe goes to the VIP through that DIP, as
+    /// clients reach it, in IP in IP, from the uplink's own address (the
+    /// DIP's host answers it straight there). Tracked with that NAT
+    /// (`LbCore::probe_through`); no flow is installed (probes are few).
+    /// `None` for any other packet of the prober.
+    fn mux_probe(
+        &mut self,
+        p: &Policy,
+        prober: &crate::policy::Vm,
+        frame: &mut [u8],
+        pk: &Parsed,
+        now: u64,
+    ) -> Result<Option<Slow>, SwitchDrop> {
+        let (Some(port), Some((up, ul))) = (p.mux_port(pk.key.dst()), p.underlay()) else {
+            return Ok(None);
+        };
+        let vnet = p.vnets.get(prober.vnet).ok_or(SwitchDrop::NoRoute)?;
+        let dip = pk.key.dst();
+        let vip = p.vips().iter().find(|v| {
+            let c = v.config();
+            c.mode == VipMode::Mux
+                && c.proto == pk.key.proto
+                && c.backends.iter().any(|b| b.ip == dip)
+                && vnet.vips.get(c.addr, c.port, c.proto).is_some()
+        });
+        let Some(vip) = vip else {
+            return Ok(None);
+        };
+        let key = pk.key;
+        let me = std::net::IpAddr::V4(ul.address.addr());
+        let nat = lb::nat::NatBinding {
+            forward: Rewrite {
+                src: Some((me, key.src_port)),
+                dst: Some((vip.config().addr, key.dst_port)),
+                ..Rewrite::NONE
+            },
+            reverse: Rewrite {
+                src: Some((dip, key.dst_port)),
+                dst: Some((key.src(), key.src_port)),
+                ..Rewrite::NONE
+            },
+        };
+        let flags = tcp_flags(frame, pk);
+        let d = self
+            .lb
+            .get_mut(prober.vnet)
+            .map(|l| l.probe_through(&key, flags, now, nat));
+        let s = lb_step(d, prober.vnet, &key)?.ok_or(SwitchDrop::NoRoute)?;
+        Ok(Some(Slow::Forward(FlowAction {
+            out_port: port,
+            src_mac: up.mac,
+            dst_mac: up.mac,
+            nat: s.nat,
+            lb: None,
+            fast: None,
+        })))
+    }
+
+    /// True for a packet from the wire that may come from a Mux VIP: one
+    /// to the uplink's own address (the reply to a Mux's probe, sent
+    /// straight from the DIP's host with the VIP as its source).
+    fn probe_reply(&self, p: &Policy, pk: &Parsed) -> bool {
+        p.underlay()
+            .is_some_and(|(_, ul)| pk.key.dst() == std::net::IpAddr::V4(ul.address.addr()))
+            && p.vips().iter().any(|v| {
+                v.config().mode == VipMode::Mux
+                    && dataplane::key::to16(v.config().addr) == pk.key.src_ip
+            })
     }
 
     /// The slow path of a Mux's packet, taken out of its IP in IP on the
@@ -734,6 +813,11 @@ impl<B: PacketBuf> Switch<B> {
         let vnet = p.vnets.get(vn).ok_or(SwitchDrop::NoRoute)?;
         let (_, dst) = p.vm_by_addr(vn, post.dst_ip).ok_or(SwitchDrop::NoRoute)?;
         let fwd = FlowAction::to_vm(dst, vnet.gateway_mac, nat, Some(lb));
+        // A Mux's probe reply goes to its prober without a flow (probes
+        // are few; the prober's own flow is the tunnel's, not the wire's).
+        if dst.internal {
+            return Ok(Slow::Forward(fwd));
+        }
         let back = FlowAction::to_wire(p, up, key.src_ip, nat, Some(lb))
             .map_err(|hop| self.unresolved(hop, None))?;
         Ok(Slow::Forward(self.install(
