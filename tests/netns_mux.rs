@@ -26,7 +26,8 @@
 
 mod common;
 
-use common::netns::{Lab, read, sh, wait_for};
+use common::mux::{self, CLIENT, VIP, count};
+use common::netns::{Lab, read, wait_for};
 use std::time::Duration;
 
 /// (tag, address/prefix, MAC, gateway) of the DIPs: two on each host.
@@ -37,16 +38,13 @@ const DIPS: [(&str, &str, &str, &str); 4] = [
     ("d22", "10.2.0.5/24", "02:00:00:02:00:05", "10.2.0.1"),
 ];
 
-const VIP: &str = "192.0.2.10";
-const CLIENT: &str = "203.0.113.10";
-
 /// The download's size.
 const SIZE: usize = 3 << 20;
 
 /// The lab; returns it with the root-side ends of the uplinks of the Mux,
 /// H1 and H2.
 fn lab() -> (Lab, [String; 3]) {
-    let mut lab = Lab::new("mx");
+    let (mut lab, mux_up) = mux::lab("mx");
     for (tag, cidr, mac, gw) in DIPS {
         lab.add(
             tag,
@@ -58,122 +56,17 @@ fn lab() -> (Lab, [String; 3]) {
         );
         lab.exec(tag, &["ip", "route", "add", "default", "via", gw]);
     }
-    // The router: its eth0 (to the Mux's uplink) in the underlay bridge
-    // with H1's and H2's links.
-    lab.add(
-        "rt",
-        "02:00:00:00:fe:01",
-        &[
-            vec!["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"],
-            vec!["sysctl", "-qw", "net.ipv4.ip_forward=1"],
-            vec!["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0"],
-            vec!["ip", "link", "add", "br0", "type", "bridge"],
-            vec!["ip", "link", "set", "eth0", "master", "br0"],
-            vec!["ip", "addr", "add", "10.200.0.254/24", "dev", "br0"],
-            vec!["ip", "link", "set", "br0", "up"],
-        ],
-    );
-    let mux_up = lab.ns("rt").host.clone();
-    let rt = lab.ns("rt").name.clone();
-    let mut ups = vec![mux_up.clone()];
-    for (i, mac) in [(1, "02:00:00:00:fe:11"), (2, "02:00:00:00:fe:12")] {
-        let up = format!("{}{i}", &mux_up[..mux_up.len() - 1]);
-        let peer = format!("eth{i}");
-        sh(&[
-            "ip", "link", "add", &up, "type", "veth", "peer", "name", &peer, "netns", &rt,
-        ]);
-        let _ = sh(&[
-            "sysctl",
-            "-qw",
-            &format!("net.ipv6.conf.{up}.disable_ipv6=1"),
-        ]);
-        sh(&["ip", "link", "set", &up, "up"]);
-        for cmd in [
-            vec!["ip", "link", "set", &peer, "address", mac],
-            vec![
-                "ethtool", "-K", &peer, "tso", "off", "gso", "off", "gro", "off",
-            ],
-            vec!["ip", "link", "set", &peer, "master", "br0"],
-            vec!["ip", "link", "set", &peer, "up"],
-        ] {
-            lab.exec("rt", &cmd);
-        }
-        ups.push(up);
-    }
-    // The client, on the router's other side; the router sends the VIP to
-    // the Mux.
-    lab.add(
-        "cl",
-        "02:00:00:00:cc:10",
-        &[
-            vec!["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"],
-            vec!["ip", "addr", "add", "203.0.113.10/24", "dev", "eth0"],
-        ],
-    );
-    lab.exec(
-        "cl",
-        &["ip", "route", "add", "default", "via", "203.0.113.1"],
-    );
-    let cl = lab.ns("cl").host.clone();
-    sh(&["ip", "link", "set", &cl, "netns", &rt]);
-    for cmd in [
-        vec!["ip", "addr", "add", "203.0.113.1/24", "dev", &cl],
-        vec!["ip", "link", "set", &cl, "up"],
-        vec!["ip", "route", "add", "192.0.2.10/32", "via", "10.200.0.1"],
-    ] {
-        lab.exec("rt", &cmd);
-    }
-    (lab, [ups[0].clone(), ups[1].clone(), ups[2].clone()])
+    let h1 = mux::link(&lab, 1, "02:00:00:00:fe:11");
+    let h2 = mux::link(&lab, 2, "02:00:00:00:fe:12");
+    (lab, [mux_up, h1, h2])
 }
 
 fn mux_config(uplink: &str) -> String {
-    format!(
-        r#"
-[dataplane]
-idle_sleep_us = 200
-
-[[port]]
-name = "wire"
-driver = "af_packet"
-iface = "{uplink}"
-
-[uplink]
-port = "wire"
-mac = "02:50:4c:58:00:01"
-address = "10.200.0.1/24"
-gateway = "10.200.0.254"
-[[uplink.route]]
-prefix = "10.1.0.0/24"
-via = "10.200.0.2"
-[[uplink.route]]
-prefix = "10.2.0.0/24"
-via = "10.200.0.3"
-
-[[vnet]]
-name = "lb"
-prefixes = ["10.9.0.0/24"]
-gateway_mac = "12:34:56:78:9a:01"
-
-[[vip]]
-name = "web"
-vnet = "lb"
-mode = "mux"
-address = "{VIP}"
-port = 80
-protocol = "tcp"
-backends = [
-  {{ ip = "10.1.0.4", port = 8080 }},
-  {{ ip = "10.1.0.5", port = 8080 }},
-  {{ ip = "10.2.0.4", port = 8080 }},
-  {{ ip = "10.2.0.5", port = 8080 }},
-]
-[vip.probe]
-kind = "http"
-port = 80
-path = "/name"
-interval_ms = 300
-threshold = 2
-"#
+    mux::config(
+        uplink,
+        &[("10.1.0.0/24", "10.200.0.2"), ("10.2.0.0/24", "10.200.0.3")],
+        &["10.1.0.4", "10.1.0.5", "10.2.0.4", "10.2.0.5"],
+        "/name",
     )
 }
 
@@ -260,15 +153,6 @@ fn drops(v: &serde_json::Value, reason: &str) -> u64 {
         .as_array()
         .map(|ws| ws.iter().filter_map(|w| w["drops"][reason].as_u64()).sum())
         .unwrap_or(0)
-}
-
-/// Packets in capture `pcap` that tcpdump's `filter` matches.
-fn count(pcap: &std::path::Path, filter: &str) -> usize {
-    let out = std::process::Command::new("tcpdump")
-        .args(["-nn", "-r", pcap.to_str().unwrap(), filter])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).lines().count()
 }
 
 #[test]

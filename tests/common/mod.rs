@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod dpdk;
+pub mod mux;
 pub mod netns;
 pub mod takeover;
 pub mod vm;

@@ -279,6 +279,12 @@ impl Spec {
         self
     }
 
+    /// Loading `modules` at boot too (with what they depend on).
+    pub fn modules(mut self, modules: &[&str]) -> Spec {
+        self.modules = modules.iter().map(|m| m.to_string()).collect();
+        self
+    }
+
     /// With host shared objects `libs` (absolute paths) in its image.
     pub fn libs(mut self, libs: &[&str]) -> Spec {
         self.libs = libs.iter().map(|l| l.to_string()).collect();

@@ -1,0 +1,154 @@
+//! The lab of the load balancer's Mux tests: a client behind a router
+//! namespace whose bridge is the underlay (10.200.0.0/24, the router
+//! 10.200.0.254), the Mux's uplink on it (the Mux is 10.200.0.1, and the
+//! router sends the VIP there), and more links on the bridge for hosts.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use super::netns::{Lab, sh};
+
+/// The VIP the Mux serves.
+pub const VIP: &str = "192.0.2.10";
+/// The client's address.
+pub const CLIENT: &str = "203.0.113.10";
+/// The Mux's address on the underlay.
+pub const MUX: &str = "10.200.0.1";
+
+/// A lab with the router (`rt`, with `br0`) and the client (`cl`);
+/// returns it with the root-side end of the Mux's uplink.
+pub fn lab(prefix: &str) -> (Lab, String) {
+    let mut lab = Lab::new(prefix);
+    // The router: its eth0 (to the Mux's uplink) in the underlay bridge.
+    lab.add(
+        "rt",
+        "02:00:00:00:fe:01",
+        &[
+            vec!["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"],
+            vec!["sysctl", "-qw", "net.ipv4.ip_forward=1"],
+            vec!["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0"],
+            vec!["ip", "link", "add", "br0", "type", "bridge"],
+            vec!["ip", "link", "set", "eth0", "master", "br0"],
+            vec!["ip", "addr", "add", "10.200.0.254/24", "dev", "br0"],
+            vec!["ip", "link", "set", "br0", "up"],
+        ],
+    );
+    let mux_up = lab.ns("rt").host.clone();
+    // The client, on the router's other side; the router sends the VIP to
+    // the Mux.
+    lab.add(
+        "cl",
+        "02:00:00:00:cc:10",
+        &[
+            vec!["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"],
+            vec!["ip", "addr", "add", "203.0.113.10/24", "dev", "eth0"],
+        ],
+    );
+    lab.exec(
+        "cl",
+        &["ip", "route", "add", "default", "via", "203.0.113.1"],
+    );
+    let cl = lab.ns("cl").host.clone();
+    let rt = lab.ns("rt").name.clone();
+    sh(&["ip", "link", "set", &cl, "netns", &rt]);
+    for cmd in [
+        vec!["ip", "addr", "add", "203.0.113.1/24", "dev", &cl],
+        vec!["ip", "link", "set", &cl, "up"],
+        vec!["ip", "route", "add", &format!("{VIP}/32"), "via", MUX],
+    ] {
+        lab.exec("rt", &cmd);
+    }
+    (lab, mux_up)
+}
+
+/// Another link on the underlay bridge: a veth whose router end `eth{i}`
+/// has `mac` and is in the bridge; returns its root-side end (a host's
+/// uplink).
+pub fn link(lab: &Lab, i: u8, mac: &str) -> String {
+    let mux_up = &lab.ns("rt").host;
+    let rt = lab.ns("rt").name.clone();
+    let up = format!("{}{i}", &mux_up[..mux_up.len() - 1]);
+    let peer = format!("eth{i}");
+    sh(&[
+        "ip", "link", "add", &up, "type", "veth", "peer", "name", &peer, "netns", &rt,
+    ]);
+    let _ = std::process::Command::new("sysctl")
+        .args(["-qw", &format!("net.ipv6.conf.{up}.disable_ipv6=1")])
+        .output();
+    sh(&["ip", "link", "set", &up, "up"]);
+    for cmd in [
+        vec!["ip", "link", "set", &peer, "address", mac],
+        vec![
+            "ethtool", "-K", &peer, "tso", "off", "gso", "off", "gro", "off",
+        ],
+        vec!["ip", "link", "set", &peer, "master", "br0"],
+        vec!["ip", "link", "set", &peer, "up"],
+    ] {
+        lab.exec("rt", &cmd);
+    }
+    up
+}
+
+/// The Mux's configuration: uplink `uplink`, `routes` (prefix, via) on
+/// the underlay, the VIP (TCP port 80) over `backends` ("ip" at port
+/// 8080), probed over HTTP at `probe_path` through the VIP.
+pub fn config(
+    uplink: &str,
+    routes: &[(&str, &str)],
+    backends: &[&str],
+    probe_path: &str,
+) -> String {
+    let routes: String = routes
+        .iter()
+        .map(|(p, via)| format!("[[uplink.route]]\nprefix = \"{p}\"\nvia = \"{via}\"\n"))
+        .collect();
+    let backends: Vec<String> = backends
+        .iter()
+        .map(|b| format!("{{ ip = \"{b}\", port = 8080 }}"))
+        .collect();
+    format!(
+        r#"
+[dataplane]
+idle_sleep_us = 200
+
+[[port]]
+name = "wire"
+driver = "af_packet"
+iface = "{uplink}"
+
+[uplink]
+port = "wire"
+mac = "02:50:4c:58:00:01"
+address = "{MUX}/24"
+gateway = "10.200.0.254"
+{routes}
+[[vnet]]
+name = "lb"
+prefixes = ["10.9.0.0/24"]
+gateway_mac = "12:34:56:78:9a:01"
+
+[[vip]]
+name = "web"
+vnet = "lb"
+mode = "mux"
+address = "{VIP}"
+port = 80
+protocol = "tcp"
+backends = [ {} ]
+[vip.probe]
+kind = "http"
+port = 80
+path = "{probe_path}"
+interval_ms = 300
+threshold = 2
+"#,
+        backends.join(", ")
+    )
+}
+
+/// Packets in capture `pcap` that tcpdump's `filter` matches.
+pub fn count(pcap: &std::path::Path, filter: &str) -> usize {
+    let out = std::process::Command::new("tcpdump")
+        .args(["-nn", "-r", pcap.to_str().unwrap(), filter])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
