@@ -13,7 +13,10 @@
 //!   (remote endpoints): every packet put in VXLAN and sent out of the
 //!   uplink; `overlay/decap/*`: the clients on another host, every packet
 //!   arriving in VXLAN on the uplink and taken out of its tunnel (its VNI,
-//!   inner source and outer source checked) before the same pipeline.
+//!   inner source and outer source checked) before the same pipeline;
+//!   `overlay/mux/*`: a Mux, the clients' packets arriving on the uplink
+//!   for a VIP whose three DIPs are on another host, each sent on
+//!   unchanged in IP in IP (no security group, no NAT).
 //!
 //! One thread does everything: the generator fills 32 frames and sends them
 //! into the switch's input ring, the worker polls once (`Worker::poll_once`),
@@ -90,7 +93,14 @@ enum Mode {
     /// The clients on another host: their packets come in VXLAN on the
     /// uplink (port 0).
     Decap,
+    /// A Mux: the clients' packets come in on the uplink (port 0), for a
+    /// VIP whose DIPs are on another host, and go back out of it in IP in
+    /// IP.
+    Mux,
 }
+
+/// The Mux's VIP (outside the vnet: reached from the wire).
+const MUX_VIP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 100);
 
 /// The uplink's underlay address, and the hosts'.
 const LOCAL: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
@@ -102,7 +112,9 @@ fn topology(mode: Mode) -> Topology {
     let clients: Vec<IpAddr> = (0..GEN_IPS).map(|i| IpAddr::V4(gen_ip(i))).collect();
     let mut vms = Vec::new();
     let mut remotes = Vec::new();
-    if mode == Mode::Decap {
+    if mode == Mode::Mux {
+        // No VM: the clients are on the wire.
+    } else if mode == Mode::Decap {
         remotes.push(vswitch::RemoteDef {
             name: "clients".into(),
             vnet: 0,
@@ -122,6 +134,9 @@ fn topology(mode: Mode) -> Topology {
         });
     }
     for b in 0..3u8 {
+        if mode == Mode::Mux {
+            continue;
+        }
         if mode == Mode::Encap {
             remotes.push(vswitch::RemoteDef {
                 name: format!("dip{b}"),
@@ -162,7 +177,13 @@ fn topology(mode: Mode) -> Topology {
         nsgs: vec![big_nsg()],
         vips: vec![VipDef {
             vnet: 0,
-            config: VipConfig::new("bench", IpAddr::V4(VIP), 80, 17, backends),
+            config: if mode == Mode::Mux {
+                let mut c = VipConfig::new("bench", IpAddr::V4(MUX_VIP), 80, 17, backends);
+                c.mode = lb::balancer::VipMode::Mux;
+                c
+            } else {
+                VipConfig::new("bench", IpAddr::V4(VIP), 80, 17, backends)
+            },
             health: vec![],
         }],
         ports: 4,
@@ -174,7 +195,8 @@ fn topology(mode: Mode) -> Topology {
                 next_hop_mac: MacAddr::ZERO,
                 underlay: Some(vswitch::Underlay {
                     address: "192.0.2.1/24".parse().unwrap(),
-                    routes: Vec::new(),
+                    // The Mux's DIPs are on the host at 192.0.2.10.
+                    routes: vec![("10.1.0.0/16".parse().unwrap(), Ipv4Addr::new(192, 0, 2, 10))],
                 }),
             }),
         },
@@ -192,8 +214,12 @@ fn frame(f: u32, mode: Mode) -> Vec<u8> {
     let mut v = Vec::with_capacity(60);
     let src = gen_ip(f % GEN_IPS);
     let sport = 1024 + (f / GEN_IPS) as u16;
-    etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc])
-        .ipv4(src.octets(), VIP.octets(), 64)
+    let (dst_mac, vip) = match mode {
+        Mode::Mux => (UPLINK_MAC, MUX_VIP),
+        _ => ([0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc], VIP),
+    };
+    etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], dst_mac)
+        .ipv4(src.octets(), vip.octets(), 64)
         .udp(sport, 80)
         .write(&mut v, &[0u8; 18])
         .unwrap();
@@ -320,10 +346,15 @@ impl Rig {
         self.gen_end.tx_burst(&mut b);
     }
 
-    /// Drains the backend rings, freeing the frames; returns how many.
+    /// Drains the backend rings (and a Mux's uplink), freeing the frames;
+    /// returns how many.
     #[inline]
     fn drain(&mut self) -> usize {
         let mut n = 0;
+        if self.mode == Mode::Mux {
+            n += self.gen_end.rx_burst(&mut self.rx);
+            self.rx.clear();
+        }
         for s in &mut self.sinks {
             n += s.rx_burst(&mut self.rx);
             self.rx.clear();
@@ -413,6 +444,7 @@ fn bench(c: &mut Criterion) {
         ("plain", Mode::Plain),
         ("encap", Mode::Encap),
         ("decap", Mode::Decap),
+        ("mux", Mode::Mux),
     ] {
         let flows = 1_000;
         let mut rig = Rig::with_timeouts(flows, flows as usize, None, mode);
