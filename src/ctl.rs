@@ -645,6 +645,12 @@ fn counters_table(c: &Counters) -> Vec<String> {
             w.slow_path,
             drops(&w.drops)
         ));
+        if w.tunnel_tx + w.tunnel_rx + w.mux_tx + w.dsr_rx > 0 {
+            out.push(format!(
+                "  tunnels tx {} rx {}; mux (IP in IP to DIPs) tx {}; dsr (from Muxes) rx {}",
+                w.tunnel_tx, w.tunnel_rx, w.mux_tx, w.dsr_rx
+            ));
+        }
     }
     for b in &c.backends {
         out.push(format!(

@@ -325,6 +325,22 @@ fn a_mux_spreads_a_vip_over_two_hosts_whose_replies_go_straight_to_the_client() 
             "{tag} did not log the client's address:\n{log}"
         );
     }
+    // What an operator sees of the Mux: its tunnels to the DIPs, and what
+    // went through them.
+    let ctl = |api: &common::api::Api, what: &str| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_pollux"))
+            .args(["ctl", "--socket", api.sock.to_str().unwrap(), what])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{o:?}");
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    let text = ctl(&mux, "underlay");
+    for want in ["web/10.1.0.4", "web/10.2.0.5", "ipip", "10.200.0.3"] {
+        assert!(text.contains(want), "{want}:\n{text}");
+    }
+    assert!(ctl(&mux, "counters").contains("mux (IP in IP to DIPs) tx"));
+    assert!(ctl(&h1, "counters").contains("dsr (from Muxes) rx"));
     // The counters: the Mux sent in IP in IP, each host took in.
     let cm = mux.get("/v1/counters").unwrap();
     let (c1, c2) = (

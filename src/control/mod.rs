@@ -489,8 +489,12 @@ fn underlay(state: &ControlState, rt: &Runtime) -> crate::api::UnderlayView {
                 crate::api::TunnelView {
                     remote: tn.name.clone(),
                     vnet: vn.map_or(String::new(), |v| v.name.clone()),
-                    vni: vn.and_then(|v| v.vni).unwrap_or(0),
-                    encap: vn.map_or("", |v| v.encap.name()).to_string(),
+                    vni: if tn.encap == dataplane::tunnel::Encap::Ipip {
+                        0
+                    } else {
+                        vn.and_then(|v| v.vni).unwrap_or(0)
+                    },
+                    encap: tn.encap.name().to_string(),
                     host: tn.host.to_string(),
                     next_hop: tn.next_hop.map(|h| h.to_string()),
                     next_hop_mac: tn.outer.map(|o| o.dst_mac.to_string()),

@@ -120,14 +120,18 @@ pub const TUNNEL_PORT_BASE: u16 = 0x8000;
 /// The most remote endpoints a policy holds.
 pub const MAX_REMOTES: usize = 0x7000;
 
-/// A remote endpoint's tunnel, compiled: what its packets are wrapped in.
+/// A tunnel, compiled: a remote endpoint's (in its vnet's VXLAN or
+/// Geneve), or a Mux's to one of its DIPs (IP in IP, named `VIP/DIP`);
+/// what its packets are wrapped in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tunnel {
-    /// The remote's name.
+    /// The remote's name (`VIP/DIP` for a Mux's DIP).
     pub name: String,
     /// Its vnet.
     pub vnet: usize,
-    /// The host's underlay address.
+    /// The encapsulation.
+    pub encap: Encap,
+    /// The host's underlay address (a Mux's DIP's own).
     pub host: Ipv4Addr,
     /// The next hop towards the host (`None`: no route).
     pub next_hop: Option<Ipv4Addr>,
@@ -589,6 +593,7 @@ impl Policy {
             tunnels.push(Tunnel {
                 name: r.name.clone(),
                 vnet: r.vnet,
+                encap: vn.encap,
                 host: r.host,
                 next_hop,
                 outer,
@@ -645,6 +650,7 @@ impl Policy {
                 tunnels.push(Tunnel {
                     name: format!("{}/{dip}", v.config.name),
                     vnet: v.vnet,
+                    encap: Encap::Ipip,
                     host: dip,
                     next_hop: Some(next_hop),
                     outer,
