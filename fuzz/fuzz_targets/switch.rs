@@ -12,7 +12,8 @@
 //! real network would send (a client's SYN to a VIP, a reply from a
 //! backend, an SNAT reply from the wire, a VM's packet to a public address
 //! that hairpins, ARP, neighbour solicitation, VXLAN and Geneve packets
-//! from remote endpoints, ...)
+//! from remote endpoints, a client's packet to a Mux VIP, IP in IP from a
+//! Mux to a DSR VIP's backend, ...)
 //! on its port and overwrite some of its bytes, so that the fuzzer reaches
 //! the deep states without a corpus. For the VIPs with a SYN proxy, the
 //! harness reads the cookies and the backends' SYNs the switch sends, so
@@ -32,7 +33,7 @@ use dataplane::port::ring::{self, RingPort};
 use dataplane::worker::Worker;
 use dataplane::{Batch, LinkInfo, MacAddr, PacketBuf, Port, PortStats};
 use filter::{NsgSpec, RuleSpec};
-use lb::balancer::{Backend, SynProxy, VipConfig};
+use lb::balancer::{Backend, SynProxy, VipConfig, VipMode};
 use lb::snat::SnatConfig;
 use libfuzzer_sys::fuzz_target;
 use std::net::IpAddr;
@@ -167,6 +168,41 @@ fn topology() -> Topology {
                 },
                 health: vec![],
             },
+            // A Mux VIP (its DIPs on the underlay: one's MAC known, the
+            // other's not) and a DSR VIP of this host's web servers.
+            VipDef {
+                vnet: 0,
+                config: VipConfig {
+                    mode: VipMode::Mux,
+                    ..VipConfig::new(
+                        "mux",
+                        ip("198.51.100.90"),
+                        80,
+                        6,
+                        vec![
+                            Backend {
+                                ip: ip("192.0.2.20"),
+                                port: 80,
+                                weight: 1,
+                            },
+                            Backend {
+                                ip: ip("192.0.2.21"),
+                                port: 80,
+                                weight: 1,
+                            },
+                        ],
+                    )
+                },
+                health: vec![],
+            },
+            VipDef {
+                vnet: 0,
+                config: VipConfig {
+                    mode: VipMode::Dsr,
+                    ..VipConfig::new("dsr", ip("198.51.100.91"), 80, 6, backends(8000))
+                },
+                health: vec![],
+            },
             VipDef {
                 vnet: 0,
                 config: VipConfig::new(
@@ -211,7 +247,10 @@ fn topology() -> Topology {
                 mac: Some(MacAddr([2, 0, 0, 0, 7, 7])),
             },
         ],
-        neighbours: vec![("192.0.2.7".parse().unwrap(), MacAddr([2, 0, 0, 0, 7, 1]))],
+        neighbours: vec![
+            ("192.0.2.7".parse().unwrap(), MacAddr([2, 0, 0, 0, 7, 1])),
+            ("192.0.2.20".parse().unwrap(), MacAddr([2, 0, 0, 0, 7, 20])),
+        ],
     }
 }
 
@@ -303,6 +342,35 @@ fn tunnelled(geneve: bool, vni: u32, src: [u8; 4], inner: Vec<u8>) -> Vec<u8> {
     }
     f.extend_from_slice(&(vni << 8).to_be_bytes());
     f.extend_from_slice(&inner);
+    f
+}
+
+/// The IP packet of frame `inner` in IP in IP from a Mux at `src` to
+/// `dst`, arriving on the uplink; checksums left 0.
+fn ipip(src: [u8; 4], dst: [u8; 4], inner: Vec<u8>) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&UPLINK_MAC);
+    f.extend_from_slice(&[2, 0, 0, 0, 9, 9]);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let ip = inner.get(14..).unwrap_or_default();
+    let total = (20 + ip.len()) as u16;
+    f.extend_from_slice(&[
+        0x45,
+        0,
+        (total >> 8) as u8,
+        total as u8,
+        0,
+        0,
+        0x40,
+        0,
+        64,
+        4,
+        0,
+        0,
+    ]);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(ip);
     f
 }
 
@@ -429,7 +497,7 @@ fn template(which: u8, x: u16, learned: &Learned) -> (usize, Vec<u8>) {
     let vip = [10, 1, 0, 100];
     let sport = 40000 + x % 64;
     let wire = [2, 0, 0, 0, 9, 9];
-    match which % 22 {
+    match which % 28 {
         14 => (0, ipv4(client, GW_A, c4, vip, 6, sport, 81, 0x02)),
         // The client's ACK of the last cookie (with 8 bytes of data:
         // the first opens the connection, the next wait for the backend).
@@ -487,7 +555,7 @@ fn template(which: u8, x: u16, learned: &Learned) -> (usize, Vec<u8>) {
             1,
             ipv4(vm_mac(0, 4), GW_A, [10, 1, 0, 4], c4, 6, 8000, sport, 0x04),
         ),
-        // (19-21: the plain templates from 14 on.)
+        // (19-27: the plain templates from 14 on.)
         which if which >= 19 => template_plain(which - 5, x),
         which => template_plain(which, x),
     }
@@ -500,7 +568,36 @@ fn template_plain(which: u8, x: u16) -> (usize, Vec<u8>) {
     let vip = [10, 1, 0, 100];
     let sport = 40000 + x % 64;
     let snat_port = 1024 + x % 4096;
-    match which % 20 {
+    let client_on_wire = |dst: [u8; 4], flags: u8| {
+        ipv4(
+            [2, 0, 0, 0, 9, 9],
+            UPLINK_MAC,
+            [203, 0, 113, 9],
+            dst,
+            6,
+            sport,
+            80,
+            flags,
+        )
+    };
+    match which % 23 {
+        // To the Mux VIP: a SYN, then the rest of a connection (seen one
+        // way), each on to a DIP in IP in IP.
+        20 => (5, client_on_wire([198, 51, 100, 90], 0x02)),
+        21 => (
+            5,
+            client_on_wire([198, 51, 100, 90], if x % 2 == 0 { 0x10 } else { 0x11 }),
+        ),
+        // From a Mux, in IP in IP, to a DSR backend (or to an address that
+        // is none), for the DSR VIP.
+        22 => (
+            5,
+            ipip(
+                [192, 0, 2, 30],
+                [10, 1, 0, 4 + (x % 3) as u8],
+                client_on_wire([198, 51, 100, 91], if x % 4 == 0 { 0x10 } else { 0x02 }),
+            ),
+        ),
         0 => (0, ipv4(client, GW_A, c4, vip, 6, sport, 80, 0x02)),
         1 => (0, ipv4(client, GW_A, c4, vip, 6, sport, 80, 0x10)),
         2 => (0, ipv4(client, GW_A, c4, vip, 17, sport, 53, 0)),

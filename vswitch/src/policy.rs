@@ -982,6 +982,146 @@ mod tests {
         assert!(p.vm_on_port(9).is_none());
     }
 
+    fn mux_vip(vnet: usize, mode: VipMode, backends: &[&str]) -> VipDef {
+        let bs = backends
+            .iter()
+            .map(|b| lb::balancer::Backend {
+                ip: b.parse().unwrap(),
+                port: 8080,
+                weight: 1,
+            })
+            .collect();
+        let mut config = VipConfig::new("web", "192.0.2.10".parse().unwrap(), 80, 6, bs);
+        config.mode = mode;
+        VipDef {
+            vnet,
+            config,
+            health: vec![],
+        }
+    }
+
+    fn underlay_uplink() -> UplinkDef {
+        UplinkDef {
+            port: 2,
+            mac: MacAddr([2, 0, 0, 0, 0, 9]),
+            next_hop_mac: MacAddr::ZERO,
+            underlay: Some(Underlay {
+                address: "10.200.0.1/24".parse().unwrap(),
+                routes: vec![(
+                    "10.2.0.0/16".parse().unwrap(),
+                    "10.200.0.3".parse().unwrap(),
+                )],
+            }),
+        }
+    }
+
+    #[test]
+    fn a_mux_has_a_tunnel_per_dip_and_a_dsr_host_a_port_per_backend() {
+        let mut t = topo();
+        t.uplink = Some(underlay_uplink());
+        t.neighbours = vec![("10.200.0.3".parse().unwrap(), MacAddr([2, 0, 0, 0, 3, 3]))];
+        // On a Mux: DIPs behind a route, and one on-link.
+        t.vips = vec![mux_vip(
+            0,
+            VipMode::Mux,
+            &["10.2.0.4", "10.2.0.5", "10.200.0.7"],
+        )];
+        let p = Policy::compile(&t, 1).unwrap();
+        let port = p.mux_port("10.2.0.5".parse().unwrap()).unwrap();
+        let tn = p.tunnel(port).unwrap();
+        assert_eq!(
+            (tn.name.as_str(), tn.encap, tn.next_hop),
+            (
+                "web/10.2.0.5",
+                Encap::Ipip,
+                Some("10.200.0.3".parse().unwrap())
+            )
+        );
+        assert_eq!(
+            tn.outer.unwrap().dst_ip,
+            "10.2.0.5".parse::<Ipv4Addr>().unwrap()
+        );
+        // The on-link DIP's MAC is not known yet.
+        let onlink = p
+            .tunnel(p.mux_port("10.200.0.7".parse().unwrap()).unwrap())
+            .unwrap();
+        assert!(onlink.outer.is_none());
+        assert!(p.vm_on_port(port).is_none());
+        // The Mux answers for the VIP on the wire; its next hops include
+        // the on-link DIP.
+        assert_eq!(
+            p.vnet_by_public(to16("192.0.2.10".parse().unwrap())),
+            Some(0)
+        );
+        assert!(p.next_hops().contains(&"10.200.0.7".parse().unwrap()));
+        // On a host: a port per backend, not answered on the wire.
+        t.vips = vec![mux_vip(0, VipMode::Dsr, &["10.1.0.4"])];
+        let p = Policy::compile(&t, 2).unwrap();
+        assert!(p.has_dsr());
+        let (port, vm) = p.dsr_backend("10.1.0.4".parse().unwrap()).unwrap();
+        assert_eq!(vm.name, "x");
+        assert_eq!(
+            p.dsr_on_port(port).unwrap().1,
+            "10.1.0.4".parse::<Ipv4Addr>().unwrap()
+        );
+        assert!(
+            p.vnet_by_public(to16("192.0.2.10".parse().unwrap()))
+                .is_none()
+        );
+        assert!(p.dsr_backend("10.1.0.5".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn mux_and_dsr_problems_are_reported() {
+        let mut t = topo();
+        // No underlay.
+        t.vips = vec![mux_vip(0, VipMode::Mux, &["10.2.0.4"])];
+        t.uplink = Some(UplinkDef {
+            underlay: None,
+            next_hop_mac: MacAddr([2, 0, 0, 0, 0, 8]),
+            ..underlay_uplink()
+        });
+        let text = Policy::compile(&t, 1).unwrap_err().0.join("\n");
+        assert!(
+            text.contains("a mux vip needs an [uplink] with an address"),
+            "{text}"
+        );
+        t.uplink = Some(underlay_uplink());
+        // A local VM, the Mux's own address, no route; an address inside
+        // the vnet.
+        t.vips = vec![mux_vip(
+            0,
+            VipMode::Mux,
+            &["10.1.0.4", "10.200.0.1", "10.9.0.1"],
+        )];
+        t.vips[0].config.addr = "10.1.0.100".parse().unwrap();
+        let text = Policy::compile(&t, 1).unwrap_err().0.join("\n");
+        for want in [
+            "backend 10.1.0.4 is a vm of this host",
+            "backend 10.200.0.1 is this host's own address",
+            "backend 10.9.0.1 has no route on the underlay",
+            "a mux vip's address 10.1.0.100 must be outside vnet \"a\"",
+        ] {
+            assert!(text.contains(want), "{want}: {text}");
+        }
+        // A DSR backend that is no VM here, one that is a DSR backend in
+        // two vnets, an address that is also a SNAT address.
+        t.vnets[0].snat = Some(snat("192.0.2.10"));
+        t.vips = vec![
+            mux_vip(0, VipMode::Dsr, &["10.1.0.4", "10.1.0.9"]),
+            mux_vip(1, VipMode::Dsr, &["10.1.0.4"]),
+        ];
+        t.vips[1].config.addr = "192.0.2.11".parse().unwrap();
+        let text = Policy::compile(&t, 1).unwrap_err().0.join("\n");
+        for want in [
+            "backend 10.1.0.9 is no vm of this host",
+            "backend 10.1.0.4 is a dsr backend in another vnet",
+            "address 192.0.2.10 is also a public address of this host",
+        ] {
+            assert!(text.contains(want), "{want}: {text}");
+        }
+    }
+
     #[test]
     fn every_problem_is_reported() {
         let mut t = topo();
