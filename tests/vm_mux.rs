@@ -18,21 +18,12 @@ mod common;
 
 use common::mux::{self, CLIENT, VIP, count};
 use common::netns::{read, sh, wait_for};
-use common::vm::{BOOT, ok};
+use common::vm::{BOOT, host_tool, ok};
 use std::time::Duration;
 use testkit::guest::{Guest, Nic, Spec};
 
 /// The guest's address on the underlay (the DIP).
 const DIP: &str = "10.200.0.5";
-
-fn host_tool(name: &str) -> String {
-    std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-        .map_or_else(|| name.to_string(), |p| p.display().to_string())
-}
 
 #[test]
 fn a_linux_dip_with_ipip_and_the_vip_on_lo_serves_through_the_mux() {

@@ -28,7 +28,7 @@
 mod common;
 
 use common::netns::{Lab, read, sh, wait_for};
-use common::vm::BOOT;
+use common::vm::{BOOT, host_tool};
 use std::process::Command;
 use std::time::Duration;
 use testkit::guest::{Guest, Nic, Spec};
@@ -595,18 +595,6 @@ fn vfs_of_an_emulated_igb_provisioned_and_driven_by_pollux() {
         run(&mut g, "cat /tmp/pollux2.out /tmp/pollux2.log").1
     );
     drop(g);
-}
-
-/// The path of host program `name` (iproute2's `ip`, whose `link show`
-/// prints VF settings, which busybox's does not; `ethtool`): in the guest
-/// it is `/usr/local/bin/NAME`.
-fn host_tool(name: &str) -> String {
-    std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-        .map_or_else(|| name.to_string(), |p| p.display().to_string())
 }
 
 /// Standard base64 (what busybox's `base64 -d` reads).

@@ -127,22 +127,7 @@ pub fn encap<B: PacketBuf>(pkt: &mut B, o: &Outer, sport: u16) -> Result<(), Buf
             have: 0,
         });
     };
-    h[0..6].copy_from_slice(&o.dst_mac.0);
-    h[6..12].copy_from_slice(&o.src_mac.0);
-    h[12..14].copy_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
-    let ip = &mut h[14..34];
-    ip[0] = 0x45;
-    ip[1] = 0;
-    ip[2..4].copy_from_slice(&ip_len16.to_be_bytes());
-    ip[4..6].copy_from_slice(&[0, 0]);
-    ip[6..8].copy_from_slice(&0x4000u16.to_be_bytes());
-    ip[8] = OUTER_TTL;
-    ip[9] = crate::key::PROTO_UDP;
-    ip[10..12].copy_from_slice(&[0, 0]);
-    ip[12..16].copy_from_slice(&o.src_ip.octets());
-    ip[16..20].copy_from_slice(&o.dst_ip.octets());
-    let c = checksum::checksum(ip);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    write_outer(h, o, crate::key::PROTO_UDP, ip_len16);
     let udp = &mut h[34..42];
     udp[0..2].copy_from_slice(&sport.to_be_bytes());
     udp[2..4].copy_from_slice(&o.encap.port().to_be_bytes());
@@ -217,6 +202,15 @@ pub fn encap_ipip<B: PacketBuf>(pkt: &mut B, o: &Outer) -> Result<(), TunnelErro
     pkt.trim(pad).map_err(|_| TunnelError::Truncated)?;
     pkt.prepend(grow).map_err(|_| TunnelError::NoRoom)?;
     let h = pkt.data_mut().get_mut(..34).ok_or(TunnelError::NoRoom)?;
+    write_outer(h, o, PROTO_IPIP, total);
+    Ok(())
+}
+
+/// Writes `o`'s Ethernet header and an outer IPv4 header of `total`
+/// bytes carrying `proto` ("don't fragment", TTL 64, its checksum) over
+/// the first 34 bytes of `h` (which has them).
+fn write_outer(h: &mut [u8], o: &Outer, proto: u8, total: u16) {
+    let Some(h) = h.get_mut(..34) else { return };
     h[0..6].copy_from_slice(&o.dst_mac.0);
     h[6..12].copy_from_slice(&o.src_mac.0);
     h[12..14].copy_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
@@ -227,13 +221,12 @@ pub fn encap_ipip<B: PacketBuf>(pkt: &mut B, o: &Outer) -> Result<(), TunnelErro
     ip[4..6].copy_from_slice(&[0, 0]);
     ip[6..8].copy_from_slice(&0x4000u16.to_be_bytes());
     ip[8] = OUTER_TTL;
-    ip[9] = PROTO_IPIP;
+    ip[9] = proto;
     ip[10..12].copy_from_slice(&[0, 0]);
     ip[12..16].copy_from_slice(&o.src_ip.octets());
     ip[16..20].copy_from_slice(&o.dst_ip.octets());
     let c = checksum::checksum(ip);
     ip[10..12].copy_from_slice(&c.to_be_bytes());
-    Ok(())
 }
 
 /// The outer header of an IP-in-IP packet.

@@ -172,3 +172,15 @@ pub fn context(dir: &Path, guests: &[Guest]) -> String {
     }
     s
 }
+
+/// The path of host program `name` on `PATH` (iproute2's `ip`, which
+/// does what busybox's does not, `ethtool`), for a guest's image: in the
+/// guest it is `/usr/local/bin/NAME`.
+pub fn host_tool(name: &str) -> String {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .map_or_else(|| name.to_string(), |p| p.display().to_string())
+}

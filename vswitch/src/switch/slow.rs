@@ -414,29 +414,50 @@ impl<B: PacketBuf> Switch<B> {
         if let Some(s) = self.proxy_answer(p, vn, (None, pk.in_port), up.mac, &d, &key, &seg)? {
             return Ok(s);
         }
+        let step = lb_step(d, vn, &key)?.ok_or(SwitchDrop::NoRoute)?;
+        // A Mux's connection: the packet goes on unchanged, in IP in IP to
+        // its DIP; nothing comes back this way.
+        if let Some(port) = self.mux_port_of(p, step.lb) {
+            let fresh = Some(step.lb).filter(|_| step.new);
+            let port = port.map_err(|e| self.abandon(e, fresh))?;
+            let fwd = FlowAction {
+                out_port: port,
+                src_mac: up.mac,
+                dst_mac: up.mac,
+                nat: step.nat,
+                lb: Some(step.lb),
+                fast: None,
+            };
+            return Ok(Slow::Forward(
+                self.install(p, now, pk.in_port, pk.key, fwd, &step.post, fwd, true),
+            ));
+        }
+        self.enter_vm(p, up, vn, pk, step, now)
+    }
+
+    /// A packet from the wire (or a Mux's, out of its IP in IP) that
+    /// connection tracking took into vnet `vn` (`step`): to the VM at its
+    /// destination after NAT, if a new connection passes that VM's
+    /// inbound group; its replies go back out of the uplink. A SYN proxy's
+    /// SYN to the backend is written over it (`Slow::ProxySyn`).
+    fn enter_vm(
+        &mut self,
+        p: &Policy,
+        up: &UplinkDef,
+        vn: usize,
+        pk: &Parsed,
+        step: LbStep,
+        now: u64,
+    ) -> Result<Slow, SwitchDrop> {
         let LbStep {
             nat,
             lb,
             post,
             new,
             syn,
-        } = lb_step(d, vn, &key)?.ok_or(SwitchDrop::NoRoute)?;
-        // A Mux's connection: the packet goes on unchanged, in IP in IP to
-        // its DIP; nothing comes back this way.
-        if let Some(port) = self.mux_port_of(p, lb) {
-            let port = port.map_err(|e| self.abandon(e, Some(lb).filter(|_| new)))?;
-            let fwd = FlowAction {
-                out_port: port,
-                src_mac: up.mac,
-                dst_mac: up.mac,
-                nat,
-                lb: Some(lb),
-                fast: None,
-            };
-            return Ok(Slow::Forward(
-                self.install(p, now, pk.in_port, pk.key, fwd, &post, fwd, true),
-            ));
-        }
+        } = step;
+        let key = pk.key;
+        let vnet = p.vnets.get(vn).ok_or(SwitchDrop::NoRoute)?;
         let lb = Some(lb);
         let Some((_, dst)) = p.vm_by_addr(vn, post.dst_ip) else {
             return Err(self.abandon(SwitchDrop::NoRoute, lb.filter(|_| new)));
@@ -576,25 +597,8 @@ impl<B: PacketBuf> Switch<B> {
             .lb
             .get_mut(vn)
             .map(|l| l.process_dsr(&vnet.vips, &key, &seg, now, std::net::IpAddr::V4(ip)));
-        let LbStep {
-            nat, lb, post, new, ..
-        } = lb_step(d, vn, &key)?.ok_or(SwitchDrop::NoRoute)?;
-        let lb = Some(lb);
-        let Some((_, dst)) = p.vm_by_addr(vn, post.dst_ip) else {
-            return Err(self.abandon(SwitchDrop::NoRoute, lb.filter(|_| new)));
-        };
-        let stateful = !new || {
-            let verdict = self.acl(p, dst.nsg, Direction::In, &post);
-            self.admit(verdict, lb)?
-        };
-        let fwd = FlowAction::to_vm(dst, vnet.gateway_mac, nat, lb);
-        let back = match FlowAction::to_wire(p, up, key.src_ip, nat, lb) {
-            Ok(a) => a,
-            Err(hop) => return Err(self.unresolved(hop, lb.filter(|_| new))),
-        };
-        Ok(Slow::Forward(self.install(
-            p, now, pk.in_port, pk.key, fwd, &post, back, stateful,
-        )))
+        let step = lb_step(d, vn, &key)?.ok_or(SwitchDrop::NoRoute)?;
+        self.enter_vm(p, up, vn, pk, step, now)
     }
 
     /// The SYN proxy's answers, which go back out of the port the packet
