@@ -197,6 +197,7 @@ fn topology(mode: Mode) -> Topology {
                     address: "192.0.2.1/24".parse().unwrap(),
                     // The Mux's DIPs are on the host at 192.0.2.10.
                     routes: vec![("10.1.0.0/16".parse().unwrap(), Ipv4Addr::new(192, 0, 2, 10))],
+                    muxes: Vec::new(),
                 }),
             }),
         },

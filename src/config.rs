@@ -250,6 +250,10 @@ pub struct UplinkCfg {
     /// Static routes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub route: Vec<RouteCfg>,
+    /// The load balancer Muxes whose IP in IP a DSR VIP's backends take
+    /// (addresses or IPv4 prefixes of their outer sources).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub muxes: Vec<String>,
 }
 
 /// The uplink MAC when `[uplink] mac` is not given.
@@ -722,9 +726,22 @@ impl Config {
         let mut frontends = HashSet::new();
         let mut backends = 0;
         let mut vips = Vec::new();
+        // A Mux's probe names its DIP and port only: two probed Mux VIPs
+        // of a vnet may not share both.
+        let mut probed: HashMap<(&str, IpAddr, u16), &str> = HashMap::new();
         for v in &self.vip {
             backends += v.backends.len();
             if let Some(c) = self.check_vip(v, &vnets, &vm_ips, &mut frontends, &mut errs) {
+                if c.mode == VipMode::Mux && v.probe.is_some() {
+                    for b in &c.backends {
+                        if let Some(o) = probed.insert((v.vnet.as_str(), b.ip, c.port), &v.name) {
+                            errs.push(format!(
+                                "vip {:?}: backend {} on port {} is probed by mux vip {o:?} too (a probe could not be told apart)",
+                                v.name, b.ip, c.port
+                            ));
+                        }
+                    }
+                }
                 vips.push(c);
             }
         }
@@ -942,6 +959,14 @@ impl Config {
                 VipMode::Local
             }
         };
+        if let (VipMode::Mux, Some(p)) = (mode, &v.probe) {
+            if p.port != v.port {
+                errs.push(format!(
+                    "vip {name:?}: a mux vip's probe goes through the vip: its port must be the vip's ({})",
+                    v.port
+                ));
+            }
+        }
         let mut bs = Vec::new();
         for b in &v.backends {
             let ip = match (&b.vm, &b.ip) {
@@ -1206,8 +1231,28 @@ fn underlay(u: &UplinkCfg) -> Result<Option<vswitch::Underlay>, Vec<String>> {
             routes.push((p, h));
         }
     }
+    let mut muxes = Vec::new();
+    for m in &u.muxes {
+        let n = m
+            .parse::<ipnet::Ipv4Net>()
+            .or_else(|_| m.parse::<std::net::Ipv4Addr>().map(ipnet::Ipv4Net::from));
+        match n {
+            Ok(n) if n.trunc() == n => muxes.push(n),
+            Ok(n) => errs.push(format!(
+                "uplink: mux {m:?} has host bits set (did you mean {}?)",
+                n.trunc()
+            )),
+            Err(_) => errs.push(format!(
+                "uplink: mux {m:?} is not an IPv4 address or prefix"
+            )),
+        }
+    }
     if errs.is_empty() {
-        Ok(Some(vswitch::Underlay { address, routes }))
+        Ok(Some(vswitch::Underlay {
+            address,
+            routes,
+            muxes,
+        }))
     } else {
         Err(errs)
     }

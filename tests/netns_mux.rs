@@ -18,8 +18,9 @@
 //! whose server stopped out of the VIP. A curl loop reaches all four DIPs
 //! and long downloads arrive whole;
 //! a capture of the Mux's link holds the client's packets and the IP in
-//! IP ones, and not one reply; the DIPs log the client's own address; a
-//! packet in IP in IP to an address that is no DIP is refused by reason.
+//! IP ones, and not one reply; the DIPs log the client's own address; IP
+//! in IP to an address that is no DIP, and from a host that is none of
+//! the hosts' Muxes, is refused by reason.
 //!
 //! Needs root and `ip`, `ethtool`, `curl`, `python3`, `tcpdump`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
@@ -101,6 +102,7 @@ port = "wire"
 mac = "02:50:4c:58:00:1{n}"
 address = "10.200.0.{h}/24"
 gateway = "10.200.0.254"
+muxes = ["10.200.0.1"]
 
 [[vnet]]
 name = "t"
@@ -352,11 +354,11 @@ fn a_mux_spreads_a_vip_over_two_hosts_whose_replies_go_straight_to_the_client() 
         sum(&c1, "dsr_rx") > 100 && sum(&c2, "dsr_rx") > 100,
         "{c1}\n{c2}"
     );
-    // IP in IP to an address no DIP has, sent to H1 from the router: not
-    // taken in (its inner packet is not H1's), dropped as no route; and to
-    // a DIP, with a cut inner packet: taken in, then dropped as malformed.
+    // IP in IP sent to H1 from the router, which is no Mux: to an address
+    // no DIP has, not taken in (not H1's), dropped as no route; to a DIP,
+    // refused as spoofed.
     let c = h1.get("/v1/counters").unwrap();
-    let (rx0, nr0) = (sum(&c, "dsr_rx"), drops(&c, "no_route"));
+    let (sp0, nr0) = (drops(&c, "tunnel_spoofed"), drops(&c, "no_route"));
     let py = format!(
         "import socket\n\
          s = socket.socket(socket.AF_INET, socket.SOCK_RAW, 4)\n\
@@ -372,7 +374,7 @@ fn a_mux_spreads_a_vip_over_two_hosts_whose_replies_go_straight_to_the_client() 
         "/v1/counters",
         Duration::from_secs(10),
         "the IP-in-IP packets counted",
-        |c| sum(c, "dsr_rx") > rx0 && drops(c, "no_route") > nr0,
+        |c| drops(c, "tunnel_spoofed") == sp0 + 1 && drops(c, "no_route") > nr0,
         logs,
     );
     // Nothing came back through the Mux: the capture of its link has the

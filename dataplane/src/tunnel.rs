@@ -105,28 +105,18 @@ pub fn entropy_port(key: &FlowKey) -> u16 {
 /// path's MTU) and its checksum; the UDP checksum is zero, as RFC 7348 and
 /// RFC 8926 allow over IPv4. Fails, leaving the packet as it was, when the
 /// headroom is short or the result would exceed an IPv4 packet.
-pub fn encap<B: PacketBuf>(pkt: &mut B, o: &Outer, sport: u16) -> Result<(), BufError> {
+pub fn encap<B: PacketBuf>(pkt: &mut B, o: &Outer, sport: u16) -> Result<(), TunnelError> {
     if o.encap == Encap::Ipip {
-        return encap_ipip(pkt, o).map_err(|_| BufError::NoHeadroom {
-            need: IPIP_OVERHEAD,
-            have: pkt.headroom(),
-        });
+        return encap_ipip(pkt, o);
     }
     let inner = pkt.len();
     let ip_len = inner + OVERHEAD - 14;
-    let Ok(ip_len16) = u16::try_from(ip_len) else {
-        return Err(BufError::NoHeadroom {
-            need: ip_len,
-            have: usize::from(u16::MAX),
-        });
-    };
-    let h = pkt.prepend(OVERHEAD)?;
-    let Some(h) = h.get_mut(..OVERHEAD) else {
-        return Err(BufError::NoHeadroom {
-            need: OVERHEAD,
-            have: 0,
-        });
-    };
+    let ip_len16 = u16::try_from(ip_len).map_err(|_| TunnelError::TooLarge)?;
+    pkt.prepend(OVERHEAD).map_err(|_| TunnelError::NoRoom)?;
+    let h = pkt
+        .data_mut()
+        .get_mut(..OVERHEAD)
+        .ok_or(TunnelError::NoRoom)?;
     write_outer(h, o, crate::key::PROTO_UDP, ip_len16);
     let udp = &mut h[34..42];
     udp[0..2].copy_from_slice(&sport.to_be_bytes());
@@ -169,6 +159,9 @@ pub enum TunnelError {
     /// Not enough headroom in the buffer for the outer headers.
     #[error("no room for the outer headers")]
     NoRoom,
+    /// With the outer headers, larger than an IPv4 packet can be.
+    #[error("too large for an IPv4 packet with the outer headers")]
+    TooLarge,
 }
 
 /// Puts the IPv4 packet of the frame in `pkt` (after its Ethernet header
@@ -193,7 +186,7 @@ pub fn encap_ipip<B: PacketBuf>(pkt: &mut B, o: &Outer) -> Result<(), TunnelErro
     if inner_len < 20 || l3 + inner_len > f.len() {
         return Err(TunnelError::Truncated);
     }
-    let total = u16::try_from(inner_len + IPIP_OVERHEAD).map_err(|_| TunnelError::Truncated)?;
+    let total = u16::try_from(inner_len + IPIP_OVERHEAD).map_err(|_| TunnelError::TooLarge)?;
     let grow = 14 + IPIP_OVERHEAD - l3;
     if pkt.headroom() < grow {
         return Err(TunnelError::NoRoom);

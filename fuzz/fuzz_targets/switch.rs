@@ -227,6 +227,8 @@ fn topology() -> Topology {
             underlay: Some(vswitch::Underlay {
                 address: "192.0.2.1/24".parse().unwrap(),
                 routes: Vec::new(),
+                // A Mux whose IP in IP the DSR VIP's backends take.
+                muxes: vec!["192.0.2.30/32".parse().unwrap()],
             }),
         }),
         // 10.1.0.30 (vnet a) and 10.1.0.31 (vnet b) on other hosts: vnet a's host's MAC is

@@ -214,6 +214,15 @@ pub struct VipConfig {
 }
 
 impl VipConfig {
+    /// The connection table's timeout class of its connections.
+    pub fn class(&self) -> u8 {
+        if self.mode == VipMode::Mux {
+            MUX_CLASS
+        } else {
+            0
+        }
+    }
+
     /// A VIP with default distribution, table size and policies.
     pub fn new(name: &str, addr: IpAddr, port: u16, proto: u8, backends: Vec<Backend>) -> Self {
         VipConfig {
@@ -810,7 +819,7 @@ impl ConnKind {
     pub fn class(&self) -> u8 {
         match self {
             ConnKind::Snat { .. } => SNAT_CLASS,
-            ConnKind::Dnat { vip, .. } if vip.config().mode == VipMode::Mux => MUX_CLASS,
+            ConnKind::Dnat { vip, .. } => vip.config().class(),
             _ => 0,
         }
     }
@@ -1140,7 +1149,11 @@ impl LbCore {
                     // changed in place.
                     let same = Arc::ptr_eq(cur, vip);
                     let reset = cur.config().on_unhealthy == OnUnhealthy::Reset;
-                    if !same || reset {
+                    // (A VIP whose mode changed has other connections:
+                    // NAT, tracking, where its packets go.)
+                    if cur.config().mode != vip.config().mode {
+                        verdict = Err(LbDrop::BackendRemoved);
+                    } else if !same || reset {
                         match cur.backend_index(*backend, *port) {
                             None => verdict = Err(LbDrop::BackendRemoved),
                             Some(b) if reset && !cur.is_healthy(b) => {
@@ -1209,9 +1222,10 @@ impl LbCore {
     /// [`LbCore::process_seg`] for a packet a Mux sent to the backend at
     /// `dip` (IP in IP): a new connection to a [`VipMode::Dsr`] VIP goes
     /// to that backend, whatever its health here (the Mux chose it);
-    /// one to a VIP of another mode, or to an address that is none of
-    /// its backends, is dropped (`lb_dsr_not_backend`). A tracked
-    /// connection keeps its backend.
+    /// a packet to a VIP of another mode, to an address that is none of
+    /// its backends, or that matches any tracked connection but this
+    /// VIP's to this backend (its client's side), is dropped
+    /// (`lb_dsr_not_backend`), touching nothing.
     pub fn process_dsr(
         &mut self,
         vips: &Vips,
@@ -1220,6 +1234,24 @@ impl LbCore {
         now: u64,
         dip: IpAddr,
     ) -> Decision {
+        // Only a client's packet to a DSR VIP that has `dip`, and, if
+        // tracked, one of that VIP's connections to that backend: a packet
+        // from the wire must not reach (or touch) any other connection.
+        let dsr = vips.lookup(key).is_some_and(|v| {
+            v.config().mode == VipMode::Dsr && v.config().backends.iter().any(|b| b.ip == dip)
+        });
+        let theirs = |c: &Conn<ConnInfo>| {
+            matches!(&c.value.kind, ConnKind::Dnat { vip, backend, .. }
+                if vip.config().mode == VipMode::Dsr && *backend == dip)
+        };
+        let ok = dsr
+            && match self.conns.peek(key) {
+                None => true,
+                Some((i, dir)) => dir == Dir::Orig && self.conns.get(i).is_some_and(theirs),
+            };
+        if !ok {
+            return self.drop(LbDrop::DsrNotBackend);
+        }
         self.process_to(vips, key, seg, now, Some(dip))
     }
 
@@ -1504,7 +1536,7 @@ impl LbCore {
         let ours = |c: &Conn<ConnInfo>| matches!(&c.value.kind, ConnKind::Dnat { vip, .. } if VipKey::of_cfg(vip.config()) == key);
         let held = &mut self.held;
         self.conns
-            .evict_embryonic(VIP_EVICT_SCAN, now, ours, |c| held.release(&c))
+            .evict_embryonic(cfg.class(), VIP_EVICT_SCAN, now, ours, |c| held.release(&c))
     }
 
     /// Tracks a new connection whose first packet has `key`; its reply key
@@ -1943,6 +1975,40 @@ mod tests {
             Decision::Drop(LbDrop::DsrNotBackend)
         );
         assert_eq!(lb.stats().dropped(LbDrop::DsrNotBackend), 2);
+        // IP in IP from the wire reaches no connection but the client's
+        // side of this VIP's to this backend, and touches none: not the
+        // backend's side, not through another backend, not a connection
+        // of another VIP.
+        let plain = FlowKey::new(k.src(), 40001, ip("10.1.0.101"), 80, 6);
+        assert!(matches!(
+            lb.process(&vips, &plain, SYN, 3),
+            Decision::Forward { new: true, .. }
+        ));
+        let before = |lb: &LbCore| {
+            lb.conns()
+                .iter()
+                .map(|(_, c)| (c.packets, c.state))
+                .collect::<Vec<_>>()
+        };
+        let was = before(&lb);
+        for (key, dip) in [
+            (reply, "10.1.0.11"),
+            (k, "10.1.0.10"),
+            (plain, "10.1.0.10"),
+            (plain.reversed(), "10.1.0.10"),
+        ] {
+            let rst = Seg::with_flags(0x04);
+            assert_eq!(
+                lb.process_dsr(&vips, &key, &rst, 4, ip(dip)),
+                Decision::Drop(LbDrop::DsrNotBackend),
+                "{key:?} via {dip}"
+            );
+        }
+        assert_eq!(before(&lb), was, "a refused packet touched a connection");
+        assert!(matches!(
+            lb.process_dsr(&vips, &k, &Seg::with_flags(ACK), 5, ip("10.1.0.11")),
+            Decision::Forward { new: false, .. }
+        ));
         // What a Mux or DSR VIP cannot be.
         for (mode, bad) in [
             (VipMode::Mux, "must be IPv4"),
@@ -2540,8 +2606,10 @@ mod tests {
             } => assert_eq!(rewrite.apply_to_key(&back), stranger.reversed()),
             other => panic!("{other:?}"),
         }
-        // A port nothing maps; TCP other than a SYN.
-        let nothing = FlowKey::new(ip("203.0.113.7"), 999, m.0, 2127, 17);
+        // A port nothing maps (the mapping's port is random); TCP other
+        // than a SYN.
+        let unmapped = if m.1 == 2127 { 2126 } else { 2127 };
+        let nothing = FlowKey::new(ip("203.0.113.7"), 999, m.0, unmapped, 17);
         assert_eq!(
             lb.snat_inbound(&nothing, 0, 3),
             Decision::Drop(LbDrop::SnatNoMapping)

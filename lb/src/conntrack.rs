@@ -413,7 +413,12 @@ impl<V> ConnTable<V> {
     /// This table with timeout class `class` tracking connections seen
     /// one way only (as Linux's IPVS does for direct routing): the
     /// originator's ACK after its SYN completes the handshake, and an
-    /// established connection is confirmed without a reply.
+    /// established connection keeps the established timeout without a
+    /// reply. Never confirmed by one, such connections stay on the
+    /// embryonic list: a full table takes the least recently used of them
+    /// (one packet from anyone makes such an entry, and a connection whose
+    /// entry went is given the same backend again by Maglev, as Katran's
+    /// LRU does).
     pub fn with_one_way(mut self, class: u8) -> Self {
         if let Some(o) = self.one_way.get_mut(usize::from(class)) {
             *o = true;
@@ -426,13 +431,6 @@ impl<V> ConnTable<V> {
             .get(usize::from(class))
             .copied()
             .unwrap_or(false)
-    }
-
-    /// True when a connection in `state` with `packets` counts as
-    /// confirmed (not embryonic): a reply came back, or, seen one way, it
-    /// is established.
-    fn confirmed(&self, class: u8, state: ConnState, packets: [u64; 2]) -> bool {
-        packets[1] > 0 || (self.is_one_way(class) && state == ConnState::Tcp(TcpState::Established))
     }
 
     /// The timeout classes.
@@ -483,7 +481,9 @@ impl<V> ConnTable<V> {
         // expired in order, and one long-lived entry at its head would
         // hold up those behind it.
         match c.state {
-            ConnState::Tcp(TcpState::Established) if !self.confirmed(class, c.state, c.packets) => {
+            ConnState::Tcp(TcpState::Established)
+                if c.packets[1] == 0 && !self.is_one_way(class) =>
+            {
                 t.tcp_handshake
             }
             s => t.of(s),
@@ -630,8 +630,7 @@ impl<V> ConnTable<V> {
             c.packets[dir as usize] += 1;
             (before, c.state, c.packets)
         };
-        let class = self.slots.get(i as usize).map_or(0, |s| s.class);
-        let list = List::of(state, self.confirmed(class, state, packets));
+        let list = List::of(state, packets[1] > 0);
         if list != list_before {
             self.unlink(i);
             self.push_tail(i, list, now);
@@ -799,8 +798,7 @@ impl<V> ConnTable<V> {
                 queued: now,
             });
         }
-        let confirmed = self.confirmed(class, state, [1, 0]);
-        self.push_tail(i, List::of(state, confirmed), now);
+        self.push_tail(i, List::of(state, false), now);
         self.len += 1;
         self.stats.created += 1;
         Ok(i)
@@ -817,7 +815,7 @@ impl<V> ConnTable<V> {
     }
 
     /// Evicts the oldest embryonic connection that `pred` accepts among the
-    /// first `scan` of the embryonic list of the first timeout class,
+    /// first `scan` of the embryonic list of timeout class `class`,
     /// handing it to `on_evict`; up to
     /// `scan` of those seen since they were queued (a SYN answered, or
     /// retransmitted) go to their true place at the tail on the way, as
@@ -825,12 +823,16 @@ impl<V> ConnTable<V> {
     /// limit (a VIP) uses to make room among its own entries.
     pub fn evict_embryonic(
         &mut self,
+        class: u8,
         scan: usize,
         now: u64,
         pred: impl Fn(&Conn<V>) -> bool,
         on_evict: impl FnOnce(Conn<V>),
     ) -> bool {
-        let mut i = self.heads[li(0, List::Embryonic)];
+        let Some(&head) = self.heads.get(li(class, List::Embryonic)) else {
+            return false;
+        };
+        let mut i = head;
         let mut found = None;
         // Up to `scan` entries seen since they were queued move to the tail
         // first (they do not count against `scan`); past that, such an
@@ -908,7 +910,7 @@ impl<V> ConnTable<V> {
         };
         self.map.insert(conn.orig, (i, Dir::Orig));
         self.map.insert(conn.reply, (i, Dir::Reply));
-        let list = List::of(conn.state, self.confirmed(class, conn.state, conn.packets));
+        let list = List::of(conn.state, conn.packets[1] > 0);
         let s = &mut self.slots[i as usize];
         s.conn = Some(conn);
         s.class = class;

@@ -56,9 +56,7 @@ pub fn owner(p: &Policy, in_port: u16, k: &FlowKey, workers: usize) -> usize {
             return w;
         }
     }
-    let mine = p
-        .underlay()
-        .is_some_and(|(_, ul)| k.dst() == std::net::IpAddr::V4(ul.address.addr()));
+    let mine = p.is_own_address(k.dst());
     let probe_port = match vm {
         Some(vm) if vm.internal && p.mux_port(k.dst()).is_some() => Some(k.src_port),
         None if mine => Some(k.dst_port),

@@ -64,6 +64,9 @@ pub struct Underlay {
     /// Static routes: a prefix and the next hop it is reached through
     /// (on-link); a default route is `0.0.0.0/0`.
     pub routes: Vec<(Ipv4Net, Ipv4Addr)>,
+    /// The load balancer Muxes (their addresses' prefixes) whose IP in IP
+    /// a DSR VIP's backends take.
+    pub muxes: Vec<Ipv4Net>,
 }
 
 impl Underlay {
@@ -117,8 +120,14 @@ pub struct RemoteDef {
 /// taken out of a tunnel come in on it; flows to a remote go out of it,
 /// encapsulated, through the uplink.
 pub const TUNNEL_PORT_BASE: u16 = 0x8000;
-/// The most remote endpoints a policy holds.
+/// The most remote endpoints a policy holds (with a Mux's DIPs' tunnels
+/// and the DSR backends' ports).
 pub const MAX_REMOTES: usize = 0x7000;
+/// A DSR backend's port, counting down from here (below
+/// [`crate::flow::HAIRPIN_PORT`]; the tunnel ports count up from
+/// [`TUNNEL_PORT_BASE`], and at most [`MAX_REMOTES`] of both fit): the
+/// port the Muxes' packets to it come in on.
+pub const DSR_PORT_TOP: u16 = crate::flow::HAIRPIN_PORT - 1;
 
 /// A tunnel, compiled: a remote endpoint's (in its vnet's VXLAN or
 /// Geneve), or a Mux's to one of its DIPs (IP in IP, named `VIP/DIP`);
@@ -306,9 +315,7 @@ pub struct Policy {
     mux_ports: FxMap<Ipv4Addr, u16>,
     /// DSR backends' addresses -> their ports.
     dsr_ports: FxMap<Ipv4Addr, u16>,
-    /// The first DSR backend's port (after every tunnel's).
-    dsr_base: u16,
-    /// Each DSR port's VM and address (index = port - `dsr_base`).
+    /// Each DSR port's VM and address (index = [`DSR_PORT_TOP`] - port).
     dsr_vm: Vec<(usize, Ipv4Addr)>,
 }
 
@@ -600,8 +607,9 @@ impl Policy {
             });
         }
         // A Mux's backends: a tunnel each (IP in IP to the DIP's address),
-        // after the remote endpoints'. Then a DSR VIP's backends: a port
-        // each, that the Muxes' packets to it come in on.
+        // after the remote endpoints'. A DSR VIP's backends: a port each,
+        // down from `DSR_PORT_TOP`, that the Muxes' packets to it come in
+        // on.
         let mut mux_ports: FxMap<Ipv4Addr, u16> = FxMap::default();
         for v in t.vips.iter().filter(|v| v.config.mode == VipMode::Mux) {
             let what = format!("vip {:?}", v.config.name);
@@ -657,14 +665,23 @@ impl Policy {
                 });
             }
         }
-        let dsr_base = TUNNEL_PORT_BASE.saturating_add(tunnels.len() as u16);
         let mut dsr_ports: FxMap<Ipv4Addr, u16> = FxMap::default();
         let mut dsr_vm: Vec<(usize, Ipv4Addr)> = Vec::new();
         for v in t.vips.iter().filter(|v| v.config.mode == VipMode::Dsr) {
             let what = format!("vip {:?}", v.config.name);
-            if t.uplink.is_none() {
-                errs.push(format!("{what}: a dsr vip needs an [uplink]"));
-                continue;
+            match underlay {
+                None => {
+                    errs.push(format!(
+                        "{what}: a dsr vip needs an [uplink] with an address"
+                    ));
+                    continue;
+                }
+                Some((_, ul)) if ul.muxes.is_empty() => {
+                    errs.push(format!(
+                        "{what}: a dsr vip needs the uplink's muxes (whose IP in IP it takes)"
+                    ));
+                }
+                Some(_) => {}
             }
             if public.contains_key(&to16(v.config.addr)) {
                 errs.push(format!(
@@ -686,7 +703,7 @@ impl Policy {
                 };
                 match dsr_ports.get(&dip) {
                     Some(&port) => {
-                        let k = usize::from(port - dsr_base);
+                        let k = usize::from(DSR_PORT_TOP.saturating_sub(port));
                         if dsr_vm.get(k).map(|d| d.0) != Some(i) {
                             errs.push(format!(
                                 "{what}: backend {dip} is a dsr backend in another vnet (the Muxes name it by its address alone)"
@@ -694,7 +711,7 @@ impl Policy {
                         }
                     }
                     None => {
-                        dsr_ports.insert(dip, dsr_base.saturating_add(dsr_vm.len() as u16));
+                        dsr_ports.insert(dip, DSR_PORT_TOP.saturating_sub(dsr_vm.len() as u16));
                         dsr_vm.push((i, dip));
                     }
                 }
@@ -747,7 +764,6 @@ impl Policy {
             neighbours,
             mux_ports,
             dsr_ports,
-            dsr_base,
             dsr_vm,
         })
     }
@@ -771,7 +787,7 @@ impl Policy {
     /// the address the Muxes send to.
     #[inline]
     pub fn dsr_on_port(&self, port: u16) -> Option<(&Vm, Ipv4Addr)> {
-        let k = port.checked_sub(self.dsr_base)?;
+        let k = DSR_PORT_TOP.checked_sub(port)?;
         let (i, ip) = *self.dsr_vm.get(usize::from(k))?;
         Some((self.vms.get(i)?, ip))
     }
@@ -827,6 +843,13 @@ impl Policy {
             None if up.next_hop_mac != MacAddr::ZERO => Ok(up.next_hop_mac),
             None => Err(None),
         }
+    }
+
+    /// True for the uplink's own address.
+    #[inline]
+    pub fn is_own_address(&self, ip: IpAddr) -> bool {
+        self.underlay()
+            .is_some_and(|(_, ul)| ip == IpAddr::V4(ul.address.addr()))
     }
 
     /// True when a vnet is on the overlay (has a VNI) and the uplink has an
@@ -1011,6 +1034,7 @@ mod tests {
                     "10.2.0.0/16".parse().unwrap(),
                     "10.200.0.3".parse().unwrap(),
                 )],
+                muxes: vec!["10.200.0.0/29".parse().unwrap()],
             }),
         }
     }
@@ -1075,15 +1099,32 @@ mod tests {
     fn mux_and_dsr_problems_are_reported() {
         let mut t = topo();
         // No underlay.
-        t.vips = vec![mux_vip(0, VipMode::Mux, &["10.2.0.4"])];
+        t.vips = vec![
+            mux_vip(0, VipMode::Mux, &["10.2.0.4"]),
+            mux_vip(1, VipMode::Dsr, &["10.1.0.4"]),
+        ];
+        t.vips[1].config.addr = "192.0.2.11".parse().unwrap();
         t.uplink = Some(UplinkDef {
             underlay: None,
             next_hop_mac: MacAddr([2, 0, 0, 0, 0, 8]),
             ..underlay_uplink()
         });
         let text = Policy::compile(&t, 1).unwrap_err().0.join("\n");
+        for want in [
+            "a mux vip needs an [uplink] with an address",
+            "a dsr vip needs an [uplink] with an address",
+        ] {
+            assert!(text.contains(want), "{want}: {text}");
+        }
+        // A DSR host with no Muxes to take IP in IP from.
+        let mut u = underlay_uplink();
+        if let Some(ul) = u.underlay.as_mut() {
+            ul.muxes.clear();
+        }
+        t.uplink = Some(u);
+        let text = Policy::compile(&t, 1).unwrap_err().0.join("\n");
         assert!(
-            text.contains("a mux vip needs an [uplink] with an address"),
+            text.contains("a dsr vip needs the uplink's muxes"),
             "{text}"
         );
         t.uplink = Some(underlay_uplink());

@@ -56,6 +56,7 @@ fn topology(resolved: bool) -> Topology {
             underlay: Some(Underlay {
                 address: "192.0.2.1/24".parse().unwrap(),
                 routes: Vec::new(),
+                muxes: Vec::new(),
             }),
         }),
         remotes: vec![RemoteDef {

@@ -61,7 +61,8 @@ impl<B: PacketBuf> Switch<B> {
     /// backend) out of its outer header: `Ok(Some(port))`, the backend's
     /// DSR port, the inner packet now in an Ethernet frame to the
     /// backend's MAC; `Ok(None)` for any other packet (IP in IP to another
-    /// address included: not this host's to take).
+    /// address included: not this host's to take). Its outer source must
+    /// be one of the uplink's Muxes (`tunnel_spoofed`).
     fn decap_dsr(&self, p: &Policy, pkt: &mut B) -> Result<Option<u16>, SwitchDrop> {
         let d = match tunnel::peek_ipip(pkt.data()) {
             Ok(Some(d)) => d,
@@ -71,6 +72,12 @@ impl<B: PacketBuf> Switch<B> {
         let Some((port, vm)) = p.dsr_backend(d.dst) else {
             return Ok(None);
         };
+        let mux = p
+            .underlay()
+            .is_some_and(|(_, ul)| ul.muxes.iter().any(|n| n.contains(&d.src)));
+        if !mux {
+            return Err(SwitchDrop::TunnelSpoofed);
+        }
         tunnel::decap_ipip(pkt, &d, vm.mac).map_err(|_| SwitchDrop::TunnelMalformed)?;
         self.stats.dsr_rx.fetch_add(1, Ordering::Relaxed);
         Ok(Some(port))

@@ -241,9 +241,11 @@ impl<B: PacketBuf> Switch<B> {
             // The underlay (the uplink's network, the tunnels' hosts) is the
             // provider's: no VM reaches it (a VM's packet there could pass
             // for a host's tunnel packet).
-            // (A tracked connection's reply may: the connection came from
-            // the wire, e.g. a Mux's health probe.)
-            None if p.is_underlay(post.dst()) && !tracked => {
+            // (A reply of a connection that came from there may: a Mux's
+            // health probe through this host.)
+            None if p.is_underlay(post.dst())
+                && !lb.is_some_and(|r| tracked && r.dir == lb::conntrack::Dir::Reply) =>
+            {
                 return Err(self.abandon(SwitchDrop::NoRoute, fresh));
             }
             None => {
@@ -384,9 +386,7 @@ impl<B: PacketBuf> Switch<B> {
         }
         let Some(vn) = p.vnet_by_public(pk.key.dst_ip) else {
             // Ping to the uplink's own address is answered.
-            let mine = p
-                .underlay()
-                .is_some_and(|(_, ul)| pk.key.dst() == std::net::IpAddr::V4(ul.address.addr()));
+            let mine = p.is_own_address(pk.key.dst());
             if mine && rewrite::is_echo_request(frame, pk) && !pk.frag.is_first() {
                 rewrite::icmp_echo_reply(frame, pk, up.mac)
                     .map_err(|_| SwitchDrop::RewriteFailed)?;
@@ -519,6 +519,7 @@ impl<B: PacketBuf> Switch<B> {
             let c = v.config();
             c.mode == VipMode::Mux
                 && c.proto == pk.key.proto
+                && c.port == pk.key.dst_port
                 && c.backends.iter().any(|b| b.ip == dip)
                 && vnet.vips.get(c.addr, c.port, c.proto).is_some()
         });
@@ -555,16 +556,18 @@ impl<B: PacketBuf> Switch<B> {
         })))
     }
 
-    /// True for a packet from the wire that may come from a Mux VIP: one
-    /// to the uplink's own address (the reply to a Mux's probe, sent
-    /// straight from the DIP's host with the VIP as its source).
+    /// True for a packet from the wire that may come from a Mux VIP: the
+    /// reply to a Mux's probe, sent straight from the DIP's host with the
+    /// VIP as its source to the uplink's own address (TCP, and a probe
+    /// connection expects it).
     fn probe_reply(&self, p: &Policy, pk: &Parsed) -> bool {
-        p.underlay()
-            .is_some_and(|(_, ul)| pk.key.dst() == std::net::IpAddr::V4(ul.address.addr()))
+        pk.key.proto == 6
+            && p.is_own_address(pk.key.dst())
             && p.vips().iter().any(|v| {
                 v.config().mode == VipMode::Mux
                     && dataplane::key::to16(v.config().addr) == pk.key.src_ip
             })
+            && self.lb.iter().any(|l| l.is_uplink_reply(&pk.key))
     }
 
     /// The slow path of a Mux's packet, taken out of its IP in IP on the
@@ -585,12 +588,13 @@ impl<B: PacketBuf> Switch<B> {
         if pk.l3 != L3::Ipv4 {
             return Err(SwitchDrop::Unsupported);
         }
-        // From the wire: never from this host's public addresses.
-        if p.vnet_by_public(pk.key.src_ip).is_some() {
-            return Err(SwitchDrop::Spoofed);
-        }
         let vn = dip.vnet;
         let vnet = p.vnets.get(vn).ok_or(SwitchDrop::NoRoute)?;
+        // From the wire: never from this host's public addresses, nor
+        // from inside the backend's vnet.
+        if p.vnet_by_public(pk.key.src_ip).is_some() || vnet.contains(&pk.key.src()) {
+            return Err(SwitchDrop::Spoofed);
+        }
         let key = pk.key;
         let seg = synproxy::read(frame, pk).unwrap_or_default();
         let d = self
