@@ -172,6 +172,37 @@ pub struct Routes {
     pub routes: Vec<crate::config::RouteCfg>,
 }
 
+/// `GET /v1/maglev`: each VIP's Maglev table as it stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct MaglevView {
+    /// One per VIP.
+    pub vips: Vec<VipTableView>,
+}
+
+/// One VIP's Maglev table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipTableView {
+    /// The VIP.
+    pub vip: String,
+    /// Its vnet.
+    pub vnet: String,
+    /// `local`, `mux` or `dsr`.
+    pub mode: String,
+    /// Address, port and protocol.
+    pub frontend: String,
+    /// Slots.
+    pub table_size: usize,
+    /// Backends configured.
+    pub backends: usize,
+    /// Backends holding slots now (healthy, weighted).
+    pub in_table: usize,
+    /// Its backend set's epoch (one more per health change).
+    pub epoch: u32,
+    /// The table's digest (8 hex digits): the same on every pollux with
+    /// the same backends, weights, health and size, whatever their order.
+    pub digest: String,
+}
+
 /// A remote endpoint's tunnel.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TunnelView {

@@ -189,6 +189,8 @@ pub enum Cmd {
     Probes,
     /// The underlay: address, routes, neighbours, tunnels.
     Underlay,
+    /// Each VIP's Maglev table and its digest.
+    Maglev,
     /// Replace the uplink's gateway and routes from a JSON file.
     PutRoutes(String),
     /// List (or delete) flows matching `key=value` filters.
@@ -283,6 +285,7 @@ pub fn run(ep: &Endpoint<'_>, cmd: &Cmd, json: bool) -> Result<Vec<String>, CtlE
         }
         Cmd::Probes => ("GET", "/v1/probes".into(), None),
         Cmd::Underlay => ("GET", "/v1/underlay".into(), None),
+        Cmd::Maglev => ("GET", "/v1/maglev".into(), None),
         Cmd::PutRoutes(f) => ("PUT", "/v1/routes".into(), Some(read_input(f)?)),
         Cmd::Flows(filters, delete) => {
             let q: Vec<String> = filters.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -487,6 +490,26 @@ fn table(cmd: &Cmd, path: &str, status: u16, text: &str) -> Result<Vec<String>, 
             out.push(generation(g));
         }
         Cmd::Get(_, Some(_)) => out.push(pretty(decode(path, status, text)?)),
+        Cmd::Maglev => {
+            let m = decode::<crate::api::MaglevView>(path, status, text)?.body;
+            out.push(format!(
+                "{:<16} {:<10} {:<5} {:<26} {:>7} {:>9} {:>6}  digest",
+                "vip", "vnet", "mode", "frontend", "slots", "backends", "epoch"
+            ));
+            for v in m.vips {
+                out.push(format!(
+                    "{:<16} {:<10} {:<5} {:<26} {:>7} {:>9} {:>6}  {}",
+                    v.vip,
+                    v.vnet,
+                    v.mode,
+                    v.frontend,
+                    v.table_size,
+                    format!("{}/{}", v.in_table, v.backends),
+                    v.epoch,
+                    v.digest
+                ));
+            }
+        }
         Cmd::Underlay => {
             let u = decode::<crate::api::UnderlayView>(path, status, text)?.body;
             let Some(a) = u.address else {

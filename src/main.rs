@@ -161,6 +161,10 @@ enum CtlCmd {
     /// The uplink's address and routes, its ARP neighbours, and the tunnels
     /// to remote endpoints.
     Underlay,
+    /// Each VIP's Maglev table: backends in it, epoch, and a digest that
+    /// is the same on every pollux that picks the same backend for every
+    /// flow (compare it between Muxes).
+    Maglev,
     /// Replace the uplink's default gateway and static routes from a JSON
     /// file (`-`: stdin): `{"gateway": "192.0.2.254", "routes": [{"prefix":
     /// "10.0.0.0/8", "via": "192.0.2.253"}]}`.
@@ -215,6 +219,7 @@ fn ctl(socket: &std::path::Path, tcp: Option<&str>, json: bool, cmd: &CtlCmd) ->
         } => Cmd::Weight(vip.clone(), backend.clone(), *weight),
         CtlCmd::Probes => Cmd::Probes,
         CtlCmd::Underlay => Cmd::Underlay,
+        CtlCmd::Maglev => Cmd::Maglev,
         CtlCmd::PutRoutes { file } => Cmd::PutRoutes(file.clone()),
         CtlCmd::Flows {
             filters: f,

@@ -34,7 +34,12 @@ fn gauges(reg: &mut Registry, name: &str, help: &str) -> Family<Labels, Gauge> {
 
 /// The metrics text of `c` (what `GET /v1/counters` shows), the probe
 /// states and the published generation.
-pub fn render(c: &Counters, probes: &[ProbeState], generation: u64) -> String {
+pub fn render(
+    c: &Counters,
+    probes: &[ProbeState],
+    tables: &[crate::api::VipTableView],
+    generation: u64,
+) -> String {
     let mut reg = Registry::default();
     let rx = counters(
         &mut reg,
@@ -258,6 +263,17 @@ pub fn render(c: &Counters, probes: &[ProbeState], generation: u64) -> String {
         "pollux_backend_probe_rtt_microseconds",
         "Round trip of the last successful probe",
     );
+    let digest = gauges(
+        &mut reg,
+        "pollux_vip_table_digest",
+        "Digest of each VIP's Maglev table (32 bits): equal on every pollux that picks the same backend for every flow",
+    );
+    for t in tables {
+        let d = i64::from_str_radix(&t.digest, 16).unwrap_or(0);
+        digest
+            .get_or_create(&labels(&[("vip", &t.vip), ("vnet", &t.vnet)]))
+            .set(d);
+    }
     for p in probes {
         let lp = labels(&[("vip", &p.vip), ("backend", &p.backend)]);
         up.get_or_create(&lp).set(i64::from(p.up));
@@ -328,8 +344,20 @@ mod tests {
             }],
             ..Counters::default()
         };
-        let text = render(&c, &[], 9);
+        let tables = [crate::api::VipTableView {
+            vip: "web".into(),
+            vnet: "lb".into(),
+            mode: "mux".into(),
+            frontend: "192.0.2.10:80/tcp".into(),
+            table_size: 65537,
+            backends: 4,
+            in_table: 4,
+            epoch: 0,
+            digest: "8a0f1c2e".into(),
+        }];
+        let text = render(&c, &[], &tables, 9);
         for line in [
+            "pollux_vip_table_digest{vip=\"web\",vnet=\"lb\"} 2316246062",
             "pollux_port_rx_packets_total{port=\"web1\"} 5",
             "pollux_port_drops_total{port=\"web1\",reason=\"rx_oversize\"} 2",
             "pollux_fast_path_packets_total{worker=\"0\"} 40",

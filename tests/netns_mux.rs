@@ -224,6 +224,20 @@ fn a_mux_spreads_a_vip_over_two_hosts_whose_replies_go_straight_to_the_client() 
         "10.2.0.5:8080",
     ];
     mux.wait_probes(&all, true, Duration::from_secs(30), logs);
+    // The table the Mux picks from: all four DIPs in it, and its digest
+    // (what Muxes compare).
+    let m = mux.get("/v1/maglev").unwrap();
+    let t = &m["vips"][0];
+    assert_eq!(
+        (
+            t["vip"].as_str(),
+            t["mode"].as_str(),
+            t["in_table"].as_u64()
+        ),
+        (Some("web"), Some("mux"), Some(4)),
+        "{m}"
+    );
+    let digest4 = t["digest"].as_str().unwrap().to_string();
     let tunnels = u["tunnels"].to_string();
     for (dip, hop, mac) in [
         ("10.1.0.4", "10.200.0.2", "02:50:4c:58:00:11"),
@@ -337,6 +351,25 @@ fn a_mux_spreads_a_vip_over_two_hosts_whose_replies_go_straight_to_the_client() 
         assert!(o.status.success(), "{o:?}");
         String::from_utf8_lossy(&o.stdout).to_string()
     };
+    // The digest changed with the table (three DIPs in it), in the API, in
+    // `pollux ctl maglev` and in the metrics.
+    let m = mux.get("/v1/maglev").unwrap();
+    let t = &m["vips"][0];
+    let digest3 = t["digest"].as_str().unwrap().to_string();
+    assert!(
+        digest3 != digest4 && t["in_table"].as_u64() == Some(3),
+        "{m}"
+    );
+    let text = ctl(&mux, "maglev");
+    assert!(text.contains(&digest3) && text.contains("3/4"), "{text}");
+    let metric = format!(
+        "pollux_vip_table_digest{{vip=\"web\",vnet=\"lb\"}} {}",
+        u32::from_str_radix(&digest3, 16).unwrap()
+    );
+    assert!(
+        ctl(&mux, "metrics").lines().any(|l| l == metric),
+        "{metric}"
+    );
     let text = ctl(&mux, "underlay");
     for want in ["web/10.1.0.4", "web/10.2.0.5", "ipip", "10.200.0.3"] {
         assert!(text.contains(want), "{want}:\n{text}");

@@ -380,6 +380,12 @@ pub struct Vip {
     clock: Arc<HealthClock>,
 }
 
+/// A backend's key: what Maglev's permutations and the table's digest
+/// name it by.
+fn backend_key(b: &Backend) -> Vec<u8> {
+    format!("{}:{}", b.ip, b.port).into_bytes()
+}
+
 fn table_for(cfg: &VipConfig, include: impl Fn(usize) -> bool) -> Result<MaglevTable, LbError> {
     let bs: Vec<MaglevBackend> = cfg
         .backends
@@ -387,7 +393,7 @@ fn table_for(cfg: &VipConfig, include: impl Fn(usize) -> bool) -> Result<MaglevT
         .enumerate()
         .filter(|(i, _)| include(*i))
         .map(|(i, b)| MaglevBackend {
-            key: format!("{}:{}", b.ip, b.port).into_bytes(),
+            key: backend_key(b),
             weight: b.weight,
             id: i as u16,
         })
@@ -450,6 +456,24 @@ impl Vip {
             set: arc_swap::ArcSwap::from_pointee(set),
             clock: Arc::default(),
         })
+    }
+
+    /// A digest (32 bits) of the VIP's current Maglev table: each slot's
+    /// backend named by its address and port, so it is the same on every
+    /// pollux whose VIP has the same backends, weights, health and table
+    /// size, in whatever order they are configured. What an operator
+    /// compares between Muxes: the same digest, the same DIP for every
+    /// flow. (A walk of the whole table: for the control path.)
+    pub fn table_digest(&self) -> u32 {
+        let keys: Vec<Vec<u8>> = self.cfg.backends.iter().map(backend_key).collect();
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        h.update(&(self.cfg.table_size as u64).to_le_bytes());
+        for &e in self.backends().table().entries() {
+            h.update(keys.get(usize::from(e)).map_or(&b"-"[..], |k| &k[..]));
+            h.update(b",");
+        }
+        let d = h.digest();
+        (d ^ (d >> 32)) as u32
     }
 
     /// This VIP numbered `id` in a snapshot whose health changes tick
@@ -2143,6 +2167,36 @@ mod tests {
             lb.process(&drained, &k, SYN, 8),
             Decision::Forward { new: false, .. }
         ));
+    }
+
+    #[test]
+    fn table_digests_agree_whatever_the_order_and_follow_the_backends() {
+        let a = Vip::new(vip_cfg(4), &[]).unwrap();
+        let mut rev = vip_cfg(4);
+        rev.backends.reverse();
+        rev.name = "other name".into();
+        let b = Vip::new(rev, &[]).unwrap();
+        assert_eq!(a.table_digest(), b.table_digest());
+        // Same digest, same pick for every flow.
+        for i in 0..1000 {
+            let k = client(i, 40000);
+            let (x, y) = (a.pick(&k).unwrap(), b.pick(&k).unwrap());
+            assert_eq!(a.config().backends[x], b.config().backends[y]);
+        }
+        // A health change, a weight, another backend, another size: another
+        // digest (and the same again when health comes back).
+        let d = a.table_digest();
+        a.set_health(1, false).unwrap();
+        assert_ne!(a.table_digest(), d);
+        a.set_health(1, true).unwrap();
+        assert_eq!(a.table_digest(), d);
+        let mut w = vip_cfg(4);
+        w.backends[0].weight = 2;
+        let mut size = vip_cfg(4);
+        size.table_size = 251;
+        for c in [w, vip_cfg(5), size] {
+            assert_ne!(Vip::new(c, &[]).unwrap().table_digest(), d);
+        }
     }
 
     #[test]

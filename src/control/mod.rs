@@ -390,6 +390,7 @@ fn route(
             Ok(Reply::Text(crate::metrics::render(
                 &c,
                 &rt.probes,
+                &maglev(state).vips,
                 state.generation(),
             )))
         }
@@ -413,6 +414,7 @@ fn route(
             change_backend(state, vip, backend, change)
         }
         ("GET", ["v1", "underlay"]) => reply(200, &underlay(state, rt)),
+        ("GET", ["v1", "maglev"]) => reply(200, &maglev(state)),
         ("GET", ["v1", "routes"]) => reply(200, &routes_of(state.config())),
         ("PUT", ["v1", "routes"]) => {
             let r: crate::api::Routes = body_json(body, "routes")?;
@@ -455,6 +457,52 @@ fn routes_of(c: &crate::config::Config) -> crate::api::Routes {
 }
 
 /// `GET /v1/underlay`.
+/// `GET /v1/maglev`: each VIP's table, its digest.
+fn maglev(state: &ControlState) -> crate::api::MaglevView {
+    let p = state.policy().load();
+    let vips = p
+        .vips()
+        .iter()
+        .map(|v| {
+            let c = v.config();
+            let vnet = p
+                .vnets
+                .iter()
+                .find(|n| {
+                    n.vips
+                        .get(c.addr, c.port, c.proto)
+                        .is_some_and(|x| std::sync::Arc::ptr_eq(x, v))
+                })
+                .map_or(String::new(), |n| n.name.clone());
+            let set = v.backends();
+            let mut ids: Vec<u16> = set.table().entries().to_vec();
+            ids.sort_unstable();
+            ids.dedup();
+            crate::api::VipTableView {
+                vip: c.name.clone(),
+                vnet,
+                mode: c.mode.name().to_string(),
+                frontend: format!("{}:{}/{}", c.addr, c.port, proto_name(c.proto)),
+                table_size: c.table_size,
+                backends: c.backends.len(),
+                in_table: ids.len(),
+                epoch: set.epoch(),
+                digest: format!("{:08x}", v.table_digest()),
+            }
+        })
+        .collect();
+    crate::api::MaglevView { vips }
+}
+
+/// A VIP protocol's name.
+fn proto_name(p: u8) -> String {
+    match p {
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        n => n.to_string(),
+    }
+}
+
 fn underlay(state: &ControlState, rt: &Runtime) -> crate::api::UnderlayView {
     let p = state.policy().load();
     let Some((_, ul)) = p.underlay() else {
