@@ -1261,31 +1261,33 @@ impl LbCore {
         // Only a client's packet to a DSR VIP that has `dip`, and, if
         // tracked, one of that VIP's connections to that backend: a packet
         // from the wire must not reach (or touch) any other connection.
-        let dsr = vips.lookup(key).is_some_and(|v| {
-            v.config().mode == VipMode::Dsr && v.config().backends.iter().any(|b| b.ip == dip)
-        });
+        let pinned = vips
+            .lookup(key)
+            .filter(|v| v.config().mode == VipMode::Dsr)
+            .and_then(|v| v.config().backends.iter().position(|b| b.ip == dip));
         let theirs = |c: &Conn<ConnInfo>| {
             matches!(&c.value.kind, ConnKind::Dnat { vip, backend, .. }
                 if vip.config().mode == VipMode::Dsr && *backend == dip)
         };
-        let ok = dsr
-            && match self.conns.peek(key) {
-                None => true,
-                Some((i, dir)) => dir == Dir::Orig && self.conns.get(i).is_some_and(theirs),
-            };
-        if !ok {
-            return self.drop(LbDrop::DsrNotBackend);
+        let ok = match self.conns.peek(key) {
+            None => true,
+            Some((i, dir)) => dir == Dir::Orig && self.conns.get(i).is_some_and(theirs),
+        };
+        match pinned.filter(|_| ok) {
+            Some(b) => self.process_to(vips, key, seg, now, Some(b)),
+            None => self.drop(LbDrop::DsrNotBackend),
         }
-        self.process_to(vips, key, seg, now, Some(dip))
     }
 
+    /// [`LbCore::process_seg`], a new connection going to backend `pinned`
+    /// (of the VIP the packet is for) when given.
     fn process_to(
         &mut self,
         vips: &Vips,
         key: &FlowKey,
         seg: &Seg,
         now: u64,
-        dip: Option<IpAddr>,
+        pinned: Option<usize>,
     ) -> Decision {
         match self.existing(Some(vips), key, seg, now) {
             Ok(Some(d)) => return d,
@@ -1295,18 +1297,10 @@ impl LbCore {
         let Some(vip) = vips.lookup(key) else {
             return Decision::NotHandled;
         };
-        let pinned = match (vip.config().mode, dip) {
-            (VipMode::Dsr, Some(ip)) => {
-                match vip.config().backends.iter().position(|b| b.ip == ip) {
-                    Some(b) => Some(b),
-                    None => return self.drop(LbDrop::DsrNotBackend),
-                }
-            }
-            // A DSR VIP is reached only through a Mux.
-            (VipMode::Dsr, None) => return Decision::NotHandled,
-            (_, Some(_)) => return self.drop(LbDrop::DsrNotBackend),
-            (_, None) => None,
-        };
+        // A DSR VIP is reached only through a Mux (with its backend).
+        if vip.config().mode == VipMode::Dsr && pinned.is_none() {
+            return Decision::NotHandled;
+        }
         if let Some(b) = pinned {
             return match self.open_dnat(vip, key, seg.flags, now, None, Some(b)) {
                 Ok((rewrite, conn)) => Decision::Forward {

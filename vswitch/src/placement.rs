@@ -62,16 +62,13 @@ pub fn owner(p: &Policy, in_port: u16, k: &FlowKey, workers: usize) -> usize {
         None if mine => Some(k.dst_port),
         _ => None,
     };
-    if let Some(port) = probe_port {
-        let mut f = FxHasher::default();
-        f.write_u64(endpoint(&[0; 16], port));
-        return (f.finish() % workers as u64) as usize;
-    }
     let snat_source = || {
         vm.and_then(|vm| p.vnets.get(vm.vnet))
             .is_some_and(|v| v.snat.is_some() && !v.contains(&k.dst()))
     };
-    let h = if icmp {
+    let h = if let Some(port) = probe_port {
+        endpoint(&[0; 16], port)
+    } else if icmp {
         if snat_source() {
             endpoint(&k.src_ip, k.src_port)
         } else {

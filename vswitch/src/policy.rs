@@ -149,6 +149,41 @@ pub struct Tunnel {
     pub outer: Option<dataplane::tunnel::Outer>,
 }
 
+impl Tunnel {
+    /// The tunnel `name` of vnet `vnet` in `encap` (with its VNI) to
+    /// `host`, from the uplink `up` with underlay `ul`: its next hop by
+    /// the routes, and its outer headers once `neighbours` know that next
+    /// hop's MAC.
+    fn to(
+        name: &str,
+        vnet: usize,
+        (encap, vni): (Encap, u32),
+        host: Ipv4Addr,
+        (up, ul, neighbours): (&UplinkDef, &Underlay, &FxMap<Ipv4Addr, MacAddr>),
+    ) -> Tunnel {
+        let next_hop = ul.next_hop(host);
+        let outer =
+            next_hop
+                .and_then(|nh| neighbours.get(&nh))
+                .map(|mac| dataplane::tunnel::Outer {
+                    encap,
+                    vni,
+                    src_mac: up.mac,
+                    dst_mac: *mac,
+                    src_ip: ul.address.addr(),
+                    dst_ip: host,
+                });
+        Tunnel {
+            name: name.to_string(),
+            vnet,
+            encap,
+            host,
+            next_hop,
+            outer,
+        }
+    }
+}
+
 /// A VM as given to [`Policy::compile`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmDef {
@@ -313,8 +348,8 @@ pub struct Policy {
     tunnel_vm: Vec<usize>,
     /// A Mux's backends -> their tunnel ports (IP in IP).
     mux_ports: FxMap<Ipv4Addr, u16>,
-    /// DSR backends' addresses -> their ports.
-    dsr_ports: FxMap<Ipv4Addr, u16>,
+    /// DSR backends' addresses -> their index in `dsr_vm`.
+    dsr_index: FxMap<Ipv4Addr, usize>,
     /// Each DSR port's VM and address (index = [`DSR_PORT_TOP`] - port).
     dsr_vm: Vec<(usize, Ipv4Addr)>,
 }
@@ -585,26 +620,8 @@ impl Policy {
                 internal: false,
             });
             tunnel_vm.push(i);
-            let next_hop = ul.next_hop(r.host);
-            let outer =
-                next_hop
-                    .and_then(|nh| neighbours.get(&nh))
-                    .map(|mac| dataplane::tunnel::Outer {
-                        encap: vn.encap,
-                        vni,
-                        src_mac: up.mac,
-                        dst_mac: *mac,
-                        src_ip: ul.address.addr(),
-                        dst_ip: r.host,
-                    });
-            tunnels.push(Tunnel {
-                name: r.name.clone(),
-                vnet: r.vnet,
-                encap: vn.encap,
-                host: r.host,
-                next_hop,
-                outer,
-            });
+            let via = (up, ul, &neighbours);
+            tunnels.push(Tunnel::to(&r.name, r.vnet, (vn.encap, vni), r.host, via));
         }
         // A Mux's backends: a tunnel each (IP in IP to the DIP's address),
         // after the remote endpoints'. A DSR VIP's backends: a port each,
@@ -635,37 +652,22 @@ impl Policy {
                     errs.push(format!("{what}: backend {dip} is this host's own address"));
                     continue;
                 }
-                let Some(next_hop) = ul.next_hop(dip) else {
+                if ul.next_hop(dip).is_none() {
                     errs.push(format!(
                         "{what}: backend {dip} has no route on the underlay"
                     ));
                     continue;
-                };
+                }
                 if mux_ports.contains_key(&dip) {
                     continue;
                 }
                 mux_ports.insert(dip, TUNNEL_PORT_BASE.saturating_add(tunnels.len() as u16));
-                let outer = neighbours
-                    .get(&next_hop)
-                    .map(|mac| dataplane::tunnel::Outer {
-                        encap: Encap::Ipip,
-                        vni: 0,
-                        src_mac: up.mac,
-                        dst_mac: *mac,
-                        src_ip: ul.address.addr(),
-                        dst_ip: dip,
-                    });
-                tunnels.push(Tunnel {
-                    name: format!("{}/{dip}", v.config.name),
-                    vnet: v.vnet,
-                    encap: Encap::Ipip,
-                    host: dip,
-                    next_hop: Some(next_hop),
-                    outer,
-                });
+                let name = format!("{}/{dip}", v.config.name);
+                let via = (up, ul, &neighbours);
+                tunnels.push(Tunnel::to(&name, v.vnet, (Encap::Ipip, 0), dip, via));
             }
         }
-        let mut dsr_ports: FxMap<Ipv4Addr, u16> = FxMap::default();
+        let mut dsr_index: FxMap<Ipv4Addr, usize> = FxMap::default();
         let mut dsr_vm: Vec<(usize, Ipv4Addr)> = Vec::new();
         for v in t.vips.iter().filter(|v| v.config.mode == VipMode::Dsr) {
             let what = format!("vip {:?}", v.config.name);
@@ -701,9 +703,8 @@ impl Policy {
                     ));
                     continue;
                 };
-                match dsr_ports.get(&dip) {
-                    Some(&port) => {
-                        let k = usize::from(DSR_PORT_TOP.saturating_sub(port));
+                match dsr_index.get(&dip) {
+                    Some(&k) => {
                         if dsr_vm.get(k).map(|d| d.0) != Some(i) {
                             errs.push(format!(
                                 "{what}: backend {dip} is a dsr backend in another vnet (the Muxes name it by its address alone)"
@@ -711,7 +712,7 @@ impl Policy {
                         }
                     }
                     None => {
-                        dsr_ports.insert(dip, DSR_PORT_TOP.saturating_sub(dsr_vm.len() as u16));
+                        dsr_index.insert(dip, dsr_vm.len());
                         dsr_vm.push((i, dip));
                     }
                 }
@@ -763,7 +764,7 @@ impl Policy {
             vni_vnet,
             neighbours,
             mux_ports,
-            dsr_ports,
+            dsr_index,
             dsr_vm,
         })
     }
@@ -779,8 +780,10 @@ impl Policy {
     /// packet) and its VM.
     #[inline]
     pub fn dsr_backend(&self, dip: Ipv4Addr) -> Option<(u16, &Vm)> {
-        let port = *self.dsr_ports.get(&dip)?;
-        Some((port, self.dsr_on_port(port)?.0))
+        let k = *self.dsr_index.get(&dip)?;
+        let (i, _) = *self.dsr_vm.get(k)?;
+        let port = DSR_PORT_TOP.checked_sub(u16::try_from(k).ok()?)?;
+        Some((port, self.vms.get(i)?))
     }
 
     /// The DSR backend whose Mux traffic comes in on `port`: its VM and

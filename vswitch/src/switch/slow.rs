@@ -422,11 +422,7 @@ impl<B: PacketBuf> Switch<B> {
             let port = port.map_err(|e| self.abandon(e, fresh))?;
             let fwd = FlowAction {
                 out_port: port,
-                src_mac: up.mac,
-                dst_mac: up.mac,
-                nat: step.nat,
-                lb: Some(step.lb),
-                fast: None,
+                ..FlowAction::to_uplink(up, up.mac, step.nat, Some(step.lb))
             };
             return Ok(Slow::Forward(
                 self.install(p, now, pk.in_port, pk.key, fwd, &step.post, fwd, true),
@@ -548,11 +544,7 @@ impl<B: PacketBuf> Switch<B> {
         let s = lb_step(d, prober.vnet, &key)?.ok_or(SwitchDrop::NoRoute)?;
         Ok(Some(Slow::Forward(FlowAction {
             out_port: port,
-            src_mac: up.mac,
-            dst_mac: up.mac,
-            nat: s.nat,
-            lb: None,
-            fast: None,
+            ..FlowAction::to_uplink(up, up.mac, s.nat, None)
         })))
     }
 
