@@ -72,6 +72,9 @@ pub struct Status {
     /// The DPDK devices under the ports.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<Device>,
+    /// The BGP speaker, with `[bgp]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<BgpView>,
 }
 
 /// A DPDK device under a port, as its driver describes it.
@@ -201,6 +204,64 @@ pub struct VipTableView {
     /// The table's digest (8 hex digits): the same on every pollux with
     /// the same backends, weights, health and size, whatever their order.
     pub digest: String,
+    /// Each slot's backend (`ip:port`, `-` for none), with `?slots=1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slots: Option<Vec<String>>,
+}
+
+/// `GET /v1/bgp`: the BGP speaker beside pollux.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BgpView {
+    /// BIRD's process id while it runs.
+    pub pid: Option<u32>,
+    /// Times BIRD was started.
+    pub starts: u64,
+    /// This Mux's AS number.
+    pub local_as: u32,
+    /// The next hop announced with the VIPs.
+    pub next_hop: String,
+    /// Every VIP withdrawn by `pollux ctl drain-mux`.
+    pub draining: bool,
+    /// The prefixes announced now.
+    pub announced: Vec<String>,
+    /// Mux VIPs not announced, with why.
+    pub withdrawn: Vec<BgpWithdrawnView>,
+    /// The sessions with the neighbours.
+    pub sessions: Vec<BgpSessionView>,
+    /// The last problem with BIRD, until it is over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A Mux VIP not announced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BgpWithdrawnView {
+    /// The VIP.
+    pub vip: String,
+    /// Its address.
+    pub address: String,
+    /// `no healthy backend`, `draining` or `stopping`.
+    pub reason: String,
+}
+
+/// A BGP session, as BIRD reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BgpSessionView {
+    /// The neighbour's address.
+    pub neighbor: String,
+    /// Its AS number.
+    pub remote_as: u32,
+    /// BIRD's protocol for it.
+    pub protocol: String,
+    /// Established.
+    pub up: bool,
+    /// BIRD's protocol state (`up`, `start`, ...).
+    pub state: String,
+    /// The BGP state and last error (`Established`, `Active Socket:
+    /// Connection refused`, ...).
+    pub info: String,
+    /// Since when (BIRD's clock).
+    pub since: String,
 }
 
 /// A remote endpoint's tunnel.

@@ -380,6 +380,83 @@ pub struct Config {
     /// `[[remote]]`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub remote: Vec<RemoteCfg>,
+    /// `[bgp]`: the Mux VIPs announced through a BGP daemon (BIRD 2)
+    /// that pollux runs beside it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<BgpCfg>,
+}
+
+/// `[bgp]`: pollux starts BIRD 2 with a configuration it writes, announces
+/// each Mux VIP's address (a /32) to the neighbours while the VIP has a
+/// healthy backend, and withdraws it when none is, when the Mux is
+/// drained, and before pollux stops.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BgpCfg {
+    /// This Mux's AS number.
+    pub local_as: u32,
+    /// The BGP router ID (default: the next hop).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router_id: Option<String>,
+    /// The next hop announced with the VIPs, where routers send VIP
+    /// traffic (default: the `[uplink]` address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_hop: Option<String>,
+    /// The hold time offered to neighbours, seconds (0 or 3-65535;
+    /// default 9).
+    #[serde(default = "default_hold_time")]
+    pub hold_time_s: u16,
+    /// Keepalive interval, seconds (default a third of the hold time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keepalive_s: Option<u16>,
+    /// How long pollux goes on forwarding after withdrawing its VIPs
+    /// before it stops, for routers to move the flows to other Muxes
+    /// (default 2000).
+    #[serde(default = "default_stop_wait")]
+    pub stop_wait_ms: u64,
+    /// The BIRD 2 binary (default `bird`, found on the PATH).
+    #[serde(default = "default_bird")]
+    pub bird: String,
+    /// Where pollux keeps BIRD's configuration, control socket and log
+    /// (default /run/pollux/bgp; one per pollux on a machine).
+    #[serde(default = "default_bgp_dir")]
+    pub dir: PathBuf,
+    /// `[[bgp.neighbor]]`: the routers.
+    #[serde(default)]
+    pub neighbor: Vec<BgpNeighborCfg>,
+}
+
+/// `[[bgp.neighbor]]`: a router pollux announces to.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BgpNeighborCfg {
+    /// Its address.
+    pub address: String,
+    /// Its AS number.
+    pub remote_as: u32,
+}
+
+fn default_hold_time() -> u16 {
+    9
+}
+
+fn default_stop_wait() -> u64 {
+    2000
+}
+
+fn default_bird() -> String {
+    "bird".into()
+}
+
+fn default_bgp_dir() -> PathBuf {
+    PathBuf::from("/run/pollux/bgp")
+}
+
+impl BgpCfg {
+    /// The keepalive interval, seconds.
+    pub fn keepalive(&self) -> u16 {
+        self.keepalive_s.unwrap_or(self.hold_time_s / 3)
+    }
 }
 
 /// Why a configuration cannot be used.
@@ -482,6 +559,78 @@ impl Config {
         Ok(summary)
     }
 
+    /// `[bgp]`'s problems.
+    fn check_bgp(&self, b: &BgpCfg, errs: &mut Vec<String>) {
+        let addr = |what: &str, v: &str, errs: &mut Vec<String>| {
+            if v.parse::<Ipv4Addr>().is_err() {
+                errs.push(format!("bgp: {what} {v:?} is not an IPv4 address"));
+            }
+        };
+        if b.local_as == 0 {
+            errs.push("bgp: local_as must not be 0".into());
+        }
+        if let Some(r) = &b.router_id {
+            addr("router_id", r, errs);
+        }
+        match &b.next_hop {
+            Some(h) => addr("next_hop", h, errs),
+            None if self
+                .uplink
+                .as_ref()
+                .and_then(|u| u.address.as_ref())
+                .is_none() =>
+            {
+                errs.push(
+                    "bgp: next_hop is needed when the [uplink] has no address to announce".into(),
+                )
+            }
+            None => {}
+        }
+        if b.hold_time_s != 0 && b.hold_time_s < 3 {
+            errs.push(format!(
+                "bgp: hold_time_s {} must be 0 or at least 3 (RFC 4271)",
+                b.hold_time_s
+            ));
+        }
+        if let Some(k) = b.keepalive_s
+            && b.hold_time_s != 0
+            && (k == 0 || k >= b.hold_time_s)
+        {
+            errs.push(format!(
+                "bgp: keepalive_s {k} must be above 0 and below hold_time_s {}",
+                b.hold_time_s
+            ));
+        }
+        if b.stop_wait_ms > 60_000 {
+            errs.push(format!(
+                "bgp: stop_wait_ms {} is above 60000",
+                b.stop_wait_ms
+            ));
+        }
+        if b.bird.is_empty() {
+            errs.push("bgp: bird is empty".into());
+        }
+        if b.dir.as_os_str().is_empty() || b.dir.is_relative() {
+            errs.push(format!("bgp: dir {:?} must be an absolute path", b.dir));
+        }
+        if b.neighbor.is_empty() {
+            errs.push("bgp: no [[bgp.neighbor]] to announce to".into());
+        }
+        let mut seen = HashSet::new();
+        for n in &b.neighbor {
+            addr("neighbor", &n.address, errs);
+            if !seen.insert(n.address.as_str()) {
+                errs.push(format!("bgp: neighbor {:?} is listed twice", n.address));
+            }
+            if n.remote_as == 0 {
+                errs.push(format!(
+                    "bgp: neighbor {:?}: remote_as must not be 0",
+                    n.address
+                ));
+            }
+        }
+    }
+
     /// Checks everything; returns the summary and the built VIP configs.
     fn check_all(&self) -> Result<(Summary, Vec<VipConfig>), ConfigError> {
         let mut errs = Vec::new();
@@ -509,6 +658,9 @@ impl Config {
                 Ok(_) => errs.push(format!("control: tcp {t:?} must be a loopback address")),
                 Err(_) => errs.push(format!("control: tcp {t:?} is not an address:port")),
             }
+        }
+        if let Some(b) = &self.bgp {
+            self.check_bgp(b, &mut errs);
         }
         let ports = dups("port", self.port.iter().map(|p| p.name.as_str()), &mut errs);
         for p in &self.port {

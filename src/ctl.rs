@@ -191,6 +191,10 @@ pub enum Cmd {
     Underlay,
     /// Each VIP's Maglev table and its digest.
     Maglev,
+    /// The BGP speaker's sessions and announcements.
+    Bgp,
+    /// Withdraw every VIP (true) or announce them again (false).
+    DrainMux(bool),
     /// Replace the uplink's gateway and routes from a JSON file.
     PutRoutes(String),
     /// List (or delete) flows matching `key=value` filters.
@@ -286,6 +290,12 @@ pub fn run(ep: &Endpoint<'_>, cmd: &Cmd, json: bool) -> Result<Vec<String>, CtlE
         Cmd::Probes => ("GET", "/v1/probes".into(), None),
         Cmd::Underlay => ("GET", "/v1/underlay".into(), None),
         Cmd::Maglev => ("GET", "/v1/maglev".into(), None),
+        Cmd::Bgp => ("GET", "/v1/bgp".into(), None),
+        Cmd::DrainMux(on) => (
+            if *on { "POST" } else { "DELETE" },
+            "/v1/bgp/drain".into(),
+            None,
+        ),
         Cmd::PutRoutes(f) => ("PUT", "/v1/routes".into(), Some(read_input(f)?)),
         Cmd::Flows(filters, delete) => {
             let q: Vec<String> = filters.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -358,6 +368,44 @@ fn list<T: DeserializeOwned>(
     Ok((l.body.items.remove(key).unwrap_or_default(), l.generation))
 }
 
+/// The BGP speaker, readably.
+fn bgp_lines(b: &crate::api::BgpView) -> Vec<String> {
+    let mut out = vec![format!(
+        "bgp: AS {}, next hop {}, BIRD {}{}",
+        b.local_as,
+        b.next_hop,
+        b.pid.map_or("not running".into(), |p| format!("pid {p}")),
+        if b.draining { ", draining" } else { "" }
+    )];
+    for s in &b.sessions {
+        out.push(format!(
+            "  neighbour {} AS {}: {} ({}{})",
+            s.neighbor,
+            s.remote_as,
+            if s.up { "established" } else { "down" },
+            if s.info.is_empty() { &s.state } else { &s.info },
+            if s.since.is_empty() {
+                String::new()
+            } else {
+                format!(" since {}", s.since)
+            }
+        ));
+    }
+    for a in &b.announced {
+        out.push(format!("  announced {a}"));
+    }
+    for w in &b.withdrawn {
+        out.push(format!(
+            "  withdrawn {}/32 (vip {}): {}",
+            w.address, w.vip, w.reason
+        ));
+    }
+    if let Some(e) = &b.error {
+        out.push(format!("  problem: {e}"));
+    }
+    out
+}
+
 /// The readable form of a reply.
 fn table(cmd: &Cmd, path: &str, status: u16, text: &str) -> Result<Vec<String>, CtlError> {
     let generation = |g: u64| format!("generation {g}");
@@ -408,6 +456,9 @@ fn table(cmd: &Cmd, path: &str, status: u16, text: &str) -> Result<Vec<String>, 
             }
             if let Some(f) = &st.takeover_failed {
                 out.push(f.clone());
+            }
+            if let Some(b) = &st.bgp {
+                out.extend(bgp_lines(b));
             }
         }
         Cmd::Get(kind, None) => {
@@ -509,6 +560,10 @@ fn table(cmd: &Cmd, path: &str, status: u16, text: &str) -> Result<Vec<String>, 
                     v.digest
                 ));
             }
+        }
+        Cmd::Bgp | Cmd::DrainMux(_) => {
+            let b = decode::<crate::api::BgpView>(path, status, text)?.body;
+            out.extend(bgp_lines(&b));
         }
         Cmd::Underlay => {
             let u = decode::<crate::api::UnderlayView>(path, status, text)?.body;

@@ -1,7 +1,7 @@
 //! # pollux — the program around the switch
 //!
 //! Owns: the configuration file and its validation ([`config`]), running the
-//! switch from it ([`run`]), the control API and metrics ([`control`],
+//! switch from it ([`run`]), the BGP speaker beside it ([`bgp`]), the control API and metrics ([`control`],
 //! [`metrics`]), the embedded demo ([`demo`]), SR-IOV set-up
 //! ([`sriov`]) and the traffic generator's front end ([`pktgen`]); the
 //! `pollux` binary (`src/main.rs`) is the CLI
@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod bgp;
 pub mod config;
 pub mod control;
 pub mod ctl;

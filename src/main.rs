@@ -165,6 +165,14 @@ enum CtlCmd {
     /// is the same on every pollux that picks the same backend for every
     /// flow (compare it between Muxes).
     Maglev,
+    /// The BGP speaker: sessions with the routers, the VIPs announced and
+    /// those withdrawn (with why).
+    Bgp,
+    /// Withdraw every VIP this Mux announces, going on forwarding: the
+    /// routers move its flows to the other Muxes (`undrain-mux` ends it).
+    DrainMux,
+    /// Announce the VIPs again after `drain-mux`.
+    UndrainMux,
     /// Replace the uplink's default gateway and static routes from a JSON
     /// file (`-`: stdin): `{"gateway": "192.0.2.254", "routes": [{"prefix":
     /// "10.0.0.0/8", "via": "192.0.2.253"}]}`.
@@ -220,6 +228,9 @@ fn ctl(socket: &std::path::Path, tcp: Option<&str>, json: bool, cmd: &CtlCmd) ->
         CtlCmd::Probes => Cmd::Probes,
         CtlCmd::Underlay => Cmd::Underlay,
         CtlCmd::Maglev => Cmd::Maglev,
+        CtlCmd::Bgp => Cmd::Bgp,
+        CtlCmd::DrainMux => Cmd::DrainMux(true),
+        CtlCmd::UndrainMux => Cmd::DrainMux(false),
         CtlCmd::PutRoutes { file } => Cmd::PutRoutes(file.clone()),
         CtlCmd::Flows {
             filters: f,

@@ -38,9 +38,50 @@ pub fn render(
     c: &Counters,
     probes: &[ProbeState],
     tables: &[crate::api::VipTableView],
+    bgp: Option<&crate::api::BgpView>,
     generation: u64,
 ) -> String {
     let mut reg = Registry::default();
+    if let Some(b) = bgp {
+        let up = gauges(
+            &mut reg,
+            "pollux_bgp_session_up",
+            "1 while the BGP session with a neighbour is established",
+        );
+        for s in &b.sessions {
+            up.get_or_create(&labels(&[
+                ("neighbor", &s.neighbor),
+                ("remote_as", &s.remote_as.to_string()),
+            ]))
+            .set(i64::from(s.up));
+        }
+        let ann = gauges(
+            &mut reg,
+            "pollux_bgp_announced",
+            "1 while a Mux VIP's prefix is announced, 0 while withdrawn",
+        );
+        for a in &b.announced {
+            ann.get_or_create(&labels(&[("prefix", a)])).set(1);
+        }
+        for w in &b.withdrawn {
+            ann.get_or_create(&labels(&[("prefix", &format!("{}/32", w.address))]))
+                .set(0);
+        }
+        let draining: Gauge = Gauge::default();
+        draining.set(i64::from(b.draining));
+        reg.register(
+            "pollux_bgp_draining",
+            "1 while the Mux is drained (every VIP withdrawn)",
+            draining,
+        );
+        let starts: Counter = Counter::default();
+        starts.inc_by(b.starts);
+        reg.register(
+            "pollux_bgp_speaker_starts",
+            "Times BIRD was started",
+            starts,
+        );
+    }
     let rx = counters(
         &mut reg,
         "pollux_port_rx_packets",
@@ -354,9 +395,38 @@ mod tests {
             in_table: 4,
             epoch: 0,
             digest: "8a0f1c2e".into(),
+            slots: None,
         }];
-        let text = render(&c, &[], &tables, 9);
+        let bgp = crate::api::BgpView {
+            pid: Some(7),
+            starts: 1,
+            local_as: 65010,
+            next_hop: "10.200.0.1".into(),
+            draining: false,
+            announced: vec!["192.0.2.10/32".into()],
+            withdrawn: vec![crate::api::BgpWithdrawnView {
+                vip: "api".into(),
+                address: "192.0.2.11".into(),
+                reason: "no healthy backend".into(),
+            }],
+            sessions: vec![crate::api::BgpSessionView {
+                neighbor: "10.200.0.254".into(),
+                remote_as: 65000,
+                protocol: "peer0".into(),
+                up: true,
+                state: "up".into(),
+                info: "Established".into(),
+                since: "20:21:28.594".into(),
+            }],
+            error: None,
+        };
+        let text = render(&c, &[], &tables, Some(&bgp), 9);
         for line in [
+            "pollux_bgp_session_up{neighbor=\"10.200.0.254\",remote_as=\"65000\"} 1",
+            "pollux_bgp_announced{prefix=\"192.0.2.10/32\"} 1",
+            "pollux_bgp_announced{prefix=\"192.0.2.11/32\"} 0",
+            "pollux_bgp_draining 0",
+            "pollux_bgp_speaker_starts_total 1",
             "pollux_vip_table_digest{vip=\"web\",vnet=\"lb\"} 2316246062",
             "pollux_port_rx_packets_total{port=\"web1\"} 5",
             "pollux_port_drops_total{port=\"web1\",reason=\"rx_oversize\"} 2",

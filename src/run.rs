@@ -1303,6 +1303,8 @@ fn run_on<A: BufAlloc>(
             inc.report.sockets,
         );
         rt.takeover = Some(inc.report.clone());
+        // The predecessor's BIRD holds the sessions until it is gone.
+        rt.bgp.after(inc.report.from_pid);
         // Counters go on from the predecessor's.
         if inc.state.worker_counters.len() == workers {
             rt.base = inc.state.worker_counters.clone();
@@ -1334,6 +1336,11 @@ fn run_on<A: BufAlloc>(
             &mut rt,
             server.as_ref(),
         );
+        // Stopping (not handing over): the VIPs are withdrawn while the
+        // workers still forward, for routers to move the flows elsewhere.
+        if rt.takeover_request.is_none() {
+            rt.bgp.stop(state.config(), &state.policy().load());
+        }
         for s in &stops {
             s.store(true, Ordering::Relaxed);
         }
@@ -1604,6 +1611,8 @@ fn control_loop<A: BufAlloc>(
             }
         }
         next = next.min(health.poll_at(now));
+        // What BGP announces follows health, drains and reloads.
+        rt.bgp.step(state.config(), &cur);
         // Only the API reads them.
         if server.is_some() {
             rt.probes = probe_states(health);

@@ -173,14 +173,17 @@ fn flow_filter(cfg: &Config, q: &HashMap<String, String>) -> Result<FlowFilter, 
 }
 
 /// A cached flow as the API shows it, ports by name.
-fn flow_body(i: &vswitch::flow::FlowInfo, ports: &[String]) -> Flow {
+fn flow_body(i: &vswitch::flow::FlowInfo, ports: &[String], policy: &vswitch::Policy) -> Flow {
     let k = &i.key;
     let e = &i.entry;
+    // Ports beyond the configured ones: tunnels (named `remote` or a Mux
+    // VIP's `VIP/DIP`) and internal ones.
     let port = |p: u16| match p {
         vswitch::flow::HAIRPIN_PORT => "hairpin".to_string(),
         _ => ports
             .get(usize::from(p))
             .cloned()
+            .or_else(|| policy.tunnel(p).map(|t| format!("tunnel {}", t.name)))
             .unwrap_or_else(|| format!("#{p}")),
     };
     Flow {
@@ -390,7 +393,8 @@ fn route(
             Ok(Reply::Text(crate::metrics::render(
                 &c,
                 &rt.probes,
-                &maglev(state).vips,
+                &maglev(state, false).vips,
+                rt.bgp.view(state.config()).as_ref(),
                 state.generation(),
             )))
         }
@@ -414,7 +418,34 @@ fn route(
             change_backend(state, vip, backend, change)
         }
         ("GET", ["v1", "underlay"]) => reply(200, &underlay(state, rt)),
-        ("GET", ["v1", "maglev"]) => reply(200, &maglev(state)),
+        ("GET", ["v1", "maglev"]) => {
+            let slots = match q.get("slots").map(String::as_str) {
+                None | Some("0" | "false") => false,
+                Some("1" | "true") => true,
+                Some(other) => {
+                    return Err(ApiError::new(
+                        400,
+                        format!("slots: {other:?} is not true or false"),
+                    ));
+                }
+            };
+            reply(200, &maglev(state, slots))
+        }
+        ("GET", ["v1", "bgp"]) => match rt.bgp.view(state.config()) {
+            Some(v) => reply(200, &v),
+            None => Err(no_bgp()),
+        },
+        ("POST" | "DELETE", ["v1", "bgp", "drain"]) => {
+            if state.config().bgp.is_none() {
+                return Err(no_bgp());
+            }
+            let p = state.policy().load_full();
+            rt.bgp.set_draining(method == "POST", state.config(), &p);
+            match rt.bgp.view(state.config()) {
+                Some(v) => reply(200, &v),
+                None => Err(no_bgp()),
+            }
+        }
         ("GET", ["v1", "routes"]) => reply(200, &routes_of(state.config())),
         ("PUT", ["v1", "routes"]) => {
             let r: crate::api::Routes = body_json(body, "routes")?;
@@ -456,9 +487,17 @@ fn routes_of(c: &crate::config::Config) -> crate::api::Routes {
     }
 }
 
-/// `GET /v1/underlay`.
-/// `GET /v1/maglev`: each VIP's table, its digest.
-fn maglev(state: &ControlState) -> crate::api::MaglevView {
+/// The refusal of a BGP request without `[bgp]`.
+fn no_bgp() -> ApiError {
+    ApiError::new(
+        409,
+        "no [bgp] section: this pollux announces no VIP (add one and restart or reload)",
+    )
+}
+
+/// `GET /v1/maglev`: each VIP's table, its digest; with `slots`, each
+/// slot's backend.
+fn maglev(state: &ControlState, slots: bool) -> crate::api::MaglevView {
     let p = state.policy().load();
     let vips = p
         .vips()
@@ -488,6 +527,17 @@ fn maglev(state: &ControlState) -> crate::api::MaglevView {
                 in_table: ids.len(),
                 epoch: set.epoch(),
                 digest: format!("{:08x}", v.table_digest()),
+                slots: slots.then(|| {
+                    set.table()
+                        .entries()
+                        .iter()
+                        .map(|&e| {
+                            c.backends
+                                .get(usize::from(e))
+                                .map_or("-".into(), |b| format!("{}:{}", b.ip, b.port))
+                        })
+                        .collect()
+                }),
             }
         })
         .collect();
@@ -503,6 +553,7 @@ fn proto_name(p: u8) -> String {
     }
 }
 
+/// `GET /v1/underlay`.
 fn underlay(state: &ControlState, rt: &Runtime) -> crate::api::UnderlayView {
     let p = state.policy().load();
     let Some((_, ul)) = p.underlay() else {
@@ -633,6 +684,7 @@ fn status(state: &ControlState, rt: &Runtime) -> Status {
         pid: std::process::id(),
         takeover: rt.takeover.clone(),
         takeover_failed: rt.takeover_failed.clone(),
+        bgp: rt.bgp.view(c),
         devices: rt
             .ports
             .iter()
@@ -851,7 +903,10 @@ fn flows(
     reply(
         200,
         &Flows {
-            flows: flows.iter().map(|i| flow_body(i, &ports)).collect(),
+            flows: {
+                let p = state.policy().load();
+                flows.iter().map(|i| flow_body(i, &ports, &p)).collect()
+            },
             matched,
             occupancy,
         },

@@ -329,6 +329,8 @@ pub struct Runtime {
     pub base: Vec<crate::api::WorkerCounters>,
     /// The underlay's neighbour cache and its mailboxes to the workers.
     pub neighbours: Neighbours,
+    /// The BGP speaker (BIRD runs only with `[bgp]`).
+    pub bgp: crate::bgp::Speaker,
     next_id: u64,
 }
 
@@ -430,6 +432,7 @@ impl Runtime {
             takeover_failed: None,
             base: Vec::new(),
             neighbours: Neighbours::default(),
+            bgp: crate::bgp::Speaker::new(),
             next_id: 1,
         }
     }

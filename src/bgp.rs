@@ -1,0 +1,833 @@
+//! The BGP speaker beside pollux: BIRD 2, started and configured by this
+//! process, announcing each Mux VIP's address to the routers while the VIP
+//! can take new flows, so that several Muxes share one VIP by ECMP.
+//!
+//! pollux owns the policy (which VIPs to announce, and when to withdraw
+//! them: no healthy backend, `pollux ctl drain-mux`, stopping); BIRD owns
+//! BGP. The configuration BIRD runs is a function of `[bgp]` and the set
+//! of addresses to announce ([`bird_config`]); when it changes, pollux
+//! writes it and tells BIRD `configure` over its control socket, which
+//! changes the routes without resetting the sessions. Sessions' state is
+//! read back from `show protocols` for the API and the metrics.
+//!
+//! Why BIRD 2 rather than FRR: one daemon with one configuration file and
+//! one control socket, each instance in its own directory (several Muxes
+//! can share a machine, as the tests' do); FRR is zebra, bgpd and
+//! watchfrr, configured through vtysh. Why pollux starts it: BIRD lives and
+//! dies with pollux (it runs under `setpriv --pdeathsig KILL`), so a Mux
+//! whose pollux dies, even by SIGKILL, closes its sessions at once and the
+//! routers take its routes away; a companion service would go on
+//! announcing a VIP nobody forwards.
+
+use crate::api::{BgpSessionView, BgpView, BgpWithdrawnView};
+use crate::config::{BgpCfg, Config};
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Write};
+use std::net::Ipv4Addr;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a BIRD command may take.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often sessions' state is read.
+const POLL_EVERY: Duration = Duration::from_secs(1);
+/// The static protocol that holds the VIPs' routes.
+const STATIC: &str = "pollux_vips";
+
+/// Why talking to BIRD failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BgpError {
+    /// Its control socket cannot be reached or read.
+    #[error("BIRD control socket {path}: {source}")]
+    Socket {
+        /// The socket.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// It answered a command with an error.
+    #[error("BIRD refused {command:?}: {reply}")]
+    Refused {
+        /// The command.
+        command: String,
+        /// Its reply.
+        reply: String,
+    },
+    /// Its reply ended before its last line.
+    #[error("BIRD's reply to {command:?} ended early")]
+    Truncated {
+        /// The command.
+        command: String,
+    },
+    /// A file of its directory cannot be written.
+    #[error("{path}: {source}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// It cannot be started.
+    #[error("BIRD ({bird}) not started: {source}")]
+    Spawn {
+        /// The binary.
+        bird: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// A line of a BIRD reply: its code and text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    /// The four-digit code (0 for a continuation line's, which takes its
+    /// predecessor's).
+    pub code: u16,
+    /// The text.
+    pub text: String,
+}
+
+/// Sends `command` on BIRD's control socket `sock`; returns the reply's
+/// lines. Codes 8000 and above are errors (`Refused`).
+pub fn command(sock: &Path, command: &str) -> Result<Vec<Line>, BgpError> {
+    let io = |source| BgpError::Socket {
+        path: sock.to_path_buf(),
+        source,
+    };
+    let mut s = UnixStream::connect(sock).map_err(io)?;
+    s.set_read_timeout(Some(COMMAND_TIMEOUT)).map_err(io)?;
+    s.set_write_timeout(Some(COMMAND_TIMEOUT)).map_err(io)?;
+    let mut r = BufReader::new(s.try_clone().map_err(io)?);
+    // The greeting: "0001 BIRD 2.0.12 ready."
+    read_reply(&mut r, "(greeting)").map_err(|e| match e {
+        BgpError::Socket { source, .. } => io(source),
+        e => e,
+    })?;
+    s.write_all(format!("{command}\n").as_bytes()).map_err(io)?;
+    read_reply(&mut r, command)
+}
+
+/// Reads one reply: lines `NNNN-text` (more follow), ` text` (the same
+/// code goes on) and last `NNNN text`.
+fn read_reply(r: &mut impl BufRead, command: &str) -> Result<Vec<Line>, BgpError> {
+    let mut out = Vec::new();
+    let mut code = 0u16;
+    loop {
+        let mut l = String::new();
+        let n = r.read_line(&mut l).map_err(|source| BgpError::Socket {
+            path: PathBuf::from("(reply)"),
+            source,
+        })?;
+        if n == 0 {
+            return Err(BgpError::Truncated {
+                command: command.to_string(),
+            });
+        }
+        let l = l.trim_end_matches('\n');
+        let head = l.get(..4).and_then(|h| h.parse::<u16>().ok());
+        let (text, last) = match (head, l.as_bytes().get(4)) {
+            (Some(c), Some(b'-')) => {
+                code = c;
+                (l.get(5..).unwrap_or(""), false)
+            }
+            (Some(c), Some(b' ') | None) => {
+                code = c;
+                (l.get(5..).unwrap_or(""), true)
+            }
+            _ => (l.strip_prefix(' ').unwrap_or(l), false),
+        };
+        out.push(Line {
+            code,
+            text: text.to_string(),
+        });
+        if code >= 8000 {
+            return Err(BgpError::Refused {
+                command: command.to_string(),
+                reply: text.trim().to_string(),
+            });
+        }
+        if last {
+            return Ok(out);
+        }
+    }
+}
+
+/// A BGP protocol's row of `show protocols`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtocolRow {
+    /// Its name.
+    pub name: String,
+    /// BIRD's protocol state (`up`, `start`, `down`...).
+    pub state: String,
+    /// Since when (BIRD's clock).
+    pub since: String,
+    /// The BGP state and the last error (`Established`, `Active  Socket:
+    /// Connection closed`...).
+    pub info: String,
+}
+
+/// The BGP protocols of a `show protocols` reply.
+pub fn bgp_rows(lines: &[Line]) -> Vec<ProtocolRow> {
+    lines
+        .iter()
+        .filter(|l| l.code == 1002)
+        .filter_map(|l| {
+            let mut w = l.text.split_whitespace();
+            let (name, proto, _table, state) = (w.next()?, w.next()?, w.next()?, w.next()?);
+            // "Since" is a time, or a date and a time.
+            let mut since = w.next()?.to_string();
+            let mut rest: Vec<&str> = w.collect();
+            if !rest.is_empty() && rest[0].contains(':') && !since.contains(':') {
+                since = format!("{since} {}", rest.remove(0));
+            }
+            (proto == "BGP").then(|| ProtocolRow {
+                name: name.to_string(),
+                state: state.to_string(),
+                since,
+                info: rest.join(" "),
+            })
+        })
+        .collect()
+}
+
+/// The addresses to announce, and the Mux VIPs not announced with why.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Wanted {
+    /// The Mux VIPs' addresses to announce (/32 each).
+    pub announce: BTreeSet<Ipv4Addr>,
+    /// Mux VIPs not announced: name, address and why.
+    pub withdrawn: Vec<BgpWithdrawnView>,
+}
+
+/// What `policy` says to announce: each Mux VIP's address while one of
+/// the VIPs at that address has a backend in its table (a healthy one with
+/// a weight), none while `draining` or `stopping`.
+pub fn wanted(policy: &vswitch::Policy, draining: bool, stopping: bool) -> Wanted {
+    let mut w = Wanted::default();
+    let mut idle = Vec::new();
+    for v in policy.vips() {
+        let c = v.config();
+        if c.mode != lb::balancer::VipMode::Mux {
+            continue;
+        }
+        let std::net::IpAddr::V4(a) = c.addr else {
+            continue;
+        };
+        let reason = if stopping {
+            "stopping"
+        } else if draining {
+            "draining"
+        } else if v.backends().table().entries().is_empty() {
+            "no healthy backend"
+        } else {
+            w.announce.insert(a);
+            continue;
+        };
+        idle.push((c.name.clone(), a, reason));
+    }
+    w.withdrawn = idle
+        .into_iter()
+        // Another VIP at the address keeps it announced.
+        .filter(|(_, a, _)| !w.announce.contains(a))
+        .map(|(vip, a, reason)| BgpWithdrawnView {
+            vip,
+            address: a.to_string(),
+            reason: reason.to_string(),
+        })
+        .collect();
+    w
+}
+
+/// The next hop announced: `[bgp] next_hop`, else the uplink's address.
+pub fn next_hop(cfg: &Config) -> Option<Ipv4Addr> {
+    match cfg.bgp.as_ref().and_then(|b| b.next_hop.as_ref()) {
+        Some(h) => h.parse().ok(),
+        None => cfg
+            .uplink
+            .as_ref()
+            .and_then(|u| u.address.as_ref())
+            .and_then(|a| a.parse::<ipnet::Ipv4Net>().ok())
+            .map(|n| n.addr()),
+    }
+}
+
+/// The name of neighbour `i`'s BGP protocol.
+fn peer_name(i: usize) -> String {
+    format!("peer{i}")
+}
+
+/// BIRD's configuration: a static protocol with a route (a blackhole:
+/// BIRD installs nothing in any kernel table) for each address of
+/// `announce`, exported to each neighbour with `next_hop` as BGP next hop
+/// (the uplink pollux forwards on, whatever link the session runs over).
+/// Nothing is imported. Graceful restart is off: a Mux that goes away
+/// must lose its routes at once, not be kept as stale.
+pub fn bird_config(b: &BgpCfg, next_hop: Ipv4Addr, announce: &BTreeSet<Ipv4Addr>) -> String {
+    let router_id = b.router_id.clone().unwrap_or_else(|| next_hop.to_string());
+    let mut s = format!(
+        "# Written by pollux from its [bgp] section; rewritten on every change.\n\
+         log stderr all;\n\
+         router id {router_id};\n\
+         protocol device {{ }}\n\
+         protocol static {STATIC} {{\n  ipv4;\n"
+    );
+    for a in announce {
+        s.push_str(&format!("  route {a}/32 blackhole;\n"));
+    }
+    s.push_str("}\n");
+    for (i, n) in b.neighbor.iter().enumerate() {
+        s.push_str(&format!(
+            "protocol bgp {} {{\n  local as {};\n  neighbor {} as {};\n  hold time {};\n  keepalive time {};\n  connect retry time 2;\n  error wait time 1, 10;\n  graceful restart off;\n  ipv4 {{\n    import none;\n    export filter {{\n      if proto != \"{STATIC}\" then reject;\n      bgp_next_hop = {next_hop};\n      accept;\n    }};\n  }};\n}}\n",
+            peer_name(i),
+            b.local_as,
+            n.address,
+            n.remote_as,
+            b.hold_time_s,
+            b.keepalive().max(1),
+        ));
+    }
+    s
+}
+
+/// Writes `text` to `path` whole (a rename over the old file).
+fn write_file(path: &Path, text: &str) -> Result<(), BgpError> {
+    let file = |source| BgpError::File {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).map_err(file)?;
+    std::fs::rename(&tmp, path).map_err(file)
+}
+
+/// True while process `pid` lives (neither gone nor a zombie).
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(st) => st
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// The BIRD this process runs, and what it was told.
+pub struct Speaker {
+    child: Option<Child>,
+    /// The configuration BIRD runs (as last accepted).
+    applied: Option<String>,
+    /// A configuration BIRD refused (not sent again until it changes).
+    refused: Option<String>,
+    /// What it announces.
+    announced: BTreeSet<Ipv4Addr>,
+    withdrawn: Vec<BgpWithdrawnView>,
+    draining: bool,
+    stopping: bool,
+    sessions: Vec<BgpSessionView>,
+    polled: Option<Instant>,
+    /// Not started before this process is gone (a predecessor's BIRD
+    /// holds the sessions until then).
+    after: Option<u32>,
+    next_start: Instant,
+    backoff: Duration,
+    starts: u64,
+    error: Option<String>,
+}
+
+impl Default for Speaker {
+    fn default() -> Self {
+        Speaker::new()
+    }
+}
+
+impl Speaker {
+    /// A speaker that starts BIRD at its first step.
+    pub fn new() -> Speaker {
+        Speaker {
+            child: None,
+            applied: None,
+            refused: None,
+            announced: BTreeSet::new(),
+            withdrawn: Vec::new(),
+            draining: false,
+            stopping: false,
+            sessions: Vec::new(),
+            polled: None,
+            after: None,
+            next_start: Instant::now(),
+            backoff: Duration::from_secs(1),
+            starts: 0,
+            error: None,
+        }
+    }
+
+    /// BIRD is started only once process `pid` (the predecessor this one
+    /// took over from, whose BIRD holds the sessions) is gone.
+    pub fn after(&mut self, pid: u32) {
+        self.after = Some(pid);
+    }
+
+    /// Drains (withdraws every VIP) or ends a drain; applied at once.
+    pub fn set_draining(&mut self, on: bool, cfg: &Config, policy: &vswitch::Policy) {
+        if self.draining != on {
+            self.draining = on;
+            eprintln!(
+                "pollux: bgp: {}",
+                if on {
+                    "draining: every VIP withdrawn"
+                } else {
+                    "drain ended: VIPs announced again"
+                }
+            );
+        }
+        self.step(cfg, policy);
+    }
+
+    fn sock(b: &BgpCfg) -> PathBuf {
+        b.dir.join("bird.ctl")
+    }
+
+    /// Keeps BIRD running (restarting it, a second and up to ten apart, if
+    /// it exits) and its configuration what `cfg` and `policy` say; reads
+    /// the sessions' state once a second. Without `[bgp]`, BIRD is stopped.
+    pub fn step(&mut self, cfg: &Config, policy: &vswitch::Policy) {
+        let Some(b) = &cfg.bgp else {
+            self.kill();
+            return;
+        };
+        let Some(hop) = next_hop(cfg) else {
+            self.error = Some("no next hop to announce".into());
+            return;
+        };
+        let w = wanted(policy, self.draining, self.stopping);
+        let text = bird_config(b, hop, &w.announce);
+        if let Some(c) = self.child.as_mut()
+            && let Ok(Some(status)) = c.try_wait()
+        {
+            let why = format!(
+                "BIRD exited ({status}); its log: {}",
+                b.dir.join("bird.log").display()
+            );
+            eprintln!("pollux: bgp: {why}");
+            self.error = Some(why);
+            self.child = None;
+            self.applied = None;
+            self.sessions.clear();
+            self.announced.clear();
+        }
+        if self.child.is_none() {
+            if Instant::now() < self.next_start || self.after.is_some_and(alive) {
+                self.withdrawn = w.withdrawn;
+                return;
+            }
+            self.next_start = Instant::now() + self.backoff;
+            self.backoff = (self.backoff * 2).min(Duration::from_secs(10));
+            match self.start(b, &text) {
+                Ok(()) => {
+                    self.starts += 1;
+                    self.error = None;
+                    self.applied = Some(text.clone());
+                    self.note(&w);
+                }
+                Err(e) => {
+                    eprintln!("pollux: bgp: {e}");
+                    self.error = Some(e.to_string());
+                    self.withdrawn = w.withdrawn;
+                    return;
+                }
+            }
+        }
+        if self.applied.as_deref() != Some(text.as_str())
+            && self.refused.as_deref() != Some(text.as_str())
+        {
+            match self.configure(b, &text) {
+                Ok(()) => {
+                    self.applied = Some(text);
+                    self.refused = None;
+                    self.error = None;
+                    self.note(&w);
+                }
+                Err(e @ BgpError::Refused { .. }) => {
+                    eprintln!("pollux: bgp: {e}");
+                    self.error = Some(e.to_string());
+                    self.refused = Some(text);
+                }
+                // Not listening yet: again at the next step.
+                Err(e) => self.error = Some(e.to_string()),
+            }
+        } else {
+            self.withdrawn = w.withdrawn;
+        }
+        if self.polled.is_none_or(|t| t.elapsed() >= POLL_EVERY) {
+            self.poll(b);
+        }
+    }
+
+    /// Takes `w` as announced, logging what changed.
+    fn note(&mut self, w: &Wanted) {
+        for a in w.announce.difference(&self.announced) {
+            eprintln!("pollux: bgp: announcing {a}/32");
+        }
+        for a in self.announced.difference(&w.announce) {
+            let why = w
+                .withdrawn
+                .iter()
+                .find(|x| x.address == a.to_string())
+                .map_or("no Mux VIP", |x| x.reason.as_str());
+            eprintln!("pollux: bgp: withdrew {a}/32 ({why})");
+        }
+        self.announced = w.announce.clone();
+        self.withdrawn = w.withdrawn.clone();
+    }
+
+    fn start(&mut self, b: &BgpCfg, text: &str) -> Result<(), BgpError> {
+        let file = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| BgpError::File { path, source }
+        };
+        std::fs::create_dir_all(&b.dir).map_err(file(&b.dir))?;
+        let conf = b.dir.join("bird.conf");
+        write_file(&conf, text)?;
+        let sock = Self::sock(b);
+        // A socket left by a BIRD that died is in the way.
+        let _ = std::fs::remove_file(&sock);
+        let log_path = b.dir.join("bird.log");
+        let log = std::fs::File::create(&log_path).map_err(file(&log_path))?;
+        // setpriv (util-linux) sets the parent-death signal and execs BIRD:
+        // when this process dies, BIRD is killed, and its sessions close.
+        let child = Command::new("setpriv")
+            .args(["--pdeathsig", "KILL", "--"])
+            .arg(&b.bird)
+            .arg("-f")
+            .arg("-c")
+            .arg(&conf)
+            .arg("-s")
+            .arg(&sock)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|source| BgpError::Spawn {
+                bird: b.bird.clone(),
+                source,
+            })?;
+        eprintln!(
+            "pollux: bgp: BIRD started (pid {}), AS {}, {} neighbour(s), in {}",
+            child.id(),
+            b.local_as,
+            b.neighbor.len(),
+            b.dir.display()
+        );
+        self.child = Some(child);
+        self.polled = None;
+        Ok(())
+    }
+
+    fn configure(&mut self, b: &BgpCfg, text: &str) -> Result<(), BgpError> {
+        write_file(&b.dir.join("bird.conf"), text)?;
+        command(&Self::sock(b), "configure").map(|_| ())
+    }
+
+    fn poll(&mut self, b: &BgpCfg) {
+        self.polled = Some(Instant::now());
+        let rows = match command(&Self::sock(b), "show protocols") {
+            Ok(lines) => bgp_rows(&lines),
+            Err(e) => {
+                if self.child.is_some() && self.error.is_none() {
+                    self.error = Some(e.to_string());
+                }
+                Vec::new()
+            }
+        };
+        self.sessions = b
+            .neighbor
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let row = rows.iter().find(|r| r.name == peer_name(i));
+                let info = row.map_or(String::new(), |r| r.info.clone());
+                BgpSessionView {
+                    neighbor: n.address.clone(),
+                    remote_as: n.remote_as,
+                    protocol: peer_name(i),
+                    up: info.starts_with("Established"),
+                    state: row.map_or("unknown".into(), |r| r.state.clone()),
+                    info,
+                    since: row.map_or(String::new(), |r| r.since.clone()),
+                }
+            })
+            .collect();
+    }
+
+    /// Before this process stops: withdraws every VIP, forwards on for
+    /// `stop_wait_ms` (routers move the flows to other Muxes meanwhile),
+    /// then shuts BIRD down (its sessions end with a Cease).
+    pub fn stop(&mut self, cfg: &Config, policy: &vswitch::Policy) {
+        let Some(b) = &cfg.bgp else {
+            return;
+        };
+        if self.child.is_none() {
+            return;
+        }
+        self.stopping = true;
+        let had = !self.announced.is_empty();
+        self.step(cfg, policy);
+        if had && self.announced.is_empty() {
+            eprintln!(
+                "pollux: bgp: VIPs withdrawn; forwarding {} ms more before stopping",
+                b.stop_wait_ms
+            );
+            std::thread::sleep(Duration::from_millis(b.stop_wait_ms));
+        }
+        let _ = command(&Self::sock(b), "down");
+        if let Some(c) = self.child.as_mut() {
+            let end = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < end && matches!(c.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.kill();
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+            self.applied = None;
+            self.announced.clear();
+            self.sessions.clear();
+        }
+    }
+
+    /// What the API shows.
+    pub fn view(&self, cfg: &Config) -> Option<BgpView> {
+        let b = cfg.bgp.as_ref()?;
+        Some(BgpView {
+            pid: self.child.as_ref().map(Child::id),
+            starts: self.starts,
+            local_as: b.local_as,
+            next_hop: next_hop(cfg).map_or(String::new(), |h| h.to_string()),
+            draining: self.draining,
+            announced: self.announced.iter().map(|a| format!("{a}/32")).collect(),
+            withdrawn: self.withdrawn.clone(),
+            sessions: self.sessions.clone(),
+            error: self.error.clone(),
+        })
+    }
+}
+
+impl Drop for Speaker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_are_read_to_their_last_line() {
+        let text = "2002-Name       Proto      Table      State  Since         Info\n\
+                    1002-device1    Device     ---        up     20:21:24.129  \n \
+                    pollux_vips Static     master4    up     20:21:24.129  \n \
+                    peer0      BGP        ---        up     20:21:28.594  Established   \n \
+                    peer1      BGP        ---        start  2026-12-03 20:21:32  Active        Socket: Connection closed\n\
+                    0000 \n";
+        let lines = read_reply(&mut text.as_bytes(), "show protocols").unwrap();
+        assert_eq!(lines.len(), 6);
+        let rows = bgp_rows(&lines);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].name, "peer0");
+        assert_eq!(rows[0].state, "up");
+        assert_eq!(rows[0].info, "Established");
+        assert_eq!(rows[1].since, "2026-12-03 20:21:32");
+        assert_eq!(rows[1].info, "Active Socket: Connection closed");
+    }
+
+    #[test]
+    fn an_error_code_is_a_refusal_and_a_cut_reply_is_truncated() {
+        let e = read_reply(
+            &mut "0002-Reading configuration from x\n8002 x, line 3: syntax error\n".as_bytes(),
+            "configure",
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&e, BgpError::Refused { reply, .. } if reply.contains("syntax error")),
+            "{e}"
+        );
+        let e = read_reply(&mut "1002-peer0 BGP".as_bytes(), "show protocols").unwrap_err();
+        assert!(matches!(e, BgpError::Truncated { .. }), "{e}");
+    }
+
+    fn cfg() -> BgpCfg {
+        let c = Config::parse(
+            r#"
+[bgp]
+local_as = 65010
+hold_time_s = 3
+keepalive_s = 1
+[[bgp.neighbor]]
+address = "10.200.0.254"
+remote_as = 65000
+[[bgp.neighbor]]
+address = "10.200.1.254"
+remote_as = 65001
+"#,
+        )
+        .unwrap();
+        c.bgp.unwrap()
+    }
+
+    #[test]
+    fn the_configuration_announces_each_address_to_each_neighbour() {
+        let b = cfg();
+        let hop: Ipv4Addr = "10.200.0.1".parse().unwrap();
+        let set: BTreeSet<Ipv4Addr> = ["192.0.2.10", "192.0.2.11"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        let t = bird_config(&b, hop, &set);
+        assert!(t.contains("router id 10.200.0.1;"), "{t}");
+        assert!(t.contains("route 192.0.2.10/32 blackhole;"), "{t}");
+        assert!(t.contains("route 192.0.2.11/32 blackhole;"), "{t}");
+        assert!(t.contains("neighbor 10.200.0.254 as 65000;"), "{t}");
+        assert!(t.contains("neighbor 10.200.1.254 as 65001;"), "{t}");
+        assert_eq!(t.matches("bgp_next_hop = 10.200.0.1;").count(), 2, "{t}");
+        assert_eq!(t.matches("local as 65010;").count(), 2, "{t}");
+        assert!(
+            t.contains("hold time 3;") && t.contains("keepalive time 1;"),
+            "{t}"
+        );
+        assert!(t.contains("graceful restart off;"), "{t}");
+        // Withdrawing everything leaves the sessions' part unchanged.
+        let none = bird_config(&b, hop, &BTreeSet::new());
+        assert!(!none.contains("route "), "{none}");
+        assert_eq!(
+            none.split_once("protocol bgp").unwrap().1,
+            t.split_once("protocol bgp").unwrap().1
+        );
+    }
+
+    #[test]
+    fn mux_vips_are_wanted_while_they_have_a_backend_in_their_table() {
+        let c = Config::parse(
+            r#"
+[[port]]
+name = "wire"
+driver = "ring"
+[uplink]
+port = "wire"
+address = "10.200.0.1/24"
+gateway = "10.200.0.254"
+[[vnet]]
+name = "lb"
+prefixes = ["10.9.0.0/24"]
+gateway_mac = "12:34:56:78:9a:01"
+[[vip]]
+name = "web"
+vnet = "lb"
+mode = "mux"
+address = "192.0.2.10"
+port = 80
+protocol = "tcp"
+backends = [ { ip = "10.201.0.2", port = 8080 } ]
+[[vip]]
+name = "dns"
+vnet = "lb"
+mode = "mux"
+address = "192.0.2.11"
+port = 53
+protocol = "udp"
+backends = [ { ip = "10.201.0.3", port = 53 } ]
+[bgp]
+local_as = 65010
+[[bgp.neighbor]]
+address = "10.200.0.254"
+remote_as = 65000
+"#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let p = vswitch::Policy::compile(&c.topology().unwrap(), 1).unwrap();
+        assert_eq!(next_hop(&c), Some("10.200.0.1".parse().unwrap()));
+        let w = wanted(&p, false, false);
+        let both: BTreeSet<Ipv4Addr> =
+            ["192.0.2.10".parse().unwrap(), "192.0.2.11".parse().unwrap()].into();
+        assert_eq!(w.announce, both);
+        assert!(w.withdrawn.is_empty());
+        // The DNS VIP's only backend goes down: its address is withdrawn.
+        let dns = p.vips().iter().find(|v| v.config().name == "dns").unwrap();
+        dns.set_health(0, false).unwrap();
+        let w = wanted(&p, false, false);
+        assert_eq!(w.announce, ["192.0.2.10".parse().unwrap()].into());
+        assert_eq!(
+            w.withdrawn,
+            vec![BgpWithdrawnView {
+                vip: "dns".into(),
+                address: "192.0.2.11".into(),
+                reason: "no healthy backend".into(),
+            }]
+        );
+        // Drained or stopping: nothing.
+        for (d, s, why) in [(true, false, "draining"), (false, true, "stopping")] {
+            let w = wanted(&p, d, s);
+            assert!(w.announce.is_empty());
+            assert!(
+                w.withdrawn
+                    .iter()
+                    .any(|x| x.vip == "web" && x.reason == why),
+                "{w:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn bgp_settings_are_checked() {
+        let problems = |extra: &str| -> Vec<String> {
+            let text = format!(
+                r#"
+[[port]]
+name = "wire"
+driver = "ring"
+[uplink]
+port = "wire"
+next_hop_mac = "02:00:00:00:00:01"
+{extra}
+"#
+            );
+            match Config::parse(&text).unwrap().validate() {
+                Ok(_) => Vec::new(),
+                Err(e) => e.problems(),
+            }
+        };
+        let p = problems(
+            "[bgp]\nlocal_as = 0\nhold_time_s = 2\nkeepalive_s = 5\ndir = \"rel\"\n[[bgp.neighbor]]\naddress = \"x\"\nremote_as = 0\n",
+        );
+        for want in [
+            "bgp: local_as must not be 0",
+            "bgp: next_hop is needed when the [uplink] has no address",
+            "bgp: hold_time_s 2 must be 0 or at least 3",
+            "bgp: dir \"rel\" must be an absolute path",
+            "bgp: neighbor \"x\" is not an IPv4 address",
+            "bgp: neighbor \"x\": remote_as must not be 0",
+        ] {
+            assert!(p.iter().any(|l| l.contains(want)), "{want} not in {p:?}");
+        }
+        let p = problems(
+            "[bgp]\nlocal_as = 65010\nnext_hop = \"10.0.0.1\"\nhold_time_s = 9\nkeepalive_s = 9\n",
+        );
+        assert!(
+            p.iter()
+                .any(|l| l.contains("keepalive_s 9 must be above 0 and below")),
+            "{p:?}"
+        );
+        assert!(p.iter().any(|l| l.contains("no [[bgp.neighbor]]")), "{p:?}");
+        let p = problems(
+            "[bgp]\nlocal_as = 65010\nnext_hop = \"10.0.0.1\"\n[[bgp.neighbor]]\naddress = \"10.0.0.254\"\nremote_as = 65000\n",
+        );
+        assert!(p.is_empty(), "{p:?}");
+    }
+}
