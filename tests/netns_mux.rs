@@ -32,7 +32,7 @@ use common::netns::{Lab, read, wait_for};
 use std::time::Duration;
 
 /// (tag, address/prefix, MAC, gateway) of the DIPs: two on each host.
-const DIPS: [(&str, &str, &str, &str); 4] = [
+const DIPS: [mux::Dip; 4] = [
     ("d11", "10.1.0.4/24", "02:00:00:01:00:04", "10.1.0.1"),
     ("d12", "10.1.0.5/24", "02:00:00:01:00:05", "10.1.0.1"),
     ("d21", "10.2.0.4/24", "02:00:00:02:00:04", "10.2.0.1"),
@@ -46,17 +46,7 @@ const SIZE: usize = 3 << 20;
 /// H1 and H2.
 fn lab() -> (Lab, [String; 3]) {
     let (mut lab, mux_up) = mux::lab("mx");
-    for (tag, cidr, mac, gw) in DIPS {
-        lab.add(
-            tag,
-            mac,
-            &[
-                vec!["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"],
-                vec!["ip", "addr", "add", cidr, "dev", "eth0"],
-            ],
-        );
-        lab.exec(tag, &["ip", "route", "add", "default", "via", gw]);
-    }
+    mux::add_dips(&mut lab, &DIPS);
     let h1 = mux::link(&lab, 1, "02:00:00:00:fe:11");
     let h2 = mux::link(&lab, 2, "02:00:00:00:fe:12");
     (lab, [mux_up, h1, h2])
@@ -71,75 +61,17 @@ fn mux_config(uplink: &str) -> String {
     )
 }
 
-/// Host `n` (1 or 2), its DIPs on the ports of namespaces `dips`.
+/// Host `n` (1 or 2) at 10.200.0.`n+1`, with two of the DIPs.
 fn host_config(lab: &Lab, n: u8, uplink: &str, workers: u8) -> String {
-    let (a, b) = (
-        &DIPS[usize::from(n - 1) * 2],
-        &DIPS[usize::from(n - 1) * 2 + 1],
-    );
-    let ip = |d: &(&str, &str, &str, &str)| d.1.split('/').next().unwrap().to_string();
-    format!(
-        r#"
-[dataplane]
-workers = {workers}
-idle_sleep_us = 200
-
-[[port]]
-name = "{ta}"
-driver = "af_packet"
-iface = "{ia}"
-[[port]]
-name = "{tb}"
-driver = "af_packet"
-iface = "{ib}"
-[[port]]
-name = "wire"
-driver = "af_packet"
-iface = "{uplink}"
-
-[uplink]
-port = "wire"
-mac = "02:50:4c:58:00:1{n}"
-address = "10.200.0.{h}/24"
-gateway = "10.200.0.254"
-muxes = ["10.200.0.1"]
-
-[[vnet]]
-name = "t"
-prefixes = ["10.{n}.0.0/24"]
-gateway_mac = "12:34:56:78:9a:1{n}"
-
-[[vm]]
-name = "{ta}"
-port = "{ta}"
-vnet = "t"
-mac = "{ma}"
-ips = ["{pa}"]
-[[vm]]
-name = "{tb}"
-port = "{tb}"
-vnet = "t"
-mac = "{mb}"
-ips = ["{pb}"]
-
-[[vip]]
-name = "web"
-vnet = "t"
-mode = "dsr"
-address = "{VIP}"
-port = 80
-protocol = "tcp"
-backends = [ {{ vm = "{ta}", port = 8080 }}, {{ vm = "{tb}", port = 8080 }} ]
-"#,
-        ta = a.0,
-        tb = b.0,
-        ia = lab.ns(a.0).host,
-        ib = lab.ns(b.0).host,
-        ma = a.2,
-        mb = b.2,
-        pa = ip(a),
-        pb = ip(b),
-        h = n + 1,
+    let i = usize::from(n - 1) * 2;
+    mux::host_config(
+        lab,
+        n,
+        &format!("10.200.0.{}", n + 1),
+        "\"10.200.0.1\"",
+        &DIPS[i..i + 2],
+        uplink,
+        workers,
     )
 }
 

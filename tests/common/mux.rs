@@ -96,6 +96,18 @@ pub fn config(
     backends: &[&str],
     probe_path: &str,
 ) -> String {
+    config_n(1, uplink, routes, backends, probe_path)
+}
+
+/// Mux `n`'s configuration ([`config`]): address 10.200.0.`n`, MAC
+/// 02:50:4c:58:00:0`n`.
+pub fn config_n(
+    n: u8,
+    uplink: &str,
+    routes: &[(&str, &str)],
+    backends: &[&str],
+    probe_path: &str,
+) -> String {
     let routes: String = routes
         .iter()
         .map(|(p, via)| format!("[[uplink.route]]\nprefix = \"{p}\"\nvia = \"{via}\"\n"))
@@ -116,8 +128,8 @@ iface = "{uplink}"
 
 [uplink]
 port = "wire"
-mac = "02:50:4c:58:00:01"
-address = "{MUX}/24"
+mac = "02:50:4c:58:00:0{n}"
+address = "10.200.0.{n}/24"
 gateway = "10.200.0.254"
 {routes}
 [[vnet]]
@@ -151,4 +163,86 @@ pub fn count(pcap: &std::path::Path, filter: &str) -> usize {
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+/// A DIP: (namespace tag, address/prefix, MAC, gateway).
+pub type Dip = (&'static str, &'static str, &'static str, &'static str);
+
+/// A namespace for each DIP, its address on `eth0` and its default route.
+pub fn add_dips(lab: &mut Lab, dips: &[Dip]) {
+    for (tag, cidr, mac, gw) in dips {
+        lab.add(
+            tag,
+            mac,
+            &[
+                vec!["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"],
+                vec!["ip", "addr", "add", cidr, "dev", "eth0"],
+            ],
+        );
+        lab.exec(tag, &["ip", "route", "add", "default", "via", gw]);
+    }
+}
+
+/// Host `n`'s configuration: its uplink `uplink` at `address` on the
+/// underlay taking IP in IP from `muxes`, a VM for each DIP of `dips`
+/// (their vnet 10.`n`.0.0/24) and the VIP in DSR mode over them.
+pub fn host_config(
+    lab: &Lab,
+    n: u8,
+    address: &str,
+    muxes: &str,
+    dips: &[Dip],
+    uplink: &str,
+    workers: u8,
+) -> String {
+    let mut ports = String::new();
+    let mut vms = String::new();
+    let mut backends = Vec::new();
+    for (tag, cidr, mac, _) in dips {
+        let ip = cidr.split('/').next().unwrap();
+        ports.push_str(&format!(
+            "[[port]]\nname = \"{tag}\"\ndriver = \"af_packet\"\niface = \"{}\"\n",
+            lab.ns(tag).host
+        ));
+        vms.push_str(&format!(
+            "[[vm]]\nname = \"{tag}\"\nport = \"{tag}\"\nvnet = \"t\"\nmac = \"{mac}\"\nips = [\"{ip}\"]\n"
+        ));
+        backends.push(format!("{{ vm = \"{tag}\", port = 8080 }}"));
+    }
+    format!(
+        r#"
+[dataplane]
+workers = {workers}
+idle_sleep_us = 200
+
+{ports}
+[[port]]
+name = "wire"
+driver = "af_packet"
+iface = "{uplink}"
+
+[uplink]
+port = "wire"
+mac = "02:50:4c:58:00:1{n}"
+address = "{address}/24"
+gateway = "10.200.0.254"
+muxes = [{muxes}]
+
+[[vnet]]
+name = "t"
+prefixes = ["10.{n}.0.0/24"]
+gateway_mac = "12:34:56:78:9a:1{n}"
+
+{vms}
+[[vip]]
+name = "web"
+vnet = "t"
+mode = "dsr"
+address = "{VIP}"
+port = 80
+protocol = "tcp"
+backends = [ {} ]
+"#,
+        backends.join(", ")
+    )
 }

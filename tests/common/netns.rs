@@ -147,6 +147,17 @@ impl Lab {
     /// ([`Lab::api`]) unless `config` has a `[control]` section; returns
     /// (child index, stdout file, stderr file). [`Lab::stop`] stops it.
     pub fn pollux(&mut self, name: &str, config: &str) -> (usize, PathBuf, PathBuf) {
+        self.pollux_in(None, name, config)
+    }
+
+    /// [`Lab::pollux`] in namespace `tag` (`ip netns exec` execs pollux:
+    /// the child is pollux itself), or the root namespace.
+    pub fn pollux_in(
+        &mut self,
+        tag: Option<&str>,
+        name: &str,
+        config: &str,
+    ) -> (usize, PathBuf, PathBuf) {
         let cfg = self.dir.join(format!("{name}.toml"));
         let config = if config.contains("[control]") {
             config.to_string()
@@ -159,7 +170,20 @@ impl Lab {
         std::fs::write(&cfg, config).unwrap();
         let out = self.dir.join(format!("{name}.out"));
         let log = self.dir.join(format!("{name}.log"));
-        let child = Command::new(env!("CARGO_BIN_EXE_pollux"))
+        let mut cmd = match tag {
+            Some(t) => {
+                let mut c = Command::new("ip");
+                c.args([
+                    "netns",
+                    "exec",
+                    &self.ns(t).name,
+                    env!("CARGO_BIN_EXE_pollux"),
+                ]);
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_pollux")),
+        };
+        let child = cmd
             .args(["run", "--config", cfg.to_str().unwrap()])
             .stdout(std::fs::File::create(&out).unwrap())
             .stderr(std::fs::File::create(&log).unwrap())
