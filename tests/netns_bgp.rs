@@ -56,7 +56,7 @@ fn router_bird(dir: &std::path::Path) -> std::path::PathBuf {
     for i in 1..=3 {
         conf.push_str(&format!(
             "protocol bgp mux{i} {{ local 10.200.0.254 as 65000; neighbor 10.200.0.1{i} as 65010; \
-             hold time {HOLD}; keepalive time 1; connect retry time 1; \
+             hold time {HOLD}; keepalive time 1; connect retry time 1; error wait time 1, 5; \
              ipv4 {{ import all; export none; }}; }}\n"
         ));
     }
@@ -424,6 +424,27 @@ fn three_muxes_behind_bgp_ecmp_lose_no_connection_to_a_kill_a_drain_or_a_new_dip
         logs()
     );
 
+    // Mux 3's link cut (a machine gone silent: no FIN, no Cease): the
+    // router's hold timer takes the next hop away; back, the session comes
+    // up again and so does the next hop.
+    let cut = Instant::now();
+    lab.exec("m3", &["ip", "link", "set", "eth0", "down"]);
+    assert!(
+        wait_for(Duration::from_secs(5 * HOLD), || next_hops(&lab)
+            == hops(&[2])),
+        "router after Mux 3 went silent: {:?}\n{}",
+        next_hops(&lab),
+        logs()
+    );
+    let silent_in = cut.elapsed();
+    lab.exec("m3", &["ip", "link", "set", "eth0", "up"]);
+    assert!(
+        wait_for(Duration::from_secs(30), || next_hops(&lab) == hops(&[2, 3])),
+        "router after Mux 3 came back: {:?}\n{}",
+        next_hops(&lab),
+        logs()
+    );
+
     // A DIP added while traffic flows: no established connection changes
     // DIP, and about 1/5 of new flows move (to it).
     let live = &apis[1..];
@@ -515,8 +536,9 @@ fn three_muxes_behind_bgp_ecmp_lose_no_connection_to_a_kill_a_drain_or_a_new_dip
     let log3 = read(&logs_m[2]);
     assert!(log3.contains("withdrew 192.0.2.10/32 (stopping)"), "{log3}");
     eprintln!(
-        "bgp: flows over 3 Muxes {tx0:?} -> {tx1:?} (mux_tx); SIGKILL of Mux 1 withdrawn at the router in {:.0} ms (hold time {HOLD} s); drain withdrawn in {:.0} ms; DIP added: {moved} of {} slots moved ({:.1}%, {to_new} to the new DIP), {changed} of {compared} established connections changed DIP; {DOWNLOADS} downloads whole, curl loop {ok} ok 0 failed; new connections {seen:?}",
+        "bgp: flows over 3 Muxes {tx0:?} -> {tx1:?} (mux_tx); SIGKILL of Mux 1 withdrawn at the router in {:.0} ms; Mux 3 silent withdrawn in {:.0} ms (hold time {HOLD} s); drain withdrawn in {:.0} ms; DIP added: {moved} of {} slots moved ({:.1}%, {to_new} to the new DIP), {changed} of {compared} established connections changed DIP; {DOWNLOADS} downloads whole, curl loop {ok} ok 0 failed; new connections {seen:?}",
         withdrawn_in.as_secs_f64() * 1000.0,
+        silent_in.as_secs_f64() * 1000.0,
         drained_in.as_secs_f64() * 1000.0,
         slots5.len(),
         frac * 100.0,
