@@ -31,7 +31,7 @@ needed=(
     tcpdump           # pcap and pktgen tests read captures back with it
     tshark            # decodes the overlay test's captured VXLAN and Geneve headers
     procps            # kill(1) and sysctl(8) in the end-to-end tests
-    util-linux        # setpriv(1): tests as another user
+    util-linux        # setpriv(1): tests as another user, BIRD tied to pollux
     iproute2          # ip(8): namespaces and veth pairs
     iputils-ping      # ping in the namespaces
     traceroute        # traceroute through pollux in the namespaces
@@ -39,6 +39,7 @@ needed=(
     curl              # HTTP client in the namespaces
     python3           # python3 -m http.server backends
     coturn            # turnserver and turnutils_natdiscovery: SNAT's behaviour (RFC 5780)
+    bird2             # BGP: the Muxes' speaker (pollux runs it) and the test router
     cpio              # reads back the guest harness's initramfs archives
 )
 installed() {
