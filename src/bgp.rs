@@ -33,6 +33,10 @@ use std::time::{Duration, Instant};
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often sessions' state is read.
 const POLL_EVERY: Duration = Duration::from_secs(1);
+/// How soon it is read again when BIRD did not answer.
+const POLL_RETRY: Duration = Duration::from_millis(250);
+/// How long a BIRD just started may take to answer on its socket.
+const STARTUP_GRACE: Duration = Duration::from_secs(5);
 /// The static protocol that holds the VIPs' routes.
 const STATIC: &str = "pollux_vips";
 
@@ -69,8 +73,8 @@ pub enum BgpError {
         /// The OS error.
         source: std::io::Error,
     },
-    /// It cannot be started.
-    #[error("BIRD ({bird}) not started: {source}")]
+    /// It cannot be started (through setpriv).
+    #[error("BIRD ({bird}) not started through setpriv: {source}")]
     Spawn {
         /// The binary.
         bird: String,
@@ -316,6 +320,9 @@ fn alive(pid: u32) -> bool {
 /// The BIRD this process runs, and what it was told.
 pub struct Speaker {
     child: Option<Child>,
+    /// The binary and directory the running BIRD was started with (a
+    /// reload that changes either starts it anew).
+    started_with: Option<(String, PathBuf)>,
     /// The configuration BIRD runs (as last accepted).
     applied: Option<String>,
     /// A configuration BIRD refused (not sent again until it changes).
@@ -326,7 +333,11 @@ pub struct Speaker {
     draining: bool,
     stopping: bool,
     sessions: Vec<BgpSessionView>,
-    polled: Option<Instant>,
+    /// When the sessions are read next.
+    poll_at: Instant,
+    /// When the running BIRD was started (its socket may not be there
+    /// for a moment).
+    started_at: Option<Instant>,
     /// Not started before this process is gone (a predecessor's BIRD
     /// holds the sessions until then).
     after: Option<u32>,
@@ -347,6 +358,7 @@ impl Speaker {
     pub fn new() -> Speaker {
         Speaker {
             child: None,
+            started_with: None,
             applied: None,
             refused: None,
             announced: BTreeSet::new(),
@@ -354,7 +366,8 @@ impl Speaker {
             draining: false,
             stopping: false,
             sessions: Vec::new(),
-            polled: None,
+            poll_at: Instant::now(),
+            started_at: None,
             after: None,
             next_start: Instant::now(),
             backoff: Duration::from_secs(1),
@@ -403,6 +416,16 @@ impl Speaker {
         };
         let w = wanted(policy, self.draining, self.stopping);
         let text = bird_config(b, hop, &w.announce);
+        if self.child.is_some()
+            && self
+                .started_with
+                .as_ref()
+                .is_some_and(|(bird, dir)| *bird != b.bird || *dir != b.dir)
+        {
+            eprintln!("pollux: bgp: bird or dir changed: BIRD started anew");
+            self.kill();
+            self.next_start = Instant::now();
+        }
         if let Some(c) = self.child.as_mut()
             && let Ok(Some(status)) = c.try_wait()
         {
@@ -455,12 +478,16 @@ impl Speaker {
                     self.refused = Some(text);
                 }
                 // Not listening yet: again at the next step.
-                Err(e) => self.error = Some(e.to_string()),
+                Err(e) => {
+                    if self.started_at.is_none_or(|t| t.elapsed() >= STARTUP_GRACE) {
+                        self.error = Some(e.to_string());
+                    }
+                }
             }
         } else {
             self.withdrawn = w.withdrawn;
         }
-        if self.polled.is_none_or(|t| t.elapsed() >= POLL_EVERY) {
+        if Instant::now() >= self.poll_at {
             self.poll(b);
         }
     }
@@ -521,7 +548,9 @@ impl Speaker {
             b.dir.display()
         );
         self.child = Some(child);
-        self.polled = None;
+        self.started_with = Some((b.bird.clone(), b.dir.clone()));
+        self.started_at = Some(Instant::now());
+        self.poll_at = Instant::now();
         Ok(())
     }
 
@@ -531,11 +560,16 @@ impl Speaker {
     }
 
     fn poll(&mut self, b: &BgpCfg) {
-        self.polled = Some(Instant::now());
         let rows = match command(&Self::sock(b), "show protocols") {
-            Ok(lines) => bgp_rows(&lines),
+            Ok(lines) => {
+                self.poll_at = Instant::now() + POLL_EVERY;
+                bgp_rows(&lines)
+            }
             Err(e) => {
-                if self.child.is_some() && self.error.is_none() {
+                // Soon again; a BIRD just started may not listen yet.
+                self.poll_at = Instant::now() + POLL_RETRY;
+                let starting = self.started_at.is_some_and(|t| t.elapsed() < STARTUP_GRACE);
+                if self.child.is_some() && !starting && self.error.is_none() {
                     self.error = Some(e.to_string());
                 }
                 Vec::new()
@@ -782,6 +816,137 @@ remote_as = 65000
                 "{w:?}"
             );
         }
+    }
+
+    /// The Mux configuration of the test above, BIRD's files in `dir`.
+    fn mux_with_bgp(dir: &Path, bird: &str) -> (Config, vswitch::Policy) {
+        let text = format!(
+            r#"
+[[port]]
+name = "wire"
+driver = "ring"
+[uplink]
+port = "wire"
+address = "10.200.0.1/24"
+gateway = "10.200.0.254"
+[[vnet]]
+name = "lb"
+prefixes = ["10.9.0.0/24"]
+gateway_mac = "12:34:56:78:9a:01"
+[[vip]]
+name = "web"
+vnet = "lb"
+mode = "mux"
+address = "192.0.2.10"
+port = 80
+protocol = "tcp"
+backends = [ {{ ip = "10.201.0.2", port = 8080 }} ]
+[bgp]
+local_as = 65010
+bird = "{bird}"
+dir = "{}"
+[[bgp.neighbor]]
+address = "192.0.2.254"
+remote_as = 65000
+"#,
+            dir.display()
+        );
+        let c = Config::parse(&text).unwrap();
+        c.validate().unwrap();
+        let p = vswitch::Policy::compile(&c.topology().unwrap(), 1).unwrap();
+        (c, p)
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("pollux-bgp-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn a_bird_that_cannot_run_is_reported_and_started_again() {
+        let dir = scratch("false");
+        let (c, p) = mux_with_bgp(&dir, "/bin/false");
+        let mut s = Speaker::new();
+        s.step(&c, &p);
+        assert_eq!(s.starts, 1);
+        let end = Instant::now() + Duration::from_secs(10);
+        while s.child.is_some() && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(20));
+            s.step(&c, &p);
+        }
+        let v = s.view(&c).unwrap();
+        assert!(
+            v.error
+                .as_deref()
+                .is_some_and(|e| e.contains("BIRD exited")),
+            "{v:?}"
+        );
+        assert!(v.announced.is_empty() && v.pid.is_none(), "{v:?}");
+        // Started again a second later.
+        let end = Instant::now() + Duration::from_secs(10);
+        while s.starts < 2 && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(50));
+            s.step(&c, &p);
+        }
+        assert_eq!(s.starts, 2);
+        drop(s);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_real_bird_announces_withdraws_on_a_drain_and_reports_its_session() {
+        if !testkit::require::root_and(&["bird", "setpriv"]) {
+            return;
+        }
+        let dir = scratch("real");
+        let (c, p) = mux_with_bgp(&dir, "bird");
+        let mut s = Speaker::new();
+        let sock = dir.join("bird.ctl");
+        let routes = || {
+            command(&sock, "show route protocol pollux_vips")
+                .map(|l| {
+                    l.iter()
+                        .map(|l| l.text.clone())
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                })
+                .unwrap_or_default()
+        };
+        // Up, its socket answering, the VIP in its table; the session to a
+        // neighbour on no network of this machine (BIRD sends nothing to
+        // it) is not established.
+        let end = Instant::now() + Duration::from_secs(20);
+        while !(routes().contains("192.0.2.10/32")
+            && s.sessions.first().is_some_and(|x| x.state != "unknown"))
+            && Instant::now() < end
+        {
+            std::thread::sleep(Duration::from_millis(50));
+            s.step(&c, &p);
+        }
+        let v = s.view(&c).unwrap();
+        assert_eq!(v.announced, vec!["192.0.2.10/32".to_string()], "{v:?}");
+        assert!(routes().contains("192.0.2.10/32"), "{}", routes());
+        assert_eq!(v.sessions.len(), 1, "{v:?}");
+        assert_eq!(v.sessions[0].neighbor, "192.0.2.254");
+        assert!(
+            !v.sessions[0].up && v.sessions[0].state != "unknown",
+            "{v:?}"
+        );
+        let conf = std::fs::read_to_string(dir.join("bird.conf")).unwrap();
+        assert!(conf.contains("bgp_next_hop = 10.200.0.1;"), "{conf}");
+        // Drained: BIRD's table loses the route, the session part is kept.
+        s.set_draining(true, &c, &p);
+        assert!(s.view(&c).unwrap().announced.is_empty());
+        assert!(!routes().contains("192.0.2.10/32"), "{}", routes());
+        s.set_draining(false, &c, &p);
+        assert!(routes().contains("192.0.2.10/32"), "{}", routes());
+        // Stopped: withdrawn, BIRD down.
+        let pid = s.view(&c).unwrap().pid.unwrap();
+        s.stop(&c, &p);
+        assert!(s.view(&c).unwrap().pid.is_none());
+        assert!(!alive(pid), "BIRD {pid} still runs");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
