@@ -12,7 +12,8 @@
 //!
 //! Why BIRD 2 rather than FRR: one daemon with one configuration file and
 //! one control socket, each instance in its own directory (several Muxes
-//! can share a machine, as the tests' do); FRR is zebra, bgpd and
+//! can share a machine, each in its own network namespace, as the tests'
+//! do: BIRD listens on port 179 of every address); FRR is zebra, bgpd and
 //! watchfrr, configured through vtysh. Why pollux starts it: BIRD lives and
 //! dies with pollux (it runs under `setpriv --pdeathsig KILL`), so a Mux
 //! whose pollux dies, even by SIGKILL, closes its sessions at once and the
@@ -29,8 +30,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// How long a BIRD command may take.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a read or write on BIRD's socket may take.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(1);
+/// BIRD started again after it exits: this long at first, twice as long
+/// after each exit up to the most, from the least again once it ran a
+/// while.
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+const BACKOFF_RESET: Duration = Duration::from_secs(60);
 /// How often sessions' state is read.
 const POLL_EVERY: Duration = Duration::from_secs(1);
 /// How soon it is read again when BIRD did not answer.
@@ -73,8 +80,8 @@ pub enum BgpError {
         /// The OS error.
         source: std::io::Error,
     },
-    /// It cannot be started (through setpriv).
-    #[error("BIRD ({bird}) not started through setpriv: {source}")]
+    /// It cannot be started (setpriv, which starts it, is missing).
+    #[error("BIRD ({bird}) not started: setpriv (util-linux): {source}")]
     Spawn {
         /// The binary.
         bird: String,
@@ -105,23 +112,20 @@ pub fn command(sock: &Path, command: &str) -> Result<Vec<Line>, BgpError> {
     s.set_write_timeout(Some(COMMAND_TIMEOUT)).map_err(io)?;
     let mut r = BufReader::new(s.try_clone().map_err(io)?);
     // The greeting: "0001 BIRD 2.0.12 ready."
-    read_reply(&mut r, "(greeting)").map_err(|e| match e {
-        BgpError::Socket { source, .. } => io(source),
-        e => e,
-    })?;
+    read_reply(&mut r, sock, "(greeting)")?;
     s.write_all(format!("{command}\n").as_bytes()).map_err(io)?;
-    read_reply(&mut r, command)
+    read_reply(&mut r, sock, command)
 }
 
-/// Reads one reply: lines `NNNN-text` (more follow), ` text` (the same
-/// code goes on) and last `NNNN text`.
-fn read_reply(r: &mut impl BufRead, command: &str) -> Result<Vec<Line>, BgpError> {
+/// Reads one reply from `sock`: lines `NNNN-text` (more follow), ` text`
+/// (the same code goes on) and last `NNNN text`.
+fn read_reply(r: &mut impl BufRead, sock: &Path, command: &str) -> Result<Vec<Line>, BgpError> {
     let mut out = Vec::new();
     let mut code = 0u16;
     loop {
         let mut l = String::new();
         let n = r.read_line(&mut l).map_err(|source| BgpError::Socket {
-            path: PathBuf::from("(reply)"),
+            path: sock.to_path_buf(),
             source,
         })?;
         if n == 0 {
@@ -165,14 +169,15 @@ pub struct ProtocolRow {
     pub name: String,
     /// BIRD's protocol state (`up`, `start`, `down`...).
     pub state: String,
-    /// Since when (BIRD's clock).
+    /// Since when (`timeformat protocol iso long`: date and time).
     pub since: String,
     /// The BGP state and the last error (`Established`, `Active  Socket:
     /// Connection closed`...).
     pub info: String,
 }
 
-/// The BGP protocols of a `show protocols` reply.
+/// The BGP protocols of a `show protocols` reply (written with
+/// `timeformat protocol iso long`: "since" is a date and a time).
 pub fn bgp_rows(lines: &[Line]) -> Vec<ProtocolRow> {
     lines
         .iter()
@@ -180,17 +185,12 @@ pub fn bgp_rows(lines: &[Line]) -> Vec<ProtocolRow> {
         .filter_map(|l| {
             let mut w = l.text.split_whitespace();
             let (name, proto, _table, state) = (w.next()?, w.next()?, w.next()?, w.next()?);
-            // "Since" is a time, or a date and a time.
-            let mut since = w.next()?.to_string();
-            let mut rest: Vec<&str> = w.collect();
-            if !rest.is_empty() && rest[0].contains(':') && !since.contains(':') {
-                since = format!("{since} {}", rest.remove(0));
-            }
+            let since = format!("{} {}", w.next()?, w.next()?);
             (proto == "BGP").then(|| ProtocolRow {
                 name: name.to_string(),
                 state: state.to_string(),
                 since,
-                info: rest.join(" "),
+                info: w.collect::<Vec<_>>().join(" "),
             })
         })
         .collect()
@@ -201,6 +201,8 @@ pub fn bgp_rows(lines: &[Line]) -> Vec<ProtocolRow> {
 pub struct Wanted {
     /// The Mux VIPs' addresses to announce (/32 each).
     pub announce: BTreeSet<Ipv4Addr>,
+    /// The Mux VIPs that make them wanted: name and address.
+    pub announce_vips: Vec<(String, Ipv4Addr)>,
     /// Mux VIPs not announced: name, address and why.
     pub withdrawn: Vec<BgpWithdrawnView>,
 }
@@ -216,6 +218,7 @@ pub fn wanted(policy: &vswitch::Policy, draining: bool, stopping: bool) -> Wante
         if c.mode != lb::balancer::VipMode::Mux {
             continue;
         }
+        // Mux VIPs are IPv4 (checked with the configuration).
         let std::net::IpAddr::V4(a) = c.addr else {
             continue;
         };
@@ -227,6 +230,7 @@ pub fn wanted(policy: &vswitch::Policy, draining: bool, stopping: bool) -> Wante
             "no healthy backend"
         } else {
             w.announce.insert(a);
+            w.announce_vips.push((c.name.clone(), a));
             continue;
         };
         idle.push((c.name.clone(), a, reason));
@@ -244,22 +248,19 @@ pub fn wanted(policy: &vswitch::Policy, draining: bool, stopping: bool) -> Wante
     w
 }
 
-/// The next hop announced: `[bgp] next_hop`, else the uplink's address.
+/// The next hop announced: the uplink's address.
 pub fn next_hop(cfg: &Config) -> Option<Ipv4Addr> {
-    match cfg.bgp.as_ref().and_then(|b| b.next_hop.as_ref()) {
-        Some(h) => h.parse().ok(),
-        None => cfg
-            .uplink
-            .as_ref()
-            .and_then(|u| u.address.as_ref())
-            .and_then(|a| a.parse::<ipnet::Ipv4Net>().ok())
-            .map(|n| n.addr()),
-    }
+    cfg.uplink
+        .as_ref()
+        .and_then(|u| u.address.as_ref())
+        .and_then(|a| a.parse::<ipnet::Ipv4Net>().ok())
+        .map(|n| n.addr())
 }
 
-/// The name of neighbour `i`'s BGP protocol.
-fn peer_name(i: usize) -> String {
-    format!("peer{i}")
+/// The name of the BGP protocol of the neighbour at `address`: named by
+/// its address, so a neighbour added or removed leaves the others' alone.
+fn peer_name(address: &str) -> String {
+    format!("peer_{}", address.replace(['.', ':'], "_"))
 }
 
 /// BIRD's configuration: a static protocol with a route (a blackhole:
@@ -267,12 +268,14 @@ fn peer_name(i: usize) -> String {
 /// `announce`, exported to each neighbour with `next_hop` as BGP next hop
 /// (the uplink pollux forwards on, whatever link the session runs over).
 /// Nothing is imported. Graceful restart is off: a Mux that goes away
-/// must lose its routes at once, not be kept as stale.
+/// must lose its routes at once, not be kept as stale. Sessions are tried
+/// a second after start (BIRD's default waits 5 s).
 pub fn bird_config(b: &BgpCfg, next_hop: Ipv4Addr, announce: &BTreeSet<Ipv4Addr>) -> String {
     let router_id = b.router_id.clone().unwrap_or_else(|| next_hop.to_string());
     let mut s = format!(
         "# Written by pollux from its [bgp] section; rewritten on every change.\n\
          log stderr all;\n\
+         timeformat protocol iso long;\n\
          router id {router_id};\n\
          protocol device {{ }}\n\
          protocol static {STATIC} {{\n  ipv4;\n"
@@ -281,10 +284,10 @@ pub fn bird_config(b: &BgpCfg, next_hop: Ipv4Addr, announce: &BTreeSet<Ipv4Addr>
         s.push_str(&format!("  route {a}/32 blackhole;\n"));
     }
     s.push_str("}\n");
-    for (i, n) in b.neighbor.iter().enumerate() {
+    for n in &b.neighbor {
         s.push_str(&format!(
-            "protocol bgp {} {{\n  local as {};\n  neighbor {} as {};\n  hold time {};\n  keepalive time {};\n  connect retry time 2;\n  error wait time 1, 10;\n  graceful restart off;\n  ipv4 {{\n    import none;\n    export filter {{\n      if proto != \"{STATIC}\" then reject;\n      bgp_next_hop = {next_hop};\n      accept;\n    }};\n  }};\n}}\n",
-            peer_name(i),
+            "protocol bgp {} {{\n  local as {};\n  neighbor {} as {};\n  hold time {};\n  keepalive time {};\n  connect delay time 1;\n  connect retry time 2;\n  error wait time 1, 10;\n  graceful restart off;\n  ipv4 {{\n    import none;\n    export filter {{\n      if proto != \"{STATIC}\" then reject;\n      bgp_next_hop = {next_hop};\n      accept;\n    }};\n  }};\n}}\n",
+            peer_name(&n.address),
             b.local_as,
             n.address,
             n.remote_as,
@@ -317,16 +320,38 @@ fn alive(pid: u32) -> bool {
     }
 }
 
+/// The last line of the log at `path` (its last 4 KiB read).
+fn last_line(path: &Path) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).ok()?;
+    let len = f.metadata().ok()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(4096))).ok()?;
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf).ok()?;
+    String::from_utf8_lossy(&buf)
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .map(|l| l.trim().to_string())
+}
+
 /// The BIRD this process runs, and what it was told.
 pub struct Speaker {
     child: Option<Child>,
     /// The binary and directory the running BIRD was started with (a
     /// reload that changes either starts it anew).
     started_with: Option<(String, PathBuf)>,
+    /// When the running BIRD was started.
+    started_at: Option<Instant>,
     /// The configuration BIRD runs (as last accepted).
     applied: Option<String>,
     /// A configuration BIRD refused (not sent again until it changes).
     refused: Option<String>,
+    /// The VIPs' static protocol disabled: what withdraws them when BIRD
+    /// refused the configuration that would have.
+    vips_disabled: bool,
+    /// When a configuration that could not be sent is tried again.
+    configure_at: Instant,
     /// What it announces.
     announced: BTreeSet<Ipv4Addr>,
     withdrawn: Vec<BgpWithdrawnView>,
@@ -335,16 +360,19 @@ pub struct Speaker {
     sessions: Vec<BgpSessionView>,
     /// When the sessions are read next.
     poll_at: Instant,
-    /// When the running BIRD was started (its socket may not be there
-    /// for a moment).
-    started_at: Option<Instant>,
     /// Not started before this process is gone (a predecessor's BIRD
     /// holds the sessions until then).
     after: Option<u32>,
     next_start: Instant,
     backoff: Duration,
     starts: u64,
+    /// BIRD's last problem (it exited, refused a configuration, could not
+    /// be started or told), until it is over.
     error: Option<String>,
+    /// The last read of the sessions failed.
+    poll_error: Option<String>,
+    /// Since when BIRD has not answered while a VIP is to be withdrawn.
+    unanswered_since: Option<Instant>,
 }
 
 impl Default for Speaker {
@@ -356,23 +384,28 @@ impl Default for Speaker {
 impl Speaker {
     /// A speaker that starts BIRD at its first step.
     pub fn new() -> Speaker {
+        let now = Instant::now();
         Speaker {
             child: None,
             started_with: None,
+            started_at: None,
             applied: None,
             refused: None,
+            vips_disabled: false,
+            configure_at: now,
             announced: BTreeSet::new(),
             withdrawn: Vec::new(),
             draining: false,
             stopping: false,
             sessions: Vec::new(),
-            poll_at: Instant::now(),
-            started_at: None,
+            poll_at: now,
             after: None,
-            next_start: Instant::now(),
-            backoff: Duration::from_secs(1),
+            next_start: now,
+            backoff: BACKOFF_MIN,
             starts: 0,
             error: None,
+            poll_error: None,
+            unanswered_since: None,
         }
     }
 
@@ -402,18 +435,20 @@ impl Speaker {
         b.dir.join("bird.ctl")
     }
 
-    /// Keeps BIRD running (restarting it, a second and up to ten apart, if
-    /// it exits) and its configuration what `cfg` and `policy` say; reads
-    /// the sessions' state once a second. Without `[bgp]`, BIRD is stopped.
+    /// Keeps BIRD running (started again after it exits: 1 s, then up to
+    /// 10 s later, from 1 s again once it ran a minute) and its
+    /// configuration what `cfg` and `policy` say; reads the sessions' state
+    /// once a second. Without `[bgp]`, BIRD is stopped.
     pub fn step(&mut self, cfg: &Config, policy: &vswitch::Policy) {
         let Some(b) = &cfg.bgp else {
             self.kill();
             return;
         };
         let Some(hop) = next_hop(cfg) else {
-            self.error = Some("no next hop to announce".into());
+            self.error = Some("the [uplink] has no address to announce".into());
             return;
         };
+        let now = Instant::now();
         let w = wanted(policy, self.draining, self.stopping);
         let text = bird_config(b, hop, &w.announce);
         if self.child.is_some()
@@ -424,89 +459,169 @@ impl Speaker {
         {
             eprintln!("pollux: bgp: bird or dir changed: BIRD started anew");
             self.kill();
-            self.next_start = Instant::now();
+            self.next_start = now;
         }
         if let Some(c) = self.child.as_mut()
             && let Ok(Some(status)) = c.try_wait()
         {
+            let ran = self.started_at.map_or(Duration::ZERO, |t| t.elapsed());
+            if ran >= BACKOFF_RESET {
+                self.backoff = BACKOFF_MIN;
+            }
+            self.next_start = now + self.backoff;
+            self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+            let log = b.dir.join("bird.log");
             let why = format!(
-                "BIRD exited ({status}); its log: {}",
-                b.dir.join("bird.log").display()
+                "BIRD exited ({status}) after {:.1} s{}; its log: {}",
+                ran.as_secs_f64(),
+                last_line(&log).map_or(String::new(), |l| format!(": {l}")),
+                log.display()
             );
             eprintln!("pollux: bgp: {why}");
             self.error = Some(why);
             self.child = None;
-            self.applied = None;
-            self.sessions.clear();
-            self.announced.clear();
+            self.forget(b);
         }
         if self.child.is_none() {
-            if Instant::now() < self.next_start || self.after.is_some_and(alive) {
-                self.withdrawn = w.withdrawn;
+            if let Some(pid) = self.after {
+                if alive(pid) {
+                    self.note_down(&w, "waiting for the predecessor's BIRD to end");
+                    return;
+                }
+                self.after = None;
+            }
+            if now < self.next_start {
+                self.note_down(&w, "BIRD not running");
                 return;
             }
-            self.next_start = Instant::now() + self.backoff;
-            self.backoff = (self.backoff * 2).min(Duration::from_secs(10));
             match self.start(b, &text) {
                 Ok(()) => {
                     self.starts += 1;
-                    self.error = None;
                     self.applied = Some(text.clone());
-                    self.note(&w);
+                    self.refused = None;
                 }
                 Err(e) => {
                     eprintln!("pollux: bgp: {e}");
                     self.error = Some(e.to_string());
-                    self.withdrawn = w.withdrawn;
+                    self.next_start = now + self.backoff;
+                    self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+                    self.note_down(&w, "BIRD not running");
                     return;
                 }
             }
         }
         if self.applied.as_deref() != Some(text.as_str())
             && self.refused.as_deref() != Some(text.as_str())
+            && now >= self.configure_at
         {
             match self.configure(b, &text) {
                 Ok(()) => {
-                    self.applied = Some(text);
+                    self.applied = Some(text.clone());
                     self.refused = None;
                     self.error = None;
-                    self.note(&w);
                 }
                 Err(e @ BgpError::Refused { .. }) => {
                     eprintln!("pollux: bgp: {e}");
                     self.error = Some(e.to_string());
-                    self.refused = Some(text);
+                    self.refused = Some(text.clone());
                 }
-                // Not listening yet: again at the next step.
                 Err(e) => {
+                    // Not listening yet, or not answering: again soon.
+                    self.configure_at = now + POLL_RETRY;
                     if self.started_at.is_none_or(|t| t.elapsed() >= STARTUP_GRACE) {
                         self.error = Some(e.to_string());
                     }
                 }
             }
-        } else {
-            self.withdrawn = w.withdrawn;
         }
-        if Instant::now() >= self.poll_at {
+        // BIRD runs what is wanted: its VIPs' protocol enabled again if it
+        // was disabled. Otherwise what it runs stays, less anything
+        // withdrawn since (below).
+        if self.applied.as_deref() == Some(text.as_str()) {
+            if self.vips_disabled {
+                match command(&Self::sock(b), &format!("enable {STATIC}")) {
+                    Ok(_) => self.vips_disabled = false,
+                    Err(e) => self.error = Some(e.to_string()),
+                }
+            }
+            if self.vips_disabled {
+                self.note_down(&w, "BIRD refused its configuration");
+            } else {
+                self.note(&w);
+            }
+        }
+        // Failing closed: an address BIRD announces that should not be
+        // (its new configuration refused or not taken) is withdrawn with
+        // every other, by disabling the VIPs' protocol.
+        // A BIRD that answers nothing for a while is killed: its sessions
+        // close, which withdraws everything (it is started again).
+        if !self.vips_disabled && !self.announced.is_subset(&w.announce) && now >= self.configure_at
+        {
+            match command(&Self::sock(b), &format!("disable {STATIC}")) {
+                Ok(_) => {
+                    self.vips_disabled = true;
+                    self.unanswered_since = None;
+                    eprintln!(
+                        "pollux: bgp: BIRD did not take the new configuration: every VIP withdrawn"
+                    );
+                    self.note_down(&w, "BIRD refused its configuration");
+                }
+                Err(e) => {
+                    self.configure_at = now + POLL_RETRY;
+                    self.error = Some(e.to_string());
+                    let since = *self.unanswered_since.get_or_insert(now);
+                    if now.duration_since(since) >= STARTUP_GRACE {
+                        eprintln!(
+                            "pollux: bgp: BIRD has not answered for {} s with a VIP to withdraw: killed",
+                            STARTUP_GRACE.as_secs()
+                        );
+                        self.kill();
+                        self.next_start = now + self.backoff;
+                        self.note_down(&w, "BIRD not answering");
+                    }
+                }
+            }
+        } else {
+            self.unanswered_since = None;
+        }
+        if now >= self.poll_at {
             self.poll(b);
         }
     }
 
     /// Takes `w` as announced, logging what changed.
     fn note(&mut self, w: &Wanted) {
-        for a in w.announce.difference(&self.announced) {
+        self.log_changes(&w.announce, &w.withdrawn);
+        self.announced = w.announce.clone();
+        self.withdrawn = w.withdrawn.clone();
+    }
+
+    /// Takes nothing as announced (BIRD not running, or its VIPs'
+    /// protocol disabled): what `w` would announce is withdrawn for
+    /// `reason`.
+    fn note_down(&mut self, w: &Wanted, reason: &str) {
+        let mut withdrawn = w.withdrawn.clone();
+        withdrawn.extend(w.announce_vips.iter().map(|(vip, a)| BgpWithdrawnView {
+            vip: vip.clone(),
+            address: a.to_string(),
+            reason: reason.to_string(),
+        }));
+        self.log_changes(&BTreeSet::new(), &withdrawn);
+        self.announced.clear();
+        self.withdrawn = withdrawn;
+    }
+
+    fn log_changes(&self, now: &BTreeSet<Ipv4Addr>, withdrawn: &[BgpWithdrawnView]) {
+        for a in now.difference(&self.announced) {
             eprintln!("pollux: bgp: announcing {a}/32");
         }
-        for a in self.announced.difference(&w.announce) {
-            let why = w
-                .withdrawn
+        for a in self.announced.difference(now) {
+            let why = withdrawn
                 .iter()
                 .find(|x| x.address == a.to_string())
                 .map_or("no Mux VIP", |x| x.reason.as_str());
             eprintln!("pollux: bgp: withdrew {a}/32 ({why})");
         }
-        self.announced = w.announce.clone();
-        self.withdrawn = w.withdrawn.clone();
     }
 
     fn start(&mut self, b: &BgpCfg, text: &str) -> Result<(), BgpError> {
@@ -521,7 +636,11 @@ impl Speaker {
         // A socket left by a BIRD that died is in the way.
         let _ = std::fs::remove_file(&sock);
         let log_path = b.dir.join("bird.log");
-        let log = std::fs::File::create(&log_path).map_err(file(&log_path))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(file(&log_path))?;
         // setpriv (util-linux) sets the parent-death signal and execs BIRD:
         // when this process dies, BIRD is killed, and its sessions close.
         let child = Command::new("setpriv")
@@ -551,6 +670,7 @@ impl Speaker {
         self.started_with = Some((b.bird.clone(), b.dir.clone()));
         self.started_at = Some(Instant::now());
         self.poll_at = Instant::now();
+        self.configure_at = Instant::now();
         Ok(())
     }
 
@@ -559,33 +679,56 @@ impl Speaker {
         command(&Self::sock(b), "configure").map(|_| ())
     }
 
+    /// Every neighbour's session down, for `why`.
+    fn sessions_down(b: &BgpCfg, why: &str) -> Vec<BgpSessionView> {
+        b.neighbor
+            .iter()
+            .map(|n| BgpSessionView {
+                neighbor: n.address.clone(),
+                remote_as: n.remote_as,
+                protocol: peer_name(&n.address),
+                up: false,
+                state: "down".into(),
+                info: why.into(),
+                since: String::new(),
+            })
+            .collect()
+    }
+
     fn poll(&mut self, b: &BgpCfg) {
         let rows = match command(&Self::sock(b), "show protocols") {
             Ok(lines) => {
                 self.poll_at = Instant::now() + POLL_EVERY;
+                self.poll_error = None;
+                // BIRD answers and runs what it was told: a problem
+                // before (an exit, a start) is over.
+                if self.refused.is_none() && !self.vips_disabled {
+                    self.error = None;
+                }
                 bgp_rows(&lines)
             }
             Err(e) => {
                 // Soon again; a BIRD just started may not listen yet.
                 self.poll_at = Instant::now() + POLL_RETRY;
                 let starting = self.started_at.is_some_and(|t| t.elapsed() < STARTUP_GRACE);
-                if self.child.is_some() && !starting && self.error.is_none() {
-                    self.error = Some(e.to_string());
+                if !starting {
+                    self.poll_error = Some(e.to_string());
                 }
-                Vec::new()
+                self.sessions = Self::sessions_down(b, "BIRD not answering");
+                return;
             }
         };
         self.sessions = b
             .neighbor
             .iter()
-            .enumerate()
-            .map(|(i, n)| {
-                let row = rows.iter().find(|r| r.name == peer_name(i));
+            .map(|n| {
+                let name = peer_name(&n.address);
+                let row = rows.iter().find(|r| r.name == name);
                 let info = row.map_or(String::new(), |r| r.info.clone());
                 BgpSessionView {
                     neighbor: n.address.clone(),
                     remote_as: n.remote_as,
-                    protocol: peer_name(i),
+                    protocol: name,
                     up: info.starts_with("Established"),
                     state: row.map_or("unknown".into(), |r| r.state.clone()),
                     info,
@@ -606,6 +749,9 @@ impl Speaker {
             return;
         }
         self.stopping = true;
+        // No BIRD started again from here.
+        self.next_start = Instant::now() + Duration::from_secs(3600);
+        self.configure_at = Instant::now();
         let had = !self.announced.is_empty();
         self.step(cfg, policy);
         if had && self.announced.is_empty() {
@@ -614,6 +760,8 @@ impl Speaker {
                 b.stop_wait_ms
             );
             std::thread::sleep(Duration::from_millis(b.stop_wait_ms));
+        } else if had {
+            eprintln!("pollux: bgp: VIPs not withdrawn first; BIRD's sessions end now");
         }
         let _ = command(&Self::sock(b), "down");
         if let Some(c) = self.child.as_mut() {
@@ -625,13 +773,30 @@ impl Speaker {
         self.kill();
     }
 
+    /// What is known of a BIRD that is gone.
+    fn forget(&mut self, b: &BgpCfg) {
+        self.applied = None;
+        self.vips_disabled = false;
+        self.started_with = None;
+        self.started_at = None;
+        self.announced.clear();
+        self.sessions = Self::sessions_down(b, "BIRD not running");
+    }
+
     fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
             self.applied = None;
+            self.vips_disabled = false;
+            self.started_with = None;
+            self.started_at = None;
             self.announced.clear();
-            self.sessions.clear();
+            for s in &mut self.sessions {
+                s.up = false;
+                s.state = "down".into();
+                s.info = "BIRD stopped".into();
+            }
         }
     }
 
@@ -646,8 +811,12 @@ impl Speaker {
             draining: self.draining,
             announced: self.announced.iter().map(|a| format!("{a}/32")).collect(),
             withdrawn: self.withdrawn.clone(),
-            sessions: self.sessions.clone(),
-            error: self.error.clone(),
+            sessions: if self.sessions.is_empty() {
+                Self::sessions_down(b, "not read yet")
+            } else {
+                self.sessions.clone()
+            },
+            error: self.error.clone().or_else(|| self.poll_error.clone()),
         })
     }
 }
@@ -665,16 +834,16 @@ mod tests {
     #[test]
     fn replies_are_read_to_their_last_line() {
         let text = "2002-Name       Proto      Table      State  Since         Info\n\
-                    1002-device1    Device     ---        up     20:21:24.129  \n \
-                    pollux_vips Static     master4    up     20:21:24.129  \n \
-                    peer0      BGP        ---        up     20:21:28.594  Established   \n \
-                    peer1      BGP        ---        start  2026-12-03 20:21:32  Active        Socket: Connection closed\n\
+                    1002-device1    Device     ---        up     2026-12-03 20:21:24  \n \
+                    pollux_vips Static     master4    up     2026-12-03 20:21:24  \n \
+                    peer_10_200_0_254 BGP        ---        up     2026-12-03 20:21:28  Established   \n \
+                    peer_10_200_1_254 BGP        ---        start  2026-12-03 20:21:32  Active        Socket: Connection closed\n\
                     0000 \n";
-        let lines = read_reply(&mut text.as_bytes(), "show protocols").unwrap();
+        let lines = read_reply(&mut text.as_bytes(), Path::new("s"), "show protocols").unwrap();
         assert_eq!(lines.len(), 6);
         let rows = bgp_rows(&lines);
         assert_eq!(rows.len(), 2);
-        assert_eq!(rows[0].name, "peer0");
+        assert_eq!(rows[0].name, "peer_10_200_0_254");
         assert_eq!(rows[0].state, "up");
         assert_eq!(rows[0].info, "Established");
         assert_eq!(rows[1].since, "2026-12-03 20:21:32");
@@ -685,6 +854,7 @@ mod tests {
     fn an_error_code_is_a_refusal_and_a_cut_reply_is_truncated() {
         let e = read_reply(
             &mut "0002-Reading configuration from x\n8002 x, line 3: syntax error\n".as_bytes(),
+            Path::new("s"),
             "configure",
         )
         .unwrap_err();
@@ -692,7 +862,12 @@ mod tests {
             matches!(&e, BgpError::Refused { reply, .. } if reply.contains("syntax error")),
             "{e}"
         );
-        let e = read_reply(&mut "1002-peer0 BGP".as_bytes(), "show protocols").unwrap_err();
+        let e = read_reply(
+            &mut "1002-peer0 BGP".as_bytes(),
+            Path::new("s"),
+            "show protocols",
+        )
+        .unwrap_err();
         assert!(matches!(e, BgpError::Truncated { .. }), "{e}");
     }
 
@@ -736,6 +911,10 @@ remote_as = 65001
             "{t}"
         );
         assert!(t.contains("graceful restart off;"), "{t}");
+        assert!(t.contains("protocol bgp peer_10_200_0_254 {"), "{t}");
+        assert!(t.contains("protocol bgp peer_10_200_1_254 {"), "{t}");
+        assert!(t.contains("timeformat protocol iso long;"), "{t}");
+        assert!(t.contains("connect delay time 1;"), "{t}");
         // Withdrawing everything leaves the sessions' part unchanged.
         let none = bird_config(&b, hop, &BTreeSet::new());
         assert!(!none.contains("route "), "{none}");
@@ -935,12 +1114,66 @@ remote_as = 65000
         );
         let conf = std::fs::read_to_string(dir.join("bird.conf")).unwrap();
         assert!(conf.contains("bgp_next_hop = 10.200.0.1;"), "{conf}");
+        assert!(v.error.is_none(), "{v:?}");
         // Drained: BIRD's table loses the route, the session part is kept.
         s.set_draining(true, &c, &p);
         assert!(s.view(&c).unwrap().announced.is_empty());
         assert!(!routes().contains("192.0.2.10/32"), "{}", routes());
         s.set_draining(false, &c, &p);
         assert!(routes().contains("192.0.2.10/32"), "{}", routes());
+        // The VIP's only backend down: withdrawn; up: announced again.
+        let web = p.vips()[0].clone();
+        web.set_health(0, false).unwrap();
+        s.step(&c, &p);
+        assert!(!routes().contains("192.0.2.10/32"), "{}", routes());
+        let v = s.view(&c).unwrap();
+        assert_eq!(v.withdrawn[0].reason, "no healthy backend", "{v:?}");
+        web.set_health(0, true).unwrap();
+        s.step(&c, &p);
+        assert!(routes().contains("192.0.2.10/32"), "{}", routes());
+        // A configuration BIRD refuses (a router ID it cannot read) while
+        // the VIP is to be withdrawn: the VIPs' protocol is disabled (fail
+        // closed); BIRD taking a configuration again enables it.
+        let mut bad = c.clone();
+        if let Some(b) = bad.bgp.as_mut() {
+            b.router_id = Some("not-an-id".into());
+        }
+        web.set_health(0, false).unwrap();
+        s.step(&bad, &p);
+        let v = s.view(&bad).unwrap();
+        assert!(
+            v.error
+                .as_deref()
+                .is_some_and(|e| e.contains("BIRD refused")),
+            "{v:?}"
+        );
+        assert!(!routes().contains("192.0.2.10/32"), "{}", routes());
+        assert!(v.announced.is_empty() && v.withdrawn.len() == 1, "{v:?}");
+        web.set_health(0, true).unwrap();
+        s.step(&c, &p);
+        assert!(routes().contains("192.0.2.10/32"), "{}", routes());
+        assert_eq!(
+            s.view(&c).unwrap().announced,
+            vec!["192.0.2.10/32".to_string()]
+        );
+        // BIRD killed behind pollux's back: reported, started again, and
+        // announcing again.
+        let pid = s.view(&c).unwrap().pid.unwrap();
+        assert!(
+            std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let end = Instant::now() + Duration::from_secs(20);
+        while !(s.starts == 2 && routes().contains("192.0.2.10/32")) && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(50));
+            s.step(&c, &p);
+        }
+        let v = s.view(&c).unwrap();
+        assert_eq!((v.starts, v.announced.len()), (2, 1), "{v:?}");
+        assert!(v.pid.is_some_and(|p| p != pid), "{v:?}");
         // Stopped: withdrawn, BIRD down.
         let pid = s.view(&c).unwrap().pid.unwrap();
         s.stop(&c, &p);
@@ -951,47 +1184,52 @@ remote_as = 65000
 
     #[test]
     fn bgp_settings_are_checked() {
-        let problems = |extra: &str| -> Vec<String> {
+        let problems = |uplink: &str, extra: &str| -> Vec<String> {
             let text = format!(
-                r#"
-[[port]]
-name = "wire"
-driver = "ring"
-[uplink]
-port = "wire"
-next_hop_mac = "02:00:00:00:00:01"
-{extra}
-"#
+                "[[port]]\nname = \"wire\"\ndriver = \"ring\"\n[uplink]\nport = \"wire\"\n{uplink}\n{extra}\n"
             );
             match Config::parse(&text).unwrap().validate() {
                 Ok(_) => Vec::new(),
                 Err(e) => e.problems(),
             }
         };
+        let no_address = "next_hop_mac = \"02:00:00:00:00:01\"";
+        let address = "address = \"10.0.0.1/24\"";
         let p = problems(
-            "[bgp]\nlocal_as = 0\nhold_time_s = 2\nkeepalive_s = 5\ndir = \"rel\"\n[[bgp.neighbor]]\naddress = \"x\"\nremote_as = 0\n",
+            no_address,
+            "[bgp]\nlocal_as = 0\nhold_time_s = 2\nkeepalive_s = 5\ndir = \"rel\"\nrouter_id = \"0.0.0.0\"\n[[bgp.neighbor]]\naddress = \"x\"\nremote_as = 0\n[[bgp.neighbor]]\naddress = \"224.0.0.5\"\nremote_as = 1\n[[bgp.neighbor]]\naddress = \"224.0.0.5\"\nremote_as = 1\n",
         );
         for want in [
             "bgp: local_as must not be 0",
-            "bgp: next_hop is needed when the [uplink] has no address",
-            "bgp: hold_time_s 2 must be 0 or at least 3",
+            "bgp: needs an [uplink] address",
+            "bgp: hold_time_s 2 must be at least 3",
+            "bgp: keepalive_s 5 must be above 0 and below hold_time_s 2",
             "bgp: dir \"rel\" must be an absolute path",
+            "bgp: router_id \"0.0.0.0\" is not a unicast address",
             "bgp: neighbor \"x\" is not an IPv4 address",
             "bgp: neighbor \"x\": remote_as must not be 0",
+            "bgp: neighbor \"224.0.0.5\" is not a unicast address",
+            "bgp: neighbor \"224.0.0.5\" is listed twice",
         ] {
             assert!(p.iter().any(|l| l.contains(want)), "{want} not in {p:?}");
         }
         let p = problems(
-            "[bgp]\nlocal_as = 65010\nnext_hop = \"10.0.0.1\"\nhold_time_s = 9\nkeepalive_s = 9\n",
+            address,
+            &format!(
+                "[bgp]\nlocal_as = 65010\nhold_time_s = 9\nkeepalive_s = 9\ndir = \"/{}\"\n",
+                "d".repeat(100)
+            ),
         );
-        assert!(
-            p.iter()
-                .any(|l| l.contains("keepalive_s 9 must be above 0 and below")),
-            "{p:?}"
-        );
-        assert!(p.iter().any(|l| l.contains("no [[bgp.neighbor]]")), "{p:?}");
+        for want in [
+            "keepalive_s 9 must be above 0 and below",
+            "no [[bgp.neighbor]]",
+            "is too long for BIRD's control socket",
+        ] {
+            assert!(p.iter().any(|l| l.contains(want)), "{want} not in {p:?}");
+        }
         let p = problems(
-            "[bgp]\nlocal_as = 65010\nnext_hop = \"10.0.0.1\"\n[[bgp.neighbor]]\naddress = \"10.0.0.254\"\nremote_as = 65000\n",
+            address,
+            "[bgp]\nlocal_as = 65010\n[[bgp.neighbor]]\naddress = \"10.0.0.254\"\nremote_as = 65000\n",
         );
         assert!(p.is_empty(), "{p:?}");
     }

@@ -395,15 +395,11 @@ pub struct Config {
 pub struct BgpCfg {
     /// This Mux's AS number.
     pub local_as: u32,
-    /// The BGP router ID (default: the next hop).
+    /// The BGP router ID (default: the `[uplink]` address, the next hop
+    /// announced with the VIPs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub router_id: Option<String>,
-    /// The next hop announced with the VIPs, where routers send VIP
-    /// traffic (default: the `[uplink]` address).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub next_hop: Option<String>,
-    /// The hold time offered to neighbours, seconds (0 or 3-65535;
-    /// default 9).
+    /// The hold time offered to neighbours, seconds (3-65535; default 9).
     #[serde(default = "default_hold_time")]
     pub hold_time_s: u16,
     /// Keepalive interval, seconds (default a third of the hold time).
@@ -561,39 +557,38 @@ impl Config {
 
     /// `[bgp]`'s problems.
     fn check_bgp(&self, b: &BgpCfg, errs: &mut Vec<String>) {
-        let addr = |what: &str, v: &str, errs: &mut Vec<String>| {
-            if v.parse::<Ipv4Addr>().is_err() {
-                errs.push(format!("bgp: {what} {v:?} is not an IPv4 address"));
+        let unicast = |what: &str, v: &str, errs: &mut Vec<String>| match v.parse::<Ipv4Addr>() {
+            Ok(a) if a.is_unspecified() || a.is_multicast() || a.is_broadcast() => {
+                errs.push(format!("bgp: {what} {v:?} is not a unicast address"))
             }
+            Ok(_) => {}
+            Err(_) => errs.push(format!("bgp: {what} {v:?} is not an IPv4 address")),
         };
         if b.local_as == 0 {
             errs.push("bgp: local_as must not be 0".into());
         }
         if let Some(r) = &b.router_id {
-            addr("router_id", r, errs);
+            unicast("router_id", r, errs);
         }
-        match &b.next_hop {
-            Some(h) => addr("next_hop", h, errs),
-            None if self
-                .uplink
-                .as_ref()
-                .and_then(|u| u.address.as_ref())
-                .is_none() =>
-            {
-                errs.push(
-                    "bgp: next_hop is needed when the [uplink] has no address to announce".into(),
-                )
-            }
-            None => {}
+        // The next hop announced is the uplink's address: what pollux
+        // answers ARP for.
+        if self
+            .uplink
+            .as_ref()
+            .and_then(|u| u.address.as_ref())
+            .is_none()
+        {
+            errs.push(
+                "bgp: needs an [uplink] address (the next hop announced with the VIPs)".into(),
+            );
         }
-        if b.hold_time_s != 0 && b.hold_time_s < 3 {
+        if b.hold_time_s < 3 {
             errs.push(format!(
-                "bgp: hold_time_s {} must be 0 or at least 3 (RFC 4271)",
+                "bgp: hold_time_s {} must be at least 3 (RFC 4271)",
                 b.hold_time_s
             ));
         }
         if let Some(k) = b.keepalive_s
-            && b.hold_time_s != 0
             && (k == 0 || k >= b.hold_time_s)
         {
             errs.push(format!(
@@ -613,12 +608,20 @@ impl Config {
         if b.dir.as_os_str().is_empty() || b.dir.is_relative() {
             errs.push(format!("bgp: dir {:?} must be an absolute path", b.dir));
         }
+        // BIRD's control socket `dir/bird.ctl`: a unix socket's path holds
+        // at most 107 bytes.
+        if b.dir.join("bird.ctl").as_os_str().len() > 107 {
+            errs.push(format!(
+                "bgp: dir {:?} is too long for BIRD's control socket in it (at most 98 bytes)",
+                b.dir
+            ));
+        }
         if b.neighbor.is_empty() {
             errs.push("bgp: no [[bgp.neighbor]] to announce to".into());
         }
         let mut seen = HashSet::new();
         for n in &b.neighbor {
-            addr("neighbor", &n.address, errs);
+            unicast("neighbor", &n.address, errs);
             if !seen.insert(n.address.as_str()) {
                 errs.push(format!("bgp: neighbor {:?} is listed twice", n.address));
             }

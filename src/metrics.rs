@@ -67,6 +67,13 @@ pub fn render(
             ann.get_or_create(&labels(&[("prefix", &format!("{}/32", w.address))]))
                 .set(0);
         }
+        let running: Gauge = Gauge::default();
+        running.set(i64::from(b.pid.is_some()));
+        reg.register(
+            "pollux_bgp_speaker_running",
+            "1 while BIRD runs beside pollux",
+            running,
+        );
         let draining: Gauge = Gauge::default();
         draining.set(i64::from(b.draining));
         reg.register(
@@ -426,6 +433,7 @@ mod tests {
             "pollux_bgp_announced{prefix=\"192.0.2.10/32\"} 1",
             "pollux_bgp_announced{prefix=\"192.0.2.11/32\"} 0",
             "pollux_bgp_draining 0",
+            "pollux_bgp_speaker_running 1",
             "pollux_bgp_speaker_starts_total 1",
             "pollux_vip_table_digest{vip=\"web\",vnet=\"lb\"} 2316246062",
             "pollux_port_rx_packets_total{port=\"web1\"} 5",

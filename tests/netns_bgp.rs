@@ -277,6 +277,7 @@ fn three_muxes_behind_bgp_ecmp_lose_no_connection_to_a_kill_a_drain_or_a_new_dip
             |b| {
                 b["sessions"][0]["up"] == true
                     && b["announced"] == serde_json::json!(["192.0.2.10/32"])
+                    && b["error"].is_null()
             },
             logs,
         );
@@ -367,6 +368,11 @@ fn three_muxes_behind_bgp_ecmp_lose_no_connection_to_a_kill_a_drain_or_a_new_dip
         logs()
     );
     let withdrawn_in = killed.elapsed();
+    // The sessions closed with the process: well within the hold time.
+    assert!(
+        withdrawn_in < Duration::from_secs(HOLD),
+        "withdrawn {withdrawn_in:?} after the kill"
+    );
     assert!(
         wait_for(Duration::from_secs(5), || !std::path::Path::new(&format!(
             "/proc/{bird1}"
@@ -442,6 +448,12 @@ fn three_muxes_behind_bgp_ecmp_lose_no_connection_to_a_kill_a_drain_or_a_new_dip
         wait_for(Duration::from_secs(30), || next_hops(&lab) == hops(&[2, 3])),
         "router after Mux 3 came back: {:?}\n{}",
         next_hops(&lab),
+        logs()
+    );
+    let m3 = mux_tx(&apis[2]);
+    assert!(
+        wait_for(Duration::from_secs(20), || mux_tx(&apis[2]) > m3 + 300),
+        "Mux 3 carries no traffic again\n{}",
         logs()
     );
 
@@ -529,10 +541,22 @@ fn three_muxes_behind_bgp_ecmp_lose_no_connection_to_a_kill_a_drain_or_a_new_dip
     let (ok, bad) = t.trim().split_once(' ').unwrap();
     assert_eq!(bad, "0", "the curl loop saw failures ({ok} ok)");
 
-    // Mux 3 stopped as an operator does: it withdraws first, then stops.
-    let (status, _) = lab.stop(idx[2].0, &idx[2].1);
+    // Mux 3 stopped as an operator does: it withdraws first, while it
+    // still runs (forwarding for `stop_wait_ms`), then stops.
+    common::netns::terminate(&mut lab.children[idx[2].0]);
+    assert!(
+        wait_for(Duration::from_secs(10), || next_hops(&lab) == hops(&[2])),
+        "router after SIGTERM to Mux 3: {:?}\n{}",
+        next_hops(&lab),
+        logs()
+    );
+    assert!(
+        matches!(lab.children[idx[2].0].try_wait(), Ok(None)),
+        "Mux 3 ended before the router withdrew it\n{}",
+        logs()
+    );
+    let status = lab.children[idx[2].0].wait().unwrap();
     assert!(status.success(), "{status:?}\n{}", logs());
-    assert_eq!(next_hops(&lab), hops(&[2]), "{}", logs());
     let log3 = read(&logs_m[2]);
     assert!(log3.contains("withdrew 192.0.2.10/32 (stopping)"), "{log3}");
     eprintln!(
