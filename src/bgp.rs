@@ -850,6 +850,21 @@ mod tests {
         assert_eq!(rows[1].info, "Active Socket: Connection closed");
     }
 
+    proptest::proptest! {
+        /// Whatever BIRD's socket says, reading it ends in lines or an
+        /// error, never a panic; every line read is in the reply.
+        #[test]
+        fn any_reply_is_read_without_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            if let Ok(lines) = read_reply(&mut bytes.as_slice(), Path::new("s"), "x") {
+                let text = String::from_utf8_lossy(&bytes);
+                for l in &lines {
+                    proptest::prop_assert!(text.contains(l.text.trim_end()));
+                }
+                let _ = bgp_rows(&lines);
+            }
+        }
+    }
+
     #[test]
     fn an_error_code_is_a_refusal_and_a_cut_reply_is_truncated() {
         let e = read_reply(

@@ -541,6 +541,37 @@ fn three_muxes_behind_bgp_ecmp_lose_no_connection_to_a_kill_a_drain_or_a_new_dip
     let (ok, bad) = t.trim().split_once(' ').unwrap();
     assert_eq!(bad, "0", "the curl loop saw failures ({ok} ok)");
 
+    // Mux 2 upgraded in place (`pollux run --takeover`): its BIRD ends
+    // with the predecessor, the successor starts its own once the
+    // predecessor is gone, and the router takes the Mux back; Mux 3
+    // serves meanwhile.
+    let upgraded = Instant::now();
+    let (_, _, log_up) = lab.pollux_takeover_in(Some("m2"), "m2up", "m2", &[]);
+    let _ = lab.children[idx[1].0].wait();
+    let api2 = &apis[1];
+    api2.wait_for(
+        "/v1/bgp",
+        Duration::from_secs(30),
+        "the successor's session established and the VIP announced",
+        |b| {
+            b["sessions"][0]["up"] == true
+                && b["announced"] == serde_json::json!(["192.0.2.10/32"])
+                && b["starts"] == 1
+        },
+        || format!("{}\nSUCCESSOR:\n{}", logs(), read(&log_up)),
+    );
+    assert!(
+        wait_for(Duration::from_secs(20), || next_hops(&lab) == hops(&[2, 3])),
+        "router after Mux 2's upgrade: {:?}\n{}",
+        next_hops(&lab),
+        read(&log_up)
+    );
+    let back_in = upgraded.elapsed();
+    for _ in 0..10 {
+        let out = lab.bash("cl", &format!("curl -sf --max-time 5 http://{VIP}/name"));
+        assert!(out.status.success(), "{out:?}\n{}", read(&log_up));
+    }
+
     // Mux 3 stopped as an operator does: it withdraws first, while it
     // still runs (forwarding for `stop_wait_ms`), then stops.
     common::netns::terminate(&mut lab.children[idx[2].0]);
@@ -560,10 +591,11 @@ fn three_muxes_behind_bgp_ecmp_lose_no_connection_to_a_kill_a_drain_or_a_new_dip
     let log3 = read(&logs_m[2]);
     assert!(log3.contains("withdrew 192.0.2.10/32 (stopping)"), "{log3}");
     eprintln!(
-        "bgp: flows over 3 Muxes {tx0:?} -> {tx1:?} (mux_tx); SIGKILL of Mux 1 withdrawn at the router in {:.0} ms; Mux 3 silent withdrawn in {:.0} ms (hold time {HOLD} s); drain withdrawn in {:.0} ms; DIP added: {moved} of {} slots moved ({:.1}%, {to_new} to the new DIP), {changed} of {compared} established connections changed DIP; {DOWNLOADS} downloads whole, curl loop {ok} ok 0 failed; new connections {seen:?}",
+        "bgp: flows over 3 Muxes {tx0:?} -> {tx1:?} (mux_tx); SIGKILL of Mux 1 withdrawn at the router in {:.0} ms; Mux 3 silent withdrawn in {:.0} ms (hold time {HOLD} s); drain withdrawn in {:.0} ms; Mux 2 upgraded and back at the router in {:.0} ms; DIP added: {moved} of {} slots moved ({:.1}%, {to_new} to the new DIP), {changed} of {compared} established connections changed DIP; {DOWNLOADS} downloads whole, curl loop {ok} ok 0 failed; new connections {seen:?}",
         withdrawn_in.as_secs_f64() * 1000.0,
         silent_in.as_secs_f64() * 1000.0,
         drained_in.as_secs_f64() * 1000.0,
+        back_in.as_secs_f64() * 1000.0,
         slots5.len(),
         frac * 100.0,
     );

@@ -202,10 +202,34 @@ impl Lab {
         from: &str,
         args: &[&str],
     ) -> (usize, PathBuf, PathBuf) {
+        self.pollux_takeover_in(None, name, from, args)
+    }
+
+    /// [`Lab::pollux_takeover`] in namespace `tag` (where `from` runs).
+    pub fn pollux_takeover_in(
+        &mut self,
+        tag: Option<&str>,
+        name: &str,
+        from: &str,
+        args: &[&str],
+    ) -> (usize, PathBuf, PathBuf) {
         let out = self.dir.join(format!("{name}.out"));
         let log = self.dir.join(format!("{name}.log"));
         let sock = self.api(from).sock;
-        let child = Command::new(env!("CARGO_BIN_EXE_pollux"))
+        let mut cmd = match tag {
+            Some(t) => {
+                let mut c = Command::new("ip");
+                c.args([
+                    "netns",
+                    "exec",
+                    &self.ns(t).name,
+                    env!("CARGO_BIN_EXE_pollux"),
+                ]);
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_pollux")),
+        };
+        let child = cmd
             .args(["run", "--takeover", sock.to_str().unwrap()])
             .args(args)
             .stdout(std::fs::File::create(&out).unwrap())
