@@ -22,6 +22,7 @@
 
 use crate::api::{BgpSessionView, BgpView, BgpWithdrawnView};
 use crate::config::{BgpCfg, Config};
+use crate::takeover::alive;
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
 use std::net::Ipv4Addr;
@@ -307,17 +308,6 @@ fn write_file(path: &Path, text: &str) -> Result<(), BgpError> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).map_err(file)?;
     std::fs::rename(&tmp, path).map_err(file)
-}
-
-/// True while process `pid` lives (neither gone nor a zombie).
-fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(st) => st
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
-    }
 }
 
 /// The last line of the log at `path` (its last 4 KiB read).
@@ -941,27 +931,10 @@ remote_as = 65001
 
     #[test]
     fn mux_vips_are_wanted_while_they_have_a_backend_in_their_table() {
-        let c = Config::parse(
+        let (c, p) = mux_with_bgp(
+            Path::new("/run/pollux/bgp"),
+            "bird",
             r#"
-[[port]]
-name = "wire"
-driver = "ring"
-[uplink]
-port = "wire"
-address = "10.200.0.1/24"
-gateway = "10.200.0.254"
-[[vnet]]
-name = "lb"
-prefixes = ["10.9.0.0/24"]
-gateway_mac = "12:34:56:78:9a:01"
-[[vip]]
-name = "web"
-vnet = "lb"
-mode = "mux"
-address = "192.0.2.10"
-port = 80
-protocol = "tcp"
-backends = [ { ip = "10.201.0.2", port = 8080 } ]
 [[vip]]
 name = "dns"
 vnet = "lb"
@@ -970,16 +943,8 @@ address = "192.0.2.11"
 port = 53
 protocol = "udp"
 backends = [ { ip = "10.201.0.3", port = 53 } ]
-[bgp]
-local_as = 65010
-[[bgp.neighbor]]
-address = "10.200.0.254"
-remote_as = 65000
 "#,
-        )
-        .unwrap();
-        c.validate().unwrap();
-        let p = vswitch::Policy::compile(&c.topology().unwrap(), 1).unwrap();
+        );
         assert_eq!(next_hop(&c), Some("10.200.0.1".parse().unwrap()));
         let w = wanted(&p, false, false);
         let both: BTreeSet<Ipv4Addr> =
@@ -1012,8 +977,9 @@ remote_as = 65000
         }
     }
 
-    /// The Mux configuration of the test above, BIRD's files in `dir`.
-    fn mux_with_bgp(dir: &Path, bird: &str) -> (Config, vswitch::Policy) {
+    /// A Mux's configuration with a VIP `web` (and `extra`), BIRD's
+    /// files in `dir`, and its policy.
+    fn mux_with_bgp(dir: &Path, bird: &str, extra: &str) -> (Config, vswitch::Policy) {
         let text = format!(
             r#"
 [[port]]
@@ -1042,6 +1008,7 @@ dir = "{}"
 [[bgp.neighbor]]
 address = "192.0.2.254"
 remote_as = 65000
+{extra}
 "#,
             dir.display()
         );
@@ -1060,7 +1027,7 @@ remote_as = 65000
     #[test]
     fn a_bird_that_cannot_run_is_reported_and_started_again() {
         let dir = scratch("false");
-        let (c, p) = mux_with_bgp(&dir, "/bin/false");
+        let (c, p) = mux_with_bgp(&dir, "/bin/false", "");
         let mut s = Speaker::new();
         s.step(&c, &p);
         assert_eq!(s.starts, 1);
@@ -1094,7 +1061,7 @@ remote_as = 65000
             return;
         }
         let dir = scratch("real");
-        let (c, p) = mux_with_bgp(&dir, "bird");
+        let (c, p) = mux_with_bgp(&dir, "bird", "");
         let mut s = Speaker::new();
         let sock = dir.join("bird.ctl");
         let routes = || {

@@ -328,7 +328,7 @@ pub fn decline(req: &Request) {
 }
 
 /// True while process `pid` lives (neither gone nor a zombie).
-fn alive(pid: u32) -> bool {
+pub(crate) fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the command name in parentheses.
         Ok(st) => st

@@ -320,29 +320,14 @@ fn three_muxes_behind_bgp_ecmp_lose_no_connection_to_a_kill_a_drain_or_a_new_dip
     });
     assert!(ok, "the VIP from the client\n{}", logs());
     let tx0: Vec<u64> = apis.iter().map(mux_tx).collect();
-    let stop = dir.join("stop");
-    let tally = dir.join("loop");
-    lab.spawn(
+    let curls = mux::CurlLoop::start(&mut lab, "cl", &format!("http://{VIP}/name"));
+    mux::downloads(
+        &mut lab,
         "cl",
-        &format!(
-            "ok=0; bad=0; while [ ! -e {stop} ]; do \
-             if curl -sf --max-time 10 -o /dev/null http://{VIP}/name; then ok=$((ok+1)); else bad=$((bad+1)); fi; \
-             sleep 0.05; done; echo \"$ok $bad\" > {t}.tmp && mv {t}.tmp {t}",
-            stop = stop.display(),
-            t = tally.display()
-        ),
-        &dir.join("loop.log"),
+        DOWNLOADS,
+        &format!("http://{VIP}/big"),
+        RATE,
     );
-    for i in 0..DOWNLOADS {
-        lab.spawn(
-            "cl",
-            &format!(
-                "curl -sf --max-time 300 --limit-rate {RATE} -o {d}/dl{i} http://{VIP}/big; echo $? > {d}/dl{i}.rc",
-                d = dir.display()
-            ),
-            &dir.join(format!("dl{i}.log")),
-        );
-    }
     // Flows spread over the three Muxes.
     let spread = wait_for(Duration::from_secs(30), || {
         apis.iter().zip(&tx0).all(|(a, t)| mux_tx(a) > t + 500)
@@ -520,26 +505,10 @@ fn three_muxes_behind_bgp_ecmp_lose_no_connection_to_a_kill_a_drain_or_a_new_dip
     assert!(seen.contains_key("d13"), "{seen:?}");
 
     // Every download whole, the curl loop without a failure.
-    let done = wait_for(Duration::from_secs(240), || {
-        (0..DOWNLOADS).all(|i| dir.join(format!("dl{i}.rc")).exists())
-    });
-    assert!(done, "downloads did not finish\n{}", logs());
-    std::fs::write(&stop, "").unwrap();
-    let mut broken = Vec::new();
-    for i in 0..DOWNLOADS {
-        let rc = read(&dir.join(format!("dl{i}.rc")));
-        if rc.trim() != "0" || std::fs::read(dir.join(format!("dl{i}"))).unwrap() != data {
-            broken.push((i, rc.trim().to_string()));
-        }
-    }
+    let broken = mux::broken_downloads(&lab, DOWNLOADS, &data, Duration::from_secs(240));
     assert!(broken.is_empty(), "broken downloads {broken:?}\n{}", logs());
-    assert!(
-        wait_for(Duration::from_secs(30), || tally.exists()),
-        "the curl loop did not finish"
-    );
-    let t = read(&tally);
-    let (ok, bad) = t.trim().split_once(' ').unwrap();
-    assert_eq!(bad, "0", "the curl loop saw failures ({ok} ok)");
+    let (ok, bad) = curls.finish();
+    assert_eq!(bad, 0, "the curl loop saw failures ({ok} ok)");
 
     // Mux 2 upgraded in place (`pollux run --takeover`): its BIRD ends
     // with the predecessor, the successor starts its own once the

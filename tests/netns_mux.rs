@@ -203,56 +203,13 @@ fn a_mux_spreads_a_vip_over_two_hosts_whose_replies_go_straight_to_the_client() 
         "{seen:?}"
     );
     // Long downloads, with a curl loop beside them.
-    let stop = dir.join("stop");
-    let tally = dir.join("loop");
-    lab.spawn(
-        "cl",
-        &format!(
-            "ok=0; bad=0; while [ ! -e {stop} ]; do \
-             if curl -sf --max-time 10 -o /dev/null http://{VIP}/name; then ok=$((ok+1)); else bad=$((bad+1)); fi; \
-             sleep 0.05; done; echo \"$ok $bad\" > {t}.tmp && mv {t}.tmp {t}",
-            stop = stop.display(),
-            t = tally.display()
-        ),
-        &dir.join("loop.log"),
-    );
-    for i in 0..8 {
-        lab.spawn(
-            "cl",
-            &format!(
-                "curl -sf --max-time 120 --limit-rate 400k -o {d}/dl{i} http://{VIP}/big; echo $? > {d}/dl{i}.rc",
-                d = dir.display()
-            ),
-            &dir.join(format!("dl{i}.log")),
-        );
-    }
-    let done = wait_for(Duration::from_secs(150), || {
-        (0..8).all(|i| dir.join(format!("dl{i}.rc")).exists())
-    });
-    assert!(done, "downloads did not finish\n{}", logs());
-    std::fs::write(&stop, "").unwrap();
-    for i in 0..8 {
-        assert_eq!(
-            read(&dir.join(format!("dl{i}.rc"))).trim(),
-            "0",
-            "download {i}"
-        );
-        assert!(
-            std::fs::read(dir.join(format!("dl{i}"))).unwrap() == data,
-            "download {i} differs"
-        );
-    }
-    assert!(
-        wait_for(Duration::from_secs(30), || tally.exists()),
-        "the curl loop did not finish"
-    );
-    let t = read(&tally);
-    let (ok, bad) = t.trim().split_once(' ').unwrap();
-    assert_eq!(bad, "0", "the curl loop saw failures ({ok} ok)");
-    assert!(
-        ok.parse::<u64>().unwrap() > 5,
-        "the curl loop ran {ok} times"
-    );
+    let curls = mux::CurlLoop::start(&mut lab, "cl", &format!("http://{VIP}/name"));
+    mux::downloads(&mut lab, "cl", 8, &format!("http://{VIP}/big"), "400k");
+    let broken = mux::broken_downloads(&lab, 8, &data, Duration::from_secs(150));
+    assert!(broken.is_empty(), "broken downloads {broken:?}\n{}", logs());
+    let (ok, bad) = curls.finish();
+    assert_eq!(bad, 0, "the curl loop saw failures ({ok} ok)");
+    assert!(ok > 5, "the curl loop ran {ok} times");
     // A DIP whose server stops is taken down by the Mux's probes; new
     // connections go to the other three.
     common::netns::terminate(&mut lab.children[servers[3]]);

@@ -57,15 +57,7 @@ const SIZE: usize = 2 << 20;
 fn lab() -> (Lab, String, String) {
     let mut lab = Lab::new("ov");
     for (tag, cidr, mac, gw) in VMS {
-        lab.add(
-            tag,
-            mac,
-            &[
-                vec!["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"],
-                vec!["ip", "addr", "add", cidr, "dev", "eth0"],
-            ],
-        );
-        lab.exec(tag, &["ip", "route", "add", "default", "via", gw]);
+        lab.add_host(tag, cidr, mac, gw);
     }
     // The router: its eth0 (to A's uplink) in a bridge with KV's and KW's
     // links; eth1 (to B's uplink) on the other network.

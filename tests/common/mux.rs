@@ -171,16 +171,88 @@ pub type Dip = (&'static str, &'static str, &'static str, &'static str);
 /// A namespace for each DIP, its address on `eth0` and its default route.
 pub fn add_dips(lab: &mut Lab, dips: &[Dip]) {
     for (tag, cidr, mac, gw) in dips {
-        lab.add(
-            tag,
-            mac,
-            &[
-                vec!["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"],
-                vec!["ip", "addr", "add", cidr, "dev", "eth0"],
-            ],
-        );
-        lab.exec(tag, &["ip", "route", "add", "default", "via", gw]);
+        lab.add_host(tag, cidr, mac, gw);
     }
+}
+
+/// A curl loop in a namespace: requests a URL every 50 ms until
+/// [`CurlLoop::finish`]; counts successes and failures.
+pub struct CurlLoop {
+    stop: std::path::PathBuf,
+    tally: std::path::PathBuf,
+}
+
+impl CurlLoop {
+    /// Starts it in namespace `tag`, on `url`.
+    pub fn start(lab: &mut Lab, tag: &str, url: &str) -> CurlLoop {
+        let stop = lab.dir.join("loop-stop");
+        let tally = lab.dir.join("loop");
+        let log = lab.dir.join("loop.log");
+        lab.spawn(
+            tag,
+            &format!(
+                "ok=0; bad=0; while [ ! -e {stop} ]; do \
+                 if curl -sf --max-time 10 -o /dev/null {url}; then ok=$((ok+1)); else bad=$((bad+1)); fi; \
+                 sleep 0.05; done; echo \"$ok $bad\" > {t}.tmp && mv {t}.tmp {t}",
+                stop = stop.display(),
+                t = tally.display()
+            ),
+            &log,
+        );
+        CurlLoop { stop, tally }
+    }
+
+    /// Stops it; returns (succeeded, failed). The tally is written once,
+    /// by a rename, after the last request.
+    pub fn finish(self) -> (u64, u64) {
+        std::fs::write(&self.stop, "").unwrap();
+        assert!(
+            super::netns::wait_for(std::time::Duration::from_secs(30), || self.tally.exists()),
+            "the curl loop did not finish"
+        );
+        let t = super::netns::read(&self.tally);
+        let (ok, bad) = t.trim().split_once(' ').unwrap();
+        (ok.parse().unwrap(), bad.parse().unwrap())
+    }
+}
+
+/// Starts `n` downloads of `url` in namespace `tag` at `rate` (curl's
+/// `--limit-rate`), into `dl<i>` of the lab's directory, each writing its
+/// exit status to `dl<i>.rc`.
+pub fn downloads(lab: &mut Lab, tag: &str, n: usize, url: &str, rate: &str) {
+    let d = lab.dir.display().to_string();
+    for i in 0..n {
+        let log = lab.dir.join(format!("dl{i}.log"));
+        lab.spawn(
+            tag,
+            &format!(
+                "curl -sf --max-time 300 --limit-rate {rate} -o {d}/dl{i} {url}; echo $? > {d}/dl{i}.rc"
+            ),
+            &log,
+        );
+    }
+}
+
+/// Waits (up to `limit`) for the `n` downloads to end; returns those that
+/// failed or differ from `data`: (index, curl's exit status).
+pub fn broken_downloads(
+    lab: &Lab,
+    n: usize,
+    data: &[u8],
+    limit: std::time::Duration,
+) -> Vec<(usize, String)> {
+    let dir = &lab.dir;
+    let done = super::netns::wait_for(limit, || {
+        (0..n).all(|i| dir.join(format!("dl{i}.rc")).exists())
+    });
+    assert!(done, "downloads did not finish");
+    (0..n)
+        .filter_map(|i| {
+            let rc = super::netns::read(&dir.join(format!("dl{i}.rc")));
+            let whole = std::fs::read(dir.join(format!("dl{i}"))).is_ok_and(|d| d == data);
+            (rc.trim() != "0" || !whole).then(|| (i, rc.trim().to_string()))
+        })
+        .collect()
 }
 
 /// Host `n`'s configuration: its uplink `uplink` at `address` on the

@@ -170,19 +170,7 @@ impl Lab {
         std::fs::write(&cfg, config).unwrap();
         let out = self.dir.join(format!("{name}.out"));
         let log = self.dir.join(format!("{name}.log"));
-        let mut cmd = match tag {
-            Some(t) => {
-                let mut c = Command::new("ip");
-                c.args([
-                    "netns",
-                    "exec",
-                    &self.ns(t).name,
-                    env!("CARGO_BIN_EXE_pollux"),
-                ]);
-                c
-            }
-            None => Command::new(env!("CARGO_BIN_EXE_pollux")),
-        };
+        let mut cmd = self.pollux_cmd(tag);
         let child = cmd
             .args(["run", "--config", cfg.to_str().unwrap()])
             .stdout(std::fs::File::create(&out).unwrap())
@@ -216,7 +204,22 @@ impl Lab {
         let out = self.dir.join(format!("{name}.out"));
         let log = self.dir.join(format!("{name}.log"));
         let sock = self.api(from).sock;
-        let mut cmd = match tag {
+        let mut cmd = self.pollux_cmd(tag);
+        let child = cmd
+            .args(["run", "--takeover", sock.to_str().unwrap()])
+            .args(args)
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        self.children.push(child);
+        (self.children.len() - 1, out, log)
+    }
+
+    /// The pollux binary to run in namespace `tag` (`ip netns exec` execs
+    /// it: the child is pollux itself), or in the root namespace.
+    fn pollux_cmd(&self, tag: Option<&str>) -> Command {
+        match tag {
             Some(t) => {
                 let mut c = Command::new("ip");
                 c.args([
@@ -228,16 +231,21 @@ impl Lab {
                 c
             }
             None => Command::new(env!("CARGO_BIN_EXE_pollux")),
-        };
-        let child = cmd
-            .args(["run", "--takeover", sock.to_str().unwrap()])
-            .args(args)
-            .stdout(std::fs::File::create(&out).unwrap())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        self.children.push(child);
-        (self.children.len() - 1, out, log)
+        }
+    }
+
+    /// Adds namespace `tag` as a host of the lab's networks: `eth0` with
+    /// `mac` and `cidr`, its default route via `gw`, IPv6 off.
+    pub fn add_host(&mut self, tag: &str, cidr: &str, mac: &str, gw: &str) {
+        self.add(
+            tag,
+            mac,
+            &[
+                vec!["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"],
+                vec!["ip", "addr", "add", cidr, "dev", "eth0"],
+            ],
+        );
+        self.exec(tag, &["ip", "route", "add", "default", "via", gw]);
     }
 
     /// The control API of the `pollux run` started as `name`.
