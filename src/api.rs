@@ -404,6 +404,19 @@ pub struct WorkerCounters {
     pub busy_ticks: u64,
     /// Clock ticks spent in idle polls.
     pub idle_ticks: u64,
+    /// Clock ticks of busy polls spent in the pipeline (the rest of
+    /// `busy_ticks` is port I/O: receiving, and sending at the end of a
+    /// burst).
+    #[serde(default)]
+    pub pipeline_ticks: u64,
+    /// Clock ticks spent deciding slow-path packets (part of
+    /// `pipeline_ticks`; the rest of it is the fast path).
+    #[serde(default)]
+    pub slow_path_ticks: u64,
+    /// Receive bursts by size: element `n - 1` counts the bursts of `n`
+    /// packets (1 to 32).
+    #[serde(default)]
+    pub rx_bursts: Vec<u64>,
     /// Packets received.
     pub rx_packets: u64,
     /// Packets sent.
@@ -486,6 +499,8 @@ impl WorkerCounters {
             (&mut self.idle_polls, base.idle_polls),
             (&mut self.idle_sleeps, base.idle_sleeps),
             (&mut self.busy_ticks, base.busy_ticks),
+            (&mut self.pipeline_ticks, base.pipeline_ticks),
+            (&mut self.slow_path_ticks, base.slow_path_ticks),
             (&mut self.idle_ticks, base.idle_ticks),
             (&mut self.rx_packets, base.rx_packets),
             (&mut self.tx_packets, base.tx_packets),
@@ -517,6 +532,36 @@ impl WorkerCounters {
         for (reason, n) in &base.drops {
             *self.drops.entry(reason.clone()).or_default() += n;
         }
+        if self.rx_bursts.len() < base.rx_bursts.len() {
+            self.rx_bursts.resize(base.rx_bursts.len(), 0);
+        }
+        for (c, b) in self.rx_bursts.iter_mut().zip(&base.rx_bursts) {
+            *c += b;
+        }
+    }
+
+    /// These counts less `base`'s (an earlier reading of the same
+    /// worker): what was counted since. Gauges stay as they are.
+    pub fn since(&self, base: &WorkerCounters) -> WorkerCounters {
+        let mut d = self.clone();
+        for (c, b) in [
+            (&mut d.busy_polls, base.busy_polls),
+            (&mut d.idle_polls, base.idle_polls),
+            (&mut d.busy_ticks, base.busy_ticks),
+            (&mut d.idle_ticks, base.idle_ticks),
+            (&mut d.pipeline_ticks, base.pipeline_ticks),
+            (&mut d.slow_path_ticks, base.slow_path_ticks),
+            (&mut d.rx_packets, base.rx_packets),
+            (&mut d.tx_packets, base.tx_packets),
+            (&mut d.fast_path, base.fast_path),
+            (&mut d.slow_path, base.slow_path),
+        ] {
+            *c = c.saturating_sub(b);
+        }
+        for (c, b) in d.rx_bursts.iter_mut().zip(&base.rx_bursts) {
+            *c = c.saturating_sub(*b);
+        }
+        d
     }
 }
 
@@ -550,6 +595,87 @@ pub struct RuleCounters {
     pub action: String,
     /// Lookups it won.
     pub hits: u64,
+}
+
+/// `GET /v1/perf`: where each worker's cycles went since the last reset
+/// (or start), as OVS's `pmd-perf-show` and VPP's `show runtime` show.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PerfView {
+    /// The clock's ticks per second (the TSC's: ticks are cycles at its
+    /// nominal rate).
+    pub ticks_per_second: u64,
+    /// Seconds since the last reset (or since pollux started).
+    pub seconds: f64,
+    /// Per worker.
+    pub workers: Vec<WorkerPerf>,
+}
+
+/// One worker's cycle accounting.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkerPerf {
+    /// Worker number.
+    pub worker: usize,
+    /// Polls that received packets / nothing.
+    pub busy_polls: u64,
+    /// Polls that received nothing.
+    pub idle_polls: u64,
+    /// Ticks in busy and idle polls.
+    pub busy_ticks: u64,
+    /// Ticks in idle polls: the headroom.
+    pub idle_ticks: u64,
+    /// Busy ticks' share of all, percent.
+    pub busy_percent: f64,
+    /// Packets received (and taken from other workers).
+    pub rx_packets: u64,
+    /// Packets by the fast path / the slow path.
+    pub fast_path: u64,
+    /// Packets by the slow path.
+    pub slow_path: u64,
+    /// Busy ticks per packet received.
+    pub cycles_per_packet: f64,
+    /// Of which port I/O (receive, send at a burst's end, the loop).
+    pub io_cycles_per_packet: f64,
+    /// Fast-path ticks per fast-path packet.
+    pub fast_path_cycles: f64,
+    /// Slow-path ticks per slow-path packet (deciding it: policy,
+    /// connection tracking, load balancing, the flow installed).
+    pub slow_path_cycles: f64,
+    /// Packets per receive burst, on average.
+    pub average_burst: f64,
+    /// Receive bursts by size (element `n - 1`: bursts of `n`).
+    pub rx_bursts: Vec<u64>,
+}
+
+impl WorkerPerf {
+    /// The accounting of counts `c` (counted since a reset).
+    pub fn of(c: &WorkerCounters) -> WorkerPerf {
+        let per = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+        let fast_ticks = c.pipeline_ticks.saturating_sub(c.slow_path_ticks);
+        let bursts: u64 = c.rx_bursts.iter().sum();
+        let burst_packets: u64 = c
+            .rx_bursts
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (i as u64 + 1) * n)
+            .sum();
+        WorkerPerf {
+            worker: c.worker,
+            busy_polls: c.busy_polls,
+            idle_polls: c.idle_polls,
+            busy_ticks: c.busy_ticks,
+            idle_ticks: c.idle_ticks,
+            busy_percent: 100.0 * per(c.busy_ticks, c.busy_ticks + c.idle_ticks),
+            rx_packets: c.rx_packets,
+            fast_path: c.fast_path,
+            slow_path: c.slow_path,
+            cycles_per_packet: per(c.busy_ticks, c.rx_packets),
+            io_cycles_per_packet: per(c.busy_ticks.saturating_sub(c.pipeline_ticks), c.rx_packets),
+            fast_path_cycles: per(fast_ticks, c.fast_path),
+            slow_path_cycles: per(c.slow_path_ticks, c.slow_path),
+            average_burst: per(burst_packets, bursts),
+            rx_bursts: c.rx_bursts.clone(),
+        }
+    }
 }
 
 /// `GET /v1/counters`.
@@ -589,6 +715,7 @@ mod tests {
             }
         }
         all["drops"] = serde_json::json!({"acl_deny": 2});
+        all["rx_bursts"] = serde_json::json!([2, 0, 1]);
         let base: WorkerCounters = serde_json::from_value(all).unwrap();
         let mut mine = WorkerCounters {
             connections: 5,
@@ -602,15 +729,61 @@ mod tests {
                 "worker" => 0,
                 "connections" => 5,
                 "flow_table_entries" | "snat_ports_in_use" => 0,
-                "drops" => continue,
+                "drops" | "rx_bursts" => continue,
                 _ => 3,
             };
             assert_eq!(v.as_u64(), Some(want), "{k}");
         }
         assert_eq!(mine.drops["acl_deny"], 3);
+        assert_eq!(mine.rx_bursts, vec![2, 0, 1]);
     }
 
     use super::*;
+
+    #[test]
+    fn cycle_accounting_splits_busy_ticks_and_counts_since_a_reset() {
+        let at_reset = WorkerCounters {
+            busy_ticks: 1_000,
+            idle_ticks: 500,
+            pipeline_ticks: 600,
+            slow_path_ticks: 100,
+            rx_packets: 10,
+            fast_path: 8,
+            slow_path: 2,
+            rx_bursts: vec![10],
+            ..WorkerCounters::default()
+        };
+        let now = WorkerCounters {
+            busy_ticks: 11_000,
+            idle_ticks: 10_500,
+            pipeline_ticks: 8_600,
+            slow_path_ticks: 2_100,
+            rx_packets: 110,
+            fast_path: 98,
+            slow_path: 12,
+            rx_bursts: vec![10, 0, 0, 25],
+            ..WorkerCounters::default()
+        };
+        let p = WorkerPerf::of(&now.since(&at_reset));
+        assert_eq!(
+            (p.busy_ticks, p.idle_ticks, p.rx_packets),
+            (10_000, 10_000, 100)
+        );
+        assert_eq!(p.busy_percent, 50.0);
+        assert_eq!(p.cycles_per_packet, 100.0);
+        // 10 000 busy: 2 000 I/O, 6 000 fast path, 2 000 slow path.
+        assert_eq!(p.io_cycles_per_packet, 20.0);
+        assert_eq!(p.fast_path_cycles, 6_000.0 / 90.0);
+        assert_eq!(p.slow_path_cycles, 200.0);
+        assert_eq!(p.rx_bursts, vec![0, 0, 0, 25]);
+        assert_eq!(p.average_burst, 4.0);
+        // Nothing counted: no division by zero.
+        let z = WorkerPerf::of(&WorkerCounters::default());
+        assert_eq!(
+            (z.cycles_per_packet, z.average_burst, z.busy_percent),
+            (0.0, 0.0, 0.0)
+        );
+    }
 
     #[test]
     fn bodies_carry_the_generation_beside_their_fields() {

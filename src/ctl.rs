@@ -193,6 +193,8 @@ pub enum Cmd {
     Maglev,
     /// The BGP speaker's sessions and announcements.
     Bgp,
+    /// Each worker's cycle accounting; with true, reset it.
+    Perf(bool),
     /// Withdraw every VIP (true) or announce them again (false).
     DrainMux(bool),
     /// Replace the uplink's gateway and routes from a JSON file.
@@ -291,6 +293,8 @@ pub fn run(ep: &Endpoint<'_>, cmd: &Cmd, json: bool) -> Result<Vec<String>, CtlE
         Cmd::Underlay => ("GET", "/v1/underlay".into(), None),
         Cmd::Maglev => ("GET", "/v1/maglev".into(), None),
         Cmd::Bgp => ("GET", "/v1/bgp".into(), None),
+        Cmd::Perf(false) => ("GET", "/v1/perf".into(), None),
+        Cmd::Perf(true) => ("POST", "/v1/perf/reset".into(), None),
         Cmd::DrainMux(on) => (
             if *on { "POST" } else { "DELETE" },
             "/v1/bgp/drain".into(),
@@ -366,6 +370,41 @@ fn list<T: DeserializeOwned>(
 ) -> Result<(Vec<T>, u64), CtlError> {
     let mut l = decode::<List<T>>(path, status, text)?;
     Ok((l.body.items.remove(key).unwrap_or_default(), l.generation))
+}
+
+/// The cycle accounting, readably.
+fn perf_lines(p: &crate::api::PerfView) -> Vec<String> {
+    let mut out = vec![format!(
+        "over {:.1} s; clock {:.3} GHz (cycles are its ticks)",
+        p.seconds,
+        p.ticks_per_second as f64 / 1e9
+    )];
+    for w in &p.workers {
+        out.push(format!(
+            "worker {}: {:.1}% busy ({} busy, {} idle polls); {} packets, {:.1} per burst",
+            w.worker, w.busy_percent, w.busy_polls, w.idle_polls, w.rx_packets, w.average_burst
+        ));
+        out.push(format!(
+            "  cycles/packet {:.0}: port I/O {:.0}; fast path {:.0} per packet ({}), slow path {:.0} per packet ({})",
+            w.cycles_per_packet,
+            w.io_cycles_per_packet,
+            w.fast_path_cycles,
+            w.fast_path,
+            w.slow_path_cycles,
+            w.slow_path
+        ));
+        let bursts: Vec<String> = w
+            .rx_bursts
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(i, n)| format!("{}:{n}", i + 1))
+            .collect();
+        if !bursts.is_empty() {
+            out.push(format!("  rx bursts (size:count) {}", bursts.join(" ")));
+        }
+    }
+    out
 }
 
 /// The BGP speaker, readably.
@@ -560,6 +599,14 @@ fn table(cmd: &Cmd, path: &str, status: u16, text: &str) -> Result<Vec<String>, 
                     v.digest
                 ));
             }
+        }
+        Cmd::Perf(reset) => {
+            let p = decode::<crate::api::PerfView>(path, status, text)?.body;
+            if *reset {
+                out.push("cycle accounting reset".into());
+                return Ok(out);
+            }
+            out.extend(perf_lines(&p));
         }
         Cmd::Bgp | Cmd::DrainMux(_) => {
             let b = decode::<crate::api::BgpView>(path, status, text)?.body;

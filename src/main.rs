@@ -194,6 +194,14 @@ enum CtlCmd {
     },
     /// Port, worker and rule counters.
     Counters,
+    /// Where each worker's cycles went since the last reset: busy share,
+    /// cycles per packet for port I/O, fast path and slow path, receive
+    /// bursts by size (as OVS's pmd-perf-show).
+    Perf {
+        /// Start counting afresh (after showing nothing).
+        #[arg(long)]
+        reset: bool,
+    },
     /// The Prometheus metrics text.
     Metrics,
     /// Replace the whole configuration with a TOML file (as SIGHUP does).
@@ -229,6 +237,7 @@ fn ctl(socket: &std::path::Path, tcp: Option<&str>, json: bool, cmd: &CtlCmd) ->
         CtlCmd::Underlay => Cmd::Underlay,
         CtlCmd::Maglev => Cmd::Maglev,
         CtlCmd::Bgp => Cmd::Bgp,
+        CtlCmd::Perf { reset } => Cmd::Perf(*reset),
         CtlCmd::DrainMux => Cmd::DrainMux(true),
         CtlCmd::UndrainMux => Cmd::DrainMux(false),
         CtlCmd::PutRoutes { file } => Cmd::PutRoutes(file.clone()),

@@ -242,6 +242,16 @@ pub fn render(
         "pollux_worker_busy_polls",
         "Poll iterations that received packets",
     );
+    let ticks = counters(
+        &mut reg,
+        "pollux_worker_ticks",
+        "Clock ticks (TSC cycles) of each worker, by where they went: io (receiving and sending in busy polls), fast_path, slow_path, idle",
+    );
+    let bursts = counters(
+        &mut reg,
+        "pollux_worker_rx_bursts",
+        "Receive bursts by their size in packets",
+    );
     let idle = counters(
         &mut reg,
         "pollux_worker_idle_polls",
@@ -300,6 +310,28 @@ pub fn render(
         busy.get_or_create(&lw).inc_by(w.busy_polls);
         idle.get_or_create(&lw).inc_by(w.idle_polls);
         sleeps.get_or_create(&lw).inc_by(w.idle_sleeps);
+        // Busy ticks split: port I/O, fast path, slow path; and idle.
+        let fast = w.pipeline_ticks.saturating_sub(w.slow_path_ticks);
+        for (kind, n) in [
+            ("io", w.busy_ticks.saturating_sub(w.pipeline_ticks)),
+            ("fast_path", fast),
+            ("slow_path", w.slow_path_ticks),
+            ("idle", w.idle_ticks),
+        ] {
+            ticks
+                .get_or_create(&labels(&[("worker", &name), ("kind", kind)]))
+                .inc_by(n);
+        }
+        for (i, n) in w.rx_bursts.iter().enumerate() {
+            if *n > 0 {
+                bursts
+                    .get_or_create(&labels(&[
+                        ("worker", &name),
+                        ("size", &(i + 1).to_string()),
+                    ]))
+                    .inc_by(*n);
+            }
+        }
     }
     let up = gauges(
         &mut reg,
@@ -388,6 +420,10 @@ mod tests {
                 worker: 0,
                 fast_path: 40,
                 flow_table_entries: 3,
+                busy_ticks: 1000,
+                pipeline_ticks: 700,
+                slow_path_ticks: 200,
+                rx_bursts: [vec![0; 31], vec![4]].concat(),
                 ..WorkerCounters::default()
             }],
             ..Counters::default()
@@ -440,6 +476,10 @@ mod tests {
             "pollux_port_drops_total{port=\"web1\",reason=\"rx_oversize\"} 2",
             "pollux_fast_path_packets_total{worker=\"0\"} 40",
             "pollux_flow_table_entries{worker=\"0\"} 3",
+            "pollux_worker_ticks_total{worker=\"0\",kind=\"io\"} 300",
+            "pollux_worker_ticks_total{worker=\"0\",kind=\"fast_path\"} 500",
+            "pollux_worker_ticks_total{worker=\"0\",kind=\"slow_path\"} 200",
+            "pollux_worker_rx_bursts_total{worker=\"0\",size=\"32\"} 4",
             "pollux_policy_generation 9",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");

@@ -361,6 +361,39 @@ fn changes_under_traffic_lose_no_packet_of_established_flows() {
     assert!(rx >= r.tx as f64, "{rx} < {}:\n{text}", r.tx);
     assert!(sample("pollux_slow_path_packets_total", Some(("worker", "0"))) >= 200.0);
     assert_eq!(sample("pollux_policy_generation", None), (g0 + 5) as f64);
+    // Cycle accounting: the traffic's packets in bursts, their cycles
+    // split, the slow path's 200 connections among them; a reset starts
+    // it afresh.
+    assert!(sample("pollux_worker_ticks_total", Some(("kind", "slow_path"))) > 0.0);
+    assert!(sample("pollux_worker_ticks_total", Some(("kind", "io"))) > 0.0);
+    let (st, p) = s.api("GET", "/v1/perf", None);
+    assert_eq!(st, 200, "{p}");
+    let w = &p["workers"][0];
+    let rx = w["rx_packets"].as_u64().unwrap();
+    let in_bursts: u64 = w["rx_bursts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (i as u64 + 1) * n.as_u64().unwrap())
+        .sum();
+    assert!(rx >= r.tx && in_bursts <= rx, "{p}");
+    assert!(w["slow_path"].as_u64().unwrap() >= 200, "{p}");
+    for k in [
+        "cycles_per_packet",
+        "io_cycles_per_packet",
+        "fast_path_cycles",
+        "slow_path_cycles",
+    ] {
+        assert!(w[k].as_f64().unwrap() > 0.0, "{k}: {p}");
+    }
+    assert!(
+        w["cycles_per_packet"].as_f64().unwrap() >= w["io_cycles_per_packet"].as_f64().unwrap(),
+        "{p}"
+    );
+    let (st, p) = s.api("POST", "/v1/perf/reset", None);
+    assert_eq!(st, 200, "{p}");
+    assert!(p["workers"][0]["rx_packets"].as_u64().unwrap() < rx, "{p}");
     // Rule hits count connections judged: the 200 were admitted before the
     // first change replaced their group (which restarts its counters), and
     // are not judged again after it.

@@ -7,7 +7,7 @@
 //! Ports are called through `dyn Port` once per burst; the pipeline is a
 //! generic parameter, so there is no per-packet dynamic dispatch.
 
-use crate::batch::Batch;
+use crate::batch::{BURST, Batch};
 use crate::buf::PacketBuf;
 use crate::clock::TscClock;
 use crate::port::Port;
@@ -107,6 +107,13 @@ pub struct WorkerStats {
     /// Times the worker slept after a run of empty polls (only with an
     /// idle sleep set: [`Worker::with_idle_sleep`]).
     pub idle_sleeps: AtomicU64,
+    /// Clock ticks of busy iterations spent in the pipeline (its
+    /// `process` and `poll`), the rest of `busy_ticks` being port I/O
+    /// (receive, and transmit at the end of a burst) and the loop.
+    pub pipeline_ticks: AtomicU64,
+    /// Receive bursts by size: element `n - 1` counts the `rx_burst`
+    /// calls that returned `n` packets (1 to [`BURST`]).
+    pub rx_bursts: [AtomicU64; BURST],
 }
 
 /// Why a worker could not start.
@@ -178,11 +185,20 @@ struct Tally {
     idle_ticks: u64,
     rx: u64,
     tx: u64,
+    pipeline_ticks: u64,
+    rx_bursts: [u64; BURST],
 }
 
 impl Tally {
     fn publish(&mut self, s: &WorkerStats) {
         let t = std::mem::take(self);
+        s.pipeline_ticks
+            .fetch_add(t.pipeline_ticks, Ordering::Relaxed);
+        for (a, n) in s.rx_bursts.iter().zip(t.rx_bursts) {
+            if n > 0 {
+                a.fetch_add(n, Ordering::Relaxed);
+            }
+        }
         s.busy_polls.fetch_add(t.busy, Ordering::Relaxed);
         s.idle_polls.fetch_add(t.idle, Ordering::Relaxed);
         s.busy_ticks.fetch_add(t.busy_ticks, Ordering::Relaxed);
@@ -237,19 +253,28 @@ impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
     pub fn poll_once(&mut self) -> usize {
         let t0 = self.clock.now();
         let mut got = 0u64;
+        // Ticks in the pipeline (cycle accounting: the rest of a busy
+        // iteration is port I/O); three clock reads per busy port and one
+        // per poll.
+        let mut in_pipeline = 0u64;
         for i in 0..self.ports.len() {
             let n = self.ports[i].rx_burst(&mut self.rx);
             if n == 0 {
                 continue;
             }
             got += n as u64;
+            if let Some(b) = self.tally.rx_bursts.get_mut(n - 1) {
+                *b += 1;
+            }
             let mut ctx = Ctx {
                 ports: &mut self.ports,
                 pending: &mut self.pending,
                 drops: &self.stats.drops,
                 now: t0,
             };
+            let a = self.clock.now();
             self.pipeline.process(&mut ctx, i, &mut self.rx);
+            in_pipeline += self.clock.now().wrapping_sub(a);
             if !self.rx.is_empty() {
                 ctx.drops.add(DropReason::NoRoute, self.rx.len() as u64);
                 self.rx.clear();
@@ -262,16 +287,24 @@ impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
             drops: &self.stats.drops,
             now: t0,
         };
+        let a = self.clock.now();
         let extra = self.pipeline.poll(&mut ctx);
+        let b = self.clock.now();
+        in_pipeline += b.wrapping_sub(a);
         if extra > 0 {
             got += extra as u64;
             self.tally.tx += ctx.flush();
         }
-        let dt = self.clock.now().wrapping_sub(t0);
+        let dt = if extra > 0 {
+            self.clock.now().wrapping_sub(t0)
+        } else {
+            b.wrapping_sub(t0)
+        };
         let t = &mut self.tally;
         if got > 0 {
             t.busy += 1;
             t.busy_ticks += dt;
+            t.pipeline_ticks += in_pipeline;
             t.rx += got;
         } else {
             t.idle += 1;

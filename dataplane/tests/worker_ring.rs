@@ -167,6 +167,20 @@ fn worker_forwards_rewrites_and_counts_drops() {
     assert_eq!(stats.drops.total(), 22);
     assert!(stats.busy_polls.load(Ordering::Relaxed) > 0);
     assert!(stats.idle_polls.load(Ordering::Relaxed) > 0);
+    // Cycle accounting: every packet received is in one burst of its
+    // size, and the pipeline's ticks are part of the busy ones.
+    let in_bursts: u64 = stats
+        .rx_bursts
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (i as u64 + 1) * n.load(Ordering::Relaxed))
+        .sum();
+    assert_eq!(in_bursts, 1000 + 22 + 3);
+    let (busy, pipeline) = (
+        stats.busy_ticks.load(Ordering::Relaxed),
+        stats.pipeline_ticks.load(Ordering::Relaxed),
+    );
+    assert!(pipeline > 0 && pipeline < busy, "{pipeline} of {busy}");
     assert_eq!(sw_a_stats.snapshot().rx_packets, 1022);
     assert_eq!(sw_b_stats.snapshot().tx_packets, 1000);
     assert_eq!(

@@ -2654,9 +2654,9 @@ mod tests {
             } => assert_eq!(rewrite.apply_to_key(&back), stranger.reversed()),
             other => panic!("{other:?}"),
         }
-        // A port nothing maps (the mapping's port is random); TCP other
-        // than a SYN.
-        let unmapped = if m.1 == 2127 { 2126 } else { 2127 };
+        // A port nothing maps (neither VM's mapping: their ports are
+        // random); TCP other than a SYN.
+        let unmapped = (2126..).find(|p| *p != m.1 && *p != n.1).unwrap();
         let nothing = FlowKey::new(ip("203.0.113.7"), 999, m.0, unmapped, 17);
         assert_eq!(
             lb.snat_inbound(&nothing, 0, 3),

@@ -431,6 +431,11 @@ fn route(
             };
             reply(200, &maglev(state, slots))
         }
+        ("GET", ["v1", "perf"]) => reply(200, &perf(state, rt)),
+        ("POST", ["v1", "perf", "reset"]) => {
+            rt.perf_base = (local_counters(state, rt).workers, std::time::Instant::now());
+            reply(200, &perf(state, rt))
+        }
         ("GET", ["v1", "bgp"]) => match rt.bgp.view(state.config()) {
             Some(v) => reply(200, &v),
             None => Err(no_bgp()),
@@ -484,6 +489,26 @@ fn routes_of(c: &crate::config::Config) -> crate::api::Routes {
             .as_ref()
             .map(|u| u.route.clone())
             .unwrap_or_default(),
+    }
+}
+
+/// `GET /v1/perf`: each worker's cycle accounting since the last reset.
+fn perf(state: &ControlState, rt: &Runtime) -> crate::api::PerfView {
+    let (base, at) = &rt.perf_base;
+    crate::api::PerfView {
+        ticks_per_second: dataplane::clock::TscClock::process().hz(),
+        seconds: at.elapsed().as_secs_f64(),
+        workers: local_counters(state, rt)
+            .workers
+            .iter()
+            .map(|c| {
+                let since = match base.get(c.worker) {
+                    Some(b) => c.since(b),
+                    None => c.clone(),
+                };
+                crate::api::WorkerPerf::of(&since)
+            })
+            .collect(),
     }
 }
 
@@ -1005,6 +1030,9 @@ pub fn local_counters(state: &ControlState, rt: &Runtime) -> Counters {
             arp_requests: l(&ss.arp_requests),
             mux_tx: l(&ss.mux_tx),
             dsr_rx: l(&ss.dsr_rx),
+            pipeline_ticks: l(&ws.pipeline_ticks),
+            slow_path_ticks: l(&ss.slow_path_ticks),
+            rx_bursts: ws.rx_bursts.iter().map(l).collect(),
             drops: by_reason(ws.drops.nonzero().into_iter().chain(ss.nonzero())),
         })
         .map(|mut c| {

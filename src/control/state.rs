@@ -331,6 +331,9 @@ pub struct Runtime {
     pub neighbours: Neighbours,
     /// The BGP speaker (BIRD runs only with `[bgp]`).
     pub bgp: crate::bgp::Speaker,
+    /// Each worker's counts at the last reset of the cycle accounting
+    /// (`POST /v1/perf/reset`), and when.
+    pub perf_base: (Vec<crate::api::WorkerCounters>, std::time::Instant),
     next_id: u64,
 }
 
@@ -433,6 +436,7 @@ impl Runtime {
             base: Vec::new(),
             neighbours: Neighbours::default(),
             bgp: crate::bgp::Speaker::new(),
+            perf_base: (Vec::new(), std::time::Instant::now()),
             next_id: 1,
         }
     }

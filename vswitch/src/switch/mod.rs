@@ -139,6 +139,8 @@ pub struct Switch<B = dataplane::pool::PoolBuf> {
     counted_nsgs: Option<Arc<Vec<filter::CompiledNsg>>>,
     stats: Arc<SwitchStats>,
     clock: TscClock,
+    /// Ticks deciding slow-path packets since the last burst's end.
+    slow_ticks: u64,
     last_expire: u64,
     last_sweep: u64,
     /// How long a flow's hits go untold to its load-balancer connection.
@@ -197,6 +199,7 @@ impl<B: PacketBuf> Switch<B> {
             counted_nsgs: None,
             stats: Arc::default(),
             clock: TscClock::process(),
+            slow_ticks: 0,
             last_expire: 0,
             last_sweep: 0,
             lb_touch_ns: (cfg.timeouts.shortest() / 4).clamp(1_000_000, 10_000_000_000),
@@ -634,7 +637,10 @@ impl<B: PacketBuf> Switch<B> {
             }
         }
         tally.1 += 1;
-        match self.slow(policy, pkt.data_mut(), pk, in_port16, now) {
+        let t = self.clock.now();
+        let decided = self.slow(policy, pkt.data_mut(), pk, in_port16, now);
+        self.slow_ticks += self.clock.now().wrapping_sub(t);
+        match decided {
             Ok(Slow::Reply) => self.send_back(ctx, in_port16, pkt),
             Ok(Slow::Advert(mac)) => match rewrite::neighbor_advert(&mut pkt, pk, mac) {
                 Ok(()) => {
@@ -745,6 +751,9 @@ impl<B: PacketBuf> Switch<B> {
         }
         if slow > 0 {
             self.stats.slow_path.fetch_add(slow, Ordering::Relaxed);
+            self.stats
+                .slow_path_ticks
+                .fetch_add(std::mem::take(&mut self.slow_ticks), Ordering::Relaxed);
         }
         if handed > 0 {
             self.stats.handed_off.fetch_add(handed, Ordering::Relaxed);

@@ -151,6 +151,10 @@ pub struct SwitchStats {
     pub fast_path: AtomicU64,
     /// Packets that went through the slow path.
     pub slow_path: AtomicU64,
+    /// Clock ticks spent deciding slow-path packets (policy, connection
+    /// tracking, load balancing, the flow installed), for cycle
+    /// accounting.
+    pub slow_path_ticks: AtomicU64,
     /// ARP requests answered.
     pub arp_replies: AtomicU64,
     /// ICMP echo requests to a VIP or public address answered.
@@ -215,6 +219,7 @@ impl Default for SwitchStats {
         SwitchStats {
             drops: std::array::from_fn(|_| AtomicU64::new(0)),
             fast_path: AtomicU64::new(0),
+            slow_path_ticks: AtomicU64::new(0),
             slow_path: AtomicU64::new(0),
             arp_replies: AtomicU64::new(0),
             icmp_replies: AtomicU64::new(0),
