@@ -404,11 +404,13 @@ pub struct WorkerCounters {
     pub busy_ticks: u64,
     /// Clock ticks spent in idle polls.
     pub idle_ticks: u64,
-    /// Clock ticks of busy polls spent in the pipeline (the rest of
-    /// `busy_ticks` is port I/O: receiving, and sending at the end of a
-    /// burst).
+    /// Clock ticks of busy polls spent in the pipeline.
     #[serde(default)]
     pub pipeline_ticks: u64,
+    /// Clock ticks of busy polls outside it: port I/O (receiving, and
+    /// sending at the end of a burst) and the loop.
+    #[serde(default)]
+    pub io_ticks: u64,
     /// Clock ticks spent deciding slow-path packets (part of
     /// `pipeline_ticks`; the rest of it is the fast path).
     #[serde(default)]
@@ -500,6 +502,7 @@ impl WorkerCounters {
             (&mut self.idle_sleeps, base.idle_sleeps),
             (&mut self.busy_ticks, base.busy_ticks),
             (&mut self.pipeline_ticks, base.pipeline_ticks),
+            (&mut self.io_ticks, base.io_ticks),
             (&mut self.slow_path_ticks, base.slow_path_ticks),
             (&mut self.idle_ticks, base.idle_ticks),
             (&mut self.rx_packets, base.rx_packets),
@@ -540,8 +543,9 @@ impl WorkerCounters {
         }
     }
 
-    /// These counts less `base`'s (an earlier reading of the same
-    /// worker): what was counted since. Gauges stay as they are.
+    /// The cycle accounting's counts (polls, ticks, packets, fast and
+    /// slow path, bursts) less `base`'s, an earlier reading of the same
+    /// worker: what was counted since. Every other field is as read.
     pub fn since(&self, base: &WorkerCounters) -> WorkerCounters {
         let mut d = self.clone();
         for (c, b) in [
@@ -550,6 +554,7 @@ impl WorkerCounters {
             (&mut d.busy_ticks, base.busy_ticks),
             (&mut d.idle_ticks, base.idle_ticks),
             (&mut d.pipeline_ticks, base.pipeline_ticks),
+            (&mut d.io_ticks, base.io_ticks),
             (&mut d.slow_path_ticks, base.slow_path_ticks),
             (&mut d.rx_packets, base.rx_packets),
             (&mut d.tx_packets, base.tx_packets),
@@ -615,11 +620,11 @@ pub struct PerfView {
 pub struct WorkerPerf {
     /// Worker number.
     pub worker: usize,
-    /// Polls that received packets / nothing.
+    /// Polls that received packets.
     pub busy_polls: u64,
     /// Polls that received nothing.
     pub idle_polls: u64,
-    /// Ticks in busy and idle polls.
+    /// Ticks in busy polls.
     pub busy_ticks: u64,
     /// Ticks in idle polls: the headroom.
     pub idle_ticks: u64,
@@ -627,7 +632,7 @@ pub struct WorkerPerf {
     pub busy_percent: f64,
     /// Packets received (and taken from other workers).
     pub rx_packets: u64,
-    /// Packets by the fast path / the slow path.
+    /// Packets by the fast path.
     pub fast_path: u64,
     /// Packets by the slow path.
     pub slow_path: u64,
@@ -664,12 +669,12 @@ impl WorkerPerf {
             idle_polls: c.idle_polls,
             busy_ticks: c.busy_ticks,
             idle_ticks: c.idle_ticks,
-            busy_percent: 100.0 * per(c.busy_ticks, c.busy_ticks + c.idle_ticks),
+            busy_percent: 100.0 * per(c.busy_ticks, c.busy_ticks.saturating_add(c.idle_ticks)),
             rx_packets: c.rx_packets,
             fast_path: c.fast_path,
             slow_path: c.slow_path,
             cycles_per_packet: per(c.busy_ticks, c.rx_packets),
-            io_cycles_per_packet: per(c.busy_ticks.saturating_sub(c.pipeline_ticks), c.rx_packets),
+            io_cycles_per_packet: per(c.io_ticks, c.rx_packets),
             fast_path_cycles: per(fast_ticks, c.fast_path),
             slow_path_cycles: per(c.slow_path_ticks, c.slow_path),
             average_burst: per(burst_packets, bursts),
@@ -746,6 +751,7 @@ mod tests {
             busy_ticks: 1_000,
             idle_ticks: 500,
             pipeline_ticks: 600,
+            io_ticks: 400,
             slow_path_ticks: 100,
             rx_packets: 10,
             fast_path: 8,
@@ -757,6 +763,7 @@ mod tests {
             busy_ticks: 11_000,
             idle_ticks: 10_500,
             pipeline_ticks: 8_600,
+            io_ticks: 2_400,
             slow_path_ticks: 2_100,
             rx_packets: 110,
             fast_path: 98,

@@ -245,7 +245,7 @@ pub fn render(
     let ticks = counters(
         &mut reg,
         "pollux_worker_ticks",
-        "Clock ticks (TSC cycles) of each worker, by where they went: io (receiving and sending in busy polls), fast_path, slow_path, idle",
+        "Clock ticks (TSC cycles) of each worker: busy and idle polls; of busy ones, io (receiving, sending, the loop) and pipeline, of which slow_path",
     );
     let bursts = counters(
         &mut reg,
@@ -310,13 +310,14 @@ pub fn render(
         busy.get_or_create(&lw).inc_by(w.busy_polls);
         idle.get_or_create(&lw).inc_by(w.idle_polls);
         sleeps.get_or_create(&lw).inc_by(w.idle_sleeps);
-        // Busy ticks split: port I/O, fast path, slow path; and idle.
-        let fast = w.pipeline_ticks.saturating_sub(w.slow_path_ticks);
+        // Each counted apart, so each only grows: busy = io + pipeline;
+        // slow_path is part of pipeline (the rest is the fast path).
         for (kind, n) in [
-            ("io", w.busy_ticks.saturating_sub(w.pipeline_ticks)),
-            ("fast_path", fast),
-            ("slow_path", w.slow_path_ticks),
+            ("busy", w.busy_ticks),
             ("idle", w.idle_ticks),
+            ("io", w.io_ticks),
+            ("pipeline", w.pipeline_ticks),
+            ("slow_path", w.slow_path_ticks),
         ] {
             ticks
                 .get_or_create(&labels(&[("worker", &name), ("kind", kind)]))
@@ -421,6 +422,8 @@ mod tests {
                 fast_path: 40,
                 flow_table_entries: 3,
                 busy_ticks: 1000,
+                idle_ticks: 50,
+                io_ticks: 300,
                 pipeline_ticks: 700,
                 slow_path_ticks: 200,
                 rx_bursts: [vec![0; 31], vec![4]].concat(),
@@ -476,8 +479,10 @@ mod tests {
             "pollux_port_drops_total{port=\"web1\",reason=\"rx_oversize\"} 2",
             "pollux_fast_path_packets_total{worker=\"0\"} 40",
             "pollux_flow_table_entries{worker=\"0\"} 3",
+            "pollux_worker_ticks_total{worker=\"0\",kind=\"busy\"} 1000",
+            "pollux_worker_ticks_total{worker=\"0\",kind=\"idle\"} 50",
             "pollux_worker_ticks_total{worker=\"0\",kind=\"io\"} 300",
-            "pollux_worker_ticks_total{worker=\"0\",kind=\"fast_path\"} 500",
+            "pollux_worker_ticks_total{worker=\"0\",kind=\"pipeline\"} 700",
             "pollux_worker_ticks_total{worker=\"0\",kind=\"slow_path\"} 200",
             "pollux_worker_rx_bursts_total{worker=\"0\",size=\"32\"} 4",
             "pollux_policy_generation 9",

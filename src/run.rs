@@ -1308,6 +1308,8 @@ fn run_on<A: BufAlloc>(
         // Counters go on from the predecessor's.
         if inc.state.worker_counters.len() == workers {
             rt.base = inc.state.worker_counters.clone();
+            // The cycle accounting counts this process's work.
+            rt.perf_base = (rt.base.clone(), std::time::Instant::now());
         }
     }
     eprintln!(

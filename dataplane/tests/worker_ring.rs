@@ -181,6 +181,12 @@ fn worker_forwards_rewrites_and_counts_drops() {
         stats.pipeline_ticks.load(Ordering::Relaxed),
     );
     assert!(pipeline > 0 && pipeline < busy, "{pipeline} of {busy}");
+    let io = stats.io_ticks.load(Ordering::Relaxed);
+    assert_eq!(
+        io + pipeline,
+        busy,
+        "I/O and pipeline make up the busy ticks"
+    );
     assert_eq!(sw_a_stats.snapshot().rx_packets, 1022);
     assert_eq!(sw_b_stats.snapshot().tx_packets, 1000);
     assert_eq!(

@@ -1031,6 +1031,7 @@ pub fn local_counters(state: &ControlState, rt: &Runtime) -> Counters {
             mux_tx: l(&ss.mux_tx),
             dsr_rx: l(&ss.dsr_rx),
             pipeline_ticks: l(&ws.pipeline_ticks),
+            io_ticks: l(&ws.io_ticks),
             slow_path_ticks: l(&ss.slow_path_ticks),
             rx_bursts: ws.rx_bursts.iter().map(l).collect(),
             drops: by_reason(ws.drops.nonzero().into_iter().chain(ss.nonzero())),
