@@ -114,11 +114,7 @@ fn a_mux_spreads_a_vip_over_two_hosts_whose_replies_go_straight_to_the_client() 
     // What the Mux's link carries, as its other end sees it (pollux sends
     // past the kernel's taps on its own end).
     let cap = dir.join("mux.pcap");
-    let tcpdump = lab.spawn(
-        "rt",
-        &format!("exec tcpdump -i eth0 -nn -U -w {}", cap.display()),
-        &dir.join("tcpdump.log"),
-    );
+    let tcpdump = lab.capture("rt", "-i eth0 -nn", &cap);
     let (_, _, log_m) = lab.pollux("mux", &mux_config(&mux_up));
     let (_, _, log_1) = lab.pollux("h1", &host_config(&lab, 1, &h1_up, 2));
     let (_, _, log_2) = lab.pollux("h2", &host_config(&lab, 2, &h2_up, 1));

@@ -370,14 +370,7 @@ fn a_vnet_spans_hosts_in_vxlan_and_geneve_with_the_kernel_as_a_peer() {
     }
     // The tunnels, as the router sees them.
     let cap = dir.join("underlay.pcap");
-    let tcpdump = lab.spawn(
-        "rt",
-        &format!(
-            "exec tcpdump -i any -U -s 256 -w {} 'udp port 4789 or udp port 6081'",
-            cap.display()
-        ),
-        &dir.join("tcpdump.log"),
-    );
+    let tcpdump = lab.capture("rt", "-i any -s 256 'udp port 4789 or udp port 6081'", &cap);
     let (idx_a, _, log_a) = lab.pollux("a", &host_a(&lab, &a_up));
     let (_, _, log_b) = lab.pollux("b", &host_b(&lab, &b_up));
     let (api_a, api_b) = (lab.api("a"), lab.api("b"));

@@ -81,11 +81,7 @@ fn a_linux_dip_with_ipip_and_the_vip_on_lo_serves_through_the_mux() {
     let md5 = md5.split_whitespace().next().unwrap().to_string();
     // The Mux, its one DIP the guest, on-link.
     let cap = dir.join("mux.pcap");
-    let tcpdump = lab.spawn(
-        "rt",
-        &format!("exec tcpdump -i eth0 -nn -U -w {}", cap.display()),
-        &dir.join("tcpdump.log"),
-    );
+    let tcpdump = lab.capture("rt", "-i eth0 -nn", &cap);
     let (_, _, log) = lab.pollux("mux", &mux::config(&mux_up, &[], &[DIP], "/health"));
     let api = lab.api("mux");
     let logs = || format!("MUX:\n{}", read(&log));

@@ -130,6 +130,24 @@ impl Lab {
         self.children.len() - 1
     }
 
+    /// Starts tcpdump in namespace `tag` with `args` (interface, filter)
+    /// writing to `pcap` packet by packet; returns (its child index) once
+    /// it captures: tcpdump writes the file's header when its capture is
+    /// open.
+    pub fn capture(&mut self, tag: &str, args: &str, pcap: &Path) -> usize {
+        let log = pcap.with_extension("log");
+        let idx = self.spawn(
+            tag,
+            &format!("exec tcpdump -U -w {} {args}", pcap.display()),
+            &log,
+        );
+        let open = wait_for(Duration::from_secs(30), || {
+            std::fs::metadata(pcap).is_ok_and(|m| m.len() >= 24)
+        });
+        assert!(open, "tcpdump did not start capturing: {}", read(&log));
+        idx
+    }
+
     /// Starts `cmd` (bash) in the root namespace, output to `log`.
     pub fn spawn_root(&mut self, cmd: &str, log: &Path) -> usize {
         let f = std::fs::File::create(log).unwrap();
