@@ -470,7 +470,8 @@ impl Speaker {
             eprintln!("pollux: bgp: {why}");
             self.error = Some(why);
             self.child = None;
-            self.forget(b);
+            self.forget();
+            self.sessions = Self::sessions_down(b, "BIRD not running");
         }
         if self.child.is_none() {
             if let Some(pid) = self.after {
@@ -764,24 +765,19 @@ impl Speaker {
     }
 
     /// What is known of a BIRD that is gone.
-    fn forget(&mut self, b: &BgpCfg) {
+    fn forget(&mut self) {
         self.applied = None;
         self.vips_disabled = false;
         self.started_with = None;
         self.started_at = None;
         self.announced.clear();
-        self.sessions = Self::sessions_down(b, "BIRD not running");
     }
 
     fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
-            self.applied = None;
-            self.vips_disabled = false;
-            self.started_with = None;
-            self.started_at = None;
-            self.announced.clear();
+            self.forget();
             for s in &mut self.sessions {
                 s.up = false;
                 s.state = "down".into();

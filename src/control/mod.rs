@@ -172,6 +172,19 @@ fn flow_filter(cfg: &Config, q: &HashMap<String, String>) -> Result<FlowFilter, 
     Ok(f)
 }
 
+/// A true-or-false query parameter `key` (`1`/`true`, `0`/`false`;
+/// absent: false).
+fn flag(q: &HashMap<String, String>, key: &str) -> Result<bool, ApiError> {
+    match q.get(key).map(String::as_str) {
+        None | Some("0" | "false") => Ok(false),
+        Some("1" | "true") => Ok(true),
+        Some(other) => Err(ApiError::new(
+            400,
+            format!("{key}: {other:?} is not true or false"),
+        )),
+    }
+}
+
 /// A cached flow as the API shows it, ports by name.
 fn flow_body(i: &vswitch::flow::FlowInfo, ports: &[String], policy: &vswitch::Policy) -> Flow {
     let k = &i.key;
@@ -418,19 +431,7 @@ fn route(
             change_backend(state, vip, backend, change)
         }
         ("GET", ["v1", "underlay"]) => reply(200, &underlay(state, rt)),
-        ("GET", ["v1", "maglev"]) => {
-            let slots = match q.get("slots").map(String::as_str) {
-                None | Some("0" | "false") => false,
-                Some("1" | "true") => true,
-                Some(other) => {
-                    return Err(ApiError::new(
-                        400,
-                        format!("slots: {other:?} is not true or false"),
-                    ));
-                }
-            };
-            reply(200, &maglev(state, slots))
-        }
+        ("GET", ["v1", "maglev"]) => reply(200, &maglev(state, flag(&q, "slots")?)),
         ("GET", ["v1", "perf"]) => reply(200, &perf(state, rt)),
         ("POST", ["v1", "perf", "reset"]) => {
             rt.perf_base = (local_counters(state, rt).workers, std::time::Instant::now());
@@ -898,16 +899,7 @@ fn flows(
             .map_err(|_| ApiError::new(400, format!("limit: {l:?} is not a number")))?,
         None => 1000,
     };
-    let reset = match q.get("reset").map(String::as_str) {
-        None | Some("0" | "false") => false,
-        Some("1" | "true") => true,
-        Some(other) => {
-            return Err(ApiError::new(
-                400,
-                format!("reset: {other:?} is not true or false"),
-            ));
-        }
-    };
+    let reset = flag(q, "reset")?;
     if reset && !delete {
         return Err(ApiError::new(
             400,
