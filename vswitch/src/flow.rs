@@ -5,6 +5,7 @@
 use dataplane::{FlowKey, MacAddr};
 use lb::conntrack::{ConnRef, Dir};
 use lb::nat::Rewrite;
+use platform::HugeVec;
 
 /// The load-balancer connection a flow belongs to: the core of its vnet,
 /// the connection (a [`ConnRef`]: a connection that is gone, its slot
@@ -265,9 +266,13 @@ pub struct FlowRef {
 #[derive(Debug)]
 pub struct FlowTable {
     seed: [u64; 4],
-    buckets: Vec<Bucket>,
+    /// The index and the slab live in huge pages where the kernel has
+    /// them ([`platform::HugeVec`]): at a million flows they are over 200
+    /// MiB, and with 4 KiB pages nearly every lookup would also miss the
+    /// TLB.
+    buckets: HugeVec<Bucket>,
     mask: usize,
-    slots: Vec<Slot>,
+    slots: HugeVec<Slot>,
     /// Per slot: in use (false: on the free list).
     live: Vec<bool>,
     /// Removals so far (wrapping): what a [`FlowRef`] is checked against.
@@ -317,11 +322,14 @@ impl FlowTable {
             *w = random.hash_one(0x706f_6c6c_7578u64 + i as u64) | 1;
         }
         let n = buckets_for(initial.min(capacity));
+        // Without memory for them now, both start empty: inserts then try
+        // again, and count the table as full while they fail.
+        let buckets = HugeVec::from_elem(Bucket::default(), n).unwrap_or_default();
         FlowTable {
             seed,
-            buckets: vec![Bucket::default(); n],
-            mask: n - 1,
-            slots: Vec::with_capacity(initial.min(capacity)),
+            mask: buckets.len().max(1) - 1,
+            buckets,
+            slots: HugeVec::with_capacity(initial.min(capacity)).unwrap_or_default(),
             live: Vec::with_capacity(initial.min(capacity)),
             removals: 0,
             free: Vec::new(),
@@ -362,15 +370,36 @@ impl FlowTable {
         ((hash >> 48) as u16).max(1)
     }
 
-    /// Loads the bucket of `hash` without using it: called for every packet
-    /// of a burst before the lookups, so that their cache misses overlap
-    /// (the safe stand-in for a prefetch instruction). Returns a value to
-    /// pass to `std::hint::black_box` so the load is kept.
+    /// Starts loading the bucket of `hash` into the cache without waiting
+    /// for it: called for every packet of a burst before the lookups, so
+    /// that their cache misses overlap.
     #[inline(always)]
-    pub fn touch(&self, hash: u64) -> u32 {
-        self.buckets
-            .get(hash as usize & self.mask)
-            .map_or(0, |b| b.overflow)
+    pub fn prefetch_bucket(&self, hash: u64) {
+        if let Some(b) = self.buckets.get(hash as usize & self.mask) {
+            platform::prefetch(b);
+        }
+    }
+
+    /// Starts loading the slots that the home bucket of `hash` points at
+    /// with `hash`'s signature (in practice the one flow it may be), the
+    /// two cache lines a hit reads: the second stage of a burst's lookups,
+    /// after [`FlowTable::prefetch_bucket`] and before
+    /// [`FlowTable::find`], so that the slot misses of a burst overlap
+    /// too. Reads the bucket; compares no key.
+    #[inline(always)]
+    pub fn prefetch_slot(&self, hash: u64) {
+        let Some(bucket) = self.buckets.get(hash as usize & self.mask) else {
+            return;
+        };
+        let mut m = candidates(bucket.sigs, Self::sig(hash));
+        while m != 0 {
+            let w = (m.trailing_zeros() / 16) as usize;
+            m &= m - 1;
+            if let Some(slot) = bucket.slot.get(w).and_then(|&s| self.slots.get(s as usize)) {
+                platform::prefetch(&slot.key);
+                platform::prefetch(&slot.entry.action);
+            }
+        }
     }
 
     /// The flow of `key` on `in_port`, whose [`FlowTable::hash`] is `hash`.
@@ -476,8 +505,10 @@ impl FlowTable {
             self.stats.full += 1;
             return Insert::Full;
         }
-        if (self.len + 1) * 2 > self.buckets.len() * WAYS {
-            self.grow();
+        if (self.len + 1) * 2 > self.buckets.len() * WAYS && !self.grow() {
+            // No memory for a larger index.
+            self.stats.full += 1;
+            return Insert::Full;
         }
         let slot = Slot {
             key,
@@ -495,7 +526,11 @@ impl FlowTable {
                 s
             }
             None => {
-                self.slots.push(slot);
+                if self.slots.push(slot).is_err() {
+                    // No memory for a larger slab.
+                    self.stats.full += 1;
+                    return Insert::Full;
+                }
                 self.live.push(true);
                 (self.slots.len() - 1) as u32
             }
@@ -527,13 +562,19 @@ impl FlowTable {
     }
 
     /// Doubles the index (up to what `capacity` needs) and places every
-    /// live slot again.
-    fn grow(&mut self) {
-        let n = (self.buckets.len() * 2).min(buckets_for(self.capacity).max(self.buckets.len()));
+    /// live slot again. False, and the index unchanged, when there is no
+    /// memory for it or it is as large as the capacity needs.
+    fn grow(&mut self) -> bool {
+        let n = (self.buckets.len() * 2)
+            .max(2)
+            .min(buckets_for(self.capacity).max(self.buckets.len()));
         if n == self.buckets.len() {
-            return;
+            return false;
         }
-        self.buckets = vec![Bucket::default(); n];
+        let Ok(buckets) = HugeVec::from_elem(Bucket::default(), n) else {
+            return false;
+        };
+        self.buckets = buckets;
         self.mask = n - 1;
         for i in 0..self.slots.len() {
             let (Some(slot), Some(true)) = (self.slots.get(i), self.live.get(i)) else {
@@ -542,6 +583,7 @@ impl FlowTable {
             let h = self.hash(slot.in_port, &slot.key);
             self.place(h, i as u32);
         }
+        true
     }
 
     /// Removes the flow of `key` on `in_port`.

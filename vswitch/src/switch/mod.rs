@@ -809,10 +809,10 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
         // The burst in stages, so that the cache misses of its lookups
         // overlap instead of following one another, and no stage reads
         // what the one before has only just written (store forwarding
-        // stalls): parse every packet in place; hash every key and load its
-        // bucket; search the index for all of them (the bucket and slot
-        // loads of one packet do not wait for the previous one); then
-        // process each packet.
+        // stalls): parse every packet in place; hash every key and
+        // prefetch its bucket; prefetch the slot each bucket points at
+        // (the buckets have arrived meanwhile); search the index for all of
+        // them (the slots have arrived); then process each packet.
         const N: usize = dataplane::BURST;
         let in16 = in_port as u16;
         let n = pkts.len();
@@ -845,12 +845,13 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
         {
             *st = parse_into(pkt.data(), *port, p);
         }
-        let mut touched = 0;
         for ((h, p), port) in hash.iter_mut().zip(parsed.iter()).zip(ports.iter()).take(n) {
             *h = self.flows.hash(*port, &p.key);
-            touched ^= self.flows.touch(*h);
+            self.flows.prefetch_bucket(*h);
         }
-        std::hint::black_box(touched);
+        for h in hash.iter().take(n) {
+            self.flows.prefetch_slot(*h);
+        }
         for ((((r, p), h), st), port) in hint
             .iter_mut()
             .zip(parsed.iter())

@@ -1,0 +1,421 @@
+//! # platform — prefetch and huge-page-backed arrays
+//!
+//! Owns: the `unsafe` that the switch's and load balancer's large tables
+//! need from the CPU and the kernel, behind safe interfaces:
+//! [`prefetch`] (a cache-line prefetch hint for a reference) and
+//! [`HugeVec`] (a growable array of `Copy` values in an anonymous mapping
+//! that the kernel is asked to back with 2 MiB transparent huge pages).
+//!
+//! Must not touch: DPDK (that is `dpdk-sys`), packets, policy. Nothing here
+//! allocates on its own after construction except [`HugeVec::push`] past
+//! the capacity (which remaps, as a `Vec` reallocates).
+//!
+//! Why not a crate: `memmap2` maps and advises anonymous memory safely but
+//! gives bytes, not a typed array of non-`Pod` values (the flow table's
+//! slots hold `Option`s); `core::arch`'s prefetch needs `unsafe` at every
+//! call site.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::ops::{Deref, DerefMut};
+use std::ptr::NonNull;
+
+/// Asks the CPU to bring the cache line holding `r` into all cache levels
+/// without waiting for it: a hint, which never faults and changes nothing
+/// but timing. Does nothing on CPUs without a prefetch instruction here.
+#[inline(always)]
+pub fn prefetch<T>(r: &T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE is part of the x86_64 baseline, so the instruction exists;
+    // a prefetch reads no memory architecturally and cannot fault, and `r`
+    // is a valid reference anyway.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+            (r as *const T).cast::<i8>(),
+        );
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = r;
+}
+
+/// The size of a transparent huge page on x86_64 and most aarch64 kernels.
+pub const HUGE_PAGE: usize = 2 << 20;
+
+/// How a [`HugeVec`]'s memory is backed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backing {
+    /// Nothing mapped yet (capacity 0).
+    None,
+    /// An anonymous mapping the kernel accepted `MADV_HUGEPAGE` for: it
+    /// backs it with 2 MiB pages when THP is `always` or `madvise` and it
+    /// has them free (small pages otherwise, transparently).
+    HugePages,
+    /// An anonymous mapping with small pages: `MADV_HUGEPAGE` was refused
+    /// (THP disabled or absent).
+    SmallPages,
+}
+
+/// An array of `Copy` values, growable like a `Vec`, in its own anonymous
+/// mapping, 2 MiB aligned, advised for transparent huge pages. Pages are
+/// faulted in (zeroed by the kernel) as elements are first written, as with
+/// a `Vec`'s reserved capacity.
+///
+/// For tables large enough to miss the TLB on every random access with
+/// 4 KiB pages (1 M flow-table slots are 192 MiB: 49 152 small pages, 96
+/// huge ones): a miss then costs one memory access, not a page walk too.
+pub struct HugeVec<T: Copy> {
+    /// Start of the mapping (dangling when `map_len` is 0).
+    ptr: NonNull<T>,
+    len: usize,
+    cap: usize,
+    /// Bytes mapped (a multiple of [`HUGE_PAGE`]); 0: nothing mapped.
+    map_len: usize,
+    backing: Backing,
+    _owns: PhantomData<T>,
+}
+
+// SAFETY: a HugeVec owns its elements as a Vec does (no sharing, no
+// interior mutability of its own), so it is Send/Sync when T is.
+unsafe impl<T: Copy + Send> Send for HugeVec<T> {}
+// SAFETY: as above; `&HugeVec` gives only `&[T]`.
+unsafe impl<T: Copy + Sync> Sync for HugeVec<T> {}
+
+/// Why [`HugeVec`] could not get memory.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MapError {
+    /// The array would be larger than the address space.
+    #[error("an array of {elements} elements is larger than the address space")]
+    TooLarge {
+        /// Elements asked for.
+        elements: usize,
+    },
+    /// `mmap` refused.
+    #[error("mapping {bytes} bytes of anonymous memory failed: {}", std::io::Error::from_raw_os_error(*.errno))]
+    Mmap {
+        /// Bytes asked for.
+        bytes: usize,
+        /// Its error number.
+        errno: i32,
+    },
+}
+
+impl<T: Copy> HugeVec<T> {
+    /// An empty array; maps nothing until the first push.
+    pub const fn new() -> Self {
+        HugeVec {
+            ptr: NonNull::dangling(),
+            len: 0,
+            cap: 0,
+            map_len: 0,
+            backing: Backing::None,
+            _owns: PhantomData,
+        }
+    }
+
+    /// An empty array with room for `cap` elements (rounded up to whole
+    /// huge pages), the address space reserved and nothing faulted in.
+    pub fn with_capacity(cap: usize) -> Result<Self, MapError> {
+        let mut v = Self::new();
+        v.reserve_exact(cap)?;
+        Ok(v)
+    }
+
+    /// `n` copies of `value`.
+    pub fn from_elem(value: T, n: usize) -> Result<Self, MapError> {
+        let mut v = Self::with_capacity(n)?;
+        for _ in 0..n {
+            v.push(value)?;
+        }
+        Ok(v)
+    }
+
+    /// Elements in use.
+    #[inline(always)]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// No elements.
+    #[inline(always)]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Elements that fit before the array must be remapped.
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// How the memory is backed.
+    pub fn backing(&self) -> Backing {
+        self.backing
+    }
+
+    /// Appends `value`; past the capacity the array moves to a mapping
+    /// twice as large (its elements copied, as a `Vec` does). `Err` (and
+    /// nothing changed) when no memory can be mapped.
+    #[inline]
+    pub fn push(&mut self, value: T) -> Result<(), MapError> {
+        if self.len == self.cap {
+            self.reserve_exact(self.cap.max(1).saturating_mul(2))?;
+        }
+        // SAFETY: `len < cap`, so the element lies inside the mapping, which
+        // is writable and aligned for T (page aligned, and a T's size is a
+        // multiple of its alignment); writing a Copy value drops nothing.
+        unsafe { self.ptr.as_ptr().add(self.len).write(value) };
+        self.len += 1;
+        Ok(())
+    }
+
+    /// Room for `cap` elements in all (never shrinks).
+    fn reserve_exact(&mut self, cap: usize) -> Result<(), MapError> {
+        if cap <= self.cap {
+            return Ok(());
+        }
+        let size = std::mem::size_of::<T>().max(1);
+        let bytes = cap
+            .checked_mul(size)
+            .and_then(|b| b.checked_next_multiple_of(HUGE_PAGE))
+            .filter(|b| *b <= isize::MAX as usize / 2)
+            .ok_or(MapError::TooLarge { elements: cap })?;
+        let (ptr, backing) = map_aligned(bytes)?;
+        let new_cap = if std::mem::size_of::<T>() == 0 {
+            usize::MAX
+        } else {
+            bytes / size
+        };
+        let ptr = ptr.cast::<T>();
+        if self.len > 0 {
+            // SAFETY: both regions are mapped, distinct, and hold at least
+            // `len` elements; the old one's first `len` are initialised.
+            unsafe { std::ptr::copy_nonoverlapping(self.ptr.as_ptr(), ptr.as_ptr(), self.len) };
+        }
+        self.unmap();
+        self.ptr = ptr;
+        self.cap = new_cap;
+        self.map_len = bytes;
+        self.backing = backing;
+        Ok(())
+    }
+
+    fn unmap(&mut self) {
+        if self.map_len > 0 {
+            // SAFETY: `ptr`/`map_len` is exactly a mapping this array made
+            // (the aligned part `map_aligned` kept), referenced by nothing
+            // else once this array lets go of it.
+            unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.map_len) };
+            self.map_len = 0;
+        }
+    }
+}
+
+/// An anonymous private mapping of `bytes` (a multiple of [`HUGE_PAGE`])
+/// at a [`HUGE_PAGE`]-aligned address, advised for huge pages.
+fn map_aligned(bytes: usize) -> Result<(NonNull<u8>, Backing), MapError> {
+    // Over-map by one huge page, then cut the unaligned head and tail off:
+    // the kernel aligns only some large anonymous mappings by itself.
+    let total = bytes + HUGE_PAGE;
+    // SAFETY: a fresh anonymous mapping, no address hint, no fd: it overlaps
+    // nothing Rust knows of.
+    let raw = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            total,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if raw == libc::MAP_FAILED {
+        return Err(MapError::Mmap {
+            bytes: total,
+            errno: std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
+        });
+    }
+    let start = raw as usize;
+    let aligned = start.next_multiple_of(HUGE_PAGE);
+    let head = aligned - start;
+    let tail = total - head - bytes;
+    // SAFETY: the head and tail lie inside the mapping just made and
+    // outside the part kept; unmapping them touches nothing else.
+    unsafe {
+        if head > 0 {
+            libc::munmap(raw, head);
+        }
+        if tail > 0 {
+            libc::munmap((aligned + bytes) as *mut libc::c_void, tail);
+        }
+    }
+    // SAFETY: advice on the mapping just made; it changes how the kernel
+    // backs it, never its contents.
+    let advised = unsafe { libc::madvise(aligned as *mut libc::c_void, bytes, libc::MADV_HUGEPAGE) };
+    let backing = if advised == 0 {
+        Backing::HugePages
+    } else {
+        Backing::SmallPages
+    };
+    match NonNull::new(aligned as *mut u8) {
+        Some(p) => Ok((p, backing)),
+        None => Err(MapError::Mmap {
+            bytes: total,
+            errno: 0,
+        }),
+    }
+}
+
+impl<T: Copy> Drop for HugeVec<T> {
+    fn drop(&mut self) {
+        self.unmap();
+    }
+}
+
+impl<T: Copy> Default for HugeVec<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T: Copy> Deref for HugeVec<T> {
+    type Target = [T];
+    #[inline(always)]
+    fn deref(&self) -> &[T] {
+        // SAFETY: the first `len` elements are initialised and inside the
+        // mapping (or `len` is 0 and the pointer dangling but aligned).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl<T: Copy> DerefMut for HugeVec<T> {
+    #[inline(always)]
+    fn deref_mut(&mut self) -> &mut [T] {
+        // SAFETY: as in `deref`, and `&mut self` makes the borrow unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl<T: Copy + fmt::Debug> fmt::Debug for HugeVec<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HugeVec")
+            .field("len", &self.len)
+            .field("capacity", &self.cap)
+            .field("backing", &self.backing)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn pushes_reads_and_grows_past_its_first_mapping() {
+        let mut v = HugeVec::<[u64; 3]>::with_capacity(10).unwrap();
+        let first = v.capacity();
+        assert!(first >= 10 && first * 24 <= HUGE_PAGE);
+        for i in 0..(first as u64 * 2 + 5) {
+            v.push([i, i * 2, !i]).unwrap();
+        }
+        assert!(v.capacity() > first);
+        assert_eq!(v.len(), first * 2 + 5);
+        for (i, e) in v.iter().enumerate() {
+            let i = i as u64;
+            assert_eq!(*e, [i, i * 2, !i]);
+        }
+        v[7][1] = 99;
+        assert_eq!(v[7], [7, 99, !7]);
+        assert_eq!(v.as_ptr() as usize % HUGE_PAGE, 0);
+    }
+
+    #[test]
+    fn an_empty_array_maps_nothing() {
+        let v = HugeVec::<u32>::new();
+        assert!(v.is_empty());
+        assert_eq!(v.backing(), Backing::None);
+        assert_eq!(&v[..], &[] as &[u32]);
+    }
+
+    #[test]
+    fn refuses_an_array_larger_than_the_address_space() {
+        assert_eq!(
+            HugeVec::<[u8; 64]>::with_capacity(usize::MAX / 8).unwrap_err(),
+            MapError::TooLarge {
+                elements: usize::MAX / 8
+            }
+        );
+    }
+
+    /// The kernel's THP mode (`always [madvise] never`).
+    fn thp_mode() -> String {
+        let s = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .unwrap_or_default();
+        s.split('[')
+            .nth(1)
+            .and_then(|r| r.split(']').next())
+            .unwrap_or("absent")
+            .to_string()
+    }
+
+    /// Kilobytes of `AnonHugePages` in the mapping holding `addr`, from
+    /// /proc/self/smaps (a header line per mapping, `lo-hi perms ...`, then
+    /// its `Field: value` lines).
+    fn anon_huge_kb(addr: usize) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            let first = line.split_whitespace().next().unwrap_or("");
+            if let Some((lo, hi)) = first.split_once('-') {
+                if let (Ok(lo), Ok(hi)) =
+                    (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+                {
+                    inside = (lo..hi).contains(&addr);
+                    continue;
+                }
+            }
+            if let (true, Some(kb)) = (inside, line.strip_prefix("AnonHugePages:")) {
+                return kb.trim().trim_end_matches("kB").trim().parse().unwrap();
+            }
+        }
+        panic!("no mapping holds {addr:#x} in /proc/self/smaps");
+    }
+
+    /// Where the kernel does THP (`madvise` or `always`), the array's
+    /// memory is really in huge pages once written: the kernel's own
+    /// accounting says so.
+    #[test]
+    fn written_memory_is_backed_by_huge_pages() {
+        let mode = thp_mode();
+        assert!(
+            mode == "madvise" || mode == "always",
+            "transparent huge pages are `{mode}` here: this test needs `madvise` or `always`"
+        );
+        let n = 8 * HUGE_PAGE / 64;
+        let v = HugeVec::from_elem([1u64; 8], n).unwrap();
+        assert_eq!(v.backing(), Backing::HugePages);
+        let kb = anon_huge_kb(v.as_ptr() as usize);
+        // All eight pages, or nearly (memory may be short of free huge pages).
+        assert!(kb >= 6 * 2048, "only {kb} kB of the 16 MiB array in huge pages");
+        assert!(v.iter().all(|e| *e == [1u64; 8]));
+    }
+
+    proptest! {
+        /// Same contents as a Vec given the same pushes and writes.
+        #[test]
+        fn behaves_as_a_vec(ops in proptest::collection::vec((any::<bool>(), any::<u16>()), 0..3000)) {
+            let mut h = HugeVec::<u16>::new();
+            let mut v = Vec::new();
+            for (push, x) in ops {
+                if push || v.is_empty() {
+                    h.push(x).unwrap();
+                    v.push(x);
+                } else {
+                    let i = usize::from(x) % v.len();
+                    h[i] = x;
+                    v[i] = x;
+                }
+            }
+            prop_assert_eq!(&h[..], &v[..]);
+        }
+    }
+}
