@@ -249,7 +249,8 @@ fn map_aligned(bytes: usize) -> Result<(NonNull<u8>, Backing), MapError> {
     }
     // SAFETY: advice on the mapping just made; it changes how the kernel
     // backs it, never its contents.
-    let advised = unsafe { libc::madvise(aligned as *mut libc::c_void, bytes, libc::MADV_HUGEPAGE) };
+    let advised =
+        unsafe { libc::madvise(aligned as *mut libc::c_void, bytes, libc::MADV_HUGEPAGE) };
     let backing = if advised == 0 {
         Backing::HugePages
     } else {
@@ -395,7 +396,10 @@ mod tests {
         assert_eq!(v.backing(), Backing::HugePages);
         let kb = anon_huge_kb(v.as_ptr() as usize);
         // All eight pages, or nearly (memory may be short of free huge pages).
-        assert!(kb >= 6 * 2048, "only {kb} kB of the 16 MiB array in huge pages");
+        assert!(
+            kb >= 6 * 2048,
+            "only {kb} kB of the 16 MiB array in huge pages"
+        );
         assert!(v.iter().all(|e| *e == [1u64; 8]));
     }
 
