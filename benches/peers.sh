@@ -25,7 +25,11 @@
 # Prints a Markdown section and puts it into docs/performance.md between
 # the `peers.sh` markers (WRITE=0: print only).
 #
-# DEVICES="testpmd ovs pollux" (the default) chooses which to run.
+# DEVICES="testpmd ovs pollux acl" (the default) chooses which to run;
+# `acl` compares the classifiers: dpdk-test-acl (rte_acl, scalar and AVX2)
+# and pollux's on the same generated rule files and trace at 100, 1 000
+# and 10 000 rules (ACL_SIZES), checking that both give every packet the
+# same rule.
 #
 # Usage (root): benches/peers.sh [seconds per trial, default 5] [flow counts, default "1 10000 1000000"]
 # Installs what it lacks from Debian (dpdk, openvswitch-switch-dpdk,
@@ -34,6 +38,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-5}"
+[ "$secs" -ge 4 ] || { echo "trials of at least 4 seconds"; exit 2; }
 sizes="${2:-1 10000 1000000}"
 [ "$(id -u)" -eq 0 ] || { echo "needs root (DPDK, huge pages)"; exit 2; }
 
@@ -48,9 +53,8 @@ if [ "${#pkgs[@]}" -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${pkgs[@]}"
 fi
 # OVS runs its EAL in huge pages (512 MiB); the others run without.
-if [ "$(cat /proc/sys/vm/nr_hugepages)" -lt 512 ]; then
-    echo 512 > /proc/sys/vm/nr_hugepages
-fi
+huge_before=$(cat /proc/sys/vm/nr_hugepages)
+[ "$huge_before" -ge 512 ] || echo 512 > /proc/sys/vm/nr_hugepages
 cargo build --release --features dpdk -q
 bin="${CARGO_TARGET_DIR:-target}/release/pollux"
 
@@ -64,6 +68,7 @@ cleanup() {
     wait 2>/dev/null || true
     [ -n "${KEEP:-}" ] || rm -rf "$tmp"
     rm -rf /var/run/dpdk/pp-*
+    [ "$huge_before" -ge 512 ] || echo "$huge_before" > /proc/sys/vm/nr_hugepages
 }
 trap cleanup EXIT
 
@@ -72,35 +77,50 @@ SERVER_MAC=02:00:00:00:00:04
 GW_MAC=12:34:56:78:9a:bc
 VIP=10.1.0.100
 
-warmup_for() { # seconds of warm-up: every flow sent (and installed) several times
-    if [ "$1" -ge 1000000 ]; then echo 6; elif [ "$1" -ge 10000 ]; then echo 2; else echo 1; fi
-}
-
-# One unpaced trial into the sockets $1 (client side) and $2 (server side)
-# towards $3 with $4 flows; runs $5 (a shell function: reset the DUT's
-# cycle accounting) once the warm-up is over and $6 (read it) before the
-# measured phase ends. Prints "rx_mpps" and leaves the reading in $tmp/cpp.
-trial() {
-    local in=$1 out=$2 dst=$3 flows=$4 reset=$5 read=$6 warm
-    warm=$(warmup_for "$flows")
+gen() { # pktgen from CPU 0 into the sockets $1 (client side) and $2 (server side), towards $3, $4 flows; the rest are pktgen's
+    local in=$1 out=$2 dst=$3 flows=$4
+    shift 4
     taskset -c 0 "$bin" pktgen --eal "--no-huge -m 1024 --no-pci -l 0 --log-level=error --file-prefix=pp-gen" \
         --tx "dpdk:virtio_user0,path=$in,mac=$CLIENT_MAC" \
         --rx "dpdk:virtio_user1,path=$out,mac=$SERVER_MAC" \
         --src-ip 10.1.1.0 --src-ips 16 --sport 1024 --dst-ip "$dst" --dport 80 \
-        --dst-mac "$GW_MAC" --flows "$flows" --duration "$secs" --warmup "$warm" \
-        --json > "$tmp/gen.json" 2> "$tmp/gen.err" &
-    local gen=$!
-    sleep "$warm"
-    sleep 0.5
-    "$reset"
-    sleep "$((secs - 1))"
-    "$read" > "$tmp/cpp"
-    wait "$gen" || { echo "pktgen failed:" >&2; cat "$tmp/gen.err" >&2; return 1; }
+        --dst-mac "$GW_MAC" --flows "$flows" "$@"
+}
+
+# Sends the flows until the device tracks (nearly) all of them as
+# connections ($5: a shell function printing how many it tracks; `none`
+# for a device without state): a device that sets connections up slowly is
+# then measured in its steady state, not while it is still setting up.
+fill() {
+    local in=$1 out=$2 dst=$3 flows=$4 count=$5 n=0 t0=$SECONDS
+    [ "$count" != none ] || return 0
+    while [ $((SECONDS - t0)) -lt 120 ]; do
+        gen "$in" "$out" "$dst" "$flows" --duration 2 --warmup 0 > /dev/null 2>> "$tmp/gen.err" || true
+        n=$("$count")
+        [ "$n" -lt $((flows * 99 / 100)) ] || { echo "$n connections after $((SECONDS - t0)) s" >> "$tmp/fill.log"; return 0; }
+    done
+    echo "the device tracks $n of $flows connections after 120 s" >&2
+    return 1
+}
+
+# One unpaced trial (after `fill`) with a 1 s warm-up; runs $5 (a shell
+# function: reset the device's cycle accounting) 1.5 s into the trial,
+# past pktgen's start and warm-up, and $6 (read it) 1 s before the measured
+# phase ends. Prints the rate received in Mpps and leaves the reading in
+# $tmp/cpp.
+trial() {
+    local in=$1 out=$2 dst=$3 flows=$4 reset=$5 read=$6
+    gen "$in" "$out" "$dst" "$flows" --duration "$secs" --warmup 1 --json > "$tmp/gen.json" 2>> "$tmp/gen.err" &
+    local g=$!
+    sleep 2.5
+    "$reset" || { echo "resetting the cycle accounting failed" >&2; return 1; }
+    sleep "$((secs - 2))"
+    "$read" > "$tmp/cpp" || { echo "reading the cycle accounting failed" >&2; return 1; }
+    wait "$g" || { echo "pktgen failed:" >&2; cat "$tmp/gen.err" >&2; return 1; }
     python3 -c '
 import json, sys
-r = json.load(open(sys.argv[1]))
-t = r["trials"][-1]
-print("%.2f" % (t["rx_pps"] / 1e6) + ("*" if r.get("generator_bound") else ""))
+t = json.load(open(sys.argv[1]))["trials"][-1]
+print("%.2f" % (t["rx_pps"] / 1e6))
 ' "$tmp/gen.json"
 }
 
@@ -117,6 +137,8 @@ testpmd_start() {
     dut_pid=$!
     wait_sock "$tmp/tp-out.sock"
 }
+# testpmd has no reset: its count covers its whole run (io forwarding
+# keeps no state, so its warm-up costs what the rest does).
 testpmd_reset() { :; }
 testpmd_read() { :; }
 testpmd_stop() { # testpmd prints its forwarding statistics when it stops
@@ -172,6 +194,9 @@ ovs_read() {
         sed -n 's/.*avg processing cycles per packet: \([0-9.]*\).*/\1/p' | head -1
 }
 ovs_flush() { ovs-appctl -t "$od/vswitchd.ctl" dpctl/flush-conntrack > /dev/null; }
+ovs_conns() {
+    ovs-appctl -t "$od/vswitchd.ctl" dpctl/ct-stats-show | sed -n 's/.*Total: *\([0-9]*\).*/\1/p' | head -1 | grep . || echo 0
+}
 
 # --- pollux ----------------------------------------------------------------------
 pollux_start() {
@@ -231,11 +256,15 @@ import json, sys
 w = json.load(sys.stdin)["workers"][0]
 print("%.0f" % w["cycles_per_packet"])'
 }
-pollux_restart() { kill "$dut_pid"; wait "$dut_pid" || true; dut_pid=""; pollux_start; }
+pollux_conns() {
+    api http://pollux/v1/counters | python3 -c '
+import json, sys
+print(sum(w.get("connections", 0) for w in json.load(sys.stdin)["workers"]))'
+}
 
 # --- the run ---------------------------------------------------------------------
 declare -A mpps cpp
-devices="${DEVICES:-testpmd ovs pollux}"
+devices="${DEVICES:-testpmd ovs pollux acl}"
 for flows in $sizes; do
     [[ $devices == *testpmd* ]] || break
     testpmd_start
@@ -252,19 +281,23 @@ for flows in $sizes; do
         ovs_flush
         dst=10.1.0.4
         [ "$mode" = vip ] && dst=$VIP
+        if [ "$mode" = vip ]; then
+            fill "$od/vin" "$od/vout" "$dst" "$flows" ovs_conns
+        fi
         mpps[ovs-$mode,$flows]=$(trial "$od/vin" "$od/vout" "$dst" "$flows" ovs_reset ovs_read)
         cpp[ovs-$mode,$flows]=$(cat "$tmp/cpp")
         echo "OVS $mode, $flows flows: ${mpps[ovs-$mode,$flows]} Mpps, ${cpp[ovs-$mode,$flows]} cycles/packet" >&2
     done
 done
 # shellcheck disable=SC2086
-[ -z "$ovs_pids" ] || kill $ovs_pids; wait 2>/dev/null || true; ovs_pids=""
+[ -z "$ovs_pids" ] || kill $ovs_pids 2>/dev/null || true; wait 2>/dev/null || true; ovs_pids=""
 for flows in $sizes; do
     [[ $devices == *pollux* ]] || break
     for mode in plain vip; do
         pollux_start
         dst=10.1.0.4
         [ "$mode" = vip ] && dst=$VIP
+        fill "$tmp/px-in.sock" "$tmp/px-out.sock" "$dst" "$flows" pollux_conns
         mpps[pollux-$mode,$flows]=$(trial "$tmp/px-in.sock" "$tmp/px-out.sock" "$dst" "$flows" pollux_reset pollux_read)
         cpp[pollux-$mode,$flows]=$(cat "$tmp/cpp")
         echo "pollux $mode, $flows flows: ${mpps[pollux-$mode,$flows]} Mpps, ${cpp[pollux-$mode,$flows]} cycles/packet" >&2
@@ -272,13 +305,43 @@ for flows in $sizes; do
     done
 done
 
+# --- classifiers: rte_acl (dpdk-test-acl) and pollux's, same rules, same trace --------
+declare -A acl
+acl_sizes="${ACL_SIZES:-100 1000 10000}"
+if [[ $devices == *acl* ]]; then
+    cargo build --release -q -p filter --example rte_acl
+    gen="${CARGO_TARGET_DIR:-target}/release/examples/rte_acl"
+    for n in $acl_sizes; do
+        "$gen" gen "$tmp/rules-$n" "$n" "$tmp/trace-$n" 50000 "$n"
+        # The answers first, packet by packet (rte_acl prints them at
+        # --verbose=2, inside its timed loop, so it is timed apart).
+        taskset -c 1 dpdk-test-acl --no-huge -m 512 --no-pci -l 1 --log-level=error --file-prefix=pp-acl -- \
+            --rulesf="$tmp/rules-$n" --tracef="$tmp/trace-$n" --iter=1 --verbose=2 |
+            sed -n 's/^ipv4_5tuple: .*result: //p' > "$tmp/rte-$n.out"
+        for alg in scalar avx2; do
+            acl[rte-$alg,$n]=$(taskset -c 1 dpdk-test-acl --no-huge -m 512 --no-pci -l 1 --log-level=error \
+                --file-prefix=pp-acl -- --rulesf="$tmp/rules-$n" --tracef="$tmp/trace-$n" \
+                --iter=200 --verbose=0 --alg=$alg |
+                sed -n 's/.* \([0-9.]*\) cycles\/pkt.*/\1/p' | tail -1)
+        done
+        acl[pollux,$n]=$(taskset -c 1 "$gen" run "$tmp/rules-$n" "$tmp/trace-$n" 200 "$tmp/pollux-$n.out" |
+            sed -n 's/.* \([0-9.]*\) cycles\/pkt.*/\1/p')
+        if cmp -s "$tmp/rte-$n.out" "$tmp/pollux-$n.out"; then
+            acl[agree,$n]="all $(wc -l < "$tmp/rte-$n.out")"
+        else
+            acl[agree,$n]="DIFFER"
+        fi
+        echo "classifiers, $n rules: rte_acl scalar ${acl[rte-scalar,$n]}, avx2 ${acl[rte-avx2,$n]}, pollux ${acl[pollux,$n]} cycles/packet; answers: ${acl[agree,$n]}" >&2
+    done
+fi
+
 ovs_version=$(ovs-vswitchd --version | head -1 | awk '{print $NF}')
 dpdk_version=$(pkg-config --modversion libdpdk 2>/dev/null || echo "?")
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a > 0 && b > 0) printf "%.2f", a / b; else printf "-" }'; }
 section=$(
     echo "## pollux, OVS-DPDK and testpmd over vhost-user — \`sudo benches/peers.sh $secs\` ($(date -u +%Y-%m-%d), pollux at $(git rev-parse --short HEAD))"
     echo
-    echo "$(nproc) vCPUs: $(lscpu | sed -n 's/^Model name: *//p' | head -1). \`pollux pktgen\` (two \`virtio_user\` ports, unpaced 64-byte UDP, ${secs} s per trial after a warm-up that sends every flow several times) on CPU 0; the device under test on CPU 1 with one polling core, owning both vhost-user sockets. Mpps: what came back on the server side. Cycles: the device's busy cycles per packet over the measured phase (testpmd \`--record-core-cycles\`; OVS \`dpif-netdev/pmd-stats-show\`, avg processing cycles per packet; pollux \`GET /v1/perf\`). OVS-DPDK $ovs_version (Debian), DPDK $dpdk_version; the VIP in OVS is OVN's pipeline: \`ct(nat)\`, a select group of three buckets each \`ct(commit,nat(dst=DIP:8080))\`, MACs, TTL; in pollux a VIP of three backends (Maglev, connection tracking, DNAT, MACs, TTL). Flows: 16 client addresses times source ports, each a connection to the load balancers."
+    echo "$(nproc) vCPUs: $(lscpu | sed -n 's/^Model name: *//p' | head -1). \`pollux pktgen\` (two \`virtio_user\` ports, unpaced 64-byte UDP, ${secs} s per trial after a 1 s warm-up; before it, for the devices that track connections, the flows are sent until the device tracks 99% of them) on CPU 0; the device under test on CPU 1 with one polling core, owning both vhost-user sockets. Mpps: what came back on the server side. Cycles: the device's busy cycles per packet over the measured phase (testpmd \`--record-core-cycles\`, over its whole run; OVS \`dpif-netdev/pmd-stats-show\`, avg processing cycles per packet; pollux \`GET /v1/perf\`). OVS-DPDK $ovs_version (Debian), DPDK $dpdk_version; the VIP in OVS is OVN's pipeline: \`ct(nat)\`, a select group of three buckets each \`ct(commit,nat(dst=DIP:8080))\`, MACs, TTL; in pollux a VIP of three backends (Maglev, connection tracking, DNAT, MACs, TTL). Flows: 16 client addresses times source ports, each a connection to the load balancers."
     echo
     echo "| device | flows | Mpps | cycles/packet |"
     echo "|---|---:|---:|---:|"
@@ -291,14 +354,24 @@ section=$(
             pollux-vip) name="pollux, VIP (Maglev, conntrack, DNAT)" ;;
         esac
         for flows in $sizes; do
-            echo "| $name | $flows | ${mpps[$dev,$flows]} | ${cpp[$dev,$flows]} |"
+            echo "| $name | $flows | ${mpps[$dev,$flows]:--} | ${cpp[$dev,$flows]:--} |"
         done
     done
+    if [[ $devices == *acl* ]]; then
+        echo
+        echo "Classifiers, one core (CPU 1), the same rule files and a 50 000-packet trace (TCP and UDP, half drawn from inside a random rule, half anywhere in 10.0.0.0/8), 200 passes: DPDK's rte_acl through \\`dpdk-test-acl\\` (its own TSC count around the search, bursts of 256), pollux's \\`filter::Classifier\\` through \\`filter/examples/rte_acl.rs\\` (one packet at a time, the same count). Answers: each packet's winning rule from both, compared."
+        echo
+        echo "| rules | rte_acl scalar, cycles/packet | rte_acl avx2 | pollux | pollux / rte_acl avx2 | answers agree |"
+        echo "|---:|---:|---:|---:|---:|---|"
+        for n in $acl_sizes; do
+            echo "| $n | ${acl[rte-scalar,$n]:--} | ${acl[rte-avx2,$n]:--} | ${acl[pollux,$n]:--} | $(ratio "${acl[pollux,$n]:-0}" "${acl[rte-avx2,$n]:-0}") | ${acl[agree,$n]:--} |"
+        done
+    fi
     echo
     echo "Ratios, same run:"
     echo
     for flows in $sizes; do
-        echo "- $flows flows: pollux VIP / OVS VIP throughput $(ratio "${mpps[pollux-vip,$flows]}" "${mpps[ovs-vip,$flows]}"), cycles per packet $(ratio "${cpp[pollux-vip,$flows]}" "${cpp[ovs-vip,$flows]}"); pollux VIP / testpmd io cycles per packet $(ratio "${cpp[pollux-vip,$flows]}" "${cpp[testpmd,$flows]}")"
+        echo "- $flows flows: pollux VIP / OVS VIP throughput $(ratio "${mpps[pollux-vip,$flows]:-0}" "${mpps[ovs-vip,$flows]:-0}"), cycles per packet $(ratio "${cpp[pollux-vip,$flows]:-0}" "${cpp[ovs-vip,$flows]:-0}"); pollux VIP / testpmd io cycles per packet $(ratio "${cpp[pollux-vip,$flows]:-0}" "${cpp[testpmd,$flows]:-0}")"
     done
 )
 echo "$section"

@@ -303,8 +303,8 @@ impl FlowTable {
     /// A table of at most `capacity` entries; entries idle for `idle_ns`
     /// (or `closing_ns` after FIN/RST) expire. The index is sized for the
     /// capacity (up to 4 Mi entries; beyond that it doubles as the table
-    /// fills), and the slab's memory is reserved, so that installing flows
-    /// does not stop to rehash or copy.
+    /// fills), and the slab's address space is reserved for the whole
+    /// capacity, so that installing flows does not stop to rehash or copy.
     pub fn new(capacity: usize, idle_ns: u64, closing_ns: u64) -> Self {
         Self::sized(capacity, idle_ns, closing_ns, capacity.min(1 << 22))
     }
@@ -329,7 +329,12 @@ impl FlowTable {
             seed,
             mask: buckets.len().max(1) - 1,
             buckets,
-            slots: HugeVec::with_capacity(initial.min(capacity)).unwrap_or_default(),
+            // The slab's whole capacity is reserved (address space only:
+            // pages are committed as slots are first written), so it never
+            // moves: growing it would copy every flow on the worker.
+            slots: HugeVec::with_capacity(capacity)
+                .or_else(|_| HugeVec::with_capacity(initial.min(capacity)))
+                .unwrap_or_default(),
             live: Vec::with_capacity(initial.min(capacity)),
             removals: 0,
             free: Vec::new(),
@@ -391,10 +396,14 @@ impl FlowTable {
         let Some(bucket) = self.buckets.get(hash as usize & self.mask) else {
             return;
         };
-        let mut m = candidates(bucket.sigs, Self::sig(hash));
+        let sig = Self::sig(hash);
+        let mut m = candidates(bucket.sigs, sig);
         while m != 0 {
             let w = (m.trailing_zeros() / 16) as usize;
             m &= m - 1;
+            if lane(bucket.sigs, w) != sig {
+                continue;
+            }
             if let Some(slot) = bucket.slot.get(w).and_then(|&s| self.slots.get(s as usize)) {
                 platform::prefetch(&slot.key);
                 platform::prefetch(&slot.entry.action);
