@@ -67,7 +67,9 @@ fn main() {
             }
         }
         _ => {
-            eprintln!("usage: rte_acl gen RULES N TRACE M SEED | rte_acl run RULES TRACE ITER [OUT]");
+            eprintln!(
+                "usage: rte_acl gen RULES N TRACE M SEED | rte_acl run RULES TRACE ITER [OUT]"
+            );
             std::process::exit(2);
         }
     }

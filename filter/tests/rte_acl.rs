@@ -37,7 +37,15 @@ fn every_packet_gets_the_rule_rte_acl_gives_it() {
     );
     let prefix = format!("pxacl{}", std::process::id());
     let out = Command::new("dpdk-test-acl")
-        .args(["--no-huge", "-m", "512", "--no-pci", "-l", "0", "--log-level=error"])
+        .args([
+            "--no-huge",
+            "-m",
+            "512",
+            "--no-pci",
+            "-l",
+            "0",
+            "--log-level=error",
+        ])
         .arg(format!("--file-prefix={prefix}"))
         .arg("--")
         .arg(format!("--rulesf={}", rf.display()))
@@ -66,7 +74,12 @@ fn every_packet_gets_the_rule_rte_acl_gives_it() {
             (n, r)
         })
         .collect();
-    assert_eq!(theirs.len(), trace.len(), "rte_acl classified {} packets", theirs.len());
+    assert_eq!(
+        theirs.len(),
+        trace.len(),
+        "rte_acl classified {} packets",
+        theirs.len()
+    );
     let cls = Classifier::new(files::pollux_rules(&rules));
     let mut matched = 0;
     for (n, r) in &theirs {
@@ -74,10 +87,16 @@ fn every_packet_gets_the_rule_rte_acl_gives_it() {
         let ours = cls
             .classify(&files::key(p))
             .map_or(u32::MAX, |v| v.rule as u32);
-        assert_eq!(ours, *r, "packet {n} {p:x?}: pollux says {ours}, rte_acl {r}");
+        assert_eq!(
+            ours, *r,
+            "packet {n} {p:x?}: pollux says {ours}, rte_acl {r}"
+        );
         matched += usize::from(*r != u32::MAX);
     }
     // Both kinds of answer were compared, many times over.
-    assert!(matched > trace.len() / 3, "only {matched} packets matched a rule");
+    assert!(
+        matched > trace.len() / 3,
+        "only {matched} packets matched a rule"
+    );
     assert!(matched < trace.len(), "every packet matched a rule");
 }

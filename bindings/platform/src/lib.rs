@@ -406,7 +406,10 @@ mod tests {
         assert_eq!(v.backing(), Backing::HugePages);
         let kb = anon_huge_kb(v.as_ptr() as usize);
         // At least one of the eight (memory may be too fragmented for all).
-        assert!(kb >= 2048, "none of the 16 MiB array is in huge pages ({kb} kB)");
+        assert!(
+            kb >= 2048,
+            "none of the 16 MiB array is in huge pages ({kb} kB)"
+        );
         assert!(v.iter().all(|e| *e == [1u64; 8]));
     }
 

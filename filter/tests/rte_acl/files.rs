@@ -16,6 +16,10 @@ use ipnet::{IpNet, Ipv4Net};
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
 
+/// A trace packet: source, destination, source port, destination port,
+/// protocol.
+pub type Packet = (u32, u32, u16, u16, u8);
+
 /// SplitMix64, seeded: every run makes the same sets.
 pub struct Rng(pub u64);
 
@@ -89,10 +93,22 @@ pub fn rules(n: usize, seed: u64) -> Vec<AclRule> {
                 45..80 => Some(17),
                 _ => None,
             };
-            let src = prefix(&mut rng, 30);
+            // No rule matches every packet of a protocol (the rules below
+            // it would never be reached): a rule of any protocol names its
+            // source, narrower than a /8.
+            let mut src = prefix(&mut rng, if proto.is_some() { 30 } else { 0 });
+            while proto.is_none() && src.prefix_len() <= 8 {
+                src = prefix(&mut rng, 0);
+            }
             let dst = prefix(&mut rng, 20);
+            // Nor does one whose addresses both cover the trace's 10.0.0.0/8
+            // (its destination port is named).
+            let wide = src.prefix_len() <= 8 && dst.prefix_len() <= 8;
             let (sport, dport) = if proto.is_some() {
-                (ports(&mut rng, 90), ports(&mut rng, 10))
+                (
+                    ports(&mut rng, 90),
+                    ports(&mut rng, if wide { 0 } else { 10 }),
+                )
             } else {
                 ((0, u16::MAX), (0, u16::MAX))
             };
@@ -119,7 +135,7 @@ fn inside(rng: &mut Rng, n: Ipv4Net) -> u32 {
 
 /// `m` packets: half inside a random rule's fields, half anywhere in
 /// 10.0.0.0/8; TCP or UDP. (src, dst, sport, dport, proto).
-pub fn trace(rules: &[AclRule], m: usize, seed: u64) -> Vec<(u32, u32, u16, u16, u8)> {
+pub fn trace(rules: &[AclRule], m: usize, seed: u64) -> Vec<Packet> {
     let mut rng = Rng(seed);
     (0..m)
         .map(|_| {
@@ -167,7 +183,7 @@ pub fn rule_file(rules: &[AclRule]) -> String {
 }
 
 /// The trace file `dpdk-test-acl --tracef` reads.
-pub fn trace_file(trace: &[(u32, u32, u16, u16, u8)]) -> String {
+pub fn trace_file(trace: &[Packet]) -> String {
     let mut s = String::new();
     for (src, dst, sp, dp, proto) in trace {
         let _ = writeln!(s, "0x{src:08x}\t0x{dst:08x}\t{sp}\t{dp}\t{proto}");
@@ -212,7 +228,7 @@ pub fn parse_rules(text: &str) -> Result<Vec<AclRule>, String> {
 }
 
 /// Parses a trace file back.
-pub fn parse_trace(text: &str) -> Result<Vec<(u32, u32, u16, u16, u8)>, String> {
+pub fn parse_trace(text: &str) -> Result<Vec<Packet>, String> {
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
@@ -273,7 +289,7 @@ pub fn pollux_rules(rules: &[AclRule]) -> Vec<Rule> {
 }
 
 /// A trace packet as a flow key.
-pub fn key((src, dst, sp, dp, proto): (u32, u32, u16, u16, u8)) -> FlowKey {
+pub fn key((src, dst, sp, dp, proto): Packet) -> FlowKey {
     FlowKey::new(
         IpAddr::V4(Ipv4Addr::from(src)),
         sp,
