@@ -195,7 +195,7 @@ ovs_read() {
 }
 ovs_flush() { ovs-appctl -t "$od/vswitchd.ctl" dpctl/flush-conntrack > /dev/null; }
 ovs_conns() {
-    ovs-appctl -t "$od/vswitchd.ctl" dpctl/ct-stats-show | sed -n 's/.*Total: *\([0-9]*\).*/\1/p' | head -1 | grep . || echo 0
+    ovs-appctl -t "$od/vswitchd.ctl" dpctl/ct-get-nconns
 }
 
 # --- pollux ----------------------------------------------------------------------
