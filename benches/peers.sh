@@ -359,7 +359,7 @@ section=$(
     done
     if [[ $devices == *acl* ]]; then
         echo
-        echo "Classifiers, one core (CPU 1), the same rule files and a 50 000-packet trace (TCP and UDP, half drawn from inside a random rule, half anywhere in 10.0.0.0/8), 200 passes: DPDK's rte_acl through \\`dpdk-test-acl\\` (its own TSC count around the search, bursts of 256), pollux's \\`filter::Classifier\\` through \\`filter/examples/rte_acl.rs\\` (one packet at a time, the same count). Answers: each packet's winning rule from both, compared."
+        echo "Classifiers, one core (CPU 1), the same rule files and a 50 000-packet trace (TCP and UDP, half drawn from inside a random rule, half anywhere in 10.0.0.0/8), 200 passes: DPDK's rte_acl through \`dpdk-test-acl\` (its own TSC count around the search, bursts of 256), pollux's \`filter::Classifier\` through \`filter/examples/rte_acl.rs\` (one packet at a time, the same count). Answers: each packet's winning rule from both, compared."
         echo
         echo "| rules | rte_acl scalar, cycles/packet | rte_acl avx2 | pollux | pollux / rte_acl avx2 | answers agree |"
         echo "|---:|---:|---:|---:|---:|---|"
