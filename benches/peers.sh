@@ -19,8 +19,10 @@
 # Busy cycles per packet: testpmd's own (`--record-core-cycles`, printed
 # when it stops), OVS's "avg processing cycles per packet" from
 # `dpif-netdev/pmd-stats-show`, pollux's `cycles_per_packet` from
-# `GET /v1/perf`; each counted over the measured phase only (reset after
-# the warm-up), so a generator-bound run still shows the switch's headroom.
+# `GET /v1/perf`; OVS's
+# and pollux's over the measured phase only (reset after the warm-up),
+# testpmd's over its whole run (it has no reset; io forwarding keeps no
+# state), so a generator-bound run still shows the switch's headroom.
 #
 # Prints a Markdown section and puts it into docs/performance.md between
 # the `peers.sh` markers (WRITE=0: print only).
@@ -32,9 +34,9 @@
 # same rule.
 #
 # Usage (root): benches/peers.sh [seconds per trial, default 5] [flow counts, default "1 10000 1000000"]
-# Installs what it lacks from Debian (dpdk, openvswitch-switch-dpdk,
-# libdpdk-dev and libclang-dev for pollux's dpdk build) and builds pollux
-# with --features dpdk.
+# Installs what it lacks from Debian (dpdk, dpdk-dev for dpdk-test-acl,
+# openvswitch-switch-dpdk, libdpdk-dev and libclang-dev for pollux's dpdk
+# build) and builds pollux with --features dpdk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-5}"
@@ -44,6 +46,7 @@ sizes="${2:-1 10000 1000000}"
 
 pkgs=()
 command -v dpdk-testpmd >/dev/null || pkgs+=(dpdk)
+command -v dpdk-test-acl >/dev/null || pkgs+=(dpdk-dev)
 [ -x /usr/lib/openvswitch-switch-dpdk/ovs-vswitchd-dpdk ] || pkgs+=(openvswitch-switch-dpdk)
 pkg-config --exists libdpdk 2>/dev/null || pkgs+=(libdpdk-dev pkg-config)
 [ -n "$(ls /usr/lib/llvm-*/lib/libclang*.so* 2>/dev/null)" ] || pkgs+=(libclang-dev)
@@ -96,8 +99,11 @@ fill() {
     [ "$count" != none ] || return 0
     while [ $((SECONDS - t0)) -lt 120 ]; do
         gen "$in" "$out" "$dst" "$flows" --duration 2 --warmup 0 > /dev/null 2>> "$tmp/gen.err" || true
-        n=$("$count")
-        [ "$n" -lt $((flows * 99 / 100)) ] || { echo "$n connections after $((SECONDS - t0)) s" >> "$tmp/fill.log"; return 0; }
+        n=$("$count") || n=0
+        if [[ $n =~ ^[0-9]+$ ]] && [ "$n" -ge $((flows * 99 / 100)) ]; then
+            echo "$n connections after $((SECONDS - t0)) s" >> "$tmp/fill.log"
+            return 0
+        fi
     done
     echo "the device tracks $n of $flows connections after 120 s" >&2
     return 1
@@ -113,9 +119,9 @@ trial() {
     gen "$in" "$out" "$dst" "$flows" --duration "$secs" --warmup 1 --json > "$tmp/gen.json" 2>> "$tmp/gen.err" &
     local g=$!
     sleep 2.5
-    "$reset" || { echo "resetting the cycle accounting failed" >&2; return 1; }
+    "$reset" || { echo "resetting the cycle accounting failed" >&2; kill "$g"; wait "$g"; return 1; }
     sleep "$((secs - 2))"
-    "$read" > "$tmp/cpp" || { echo "reading the cycle accounting failed" >&2; return 1; }
+    "$read" > "$tmp/cpp" || { echo "reading the cycle accounting failed" >&2; kill "$g"; wait "$g"; return 1; }
     wait "$g" || { echo "pktgen failed:" >&2; cat "$tmp/gen.err" >&2; return 1; }
     python3 -c '
 import json, sys
@@ -307,29 +313,33 @@ done
 
 # --- classifiers: rte_acl (dpdk-test-acl) and pollux's, same rules, same trace --------
 declare -A acl
+acl_differ=0
 acl_sizes="${ACL_SIZES:-100 1000 10000}"
 if [[ $devices == *acl* ]]; then
     cargo build --release -q -p filter --example rte_acl
-    gen="${CARGO_TARGET_DIR:-target}/release/examples/rte_acl"
+    acl_bin="${CARGO_TARGET_DIR:-target}/release/examples/rte_acl"
     for n in $acl_sizes; do
-        "$gen" gen "$tmp/rules-$n" "$n" "$tmp/trace-$n" 50000 "$n"
+        "$acl_bin" gen "$tmp/rules-$n" "$n" "$tmp/trace-$n" 50000 "$n"
         # The answers first, packet by packet (rte_acl prints them at
         # --verbose=2, inside its timed loop, so it is timed apart).
         taskset -c 1 dpdk-test-acl --no-huge -m 512 --no-pci -l 1 --log-level=error --file-prefix=pp-acl -- \
             --rulesf="$tmp/rules-$n" --tracef="$tmp/trace-$n" --iter=1 --verbose=2 |
-            sed -n 's/^ipv4_5tuple: .*result: //p' > "$tmp/rte-$n.out"
+            sed -n 's/^ipv4_5tuple: .*result: //p' > "$tmp/rte-$n.out" || true
         for alg in scalar avx2; do
             acl[rte-$alg,$n]=$(taskset -c 1 dpdk-test-acl --no-huge -m 512 --no-pci -l 1 --log-level=error \
                 --file-prefix=pp-acl -- --rulesf="$tmp/rules-$n" --tracef="$tmp/trace-$n" \
                 --iter=200 --verbose=0 --alg=$alg |
-                sed -n 's/.* \([0-9.]*\) cycles\/pkt.*/\1/p' | tail -1)
+                sed -n 's/.* \([0-9.]*\) cycles\/pkt.*/\1/p' | tail -1) || true
         done
-        acl[pollux,$n]=$(taskset -c 1 "$gen" run "$tmp/rules-$n" "$tmp/trace-$n" 200 "$tmp/pollux-$n.out" |
-            sed -n 's/.* \([0-9.]*\) cycles\/pkt.*/\1/p')
-        if cmp -s "$tmp/rte-$n.out" "$tmp/pollux-$n.out"; then
+        acl[pollux,$n]=$(taskset -c 1 "$acl_bin" run "$tmp/rules-$n" "$tmp/trace-$n" 200 "$tmp/pollux-$n.out" |
+            sed -n 's/.* \([0-9.]*\) cycles\/pkt.*/\1/p') || true
+        if [ -s "$tmp/rte-$n.out" ] && cmp -s "$tmp/rte-$n.out" "$tmp/pollux-$n.out"; then
             acl[agree,$n]="all $(wc -l < "$tmp/rte-$n.out")"
         else
             acl[agree,$n]="DIFFER"
+            acl_differ=1
+            echo "rte_acl and pollux disagree at $n rules (line: rte_acl pollux):" >&2
+            paste -d ' ' "$tmp/rte-$n.out" "$tmp/pollux-$n.out" | awk '$1 != $2 { print NR ": " $0 }' | head -5 >&2 || true
         fi
         echo "classifiers, $n rules: rte_acl scalar ${acl[rte-scalar,$n]}, avx2 ${acl[rte-avx2,$n]}, pollux ${acl[pollux,$n]} cycles/packet; answers: ${acl[agree,$n]}" >&2
     done
@@ -390,3 +400,4 @@ open(path, "w").write(doc)
 PY
     echo "(written into docs/performance.md)"
 fi
+[ "$acl_differ" = 0 ] || { echo "the classifiers disagreed (above)" >&2; exit 1; }

@@ -309,8 +309,9 @@ impl FlowTable {
         Self::sized(capacity, idle_ns, closing_ns, capacity.min(1 << 22))
     }
 
-    /// [`FlowTable::new`] with the index and slab first sized for `initial`
-    /// entries.
+    /// [`FlowTable::new`] with the index first sized for `initial` entries
+    /// (the slab for the whole capacity, or for `initial` where the
+    /// kernel refuses to reserve that much address space).
     fn sized(capacity: usize, idle_ns: u64, closing_ns: u64, initial: usize) -> Self {
         let capacity = capacity.clamp(1, u32::MAX as usize / 2);
         // A per-table random seed: flow keys come from packets, so an

@@ -66,7 +66,9 @@ pub enum Backing {
 /// 4 KiB pages (1 M flow-table slots are 192 MiB: 49 152 small pages, 96
 /// huge ones): a miss then costs one memory access, not a page walk too.
 /// The address space is reserved without committing memory
-/// (`MAP_NORESERVE`), so a large capacity costs nothing until written; the
+/// (`MAP_NORESERVE`), so a large capacity costs nothing until written
+/// (under `vm.overcommit_memory=2` the kernel commits it anyway, and may
+/// refuse a large one: `Err`); the
 /// first write to each 2 MiB page faults it in whole (the kernel zeroes it:
 /// tens of microseconds, once per 2 MiB instead of once per 4 KiB).
 pub struct HugeVec<T: Copy> {

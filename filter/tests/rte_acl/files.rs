@@ -212,16 +212,20 @@ pub fn parse_rules(text: &str) -> Result<Vec<AclRule>, String> {
         };
         let port = |s: &str| num(s).and_then(|v| u16::try_from(v).map_err(|_| bad()));
         let (p, m) = proto.split_once('/').ok_or_else(bad)?;
+        // Only what both classifiers mean the same by: TCP or UDP
+        // exactly, or any protocol.
+        let proto = match (num(p)?, num(m)?) {
+            (_, 0) => None,
+            (6, 0xff) => Some(6),
+            (17, 0xff) => Some(17),
+            _ => return Err(format!("{}: only 6/0xff, 17/0xff or any (mask 0)", bad())),
+        };
         out.push(AclRule {
             src: src.parse().map_err(|_| bad())?,
             dst: dst.parse().map_err(|_| bad())?,
             sport: (port(slo)?, port(shi)?),
             dport: (port(dlo)?, port(dhi)?),
-            proto: if num(m)? == 0 {
-                None
-            } else {
-                Some(u8::try_from(num(p)?).map_err(|_| bad())?)
-            },
+            proto,
         });
     }
     Ok(out)
@@ -245,6 +249,10 @@ pub fn parse_trace(text: &str) -> Result<Vec<Packet>, String> {
             let [src, dst, sp, dp, proto, ..] = t[..] else {
                 return Err(bad());
             };
+            // pollux compares no ports for other protocols; rte_acl does.
+            if !matches!(num(proto)?, 6 | 17) {
+                return Err(format!("{}: only TCP (6) and UDP (17)", bad()));
+            }
             Ok((
                 u32::try_from(num(src)?).map_err(|_| bad())?,
                 u32::try_from(num(dst)?).map_err(|_| bad())?,
