@@ -10,6 +10,8 @@
 //! - header views ([`wire`]), one-pass parsing into offsets and a flow key
 //!   ([`parse`]) and rewrites with incremental checksums ([`rewrite`]);
 //!   the TCP segments a SYN proxy writes ([`synproxy`]);
+//! - the bucketed hash [`index`] under the per-core flow and connection
+//!   tables (seeded key hash, prefetchable buckets, never rehashed);
 //! - the poll-mode [`worker::Worker`], core pinning and the TSC [`clock`];
 //! - overlay tunnels (VXLAN, Geneve) in front of frames and ARP requests
 //!   for an underlay address ([`tunnel`]);
@@ -28,6 +30,7 @@ pub mod batch;
 pub mod buf;
 pub mod clock;
 pub mod icmp_error;
+pub mod index;
 pub mod key;
 pub mod parse;
 pub mod pktgen;

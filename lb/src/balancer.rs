@@ -1237,6 +1237,15 @@ impl LbCore {
         self.process_seg(vips, key, &seg, now)
     }
 
+    /// Starts loading the connection-table bucket of `key` into the cache
+    /// without waiting for it: the switch calls it for the packets of a
+    /// burst that missed its flow table, before deciding any of them, so
+    /// that their connection lookups do not each wait for memory in turn.
+    #[inline]
+    pub fn prefetch(&self, key: &FlowKey) {
+        self.conns.prefetch(self.conns.hash(key));
+    }
+
     /// [`LbCore::process`] for a packet whose TCP header is `seg` (what a
     /// VIP with a SYN proxy needs: sequence numbers, window, MSS).
     pub fn process_seg(&mut self, vips: &Vips, key: &FlowKey, seg: &Seg, now: u64) -> Decision {

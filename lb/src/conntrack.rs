@@ -3,7 +3,9 @@
 //!
 //! One table per worker core (flows of a connection always land on the same
 //! core), so nothing here is shared or locked. Entries sit in a slab; a hash
-//! map points both directions' keys at the slab slot; three intrusive LRU
+//! index ([`dataplane::index::KeyIndex`]: sized once for the capacity, never
+//! rehashed, its buckets prefetchable) points both directions' keys at the
+//! slab slot; three intrusive LRU
 //! lists (active, closing, embryonic) order entries by last use. When the
 //! table is full, a new connection evicts the oldest *closing* entry (FIN/RST
 //! seen), else the oldest *embryonic* one (TCP before its handshake
@@ -18,8 +20,8 @@
 //! never hold up the expiry of short-lived ones queued behind them.
 
 use dataplane::FlowKey;
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use dataplane::index::{KeyIndex, Pos, Seed};
+use std::hash::Hasher;
 
 /// Passes a precomputed u64 through (keys hash themselves with XXH3).
 #[derive(Default)]
@@ -357,7 +359,11 @@ pub enum ConnError {
 /// A bounded connection table for one core.
 #[derive(Debug)]
 pub struct ConnTable<V> {
-    map: HashMap<FlowKey, (u32, Dir), BuildHasherDefault<IdentityHasher>>,
+    /// Both keys of every connection: the value is the slot shifted left
+    /// once, its low bit set for the reply key ([`entry`]). The keys are
+    /// compared in the slot.
+    index: KeyIndex,
+    seed: Seed,
     slots: Vec<Slot<V>>,
     free: Vec<u32>,
     /// List heads and tails, `LISTS` per timeout class.
@@ -371,6 +377,18 @@ pub struct ConnTable<V> {
     /// replies go straight from the backend to the client).
     one_way: Vec<bool>,
     stats: ConnStats,
+}
+
+/// The index value of slot `i`'s key in direction `dir`.
+#[inline(always)]
+fn entry(i: u32, dir: Dir) -> u32 {
+    (i << 1) | u32::from(dir == Dir::Reply)
+}
+
+/// The slot and direction of an index value.
+#[inline(always)]
+fn unentry(v: u32) -> (u32, Dir) {
+    (v >> 1, if v & 1 == 1 { Dir::Reply } else { Dir::Orig })
 }
 
 /// The index of `list` of timeout class `class` in the heads and tails.
@@ -389,15 +407,21 @@ impl<V> ConnTable<V> {
     /// one, at most 255): [`ConnTable::insert_in`] puts a connection in
     /// one, [`ConnTable::insert`] in the first.
     pub fn with_classes(capacity: usize, mut timeouts: Vec<Timeouts>) -> Self {
-        let capacity = capacity.max(1);
+        // Slots are numbered in 31 bits (the index keeps a direction bit).
+        let capacity = capacity.clamp(1, 1 << 30);
         if timeouts.is_empty() {
             timeouts.push(Timeouts::default());
         }
         timeouts.truncate(usize::from(u8::MAX));
-        let mut map = HashMap::with_hasher(BuildHasherDefault::default());
-        map.reserve(capacity * 2);
         ConnTable {
-            map,
+            // Two keys per connection, at most half full; its pages are
+            // committed as they are first written. Without the memory for
+            // it, the index is empty and every new connection is refused as
+            // for a full table.
+            index: KeyIndex::for_entries(capacity * 2).unwrap_or_default(),
+            // Keys come from packets: a per-table random seed keeps an
+            // attacker from aiming them at one bucket.
+            seed: Seed::random(),
             slots: Vec::with_capacity(capacity),
             free: Vec::new(),
             heads: vec![NIL; LISTS * timeouts.len()],
@@ -529,14 +553,76 @@ impl<V> ConnTable<V> {
         self.tails[l] = i;
     }
 
+    /// The hash of `key` in this table's index.
+    #[inline(always)]
+    pub fn hash(&self, key: &FlowKey) -> u64 {
+        self.seed.hash(key, 0)
+    }
+
+    /// Starts loading the index bucket of a key whose [`ConnTable::hash`]
+    /// is `hash` into the cache without waiting for it: called for the
+    /// packets of a burst before their lookups, so that the misses overlap.
+    #[inline(always)]
+    pub fn prefetch(&self, hash: u64) {
+        self.index.prefetch(hash);
+    }
+
+    /// Where `key` (hash `hash`) is in the index, its slot and direction.
+    #[inline(always)]
+    fn find(&self, key: &FlowKey, hash: u64) -> Option<(Pos, u32, Dir)> {
+        let (pos, v) = self.index.find(hash, |v| {
+            let (i, dir) = unentry(v);
+            self.slots
+                .get(i as usize)
+                .and_then(|s| s.conn.as_ref())
+                .is_some_and(|c| match dir {
+                    Dir::Orig => c.orig == *key,
+                    Dir::Reply => c.reply == *key,
+                })
+        })?;
+        let (i, dir) = unentry(v);
+        Some((pos, i, dir))
+    }
+
+    /// Takes slot `i`'s key `key` in direction `dir` out of the index.
+    fn unindex(&mut self, key: &FlowKey, i: u32, dir: Dir) {
+        let h = self.hash(key);
+        let want = entry(i, dir);
+        if let Some((pos, _)) = self.index.find(h, |v| v == want) {
+            self.index.remove(h, pos);
+        }
+    }
+
+    /// Puts both keys of the connection in slot `i` in the index (a
+    /// connection whose keys are equal is indexed once, as its originating
+    /// direction). False, and nothing indexed, when the index has no room
+    /// (it could not be made).
+    fn index_pair(
+        &mut self,
+        i: u32,
+        (orig, ho): (&FlowKey, u64),
+        (reply, hr): (&FlowKey, u64),
+    ) -> bool {
+        if !self.index.insert(ho, entry(i, Dir::Orig)) {
+            return false;
+        }
+        if orig != reply && !self.index.insert(hr, entry(i, Dir::Reply)) {
+            self.unindex(orig, i, Dir::Orig);
+            return false;
+        }
+        true
+    }
+
     fn remove_slot(&mut self, i: u32) -> Option<Conn<V>> {
         let slot = self.slots.get_mut(i as usize)?;
         let conn = slot.conn.take()?;
         // References to this connection no longer resolve.
         slot.generation = slot.generation.wrapping_add(1);
         self.unlink(i);
-        self.map.remove(&conn.orig);
-        self.map.remove(&conn.reply);
+        self.unindex(&conn.orig, i, Dir::Orig);
+        if conn.reply != conn.orig {
+            self.unindex(&conn.reply, i, Dir::Reply);
+        }
         self.free.push(i);
         self.len -= 1;
         Some(conn)
@@ -550,7 +636,18 @@ impl<V> ConnTable<V> {
         now: u64,
         on_remove: impl FnOnce(Conn<V>),
     ) -> Option<(u32, Dir)> {
-        let &(i, dir) = self.map.get(key)?;
+        self.lookup_hashed(key, self.hash(key), now, on_remove)
+    }
+
+    /// [`ConnTable::lookup`] of a key whose [`ConnTable::hash`] is `hash`.
+    pub fn lookup_hashed(
+        &mut self,
+        key: &FlowKey,
+        hash: u64,
+        now: u64,
+        on_remove: impl FnOnce(Conn<V>),
+    ) -> Option<(u32, Dir)> {
+        let (_, i, dir) = self.find(key, hash)?;
         let slot = self.slots.get(i as usize)?;
         let expired = slot
             .conn
@@ -569,12 +666,12 @@ impl<V> ConnTable<V> {
     /// The slot and direction of `key` if tracked (timed out or not),
     /// changing nothing.
     pub fn peek(&self, key: &FlowKey) -> Option<(u32, Dir)> {
-        self.map.get(key).copied()
+        self.find(key, self.hash(key)).map(|(_, i, dir)| (i, dir))
     }
 
     /// True when `key` is tracked (timed out or not).
     pub fn contains(&self, key: &FlowKey) -> bool {
-        self.map.contains_key(key)
+        self.find(key, self.hash(key)).is_some()
     }
 
     /// The connection in slot `i`.
@@ -712,10 +809,9 @@ impl<V> ConnTable<V> {
         } else {
             0
         };
-        // The caller has usually just missed on `orig`; check `reply` here and
-        // `orig` through the entry API below, so a new connection costs three
-        // hash-table probes, not five.
-        if self.map.contains_key(&reply) {
+        let (ho, hr) = (self.hash(&orig), self.hash(&reply));
+        self.index.prefetch(hr);
+        if self.find(&reply, hr).is_some() {
             return Err(ConnError::Exists);
         }
         if self.len >= self.capacity {
@@ -761,17 +857,19 @@ impl<V> ConnTable<V> {
                 });
             }
         }
+        if self.find(&orig, ho).is_some() {
+            return Err(ConnError::Exists);
+        }
         let i = match self.free.last() {
             Some(&i) => i,
             None => self.slots.len() as u32,
         };
-        match self.map.entry(orig) {
-            std::collections::hash_map::Entry::Occupied(_) => return Err(ConnError::Exists),
-            std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert((i, Dir::Orig));
-            }
+        if !self.index_pair(i, (&orig, ho), (&reply, hr)) {
+            self.stats.refused_full += 1;
+            return Err(ConnError::Full {
+                capacity: self.capacity,
+            });
         }
-        self.map.insert(reply, (i, Dir::Reply));
         let state = initial_state(orig.proto, tcp_flags);
         let conn = Conn {
             orig,
@@ -887,9 +985,10 @@ impl<V> ConnTable<V> {
                 capacity: self.capacity,
             });
         }
+        let (ho, hr) = (self.hash(&conn.orig), self.hash(&conn.reply));
         if conn.orig == conn.reply
-            || self.map.contains_key(&conn.orig)
-            || self.map.contains_key(&conn.reply)
+            || self.find(&conn.orig, ho).is_some()
+            || self.find(&conn.reply, hr).is_some()
         {
             return Err(ConnError::Exists);
         }
@@ -908,8 +1007,12 @@ impl<V> ConnTable<V> {
                 self.slots.len() as u32 - 1
             }
         };
-        self.map.insert(conn.orig, (i, Dir::Orig));
-        self.map.insert(conn.reply, (i, Dir::Reply));
+        if !self.index_pair(i, (&conn.orig, ho), (&conn.reply, hr)) {
+            self.free.push(i);
+            return Err(ConnError::Full {
+                capacity: self.capacity,
+            });
+        }
         let list = List::of(conn.state, conn.packets[1] > 0);
         let s = &mut self.slots[i as usize];
         s.conn = Some(conn);
@@ -996,6 +1099,48 @@ mod tests {
 
     fn table(cap: usize) -> ConnTable<u32> {
         ConnTable::new(cap, Timeouts::default())
+    }
+
+    proptest::proptest! {
+        /// Inserts, removals and lookups against a map of both keys of
+        /// every connection: every key is found (with its direction) exactly
+        /// while its connection is tracked, and a connection whose key is
+        /// tracked already is refused. Few keys, so they collide often.
+        #[test]
+        fn both_keys_are_found_exactly_while_tracked(
+            ops in proptest::collection::vec((proptest::bool::weighted(0.6), 0u16..24, 0u16..24), 1..300),
+        ) {
+            use std::collections::HashMap;
+            let reply = |p: u16| FlowKey::new(
+                "10.2.0.5".parse().unwrap(), 8080, "10.0.0.1".parse().unwrap(), p, 6,
+            );
+            let mut t = table(64);
+            let mut model: HashMap<FlowKey, (u32, Dir)> = HashMap::new();
+            for (add, a, b) in ops {
+                let (o, r) = (key(a), reply(b));
+                if add {
+                    let got = t.insert(o, r, 0x02, 0, u32::from(a), |_| {});
+                    if model.contains_key(&o) || model.contains_key(&r) {
+                        proptest::prop_assert_eq!(got, Err(ConnError::Exists));
+                    } else {
+                        let i = got.unwrap();
+                        model.insert(o, (i, Dir::Orig));
+                        model.insert(r, (i, Dir::Reply));
+                    }
+                } else if let Some(&(i, _)) = model.get(&o) {
+                    let c = t.remove(i).unwrap();
+                    proptest::prop_assert!(model.remove(&c.orig).is_some());
+                    proptest::prop_assert!(model.remove(&c.reply).is_some());
+                }
+                proptest::prop_assert_eq!(t.len() * 2, model.len());
+            }
+            for p in 0..24 {
+                for k in [key(p), reply(p)] {
+                    proptest::prop_assert_eq!(t.peek(&k), model.get(&k).copied());
+                    proptest::prop_assert_eq!(t.lookup(&k, 1, |_| {}), model.get(&k).copied());
+                }
+            }
+        }
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! flow key (in-port + 5-tuple) to the one compiled action the slow path
 //! decided for it.
 
+use dataplane::index::{KeyIndex, Pos, Seed};
 use dataplane::{FlowKey, MacAddr};
 use lb::conntrack::{ConnRef, Dir};
 use lb::nat::Rewrite;
@@ -191,42 +192,6 @@ pub struct FlowStats {
     pub expired: u64,
 }
 
-/// Ways per bucket of the index.
-const WAYS: usize = 8;
-
-/// 1 in every 16-bit lane of a `u128`.
-const LANE_LO: u128 = 0x0001_0001_0001_0001_0001_0001_0001_0001;
-/// The top bit of every 16-bit lane.
-const LANE_HI: u128 = LANE_LO << 15;
-
-/// The top bit of every lane of `sigs` that may equal `sig`: every lane
-/// that does, and possibly lanes above one that does (a borrow).
-#[inline(always)]
-fn candidates(sigs: u128, sig: u16) -> u128 {
-    let x = sigs ^ (u128::from(sig) * LANE_LO);
-    x.wrapping_sub(LANE_LO) & !x & LANE_HI
-}
-
-/// Lane `w` of `sigs`.
-#[inline(always)]
-fn lane(sigs: u128, w: usize) -> u16 {
-    (sigs >> (16 * w)) as u16
-}
-
-/// One cache line of the index: eight 16-bit signatures (0 = empty way) and
-/// the slots they point to, plus how many entries whose home is this bucket
-/// or an earlier one were stored past it (a lookup that misses here stops
-/// when that is 0).
-#[derive(Debug, Clone, Copy, Default)]
-#[repr(C, align(64))]
-struct Bucket {
-    /// Eight 16-bit lanes, way `w` in bits `16 w ..`: one compare (SWAR)
-    /// finds the ways matching a signature.
-    sigs: u128,
-    slot: [u32; WAYS],
-    overflow: u32,
-}
-
 /// A flow's key and entry, in the slab: three cache lines, of which a hit
 /// reads and writes the first two (the key, then [`FlowEntry`]'s fields in
 /// their `repr(C)` order up to the compiled rewrite; a test checks it).
@@ -260,18 +225,17 @@ pub struct FlowRef {
 /// then compare), so that the cache misses of 32 lookups overlap instead of
 /// following one another; that needs a lookup split at the bucket load, and
 /// slots that stay put (an index into a slab) so a burst can hold references
-/// to several flows. The index is a table of 64-byte buckets of eight ways
-/// (as in DPDK's `rte_hash`), linear probing from bucket to bucket, kept at
-/// most half full; entries live in a slab with a free list.
+/// to several flows. The index is a [`KeyIndex`] (64-byte buckets of eight
+/// ways, as in DPDK's `rte_hash`, kept at most half full); entries live in
+/// a slab with a free list.
 #[derive(Debug)]
 pub struct FlowTable {
-    seed: [u64; 4],
+    seed: Seed,
     /// The index and the slab live in huge pages where the kernel has
     /// them ([`platform::HugeVec`]): at a million flows they are over 200
     /// MiB, and with 4 KiB pages nearly every lookup would also miss the
     /// TLB.
-    buckets: HugeVec<Bucket>,
-    mask: usize,
+    index: KeyIndex,
     slots: HugeVec<Slot>,
     /// Per slot: in use (false: on the free list).
     live: Vec<bool>,
@@ -285,18 +249,6 @@ pub struct FlowTable {
     stats: FlowStats,
     /// Where [`FlowTable::expire_some`] goes on from.
     cursor: usize,
-}
-
-/// The 128-bit product of `a` and `b`, folded to 64 bits (as in wyhash).
-#[inline(always)]
-fn fold(a: u64, b: u64) -> u64 {
-    let p = u128::from(a) * u128::from(b);
-    (p as u64) ^ ((p >> 64) as u64)
-}
-
-/// Buckets for `flows` entries at most half full (a power of two, at least 2).
-fn buckets_for(flows: usize) -> usize {
-    (flows * 2).div_ceil(WAYS).next_power_of_two().max(2)
 }
 
 impl FlowTable {
@@ -314,22 +266,14 @@ impl FlowTable {
     /// kernel refuses to reserve that much address space).
     fn sized(capacity: usize, idle_ns: u64, closing_ns: u64, initial: usize) -> Self {
         let capacity = capacity.clamp(1, u32::MAX as usize / 2);
-        // A per-table random seed: flow keys come from packets, so an
-        // attacker who knew the hash could aim many flows at one bucket.
-        use std::hash::BuildHasher;
-        let random = std::collections::hash_map::RandomState::new();
-        let mut seed = [0u64; 4];
-        for (i, w) in seed.iter_mut().enumerate() {
-            *w = random.hash_one(0x706f_6c6c_7578u64 + i as u64) | 1;
-        }
-        let n = buckets_for(initial.min(capacity));
         // Without memory for them now, both start empty: inserts then try
         // again, and count the table as full while they fail.
-        let buckets = HugeVec::from_elem(Bucket::default(), n).unwrap_or_default();
+        let index = KeyIndex::for_entries(initial.min(capacity)).unwrap_or_default();
         FlowTable {
-            seed,
-            mask: buckets.len().max(1) - 1,
-            buckets,
+            // A per-table random seed: flow keys come from packets, so an
+            // attacker who knew the hash could aim many flows at one bucket.
+            seed: Seed::random(),
+            index,
             // The slab's whole capacity is reserved (address space only:
             // pages are committed as slots are first written), so it never
             // moves: growing it would copy every flow on the worker.
@@ -352,28 +296,7 @@ impl FlowTable {
     /// low bits choose the bucket, the top 16 the signature).
     #[inline(always)]
     pub fn hash(&self, in_port: u16, key: &FlowKey) -> u64 {
-        let w = |b: &[u8; 16]| {
-            let (lo, hi) = b.split_at(8);
-            let mut a = [0u8; 8];
-            let mut c = [0u8; 8];
-            a.copy_from_slice(lo);
-            c.copy_from_slice(hi);
-            (u64::from_le_bytes(a), u64::from_le_bytes(c))
-        };
-        let (s0, s1) = w(&key.src_ip);
-        let (d0, d1) = w(&key.dst_ip);
-        let rest = u64::from(key.src_port)
-            | u64::from(key.dst_port) << 16
-            | u64::from(in_port) << 32
-            | u64::from(key.proto) << 48;
-        let [k0, k1, k2, k3] = self.seed;
-        let h = fold(s0 ^ k0, s1 ^ k1) ^ fold(d0 ^ k2, d1 ^ k3) ^ fold(rest ^ k1, k0);
-        fold(h ^ k2, k3)
-    }
-
-    #[inline(always)]
-    fn sig(hash: u64) -> u16 {
-        ((hash >> 48) as u16).max(1)
+        self.seed.hash(key, in_port)
     }
 
     /// Starts loading the bucket of `hash` into the cache without waiting
@@ -381,9 +304,7 @@ impl FlowTable {
     /// that their cache misses overlap.
     #[inline(always)]
     pub fn prefetch_bucket(&self, hash: u64) {
-        if let Some(b) = self.buckets.get(hash as usize & self.mask) {
-            platform::prefetch(b);
-        }
+        self.index.prefetch(hash);
     }
 
     /// Starts loading the slots that the home bucket of `hash` points at
@@ -394,20 +315,23 @@ impl FlowTable {
     /// too. Reads the bucket; compares no key.
     #[inline(always)]
     pub fn prefetch_slot(&self, hash: u64) {
-        let Some(bucket) = self.buckets.get(hash as usize & self.mask) else {
-            return;
-        };
-        let sig = Self::sig(hash);
-        let mut m = candidates(bucket.sigs, sig);
-        while m != 0 {
-            let w = (m.trailing_zeros() / 16) as usize;
-            m &= m - 1;
-            if lane(bucket.sigs, w) != sig {
-                continue;
-            }
-            if let Some(slot) = bucket.slot.get(w).and_then(|&s| self.slots.get(s as usize)) {
+        self.index.for_home_candidates(hash, |s| {
+            if let Some(slot) = self.slots.get(s as usize) {
                 platform::prefetch(&slot.key);
                 platform::prefetch(&slot.entry.action);
+            }
+        });
+    }
+
+    /// Starts loading the slots the next `n` installs will take from the
+    /// free list (scattered through the slab once flows have expired), so
+    /// that installing the flows of a burst's new connections does not
+    /// wait for each slot in turn.
+    #[inline]
+    pub fn prefetch_free(&self, n: usize) {
+        for &s in self.free.iter().rev().take(n) {
+            if let Some(slot) = self.slots.get(s as usize) {
+                platform::prefetch(&slot.key);
             }
         }
     }
@@ -415,49 +339,21 @@ impl FlowTable {
     /// The flow of `key` on `in_port`, whose [`FlowTable::hash`] is `hash`.
     #[inline]
     pub fn find(&self, hash: u64, in_port: u16, key: &FlowKey) -> Option<FlowRef> {
-        self.position(hash, in_port, key).map(|(_, _, s)| FlowRef {
+        self.position(hash, in_port, key).map(|(_, s)| FlowRef {
             slot: s,
             epoch: self.removals,
         })
     }
 
-    /// Where `key` is: (bucket, way, slot).
+    /// Where `key` is: its place in the index, and its slot.
     #[inline(always)]
-    fn position(&self, hash: u64, in_port: u16, key: &FlowKey) -> Option<(usize, usize, u32)> {
-        let sig = Self::sig(hash);
-        let mut b = hash as usize & self.mask;
-        for _ in 0..self.buckets.len() {
-            let bucket = self.buckets.get(b)?;
-            // The ways whose signature matches, found in one go (SWAR:
-            // lanes of `x` that are zero): which way holds the flow is
-            // random, and a loop stopping there would mispredict its exit
-            // on most lookups. A lane above a match may show a false match
-            // (borrow), never a missed one; each is checked exactly.
-            let mut m = candidates(bucket.sigs, sig);
-            while m != 0 {
-                let w = (m.trailing_zeros() / 16) as usize;
-                m &= m - 1;
-                if lane(bucket.sigs, w) != sig {
-                    // A false match: possibly an empty way, whose slot
-                    // number is stale.
-                    continue;
-                }
-                let s = bucket.slot.get(w).copied().unwrap_or(u32::MAX);
-                // The index points only at slots in use.
-                if self
-                    .slots
-                    .get(s as usize)
-                    .is_some_and(|sl| sl.key == *key && sl.in_port == in_port)
-                {
-                    return Some((b, w, s));
-                }
-            }
-            if bucket.overflow == 0 {
-                return None;
-            }
-            b = (b + 1) & self.mask;
-        }
-        None
+    fn position(&self, hash: u64, in_port: u16, key: &FlowKey) -> Option<(Pos, u32)> {
+        // The index points only at slots in use.
+        self.index.find(hash, |s| {
+            self.slots
+                .get(s as usize)
+                .is_some_and(|sl| sl.key == *key && sl.in_port == in_port)
+        })
     }
 
     /// The key and entry of a flow found by [`FlowTable::find`] (`None`
@@ -503,7 +399,7 @@ impl FlowTable {
     /// keeps its packet and byte counts; `Full` when the table is full.
     pub fn insert(&mut self, in_port: u16, key: FlowKey, mut e: FlowEntry) -> Insert {
         let hash = self.hash(in_port, &key);
-        if let Some((_, _, s)) = self.position(hash, in_port, &key) {
+        if let Some((_, s)) = self.position(hash, in_port, &key) {
             if let Some(slot) = self.slots.get_mut(s as usize) {
                 e.packets += slot.entry.packets;
                 e.bytes += slot.entry.bytes;
@@ -515,7 +411,7 @@ impl FlowTable {
             self.stats.full += 1;
             return Insert::Full;
         }
-        if (self.len + 1) * 2 > self.buckets.len() * WAYS && !self.grow() {
+        if !self.index.has_room() && !self.grow() {
             // No memory for a larger index.
             self.stats.full += 1;
             return Insert::Full;
@@ -545,71 +441,43 @@ impl FlowTable {
                 (self.slots.len() - 1) as u32
             }
         };
-        self.place(hash, s);
+        // The index has room (checked above).
+        self.index.insert(hash, s);
         self.len += 1;
         self.stats.installed += 1;
         Insert::New
-    }
-
-    /// Puts slot `s` (hash `hash`) in the first free way from its home
-    /// bucket on, counting the overflow in the buckets passed. The index is
-    /// at most half full, so a free way exists.
-    fn place(&mut self, hash: u64, s: u32) {
-        let sig = Self::sig(hash);
-        let mut b = hash as usize & self.mask;
-        for _ in 0..self.buckets.len() {
-            let Some(bucket) = self.buckets.get_mut(b) else {
-                return;
-            };
-            if let Some(w) = (0..WAYS).find(|&w| lane(bucket.sigs, w) == 0) {
-                bucket.sigs |= u128::from(sig) << (16 * w);
-                bucket.slot[w] = s;
-                return;
-            }
-            bucket.overflow += 1;
-            b = (b + 1) & self.mask;
-        }
     }
 
     /// Doubles the index (up to what `capacity` needs) and places every
     /// live slot again. False, and the index unchanged, when there is no
     /// memory for it or it is as large as the capacity needs.
     fn grow(&mut self) -> bool {
-        let n = (self.buckets.len() * 2)
+        let now = self.index.buckets();
+        let n = (now * 2)
             .max(2)
-            .min(buckets_for(self.capacity).max(self.buckets.len()));
-        if n == self.buckets.len() {
+            .min(dataplane::index::buckets_for(self.capacity).max(now));
+        if n == now {
             return false;
         }
-        let Ok(buckets) = HugeVec::from_elem(Bucket::default(), n) else {
+        let Ok(mut index) = KeyIndex::with_buckets(n) else {
             return false;
         };
-        self.buckets = buckets;
-        self.mask = n - 1;
         for i in 0..self.slots.len() {
             let (Some(slot), Some(true)) = (self.slots.get(i), self.live.get(i)) else {
                 continue;
             };
-            let h = self.hash(slot.in_port, &slot.key);
-            self.place(h, i as u32);
+            // Twice as large, half as full: there is room for every entry.
+            index.insert(self.hash(slot.in_port, &slot.key), i as u32);
         }
+        self.index = index;
         true
     }
 
     /// Removes the flow of `key` on `in_port`.
     pub fn remove(&mut self, in_port: u16, key: &FlowKey) -> Option<FlowEntry> {
         let hash = self.hash(in_port, key);
-        let (b, w, s) = self.position(hash, in_port, key)?;
-        let mut at = hash as usize & self.mask;
-        while at != b {
-            if let Some(x) = self.buckets.get_mut(at) {
-                x.overflow = x.overflow.saturating_sub(1);
-            }
-            at = (at + 1) & self.mask;
-        }
-        if let Some(x) = self.buckets.get_mut(b) {
-            x.sigs &= !(0xffff_u128 << (16 * w));
-        }
+        let (pos, s) = self.position(hash, in_port, key)?;
+        self.index.remove(hash, pos);
         if let Some(l) = self.live.get_mut(s as usize) {
             *l = false;
         }
@@ -933,7 +801,6 @@ mod tests {
     fn a_hit_touches_two_cache_lines_of_a_three_line_slot() {
         use std::mem::{offset_of, size_of};
         assert_eq!(size_of::<Slot>(), 192);
-        assert_eq!(size_of::<Bucket>(), 64);
         let action = offset_of!(Slot, entry) + offset_of!(FlowEntry, action);
         let fast_end = action
             + offset_of!(FlowAction, fast)
@@ -982,18 +849,19 @@ mod tests {
             for k in 0..64 {
                 assert_eq!(t.insert(0, key(k), entry(0)), Insert::New);
             }
-            if t.buckets.iter().any(|b| b.overflow > 0) {
+            if t.index.overflowing() > 0 {
                 break;
             }
         }
-        assert!(t.buckets.iter().any(|b| b.overflow > 0));
+        assert!(t.index.overflowing() > 0);
         for k in 0..64 {
             assert!(t.get_mut(0, &key(k)).is_some(), "key {k}");
         }
         for k in 0..64 {
             assert!(t.remove(0, &key(k)).is_some(), "key {k}");
         }
-        assert!(t.buckets.iter().all(|b| b.overflow == 0 && b.sigs == 0));
+        assert_eq!(t.index.overflowing(), 0);
+        assert!(t.index.is_empty());
         assert!(t.is_empty());
     }
 
@@ -1010,30 +878,6 @@ mod tests {
             2 => (0..200u16).prop_map(Op::Remove),
             1 => (0..1100u64).prop_map(Op::Expire),
         ]
-    }
-
-    proptest! {
-        /// The SWAR match finds every lane equal to the signature (false
-        /// candidates allowed, misses not), including signatures of 1,
-        /// where an empty lane above a match becomes a false candidate.
-        #[test]
-        fn signature_match_misses_no_lane(
-            lanes in proptest::array::uniform8(prop_oneof![Just(0u16), Just(1u16), Just(2u16), any::<u16>()]),
-            sig in prop_oneof![Just(1u16), Just(2u16), 1..=u16::MAX],
-        ) {
-            let sigs = lanes
-                .iter()
-                .enumerate()
-                .fold(0u128, |a, (w, &x)| a | u128::from(x) << (16 * w));
-            let c = candidates(sigs, sig);
-            for (w, &x) in lanes.iter().enumerate() {
-                prop_assert_eq!(lane(sigs, w), x);
-                if x == sig {
-                    prop_assert!(c >> (16 * w + 15) & 1 == 1, "lane {} missed", w);
-                }
-            }
-            prop_assert_eq!(c & !LANE_HI, 0);
-        }
     }
 
     proptest! {

@@ -10,6 +10,9 @@
 //! allocates on its own after construction except [`HugeVec::push`] past
 //! the capacity (which remaps, as a `Vec` reallocates).
 //!
+//! Zero-filled arrays ([`HugeVec::zeroed`]) take `bytemuck::Zeroable`
+//! for the proof that zero bytes are a valid element.
+//!
 //! Why not a crate: `memmap2` maps and advises anonymous memory safely but
 //! gives bytes, not a typed array of non-`Pod` values (the flow table's
 //! slots hold `Option`s); `core::arch`'s prefetch needs `unsafe` at every
@@ -125,6 +128,22 @@ impl<T: Copy> HugeVec<T> {
     pub fn with_capacity(cap: usize) -> Result<Self, MapError> {
         let mut v = Self::new();
         v.reserve_exact(cap)?;
+        Ok(v)
+    }
+
+    /// `n` elements of all-zero bytes, without writing them: a fresh
+    /// anonymous mapping reads as zeros, and its pages are committed (and
+    /// zeroed by the kernel) only as they are first written, so a large
+    /// table that is only partly used costs only the pages it touches.
+    /// `T: Zeroable` (bytemuck) guarantees that zero bytes are a valid `T`.
+    pub fn zeroed(n: usize) -> Result<Self, MapError>
+    where
+        T: bytemuck::Zeroable,
+    {
+        let mut v = Self::with_capacity(n)?;
+        // The mapping is fresh (nothing was pushed), so its first `n`
+        // elements are zero bytes, which `Zeroable` makes valid values.
+        v.len = n;
         Ok(v)
     }
 
@@ -335,6 +354,17 @@ mod tests {
         v[7][1] = 99;
         assert_eq!(v[7], [7, 99, !7]);
         assert_eq!(v.as_ptr() as usize % HUGE_PAGE, 0);
+    }
+
+    #[test]
+    fn a_zeroed_array_reads_zeros_and_takes_writes() {
+        let mut v = HugeVec::<[u64; 4]>::zeroed(100_000).unwrap();
+        assert_eq!(v.len(), 100_000);
+        assert!(v.iter().all(|e| *e == [0; 4]));
+        v[99_999] = [1, 2, 3, 4];
+        v.push([5; 4]).unwrap();
+        assert_eq!((v[99_999], v[100_000]), ([1, 2, 3, 4], [5; 4]));
+        assert!(HugeVec::<u8>::zeroed(0).unwrap().is_empty());
     }
 
     #[test]

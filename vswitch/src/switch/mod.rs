@@ -812,7 +812,8 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
         // stalls): parse every packet in place; hash every key and
         // prefetch its bucket; prefetch the slot each bucket points at
         // (the buckets have arrived meanwhile); search the index for all of
-        // them (the slots have arrived); then process each packet.
+        // them (the slots have arrived); for those that missed, prefetch
+        // what their slow path reads first; then process each packet.
         const N: usize = dataplane::BURST;
         let in16 = in_port as u16;
         let n = pkts.len();
@@ -864,6 +865,31 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                 Ok(()) => self.flows.find(*h, *port, &p.key),
                 Err(_) => None,
             };
+        }
+        // The packets that missed go through the slow path: start loading
+        // their connection-table buckets (a VM's packets: its vnet's load
+        // balancer) and the flow-table slots their installs will take.
+        let mut misses = 0;
+        for (((r, p), st), port) in hint
+            .iter()
+            .zip(parsed.iter())
+            .zip(status.iter())
+            .zip(ports.iter())
+            .take(n)
+        {
+            if r.is_some() || st.is_err() {
+                continue;
+            }
+            misses += 1;
+            if let Some(l) = policy
+                .vm_on_port(*port)
+                .and_then(|(_, vm)| self.lb.get(vm.vnet))
+            {
+                l.prefetch(&p.key);
+            }
+        }
+        if misses > 0 {
+            self.flows.prefetch_free(2 * misses);
         }
         for (i, pkt) in pkts.drain().enumerate() {
             let (Some(p), Some(h), Some(r), Some(st), Some(port), Some(no)) = (
