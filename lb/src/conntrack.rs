@@ -811,46 +811,35 @@ impl<V> ConnTable<V> {
         };
         let (ho, hr) = (self.hash(&orig), self.hash(&reply));
         self.index.prefetch(hr);
+        // A full table makes room by evicting: choose the victim first and
+        // start loading the index buckets its removal writes, so that they
+        // arrive with the reply key's bucket instead of after it.
+        let victim = if self.len >= self.capacity {
+            let v = self.victim(now);
+            if let Some(c) = v.and_then(|(h, _)| self.slots.get(h as usize)?.conn.as_ref()) {
+                self.index.prefetch(self.hash(&c.orig));
+                self.index.prefetch(self.hash(&c.reply));
+            }
+            Some(v)
+        } else {
+            None
+        };
         if self.find(&reply, hr).is_some() {
             return Err(ConnError::Exists);
         }
-        if self.len >= self.capacity {
-            // The least recently used closing connection (timed out or
-            // not), else the oldest embryonic one (a SYN and nothing since:
-            // under a SYN flood the flood's own entries make room, and a
-            // confirmed connection is never pushed out), else the oldest
-            // timed-out active one.
-            let closing = self.any_head(List::Closing, now);
-            let embryonic = match closing {
-                None => self.any_head(List::Embryonic, now),
-                Some(_) => None,
-            };
-            let idle = match (closing, embryonic) {
-                (None, None) => {
-                    self.classes()
-                        .find_map(|k| match self.settled_head(k, List::Active, now) {
-                            Head::Expired(h) => Some(h),
-                            _ => None,
-                        })
-                }
-                _ => None,
-            };
-            if let Some(closing) = closing {
-                if let Some(c) = self.remove_slot(closing) {
-                    self.stats.evicted_closing += 1;
-                    on_evict(c);
-                }
-            } else if let Some(h) = embryonic {
+        match victim {
+            None => {}
+            Some(Some((h, why))) => {
                 if let Some(c) = self.remove_slot(h) {
-                    self.stats.evicted_embryonic += 1;
+                    match why {
+                        List::Closing => self.stats.evicted_closing += 1,
+                        List::Embryonic => self.stats.evicted_embryonic += 1,
+                        List::Active => self.stats.evicted_idle += 1,
+                    }
                     on_evict(c);
                 }
-            } else if let Some(h) = idle {
-                if let Some(c) = self.remove_slot(h) {
-                    self.stats.evicted_idle += 1;
-                    on_evict(c);
-                }
-            } else {
+            }
+            Some(None) => {
                 self.stats.refused_full += 1;
                 return Err(ConnError::Full {
                     capacity: self.capacity,
@@ -900,6 +889,26 @@ impl<V> ConnTable<V> {
         self.len += 1;
         self.stats.created += 1;
         Ok(i)
+    }
+
+    /// The connection a full table evicts for a new one, and the list it
+    /// is taken from: the least recently used closing connection (timed
+    /// out or not), else the oldest embryonic one (a SYN and nothing
+    /// since: under a SYN flood the flood's own entries make room, and a
+    /// confirmed connection is never pushed out), else the oldest
+    /// timed-out active one; `None` when there is none of these.
+    fn victim(&mut self, now: u64) -> Option<(u32, List)> {
+        if let Some(h) = self.any_head(List::Closing, now) {
+            return Some((h, List::Closing));
+        }
+        if let Some(h) = self.any_head(List::Embryonic, now) {
+            return Some((h, List::Embryonic));
+        }
+        self.classes()
+            .find_map(|k| match self.settled_head(k, List::Active, now) {
+                Head::Expired(h) => Some((h, List::Active)),
+                _ => None,
+            })
     }
 
     /// The head of `list` in the first class where it is not empty, after

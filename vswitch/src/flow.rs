@@ -477,6 +477,12 @@ impl FlowTable {
     pub fn remove(&mut self, in_port: u16, key: &FlowKey) -> Option<FlowEntry> {
         let hash = self.hash(in_port, key);
         let (pos, s) = self.position(hash, in_port, key)?;
+        self.release(hash, pos, s);
+        self.slots.get(s as usize).map(|slot| slot.entry)
+    }
+
+    /// Takes slot `s`, at `pos` in the index under `hash`, out of the table.
+    fn release(&mut self, hash: u64, pos: Pos, s: u32) {
         self.index.remove(hash, pos);
         if let Some(l) = self.live.get_mut(s as usize) {
             *l = false;
@@ -484,7 +490,6 @@ impl FlowTable {
         self.removals = self.removals.wrapping_add(1);
         self.free.push(s);
         self.len -= 1;
-        self.slots.get(s as usize).map(|slot| slot.entry)
     }
 
     /// Entries.
@@ -522,27 +527,59 @@ impl FlowTable {
     /// flows is swept about once a second without a pause, and without
     /// reading the whole table (hundreds of megabytes) every time.
     pub fn expire_some(&mut self, now: u64, budget: usize) -> usize {
+        // In rounds: find up to 32 expired slots, starting to load each
+        // one's index bucket (scattered: a cache miss each), then take them
+        // out of the index, so that those misses overlap instead of
+        // following one another.
+        const ROUND: usize = dataplane::BURST;
         let (idle, closing) = (self.idle_ns, self.closing_ns);
         let mut removed = 0;
-        for _ in 0..budget.min(self.slots.len()) {
-            if self.cursor >= self.slots.len() {
-                self.cursor = 0;
+        let mut left = budget.min(self.slots.len());
+        while left > 0 {
+            let mut found = [(0u32, 0u64); ROUND];
+            let mut n = 0;
+            while left > 0 && n < ROUND {
+                left -= 1;
+                if self.cursor >= self.slots.len() {
+                    self.cursor = 0;
+                }
+                let at = self.cursor;
+                self.cursor += 1;
+                let (Some(s), Some(true)) = (self.slots.get(at), self.live.get(at)) else {
+                    continue;
+                };
+                let limit = if s.entry.closing { closing } else { idle };
+                if now.saturating_sub(s.entry.last_seen) > limit {
+                    let h = self.hash(s.in_port, &s.key);
+                    self.index.prefetch(h);
+                    if let Some(f) = found.get_mut(n) {
+                        *f = (at as u32, h);
+                        n += 1;
+                    }
+                }
             }
-            let at = self.cursor;
-            self.cursor += 1;
-            let (Some(s), Some(true)) = (self.slots.get(at), self.live.get(at)) else {
-                continue;
-            };
-            let limit = if s.entry.closing { closing } else { idle };
-            if now.saturating_sub(s.entry.last_seen) > limit {
-                let (port, key) = (s.in_port, s.key);
-                if self.remove(port, &key).is_some() {
+            for &(s, h) in found.iter().take(n) {
+                if self.remove_slot(s, h) {
                     removed += 1;
                 }
             }
         }
         self.stats.expired += removed as u64;
         removed
+    }
+
+    /// Removes the flow in slot `s`, whose hash is `hash`: found in the
+    /// index by its slot number, no key compared. False when the slot is
+    /// not in use.
+    fn remove_slot(&mut self, s: u32, hash: u64) -> bool {
+        if self.live.get(s as usize) != Some(&true) {
+            return false;
+        }
+        let Some((pos, _)) = self.index.find(hash, |v| v == s) else {
+            return false;
+        };
+        self.release(hash, pos, s);
+        true
     }
 
     /// Iterates over entries: input port, key, entry.

@@ -28,6 +28,13 @@ impl<B: PacketBuf> Switch<B> {
         stateful: bool,
     ) -> FlowAction {
         let gen_ = p.generation;
+        // The reverse flow's index bucket is a cache miss of its own:
+        // start loading it now, to arrive while the forward flow installs.
+        let back_key = post.reversed();
+        if stateful || fwd.lb.is_some() {
+            self.flows
+                .prefetch_bucket(self.flows.hash(fwd.out_port, &back_key));
+        }
         // The VIP of the connection, if load-balanced, and its epoch as this
         // worker last read it (never newer than what decided the
         // connection: at worst the flow is revalidated once more).
@@ -91,7 +98,6 @@ impl<B: PacketBuf> Switch<B> {
             }
             None => (Rewrite::NONE, None),
         };
-        let back_key = post.reversed();
         let back = FlowAction { nat, lb, ..back }.compiled_for(&back_key);
         if self.flows.insert(fwd.out_port, back_key, e(back)) == crate::flow::Insert::New {
             self.stats.flows_installed.fetch_add(1, Ordering::Relaxed);
