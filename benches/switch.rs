@@ -18,6 +18,11 @@
 //!   for a VIP whose three DIPs are on another host, each sent on
 //!   unchanged in IP in IP (no security group, no NAT).
 //!
+//! `SWITCH_BENCH_CHURN=<rigs> cargo bench --bench switch` runs only
+//! `new_flows` at a fixed 524 288 connections per rig, fresh and steady,
+//! and prints the rates (criterion's `new_flows` sizes its rigs by its
+//! iteration counts: mostly far smaller tables).
+//!
 //! One thread does everything: the generator fills 32 frames and sends them
 //! into the switch's input ring, the worker polls once (`Worker::poll_once`),
 //! and the three backend rings are drained. `fast_path` and
@@ -388,6 +393,13 @@ impl Rig {
 
 fn bench(c: &mut Criterion) {
     let clock = TscClock::calibrate(Duration::from_millis(50));
+    if let Ok(rigs) = std::env::var("SWITCH_BENCH_CHURN") {
+        churn(
+            &clock,
+            rigs.parse().expect("SWITCH_BENCH_CHURN: a number of rigs"),
+        );
+        std::process::exit(0);
+    }
     // `SWITCH_BENCH_FLOWS=1000,100000` runs only those sizes.
     let sizes: Vec<u32> = std::env::var("SWITCH_BENCH_FLOWS")
         .map(|v| v.split(',').map(|x| x.parse().unwrap()).collect())
@@ -490,6 +502,28 @@ fn bench(c: &mut Criterion) {
         b.iter_custom(|iters| new_flows(iters, true, worker_only))
     });
     g.finish();
+}
+
+/// `new_flows` at a fixed size, outside criterion: `rigs` rigs of 16 384
+/// bursts (524 288 new connections each, into tables sized for them),
+/// into fresh tables and in steady state, the worker's time only; prints
+/// each rate. Criterion's `new_flows` sizes its rigs by its iteration
+/// counts, mostly far smaller tables.
+fn churn(clock: &TscClock, rigs: u64) {
+    let worker_only =
+        |rig: &mut Rig, n: u64| Duration::from_nanos(clock.ticks_to_ns(rig.timed_bursts(clock, n)));
+    for steady in [false, true] {
+        for _ in 0..rigs {
+            let n = 16_384;
+            let t = new_flows(n, steady, worker_only);
+            let conns = n * BURST as u64;
+            println!(
+                "new_flows/{}/{conns}: {:.3} M/s",
+                if steady { "steady_state" } else { "slow_path" },
+                conns as f64 / t.as_secs_f64() / 1e6
+            );
+        }
+    }
 }
 
 /// Times `iters` bursts of flows the switch has not seen, with `run`, on a
