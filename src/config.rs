@@ -54,6 +54,14 @@ pub struct ControlCfg {
     pub socket: PathBuf,
     /// A loopback `address:port` to serve the API on as well.
     pub tcp: Option<String>,
+    /// With `tcp`: the file holding the bearer token every request over TCP
+    /// must carry (`Authorization: Bearer TOKEN`); owned by the user pollux
+    /// runs as, readable by no one else.
+    pub token_file: Option<PathBuf>,
+    /// With `tcp`: `GET /metrics` is answered over TCP without the token
+    /// (for a Prometheus scraper on the host); every other request still
+    /// needs it.
+    pub metrics_without_token: bool,
 }
 
 impl Default for ControlCfg {
@@ -61,6 +69,8 @@ impl Default for ControlCfg {
         ControlCfg {
             socket: PathBuf::from("/run/pollux.sock"),
             tcp: None,
+            token_file: None,
+            metrics_without_token: false,
         }
     }
 }
@@ -655,11 +665,22 @@ impl Config {
                 self.dataplane.conn_table_size
             ));
         }
-        if let Some(t) = self.control.as_ref().and_then(|c| c.tcp.as_deref()) {
-            match t.parse::<std::net::SocketAddr>() {
-                Ok(a) if a.ip().is_loopback() => {}
-                Ok(_) => errs.push(format!("control: tcp {t:?} must be a loopback address")),
-                Err(_) => errs.push(format!("control: tcp {t:?} is not an address:port")),
+        if let Some(c) = &self.control {
+            if let Some(t) = c.tcp.as_deref() {
+                match t.parse::<std::net::SocketAddr>() {
+                    Ok(a) if a.ip().is_loopback() => {}
+                    Ok(_) => errs.push(format!("control: tcp {t:?} must be a loopback address")),
+                    Err(_) => errs.push(format!("control: tcp {t:?} is not an address:port")),
+                }
+                if c.token_file.is_none() {
+                    errs.push(format!(
+                        "control: tcp {t:?} needs token_file (any local user can connect to a loopback port: requests over TCP must carry the token)"
+                    ));
+                }
+            } else if c.token_file.is_some() || c.metrics_without_token {
+                errs.push(
+                    "control: token_file and metrics_without_token apply only with tcp".into(),
+                );
             }
         }
         if let Some(b) = &self.bgp {

@@ -74,7 +74,7 @@ impl Endpoint<'_> {
     fn name(&self) -> String {
         match self {
             Endpoint::Unix(p) => format!("control socket {}", p.display()),
-            Endpoint::Tcp(a) => format!("control {a}"),
+            Endpoint::Tcp(a, _) => format!("control {a}"),
         }
     }
 }
@@ -84,8 +84,9 @@ impl Endpoint<'_> {
 pub enum Endpoint<'a> {
     /// The unix socket.
     Unix(&'a Path),
-    /// A loopback `address:port`.
-    Tcp(&'a str),
+    /// A loopback `address:port`, and the token to send (read with
+    /// [`crate::control::auth::Token::read`]).
+    Tcp(&'a str, Option<crate::control::auth::Token>),
 }
 
 /// One HTTP/1.1 request with `Connection: close`; returns (status, body).
@@ -95,8 +96,12 @@ pub fn call(
     path: &str,
     body: Option<&str>,
 ) -> Result<(u16, String), CtlError> {
+    let auth = match ep {
+        Endpoint::Tcp(_, Some(t)) => format!("Authorization: {}\r\n", t.bearer()),
+        _ => String::new(),
+    };
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: pollux\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{}",
+        "{method} {path} HTTP/1.1\r\nHost: pollux\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{}",
         body.map_or(0, str::len),
         body.unwrap_or("")
     );
@@ -113,7 +118,7 @@ pub fn call(
             s.write_all(req.as_bytes()).map_err(io)?;
             s.read_to_end(&mut raw).map_err(io)?;
         }
-        Endpoint::Tcp(a) => {
+        Endpoint::Tcp(a, _) => {
             let mut s = std::net::TcpStream::connect(a).map_err(io)?;
             s.set_read_timeout(timeout).map_err(io)?;
             s.write_all(req.as_bytes()).map_err(io)?;

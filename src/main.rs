@@ -55,6 +55,10 @@ enum Command {
         /// A loopback address:port instead of the socket.
         #[arg(long)]
         tcp: Option<String>,
+        /// With --tcp: the file holding the control token (`[control]
+        /// token_file`; readable only by its owner, who runs this).
+        #[arg(long, requires = "tcp")]
+        token_file: Option<PathBuf>,
         /// Print the API's JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -211,10 +215,23 @@ enum CtlCmd {
     },
 }
 
-fn ctl(socket: &std::path::Path, tcp: Option<&str>, json: bool, cmd: &CtlCmd) -> ExitCode {
+fn ctl(
+    socket: &std::path::Path,
+    (tcp, token_file): (Option<&str>, Option<&std::path::Path>),
+    json: bool,
+    cmd: &CtlCmd,
+) -> ExitCode {
     use pollux::ctl::{Cmd, Endpoint};
+    let token = match token_file.map(pollux::control::auth::Token::read) {
+        None => None,
+        Some(Ok(t)) => Some(t),
+        Some(Err(e)) => {
+            eprintln!("pollux ctl: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let ep = match tcp {
-        Some(t) => Endpoint::Tcp(t),
+        Some(t) => Endpoint::Tcp(t, token),
         None => Endpoint::Unix(socket),
     };
     let mut filters = Vec::new();
@@ -484,9 +501,10 @@ fn main() -> ExitCode {
         Command::Ctl {
             socket,
             tcp,
+            token_file,
             json,
             cmd,
-        } => ctl(socket, tcp.as_deref(), *json, cmd),
+        } => ctl(socket, (tcp.as_deref(), token_file.as_deref()), *json, cmd),
         Command::Sriov {
             pf,
             vfs,

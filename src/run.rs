@@ -548,7 +548,7 @@ struct Stop {
 /// and once this returns, clients can connect.
 fn bind_control(cfg: &Config) -> Result<Option<crate::control::Server>, RunError> {
     match &cfg.control {
-        Some(c) => crate::control::Server::bind(&c.socket, c.tcp.as_deref())
+        Some(c) => crate::control::Server::bind(c)
             .map(Some)
             .map_err(RunError::from),
         None => Ok(None),
@@ -1241,7 +1241,7 @@ fn run_on<A: BufAlloc>(
             let _ = std::fs::remove_file(&inc.control);
         }
         if let Some(c) = &cfg.control {
-            match crate::control::Server::bind_as(&c.socket, c.tcp.as_deref(), true) {
+            match crate::control::Server::bind_as(c, true) {
                 Ok(s) => server = Some(s),
                 // Forwarding matters more than the API: go on without it.
                 Err(e) => eprintln!("pollux: control API not served: {e}"),
@@ -1440,7 +1440,7 @@ fn run_on<A: BufAlloc>(
                 if server.is_none()
                     && let Some(c) = &cfg.control
                 {
-                    match crate::control::Server::bind_as(&c.socket, c.tcp.as_deref(), true) {
+                    match crate::control::Server::bind_as(c, true) {
                         Ok(s) => server = Some(s),
                         Err(e) => eprintln!("pollux: control API not served again: {e}"),
                     }

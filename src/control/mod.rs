@@ -19,6 +19,7 @@
 //! such changes get a 409. Probes on the other vnets follow every change:
 //! the control loop retires and adds probe targets to match.
 
+pub mod auth;
 pub mod state;
 
 use state::backend_key;
@@ -1065,6 +1066,9 @@ pub enum BindError {
         /// Why.
         reason: String,
     },
+    /// The TCP endpoint's token could not be read.
+    #[error("control tcp: {0}")]
+    Token(#[from] auth::TokenError),
     /// The TCP listener could not be set up.
     #[error("control tcp {addr:?}: {reason}")]
     Tcp {
@@ -1080,23 +1084,40 @@ pub enum BindError {
 pub struct Server {
     unix: tiny_http::Server,
     tcp: Option<tiny_http::Server>,
+    /// The token every request over TCP must carry.
+    token: Option<auth::Token>,
+    /// `GET /metrics` over TCP without the token.
+    metrics_open: bool,
     path: PathBuf,
 }
 
 impl Server {
     /// Binds `socket` (replacing a stale socket file) with mode 0600 before
     /// anyone can connect: it is bound under a temporary name, restricted,
-    /// then renamed into place; and `tcp`, which must be a loopback address.
-    pub fn bind(socket: &Path, tcp: Option<&str>) -> Result<Server, BindError> {
-        Self::bind_as(socket, tcp, false)
+    /// then renamed into place; and `tcp`, which must be a loopback address,
+    /// with its token read from `token_file` (required with `tcp`).
+    pub fn bind(cfg: &crate::config::ControlCfg) -> Result<Server, BindError> {
+        Self::bind_as(cfg, false)
     }
 
     /// [`Server::bind`]; `successor`: this process takes over from the
     /// pollux that served `socket`, which has stopped serving it (its file
     /// is replaced, and a TCP address it just closed is retried for a
     /// while).
-    pub fn bind_as(socket: &Path, tcp: Option<&str>, successor: bool) -> Result<Server, BindError> {
+    pub fn bind_as(cfg: &crate::config::ControlCfg, successor: bool) -> Result<Server, BindError> {
         use std::os::unix::fs::PermissionsExt;
+        let (socket, tcp) = (cfg.socket.as_path(), cfg.tcp.as_deref());
+        // The token first: a TCP endpoint is never served without one.
+        let token = match (tcp, &cfg.token_file) {
+            (None, _) => None,
+            (Some(addr), None) => {
+                return Err(BindError::Tcp {
+                    addr: addr.to_string(),
+                    reason: "needs token_file".into(),
+                });
+            }
+            (Some(_), Some(f)) => Some(auth::Token::read(f)?),
+        };
         let err = |e: &dyn std::fmt::Display| BindError::Socket {
             path: socket.to_path_buf(),
             reason: e.to_string(),
@@ -1145,6 +1166,8 @@ impl Server {
         Ok(Server {
             unix,
             tcp,
+            token,
+            metrics_open: cfg.metrics_without_token,
             path: socket.to_path_buf(),
         })
     }
@@ -1171,10 +1194,33 @@ impl Server {
         let mut next = Some(first);
         while let Some(mut req) = next {
             let mut body = String::new();
+            let tcp = req.remote_addr().is_some();
             // A takeover hands over the port sockets: asked only on the
             // unix socket (mode 0600), never over TCP.
-            let over_tcp = req.remote_addr().is_some() && req.url().starts_with("/v1/takeover");
+            let over_tcp = tcp && req.url().starts_with("/v1/takeover");
+            // Over TCP, anything but an open metrics scrape needs the token
+            // (no token configured: nothing is admitted).
+            let refused =
+                tcp && !(self.metrics_open && req.method() == &tiny_http::Method::Get && {
+                    let u = req.url();
+                    u == "/metrics" || u.starts_with("/metrics?")
+                }) && !self.token.as_ref().is_some_and(|t| {
+                    t.admits(
+                        req.headers()
+                            .iter()
+                            .find(|h| h.field.equiv("Authorization"))
+                            .map(|h| h.value.as_str()),
+                    )
+                });
             let resp = match std::io::Read::read_to_string(req.as_reader(), &mut body) {
+                // (The body is read, and dropped, so the client sees the
+                // answer rather than a reset.)
+                _ if refused => (
+                    401,
+                    json!({"error": "a request over TCP needs the control token (Authorization: Bearer TOKEN)"})
+                        .to_string(),
+                    "application/json",
+                ),
                 Ok(_) if over_tcp => (
                     403,
                     json!({"error": "a takeover is asked on the control socket, not over TCP"})
@@ -1197,6 +1243,14 @@ impl Server {
             let (status, text, ctype) = resp;
             let mut r = tiny_http::Response::from_string(text).with_status_code(status);
             if let Ok(h) = tiny_http::Header::from_bytes(&b"Content-Type"[..], ctype.as_bytes()) {
+                r = r.with_header(h);
+            }
+            if status == 401
+                && let Ok(h) = tiny_http::Header::from_bytes(
+                    &b"WWW-Authenticate"[..],
+                    &b"Bearer realm=\"pollux\""[..],
+                )
+            {
                 r = r.with_header(h);
             }
             let _ = req.respond(r);
