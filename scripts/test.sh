@@ -41,6 +41,9 @@ needed=(
     coturn            # turnserver and turnutils_natdiscovery: SNAT's behaviour (RFC 5780)
     bird2             # BGP: the Muxes' speaker (pollux runs it) and the test router
     cpio              # reads back the guest harness's initramfs archives
+    dpkg-dev          # dpkg-shlibdeps: the Debian package's dependencies
+    man-db            # man(1): the packaged man page
+    systemd           # systemd-analyze verify: the packaged unit
 )
 installed() {
     dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'

@@ -98,6 +98,17 @@ enum Command {
         #[arg(long, requires = "vf")]
         bind: Option<String>,
     },
+    /// Print the man page (roff), generated from this command line's
+    /// definition (the Debian package installs it as pollux(1)).
+    #[command(hide = true)]
+    Manpage,
+    /// Print a shell completion script (the Debian package installs the
+    /// bash one).
+    #[command(hide = true)]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// `pollux ctl` subcommands.
@@ -505,6 +516,36 @@ fn main() -> ExitCode {
             json,
             cmd,
         } => ctl(socket, (tcp.as_deref(), token_file.as_deref()), *json, cmd),
+        Command::Manpage => {
+            use clap::CommandFactory;
+            let mut out = Vec::new();
+            match clap_mangen::Man::new(Cli::command()).render(&mut out) {
+                Ok(()) => {
+                    use std::io::Write;
+                    match std::io::stdout().write_all(&out) {
+                        Ok(()) => ExitCode::SUCCESS,
+                        Err(e) => {
+                            eprintln!("pollux manpage: {e}");
+                            ExitCode::FAILURE
+                        }
+                    }
+                }
+                Err(e) => {
+                    eprintln!("pollux manpage: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "pollux",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
         Command::Sriov {
             pf,
             vfs,
