@@ -409,8 +409,8 @@ impl Speaker {
     pub fn set_draining(&mut self, on: bool, cfg: &Config, policy: &vswitch::Policy) {
         if self.draining != on {
             self.draining = on;
-            eprintln!(
-                "pollux: bgp: {}",
+            tracing::info!(
+                "bgp: {}",
                 if on {
                     "draining: every VIP withdrawn"
                 } else {
@@ -447,7 +447,7 @@ impl Speaker {
                 .as_ref()
                 .is_some_and(|(bird, dir)| *bird != b.bird || *dir != b.dir)
         {
-            eprintln!("pollux: bgp: bird or dir changed: BIRD started anew");
+            tracing::info!("bgp: bird or dir changed: BIRD started anew");
             self.kill();
             self.next_start = now;
         }
@@ -467,7 +467,7 @@ impl Speaker {
                 last_line(&log).map_or(String::new(), |l| format!(": {l}")),
                 log.display()
             );
-            eprintln!("pollux: bgp: {why}");
+            tracing::warn!("bgp: {why}");
             self.error = Some(why);
             self.child = None;
             self.forget();
@@ -492,7 +492,7 @@ impl Speaker {
                     self.refused = None;
                 }
                 Err(e) => {
-                    eprintln!("pollux: bgp: {e}");
+                    tracing::warn!("bgp: {e}");
                     self.error = Some(e.to_string());
                     self.next_start = now + self.backoff;
                     self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
@@ -512,7 +512,7 @@ impl Speaker {
                     self.error = None;
                 }
                 Err(e @ BgpError::Refused { .. }) => {
-                    eprintln!("pollux: bgp: {e}");
+                    tracing::warn!("bgp: {e}");
                     self.error = Some(e.to_string());
                     self.refused = Some(text.clone());
                 }
@@ -552,8 +552,8 @@ impl Speaker {
                 Ok(_) => {
                     self.vips_disabled = true;
                     self.unanswered_since = None;
-                    eprintln!(
-                        "pollux: bgp: BIRD did not take the new configuration: every VIP withdrawn"
+                    tracing::warn!(
+                        "bgp: BIRD did not take the new configuration: every VIP withdrawn"
                     );
                     self.note_down(&w, "BIRD refused its configuration");
                 }
@@ -562,8 +562,8 @@ impl Speaker {
                     self.error = Some(e.to_string());
                     let since = *self.unanswered_since.get_or_insert(now);
                     if now.duration_since(since) >= STARTUP_GRACE {
-                        eprintln!(
-                            "pollux: bgp: BIRD has not answered for {} s with a VIP to withdraw: killed",
+                        tracing::warn!(
+                            "bgp: BIRD has not answered for {} s with a VIP to withdraw: killed",
                             STARTUP_GRACE.as_secs()
                         );
                         self.kill();
@@ -604,14 +604,14 @@ impl Speaker {
 
     fn log_changes(&self, now: &BTreeSet<Ipv4Addr>, withdrawn: &[BgpWithdrawnView]) {
         for a in now.difference(&self.announced) {
-            eprintln!("pollux: bgp: announcing {a}/32");
+            tracing::info!("bgp: announcing {a}/32");
         }
         for a in self.announced.difference(now) {
             let why = withdrawn
                 .iter()
                 .find(|x| x.address == a.to_string())
                 .map_or("no Mux VIP", |x| x.reason.as_str());
-            eprintln!("pollux: bgp: withdrew {a}/32 ({why})");
+            tracing::info!("bgp: withdrew {a}/32 ({why})");
         }
     }
 
@@ -650,8 +650,8 @@ impl Speaker {
                 bird: b.bird.clone(),
                 source,
             })?;
-        eprintln!(
-            "pollux: bgp: BIRD started (pid {}), AS {}, {} neighbour(s), in {}",
+        tracing::info!(
+            "bgp: BIRD started (pid {}), AS {}, {} neighbour(s), in {}",
             child.id(),
             b.local_as,
             b.neighbor.len(),
@@ -746,13 +746,13 @@ impl Speaker {
         let had = !self.announced.is_empty();
         self.step(cfg, policy);
         if had && self.announced.is_empty() {
-            eprintln!(
-                "pollux: bgp: VIPs withdrawn; forwarding {} ms more before stopping",
+            tracing::info!(
+                "bgp: VIPs withdrawn; forwarding {} ms more before stopping",
                 b.stop_wait_ms
             );
             std::thread::sleep(Duration::from_millis(b.stop_wait_ms));
         } else if had {
-            eprintln!("pollux: bgp: VIPs not withdrawn first; BIRD's sessions end now");
+            tracing::warn!("bgp: VIPs not withdrawn first; BIRD's sessions end now");
         }
         let _ = command(&Self::sock(b), "down");
         if let Some(c) = self.child.as_mut() {

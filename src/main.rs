@@ -18,8 +18,39 @@ use std::process::ExitCode;
 #[derive(Parser, Debug)]
 #[command(version, about, long_about = None)]
 struct Cli {
+    /// Log format on stderr: plain text or one JSON object per event
+    /// (RUST_LOG filters them, as `info`, `pollux=debug` or `warn`; default
+    /// `info`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Plain)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How events are written.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    /// `TIME LEVEL target: message field=value ...`.
+    Plain,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Events (control-plane only: nothing is logged per packet) go to stderr
+/// with a timestamp and a level, filtered by `RUST_LOG`.
+fn init_logs(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        // Colours only on a terminal (logs in files and journals stay text).
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    // (A subscriber set already, as in a test harness, is kept.)
+    let _ = match format {
+        LogFormat::Plain => b.try_init(),
+        LogFormat::Json => b.json().try_init(),
+    };
 }
 
 #[derive(Subcommand, Debug)]
@@ -505,6 +536,7 @@ fn run(path: Option<&std::path::Path>, takeover: Option<&std::path::Path>) -> Ex
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logs(cli.log_format);
     match &cli.command {
         Command::Check { config } => check(config),
         Command::Run { config, takeover } => run(config.as_deref(), takeover.as_deref()),

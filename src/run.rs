@@ -1244,7 +1244,7 @@ fn run_on<A: BufAlloc>(
             match crate::control::Server::bind_as(c, true) {
                 Ok(s) => server = Some(s),
                 // Forwarding matters more than the API: go on without it.
-                Err(e) => eprintln!("pollux: control API not served: {e}"),
+                Err(e) => tracing::warn!("control API not served: {e}"),
             }
         }
         inc.started();
@@ -1293,14 +1293,15 @@ fn run_on<A: BufAlloc>(
     rt.neighbours.mail = neigh_mail;
     rt.neighbours.seed(&topo.neighbours);
     if let Some(inc) = incoming.take() {
-        eprintln!(
-            "pollux: took over from pid {} (version {}): traffic stopped {:.1} ms; {} connections, {} probe states, {} sockets",
+        tracing::info!(
+            from_pid = inc.report.from_pid,
+            from_version = %inc.report.from_version,
+            blackout_us = inc.report.blackout_us,
+            connections = inc.report.connections,
+            probes = inc.report.probes,
+            sockets = inc.report.sockets,
+            "took over from pid {}",
             inc.report.from_pid,
-            inc.report.from_version,
-            inc.report.blackout_us as f64 / 1000.0,
-            inc.report.connections,
-            inc.report.probes,
-            inc.report.sockets,
         );
         rt.takeover = Some(inc.report.clone());
         // The predecessor's BIRD holds the sessions until it is gone.
@@ -1312,15 +1313,16 @@ fn run_on<A: BufAlloc>(
             rt.perf_base = (rt.base.clone(), std::time::Instant::now());
         }
     }
-    eprintln!(
-        "pollux: switch running on {} ports with {workers} worker(s), {} probed backends (SIGINT or SIGTERM stops)",
-        cfg.port.len(),
-        health.states().count()
+    tracing::info!(
+        ports = cfg.port.len(),
+        workers,
+        probed_backends = health.states().count(),
+        "switch running (SIGINT or SIGTERM stops)"
     );
     let mut state = crate::control::ControlState::new(cfg.clone(), topo, swap.clone());
     if let Some(s) = &server {
-        eprintln!(
-            "pollux: control API on {}{}",
+        tracing::info!(
+            "control API on {}{}",
             cfg.control
                 .as_ref()
                 .map_or(String::new(), |c| c.socket.display().to_string()),
@@ -1413,20 +1415,20 @@ fn run_on<A: BufAlloc>(
         };
         match outcome {
             crate::takeover::Outcome::HandedOver => {
-                eprintln!("pollux: handed over to pid {}", req.pid);
+                tracing::info!("handed over to pid {}", req.pid);
                 break;
             }
             crate::takeover::Outcome::Orphaned(e) => return Err(RunError::Takeover(e)),
             crate::takeover::Outcome::Failed(e) => {
                 let why = format!("handover to pid {} failed, going on: {e}", req.pid);
-                eprintln!("pollux: {why}");
+                tracing::warn!("{why}");
                 if let (Some(d), Some(_)) = (&devices, &released) {
                     // A successor that opened some of them lets them go as
                     // it exits.
                     crate::takeover::wait_gone(req.pid);
                     if let Err(e) = d.take_back(&mut stopped, &mut port_stats) {
                         // Forwarding on the other ports goes on.
-                        eprintln!("pollux: devices not opened again: {e}");
+                        tracing::error!("devices not opened again: {e}");
                         rt.takeover_failed = Some(format!("{why}; devices not opened again: {e}"));
                     } else {
                         rt.takeover_failed = Some(why);
@@ -1442,7 +1444,7 @@ fn run_on<A: BufAlloc>(
                 {
                     match crate::control::Server::bind_as(c, true) {
                         Ok(s) => server = Some(s),
-                        Err(e) => eprintln!("pollux: control API not served again: {e}"),
+                        Err(e) => tracing::warn!("control API not served again: {e}"),
                     }
                 }
             }
@@ -1592,7 +1594,7 @@ fn control_loop<A: BufAlloc>(
         if state.changes() != changes {
             changes = state.changes();
             if let Err(e) = sync_probes(state.config(), health, start.elapsed()) {
-                eprintln!("pollux: probes not updated: {}", e.lines().join("; "));
+                tracing::warn!("probes not updated: {}", e.lines().join("; "));
             }
         }
         // Each change swaps its VIP's backend set in place (only that VIP's
@@ -1603,13 +1605,15 @@ fn control_loop<A: BufAlloc>(
         let by_name = |name: &str| cur.vnets.iter().find(|v| v.name == name).map(|v| &v.vips);
         for a in health.poll(now, by_name) {
             match a.result {
-                Ok(_) => eprintln!(
-                    "pollux: {} {} ({})",
+                Ok(_) => tracing::info!(
+                    backend = %a.target.name(),
+                    up = a.up,
+                    reason = %a.reason,
+                    "health: {} {}",
                     a.target.name(),
                     if a.up { "up" } else { "down" },
-                    a.reason,
                 ),
-                Err(e) => eprintln!("pollux: {e}"),
+                Err(e) => tracing::warn!("{e}"),
             }
         }
         next = next.min(health.poll_at(now));
@@ -1629,7 +1633,7 @@ fn control_loop<A: BufAlloc>(
             let refused = match loaded.map(|c| state.replace(c)) {
                 Ok(Ok(g)) => {
                     rt.reloads.applied += 1;
-                    eprintln!("pollux: reloaded {}; policy generation {g}", path.display());
+                    tracing::info!(file = %path.display(), generation = g, "reloaded");
                     None
                 }
                 Ok(Err(e)) if e.problems.is_empty() => Some(e.message),
@@ -1642,7 +1646,7 @@ fn control_loop<A: BufAlloc>(
                     path.display(),
                     state.generation(),
                 );
-                eprintln!("pollux: {why}");
+                tracing::warn!("{why}");
                 rt.reloads.refused += 1;
                 rt.reloads.last_error = Some(why);
             }

@@ -686,8 +686,8 @@ fn takeover(state: &ControlState, rt: &mut Runtime, body: &str) -> Result<Reply,
             problems,
         });
     }
-    eprintln!(
-        "pollux: pid {} (version {}) takes over; handing over at {}",
+    tracing::info!(
+        "pid {} (version {}) takes over; handing over at {}",
         req.pid,
         req.version,
         req.socket.display()
@@ -1241,6 +1241,22 @@ impl Server {
                 ),
             };
             let (status, text, ctype) = resp;
+            // A change through the API: one event, with the generation it
+            // published (nothing is logged for reads, or per packet).
+            let method = req.method().to_string().to_uppercase();
+            if method != "GET" && (200..300).contains(&status) {
+                tracing::info!(
+                    method = %method,
+                    path = %req.url(),
+                    status,
+                    generation = state.generation(),
+                    over_tcp = tcp,
+                    "api change"
+                );
+            } else if status == 401 {
+                // (The token is never logged; the request is, once.)
+                tracing::warn!(method = %method, path = %req.url(), "api request over TCP without the token refused");
+            }
             let mut r = tiny_http::Response::from_string(text).with_status_code(status);
             if let Ok(h) = tiny_http::Header::from_bytes(&b"Content-Type"[..], ctype.as_bytes()) {
                 r = r.with_header(h);

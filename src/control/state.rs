@@ -398,14 +398,14 @@ impl Neighbours {
         match state.set_neighbours(resolved) {
             Ok(g) => {
                 self.failed = None;
-                eprintln!(
-                    "pollux: underlay neighbours now [{}]; policy generation {g}",
+                tracing::info!(
+                    "underlay neighbours now [{}]; policy generation {g}",
                     list.join(", ")
                 )
             }
             // Said once; tried again every step.
             Err(e) if self.failed.as_ref() != Some(&e.message) => {
-                eprintln!("pollux: underlay neighbours not applied: {}", e.message);
+                tracing::warn!("underlay neighbours not applied: {}", e.message);
                 self.failed = Some(e.message);
             }
             Err(_) => {}
