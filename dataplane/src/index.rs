@@ -8,10 +8,12 @@
 //! up a whole burst at once in stages (hash every key, prefetch every
 //! bucket, then compare), so that the cache misses of 32 lookups overlap
 //! instead of following one another; that needs a lookup split at the bucket
-//! load, which `hashbrown` has no API for. The index is also sized once for
-//! a table's capacity and never rehashes: `hashbrown` under steady insert and
-//! delete churn fills with tombstones and rehashes in place from time to
-//! time, an O(n) pause in the data path. The layout is DPDK `rte_hash`'s:
+//! load, which `hashbrown` has no API for. An index is also sized when it is
+//! made and never rehashes by itself (it leaves no tombstones): `hashbrown`
+//! under steady insert and delete churn fills with tombstones and rehashes
+//! in place from time to time, an O(n) pause in the data path. (The flow
+//! table sizes its index for at most 4 Mi entries and makes a larger one
+//! only past that.) The layout is DPDK `rte_hash`'s:
 //! 64-byte buckets of eight ways (a 16-bit signature and a `u32` value
 //! each), linear probing from bucket to bucket with a per-bucket count of
 //! entries stored past it, kept at most half full; in huge pages where the
@@ -243,6 +245,14 @@ impl KeyIndex {
     /// Removes the entry at `pos`, which [`KeyIndex::find`] returned for
     /// `hash` with no change to the index since.
     pub fn remove(&mut self, hash: u64, pos: Pos) {
+        // A way that holds nothing (a stale position): nothing to undo.
+        if self
+            .buckets
+            .get(pos.bucket)
+            .is_none_or(|b| lane(b.sigs, pos.way) == 0)
+        {
+            return;
+        }
         let mut at = hash as usize & self.mask;
         while at != pos.bucket {
             if let Some(x) = self.buckets.get_mut(at) {

@@ -11,7 +11,7 @@
 //!   ([`parse`]) and rewrites with incremental checksums ([`rewrite`]);
 //!   the TCP segments a SYN proxy writes ([`synproxy`]);
 //! - the bucketed hash [`index`] under the per-core flow and connection
-//!   tables (seeded key hash, prefetchable buckets, never rehashed);
+//!   tables (seeded key hash, prefetchable buckets, no tombstones);
 //! - the poll-mode [`worker::Worker`], core pinning and the TSC [`clock`];
 //! - overlay tunnels (VXLAN, Geneve) in front of frames and ARP requests
 //!   for an underlay address ([`tunnel`]);

@@ -23,7 +23,8 @@ use dataplane::FlowKey;
 use dataplane::index::{KeyIndex, Pos, Seed};
 use std::hash::Hasher;
 
-/// Passes a precomputed u64 through (keys hash themselves with XXH3).
+/// Passes a precomputed u64 through: for maps whose keys hash themselves
+/// into one `u64` (the load balancer's VIP maps).
 #[derive(Default)]
 pub struct IdentityHasher(u64);
 
@@ -416,8 +417,8 @@ impl<V> ConnTable<V> {
         ConnTable {
             // Two keys per connection, at most half full; its pages are
             // committed as they are first written. Without the memory for
-            // it, the index is empty and every new connection is refused as
-            // for a full table.
+            // it, the index is empty: each new connection tries to make it
+            // again, and is refused as for a full table while that fails.
             index: KeyIndex::for_entries(capacity * 2).unwrap_or_default(),
             // Keys come from packets: a per-table random seed keeps an
             // attacker from aiming them at one bucket.
@@ -597,6 +598,22 @@ impl<V> ConnTable<V> {
     /// connection whose keys are equal is indexed once, as its originating
     /// direction). False, and nothing indexed, when the index has no room
     /// (it could not be made).
+    fn index_pair_or_retry(
+        &mut self,
+        i: u32,
+        orig: (&FlowKey, u64),
+        reply: (&FlowKey, u64),
+    ) -> bool {
+        // An index that could not be made when the table was: tried again
+        // (memory may have come free since).
+        if self.index.buckets() == 0
+            && let Ok(ix) = KeyIndex::for_entries(self.capacity * 2)
+        {
+            self.index = ix;
+        }
+        self.index_pair(i, orig, reply)
+    }
+
     fn index_pair(
         &mut self,
         i: u32,
@@ -636,18 +653,7 @@ impl<V> ConnTable<V> {
         now: u64,
         on_remove: impl FnOnce(Conn<V>),
     ) -> Option<(u32, Dir)> {
-        self.lookup_hashed(key, self.hash(key), now, on_remove)
-    }
-
-    /// [`ConnTable::lookup`] of a key whose [`ConnTable::hash`] is `hash`.
-    pub fn lookup_hashed(
-        &mut self,
-        key: &FlowKey,
-        hash: u64,
-        now: u64,
-        on_remove: impl FnOnce(Conn<V>),
-    ) -> Option<(u32, Dir)> {
-        let (_, i, dir) = self.find(key, hash)?;
+        let (_, i, dir) = self.find(key, self.hash(key))?;
         let slot = self.slots.get(i as usize)?;
         let expired = slot
             .conn
@@ -824,7 +830,8 @@ impl<V> ConnTable<V> {
         } else {
             None
         };
-        if self.find(&reply, hr).is_some() {
+        // Either key tracked already: refused before anything is evicted.
+        if self.find(&reply, hr).is_some() || self.find(&orig, ho).is_some() {
             return Err(ConnError::Exists);
         }
         match victim {
@@ -846,14 +853,11 @@ impl<V> ConnTable<V> {
                 });
             }
         }
-        if self.find(&orig, ho).is_some() {
-            return Err(ConnError::Exists);
-        }
         let i = match self.free.last() {
             Some(&i) => i,
             None => self.slots.len() as u32,
         };
-        if !self.index_pair(i, (&orig, ho), (&reply, hr)) {
+        if !self.index_pair_or_retry(i, (&orig, ho), (&reply, hr)) {
             self.stats.refused_full += 1;
             return Err(ConnError::Full {
                 capacity: self.capacity,
@@ -1016,7 +1020,7 @@ impl<V> ConnTable<V> {
                 self.slots.len() as u32 - 1
             }
         };
-        if !self.index_pair(i, (&conn.orig, ho), (&conn.reply, hr)) {
+        if !self.index_pair_or_retry(i, (&conn.orig, ho), (&conn.reply, hr)) {
             self.free.push(i);
             return Err(ConnError::Full {
                 capacity: self.capacity,
@@ -1123,16 +1127,24 @@ mod tests {
             let reply = |p: u16| FlowKey::new(
                 "10.2.0.5".parse().unwrap(), 8080, "10.0.0.1".parse().unwrap(), p, 6,
             );
-            let mut t = table(64);
+            // Eight places: a full table evicts its oldest embryonic
+            // connection (every one here: SYNs) for each new one.
+            let mut t = table(8);
             let mut model: HashMap<FlowKey, (u32, Dir)> = HashMap::new();
             for (add, a, b) in ops {
                 let (o, r) = (key(a), reply(b));
                 if add {
-                    let got = t.insert(o, r, 0x02, 0, u32::from(a), |_| {});
+                    let mut evicted = Vec::new();
+                    let got = t.insert(o, r, 0x02, 0, u32::from(a), |c| evicted.push(c));
                     if model.contains_key(&o) || model.contains_key(&r) {
                         proptest::prop_assert_eq!(got, Err(ConnError::Exists));
+                        proptest::prop_assert!(evicted.is_empty());
                     } else {
                         let i = got.unwrap();
+                        for c in evicted {
+                            proptest::prop_assert!(model.remove(&c.orig).is_some());
+                            proptest::prop_assert!(model.remove(&c.reply).is_some());
+                        }
                         model.insert(o, (i, Dir::Orig));
                         model.insert(r, (i, Dir::Reply));
                     }
@@ -1142,6 +1154,9 @@ mod tests {
                     proptest::prop_assert!(model.remove(&c.reply).is_some());
                 }
                 proptest::prop_assert_eq!(t.len() * 2, model.len());
+                // No index entry is left behind (the key compare would hide
+                // one from lookups).
+                proptest::prop_assert_eq!(t.index.len(), model.len());
             }
             for p in 0..24 {
                 for k in [key(p), reply(p)] {
@@ -1150,6 +1165,18 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_connection_whose_keys_are_equal_is_indexed_once_as_its_originating_direction() {
+        let mut t = table(4);
+        let k = key(7);
+        let i = t.insert(k, k, 0x02, 0, 1, |_| {}).unwrap();
+        assert_eq!(t.index.len(), 1);
+        assert_eq!(t.peek(&k), Some((i, Dir::Orig)));
+        assert!(t.remove(i).is_some());
+        assert!(t.index.is_empty());
+        assert_eq!(t.peek(&k), None);
     }
 
     #[test]

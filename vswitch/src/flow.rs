@@ -441,8 +441,16 @@ impl FlowTable {
                 (self.slots.len() - 1) as u32
             }
         };
-        // The index has room (checked above).
-        self.index.insert(hash, s);
+        // The index has room (checked above); were it refused all the same,
+        // the slot goes back rather than live unindexed.
+        if !self.index.insert(hash, s) {
+            if let Some(l) = self.live.get_mut(s as usize) {
+                *l = false;
+            }
+            self.free.push(s);
+            self.stats.full += 1;
+            return Insert::Full;
+        }
         self.len += 1;
         self.stats.installed += 1;
         Insert::New
@@ -467,7 +475,8 @@ impl FlowTable {
                 continue;
             };
             // Twice as large, half as full: there is room for every entry.
-            index.insert(self.hash(slot.in_port, &slot.key), i as u32);
+            let placed = index.insert(self.hash(slot.in_port, &slot.key), i as u32);
+            debug_assert!(placed, "a grown index refused entry {i}");
         }
         self.index = index;
         true
@@ -849,6 +858,23 @@ mod tests {
     }
 
     #[test]
+    fn expiry_rounds_span_more_than_a_burst_and_wrap() {
+        let mut t = FlowTable::new(1000, 100, 10);
+        for k in 0..200 {
+            t.insert(0, key(k), entry(if k % 4 == 0 { 1000 } else { 0 }));
+        }
+        // 150 expired entries, found 70 slots at a time (rounds of 32
+        // inside), the cursor wrapping on the third call.
+        let removed: usize = (0..3).map(|_| t.expire_some(1050, 70)).sum();
+        assert_eq!(removed, 150);
+        assert_eq!((t.len(), t.index.len()), (50, 50));
+        for k in 0..200 {
+            assert_eq!(t.get_mut(0, &key(k)).is_some(), k % 4 == 0, "key {k}");
+        }
+        assert_eq!(t.expire_some(1050, 1000), 0);
+    }
+
+    #[test]
     fn a_stale_hint_is_not_trusted() {
         let mut t = FlowTable::new(16, 100, 10);
         let (a, b) = (key(1), key(2));
@@ -950,6 +976,7 @@ mod tests {
                     }
                 }
                 prop_assert_eq!(t.len(), model.len());
+                prop_assert_eq!(t.index.len(), model.len());
             }
             for k in 0..200u16 {
                 prop_assert_eq!(t.get_mut(0, &key(k)).copied(), model.get(&k).copied());

@@ -31,7 +31,10 @@ impl<B: PacketBuf> Switch<B> {
         // The reverse flow's index bucket is a cache miss of its own:
         // start loading it now, to arrive while the forward flow installs.
         let back_key = post.reversed();
-        if stateful || fwd.lb.is_some() {
+        // (Nothing comes back through a Mux's tunnel to a DIP: see below.)
+        let back_flow = (stateful || fwd.lb.is_some())
+            && !(super::overlay::is_tunnel(fwd.out_port) && p.vm_on_port(fwd.out_port).is_none());
+        if back_flow {
             self.flows
                 .prefetch_bucket(self.flows.hash(fwd.out_port, &back_key));
         }
@@ -66,12 +69,10 @@ impl<B: PacketBuf> Switch<B> {
         if self.flows.insert(in_port, key, e(fwd)) == crate::flow::Insert::New {
             self.stats.flows_installed.fetch_add(1, Ordering::Relaxed);
         }
-        if !stateful && fwd.lb.is_none() {
-            return fwd;
-        }
-        // Nothing comes back through a Mux's tunnel to a DIP (its replies
-        // go straight to the client).
-        if super::overlay::is_tunnel(fwd.out_port) && p.vm_on_port(fwd.out_port).is_none() {
+        // Only stateful allows and tracked connections get a reverse flow;
+        // nothing comes back through a Mux's tunnel to a DIP (its replies go
+        // straight to the client).
+        if !back_flow {
             return fwd;
         }
         // The reverse direction gets the opposite rewrite of the connection.
