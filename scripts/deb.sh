@@ -17,8 +17,10 @@ bin=""
 out="$root/target/debian"
 while [ $# -gt 0 ]; do
     case "$1" in
-        --binary) bin=$2; shift 2 ;;
-        --out) out=$2; shift 2 ;;
+        --binary|--out)
+            [ $# -ge 2 ] || { echo "usage: $0 [--binary PATH] [--out DIR]" >&2; exit 2; }
+            if [ "$1" = --binary ]; then bin=$2; else out=$2; fi
+            shift 2 ;;
         *) echo "usage: $0 [--binary PATH] [--out DIR]" >&2; exit 2 ;;
     esac
 done
@@ -56,9 +58,12 @@ COPYRIGHT
 # The shared libraries the binary needs, as Debian package dependencies.
 mkdir -p "$stage/src/debian"
 printf 'Source: pollux\n\nPackage: pollux\nArchitecture: any\n' > "$stage/src/debian/control"
-depends=$(cd "$stage/src" && dpkg-shlibdeps -O -e"$pkg/usr/bin/pollux" 2>/dev/null \
-    | sed -n 's/^shlibs:Depends=//p')
+# (Its warnings go to stderr; a failure stops the script with them.)
+shlibs=$(cd "$stage/src" && dpkg-shlibdeps -O -e"$pkg/usr/bin/pollux")
+depends=$(printf '%s\n' "$shlibs" | sed -n 's/^shlibs:Depends=//p')
 [ -n "$depends" ] || { echo "deb.sh: dpkg-shlibdeps found no dependencies" >&2; exit 1; }
+# kill(1) for the unit's reload.
+depends="$depends, procps"
 
 mkdir -p "$pkg/DEBIAN"
 size=$(du -sk --exclude=DEBIAN "$pkg" | cut -f1)
@@ -68,6 +73,7 @@ Version: $version
 Architecture: $arch
 Maintainer: pollux developers <pollux@example.invalid>
 Depends: $depends
+Suggests: bird2
 Section: net
 Priority: optional
 Installed-Size: $size
@@ -80,17 +86,42 @@ Description: poll-mode virtual networking dataplane
  then systemctl enable --now pollux.
 CONTROL
 echo /etc/pollux/pollux.toml > "$pkg/DEBIAN/conffiles"
-for script in postinst postrm; do
-    cat > "$pkg/DEBIAN/$script" <<'SCRIPT'
+# The service is not enabled or started on install (its configuration is
+# the operator's to write); a running one is stopped before its binary is
+# removed or replaced, and started again after an upgrade.
+cat > "$pkg/DEBIAN/prerm" <<'SCRIPT'
 #!/bin/sh
 set -e
-# A new or removed unit file: systemd reads it again (where it runs).
+if [ -d /run/systemd/system ] && systemctl is-active --quiet pollux.service; then
+    systemctl stop pollux.service || true
+    if [ "$1" = upgrade ]; then
+        mkdir -p /run/pollux-upgrade && touch /run/pollux-upgrade/restart
+    fi
+fi
+SCRIPT
+cat > "$pkg/DEBIAN/postinst" <<'SCRIPT'
+#!/bin/sh
+set -e
+if [ -d /run/systemd/system ]; then
+    systemctl daemon-reload >/dev/null 2>&1 || true
+    if [ -e /run/pollux-upgrade/restart ]; then
+        rm -rf /run/pollux-upgrade
+        systemctl start pollux.service || true
+    fi
+fi
+SCRIPT
+cat > "$pkg/DEBIAN/postrm" <<'SCRIPT'
+#!/bin/sh
+set -e
 if [ -d /run/systemd/system ]; then
     systemctl daemon-reload >/dev/null 2>&1 || true
 fi
+# Purged: the enablement symlinks go too.
+if [ "$1" = purge ]; then
+    rm -f /etc/systemd/system/multi-user.target.wants/pollux.service
+fi
 SCRIPT
-    chmod 0755 "$pkg/DEBIAN/$script"
-done
+chmod 0755 "$pkg/DEBIAN/prerm" "$pkg/DEBIAN/postinst" "$pkg/DEBIAN/postrm"
 
 mkdir -p "$out"
 deb="$out/pollux_${version}_${arch}.deb"

@@ -526,6 +526,7 @@ fn run(path: Option<&std::path::Path>, takeover: Option<&std::path::Path>) -> Ex
             ExitCode::SUCCESS
         }
         Err(e) => {
+            // Why it could not run: printed whatever RUST_LOG filters.
             for l in e.lines() {
                 eprintln!("{l}");
             }

@@ -39,6 +39,8 @@ fn run_until(
     .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_pollux"))
         .args(["run", "--config", path.to_str().unwrap()])
+        // (Its start is an info event, which the tests read.)
+        .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -1,6 +1,6 @@
 //! The control API's loopback TCP endpoint takes requests only with the
 //! bearer token from `[control] token_file`: an unprivileged local user
-//! (`nobody`, through `runuser`) with `curl` is refused (401) without it or
+//! (`nobody`, uid 65534, through `setpriv`) with `curl` is refused (401) without it or
 //! with a wrong one, and its change does not happen; the same user with the
 //! token is served; `GET /metrics` is open when `metrics_without_token`
 //! says so; `pollux ctl --tcp --token-file` works. Needs root (to act as
@@ -57,6 +57,13 @@ name = "g"
     )
 }
 
+/// A command as user `nobody` (uid and gid 65534, no supplementary groups).
+fn as_nobody() -> Command {
+    let mut c = Command::new("setpriv");
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]);
+    c
+}
+
 /// `curl` as user `nobody` against `url`, with `headers`; returns the
 /// status and the body.
 fn curl_as_nobody(
@@ -65,8 +72,8 @@ fn curl_as_nobody(
     headers: &[String],
     body: Option<&str>,
 ) -> (u16, String) {
-    let mut c = Command::new("runuser");
-    c.args(["-u", "nobody", "--", "curl", "-s", "-S", "-X", method])
+    let mut c = as_nobody();
+    c.args(["curl", "-s", "-S", "-X", method])
         .args(["-w", "\n%{http_code}", "--max-time", "10"]);
     for h in headers {
         c.args(["-H", h]);
@@ -87,7 +94,7 @@ fn curl_as_nobody(
 
 #[test]
 fn the_tcp_endpoint_serves_only_requests_with_the_token() {
-    if !testkit::require::root_and(&["curl", "runuser"]) {
+    if !testkit::require::root_and(&["curl", "setpriv"]) {
         return;
     }
     let dir = Dir(std::env::temp_dir().join(format!("pollux-tcp-auth-{}", std::process::id())));
@@ -119,12 +126,10 @@ fn the_tcp_endpoint_serves_only_requests_with_the_token() {
     let g0 = generation();
 
     // The user cannot read the token.
-    let cat = Command::new("runuser")
-        .args(["-u", "nobody", "--", "cat"])
-        .arg(&token)
-        .output()
-        .unwrap();
+    let cat = as_nobody().arg("cat").arg(&token).output().unwrap();
     assert!(!cat.status.success(), "nobody read the token file");
+    let err = String::from_utf8_lossy(&cat.stderr);
+    assert!(err.contains("Permission denied"), "{err}");
 
     let base = format!("http://127.0.0.1:{port}");
     let rule =
@@ -168,6 +173,15 @@ fn the_tcp_endpoint_serves_only_requests_with_the_token() {
     assert_eq!(generation(), g0 + 1);
     let (_, v) = unix("GET", "/v1/nsgs/g", None);
     assert!(v.to_string().contains("\"ssh\""), "{v}");
+
+    // A takeover is never asked over TCP, however the path is spelled.
+    for path in ["/v1/takeover", "//v1/takeover", "/v1//takeover"] {
+        let (st, body) = curl_as_nobody("POST", &format!("{base}{path}"), &auth, Some("{}"));
+        assert_eq!(st, 403, "{path}: {body}");
+    }
+    // The open metrics are GET /metrics only.
+    let (st, _) = curl_as_nobody("POST", &format!("{base}/metrics"), &[], Some("{}"));
+    assert_eq!(st, 401);
 
     // pollux ctl over TCP: with the token file, and refused without it.
     let ctl = |with_token: bool| {

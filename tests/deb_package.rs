@@ -31,6 +31,18 @@ impl Drop for Installed {
     }
 }
 
+/// Kills the child (if it still runs) when the test ends early.
+struct Running(Option<std::process::Child>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();
     assert!(
@@ -117,6 +129,10 @@ fn the_package_installs_and_its_unit_runs_pollux() {
         version.trim(),
         format!("pollux {}", env!("CARGO_PKG_VERSION"))
     );
+    assert!(
+        Path::new("/usr/share/man/man1/pollux.1.gz").exists(),
+        "the man page was not installed: does dpkg exclude /usr/share/man here (path-exclude in /etc/dpkg/dpkg.cfg.d)?"
+    );
     let page = run(Command::new("man")
         .args(["-P", "cat", "pollux"])
         .env("MANWIDTH", "80"));
@@ -152,13 +168,16 @@ fn the_package_installs_and_its_unit_runs_pollux() {
     // No systemd here (a container): what the unit runs, as it runs it.
     run(Command::new("/usr/bin/pollux").args(["check", "--config", "/etc/pollux/pollux.toml"]));
     std::fs::create_dir_all("/run/pollux").unwrap();
-    let mut child = Command::new("/usr/bin/pollux")
+    // (Its stderr is not read while it runs: the pipe's buffer holds the
+    // few lines it writes.)
+    let child = Command::new("/usr/bin/pollux")
         .args(["run", "--config", "/etc/pollux/pollux.toml"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let pid = child.id().to_string();
+    let mut running = Running(Some(child));
     let v = status_when_served(Duration::from_secs(30));
     assert_eq!(v["ports"].as_u64(), Some(2), "{v}");
     assert_eq!(reloads_applied(&v), 0);
@@ -173,8 +192,13 @@ fn the_package_installs_and_its_unit_runs_pollux() {
         std::thread::sleep(Duration::from_millis(100));
     }
     run(Command::new("kill").args(["-TERM", &pid]));
-    let status = child.wait().unwrap();
-    assert!(status.success(), "pollux exited with {status}");
+    let out = running.0.take().unwrap().wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "pollux exited with {}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         !Path::new("/run/pollux/pollux.sock").exists(),
         "the socket is left behind"

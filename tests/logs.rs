@@ -9,6 +9,18 @@ use serde_json::Value;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Kills the child (if it still runs) when the test ends early.
+struct Running(Option<std::process::Child>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 #[test]
 fn events_are_json_lines_with_their_fields() {
     let dir = std::env::temp_dir().join(format!("pollux-logs-{}", std::process::id()));
@@ -50,6 +62,8 @@ name = "g"
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let pid = child.id().to_string();
+    let mut running = Running(Some(child));
     let ep = Endpoint::Unix(&sock);
     let status = || -> Option<Value> {
         let (st, text) = call(&ep, "GET", "/v1/status", None).ok()?;
@@ -73,7 +87,6 @@ name = "g"
     let put_gen = serde_json::from_str::<Value>(&text).unwrap()["generation"]
         .as_u64()
         .unwrap();
-    let pid = child.id().to_string();
     assert!(
         Command::new("kill")
             .args(["-HUP", &pid])
@@ -89,7 +102,7 @@ name = "g"
             .unwrap()
             .success()
     );
-    let out = child.wait_with_output().unwrap();
+    let out = running.0.take().unwrap().wait_with_output().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
     assert!(out.status.success());
     let stderr = String::from_utf8(out.stderr).unwrap();

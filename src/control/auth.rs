@@ -87,8 +87,14 @@ impl Token {
             source,
         };
         // The checks are made on the file opened, not on the name (which
-        // could be swapped between a check and the read).
-        let mut f = std::fs::File::open(path).map_err(io)?;
+        // could be swapped between a check and the read); a symbolic link
+        // is refused, and a FIFO does not block the open.
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)
+            .map_err(io)?;
         let meta = f.metadata().map_err(io)?;
         if !meta.is_file() {
             return Err(TokenError::NotAFile {
@@ -111,7 +117,7 @@ impl Token {
             });
         }
         let mut text = String::new();
-        // One byte past the limit is enough to know it is too long.
+        // A little past the limit is enough to know it is too long.
         (&mut f)
             .take(MAX_LEN as u64 + 64)
             .read_to_string(&mut text)
@@ -192,6 +198,15 @@ mod tests {
         let e = Token::read(&p).unwrap_err().to_string();
         assert!(e.contains("16 to 4096") && e.contains("5 bytes"), "{e}");
         std::fs::remove_file(&p).unwrap();
+        // A symbolic link, even to a good file, is not followed.
+        let good = file("target", "0123456789abcdef\n", 0o600);
+        let link = good.with_extension("link");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&good, &link).unwrap();
+        assert!(matches!(Token::read(&link), Err(TokenError::Io { .. })));
+        assert!(Token::read(&good).is_ok());
+        std::fs::remove_file(&link).unwrap();
+        std::fs::remove_file(&good).unwrap();
         let p = file("space", "0123456789 abcdef\n", 0o600);
         assert!(matches!(Token::read(&p), Err(TokenError::Malformed { .. })));
         std::fs::remove_file(&p).unwrap();

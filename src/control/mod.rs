@@ -1088,6 +1088,8 @@ pub struct Server {
     token: Option<auth::Token>,
     /// `GET /metrics` over TCP without the token.
     metrics_open: bool,
+    /// Requests over TCP refused for want of the token.
+    refused: std::cell::Cell<u64>,
     path: PathBuf,
 }
 
@@ -1168,6 +1170,7 @@ impl Server {
             tcp,
             token,
             metrics_open: cfg.metrics_without_token,
+            refused: std::cell::Cell::new(0),
             path: socket.to_path_buf(),
         })
     }
@@ -1195,16 +1198,20 @@ impl Server {
         while let Some(mut req) = next {
             let mut body = String::new();
             let tcp = req.remote_addr().is_some();
+            // The path as `route` reads it: its non-empty segments, without
+            // the query (`//v1/takeover` is `/v1/takeover`).
+            let path = req.url().split('?').next().unwrap_or("").to_string();
+            let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
             // A takeover hands over the port sockets: asked only on the
             // unix socket (mode 0600), never over TCP.
-            let over_tcp = tcp && req.url().starts_with("/v1/takeover");
+            let over_tcp = tcp && segs.starts_with(&["v1", "takeover"]);
             // Over TCP, anything but an open metrics scrape needs the token
             // (no token configured: nothing is admitted).
-            let refused =
-                tcp && !(self.metrics_open && req.method() == &tiny_http::Method::Get && {
-                    let u = req.url();
-                    u == "/metrics" || u.starts_with("/metrics?")
-                }) && !self.token.as_ref().is_some_and(|t| {
+            let refused = tcp
+                && !(self.metrics_open
+                    && req.method() == &tiny_http::Method::Get
+                    && segs == ["metrics"])
+                && !self.token.as_ref().is_some_and(|t| {
                     t.admits(
                         req.headers()
                             .iter()
@@ -1243,19 +1250,26 @@ impl Server {
             let (status, text, ctype) = resp;
             // A change through the API: one event, with the generation it
             // published (nothing is logged for reads, or per packet).
+            // (The path is logged without its query, which could carry a
+            // token in RFC 6750's `access_token=` form.)
             let method = req.method().to_string().to_uppercase();
             if method != "GET" && (200..300).contains(&status) {
                 tracing::info!(
                     method = %method,
-                    path = %req.url(),
+                    path = %path,
                     status,
                     generation = state.generation(),
                     over_tcp = tcp,
                     "api change"
                 );
             } else if status == 401 {
-                // (The token is never logged; the request is, once.)
-                tracing::warn!(method = %method, path = %req.url(), "api request over TCP without the token refused");
+                // Any local user can send these: logged at the 1st, 2nd,
+                // 4th, 8th ... refusal, with the count.
+                let n = self.refused.get() + 1;
+                self.refused.set(n);
+                if n.is_power_of_two() {
+                    tracing::warn!(method = %method, path = %path, refused = n, "api requests over TCP without the token refused");
+                }
             }
             let mut r = tiny_http::Response::from_string(text).with_status_code(status);
             if let Ok(h) = tiny_http::Header::from_bytes(&b"Content-Type"[..], ctype.as_bytes()) {
