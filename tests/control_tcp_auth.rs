@@ -57,6 +57,12 @@ name = "g"
     )
 }
 
+/// A loopback TCP port free now.
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
 /// A command as user `nobody` (uid and gid 65534, no supplementary groups).
 fn as_nobody() -> Command {
     let mut c = Command::new("setpriv");
@@ -105,11 +111,7 @@ fn the_tcp_endpoint_serves_only_requests_with_the_token() {
     let token = dir.0.join("token");
     std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
     std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let cfg = Config::parse(&config(&dir.0, port)).unwrap();
     cfg.validate().unwrap();
     let sw = InProcess::start(&cfg).unwrap();
@@ -226,11 +228,7 @@ fn a_tcp_endpoint_without_a_private_token_is_not_served() {
     let token = dir.0.join("token");
     std::fs::write(&token, TOKEN).unwrap();
     std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let cfg = Config::parse(&config(&dir.0, port)).unwrap();
     let e = InProcess::start(&cfg)
         .err()

@@ -9,6 +9,10 @@
 //! Needs root and dpkg-dev, man-db and systemd's tools.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
+mod common;
+
+use common::Running;
+
 use serde_json::Value;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -28,18 +32,6 @@ impl Drop for Installed {
             .stdout(Stdio::null())
             .status();
         let _ = std::fs::remove_dir_all("/run/pollux");
-    }
-}
-
-/// Kills the child (if it still runs) when the test ends early.
-struct Running(Option<std::process::Child>);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(c) = self.0.as_mut() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }
 
