@@ -556,6 +556,19 @@ impl Vip {
         }
     }
 
+    /// The Maglev slot a new connection with key `k` is looked up in, and
+    /// whether it is the fallback table of all backends (no backend is
+    /// healthy and the VIP sends to them all then): what [`Vip::pick`]
+    /// reads, for a trace.
+    pub fn slot_of(&self, k: &FlowKey) -> (usize, bool) {
+        let h = flow_hash(k, self.cfg.distribution);
+        let set = self.set.load();
+        match (&set.all, set.table.entries().len()) {
+            (Some(all), 0) => (slot(h, all.entries().len()), true),
+            (_, n) => (slot(h, n), false),
+        }
+    }
+
     /// Index of the backend `ip:port`, if configured.
     pub fn backend_index(&self, ip: IpAddr, port: u16) -> Option<usize> {
         self.cfg
@@ -563,6 +576,11 @@ impl Vip {
             .iter()
             .position(|b| b.ip == ip && b.port == port)
     }
+}
+
+/// The slot of flow hash `h` in a table of `n` slots (0 for an empty one).
+fn slot(h: u64, n: usize) -> usize {
+    h.checked_rem(n as u64).map_or(0, |s| s as usize)
 }
 
 /// The frontend key of a VIP: address, port, protocol.

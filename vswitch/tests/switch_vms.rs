@@ -19,6 +19,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+use vswitch::switch::TraceEnd;
 use vswitch::{
     Policy, Switch, SwitchConfig, SwitchDrop, SwitchStats, Topology, VipDef, VmDef, VnetDef,
 };
@@ -308,6 +309,14 @@ fn spoofed_and_malformed_traffic_is_dropped_and_counted() {
         udp_from(mac(0x10), [10, 1, 0, 4], [10, 1, 0, 5]),
         udp_from(mac(0x99), [10, 1, 0, 20], [10, 1, 0, 5]),
     ];
+    // A trace of each says so first, and changes nothing.
+    let mut scratch: Switch = Switch::scratch(net.policy.clone(), &SwitchConfig::default());
+    for f in &spoofed {
+        let t = scratch.trace(net.pool.alloc_copy(f).unwrap(), 3);
+        assert_eq!(t.end, TraceEnd::Drop(SwitchDrop::Spoofed), "{t:?}");
+        assert!(t.steps.iter().any(|s| s.layer == "spoof"), "{t:?}");
+    }
+    assert_eq!(net.stats.dropped(SwitchDrop::Spoofed), 0);
     net.vm("client").inject(&spoofed);
     let mut storm = Batch::new();
     let mut seed = 0x1234_5678u64;
@@ -407,4 +416,119 @@ fn established_connections_survive_policy_updates_and_drains() {
         "{:?}",
         net.stats.nonzero()
     );
+}
+
+fn syn(src_mac: MacAddr, src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
+    let mut f = Vec::new();
+    etherparse::PacketBuilder::ethernet2(src_mac.0, [0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc])
+        .ipv4(src, dst, 64)
+        .tcp(sport, dport, 1000, 64240)
+        .syn()
+        .write(&mut f, &[])
+        .unwrap();
+    f
+}
+
+/// The layer notes of `t` for `layer`, joined.
+fn notes(t: &vswitch::switch::Trace, layer: &str) -> String {
+    t.steps
+        .iter()
+        .filter(|s| s.layer == layer)
+        .map(|s| s.detail.as_str())
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+#[test]
+fn a_trace_names_each_layers_decision() {
+    let pool = pool("sw-trace");
+    let policy = Arc::new(ArcSwap::from_pointee(
+        Policy::compile(&topology([1, 1, 1]), 1).unwrap(),
+    ));
+    let trace = |frame: Vec<u8>, port: u16| {
+        // A scratch switch per trace: each is a connection's first packet.
+        let mut s: Switch = Switch::scratch(policy.clone(), &SwitchConfig::default());
+        s.trace(pool.alloc_copy(&frame).unwrap(), port)
+    };
+    // To the VIP: Maglev's backend, the rewrite and its port.
+    let f = syn(mac(0x10), [10, 1, 0, 20], 40001, VIP.octets(), 80);
+    let t = trace(f.clone(), 3);
+    let key = dataplane::parse(&f, 3).unwrap().key;
+    let p = policy.load();
+    let pick = p.vips()[0].pick(&key).unwrap();
+    let TraceEnd::Forward { out_port, frame } = &t.end else {
+        panic!("{t:?}");
+    };
+    assert_eq!(usize::from(*out_port), pick, "{t:?}");
+    let out = etherparse::SlicedPacket::from_ethernet(frame).unwrap();
+    let Some(etherparse::NetSlice::Ipv4(ip)) = out.net else {
+        panic!("{t:?}")
+    };
+    assert_eq!(ip.header().destination(), [10, 1, 0, 4 + pick as u8]);
+    assert_eq!(ip.header().ttl(), 63);
+    assert_eq!(&frame[..6], &mac(1 + pick as u8).0);
+    let lb = notes(&t, "lb");
+    assert!(
+        lb.contains("a new connection to VIP web 10.1.0.100:80/tcp"),
+        "{lb}"
+    );
+    assert!(
+        lb.contains(&format!(
+            "-> backend 10.1.0.{}:8080 (VM web{}), healthy",
+            4 + pick,
+            1 + pick
+        )),
+        "{lb}"
+    );
+    assert!(
+        notes(&t, "port").contains("from VM client of vnet a"),
+        "{t:?}"
+    );
+    assert!(notes(&t, "spoof").contains("VM client's"), "{t:?}");
+    let acl = notes(&t, "acl");
+    assert!(acl.contains("group client outbound: rule"), "{acl}");
+    assert!(
+        acl.contains("group web inbound: rule in-100 (priority 100) matches: allow"),
+        "{acl}"
+    );
+    // Denied by the backend's group, naming the rule.
+    let t = trace(syn(mac(0x10), [10, 1, 0, 20], 40002, [10, 1, 0, 4], 22), 3);
+    assert_eq!(t.end, TraceEnd::Drop(SwitchDrop::AclDeny), "{t:?}");
+    let acl = notes(&t, "acl");
+    assert!(
+        acl.contains("group web inbound: rule in-110 (priority 110) matches: deny"),
+        "{acl}"
+    );
+    // The other tenant's VM reaches nothing in vnet a.
+    let t = trace(
+        syn(mac(0x20), [10, 1, 0, 20], 40003, [10, 1, 0, 4], 8080),
+        4,
+    );
+    assert_eq!(t.end, TraceEnd::Drop(SwitchDrop::NoRoute), "{t:?}");
+    assert!(
+        notes(&t, "route").contains("no VM of vnet b has 10.1.0.4"),
+        "{t:?}"
+    );
+    // A port without a VM; a frame that does not parse.
+    let t = trace(udp_from(mac(0x30), [10, 1, 0, 30], [10, 1, 0, 4]), 5);
+    assert_eq!(t.end, TraceEnd::Drop(SwitchDrop::NoVm), "{t:?}");
+    let t = trace(vec![0; 10], 3);
+    assert!(matches!(t.end, TraceEnd::Malformed(_)), "{t:?}");
+    // ARP for the gateway is answered.
+    let mut arp = Vec::new();
+    etherparse::Ethernet2Header {
+        source: mac(0x10).0,
+        destination: [0xff; 6],
+        ether_type: etherparse::EtherType::ARP,
+    }
+    .write(&mut arp)
+    .unwrap();
+    arp.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    arp.extend_from_slice(&mac(0x10).0);
+    arp.extend_from_slice(&[10, 1, 0, 20, 0, 0, 0, 0, 0, 0, 10, 1, 0, 1]);
+    let t = trace(arp, 3);
+    let TraceEnd::Back { frame } = &t.end else {
+        panic!("{t:?}")
+    };
+    assert_eq!(&frame[..6], &mac(0x10).0, "{t:?}");
 }

@@ -21,38 +21,44 @@ pub(super) enum Bounce<B> {
     Tunnel(B, u16),
 }
 
-/// Applies a flow's action to `pkt` and queues it on the output port: MACs,
-/// then the compiled transposition (or the field-by-field NAT and TTL for
-/// flows without one); failures are dropped and counted. A packet whose TTL
-/// or hop limit runs out here, or whose IP packet is larger than the
-/// output port's MTU (`mtu`, by port; ports beyond it have none; a
-/// tunnel's is `tunnel_mtu`), is handed back untouched; one for a flow that
-/// hairpins, or goes in a tunnel, rewritten.
-#[inline]
-pub(super) fn transpose<B: PacketBuf>(
-    stats: &SwitchStats,
-    ctx: &mut Ctx<'_, B>,
-    mut pkt: B,
+/// Why a flow's action was not applied to a packet.
+pub(super) enum Stop {
+    /// Its TTL or hop limit runs out here (the packet is untouched).
+    Ttl,
+    /// Its IP packet is larger than the output port's MTU (given; the
+    /// packet is untouched).
+    TooBig(u16),
+    /// The rewrite failed.
+    Failed(rewrite::RewriteError),
+}
+
+/// Checks a packet (`f`, parsed as `pk`) against a flow's action `a` and
+/// rewrites it: TTL or hop limit, the output port's MTU (`mtu`, by port;
+/// ports beyond it have none; a tunnel's is `tunnel_mtu`), then the MACs
+/// and the compiled transposition (or the field-by-field NAT and TTL for
+/// flows without one). What the fast path applies, and what a trace
+/// shows.
+#[inline(always)]
+pub(super) fn check_and_rewrite(
+    f: &mut [u8],
     pk: &Parsed,
     a: &FlowAction,
     mtu: &[u16],
     tunnel_mtu: Option<u16>,
-) -> Option<Bounce<B>> {
-    if rewrite::hop_limit(pkt.data(), pk).is_some_and(|t| t <= 1) {
-        return Some(Bounce::Ttl(pkt));
+) -> Result<(), Stop> {
+    if rewrite::hop_limit(f, pk).is_some_and(|t| t <= 1) {
+        return Err(Stop::Ttl);
     }
-    let tunnel = super::overlay::is_tunnel(a.out_port);
-    let limit = if tunnel {
+    let limit = if super::overlay::is_tunnel(a.out_port) {
         tunnel_mtu
     } else {
         mtu.get(usize::from(a.out_port)).copied()
     };
     if let Some(m) = limit {
-        if pkt.len().saturating_sub(usize::from(pk.l3_off)) > usize::from(m) {
-            return Some(Bounce::TooBig(pkt, m));
+        if f.len().saturating_sub(usize::from(pk.l3_off)) > usize::from(m) {
+            return Err(Stop::TooBig(m));
         }
     }
-    let f = pkt.data_mut();
     let r = match f.get_mut(0..12) {
         Some(macs) => {
             macs.copy_from_slice(&a.macs());
@@ -69,12 +75,34 @@ pub(super) fn transpose<B: PacketBuf>(
         }
         None => Err(rewrite::RewriteError::Mismatch),
     };
-    match r {
+    r.map_err(Stop::Failed)
+}
+
+/// Applies a flow's action to `pkt` ([`check_and_rewrite`]) and queues it
+/// on the output port; failures are dropped and counted. A packet whose
+/// TTL or hop limit runs out here, or whose IP packet is larger than the
+/// output port's MTU, is handed back untouched; one for a flow that
+/// hairpins, or goes in a tunnel, rewritten.
+#[inline]
+pub(super) fn transpose<B: PacketBuf>(
+    stats: &SwitchStats,
+    ctx: &mut Ctx<'_, B>,
+    mut pkt: B,
+    pk: &Parsed,
+    a: &FlowAction,
+    mtu: &[u16],
+    tunnel_mtu: Option<u16>,
+) -> Option<Bounce<B>> {
+    match check_and_rewrite(pkt.data_mut(), pk, a, mtu, tunnel_mtu) {
         Ok(()) if a.out_port == crate::flow::HAIRPIN_PORT => return Some(Bounce::Hairpin(pkt)),
-        Ok(()) if tunnel => return Some(Bounce::Tunnel(pkt, a.out_port)),
+        Ok(()) if super::overlay::is_tunnel(a.out_port) => {
+            return Some(Bounce::Tunnel(pkt, a.out_port));
+        }
         Ok(()) => ctx.send(usize::from(a.out_port), pkt),
-        Err(rewrite::RewriteError::TtlExpired) => stats.count(SwitchDrop::TtlExpired),
-        Err(_) => stats.count(SwitchDrop::RewriteFailed),
+        Err(Stop::Ttl) => return Some(Bounce::Ttl(pkt)),
+        Err(Stop::TooBig(m)) => return Some(Bounce::TooBig(pkt, m)),
+        Err(Stop::Failed(rewrite::RewriteError::TtlExpired)) => stats.count(SwitchDrop::TtlExpired),
+        Err(Stop::Failed(_)) => stats.count(SwitchDrop::RewriteFailed),
     }
     None
 }

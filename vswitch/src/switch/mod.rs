@@ -29,8 +29,9 @@
 //! stages, the flow-table hit, the hand-off), `fast` (the cached action
 //! applied), `slow` (the layers of a miss), `respond` (ARP and neighbour
 //! discovery), `install` (both directions cached); beside them `stats`
-//! (drop reasons and counters), `handoff` (the workers' mailboxes) and
-//! `requests` (flow queries from the control thread).
+//! (drop reasons and counters), `handoff` (the workers' mailboxes),
+//! `requests` (flow queries from the control thread) and `trace` (a
+//! packet's decisions, layer by layer, on a scratch switch).
 
 use crate::flow::{FlowTable, HAIRPIN_PORT};
 use crate::frag::FragTable;
@@ -57,6 +58,7 @@ mod requests;
 mod respond;
 mod slow;
 mod stats;
+mod trace;
 
 use fast::{Bounce, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, tcp_flags, transpose};
 pub use handoff::Handoff;
@@ -65,6 +67,7 @@ use park::Parked;
 pub use requests::{FlowControl, FlowReply, FlowRequest};
 use slow::Slow;
 pub use stats::{AclHits, SwitchDrop, SwitchStats};
+pub use trace::{Trace, TraceEnd, TraceStep};
 
 /// Tunables of a switch worker.
 #[derive(Debug, Clone)]
@@ -163,6 +166,9 @@ pub struct Switch<B = dataplane::pool::PoolBuf> {
     /// The largest IP packet a tunnel carries: the uplink's MTU less the
     /// tunnel's headers.
     tunnel_mtu: Option<u16>,
+    /// The layers' notes while a trace is being taken (`None` otherwise:
+    /// [`Switch::trace`]).
+    trace: std::cell::RefCell<Option<Vec<TraceStep>>>,
 }
 
 /// A source of empty buffers for packets the switch makes itself (ARP
@@ -210,6 +216,7 @@ impl<B: PacketBuf> Switch<B> {
             neigh: None,
             alloc: None,
             tunnel_mtu: None,
+            trace: std::cell::RefCell::new(None),
             cfg,
         }
     }

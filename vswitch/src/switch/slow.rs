@@ -113,6 +113,14 @@ pub(super) enum Slow {
     ProxyAck(dataplane::MacAddr, Seg, LbRef),
 }
 
+/// The MAC at `off` in `frame`, for a trace.
+fn mac_at(frame: &[u8], off: usize) -> String {
+    frame
+        .get(off..off + 6)
+        .and_then(|m| <[u8; 6]>::try_from(m).ok())
+        .map_or("?".into(), |m| dataplane::MacAddr(m).to_string())
+}
+
 impl<B: PacketBuf> Switch<B> {
     pub(super) fn acl(
         &self,
@@ -121,7 +129,15 @@ impl<B: PacketBuf> Switch<B> {
         dir: Direction,
         key: &FlowKey,
     ) -> Result<bool, SwitchDrop> {
+        let way = if dir == Direction::In {
+            "inbound"
+        } else {
+            "outbound"
+        };
         let Some(n) = nsg.and_then(|i| p.nsgs.get(i).map(|c| (i, c))) else {
+            self.note("acl", || {
+                format!("{way}: the VM has no security group: allowed")
+            });
             return Ok(true);
         };
         let hits = &self.hits;
@@ -130,6 +146,23 @@ impl<B: PacketBuf> Switch<B> {
             Some(h) => c.classify_counted(key, &h[if dir == Direction::In { 0 } else { 1 }]),
             None => c.classify(key),
         };
+        self.note("acl", || {
+            let group = &n.1.name;
+            match v.and_then(|v| c.rules().get(v.rule)) {
+                Some(r) => format!(
+                    "group {group} {way}: rule {} (priority {}) matches: {}{}",
+                    r.name,
+                    r.priority,
+                    r.action,
+                    if r.stateful && r.action == Action::Allow {
+                        ", stateful (its replies are admitted)"
+                    } else {
+                        ""
+                    }
+                ),
+                None => format!("group {group} {way}: no rule matches: denied"),
+            }
+        });
         match v {
             Some(v) if v.action == Action::Allow => Ok(v.stateful),
             _ => Err(SwitchDrop::AclDeny),
@@ -145,33 +178,96 @@ impl<B: PacketBuf> Switch<B> {
         now: u64,
     ) -> Result<Slow, SwitchDrop> {
         if let Some((dip, ip)) = p.dsr_on_port(in_port) {
+            self.note("port", || {
+                format!(
+                    "the DSR port of backend VM {} ({ip}): a Mux's packet, out of its IP in IP",
+                    dip.name
+                )
+            });
             return self.slow_dsr(p, dip, ip, frame, pk, now);
         }
         let wire = |u: &&UplinkDef| u.port == in_port || in_port == HAIRPIN_PORT;
         if let Some(up) = p.uplink.as_ref().filter(wire) {
+            self.note("port", || {
+                if in_port == HAIRPIN_PORT {
+                    "hairpinned: sent to a public address of the switch, through it again as \
+                     from the wire"
+                        .into()
+                } else {
+                    "from the wire (the uplink)".into()
+                }
+            });
             return self.slow_uplink(p, up, frame, pk, now);
         }
-        let (_, vm) = p.vm_on_port(in_port).ok_or(SwitchDrop::NoVm)?;
+        let Some((_, vm)) = p.vm_on_port(in_port) else {
+            self.note("port", || "a port with no VM".into());
+            return Err(SwitchDrop::NoVm);
+        };
         let vnet = p.vnets.get(vm.vnet).ok_or(SwitchDrop::NoRoute)?;
+        self.note("port", || {
+            format!(
+                "from {} {} of vnet {}",
+                if vm.is_remote() {
+                    "remote endpoint"
+                } else {
+                    "VM"
+                },
+                vm.name,
+                vnet.name
+            )
+        });
         // (A remote endpoint's frames come from its host's switch, with
         // whatever inner MAC it sends from; its host was checked when the
         // packet left its tunnel.)
         let remote = vm.is_remote();
         if !remote && frame.get(6..12) != Some(&vm.mac.0[..]) {
+            self.note("spoof", || {
+                format!(
+                    "source MAC {} is not VM {}'s ({})",
+                    mac_at(frame, 6),
+                    vm.name,
+                    vm.mac
+                )
+            });
             return Err(SwitchDrop::Spoofed);
         }
         match pk.l3 {
             L3::Arp => {
+                self.note("arp", || {
+                    "ARP: the responder answers requests for the vnet's addresses and VIPs \
+                     with the gateway's MAC; nothing is flooded"
+                        .into()
+                });
                 return self.arp(p, vm, frame, pk).map(|_| Slow::Reply);
             }
             L3::Ipv4 | L3::Ipv6 => {}
-            L3::Other => return Err(SwitchDrop::Unsupported),
+            L3::Other => {
+                self.note("port", || "neither IP nor ARP: not carried".into());
+                return Err(SwitchDrop::Unsupported);
+            }
         }
         if rewrite::is_icmpv6_link_control(frame, pk) {
+            self.note("nd", || {
+                "IPv6 neighbour discovery: the responder answers solicitations for the \
+                 vnet's addresses and VIPs with the gateway's MAC"
+                    .into()
+            });
             return self.nd(p, vm, frame, pk);
         }
         if !vm.ips.contains(&pk.key.src()) {
+            self.note("spoof", || {
+                format!(
+                    "source address {} is not one of VM {}'s",
+                    pk.key.src(),
+                    vm.name
+                )
+            });
             return Err(SwitchDrop::Spoofed);
+        }
+        if !remote {
+            self.note("spoof", || {
+                format!("source MAC and address are VM {}'s", vm.name)
+            });
         }
         if vm.internal {
             if let Some(s) = self.mux_probe(p, vm, frame, pk, now)? {
@@ -187,6 +283,11 @@ impl<B: PacketBuf> Switch<B> {
         // A VM may only speak of packets it received (it is no router):
         // the quoted packet's destination is the VM itself.
         if let Some(q) = dataplane::icmp_error::quote(frame, pk) {
+            self.note("icmp", || {
+                "an ICMP error: passed on only within the tracked connection it quotes, \
+                 translated through its NAT"
+                    .into()
+            });
             if q.key.dst_ip != pk.key.src_ip {
                 return Err(SwitchDrop::IcmpUnrelated);
             }
@@ -202,6 +303,7 @@ impl<B: PacketBuf> Switch<B> {
         {
             // A VIP answers ping itself, if the VM's security group lets
             // the request out.
+            self.note("lb", || "ping to a VIP: the switch answers it".into());
             self.acl(p, vm.nsg, Direction::Out, &key)?;
             rewrite::icmp_echo_reply(frame, pk, vnet.gateway_mac)
                 .map_err(|_| SwitchDrop::RewriteFailed)?;
@@ -216,6 +318,7 @@ impl<B: PacketBuf> Switch<B> {
             .lb
             .get_mut(vm.vnet)
             .map(|l| l.process_seg(&vnet.vips, &key, &seg, now));
+        self.note_lb(p, vm.vnet, &key, &d);
         let client = (Some(vm), in_port);
         if let Some(s) = self.proxy_answer(p, vm.vnet, client, vnet.gateway_mac, &d, &key, &seg)? {
             return Ok(s);
@@ -234,10 +337,38 @@ impl<B: PacketBuf> Switch<B> {
             // A remote endpoint reaches this host's VMs only: its other
             // traffic is its own host's to route.
             Some((_, dst)) if remote && dst.is_remote() => {
+                self.note("route", || {
+                    "a remote endpoint's packet to another remote endpoint: its own host \
+                     routes it"
+                        .into()
+                });
                 return Err(self.abandon(SwitchDrop::NoRoute, fresh));
             }
-            Some((_, dst)) => Hop::Vm(dst),
-            None if remote => return Err(self.abandon(SwitchDrop::NoRoute, fresh)),
+            Some((_, dst)) => {
+                self.note("route", || {
+                    format!(
+                        "{} is {} {} of vnet {}",
+                        post.dst(),
+                        if dst.is_remote() {
+                            "remote endpoint"
+                        } else {
+                            "VM"
+                        },
+                        dst.name,
+                        vnet.name
+                    )
+                });
+                Hop::Vm(dst)
+            }
+            None if remote => {
+                self.note("route", || {
+                    format!(
+                        "a remote endpoint reaches only this host's VMs, not {}",
+                        post.dst()
+                    )
+                });
+                return Err(self.abandon(SwitchDrop::NoRoute, fresh));
+            }
             // The underlay (the uplink's network, the tunnels' hosts) is the
             // provider's: no VM reaches it (a VM's packet there could pass
             // for a host's tunnel packet).
@@ -246,17 +377,47 @@ impl<B: PacketBuf> Switch<B> {
             None if p.is_underlay(post.dst())
                 && !lb.is_some_and(|r| tracked && r.dir == lb::conntrack::Dir::Reply) =>
             {
+                self.note("route", || {
+                    format!(
+                        "{} is in the underlay, the provider's network: no VM reaches it",
+                        post.dst()
+                    )
+                });
                 return Err(self.abandon(SwitchDrop::NoRoute, fresh));
             }
             None => {
                 let Some(up) = p.uplink.as_ref().filter(|_| !vnet.contains(&post.dst())) else {
+                    self.note("route", || {
+                        if vnet.contains(&post.dst()) {
+                            format!(
+                                "no VM of vnet {} has {}: a VM reaches only VMs of its own \
+                                 vnet (tenant isolation)",
+                                vnet.name,
+                                post.dst()
+                            )
+                        } else {
+                            format!(
+                                "{} is outside vnet {} and there is no uplink",
+                                post.dst(),
+                                vnet.name
+                            )
+                        }
+                    });
                     return Err(self.abandon(SwitchDrop::NoRoute, fresh));
                 };
+                self.note("route", || {
+                    format!(
+                        "{} is outside vnet {}: out of the uplink",
+                        post.dst(),
+                        vnet.name
+                    )
+                });
                 if lb.is_none() && vnet.snat.is_some() {
                     let d = self
                         .lb
                         .get_mut(vm.vnet)
                         .map(|l| l.process_snat(&key, flags, now));
+                    self.note_lb(p, vm.vnet, &key, &d);
                     if let Some(s) = lb_step(d, vm.vnet, &key)? {
                         (nat, lb, post, tracked) = (s.nat, Some(s.lb), s.post, !s.new);
                     }
@@ -268,6 +429,9 @@ impl<B: PacketBuf> Switch<B> {
         // of a connection admitted before (either way) keeps that decision,
         // whatever the rules have become since (as Azure's NSGs promise).
         let stateful = if tracked {
+            self.note("acl", || {
+                "a connection admitted before: the groups judged it when it started".into()
+            });
             true
         } else {
             // Both groups are consulted (each counts its rule), whatever
@@ -367,6 +531,12 @@ impl<B: PacketBuf> Switch<B> {
             && p.vnet_by_public(pk.key.src_ip).is_some()
             && !self.probe_reply(p, pk)
         {
+            self.note("spoof", || {
+                format!(
+                    "from the wire with a public address of the switch ({}) as its source",
+                    pk.key.src()
+                )
+            });
             return Err(SwitchDrop::Spoofed);
         }
         // An ICMP error from the wire about a packet of a tracked
@@ -411,6 +581,7 @@ impl<B: PacketBuf> Switch<B> {
                 d => d,
             }
         });
+        self.note_lb(p, vn, &key, &d);
         if let Some(s) = self.proxy_answer(p, vn, (None, pk.in_port), up.mac, &d, &key, &seg)? {
             return Ok(s);
         }
@@ -456,8 +627,14 @@ impl<B: PacketBuf> Switch<B> {
         let vnet = p.vnets.get(vn).ok_or(SwitchDrop::NoRoute)?;
         let lb = Some(lb);
         let Some((_, dst)) = p.vm_by_addr(vn, post.dst_ip) else {
+            self.note("route", || {
+                format!("no VM of vnet {} has {}", vnet.name, post.dst())
+            });
             return Err(self.abandon(SwitchDrop::NoRoute, lb.filter(|_| new)));
         };
+        self.note("route", || {
+            format!("{} is VM {} of vnet {}", post.dst(), dst.name, vnet.name)
+        });
         let stateful = !new || {
             let verdict = self.acl(p, dst.nsg, Direction::In, &post);
             self.admit(verdict, lb)?
@@ -755,6 +932,10 @@ impl<B: PacketBuf> Switch<B> {
     /// neighbour cache is told, and resolves it) or that has no route,
     /// forgetting the connection it opened, if any.
     fn unresolved(&mut self, hop: Option<std::net::Ipv4Addr>, fresh: Option<LbRef>) -> SwitchDrop {
+        self.note("route", || match hop {
+            Some(h) => format!("the next hop {h} has no known MAC yet: the switch resolves it"),
+            None => "no route on the underlay".into(),
+        });
         match hop {
             Some(h) => {
                 self.want(h);
@@ -802,6 +983,13 @@ impl<B: PacketBuf> Switch<B> {
                 && self.lb.get(vn).is_some_and(|l| l.is_uplink_reply(&key))
         });
         let (Some(vn), None) = (owners.next(), owners.next()) else {
+            self.note("route", || {
+                format!(
+                    "from the wire to {}: no public address, and no connection of one vnet \
+                     expects it",
+                    key.dst()
+                )
+            });
             return Err(SwitchDrop::NoRoute);
         };
         let flags = tcp_flags(frame, pk);
