@@ -811,3 +811,88 @@ mod tests {
         assert_eq!(two.text(), "a\nb");
     }
 }
+
+/// `POST /v1/trace`: a packet to trace, arriving on `port`: either a whole
+/// frame in hex, or a description (the rest default from the port's VM:
+/// its MAC and first address, the vnet gateway's MAC).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TraceRequest {
+    /// The port it arrives on, by name.
+    pub port: String,
+    /// The whole Ethernet frame in hex (no other field then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frame: Option<String>,
+    /// Source MAC (default: the port's VM's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src_mac: Option<String>,
+    /// Destination MAC (default: the vnet gateway's; on the uplink, the
+    /// uplink's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst_mac: Option<String>,
+    /// Source address (default: the port's VM's first of the family).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src: Option<String>,
+    /// Destination address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst: Option<String>,
+    /// `tcp` (the default), `udp` or `icmp` (an echo request).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proto: Option<String>,
+    /// Source port (default 40000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sport: Option<u16>,
+    /// Destination port (tcp, udp).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dport: Option<u16>,
+    /// TCP flags as letters, `S` (the default), `SA`, `A`, `F`, `R`, `P`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flags: Option<String>,
+    /// TTL or hop limit (default 64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<u8>,
+    /// Payload bytes (zeros; default none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<usize>,
+}
+
+/// One layer's decision in a trace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceStepView {
+    /// `port`, `spoof`, `arp`, `nd`, `icmp`, `lb`, `route`, `snat`, `acl`,
+    /// `output`.
+    pub layer: String,
+    /// What it decided and why.
+    pub detail: String,
+}
+
+/// `POST /v1/trace`: what the switch decides for the packet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceView {
+    /// The input port.
+    pub port: String,
+    /// The packet as parsed, in words (`None`: not parsed).
+    pub packet: Option<String>,
+    /// The frame traced, in hex.
+    pub frame: String,
+    /// Each layer's decision, in order.
+    pub steps: Vec<TraceStepView>,
+    /// `forward`, `answer` (sent back out of the input port), `drop` or
+    /// `malformed`.
+    pub result: String,
+    /// With `forward`: the output port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub out_port: Option<String>,
+    /// With `drop` and `malformed`: the reason counted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// With `forward` and `answer`: the frame sent, in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub out_packet: Option<String>,
+    /// With `forward` and `answer`: the frame sent, in hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub out_frame: Option<String>,
+    /// Flows the workers hold now for this packet's key on this port
+    /// (a packet of a cached flow takes its action instead).
+    pub cached: Vec<Flow>,
+}

@@ -212,6 +212,28 @@ pub enum Cmd {
     Metrics,
     /// Replace the whole configuration from a TOML file.
     Reload(String),
+    /// Trace a packet through the switch.
+    Trace(crate::api::TraceRequest),
+}
+
+/// Frame `index` (from 0) of the pcap file `path`, in hex.
+pub fn pcap_frame(path: &Path, index: usize) -> Result<String, CtlError> {
+    let input = |source| CtlError::Input {
+        file: path.display().to_string(),
+        source,
+    };
+    let bad = |what: String| input(std::io::Error::new(std::io::ErrorKind::InvalidData, what));
+    let f = std::fs::File::open(path).map_err(input)?;
+    let mut r = pcap_file::pcap::PcapReader::new(f).map_err(|e| bad(e.to_string()))?;
+    let mut i = 0;
+    while let Some(p) = r.next_packet() {
+        let p = p.map_err(|e| bad(e.to_string()))?;
+        if i == index {
+            return Ok(p.data.iter().map(|b| format!("{b:02x}")).collect());
+        }
+        i += 1;
+    }
+    Err(bad(format!("has {i} frames, no frame {index}")))
 }
 
 fn read_input(file: &str) -> Result<String, CtlError> {
@@ -316,6 +338,13 @@ pub fn run(ep: &Endpoint<'_>, cmd: &Cmd, json: bool) -> Result<Vec<String>, CtlE
         }
         Cmd::Counters => ("GET", "/v1/counters".into(), None),
         Cmd::Metrics => ("GET", "/metrics".into(), None),
+        Cmd::Trace(req) => {
+            let body = serde_json::to_string(req).map_err(|source| CtlError::Encode {
+                what: "the trace".into(),
+                source,
+            })?;
+            ("POST", "/v1/trace".into(), Some(body))
+        }
         Cmd::Reload(f) => {
             let cfg = crate::config::Config::parse(&read_input(f)?)?;
             let body = serde_json::to_string(&cfg).map_err(|source| CtlError::Encode {
@@ -721,6 +750,10 @@ fn table(cmd: &Cmd, path: &str, status: u16, text: &str) -> Result<Vec<String>, 
             out.extend(counters_table(&r.body));
             out.push(generation(r.generation));
         }
+        Cmd::Trace(_) => {
+            let r = decode::<crate::api::TraceView>(path, status, text)?;
+            out.extend(trace_lines(&r.body, r.generation));
+        }
         _ => {
             let r = decode::<Applied>(path, status, text)?;
             out.push(format!("applied: {}", generation(r.generation)));
@@ -816,6 +849,50 @@ fn utc(secs: u64) -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+/// A trace, readably: the packet, each layer's decision, the end, and the
+/// flows that would take the packet instead.
+fn trace_lines(t: &crate::api::TraceView, generation: u64) -> Vec<String> {
+    let mut out = vec![format!(
+        "on port {}: {}",
+        t.port,
+        t.packet.as_deref().unwrap_or("a frame that does not parse")
+    )];
+    for s in &t.steps {
+        out.push(format!("  {:<6} {}", s.layer, s.detail));
+    }
+    let what = t.out_packet.as_deref().unwrap_or("");
+    out.push(match t.result.as_str() {
+        "forward" => format!("forward out of port {}: {what}", opt(&t.out_port)),
+        "answer" => format!("answered out of port {}: {what}", t.port),
+        r => format!("{r}: {}", opt(&t.reason)),
+    });
+    if t.cached.is_empty() {
+        out.push(format!(
+            "(traced as a connection's first packet under generation {generation}; no worker \
+             holds a flow for it)"
+        ));
+    } else {
+        out.push(format!(
+            "(traced as a connection's first packet under generation {generation}; a packet \
+             of these cached flows takes their action instead:)"
+        ));
+        for f in &t.cached {
+            out.push(format!(
+                "  worker {} -> {} nat_src {} nat_dst {}, {} packets{}",
+                f.worker,
+                f.out_port,
+                opt(&f.nat_src),
+                opt(&f.nat_dst),
+                f.packets,
+                f.connection
+                    .as_ref()
+                    .map_or(String::new(), |c| format!(", connection {c}"))
+            ));
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -255,6 +255,59 @@ enum CtlCmd {
         /// TOML file.
         file: String,
     },
+    /// What the switch decides for a packet arriving on a port, layer by
+    /// layer (anti-spoofing, responders, VIP and backend, route, each
+    /// group's rule, SNAT, rewrite and output port, or the drop reason),
+    /// without changing any state. Describe the packet (the rest defaults
+    /// from the port's VM), or give a frame in hex or a pcap file.
+    Trace(Box<TraceArgs>),
+}
+
+/// `pollux ctl trace` options.
+#[derive(clap::Args, Debug)]
+struct TraceArgs {
+    /// The port the packet arrives on.
+    #[arg(long)]
+    port: String,
+    /// Destination address.
+    #[arg(long)]
+    dst: Option<String>,
+    /// Source address (default: the port's VM's).
+    #[arg(long)]
+    src: Option<String>,
+    /// tcp, udp or icmp (an echo request).
+    #[arg(long)]
+    proto: Option<String>,
+    /// Source port (default 40000; icmp: the echo identifier).
+    #[arg(long)]
+    sport: Option<u16>,
+    /// Destination port.
+    #[arg(long)]
+    dport: Option<u16>,
+    /// TCP flags as letters (S, SA, A, F, R, P; default S).
+    #[arg(long)]
+    flags: Option<String>,
+    /// Source MAC (default: the port's VM's).
+    #[arg(long)]
+    src_mac: Option<String>,
+    /// Destination MAC (default: the vnet gateway's, or the uplink's).
+    #[arg(long)]
+    dst_mac: Option<String>,
+    /// TTL or hop limit (default 64).
+    #[arg(long)]
+    ttl: Option<u8>,
+    /// Payload bytes (zeros).
+    #[arg(long)]
+    payload: Option<usize>,
+    /// The whole Ethernet frame in hex, instead of a description.
+    #[arg(long, conflicts_with_all = ["dst", "src", "proto", "sport", "dport", "flags", "src_mac", "dst_mac", "ttl", "payload", "pcap"])]
+    hex: Option<String>,
+    /// A pcap file: its first frame (or --index's), instead of a description.
+    #[arg(long, conflicts_with_all = ["dst", "src", "proto", "sport", "dport", "flags", "src_mac", "dst_mac", "ttl", "payload"])]
+    pcap: Option<PathBuf>,
+    /// With --pcap: which frame, from 0.
+    #[arg(long, default_value_t = 0, requires = "pcap")]
+    index: usize,
 }
 
 fn ctl(
@@ -322,6 +375,33 @@ fn ctl(
         CtlCmd::Counters => Cmd::Counters,
         CtlCmd::Metrics => Cmd::Metrics,
         CtlCmd::Reload { file } => Cmd::Reload(file.clone()),
+        CtlCmd::Trace(a) => {
+            let frame = match (&a.hex, &a.pcap) {
+                (Some(h), _) => Some(h.clone()),
+                (None, Some(p)) => match pollux::ctl::pcap_frame(p, a.index) {
+                    Ok(f) => Some(f),
+                    Err(e) => {
+                        eprintln!("pollux ctl: {e}");
+                        return ExitCode::from(2);
+                    }
+                },
+                (None, None) => None,
+            };
+            Cmd::Trace(pollux::api::TraceRequest {
+                port: a.port.clone(),
+                frame,
+                src_mac: a.src_mac.clone(),
+                dst_mac: a.dst_mac.clone(),
+                src: a.src.clone(),
+                dst: a.dst.clone(),
+                proto: a.proto.clone(),
+                sport: a.sport,
+                dport: a.dport,
+                flags: a.flags.clone(),
+                ttl: a.ttl,
+                payload: a.payload,
+            })
+        }
     };
     match pollux::ctl::run(&ep, &c, json) {
         Ok(lines) => {

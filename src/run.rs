@@ -1291,6 +1291,7 @@ fn run_on<A: BufAlloc>(
         flow_control,
     );
     rt.neighbours.mail = neigh_mail;
+    rt.switch_cfg = sw_cfg.clone();
     rt.neighbours.seed(&topo.neighbours);
     if let Some(inc) = incoming.take() {
         tracing::info!(

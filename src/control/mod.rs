@@ -21,6 +21,7 @@
 
 pub mod auth;
 pub mod state;
+mod trace;
 
 use state::backend_key;
 pub use state::{ApiError, ControlState, ProbeState, Reloads, RuleHit, Runtime, rule_hits};
@@ -478,6 +479,7 @@ fn route(
         ("GET" | "DELETE", ["v1", "flows"]) => flows(state, rt, method == "DELETE", &q),
         ("GET", ["v1", "counters"]) => reply(200, &counters(state, rt)?),
         ("POST", ["v1", "takeover"]) => takeover(state, rt, body),
+        ("POST", ["v1", "trace"]) => trace::trace(state, rt, body),
         _ => Err(no_endpoint(method, &path)),
     }
 }

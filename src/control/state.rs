@@ -334,6 +334,10 @@ pub struct Runtime {
     /// Each worker's counts at the last reset of the cycle accounting
     /// (`POST /v1/perf/reset`), and when.
     pub perf_base: (Vec<crate::api::WorkerCounters>, std::time::Instant),
+    /// The workers' switch tunables, which a trace's scratch switch takes.
+    pub switch_cfg: vswitch::SwitchConfig,
+    /// The buffers a trace's packet is put in (made at the first trace).
+    pub trace_pool: Option<dataplane::pool::Pool>,
     next_id: u64,
 }
 
@@ -437,6 +441,8 @@ impl Runtime {
             neighbours: Neighbours::default(),
             bgp: crate::bgp::Speaker::new(),
             perf_base: (Vec::new(), std::time::Instant::now()),
+            switch_cfg: vswitch::SwitchConfig::default(),
+            trace_pool: None,
             next_id: 1,
         }
     }

@@ -24,6 +24,17 @@ impl Api {
         serde_json::from_str(&body).ok()
     }
 
+    /// `pollux ctl args...` on this socket.
+    pub fn ctl(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(env!("CARGO_BIN_EXE_pollux"))
+            .arg("ctl")
+            .arg("--socket")
+            .arg(&self.sock)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
     /// `method path` with `body`: (status, body); panics when the API
     /// cannot be reached.
     pub fn send(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
