@@ -896,3 +896,65 @@ pub struct TraceView {
     /// (a packet of a cached flow takes its action instead).
     pub cached: Vec<Flow>,
 }
+
+/// `POST /v1/capture`: start a live capture (one at a time: a new one
+/// replaces the one under way).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureRequest {
+    /// The port, by name (default: every port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<String>,
+    /// Which frames, as tcpdump puts it: `host A`, `src host A`, `dst host
+    /// A`, `port N`, `src port N`, `dst port N`, `tcp`, `udp`, `icmp`,
+    /// `icmp6`, `arp`, `ip`, `ip6`, joined by `and` (default: all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<String>,
+    /// Frames to capture (default 1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+    /// Seconds at most (default 60).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seconds: Option<f64>,
+    /// Bytes kept of each frame (default and most: 2176).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snaplen: Option<usize>,
+}
+
+/// One captured frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CapturedFrame {
+    /// When, in nanoseconds since the Unix epoch.
+    pub time_ns: u64,
+    /// The port.
+    pub port: String,
+    /// `rx` (received from the port, before the switch) or `tx` (sent to
+    /// it, after the switch's rewrite).
+    pub direction: String,
+    /// Its length on the wire.
+    pub len: u32,
+    /// Its first bytes (the snap length), in hex.
+    pub data: String,
+}
+
+/// `GET` / `DELETE /v1/capture`: the capture and the frames captured since
+/// the last read (each frame is read once).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaptureView {
+    /// Still capturing (false once its count or time is spent, or after
+    /// `DELETE`).
+    pub running: bool,
+    /// Its port (`None`: every port).
+    pub port: Option<String>,
+    /// Its filter.
+    pub filter: String,
+    /// Frames it was asked for.
+    pub count: u64,
+    /// Frames captured so far.
+    pub captured: u64,
+    /// Frames that matched while the reader was behind (no room): not
+    /// captured.
+    pub missed: u64,
+    /// The frames captured since the last read.
+    pub frames: Vec<CapturedFrame>,
+}

@@ -851,6 +851,69 @@ fn utc(secs: u64) -> String {
     )
 }
 
+/// What a capture took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CaptureSummary {
+    /// Frames written.
+    pub written: u64,
+    /// Frames that matched while the reader was behind: not captured.
+    pub missed: u64,
+}
+
+/// Runs a live capture (`POST /v1/capture`), reading its frames every
+/// 100 ms and writing them to `out` as a pcap file (nanosecond
+/// timestamps, Ethernet), until it has its count or its time is up.
+pub fn capture(
+    ep: &Endpoint<'_>,
+    req: &crate::api::CaptureRequest,
+    out: impl Write,
+) -> Result<CaptureSummary, CtlError> {
+    use pcap_file::pcap::{PcapHeader, PcapPacket, PcapWriter};
+    let body = serde_json::to_string(req).map_err(|source| CtlError::Encode {
+        what: "the capture".into(),
+        source,
+    })?;
+    let path = "/v1/capture";
+    let (status, text) = call(ep, "POST", path, Some(&body))?;
+    decode::<crate::api::CaptureView>(path, status, &text)?;
+    let write_err = |e: pcap_file::PcapError| CtlError::Input {
+        file: "the pcap output".into(),
+        source: std::io::Error::other(e.to_string()),
+    };
+    let header = PcapHeader {
+        snaplen: req
+            .snaplen
+            .map_or(dataplane::capture::MAX_SNAPLEN as u32, |s| s as u32),
+        datalink: pcap_file::DataLink::ETHERNET,
+        ts_resolution: pcap_file::TsResolution::NanoSecond,
+        ..PcapHeader::default()
+    };
+    let mut w = PcapWriter::with_header(out, header).map_err(write_err)?;
+    let mut written = 0;
+    loop {
+        let (status, text) = call(ep, "GET", path, None)?;
+        let v = decode::<crate::api::CaptureView>(path, status, &text)?.body;
+        for f in &v.frames {
+            let data: Vec<u8> = (0..f.data.len() / 2)
+                .filter_map(|i| u8::from_str_radix(f.data.get(2 * i..2 * i + 2)?, 16).ok())
+                .collect();
+            let ts = Duration::from_nanos(f.time_ns);
+            w.write_packet(&PcapPacket::new(ts, f.len, &data))
+                .map_err(write_err)?;
+            written += 1;
+        }
+        if !v.running && v.frames.is_empty() {
+            return Ok(CaptureSummary {
+                written,
+                missed: v.missed,
+            });
+        }
+        if v.frames.is_empty() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
 /// A trace, readably: the packet, each layer's decision, the end, and the
 /// flows that would take the packet instead.
 fn trace_lines(t: &crate::api::TraceView, generation: u64) -> Vec<String> {

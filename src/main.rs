@@ -255,6 +255,30 @@ enum CtlCmd {
         /// TOML file.
         file: String,
     },
+    /// Capture a port's frames (both directions; those sent as the switch
+    /// rewrote them) into a pcap file, until --count frames or --seconds.
+    Capture {
+        /// The port (default: every port).
+        #[arg(long)]
+        port: Option<String>,
+        /// Which frames, as tcpdump puts it: host A, src host A, dst host A,
+        /// port N, src port N, dst port N, tcp, udp, icmp, icmp6, arp, ip,
+        /// ip6, joined by "and".
+        #[arg(long)]
+        filter: Option<String>,
+        /// Frames to capture.
+        #[arg(long, default_value_t = 1000)]
+        count: u64,
+        /// Seconds at most.
+        #[arg(long, default_value_t = 60.0)]
+        seconds: f64,
+        /// Bytes kept of each frame.
+        #[arg(long)]
+        snaplen: Option<usize>,
+        /// The pcap file (default: standard output).
+        #[arg(short = 'w', long)]
+        write: Option<PathBuf>,
+    },
     /// What the switch decides for a packet arriving on a port, layer by
     /// layer (anti-spoofing, responders, VIP and backend, route, each
     /// group's rule, SNAT, rewrite and output port, or the drop reason),
@@ -375,6 +399,45 @@ fn ctl(
         CtlCmd::Counters => Cmd::Counters,
         CtlCmd::Metrics => Cmd::Metrics,
         CtlCmd::Reload { file } => Cmd::Reload(file.clone()),
+        CtlCmd::Capture {
+            port,
+            filter,
+            count,
+            seconds,
+            snaplen,
+            write,
+        } => {
+            let req = pollux::api::CaptureRequest {
+                port: port.clone(),
+                filter: filter.clone(),
+                count: Some(*count),
+                seconds: Some(*seconds),
+                snaplen: *snaplen,
+            };
+            let done = match write {
+                Some(path) => match std::fs::File::create(path) {
+                    Ok(f) => pollux::ctl::capture(&ep, &req, std::io::BufWriter::new(f)),
+                    Err(e) => {
+                        eprintln!("pollux ctl: {}: {e}", path.display());
+                        return ExitCode::from(2);
+                    }
+                },
+                None => pollux::ctl::capture(&ep, &req, std::io::stdout().lock()),
+            };
+            return match done {
+                Ok(s) => {
+                    eprintln!(
+                        "pollux ctl: {} frames captured, {} missed (the reader was behind)",
+                        s.written, s.missed
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("pollux ctl: {e}");
+                    ExitCode::from(2)
+                }
+            };
+        }
         CtlCmd::Trace(a) => {
             let frame = match (&a.hex, &a.pcap) {
                 (Some(h), _) => Some(h.clone()),

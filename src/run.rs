@@ -1267,10 +1267,13 @@ fn run_on<A: BufAlloc>(
             .map(|c| c.id)
     };
     let idle_sleep = Duration::from_micros(cfg.dataplane.idle_sleep_us);
+    // Live capture, shared by every worker (`POST /v1/capture`).
+    let tap = dataplane::capture::Tap::new(crate::control::CAPTURE_RECORDS);
     let spawn = |stopped: Vec<StoppedWorker<A::Buf>>| {
         let mut out = (Vec::new(), Vec::new());
         for (w, s) in stopped.into_iter().enumerate() {
             let worker = Worker::new(&format!("worker{w}"), core_of(w), s.ports, s.pipeline)
+                .with_tap(tap.clone())
                 .with_idle_sleep(idle_sleep)
                 .with_stats(wstats[w].clone());
             out.0.push(worker.stop_flag());
@@ -1292,6 +1295,7 @@ fn run_on<A: BufAlloc>(
     );
     rt.neighbours.mail = neigh_mail;
     rt.switch_cfg = sw_cfg.clone();
+    rt.tap = tap.clone();
     rt.neighbours.seed(&topo.neighbours);
     if let Some(inc) = incoming.take() {
         tracing::info!(

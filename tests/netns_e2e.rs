@@ -16,7 +16,7 @@
 //! while a slow download from it completes; a denied connection times out and
 //! the report names the rule; the other vnet reaches nothing.
 //!
-//! Needs root and `ip`, `ethtool`, `curl`, `ping`, `python3`
+//! Needs root and `ip`, `ethtool`, `curl`, `ping`, `python3`, `tshark`
 //! (`testkit::require`: without them it says why it did not run; under CI it
 //! fails).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
@@ -162,7 +162,7 @@ const DIPS: [&str; 3] = ["10.1.0.4:8000", "10.1.0.5:8000", "10.1.0.6:8000"];
 
 #[test]
 fn real_stacks_through_pollux_on_kernel_ports() {
-    if !testkit::require::root_and(&["ip", "ethtool", "curl", "ping", "python3"]) {
+    if !testkit::require::root_and(&["ip", "ethtool", "curl", "ping", "python3", "tshark"]) {
         return;
     }
     let mut lab = lab();
@@ -536,12 +536,73 @@ fn traces_match_what_happens(lab: &Lab, api: &Api) {
     let flows = api.get("/v1/flows?sport=41234").unwrap();
     assert_eq!(flows["matched"], 0, "{flows:#}");
 
-    // Now the packets themselves. The VIP: the traced backend answers.
+    // Now the packets themselves, captured live on every port. The VIP:
+    // the traced backend answers.
+    let pcap = lab.dir.join("vip.pcap");
+    let capture = std::process::Command::new(env!("CARGO_BIN_EXE_pollux"))
+        .arg("ctl")
+        .arg("--socket")
+        .arg(&api.sock)
+        .args([
+            "capture",
+            "--filter",
+            "tcp and port 41234",
+            "--seconds",
+            "6",
+            "-w",
+        ])
+        .arg(&pcap)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    api.wait_for(
+        "/v1/capture",
+        Duration::from_secs(10),
+        "the capture to start",
+        |v| v["running"] == true,
+        String::new,
+    );
     let r = lab.bash(
         "cl",
         "curl -s --max-time 10 --local-port 41234 http://10.1.0.100/",
     );
     assert_eq!(String::from_utf8_lossy(&r.stdout), backend);
+    let done = capture.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&done.stderr);
+    assert!(done.status.success(), "{said}");
+    assert!(said.contains(" 0 missed"), "{said}");
+    // tshark reads it: the client's request to the VIP as it came in, and
+    // as the switch sent it on to the DIP (DNAT); the DIP's answer as it
+    // came in, and as the client got it, from the VIP again.
+    let dip = format!("10.1.0.{}", 3 + n);
+    let fields = |filter: &str, f: &[&str]| {
+        let mut args = vec!["-r", pcap.to_str().unwrap(), "-Y", filter, "-T", "fields"];
+        for x in f {
+            args.extend(["-e", x]);
+        }
+        let out = std::process::Command::new("tshark")
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let requests = fields(
+        "http.request",
+        &["ip.dst", "tcp.dstport", "http.request.uri"],
+    );
+    assert!(requests.contains("10.1.0.100\t80\t/"), "{requests}");
+    assert!(requests.contains(&format!("{dip}\t8000\t/")), "{requests}");
+    let answers = fields(
+        "http.response",
+        &["ip.src", "tcp.srcport", "http.response.code"],
+    );
+    assert!(answers.contains(&format!("{dip}\t8000\t200")), "{answers}");
+    assert!(answers.contains("10.1.0.100\t80\t200"), "{answers}");
     // Denied: the connection times out, counted under the traced rule.
     let r = lab.bash(
         "cl",

@@ -28,6 +28,7 @@
 
 pub mod batch;
 pub mod buf;
+pub mod capture;
 pub mod clock;
 pub mod icmp_error;
 pub mod index;

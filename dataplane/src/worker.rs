@@ -9,6 +9,7 @@
 
 use crate::batch::{BURST, Batch};
 use crate::buf::PacketBuf;
+use crate::capture::{Spec, Tap, Way};
 use crate::clock::TscClock;
 use crate::port::Port;
 use crate::stats::{DropCounters, DropReason};
@@ -40,6 +41,8 @@ pub struct Ctx<'a, B: PacketBuf> {
     pending: &'a mut [Batch<B>],
     drops: &'a DropCounters,
     now: u64,
+    /// The live capture of this poll, when one is on.
+    tap: Option<(&'a Tap, &'a Spec)>,
 }
 
 impl<B: PacketBuf> Ctx<'_, B> {
@@ -52,6 +55,9 @@ impl<B: PacketBuf> Ctx<'_, B> {
             return;
         };
         if let Err(pkt) = out.push(pkt) {
+            if let Some((tap, spec)) = self.tap {
+                tap.capture(spec, port, Way::Tx, self.now, out.iter().map(|b| b.data()));
+            }
             p.tx_burst(out);
             // Cannot fail: the batch was just emptied.
             let _ = out.push(pkt);
@@ -78,8 +84,16 @@ impl<B: PacketBuf> Ctx<'_, B> {
 
     fn flush(&mut self) -> u64 {
         let mut sent = 0;
-        for (p, out) in self.ports.iter_mut().zip(self.pending.iter_mut()) {
+        for (i, (p, out)) in self
+            .ports
+            .iter_mut()
+            .zip(self.pending.iter_mut())
+            .enumerate()
+        {
             if !out.is_empty() {
+                if let Some((tap, spec)) = self.tap {
+                    tap.capture(spec, i, Way::Tx, self.now, out.iter().map(|b| b.data()));
+                }
                 sent += p.tx_burst(out) as u64;
             }
         }
@@ -166,6 +180,8 @@ pub struct Worker<B: PacketBuf, P: Pipeline<B>> {
     rx: Batch<B>,
     tally: Tally,
     idle_sleep: Duration,
+    /// Live capture (`None`: never captures).
+    tap: Option<Arc<Tap>>,
 }
 
 /// What a stopped worker gives back.
@@ -237,7 +253,15 @@ impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
             rx: Batch::new(),
             tally: Tally::default(),
             idle_sleep: Duration::ZERO,
+            tap: None,
         }
+    }
+
+    /// Copies frames to `tap` while it is armed ([`crate::capture`]): those
+    /// received, before the pipeline, and those sent, after it.
+    pub fn with_tap(mut self, tap: Arc<Tap>) -> Self {
+        self.tap = Some(tap);
+        self
     }
 
     /// Makes [`Worker::run`] sleep `d` after every [`IDLE_POLLS_BEFORE_SLEEP`]
@@ -259,6 +283,9 @@ impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
     pub fn poll_once(&mut self) -> usize {
         let t0 = self.clock.now();
         let mut got = 0u64;
+        // A live capture costs one load a poll while none is on.
+        let session = self.tap.as_ref().and_then(|t| t.session(t0));
+        let tap = self.tap.as_deref().zip(session.as_deref());
         // Ticks in the pipeline (cycle accounting: the rest of a busy
         // iteration is port I/O); two clock reads per busy port and one
         // more per poll.
@@ -272,11 +299,15 @@ impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
             if let Some(b) = self.tally.rx_bursts.get_mut(n - 1) {
                 *b += 1;
             }
+            if let Some((t, spec)) = tap {
+                t.capture(spec, i, Way::Rx, t0, self.rx.iter().map(|b| b.data()));
+            }
             let mut ctx = Ctx {
                 ports: &mut self.ports,
                 pending: &mut self.pending,
                 drops: &self.stats.drops,
                 now: t0,
+                tap,
             };
             let a = self.clock.now();
             self.pipeline.process(&mut ctx, i, &mut self.rx);
@@ -292,6 +323,7 @@ impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
             pending: &mut self.pending,
             drops: &self.stats.drops,
             now: t0,
+            tap,
         };
         let a = self.clock.now();
         let extra = self.pipeline.poll(&mut ctx);
@@ -337,6 +369,7 @@ impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
             pending: &mut self.pending,
             drops: &self.stats.drops,
             now: self.clock.now(),
+            tap: None,
         };
         let n = self.pipeline.poll(&mut ctx);
         self.tally.tx += ctx.flush();

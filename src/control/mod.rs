@@ -20,8 +20,11 @@
 //! the control loop retires and adds probe targets to match.
 
 pub mod auth;
+mod capture;
 pub mod state;
 mod trace;
+
+pub use capture::CAPTURE_RECORDS;
 
 use state::backend_key;
 pub use state::{ApiError, ControlState, ProbeState, Reloads, RuleHit, Runtime, rule_hits};
@@ -480,6 +483,8 @@ fn route(
         ("GET", ["v1", "counters"]) => reply(200, &counters(state, rt)?),
         ("POST", ["v1", "takeover"]) => takeover(state, rt, body),
         ("POST", ["v1", "trace"]) => trace::trace(state, rt, body),
+        ("POST", ["v1", "capture"]) => capture::start(state, rt, body),
+        ("GET" | "DELETE", ["v1", "capture"]) => capture::read(state, rt, method == "DELETE"),
         _ => Err(no_endpoint(method, &path)),
     }
 }

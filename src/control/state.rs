@@ -338,6 +338,10 @@ pub struct Runtime {
     pub switch_cfg: vswitch::SwitchConfig,
     /// The buffers a trace's packet is put in (made at the first trace).
     pub trace_pool: Option<dataplane::pool::Pool>,
+    /// Live capture, shared with every worker.
+    pub tap: Arc<dataplane::capture::Tap>,
+    /// The capture under way or last made, if any.
+    pub capture: Option<super::capture::Session>,
     next_id: u64,
 }
 
@@ -443,6 +447,8 @@ impl Runtime {
             perf_base: (Vec::new(), std::time::Instant::now()),
             switch_cfg: vswitch::SwitchConfig::default(),
             trace_pool: None,
+            tap: dataplane::capture::Tap::new(1),
+            capture: None,
             next_id: 1,
         }
     }
