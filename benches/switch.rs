@@ -18,6 +18,10 @@
 //!   for a VIP whose three DIPs are on another host, each sent on
 //!   unchanged in IP in IP (no security group, no NAT).
 //!
+//! - `capture/*`: `fast_path/1000` without a live-capture tap, with one
+//!   that is off, one copying every frame, and one whose filter matches
+//!   none.
+//!
 //! `SWITCH_BENCH_CHURN=<rigs> cargo bench --bench switch` runs only
 //! `new_flows` at a fixed 524 288 connections per rig, fresh and steady,
 //! and prints the rates (criterion's `new_flows` sizes its rigs by its
@@ -34,6 +38,7 @@
 
 use arc_swap::ArcSwap;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use dataplane::capture::{Spec, Tap};
 use dataplane::clock::TscClock;
 use dataplane::pool::{Pool, PoolBuf, PoolConfig};
 use dataplane::port::ring::{self, RingPort};
@@ -258,6 +263,8 @@ struct Rig {
     rng: u64,
     rx: Batch<PoolBuf>,
     forwarded: u64,
+    /// Live capture, emptied with the sinks (outside the timed poll).
+    tap: Option<Arc<Tap>>,
 }
 
 impl Rig {
@@ -317,6 +324,16 @@ impl Rig {
             rng: 0x9e37_79b9_7f4a_7c15,
             rx: Batch::new(),
             forwarded: 0,
+            tap: None,
+        }
+    }
+
+    /// This rig with its worker copying frames to `tap` while it is armed.
+    fn tapped(self, tap: Arc<Tap>) -> Rig {
+        Rig {
+            worker: self.worker.with_tap(tap.clone()),
+            tap: Some(tap),
+            ..self
         }
     }
 
@@ -364,6 +381,11 @@ impl Rig {
         for s in &mut self.sinks {
             n += s.rx_burst(&mut self.rx);
             self.rx.clear();
+        }
+        if let Some(t) = &self.tap {
+            let mut got = Vec::new();
+            t.take(&mut got);
+            t.give_back(got);
         }
         n
     }
@@ -448,6 +470,42 @@ fn bench(c: &mut Criterion) {
     }
     g.finish();
     drop(rigs);
+
+    // Live capture: the fast path at 1 000 flows without a tap, with one
+    // that is off, one that copies every frame (received and sent: two
+    // per packet; the records are read back outside the timed poll), and
+    // one whose filter matches nothing (each frame parsed for it).
+    let mut g = c.benchmark_group("capture");
+    g.throughput(Throughput::Elements(BURST as u64));
+    let everything = |filter: &str| Spec {
+        port: None,
+        filter: filter.parse().unwrap(),
+        snaplen: dataplane::capture::MAX_SNAPLEN,
+    };
+    for (name, armed) in [
+        ("none", None),
+        ("off", Some(None)),
+        ("all", Some(Some(""))),
+        ("filtered_out", Some(Some("port 9"))),
+    ] {
+        let flows = 1_000;
+        let mut rig = Rig::new(flows, flows as usize);
+        if let Some(on) = armed {
+            let tap = Tap::new(4096);
+            if let Some(f) = on {
+                tap.arm(everything(f), u64::MAX, u64::MAX);
+            }
+            rig = rig.tapped(tap);
+        }
+        for _ in 0..(flows as usize).div_ceil(BURST) {
+            rig.burst();
+        }
+        g.bench_function(name, |b| b.iter_custom(|iters| worker_only(&mut rig, iters)));
+        if let (Some(Some("")), Some(t)) = (armed, &rig.tap) {
+            assert!(t.captured() > 0 && t.is_armed(), "the capture stopped");
+        }
+    }
+    g.finish();
 
     // The overlay: the same pipeline with every packet leaving in a tunnel
     // (encap) or arriving in one (decap), next to the plain fast path.
