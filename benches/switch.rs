@@ -500,7 +500,9 @@ fn bench(c: &mut Criterion) {
         for _ in 0..(flows as usize).div_ceil(BURST) {
             rig.burst();
         }
-        g.bench_function(name, |b| b.iter_custom(|iters| worker_only(&mut rig, iters)));
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| worker_only(&mut rig, iters))
+        });
         if let (Some(Some("")), Some(t)) = (armed, &rig.tap) {
             assert!(t.captured() > 0 && t.is_armed(), "the capture stopped");
         }

@@ -189,14 +189,88 @@ pub struct Spec {
     pub snaplen: usize,
 }
 
-/// The shared state of live capture (see the module's documentation).
-pub struct Tap {
+/// When a per-packet tool (live capture, live trace) is on, and for which
+/// packets: armed with a [`Spec`], a count of packets and a deadline, it
+/// disarms itself when either is spent. Workers read it once per poll
+/// ([`Trigger::session`]); one atomic load while it is off.
+#[derive(Default)]
+pub struct Trigger {
     armed: AtomicBool,
     spec: ArcSwapOption<Spec>,
-    /// Frames still to capture.
+    /// Packets still to take.
     remaining: AtomicU64,
-    /// The worker clock's tick after which the capture ends.
+    /// The worker clock's tick after which it ends.
     deadline: AtomicU64,
+}
+
+impl Trigger {
+    /// On for `count` packets that `spec` selects, until the worker clock
+    /// reads `deadline` ticks.
+    pub fn arm(&self, spec: Spec, count: u64, deadline: u64) {
+        self.disarm();
+        let snaplen = spec.snaplen.clamp(1, MAX_SNAPLEN);
+        self.spec.store(Some(Arc::new(Spec { snaplen, ..spec })));
+        self.remaining.store(count, Ordering::Relaxed);
+        self.deadline.store(deadline, Ordering::Relaxed);
+        self.armed.store(count > 0, Ordering::Release);
+    }
+
+    /// Off.
+    pub fn disarm(&self) {
+        self.armed.store(false, Ordering::Release);
+    }
+
+    /// True while on.
+    #[inline]
+    pub fn is_armed(&self) -> bool {
+        self.armed.load(Ordering::Acquire)
+    }
+
+    /// What a worker takes in this poll (`now`: its clock's ticks):
+    /// `None` unless on and before the deadline (past it, it turns off).
+    #[inline]
+    pub fn session(&self, now: u64) -> Option<Arc<Spec>> {
+        if !self.is_armed() {
+            return None;
+        }
+        if now > self.deadline.load(Ordering::Relaxed) {
+            self.disarm();
+            return None;
+        }
+        self.spec.load_full()
+    }
+
+    /// Takes one packet of the count: false when none is left (another
+    /// worker took the last). The last turns it off.
+    pub fn claim(&self) -> bool {
+        let left = self
+            .remaining
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        match left {
+            Ok(1) => {
+                self.disarm();
+                true
+            }
+            Ok(_) => true,
+            Err(_) => {
+                self.disarm();
+                false
+            }
+        }
+    }
+}
+
+impl Spec {
+    /// True when this spec takes frame `f` on port `port`.
+    pub fn selects(&self, port: usize, f: &[u8]) -> bool {
+        self.port.is_none_or(|p| usize::from(p) == port)
+            && (self.filter.is_empty() || self.filter.matches(parse(f, 0).ok().as_ref()))
+    }
+}
+
+/// The shared state of live capture (see the module's documentation).
+pub struct Tap {
+    trigger: Trigger,
     free: ArrayQueue<Record>,
     full: ArrayQueue<Record>,
     /// Records made so far (at the first arming, by the control thread).
@@ -226,10 +300,7 @@ impl Tap {
     pub fn new(records: usize) -> Arc<Tap> {
         let records = records.max(1);
         Arc::new(Tap {
-            armed: AtomicBool::new(false),
-            spec: ArcSwapOption::empty(),
-            remaining: AtomicU64::new(0),
-            deadline: AtomicU64::new(0),
+            trigger: Trigger::default(),
             free: ArrayQueue::new(records),
             full: ArrayQueue::new(records),
             made: std::sync::atomic::AtomicUsize::new(0),
@@ -261,22 +332,18 @@ impl Tap {
         }
         self.captured.store(0, Ordering::Relaxed);
         self.missed.store(0, Ordering::Relaxed);
-        let snaplen = spec.snaplen.clamp(1, MAX_SNAPLEN);
-        self.spec.store(Some(Arc::new(Spec { snaplen, ..spec })));
-        self.remaining.store(count, Ordering::Relaxed);
-        self.deadline.store(deadline, Ordering::Relaxed);
-        self.armed.store(count > 0, Ordering::Release);
+        self.trigger.arm(spec, count, deadline);
     }
 
     /// Stops capturing (what was captured stays to be read).
     pub fn disarm(&self) {
-        self.armed.store(false, Ordering::Release);
+        self.trigger.disarm();
     }
 
     /// True while capturing.
     #[inline]
     pub fn is_armed(&self) -> bool {
-        self.armed.load(Ordering::Acquire)
+        self.trigger.is_armed()
     }
 
     /// Frames captured so far.
@@ -309,14 +376,7 @@ impl Tap {
     /// before the deadline (past it, the tap disarms).
     #[inline]
     pub fn session(&self, now: u64) -> Option<Arc<Spec>> {
-        if !self.is_armed() {
-            return None;
-        }
-        if now > self.deadline.load(Ordering::Relaxed) {
-            self.disarm();
-            return None;
-        }
-        self.spec.load_full()
+        self.trigger.session(now)
     }
 
     /// Captures the frames of `frames` that `spec` selects, which went
@@ -333,26 +393,16 @@ impl Tap {
             return;
         }
         for f in frames {
-            if !spec.filter.is_empty() && !spec.filter.matches(parse(f, 0).ok().as_ref()) {
+            if !spec.selects(port, f) {
                 continue;
             }
             let Some(mut r) = self.free.pop() else {
                 self.missed.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
-            // One frame of the count (another worker may have taken the
-            // last one): the last ends the capture.
-            let left = self
-                .remaining
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
-            match left {
-                Ok(1) => self.disarm(),
-                Ok(_) => {}
-                Err(_) => {
-                    let _ = self.free.push(r);
-                    self.disarm();
-                    return;
-                }
+            if !self.trigger.claim() {
+                let _ = self.free.push(r);
+                return;
             }
             r.ticks = ticks;
             r.port = port as u16;

@@ -19,7 +19,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use vswitch::switch::TraceEnd;
+use vswitch::switch::{LiveEnd, LiveTrace, TraceEnd};
 use vswitch::{
     Policy, Switch, SwitchConfig, SwitchDrop, SwitchStats, Topology, VipDef, VmDef, VnetDef,
 };
@@ -114,6 +114,7 @@ struct Net {
     policy: Arc<ArcSwap<Policy>>,
     stats: Arc<SwitchStats>,
     worker: Arc<WorkerStats>,
+    live: Arc<LiveTrace>,
     _worker: Running,
     pool: Pool,
 }
@@ -152,7 +153,9 @@ impl Net {
         let policy = Arc::new(ArcSwap::from_pointee(
             Policy::compile(&topology([1, 1, 1]), 1).unwrap(),
         ));
-        let sw = Switch::new(policy.clone(), SwitchConfig::default());
+        let live = LiveTrace::new(64);
+        let sw =
+            Switch::new(policy.clone(), SwitchConfig::default()).with_live_trace(0, live.clone());
         let stats = sw.stats();
         let acl_hits = sw.acl_hits();
         let worker = Worker::new(name, None, sw_ports, sw);
@@ -164,6 +167,7 @@ impl Net {
             policy,
             stats,
             worker: wstats,
+            live,
             _worker: Running::spawn(worker),
             pool,
         }
@@ -531,4 +535,64 @@ fn a_trace_names_each_layers_decision() {
         panic!("{t:?}")
     };
     assert_eq!(&frame[..6], &mac(0x10).0, "{t:?}");
+}
+
+#[test]
+fn a_live_trace_follows_the_next_packets_that_match() {
+    let mut net = Net::new("sw-live");
+    let spec = |filter: &str| dataplane::capture::Spec {
+        port: Some(3),
+        filter: filter.parse().unwrap(),
+        snaplen: 2048,
+    };
+    // The client's next three packets to the VIP: the SYN through the slow
+    // path, the rest hitting the flow it installed.
+    net.live.arm(spec("tcp and dst port 80"), 3, u64::MAX);
+    let g = net.vm("client").get(VIP, 80, "/");
+    assert!(net.run(Duration::from_secs(10), |vms| vms[3].body(g).is_some()));
+    assert!(!net.live.trigger.is_armed(), "the count ends it");
+    let mut got = Vec::new();
+    net.live.take(&mut got);
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert_eq!(net.live.traced(), 3);
+    let syn = &got[0];
+    assert_eq!(syn.in_port, 3);
+    assert!(
+        syn.steps
+            .iter()
+            .any(|s| s.layer == "lb" && s.detail.contains("to VIP web")),
+        "{syn:?}"
+    );
+    let Some(LiveEnd::Out(out)) = syn.end else {
+        panic!("{syn:?}")
+    };
+    assert!(out < 3, "to a backend: {syn:?}");
+    for hit in &got[1..] {
+        assert!(
+            hit.steps
+                .iter()
+                .any(|s| s.layer == "flow" && s.detail.contains("a cached flow")),
+            "{hit:?}"
+        );
+        assert_eq!(hit.end, Some(LiveEnd::Out(out)), "{hit:?}");
+    }
+    // A denied connection: its SYN, dropped, with the rule.
+    net.live.arm(spec("tcp and dst port 22"), 1, u64::MAX);
+    net.vm("client").connect(Ipv4Addr::new(10, 1, 0, 4), 22);
+    let live = net.live.clone();
+    net.run(Duration::from_secs(5), |_| !live.trigger.is_armed());
+    let mut got = Vec::new();
+    net.live.take(&mut got);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(
+        got[0].end,
+        Some(LiveEnd::Drop(SwitchDrop::AclDeny)),
+        "{got:?}"
+    );
+    assert!(
+        got[0].steps.iter().any(|s| s
+            .detail
+            .contains("rule in-110 (priority 110) matches: deny")),
+        "{got:?}"
+    );
 }

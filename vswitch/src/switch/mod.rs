@@ -67,7 +67,7 @@ use park::Parked;
 pub use requests::{FlowControl, FlowReply, FlowRequest};
 use slow::Slow;
 pub use stats::{AclHits, SwitchDrop, SwitchStats};
-pub use trace::{Trace, TraceEnd, TraceStep};
+pub use trace::{LiveEnd, LiveRecord, LiveTrace, Trace, TraceEnd, TraceStep};
 
 /// Tunables of a switch worker.
 #[derive(Debug, Clone)]
@@ -169,6 +169,13 @@ pub struct Switch<B = dataplane::pool::PoolBuf> {
     /// The layers' notes while a trace is being taken (`None` otherwise:
     /// [`Switch::trace`]).
     trace: std::cell::RefCell<Option<Vec<TraceStep>>>,
+    /// This worker's index and the live trace it serves, if any.
+    live: Option<(usize, Arc<LiveTrace>)>,
+    /// True while a live-traced packet goes through (a flow hit notes
+    /// itself then).
+    tracing: bool,
+    /// Where the live-traced packet went.
+    live_end: std::cell::Cell<Option<LiveEnd>>,
 }
 
 /// A source of empty buffers for packets the switch makes itself (ARP
@@ -217,6 +224,9 @@ impl<B: PacketBuf> Switch<B> {
             alloc: None,
             tunnel_mtu: None,
             trace: std::cell::RefCell::new(None),
+            live: None,
+            tracing: false,
+            live_end: std::cell::Cell::new(None),
             cfg,
         }
     }
@@ -424,6 +434,7 @@ impl<B: PacketBuf> Switch<B> {
     /// Drops `pkt`, counting `r` in the switch's counters (which name
     /// switch-level reasons; parse errors go to the worker's counters).
     fn drop_pkt(&self, pkt: B, r: SwitchDrop) {
+        self.live_note(LiveEnd::Drop(r), "drop", || r.name().to_string());
         self.stats.count(r);
         drop(pkt);
     }
@@ -609,8 +620,21 @@ impl<B: PacketBuf> Switch<B> {
                     }
                 }
                 tally.0 += 1;
+                let traced = self.tracing.then(|| {
+                    let a = e.action;
+                    let d = format!(
+                        "a cached flow (decided under generation {}, {} packets): MACs {} > \
+                         {}{}",
+                        e.generation,
+                        e.packets,
+                        a.src_mac,
+                        a.dst_mac,
+                        trace::fmt_nat(&a.nat)
+                    );
+                    (a.out_port, d)
+                });
                 // The action is used in place (no copy of it per packet).
-                if let Some(b) = transpose(
+                let bounced = transpose(
                     &self.stats,
                     ctx,
                     pkt,
@@ -618,7 +642,11 @@ impl<B: PacketBuf> Switch<B> {
                     &e.action,
                     &self.cfg.port_mtu,
                     self.tunnel_mtu,
-                ) {
+                );
+                if let Some((out, d)) = traced {
+                    self.live_note(LiveEnd::Out(out), "flow", || d);
+                }
+                if let Some(b) = bounced {
                     self.bounce(ctx, policy, b, pk, now);
                 }
                 return;
@@ -635,7 +663,15 @@ impl<B: PacketBuf> Switch<B> {
                 let w = crate::placement::owner(policy, in_port16, &place, h.workers());
                 if w != *me {
                     match h.queues.get(w).map(|q| q.push((in_port16, pkt))) {
-                        Some(Ok(())) => tally.2 += 1,
+                        Some(Ok(())) => {
+                            tally.2 += 1;
+                            self.live_note(LiveEnd::Handed(w), "handoff", || {
+                                format!(
+                                    "worker {w} owns its connection: handed to it (not traced \
+                                     there)"
+                                )
+                            });
+                        }
                         Some(Err((_, pkt))) => self.drop_pkt(pkt, SwitchDrop::HandoffFull),
                         None => {}
                     }
@@ -647,6 +683,7 @@ impl<B: PacketBuf> Switch<B> {
         let t = self.clock.now();
         let decided = self.slow(policy, pkt.data_mut(), pk, in_port16, now);
         self.slow_ticks += self.clock.now().wrapping_sub(t);
+        self.live_decided(&decided);
         match decided {
             Ok(Slow::Reply) => self.send_back(ctx, in_port16, pkt),
             Ok(Slow::Advert(mac)) => match rewrite::neighbor_advert(&mut pkt, pk, mac) {
@@ -812,6 +849,11 @@ impl<B: PacketBuf> Switch<B> {
 impl<B: PacketBuf> Pipeline<B> for Switch<B> {
     fn process(&mut self, ctx: &mut Ctx<'_, B>, in_port: usize, pkts: &mut Batch<B>) {
         let (policy, now) = self.begin(ctx);
+        // A live trace costs one load per burst while it is off.
+        let live = self
+            .live
+            .as_ref()
+            .and_then(|(_, l)| Some((l.clone(), l.trigger.session(ctx.now())?)));
         let mut tally = (0, 0, 0);
         // The burst in stages, so that the cache misses of its lookups
         // overlap instead of following one another, and no stage reads
@@ -913,18 +955,34 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                 self.drop_pkt(pkt, *why);
                 continue;
             }
-            match st {
-                Ok(()) => self.packet(
+            let port = usize::from(*port);
+            match (st, &live) {
+                (Ok(()), Some((l, spec)))
+                    if spec.selects(port, pkt.data()) && l.trigger.claim() =>
+                {
+                    self.packet_live(
+                        l,
+                        spec,
+                        ctx,
+                        &policy,
+                        port,
+                        pkt,
+                        now,
+                        &mut tally,
+                        (p, *h, *r),
+                    )
+                }
+                (Ok(()), _) => self.packet(
                     ctx,
                     &policy,
-                    usize::from(*port),
+                    port,
                     pkt,
                     now,
                     false,
                     &mut tally,
                     Some((p, *h, *r)),
                 ),
-                Err(e) => ctx.drop_packet(pkt, DropReason::Malformed(*e)),
+                (Err(e), _) => ctx.drop_packet(pkt, DropReason::Malformed(*e)),
             }
         }
         if !self.looped.is_empty() {

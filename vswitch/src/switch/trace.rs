@@ -19,8 +19,11 @@ use super::slow::Slow;
 use super::{Switch, SwitchDrop};
 use crate::flow::FlowAction;
 use crate::policy::Policy;
+use crossbeam_queue::ArrayQueue;
+use dataplane::capture::{Spec, Trigger};
 use dataplane::{FlowKey, PacketBuf, Parsed, parse, rewrite, synproxy};
 use lb::balancer::{ConnKind, Decision};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// One layer's decision.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -299,6 +302,18 @@ impl<B: PacketBuf> Switch<B> {
     }
 }
 
+/// A rewrite's address and port changes, in words (empty for none).
+pub(super) fn fmt_nat(n: &lb::nat::Rewrite) -> String {
+    let mut s = String::new();
+    if let Some((a, p)) = n.src {
+        s += &format!(", source to {a}:{p}");
+    }
+    if let Some((a, p)) = n.dst {
+        s += &format!(", destination to {a}:{p}");
+    }
+    s
+}
+
 /// `ip:port/proto` of `key`'s destination.
 fn fmt_dst(key: &FlowKey) -> String {
     format!("{}:{}/{}", key.dst(), key.dst_port, proto_name(key.proto))
@@ -312,5 +327,181 @@ pub(super) fn proto_name(p: u8) -> String {
         17 => "udp".into(),
         58 => "icmpv6".into(),
         n => n.to_string(),
+    }
+}
+
+/// Where a live-traced packet went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LiveEnd {
+    /// Sent out of this port (a tunnel port: encapsulated;
+    /// [`crate::flow::HAIRPIN_PORT`]: into the switch again).
+    Out(u16),
+    /// Answered out of the port it came in on.
+    Back,
+    /// Dropped for this reason.
+    Drop(SwitchDrop),
+    /// Handed to this worker, which owns its connection (not traced
+    /// there).
+    Handed(usize),
+}
+
+/// One packet of live traffic, traced.
+#[derive(Debug, Clone)]
+pub struct LiveRecord {
+    /// When the worker's burst began (its clock's ticks).
+    pub ticks: u64,
+    /// The worker.
+    pub worker: usize,
+    /// The input port.
+    pub in_port: u16,
+    /// The frame as it arrived (up to the snap length).
+    pub frame: Vec<u8>,
+    /// Each layer's decision.
+    pub steps: Vec<TraceStep>,
+    /// Where it went (`None`: the switch did not say).
+    pub end: Option<LiveEnd>,
+}
+
+/// Live trace, as VPP's `trace add`: the next packets received from the
+/// ports that a [`Trigger`] selects are traced layer by layer by the
+/// workers that handle them (a cached flow's hit, or the slow path's
+/// layers), and their records queued for the control thread (at most the
+/// queue's size; more are counted as missed). Off, it costs a worker one
+/// load per burst and a flag test per flow-table hit; a traced packet
+/// costs allocations (its notes), which is why the count is bounded.
+pub struct LiveTrace {
+    /// When it is on, and for which packets.
+    pub trigger: Trigger,
+    out: ArrayQueue<LiveRecord>,
+    traced: AtomicU64,
+    missed: AtomicU64,
+}
+
+impl LiveTrace {
+    /// An idle live trace holding up to `records` records unread.
+    pub fn new(records: usize) -> std::sync::Arc<LiveTrace> {
+        std::sync::Arc::new(LiveTrace {
+            trigger: Trigger::default(),
+            out: ArrayQueue::new(records.max(1)),
+            traced: AtomicU64::new(0),
+            missed: AtomicU64::new(0),
+        })
+    }
+
+    /// Traces the next `count` packets `spec` selects, until the worker
+    /// clock reads `deadline`; what an earlier trace left unread goes.
+    pub fn arm(&self, spec: Spec, count: u64, deadline: u64) {
+        self.trigger.disarm();
+        while self.out.pop().is_some() {}
+        self.traced.store(0, Ordering::Relaxed);
+        self.missed.store(0, Ordering::Relaxed);
+        self.trigger.arm(spec, count, deadline);
+    }
+
+    /// Packets traced so far.
+    pub fn traced(&self) -> u64 {
+        self.traced.load(Ordering::Relaxed)
+    }
+
+    /// Packets traced while the queue was full: their records were lost.
+    pub fn missed(&self) -> u64 {
+        self.missed.load(Ordering::Relaxed)
+    }
+
+    /// Takes the records waiting.
+    pub fn take(&self, out: &mut Vec<LiveRecord>) {
+        while let Some(r) = self.out.pop() {
+            out.push(r);
+        }
+    }
+
+    fn push(&self, r: LiveRecord) {
+        match self.out.push(r) {
+            Ok(()) => self.traced.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.missed.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+}
+
+impl<B: PacketBuf> Switch<B> {
+    /// Traces live traffic for `live` (see [`LiveTrace`]) as worker
+    /// `worker`.
+    pub fn with_live_trace(mut self, worker: usize, live: std::sync::Arc<LiveTrace>) -> Self {
+        self.live = Some((worker, live));
+        self
+    }
+
+    /// [`Switch::packet`] for a packet the live trace selected: its notes
+    /// and end are recorded.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn packet_live(
+        &mut self,
+        live: &LiveTrace,
+        spec: &Spec,
+        ctx: &mut dataplane::worker::Ctx<'_, B>,
+        policy: &Policy,
+        in_port: usize,
+        pkt: B,
+        now: u64,
+        tally: &mut (u64, u64, u64),
+        pre: super::Pre<'_>,
+    ) {
+        let frame = pkt
+            .data()
+            .get(..spec.snaplen)
+            .unwrap_or(pkt.data())
+            .to_vec();
+        *self.trace.borrow_mut() = Some(Vec::new());
+        self.tracing = true;
+        self.live_end.set(None);
+        self.packet(ctx, policy, in_port, pkt, now, false, tally, Some(pre));
+        self.tracing = false;
+        let steps = self.trace.borrow_mut().take().unwrap_or_default();
+        live.push(LiveRecord {
+            ticks: ctx.now(),
+            worker: self.live.as_ref().map_or(0, |(w, _)| *w),
+            in_port: in_port as u16,
+            frame,
+            steps,
+            end: self.live_end.take(),
+        });
+    }
+
+    /// Notes where a live-traced packet goes: `end`, and why in words.
+    pub(super) fn live_note(
+        &self,
+        end: LiveEnd,
+        layer: &'static str,
+        detail: impl FnOnce() -> String,
+    ) {
+        if self.tracing {
+            self.live_end.set(Some(end));
+            self.note(layer, detail);
+        }
+    }
+
+    /// Notes a slow-path decision's end for a live-traced packet.
+    pub(super) fn live_decided(&self, d: &Result<Slow, SwitchDrop>) {
+        if !self.tracing {
+            return;
+        }
+        match d {
+            Ok(Slow::Forward(a) | Slow::ProxySyn(a, ..)) => {
+                let a = *a;
+                self.live_note(LiveEnd::Out(a.out_port), "output", || {
+                    format!(
+                        "the flow's action: MACs {} > {}{}; installed for the connection's \
+                         next packets",
+                        a.src_mac,
+                        a.dst_mac,
+                        fmt_nat(&a.nat)
+                    )
+                });
+            }
+            Ok(_) => self.live_note(LiveEnd::Back, "output", || {
+                "answered out of the port it came in on".into()
+            }),
+            Err(_) => {}
+        }
     }
 }
