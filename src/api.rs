@@ -958,3 +958,47 @@ pub struct CaptureView {
     /// The frames captured since the last read.
     pub frames: Vec<CapturedFrame>,
 }
+
+/// A live-traced packet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LivePacket {
+    /// When its burst began, in nanoseconds since the Unix epoch.
+    pub time_ns: u64,
+    /// The worker that handled it.
+    pub worker: usize,
+    /// The input port.
+    pub port: String,
+    /// The packet as it arrived, in words.
+    pub packet: String,
+    /// Each layer's decision (a cached flow's hit, or the slow path's).
+    pub steps: Vec<TraceStepView>,
+    /// `forward`, `answer`, `drop`, `handed` (to the worker that owns its
+    /// connection, not traced there) or `unknown`.
+    pub result: String,
+    /// With `forward` and `answer`: the output port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub out_port: Option<String>,
+    /// With `drop`: the reason counted; with `handed`: the worker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// `GET` / `DELETE /v1/trace/live`: the live trace and the packets traced
+/// since the last read (each read once).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveTraceView {
+    /// Still tracing.
+    pub running: bool,
+    /// Its port (`None`: every port).
+    pub port: Option<String>,
+    /// Its filter.
+    pub filter: String,
+    /// Packets it was asked for.
+    pub count: u64,
+    /// Packets traced so far.
+    pub traced: u64,
+    /// Packets traced while the queue was full (their records were lost).
+    pub missed: u64,
+    /// The packets traced since the last read.
+    pub packets: Vec<LivePacket>,
+}

@@ -890,6 +890,7 @@ pub fn capture(
     };
     let mut w = PcapWriter::with_header(out, header).map_err(write_err)?;
     let mut written = 0;
+    let mut ended = false;
     loop {
         let (status, text) = call(ep, "GET", path, None)?;
         let v = decode::<crate::api::CaptureView>(path, status, &text)?.body;
@@ -902,13 +903,71 @@ pub fn capture(
                 .map_err(write_err)?;
             written += 1;
         }
+        // (A frame's record may follow its count by a moment: one more
+        // read after the capture ended.)
         if !v.running && v.frames.is_empty() {
-            return Ok(CaptureSummary {
-                written,
-                missed: v.missed,
-            });
+            if ended {
+                return Ok(CaptureSummary {
+                    written,
+                    missed: v.missed,
+                });
+            }
+            ended = true;
         }
         if v.frames.is_empty() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Runs a live trace (`POST /v1/trace/live`), reading it every 100 ms and
+/// giving each packet's lines to `emit` (one JSON line per packet with
+/// `json`) until its count or time is spent; returns the packets traced
+/// and those missed.
+pub fn live_trace(
+    ep: &Endpoint<'_>,
+    req: &crate::api::CaptureRequest,
+    json: bool,
+    mut emit: impl FnMut(String),
+) -> Result<(u64, u64), CtlError> {
+    let body = serde_json::to_string(req).map_err(|source| CtlError::Encode {
+        what: "the live trace".into(),
+        source,
+    })?;
+    let path = "/v1/trace/live";
+    let (status, text) = call(ep, "POST", path, Some(&body))?;
+    decode::<crate::api::LiveTraceView>(path, status, &text)?;
+    let mut ended = false;
+    loop {
+        let (status, text) = call(ep, "GET", path, None)?;
+        let v = decode::<crate::api::LiveTraceView>(path, status, &text)?.body;
+        for p in &v.packets {
+            if json {
+                emit(serde_json::to_string(p).unwrap_or_default());
+                continue;
+            }
+            emit(format!(
+                "worker {} on port {}: {}",
+                p.worker, p.port, p.packet
+            ));
+            for s in &p.steps {
+                emit(format!("  {:<7} {}", s.layer, s.detail));
+            }
+            emit(match (p.result.as_str(), &p.out_port) {
+                ("forward", Some(o)) => format!("forward out of port {o}"),
+                ("answer", Some(o)) => format!("answered out of port {o}"),
+                (r, _) => format!("{r}: {}", opt(&p.reason)),
+            });
+        }
+        // (The last packet's record may follow its count by a moment: one
+        // more read after the trace ended.)
+        if !v.running && v.packets.is_empty() {
+            if ended {
+                return Ok((v.traced, v.missed));
+            }
+            ended = true;
+        }
+        if v.packets.is_empty() {
             std::thread::sleep(Duration::from_millis(100));
         }
     }

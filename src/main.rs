@@ -283,16 +283,33 @@ enum CtlCmd {
     /// layer (anti-spoofing, responders, VIP and backend, route, each
     /// group's rule, SNAT, rewrite and output port, or the drop reason),
     /// without changing any state. Describe the packet (the rest defaults
-    /// from the port's VM), or give a frame in hex or a pcap file.
+    /// from the port's VM), or give a frame in hex or a pcap file. With
+    /// --live: trace the next live packets that match --filter (as VPP's
+    /// trace add), printing each as the workers trace it.
     Trace(Box<TraceArgs>),
 }
 
 /// `pollux ctl trace` options.
 #[derive(clap::Args, Debug)]
 struct TraceArgs {
-    /// The port the packet arrives on.
+    /// The port the packet arrives on (with --live: the port to trace,
+    /// default every port).
     #[arg(long)]
-    port: String,
+    port: Option<String>,
+    /// Trace live packets instead of a described one.
+    #[arg(long, conflicts_with_all = ["dst", "src", "proto", "sport", "dport", "flags", "src_mac", "dst_mac", "ttl", "payload", "hex", "pcap"])]
+    live: bool,
+    /// With --live: which packets, as tcpdump puts it (host A, src host A,
+    /// dst host A, port N, src port N, dst port N, tcp, udp, icmp, icmp6,
+    /// arp, ip, ip6, joined by "and").
+    #[arg(long, requires = "live")]
+    filter: Option<String>,
+    /// With --live: packets to trace.
+    #[arg(long, default_value_t = 10, requires = "live")]
+    count: u64,
+    /// With --live: seconds at most.
+    #[arg(long, default_value_t = 60.0, requires = "live")]
+    seconds: f64,
     /// Destination address.
     #[arg(long)]
     dst: Option<String>,
@@ -438,7 +455,30 @@ fn ctl(
                 }
             };
         }
+        CtlCmd::Trace(a) if a.live => {
+            let req = pollux::api::CaptureRequest {
+                port: a.port.clone(),
+                filter: a.filter.clone(),
+                count: Some(a.count),
+                seconds: Some(a.seconds),
+                snaplen: None,
+            };
+            return match pollux::ctl::live_trace(&ep, &req, json, |l| println!("{l}")) {
+                Ok((traced, missed)) => {
+                    eprintln!("pollux ctl: {traced} packets traced, {missed} missed");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("pollux ctl: {e}");
+                    ExitCode::from(2)
+                }
+            };
+        }
         CtlCmd::Trace(a) => {
+            let Some(port) = a.port.clone() else {
+                eprintln!("pollux ctl: trace: --port is required (or --live)");
+                return ExitCode::from(2);
+            };
             let frame = match (&a.hex, &a.pcap) {
                 (Some(h), _) => Some(h.clone()),
                 (None, Some(p)) => match pollux::ctl::pcap_frame(p, a.index) {
@@ -451,7 +491,7 @@ fn ctl(
                 (None, None) => None,
             };
             Cmd::Trace(pollux::api::TraceRequest {
-                port: a.port.clone(),
+                port,
                 frame,
                 src_mac: a.src_mac.clone(),
                 dst_mac: a.dst_mac.clone(),

@@ -1056,6 +1056,8 @@ struct Switches<B: PacketBuf> {
     swap: Arc<ArcSwap<Policy>>,
     cfg: SwitchConfig,
     flow_control: Vec<Arc<vswitch::switch::FlowControl>>,
+    /// The live trace every switch serves.
+    live: Arc<vswitch::switch::LiveTrace>,
     switches: Vec<Switch<B>>,
     /// The configuration they were built for.
     made_for: Config,
@@ -1077,13 +1079,15 @@ impl<B: PacketBuf> Switches<B> {
         };
         let handoff = Handoff::new(workers, 8192);
         let mut flow_control = Vec::new();
+        let live = vswitch::switch::LiveTrace::new(crate::control::LIVE_TRACE_RECORDS);
         let mut switches = Vec::new();
         for w in 0..workers {
             let fc = Arc::new(vswitch::switch::FlowControl::default());
             flow_control.push(fc.clone());
             let mut switch = Switch::new(swap.clone(), sw_cfg.clone())
                 .with_handoff(w, handoff.clone())
-                .with_control(w, fc);
+                .with_control(w, fc)
+                .with_live_trace(w, live.clone());
             if ahead {
                 switch.load_policy();
             }
@@ -1093,6 +1097,7 @@ impl<B: PacketBuf> Switches<B> {
             swap,
             cfg: sw_cfg,
             flow_control,
+            live,
             switches,
             made_for: cfg.clone(),
         }
@@ -1162,6 +1167,7 @@ fn run_on<A: BufAlloc>(
         swap,
         cfg: mut sw_cfg,
         flow_control,
+        live,
         switches,
         ..
     } = match prebuilt.filter(|s| s.fits(cfg, workers)) {
@@ -1296,6 +1302,7 @@ fn run_on<A: BufAlloc>(
     rt.neighbours.mail = neigh_mail;
     rt.switch_cfg = sw_cfg.clone();
     rt.tap = tap.clone();
+    rt.live = live;
     rt.neighbours.seed(&topo.neighbours);
     if let Some(inc) = incoming.take() {
         tracing::info!(

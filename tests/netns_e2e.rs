@@ -562,13 +562,31 @@ fn traces_match_what_happens(lab: &Lab, api: &Api) {
         |v| v["running"] == true,
         String::new,
     );
+    // And its first two packets traced live: the SYN through the slow
+    // path, to the backend the trace named; the next, the flow it left.
+    let live = live_trace(api, "tcp and src port 41234", 2);
     let r = lab.bash(
         "cl",
         "curl -s --max-time 10 --local-port 41234 http://10.1.0.100/",
     );
     assert_eq!(String::from_utf8_lossy(&r.stdout), backend);
+    let traced = live_traced(live);
+    assert_eq!(traced.len(), 2, "{traced:?}");
+    assert_eq!(traced[0]["out_port"], backend.as_str(), "{:#}", traced[0]);
+    assert!(
+        steps(&traced[0], "lb").contains("a new connection to VIP web"),
+        "{:#}",
+        traced[0]
+    );
+    assert_eq!(traced[1]["out_port"], backend.as_str(), "{:#}", traced[1]);
+    assert!(
+        steps(&traced[1], "flow").contains("a cached flow"),
+        "{:#}",
+        traced[1]
+    );
     let done = capture.wait_with_output().unwrap();
     let said = String::from_utf8_lossy(&done.stderr);
+    eprintln!("pollux ctl capture: {said}");
     assert!(done.status.success(), "{said}");
     assert!(said.contains(" 0 missed"), "{said}");
     // tshark reads it: the client's request to the VIP as it came in, and
@@ -603,12 +621,22 @@ fn traces_match_what_happens(lab: &Lab, api: &Api) {
     );
     assert!(answers.contains(&format!("{dip}\t8000\t200")), "{answers}");
     assert!(answers.contains("10.1.0.100\t80\t200"), "{answers}");
-    // Denied: the connection times out, counted under the traced rule.
+    // Denied: the connection times out, counted under the traced rule; its
+    // SYN traced live says so too.
+    let live = live_trace(api, "tcp and dst port 8001", 1);
     let r = lab.bash(
         "cl",
         "curl -s --max-time 2 http://10.1.0.4:8001/; echo rc=$?",
     );
     assert!(String::from_utf8_lossy(&r.stdout).contains("rc=28"));
+    let traced = live_traced(live);
+    assert_eq!(traced.len(), 1, "{traced:?}");
+    assert_eq!(traced[0]["reason"], "acl_deny", "{:#}", traced[0]);
+    assert!(
+        steps(&traced[0], "acl").contains("rule deny-8001 (priority 110) matches: deny"),
+        "{:#}",
+        traced[0]
+    );
     // The spoofed frame, sent as it is from the client's interface.
     lab.exec(
         "cl",
@@ -635,4 +663,50 @@ fn traces_match_what_happens(lab: &Lab, api: &Api) {
         "each packet dropped as traced: {}",
         what()
     );
+}
+
+/// Starts `pollux ctl --json trace --live` for `count` packets matching
+/// `filter`, and waits until the workers trace.
+fn live_trace(api: &Api, filter: &str, count: u32) -> std::process::Child {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_pollux"))
+        .arg("ctl")
+        .arg("--socket")
+        .arg(&api.sock)
+        .args([
+            "--json",
+            "trace",
+            "--live",
+            "--filter",
+            filter,
+            "--seconds",
+            "20",
+        ])
+        .args(["--count", &count.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // (Nothing matches before the packets are sent: reading takes none.)
+    api.wait_for(
+        "/v1/trace/live",
+        Duration::from_secs(10),
+        "the live trace to start",
+        |v| v["running"] == true && v["filter"] == filter,
+        String::new,
+    );
+    child
+}
+
+/// The packets a live trace printed, once it ended.
+fn live_traced(child: std::process::Child) -> Vec<Value> {
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }

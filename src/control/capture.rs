@@ -2,7 +2,9 @@
 //! in both directions (`dataplane::capture`), read by `pollux ctl capture`
 //! into a pcap file. The workers copy matching frames into the shared tap
 //! while it is armed; each read here takes what they captured since the
-//! last one, with its time on the wall clock.
+//! last one, with its time on the wall clock. `/v1/trace/live` is the
+//! same for the live trace (`vswitch::switch::LiveTrace`): the next
+//! packets that match, traced by the workers.
 
 use super::{ApiError, ControlState, Reply, Runtime, body_json, reply};
 use crate::api::{CaptureRequest, CaptureView, CapturedFrame};
@@ -16,6 +18,12 @@ pub const CAPTURE_RECORDS: usize = 4096;
 /// Frames a capture takes at most.
 const MAX_COUNT: u64 = 10_000_000;
 
+/// Live-traced packets not yet read, at most.
+pub const LIVE_TRACE_RECORDS: usize = 1024;
+
+/// Packets a live trace takes at most (each costs its worker allocations).
+const LIVE_TRACE_MAX: u64 = 10_000;
+
 /// A capture under way (or the last one made).
 #[derive(Debug, Clone)]
 pub struct Session {
@@ -27,9 +35,15 @@ pub struct Session {
     base: (u64, u64),
 }
 
-/// `POST /v1/capture`.
-pub(super) fn start(state: &ControlState, rt: &mut Runtime, body: &str) -> Result<Reply, ApiError> {
-    let req: CaptureRequest = body_json(body, "capture")?;
+/// What a capture or live-trace request asks for: the trigger's spec,
+/// count and deadline (worker clock ticks), and the session to remember.
+fn trigger_of(
+    state: &ControlState,
+    req: &CaptureRequest,
+    what: &str,
+    default_count: u64,
+    max_count: u64,
+) -> Result<(Spec, u64, u64, Session), ApiError> {
     let names: Vec<&str> = state
         .config()
         .port
@@ -40,7 +54,7 @@ pub(super) fn start(state: &ControlState, rt: &mut Runtime, body: &str) -> Resul
         Some(p) => Some(names.iter().position(|n| n == p).ok_or_else(|| {
             ApiError::new(
                 404,
-                format!("capture: no port {p:?} (ports: {})", names.join(", ")),
+                format!("{what}: no port {p:?} (ports: {})", names.join(", ")),
             )
         })?),
         None => None,
@@ -48,28 +62,26 @@ pub(super) fn start(state: &ControlState, rt: &mut Runtime, body: &str) -> Resul
     let filter_text = req.filter.clone().unwrap_or_default();
     let filter: Filter = filter_text
         .parse()
-        .map_err(|e: dataplane::capture::FilterError| {
-            ApiError::new(400, format!("capture: {e}"))
-        })?;
-    let count = req.count.unwrap_or(1000);
-    if count == 0 || count > MAX_COUNT {
+        .map_err(|e: dataplane::capture::FilterError| ApiError::new(400, format!("{what}: {e}")))?;
+    let count = req.count.unwrap_or(default_count);
+    if count == 0 || count > max_count {
         return Err(ApiError::new(
             400,
-            format!("capture: count {count} is not between 1 and {MAX_COUNT}"),
+            format!("{what}: count {count} is not between 1 and {max_count}"),
         ));
     }
     let seconds = req.seconds.unwrap_or(60.0);
     if !(seconds > 0.0 && seconds <= 86_400.0) {
         return Err(ApiError::new(
             400,
-            format!("capture: seconds {seconds} is not between 0 and 86400"),
+            format!("{what}: seconds {seconds} is not between 0 and 86400"),
         ));
     }
     let snaplen = req.snaplen.unwrap_or(MAX_SNAPLEN);
     if snaplen == 0 || snaplen > MAX_SNAPLEN {
         return Err(ApiError::new(
             400,
-            format!("capture: snaplen {snaplen} is not between 1 and {MAX_SNAPLEN}"),
+            format!("{what}: snaplen {snaplen} is not between 1 and {MAX_SNAPLEN}"),
         ));
     }
     let clock = TscClock::process();
@@ -78,34 +90,133 @@ pub(super) fn start(state: &ControlState, rt: &mut Runtime, body: &str) -> Resul
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
     let deadline = now.saturating_add(clock.ns_to_ticks((seconds * 1e9) as u64));
+    tracing::info!(
+        port = req.port.as_deref().unwrap_or("all"),
+        filter = filter_text.as_str(),
+        count,
+        seconds,
+        "{what} started"
+    );
+    let spec = Spec {
+        port: port.and_then(|p| u16::try_from(p).ok()),
+        filter,
+        snaplen,
+    };
+    let session = Session {
+        port: req.port.clone(),
+        filter: filter_text,
+        count,
+        base: (wall, now),
+    };
+    Ok((spec, count, deadline, session))
+}
+
+impl Session {
+    /// The wall-clock time (ns since the epoch) of worker clock `ticks`.
+    fn wall_ns(&self, ticks: u64) -> u64 {
+        let (wall, base) = self.base;
+        // (A worker's poll may have begun just before the session.)
+        wall.saturating_add(TscClock::process().ticks_to_ns(ticks.saturating_sub(base)))
+    }
+}
+
+/// `POST /v1/capture`.
+pub(super) fn start(state: &ControlState, rt: &mut Runtime, body: &str) -> Result<Reply, ApiError> {
+    let req: CaptureRequest = body_json(body, "capture")?;
+    let (spec, count, deadline, session) = trigger_of(state, &req, "capture", 1000, MAX_COUNT)?;
     // The frames an earlier capture left unread go (the tap discards them
     // too when armed again).
     let mut old = Vec::new();
     rt.tap.take(&mut old);
     rt.tap.give_back(old);
-    rt.tap.arm(
-        Spec {
-            port: port.and_then(|p| u16::try_from(p).ok()),
-            filter,
-            snaplen,
-        },
-        count,
-        deadline,
-    );
-    rt.capture = Some(Session {
-        port: req.port.clone(),
-        filter: filter_text,
-        count,
-        base: (wall, now),
-    });
-    tracing::info!(
-        port = req.port.as_deref().unwrap_or("all"),
-        filter = rt.capture.as_ref().map_or("", |c| c.filter.as_str()),
-        count,
-        seconds,
-        "capture started"
-    );
+    rt.tap.arm(spec, count, deadline);
+    rt.capture = Some(session);
     reply(201, &view(state, rt, false))
+}
+
+/// `POST /v1/trace/live`.
+pub(super) fn start_live(
+    state: &ControlState,
+    rt: &mut Runtime,
+    body: &str,
+) -> Result<Reply, ApiError> {
+    let req: CaptureRequest = body_json(body, "live trace")?;
+    let (spec, count, deadline, session) =
+        trigger_of(state, &req, "live trace", 10, LIVE_TRACE_MAX)?;
+    rt.live.arm(spec, count, deadline);
+    rt.live_session = Some(session);
+    reply(201, &live_view(state, rt, false))
+}
+
+/// `GET /v1/trace/live` (`stop`: `DELETE`, which ends it first).
+pub(super) fn read_live(
+    state: &ControlState,
+    rt: &mut Runtime,
+    stop: bool,
+) -> Result<Reply, ApiError> {
+    if rt.live_session.is_none() {
+        return Err(ApiError::new(
+            404,
+            "live trace: none was started (POST /v1/trace/live)",
+        ));
+    }
+    if stop {
+        rt.live.trigger.disarm();
+    }
+    reply(200, &live_view(state, rt, true))
+}
+
+/// The live trace's state, with the packets traced since the last read
+/// when `packets`.
+fn live_view(state: &ControlState, rt: &mut Runtime, packets: bool) -> crate::api::LiveTraceView {
+    use super::trace::{describe, port_name};
+    use vswitch::switch::LiveEnd;
+    let mut records = Vec::new();
+    if packets {
+        rt.live.take(&mut records);
+    }
+    let ports: Vec<String> = state.config().port.iter().map(|p| p.name.clone()).collect();
+    let policy = state.policy().load_full();
+    let s = rt.live_session.as_ref();
+    let out = records
+        .iter()
+        .map(|r| {
+            let name = |p| Some(port_name(&ports, &policy, p));
+            let (result, out_port, reason) = match r.end {
+                Some(LiveEnd::Out(p)) => ("forward", name(p), None),
+                Some(LiveEnd::Back) => ("answer", name(r.in_port), None),
+                Some(LiveEnd::Drop(why)) => ("drop", None, Some(why.name().to_string())),
+                Some(LiveEnd::Handed(w)) => ("handed", None, Some(format!("to worker {w}"))),
+                None => ("unknown", None, None),
+            };
+            crate::api::LivePacket {
+                time_ns: s.map_or(0, |s| s.wall_ns(r.ticks)),
+                worker: r.worker,
+                port: port_name(&ports, &policy, r.in_port),
+                packet: describe(&r.frame),
+                steps: r
+                    .steps
+                    .iter()
+                    .map(|x| crate::api::TraceStepView {
+                        layer: x.layer.to_string(),
+                        detail: x.detail.clone(),
+                    })
+                    .collect(),
+                result: result.to_string(),
+                out_port,
+                reason,
+            }
+        })
+        .collect();
+    crate::api::LiveTraceView {
+        running: rt.live.trigger.is_armed(),
+        port: s.and_then(|s| s.port.clone()),
+        filter: s.map_or(String::new(), |s| s.filter.clone()),
+        count: s.map_or(0, |s| s.count),
+        traced: rt.live.traced(),
+        missed: rt.live.missed(),
+        packets: out,
+    }
 }
 
 /// `GET /v1/capture` (`stop`: `DELETE`, which disarms first).
@@ -129,7 +240,6 @@ fn view(state: &ControlState, rt: &mut Runtime, frames: bool) -> CaptureView {
     if frames {
         rt.tap.take(&mut records);
     }
-    let clock = TscClock::process();
     let names: Vec<&str> = state
         .config()
         .port
@@ -137,12 +247,10 @@ fn view(state: &ControlState, rt: &mut Runtime, frames: bool) -> CaptureView {
         .map(|p| p.name.as_str())
         .collect();
     let s = rt.capture.as_ref();
-    let (wall, ticks) = s.map_or((0, 0), |s| s.base);
     let out = records
         .iter()
         .map(|r| CapturedFrame {
-            // (A worker's poll may have begun just before the capture.)
-            time_ns: wall.saturating_add(clock.ticks_to_ns(r.ticks.saturating_sub(ticks))),
+            time_ns: s.map_or(0, |s| s.wall_ns(r.ticks)),
             port: names
                 .get(usize::from(r.port))
                 .map_or_else(|| format!("#{}", r.port), |n| (*n).to_string()),

@@ -24,7 +24,7 @@ mod capture;
 pub mod state;
 mod trace;
 
-pub use capture::CAPTURE_RECORDS;
+pub use capture::{CAPTURE_RECORDS, LIVE_TRACE_RECORDS};
 
 use state::backend_key;
 pub use state::{ApiError, ControlState, ProbeState, Reloads, RuleHit, Runtime, rule_hits};
@@ -483,6 +483,10 @@ fn route(
         ("GET", ["v1", "counters"]) => reply(200, &counters(state, rt)?),
         ("POST", ["v1", "takeover"]) => takeover(state, rt, body),
         ("POST", ["v1", "trace"]) => trace::trace(state, rt, body),
+        ("POST", ["v1", "trace", "live"]) => capture::start_live(state, rt, body),
+        ("GET" | "DELETE", ["v1", "trace", "live"]) => {
+            capture::read_live(state, rt, method == "DELETE")
+        }
         ("POST", ["v1", "capture"]) => capture::start(state, rt, body),
         ("GET" | "DELETE", ["v1", "capture"]) => capture::read(state, rt, method == "DELETE"),
         _ => Err(no_endpoint(method, &path)),

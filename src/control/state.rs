@@ -342,6 +342,10 @@ pub struct Runtime {
     pub tap: Arc<dataplane::capture::Tap>,
     /// The capture under way or last made, if any.
     pub capture: Option<super::capture::Session>,
+    /// Live trace, served by every worker's switch.
+    pub live: Arc<vswitch::switch::LiveTrace>,
+    /// The live trace under way or last made, if any.
+    pub live_session: Option<super::capture::Session>,
     next_id: u64,
 }
 
@@ -449,6 +453,8 @@ impl Runtime {
             trace_pool: None,
             tap: dataplane::capture::Tap::new(1),
             capture: None,
+            live: vswitch::switch::LiveTrace::new(1),
+            live_session: None,
             next_id: 1,
         }
     }

@@ -82,14 +82,7 @@ pub(super) fn trace(state: &ControlState, rt: &mut Runtime, body: &str) -> Resul
     let mut scratch: Switch<PoolBuf> = Switch::scratch(state.policy().clone(), &rt.switch_cfg);
     let t = scratch.trace(buf, in_port);
     drop(scratch);
-    let name = |p: u16| match p {
-        vswitch::flow::HAIRPIN_PORT => "hairpin (into the switch again, as from the wire)".into(),
-        _ => ports
-            .get(usize::from(p))
-            .cloned()
-            .or_else(|| policy.tunnel(p).map(|t| format!("tunnel {}", t.name)))
-            .unwrap_or_else(|| format!("#{p}")),
-    };
+    let name = |p: u16| port_name(&ports, &policy, p);
     let cached = match t.key {
         Some(k) => {
             let filter = vswitch::flow::FlowFilter {
@@ -152,6 +145,19 @@ pub(super) fn trace(state: &ControlState, rt: &mut Runtime, body: &str) -> Resul
         }
     }
     reply(200, &view)
+}
+
+/// The name of switch port `p`: a configured port's, a tunnel's, or the
+/// hairpin.
+pub(super) fn port_name(ports: &[String], policy: &vswitch::Policy, p: u16) -> String {
+    match p {
+        vswitch::flow::HAIRPIN_PORT => "hairpin (into the switch again, as from the wire)".into(),
+        _ => ports
+            .get(usize::from(p))
+            .cloned()
+            .or_else(|| policy.tunnel(p).map(|t| format!("tunnel {}", t.name)))
+            .unwrap_or_else(|| format!("#{p}")),
+    }
 }
 
 /// A frame from hex digits (spaces, colons and a `0x` prefix allowed).
