@@ -623,7 +623,7 @@ impl<B: PacketBuf> Switch<B> {
                 let traced = self.tracing.then(|| {
                     let a = e.action;
                     let d = format!(
-                        "a cached flow (decided under generation {}, {} packets): MACs {} > \
+                        "a cached flow (decided under generation {}), its packet {}: MACs {} > \
                          {}{}",
                         e.generation,
                         e.packets,
