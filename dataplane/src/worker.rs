@@ -50,18 +50,31 @@ impl<B: PacketBuf> Ctx<'_, B> {
     /// first if it is full). An unknown port drops it as `NoRoute`.
     #[inline]
     pub fn send(&mut self, port: usize, pkt: B) {
-        let (Some(out), Some(p)) = (self.pending.get_mut(port), self.ports.get_mut(port)) else {
+        // (A port has a batch exactly when it exists.)
+        let Some(out) = self.pending.get_mut(port) else {
             self.drops.add(DropReason::NoRoute, 1);
             return;
         };
         if let Err(pkt) = out.push(pkt) {
-            if let Some((tap, spec)) = self.tap {
-                tap.capture(spec, port, Way::Tx, self.now, out.iter().map(|b| b.data()));
-            }
-            p.tx_burst(out);
-            // Cannot fail: the batch was just emptied.
-            let _ = out.push(pkt);
+            self.send_full(port, pkt);
         }
+    }
+
+    /// Sends `port`'s full batch, then queues `pkt` (kept out of
+    /// [`Ctx::send`], which is inlined per packet).
+    #[cold]
+    #[inline(never)]
+    fn send_full(&mut self, port: usize, pkt: B) {
+        let (Some(out), Some(p)) = (self.pending.get_mut(port), self.ports.get_mut(port)) else {
+            self.drops.add(DropReason::NoRoute, 1);
+            return;
+        };
+        if let Some((tap, spec)) = self.tap {
+            tap.capture(spec, port, Way::Tx, self.now, out.iter().map(|b| b.data()));
+        }
+        p.tx_burst(out);
+        // Cannot fail: the batch was just emptied.
+        let _ = out.push(pkt);
     }
 
     /// Drops `pkt`, counting `reason` in the worker's counters.

@@ -620,19 +620,6 @@ impl<B: PacketBuf> Switch<B> {
                     }
                 }
                 tally.0 += 1;
-                let traced = self.tracing.then(|| {
-                    let a = e.action;
-                    let d = format!(
-                        "a cached flow (decided under generation {}), its packet {}: MACs {} > \
-                         {}{}",
-                        e.generation,
-                        e.packets,
-                        a.src_mac,
-                        a.dst_mac,
-                        trace::fmt_nat(&a.nat)
-                    );
-                    (a.out_port, d)
-                });
                 // The action is used in place (no copy of it per packet).
                 let bounced = transpose(
                     &self.stats,
@@ -643,9 +630,6 @@ impl<B: PacketBuf> Switch<B> {
                     &self.cfg.port_mtu,
                     self.tunnel_mtu,
                 );
-                if let Some((out, d)) = traced {
-                    self.live_note(LiveEnd::Out(out), "flow", || d);
-                }
                 if let Some(b) = bounced {
                     self.bounce(ctx, policy, b, pk, now);
                 }

@@ -367,7 +367,7 @@ pub struct LiveRecord {
 /// workers that handle them (a cached flow's hit, or the slow path's
 /// layers), and their records queued for the control thread (at most the
 /// queue's size; more are counted as missed). Off, it costs a worker one
-/// load per burst and a flag test per flow-table hit; a traced packet
+/// load per burst, and nothing per packet; a traced packet
 /// costs allocations (its notes), which is why the count is bounded.
 pub struct LiveTrace {
     /// When it is on, and for which packets.
@@ -454,7 +454,34 @@ impl<B: PacketBuf> Switch<B> {
         *self.trace.borrow_mut() = Some(Vec::new());
         self.tracing = true;
         self.live_end.set(None);
+        let (pk, hash, _) = pre;
+        let key = pk.key;
         self.packet(ctx, policy, in_port, pkt, now, false, tally, Some(pre));
+        // Every other way through the switch notes where the packet went:
+        // without a word, it took its cached flow (the fast path has no
+        // trace test of its own). A later fragment took its first
+        // fragment's flow, found again by that key.
+        if self.live_end.get().is_none() {
+            let found = if pk.frag.is_later() {
+                None
+            } else {
+                self.flows.entry_for(None, hash, in_port as u16, &key).map(|e| *e)
+            };
+            match found {
+                Some(e) => self.live_note(LiveEnd::Out(e.action.out_port), "flow", || {
+                    format!(
+                        "a cached flow (decided under generation {}), its packet {}: MACs {} > \
+                         {}{}",
+                        e.generation,
+                        e.packets,
+                        e.action.src_mac,
+                        e.action.dst_mac,
+                        fmt_nat(&e.action.nat)
+                    )
+                }),
+                None => self.note("flow", || "a cached flow".into()),
+            }
+        }
         self.tracing = false;
         let steps = self.trace.borrow_mut().take().unwrap_or_default();
         live.push(LiveRecord {
