@@ -33,6 +33,9 @@ pub struct DataplaneCfg {
     pub conn_table_size: usize,
     /// Microseconds a worker sleeps after a run of empty polls (0: never).
     pub idle_sleep_us: u64,
+    /// Seconds between two logged summaries of the packets dropped, by
+    /// reason (0: none).
+    pub drop_summary_s: u64,
 }
 
 impl Default for DataplaneCfg {
@@ -42,6 +45,7 @@ impl Default for DataplaneCfg {
             flow_table_size: 1 << 20,
             conn_table_size: 1 << 18,
             idle_sleep_us: 0,
+            drop_summary_s: 60,
         }
     }
 }
@@ -657,6 +661,12 @@ impl Config {
             errs.push(format!(
                 "dataplane: idle_sleep_us {} is above {MAX_IDLE_SLEEP_US}",
                 self.dataplane.idle_sleep_us
+            ));
+        }
+        if self.dataplane.drop_summary_s > 86_400 {
+            errs.push(format!(
+                "dataplane: drop_summary_s {} is above 86400 (a day)",
+                self.dataplane.drop_summary_s
             ));
         }
         if !(1..=1 << 24).contains(&self.dataplane.conn_table_size) {
@@ -1639,6 +1649,10 @@ mod tests {
 
     #[test]
     fn idle_sleep_and_vhost_queues_are_checked() {
+        assert_eq!(
+            problems("[dataplane]\ndrop_summary_s = 100000\n"),
+            ["dataplane: drop_summary_s 100000 is above 86400 (a day)"]
+        );
         let p = problems("[dataplane]\nidle_sleep_us = 20000\n");
         assert_eq!(p, ["dataplane: idle_sleep_us 20000 is above 10000"]);
         assert!(problems("[dataplane]\nidle_sleep_us = 50\n").is_empty());

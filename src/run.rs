@@ -1665,6 +1665,8 @@ fn control_loop<A: BufAlloc>(
         }
         // The underlay's neighbours: requests due, answers taken in.
         rt.neighbours.step(state);
+        // Link changes and the periodic drop summary.
+        crate::control::log_events(state, rt);
         // Wait until the next probe is due, at most 50 ms (signals are
         // noticed within that), at least 1 ms (packets of probes in flight);
         // requests to the control API end the wait at once.

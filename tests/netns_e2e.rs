@@ -212,7 +212,10 @@ fn scenario(lab: &mut Lab, driver: &str, workers: usize) {
     let name = format!("pollux-{driver}-{workers}");
     let (pollux_idx, out, log) = lab.pollux(
         &name,
-        &format!("[dataplane]\nworkers = {workers}\n{}", config(lab, driver)),
+        &format!(
+            "[dataplane]\nworkers = {workers}\ndrop_summary_s = 1\n{}",
+            config(lab, driver)
+        ),
     );
     let api = lab.api(&name);
     let context = || format!("pollux log:\n{}", read(&log));
@@ -223,6 +226,14 @@ fn scenario(lab: &mut Lab, driver: &str, workers: usize) {
     // Traces first, then the same packets: one round is enough.
     if driver == "af_packet" && workers == 1 {
         traces_match_what_happens(lab, &api);
+        // The drops are summed up in the log, by reason, every second.
+        assert!(
+            wait_for(Duration::from_secs(10), || read(&log)
+                .lines()
+                .any(|l| l.contains("drops: ") && l.contains("acl_deny="))),
+            "no drop summary naming acl_deny:\n{}",
+            read(&log)
+        );
         since_traces = offsets();
     }
 

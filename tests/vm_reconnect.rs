@@ -131,7 +131,7 @@ fn guests_and_pollux_reconnect_after_either_restarts() {
     let (status, report) = lab.stop(idx, &out);
     assert!(status.success(), "{report}");
     // A second name: the first run's log stays for the failure context.
-    let _ = lab.pollux("pollux2", &cfg);
+    let (_, _, log2) = lab.pollux("pollux2", &cfg);
     let api = lab.api("pollux2");
     api.wait_for(
         "/v1/counters",
@@ -203,6 +203,16 @@ fn guests_and_pollux_reconnect_after_either_restarts() {
         "web1's link down",
         |v| link(v, "web1").0 == "down",
         || ctx(&guests),
+    );
+    // ... and logs it.
+    assert!(
+        common::netns::wait_for(Duration::from_secs(10), || {
+            common::netns::read(&log2)
+                .lines()
+                .any(|l| l.contains("WARN") && l.contains("link web1 down"))
+        }),
+        "no link-down event:\n{}",
+        common::netns::read(&log2)
     );
     let o = guest(&mut guests, "client")
         .run("ping -c 3 -W 1 10.1.0.4", Duration::from_secs(20))

@@ -21,8 +21,11 @@
 
 pub mod auth;
 mod capture;
+mod events;
 pub mod state;
 mod trace;
+
+pub use events::log_events;
 
 pub use capture::{CAPTURE_RECORDS, LIVE_TRACE_RECORDS};
 

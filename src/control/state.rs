@@ -346,6 +346,8 @@ pub struct Runtime {
     pub live: Arc<vswitch::switch::LiveTrace>,
     /// The live trace under way or last made, if any.
     pub live_session: Option<super::capture::Session>,
+    /// What the control loop logs of its own accord.
+    pub events: super::events::Events,
     next_id: u64,
 }
 
@@ -455,6 +457,7 @@ impl Runtime {
             capture: None,
             live: vswitch::switch::LiveTrace::new(1),
             live_session: None,
+            events: super::events::Events::default(),
             next_id: 1,
         }
     }

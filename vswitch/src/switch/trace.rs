@@ -465,7 +465,9 @@ impl<B: PacketBuf> Switch<B> {
             let found = if pk.frag.is_later() {
                 None
             } else {
-                self.flows.entry_for(None, hash, in_port as u16, &key).map(|e| *e)
+                self.flows
+                    .entry_for(None, hash, in_port as u16, &key)
+                    .map(|e| *e)
             };
             match found {
                 Some(e) => self.live_note(LiveEnd::Out(e.action.out_port), "flow", || {
