@@ -23,6 +23,11 @@
 //! Packets the switch holds for a SYN-proxied connection count as
 //! accounted for while it holds them.
 //!
+//! Every packet is also traced live as it goes (`LiveTrace`), and each
+//! frame is first traced on a scratch switch over the same policy
+//! (`Switch::trace`): the traces' notes must never panic either, and a
+//! packet traced live says where it went.
+//!
 //! Run: `RUSTC_BOOTSTRAP=1 cargo fuzz run switch` from the repository root
 //! (see docs/fuzzing.md).
 #![no_main]
@@ -39,6 +44,7 @@ use libfuzzer_sys::fuzz_target;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
+use vswitch::switch::{LiveTrace, TraceEnd};
 use vswitch::{
     Policy, Switch, SwitchConfig, SwitchStats, Topology, UplinkDef, VipDef, VmDef, VnetDef,
 };
@@ -762,6 +768,10 @@ struct Harness {
     ends: Vec<RingPort<PoolBuf>>,
     port_stats: Vec<Arc<PortStats>>,
     switch: Arc<SwitchStats>,
+    /// Every packet traced live as it goes through the switch.
+    live: Arc<LiveTrace>,
+    /// A scratch switch over the same policy, tracing each frame first.
+    scratch: Switch,
 }
 
 fn harness() -> &'static Mutex<Harness> {
@@ -781,7 +791,18 @@ fn harness() -> &'static Mutex<Harness> {
             port_mtu: vec![1500, 600, 1500, 1500, 1500, 1500],
             ..SwitchConfig::default()
         };
-        let sw = Switch::new(policy, sw_cfg);
+        let live = LiveTrace::new(4096);
+        live.arm(
+            dataplane::capture::Spec {
+                port: None,
+                filter: Default::default(),
+                snaplen: 64,
+            },
+            u64::MAX,
+            u64::MAX,
+        );
+        let scratch = Switch::scratch(policy.clone(), &sw_cfg);
+        let sw = Switch::new(policy, sw_cfg).with_live_trace(0, live.clone());
         let switch = sw.stats();
         let mut ports: Vec<Box<dyn Port<Buf = PoolBuf>>> = Vec::new();
         let mut ends = Vec::new();
@@ -800,6 +821,8 @@ fn harness() -> &'static Mutex<Harness> {
             ends,
             port_stats,
             switch,
+            live,
+            scratch,
         })
     })
 }
@@ -850,6 +873,14 @@ fuzz_target!(|data: &[u8]| {
             }
             (p, f)
         };
+        // A trace of it first, on the scratch switch (whose tables take
+        // it in as a first packet), which changes nothing of the worker's.
+        if let Ok(buf) = h.pool.alloc_copy(&frame) {
+            let t = h.scratch.trace(buf, p as u16);
+            if let TraceEnd::Drop(r) = t.end {
+                assert!(!r.name().is_empty());
+            }
+        }
         let Ok(buf) = h.pool.alloc_copy(&frame) else {
             continue;
         };
@@ -866,6 +897,12 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
         }
+    }
+    // Every packet traced live says something of where it went.
+    let mut traced = Vec::new();
+    h.live.take(&mut traced);
+    for r in &traced {
+        assert!(r.end.is_some() || !r.steps.is_empty(), "{r:?}");
     }
     // Checked once per input (the counts are cumulative, so a packet lost
     // anywhere in the input shows here): reading every counter after each
