@@ -860,15 +860,99 @@ pub struct CaptureSummary {
     pub missed: u64,
 }
 
+/// The file format a capture is written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaptureFormat {
+    /// pcap, nanosecond timestamps, Ethernet.
+    Pcap,
+    /// pcapng: one interface per port (named after it), each frame's
+    /// direction (inbound: received from the port; outbound: sent to it).
+    PcapNg,
+}
+
+/// Where captured frames are written.
+enum CaptureFile<W: Write> {
+    Pcap(pcap_file::pcap::PcapWriter<W>),
+    PcapNg(pcap_file::pcapng::PcapNgWriter<W>, Vec<String>, u32),
+}
+
+impl<W: Write> CaptureFile<W> {
+    fn new(out: W, format: CaptureFormat, snaplen: u32) -> Result<Self, pcap_file::PcapError> {
+        Ok(match format {
+            CaptureFormat::Pcap => {
+                let header = pcap_file::pcap::PcapHeader {
+                    snaplen,
+                    datalink: pcap_file::DataLink::ETHERNET,
+                    ts_resolution: pcap_file::TsResolution::NanoSecond,
+                    ..pcap_file::pcap::PcapHeader::default()
+                };
+                CaptureFile::Pcap(pcap_file::pcap::PcapWriter::with_header(out, header)?)
+            }
+            CaptureFormat::PcapNg => CaptureFile::PcapNg(
+                pcap_file::pcapng::PcapNgWriter::new(out)?,
+                Vec::new(),
+                snaplen,
+            ),
+        })
+    }
+
+    fn write(
+        &mut self,
+        f: &crate::api::CapturedFrame,
+        data: &[u8],
+    ) -> Result<(), pcap_file::PcapError> {
+        use pcap_file::pcapng::blocks::enhanced_packet::{
+            EnhancedPacketBlock, EnhancedPacketOption,
+        };
+        use pcap_file::pcapng::blocks::interface_description::{
+            InterfaceDescriptionBlock, InterfaceDescriptionOption,
+        };
+        let ts = Duration::from_nanos(f.time_ns);
+        match self {
+            CaptureFile::Pcap(w) => {
+                w.write_packet(&pcap_file::pcap::PcapPacket::new(ts, f.len, data))?;
+            }
+            CaptureFile::PcapNg(w, ports, snaplen) => {
+                let id = match ports.iter().position(|p| *p == f.port) {
+                    Some(i) => i,
+                    None => {
+                        w.write_pcapng_block(InterfaceDescriptionBlock {
+                            linktype: pcap_file::DataLink::ETHERNET,
+                            snaplen: *snaplen,
+                            options: vec![
+                                InterfaceDescriptionOption::IfName(f.port.clone().into()),
+                                // Nanoseconds, as the blocks' timestamps are written.
+                                InterfaceDescriptionOption::IfTsResol(9),
+                            ],
+                        })?;
+                        ports.push(f.port.clone());
+                        ports.len() - 1
+                    }
+                };
+                // The direction bits of epb_flags: 1 inbound, 2 outbound.
+                let way = if f.direction == "rx" { 1 } else { 2 };
+                w.write_pcapng_block(EnhancedPacketBlock {
+                    interface_id: id as u32,
+                    timestamp: ts,
+                    original_len: f.len,
+                    data: data.into(),
+                    options: vec![EnhancedPacketOption::Flags(way)],
+                })?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Runs a live capture (`POST /v1/capture`), reading its frames every
-/// 100 ms and writing them to `out` as a pcap file (nanosecond
-/// timestamps, Ethernet), until it has its count or its time is up.
+/// 100 ms and writing them to `out` in `format`, until it has its count
+/// or its time is up.
 pub fn capture(
     ep: &Endpoint<'_>,
     req: &crate::api::CaptureRequest,
+    format: CaptureFormat,
     out: impl Write,
 ) -> Result<CaptureSummary, CtlError> {
-    use pcap_file::pcap::{PcapHeader, PcapPacket, PcapWriter};
     let body = serde_json::to_string(req).map_err(|source| CtlError::Encode {
         what: "the capture".into(),
         source,
@@ -877,18 +961,13 @@ pub fn capture(
     let (status, text) = call(ep, "POST", path, Some(&body))?;
     decode::<crate::api::CaptureView>(path, status, &text)?;
     let write_err = |e: pcap_file::PcapError| CtlError::Input {
-        file: "the pcap output".into(),
+        file: "the capture output".into(),
         source: std::io::Error::other(e.to_string()),
     };
-    let header = PcapHeader {
-        snaplen: req
-            .snaplen
-            .map_or(dataplane::capture::MAX_SNAPLEN as u32, |s| s as u32),
-        datalink: pcap_file::DataLink::ETHERNET,
-        ts_resolution: pcap_file::TsResolution::NanoSecond,
-        ..PcapHeader::default()
-    };
-    let mut w = PcapWriter::with_header(out, header).map_err(write_err)?;
+    let snaplen = req
+        .snaplen
+        .map_or(dataplane::capture::MAX_SNAPLEN as u32, |s| s as u32);
+    let mut w = CaptureFile::new(out, format, snaplen).map_err(write_err)?;
     let mut written = 0;
     let mut ended = false;
     loop {
@@ -898,9 +977,7 @@ pub fn capture(
             let data: Vec<u8> = (0..f.data.len() / 2)
                 .filter_map(|i| u8::from_str_radix(f.data.get(2 * i..2 * i + 2)?, 16).ok())
                 .collect();
-            let ts = Duration::from_nanos(f.time_ns);
-            w.write_packet(&PcapPacket::new(ts, f.len, &data))
-                .map_err(write_err)?;
+            w.write(f, &data).map_err(write_err)?;
             written += 1;
         }
         // (A frame's record may follow its count by a moment: one more

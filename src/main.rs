@@ -275,9 +275,13 @@ enum CtlCmd {
         /// Bytes kept of each frame.
         #[arg(long)]
         snaplen: Option<usize>,
-        /// The pcap file (default: standard output).
+        /// The file (default: standard output).
         #[arg(short = 'w', long)]
         write: Option<PathBuf>,
+        /// Write pcapng (each port an interface, each frame's direction)
+        /// instead of pcap.
+        #[arg(long)]
+        pcapng: bool,
     },
     /// What the switch decides for a packet arriving on a port, layer by
     /// layer (anti-spoofing, responders, VIP and backend, route, each
@@ -423,7 +427,13 @@ fn ctl(
             seconds,
             snaplen,
             write,
+            pcapng,
         } => {
+            let format = if *pcapng {
+                pollux::ctl::CaptureFormat::PcapNg
+            } else {
+                pollux::ctl::CaptureFormat::Pcap
+            };
             let req = pollux::api::CaptureRequest {
                 port: port.clone(),
                 filter: filter.clone(),
@@ -433,13 +443,13 @@ fn ctl(
             };
             let done = match write {
                 Some(path) => match std::fs::File::create(path) {
-                    Ok(f) => pollux::ctl::capture(&ep, &req, std::io::BufWriter::new(f)),
+                    Ok(f) => pollux::ctl::capture(&ep, &req, format, std::io::BufWriter::new(f)),
                     Err(e) => {
                         eprintln!("pollux ctl: {}: {e}", path.display());
                         return ExitCode::from(2);
                     }
                 },
-                None => pollux::ctl::capture(&ep, &req, std::io::stdout().lock()),
+                None => pollux::ctl::capture(&ep, &req, format, std::io::stdout().lock()),
             };
             return match done {
                 Ok(s) => {

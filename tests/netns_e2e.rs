@@ -237,8 +237,62 @@ fn scenario(lab: &mut Lab, driver: &str, workers: usize) {
         since_traces = offsets();
     }
 
-    // 2. curl through the VIP spreads over the DIPs.
+    // 2. curl through the VIP spreads over the DIPs. With two workers, a
+    // pcap capture of the VIP's port 80 meanwhile: both workers capture.
+    let capture = (workers == 2).then(|| {
+        let pcap = dir.join("vip80.pcap");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_pollux"))
+            .arg("ctl")
+            .arg("--socket")
+            .arg(&api.sock)
+            .args([
+                "capture",
+                "--filter",
+                "tcp and port 80",
+                "--seconds",
+                "5",
+                "-w",
+            ])
+            .arg(&pcap)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        api.wait_for(
+            "/v1/capture",
+            Duration::from_secs(10),
+            "the capture to start",
+            |v| v["running"] == true,
+            context,
+        );
+        (child, pcap)
+    });
     let bodies = curl_vip(lab, 15);
+    if let Some((child, pcap)) = capture {
+        let done = child.wait_with_output().unwrap();
+        assert!(
+            done.status.success(),
+            "{}",
+            String::from_utf8_lossy(&done.stderr)
+        );
+        let out = std::process::Command::new("tshark")
+            .args([
+                "-r",
+                pcap.to_str().unwrap(),
+                "-Y",
+                "http.request",
+                "-T",
+                "fields",
+            ])
+            .args(["-e", "ip.src", "-e", "ip.dst", "-e", "tcp.dstport"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let n = text
+            .lines()
+            .filter(|l| *l == "10.1.0.20\t10.1.0.100\t80")
+            .count();
+        assert!(n >= 15, "{n} requests to the VIP in the capture:\n{text}");
+    }
     assert_eq!(bodies.len(), 15, "{bodies:?}");
     let count = |name: &str| bodies.iter().filter(|b| b.as_str() == name).count();
     let per = [count("dip1"), count("dip2"), count("dip3")];
@@ -549,7 +603,7 @@ fn traces_match_what_happens(lab: &Lab, api: &Api) {
 
     // Now the packets themselves, captured live on every port. The VIP:
     // the traced backend answers.
-    let pcap = lab.dir.join("vip.pcap");
+    let pcap = lab.dir.join("vip.pcapng");
     let capture = std::process::Command::new(env!("CARGO_BIN_EXE_pollux"))
         .arg("ctl")
         .arg("--socket")
@@ -560,6 +614,7 @@ fn traces_match_what_happens(lab: &Lab, api: &Api) {
             "tcp and port 41234",
             "--seconds",
             "6",
+            "--pcapng",
             "-w",
         ])
         .arg(&pcap)
@@ -622,10 +677,24 @@ fn traces_match_what_happens(lab: &Lab, api: &Api) {
     };
     let requests = fields(
         "http.request",
-        &["ip.dst", "tcp.dstport", "http.request.uri"],
+        &[
+            "ip.dst",
+            "tcp.dstport",
+            "http.request.uri",
+            "frame.interface_name",
+            "frame.packet_flags_direction",
+        ],
     );
-    assert!(requests.contains("10.1.0.100\t80\t/"), "{requests}");
-    assert!(requests.contains(&format!("{dip}\t8000\t/")), "{requests}");
+    // (pcapng: each port an interface; received from it inbound (1),
+    // sent to it outbound (2).)
+    assert!(
+        requests.contains("10.1.0.100\t80\t/\tclient\t0x00000001"),
+        "{requests}"
+    );
+    assert!(
+        requests.contains(&format!("{dip}\t8000\t/\t{backend}\t0x00000002")),
+        "{requests}"
+    );
     let answers = fields(
         "http.response",
         &["ip.src", "tcp.srcport", "http.response.code"],
