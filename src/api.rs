@@ -859,8 +859,8 @@ pub struct TraceRequest {
 /// One layer's decision in a trace.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TraceStepView {
-    /// `port`, `spoof`, `arp`, `nd`, `icmp`, `lb`, `route`, `snat`, `acl`,
-    /// `output`.
+    /// `port`, `spoof`, `arp`, `nd`, `icmp`, `lb`, `route`, `acl`,
+    /// `output`; in live traces also `flow`, `drop` and `handoff`.
     pub layer: String,
     /// What it decided and why.
     pub detail: String,
@@ -1001,4 +1001,66 @@ pub struct LiveTraceView {
     pub missed: u64,
     /// The packets traced since the last read.
     pub packets: Vec<LivePacket>,
+}
+
+/// `bytes` in hex, as frames travel in the API's JSON.
+pub fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Why hex digits are not bytes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HexError {
+    /// An odd number of digits.
+    #[error("an odd number of hex digits")]
+    Odd,
+    /// Not a hex digit.
+    #[error("byte {0} ({1:?}) is not hex")]
+    NotHex(usize, String),
+}
+
+/// Bytes from hex digits: spaces, colons and one `0x` prefix allowed.
+pub fn from_hex(s: &str) -> Result<Vec<u8>, HexError> {
+    let s = s.trim();
+    let s = s
+        .strip_prefix("0x")
+        .or_else(|| s.strip_prefix("0X"))
+        .unwrap_or(s);
+    let digits: Vec<u8> = s
+        .bytes()
+        .filter(|b| !b.is_ascii_whitespace() && *b != b':')
+        .collect();
+    if digits.len() % 2 != 0 {
+        return Err(HexError::Odd);
+    }
+    let value = |d: u8| char::from(d).to_digit(16);
+    digits
+        .chunks(2)
+        .enumerate()
+        .map(|(i, d)| match d {
+            [a, b] => match (value(*a), value(*b)) {
+                (Some(a), Some(b)) => Ok((a * 16 + b) as u8),
+                _ => Err(HexError::NotHex(i, String::from_utf8_lossy(d).into_owned())),
+            },
+            _ => Err(HexError::Odd),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod hex_tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trips_and_refuses_what_is_not_hex() {
+        let f = from_hex("0x02:00 0a\nFf").unwrap();
+        assert_eq!(f, vec![2, 0, 0x0a, 0xff]);
+        assert_eq!(to_hex(&f), "02000aff");
+        assert_eq!(from_hex("0X0a"), Ok(vec![10]));
+        assert_eq!(from_hex("abc"), Err(HexError::Odd));
+        assert_eq!(from_hex("zz00"), Err(HexError::NotHex(0, "zz".into())));
+        assert_eq!(from_hex("00+f"), Err(HexError::NotHex(1, "+f".into())));
+        assert_eq!(from_hex("0x0x12"), Err(HexError::NotHex(0, "0x".into())));
+        assert_eq!(from_hex(""), Ok(vec![]));
+    }
 }

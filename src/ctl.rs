@@ -225,11 +225,17 @@ pub fn pcap_frame(path: &Path, index: usize) -> Result<String, CtlError> {
     let bad = |what: String| input(std::io::Error::new(std::io::ErrorKind::InvalidData, what));
     let f = std::fs::File::open(path).map_err(input)?;
     let mut r = pcap_file::pcap::PcapReader::new(f).map_err(|e| bad(e.to_string()))?;
+    let link = r.header().datalink;
+    if link != pcap_file::DataLink::ETHERNET {
+        return Err(bad(format!(
+            "holds {link:?} frames, not Ethernet (capture on an interface, not \"any\")"
+        )));
+    }
     let mut i = 0;
     while let Some(p) = r.next_packet() {
         let p = p.map_err(|e| bad(e.to_string()))?;
         if i == index {
-            return Ok(p.data.iter().map(|b| format!("{b:02x}")).collect());
+            return Ok(crate::api::to_hex(&p.data));
         }
         i += 1;
     }
@@ -896,6 +902,14 @@ impl<W: Write> CaptureFile<W> {
         })
     }
 
+    /// Flushes what is buffered (an error is the caller's to report).
+    fn finish(self) -> std::io::Result<()> {
+        match self {
+            CaptureFile::Pcap(w) => w.into_writer().flush(),
+            CaptureFile::PcapNg(w, ..) => w.into_inner().flush(),
+        }
+    }
+
     fn write(
         &mut self,
         f: &crate::api::CapturedFrame,
@@ -974,9 +988,8 @@ pub fn capture(
         let (status, text) = call(ep, "GET", path, None)?;
         let v = decode::<crate::api::CaptureView>(path, status, &text)?.body;
         for f in &v.frames {
-            let data: Vec<u8> = (0..f.data.len() / 2)
-                .filter_map(|i| u8::from_str_radix(f.data.get(2 * i..2 * i + 2)?, 16).ok())
-                .collect();
+            let data = crate::api::from_hex(&f.data)
+                .map_err(|e| CtlError::Http(format!("a captured frame: {e}")))?;
             w.write(f, &data).map_err(write_err)?;
             written += 1;
         }
@@ -984,6 +997,10 @@ pub fn capture(
         // read after the capture ended.)
         if !v.running && v.frames.is_empty() {
             if ended {
+                w.finish().map_err(|source| CtlError::Input {
+                    file: "the capture output".into(),
+                    source,
+                })?;
                 return Ok(CaptureSummary {
                     written,
                     missed: v.missed,

@@ -1667,6 +1667,8 @@ fn control_loop<A: BufAlloc>(
         rt.neighbours.step(state);
         // Link changes and the periodic drop summary.
         crate::control::log_events(state, rt);
+        // Captures and live traces whose time is up or whose reader went.
+        crate::control::capture_step(rt);
         // Wait until the next probe is due, at most 50 ms (signals are
         // noticed within that), at least 1 ms (packets of probes in flight);
         // requests to the control API end the wait at once.

@@ -5,7 +5,8 @@
 //! is disarmed (the usual case) a worker pays one atomic load per poll and
 //! nothing per packet. Armed, each packet of the chosen port that matches
 //! the [`Filter`] is copied (up to the snap length) into a record taken
-//! from a pool of records made when the tap was made, and queued for the
+//! from a pool of records made when the tap was first armed, and queued
+//! for the
 //! control thread; when no record is free the packet is counted as
 //! missed, never waited for. The capture ends by itself after its count of
 //! packets or at its deadline.
@@ -266,6 +267,12 @@ impl Spec {
         self.port.is_none_or(|p| usize::from(p) == port)
             && (self.filter.is_empty() || self.filter.matches(parse(f, 0).ok().as_ref()))
     }
+
+    /// [`Spec::selects`] for a frame parsed already (`None`: it did not
+    /// parse).
+    pub fn selects_parsed(&self, port: usize, p: Option<&Parsed>) -> bool {
+        self.port.is_none_or(|x| usize::from(x) == port) && self.filter.matches(p)
+    }
 }
 
 /// The shared state of live capture (see the module's documentation).
@@ -393,8 +400,12 @@ impl Tap {
             return;
         }
         for f in frames {
-            if !spec.selects(port, f) {
+            if !spec.filter.is_empty() && !spec.filter.matches(parse(f, 0).ok().as_ref()) {
                 continue;
+            }
+            // (Spent by another worker: what follows is no miss.)
+            if !self.trigger.is_armed() {
+                return;
             }
             let Some(mut r) = self.free.pop() else {
                 self.missed.fetch_add(1, Ordering::Relaxed);

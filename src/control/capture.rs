@@ -33,6 +33,38 @@ pub struct Session {
     /// The wall clock (ns since the epoch) and the worker clock (ticks)
     /// read together when it started.
     base: (u64, u64),
+    /// The worker clock's tick it ends at.
+    deadline: u64,
+    /// When it was last read.
+    read_at: std::time::Instant,
+}
+
+/// A capture or live trace nobody has read for this long is ended: its
+/// reader has gone (`pollux ctl` reads every 100 ms).
+pub const READER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Ends a capture or live trace whose time is up (a live trace's workers
+/// look at its deadline only when packets come) or whose reader has gone
+/// ([`READER_TIMEOUT`]). The control loop calls it each turn.
+pub fn step(rt: &mut Runtime) {
+    let now = TscClock::process().now();
+    let over = |s: &Session| now > s.deadline || s.read_at.elapsed() > READER_TIMEOUT;
+    if rt.tap.is_armed() && rt.capture.as_ref().is_some_and(over) {
+        rt.tap.disarm();
+        tracing::info!(
+            captured = rt.tap.captured(),
+            missed = rt.tap.missed(),
+            "capture ended"
+        );
+    }
+    if rt.live.trigger.is_armed() && rt.live_session.as_ref().is_some_and(over) {
+        rt.live.trigger.disarm();
+        tracing::info!(
+            traced = rt.live.traced(),
+            missed = rt.live.missed(),
+            "live trace ended"
+        );
+    }
 }
 
 /// What a capture or live-trace request asks for: the trigger's spec,
@@ -97,8 +129,12 @@ fn trigger_of(
         seconds,
         "{what} started"
     );
+    let port = port
+        .map(u16::try_from)
+        .transpose()
+        .map_err(|_| ApiError::new(400, format!("{what}: the port has no number")))?;
     let spec = Spec {
-        port: port.and_then(|p| u16::try_from(p).ok()),
+        port,
         filter,
         snaplen,
     };
@@ -107,6 +143,8 @@ fn trigger_of(
         filter: filter_text,
         count,
         base: (wall, now),
+        deadline,
+        read_at: std::time::Instant::now(),
     };
     Ok((spec, count, deadline, session))
 }
@@ -163,6 +201,10 @@ pub(super) fn read_live(
     if stop {
         rt.live.trigger.disarm();
     }
+    if let Some(s) = rt.live_session.as_mut() {
+        s.read_at = std::time::Instant::now();
+    }
+    step(rt);
     reply(200, &live_view(state, rt, true))
 }
 
@@ -230,6 +272,9 @@ pub(super) fn read(state: &ControlState, rt: &mut Runtime, stop: bool) -> Result
     if stop {
         rt.tap.disarm();
     }
+    if let Some(s) = rt.capture.as_mut() {
+        s.read_at = std::time::Instant::now();
+    }
     reply(200, &view(state, rt, true))
 }
 
@@ -259,7 +304,7 @@ fn view(state: &ControlState, rt: &mut Runtime, frames: bool) -> CaptureView {
                 Way::Tx => "tx".into(),
             },
             len: r.len,
-            data: r.data.iter().map(|b| format!("{b:02x}")).collect(),
+            data: crate::api::to_hex(&r.data),
         })
         .collect();
     rt.tap.give_back(records);

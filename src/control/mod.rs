@@ -27,7 +27,7 @@ mod trace;
 
 pub use events::log_events;
 
-pub use capture::{CAPTURE_RECORDS, LIVE_TRACE_RECORDS};
+pub use capture::{CAPTURE_RECORDS, LIVE_TRACE_RECORDS, step as capture_step};
 
 use state::backend_key;
 pub use state::{ApiError, ControlState, ProbeState, Reloads, RuleHit, Runtime, rule_hits};

@@ -7,14 +7,14 @@
 //! packet of a cached flow takes that flow's action instead.
 
 use super::{ApiError, ControlState, Reply, Runtime, body_json, flow_body, reply};
-use crate::api::{TraceRequest, TraceStepView, TraceView};
+use crate::api::{TraceRequest, TraceStepView, TraceView, from_hex, to_hex};
 use dataplane::MacAddr;
 use dataplane::pool::{HugePages, Pool, PoolBuf, PoolConfig};
 use std::net::IpAddr;
 use vswitch::Switch;
 use vswitch::switch::TraceEnd;
 
-/// The largest frame a trace takes (a jumbo frame fits a pool buffer).
+/// The largest frame a trace takes (it goes in a pool buffer).
 const MAX_FRAME: usize = 2048;
 
 /// Flows listed as cached at most.
@@ -51,7 +51,7 @@ pub(super) fn trace(state: &ControlState, rt: &mut Runtime, body: &str) -> Resul
                     "trace: give either a frame or the packet's fields, not both",
                 ));
             }
-            from_hex(hex)?
+            from_hex(hex).map_err(|e| ApiError::new(400, format!("frame: {e}")))?
         }
         None => build(&req, &policy, in_port)?,
     };
@@ -160,42 +160,6 @@ pub(super) fn port_name(ports: &[String], policy: &vswitch::Policy, p: u16) -> S
     }
 }
 
-/// A frame from hex digits (spaces, colons and a `0x` prefix allowed).
-fn from_hex(s: &str) -> Result<Vec<u8>, ApiError> {
-    let digits: Vec<u8> = s
-        .trim()
-        .trim_start_matches("0x")
-        .bytes()
-        .filter(|b| !b.is_ascii_whitespace() && *b != b':')
-        .collect();
-    if digits.len() % 2 != 0 {
-        return Err(ApiError::new(400, "frame: an odd number of hex digits"));
-    }
-    digits
-        .chunks(2)
-        .enumerate()
-        .map(|(i, d)| {
-            std::str::from_utf8(d)
-                .ok()
-                .and_then(|d| u8::from_str_radix(d, 16).ok())
-                .ok_or_else(|| {
-                    ApiError::new(
-                        400,
-                        format!(
-                            "frame: byte {i} ({:?}) is not hex",
-                            String::from_utf8_lossy(d)
-                        ),
-                    )
-                })
-        })
-        .collect()
-}
-
-/// `bytes` in hex.
-fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// The frame a request describes, arriving on port `port`.
 fn build(req: &TraceRequest, p: &vswitch::Policy, port: u16) -> Result<Vec<u8>, ApiError> {
     let bad = |what: &str, why: String| ApiError::new(400, format!("{what}: {why}"));
@@ -260,6 +224,13 @@ fn build(req: &TraceRequest, p: &vswitch::Policy, port: u16) -> Result<Vec<u8>, 
         req.dport
             .ok_or_else(|| bad("dport", format!("required for {proto}")))
     };
+    let not_for = |field: &str| bad(field, format!("does not apply to {proto}"));
+    if req.flags.is_some() && proto != "tcp" {
+        return Err(not_for("flags"));
+    }
+    if req.dport.is_some() && proto == "icmp" {
+        return Err(not_for("dport"));
+    }
     let written = match proto {
         "tcp" => {
             let mut t = ip.tcp(sport, dport()?, 1, 64240);
@@ -373,20 +344,6 @@ pub(super) fn describe(frame: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hex_round_trips_and_refuses_what_is_not_hex() {
-        let f = from_hex("0x02:00 0a\nff").unwrap();
-        assert_eq!(f, vec![2, 0, 0x0a, 0xff]);
-        assert_eq!(to_hex(&f), "02000aff");
-        assert!(
-            from_hex("abc")
-                .unwrap_err()
-                .to_string()
-                .contains("odd number")
-        );
-        assert!(from_hex("zz00").unwrap_err().to_string().contains("byte 0"));
-    }
 
     #[test]
     fn a_described_packet_reads_back_as_described() {

@@ -1,7 +1,7 @@
 //! The fast path's action: a cached flow's header transposition applied
 //! to a packet, which is then queued on its output port.
 
-use super::{SwitchDrop, SwitchStats};
+use super::SwitchDrop;
 use crate::flow::FlowAction;
 use dataplane::worker::Ctx;
 use dataplane::{PacketBuf, Parsed, rewrite};
@@ -19,6 +19,8 @@ pub(super) enum Bounce<B> {
     /// Rewritten for a flow to a remote endpoint: it goes in the tunnel of
     /// this tunnel port.
     Tunnel(B, u16),
+    /// Its rewrite failed: dropped for this reason.
+    Failed(B, SwitchDrop),
 }
 
 /// Why a flow's action was not applied to a packet.
@@ -79,13 +81,12 @@ pub(super) fn check_and_rewrite(
 }
 
 /// Applies a flow's action to `pkt` ([`check_and_rewrite`]) and queues it
-/// on the output port; failures are dropped and counted. A packet whose
+/// on the output port; a failed rewrite is handed back to be dropped. A packet whose
 /// TTL or hop limit runs out here, or whose IP packet is larger than the
 /// output port's MTU, is handed back untouched; one for a flow that
 /// hairpins, or goes in a tunnel, rewritten.
 #[inline]
 pub(super) fn transpose<B: PacketBuf>(
-    stats: &SwitchStats,
     ctx: &mut Ctx<'_, B>,
     mut pkt: B,
     pk: &Parsed,
@@ -101,8 +102,10 @@ pub(super) fn transpose<B: PacketBuf>(
         Ok(()) => ctx.send(usize::from(a.out_port), pkt),
         Err(Stop::Ttl) => return Some(Bounce::Ttl(pkt)),
         Err(Stop::TooBig(m)) => return Some(Bounce::TooBig(pkt, m)),
-        Err(Stop::Failed(rewrite::RewriteError::TtlExpired)) => stats.count(SwitchDrop::TtlExpired),
-        Err(Stop::Failed(_)) => stats.count(SwitchDrop::RewriteFailed),
+        Err(Stop::Failed(rewrite::RewriteError::TtlExpired)) => {
+            return Some(Bounce::Failed(pkt, SwitchDrop::TtlExpired));
+        }
+        Err(Stop::Failed(_)) => return Some(Bounce::Failed(pkt, SwitchDrop::RewriteFailed)),
     }
     None
 }

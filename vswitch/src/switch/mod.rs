@@ -308,16 +308,38 @@ impl<B: PacketBuf> Switch<B> {
                 let sport = dataplane::tunnel::entropy_port(&pk.key);
                 return self.encap_send(ctx, policy, port, p, sport);
             }
+            Bounce::Failed(p, why) => return self.drop_pkt(p, why),
         };
+        if self.icmp_error(policy, &mut pkt, pk, mtu, now) {
+            self.live_note(LiveEnd::Back, "output", || {
+                "answered with an ICMP error from the switch".into()
+            });
+            self.send_back(ctx, pk.in_port, pkt);
+        } else {
+            self.drop_pkt(pkt, why);
+        }
+    }
+
+    /// Writes over `pkt` the ICMP error that answers it (time exceeded, or
+    /// with `mtu` "fragmentation needed" or "packet too big"), if it is to
+    /// be answered (see [`Switch::bounce`]); false if not.
+    fn icmp_error(
+        &mut self,
+        policy: &Policy,
+        pkt: &mut B,
+        pk: &Parsed,
+        mtu: Option<u16>,
+        now: u64,
+    ) -> bool {
         let v6 = pk.l3 == L3::Ipv6;
         if mtu.is_some() && !v6 && !rewrite::ipv4_dont_fragment(pkt.data(), pk) {
             // Fragmentable IPv4: dropped, not answered (the switch does not
             // fragment). IPv6 is never fragmented on the way: always told.
-            return self.drop_pkt(pkt, why);
+            return false;
         }
         // Nothing an error may not be sent about takes a token.
         if !rewrite::may_answer_with_error(pkt.data(), pk) {
-            return self.drop_pkt(pkt, why);
+            return false;
         }
         // From a VM: the vnet's gateway answers. From the wire, for a public
         // address of the switch (a VIP or an SNAT address): that address
@@ -345,25 +367,19 @@ impl<B: PacketBuf> Switch<B> {
             self.icmp_budget(now, wire)
                 && match (ip, mtu) {
                     (IpAddr::V4(ip), Some(m)) => {
-                        rewrite::ipv4_frag_needed(&mut pkt, pk, mac, ip, m).is_ok()
+                        rewrite::ipv4_frag_needed(pkt, pk, mac, ip, m).is_ok()
                     }
-                    (IpAddr::V4(ip), None) => {
-                        rewrite::ipv4_time_exceeded(&mut pkt, pk, mac, ip).is_ok()
-                    }
+                    (IpAddr::V4(ip), None) => rewrite::ipv4_time_exceeded(pkt, pk, mac, ip).is_ok(),
                     (IpAddr::V6(ip), Some(m)) => {
-                        rewrite::ipv6_packet_too_big(&mut pkt, pk, mac, ip, m).is_ok()
+                        rewrite::ipv6_packet_too_big(pkt, pk, mac, ip, m).is_ok()
                     }
-                    (IpAddr::V6(ip), None) => {
-                        rewrite::ipv6_time_exceeded(&mut pkt, pk, mac, ip).is_ok()
-                    }
+                    (IpAddr::V6(ip), None) => rewrite::ipv6_time_exceeded(pkt, pk, mac, ip).is_ok(),
                 }
         });
         if answered {
             self.stats.icmp_errors.fetch_add(1, Ordering::Relaxed);
-            self.send_back(ctx, pk.in_port, pkt);
-        } else {
-            self.drop_pkt(pkt, why);
         }
+        answered
     }
 
     /// Queues a hairpinned packet to go through the switch again, as from
@@ -621,15 +637,8 @@ impl<B: PacketBuf> Switch<B> {
                 }
                 tally.0 += 1;
                 // The action is used in place (no copy of it per packet).
-                let bounced = transpose(
-                    &self.stats,
-                    ctx,
-                    pkt,
-                    pk,
-                    &e.action,
-                    &self.cfg.port_mtu,
-                    self.tunnel_mtu,
-                );
+                let bounced =
+                    transpose(ctx, pkt, pk, &e.action, &self.cfg.port_mtu, self.tunnel_mtu);
                 if let Some(b) = bounced {
                     self.bounce(ctx, policy, b, pk, now);
                 }
@@ -678,15 +687,7 @@ impl<B: PacketBuf> Switch<B> {
                 Err(_) => self.drop_pkt(pkt, SwitchDrop::RewriteFailed),
             },
             Ok(Slow::Forward(a)) => {
-                if let Some(b) = transpose(
-                    &self.stats,
-                    ctx,
-                    pkt,
-                    pk,
-                    &a,
-                    &self.cfg.port_mtu,
-                    self.tunnel_mtu,
-                ) {
+                if let Some(b) = transpose(ctx, pkt, pk, &a, &self.cfg.port_mtu, self.tunnel_mtu) {
                     self.bounce(ctx, policy, b, pk, now);
                 }
             }
@@ -697,7 +698,13 @@ impl<B: PacketBuf> Switch<B> {
                     // The client reset before the backend answered.
                     self.unpark_drop(r);
                 } else {
+                    // The packets held for the connection go on, each its
+                    // own (a live trace follows only the ACK).
+                    let tracing = std::mem::replace(&mut self.tracing, false);
+                    let notes = self.trace.borrow_mut().take();
                     self.unpark(ctx, policy, r, now, tally);
+                    self.tracing = tracing;
+                    *self.trace.borrow_mut() = notes;
                 }
             }
             Ok(Slow::ProxySyn(a, seg, first)) => {
@@ -716,15 +723,9 @@ impl<B: PacketBuf> Switch<B> {
                     .and_then(|()| parse(pkt.data(), in_port16).ok());
                 match syn {
                     Some(sp) => {
-                        if let Some(b) = transpose(
-                            &self.stats,
-                            ctx,
-                            pkt,
-                            &sp,
-                            &a,
-                            &self.cfg.port_mtu,
-                            self.tunnel_mtu,
-                        ) {
+                        if let Some(b) =
+                            transpose(ctx, pkt, &sp, &a, &self.cfg.port_mtu, self.tunnel_mtu)
+                        {
                             self.bounce(ctx, policy, b, &sp, now);
                         }
                     }
@@ -837,7 +838,7 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
         let live = self
             .live
             .as_ref()
-            .and_then(|(_, l)| Some((l.clone(), l.trigger.session(ctx.now())?)));
+            .and_then(|(_, l)| l.trigger.session(ctx.now()).map(|s| (l.clone(), s)));
         let mut tally = (0, 0, 0);
         // The burst in stages, so that the cache misses of its lookups
         // overlap instead of following one another, and no stage reads
@@ -941,8 +942,10 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
             }
             let port = usize::from(*port);
             match (st, &live) {
+                // (Selected by the port it arrived on, and the frame as
+                // parsed: out of its tunnel, if it came in one.)
                 (Ok(()), Some((l, spec)))
-                    if spec.selects(port, pkt.data()) && l.trigger.claim() =>
+                    if spec.selects_parsed(in_port, Some(p)) && l.trigger.claim() =>
                 {
                     self.packet_live(
                         l,

@@ -29,7 +29,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TraceStep {
     /// The layer: `port`, `spoof`, `arp`, `nd`, `icmp`, `lb`, `route`,
-    /// `snat`, `acl`, `conntrack`, `output`.
+    /// `acl`, `output`; live traces also `flow` (a cached flow's hit),
+    /// `drop` and `handoff`.
     pub layer: &'static str,
     /// What it decided and why, in words.
     pub detail: String,
@@ -137,7 +138,7 @@ impl<B: PacketBuf> Switch<B> {
         } else {
             let now = self.clock.ticks_to_ns(self.clock.now());
             match self.slow(&p, pkt.data_mut(), &pk, in_port, now) {
-                Ok(Slow::Forward(a)) => self.trace_out(pkt, &pk, &a),
+                Ok(Slow::Forward(a)) => self.trace_out(&p, pkt, &pk, &a),
                 Ok(Slow::ProxySyn(a, seg, _)) => {
                     self.note("lb", || {
                         format!(
@@ -149,7 +150,7 @@ impl<B: PacketBuf> Switch<B> {
                         .ok()
                         .and_then(|()| parse(pkt.data(), in_port).ok());
                     match syn {
-                        Some(sp) => self.trace_out(pkt, &sp, &a),
+                        Some(sp) => self.trace_out(&p, pkt, &sp, &a),
                         None => TraceEnd::Drop(SwitchDrop::RewriteFailed),
                     }
                 }
@@ -188,36 +189,42 @@ impl<B: PacketBuf> Switch<B> {
     }
 
     /// The end of a packet forwarded with action `a`: its rewrite applied
-    /// as the fast path applies it, or why it goes no further.
-    fn trace_out(&self, mut pkt: B, pk: &Parsed, a: &FlowAction) -> TraceEnd {
+    /// as the fast path applies it, or why it goes no further (with the
+    /// ICMP error that answers it, as a worker answers it).
+    fn trace_out(&mut self, p: &Policy, mut pkt: B, pk: &Parsed, a: &FlowAction) -> TraceEnd {
         let mtu = &self.cfg.port_mtu;
-        match check_and_rewrite(pkt.data_mut(), pk, a, mtu, self.tunnel_mtu) {
-            Ok(()) => TraceEnd::Forward {
-                out_port: a.out_port,
-                frame: pkt.data().to_vec(),
-            },
+        let (why, mtu) = match check_and_rewrite(pkt.data_mut(), pk, a, mtu, self.tunnel_mtu) {
+            Ok(()) => {
+                return TraceEnd::Forward {
+                    out_port: a.out_port,
+                    frame: pkt.data().to_vec(),
+                };
+            }
             Err(Stop::Ttl) => {
-                self.note("output", || {
-                    "the TTL or hop limit runs out here: answered with ICMP time exceeded \
-                     (within the ICMP rate)"
-                        .into()
-                });
-                TraceEnd::Drop(SwitchDrop::TtlExpired)
+                self.note("output", || "the TTL or hop limit runs out here".into());
+                (SwitchDrop::TtlExpired, None)
             }
             Err(Stop::TooBig(m)) => {
                 self.note("output", || {
-                    format!(
-                        "larger than the output port's MTU {m}: answered with \"fragmentation \
-                         needed\" or \"packet too big\" when it may not be fragmented \
-                         (within the ICMP rate)"
-                    )
+                    format!("larger than the output port's MTU {m}")
                 });
-                TraceEnd::Drop(SwitchDrop::TooBig)
+                (SwitchDrop::TooBig, Some(m))
             }
             Err(Stop::Failed(rewrite::RewriteError::TtlExpired)) => {
-                TraceEnd::Drop(SwitchDrop::TtlExpired)
+                return TraceEnd::Drop(SwitchDrop::TtlExpired);
             }
-            Err(Stop::Failed(_)) => TraceEnd::Drop(SwitchDrop::RewriteFailed),
+            Err(Stop::Failed(_)) => return TraceEnd::Drop(SwitchDrop::RewriteFailed),
+        };
+        let now = self.clock.ticks_to_ns(self.clock.now());
+        if self.icmp_error(p, &mut pkt, pk, mtu, now) {
+            self.note("output", || {
+                "answered with an ICMP error from the switch (within the ICMP rate)".into()
+            });
+            TraceEnd::Back {
+                frame: pkt.data().to_vec(),
+            }
+        } else {
+            TraceEnd::Drop(why)
         }
     }
 
@@ -460,7 +467,8 @@ impl<B: PacketBuf> Switch<B> {
         // Every other way through the switch notes where the packet went:
         // without a word, it took its cached flow (the fast path has no
         // trace test of its own). A later fragment took its first
-        // fragment's flow, found again by that key.
+        // fragment's flow, which is not looked up again here: its end is
+        // left unknown.
         if self.live_end.get().is_none() {
             let found = if pk.frag.is_later() {
                 None
@@ -520,7 +528,7 @@ impl<B: PacketBuf> Switch<B> {
                 self.live_note(LiveEnd::Out(a.out_port), "output", || {
                     format!(
                         "the flow's action: MACs {} > {}{}; installed for the connection's \
-                         next packets",
+                         next packets if the flow table has room",
                         a.src_mac,
                         a.dst_mac,
                         fmt_nat(&a.nat)
