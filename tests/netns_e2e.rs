@@ -241,28 +241,10 @@ fn scenario(lab: &mut Lab, driver: &str, workers: usize) {
     // pcap capture of the VIP's port 80 meanwhile: both workers capture.
     let capture = (workers == 2).then(|| {
         let pcap = dir.join("vip80.pcap");
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_pollux"))
-            .arg("ctl")
-            .arg("--socket")
-            .arg(&api.sock)
-            .args([
-                "capture",
-                "--filter",
-                "tcp and port 80",
-                "--seconds",
-                "5",
-                "-w",
-            ])
-            .arg(&pcap)
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        api.wait_for(
-            "/v1/capture",
-            Duration::from_secs(10),
-            "the capture to start",
-            |v| v["running"] == true,
-            context,
+        let child = start_capture(
+            &api,
+            &["--filter", "tcp and port 80", "--seconds", "5"],
+            &pcap,
         );
         (child, pcap)
     });
@@ -608,29 +590,16 @@ fn traces_match_what_happens(lab: &Lab, api: &Api) {
     // Now the packets themselves, captured live on every port. The VIP:
     // the traced backend answers.
     let pcap = lab.dir.join("vip.pcapng");
-    let capture = std::process::Command::new(env!("CARGO_BIN_EXE_pollux"))
-        .arg("ctl")
-        .arg("--socket")
-        .arg(&api.sock)
-        .args([
-            "capture",
+    let capture = start_capture(
+        api,
+        &[
             "--filter",
             "tcp and port 41234",
             "--seconds",
             "6",
             "--pcapng",
-            "-w",
-        ])
-        .arg(&pcap)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    api.wait_for(
-        "/v1/capture",
-        Duration::from_secs(10),
-        "the capture to start",
-        |v| v["running"] == true,
-        String::new,
+        ],
+        &pcap,
     );
     // And its first two packets traced live: the SYN through the slow
     // path, to the backend the trace named; the next, the flow it left.
@@ -793,4 +762,28 @@ fn live_traced(child: std::process::Child) -> Vec<Value> {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
+}
+
+/// Starts `pollux ctl capture args... -w pcap`, and waits until the
+/// workers capture.
+fn start_capture(api: &Api, args: &[&str], pcap: &std::path::Path) -> std::process::Child {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_pollux"))
+        .arg("ctl")
+        .arg("--socket")
+        .arg(&api.sock)
+        .arg("capture")
+        .args(args)
+        .arg("-w")
+        .arg(pcap)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    api.wait_for(
+        "/v1/capture",
+        Duration::from_secs(10),
+        "the capture to start",
+        |v| v["running"] == true,
+        String::new,
+    );
+    child
 }

@@ -162,11 +162,7 @@ impl Session {
 pub(super) fn start(state: &ControlState, rt: &mut Runtime, body: &str) -> Result<Reply, ApiError> {
     let req: CaptureRequest = body_json(body, "capture")?;
     let (spec, count, deadline, session) = trigger_of(state, &req, "capture", 1000, MAX_COUNT)?;
-    // The frames an earlier capture left unread go (the tap discards them
-    // too when armed again).
-    let mut old = Vec::new();
-    rt.tap.take(&mut old);
-    rt.tap.give_back(old);
+    // (Frames an earlier capture left unread go.)
     rt.tap.arm(spec, count, deadline);
     rt.capture = Some(session);
     reply(201, &view(state, rt, false))
