@@ -173,6 +173,11 @@ impl Filter {
         })
     }
 
+    /// [`Filter::matches`] on a frame, parsed only when a term needs it.
+    pub fn matches_frame(&self, f: &[u8]) -> bool {
+        self.is_empty() || self.matches(parse(f, 0).ok().as_ref())
+    }
+
     /// True for the empty filter.
     pub fn is_empty(&self) -> bool {
         self.terms.is_empty()
@@ -264,8 +269,7 @@ impl Trigger {
 impl Spec {
     /// True when this spec takes frame `f` on port `port`.
     pub fn selects(&self, port: usize, f: &[u8]) -> bool {
-        self.port.is_none_or(|p| usize::from(p) == port)
-            && (self.filter.is_empty() || self.filter.matches(parse(f, 0).ok().as_ref()))
+        self.port.is_none_or(|p| usize::from(p) == port) && self.filter.matches_frame(f)
     }
 
     /// [`Spec::selects`] for a frame parsed already (`None`: it did not
@@ -400,7 +404,7 @@ impl Tap {
             return;
         }
         for f in frames {
-            if !spec.filter.is_empty() && !spec.filter.matches(parse(f, 0).ok().as_ref()) {
+            if !spec.filter.matches_frame(f) {
                 continue;
             }
             // (Spent by another worker: what follows is no miss.)
