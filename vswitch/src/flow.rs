@@ -2,6 +2,7 @@
 //! flow key (in-port + 5-tuple) to the one compiled action the slow path
 //! decided for it.
 
+use crate::flowlog::{FlowEnd, FlowLog, FlowRecord, RuleRef};
 use dataplane::index::{KeyIndex, Pos, Seed};
 use dataplane::{FlowKey, MacAddr};
 use lb::conntrack::{ConnRef, Dir};
@@ -170,6 +171,33 @@ pub struct FlowEntry {
     pub closing: bool,
 }
 
+/// What the flow log needs of a flow besides its entry. Kept beside the
+/// slab, not in it (whose three cache lines are full), and only while the
+/// table has a flow log: a hit never touches it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlowMeta {
+    /// The rules that decided the flow (the source's outbound, the
+    /// destination's inbound).
+    pub rules: [RuleRef; 2],
+    /// True for the direction that opened the connection.
+    pub initiator: bool,
+    /// What its records have covered so far.
+    pub reported: Reported,
+}
+
+/// What a flow's flow-log records have covered: they cover its packets
+/// from `from` (ns; when it was installed, until its first record), and
+/// `packets` and `bytes` of its counts are in records already.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reported {
+    /// Where the next record starts (ns).
+    pub from: u64,
+    /// Packets reported.
+    pub packets: u64,
+    /// Bytes reported.
+    pub bytes: u64,
+}
+
 /// What [`FlowTable::insert`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Insert {
@@ -249,6 +277,11 @@ pub struct FlowTable {
     stats: FlowStats,
     /// Where [`FlowTable::expire_some`] goes on from.
     cursor: usize,
+    /// Where flows that leave the table, and long flows every active
+    /// timeout, are recorded (when it is on).
+    log: Option<std::sync::Arc<FlowLog>>,
+    /// Per slot, with a log: what it needs of the flow (empty without).
+    meta: Vec<FlowMeta>,
 }
 
 impl FlowTable {
@@ -289,7 +322,54 @@ impl FlowTable {
             closing_ns,
             stats: FlowStats::default(),
             cursor: 0,
+            log: None,
+            meta: Vec::new(),
         }
+    }
+
+    /// Records the flows that leave the table, and long flows every active
+    /// timeout, in `log` while it is on.
+    pub fn set_log(&mut self, log: std::sync::Arc<FlowLog>) {
+        self.log = Some(log);
+        self.meta.resize(self.slots.len(), FlowMeta::default());
+    }
+
+    /// Queues a record of slot `s`'s flow, for `end` at `now`, of what it
+    /// carried since its last record (none when that is nothing, or the
+    /// log is off); marks that reported.
+    fn report(&mut self, s: u32, end: FlowEnd, now: u64) {
+        let Some(log) = self.log.as_ref().filter(|l| l.active_ns().is_some()) else {
+            return;
+        };
+        let (Some(slot), Some(m)) = (self.slots.get(s as usize), self.meta.get_mut(s as usize))
+        else {
+            return;
+        };
+        let e = &slot.entry;
+        let packets = e.packets.saturating_sub(m.reported.packets);
+        if packets == 0 {
+            m.reported.from = now;
+            return;
+        }
+        log.push(FlowRecord {
+            end,
+            in_port: slot.in_port,
+            out_port: Some(e.action.out_port),
+            key: slot.key,
+            post: e.action.nat.apply_to_key(&slot.key),
+            first_ns: m.reported.from,
+            last_ns: e.last_seen,
+            packets,
+            bytes: e.bytes.saturating_sub(m.reported.bytes),
+            rules: m.rules,
+            initiator: m.initiator,
+            generation: e.generation,
+        });
+        m.reported = Reported {
+            from: now,
+            packets: e.packets,
+            bytes: e.bytes,
+        };
     }
 
     /// The hash of `key` arriving on `in_port` in this table (seeded; the
@@ -397,13 +477,30 @@ impl FlowTable {
     /// Installs an entry for `key` on `in_port`, or replaces the flow's
     /// entry (a flow decided again under a new policy generation), which
     /// keeps its packet and byte counts; `Full` when the table is full.
-    pub fn insert(&mut self, in_port: u16, key: FlowKey, mut e: FlowEntry) -> Insert {
+    pub fn insert(&mut self, in_port: u16, key: FlowKey, e: FlowEntry) -> Insert {
+        self.insert_meta(in_port, key, e, FlowMeta::default())
+    }
+
+    /// [`FlowTable::insert`], with what the flow log needs of the flow
+    /// (kept only while the table has a log; a replaced flow keeps what
+    /// its records covered).
+    pub fn insert_meta(
+        &mut self,
+        in_port: u16,
+        key: FlowKey,
+        mut e: FlowEntry,
+        mut meta: FlowMeta,
+    ) -> Insert {
         let hash = self.hash(in_port, &key);
         if let Some((_, s)) = self.position(hash, in_port, &key) {
             if let Some(slot) = self.slots.get_mut(s as usize) {
                 e.packets += slot.entry.packets;
                 e.bytes += slot.entry.bytes;
                 slot.entry = e;
+            }
+            if let Some(m) = self.meta.get_mut(s as usize) {
+                meta.reported = m.reported;
+                *m = meta;
             }
             return Insert::Replaced;
         }
@@ -429,6 +526,9 @@ impl FlowTable {
                 if let Some(l) = self.live.get_mut(s as usize) {
                     *l = true;
                 }
+                if let Some(m) = self.meta.get_mut(s as usize) {
+                    *m = meta;
+                }
                 s
             }
             None => {
@@ -438,6 +538,9 @@ impl FlowTable {
                     return Insert::Full;
                 }
                 self.live.push(true);
+                if self.log.is_some() {
+                    self.meta.push(meta);
+                }
                 (self.slots.len() - 1) as u32
             }
         };
@@ -486,12 +589,18 @@ impl FlowTable {
     pub fn remove(&mut self, in_port: u16, key: &FlowKey) -> Option<FlowEntry> {
         let hash = self.hash(in_port, key);
         let (pos, s) = self.position(hash, in_port, key)?;
-        self.release(hash, pos, s);
+        let now = self
+            .slots
+            .get(s as usize)
+            .map_or(0, |sl| sl.entry.last_seen);
+        self.release(hash, pos, s, FlowEnd::Forced, now);
         self.slots.get(s as usize).map(|slot| slot.entry)
     }
 
-    /// Takes slot `s`, at `pos` in the index under `hash`, out of the table.
-    fn release(&mut self, hash: u64, pos: Pos, s: u32) {
+    /// Takes slot `s`, at `pos` in the index under `hash`, out of the
+    /// table, recording it in the flow log as ended by `end`.
+    fn release(&mut self, hash: u64, pos: Pos, s: u32, end: FlowEnd, now: u64) {
+        self.report(s, end, now);
         self.index.remove(hash, pos);
         if let Some(l) = self.live.get_mut(s as usize) {
             *l = false;
@@ -542,6 +651,9 @@ impl FlowTable {
         // following one another.
         const ROUND: usize = dataplane::BURST;
         let (idle, closing) = (self.idle_ns, self.closing_ns);
+        // Long flows are reported every active timeout while the flow log
+        // is on.
+        let active = self.log.as_ref().and_then(|l| l.active_ns());
         let mut removed = 0;
         let mut left = budget.min(self.slots.len());
         while left > 0 {
@@ -558,7 +670,12 @@ impl FlowTable {
                     continue;
                 };
                 let limit = if s.entry.closing { closing } else { idle };
-                if now.saturating_sub(s.entry.last_seen) > limit {
+                if now.saturating_sub(s.entry.last_seen) <= limit {
+                    let from = self.meta.get(at).map_or(now, |m| m.reported.from);
+                    if active.is_some_and(|a| now.saturating_sub(from) > a) {
+                        self.report(at as u32, FlowEnd::Active, now);
+                    }
+                } else {
                     let h = self.hash(s.in_port, &s.key);
                     self.index.prefetch(h);
                     if let Some(f) = found.get_mut(n) {
@@ -568,7 +685,7 @@ impl FlowTable {
                 }
             }
             for &(s, h) in found.iter().take(n) {
-                if self.remove_slot(s, h) {
+                if self.remove_slot(s, h, now) {
                     removed += 1;
                 }
             }
@@ -580,14 +697,18 @@ impl FlowTable {
     /// Removes the flow in slot `s`, whose hash is `hash`: found in the
     /// index by its slot number, no key compared. False when the slot is
     /// not in use.
-    fn remove_slot(&mut self, s: u32, hash: u64) -> bool {
+    fn remove_slot(&mut self, s: u32, hash: u64, now: u64) -> bool {
         if self.live.get(s as usize) != Some(&true) {
             return false;
         }
         let Some((pos, _)) = self.index.find(hash, |v| v == s) else {
             return false;
         };
-        self.release(hash, pos, s);
+        let end = match self.slots.get(s as usize) {
+            Some(slot) if slot.entry.closing => FlowEnd::Closed,
+            _ => FlowEnd::Idle,
+        };
+        self.release(hash, pos, s, end, now);
         true
     }
 
@@ -855,6 +976,87 @@ mod tests {
         // The VIP stamp every hit compares is in it too.
         let stamp_end = offset_of!(Slot, entry) + offset_of!(FlowEntry, vip_epoch) + 2;
         assert!(stamp_end <= 128, "VIP stamp ends at {stamp_end}");
+    }
+
+    #[test]
+    fn the_flow_log_records_what_leaves_and_long_flows() {
+        use crate::flowlog::{FlowEnd, FlowLog};
+        let mut t = FlowTable::new(64, 100, 10);
+        let log = FlowLog::new(64);
+        t.set_log(log.clone());
+        let meta = |from| FlowMeta {
+            rules: [
+                RuleRef {
+                    nsg: 0,
+                    dir: 0,
+                    rule: 3,
+                },
+                RuleRef::NONE,
+            ],
+            initiator: true,
+            reported: Reported {
+                from,
+                ..Reported::default()
+            },
+        };
+        // Off: nothing is recorded.
+        t.insert_meta(0, key(1), entry(0), meta(0));
+        t.get_mut(0, &key(1)).unwrap().packets = 1;
+        assert!(t.remove(0, &key(1)).is_some());
+        assert!(log.is_empty());
+        log.set(Some(std::time::Duration::from_nanos(50)));
+        // Idle, closed, forced; a flow that carried nothing makes none.
+        for k in 1..=4 {
+            t.insert_meta(0, key(k), entry(0), meta(0));
+        }
+        let mut count = |k, packets, bytes, last_seen, closing| {
+            let e = t.get_mut(0, &key(k)).unwrap();
+            (e.packets, e.bytes, e.last_seen, e.closing) = (packets, bytes, last_seen, closing);
+        };
+        count(1, 2, 200, 5, false);
+        count(2, 3, 300, 5, true);
+        count(3, 4, 400, 5, false);
+        assert!(t.remove(0, &key(3)).is_some());
+        assert_eq!(t.expire(40), 1);
+        assert_eq!(t.expire(200), 2);
+        let got: Vec<_> = std::iter::from_fn(|| log.pop())
+            .map(|r| (r.key.src_port, r.end, r.packets, r.bytes))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (3, FlowEnd::Forced, 4, 400),
+                (2, FlowEnd::Closed, 3, 300),
+                (1, FlowEnd::Idle, 2, 200)
+            ]
+        );
+        // A long flow: a record every active timeout, each of what came
+        // since the last; a replaced entry keeps what was reported.
+        t.insert_meta(0, key(9), entry(0), meta(0));
+        t.get_mut(0, &key(9)).unwrap().packets = 5;
+        t.get_mut(0, &key(9)).unwrap().bytes = 500;
+        t.get_mut(0, &key(9)).unwrap().last_seen = 60;
+        assert_eq!(t.expire(70), 0);
+        let r = log.pop().unwrap();
+        assert_eq!(
+            (r.end, r.packets, r.bytes, r.first_ns, r.last_ns),
+            (FlowEnd::Active, 5, 500, 0, 60)
+        );
+        assert_eq!(r.rules[0].rule, 3);
+        assert!(r.initiator);
+        assert_eq!(
+            t.insert_meta(0, key(9), entry(80), meta(80)),
+            Insert::Replaced
+        );
+        t.get_mut(0, &key(9)).unwrap().packets += 1;
+        t.get_mut(0, &key(9)).unwrap().bytes += 100;
+        assert_eq!(t.expire(500), 1);
+        let r = log.pop().unwrap();
+        assert_eq!(
+            (r.end, r.packets, r.bytes, r.first_ns),
+            (FlowEnd::Idle, 1, 100, 70)
+        );
+        assert!(log.is_empty());
     }
 
     #[test]

@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod flow;
+pub mod flowlog;
 pub mod frag;
 pub mod hash;
 pub mod neigh;

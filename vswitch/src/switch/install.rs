@@ -54,19 +54,38 @@ impl<B: PacketBuf> Switch<B> {
         // A closing connection's flows (its last packets, decided again
         // after a policy change) expire as closing ones do.
         let closing = conn.is_some_and(|c| c.state.is_closing());
-        let e = |action| FlowEntry {
+        // For the flow log: the rules that decided, and which side opened
+        // the connection (the packet's, unless it belongs to a tracked
+        // connection's replies).
+        let rules = self.decided.get().0;
+        let opened = fwd.lb.is_none_or(|r| r.dir == Dir::Orig);
+        let e = |action, (packets, bytes)| FlowEntry {
             action,
             generation: gen_,
             vip,
             vip_epoch,
             last_seen: now,
             lb_touched: now,
-            packets: 0,
-            bytes: 0,
+            packets,
+            bytes,
             closing,
         };
+        let meta = |initiator| crate::flow::FlowMeta {
+            rules,
+            initiator,
+            reported: crate::flow::Reported {
+                from: now,
+                ..Default::default()
+            },
+        };
         let fwd = fwd.compiled_for(&key);
-        if self.flows.insert(in_port, key, e(fwd)) == crate::flow::Insert::New {
+        // The packet being decided is the forward flow's first.
+        let first = (1, self.first_len);
+        if self
+            .flows
+            .insert_meta(in_port, key, e(fwd, first), meta(opened))
+            == crate::flow::Insert::New
+        {
             self.stats.flows_installed.fetch_add(1, Ordering::Relaxed);
         }
         // Only stateful allows and tracked connections get a reverse flow;
@@ -100,7 +119,11 @@ impl<B: PacketBuf> Switch<B> {
             None => (Rewrite::NONE, None),
         };
         let back = FlowAction { nat, lb, ..back }.compiled_for(&back_key);
-        if self.flows.insert(fwd.out_port, back_key, e(back)) == crate::flow::Insert::New {
+        if self
+            .flows
+            .insert_meta(fwd.out_port, back_key, e(back, (0, 0)), meta(!opened))
+            == crate::flow::Insert::New
+        {
             self.stats.flows_installed.fetch_add(1, Ordering::Relaxed);
         }
         fwd

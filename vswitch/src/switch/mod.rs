@@ -176,6 +176,15 @@ pub struct Switch<B = dataplane::pool::PoolBuf> {
     tracing: bool,
     /// Where the live-traced packet went.
     live_end: std::cell::Cell<Option<LiveEnd>>,
+    /// Where flows and denied first packets are recorded, when it is on.
+    flow_log: Option<Arc<crate::flowlog::FlowLog>>,
+    /// The rules the slow path's security groups decided the packet by
+    /// (the source's outbound, the destination's inbound), and the key the
+    /// denying one was asked about: for the flows installed and the flow
+    /// log's denied records.
+    decided: std::cell::Cell<([crate::flowlog::RuleRef; 2], Option<dataplane::FlowKey>)>,
+    /// The length of the packet on the slow path: its flow counts it.
+    first_len: u64,
 }
 
 /// A source of empty buffers for packets the switch makes itself (ARP
@@ -227,8 +236,20 @@ impl<B: PacketBuf> Switch<B> {
             live: None,
             tracing: false,
             live_end: std::cell::Cell::new(None),
+            flow_log: None,
+            decided: std::cell::Cell::new(([crate::flowlog::RuleRef::NONE; 2], None)),
+            first_len: 0,
             cfg,
         }
+    }
+
+    /// Records the flows that leave the table (and long flows every
+    /// active timeout) and the first packets the security groups deny in
+    /// `log`, while it is on.
+    pub fn with_flow_log(mut self, log: Arc<crate::flowlog::FlowLog>) -> Self {
+        self.flows.set_log(log.clone());
+        self.flow_log = Some(log);
+        self
     }
 
     /// Worker `worker` of `handoff.workers()`: it processes only the
@@ -674,6 +695,7 @@ impl<B: PacketBuf> Switch<B> {
         }
         tally.1 += 1;
         let t = self.clock.now();
+        self.first_len = pkt.len() as u64;
         let decided = self.slow(policy, pkt.data_mut(), pk, in_port16, now);
         self.slow_ticks += self.clock.now().wrapping_sub(t);
         self.live_decided(&decided);
@@ -732,8 +754,37 @@ impl<B: PacketBuf> Switch<B> {
                     None => self.drop_pkt(pkt, SwitchDrop::RewriteFailed),
                 }
             }
-            Err(r) => self.drop_pkt(pkt, r),
+            Err(r) => {
+                if r == SwitchDrop::AclDeny {
+                    self.log_denied(policy, in_port16, pk, now);
+                }
+                self.drop_pkt(pkt, r)
+            }
         }
+    }
+
+    /// Records in the flow log (if on) a first packet the security groups
+    /// denied: nothing was installed for it.
+    #[cold]
+    fn log_denied(&self, policy: &Policy, in_port: u16, pk: &Parsed, now: u64) {
+        let Some(log) = self.flow_log.as_ref().filter(|l| l.active_ns().is_some()) else {
+            return;
+        };
+        let (rules, asked) = self.decided.get();
+        log.push(crate::flowlog::FlowRecord {
+            end: crate::flowlog::FlowEnd::Denied,
+            in_port,
+            out_port: None,
+            key: pk.key,
+            post: asked.unwrap_or(pk.key),
+            first_ns: now,
+            last_ns: now,
+            packets: 1,
+            bytes: self.first_len,
+            rules,
+            initiator: true,
+            generation: policy.generation,
+        });
     }
 
     /// Writes the SYN proxy's segment `seg` over `pkt` and sends it back

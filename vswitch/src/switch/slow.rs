@@ -146,6 +146,20 @@ impl<B: PacketBuf> Switch<B> {
             Some(h) => c.classify_counted(key, &h[if dir == Direction::In { 0 } else { 1 }]),
             None => c.classify(key),
         };
+        // What decided, for the flow log.
+        let (mut rules, mut asked) = self.decided.get();
+        let side = usize::from(dir == Direction::In);
+        if let Some(r) = rules.get_mut(side) {
+            *r = crate::flowlog::RuleRef {
+                nsg: n.0 as u16,
+                dir: side as u8,
+                rule: v.map_or(crate::flowlog::RuleRef::NO_MATCH, |v| v.rule as u16),
+            };
+        }
+        if !v.is_some_and(|v| v.action == Action::Allow) {
+            asked = Some(*key);
+        }
+        self.decided.set((rules, asked));
         self.note("acl", || {
             let group = &n.1.name;
             match v.and_then(|v| c.rules().get(v.rule)) {
@@ -177,6 +191,7 @@ impl<B: PacketBuf> Switch<B> {
         in_port: u16,
         now: u64,
     ) -> Result<Slow, SwitchDrop> {
+        self.decided.set(([crate::flowlog::RuleRef::NONE; 2], None));
         if let Some((dip, ip)) = p.dsr_on_port(in_port) {
             self.note("port", || {
                 format!(
