@@ -30,6 +30,7 @@ needed=(
     dpdk-dev          # DPDK's development tools
     tcpdump           # pcap and pktgen tests read captures back with it
     tshark            # decodes the overlay test's captured VXLAN and Geneve headers
+    nfdump            # nfcapd and nfdump: the IPFIX collector of the flow-log test
     procps            # kill(1) and sysctl(8) in the end-to-end tests
     util-linux        # setpriv(1): tests as another user, BIRD tied to pollux
     iproute2          # ip(8): namespaces and veth pairs

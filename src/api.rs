@@ -983,6 +983,27 @@ pub struct LivePacket {
     pub reason: Option<String>,
 }
 
+/// `GET /v1/ipfix`: the flow-log export's configuration and counters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpfixView {
+    /// `[ipfix]` as it runs (`null`: off).
+    pub ipfix: Option<crate::config::IpfixCfg>,
+    /// Records the workers queued.
+    pub records_queued: u64,
+    /// Records lost because the queue was full.
+    pub records_lost: u64,
+    /// Records waiting to be sent.
+    pub records_waiting: u64,
+    /// Records sent to the collector.
+    pub records_sent: u64,
+    /// Messages sent (templates too).
+    pub messages_sent: u64,
+    /// Messages the socket refused (their records are lost).
+    pub send_errors: u64,
+    /// The last error, if any.
+    pub last_error: Option<String>,
+}
+
 /// `GET` / `DELETE /v1/trace/live`: the live trace and the packets traced
 /// since the last read (each read once).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -398,6 +398,88 @@ pub struct Config {
     /// that pollux runs beside it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bgp: Option<BgpCfg>,
+    /// `[ipfix]`: flow logs exported to an IPFIX collector.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipfix: Option<IpfixCfg>,
+}
+
+/// `[ipfix]`: a record of every flow the switch forwarded (when it ends,
+/// and every `active_timeout_s` while it lasts) and of every first packet
+/// the security groups denied, exported over UDP to an IPFIX (RFC 7011)
+/// collector.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IpfixCfg {
+    /// The collector, `address:port` (UDP; 4739 is IPFIX's port).
+    pub collector: String,
+    /// The longest a flow goes without a record, seconds (default 60).
+    #[serde(default = "default_active_timeout")]
+    pub active_timeout_s: u64,
+    /// Seconds between two sendings of the templates (default 30;
+    /// collectors that start later learn them then).
+    #[serde(default = "default_template_interval")]
+    pub template_interval_s: u64,
+    /// The observation domain ID in every message (default 1).
+    #[serde(default = "default_domain")]
+    pub domain_id: u32,
+    /// The private enterprise number of the security-group elements
+    /// (default 32473, the number RFC 5612 sets aside for examples: set
+    /// your organisation's).
+    #[serde(default = "default_enterprise")]
+    pub enterprise: u32,
+}
+
+fn default_active_timeout() -> u64 {
+    60
+}
+
+fn default_template_interval() -> u64 {
+    30
+}
+
+fn default_domain() -> u32 {
+    1
+}
+
+fn default_enterprise() -> u32 {
+    32473
+}
+
+impl IpfixCfg {
+    /// What is wrong with it, one line each.
+    pub fn problems(&self) -> Vec<String> {
+        let mut errs = Vec::new();
+        match self.collector.parse::<std::net::SocketAddr>() {
+            Ok(a) if a.port() == 0 => {
+                errs.push(format!("ipfix: collector {:?} has port 0", self.collector))
+            }
+            Ok(a) if a.ip().is_unspecified() || a.ip().is_multicast() => errs.push(format!(
+                "ipfix: collector {:?} is not a unicast address",
+                self.collector
+            )),
+            Ok(_) => {}
+            Err(_) => errs.push(format!(
+                "ipfix: collector {:?} is not an address:port",
+                self.collector
+            )),
+        }
+        if !(1..=86_400).contains(&self.active_timeout_s) {
+            errs.push(format!(
+                "ipfix: active_timeout_s {} is not within 1-86400",
+                self.active_timeout_s
+            ));
+        }
+        if !(1..=3_600).contains(&self.template_interval_s) {
+            errs.push(format!(
+                "ipfix: template_interval_s {} is not within 1-3600",
+                self.template_interval_s
+            ));
+        }
+        if self.enterprise == 0 {
+            errs.push("ipfix: enterprise must not be 0".into());
+        }
+        errs
+    }
 }
 
 /// `[bgp]`: pollux starts BIRD 2 with a configuration it writes, announces
@@ -695,6 +777,9 @@ impl Config {
         }
         if let Some(b) = &self.bgp {
             self.check_bgp(b, &mut errs);
+        }
+        if let Some(x) = &self.ipfix {
+            errs.extend(x.problems());
         }
         let ports = dups("port", self.port.iter().map(|p| p.name.as_str()), &mut errs);
         for p in &self.port {
@@ -1645,6 +1730,42 @@ mod tests {
             Err(e) => e.problems(),
             Ok(c) => c.validate().err().map(|e| e.problems()).unwrap_or_default(),
         }
+    }
+
+    #[test]
+    fn ipfix_is_checked() {
+        let c = Config::parse("[ipfix]\ncollector = \"127.0.0.1:4739\"\n").unwrap();
+        let x = c.ipfix.clone().unwrap();
+        assert_eq!(
+            (
+                x.active_timeout_s,
+                x.template_interval_s,
+                x.domain_id,
+                x.enterprise
+            ),
+            (60, 30, 1, 32473)
+        );
+        assert!(c.validate().is_ok());
+        assert_eq!(
+            problems(
+                "[ipfix]\ncollector = \"collector:4739\"\nactive_timeout_s = 0\n\
+                 template_interval_s = 7200\nenterprise = 0\n"
+            ),
+            [
+                "ipfix: collector \"collector:4739\" is not an address:port",
+                "ipfix: active_timeout_s 0 is not within 1-86400",
+                "ipfix: template_interval_s 7200 is not within 1-3600",
+                "ipfix: enterprise must not be 0",
+            ]
+        );
+        assert_eq!(
+            problems("[ipfix]\ncollector = \"0.0.0.0:4739\"\n"),
+            ["ipfix: collector \"0.0.0.0:4739\" is not a unicast address"]
+        );
+        assert_eq!(
+            problems("[ipfix]\ncollector = \"[::1]:0\"\n"),
+            ["ipfix: collector \"[::1]:0\" has port 0"]
+        );
     }
 
     #[test]

@@ -39,9 +39,33 @@ pub fn render(
     probes: &[ProbeState],
     tables: &[crate::api::VipTableView],
     bgp: Option<&crate::api::BgpView>,
+    ipfix: &crate::api::IpfixView,
     generation: u64,
 ) -> String {
     let mut reg = Registry::default();
+    if ipfix.ipfix.is_some() || ipfix.records_queued > 0 {
+        let records = counters(
+            &mut reg,
+            "pollux_ipfix_records",
+            "Flow-log records: queued by the workers, lost to a full queue, sent to the IPFIX collector",
+        );
+        for (state, n) in [
+            ("queued", ipfix.records_queued),
+            ("lost", ipfix.records_lost),
+            ("sent", ipfix.records_sent),
+        ] {
+            records
+                .get_or_create(&labels(&[("state", state)]))
+                .inc_by(n);
+        }
+        let errors: Counter = Counter::default();
+        errors.inc_by(ipfix.send_errors);
+        reg.register(
+            "pollux_ipfix_send_errors",
+            "IPFIX messages the socket refused (their records are lost)",
+            errors,
+        );
+    }
     if let Some(b) = bgp {
         let up = gauges(
             &mut reg,
@@ -466,8 +490,22 @@ mod tests {
             }],
             error: None,
         };
-        let text = render(&c, &[], &tables, Some(&bgp), 9);
+        let ipfix = crate::api::IpfixView {
+            ipfix: None,
+            records_queued: 12,
+            records_lost: 2,
+            records_waiting: 0,
+            records_sent: 10,
+            messages_sent: 3,
+            send_errors: 1,
+            last_error: None,
+        };
+        let text = render(&c, &[], &tables, Some(&bgp), &ipfix, 9);
         for line in [
+            "pollux_ipfix_records_total{state=\"queued\"} 12",
+            "pollux_ipfix_records_total{state=\"lost\"} 2",
+            "pollux_ipfix_records_total{state=\"sent\"} 10",
+            "pollux_ipfix_send_errors_total 1",
             "pollux_bgp_session_up{neighbor=\"10.200.0.254\",remote_as=\"65000\"} 1",
             "pollux_bgp_announced{prefix=\"192.0.2.10/32\"} 1",
             "pollux_bgp_announced{prefix=\"192.0.2.11/32\"} 0",

@@ -1058,6 +1058,8 @@ struct Switches<B: PacketBuf> {
     flow_control: Vec<Arc<vswitch::switch::FlowControl>>,
     /// The live trace every switch serves.
     live: Arc<vswitch::switch::LiveTrace>,
+    /// The flow log every switch records in.
+    flow_log: Arc<vswitch::flowlog::FlowLog>,
     switches: Vec<Switch<B>>,
     /// The configuration they were built for.
     made_for: Config,
@@ -1080,6 +1082,7 @@ impl<B: PacketBuf> Switches<B> {
         let handoff = Handoff::new(workers, 8192);
         let mut flow_control = Vec::new();
         let live = vswitch::switch::LiveTrace::new(crate::control::LIVE_TRACE_RECORDS);
+        let flow_log = vswitch::flowlog::FlowLog::new(crate::control::flowlog::FLOW_LOG_RECORDS);
         let mut switches = Vec::new();
         for w in 0..workers {
             let fc = Arc::new(vswitch::switch::FlowControl::default());
@@ -1087,7 +1090,8 @@ impl<B: PacketBuf> Switches<B> {
             let mut switch = Switch::new(swap.clone(), sw_cfg.clone())
                 .with_handoff(w, handoff.clone())
                 .with_control(w, fc)
-                .with_live_trace(w, live.clone());
+                .with_live_trace(w, live.clone())
+                .with_flow_log(flow_log.clone());
             if ahead {
                 switch.load_policy();
             }
@@ -1098,6 +1102,7 @@ impl<B: PacketBuf> Switches<B> {
             cfg: sw_cfg,
             flow_control,
             live,
+            flow_log,
             switches,
             made_for: cfg.clone(),
         }
@@ -1168,6 +1173,7 @@ fn run_on<A: BufAlloc>(
         cfg: mut sw_cfg,
         flow_control,
         live,
+        flow_log,
         switches,
         ..
     } = match prebuilt.filter(|s| s.fits(cfg, workers)) {
@@ -1303,6 +1309,7 @@ fn run_on<A: BufAlloc>(
     rt.switch_cfg = sw_cfg.clone();
     rt.tap = tap.clone();
     rt.live = live;
+    rt.ipfix.log = flow_log;
     rt.neighbours.seed(&topo.neighbours);
     if let Some(inc) = incoming.take() {
         tracing::info!(
@@ -1669,6 +1676,8 @@ fn control_loop<A: BufAlloc>(
         crate::control::log_events(state, rt);
         // Captures and live traces whose time is up or whose reader went.
         crate::control::capture_step(rt);
+        // Flow logs to the IPFIX collector.
+        crate::control::flowlog::step(state, rt);
         // Wait until the next probe is due, at most 50 ms (signals are
         // noticed within that), at least 1 ms (packets of probes in flight);
         // requests to the control API end the wait at once.

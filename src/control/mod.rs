@@ -22,6 +22,7 @@
 pub mod auth;
 mod capture;
 mod events;
+pub mod flowlog;
 pub mod state;
 mod trace;
 
@@ -416,6 +417,7 @@ fn route(
                 &rt.probes,
                 &maglev(state, false).vips,
                 rt.bgp.view(state.config()).as_ref(),
+                &flowlog::view(rt),
                 state.generation(),
             )))
         }
@@ -492,6 +494,11 @@ fn route(
         }
         ("POST", ["v1", "capture"]) => capture::start(state, rt, body),
         ("GET" | "DELETE", ["v1", "capture"]) => capture::read(state, rt, method == "DELETE"),
+        ("GET", ["v1", "ipfix"]) => reply(200, &flowlog::view(rt)),
+        ("PUT", ["v1", "ipfix"]) => {
+            applied(false, flowlog::set(state, Some(body_json(body, "ipfix")?))?)
+        }
+        ("DELETE", ["v1", "ipfix"]) => applied(false, flowlog::set(state, None)?),
         _ => Err(no_endpoint(method, &path)),
     }
 }

@@ -348,6 +348,8 @@ pub struct Runtime {
     pub live_session: Option<super::capture::Session>,
     /// What the control loop logs of its own accord.
     pub events: super::events::Events,
+    /// The flow logs' export to an IPFIX collector.
+    pub ipfix: super::flowlog::Export,
     next_id: u64,
 }
 
@@ -458,6 +460,7 @@ impl Runtime {
             live: vswitch::switch::LiveTrace::new(1),
             live_session: None,
             events: super::events::Events::default(),
+            ipfix: super::flowlog::Export::default(),
             next_id: 1,
         }
     }

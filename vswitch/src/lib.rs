@@ -15,6 +15,7 @@ pub mod flow;
 pub mod flowlog;
 pub mod frag;
 pub mod hash;
+pub mod ipfix;
 pub mod neigh;
 pub mod placement;
 pub mod policy;
