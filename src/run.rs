@@ -1382,6 +1382,7 @@ fn run_on<A: BufAlloc>(
             return Err(RunError::Workers(failures));
         }
         let Some(req) = rt.takeover_request.take() else {
+            flush_flow_logs(&mut stopped, &state, &mut rt);
             break;
         };
         // Packets one worker handed another, or queued to go through it
@@ -1435,6 +1436,9 @@ fn run_on<A: BufAlloc>(
         match outcome {
             crate::takeover::Outcome::HandedOver => {
                 tracing::info!("handed over to pid {}", req.pid);
+                // (The successor decides their connections' flows again:
+                // these end here.)
+                flush_flow_logs(&mut stopped, &state, &mut rt);
                 break;
             }
             crate::takeover::Outcome::Orphaned(e) => return Err(RunError::Takeover(e)),
@@ -1481,6 +1485,22 @@ fn run_on<A: BufAlloc>(
     report.ports = std::mem::take(&mut counters.ports);
     report.rules = std::mem::take(&mut counters.rules);
     Ok(report)
+}
+
+/// Records every flow of the stopped workers in the flow log, and sends
+/// the records (when flow logs are on): the flows end with the process.
+fn flush_flow_logs<B: PacketBuf>(
+    stopped: &mut [StoppedWorker<B>],
+    state: &crate::control::ControlState,
+    rt: &mut crate::control::Runtime,
+) {
+    if rt.ipfix.config().is_none() {
+        return;
+    }
+    for s in stopped {
+        s.pipeline
+            .flush_flow_log(|| crate::control::flowlog::drain(state, rt));
+    }
 }
 
 /// Hands the stopped workers' state and sockets to the successor that

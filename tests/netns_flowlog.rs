@@ -7,12 +7,15 @@
 //!
 //! Shown: `[ipfix]` set through the API (a bad one refused, nothing
 //! changed); after curl's conversations through the VIP and straight to a
-//! DIP, and a connection the group denies, nfdump shows a record per
-//! direction of each conversation with the packets and IP bytes that
-//! tcpdump saw on the client's side, the ports in and out, the vnet and
-//! the VIP's translation to the DIP and back; every denied SYN is a record
-//! with no output interface. tshark decodes each record's firewall event,
-//! forwarding status and the group and rule that decided it.
+//! DIP, a download that outlasts the active timeout, a connection the
+//! group denies, and a conversation still open when pollux stops, nfdump
+//! shows records of each direction of each conversation whose packets and
+//! IP bytes add up to what tcpdump saw on the client's side, with the
+//! ports in and out, the vnet and the VIP's translation to the DIP and
+//! back; every denied SYN is a record with no output interface. tshark
+//! decodes each record's firewall event, forwarding status, end (FIN,
+//! active timeout, pollux stopping) and the group and rule that decided
+//! it, and the options naming the ports and the vnet.
 //!
 //! Needs root and `ip`, `ethtool`, `curl`, `python3`, `tcpdump`, `tshark`,
 //! `nfcapd`, `nfdump` (`testkit::require`: without them it says why it did
@@ -33,6 +36,8 @@ const NODES: [(&str, &str, &str); 3] = [
 ];
 const CLIENT: &str = "10.1.0.10";
 const VIP: &str = "10.1.0.100";
+/// The download that lasts a few active timeouts (3 s at 100 KB/s).
+const BIG: usize = 300_000;
 
 fn config(lab: &Lab) -> String {
     let mut c = String::from("[dataplane]\nworkers = 1\n");
@@ -93,7 +98,7 @@ fn free_udp_port() -> u16 {
 
 /// What tcpdump saw on the client's side: per (source, source port,
 /// destination, destination port), packets and IP bytes.
-fn seen(pcap: &std::path::Path) -> BTreeMap<(String, u16, String, u16), (u64, u64)> {
+fn seen(pcap: &std::path::Path) -> Seen {
     let out = std::process::Command::new("tshark")
         .args(["-r", pcap.to_str().unwrap(), "-Y", "tcp", "-T", "fields"])
         .args(["-e", "ip.src", "-e", "tcp.srcport", "-e", "ip.dst"])
@@ -197,6 +202,7 @@ fn flow_logs_reach_nfdump_with_the_bytes_and_decisions() {
         let root = dir.join(tag);
         std::fs::create_dir_all(&root).unwrap();
         std::fs::write(root.join("index.html"), format!("hello from {tag}\n")).unwrap();
+        std::fs::write(root.join("big"), vec![b'x'; BIG]).unwrap();
         lab.spawn(
             tag,
             &format!(
@@ -247,7 +253,7 @@ fn flow_logs_reach_nfdump_with_the_bytes_and_decisions() {
         read(&export_log)
     );
 
-    let (_, _, log) = lab.pollux("flog", &config(&lab));
+    let (pollux, out, log) = lab.pollux("flog", &config(&lab));
     let api = lab.api("flog");
     let context = || format!("pollux log:\n{}", read(&log));
     api.wait_ready(Duration::from_secs(60), context);
@@ -268,7 +274,7 @@ fn flow_logs_reach_nfdump_with_the_bytes_and_decisions() {
         "PUT",
         "/v1/ipfix",
         Some(&format!(
-            r#"{{"collector": "127.0.0.1:{port}", "template_interval_s": 1}}"#
+            r#"{{"collector": "127.0.0.1:{port}", "template_interval_s": 1, "active_timeout_s": 1}}"#
         )),
     );
     assert_eq!(code, 200, "{body}");
@@ -283,7 +289,8 @@ fn flow_logs_reach_nfdump_with_the_bytes_and_decisions() {
         context,
     );
 
-    // Three conversations through the VIP, one straight to a DIP, and a
+    // Three conversations through the VIP, one straight to a DIP, a
+    // download through the VIP that lasts a few active timeouts, and a
     // connection the group denies (curl gives up after 2 s: a SYN and its
     // retransmission).
     for p in [41001, 41002, 41003] {
@@ -304,6 +311,14 @@ fn flow_logs_reach_nfdump_with_the_bytes_and_decisions() {
     assert_eq!(String::from_utf8_lossy(&r.stdout), "hello from d2\n");
     let r = lab.bash(
         "cl",
+        &format!(
+            "curl -s --max-time 30 --limit-rate 100K --local-port 41040 -o /dev/null \
+             -w '%{{size_download}}' http://{VIP}/big"
+        ),
+    );
+    assert_eq!(String::from_utf8_lossy(&r.stdout), BIG.to_string(), "{r:?}");
+    let r = lab.bash(
+        "cl",
         "curl -s --max-time 2 --local-port 41020 http://10.1.0.4:8001/; echo rc=$?",
     );
     assert!(
@@ -312,86 +327,77 @@ fn flow_logs_reach_nfdump_with_the_bytes_and_decisions() {
     );
 
     // The flows end 10 s after their FINs (the closing timeout): then
-    // both directions of the four conversations are sent, with a record of
-    // each denied SYN (as many as tcpdump saw: curl's and its
-    // retransmissions).
-    let syns = seen(&client_pcap)
-        .get(&(CLIENT.to_string(), 41020, addr("d1").to_string(), 8001))
-        .map_or(0, |c| c.0);
-    assert!(syns > 0, "tcpdump saw no SYN to port 8001");
+    // every record is made, and sent.
+    api.wait_for(
+        "/v1/flows",
+        Duration::from_secs(60),
+        "every flow to end",
+        |v| v["matched"] == 0,
+        context,
+    );
     let v = api.wait_for(
         "/v1/ipfix",
-        Duration::from_secs(60),
-        "the records of every conversation sent",
-        |v| v["records_sent"].as_u64() >= Some(8 + syns) && v["records_waiting"] == 0,
+        Duration::from_secs(10),
+        "every record sent",
+        |v| v["records_waiting"] == 0 && v["records_sent"].as_u64() > Some(0),
         context,
     );
     assert_eq!(v["records_lost"], 0, "{v}");
     assert_eq!(v["send_errors"], 0, "{v}");
+
+    // One more conversation, and pollux stops before its flows end: it
+    // records them as it stops.
+    let r = lab.bash(
+        "cl",
+        &format!("curl -s --max-time 10 --local-port 41030 http://{VIP}/"),
+    );
+    assert!(String::from_utf8_lossy(&r.stdout).starts_with("hello from d"));
+    let (status, _) = lab.stop(pollux, &out);
+    assert!(status.success(), "{}", context());
+    let reported = |sport: u16| {
+        let out = std::process::Command::new("tshark")
+            .args(["-r", export.to_str().unwrap()])
+            .args(["-d", &format!("udp.port=={port},cflow")])
+            .args(["-T", "fields", "-e", "cflow.srcport"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains(&sport.to_string())
+    };
+    assert!(
+        wait_for(Duration::from_secs(10), || reported(41030)),
+        "no record of the conversation open when pollux stopped"
+    );
     for idx in [client_dump, export_dump, nfcapd] {
         terminate(&mut lab.children[idx]);
         lab.children[idx].wait().unwrap();
     }
 
+    // nfdump: the packets and IP bytes tcpdump saw each way, the ports
+    // in and out, the vnet and the translations.
     let got = nfdump(&flows);
     let seen = seen(&client_pcap);
     eprintln!("nfdump:\n{got:#?}\ntcpdump on the client's side:\n{seen:#?}");
-    let count = |src: (&str, u16), dst: (&str, u16)| {
-        seen.get(&(src.0.to_string(), src.1, dst.0.to_string(), dst.1))
-            .copied()
-            .unwrap_or_else(|| panic!("tcpdump saw nothing from {src:?} to {dst:?}"))
-    };
-    let find = |src: (&str, u16), dst: (&str, u16)| -> Vec<&Flow> {
-        got.iter()
-            .filter(|f| f.src == (src.0.to_string(), src.1) && f.dst == (dst.0.to_string(), dst.1))
-            .collect()
-    };
-    // Ports: cl 1, d1 2, d2 3 (port number + 1); vnet a is VRF 1.
-    let if_of = |ip: &str| NODES.iter().position(|n| n.1 == ip).unwrap() as u32 + 1;
-    for p in [41001, 41002, 41003] {
-        let fwd = find((CLIENT, p), (VIP, 80));
-        assert_eq!(fwd.len(), 1, "client {p} to the VIP: {fwd:#?}");
-        let f = fwd[0];
-        let dip = f.post_dst.0.clone();
-        assert!(dip == addr("d1") || dip == addr("d2"), "{f:?}");
-        assert_eq!(f.post_dst.1, 8000, "{f:?}");
-        assert_eq!(f.post_src, (CLIENT.to_string(), p), "{f:?}");
-        assert_eq!((f.in_if, f.out_if, f.vrf), (1, if_of(&dip), 1), "{f:?}");
-        assert_eq!((f.packets, f.bytes), count((CLIENT, p), (VIP, 80)), "{f:?}");
-        let back = find((&dip, 8000), (CLIENT, p));
-        assert_eq!(back.len(), 1, "the DIP's replies to {p}: {got:#?}");
-        let b = back[0];
-        assert_eq!(b.post_src, (VIP.to_string(), 80), "{b:?}");
-        assert_eq!(b.post_dst, (CLIENT.to_string(), p), "{b:?}");
-        assert_eq!((b.in_if, b.out_if, b.vrf), (if_of(&dip), 1, 1), "{b:?}");
-        assert_eq!((b.packets, b.bytes), count((VIP, 80), (CLIENT, p)), "{b:?}");
+    for p in [41001, 41002, 41003, 41040, 41030] {
+        both_ways(&got, &seen, p, VIP);
     }
-    let direct = find((CLIENT, 41010), (addr("d2"), 8000));
-    assert_eq!(direct.len(), 1, "{got:#?}");
-    assert_eq!(
-        (direct[0].packets, direct[0].bytes),
-        count((CLIENT, 41010), (addr("d2"), 8000))
-    );
-    assert_eq!(direct[0].post_dst, (addr("d2").to_string(), 8000));
-    assert_eq!((direct[0].in_if, direct[0].out_if), (1, 3));
-    let back = find((addr("d2"), 8000), (CLIENT, 41010));
-    assert_eq!(back.len(), 1, "{got:#?}");
-    assert_eq!(
-        (back[0].packets, back[0].bytes),
-        count((addr("d2"), 8000), (CLIENT, 41010))
-    );
+    assert_eq!(both_ways(&got, &seen, 41010, addr("d2")), addr("d2"));
     // Each denied SYN is a record of its own, sent nowhere.
-    let denied = find((CLIENT, 41020), (addr("d1"), 8001));
-    let syns = count((CLIENT, 41020), (addr("d1"), 8001));
+    let denied: Vec<&Flow> = got
+        .iter()
+        .filter(|f| f.src == (CLIENT.into(), 41020) && f.dst == (addr("d1").into(), 8001))
+        .collect();
+    let syns = seen[&(CLIENT.to_string(), 41020, addr("d1").to_string(), 8001)];
     assert_eq!(denied.len() as u64, syns.0, "{denied:#?}");
     assert!(
         denied
             .iter()
-            .all(|f| f.packets == 1 && f.out_if == 0 && f.in_if == 1)
+            .all(|f| f.packets == 1 && f.out_if == 0 && f.in_if == 1 && f.vrf == 1),
+        "{denied:#?}"
     );
     assert_eq!(denied.iter().map(|f| f.bytes).sum::<u64>(), syns.1);
 
-    // tshark's IPFIX dissector: the decision of each record and the rule.
+    // tshark's IPFIX dissector: each record's decision, its end, and the
+    // group and rule that decided it.
     let out = std::process::Command::new("tshark")
         .args(["-r", export.to_str().unwrap()])
         .args(["-d", &format!("udp.port=={port},cflow"), "-V"])
@@ -414,44 +420,71 @@ fn flow_logs_reach_nfdump_with_the_bytes_and_decisions() {
             })
             .collect()
     };
-    for (sport, dport, initiator) in [
-        (41001, 80, true),
-        (41002, 80, true),
-        (41003, 80, true),
-        (8000, 41001, false),
-        (8000, 41002, false),
-        (8000, 41003, false),
-        (41010, 8000, true),
-        (8000, 41010, false),
+    let field = |r: &Dissected, k: &str| r.get(k).cloned().unwrap_or_default();
+    for (p, dport) in [
+        (41001, 80),
+        (41002, 80),
+        (41003, 80),
+        (41040, 80),
+        (41030, 80),
+        (41010, 8000),
     ] {
-        let r = rec(sport, dport);
-        assert_eq!(r.len(), 1, "{sport} to {dport}: {records:#?}");
-        let r = r[0];
-        let want = [
-            ("Firewall Event", "Flow deleted (2)"),
-            ("ForwardingStatus", "Forward (1)"),
-            ("Flow End Reason", "End of Flow detected (3)"),
-            (
-                "Biflow Direction",
-                if initiator {
-                    "Initiator (1)"
-                } else {
-                    "ReverseInitiator (2)"
-                },
-            ),
-            // The destination's group and inbound rule; the client has
-            // no group.
-            ("pen 32473 type 3", "web"),
-            ("pen 32473 type 4", "allow-http"),
-        ];
-        for (k, v) in want {
-            assert_eq!(
-                r.get(k).map(String::as_str),
-                Some(v),
-                "{k} of {sport} to {dport}: {r:#?}"
+        for (sport, dport, initiator) in [(p, dport, true), (8000, p, false)] {
+            let rs = rec(sport, dport);
+            assert!(!rs.is_empty(), "tshark: no record from {sport} to {dport}");
+            for r in &rs {
+                let want = [
+                    ("ForwardingStatus", "Forward (1)"),
+                    (
+                        "Biflow Direction",
+                        if initiator {
+                            "Initiator (1)"
+                        } else {
+                            "ReverseInitiator (2)"
+                        },
+                    ),
+                    // The destination's group and inbound rule; the
+                    // client has no group.
+                    ("pen 32473 type 3", "web"),
+                    ("pen 32473 type 4", "allow-http"),
+                ];
+                for (k, v) in want {
+                    assert_eq!(field(r, k), v, "{k} of {sport} to {dport}: {r:#?}");
+                }
+                assert!(!r.contains_key("pen 32473 type 1"), "{r:#?}");
+            }
+            // Its end: once, as FIN and the closing timeout ended it, or
+            // as pollux stopped; before it, the download's active
+            // timeouts.
+            let (end, event) = if p == 41030 {
+                ("Forced end (4)", "Flow deleted (2)")
+            } else {
+                ("End of Flow detected (3)", "Flow deleted (2)")
+            };
+            let ends: Vec<_> = rs
+                .iter()
+                .filter(|r| field(r, "Flow End Reason") == end)
+                .collect();
+            assert_eq!(ends.len(), 1, "{sport} to {dport}: {rs:#?}");
+            assert_eq!(field(ends[0], "Firewall Event"), event);
+            let active: Vec<_> = rs
+                .iter()
+                .filter(|r| field(r, "Flow End Reason") == "Active timeout (2)")
+                .collect();
+            assert!(
+                active
+                    .iter()
+                    .all(|r| field(r, "Firewall Event").ends_with("(5)")),
+                "{active:#?}"
             );
+            assert_eq!(active.len() + 1, rs.len(), "{sport} to {dport}: {rs:#?}");
+            if p == 41040 {
+                assert!(
+                    !active.is_empty(),
+                    "the download was never reported active: {rs:#?}"
+                );
+            }
         }
-        assert!(!r.contains_key("pen 32473 type 1"), "{r:#?}");
     }
     let denied = rec(41020, 8001);
     assert_eq!(denied.len() as u64, syns.0);
@@ -464,17 +497,64 @@ fn flow_logs_reach_nfdump_with_the_bytes_and_decisions() {
             ("pen 32473 type 3", "web"),
             ("pen 32473 type 4", "deny-8001"),
         ] {
-            assert_eq!(
-                r.get(k).map(String::as_str),
-                Some(v),
-                "{k} of a denied SYN: {r:#?}"
-            );
+            assert_eq!(field(r, k), v, "{k} of a denied SYN: {r:#?}");
         }
     }
     // The options name the ports and the vnet.
     for name in ["IfName: cl", "IfName: d1", "IfName: d2", "VRFname: a"] {
         assert!(text.contains(name), "no {name:?} in the export");
     }
+}
+
+type Seen = BTreeMap<(String, u16, String, u16), (u64, u64)>;
+
+/// Checks the records of both directions of the client's conversation
+/// from port `p` with `to` (the VIP, port 80, or a DIP, port 8000):
+/// alike but for their counts, which add up to what tcpdump saw on the
+/// client's side, the ports in and out (cl 1, d1 2, d2 3: port number +
+/// 1), the vnet (VRF 1) and the translations. Returns the DIP.
+fn both_ways(got: &[Flow], seen: &Seen, p: u16, to: &str) -> String {
+    let port = if to == VIP { 80 } else { 8000 };
+    let if_of = |ip: &str| NODES.iter().position(|n| n.1 == ip).unwrap() as u32 + 1;
+    let of = |src: (&str, u16), dst: (&str, u16)| -> Vec<&Flow> {
+        got.iter()
+            .filter(|f| f.src == (src.0.into(), src.1) && f.dst == (dst.0.into(), dst.1))
+            .collect()
+    };
+    let sum = |rs: &[&Flow]| {
+        rs.iter()
+            .fold((0, 0), |a, f| (a.0 + f.packets, a.1 + f.bytes))
+    };
+    let saw = |src: (&str, u16), dst: (&str, u16)| {
+        *seen
+            .get(&(src.0.into(), src.1, dst.0.into(), dst.1))
+            .unwrap_or_else(|| panic!("tcpdump saw nothing from {src:?} to {dst:?}"))
+    };
+    let fwd = of((CLIENT, p), (to, port));
+    assert!(
+        !fwd.is_empty(),
+        "no record from client port {p} to {to}: {got:#?}"
+    );
+    let dip = fwd[0].post_dst.0.clone();
+    assert!(dip == "10.1.0.4" || dip == "10.1.0.5", "{fwd:#?}");
+    for f in &fwd {
+        assert_eq!(f.post_src, (CLIENT.into(), p), "{f:?}");
+        assert_eq!(f.post_dst, (dip.clone(), 8000), "{f:?}");
+        assert_eq!((f.in_if, f.out_if, f.vrf), (1, if_of(&dip), 1), "{f:?}");
+    }
+    assert_eq!(sum(&fwd), saw((CLIENT, p), (to, port)), "{fwd:#?}");
+    let back = of((&dip, 8000), (CLIENT, p));
+    assert!(
+        !back.is_empty(),
+        "no record of {dip}'s replies to port {p}: {got:#?}"
+    );
+    for f in &back {
+        assert_eq!(f.post_src, (to.into(), port), "{f:?}");
+        assert_eq!(f.post_dst, (CLIENT.into(), p), "{f:?}");
+        assert_eq!((f.in_if, f.out_if, f.vrf), (if_of(&dip), 1, 1), "{f:?}");
+    }
+    assert_eq!(sum(&back), saw((to, port), (CLIENT, p)), "{back:#?}");
+    dip
 }
 
 type Dissected = BTreeMap<String, String>;

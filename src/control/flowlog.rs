@@ -125,7 +125,9 @@ fn open(c: &IpfixCfg) -> std::io::Result<UdpSocket> {
     };
     let s = UdpSocket::bind(any)?;
     s.connect(to)?;
-    s.set_nonblocking(true)?;
+    // Blocking, briefly: a burst of messages waits for room in the
+    // socket's buffer rather than being lost to it.
+    s.set_write_timeout(Some(Duration::from_millis(100)))?;
     Ok(s)
 }
 
@@ -224,6 +226,17 @@ pub fn step(state: &ControlState, rt: &mut Runtime) {
     }
     if !failed {
         x.stats.records += n;
+    }
+}
+
+/// Sends every record waiting (the process stops).
+pub fn drain(state: &ControlState, rt: &mut Runtime) {
+    while !rt.ipfix.log.is_empty() {
+        let before = rt.ipfix.log.len();
+        step(state, rt);
+        if rt.ipfix.log.len() >= before {
+            break;
+        }
     }
 }
 

@@ -335,8 +335,10 @@ impl FlowTable {
     }
 
     /// Queues a record of slot `s`'s flow, for `end` at `now`, of what it
-    /// carried since its last record (none when that is nothing, or the
-    /// log is off); marks that reported.
+    /// carried since its last record; marks that reported. None when the
+    /// log is off, or the flow carried nothing since and this is not the
+    /// end of a flow with earlier records (whose end the collector is to
+    /// learn).
     fn report(&mut self, s: u32, end: FlowEnd, now: u64) {
         let Some(log) = self.log.as_ref().filter(|l| l.active_ns().is_some()) else {
             return;
@@ -347,7 +349,7 @@ impl FlowTable {
         };
         let e = &slot.entry;
         let packets = e.packets.saturating_sub(m.reported.packets);
-        if packets == 0 {
+        if packets == 0 && (end == FlowEnd::Active || m.reported.packets == 0) {
             m.reported.from = now;
             return;
         }
@@ -610,6 +612,25 @@ impl FlowTable {
         self.len -= 1;
     }
 
+    /// Records every flow in the flow log (when it is on) as ended by
+    /// force at `now`, leaving the table as it is: its process stops.
+    /// `between` runs every 4096 flows, to take the records out before
+    /// the log's queue fills.
+    pub fn report_all(&mut self, now: u64, mut between: impl FnMut()) {
+        if self.log.as_ref().is_none_or(|l| l.active_ns().is_none()) {
+            return;
+        }
+        for s in 0..self.slots.len() {
+            if self.live.get(s) == Some(&true) {
+                self.report(s as u32, FlowEnd::Forced, now);
+            }
+            if s % 4096 == 4095 {
+                between();
+            }
+        }
+        between();
+    }
+
     /// Entries.
     pub fn len(&self) -> usize {
         self.len
@@ -671,8 +692,9 @@ impl FlowTable {
                 };
                 let limit = if s.entry.closing { closing } else { idle };
                 if now.saturating_sub(s.entry.last_seen) <= limit {
+                    // (A closing flow's record comes soon, at its end.)
                     let from = self.meta.get(at).map_or(now, |m| m.reported.from);
-                    if active.is_some_and(|a| now.saturating_sub(from) > a) {
+                    if !s.entry.closing && active.is_some_and(|a| now.saturating_sub(from) > a) {
                         self.report(at as u32, FlowEnd::Active, now);
                     }
                 } else {
@@ -1056,6 +1078,24 @@ mod tests {
             (r.end, r.packets, r.bytes, r.first_ns),
             (FlowEnd::Idle, 1, 100, 70)
         );
+        // A flow reported while active ends with a record even when it
+        // carried nothing since; a closing flow is not reported active.
+        t.insert_meta(0, key(10), entry(600), meta(600));
+        t.insert_meta(0, key(11), entry(600), meta(600));
+        for k in [10, 11] {
+            let e = t.get_mut(0, &key(k)).unwrap();
+            (e.packets, e.bytes, e.last_seen, e.closing) = (2, 20, 655, k == 11);
+        }
+        assert_eq!(t.expire(660), 0);
+        let r = log.pop().unwrap();
+        assert_eq!((r.key.src_port, r.end, r.packets), (10, FlowEnd::Active, 2));
+        assert!(log.is_empty());
+        assert_eq!(t.expire(800), 2);
+        let mut got: Vec<_> = std::iter::from_fn(|| log.pop())
+            .map(|r| (r.key.src_port, r.end, r.packets))
+            .collect();
+        got.sort_by_key(|g| g.0);
+        assert_eq!(got, [(10, FlowEnd::Idle, 0), (11, FlowEnd::Closed, 2)]);
         assert!(log.is_empty());
     }
 

@@ -243,6 +243,14 @@ impl<B: PacketBuf> Switch<B> {
         }
     }
 
+    /// Records every flow in the flow log (when it is on): its worker
+    /// stopped for good. `between` runs every few thousand flows, to take
+    /// the records out before the log's queue fills.
+    pub fn flush_flow_log(&mut self, between: impl FnMut()) {
+        let now = self.clock.ticks_to_ns(self.clock.now());
+        self.flows.report_all(now, between);
+    }
+
     /// Records the flows that leave the table (and long flows every
     /// active timeout) and the first packets the security groups deny in
     /// `log`, while it is on.
