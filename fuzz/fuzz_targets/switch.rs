@@ -26,7 +26,8 @@
 //! Every packet is also traced live as it goes (`LiveTrace`), and each
 //! frame is first traced on a scratch switch over the same policy
 //! (`Switch::trace`): the traces' notes must never panic either, and a
-//! packet traced live says where it went.
+//! packet traced live says where it went. Flow logs are on, with an
+//! active timeout of a millisecond: every record is consistent.
 //!
 //! Run: `RUSTC_BOOTSTRAP=1 cargo fuzz run switch` from the repository root
 //! (see docs/fuzzing.md).
@@ -772,6 +773,8 @@ struct Harness {
     live: Arc<LiveTrace>,
     /// A scratch switch over the same policy, tracing each frame first.
     scratch: Switch,
+    /// Flow logs, on.
+    flow_log: Arc<vswitch::flowlog::FlowLog>,
 }
 
 fn harness() -> &'static Mutex<Harness> {
@@ -802,7 +805,11 @@ fn harness() -> &'static Mutex<Harness> {
             u64::MAX,
         );
         let scratch = Switch::scratch(policy.clone(), &sw_cfg);
-        let sw = Switch::new(policy, sw_cfg).with_live_trace(0, live.clone());
+        let flow_log = vswitch::flowlog::FlowLog::new(4096);
+        flow_log.set(Some(Duration::from_millis(1)));
+        let sw = Switch::new(policy, sw_cfg)
+            .with_live_trace(0, live.clone())
+            .with_flow_log(flow_log.clone());
         let switch = sw.stats();
         let mut ports: Vec<Box<dyn Port<Buf = PoolBuf>>> = Vec::new();
         let mut ends = Vec::new();
@@ -823,6 +830,7 @@ fn harness() -> &'static Mutex<Harness> {
             switch,
             live,
             scratch,
+            flow_log,
         })
     })
 }
@@ -903,6 +911,15 @@ fuzz_target!(|data: &[u8]| {
     h.live.take(&mut traced);
     for r in &traced {
         assert!(r.end.is_some() || !r.steps.is_empty(), "{r:?}");
+    }
+    // Every flow-log record is consistent.
+    while let Some(r) = h.flow_log.pop() {
+        use vswitch::flowlog::FlowEnd;
+        assert!(r.first_ns <= r.last_ns, "{r:?}");
+        assert_eq!(r.end == FlowEnd::Denied, r.out_port.is_none(), "{r:?}");
+        assert!(r.end != FlowEnd::Active || r.packets > 0, "{r:?}");
+        assert!(r.end != FlowEnd::Denied || r.packets == 1, "{r:?}");
+        assert!(r.bytes >= r.packets * 14, "{r:?}");
     }
     // Checked once per input (the counts are cumulative, so a packet lost
     // anywhere in the input shows here): reading every counter after each

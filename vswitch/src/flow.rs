@@ -359,7 +359,9 @@ impl FlowTable {
             out_port: Some(e.action.out_port),
             key: slot.key,
             post: e.action.nat.apply_to_key(&slot.key),
-            first_ns: m.reported.from,
+            // (A flow's last record after an active one may cover no
+            // packet: it starts and ends at its last packet.)
+            first_ns: m.reported.from.min(e.last_seen),
             last_ns: e.last_seen,
             packets,
             bytes: e.bytes.saturating_sub(m.reported.bytes),

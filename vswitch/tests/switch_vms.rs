@@ -115,12 +115,18 @@ struct Net {
     stats: Arc<SwitchStats>,
     worker: Arc<WorkerStats>,
     live: Arc<LiveTrace>,
+    /// Off until a test turns it on.
+    flow_log: Arc<vswitch::flowlog::FlowLog>,
     _worker: Running,
     pool: Pool,
 }
 
 impl Net {
     fn new(name: &str) -> Net {
+        Net::with(name, SwitchConfig::default())
+    }
+
+    fn with(name: &str, cfg: SwitchConfig) -> Net {
         let pool = pool(name);
         let start = Instant::now();
         let names = [
@@ -154,8 +160,10 @@ impl Net {
             Policy::compile(&topology([1, 1, 1]), 1).unwrap(),
         ));
         let live = LiveTrace::new(64);
-        let sw =
-            Switch::new(policy.clone(), SwitchConfig::default()).with_live_trace(0, live.clone());
+        let flow_log = vswitch::flowlog::FlowLog::new(256);
+        let sw = Switch::new(policy.clone(), cfg)
+            .with_live_trace(0, live.clone())
+            .with_flow_log(flow_log.clone());
         let stats = sw.stats();
         let acl_hits = sw.acl_hits();
         let worker = Worker::new(name, None, sw_ports, sw);
@@ -168,6 +176,7 @@ impl Net {
             stats,
             worker: wstats,
             live,
+            flow_log,
             _worker: Running::spawn(worker),
             pool,
         }
@@ -613,4 +622,73 @@ fn a_live_trace_follows_the_next_packets_that_match() {
             .contains("rule in-110 (priority 110) matches: deny")),
         "{got:?}"
     );
+}
+
+#[test]
+fn flow_logs_record_both_directions_and_denials_with_their_rules() {
+    use vswitch::flowlog::{FlowEnd, FlowRecord};
+    let mut net = Net::with(
+        "sw-flowlog",
+        SwitchConfig {
+            flow_closing: Duration::from_millis(200),
+            ..SwitchConfig::default()
+        },
+    );
+    net.flow_log.set(Some(Duration::from_secs(60)));
+    let c = 3;
+    let g = net.vm("client").get(VIP, 80, "/");
+    assert!(net.run(Duration::from_secs(10), |vms| vms[c].body(g).is_some()));
+    let ssh = net.vm("client").connect(Ipv4Addr::new(10, 1, 0, 4), 22);
+    // The connection's flows end 200 ms after its FINs (and the sweep
+    // finds them within about a second).
+    let mut got: Vec<FlowRecord> = Vec::new();
+    let log = net.flow_log.clone();
+    net.run(Duration::from_secs(10), |_| {
+        got.extend(std::iter::from_fn(|| log.pop()));
+        got.iter().filter(|r| r.end == FlowEnd::Closed).count() >= 2
+            && got.iter().any(|r| r.end == FlowEnd::Denied)
+    });
+    assert_eq!(net.vms[c].state(ssh), tcp::State::SynSent);
+    let p = net.policy.load();
+    let rule = |r: vswitch::flowlog::RuleRef| {
+        let g = &p.nsgs[usize::from(r.nsg)];
+        let list = if r.dir == 1 { &g.inbound } else { &g.outbound };
+        (g.name.clone(), list.rules()[usize::from(r.rule)].priority)
+    };
+    let vip = |port| (dataplane::key::to16(IpAddr::V4(VIP)), port);
+    let fwd: Vec<_> = got
+        .iter()
+        .filter(|r| r.end == FlowEnd::Closed && (r.key.dst_ip, r.key.dst_port) == vip(80))
+        .collect();
+    assert_eq!(fwd.len(), 1, "{got:#?}");
+    let f = fwd[0];
+    assert_eq!((f.in_port, f.initiator), (3, true));
+    let dip = f.out_port.unwrap();
+    assert!(dip < 3, "{f:?}");
+    assert_eq!(f.post.dst_port, 8080);
+    assert_eq!(
+        f.post.dst_ip,
+        dataplane::key::to16(p.vms[usize::from(dip)].ips[0])
+    );
+    // The client's outbound rule (its group's default for the vnet) and
+    // web's inbound allow of 8080.
+    assert_eq!(rule(f.rules[0]).0, "client");
+    assert_eq!(rule(f.rules[1]), ("web".into(), 100));
+    assert!(f.packets >= 3 && f.bytes > f.packets * 54, "{f:?}");
+    assert!(f.first_ns <= f.last_ns);
+    let back: Vec<_> = got
+        .iter()
+        .filter(|r| r.end == FlowEnd::Closed && r.in_port == dip)
+        .collect();
+    assert_eq!(back.len(), 1, "{got:#?}");
+    let b = back[0];
+    assert_eq!((b.out_port, b.initiator), (Some(3), false));
+    assert_eq!((b.post.src_ip, b.post.src_port), vip(80));
+    assert_eq!(b.rules, f.rules);
+    // The denied SYN: its own record, sent nowhere, with web's deny.
+    let d = got.iter().find(|r| r.end == FlowEnd::Denied).unwrap();
+    assert_eq!((d.in_port, d.out_port, d.packets), (3, None, 1));
+    assert_eq!(d.key.dst_port, 22);
+    assert_eq!(rule(d.rules[1]), ("web".into(), 110));
+    assert_eq!(net.flow_log.stats().lost, 0);
 }
