@@ -299,7 +299,11 @@ impl Rig {
                 other: ns,
             };
         }
-        let sw = Switch::new(policy, cfg);
+        // As `pollux run` builds it: with a flow log, off (the flow table
+        // keeps what the log needs of each flow all the same).
+        let sw = Switch::new(policy, cfg).with_flow_log(vswitch::flowlog::FlowLog::new(
+            pollux::control::flowlog::FLOW_LOG_RECORDS,
+        ));
         let l = |n: &str| LinkInfo::new(n, MacAddr([2, 0, 0, 0, 9, 9]), "ring");
         let (gen_end, sw_gen) = ring::pair(l("gen"), l("sw-gen"), 1024);
         let mut ports: Vec<Box<dyn Port<Buf = PoolBuf>>> = vec![Box::new(sw_gen)];

@@ -986,12 +986,20 @@ pub struct LivePacket {
 /// `GET /v1/ipfix`: the flow-log export's configuration and counters.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IpfixView {
-    /// `[ipfix]` as it runs (`null`: off).
+    /// `[ipfix]` as configured (`null`: off).
     pub ipfix: Option<crate::config::IpfixCfg>,
+    /// True while records go to the collector (false while no socket
+    /// could be opened to it: `last_error` says why).
+    pub running: bool,
     /// Records the workers queued.
     pub records_queued: u64,
-    /// Records lost because the queue was full.
+    /// Records lost: the queue was full, or flow logs were turned off
+    /// with them unsent.
     pub records_lost: u64,
+    /// Denied packets not recorded: over a worker's 1000 a second.
+    pub records_suppressed: u64,
+    /// Records the socket refused or timed out on.
+    pub records_unsent: u64,
     /// Records waiting to be sent.
     pub records_waiting: u64,
     /// Records sent to the collector.

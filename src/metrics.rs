@@ -47,11 +47,13 @@ pub fn render(
         let records = counters(
             &mut reg,
             "pollux_ipfix_records",
-            "Flow-log records: queued by the workers, lost to a full queue, sent to the IPFIX collector",
+            "Flow-log records: queued by the workers, lost (a full queue, or turned off unsent), denied packets suppressed over the rate, unsent (the socket refused), sent to the IPFIX collector",
         );
         for (state, n) in [
             ("queued", ipfix.records_queued),
             ("lost", ipfix.records_lost),
+            ("suppressed", ipfix.records_suppressed),
+            ("unsent", ipfix.records_unsent),
             ("sent", ipfix.records_sent),
         ] {
             records
@@ -492,8 +494,11 @@ mod tests {
         };
         let ipfix = crate::api::IpfixView {
             ipfix: None,
+            running: false,
             records_queued: 12,
             records_lost: 2,
+            records_suppressed: 3,
+            records_unsent: 4,
             records_waiting: 0,
             records_sent: 10,
             messages_sent: 3,
@@ -504,6 +509,8 @@ mod tests {
         for line in [
             "pollux_ipfix_records_total{state=\"queued\"} 12",
             "pollux_ipfix_records_total{state=\"lost\"} 2",
+            "pollux_ipfix_records_total{state=\"suppressed\"} 3",
+            "pollux_ipfix_records_total{state=\"unsent\"} 4",
             "pollux_ipfix_records_total{state=\"sent\"} 10",
             "pollux_ipfix_send_errors_total 1",
             "pollux_bgp_session_up{neighbor=\"10.200.0.254\",remote_as=\"65000\"} 1",

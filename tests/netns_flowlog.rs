@@ -70,6 +70,16 @@ action = "deny"
 protocol = "tcp"
 dst_ports = ["8001"]
 
+[[nsg]]
+name = "client"
+[[nsg.rule]]
+name = "allow-web-out"
+priority = 100
+direction = "out"
+action = "allow"
+protocol = "tcp"
+dst_ports = ["80", "8000", "8001"]
+
 [[vip]]
 name = "web"
 vnet = "a"
@@ -79,7 +89,11 @@ protocol = "tcp"
 backends = [ { vm = "d1", port = 8000 }, { vm = "d2", port = 8000 } ]
 "#;
     for (tag, ip, mac) in NODES {
-        let nsg = if tag == "cl" { "" } else { "nsg = \"web\"\n" };
+        let nsg = if tag == "cl" {
+            "nsg = \"client\"\n"
+        } else {
+            "nsg = \"web\"\n"
+        };
         c += &format!(
             "[[vm]]\nname = \"{tag}\"\nport = \"{tag}\"\nvnet = \"a\"\nmac = \"{mac}\"\nips = [\"{ip}\"]\n{nsg}"
         );
@@ -127,7 +141,7 @@ fn seen(pcap: &std::path::Path) -> Seen {
 }
 
 /// One record as nfdump shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 struct Flow {
     src: (String, u16),
     dst: (String, u16),
@@ -138,13 +152,16 @@ struct Flow {
     post_src: (String, u16),
     post_dst: (String, u16),
     vrf: u32,
+    /// First and last packet, seconds since the epoch (nfdump 1.7.1's
+    /// `%ter` prints the wrong milliseconds: the start and the duration).
+    times: (f64, f64),
 }
 
 /// nfdump's records in `dir`.
 fn nfdump(dir: &std::path::Path) -> Vec<Flow> {
     let out = std::process::Command::new("nfdump")
         .args(["-q", "-N", "-R", dir.to_str().unwrap(), "-o"])
-        .arg("fmt:%sa|%sp|%da|%dp|%pkt|%byt|%in|%out|%xsa|%xsp|%xda|%xdp|%ivrf")
+        .arg("fmt:%sa|%sp|%da|%dp|%pkt|%byt|%in|%out|%xsa|%xsp|%xda|%xdp|%ivrf|%tsr|%tds")
         .output()
         .unwrap();
     assert!(
@@ -171,6 +188,10 @@ fn nfdump(dir: &std::path::Path) -> Vec<Flow> {
                 post_src: (f[8].into(), n(9) as u16),
                 post_dst: (f[10].into(), n(11) as u16),
                 vrf: n(12) as u32,
+                times: {
+                    let start: f64 = f[13].parse().unwrap();
+                    (start, start + f[14].parse::<f64>().unwrap())
+                },
             }
         })
         .collect()
@@ -234,6 +255,17 @@ fn flow_logs_reach_nfdump_with_the_bytes_and_decisions() {
         ),
         &nfcapd_log,
     );
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            let ss = std::process::Command::new("ss")
+                .arg("-lun")
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&ss.stdout).contains(&format!("127.0.0.1:{port} "))
+        }),
+        "nfcapd did not listen: {}",
+        read(&nfcapd_log)
+    );
     let export = dir.join("export.pcap");
     let export_log = dir.join("export.log");
     let export_dump = lab.spawn_root(
@@ -253,6 +285,10 @@ fn flow_logs_reach_nfdump_with_the_bytes_and_decisions() {
         read(&export_log)
     );
 
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
     let (pollux, out, log) = lab.pollux("flog", &config(&lab));
     let api = lab.api("flog");
     let context = || format!("pollux log:\n{}", read(&log));
@@ -342,8 +378,15 @@ fn flow_logs_reach_nfdump_with_the_bytes_and_decisions() {
         |v| v["records_waiting"] == 0 && v["records_sent"].as_u64() > Some(0),
         context,
     );
-    assert_eq!(v["records_lost"], 0, "{v}");
-    assert_eq!(v["send_errors"], 0, "{v}");
+    for k in [
+        "records_lost",
+        "records_suppressed",
+        "records_unsent",
+        "send_errors",
+    ] {
+        assert_eq!(v[k], 0, "{k}: {v}");
+    }
+    assert_eq!(v["running"], true, "{v}");
 
     // One more conversation, and pollux stops before its flows end: it
     // records them as it stops.
@@ -377,6 +420,18 @@ fn flow_logs_reach_nfdump_with_the_bytes_and_decisions() {
     let got = nfdump(&flows);
     let seen = seen(&client_pcap);
     eprintln!("nfdump:\n{got:#?}\ntcpdump on the client's side:\n{seen:#?}");
+    // Their times: within the test's, in order.
+    let ended = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    for f in &got {
+        let (a, b) = f.times;
+        assert!(
+            started - 1.0 <= a && a <= b && b <= ended + 1.0,
+            "{started} {ended}: {f:?}"
+        );
+    }
     for p in [41001, 41002, 41003, 41040, 41030] {
         both_ways(&got, &seen, p, VIP);
     }
@@ -443,15 +498,18 @@ fn flow_logs_reach_nfdump_with_the_bytes_and_decisions() {
                             "ReverseInitiator (2)"
                         },
                     ),
-                    // The destination's group and inbound rule; the
-                    // client has no group.
+                    // The client's group and outbound rule, the
+                    // destination's group and inbound rule (the replies'
+                    // records name the rules that admitted their
+                    // connection).
+                    ("pen 32473 type 1", "client"),
+                    ("pen 32473 type 2", "allow-web-out"),
                     ("pen 32473 type 3", "web"),
                     ("pen 32473 type 4", "allow-http"),
                 ];
                 for (k, v) in want {
                     assert_eq!(field(r, k), v, "{k} of {sport} to {dport}: {r:#?}");
                 }
-                assert!(!r.contains_key("pen 32473 type 1"), "{r:#?}");
             }
             // Its end: once, as FIN and the closing timeout ended it, or
             // as pollux stopped; before it, the download's active
@@ -494,6 +552,8 @@ fn flow_logs_reach_nfdump_with_the_bytes_and_decisions() {
             ("ForwardingStatus", "Drop (2)"),
             ("ForwardingStatusDropCode", "Drop ACL Deny (1)"),
             ("OutputInt", "0"),
+            ("pen 32473 type 1", "client"),
+            ("pen 32473 type 2", "allow-web-out"),
             ("pen 32473 type 3", "web"),
             ("pen 32473 type 4", "deny-8001"),
         ] {

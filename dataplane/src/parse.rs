@@ -87,6 +87,20 @@ impl Frag {
 }
 
 impl Parsed {
+    /// The IP packet's length, header and payload, as its length fields
+    /// say (what flow records count: no link-layer header, VLAN tag or
+    /// padding); 0 for frames that are not IP.
+    #[inline]
+    pub fn ip_len(&self) -> u16 {
+        if self.is_ip() {
+            self.l4_off
+                .saturating_add(self.l4_len)
+                .saturating_sub(self.l3_off)
+        } else {
+            0
+        }
+    }
+
     /// True for IPv4 or IPv6.
     pub fn is_ip(&self) -> bool {
         matches!(self.l3, L3::Ipv4 | L3::Ipv6)
@@ -229,6 +243,7 @@ pub(crate) mod tests {
         assert_eq!(p.l3, L3::Ipv4);
         assert_eq!(p.vlan, None);
         assert_eq!((p.l3_off, p.l4_off, p.l4_len), (14, 34, 20));
+        assert_eq!(p.ip_len(), 40);
         assert!(p.has_l4);
         assert_eq!(p.in_port, 3);
         assert_eq!(p.key.proto, PROTO_TCP);
@@ -350,6 +365,7 @@ pub(crate) mod tests {
         let p = parse(&f, 1).unwrap();
         assert_eq!(p.l3, L3::Ipv6);
         assert_eq!((p.l3_off, p.l4_off, p.l4_len), (14, 62, 20));
+        assert_eq!(p.ip_len(), 68);
         assert_eq!(
             (p.key.proto, p.key.src_port, p.key.dst_port),
             (PROTO_TCP, 443, 50000)

@@ -1,6 +1,7 @@
 //! Flow logs over IPFIX: the control loop takes the workers' flow-log
-//! records (`vswitch::flowlog`), names their ports, vnets and rules from
-//! the policy they were decided under, and sends them as IPFIX messages
+//! records (`vswitch::flowlog`), names their rules from the security groups
+//! of the generation that decided them and their vnets from the current
+//! policy, and sends them as IPFIX messages
 //! (`vswitch::ipfix`) over UDP to `[ipfix] collector`, with the templates
 //! every `template_interval_s`. Configured by `[ipfix]`, through the
 //! configuration or `PUT /v1/ipfix`; without it the workers make no
@@ -8,7 +9,6 @@
 
 use super::{ApiError, ControlState, Runtime};
 use crate::config::IpfixCfg;
-use std::collections::VecDeque;
 use std::net::UdpSocket;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -22,8 +22,10 @@ pub const FLOW_LOG_RECORDS: usize = 1 << 16;
 const PER_STEP: usize = 8192;
 /// The largest message: one Ethernet MTU's worth of UDP.
 const MAX_MESSAGE: usize = 1400;
-/// Policies kept to name the rules of records decided under them.
-const POLICIES: usize = 16;
+/// How long a send waits for room in the socket's buffer.
+const SEND_WAIT: Duration = Duration::from_millis(100);
+/// How often a collector no socket could be opened to is tried again.
+const RETRY: Duration = Duration::from_secs(10);
 
 /// The exporter's state in the control thread.
 pub struct Export {
@@ -35,9 +37,8 @@ pub struct Export {
     out: Option<(UdpSocket, Exporter)>,
     /// When the templates were last sent.
     templates_at: Option<Instant>,
-    /// Recent policies, newest last: a record's rules are named from the
-    /// one it was decided under.
-    policies: VecDeque<Arc<vswitch::Policy>>,
+    /// When to try again to open a socket to the collector.
+    retry_at: Option<Instant>,
     /// Counters.
     pub stats: ExportStats,
 }
@@ -47,6 +48,9 @@ pub struct Export {
 pub struct ExportStats {
     /// Records sent.
     pub records: u64,
+    /// Records not sent: the socket refused or timed out on their message
+    /// (or one before it in the same turn).
+    pub unsent: u64,
     /// Messages sent (templates too).
     pub messages: u64,
     /// Messages the socket refused (their records are lost).
@@ -62,7 +66,7 @@ impl Default for Export {
             cfg: None,
             out: None,
             templates_at: None,
-            policies: VecDeque::new(),
+            retry_at: None,
             stats: ExportStats::default(),
         }
     }
@@ -74,19 +78,32 @@ impl Export {
         self.cfg.as_ref()
     }
 
+    /// True while records go to the collector.
+    pub fn running(&self) -> bool {
+        self.out.is_some()
+    }
+
     /// Follows `cfg`: opens the socket to its collector and turns the
-    /// workers' records on, or off.
+    /// workers' records on, or off. A collector no socket could be opened
+    /// to is tried again every 10 s.
     fn configure(&mut self, cfg: Option<&IpfixCfg>) {
-        if self.cfg.as_ref() == cfg && (cfg.is_none() || self.out.is_some()) {
+        let same = self.cfg.as_ref() == cfg;
+        if same && (cfg.is_none() || self.out.is_some()) {
             return;
+        }
+        if same && self.retry_at.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        if !same && self.cfg.is_some() && cfg.is_none() {
+            tracing::info!("ipfix: flow logs off");
         }
         self.cfg = cfg.cloned();
         self.out = None;
         self.templates_at = None;
+        self.retry_at = None;
         let Some(c) = cfg else {
             self.log.set(None);
-            while self.log.pop().is_some() {}
-            tracing::info!("ipfix: flow logs off");
+            self.log.discard();
             return;
         };
         match open(c) {
@@ -101,10 +118,13 @@ impl Export {
                 );
             }
             Err(e) => {
-                // (Not retried until the configuration changes: a
-                // collector address no socket can reach is a mistake.)
                 self.log.set(None);
-                let why = format!("ipfix: no socket to collector {}: {e}", c.collector);
+                self.retry_at = Some(Instant::now() + RETRY);
+                let why = format!(
+                    "ipfix: no socket to collector {} (tried again in {} s): {e}",
+                    c.collector,
+                    RETRY.as_secs()
+                );
                 tracing::warn!("{why}");
                 self.stats.last_error = Some(why);
             }
@@ -127,7 +147,7 @@ fn open(c: &IpfixCfg) -> std::io::Result<UdpSocket> {
     s.connect(to)?;
     // Blocking, briefly: a burst of messages waits for room in the
     // socket's buffer rather than being lost to it.
-    s.set_write_timeout(Some(Duration::from_millis(100)))?;
+    s.set_write_timeout(Some(SEND_WAIT))?;
     Ok(s)
 }
 
@@ -136,42 +156,27 @@ fn open(c: &IpfixCfg) -> std::io::Result<UdpSocket> {
 pub fn step(state: &ControlState, rt: &mut Runtime) {
     let x = &mut rt.ipfix;
     x.configure(state.config().ipfix.as_ref());
-    let Some(cfg) = x.cfg.clone() else {
+    let (Some(cfg), Some((socket, exporter))) = (x.cfg.clone(), x.out.as_mut()) else {
         return;
     };
     let policy = state.policy().load_full();
-    if x.policies
-        .back()
-        .is_none_or(|p| p.generation != policy.generation)
-    {
-        if x.policies.len() >= POLICIES {
-            x.policies.pop_front();
-        }
-        x.policies.push_back(policy.clone());
-    }
-    let Some((socket, exporter)) = x.out.as_mut() else {
-        return;
-    };
-    let ports: Vec<&str> = state
-        .config()
-        .port
-        .iter()
-        .map(|p| p.name.as_str())
-        .collect();
     let wall = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default();
     let export_s = wall.as_secs() as u32;
-    let mut sent = Vec::new();
+    // Each message with the records it holds.
+    let mut msgs: Vec<(Vec<u8>, u64)> = Vec::new();
     let due = x
         .templates_at
         .is_none_or(|t| t.elapsed() >= Duration::from_secs(cfg.template_interval_s));
     if due {
         x.templates_at = Some(Instant::now());
-        let ifs: Vec<(u32, &str)> = ports
+        let ifs: Vec<(u32, &str)> = state
+            .config()
+            .port
             .iter()
             .enumerate()
-            .map(|(i, n)| (i as u32 + 1, *n))
+            .map(|(i, p)| (i as u32 + 1, p.name.as_str()))
             .collect();
         let vrfs: Vec<(u32, &str)> = policy
             .vnets
@@ -179,7 +184,8 @@ pub fn step(state: &ControlState, rt: &mut Runtime) {
             .enumerate()
             .map(|(i, v)| (i as u32 + 1, v.name.as_str()))
             .collect();
-        sent.push(exporter.templates(export_s, &ifs, &vrfs));
+        let t = exporter.templates(export_s, &ifs, &vrfs);
+        msgs.extend(t.into_iter().map(|m| (m, 0)));
     }
     let mut records = Vec::new();
     while records.len() < PER_STEP {
@@ -197,35 +203,34 @@ pub fn step(state: &ControlState, rt: &mut Runtime) {
         let ms = |ns: u64| wall_ms.saturating_sub(now_ns.saturating_sub(ns) / 1_000_000);
         let resolved: Vec<ipfix::Record<'_>> = records
             .iter()
-            .map(|r| {
-                let p = x
-                    .policies
-                    .iter()
-                    .rev()
-                    .find(|p| p.generation == r.generation)
-                    .unwrap_or(&policy);
-                record(p, r, ms)
-            })
+            .map(|r| record(&policy, state.groups_of(r.generation), r, ms))
             .collect();
-        sent.extend(exporter.data(export_s, &resolved));
+        msgs.extend(exporter.data(export_s, &resolved));
     }
-    let n = records.len() as u64;
     let mut failed = false;
-    for m in &sent {
+    for (m, held) in &msgs {
+        if failed {
+            x.stats.unsent += held;
+            continue;
+        }
         match socket.send(m) {
-            Ok(_) => x.stats.messages += 1,
+            Ok(_) => {
+                x.stats.messages += 1;
+                x.stats.records += held;
+            }
             Err(e) => {
-                x.stats.send_errors += 1;
-                if !failed {
-                    tracing::debug!("ipfix: to {}: {e}", cfg.collector);
-                }
+                // (A collector that is down or slow: the rest of this
+                // turn's messages are counted, not waited for.)
                 failed = true;
+                x.stats.send_errors += 1;
+                x.stats.unsent += held;
                 x.stats.last_error = Some(format!("to {}: {e}", cfg.collector));
             }
         }
     }
-    if !failed {
-        x.stats.records += n;
+    if failed {
+        // The templates go again with the next messages.
+        x.templates_at = None;
     }
 }
 
@@ -240,9 +245,12 @@ pub fn drain(state: &ControlState, rt: &mut Runtime) {
     }
 }
 
-/// `r` as an IPFIX record, its names from `p`, its times through `ms`.
+/// `r` as an IPFIX record: its vnet from `p`, its rules' names from
+/// `groups` (those of the generation that decided them; none when that
+/// is gone), its times through `ms`.
 fn record<'p>(
-    p: &'p vswitch::Policy,
+    p: &vswitch::Policy,
+    groups: Option<&'p Arc<Vec<filter::CompiledNsg>>>,
     r: &FlowRecord,
     ms: impl Fn(u64) -> u64,
 ) -> ipfix::Record<'p> {
@@ -258,7 +266,7 @@ fn record<'p>(
         if !rr.is_some() {
             return ("", "");
         }
-        let Some(g) = p.nsgs.get(usize::from(rr.nsg)) else {
+        let Some(g) = groups.and_then(|gs| gs.get(usize::from(rr.nsg))) else {
             return ("", "");
         };
         let dir = if rr.dir == 1 {
@@ -306,8 +314,7 @@ fn record<'p>(
     ipfix::Record {
         start_ms: ms(r.first_ns),
         end_ms: ms(r.last_ns),
-        // IP octets: the frames less their Ethernet headers.
-        octets: r.bytes.saturating_sub(14 * r.packets),
+        octets: r.bytes,
         packets: r.packets,
         src: (ip(r.key.src_ip), r.key.src_port),
         dst: (ip(r.key.dst_ip), r.key.dst_port),
@@ -331,8 +338,11 @@ pub fn view(rt: &Runtime) -> crate::api::IpfixView {
     let s = x.log.stats();
     crate::api::IpfixView {
         ipfix: x.cfg.clone(),
+        running: x.running(),
         records_queued: s.queued,
         records_lost: s.lost,
+        records_suppressed: s.suppressed,
+        records_unsent: x.stats.unsent,
         records_waiting: x.log.len() as u64,
         records_sent: x.stats.records,
         messages_sent: x.stats.messages,

@@ -68,7 +68,14 @@ pub struct ControlState {
     changes: u64,
     /// The underlay neighbours' MACs each policy is compiled with.
     neighbours: Vec<(std::net::Ipv4Addr, dataplane::MacAddr)>,
+    /// The security groups of the last `GROUP_GENERATIONS` generations
+    /// published (shared by the generations that kept them): the flow
+    /// logs name a flow's rules from its generation's.
+    groups: std::collections::VecDeque<(u64, Arc<Vec<filter::CompiledNsg>>)>,
 }
+
+/// Generations whose security groups are kept to name flow logs' rules.
+pub const GROUP_GENERATIONS: usize = 64;
 
 impl ControlState {
     /// Control over `policy`, which was compiled from `config` (+ the
@@ -86,7 +93,10 @@ impl ControlState {
             .filter(|v| v.internal)
             .filter_map(|v| Some(topo.vnets.get(v.vnet)?.name.clone()))
             .collect();
+        let now = policy.load();
+        let groups = [(now.generation, now.nsgs.clone())].into();
         ControlState {
+            groups,
             internal_ports: topo.ports.saturating_sub(config.port.len() as u16),
             config,
             policy,
@@ -95,6 +105,16 @@ impl ControlState {
             changes: 0,
             neighbours: topo.neighbours.clone(),
         }
+    }
+
+    /// The security groups of generation `g`, while it is among the last
+    /// [`GROUP_GENERATIONS`] published.
+    pub fn groups_of(&self, g: u64) -> Option<&Arc<Vec<filter::CompiledNsg>>> {
+        self.groups
+            .iter()
+            .rev()
+            .find(|(gen_, _)| *gen_ == g)
+            .map(|(_, n)| n)
     }
 
     /// The desired state.
@@ -294,6 +314,11 @@ impl ControlState {
         {
             policy.nsgs = cur.nsgs.clone();
         }
+        if self.groups.len() >= GROUP_GENERATIONS {
+            self.groups.pop_front();
+        }
+        self.groups
+            .push_back((policy.generation, policy.nsgs.clone()));
         self.policy.store(Arc::new(policy));
         self.config = next;
         self.changes += 1;

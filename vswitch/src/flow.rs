@@ -149,7 +149,7 @@ pub struct FlowEntry {
     pub last_seen: u64,
     /// Packets.
     pub packets: u64,
-    /// Bytes.
+    /// IP bytes (no link-layer header).
     pub bytes: u64,
     /// When the load balancer's connection was last told of a packet (ns).
     pub lb_touched: u64,
@@ -179,6 +179,8 @@ pub struct FlowMeta {
     /// The rules that decided the flow (the source's outbound, the
     /// destination's inbound).
     pub rules: [RuleRef; 2],
+    /// The policy generation they were decided under (what names them).
+    pub rules_gen: u64,
     /// True for the direction that opened the connection.
     pub initiator: bool,
     /// What its records have covered so far.
@@ -281,6 +283,8 @@ pub struct FlowTable {
     /// timeout, are recorded (when it is on).
     log: Option<std::sync::Arc<FlowLog>>,
     /// Per slot, with a log: what it needs of the flow (empty without).
+    /// Reserved for the whole capacity when the log is set, so it never
+    /// grows (copying) under the worker.
     meta: Vec<FlowMeta>,
 }
 
@@ -329,9 +333,20 @@ impl FlowTable {
 
     /// Records the flows that leave the table, and long flows every active
     /// timeout, in `log` while it is on.
-    pub fn set_log(&mut self, log: std::sync::Arc<FlowLog>) {
-        self.log = Some(log);
+    /// False, and no records, when there is no memory for what the log
+    /// needs of each flow.
+    pub fn set_log(&mut self, log: std::sync::Arc<FlowLog>) -> bool {
+        let want = self.capacity.max(self.slots.len());
+        if self
+            .meta
+            .try_reserve_exact(want.saturating_sub(self.meta.len()))
+            .is_err()
+        {
+            return false;
+        }
         self.meta.resize(self.slots.len(), FlowMeta::default());
+        self.log = Some(log);
+        true
     }
 
     /// Queues a record of slot `s`'s flow, for `end` at `now`, of what it
@@ -367,7 +382,7 @@ impl FlowTable {
             bytes: e.bytes.saturating_sub(m.reported.bytes),
             rules: m.rules,
             initiator: m.initiator,
-            generation: e.generation,
+            generation: m.rules_gen,
         });
         m.reported = Reported {
             from: now,
@@ -487,7 +502,8 @@ impl FlowTable {
 
     /// [`FlowTable::insert`], with what the flow log needs of the flow
     /// (kept only while the table has a log; a replaced flow keeps what
-    /// its records covered).
+    /// its records covered, and its rules when it was decided again
+    /// without the security groups: a tracked connection's is).
     pub fn insert_meta(
         &mut self,
         in_port: u16,
@@ -504,6 +520,9 @@ impl FlowTable {
             }
             if let Some(m) = self.meta.get_mut(s as usize) {
                 meta.reported = m.reported;
+                if meta.rules.iter().all(|r| !r.is_some()) {
+                    (meta.rules, meta.rules_gen) = (m.rules, m.rules_gen);
+                }
                 *m = meta;
             }
             return Insert::Replaced;
@@ -616,7 +635,7 @@ impl FlowTable {
 
     /// Records every flow in the flow log (when it is on) as ended by
     /// force at `now`, leaving the table as it is: its process stops.
-    /// `between` runs every 4096 flows, to take the records out before
+    /// `between` runs every 4096 slots, to take the records out before
     /// the log's queue fills.
     pub fn report_all(&mut self, now: u64, mut between: impl FnMut()) {
         if self.log.as_ref().is_none_or(|l| l.active_ns().is_none()) {
@@ -694,9 +713,11 @@ impl FlowTable {
                 };
                 let limit = if s.entry.closing { closing } else { idle };
                 if now.saturating_sub(s.entry.last_seen) <= limit {
-                    // (A closing flow's record comes soon, at its end.)
-                    let from = self.meta.get(at).map_or(now, |m| m.reported.from);
-                    if !s.entry.closing && active.is_some_and(|a| now.saturating_sub(from) > a) {
+                    let due = active.is_some_and(|a| {
+                        let from = self.meta.get(at).map_or(now, |m| m.reported.from);
+                        now.saturating_sub(from) > a
+                    });
+                    if due {
                         self.report(at as u32, FlowEnd::Active, now);
                     }
                 } else {
@@ -1017,6 +1038,7 @@ mod tests {
                 },
                 RuleRef::NONE,
             ],
+            rules_gen: 7,
             initiator: true,
             reported: Reported {
                 from,
@@ -1080,24 +1102,48 @@ mod tests {
             (r.end, r.packets, r.bytes, r.first_ns),
             (FlowEnd::Idle, 1, 100, 70)
         );
-        // A flow reported while active ends with a record even when it
-        // carried nothing since; a closing flow is not reported active.
+        // A flow reported while active, closing or not, ends with a record
+        // even when it carried nothing since.
         t.insert_meta(0, key(10), entry(600), meta(600));
         t.insert_meta(0, key(11), entry(600), meta(600));
         for k in [10, 11] {
             let e = t.get_mut(0, &key(k)).unwrap();
             (e.packets, e.bytes, e.last_seen, e.closing) = (2, 20, 655, k == 11);
         }
+        let mut pop_sorted = || {
+            let mut got: Vec<_> = std::iter::from_fn(|| log.pop())
+                .map(|r| (r.key.src_port, r.end, r.packets))
+                .collect();
+            got.sort_by_key(|g| g.0);
+            got
+        };
         assert_eq!(t.expire(660), 0);
-        let r = log.pop().unwrap();
-        assert_eq!((r.key.src_port, r.end, r.packets), (10, FlowEnd::Active, 2));
-        assert!(log.is_empty());
+        assert_eq!(
+            pop_sorted(),
+            [(10, FlowEnd::Active, 2), (11, FlowEnd::Active, 2)]
+        );
         assert_eq!(t.expire(800), 2);
-        let mut got: Vec<_> = std::iter::from_fn(|| log.pop())
-            .map(|r| (r.key.src_port, r.end, r.packets))
-            .collect();
-        got.sort_by_key(|g| g.0);
-        assert_eq!(got, [(10, FlowEnd::Idle, 0), (11, FlowEnd::Closed, 2)]);
+        assert_eq!(
+            pop_sorted(),
+            [(10, FlowEnd::Idle, 0), (11, FlowEnd::Closed, 0)]
+        );
+        // Decided again without the security groups (a tracked
+        // connection's flow under a new policy), a flow keeps its rules
+        // and the generation that names them.
+        t.insert_meta(0, key(12), entry(900), meta(900));
+        let again = FlowMeta {
+            rules: [RuleRef::NONE; 2],
+            rules_gen: 9,
+            ..meta(950)
+        };
+        assert_eq!(
+            t.insert_meta(0, key(12), entry(950), again),
+            Insert::Replaced
+        );
+        t.get_mut(0, &key(12)).unwrap().packets = 1;
+        assert!(t.remove(0, &key(12)).is_some());
+        let r = log.pop().unwrap();
+        assert_eq!((r.rules[0].rule, r.generation), (3, 7));
         assert!(log.is_empty());
     }
 

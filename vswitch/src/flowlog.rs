@@ -89,7 +89,7 @@ pub struct FlowRecord {
     pub last_ns: u64,
     /// Packets it covers.
     pub packets: u64,
-    /// Bytes of those packets, whole frames.
+    /// IP bytes of those packets.
     pub bytes: u64,
     /// The rules that decided it: the source VM's outbound rule, the
     /// destination VM's inbound rule.
@@ -97,17 +97,38 @@ pub struct FlowRecord {
     /// True for the direction that opened the connection, false for its
     /// replies.
     pub initiator: bool,
-    /// The policy generation it was decided under.
+    /// The policy generation its rules were decided under (what names
+    /// them).
     pub generation: u64,
 }
+
+/// Denied first packets a worker records at most, a second (after a burst
+/// of as many): a flood of denied packets, each a record (nothing is
+/// installed for them), must not crowd the flows' records out of the
+/// queue. The rest are counted.
+pub const DENIED_RECORDS_PER_SEC: u64 = 1000;
 
 /// Flow-log counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FlowLogStats {
     /// Records the workers queued.
     pub queued: u64,
-    /// Records lost because the queue was full.
+    /// Records lost: the queue was full, or the log was turned off with
+    /// them unsent.
     pub lost: u64,
+    /// Denied packets not recorded: over a worker's
+    /// [`DENIED_RECORDS_PER_SEC`].
+    pub suppressed: u64,
+}
+
+/// The counters, on a cache line of their own (the workers write them;
+/// `active_ns`, which every record reads, stays apart).
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Counters {
+    queued: AtomicU64,
+    lost: AtomicU64,
+    suppressed: AtomicU64,
 }
 
 /// The queue of records between the workers and the control thread, and
@@ -118,8 +139,7 @@ pub struct FlowLog {
     /// 0: no records are made; otherwise the active timeout (ns), the
     /// longest a flow goes without a record.
     active_ns: AtomicU64,
-    queued: AtomicU64,
-    lost: AtomicU64,
+    counts: Counters,
 }
 
 impl FlowLog {
@@ -128,8 +148,7 @@ impl FlowLog {
         std::sync::Arc::new(FlowLog {
             queue: ArrayQueue::new(records.max(1)),
             active_ns: AtomicU64::new(0),
-            queued: AtomicU64::new(0),
-            lost: AtomicU64::new(0),
+            counts: Counters::default(),
         })
     }
 
@@ -152,9 +171,21 @@ impl FlowLog {
     /// Queues `r`, or counts it lost when the queue is full.
     pub fn push(&self, r: FlowRecord) {
         if self.queue.push(r).is_ok() {
-            self.queued.fetch_add(1, Ordering::Relaxed);
+            self.counts.queued.fetch_add(1, Ordering::Relaxed);
         } else {
-            self.lost.fetch_add(1, Ordering::Relaxed);
+            self.counts.lost.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a denied packet not recorded (over the rate).
+    pub fn suppressed(&self) {
+        self.counts.suppressed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Empties the queue, counting what it held as lost: the log is off.
+    pub fn discard(&self) {
+        while self.queue.pop().is_some() {
+            self.counts.lost.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -176,8 +207,9 @@ impl FlowLog {
     /// Counters.
     pub fn stats(&self) -> FlowLogStats {
         FlowLogStats {
-            queued: self.queued.load(Ordering::Relaxed),
-            lost: self.lost.load(Ordering::Relaxed),
+            queued: self.counts.queued.load(Ordering::Relaxed),
+            lost: self.counts.lost.load(Ordering::Relaxed),
+            suppressed: self.counts.suppressed.load(Ordering::Relaxed),
         }
     }
 }
@@ -212,7 +244,14 @@ mod tests {
         for p in 0..5 {
             log.push(record(p));
         }
-        assert_eq!(log.stats(), FlowLogStats { queued: 2, lost: 3 });
+        assert_eq!(
+            log.stats(),
+            FlowLogStats {
+                queued: 2,
+                lost: 3,
+                suppressed: 0
+            }
+        );
         assert_eq!(log.pop().map(|r| r.in_port), Some(0));
         assert_eq!(log.pop().map(|r| r.in_port), Some(1));
         assert!(log.pop().is_none());

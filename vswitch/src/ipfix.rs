@@ -176,16 +176,18 @@ impl Exporter {
         self.sequence
     }
 
-    /// A message at `export_s` (seconds since the Unix epoch) holding the
-    /// flow templates and the options templates, with the names of the
-    /// interfaces (`(interface, name)`) and VRFs, as data of the latter
-    /// (data records: they count in the sequence).
+    /// Messages at `export_s` (seconds since the Unix epoch) holding the
+    /// flow templates and the options templates, then the names of the
+    /// interfaces (`(interface, name)`) and VRFs as data of the latter
+    /// (data records: they count in the sequence), as many a message as
+    /// fit in the largest size.
     pub fn templates(
         &mut self,
         export_s: u32,
         ifs: &[(u32, &str)],
         vrfs: &[(u32, &str)],
-    ) -> Vec<u8> {
+    ) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
         let mut m = self.header(export_s);
         // Template set.
         let set = begin_set(&mut m, 2);
@@ -222,26 +224,42 @@ impl Exporter {
             put16(&mut m, VARLEN);
         }
         end_set(&mut m, set);
+        let mut rec = Vec::with_capacity(4 + MAX_STR + 3);
         for (id, names) in [(TEMPLATE_IFNAME, ifs), (TEMPLATE_VRFNAME, vrfs)] {
-            if names.is_empty() {
-                continue;
-            }
-            let set = begin_set(&mut m, id);
+            let mut set = None;
             for (n, name) in names {
-                m.extend_from_slice(&n.to_be_bytes());
-                put_str(&mut m, name);
+                rec.clear();
+                rec.extend_from_slice(&n.to_be_bytes());
+                put_str(&mut rec, name);
+                let set_room = if set.is_some() { 0 } else { 4 };
+                if m.len() + set_room + rec.len() > self.max {
+                    if let Some(at) = set.take() {
+                        end_set(&mut m, at);
+                    }
+                    finish(&mut m);
+                    out.push(std::mem::replace(&mut m, self.header(export_s)));
+                }
+                if set.is_none() {
+                    set = Some(begin_set(&mut m, id));
+                }
+                m.extend_from_slice(&rec);
                 self.sequence = self.sequence.wrapping_add(1);
             }
-            end_set(&mut m, set);
+            if let Some(at) = set {
+                end_set(&mut m, at);
+            }
         }
         finish(&mut m);
-        m
+        out.push(m);
+        out
     }
 
     /// Messages at `export_s` holding `records` (as many a message as fit
-    /// in the largest size), numbered on from the records sent before.
-    pub fn data(&mut self, export_s: u32, records: &[Record<'_>]) -> Vec<Vec<u8>> {
+    /// in the largest size), numbered on from the records sent before;
+    /// each with how many records it holds.
+    pub fn data(&mut self, export_s: u32, records: &[Record<'_>]) -> Vec<(Vec<u8>, u64)> {
         let mut out = Vec::new();
+        let mut held = 0;
         let mut m = self.header(export_s);
         let mut set: Option<(u16, usize)> = None;
         let mut rec = Vec::with_capacity(256);
@@ -258,7 +276,8 @@ impl Exporter {
                     end_set(&mut m, at);
                 }
                 finish(&mut m);
-                out.push(std::mem::replace(&mut m, self.header(export_s)));
+                let full = std::mem::replace(&mut m, self.header(export_s));
+                out.push((full, std::mem::take(&mut held)));
             }
             if set.is_none_or(|(s, _)| s != id) {
                 if let Some((_, at)) = set.take() {
@@ -267,14 +286,15 @@ impl Exporter {
                 set = Some((id, begin_set(&mut m, id)));
             }
             m.extend_from_slice(&rec);
+            held += 1;
             self.sequence = self.sequence.wrapping_add(1);
         }
         if let Some((_, at)) = set {
             end_set(&mut m, at);
         }
-        if m.len() > HEADER {
+        if held > 0 {
             finish(&mut m);
-            out.push(m);
+            out.push((m, held));
         }
         out
     }
@@ -333,20 +353,19 @@ fn put16(m: &mut Vec<u8>, v: u16) {
     m.extend_from_slice(&v.to_be_bytes());
 }
 
-/// A variable-length string (RFC 7011 section 7): one length byte, or 255
-/// and two; cut to 1024 bytes at a character boundary.
+/// The longest string sent (bytes): a record with four of them stays well
+/// within a message.
+const MAX_STR: usize = 250;
+
+/// A variable-length string (RFC 7011 section 7): its length in one byte
+/// (it is cut to [`MAX_STR`] bytes at a character boundary).
 fn put_str(m: &mut Vec<u8>, s: &str) {
-    let mut end = s.len().min(1024);
+    let mut end = s.len().min(MAX_STR);
     while !s.is_char_boundary(end) {
         end -= 1;
     }
     let b = s.as_bytes().get(..end).unwrap_or_default();
-    if b.len() < 255 {
-        m.push(b.len() as u8);
-    } else {
-        m.push(255);
-        put16(m, b.len() as u16);
-    }
+    m.push(b.len() as u8);
     m.extend_from_slice(b);
 }
 
@@ -424,7 +443,8 @@ mod tests {
     fn a_record_is_laid_out_as_its_template_says() {
         let mut x = Exporter::new(7, 32473, 1400);
         let t = x.templates(99, &[(1, "dip1")], &[(1, "a")]);
-        let s = sets(&t);
+        assert_eq!(t.len(), 1);
+        let s = sets(&t[0]);
         assert_eq!(
             s.iter().map(|s| s.0).collect::<Vec<_>>(),
             [2, 3, TEMPLATE_IFNAME, TEMPLATE_VRFNAME]
@@ -442,7 +462,8 @@ mod tests {
             )],
         );
         assert_eq!(msgs.len(), 1);
-        let m = &msgs[0];
+        let (m, held) = &msgs[0];
+        assert_eq!(*held, 1);
         // Export time, sequence 2 (the names are data records), domain 7.
         assert_eq!(&m[4..16], &[0, 0, 0, 100, 0, 0, 0, 2, 0, 0, 0, 7]);
         let s = sets(m);
@@ -479,8 +500,9 @@ mod tests {
         let msgs = x.data(1, &rs);
         assert!(msgs.len() > 1);
         let mut seen = 0;
-        for m in &msgs {
+        for (m, held) in &msgs {
             assert!(m.len() <= 600, "{}", m.len());
+            let before = seen;
             for (id, _) in sets(m) {
                 assert!(id == TEMPLATE_V4 || id == TEMPLATE_V6);
             }
@@ -498,20 +520,45 @@ mod tests {
                     while at < body.len() {
                         at += fixed;
                         for _ in 0..4 {
-                            let l = body[at];
-                            at += 1 + if l == 255 {
-                                2 + usize::from(u16_at(body, at + 1))
-                            } else {
-                                usize::from(l)
-                            };
+                            // (Names are cut to 250 bytes: one length byte.)
+                            assert!(body[at] <= 250);
+                            at += 1 + usize::from(body[at]);
                         }
                         n += 1;
                     }
                     n
                 })
                 .sum::<u32>();
+            assert_eq!(u64::from(seen - before), *held);
         }
         assert_eq!(seen, 20);
         assert_eq!(x.sequence(), 20);
+    }
+
+    #[test]
+    fn many_names_take_several_messages() {
+        let mut x = Exporter::new(1, 32473, 600);
+        let names: Vec<String> = (0..40).map(|i| format!("{i:0>50}")).collect();
+        let ifs: Vec<(u32, &str)> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (i as u32 + 1, n.as_str()))
+            .collect();
+        let msgs = x.templates(1, &ifs, &[(1, "a")]);
+        assert!(msgs.len() > 3, "{}", msgs.len());
+        let mut seen = 0;
+        for (i, m) in msgs.iter().enumerate() {
+            assert!(m.len() <= 600, "{}", m.len());
+            assert_eq!(u32::from_be_bytes([m[8], m[9], m[10], m[11]]), seen);
+            for (id, body) in sets(m) {
+                match id {
+                    2 | 3 => assert_eq!(i, 0, "templates come first"),
+                    TEMPLATE_IFNAME => seen += (body.len() / (4 + 1 + 50)) as u32,
+                    TEMPLATE_VRFNAME => seen += 1,
+                    _ => panic!("set {id}"),
+                }
+            }
+        }
+        assert_eq!((seen, x.sequence()), (41, 41));
     }
 }

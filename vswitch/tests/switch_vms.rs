@@ -674,7 +674,8 @@ fn flow_logs_record_both_directions_and_denials_with_their_rules() {
     // web's inbound allow of 8080.
     assert_eq!(rule(f.rules[0]).0, "client");
     assert_eq!(rule(f.rules[1]), ("web".into(), 100));
-    assert!(f.packets >= 3 && f.bytes > f.packets * 54, "{f:?}");
+    // IP bytes: at least 40 a TCP packet.
+    assert!(f.packets >= 3 && f.bytes > f.packets * 40, "{f:?}");
     assert!(f.first_ns <= f.last_ns);
     let back: Vec<_> = got
         .iter()

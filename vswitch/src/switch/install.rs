@@ -59,19 +59,25 @@ impl<B: PacketBuf> Switch<B> {
         // connection's replies).
         let rules = self.decided.get().0;
         let opened = fwd.lb.is_none_or(|r| r.dir == Dir::Orig);
+        // A flow's first hit tells the load balancer (a reply's first
+        // packet confirms its connection; a Mux's one-way connection is
+        // confirmed by the client's first hit): the forward flow, which
+        // counts the packet being decided, is installed as due for it.
+        let due = now.saturating_sub(self.lb_touch_ns + 1);
         let e = |action, (packets, bytes)| FlowEntry {
             action,
             generation: gen_,
             vip,
             vip_epoch,
             last_seen: now,
-            lb_touched: now,
+            lb_touched: if packets > 0 { due } else { now },
             packets,
             bytes,
             closing,
         };
         let meta = |initiator| crate::flow::FlowMeta {
             rules,
+            rules_gen: gen_,
             initiator,
             reported: crate::flow::Reported {
                 from: now,

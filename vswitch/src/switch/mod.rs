@@ -183,8 +183,27 @@ pub struct Switch<B = dataplane::pool::PoolBuf> {
     /// denying one was asked about: for the flows installed and the flow
     /// log's denied records.
     decided: std::cell::Cell<([crate::flowlog::RuleRef; 2], Option<dataplane::FlowKey>)>,
-    /// The length of the packet on the slow path: its flow counts it.
+    /// The IP length of the packet on the slow path: its flow counts it.
     first_len: u64,
+    /// The token bucket of denied packets' records (a time, as
+    /// `icmp_bucket`).
+    deny_bucket: u64,
+}
+
+/// Takes one token from `bucket`, refilled at `per_sec` a second up to
+/// `burst`; false when it is empty. The bucket is a time (ns): its tokens
+/// are what lies between it and `now`.
+fn take_token(bucket: &mut u64, now: u64, per_sec: u64, burst: u64) -> bool {
+    let per = 1_000_000_000 / per_sec.max(1);
+    let floor = now.saturating_sub(burst * per);
+    if *bucket < floor {
+        *bucket = floor;
+    }
+    if *bucket + per > now {
+        return false;
+    }
+    *bucket += per;
+    true
 }
 
 /// A source of empty buffers for packets the switch makes itself (ARP
@@ -239,6 +258,7 @@ impl<B: PacketBuf> Switch<B> {
             flow_log: None,
             decided: std::cell::Cell::new(([crate::flowlog::RuleRef::NONE; 2], None)),
             first_len: 0,
+            deny_bucket: 0,
             cfg,
         }
     }
@@ -461,19 +481,8 @@ impl<B: PacketBuf> Switch<B> {
     /// from the wire have a bucket of their own: the wire cannot spend
     /// what the VMs' path-MTU discovery needs.
     fn icmp_budget(&mut self, now: u64, wire: bool) -> bool {
-        let per = 1_000_000_000 / ICMP_ERRORS_PER_SEC;
-        let full = ICMP_ERROR_BURST * per;
-        // The bucket is a time: tokens are what lies between it and now.
         let bucket = &mut self.icmp_bucket[usize::from(wire)];
-        let floor = now.saturating_sub(full);
-        if *bucket < floor {
-            *bucket = floor;
-        }
-        if *bucket + per > now {
-            return false;
-        }
-        *bucket += per;
-        true
+        take_token(bucket, now, ICMP_ERRORS_PER_SEC, ICMP_ERROR_BURST)
     }
 
     /// Drops `pkt`, counting `r` in the switch's counters (which name
@@ -613,7 +622,8 @@ impl<B: PacketBuf> Switch<B> {
             (pk, hash, hint)
         };
         let flags = tcp_flags(pkt.data(), pk);
-        let len = pkt.len() as u64;
+        // Flows count IP bytes, as flow records do.
+        let len = u64::from(pk.ip_len());
         if let Some(e) = self.flows.entry_for(hint, hash, in_port16, &pk.key) {
             // A SYN opens a connection: connection tracking decides it,
             // whatever the cached flow says (a new connection on a reused
@@ -644,7 +654,9 @@ impl<B: PacketBuf> Switch<B> {
                 // `lb` lies in the slot's third cache line, which a hit
                 // otherwise does not read.
                 // And on a flow's first hit: a reply's first packet is what
-                // confirms a connection to the tracker (no longer embryonic).
+                // confirms a connection to the tracker (no longer embryonic;
+                // a forward flow, which counts its first packet at install,
+                // is installed as due instead).
                 if closing || e.packets == 1 || now.saturating_sub(e.lb_touched) > self.lb_touch_ns
                 {
                     e.lb_touched = now;
@@ -703,7 +715,7 @@ impl<B: PacketBuf> Switch<B> {
         }
         tally.1 += 1;
         let t = self.clock.now();
-        self.first_len = pkt.len() as u64;
+        self.first_len = u64::from(pk.ip_len());
         let decided = self.slow(policy, pkt.data_mut(), pk, in_port16, now);
         self.slow_ticks += self.clock.now().wrapping_sub(t);
         self.live_decided(&decided);
@@ -772,12 +784,19 @@ impl<B: PacketBuf> Switch<B> {
     }
 
     /// Records in the flow log (if on) a first packet the security groups
-    /// denied: nothing was installed for it.
+    /// denied: nothing was installed for it. At most
+    /// `DENIED_RECORDS_PER_SEC` a second (after a burst of as many); the
+    /// rest are counted.
     #[cold]
-    fn log_denied(&self, policy: &Policy, in_port: u16, pk: &Parsed, now: u64) {
+    fn log_denied(&mut self, policy: &Policy, in_port: u16, pk: &Parsed, now: u64) {
+        use crate::flowlog::DENIED_RECORDS_PER_SEC as RATE;
         let Some(log) = self.flow_log.as_ref().filter(|l| l.active_ns().is_some()) else {
             return;
         };
+        if !take_token(&mut self.deny_bucket, now, RATE, RATE) {
+            log.suppressed();
+            return;
+        }
         let (rules, asked) = self.decided.get();
         log.push(crate::flowlog::FlowRecord {
             end: crate::flowlog::FlowEnd::Denied,
