@@ -624,7 +624,14 @@ impl<B: PacketBuf> Switch<B> {
         let flags = tcp_flags(pkt.data(), pk);
         // Flows count IP bytes, as flow records do.
         let len = u64::from(pk.ip_len());
-        if let Some(e) = self.flows.entry_for(hint, hash, in_port16, &pk.key) {
+        // (ARP's key is its addresses: it must not take the flow of an IP
+        // packet of protocol 0 between them.)
+        let cached = if pk.is_ip() {
+            self.flows.entry_for(hint, hash, in_port16, &pk.key)
+        } else {
+            None
+        };
+        if let Some(e) = cached {
             // A SYN opens a connection: connection tracking decides it,
             // whatever the cached flow says (a new connection on a reused
             // port, whose old one closed or timed out while its flows
