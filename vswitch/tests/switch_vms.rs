@@ -643,11 +643,15 @@ fn flow_logs_record_both_directions_and_denials_with_their_rules() {
     // finds them within about a second).
     let mut got: Vec<FlowRecord> = Vec::new();
     let log = net.flow_log.clone();
-    net.run(Duration::from_secs(10), |_| {
+    let done = net.run(Duration::from_secs(10), |_| {
         got.extend(std::iter::from_fn(|| log.pop()));
         got.iter().filter(|r| r.end == FlowEnd::Closed).count() >= 2
             && got.iter().any(|r| r.end == FlowEnd::Denied)
     });
+    assert!(
+        done,
+        "no records of both directions and the denial: {got:#?}"
+    );
     assert_eq!(net.vms[c].state(ssh), tcp::State::SynSent);
     let p = net.policy.load();
     let rule = |r: vswitch::flowlog::RuleRef| {
