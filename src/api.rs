@@ -308,7 +308,7 @@ pub struct Flow {
     pub nat_dst: Option<String>,
     /// Packets so far.
     pub packets: u64,
-    /// Bytes so far.
+    /// IP bytes so far (no link-layer header).
     pub bytes: u64,
     /// The policy generation that decided it.
     pub generation: u64,
@@ -998,7 +998,8 @@ pub struct IpfixView {
     pub records_lost: u64,
     /// Denied packets not recorded: over a worker's 1000 a second.
     pub records_suppressed: u64,
-    /// Records the socket refused or timed out on.
+    /// Records not sent: in a message the socket refused or timed out
+    /// on, or after one in the same turn.
     pub records_unsent: u64,
     /// Records waiting to be sent.
     pub records_waiting: u64,
@@ -1006,7 +1007,7 @@ pub struct IpfixView {
     pub records_sent: u64,
     /// Messages sent (templates too).
     pub messages_sent: u64,
-    /// Messages the socket refused (their records are lost).
+    /// Messages the socket refused or timed out on (see `records_unsent`).
     pub send_errors: u64,
     /// The last error, if any.
     pub last_error: Option<String>,

@@ -64,7 +64,7 @@ pub fn render(
         errors.inc_by(ipfix.send_errors);
         reg.register(
             "pollux_ipfix_send_errors",
-            "IPFIX messages the socket refused (their records are lost)",
+            "IPFIX messages the socket refused or timed out on (their records, and the rest of that turn's, counted unsent)",
             errors,
         );
     }

@@ -39,6 +39,8 @@ pub struct Export {
     templates_at: Option<Instant>,
     /// When to try again to open a socket to the collector.
     retry_at: Option<Instant>,
+    /// A send failed while draining at the end: the rest is not tried.
+    given_up: bool,
     /// Counters.
     pub stats: ExportStats,
 }
@@ -67,6 +69,7 @@ impl Default for Export {
             out: None,
             templates_at: None,
             retry_at: None,
+            given_up: false,
             stats: ExportStats::default(),
         }
     }
@@ -121,11 +124,14 @@ impl Export {
                 self.log.set(None);
                 self.retry_at = Some(Instant::now() + RETRY);
                 let why = format!(
-                    "ipfix: no socket to collector {} (tried again in {} s): {e}",
+                    "ipfix: no socket to collector {} (tried again every {} s): {e}",
                     c.collector,
                     RETRY.as_secs()
                 );
-                tracing::warn!("{why}");
+                // Logged once, not at every try.
+                if self.stats.last_error.as_ref() != Some(&why) {
+                    tracing::warn!("{why}");
+                }
                 self.stats.last_error = Some(why);
             }
         }
@@ -234,11 +240,19 @@ pub fn step(state: &ControlState, rt: &mut Runtime) {
     }
 }
 
-/// Sends every record waiting (the process stops).
+/// Sends every record waiting (the process stops); once a send fails,
+/// the rest are counted unsent without waiting on the socket again.
 pub fn drain(state: &ControlState, rt: &mut Runtime) {
     while !rt.ipfix.log.is_empty() {
-        let before = rt.ipfix.log.len();
+        if rt.ipfix.given_up {
+            while rt.ipfix.log.pop().is_some() {
+                rt.ipfix.stats.unsent += 1;
+            }
+            break;
+        }
+        let (before, errors) = (rt.ipfix.log.len(), rt.ipfix.stats.send_errors);
         step(state, rt);
+        rt.ipfix.given_up = rt.ipfix.stats.send_errors > errors;
         if rt.ipfix.log.len() >= before {
             break;
         }

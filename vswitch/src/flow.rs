@@ -179,7 +179,9 @@ pub struct FlowMeta {
     /// The rules that decided the flow (the source's outbound, the
     /// destination's inbound).
     pub rules: [RuleRef; 2],
-    /// The policy generation they were decided under (what names them).
+    /// The policy generation they were decided under (what names them);
+    /// 0 when the groups were not consulted (a tracked connection decided
+    /// again: a flow replaced so keeps the rules it had).
     pub rules_gen: u64,
     /// True for the direction that opened the connection.
     pub initiator: bool,
@@ -283,9 +285,11 @@ pub struct FlowTable {
     /// timeout, are recorded (when it is on).
     log: Option<std::sync::Arc<FlowLog>>,
     /// Per slot, with a log: what it needs of the flow (empty without).
-    /// Reserved for the whole capacity when the log is set, so it never
-    /// grows (copying) under the worker.
-    meta: Vec<FlowMeta>,
+    /// Its address space is reserved for the whole capacity, as the
+    /// slab's, so it never moves under the worker; pages are committed as
+    /// they are first written. Filled by slot number: a slot beyond it
+    /// (no memory) has no records.
+    meta: HugeVec<FlowMeta>,
 }
 
 impl FlowTable {
@@ -327,26 +331,29 @@ impl FlowTable {
             stats: FlowStats::default(),
             cursor: 0,
             log: None,
-            meta: Vec::new(),
+            meta: HugeVec::default(),
         }
     }
 
     /// Records the flows that leave the table, and long flows every active
     /// timeout, in `log` while it is on.
-    /// False, and no records, when there is no memory for what the log
-    /// needs of each flow.
-    pub fn set_log(&mut self, log: std::sync::Arc<FlowLog>) -> bool {
-        let want = self.capacity.max(self.slots.len());
-        if self
-            .meta
-            .try_reserve_exact(want.saturating_sub(self.meta.len()))
-            .is_err()
+    pub fn set_log(&mut self, log: std::sync::Arc<FlowLog>) {
+        if self.meta.capacity() < self.capacity
+            && let Ok(m) = HugeVec::with_capacity(self.capacity)
         {
-            return false;
+            self.meta = m;
         }
-        self.meta.resize(self.slots.len(), FlowMeta::default());
+        self.meta_up_to(self.slots.len());
         self.log = Some(log);
-        true
+    }
+
+    /// Fills `meta` up to `n` slots (as far as there is memory).
+    fn meta_up_to(&mut self, n: usize) {
+        while self.meta.len() < n {
+            if self.meta.push(FlowMeta::default()).is_err() {
+                break;
+            }
+        }
     }
 
     /// Queues a record of slot `s`'s flow, for `end` at `now`, of what it
@@ -520,7 +527,7 @@ impl FlowTable {
             }
             if let Some(m) = self.meta.get_mut(s as usize) {
                 meta.reported = m.reported;
-                if meta.rules.iter().all(|r| !r.is_some()) {
+                if meta.rules_gen == 0 {
                     (meta.rules, meta.rules_gen) = (m.rules, m.rules_gen);
                 }
                 *m = meta;
@@ -561,10 +568,14 @@ impl FlowTable {
                     return Insert::Full;
                 }
                 self.live.push(true);
+                let s = self.slots.len() - 1;
                 if self.log.is_some() {
-                    self.meta.push(meta);
+                    self.meta_up_to(s + 1);
+                    if let Some(m) = self.meta.get_mut(s) {
+                        *m = meta;
+                    }
                 }
-                (self.slots.len() - 1) as u32
+                s as u32
             }
         };
         // The index has room (checked above); were it refused all the same,
@@ -1010,6 +1021,12 @@ mod tests {
     }
 
     #[test]
+    fn the_flow_logs_data_is_48_bytes_a_slot() {
+        // (docs/config.md counts it in the flow table's memory.)
+        assert_eq!(std::mem::size_of::<FlowMeta>(), 48);
+    }
+
+    #[test]
     fn a_hit_touches_two_cache_lines_of_a_three_line_slot() {
         use std::mem::{offset_of, size_of};
         assert_eq!(size_of::<Slot>(), 192);
@@ -1110,7 +1127,7 @@ mod tests {
             let e = t.get_mut(0, &key(k)).unwrap();
             (e.packets, e.bytes, e.last_seen, e.closing) = (2, 20, 655, k == 11);
         }
-        let mut pop_sorted = || {
+        let pop_sorted = || {
             let mut got: Vec<_> = std::iter::from_fn(|| log.pop())
                 .map(|r| (r.key.src_port, r.end, r.packets))
                 .collect();
@@ -1133,7 +1150,7 @@ mod tests {
         t.insert_meta(0, key(12), entry(900), meta(900));
         let again = FlowMeta {
             rules: [RuleRef::NONE; 2],
-            rules_gen: 9,
+            rules_gen: 0,
             ..meta(950)
         };
         assert_eq!(

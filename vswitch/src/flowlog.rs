@@ -45,6 +45,19 @@ impl RuleRef {
     }
 }
 
+/// What the slow path's security groups decided a packet by, for the
+/// flows installed and the flow log's denied records.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Decided {
+    /// The source's outbound rule, the destination's inbound rule.
+    pub rules: [RuleRef; 2],
+    /// The key the denying group was asked about.
+    pub asked: Option<FlowKey>,
+    /// True when the groups were consulted (a tracked connection's later
+    /// packets are not: its flows keep the rules that admitted it).
+    pub judged: bool,
+}
+
 impl Default for RuleRef {
     fn default() -> Self {
         RuleRef::NONE

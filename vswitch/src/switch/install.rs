@@ -57,7 +57,7 @@ impl<B: PacketBuf> Switch<B> {
         // For the flow log: the rules that decided, and which side opened
         // the connection (the packet's, unless it belongs to a tracked
         // connection's replies).
-        let rules = self.decided.get().0;
+        let decided = self.decided.get();
         let opened = fwd.lb.is_none_or(|r| r.dir == Dir::Orig);
         // A flow's first hit tells the load balancer (a reply's first
         // packet confirms its connection; a Mux's one-way connection is
@@ -75,9 +75,11 @@ impl<B: PacketBuf> Switch<B> {
             bytes,
             closing,
         };
+        // (Rules of generation 0: the groups were not consulted; a flow
+        // decided again so keeps its own.)
         let meta = |initiator| crate::flow::FlowMeta {
-            rules,
-            rules_gen: gen_,
+            rules: decided.rules,
+            rules_gen: if decided.judged { gen_ } else { 0 },
             initiator,
             reported: crate::flow::Reported {
                 from: now,

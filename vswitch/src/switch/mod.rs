@@ -182,7 +182,7 @@ pub struct Switch<B = dataplane::pool::PoolBuf> {
     /// (the source's outbound, the destination's inbound), and the key the
     /// denying one was asked about: for the flows installed and the flow
     /// log's denied records.
-    decided: std::cell::Cell<([crate::flowlog::RuleRef; 2], Option<dataplane::FlowKey>)>,
+    decided: std::cell::Cell<crate::flowlog::Decided>,
     /// The IP length of the packet on the slow path: its flow counts it.
     first_len: u64,
     /// The token bucket of denied packets' records (a time, as
@@ -256,7 +256,7 @@ impl<B: PacketBuf> Switch<B> {
             tracing: false,
             live_end: std::cell::Cell::new(None),
             flow_log: None,
-            decided: std::cell::Cell::new(([crate::flowlog::RuleRef::NONE; 2], None)),
+            decided: std::cell::Cell::new(crate::flowlog::Decided::default()),
             first_len: 0,
             deny_bucket: 0,
             cfg,
@@ -804,7 +804,7 @@ impl<B: PacketBuf> Switch<B> {
             log.suppressed();
             return;
         }
-        let (rules, asked) = self.decided.get();
+        let crate::flowlog::Decided { rules, asked, .. } = self.decided.get();
         log.push(crate::flowlog::FlowRecord {
             end: crate::flowlog::FlowEnd::Denied,
             in_port,

@@ -134,6 +134,9 @@ impl<B: PacketBuf> Switch<B> {
         } else {
             "outbound"
         };
+        let mut decided = self.decided.get();
+        decided.judged = true;
+        self.decided.set(decided);
         let Some(n) = nsg.and_then(|i| p.nsgs.get(i).map(|c| (i, c))) else {
             self.note("acl", || {
                 format!("{way}: the VM has no security group: allowed")
@@ -147,9 +150,8 @@ impl<B: PacketBuf> Switch<B> {
             None => c.classify(key),
         };
         // What decided, for the flow log.
-        let (mut rules, mut asked) = self.decided.get();
         let side = usize::from(dir == Direction::In);
-        if let Some(r) = rules.get_mut(side) {
+        if let Some(r) = decided.rules.get_mut(side) {
             *r = crate::flowlog::RuleRef {
                 nsg: n.0 as u16,
                 dir: side as u8,
@@ -157,9 +159,9 @@ impl<B: PacketBuf> Switch<B> {
             };
         }
         if !v.is_some_and(|v| v.action == Action::Allow) {
-            asked = Some(*key);
+            decided.asked = Some(*key);
         }
-        self.decided.set((rules, asked));
+        self.decided.set(decided);
         self.note("acl", || {
             let group = &n.1.name;
             match v.and_then(|v| c.rules().get(v.rule)) {
@@ -191,7 +193,7 @@ impl<B: PacketBuf> Switch<B> {
         in_port: u16,
         now: u64,
     ) -> Result<Slow, SwitchDrop> {
-        self.decided.set(([crate::flowlog::RuleRef::NONE; 2], None));
+        self.decided.set(crate::flowlog::Decided::default());
         if let Some((dip, ip)) = p.dsr_on_port(in_port) {
             self.note("port", || {
                 format!(

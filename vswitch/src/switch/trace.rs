@@ -137,6 +137,7 @@ impl<B: PacketBuf> Switch<B> {
             TraceEnd::Drop(SwitchDrop::FragNoFirst)
         } else {
             let now = self.clock.ticks_to_ns(self.clock.now());
+            self.first_len = u64::from(pk.ip_len());
             match self.slow(&p, pkt.data_mut(), &pk, in_port, now) {
                 Ok(Slow::Forward(a)) => self.trace_out(&p, pkt, &pk, &a),
                 Ok(Slow::ProxySyn(a, seg, _)) => {
