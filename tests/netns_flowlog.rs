@@ -276,7 +276,7 @@ fn flow_logs_reach_nfdump_with_the_bytes_and_decisions() {
         &export_log,
     );
     let client_pcap = dir.join("client.pcap");
-    let client_dump = lab.capture("cl", "--immediate-mode -i eth0 tcp", &client_pcap);
+    let client_dump = lab.capture("cl", "-i eth0 tcp", &client_pcap);
     assert!(
         wait_for(Duration::from_secs(30), || {
             std::fs::metadata(&export).is_ok_and(|m| m.len() >= 24)

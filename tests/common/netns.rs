@@ -133,12 +133,17 @@ impl Lab {
     /// Starts tcpdump in namespace `tag` with `args` (interface, filter)
     /// writing to `pcap` packet by packet; returns (its child index) once
     /// it captures: tcpdump writes the file's header when its capture is
-    /// open.
+    /// open. In immediate mode: otherwise the kernel hands packets over a
+    /// block at a time, and what a block holds when tcpdump is stopped
+    /// never reaches the file.
     pub fn capture(&mut self, tag: &str, args: &str, pcap: &Path) -> usize {
         let log = pcap.with_extension("log");
         let idx = self.spawn(
             tag,
-            &format!("exec tcpdump -U -w {} {args}", pcap.display()),
+            &format!(
+                "exec tcpdump --immediate-mode -U -w {} {args}",
+                pcap.display()
+            ),
             &log,
         );
         let open = wait_for(Duration::from_secs(30), || {
