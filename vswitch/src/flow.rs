@@ -439,6 +439,10 @@ impl FlowTable {
             if let Some(slot) = self.slots.get(s as usize) {
                 platform::prefetch(&slot.key);
             }
+            // (And what the flow log keeps of it, written at install too.)
+            if let Some(m) = self.meta.get(s as usize) {
+                platform::prefetch(m);
+            }
         }
     }
 
