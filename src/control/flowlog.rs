@@ -55,7 +55,8 @@ pub struct ExportStats {
     pub unsent: u64,
     /// Messages sent (templates too).
     pub messages: u64,
-    /// Messages the socket refused (their records are lost).
+    /// Messages the socket refused or timed out on (their records, and
+    /// the rest of that turn's, counted in `unsent`).
     pub send_errors: u64,
     /// The last error, if any.
     pub last_error: Option<String>,
