@@ -70,6 +70,14 @@ impl<B> Batch<B> {
         self.pkts.drain(..)
     }
 
+    /// Empties the batch, handing each packet to `f` in order
+    /// ([`platform::drain_each`]: each moved out whole, which is cheaper per
+    /// packet than [`Batch::drain`]'s `Option`s).
+    #[inline(always)]
+    pub fn drain_each(&mut self, f: impl FnMut(B)) {
+        platform::drain_each(&mut self.pkts, f);
+    }
+
     /// The packets.
     pub fn as_slice(&self) -> &[B] {
         &self.pkts

@@ -38,10 +38,11 @@ pub const HAIRPIN_PORT: u16 = u16::MAX;
 pub struct FlowAction {
     /// Output port.
     pub out_port: u16,
+    /// New destination MAC (the destination VM's). The two MACs lie in
+    /// the frame's order: a hit copies them straight from here.
+    pub dst_mac: MacAddr,
     /// New source MAC (the vnet's gateway MAC).
     pub src_mac: MacAddr,
-    /// New destination MAC (the destination VM's).
-    pub dst_mac: MacAddr,
     /// The NAT and TTL rewrite compiled for this flow's key, with its
     /// checksum deltas (IPv4 TCP/UDP); `None` applies `nat` field by field.
     pub fast: Option<dataplane::rewrite::Transpose4>,
@@ -54,14 +55,15 @@ pub struct FlowAction {
 }
 
 impl FlowAction {
-    /// The Ethernet destination and source this action writes, as the first
-    /// 12 bytes of the frame.
-    #[inline]
-    pub fn macs(&self) -> [u8; 12] {
-        let mut m = [0u8; 12];
-        m[..6].copy_from_slice(&self.dst_mac.0);
-        m[6..].copy_from_slice(&self.src_mac.0);
-        m
+    /// Writes the Ethernet destination and source of this action into
+    /// `macs`, a frame's first 12 bytes. Straight from the action: an
+    /// array assembled on the stack from the two and then copied out whole
+    /// stalls the copy on store forwarding.
+    #[inline(always)]
+    pub fn write_macs(&self, macs: &mut [u8; 12]) {
+        let (dst, src) = macs.split_at_mut(6);
+        dst.copy_from_slice(&self.dst_mac.0);
+        src.copy_from_slice(&self.src_mac.0);
     }
 
     /// To VM `vm`, from the vnet's gateway MAC `gateway`.

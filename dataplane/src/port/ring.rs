@@ -199,15 +199,25 @@ impl<T> BurstRing<T> {
         let Some((head, n)) = Self::reserve(&self.prod_head.0, want, free) else {
             return 0;
         };
-        for (i, v) in batch.drain_front(n).enumerate() {
+        // The values are copied bit for bit from the batch's storage, then
+        // forgotten there (below), rather than moved out one `Option` at a
+        // time: a moved-out `Option<T>` of a multi-word `T` is stored in
+        // pieces (its niche word apart) and read back whole, which stalls
+        // store forwarding on every packet.
+        for (i, v) in batch.as_slice().iter().take(n).enumerate() {
             let slot = &self.slots[head.wrapping_add(i) & self.mask];
             // SAFETY: [head, head + n) was reserved by this thread alone (the
             // CAS in `reserve`), and it lies below cons_tail + capacity, so those
             // slots are free: their last reader published cons_tail past
             // them (acquired by `free`) and no reader may touch them before
-            // prod_tail passes them, which happens after these writes.
-            slot.with_mut(move |p| unsafe { (*p).write(v) });
+            // prod_tail passes them, which happens after these writes. `v`
+            // is a valid value; its copy becomes the slot's owner and the
+            // batch's original is forgotten below without being dropped or
+            // read (were this loop to unwind, the copies would lie in slots
+            // never published, so never read or dropped either).
+            slot.with_mut(|p| unsafe { (*p).write(std::ptr::read(v)) });
         }
+        batch.drain_front(n).for_each(std::mem::forget);
         Self::publish(&self.prod_tail.0, head, head.wrapping_add(n));
         n
     }

@@ -61,9 +61,9 @@ pub(super) fn check_and_rewrite(
             return Err(Stop::TooBig(m));
         }
     }
-    let r = match f.get_mut(0..12) {
+    let r = match f.first_chunk_mut::<12>() {
         Some(macs) => {
-            macs.copy_from_slice(&a.macs());
+            a.write_macs(macs);
             match a.fast {
                 // A fragment after the first has no transport header: only
                 // its addresses change.

@@ -567,67 +567,32 @@ impl<B: PacketBuf> Switch<B> {
 }
 
 impl<B: PacketBuf> Switch<B> {
-    /// One packet received on `in_port`; `owned` when placement already
-    /// chose this worker (a packet from the mailbox).
-    #[inline]
+    /// A packet of a flow cached here that it may follow as it is
+    /// (decided under this policy and, for a VIP's flow, that VIP's current
+    /// backend set; not a SYN): counted, the load balancer told of it when
+    /// due, transposed and queued. Any other packet is handed back, for the
+    /// rest of [`Switch::packet`]. Inlined into the burst's loop, so that a
+    /// hit never pays for `packet`'s frame; a later fragment goes through
+    /// `packet` first, for its first fragment's key.
+    #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    fn packet(
+    fn hit(
         &mut self,
         ctx: &mut Ctx<'_, B>,
         policy: &Policy,
-        in_port: usize,
-        mut pkt: B,
+        pkt: B,
+        (pk, hash, hint): Pre<'_>,
+        in_port: u16,
         now: u64,
-        owned: bool,
         tally: &mut (u64, u64, u64),
-        pre: Option<Pre<'_>>,
-    ) {
-        let in_port16 = in_port as u16;
-        let parsed;
-        // By reference: copying the parsed headers costs more than using them.
-        let (pk, hash, hint): (&Parsed, u64, _) = match pre {
-            Some(p) => p,
-            None => match parse(pkt.data(), in_port16) {
-                Ok(p) => {
-                    parsed = p;
-                    (&parsed, self.flows.hash(in_port16, &parsed.key), None)
-                }
-                Err(e) => {
-                    ctx.drop_packet(pkt, DropReason::Malformed(e));
-                    return;
-                }
-            },
-        };
-        // A later fragment has no ports: it takes its first fragment's flow
-        // key (hence its flow and decision); a first fragment is noted for
-        // them.
-        let later;
-        let (pk, hash, hint) = if pk.frag.is_later() {
-            let Some(key) = self.frags.find(pk, now) else {
-                self.drop_pkt(pkt, SwitchDrop::FragNoFirst);
-                return;
-            };
-            // The rest of an ICMP message that is no echo (an error, whose
-            // quote is in the first fragment) is never passed on alone.
-            if key.is_icmp() && key.dst_port == dataplane::key::ICMP_NOT_ECHO {
-                self.drop_pkt(pkt, SwitchDrop::IcmpUnrelated);
-                return;
-            }
-            later = Parsed { key, ..*pk };
-            (&later, self.flows.hash(in_port16, &key), None)
-        } else {
-            if pk.frag.is_first() {
-                self.frags.note(pk, now);
-            }
-            (pk, hash, hint)
-        };
+    ) -> Result<(), B> {
         let flags = tcp_flags(pkt.data(), pk);
         // Flows count IP bytes, as flow records do.
         let len = u64::from(pk.ip_len());
         // (ARP's key is its addresses: it must not take the flow of an IP
         // packet of protocol 0 between them.)
         let cached = if pk.is_ip() {
-            self.flows.entry_for(hint, hash, in_port16, &pk.key)
+            self.flows.entry_for(hint, hash, in_port, &pk.key)
         } else {
             None
         };
@@ -690,9 +655,70 @@ impl<B: PacketBuf> Switch<B> {
                 if let Some(b) = bounced {
                     self.bounce(ctx, policy, b, pk, now);
                 }
-                return;
+                return Ok(());
             }
         }
+        Err(pkt)
+    }
+
+    /// One packet received on `in_port`; `owned` when placement already
+    /// chose this worker (a packet from the mailbox).
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    fn packet(
+        &mut self,
+        ctx: &mut Ctx<'_, B>,
+        policy: &Policy,
+        in_port: usize,
+        pkt: B,
+        now: u64,
+        owned: bool,
+        tally: &mut (u64, u64, u64),
+        pre: Option<Pre<'_>>,
+    ) {
+        let in_port16 = in_port as u16;
+        let parsed;
+        // By reference: copying the parsed headers costs more than using them.
+        let (pk, hash, hint): (&Parsed, u64, _) = match pre {
+            Some(p) => p,
+            None => match parse(pkt.data(), in_port16) {
+                Ok(p) => {
+                    parsed = p;
+                    (&parsed, self.flows.hash(in_port16, &parsed.key), None)
+                }
+                Err(e) => {
+                    ctx.drop_packet(pkt, DropReason::Malformed(e));
+                    return;
+                }
+            },
+        };
+        // A later fragment has no ports: it takes its first fragment's flow
+        // key (hence its flow and decision); a first fragment is noted for
+        // them.
+        let later;
+        let (pk, hash, hint) = if pk.frag.is_later() {
+            let Some(key) = self.frags.find(pk, now) else {
+                self.drop_pkt(pkt, SwitchDrop::FragNoFirst);
+                return;
+            };
+            // The rest of an ICMP message that is no echo (an error, whose
+            // quote is in the first fragment) is never passed on alone.
+            if key.is_icmp() && key.dst_port == dataplane::key::ICMP_NOT_ECHO {
+                self.drop_pkt(pkt, SwitchDrop::IcmpUnrelated);
+                return;
+            }
+            later = Parsed { key, ..*pk };
+            (&later, self.flows.hash(in_port16, &key), None)
+        } else {
+            if pk.frag.is_first() {
+                self.frags.note(pk, now);
+            }
+            (pk, hash, hint)
+        };
+        let mut pkt = match self.hit(ctx, policy, pkt, (pk, hash, hint), in_port16, now, tally) {
+            Ok(()) => return,
+            Err(pkt) => pkt,
+        };
         // Not in this worker's table: only the connection's owner may decide
         // it (a hit needs no placement: only the owner installs flows).
         if !owned && pk.is_ip() {
@@ -1010,20 +1036,26 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
         if misses > 0 {
             self.flows.prefetch_free(2 * misses);
         }
-        for (i, pkt) in pkts.drain().enumerate() {
+        // (Each packet moved out whole: `drain_each`.)
+        let mut i = 0;
+        pkts.drain_each(|pkt| {
+            let at = i;
+            i += 1;
             let (Some(p), Some(h), Some(r), Some(st), Some(port), Some(no)) = (
-                parsed.get(i),
-                hash.get(i),
-                hint.get(i),
-                status.get(i),
-                ports.get(i),
-                refused.get(i),
+                parsed.get(at),
+                hash.get(at),
+                hint.get(at),
+                status.get(at),
+                ports.get(at),
+                refused.get(at),
             ) else {
-                break;
+                // (Cannot happen: a burst holds at most N packets.)
+                drop(pkt);
+                return;
             };
             if let Some(why) = no {
                 self.drop_pkt(pkt, *why);
-                continue;
+                return;
             }
             let port = usize::from(*port);
             match (st, &live) {
@@ -1044,6 +1076,23 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                         (p, *h, *r),
                     )
                 }
+                // Not a fragment: a hit is forwarded here.
+                (Ok(()), _) if !p.frag.is_first() && !p.frag.is_later() => {
+                    if let Err(pkt) =
+                        self.hit(ctx, &policy, pkt, (p, *h, *r), port as u16, now, &mut tally)
+                    {
+                        self.packet(
+                            ctx,
+                            &policy,
+                            port,
+                            pkt,
+                            now,
+                            false,
+                            &mut tally,
+                            Some((p, *h, *r)),
+                        )
+                    }
+                }
                 (Ok(()), _) => self.packet(
                     ctx,
                     &policy,
@@ -1056,7 +1105,7 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                 ),
                 (Err(e), _) => ctx.drop_packet(pkt, DropReason::Malformed(*e)),
             }
-        }
+        });
         if !self.looped.is_empty() {
             self.drain_looped(ctx, &policy, now, &mut tally);
         }
