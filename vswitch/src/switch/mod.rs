@@ -1013,7 +1013,8 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
         }
         // The packets that missed go through the slow path: start loading
         // their connection-table buckets (a VM's packets: its vnet's load
-        // balancer) and the flow-table slots their installs will take.
+        // balancer; for a VIP's, the reply key's too, and its reverse
+        // flow's bucket) and the flow-table slots their installs will take.
         let mut misses = 0;
         for (((r, p), st), port) in hint
             .iter()
@@ -1026,11 +1027,18 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                 continue;
             }
             misses += 1;
-            if let Some(l) = policy
-                .vm_on_port(*port)
-                .and_then(|(_, vm)| self.lb.get(vm.vnet))
+            let Some((_, vm)) = policy.vm_on_port(*port) else {
+                continue;
+            };
+            let (Some(l), Some(vnet)) = (self.lb.get(vm.vnet), policy.vnets.get(vm.vnet)) else {
+                continue;
+            };
+            // For a new connection to a VIP: the bucket of the reverse flow
+            // its install looks up too, keyed by the backend's port.
+            if let Some(reply) = l.prefetch_new(&vnet.vips, &p.key)
+                && let Some((_, be)) = policy.vm_by_addr(vm.vnet, reply.src_ip)
             {
-                l.prefetch(&p.key);
+                self.flows.prefetch_bucket(self.flows.hash(be.port, &reply));
             }
         }
         if misses > 0 {
