@@ -414,6 +414,12 @@ impl<V> ConnTable<V> {
             timeouts.push(Timeouts::default());
         }
         timeouts.truncate(usize::from(u8::MAX));
+        let mut slots = Vec::with_capacity(capacity);
+        // A million connections' slots are hundreds of MiB, reached at
+        // random (a flow telling its connection of traffic): on 2 MiB pages
+        // those accesses stop missing the TLB too. (A reservation that
+        // small or that the kernel refuses stays on small pages.)
+        platform::advise_huge(slots.spare_capacity_mut());
         ConnTable {
             // Two keys per connection, at most half full; its pages are
             // committed as they are first written. Without the memory for
@@ -423,7 +429,7 @@ impl<V> ConnTable<V> {
             // Keys come from packets: a per-table random seed keeps an
             // attacker from aiming them at one bucket.
             seed: Seed::random(),
-            slots: Vec::with_capacity(capacity),
+            slots,
             free: Vec::new(),
             heads: vec![NIL; LISTS * timeouts.len()],
             tails: vec![NIL; LISTS * timeouts.len()],

@@ -6,7 +6,8 @@
 //! [`HugeVec`] (a growable array of `Copy` values in an anonymous mapping
 //! that the kernel is asked to back with 2 MiB transparent huge pages) and
 //! [`drain_each`] (a burst's values moved out whole, not one `Option` at a
-//! time).
+//! time), and [`advise_huge`] (huge-page advice for a large array that
+//! lives elsewhere, such as a `Vec`'s reserved capacity).
 //!
 //! Must not touch: DPDK (that is `dpdk-sys`), packets, policy. Nothing here
 //! allocates on its own after construction except [`HugeVec::push`] past
@@ -68,6 +69,28 @@ pub fn drain_each<T, const N: usize>(v: &mut arrayvec::ArrayVec<T, N>, mut f: im
 
 /// The size of a transparent huge page on x86_64 and most aarch64 kernels.
 pub const HUGE_PAGE: usize = 2 << 20;
+
+/// Asks the kernel to back the whole 2 MiB pages that lie inside `s`'s
+/// memory with transparent huge pages (`MADV_HUGEPAGE`): for a large array
+/// that is allocated once and filled later, such as a `Vec`'s reserved
+/// capacity (`spare_capacity_mut`), whose pages then fault in 2 MiB at a
+/// time and whose random accesses stop missing the TLB. Advice only: the
+/// memory and its contents are unchanged. True when the kernel took it;
+/// false when it refused, or when `s` spans no whole huge page (a small
+/// array, or one the allocator did not place in a mapping of its own).
+pub fn advise_huge<T>(s: &[T]) -> bool {
+    let start = s.as_ptr() as usize;
+    let end = start + std::mem::size_of_val(s);
+    let from = start.next_multiple_of(HUGE_PAGE);
+    let to = end - end % HUGE_PAGE;
+    if to <= from {
+        return false;
+    }
+    // SAFETY: [from, to) lies inside `s`, memory this process has mapped
+    // and borrows here; MADV_HUGEPAGE changes how the kernel backs those
+    // pages, never their contents or their accessibility.
+    unsafe { libc::madvise(from as *mut libc::c_void, to - from, libc::MADV_HUGEPAGE) == 0 }
+}
 
 /// How a [`HugeVec`]'s memory is backed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -361,6 +384,18 @@ impl<T: Copy + fmt::Debug> fmt::Debug for HugeVec<T> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn advise_huge_takes_a_large_reservation_and_skips_a_small_one() {
+        let mut big: Vec<u64> = Vec::with_capacity(4 * HUGE_PAGE / 8);
+        assert!(advise_huge(big.spare_capacity_mut()));
+        // Advice changes nothing the program sees.
+        big.extend(0..1000u64);
+        assert_eq!(big.iter().sum::<u64>(), 999 * 1000 / 2);
+        let small = [0u8; 4096];
+        assert!(!advise_huge(&small));
+        assert!(!advise_huge::<u64>(&[]));
+    }
 
     #[test]
     fn drain_each_moves_every_value_out_once_in_order() {
