@@ -1267,20 +1267,21 @@ impl LbCore {
         self.conns.prefetch(self.conns.hash(key));
     }
 
-    /// [`LbCore::prefetch`], and for a packet to one of `vips`' VIPs that
-    /// DNATs (not a Mux's) the bucket of the reply key its connection would
-    /// have: the backend Maglev picks for it, as [`LbCore::process`] would.
-    /// A new connection's insert looks both keys up, and the reply key is
-    /// known no earlier than the pick; loaded with the burst's other misses,
-    /// it no longer waits for memory on its own. (A packet of a connection
-    /// already tracked only wastes the pick.) Returns that reply key, for
-    /// the caller's own tables.
+    /// [`LbCore::prefetch`], and for a packet to one of `vips`'
+    /// [`VipMode::Local`] VIPs the bucket of the reply key its connection
+    /// would have: the backend Maglev picks for it, as [`LbCore::process`]
+    /// would. A new connection's insert looks both keys up, and the reply
+    /// key is known no earlier than the pick: loaded with the burst's other
+    /// misses, it does not wait for memory on its own. (A packet of a
+    /// connection already tracked only wastes the pick. A Mux's connections
+    /// have no reply here, and a DSR VIP's backend is the Mux's choice.)
+    /// Returns that reply key, for the caller's own tables.
     #[inline]
     pub fn prefetch_new(&self, vips: &Vips, key: &FlowKey) -> Option<FlowKey> {
         self.prefetch(key);
         let vip = vips.lookup(key)?;
         let c = vip.config();
-        if c.mode == VipMode::Mux {
+        if c.mode != VipMode::Local {
             return None;
         }
         let be = c.backends.get(vip.pick(key)?)?;

@@ -214,7 +214,8 @@ impl<T> BurstRing<T> {
             // is a valid value; its copy becomes the slot's owner and the
             // batch's original is forgotten below without being dropped or
             // read (were this loop to unwind, the copies would lie in slots
-            // never published, so never read or dropped either).
+            // never published, so never read or dropped either; the ring
+            // would stay reserved, as after any unwinding here).
             slot.with_mut(|p| unsafe { (*p).write(std::ptr::read(v)) });
         }
         batch.drain_front(n).for_each(std::mem::forget);

@@ -1084,8 +1084,10 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                         (p, *h, *r),
                     )
                 }
-                // Not a fragment: a hit is forwarded here.
-                (Ok(()), _) if !p.frag.is_first() && !p.frag.is_later() => {
+                // A hit that is no fragment is forwarded here (a packet
+                // that missed goes to `packet`, which finds a flow an
+                // earlier packet of the burst installed).
+                (Ok(()), _) if r.is_some() && !p.frag.is_first() && !p.frag.is_later() => {
                     if let Err(pkt) =
                         self.hit(ctx, &policy, pkt, (p, *h, *r), port as u16, now, &mut tally)
                     {
