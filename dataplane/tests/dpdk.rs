@@ -51,6 +51,24 @@ fn mbufs_through_a_dpdk_port() {
             .contains("port \"bad\": device \"net_nosuchdriver0\" could not be probed"),
         "{e}"
     );
+    // A thread of pollux's own (no EAL lcore) becomes one at its first
+    // allocation or burst, so the pool's per-lcore cache serves it.
+    let (before, after) = std::thread::spawn(move || {
+        let before = dataplane::port::dpdk::lcore_id();
+        let m = pool.alloc().unwrap();
+        let after = dataplane::port::dpdk::lcore_id();
+        drop(m);
+        (before, after)
+    })
+    .join()
+    .unwrap();
+    assert_eq!(before, None);
+    assert!(after.is_some_and(|id| id != 0), "{after:?}");
+    assert_eq!(
+        dataplane::port::dpdk::lcore_id(),
+        Some(0),
+        "the EAL's own thread"
+    );
     let mut port = DpdkPort::open(&eal, "loop", "net_ring0", pool).unwrap();
     assert_eq!(port.info().driver, "dpdk");
 

@@ -134,6 +134,65 @@ impl Eal {
     }
 }
 
+/// `rte_lcore_id()` of a thread that is no lcore (`LCORE_ID_ANY`).
+const LCORE_ID_ANY: u32 = u32::MAX;
+
+thread_local! {
+    /// Whether this thread has been made an lcore (or found to be one),
+    /// and the guard that gives its lcore id back when the thread ends.
+    static LCORE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static LCORE_GUARD: std::cell::RefCell<Option<LcoreGuard>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Unregisters the thread from DPDK when the thread ends.
+struct LcoreGuard;
+
+impl Drop for LcoreGuard {
+    fn drop(&mut self) {
+        // SAFETY: this thread registered itself (`register_thread`) and
+        // ends here; the EAL is never cleaned up while the process runs.
+        unsafe { d::rte_thread_unregister() };
+    }
+}
+
+/// Makes the calling thread a DPDK lcore, once (`rte_thread_register`),
+/// unless it is one already (the EAL's main thread). pollux's workers and
+/// its generator's threads are its own threads, and a thread that is no
+/// lcore bypasses every mempool's per-lcore cache: each mbuf it frees
+/// (every packet a PMD has sent) and each one it allocates goes through
+/// the pool's shared ring, an atomic operation per mbuf, where an lcore
+/// takes them from its own cache. Called on each burst; after the first
+/// call it costs a thread-local read. If DPDK cannot register the thread
+/// (all of its `RTE_MAX_LCORE` ids in use), it runs on without the cache.
+#[inline]
+pub fn register_thread() {
+    if !LCORE.get() {
+        register_thread_now();
+    }
+}
+
+/// The calling thread's lcore id, `None` for a thread that is no lcore.
+pub fn lcore_id() -> Option<u32> {
+    // SAFETY: reads this thread's lcore id (a thread-local).
+    let id = unsafe { d::pollux_lcore_id() };
+    (id != LCORE_ID_ANY).then_some(id)
+}
+
+#[cold]
+#[inline(never)]
+fn register_thread_now() {
+    LCORE.set(true);
+    if lcore_id().is_some() {
+        return;
+    }
+    // SAFETY: called on the thread to register, after the EAL started
+    // (only DPDK ports and pools call this, which exist after it did).
+    if unsafe { d::rte_thread_register() } == 0 {
+        LCORE_GUARD.with(|g| *g.borrow_mut() = Some(LcoreGuard));
+    }
+}
+
 /// A pool of mbufs.
 #[derive(Debug, Clone, Copy)]
 pub struct Mempool(NonNull<d::rte_mempool>);
@@ -168,6 +227,7 @@ impl Mempool {
 
     /// One mbuf, or `None` when the pool is empty.
     pub fn alloc(&self) -> Option<Mbuf> {
+        register_thread();
         // SAFETY: a valid mempool; the result is checked.
         NonNull::new(unsafe { d::pollux_pktmbuf_alloc(self.0.as_ptr()) }).map(Mbuf)
     }
@@ -973,6 +1033,7 @@ impl Port for DpdkPort {
     }
 
     fn rx_burst(&mut self, batch: &mut Batch<Mbuf>) -> usize {
+        register_thread();
         let want = batch.free_space().min(crate::BURST);
         if want == 0 {
             return 0;
@@ -1000,6 +1061,7 @@ impl Port for DpdkPort {
     }
 
     fn tx_burst(&mut self, batch: &mut Batch<Mbuf>) -> usize {
+        register_thread();
         let mut raw: [*mut d::rte_mbuf; crate::BURST] = [std::ptr::null_mut(); crate::BURST];
         let mut lens = [0u16; crate::BURST];
         let mut n = 0usize;
