@@ -52,18 +52,23 @@ fn mbufs_through_a_dpdk_port() {
         "{e}"
     );
     // A thread of pollux's own (no EAL lcore) becomes one at its first
-    // allocation or burst, so the pool's per-lcore cache serves it.
-    let (before, after) = std::thread::spawn(move || {
-        let before = dataplane::port::dpdk::lcore_id();
-        let m = pool.alloc().unwrap();
-        let after = dataplane::port::dpdk::lcore_id();
-        drop(m);
-        (before, after)
-    })
-    .join()
-    .unwrap();
+    // allocation or burst, so the pool's per-lcore cache serves it; its id
+    // is given back when it ends (the next such thread gets the same).
+    let own_thread = move || {
+        std::thread::spawn(move || {
+            let before = dataplane::port::dpdk::lcore_id();
+            let m = pool.alloc().unwrap();
+            let after = dataplane::port::dpdk::lcore_id();
+            drop(m);
+            (before, after)
+        })
+        .join()
+        .unwrap()
+    };
+    let (before, after) = own_thread();
     assert_eq!(before, None);
     assert!(after.is_some_and(|id| id != 0), "{after:?}");
+    assert_eq!(own_thread(), (None, after));
     assert_eq!(
         dataplane::port::dpdk::lcore_id(),
         Some(0),

@@ -150,23 +150,29 @@ struct LcoreGuard;
 
 impl Drop for LcoreGuard {
     fn drop(&mut self) {
-        // SAFETY: this thread registered itself (`register_thread`) and
-        // ends here; the EAL is never cleaned up while the process runs.
+        // SAFETY: this thread tried to register itself (`register_thread`)
+        // and ends here (unregistering a thread that got no lcore id only
+        // releases its thread state); the EAL is never cleaned up while
+        // the process runs.
         unsafe { d::rte_thread_unregister() };
     }
 }
 
 /// Makes the calling thread a DPDK lcore, once (`rte_thread_register`),
-/// unless it is one already (the EAL's main thread). pollux's workers and
-/// its generator's threads are its own threads, and a thread that is no
-/// lcore bypasses every mempool's per-lcore cache: each mbuf it frees
-/// (every packet a PMD has sent) and each one it allocates goes through
-/// the pool's shared ring, an atomic operation per mbuf, where an lcore
-/// takes them from its own cache. Called on each burst; after the first
-/// call it costs a thread-local read. If DPDK cannot register the thread
-/// (all of its `RTE_MAX_LCORE` ids in use), it runs on without the cache.
+/// unless it is one already (the thread that started the EAL). pollux's
+/// workers are its own threads, and a thread that is no lcore bypasses
+/// every mempool's per-lcore cache: each mbuf it frees (every packet a
+/// PMD has sent) and each one it allocates goes through the pool's shared
+/// ring, an atomic operation per mbuf, where an lcore takes them from its
+/// own cache. Called on each burst and allocation (which exist only once
+/// the EAL runs); after the first call it costs a thread-local read. If
+/// DPDK cannot register the thread (all of its `RTE_MAX_LCORE` ids in
+/// use), it runs on without the cache, and `rte_thread_unregister` still
+/// releases what the attempt set up when the thread ends. Registering
+/// turns DPDK's multi-process support off for the process (no secondary
+/// process can attach; pollux uses none).
 #[inline]
-pub fn register_thread() {
+pub(crate) fn register_thread() {
     if !LCORE.get() {
         register_thread_now();
     }
@@ -188,9 +194,11 @@ fn register_thread_now() {
     }
     // SAFETY: called on the thread to register, after the EAL started
     // (only DPDK ports and pools call this, which exist after it did).
-    if unsafe { d::rte_thread_register() } == 0 {
-        LCORE_GUARD.with(|g| *g.borrow_mut() = Some(LcoreGuard));
-    }
+    // On failure the thread stays without an lcore id; the guard is kept
+    // either way, since unregistering such a thread only releases what
+    // the attempt set up for it.
+    let _ = unsafe { d::rte_thread_register() };
+    LCORE_GUARD.with(|g| *g.borrow_mut() = Some(LcoreGuard));
 }
 
 /// A pool of mbufs.
