@@ -1084,35 +1084,30 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                         (p, *h, *r),
                     )
                 }
-                // A hit that is no fragment is forwarded here (a packet
-                // that missed goes to `packet`, which finds a flow an
-                // earlier packet of the burst installed).
-                (Ok(()), _) if r.is_some() && !p.frag.is_first() && !p.frag.is_later() => {
-                    if let Err(pkt) =
-                        self.hit(ctx, &policy, pkt, (p, *h, *r), port as u16, now, &mut tally)
-                    {
-                        self.packet(
-                            ctx,
-                            &policy,
-                            port,
-                            pkt,
-                            now,
-                            false,
-                            &mut tally,
-                            Some((p, *h, *r)),
-                        )
-                    }
+                (Ok(()), _) => {
+                    // A hit that is no fragment is forwarded here (a packet
+                    // that missed goes to `packet`, which finds a flow an
+                    // earlier packet of the burst installed).
+                    let pkt = if r.is_some() && !p.frag.is_first() && !p.frag.is_later() {
+                        match self.hit(ctx, &policy, pkt, (p, *h, *r), port as u16, now, &mut tally)
+                        {
+                            Ok(()) => return,
+                            Err(pkt) => pkt,
+                        }
+                    } else {
+                        pkt
+                    };
+                    self.packet(
+                        ctx,
+                        &policy,
+                        port,
+                        pkt,
+                        now,
+                        false,
+                        &mut tally,
+                        Some((p, *h, *r)),
+                    )
                 }
-                (Ok(()), _) => self.packet(
-                    ctx,
-                    &policy,
-                    port,
-                    pkt,
-                    now,
-                    false,
-                    &mut tally,
-                    Some((p, *h, *r)),
-                ),
                 (Err(e), _) => ctx.drop_packet(pkt, DropReason::Malformed(*e)),
             }
         });
