@@ -500,7 +500,10 @@ impl Port for AfPacketPort {
     fn tx_burst(&mut self, batch: &mut Batch<PoolBuf>) -> usize {
         let (mut n, mut bytes) = (0usize, 0u64);
         let room = self.tx.frame_size - TX_DATA_OFF;
-        for pkt in batch.drain() {
+        // By reference (the frames are copied), the buffers all freed
+        // after: moving each out of the batch costs a store-forwarding
+        // stall per packet (see `platform::drain_each`).
+        for pkt in batch.iter() {
             let i = self.tx.next;
             let status = self.tx.status(i).load(Ordering::Acquire);
             if status & (libc::TP_STATUS_SEND_REQUEST | libc::TP_STATUS_SENDING) != 0 {
@@ -530,6 +533,7 @@ impl Port for AfPacketPort {
             bytes += data.len() as u64;
             n += 1;
         }
+        batch.clear();
         if n > 0 {
             // SAFETY: a zero-length send on our own socket: it tells the
             // kernel to transmit the slots marked SEND_REQUEST.
