@@ -25,7 +25,8 @@
 //! `SWITCH_BENCH_CHURN=<rigs> cargo bench --bench switch` runs only
 //! `new_flows` at a fixed 524 288 connections per rig, fresh and steady,
 //! and prints the rates (criterion's `new_flows` sizes its rigs by its
-//! iteration counts: mostly far smaller tables).
+//! iteration counts: mostly far smaller tables);
+//! `SWITCH_BENCH_CHURN_ONLY=steady_state` (or `slow_path`) runs one kind.
 //!
 //! One thread does everything: the generator fills 32 frames and sends them
 //! into the switch's input ring, the worker polls once (`Worker::poll_once`),
@@ -576,14 +577,18 @@ fn bench(c: &mut Criterion) {
 fn churn(clock: &TscClock, rigs: u64) {
     let worker_only =
         |rig: &mut Rig, n: u64| Duration::from_nanos(clock.ticks_to_ns(rig.timed_bursts(clock, n)));
+    let only = std::env::var("SWITCH_BENCH_CHURN_ONLY").ok();
     for steady in [false, true] {
+        let name = if steady { "steady_state" } else { "slow_path" };
+        if only.as_deref().is_some_and(|o| o != name) {
+            continue;
+        }
         for _ in 0..rigs {
             let n = 16_384;
             let t = new_flows(n, steady, worker_only);
             let conns = n * BURST as u64;
             println!(
-                "new_flows/{}/{conns}: {:.3} M/s",
-                if steady { "steady_state" } else { "slow_path" },
+                "new_flows/{name}/{conns}: {:.3} M/s",
                 conns as f64 / t.as_secs_f64() / 1e6
             );
         }

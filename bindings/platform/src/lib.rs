@@ -44,6 +44,27 @@ pub fn prefetch<T>(r: &T) {
     let _ = r;
 }
 
+/// [`prefetch`] for every cache line `r` spans: for a value larger than a
+/// line whose fields are about to be read, where reading any of them to
+/// find the others would wait for memory first.
+#[inline(always)]
+pub fn prefetch_all<T>(r: &T) {
+    let start = (r as *const T).cast::<u8>();
+    for off in (0..std::mem::size_of::<T>().max(1)).step_by(64) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `prefetch`; the address is computed with
+        // `wrapping_add` (no pointer arithmetic that must stay in bounds),
+        // and a prefetch of any address reads nothing and cannot fault.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                start.wrapping_add(off).cast::<i8>(),
+            );
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (start, off);
+    }
+}
+
 /// Empties `v`, handing each of its values to `f` in order, moved out
 /// whole. What `ArrayVec::drain` does, without its `Option`: a moved-out
 /// `Option<T>` of a multi-word `T` is tested on its niche word and stored in
