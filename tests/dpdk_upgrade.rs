@@ -116,14 +116,7 @@ fn dpdk_devices_are_given_up_and_taken_back_across_upgrades() {
         .collect();
     std::fs::write(www.join("big"), &big).unwrap();
     std::fs::write(www.join("health"), "ok").unwrap();
-    lab.spawn(
-        "s1",
-        &format!(
-            "exec python3 -u -m http.server 8000 --bind 10.1.0.4 --directory {}",
-            www.display()
-        ),
-        &dir.join("http.log"),
-    );
+    lab.http_server("s1", "10.1.0.4", 8000, &www, &dir.join("http.log"));
     let (mut idx, mut out, mut log) = lab.pollux("d0", &config(&lab, &prefix));
     let api = lab.api("d0");
     api.wait_ready(Duration::from_secs(60), || read(&log));

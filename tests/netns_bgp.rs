@@ -217,14 +217,7 @@ fn three_muxes_behind_bgp_ecmp_lose_no_connection_to_a_kill_a_drain_or_a_new_dip
         std::fs::write(root.join("name"), tag).unwrap();
         std::fs::write(root.join("big"), &data).unwrap();
         let ip = cidr.split('/').next().unwrap();
-        lab.spawn(
-            tag,
-            &format!(
-                "exec python3 -u -m http.server 8080 --bind {ip} --directory {}",
-                root.display()
-            ),
-            &dir.join(format!("{tag}.log")),
-        );
+        lab.http_server(tag, ip, 8080, &root, &dir.join(format!("{tag}.log")));
     }
     let conf = router_bird(&dir);
     lab.spawn(

@@ -283,20 +283,15 @@ fn connections_outlive_policy_changes_and_health_flips() {
         std::fs::create_dir_all(&root).unwrap();
         std::fs::write(root.join("big"), &data).unwrap();
         std::fs::write(root.join("health"), "ok").unwrap();
-        let cmd = format!(
-            "exec python3 -u -m http.server 8000 --bind {ip} --directory {}",
-            root.display()
-        );
-        lab.spawn(tag, &cmd, &dir.join(format!("{tag}.log")));
+        lab.http_server(tag, ip, 8000, &root, &dir.join(format!("{tag}.log")));
     }
     // The client serves too: a new connection to it from its vnet is
     // denied by its group.
-    lab.spawn(
+    lab.http_server(
         "cl",
-        &format!(
-            "exec python3 -u -m http.server 8000 --bind 10.1.0.20 --directory {}",
-            dir.join("www-sv").display()
-        ),
+        "10.1.0.20",
+        8000,
+        &dir.join("www-sv"),
         &dir.join("cl-server.log"),
     );
     let (idx, out, log) = lab.pollux("ct", &config(&lab));

@@ -175,11 +175,7 @@ fn real_stacks_through_pollux_on_kernel_ports() {
         std::fs::write(root.join("health"), "ok").unwrap();
         std::fs::write(root.join("big"), vec![b'x'; BIG]).unwrap();
         let ip = node(tag).0;
-        let cmd = format!(
-            "exec python3 -u -m http.server 8000 --bind {ip} --directory {}",
-            root.display()
-        );
-        lab.spawn(tag, &cmd, &dir.join(format!("{tag}.log")));
+        lab.http_server(tag, ip, 8000, &root, &dir.join(format!("{tag}.log")));
     }
     // One worker, then two (AF_PACKET fanout queues, packets handed to
     // the worker that owns their connection): the same story both times.

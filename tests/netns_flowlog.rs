@@ -224,24 +224,7 @@ fn flow_logs_reach_nfdump_with_the_bytes_and_decisions() {
         std::fs::create_dir_all(&root).unwrap();
         std::fs::write(root.join("index.html"), format!("hello from {tag}\n")).unwrap();
         std::fs::write(root.join("big"), vec![b'x'; BIG]).unwrap();
-        lab.spawn(
-            tag,
-            &format!(
-                "exec python3 -u -m http.server 8000 --bind {ip} --directory {}",
-                root.display()
-            ),
-            &dir.join(format!("{tag}.log")),
-        );
-    }
-    for (tag, _, _) in &NODES[1..] {
-        assert!(
-            wait_for(Duration::from_secs(30), || lab
-                .bash(tag, "ss -ltn | grep -q ':8000 '")
-                .status
-                .success()),
-            "http.server in {tag} did not start: {}",
-            read(&dir.join(format!("{tag}.log")))
-        );
+        lab.http_server(tag, ip, 8000, &root, &dir.join(format!("{tag}.log")));
     }
     // The collector, and what reaches it, on loopback.
     let port = free_udp_port();

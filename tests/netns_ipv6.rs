@@ -17,7 +17,7 @@
 
 mod common;
 
-use common::netns::{Lab, REFUSED_CLIENT, read, wait_for};
+use common::netns::{Lab, REFUSED_CLIENT, read};
 use std::time::Duration;
 
 const NODES: [(&str, &str, &str, &str); 3] = [
@@ -101,22 +101,10 @@ fn ipv6_stacks_resolve_and_talk_through_pollux() {
     let big: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
     std::fs::write(root.join("big"), &big).unwrap();
     let log = lab.dir.join("w1.log");
-    lab.spawn(
-        "w1",
-        &format!(
-            "exec python3 -u -m http.server 8000 --bind fd00:1::4 --directory {}",
-            root.display()
-        ),
-        &log,
-    );
+    lab.http_server("w1", "fd00:1::4", 8000, &root, &log);
     let (idx, out, err) = lab.pollux("pollux-v6", &config(&lab));
     lab.api("pollux-v6")
         .wait_ready(Duration::from_secs(60), || read(&err));
-    // Wait for the server to listen before the first request.
-    assert!(wait_for(Duration::from_secs(30), || lab
-        .bash("w1", "ss -ltn | grep -q ':8000'")
-        .status
-        .success()));
 
     let r = lab.bash("cl", "ping -6 -c 2 -W 2 fd00:1::4 >/dev/null; echo rc=$?");
     assert!(

@@ -105,11 +105,7 @@ fn a_mux_spreads_a_vip_over_two_hosts_whose_replies_go_straight_to_the_client() 
         std::fs::write(root.join("name"), tag).unwrap();
         std::fs::write(root.join("big"), &data).unwrap();
         let ip = cidr.split('/').next().unwrap();
-        let cmd = format!(
-            "exec python3 -u -m http.server 8080 --bind {ip} --directory {}",
-            root.display()
-        );
-        servers.push(lab.spawn(tag, &cmd, &dir.join(format!("{tag}.log"))));
+        servers.push(lab.http_server(tag, ip, 8080, &root, &dir.join(format!("{tag}.log"))));
     }
     // What the Mux's link carries, as its other end sees it (pollux sends
     // past the kernel's taps on its own end).

@@ -362,11 +362,7 @@ fn a_vnet_spans_hosts_in_vxlan_and_geneve_with_the_kernel_as_a_peer() {
         std::fs::write(root.join("name"), tag).unwrap();
         std::fs::write(root.join("big"), &data).unwrap();
         let ip = cidr.split('/').next().unwrap();
-        let cmd = format!(
-            "exec python3 -u -m http.server 8000 --bind {ip} --directory {}",
-            root.display()
-        );
-        lab.spawn(tag, &cmd, &dir.join(format!("{tag}.log")));
+        lab.http_server(tag, ip, 8000, &root, &dir.join(format!("{tag}.log")));
     }
     // The tunnels, as the router sees them.
     let cap = dir.join("underlay.pcap");

@@ -216,11 +216,7 @@ fn flood(proxy: bool) {
         std::fs::create_dir_all(&root).unwrap();
         std::fs::write(root.join("big"), &data).unwrap();
         std::fs::write(root.join("small"), "ok\n").unwrap();
-        let cmd = format!(
-            "exec python3 -u -m http.server 8000 --bind {ip} --directory {}",
-            root.display()
-        );
-        lab.spawn(tag, &cmd, &dir.join(format!("{tag}.log")));
+        lab.http_server(tag, ip, 8000, &root, &dir.join(format!("{tag}.log")));
     }
     let (idx, _out, log) = lab.pollux("sf", &config(&lab, proxy));
     let pid = lab.children[idx].id();

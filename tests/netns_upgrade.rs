@@ -195,14 +195,7 @@ fn servers(lab: &mut Lab, big: &[u8]) {
         std::fs::create_dir_all(&root).unwrap();
         std::fs::write(root.join("big"), big).unwrap();
         std::fs::write(root.join("health"), "ok").unwrap();
-        lab.spawn(
-            tag,
-            &format!(
-                "exec python3 -u -m http.server 8000 --bind {ip} --directory {}",
-                root.display()
-            ),
-            &dir.join(format!("{tag}.log")),
-        );
+        lab.http_server(tag, ip, 8000, &root, &dir.join(format!("{tag}.log")));
     }
 }
 

@@ -1496,8 +1496,10 @@ impl LbCore {
     /// before its backend answered, or a SYN-ACK of its backend:
     /// - from the client, before the answer: the backend's SYN again (the
     ///   first was lost, or this is data sent before the backend answered);
-    /// - a new SYN from the client: the connection is forgotten (the SYN
-    ///   gets a cookie again);
+    /// - the client's SYN again (same sequence number): answered with the
+    ///   connection's own cookie, the connection kept;
+    /// - a new SYN from the client (another sequence number): the
+    ///   connection is forgotten (the SYN gets a cookie again);
     /// - the client's reset: noted (and dropped), so that the backend's
     ///   SYN-ACK is answered with a reset and the connection forgotten;
     /// - the backend's SYN-ACK: sets the sequence offset (the client was
@@ -1520,7 +1522,20 @@ impl LbCore {
         };
         let synack = seg.flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
         match dir {
-            // A new SYN from the client: it starts again (with a cookie).
+            // The client's SYN again (its first answer was lost or slow):
+            // the same cookie again, the connection kept (a fresh cookie
+            // would not match the sequence offset the backend's answer
+            // sets, and forgetting the connection would leave that answer
+            // nothing to belong to).
+            Dir::Orig if seg.flags & (TCP_SYN | TCP_ACK) == TCP_SYN && seg.seq == px.client_isn => {
+                Ok(Some(Decision::Cookie {
+                    cookie: px.cookie,
+                    mss: px.mss,
+                    rewrite: c.nat.forward,
+                }))
+            }
+            // A new SYN from the client (another sequence number: the
+            // client started over): it starts again (with a cookie).
             Dir::Orig if seg.flags & (TCP_SYN | TCP_ACK) == TCP_SYN => {
                 self.remove_conn(i);
                 Ok(None)
@@ -2977,6 +2992,60 @@ mod tests {
         assert_eq!(lb.stats().syn_cookies_sent, 1);
         assert_eq!(lb.stats().syn_proxied, 1);
         assert_eq!(lb.stats().new_dnat, 1);
+    }
+
+    /// A client's SYN that comes again after its ACK (retransmitted, or
+    /// late) gets the same cookie, and the connection stays for the
+    /// backend's answer; a SYN with another sequence number starts over.
+    #[test]
+    fn a_repeated_syn_keeps_a_pending_proxied_connection() {
+        let vips = proxied_vips(SynProxy::On, 0);
+        let mut lb = core();
+        let k = client(1, 40000);
+        let syn = seg(SYN, 1000, 0, 64240, Some(1460));
+        // Just before a cookie period ends.
+        let t0 = crate::syncookie::PERIOD_NS - SEC;
+        let Decision::Cookie { cookie, mss, .. } = lb.process_seg(&vips, &k, &syn, t0) else {
+            panic!("cookie")
+        };
+        let ack = seg(ACK, 1001, cookie.wrapping_add(1), 502, None);
+        let Decision::ProxySyn { rewrite, .. } = lb.process_seg(&vips, &k, &ack, t0) else {
+            panic!("opened")
+        };
+        // In the next cookie period: still its own cookie.
+        let t1 = t0 + 2 * SEC;
+        let again = lb.process_seg(&vips, &k, &syn, t1);
+        assert_eq!(
+            again,
+            Decision::Cookie {
+                cookie,
+                mss,
+                rewrite
+            }
+        );
+        assert_eq!(lb.conns().len(), 1, "the connection stays");
+        let reply = rewrite.apply_to_key(&k).reversed();
+        let synack = seg(SYN | ACK, 77, 1001, 65160, Some(1460));
+        assert!(matches!(
+            lb.process_seg(&vips, &reply, &synack, t1),
+            Decision::ProxyAck { .. }
+        ));
+        // A SYN with another sequence number: the client started over.
+        let k2 = client(2, 40000);
+        let Decision::Cookie { cookie: c2, .. } = lb.process_seg(&vips, &k2, &syn, 0) else {
+            panic!("cookie")
+        };
+        let ack2 = seg(ACK, 1001, c2.wrapping_add(1), 502, None);
+        assert!(matches!(
+            lb.process_seg(&vips, &k2, &ack2, 0),
+            Decision::ProxySyn { new: true, .. }
+        ));
+        let other = seg(SYN, 5000, 0, 64240, Some(1460));
+        assert!(matches!(
+            lb.process_seg(&vips, &k2, &other, 0),
+            Decision::Cookie { .. }
+        ));
+        assert_eq!(lb.conns().len(), 1, "the first connection only");
     }
 
     #[test]

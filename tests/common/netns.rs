@@ -130,6 +130,35 @@ impl Lab {
         self.children.len() - 1
     }
 
+    /// Starts python's http.server in namespace `tag`, bound to `ip` port
+    /// `port`, serving `root`, output to `log`; returns when it listens (a
+    /// request sent before would be refused, and through a load balancer
+    /// only the requests Maglev sends to that backend would fail).
+    pub fn http_server(
+        &mut self,
+        tag: &str,
+        ip: &str,
+        port: u16,
+        root: &Path,
+        log: &Path,
+    ) -> usize {
+        let cmd = format!(
+            "exec python3 -u -m http.server {port} --bind {ip} --directory {}",
+            root.display()
+        );
+        let idx = self.spawn(tag, &cmd, log);
+        let listening = format!("ss -ltnH 'sport = :{port}' | grep -q .");
+        assert!(
+            wait_for(Duration::from_secs(30), || self
+                .bash(tag, &listening)
+                .status
+                .success()),
+            "http.server on {ip} port {port} in {tag} did not start listening: {}",
+            read(log)
+        );
+        idx
+    }
+
     /// Starts tcpdump in namespace `tag` with `args` (interface, filter)
     /// writing to `pcap` packet by packet; returns (its child index) once
     /// it captures: tcpdump writes the file's header when its capture is

@@ -393,6 +393,20 @@ fn a_backend_that_refuses_resets_the_client_at_its_sequence() {
     let r = one(n.send(BACKEND, rst), CLIENT);
     assert_eq!(r.seq, cookie.wrapping_add(1), "where the client expects it");
     assert_eq!(r.src, (v4(VIP.0), 80));
+
+    // Data held when the backend refuses is dropped with the reset, not
+    // kept until the handshake's timeout.
+    let c = ("10.1.0.20", 40010);
+    let cookie = open(&mut n, c);
+    assert!(
+        n.send(CLIENT, to_vip(c, 0x18, 0, cookie, b"GET"))
+            .is_empty()
+    );
+    assert_eq!(held(&n), 1);
+    let rst = seg(mac(5), B, c, 0x14, 0, ISN.wrapping_add(1), None, b"");
+    one(n.send(BACKEND, rst), CLIENT);
+    assert_eq!(held(&n), 0);
+    assert_eq!(n.dropped("syn_proxy_park_expired"), 1);
 }
 
 /// A segment from client `c` to the VIP, `off` bytes into its stream,
@@ -462,6 +476,25 @@ fn before_the_backend_answers() {
         "a new SYN gets a cookie"
     );
     assert_eq!(n.dropped("syn_proxy_park_expired"), 1);
+
+    // The client's SYN again after its ACK (retransmitted, or late): the
+    // same cookie again, and the connection still takes the backend's
+    // answer and lets the held data go on.
+    let c = ("10.1.0.20", 40004);
+    let cookie = open(&mut n, c);
+    assert!(
+        n.send(CLIENT, to_vip(c, 0x18, 0, cookie, b"GET"))
+            .is_empty()
+    );
+    let sa = one(
+        n.send(CLIENT, seg(mac(1), c, VIP, 0x02, ISN, 0, Some(1460), b"")),
+        CLIENT,
+    );
+    assert_eq!(sa.seq, cookie, "the connection's own cookie");
+    let out = n.send(BACKEND, backend_syn_ack(c));
+    let got: Vec<_> = out.iter().map(|(p, f)| (*p, seen(f))).collect();
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[1].1.payload, b"GET");
 
     // A new SYN (another sequence number) while the backend is silent:
     // the client starts again with a cookie.

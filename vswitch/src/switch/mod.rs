@@ -762,6 +762,14 @@ impl<B: PacketBuf> Switch<B> {
                 Err(_) => self.drop_pkt(pkt, SwitchDrop::RewriteFailed),
             },
             Ok(Slow::Forward(a)) => {
+                // A reset passed on (a backend's, before it answered a SYN
+                // proxy's SYN) ends what was held for its connection.
+                if let Some(r) = a.lb
+                    && pk.key.proto == 6
+                    && tcp_flags(pkt.data(), pk) & TCP_RST != 0
+                {
+                    self.unpark_drop(r);
+                }
                 if let Some(b) = transpose(ctx, pkt, pk, &a, &self.cfg.port_mtu, self.tunnel_mtu) {
                     self.bounce(ctx, policy, b, pk, now);
                 }

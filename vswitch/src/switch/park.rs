@@ -114,8 +114,8 @@ impl<B: PacketBuf> Switch<B> {
         }
     }
 
-    /// Drops the packets held for `conn` (the client reset it before its
-    /// backend answered).
+    /// Drops the packets held for `conn` (the client or the backend reset
+    /// it before the backend answered).
     #[cold]
     pub(super) fn unpark_drop(&mut self, conn: LbRef) {
         while let Some(p) = self.held_for(conn).and_then(|i| self.take_held(i)) {
