@@ -908,8 +908,8 @@ impl<V> ConnTable<V> {
     /// after another: the index buckets of the list's head (whose slot the
     /// previous call loaded), and the whole slot after it. Each eviction
     /// then finds in cache what it would otherwise wait for in turn: the
-    /// victim's slot, then its buckets (unindexing them was a fifth of a
-    /// new connection's insert into a full table of half a million).
+    /// victim's slot, then its buckets (waiting for those was a third of
+    /// an insert into a full table of half a million).
     #[inline]
     fn prefetch_victims(&self, class: u8, list: List) {
         let Some(head) = self
