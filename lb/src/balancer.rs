@@ -1487,10 +1487,7 @@ impl LbCore {
             nat,
             proxy,
         };
-        let conn = match self.open(key, tcp_flags, now, info)? {
-            Decision::Forward { conn, .. } => conn,
-            _ => return Err(LbDrop::TableFull),
-        };
+        let conn = self.open_conn(key, tcp_flags, now, info)?;
         self.stats.new_dnat += 1;
         let c = vip.config();
         *self.held.per_vip.entry(VipKey::of_cfg(c)).or_default() += 1;
@@ -1643,22 +1640,37 @@ impl LbCore {
         now: u64,
         info: ConnInfo,
     ) -> Result<Decision, LbDrop> {
-        let nat = info.nat;
+        let rewrite = info.nat.forward;
+        self.open_conn(key, tcp_flags, now, info)
+            .map(|conn| Decision::Forward {
+                rewrite,
+                dir: Dir::Orig,
+                conn,
+                new: true,
+            })
+    }
+
+    /// [`LbCore::open`], returning only the connection (in registers: a
+    /// caller that read it back out of a returned `Decision` waited for
+    /// the store of each part to forward).
+    fn open_conn(
+        &mut self,
+        key: &FlowKey,
+        tcp_flags: u8,
+        now: u64,
+        info: ConnInfo,
+    ) -> Result<ConnRef, LbDrop> {
+        let reply = info.nat.reply_key(key);
         let class = info.kind.class();
         let held = &mut self.held;
         match self
             .conns
-            .insert_in(class, *key, nat.reply_key(key), tcp_flags, now, info, |c| {
+            .insert_in(class, *key, reply, tcp_flags, now, info, |c| {
                 held.release(&c)
             }) {
-            Ok(i) => Ok(Decision::Forward {
-                rewrite: nat.forward,
-                dir: Dir::Orig,
-                // Just inserted: the slot holds it (a missing one would be
-                // a table without room).
-                conn: self.conns.conn_ref(i).ok_or(LbDrop::TableFull)?,
-                new: true,
-            }),
+            // Just inserted: the slot holds it (a missing one would be a
+            // table without room).
+            Ok(i) => self.conns.conn_ref(i).ok_or(LbDrop::TableFull),
             Err(ConnError::Full { .. }) => Err(LbDrop::TableFull),
             Err(ConnError::Exists) => Err(LbDrop::TupleCollision),
         }
