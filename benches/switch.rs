@@ -578,6 +578,12 @@ fn churn(clock: &TscClock, rigs: u64) {
     let worker_only =
         |rig: &mut Rig, n: u64| Duration::from_nanos(clock.ticks_to_ns(rig.timed_bursts(clock, n)));
     let only = std::env::var("SWITCH_BENCH_CHURN_ONLY").ok();
+    if let Some(o) = only.as_deref() {
+        assert!(
+            o == "steady_state" || o == "slow_path",
+            "SWITCH_BENCH_CHURN_ONLY={o}: steady_state or slow_path"
+        );
+    }
     for steady in [false, true] {
         let name = if steady { "steady_state" } else { "slow_path" };
         if only.as_deref().is_some_and(|o| o != name) {

@@ -268,7 +268,7 @@ impl KeyIndex {
 }
 
 /// The 128-bit product of `a` and `b`, folded to 64 bits (as in wyhash):
-/// the mixing step of this module's hash, for other small keys too.
+/// the mixing of this module's hash, for other small keys too.
 #[inline(always)]
 pub fn fold(a: u64, b: u64) -> u64 {
     let p = u128::from(a) * u128::from(b);

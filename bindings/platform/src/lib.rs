@@ -49,8 +49,13 @@ pub fn prefetch<T>(r: &T) {
 /// find the others would wait for memory first.
 #[inline(always)]
 pub fn prefetch_all<T>(r: &T) {
+    const LINE: usize = 64;
     let start = (r as *const T).cast::<u8>();
-    for off in (0..std::mem::size_of::<T>().max(1)).step_by(64) {
+    // From the line holding the first byte through the one holding the
+    // last (a value that does not start on a line boundary spans one more).
+    let lead = start as usize % LINE;
+    let start = start.wrapping_sub(lead);
+    for off in (0..lead + std::mem::size_of::<T>().max(1)).step_by(LINE) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as in `prefetch`; the address is computed with
         // `wrapping_add` (no pointer arithmetic that must stay in bounds),

@@ -245,7 +245,9 @@ impl<B: PacketBuf> Switch<B> {
             }
             Some(Decision::Drop(r)) => format!("dropped by the load balancer: {}", r.name()),
             Some(Decision::Cookie { .. }) => {
-                "a SYN to a VIP under a SYN flood: answered with a SYN cookie".into()
+                "a SYN to a VIP under a SYN flood: answered with a SYN cookie (a pending \
+                 SYN-proxied connection's own, for its client's SYN again)"
+                    .into()
             }
             Some(Decision::ProxyAck { .. }) => {
                 "the backend's SYN-ACK of a SYN-proxied connection: the proxy answers it".into()
