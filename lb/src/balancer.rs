@@ -594,9 +594,10 @@ pub struct VipKey {
 impl std::hash::Hash for VipKey {
     /// A multiply-fold of the key's words (with xxh3 over its bytes, the
     /// VIP map, looked up twice for each new connection, and the per-VIP
-    /// counts, twice more, took 8% of a new connection's cost). Only this process's maps use it, and the keys
-    /// they hold are configured VIPs (a packet only looks one up), so no
-    /// key from the wire can crowd a bucket.
+    /// counts, twice more, took 8% of a new connection's cost). Only this
+    /// process's maps use it, and the keys they hold are configured VIPs
+    /// (a packet only looks one up), so no key from the wire can crowd a
+    /// bucket.
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         use dataplane::index::fold;
         let [a, b] = [&self.addr[..8], &self.addr[8..]].map(|w| {

@@ -245,8 +245,8 @@ impl<B: PacketBuf> Switch<B> {
             }
             Some(Decision::Drop(r)) => format!("dropped by the load balancer: {}", r.name()),
             Some(Decision::Cookie { .. }) => {
-                "a SYN to a VIP under a SYN flood: answered with a SYN cookie (a pending \
-                 SYN-proxied connection's own, for its client's SYN again)"
+                "a SYN to a VIP whose SYN proxy answers it: answered with a SYN cookie (a \
+                 pending connection's own, when its client sends its SYN again)"
                     .into()
             }
             Some(Decision::ProxyAck { .. }) => {
