@@ -31,17 +31,7 @@ use std::ptr::NonNull;
 /// but timing. Does nothing on CPUs without a prefetch instruction here.
 #[inline(always)]
 pub fn prefetch<T>(r: &T) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: SSE is part of the x86_64 baseline, so the instruction exists;
-    // a prefetch reads no memory architecturally and cannot fault, and `r`
-    // is a valid reference anyway.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-            (r as *const T).cast::<i8>(),
-        );
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = r;
+    prefetch_line((r as *const T).cast::<u8>());
 }
 
 /// [`prefetch`] for every cache line `r` spans: for a value larger than a
@@ -52,22 +42,28 @@ pub fn prefetch_all<T>(r: &T) {
     const LINE: usize = 64;
     let start = (r as *const T).cast::<u8>();
     // From the line holding the first byte through the one holding the
-    // last (a value that does not start on a line boundary spans one more).
+    // last (a value that does not start on a line boundary spans one more);
+    // the addresses computed with `wrapping_*` (no pointer arithmetic that
+    // must stay in bounds).
     let lead = start as usize % LINE;
     let start = start.wrapping_sub(lead);
     for off in (0..lead + std::mem::size_of::<T>().max(1)).step_by(LINE) {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as in `prefetch`; the address is computed with
-        // `wrapping_add` (no pointer arithmetic that must stay in bounds),
-        // and a prefetch of any address reads nothing and cannot fault.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                start.wrapping_add(off).cast::<i8>(),
-            );
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = (start, off);
+        prefetch_line(start.wrapping_add(off));
     }
+}
+
+/// The prefetch instruction for the line holding address `p`.
+#[inline(always)]
+fn prefetch_line(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE is part of the x86_64 baseline, so the instruction exists;
+    // a prefetch reads no memory architecturally and cannot fault, whatever
+    // the address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast::<i8>());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 /// Empties `v`, handing each of its values to `f` in order, moved out
