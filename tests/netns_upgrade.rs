@@ -88,6 +88,12 @@ fn lab(prefix: &str) -> Lab {
 }
 
 /// The configuration; `skip` leaves that port (and its VM) out.
+///
+/// The backends serve rate-limited downloads beside a busy-polling pollux
+/// on two cores, so a probe answer can take a few hundred milliseconds:
+/// probes allow 500 ms and three misses before a backend goes down, which
+/// keeps "both backends up right after a takeover" a check of the handed
+/// over states, not of the backends' load.
 fn config(lab: &Lab, skip: Option<&str>) -> String {
     let mut c = String::from("[dataplane]\nworkers = 2\nidle_sleep_us = 20\n");
     for (tag, name) in [
@@ -133,9 +139,9 @@ backends = [ {{ vm = "s1", port = 8000 }}, {{ vm = "s2", port = 8000 }} ]
 kind = "http"
 port = 8000
 path = "/health"
-interval_ms = 200
-timeout_ms = 150
-threshold = 2
+interval_ms = 500
+timeout_ms = 500
+threshold = 3
 
 [[vm]]
 name = "s1"
