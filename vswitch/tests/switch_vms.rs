@@ -607,7 +607,10 @@ fn a_live_trace_follows_the_next_packets_that_match() {
     net.live.arm(spec("tcp and dst port 22"), 1, u64::MAX);
     net.vm("client").connect(Ipv4Addr::new(10, 1, 0, 4), 22);
     let live = net.live.clone();
-    net.run(Duration::from_secs(5), |_| !live.trigger.is_armed());
+    // (The worker claims the packet, which turns the trace off, before it
+    // queues the packet's record: wait for the record.)
+    assert!(net.run(Duration::from_secs(5), |_| live.traced() >= 1));
+    assert!(!net.live.trigger.is_armed(), "the count ends it");
     let mut got = Vec::new();
     net.live.take(&mut got);
     assert_eq!(got.len(), 1, "{got:?}");
