@@ -334,6 +334,17 @@ pub struct BackendSet {
 }
 
 impl BackendSet {
+    /// The Maglev table a new connection is picked from, and whether it is
+    /// the fallback table of all backends: the healthy backends' table,
+    /// unless it is empty and the VIP fails open.
+    #[inline]
+    fn for_new(&self) -> (&MaglevTable, bool) {
+        match &self.all {
+            Some(all) if self.table.entries().is_empty() => (all, true),
+            _ => (&self.table, false),
+        }
+    }
+
     fn build(cfg: &VipConfig, healthy: Vec<bool>, epoch: u32) -> Result<BackendSet, LbError> {
         let table = table_for(cfg, |i| healthy.get(i).copied().unwrap_or(false))?;
         let all = match cfg.when_all_down {
@@ -550,10 +561,17 @@ impl Vip {
     pub fn pick(&self, k: &FlowKey) -> Option<usize> {
         let h = flow_hash(k, self.cfg.distribution);
         let set = self.set.load();
-        match set.table.lookup(h) {
-            Some(i) => Some(usize::from(i)),
-            None => set.all.as_ref()?.lookup(h).map(usize::from),
-        }
+        set.for_new().0.lookup(h).map(usize::from)
+    }
+
+    /// Starts loading the Maglev slot [`Vip::pick`] of `k` reads, without
+    /// waiting for it: a VIP's table (two bytes a slot, 128 KiB by default)
+    /// does not stay in cache beside a large connection table, and its
+    /// slots are read at random.
+    #[inline]
+    pub fn prefetch_pick(&self, k: &FlowKey) {
+        let h = flow_hash(k, self.cfg.distribution);
+        self.set.load().for_new().0.prefetch(h);
     }
 
     /// The Maglev slot a new connection with key `k` is looked up in, and
@@ -563,10 +581,8 @@ impl Vip {
     pub fn slot_of(&self, k: &FlowKey) -> (usize, bool) {
         let h = flow_hash(k, self.cfg.distribution);
         let set = self.set.load();
-        match (&set.all, set.table.entries().len()) {
-            (Some(all), 0) => (slot(h, all.entries().len()), true),
-            (_, n) => (slot(h, n), false),
-        }
+        let (table, all) = set.for_new();
+        (slot(h, table.entries().len()), all)
     }
 
     /// Index of the backend `ip:port`, if configured.
@@ -1268,6 +1284,18 @@ impl LbCore {
         self.process_seg(vips, key, &seg, now)
     }
 
+    /// Starts loading the Maglev slot of a new connection to a VIP of
+    /// `vips` with key `key` ([`Vip::prefetch_pick`]): a stage of the
+    /// switch's burst before [`LbCore::prefetch_new`], which picks.
+    #[inline]
+    pub fn prefetch_pick(&self, vips: &Vips, key: &FlowKey) {
+        if let Some(vip) = vips.lookup(key)
+            && vip.config().mode == VipMode::Local
+        {
+            vip.prefetch_pick(key);
+        }
+    }
+
     /// Starts loading the connection-table bucket of `key` into the cache
     /// without waiting for it: the switch calls it for the packets of a
     /// burst that missed its flow table, before deciding any of them, so
@@ -1908,6 +1936,13 @@ impl LbCore {
     ) -> Option<crate::conntrack::ConnState> {
         let i = self.conns.resolve(conn)?;
         self.conns.touch(i, dir, tcp_flags, now)
+    }
+
+    /// Starts loading what [`LbCore::touch`] of `conn` reads, without
+    /// waiting for it ([`ConnTable::prefetch_slot`]).
+    #[inline(always)]
+    pub fn prefetch_touch(&self, conn: ConnRef) {
+        self.conns.prefetch_slot(conn);
     }
 
     /// The connection `conn` names, if it is still tracked.

@@ -226,22 +226,29 @@ pub fn next_state(
 }
 
 /// A tracked connection carrying the caller's data `V` (NAT binding etc.).
+///
+/// Laid out as declared (`repr(C)`): what every packet that tells it of
+/// traffic updates ([`ConnTable::touch`]) first, so that with its slot's
+/// own bookkeeping it lies in the slot's first 52 bytes, one or two cache
+/// lines of a 280-byte slot, which a touch loads ahead
+/// ([`ConnTable::prefetch_slot`]).
 #[derive(Debug, Clone, PartialEq)]
+#[repr(C)]
 pub struct Conn<V> {
-    /// Key of the originating direction (as the first packet arrived).
-    pub orig: FlowKey,
-    /// Key the reply direction arrives with (after NAT, if any).
-    pub reply: FlowKey,
-    /// Protocol state.
-    pub state: ConnState,
-    /// FIN seen per direction.
-    pub fin_seen: [bool; 2],
-    /// When the connection was created (ns).
-    pub created: u64,
     /// When a packet last used it (ns).
     pub last_seen: u64,
     /// Packets per direction.
     pub packets: [u64; 2],
+    /// Protocol state.
+    pub state: ConnState,
+    /// FIN seen per direction.
+    pub fin_seen: [bool; 2],
+    /// Key of the originating direction (as the first packet arrived).
+    pub orig: FlowKey,
+    /// Key the reply direction arrives with (after NAT, if any).
+    pub reply: FlowKey,
+    /// When the connection was created (ns).
+    pub created: u64,
     /// The caller's data.
     pub value: V,
 }
@@ -277,21 +284,33 @@ impl List {
     }
 }
 
+/// Laid out as declared (`repr(C)`): the bookkeeping, then the connection
+/// with what a packet updates first (see [`Conn`]): [`TOUCHED`] bytes.
+/// Whether the slot holds a connection, which `resolve` and `touch` read
+/// too, `Option` keeps in a spare value of one of the connection's fields:
+/// the compiler's choice, today `fin_seen` (inside those bytes; a field
+/// with more spare values added to [`Conn`] or its value could move it
+/// out, which would cost a touch a cache miss, nothing else).
 #[derive(Debug)]
+#[repr(C)]
 struct Slot<V> {
-    conn: Option<Conn<V>>,
-    /// The connection's timeout class (index into the table's timeouts).
-    class: u8,
     /// Connections this slot has held before the current one (wrapping):
     /// what a [`ConnRef`] is checked against.
     generation: u32,
     prev: u32,
     next: u32,
+    /// The connection's timeout class (index into the table's timeouts).
+    class: u8,
     list: List,
     /// When it was put at the tail of its list: a connection seen since
     /// (`last_seen` later) is further back in LRU order than its place.
     queued: u64,
+    conn: Option<Conn<V>>,
 }
+
+/// The first bytes of a [`Slot`], which hold everything
+/// [`ConnTable::resolve`] and [`ConnTable::touch`] read (a test checks it).
+const TOUCHED: usize = 52;
 
 /// A tracked connection as others hold it (a flow of the switch): its slot
 /// and the slot's generation when the connection was put there. A slot
@@ -699,6 +718,18 @@ impl<V> ConnTable<V> {
             slot: i,
             generation: s.generation,
         })
+    }
+
+    /// Starts loading the part of the slot `r` names that
+    /// [`ConnTable::resolve`] and [`ConnTable::touch`] read, without waiting
+    /// for it: the switch calls it for a burst's packets whose flows are due
+    /// to tell their connection of traffic, before it tells any, so that
+    /// those misses overlap too.
+    #[inline(always)]
+    pub fn prefetch_slot(&self, r: ConnRef) {
+        if let Some(s) = self.slots.get(r.slot as usize) {
+            platform::prefetch_first(s, TOUCHED);
+        }
     }
 
     /// The slot of the connection `r` names, if it is still tracked (not
@@ -1592,6 +1623,29 @@ mod tests {
         t.touch(c, Dir::Reply, ACK, 0);
         assert_eq!(t.expire(to.tcp_handshake + 1, 100, |_| {}), 2);
         assert!(t.lookup(&key(3), to.tcp_handshake + 1, |_| {}).is_some());
+    }
+
+    #[test]
+    fn what_a_touch_reads_lies_in_a_slots_first_bytes() {
+        use std::mem::{offset_of, size_of};
+        type S = Slot<crate::balancer::ConnInfo>;
+        type C = Conn<crate::balancer::ConnInfo>;
+        let conn = offset_of!(S, conn);
+        let ends = [
+            offset_of!(S, generation) + 4,
+            offset_of!(S, class) + 1,
+            offset_of!(S, list) + 1,
+            offset_of!(S, queued) + 8,
+            conn + offset_of!(C, last_seen) + 8,
+            conn + offset_of!(C, packets) + 16,
+            conn + offset_of!(C, state) + size_of::<ConnState>(),
+            conn + offset_of!(C, fin_seen) + 2,
+        ];
+        assert_eq!(ends.into_iter().max(), Some(TOUCHED));
+        // (Where `Option` keeps whether a slot holds a connection is the
+        // compiler's choice; it takes a niche of the connection's.)
+        assert_eq!(size_of::<Option<C>>(), size_of::<C>());
+        assert_eq!(size_of::<S>(), 280);
     }
 
     #[test]

@@ -162,6 +162,18 @@ impl MaglevTable {
         self.entries.get((hash % n) as usize).copied()
     }
 
+    /// Starts loading the slot [`MaglevTable::lookup`] of `hash` reads,
+    /// without waiting for it.
+    #[inline]
+    pub fn prefetch(&self, hash: u64) {
+        if let Some(e) = hash
+            .checked_rem(self.entries.len() as u64)
+            .and_then(|i| self.entries.get(i as usize))
+        {
+            platform::prefetch(e);
+        }
+    }
+
     /// The slots (empty for a table without backends).
     pub fn entries(&self) -> &[u16] {
         &self.entries
@@ -224,6 +236,8 @@ mod tests {
         );
         let none = MaglevTable::build(&[], 13).unwrap();
         assert_eq!(none.lookup(42), None);
+        // (Prefetching a slot of an empty table does not divide by zero.)
+        none.prefetch(42);
         let mut drained = backends(2);
         drained[0].weight = 0;
         drained[1].weight = 0;

@@ -468,6 +468,52 @@ impl FlowTable {
         })
     }
 
+    /// The entry of the flow `r` names if a hit on it now will tell the
+    /// load balancer of its traffic ([`FlowEntry::lb_touched`] more than
+    /// `every` ago, or its first hit): what the switch's hit decides on
+    /// time alone (SYN, FIN and RST tell it too). Reads the slot's first
+    /// two cache lines, which [`FlowTable::prefetch_slot`] loads.
+    #[inline(always)]
+    fn touch_due(&self, r: FlowRef, now: u64, every: u64) -> Option<&FlowEntry> {
+        let e = self.entry_at(r)?;
+        (e.packets == 0 || now.saturating_sub(e.lb_touched) > every).then_some(e)
+    }
+
+    /// The entry of the flow `r` names, read only ([`FlowTable::at`]).
+    #[inline(always)]
+    fn entry_at(&self, r: FlowRef) -> Option<&FlowEntry> {
+        if r.epoch != self.removals {
+            return None;
+        }
+        self.slots.get(r.slot as usize).map(|s| &s.entry)
+    }
+
+    /// Starts loading the cache line of the flow `r` names that holds its
+    /// connection ([`FlowAction::lb`], in the slot's third line, which a
+    /// hit otherwise does not read) when a hit on it now is due to tell the
+    /// load balancer ([`FlowTable::touch_due`]): called in the burst's
+    /// lookup stage, so that [`FlowTable::conn_of`] in the next stage finds
+    /// it in cache. True when it was due.
+    #[inline(always)]
+    pub fn prefetch_due_conn(&self, r: FlowRef, now: u64, every: u64) -> bool {
+        match self.touch_due(r, now, every) {
+            Some(e) => {
+                platform::prefetch(&e.action.lb);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The connection the flow `r` names (`None` when it has none, or was
+    /// removed since `r` was taken): for a burst whose hit on it is due to
+    /// tell that connection of traffic ([`FlowTable::prefetch_due_conn`])
+    /// to start loading the connection before its hits.
+    #[inline(always)]
+    pub fn conn_of(&self, r: FlowRef) -> Option<LbRef> {
+        self.entry_at(r)?.action.lb
+    }
+
     /// The key and entry of a flow found by [`FlowTable::find`] (`None`
     /// when a flow has been removed since: look it up again).
     #[inline(always)]
@@ -897,6 +943,38 @@ mod tests {
             vip: crate::policy::NO_VIP,
             vip_epoch: 0,
         }
+    }
+
+    #[test]
+    fn a_hit_is_due_to_tell_its_connection_first_and_then_every_so_often() {
+        let mut conns = lb::conntrack::ConnTable::<u32>::new(8, Default::default());
+        let i = conns.insert(key(1), key(2), 0, 0, 0, |_| {}).unwrap();
+        let conn = conns.conn_ref(i).unwrap();
+        let lb = LbRef {
+            vnet: 3,
+            conn,
+            dir: Dir::Orig,
+        };
+        let mut t = FlowTable::new(8, 1000, 10);
+        let mut e = entry(100);
+        e.action.lb = Some(lb);
+        t.insert(0, key(1), e);
+        t.insert(0, key(2), entry(100));
+        let r = t.find(t.hash(0, &key(1)), 0, &key(1)).unwrap();
+        let other = t.find(t.hash(0, &key(2)), 0, &key(2)).unwrap();
+        assert_eq!(t.conn_of(r), Some(lb));
+        assert_eq!(t.conn_of(other), None);
+        // Its first hit is due, whenever it comes.
+        assert!(t.prefetch_due_conn(r, 100, 50));
+        let (_, e) = t.at(r).unwrap();
+        e.packets = 1;
+        // Then once `every` has passed since it last told.
+        assert!(!t.prefetch_due_conn(r, 150, 50));
+        assert!(t.prefetch_due_conn(r, 151, 50));
+        // A reference taken before a removal names nothing.
+        assert!(t.remove(0, &key(2)).is_some());
+        assert!(!t.prefetch_due_conn(r, 151, 50));
+        assert_eq!(t.conn_of(r), None);
     }
 
     #[test]

@@ -39,15 +39,24 @@ pub fn prefetch<T>(r: &T) {
 /// find the others would wait for memory first.
 #[inline(always)]
 pub fn prefetch_all<T>(r: &T) {
+    prefetch_first(r, std::mem::size_of::<T>());
+}
+
+/// [`prefetch`] for every cache line that the first `bytes` bytes of `r`
+/// span (at least its first; at most all of it): for a large value of which
+/// only a leading part is about to be read.
+#[inline(always)]
+pub fn prefetch_first<T>(r: &T, bytes: usize) {
     const LINE: usize = 64;
     let start = (r as *const T).cast::<u8>();
     // From the line holding the first byte through the one holding the
-    // last (a value that does not start on a line boundary spans one more);
-    // the addresses computed with `wrapping_*` (no pointer arithmetic that
-    // must stay in bounds).
+    // last (a span that does not start on a line boundary may cross one
+    // more); the addresses computed with `wrapping_*` (no pointer
+    // arithmetic that must stay in bounds).
     let lead = start as usize % LINE;
     let start = start.wrapping_sub(lead);
-    for off in (0..lead + std::mem::size_of::<T>().max(1)).step_by(LINE) {
+    let bytes = bytes.clamp(1, std::mem::size_of::<T>().max(1));
+    for off in (0..lead + bytes).step_by(LINE) {
         prefetch_line(start.wrapping_add(off));
     }
 }

@@ -567,6 +567,18 @@ impl<B: PacketBuf> Switch<B> {
 }
 
 impl<B: PacketBuf> Switch<B> {
+    /// For a packet that missed the flow table: when it is a VM's, to a
+    /// VIP of its vnet, starts loading the Maglev slot that will pick its
+    /// backend (a stage before [`LbCore::prefetch_new`] picks it).
+    #[inline(always)]
+    fn prefetch_pick(&self, policy: &Policy, port: u16, key: &dataplane::FlowKey) {
+        if let Some((_, vm)) = policy.vm_on_port(port)
+            && let (Some(l), Some(vnet)) = (self.lb.get(vm.vnet), policy.vnets.get(vm.vnet))
+        {
+            l.prefetch_pick(&vnet.vips, key);
+        }
+    }
+
     /// A packet of a flow cached here that it may follow as it is
     /// (decided under this policy and, for a VIP's flow, that VIP's current
     /// backend set; not a SYN): counted, the load balancer told of it when
@@ -965,8 +977,11 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
         // stalls): parse every packet in place; hash every key and
         // prefetch its bucket; prefetch the slot each bucket points at
         // (the buckets have arrived meanwhile); search the index for all of
-        // them (the slots have arrived); for those that missed, prefetch
-        // what their slow path reads first; then process each packet.
+        // them (the slots have arrived), and for a hit due to tell the load
+        // balancer of its traffic prefetch the line naming its connection,
+        // for a miss to a VIP its Maglev slot; then prefetch that
+        // connection, and for those that missed what their slow path reads
+        // first; then process each packet.
         const N: usize = dataplane::BURST;
         let in16 = in_port as u16;
         let n = pkts.len();
@@ -1006,8 +1021,10 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
         for h in hash.iter().take(n) {
             self.flows.prefetch_slot(*h);
         }
-        for ((((r, p), h), st), port) in hint
+        let mut due = [false; N];
+        for (((((r, d), p), h), st), port) in hint
             .iter_mut()
+            .zip(due.iter_mut())
             .zip(parsed.iter())
             .zip(hash.iter())
             .zip(status.iter())
@@ -1018,20 +1035,40 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                 Ok(()) => self.flows.find(*h, *port, &p.key),
                 Err(_) => None,
             };
+            match r {
+                Some(f) => *d = self.flows.prefetch_due_conn(*f, now, self.lb_touch_ns),
+                None if st.is_ok() => self.prefetch_pick(&policy, *port, &p.key),
+                None => {}
+            }
         }
+        // The hits due to tell the load balancer of their traffic: start
+        // loading their connections (the touch reads a slot of a table as
+        // large as the flow table, once every `lb_touch_ns` per flow).
         // The packets that missed go through the slow path: start loading
         // their connection-table buckets (a VM's packets: its vnet's load
         // balancer; for a VIP's, the reply key's too, and its reverse
         // flow's bucket) and the flow-table slots their installs will take.
         let mut misses = 0;
-        for (((r, p), st), port) in hint
+        for ((((r, d), p), st), port) in hint
             .iter()
+            .zip(due.iter())
             .zip(parsed.iter())
             .zip(status.iter())
             .zip(ports.iter())
             .take(n)
         {
-            if r.is_some() || st.is_err() {
+            if let Some(f) = r {
+                // A hit due to tell its connection of traffic: start loading
+                // the connection (the line naming it has arrived).
+                if *d
+                    && let Some(c) = self.flows.conn_of(*f)
+                    && let Some(l) = self.lb.get(usize::from(c.vnet))
+                {
+                    l.prefetch_touch(c.conn);
+                }
+                continue;
+            }
+            if st.is_err() {
                 continue;
             }
             misses += 1;
