@@ -207,6 +207,21 @@ pub struct Trigger {
     remaining: AtomicU64,
     /// The worker clock's tick after which it ends.
     deadline: AtomicU64,
+    /// Packets taken ([`Claim`]s alive) whose records are not queued yet.
+    recording: AtomicU64,
+}
+
+/// One packet taken of a [`Trigger`]'s count, held while its record is
+/// made and queued: until every claim is dropped the trigger is still
+/// [`Trigger::running`], though the last claim turned it off for the
+/// workers.
+#[must_use = "the trigger runs until the claim is dropped"]
+pub struct Claim<'a>(&'a Trigger);
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.0.recording.fetch_sub(1, Ordering::Release);
+    }
 }
 
 impl Trigger {
@@ -226,10 +241,19 @@ impl Trigger {
         self.armed.store(false, Ordering::Release);
     }
 
-    /// True while on.
+    /// True while on: workers take packets.
     #[inline]
     pub fn is_armed(&self) -> bool {
         self.armed.load(Ordering::Acquire)
+    }
+
+    /// True while on, or while a packet it took is still being recorded:
+    /// false once every record it will have is queued, which is what a
+    /// reader waits for.
+    pub fn running(&self) -> bool {
+        // (A claim counts itself before it can disarm, so a reader that
+        // sees the trigger off sees the claim too.)
+        self.is_armed() || self.recording.load(Ordering::Acquire) > 0
     }
 
     /// What a worker takes in this poll (`now`: its clock's ticks):
@@ -246,21 +270,24 @@ impl Trigger {
         self.spec.load_full()
     }
 
-    /// Takes one packet of the count: false when none is left (another
-    /// worker took the last). The last turns it off.
-    pub fn claim(&self) -> bool {
+    /// Takes one packet of the count, to be held until its record is
+    /// queued: `None` when none is left (another worker took the last).
+    /// The last turns it off.
+    pub fn claim(&self) -> Option<Claim<'_>> {
+        self.recording.fetch_add(1, Ordering::AcqRel);
+        let claim = Claim(self);
         let left = self
             .remaining
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
         match left {
             Ok(1) => {
                 self.disarm();
-                true
+                Some(claim)
             }
-            Ok(_) => true,
+            Ok(_) => Some(claim),
             Err(_) => {
                 self.disarm();
-                false
+                None
             }
         }
     }
@@ -357,6 +384,12 @@ impl Tap {
         self.trigger.is_armed()
     }
 
+    /// True while capturing, or while a frame taken is still being copied:
+    /// false once every frame this capture takes is ready to be read.
+    pub fn running(&self) -> bool {
+        self.trigger.running()
+    }
+
     /// Frames captured so far.
     pub fn captured(&self) -> u64 {
         self.captured.load(Ordering::Relaxed)
@@ -415,10 +448,10 @@ impl Tap {
                 self.missed.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
-            if !self.trigger.claim() {
+            let Some(_claim) = self.trigger.claim() else {
                 let _ = self.free.push(r);
                 return;
-            }
+            };
             r.ticks = ticks;
             r.port = port as u16;
             r.way = way;
@@ -522,5 +555,25 @@ mod tests {
         tap.arm(spec(None), 10, 100);
         assert!(tap.session(101).is_none());
         assert!(!tap.is_armed());
+        assert!(!tap.running());
+    }
+
+    #[test]
+    fn a_trigger_runs_until_the_record_of_its_last_packet_is_in() {
+        let t = Trigger::default();
+        assert!(t.claim().is_none(), "off: nothing to take");
+        assert!(!t.running());
+        t.arm(Spec::default(), 2, u64::MAX);
+        let first = t.claim().unwrap();
+        let last = t.claim().unwrap();
+        // The last packet turns it off for the workers...
+        assert!(!t.is_armed());
+        assert!(t.claim().is_none());
+        // ...but it runs while either record is being made.
+        assert!(t.running());
+        drop(last);
+        assert!(t.running());
+        drop(first);
+        assert!(!t.running());
     }
 }

@@ -247,7 +247,7 @@ fn live_view(state: &ControlState, rt: &mut Runtime, packets: bool) -> crate::ap
         })
         .collect();
     crate::api::LiveTraceView {
-        running: rt.live.trigger.is_armed(),
+        running: rt.live.trigger.running(),
         port: s.and_then(|s| s.port.clone()),
         filter: s.map_or(String::new(), |s| s.filter.clone()),
         count: s.map_or(0, |s| s.count),
@@ -305,7 +305,7 @@ fn view(state: &ControlState, rt: &mut Runtime, frames: bool) -> CaptureView {
         .collect();
     rt.tap.give_back(records);
     CaptureView {
-        running: rt.tap.is_armed(),
+        running: rt.tap.running(),
         port: s.and_then(|s| s.port.clone()),
         filter: s.map_or(String::new(), |s| s.filter.clone()),
         count: s.map_or(0, |s| s.count),

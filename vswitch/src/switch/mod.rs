@@ -1111,24 +1111,28 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                 return;
             }
             let port = usize::from(*port);
-            match (st, &live) {
-                // (Selected by the port it arrived on, and the frame as
-                // parsed: out of its tunnel, if it came in one.)
-                (Ok(()), Some((l, spec)))
-                    if spec.selects_parsed(in_port, Some(p)) && l.trigger.claim() =>
-                {
-                    self.packet_live(
-                        l,
-                        spec,
-                        ctx,
-                        &policy,
-                        port,
-                        pkt,
-                        now,
-                        &mut tally,
-                        (p, *h, *r),
-                    )
+            // A packet the live trace selects (by the port it arrived on,
+            // and the frame as parsed: out of its tunnel, if it came in
+            // one) is taken of its count; the claim is held until its
+            // record is queued.
+            let traced = match (st, &live) {
+                (Ok(()), Some((l, spec))) if spec.selects_parsed(in_port, Some(p)) => {
+                    l.trigger.claim().map(|c| (l, spec, c))
                 }
+                _ => None,
+            };
+            match (st, traced) {
+                (Ok(()), Some((l, spec, _claim))) => self.packet_live(
+                    l,
+                    spec,
+                    ctx,
+                    &policy,
+                    port,
+                    pkt,
+                    now,
+                    &mut tally,
+                    (p, *h, *r),
+                ),
                 (Ok(()), _) => {
                     // A hit that is no fragment is forwarded here (a packet
                     // that missed goes to `packet`, which finds a flow an
