@@ -5,6 +5,17 @@ use crate::wire::ParseError;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// Adds `n` to a counter that only the calling thread writes (others only
+/// read it): a plain load and store. `fetch_add` is a locked instruction,
+/// which on x86 waits for every store before it to reach the cache: after
+/// a new connection's writes to cold table lines, that wait is the
+/// largest cost of counting it. A reader sees each value written, never a
+/// torn one; two writers would lose counts.
+#[inline(always)]
+pub fn add_own(c: &AtomicU64, n: u64) {
+    c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+}
+
 /// Why a packet was dropped. Every drop in pollux is counted under one of these.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]

@@ -319,8 +319,9 @@ impl<K: Key> IntervalField<K> {
     }
 }
 
-/// Counts per rule of how often it won a lookup. Safe to share between
-/// threads; the control thread reads while workers count.
+/// Counts per rule of how often it won a lookup, written by one thread
+/// ([`Classifier::classify_counted`]: each worker counts into its own) and
+/// read by any (the control thread sums the workers').
 #[derive(Debug)]
 pub struct HitCounters {
     hits: Box<[AtomicU64]>,
@@ -339,10 +340,12 @@ impl HitCounters {
         self.hits.get(i).map_or(0, |c| c.load(Ordering::Relaxed))
     }
 
+    /// (One thread counts into a set of counters: see
+    /// [`dataplane::stats::add_own`].)
     #[inline]
     fn hit(&self, i: usize) {
         if let Some(c) = self.hits.get(i) {
-            c.fetch_add(1, Ordering::Relaxed);
+            dataplane::stats::add_own(c, 1);
         }
     }
 }

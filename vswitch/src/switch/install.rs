@@ -7,7 +7,6 @@ use crate::policy::{NO_VIP, Policy};
 use dataplane::{FlowKey, PacketBuf};
 use lb::conntrack::Dir;
 use lb::nat::Rewrite;
-use std::sync::atomic::Ordering;
 
 impl<B: PacketBuf> Switch<B> {
     /// Installs `fwd` for `key` arriving on `in_port`, and — for a stateful allow or a tracked
@@ -94,7 +93,7 @@ impl<B: PacketBuf> Switch<B> {
             .insert_meta(in_port, key, e(fwd, first), meta(opened))
             == crate::flow::Insert::New
         {
-            self.stats.flows_installed.fetch_add(1, Ordering::Relaxed);
+            dataplane::stats::add_own(&self.stats.flows_installed, 1);
         }
         // Only stateful allows and tracked connections get a reverse flow;
         // nothing comes back through a Mux's tunnel to a DIP (its replies go
@@ -132,7 +131,7 @@ impl<B: PacketBuf> Switch<B> {
             .insert_meta(fwd.out_port, back_key, e(back, (0, 0)), meta(!opened))
             == crate::flow::Insert::New
         {
-            self.stats.flows_installed.fetch_add(1, Ordering::Relaxed);
+            dataplane::stats::add_own(&self.stats.flows_installed, 1);
         }
         fwd
     }

@@ -426,7 +426,7 @@ impl<B: PacketBuf> Switch<B> {
                 }
         });
         if answered {
-            self.stats.icmp_errors.fetch_add(1, Ordering::Relaxed);
+            dataplane::stats::add_own(&self.stats.icmp_errors, 1);
         }
         answered
     }
@@ -437,7 +437,7 @@ impl<B: PacketBuf> Switch<B> {
     fn hairpin(&mut self, pkt: B) {
         if self.looped.len() < HAIRPIN_QUEUE {
             self.looped.push_back(pkt);
-            self.stats.hairpinned.fetch_add(1, Ordering::Relaxed);
+            dataplane::stats::add_own(&self.stats.hairpinned, 1);
         } else {
             self.drop_pkt(pkt, SwitchDrop::HairpinFull);
         }
@@ -768,7 +768,7 @@ impl<B: PacketBuf> Switch<B> {
             Ok(Slow::Reply) => self.send_back(ctx, in_port16, pkt),
             Ok(Slow::Advert(mac)) => match rewrite::neighbor_advert(&mut pkt, pk, mac) {
                 Ok(()) => {
-                    self.stats.nd_replies.fetch_add(1, Ordering::Relaxed);
+                    dataplane::stats::add_own(&self.stats.nd_replies, 1);
                     self.send_back(ctx, in_port16, pkt)
                 }
                 Err(_) => self.drop_pkt(pkt, SwitchDrop::RewriteFailed),
@@ -907,16 +907,17 @@ impl<B: PacketBuf> Switch<B> {
     #[inline]
     fn end(&mut self, now: u64, (fast, slow, handed): (u64, u64, u64)) {
         if fast > 0 {
-            self.stats.fast_path.fetch_add(fast, Ordering::Relaxed);
+            dataplane::stats::add_own(&self.stats.fast_path, fast);
         }
         if slow > 0 {
-            self.stats.slow_path.fetch_add(slow, Ordering::Relaxed);
-            self.stats
-                .slow_path_ticks
-                .fetch_add(std::mem::take(&mut self.slow_ticks), Ordering::Relaxed);
+            dataplane::stats::add_own(&self.stats.slow_path, slow);
+            dataplane::stats::add_own(
+                &self.stats.slow_path_ticks,
+                std::mem::take(&mut self.slow_ticks),
+            );
         }
         if handed > 0 {
-            self.stats.handed_off.fetch_add(handed, Ordering::Relaxed);
+            dataplane::stats::add_own(&self.stats.handed_off, handed);
         }
         // Flow expiry a little every millisecond, in proportion to the time
         // since the last step, so the whole table is swept about once a

@@ -12,7 +12,6 @@ use dataplane::wire::arp;
 use dataplane::worker::Ctx;
 use dataplane::{PacketBuf, Parsed, rewrite};
 use std::net::Ipv4Addr;
-use std::sync::atomic::Ordering;
 
 /// ARP requests worker 0 sends per poll at most.
 const ARP_SENDS_PER_POLL: usize = 8;
@@ -53,7 +52,7 @@ impl<B: PacketBuf> Switch<B> {
         pkt.trim(trailer)
             .and_then(|()| pkt.adj(d.inner))
             .map_err(|_| SwitchDrop::TunnelMalformed)?;
-        self.stats.tunnel_rx.fetch_add(1, Ordering::Relaxed);
+        dataplane::stats::add_own(&self.stats.tunnel_rx, 1);
         Ok(Some(vm.port))
     }
 
@@ -79,7 +78,7 @@ impl<B: PacketBuf> Switch<B> {
             return Err(SwitchDrop::TunnelSpoofed);
         }
         tunnel::decap_ipip(pkt, &d, vm.mac).map_err(|_| SwitchDrop::TunnelMalformed)?;
-        self.stats.dsr_rx.fetch_add(1, Ordering::Relaxed);
+        dataplane::stats::add_own(&self.stats.dsr_rx, 1);
         Ok(Some(port))
     }
 
@@ -113,7 +112,7 @@ impl<B: PacketBuf> Switch<B> {
                 } else {
                     &self.stats.tunnel_tx
                 };
-                n.fetch_add(1, Ordering::Relaxed);
+                dataplane::stats::add_own(n, 1);
                 ctx.send(usize::from(up.port), pkt);
             }
             Err(_) => self.drop_pkt(pkt, SwitchDrop::RewriteFailed),
@@ -174,7 +173,7 @@ impl<B: PacketBuf> Switch<B> {
             return Some(
                 rewrite::arp_reply(frame, pk, up.mac)
                     .map(|()| {
-                        self.stats.arp_replies.fetch_add(1, Ordering::Relaxed);
+                        dataplane::stats::add_own(&self.stats.arp_replies, 1);
                         true
                     })
                     .map_err(|_| SwitchDrop::RewriteFailed),
@@ -205,7 +204,7 @@ impl<B: PacketBuf> Switch<B> {
             let Some(mut pkt) = alloc() else { break };
             if tunnel::arp_request(&mut pkt, up.mac, ul.address.addr(), target, to).is_ok() {
                 ctx.send(usize::from(up.port), pkt);
-                self.stats.arp_requests.fetch_add(1, Ordering::Relaxed);
+                dataplane::stats::add_own(&self.stats.arp_requests, 1);
                 n += 1;
             }
         }

@@ -5,7 +5,6 @@ use super::{Slow, Switch, SwitchDrop};
 use crate::policy::Policy;
 use dataplane::wire::arp;
 use dataplane::{PacketBuf, Parsed, rewrite};
-use std::sync::atomic::Ordering;
 
 impl<B: PacketBuf> Switch<B> {
     /// Answers an ARP request for any address of the vnet or any of its VIPs
@@ -35,7 +34,7 @@ impl<B: PacketBuf> Switch<B> {
             return Err(SwitchDrop::ArpIgnored);
         }
         rewrite::arp_reply(frame, pk, vn.gateway_mac).map_err(|_| SwitchDrop::RewriteFailed)?;
-        self.stats.arp_replies.fetch_add(1, Ordering::Relaxed);
+        dataplane::stats::add_own(&self.stats.arp_replies, 1);
         Ok(())
     }
 

@@ -14,7 +14,6 @@ use dataplane::{FlowKey, L3, PacketBuf, Parsed, rewrite};
 use filter::{Action, Direction};
 use lb::balancer::{ConnKind, Decision, VipMode};
 use lb::nat::Rewrite;
-use std::sync::atomic::Ordering;
 
 /// What connection tracking decided for a packet the switch forwards: the
 /// rewrite, the tracked connection, the key after the rewrite, whether
@@ -324,7 +323,7 @@ impl<B: PacketBuf> Switch<B> {
             self.acl(p, vm.nsg, Direction::Out, &key)?;
             rewrite::icmp_echo_reply(frame, pk, vnet.gateway_mac)
                 .map_err(|_| SwitchDrop::RewriteFailed)?;
-            self.stats.icmp_replies.fetch_add(1, Ordering::Relaxed);
+            dataplane::stats::add_own(&self.stats.icmp_replies, 1);
             return Ok(Slow::Reply);
         }
         let seg = synproxy::read(frame, pk).unwrap_or_default();
@@ -535,7 +534,7 @@ impl<B: PacketBuf> Switch<B> {
                     return Err(SwitchDrop::ArpIgnored);
                 }
                 rewrite::arp_reply(frame, pk, up.mac).map_err(|_| SwitchDrop::RewriteFailed)?;
-                self.stats.arp_replies.fetch_add(1, Ordering::Relaxed);
+                dataplane::stats::add_own(&self.stats.arp_replies, 1);
                 return Ok(Slow::Reply);
             }
             L3::Ipv4 | L3::Ipv6 => {}
@@ -577,7 +576,7 @@ impl<B: PacketBuf> Switch<B> {
             if mine && rewrite::is_echo_request(frame, pk) && !pk.frag.is_first() {
                 rewrite::icmp_echo_reply(frame, pk, up.mac)
                     .map_err(|_| SwitchDrop::RewriteFailed)?;
-                self.stats.icmp_replies.fetch_add(1, Ordering::Relaxed);
+                dataplane::stats::add_own(&self.stats.icmp_replies, 1);
                 return Ok(Slow::Reply);
             }
             return self.slow_uplink_reply(p, up, frame, pk, now);
@@ -585,7 +584,7 @@ impl<B: PacketBuf> Switch<B> {
         let vnet = p.vnets.get(vn).ok_or(SwitchDrop::NoRoute)?;
         if rewrite::is_echo_request(frame, pk) && !pk.frag.is_first() {
             rewrite::icmp_echo_reply(frame, pk, up.mac).map_err(|_| SwitchDrop::RewriteFailed)?;
-            self.stats.icmp_replies.fetch_add(1, Ordering::Relaxed);
+            dataplane::stats::add_own(&self.stats.icmp_replies, 1);
             return Ok(Slow::Reply);
         }
         let key = pk.key;
@@ -929,7 +928,7 @@ impl<B: PacketBuf> Switch<B> {
                     .map_err(|hop| self.unresolved(hop, None))?
             }
         };
-        self.stats.icmp_related.fetch_add(1, Ordering::Relaxed);
+        dataplane::stats::add_own(&self.stats.icmp_related, 1);
         Ok(Slow::Forward(action))
     }
 

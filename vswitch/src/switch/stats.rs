@@ -143,7 +143,8 @@ impl SwitchDrop {
     }
 }
 
-/// Switch counters, readable from any thread.
+/// Switch counters, written by the switch's worker alone
+/// ([`dataplane::stats::add_own`]) and readable from any thread.
 #[derive(Debug)]
 pub struct SwitchStats {
     drops: [AtomicU64; SwitchDrop::COUNT],
@@ -264,7 +265,7 @@ impl SwitchStats {
     }
 
     pub(super) fn count(&self, r: SwitchDrop) {
-        self.drops[r.index()].fetch_add(1, Ordering::Relaxed);
+        dataplane::stats::add_own(&self.drops[r.index()], 1);
     }
 }
 
