@@ -50,6 +50,30 @@ impl<B: PacketBuf> Switch<B> {
             })
             .and_then(|id| Some((id, *self.vip_epochs.get(usize::from(id))?)))
             .unwrap_or((NO_VIP, 0));
+        // The reverse direction gets the opposite rewrite of the connection,
+        // made before the forward flow is stored: the copy of the rewrite,
+        // read back in parts, would otherwise wait for the store buffer to
+        // drain the forward flow's stores to cold lines.
+        let back = back_flow.then(|| {
+            let (nat, lb) = match fwd.lb {
+                Some(r) => {
+                    let orig = r.dir == Dir::Orig;
+                    let nat = conn
+                        .map(|c| {
+                            if orig {
+                                c.value.nat.reverse
+                            } else {
+                                c.value.nat.forward
+                            }
+                        })
+                        .unwrap_or_default();
+                    let dir = if orig { Dir::Reply } else { Dir::Orig };
+                    (nat, Some(LbRef { dir, ..r }))
+                }
+                None => (Rewrite::NONE, None),
+            };
+            FlowAction { nat, lb, ..back }.compiled_for(&back_key)
+        });
         // A closing connection's flows (its last packets, decided again
         // after a policy change) expire as closing ones do.
         let closing = conn.is_some_and(|c| c.state.is_closing());
@@ -98,34 +122,9 @@ impl<B: PacketBuf> Switch<B> {
         // Only stateful allows and tracked connections get a reverse flow;
         // nothing comes back through a Mux's tunnel to a DIP (its replies go
         // straight to the client).
-        if !back_flow {
+        let Some(back) = back else {
             return fwd;
-        }
-        // The reverse direction gets the opposite rewrite of the connection.
-        let (nat, lb) = match fwd.lb {
-            Some(r) => {
-                let nat = self
-                    .lb
-                    .get(r.vnet as usize)
-                    .and_then(|l| l.conn(r.conn))
-                    .map(|c| {
-                        if r.dir == Dir::Orig {
-                            c.value.nat.reverse
-                        } else {
-                            c.value.nat.forward
-                        }
-                    })
-                    .unwrap_or_default();
-                let dir = if r.dir == Dir::Orig {
-                    Dir::Reply
-                } else {
-                    Dir::Orig
-                };
-                (nat, Some(LbRef { dir, ..r }))
-            }
-            None => (Rewrite::NONE, None),
         };
-        let back = FlowAction { nat, lb, ..back }.compiled_for(&back_key);
         if self
             .flows
             .insert_meta(fwd.out_port, back_key, e(back, (0, 0)), meta(!opened))
