@@ -559,8 +559,13 @@ impl Vip {
     /// configured backends), or `None` when none may take it.
     #[inline]
     pub fn pick(&self, k: &FlowKey) -> Option<usize> {
+        self.pick_in(&self.set.load(), k)
+    }
+
+    /// [`Vip::pick`] in `set`, a backend set of this VIP read earlier.
+    #[inline]
+    pub fn pick_in(&self, set: &BackendSet, k: &FlowKey) -> Option<usize> {
         let h = flow_hash(k, self.cfg.distribution);
-        let set = self.set.load();
         set.for_new().0.lookup(h).map(usize::from)
     }
 
@@ -570,8 +575,15 @@ impl Vip {
     /// slots are read at random.
     #[inline]
     pub fn prefetch_pick(&self, k: &FlowKey) {
+        self.prefetch_pick_in(&self.set.load(), k);
+    }
+
+    /// [`Vip::prefetch_pick`] in `set`, a backend set of this VIP read
+    /// earlier.
+    #[inline]
+    pub fn prefetch_pick_in(&self, set: &BackendSet, k: &FlowKey) {
         let h = flow_hash(k, self.cfg.distribution);
-        self.set.load().for_new().0.prefetch(h);
+        set.for_new().0.prefetch(h);
     }
 
     /// The Maglev slot a new connection with key `k` is looked up in, and
@@ -1002,6 +1014,60 @@ pub struct BackendCounts {
     pub active: u64,
 }
 
+/// Each VIP's backend set as one core last read it, by VIP number. Reading
+/// a VIP's current set (an `ArcSwap` load) takes two locked instructions
+/// (its debt taken and paid back), and on x86 each waits for every store
+/// before it to drain: a new connection's pick, behind the stores of the
+/// connections before it, paid that three times. An entry holds while the
+/// VIP is the same object and its health clock reads as it did when the
+/// set was read (a health change swaps the set, then ticks the clock).
+#[derive(Debug, Default)]
+struct SetCache(Vec<Option<CachedSet>>);
+
+#[derive(Debug)]
+struct CachedSet {
+    /// The VIP (held weakly: its allocation, hence its address, stays
+    /// while the entry does, so no other VIP can take it).
+    vip: std::sync::Weak<Vip>,
+    /// Its health clock when the set was read.
+    seen: u64,
+    set: Arc<BackendSet>,
+}
+
+impl SetCache {
+    /// `vip`'s current backend set, if this cache has it.
+    #[inline]
+    fn get(&self, vip: &Arc<Vip>) -> Option<&BackendSet> {
+        let c = self.0.get(usize::from(vip.id))?.as_ref()?;
+        (std::ptr::eq(c.vip.as_ptr(), Arc::as_ptr(vip)) && c.seen == vip.clock.now())
+            .then_some(&*c.set)
+    }
+
+    /// [`Vip::pick`], from this cache (read again when stale).
+    #[inline]
+    fn pick(&mut self, vip: &Arc<Vip>, k: &FlowKey) -> Option<usize> {
+        if let Some(set) = self.get(vip) {
+            return vip.pick_in(set, k);
+        }
+        // The clock first: a change after it ticks it again.
+        let seen = vip.clock.now();
+        let set = vip.backends();
+        let pick = vip.pick_in(&set, k);
+        let i = usize::from(vip.id);
+        if self.0.len() <= i {
+            self.0.resize_with(i + 1, || None);
+        }
+        if let Some(e) = self.0.get_mut(i) {
+            *e = Some(CachedSet {
+                vip: Arc::downgrade(vip),
+                seen,
+                set,
+            });
+        }
+        pick
+    }
+}
+
 /// The load balancer of one worker core.
 #[derive(Debug)]
 pub struct LbCore {
@@ -1018,6 +1084,8 @@ pub struct LbCore {
     new_by_backend: rustc_hash::FxHashMap<BackendKey, u64>,
     /// The SYN cookies' secret (every worker's core has the same).
     cookies: SynCookies,
+    /// The VIPs' backend sets as last read.
+    sets: SetCache,
 }
 
 /// What tracked connections hold beyond their table slot: SNAT ports, and
@@ -1084,6 +1152,7 @@ impl LbCore {
             stats: LbStats::default(),
             new_by_backend: rustc_hash::FxHashMap::default(),
             cookies: SynCookies::new(),
+            sets: SetCache::default(),
         }
     }
 
@@ -1292,7 +1361,10 @@ impl LbCore {
         if let Some(vip) = vips.lookup(key)
             && vip.config().mode == VipMode::Local
         {
-            vip.prefetch_pick(key);
+            match self.sets.get(vip) {
+                Some(set) => vip.prefetch_pick_in(set, key),
+                None => vip.prefetch_pick(key),
+            }
         }
     }
 
@@ -1322,7 +1394,11 @@ impl LbCore {
         if c.mode != VipMode::Local {
             return None;
         }
-        let be = c.backends.get(vip.pick(key)?)?;
+        let b = match self.sets.get(vip) {
+            Some(set) => vip.pick_in(set, key),
+            None => vip.pick(key),
+        };
+        let be = c.backends.get(b?)?;
         let reply = NatBinding::dnat(key, be.ip, be.port).reply_key(key);
         self.conns.prefetch(self.conns.hash(&reply));
         Some(reply)
@@ -1407,7 +1483,7 @@ impl LbCore {
         if mode != SynProxy::Off && key.proto == 6 {
             let flags = seg.flags & (TCP_SYN | TCP_ACK | TCP_RST);
             if flags == TCP_SYN && (mode == SynProxy::On || self.under_pressure(vip.config())) {
-                let Some(b) = vip.pick(key) else {
+                let Some(b) = self.sets.pick(vip, key) else {
                     return self.drop(LbDrop::NoHealthyBackend);
                 };
                 let be = vip.config().backends[b];
@@ -1493,7 +1569,7 @@ impl LbCore {
     ) -> Result<(Rewrite, ConnRef), LbDrop> {
         let b = match pinned {
             Some(b) => b,
-            None => vip.pick(key).ok_or(LbDrop::NoHealthyBackend)?,
+            None => self.sets.pick(vip, key).ok_or(LbDrop::NoHealthyBackend)?,
         };
         let be = *vip
             .config()
@@ -2003,6 +2079,47 @@ mod tests {
 
     fn core() -> LbCore {
         LbCore::new(100_000, Timeouts::default(), None)
+    }
+
+    #[test]
+    fn picks_follow_a_vip_replaced_under_the_same_number_and_its_health() {
+        let clock = Arc::new(HealthClock::default());
+        let mut lb = core();
+        let mut vips = Vips::new();
+        let old = vips.insert(
+            Vip::new(vip_cfg(3), &[])
+                .unwrap()
+                .numbered(0, clock.clone()),
+        );
+        for i in 0..50 {
+            let b = backend_of(lb.process(&vips, &client(i, 1000), SYN, 0));
+            assert!(old.backend_index(b, 8080).is_some());
+        }
+        // The next snapshot's VIP 0 has other backends: new connections
+        // go to them, not by what this core read of the old one.
+        let mut cfg = vip_cfg(2);
+        for (i, b) in cfg.backends.iter_mut().enumerate() {
+            b.ip = ip(&format!("10.2.0.{}", 10 + i));
+        }
+        let mut next = Vips::new();
+        let new = next.insert(Vip::new(cfg, &[]).unwrap().numbered(0, clock.clone()));
+        drop(vips);
+        drop(old);
+        for i in 100..150 {
+            let b = backend_of(lb.process(&next, &client(i, 1000), SYN, 1));
+            assert!(new.backend_index(b, 8080).is_some(), "{b}");
+        }
+        // A health change: none goes to the backend that went down, and
+        // the prefetch of a reply key follows the same pick.
+        assert!(new.set_health(0, false).unwrap());
+        let down = new.config().backends[0].ip;
+        for i in 200..300 {
+            let k = client(i, 1000);
+            let reply = lb.prefetch_new(&next, &k).unwrap();
+            let b = backend_of(lb.process(&next, &k, SYN, 2));
+            assert_ne!(b, down);
+            assert_eq!(reply.src(), b);
+        }
     }
 
     #[test]
