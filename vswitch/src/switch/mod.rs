@@ -1115,15 +1115,13 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
             // A packet the live trace selects (by the port it arrived on,
             // and the frame as parsed: out of its tunnel, if it came in
             // one) is taken of its count; the claim is held until its
-            // record is queued.
-            let traced = match (st, &live) {
-                (Ok(()), Some((l, spec))) if spec.selects_parsed(in_port, Some(p)) => {
-                    l.trigger.claim().map(|c| (l, spec, c))
-                }
-                _ => None,
-            };
-            match (st, traced) {
-                (Ok(()), Some((l, spec, _claim))) => self.packet_live(
+            // record is queued (and lives in this branch alone: no drop
+            // check on the way of other packets).
+            if let (Ok(()), Some((l, spec))) = (st, &live)
+                && spec.selects_parsed(in_port, Some(p))
+                && let Some(_claim) = l.trigger.claim()
+            {
+                self.packet_live(
                     l,
                     spec,
                     ctx,
@@ -1133,8 +1131,11 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                     now,
                     &mut tally,
                     (p, *h, *r),
-                ),
-                (Ok(()), _) => {
+                );
+                return;
+            }
+            match st {
+                Ok(()) => {
                     // A hit that is no fragment is forwarded here (a packet
                     // that missed goes to `packet`, which finds a flow an
                     // earlier packet of the burst installed).
@@ -1158,7 +1159,7 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                         Some((p, *h, *r)),
                     )
                 }
-                (Err(e), _) => ctx.drop_packet(pkt, DropReason::Malformed(*e)),
+                Err(e) => ctx.drop_packet(pkt, DropReason::Malformed(*e)),
             }
         });
         if !self.looped.is_empty() {
