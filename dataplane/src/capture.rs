@@ -238,7 +238,9 @@ impl Trigger {
 
     /// Off.
     pub fn disarm(&self) {
-        self.armed.store(false, Ordering::Release);
+        // (Sequentially consistent, as `claim` and `running` read it: see
+        // `claim`.)
+        self.armed.store(false, Ordering::SeqCst);
     }
 
     /// True while on: workers take packets.
@@ -251,9 +253,9 @@ impl Trigger {
     /// false once every record it will have is queued, which is what a
     /// reader waits for.
     pub fn running(&self) -> bool {
-        // (A claim counts itself before it can disarm, so a reader that
-        // sees the trigger off sees the claim too.)
-        self.is_armed() || self.recording.load(Ordering::Acquire) > 0
+        // (See `claim`: a reader that sees the trigger off, then no claim
+        // alive, sees every claim that will succeed.)
+        self.armed.load(Ordering::SeqCst) || self.recording.load(Ordering::SeqCst) > 0
     }
 
     /// What a worker takes in this poll (`now`: its clock's ticks):
@@ -271,11 +273,20 @@ impl Trigger {
     }
 
     /// Takes one packet of the count, to be held until its record is
-    /// queued: `None` when none is left (another worker took the last).
-    /// The last turns it off.
+    /// queued: `None` when it is off (stopped, past its deadline) or none
+    /// is left (another worker took the last). The last turns it off.
     pub fn claim(&self) -> Option<Claim<'_>> {
-        self.recording.fetch_add(1, Ordering::AcqRel);
+        // Counted first, then the trigger checked (both sequentially
+        // consistent, as the disarm and `running`'s reads): a claim either
+        // sees the trigger off and takes nothing, or is counted before a
+        // reader can see it off with no claim alive. (A worker holds a
+        // session from before a stop, a deadline or the count's end for
+        // the rest of its burst.)
+        self.recording.fetch_add(1, Ordering::SeqCst);
         let claim = Claim(self);
+        if !self.armed.load(Ordering::SeqCst) {
+            return None;
+        }
         let left = self
             .remaining
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
@@ -574,6 +585,13 @@ mod tests {
         drop(last);
         assert!(t.running());
         drop(first);
+        assert!(!t.running());
+        // Stopped with some of the count left: a worker still holding its
+        // session takes nothing.
+        t.arm(Spec::default(), 5, u64::MAX);
+        assert!(t.session(0).is_some());
+        t.disarm();
+        assert!(t.claim().is_none());
         assert!(!t.running());
     }
 }

@@ -571,7 +571,8 @@ impl Classifier {
         })
     }
 
-    /// [`Classifier::classify`], counting the winning rule in `hits`.
+    /// [`Classifier::classify`], counting the winning rule in `hits`, which
+    /// no other thread counts into (see [`HitCounters`]).
     #[inline]
     pub fn classify_counted(&self, pkt: &FlowKey, hits: &HitCounters) -> Option<Verdict> {
         let v = self.classify(pkt)?;

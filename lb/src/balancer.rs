@@ -1043,6 +1043,11 @@ impl SetCache {
             .then_some(&*c.set)
     }
 
+    /// Forgets every set.
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+
     /// [`Vip::pick`], from this cache (read again when stale).
     #[inline]
     fn pick(&mut self, vip: &Arc<Vip>, k: &FlowKey) -> Option<usize> {
@@ -1161,6 +1166,17 @@ impl LbCore {
     pub fn with_cookies(mut self, cookies: SynCookies) -> Self {
         self.cookies = cookies;
         self
+    }
+
+    /// Forgets the VIPs' backend sets this core has read: called when the
+    /// caller reads the VIPs' epochs again (a new snapshot, a tick of the
+    /// health clock), so that every set it picks from afterwards is read
+    /// after those epochs, never older than one of them (a health change
+    /// swaps a set before it ticks the clock: a set cached just before the
+    /// swap could otherwise outlive the epoch read after it). It also lets
+    /// go of the sets of VIPs that are gone.
+    pub fn forget_sets(&mut self) {
+        self.sets.clear();
     }
 
     /// Checks and gives out cookies of `cookies` from now on (those of

@@ -209,6 +209,9 @@ pub(super) fn read_live(
 fn live_view(state: &ControlState, rt: &mut Runtime, packets: bool) -> crate::api::LiveTraceView {
     use super::trace::{describe, port_name};
     use vswitch::switch::LiveEnd;
+    // Whether it runs, read before the records are taken: stopped, every
+    // record it will have is among them.
+    let running = rt.live.trigger.running();
     let mut records = Vec::new();
     if packets {
         rt.live.take(&mut records);
@@ -247,7 +250,7 @@ fn live_view(state: &ControlState, rt: &mut Runtime, packets: bool) -> crate::ap
         })
         .collect();
     crate::api::LiveTraceView {
-        running: rt.live.trigger.running(),
+        running,
         port: s.and_then(|s| s.port.clone()),
         filter: s.map_or(String::new(), |s| s.filter.clone()),
         count: s.map_or(0, |s| s.count),
@@ -277,6 +280,8 @@ pub(super) fn read(state: &ControlState, rt: &mut Runtime, stop: bool) -> Result
 /// The capture's state, with the frames captured since the last read
 /// when `frames`.
 fn view(state: &ControlState, rt: &mut Runtime, frames: bool) -> CaptureView {
+    // (Read before the frames are taken: see `live_view`.)
+    let running = rt.tap.running();
     let mut records = Vec::new();
     if frames {
         rt.tap.take(&mut records);
@@ -305,7 +310,7 @@ fn view(state: &ControlState, rt: &mut Runtime, frames: bool) -> CaptureView {
         .collect();
     rt.tap.give_back(records);
     CaptureView {
-        running: rt.tap.running(),
+        running,
         port: s.and_then(|s| s.port.clone()),
         filter: s.map_or(String::new(), |s| s.filter.clone()),
         count: s.map_or(0, |s| s.count),

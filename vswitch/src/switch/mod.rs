@@ -896,6 +896,11 @@ impl<B: PacketBuf> Switch<B> {
         let health = policy.health_changes();
         if fresh || health != self.health_seen {
             self.health_seen = health;
+            // (The backend sets the load balancers pick from are read
+            // again after the epochs, so none is older than its epoch.)
+            for l in &mut self.lb {
+                l.forget_sets();
+            }
             self.vip_epochs.clear();
             self.vip_epochs
                 .extend(policy.vips().iter().map(|v| v.epoch() as u16));

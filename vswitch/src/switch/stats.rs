@@ -143,8 +143,9 @@ impl SwitchDrop {
     }
 }
 
-/// Switch counters, written by the switch's worker alone
-/// ([`dataplane::stats::add_own`]) and readable from any thread.
+/// Switch counters, written by the switch's worker alone (those counted
+/// per packet or connection with [`dataplane::stats::add_own`]) and
+/// readable from any thread.
 #[derive(Debug)]
 pub struct SwitchStats {
     drops: [AtomicU64; SwitchDrop::COUNT],
