@@ -39,6 +39,9 @@ pub struct Lab {
     ns: Vec<Ns>,
     /// Processes to kill at the end.
     pub children: Vec<Child>,
+    /// CPUs (`taskset -c` list) that commands run in namespaces are
+    /// confined to, if set ([`Lab::pin_helpers`]).
+    helpers_on: Option<String>,
 }
 
 impl Lab {
@@ -55,6 +58,7 @@ impl Lab {
             id,
             ns: Vec::new(),
             children: Vec::new(),
+            helpers_on: None,
         }
     }
 
@@ -108,20 +112,41 @@ impl Lab {
         sh(&all)
     }
 
+    /// Confines what [`Lab::bash`] and [`Lab::spawn`] start from now on
+    /// (clients, servers, generators; not pollux) to CPUs `cpus` (a
+    /// `taskset -c` list): on a small machine a client the scheduler puts
+    /// on pollux's busy-polling core takes turns with its worker, and what
+    /// arrives meanwhile overflows the port's ring.
+    pub fn pin_helpers(&mut self, cpus: &str) {
+        self.helpers_on = Some(cpus.to_string());
+    }
+
+    /// `bash -c cmd` in namespace `tag`, on the helpers' CPUs if pinned.
+    fn in_ns(&self, tag: &str, cmd: &str) -> Command {
+        let ns = &self.ns(tag).name;
+        let mut c = match &self.helpers_on {
+            Some(cpus) => {
+                let mut c = Command::new("taskset");
+                c.args(["-c", cpus, "ip"]);
+                c
+            }
+            None => Command::new("ip"),
+        };
+        c.args(["netns", "exec", ns, "bash", "-c", cmd]);
+        c
+    }
+
     /// Runs `cmd` with `bash -c` in namespace `tag`; returns its output
     /// whatever the exit status.
     pub fn bash(&self, tag: &str, cmd: &str) -> Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.ns(tag).name, "bash", "-c", cmd])
-            .output()
-            .unwrap()
+        self.in_ns(tag, cmd).output().unwrap()
     }
 
     /// Starts `cmd` (bash) in namespace `tag`, output to `log`.
     pub fn spawn(&mut self, tag: &str, cmd: &str, log: &Path) -> usize {
         let f = std::fs::File::create(log).unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.ns(tag).name, "bash", "-c", cmd])
+        let child = self
+            .in_ns(tag, cmd)
             .stdout(f.try_clone().unwrap())
             .stderr(f)
             .spawn()
