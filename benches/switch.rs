@@ -43,7 +43,7 @@ use dataplane::capture::{Spec, Tap};
 use dataplane::clock::TscClock;
 use dataplane::pool::{Pool, PoolBuf, PoolConfig};
 use dataplane::port::ring::{self, RingPort};
-use dataplane::worker::Worker;
+use dataplane::worker::{Pipeline, Worker};
 use dataplane::{BURST, Batch, LinkInfo, MacAddr, PacketBuf, Port};
 use filter::{NsgSpec, RuleSpec};
 use lb::balancer::{Backend, VipConfig};
@@ -283,6 +283,8 @@ impl Rig {
         let mut cfg = SwitchConfig {
             flow_table_size: table * 2 + 64,
             conn_table_size: table + 64,
+            // As `pollux run` (`preallocate_tables`, the default).
+            preallocate: true,
             ..SwitchConfig::default()
         };
         if let Some(idle) = idle {
@@ -302,9 +304,12 @@ impl Rig {
         }
         // As `pollux run` builds it: with a flow log, off (the flow table
         // keeps what the log needs of each flow all the same).
-        let sw = Switch::new(policy, cfg).with_flow_log(vswitch::flowlog::FlowLog::new(
+        let mut sw = Switch::new(policy, cfg).with_flow_log(vswitch::flowlog::FlowLog::new(
             pollux::control::flowlog::FLOW_LOG_RECORDS,
         ));
+        // What the worker does on its core before its first poll: the
+        // tables' memory committed, the policy taken in.
+        Pipeline::start(&mut sw);
         let l = |n: &str| LinkInfo::new(n, MacAddr([2, 0, 0, 0, 9, 9]), "ring");
         let (gen_end, sw_gen) = ring::pair(l("gen"), l("sw-gen"), 1024);
         let mut ports: Vec<Box<dyn Port<Buf = PoolBuf>>> = vec![Box::new(sw_gen)];

@@ -31,6 +31,9 @@ pub struct DataplaneCfg {
     pub flow_table_size: usize,
     /// Connections tracked per vnet per core.
     pub conn_table_size: usize,
+    /// Commit the flow and connection tables' memory when each worker
+    /// starts, on its core, rather than as the dataplane first writes it.
+    pub preallocate_tables: bool,
     /// Microseconds a worker sleeps after a run of empty polls (0: never).
     pub idle_sleep_us: u64,
     /// Seconds between two logged summaries of the packets dropped, by
@@ -44,6 +47,7 @@ impl Default for DataplaneCfg {
             workers: 1,
             flow_table_size: 1 << 20,
             conn_table_size: 1 << 18,
+            preallocate_tables: true,
             idle_sleep_us: 0,
             drop_summary_s: 60,
         }

@@ -1074,6 +1074,7 @@ impl<B: PacketBuf> Switches<B> {
         let sw_cfg = SwitchConfig {
             flow_table_size: cfg.dataplane.flow_table_size,
             conn_table_size: cfg.dataplane.conn_table_size,
+            preallocate: cfg.dataplane.preallocate_tables,
             // Each configured port's MTU (the probers' internal ports,
             // after them, have none).
             port_mtu: cfg.port.iter().map(|p| p.mtu.unwrap_or(1500)).collect(),
@@ -1093,7 +1094,11 @@ impl<B: PacketBuf> Switches<B> {
                 .with_live_trace(w, live.clone())
                 .with_flow_log(flow_log.clone());
             if ahead {
+                // Its tables' memory committed too, while the predecessor
+                // still runs (not on the worker's core: its start finds
+                // this done).
                 switch.load_policy();
+                switch.preallocate();
             }
             switches.push(switch);
         }

@@ -121,6 +121,12 @@ impl KeyIndex {
         Self::with_buckets(buckets_for(entries))
     }
 
+    /// Commits the memory of every bucket now ([`platform::populate`]), so
+    /// that inserting faults nothing in; false when the kernel could not.
+    pub fn populate(&mut self) -> bool {
+        self.buckets.populate()
+    }
+
     /// Buckets (0 for an index that could not be made: it holds nothing).
     pub fn buckets(&self) -> usize {
         self.buckets.len()

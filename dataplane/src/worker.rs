@@ -33,6 +33,12 @@ pub trait Pipeline<B: PacketBuf>: Send {
     fn poll(&mut self, _ctx: &mut Ctx<'_, B>) -> usize {
         0
     }
+
+    /// Called once on the worker's thread, pinned to its core, before its
+    /// first poll: for work that belongs on that core but not on the
+    /// packet path (committing the tables' memory). The default does
+    /// nothing.
+    fn start(&mut self) {}
 }
 
 /// The pipeline's view of its worker during one burst.
@@ -448,6 +454,7 @@ impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
     /// Runs the poll loop on the current thread until the stop flag is set.
     pub fn run(mut self) -> Result<Stopped<B, P>, WorkerError> {
         self.pin()?;
+        self.pipeline.start();
         let mut empty = 0u32;
         while !self.stop.load(Ordering::Relaxed) {
             if self.poll_once() > 0 {

@@ -1161,6 +1161,12 @@ impl LbCore {
         }
     }
 
+    /// Commits the memory of this core's connection table now
+    /// ([`ConnTable::preallocate`]); false when the kernel could not.
+    pub fn preallocate(&mut self) -> bool {
+        self.conns.preallocate()
+    }
+
     /// This core with the SYN cookies' secret `cookies` (the same for all
     /// workers).
     pub fn with_cookies(mut self, cookies: SynCookies) -> Self {

@@ -460,6 +460,23 @@ impl<V> ConnTable<V> {
         }
     }
 
+    /// Commits the memory of the whole table now: the index, every slot,
+    /// and room on the free list, so that tracking connections up to the
+    /// capacity faults no page in on the dataplane (each first write to a
+    /// 2 MiB page stops the worker while the kernel zeroes it). False when
+    /// the kernel could not commit all of it (the rest is then committed
+    /// as written).
+    pub fn preallocate(&mut self) -> bool {
+        let room = self.capacity;
+        self.free
+            .reserve_exact(room.saturating_sub(self.free.len()));
+        self.slots
+            .reserve_exact(room.saturating_sub(self.slots.len()));
+        let index = self.index.populate();
+        let slots = platform::populate(self.slots.spare_capacity_mut());
+        index && slots
+    }
+
     /// This table with timeout class `class` tracking connections seen
     /// one way only (as Linux's IPVS does for direct routing): the
     /// originator's ACK after its SYN completes the handshake, and an
@@ -1229,6 +1246,23 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_preallocated_table_keeps_what_it_held_and_fills_to_its_capacity() {
+        let mut t = table(5000);
+        let reply = |p: u16| key(p).reversed();
+        let first = t.insert(key(1), reply(1), 0x02, 0, 1, |_| {}).unwrap();
+        assert!(t.preallocate());
+        assert_eq!(t.peek(&key(1)), Some((first, Dir::Orig)));
+        for p in 2..=5000 {
+            assert!(
+                t.insert(key(p), reply(p), 0x02, 0, 1, |_| {}).is_ok(),
+                "{p}"
+            );
+        }
+        assert_eq!(t.len(), 5000);
+        assert!((1..=5000).all(|p| t.peek(&reply(p)).is_some_and(|(_, d)| d == Dir::Reply)));
     }
 
     #[test]

@@ -292,6 +292,9 @@ pub struct FlowTable {
     /// they are first written. Filled by slot number: a slot beyond it
     /// (no memory) has no records.
     meta: HugeVec<FlowMeta>,
+    /// [`FlowTable::preallocate`] was called: a flow log's data added later
+    /// is committed at once too.
+    preallocated: bool,
 }
 
 impl FlowTable {
@@ -334,7 +337,29 @@ impl FlowTable {
             cursor: 0,
             log: None,
             meta: HugeVec::default(),
+            preallocated: false,
         }
+    }
+
+    /// Commits the memory of the whole table now: the index, the slab (and
+    /// the flow logs' data with a log), and room for every slot's flag and
+    /// on the free list. Without this, pages are committed as the dataplane
+    /// first writes them, and each first write to a 2 MiB page stops the
+    /// worker while the kernel zeroes it: tens of microseconds for every
+    /// packet queued behind, in a storm of new connections on a fresh
+    /// switch. False when the kernel could not commit all of it (the rest
+    /// is then committed as written, as without this call).
+    pub fn preallocate(&mut self) -> bool {
+        self.preallocated = true;
+        let room = self.slots.capacity();
+        self.live
+            .reserve_exact(room.saturating_sub(self.live.len()));
+        self.free
+            .reserve_exact(room.saturating_sub(self.free.len()));
+        let index = self.index.populate();
+        let slots = self.slots.populate();
+        let meta = self.meta.populate();
+        index && slots && meta
     }
 
     /// Records the flows that leave the table, and long flows every active
@@ -344,6 +369,9 @@ impl FlowTable {
             && let Ok(m) = HugeVec::with_capacity(self.capacity)
         {
             self.meta = m;
+            if self.preallocated {
+                self.meta.populate();
+            }
         }
         self.meta_up_to(self.slots.len());
         self.log = Some(log);
@@ -1016,6 +1044,19 @@ mod tests {
         assert_eq!(t.expire(101), 1);
         assert!(t.is_empty());
         assert_eq!(t.stats().expired, 2);
+    }
+
+    #[test]
+    fn a_preallocated_table_keeps_what_it_held_and_fills_to_its_capacity() {
+        let mut t = FlowTable::new(3000, 100, 10);
+        assert_eq!(t.insert(0, key(1), entry(7)), Insert::New);
+        assert!(t.preallocate());
+        assert_eq!(t.get_mut(0, &key(1)).map(|e| e.last_seen), Some(7));
+        for p in 2..=3000 {
+            assert_eq!(t.insert(0, key(p), entry(0)), Insert::New, "{p}");
+        }
+        assert_eq!(t.insert(0, key(3001), entry(0)), Insert::Full);
+        assert!((1..=3000).all(|p| t.get_mut(0, &key(p)).is_some()));
     }
 
     #[test]

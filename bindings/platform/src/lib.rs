@@ -129,6 +129,37 @@ pub fn advise_huge<T>(s: &[T]) -> bool {
     unsafe { libc::madvise(from as *mut libc::c_void, to - from, libc::MADV_HUGEPAGE) == 0 }
 }
 
+/// Commits the memory of the whole pages that lie inside `s` now
+/// (`MADV_POPULATE_WRITE`, Linux 5.14): the kernel faults them in writable,
+/// zeroing the pages not yet backed, as the first writes would have, and
+/// leaves the ones already backed as they are. For a table sized at start
+/// whose pages would otherwise be faulted in by the dataplane as it first
+/// writes them: each fault of a 2 MiB page stops the worker while the
+/// kernel zeroes it. The contents of `s` are unchanged. True when the
+/// kernel did it; false when it could not (an older kernel, or not enough
+/// memory: the pages left are then faulted in as they are written, as
+/// without this call).
+pub fn populate<T>(s: &mut [T]) -> bool {
+    let start = s.as_mut_ptr() as usize;
+    let end = start + std::mem::size_of_val(s);
+    let page = 4096;
+    let from = start.next_multiple_of(page);
+    let to = end - end % page;
+    if to <= from {
+        return true;
+    }
+    // SAFETY: [from, to) lies inside `s`, memory this process has mapped
+    // and borrows mutably here; MADV_POPULATE_WRITE only faults its pages
+    // in as a write would, never changing their contents.
+    unsafe {
+        libc::madvise(
+            from as *mut libc::c_void,
+            to - from,
+            libc::MADV_POPULATE_WRITE,
+        ) == 0
+    }
+}
+
 /// How a [`HugeVec`]'s memory is backed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backing {
@@ -239,6 +270,21 @@ impl<T: Copy> HugeVec<T> {
             v.push(value)?;
         }
         Ok(v)
+    }
+
+    /// Commits the memory of the whole capacity now ([`populate`]), so
+    /// that pushing and writing elements up to it faults nothing in. False
+    /// when the kernel could not (then pages are faulted in as written).
+    pub fn populate(&mut self) -> bool {
+        if self.map_len == 0 {
+            return true;
+        }
+        // SAFETY: the mapping is `map_len` bytes from `ptr`, writable, and
+        // owned by this array; viewed as bytes only to name its range for
+        // `populate`, which changes no contents.
+        let all =
+            unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().cast::<u8>(), self.map_len) };
+        populate(all)
     }
 
     /// Elements in use.
@@ -491,6 +537,29 @@ mod tests {
     }
 
     #[test]
+    fn a_populated_array_is_resident_before_it_is_written_and_keeps_its_contents() {
+        let mut v = HugeVec::<[u64; 8]>::with_capacity(4 * HUGE_PAGE / 64).unwrap();
+        for i in 0..1000 {
+            v.push([i; 8]).unwrap();
+        }
+        let at = v.as_ptr() as usize;
+        let before = smaps_kb(at, "Rss:");
+        assert!(before < 4 * 2048, "{before} kB resident before populating");
+        assert!(v.populate());
+        let after = smaps_kb(at, "Rss:");
+        assert_eq!(after, 4 * 2048, "resident after populating");
+        assert!((0..1000).all(|i| v[i as usize] == [i; 8]));
+        // Pushing up to the capacity faults nothing more in.
+        while v.len() < v.capacity() {
+            v.push([7; 8]).unwrap();
+        }
+        assert_eq!(smaps_kb(at, "Rss:"), after);
+        // A slice's whole pages only; an empty one is nothing to do.
+        assert!(populate(&mut [0u8; 10][..]));
+        assert!(HugeVec::<u8>::new().populate());
+    }
+
+    #[test]
     fn an_empty_array_maps_nothing() {
         let v = HugeVec::<u32>::new();
         assert!(v.is_empty());
@@ -523,6 +592,11 @@ mod tests {
     /// /proc/self/smaps (a header line per mapping, `lo-hi perms ...`, then
     /// its `Field: value` lines).
     fn anon_huge_kb(addr: usize) -> u64 {
+        smaps_kb(addr, "AnonHugePages:")
+    }
+
+    /// Field `field` (kB) of the mapping that holds `addr`.
+    fn smaps_kb(addr: usize, field: &str) -> u64 {
         let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
         let mut inside = false;
         for line in smaps.lines() {
@@ -535,7 +609,7 @@ mod tests {
                     continue;
                 }
             }
-            if let (true, Some(kb)) = (inside, line.strip_prefix("AnonHugePages:")) {
+            if let (true, Some(kb)) = (inside, line.strip_prefix(field)) {
                 return kb.trim().trim_end_matches("kB").trim().parse().unwrap();
             }
         }
