@@ -541,6 +541,9 @@ struct Stop {
     reload: Option<(Arc<AtomicBool>, std::path::PathBuf)>,
     /// The control API's listeners (with a `[control]` section).
     server: Option<crate::control::Server>,
+    /// Set once every worker has started (its tables committed) and polls,
+    /// for an in-process owner that waits for it.
+    started: Arc<AtomicBool>,
 }
 
 /// Binds the control API of `cfg`, before any worker starts: a socket that
@@ -588,6 +591,7 @@ impl Stop {
             stop,
             reload,
             server: None,
+            started: Arc::default(),
         })
     }
 }
@@ -636,6 +640,8 @@ impl InProcess {
         let probers = probers(cfg, &mut topo, pool, &mut sets)?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
+        let started = Arc::new(AtomicBool::new(false));
+        let up = started.clone();
         let server = bind_control(cfg)?;
         let cfg = cfg.clone();
         let thread = std::thread::Builder::new()
@@ -645,6 +651,7 @@ impl InProcess {
                     stop: flag,
                     reload: None,
                     server,
+                    started: up,
                 };
                 run_on(
                     &cfg,
@@ -660,6 +667,21 @@ impl InProcess {
                 what: "the switch's control thread".into(),
                 source,
             })?;
+        // Returned once the workers poll (their tables committed first),
+        // so that traffic sent at once is not held up behind that; or with
+        // the switch's error if it stopped before.
+        while !started.load(Ordering::Acquire) {
+            if thread.is_finished() {
+                return match thread.join() {
+                    Ok(Err(e)) => Err(e),
+                    _ => Err(RunError::Workers(vec![
+                        "the switch's control thread stopped before its workers started"
+                            .to_string(),
+                    ])),
+                };
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
         Ok(InProcess {
             ends: peers
                 .into_iter()
@@ -1067,8 +1089,9 @@ struct Switches<B: PacketBuf> {
 
 impl<B: PacketBuf> Switches<B> {
     /// One switch per worker on `policy`; `ahead`: with each vnet's load
-    /// balancer made now (else the worker makes them on its first burst,
-    /// touching their memory first from its own core).
+    /// balancer made, and the tables' memory committed, now (else each
+    /// worker does both on its own core when it starts, so that the memory
+    /// is that core's).
     fn build(cfg: &Config, policy: Policy, workers: usize, ahead: bool) -> Self {
         let swap = Arc::new(ArcSwap::from_pointee(policy));
         let sw_cfg = SwitchConfig {
@@ -1094,9 +1117,11 @@ impl<B: PacketBuf> Switches<B> {
                 .with_live_trace(w, live.clone())
                 .with_flow_log(flow_log.clone());
             if ahead {
-                // Its tables' memory committed too, while the predecessor
-                // still runs (not on the worker's core: its start finds
-                // this done).
+                // The tables' memory committed too while the predecessor
+                // still runs, so its successor does not take the time when
+                // it starts, after the predecessor stopped. (From this
+                // thread, not the worker's core: on a host of several
+                // NUMA nodes it may be another node's memory.)
                 switch.load_policy();
                 switch.preallocate();
             }
@@ -1303,6 +1328,16 @@ fn run_on<A: BufAlloc>(
         Ok::<_, RunError>(out)
     };
     let (mut stops, mut handles) = spawn(built)?;
+    // The workers commit their tables' memory before their first poll:
+    // until then what arrives waits in the ports' queues. Serving starts
+    // when they poll (or one has stopped: its error is reported below).
+    while !wstats.iter().all(|s| s.started.load(Ordering::Acquire))
+        && !handles.iter().any(|h| h.is_finished())
+        && !stop.stop.load(Ordering::Relaxed)
+    {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    stop.started.store(true, Ordering::Release);
     let mut rt = crate::control::Runtime::new(
         port_stats.clone(),
         wstats.clone(),
@@ -1335,6 +1370,17 @@ fn run_on<A: BufAlloc>(
             rt.base = inc.state.worker_counters.clone();
             // The cycle accounting counts this process's work.
             rt.perf_base = (rt.base.clone(), std::time::Instant::now());
+        }
+    }
+    if cfg.dataplane.preallocate_tables {
+        // Committing memory ahead (MADV_POPULATE_WRITE) needs Linux 5.14:
+        // tried on a small buffer, as the workers will on their tables.
+        let mut probe = vec![0u8; 1 << 17];
+        if let Err(e) = platform::populate(&mut probe[..]) {
+            tracing::warn!(
+                "preallocate_tables: the kernel does not commit memory ahead ({e}); \
+                 the tables are committed as the dataplane first writes them"
+            );
         }
     }
     tracing::info!(

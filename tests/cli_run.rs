@@ -643,9 +643,10 @@ fn tables_are_committed_when_the_worker_starts_unless_told_otherwise() {
     let (lazy, committed) = (resident(false), resident(true));
     eprintln!("resident: {committed} kB with the tables committed at start, {lazy} kB without");
     // A million flow entries' slab alone is 192 MiB; the index, the flow
-    // logs' data and the connection table add about 100 MiB more.
+    // logs' data and the connection table add about 100 MiB more (of which
+    // the switched capture touched a few pages without committing ahead).
     assert!(
-        committed >= lazy + 250 * 1024,
+        committed >= lazy + 200 * 1024,
         "resident: {committed} kB with the tables committed at start, {lazy} kB without"
     );
 }

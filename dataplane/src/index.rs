@@ -122,8 +122,8 @@ impl KeyIndex {
     }
 
     /// Commits the memory of every bucket now ([`platform::populate`]), so
-    /// that inserting faults nothing in; false when the kernel could not.
-    pub fn populate(&mut self) -> bool {
+    /// that inserting faults nothing in; `Err` when the kernel could not.
+    pub fn populate(&mut self) -> Result<(), std::io::Error> {
         self.buckets.populate()
     }
 

@@ -34,10 +34,10 @@ pub trait Pipeline<B: PacketBuf>: Send {
         0
     }
 
-    /// Called once on the worker's thread, pinned to its core, before its
-    /// first poll: for work that belongs on that core but not on the
-    /// packet path (committing the tables' memory). The default does
-    /// nothing.
+    /// Called on the worker's thread, pinned to its core, at the start of
+    /// each [`Worker::run`], before its first poll: for work that belongs
+    /// on that core but not on the packet path (committing the tables'
+    /// memory). The default does nothing.
     fn start(&mut self) {}
 }
 
@@ -151,6 +151,8 @@ pub struct WorkerStats {
     /// Receive bursts by size: element `n - 1` counts the `rx_burst`
     /// calls that returned `n` packets (1 to [`BURST`]).
     pub rx_bursts: [AtomicU64; BURST],
+    /// The worker has started ([`Pipeline::start`] done) and polls.
+    pub started: std::sync::atomic::AtomicBool,
 }
 
 /// Why a worker could not start.
@@ -455,6 +457,7 @@ impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
     pub fn run(mut self) -> Result<Stopped<B, P>, WorkerError> {
         self.pin()?;
         self.pipeline.start();
+        self.stats.started.store(true, Ordering::Release);
         let mut empty = 0u32;
         while !self.stop.load(Ordering::Relaxed) {
             if self.poll_once() > 0 {

@@ -1162,8 +1162,8 @@ impl LbCore {
     }
 
     /// Commits the memory of this core's connection table now
-    /// ([`ConnTable::preallocate`]); false when the kernel could not.
-    pub fn preallocate(&mut self) -> bool {
+    /// ([`ConnTable::preallocate`]); `Err` when the kernel could not.
+    pub fn preallocate(&mut self) -> Result<(), std::io::Error> {
         self.conns.preallocate()
     }
 

@@ -460,21 +460,19 @@ impl<V> ConnTable<V> {
         }
     }
 
-    /// Commits the memory of the whole table now: the index, every slot,
-    /// and room on the free list, so that tracking connections up to the
-    /// capacity faults no page in on the dataplane (each first write to a
-    /// 2 MiB page stops the worker while the kernel zeroes it). False when
-    /// the kernel could not commit all of it (the rest is then committed
-    /// as written).
-    pub fn preallocate(&mut self) -> bool {
-        let room = self.capacity;
+    /// Commits the memory of the whole table now: the index, every slot
+    /// and the free list, so that tracking connections up to the capacity
+    /// faults no page in on the dataplane (each first write to a 2 MiB page
+    /// stops the worker while the kernel zeroes it). `Err` when the kernel
+    /// could not commit all of it (the rest is then committed as written).
+    pub fn preallocate(&mut self) -> Result<(), std::io::Error> {
         self.free
-            .reserve_exact(room.saturating_sub(self.free.len()));
-        self.slots
-            .reserve_exact(room.saturating_sub(self.slots.len()));
-        let index = self.index.populate();
-        let slots = platform::populate(self.slots.spare_capacity_mut());
-        index && slots
+            .try_reserve_exact(self.capacity.saturating_sub(self.free.len()))
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::OutOfMemory))?;
+        platform::populate(self.free.spare_capacity_mut())?;
+        self.index.populate()?;
+        // (The slots' room was reserved when the table was made.)
+        platform::populate(self.slots.spare_capacity_mut())
     }
 
     /// This table with timeout class `class` tracking connections seen
@@ -1253,7 +1251,7 @@ mod tests {
         let mut t = table(5000);
         let reply = |p: u16| key(p).reversed();
         let first = t.insert(key(1), reply(1), 0x02, 0, 1, |_| {}).unwrap();
-        assert!(t.preallocate());
+        t.preallocate().unwrap();
         assert_eq!(t.peek(&key(1)), Some((first, Dir::Orig)));
         for p in 2..=5000 {
             assert!(

@@ -341,25 +341,29 @@ impl FlowTable {
         }
     }
 
-    /// Commits the memory of the whole table now: the index, the slab (and
-    /// the flow logs' data with a log), and room for every slot's flag and
-    /// on the free list. Without this, pages are committed as the dataplane
-    /// first writes them, and each first write to a 2 MiB page stops the
-    /// worker while the kernel zeroes it: tens of microseconds for every
-    /// packet queued behind, in a storm of new connections on a fresh
-    /// switch. False when the kernel could not commit all of it (the rest
-    /// is then committed as written, as without this call).
-    pub fn preallocate(&mut self) -> bool {
+    /// Commits the memory of the whole table now: the index, the slab, the
+    /// flow logs' data (with a log, also one set later), and the in-use
+    /// flags and free list for every slot. Without this, pages are
+    /// committed as the dataplane first writes them, and each first write
+    /// to a 2 MiB page stops the worker while the kernel zeroes it (tens of
+    /// microseconds for every packet queued behind), over and over in a
+    /// storm of new connections into a fresh table. `Err` when the kernel
+    /// could not commit all of it (the rest is then committed as written).
+    pub fn preallocate(&mut self) -> Result<(), std::io::Error> {
         self.preallocated = true;
-        let room = self.slots.capacity();
+        let room = self.capacity.min(self.slots.capacity());
+        let oom = |_| std::io::Error::from(std::io::ErrorKind::OutOfMemory);
         self.live
-            .reserve_exact(room.saturating_sub(self.live.len()));
+            .try_reserve_exact(room.saturating_sub(self.live.len()))
+            .map_err(oom)?;
         self.free
-            .reserve_exact(room.saturating_sub(self.free.len()));
-        let index = self.index.populate();
-        let slots = self.slots.populate();
-        let meta = self.meta.populate();
-        index && slots && meta
+            .try_reserve_exact(room.saturating_sub(self.free.len()))
+            .map_err(oom)?;
+        platform::populate(self.live.spare_capacity_mut())?;
+        platform::populate(self.free.spare_capacity_mut())?;
+        self.index.populate()?;
+        self.slots.populate()?;
+        self.meta.populate()
     }
 
     /// Records the flows that leave the table, and long flows every active
@@ -370,7 +374,8 @@ impl FlowTable {
         {
             self.meta = m;
             if self.preallocated {
-                self.meta.populate();
+                // (Not all of it committed now: the rest is as written.)
+                let _ = self.meta.populate();
             }
         }
         self.meta_up_to(self.slots.len());
@@ -1050,7 +1055,7 @@ mod tests {
     fn a_preallocated_table_keeps_what_it_held_and_fills_to_its_capacity() {
         let mut t = FlowTable::new(3000, 100, 10);
         assert_eq!(t.insert(0, key(1), entry(7)), Insert::New);
-        assert!(t.preallocate());
+        t.preallocate().unwrap();
         assert_eq!(t.get_mut(0, &key(1)).map(|e| e.last_seen), Some(7));
         for p in 2..=3000 {
             assert_eq!(t.insert(0, key(p), entry(0)), Insert::New, "{p}");

@@ -138,25 +138,93 @@ pub fn advise_huge<T>(s: &[T]) -> bool {
 /// kernel zeroes it. The contents of `s` are unchanged. True when the
 /// kernel did it; false when it could not (an older kernel, or not enough
 /// memory: the pages left are then faulted in as they are written, as
-/// without this call).
-pub fn populate<T>(s: &mut [T]) -> bool {
-    let start = s.as_mut_ptr() as usize;
-    let end = start + std::mem::size_of_val(s);
-    let page = 4096;
+/// without this call). Refused (`OutOfMemory`, nothing committed) when
+/// the pages would take more than half of the memory left to this process
+/// ([`memory_available`]): committing them would risk the kernel stopping
+/// the process now, for tables that may never fill.
+pub fn populate<T>(s: &mut [T]) -> Result<(), std::io::Error> {
+    // (`s` is borrowed mutably for the call: nothing else reads or writes
+    // it meanwhile.)
+    populate_range(s.as_mut_ptr() as usize, std::mem::size_of_val(s))
+}
+
+/// The system's page size (4 KiB on x86_64; 16 or 64 KiB on some arm64
+/// kernels).
+fn page_size() -> usize {
+    static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *PAGE.get_or_init(|| {
+        // SAFETY: sysconf only reads a system constant.
+        let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        usize::try_from(p)
+            .ok()
+            .filter(|p| p.is_power_of_two())
+            .unwrap_or(4096)
+    })
+}
+
+/// Bytes of memory left to this process: the kernel's estimate of what
+/// can be allocated without swapping (`MemAvailable`), and under a cgroup
+/// memory limit (v2 `memory.max`, v1 `memory.limit_in_bytes`) what is
+/// left of that, the smaller of the two. None when `/proc/meminfo` cannot
+/// be read.
+pub fn memory_available() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())?;
+    let mut left = kb.saturating_mul(1024);
+    let cgroups = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let read = |p: String| -> Option<u64> { std::fs::read_to_string(p).ok()?.trim().parse().ok() };
+    for line in cgroups.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next(), parts.next(), parts.next());
+        let Some(path) = path else { continue };
+        let limit = match controllers {
+            Some("") => read(format!("/sys/fs/cgroup{path}/memory.max"))
+                .zip(read(format!("/sys/fs/cgroup{path}/memory.current"))),
+            Some(c) if c.split(',').any(|c| c == "memory") => {
+                read(format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes")).zip(read(
+                    format!("/sys/fs/cgroup/memory{path}/memory.usage_in_bytes"),
+                ))
+            }
+            _ => None,
+        };
+        // (No limit: v2 says `max`, which does not parse; v1 a huge number.)
+        if let Some((max, used)) = limit {
+            left = left.min(max.saturating_sub(used));
+        }
+    }
+    Some(left)
+}
+
+/// [`populate`] of the whole pages inside the `len` bytes from address
+/// `start`, memory the caller has mapped and holds exclusively.
+fn populate_range(start: usize, len: usize) -> Result<(), std::io::Error> {
+    let page = page_size();
+    let end = start + len;
     let from = start.next_multiple_of(page);
     let to = end - end % page;
     if to <= from {
-        return true;
+        return Ok(());
     }
-    // SAFETY: [from, to) lies inside `s`, memory this process has mapped
-    // and borrows mutably here; MADV_POPULATE_WRITE only faults its pages
-    // in as a write would, never changing their contents.
-    unsafe {
+    if memory_available().is_some_and(|left| (to - from) as u64 > left / 2) {
+        return Err(std::io::Error::from(std::io::ErrorKind::OutOfMemory));
+    }
+    // SAFETY: [from, to) lies inside memory the caller has mapped and holds;
+    // MADV_POPULATE_WRITE only faults its pages in as a write would, never
+    // changing their contents.
+    let r = unsafe {
         libc::madvise(
             from as *mut libc::c_void,
             to - from,
             libc::MADV_POPULATE_WRITE,
-        ) == 0
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -273,18 +341,15 @@ impl<T: Copy> HugeVec<T> {
     }
 
     /// Commits the memory of the whole capacity now ([`populate`]), so
-    /// that pushing and writing elements up to it faults nothing in. False
+    /// that pushing and writing elements up to it faults nothing in. `Err`
     /// when the kernel could not (then pages are faulted in as written).
-    pub fn populate(&mut self) -> bool {
+    pub fn populate(&mut self) -> Result<(), std::io::Error> {
         if self.map_len == 0 {
-            return true;
+            return Ok(());
         }
-        // SAFETY: the mapping is `map_len` bytes from `ptr`, writable, and
-        // owned by this array; viewed as bytes only to name its range for
-        // `populate`, which changes no contents.
-        let all =
-            unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().cast::<u8>(), self.map_len) };
-        populate(all)
+        // (The mapping is `map_len` bytes from `ptr`, this array's own, and
+        // `&mut self` keeps everyone else off it for the call.)
+        populate_range(self.ptr.as_ptr() as usize, self.map_len)
     }
 
     /// Elements in use.
@@ -536,27 +601,65 @@ mod tests {
         assert!(HugeVec::<u8>::zeroed(0).unwrap().is_empty());
     }
 
+    /// Pages of `len` bytes from `at` (page aligned) that are resident.
+    fn resident_pages(at: usize, len: usize) -> usize {
+        let page = page_size();
+        let mut v = vec![0u8; len.div_ceil(page)];
+        // SAFETY: [at, at + len) is mapped (an array this test holds), and
+        // `v` has a byte for each of its pages.
+        let r = unsafe { libc::mincore(at as *mut libc::c_void, len, v.as_mut_ptr()) };
+        assert_eq!(r, 0, "mincore: {}", std::io::Error::last_os_error());
+        v.iter().filter(|b| *b & 1 == 1).count()
+    }
+
     #[test]
     fn a_populated_array_is_resident_before_it_is_written_and_keeps_its_contents() {
         let mut v = HugeVec::<[u64; 8]>::with_capacity(4 * HUGE_PAGE / 64).unwrap();
         for i in 0..1000 {
             v.push([i; 8]).unwrap();
         }
-        let at = v.as_ptr() as usize;
-        let before = smaps_kb(at, "Rss:");
-        assert!(before < 4 * 2048, "{before} kB resident before populating");
-        assert!(v.populate());
-        let after = smaps_kb(at, "Rss:");
-        assert_eq!(after, 4 * 2048, "resident after populating");
+        let (at, len) = (v.as_ptr() as usize, 4 * HUGE_PAGE);
+        let all = len / page_size();
+        let before = resident_pages(at, len);
+        assert!(
+            before < all,
+            "{before} of {all} pages resident before populating"
+        );
+        v.populate().unwrap();
+        assert_eq!(
+            resident_pages(at, len),
+            all,
+            "pages resident after populating"
+        );
         assert!((0..1000).all(|i| v[i as usize] == [i; 8]));
-        // Pushing up to the capacity faults nothing more in.
         while v.len() < v.capacity() {
             v.push([7; 8]).unwrap();
         }
-        assert_eq!(smaps_kb(at, "Rss:"), after);
+        assert!(v[1000..].iter().all(|e| *e == [7; 8]));
         // A slice's whole pages only; an empty one is nothing to do.
-        assert!(populate(&mut [0u8; 10][..]));
-        assert!(HugeVec::<u8>::new().populate());
+        populate(&mut [0u8; 10][..]).unwrap();
+        HugeVec::<u8>::new().populate().unwrap();
+    }
+
+    #[test]
+    fn more_than_half_the_memory_left_is_not_committed() {
+        let left = memory_available().expect("/proc/meminfo");
+        let total: u64 = std::fs::read_to_string("/proc/meminfo")
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap();
+        assert!(
+            left > 0 && left <= total * 1024,
+            "{left} bytes left of {total} kB"
+        );
+        // Address space only: a reservation the size of the memory left.
+        let n = usize::try_from(left).unwrap().next_multiple_of(HUGE_PAGE);
+        let mut v = HugeVec::<u8>::with_capacity(n).unwrap();
+        let e = v.populate().unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::OutOfMemory, "{e}");
+        assert_eq!(resident_pages(v.as_ptr() as usize, 4 * HUGE_PAGE), 0);
     }
 
     #[test]
@@ -592,11 +695,6 @@ mod tests {
     /// /proc/self/smaps (a header line per mapping, `lo-hi perms ...`, then
     /// its `Field: value` lines).
     fn anon_huge_kb(addr: usize) -> u64 {
-        smaps_kb(addr, "AnonHugePages:")
-    }
-
-    /// Field `field` (kB) of the mapping that holds `addr`.
-    fn smaps_kb(addr: usize, field: &str) -> u64 {
         let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
         let mut inside = false;
         for line in smaps.lines() {
@@ -609,7 +707,7 @@ mod tests {
                     continue;
                 }
             }
-            if let (true, Some(kb)) = (inside, line.strip_prefix(field)) {
+            if let (true, Some(kb)) = (inside, line.strip_prefix("AnonHugePages:")) {
                 return kb.trim().trim_end_matches("kB").trim().parse().unwrap();
             }
         }

@@ -189,8 +189,7 @@ pub struct Switch<B = dataplane::pool::PoolBuf> {
     decided: std::cell::Cell<crate::flowlog::Decided>,
     /// The IP length of the packet on the slow path: its flow counts it.
     first_len: u64,
-    /// The tables' memory is committed ([`Switch::preallocate`]): so is
-    /// each vnet's load balancer's when it is made.
+    /// [`Switch::preallocate`] has run.
     preallocated: bool,
     /// The token bucket of denied packets' records (a time, as
     /// `icmp_bucket`).
@@ -510,23 +509,25 @@ impl<B: PacketBuf> Switch<B> {
         self.on_new_generation(&p);
     }
 
-    /// With `preallocate` in its configuration: commits the memory of the
-    /// flow table and of each vnet's load balancer now, and of those made
-    /// later when they are made, from the thread that calls it (the worker's
-    /// own core, when it starts: the memory is then local to it), so that
-    /// the dataplane never stops for the kernel to fault a page in. At the
-    /// default sizes that is about 200 MiB per worker, and 30 ms of the
-    /// kernel zeroing it. Where the kernel cannot commit it all, the rest
-    /// is committed as first written, as without it. Without
-    /// `preallocate`, nothing.
+    /// With `preallocate` in its configuration, once: commits the memory of
+    /// the flow table and of each vnet's load balancer's connection table
+    /// now, from the thread that calls it (the worker's own core when it
+    /// starts: the memory is then local to it), so that filling them faults
+    /// no page in on the packet path. At the default sizes that is about
+    /// 256 MiB for the flow table and 50 MiB per vnet, some 50 ms of the
+    /// kernel zeroing memory. Vnets added later are committed as first
+    /// written (committing them would stop the worker mid-traffic), and so
+    /// is whatever the kernel cannot commit now. Without `preallocate`,
+    /// nothing.
     pub fn preallocate(&mut self) {
         if !self.cfg.preallocate || self.preallocated {
             return;
         }
         self.preallocated = true;
-        self.flows.preallocate();
+        // (What is not committed now is committed as first written.)
+        let _ = self.flows.preallocate();
         for l in &mut self.lb {
-            l.preallocate();
+            let _ = l.preallocate();
         }
     }
 
@@ -557,16 +558,14 @@ impl<B: PacketBuf> Switch<B> {
                 .get(self.lb.len())
                 .and_then(|v| v.snat.clone())
                 .and_then(|c| SnatAllocator::for_worker(c, me, workers).ok());
-            let mut core = LbCore::new(self.cfg.conn_table_size, self.cfg.timeouts, snat)
-                .with_shard(
-                    u32::try_from(me).unwrap_or(u32::MAX),
-                    u32::try_from(workers).unwrap_or(u32::MAX),
-                )
-                .with_cookies(self.cfg.syn_cookies.clone());
-            if self.preallocated {
-                core.preallocate();
-            }
-            self.lb.push(core);
+            self.lb.push(
+                LbCore::new(self.cfg.conn_table_size, self.cfg.timeouts, snat)
+                    .with_shard(
+                        u32::try_from(me).unwrap_or(u32::MAX),
+                        u32::try_from(workers).unwrap_or(u32::MAX),
+                    )
+                    .with_cookies(self.cfg.syn_cookies.clone()),
+            );
         }
         for vm in &p.vms {
             if let Some(snat) = self.lb.get_mut(vm.vnet).and_then(|l| l.snat_mut()) {
@@ -999,12 +998,12 @@ impl<B: PacketBuf> Switch<B> {
 }
 
 impl<B: PacketBuf> Pipeline<B> for Switch<B> {
-    /// Commits the tables' memory from the worker's core
-    /// ([`Switch::preallocate`]) and takes in the policy, making each
-    /// vnet's load balancer, before the first packet.
+    /// Takes in the policy, making each vnet's load balancer, and commits
+    /// the tables' memory ([`Switch::preallocate`]), from the worker's core
+    /// before its first packet.
     fn start(&mut self) {
-        self.preallocate();
         self.load_policy();
+        self.preallocate();
     }
 
     fn process(&mut self, ctx: &mut Ctx<'_, B>, in_port: usize, pkts: &mut Batch<B>) {

@@ -88,6 +88,7 @@ impl<B: PacketBuf> Switch<B> {
             flow_table_size: SCRATCH_ENTRIES,
             conn_table_size: SCRATCH_ENTRIES,
             frag_table_size: SCRATCH_ENTRIES,
+            preallocate: false,
             ..cfg.clone()
         };
         let mut s = Switch::new(policy, cfg);
