@@ -1094,7 +1094,7 @@ impl<B: PacketBuf> Switches<B> {
     /// is that core's).
     fn build(cfg: &Config, policy: Policy, workers: usize, ahead: bool) -> Self {
         let swap = Arc::new(ArcSwap::from_pointee(policy));
-        let sw_cfg = SwitchConfig {
+        let mut sw_cfg = SwitchConfig {
             flow_table_size: cfg.dataplane.flow_table_size,
             conn_table_size: cfg.dataplane.conn_table_size,
             preallocate: cfg.dataplane.preallocate_tables,
@@ -1103,6 +1103,26 @@ impl<B: PacketBuf> Switches<B> {
             port_mtu: cfg.port.iter().map(|p| p.mtu.unwrap_or(1500)).collect(),
             ..SwitchConfig::default()
         };
+        // Every worker's tables together (each worker checks its own parts
+        // as well, but they commit at the same time).
+        let need = vswitch::flow::FlowTable::bytes_for(sw_cfg.flow_table_size).saturating_add(
+            cfg.vnet
+                .len()
+                .saturating_mul(lb::balancer::LbCore::table_bytes(sw_cfg.conn_table_size)),
+        );
+        let need = u64::try_from(need.saturating_mul(workers)).unwrap_or(u64::MAX);
+        if sw_cfg.preallocate
+            && let Some(left) = platform::memory_available()
+            && platform::too_big_to_commit(need, left)
+        {
+            tracing::warn!(
+                "preallocate_tables: the tables of {workers} workers ({} MiB) would take over \
+                 half the memory left ({} MiB); they are committed as the dataplane first writes them",
+                need >> 20,
+                left >> 20
+            );
+            sw_cfg.preallocate = false;
+        }
         let handoff = Handoff::new(workers, 8192);
         let mut flow_control = Vec::new();
         let live = vswitch::switch::LiveTrace::new(crate::control::LIVE_TRACE_RECORDS);
@@ -1337,6 +1357,29 @@ fn run_on<A: BufAlloc>(
     {
         std::thread::sleep(Duration::from_millis(1));
     }
+    // A worker that stopped before it started (its core refused): all stop,
+    // and say why.
+    if handles.iter().any(|h| h.is_finished()) {
+        for s in &stops {
+            s.store(true, Ordering::Relaxed);
+        }
+        let failures: Vec<String> = std::mem::take(&mut handles)
+            .into_iter()
+            .enumerate()
+            .filter_map(|(w, h)| match h.join() {
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some(format!("worker{w} panicked")),
+            })
+            .collect();
+        return Err(RunError::Workers(failures));
+    }
+    if let Some(inc) = incoming.as_mut() {
+        // The blackout lasts until the workers poll (committing tables
+        // first, where they were not built ahead).
+        inc.report.blackout_us =
+            crate::takeover::now_ns().saturating_sub(inc.report.stopped_at_ns) / 1000;
+    }
     stop.started.store(true, Ordering::Release);
     let mut rt = crate::control::Runtime::new(
         port_stats.clone(),
@@ -1377,9 +1420,13 @@ fn run_on<A: BufAlloc>(
         // tried on a small buffer, as the workers will on their tables.
         let mut probe = vec![0u8; 1 << 17];
         if let Err(e) = platform::populate(&mut probe[..]) {
+            let why = if e.kind() == std::io::ErrorKind::OutOfMemory {
+                "almost no memory is left".to_string()
+            } else {
+                format!("the kernel does not commit memory ahead ({e})")
+            };
             tracing::warn!(
-                "preallocate_tables: the kernel does not commit memory ahead ({e}); \
-                 the tables are committed as the dataplane first writes them"
+                "preallocate_tables: {why}; the tables are committed as the dataplane first writes them"
             );
         }
     }

@@ -90,6 +90,11 @@ pub struct KeyIndex {
     len: usize,
 }
 
+/// Bytes of an index sized for `entries` ([`KeyIndex::for_entries`]).
+pub fn bytes_for(entries: usize) -> usize {
+    buckets_for(entries).saturating_mul(std::mem::size_of::<Bucket>())
+}
+
 /// Buckets that hold `entries` at most half full (a power of two, at least 2).
 pub fn buckets_for(entries: usize) -> usize {
     (entries.saturating_mul(2))

@@ -1161,6 +1161,12 @@ impl LbCore {
         }
     }
 
+    /// Bytes [`LbCore::preallocate`] commits for a core tracking up to
+    /// `capacity` connections.
+    pub fn table_bytes(capacity: usize) -> usize {
+        ConnTable::<ConnInfo>::bytes_for(capacity)
+    }
+
     /// Commits the memory of this core's connection table now
     /// ([`ConnTable::preallocate`]); `Err` when the kernel could not.
     pub fn preallocate(&mut self) -> Result<(), std::io::Error> {

@@ -460,6 +460,14 @@ impl<V> ConnTable<V> {
         }
     }
 
+    /// Bytes [`ConnTable::preallocate`] commits for a table of `capacity`
+    /// connections: index, slots and free list.
+    pub fn bytes_for(capacity: usize) -> usize {
+        let capacity = capacity.clamp(1, 1 << 30);
+        let per = std::mem::size_of::<Slot<V>>() + std::mem::size_of::<u32>();
+        dataplane::index::bytes_for(capacity * 2).saturating_add(capacity.saturating_mul(per))
+    }
+
     /// Commits the memory of the whole table now: the index, every slot
     /// and the free list, so that tracking connections up to the capacity
     /// faults no page in on the dataplane (each first write to a 2 MiB page
@@ -469,10 +477,15 @@ impl<V> ConnTable<V> {
         self.free
             .try_reserve_exact(self.capacity.saturating_sub(self.free.len()))
             .map_err(|_| std::io::Error::from(std::io::ErrorKind::OutOfMemory))?;
-        platform::populate(self.free.spare_capacity_mut())?;
-        self.index.populate()?;
-        // (The slots' room was reserved when the table was made.)
-        platform::populate(self.slots.spare_capacity_mut())
+        // Each part on its own, the first error reported. (The slots' room
+        // was reserved when the table was made.)
+        [
+            platform::populate(self.free.spare_capacity_mut()),
+            self.index.populate(),
+            platform::populate(self.slots.spare_capacity_mut()),
+        ]
+        .into_iter()
+        .collect()
     }
 
     /// This table with timeout class `class` tracking connections seen

@@ -341,6 +341,19 @@ impl FlowTable {
         }
     }
 
+    /// Bytes [`FlowTable::preallocate`] commits for a table of `capacity`
+    /// entries (with the flow logs' data): index, slab, in-use flags and
+    /// free list.
+    pub fn bytes_for(capacity: usize) -> usize {
+        let capacity = capacity.clamp(1, u32::MAX as usize / 2);
+        let per = std::mem::size_of::<Slot>()
+            + std::mem::size_of::<FlowMeta>()
+            + std::mem::size_of::<bool>()
+            + std::mem::size_of::<u32>();
+        dataplane::index::bytes_for(capacity.min(1 << 22))
+            .saturating_add(capacity.saturating_mul(per))
+    }
+
     /// Commits the memory of the whole table now: the index, the slab, the
     /// flow logs' data (with a log, also one set later), and the in-use
     /// flags and free list for every slot. Without this, pages are
@@ -359,11 +372,17 @@ impl FlowTable {
         self.free
             .try_reserve_exact(room.saturating_sub(self.free.len()))
             .map_err(oom)?;
-        platform::populate(self.live.spare_capacity_mut())?;
-        platform::populate(self.free.spare_capacity_mut())?;
-        self.index.populate()?;
-        self.slots.populate()?;
-        self.meta.populate()
+        // Each part on its own (one refused, the others still go), the
+        // first error reported.
+        [
+            platform::populate(self.live.spare_capacity_mut()),
+            platform::populate(self.free.spare_capacity_mut()),
+            self.index.populate(),
+            self.slots.populate(),
+            self.meta.populate(),
+        ]
+        .into_iter()
+        .collect()
     }
 
     /// Records the flows that leave the table, and long flows every active

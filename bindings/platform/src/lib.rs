@@ -135,10 +135,10 @@ pub fn advise_huge<T>(s: &[T]) -> bool {
 /// leaves the ones already backed as they are. For a table sized at start
 /// whose pages would otherwise be faulted in by the dataplane as it first
 /// writes them: each fault of a 2 MiB page stops the worker while the
-/// kernel zeroes it. The contents of `s` are unchanged. True when the
-/// kernel did it; false when it could not (an older kernel, or not enough
-/// memory: the pages left are then faulted in as they are written, as
-/// without this call). Refused (`OutOfMemory`, nothing committed) when
+/// kernel zeroes it. The contents of `s` are unchanged. `Err` when the
+/// kernel could not (before Linux 5.14: `EINVAL`; not enough memory): the
+/// pages left are then faulted in as they are written, as without this
+/// call. Refused (`OutOfMemory`, nothing committed) when
 /// the pages would take more than half of the memory left to this process
 /// ([`memory_available`]): committing them would risk the kernel stopping
 /// the process now, for tables that may never fill.
@@ -163,10 +163,15 @@ fn page_size() -> usize {
 }
 
 /// Bytes of memory left to this process: the kernel's estimate of what
-/// can be allocated without swapping (`MemAvailable`), and under a cgroup
-/// memory limit (v2 `memory.max`, v1 `memory.limit_in_bytes`) what is
-/// left of that, the smaller of the two. None when `/proc/meminfo` cannot
-/// be read.
+/// can be allocated without swapping (`MemAvailable`), and under cgroup
+/// memory limits what they leave, the least of all. A cgroup's limit is
+/// its own and its ancestors' (v2 `memory.max` up the tree; v1
+/// `memory.limit_in_bytes` and the `hierarchical_memory_limit` of its
+/// `memory.stat`); what it uses counts without the page cache it could
+/// drop (`inactive_file`). A cgroup whose files are not where
+/// `/proc/self/cgroup` names them (its own namespace: the mount's root is
+/// the cgroup) is read at the mount's root. None when `/proc/meminfo`
+/// cannot be read.
 pub fn memory_available() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
     let kb: u64 = meminfo
@@ -175,27 +180,94 @@ pub fn memory_available() -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())?;
     let mut left = kb.saturating_mul(1024);
     let cgroups = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-    let read = |p: String| -> Option<u64> { std::fs::read_to_string(p).ok()?.trim().parse().ok() };
     for line in cgroups.lines() {
         let mut parts = line.splitn(3, ':');
         let (_, controllers, path) = (parts.next(), parts.next(), parts.next());
         let Some(path) = path else { continue };
-        let limit = match controllers {
-            Some("") => read(format!("/sys/fs/cgroup{path}/memory.max"))
-                .zip(read(format!("/sys/fs/cgroup{path}/memory.current"))),
+        let cg = match controllers {
+            Some("") => left_in_v2("/sys/fs/cgroup", path),
             Some(c) if c.split(',').any(|c| c == "memory") => {
-                read(format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes")).zip(read(
-                    format!("/sys/fs/cgroup/memory{path}/memory.usage_in_bytes"),
-                ))
+                left_in_v1("/sys/fs/cgroup/memory", path)
             }
             _ => None,
         };
-        // (No limit: v2 says `max`, which does not parse; v1 a huge number.)
-        if let Some((max, used)) = limit {
-            left = left.min(max.saturating_sub(used));
+        if let Some(cg) = cg {
+            left = left.min(cg);
         }
     }
     Some(left)
+}
+
+/// A number in file `dir/name` (None: absent, or `max`).
+fn read_u64(dir: &str, name: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("{dir}/{name}"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Key `key` of the `memory.stat` in `dir`.
+fn stat_u64(dir: &str, key: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("{dir}/memory.stat")).ok()?;
+    stat.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        if k == key {
+            v.trim().parse().ok()
+        } else {
+            None
+        }
+    })
+}
+
+/// What the v2 cgroup at `path` (under `root`) and its ancestors leave.
+fn left_in_v2(root: &str, path: &str) -> Option<u64> {
+    let own = format!("{root}{}", path.trim_end_matches('/'));
+    let mut dir = if std::path::Path::new(&own).is_dir() {
+        own
+    } else {
+        root.to_string()
+    };
+    let mut least: Option<u64> = None;
+    loop {
+        if let (Some(max), Some(cur)) = (
+            read_u64(&dir, "memory.max"),
+            read_u64(&dir, "memory.current"),
+        ) {
+            let used = cur.saturating_sub(stat_u64(&dir, "inactive_file").unwrap_or(0));
+            let l = max.saturating_sub(used);
+            least = Some(least.map_or(l, |x| x.min(l)));
+        }
+        if dir.len() <= root.len() {
+            return least;
+        }
+        match dir.rfind('/') {
+            Some(i) if i >= root.len() => dir.truncate(i),
+            _ => return least,
+        }
+    }
+}
+
+/// What the v1 memory cgroup at `path` (under `root`) leaves: its limit
+/// or an ancestor's (v1 reports the least as `hierarchical_memory_limit`).
+fn left_in_v1(root: &str, path: &str) -> Option<u64> {
+    let own = format!("{root}{}", path.trim_end_matches('/'));
+    let dir = if std::path::Path::new(&own).is_dir() {
+        own
+    } else {
+        root.to_string()
+    };
+    let limit = read_u64(&dir, "memory.limit_in_bytes")?;
+    let limit = stat_u64(&dir, "hierarchical_memory_limit").map_or(limit, |h| h.min(limit));
+    let used = read_u64(&dir, "memory.usage_in_bytes")?
+        .saturating_sub(stat_u64(&dir, "total_inactive_file").unwrap_or(0));
+    Some(limit.saturating_sub(used))
+}
+
+/// Whether committing `len` bytes with `left` bytes of memory left would
+/// take more than half of it: [`populate`] refuses such a range.
+pub fn too_big_to_commit(len: u64, left: u64) -> bool {
+    len > left / 2
 }
 
 /// [`populate`] of the whole pages inside the `len` bytes from address
@@ -208,7 +280,7 @@ fn populate_range(start: usize, len: usize) -> Result<(), std::io::Error> {
     if to <= from {
         return Ok(());
     }
-    if memory_available().is_some_and(|left| (to - from) as u64 > left / 2) {
+    if memory_available().is_some_and(|left| too_big_to_commit((to - from) as u64, left)) {
         return Err(std::io::Error::from(std::io::ErrorKind::OutOfMemory));
     }
     // SAFETY: [from, to) lies inside memory the caller has mapped and holds;
@@ -643,6 +715,9 @@ mod tests {
 
     #[test]
     fn more_than_half_the_memory_left_is_not_committed() {
+        assert!(!too_big_to_commit(100, 200));
+        assert!(too_big_to_commit(101, 200));
+        assert!(too_big_to_commit(1, 0));
         let left = memory_available().expect("/proc/meminfo");
         let total: u64 = std::fs::read_to_string("/proc/meminfo")
             .unwrap()
@@ -654,12 +729,40 @@ mod tests {
             left > 0 && left <= total * 1024,
             "{left} bytes left of {total} kB"
         );
-        // Address space only: a reservation the size of the memory left.
-        let n = usize::try_from(left).unwrap().next_multiple_of(HUGE_PAGE);
-        let mut v = HugeVec::<u8>::with_capacity(n).unwrap();
-        let e = v.populate().unwrap_err();
-        assert_eq!(e.kind(), std::io::ErrorKind::OutOfMemory, "{e}");
-        assert_eq!(resident_pages(v.as_ptr() as usize, 4 * HUGE_PAGE), 0);
+        // Cgroups of both kinds, limited, with page cache to drop, under
+        // a parent with a lower limit (v2), read from made-up files.
+        let dir = std::env::temp_dir().join(format!("platform-cg-{}", std::process::id()));
+        let v2 = dir.join("v2");
+        std::fs::create_dir_all(v2.join("a/b")).unwrap();
+        let put = |p: &std::path::Path, f: &str, v: &str| std::fs::write(p.join(f), v).unwrap();
+        put(&v2, "memory.max", "max\n");
+        put(&v2, "memory.current", "5000\n");
+        put(&v2.join("a"), "memory.max", "3000\n");
+        put(&v2.join("a"), "memory.current", "1000\n");
+        put(
+            &v2.join("a"),
+            "memory.stat",
+            "anon 500\ninactive_file 400\n",
+        );
+        put(&v2.join("a/b"), "memory.max", "9000\n");
+        put(&v2.join("a/b"), "memory.current", "1000\n");
+        let root = v2.to_str().unwrap();
+        // b leaves 8000, a 3000 - (1000 - 400): the least is a's.
+        assert_eq!(left_in_v2(root, "/a/b"), Some(2400));
+        assert_eq!(left_in_v2(root, "/"), None);
+        // A path not under the mount: its root is the cgroup.
+        assert_eq!(left_in_v2(root, "/elsewhere"), None);
+        let v1 = dir.join("v1");
+        std::fs::create_dir_all(v1.join("c")).unwrap();
+        put(&v1.join("c"), "memory.limit_in_bytes", "8000\n");
+        put(&v1.join("c"), "memory.usage_in_bytes", "3000\n");
+        put(
+            &v1.join("c"),
+            "memory.stat",
+            "hierarchical_memory_limit 6000\ntotal_inactive_file 1000\n",
+        );
+        assert_eq!(left_in_v1(v1.to_str().unwrap(), "/c"), Some(4000));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
