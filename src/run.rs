@@ -1357,9 +1357,11 @@ fn run_on<A: BufAlloc>(
     {
         std::thread::sleep(Duration::from_millis(1));
     }
-    // A worker that stopped before it started (its core refused): all stop,
-    // and say why.
-    if handles.iter().any(|h| h.is_finished()) {
+    // A worker that stopped already (its core refused, or it failed as it
+    // began): all stop, and say why. Not for a successor: its predecessor,
+    // told it started, is gone, and the workers that run still forward
+    // (the failure is reported when they stop).
+    if incoming.is_none() && handles.iter().any(|h| h.is_finished()) {
         for s in &stops {
             s.store(true, Ordering::Relaxed);
         }
@@ -1415,7 +1417,7 @@ fn run_on<A: BufAlloc>(
             rt.perf_base = (rt.base.clone(), std::time::Instant::now());
         }
     }
-    if cfg.dataplane.preallocate_tables {
+    if sw_cfg.preallocate {
         // Committing memory ahead (MADV_POPULATE_WRITE) needs Linux 5.14:
         // tried on a small buffer, as the workers will on their tables.
         let mut probe = vec![0u8; 1 << 17];

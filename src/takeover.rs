@@ -19,8 +19,9 @@
 //!    [`Msg::Abort`] with why).
 //! 4. old stops serving its control API and says [`Msg::Go`]: the ports
 //!    are new's from here. New opens the ports it opens itself, serves the
-//!    control socket, says [`Msg::Started`] and starts its workers (the
-//!    blackout ends); old exits.
+//!    control socket, says [`Msg::Started`] and starts its workers; old
+//!    exits. The blackout ends when the workers poll (each first commits
+//!    its tables' memory, unless built ahead).
 //!
 //! Until `Go`, any failure of new (a refusal, an error, being killed: old
 //! sees the socket close) leaves old running: it starts its workers again
@@ -571,7 +572,8 @@ impl Incoming {
     }
 
     /// About to start the workers: tells old (which exits; if it cannot
-    /// be told, it is gone already) and notes the blackout.
+    /// be told, it is gone already) and notes the blackout so far (the
+    /// caller notes it again once the workers poll).
     pub fn started(&mut self) {
         let now = now_ns();
         self.report.blackout_us = now.saturating_sub(self.state.stopped_at_ns) / 1000;

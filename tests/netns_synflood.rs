@@ -466,10 +466,11 @@ fn flood(proxy: bool) {
     }
     // Memory: what pollux held before the flood (its tables committed when
     // its worker started), plus what the tables take when full where they
-    // could not be committed then (a connection's entry and its two flows,
-    // with their index slots: well under 1 KiB together), plus 16 MiB for
-    // everything else; the flood cannot push it further.
-    let bound = rss_before + (CONN_TABLE + FLOW_TABLE) + 16 * 1024;
+    // could not be committed then, plus 16 MiB for everything else; the
+    // flood cannot push it further.
+    let tables = vswitch::flow::FlowTable::bytes_for(FLOW_TABLE as usize)
+        + lb::balancer::LbCore::table_bytes(CONN_TABLE as usize);
+    let bound = rss_before + tables as u64 / 1024 + 16 * 1024;
     assert!(
         peak_rss <= bound,
         "rss {peak_rss} KiB over the bound {bound} KiB (before the flood: {rss_before} KiB)"

@@ -92,7 +92,10 @@ pub struct KeyIndex {
 
 /// Bytes of an index sized for `entries` ([`KeyIndex::for_entries`]).
 pub fn bytes_for(entries: usize) -> usize {
-    buckets_for(entries).saturating_mul(std::mem::size_of::<Bucket>())
+    // (Mapped, and committed, in whole huge pages.)
+    buckets_for(entries)
+        .saturating_mul(std::mem::size_of::<Bucket>())
+        .next_multiple_of(platform::HUGE_PAGE)
 }
 
 /// Buckets that hold `entries` at most half full (a power of two, at least 2).

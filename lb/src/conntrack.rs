@@ -474,13 +474,15 @@ impl<V> ConnTable<V> {
     /// stops the worker while the kernel zeroes it). `Err` when the kernel
     /// could not commit all of it (the rest is then committed as written).
     pub fn preallocate(&mut self) -> Result<(), std::io::Error> {
-        self.free
+        let free = self
+            .free
             .try_reserve_exact(self.capacity.saturating_sub(self.free.len()))
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::OutOfMemory))?;
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::OutOfMemory))
+            .and_then(|()| platform::populate(self.free.spare_capacity_mut()));
         // Each part on its own, the first error reported. (The slots' room
         // was reserved when the table was made.)
         [
-            platform::populate(self.free.spare_capacity_mut()),
+            free,
             self.index.populate(),
             platform::populate(self.slots.spare_capacity_mut()),
         ]

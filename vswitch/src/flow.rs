@@ -346,12 +346,19 @@ impl FlowTable {
     /// free list.
     pub fn bytes_for(capacity: usize) -> usize {
         let capacity = capacity.clamp(1, u32::MAX as usize / 2);
-        let per = std::mem::size_of::<Slot>()
-            + std::mem::size_of::<FlowMeta>()
-            + std::mem::size_of::<bool>()
-            + std::mem::size_of::<u32>();
+        // (The slab and the flow logs' data are mapped, and committed, in
+        // whole huge pages.)
+        let huge = |each: usize| {
+            capacity
+                .saturating_mul(each)
+                .next_multiple_of(platform::HUGE_PAGE)
+        };
+        let lists =
+            capacity.saturating_mul(std::mem::size_of::<bool>() + std::mem::size_of::<u32>());
         dataplane::index::bytes_for(capacity.min(1 << 22))
-            .saturating_add(capacity.saturating_mul(per))
+            .saturating_add(huge(std::mem::size_of::<Slot>()))
+            .saturating_add(huge(std::mem::size_of::<FlowMeta>()))
+            .saturating_add(lists)
     }
 
     /// Commits the memory of the whole table now: the index, the slab, the
@@ -366,17 +373,23 @@ impl FlowTable {
         self.preallocated = true;
         let room = self.capacity.min(self.slots.capacity());
         let oom = |_| std::io::Error::from(std::io::ErrorKind::OutOfMemory);
-        self.live
-            .try_reserve_exact(room.saturating_sub(self.live.len()))
-            .map_err(oom)?;
-        self.free
-            .try_reserve_exact(room.saturating_sub(self.free.len()))
-            .map_err(oom)?;
+        let (live, free) = (
+            room.saturating_sub(self.live.len()),
+            room.saturating_sub(self.free.len()),
+        );
+        let lists = self
+            .live
+            .try_reserve_exact(live)
+            .and_then(|()| self.free.try_reserve_exact(free))
+            .map_err(oom)
+            .and_then(|()| {
+                platform::populate(self.live.spare_capacity_mut())?;
+                platform::populate(self.free.spare_capacity_mut())
+            });
         // Each part on its own (one refused, the others still go), the
         // first error reported.
         [
-            platform::populate(self.live.spare_capacity_mut()),
-            platform::populate(self.free.spare_capacity_mut()),
+            lists,
             self.index.populate(),
             self.slots.populate(),
             self.meta.populate(),

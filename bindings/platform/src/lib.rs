@@ -249,7 +249,8 @@ fn left_in_v2(root: &str, path: &str) -> Option<u64> {
 }
 
 /// What the v1 memory cgroup at `path` (under `root`) leaves: its limit
-/// or an ancestor's (v1 reports the least as `hierarchical_memory_limit`).
+/// or an ancestor's (v1 reports the least as `hierarchical_memory_limit`),
+/// against its own usage (not its siblings' under that ancestor).
 fn left_in_v1(root: &str, path: &str) -> Option<u64> {
     let own = format!("{root}{}", path.trim_end_matches('/'));
     let dir = if std::path::Path::new(&own).is_dir() {
