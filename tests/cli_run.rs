@@ -22,13 +22,14 @@ fn udp(src_mac: [u8; 6], src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> 
 }
 
 /// Runs `pollux run` on the configuration at `path` (given a control
-/// socket beside it) until `ready` holds on its control API, then stops it
-/// with SIGTERM as an operator does; returns its output. Panics, with that
-/// output, when `ready` does not hold within a minute.
+/// socket beside it) until `ready` holds on its control API (given the
+/// process id too), then stops it with SIGTERM as an operator does; returns
+/// its output. Panics, with that output, when `ready` does not hold within
+/// a minute.
 fn run_until(
     path: &std::path::Path,
     why: &str,
-    ready: impl Fn(&Api) -> bool,
+    ready: impl Fn(&Api, u32) -> bool,
 ) -> std::process::Output {
     let sock = path.with_extension("sock");
     let text = std::fs::read_to_string(path).unwrap();
@@ -49,7 +50,7 @@ fn run_until(
     let end = Instant::now() + Duration::from_secs(60);
     let mut held = false;
     while Instant::now() < end && child.try_wait().unwrap().is_none() {
-        if ready(&api) {
+        if ready(&api, child.id()) {
             held = true;
             break;
         }
@@ -175,7 +176,7 @@ fn run_switches_a_capture_and_stops_on_sigterm() {
     let cfg_path = dir.join("pollux.toml");
     std::fs::write(&cfg_path, cfg).unwrap();
     // The capture's 26 frames read, the 25 that are not spoofed written.
-    let out = run_until(&cfg_path, "the capture switched", |api| {
+    let out = run_until(&cfg_path, "the capture switched", |api, _| {
         port_now(api, "client", "rx_packets") == 26
             && port_now(api, "web1", "tx_packets") + port_now(api, "web2", "tx_packets") == 25
     });
@@ -310,7 +311,7 @@ threshold = 2
     let cfg_path = dir.join("pollux.toml");
     std::fs::write(&cfg_path, cfg).unwrap();
     // Three probe SYNs out of each DIP's port, and each probe timed out.
-    let out = run_until(&cfg_path, "probes sent and timed out", |api| {
+    let out = run_until(&cfg_path, "probes sent and timed out", |api, _| {
         let timed_out = api.get("/v1/probes").is_some_and(|v| {
             let list = v["probes"].as_array().cloned().unwrap_or_default();
             list.len() == 2 && list.iter().all(|p| p["reason"] == "timeout")
@@ -428,7 +429,7 @@ fn run_on_dpdk_ports() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("pollux.toml");
     std::fs::write(&path, format!("{eal}{ports}{net}")).unwrap();
-    let out = run_until(&path, "frames from both null ports", |api| {
+    let out = run_until(&path, "frames from both null ports", |api, _| {
         port_now(api, "a", "rx_packets") > 1000 && port_now(api, "b", "rx_packets") > 1000
     });
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -470,7 +471,7 @@ fn run_on_dpdk_ports() {
         "{eal}{quiet}{net}[[vip]]\nname = \"w\"\nvnet = \"v\"\naddress = \"10.1.0.100\"\nport = 80\nprotocol = \"tcp\"\nbackends = [ {{ vm = \"x\", port = 8080 }} ]\n[vip.probe]\nkind = \"tcp\"\nport = 8080\ninterval_ms = 200\ntimeout_ms = 100\n"
     );
     std::fs::write(&path, probed).unwrap();
-    let out = run_until(&path, "probe SYNs out of the DIP's port", |api| {
+    let out = run_until(&path, "probe SYNs out of the DIP's port", |api, _| {
         port_now(api, "a", "tx_packets") >= 3
     });
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -497,7 +498,7 @@ fn run_on_dpdk_ports() {
         format!("[dataplane]\nworkers = 2\n{eal}{ports}{net}"),
     )
     .unwrap();
-    let out = run_until(&path, "frames on both workers", |api| {
+    let out = run_until(&path, "frames on both workers", |api, _| {
         api.get("/v1/counters")
             .is_some_and(|v| (0..2).all(|w| common::api::worker(&v, w, "rx_packets") > 1000))
     });
@@ -596,49 +597,33 @@ fn tables_are_committed_when_the_worker_starts_unless_told_otherwise() {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let sock = dir.join("pollux.sock");
+        let path = dir.join("pollux.toml");
         let cfg = format!(
-            "[control]\nsocket = \"{}\"\n[dataplane]\nflow_table_size = 1048576\n\
-             conn_table_size = 262144\npreallocate_tables = {preallocate}\n{}",
-            sock.display(),
+            "[dataplane]\nflow_table_size = 1048576\nconn_table_size = 262144\n\
+             preallocate_tables = {preallocate}\n{}",
             switching_config(&dir)
         );
-        let path = dir.join("pollux.toml");
         std::fs::write(&path, cfg).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_pollux"))
-            .args(["run", "--config", path.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let api = Api { sock };
-        // The worker has run (the vnet's load balancer made): the capture
-        // is switched.
-        let end = Instant::now() + Duration::from_secs(60);
-        let switched = |api: &Api| {
-            port_now(api, "client", "rx_packets") == 26
-                && port_now(api, "web1", "tx_packets") + port_now(api, "web2", "tx_packets") == 25
-        };
-        while Instant::now() < end && child.try_wait().unwrap().is_none() && !switched(&api) {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let done = switched(&api);
-        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()));
-        common::netns::terminate(&mut child);
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            done,
-            "the capture was not switched: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let kb = status
-            .unwrap()
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap();
+        // Read once the worker has run (the vnet's load balancer made):
+        // the capture is switched.
+        let kb = std::cell::Cell::new(0);
+        run_until(&path, "the capture switched", |api, pid| {
+            let switched = port_now(api, "client", "rx_packets") == 26
+                && port_now(api, "web1", "tx_packets") + port_now(api, "web2", "tx_packets") == 25;
+            if switched {
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+                kb.set(
+                    status
+                        .lines()
+                        .find_map(|l| l.strip_prefix("VmRSS:"))
+                        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                        .unwrap(),
+                );
+            }
+            switched
+        });
         let _ = std::fs::remove_dir_all(&dir);
-        kb
+        kb.get()
     };
     let (lazy, committed) = (resident(false), resident(true));
     eprintln!("resident: {committed} kB with the tables committed at start, {lazy} kB without");
