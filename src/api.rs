@@ -1060,7 +1060,7 @@ pub fn from_hex(s: &str) -> Result<Vec<u8>, HexError> {
         .bytes()
         .filter(|b| !b.is_ascii_whitespace() && *b != b':')
         .collect();
-    if digits.len() % 2 != 0 {
+    if !digits.len().is_multiple_of(2) {
         return Err(HexError::Odd);
     }
     let value = |d: u8| char::from(d).to_digit(16);

@@ -900,10 +900,10 @@ impl Config {
             if nets.is_none() {
                 errs.push(format!("vm {name:?}: vnet {:?} is not defined", vm.vnet));
             }
-            if let Some(n) = &vm.nsg {
-                if !nsgs.contains(n.as_str()) {
-                    errs.push(format!("vm {name:?}: nsg {n:?} is not defined"));
-                }
+            if let Some(n) = &vm.nsg
+                && !nsgs.contains(n.as_str())
+            {
+                errs.push(format!("vm {name:?}: nsg {n:?} is not defined"));
             }
             match vm.mac.parse::<dataplane::MacAddr>() {
                 Ok(m) if m.is_multicast() || m == dataplane::MacAddr::ZERO => errs.push(format!(
@@ -922,10 +922,10 @@ impl Config {
                     errs.push(format!("vm {name:?}: {ip:?} is not an IP address"));
                     continue;
                 };
-                if let Some(nets) = nets {
-                    if !nets.iter().any(|n| n.contains(&a)) {
-                        errs.push(format!("vm {name:?}: {a} is not in vnet {:?}", vm.vnet));
-                    }
+                if let Some(nets) = nets
+                    && !nets.iter().any(|n| n.contains(&a))
+                {
+                    errs.push(format!("vm {name:?}: {a} is not in vnet {:?}", vm.vnet));
                 }
                 if let Some(other) = addrs.insert((vm.vnet.as_str(), a), name.as_str()) {
                     errs.push(format!(
@@ -983,10 +983,10 @@ impl Config {
                     errs.push(format!("remote {name:?}: {ip:?} is not an IP address"));
                     continue;
                 };
-                if let Some(nets) = nets {
-                    if !nets.iter().any(|n| n.contains(&a)) {
-                        errs.push(format!("remote {name:?}: {a} is not in vnet {:?}", r.vnet));
-                    }
+                if let Some(nets) = nets
+                    && !nets.iter().any(|n| n.contains(&a))
+                {
+                    errs.push(format!("remote {name:?}: {a} is not in vnet {:?}", r.vnet));
                 }
                 if let Some(other) = addrs.insert((r.vnet.as_str(), a), name.as_str()) {
                     errs.push(format!(
@@ -1046,10 +1046,10 @@ impl Config {
                 "port {name:?}: driver \"dpdk\" needs pollux built with the dpdk feature"
             ));
         }
-        if let Some(m) = p.mtu {
-            if !(68..=9000).contains(&m) {
-                errs.push(format!("port {name:?}: mtu {m} is outside 68-9000"));
-            }
+        if let Some(m) = p.mtu
+            && !(68..=9000).contains(&m)
+        {
+            errs.push(format!("port {name:?}: mtu {m} is outside 68-9000"));
         }
     }
 
@@ -1084,15 +1084,13 @@ impl Config {
             if let PortSpec::Dpdk {
                 devargs: Some(d), ..
             } = &p.spec
+                && let Some(q) = vhost_queues(d)
+                && q != workers
             {
-                if let Some(q) = vhost_queues(d) {
-                    if q != workers {
-                        errs.push(format!(
+                errs.push(format!(
                             "port {:?}: net_vhost queues={q}, but workers = {workers} (give it queues={workers}: one queue pair per worker)",
                             p.name
                         ));
-                    }
-                }
             }
         }
         // A PCI device needs EAL's PCI bus: without it the port would
@@ -1170,13 +1168,14 @@ impl Config {
         if v.port == 0 {
             errs.push(format!("vip {name:?}: port must not be 0"));
         }
-        if let Some(a) = addr {
-            if proto != 0 && !frontends.insert((a, v.port, proto)) {
-                errs.push(format!(
-                    "vip {name:?}: {a}:{}/{} is already another vip's frontend",
-                    v.port, v.protocol
-                ));
-            }
+        if let Some(a) = addr
+            && proto != 0
+            && !frontends.insert((a, v.port, proto))
+        {
+            errs.push(format!(
+                "vip {name:?}: {a}:{}/{} is already another vip's frontend",
+                v.port, v.protocol
+            ));
         }
         let distribution = match v
             .distribution
@@ -1234,13 +1233,13 @@ impl Config {
                 VipMode::Local
             }
         };
-        if let (VipMode::Mux, Some(p)) = (mode, &v.probe) {
-            if p.port != v.port {
-                errs.push(format!(
+        if let (VipMode::Mux, Some(p)) = (mode, &v.probe)
+            && p.port != v.port
+        {
+            errs.push(format!(
                     "vip {name:?}: a mux vip's probe goes through the vip: its port must be the vip's ({})",
                     v.port
                 ));
-            }
         }
         let mut bs = Vec::new();
         for b in &v.backends {
@@ -1269,13 +1268,13 @@ impl Config {
             let Some(ip) = ip else { continue };
             // (A Mux's backends are on other hosts, anywhere its underlay
             // routes to.)
-            if let Some(nets) = nets.filter(|_| mode != VipMode::Mux) {
-                if !nets.iter().any(|n| n.contains(&ip)) {
-                    errs.push(format!(
-                        "vip {name:?}: backend {ip} is not in vnet {:?}",
-                        v.vnet
-                    ));
-                }
+            if let Some(nets) = nets.filter(|_| mode != VipMode::Mux)
+                && !nets.iter().any(|n| n.contains(&ip))
+            {
+                errs.push(format!(
+                    "vip {name:?}: backend {ip} is not in vnet {:?}",
+                    v.vnet
+                ));
             }
             if b.port == 0 {
                 errs.push(format!("vip {name:?}: backend {ip} has port 0"));
@@ -1298,14 +1297,13 @@ impl Config {
                     "vip {name:?}: probe path applies to http probes only"
                 ));
             }
-            if let Some(path) = &p.path {
-                if !path.starts_with('/')
-                    || path.chars().any(|c| c.is_whitespace() || c.is_control())
-                {
-                    errs.push(format!(
-                        "vip {name:?}: probe path {path:?} must start with / and have no spaces"
-                    ));
-                }
+            if let Some(path) = &p.path
+                && (!path.starts_with('/')
+                    || path.chars().any(|c| c.is_whitespace() || c.is_control()))
+            {
+                errs.push(format!(
+                    "vip {name:?}: probe path {path:?} must start with / and have no spaces"
+                ));
             }
             if p.port == 0 {
                 errs.push(format!("vip {name:?}: probe port must not be 0"));
@@ -1316,10 +1314,10 @@ impl Config {
                     "vip {name:?}: probe interval_ms {interval} is below 100"
                 ));
             }
-            if let Some(t) = p.timeout_ms {
-                if t == 0 || t > interval {
-                    errs.push(format!("vip {name:?}: probe timeout_ms {t} must be between 1 and interval_ms ({interval})"));
-                }
+            if let Some(t) = p.timeout_ms
+                && (t == 0 || t > interval)
+            {
+                errs.push(format!("vip {name:?}: probe timeout_ms {t} must be between 1 and interval_ms ({interval})"));
             }
             if p.threshold == Some(0) {
                 errs.push(format!("vip {name:?}: probe threshold must be at least 1"));
@@ -1478,10 +1476,10 @@ fn underlay(u: &UplinkCfg) -> Result<Option<vswitch::Underlay>, Vec<String>> {
             None
         }
     };
-    if let Some(g) = &u.gateway {
-        if let Some(h) = via("gateway", g, &mut errs) {
-            routes.push((ipnet::Ipv4Net::default(), h));
-        }
+    if let Some(g) = &u.gateway
+        && let Some(h) = via("gateway", g, &mut errs)
+    {
+        routes.push((ipnet::Ipv4Net::default(), h));
     }
     for r in &u.route {
         let what = format!("route {:?}", r.prefix);
@@ -1565,7 +1563,7 @@ fn snat_config(vnet: &str, c: &SnatCfg, nets: &[IpNet]) -> Result<SnatConfig, Ve
         }
     };
     let per_vm = c.ports_per_vm.unwrap_or(1024);
-    if per_vm == 0 || per_vm % SNAT_BLOCK != 0 {
+    if per_vm == 0 || !per_vm.is_multiple_of(SNAT_BLOCK) {
         errs.push(format!(
             "{what}: ports_per_vm {per_vm} is not a positive multiple of {SNAT_BLOCK}"
         ));

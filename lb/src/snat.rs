@@ -411,11 +411,9 @@ impl SnatAllocator {
         mut taken: impl FnMut(IpAddr, u16) -> bool,
     ) -> Result<(IpAddr, u16), SnatError> {
         let eim = self.cfg.mapping == Mapping::EndpointIndependent;
-        if eim {
-            if let Some(&(ip, port)) = self.maps.get(&(member, sport, proto)) {
-                self.hold((ip, port, proto), Some((member, sport)), remote);
-                return Ok((self.cfg.public_ips[usize::from(ip)], port));
-            }
+        if eim && let Some(&(ip, port)) = self.maps.get(&(member, sport, proto)) {
+            self.hold((ip, port, proto), Some((member, sport)), remote);
+            return Ok((self.cfg.public_ips[usize::from(ip)], port));
         }
         let m = self
             .members
@@ -521,12 +519,12 @@ impl SnatAllocator {
                 self.maps.remove(&(a, p, proto));
             }
         }
-        if private.is_some() {
-            if let Some(n) = self.contacts.get_mut(&(k, remote)) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    self.contacts.remove(&(k, remote));
-                }
+        if private.is_some()
+            && let Some(n) = self.contacts.get_mut(&(k, remote))
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.contacts.remove(&(k, remote));
             }
         }
     }

@@ -197,10 +197,10 @@ impl Demo {
         })?;
         let mut per = [0usize; 3];
         for &g in &gets {
-            if let Some(b) = self.vms[c].body(g) {
-                if let Some(i) = WEB.iter().position(|(n, _)| *n == b) {
-                    per[i] += 1;
-                }
+            if let Some(b) = self.vms[c].body(g)
+                && let Some(i) = WEB.iter().position(|(n, _)| *n == b)
+            {
+                per[i] += 1;
             }
         }
         Ok(per)

@@ -195,10 +195,10 @@ impl Vm {
         }
         for c in &mut self.clients {
             let s = self.sockets.get_mut::<tcp::Socket>(c.h);
-            if s.may_send() {
-                if let Some(req) = c.pending.take() {
-                    let _ = s.send_slice(&req);
-                }
+            if s.may_send()
+                && let Some(req) = c.pending.take()
+            {
+                let _ = s.send_slice(&req);
             }
             while s.can_recv() {
                 let mut buf = [0u8; 2048];

@@ -51,10 +51,10 @@ pub fn owner(p: &Policy, in_port: u16, k: &FlowKey, workers: usize) -> usize {
     // takes its own mapping first, and only its hairpinned half goes to
     // the destination port's worker.
     let dst_port = if icmp { k.src_port } else { k.dst_port };
-    if vm.is_none() {
-        if let Some(w) = p.snat_worker(k.dst_ip, dst_port, workers) {
-            return w;
-        }
+    if vm.is_none()
+        && let Some(w) = p.snat_worker(k.dst_ip, dst_port, workers)
+    {
+        return w;
     }
     let mine = p.is_own_address(k.dst());
     let probe_port = match vm {

@@ -320,7 +320,12 @@ mod tests {
                 rng = rng
                     .wrapping_mul(6364136223846793005)
                     .wrapping_add(1442695040888963407);
-                now += (rng >> 33) % 2_000_000 + if rng % 97 == 0 { 20_000_000 } else { 0 };
+                now += (rng >> 33) % 2_000_000
+                    + if rng.is_multiple_of(97) {
+                        20_000_000
+                    } else {
+                        0
+                    };
             }
             // Catch up at the end as a caller polling in a loop would.
             let mut guard = 0;

@@ -63,7 +63,7 @@ impl RingSize {
             && self.frame_size >= 256
             && self.frame_size <= BLOCK_SIZE
             && self.frames > 0
-            && self.frames % (BLOCK_SIZE / self.frame_size) == 0;
+            && self.frames.is_multiple_of(BLOCK_SIZE / self.frame_size);
         let len = self
             .frames
             .checked_mul(self.frame_size)

@@ -349,7 +349,10 @@ impl AfXdpPort {
         let mut seen = vec![false; FRAMES];
         for &f in &h.free {
             let i = (f as usize) / FRAME;
-            if f as usize % FRAME != 0 || i >= FRAMES || std::mem::replace(&mut seen[i], true) {
+            if !(f as usize).is_multiple_of(FRAME)
+                || i >= FRAMES
+                || std::mem::replace(&mut seen[i], true)
+            {
                 return Err(err(format!(
                     "free frame {f} handed over for {iface:?} is not a frame of the UMEM, or twice"
                 )));
@@ -683,7 +686,7 @@ impl Port for AfXdpPort {
             // 64 Ki idle polls (a system call per poll would cost more than
             // the poll).
             self.idle_polls = self.idle_polls.wrapping_add(1);
-            if self.idle_polls % (1 << 16) == 0 {
+            if self.idle_polls.is_multiple_of(1 << 16) {
                 self.collect_kernel_drops();
             }
         }

@@ -56,10 +56,10 @@ pub(super) fn check_and_rewrite(
     } else {
         mtu.get(usize::from(a.out_port)).copied()
     };
-    if let Some(m) = limit {
-        if f.len().saturating_sub(usize::from(pk.l3_off)) > usize::from(m) {
-            return Err(Stop::TooBig(m));
-        }
+    if let Some(m) = limit
+        && f.len().saturating_sub(usize::from(pk.l3_off)) > usize::from(m)
+    {
+        return Err(Stop::TooBig(m));
     }
     let r = match f.first_chunk_mut::<12>() {
         Some(macs) => {

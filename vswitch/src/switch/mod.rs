@@ -762,29 +762,30 @@ impl<B: PacketBuf> Switch<B> {
         };
         // Not in this worker's table: only the connection's owner may decide
         // it (a hit needs no placement: only the owner installs flows).
-        if !owned && pk.is_ip() {
-            if let Some((me, h)) = &self.handoff {
-                // An ICMP error goes where the connection it quotes is (the
-                // quote reversed is a packet of the error's direction).
-                let place = dataplane::icmp_error::quote(pkt.data(), pk)
-                    .map_or(pk.key, |q| q.key.reversed());
-                let w = crate::placement::owner(policy, in_port16, &place, h.workers());
-                if w != *me {
-                    match h.queues.get(w).map(|q| q.push((in_port16, pkt))) {
-                        Some(Ok(())) => {
-                            tally.2 += 1;
-                            self.live_note(LiveEnd::Handed(w), "handoff", || {
-                                format!(
-                                    "worker {w} owns its connection: handed to it (not traced \
+        if !owned
+            && pk.is_ip()
+            && let Some((me, h)) = &self.handoff
+        {
+            // An ICMP error goes where the connection it quotes is (the
+            // quote reversed is a packet of the error's direction).
+            let place =
+                dataplane::icmp_error::quote(pkt.data(), pk).map_or(pk.key, |q| q.key.reversed());
+            let w = crate::placement::owner(policy, in_port16, &place, h.workers());
+            if w != *me {
+                match h.queues.get(w).map(|q| q.push((in_port16, pkt))) {
+                    Some(Ok(())) => {
+                        tally.2 += 1;
+                        self.live_note(LiveEnd::Handed(w), "handoff", || {
+                            format!(
+                                "worker {w} owns its connection: handed to it (not traced \
                                      there)"
-                                )
-                            });
-                        }
-                        Some(Err((_, pkt))) => self.drop_pkt(pkt, SwitchDrop::HandoffFull),
-                        None => {}
+                            )
+                        });
                     }
-                    return;
+                    Some(Err((_, pkt))) => self.drop_pkt(pkt, SwitchDrop::HandoffFull),
+                    None => {}
                 }
+                return;
             }
         }
         tally.1 += 1;
@@ -832,13 +833,14 @@ impl<B: PacketBuf> Switch<B> {
                 }
             }
             Ok(Slow::ProxySyn(a, seg, first)) => {
-                if !first && synproxy::payload_len(pkt.data(), pk).is_some_and(|n| n > 0) {
-                    if let Some(r) = a.lb {
-                        let seq = synproxy::read(pkt.data(), pk).map_or(0, |s| s.seq);
-                        match self.park(r, in_port16, seq, now, pkt) {
-                            None => return,
-                            Some(p) => pkt = p,
-                        }
+                if !first
+                    && synproxy::payload_len(pkt.data(), pk).is_some_and(|n| n > 0)
+                    && let Some(r) = a.lb
+                {
+                    let seq = synproxy::read(pkt.data(), pk).map_or(0, |s| s.seq);
+                    match self.park(r, in_port16, seq, now, pkt) {
+                        None => return,
+                        Some(p) => pkt = p,
                     }
                 }
                 // The SYN is parsed again: its lengths are not the packet's.

@@ -24,10 +24,10 @@ impl<B: PacketBuf> Switch<B> {
     /// vnet, the inner source must be a remote endpoint of that vnet, and
     /// the outer source its host.
     pub(super) fn decap(&self, p: &Policy, pkt: &mut B) -> Result<Option<u16>, SwitchDrop> {
-        if p.has_dsr() {
-            if let Some(port) = self.decap_dsr(p, pkt)? {
-                return Ok(Some(port));
-            }
+        if p.has_dsr()
+            && let Some(port) = self.decap_dsr(p, pkt)?
+        {
+            return Ok(Some(port));
         }
         let Some((_, ul)) = p.underlay().filter(|_| p.has_overlay()) else {
             return Ok(None);
@@ -162,12 +162,12 @@ impl<B: PacketBuf> Switch<B> {
             // Another host claims this host's address.
             return Some(Err(SwitchDrop::Spoofed));
         }
-        if let Some(m) = &self.neigh {
-            if ul.on_link(sender) {
-                let _ = m
-                    .learned
-                    .push((sender, smac, op == arp::OP_REQUEST && for_me));
-            }
+        if let Some(m) = &self.neigh
+            && ul.on_link(sender)
+        {
+            let _ = m
+                .learned
+                .push((sender, smac, op == arp::OP_REQUEST && for_me));
         }
         if op == arp::OP_REQUEST && for_me {
             return Some(

@@ -285,10 +285,10 @@ impl<B: PacketBuf> Switch<B> {
                 format!("source MAC and address are VM {}'s", vm.name)
             });
         }
-        if vm.internal {
-            if let Some(s) = self.mux_probe(p, vm, frame, pk, now)? {
-                return Ok(s);
-            }
+        if vm.internal
+            && let Some(s) = self.mux_probe(p, vm, frame, pk, now)?
+        {
+            return Ok(s);
         }
         let key = pk.key;
         // An ICMP error about a packet of a tracked connection belongs to
@@ -936,10 +936,10 @@ impl<B: PacketBuf> Switch<B> {
     /// any (`fresh`): a connection whose first packet went nowhere was never
     /// judged, and must not be taken for admitted later.
     fn abandon(&mut self, why: SwitchDrop, fresh: Option<LbRef>) -> SwitchDrop {
-        if let Some(r) = fresh {
-            if let Some(l) = self.lb.get_mut(r.vnet as usize) {
-                l.forget(r.conn);
-            }
+        if let Some(r) = fresh
+            && let Some(l) = self.lb.get_mut(r.vnet as usize)
+        {
+            l.forget(r.conn);
         }
         why
     }
@@ -970,12 +970,11 @@ impl<B: PacketBuf> Switch<B> {
         verdict: Result<bool, SwitchDrop>,
         lb: Option<LbRef>,
     ) -> Result<bool, SwitchDrop> {
-        if verdict.is_err() {
-            if let Some(r) = lb {
-                if let Some(l) = self.lb.get_mut(r.vnet as usize) {
-                    l.forget(r.conn);
-                }
-            }
+        if verdict.is_err()
+            && let Some(r) = lb
+            && let Some(l) = self.lb.get_mut(r.vnet as usize)
+        {
+            l.forget(r.conn);
         }
         verdict
     }

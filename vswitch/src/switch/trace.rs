@@ -99,13 +99,13 @@ impl<B: PacketBuf> Switch<B> {
     /// Notes `detail()` for `layer` when a trace is being taken.
     #[inline]
     pub(super) fn note(&self, layer: &'static str, detail: impl FnOnce() -> String) {
-        if let Ok(mut t) = self.trace.try_borrow_mut() {
-            if let Some(t) = t.as_mut() {
-                t.push(TraceStep {
-                    layer,
-                    detail: detail(),
-                });
-            }
+        if let Ok(mut t) = self.trace.try_borrow_mut()
+            && let Some(t) = t.as_mut()
+        {
+            t.push(TraceStep {
+                layer,
+                detail: detail(),
+            });
         }
     }
 
