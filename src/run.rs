@@ -1338,12 +1338,24 @@ fn run_on<A: BufAlloc>(
                 .with_tap(tap.clone())
                 .with_idle_sleep(idle_sleep)
                 .with_stats(wstats[w].clone());
-            out.0.push(worker.stop_flag());
-            out.1.push(
-                worker
-                    .spawn()
-                    .map_err(|e| RunError::Workers(vec![e.to_string()]))?,
-            );
+            let flag = worker.stop_flag();
+            match worker.spawn() {
+                Ok(h) => {
+                    out.0.push(flag);
+                    out.1.push(h);
+                }
+                Err(e) => {
+                    // The workers spawned already stop: none is left
+                    // polling ports that no one serves.
+                    for f in &out.0 {
+                        f.store(true, Ordering::Relaxed);
+                    }
+                    for h in out.1 {
+                        let _ = h.join();
+                    }
+                    return Err(RunError::Workers(vec![e.to_string()]));
+                }
+            }
         }
         Ok::<_, RunError>(out)
     };
