@@ -611,14 +611,7 @@ fn tables_are_committed_when_the_worker_starts_unless_told_otherwise() {
             let switched = port_now(api, "client", "rx_packets") == 26
                 && port_now(api, "web1", "tx_packets") + port_now(api, "web2", "tx_packets") == 25;
             if switched {
-                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-                kb.set(
-                    status
-                        .lines()
-                        .find_map(|l| l.strip_prefix("VmRSS:"))
-                        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-                        .unwrap(),
-                );
+                kb.set(common::rss_kib(pid).unwrap());
             }
             switched
         });

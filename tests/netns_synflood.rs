@@ -29,6 +29,7 @@
 mod common;
 
 use common::netns::{Lab, read, wait_for};
+use common::rss_kib;
 use std::time::{Duration, Instant};
 
 /// pollux's MAC on the wire.
@@ -112,15 +113,6 @@ nsg = "srv"
         if proxy { "on" } else { "off" }
     );
     c
-}
-
-/// Resident memory of process `pid`, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    read(std::path::Path::new(&format!("/proc/{pid}/status")))
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 /// Connections tracked to the VIP now: its backends' active connections.
@@ -246,8 +238,8 @@ fn flood(proxy: bool) {
         "{vip} before the flood\n{}",
         read(&log)
     );
-    let rss_before = rss_kib(pid);
-    assert!(rss_before > 0, "no resident memory read for pid {pid}");
+    let rss_before =
+        rss_kib(pid).unwrap_or_else(|| panic!("no resident memory read for pid {pid}"));
 
     // Established transfers, stretched over the flood.
     let mut downloads = Vec::new();
@@ -346,7 +338,7 @@ fn flood(proxy: bool) {
                 t - started
             ));
         }
-        peak_rss = peak_rss.max(rss_kib(pid));
+        peak_rss = peak_rss.max(rss_kib(pid).unwrap_or(0));
         if let Some(c) = api.get("/v1/counters") {
             peak_conns = peak_conns.max(vip_conns(&c));
         }

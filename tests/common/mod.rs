@@ -21,3 +21,13 @@ impl Drop for Running {
         }
     }
 }
+
+/// Resident memory of process `pid` (`VmRSS`), in KiB; `None` when it
+/// cannot be read (the process is gone).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
