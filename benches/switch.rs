@@ -26,7 +26,14 @@
 //! `new_flows` at a fixed 524 288 connections per rig, fresh and steady,
 //! and prints the rates (criterion's `new_flows` sizes its rigs by its
 //! iteration counts: mostly far smaller tables);
-//! `SWITCH_BENCH_CHURN_ONLY=steady_state` (or `slow_path`) runs one kind.
+//! `SWITCH_BENCH_CHURN_ONLY=steady_state` (or `slow_path`) runs one kind;
+//! `SWITCH_BENCH_CHURN_BURSTS=<n>` sizes each rig for `n` bursts instead
+//! of 16 384 (small tables stay in the caches: what is left is the cost
+//! of the work itself, without waiting for memory).
+//! `SWITCH_BENCH_PERF_CTL=<fifo>` writes `enable` and `disable` to perf's
+//! control fifo around each timed run, so that
+//! `perf record -D -1 --control fifo:<fifo>` samples only those (the
+//! generator and sinks included, not the rigs' set-up).
 //!
 //! One thread does everything: the generator fills 32 frames and sends them
 //! into the switch's input ring, the worker polls once (`Worker::poll_once`),
@@ -47,6 +54,7 @@ use dataplane::worker::{Pipeline, Worker};
 use dataplane::{BURST, Batch, LinkInfo, MacAddr, PacketBuf, Port};
 use filter::{NsgSpec, RuleSpec};
 use lb::balancer::{Backend, VipConfig};
+use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -594,8 +602,13 @@ fn churn(clock: &TscClock, rigs: u64) {
         if only.as_deref().is_some_and(|o| o != name) {
             continue;
         }
+        let n = std::env::var("SWITCH_BENCH_CHURN_BURSTS").map_or(16_384, |v| {
+            v.parse()
+                .ok()
+                .filter(|&n| n > 0 && n <= 16_384)
+                .expect("SWITCH_BENCH_CHURN_BURSTS: bursts per rig, 1 to 16384")
+        });
         for _ in 0..rigs {
-            let n = 16_384;
             let t = new_flows(n, steady, worker_only);
             let conns = n * BURST as u64;
             println!(
@@ -638,13 +651,27 @@ fn new_flows(iters: u64, steady: bool, run: impl Fn(&mut Rig, u64) -> Duration) 
         };
         let slow = rig.stats.slow_path.load(Ordering::Relaxed);
         rig.forwarded = 0;
+        perf_ctl("enable");
         total += run(&mut rig, n);
+        perf_ctl("disable");
         let new = rig.stats.slow_path.load(Ordering::Relaxed) - slow;
         assert_eq!(new, u64::from(flows), "slow-path packets");
         assert_eq!(rig.forwarded, u64::from(flows), "forwarded");
         done += n;
     }
     total
+}
+
+/// Writes `cmd` to the perf control fifo named by `SWITCH_BENCH_PERF_CTL`,
+/// if set.
+fn perf_ctl(cmd: &str) {
+    if let Ok(fifo) = std::env::var("SWITCH_BENCH_PERF_CTL") {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&fifo)
+            .unwrap_or_else(|e| panic!("SWITCH_BENCH_PERF_CTL {fifo}: {e}"));
+        writeln!(f, "{cmd}").unwrap();
+    }
 }
 
 criterion_group!(benches, bench);
