@@ -957,6 +957,12 @@ impl<V> ConnTable<V> {
                 list: List::Active,
                 queued: now,
             });
+            // The place the next push writes, loaded while this connection
+            // is finished (its lines are written whole, and in a table
+            // still filling up would otherwise be read from memory first).
+            if self.slots.len() < self.slots.capacity() {
+                platform::prefetch_place(self.slots.as_ptr().wrapping_add(self.slots.len()));
+            }
         }
         self.push_tail(i, List::of(state, false), now);
         self.len += 1;

@@ -496,19 +496,26 @@ impl FlowTable {
         });
     }
 
-    /// Starts loading the slots the next `n` installs will take from the
-    /// free list (scattered through the slab once flows have expired), so
-    /// that installing the flows of a burst's new connections does not
-    /// wait for each slot in turn.
+    /// Starts loading the slots the next `n` installs will take: from the
+    /// free list (scattered through the slab once flows have expired), then
+    /// past the slab's end (where a table still filling up pushes), so that
+    /// installing the flows of a burst's new connections does not wait for
+    /// each slot's lines in turn (an install writes the whole slot).
     #[inline]
     pub fn prefetch_free(&self, n: usize) {
         for &s in self.free.iter().rev().take(n) {
             if let Some(slot) = self.slots.get(s as usize) {
-                platform::prefetch(&slot.key);
+                platform::prefetch_all(slot);
             }
             // (And what the flow log keeps of it, written at install too.)
             if let Some(m) = self.meta.get(s as usize) {
                 platform::prefetch(m);
+            }
+        }
+        if let Some(more) = n.checked_sub(self.free.len()).filter(|&m| m > 0) {
+            self.slots.prefetch_spare(more);
+            if self.log.is_some() {
+                self.meta.prefetch_spare(more);
             }
         }
     }

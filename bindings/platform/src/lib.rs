@@ -47,15 +47,33 @@ pub fn prefetch_all<T>(r: &T) {
 /// only a leading part is about to be read.
 #[inline(always)]
 pub fn prefetch_first<T>(r: &T, bytes: usize) {
+    prefetch_lines(
+        (r as *const T).cast::<u8>(),
+        bytes.min(std::mem::size_of::<T>()),
+    );
+}
+
+/// [`prefetch_all`] for the place of a `T` at `p`, which need not hold one
+/// yet (a prefetch reads nothing architecturally and never faults, whatever
+/// the address): for the slot a growing array's next push writes, so that
+/// the write does not wait for its lines to be read first.
+#[inline(always)]
+pub fn prefetch_place<T>(p: *const T) {
+    prefetch_lines(p.cast::<u8>(), std::mem::size_of::<T>());
+}
+
+/// Prefetches every line the `bytes` bytes from `start` span (at least the
+/// first).
+#[inline(always)]
+fn prefetch_lines(start: *const u8, bytes: usize) {
     const LINE: usize = 64;
-    let start = (r as *const T).cast::<u8>();
     // From the line holding the first byte through the one holding the
     // last (a span that does not start on a line boundary may cross one
     // more); the addresses computed with `wrapping_*` (no pointer
     // arithmetic that must stay in bounds).
     let lead = start as usize % LINE;
     let start = start.wrapping_sub(lead);
-    let bytes = bytes.clamp(1, std::mem::size_of::<T>().max(1));
+    let bytes = bytes.max(1);
     for off in (0..lead + bytes).step_by(LINE) {
         prefetch_line(start.wrapping_add(off));
     }
@@ -423,6 +441,16 @@ impl<T: Copy> HugeVec<T> {
         // (The mapping is `map_len` bytes from `ptr`, this array's own, and
         // `&mut self` keeps everyone else off it for the call.)
         populate_range(self.ptr.as_ptr() as usize, self.map_len)
+    }
+
+    /// Starts loading the places of the next `n` elements that pushes
+    /// will write (those within the capacity): [`prefetch_place`].
+    #[inline]
+    pub fn prefetch_spare(&self, n: usize) {
+        let end = self.len.saturating_add(n).min(self.cap);
+        for i in self.len..end {
+            prefetch_place(self.ptr.as_ptr().wrapping_add(i).cast_const());
+        }
     }
 
     /// Elements in use.
