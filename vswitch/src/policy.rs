@@ -328,6 +328,10 @@ pub struct Policy {
     pub uplink: Option<UplinkDef>,
     port_vm: Vec<Option<usize>>,
     addr_vm: FxMap<(usize, [u8; 16]), usize>,
+    /// Each VM's addresses, sorted: the slow path's source check of a VM
+    /// with many (a node's pool of pod addresses) searches instead of
+    /// scanning.
+    vm_ips: Vec<Box<[IpAddr]>>,
     /// Public addresses (SNAT addresses, VIPs outside their vnet) -> vnet.
     public: FxMap<[u8; 16], usize>,
     /// Service endpoints (address, port, protocol): every VIP frontend and
@@ -747,10 +751,19 @@ impl Policy {
         if !errs.is_empty() {
             return Err(PolicyError(errs));
         }
+        let vm_ips = vms
+            .iter()
+            .map(|vm: &Vm| {
+                let mut ips = vm.ips.clone();
+                ips.sort_unstable();
+                ips.into_boxed_slice()
+            })
+            .collect();
         Ok(Policy {
             generation,
             vnets,
             vms,
+            vm_ips,
             uplink: t.uplink.clone(),
             nsgs: Arc::new(nsgs),
             port_vm,
@@ -889,6 +902,16 @@ impl Policy {
         v
     }
 
+    /// Whether `ip` is one of VM `i`'s addresses.
+    #[inline]
+    pub fn vm_owns(&self, i: usize, ip: IpAddr) -> bool {
+        self.vm_ips.get(i).is_some_and(|ips| match ips.len() {
+            // (A short list is scanned faster than searched.)
+            0..=8 => ips.contains(&ip),
+            _ => ips.binary_search(&ip).is_ok(),
+        })
+    }
+
     /// The VM with address `ip` (16-byte form) in vnet `vnet`.
     #[inline]
     pub fn vm_by_addr(&self, vnet: usize, ip: [u8; 16]) -> Option<(usize, &Vm)> {
@@ -1006,6 +1029,32 @@ mod tests {
         assert_eq!(p.vm_on_port(1).unwrap().1.name, "y");
         assert!(p.vm_on_port(2).is_none());
         assert!(p.vm_on_port(9).is_none());
+    }
+
+    #[test]
+    fn a_vm_owns_exactly_its_addresses_short_list_or_long() {
+        let mut t = topo();
+        // Given out of order: the long list is searched once sorted.
+        t.vms[0].ips = (0..40u8)
+            .rev()
+            .map(|i| IpAddr::V4(std::net::Ipv4Addr::new(10, 1, 1, i.wrapping_mul(7) % 64)))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        let p = Policy::compile(&t, 1).unwrap();
+        for (i, vm) in t.vms.iter().enumerate() {
+            for last in 0..=255u8 {
+                let v4 = std::net::Ipv4Addr::new(10, 1, 1, last);
+                for a in [IpAddr::V4(v4), IpAddr::V6(v4.to_ipv6_mapped())] {
+                    assert_eq!(p.vm_owns(i, a), vm.ips.contains(&a), "vm {i} {a}");
+                }
+            }
+            for a in &vm.ips {
+                assert!(p.vm_owns(i, *a), "vm {i} {a}");
+            }
+        }
+        assert!(!p.vm_owns(9, "10.1.0.4".parse().unwrap()));
     }
 
     fn mux_vip(vnet: usize, mode: VipMode, backends: &[&str]) -> VipDef {

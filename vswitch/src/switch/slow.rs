@@ -215,7 +215,7 @@ impl<B: PacketBuf> Switch<B> {
             });
             return self.slow_uplink(p, up, frame, pk, now);
         }
-        let Some((_, vm)) = p.vm_on_port(in_port) else {
+        let Some((vm_id, vm)) = p.vm_on_port(in_port) else {
             self.note("port", || "a port with no VM".into());
             return Err(SwitchDrop::NoVm);
         };
@@ -270,7 +270,7 @@ impl<B: PacketBuf> Switch<B> {
             });
             return self.nd(p, vm, frame, pk);
         }
-        if !vm.ips.contains(&pk.key.src()) {
+        if !p.vm_owns(vm_id, pk.key.src()) {
             self.note("spoof", || {
                 format!(
                     "source address {} is not one of VM {}'s",
