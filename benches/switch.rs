@@ -33,7 +33,8 @@
 //! `SWITCH_BENCH_PERF_CTL=<fifo>` writes `enable` and `disable` to perf's
 //! control fifo around each timed run, so that
 //! `perf record -D -1 --control fifo:<fifo>` samples only those (the
-//! generator and sinks included, not the rigs' set-up).
+//! generator and sinks included, not the rigs' set-up). Start perf first:
+//! opening a fifo that no one reads waits until someone does.
 //!
 //! One thread does everything: the generator fills 32 frames and sends them
 //! into the switch's input ring, the worker polls once (`Worker::poll_once`),

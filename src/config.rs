@@ -1088,9 +1088,9 @@ impl Config {
                 && q != workers
             {
                 errs.push(format!(
-                            "port {:?}: net_vhost queues={q}, but workers = {workers} (give it queues={workers}: one queue pair per worker)",
-                            p.name
-                        ));
+                    "port {:?}: net_vhost queues={q}, but workers = {workers} (give it queues={workers}: one queue pair per worker)",
+                    p.name
+                ));
             }
         }
         // A PCI device needs EAL's PCI bus: without it the port would
@@ -1237,9 +1237,9 @@ impl Config {
             && p.port != v.port
         {
             errs.push(format!(
-                    "vip {name:?}: a mux vip's probe goes through the vip: its port must be the vip's ({})",
-                    v.port
-                ));
+                "vip {name:?}: a mux vip's probe goes through the vip: its port must be the vip's ({})",
+                v.port
+            ));
         }
         let mut bs = Vec::new();
         for b in &v.backends {

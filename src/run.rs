@@ -1347,13 +1347,9 @@ fn run_on<A: BufAlloc>(
                 Err(e) => {
                     // The workers spawned already stop: none is left
                     // polling ports that no one serves.
-                    for f in &out.0 {
-                        f.store(true, Ordering::Relaxed);
-                    }
-                    for h in out.1 {
-                        let _ = h.join();
-                    }
-                    return Err(RunError::Workers(vec![e.to_string()]));
+                    let mut failures = vec![e.to_string()];
+                    failures.extend(stop_all(&out.0, out.1).1);
+                    return Err(RunError::Workers(failures));
                 }
             }
         }
@@ -1374,18 +1370,7 @@ fn run_on<A: BufAlloc>(
     // told it started, is gone, and the workers that run still forward
     // (the failure is reported when they stop).
     if incoming.is_none() && handles.iter().any(|h| h.is_finished()) {
-        for s in &stops {
-            s.store(true, Ordering::Relaxed);
-        }
-        let failures: Vec<String> = std::mem::take(&mut handles)
-            .into_iter()
-            .enumerate()
-            .filter_map(|(w, h)| match h.join() {
-                Ok(Ok(_)) => None,
-                Ok(Err(e)) => Some(e.to_string()),
-                Err(_) => Some(format!("worker{w} panicked")),
-            })
-            .collect();
+        let (_, failures) = stop_all(&stops, std::mem::take(&mut handles));
         return Err(RunError::Workers(failures));
     }
     if let Some(inc) = incoming.as_mut() {
@@ -1476,20 +1461,10 @@ fn run_on<A: BufAlloc>(
         if rt.takeover_request.is_none() {
             rt.bgp.stop(state.config(), &state.policy().load());
         }
-        for s in &stops {
-            s.store(true, Ordering::Relaxed);
-        }
+        // (`stopped_at` is taken as the flags are set, before the wait.)
         let stopped_at = crate::takeover::now_ns();
         // Workers flush their ports when they return.
-        let mut failures = Vec::new();
-        let mut stopped = Vec::new();
-        for (w, h) in std::mem::take(&mut handles).into_iter().enumerate() {
-            match h.join() {
-                Ok(Ok(s)) => stopped.push(s),
-                Ok(Err(e)) => failures.push(e.to_string()),
-                Err(_) => failures.push(format!("worker{w} panicked")),
-            }
-        }
+        let (mut stopped, failures) = stop_all(&stops, std::mem::take(&mut handles));
         if !failures.is_empty() {
             return Err(RunError::Workers(failures));
         }
@@ -1601,6 +1576,28 @@ fn run_on<A: BufAlloc>(
 
 /// Records every flow of the stopped workers in the flow log, and sends
 /// the records (when flow logs are on): the flows end with the process.
+/// Stops the workers (`stops`, their flags) and waits for them: those that
+/// returned, and what each that failed said (one that panicked, that it
+/// did).
+fn stop_all<B: PacketBuf, P: dataplane::worker::Pipeline<B>>(
+    stops: &[Arc<AtomicBool>],
+    handles: Vec<dataplane::worker::WorkerHandle<B, P>>,
+) -> (Vec<dataplane::worker::Stopped<B, P>>, Vec<String>) {
+    for s in stops {
+        s.store(true, Ordering::Relaxed);
+    }
+    let mut failures = Vec::new();
+    let mut stopped = Vec::new();
+    for (w, h) in handles.into_iter().enumerate() {
+        match h.join() {
+            Ok(Ok(s)) => stopped.push(s),
+            Ok(Err(e)) => failures.push(e.to_string()),
+            Err(_) => failures.push(format!("worker{w} panicked")),
+        }
+    }
+    (stopped, failures)
+}
+
 fn flush_flow_logs<B: PacketBuf>(
     stopped: &mut [StoppedWorker<B>],
     state: &crate::control::ControlState,

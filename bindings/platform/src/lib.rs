@@ -2,7 +2,8 @@
 //!
 //! Owns: the `unsafe` that the switch's large tables need from the CPU and
 //! the kernel, behind safe interfaces:
-//! [`prefetch`] (a cache-line prefetch hint for a reference),
+//! [`prefetch`] (a cache-line prefetch hint for a reference; with
+//! [`prefetch_place`], for a place a value is about to be written to),
 //! [`HugeVec`] (a growable array of `Copy` values in an anonymous mapping
 //! that the kernel is asked to back with 2 MiB transparent huge pages) and
 //! [`drain_each`] (a burst's values moved out whole, not one `Option` at a
@@ -670,6 +671,31 @@ mod tests {
         v.push("again".to_string());
         drain_each(&mut v, |s| assert_eq!(s, "again"));
         assert!(v.is_empty());
+    }
+
+    #[test]
+    fn prefetching_a_place_reads_nothing_whatever_the_address() {
+        // No fault at addresses that hold nothing (the test process would
+        // die of one), for any size, a zero-sized one too.
+        platform_prefetch_everywhere::<[u64; 35]>();
+        platform_prefetch_everywhere::<()>();
+        let mut v = HugeVec::<[u64; 24]>::with_capacity(3).unwrap();
+        v.prefetch_spare(8);
+        assert!(v.is_empty());
+        while v.len() < v.capacity() {
+            let i = v.len() as u64;
+            v.push([i; 24]).unwrap();
+        }
+        // Full: nothing past the mapping is asked for, and nothing changes.
+        v.prefetch_spare(8);
+        assert!(v.iter().enumerate().all(|(i, e)| *e == [i as u64; 24]));
+    }
+
+    fn platform_prefetch_everywhere<T>() {
+        for a in [0usize, 8, 4096, usize::MAX - 63, usize::MAX] {
+            prefetch_place(std::ptr::without_provenance::<T>(a));
+        }
+        prefetch_place(std::ptr::dangling::<T>());
     }
 
     #[test]

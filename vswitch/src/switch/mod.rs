@@ -778,7 +778,7 @@ impl<B: PacketBuf> Switch<B> {
                         self.live_note(LiveEnd::Handed(w), "handoff", || {
                             format!(
                                 "worker {w} owns its connection: handed to it (not traced \
-                                     there)"
+                                 there)"
                             )
                         });
                     }

@@ -13,11 +13,11 @@ impl<B: PacketBuf> Switch<B> {
     pub(super) fn arp(
         &self,
         p: &Policy,
-        vm: &crate::policy::Vm,
+        (vm_id, vm): (usize, &crate::policy::Vm),
         frame: &mut [u8],
         pk: &Parsed,
     ) -> Result<(), SwitchDrop> {
-        let (ips, internal) = (&vm.ips, vm.internal);
+        let internal = vm.internal;
         let vn = p.vnets.get(vm.vnet).ok_or(SwitchDrop::NoRoute)?;
         let l3 = frame
             .get(usize::from(pk.l3_off)..)
@@ -26,7 +26,7 @@ impl<B: PacketBuf> Switch<B> {
         if a.operation() != arp::OP_REQUEST {
             return Err(SwitchDrop::ArpIgnored);
         }
-        if !ips.contains(&std::net::IpAddr::V4(a.sender_ip())) {
+        if !p.vm_owns(vm_id, std::net::IpAddr::V4(a.sender_ip())) {
             return Err(SwitchDrop::Spoofed);
         }
         let target = std::net::IpAddr::V4(a.target_ip());
@@ -46,7 +46,7 @@ impl<B: PacketBuf> Switch<B> {
     pub(super) fn nd(
         &self,
         p: &Policy,
-        vm: &crate::policy::Vm,
+        (vm_id, vm): (usize, &crate::policy::Vm),
         frame: &[u8],
         pk: &Parsed,
     ) -> Result<Slow, SwitchDrop> {
@@ -56,7 +56,7 @@ impl<B: PacketBuf> Switch<B> {
         if src == [0; 16] {
             return Err(SwitchDrop::NdIgnored);
         }
-        if !link_local(&src) && !vm.ips.contains(&dataplane::key::from16(src)) {
+        if !link_local(&src) && !p.vm_owns(vm_id, dataplane::key::from16(src)) {
             return Err(SwitchDrop::Spoofed);
         }
         let t = dataplane::key::from16(target);

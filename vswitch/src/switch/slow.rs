@@ -254,7 +254,7 @@ impl<B: PacketBuf> Switch<B> {
                      with the gateway's MAC; nothing is flooded"
                         .into()
                 });
-                return self.arp(p, vm, frame, pk).map(|_| Slow::Reply);
+                return self.arp(p, (vm_id, vm), frame, pk).map(|_| Slow::Reply);
             }
             L3::Ipv4 | L3::Ipv6 => {}
             L3::Other => {
@@ -268,7 +268,7 @@ impl<B: PacketBuf> Switch<B> {
                  vnet's addresses and VIPs with the gateway's MAC"
                     .into()
             });
-            return self.nd(p, vm, frame, pk);
+            return self.nd(p, (vm_id, vm), frame, pk);
         }
         if !p.vm_owns(vm_id, pk.key.src()) {
             self.note("spoof", || {
