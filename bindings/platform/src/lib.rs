@@ -444,12 +444,12 @@ impl<T: Copy> HugeVec<T> {
         populate_range(self.ptr.as_ptr() as usize, self.map_len)
     }
 
-    /// Starts loading the places of the next `n` elements that pushes
-    /// will write (those within the capacity): [`prefetch_place`].
-    #[inline]
-    pub fn prefetch_spare(&self, n: usize) {
-        let end = self.len.saturating_add(n).min(self.cap);
-        for i in self.len..end {
+    /// Starts loading the place of element `i`, in use or not (a place
+    /// past the length is one a push will write), if it is within the
+    /// capacity: [`prefetch_place`].
+    #[inline(always)]
+    pub fn prefetch_place(&self, i: usize) {
+        if i < self.cap {
             prefetch_place(self.ptr.as_ptr().wrapping_add(i).cast_const());
         }
     }
@@ -680,14 +680,14 @@ mod tests {
         platform_prefetch_everywhere::<[u64; 35]>();
         platform_prefetch_everywhere::<()>();
         let mut v = HugeVec::<[u64; 24]>::with_capacity(3).unwrap();
-        v.prefetch_spare(8);
+        (0..8).for_each(|i| v.prefetch_place(i));
         assert!(v.is_empty());
         while v.len() < v.capacity() {
             let i = v.len() as u64;
             v.push([i; 24]).unwrap();
         }
         // Full: nothing past the mapping is asked for, and nothing changes.
-        v.prefetch_spare(8);
+        (0..v.capacity() + 8).for_each(|i| v.prefetch_place(i));
         assert!(v.iter().enumerate().all(|(i, e)| *e == [i as u64; 24]));
     }
 
