@@ -679,6 +679,8 @@ mod tests {
         // die of one), for any size, a zero-sized one too.
         platform_prefetch_everywhere::<[u64; 35]>();
         platform_prefetch_everywhere::<()>();
+        // An array that has no mapping (its pointer dangles) asks for none.
+        (0..8).for_each(|i| HugeVec::<[u64; 24]>::new().prefetch_place(i));
         let mut v = HugeVec::<[u64; 24]>::with_capacity(3).unwrap();
         (0..8).for_each(|i| v.prefetch_place(i));
         assert!(v.is_empty());
