@@ -166,11 +166,20 @@ fn parse_ipv4(l3: &[u8], out: &mut Parsed) -> Result<(), ParseError> {
     parse_l4(ip.payload(), out, false)
 }
 
+/// `::ffff:a.b.c.d`: how a flow key holds an IPv4 address.
+#[inline(always)]
+fn v4_mapped(a: &[u8; 16]) -> bool {
+    a[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]
+}
+
 fn parse_ipv6(l3: &[u8], out: &mut Parsed) -> Result<(), ParseError> {
     let ip = ipv6::Packet::new_checked(l3)?;
     out.l3 = L3::Ipv6;
     out.key.src_ip = ip.src().octets();
     out.key.dst_ip = ip.dst().octets();
+    if v4_mapped(&out.key.src_ip) || v4_mapped(&out.key.dst_ip) {
+        return Err(ParseError::Ipv6V4Mapped);
+    }
     let payload = ip.payload();
     let up = ipv6::skip_extensions(ip.next_header(), payload)?;
     out.key.proto = up.protocol;
@@ -375,6 +384,19 @@ pub(crate) mod tests {
         let mut lying = f.clone();
         lying[19] = 0x1d;
         assert_eq!(parse(&lying, 0).unwrap_err(), ParseError::Ipv6BadPayloadLen);
+        // An IPv4-mapped source or destination would share IPv4's keys.
+        for at in [22, 38] {
+            let mut mapped = f.clone();
+            mapped[at..at + 16].copy_from_slice(
+                &std::net::Ipv4Addr::new(10, 0, 0, 1)
+                    .to_ipv6_mapped()
+                    .octets(),
+            );
+            assert_eq!(parse(&mapped, 0).unwrap_err(), ParseError::Ipv6V4Mapped);
+            // IPv4-compatible (`::a.b.c.d`, no ffff) is an ordinary address.
+            mapped[at + 10..at + 12].copy_from_slice(&[0, 0]);
+            assert!(parse(&mapped, 0).is_ok());
+        }
         // TCP data offset lies.
         let mut bad_off = f.clone();
         bad_off[62 + 12] = 0x60;

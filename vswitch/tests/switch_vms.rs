@@ -330,6 +330,16 @@ fn spoofed_and_malformed_traffic_is_dropped_and_counted() {
         assert!(t.steps.iter().any(|s| s.layer == "spoof"), "{t:?}");
     }
     net.vm("client").inject(&spoofed);
+    // The client's own address in IPv6's IPv4-mapped form: a flow key
+    // could not tell it from IPv4, so the parser drops it.
+    let mut mapped = Vec::new();
+    let v6 = |a: [u8; 4]| std::net::Ipv4Addr::from(a).to_ipv6_mapped().octets();
+    etherparse::PacketBuilder::ethernet2(mac(0x10).0, [0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc])
+        .ipv6(v6([10, 1, 0, 20]), v6([10, 1, 0, 5]), 64)
+        .udp(1000, 2000)
+        .write(&mut mapped, b"mapped")
+        .unwrap();
+    net.vm("client").inject(&[mapped]);
     let mut storm = Batch::new();
     let mut seed = 0x1234_5678u64;
     for _ in 0..32 {
@@ -349,10 +359,18 @@ fn spoofed_and_malformed_traffic_is_dropped_and_counted() {
     let no_vm = net.stats.dropped(SwitchDrop::NoVm);
     assert_eq!(
         malformed + no_vm,
-        33,
+        34,
         "malformed {malformed}, no_vm {no_vm}"
     );
     assert!(no_vm >= 1);
+    assert_eq!(
+        net.worker
+            .drops
+            .get(dataplane::stats::DropReason::Malformed(
+                dataplane::wire::ParseError::Ipv6V4Mapped
+            )),
+        1
+    );
     assert_eq!(
         net.stats.dropped(SwitchDrop::Spoofed),
         2,

@@ -64,6 +64,13 @@ pub enum ParseError {
     /// More extension headers than the parser follows (8).
     #[error("too many ipv6 extension headers")]
     Ipv6TooManyExt,
+    /// An IPv6 source or destination address that is IPv4-mapped
+    /// (`::ffff:a.b.c.d`). Flow keys hold IPv4 addresses in that form, so
+    /// such a packet would share its keys with IPv4 traffic (and pass as
+    /// IPv4 in source checks and security groups); such addresses never
+    /// belong on the wire (draft-itojun-v6ops-v4mapped-harmful).
+    #[error("ipv6 address is ipv4-mapped")]
+    Ipv6V4Mapped,
     /// Shorter than a TCP header (20 bytes).
     #[error("tcp header truncated")]
     TcpTruncated,
@@ -83,7 +90,7 @@ pub enum ParseError {
 
 impl ParseError {
     /// Every variant, in declaration order (index = `self as usize`).
-    pub const ALL: [ParseError; 18] = [
+    pub const ALL: [ParseError; 19] = [
         ParseError::EthernetTruncated,
         ParseError::VlanTruncated,
         ParseError::ArpTruncated,
@@ -97,6 +104,7 @@ impl ParseError {
         ParseError::Ipv6BadPayloadLen,
         ParseError::Ipv6ExtTruncated,
         ParseError::Ipv6TooManyExt,
+        ParseError::Ipv6V4Mapped,
         ParseError::TcpTruncated,
         ParseError::TcpBadDataOffset,
         ParseError::UdpTruncated,
@@ -120,6 +128,7 @@ impl ParseError {
             ParseError::Ipv6BadPayloadLen => "ipv6_bad_payload_len",
             ParseError::Ipv6ExtTruncated => "ipv6_ext_truncated",
             ParseError::Ipv6TooManyExt => "ipv6_too_many_ext",
+            ParseError::Ipv6V4Mapped => "ipv6_v4_mapped",
             ParseError::TcpTruncated => "tcp_truncated",
             ParseError::TcpBadDataOffset => "tcp_bad_data_offset",
             ParseError::UdpTruncated => "udp_truncated",

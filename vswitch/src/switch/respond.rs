@@ -26,7 +26,10 @@ impl<B: PacketBuf> Switch<B> {
         if a.operation() != arp::OP_REQUEST {
             return Err(SwitchDrop::ArpIgnored);
         }
-        if !p.vm_owns(vm_id, std::net::IpAddr::V4(a.sender_ip())) {
+        if !p.vm_owns(
+            vm_id,
+            dataplane::key::to16(std::net::IpAddr::V4(a.sender_ip())),
+        ) {
             return Err(SwitchDrop::Spoofed);
         }
         let target = std::net::IpAddr::V4(a.target_ip());
@@ -56,7 +59,7 @@ impl<B: PacketBuf> Switch<B> {
         if src == [0; 16] {
             return Err(SwitchDrop::NdIgnored);
         }
-        if !link_local(&src) && !p.vm_owns(vm_id, dataplane::key::from16(src)) {
+        if !link_local(&src) && !p.vm_owns(vm_id, src) {
             return Err(SwitchDrop::Spoofed);
         }
         let t = dataplane::key::from16(target);

@@ -270,7 +270,7 @@ impl<B: PacketBuf> Switch<B> {
             });
             return self.nd(p, (vm_id, vm), frame, pk);
         }
-        if !p.vm_owns(vm_id, pk.key.src()) {
+        if !p.vm_owns(vm_id, pk.key.src_ip) {
             self.note("spoof", || {
                 format!(
                     "source address {} is not one of VM {}'s",
