@@ -151,6 +151,38 @@ pub fn flow_hash(k: &FlowKey, dist: Distribution) -> u64 {
     xxh3_64_with_seed(&b[..n], FLOW_SEED)
 }
 
+/// How a new connection's backend is chosen.
+#[derive(Debug, Clone, Copy)]
+enum Pick {
+    /// By Maglev, with the key's flow hash if already computed.
+    Maglev(Option<PickHash>),
+    /// The backend (an index into the VIP's) a Mux chose.
+    Pinned(usize),
+}
+
+/// A key's [`flow_hash`] under one distribution, computed once for a new
+/// connection and handed from the stage that prefetches its Maglev slot
+/// to the stages that pick (the prefetch of its reply key, the open):
+/// hashing the key for each of them took about 7% of a new connection.
+/// A pick uses it only for a VIP of the same distribution; the caller
+/// hands it on only with the key it was computed for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PickHash {
+    hash: u64,
+    dist: Distribution,
+}
+
+impl PickHash {
+    /// `k`'s flow hash under `dist`.
+    #[inline]
+    pub fn of(k: &FlowKey, dist: Distribution) -> Self {
+        PickHash {
+            hash: flow_hash(k, dist),
+            dist,
+        }
+    }
+}
+
 /// What happens to established connections of a DIP that turns unhealthy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OnUnhealthy {
@@ -565,8 +597,30 @@ impl Vip {
     /// [`Vip::pick`] in `set`, a backend set of this VIP read earlier.
     #[inline]
     pub fn pick_in(&self, set: &BackendSet, k: &FlowKey) -> Option<usize> {
-        let h = flow_hash(k, self.cfg.distribution);
-        set.for_new().0.lookup(h).map(usize::from)
+        self.pick_hashed(set, k, None)
+    }
+
+    /// [`Vip::pick_in`] with `k`'s flow hash when `given` holds it for this
+    /// VIP's distribution (computed here otherwise).
+    #[inline]
+    pub fn pick_hashed(
+        &self,
+        set: &BackendSet,
+        k: &FlowKey,
+        given: Option<PickHash>,
+    ) -> Option<usize> {
+        let h = self.hash_of(k, given);
+        set.for_new().0.lookup(h.hash).map(usize::from)
+    }
+
+    /// `k`'s flow hash under this VIP's distribution: `given` if it is
+    /// that, else computed.
+    #[inline]
+    fn hash_of(&self, k: &FlowKey, given: Option<PickHash>) -> PickHash {
+        match given {
+            Some(h) if h.dist == self.cfg.distribution => h,
+            _ => PickHash::of(k, self.cfg.distribution),
+        }
     }
 
     /// Starts loading the Maglev slot [`Vip::pick`] of `k` reads, without
@@ -574,16 +628,17 @@ impl Vip {
     /// does not stay in cache beside a large connection table, and its
     /// slots are read at random.
     #[inline]
-    pub fn prefetch_pick(&self, k: &FlowKey) {
-        self.prefetch_pick_in(&self.set.load(), k);
+    pub fn prefetch_pick(&self, k: &FlowKey) -> PickHash {
+        self.prefetch_pick_in(&self.set.load(), k)
     }
 
     /// [`Vip::prefetch_pick`] in `set`, a backend set of this VIP read
-    /// earlier.
+    /// earlier; returns the flow hash it computed, for the pick.
     #[inline]
-    pub fn prefetch_pick_in(&self, set: &BackendSet, k: &FlowKey) {
-        let h = flow_hash(k, self.cfg.distribution);
-        set.for_new().0.prefetch(h);
+    pub fn prefetch_pick_in(&self, set: &BackendSet, k: &FlowKey) -> PickHash {
+        let h = PickHash::of(k, self.cfg.distribution);
+        set.for_new().0.prefetch(h.hash);
+        h
     }
 
     /// The Maglev slot a new connection with key `k` is looked up in, and
@@ -1048,16 +1103,17 @@ impl SetCache {
         self.0.clear();
     }
 
-    /// [`Vip::pick`], from this cache (read again when stale).
+    /// [`Vip::pick`], from this cache (read again when stale), with `k`'s
+    /// flow hash if `given` ([`Vip::pick_hashed`]).
     #[inline]
-    fn pick(&mut self, vip: &Arc<Vip>, k: &FlowKey) -> Option<usize> {
+    fn pick(&mut self, vip: &Arc<Vip>, k: &FlowKey, given: Option<PickHash>) -> Option<usize> {
         if let Some(set) = self.get(vip) {
-            return vip.pick_in(set, k);
+            return vip.pick_hashed(set, k, given);
         }
         // The clock first: a change after it ticks it again.
         let seen = vip.clock.now();
         let set = vip.backends();
-        let pick = vip.pick_in(&set, k);
+        let pick = vip.pick_hashed(&set, k, given);
         let i = usize::from(vip.id);
         if self.0.len() <= i {
             self.0.resize_with(i + 1, || None);
@@ -1384,16 +1440,17 @@ impl LbCore {
     /// Starts loading the Maglev slot of a new connection to a VIP of
     /// `vips` with key `key` ([`Vip::prefetch_pick`]): a stage of the
     /// switch's burst before [`LbCore::prefetch_new`], which picks.
+    /// Returns the key's flow hash, for the stages that pick.
     #[inline]
-    pub fn prefetch_pick(&self, vips: &Vips, key: &FlowKey) {
-        if let Some(vip) = vips.lookup(key)
-            && vip.config().mode == VipMode::Local
-        {
-            match self.sets.get(vip) {
-                Some(set) => vip.prefetch_pick_in(set, key),
-                None => vip.prefetch_pick(key),
-            }
+    pub fn prefetch_pick(&self, vips: &Vips, key: &FlowKey) -> Option<PickHash> {
+        let vip = vips.lookup(key)?;
+        if vip.config().mode != VipMode::Local {
+            return None;
         }
+        Some(match self.sets.get(vip) {
+            Some(set) => vip.prefetch_pick_in(set, key),
+            None => vip.prefetch_pick(key),
+        })
     }
 
     /// Starts loading the connection-table bucket of `key` into the cache
@@ -1413,9 +1470,15 @@ impl LbCore {
     /// misses, it does not wait for memory on its own. (A packet of a
     /// connection already tracked only wastes the pick. A Mux's connections
     /// have no reply here, and a DSR VIP's backend is the Mux's choice.)
-    /// Returns that reply key, for the caller's own tables.
+    /// Returns that reply key, for the caller's own tables. `given`: the
+    /// key's flow hash, if [`LbCore::prefetch_pick`] gave it.
     #[inline]
-    pub fn prefetch_new(&self, vips: &Vips, key: &FlowKey) -> Option<FlowKey> {
+    pub fn prefetch_new(
+        &self,
+        vips: &Vips,
+        key: &FlowKey,
+        given: Option<PickHash>,
+    ) -> Option<FlowKey> {
         self.prefetch(key);
         let vip = vips.lookup(key)?;
         let c = vip.config();
@@ -1423,8 +1486,8 @@ impl LbCore {
             return None;
         }
         let b = match self.sets.get(vip) {
-            Some(set) => vip.pick_in(set, key),
-            None => vip.pick(key),
+            Some(set) => vip.pick_hashed(set, key, given),
+            None => vip.pick_hashed(&vip.set.load(), key, given),
         };
         let be = c.backends.get(b?)?;
         let reply = NatBinding::dnat(key, be.ip, be.port).reply_key(key);
@@ -1435,7 +1498,20 @@ impl LbCore {
     /// [`LbCore::process`] for a packet whose TCP header is `seg` (what a
     /// VIP with a SYN proxy needs: sequence numbers, window, MSS).
     pub fn process_seg(&mut self, vips: &Vips, key: &FlowKey, seg: &Seg, now: u64) -> Decision {
-        self.process_to(vips, key, seg, now, None)
+        self.process_to(vips, key, seg, now, Pick::Maglev(None))
+    }
+
+    /// [`LbCore::process_seg`] with the key's flow hash, as
+    /// [`LbCore::prefetch_pick`] gave it for this key.
+    pub fn process_hashed(
+        &mut self,
+        vips: &Vips,
+        key: &FlowKey,
+        seg: &Seg,
+        now: u64,
+        given: Option<PickHash>,
+    ) -> Decision {
+        self.process_to(vips, key, seg, now, Pick::Maglev(given))
     }
 
     /// [`LbCore::process_seg`] for a packet a Mux sent to the backend at
@@ -1469,20 +1545,20 @@ impl LbCore {
             Some((i, dir)) => dir == Dir::Orig && self.conns.get(i).is_some_and(theirs),
         };
         match pinned.filter(|_| ok) {
-            Some(b) => self.process_to(vips, key, seg, now, Some(b)),
+            Some(b) => self.process_to(vips, key, seg, now, Pick::Pinned(b)),
             None => self.drop(LbDrop::DsrNotBackend),
         }
     }
 
-    /// [`LbCore::process_seg`], a new connection going to backend `pinned`
-    /// (of the VIP the packet is for) when given.
+    /// [`LbCore::process_seg`], a new connection going to the backend
+    /// `pick` says.
     fn process_to(
         &mut self,
         vips: &Vips,
         key: &FlowKey,
         seg: &Seg,
         now: u64,
-        pinned: Option<usize>,
+        pick: Pick,
     ) -> Decision {
         match self.existing(Some(vips), key, seg, now) {
             Ok(Some(d)) => return d,
@@ -1493,11 +1569,15 @@ impl LbCore {
             return Decision::NotHandled;
         };
         // A DSR VIP is reached only through a Mux (with its backend).
-        if vip.config().mode == VipMode::Dsr && pinned.is_none() {
+        let given = match pick {
+            Pick::Maglev(given) => given,
+            Pick::Pinned(_) => None,
+        };
+        if vip.config().mode == VipMode::Dsr && !matches!(pick, Pick::Pinned(_)) {
             return Decision::NotHandled;
         }
-        if let Some(b) = pinned {
-            return match self.open_dnat(vip, key, seg.flags, now, None, Some(b)) {
+        if let Pick::Pinned(_) = pick {
+            return match self.open_dnat(vip, key, seg.flags, now, None, pick) {
                 Ok((rewrite, conn)) => Decision::Forward {
                     rewrite,
                     dir: Dir::Orig,
@@ -1511,7 +1591,7 @@ impl LbCore {
         if mode != SynProxy::Off && key.proto == 6 {
             let flags = seg.flags & (TCP_SYN | TCP_ACK | TCP_RST);
             if flags == TCP_SYN && (mode == SynProxy::On || self.under_pressure(vip.config())) {
-                let Some(b) = self.sets.pick(vip, key) else {
+                let Some(b) = self.sets.pick(vip, key, given) else {
                     return self.drop(LbDrop::NoHealthyBackend);
                 };
                 let be = vip.config().backends[b];
@@ -1535,7 +1615,7 @@ impl LbCore {
                         answered: false,
                         reset: false,
                     };
-                    return match self.open_dnat(vip, key, seg.flags, now, Some(px), None) {
+                    return match self.open_dnat(vip, key, seg.flags, now, Some(px), pick) {
                         Ok((rewrite, conn)) => {
                             self.stats.syn_proxied += 1;
                             Decision::ProxySyn {
@@ -1556,7 +1636,7 @@ impl LbCore {
                 return self.drop(LbDrop::SynCookieInvalid);
             }
         }
-        match self.open_dnat(vip, key, seg.flags, now, None, None) {
+        match self.open_dnat(vip, key, seg.flags, now, None, pick) {
             Ok((rewrite, conn)) => Decision::Forward {
                 rewrite,
                 dir: Dir::Orig,
@@ -1582,7 +1662,7 @@ impl LbCore {
     }
 
     /// Opens a connection to `vip` for a packet with `key`: a backend by
-    /// Maglev over the healthy ones (or backend `pinned`), the VIP's
+    /// Maglev over the healthy ones (or the backend `pick` pins), the VIP's
     /// limit, the DNAT binding (none for a Mux: the packet goes to the
     /// backend unchanged, in IP in IP). Returns the forward rewrite and
     /// the connection.
@@ -1593,11 +1673,14 @@ impl LbCore {
         tcp_flags: u8,
         now: u64,
         proxy: Option<Proxied>,
-        pinned: Option<usize>,
+        pick: Pick,
     ) -> Result<(Rewrite, ConnRef), LbDrop> {
-        let b = match pinned {
-            Some(b) => b,
-            None => self.sets.pick(vip, key).ok_or(LbDrop::NoHealthyBackend)?,
+        let b = match pick {
+            Pick::Pinned(b) => b,
+            Pick::Maglev(given) => self
+                .sets
+                .pick(vip, key, given)
+                .ok_or(LbDrop::NoHealthyBackend)?,
         };
         let be = *vip
             .config()
@@ -2143,7 +2226,7 @@ mod tests {
         let down = new.config().backends[0].ip;
         for i in 200..300 {
             let k = client(i, 1000);
-            let reply = lb.prefetch_new(&next, &k).unwrap();
+            let reply = lb.prefetch_new(&next, &k, None).unwrap();
             let b = backend_of(lb.process(&next, &k, SYN, 2));
             assert_ne!(b, down);
             assert_eq!(reply.src(), b);
@@ -2370,8 +2453,17 @@ mod tests {
         let mut lb = core();
         for i in 0..200 {
             let k = client(i, 40000 + i as u16);
-            let reply = lb.prefetch_new(&vips, &k).unwrap();
-            let b = backend_of(lb.process(&vips, &k, SYN, 0));
+            // Half with the flow hash the prefetch of the Maglev slot gave,
+            // half computing it at each step.
+            let given = if i % 2 == 0 {
+                let h = lb.prefetch_pick(&vips, &k);
+                assert_eq!(h, Some(PickHash::of(&k, Distribution::FiveTuple)));
+                h
+            } else {
+                None
+            };
+            let reply = lb.prefetch_new(&vips, &k, given).unwrap();
+            let b = backend_of(lb.process_hashed(&vips, &k, &Seg::with_flags(SYN), 0, given));
             assert_eq!(reply, FlowKey::new(b, 8080, k.src(), k.src_port, 6));
             // What the reply key names is the connection's reply.
             match lb.process(&vips, &reply, SYN | ACK, 1) {
@@ -2386,9 +2478,34 @@ mod tests {
         // Nothing for a Mux's VIP (its connections have no reply here), nor
         // for an address that is no VIP.
         let to_mux = FlowKey::new(ip("203.0.113.1"), 1, ip("10.1.0.100"), 443, 6);
-        assert_eq!(lb.prefetch_new(&vips, &to_mux), None);
+        assert_eq!(lb.prefetch_pick(&vips, &to_mux), None);
+        assert_eq!(lb.prefetch_new(&vips, &to_mux, None), None);
         let other = FlowKey::new(ip("203.0.113.1"), 1, ip("10.1.0.99"), 80, 6);
-        assert_eq!(lb.prefetch_new(&vips, &other), None);
+        assert_eq!(lb.prefetch_pick(&vips, &other), None);
+        assert_eq!(lb.prefetch_new(&vips, &other, None), None);
+    }
+
+    #[test]
+    fn a_flow_hash_of_another_distribution_is_not_used() {
+        let vip = Vip::new(vip_cfg(5), &[]).unwrap();
+        let set = vip.backends();
+        let mut differ = 0;
+        for i in 0..400 {
+            let k = client(i, 30000 + i as u16);
+            let own = vip.pick_in(&set, &k);
+            let two = PickHash::of(&k, Distribution::TwoTuple);
+            assert_eq!(vip.pick_hashed(&set, &k, Some(two)), own);
+            assert_eq!(
+                vip.pick_hashed(&set, &k, Some(PickHash::of(&k, Distribution::FiveTuple))),
+                own
+            );
+            // (Used, the two-tuple hash would have picked otherwise.)
+            let mut other = vip_cfg(5);
+            other.distribution = Distribution::TwoTuple;
+            let by_two = Vip::new(other, &[]).unwrap();
+            differ += usize::from(by_two.pick_in(&by_two.backends(), &k) != own);
+        }
+        assert!(differ > 100, "{differ}");
     }
 
     #[test]

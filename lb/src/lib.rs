@@ -26,7 +26,9 @@ pub mod probe;
 pub mod snat;
 pub mod syncookie;
 
-pub use balancer::{Backend, Decision, Distribution, LbCore, LbDrop, Vip, VipConfig, Vips};
+pub use balancer::{
+    Backend, Decision, Distribution, LbCore, LbDrop, PickHash, Vip, VipConfig, Vips,
+};
 pub use conntrack::{ConnRef, ConnTable, Dir, Timeouts};
 pub use maglev::MaglevTable;
 pub use nat::{NatBinding, Rewrite, SeqShift};

@@ -148,6 +148,10 @@ pub struct Switch<B = dataplane::pool::PoolBuf> {
     clock: TscClock,
     /// Ticks deciding slow-path packets since the last burst's end.
     slow_ticks: u64,
+    /// The flow hash of the last new connection to a VIP that the burst's
+    /// stages computed (`LbCore::prefetch_pick`), with its key: the slow
+    /// path hands it to the load balancer if its packet has that key.
+    pick_hash: Option<(dataplane::FlowKey, lb::PickHash)>,
     last_expire: u64,
     last_sweep: u64,
     /// How long a flow's hits go untold to its load-balancer connection.
@@ -247,6 +251,7 @@ impl<B: PacketBuf> Switch<B> {
             stats: Arc::default(),
             clock: TscClock::process(),
             slow_ticks: 0,
+            pick_hash: None,
             last_expire: 0,
             last_sweep: 0,
             lb_touch_ns: (cfg.timeouts.shortest() / 4).clamp(1_000_000, 10_000_000_000),
@@ -600,12 +605,17 @@ impl<B: PacketBuf> Switch<B> {
     /// VIP of its vnet, starts loading the Maglev slot that will pick its
     /// backend (a stage before [`LbCore::prefetch_new`] picks it).
     #[inline(always)]
-    fn prefetch_pick(&self, policy: &Policy, port: u16, key: &dataplane::FlowKey) {
-        if let Some((_, vm)) = policy.vm_on_port(port)
-            && let (Some(l), Some(vnet)) = (self.lb.get(vm.vnet), policy.vnets.get(vm.vnet))
-        {
-            l.prefetch_pick(&vnet.vips, key);
-        }
+    fn prefetch_pick(
+        &self,
+        policy: &Policy,
+        port: u16,
+        key: &dataplane::FlowKey,
+    ) -> Option<lb::PickHash> {
+        let (_, vm) = policy.vm_on_port(port)?;
+        let (Some(l), Some(vnet)) = (self.lb.get(vm.vnet), policy.vnets.get(vm.vnet)) else {
+            return None;
+        };
+        l.prefetch_pick(&vnet.vips, key)
     }
 
     /// A packet of a flow cached here that it may follow as it is
@@ -1067,9 +1077,12 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
             self.flows.prefetch_slot(*h);
         }
         let mut due = [false; N];
-        for (((((r, d), p), h), st), port) in hint
+        // A miss to a VIP: its key's flow hash, for the stages that pick.
+        let mut pick = [None; N];
+        for ((((((r, d), m), p), h), st), port) in hint
             .iter_mut()
             .zip(due.iter_mut())
+            .zip(pick.iter_mut())
             .zip(parsed.iter())
             .zip(hash.iter())
             .zip(status.iter())
@@ -1082,7 +1095,7 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
             };
             match r {
                 Some(f) => *d = self.flows.prefetch_due_conn(*f, now, self.lb_touch_ns),
-                None if st.is_ok() => self.prefetch_pick(&policy, *port, &p.key),
+                None if st.is_ok() => *m = self.prefetch_pick(&policy, *port, &p.key),
                 None => {}
             }
         }
@@ -1094,9 +1107,10 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
         // balancer; for a VIP's, the reply key's too, and its reverse
         // flow's bucket) and the flow-table slots their installs will take.
         let mut misses = 0;
-        for ((((r, d), p), st), port) in hint
+        for (((((r, d), m), p), st), port) in hint
             .iter()
             .zip(due.iter())
+            .zip(pick.iter())
             .zip(parsed.iter())
             .zip(status.iter())
             .zip(ports.iter())
@@ -1125,7 +1139,7 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
             };
             // For a new connection to a VIP: the bucket of the reverse flow
             // its install looks up too, keyed by the backend's port.
-            if let Some(reply) = l.prefetch_new(&vnet.vips, &p.key)
+            if let Some(reply) = l.prefetch_new(&vnet.vips, &p.key, *m)
                 && let Some((_, be)) = policy.vm_by_addr(vm.vnet, reply.src_ip)
             {
                 self.flows.prefetch_bucket(self.flows.hash(be.port, &reply));
@@ -1192,6 +1206,9 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                     } else {
                         pkt
                     };
+                    if let Some(Some(m)) = pick.get(at) {
+                        self.pick_hash = Some((p.key, *m));
+                    }
                     self.packet(
                         ctx,
                         &policy,

@@ -330,10 +330,15 @@ impl<B: PacketBuf> Switch<B> {
         // (A parsed TCP packet has its whole fixed header: these are the
         // flags `tcp_flags` reads.)
         let flags = seg.flags;
+        // The flow hash the burst's stages computed for this key, if any.
+        let given = self
+            .pick_hash
+            .take()
+            .and_then(|(k, h)| (k == key).then_some(h));
         let d = self
             .lb
             .get_mut(vm.vnet)
-            .map(|l| l.process_seg(&vnet.vips, &key, &seg, now));
+            .map(|l| l.process_hashed(&vnet.vips, &key, &seg, now, given));
         self.note_lb(p, vm.vnet, &key, &d);
         let client = (Some(vm), in_port);
         if let Some(s) = self.proxy_answer(p, vm.vnet, client, vnet.gateway_mac, &d, &key, &seg)? {
