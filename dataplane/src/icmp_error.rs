@@ -13,7 +13,7 @@
 //! parameter problem) are read when the quoted IPv6 header is followed
 //! directly by TCP, UDP or an echo (no extension headers).
 
-use crate::key::{FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, to16};
+use crate::key::{FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, is_v4_mapped, to16};
 use crate::parse::{L3, Parsed};
 use crate::rewrite::{self, RewriteError};
 use crate::wire::checksum;
@@ -123,10 +123,15 @@ fn quote_v6(frame: &[u8], p: &Parsed) -> Option<Quote> {
         a.copy_from_slice(&ip[at..at + 16]);
         a
     };
+    let (src_ip, dst_ip) = (addr(8), addr(24));
+    // As the parser does: a key would take such an address for IPv4.
+    if is_v4_mapped(&src_ip) || is_v4_mapped(&dst_ip) {
+        return None;
+    }
     Some(Quote {
         key: FlowKey {
-            src_ip: addr(8),
-            dst_ip: addr(24),
+            src_ip,
+            dst_ip,
             src_port,
             dst_port,
             proto,
@@ -432,6 +437,14 @@ mod tests {
         let p = parse(&f, 0).unwrap();
         let q = quote(&f, &p).unwrap();
         assert_eq!(q.key.src(), IpAddr::V6(client));
+        // A quote with an IPv4-mapped address is no packet a key could
+        // name (it would pass for IPv4): not read.
+        for at in [14 + 40 + 8 + 8, 14 + 40 + 8 + 24] {
+            let mut mapped = f.clone();
+            mapped[at..at + 16]
+                .copy_from_slice(&Ipv4Addr::new(10, 1, 0, 20).to_ipv6_mapped().octets());
+            assert_eq!(quote(&mapped, &parse(&mapped, 0).unwrap()), None);
+        }
         assert_eq!(
             (q.key.src_port, q.key.dst_port, q.key.proto),
             (41000, 9999, 17)

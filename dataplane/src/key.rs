@@ -127,6 +127,14 @@ pub fn to16(ip: IpAddr) -> [u8; 16] {
     }
 }
 
+/// True for 16 key bytes of the form `::ffff:a.b.c.d`: how a key holds an
+/// IPv4 address, so never an IPv6 address in a key (the parser drops IPv6
+/// packets with such addresses).
+#[inline(always)]
+pub fn is_v4_mapped(a: &[u8; 16]) -> bool {
+    a[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]
+}
+
 /// The address of 16 key bytes (IPv4 when they are IPv4-mapped).
 pub fn from16(b: [u8; 16]) -> IpAddr {
     let v6 = Ipv6Addr::from(b);

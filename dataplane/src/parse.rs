@@ -6,7 +6,7 @@
 //! or the [`ParseError`] that names the drop reason. It never panics, whatever
 //! the bytes (property-tested and fuzzed).
 
-use crate::key::{FlowKey, to16};
+use crate::key::{FlowKey, is_v4_mapped, to16};
 use crate::wire::{
     ParseError, arp,
     ethernet::{
@@ -166,18 +166,12 @@ fn parse_ipv4(l3: &[u8], out: &mut Parsed) -> Result<(), ParseError> {
     parse_l4(ip.payload(), out, false)
 }
 
-/// `::ffff:a.b.c.d`: how a flow key holds an IPv4 address.
-#[inline(always)]
-fn v4_mapped(a: &[u8; 16]) -> bool {
-    a[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]
-}
-
 fn parse_ipv6(l3: &[u8], out: &mut Parsed) -> Result<(), ParseError> {
     let ip = ipv6::Packet::new_checked(l3)?;
     out.l3 = L3::Ipv6;
     out.key.src_ip = ip.src().octets();
     out.key.dst_ip = ip.dst().octets();
-    if v4_mapped(&out.key.src_ip) || v4_mapped(&out.key.dst_ip) {
+    if is_v4_mapped(&out.key.src_ip) || is_v4_mapped(&out.key.dst_ip) {
         return Err(ParseError::Ipv6V4Mapped);
     }
     let payload = ip.payload();

@@ -162,10 +162,10 @@ enum Pick {
 
 /// A key's [`flow_hash`] under one distribution, computed once for a new
 /// connection and handed from the stage that prefetches its Maglev slot
-/// to the stages that pick (the prefetch of its reply key, the open):
-/// hashing the key for each of them took about 7% of a new connection.
-/// A pick uses it only for a VIP of the same distribution; the caller
-/// hands it on only with the key it was computed for.
+/// to the stages that pick (the prefetch of its reply key, the open), so
+/// that the key is hashed once. A pick uses it only for a VIP of the same
+/// distribution; the caller hands it on only with the key it was
+/// computed for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PickHash {
     hash: u64,
@@ -306,6 +306,15 @@ pub enum LbError {
         vip: String,
         /// The backend.
         backend: String,
+    },
+    /// A VIP or backend address in IPv6's IPv4-mapped form
+    /// (`::ffff:a.b.c.d`), which no packet carries (the parser drops them).
+    #[error("vip {vip:?}: {addr} is an IPv4-mapped IPv6 address: write it as IPv4")]
+    V4Mapped {
+        /// VIP name.
+        vip: String,
+        /// The address.
+        addr: IpAddr,
     },
     /// A backend of the other address family.
     #[error("vip {vip:?}: backend {backend} is not of the VIP's address family")]
@@ -473,6 +482,16 @@ impl Vip {
                 return Err(bad("lists a backend address twice"));
             }
         }
+        let mapped = |a: &IpAddr| matches!(a, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some());
+        if let Some(addr) = std::iter::once(&cfg.addr)
+            .chain(cfg.backends.iter().map(|b| &b.ip))
+            .find(|a| mapped(a))
+        {
+            return Err(LbError::V4Mapped {
+                vip: cfg.name.clone(),
+                addr: *addr,
+            });
+        }
         let mut seen = std::collections::HashSet::new();
         for b in &cfg.backends {
             let name = format!("{}:{}", b.ip, b.port);
@@ -618,7 +637,10 @@ impl Vip {
     #[inline]
     fn hash_of(&self, k: &FlowKey, given: Option<PickHash>) -> PickHash {
         match given {
-            Some(h) if h.dist == self.cfg.distribution => h,
+            Some(h) if h.dist == self.cfg.distribution => {
+                debug_assert_eq!(h.hash, flow_hash(k, h.dist), "a flow hash of another key");
+                h
+            }
             _ => PickHash::of(k, self.cfg.distribution),
         }
     }
@@ -2483,6 +2505,33 @@ mod tests {
         let other = FlowKey::new(ip("203.0.113.1"), 1, ip("10.1.0.99"), 80, 6);
         assert_eq!(lb.prefetch_pick(&vips, &other), None);
         assert_eq!(lb.prefetch_new(&vips, &other, None), None);
+    }
+
+    #[test]
+    fn an_ipv4_mapped_vip_or_backend_is_refused() {
+        let mapped: IpAddr = "::ffff:10.1.0.100".parse().unwrap();
+        let mut cfg = vip_cfg(2);
+        cfg.addr = mapped;
+        for b in &mut cfg.backends {
+            b.ip = "fd00::10".parse().unwrap();
+        }
+        assert_eq!(
+            Vip::new(cfg, &[]).err(),
+            Some(LbError::V4Mapped {
+                vip: "web".into(),
+                addr: mapped
+            })
+        );
+        let mut cfg = vip_cfg(2);
+        cfg.addr = "fd00::100".parse().unwrap();
+        cfg.backends[0].ip = "fd00::10".parse().unwrap();
+        cfg.backends[1].ip = "::ffff:10.1.0.11".parse().unwrap();
+        let err = Vip::new(cfg, &[]).err().unwrap();
+        assert!(
+            err.to_string()
+                .contains("::ffff:10.1.0.11 is an IPv4-mapped"),
+            "{err}"
+        );
     }
 
     #[test]

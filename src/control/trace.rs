@@ -165,16 +165,22 @@ fn build(req: &TraceRequest, p: &vswitch::Policy, port: u16) -> Result<Vec<u8>, 
     let bad = |what: &str, why: String| ApiError::new(400, format!("{what}: {why}"));
     let vm = p.vm_on_port(port).map(|(_, vm)| vm);
     let uplink = p.uplink.as_ref().filter(|u| u.port == port);
+    // An IPv4 address written as IPv6 (`::ffff:a.b.c.d`) is no address a
+    // packet may carry: the parser drops it.
+    let addr = |what: &str, s: &str| match s.parse::<IpAddr>() {
+        Ok(IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_some() => Err(bad(
+            what,
+            format!("{s:?} is an IPv4-mapped IPv6 address: write it as IPv4"),
+        )),
+        Ok(a) => Ok(a),
+        Err(_) => Err(bad(what, format!("{s:?} is not an address"))),
+    };
     let dst: IpAddr = match &req.dst {
-        Some(d) => d
-            .parse()
-            .map_err(|_| bad("dst", format!("{d:?} is not an address")))?,
+        Some(d) => addr("dst", d)?,
         None => return Err(bad("dst", "required (the destination address)".into())),
     };
     let src: IpAddr = match (&req.src, vm) {
-        (Some(s), _) => s
-            .parse()
-            .map_err(|_| bad("src", format!("{s:?} is not an address")))?,
+        (Some(s), _) => addr("src", s)?,
         (None, Some(vm)) => *vm
             .ips
             .iter()
@@ -362,5 +368,54 @@ mod tests {
             "02:00:00:00:00:20 > 12:34:56:78:9a:bc, tcp 10.1.0.20:40001 > 10.1.0.100:80 [S] seq 7 ack 0, 0 bytes, ttl 64"
         );
         assert_eq!(describe(&[1, 2, 3]), "3 bytes that do not parse");
+    }
+
+    #[test]
+    fn an_ipv4_mapped_address_is_refused() {
+        let t = vswitch::Topology {
+            vnets: vec![vswitch::VnetDef {
+                name: "a".into(),
+                prefixes: vec!["10.1.0.0/16".parse().unwrap()],
+                gateway_mac: dataplane::MacAddr([0x12, 0, 0, 0, 0, 1]),
+                snat: None,
+                vni: None,
+                encap: Default::default(),
+            }],
+            vms: vec![vswitch::VmDef {
+                name: "x".into(),
+                port: 0,
+                vnet: 0,
+                mac: dataplane::MacAddr([2, 0, 0, 0, 0, 1]),
+                ips: vec!["10.1.0.4".parse().unwrap()],
+                nsg: None,
+                internal: false,
+            }],
+            nsgs: vec![],
+            vips: vec![],
+            ports: 1,
+            uplink: None,
+            remotes: Vec::new(),
+            neighbours: Vec::new(),
+        };
+        let p = vswitch::Policy::compile(&t, 1).unwrap();
+        let req = |src: Option<&str>, dst: &str| TraceRequest {
+            port: "x".into(),
+            src: src.map(Into::into),
+            dst: Some(dst.into()),
+            dport: Some(80),
+            ..TraceRequest::default()
+        };
+        if let Err(e) = build(&req(None, "10.1.0.5"), &p, 0) {
+            panic!("{}", e.message);
+        }
+        for (r, what) in [
+            (req(None, "::ffff:10.1.0.5"), "dst"),
+            (req(Some("::ffff:10.1.0.4"), "10.1.0.5"), "src"),
+        ] {
+            let e = build(&r, &p, 0).unwrap_err();
+            assert_eq!(e.status, 400);
+            assert!(e.message.starts_with(&format!("{what}: ")), "{}", e.message);
+            assert!(e.message.contains("IPv4-mapped"), "{}", e.message);
+        }
     }
 }

@@ -365,6 +365,17 @@ type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
 /// The most vnets a policy holds.
 pub const MAX_VNETS: u16 = u16::MAX;
 
+/// The IPv4 address `ip` writes in IPv6's IPv4-mapped form
+/// (`::ffff:a.b.c.d`), if it does: flow keys hold IPv4 addresses so, and
+/// the parser drops IPv6 packets with such addresses, so a VM or endpoint
+/// must not be given one.
+fn v4_mapped(ip: &IpAddr) -> Option<Ipv4Addr> {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped(),
+        IpAddr::V4(_) => None,
+    }
+}
+
 impl Policy {
     /// Compiles a topology into snapshot `generation`; every problem is reported.
     pub fn compile(t: &Topology, generation: u64) -> Result<Policy, PolicyError> {
@@ -481,6 +492,12 @@ impl Policy {
                 None => errs.push(format!("vm {:?}: no port #{}", vm.name, vm.port)),
             }
             for ip in &vm.ips {
+                if let Some(v4) = v4_mapped(ip) {
+                    errs.push(format!(
+                        "vm {:?}: {ip} is an IPv4-mapped IPv6 address: write it as {v4}",
+                        vm.name
+                    ));
+                }
                 if addr_vm.insert((vm.vnet, to16(*ip)), i).is_some() {
                     errs.push(format!(
                         "vm {:?}: {ip} is used twice in vnet {:?}",
@@ -600,6 +617,11 @@ impl Policy {
             };
             let i = vms.len();
             for ip in &r.ips {
+                if let Some(v4) = v4_mapped(ip) {
+                    errs.push(format!(
+                        "{what}: {ip} is an IPv4-mapped IPv6 address: write it as {v4}"
+                    ));
+                }
                 if !vn.prefixes.iter().any(|n| n.contains(ip)) {
                     errs.push(format!("{what}: {ip} is not in vnet {:?}", vn.name));
                 }
@@ -1040,6 +1062,35 @@ mod tests {
             }
         }
         assert!(!p.vm_owns(9, to16("10.1.0.4".parse().unwrap())));
+        // Another VM of the same vnet, with an IPv6 address too: each owns
+        // its own addresses, not the other's.
+        let mut w = vm("w", 2, 0, "10.1.0.9");
+        w.ips.push("fd00::9".parse().unwrap());
+        t.vms.push(w);
+        t.vms[0].ips.push("fd00::4".parse().unwrap());
+        let p = Policy::compile(&t, 2).unwrap();
+        for (i, vm) in t.vms.iter().enumerate() {
+            for (j, other) in t.vms.iter().enumerate() {
+                for a in &other.ips {
+                    // (x and y both have 10.1.0.4, each in its own vnet.)
+                    let owns = vm.ips.contains(a);
+                    assert_eq!(p.vm_owns(i, to16(*a)), owns, "vm {i} {a} of {j}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_ipv4_mapped_address_is_refused_for_a_vm() {
+        let mut t = topo();
+        t.vms[1].ips = vec!["::ffff:10.1.0.8".parse().unwrap()];
+        let err = Policy::compile(&t, 1).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "vm \"y\": ::ffff:10.1.0.8 is an IPv4-mapped IPv6 address: write it as 10.1.0.8"
+            ),
+            "{err}"
+        );
     }
 
     fn mux_vip(vnet: usize, mode: VipMode, backends: &[&str]) -> VipDef {

@@ -148,9 +148,10 @@ pub struct Switch<B = dataplane::pool::PoolBuf> {
     clock: TscClock,
     /// Ticks deciding slow-path packets since the last burst's end.
     slow_ticks: u64,
-    /// The flow hash of the last new connection to a VIP that the burst's
-    /// stages computed (`LbCore::prefetch_pick`), with its key: the slow
-    /// path hands it to the load balancer if its packet has that key.
+    /// The Maglev flow hash the burst's stages computed for the packet
+    /// about to enter [`Switch::packet`] (`LbCore::prefetch_pick`: a miss
+    /// to a VIP), with its key: the slow path hands it to the load
+    /// balancer only for a packet of that key.
     pick_hash: Option<(dataplane::FlowKey, lb::PickHash)>,
     last_expire: u64,
     last_sweep: u64,
@@ -1206,9 +1207,7 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                     } else {
                         pkt
                     };
-                    if let Some(Some(m)) = pick.get(at) {
-                        self.pick_hash = Some((p.key, *m));
-                    }
+                    self.pick_hash = pick.get(at).copied().flatten().map(|m| (p.key, m));
                     self.packet(
                         ctx,
                         &policy,

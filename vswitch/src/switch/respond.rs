@@ -62,7 +62,9 @@ impl<B: PacketBuf> Switch<B> {
         if !link_local(&src) && !p.vm_owns(vm_id, src) {
             return Err(SwitchDrop::Spoofed);
         }
-        let t = dataplane::key::from16(target);
+        // (An IPv6 address, whatever its bytes: the ND target is never one
+        // of a key's IPv4-mapped addresses.)
+        let t = std::net::IpAddr::V6(std::net::Ipv6Addr::from(target));
         if vm.internal || link_local(&target) || vn.contains(&t) || vn.vips.has_address(t) {
             Ok(Slow::Advert(vn.gateway_mac))
         } else {
