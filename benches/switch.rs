@@ -30,6 +30,9 @@
 //! `SWITCH_BENCH_CHURN_BURSTS=<n>` sizes each rig for `n` bursts instead
 //! of 16 384 (small tables stay in the caches: what is left is the cost
 //! of the work itself, without waiting for memory).
+//! `SWITCH_BENCH_CHURN_FROM=wire` sends the new connections from clients
+//! on the wire (the uplink) to a public VIP, as a load balancer in front
+//! of a host's VMs meets them, instead of from a VM of the host.
 //! `SWITCH_BENCH_PERF_CTL=<fifo>` writes `enable` and `disable` to perf's
 //! control fifo around each timed run, so that
 //! `perf record -D -1 --control fifo:<fifo>` samples only those (the
@@ -69,8 +72,9 @@ fn gen_ip(i: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 1, 1, 0)) + i)
 }
 
-/// 999 rules that never match the bench traffic, then one that admits it.
-fn big_nsg() -> NsgSpec {
+/// 999 rules that never match the bench traffic, then one that admits it
+/// (for `Mode::Wire`, another for its clients).
+fn big_nsg(mode: Mode) -> NsgSpec {
     let mut rules: Vec<RuleSpec> = (0..999)
         .map(|i| RuleSpec {
             name: None,
@@ -97,6 +101,20 @@ fn big_nsg() -> NsgSpec {
         dst_ports: vec!["8080".into()],
         stateful: None,
     });
+    if mode == Mode::Wire {
+        rules.push(RuleSpec {
+            name: Some("allow-wire".into()),
+            priority: 1201,
+            direction: "in".into(),
+            action: "allow".into(),
+            protocol: "udp".into(),
+            src: vec!["198.18.0.0/15".into()],
+            dst: vec!["any".into()],
+            src_ports: vec!["any".into()],
+            dst_ports: vec!["8080".into()],
+            stateful: None,
+        });
+    }
     NsgSpec {
         name: "big".into(),
         rules,
@@ -117,6 +135,18 @@ enum Mode {
     /// VIP whose DIPs are on another host, and go back out of it in IP in
     /// IP.
     Mux,
+    /// Clients on the wire: their packets come in on the uplink (port 0),
+    /// for a public VIP whose DIPs are this host's VMs.
+    Wire,
+}
+
+/// The public VIP of `Mode::Wire` (outside the vnet: reached from the
+/// wire).
+const WIRE_VIP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 80);
+
+/// Client `i` of `Mode::Wire`, in the benchmarking range (RFC 2544).
+fn wire_ip(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + i)
 }
 
 /// The Mux's VIP (outside the vnet: reached from the wire).
@@ -132,7 +162,7 @@ fn topology(mode: Mode) -> Topology {
     let clients: Vec<IpAddr> = (0..GEN_IPS).map(|i| IpAddr::V4(gen_ip(i))).collect();
     let mut vms = Vec::new();
     let mut remotes = Vec::new();
-    if mode == Mode::Mux {
+    if mode == Mode::Mux || mode == Mode::Wire {
         // No VM: the clients are on the wire.
     } else if mode == Mode::Decap {
         remotes.push(vswitch::RemoteDef {
@@ -194,13 +224,15 @@ fn topology(mode: Mode) -> Topology {
             encap: Default::default(),
         }],
         vms,
-        nsgs: vec![big_nsg()],
+        nsgs: vec![big_nsg(mode)],
         vips: vec![VipDef {
             vnet: 0,
             config: if mode == Mode::Mux {
                 let mut c = VipConfig::new("bench", IpAddr::V4(MUX_VIP), 80, 17, backends);
                 c.mode = lb::balancer::VipMode::Mux;
                 c
+            } else if mode == Mode::Wire {
+                VipConfig::new("bench", IpAddr::V4(WIRE_VIP), 80, 17, backends)
             } else {
                 VipConfig::new("bench", IpAddr::V4(VIP), 80, 17, backends)
             },
@@ -209,6 +241,13 @@ fn topology(mode: Mode) -> Topology {
         ports: 4,
         uplink: match mode {
             Mode::Plain => None,
+            // A plain uplink: the clients' replies go to its next hop.
+            Mode::Wire => Some(vswitch::UplinkDef {
+                port: 0,
+                mac: MacAddr(UPLINK_MAC),
+                next_hop_mac: MacAddr([2, 0, 0, 0, 2, 7]),
+                underlay: None,
+            }),
             _ => Some(vswitch::UplinkDef {
                 port: if mode == Mode::Encap { 1 } else { 0 },
                 mac: MacAddr(UPLINK_MAC),
@@ -233,10 +272,14 @@ fn topology(mode: Mode) -> Topology {
 /// `Mode::Decap`, in VXLAN from the clients' host (110 bytes).
 fn frame(f: u32, mode: Mode) -> Vec<u8> {
     let mut v = Vec::with_capacity(60);
-    let src = gen_ip(f % GEN_IPS);
+    let src = match mode {
+        Mode::Wire => wire_ip(f % GEN_IPS),
+        _ => gen_ip(f % GEN_IPS),
+    };
     let sport = 1024 + (f / GEN_IPS) as u16;
     let (dst_mac, vip) = match mode {
         Mode::Mux => (UPLINK_MAC, MUX_VIP),
+        Mode::Wire => (UPLINK_MAC, WIRE_VIP),
         _ => ([0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc], VIP),
     };
     etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], dst_mac)
@@ -566,10 +609,10 @@ fn bench(c: &mut Criterion) {
     };
     // Fresh tables: their memory is touched for the first time.
     g.bench_function("slow_path", |b| {
-        b.iter_custom(|iters| new_flows(iters, false, worker_only))
+        b.iter_custom(|iters| new_flows(iters, false, Mode::Plain, worker_only))
     });
     g.bench_function("slow_path_with_generator", |b| {
-        b.iter_custom(|iters| new_flows(iters, false, whole_loop))
+        b.iter_custom(|iters| new_flows(iters, false, Mode::Plain, whole_loop))
     });
     // Steady state: the tables are full of flows that have timed out (as on
     // a switch that has run a while), so new flows reuse their memory:
@@ -578,7 +621,7 @@ fn bench(c: &mut Criterion) {
     // number of flows and table sizes as `slow_path`; what differs is that
     // the memory was touched before (no page faults on first use).
     g.bench_function("steady_state", |b| {
-        b.iter_custom(|iters| new_flows(iters, true, worker_only))
+        b.iter_custom(|iters| new_flows(iters, true, Mode::Plain, worker_only))
     });
     g.finish();
 }
@@ -598,6 +641,11 @@ fn churn(clock: &TscClock, rigs: u64) {
             "SWITCH_BENCH_CHURN_ONLY={o}: steady_state or slow_path"
         );
     }
+    let mode = match std::env::var("SWITCH_BENCH_CHURN_FROM").as_deref() {
+        Err(_) | Ok("vm") => Mode::Plain,
+        Ok("wire") => Mode::Wire,
+        Ok(o) => panic!("SWITCH_BENCH_CHURN_FROM={o}: vm or wire"),
+    };
     for steady in [false, true] {
         let name = if steady { "steady_state" } else { "slow_path" };
         if only.as_deref().is_some_and(|o| o != name) {
@@ -610,7 +658,7 @@ fn churn(clock: &TscClock, rigs: u64) {
                 .expect("SWITCH_BENCH_CHURN_BURSTS: bursts per rig, 1 to 16384")
         });
         for _ in 0..rigs {
-            let t = new_flows(n, steady, worker_only);
+            let t = new_flows(n, steady, mode, worker_only);
             let conns = n * BURST as u64;
             println!(
                 "new_flows/{name}/{conns}: {:.3} M/s",
@@ -621,11 +669,16 @@ fn churn(clock: &TscClock, rigs: u64) {
 }
 
 /// Times `iters` bursts of flows the switch has not seen, with `run`, on a
-/// fresh rig per 16 384 bursts (built untimed); `steady` first fills the
+/// fresh rig of `mode` per 16 384 bursts (built untimed); `steady` first fills the
 /// rig's tables with other flows and lets them time out. Checks that every
 /// packet took the slow path and was forwarded (none refused for a full
 /// table).
-fn new_flows(iters: u64, steady: bool, run: impl Fn(&mut Rig, u64) -> Duration) -> Duration {
+fn new_flows(
+    iters: u64,
+    steady: bool,
+    mode: Mode,
+    run: impl Fn(&mut Rig, u64) -> Duration,
+) -> Duration {
     let mut total = Duration::ZERO;
     let mut done = 0u64;
     while done < iters {
@@ -635,7 +688,7 @@ fn new_flows(iters: u64, steady: bool, run: impl Fn(&mut Rig, u64) -> Duration) 
             // Long enough that the timed flows stay in the table (it grows
             // to as many entries as without `steady`).
             let idle = Duration::from_millis(500);
-            let mut rig = Rig::with_timeouts(flows, flows as usize, Some(idle), Mode::Plain);
+            let mut rig = Rig::with_timeouts(flows, flows as usize, Some(idle), mode);
             // Fill, let everything time out, and send one burst of other
             // flows: the flow table's expiry step, more than a second after
             // the last, sweeps the whole table.
@@ -648,7 +701,7 @@ fn new_flows(iters: u64, steady: bool, run: impl Fn(&mut Rig, u64) -> Duration) 
             rig.use_flows(flows, flows);
             rig
         } else {
-            Rig::new(flows, flows as usize)
+            Rig::with_timeouts(flows, flows as usize, None, mode)
         };
         let slow = rig.stats.slow_path.load(Ordering::Relaxed);
         rig.forwarded = 0;

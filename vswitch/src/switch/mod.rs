@@ -229,6 +229,19 @@ pub const HAIRPIN_QUEUE: usize = 2 * dataplane::BURST;
 /// flow hash, and the flow found then (see [`FlowTable::entry_for`]).
 type Pre<'a> = (&'a Parsed, u64, Option<crate::flow::FlowRef>);
 
+/// The vnet whose load balancer decides a packet with key `key` that
+/// missed the flow table on `port`, as the slow path will find it: a VM's
+/// own, or for a packet from the uplink (not out of a tunnel) the vnet
+/// of the public address it is sent to (a VIP's, a SNAT address's).
+#[inline(always)]
+fn lb_vnet(policy: &Policy, port: u16, key: &dataplane::FlowKey) -> Option<usize> {
+    match policy.vm_on_port(port) {
+        Some((_, vm)) => Some(vm.vnet),
+        None if policy.is_uplink(port) => policy.vnet_by_public(key.dst_ip),
+        None => None,
+    }
+}
+
 impl<B: PacketBuf> Switch<B> {
     /// A switch worker reading policy from `policy`.
     pub fn new(policy: Arc<ArcSwap<Policy>>, cfg: SwitchConfig) -> Self {
@@ -602,9 +615,11 @@ impl<B: PacketBuf> Switch<B> {
 }
 
 impl<B: PacketBuf> Switch<B> {
-    /// For a packet that missed the flow table: when it is a VM's, to a
-    /// VIP of its vnet, starts loading the Maglev slot that will pick its
-    /// backend (a stage before [`LbCore::prefetch_new`] picks it).
+    /// For a packet that missed the flow table: when it is to a VIP of the
+    /// vnet that decides it ([`lb_vnet`]: a VM's, or one reached from the
+    /// uplink), starts loading the Maglev slot that will pick its backend
+    /// (a stage before [`LbCore::prefetch_new`] picks it); returns the
+    /// key's flow hash.
     #[inline(always)]
     fn prefetch_pick(
         &self,
@@ -612,8 +627,8 @@ impl<B: PacketBuf> Switch<B> {
         port: u16,
         key: &dataplane::FlowKey,
     ) -> Option<lb::PickHash> {
-        let (_, vm) = policy.vm_on_port(port)?;
-        let (Some(l), Some(vnet)) = (self.lb.get(vm.vnet), policy.vnets.get(vm.vnet)) else {
+        let vn = lb_vnet(policy, port, key)?;
+        let (Some(l), Some(vnet)) = (self.lb.get(vn), policy.vnets.get(vn)) else {
             return None;
         };
         l.prefetch_pick(&vnet.vips, key)
@@ -1104,9 +1119,10 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
         // loading their connections (the touch reads a slot of a table as
         // large as the flow table, once every `lb_touch_ns` per flow).
         // The packets that missed go through the slow path: start loading
-        // their connection-table buckets (a VM's packets: its vnet's load
-        // balancer; for a VIP's, the reply key's too, and its reverse
-        // flow's bucket) and the flow-table slots their installs will take.
+        // their connection-table buckets (in the load balancer of the vnet
+        // that decides them, `lb_vnet`; for a VIP's, the reply key's too,
+        // and its reverse flow's bucket) and the flow-table slots their
+        // installs will take.
         let mut misses = 0;
         for (((((r, d), m), p), st), port) in hint
             .iter()
@@ -1132,16 +1148,16 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                 continue;
             }
             misses += 1;
-            let Some((_, vm)) = policy.vm_on_port(*port) else {
+            let Some(vn) = lb_vnet(&policy, *port, &p.key) else {
                 continue;
             };
-            let (Some(l), Some(vnet)) = (self.lb.get(vm.vnet), policy.vnets.get(vm.vnet)) else {
+            let (Some(l), Some(vnet)) = (self.lb.get(vn), policy.vnets.get(vn)) else {
                 continue;
             };
             // For a new connection to a VIP: the bucket of the reverse flow
             // its install looks up too, keyed by the backend's port.
             if let Some(reply) = l.prefetch_new(&vnet.vips, &p.key, *m)
-                && let Some((_, be)) = policy.vm_by_addr(vm.vnet, reply.src_ip)
+                && let Some((_, be)) = policy.vm_by_addr(vn, reply.src_ip)
             {
                 self.flows.prefetch_bucket(self.flows.hash(be.port, &reply));
             }

@@ -594,8 +594,13 @@ impl<B: PacketBuf> Switch<B> {
         }
         let key = pk.key;
         let seg = synproxy::read(frame, pk).unwrap_or_default();
+        // The flow hash the burst's stages computed for this key, if any.
+        let given = self
+            .pick_hash
+            .take()
+            .and_then(|(k, h)| (k == key).then_some(h));
         let d = self.lb.get_mut(vn).map(|l| {
-            match l.process_seg(&vnet.vips, &key, &seg, now) {
+            match l.process_hashed(&vnet.vips, &key, &seg, now, given) {
                 // No connection expects it and it is for no VIP: a SNAT
                 // mapping may let it in.
                 Decision::NotHandled => l.snat_inbound(&key, seg.flags, now),
