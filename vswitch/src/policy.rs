@@ -770,6 +770,10 @@ impl Policy {
             }
         }
         if !errs.is_empty() {
+            // Each problem once (a broken group is compiled, and reported,
+            // for every VM that names it).
+            let mut seen = std::collections::HashSet::new();
+            errs.retain(|e| seen.insert(e.clone()));
             return Err(PolicyError(errs));
         }
         Ok(Policy {
@@ -1078,6 +1082,34 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_broken_group_is_reported_once_however_many_vms_name_it() {
+        let mut t = topo();
+        let rule = |name: &str| filter::RuleSpec {
+            name: Some(name.into()),
+            priority: 100,
+            direction: "in".into(),
+            action: "allow".into(),
+            protocol: "udp".into(),
+            src: vec!["any".into()],
+            dst: vec!["any".into()],
+            src_ports: vec!["any".into()],
+            dst_ports: vec!["53".into()],
+            stateful: None,
+        };
+        t.nsgs = vec![NsgSpec {
+            name: "g".into(),
+            rules: vec![rule("a"), rule("b")],
+        }];
+        t.vms.push(vm("z", 2, 0, "10.1.0.9"));
+        for v in &mut t.vms {
+            v.nsg = Some(0);
+        }
+        let err = Policy::compile(&t, 1).unwrap_err();
+        assert_eq!(err.0.len(), 1, "{err}");
+        assert!(err.0[0].contains("priority 100"), "{err}");
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! look up all, then process): packets of a flow whose first packet is
 //! earlier in the same burst must hit the entry that packet installed, and
 //! malformed frames mixed in are dropped and counted without disturbing the
-//! others. The worker is polled by hand, so a burst is exactly what was sent.
+//! others; new connections of a burst, from a VM or from the wire, go to the
+//! backends Maglev picks for them. The worker is polled by hand, so a burst
+//! is exactly what was sent.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 use arc_swap::ArcSwap;
@@ -19,7 +21,10 @@ use std::sync::atomic::Ordering;
 use vswitch::{Policy, Switch, SwitchConfig, Topology, VipDef, VmDef, VnetDef};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 100);
+/// Reached from the wire (the uplink, port 4).
+const PUBLIC_VIP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 80);
 const GW_MAC: MacAddr = MacAddr([0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc]);
+const UPLINK_MAC: MacAddr = MacAddr([2, 0x50, 0, 0, 0, 1]);
 
 fn mac(i: u8) -> MacAddr {
     MacAddr([2, 0, 0, 0, 0, i])
@@ -37,6 +42,12 @@ fn topology() -> Topology {
         src_ports: vec!["any".into()],
         dst_ports: vec!["8080".into()],
         stateful: None,
+    };
+    let wire = RuleSpec {
+        name: Some("wire-8080".into()),
+        priority: 101,
+        src: vec!["198.18.0.0/15".into()],
+        ..allow.clone()
     };
     let mut vms = vec![VmDef {
         name: "client".into(),
@@ -58,7 +69,7 @@ fn topology() -> Topology {
             internal: false,
         });
     }
-    let backends = (0..3)
+    let backends: Vec<Backend> = (0..3)
         .map(|b| Backend {
             ip: IpAddr::V4(Ipv4Addr::new(10, 1, 0, 4 + b)),
             port: 8080,
@@ -77,15 +88,27 @@ fn topology() -> Topology {
         vms,
         nsgs: vec![NsgSpec {
             name: "n".into(),
-            rules: vec![allow],
+            rules: vec![allow, wire],
         }],
-        vips: vec![VipDef {
-            vnet: 0,
-            config: VipConfig::new("v", IpAddr::V4(VIP), 80, 17, backends),
-            health: vec![],
-        }],
-        ports: 4,
-        uplink: None,
+        vips: vec![
+            VipDef {
+                vnet: 0,
+                config: VipConfig::new("v", IpAddr::V4(VIP), 80, 17, backends.clone()),
+                health: vec![],
+            },
+            VipDef {
+                vnet: 0,
+                config: VipConfig::new("pub", IpAddr::V4(PUBLIC_VIP), 80, 17, backends),
+                health: vec![],
+            },
+        ],
+        ports: 5,
+        uplink: Some(vswitch::UplinkDef {
+            port: 4,
+            mac: UPLINK_MAC,
+            next_hop_mac: mac(0x40),
+            underlay: None,
+        }),
         remotes: Vec::new(),
         neighbours: Vec::new(),
     }
@@ -102,9 +125,19 @@ fn to_vip(sport: u16) -> Vec<u8> {
     v
 }
 
-#[test]
-fn flows_installed_earlier_in_a_burst_hit_later_in_it() {
-    let mut cfg = PoolConfig::new("burst-test", 1024);
+/// A worker on the switch of `topology()`, polled by hand, and the other
+/// ends of its ports.
+struct Rig {
+    pool: Pool,
+    worker: Worker<PoolBuf, Switch>,
+    stats: Arc<vswitch::SwitchStats>,
+    client: RingPort<PoolBuf>,
+    dips: Vec<RingPort<PoolBuf>>,
+    wire: RingPort<PoolBuf>,
+}
+
+fn rig(name: &str) -> Rig {
+    let mut cfg = PoolConfig::new(name, 1024);
     cfg.huge = HugePages::Never;
     let pool = Pool::new(&cfg).unwrap();
     let policy = Arc::new(ArcSwap::from_pointee(
@@ -113,7 +146,7 @@ fn flows_installed_earlier_in_a_burst_hit_later_in_it() {
     let sw = Switch::new(policy, SwitchConfig::default());
     let stats = sw.stats();
     let l = |n: &str| LinkInfo::new(n, MacAddr([2, 0, 0, 0, 9, 9]), "ring");
-    let (mut client, sw_client) = ring::pair(l("client"), l("sw-client"), 256);
+    let (client, sw_client) = ring::pair(l("client"), l("sw-client"), 256);
     let mut ports: Vec<Box<dyn Port<Buf = PoolBuf>>> = vec![Box::new(sw_client)];
     let mut dips: Vec<RingPort<PoolBuf>> = Vec::new();
     for b in 0..3 {
@@ -121,7 +154,28 @@ fn flows_installed_earlier_in_a_burst_hit_later_in_it() {
         dips.push(d);
         ports.push(Box::new(s));
     }
-    let mut worker = Worker::new("burst", None, ports, sw);
+    let (wire, sw_wire) = ring::pair(l("wire"), l("sw-wire"), 256);
+    ports.push(Box::new(sw_wire));
+    Rig {
+        pool,
+        worker: Worker::new("burst", None, ports, sw),
+        stats,
+        client,
+        dips,
+        wire,
+    }
+}
+
+#[test]
+fn flows_installed_earlier_in_a_burst_hit_later_in_it() {
+    let Rig {
+        pool,
+        mut worker,
+        stats,
+        mut client,
+        mut dips,
+        ..
+    } = rig("burst-test");
     let wstats = worker.stats();
 
     // One burst: four flows, eight packets each, interleaved, with every
@@ -177,4 +231,68 @@ fn flows_installed_earlier_in_a_burst_hit_later_in_it() {
     worker.poll_once();
     assert_eq!(stats.slow_path.load(Ordering::Relaxed), 4);
     assert_eq!(stats.fast_path.load(Ordering::Relaxed), 24 + BURST as u64);
+}
+
+/// A UDP frame from the wire: client `c` (in 198.18.0.0/15), source port
+/// `sport`, to the public VIP.
+fn from_wire(c: u8, sport: u16) -> Vec<u8> {
+    let mut v = Vec::new();
+    etherparse::PacketBuilder::ethernet2(mac(0x40).0, UPLINK_MAC.0)
+        .ipv4([198, 18, 0, c], PUBLIC_VIP.octets(), 64)
+        .udp(sport, 80)
+        .write(&mut v, &[7u8; 18])
+        .unwrap();
+    v
+}
+
+#[test]
+fn new_connections_in_a_burst_go_where_maglev_picks_from_a_vm_and_from_the_wire() {
+    let mut r = rig("burst-maglev");
+    let t = topology();
+    let vip = |i: usize| lb::Vip::new(t.vips[i].config.clone(), &[]).unwrap();
+    let (inner, public) = (vip(0), vip(1));
+    for from_wire_side in [false, true] {
+        // A burst of new connections, each its own flow.
+        let mut b = Batch::new();
+        let mut want: HashMap<(Ipv4Addr, u16), usize> = HashMap::new();
+        for i in 0..BURST {
+            let sport = 20000 + i as u16;
+            let (f, src, v, to) = if from_wire_side {
+                let c = 1 + (i % 7) as u8;
+                (
+                    from_wire(c, sport),
+                    Ipv4Addr::new(198, 18, 0, c),
+                    &public,
+                    PUBLIC_VIP,
+                )
+            } else {
+                (to_vip(sport), Ipv4Addr::new(10, 1, 1, 1), &inner, VIP)
+            };
+            let key = dataplane::FlowKey::new(src.into(), sport, to.into(), 80, 17);
+            want.insert((src, sport), v.pick(&key).unwrap());
+            b.push(r.pool.alloc_copy(&f).unwrap()).unwrap();
+        }
+        let port = if from_wire_side {
+            &mut r.wire
+        } else {
+            &mut r.client
+        };
+        assert_eq!(port.tx_burst(&mut b), BURST);
+        r.worker.poll_once();
+        let mut got = HashMap::new();
+        let mut rx = Batch::new();
+        for (d, port) in r.dips.iter_mut().enumerate() {
+            port.rx_burst(&mut rx);
+            for p in rx.drain() {
+                let f = p.data();
+                let ip = etherparse::Ipv4HeaderSlice::from_slice(&f[14..]).unwrap();
+                let sport = u16::from_be_bytes([f[34], f[35]]);
+                got.insert((ip.source_addr(), sport), d);
+            }
+        }
+        assert_eq!(got, want, "from the wire: {from_wire_side}");
+        // (Three backends: a burst that all went to one would prove little.)
+        assert!(got.values().collect::<std::collections::HashSet<_>>().len() > 1);
+    }
+    assert_eq!(r.stats.slow_path.load(Ordering::Relaxed), 2 * BURST as u64);
 }

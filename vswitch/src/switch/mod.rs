@@ -229,10 +229,13 @@ pub const HAIRPIN_QUEUE: usize = 2 * dataplane::BURST;
 /// flow hash, and the flow found then (see [`FlowTable::entry_for`]).
 type Pre<'a> = (&'a Parsed, u64, Option<crate::flow::FlowRef>);
 
-/// The vnet whose load balancer decides a packet with key `key` that
-/// missed the flow table on `port`, as the slow path will find it: a VM's
-/// own, or for a packet from the uplink (not out of a tunnel) the vnet
-/// of the public address it is sent to (a VIP's, a SNAT address's).
+/// The vnet whose load balancer the burst's stages load ahead for a
+/// packet with key `key` that missed the flow table on `port`: a VM's (or
+/// remote endpoint's) own, or for a packet from the uplink (not out of a
+/// tunnel) the vnet of the public address it is sent to (a VIP's, a SNAT
+/// address's), whose VIPs and SNAT decide it in the slow path. (An ICMP
+/// error from the wire goes to the vnet tracking the connection it
+/// quotes, which may differ: the loads are then only wasted.)
 #[inline(always)]
 fn lb_vnet(policy: &Policy, port: u16, key: &dataplane::FlowKey) -> Option<usize> {
     match policy.vm_on_port(port) {
@@ -1233,7 +1236,9 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                         false,
                         &mut tally,
                         Some((p, *h, *r)),
-                    )
+                    );
+                    // (None left for a packet that did not take it.)
+                    self.pick_hash = None;
                 }
                 Err(e) => ctx.drop_packet(pkt, DropReason::Malformed(*e)),
             }
