@@ -89,7 +89,7 @@ fn big_nsg(mode: Mode) -> NsgSpec {
             stateful: None,
         })
         .collect();
-    rules.push(RuleSpec {
+    let admit = RuleSpec {
         name: Some("allow-bench".into()),
         priority: 1200,
         direction: "in".into(),
@@ -100,21 +100,16 @@ fn big_nsg(mode: Mode) -> NsgSpec {
         src_ports: vec!["any".into()],
         dst_ports: vec!["8080".into()],
         stateful: None,
-    });
+    };
     if mode == Mode::Wire {
         rules.push(RuleSpec {
             name: Some("allow-wire".into()),
             priority: 1201,
-            direction: "in".into(),
-            action: "allow".into(),
-            protocol: "udp".into(),
             src: vec!["198.18.0.0/15".into()],
-            dst: vec!["any".into()],
-            src_ports: vec!["any".into()],
-            dst_ports: vec!["8080".into()],
-            stateful: None,
+            ..admit.clone()
         });
     }
+    rules.push(admit);
     NsgSpec {
         name: "big".into(),
         rules,
