@@ -15,7 +15,8 @@
 //! DIP's port 8080 and sends the replies straight to the client from the
 //! VIP. The Mux probes each DIP through the VIP the same way (from its own
 //! address, which the answers come straight back to), and takes a DIP
-//! whose server stopped out of the VIP. A curl loop reaches all four DIPs
+//! whose server stopped out of the VIP; a client port whose connection that
+//! DIP served, used again, reaches another. A curl loop reaches all four DIPs
 //! and long downloads arrive whole;
 //! a capture of the Mux's link holds the client's packets and the IP in
 //! IP ones, and not one reply; the DIPs log the client's own address; IP
@@ -73,6 +74,41 @@ fn host_config(lab: &Lab, n: u8, uplink: &str, workers: u8) -> String {
         uplink,
         workers,
     )
+}
+
+/// Client ports (from 61000) whose connections to the VIP Maglev gives
+/// d22 while the four DIPs are up, with the DIP it gives each once d22 is
+/// down: three that move to d21 (on d22's host) and two to H1's DIPs. A
+/// Mux's pick depends on the backends' addresses and the flow alone, so the
+/// Mux makes the same.
+fn d22_ports() -> Vec<(u16, &'static str)> {
+    let backends = DIPS
+        .iter()
+        .map(|(_, cidr, ..)| lb::Backend {
+            ip: cidr.split('/').next().unwrap().parse().unwrap(),
+            port: 8080,
+            weight: 1,
+        })
+        .collect();
+    let mut cfg = lb::VipConfig::new("web", VIP.parse().unwrap(), 80, 6, backends);
+    cfg.mode = lb::balancer::VipMode::Mux;
+    let up = lb::Vip::new(cfg.clone(), &[]).unwrap();
+    let down = lb::Vip::new(cfg, &[true, true, true, false]).unwrap();
+    let (mut on_h2, mut on_h1) = (Vec::new(), Vec::new());
+    for port in 61000..65000u16 {
+        let k = dataplane::FlowKey::new(CLIENT.parse().unwrap(), port, VIP.parse().unwrap(), 80, 6);
+        if up.pick(&k) != Some(3) {
+            continue;
+        }
+        let to = DIPS[down.pick(&k).unwrap()].0;
+        match to {
+            "d21" if on_h2.len() < 3 => on_h2.push((port, to)),
+            "d11" | "d12" if on_h1.len() < 2 => on_h1.push((port, to)),
+            _ => {}
+        }
+    }
+    assert!(on_h2.len() == 3 && on_h1.len() == 2, "{on_h2:?} {on_h1:?}");
+    on_h2.into_iter().chain(on_h1).collect()
 }
 
 fn sum(v: &serde_json::Value, field: &str) -> u64 {
@@ -202,12 +238,37 @@ fn a_mux_spreads_a_vip_over_two_hosts_whose_replies_go_straight_to_the_client() 
     let (ok, bad) = curls.finish();
     assert_eq!(bad, 0, "the curl loop saw failures ({ok} ok)");
     assert!(ok > 5, "the curl loop ran {ok} times");
+    // Connections from client ports that Maglev gives d22 (the ports the
+    // client reuses once d22 is down), each served by d22.
+    let moving = d22_ports();
+    for (port, _) in &moving {
+        let out = lab.bash(
+            "cl",
+            &format!("curl -sf --max-time 5 --local-port {port} http://{VIP}/name"),
+        );
+        assert!(out.status.success(), "{out:?}\n{}", logs());
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "d22", "port {port}");
+    }
     // A DIP whose server stops is taken down by the Mux's probes; new
     // connections go to the other three.
     common::netns::terminate(&mut lab.children[servers[3]]);
     mux.wait_probes(&["10.2.0.5:8080"], false, Duration::from_secs(30), logs);
     mux.wait_probes(&all[..3], true, Duration::from_secs(5), logs);
     let mut after = std::collections::BTreeSet::new();
+    // Those ports used again (the servers closed first: the client keeps
+    // no TIME_WAIT and binds them at once): each a new connection, which
+    // the Mux decides afresh (the client had closed the old one), to the
+    // DIP Maglev now gives it; on H2, which still tracks the old one's end
+    // to d22, to d21.
+    for (port, dip) in &moving {
+        let out = lab.bash(
+            "cl",
+            &format!("curl -sf --max-time 5 --local-port {port} http://{VIP}/name"),
+        );
+        assert!(out.status.success(), "port {port}: {out:?}\n{}", logs());
+        assert_eq!(String::from_utf8_lossy(&out.stdout), *dip, "port {port}");
+        after.insert(dip.to_string());
+    }
     for _ in 0..20 {
         let out = lab.bash("cl", &format!("curl -sf --max-time 5 http://{VIP}/name"));
         assert!(out.status.success(), "{out:?}\n{}", logs());

@@ -183,6 +183,19 @@ impl PickHash {
     }
 }
 
+/// Whether connection `c` has ended, so that its client's fresh SYN on the
+/// same tuple opens a new one: both FINs or an RST seen; or, for a Mux's
+/// connection (which sees only its client's side), the client's FIN (a
+/// client sends a SYN on that tuple again only from a new socket).
+fn finished(c: &Conn<ConnInfo>) -> bool {
+    matches!(
+        c.state,
+        ConnState::Tcp(TcpState::TimeWait | TcpState::Closed)
+    ) || (c.fin_seen[Dir::Orig as usize]
+        && matches!(&c.value.kind, ConnKind::Dnat { vip, .. }
+            if vip.config().mode == VipMode::Mux))
+}
+
 /// What happens to established connections of a DIP that turns unhealthy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OnUnhealthy {
@@ -1360,16 +1373,10 @@ impl LbCore {
         let Some((i, dir)) = self.conns.lookup(key, now, |c| held.release(&c)) else {
             return Ok(None);
         };
-        // A fresh SYN from the client on a finished connection's tuple (both
-        // FINs or an RST seen; the client reused its port): a new
-        // connection, decided afresh, as Linux conntrack does in TIME_WAIT.
-        // It must not inherit a backend that may since have been drained.
-        let finished = |c: &Conn<ConnInfo>| {
-            matches!(
-                c.state,
-                ConnState::Tcp(TcpState::TimeWait | TcpState::Closed)
-            )
-        };
+        // A fresh SYN from the client on a finished connection's tuple (the
+        // client reused its port): a new connection, decided afresh, as
+        // Linux conntrack does in TIME_WAIT. It must not inherit a backend
+        // that may since have been drained or gone down.
         if dir == Dir::Orig
             && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
             && self.conns.get(i).is_some_and(finished)
@@ -1542,7 +1549,11 @@ impl LbCore {
     /// a packet to a VIP of another mode, to an address that is none of
     /// its backends, or that matches any tracked connection but this
     /// VIP's to this backend (its client's side), is dropped
-    /// (`lb_dsr_not_backend`), touching nothing.
+    /// (`lb_dsr_not_backend`), touching nothing. The one exception: the
+    /// client's fresh SYN on a finished connection of this VIP (the client
+    /// reused its port) opens a new one to `dip`, whichever backend the
+    /// old one had: the Mux decides a new connection afresh, and may have
+    /// picked another backend since.
     pub fn process_dsr(
         &mut self,
         vips: &Vips,
@@ -1562,9 +1573,17 @@ impl LbCore {
             matches!(&c.value.kind, ConnKind::Dnat { vip, backend, .. }
                 if vip.config().mode == VipMode::Dsr && *backend == dip)
         };
+        let reopens = |c: &Conn<ConnInfo>| {
+            seg.flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+                && finished(c)
+                && matches!(&c.value.kind, ConnKind::Dnat { vip, .. }
+                    if vip.config().mode == VipMode::Dsr)
+        };
         let ok = match self.conns.peek(key) {
             None => true,
-            Some((i, dir)) => dir == Dir::Orig && self.conns.get(i).is_some_and(theirs),
+            Some((i, dir)) => {
+                dir == Dir::Orig && self.conns.get(i).is_some_and(|c| theirs(c) || reopens(c))
+            }
         };
         match pinned.filter(|_| ok) {
             Some(b) => self.process_to(vips, key, seg, now, Pick::Pinned(b)),
@@ -2313,6 +2332,91 @@ mod tests {
             }
             d => panic!("{d:?}"),
         }
+    }
+
+    /// The backend of connection `d` opened or followed (any mode).
+    fn conn_backend(lb: &LbCore, d: &Decision) -> IpAddr {
+        match d {
+            Decision::Forward { conn, .. } => match lb.conn(*conn).map(|c| &c.value.kind) {
+                Some(ConnKind::Dnat { backend, .. }) => *backend,
+                k => panic!("{k:?}"),
+            },
+            d => panic!("{d:?}"),
+        }
+    }
+
+    #[test]
+    fn a_reused_port_on_a_finished_connection_goes_where_its_mux_sends_it() {
+        let mut cfg = vip_cfg(2);
+        cfg.mode = VipMode::Dsr;
+        let mut vips = Vips::new();
+        vips.insert(Vip::new(cfg, &[]).unwrap());
+        let (a, b) = (ip("10.1.0.10"), ip("10.1.0.11"));
+        let mut lb = core();
+        let k = client(1, 40000);
+        let reply = FlowKey::new(a, 8080, k.src(), 40000, 6);
+        let seg = |f| Seg::with_flags(f);
+        // A connection through backend a: open, then both sides' FINs.
+        let d = lb.process_dsr(&vips, &k, &seg(SYN), 0, a);
+        assert_eq!(conn_backend(&lb, &d), a);
+        lb.process(&vips, &reply, SYN | ACK, 1);
+        lb.process_dsr(&vips, &k, &seg(ACK), 2, a);
+        // While it is open, nothing of it goes through backend b.
+        for f in [SYN, ACK] {
+            assert_eq!(
+                lb.process_dsr(&vips, &k, &seg(f), 3, b),
+                Decision::Drop(LbDrop::DsrNotBackend)
+            );
+        }
+        lb.process(&vips, &reply, FIN | ACK, 4);
+        lb.process_dsr(&vips, &k, &seg(FIN | ACK), 5, a);
+        // Finished: still no ACK through b, but the client's fresh SYN on
+        // its old port (the Mux picked b for it) opens a new connection
+        // to b in its place.
+        assert_eq!(
+            lb.process_dsr(&vips, &k, &seg(ACK), 6, b),
+            Decision::Drop(LbDrop::DsrNotBackend)
+        );
+        let d = lb.process_dsr(&vips, &k, &seg(SYN), 7, b);
+        assert!(matches!(d, Decision::Forward { new: true, .. }), "{d:?}");
+        assert_eq!(conn_backend(&lb, &d), b);
+        assert_eq!(lb.conns().len(), 1);
+        assert!(matches!(
+            lb.process_dsr(&vips, &k, &seg(ACK), 8, b),
+            Decision::Forward { new: false, .. }
+        ));
+    }
+
+    #[test]
+    fn a_mux_decides_a_reused_port_afresh_once_its_client_has_closed() {
+        let mut cfg = vip_cfg(3);
+        cfg.mode = VipMode::Mux;
+        let mut vips = Vips::new();
+        let vip = vips.insert(Vip::new(cfg, &[]).unwrap());
+        let mut lb = core();
+        let k = client(1, 40000);
+        let d = lb.process(&vips, &k, SYN, 0);
+        let first = conn_backend(&lb, &d);
+        // Its backend goes down while the connection lives: the client's
+        // packets, a retransmitted SYN among them, keep going to it.
+        let i = vip
+            .config()
+            .backends
+            .iter()
+            .position(|b| b.ip == first)
+            .unwrap();
+        assert!(vip.set_health(i, false).unwrap());
+        for (f, t) in [(ACK, 1), (SYN, 2), (FIN | ACK, 3), (ACK, 4)] {
+            let d = lb.process(&vips, &k, f, t);
+            assert!(matches!(d, Decision::Forward { new: false, .. }), "{d:?}");
+            assert_eq!(conn_backend(&lb, &d), first);
+        }
+        // The client has closed its side (all a Mux sees): its fresh SYN
+        // on the same port is a new connection, to a healthy backend.
+        let d = lb.process(&vips, &k, SYN, 5);
+        assert!(matches!(d, Decision::Forward { new: true, .. }), "{d:?}");
+        assert_ne!(conn_backend(&lb, &d), first);
+        assert_eq!(lb.conns().len(), 1);
     }
 
     #[test]
