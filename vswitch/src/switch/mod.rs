@@ -618,19 +618,18 @@ impl<B: PacketBuf> Switch<B> {
 }
 
 impl<B: PacketBuf> Switch<B> {
-    /// For a packet that missed the flow table: when it is to a VIP of the
-    /// vnet that decides it ([`lb_vnet`]: a VM's, or one reached from the
-    /// uplink), starts loading the Maglev slot that will pick its backend
-    /// (a stage before [`LbCore::prefetch_new`] picks it); returns the
-    /// key's flow hash.
+    /// For a packet that missed the flow table: when it is to a VIP of
+    /// vnet `vn`, the one that decides it ([`lb_vnet`]: a VM's, or one
+    /// reached from the uplink), starts loading the Maglev slot that will
+    /// pick its backend (a stage before [`LbCore::prefetch_new`] picks it);
+    /// returns the key's flow hash.
     #[inline(always)]
     fn prefetch_pick(
         &self,
         policy: &Policy,
-        port: u16,
+        vn: usize,
         key: &dataplane::FlowKey,
     ) -> Option<lb::PickHash> {
-        let vn = lb_vnet(policy, port, key)?;
         let (Some(l), Some(vnet)) = (self.lb.get(vn), policy.vnets.get(vn)) else {
             return None;
         };
@@ -1096,11 +1095,14 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
             self.flows.prefetch_slot(*h);
         }
         let mut due = [false; N];
-        // A miss to a VIP: its key's flow hash, for the stages that pick.
+        // A miss: the vnet that decides it (`lb_vnet`), and to a VIP its
+        // key's flow hash, for the stages that pick.
+        let mut vnets: [Option<u16>; N] = [None; N];
         let mut pick = [None; N];
-        for ((((((r, d), m), p), h), st), port) in hint
+        for (((((((r, d), v), m), p), h), st), port) in hint
             .iter_mut()
             .zip(due.iter_mut())
+            .zip(vnets.iter_mut())
             .zip(pick.iter_mut())
             .zip(parsed.iter())
             .zip(hash.iter())
@@ -1114,7 +1116,13 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
             };
             match r {
                 Some(f) => *d = self.flows.prefetch_due_conn(*f, now, self.lb_touch_ns),
-                None if st.is_ok() => *m = self.prefetch_pick(&policy, *port, &p.key),
+                None if st.is_ok() => {
+                    if let Some(vn) = lb_vnet(&policy, *port, &p.key) {
+                        // (A policy has at most `MAX_VNETS`, which fit.)
+                        *v = u16::try_from(vn).ok();
+                        *m = self.prefetch_pick(&policy, vn, &p.key);
+                    }
+                }
                 None => {}
             }
         }
@@ -1123,17 +1131,17 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
         // large as the flow table, once every `lb_touch_ns` per flow).
         // The packets that missed go through the slow path: start loading
         // their connection-table buckets (in the load balancer of the vnet
-        // that decides them, `lb_vnet`; for a VIP's, the reply key's too,
+        // that decides them, found above; for a VIP's, the reply key's too,
         // and its reverse flow's bucket) and the flow-table slots their
         // installs will take.
         let mut misses = 0;
-        for (((((r, d), m), p), st), port) in hint
+        for (((((r, d), m), p), st), vn) in hint
             .iter()
             .zip(due.iter())
             .zip(pick.iter())
             .zip(parsed.iter())
             .zip(status.iter())
-            .zip(ports.iter())
+            .zip(vnets.iter())
             .take(n)
         {
             if let Some(f) = r {
@@ -1151,7 +1159,7 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                 continue;
             }
             misses += 1;
-            let Some(vn) = lb_vnet(&policy, *port, &p.key) else {
+            let Some(vn) = vn.map(usize::from) else {
                 continue;
             };
             let (Some(l), Some(vnet)) = (self.lb.get(vn), policy.vnets.get(vn)) else {
