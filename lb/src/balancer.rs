@@ -184,16 +184,21 @@ impl PickHash {
 }
 
 /// Whether connection `c` has ended, so that its client's fresh SYN on the
-/// same tuple opens a new one: both FINs or an RST seen; or, for a Mux's
-/// connection (which sees only its client's side), the client's FIN (a
-/// client sends a SYN on that tuple again only from a new socket).
+/// same tuple opens a new one: both FINs or an RST seen; or, for a
+/// connection of a Mux (which sees only its client's side) or of a DSR host
+/// behind one, the client's FIN. A client sends a SYN on that tuple again
+/// only from a new socket; the Mux then decides it afresh, and its host
+/// must take it wherever the Mux sends it, even when the backend never
+/// sent its own FIN (it hung or went down). (A SYN on that tuple forged,
+/// or duplicated and delayed, after the client's FIN would move what is
+/// left of the old connection: as for a SYN after both FINs.)
 fn finished(c: &Conn<ConnInfo>) -> bool {
     matches!(
         c.state,
         ConnState::Tcp(TcpState::TimeWait | TcpState::Closed)
     ) || (c.fin_seen[Dir::Orig as usize]
         && matches!(&c.value.kind, ConnKind::Dnat { vip, .. }
-            if vip.config().mode == VipMode::Mux))
+            if matches!(vip.config().mode, VipMode::Mux | VipMode::Dsr)))
 }
 
 /// What happens to established connections of a DIP that turns unhealthy.
@@ -1564,7 +1569,8 @@ impl LbCore {
     ) -> Decision {
         // Only a client's packet to a DSR VIP that has `dip`, and, if
         // tracked, one of that VIP's connections to that backend: a packet
-        // from the wire must not reach (or touch) any other connection.
+        // from the wire must not reach (or touch) any other live connection
+        // (a client's fresh SYN replaces a finished one of the VIP's).
         let pinned = vips
             .lookup(key)
             .filter(|v| v.config().mode == VipMode::Dsr)
@@ -2385,6 +2391,34 @@ mod tests {
             lb.process_dsr(&vips, &k, &seg(ACK), 8, b),
             Decision::Forward { new: false, .. }
         ));
+    }
+
+    #[test]
+    fn a_dsr_host_follows_its_mux_once_the_client_has_closed_alone() {
+        let mut cfg = vip_cfg(2);
+        cfg.mode = VipMode::Dsr;
+        let mut vips = Vips::new();
+        vips.insert(Vip::new(cfg, &[]).unwrap());
+        let (a, b) = (ip("10.1.0.10"), ip("10.1.0.11"));
+        let mut lb = core();
+        let k = client(1, 40000);
+        let reply = FlowKey::new(a, 8080, k.src(), 40000, 6);
+        let seg = |f| Seg::with_flags(f);
+        lb.process_dsr(&vips, &k, &seg(SYN), 0, a);
+        lb.process(&vips, &reply, SYN | ACK, 1);
+        lb.process_dsr(&vips, &k, &seg(ACK), 2, a);
+        // The client closes; backend a never does (it hung). The client's
+        // next connection from that port, which the Mux sent to b, is
+        // taken there.
+        lb.process_dsr(&vips, &k, &seg(FIN | ACK), 3, a);
+        assert_eq!(
+            lb.process_dsr(&vips, &k, &seg(ACK), 4, b),
+            Decision::Drop(LbDrop::DsrNotBackend)
+        );
+        let d = lb.process_dsr(&vips, &k, &seg(SYN), 5, b);
+        assert!(matches!(d, Decision::Forward { new: true, .. }), "{d:?}");
+        assert_eq!(conn_backend(&lb, &d), b);
+        assert_eq!(lb.conns().len(), 1);
     }
 
     #[test]
