@@ -2358,67 +2358,44 @@ mod tests {
         let mut vips = Vips::new();
         vips.insert(Vip::new(cfg, &[]).unwrap());
         let (a, b) = (ip("10.1.0.10"), ip("10.1.0.11"));
-        let mut lb = core();
         let k = client(1, 40000);
         let reply = FlowKey::new(a, 8080, k.src(), 40000, 6);
         let seg = |f| Seg::with_flags(f);
-        // A connection through backend a: open, then both sides' FINs.
-        let d = lb.process_dsr(&vips, &k, &seg(SYN), 0, a);
-        assert_eq!(conn_backend(&lb, &d), a);
-        lb.process(&vips, &reply, SYN | ACK, 1);
-        lb.process_dsr(&vips, &k, &seg(ACK), 2, a);
-        // While it is open, nothing of it goes through backend b.
-        for f in [SYN, ACK] {
+        // Both sides close, or the client alone (backend a hung).
+        for backend_closes in [true, false] {
+            let mut lb = core();
+            // A connection through backend a.
+            let d = lb.process_dsr(&vips, &k, &seg(SYN), 0, a);
+            assert_eq!(conn_backend(&lb, &d), a);
+            lb.process(&vips, &reply, SYN | ACK, 1);
+            lb.process_dsr(&vips, &k, &seg(ACK), 2, a);
+            // While it is open, nothing of it goes through backend b.
+            for f in [SYN, ACK] {
+                assert_eq!(
+                    lb.process_dsr(&vips, &k, &seg(f), 3, b),
+                    Decision::Drop(LbDrop::DsrNotBackend)
+                );
+            }
+            if backend_closes {
+                lb.process(&vips, &reply, FIN | ACK, 4);
+            }
+            lb.process_dsr(&vips, &k, &seg(FIN | ACK), 5, a);
+            // Finished: still no ACK through b, but the client's fresh SYN
+            // on its old port (the Mux picked b for it) opens a new
+            // connection to b in its place.
             assert_eq!(
-                lb.process_dsr(&vips, &k, &seg(f), 3, b),
+                lb.process_dsr(&vips, &k, &seg(ACK), 6, b),
                 Decision::Drop(LbDrop::DsrNotBackend)
             );
+            let d = lb.process_dsr(&vips, &k, &seg(SYN), 7, b);
+            assert!(matches!(d, Decision::Forward { new: true, .. }), "{d:?}");
+            assert_eq!(conn_backend(&lb, &d), b);
+            assert_eq!(lb.conns().len(), 1);
+            assert!(matches!(
+                lb.process_dsr(&vips, &k, &seg(ACK), 8, b),
+                Decision::Forward { new: false, .. }
+            ));
         }
-        lb.process(&vips, &reply, FIN | ACK, 4);
-        lb.process_dsr(&vips, &k, &seg(FIN | ACK), 5, a);
-        // Finished: still no ACK through b, but the client's fresh SYN on
-        // its old port (the Mux picked b for it) opens a new connection
-        // to b in its place.
-        assert_eq!(
-            lb.process_dsr(&vips, &k, &seg(ACK), 6, b),
-            Decision::Drop(LbDrop::DsrNotBackend)
-        );
-        let d = lb.process_dsr(&vips, &k, &seg(SYN), 7, b);
-        assert!(matches!(d, Decision::Forward { new: true, .. }), "{d:?}");
-        assert_eq!(conn_backend(&lb, &d), b);
-        assert_eq!(lb.conns().len(), 1);
-        assert!(matches!(
-            lb.process_dsr(&vips, &k, &seg(ACK), 8, b),
-            Decision::Forward { new: false, .. }
-        ));
-    }
-
-    #[test]
-    fn a_dsr_host_follows_its_mux_once_the_client_has_closed_alone() {
-        let mut cfg = vip_cfg(2);
-        cfg.mode = VipMode::Dsr;
-        let mut vips = Vips::new();
-        vips.insert(Vip::new(cfg, &[]).unwrap());
-        let (a, b) = (ip("10.1.0.10"), ip("10.1.0.11"));
-        let mut lb = core();
-        let k = client(1, 40000);
-        let reply = FlowKey::new(a, 8080, k.src(), 40000, 6);
-        let seg = |f| Seg::with_flags(f);
-        lb.process_dsr(&vips, &k, &seg(SYN), 0, a);
-        lb.process(&vips, &reply, SYN | ACK, 1);
-        lb.process_dsr(&vips, &k, &seg(ACK), 2, a);
-        // The client closes; backend a never does (it hung). The client's
-        // next connection from that port, which the Mux sent to b, is
-        // taken there.
-        lb.process_dsr(&vips, &k, &seg(FIN | ACK), 3, a);
-        assert_eq!(
-            lb.process_dsr(&vips, &k, &seg(ACK), 4, b),
-            Decision::Drop(LbDrop::DsrNotBackend)
-        );
-        let d = lb.process_dsr(&vips, &k, &seg(SYN), 5, b);
-        assert!(matches!(d, Decision::Forward { new: true, .. }), "{d:?}");
-        assert_eq!(conn_backend(&lb, &d), b);
-        assert_eq!(lb.conns().len(), 1);
     }
 
     #[test]
