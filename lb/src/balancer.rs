@@ -201,6 +201,12 @@ fn finished(c: &Conn<ConnInfo>) -> bool {
             if matches!(vip.config().mode, VipMode::Mux | VipMode::Dsr)))
 }
 
+/// Whether a packet with `tcp_flags` from connection `c`'s client is a
+/// fresh SYN (no ACK) on it after it [`finished`]: a new connection.
+fn reopens(c: &Conn<ConnInfo>, tcp_flags: u8) -> bool {
+    tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN && finished(c)
+}
+
 /// What happens to established connections of a DIP that turns unhealthy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OnUnhealthy {
@@ -1382,10 +1388,7 @@ impl LbCore {
         // client reused its port): a new connection, decided afresh, as
         // Linux conntrack does in TIME_WAIT. It must not inherit a backend
         // that may since have been drained or gone down.
-        if dir == Dir::Orig
-            && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
-            && self.conns.get(i).is_some_and(finished)
-        {
+        if dir == Dir::Orig && self.conns.get(i).is_some_and(|c| reopens(c, tcp_flags)) {
             self.remove_conn(i);
             return Ok(None);
         }
@@ -1579,16 +1582,15 @@ impl LbCore {
             matches!(&c.value.kind, ConnKind::Dnat { vip, backend, .. }
                 if vip.config().mode == VipMode::Dsr && *backend == dip)
         };
-        let reopens = |c: &Conn<ConnInfo>| {
-            seg.flags & (TCP_SYN | TCP_ACK) == TCP_SYN
-                && finished(c)
+        let replaced = |c: &Conn<ConnInfo>| {
+            reopens(c, seg.flags)
                 && matches!(&c.value.kind, ConnKind::Dnat { vip, .. }
                     if vip.config().mode == VipMode::Dsr)
         };
         let ok = match self.conns.peek(key) {
             None => true,
             Some((i, dir)) => {
-                dir == Dir::Orig && self.conns.get(i).is_some_and(|c| theirs(c) || reopens(c))
+                dir == Dir::Orig && self.conns.get(i).is_some_and(|c| theirs(c) || replaced(c))
             }
         };
         match pinned.filter(|_| ok) {
