@@ -285,6 +285,94 @@ fn ports_release_their_descriptors_and_mappings() {
     assert_eq!(open_resources(), before, "(descriptors, mappings)");
 }
 
+/// Frames the namespace's end of the veth pair received.
+fn ns_rx_packets(net: &Netns) -> u64 {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &net.ns,
+            "cat",
+            "/sys/class/net/eth0/statistics/rx_packets",
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+/// 32 broadcast frames of a local experimental EtherType: the namespace's
+/// kernel counts them received and has nothing to answer.
+fn throwaway_frames(pool: Pool) -> Batch<dataplane::pool::PoolBuf> {
+    use dataplane::BufAlloc;
+    let mut tx = Batch::new();
+    for i in 0..32u8 {
+        let mut buf = pool.alloc_buf().unwrap();
+        let room = buf.append(60).unwrap();
+        room.fill(i);
+        room[..6].copy_from_slice(&[0xff; 6]);
+        room[6..12].copy_from_slice(&ME.0);
+        room[12..14].copy_from_slice(&[0x88, 0xb5]);
+        tx.push(buf).unwrap();
+    }
+    tx
+}
+
+/// While its interface is down a port's transmit ring fills with frames
+/// the kernel refuses (counted `tx_queue_full` beyond it); once the link is
+/// back up, the port sends again: the frames waiting in the ring and new
+/// ones reach the namespace.
+fn sends_again_after_the_link_was_down(
+    net: &Netns,
+    port: &mut impl Port<Buf = dataplane::pool::PoolBuf>,
+    pool: Pool,
+) {
+    sh(&["ip", "link", "set", &net.host, "down"]);
+    // More than a ring of frames, with nowhere to go.
+    for _ in 0..5000 / 32 {
+        port.tx_burst(&mut throwaway_frames(pool));
+    }
+    assert!(
+        port.stats().drops.get(dataplane::DropReason::TxQueueFull) > 0,
+        "the ring never filled while the link was down: {:?}",
+        port.stats().drops.nonzero()
+    );
+    sh(&["ip", "link", "set", &net.host, "up"]);
+    let before = ns_rx_packets(net);
+    let end = Instant::now() + Duration::from_secs(10);
+    let mut taken = 0;
+    while ns_rx_packets(net) < before + 1000 {
+        assert!(
+            Instant::now() < end,
+            "the namespace received {} frames since the link came back; the port took {taken} new ones",
+            ns_rx_packets(net) - before
+        );
+        taken += port.tx_burst(&mut throwaway_frames(pool));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn a_packet_socket_sends_again_after_its_link_was_down() {
+    if !testkit::require::root_and(&["ip"]) {
+        return;
+    }
+    let net = Netns::new("d");
+    let pool = Pool::new(&PoolConfig::new("afp-down", 8192)).unwrap();
+    let mut port = AfPacketPort::open("veth", &net.host, pool).unwrap();
+    sends_again_after_the_link_was_down(&net, &mut port, pool);
+}
+
+#[test]
+fn an_xdp_socket_sends_again_after_its_link_was_down() {
+    if !testkit::require::root_and(&["ip"]) {
+        return;
+    }
+    let net = Netns::new("e");
+    let pool = Pool::new(&PoolConfig::new("xdp-down", 8192)).unwrap();
+    let mut port = AfXdpPort::open("veth", &net.host, 0, pool).unwrap();
+    sends_again_after_the_link_was_down(&net, &mut port, pool);
+}
+
 /// The UDP payloads `seq N` among the frames of `rx`.
 fn seqs(rx: &mut Batch<dataplane::pool::PoolBuf>, out: &mut Vec<u32>) {
     for pkt in rx.drain() {

@@ -498,7 +498,7 @@ impl Port for AfPacketPort {
     }
 
     fn tx_burst(&mut self, batch: &mut Batch<PoolBuf>) -> usize {
-        let (mut n, mut bytes) = (0usize, 0u64);
+        let (mut n, mut bytes, mut full) = (0usize, 0u64, false);
         let room = self.tx.frame_size - TX_DATA_OFF;
         // By reference (the frames are copied), the buffers all freed
         // after: moving each out of the batch costs a store-forwarding
@@ -508,6 +508,7 @@ impl Port for AfPacketPort {
             let status = self.tx.status(i).load(Ordering::Acquire);
             if status & (libc::TP_STATUS_SEND_REQUEST | libc::TP_STATUS_SENDING) != 0 {
                 self.stats.drops.add(DropReason::TxQueueFull, 1);
+                full = true;
                 continue;
             }
             let data = pkt.data();
@@ -534,7 +535,12 @@ impl Port for AfPacketPort {
             n += 1;
         }
         batch.clear();
-        if n > 0 {
+        // A kick that fails (EAGAIN or ENOBUFS while the kernel still holds
+        // earlier frames, ENETDOWN while the link is down) leaves its slots
+        // marked, for the next kick to send. A ring full of them has no
+        // room for a new frame to kick for: kick then too, or the port
+        // would never send again once the kernel could take them.
+        if n > 0 || full {
             // SAFETY: a zero-length send on our own socket: it tells the
             // kernel to transmit the slots marked SEND_REQUEST.
             let r = unsafe {
@@ -547,10 +553,8 @@ impl Port for AfPacketPort {
                     0,
                 )
             };
-            // A failed kick (EAGAIN, ENOBUFS, a link that is down) leaves the
-            // slots marked: the kernel sends them on the next kick. If it
-            // never can, the ring fills and new frames count as
-            // `tx_queue_full`, so nothing is lost uncounted.
+            // While the kernel cannot take them the ring fills and new
+            // frames count as `tx_queue_full`: nothing is lost uncounted.
             let _ = r;
         }
         self.stats.count_tx(n as u64, bytes);

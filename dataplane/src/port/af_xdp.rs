@@ -736,7 +736,12 @@ impl Port for AfXdpPort {
             n += 1;
         }
         batch.clear();
-        if n > 0 {
+        // A kick that fails (EAGAIN while the driver is busy, ENETDOWN while
+        // the link is down) leaves its descriptors posted, for the next kick
+        // to send. A ring full of them has no room for a new frame to kick
+        // for: kick while any are left, or the port would never send again
+        // once the kernel could take them.
+        if n > 0 || self.tx.mine != cons {
             self.tx.prod().store(self.tx.mine, Ordering::Release);
             // SAFETY: a zero-length send on our own socket: it tells the
             // kernel to transmit the posted descriptors.
