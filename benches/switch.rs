@@ -33,6 +33,10 @@
 //! `SWITCH_BENCH_CHURN_FROM=wire` sends the new connections from clients
 //! on the wire (the uplink) to a public VIP, as a load balancer in front
 //! of a host's VMs meets them, instead of from a VM of the host.
+//! `SWITCH_BENCH_STORM=<rigs>` runs only the storm: established flows'
+//! packets in bursts that are mostly new connections, and the time each
+//! waits from the start of the worker's poll to its transmission
+//! ([`storm`]).
 //! `SWITCH_BENCH_PERF_CTL=<fifo>` writes `enable` and `disable` to perf's
 //! control fifo around each timed run, so that
 //! `perf record -D -1 --control fifo:<fifo>` samples only those (the
@@ -323,6 +327,18 @@ impl Rig {
     /// A rig whose flows and connections time out after `idle` (instead
     /// of the defaults: minutes).
     fn with_timeouts(flows: u32, table: usize, idle: Option<Duration>, mode: Mode) -> Rig {
+        Rig::build(flows, table, idle, mode, None)
+    }
+
+    /// A rig as [`Rig::with_timeouts`]; with `stamps`, its backend ports
+    /// note when each marked frame leaves ([`Stamped`]).
+    fn build(
+        flows: u32,
+        table: usize,
+        idle: Option<Duration>,
+        mode: Mode,
+        stamps: Option<(&TscClock, Arc<std::sync::Mutex<Vec<u64>>>)>,
+    ) -> Rig {
         let pool = Pool::new(&PoolConfig::new("switch-bench", 8192)).unwrap();
         let policy = Arc::new(ArcSwap::from_pointee(
             Policy::compile(&topology(mode), 1).unwrap(),
@@ -364,7 +380,14 @@ impl Rig {
         for b in 0..3 {
             let (s, sw) = ring::pair(l(&format!("dip{b}")), l(&format!("sw-dip{b}")), 1024);
             sinks.push(s);
-            ports.push(Box::new(sw));
+            match &stamps {
+                Some((clock, at)) => ports.push(Box::new(Stamped {
+                    inner: sw,
+                    clock: (*clock).clone(),
+                    at: at.clone(),
+                })),
+                None => ports.push(Box::new(sw)),
+            }
         }
         let stats = sw.stats();
         let worker = Worker::new("bench", None, ports, sw);
@@ -472,6 +495,13 @@ impl Rig {
 
 fn bench(c: &mut Criterion) {
     let clock = TscClock::calibrate(Duration::from_millis(50));
+    if let Ok(rigs) = std::env::var("SWITCH_BENCH_STORM") {
+        storm(
+            &clock,
+            rigs.parse().expect("SWITCH_BENCH_STORM: a number of rigs"),
+        );
+        std::process::exit(0);
+    }
     if let Ok(rigs) = std::env::var("SWITCH_BENCH_CHURN") {
         churn(
             &clock,
@@ -709,6 +739,135 @@ fn new_flows(
         done += n;
     }
     total
+}
+
+/// A backend port of the switch that notes the time (TSC) at which each
+/// frame marked as an established flow's (first payload byte 1) is sent.
+struct Stamped {
+    inner: RingPort<PoolBuf>,
+    clock: TscClock,
+    at: Arc<std::sync::Mutex<Vec<u64>>>,
+}
+
+impl Port for Stamped {
+    type Buf = PoolBuf;
+
+    fn info(&self) -> &LinkInfo {
+        self.inner.info()
+    }
+
+    fn stats(&self) -> &Arc<dataplane::PortStats> {
+        self.inner.stats()
+    }
+
+    fn rx_burst(&mut self, batch: &mut Batch<PoolBuf>) -> usize {
+        self.inner.rx_burst(batch)
+    }
+
+    fn tx_burst(&mut self, batch: &mut Batch<PoolBuf>) -> usize {
+        let t = self.clock.now();
+        let marked = batch
+            .iter()
+            .filter(|p| p.data().get(42) == Some(&1))
+            .count();
+        if marked > 0 {
+            let mut at = self.at.lock().unwrap();
+            at.extend(std::iter::repeat_n(t, marked));
+        }
+        self.inner.tx_burst(batch)
+    }
+}
+
+/// `SWITCH_BENCH_STORM=<rigs>`: established flows' packets in a storm of
+/// new connections. Each rig installs 1 000 established flows, then times
+/// 16 384 bursts of 24 new connections and 8 packets of the established
+/// flows (every fourth packet of the burst), and, for comparison, 16 384
+/// bursts of the established flows alone. Prints, for the established
+/// flows' packets, the time from the start of the worker's poll to their
+/// transmission (p50, p99, p99.9, max), and the new connections' rate.
+fn storm(clock: &TscClock, rigs: u64) {
+    const ESTABLISHED: u32 = 1_000;
+    const BURSTS: usize = 16_384;
+    let new = (BURSTS * 24) as u32;
+    let marked = |f: u32| {
+        let mut v = frame(f, Mode::Plain);
+        v[42] = 1;
+        v
+    };
+    let quantiles = |mut v: Vec<u64>| {
+        v.sort_unstable();
+        let q = |x: f64| clock.ticks_to_ns(v[((v.len() - 1) as f64 * x) as usize]) as f64 / 1e3;
+        format!(
+            "p50 {:.2} us, p99 {:.2}, p99.9 {:.2}, max {:.2} ({} packets)",
+            q(0.5),
+            q(0.99),
+            q(0.999),
+            q(1.0),
+            v.len()
+        )
+    };
+    for _ in 0..rigs {
+        let at = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let total = ESTABLISHED + new;
+        let mut rig = Rig::build(
+            total,
+            total as usize,
+            None,
+            Mode::Plain,
+            Some((clock, at.clone())),
+        );
+        let est: Vec<Vec<u8>> = (0..ESTABLISHED).map(marked).collect();
+        let fresh: Vec<Vec<u8>> = (ESTABLISHED..total)
+            .map(|f| frame(f, Mode::Plain))
+            .collect();
+        // Install the established flows.
+        rig.frames = est.clone();
+        rig.next = 0;
+        for _ in 0..(ESTABLISHED as usize).div_ceil(BURST) {
+            rig.burst();
+        }
+        at.lock().unwrap().clear();
+        let (mut e, mut f) = (0usize, 0usize);
+        let mut run = |rig: &mut Rig, with_new: bool| {
+            let mut lat = Vec::with_capacity(BURSTS * BURST);
+            let mut ticks = 0u64;
+            for _ in 0..BURSTS {
+                let mut b = Batch::new();
+                for i in 0..BURST {
+                    let frame = if with_new && i % 4 != 3 {
+                        f += 1;
+                        &fresh[f - 1]
+                    } else {
+                        e = (e + 1) % est.len();
+                        &est[e]
+                    };
+                    let mut buf = rig.pool.alloc().unwrap();
+                    buf.append(frame.len()).unwrap().copy_from_slice(frame);
+                    b.push(buf).unwrap();
+                }
+                rig.gen_end.tx_burst(&mut b);
+                let t0 = clock.now();
+                rig.worker.poll_once();
+                ticks += clock.now().wrapping_sub(t0);
+                let mut at = at.lock().unwrap();
+                lat.extend(at.drain(..).map(|t| t.wrapping_sub(t0)));
+                drop(at);
+                rig.drain();
+            }
+            (lat, ticks)
+        };
+        let slow = rig.stats.slow_path.load(Ordering::Relaxed);
+        let (alone, _) = run(&mut rig, false);
+        let (stormed, ticks) = run(&mut rig, true);
+        let opened = rig.stats.slow_path.load(Ordering::Relaxed) - slow;
+        assert_eq!(opened, u64::from(new), "slow-path packets");
+        println!("storm/established_alone: {}", quantiles(alone));
+        println!("storm/established_in_storm: {}", quantiles(stormed));
+        println!(
+            "storm/new_connections: {:.3} M/s",
+            f64::from(new) / (clock.ticks_to_ns(ticks) as f64 / 1e9) / 1e6
+        );
+    }
 }
 
 /// Writes `cmd` to the perf control fifo named by `SWITCH_BENCH_PERF_CTL`,

@@ -49,6 +49,8 @@ pub struct Ctx<'a, B: PacketBuf> {
     now: u64,
     /// The live capture of this poll, when one is on.
     tap: Option<(&'a Tap, &'a Spec)>,
+    /// Packets the ports took so far in this poll.
+    sent: u64,
 }
 
 impl<B: PacketBuf> Ctx<'_, B> {
@@ -78,7 +80,7 @@ impl<B: PacketBuf> Ctx<'_, B> {
         if let Some((tap, spec)) = self.tap {
             tap.capture(spec, port, Way::Tx, self.now, out.iter().map(|b| b.data()));
         }
-        p.tx_burst(out);
+        self.sent += p.tx_burst(out) as u64;
         // Cannot fail: the batch was just emptied.
         let _ = out.push(pkt);
     }
@@ -101,8 +103,11 @@ impl<B: PacketBuf> Ctx<'_, B> {
         self.ports.len()
     }
 
-    fn flush(&mut self) -> u64 {
-        let mut sent = 0;
+    /// Sends every queued packet now, rather than when the pipeline has
+    /// done with the burst: a pipeline that has work left which would hold
+    /// back those packets (the slow path of the burst's new connections,
+    /// after its established flows' packets) sends them first.
+    pub fn flush(&mut self) {
         for (i, (p, out)) in self
             .ports
             .iter_mut()
@@ -113,10 +118,15 @@ impl<B: PacketBuf> Ctx<'_, B> {
                 if let Some((tap, spec)) = self.tap {
                     tap.capture(spec, i, Way::Tx, self.now, out.iter().map(|b| b.data()));
                 }
-                sent += p.tx_burst(out) as u64;
+                self.sent += p.tx_burst(out) as u64;
             }
         }
-        sent
+    }
+
+    /// Sends what is queued; how many packets the ports took in this poll.
+    fn finish(&mut self) -> u64 {
+        self.flush();
+        std::mem::take(&mut self.sent)
     }
 }
 
@@ -329,6 +339,7 @@ impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
                 drops: &self.stats.drops,
                 now: t0,
                 tap,
+                sent: 0,
             };
             let a = self.clock.now();
             self.pipeline.process(&mut ctx, i, &mut self.rx);
@@ -337,7 +348,7 @@ impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
                 ctx.drops.add(DropReason::NoRoute, self.rx.len() as u64);
                 self.rx.clear();
             }
-            self.tally.tx += ctx.flush();
+            self.tally.tx += ctx.finish();
         }
         let mut ctx = Ctx {
             ports: &mut self.ports,
@@ -345,6 +356,7 @@ impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
             drops: &self.stats.drops,
             now: t0,
             tap,
+            sent: 0,
         };
         let a = self.clock.now();
         let extra = self.pipeline.poll(&mut ctx);
@@ -352,7 +364,7 @@ impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
         in_pipeline += b.wrapping_sub(a);
         if extra > 0 {
             got += extra as u64;
-            self.tally.tx += ctx.flush();
+            self.tally.tx += ctx.finish();
         }
         let dt = if extra > 0 {
             self.clock.now().wrapping_sub(t0)
@@ -391,9 +403,10 @@ impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
             drops: &self.stats.drops,
             now: self.clock.now(),
             tap: None,
+            sent: 0,
         };
         let n = self.pipeline.poll(&mut ctx);
-        self.tally.tx += ctx.flush();
+        self.tally.tx += ctx.finish();
         self.publish();
         n
     }

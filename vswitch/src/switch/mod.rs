@@ -1176,7 +1176,21 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
         if misses > 0 {
             self.flows.prefetch_free(2 * misses);
         }
-        // (Each packet moved out whole: `drain_each`.)
+        // The hits of established flows go first, and leave (the ports'
+        // queues are sent) before the burst's other packets: so a burst of
+        // new connections (a SYN flood, a connection storm) delays the
+        // established flows' packets in it by the hits before them, not by
+        // every slow path of the burst. The rest (misses, fragments, stale
+        // flows, a SYN on a cached flow) follow, in their order; so does
+        // every packet of a flow one of them belongs to (the same flow
+        // hash), which keeps each flow's packets in order. Refused and
+        // malformed frames are dropped where they are; under a live trace
+        // the burst goes in its order, one packet at a time. (Each packet
+        // moved out whole: `drain_each`.)
+        let mut later: Batch<B> = Batch::new();
+        let mut later_at = [0u8; N];
+        let mut later_hash = [0u64; N];
+        let mut deferred = 0;
         let mut i = 0;
         pkts.drain_each(|pkt| {
             let at = i;
@@ -1224,8 +1238,14 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                 Ok(()) => {
                     // A hit that is no fragment is forwarded here (a packet
                     // that missed goes to `packet`, which finds a flow an
-                    // earlier packet of the burst installed).
-                    let pkt = if r.is_some() && !p.frag.is_first() && !p.frag.is_later() {
+                    // earlier packet of the burst installed), unless a
+                    // packet of its flow waits for the rest.
+                    let pkt = if r.is_some()
+                        && !p.frag.is_first()
+                        && !p.frag.is_later()
+                        && (deferred == 0
+                            || !later_hash.get(..deferred).is_some_and(|d| d.contains(h)))
+                    {
                         match self.hit(ctx, &policy, pkt, (p, *h, *r), port as u16, now, &mut tally)
                         {
                             Ok(()) => return,
@@ -1234,6 +1254,16 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                     } else {
                         pkt
                     };
+                    if live.is_none() {
+                        if let (Some(a), Some(d)) =
+                            (later_at.get_mut(deferred), later_hash.get_mut(deferred))
+                        {
+                            (*a, *d) = (at as u8, *h);
+                        }
+                        deferred += 1;
+                        let _ = later.push(pkt);
+                        return;
+                    }
                     self.pick_hash = pick.get(at).copied().flatten().map(|m| (p.key, m));
                     self.packet(
                         ctx,
@@ -1251,6 +1281,35 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                 Err(e) => ctx.drop_packet(pkt, DropReason::Malformed(*e)),
             }
         });
+        if !later.is_empty() {
+            // The hits' packets leave now, if any went before the rest.
+            if later.len() < n {
+                ctx.flush();
+            }
+            let mut k = 0;
+            later.drain_each(|pkt| {
+                let at = usize::from(later_at.get(k).copied().unwrap_or(u8::MAX));
+                k += 1;
+                let (Some(p), Some(h), Some(r), Some(port)) =
+                    (parsed.get(at), hash.get(at), hint.get(at), ports.get(at))
+                else {
+                    drop(pkt);
+                    return;
+                };
+                self.pick_hash = pick.get(at).copied().flatten().map(|m| (p.key, m));
+                self.packet(
+                    ctx,
+                    &policy,
+                    usize::from(*port),
+                    pkt,
+                    now,
+                    false,
+                    &mut tally,
+                    Some((p, *h, *r)),
+                );
+                self.pick_hash = None;
+            });
+        }
         if !self.looped.is_empty() {
             self.drain_looped(ctx, &policy, now, &mut tally);
         }
