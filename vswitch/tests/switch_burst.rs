@@ -369,37 +369,86 @@ fn a_burst_sends_its_established_flows_packets_before_its_new_connections() {
     );
 }
 
+/// `f` (a frame of `to_vip`) made a first fragment: more fragments follow.
+fn first_fragment(mut f: Vec<u8>) -> Vec<u8> {
+    f[20] |= 0x20;
+    ipv4_checksum(&mut f);
+    f
+}
+
+/// The fragment that follows `first_fragment(to_vip(..))`: offset 8, the
+/// last, eight bytes of 0xee.
+fn later_fragment() -> Vec<u8> {
+    let mut f = to_vip(5000)[..34].to_vec();
+    f[16..18].copy_from_slice(&28u16.to_be_bytes());
+    f[20..22].copy_from_slice(&1u16.to_be_bytes());
+    ipv4_checksum(&mut f);
+    f.extend_from_slice(&[0xee; 8]);
+    f
+}
+
+fn ipv4_checksum(f: &mut [u8]) {
+    f[24..26].copy_from_slice(&[0, 0]);
+    let h = etherparse::Ipv4HeaderSlice::from_slice(&f[14..34])
+        .unwrap()
+        .to_header();
+    f[24..26].copy_from_slice(&h.calc_header_checksum().to_be_bytes());
+}
+
+/// Sends `frames` from the client as one burst and polls once; what the
+/// backends received, in order, each frame as (source port, tag), a later
+/// fragment as (`u16::MAX`, first byte).
+fn one_burst(r: &mut Rig, frames: &[Vec<u8>]) -> Vec<(u16, u8)> {
+    let mut b = Batch::new();
+    for f in frames {
+        b.push(r.pool.alloc_copy(f).unwrap()).unwrap();
+    }
+    assert_eq!(r.client.tx_burst(&mut b), frames.len());
+    r.worker.poll_once();
+    let mut rx = Batch::new();
+    let mut got = Vec::new();
+    for port in &mut r.dips {
+        while port.rx_burst(&mut rx) > 0 {
+            for p in rx.drain() {
+                let f = p.data();
+                got.push(if f[20] & 0x1f != 0 || f[21] != 0 {
+                    (u16::MAX, f[34])
+                } else {
+                    (u16::from_be_bytes([f[34], f[35]]), f[42])
+                });
+            }
+        }
+    }
+    got
+}
+
 #[test]
 fn a_flow_keeps_its_order_when_one_of_its_packets_waits_for_the_slow_path() {
     let mut r = rig("burst-order");
-    let mut b = Batch::new();
-    b.push(r.pool.alloc_copy(&to_vip(5000)).unwrap()).unwrap();
-    r.client.tx_burst(&mut b);
-    r.worker.poll_once();
-    received(&mut r.dips);
-    // The flow's packets tagged in order; the fourth a first fragment
-    // (more fragments follow), which goes the slow way; the packets of
-    // another established flow around them.
-    for i in 0..8u8 {
-        let mut f = to_vip_tagged(5000, 10 + i);
-        if i == 3 {
-            // Flags: more fragments; the header checksum made again.
-            f[20] |= 0x20;
-            f[24..26].copy_from_slice(&[0, 0]);
-            let h = etherparse::Ipv4HeaderSlice::from_slice(&f[14..34])
-                .unwrap()
-                .to_header();
-            f[24..26].copy_from_slice(&h.calc_header_checksum().to_be_bytes());
-        }
-        b.push(r.pool.alloc_copy(&f).unwrap()).unwrap();
-    }
-    assert_eq!(r.client.tx_burst(&mut b), 8);
-    r.worker.poll_once();
-    let got: Vec<u8> = received(&mut r.dips)
-        .concat()
-        .iter()
-        .filter(|p| p.0 == 5000)
-        .map(|p| p.1)
-        .collect();
-    assert_eq!(got, (10..18).collect::<Vec<u8>>());
+    one_burst(&mut r, &[to_vip(5000), to_vip(5001)]);
+    // Flow 5000's packets tagged in order, the fourth a first fragment,
+    // which goes the slow way; flow 5001's among them, all hits.
+    let t = to_vip_tagged;
+    let burst = [
+        t(5000, 10),
+        t(5001, 30),
+        t(5000, 11),
+        first_fragment(t(5000, 12)),
+        t(5001, 31),
+        t(5000, 13),
+        t(5000, 14),
+        t(5001, 32),
+    ];
+    let got = one_burst(&mut r, &burst);
+    let flow = |got: &[(u16, u8)], sport: u16| -> Vec<u8> {
+        got.iter().filter(|p| p.0 == sport).map(|p| p.1).collect()
+    };
+    assert_eq!(flow(&got, 5000), [10, 11, 12, 13, 14], "{got:?}");
+    assert_eq!(flow(&got, 5001), [30, 31, 32], "{got:?}");
+    // The rest of that datagram, and the flow's next packet after it: the
+    // fragment has no ports to tell its flow by, and still leaves first.
+    let got = one_burst(&mut r, &[later_fragment(), t(5000, 15), t(5001, 33)]);
+    let of_5000: Vec<(u16, u8)> = got.iter().copied().filter(|p| p.0 != 5001).collect();
+    assert_eq!(of_5000, [(u16::MAX, 0xee), (5000, 15)], "{got:?}");
+    assert_eq!(flow(&got, 5001), [33], "{got:?}");
 }

@@ -1183,14 +1183,19 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
         // every slow path of the burst. The rest (misses, fragments, stale
         // flows, a SYN on a cached flow) follow, in their order; so does
         // every packet of a flow one of them belongs to (the same flow
-        // hash), which keeps each flow's packets in order. Refused and
+        // hash; after a later fragment, whose key has no ports, every
+        // packet), which keeps each flow's packets in order. Refused and
         // malformed frames are dropped where they are; under a live trace
         // the burst goes in its order, one packet at a time. (Each packet
         // moved out whole: `drain_each`.)
+        const _: () = assert!(N <= 256, "a burst's positions are kept in a u8");
         let mut later: Batch<B> = Batch::new();
         let mut later_at = [0u8; N];
         let mut later_hash = [0u64; N];
         let mut deferred = 0;
+        // A later fragment carries no ports: its hash is not its flow's.
+        // Once one waits, so does the rest of the burst.
+        let mut all_wait = false;
         let mut i = 0;
         pkts.drain_each(|pkt| {
             let at = i;
@@ -1243,6 +1248,7 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                     let pkt = if r.is_some()
                         && !p.frag.is_first()
                         && !p.frag.is_later()
+                        && !all_wait
                         && (deferred == 0
                             || !later_hash.get(..deferred).is_some_and(|d| d.contains(h)))
                     {
@@ -1261,6 +1267,7 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                             (*a, *d) = (at as u8, *h);
                         }
                         deferred += 1;
+                        all_wait |= p.frag.is_later();
                         let _ = later.push(pkt);
                         return;
                     }
@@ -1282,7 +1289,7 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
             }
         });
         if !later.is_empty() {
-            // The hits' packets leave now, if any went before the rest.
+            // What went before the rest leaves now.
             if later.len() < n {
                 ctx.flush();
             }
