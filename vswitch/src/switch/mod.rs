@@ -730,6 +730,26 @@ impl<B: PacketBuf> Switch<B> {
         Err(pkt)
     }
 
+    /// A packet of a burst that is no hit: [`Switch::packet`], with the
+    /// burst's lookup and the Maglev hash its stages computed, if any.
+    #[allow(clippy::too_many_arguments)]
+    fn burst_slow(
+        &mut self,
+        ctx: &mut Ctx<'_, B>,
+        policy: &Policy,
+        in_port: usize,
+        pkt: B,
+        pre: Pre<'_>,
+        pick: Option<lb::PickHash>,
+        now: u64,
+        tally: &mut (u64, u64, u64),
+    ) {
+        self.pick_hash = pick.map(|m| (pre.0.key, m));
+        self.packet(ctx, policy, in_port, pkt, now, false, tally, Some(pre));
+        // (None left for a packet that did not take it.)
+        self.pick_hash = None;
+    }
+
     /// One packet received on `in_port`; `owned` when placement already
     /// chose this worker (a packet from the mailbox).
     #[inline]
@@ -1271,19 +1291,8 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                         let _ = later.push(pkt);
                         return;
                     }
-                    self.pick_hash = pick.get(at).copied().flatten().map(|m| (p.key, m));
-                    self.packet(
-                        ctx,
-                        &policy,
-                        port,
-                        pkt,
-                        now,
-                        false,
-                        &mut tally,
-                        Some((p, *h, *r)),
-                    );
-                    // (None left for a packet that did not take it.)
-                    self.pick_hash = None;
+                    let m = pick.get(at).copied().flatten();
+                    self.burst_slow(ctx, &policy, port, pkt, (p, *h, *r), m, now, &mut tally);
                 }
                 Err(e) => ctx.drop_packet(pkt, DropReason::Malformed(*e)),
             }
@@ -1303,18 +1312,9 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                     drop(pkt);
                     return;
                 };
-                self.pick_hash = pick.get(at).copied().flatten().map(|m| (p.key, m));
-                self.packet(
-                    ctx,
-                    &policy,
-                    usize::from(*port),
-                    pkt,
-                    now,
-                    false,
-                    &mut tally,
-                    Some((p, *h, *r)),
-                );
-                self.pick_hash = None;
+                let m = pick.get(at).copied().flatten();
+                let port = usize::from(*port);
+                self.burst_slow(ctx, &policy, port, pkt, (p, *h, *r), m, now, &mut tally);
             });
         }
         if !self.looped.is_empty() {
