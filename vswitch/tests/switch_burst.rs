@@ -137,6 +137,44 @@ struct Rig {
 }
 
 fn rig(name: &str) -> Rig {
+    rig_recording(name, None)
+}
+
+/// The tags (first payload byte) of each `tx_burst` call on the switch's
+/// backend ports, in order, with the backend's number.
+type Calls = Arc<std::sync::Mutex<Vec<(usize, Vec<u8>)>>>;
+
+/// A switch port that records the tags of each burst it is given to send.
+struct Recording {
+    inner: RingPort<PoolBuf>,
+    dip: usize,
+    calls: Calls,
+}
+
+impl Port for Recording {
+    type Buf = PoolBuf;
+
+    fn info(&self) -> &LinkInfo {
+        self.inner.info()
+    }
+
+    fn stats(&self) -> &Arc<dataplane::PortStats> {
+        self.inner.stats()
+    }
+
+    fn rx_burst(&mut self, batch: &mut Batch<PoolBuf>) -> usize {
+        self.inner.rx_burst(batch)
+    }
+
+    fn tx_burst(&mut self, batch: &mut Batch<PoolBuf>) -> usize {
+        let tags = batch.iter().map(|p| p.data()[42]).collect();
+        self.calls.lock().unwrap().push((self.dip, tags));
+        self.inner.tx_burst(batch)
+    }
+}
+
+/// [`rig`], its backend ports recording each call into `calls` if given.
+fn rig_recording(name: &str, calls: Option<Calls>) -> Rig {
     let mut cfg = PoolConfig::new(name, 1024);
     cfg.huge = HugePages::Never;
     let pool = Pool::new(&cfg).unwrap();
@@ -152,7 +190,14 @@ fn rig(name: &str) -> Rig {
     for b in 0..3 {
         let (d, s) = ring::pair(l(&format!("dip{b}")), l(&format!("sw-dip{b}")), 256);
         dips.push(d);
-        ports.push(Box::new(s));
+        match &calls {
+            Some(calls) => ports.push(Box::new(Recording {
+                inner: s,
+                dip: b,
+                calls: calls.clone(),
+            })),
+            None => ports.push(Box::new(s)),
+        }
     }
     let (wire, sw_wire) = ring::pair(l("wire"), l("sw-wire"), 256);
     ports.push(Box::new(sw_wire));
@@ -324,7 +369,8 @@ fn received(dips: &mut [RingPort<PoolBuf>]) -> Vec<Vec<(u16, u8)>> {
 
 #[test]
 fn a_burst_sends_its_established_flows_packets_before_its_new_connections() {
-    let mut r = rig("burst-first");
+    let calls = Calls::default();
+    let mut r = rig_recording("burst-first", Some(calls.clone()));
     // Four established flows.
     let mut b = Batch::new();
     for sport in 5000..5004 {
@@ -345,8 +391,14 @@ fn a_burst_sends_its_established_flows_packets_before_its_new_connections() {
         b.push(r.pool.alloc_copy(&f).unwrap()).unwrap();
     }
     assert_eq!(r.client.tx_burst(&mut b), BURST);
+    calls.lock().unwrap().clear();
     r.worker.poll_once();
     assert_eq!(r.stats.slow_path.load(Ordering::Relaxed) - slow, 24);
+    // The established flows' packets were sent on their own, before any
+    // new connection's was: the first calls carry all eight of them.
+    let calls = calls.lock().unwrap().clone();
+    let hits = calls.iter().take_while(|c| c.1.iter().all(|&t| t == 2));
+    assert_eq!(hits.map(|c| c.1.len()).sum::<usize>(), 8, "{calls:?}");
     let got = received(&mut r.dips);
     assert_eq!(got.iter().map(Vec::len).sum::<usize>(), BURST);
     // The worker counted what left before the slow path and after it.
