@@ -1202,8 +1202,8 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
         // established flows' packets in it by the hits before them, not by
         // every slow path of the burst. The rest (misses, fragments, stale
         // flows, a SYN on a cached flow) follow, in their order; so does
-        // every packet of a flow one of them belongs to (the same flow
-        // hash; after a later fragment, whose key has no ports, every
+        // every later packet with the hash of one of them (colliding flows
+        // too; after a later fragment, whose key has no ports, every later
         // packet), which keeps each flow's packets in order. Refused and
         // malformed frames are dropped where they are; under a live trace
         // the burst goes in its order, one packet at a time. (Each packet
@@ -1212,7 +1212,6 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
         let mut later: Batch<B> = Batch::new();
         let mut later_at = [0u8; N];
         let mut later_hash = [0u64; N];
-        let mut deferred = 0;
         // A later fragment carries no ports: its hash is not its flow's.
         // Once one waits, so does the rest of the burst.
         let mut all_wait = false;
@@ -1269,8 +1268,8 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                         && !p.frag.is_first()
                         && !p.frag.is_later()
                         && !all_wait
-                        && (deferred == 0
-                            || !later_hash.get(..deferred).is_some_and(|d| d.contains(h)))
+                        && (later.is_empty()
+                            || !later_hash.get(..later.len()).is_some_and(|d| d.contains(h)))
                     {
                         match self.hit(ctx, &policy, pkt, (p, *h, *r), port as u16, now, &mut tally)
                         {
@@ -1281,12 +1280,10 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                         pkt
                     };
                     if live.is_none() {
-                        if let (Some(a), Some(d)) =
-                            (later_at.get_mut(deferred), later_hash.get_mut(deferred))
-                        {
+                        let k = later.len();
+                        if let (Some(a), Some(d)) = (later_at.get_mut(k), later_hash.get_mut(k)) {
                             (*a, *d) = (at as u8, *h);
                         }
-                        deferred += 1;
                         all_wait |= p.frag.is_later();
                         let _ = later.push(pkt);
                         return;
