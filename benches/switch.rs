@@ -776,6 +776,10 @@ impl Port for Stamped {
         }
         self.inner.tx_burst(batch)
     }
+
+    fn kick(&mut self) {
+        self.inner.kick()
+    }
 }
 
 /// `SWITCH_BENCH_STORM=<rigs>`: established flows' packets in a storm of

@@ -1004,6 +1004,9 @@ impl<B: PacketBuf> Port for Released<B> {
             .add(dataplane::DropReason::LinkDown, n as u64);
         0
     }
+
+    /// (Nothing waits: what it is given is dropped.)
+    fn kick(&mut self) {}
 }
 
 /// The devices of `cfg`'s DPDK ports that a successor opens itself (all

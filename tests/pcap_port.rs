@@ -275,3 +275,38 @@ fn worker_forwards_pcap_to_pcap_and_tcpdump_checks_checksums() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A running worker's pcap output holds what it sent so far, though the
+/// file's buffer is far from full and no more frames come: the worker's
+/// periodic kick writes it out.
+#[test]
+fn a_running_workers_pcap_output_holds_what_it_sent() {
+    let dir = tmpdir("pcap-kick");
+    let (inp, out) = (dir.join("in.pcap"), dir.join("out.pcap"));
+    let frames: Vec<_> = (0..20u16).map(|i| udp_frame(20000 + i, 32)).collect();
+    write_capture(&inp, &frames);
+    let pool = pool("pcap-kick");
+    let mac = MacAddr([2, 0, 0, 0, 0, 9]);
+    let rx = PcapPort::open("in", mac, Some(&inp), None, pool).unwrap();
+    let tx = PcapPort::open("out", mac, None, Some(&out), pool).unwrap();
+    let worker = Worker::new("pcap-k", None, vec![Box::new(rx), Box::new(tx)], Dnat);
+    let stop = worker.stop_flag();
+    let h = worker.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut written = 0;
+    while written < 20 {
+        assert!(
+            Instant::now() < deadline,
+            "the output held {written} of the 20 frames sent"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+        // (Nothing at all, not even the file's header, until a first write.)
+        if std::fs::metadata(&out).unwrap().len() > 0 {
+            written = read_capture(&out).len();
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    drop(h.join().unwrap().unwrap());
+    assert_eq!(read_capture(&out).len(), 20);
+    let _ = std::fs::remove_dir_all(&dir);
+}

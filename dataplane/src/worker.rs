@@ -3,7 +3,9 @@
 //! A [`Worker`] owns a set of ports and a [`Pipeline`]. It polls every port
 //! with `rx_burst`, hands each non-empty burst to the pipeline, which sends
 //! packets through a [`Ctx`] into per-output-port transmit batches, and flushes
-//! those with `tx_burst` after every burst. It stops when its stop flag is set.
+//! those with `tx_burst` after every burst. Every few polls it kicks each
+//! port (`Port::kick`), so that frames a kernel refused to take wait for no
+//! new traffic. It stops when its stop flag is set.
 //! Ports are called through `dyn Port` once per burst; the pipeline is a
 //! generic parameter, so there is no per-packet dynamic dispatch.
 
@@ -264,6 +266,11 @@ impl Tally {
 /// Polls between two publications of the counters.
 const PUBLISH_EVERY: u32 = 256;
 
+/// Polls between two kicks of every port ([`Port::kick`]: frames a
+/// device did not take from an earlier burst are offered again though no
+/// new one comes). A divisor of `PUBLISH_EVERY`.
+const KICK_EVERY: u32 = 64;
+
 /// Empty polls in a row after which a worker with an idle sleep sleeps.
 pub const IDLE_POLLS_BEFORE_SLEEP: u32 = 64;
 
@@ -383,6 +390,11 @@ impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
             t.idle_ticks += dt;
         }
         t.since_publish += 1;
+        if t.since_publish.is_multiple_of(KICK_EVERY) {
+            for p in &mut self.ports {
+                p.kick();
+            }
+        }
         if t.since_publish == PUBLISH_EVERY {
             self.publish();
         }

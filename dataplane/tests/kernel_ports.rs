@@ -11,9 +11,10 @@
 //! CI it fails).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
-use dataplane::pool::{Pool, PoolConfig};
+use dataplane::pool::{Pool, PoolBuf, PoolConfig};
 use dataplane::port::af_packet::AfPacketPort;
 use dataplane::port::af_xdp::AfXdpPort;
+use dataplane::worker::{Ctx, Pipeline, PortBox, Worker};
 use dataplane::{Batch, MacAddr, PacketBuf, Port, parse, rewrite};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -371,6 +372,67 @@ fn an_xdp_socket_sends_again_after_its_link_was_down() {
     let pool = Pool::new(&PoolConfig::new("xdp-down", 8192)).unwrap();
     let mut port = AfXdpPort::open("veth", &net.host, 0, pool).unwrap();
     sends_again_after_the_link_was_down(&net, &mut port, pool);
+}
+
+/// A pipeline that drops whatever it receives.
+struct Ignore;
+
+impl Pipeline<PoolBuf> for Ignore {
+    fn process(&mut self, _: &mut Ctx<'_, PoolBuf>, _: usize, pkts: &mut Batch<PoolBuf>) {
+        pkts.clear();
+    }
+}
+
+/// Frames queued while the link was down leave once it is back up though
+/// the port is given nothing new to send: its worker kicks it as it polls
+/// (`Port::kick`).
+fn stranded_frames_leave_with_no_new_traffic(net: &Netns, port: PortBox<PoolBuf>, pool: Pool) {
+    let mut port = port;
+    sh(&["ip", "link", "set", &net.host, "down"]);
+    for _ in 0..4 {
+        port.tx_burst(&mut throwaway_frames(pool));
+    }
+    sh(&["ip", "link", "set", &net.host, "up"]);
+    let end = Instant::now() + Duration::from_secs(10);
+    let state = format!("/sys/class/net/{}/operstate", net.host);
+    while std::fs::read_to_string(&state).unwrap().trim() != "up" {
+        assert!(Instant::now() < end, "{} never came up", net.host);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let before = ns_rx_packets(net);
+    let mut worker = Worker::new("kick", None, vec![port], Ignore);
+    while ns_rx_packets(net) < before + 4 * 32 {
+        assert!(
+            Instant::now() < end,
+            "the namespace received {} of the 128 frames queued while the link was down",
+            ns_rx_packets(net) - before
+        );
+        for _ in 0..1000 {
+            worker.poll_once();
+        }
+    }
+}
+
+#[test]
+fn a_packet_socket_sends_what_it_queued_while_down_with_no_new_traffic() {
+    if !testkit::require::root_and(&["ip"]) {
+        return;
+    }
+    let net = Netns::new("k");
+    let pool = Pool::new(&PoolConfig::new("afp-kick", 4096)).unwrap();
+    let port = AfPacketPort::open("veth", &net.host, pool).unwrap();
+    stranded_frames_leave_with_no_new_traffic(&net, Box::new(port), pool);
+}
+
+#[test]
+fn an_xdp_socket_sends_what_it_queued_while_down_with_no_new_traffic() {
+    if !testkit::require::root_and(&["ip"]) {
+        return;
+    }
+    let net = Netns::new("z");
+    let pool = Pool::new(&PoolConfig::new("xdp-kick", 4096)).unwrap();
+    let port = AfXdpPort::open("veth", &net.host, 0, pool).unwrap();
+    stranded_frames_leave_with_no_new_traffic(&net, Box::new(port), pool);
 }
 
 /// The UDP payloads `seq N` among the frames of `rx`.

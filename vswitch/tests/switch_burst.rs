@@ -171,6 +171,10 @@ impl Port for Recording {
         self.calls.lock().unwrap().push((self.dip, tags));
         self.inner.tx_burst(batch)
     }
+
+    fn kick(&mut self) {
+        self.inner.kick()
+    }
 }
 
 /// [`rig`], its backend ports recording each call into `calls` if given.

@@ -127,6 +127,9 @@ pub struct AfPacketPort {
     /// (before the socket closes).
     _map: Mapping,
     fd: OwnedFd,
+    /// The last kick failed: frames marked to send may wait in the tx ring
+    /// for the next ([`Port::kick`]).
+    stranded: bool,
 }
 
 // SAFETY: the rings' raw pointers point into `map`, which this port owns
@@ -255,6 +258,7 @@ impl AfPacketPort {
             pool,
             _map: map,
             fd: owned,
+            stranded: false,
             rx: Ring {
                 base,
                 frame_size: size.frame_size,
@@ -368,6 +372,9 @@ impl AfPacketPort {
             pool,
             _map: map,
             fd: h.fd,
+            // Frames the predecessor marked and could not hand the kernel
+            // go at the first kick.
+            stranded: true,
             rx: Ring {
                 base,
                 frame_size: h.frame_size,
@@ -415,6 +422,33 @@ impl AfPacketPort {
             h.tp_snaplen as usize,
             h.tp_len as usize,
         )
+    }
+}
+
+impl AfPacketPort {
+    /// Tells the kernel to transmit the tx slots marked SEND_REQUEST
+    /// (without waiting), noting whether it left any.
+    fn send_marked(&mut self) {
+        // SAFETY: a zero-length send on our own socket: it tells the
+        // kernel to transmit the slots marked SEND_REQUEST.
+        let r = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                std::ptr::null(),
+                0,
+                libc::MSG_DONTWAIT,
+                std::ptr::null(),
+                0,
+            )
+        };
+        let _ = r;
+        // The kernel takes the marked slots in ring order and stops at the
+        // first it cannot (its send buffer full: EAGAIN, or the whole
+        // call refused: ENETDOWN), so some are left exactly when the last
+        // one marked is.
+        let last = (self.tx.next + self.tx.frames - 1) % self.tx.frames;
+        self.stranded =
+            self.tx.status(last).load(Ordering::Acquire) & libc::TP_STATUS_SEND_REQUEST != 0;
     }
 }
 
@@ -540,24 +574,20 @@ impl Port for AfPacketPort {
         // marked, for the next kick to send. A ring full of them has no
         // room for a new frame to kick for: kick then too, or the port
         // would never send again once the kernel could take them.
+        // While the kernel cannot take them the ring fills and new frames
+        // count as `tx_queue_full`: nothing is lost uncounted. What a failed
+        // kick left goes at the next one, or at the worker's `kick` if no
+        // new frame comes.
         if n > 0 || full {
-            // SAFETY: a zero-length send on our own socket: it tells the
-            // kernel to transmit the slots marked SEND_REQUEST.
-            let r = unsafe {
-                libc::sendto(
-                    self.fd.as_raw_fd(),
-                    std::ptr::null(),
-                    0,
-                    libc::MSG_DONTWAIT,
-                    std::ptr::null(),
-                    0,
-                )
-            };
-            // While the kernel cannot take them the ring fills and new
-            // frames count as `tx_queue_full`: nothing is lost uncounted.
-            let _ = r;
+            self.send_marked();
         }
         self.stats.count_tx(n as u64, bytes);
         n
+    }
+
+    fn kick(&mut self) {
+        if self.stranded {
+            self.send_marked();
+        }
     }
 }

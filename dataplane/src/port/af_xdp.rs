@@ -557,6 +557,24 @@ impl AfXdpPort {
     }
 
     /// Moves completed tx frames back to the free list.
+    /// Posts the descriptors written so far and tells the kernel to
+    /// transmit them (without waiting).
+    fn send_posted(&mut self) {
+        self.tx.prod().store(self.tx.mine, Ordering::Release);
+        // SAFETY: a zero-length send on our own socket: it tells the
+        // kernel to transmit the posted descriptors.
+        let _ = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                std::ptr::null(),
+                0,
+                libc::MSG_DONTWAIT,
+                std::ptr::null(),
+                0,
+            )
+        };
+    }
+
     fn reap(&mut self) {
         let prod = self.comp.prod().load(Ordering::Acquire);
         while self.comp.mine != prod {
@@ -742,21 +760,16 @@ impl Port for AfXdpPort {
         // for: kick while any are left, or the port would never send again
         // once the kernel could take them.
         if n > 0 || self.tx.mine != cons {
-            self.tx.prod().store(self.tx.mine, Ordering::Release);
-            // SAFETY: a zero-length send on our own socket: it tells the
-            // kernel to transmit the posted descriptors.
-            let _ = unsafe {
-                libc::sendto(
-                    self.fd.as_raw_fd(),
-                    std::ptr::null(),
-                    0,
-                    libc::MSG_DONTWAIT,
-                    std::ptr::null(),
-                    0,
-                )
-            };
+            self.send_posted();
             self.stats.count_tx(n as u64, bytes);
         }
         n
+    }
+
+    fn kick(&mut self) {
+        self.reap();
+        if self.tx.mine != self.tx.cons().load(Ordering::Acquire) {
+            self.send_posted();
+        }
     }
 }

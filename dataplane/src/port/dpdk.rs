@@ -1121,6 +1121,9 @@ impl Port for DpdkPort {
         self.stats.count_tx(sent as u64, bytes);
         sent
     }
+
+    /// (Nothing waits: what `rte_eth_tx_burst` does not take is dropped.)
+    fn kick(&mut self) {}
 }
 
 #[cfg(test)]

@@ -242,6 +242,15 @@ pub trait Port: Send {
     /// Sends every packet of `batch` (leaving it empty); returns how many went out.
     fn tx_burst(&mut self, batch: &mut Batch<Self::Buf>) -> usize;
 
+    /// Hands the device again what earlier bursts queued that it did not
+    /// take (a kernel that refused a kick: its send buffer held by frames
+    /// not yet delivered, the link down). The worker calls it every few
+    /// polls, whether or not the port has anything new to send, so that
+    /// such frames do not wait for the port's next burst. Cheap when
+    /// nothing waits. (No default: a port that wraps another must pass it
+    /// on.)
+    fn kick(&mut self);
+
     /// What a successor process needs to go on with this port where it
     /// stands (a hitless upgrade), on a port no worker polls any more:
     /// `None` for drivers that cannot hand over (the successor reopens
@@ -296,6 +305,10 @@ impl<P: Port + ?Sized> Port for Box<P> {
     #[inline]
     fn tx_burst(&mut self, batch: &mut Batch<Self::Buf>) -> usize {
         (**self).tx_burst(batch)
+    }
+
+    fn kick(&mut self) {
+        (**self).kick()
     }
 
     fn handover(&self) -> Option<std::io::Result<Handover>> {

@@ -227,4 +227,17 @@ impl Port for PcapPort {
         }
         sent as usize
     }
+
+    /// Writes out what the file's buffer holds, so that readers of the
+    /// output see the frames sent so far though no new ones come.
+    fn kick(&mut self) {
+        if let Some(w) = self.writer.as_mut()
+            && !w.buffer().is_empty()
+        {
+            // A failed write leaves the records buffered for the next
+            // attempt; one that fails for good fails the next burst's
+            // records too, which are counted `tx_io_error`.
+            let _ = w.flush();
+        }
+    }
 }
