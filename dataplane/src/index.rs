@@ -25,17 +25,12 @@ use platform::HugeVec;
 /// Ways per bucket.
 pub const WAYS: usize = 8;
 
-/// 1 in every 16-bit lane of a `u128`.
-const LANE_LO: u128 = 0x0001_0001_0001_0001_0001_0001_0001_0001;
-/// The top bit of every 16-bit lane.
-const LANE_HI: u128 = LANE_LO << 15;
-
-/// The top bit of every lane of `sigs` that may equal `sig`: every lane
-/// that does, and possibly lanes above one that does (a borrow).
+/// The ways of a bucket whose signature is `sig`: bit `w` for way `w`,
+/// found in one compare (which way holds an entry is random, and a loop
+/// stopping there would mispredict its exit on most lookups).
 #[inline(always)]
-fn candidates(sigs: u128, sig: u16) -> u128 {
-    let x = sigs ^ (u128::from(sig) * LANE_LO);
-    x.wrapping_sub(LANE_LO) & !x & LANE_HI
+fn matching(sigs: u128, sig: u16) -> u32 {
+    platform::lanes_equal(sigs, sig)
 }
 
 /// Lane `w` of `sigs`.
@@ -179,14 +174,11 @@ impl KeyIndex {
         let Some(bucket) = self.buckets.get(hash as usize & self.mask) else {
             return;
         };
-        let sig = sig(hash);
-        let mut m = candidates(bucket.sigs, sig);
+        let mut m = matching(bucket.sigs, sig(hash));
         while m != 0 {
-            let w = (m.trailing_zeros() / 16) as usize;
+            let w = m.trailing_zeros() as usize;
             m &= m - 1;
-            if lane(bucket.sigs, w) == sig
-                && let Some(&v) = bucket.value.get(w)
-            {
+            if let Some(&v) = bucket.value.get(w) {
                 f(v);
             }
         }
@@ -200,20 +192,12 @@ impl KeyIndex {
         let mut b = hash as usize & self.mask;
         for _ in 0..self.buckets.len() {
             let bucket = self.buckets.get(b)?;
-            // The ways whose signature matches, found in one go (SWAR:
-            // lanes of `x` that are zero): which way holds the entry is
-            // random, and a loop stopping there would mispredict its exit
-            // on most lookups. A lane above a match may show a false match
-            // (borrow), never a missed one; each is checked exactly.
-            let mut m = candidates(bucket.sigs, sig);
+            // (A signature is never 0, so no empty way, whose value is
+            // stale, matches.)
+            let mut m = matching(bucket.sigs, sig);
             while m != 0 {
-                let w = (m.trailing_zeros() / 16) as usize;
+                let w = m.trailing_zeros() as usize;
                 m &= m - 1;
-                if lane(bucket.sigs, w) != sig {
-                    // A false match: possibly an empty way, whose value is
-                    // stale.
-                    continue;
-                }
                 if let Some(&v) = bucket.value.get(w)
                     && is_key(v)
                 {
@@ -388,26 +372,23 @@ mod tests {
     }
 
     proptest! {
-        /// The SWAR match finds every lane equal to the signature (false
-        /// candidates allowed, misses not), including signatures of 1,
-        /// where an empty lane above a match becomes a false candidate.
+        /// The ways matching a signature are exactly the lanes equal to it
+        /// (empty lanes, 0, never match: a signature is at least 1).
         #[test]
-        fn signature_match_misses_no_lane(
+        fn signature_match_is_exact(
             lanes in proptest::array::uniform8(prop_oneof![Just(0u16), Just(1u16), Just(2u16), any::<u16>()]),
-            sig in prop_oneof![Just(1u16), Just(2u16), 1..=u16::MAX],
+            s in prop_oneof![Just(1u16), Just(2u16), 1..=u16::MAX],
         ) {
             let sigs = lanes
                 .iter()
                 .enumerate()
                 .fold(0u128, |a, (w, &x)| a | u128::from(x) << (16 * w));
-            let c = candidates(sigs, sig);
+            let m = matching(sigs, s);
             for (w, &x) in lanes.iter().enumerate() {
                 prop_assert_eq!(lane(sigs, w), x);
-                if x == sig {
-                    prop_assert!(c >> (16 * w + 15) & 1 == 1, "lane {} missed", w);
-                }
+                prop_assert_eq!(m >> w & 1 == 1, x == s, "lane {}", w);
             }
-            prop_assert_eq!(c & !LANE_HI, 0);
+            prop_assert_eq!(m >> WAYS, 0);
         }
     }
 

@@ -7,8 +7,10 @@
 //! [`HugeVec`] (a growable array of `Copy` values in an anonymous mapping
 //! that the kernel is asked to back with 2 MiB transparent huge pages) and
 //! [`drain_each`] (a burst's values moved out whole, not one `Option` at a
-//! time), and [`advise_huge`] (huge-page advice for a large array that
-//! lives elsewhere, such as a `Vec`'s reserved capacity).
+//! time), [`advise_huge`] (huge-page advice for a large array that
+//! lives elsewhere, such as a `Vec`'s reserved capacity), and
+//! [`lanes_equal`] (which 16-bit lanes of a 128-bit word hold a value: one
+//! SSE2 compare, for the hash index's bucket signatures).
 //!
 //! Must not touch: DPDK (that is `dpdk-sys`), packets, policy. Nothing here
 //! allocates on its own after construction except [`HugeVec::push`] past
@@ -77,6 +79,36 @@ fn prefetch_lines(start: *const u8, bytes: usize) {
     let bytes = bytes.max(1);
     for off in (0..lead + bytes).step_by(LINE) {
         prefetch_line(start.wrapping_add(off));
+    }
+}
+
+/// The 16-bit lanes of `lanes` (lane `w` in bits `16 w ..`) that equal
+/// `v`: bit `w` set for each. One vector compare on x86_64 (`core::arch`
+/// needs `unsafe` for it, and the compiler does not vectorize the portable
+/// loop without a newer CPU target); the loop elsewhere.
+#[inline(always)]
+pub fn lanes_equal(lanes: u128, v: u16) -> u32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{
+            _mm_cmpeq_epi16, _mm_movemask_epi8, _mm_packs_epi16, _mm_set_epi64x, _mm_set1_epi16,
+            _mm_setzero_si128,
+        };
+        // SAFETY: SSE2 is part of the x86_64 baseline, so the instructions
+        // exist; they only compute on registers.
+        unsafe {
+            let x = _mm_set_epi64x((lanes >> 64) as i64, lanes as i64);
+            let eq = _mm_cmpeq_epi16(x, _mm_set1_epi16(v as i16));
+            // Each 16-bit result (0 or -1) narrowed to a byte, so the mask
+            // has one bit per lane.
+            (_mm_movemask_epi8(_mm_packs_epi16(eq, _mm_setzero_si128())) & 0xff) as u32
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        (0..8).fold(0, |m, w| {
+            m | u32::from((lanes >> (16 * w)) as u16 == v) << w
+        })
     }
 }
 
@@ -634,6 +666,25 @@ impl<T: Copy + fmt::Debug> fmt::Debug for HugeVec<T> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    proptest! {
+        /// Lane by lane, as shifting and comparing says; the lanes drawn
+        /// from few values so that several match at once.
+        #[test]
+        fn lanes_equal_marks_exactly_the_equal_lanes(
+            lanes in proptest::array::uniform8(0u16..4),
+            v in 0u16..4,
+            high in any::<u16>(),
+        ) {
+            let lanes = lanes.map(|l| if l == 3 { high } else { l });
+            let word = lanes
+                .iter()
+                .enumerate()
+                .fold(0u128, |x, (w, l)| x | u128::from(*l) << (16 * w));
+            let want = (0..8).fold(0u32, |m, w| m | u32::from(lanes[w] == v) << w);
+            prop_assert_eq!(lanes_equal(word, v), want);
+        }
+    }
 
     #[test]
     fn advise_huge_takes_a_large_reservation_and_skips_a_small_one() {
