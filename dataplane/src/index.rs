@@ -52,8 +52,8 @@ fn sig(hash: u64) -> u16 {
 #[derive(Debug, Clone, Copy, Default, bytemuck::Zeroable)]
 #[repr(C, align(64))]
 struct Bucket {
-    /// Eight 16-bit lanes, way `w` in bits `16 w ..`: one compare (SWAR)
-    /// finds the ways matching a signature.
+    /// Eight 16-bit lanes, way `w` in bits `16 w ..`: one vector compare
+    /// (`platform::lanes_equal`) finds the ways matching a signature.
     sigs: u128,
     value: [u32; WAYS],
     overflow: u32,

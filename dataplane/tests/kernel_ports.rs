@@ -52,6 +52,13 @@ impl Netns {
         sh(&[
             "ip", "link", "add", &n.host, "type", "veth", "peer", "name", "eth0", "netns", &n.ns,
         ]);
+        // (No IPv6 of its own on the host's end: the namespace's receive
+        // count then holds only what the port sent. A kernel without IPv6
+        // has no such file, and no such traffic.)
+        let _ = std::fs::write(
+            format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", n.host),
+            "1",
+        );
         sh(&["ip", "link", "set", &n.host, "up"]);
         n.exec(&["ip", "link", "set", "lo", "up"]);
         n.exec(&["ip", "addr", "add", "10.99.0.2/24", "dev", "eth0"]);
@@ -304,18 +311,66 @@ fn ns_rx_packets(net: &Netns) -> u64 {
 /// 32 broadcast frames of a local experimental EtherType: the namespace's
 /// kernel counts them received and has nothing to answer.
 fn throwaway_frames(pool: Pool) -> Batch<dataplane::pool::PoolBuf> {
+    sized_frames(pool, &[60; 32])
+}
+
+/// [`throwaway_frames`] of the given lengths.
+fn sized_frames(pool: Pool, lens: &[usize]) -> Batch<dataplane::pool::PoolBuf> {
     use dataplane::BufAlloc;
     let mut tx = Batch::new();
-    for i in 0..32u8 {
+    for (i, len) in lens.iter().enumerate() {
         let mut buf = pool.alloc_buf().unwrap();
-        let room = buf.append(60).unwrap();
-        room.fill(i);
+        let room = buf.append(*len).unwrap();
+        room.fill(i as u8);
         room[..6].copy_from_slice(&[0xff; 6]);
         room[6..12].copy_from_slice(&ME.0);
         room[12..14].copy_from_slice(&[0x88, 0xb5]);
         tx.push(buf).unwrap();
     }
     tx
+}
+
+/// Waits until the namespace has received `n` frames more than `before`.
+fn ns_receives(net: &Netns, before: u64, n: u64, what: &str) {
+    let end = Instant::now() + Duration::from_secs(10);
+    while ns_rx_packets(net) < before + n {
+        assert!(
+            Instant::now() < end,
+            "the namespace received {} of the {n} frames {what}",
+            ns_rx_packets(net) - before
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A frame longer than the interface's MTU allows is counted
+/// `tx_oversize` and does not hold back the frames after it; nor does one
+/// the kernel refuses after the MTU was lowered under the port (it
+/// discards it: `PACKET_LOSS`).
+#[test]
+fn a_packet_socket_drops_a_frame_too_long_for_the_link_and_goes_on() {
+    if !testkit::require::root_and(&["ip"]) {
+        return;
+    }
+    let net = Netns::new("m");
+    let pool = Pool::new(&PoolConfig::new("afp-mtu", 1024)).unwrap();
+    let mut port = AfPacketPort::open("veth", &net.host, pool).unwrap();
+    assert_eq!(port.info().mtu, 1500);
+    let before = ns_rx_packets(&net);
+    port.tx_burst(&mut sized_frames(pool, &[60, 60, 60, 1600, 60, 60, 60]));
+    ns_receives(&net, before, 6, "around one of 1600 bytes");
+    assert_eq!(port.stats().drops.get(dataplane::DropReason::TxOversize), 1);
+    sh(&["ip", "link", "set", &net.host, "mtu", "1400"]);
+    let before = ns_rx_packets(&net);
+    port.tx_burst(&mut sized_frames(pool, &[60, 60, 60, 1450, 60, 60, 60]));
+    ns_receives(
+        &net,
+        before,
+        6,
+        "around one of 1450 bytes, the MTU lowered to 1400",
+    );
+    // (Only the first was counted: the second went to the kernel.)
+    assert_eq!(port.stats().drops.get(dataplane::DropReason::TxOversize), 1);
 }
 
 /// While its interface is down a port's transmit ring fills with frames

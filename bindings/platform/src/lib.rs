@@ -1,4 +1,4 @@
-//! # platform — prefetch and huge-page-backed arrays
+//! # platform — prefetch, huge-page-backed arrays, a vector compare
 //!
 //! Owns: the `unsafe` that the switch's large tables need from the CPU and
 //! the kernel, behind safe interfaces:
@@ -106,10 +106,18 @@ pub fn lanes_equal(lanes: u128, v: u16) -> u32 {
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        (0..8).fold(0, |m, w| {
-            m | u32::from((lanes >> (16 * w)) as u16 == v) << w
-        })
+        lanes_equal_portable(lanes, v)
     }
+}
+
+/// [`lanes_equal`] without vector instructions (for other CPUs; the tests
+/// check it on every one).
+#[cfg(any(test, not(target_arch = "x86_64")))]
+#[inline(always)]
+fn lanes_equal_portable(lanes: u128, v: u16) -> u32 {
+    (0..8).fold(0, |m, w| {
+        m | u32::from((lanes >> (16 * w)) as u16 == v) << w
+    })
 }
 
 /// The prefetch instruction for the line holding address `p`.
@@ -683,6 +691,7 @@ mod tests {
                 .fold(0u128, |x, (w, l)| x | u128::from(*l) << (16 * w));
             let want = (0..8).fold(0u32, |m, w| m | u32::from(lanes[w] == v) << w);
             prop_assert_eq!(lanes_equal(word, v), want);
+            prop_assert_eq!(lanes_equal_portable(word, v), want);
         }
     }
 

@@ -14,7 +14,10 @@
 //! than a ring slot or a buffer: turn off GRO/TSO on the interfaces a VM
 //! sends through), `rx_ring_overflow` (the kernel's own count of frames lost
 //! because the rx ring was full, read when it flags a loss),
-//! `tx_queue_full` (no free tx slot) and `tx_oversize` (larger than a slot).
+//! `tx_queue_full` (no free tx slot) and `tx_oversize` (larger than a slot,
+//! or than the interface's MTU lets the kernel send). `PACKET_LOSS` has the
+//! kernel discard a frame it refuses all the same (the MTU lowered under
+//! the port) rather than stop the tx ring at it.
 //!
 //! Frames whose transport checksum the sender left to offload (the kernel
 //! marks them "checksum not ready", usual on veth and tap) are completed here
@@ -44,6 +47,11 @@ const FRAMES: usize = 2048;
 const BLOCK_SIZE: usize = 1 << 16;
 /// Where frame data starts in a tx slot (TPACKET2_HDRLEN - sizeof(sockaddr_ll)).
 const TX_DATA_OFF: usize = (std::mem::size_of::<libc::tpacket2_hdr>() + 15) & !15;
+
+/// Bytes of an Ethernet header, and of a VLAN tag: what a frame may carry
+/// beyond its interface's MTU.
+const ETH_HEADER: usize = 14;
+const VLAN_TAG: usize = 4;
 
 /// Sizes of the rings of one socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -224,6 +232,14 @@ impl AfPacketPort {
             "PACKET_VERSION",
             set_opt(fd, libc::PACKET_VERSION, &version),
         )?;
+        let loss: libc::c_int = 1;
+        // A frame the kernel refuses (longer than the interface's MTU
+        // allows, should it be lowered under the port) is discarded and
+        // the ring goes on: without this its slot is marked "wrong format"
+        // and the kernel stops there until the port writes that slot
+        // again, a whole ring later. (Before the rings: the kernel takes
+        // it only then.)
+        setup("PACKET_LOSS", set_opt(fd, libc::PACKET_LOSS, &loss))?;
         let req = libc::tpacket_req {
             tp_block_size: BLOCK_SIZE as u32,
             tp_block_nr: (size.frames * size.frame_size / BLOCK_SIZE) as u32,
@@ -533,7 +549,12 @@ impl Port for AfPacketPort {
 
     fn tx_burst(&mut self, batch: &mut Batch<PoolBuf>) -> usize {
         let (mut n, mut bytes, mut full) = (0usize, 0u64, false);
+        // The kernel refuses a frame longer than its interface's MTU plus
+        // the Ethernet header (plus a VLAN tag, if tagged): counted here,
+        // as one larger than a slot is.
         let room = self.tx.frame_size - TX_DATA_OFF;
+        let untagged = room.min(usize::from(self.info.mtu) + ETH_HEADER);
+        let tagged = room.min(untagged + VLAN_TAG);
         // By reference (the frames are copied), the buffers all freed
         // after: moving each out of the batch costs a store-forwarding
         // stall per packet (see `platform::drain_each`).
@@ -546,7 +567,11 @@ impl Port for AfPacketPort {
                 continue;
             }
             let data = pkt.data();
-            if data.len() > room {
+            let most = match data.get(12..14) {
+                Some([0x81, 0x00]) => tagged,
+                _ => untagged,
+            };
+            if data.len() > most {
                 self.stats.drops.add(DropReason::TxOversize, 1);
                 continue;
             }

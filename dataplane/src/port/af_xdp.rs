@@ -556,7 +556,6 @@ impl AfXdpPort {
         ))
     }
 
-    /// Moves completed tx frames back to the free list.
     /// Posts the descriptors written so far and tells the kernel to
     /// transmit them (without waiting).
     fn send_posted(&mut self) {
@@ -575,6 +574,7 @@ impl AfXdpPort {
         };
     }
 
+    /// Moves completed tx frames back to the free list.
     fn reap(&mut self) {
         let prod = self.comp.prod().load(Ordering::Acquire);
         while self.comp.mine != prod {
@@ -768,8 +768,21 @@ impl Port for AfXdpPort {
 
     fn kick(&mut self) {
         self.reap();
-        if self.tx.mine != self.tx.cons().load(Ordering::Acquire) {
+        // The kernel sends a bounded number of descriptors a call (its
+        // `max_tx_budget`, 32 by default, in copy mode): a ring's backlog
+        // takes calls until none are left or one takes none.
+        let mut cons = self.tx.cons().load(Ordering::Acquire);
+        for _ in 0..RING / 16 {
+            if self.tx.mine == cons {
+                break;
+            }
             self.send_posted();
+            let now = self.tx.cons().load(Ordering::Acquire);
+            if now == cons {
+                break;
+            }
+            cons = now;
         }
+        self.reap();
     }
 }

@@ -244,7 +244,8 @@ pub trait Port: Send {
 
     /// Hands the device again what earlier bursts queued that it did not
     /// take (a kernel that refused a kick: its send buffer held by frames
-    /// not yet delivered, the link down). The worker calls it every few
+    /// not yet delivered, the link down), or what the driver holds
+    /// buffered (a pcap file's writer). The worker calls it every few
     /// polls, whether or not the port has anything new to send, so that
     /// such frames do not wait for the port's next burst. Cheap when
     /// nothing waits. (No default: a port that wraps another must pass it

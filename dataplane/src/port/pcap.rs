@@ -3,7 +3,7 @@
 //! (classic pcap, Ethernet link type, microsecond timestamps — what tcpdump and
 //! tshark read). Either side may be absent.
 //!
-//! File I/O happens inside `rx_burst`/`tx_burst`: this driver is for replaying
+//! File I/O happens inside `rx_burst`/`tx_burst`/`kick`: this driver is for replaying
 //! captures and recording output in tests and debugging, not for line rate.
 
 use super::{LinkInfo, Port, PortError};
@@ -234,9 +234,9 @@ impl Port for PcapPort {
         if let Some(w) = self.writer.as_mut()
             && !w.buffer().is_empty()
         {
-            // A failed write leaves the records buffered for the next
-            // attempt; one that fails for good fails the next burst's
-            // records too, which are counted `tx_io_error`.
+            // A failed write keeps the records in the buffer, for the next
+            // kick or burst; once the buffer has no room left, the records
+            // a burst cannot write are counted `tx_io_error`.
             let _ = w.flush();
         }
     }

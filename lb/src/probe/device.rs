@@ -31,11 +31,13 @@ impl<P: Port, A: BufAlloc<Buf = P::Buf>> PortDevice<P, A> {
         }
     }
 
-    /// Sends what smoltcp queued. Call after every `Interface::poll`.
+    /// Sends what smoltcp queued, and offers the port again what it did
+    /// not take before ([`Port::kick`]). Call after every `Interface::poll`.
     pub fn flush(&mut self) {
         if !self.tx.is_empty() {
             self.port.tx_burst(&mut self.tx);
         }
+        self.port.kick();
     }
 
     /// The port.
