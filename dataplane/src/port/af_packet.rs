@@ -15,9 +15,11 @@
 //! sends through), `rx_ring_overflow` (the kernel's own count of frames lost
 //! because the rx ring was full, read when it flags a loss),
 //! `tx_queue_full` (no free tx slot) and `tx_oversize` (larger than a slot,
-//! or than the interface's MTU lets the kernel send). `PACKET_LOSS` has the
-//! kernel discard a frame it refuses all the same (the MTU lowered under
-//! the port) rather than stop the tx ring at it.
+//! or than the interface's MTU lets the kernel send; the MTU read at open
+//! and every few kicks) and `malformed` (shorter than an Ethernet header).
+//! `PACKET_LOSS` has the kernel discard a frame it refuses all the same
+//! (the MTU lowered since it was read) rather than stop the tx ring at it;
+//! such a frame counts as sent.
 //!
 //! Frames whose transport checksum the sender left to offload (the kernel
 //! marks them "checksum not ready", usual on veth and tap) are completed here
@@ -138,6 +140,24 @@ pub struct AfPacketPort {
     /// The last kick failed: frames marked to send may wait in the tx ring
     /// for the next ([`Port::kick`]).
     stranded: bool,
+    /// The interface's name, as `SIOCGIFMTU` takes it.
+    ifname: [libc::c_char; libc::IFNAMSIZ],
+    /// Kicks so far: every [`MTU_EVERY`]th reads the interface's MTU again.
+    kicks: u32,
+}
+
+/// Kicks between two readings of the interface's MTU (a changed MTU is
+/// seen within about a thousand polls).
+const MTU_EVERY: u32 = 16;
+
+/// `iface` as an `ifreq` name (NUL-terminated, truncated to fit: a longer
+/// name names no interface anyway).
+fn ifreq_name(iface: &str) -> [libc::c_char; libc::IFNAMSIZ] {
+    let mut name = [0; libc::IFNAMSIZ];
+    for (d, s) in name.iter_mut().zip(iface.bytes().take(libc::IFNAMSIZ - 1)) {
+        *d = s as libc::c_char;
+    }
+    name
 }
 
 // SAFETY: the rings' raw pointers point into `map`, which this port owns
@@ -275,6 +295,8 @@ impl AfPacketPort {
             _map: map,
             fd: owned,
             stranded: false,
+            ifname: ifreq_name(iface),
+            kicks: 0,
             rx: Ring {
                 base,
                 frame_size: size.frame_size,
@@ -311,6 +333,8 @@ impl AfPacketPort {
         mreq.mr_type = libc::PACKET_MR_PROMISC as u16;
         set_opt(fd, libc::PACKET_ADD_MEMBERSHIP, &mreq)
             .map_err(|e| err(format!("promiscuous mode on {iface:?}: {e}")))?;
+        let mut port = port;
+        port.read_mtu();
         Ok(port)
     }
 
@@ -382,7 +406,7 @@ impl AfPacketPort {
             ))
         })?;
         let base = map.as_ptr();
-        Ok(AfPacketPort {
+        let mut port = AfPacketPort {
             info,
             stats: Arc::default(),
             pool,
@@ -391,6 +415,8 @@ impl AfPacketPort {
             // Frames the predecessor marked and could not hand the kernel
             // go at the first kick.
             stranded: true,
+            ifname: ifreq_name(iface),
+            kicks: 0,
             rx: Ring {
                 base,
                 frame_size: h.frame_size,
@@ -403,7 +429,9 @@ impl AfPacketPort {
                 frames: h.frames,
                 next: h.tx_next,
             },
-        })
+        };
+        port.read_mtu();
+        Ok(port)
     }
 
     /// Reads (and so resets) the kernel's count of frames dropped because
@@ -442,6 +470,23 @@ impl AfPacketPort {
 }
 
 impl AfPacketPort {
+    /// Reads the interface's MTU (`SIOCGIFMTU` on the port's own socket:
+    /// right in its network namespace, where sysfs may show another's)
+    /// into `info`; kept as it was if the kernel does not answer.
+    fn read_mtu(&mut self) {
+        // SAFETY: an all-zero ifreq is a valid value to fill in.
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        ifr.ifr_name = self.ifname;
+        // SAFETY: SIOCGIFMTU reads the NUL-terminated name of `ifr` and
+        // writes its `ifru_mtu`; `ifr` is a valid ifreq for the call.
+        let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::SIOCGIFMTU, &mut ifr) };
+        if r == 0 {
+            // SAFETY: the kernel filled `ifru_mtu` (an int) on success.
+            let mtu = unsafe { ifr.ifr_ifru.ifru_mtu };
+            self.info.mtu = u16::try_from(mtu.max(0)).unwrap_or(u16::MAX);
+        }
+    }
+
     /// Tells the kernel to transmit the tx slots marked SEND_REQUEST
     /// (without waiting), noting whether it left any.
     fn send_marked(&mut self) {
@@ -551,7 +596,8 @@ impl Port for AfPacketPort {
         let (mut n, mut bytes, mut full) = (0usize, 0u64, false);
         // The kernel refuses a frame longer than its interface's MTU plus
         // the Ethernet header (plus a VLAN tag, if tagged): counted here,
-        // as one larger than a slot is.
+        // as one larger than a slot is (the MTU as last read: at open, then
+        // every few kicks).
         let room = self.tx.frame_size - TX_DATA_OFF;
         let untagged = room.min(usize::from(self.info.mtu) + ETH_HEADER);
         let tagged = room.min(untagged + VLAN_TAG);
@@ -573,6 +619,14 @@ impl Port for AfPacketPort {
             };
             if data.len() > most {
                 self.stats.drops.add(DropReason::TxOversize, 1);
+                continue;
+            }
+            if data.len() < ETH_HEADER {
+                // (The kernel refuses it too.)
+                self.stats.drops.add(
+                    DropReason::Malformed(crate::ParseError::EthernetTruncated),
+                    1,
+                );
                 continue;
             }
             let slot = self.tx.slot(i);
@@ -613,6 +667,16 @@ impl Port for AfPacketPort {
     fn kick(&mut self) {
         if self.stranded {
             self.send_marked();
+            // The kernel keeps the error of a link that went down pending
+            // on the socket, and the next call reports it whatever the link
+            // is now: one more try.
+            if self.stranded {
+                self.send_marked();
+            }
+        }
+        self.kicks = self.kicks.wrapping_add(1);
+        if self.kicks.is_multiple_of(MTU_EVERY) {
+            self.read_mtu();
         }
     }
 }

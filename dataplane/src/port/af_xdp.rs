@@ -557,12 +557,14 @@ impl AfXdpPort {
     }
 
     /// Posts the descriptors written so far and tells the kernel to
-    /// transmit them (without waiting).
-    fn send_posted(&mut self) {
+    /// transmit them (without waiting). True when it stopped short with
+    /// more left to take (`EAGAIN`: its budget for one call used up, or
+    /// no room for their completions).
+    fn send_posted(&mut self) -> bool {
         self.tx.prod().store(self.tx.mine, Ordering::Release);
         // SAFETY: a zero-length send on our own socket: it tells the
         // kernel to transmit the posted descriptors.
-        let _ = unsafe {
+        let r = unsafe {
             libc::sendto(
                 self.fd.as_raw_fd(),
                 std::ptr::null(),
@@ -572,6 +574,7 @@ impl AfXdpPort {
                 0,
             )
         };
+        r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN)
     }
 
     /// Moves completed tx frames back to the free list.
@@ -760,28 +763,23 @@ impl Port for AfXdpPort {
         // for: kick while any are left, or the port would never send again
         // once the kernel could take them.
         if n > 0 || self.tx.mine != cons {
-            self.send_posted();
+            let _ = self.send_posted();
             self.stats.count_tx(n as u64, bytes);
         }
         n
     }
 
     fn kick(&mut self) {
-        self.reap();
-        // The kernel sends a bounded number of descriptors a call (its
-        // `max_tx_budget`, 32 by default, in copy mode): a ring's backlog
-        // takes calls until none are left or one takes none.
-        let mut cons = self.tx.cons().load(Ordering::Acquire);
-        for _ in 0..RING / 16 {
-            if self.tx.mine == cons {
+        // In copy mode the kernel sends at most 32 descriptors a call and
+        // then answers EAGAIN (publishing how far it got only when it has
+        // taken everything): a ring's backlog takes calls, their
+        // completions reaped between them, until one takes the rest or
+        // fails otherwise (the link still down).
+        for _ in 0..=RING / 32 {
+            self.reap();
+            if self.tx.mine == self.tx.cons().load(Ordering::Acquire) || !self.send_posted() {
                 break;
             }
-            self.send_posted();
-            let now = self.tx.cons().load(Ordering::Acquire);
-            if now == cons {
-                break;
-            }
-            cons = now;
         }
         self.reap();
     }
