@@ -14,7 +14,7 @@
 //! than a ring slot or a buffer: turn off GRO/TSO on the interfaces a VM
 //! sends through), `rx_ring_overflow` (the kernel's own count of frames lost
 //! because the rx ring was full, read when it flags a loss),
-//! `tx_queue_full` (no free tx slot) and `tx_oversize` (larger than a slot,
+//! `tx_queue_full` (no free tx slot), `tx_oversize` (larger than a slot,
 //! or than the interface's MTU lets the kernel send; the MTU read at open
 //! and every few kicks) and `malformed` (shorter than an Ethernet header).
 //! `PACKET_LOSS` has the kernel discard a frame it refuses all the same
@@ -140,25 +140,17 @@ pub struct AfPacketPort {
     /// The last kick failed: frames marked to send may wait in the tx ring
     /// for the next ([`Port::kick`]).
     stranded: bool,
-    /// The interface's name, as `SIOCGIFMTU` takes it.
-    ifname: [libc::c_char; libc::IFNAMSIZ],
+    /// The interface the socket is bound to (its index: it keeps it
+    /// through a rename).
+    ifindex: u32,
     /// Kicks so far: every [`MTU_EVERY`]th reads the interface's MTU again.
     kicks: u32,
 }
 
-/// Kicks between two readings of the interface's MTU (a changed MTU is
-/// seen within about a thousand polls).
+/// Kicks between two readings of the interface's MTU (under a worker,
+/// which kicks every 64 polls, a changed MTU is seen within about a
+/// thousand polls).
 const MTU_EVERY: u32 = 16;
-
-/// `iface` as an `ifreq` name (NUL-terminated, truncated to fit: a longer
-/// name names no interface anyway).
-fn ifreq_name(iface: &str) -> [libc::c_char; libc::IFNAMSIZ] {
-    let mut name = [0; libc::IFNAMSIZ];
-    for (d, s) in name.iter_mut().zip(iface.bytes().take(libc::IFNAMSIZ - 1)) {
-        *d = s as libc::c_char;
-    }
-    name
-}
 
 // SAFETY: the rings' raw pointers point into `map`, which this port owns
 // (unmapped only when it is dropped), and are only dereferenced through
@@ -295,7 +287,7 @@ impl AfPacketPort {
             _map: map,
             fd: owned,
             stranded: false,
-            ifname: ifreq_name(iface),
+            ifindex,
             kicks: 0,
             rx: Ring {
                 base,
@@ -415,7 +407,7 @@ impl AfPacketPort {
             // Frames the predecessor marked and could not hand the kernel
             // go at the first kick.
             stranded: true,
-            ifname: ifreq_name(iface),
+            ifindex,
             kicks: 0,
             rx: Ring {
                 base,
@@ -470,15 +462,24 @@ impl AfPacketPort {
 }
 
 impl AfPacketPort {
-    /// Reads the interface's MTU (`SIOCGIFMTU` on the port's own socket:
-    /// right in its network namespace, where sysfs may show another's)
-    /// into `info`; kept as it was if the kernel does not answer.
+    /// Reads the interface's MTU into `info` (kept as it was if the kernel
+    /// does not answer): its current name from its index (`SIOCGIFNAME`,
+    /// which looks nothing up by name: asked by a name no interface has,
+    /// the kernel would try to load a module of that name), then
+    /// `SIOCGIFMTU`, both on the port's own socket, so in its network
+    /// namespace (sysfs may show another's).
     fn read_mtu(&mut self) {
         // SAFETY: an all-zero ifreq is a valid value to fill in.
         let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-        ifr.ifr_name = self.ifname;
-        // SAFETY: SIOCGIFMTU reads the NUL-terminated name of `ifr` and
-        // writes its `ifru_mtu`; `ifr` is a valid ifreq for the call.
+        ifr.ifr_ifru.ifru_ifindex = self.ifindex as libc::c_int;
+        // SAFETY: `ifr` is a live, writable ifreq, which the kernel copies
+        // in and out whole.
+        let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::SIOCGIFNAME, &mut ifr) };
+        if r != 0 {
+            return;
+        }
+        // SAFETY: as above; `ifr_name` now holds the interface's
+        // NUL-terminated name.
         let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::SIOCGIFMTU, &mut ifr) };
         if r == 0 {
             // SAFETY: the kernel filled `ifru_mtu` (an int) on success.
@@ -501,6 +502,28 @@ impl AfPacketPort {
                 std::ptr::null(),
                 0,
             )
+        };
+        // The kernel keeps the error of a link that went down pending on the
+        // socket, and the next call reports it (sending nothing) whatever
+        // the link is now: once more, for any error but a full send buffer.
+        let r = if r < 0
+            && !matches!(
+                std::io::Error::last_os_error().raw_os_error(),
+                Some(libc::EAGAIN | libc::ENOBUFS)
+            ) {
+            // SAFETY: as above.
+            unsafe {
+                libc::sendto(
+                    self.fd.as_raw_fd(),
+                    std::ptr::null(),
+                    0,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null(),
+                    0,
+                )
+            }
+        } else {
+            r
         };
         let _ = r;
         // The kernel takes the marked slots in ring order and stops at the
@@ -667,12 +690,6 @@ impl Port for AfPacketPort {
     fn kick(&mut self) {
         if self.stranded {
             self.send_marked();
-            // The kernel keeps the error of a link that went down pending
-            // on the socket, and the next call reports it whatever the link
-            // is now: one more try.
-            if self.stranded {
-                self.send_marked();
-            }
         }
         self.kicks = self.kicks.wrapping_add(1);
         if self.kicks.is_multiple_of(MTU_EVERY) {

@@ -556,10 +556,31 @@ impl AfXdpPort {
         ))
     }
 
+    /// Posts the descriptors written so far and has the kernel transmit
+    /// them: in copy mode it sends at most 32 a call by default and then
+    /// answers `EAGAIN` (publishing how far it got only once it has taken
+    /// everything), so a backlog takes calls, their completions reaped
+    /// between them, until one takes the rest or fails otherwise (the link
+    /// down). At most as many calls as the backlog needs at 32 each: the
+    /// kernel also answers `EAGAIN`, having taken nothing, while the
+    /// driver's queue is stopped.
+    fn drain(&mut self) {
+        let left = self
+            .tx
+            .mine
+            .wrapping_sub(self.tx.cons().load(Ordering::Acquire));
+        for _ in 0..left.div_ceil(32).max(1) {
+            self.reap();
+            if self.tx.mine == self.tx.cons().load(Ordering::Acquire) || !self.send_posted() {
+                break;
+            }
+        }
+    }
+
     /// Posts the descriptors written so far and tells the kernel to
     /// transmit them (without waiting). True when it stopped short with
-    /// more left to take (`EAGAIN`: its budget for one call used up, or
-    /// no room for their completions).
+    /// more left to take (`EAGAIN`: its budget for one call used up, no
+    /// room for their completions, or the driver's queue stopped).
     fn send_posted(&mut self) -> bool {
         self.tx.prod().store(self.tx.mine, Ordering::Release);
         // SAFETY: a zero-length send on our own socket: it tells the
@@ -763,23 +784,16 @@ impl Port for AfXdpPort {
         // for: kick while any are left, or the port would never send again
         // once the kernel could take them.
         if n > 0 || self.tx.mine != cons {
-            let _ = self.send_posted();
+            self.drain();
             self.stats.count_tx(n as u64, bytes);
         }
         n
     }
 
     fn kick(&mut self) {
-        // In copy mode the kernel sends at most 32 descriptors a call and
-        // then answers EAGAIN (publishing how far it got only when it has
-        // taken everything): a ring's backlog takes calls, their
-        // completions reaped between them, until one takes the rest or
-        // fails otherwise (the link still down).
-        for _ in 0..=RING / 32 {
-            self.reap();
-            if self.tx.mine == self.tx.cons().load(Ordering::Acquire) || !self.send_posted() {
-                break;
-            }
+        self.reap();
+        if self.tx.mine != self.tx.cons().load(Ordering::Acquire) {
+            self.drain();
         }
         self.reap();
     }
