@@ -50,9 +50,10 @@ const BLOCK_SIZE: usize = 1 << 16;
 /// Where frame data starts in a tx slot (TPACKET2_HDRLEN - sizeof(sockaddr_ll)).
 const TX_DATA_OFF: usize = (std::mem::size_of::<libc::tpacket2_hdr>() + 15) & !15;
 
-/// Bytes of an Ethernet header, and of a VLAN tag: what a frame may carry
-/// beyond its interface's MTU.
+/// Bytes of an Ethernet header: what a frame carries beyond its
+/// interface's MTU.
 const ETH_HEADER: usize = 14;
+/// Bytes of a VLAN tag: what a tagged frame carries beyond that.
 const VLAN_TAG: usize = 4;
 
 /// Sizes of the rings of one socket.
@@ -488,11 +489,11 @@ impl AfPacketPort {
         }
     }
 
-    /// Tells the kernel to transmit the tx slots marked SEND_REQUEST
-    /// (without waiting), noting whether it left any.
-    fn send_marked(&mut self) {
-        // SAFETY: a zero-length send on our own socket: it tells the
-        // kernel to transmit the slots marked SEND_REQUEST.
+    /// One kick: a zero-length send (without waiting) that tells the
+    /// kernel to transmit the tx slots marked SEND_REQUEST; its error, if
+    /// it failed.
+    fn kick_once(&self) -> Option<std::io::Error> {
+        // SAFETY: a zero-length send on our own socket, no buffer passed.
         let r = unsafe {
             libc::sendto(
                 self.fd.as_raw_fd(),
@@ -503,29 +504,20 @@ impl AfPacketPort {
                 0,
             )
         };
+        (r < 0).then(last_error)
+    }
+
+    /// Has the kernel transmit the tx slots marked SEND_REQUEST, noting
+    /// whether it left any.
+    fn send_marked(&mut self) {
         // The kernel keeps the error of a link that went down pending on the
         // socket, and the next call reports it (sending nothing) whatever
         // the link is now: once more, for any error but a full send buffer.
-        let r = if r < 0
-            && !matches!(
-                std::io::Error::last_os_error().raw_os_error(),
-                Some(libc::EAGAIN | libc::ENOBUFS)
-            ) {
-            // SAFETY: as above.
-            unsafe {
-                libc::sendto(
-                    self.fd.as_raw_fd(),
-                    std::ptr::null(),
-                    0,
-                    libc::MSG_DONTWAIT,
-                    std::ptr::null(),
-                    0,
-                )
-            }
-        } else {
-            r
-        };
-        let _ = r;
+        if let Some(e) = self.kick_once()
+            && !matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::ENOBUFS))
+        {
+            let _ = self.kick_once();
+        }
         // The kernel takes the marked slots in ring order and stops at the
         // first it cannot (its send buffer full: EAGAIN, or the whole
         // call refused: ENETDOWN), so some are left exactly when the last
