@@ -489,34 +489,17 @@ impl AfPacketPort {
         }
     }
 
-    /// One kick: a zero-length send (without waiting) that tells the
-    /// kernel to transmit the tx slots marked SEND_REQUEST; its error, if
-    /// it failed.
-    fn kick_once(&self) -> Option<std::io::Error> {
-        // SAFETY: a zero-length send on our own socket, no buffer passed.
-        let r = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                std::ptr::null(),
-                0,
-                libc::MSG_DONTWAIT,
-                std::ptr::null(),
-                0,
-            )
-        };
-        (r < 0).then(last_error)
-    }
-
     /// Has the kernel transmit the tx slots marked SEND_REQUEST, noting
     /// whether it left any.
     fn send_marked(&mut self) {
         // The kernel keeps the error of a link that went down pending on the
         // socket, and the next call reports it (sending nothing) whatever
         // the link is now: once more, for any error but a full send buffer.
-        if let Some(e) = self.kick_once()
+        let fd = self.fd.as_raw_fd();
+        if let Some(e) = super::kick_socket(fd)
             && !matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::ENOBUFS))
         {
-            let _ = self.kick_once();
+            let _ = super::kick_socket(fd);
         }
         // The kernel takes the marked slots in ring order and stops at the
         // first it cannot (its send buffer full: EAGAIN, or the whole

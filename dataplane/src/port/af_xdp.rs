@@ -583,19 +583,8 @@ impl AfXdpPort {
     /// room for their completions, or the driver's queue stopped).
     fn send_posted(&mut self) -> bool {
         self.tx.prod().store(self.tx.mine, Ordering::Release);
-        // SAFETY: a zero-length send on our own socket: it tells the
-        // kernel to transmit the posted descriptors.
-        let r = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                std::ptr::null(),
-                0,
-                libc::MSG_DONTWAIT,
-                std::ptr::null(),
-                0,
-            )
-        };
-        r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN)
+        super::kick_socket(self.fd.as_raw_fd())
+            .is_some_and(|e| e.raw_os_error() == Some(libc::EAGAIN))
     }
 
     /// Moves completed tx frames back to the free list.

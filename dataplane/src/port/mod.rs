@@ -170,6 +170,25 @@ pub(crate) fn set_sockopt<T>(
     }
 }
 
+/// A zero-length `sendto(fd)` without waiting: it tells the kernel to
+/// transmit what a socket's tx ring holds ready (AF_PACKET's slots marked
+/// to send, AF_XDP's posted descriptors); its error, if it failed.
+#[cfg(target_os = "linux")]
+pub(crate) fn kick_socket(fd: libc::c_int) -> Option<std::io::Error> {
+    // SAFETY: a zero-length send, no buffer or address passed.
+    let r = unsafe {
+        libc::sendto(
+            fd,
+            std::ptr::null(),
+            0,
+            libc::MSG_DONTWAIT,
+            std::ptr::null(),
+            0,
+        )
+    };
+    (r < 0).then(std::io::Error::last_os_error)
+}
+
 /// `getsockopt(fd, level, opt)` into a zero-filled `T`.
 ///
 /// # Safety
