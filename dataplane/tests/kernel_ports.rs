@@ -335,8 +335,9 @@ fn sized_frames(pool: Pool, lens: &[usize]) -> Batch<dataplane::pool::PoolBuf> {
     tx
 }
 
-/// Waits until the namespace has received `n` frames more than `before`.
-fn ns_receives(net: &Netns, before: u64, n: u64, what: &str) {
+/// Waits until the namespace has received `n` frames more than `before`,
+/// running `between` at each look.
+fn ns_receives_while(net: &Netns, before: u64, n: u64, what: &str, mut between: impl FnMut()) {
     let end = Instant::now() + Duration::from_secs(10);
     while ns_rx_packets(net) < before + n {
         assert!(
@@ -344,8 +345,14 @@ fn ns_receives(net: &Netns, before: u64, n: u64, what: &str) {
             "the namespace received {} of the {n} frames {what}",
             ns_rx_packets(net) - before
         );
+        between();
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// [`ns_receives_while`] doing nothing meanwhile.
+fn ns_receives(net: &Netns, before: u64, n: u64, what: &str) {
+    ns_receives_while(net, before, n, what, || {});
 }
 
 /// A frame longer than the interface's MTU allows is counted
@@ -508,16 +515,17 @@ fn stranded_frames_leave_with_no_new_traffic(
         return;
     }
     let mut worker = Worker::new("kick", None, vec![port], Ignore);
-    while ns_rx_packets(net) < before + 4 * 32 {
-        assert!(
-            Instant::now() < end,
-            "the namespace received {} of the 128 frames queued while the link was down",
-            ns_rx_packets(net) - before
-        );
-        for _ in 0..1000 {
-            worker.poll_once();
-        }
-    }
+    ns_receives_while(
+        net,
+        before,
+        4 * 32,
+        "queued while the link was down, through a worker that only polls",
+        || {
+            for _ in 0..1000 {
+                worker.poll_once();
+            }
+        },
+    );
 }
 
 #[test]
