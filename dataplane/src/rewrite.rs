@@ -13,7 +13,7 @@
 use crate::buf::PacketBuf;
 use crate::key::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 use crate::parse::{L3, Parsed};
-use crate::wire::{MacAddr, arp, checksum, icmp, tcp, udp};
+use crate::wire::{MacAddr, arp, checksum, ethernet, icmp, tcp, udp};
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 /// Why a rewrite was refused. The frame is left unchanged in every case.
@@ -45,6 +45,23 @@ fn get16(f: &[u8], at: usize) -> Result<u16, RewriteError> {
         Some(b) => Ok(u16::from_be_bytes([b[0], b[1]])),
         None => Err(RewriteError::Mismatch),
     }
+}
+
+/// Writes `v` at `at`; a frame too short for it is a mismatch.
+#[inline(always)]
+fn put<const N: usize>(f: &mut [u8], at: usize, v: [u8; N]) -> Result<(), RewriteError> {
+    match f.get_mut(at..at + N) {
+        Some(b) => {
+            b.copy_from_slice(&v);
+            Ok(())
+        }
+        None => Err(RewriteError::Mismatch),
+    }
+}
+
+#[inline(always)]
+fn put8(f: &mut [u8], at: usize, v: u8) -> Result<(), RewriteError> {
+    put(f, at, [v])
 }
 
 #[inline]
@@ -381,7 +398,29 @@ impl Transpose4 {
         if p.l3 != L3::Ipv4 || !p.has_l4 || frame.len() < l4 + 8 || l3 + 20 > l4 {
             return Err(RewriteError::Mismatch);
         }
-        let ttl = frame[l3 + 8];
+        // An untagged IPv4 header without options, as most are: the same
+        // writes at fixed offsets into the frame's first 54 bytes (room for
+        // a TCP header's checksum), which the compiler then checks once
+        // rather than at every field.
+        if l3 == ethernet::HEADER_LEN
+            && l4 == l3 + 20
+            && let Some(h) = frame.first_chunk_mut::<54>()
+        {
+            return self.write(
+                h.as_mut_slice(),
+                ethernet::HEADER_LEN,
+                ethernet::HEADER_LEN + 20,
+            );
+        }
+        self.write(frame, l3, l4)
+    }
+
+    /// The writes of [`Transpose4::apply`] at network offset `l3` and
+    /// transport offset `l4`, checked by the caller to lie as in an IPv4
+    /// packet with a transport header.
+    #[inline(always)]
+    fn write(&self, frame: &mut [u8], l3: usize, l4: usize) -> Result<(), RewriteError> {
+        let ttl = *frame.get(l3 + 8).ok_or(RewriteError::Mismatch)?;
         if ttl <= 1 {
             return Err(RewriteError::TtlExpired);
         }
@@ -392,14 +431,14 @@ impl Transpose4 {
                 tcp::CHECKSUM_OFFSET
             };
         let l4_check = get16(frame, check_at)?;
-        frame[l3 + 8] = ttl - 1;
+        put8(frame, l3 + 8, ttl - 1)?;
         if let Some((a, port)) = self.src {
-            frame[l3 + 12..l3 + 16].copy_from_slice(&a);
-            frame[l4..l4 + 2].copy_from_slice(&port.to_be_bytes());
+            put(frame, l3 + 12, a)?;
+            put(frame, l4, port.to_be_bytes())?;
         }
         if let Some((a, port)) = self.dst {
-            frame[l3 + 16..l3 + 20].copy_from_slice(&a);
-            frame[l4 + 2..l4 + 4].copy_from_slice(&port.to_be_bytes());
+            put(frame, l3 + 16, a)?;
+            put(frame, l4 + 2, port.to_be_bytes())?;
         }
         let ip_check = get16(frame, l3 + IPV4_CHECK)?;
         put16(
@@ -1007,8 +1046,9 @@ mod tests {
             any::<bool>(),
             proptest::collection::vec(any::<u8>(), 0..40),
             any::<bool>(),
+            any::<bool>(),
         )
-            .prop_map(|(s, d, sp, dp, ttl, tcp, payload, zero)| {
+            .prop_map(|(s, d, sp, dp, ttl, tcp, payload, zero, tagged)| {
                 let mut f = Vec::new();
                 let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
                     .ipv4(s, d, ttl);
@@ -1021,6 +1061,10 @@ mod tests {
                         let at = 14 + 20 + udp::CHECKSUM_OFFSET;
                         f[at..at + 2].copy_from_slice(&[0, 0]);
                     }
+                }
+                if tagged {
+                    // A VLAN tag moves every header 4 bytes on.
+                    f.splice(12..12, [0x81, 0x00, 0x00, 0x07]);
                 }
                 f
             })
@@ -1055,8 +1099,9 @@ mod tests {
             // paths must still verify.
             assert_checksums_ok(&fast);
             let norm = |mut v: Vec<u8>| {
-                for at in [14 + 10, 14 + 20 + if p.key.proto == 6 { 16 } else { 6 }] {
-                    if v[at..at + 2] == [0, 0] && !(p.key.proto == 17 && at > 30) {
+                let (l3, l4) = (usize::from(p.l3_off), usize::from(p.l4_off));
+                for at in [l3 + 10, l4 + if p.key.proto == 6 { 16 } else { 6 }] {
+                    if v[at..at + 2] == [0, 0] && !(p.key.proto == 17 && at >= l4) {
                         v[at..at + 2].copy_from_slice(&[0xff, 0xff]);
                     }
                 }
