@@ -5,7 +5,6 @@ use crate::rule::{Action, Rule};
 use dataplane::FlowKey;
 use ipnet::IpNet;
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The outcome of a lookup: the winning rule and what it says.
@@ -534,14 +533,27 @@ impl Classifier {
     /// The class set and class of each of the five fields for `pkt`.
     #[inline(always)]
     fn field_classes(&self, pkt: &FlowKey) -> Option<([&ClassSet; 5], [u32; 5])> {
-        let (s, d) = match (pkt.src(), pkt.dst()) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => (
-                (&self.src4.set, self.src4.lookup(u32::from(s))),
-                (&self.dst4.set, self.dst4.lookup(u32::from(d))),
+        // The key's addresses as numbers, read off its bytes (IPv4 ones
+        // are IPv4-mapped: the last four), not through `IpAddr`.
+        let v4 = |a: &[u8; 16]| {
+            dataplane::key::is_v4_mapped(a)
+                .then(|| a.last_chunk::<4>().map(|t| u32::from_be_bytes(*t)))
+                .flatten()
+        };
+        let (s, d) = match (v4(&pkt.src_ip), v4(&pkt.dst_ip)) {
+            (Some(s), Some(d)) => (
+                (&self.src4.set, self.src4.lookup(s)),
+                (&self.dst4.set, self.dst4.lookup(d)),
             ),
-            (IpAddr::V6(s), IpAddr::V6(d)) => (
-                (&self.src6.set, self.src6.lookup(u128::from(s))),
-                (&self.dst6.set, self.dst6.lookup(u128::from(d))),
+            (None, None) => (
+                (
+                    &self.src6.set,
+                    self.src6.lookup(u128::from_be_bytes(pkt.src_ip)),
+                ),
+                (
+                    &self.dst6.set,
+                    self.dst6.lookup(u128::from_be_bytes(pkt.dst_ip)),
+                ),
             ),
             // Mixed families do not occur in one IP header.
             _ => return None,
@@ -606,7 +618,7 @@ mod tests {
     use super::*;
     use crate::rule::{Direction, PortRange, Protocol};
     use proptest::prelude::*;
-    use std::net::{Ipv4Addr, Ipv6Addr};
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
     fn rule(
         priority: u32,
