@@ -109,7 +109,26 @@ fill() {
     return 1
 }
 
-# One unpaced trial (after `fill`) with a 1 s warm-up; runs $5 (a shell
+# Sends for 2 s at a time until packets come back through the device (a
+# device just started, or just given its rules, may not forward at once:
+# its vhost-user queues are not yet enabled, its first packets go to its
+# slow path); fails after 60 s.
+ready() {
+    local in=$1 out=$2 dst=$3 flows=$4 t0=$SECONDS
+    while [ $((SECONDS - t0)) -lt 60 ]; do
+        gen "$in" "$out" "$dst" "$flows" --duration 2 --warmup 0 --json > "$tmp/ready.json" 2>> "$tmp/gen.err" || true
+        if python3 -c '
+import json, sys
+sys.exit(0 if json.load(open(sys.argv[1]))["trials"][-1]["rx_pps"] > 0 else 1)
+' "$tmp/ready.json" 2> /dev/null; then
+            return 0
+        fi
+    done
+    echo "nothing came back through the device in 60 s" >&2
+    return 1
+}
+
+# One unpaced trial (after `fill` and `ready`) with a 1 s warm-up; runs $5 (a shell
 # function: reset the device's cycle accounting) 1.5 s into the trial,
 # past pktgen's start and warm-up, and $6 (read it) 1 s before the measured
 # phase ends. Prints the rate received in Mpps and leaves the reading in
@@ -123,9 +142,12 @@ trial() {
     sleep "$((secs - 2))"
     "$read" > "$tmp/cpp" || { echo "reading the cycle accounting failed" >&2; kill "$g"; wait "$g"; return 1; }
     wait "$g" || { echo "pktgen failed:" >&2; cat "$tmp/gen.err" >&2; return 1; }
+    # Nothing back is a failed trial, not a rate of 0.
     python3 -c '
 import json, sys
 t = json.load(open(sys.argv[1]))["trials"][-1]
+if t["rx_pps"] <= 0:
+    sys.exit("nothing came back through the device during the trial")
 print("%.2f" % (t["rx_pps"] / 1e6))
 ' "$tmp/gen.json"
 }
@@ -274,6 +296,7 @@ devices="${DEVICES:-testpmd ovs pollux acl}"
 for flows in $sizes; do
     [[ $devices == *testpmd* ]] || break
     testpmd_start
+    ready "$tmp/tp-in.sock" "$tmp/tp-out.sock" 10.1.0.4 "$flows"
     mpps[testpmd,$flows]=$(trial "$tmp/tp-in.sock" "$tmp/tp-out.sock" 10.1.0.4 "$flows" testpmd_reset testpmd_read)
     testpmd_stop
     cpp[testpmd,$flows]=$(cat "$tmp/cpp")
@@ -290,6 +313,7 @@ for flows in $sizes; do
         if [ "$mode" = vip ]; then
             fill "$od/vin" "$od/vout" "$dst" "$flows" ovs_conns
         fi
+        ready "$od/vin" "$od/vout" "$dst" "$flows"
         mpps[ovs-$mode,$flows]=$(trial "$od/vin" "$od/vout" "$dst" "$flows" ovs_reset ovs_read)
         cpp[ovs-$mode,$flows]=$(cat "$tmp/cpp")
         echo "OVS $mode, $flows flows: ${mpps[ovs-$mode,$flows]} Mpps, ${cpp[ovs-$mode,$flows]} cycles/packet" >&2
@@ -304,6 +328,7 @@ for flows in $sizes; do
         dst=10.1.0.4
         [ "$mode" = vip ] && dst=$VIP
         fill "$tmp/px-in.sock" "$tmp/px-out.sock" "$dst" "$flows" pollux_conns
+        ready "$tmp/px-in.sock" "$tmp/px-out.sock" "$dst" "$flows"
         mpps[pollux-$mode,$flows]=$(trial "$tmp/px-in.sock" "$tmp/px-out.sock" "$dst" "$flows" pollux_reset pollux_read)
         cpp[pollux-$mode,$flows]=$(cat "$tmp/cpp")
         echo "pollux $mode, $flows flows: ${mpps[pollux-$mode,$flows]} Mpps, ${cpp[pollux-$mode,$flows]} cycles/packet" >&2
@@ -351,7 +376,7 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a > 0 && b > 0) printf "%.2f", a 
 section=$(
     echo "## pollux, OVS-DPDK and testpmd over vhost-user — \`sudo benches/peers.sh $secs\` ($(date -u +%Y-%m-%d), pollux at $(git rev-parse --short HEAD))"
     echo
-    echo "$(nproc) vCPUs: $(lscpu | sed -n 's/^Model name: *//p' | head -1). \`pollux pktgen\` (two \`virtio_user\` ports, unpaced 64-byte UDP, ${secs} s per trial after a 1 s warm-up; before it, for the devices that track connections, the flows are sent until the device tracks 99% of them) on CPU 0; the device under test on CPU 1 with one polling core, owning both vhost-user sockets. Mpps: what came back on the server side. Cycles: the device's busy cycles per packet over the measured phase (testpmd \`--record-core-cycles\`, over its whole run; OVS \`dpif-netdev/pmd-stats-show\`, avg processing cycles per packet; pollux \`GET /v1/perf\`). OVS-DPDK $ovs_version (Debian), DPDK $dpdk_version; the VIP in OVS is OVN's pipeline: \`ct(nat)\`, a select group of three buckets each \`ct(commit,nat(dst=DIP:8080))\`, MACs, TTL; in pollux a VIP of three backends (Maglev, connection tracking, DNAT, MACs, TTL). Flows: 16 client addresses times source ports, each a connection to the load balancers."
+    echo "$(nproc) vCPUs: $(lscpu | sed -n 's/^Model name: *//p' | head -1). \`pollux pktgen\` (two \`virtio_user\` ports, unpaced 64-byte UDP, ${secs} s per trial after a 1 s warm-up; before it, for the devices that track connections, the flows are sent until the device tracks 99% of them, then for every device until packets come back through it; a trial in which none come back fails the run) on CPU 0; the device under test on CPU 1 with one polling core, owning both vhost-user sockets. Mpps: what came back on the server side. Cycles: the device's busy cycles per packet over the measured phase (testpmd \`--record-core-cycles\`, over its whole run; OVS \`dpif-netdev/pmd-stats-show\`, avg processing cycles per packet; pollux \`GET /v1/perf\`). OVS-DPDK $ovs_version (Debian), DPDK $dpdk_version; the VIP in OVS is OVN's pipeline: \`ct(nat)\`, a select group of three buckets each \`ct(commit,nat(dst=DIP:8080))\`, MACs, TTL; in pollux a VIP of three backends (Maglev, connection tracking, DNAT, MACs, TTL). Flows: 16 client addresses times source ports, each a connection to the load balancers."
     echo
     echo "| device | flows | Mpps | cycles/packet |"
     echo "|---|---:|---:|---:|"
