@@ -142,8 +142,9 @@ fn parse_plain_ipv4(frame: &[u8], in_port: u16, out: &mut Parsed) -> bool {
         return false;
     };
     let be = |i: usize| u16::from_be_bytes([h[i], h[i + 1]]);
-    // 0x45: version 4, a header of 5 words. The fragment field without its
-    // DF bit: no offset, no more fragments.
+    // 0x45: version 4, a header of 5 words. The fragment field but for its
+    // DF and reserved bits (which the general parse ignores too): no
+    // offset, no more fragments.
     if be(12) != ETHERTYPE_IPV4 || h[L3_OFF] != 0x45 || be(L3_OFF + 6) & 0x3fff != 0 {
         return false;
     }
@@ -581,11 +582,12 @@ pub(crate) mod tests {
             ethertype in prop_oneof![6 => Just(0x0800u16), 1 => Just(0x8100), 1 => any::<u16>()],
             ver_ihl in prop_oneof![6 => Just(0x45u8), 1 => Just(0x46), 1 => Just(0x44), 1 => any::<u8>()],
             // How far the IP total length falls short of the frame.
-            short in prop_oneof![6 => 0u16..4, 1 => 0u16..80, 1 => any::<u16>()],
+            // (u16::MAX: one byte more than the frame holds.)
+            short in prop_oneof![6 => 0u16..4, 1 => Just(u16::MAX), 1 => 0u16..80, 1 => any::<u16>()],
             frag in prop_oneof![3 => Just(0u16), 3 => Just(0x4000), 1 => Just(0x2000), 1 => Just(0x6000), 1 => Just(1), 1 => Just(0x4001), 1 => any::<u16>()],
             proto in prop_oneof![3 => Just(6u8), 3 => Just(17), 1 => Just(1), 1 => any::<u8>()],
             tcp_off in prop_oneof![3 => Just(0x50u8), 1 => Just(0x40), 1 => Just(0x60), 1 => Just(0xf0), 1 => any::<u8>()],
-            udp_short in prop_oneof![3 => 0u16..4, 1 => 0u16..80, 1 => any::<u16>()],
+            udp_short in prop_oneof![3 => 0u16..4, 1 => Just(u16::MAX), 1 => 0u16..80, 1 => any::<u16>()],
             len in 30usize..=80,
             port in any::<u16>(),
         ) {
@@ -605,11 +607,20 @@ pub(crate) mod tests {
             let mut general = Parsed::default();
             let want = parse_general(&f, port, &mut general);
             let mut fast = Parsed::default();
-            if parse_plain_ipv4(&f, port, &mut fast) {
+            let short_path = parse_plain_ipv4(&f, port, &mut fast);
+            if short_path {
                 prop_assert_eq!(&want, &Ok(()));
                 prop_assert_eq!(fast, general);
             } else {
                 prop_assert_eq!(fast, Parsed::default());
+            }
+            // And it takes every valid frame of its kind.
+            let its_kind = ethertype == 0x0800
+                && ver_ihl == 0x45
+                && frag & 0x3fff == 0
+                && matches!(proto, 6 | 17);
+            if its_kind && want.is_ok() {
+                prop_assert!(short_path, "{:02x?}", f);
             }
             let mut out = Parsed::default();
             let got = parse_into(&f, port, &mut out);

@@ -537,8 +537,7 @@ impl Classifier {
         // are IPv4-mapped: the last four), not through `IpAddr`.
         let v4 = |a: &[u8; 16]| {
             dataplane::key::is_v4_mapped(a)
-                .then(|| a.last_chunk::<4>().map(|t| u32::from_be_bytes(*t)))
-                .flatten()
+                .then(|| u32::from_be_bytes([a[12], a[13], a[14], a[15]]))
         };
         let (s, d) = match (v4(&pkt.src_ip), v4(&pkt.dst_ip)) {
             (Some(s), Some(d)) => (
