@@ -391,13 +391,18 @@ mod tests {
         );
         assert!(r.rx.warmup > 0, "warm-up packets are sent and not measured");
         assert_eq!(r.latency.count, r.tx);
-        // Pacing, measured by the generator's own TSC: the measured phase
-        // sent rate * seconds packets, within 3% (catch-up keeps the mean).
-        let expect = 50_000.0 * r.seconds;
+        // Pacing, measured by the generator's own TSC: it never sends ahead
+        // of the schedule, so the warm-up's and the measured phase's
+        // packets together are at most rate * their time (plus the packet
+        // due at the start). Whether it keeps up with the schedule depends
+        // on the thread getting the CPU, which a test cannot promise: the
+        // catch-up is checked on a simulated clock
+        // (`pacer_keeps_the_schedule_on_a_simulated_clock`).
+        let elapsed = r.seconds + cfg.warmup.as_secs_f64();
+        let sent = (r.rx.warmup + r.tx) as f64;
         assert!(
-            (r.tx as f64 / expect - 1.0).abs() < 0.03,
-            "{} vs {expect}",
-            r.tx
+            sent <= 50_000.0 * elapsed * 1.001 + 1.0,
+            "{sent} sent in {elapsed} s at 50 000/s"
         );
     }
 
