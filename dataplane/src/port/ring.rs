@@ -204,8 +204,11 @@ impl<T> BurstRing<T> {
         // time: a moved-out `Option<T>` of a multi-word `T` is stored in
         // pieces (its niche word apart) and read back whole, which stalls
         // store forwarding on every packet.
+        // (The slots and the mask in locals: read once, not again after
+        // every slot written through its cell.)
+        let (slots, mask) = (&self.slots[..], self.mask);
         for (i, v) in batch.as_slice().iter().take(n).enumerate() {
-            let slot = &self.slots[head.wrapping_add(i) & self.mask];
+            let slot = &slots[head.wrapping_add(i) & mask];
             // SAFETY: [head, head + n) was reserved by this thread alone (the
             // CAS in `reserve`), and it lies below cons_tail + capacity, so those
             // slots are free: their last reader published cons_tail past
@@ -239,8 +242,9 @@ impl<T> BurstRing<T> {
         let Some((head, n)) = Self::reserve(&self.cons_head.0, want, ready) else {
             return 0;
         };
+        let (slots, mask) = (&self.slots[..], self.mask);
         for i in 0..n {
-            let slot = &self.slots[head.wrapping_add(i) & self.mask];
+            let slot = &slots[head.wrapping_add(i) & mask];
             // SAFETY: [head, head + n) lies below prod_tail (acquired by `ready`,
             // so the producers' writes of these slots are visible) and was
             // reserved by this thread alone (the CAS in `reserve`); each slot is
