@@ -394,15 +394,22 @@ mod tests {
         // Pacing, measured by the generator's own TSC: it never sends ahead
         // of the schedule, so the warm-up's and the measured phase's
         // packets together are at most rate * their time (plus the packet
-        // due at the start). Whether it keeps up with the schedule depends
-        // on the thread getting the CPU, which a test cannot promise: the
-        // catch-up is checked on a simulated clock
-        // (`pacer_keeps_the_schedule_on_a_simulated_clock`).
+        // due at the start). How closely it keeps up with the schedule
+        // depends on the thread getting the CPU, which a test cannot
+        // promise: the catch-up is checked on a simulated clock
+        // (`pacer_keeps_the_schedule_on_a_simulated_clock`); here only a
+        // quarter of the schedule is asked for, which a pacer that sends
+        // far too little misses, and a loaded machine does not.
+        let rate = cfg.rate.unwrap_or_default();
         let elapsed = r.seconds + cfg.warmup.as_secs_f64();
         let sent = (r.rx.warmup + r.tx) as f64;
         assert!(
-            sent <= 50_000.0 * elapsed * 1.001 + 1.0,
-            "{sent} sent in {elapsed} s at 50 000/s"
+            sent <= rate * elapsed * 1.001 + 1.0,
+            "{sent} sent in {elapsed} s at {rate}/s"
+        );
+        assert!(
+            sent >= rate * elapsed / 4.0,
+            "{sent} sent in {elapsed} s at {rate}/s"
         );
     }
 
