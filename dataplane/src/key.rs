@@ -135,6 +135,22 @@ pub fn is_v4_mapped(a: &[u8; 16]) -> bool {
     a[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]
 }
 
+/// The IPv4 address that 16 key bytes hold, as its 4 bytes, if they are
+/// IPv4-mapped: read straight off the bytes, for paths that would pay for
+/// an `IpAddr` ([`from16`]) per packet or connection.
+#[inline(always)]
+pub fn v4_of(a: &[u8; 16]) -> Option<[u8; 4]> {
+    is_v4_mapped(a).then_some([a[12], a[13], a[14], a[15]])
+}
+
+/// 4 IPv4 address bytes as the 16 a key holds (`::ffff:a.b.c.d`): what
+/// [`to16`] gives for an IPv4 address, without the `IpAddr`.
+#[inline(always)]
+pub fn mapped16(v4: [u8; 4]) -> [u8; 16] {
+    let [a, b, c, d] = v4;
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a, b, c, d]
+}
+
 /// The address of 16 key bytes (IPv4 when they are IPv4-mapped).
 pub fn from16(b: [u8; 16]) -> IpAddr {
     let v6 = Ipv6Addr::from(b);
@@ -150,6 +166,20 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn ipv4_bytes_in_and_out_of_key_bytes_as_through_ipaddr() {
+        for a in ["10.1.0.4", "0.0.0.0", "255.255.255.255"] {
+            let IpAddr::V4(v4) = ip(a) else {
+                unreachable!()
+            };
+            assert_eq!(mapped16(v4.octets()), to16(IpAddr::V4(v4)));
+            assert_eq!(v4_of(&to16(IpAddr::V4(v4))), Some(v4.octets()));
+        }
+        for a in ["2001:db8::1", "::", "::1.2.3.4", "::ffff:0:1.2.3.4"] {
+            assert_eq!(v4_of(&to16(ip(a))), None, "{a}");
+        }
     }
 
     #[test]

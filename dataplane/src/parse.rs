@@ -6,7 +6,7 @@
 //! or the [`ParseError`] that names the drop reason. It never panics, whatever
 //! the bytes (property-tested and fuzzed).
 
-use crate::key::{FlowKey, is_v4_mapped, to16};
+use crate::key::{FlowKey, is_v4_mapped, mapped16, to16};
 use crate::wire::{
     ParseError, arp,
     ethernet::{
@@ -172,11 +172,7 @@ fn parse_plain_ipv4(frame: &[u8], in_port: u16, out: &mut Parsed) -> bool {
     if !whole {
         return false;
     }
-    let v4 = |i: usize| {
-        let mut a = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 0, 0];
-        a[12..].copy_from_slice(&h[i..i + 4]);
-        a
-    };
+    let v4 = |i: usize| mapped16([h[i], h[i + 1], h[i + 2], h[i + 3]]);
     *out = Parsed {
         vlan: None,
         ethertype: ETHERTYPE_IPV4,

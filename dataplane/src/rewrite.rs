@@ -356,9 +356,8 @@ impl Transpose4 {
             PROTO_UDP => true,
             _ => return None,
         };
-        // (Straight off the key's bytes: an IPv4-mapped address's last four.)
-        let v4 = |a: [u8; 16]| crate::key::is_v4_mapped(&a).then_some([a[12], a[13], a[14], a[15]]);
-        let (old_src, old_dst) = (v4(key.src_ip)?, v4(key.dst_ip)?);
+        let v4 = crate::key::v4_of;
+        let (old_src, old_dst) = (v4(&key.src_ip)?, v4(&key.dst_ip)?);
         // The TTL/protocol word goes m -> m - 0x0100, whatever the TTL:
         // ~m + m' = ~m + m - 0x0100 = 0xffff - 0x0100 in one's complement.
         let mut ip = 0xfeffu32;

@@ -535,10 +535,7 @@ impl Classifier {
     fn field_classes(&self, pkt: &FlowKey) -> Option<([&ClassSet; 5], [u32; 5])> {
         // The key's addresses as numbers, read off its bytes (IPv4 ones
         // are IPv4-mapped: the last four), not through `IpAddr`.
-        let v4 = |a: &[u8; 16]| {
-            dataplane::key::is_v4_mapped(a)
-                .then(|| u32::from_be_bytes([a[12], a[13], a[14], a[15]]))
-        };
+        let v4 = |a: &[u8; 16]| dataplane::key::v4_of(a).map(u32::from_be_bytes);
         let (s, d) = match (v4(&pkt.src_ip), v4(&pkt.dst_ip)) {
             (Some(s), Some(d)) => (
                 (&self.src4.set, self.src4.lookup(s)),
