@@ -66,13 +66,7 @@ fn put8(f: &mut [u8], at: usize, v: u8) -> Result<(), RewriteError> {
 
 #[inline]
 fn put16(f: &mut [u8], at: usize, v: u16) -> Result<(), RewriteError> {
-    match f.get_mut(at..at + 2) {
-        Some(b) => {
-            b.copy_from_slice(&v.to_be_bytes());
-            Ok(())
-        }
-        None => Err(RewriteError::Mismatch),
-    }
+    put(f, at, v.to_be_bytes())
 }
 
 /// Sets the destination MAC.
