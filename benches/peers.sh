@@ -83,7 +83,9 @@ VIP=10.1.0.100
 gen() { # pktgen from CPU 0 into the sockets $1 (client side) and $2 (server side), towards $3, $4 flows; the rest are pktgen's
     local in=$1 out=$2 dst=$3 flows=$4
     shift 4
-    taskset -c 0 "$bin" pktgen --eal "--no-huge -m 1024 --no-pci -l 0 --log-level=error --file-prefix=pp-gen" \
+    # (Bounded: a generator that hangs fails its trial, or its ready or
+    # fill round, rather than the whole run waiting on it.)
+    timeout 300 taskset -c 0 "$bin" pktgen --eal "--no-huge -m 1024 --no-pci -l 0 --log-level=error --file-prefix=pp-gen" \
         --tx "dpdk:virtio_user0,path=$in,mac=$CLIENT_MAC" \
         --rx "dpdk:virtio_user1,path=$out,mac=$SERVER_MAC" \
         --src-ip 10.1.1.0 --src-ips 16 --sport 1024 --dst-ip "$dst" --dport 80 \
