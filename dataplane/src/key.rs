@@ -122,7 +122,7 @@ impl Hash for FlowKey {
 /// An address as the 16 bytes a [`FlowKey`] holds (IPv4 mapped into IPv6).
 pub fn to16(ip: IpAddr) -> [u8; 16] {
     match ip {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V4(v4) => mapped16(v4.octets()),
         IpAddr::V6(v6) => v6.octets(),
     }
 }
@@ -143,8 +143,8 @@ pub fn v4_of(a: &[u8; 16]) -> Option<[u8; 4]> {
     is_v4_mapped(a).then_some([a[12], a[13], a[14], a[15]])
 }
 
-/// 4 IPv4 address bytes as the 16 a key holds (`::ffff:a.b.c.d`): what
-/// [`to16`] gives for an IPv4 address, without the `IpAddr`.
+/// 4 IPv4 address bytes as the 16 a key holds (`::ffff:a.b.c.d`), as
+/// std's `to_ipv6_mapped` gives them; [`to16`] maps IPv4 addresses so.
 #[inline(always)]
 pub fn mapped16(v4: [u8; 4]) -> [u8; 16] {
     let [a, b, c, d] = v4;
@@ -169,12 +169,12 @@ mod tests {
     }
 
     #[test]
-    fn ipv4_bytes_in_and_out_of_key_bytes_as_through_ipaddr() {
+    fn ipv4_bytes_in_and_out_of_key_bytes_as_std_maps_them() {
         for a in ["10.1.0.4", "0.0.0.0", "255.255.255.255"] {
             let IpAddr::V4(v4) = ip(a) else {
                 unreachable!()
             };
-            assert_eq!(mapped16(v4.octets()), to16(IpAddr::V4(v4)));
+            assert_eq!(mapped16(v4.octets()), v4.to_ipv6_mapped().octets());
             assert_eq!(v4_of(&to16(IpAddr::V4(v4))), Some(v4.octets()));
         }
         for a in ["2001:db8::1", "::", "::1.2.3.4", "::ffff:0:1.2.3.4"] {

@@ -59,11 +59,6 @@ fn put<const N: usize>(f: &mut [u8], at: usize, v: [u8; N]) -> Result<(), Rewrit
     }
 }
 
-#[inline(always)]
-fn put8(f: &mut [u8], at: usize, v: u8) -> Result<(), RewriteError> {
-    put(f, at, [v])
-}
-
 #[inline]
 fn put16(f: &mut [u8], at: usize, v: u16) -> Result<(), RewriteError> {
     put(f, at, v.to_be_bytes())
@@ -422,7 +417,7 @@ impl Transpose4 {
                 tcp::CHECKSUM_OFFSET
             };
         let l4_check = get16(frame, check_at)?;
-        put8(frame, l3 + 8, ttl - 1)?;
+        put(frame, l3 + 8, [ttl - 1])?;
         if let Some((a, port)) = self.src {
             put(frame, l3 + 12, a)?;
             put(frame, l4, port.to_be_bytes())?;
