@@ -98,6 +98,12 @@ impl<B> Batch<B> {
         self.pkts.iter_mut()
     }
 
+    /// The packets' storage, for a port driver that moves a run of them to
+    /// or from its queue in one copy (the in-memory ring).
+    pub(crate) fn packets_mut(&mut self) -> &mut ArrayVec<B, BURST> {
+        &mut self.pkts
+    }
+
     /// Keeps only the packets for which `keep` returns true; the others are dropped.
     pub fn retain(&mut self, keep: impl FnMut(&mut B) -> bool) {
         self.pkts.retain(keep);
