@@ -47,9 +47,13 @@
 //! into the switch's input ring, the worker polls once (`Worker::poll_once`),
 //! and the three backend rings are drained. `fast_path` and
 //! `new_flows/slow_path` time only the worker's poll (TSC stamps around
-//! `poll_once`: receive, pipeline, transmit), which is the switch's cost per
-//! core; the `..._with_generator` variants time the whole loop, the
-//! generator's and sinks' work included.
+//! `poll_once`: receive, pipeline, transmit, with a fence before each so
+//! that none of the generator's loads or stores are still in flight when the
+//! window opens), which is the switch's cost per core; the
+//! `..._with_generator` variants time the whole loop, the generator's and
+//! sinks' work included. The generator writes each frame from one template
+//! and the flow's number (as a NIC delivers it, reading nothing per flow;
+//! [`Frames`]).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 use arc_swap::ArcSwap;
@@ -65,7 +69,7 @@ use lb::balancer::{Backend, VipConfig};
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{Ordering, fence};
 use std::time::{Duration, Instant};
 use vswitch::{Policy, Switch, SwitchConfig, SwitchStats, Topology, VipDef, VmDef, VnetDef};
 
@@ -301,46 +305,160 @@ fn frame(f: u32, mode: Mode) -> Vec<u8> {
     outer
 }
 
-/// The frames a rig's generator sends, one after another at a fixed stride
-/// of whole cache lines, in one allocation advised onto huge pages. The
-/// generator copies one per packet: stored as a million small allocations,
-/// a frame in random order cost it a TLB miss and two cache misses, and
-/// its loads evicted the worker's lines and TLB entries between polls.
-struct Frames {
-    data: Vec<u8>,
-    stride: usize,
-    lens: Vec<u16>,
+/// The frames a rig's generator sends: flow `first + i`'s for `i` below
+/// the count.
+///
+/// Where one flow's frame differs from another's only in the source address
+/// and port (every mode but `Decap`), the generator writes each from one
+/// template and the flow's number, updating both checksums, as a NIC
+/// delivers frames without the core reading anything per flow; a check at
+/// construction compares a sample with [`frame`]'s. Otherwise the frames
+/// are stored one after another at a fixed stride of whole cache lines, in
+/// one allocation advised onto huge pages. (Stored as a million small
+/// allocations, a frame in random order cost the generator a TLB miss and
+/// two cache misses, and its loads evicted the worker's lines and TLB
+/// entries between the timed polls.)
+enum Frames {
+    Made {
+        template: Vec<u8>,
+        mode: Mode,
+        first: u32,
+        count: usize,
+    },
+    Stored {
+        data: Vec<u8>,
+        stride: usize,
+        lens: Vec<u16>,
+    },
 }
 
 impl Frames {
-    fn new(frames: impl ExactSizeIterator<Item = Vec<u8>>) -> Frames {
-        let n = frames.len();
-        let mut f = Frames {
-            data: Vec::new(),
-            stride: 0,
-            lens: Vec::with_capacity(n),
-        };
-        for v in frames {
-            if f.stride == 0 {
-                f.stride = v.len().next_multiple_of(64).max(64);
-                f.data = Vec::with_capacity(n * f.stride);
-                platform::advise_huge(f.data.spare_capacity_mut());
-            }
-            assert!(v.len() <= f.stride, "frames of one rig differ in length");
-            f.lens.push(v.len() as u16);
-            f.data.extend_from_slice(&v);
-            f.data.resize(f.lens.len() * f.stride, 0);
+    /// Flows `first..first + count` of a rig of `mode`.
+    fn flows(first: u32, count: u32, mode: Mode) -> Frames {
+        if mode == Mode::Decap {
+            return Frames::stored((first..first + count).map(|f| frame(f, mode)));
         }
-        f
+        let made = Frames::Made {
+            template: frame(0, mode),
+            mode,
+            first,
+            count: count as usize,
+        };
+        let last = count.saturating_sub(1);
+        for i in (0..count).step_by(997).chain([last]) {
+            let mut d = Vec::new();
+            made.write_into(i as usize, &mut d);
+            assert_eq!(d, frame(first + i, mode), "the frame of flow {}", first + i);
+        }
+        made
+    }
+
+    /// `frames`, stored.
+    fn stored(frames: impl ExactSizeIterator<Item = Vec<u8>>) -> Frames {
+        let n = frames.len();
+        let (mut data, mut stride, mut lens) = (Vec::new(), 0, Vec::with_capacity(n));
+        for v in frames {
+            if stride == 0 {
+                stride = v.len().next_multiple_of(64).max(64);
+                data = Vec::with_capacity(n * stride);
+                platform::advise_huge(data.spare_capacity_mut());
+            }
+            assert!(v.len() <= stride, "frames of one rig differ in length");
+            lens.push(v.len() as u16);
+            data.extend_from_slice(&v);
+            data.resize(lens.len() * stride, 0);
+        }
+        Frames::Stored { data, stride, lens }
     }
 
     fn len(&self) -> usize {
-        self.lens.len()
+        match self {
+            Frames::Made { count, .. } => *count,
+            Frames::Stored { lens, .. } => lens.len(),
+        }
     }
 
-    fn get(&self, i: usize) -> &[u8] {
-        &self.data[i * self.stride..][..usize::from(self.lens[i])]
+    /// Appends frame `i` to `buf`.
+    #[inline]
+    fn write(&self, i: usize, buf: &mut PoolBuf) {
+        match self {
+            Frames::Made {
+                template,
+                mode,
+                first,
+                ..
+            } => {
+                // Made on the stack and copied whole, so that the frame is
+                // written as a stored one is: the worker's loads of its
+                // headers would otherwise wait for the patches' narrow
+                // stores (store forwarding), which a NIC's writes never
+                // leave behind.
+                let mut f = [0u8; 128];
+                let f = &mut f[..template.len()];
+                f.copy_from_slice(template);
+                retarget(f, first + i as u32, *mode);
+                buf.append(f.len()).unwrap().copy_from_slice(f);
+            }
+            Frames::Stored { data, stride, lens } => {
+                let f = &data[i * stride..][..usize::from(lens[i])];
+                buf.append(f.len()).unwrap().copy_from_slice(f);
+            }
+        }
     }
+
+    /// Frame `i` into `v` (for the check).
+    fn write_into(&self, i: usize, v: &mut Vec<u8>) {
+        match self {
+            Frames::Made {
+                template,
+                mode,
+                first,
+                ..
+            } => {
+                v.extend_from_slice(template);
+                retarget(v, first + i as u32, *mode);
+            }
+            Frames::Stored { data, stride, lens } => {
+                v.extend_from_slice(&data[i * stride..][..usize::from(lens[i])]);
+            }
+        }
+    }
+}
+
+/// Makes `d`, flow 0's frame of a rig of `mode` (not `Decap`), flow
+/// `f`'s: its source address and port, the IPv4 header checksum computed
+/// again and the UDP checksum updated (RFC 1624) for the words changed.
+#[inline]
+fn retarget(d: &mut [u8], f: u32, mode: Mode) {
+    let src = match mode {
+        Mode::Wire => wire_ip(f % GEN_IPS),
+        _ => gen_ip(f % GEN_IPS),
+    }
+    .octets();
+    let sport = 1024 + (f / GEN_IPS) as u16;
+    let word = |d: &[u8], i: usize| u32::from(u16::from_be_bytes([d[i], d[i + 1]]));
+    let fold = |mut s: u32| {
+        while s >> 16 != 0 {
+            s = (s & 0xffff) + (s >> 16);
+        }
+        s as u16
+    };
+    let old = [word(d, 26), word(d, 28), word(d, 34)];
+    d[26..30].copy_from_slice(&src);
+    d[34..36].copy_from_slice(&sport.to_be_bytes());
+    let new = [word(d, 26), word(d, 28), word(d, 34)];
+    d[24..26].fill(0);
+    let ip = !fold((14..34).step_by(2).map(|i| word(d, i)).sum());
+    d[24..26].copy_from_slice(&ip.to_be_bytes());
+    let mut l4 = u32::from(!(word(d, 40) as u16));
+    for (o, n) in old.into_iter().zip(new) {
+        l4 += u32::from(!(o as u16)) + n;
+    }
+    let l4 = match !fold(l4) {
+        0 => 0xffff,
+        c => c,
+    };
+    d[40..42].copy_from_slice(&l4.to_be_bytes());
 }
 
 struct Rig {
@@ -439,7 +557,7 @@ impl Rig {
             gen_end,
             sinks,
             pool,
-            frames: Frames::new((0..flows).map(|f| frame(f, mode))),
+            frames: Frames::flows(0, flows, mode),
             mode,
             next: 0,
             random: false,
@@ -461,7 +579,7 @@ impl Rig {
 
     /// From now on, generate flows `first..first + count`.
     fn use_flows(&mut self, first: u32, count: u32) {
-        self.frames = Frames::new((first..first + count).map(|f| frame(f, self.mode)));
+        self.frames = Frames::flows(first, count, self.mode);
         self.next = 0;
     }
 
@@ -471,8 +589,7 @@ impl Rig {
         let mut b = Batch::new();
         for _ in 0..BURST {
             let mut buf = self.pool.alloc().unwrap();
-            let f = self.frames.get(self.next);
-            buf.append(f.len()).unwrap().copy_from_slice(f);
+            self.frames.write(self.next, &mut buf);
             if self.random {
                 self.rng ^= self.rng << 13;
                 self.rng ^= self.rng >> 7;
@@ -524,8 +641,13 @@ impl Rig {
         let mut ticks = 0;
         for _ in 0..iters {
             self.generate();
+            // The window opens once the generator's loads and stores are
+            // done (its last frames' misses are not the worker's) and closes
+            // once the worker's are.
+            fence(Ordering::SeqCst);
             let t0 = clock.now();
             self.worker.poll_once();
+            fence(Ordering::SeqCst);
             ticks += clock.now().wrapping_sub(t0);
             self.forwarded += self.drain() as u64;
         }
@@ -865,7 +987,7 @@ fn storm(clock: &TscClock, rigs: u64) {
             .map(|f| frame(f, Mode::Plain))
             .collect();
         // Install the established flows.
-        rig.frames = Frames::new(est.iter().cloned());
+        rig.frames = Frames::stored(est.iter().cloned());
         rig.next = 0;
         for _ in 0..(ESTABLISHED as usize).div_ceil(BURST) {
             rig.burst();
@@ -890,8 +1012,10 @@ fn storm(clock: &TscClock, rigs: u64) {
                     b.push(buf).unwrap();
                 }
                 rig.gen_end.tx_burst(&mut b);
+                fence(Ordering::SeqCst);
                 let t0 = clock.now();
                 rig.worker.poll_once();
+                fence(Ordering::SeqCst);
                 ticks += clock.now().wrapping_sub(t0);
                 let mut at = at.lock().unwrap();
                 lat.extend(at.drain(..).map(|t| t.wrapping_sub(t0)));
