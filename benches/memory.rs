@@ -5,8 +5,8 @@
 //! Each lookup reads a 64-byte bucket (which names a slot) and then the first
 //! two cache lines of a 192-byte slot, as a flow-table hit does, followed by
 //! `MEMORY_BENCH_WORK` rounds of independent arithmetic standing for the
-//! rest of a packet's processing. Lookups go in bursts of 32, in passes: every bucket
-//! requested, then every slot (each bucket read for its slot), then every
+//! rest of a packet's processing. Lookups go in bursts of 32, in passes:
+//! every bucket requested, then every slot (each bucket read for its slot), then every
 //! slot read, then the work; so all of a burst's misses are in flight
 //! together. The same with the slots addressed directly by the hash (no
 //! bucket: one dependent load fewer), for comparison. Tables of 1 000
@@ -14,9 +14,12 @@
 //! MiB, in memory advised onto huge pages as the flow table's is), keys in
 //! random order.
 //!
-//! `cargo bench --bench memory` prints lookups per second for each and the
-//! ratio of the large table's rate to the small one's, which is what
-//! `fast_path_random/1000000` against `fast_path/1000` can be compared
+//! `cargo bench --bench memory` prints, first, the time of one load in a
+//! chain of dependent loads through 1 to 320 MiB (which level of the memory
+//! holds how much, and its latency); then lookups per second for each kind
+//! and size, and the ratio of the large table's rate to the small one's,
+//! which is what `fast_path_random/1000000` against `fast_path/1000` can be
+//! compared
 //! with. `MEMORY_BENCH_WORK` (default 30) sets the work per lookup: pick
 //! it so that the small table runs about as fast as `fast_path/1000`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
@@ -127,6 +130,32 @@ fn one_stage(t: &Table, keys: &[u64], n: u32) -> f64 {
     keys.len() as f64 / start.elapsed().as_secs_f64()
 }
 
+/// Nanoseconds per load of a chain of dependent loads through `bytes` of
+/// memory (advised onto huge pages), one line at a time in random order:
+/// the latency of the level that holds that much.
+fn chase(bytes: usize, loads: usize) -> f64 {
+    let lines = bytes / 64;
+    // Each line's first word names the next line: one random cycle through
+    // all of them (Sattolo's shuffle).
+    let mut order: Vec<usize> = (0..lines).collect();
+    let mut x = 0x5851_f42d_4c95_7f2du64;
+    for i in (1..lines).rev() {
+        let j = (xorshift(&mut x) % i as u64) as usize;
+        order.swap(i, j);
+    }
+    let mut next = HugeVec::<Bucket>::zeroed(lines).expect("lines");
+    for (i, &o) in order.iter().enumerate() {
+        next[o][0] = order[(i + 1) % lines] as u64;
+    }
+    let mut at = 0usize;
+    let start = Instant::now();
+    for _ in 0..loads {
+        at = next[at][0] as usize;
+    }
+    black_box(at);
+    start.elapsed().as_secs_f64() * 1e9 / loads as f64
+}
+
 fn main() {
     // (Run by `cargo test --benches` too: one short round there.)
     let quick = std::env::args().any(|a| a == "--test");
@@ -136,6 +165,12 @@ fn main() {
     });
     let lookups = if quick { LOOKUPS / 64 } else { LOOKUPS };
     let rounds = if quick { 1 } else { 3 };
+    for mib in [1usize, 4, 8, 32, 320] {
+        println!(
+            "memory/latency/{mib}MiB: {:.1} ns a dependent load",
+            chase(mib << 20, lookups / 2)
+        );
+    }
     let mut rates = Vec::new();
     for entries in [1_000usize, 1_000_000] {
         let t = Table::new(entries);
