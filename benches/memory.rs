@@ -6,9 +6,9 @@
 //! two cache lines of a 192-byte slot, as a flow-table hit does, followed by
 //! `MEMORY_BENCH_WORK` rounds of independent arithmetic standing for the
 //! rest of a packet's processing. Lookups go in bursts of 32, in passes:
-//! every bucket requested, then every slot (each bucket read for its slot), then every
-//! slot read, then the work; so all of a burst's misses are in flight
-//! together. The same with the slots addressed directly by the hash (no
+//! every bucket requested, then every slot (each bucket read for its
+//! slot), then every slot read, then the work; so all of a burst's misses
+//! are in flight together. The same with the slots addressed directly by the hash (no
 //! bucket: one dependent load fewer), for comparison. Tables of 1 000
 //! entries (in the caches) and 1 000 000 (2 M buckets and 1 M slots, 320
 //! MiB, in memory advised onto huge pages as the flow table's is), keys in
@@ -18,10 +18,10 @@
 //! chain of dependent loads through 1 to 320 MiB (which level of the memory
 //! holds how much, and its latency); then lookups per second for each kind
 //! and size, and the ratio of the large table's rate to the small one's,
-//! which is what `fast_path_random/1000000` against `fast_path/1000` can be
-//! compared
-//! with. `MEMORY_BENCH_WORK` (default 30) sets the work per lookup: pick
-//! it so that the small table runs about as fast as `fast_path/1000`.
+//! which is what `fast_path_random/1000000` against `fast_path/1000` can
+//! be compared with. `MEMORY_BENCH_WORK` (default 30) sets the work per
+//! lookup: pick it so that the small table runs about as fast as
+//! `fast_path/1000`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 use platform::HugeVec;
