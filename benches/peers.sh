@@ -107,7 +107,7 @@ fill() {
             return 0
         fi
     done
-    echo "the device tracks $n of $flows connections after 120 s" >&2
+    echo "$what: the device tracks $n of $flows connections after 120 s" >&2
     return 1
 }
 
@@ -126,7 +126,7 @@ sys.exit(0 if json.load(open(sys.argv[1]))["trials"][-1]["rx_pps"] > 0 else 1)
             return 0
         fi
     done
-    echo "nothing came back through the device in 60 s" >&2
+    echo "$what: nothing came back through the device in 60 s" >&2
     return 1
 }
 
@@ -140,18 +140,18 @@ trial() {
     gen "$in" "$out" "$dst" "$flows" --duration "$secs" --warmup 1 --json > "$tmp/gen.json" 2>> "$tmp/gen.err" &
     local g=$!
     sleep 2.5
-    "$reset" || { echo "resetting the cycle accounting failed" >&2; kill "$g"; wait "$g"; return 1; }
+    "$reset" || { echo "$what: resetting the cycle accounting failed" >&2; kill "$g"; wait "$g"; return 1; }
     sleep "$((secs - 2))"
-    "$read" > "$tmp/cpp" || { echo "reading the cycle accounting failed" >&2; kill "$g"; wait "$g"; return 1; }
-    wait "$g" || { echo "pktgen failed:" >&2; cat "$tmp/gen.err" >&2; return 1; }
+    "$read" > "$tmp/cpp" || { echo "$what: reading the cycle accounting failed" >&2; kill "$g"; wait "$g"; return 1; }
+    wait "$g" || { echo "$what: pktgen failed:" >&2; cat "$tmp/gen.err" >&2; return 1; }
     # Nothing back is a failed trial, not a rate of 0.
     python3 -c '
 import json, sys
 t = json.load(open(sys.argv[1]))["trials"][-1]
 if t["rx_pps"] <= 0:
-    sys.exit("nothing came back through the device during the trial")
+    sys.exit(sys.argv[2] + ": nothing came back through the device during the trial")
 print("%.2f" % (t["rx_pps"] / 1e6))
-' "$tmp/gen.json"
+' "$tmp/gen.json" "$what"
 }
 
 wait_sock() { for _ in $(seq 300); do [ -S "$1" ] && return 0; sleep 0.1; done; echo "no socket $1" >&2; return 1; }
@@ -294,11 +294,13 @@ print(sum(w.get("connections", 0) for w in json.load(sys.stdin)["workers"]))'
 
 # --- the run ---------------------------------------------------------------------
 declare -A mpps cpp
+what="(before the first device)"
 devices="${DEVICES:-testpmd ovs pollux acl}"
 for flows in $sizes; do
     [[ $devices == *testpmd* ]] || break
     # (No `ready` step: testpmd counts its cycles over its whole run, which
     # is to be the trial's; a trial with nothing back still fails.)
+    what="testpmd io, $flows flows"
     testpmd_start
     mpps[testpmd,$flows]=$(trial "$tmp/tp-in.sock" "$tmp/tp-out.sock" 10.1.0.4 "$flows" testpmd_reset testpmd_read)
     testpmd_stop
@@ -309,6 +311,7 @@ done
 for flows in $sizes; do
     [[ $devices == *ovs* ]] || break
     for mode in plain vip; do
+        what="OVS $mode, $flows flows"
         ovs_flows "$mode"
         ovs_flush
         dst=10.1.0.4
@@ -327,6 +330,7 @@ done
 for flows in $sizes; do
     [[ $devices == *pollux* ]] || break
     for mode in plain vip; do
+        what="pollux $mode, $flows flows"
         pollux_start
         dst=10.1.0.4
         [ "$mode" = vip ] && dst=$VIP
