@@ -8,10 +8,10 @@
 //! rest of a packet's processing. Lookups go in bursts of 32, in passes:
 //! every bucket requested, then every slot (each bucket read for its
 //! slot), then every slot read, then the work; so all of a burst's misses
-//! are in flight together. The same with the slots addressed directly by the hash (no
-//! bucket: one dependent load fewer), for comparison. Tables of 1 000
-//! entries (in the caches) and 1 000 000 (2 M buckets and 1 M slots, 320
-//! MiB, in memory advised onto huge pages as the flow table's is), keys in
+//! are in flight together. The same with the slots addressed directly by
+//! the key (no bucket: one dependent load fewer), for comparison. Tables of
+//! 1 000 entries (in the caches) and 1 000 000 (2 M buckets and 1 M slots,
+//! 305 MiB, in memory advised onto huge pages as the flow table's is), keys in
 //! random order.
 //!
 //! `cargo bench --bench memory` prints, first, the time of one load in a
@@ -110,16 +110,16 @@ fn two_stage(t: &Table, keys: &[u64], n: u32) -> f64 {
 fn one_stage(t: &Table, keys: &[u64], n: u32) -> f64 {
     let start = Instant::now();
     let mut sum = 0u64;
-    let slots = t.slots.len() as u64;
+    // (A key is below twice the slots, as it names a bucket.)
     for burst in keys.chunks_exact(BURST) {
         for &k in burst {
-            let s = &t.slots[(k % slots) as usize];
+            let s = &t.slots[(k >> 1) as usize];
             platform::prefetch(&s[0]);
             platform::prefetch(&s[8]);
         }
         let mut got = [0u64; BURST];
         for (g, &k) in got.iter_mut().zip(burst) {
-            let s = &t.slots[(k % slots) as usize];
+            let s = &t.slots[(k >> 1) as usize];
             *g = s[0] ^ s[8];
         }
         for g in got {
@@ -135,8 +135,8 @@ fn one_stage(t: &Table, keys: &[u64], n: u32) -> f64 {
 /// the latency of the level that holds that much.
 fn chase(bytes: usize, loads: usize) -> f64 {
     let lines = bytes / 64;
-    // Each line's first word names the next line: one random cycle through
-    // all of them (Sattolo's shuffle).
+    // Each line's first word names the next in a random order of all of
+    // them, the last the first: one cycle through every line.
     let mut order: Vec<usize> = (0..lines).collect();
     let mut x = 0x5851_f42d_4c95_7f2du64;
     for i in (1..lines).rev() {

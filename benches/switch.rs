@@ -47,9 +47,9 @@
 //! into the switch's input ring, the worker polls once (`Worker::poll_once`),
 //! and the three backend rings are drained. `fast_path` and
 //! `new_flows/slow_path` time only the worker's poll (TSC stamps around
-//! `poll_once`: receive, pipeline, transmit, with a fence before each so
-//! that none of the generator's loads or stores are still in flight when the
-//! window opens), which is the switch's cost per core; the
+//! `poll_once`: receive, pipeline, transmit, with `platform::timing_fence`
+//! before each so that none of the generator's loads or stores are still in
+//! flight when the window opens), which is the switch's cost per core; the
 //! `..._with_generator` variants time the whole loop, the generator's and
 //! sinks' work included. The generator writes each frame from one template
 //! and the flow's number (as a NIC delivers it, reading nothing per flow;
@@ -69,7 +69,7 @@ use lb::balancer::{Backend, VipConfig};
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
-use std::sync::atomic::{Ordering, fence};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use vswitch::{Policy, Switch, SwitchConfig, SwitchStats, Topology, VipDef, VmDef, VnetDef};
 
@@ -393,11 +393,8 @@ impl Frames {
                 // headers would otherwise wait for the patches' narrow
                 // stores (store forwarding), which a NIC's writes never
                 // leave behind.
-                let mut f = [0u8; 128];
-                let f = &mut f[..template.len()];
-                f.copy_from_slice(template);
-                retarget(f, first + i as u32, *mode);
-                buf.append(f.len()).unwrap().copy_from_slice(f);
+                let (f, len) = made(template, first + i as u32, *mode);
+                buf.append(len).unwrap().copy_from_slice(&f[..len]);
             }
             Frames::Stored { data, stride, lens } => {
                 let f = &data[i * stride..][..usize::from(lens[i])];
@@ -415,14 +412,25 @@ impl Frames {
                 first,
                 ..
             } => {
-                v.extend_from_slice(template);
-                retarget(v, first + i as u32, *mode);
+                let (f, len) = made(template, first + i as u32, *mode);
+                v.extend_from_slice(&f[..len]);
             }
             Frames::Stored { data, stride, lens } => {
                 v.extend_from_slice(&data[i * stride..][..usize::from(lens[i])]);
             }
         }
     }
+}
+
+/// Flow `f`'s frame (of `template`'s length) made from `template`, flow 0's
+/// ([`retarget`]).
+#[inline]
+fn made(template: &[u8], f: u32, mode: Mode) -> ([u8; 128], usize) {
+    let mut d = [0u8; 128];
+    let len = template.len();
+    d[..len].copy_from_slice(template);
+    retarget(&mut d[..len], f, mode);
+    (d, len)
 }
 
 /// Makes `d`, flow 0's frame of a rig of `mode` (not `Decap`), flow
@@ -643,11 +651,11 @@ impl Rig {
             self.generate();
             // The window opens once the generator's loads and stores are
             // done (its last frames' misses are not the worker's) and closes
-            // once the worker's are.
-            fence(Ordering::SeqCst);
+            // once the worker's are (`platform::timing_fence`).
+            platform::timing_fence();
             let t0 = clock.now();
             self.worker.poll_once();
-            fence(Ordering::SeqCst);
+            platform::timing_fence();
             ticks += clock.now().wrapping_sub(t0);
             self.forwarded += self.drain() as u64;
         }
@@ -1012,10 +1020,10 @@ fn storm(clock: &TscClock, rigs: u64) {
                     b.push(buf).unwrap();
                 }
                 rig.gen_end.tx_burst(&mut b);
-                fence(Ordering::SeqCst);
+                platform::timing_fence();
                 let t0 = clock.now();
                 rig.worker.poll_once();
-                fence(Ordering::SeqCst);
+                platform::timing_fence();
                 ticks += clock.now().wrapping_sub(t0);
                 let mut at = at.lock().unwrap();
                 lat.extend(at.drain(..).map(|t| t.wrapping_sub(t0)));

@@ -29,6 +29,26 @@ use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 
+/// Waits until every earlier load and store has completed and every earlier
+/// instruction has executed before the next one starts: a time-stamp counter
+/// read right after it counts nothing that came before (`MFENCE` then
+/// `LFENCE`, as Intel's manual asks before `RDTSC`; on AMD `MFENCE` alone
+/// orders it). Elsewhere a sequentially consistent fence. For benchmarks
+/// that time a piece of work between two counter reads.
+#[inline(always)]
+pub fn timing_fence() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: MFENCE and LFENCE are SSE2 instructions, which every x86_64
+    // CPU has; they access no memory and change only the order in which
+    // instructions complete.
+    unsafe {
+        core::arch::x86_64::_mm_mfence();
+        core::arch::x86_64::_mm_lfence();
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+}
+
 /// Asks the CPU to bring the cache line holding `r` into all cache levels
 /// without waiting for it: a hint, which never faults and changes nothing
 /// but timing. Does nothing on CPUs without a prefetch instruction here.
