@@ -346,9 +346,13 @@ impl Frames {
         };
         let last = count.saturating_sub(1);
         for i in (0..count).step_by(997).chain([last]) {
-            let mut d = Vec::new();
-            made.write_into(i as usize, &mut d);
-            assert_eq!(d, frame(first + i, mode), "the frame of flow {}", first + i);
+            let (f, len) = made.get(i as usize);
+            assert_eq!(
+                f[..len],
+                frame(first + i, mode),
+                "the frame of flow {}",
+                first + i
+            );
         }
         made
     }
@@ -363,7 +367,10 @@ impl Frames {
                 data = Vec::with_capacity(n * stride);
                 platform::advise_huge(data.spare_capacity_mut());
             }
-            assert!(v.len() <= stride, "frames of one rig differ in length");
+            assert!(
+                v.len() <= stride.min(128),
+                "frames of one rig differ in length, or are long"
+            );
             lens.push(v.len() as u16);
             data.extend_from_slice(&v);
             data.resize(lens.len() * stride, 0);
@@ -381,42 +388,29 @@ impl Frames {
     /// Appends frame `i` to `buf`.
     #[inline]
     fn write(&self, i: usize, buf: &mut PoolBuf) {
-        match self {
-            Frames::Made {
-                template,
-                mode,
-                first,
-                ..
-            } => {
-                // Made on the stack and copied whole, so that the frame is
-                // written as a stored one is: the worker's loads of its
-                // headers would otherwise wait for the patches' narrow
-                // stores (store forwarding), which a NIC's writes never
-                // leave behind.
-                let (f, len) = made(template, first + i as u32, *mode);
-                buf.append(len).unwrap().copy_from_slice(&f[..len]);
-            }
-            Frames::Stored { data, stride, lens } => {
-                let f = &data[i * stride..][..usize::from(lens[i])];
-                buf.append(f.len()).unwrap().copy_from_slice(f);
-            }
-        }
+        // A made frame is made on the stack and copied whole, so that it is
+        // written as a stored one is: the worker's loads of its headers
+        // would otherwise wait for the patches' narrow stores (store
+        // forwarding), which a NIC's writes never leave behind.
+        let (f, len) = self.get(i);
+        buf.append(len).unwrap().copy_from_slice(&f[..len]);
     }
 
-    /// Frame `i` into `v` (for the check).
-    fn write_into(&self, i: usize, v: &mut Vec<u8>) {
+    /// Frame `i`, and its length.
+    #[inline]
+    fn get(&self, i: usize) -> ([u8; 128], usize) {
         match self {
             Frames::Made {
                 template,
                 mode,
                 first,
                 ..
-            } => {
-                let (f, len) = made(template, first + i as u32, *mode);
-                v.extend_from_slice(&f[..len]);
-            }
+            } => made(template, first + i as u32, *mode),
             Frames::Stored { data, stride, lens } => {
-                v.extend_from_slice(&data[i * stride..][..usize::from(lens[i])]);
+                let len = usize::from(lens[i]);
+                let mut f = [0u8; 128];
+                f[..len].copy_from_slice(&data[i * stride..][..len]);
+                (f, len)
             }
         }
     }

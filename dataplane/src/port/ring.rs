@@ -204,6 +204,16 @@ impl<T> BurstRing<T> {
         }
     }
 
+    /// The slots of the `n` counters from `head` on: the slot array, where
+    /// the run starts in it, and how many lie before its end (the rest wrap
+    /// around to its start).
+    #[cfg(not(loom))]
+    #[inline(always)]
+    fn run(&self, head: usize, n: usize) -> (&[SlotCell<MaybeUninit<T>>], usize, usize) {
+        let start = head & self.mask;
+        (&self.slots[..], start, n.min(self.slots.len() - start))
+    }
+
     /// Moves as many values of `batch` as fit, from the front, into the
     /// ring; what did not fit stays in `batch`. Returns how many moved.
     #[inline]
@@ -227,9 +237,7 @@ impl<T> BurstRing<T> {
         // and the batch's length each.
         #[cfg(not(loom))]
         {
-            let slots = &self.slots[..];
-            let start = head & self.mask;
-            let first = n.min(slots.len() - start);
+            let (slots, start, first) = self.run(head, n);
             let v = batch.packets_mut();
             let len = v.len();
             // (One pointer into the batch, for the reads and the shift.)
@@ -288,9 +296,7 @@ impl<T> BurstRing<T> {
         // One copy per run of slots, as `push_burst` does.
         #[cfg(not(loom))]
         {
-            let slots = &self.slots[..];
-            let start = head & self.mask;
-            let first = n.min(slots.len() - start);
+            let (slots, start, first) = self.run(head, n);
             let v = batch.packets_mut();
             let len = v.len();
             let (from, to) = (SlotCell::values(slots), v.as_mut_ptr());
