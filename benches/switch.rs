@@ -429,38 +429,28 @@ fn made(template: &[u8], f: u32, mode: Mode) -> ([u8; 128], usize) {
 
 /// Makes `d`, flow 0's frame of a rig of `mode` (not `Decap`), flow
 /// `f`'s: its source address and port, the IPv4 header checksum computed
-/// again and the UDP checksum updated (RFC 1624) for the words changed.
+/// again and the UDP checksum updated (RFC 1624) for the bytes changed.
 #[inline]
 fn retarget(d: &mut [u8], f: u32, mode: Mode) {
+    use dataplane::wire::checksum;
     let src = match mode {
         Mode::Wire => wire_ip(f % GEN_IPS),
         _ => gen_ip(f % GEN_IPS),
     }
     .octets();
-    let sport = 1024 + (f / GEN_IPS) as u16;
-    let word = |d: &[u8], i: usize| u32::from(u16::from_be_bytes([d[i], d[i + 1]]));
-    let fold = |mut s: u32| {
-        while s >> 16 != 0 {
-            s = (s & 0xffff) + (s >> 16);
-        }
-        s as u16
-    };
-    let old = [word(d, 26), word(d, 28), word(d, 34)];
+    let sport = (1024 + (f / GEN_IPS) as u16).to_be_bytes();
+    let old = [d[26], d[27], d[28], d[29], d[34], d[35]];
+    let new = [src[0], src[1], src[2], src[3], sport[0], sport[1]];
     d[26..30].copy_from_slice(&src);
-    d[34..36].copy_from_slice(&sport.to_be_bytes());
-    let new = [word(d, 26), word(d, 28), word(d, 34)];
+    d[34..36].copy_from_slice(&sport);
     d[24..26].fill(0);
-    let ip = !fold((14..34).step_by(2).map(|i| word(d, i)).sum());
+    let ip = checksum::checksum(&d[14..34]);
     d[24..26].copy_from_slice(&ip.to_be_bytes());
-    let mut l4 = u32::from(!(word(d, 40) as u16));
-    for (o, n) in old.into_iter().zip(new) {
-        l4 += u32::from(!(o as u16)) + n;
-    }
-    let l4 = match !fold(l4) {
+    let udp = match checksum::update(u16::from_be_bytes([d[40], d[41]]), &old, &new) {
         0 => 0xffff,
         c => c,
     };
-    d[40..42].copy_from_slice(&l4.to_be_bytes());
+    d[40..42].copy_from_slice(&udp.to_be_bytes());
 }
 
 struct Rig {
