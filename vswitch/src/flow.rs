@@ -248,6 +248,10 @@ struct Slot {
     entry: FlowEntry,
 }
 
+/// No slot: what [`FlowTable::prefetch_slot`] returns when the home bucket
+/// holds nothing under the hash's signature.
+pub const NO_SLOT: u32 = u32::MAX;
+
 /// A flow found by [`FlowTable::find`]: its slot, and the table's removal
 /// count then. Inserts never move a flow; a removal frees a slot that a
 /// later insert may reuse, so a reference is good while no flow has been
@@ -491,16 +495,39 @@ impl FlowTable {
     /// with `hash`'s signature (in practice the one flow it may be), the
     /// two cache lines a hit reads: the second stage of a burst's lookups,
     /// after [`FlowTable::prefetch_bucket`] and before
-    /// [`FlowTable::find`], so that the slot misses of a burst overlap
-    /// too. Reads the bucket; compares no key.
+    /// [`FlowTable::find_at`], so that the slot misses of a burst overlap
+    /// too. Reads the bucket; compares no key. Returns the slot (the last,
+    /// if several), or [`NO_SLOT`].
     #[inline(always)]
-    pub fn prefetch_slot(&self, hash: u64) {
+    pub fn prefetch_slot(&self, hash: u64) -> u32 {
+        let mut found = NO_SLOT;
         self.index.for_home_candidates(hash, |s| {
             if let Some(slot) = self.slots.get(s as usize) {
                 platform::prefetch(&slot.key);
                 platform::prefetch(&slot.entry.action);
+                found = s;
             }
         });
+        found
+    }
+
+    /// The flow of `key` on `in_port` if it is the one in slot `s`, the
+    /// slot [`FlowTable::prefetch_slot`] returned for its hash in the same
+    /// burst (no flow removed since): the third stage of a burst's
+    /// lookups, which compares the key and reads nothing else. Kept that
+    /// short so that the core runs ahead through the whole burst's slots,
+    /// whose loads are then all in flight at once, before the heavier
+    /// stage after it (a longer one waits on each slot's lines in turn); a
+    /// key not in its candidate slot (another flow with its signature, or
+    /// stored past its home bucket) is then looked up with
+    /// [`FlowTable::find`].
+    #[inline(always)]
+    pub fn find_at(&self, s: u32, in_port: u16, key: &FlowKey) -> Option<FlowRef> {
+        let sl = self.slots.get(s as usize)?;
+        (sl.key == *key && sl.in_port == in_port).then_some(FlowRef {
+            slot: s,
+            epoch: self.removals,
+        })
     }
 
     /// Starts loading the slots the next `n` installs will take (at most
@@ -1034,6 +1061,24 @@ mod tests {
     }
 
     #[test]
+    fn a_candidate_slot_names_its_flow_only() {
+        let mut t = FlowTable::new(8, 1000, 10);
+        t.insert(0, key(1), entry(1));
+        t.insert(0, key(2), entry(2));
+        let h = t.hash(0, &key(1));
+        let s = t.prefetch_slot(h);
+        assert_ne!(s, NO_SLOT);
+        assert_eq!(t.find_at(s, 0, &key(1)), t.find(h, 0, &key(1)));
+        // Another flow's slot, another port, no slot, a slot past the slab.
+        let other = t.prefetch_slot(t.hash(0, &key(2)));
+        assert_ne!(other, s);
+        assert_eq!(t.find_at(other, 0, &key(1)), None);
+        assert_eq!(t.find_at(s, 1, &key(1)), None);
+        assert_eq!(t.find_at(NO_SLOT, 0, &key(1)), None);
+        assert_eq!(FlowTable::new(8, 1000, 10).prefetch_slot(h), NO_SLOT);
+    }
+
+    #[test]
     fn a_hit_is_due_to_tell_its_connection_first_and_then_every_so_often() {
         let mut conns = lb::conntrack::ConnTable::<u32>::new(8, Default::default());
         let i = conns.insert(key(1), key(2), 0, 0, 0, |_| {}).unwrap();
@@ -1472,6 +1517,16 @@ mod tests {
             }
             for k in 0..200u16 {
                 prop_assert_eq!(t.get_mut(0, &key(k)).copied(), model.get(&k).copied());
+                // A burst's stages: the candidate slot of the home bucket
+                // names the flow or nothing (never another flow, nor the
+                // key on another port), and with the full search after it
+                // finds what the full search alone does.
+                let h = t.hash(0, &key(k));
+                let full = t.find(h, 0, &key(k));
+                let at = t.find_at(t.prefetch_slot(h), 0, &key(k));
+                prop_assert!(at.is_none() || at == full);
+                prop_assert_eq!(at.or_else(|| t.find(h, 0, &key(k))), full);
+                prop_assert_eq!(t.find_at(t.prefetch_slot(h), 1, &key(k)), None);
             }
         }
     }

@@ -1069,8 +1069,12 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
         // what the one before has only just written (store forwarding
         // stalls): parse every packet in place; hash every key and
         // prefetch its bucket; prefetch the slot each bucket points at
-        // (the buckets have arrived meanwhile); search the index for all of
-        // them (the slots have arrived), and for a hit due to tell the load
+        // (the buckets have arrived meanwhile); compare each key with the
+        // one in that slot, in a pass short enough that the core runs
+        // through the whole burst's slots with all their loads in flight
+        // (a longer pass, waiting on each slot in turn, keeps only a few
+        // in flight: `FlowTable::find_at`); search the index for the
+        // rest, and for a hit due to tell the load
         // balancer of its traffic prefetch the line naming its connection,
         // for a miss to a VIP its Maglev slot; then prefetch that
         // connection, and for those that missed what their slow path reads
@@ -1111,8 +1115,21 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
             *h = self.flows.hash(*port, &p.key);
             self.flows.prefetch_bucket(*h);
         }
-        for h in hash.iter().take(n) {
-            self.flows.prefetch_slot(*h);
+        let mut slot = [crate::flow::NO_SLOT; N];
+        for (h, s) in hash.iter().zip(slot.iter_mut()).take(n) {
+            *s = self.flows.prefetch_slot(*h);
+        }
+        for ((((r, s), p), st), port) in hint
+            .iter_mut()
+            .zip(slot.iter())
+            .zip(parsed.iter())
+            .zip(status.iter())
+            .zip(ports.iter())
+            .take(n)
+        {
+            if st.is_ok() {
+                *r = self.flows.find_at(*s, *port, &p.key);
+            }
         }
         let mut due = [false; N];
         // A miss: the vnet that decides it (`lb_vnet`), and to a VIP its
@@ -1131,7 +1148,7 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
             .take(n)
         {
             *r = match st {
-                Ok(()) => self.flows.find(*h, *port, &p.key),
+                Ok(()) => r.or_else(|| self.flows.find(*h, *port, &p.key)),
                 Err(_) => None,
             };
             match r {
