@@ -160,8 +160,12 @@ pub struct FlowEntry {
     pub packets: u64,
     /// IP bytes (no link-layer header).
     pub bytes: u64,
-    /// When the load balancer's connection was last told of a packet (ns).
-    pub lb_touched: u64,
+    /// When the load balancer's connection was last told of a packet, in
+    /// units of 2^20 ns (about a millisecond), wrapping every 52 days
+    /// ([`FlowEntry::set_lb_touched`], [`FlowEntry::lb_touch_due`]): 32
+    /// bits keep the connection's reference in the slot's first two cache
+    /// lines, so a hit due to tell it reads no third line.
+    pub lb_touched: u32,
     /// The VIP whose connection this flow carries
     /// ([`crate::policy::NO_VIP`] if none): the flow is revalidated when
     /// that VIP's health changes, and only then (besides a new policy
@@ -178,6 +182,38 @@ pub struct FlowEntry {
     /// expires after the short timeout. After the action: a hit writes it
     /// only on FIN or RST, and never reads it.
     pub closing: bool,
+}
+
+/// [`FlowEntry::lb_touched`]'s unit: 2^20 ns.
+const TOUCH_SHIFT: u32 = 20;
+
+/// `ns` in [`FlowEntry::lb_touched`]'s units, wrapping.
+fn touch_units(ns: u64) -> u32 {
+    (ns >> TOUCH_SHIFT) as u32
+}
+
+impl FlowEntry {
+    /// Notes that the flow told its load-balancer connection of a packet
+    /// at `now` (ns).
+    #[inline(always)]
+    pub fn set_lb_touched(&mut self, now: u64) {
+        self.lb_touched = touch_units(now);
+    }
+
+    /// Notes the flow as due to tell its connection at its next hit, for
+    /// an interval of `every` (ns) at `now`.
+    pub fn set_lb_due(&mut self, now: u64, every: u64) {
+        self.lb_touched = touch_units(now).wrapping_sub(touch_units(every).wrapping_add(1));
+    }
+
+    /// True when more than `every` (ns, to the unit) has passed since the
+    /// flow last told its connection, at `now` (ns). (A flow idle for a
+    /// multiple of 52 days would be taken for told just now; flows expire
+    /// long before.)
+    #[inline(always)]
+    pub fn lb_touch_due(&self, now: u64, every: u64) -> bool {
+        touch_units(now).wrapping_sub(self.lb_touched) > touch_units(every)
+    }
 }
 
 /// What the flow log needs of a flow besides its entry. Kept beside the
@@ -586,7 +622,7 @@ impl FlowTable {
     #[inline(always)]
     fn touch_due(&self, r: FlowRef, now: u64, every: u64) -> Option<&FlowEntry> {
         let e = self.entry_at(r)?;
-        (e.packets == 0 || now.saturating_sub(e.lb_touched) > every).then_some(e)
+        (e.packets == 0 || e.lb_touch_due(now, every)).then_some(e)
     }
 
     /// The entry of the flow `r` names, read only ([`FlowTable::at`]).
@@ -598,30 +634,15 @@ impl FlowTable {
         self.slots.get(r.slot as usize).map(|s| &s.entry)
     }
 
-    /// Starts loading the cache line of the flow `r` names that holds its
-    /// connection ([`FlowAction::lb`], in the slot's third line, which a
-    /// hit otherwise does not read) when a hit on it now is due to tell the
-    /// load balancer ([`FlowTable::touch_due`]): called in the burst's
-    /// lookup stage, so that [`FlowTable::conn_of`] in the next stage finds
-    /// it in cache. True when it was due.
+    /// The connection of the flow `r` names when a hit on it now is due to
+    /// tell the load balancer ([`FlowTable::touch_due`]; `None` when it is
+    /// not, when the flow has no connection, or was removed since `r` was
+    /// taken): called in the burst's lookup stage, to start loading the
+    /// connection before the hit. Reads the slot's first two cache lines
+    /// only, which hold [`FlowAction::lb`] too.
     #[inline(always)]
-    pub fn prefetch_due_conn(&self, r: FlowRef, now: u64, every: u64) -> bool {
-        match self.touch_due(r, now, every) {
-            Some(e) => {
-                platform::prefetch(&e.action.lb);
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// The connection the flow `r` names (`None` when it has none, or was
-    /// removed since `r` was taken): for a burst whose hit on it is due to
-    /// tell that connection of traffic ([`FlowTable::prefetch_due_conn`])
-    /// to start loading the connection before its hits.
-    #[inline(always)]
-    pub fn conn_of(&self, r: FlowRef) -> Option<LbRef> {
-        self.entry_at(r)?.action.lb
+    pub fn due_conn(&self, r: FlowRef, now: u64, every: u64) -> Option<LbRef> {
+        self.touch_due(r, now, every)?.action.lb
     }
 
     /// The key and entry of a flow found by [`FlowTable::find`] (`None`
@@ -1051,7 +1072,7 @@ mod tests {
             },
             generation: 1,
             last_seen: now,
-            lb_touched: now,
+            lb_touched: touch_units(now),
             packets: 0,
             bytes: 0,
             closing: false,
@@ -1088,26 +1109,44 @@ mod tests {
             conn,
             dir: Dir::Orig,
         };
+        // (Times in milliseconds, about: the stamp's unit is 2^20 ns.)
+        let ms = |n: u64| n << TOUCH_SHIFT;
         let mut t = FlowTable::new(8, 1000, 10);
-        let mut e = entry(100);
+        let mut e = entry(0);
+        e.set_lb_touched(ms(100));
         e.action.lb = Some(lb);
         t.insert(0, key(1), e);
-        t.insert(0, key(2), entry(100));
+        t.insert(0, key(2), entry(0));
         let r = t.find(t.hash(0, &key(1)), 0, &key(1)).unwrap();
         let other = t.find(t.hash(0, &key(2)), 0, &key(2)).unwrap();
-        assert_eq!(t.conn_of(r), Some(lb));
-        assert_eq!(t.conn_of(other), None);
-        // Its first hit is due, whenever it comes.
-        assert!(t.prefetch_due_conn(r, 100, 50));
+        // Its first hit is due, whenever it comes; a flow with no
+        // connection has none to tell.
+        assert_eq!(t.due_conn(r, ms(100), ms(50)), Some(lb));
+        assert_eq!(t.due_conn(other, ms(100), ms(50)), None);
         let (_, e) = t.at(r).unwrap();
         e.packets = 1;
         // Then once `every` has passed since it last told.
-        assert!(!t.prefetch_due_conn(r, 150, 50));
-        assert!(t.prefetch_due_conn(r, 151, 50));
+        assert_eq!(t.due_conn(r, ms(150), ms(50)), None);
+        assert_eq!(t.due_conn(r, ms(151), ms(50)), Some(lb));
+        // Told again: not due until `every` has passed again, across the
+        // stamp's wrap too.
+        let (_, e) = t.at(r).unwrap();
+        e.set_lb_touched(ms(151));
+        assert_eq!(t.due_conn(r, ms(201), ms(50)), None);
+        let (_, e) = t.at(r).unwrap();
+        e.set_lb_touched(ms(u64::from(u32::MAX)));
+        assert_eq!(t.due_conn(r, ms(u64::from(u32::MAX) + 50), ms(50)), None);
+        assert_eq!(
+            t.due_conn(r, ms(u64::from(u32::MAX) + 51), ms(50)),
+            Some(lb)
+        );
+        // Installed as due: due at once.
+        let (_, e) = t.at(r).unwrap();
+        e.set_lb_due(ms(300), ms(50));
+        assert_eq!(t.due_conn(r, ms(300), ms(50)), Some(lb));
         // A reference taken before a removal names nothing.
         assert!(t.remove(0, &key(2)).is_some());
-        assert!(!t.prefetch_due_conn(r, 151, 50));
-        assert_eq!(t.conn_of(r), None);
+        assert_eq!(t.due_conn(r, ms(400), ms(50)), None);
     }
 
     #[test]
@@ -1268,6 +1307,9 @@ mod tests {
         // The VIP stamp every hit compares is in it too.
         let stamp_end = offset_of!(Slot, entry) + offset_of!(FlowEntry, vip_epoch) + 2;
         assert!(stamp_end <= 128, "VIP stamp ends at {stamp_end}");
+        // And the connection a hit due to tell reads.
+        let lb_end = action + offset_of!(FlowAction, lb) + size_of::<Option<LbRef>>();
+        assert!(lb_end <= 128, "the connection ends at {lb_end}");
     }
 
     #[test]

@@ -86,17 +86,25 @@ impl<B: PacketBuf> Switch<B> {
         // packet confirms its connection; a Mux's one-way connection is
         // confirmed by the client's first hit): the forward flow, which
         // counts the packet being decided, is installed as due for it.
-        let due = now.saturating_sub(self.lb_touch_ns + 1);
-        let e = |action, (packets, bytes)| FlowEntry {
-            action,
-            generation: gen_,
-            vip,
-            vip_epoch,
-            last_seen: now,
-            lb_touched: if packets > 0 { due } else { now },
-            packets,
-            bytes,
-            closing,
+        let every = self.lb_touch_ns;
+        let e = |action, (packets, bytes)| {
+            let mut e = FlowEntry {
+                action,
+                generation: gen_,
+                vip,
+                vip_epoch,
+                last_seen: now,
+                lb_touched: 0,
+                packets,
+                bytes,
+                closing,
+            };
+            if packets > 0 {
+                e.set_lb_due(now, every);
+            } else {
+                e.set_lb_touched(now);
+            }
+            e
         };
         // (Rules of generation 0: the groups were not consulted; a flow
         // decided again so keeps its own.)

@@ -698,9 +698,8 @@ impl<B: PacketBuf> Switch<B> {
                 // confirms a connection to the tracker (no longer embryonic;
                 // a forward flow, which counts its first packet at install,
                 // is installed as due instead).
-                if closing || e.packets == 1 || now.saturating_sub(e.lb_touched) > self.lb_touch_ns
-                {
-                    e.lb_touched = now;
+                if closing || e.packets == 1 || e.lb_touch_due(now, self.lb_touch_ns) {
+                    e.set_lb_touched(now);
                     if let Some(r) = e.action.lb {
                         let told = self
                             .lb
@@ -1074,11 +1073,11 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
         // through the whole burst's slots with all their loads in flight
         // (a longer pass, waiting on each slot in turn, keeps only a few
         // in flight: `FlowTable::find_at`); search the index for the
-        // rest, and for a hit due to tell the load
-        // balancer of its traffic prefetch the line naming its connection,
-        // for a miss to a VIP its Maglev slot; then prefetch that
-        // connection, and for those that missed what their slow path reads
-        // first; then process each packet.
+        // rest, and for a hit due to tell the load balancer of its traffic
+        // prefetch its connection (named in the slot's lines just loaded),
+        // for a miss to a VIP its Maglev slot; then for those that missed
+        // prefetch what their slow path reads first; then process each
+        // packet.
         const N: usize = dataplane::BURST;
         let in16 = in_port as u16;
         let n = pkts.len();
@@ -1131,14 +1130,12 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                 *r = self.flows.find_at(*s, *port, &p.key);
             }
         }
-        let mut due = [false; N];
         // A miss: the vnet that decides it (`lb_vnet`), and to a VIP its
         // key's flow hash, for the stages that pick.
         let mut vnets: [Option<u16>; N] = [None; N];
         let mut pick = [None; N];
-        for (((((((r, d), v), m), p), h), st), port) in hint
+        for ((((((r, v), m), p), h), st), port) in hint
             .iter_mut()
-            .zip(due.iter_mut())
             .zip(vnets.iter_mut())
             .zip(pick.iter_mut())
             .zip(parsed.iter())
@@ -1152,7 +1149,15 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                 Err(_) => None,
             };
             match r {
-                Some(f) => *d = self.flows.prefetch_due_conn(*f, now, self.lb_touch_ns),
+                Some(f) => {
+                    // A hit due to tell its connection of traffic: start
+                    // loading the connection.
+                    if let Some(c) = self.flows.due_conn(*f, now, self.lb_touch_ns)
+                        && let Some(l) = self.lb.get(usize::from(c.vnet))
+                    {
+                        l.prefetch_touch(c.conn);
+                    }
+                }
                 None if st.is_ok() => {
                     if let Some(vn) = lb_vnet(&policy, *port, &p.key) {
                         // (A policy has at most `MAX_VNETS`, which fit.)
@@ -1163,36 +1168,21 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                 None => {}
             }
         }
-        // The hits due to tell the load balancer of their traffic: start
-        // loading their connections (the touch reads a slot of a table as
-        // large as the flow table, once every `lb_touch_ns` per flow).
         // The packets that missed go through the slow path: start loading
         // their connection-table buckets (in the load balancer of the vnet
         // that decides them, found above; for a VIP's, the reply key's too,
         // and its reverse flow's bucket) and the flow-table slots their
         // installs will take.
         let mut misses = 0;
-        for (((((r, d), m), p), st), vn) in hint
+        for ((((r, m), p), st), vn) in hint
             .iter()
-            .zip(due.iter())
             .zip(pick.iter())
             .zip(parsed.iter())
             .zip(status.iter())
             .zip(vnets.iter())
             .take(n)
         {
-            if let Some(f) = r {
-                // A hit due to tell its connection of traffic: start loading
-                // the connection (the line naming it has arrived).
-                if *d
-                    && let Some(c) = self.flows.conn_of(*f)
-                    && let Some(l) = self.lb.get(usize::from(c.vnet))
-                {
-                    l.prefetch_touch(c.conn);
-                }
-                continue;
-            }
-            if st.is_err() {
+            if r.is_some() || st.is_err() {
                 continue;
             }
             misses += 1;
