@@ -691,9 +691,8 @@ impl<B: PacketBuf> Switch<B> {
                 // `lb_touch_ns` (a quarter of its shortest timeout, so a
                 // connection in use never times out there; touching it per
                 // packet costs several cache misses: it moves the
-                // connection in its LRU list). The time is checked first:
-                // `lb` lies in the slot's third cache line, which a hit
-                // otherwise does not read.
+                // connection in its LRU list). (The lookup stage started
+                // loading the connection of a hit due on time.)
                 // And on a flow's first hit: a reply's first packet is what
                 // confirms a connection to the tracker (no longer embryonic;
                 // a forward flow, which counts its first packet at install,
