@@ -271,7 +271,8 @@ pub struct FlowStats {
 
 /// A flow's key and entry, in the slab: three cache lines, of which a hit
 /// reads and writes the first two (the key, then [`FlowEntry`]'s fields in
-/// their `repr(C)` order up to the compiled rewrite; a test checks it).
+/// their `repr(C)` order up to the compiled rewrite and the connection; a
+/// test checks it).
 /// Whether a slot is in use is kept apart, in [`FlowTable`]'s `live`, which
 /// a hit does not read.
 #[derive(Debug, Clone, Copy)]
@@ -288,7 +289,7 @@ struct Slot {
 /// holds nothing under the hash's signature.
 pub const NO_SLOT: u32 = u32::MAX;
 
-/// A flow found by [`FlowTable::find`]: its slot, and the table's removal
+/// A flow found by [`FlowTable::find`] (or [`FlowTable::find_at`]): its slot, and the table's removal
 /// count then. Inserts never move a flow; a removal frees a slot that a
 /// later insert may reuse, so a reference is good while no flow has been
 /// removed since it was taken ([`FlowTable::at`] and
@@ -557,10 +558,11 @@ impl FlowTable {
     /// key not in its candidate slot (another flow with its signature, or
     /// stored past its home bucket) is then looked up with
     /// [`FlowTable::find`].
+    /// (Any other slot may be free and still hold the key of a flow
+    /// removed since: only a candidate of the burst is known to be in use.)
     #[inline(always)]
-    pub fn find_at(&self, s: u32, in_port: u16, key: &FlowKey) -> Option<FlowRef> {
-        let sl = self.slots.get(s as usize)?;
-        (sl.key == *key && sl.in_port == in_port).then_some(FlowRef {
+    pub(crate) fn find_at(&self, s: u32, in_port: u16, key: &FlowKey) -> Option<FlowRef> {
+        self.holds(s, in_port, key).then_some(FlowRef {
             slot: s,
             epoch: self.removals,
         })
@@ -607,11 +609,16 @@ impl FlowTable {
     #[inline(always)]
     fn position(&self, hash: u64, in_port: u16, key: &FlowKey) -> Option<(Pos, u32)> {
         // The index points only at slots in use.
-        self.index.find(hash, |s| {
-            self.slots
-                .get(s as usize)
-                .is_some_and(|sl| sl.key == *key && sl.in_port == in_port)
-        })
+        self.index.find(hash, |s| self.holds(s, in_port, key))
+    }
+
+    /// Whether slot `s` holds `key` on `in_port` (in use or not: the
+    /// callers take `s` from the index, which names only slots in use).
+    #[inline(always)]
+    fn holds(&self, s: u32, in_port: u16, key: &FlowKey) -> bool {
+        self.slots
+            .get(s as usize)
+            .is_some_and(|sl| sl.key == *key && sl.in_port == in_port)
     }
 
     /// The entry of the flow `r` names if a hit on it now will tell the
@@ -1083,20 +1090,38 @@ mod tests {
 
     #[test]
     fn a_candidate_slot_names_its_flow_only() {
-        let mut t = FlowTable::new(8, 1000, 10);
-        t.insert(0, key(1), entry(1));
-        t.insert(0, key(2), entry(2));
-        let h = t.hash(0, &key(1));
-        let s = t.prefetch_slot(h);
-        assert_ne!(s, NO_SLOT);
-        assert_eq!(t.find_at(s, 0, &key(1)), t.find(h, 0, &key(1)));
-        // Another flow's slot, another port, no slot, a slot past the slab.
-        let other = t.prefetch_slot(t.hash(0, &key(2)));
-        assert_ne!(other, s);
-        assert_eq!(t.find_at(other, 0, &key(1)), None);
-        assert_eq!(t.find_at(s, 1, &key(1)), None);
+        let mut t = FlowTable::new(64, 1000, 10);
+        for k in 1..=8 {
+            t.insert(0, key(k), entry(1));
+        }
+        let slot_of = |t: &FlowTable, k| t.find(t.hash(0, &key(k)), 0, &key(k)).unwrap().slot;
+        let mut own = 0;
+        for k in 1..=8 {
+            let h = t.hash(0, &key(k));
+            let s = t.prefetch_slot(h);
+            assert_ne!(s, NO_SLOT);
+            // Its own flow (unless another flow of its home bucket has the
+            // same 16-bit signature and came later: then nothing), never
+            // on another port.
+            let at = t.find_at(s, 0, &key(k));
+            if at.is_some() {
+                assert_eq!(at, t.find(h, 0, &key(k)));
+                own += 1;
+            }
+            assert_eq!(t.find_at(s, 1, &key(k)), None);
+            // Another flow's slot never names it.
+            for j in (1..=8).filter(|&j| j != k) {
+                assert_eq!(t.find_at(slot_of(&t, j), 0, &key(k)), None);
+            }
+        }
+        // (Two signature collisions among eight flows: about 1 in 10^8.)
+        assert!(own >= 7, "{own} of 8 found in their candidate slots");
+        // No slot; a table without the flow has no candidate for it.
         assert_eq!(t.find_at(NO_SLOT, 0, &key(1)), None);
-        assert_eq!(FlowTable::new(8, 1000, 10).prefetch_slot(h), NO_SLOT);
+        assert_eq!(
+            FlowTable::new(8, 1000, 10).prefetch_slot(t.hash(0, &key(1))),
+            NO_SLOT
+        );
     }
 
     #[test]
