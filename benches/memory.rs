@@ -83,8 +83,10 @@ fn work(v: u64, n: u32) -> u64 {
     a[0] ^ a[1] ^ a[2] ^ a[3]
 }
 
-/// Lookups per second through bucket and slot, in passes over each burst.
-fn two_stage(t: &Table, keys: &[u64], n: u32) -> f64 {
+/// Lookups per second through bucket and slot, in passes over each burst;
+/// `read` reads (and may write) each slot found, given its key.
+#[inline(always)]
+fn passes(t: &mut Table, keys: &[u64], n: u32, read: impl Fn(&mut Slot, u64) -> u64) -> f64 {
     let start = Instant::now();
     let mut sum = 0u64;
     for burst in keys.chunks_exact(BURST) {
@@ -98,8 +100,8 @@ fn two_stage(t: &Table, keys: &[u64], n: u32) -> f64 {
         }
         let mut got = [0u64; BURST];
         for (g, &k) in got.iter_mut().zip(burst) {
-            let s = &t.slots[t.buckets[k as usize][0] as usize];
-            *g = s[0] ^ s[8];
+            let s = t.buckets[k as usize][0] as usize;
+            *g = read(&mut t.slots[s], k);
         }
         for g in got {
             sum = work(sum ^ g, n);
@@ -107,41 +109,26 @@ fn two_stage(t: &Table, keys: &[u64], n: u32) -> f64 {
     }
     black_box(sum);
     keys.len() as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Lookups reading the slot's two lines.
+fn two_stage(t: &mut Table, keys: &[u64], n: u32) -> f64 {
+    passes(t, keys, n, |s, _| s[0] ^ s[8])
 }
 
 /// [`two_stage`], each lookup also writing the slot's second line (as a
 /// hit counts its packet and time there): the line then goes back to
 /// memory dirty when it leaves the caches.
 fn two_stage_write(t: &mut Table, keys: &[u64], n: u32) -> f64 {
-    let start = Instant::now();
-    let mut sum = 0u64;
-    for burst in keys.chunks_exact(BURST) {
-        for &k in burst {
-            platform::prefetch(&t.buckets[k as usize]);
-        }
-        for &k in burst {
-            let s = t.buckets[k as usize][0] as usize;
-            platform::prefetch(&t.slots[s][0]);
-            platform::prefetch(&t.slots[s][8]);
-        }
-        let mut got = [0u64; BURST];
-        for (g, &k) in got.iter_mut().zip(burst) {
-            let s = t.buckets[k as usize][0] as usize;
-            let s = &mut t.slots[s];
-            s[9] += 1;
-            s[10] = k;
-            *g = s[0] ^ s[8];
-        }
-        for g in got {
-            sum = work(sum ^ g, n);
-        }
-    }
-    black_box(sum);
-    keys.len() as f64 / start.elapsed().as_secs_f64()
+    passes(t, keys, n, |s, k| {
+        s[9] += 1;
+        s[10] = k;
+        s[0] ^ s[8]
+    })
 }
 
 /// Lookups per second with the slot addressed by the key itself.
-fn one_stage(t: &Table, keys: &[u64], n: u32) -> f64 {
+fn one_stage(t: &mut Table, keys: &[u64], n: u32) -> f64 {
     let start = Instant::now();
     let mut sum = 0u64;
     // (A key is below twice the slots, as it names a bucket.)
@@ -213,13 +200,10 @@ fn main() {
             .map(|_| xorshift(&mut x) % (2 * entries as u64))
             .collect();
         // Each kind's best of a few rounds (a noisy host only slows one).
-        let best = |f: fn(&Table, &[u64], u32) -> f64| {
-            (0..rounds).map(|_| f(&t, &keys, n)).fold(0.0, f64::max)
+        let mut best = |f: fn(&mut Table, &[u64], u32) -> f64| {
+            (0..rounds).map(|_| f(&mut t, &keys, n)).fold(0.0, f64::max)
         };
-        let (two, one) = (best(two_stage), best(one_stage));
-        let written = (0..rounds)
-            .map(|_| two_stage_write(&mut t, &keys, n))
-            .fold(0.0, f64::max);
+        let (two, written, one) = (best(two_stage), best(two_stage_write), best(one_stage));
         println!(
             "memory/{entries}: bucket then slot {:.2} M/s, written {:.2} M/s, slot alone {:.2} M/s (work {n})",
             two / 1e6,
