@@ -200,10 +200,16 @@ impl FlowEntry {
         self.lb_touched = touch_units(now);
     }
 
-    /// Notes the flow as due to tell its connection at its next hit, for
-    /// an interval of `every` (ns) at `now`.
-    pub fn set_lb_due(&mut self, now: u64, every: u64) {
-        self.lb_touched = touch_units(now).wrapping_sub(touch_units(every).wrapping_add(1));
+    /// The [`FlowEntry::lb_touched`] of a flow installed at `now` (ns):
+    /// told then, or, with `due`, due to tell its connection at its next
+    /// hit for an interval of `every` (ns).
+    pub fn lb_stamp(now: u64, every: u64, due: bool) -> u32 {
+        let at = touch_units(now);
+        if due {
+            at.wrapping_sub(touch_units(every).wrapping_add(1))
+        } else {
+            at
+        }
     }
 
     /// True when more than `every` (ns, to the unit) has passed since the
@@ -1167,7 +1173,7 @@ mod tests {
         );
         // Installed as due: due at once.
         let (_, e) = t.at(r).unwrap();
-        e.set_lb_due(ms(300), ms(50));
+        e.lb_touched = FlowEntry::lb_stamp(ms(300), ms(50), true);
         assert_eq!(t.due_conn(r, ms(300), ms(50)), Some(lb));
         // A reference taken before a removal names nothing.
         assert!(t.remove(0, &key(2)).is_some());

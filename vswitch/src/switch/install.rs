@@ -87,24 +87,16 @@ impl<B: PacketBuf> Switch<B> {
         // confirmed by the client's first hit): the forward flow, which
         // counts the packet being decided, is installed as due for it.
         let every = self.lb_touch_ns;
-        let e = |action, (packets, bytes)| {
-            let mut e = FlowEntry {
-                action,
-                generation: gen_,
-                vip,
-                vip_epoch,
-                last_seen: now,
-                lb_touched: 0,
-                packets,
-                bytes,
-                closing,
-            };
-            if packets > 0 {
-                e.set_lb_due(now, every);
-            } else {
-                e.set_lb_touched(now);
-            }
-            e
+        let e = |action, (packets, bytes)| FlowEntry {
+            action,
+            generation: gen_,
+            vip,
+            vip_epoch,
+            last_seen: now,
+            lb_touched: FlowEntry::lb_stamp(now, every, packets > 0),
+            packets,
+            bytes,
+            closing,
         };
         // (Rules of generation 0: the groups were not consulted; a flow
         // decided again so keeps its own.)
