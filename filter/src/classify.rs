@@ -319,7 +319,8 @@ impl<K: Key> IntervalField<K> {
 }
 
 /// Counts per rule of how often it won a lookup, written by one thread
-/// ([`Classifier::classify_counted`]: each worker counts into its own) and
+/// ([`Classifier::classify_counted`], [`crate::VerdictCache::classify_counted`]:
+/// each worker counts into its own) and
 /// read by any (the control thread sums the workers').
 #[derive(Debug)]
 pub struct HitCounters {
@@ -342,7 +343,7 @@ impl HitCounters {
     /// (One thread counts into a set of counters: see
     /// [`dataplane::stats::add_own`].)
     #[inline]
-    fn hit(&self, i: usize) {
+    pub(crate) fn hit(&self, i: usize) {
         if let Some(c) = self.hits.get(i) {
             dataplane::stats::add_own(c, 1);
         }
@@ -366,7 +367,85 @@ pub struct Classifier {
     dport: IntervalField<u16>,
     sport_none: u32,
     dport_none: u32,
+    /// The bits of a key the rules can tell apart (see [`KeyMask`]).
+    mask: KeyMask,
+    /// This compiled rule set among all others (from 1), for a
+    /// [`crate::VerdictCache`]'s tags: a recompiled group has a new one.
+    id: u64,
 }
+
+/// Which bits of a key any rule of a classifier looks at: an address
+/// beyond its longest prefix of that family, or a port no rule
+/// restricts, cannot change a verdict. A key with the other bits cleared
+/// ([`Classifier::masked_words`]) has the same verdict as the key itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct KeyMask {
+    sport: u16,
+    dport: u16,
+    /// The masks of a key's 16 address bytes read as one native-endian
+    /// word, for an IPv4-mapped address (its first 12 bytes kept) and for
+    /// an IPv6 one: source, then destination.
+    src_words: (u128, u128),
+    dst_words: (u128, u128),
+}
+
+impl KeyMask {
+    fn of(rules: &[Rule]) -> KeyMask {
+        let longest = |f: fn(&Rule) -> &Vec<IpNet>, v4: bool| {
+            rules
+                .iter()
+                .flat_map(|r| f(r).iter())
+                .filter(|n| matches!(n, IpNet::V4(_)) == v4)
+                .map(|n| u32::from(n.prefix_len()))
+                .max()
+                .unwrap_or(0)
+        };
+        // The top `len` bits of a `bits`-bit word, as a u128.
+        let top = |len: u32, bits: u32| {
+            let all = u128::MAX >> (128 - bits);
+            all & !all.checked_shr(len).unwrap_or(0)
+        };
+        let restricted = |f: fn(&Rule) -> &Vec<crate::rule::PortRange>| {
+            rules
+                .iter()
+                .any(|r| f(r).iter().any(|p| *p != crate::rule::PortRange::ANY))
+        };
+        let (src4, dst4) = (
+            top(longest(|r| &r.src, true), 32) as u32,
+            top(longest(|r| &r.dst, true), 32) as u32,
+        );
+        let (src6, dst6) = (
+            top(longest(|r| &r.src, false), 128),
+            top(longest(|r| &r.dst, false), 128),
+        );
+        // Bytes in memory order, read as a native word.
+        let words = |m4: u32, m6: u128| {
+            let mut v4 = [0xff; 16];
+            v4[12..].copy_from_slice(&m4.to_be_bytes());
+            (
+                u128::from_ne_bytes(v4),
+                u128::from_ne_bytes(m6.to_be_bytes()),
+            )
+        };
+        KeyMask {
+            sport: if restricted(|r| &r.src_ports) {
+                u16::MAX
+            } else {
+                0
+            },
+            dport: if restricted(|r| &r.dst_ports) {
+                u16::MAX
+            } else {
+                0
+            },
+            src_words: words(src4, src6),
+            dst_words: words(dst4, dst6),
+        }
+    }
+}
+
+/// Numbers compiled rule sets, for [`Classifier::id`].
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 fn v4_span(n: &IpNet) -> Option<(u32, u32)> {
     match n {
@@ -460,7 +539,6 @@ impl Classifier {
             .map(|r| (r.action, r.stateful && r.action == Action::Allow))
             .collect();
         Classifier {
-            rules,
             actions,
             tail_chunks: words.div_ceil(CHUNK) - 1,
             proto_class,
@@ -473,7 +551,45 @@ impl Classifier {
             dport,
             sport_none: sn.first().copied().unwrap_or(0),
             dport_none: dn.first().copied().unwrap_or(0),
+            mask: KeyMask::of(&rules),
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            rules,
         }
+    }
+
+    /// This compiled rule set's number, unique in the process (a clone
+    /// shares it: it classifies alike).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// `pkt` with every bit no rule looks at cleared, as words: the bits
+    /// of each address beyond the longest prefix of its family in the
+    /// rules, the ports no rule restricts. Every key with the same words
+    /// classifies alike. The words are the source and destination
+    /// addresses (their 16 bytes read in native byte order), then the
+    /// ports and the protocol. (An address keeps its family: an IPv4 one
+    /// stays IPv4-mapped, and an IPv6 one that is not cannot become so, as
+    /// its bits 80-95 would have to be kept and all ones.)
+    #[inline(always)]
+    pub(crate) fn masked_words(&self, pkt: &FlowKey) -> (u128, u128, u64) {
+        let m = &self.mask;
+        let addr = |a: &[u8; 16], (m4, m6): (u128, u128)| {
+            let mask = if dataplane::key::is_v4_mapped(a) {
+                m4
+            } else {
+                m6
+            };
+            u128::from_ne_bytes(*a) & mask
+        };
+        let rest = u64::from(pkt.src_port & m.sport)
+            | u64::from(pkt.dst_port & m.dport) << 16
+            | u64::from(pkt.proto) << 32;
+        (
+            addr(&pkt.src_ip, m.src_words),
+            addr(&pkt.dst_ip, m.dst_words),
+            rest,
+        )
     }
 
     /// The rules, in priority order (a [`Verdict::rule`] indexes this).

@@ -3,7 +3,8 @@
 //! Owns: the security-group rule model ([`rule`]: priority, direction, action,
 //! protocol, prefixes, port ranges, stateful flag), its validation with errors
 //! that name the rule, the Azure-style default rules, the compiler from a rule
-//! set to a [`Classifier`], and per-rule hit counters.
+//! set to a [`Classifier`], per-rule hit counters, and a cache of verdicts
+//! by masked key for a worker's lookups ([`VerdictCache`]).
 //!
 //! Must not touch: ports, threads, clocks or any I/O. It is pure logic over the
 //! flow keys that `dataplane` parses, so it is testable without a network. The
@@ -44,9 +45,11 @@
 //! scan of [`Rule::matches`], which a property test compares it against.
 #![forbid(unsafe_code)]
 
+pub mod cache;
 pub mod classify;
 pub mod rule;
 
+pub use cache::VerdictCache;
 pub use classify::{Classifier, HitCounters, Verdict, linear_scan};
 pub use rule::{
     Action, DefaultContext, Direction, NsgSpec, PortRange, Protocol, Rule, RuleError, RuleSpec,

@@ -277,6 +277,23 @@ fn acls_deny_and_count_and_stateful_replies_pass() {
     net.run(Duration::from_secs(1), |_| false);
     assert_eq!(net.vms[c].state(again), tcp::State::SynSent);
     assert!(net.acl_hits.load()[web][0].get(deny22) > before);
+    // A recompiled group that now denies port 80: the next connection
+    // there, which differs from the one allowed above only in its client
+    // port (bits no rule reads, so the verdict cache's entry), is refused.
+    let denied = net.stats.dropped(SwitchDrop::AclDeny);
+    let mut t = topology([1, 1, 2]);
+    t.nsgs[0]
+        .rules
+        .push(rule(105, "in", "deny", "tcp", &["80"]));
+    net.policy.store(Arc::new(Policy::compile(&t, 3).unwrap()));
+    let refused = net.vm("client").connect(Ipv4Addr::new(10, 1, 0, 4), 80);
+    net.run(Duration::from_secs(1), |_| false);
+    assert_eq!(net.vms[c].state(refused), tcp::State::SynSent);
+    assert!(
+        net.stats.dropped(SwitchDrop::AclDeny) > denied,
+        "{:?}",
+        net.stats.nonzero()
+    );
 }
 
 #[test]

@@ -144,6 +144,9 @@ pub struct Switch<B = dataplane::pool::PoolBuf> {
     hits: Arc<Vec<AclHits>>,
     /// The groups `acl_hits` counts for.
     counted_nsgs: Option<Arc<Vec<filter::CompiledNsg>>>,
+    /// The security groups' verdicts by masked key (the slow path's
+    /// classifications go through it).
+    verdicts: std::cell::RefCell<filter::VerdictCache>,
     stats: Arc<SwitchStats>,
     clock: TscClock,
     /// Ticks deciding slow-path packets since the last burst's end.
@@ -265,6 +268,7 @@ impl<B: PacketBuf> Switch<B> {
             acl_hits: Arc::new(ArcSwap::from_pointee(Vec::new())),
             hits: Arc::new(Vec::new()),
             counted_nsgs: None,
+            verdicts: std::cell::RefCell::new(filter::VerdictCache::default()),
             stats: Arc::default(),
             clock: TscClock::process(),
             slow_ticks: 0,

@@ -142,12 +142,15 @@ impl<B: PacketBuf> Switch<B> {
             });
             return Ok(true);
         };
-        let hits = &self.hits;
         let c = n.1.classifier(dir);
-        let v = match hits.get(n.0) {
-            Some(h) => c.classify_counted(key, &h[if dir == Direction::In { 0 } else { 1 }]),
-            None => c.classify(key),
+        // (Through the worker's cache of verdicts: most new connections
+        // differ from one classified before only in bits no rule reads.)
+        let mut cache = self.verdicts.borrow_mut();
+        let v = match self.hits.get(n.0) {
+            Some(h) => cache.classify_counted(c, key, &h[if dir == Direction::In { 0 } else { 1 }]),
+            None => cache.classify(c, key),
         };
+        drop(cache);
         // What decided, for the flow log.
         let side = usize::from(dir == Direction::In);
         if let Some(r) = decided.rules.get_mut(side) {
