@@ -711,10 +711,24 @@ impl FlowTable {
         &mut self,
         in_port: u16,
         key: FlowKey,
+        e: FlowEntry,
+        meta: FlowMeta,
+    ) -> Insert {
+        self.insert_hashed(self.hash(in_port, &key), in_port, key, e, meta)
+    }
+
+    /// [`FlowTable::insert_meta`] given the key's [`FlowTable::hash`] on
+    /// `in_port`, `hash` (which the slow path has already computed, for
+    /// the lookup or a prefetch).
+    pub fn insert_hashed(
+        &mut self,
+        hash: u64,
+        in_port: u16,
+        key: FlowKey,
         mut e: FlowEntry,
         mut meta: FlowMeta,
     ) -> Insert {
-        let hash = self.hash(in_port, &key);
+        debug_assert_eq!(hash, self.hash(in_port, &key), "a hash not the key's");
         if let Some((_, s)) = self.position(hash, in_port, &key) {
             if let Some(slot) = self.slots.get_mut(s as usize) {
                 e.packets += slot.entry.packets;

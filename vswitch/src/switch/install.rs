@@ -33,9 +33,9 @@ impl<B: PacketBuf> Switch<B> {
         // (Nothing comes back through a Mux's tunnel to a DIP: see below.)
         let back_flow = (stateful || fwd.lb.is_some())
             && !(super::overlay::is_tunnel(fwd.out_port) && p.vm_on_port(fwd.out_port).is_none());
+        let back_hash = self.flows.hash(fwd.out_port, &back_key);
         if back_flow {
-            self.flows
-                .prefetch_bucket(self.flows.hash(fwd.out_port, &back_key));
+            self.flows.prefetch_bucket(back_hash);
         }
         // The VIP of the connection, if load-balanced, and its epoch as this
         // worker last read it (never newer than what decided the
@@ -110,11 +110,17 @@ impl<B: PacketBuf> Switch<B> {
             },
         };
         let fwd = fwd.compiled_for(&key);
-        // The packet being decided is the forward flow's first.
+        // The packet being decided is the forward flow's first; its hash
+        // was computed for its lookup (`first_hash`: the flow of the packet
+        // `Switch::packet` is deciding is of its key).
         let first = (1, self.first_len);
+        let hash = match self.first_hash.take() {
+            Some((port, h)) if port == in_port => h,
+            _ => self.flows.hash(in_port, &key),
+        };
         if self
             .flows
-            .insert_meta(in_port, key, e(fwd, first), meta(opened))
+            .insert_hashed(hash, in_port, key, e(fwd, first), meta(opened))
             == crate::flow::Insert::New
         {
             dataplane::stats::add_own(&self.stats.flows_installed, 1);
@@ -125,10 +131,13 @@ impl<B: PacketBuf> Switch<B> {
         let Some(back) = back else {
             return fwd;
         };
-        if self
-            .flows
-            .insert_meta(fwd.out_port, back_key, e(back, (0, 0)), meta(!opened))
-            == crate::flow::Insert::New
+        if self.flows.insert_hashed(
+            back_hash,
+            fwd.out_port,
+            back_key,
+            e(back, (0, 0)),
+            meta(!opened),
+        ) == crate::flow::Insert::New
         {
             dataplane::stats::add_own(&self.stats.flows_installed, 1);
         }

@@ -197,6 +197,11 @@ pub struct Switch<B = dataplane::pool::PoolBuf> {
     decided: std::cell::Cell<crate::flowlog::Decided>,
     /// The IP length of the packet on the slow path: its flow counts it.
     first_len: u64,
+    /// The input port and flow hash of the packet on the slow path, set
+    /// by [`Switch::packet`] for its `slow` call alone: the forward flow
+    /// installed in that call is that packet's (every install is of the
+    /// key `slow` was given), and takes the hash instead of hashing again.
+    first_hash: Option<(u16, u64)>,
     /// [`Switch::preallocate`] has run.
     preallocated: bool,
     /// The token bucket of denied packets' records (a time, as
@@ -290,6 +295,7 @@ impl<B: PacketBuf> Switch<B> {
             flow_log: None,
             decided: std::cell::Cell::new(crate::flowlog::Decided::default()),
             first_len: 0,
+            first_hash: None,
             preallocated: false,
             deny_bucket: 0,
             cfg,
@@ -841,7 +847,10 @@ impl<B: PacketBuf> Switch<B> {
         tally.1 += 1;
         let t = self.clock.now();
         self.first_len = u64::from(pk.ip_len());
+        self.first_hash = Some((in_port16, hash));
         let decided = self.slow(policy, pkt.data_mut(), pk, in_port16, now);
+        // (Never left for another packet's install.)
+        self.first_hash = None;
         self.slow_ticks += self.clock.now().wrapping_sub(t);
         self.live_decided(&decided);
         match decided {
