@@ -1212,6 +1212,10 @@ struct Held {
 /// they were opened with, and those counts folded into a map by backend
 /// (address, port) when the key's VIP object changes: a map update per
 /// connection cost another 1.5%.
+/// A VIP object and the connections opened to each of its backends (by
+/// index in its configuration), with the backend's key.
+type OpenedBy = (Weak<Vip>, Vec<(BackendKey, u64)>);
+
 #[derive(Debug, Default)]
 struct VipCounts {
     /// Each key's counter (counters are never taken back: there are as
@@ -1220,7 +1224,7 @@ struct VipCounts {
     counts: Vec<u32>,
     /// By counter: the VIP object of the key whose new connections are
     /// counted by backend index, with each backend's key and count.
-    opened: Vec<Option<(Weak<Vip>, Vec<(BackendKey, u64)>)>>,
+    opened: Vec<Option<OpenedBy>>,
     /// New connections per backend of the VIP objects `opened` no longer
     /// counts for.
     folded: rustc_hash::FxHashMap<BackendKey, u64>,
