@@ -1200,6 +1200,10 @@ struct Held {
     per_vip: VipCounts,
 }
 
+/// A VIP object and the connections opened to each of its backends (by
+/// index in its configuration), with the backend's key.
+type OpenedBy = (Weak<Vip>, Vec<(BackendKey, u64)>);
+
 /// DNAT connections tracked per VIP, by the VIP's frontend key (so that a
 /// VIP recompiled by a policy change keeps its count: its connections
 /// hold the VIP object they were opened with), and the connections opened
@@ -1211,11 +1215,7 @@ struct Held {
 /// table. New connections are counted by backend index for the VIP object
 /// they were opened with, and those counts folded into a map by backend
 /// (address, port) when the key's VIP object changes: a map update per
-/// connection cost another 1.5%.
-/// A VIP object and the connections opened to each of its backends (by
-/// index in its configuration), with the backend's key.
-type OpenedBy = (Weak<Vip>, Vec<(BackendKey, u64)>);
-
+/// connection cost another 2%.
 #[derive(Debug, Default)]
 struct VipCounts {
     /// Each key's counter (counters are never taken back: there are as
