@@ -1,11 +1,16 @@
 //! A cache of verdicts, one per worker, in front of the classifiers it is
 //! given: a connection's first packet is classified once per group and
-//! direction, and in a storm of new connections most of them differ from
-//! one another only in bits no rule looks at (the client's port, an
-//! address's bits beyond every rule's prefix). OVS's megaflows and VFP's
+//! direction, and new connections from clients seen before, or from
+//! networks the rules cut coarsely, differ from earlier ones only in bits
+//! no rule looks at (the client's port, an address's bits beyond the
+//! prefixes of the rules that can hold it). OVS's megaflows and VFP's
 //! flow caches do the same; here the bits kept are fixed per rule set
-//! (`Classifier::masked_words`), so an entry is exact without tracking which
-//! fields a lookup consulted.
+//! (and for IPv4 per /8: `Classifier::masked_words`), so an entry is exact
+//! without tracking which fields a lookup consulted. A lookup that misses
+//! costs its classification and about a third of one more: clients from
+//! more distinct masked keys than the cache has entries (a storm from
+//! a whole /8 that the rules cut into /24s, say) pay that on every
+//! connection.
 //!
 //! Direct-mapped, one cache line an entry, tagged with the classifier's
 //! [`Classifier::id`]: a recompiled group (a policy change) never finds the
@@ -69,8 +74,8 @@ impl VerdictCache {
         let id = c.id();
         // A multiply-xor hash of the words (not the flow key's own xxh3,
         // which costs half as much as a classification). It is not keyed:
-        // keys chosen to collide cost a classification each, as without
-        // the cache.
+        // keys chosen to collide cost a classification and the lookup each,
+        // as keys that miss do.
         const K: [u64; 4] = [
             0x9e37_79b9_7f4a_7c15,
             0xc2b2_ae3d_27d4_eb4f,
@@ -183,6 +188,64 @@ mod tests {
         );
         assert_eq!(cache.classify(&c, &key(a, 40000, 81)), None);
         assert_eq!(cache.stats(), (1, 3));
+    }
+
+    #[test]
+    fn a_probe_sources_host_prefix_keeps_whole_only_the_addresses_of_its_own_slash_8() {
+        let c = Classifier::new(vec![
+            rule(100, Action::Allow, "168.63.129.16/32", PortRange::ANY, 80),
+            rule(200, Action::Deny, "203.0.113.0/24", PortRange::ANY, 80),
+            rule(300, Action::Allow, "0.0.0.0/0", PortRange::ANY, 80),
+        ]);
+        let mut cache = VerdictCache::new(64);
+        let v4 = |a, b, c, d| IpAddr::V4(Ipv4Addr::new(a, b, c, d));
+        // Clients of one /24 in a /8 without longer prefixes: one entry.
+        for (i, host) in [7u8, 8, 9, 200].into_iter().enumerate() {
+            let k = key(v4(203, 0, 113, host), 40000 + u16::from(host), 80);
+            assert_eq!(cache.classify(&c, &k).map(|v| v.rule), Some(1));
+            assert_eq!(cache.stats(), (i as u64, 1));
+        }
+        // Another /24 of that /8, and another /8 altogether: their own.
+        let other = key(v4(203, 0, 114, 7), 40000, 80);
+        assert_eq!(cache.classify(&c, &other).map(|v| v.rule), Some(2));
+        let far = key(v4(198, 51, 100, 7), 40000, 80);
+        assert_eq!(cache.classify(&c, &far).map(|v| v.rule), Some(2));
+        // (The rest of that /8 shares the entry.)
+        assert_eq!(
+            cache
+                .classify(&c, &key(v4(198, 51, 7, 1), 1, 80))
+                .map(|v| v.rule),
+            Some(2)
+        );
+        assert_eq!(cache.stats(), (4, 3));
+        // In the probe source's /8 every bit counts.
+        let probe = key(v4(168, 63, 129, 16), 40000, 80);
+        let next = key(v4(168, 63, 129, 17), 40000, 80);
+        assert_eq!(cache.classify(&c, &probe).map(|v| v.rule), Some(0));
+        assert_eq!(cache.classify(&c, &next).map(|v| v.rule), Some(2));
+        assert_eq!(cache.stats(), (4, 5));
+    }
+
+    #[test]
+    fn a_verdict_from_the_cache_counts_its_rule() {
+        let c = Classifier::new(vec![rule(
+            100,
+            Action::Allow,
+            "10.0.0.0/8",
+            PortRange::ANY,
+            80,
+        )]);
+        let hits = c.new_counters();
+        let mut cache = VerdictCache::new(16);
+        for port in [1000, 2000, 3000] {
+            let k = key(IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)), port, 80);
+            assert_eq!(
+                cache.classify_counted(&c, &k, &hits).map(|v| v.rule),
+                Some(0)
+            );
+        }
+        assert_eq!(cache.stats(), (2, 1));
+        assert_eq!(hits.get(0), 3);
     }
 
     #[test]
@@ -352,6 +415,8 @@ mod tests {
                 let mut other = *k;
                 other.src_ip[15] ^= low as u8;
                 other.dst_ip[14] ^= (low >> 8) as u8;
+                // (Now and then another /8, for an IPv4 address.)
+                other.src_ip[12] ^= (low >> 16) as u8 & 0x81;
                 other.src_port ^= port;
                 for k in [k, &other, k] {
                     for c in [&a, &b] {

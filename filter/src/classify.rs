@@ -374,32 +374,35 @@ pub struct Classifier {
     id: u64,
 }
 
-/// Which bits of a key any rule of a classifier looks at: an address
-/// beyond its longest prefix of that family, or a port no rule
-/// restricts, cannot change a verdict. A key with the other bits cleared
-/// ([`Classifier::masked_words`]) has the same verdict as the key itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which bits of a key any rule of a classifier looks at: an address's
+/// bits beyond the prefixes of the rules that can hold it, or a port no
+/// rule restricts, cannot change a verdict. A key with the other bits
+/// cleared ([`Classifier::masked_words`]) has the same verdict as the key
+/// itself.
+///
+/// An IPv4 address keeps its first byte, and beyond it as many bits as
+/// the longest prefix of the rules within that /8: a /32 of one rule
+/// (the load balancer's probe source, in every inbound group) keeps whole
+/// only the addresses of its own /8, and clients elsewhere that share
+/// their rules' prefixes share a masked key. (Every address of a /8 is in
+/// the same rules' prefixes of 8 bits or fewer; the first byte kept, two
+/// addresses of different /8s never share a masked key.) An IPv6
+/// address keeps the longest prefix of the rules' IPv6 ones.
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct KeyMask {
     sport: u16,
     dport: u16,
     /// The masks of a key's 16 address bytes read as one native-endian
-    /// word, for an IPv4-mapped address (its first 12 bytes kept) and for
-    /// an IPv6 one: source, then destination.
-    src_words: (u128, u128),
-    dst_words: (u128, u128),
+    /// word: for an IPv4-mapped address by its first byte (its first 12
+    /// bytes kept), and for an IPv6 one; source, then destination.
+    src4: Box<[u128]>,
+    dst4: Box<[u128]>,
+    src6: u128,
+    dst6: u128,
 }
 
 impl KeyMask {
     fn of(rules: &[Rule]) -> KeyMask {
-        let longest = |f: fn(&Rule) -> &Vec<IpNet>, v4: bool| {
-            rules
-                .iter()
-                .flat_map(|r| f(r).iter())
-                .filter(|n| matches!(n, IpNet::V4(_)) == v4)
-                .map(|n| u32::from(n.prefix_len()))
-                .max()
-                .unwrap_or(0)
-        };
         // The top `len` bits of a `bits`-bit word, as a u128.
         let top = |len: u32, bits: u32| {
             let all = u128::MAX >> (128 - bits);
@@ -410,22 +413,37 @@ impl KeyMask {
                 .iter()
                 .any(|r| f(r).iter().any(|p| *p != crate::rule::PortRange::ANY))
         };
-        let (src4, dst4) = (
-            top(longest(|r| &r.src, true), 32) as u32,
-            top(longest(|r| &r.dst, true), 32) as u32,
-        );
-        let (src6, dst6) = (
-            top(longest(|r| &r.src, false), 128),
-            top(longest(|r| &r.dst, false), 128),
-        );
-        // Bytes in memory order, read as a native word.
-        let words = |m4: u32, m6: u128| {
-            let mut v4 = [0xff; 16];
-            v4[12..].copy_from_slice(&m4.to_be_bytes());
-            (
-                u128::from_ne_bytes(v4),
-                u128::from_ne_bytes(m6.to_be_bytes()),
-            )
+        // Per /8: the longest of its rules' IPv4 prefixes, at least 8.
+        let v4 = |f: fn(&Rule) -> &Vec<IpNet>| -> Box<[u128]> {
+            let mut len = [8u32; 256];
+            for n in rules.iter().flat_map(|r| f(r).iter()) {
+                if let IpNet::V4(n) = n
+                    && n.prefix_len() > 8
+                    && let Some(l) = len.get_mut(usize::from(n.network().octets()[0]))
+                {
+                    *l = (*l).max(u32::from(n.prefix_len()));
+                }
+            }
+            len.iter()
+                .map(|&l| {
+                    // Bytes in memory order, read as a native word.
+                    let mut w = [0xff; 16];
+                    w[12..].copy_from_slice(&(top(l, 32) as u32).to_be_bytes());
+                    u128::from_ne_bytes(w)
+                })
+                .collect()
+        };
+        let v6 = |f: fn(&Rule) -> &Vec<IpNet>| {
+            let l = rules
+                .iter()
+                .flat_map(|r| f(r).iter())
+                .filter_map(|n| match n {
+                    IpNet::V6(n) => Some(u32::from(n.prefix_len())),
+                    IpNet::V4(_) => None,
+                })
+                .max()
+                .unwrap_or(0);
+            u128::from_ne_bytes(top(l, 128).to_be_bytes())
         };
         KeyMask {
             sport: if restricted(|r| &r.src_ports) {
@@ -438,8 +456,10 @@ impl KeyMask {
             } else {
                 0
             },
-            src_words: words(src4, src6),
-            dst_words: words(dst4, dst6),
+            src4: v4(|r| &r.src),
+            dst4: v4(|r| &r.dst),
+            src6: v6(|r| &r.src),
+            dst6: v6(|r| &r.dst),
         }
     }
 }
@@ -564,9 +584,9 @@ impl Classifier {
     }
 
     /// `pkt` with every bit no rule looks at cleared, as words: the bits
-    /// of each address beyond the longest prefix of its family in the
-    /// rules, the ports no rule restricts. Every key with the same words
-    /// classifies alike. The words are the source and destination
+    /// of each address beyond the prefixes of the rules that can hold it
+    /// (see `KeyMask`), the ports no rule restricts. Every key with the
+    /// same words classifies alike. The words are the source and destination
     /// addresses (their 16 bytes read in native byte order), then the
     /// ports and the protocol. (An address keeps its family: an IPv4 one
     /// stays IPv4-mapped, and an IPv6 one that is not cannot become so, as
@@ -574,9 +594,10 @@ impl Classifier {
     #[inline(always)]
     pub(crate) fn masked_words(&self, pkt: &FlowKey) -> (u128, u128, u64) {
         let m = &self.mask;
-        let addr = |a: &[u8; 16], (m4, m6): (u128, u128)| {
+        let addr = |a: &[u8; 16], m4: &[u128], m6: u128| {
             let mask = if dataplane::key::is_v4_mapped(a) {
-                m4
+                // (A missing mask, which cannot be, keeps every bit.)
+                m4.get(usize::from(a[12])).copied().unwrap_or(u128::MAX)
             } else {
                 m6
             };
@@ -586,8 +607,8 @@ impl Classifier {
             | u64::from(pkt.dst_port & m.dport) << 16
             | u64::from(pkt.proto) << 32;
         (
-            addr(&pkt.src_ip, m.src_words),
-            addr(&pkt.dst_ip, m.dst_words),
+            addr(&pkt.src_ip, &m.src4, m.src6),
+            addr(&pkt.dst_ip, &m.dst4, m.dst6),
             rest,
         )
     }

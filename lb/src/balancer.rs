@@ -1205,8 +1205,8 @@ struct Held {
 type OpenedBy = (Weak<Vip>, Vec<(BackendKey, u64)>);
 
 /// DNAT connections tracked per VIP, by the VIP's frontend key (so that a
-/// VIP recompiled by a policy change keeps its count: its connections
-/// hold the VIP object they were opened with), and the connections opened
+/// VIP recompiled by a policy change keeps its count: a connection holds
+/// the VIP object current when it last had a packet, old or new), and the connections opened
 /// to each backend. Each key has a counter of its own, found through a
 /// map; the VIP object counted last is remembered with its counter, so
 /// that a connection opened or released of the same VIP as the one before
@@ -1273,7 +1273,9 @@ impl VipCounts {
             // Another object of the key (a policy change): what was
             // counted for the one before goes to the map.
             for (k, n) in o.take().into_iter().flat_map(|(_, c)| c) {
-                *self.folded.entry(k).or_default() += n;
+                if n > 0 {
+                    *self.folded.entry(k).or_default() += n;
+                }
             }
             let c = vip.config();
             let keys = c
@@ -1295,7 +1297,9 @@ impl VipCounts {
     fn opened_by_backend(&self) -> rustc_hash::FxHashMap<BackendKey, u64> {
         let mut out = self.folded.clone();
         for (k, n) in self.opened.iter().flatten().flat_map(|(_, c)| c) {
-            *out.entry(*k).or_default() += n;
+            if *n > 0 {
+                *out.entry(*k).or_default() += n;
+            }
         }
         out
     }
@@ -1977,7 +1981,7 @@ impl LbCore {
         }
     }
 
-    /// Whether a new connection to the VIP configured as `cfg` fits under
+    /// Whether a new connection to `vip` fits under
     /// this worker's share of its limit: it does when the VIP has fewer
     /// connections here, or when one of its embryonic ones (near the head
     /// of the embryonic list: the flood's own oldest entries) makes room.
@@ -3172,9 +3176,10 @@ mod tests {
             lb.process(&again, &client(2, 1), SYN, 0),
             Decision::Drop(LbDrop::VipConnLimit)
         );
-        // The first connection, opened with the old object, ends: its
-        // place is the recompiled VIP's again.
-        lb.process(&again, &client(0, 1), 0x04, SEC);
+        // The first connection, opened with the old object (and still
+        // holding it: its reset comes while a worker has the old policy),
+        // ends: its place is the recompiled VIP's again.
+        lb.process(&vips, &client(0, 1), 0x04, SEC);
         assert_eq!(lb.expire(12 * SEC, 100), 1);
         handshake(&mut lb, &again, &client(2, 1), 12 * SEC);
         assert_eq!(
@@ -3196,9 +3201,12 @@ mod tests {
                 .entry(backend_of(lb.process(&vips, &client(i, 1), SYN, 0)))
                 .or_default() += 1;
         }
-        // The VIP compiled again, with a fourth backend: the counts so far
-        // carry on, and the new backend's start.
+        // The VIP compiled again, its backends in another order, one
+        // removed and one added: the counts so far carry on by backend,
+        // and the new backend's start.
         let mut four = cfg.clone();
+        four.backends.remove(1);
+        four.backends.reverse();
         four.backends.push(Backend {
             ip: ip("10.1.0.13"),
             port: 8080,
@@ -3227,6 +3235,8 @@ mod tests {
             assert_eq!(c.active, *n, "{b}");
         }
         assert_eq!(counts.values().map(|c| c.new_conns).sum::<u64>(), 150);
+        // (No rows for what was never picked.)
+        assert_eq!(counts.len(), expect.len());
     }
 
     #[test]

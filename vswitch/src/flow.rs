@@ -719,8 +719,9 @@ impl FlowTable {
 
     /// [`FlowTable::insert_meta`] given the key's [`FlowTable::hash`] on
     /// `in_port`, `hash` (which the slow path has already computed, for
-    /// the lookup or a prefetch).
-    pub fn insert_hashed(
+    /// the lookup or a prefetch). Crate-private: a wrong hash would file
+    /// the flow where no lookup finds it.
+    pub(crate) fn insert_hashed(
         &mut self,
         hash: u64,
         in_port: u16,

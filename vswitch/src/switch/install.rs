@@ -33,9 +33,9 @@ impl<B: PacketBuf> Switch<B> {
         // (Nothing comes back through a Mux's tunnel to a DIP: see below.)
         let back_flow = (stateful || fwd.lb.is_some())
             && !(super::overlay::is_tunnel(fwd.out_port) && p.vm_on_port(fwd.out_port).is_none());
-        let back_hash = self.flows.hash(fwd.out_port, &back_key);
-        if back_flow {
-            self.flows.prefetch_bucket(back_hash);
+        let back_hash = back_flow.then(|| self.flows.hash(fwd.out_port, &back_key));
+        if let Some(h) = back_hash {
+            self.flows.prefetch_bucket(h);
         }
         // The VIP of the connection, if load-balanced, and its epoch as this
         // worker last read it (never newer than what decided the
@@ -128,7 +128,7 @@ impl<B: PacketBuf> Switch<B> {
         // Only stateful allows and tracked connections get a reverse flow;
         // nothing comes back through a Mux's tunnel to a DIP (its replies go
         // straight to the client).
-        let Some(back) = back else {
+        let (Some(back), Some(back_hash)) = (back, back_hash) else {
             return fwd;
         };
         if self.flows.insert_hashed(

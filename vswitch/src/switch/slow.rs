@@ -143,14 +143,21 @@ impl<B: PacketBuf> Switch<B> {
             return Ok(true);
         };
         let c = n.1.classifier(dir);
-        // (Through the worker's cache of verdicts: most new connections
-        // differ from one classified before only in bits no rule reads.)
-        let mut cache = self.verdicts.borrow_mut();
-        let v = match self.hits.get(n.0) {
-            Some(h) => cache.classify_counted(c, key, &h[if dir == Direction::In { 0 } else { 1 }]),
-            None => cache.classify(c, key),
+        // (Through the worker's cache of verdicts: a new connection from a
+        // client seen before, or from a network the rules cut coarsely,
+        // differs from one classified before only in bits no rule reads.)
+        let hits = self
+            .hits
+            .get(n.0)
+            .map(|h| &h[if dir == Direction::In { 0 } else { 1 }]);
+        let v = match (self.verdicts.try_borrow_mut(), hits) {
+            (Ok(mut cache), Some(h)) => cache.classify_counted(c, key, h),
+            (Ok(mut cache), None) => cache.classify(c, key),
+            // (Nothing classifies while a classification is under way;
+            // were it to, it would go to the classifier itself.)
+            (Err(_), Some(h)) => c.classify_counted(key, h),
+            (Err(_), None) => c.classify(key),
         };
-        drop(cache);
         // What decided, for the flow log.
         let side = usize::from(dir == Direction::In);
         if let Some(r) = decided.rules.get_mut(side) {
