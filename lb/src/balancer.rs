@@ -1206,16 +1206,16 @@ type OpenedBy = (Weak<Vip>, Vec<(BackendKey, u64)>);
 
 /// DNAT connections tracked per VIP, by the VIP's frontend key (so that a
 /// VIP recompiled by a policy change keeps its count: a connection holds
-/// the VIP object current when it last had a packet, old or new), and the connections opened
-/// to each backend. Each key has a counter of its own, found through a
-/// map; the VIP object counted last is remembered with its counter, so
-/// that a connection opened or released of the same VIP as the one before
-/// (most of them, in a storm) costs a pointer compare instead of a map
-/// lookup: the two took 4% of a new connection's instructions in a full
-/// table. New connections are counted by backend index for the VIP object
-/// they were opened with, and those counts folded into a map by backend
-/// (address, port) when the key's VIP object changes: a map update per
-/// connection cost another 2%.
+/// the VIP object current when it last had a packet, old or new), and
+/// the connections opened to each backend. Each key has a counter of its
+/// own, found through a map; the VIP object counted last is remembered
+/// with its counter, so that a connection opened or released of the same
+/// VIP as the one before (most of them, in a storm) costs a pointer
+/// compare instead of a map lookup: the two took 4% of a new connection's
+/// instructions in a full table. New connections are counted by backend
+/// index for the VIP object they were opened with, and those counts
+/// folded into a map by backend (address, port) when the key's VIP object
+/// changes: a map update per connection cost another 2%.
 #[derive(Debug, Default)]
 struct VipCounts {
     /// Each key's counter (counters are never taken back: there are as
