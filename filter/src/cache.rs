@@ -129,6 +129,7 @@ impl VerdictCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::classify::tests::{arb_packet, arb_rule};
     use crate::rule::{Action, Direction, PortRange, Protocol, Rule};
     use proptest::prelude::*;
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -227,6 +228,22 @@ mod tests {
     }
 
     #[test]
+    fn addresses_of_different_slash_8s_never_share_an_entry() {
+        // Rules of 8 bits or fewer only: every /8 keeps its first byte.
+        let c = Classifier::new(vec![
+            rule(100, Action::Deny, "0.0.0.0/1", PortRange::ANY, 80),
+            rule(200, Action::Allow, "0.0.0.0/0", PortRange::ANY, 80),
+        ]);
+        let mut cache = VerdictCache::new(64);
+        let v4 = |a| IpAddr::V4(Ipv4Addr::new(a, 1, 2, 3));
+        for (first, rule) in [(10, 0), (200, 1), (11, 0), (201, 1)] {
+            let k = key(v4(first), 40000, 80);
+            assert_eq!(cache.classify(&c, &k).map(|v| v.rule), Some(rule), "{k:?}");
+        }
+        assert_eq!(cache.stats(), (0, 4));
+    }
+
+    #[test]
     fn a_verdict_from_the_cache_counts_its_rule() {
         let c = Classifier::new(vec![rule(
             100,
@@ -311,65 +328,6 @@ mod tests {
         }
     }
 
-    fn arb_rule() -> impl Strategy<Value = Rule> {
-        let v4 = (any::<u32>(), 0u8..=32).prop_map(|(a, l)| {
-            ipnet::IpNet::V4(ipnet::Ipv4Net::new(Ipv4Addr::from(a), l).unwrap().trunc())
-        });
-        let v6 = (any::<u128>(), 0u8..=128).prop_map(|(a, l)| {
-            ipnet::IpNet::V6(ipnet::Ipv6Net::new(Ipv6Addr::from(a), l).unwrap().trunc())
-        });
-        let nets = prop::collection::vec(prop_oneof![v4, v6], 1..3);
-        let ports = prop_oneof![
-            Just(PortRange::ANY),
-            (any::<u16>(), any::<u16>()).prop_map(|(a, b)| PortRange {
-                lo: a.min(b),
-                hi: a.max(b)
-            }),
-        ];
-        (
-            0u32..50,
-            any::<bool>(),
-            prop_oneof![
-                Just(Protocol::Tcp),
-                Just(Protocol::Udp),
-                Just(Protocol::Any)
-            ],
-            nets.clone(),
-            nets,
-            ports.clone(),
-            ports,
-        )
-            .prop_map(|(priority, allow, protocol, src, dst, sp, dp)| Rule {
-                name: format!("p{priority}"),
-                priority,
-                direction: Direction::In,
-                action: if allow { Action::Allow } else { Action::Deny },
-                protocol,
-                src,
-                dst,
-                src_ports: vec![sp],
-                dst_ports: vec![dp],
-                stateful: allow,
-            })
-    }
-
-    /// Keys near the rules' own prefixes and ports (so that they match some
-    /// of them), and arbitrary ones.
-    fn arb_key() -> impl Strategy<Value = FlowKey> {
-        let ip = prop_oneof![
-            any::<u32>().prop_map(|a| IpAddr::V4(Ipv4Addr::from(a))),
-            any::<u128>().prop_map(|a| IpAddr::V6(Ipv6Addr::from(a))),
-        ];
-        (
-            ip.clone(),
-            ip,
-            any::<u16>(),
-            any::<u16>(),
-            prop_oneof![Just(6u8), Just(17), Just(1)],
-        )
-            .prop_map(|(s, d, sp, dp, p)| FlowKey::new(s, sp, d, dp, p))
-    }
-
     proptest! {
         /// Through one small cache shared by two rule sets, every lookup —
         /// keys repeated, keys that share a masked key with an earlier one,
@@ -378,7 +336,7 @@ mod tests {
         fn the_cache_answers_as_the_classifier(
             a in prop::collection::vec(arb_rule(), 1..20),
             b in prop::collection::vec(arb_rule(), 1..20),
-            keys in prop::collection::vec(arb_key(), 1..60),
+            keys in prop::collection::vec(arb_packet(), 1..60),
             bits in prop::collection::vec(any::<(u32, u16)>(), 60),
         ) {
             // Keys at the edges of the rules' prefixes too: each source and

@@ -747,7 +747,7 @@ pub fn linear_scan(rules: &[Rule], pkt: &FlowKey) -> Option<usize> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::rule::{Direction, PortRange, Protocol};
     use proptest::prelude::*;
@@ -969,7 +969,9 @@ mod tests {
         ]
     }
 
-    fn arb_rule() -> impl Strategy<Value = Rule> {
+    /// Rules whose prefixes and ports overlap one another's (shared by
+    /// the verdict cache's tests).
+    pub(crate) fn arb_rule() -> impl Strategy<Value = Rule> {
         (
             0u32..2000,
             any::<bool>(),
@@ -1006,7 +1008,7 @@ mod tests {
     }
 
     /// Packets: half drawn near rule prefixes/ports, half anywhere.
-    fn arb_packet() -> impl Strategy<Value = FlowKey> {
+    pub(crate) fn arb_packet() -> impl Strategy<Value = FlowKey> {
         let v4 = (0u32..8, any::<u32>(), any::<bool>()).prop_map(|(base, noise, wild)| {
             let a = if wild || base == 7 {
                 noise
