@@ -714,13 +714,16 @@ impl FlowTable {
         e: FlowEntry,
         meta: FlowMeta,
     ) -> Insert {
-        self.insert_hashed(self.hash(in_port, &key), in_port, key, e, meta)
+        self.insert_hashed(self.hash(in_port, &key), in_port, key, e, meta, false)
     }
 
     /// [`FlowTable::insert_meta`] given the key's [`FlowTable::hash`] on
     /// `in_port`, `hash` (which the slow path has already computed, for
-    /// the lookup or a prefetch). Crate-private: a wrong hash would file
-    /// the flow where no lookup finds it.
+    /// the lookup or a prefetch). `absent` when the caller's own lookup
+    /// of the key has just missed and nothing was installed since: the
+    /// table is not searched again (one probe per new flow). Crate-private:
+    /// a wrong hash would file the flow where no lookup finds it, a wrong
+    /// `absent` would file a key twice.
     pub(crate) fn insert_hashed(
         &mut self,
         hash: u64,
@@ -728,9 +731,17 @@ impl FlowTable {
         key: FlowKey,
         mut e: FlowEntry,
         mut meta: FlowMeta,
+        absent: bool,
     ) -> Insert {
         debug_assert_eq!(hash, self.hash(in_port, &key), "a hash not the key's");
-        if let Some((_, s)) = self.position(hash, in_port, &key) {
+        debug_assert!(
+            !absent || self.position(hash, in_port, &key).is_none(),
+            "a key said to be absent is in the table"
+        );
+        if let Some((_, s)) = (!absent)
+            .then(|| self.position(hash, in_port, &key))
+            .flatten()
+        {
             if let Some(slot) = self.slots.get_mut(s as usize) {
                 e.packets += slot.entry.packets;
                 e.bytes += slot.entry.bytes;
@@ -1193,6 +1204,43 @@ mod tests {
         // A reference taken before a removal names nothing.
         assert!(t.remove(0, &key(2)).is_some());
         assert_eq!(t.due_conn(r, ms(400), ms(50)), None);
+    }
+
+    /// An install told its key is absent files it without a search; one
+    /// not told so finds the flow and replaces it, keeping its counts.
+    #[test]
+    fn an_install_of_an_absent_key_files_it_once() {
+        let mut t = FlowTable::new(8, 100, 10);
+        let h = t.hash(1, &key(7));
+        assert!(t.find(h, 1, &key(7)).is_none());
+        let fresh = |packets| FlowEntry {
+            packets,
+            ..entry(1)
+        };
+        let m = FlowMeta::default();
+        assert_eq!(
+            t.insert_hashed(h, 1, key(7), fresh(1), m, true),
+            Insert::New
+        );
+        assert_eq!(
+            t.insert_hashed(h, 1, key(7), fresh(2), m, false),
+            Insert::Replaced
+        );
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.get_mut(1, &key(7)).map(|e| e.packets), Some(3));
+    }
+
+    /// (Checked where assertions are compiled in: a key said to be absent
+    /// that is present would be filed twice.)
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "a key said to be absent is in the table")]
+    fn an_install_told_a_present_key_is_absent_is_caught() {
+        let mut t = FlowTable::new(8, 100, 10);
+        let h = t.hash(1, &key(7));
+        let m = FlowMeta::default();
+        t.insert_hashed(h, 1, key(7), entry(1), m, true);
+        t.insert_hashed(h, 1, key(7), entry(2), m, true);
     }
 
     #[test]

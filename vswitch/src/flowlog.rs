@@ -64,6 +64,55 @@ impl Default for RuleRef {
     }
 }
 
+/// [`Decided`] as the slow path fills it in, a cell per part: a group's
+/// verdict writes its own rule, not the whole record (read and written
+/// back whole, twice per group, it cost a new connection about seventy
+/// instructions).
+#[derive(Debug, Default)]
+pub(crate) struct DecidedCell {
+    rules: [std::cell::Cell<RuleRef>; 2],
+    asked: std::cell::Cell<Option<FlowKey>>,
+    judged: std::cell::Cell<bool>,
+}
+
+impl DecidedCell {
+    /// What was decided so far.
+    pub(crate) fn get(&self) -> Decided {
+        let [out, inn] = &self.rules;
+        Decided {
+            rules: [out.get(), inn.get()],
+            asked: self.asked.get(),
+            judged: self.judged.get(),
+        }
+    }
+
+    /// Nothing decided yet (a new packet on the slow path).
+    pub(crate) fn reset(&self) {
+        for r in &self.rules {
+            r.set(RuleRef::NONE);
+        }
+        self.asked.set(None);
+        self.judged.set(false);
+    }
+
+    /// The groups are being consulted.
+    pub(crate) fn judge(&self) {
+        self.judged.set(true);
+    }
+
+    /// The rule that decided side `side` (0 outbound, 1 inbound).
+    pub(crate) fn set_rule(&self, side: usize, r: RuleRef) {
+        if let Some(c) = self.rules.get(side) {
+            c.set(r);
+        }
+    }
+
+    /// The key the denying group was asked about.
+    pub(crate) fn set_asked(&self, key: FlowKey) {
+        self.asked.set(Some(key));
+    }
+}
+
 /// Why a record was made (IPFIX `flowEndReason` and `firewallEvent` follow
 /// from it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -114,13 +114,13 @@ impl<B: PacketBuf> Switch<B> {
         // was computed for its lookup (`first_hash`: the flow of the packet
         // `Switch::packet` is deciding is of its key).
         let first = (1, self.first_len);
-        let hash = match self.first_hash.take() {
-            Some((port, h)) if port == in_port => h,
-            _ => self.flows.hash(in_port, &key),
+        let (hash, absent) = match self.first_hash.take() {
+            Some((port, h, absent)) if port == in_port => (h, absent),
+            _ => (self.flows.hash(in_port, &key), false),
         };
         if self
             .flows
-            .insert_hashed(hash, in_port, key, e(fwd, first), meta(opened))
+            .insert_hashed(hash, in_port, key, e(fwd, first), meta(opened), absent)
             == crate::flow::Insert::New
         {
             dataplane::stats::add_own(&self.stats.flows_installed, 1);
@@ -137,6 +137,7 @@ impl<B: PacketBuf> Switch<B> {
             back_key,
             e(back, (0, 0)),
             meta(!opened),
+            false,
         ) == crate::flow::Insert::New
         {
             dataplane::stats::add_own(&self.stats.flows_installed, 1);

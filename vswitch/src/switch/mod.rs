@@ -194,14 +194,16 @@ pub struct Switch<B = dataplane::pool::PoolBuf> {
     /// (the source's outbound, the destination's inbound), and the key the
     /// denying one was asked about: for the flows installed and the flow
     /// log's denied records.
-    decided: std::cell::Cell<crate::flowlog::Decided>,
+    decided: crate::flowlog::DecidedCell,
     /// The IP length of the packet on the slow path: its flow counts it.
     first_len: u64,
     /// The input port and flow hash of the packet on the slow path, set
     /// by [`Switch::packet`] for its `slow` call alone: the forward flow
     /// installed in that call is that packet's (every install is of the
-    /// key `slow` was given), and takes the hash instead of hashing again.
-    first_hash: Option<(u16, u64)>,
+    /// key `slow` was given), and takes the hash instead of hashing again;
+    /// and whether the lookup found the key absent (no flow at all, rather
+    /// than a stale one), which spares the install a second search.
+    first_hash: Option<(u16, u64, bool)>,
     /// [`Switch::preallocate`] has run.
     preallocated: bool,
     /// The token bucket of denied packets' records (a time, as
@@ -293,7 +295,7 @@ impl<B: PacketBuf> Switch<B> {
             tracing: false,
             live_end: std::cell::Cell::new(None),
             flow_log: None,
-            decided: std::cell::Cell::new(crate::flowlog::Decided::default()),
+            decided: crate::flowlog::DecidedCell::default(),
             first_len: 0,
             first_hash: None,
             preallocated: false,
@@ -650,7 +652,8 @@ impl<B: PacketBuf> Switch<B> {
     /// (decided under this policy and, for a VIP's flow, that VIP's current
     /// backend set; not a SYN): counted, the load balancer told of it when
     /// due, transposed and queued. Any other packet is handed back, for the
-    /// rest of [`Switch::packet`]. Inlined into the burst's loop, so that a
+    /// rest of [`Switch::packet`], with whether its flow is absent from the
+    /// table (not merely stale: the install need not search again). Inlined into the burst's loop, so that a
     /// hit never pays for `packet`'s frame; a later fragment goes through
     /// `packet` first, for its first fragment's key.
     #[inline(always)]
@@ -664,7 +667,7 @@ impl<B: PacketBuf> Switch<B> {
         in_port: u16,
         now: u64,
         tally: &mut (u64, u64, u64),
-    ) -> Result<(), B> {
+    ) -> Result<(), (B, bool)> {
         let flags = tcp_flags(pkt.data(), pk);
         // Flows count IP bytes, as flow records do.
         let len = u64::from(pk.ip_len());
@@ -675,67 +678,66 @@ impl<B: PacketBuf> Switch<B> {
         } else {
             None
         };
-        if let Some(e) = cached {
-            // A SYN opens a connection: connection tracking decides it,
-            // whatever the cached flow says (a new connection on a reused
-            // port, whose old one closed or timed out while its flows
-            // stayed cached, must not ride them untracked; a retransmitted
-            // SYN costs one slow-path lookup).
-            let reopen = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-            // Decided under this policy and, for a flow of a VIP, under
-            // that VIP's current backend set (health changes elsewhere
-            // leave it alone).
-            let current = e.generation == policy.generation
-                && (e.vip == NO_VIP
-                    || self.vip_epochs.get(usize::from(e.vip)) == Some(&e.vip_epoch));
-            if current && !reopen {
-                e.last_seen = now;
-                e.packets += 1;
-                e.bytes += len;
-                let closing = flags & (TCP_FIN | TCP_RST | TCP_SYN) != 0;
-                if flags & (TCP_FIN | TCP_RST) != 0 {
-                    e.closing = true;
-                }
-                // Keep the load balancer's connection state current: at
-                // once for SYN/FIN/RST, otherwise at most every
-                // `lb_touch_ns` (a quarter of its shortest timeout, so a
-                // connection in use never times out there; touching it per
-                // packet costs several cache misses: it moves the
-                // connection in its LRU list). (The lookup stage started
-                // loading the connection of a hit due on time.)
-                // And on a flow's first hit: a reply's first packet is what
-                // confirms a connection to the tracker (no longer embryonic;
-                // a forward flow, which counts its first packet at install,
-                // is installed as due instead).
-                if closing || e.packets == 1 || e.lb_touch_due(now, self.lb_touch_ns) {
-                    e.set_lb_touched(now);
-                    if let Some(r) = e.action.lb {
-                        let told = self
-                            .lb
-                            .get_mut(r.vnet as usize)
-                            .and_then(|l| l.touch(r.conn, r.dir, flags, now));
-                        if told.is_none() {
-                            // The load balancer has forgotten the connection
-                            // (it timed out there; its reference no longer
-                            // resolves): the flow keeps its backend and
-                            // stops touching; with no connection to
-                            // revalidate, health changes leave it alone.
-                            e.action.lb = None;
-                            e.vip = NO_VIP;
-                        }
+        let Some(e) = cached else {
+            return Err((pkt, pk.is_ip()));
+        };
+        // A SYN opens a connection: connection tracking decides it,
+        // whatever the cached flow says (a new connection on a reused
+        // port, whose old one closed or timed out while its flows
+        // stayed cached, must not ride them untracked; a retransmitted
+        // SYN costs one slow-path lookup).
+        let reopen = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        // Decided under this policy and, for a flow of a VIP, under
+        // that VIP's current backend set (health changes elsewhere
+        // leave it alone).
+        let current = e.generation == policy.generation
+            && (e.vip == NO_VIP || self.vip_epochs.get(usize::from(e.vip)) == Some(&e.vip_epoch));
+        if current && !reopen {
+            e.last_seen = now;
+            e.packets += 1;
+            e.bytes += len;
+            let closing = flags & (TCP_FIN | TCP_RST | TCP_SYN) != 0;
+            if flags & (TCP_FIN | TCP_RST) != 0 {
+                e.closing = true;
+            }
+            // Keep the load balancer's connection state current: at
+            // once for SYN/FIN/RST, otherwise at most every
+            // `lb_touch_ns` (a quarter of its shortest timeout, so a
+            // connection in use never times out there; touching it per
+            // packet costs several cache misses: it moves the
+            // connection in its LRU list). (The lookup stage started
+            // loading the connection of a hit due on time.)
+            // And on a flow's first hit: a reply's first packet is what
+            // confirms a connection to the tracker (no longer embryonic;
+            // a forward flow, which counts its first packet at install,
+            // is installed as due instead).
+            if closing || e.packets == 1 || e.lb_touch_due(now, self.lb_touch_ns) {
+                e.set_lb_touched(now);
+                if let Some(r) = e.action.lb {
+                    let told = self
+                        .lb
+                        .get_mut(r.vnet as usize)
+                        .and_then(|l| l.touch(r.conn, r.dir, flags, now));
+                    if told.is_none() {
+                        // The load balancer has forgotten the connection
+                        // (it timed out there; its reference no longer
+                        // resolves): the flow keeps its backend and
+                        // stops touching; with no connection to
+                        // revalidate, health changes leave it alone.
+                        e.action.lb = None;
+                        e.vip = NO_VIP;
                     }
                 }
-                tally.0 += 1;
-                // The action is used in place (no copy of it per packet).
-                let bounced =
-                    transpose(ctx, pkt, pk, &e.action, &self.cfg.port_mtu, self.tunnel_mtu);
-                if let Some(b) = bounced {
-                    self.bounce(ctx, policy, b, pk, now);
-                }
-                return Ok(());
             }
+            tally.0 += 1;
+            // The action is used in place (no copy of it per packet).
+            let bounced = transpose(ctx, pkt, pk, &e.action, &self.cfg.port_mtu, self.tunnel_mtu);
+            if let Some(b) = bounced {
+                self.bounce(ctx, policy, b, pk, now);
+            }
+            return Ok(());
         }
-        Err(pkt)
+        Err((pkt, false))
     }
 
     /// A packet of a burst that is no hit: [`Switch::packet`], with the
@@ -812,10 +814,11 @@ impl<B: PacketBuf> Switch<B> {
             }
             (pk, hash, hint)
         };
-        let mut pkt = match self.hit(ctx, policy, pkt, (pk, hash, hint), in_port16, now, tally) {
-            Ok(()) => return,
-            Err(pkt) => pkt,
-        };
+        let (mut pkt, absent) =
+            match self.hit(ctx, policy, pkt, (pk, hash, hint), in_port16, now, tally) {
+                Ok(()) => return,
+                Err(miss) => miss,
+            };
         // Not in this worker's table: only the connection's owner may decide
         // it (a hit needs no placement: only the owner installs flows).
         if !owned
@@ -847,7 +850,7 @@ impl<B: PacketBuf> Switch<B> {
         tally.1 += 1;
         let t = self.clock.now();
         self.first_len = u64::from(pk.ip_len());
-        self.first_hash = Some((in_port16, hash));
+        self.first_hash = Some((in_port16, hash, absent));
         let decided = self.slow(policy, pkt.data_mut(), pk, in_port16, now);
         // (Never left for another packet's install.)
         self.first_hash = None;
@@ -1293,7 +1296,7 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                         match self.hit(ctx, &policy, pkt, (p, *h, *r), port as u16, now, &mut tally)
                         {
                             Ok(()) => return,
-                            Err(pkt) => pkt,
+                            Err((pkt, _)) => pkt,
                         }
                     } else {
                         pkt

@@ -133,9 +133,7 @@ impl<B: PacketBuf> Switch<B> {
         } else {
             "outbound"
         };
-        let mut decided = self.decided.get();
-        decided.judged = true;
-        self.decided.set(decided);
+        self.decided.judge();
         let Some(n) = nsg.and_then(|i| p.nsgs.get(i).map(|c| (i, c))) else {
             self.note("acl", || {
                 format!("{way}: the VM has no security group: allowed")
@@ -160,17 +158,17 @@ impl<B: PacketBuf> Switch<B> {
         };
         // What decided, for the flow log.
         let side = usize::from(dir == Direction::In);
-        if let Some(r) = decided.rules.get_mut(side) {
-            *r = crate::flowlog::RuleRef {
+        self.decided.set_rule(
+            side,
+            crate::flowlog::RuleRef {
                 nsg: n.0 as u16,
                 dir: side as u8,
                 rule: v.map_or(crate::flowlog::RuleRef::NO_MATCH, |v| v.rule as u16),
-            };
-        }
+            },
+        );
         if !v.is_some_and(|v| v.action == Action::Allow) {
-            decided.asked = Some(*key);
+            self.decided.set_asked(*key);
         }
-        self.decided.set(decided);
         self.note("acl", || {
             let group = &n.1.name;
             match v.and_then(|v| c.rules().get(v.rule)) {
@@ -202,7 +200,7 @@ impl<B: PacketBuf> Switch<B> {
         in_port: u16,
         now: u64,
     ) -> Result<Slow, SwitchDrop> {
-        self.decided.set(crate::flowlog::Decided::default());
+        self.decided.reset();
         if let Some((dip, ip)) = p.dsr_on_port(in_port) {
             self.note("port", || {
                 format!(
