@@ -508,3 +508,96 @@ fn a_flow_keeps_its_order_when_one_of_its_packets_waits_for_the_slow_path() {
     assert_eq!(of_5000, [(u16::MAX, 0xee), (5000, 15)], "{got:?}");
     assert_eq!(flow(&got, 5001), [33], "{got:?}");
 }
+
+/// A reverse flow's rewrite is compiled at its first packet, not when the
+/// connection's first packet installs it; the reply is translated the same
+/// either way (addresses, ports, TTL and both checksums).
+#[test]
+fn a_reverse_flow_is_compiled_at_its_first_packet_and_translates_the_reply() {
+    let mut r = rig("burst-lazy");
+    let mut b = Batch::new();
+    b.push(r.pool.alloc_copy(&to_vip(6000)).unwrap()).unwrap();
+    r.client.tx_burst(&mut b);
+    r.worker.poll_once();
+    // The connection went to one backend; its request arrived there.
+    let mut rx = Batch::new();
+    let mut dip = None;
+    for (d, port) in r.dips.iter_mut().enumerate() {
+        if port.rx_burst(&mut rx) > 0 {
+            dip = Some(d);
+        }
+        rx.clear();
+    }
+    let d = dip.expect("the request reached a backend");
+    let compiled = |w: &Worker<PoolBuf, Switch>, port: u16| {
+        let flows: Vec<bool> = w
+            .pipeline()
+            .flows()
+            .iter()
+            .filter(|(p, _, _)| *p == port)
+            .map(|(_, _, e)| e.action.fast.is_some())
+            .collect();
+        assert_eq!(flows.len(), 1, "one flow on port {port}");
+        flows[0]
+    };
+    let back_port = 1 + d as u16;
+    assert!(
+        compiled(&r.worker, 0),
+        "the forward flow, which its first packet took"
+    );
+    assert!(
+        !compiled(&r.worker, back_port),
+        "the reverse flow, before its first packet"
+    );
+    // The backend answers (from its port 8080 to the client's 6000).
+    let be = [10, 1, 0, 4 + d as u8];
+    let mut reply = Vec::new();
+    etherparse::PacketBuilder::ethernet2(mac(10 + d as u8).0, GW_MAC.0)
+        .ipv4(be, [10, 1, 1, 1], 64)
+        .udp(8080, 6000)
+        .write(&mut reply, &[9u8; 18])
+        .unwrap();
+    b.push(r.pool.alloc_copy(&reply).unwrap()).unwrap();
+    r.dips[d].tx_burst(&mut b);
+    r.worker.poll_once();
+    assert!(
+        compiled(&r.worker, back_port),
+        "compiled at its first packet"
+    );
+    assert_eq!(
+        r.client.rx_burst(&mut rx),
+        1,
+        "the reply reached the client"
+    );
+    let f = rx.iter().next().unwrap().data().to_vec();
+    let got = etherparse::SlicedPacket::from_ethernet(&f).unwrap();
+    let Some(etherparse::NetSlice::Ipv4(ip)) = got.net else {
+        panic!("not IPv4")
+    };
+    let h = ip.header();
+    assert_eq!(h.source(), VIP.octets(), "from the VIP");
+    assert_eq!(h.destination(), [10, 1, 1, 1]);
+    assert_eq!(h.ttl(), 63);
+    assert_eq!(
+        h.to_header().calc_header_checksum(),
+        h.header_checksum(),
+        "IP checksum"
+    );
+    let Some(etherparse::TransportSlice::Udp(udp)) = got.transport else {
+        panic!("not UDP")
+    };
+    assert_eq!((udp.source_port(), udp.destination_port()), (80, 6000));
+    assert_eq!(
+        udp.to_header()
+            .calc_checksum_ipv4(&h.to_header(), udp.payload())
+            .unwrap(),
+        udp.checksum(),
+        "UDP checksum"
+    );
+    assert_eq!(&f[0..6], &mac(1).0, "to the client's MAC");
+    assert_eq!(
+        r.stats.slow_path.load(Ordering::Relaxed),
+        1,
+        "the reply hit"
+    );
+}

@@ -53,7 +53,10 @@ impl<B: PacketBuf> Switch<B> {
         // The reverse direction gets the opposite rewrite of the connection,
         // made before the forward flow is stored: the copy of the rewrite,
         // read back in parts, would otherwise wait for the store buffer to
-        // drain the forward flow's stores to cold lines.
+        // drain the forward flow's stores to cold lines. It is compiled
+        // (`FlowAction::compiled_for`) at its first packet, in
+        // `Switch::hit`: many connections never get one (a SYN flood's,
+        // a scan's), and one that does pays the same then.
         let back = back_flow.then(|| {
             let (nat, lb) = match fwd.lb {
                 Some(r) => {
@@ -72,7 +75,12 @@ impl<B: PacketBuf> Switch<B> {
                 }
                 None => (Rewrite::NONE, None),
             };
-            FlowAction { nat, lb, ..back }.compiled_for(&back_key)
+            FlowAction {
+                nat,
+                lb,
+                fast: None,
+                ..back
+            }
         });
         // A closing connection's flows (its last packets, decided again
         // after a policy change) expire as closing ones do.

@@ -713,6 +713,12 @@ impl<B: PacketBuf> Switch<B> {
             // is installed as due instead).
             if closing || e.packets == 1 || e.lb_touch_due(now, self.lb_touch_ns) {
                 e.set_lb_touched(now);
+                // A reverse flow's rewrite is compiled at its first packet
+                // (see `Switch::install`); one that cannot be (IPv6, a
+                // sequence offset) is tried again only when due.
+                if e.action.fast.is_none() {
+                    e.action = e.action.compiled_for(&pk.key);
+                }
                 if let Some(r) = e.action.lb {
                     let told = self
                         .lb
