@@ -397,8 +397,8 @@ pub struct ConnTable<V> {
     /// replies go straight from the backend to the client).
     one_way: Vec<bool>,
     stats: ConnStats,
-    /// Keys put in the index so far (wrapping): what a [`Missed`] is
-    /// checked against.
+    /// Connections whose keys were put in the index (or were tried to
+    /// be) so far, wrapping: what a [`Missed`] is checked against.
     indexed: u64,
     /// The last key [`ConnTable::lookup`] did not find: while nothing has
     /// been indexed since, the insert that usually follows (a new
@@ -1352,6 +1352,26 @@ mod tests {
         assert_eq!(t.lookup(&key(2), 0, |_| {}), Some((j, Dir::Orig)));
         assert_eq!(t.len(), 2);
         assert_eq!(t.index.len(), 4);
+    }
+
+    /// A key restored (as a handover does) after a lookup missed it is
+    /// found by the insert that follows.
+    #[test]
+    fn a_key_restored_after_a_missed_lookup_is_not_inserted_again() {
+        let mut from = table(8);
+        let i = from
+            .insert(key(1), key(1).reversed(), 0x02, 0, 7, |_| {})
+            .unwrap();
+        let c = from.remove(i).unwrap();
+        let mut t = table(8);
+        assert_eq!(t.lookup(&key(1), 0, |_| {}), None);
+        t.restore(0, c, 0).unwrap();
+        assert_eq!(
+            t.insert(key(1), key(2).reversed(), 0x02, 0, 2, |_| {}),
+            Err(ConnError::Exists)
+        );
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.index.len(), 2);
     }
 
     #[test]

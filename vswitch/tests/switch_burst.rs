@@ -129,6 +129,7 @@ fn to_vip(sport: u16) -> Vec<u8> {
 /// ends of its ports.
 struct Rig {
     pool: Pool,
+    policy: Arc<ArcSwap<Policy>>,
     worker: Worker<PoolBuf, Switch>,
     stats: Arc<vswitch::SwitchStats>,
     client: RingPort<PoolBuf>,
@@ -185,7 +186,7 @@ fn rig_recording(name: &str, calls: Option<Calls>) -> Rig {
     let policy = Arc::new(ArcSwap::from_pointee(
         Policy::compile(&topology(), 1).unwrap(),
     ));
-    let sw = Switch::new(policy, SwitchConfig::default());
+    let sw = Switch::new(policy.clone(), SwitchConfig::default());
     let stats = sw.stats();
     let l = |n: &str| LinkInfo::new(n, MacAddr([2, 0, 0, 0, 9, 9]), "ring");
     let (client, sw_client) = ring::pair(l("client"), l("sw-client"), 256);
@@ -207,6 +208,7 @@ fn rig_recording(name: &str, calls: Option<Calls>) -> Rig {
     ports.push(Box::new(sw_wire));
     Rig {
         pool,
+        policy,
         worker: Worker::new("burst", None, ports, sw),
         stats,
         client,
@@ -509,17 +511,26 @@ fn a_flow_keeps_its_order_when_one_of_its_packets_waits_for_the_slow_path() {
     assert_eq!(flow(&got, 5001), [33], "{got:?}");
 }
 
-/// A reverse flow's rewrite is compiled at its first packet, not when the
-/// connection's first packet installs it; the reply is translated the same
-/// either way (addresses, ports, TTL and both checksums).
-#[test]
-fn a_reverse_flow_is_compiled_at_its_first_packet_and_translates_the_reply() {
-    let mut r = rig("burst-lazy");
+/// Whether the one flow on `port` has its rewrite compiled.
+fn compiled(w: &Worker<PoolBuf, Switch>, port: u16) -> bool {
+    let flows: Vec<bool> = w
+        .pipeline()
+        .flows()
+        .iter()
+        .filter(|(p, _, _)| *p == port)
+        .map(|(_, _, e)| e.action.fast.is_some())
+        .collect();
+    assert_eq!(flows.len(), 1, "one flow on port {port}");
+    flows[0]
+}
+
+/// Sends the client's packet to the VIP from `sport`; the backend it
+/// reached.
+fn request(r: &mut Rig, sport: u16) -> usize {
     let mut b = Batch::new();
-    b.push(r.pool.alloc_copy(&to_vip(6000)).unwrap()).unwrap();
+    b.push(r.pool.alloc_copy(&to_vip(sport)).unwrap()).unwrap();
     r.client.tx_burst(&mut b);
     r.worker.poll_once();
-    // The connection went to one backend; its request arrived there.
     let mut rx = Batch::new();
     let mut dip = None;
     for (d, port) in r.dips.iter_mut().enumerate() {
@@ -528,42 +539,24 @@ fn a_reverse_flow_is_compiled_at_its_first_packet_and_translates_the_reply() {
         }
         rx.clear();
     }
-    let d = dip.expect("the request reached a backend");
-    let compiled = |w: &Worker<PoolBuf, Switch>, port: u16| {
-        let flows: Vec<bool> = w
-            .pipeline()
-            .flows()
-            .iter()
-            .filter(|(p, _, _)| *p == port)
-            .map(|(_, _, e)| e.action.fast.is_some())
-            .collect();
-        assert_eq!(flows.len(), 1, "one flow on port {port}");
-        flows[0]
-    };
-    let back_port = 1 + d as u16;
-    assert!(
-        compiled(&r.worker, 0),
-        "the forward flow, which its first packet took"
-    );
-    assert!(
-        !compiled(&r.worker, back_port),
-        "the reverse flow, before its first packet"
-    );
-    // The backend answers (from its port 8080 to the client's 6000).
-    let be = [10, 1, 0, 4 + d as u8];
+    dip.expect("the request reached a backend")
+}
+
+/// Backend `d` answers the client's `sport`; checks that the reply
+/// reached the client translated (from the VIP's address and port, TTL
+/// one less, both checksums right, to the client's MAC).
+fn reply(r: &mut Rig, d: usize, sport: u16) {
     let mut reply = Vec::new();
     etherparse::PacketBuilder::ethernet2(mac(10 + d as u8).0, GW_MAC.0)
-        .ipv4(be, [10, 1, 1, 1], 64)
-        .udp(8080, 6000)
+        .ipv4([10, 1, 0, 4 + d as u8], [10, 1, 1, 1], 64)
+        .udp(8080, sport)
         .write(&mut reply, &[9u8; 18])
         .unwrap();
+    let mut b = Batch::new();
     b.push(r.pool.alloc_copy(&reply).unwrap()).unwrap();
     r.dips[d].tx_burst(&mut b);
     r.worker.poll_once();
-    assert!(
-        compiled(&r.worker, back_port),
-        "compiled at its first packet"
-    );
+    let mut rx = Batch::new();
     assert_eq!(
         r.client.rx_burst(&mut rx),
         1,
@@ -586,7 +579,7 @@ fn a_reverse_flow_is_compiled_at_its_first_packet_and_translates_the_reply() {
     let Some(etherparse::TransportSlice::Udp(udp)) = got.transport else {
         panic!("not UDP")
     };
-    assert_eq!((udp.source_port(), udp.destination_port()), (80, 6000));
+    assert_eq!((udp.source_port(), udp.destination_port()), (80, sport));
     assert_eq!(
         udp.to_header()
             .calc_checksum_ipv4(&h.to_header(), udp.payload())
@@ -595,9 +588,50 @@ fn a_reverse_flow_is_compiled_at_its_first_packet_and_translates_the_reply() {
         "UDP checksum"
     );
     assert_eq!(&f[0..6], &mac(1).0, "to the client's MAC");
+}
+
+/// A reverse flow's rewrite is compiled at its first packet, not when the
+/// connection's first packet installs it; the reply is translated the same
+/// either way (addresses, ports, TTL and both checksums). A connection
+/// decided again (a new policy generation) replaces its reverse flow,
+/// which keeps its packet count: its rewrite is compiled at its next
+/// packet all the same.
+#[test]
+fn a_reverse_flow_is_compiled_at_its_first_packet_and_translates_the_reply() {
+    let mut r = rig("burst-lazy");
+    let d = request(&mut r, 6000);
+    let back = 1 + d as u16;
+    assert!(
+        compiled(&r.worker, 0),
+        "the forward flow, which its first packet took"
+    );
+    assert!(
+        !compiled(&r.worker, back),
+        "the reverse flow, before its first packet"
+    );
+    reply(&mut r, d, 6000);
+    assert!(compiled(&r.worker, back), "compiled at its first packet");
     assert_eq!(
         r.stats.slow_path.load(Ordering::Relaxed),
         1,
+        "the reply hit"
+    );
+    // A new generation: the client's next packet decides the connection
+    // again (the same backend) and replaces both flows.
+    r.policy
+        .store(Arc::new(Policy::compile(&topology(), 2).unwrap()));
+    assert_eq!(request(&mut r, 6000), d, "the connection keeps its backend");
+    assert_eq!(
+        r.stats.slow_path.load(Ordering::Relaxed),
+        2,
+        "decided again"
+    );
+    assert!(!compiled(&r.worker, back), "the replaced reverse flow");
+    reply(&mut r, d, 6000);
+    assert!(compiled(&r.worker, back), "compiled at its next packet");
+    assert_eq!(
+        r.stats.slow_path.load(Ordering::Relaxed),
+        2,
         "the reply hit"
     );
 }

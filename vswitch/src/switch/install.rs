@@ -1,5 +1,6 @@
-//! Installing a decision: the flow of each direction, with its compiled
-//! rewrite and its VIP stamp.
+//! Installing a decision: the flow of each direction, with its VIP stamp;
+//! the forward flow with its compiled rewrite (the reverse flow's is
+//! compiled at its first hit).
 
 use super::Switch;
 use crate::flow::{FlowAction, FlowEntry, LbRef};
@@ -54,9 +55,9 @@ impl<B: PacketBuf> Switch<B> {
         // made before the forward flow is stored: the copy of the rewrite,
         // read back in parts, would otherwise wait for the store buffer to
         // drain the forward flow's stores to cold lines. It is compiled
-        // (`FlowAction::compiled_for`) at its first packet, in
-        // `Switch::hit`: many connections never get one (a SYN flood's,
-        // a scan's), and one that does pays the same then.
+        // (`FlowAction::compiled_for`) at its first hit, in `Switch::hit`
+        // (installed due: see below): many connections never get a reply
+        // (a SYN flood's, a scan's), and one that does pays the same then.
         let back = back_flow.then(|| {
             let (nat, lb) = match fwd.lb {
                 Some(r) => {
@@ -93,7 +94,11 @@ impl<B: PacketBuf> Switch<B> {
         // A flow's first hit tells the load balancer (a reply's first
         // packet confirms its connection; a Mux's one-way connection is
         // confirmed by the client's first hit): the forward flow, which
-        // counts the packet being decided, is installed as due for it.
+        // counts the packet being decided, is installed as due for it. So
+        // is the reverse flow, whose rewrite that hit compiles: a new one's
+        // first hit is due anyway, a replaced one (a connection decided
+        // again) keeps its packet count and would otherwise wait a touch
+        // interval.
         let every = self.lb_touch_ns;
         let e = |action, (packets, bytes)| FlowEntry {
             action,
@@ -101,7 +106,7 @@ impl<B: PacketBuf> Switch<B> {
             vip,
             vip_epoch,
             last_seen: now,
-            lb_touched: FlowEntry::lb_stamp(now, every, packets > 0),
+            lb_touched: FlowEntry::lb_stamp(now, every, true),
             packets,
             bytes,
             closing,

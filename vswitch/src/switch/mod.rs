@@ -653,9 +653,10 @@ impl<B: PacketBuf> Switch<B> {
     /// backend set; not a SYN): counted, the load balancer told of it when
     /// due, transposed and queued. Any other packet is handed back, for the
     /// rest of [`Switch::packet`], with whether its flow is absent from the
-    /// table (not merely stale: the install need not search again). Inlined into the burst's loop, so that a
-    /// hit never pays for `packet`'s frame; a later fragment goes through
-    /// `packet` first, for its first fragment's key.
+    /// table (not merely stale: the install need not search again).
+    /// Inlined into the burst's loop, so that a hit never pays for
+    /// `packet`'s frame; a later fragment goes through `packet` first, for
+    /// its first fragment's key.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     fn hit(
@@ -713,9 +714,10 @@ impl<B: PacketBuf> Switch<B> {
             // is installed as due instead).
             if closing || e.packets == 1 || e.lb_touch_due(now, self.lb_touch_ns) {
                 e.set_lb_touched(now);
-                // A reverse flow's rewrite is compiled at its first packet
-                // (see `Switch::install`); one that cannot be (IPv6, a
-                // sequence offset) is tried again only when due.
+                // A reverse flow's rewrite is compiled at its first hit
+                // (see `Switch::install`); one that cannot be (not IPv4 TCP
+                // or UDP, or with a sequence offset) is tried again only
+                // when due.
                 if e.action.fast.is_none() {
                     e.action = e.action.compiled_for(&pk.key);
                 }
