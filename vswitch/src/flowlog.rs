@@ -66,7 +66,7 @@ impl Default for RuleRef {
 
 /// [`Decided`] as the slow path fills it in, a cell per part: a group's
 /// verdict writes its own rule, not the whole record (read and written
-/// back whole, twice per group, it cost a new connection about seventy
+/// back whole, twice per group, it cost a new connection about a hundred
 /// instructions).
 #[derive(Debug, Default)]
 pub(crate) struct DecidedCell {
