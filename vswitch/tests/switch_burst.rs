@@ -531,15 +531,10 @@ fn request(r: &mut Rig, sport: u16) -> usize {
     b.push(r.pool.alloc_copy(&to_vip(sport)).unwrap()).unwrap();
     r.client.tx_burst(&mut b);
     r.worker.poll_once();
-    let mut rx = Batch::new();
-    let mut dip = None;
-    for (d, port) in r.dips.iter_mut().enumerate() {
-        if port.rx_burst(&mut rx) > 0 {
-            dip = Some(d);
-        }
-        rx.clear();
-    }
-    dip.expect("the request reached a backend")
+    received(&mut r.dips)
+        .iter()
+        .position(|got| !got.is_empty())
+        .expect("the request reached a backend")
 }
 
 /// Backend `d` answers the client's `sport`; checks that the reply
