@@ -105,6 +105,15 @@ impl Parsed {
     pub fn is_ip(&self) -> bool {
         matches!(self.l3, L3::Ipv4 | L3::Ipv6)
     }
+
+    /// True for the common frame: untagged IPv4 without options, with its
+    /// transport header (TCP or UDP; not a later fragment), whose headers
+    /// lie at fixed offsets.
+    #[inline(always)]
+    pub fn is_plain_ipv4(&self) -> bool {
+        const L3_OFF: u16 = ethernet::HEADER_LEN as u16;
+        self.l3 == L3::Ipv4 && self.has_l4 && self.l3_off == L3_OFF && self.l4_off == L3_OFF + 20
+    }
 }
 
 /// Parses `frame`, received on `in_port`, into offsets and a flow key.

@@ -311,8 +311,14 @@ pub fn arp_reply(frame: &mut [u8], p: &Parsed, mac: MacAddr) -> Result<(), Rewri
 /// applying it is a few stores and two additions, not a patch per field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Transpose4 {
-    src: Option<([u8; 4], u16)>,
-    dst: Option<([u8; 4], u16)>,
+    /// The source and destination addresses a packet leaves with, as they
+    /// lie in its IPv4 header (an address the rewrite keeps is the flow's
+    /// own: the key is exact, so writing it back changes nothing, and the
+    /// two go out in one store).
+    addrs: [u8; 8],
+    /// The source and destination ports it leaves with, in network order
+    /// (likewise, one store).
+    ports: [u8; 4],
     /// Delta of the IPv4 header checksum (addresses and TTL), folded to
     /// 16 bits (adding it folded or whole gives the same checksum; folded
     /// it keeps a flow's hot cache lines room for its connection).
@@ -322,6 +328,15 @@ pub struct Transpose4 {
     l4: u16,
     udp: bool,
 }
+
+/// The bytes of the common frame ([`Parsed::is_plain_ipv4`]) that
+/// [`Transpose4::apply_plain`] writes
+/// within: Ethernet, an IPv4 header without options and a TCP header up
+/// to its checksum (a UDP header is shorter).
+pub const PLAIN_REWRITE_LEN: usize = ethernet::HEADER_LEN + 20 + tcp::CHECKSUM_OFFSET + 2;
+
+/// Where the TTL lies in the common frame ([`Parsed::is_plain_ipv4`]).
+pub const PLAIN_TTL_AT: usize = ethernet::HEADER_LEN + 8;
 
 /// Adds the RFC 1624 delta of one 16-bit word going `old` -> `new`.
 fn delta(acc: &mut u32, old: u16, new: u16) {
@@ -354,28 +369,34 @@ impl Transpose4 {
         // ~m + m' = ~m + m - 0x0100 = 0xffff - 0x0100 in one's complement.
         let mut ip = 0xfeffu32;
         let mut l4 = 0u32;
-        let mut t = Transpose4 {
-            src: None,
-            dst: None,
-            ip: 0,
-            l4: 0,
-            udp,
-        };
         let mut field = |old: [u8; 4], old_port: u16, new: Option<(Ipv4Addr, u16)>| {
-            let (a, port) = new?;
+            let Some((a, port)) = new else {
+                return (old, old_port);
+            };
             let a = a.octets();
             for (o, n) in words(old).into_iter().zip(words(a)) {
                 delta(&mut ip, o, n);
                 delta(&mut l4, o, n);
             }
             delta(&mut l4, old_port, port);
-            Some((a, port))
+            (a, port)
         };
-        t.src = field(old_src, key.src_port, src);
-        t.dst = field(old_dst, key.dst_port, dst);
-        t.ip = checksum::fold(ip);
-        t.l4 = checksum::fold(l4);
-        Some(t)
+        let (s, sp) = field(old_src, key.src_port, src);
+        let (d, dp) = field(old_dst, key.dst_port, dst);
+        let (mut addrs, mut ports) = ([0u8; 8], [0u8; 4]);
+        let (sa, da) = addrs.split_at_mut(4);
+        sa.copy_from_slice(&s);
+        da.copy_from_slice(&d);
+        let (spb, dpb) = ports.split_at_mut(2);
+        spb.copy_from_slice(&sp.to_be_bytes());
+        dpb.copy_from_slice(&dp.to_be_bytes());
+        Some(Transpose4 {
+            addrs,
+            ports,
+            ip: checksum::fold(ip),
+            l4: checksum::fold(l4),
+            udp,
+        })
     }
 
     /// Applies it to `frame` (parsed as `p`, a packet of the compiled
@@ -387,21 +408,24 @@ impl Transpose4 {
         if p.l3 != L3::Ipv4 || !p.has_l4 || frame.len() < l4 + 8 || l3 + 20 > l4 {
             return Err(RewriteError::Mismatch);
         }
-        // An untagged IPv4 header without options, as most are: the same
-        // writes at fixed offsets into the frame's first 54 bytes (room for
-        // a TCP header's checksum), which the compiler then checks once
-        // rather than at every field.
-        if l3 == ethernet::HEADER_LEN
-            && l4 == l3 + 20
-            && let Some(h) = frame.first_chunk_mut::<54>()
+        // An untagged IPv4 header without options, as most are: the
+        // writes at fixed offsets, whose bounds the compiler then checks
+        // once rather than at every field.
+        if p.is_plain_ipv4()
+            && let Some(h) = frame.first_chunk_mut::<PLAIN_REWRITE_LEN>()
         {
-            return self.write(
-                h.as_mut_slice(),
-                ethernet::HEADER_LEN,
-                ethernet::HEADER_LEN + 20,
-            );
+            return self.apply_plain(h);
         }
         self.write(frame, l3, l4)
+    }
+
+    /// [`Transpose4::apply`] on the common frame, whose first bytes are
+    /// `h`: untagged IPv4 without options, carrying the transport header
+    /// (which the caller has checked, as the parse found it). Writes
+    /// nothing and refuses when the TTL has expired.
+    #[inline(always)]
+    pub fn apply_plain(&self, h: &mut [u8; PLAIN_REWRITE_LEN]) -> Result<(), RewriteError> {
+        self.write(h, ethernet::HEADER_LEN, ethernet::HEADER_LEN + 20)
     }
 
     /// The writes of [`Transpose4::apply`] at network offset `l3` and
@@ -421,14 +445,8 @@ impl Transpose4 {
             };
         let l4_check = get16(frame, check_at)?;
         put(frame, l3 + 8, [ttl - 1])?;
-        if let Some((a, port)) = self.src {
-            put(frame, l3 + 12, a)?;
-            put(frame, l4, port.to_be_bytes())?;
-        }
-        if let Some((a, port)) = self.dst {
-            put(frame, l3 + 16, a)?;
-            put(frame, l4 + 2, port.to_be_bytes())?;
-        }
+        put(frame, l3 + 12, self.addrs)?;
+        put(frame, l4, self.ports)?;
         let ip_check = get16(frame, l3 + IPV4_CHECK)?;
         put16(
             frame,

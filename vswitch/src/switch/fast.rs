@@ -48,17 +48,37 @@ pub(super) fn check_and_rewrite(
     mtu: &[u16],
     tunnel_mtu: Option<u16>,
 ) -> Result<(), Stop> {
-    if rewrite::hop_limit(f, pk).is_some_and(|t| t <= 1) {
-        return Err(Stop::Ttl);
-    }
     let limit = if super::overlay::is_tunnel(a.out_port) {
         tunnel_mtu
     } else {
         mtu.get(usize::from(a.out_port)).copied()
     };
-    if let Some(m) = limit
-        && f.len().saturating_sub(usize::from(pk.l3_off)) > usize::from(m)
+    let too_big =
+        |len: usize| limit.filter(|&m| len.saturating_sub(usize::from(pk.l3_off)) > usize::from(m));
+    // The common frame (untagged IPv4 without options, with its
+    // transport header) of a flow with a compiled transposition: its
+    // bytes checked once, the TTL read once.
+    if let Some(t) = &a.fast
+        && pk.is_plain_ipv4()
     {
+        let len = f.len();
+        if let Some(h) = f.first_chunk_mut::<{ rewrite::PLAIN_REWRITE_LEN }>() {
+            if h[rewrite::PLAIN_TTL_AT] <= 1 {
+                return Err(Stop::Ttl);
+            }
+            if let Some(m) = too_big(len) {
+                return Err(Stop::TooBig(m));
+            }
+            if let Some(macs) = h.first_chunk_mut::<12>() {
+                a.write_macs(macs);
+            }
+            return t.apply_plain(h).map_err(Stop::Failed);
+        }
+    }
+    if rewrite::hop_limit(f, pk).is_some_and(|t| t <= 1) {
+        return Err(Stop::Ttl);
+    }
+    if let Some(m) = too_big(f.len()) {
         return Err(Stop::TooBig(m));
     }
     let r = match f.first_chunk_mut::<12>() {
