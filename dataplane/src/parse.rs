@@ -93,9 +93,12 @@ impl Parsed {
     #[inline]
     pub fn ip_len(&self) -> u16 {
         if self.is_ip() {
+            // (Modulo 2^16, without the compares of saturating
+            // arithmetic: exact whenever the length fits in a u16, as it
+            // always does in a frame of at most 65 535 bytes.)
             self.l4_off
-                .saturating_add(self.l4_len)
-                .saturating_sub(self.l3_off)
+                .wrapping_add(self.l4_len)
+                .wrapping_sub(self.l3_off)
         } else {
             0
         }
