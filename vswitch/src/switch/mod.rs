@@ -171,6 +171,9 @@ pub struct Switch<B = dataplane::pool::PoolBuf> {
     /// Hairpinned packets waiting to go through the switch again, as from
     /// the wire (at most [`HAIRPIN_QUEUE`]; room reserved up front).
     looped: std::collections::VecDeque<B>,
+    /// The burst's per-packet arrays ([`BurstScratch`]), kept between
+    /// bursts; taken out while a burst is processed.
+    scratch: Option<Box<BurstScratch>>,
     /// The mailboxes of the control thread's neighbour cache.
     neigh: Option<Arc<crate::neigh::NeighMail>>,
     /// Where worker 0 takes the buffers of the ARP requests it sends.
@@ -239,6 +242,57 @@ pub const HAIRPIN_QUEUE: usize = 2 * dataplane::BURST;
 /// flow hash, and the flow found then (see [`FlowTable::entry_for`]).
 type Pre<'a> = (&'a Parsed, u64, Option<crate::flow::FlowRef>);
 
+/// What the stages of a burst ([`Switch::process`]) note of each packet,
+/// by its place in the burst. Kept by the switch between bursts, so that a
+/// burst does not initialise some 3 KiB of arrays on the stack first (about
+/// 330 instructions, a fixed cost of each burst that small bursts pay per
+/// packet many times over): each stage writes a packet's entry before any
+/// later one reads it, and what a stage may leave unwritten is reset for
+/// the burst's packets only.
+struct BurstScratch {
+    /// Each frame parsed (as far as it got, for one refused).
+    parsed: [Parsed; dataplane::BURST],
+    /// Whether it parsed.
+    status: [Result<(), dataplane::ParseError>; dataplane::BURST],
+    /// Its flow-table hash.
+    hash: [u64; dataplane::BURST],
+    /// Its flow, if cached.
+    hint: [Option<crate::flow::FlowRef>; dataplane::BURST],
+    /// The port it counts as arriving on (a tunnel's, out of its tunnel).
+    ports: [u16; dataplane::BURST],
+    /// Why decapsulation refused it, if it did.
+    refused: [Option<SwitchDrop>; dataplane::BURST],
+    /// Its candidate slot in the flow table.
+    slot: [u32; dataplane::BURST],
+    /// For a miss: the vnet that decides it.
+    vnets: [Option<u16>; dataplane::BURST],
+    /// For a miss to a VIP: its Maglev hash.
+    pick: [Option<lb::PickHash>; dataplane::BURST],
+    /// The packets that wait for the rest of the burst: their places.
+    later_at: [u8; dataplane::BURST],
+    /// And their hashes.
+    later_hash: [u64; dataplane::BURST],
+}
+
+impl Default for BurstScratch {
+    fn default() -> Self {
+        const N: usize = dataplane::BURST;
+        BurstScratch {
+            parsed: [Parsed::default(); N],
+            status: [Ok(()); N],
+            hash: [0; N],
+            hint: [None; N],
+            ports: [0; N],
+            refused: [None; N],
+            slot: [crate::flow::NO_SLOT; N],
+            vnets: [None; N],
+            pick: [None; N],
+            later_at: [0; N],
+            later_hash: [0; N],
+        }
+    }
+}
+
 /// The vnet whose load balancer the burst's stages load ahead for a
 /// packet with key `key` that missed the flow table on `port`: a VM's (or
 /// remote endpoint's) own, or for a packet from the uplink (not out of a
@@ -287,6 +341,7 @@ impl<B: PacketBuf> Switch<B> {
             control: None,
             parked: (0..PARK_SLOTS).map(|_| None).collect(),
             looped: std::collections::VecDeque::with_capacity(HAIRPIN_QUEUE),
+            scratch: Some(Box::default()),
             neigh: None,
             alloc: None,
             tunnel_mtu: None,
@@ -1103,15 +1158,35 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
         // packet.
         const N: usize = dataplane::BURST;
         let in16 = in_port as u16;
-        let n = pkts.len();
-        let mut parsed = [Parsed::default(); N];
-        let mut status = [Ok(()); N];
-        let mut hash = [0u64; N];
-        let mut hint = [None; N];
+        let n = pkts.len().min(N);
+        let mut scratch = self.scratch.take().unwrap_or_default();
+        let BurstScratch {
+            parsed,
+            status,
+            hash,
+            hint,
+            ports,
+            refused,
+            slot,
+            vnets,
+            pick,
+            later_at,
+            later_hash,
+        } = &mut *scratch;
+        // (What a stage may leave unwritten, reset for this burst's
+        // packets: each arrives on the port it came in by, unless it comes
+        // out of a tunnel below.)
+        for (((port, r), v), m) in ports
+            .iter_mut()
+            .zip(refused.iter_mut())
+            .zip(vnets.iter_mut())
+            .zip(pick.iter_mut())
+            .take(n)
+        {
+            (*port, *r, *v, *m) = (in16, None, None, None);
+        }
         // Packets from the uplink come out of their tunnels first: each
         // then arrives on its remote endpoint's tunnel port.
-        let mut ports = [in16; N];
-        let mut refused: [Option<SwitchDrop>; N] = [None; N];
         if policy.is_uplink(in16) && (policy.has_overlay() || policy.has_dsr()) {
             for ((pkt, port), r) in pkts
                 .iter_mut()
@@ -1137,7 +1212,6 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
             *h = self.flows.hash(*port, &p.key);
             self.flows.prefetch_bucket(*h);
         }
-        let mut slot = [crate::flow::NO_SLOT; N];
         for (h, s) in hash.iter().zip(slot.iter_mut()).take(n) {
             *s = self.flows.prefetch_slot(*h);
         }
@@ -1155,8 +1229,6 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
         }
         // A miss: the vnet that decides it (`lb_vnet`), and to a VIP its
         // key's flow hash, for the stages that pick.
-        let mut vnets: [Option<u16>; N] = [None; N];
-        let mut pick = [None; N];
         for ((((((r, v), m), p), h), st), port) in hint
             .iter_mut()
             .zip(vnets.iter_mut())
@@ -1240,8 +1312,6 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
         // moved out whole: `drain_each`.)
         const _: () = assert!(N <= 256, "a burst's positions are kept in a u8");
         let mut later: Batch<B> = Batch::new();
-        let mut later_at = [0u8; N];
-        let mut later_hash = [0u64; N];
         // A later fragment carries no ports: its hash is not its flow's.
         // Once one waits, so does the rest of the burst.
         let mut all_wait = false;
@@ -1344,6 +1414,7 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                 self.burst_slow(ctx, &policy, port, pkt, (p, *h, *r), m, now, &mut tally);
             });
         }
+        self.scratch = Some(scratch);
         if !self.looped.is_empty() {
             self.drain_looped(ctx, &policy, now, &mut tally);
         }
