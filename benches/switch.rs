@@ -37,6 +37,9 @@
 //! packets in bursts that are mostly new connections, and the time each
 //! waits from the start of the worker's poll to its transmission
 //! ([`storm`]).
+//! `SWITCH_BENCH_BURST=<k>` (1 to 32) makes the `fast_path` benches'
+//! generator send bursts of `k` frames instead of 32 (what a switch that
+//! keeps up with its traffic polls).
 //! `SWITCH_BENCH_PERF_CTL=<fifo>` writes `enable` and `disable` to perf's
 //! control fifo around each timed run, so that
 //! `perf record -D -1 --control fifo:<fifo>` samples only those (the
@@ -454,6 +457,9 @@ fn retarget(d: &mut [u8], f: u32, mode: Mode) {
 }
 
 struct Rig {
+    /// Frames the generator sends at a time (32, or fewer to measure
+    /// small bursts).
+    per_burst: usize,
     worker: Worker<PoolBuf, Switch>,
     stats: Arc<SwitchStats>,
     gen_end: RingPort<PoolBuf>,
@@ -557,6 +563,7 @@ impl Rig {
             rx: Batch::new(),
             forwarded: 0,
             tap: None,
+            per_burst: BURST,
         }
     }
 
@@ -575,11 +582,12 @@ impl Rig {
         self.next = 0;
     }
 
-    /// Generates 32 frames into the switch's input ring.
+    /// Generates a burst of frames (`per_burst`) into the switch's input
+    /// ring.
     #[inline]
     fn generate(&mut self) {
         let mut b = Batch::new();
-        for _ in 0..BURST {
+        for _ in 0..self.per_burst {
             let mut buf = self.pool.alloc().unwrap();
             self.frames.write(self.next, &mut buf);
             if self.random {
@@ -667,6 +675,16 @@ fn bench(c: &mut Criterion) {
     let sizes: Vec<u32> = std::env::var("SWITCH_BENCH_FLOWS")
         .map(|v| v.split(',').map(|x| x.parse().unwrap()).collect())
         .unwrap_or_else(|_| vec![1_000, 100_000, 1_000_000]);
+    // `SWITCH_BENCH_BURST=4`: the `fast_path` benches send bursts of 4
+    // frames (a switch that keeps up with its traffic polls bursts
+    // smaller than 32, which pay each poll's fixed costs over fewer
+    // packets).
+    let per_burst = std::env::var("SWITCH_BENCH_BURST").map_or(BURST, |v| {
+        v.parse()
+            .ok()
+            .filter(|k| (1..=BURST).contains(k))
+            .expect("SWITCH_BENCH_BURST: frames per burst, 1 to 32")
+    });
     let mut rigs = Vec::new();
     for flows in sizes {
         let mut rig = Rig::new(flows, flows as usize);
@@ -679,6 +697,7 @@ fn bench(c: &mut Criterion) {
             out as u32 >= flows - BURST as u32,
             "only {out} of {flows} forwarded while installing"
         );
+        rig.per_burst = per_burst;
         rigs.push((flows, rig));
     }
     let worker_only = |rig: &mut Rig, n: u64| {
@@ -691,7 +710,7 @@ fn bench(c: &mut Criterion) {
     // hardware prefetcher follows; random order is what traffic looks like.
     for (name, random) in [("fast_path", false), ("fast_path_random", true)] {
         let mut g = c.benchmark_group(name);
-        g.throughput(Throughput::Elements(BURST as u64));
+        g.throughput(Throughput::Elements(per_burst as u64));
         for (flows, rig) in &mut rigs {
             rig.random = random;
             g.bench_with_input(BenchmarkId::from_parameter(*flows), flows, |b, _| {
@@ -703,7 +722,7 @@ fn bench(c: &mut Criterion) {
     }
     // The same with the generator's and sinks' work on the same thread.
     let mut g = c.benchmark_group("fast_path_with_generator");
-    g.throughput(Throughput::Elements(BURST as u64));
+    g.throughput(Throughput::Elements(per_burst as u64));
     for (flows, rig) in &mut rigs {
         g.bench_with_input(BenchmarkId::from_parameter(*flows), flows, |b, _| {
             b.iter(|| rig.burst())
