@@ -27,6 +27,12 @@
 # Prints a Markdown section and puts it into docs/performance.md between
 # the `peers.sh` markers (WRITE=0: print only).
 #
+# RATE (pktgen's --rate: 4M, 50%...) paces the trials, so that every
+# device is measured at the same offered load: unpaced, a device slower
+# than the generator polls full bursts and a faster one smaller bursts,
+# and busy cycles per packet differ between the two (each poll's fixed
+# costs are shared by fewer packets).
+#
 # DEVICES="testpmd ovs pollux acl" (the default) chooses which to run;
 # `acl` compares the classifiers: dpdk-test-acl (rte_acl, scalar and AVX2)
 # and pollux's on the same generated rule files and trace at 100, 1 000
@@ -130,14 +136,16 @@ sys.exit(0 if json.load(open(sys.argv[1]))["trials"][-1]["rx_pps"] > 0 else 1)
     return 1
 }
 
-# One unpaced trial (after `fill` and `ready`) with a 1 s warm-up; runs $5 (a shell
+# One trial (after `fill` and `ready`), unpaced or at $RATE, with a 1 s warm-up; runs $5 (a shell
 # function: reset the device's cycle accounting) 1.5 s into the trial,
 # past pktgen's start and warm-up, and $6 (read it) 1 s before the measured
 # phase ends. Prints the rate received in Mpps and leaves the reading in
 # $tmp/cpp.
 trial() {
     local in=$1 out=$2 dst=$3 flows=$4 reset=$5 read=$6
-    gen "$in" "$out" "$dst" "$flows" --duration "$secs" --warmup 1 --json > "$tmp/gen.json" 2>> "$tmp/gen.err" &
+    local pace=()
+    [ -z "${RATE:-}" ] || pace=(--rate "$RATE")
+    gen "$in" "$out" "$dst" "$flows" --duration "$secs" --warmup 1 "${pace[@]}" --json > "$tmp/gen.json" 2>> "$tmp/gen.err" &
     local g=$!
     sleep 2.5
     "$reset" || { echo "$what: resetting the cycle accounting failed" >&2; kill "$g"; wait "$g"; return 1; }
@@ -383,7 +391,7 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a > 0 && b > 0) printf "%.2f", a 
 section=$(
     echo "## pollux, OVS-DPDK and testpmd over vhost-user — \`sudo benches/peers.sh $secs\` ($(date -u +%Y-%m-%d), pollux at $(git rev-parse --short HEAD))"
     echo
-    echo "$(nproc) vCPUs: $(lscpu | sed -n 's/^Model name: *//p' | head -1). \`pollux pktgen\` (two \`virtio_user\` ports, unpaced 64-byte UDP, ${secs} s per trial after a 1 s warm-up; before it, for the devices that track connections, the flows are sent until the device tracks 99% of them, then for OVS and pollux until packets come back through them; a trial in which none come back fails the run) on CPU 0; the device under test on CPU 1 with one polling core, owning both vhost-user sockets. Mpps: what came back on the server side. Cycles: the device's busy cycles per packet over the measured phase (testpmd \`--record-core-cycles\`, over its whole run; OVS \`dpif-netdev/pmd-stats-show\`, avg processing cycles per packet; pollux \`GET /v1/perf\`). OVS-DPDK $ovs_version (Debian), DPDK $dpdk_version; the VIP in OVS is OVN's pipeline: \`ct(nat)\`, a select group of three buckets each \`ct(commit,nat(dst=DIP:8080))\`, MACs, TTL; in pollux a VIP of three backends (Maglev, connection tracking, DNAT, MACs, TTL). Flows: 16 client addresses times source ports, each a connection to the load balancers."
+    echo "$(nproc) vCPUs: $(lscpu | sed -n 's/^Model name: *//p' | head -1). \`pollux pktgen\` (two \`virtio_user\` ports, $([ -n "${RATE:-}" ] && echo "64-byte UDP paced at $RATE packets/s" || echo "unpaced 64-byte UDP"), ${secs} s per trial after a 1 s warm-up; before it, for the devices that track connections, the flows are sent until the device tracks 99% of them, then for OVS and pollux until packets come back through them; a trial in which none come back fails the run) on CPU 0; the device under test on CPU 1 with one polling core, owning both vhost-user sockets. Mpps: what came back on the server side. Cycles: the device's busy cycles per packet over the measured phase (testpmd \`--record-core-cycles\`, over its whole run; OVS \`dpif-netdev/pmd-stats-show\`, avg processing cycles per packet; pollux \`GET /v1/perf\`). OVS-DPDK $ovs_version (Debian), DPDK $dpdk_version; the VIP in OVS is OVN's pipeline: \`ct(nat)\`, a select group of three buckets each \`ct(commit,nat(dst=DIP:8080))\`, MACs, TTL; in pollux a VIP of three backends (Maglev, connection tracking, DNAT, MACs, TTL). Flows: 16 client addresses times source ports, each a connection to the load balancers."
     echo
     echo "| device | flows | Mpps | cycles/packet |"
     echo "|---|---:|---:|---:|"
