@@ -27,7 +27,7 @@
 # Prints a Markdown section and puts it into docs/performance.md between
 # the `peers.sh` markers (WRITE=0: print only).
 #
-# RATE (pktgen's --rate: 4M, 50%...) paces the trials, so that every
+# RATE (pktgen's --rate in packets/s: 4M, 2500k...) paces the trials, so that every
 # device is measured at the same offered load: unpaced, a device slower
 # than the generator polls full bursts and a faster one smaller bursts,
 # and busy cycles per packet differ between the two (each poll's fixed
@@ -49,6 +49,9 @@ secs="${1:-5}"
 [ "$secs" -ge 4 ] || { echo "trials of at least 4 seconds"; exit 2; }
 sizes="${2:-1 10000 1000000}"
 [ "$(id -u)" -eq 0 ] || { echo "needs root (DPDK, huge pages)"; exit 2; }
+# (A percentage would pace each device at a share of its own maximum, after
+# an unpaced trial: not one offered load for all.)
+[[ "${RATE:-}" != *%* ]] || { echo "RATE: packets/s (4M, 2500k), not a percentage"; exit 2; }
 
 pkgs=()
 command -v dpdk-testpmd >/dev/null || pkgs+=(dpdk)

@@ -627,7 +627,8 @@ impl Rig {
         n
     }
 
-    /// One burst: generate 32 frames, poll the switch once, drain the sinks.
+    /// One burst: generate a burst of frames, poll the switch once, drain
+    /// the sinks.
     #[inline]
     fn burst(&mut self) -> usize {
         self.generate();

@@ -110,8 +110,9 @@ impl Parsed {
     }
 
     /// True for the common frame: untagged IPv4 without options, with its
-    /// transport header (TCP or UDP; not a later fragment), whose headers
-    /// lie at fixed offsets.
+    /// transport header in the frame (not a later fragment), whose headers
+    /// lie at fixed offsets. (Whatever the protocol: the caller knows
+    /// which it rewrites.)
     #[inline(always)]
     pub fn is_plain_ipv4(&self) -> bool {
         const L3_OFF: u16 = ethernet::HEADER_LEN as u16;

@@ -1054,8 +1054,9 @@ mod tests {
             proptest::collection::vec(any::<u8>(), 0..40),
             any::<bool>(),
             any::<bool>(),
+            any::<bool>(),
         )
-            .prop_map(|(s, d, sp, dp, ttl, tcp, payload, zero, tagged)| {
+            .prop_map(|(s, d, sp, dp, ttl, tcp, payload, zero, tagged, opts)| {
                 let mut f = Vec::new();
                 let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
                     .ipv4(s, d, ttl);
@@ -1068,6 +1069,17 @@ mod tests {
                         let at = 14 + 20 + udp::CHECKSUM_OFFSET;
                         f[at..at + 2].copy_from_slice(&[0, 0]);
                     }
+                }
+                if opts {
+                    // Four no-op options: the transport header 4 bytes on,
+                    // off the common frame's fixed offsets.
+                    f.splice(34..34, [1, 1, 1, 1]);
+                    f[14] = 0x46;
+                    let total = u16::from_be_bytes([f[16], f[17]]) + 4;
+                    f[16..18].copy_from_slice(&total.to_be_bytes());
+                    f[24..26].copy_from_slice(&[0, 0]);
+                    let c = !checksum::fold(checksum::sum(&f[14..38]));
+                    f[24..26].copy_from_slice(&c.to_be_bytes());
                 }
                 if tagged {
                     // A VLAN tag moves every header 4 bytes on.

@@ -247,10 +247,12 @@ type Pre<'a> = (&'a Parsed, u64, Option<crate::flow::FlowRef>);
 /// burst does not initialise some 3 KiB of arrays on the stack first (about
 /// 330 instructions, a fixed cost of each burst that small bursts pay per
 /// packet many times over): each stage writes a packet's entry before any
-/// later one reads it, and what a stage may leave unwritten is reset for
-/// the burst's packets only.
+/// later one reads it (decapsulation's port and refusal, which it may leave
+/// unwritten, are reset for the burst's packets first).
 struct BurstScratch {
-    /// Each frame parsed (as far as it got, for one refused).
+    /// Each frame parsed. For a frame that did not parse, as far as the
+    /// parse got, or an earlier burst's frame: only the hash stage reads
+    /// it then (its hash and prefetch are wasted, never used).
     parsed: [Parsed; dataplane::BURST],
     /// Whether it parsed.
     status: [Result<(), dataplane::ParseError>; dataplane::BURST],
@@ -1173,17 +1175,11 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
             later_at,
             later_hash,
         } = &mut *scratch;
-        // (What a stage may leave unwritten, reset for this burst's
+        // (What decapsulation may leave unwritten, reset for this burst's
         // packets: each arrives on the port it came in by, unless it comes
         // out of a tunnel below.)
-        for (((port, r), v), m) in ports
-            .iter_mut()
-            .zip(refused.iter_mut())
-            .zip(vnets.iter_mut())
-            .zip(pick.iter_mut())
-            .take(n)
-        {
-            (*port, *r, *v, *m) = (in16, None, None, None);
+        for (port, r) in ports.iter_mut().zip(refused.iter_mut()).take(n) {
+            (*port, *r) = (in16, None);
         }
         // Packets from the uplink come out of their tunnels first: each
         // then arrives on its remote endpoint's tunnel port.
@@ -1243,6 +1239,7 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                 Ok(()) => r.or_else(|| self.flows.find(*h, *port, &p.key)),
                 Err(_) => None,
             };
+            (*v, *m) = (None, None);
             match r {
                 Some(f) => {
                     // A hit due to tell its connection of traffic: start
