@@ -226,7 +226,12 @@ impl KeyIndex {
             let Some(bucket) = self.buckets.get_mut(b) else {
                 return false;
             };
-            if let Some(w) = (0..WAYS).find(|&w| lane(bucket.sigs, w) == 0) {
+            // The first free way, in one compare (which ways are free is
+            // random: a loop stopping at the first would mispredict its
+            // exit on most inserts).
+            let free = matching(bucket.sigs, 0);
+            if free != 0 {
+                let w = free.trailing_zeros() as usize;
                 bucket.sigs |= u128::from(sig) << (16 * w);
                 if let Some(v) = bucket.value.get_mut(w) {
                     *v = value;
@@ -330,6 +335,37 @@ mod tests {
         }
         assert!(!ix.insert(7, 99), "an insert past half full");
         assert_eq!(ix.len(), half);
+    }
+
+    #[test]
+    fn an_insert_takes_the_first_free_way_of_its_home_bucket() {
+        let mut ix = KeyIndex::with_buckets(64).unwrap();
+        let hash = |v: u32| (u64::from(v) << 48) | 0x40_0000; // bucket 0
+        for v in 1..=WAYS as u32 {
+            assert!(ix.insert(hash(v), v));
+        }
+        assert_eq!(ix.buckets[0].value, [1, 2, 3, 4, 5, 6, 7, 8]);
+        // Ways 5 and 2 freed: the next inserts fill way 2, then way 5, then
+        // spill into bucket 1 (counted in bucket 0's overflow).
+        for v in [6u32, 3] {
+            let (p, _) = ix.find(hash(v), |x| x == v).unwrap();
+            ix.remove(hash(v), p);
+        }
+        for (v, way) in [(20u32, 2usize), (21, 5)] {
+            assert!(ix.insert(hash(v), v));
+            assert_eq!(
+                ix.find(hash(v), |x| x == v).map(|(p, _)| (p.bucket, p.way)),
+                Some((0, way))
+            );
+        }
+        assert_eq!(ix.buckets[0].overflow, 0);
+        assert!(ix.insert(hash(22), 22));
+        assert_eq!(
+            ix.find(hash(22), |x| x == 22)
+                .map(|(p, _)| (p.bucket, p.way)),
+            Some((1, 0))
+        );
+        assert_eq!(ix.buckets[0].overflow, 1);
     }
 
     #[test]

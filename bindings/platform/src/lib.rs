@@ -73,7 +73,15 @@ pub fn prefetch_first<T>(r: &T, bytes: usize) {
     prefetch_lines(
         (r as *const T).cast::<u8>(),
         bytes.min(std::mem::size_of::<T>()),
+        starts_on_line::<T>(),
     );
+}
+
+/// Whether every `T` in memory starts on a cache line (its alignment is a
+/// multiple of one), known when compiling.
+#[inline(always)]
+const fn starts_on_line<T>() -> bool {
+    std::mem::align_of::<T>().is_multiple_of(64)
 }
 
 /// [`prefetch_all`] for the place of a `T` at `p`, which need not hold one
@@ -82,23 +90,32 @@ pub fn prefetch_first<T>(r: &T, bytes: usize) {
 /// the write does not wait for its lines to be read first.
 #[inline(always)]
 pub fn prefetch_place<T>(p: *const T) {
-    prefetch_lines(p.cast::<u8>(), std::mem::size_of::<T>());
+    prefetch_lines(
+        p.cast::<u8>(),
+        std::mem::size_of::<T>(),
+        starts_on_line::<T>(),
+    );
 }
 
 /// Prefetches every line the `bytes` bytes from `start` span (at least the
-/// first).
+/// first); `aligned` when `start` is known to begin a line.
 #[inline(always)]
-fn prefetch_lines(start: *const u8, bytes: usize) {
+fn prefetch_lines(start: *const u8, bytes: usize, aligned: bool) {
     const LINE: usize = 64;
-    // From the line holding the first byte through the one holding the
-    // last (a span that does not start on a line boundary may cross one
-    // more); the addresses computed with `wrapping_*` (no pointer
-    // arithmetic that must stay in bounds).
-    let lead = start as usize % LINE;
-    let start = start.wrapping_sub(lead);
+    // One line apart from the first byte on, as many as the size needs,
+    // then, unless the span is known to start a line, the line of its
+    // last byte (one that does not start a line may cross one more): a
+    // count the size alone sets, which the compiler unrolls, instead of a
+    // loop whose length follows where the value starts (its exit
+    // mispredicted as often as that changes: a free slot's meta in the
+    // flow table, say). The addresses computed with `wrapping_*` (no
+    // pointer arithmetic that must stay in bounds).
     let bytes = bytes.max(1);
-    for off in (0..lead + bytes).step_by(LINE) {
+    for off in (0..bytes).step_by(LINE) {
         prefetch_line(start.wrapping_add(off));
+    }
+    if !aligned {
+        prefetch_line(start.wrapping_add(bytes - 1));
     }
 }
 
