@@ -25,9 +25,10 @@ use platform::HugeVec;
 /// Ways per bucket.
 pub const WAYS: usize = 8;
 
-/// The ways of a bucket whose signature is `sig`: bit `w` for way `w`,
-/// found in one compare (which way holds an entry is random, and a loop
-/// stopping there would mispredict its exit on most lookups).
+/// The ways of a bucket whose signature is `sig` (0: the empty ways): bit
+/// `w` for way `w`, found in one compare (which way holds an entry is
+/// random, and a loop stopping there would mispredict its exit on most
+/// lookups).
 #[inline(always)]
 fn matching(sigs: u128, sig: u16) -> u32 {
     platform::lanes_equal(sigs, sig)

@@ -87,7 +87,9 @@ const fn starts_on_line<T>() -> bool {
 /// [`prefetch_all`] for the place of a `T` at `p`, which need not hold one
 /// yet (a prefetch reads nothing architecturally and never faults, whatever
 /// the address): for the slot a growing array's next push writes, so that
-/// the write does not wait for its lines to be read first.
+/// the write does not wait for its lines to be read first. `p` is aligned
+/// for `T` (for a type aligned to a cache line, only the lines from `p`'s
+/// on as many as `T` spans are loaded).
 #[inline(always)]
 pub fn prefetch_place<T>(p: *const T) {
     prefetch_lines(
