@@ -306,6 +306,11 @@ struct Slot<V> {
     /// (`last_seen` later) is further back in LRU order than its place.
     queued: u64,
     conn: Option<Conn<V>>,
+    /// The index hashes of the connection's keys (originating, reply),
+    /// kept so that taking it out of the index (an expiry, an eviction)
+    /// and loading its buckets ahead of an eviction do not hash its keys
+    /// again. Last: nothing a packet reads.
+    hashes: [u64; 2],
 }
 
 /// The first bytes of a [`Slot`], which hold everything
@@ -662,9 +667,9 @@ impl<V> ConnTable<V> {
         Some((pos, i, dir))
     }
 
-    /// Takes slot `i`'s key `key` in direction `dir` out of the index.
-    fn unindex(&mut self, key: &FlowKey, i: u32, dir: Dir) {
-        let h = self.hash(key);
+    /// Takes slot `i`'s key in direction `dir`, whose hash is `h`, out of
+    /// the index.
+    fn unindex(&mut self, h: u64, i: u32, dir: Dir) {
         let want = entry(i, dir);
         if let Some((pos, _)) = self.index.find(h, |v| v == want) {
             self.index.remove(h, pos);
@@ -704,7 +709,7 @@ impl<V> ConnTable<V> {
             return false;
         }
         if orig != reply && !self.index.insert(hr, entry(i, Dir::Reply)) {
-            self.unindex(orig, i, Dir::Orig);
+            self.unindex(ho, i, Dir::Orig);
             return false;
         }
         true
@@ -713,12 +718,14 @@ impl<V> ConnTable<V> {
     fn remove_slot(&mut self, i: u32) -> Option<Conn<V>> {
         let slot = self.slots.get_mut(i as usize)?;
         let conn = slot.conn.take()?;
+        let [ho, hr] = slot.hashes;
         // References to this connection no longer resolve.
         slot.generation = slot.generation.wrapping_add(1);
         self.unlink(i);
-        self.unindex(&conn.orig, i, Dir::Orig);
+        debug_assert_eq!([ho, hr], [self.hash(&conn.orig), self.hash(&conn.reply)]);
+        self.unindex(ho, i, Dir::Orig);
         if conn.reply != conn.orig {
-            self.unindex(&conn.reply, i, Dir::Reply);
+            self.unindex(hr, i, Dir::Reply);
         }
         self.free.push(i);
         self.len -= 1;
@@ -940,9 +947,9 @@ impl<V> ConnTable<V> {
         // arrive with the reply key's bucket instead of after it.
         let victim = if self.len >= self.capacity {
             let v = self.victim(now);
-            if let Some(c) = v.and_then(|(h, _)| self.slots.get(h as usize)?.conn.as_ref()) {
-                self.index.prefetch(self.hash(&c.orig));
-                self.index.prefetch(self.hash(&c.reply));
+            if let Some(s) = v.and_then(|(h, _)| self.slots.get(h as usize)) {
+                self.index.prefetch(s.hashes[0]);
+                self.index.prefetch(s.hashes[1]);
             }
             Some(v)
         } else {
@@ -998,6 +1005,7 @@ impl<V> ConnTable<V> {
             let s = &mut self.slots[i as usize];
             s.conn = Some(conn);
             s.class = class;
+            s.hashes = [ho, hr];
         } else {
             self.slots.push(Slot {
                 conn: Some(conn),
@@ -1007,6 +1015,7 @@ impl<V> ConnTable<V> {
                 next: NIL,
                 list: List::Active,
                 queued: now,
+                hashes: [ho, hr],
             });
             // The place the next push writes, loaded while this connection
             // is finished (its lines are written whole, and in a table
@@ -1037,9 +1046,9 @@ impl<V> ConnTable<V> {
         else {
             return;
         };
-        if let Some(c) = head.conn.as_ref() {
-            self.index.prefetch(self.hash(&c.orig));
-            self.index.prefetch(self.hash(&c.reply));
+        if head.conn.is_some() {
+            self.index.prefetch(head.hashes[0]);
+            self.index.prefetch(head.hashes[1]);
         }
         if let Some(next) = self.slots.get(head.next as usize) {
             platform::prefetch_all(next);
@@ -1167,6 +1176,7 @@ impl<V> ConnTable<V> {
                     next: NIL,
                     list: List::Active,
                     queued: now,
+                    hashes: [0; 2],
                 });
                 self.slots.len() as u32 - 1
             }
@@ -1181,6 +1191,7 @@ impl<V> ConnTable<V> {
         let s = &mut self.slots[i as usize];
         s.conn = Some(conn);
         s.class = class;
+        s.hashes = [ho, hr];
         self.push_tail(i, list, now);
         self.len += 1;
         Ok(())
@@ -1805,7 +1816,7 @@ mod tests {
         // (Where `Option` keeps whether a slot holds a connection is the
         // compiler's choice; it takes a niche of the connection's.)
         assert_eq!(size_of::<Option<C>>(), size_of::<C>());
-        assert_eq!(size_of::<S>(), 280);
+        assert_eq!(size_of::<S>(), 296);
     }
 
     #[test]
