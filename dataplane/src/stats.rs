@@ -193,7 +193,11 @@ impl LinkState {
     }
 }
 
-/// Per-port counters.
+/// Per-port counters: each port handle (a queue of a device) has its own,
+/// counted by the worker that owns the handle, the only writer of the
+/// packet and byte counts once the worker runs (a predecessor's counts
+/// are added before), so each burst is counted with plain loads and
+/// stores ([`add_own`]), not four locked adds after its copies.
 #[derive(Debug, Default)]
 pub struct PortStats {
     /// Packets received.
@@ -228,21 +232,22 @@ pub struct DeviceInfo {
 }
 
 impl PortStats {
-    /// Counts a received burst.
+    /// Counts a received burst (by the handle's owner: see [`PortStats`]).
     #[inline]
     pub fn count_rx(&self, packets: u64, bytes: u64) {
         if packets > 0 {
-            self.rx_packets.fetch_add(packets, Ordering::Relaxed);
-            self.rx_bytes.fetch_add(bytes, Ordering::Relaxed);
+            add_own(&self.rx_packets, packets);
+            add_own(&self.rx_bytes, bytes);
         }
     }
 
-    /// Counts a transmitted burst.
+    /// Counts a transmitted burst (by the handle's owner: see
+    /// [`PortStats`]).
     #[inline]
     pub fn count_tx(&self, packets: u64, bytes: u64) {
         if packets > 0 {
-            self.tx_packets.fetch_add(packets, Ordering::Relaxed);
-            self.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
+            add_own(&self.tx_packets, packets);
+            add_own(&self.tx_bytes, bytes);
         }
     }
 

@@ -36,7 +36,7 @@
 use crate::flow::{FlowTable, HAIRPIN_PORT};
 use crate::frag::FragTable;
 use crate::policy::{NO_VIP, Policy};
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, Cache};
 use dataplane::clock::TscClock;
 use dataplane::worker::{Ctx, Pipeline};
 use dataplane::{Batch, DropReason, L3, PacketBuf, Parsed, parse, parse_into, rewrite, synproxy};
@@ -124,6 +124,13 @@ pub const ICMP_ERROR_BURST: u64 = 50;
 /// One worker's switch.
 pub struct Switch<B = dataplane::pool::PoolBuf> {
     policy: Arc<ArcSwap<Policy>>,
+    /// The policy as a burst last read it, checked at each burst against
+    /// `policy` with one plain load of its pointer, and read again only
+    /// when it changed (`ArcSwap::load_full` at every burst took a debt
+    /// and a reference, locked instructions on lines that every worker
+    /// and the control thread share). Taken out for a burst, as `scratch`
+    /// is, and put back at its end.
+    current: Option<PolicyCache>,
     cfg: SwitchConfig,
     flows: FlowTable,
     /// First fragments' flow keys, for the later fragments.
@@ -242,6 +249,9 @@ pub const HAIRPIN_QUEUE: usize = 2 * dataplane::BURST;
 /// flow hash, and the flow found then (see [`FlowTable::entry_for`]).
 type Pre<'a> = (&'a Parsed, u64, Option<crate::flow::FlowRef>);
 
+/// The policy a switch holds between bursts ([`Switch::current`]).
+type PolicyCache = Cache<Arc<ArcSwap<Policy>>, Arc<Policy>>;
+
 /// What the stages of a burst ([`Switch::process`]) note of each packet,
 /// by its place in the burst. Kept by the switch between bursts, so that a
 /// burst does not initialise some 3 KiB of arrays on the stack first (about
@@ -314,6 +324,7 @@ fn lb_vnet(policy: &Policy, port: u16, key: &dataplane::FlowKey) -> Option<usize
 impl<B: PacketBuf> Switch<B> {
     /// A switch worker reading policy from `policy`.
     pub fn new(policy: Arc<ArcSwap<Policy>>, cfg: SwitchConfig) -> Self {
+        let current = Some(Cache::new(policy.clone()));
         let flows = FlowTable::new(
             cfg.flow_table_size,
             cfg.flow_idle.as_nanos() as u64,
@@ -321,6 +332,7 @@ impl<B: PacketBuf> Switch<B> {
         );
         Switch {
             policy,
+            current,
             flows,
             frags: FragTable::new(cfg.frag_table_size, cfg.frag_timeout.as_nanos() as u64),
             icmp_bucket: [0; 2],
@@ -1044,11 +1056,22 @@ impl<B: PacketBuf> Switch<B> {
 
     /// The policy for this burst (noticing a new generation) and the time.
     #[inline]
-    fn begin(&mut self, ctx: &Ctx<'_, B>) -> (Arc<Policy>, u64) {
-        let policy = self.policy.load_full();
+    /// The policy cache for a burst, taken out of the switch (put back by
+    /// [`Switch::end`]'s caller): the one kept, or, if none was (a burst
+    /// cut short), a new one.
+    fn take_policy(&mut self) -> PolicyCache {
+        self.current
+            .take()
+            .unwrap_or_else(|| Cache::new(self.policy.clone()))
+    }
+
+    /// A burst's start under `policy` (the current one, from
+    /// [`Switch::take_policy`]): a new snapshot or health tick taken in.
+    /// Returns the time (ns).
+    fn begin(&mut self, ctx: &Ctx<'_, B>, policy: &Policy) -> u64 {
         let fresh = policy.generation != self.generation;
         if fresh {
-            self.on_new_generation(&policy);
+            self.on_new_generation(policy);
         }
         // A new snapshot has new VIPs (and its own clock).
         let health = policy.health_changes();
@@ -1063,7 +1086,7 @@ impl<B: PacketBuf> Switch<B> {
             self.vip_epochs
                 .extend(policy.vips().iter().map(|v| v.epoch() as u16));
         }
-        (policy, self.clock.ticks_to_ns(ctx.now()))
+        self.clock.ticks_to_ns(ctx.now())
     }
 
     /// Counters once per burst, not per packet; periodic expiry.
@@ -1136,7 +1159,9 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
     }
 
     fn process(&mut self, ctx: &mut Ctx<'_, B>, in_port: usize, pkts: &mut Batch<B>) {
-        let (policy, now) = self.begin(ctx);
+        let mut current = self.take_policy();
+        let policy = current.load();
+        let now = self.begin(ctx, policy);
         // A live trace costs one load per burst while it is off.
         let live = self
             .live
@@ -1413,9 +1438,10 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
         }
         self.scratch = Some(scratch);
         if !self.looped.is_empty() {
-            self.drain_looped(ctx, &policy, now, &mut tally);
+            self.drain_looped(ctx, policy, now, &mut tally);
         }
         self.end(now, tally);
+        self.current = Some(current);
     }
 
     fn poll(&mut self, ctx: &mut Ctx<'_, B>) -> usize {
@@ -1436,10 +1462,13 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
         // worker flushes what they sent.
         let mut looped = 0;
         if !self.looped.is_empty() {
-            let (policy, now) = self.begin(ctx);
+            let mut current = self.take_policy();
+            let policy = current.load();
+            let now = self.begin(ctx, policy);
             let mut tally = (0, 0, 0);
-            looped = self.drain_looped(ctx, &policy, now, &mut tally);
+            looped = self.drain_looped(ctx, policy, now, &mut tally);
             self.end(now, tally);
+            self.current = Some(current);
         }
         // The common case, an empty mailbox, costs one load and no
         // reference counting.
@@ -1459,7 +1488,9 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
         let Some(q) = h.queues.get(me) else {
             return looped + arp;
         };
-        let (policy, now) = self.begin(ctx);
+        let mut current = self.take_policy();
+        let policy = current.load();
+        let now = self.begin(ctx, policy);
         let mut tally = (0, 0, 0);
         let mut n = 0;
         while n < 2 * dataplane::BURST {
@@ -1477,9 +1508,10 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
             n += 1;
         }
         if !self.looped.is_empty() {
-            n += self.drain_looped(ctx, &policy, now, &mut tally);
+            n += self.drain_looped(ctx, policy, now, &mut tally);
         }
         self.end(now, tally);
+        self.current = Some(current);
         n + looped + arp
     }
 }
