@@ -617,7 +617,7 @@ impl<B: PacketBuf> Switch<B> {
     /// now, from the thread that calls it (the worker's own core when it
     /// starts: the memory is then local to it), so that filling them faults
     /// no page in on the packet path. At the default sizes that is about
-    /// 256 MiB for the flow table and 80 MiB per vnet, some 50 ms of the
+    /// 256 MiB for the flow table and 83 MiB per vnet, some 50 ms of the
     /// kernel zeroing memory. Vnets added later are committed as first
     /// written (committing them would stop the worker mid-traffic), and so
     /// is whatever the kernel cannot commit now. Without `preallocate`,
