@@ -1214,7 +1214,7 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                 .zip(ports.iter_mut())
                 .zip(refused.iter_mut())
             {
-                match self.decap(&policy, pkt) {
+                match self.decap(policy, pkt) {
                     Ok(Some(t)) => *port = t,
                     Ok(None) => {}
                     Err(why) => *r = Some(why),
@@ -1276,10 +1276,10 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                     }
                 }
                 None if st.is_ok() => {
-                    if let Some(vn) = lb_vnet(&policy, *port, &p.key) {
+                    if let Some(vn) = lb_vnet(policy, *port, &p.key) {
                         // (A policy has at most `MAX_VNETS`, which fit.)
                         *v = u16::try_from(vn).ok();
-                        *m = self.prefetch_pick(&policy, vn, &p.key);
+                        *m = self.prefetch_pick(policy, vn, &p.key);
                     }
                 }
                 None => {}
@@ -1371,7 +1371,7 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                     l,
                     spec,
                     ctx,
-                    &policy,
+                    policy,
                     port,
                     pkt,
                     now,
@@ -1393,7 +1393,7 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                         && (later.is_empty()
                             || !later_hash.get(..later.len()).is_some_and(|d| d.contains(h)))
                     {
-                        match self.hit(ctx, &policy, pkt, (p, *h, *r), port as u16, now, &mut tally)
+                        match self.hit(ctx, policy, pkt, (p, *h, *r), port as u16, now, &mut tally)
                         {
                             Ok(()) => return,
                             Err((pkt, _)) => pkt,
@@ -1411,7 +1411,7 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                         return;
                     }
                     let m = pick.get(at).copied().flatten();
-                    self.burst_slow(ctx, &policy, port, pkt, (p, *h, *r), m, now, &mut tally);
+                    self.burst_slow(ctx, policy, port, pkt, (p, *h, *r), m, now, &mut tally);
                 }
                 Err(e) => ctx.drop_packet(pkt, DropReason::Malformed(*e)),
             }
@@ -1433,7 +1433,7 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                 };
                 let m = pick.get(at).copied().flatten();
                 let port = usize::from(*port);
-                self.burst_slow(ctx, &policy, port, pkt, (p, *h, *r), m, now, &mut tally);
+                self.burst_slow(ctx, policy, port, pkt, (p, *h, *r), m, now, &mut tally);
             });
         }
         self.scratch = Some(scratch);
@@ -1497,7 +1497,7 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
             let Some((in_port, pkt)) = q.pop() else { break };
             self.packet(
                 ctx,
-                &policy,
+                policy,
                 usize::from(in_port),
                 pkt,
                 now,
