@@ -197,7 +197,8 @@ impl LinkState {
 /// counted by the worker that owns the handle, the only writer of the
 /// packet and byte counts once the worker runs (a predecessor's counts
 /// are added before), so each burst is counted with plain loads and
-/// stores ([`add_own`]), not four locked adds after its copies.
+/// stores ([`add_own`]): locked adds would wait, at every burst, for the
+/// stores of the copies before them.
 #[derive(Debug, Default)]
 pub struct PortStats {
     /// Packets received.

@@ -230,7 +230,7 @@ pub fn next_state(
 /// Laid out as declared (`repr(C)`): what every packet that tells it of
 /// traffic updates ([`ConnTable::touch`]) first, so that with its slot's
 /// own bookkeeping it lies in the slot's first 52 bytes, one or two cache
-/// lines of a 280-byte slot, which a touch loads ahead
+/// lines of a 296-byte slot, which a touch loads ahead
 /// ([`ConnTable::prefetch_slot`]).
 #[derive(Debug, Clone, PartialEq)]
 #[repr(C)]

@@ -126,10 +126,11 @@ pub struct Switch<B = dataplane::pool::PoolBuf> {
     policy: Arc<ArcSwap<Policy>>,
     /// The policy as a burst last read it, checked at each burst against
     /// `policy` with one plain load of its pointer, and read again only
-    /// when it changed (`ArcSwap::load_full` at every burst took a debt
-    /// and a reference, locked instructions on lines that every worker
-    /// and the control thread share). Taken out for a burst, as `scratch`
-    /// is, and put back at its end.
+    /// when it changed (`ArcSwap::load_full` at every burst would take a
+    /// debt and a reference, locked instructions on lines that every
+    /// worker and the control thread share). Taken out for a burst, as
+    /// `scratch` is, and put back at its end. It keeps the snapshot it
+    /// last read alive until a burst finds a newer one.
     current: Option<PolicyCache>,
     cfg: SwitchConfig,
     flows: FlowTable,
@@ -1054,8 +1055,6 @@ impl<B: PacketBuf> Switch<B> {
         }
     }
 
-    /// The policy for this burst (noticing a new generation) and the time.
-    #[inline]
     /// The policy cache for a burst, taken out of the switch (put back by
     /// [`Switch::end`]'s caller): the one kept, or, if none was (a burst
     /// cut short), a new one.
@@ -1068,6 +1067,7 @@ impl<B: PacketBuf> Switch<B> {
     /// A burst's start under `policy` (the current one, from
     /// [`Switch::take_policy`]): a new snapshot or health tick taken in.
     /// Returns the time (ns).
+    #[inline]
     fn begin(&mut self, ctx: &Ctx<'_, B>, policy: &Policy) -> u64 {
         let fresh = policy.generation != self.generation;
         if fresh {
