@@ -1,8 +1,10 @@
 //! The burst ring under loom's model checker: the interleavings (up to one
 //! preemption) of two producers and a consumer on a ring smaller than
 //! what they send, so it fills, wraps and makes producers wait for each
-//! other's publication. Each value arrives exactly once, each producer's in
-//! order, and loom finds no data race on a slot.
+//! other's publication; a sole producer and consumer (no reservation);
+//! and a producer shared while the ring is in use. Each value arrives
+//! exactly once, each producer's in order, and loom finds no data race on
+//! a slot.
 //!
 //! Built only with `--cfg loom` (scripts/test.sh runs it:
 //! `RUSTFLAGS="--cfg loom" cargo test -p dataplane --test loom_ring --release`).
@@ -57,6 +59,89 @@ fn two_producers_one_consumer_every_value_once_and_in_order() {
             assert_eq!(mine, [p * 10, p * 10 + 1], "{got:?}");
         }
         assert!(ring.is_empty());
+    });
+}
+
+/// A sole producer and a sole consumer: plain stores publish, and the
+/// consumer's reads of a slot are ordered before the producer's next write
+/// of it (a ring of 2 carrying 3 values wraps).
+#[test]
+fn a_sole_producer_and_consumer_every_value_once_and_in_order() {
+    let mut model = loom::model::Builder::new();
+    model.preemption_bound = Some(2);
+    model.max_branches = 20_000;
+    model.check(|| {
+        let (mut tx, mut rx) = BurstRing::<u32>::with_handles(2);
+        let producer = thread::spawn(move || {
+            let mut b = Batch::new();
+            for v in 0..3 {
+                b.push(v).unwrap();
+            }
+            while !b.is_empty() {
+                if tx.push_burst(&mut b) == 0 {
+                    thread::yield_now();
+                }
+            }
+        });
+        let mut got = Vec::new();
+        let mut b = Batch::new();
+        while got.len() < 3 {
+            if rx.pop_burst(&mut b) == 0 {
+                thread::yield_now();
+            }
+            got.extend(b.drain());
+        }
+        producer.join().unwrap();
+        assert_eq!(got, [0, 1, 2]);
+        assert!(rx.is_empty());
+    });
+}
+
+/// A producer that has pushed alone is shared and the copy pushes from
+/// another thread while the first goes on: from then on both reserve, and
+/// the sole consumer gets every value once, each producer's in order.
+#[test]
+fn a_producer_shared_in_use_every_value_once_and_in_order() {
+    let mut model = loom::model::Builder::new();
+    model.preemption_bound = Some(1);
+    model.max_branches = 20_000;
+    model.check(|| {
+        let (mut tx, mut rx) = BurstRing::<u32>::with_handles(2);
+        let mut b = Batch::new();
+        b.push(0).unwrap();
+        assert_eq!(tx.push_burst(&mut b), 1);
+        let mut other = tx.share();
+        let second = thread::spawn(move || {
+            let mut b = Batch::new();
+            b.push(10).unwrap();
+            while !b.is_empty() {
+                if other.push_burst(&mut b) == 0 {
+                    thread::yield_now();
+                }
+            }
+        });
+        let first = thread::spawn(move || {
+            let mut b = Batch::new();
+            b.push(1).unwrap();
+            while !b.is_empty() {
+                if tx.push_burst(&mut b) == 0 {
+                    thread::yield_now();
+                }
+            }
+        });
+        let mut got = Vec::new();
+        let mut b = Batch::new();
+        while got.len() < 3 {
+            if rx.pop_burst(&mut b) == 0 {
+                thread::yield_now();
+            }
+            got.extend(b.drain());
+        }
+        first.join().unwrap();
+        second.join().unwrap();
+        let mine: Vec<u32> = got.iter().copied().filter(|v| *v < 10).collect();
+        assert_eq!(mine, [0, 1], "{got:?}");
+        assert!(got.contains(&10), "{got:?}");
     });
 }
 

@@ -1,18 +1,20 @@
 //! In-memory port pairs, like a veth pair: what one end transmits, the other
 //! receives. Used for tests, benches and in-process VMs; each direction is a
 //! bounded lock-free [`BurstRing`], so the two ends may live on different
-//! threads, and an end may be shared by several workers.
+//! threads, and an end may be shared by several workers. An end with one
+//! handle moves its bursts without a locked instruction; sharing it
+//! switches its rings' sides to the reservation protocol for good.
 
 use super::{LinkInfo, Port};
 use crate::batch::Batch;
 use crate::buf::PacketBuf;
 use crate::stats::{DropReason, PortStats};
 #[cfg(loom)]
-use loom::sync::atomic::{AtomicUsize, Ordering};
+use loom::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::mem::MaybeUninit;
 use std::sync::Arc;
 #[cfg(not(loom))]
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// Default number of packets each direction of a pair can hold.
 pub const DEFAULT_CAPACITY: usize = 1024;
@@ -91,16 +93,29 @@ impl<T> SlotCell<T> {
 /// share of a ring port's cost). The counters run freely (64-bit, never
 /// wrapping in practice); a slot is `counter & mask`.
 ///
+/// A side with one owner needs no reservation: through a [`Producer`] or
+/// [`Consumer`] handle that has not been shared (`rte_ring`'s
+/// single-producer and single-consumer modes), a burst reads its own head,
+/// moves the slots and publishes with plain stores, no compare-and-swap
+/// and no wait; the other side sees only the tails, so either side may be
+/// single while the other is shared.
+///
 /// Invariants: `cons_tail <= cons_head <= prod_tail <= prod_head <=
 /// cons_tail + capacity`; slots in `[cons_tail, prod_tail)` hold
 /// initialised values, published; slots in `[prod_tail, prod_head)` are
 /// being written by the producers that reserved them; slots in
 /// `[cons_tail, cons_head)` are being read by the consumers that reserved
-/// them; all others are uninitialised.
+/// them; all others are uninitialised. Between a single side's bursts its
+/// head equals its tail.
 pub struct BurstRing<T> {
     slots: Box<[SlotCell<MaybeUninit<T>>]>,
     mask: usize,
     capacity: usize,
+    /// Set once a [`Producer`] is shared (never cleared): pushes through
+    /// a handle reserve with a compare-and-swap from then on.
+    shared_producers: AtomicBool,
+    /// The same for [`Consumer`]s.
+    shared_consumers: AtomicBool,
     prod_head: Padded,
     prod_tail: Padded,
     cons_head: Padded,
@@ -127,11 +142,20 @@ impl<T> BurstRing<T> {
                 .collect(),
             mask: n - 1,
             capacity,
+            shared_producers: AtomicBool::new(false),
+            shared_consumers: AtomicBool::new(false),
             prod_head: Padded::zero(),
             prod_tail: Padded::zero(),
             cons_head: Padded::zero(),
             cons_tail: Padded::zero(),
         }
+    }
+
+    /// A ring holding up to `capacity` values (at least 1), with its one
+    /// producer and its one consumer (each may be shared later).
+    pub fn with_handles(capacity: usize) -> (Producer<T>, Consumer<T>) {
+        let ring = Arc::new(BurstRing::new(capacity));
+        (Producer { ring: ring.clone() }, Consumer { ring })
     }
 
     /// Values published and not yet taken (a snapshot).
@@ -216,6 +240,8 @@ impl<T> BurstRing<T> {
 
     /// Moves as many values of `batch` as fit, from the front, into the
     /// ring; what did not fit stays in `batch`. Returns how many moved.
+    /// Any number of threads may push at once (see [`Producer`] for a
+    /// ring's sole producer, which pushes without a locked instruction).
     #[inline]
     pub fn push_burst(&self, batch: &mut Batch<T>) -> usize {
         let want = batch.len();
@@ -230,6 +256,59 @@ impl<T> BurstRing<T> {
         let Some((head, n)) = Self::reserve(&self.prod_head.0, want, free) else {
             return 0;
         };
+        // SAFETY: [head, head + n) was reserved by this thread alone (the
+        // CAS in `reserve`) below cons_tail + capacity (acquired by `free`);
+        // `n <= want`, the batch's length.
+        unsafe { self.fill(head, n, batch) };
+        Self::publish(&self.prod_tail.0, head, head.wrapping_add(n));
+        n
+    }
+
+    /// [`BurstRing::push_burst`] for the ring's only producer: its head is
+    /// its own, so no reservation and no wait for earlier ones; the slots
+    /// are published with one store.
+    ///
+    /// # Safety
+    ///
+    /// No other thread pushes into this ring while this runs, and every
+    /// earlier push happened before it (the handle that calls it is the
+    /// ring's only producer: [`Producer::push_burst`]).
+    #[inline]
+    unsafe fn push_single(&self, batch: &mut Batch<T>) -> usize {
+        let want = batch.len();
+        if want == 0 {
+            return 0;
+        }
+        // Only this thread moves the head (the caller's promise); its last
+        // store happened before this load.
+        let head = self.prod_head.0.load(Ordering::Relaxed);
+        let used = head.wrapping_sub(self.cons_tail.0.load(Ordering::Acquire));
+        let n = want.min(self.capacity.saturating_sub(used));
+        if n == 0 {
+            return 0;
+        }
+        let to = head.wrapping_add(n);
+        // SAFETY: no other producer (the caller's promise): [head, head + n)
+        // is this thread's, and lies below cons_tail + capacity (acquired
+        // above); `n <= want`, the batch's length.
+        unsafe { self.fill(head, n, batch) };
+        // The head first (a producer shared from now on reserves past it),
+        // then the tail, releasing the slots' writes to the consumers.
+        self.prod_head.0.store(to, Ordering::Relaxed);
+        self.prod_tail.0.store(to, Ordering::Release);
+        n
+    }
+
+    /// Moves the first `n` values of `batch` into the slots of counters
+    /// `[head, head + n)`; the rest of the batch moves to its front.
+    ///
+    /// # Safety
+    ///
+    /// The calling producer holds `[head, head + n)` alone, those slots are
+    /// free (below cons_tail + capacity, that tail acquired), and `n` is at
+    /// most `batch.len()`.
+    #[inline(always)]
+    unsafe fn fill(&self, head: usize, n: usize, batch: &mut Batch<T>) {
         // The values are copied bit for bit from the batch's storage, then
         // forgotten there, rather than moved out one at a time: one copy
         // per run of slots (two when the range wraps around the slot
@@ -242,19 +321,17 @@ impl<T> BurstRing<T> {
             let len = v.len();
             // (One pointer into the batch, for the reads and the shift.)
             let (to, base) = (SlotCell::values(slots), v.as_mut_ptr());
-            // SAFETY: [head, head + n) was reserved by this thread alone (the
-            // CAS in `reserve`), and it lies below cons_tail + capacity, so
-            // those slots are free: their last reader published cons_tail
-            // past them (acquired by `free`) and no reader may touch them
-            // before prod_tail passes them, which happens after these
-            // writes. They are slots `start..start + first` and
-            // `0..n - first` (`first <= slots.len() - start`, `n - first <=
-            // start` as `n <= capacity <= slots.len()`), the cells' values
-            // laid out as an array of `T` (`SlotCell::values`). The batch's
-            // first `n <= len` values are initialised; their copies become
-            // the slots' owners and the batch forgets them (the rest, if
-            // any, moved to its front) without dropping or reading them.
-            // Nothing here can unwind.
+            // SAFETY: [head, head + n) is this producer's and free (the
+            // caller's promise): their last reader published cons_tail past
+            // them and no reader may touch them before prod_tail passes
+            // them, which happens after these writes. They are slots
+            // `start..start + first` and `0..n - first` (`first <=
+            // slots.len() - start`, `n - first <= start` as `n <= capacity
+            // <= slots.len()`), the cells' values laid out as an array of
+            // `T` (`SlotCell::values`). The batch's first `n <= len` values
+            // are initialised; their copies become the slots' owners and the
+            // batch forgets them (the rest, if any, moved to its front)
+            // without dropping or reading them. Nothing here can unwind.
             unsafe {
                 std::ptr::copy_nonoverlapping(base, to.add(start), first);
                 std::ptr::copy_nonoverlapping(base.add(first), to, n - first);
@@ -273,12 +350,11 @@ impl<T> BurstRing<T> {
             }
             batch.drain_front(n).for_each(std::mem::forget);
         }
-        Self::publish(&self.prod_tail.0, head, head.wrapping_add(n));
-        n
     }
 
     /// Moves up to `batch`'s free space of values out of the ring into
-    /// `batch`. Returns how many moved.
+    /// `batch`. Returns how many moved. Any number of threads may pop at
+    /// once (see [`Consumer`] for a ring's sole consumer).
     #[inline]
     pub fn pop_burst(&self, batch: &mut Batch<T>) -> usize {
         let want = batch.free_space();
@@ -293,21 +369,69 @@ impl<T> BurstRing<T> {
         let Some((head, n)) = Self::reserve(&self.cons_head.0, want, ready) else {
             return 0;
         };
-        // One copy per run of slots, as `push_burst` does.
+        // SAFETY: [head, head + n) was reserved by this thread alone (the
+        // CAS in `reserve`) below prod_tail (acquired by `ready`); `n` is
+        // at most the batch's free space.
+        unsafe { self.take(head, n, batch) };
+        Self::publish(&self.cons_tail.0, head, head.wrapping_add(n));
+        n
+    }
+
+    /// [`BurstRing::pop_burst`] for the ring's only consumer, as
+    /// [`BurstRing::push_single`] is for its only producer.
+    ///
+    /// # Safety
+    ///
+    /// No other thread pops from this ring while this runs, and every
+    /// earlier pop happened before it ([`Consumer::pop_burst`]).
+    #[inline]
+    unsafe fn pop_single(&self, batch: &mut Batch<T>) -> usize {
+        let want = batch.free_space();
+        if want == 0 {
+            return 0;
+        }
+        // Only this thread moves the head (the caller's promise).
+        let head = self.cons_head.0.load(Ordering::Relaxed);
+        let ready = self.prod_tail.0.load(Ordering::Acquire).wrapping_sub(head);
+        let n = want.min(ready.min(self.capacity));
+        if n == 0 {
+            return 0;
+        }
+        let to = head.wrapping_add(n);
+        // SAFETY: no other consumer (the caller's promise): [head, head + n)
+        // is this thread's, below prod_tail (acquired above); `n` is at
+        // most the batch's free space.
+        unsafe { self.take(head, n, batch) };
+        // The tail releases the slots (their reads done) to the producers.
+        self.cons_head.0.store(to, Ordering::Relaxed);
+        self.cons_tail.0.store(to, Ordering::Release);
+        n
+    }
+
+    /// Moves the values in the slots of counters `[head, head + n)` to the
+    /// end of `batch`.
+    ///
+    /// # Safety
+    ///
+    /// The calling consumer holds `[head, head + n)` alone, those slots are
+    /// published (below prod_tail, that tail acquired), and `n` is at most
+    /// the batch's free space.
+    #[inline(always)]
+    unsafe fn take(&self, head: usize, n: usize, batch: &mut Batch<T>) {
+        // One copy per run of slots, as `fill` does.
         #[cfg(not(loom))]
         {
             let (slots, start, first) = self.run(head, n);
             let v = batch.packets_mut();
             let len = v.len();
             let (from, to) = (SlotCell::values(slots), v.as_mut_ptr());
-            // SAFETY: [head, head + n) lies below prod_tail (acquired by
-            // `ready`, so the producers' writes of these slots are visible)
-            // and was reserved by this thread alone (the CAS in `reserve`):
-            // slots `start..start + first` and `0..n - first`, as in
-            // `push_burst`, each read exactly once (producers do not reuse
-            // one before cons_tail passes it, after these reads). Their
-            // values move into the batch's free space past its `len`
-            // values (`n` is at most that space), which then holds them.
+            // SAFETY: [head, head + n) is this consumer's and published (the
+            // caller's promise: the producers' writes of these slots are
+            // visible): slots `start..start + first` and `0..n - first`, as
+            // in `fill`, each read exactly once (producers do not reuse one
+            // before cons_tail passes it, after these reads). Their values
+            // move into the batch's free space past its `len` values (`n`
+            // is at most that space), which then holds them.
             unsafe {
                 std::ptr::copy_nonoverlapping(from.add(start), to.add(len), first);
                 std::ptr::copy_nonoverlapping(from, to.add(len + first), n - first);
@@ -325,8 +449,101 @@ impl<T> BurstRing<T> {
                 let _ = batch.push(v);
             }
         }
-        Self::publish(&self.cons_tail.0, head, head.wrapping_add(n));
-        n
+    }
+}
+
+/// Pushes into a [`BurstRing`]: the ring's only producer until
+/// [`Producer::share`] makes another, and then one of several.
+pub struct Producer<T> {
+    ring: Arc<BurstRing<T>>,
+}
+
+impl<T> Producer<T> {
+    /// Moves as many values of `batch` as fit, from the front, into the
+    /// ring; what did not fit stays in `batch`. Returns how many moved.
+    /// Without a locked instruction while this is the ring's only producer.
+    #[inline]
+    pub fn push_burst(&mut self, batch: &mut Batch<T>) -> usize {
+        // Relaxed: the flag is set before a second producer exists, and a
+        // handle reaches another thread only through a synchronising
+        // hand-over, so a handle that reads it clear is the only one.
+        if self.ring.shared_producers.load(Ordering::Relaxed) {
+            self.ring.push_burst(batch)
+        } else {
+            // SAFETY: the ring's producers are its `Producer`s; the flag is
+            // clear, so `share` never ran and this is the only one, and
+            // `&mut self` keeps its pushes one at a time, each after the
+            // last (a handle moved to another thread is handed over with
+            // synchronisation).
+            unsafe { self.ring.push_single(batch) }
+        }
+    }
+
+    /// Another producer on the same ring. From now on every producer of
+    /// this ring reserves its room with a compare-and-swap. (No push is in
+    /// progress through `self` while it is borrowed, and there is no other
+    /// producer yet or the flag was set already.)
+    pub fn share(&self) -> Producer<T> {
+        self.ring.shared_producers.store(true, Ordering::Relaxed);
+        Producer {
+            ring: self.ring.clone(),
+        }
+    }
+
+    /// Values published and not yet taken (a snapshot). (No access to
+    /// the ring itself: its shared paths may not run beside a sole
+    /// handle's.)
+    pub fn len(&self) -> usize {
+        self.ring.len()
+    }
+
+    /// True when [`BurstRing::len`] is 0.
+    pub fn is_empty(&self) -> bool {
+        self.ring.is_empty()
+    }
+}
+
+/// Pops from a [`BurstRing`]: the ring's only consumer until
+/// [`Consumer::share`] makes another.
+pub struct Consumer<T> {
+    ring: Arc<BurstRing<T>>,
+}
+
+impl<T> Consumer<T> {
+    /// Moves up to `batch`'s free space of values out of the ring into
+    /// `batch`. Returns how many moved. Without a locked instruction while
+    /// this is the ring's only consumer.
+    #[inline]
+    pub fn pop_burst(&mut self, batch: &mut Batch<T>) -> usize {
+        // Relaxed: as in `Producer::push_burst`.
+        if self.ring.shared_consumers.load(Ordering::Relaxed) {
+            self.ring.pop_burst(batch)
+        } else {
+            // SAFETY: as in `Producer::push_burst`: the only consumer, its
+            // pops one at a time, each after the last.
+            unsafe { self.ring.pop_single(batch) }
+        }
+    }
+
+    /// Another consumer on the same ring; from now on every consumer of
+    /// this ring reserves with a compare-and-swap.
+    pub fn share(&self) -> Consumer<T> {
+        self.ring.shared_consumers.store(true, Ordering::Relaxed);
+        Consumer {
+            ring: self.ring.clone(),
+        }
+    }
+
+    /// Values published and not yet taken (a snapshot). (No access to
+    /// the ring itself: its shared paths may not run beside a sole
+    /// handle's.)
+    pub fn len(&self) -> usize {
+        self.ring.len()
+    }
+
+    /// True when [`BurstRing::len`] is 0.
+    pub fn is_empty(&self) -> bool {
+        self.ring.is_empty()
     }
 }
 
@@ -350,8 +567,8 @@ impl<T> Drop for BurstRing<T> {
 pub struct RingPort<B> {
     info: LinkInfo,
     stats: Arc<PortStats>,
-    rx: Arc<BurstRing<B>>,
-    tx: Arc<BurstRing<B>>,
+    rx: Consumer<B>,
+    tx: Producer<B>,
 }
 
 impl<B> std::fmt::Debug for RingPort<B> {
@@ -372,20 +589,20 @@ pub fn pair<B: PacketBuf>(
 ) -> (RingPort<B>, RingPort<B>) {
     a.driver = "ring";
     b.driver = "ring";
-    let a_to_b = Arc::new(BurstRing::new(capacity));
-    let b_to_a = Arc::new(BurstRing::new(capacity));
+    let (a_tx, b_rx) = BurstRing::with_handles(capacity);
+    let (b_tx, a_rx) = BurstRing::with_handles(capacity);
     (
         RingPort {
             info: a,
             stats: Arc::default(),
-            rx: b_to_a.clone(),
-            tx: a_to_b.clone(),
+            rx: a_rx,
+            tx: a_tx,
         },
         RingPort {
             info: b,
             stats: Arc::default(),
-            rx: a_to_b,
-            tx: b_to_a,
+            rx: b_rx,
+            tx: b_tx,
         },
     )
 }
@@ -394,12 +611,14 @@ impl<B> RingPort<B> {
     /// Another handle on this end: the same queues, its own counters. Give
     /// one to each worker and the end becomes a multi-queue port: every
     /// packet is received by exactly one of them, and all may transmit.
+    /// (The end's bursts reserve with a compare-and-swap from then on; the
+    /// far end's are not affected.)
     pub fn share(&self) -> RingPort<B> {
         RingPort {
             info: self.info.clone(),
             stats: Arc::default(),
-            rx: self.rx.clone(),
-            tx: self.tx.clone(),
+            rx: self.rx.share(),
+            tx: self.tx.share(),
         }
     }
 
@@ -626,21 +845,79 @@ mod tests {
         assert!(all == want, "values lost or duplicated");
     }
 
+    /// A sole producer and a sole consumer on two threads (what an unshared
+    /// `RingPort` end and its far end make), through a ring smaller than a
+    /// burst's worth of traffic in flight: every value arrives once, in
+    /// order, and neither side takes the shared paths.
+    #[test]
+    fn a_sole_producer_and_consumer_lose_and_reorder_nothing() {
+        const N: u64 = 500_000;
+        let (mut tx, mut rx) = BurstRing::<u64>::with_handles(48);
+        let producer = std::thread::spawn(move || {
+            let (mut i, mut b) = (0, Batch::new());
+            while i < N || !b.is_empty() {
+                let want = 1 + (i % 32) as usize;
+                while b.len() < want && i < N {
+                    b.push(i).unwrap();
+                    i += 1;
+                }
+                if tx.push_burst(&mut b) == 0 {
+                    std::hint::spin_loop();
+                }
+            }
+            tx
+        });
+        let (mut expect, mut b) = (0, Batch::new());
+        while expect < N {
+            rx.pop_burst(&mut b);
+            for v in b.drain() {
+                assert_eq!(v, expect);
+                expect += 1;
+            }
+        }
+        let tx = producer.join().unwrap();
+        assert!(rx.is_empty());
+        assert!(!tx.ring.shared_producers.load(Ordering::Relaxed));
+        assert!(!rx.ring.shared_consumers.load(Ordering::Relaxed));
+    }
+
     /// A ring against a queue: bursts of any size (some larger than the
     /// room left) pushed, and popped into batches already partly full, so
     /// that runs of slots wrap around the slot array at every offset.
     /// Every value comes out once, in order, from the ring or the batch it
     /// was left in; none is dropped twice or leaked (each holds a count).
+    /// Through the ring's shared paths and through its sole producer's and
+    /// consumer's, which a handle may switch from at any point (`share`).
     #[test]
     fn bursts_move_in_order_across_the_wrap() {
         use proptest::prelude::*;
         let op = (any::<bool>(), 0..=BURST, 0..=BURST);
-        proptest!(|(cap in 1usize..40, ops in proptest::collection::vec(op, 1..80))| {
+        let sharing = (
+            proptest::option::of(0usize..80),
+            proptest::option::of(0usize..80),
+        );
+        proptest!(|(cap in 1usize..40, ops in proptest::collection::vec(op, 1..80), (share_p, share_c) in sharing)| {
             let alive = Arc::new(());
-            let ring = BurstRing::new(cap);
+            let (mut producer, mut consumer) = BurstRing::with_handles(cap);
+            let (mut p2, mut c2) = (None, None);
             let mut model = std::collections::VecDeque::new();
             let mut next = 0u64;
-            for (push, k, pre) in ops {
+            for (at, (push, k, pre)) in ops.into_iter().enumerate() {
+                if share_p == Some(at) {
+                    p2 = Some(producer.share());
+                }
+                if share_c == Some(at) {
+                    c2 = Some(consumer.share());
+                }
+                // Bursts alternate between a side's handles once it has two.
+                let p = match &mut p2 {
+                    Some(p) if at % 2 == 1 => p,
+                    _ => &mut producer,
+                };
+                let c = match &mut c2 {
+                    Some(c) if at % 2 == 1 => c,
+                    _ => &mut consumer,
+                };
                 if push {
                     let mut b = Batch::new();
                     for _ in 0..k {
@@ -648,7 +925,7 @@ mod tests {
                         next += 1;
                     }
                     let room = cap - model.len();
-                    let moved = ring.push_burst(&mut b);
+                    let moved = p.push_burst(&mut b);
                     prop_assert_eq!(moved, k.min(room));
                     model.extend((next - k as u64..).take(moved));
                     // What found no room stays in the batch, in order.
@@ -660,17 +937,17 @@ mod tests {
                     for _ in 0..pre {
                         b.push((u64::MAX, alive.clone())).unwrap();
                     }
-                    let moved = ring.pop_burst(&mut b);
+                    let moved = c.pop_burst(&mut b);
                     prop_assert_eq!(moved, (BURST - pre).min(model.len()));
                     let got: Vec<u64> = b.iter().skip(pre).map(|v| v.0).collect();
                     let want: Vec<u64> = model.drain(..moved).collect();
                     prop_assert_eq!(got, want);
                     prop_assert!(b.iter().take(pre).all(|v| v.0 == u64::MAX));
                 }
-                prop_assert_eq!(ring.len(), model.len());
+                prop_assert_eq!(producer.len(), model.len());
                 prop_assert_eq!(Arc::strong_count(&alive), 1 + model.len());
             }
-            drop(ring);
+            drop((producer, consumer, p2, c2));
             prop_assert_eq!(Arc::strong_count(&alive), 1);
         });
     }
