@@ -13,6 +13,12 @@ use std::time::{Duration, Instant};
 pub struct TscClock {
     clock: quanta::Clock,
     hz: u64,
+    /// Nanoseconds a tick as a fixed-point fraction: `ns = ticks *
+    /// ns_mult >> ns_shift` (the kernel's clocksource conversion), one
+    /// multiply where a division by `hz` took tens of cycles, and the
+    /// switch converts a clock read at every burst.
+    ns_mult: u64,
+    ns_shift: u32,
 }
 
 impl TscClock {
@@ -26,9 +32,27 @@ impl TscClock {
         let (r1, t1) = (clock.raw(), Instant::now());
         let ns = (t1 - t0).as_nanos().max(1);
         let hz = (u128::from(r1.wrapping_sub(r0)) * 1_000_000_000 / ns) as u64;
+        TscClock::with_hz(clock, hz)
+    }
+
+    /// `clock` counting `hz` ticks a second.
+    fn with_hz(clock: quanta::Clock, hz: u64) -> TscClock {
+        let hz = hz.max(1);
+        // The largest shift whose multiplier (10^9 * 2^shift / hz, rounded
+        // up so that `hz` ticks make exactly 10^9 ns) fits in 64 bits: a
+        // relative error below 2^-63. 10^9 < 2^30, so the dividend fits in
+        // 128 bits up to a shift of 97.
+        let mut shift = 97u32;
+        let mut mult = (1_000_000_000u128 << shift).div_ceil(u128::from(hz));
+        while mult > u128::from(u64::MAX) && shift > 0 {
+            shift -= 1;
+            mult = (1_000_000_000u128 << shift).div_ceil(u128::from(hz));
+        }
         TscClock {
             clock,
-            hz: hz.max(1),
+            hz,
+            ns_mult: u64::try_from(mult).unwrap_or(u64::MAX),
+            ns_shift: shift,
         }
     }
 
@@ -57,7 +81,7 @@ impl TscClock {
     /// Converts a tick count into nanoseconds.
     #[inline]
     pub fn ticks_to_ns(&self, ticks: u64) -> u64 {
-        (u128::from(ticks) * 1_000_000_000 / u128::from(self.hz)) as u64
+        ((u128::from(ticks) * u128::from(self.ns_mult)) >> self.ns_shift) as u64
     }
 
     /// Converts nanoseconds into ticks.
@@ -87,5 +111,27 @@ mod tests {
             "{measured} vs {reference}"
         );
         assert_eq!(c.ns_to_ticks(c.ticks_to_ns(c.hz())), c.hz());
+    }
+
+    /// The fixed-point conversion against the exact quotient, at tick rates
+    /// from a slow counter to a fast TSC, over counts up to decades of
+    /// ticks: never more than 1 ns apart, and a second's ticks make a
+    /// second exactly.
+    #[test]
+    fn ticks_convert_to_nanoseconds_as_a_division_would() {
+        use proptest::prelude::*;
+        let rates = prop_oneof![
+            Just(1_000_000_000u64),
+            Just(2_300_000_000),
+            1_000_000u64..10_000_000_000,
+        ];
+        proptest!(|(hz in rates, ticks in 0u64..(1 << 62))| {
+            let c = TscClock::with_hz(quanta::Clock::new(), hz);
+            let exact = u128::from(ticks) * 1_000_000_000 / u128::from(hz);
+            let got = u128::from(c.ticks_to_ns(ticks));
+            prop_assert!(got.abs_diff(exact) <= 1, "{hz} Hz, {ticks}: {got} vs {exact}");
+            prop_assert_eq!(c.ticks_to_ns(hz), 1_000_000_000);
+            prop_assert_eq!(c.ticks_to_ns(0), 0);
+        });
     }
 }

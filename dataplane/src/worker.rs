@@ -29,9 +29,11 @@ pub trait Pipeline<B: PacketBuf>: Send {
     /// left in `pkts` are dropped and counted as [`DropReason::NoRoute`].
     fn process(&mut self, ctx: &mut Ctx<'_, B>, in_port: usize, pkts: &mut Batch<B>);
 
-    /// Called once per poll iteration after the ports, for packets that
+    /// Called once per poll iteration before the ports, for packets that
     /// reach the pipeline other than through a port (handed over by another
-    /// worker). Returns how many it processed. The default has none.
+    /// worker) and for its timers. Returns how many packets it processed
+    /// (0 when it did nothing worth a clock read: cycle accounting counts
+    /// such a call as the worker's I/O). The default has none.
     fn poll(&mut self, _ctx: &mut Ctx<'_, B>) -> usize {
         0
     }
@@ -153,10 +155,11 @@ pub struct WorkerStats {
     /// idle sleep set: [`Worker::with_idle_sleep`]).
     pub idle_sleeps: AtomicU64,
     /// Clock ticks of busy iterations spent in the pipeline (its
-    /// `process` and `poll`).
+    /// `process`, and its `poll` when that moved packets).
     pub pipeline_ticks: AtomicU64,
     /// Clock ticks of busy iterations outside the pipeline: port I/O
-    /// (receive, and transmit at the end of a burst) and the loop
+    /// (receive, and transmit at the end of a burst), a `poll` of the
+    /// pipeline that moved nothing, and the loop
     /// (`busy_ticks` less `pipeline_ticks`, counted apart so that each
     /// only grows).
     pub io_ticks: AtomicU64,
@@ -212,6 +215,11 @@ pub struct Worker<B: PacketBuf, P: Pipeline<B>> {
     pending: Vec<Batch<B>>,
     rx: Batch<B>,
     tally: Tally,
+    /// The last clock read of the last iteration, and where the ticks from
+    /// it to the next read go (cycle accounting: an iteration ends where
+    /// the next begins).
+    mark: u64,
+    open: Open,
     idle_sleep: Duration,
     /// Live capture (`None`: never captures).
     tap: Option<Arc<Tap>>,
@@ -243,7 +251,35 @@ struct Tally {
     rx_bursts: [u64; BURST],
 }
 
+/// Where the ticks since a worker's last clock read go once it reads the
+/// clock again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Open {
+    /// Nowhere: no poll yet, or the last one's ticks are all booked (the
+    /// worker slept after it).
+    Nothing,
+    /// A busy iteration's I/O: its last transmit and the loop back.
+    Busy,
+    /// An idle iteration (all of it: an idle iteration reads the clock
+    /// once, at its start).
+    Idle,
+}
+
 impl Tally {
+    /// Books the ticks from `mark` to `now` as `open` says.
+    #[inline]
+    fn close(&mut self, open: Open, mark: u64, now: u64) {
+        let dt = now.wrapping_sub(mark);
+        match open {
+            Open::Busy => {
+                self.busy_ticks += dt;
+                self.io_ticks += dt;
+            }
+            Open::Idle => self.idle_ticks += dt,
+            Open::Nothing => {}
+        }
+    }
+
     fn publish(&mut self, s: &WorkerStats) {
         let t = std::mem::take(self);
         s.pipeline_ticks
@@ -290,6 +326,8 @@ impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
             pending,
             rx: Batch::new(),
             tally: Tally::default(),
+            mark: 0,
+            open: Open::Nothing,
             idle_sleep: Duration::ZERO,
             tap: None,
         }
@@ -312,22 +350,48 @@ impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
         self
     }
 
-    /// One poll iteration over every port on the calling thread: receive,
-    /// process, transmit. Returns the packets received. `run` loops on this;
-    /// tests and benches call it directly to step a worker deterministically.
+    /// One poll iteration on the calling thread: the pipeline's own work
+    /// ([`Pipeline::poll`]: packets handed over, timers), then every port:
+    /// receive, process, transmit. Returns the packets received (and those
+    /// the pipeline's own work moved). `run` loops on this; tests and
+    /// benches call it directly to step a worker deterministically.
     /// Counters reach [`WorkerStats`] every 256 polls and at stop
     /// ([`Worker::publish`] forces it).
+    ///
+    /// Cycle accounting reads the clock once at an iteration's start, twice
+    /// per port that received something (around the pipeline's `process`),
+    /// and once after `Pipeline::poll` when that did something: each read
+    /// closes the interval the last one opened (a clock read costs tens of
+    /// cycles, a share of a small burst's cost). An iteration's start
+    /// closes the last one: the rest of a busy iteration (its last
+    /// transmit) is I/O, an idle iteration is idle from start to start.
+    /// A `Pipeline::poll` that moved nothing counts as I/O.
     #[inline]
     pub fn poll_once(&mut self) -> usize {
         let t0 = self.clock.now();
+        self.tally.close(self.open, self.mark, t0);
         let mut got = 0u64;
         // A live capture costs one load a poll while none is on.
         let session = self.tap.as_ref().and_then(|t| t.session(t0));
         let tap = self.tap.as_deref().zip(session.as_deref());
-        // Ticks in the pipeline (cycle accounting: the rest of a busy
-        // iteration is port I/O); two clock reads per busy port and one
-        // more per poll.
-        let mut in_pipeline = 0u64;
+        // The last clock read, and this iteration's ticks so far in the
+        // pipeline and outside it.
+        let (mut mark, mut in_pipeline, mut in_io) = (t0, 0u64, 0u64);
+        let mut ctx = Ctx {
+            ports: &mut self.ports,
+            pending: &mut self.pending,
+            drops: &self.stats.drops,
+            now: t0,
+            tap,
+            sent: 0,
+        };
+        let extra = self.pipeline.poll(&mut ctx);
+        if extra > 0 {
+            mark = self.clock.now();
+            in_pipeline += mark.wrapping_sub(t0);
+            got += extra as u64;
+            self.tally.tx += ctx.finish();
+        }
         for i in 0..self.ports.len() {
             let n = self.ports[i].rx_burst(&mut self.rx);
             if n == 0 {
@@ -349,46 +413,29 @@ impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
                 sent: 0,
             };
             let a = self.clock.now();
+            in_io += a.wrapping_sub(mark);
             self.pipeline.process(&mut ctx, i, &mut self.rx);
-            in_pipeline += self.clock.now().wrapping_sub(a);
+            mark = self.clock.now();
+            in_pipeline += mark.wrapping_sub(a);
             if !self.rx.is_empty() {
                 ctx.drops.add(DropReason::NoRoute, self.rx.len() as u64);
                 self.rx.clear();
             }
             self.tally.tx += ctx.finish();
         }
-        let mut ctx = Ctx {
-            ports: &mut self.ports,
-            pending: &mut self.pending,
-            drops: &self.stats.drops,
-            now: t0,
-            tap,
-            sent: 0,
-        };
-        let a = self.clock.now();
-        let extra = self.pipeline.poll(&mut ctx);
-        let b = self.clock.now();
-        in_pipeline += b.wrapping_sub(a);
-        if extra > 0 {
-            got += extra as u64;
-            self.tally.tx += ctx.finish();
-        }
-        let dt = if extra > 0 {
-            self.clock.now().wrapping_sub(t0)
-        } else {
-            b.wrapping_sub(t0)
-        };
         let t = &mut self.tally;
         if got > 0 {
             t.busy += 1;
-            t.busy_ticks += dt;
+            t.busy_ticks += in_pipeline + in_io;
             t.pipeline_ticks += in_pipeline;
-            t.io_ticks += dt.saturating_sub(in_pipeline);
+            t.io_ticks += in_io;
             t.rx += got;
+            self.open = Open::Busy;
         } else {
             t.idle += 1;
-            t.idle_ticks += dt;
+            self.open = Open::Idle;
         }
+        self.mark = mark;
         t.since_publish += 1;
         if t.since_publish.is_multiple_of(KICK_EVERY) {
             for p in &mut self.ports {
@@ -432,8 +479,12 @@ impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
         }
     }
 
-    /// Publishes the counters kept since the last publication.
+    /// Publishes the counters kept since the last publication, the last
+    /// iteration's ticks up to now included.
     pub fn publish(&mut self) {
+        let now = self.clock.now();
+        self.tally.close(self.open, self.mark, now);
+        self.mark = now;
         self.tally.publish(&self.stats);
     }
 
@@ -496,6 +547,10 @@ impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
             if empty >= IDLE_POLLS_BEFORE_SLEEP {
                 empty = 0;
                 self.stats.idle_sleeps.fetch_add(1, Ordering::Relaxed);
+                // The idle iteration ends here; the sleep is not a poll's.
+                let now = self.clock.now();
+                self.tally.close(self.open, self.mark, now);
+                self.open = Open::Nothing;
                 std::thread::sleep(self.idle_sleep);
             }
         }
