@@ -256,8 +256,13 @@ fn probers<A: BufAlloc>(
             &v.name,
             Prober::new(PortDevice::new(end, pool), &pc, Duration::ZERO),
         );
-        for set in sets.iter_mut() {
-            set.push(Box::new(sw.share()));
+        // The last worker's set takes the end itself (one worker: an end
+        // never shared, whose bursts take the ring's single paths).
+        if let Some((last, rest)) = sets.split_last_mut() {
+            for set in rest {
+                set.push(Box::new(sw.share()));
+            }
+            last.push(Box::new(sw));
         }
     }
     topo.ports += cfg.vnet.len() as u16;

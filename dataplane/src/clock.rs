@@ -14,9 +14,9 @@ pub struct TscClock {
     clock: quanta::Clock,
     hz: u64,
     /// Nanoseconds a tick as a fixed-point fraction: `ns = ticks *
-    /// ns_mult >> ns_shift` (the kernel's clocksource conversion), one
-    /// multiply where a division by `hz` took tens of cycles, and the
-    /// switch converts a clock read at every burst.
+    /// ns_mult >> ns_shift` (the kernel's clocksource conversion): one
+    /// multiply, where a division by `hz` would take tens of cycles, and
+    /// the switch converts a clock read at every burst.
     ns_mult: u64,
     ns_shift: u32,
 }
@@ -40,8 +40,9 @@ impl TscClock {
         let hz = hz.max(1);
         // The largest shift whose multiplier (10^9 * 2^shift / hz, rounded
         // up so that `hz` ticks make exactly 10^9 ns) fits in 64 bits: a
-        // relative error below 2^-63. 10^9 < 2^30, so the dividend fits in
-        // 128 bits up to a shift of 97.
+        // result at most `1 + ticks >> shift` ns above the exact quotient
+        // (shift 64 or more from 1 GHz up: at most 1 ns). 10^9 < 2^30, so
+        // the dividend fits in 128 bits up to a shift of 97.
         let mut shift = 97u32;
         let mut mult = (1_000_000_000u128 << shift).div_ceil(u128::from(hz));
         while mult > u128::from(u64::MAX) && shift > 0 {
@@ -114,8 +115,9 @@ mod tests {
     }
 
     /// The fixed-point conversion against the exact quotient, at tick rates
-    /// from a slow counter to a fast TSC, over counts up to decades of
-    /// ticks: never more than 1 ns apart, and a second's ticks make a
+    /// from a slow counter to a fast TSC, over every count whose time fits
+    /// in 64 bits of nanoseconds: never below it, at most `1 + ticks >>
+    /// shift` above (at most 1 from 1 GHz up), and a second's ticks make a
     /// second exactly.
     #[test]
     fn ticks_convert_to_nanoseconds_as_a_division_would() {
@@ -125,11 +127,18 @@ mod tests {
             Just(2_300_000_000),
             1_000_000u64..10_000_000_000,
         ];
-        proptest!(|(hz in rates, ticks in 0u64..(1 << 62))| {
+        proptest!(|(hz in rates, raw in any::<u64>())| {
             let c = TscClock::with_hz(quanta::Clock::new(), hz);
+            let limit = (u128::from(u64::MAX) * u128::from(hz) / 1_000_000_000)
+                .min(u128::from(u64::MAX)) as u64;
+            let ticks = raw % limit;
             let exact = u128::from(ticks) * 1_000_000_000 / u128::from(hz);
             let got = u128::from(c.ticks_to_ns(ticks));
-            prop_assert!(got.abs_diff(exact) <= 1, "{hz} Hz, {ticks}: {got} vs {exact}");
+            let slack = 1 + (u128::from(ticks) >> c.ns_shift);
+            prop_assert!(got >= exact && got - exact <= slack, "{hz} Hz, {ticks}: {got} vs {exact}");
+            if hz >= 1_000_000_000 {
+                prop_assert!(got - exact <= 1, "{hz} Hz, {ticks}: {got} vs {exact}");
+            }
             prop_assert_eq!(c.ticks_to_ns(hz), 1_000_000_000);
             prop_assert_eq!(c.ticks_to_ns(0), 0);
         });

@@ -31,9 +31,10 @@ pub trait Pipeline<B: PacketBuf>: Send {
 
     /// Called once per poll iteration before the ports, for packets that
     /// reach the pipeline other than through a port (handed over by another
-    /// worker) and for its timers. Returns how many packets it processed
-    /// (0 when it did nothing worth a clock read: cycle accounting counts
-    /// such a call as the worker's I/O). The default has none.
+    /// worker) and for its timers. Returns how many packets it processed.
+    /// Work that moves no packet is noted with [`Ctx::note_work`]; a call
+    /// that does neither is not timed apart (cycle accounting counts it
+    /// with the worker's I/O). The default has none.
     fn poll(&mut self, _ctx: &mut Ctx<'_, B>) -> usize {
         0
     }
@@ -55,6 +56,9 @@ pub struct Ctx<'a, B: PacketBuf> {
     tap: Option<(&'a Tap, &'a Spec)>,
     /// Packets the ports took so far in this poll.
     sent: u64,
+    /// The pipeline's `poll` did work that moved no packet
+    /// ([`Ctx::note_work`]).
+    worked: bool,
 }
 
 impl<B: PacketBuf> Ctx<'_, B> {
@@ -100,6 +104,14 @@ impl<B: PacketBuf> Ctx<'_, B> {
     #[inline]
     pub fn now(&self) -> u64 {
         self.now
+    }
+
+    /// Tells the worker that this call of [`Pipeline::poll`] did work
+    /// though it moved no packet (timers, expiry, a control request), so
+    /// that cycle accounting books its time to the pipeline.
+    #[inline]
+    pub fn note_work(&mut self) {
+        self.worked = true;
     }
 
     /// Number of ports of the worker.
@@ -256,7 +268,7 @@ struct Tally {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Open {
     /// Nowhere: no poll yet, or the last one's ticks are all booked (the
-    /// worker slept after it).
+    /// worker is about to sleep, or has stopped).
     Nothing,
     /// A busy iteration's I/O: its last transmit and the loop back.
     Busy,
@@ -360,12 +372,14 @@ impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
     ///
     /// Cycle accounting reads the clock once at an iteration's start, twice
     /// per port that received something (around the pipeline's `process`),
-    /// and once after `Pipeline::poll` when that did something: each read
-    /// closes the interval the last one opened (a clock read costs tens of
-    /// cycles, a share of a small burst's cost). An iteration's start
-    /// closes the last one: the rest of a busy iteration (its last
-    /// transmit) is I/O, an idle iteration is idle from start to start.
-    /// A `Pipeline::poll` that moved nothing counts as I/O.
+    /// and once after `Pipeline::poll` when that moved packets or noted
+    /// work ([`Ctx::note_work`]): each read closes the interval the last
+    /// one opened (a clock read costs tens of cycles, a share of a small
+    /// burst's cost). An iteration's start closes the last one: the rest
+    /// of a busy iteration (its last transmit) is I/O, an idle iteration is
+    /// idle from start to start. So on a worker stepped by hand, the time
+    /// between two calls belongs to the first (as does the time up to
+    /// [`Worker::publish`]).
     #[inline]
     pub fn poll_once(&mut self) -> usize {
         let t0 = self.clock.now();
@@ -384,9 +398,10 @@ impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
             now: t0,
             tap,
             sent: 0,
+            worked: false,
         };
         let extra = self.pipeline.poll(&mut ctx);
-        if extra > 0 {
+        if extra > 0 || ctx.worked {
             mark = self.clock.now();
             in_pipeline += mark.wrapping_sub(t0);
             got += extra as u64;
@@ -411,6 +426,7 @@ impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
                 now: t0,
                 tap,
                 sent: 0,
+                worked: false,
             };
             let a = self.clock.now();
             in_io += a.wrapping_sub(mark);
@@ -431,11 +447,13 @@ impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
             t.io_ticks += in_io;
             t.rx += got;
             self.open = Open::Busy;
+            self.mark = mark;
         } else {
+            // All of an idle iteration is idle (its `poll`'s work too).
             t.idle += 1;
             self.open = Open::Idle;
+            self.mark = t0;
         }
-        self.mark = mark;
         t.since_publish += 1;
         if t.since_publish.is_multiple_of(KICK_EVERY) {
             for p in &mut self.ports {
@@ -463,6 +481,7 @@ impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
             now: self.clock.now(),
             tap: None,
             sent: 0,
+            worked: false,
         };
         let n = self.pipeline.poll(&mut ctx);
         self.tally.tx += ctx.finish();
@@ -477,6 +496,14 @@ impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
             ports: self.ports,
             pipeline: self.pipeline,
         }
+    }
+
+    /// Ends the last iteration now: its ticks up to now are booked, and
+    /// none after (until the next poll).
+    fn end_iteration(&mut self) {
+        let now = self.clock.now();
+        self.tally.close(self.open, self.mark, now);
+        (self.mark, self.open) = (now, Open::Nothing);
     }
 
     /// Publishes the counters kept since the last publication, the last
@@ -548,12 +575,13 @@ impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
                 empty = 0;
                 self.stats.idle_sleeps.fetch_add(1, Ordering::Relaxed);
                 // The idle iteration ends here; the sleep is not a poll's.
-                let now = self.clock.now();
-                self.tally.close(self.open, self.mark, now);
-                self.open = Open::Nothing;
+                self.end_iteration();
                 std::thread::sleep(self.idle_sleep);
             }
         }
+        // The last iteration ends with the loop: what the stopped worker's
+        // owner does with it later (`finish_pending`) is no poll's tail.
+        self.end_iteration();
         self.publish();
         Ok(Stopped {
             ports: self.ports,
@@ -574,5 +602,93 @@ impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
                 worker: name,
                 source,
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::{HugePages, Pool, PoolBuf, PoolConfig};
+    use crate::port::ring;
+    use crate::wire::MacAddr;
+    use crate::{LinkInfo, Port};
+
+    /// Sends everything from port 0 to port 1; its own `poll` moves nothing.
+    struct Across;
+
+    impl Pipeline<PoolBuf> for Across {
+        fn process(&mut self, ctx: &mut Ctx<'_, PoolBuf>, _: usize, pkts: &mut Batch<PoolBuf>) {
+            for pkt in pkts.drain() {
+                ctx.send(1, pkt);
+            }
+        }
+    }
+
+    fn ticks(s: &WorkerStats) -> (u64, u64, u64, u64) {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        (
+            l(&s.busy_ticks),
+            l(&s.idle_ticks),
+            l(&s.pipeline_ticks),
+            l(&s.io_ticks),
+        )
+    }
+
+    /// Idle polls book idle ticks and busy ones busy ticks, split exactly
+    /// into pipeline and I/O; an iteration ends at the next one's start,
+    /// and once the worker has ended its last one (stopping, or about to
+    /// sleep) the time after it is nobody's.
+    #[test]
+    fn cycle_accounting_books_each_tick_once() {
+        let mut cfg = PoolConfig::new("worker-acct", 64);
+        cfg.huge = HugePages::Never;
+        let pool = Pool::new(&cfg).unwrap();
+        let l = |n: &str, i| LinkInfo::new(n, MacAddr([2, 0, 0, 0, 1, i]), "ring");
+        let (mut src, sw_in) = ring::pair(l("src", 1), l("sw-in", 2), 64);
+        let (mut sink, sw_out) = ring::pair(l("sink", 3), l("sw-out", 4), 64);
+        let ports: Vec<PortBox<PoolBuf>> = vec![Box::new(sw_in), Box::new(sw_out)];
+        let mut w = Worker::new("acct", None, ports, Across);
+        let stats = w.stats();
+        assert_eq!(w.poll_once(), 0);
+        assert_eq!(w.poll_once(), 0);
+        let mut b = Batch::new();
+        for _ in 0..8 {
+            b.push(pool.alloc_copy(&[0; 60]).unwrap()).unwrap();
+        }
+        assert_eq!(src.tx_burst(&mut b), 8);
+        assert_eq!(w.poll_once(), 8);
+        w.publish();
+        let (busy, idle, pipeline, io) = ticks(&stats);
+        assert_eq!(stats.busy_polls.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.idle_polls.load(Ordering::Relaxed), 2);
+        assert!(idle > 0 && pipeline > 0 && io > 0, "{:?}", ticks(&stats));
+        assert_eq!(busy, pipeline + io);
+        assert_eq!(sink.rx_burst(&mut b), 8);
+        // Ended: a pause after it is booked nowhere.
+        w.end_iteration();
+        let ended = ticks(&stats);
+        // (Pauses of 50 ms, told from none by 25: a check of the booking,
+        // not of timing.)
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        w.publish();
+        let after = ticks(&stats);
+        let per_ms = (w.clock.hz() / 1000).max(1);
+        let ms = |t: u64| t / per_ms;
+        assert!(
+            ms(after.0 - ended.0) < 25 && ms(after.1 - ended.1) < 25,
+            "the pause was booked: {ended:?} then {after:?}"
+        );
+        // An idle poll after it: idle from its start to the next.
+        assert_eq!(w.poll_once(), 0);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(w.poll_once(), 0);
+        w.publish();
+        let (busy2, idle2, pipeline2, io2) = ticks(&stats);
+        assert!(
+            ms(idle2 - after.1) >= 25,
+            "{after:?} then {:?}",
+            ticks(&stats)
+        );
+        assert_eq!((busy2, pipeline2, io2), (after.0, after.2, after.3));
     }
 }

@@ -1,8 +1,9 @@
 //! The burst ring under loom's model checker: the interleavings (up to one
-//! preemption) of two producers and a consumer on a ring smaller than
+//! preemption, two for the sole pair) of two producers and a consumer on a ring smaller than
 //! what they send, so it fills, wraps and makes producers wait for each
 //! other's publication; a sole producer and consumer (no reservation);
-//! and a producer shared while the ring is in use. Each value arrives
+//! a sole producer against shared consumers; and a producer shared while
+//! the ring is in use. Each value arrives
 //! exactly once, each producer's in order, and loom finds no data race on
 //! a slot.
 //!
@@ -142,6 +143,55 @@ fn a_producer_shared_in_use_every_value_once_and_in_order() {
         let mine: Vec<u32> = got.iter().copied().filter(|v| *v < 10).collect();
         assert_eq!(mine, [0, 1], "{got:?}");
         assert!(got.contains(&10), "{got:?}");
+    });
+}
+
+/// A sole producer against two consumers (a consumer shared before the
+/// first pop), each taking one burst while the producer fills the ring and
+/// tries one more value into a slot a consumer may just have freed; what
+/// is left is taken afterwards. Every value is taken once, each
+/// consumer's in order. (No waiting loops: two consumers spinning outgrow
+/// the model.)
+#[test]
+fn a_sole_producer_and_shared_consumers_every_value_once() {
+    let mut model = loom::model::Builder::new();
+    model.preemption_bound = Some(2);
+    model.max_branches = 20_000;
+    model.check(|| {
+        let (mut tx, mut rx) = BurstRing::<u32>::with_handles(2);
+        let mut other = rx.share();
+        let producer = thread::spawn(move || {
+            let mut b = Batch::new();
+            b.push(0).unwrap();
+            b.push(1).unwrap();
+            assert_eq!(tx.push_burst(&mut b), 2);
+            b.push(2).unwrap();
+            tx.push_burst(&mut b);
+            (tx, b)
+        });
+        let theirs = thread::spawn(move || {
+            let mut b = Batch::new();
+            other.pop_burst(&mut b);
+            b.drain().collect::<Vec<u32>>()
+        });
+        let mut b = Batch::new();
+        rx.pop_burst(&mut b);
+        let theirs = theirs.join().unwrap();
+        let (mut tx, mut left) = producer.join().unwrap();
+        // The rest: what is in the ring, then what did not fit.
+        rx.pop_burst(&mut b);
+        let want = left.len();
+        assert_eq!(tx.push_burst(&mut left), want, "room after the pop");
+        rx.pop_burst(&mut b);
+        let mut mine: Vec<u32> = b.drain().collect();
+        assert!(
+            mine.is_sorted() && theirs.is_sorted(),
+            "{mine:?} {theirs:?}"
+        );
+        mine.extend(theirs);
+        mine.sort_unstable();
+        assert_eq!(mine, [0, 1, 2]);
+        assert!(rx.is_empty());
     });
 }
 

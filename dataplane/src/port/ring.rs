@@ -124,11 +124,14 @@ pub struct BurstRing<T> {
 
 // SAFETY: values move between threads through the ring (hence `T: Send`),
 // and every slot is accessed by one thread at a time: the head counters hand
-// out disjoint ranges, and the tails (release/acquire) order a slot's write
-// before its read and its read before its next write.
+// out disjoint ranges (reserved with a compare-and-swap, or moved by a side's
+// sole owner), and the tails (release/acquire) order a slot's write before
+// its read and its read before its next write.
 unsafe impl<T: Send> Send for BurstRing<T> {}
-// SAFETY: as above; `&BurstRing` only gives access through the reservation
-// protocol.
+// SAFETY: as above; `&BurstRing` gives access through the reservation
+// protocol (`push_burst`, `pop_burst`), and to the sole-owner paths
+// (`push_single`, `pop_single`, private and `unsafe`) only through a
+// `Producer` or `Consumer` that has not been shared, taken by `&mut`.
 unsafe impl<T: Send> Sync for BurstRing<T> {}
 
 impl<T> BurstRing<T> {

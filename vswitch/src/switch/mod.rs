@@ -1456,6 +1456,7 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
             .is_some_and(|(_, c)| !c.requests.is_empty())
         {
             self.serve_control();
+            ctx.note_work();
         }
         // Hairpinned packets left over (a burst that hairpinned more than
         // the queue's size); counted in what this poll did, so that the
@@ -1482,6 +1483,7 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
             let now = self.clock.ticks_to_ns(ctx.now());
             if now.saturating_sub(self.last_expire) > 100_000_000 {
                 self.end(now, (0, 0, 0));
+                ctx.note_work();
             }
             return looped + arp;
         };
