@@ -809,7 +809,8 @@ impl<B: PacketBuf> Switch<B> {
             }
             tally.0 += 1;
             // The action is used in place (no copy of it per packet).
-            let bounced = transpose(ctx, pkt, pk, &e.action, &self.cfg.port_mtu, self.tunnel_mtu);
+            let bounced =
+                fast::transpose_hit(ctx, pkt, pk, &e.action, &self.cfg.port_mtu, self.tunnel_mtu);
             if let Some(b) = bounced {
                 self.bounce(ctx, policy, b, pk, now);
             }
