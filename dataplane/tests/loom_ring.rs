@@ -13,7 +13,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 use dataplane::Batch;
-use dataplane::port::ring::BurstRing;
+use dataplane::port::ring::{BurstRing, Consumer, Producer};
 use loom::sync::Arc;
 use loom::thread;
 
@@ -63,6 +63,33 @@ fn two_producers_one_consumer_every_value_once_and_in_order() {
     });
 }
 
+/// Pushes `values` through `tx`, waiting (yielding to the model) while
+/// the ring is full.
+fn push_all(tx: &mut Producer<u32>, values: &[u32]) {
+    let mut b = Batch::new();
+    for &v in values {
+        b.push(v).unwrap();
+    }
+    while !b.is_empty() {
+        if tx.push_burst(&mut b) == 0 {
+            thread::yield_now();
+        }
+    }
+}
+
+/// Pops through `rx` until `n` values came, waiting while the ring is
+/// empty.
+fn pop_n(rx: &mut Consumer<u32>, n: usize) -> Vec<u32> {
+    let (mut got, mut b) = (Vec::new(), Batch::new());
+    while got.len() < n {
+        if rx.pop_burst(&mut b) == 0 {
+            thread::yield_now();
+        }
+        got.extend(b.drain());
+    }
+    got
+}
+
 /// A sole producer and a sole consumer: plain stores publish, and the
 /// consumer's reads of a slot are ordered before the producer's next write
 /// of it (a ring of 2 carrying 3 values wraps).
@@ -73,25 +100,8 @@ fn a_sole_producer_and_consumer_every_value_once_and_in_order() {
     model.max_branches = 20_000;
     model.check(|| {
         let (mut tx, mut rx) = BurstRing::<u32>::with_handles(2);
-        let producer = thread::spawn(move || {
-            let mut b = Batch::new();
-            for v in 0..3 {
-                b.push(v).unwrap();
-            }
-            while !b.is_empty() {
-                if tx.push_burst(&mut b) == 0 {
-                    thread::yield_now();
-                }
-            }
-        });
-        let mut got = Vec::new();
-        let mut b = Batch::new();
-        while got.len() < 3 {
-            if rx.pop_burst(&mut b) == 0 {
-                thread::yield_now();
-            }
-            got.extend(b.drain());
-        }
+        let producer = thread::spawn(move || push_all(&mut tx, &[0, 1, 2]));
+        let got = pop_n(&mut rx, 3);
         producer.join().unwrap();
         assert_eq!(got, [0, 1, 2]);
         assert!(rx.is_empty());
@@ -108,36 +118,11 @@ fn a_producer_shared_in_use_every_value_once_and_in_order() {
     model.max_branches = 20_000;
     model.check(|| {
         let (mut tx, mut rx) = BurstRing::<u32>::with_handles(2);
-        let mut b = Batch::new();
-        b.push(0).unwrap();
-        assert_eq!(tx.push_burst(&mut b), 1);
+        push_all(&mut tx, &[0]);
         let mut other = tx.share();
-        let second = thread::spawn(move || {
-            let mut b = Batch::new();
-            b.push(10).unwrap();
-            while !b.is_empty() {
-                if other.push_burst(&mut b) == 0 {
-                    thread::yield_now();
-                }
-            }
-        });
-        let first = thread::spawn(move || {
-            let mut b = Batch::new();
-            b.push(1).unwrap();
-            while !b.is_empty() {
-                if tx.push_burst(&mut b) == 0 {
-                    thread::yield_now();
-                }
-            }
-        });
-        let mut got = Vec::new();
-        let mut b = Batch::new();
-        while got.len() < 3 {
-            if rx.pop_burst(&mut b) == 0 {
-                thread::yield_now();
-            }
-            got.extend(b.drain());
-        }
+        let second = thread::spawn(move || push_all(&mut other, &[10]));
+        let first = thread::spawn(move || push_all(&mut tx, &[1]));
+        let got = pop_n(&mut rx, 3);
         first.join().unwrap();
         second.join().unwrap();
         let mine: Vec<u32> = got.iter().copied().filter(|v| *v < 10).collect();
