@@ -215,7 +215,8 @@ type Health<A> = HealthService<RingPort<<A as BufAlloc>::Buf>, A>;
 type RingEnds = Vec<RingPort<PoolBuf>>;
 
 /// Adds one internal prober port per vnet to `topo` and to every worker's
-/// port set (a shared handle each, numbered after the configured ports), so
+/// port set (a shared handle each, the last set the end itself; numbered
+/// after the configured ports), so
 /// that probes can be added to any vnet at run time; gives each vnet's
 /// prober the probed backends of its vnet, which start down until their
 /// first success. Returns the health service.

@@ -41,7 +41,8 @@ impl TscClock {
         // The largest shift whose multiplier (10^9 * 2^shift / hz, rounded
         // up so that `hz` ticks make exactly 10^9 ns) fits in 64 bits: a
         // result at most `1 + ticks >> shift` ns above the exact quotient
-        // (shift 64 or more from 1 GHz up: at most 1 ns). 10^9 < 2^30, so
+        // (above 1 GHz the shift is 64 or more, and at 1 GHz the multiplier
+        // is exact: at most 1 ns). 10^9 < 2^30, so
         // the dividend fits in 128 bits up to a shift of 97.
         let mut shift = 97u32;
         let mut mult = (1_000_000_000u128 << shift).div_ceil(u128::from(hz));

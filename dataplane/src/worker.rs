@@ -108,7 +108,8 @@ impl<B: PacketBuf> Ctx<'_, B> {
 
     /// Tells the worker that this call of [`Pipeline::poll`] did work
     /// though it moved no packet (timers, expiry, a control request), so
-    /// that cycle accounting books its time to the pipeline.
+    /// that cycle accounting times it: the pipeline's in a poll that also
+    /// received packets (an idle poll is idle throughout).
     #[inline]
     pub fn note_work(&mut self) {
         self.worked = true;
@@ -167,11 +168,11 @@ pub struct WorkerStats {
     /// idle sleep set: [`Worker::with_idle_sleep`]).
     pub idle_sleeps: AtomicU64,
     /// Clock ticks of busy iterations spent in the pipeline (its
-    /// `process`, and its `poll` when that moved packets).
+    /// `process`, and its `poll` when that moved packets or noted work).
     pub pipeline_ticks: AtomicU64,
     /// Clock ticks of busy iterations outside the pipeline: port I/O
     /// (receive, and transmit at the end of a burst), a `poll` of the
-    /// pipeline that moved nothing, and the loop
+    /// pipeline that did neither, and the loop
     /// (`busy_ticks` less `pipeline_ticks`, counted apart so that each
     /// only grows).
     pub io_ticks: AtomicU64,
@@ -391,6 +392,8 @@ impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
         // The last clock read, and this iteration's ticks so far in the
         // pipeline and outside it.
         let (mut mark, mut in_pipeline, mut in_io) = (t0, 0u64, 0u64);
+        // One context for the whole poll: the pipeline's `poll`, then each
+        // port's burst (`finish` sends what each queued).
         let mut ctx = Ctx {
             ports: &mut self.ports,
             pending: &mut self.pending,
@@ -407,8 +410,11 @@ impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
             got += extra as u64;
             self.tally.tx += ctx.finish();
         }
-        for i in 0..self.ports.len() {
-            let n = self.ports[i].rx_burst(&mut self.rx);
+        for i in 0..ctx.ports.len() {
+            let Some(port) = ctx.ports.get_mut(i) else {
+                break;
+            };
+            let n = port.rx_burst(&mut self.rx);
             if n == 0 {
                 continue;
             }
@@ -419,15 +425,6 @@ impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
             if let Some((t, spec)) = tap {
                 t.capture(spec, i, Way::Rx, t0, self.rx.iter().map(|b| b.data()));
             }
-            let mut ctx = Ctx {
-                ports: &mut self.ports,
-                pending: &mut self.pending,
-                drops: &self.stats.drops,
-                now: t0,
-                tap,
-                sent: 0,
-                worked: false,
-            };
             let a = self.clock.now();
             in_io += a.wrapping_sub(mark);
             self.pipeline.process(&mut ctx, i, &mut self.rx);
@@ -609,12 +606,15 @@ impl<B: PacketBuf, P: Pipeline<B>> Worker<B, P> {
 mod tests {
     use super::*;
     use crate::pool::{HugePages, Pool, PoolBuf, PoolConfig};
-    use crate::port::ring;
+    use crate::port::ring::{self, RingPort};
     use crate::wire::MacAddr;
     use crate::{LinkInfo, Port};
 
-    /// Sends everything from port 0 to port 1; its own `poll` moves nothing.
-    struct Across;
+    /// Sends everything from port 0 to port 1. Its own `poll` moves
+    /// nothing; while `chores` is set it works that long and notes it.
+    struct Across {
+        chores: Option<Duration>,
+    }
 
     impl Pipeline<PoolBuf> for Across {
         fn process(&mut self, ctx: &mut Ctx<'_, PoolBuf>, _: usize, pkts: &mut Batch<PoolBuf>) {
@@ -622,8 +622,17 @@ mod tests {
                 ctx.send(1, pkt);
             }
         }
+
+        fn poll(&mut self, ctx: &mut Ctx<'_, PoolBuf>) -> usize {
+            if let Some(d) = self.chores {
+                std::thread::sleep(d);
+                ctx.note_work();
+            }
+            0
+        }
     }
 
+    /// (busy, idle, pipeline, io) ticks, as published.
     fn ticks(s: &WorkerStats) -> (u64, u64, u64, u64) {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         (
@@ -634,61 +643,123 @@ mod tests {
         )
     }
 
+    struct Rig {
+        w: Worker<PoolBuf, Across>,
+        stats: Arc<WorkerStats>,
+        pool: Pool,
+        src: RingPort<PoolBuf>,
+        sink: RingPort<PoolBuf>,
+        per_ms: u64,
+    }
+
+    fn rig() -> Rig {
+        let mut cfg = PoolConfig::new("worker-acct", 64);
+        cfg.huge = HugePages::Never;
+        let pool = Pool::new(&cfg).unwrap();
+        let l = |n: &str, i| LinkInfo::new(n, MacAddr([2, 0, 0, 0, 1, i]), "ring");
+        let (src, sw_in) = ring::pair(l("src", 1), l("sw-in", 2), 64);
+        let (sink, sw_out) = ring::pair(l("sink", 3), l("sw-out", 4), 64);
+        let ports: Vec<PortBox<PoolBuf>> = vec![Box::new(sw_in), Box::new(sw_out)];
+        let w = Worker::new("acct", None, ports, Across { chores: None });
+        let per_ms = (w.clock.hz() / 1000).max(1);
+        Rig {
+            stats: w.stats(),
+            w,
+            pool,
+            src,
+            sink,
+            per_ms,
+        }
+    }
+
+    impl Rig {
+        /// Sends `n` frames into the worker's port 0.
+        fn send(&mut self, n: usize) {
+            let mut b = Batch::new();
+            for _ in 0..n {
+                b.push(self.pool.alloc_copy(&[0; 60]).unwrap()).unwrap();
+            }
+            assert_eq!(self.src.tx_burst(&mut b), n);
+        }
+    }
+
+    // (Pauses of 50 ms, told from none by 25: checks of the booking, not
+    // of timing.)
+    const PAUSE: Duration = Duration::from_millis(50);
+    const HALF: u64 = 25;
+
     /// Idle polls book idle ticks and busy ones busy ticks, split exactly
     /// into pipeline and I/O; an iteration ends at the next one's start,
     /// and once the worker has ended its last one (stopping, or about to
     /// sleep) the time after it is nobody's.
     #[test]
     fn cycle_accounting_books_each_tick_once() {
-        let mut cfg = PoolConfig::new("worker-acct", 64);
-        cfg.huge = HugePages::Never;
-        let pool = Pool::new(&cfg).unwrap();
-        let l = |n: &str, i| LinkInfo::new(n, MacAddr([2, 0, 0, 0, 1, i]), "ring");
-        let (mut src, sw_in) = ring::pair(l("src", 1), l("sw-in", 2), 64);
-        let (mut sink, sw_out) = ring::pair(l("sink", 3), l("sw-out", 4), 64);
-        let ports: Vec<PortBox<PoolBuf>> = vec![Box::new(sw_in), Box::new(sw_out)];
-        let mut w = Worker::new("acct", None, ports, Across);
-        let stats = w.stats();
-        assert_eq!(w.poll_once(), 0);
-        assert_eq!(w.poll_once(), 0);
-        let mut b = Batch::new();
-        for _ in 0..8 {
-            b.push(pool.alloc_copy(&[0; 60]).unwrap()).unwrap();
-        }
-        assert_eq!(src.tx_burst(&mut b), 8);
-        assert_eq!(w.poll_once(), 8);
-        w.publish();
-        let (busy, idle, pipeline, io) = ticks(&stats);
-        assert_eq!(stats.busy_polls.load(Ordering::Relaxed), 1);
-        assert_eq!(stats.idle_polls.load(Ordering::Relaxed), 2);
-        assert!(idle > 0 && pipeline > 0 && io > 0, "{:?}", ticks(&stats));
+        let mut r = rig();
+        assert_eq!(r.w.poll_once(), 0);
+        assert_eq!(r.w.poll_once(), 0);
+        r.send(8);
+        assert_eq!(r.w.poll_once(), 8);
+        r.w.publish();
+        let (busy, idle, pipeline, io) = ticks(&r.stats);
+        assert_eq!(r.stats.busy_polls.load(Ordering::Relaxed), 1);
+        assert_eq!(r.stats.idle_polls.load(Ordering::Relaxed), 2);
+        assert!(idle > 0 && pipeline > 0 && io > 0, "{:?}", ticks(&r.stats));
         assert_eq!(busy, pipeline + io);
-        assert_eq!(sink.rx_burst(&mut b), 8);
+        let mut b = Batch::new();
+        assert_eq!(r.sink.rx_burst(&mut b), 8);
         // Ended: a pause after it is booked nowhere.
-        w.end_iteration();
-        let ended = ticks(&stats);
-        // (Pauses of 50 ms, told from none by 25: a check of the booking,
-        // not of timing.)
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        w.publish();
-        let after = ticks(&stats);
-        let per_ms = (w.clock.hz() / 1000).max(1);
-        let ms = |t: u64| t / per_ms;
-        assert!(
-            ms(after.0 - ended.0) < 25 && ms(after.1 - ended.1) < 25,
-            "the pause was booked: {ended:?} then {after:?}"
-        );
+        r.w.end_iteration();
+        r.w.publish();
+        let ended = ticks(&r.stats);
+        std::thread::sleep(PAUSE);
+        r.w.publish();
+        let after = ticks(&r.stats);
+        assert_eq!(after, ended, "the pause was booked");
         // An idle poll after it: idle from its start to the next.
-        assert_eq!(w.poll_once(), 0);
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        assert_eq!(w.poll_once(), 0);
-        w.publish();
-        let (busy2, idle2, pipeline2, io2) = ticks(&stats);
+        assert_eq!(r.w.poll_once(), 0);
+        std::thread::sleep(PAUSE);
+        assert_eq!(r.w.poll_once(), 0);
+        r.w.publish();
+        let (busy2, idle2, pipeline2, io2) = ticks(&r.stats);
         assert!(
-            ms(idle2 - after.1) >= 25,
+            (idle2 - after.1) / r.per_ms >= HALF,
             "{after:?} then {:?}",
-            ticks(&stats)
+            ticks(&r.stats)
         );
         assert_eq!((busy2, pipeline2, io2), (after.0, after.2, after.3));
+    }
+
+    /// Work the pipeline's `poll` notes is the pipeline's in a poll that
+    /// also receives packets, and idle time in one that receives none.
+    #[test]
+    fn noted_work_is_timed_with_its_poll() {
+        let mut r = rig();
+        r.w.pipeline.chores = Some(PAUSE);
+        r.send(4);
+        assert_eq!(r.w.poll_once(), 4);
+        r.w.publish();
+        let (busy, idle, pipeline, io) = ticks(&r.stats);
+        assert!(pipeline / r.per_ms >= HALF, "{:?}", ticks(&r.stats));
+        assert!(
+            io / r.per_ms < HALF,
+            "the chores were booked as I/O: {:?}",
+            ticks(&r.stats)
+        );
+        assert_eq!(busy, pipeline + io);
+        assert_eq!(idle, 0);
+        // An idle poll's chores are idle time.
+        assert_eq!(r.w.poll_once(), 0);
+        r.w.end_iteration();
+        r.w.publish();
+        let (busy2, idle2, pipeline2, io2) = ticks(&r.stats);
+        assert!(idle2 / r.per_ms >= HALF, "{:?}", ticks(&r.stats));
+        assert_eq!(
+            pipeline2, pipeline,
+            "an idle poll's chores were the pipeline's"
+        );
+        assert_eq!(busy2, pipeline2 + io2);
+        assert!(busy2 - busy < HALF * r.per_ms, "{:?}", ticks(&r.stats));
+        let mut b = Batch::new();
+        assert_eq!(r.sink.rx_burst(&mut b), 4);
     }
 }

@@ -104,8 +104,8 @@ pub(super) fn check_and_rewrite(
 /// on the output port; a failed rewrite is handed back to be dropped. A packet whose
 /// TTL or hop limit runs out here, or whose IP packet is larger than the
 /// output port's MTU, is handed back untouched; one for a flow that
-/// hairpins, or goes in a tunnel, rewritten. One copy, called from the
-/// slow path; a hit inlines [`transpose_hit`].
+/// hairpins, or goes in a tunnel, rewritten. One copy, called where the
+/// slow path has decided a new flow; a hit inlines [`transpose_hit`].
 #[inline(never)]
 pub(super) fn transpose<B: PacketBuf>(
     ctx: &mut Ctx<'_, B>,
@@ -118,9 +118,10 @@ pub(super) fn transpose<B: PacketBuf>(
     transpose_hit(ctx, pkt, pk, a, mtu, tunnel_mtu)
 }
 
-/// [`transpose`], inlined into the burst's loop where a hit is forwarded:
-/// a call per packet (its argument set-up, prologue and epilogue) was
-/// about 30 of a hit's 640 instructions.
+/// [`transpose`], inlined wherever a hit is forwarded (`Switch::hit`, in
+/// the burst's loop and in `Switch::packet`): a call per packet (its
+/// argument set-up, prologue and epilogue) costs about 30 of a hit's
+/// 640 instructions (docs/performance.md).
 #[inline(always)]
 pub(super) fn transpose_hit<B: PacketBuf>(
     ctx: &mut Ctx<'_, B>,
