@@ -67,19 +67,33 @@ fuzz_target!(|frame: &[u8]| {
         }
         NetSlice::Ipv6(v6) => {
             let h = v6.header();
+            // The fragment header's offset and M flag as RFC 8200 lays
+            // them out (the top 13 bits of bytes 2-3, and bit 0 of byte
+            // 3). etherparse 0.18 reads other bits for both
+            // (`fragment_offset` takes the low bits of byte 3, and
+            // `more_fragments` its top bit), so where its reading differs
+            // its view of the payload (fragment or whole) is not one to
+            // compare with.
+            let mut misread = false;
             let frag = v6
                 .extensions()
                 .clone()
                 .into_iter()
                 .find_map(|e| match e {
-                    Ipv6ExtensionSlice::Fragment(f) => Some((
-                        f.identification(),
-                        f.fragment_offset().value(),
-                        f.more_fragments(),
-                    )),
+                    Ipv6ExtensionSlice::Fragment(f) => {
+                        let b = f.slice().get(2..4)?;
+                        let offset = u16::from_be_bytes([b[0], b[1]]) >> 3;
+                        let more = b[1] & 1 != 0;
+                        misread =
+                            (f.fragment_offset().value(), f.more_fragments()) != (offset, more);
+                        Some((f.identification(), offset, more))
+                    }
                     _ => None,
                 })
                 .unwrap_or((0, 0, false));
+            if misread {
+                return;
+            }
             (
                 IpAddr::V6(h.source_addr()),
                 IpAddr::V6(h.destination_addr()),
