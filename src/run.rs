@@ -215,11 +215,11 @@ type Health<A> = HealthService<RingPort<<A as BufAlloc>::Buf>, A>;
 type RingEnds = Vec<RingPort<PoolBuf>>;
 
 /// Adds one internal prober port per vnet to `topo` and to every worker's
-/// port set (a shared handle each, the last set the end itself; numbered
-/// after the configured ports), so
-/// that probes can be added to any vnet at run time; gives each vnet's
-/// prober the probed backends of its vnet, which start down until their
-/// first success. Returns the health service.
+/// port set (numbered after the configured ports; a handle of the switch's
+/// end each, [`RingPort::into_handles`]), so that probes can be added to
+/// any vnet at run time; gives each vnet's prober the probed backends of
+/// its vnet, which start down until their first success. Returns the
+/// health service.
 fn probers<A: BufAlloc>(
     cfg: &Config,
     topo: &mut Topology,
@@ -257,13 +257,9 @@ fn probers<A: BufAlloc>(
             &v.name,
             Prober::new(PortDevice::new(end, pool), &pc, Duration::ZERO),
         );
-        // The last worker's set takes the end itself (one worker: an end
-        // never shared, whose bursts take the ring's single paths).
-        if let Some((last, rest)) = sets.split_last_mut() {
-            for set in rest {
-                set.push(Box::new(sw.share()));
-            }
-            last.push(Box::new(sw));
+        let handles = sw.into_handles(sets.len());
+        for (set, q) in sets.iter_mut().zip(handles) {
+            set.push(Box::new(q));
         }
     }
     topo.ports += cfg.vnet.len() as u16;

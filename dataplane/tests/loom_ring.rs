@@ -17,16 +17,21 @@ use dataplane::port::ring::{BurstRing, Consumer, Producer};
 use loom::sync::Arc;
 use loom::thread;
 
+/// Loom's model checker, up to `preemptions` preemptions an execution.
+fn model(preemptions: usize) -> loom::model::Builder {
+    let mut model = loom::model::Builder::new();
+    model.preemption_bound = Some(preemptions);
+    model.max_branches = 20_000;
+    model
+}
+
 #[test]
 fn two_producers_one_consumer_every_value_once_and_in_order() {
-    let mut model = loom::model::Builder::new();
     // One preemption per execution: enough to catch a publication that is
     // not a release store (checked: loom reports the slots' concurrent
     // writes then); with two, the waiting loops (a full ring, an empty one,
     // an earlier reservation not yet published) outgrow the model.
-    model.preemption_bound = Some(1);
-    model.max_branches = 20_000;
-    model.check(|| {
+    model(1).check(|| {
         let ring = Arc::new(BurstRing::<u32>::new(2));
         let producers: Vec<_> = (0..2u32)
             .map(|p| {
@@ -95,10 +100,7 @@ fn pop_n(rx: &mut Consumer<u32>, n: usize) -> Vec<u32> {
 /// of it (a ring of 2 carrying 3 values wraps).
 #[test]
 fn a_sole_producer_and_consumer_every_value_once_and_in_order() {
-    let mut model = loom::model::Builder::new();
-    model.preemption_bound = Some(2);
-    model.max_branches = 20_000;
-    model.check(|| {
+    model(2).check(|| {
         let (mut tx, mut rx) = BurstRing::<u32>::with_handles(2);
         let producer = thread::spawn(move || push_all(&mut tx, &[0, 1, 2]));
         let got = pop_n(&mut rx, 3);
@@ -113,10 +115,7 @@ fn a_sole_producer_and_consumer_every_value_once_and_in_order() {
 /// the sole consumer gets every value once, each producer's in order.
 #[test]
 fn a_producer_shared_in_use_every_value_once_and_in_order() {
-    let mut model = loom::model::Builder::new();
-    model.preemption_bound = Some(1);
-    model.max_branches = 20_000;
-    model.check(|| {
+    model(1).check(|| {
         let (mut tx, mut rx) = BurstRing::<u32>::with_handles(2);
         let mut b = Batch::new();
         b.push(0).unwrap();
@@ -141,10 +140,7 @@ fn a_producer_shared_in_use_every_value_once_and_in_order() {
 /// the model.)
 #[test]
 fn a_sole_producer_and_shared_consumers_every_value_once() {
-    let mut model = loom::model::Builder::new();
-    model.preemption_bound = Some(2);
-    model.max_branches = 20_000;
-    model.check(|| {
+    model(2).check(|| {
         let (mut tx, mut rx) = BurstRing::<u32>::with_handles(2);
         let mut other = rx.share();
         let producer = thread::spawn(move || {

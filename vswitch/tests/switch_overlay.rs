@@ -327,6 +327,23 @@ fn an_unresolved_next_hop_asks_the_cache_and_worker_zero_sends_its_requests() {
 }
 
 #[test]
+fn an_arp_request_waits_while_the_pool_has_no_buffer() {
+    let mut r = Rig::new("ov-arp-pool", false);
+    let held: Vec<_> = std::iter::from_fn(|| r.pool.alloc()).collect();
+    assert!(!held.is_empty());
+    r.mail.send.push((HOST, None)).unwrap();
+    let (_, to_wire) = r.poll();
+    assert!(to_wire.is_empty());
+    assert_eq!(r.mail.send.len(), 1, "the request stays queued");
+    drop(held);
+    let (_, to_wire) = r.poll();
+    assert_eq!(to_wire.len(), 1);
+    let a = dataplane::wire::arp::Packet::new_checked(&to_wire[0][14..]).unwrap();
+    assert_eq!(a.target_ip(), HOST);
+    assert!(r.mail.send.is_empty());
+}
+
+#[test]
 fn a_packet_too_big_for_the_tunnel_is_answered_with_its_mtu() {
     let mut r = Rig::new("ov-mtu", true);
     // 1 480 bytes of IP: fits the VM's link and the uplink, not the tunnel.

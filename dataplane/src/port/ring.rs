@@ -625,6 +625,19 @@ impl<B> RingPort<B> {
         }
     }
 
+    /// This end as `n` handles, one per worker: `n - 1` shares and, last,
+    /// the end itself. With `n` = 1 the end is never shared, and its bursts
+    /// take the ring's single-producer and single-consumer paths; with
+    /// `n` = 0 nothing (the end is dropped).
+    pub fn into_handles(self, n: usize) -> Vec<RingPort<B>> {
+        let mut v = Vec::with_capacity(n);
+        if n > 0 {
+            v.extend((1..n).map(|_| self.share()));
+            v.push(self);
+        }
+        v
+    }
+
     /// Packets waiting to be received on this end.
     pub fn rx_pending(&self) -> usize {
         self.rx.len()
@@ -953,6 +966,45 @@ mod tests {
             drop((producer, consumer, p2, c2));
             prop_assert_eq!(Arc::strong_count(&alive), 1);
         });
+    }
+
+    /// An end as one handle stays unshared; as three, every handle shares
+    /// the same queues (each packet received by one of them), and as none,
+    /// it is gone.
+    #[test]
+    fn an_end_splits_into_handles() {
+        let pool = pool(64);
+        let (a, mut b) = pair(link("a", 1), link("b", 2), 64);
+        let one = a.into_handles(1);
+        assert_eq!(one.len(), 1);
+        assert!(!one[0].rx.ring.shared_consumers.load(Ordering::Relaxed));
+        assert!(!one[0].tx.ring.shared_producers.load(Ordering::Relaxed));
+        let Some(a) = one.into_iter().next() else {
+            unreachable!()
+        };
+        let mut three = a.into_handles(3);
+        assert_eq!(three.len(), 3);
+        assert!(three[2].rx.ring.shared_consumers.load(Ordering::Relaxed));
+        assert!(three[2].tx.ring.shared_producers.load(Ordering::Relaxed));
+        let mut batch = Batch::new();
+        for i in 0..3u8 {
+            batch.push(pool.alloc_copy(&[i; 60]).unwrap()).unwrap();
+        }
+        assert_eq!(b.tx_burst(&mut batch), 3);
+        let mut got = Vec::new();
+        for h in &mut three {
+            let mut one = Batch::new();
+            // Each handle takes what is there: the first takes all three.
+            h.rx_burst(&mut one);
+            got.extend(one.drain().map(|p| p.data()[0]));
+        }
+        assert_eq!(got, vec![0, 1, 2]);
+        for h in &mut three {
+            batch.push(pool.alloc_copy(&[9; 60]).unwrap()).unwrap();
+            assert_eq!(h.tx_burst(&mut batch), 1);
+        }
+        assert_eq!(b.rx_pending(), 3);
+        assert!(three.pop().unwrap().into_handles(0).is_empty());
     }
 
     #[test]

@@ -177,13 +177,9 @@ pub fn open(
                 LinkInfo::new(name, mac, "ring"),
                 1024,
             );
-            // The last worker takes the end itself: with one worker, the
-            // end is never shared and its bursts take the ring's
-            // single-producer and single-consumer paths.
-            for _ in 1..workers {
-                queues.push(Box::new(sw.share()));
+            for q in sw.into_handles(workers) {
+                queues.push(Box::new(q));
             }
-            queues.push(Box::new(sw));
             peer = Some(far);
         }
         PortSpec::Pcap { rx_pcap, tx_pcap } => {

@@ -194,14 +194,17 @@ impl<B: PacketBuf> Switch<B> {
         let p = self.policy.load();
         let Some((up, ul)) = p.underlay() else {
             while m.send.pop().is_some() {}
+            ctx.note_work();
             return 0;
         };
         let mut n = 0;
         while n < ARP_SENDS_PER_POLL {
+            // The buffer first: a request waits in the queue (for the next
+            // poll) while the pool has none, rather than being lost.
+            let Some(mut pkt) = alloc() else { break };
             let Some((target, to)) = m.send.pop() else {
                 break;
             };
-            let Some(mut pkt) = alloc() else { break };
             if tunnel::arp_request(&mut pkt, up.mac, ul.address.addr(), target, to).is_ok() {
                 ctx.send(usize::from(up.port), pkt);
                 dataplane::stats::add_own(&self.stats.arp_requests, 1);
