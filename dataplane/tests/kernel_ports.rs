@@ -550,6 +550,41 @@ fn a_packet_socket_sends_its_backlog_at_one_kick() {
     stranded_frames_leave_with_no_new_traffic(&net, Box::new(port), pool, true);
 }
 
+/// Frames a port queued while its link was down (its kicks refused) and
+/// then handed over with its socket leave at its successor's first kick,
+/// with nothing new to send.
+#[test]
+fn a_handed_over_packet_socket_sends_what_its_predecessor_queued_while_down() {
+    if !testkit::require::root_and(&["ip"]) {
+        return;
+    }
+    let net = Netns::new("s");
+    let pool = Pool::new(&PoolConfig::new("afp-strand", 4096)).unwrap();
+    let mut first = AfPacketPort::open("veth", &net.host, pool).unwrap();
+    sh(&["ip", "link", "set", &net.host, "down"]);
+    for _ in 0..4 {
+        assert_eq!(first.tx_burst(&mut throwaway_frames(pool)), 32);
+    }
+    let h = first.handover().expect("af_packet hands over").unwrap();
+    drop(first);
+    let mut second = AfPacketPort::adopt("veth", &net.host, pool, h).unwrap();
+    sh(&["ip", "link", "set", &net.host, "up"]);
+    let end = Instant::now() + Duration::from_secs(10);
+    let state = format!("/sys/class/net/{}/operstate", net.host);
+    while std::fs::read_to_string(&state).unwrap().trim() != "up" {
+        assert!(Instant::now() < end, "{} never came up", net.host);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let before = ns_rx_packets(&net);
+    second.kick();
+    ns_receives(
+        &net,
+        before,
+        4 * 32,
+        "queued by the predecessor while the link was down, after the successor's first kick",
+    );
+}
+
 #[test]
 fn an_xdp_socket_sends_what_it_queued_while_down_with_no_new_traffic() {
     if !testkit::require::root_and(&["ip"]) {
