@@ -948,6 +948,9 @@ mod tests {
                     "icmpv6 checksum"
                 );
             }
+            Some(TransportSlice::Igmp(i)) => {
+                assert_eq!(checksum::checksum(i.slice()), 0, "igmp checksum");
+            }
             None => {}
         }
     }

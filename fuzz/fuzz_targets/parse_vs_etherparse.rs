@@ -67,37 +67,35 @@ fuzz_target!(|frame: &[u8]| {
         }
         NetSlice::Ipv6(v6) => {
             let h = v6.header();
-            // The fragment header's offset and M flag as RFC 8200 lays
-            // them out (the top 13 bits of bytes 2-3, and bit 0 of byte
-            // 3). etherparse 0.18 reads other bits for both
-            // (`fragment_offset` takes the low bits of byte 3, and
-            // `more_fragments` its top bit), so where its reading differs
-            // its view of the payload (fragment or whole) is not one to
-            // compare with.
-            let mut misread = false;
-            let frag = v6
-                .extensions()
-                .clone()
-                .into_iter()
-                .find_map(|e| match e {
-                    Ipv6ExtensionSlice::Fragment(f) => {
-                        let b = f.slice().get(2..4)?;
-                        let offset = u16::from_be_bytes([b[0], b[1]]) >> 3;
-                        let more = b[1] & 1 != 0;
-                        misread =
-                            (f.fragment_offset().value(), f.more_fragments()) != (offset, more);
-                        Some((f.identification(), offset, more))
+            // etherparse lists every extension header it can read, past a
+            // fragment header with an offset too (whose payload is the
+            // datagram's middle, no header); pollux stops there, with that
+            // header's next header as the protocol, and its fields. Before
+            // it, of several fragment headers the first that fragments the
+            // packet counts (an atomic fragment's, offset 0 and no more
+            // fragments, RFC 6946, gives way to the next).
+            let mut frag = (0, 0, false);
+            let mut proto = v6.payload().ip_number.0;
+            for e in v6.extensions().clone().into_iter() {
+                if let Ipv6ExtensionSlice::Fragment(f) = e {
+                    let later = f.fragment_offset().value() != 0;
+                    if later || (frag.1 == 0 && !frag.2) {
+                        frag = (
+                            f.identification(),
+                            f.fragment_offset().value(),
+                            f.more_fragments(),
+                        );
                     }
-                    _ => None,
-                })
-                .unwrap_or((0, 0, false));
-            if misread {
-                return;
+                    if later {
+                        proto = f.next_header().0;
+                        break;
+                    }
+                }
             }
             (
                 IpAddr::V6(h.source_addr()),
                 IpAddr::V6(h.destination_addr()),
-                v6.payload().ip_number.0,
+                proto,
                 frag,
             )
         }
@@ -129,6 +127,9 @@ fuzz_target!(|frame: &[u8]| {
         Err(_) if matches!(net, NetSlice::Ipv6(v6) if v6.header().payload_length() == 0) => {
             return;
         }
+        // More than eight extension headers: pollux's walk is bounded, and
+        // refuses the rest; etherparse reads on.
+        Err(dataplane::ParseError::Ipv6TooManyExt) => return,
         // A first fragment too short for its transport header (the "tiny
         // fragment" of RFC 1858): etherparse does not look into fragments.
         Err(_) if frag.1 == 0 && frag.2 && theirs.transport.is_none() => return,

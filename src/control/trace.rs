@@ -342,6 +342,7 @@ pub(super) fn describe(frame: &[u8]) -> String {
         Some(TransportSlice::Icmpv6(i)) => {
             format!("icmpv6 {src} > {dst} type {}", i.type_u8())
         }
+        Some(TransportSlice::Igmp(_)) => format!("igmp {src} > {dst}"),
         None => format!("ip {src} > {dst} (a fragment, or a protocol not shown)"),
     };
     format!("{macs}, {l4}, ttl {ttl}")

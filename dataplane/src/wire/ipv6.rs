@@ -115,7 +115,8 @@ pub struct Upper {
     /// upper-layer header is in another fragment.
     pub later_fragment: bool,
     /// The fragment header's (identification, offset in 8-byte units, more
-    /// fragments), when there is one.
+    /// fragments), when there is one (of several: a later fragment's, else
+    /// the first that fragments the packet, else the last).
     pub fragment: Option<(u32, u16, bool)>,
 }
 
@@ -123,13 +124,16 @@ pub struct Upper {
 ///
 /// Hop-by-hop, routing, destination options and fragment headers are skipped
 /// (AH by its own length rule); at most [`MAX_EXTENSIONS`] are followed.
+/// `payload` is the IPv6 header's: a hop-by-hop header anywhere but first
+/// is refused, as hosts do (RFC 8200, 4.3).
 pub fn skip_extensions(next_header: u8, payload: &[u8]) -> Result<Upper, ParseError> {
     let mut nh = next_header;
     let mut off = 0usize;
     let mut later_fragment = false;
-    let mut fragment = None;
+    let mut fragment: Option<(u32, u16, bool)> = None;
     for _ in 0..=MAX_EXTENSIONS {
         let len = match nh {
+            NH_HOP_BY_HOP if off > 0 => return Err(ParseError::Ipv6HopByHopMisplaced),
             NH_HOP_BY_HOP | NH_ROUTING | NH_DEST_OPTS => {
                 let hdr = payload
                     .get(off..off + 2)
@@ -140,6 +144,10 @@ pub fn skip_extensions(next_header: u8, payload: &[u8]) -> Result<Upper, ParseEr
                 let hdr = payload
                     .get(off..off + 2)
                     .ok_or(ParseError::Ipv6ExtTruncated)?;
+                // Below 1, the header would end inside its own SPI.
+                if hdr[1] == 0 {
+                    return Err(ParseError::Ipv6AuthTooShort);
+                }
                 (usize::from(hdr[1]) + 2) * 4
             }
             NH_FRAGMENT => {
@@ -150,8 +158,14 @@ pub fn skip_extensions(next_header: u8, payload: &[u8]) -> Result<Upper, ParseEr
                 if off_flags & 0xfff8 != 0 {
                     later_fragment = true;
                 }
-                let id = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
-                fragment = Some((id, off_flags >> 3, off_flags & 1 != 0));
+                // Where the packet sits: a later fragment's header (the walk
+                // stops there), or else the first that fragments it; an
+                // atomic fragment's (offset 0, no more; RFC 6946) says
+                // nothing, and gives way to a later header's.
+                if later_fragment || fragment.is_none_or(|(_, o, m)| o == 0 && !m) {
+                    let id = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
+                    fragment = Some((id, off_flags >> 3, off_flags & 1 != 0));
+                }
                 8
             }
             _ => {
@@ -294,6 +308,53 @@ mod tests {
                 later_fragment: false,
                 fragment: None,
             }
+        );
+        // A first fragment's header, then an atomic fragment's: the packet
+        // is the first fragment; an atomic one, then a later fragment's: a
+        // later fragment.
+        let nested = [NH_FRAGMENT, 0, 0, 1, 0, 0, 0, 7, 17, 0, 0, 0, 0, 0, 0, 8];
+        assert_eq!(
+            skip_extensions(NH_FRAGMENT, &nested).unwrap().fragment,
+            Some((7, 0, true))
+        );
+        for first in [0, 1] {
+            let nested = [
+                NH_FRAGMENT,
+                0,
+                0,
+                first,
+                0,
+                0,
+                0,
+                7,
+                17,
+                0,
+                0,
+                9,
+                0,
+                0,
+                0,
+                8,
+            ];
+            let up = skip_extensions(NH_FRAGMENT, &nested).unwrap();
+            assert_eq!(up.fragment, Some((8, 1, true)));
+            assert!(up.later_fragment);
+        }
+        // A hop-by-hop header behind a destination-options one.
+        let hbh = [NH_HOP_BY_HOP, 0, 1, 4, 0, 0, 0, 0, 6, 0, 1, 4, 0, 0, 0, 0];
+        assert_eq!(
+            skip_extensions(NH_HOP_BY_HOP, &hbh[8..]).unwrap().protocol,
+            6
+        );
+        assert_eq!(
+            skip_extensions(NH_DEST_OPTS, &hbh).unwrap_err(),
+            ParseError::Ipv6HopByHopMisplaced
+        );
+        // AH with payload length 0: 8 bytes, shorter than its own fields.
+        ah[1] = 0;
+        assert_eq!(
+            skip_extensions(NH_AUTH, &ah).unwrap_err(),
+            ParseError::Ipv6AuthTooShort
         );
     }
 }

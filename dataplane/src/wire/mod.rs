@@ -61,6 +61,15 @@ pub enum ParseError {
     /// An extension header runs past the end of the payload.
     #[error("ipv6 extension header truncated")]
     Ipv6ExtTruncated,
+    /// An authentication header shorter than its fixed fields (a payload
+    /// length of 0: 8 bytes, where RFC 4302's fixed part takes 12).
+    #[error("ipv6 authentication header shorter than its fixed fields")]
+    Ipv6AuthTooShort,
+    /// A hop-by-hop options header after another extension header (RFC
+    /// 8200 puts it right after the IPv6 header, the only place a host
+    /// reads one).
+    #[error("ipv6 hop-by-hop header not first")]
+    Ipv6HopByHopMisplaced,
     /// More extension headers than the parser follows (8).
     #[error("too many ipv6 extension headers")]
     Ipv6TooManyExt,
@@ -90,7 +99,7 @@ pub enum ParseError {
 
 impl ParseError {
     /// Every variant, in declaration order (index = `self as usize`).
-    pub const ALL: [ParseError; 19] = [
+    pub const ALL: [ParseError; 21] = [
         ParseError::EthernetTruncated,
         ParseError::VlanTruncated,
         ParseError::ArpTruncated,
@@ -103,6 +112,8 @@ impl ParseError {
         ParseError::Ipv6BadVersion,
         ParseError::Ipv6BadPayloadLen,
         ParseError::Ipv6ExtTruncated,
+        ParseError::Ipv6AuthTooShort,
+        ParseError::Ipv6HopByHopMisplaced,
         ParseError::Ipv6TooManyExt,
         ParseError::Ipv6V4Mapped,
         ParseError::TcpTruncated,
@@ -127,6 +138,8 @@ impl ParseError {
             ParseError::Ipv6BadVersion => "ipv6_bad_version",
             ParseError::Ipv6BadPayloadLen => "ipv6_bad_payload_len",
             ParseError::Ipv6ExtTruncated => "ipv6_ext_truncated",
+            ParseError::Ipv6AuthTooShort => "ipv6_auth_too_short",
+            ParseError::Ipv6HopByHopMisplaced => "ipv6_hop_by_hop_misplaced",
             ParseError::Ipv6TooManyExt => "ipv6_too_many_ext",
             ParseError::Ipv6V4Mapped => "ipv6_v4_mapped",
             ParseError::TcpTruncated => "tcp_truncated",
