@@ -182,6 +182,9 @@ impl Endpoints for ToSinks<'_> {
     fn recv(&mut self, b: &mut Batch<PoolBuf>) -> usize {
         self.1[0].rx_burst(b) + self.1[1].rx_burst(b)
     }
+    fn kick(&mut self) {
+        self.0.kick();
+    }
 }
 
 #[test]

@@ -161,7 +161,14 @@ pub trait Endpoints {
     fn send(&mut self, batch: &mut Batch<Self::Buf>) -> usize;
     /// Receives a burst (see [`Port::rx_burst`]).
     fn recv(&mut self, batch: &mut Batch<Self::Buf>) -> usize;
+    /// Kicks the ports (see [`Port::kick`]): what the device did not take
+    /// at a burst goes then, though no new burst comes.
+    fn kick(&mut self);
 }
+
+/// Loop iterations between two kicks of a trial's ports (as a worker
+/// kicks its ports every few polls).
+const KICK_EVERY: u32 = 64;
 
 /// Send on one port, receive on another (the device under test forwards
 /// from one to the other).
@@ -177,6 +184,10 @@ impl<B: PacketBuf, T: Port<Buf = B>, R: Port<Buf = B>> Endpoints for Pair<'_, T,
     #[inline]
     fn recv(&mut self, batch: &mut Batch<B>) -> usize {
         self.1.rx_burst(batch)
+    }
+    fn kick(&mut self) {
+        self.0.kick();
+        self.1.kick();
     }
 }
 
@@ -194,6 +205,9 @@ impl<P: Port> Endpoints for Duplex<'_, P> {
     #[inline]
     fn recv(&mut self, batch: &mut Batch<P::Buf>) -> usize {
         self.0.rx_burst(batch)
+    }
+    fn kick(&mut self) {
+        self.0.kick();
     }
 }
 
@@ -221,7 +235,12 @@ pub fn trial<E: Endpoints, A: BufAlloc<Buf = E::Buf>>(
     let mut txb = Batch::new();
     let mut rxb = Batch::new();
     let mut now = start;
+    let mut iterations = 0u32;
     while now < end {
+        iterations = iterations.wrapping_add(1);
+        if iterations.is_multiple_of(KICK_EVERY) {
+            ends.kick();
+        }
         if warmup && now >= warm_end {
             // Measured packets number from 0 in every flow.
             warmup = false;
@@ -276,7 +295,12 @@ pub fn trial<E: Endpoints, A: BufAlloc<Buf = E::Buf>>(
     let tx_end = now;
     // Drain: until every packet sent is accounted for, or the drain time.
     let drain_end = tx_end + clock.ns_to_ticks(cfg.drain.as_nanos() as u64);
+    ends.kick();
     while meter.counts().unique() < tx - refused && clock.now() < drain_end {
+        iterations = iterations.wrapping_add(1);
+        if iterations.is_multiple_of(KICK_EVERY) {
+            ends.kick();
+        }
         if ends.recv(&mut rxb) > 0 {
             let t = clock.now();
             for p in rxb.drain() {
@@ -411,6 +435,66 @@ mod tests {
             sent >= rate * elapsed / 4.0,
             "{sent} sent in {elapsed} s at {rate}/s"
         );
+    }
+
+    /// A port that takes each burst and hands it to its ring only when
+    /// kicked (a kernel socket whose kick failed).
+    struct Held {
+        inner: ring::RingPort<crate::pool::PoolBuf>,
+        held: Vec<crate::pool::PoolBuf>,
+    }
+
+    impl Port for Held {
+        type Buf = crate::pool::PoolBuf;
+        fn info(&self) -> &LinkInfo {
+            self.inner.info()
+        }
+        fn stats(&self) -> &std::sync::Arc<crate::PortStats> {
+            self.inner.stats()
+        }
+        fn rx_burst(&mut self, batch: &mut Batch<Self::Buf>) -> usize {
+            self.inner.rx_burst(batch)
+        }
+        fn tx_burst(&mut self, batch: &mut Batch<Self::Buf>) -> usize {
+            let n = batch.len();
+            self.held.extend(batch.drain());
+            n
+        }
+        fn kick(&mut self) {
+            let mut b = Batch::new();
+            while !self.held.is_empty() {
+                let k = self.held.len().min(BURST);
+                for p in self.held.drain(..k) {
+                    let _ = b.push(p);
+                }
+                self.inner.tx_burst(&mut b);
+            }
+        }
+    }
+
+    #[test]
+    fn what_a_port_sends_only_when_kicked_arrives() {
+        let clock = TscClock::calibrate(Duration::from_millis(10));
+        let (a, mut b) = ring::pair(
+            LinkInfo::new("a", MacAddr::ZERO, "ring"),
+            LinkInfo::new("b", MacAddr::ZERO, "ring"),
+            4096,
+        );
+        let mut a = Held {
+            inner: a,
+            held: Vec::new(),
+        };
+        let tpl = Template::new(&spec(10)).unwrap();
+        let cfg = TrialConfig {
+            rate: Some(20_000.0),
+            duration: Duration::from_millis(100),
+            warmup: Duration::ZERO,
+            drain: Duration::from_millis(500),
+            burst: 8,
+        };
+        let r = trial(&mut Pair(&mut a, &mut b), pool(), &tpl, &clock, &cfg).unwrap();
+        assert!(r.tx > 0);
+        assert_eq!((r.rx.received, r.lost()), (r.tx, 0), "{r:?}");
     }
 
     #[test]
