@@ -16,7 +16,7 @@
 //! order) because the standard map alone cannot find the oldest entry
 //! without a scan.
 
-use dataplane::{FlowKey, Parsed};
+use dataplane::{FlowKey, L3, Parsed};
 use serde::{Deserialize, Serialize};
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
@@ -55,13 +55,17 @@ pub struct FragKey {
 }
 
 impl FragKey {
-    /// The datagram `p` (a fragment) belongs to.
+    /// The datagram `p` (a fragment) belongs to. IPv6 names a datagram by
+    /// its addresses and identification alone (RFC 8200, 4.5): its first
+    /// fragment's protocol is the one after the extension headers behind
+    /// the fragment header, a later fragment's the fragment header's next
+    /// header, which differ when there are such headers.
     pub fn of(p: &Parsed) -> FragKey {
         FragKey {
             in_port: p.in_port,
             src: p.key.src_ip,
             dst: p.key.dst_ip,
-            proto: p.key.proto,
+            proto: if p.l3 == L3::Ipv6 { 0 } else { p.key.proto },
             id: p.frag.id,
         }
     }
@@ -243,6 +247,42 @@ mod tests {
             more: offset == 0,
         };
         p
+    }
+
+    /// An IPv6 fragment of datagram 9 at `offset` (8-byte units) whose
+    /// fragment header's next header is destination options (60); the
+    /// first fragment carries them (8 bytes) and a UDP header.
+    fn v6_fragment_behind_options(offset: u16) -> Parsed {
+        let mut payload = vec![60, 0];
+        payload.extend_from_slice(&((offset << 3) | u16::from(offset == 0)).to_be_bytes());
+        payload.extend_from_slice(&9u32.to_be_bytes());
+        if offset == 0 {
+            payload.extend_from_slice(&[17, 0, 1, 4, 0, 0, 0, 0]);
+            payload.extend_from_slice(&[0x13, 0x88, 0, 53, 0, 24, 0, 0]);
+        }
+        payload.resize(payload.len() + 16, 0xab);
+        let mut f = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x86, 0xdd];
+        f.extend_from_slice(&[0x60, 0, 0, 0]);
+        f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        f.extend_from_slice(&[44, 64]);
+        f.extend_from_slice(&"fd00::1".parse::<Ipv6Addr>().unwrap().octets());
+        f.extend_from_slice(&"fd00::2".parse::<Ipv6Addr>().unwrap().octets());
+        f.extend_from_slice(&payload);
+        dataplane::parse(&f, 0).unwrap()
+    }
+
+    #[test]
+    fn an_ipv6_datagram_with_headers_behind_its_fragment_header_is_followed() {
+        let first = v6_fragment_behind_options(0);
+        let later = v6_fragment_behind_options(4);
+        assert_eq!((first.key.proto, first.key.src_port), (17, 5000));
+        assert_eq!(
+            later.key.proto, 60,
+            "a later fragment: the fragment header's next header"
+        );
+        let mut t = FragTable::new(4, 100);
+        t.note(&first, 0);
+        assert_eq!(t.find(&later, 1), Some(first.key));
     }
 
     #[test]

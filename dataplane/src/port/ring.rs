@@ -968,9 +968,9 @@ mod tests {
         });
     }
 
-    /// An end as one handle stays unshared; as three, every handle shares
-    /// the same queues (each packet received by one of them), and as none,
-    /// it is gone.
+    /// An end as one handle stays unshared; as three, two shares and the
+    /// end itself, on the same queues (what one handle takes, the others
+    /// do not see); as none, it is gone.
     #[test]
     fn an_end_splits_into_handles() {
         let pool = pool(64);
@@ -982,8 +982,12 @@ mod tests {
         let Some(a) = one.into_iter().next() else {
             unreachable!()
         };
+        let end = a.stats().clone();
         let mut three = a.into_handles(3);
         assert_eq!(three.len(), 3);
+        // The shares first, each with its own counters; the end itself last.
+        assert!(Arc::ptr_eq(three[2].stats(), &end));
+        assert!(!Arc::ptr_eq(three[0].stats(), &end) && !Arc::ptr_eq(three[1].stats(), &end));
         assert!(three[2].rx.ring.shared_consumers.load(Ordering::Relaxed));
         assert!(three[2].tx.ring.shared_producers.load(Ordering::Relaxed));
         let mut batch = Batch::new();

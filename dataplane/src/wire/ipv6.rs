@@ -125,7 +125,9 @@ pub struct Upper {
 /// Hop-by-hop, routing, destination options and fragment headers are skipped
 /// (AH by its own length rule); at most [`MAX_EXTENSIONS`] are followed.
 /// `payload` is the IPv6 header's: a hop-by-hop header anywhere but first
-/// is refused, as hosts do (RFC 8200, 4.3).
+/// is refused, as hosts do (RFC 8200, 4 and 4.1); so is a first fragment
+/// whose chain ends in a later fragment's header (its upper-layer header
+/// is not in it: RFC 7112).
 pub fn skip_extensions(next_header: u8, payload: &[u8]) -> Result<Upper, ParseError> {
     let mut nh = next_header;
     let mut off = 0usize;
@@ -144,7 +146,8 @@ pub fn skip_extensions(next_header: u8, payload: &[u8]) -> Result<Upper, ParseEr
                 let hdr = payload
                     .get(off..off + 2)
                     .ok_or(ParseError::Ipv6ExtTruncated)?;
-                // Below 1, the header would end inside its own SPI.
+                // With 0 the header (8 bytes) would end before its
+                // sequence number: RFC 4302's fixed part takes 12.
                 if hdr[1] == 0 {
                     return Err(ParseError::Ipv6AuthTooShort);
                 }
@@ -156,12 +159,16 @@ pub fn skip_extensions(next_header: u8, payload: &[u8]) -> Result<Upper, ParseEr
                     .ok_or(ParseError::Ipv6ExtTruncated)?;
                 let off_flags = be16(hdr, 2);
                 if off_flags & 0xfff8 != 0 {
+                    if fragment.is_some_and(|(_, o, m)| o == 0 && m) {
+                        return Err(ParseError::Ipv6FirstFragmentIncomplete);
+                    }
                     later_fragment = true;
                 }
                 // Where the packet sits: a later fragment's header (the walk
-                // stops there), or else the first that fragments it; an
-                // atomic fragment's (offset 0, no more; RFC 6946) says
-                // nothing, and gives way to a later header's.
+                // stops there; behind a first fragment's, refused above),
+                // or else the first that fragments it; an atomic
+                // fragment's (offset 0, no more; RFC 6946) says nothing,
+                // and gives way to a later header's.
                 if later_fragment || fragment.is_none_or(|(_, o, m)| o == 0 && !m) {
                     let id = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
                     fragment = Some((id, off_flags >> 3, off_flags & 1 != 0));
@@ -317,29 +324,17 @@ mod tests {
             skip_extensions(NH_FRAGMENT, &nested).unwrap().fragment,
             Some((7, 0, true))
         );
-        for first in [0, 1] {
-            let nested = [
-                NH_FRAGMENT,
-                0,
-                0,
-                first,
-                0,
-                0,
-                0,
-                7,
-                17,
-                0,
-                0,
-                9,
-                0,
-                0,
-                0,
-                8,
-            ];
-            let up = skip_extensions(NH_FRAGMENT, &nested).unwrap();
-            assert_eq!(up.fragment, Some((8, 1, true)));
-            assert!(up.later_fragment);
-        }
+        let mut nested = [NH_FRAGMENT, 0, 0, 0, 0, 0, 0, 7, 17, 0, 0, 9, 0, 0, 0, 8];
+        let up = skip_extensions(NH_FRAGMENT, &nested).unwrap();
+        assert_eq!(up.fragment, Some((8, 1, true)));
+        assert!(up.later_fragment);
+        // A first fragment's header, then a later fragment's: the first
+        // fragment lacks its upper-layer header (RFC 7112).
+        nested[3] = 1;
+        assert_eq!(
+            skip_extensions(NH_FRAGMENT, &nested).unwrap_err(),
+            ParseError::Ipv6FirstFragmentIncomplete
+        );
         // A hop-by-hop header behind a destination-options one.
         let hbh = [NH_HOP_BY_HOP, 0, 1, 4, 0, 0, 0, 0, 6, 0, 1, 4, 0, 0, 0, 0];
         assert_eq!(

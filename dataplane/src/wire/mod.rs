@@ -70,6 +70,11 @@ pub enum ParseError {
     /// reads one).
     #[error("ipv6 hop-by-hop header not first")]
     Ipv6HopByHopMisplaced,
+    /// A first fragment (offset 0, more fragments) whose extension headers
+    /// end in a later fragment's header: its upper-layer header is not in
+    /// it (RFC 7112 has hosts discard such a fragment).
+    #[error("ipv6 first fragment without its upper-layer header")]
+    Ipv6FirstFragmentIncomplete,
     /// More extension headers than the parser follows (8).
     #[error("too many ipv6 extension headers")]
     Ipv6TooManyExt,
@@ -99,7 +104,7 @@ pub enum ParseError {
 
 impl ParseError {
     /// Every variant, in declaration order (index = `self as usize`).
-    pub const ALL: [ParseError; 21] = [
+    pub const ALL: [ParseError; 22] = [
         ParseError::EthernetTruncated,
         ParseError::VlanTruncated,
         ParseError::ArpTruncated,
@@ -114,6 +119,7 @@ impl ParseError {
         ParseError::Ipv6ExtTruncated,
         ParseError::Ipv6AuthTooShort,
         ParseError::Ipv6HopByHopMisplaced,
+        ParseError::Ipv6FirstFragmentIncomplete,
         ParseError::Ipv6TooManyExt,
         ParseError::Ipv6V4Mapped,
         ParseError::TcpTruncated,
@@ -140,6 +146,7 @@ impl ParseError {
             ParseError::Ipv6ExtTruncated => "ipv6_ext_truncated",
             ParseError::Ipv6AuthTooShort => "ipv6_auth_too_short",
             ParseError::Ipv6HopByHopMisplaced => "ipv6_hop_by_hop_misplaced",
+            ParseError::Ipv6FirstFragmentIncomplete => "ipv6_first_fragment_incomplete",
             ParseError::Ipv6TooManyExt => "ipv6_too_many_ext",
             ParseError::Ipv6V4Mapped => "ipv6_v4_mapped",
             ParseError::TcpTruncated => "tcp_truncated",

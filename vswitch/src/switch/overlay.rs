@@ -198,7 +198,7 @@ impl<B: PacketBuf> Switch<B> {
             return 0;
         };
         let mut n = 0;
-        while n < ARP_SENDS_PER_POLL {
+        while n < ARP_SENDS_PER_POLL && !m.send.is_empty() {
             // The buffer first: a request waits in the queue (for the next
             // poll) while the pool has none, rather than being lost.
             let Some(mut pkt) = alloc() else { break };
