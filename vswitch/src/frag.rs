@@ -1,7 +1,7 @@
 //! Later IP fragments carry no transport header, so no ports: they cannot
 //! find their flow by themselves. Each worker remembers, for a while, the
-//! flow key of every first fragment it sees (by input port, addresses,
-//! protocol and the datagram's identification), and a later fragment takes
+//! flow key of every first fragment it sees (by input port, addresses and
+//! the datagram's identification, and for IPv4 the protocol), and a later fragment takes
 //! its first fragment's key, hence its flow and its decision: through
 //! VIPs, security groups and SNAT alike (as VPP and Ananta forward
 //! fragments without reassembling them). A later fragment whose first has
@@ -16,7 +16,7 @@
 //! order) because the standard map alone cannot find the oldest entry
 //! without a scan.
 
-use dataplane::{FlowKey, L3, Parsed};
+use dataplane::{FlowKey, Parsed};
 use serde::{Deserialize, Serialize};
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
@@ -32,7 +32,7 @@ pub struct FragRecord {
     pub src: Ipv6Addr,
     /// Its destination address.
     pub dst: Ipv6Addr,
-    /// Its protocol.
+    /// Its first fragment's (its flow's) protocol.
     pub proto: u8,
     /// Its identification.
     pub id: u32,
@@ -55,18 +55,36 @@ pub struct FragKey {
 }
 
 impl FragKey {
-    /// The datagram `p` (a fragment) belongs to. IPv6 names a datagram by
-    /// its addresses and identification alone (RFC 8200, 4.5): its first
+    /// The datagram `p` (a fragment) belongs to.
+    pub fn of(p: &Parsed) -> FragKey {
+        FragKey::new(
+            p.in_port,
+            p.key.src_ip,
+            p.key.dst_ip,
+            p.key.proto,
+            p.frag.id,
+        )
+    }
+
+    /// The datagram of protocol `proto` and identification `id` from `src`
+    /// to `dst` (IPv4-mapped for IPv4) on `in_port`. IPv6 names a datagram
+    /// by its addresses and identification alone (RFC 8200, 4.5): its first
     /// fragment's protocol is the one after the extension headers behind
     /// the fragment header, a later fragment's the fragment header's next
-    /// header, which differ when there are such headers.
-    pub fn of(p: &Parsed) -> FragKey {
+    /// header, which differ when there are such headers. (The parser
+    /// refuses IPv6 packets with IPv4-mapped addresses, so the address
+    /// form tells the two apart.)
+    fn new(in_port: u16, src: [u8; 16], dst: [u8; 16], proto: u8, id: u32) -> FragKey {
         FragKey {
-            in_port: p.in_port,
-            src: p.key.src_ip,
-            dst: p.key.dst_ip,
-            proto: if p.l3 == L3::Ipv6 { 0 } else { p.key.proto },
-            id: p.frag.id,
+            in_port,
+            src,
+            dst,
+            proto: if dataplane::key::is_v4_mapped(&src) {
+                proto
+            } else {
+                0
+            },
+            id,
         }
     }
 }
@@ -187,7 +205,7 @@ impl FragTable {
                     in_port: k.in_port,
                     src: Ipv6Addr::from(k.src),
                     dst: Ipv6Addr::from(k.dst),
-                    proto: k.proto,
+                    proto: key.proto,
                     id: k.id,
                     src_port: key.src_port,
                     dst_port: key.dst_port,
@@ -204,13 +222,7 @@ impl FragTable {
         let skip = recs.len().saturating_sub(self.capacity);
         let mut n = 0;
         for r in recs.iter().skip(skip) {
-            let k = FragKey {
-                in_port: r.in_port,
-                src: r.src.octets(),
-                dst: r.dst.octets(),
-                proto: r.proto,
-                id: r.id,
-            };
+            let k = FragKey::new(r.in_port, r.src.octets(), r.dst.octets(), r.proto, r.id);
             if self.map.contains_key(&k) || self.map.len() >= self.capacity {
                 continue;
             }
@@ -258,7 +270,7 @@ mod tests {
         payload.extend_from_slice(&9u32.to_be_bytes());
         if offset == 0 {
             payload.extend_from_slice(&[17, 0, 1, 4, 0, 0, 0, 0]);
-            payload.extend_from_slice(&[0x13, 0x88, 0, 53, 0, 24, 0, 0]);
+            payload.extend_from_slice(&[0x13, 0x88, 0, 53, 0, 40, 0, 0]);
         }
         payload.resize(payload.len() + 16, 0xab);
         let mut f = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x86, 0xdd];
@@ -283,6 +295,14 @@ mod tests {
         let mut t = FragTable::new(4, 100);
         t.note(&first, 0);
         assert_eq!(t.find(&later, 1), Some(first.key));
+        // And in a successor, which takes the entry through JSON.
+        let json = serde_json::to_string(&t.export(1)).unwrap();
+        let mut next = FragTable::new(4, 100);
+        assert_eq!(
+            next.restore(&serde_json::from_str::<Vec<_>>(&json).unwrap(), 0),
+            1
+        );
+        assert_eq!(next.find(&later, 1), Some(first.key));
     }
 
     #[test]

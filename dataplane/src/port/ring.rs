@@ -988,6 +988,7 @@ mod tests {
         // The shares first, each with its own counters; the end itself last.
         assert!(Arc::ptr_eq(three[2].stats(), &end));
         assert!(!Arc::ptr_eq(three[0].stats(), &end) && !Arc::ptr_eq(three[1].stats(), &end));
+        assert!(!Arc::ptr_eq(three[0].stats(), three[1].stats()));
         assert!(three[2].rx.ring.shared_consumers.load(Ordering::Relaxed));
         assert!(three[2].tx.ring.shared_producers.load(Ordering::Relaxed));
         let mut batch = Batch::new();
