@@ -1,8 +1,9 @@
 //! Later IP fragments carry no transport header, so no ports: they cannot
 //! find their flow by themselves. Each worker remembers, for a while, the
 //! flow key of every first fragment it sees (by input port, addresses and
-//! the datagram's identification, and for IPv4 the protocol), and a later fragment takes
-//! its first fragment's key, hence its flow and its decision: through
+//! the datagram's identification, and for IPv4 the protocol), and a later
+//! fragment takes its first fragment's key, hence its flow and its
+//! decision: through
 //! VIPs, security groups and SNAT alike (as VPP and Ananta forward
 //! fragments without reassembling them). A later fragment whose first has
 //! not been seen (out of order, or from before a restart) is dropped and
@@ -222,6 +223,11 @@ impl FragTable {
         let skip = recs.len().saturating_sub(self.capacity);
         let mut n = 0;
         for r in recs.iter().skip(skip) {
+            // No IPv6 flow has protocol 0 (a hop-by-hop header is read
+            // past, or refused): such a record names no flow.
+            if r.proto == 0 && !dataplane::key::is_v4_mapped(&r.src.octets()) {
+                continue;
+            }
             let k = FragKey::new(r.in_port, r.src.octets(), r.dst.octets(), r.proto, r.id);
             if self.map.contains_key(&k) || self.map.len() >= self.capacity {
                 continue;
@@ -247,10 +253,11 @@ mod tests {
     use super::*;
     use dataplane::parse::Frag;
 
+    /// An IPv4 UDP fragment (addresses IPv4-mapped, as keys hold them).
     fn frag(id: u32, sport: u16, offset: u16) -> Parsed {
         let mut p = Parsed::default();
-        p.key.src_ip[15] = 1;
-        p.key.dst_ip[15] = 2;
+        p.key.src_ip = dataplane::key::mapped16([10, 0, 0, 1]);
+        p.key.dst_ip = dataplane::key::mapped16([10, 0, 0, 2]);
         p.key.proto = 17;
         p.key.src_port = sport;
         p.frag = Frag {
@@ -298,11 +305,17 @@ mod tests {
         // And in a successor, which takes the entry through JSON.
         let json = serde_json::to_string(&t.export(1)).unwrap();
         let mut next = FragTable::new(4, 100);
-        assert_eq!(
-            next.restore(&serde_json::from_str::<Vec<_>>(&json).unwrap(), 0),
-            1
-        );
+        let recs: Vec<FragRecord> = serde_json::from_str(&json).unwrap();
+        assert_eq!(recs[0].proto, 17, "the flow's protocol");
+        assert_eq!(next.restore(&recs, 0), 1);
         assert_eq!(next.find(&later, 1), Some(first.key));
+        // An IPv6 record of protocol 0 names no flow: not taken in.
+        let none = FragRecord {
+            proto: 0,
+            id: 10,
+            ..recs[0]
+        };
+        assert_eq!(FragTable::new(4, 100).restore(&[none], 0), 0);
     }
 
     #[test]
@@ -318,6 +331,9 @@ mod tests {
         };
         assert_eq!(t.find(&later, 50).map(|k| k.src_port), Some(5000));
         assert_eq!(t.find(&frag(8, 0, 185), 50), None, "another datagram");
+        let mut tcp = later;
+        tcp.key.proto = 6;
+        assert_eq!(t.find(&tcp, 50), None, "another IPv4 protocol");
         let other_port = Parsed {
             in_port: 3,
             ..later
