@@ -3,11 +3,10 @@
 //! flow key of every first fragment it sees (by input port, addresses and
 //! the datagram's identification, and for IPv4 the protocol), and a later
 //! fragment takes its first fragment's key, hence its flow and its
-//! decision: through
-//! VIPs, security groups and SNAT alike (as VPP and Ananta forward
-//! fragments without reassembling them). A later fragment whose first has
-//! not been seen (out of order, or from before a restart) is dropped and
-//! counted (`frag_no_first`).
+//! decision: through VIPs, security groups and SNAT alike (as VPP and
+//! Ananta forward fragments without reassembling them). A later fragment
+//! whose first has not been seen (out of order, or from before a restart)
+//! is dropped and counted (`frag_no_first`).
 //!
 //! The table is bounded: at capacity the oldest entry makes room; entries
 //! expire after a timeout. A successor process (a hitless upgrade) gets
