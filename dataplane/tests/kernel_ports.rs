@@ -482,6 +482,18 @@ impl Pipeline<PoolBuf> for Ignore {
     }
 }
 
+/// Sets the host's end of the veth pair up and waits until the kernel
+/// says it is.
+fn link_up(net: &Netns) {
+    sh(&["ip", "link", "set", &net.host, "up"]);
+    let end = Instant::now() + Duration::from_secs(10);
+    let state = format!("/sys/class/net/{}/operstate", net.host);
+    while std::fs::read_to_string(&state).unwrap().trim() != "up" {
+        assert!(Instant::now() < end, "{} never came up", net.host);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Frames queued while the link was down leave once it is back up though
 /// the port is given nothing new to send: its worker kicks it as it polls
 /// (`Port::kick`); with `once`, a single kick sends them all.
@@ -496,13 +508,7 @@ fn stranded_frames_leave_with_no_new_traffic(
     for _ in 0..4 {
         port.tx_burst(&mut throwaway_frames(pool));
     }
-    sh(&["ip", "link", "set", &net.host, "up"]);
-    let end = Instant::now() + Duration::from_secs(10);
-    let state = format!("/sys/class/net/{}/operstate", net.host);
-    while std::fs::read_to_string(&state).unwrap().trim() != "up" {
-        assert!(Instant::now() < end, "{} never came up", net.host);
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    link_up(net);
     let before = ns_rx_packets(net);
     if once {
         port.kick();
@@ -568,13 +574,7 @@ fn a_handed_over_packet_socket_sends_what_its_predecessor_queued_while_down() {
     let h = first.handover().expect("af_packet hands over").unwrap();
     drop(first);
     let mut second = AfPacketPort::adopt("veth", &net.host, pool, h).unwrap();
-    sh(&["ip", "link", "set", &net.host, "up"]);
-    let end = Instant::now() + Duration::from_secs(10);
-    let state = format!("/sys/class/net/{}/operstate", net.host);
-    while std::fs::read_to_string(&state).unwrap().trim() != "up" {
-        assert!(Instant::now() < end, "{} never came up", net.host);
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    link_up(&net);
     let before = ns_rx_packets(&net);
     second.kick();
     ns_receives(
