@@ -455,6 +455,9 @@ pub struct WorkerCounters {
     /// Later fragments it sent after their first.
     #[serde(default)]
     pub frags_followed: u64,
+    /// Later fragments that came before their first and waited for it.
+    #[serde(default)]
+    pub frags_held: u64,
     /// SYNs its SYN proxy answered with a cookie.
     #[serde(default)]
     pub syn_cookies_sent: u64,
@@ -520,6 +523,7 @@ impl WorkerCounters {
             (&mut self.conns_untracked, base.conns_untracked),
             (&mut self.frags_noted, base.frags_noted),
             (&mut self.frags_followed, base.frags_followed),
+            (&mut self.frags_held, base.frags_held),
             (&mut self.syn_cookies_sent, base.syn_cookies_sent),
             (&mut self.syn_proxied, base.syn_proxied),
             (&mut self.hairpinned, base.hairpinned),

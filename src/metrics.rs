@@ -226,7 +226,7 @@ pub fn render(
     let frags = counters(
         &mut reg,
         "pollux_fragments",
-        "IP fragments: first ones remembered (noted), later ones that followed them (followed)",
+        "IP fragments: first ones remembered (noted), later ones that followed them (followed), later ones that came before their first and waited for it (held)",
     );
     let synproxy = counters(
         &mut reg,
@@ -313,7 +313,11 @@ pub fn render(
                 .get_or_create(&labels(&[("worker", &name), ("kind", kind)]))
                 .inc_by(n);
         }
-        for (kind, n) in [("noted", w.frags_noted), ("followed", w.frags_followed)] {
+        for (kind, n) in [
+            ("noted", w.frags_noted),
+            ("followed", w.frags_followed),
+            ("held", w.frags_held),
+        ] {
             frags
                 .get_or_create(&labels(&[("worker", &name), ("kind", kind)]))
                 .inc_by(n);

@@ -20,7 +20,8 @@
 //! sending kernel and reassembled by the receiving one, cross pollux VM to
 //! VM (`ping -s 4000`), through a VIP and through SNAT (a 4 000-byte UDP
 //! datagram echoed by a real server), every fragment after the first
-//! following its first; and a packet whose TTL runs out in pollux is
+//! following its first, also when the client writes them last-first (a
+//! raw socket): they wait in pollux for their first; and a packet whose TTL runs out in pollux is
 //! answered with ICMP time exceeded from the vnet's gateway (`ping -t 1`,
 //! and `traceroute` VM to VM, to a VIP and out of the uplink shows pollux
 //! as the first hop);
@@ -511,6 +512,52 @@ for _ in range(3):
 sys.exit(1)
 ";
 
+/// Sends one 3 000-byte UDP datagram from a socket of its own to
+/// argv[1]:argv[2] as IPv4 fragments written by hand (a raw socket), the
+/// last first and the first last, and waits for the same bytes back on
+/// that socket (three tries, a new datagram identification each); exit
+/// status 0 when they came. The receiving kernel reassembles the datagram
+/// and checks its UDP checksum, which the first fragment carries.
+const REVERSED_CLIENT: &str = "import socket, struct, sys, random
+src, dst, dport = '10.1.0.20', sys.argv[1], int(sys.argv[2])
+data = bytes((i * 11) % 251 for i in range(3000))
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.bind((src, 0))
+u.settimeout(2)
+sport = u.getsockname()[1]
+def csum(b):
+    if len(b) % 2:
+        b += b'\\0'
+    s = sum(struct.unpack('!%dH' % (len(b) // 2), b))
+    while s > 0xffff:
+        s = (s & 0xffff) + (s >> 16)
+    return ~s & 0xffff
+ulen = 8 + len(data)
+pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack('!BBH', 0, 17, ulen)
+c = csum(pseudo + struct.pack('!HHHH', sport, dport, ulen, 0) + data) or 0xffff
+payload = struct.pack('!HHHH', sport, dport, ulen, c) + data
+r = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+for _ in range(3):
+    ident = random.randrange(1, 65536)
+    frags = []
+    for off in range(0, len(payload), 1480):
+        part = payload[off:off + 1480]
+        more = 0x2000 if off + 1480 < len(payload) else 0
+        h = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 20 + len(part), ident,
+                        more | (off // 8), 64, 17, 0,
+                        socket.inet_aton(src), socket.inet_aton(dst))
+        h = h[:10] + struct.pack('!H', csum(h)) + h[12:]
+        frags.append(h + part)
+    for f in reversed(frags):
+        r.sendto(f, (dst, 0))
+    try:
+        got, _ = u.recvfrom(65535)
+    except socket.timeout:
+        continue
+    sys.exit(0 if got == data else 2)
+sys.exit(1)
+";
+
 /// A TCP sink: reads each connection to its end and answers with the
 /// number of bytes it read.
 const SINK_SERVER: &str = "import socket, sys
@@ -549,6 +596,7 @@ fn fragments_cross_and_expiring_ttls_are_answered() {
     let dir = lab.dir.clone();
     std::fs::write(dir.join("echo_server.py"), ECHO_SERVER).unwrap();
     std::fs::write(dir.join("echo_client.py"), ECHO_CLIENT).unwrap();
+    std::fs::write(dir.join("reversed.py"), REVERSED_CLIENT).unwrap();
     std::fs::write(dir.join("refused.py"), REFUSED_CLIENT).unwrap();
     std::fs::write(dir.join("sink.py"), SINK_SERVER).unwrap();
     std::fs::write(dir.join("upload.py"), UPLOAD).unwrap();
@@ -578,6 +626,8 @@ fn fragments_cross_and_expiring_ttls_are_answered() {
         let client = client.display();
         let refused = dir.join("refused.py");
         let refused = refused.display();
+        let reversed = dir.join("reversed.py");
+        let reversed = reversed.display();
         let upload = dir.join("upload.py");
         let upload = upload.display();
         for (what, tag, cmd) in [
@@ -600,6 +650,13 @@ fn fragments_cross_and_expiring_ttls_are_answered() {
                 "UDP through SNAT",
                 "cb",
                 format!("python3 {client} 198.51.100.10 7007"),
+            ),
+            // Fragments that come before their first wait for it in
+            // pollux and follow it.
+            (
+                "UDP through the VIP, its fragments sent last first",
+                "cl",
+                format!("python3 {reversed} 10.1.0.101 7"),
             ),
             // The servers' kernels answer a closed port with ICMP port
             // unreachable; translated back through the VIP's and SNAT's
@@ -697,14 +754,24 @@ fn fragments_cross_and_expiring_ttls_are_answered() {
         let r = lab.bash("cl", "ip route get 10.1.0.103");
         let route = String::from_utf8_lossy(&r.stdout);
         assert!(route.contains("mtu 1400"), "{workers} worker(s): {route}");
-        // Fragments did cross: none was dropped for want of its first.
+        // Fragments did cross: none was dropped for want of its first, and
+        // those sent before their first waited for it (the counter is
+        // published every 100 ms).
+        let sum = |c: &serde_json::Value, f: &dyn Fn(&serde_json::Value) -> Option<u64>| {
+            c["workers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|w| f(w).unwrap_or(0))
+                .sum::<u64>()
+        };
+        let held = wait_for(Duration::from_secs(20), || {
+            let c = api.get("/v1/counters").unwrap();
+            sum(&c, &|w| w["frags_held"].as_u64()) >= 2
+        });
         let c = api.get("/v1/counters").unwrap();
-        let lost: u64 = c["workers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|w| w["drops"]["frag_no_first"].as_u64().unwrap_or(0))
-            .sum();
+        assert!(held, "{workers} worker(s): no fragment held: {c}");
+        let lost = sum(&c, &|w| w["drops"]["frag_no_first"].as_u64());
         assert_eq!(lost, 0, "{c}");
         let (st, report) = lab.stop(idx, &out);
         assert!(st.success(), "{report}\n{}", read(&log));

@@ -228,6 +228,9 @@ fn live_view(state: &ControlState, rt: &mut Runtime, packets: bool) -> crate::ap
                 Some(LiveEnd::Back) => ("answer", name(r.in_port), None),
                 Some(LiveEnd::Drop(why)) => ("drop", None, Some(why.name().to_string())),
                 Some(LiveEnd::Handed(w)) => ("handed", None, Some(format!("to worker {w}"))),
+                Some(LiveEnd::Held) => {
+                    ("held", None, Some("waiting for its first fragment".into()))
+                }
                 None => ("unknown", None, None),
             };
             crate::api::LivePacket {

@@ -5,8 +5,11 @@
 //! fragment takes its first fragment's key, hence its flow and its
 //! decision: through VIPs, security groups and SNAT alike (as VPP and
 //! Ananta forward fragments without reassembling them). A later fragment
-//! whose first has not been seen (out of order, or from before a restart)
-//! is dropped and counted (`frag_no_first`).
+//! whose first has not been seen (reordered on the way, sent last-first)
+//! waits for it a short while in a bounded hold ([`FragHold`], as VPP's
+//! shallow virtual reassembly caches them) and follows it when it comes;
+//! one whose first does not come in time (lost, or from before a restart),
+//! or that finds the hold full, is dropped and counted (`frag_no_first`).
 //!
 //! The table is bounded: at capacity the oldest entry makes room; entries
 //! expire after a timeout. A successor process (a hitless upgrade) gets
@@ -247,6 +250,128 @@ impl FragTable {
     }
 }
 
+/// Counters of a [`FragHold`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HoldStats {
+    /// Later fragments held for their first.
+    pub held: u64,
+    /// Held fragments whose first came: handed back to be forwarded.
+    pub released: u64,
+    /// Held fragments whose first did not come in time: dropped.
+    pub expired: u64,
+    /// Later fragments without their first refused for want of room.
+    pub refused: u64,
+}
+
+/// A held fragment: its datagram, the port it came in on, whether it was
+/// handed to this worker by another (its connection's owner need not be
+/// looked for again), until when it waits, and the packet.
+struct HeldFrag<B> {
+    key: FragKey,
+    in_port: u16,
+    owned: bool,
+    until: u64,
+    pkt: B,
+}
+
+/// Later fragments that came before their first fragment (reordered on
+/// the way, or sent last-first as some stacks do), held for a short while
+/// instead of dropped, as VPP's shallow virtual reassembly caches
+/// fragments until the first one is seen. When the first fragment of a
+/// datagram is noted, its held fragments are handed back, in the order
+/// they came, to follow it; those whose first does not come within the
+/// hold time are dropped (`frag_no_first`), as are those that find the
+/// hold full (it is bounded: a flood of fragments whose first never comes
+/// holds at most that many buffers, for at most that long).
+///
+/// Kept in arrival order, so the oldest is always at the front (handing a
+/// datagram's fragments back keeps the others' order).
+pub struct FragHold<B> {
+    q: VecDeque<HeldFrag<B>>,
+    capacity: usize,
+    hold_ns: u64,
+    stats: HoldStats,
+}
+
+impl<B> FragHold<B> {
+    /// A hold for at most `capacity` fragments (0: none is held), each for
+    /// at most `hold_ns`. Its memory is taken now: holding never
+    /// allocates.
+    pub fn new(capacity: usize, hold_ns: u64) -> FragHold<B> {
+        FragHold {
+            q: VecDeque::with_capacity(capacity),
+            capacity,
+            hold_ns,
+            stats: HoldStats::default(),
+        }
+    }
+
+    /// Holds later fragment `p` (packet `pkt`, which came in on `p`'s port,
+    /// handed over by another worker if `owned`) until its first fragment
+    /// is noted or `now` plus the hold time; gives the packet back when the
+    /// hold is full.
+    pub fn hold(&mut self, p: &Parsed, owned: bool, pkt: B, now: u64) -> Result<(), B> {
+        if self.q.len() >= self.capacity {
+            self.stats.refused += 1;
+            return Err(pkt);
+        }
+        self.q.push_back(HeldFrag {
+            key: FragKey::of(p),
+            in_port: p.in_port,
+            owned,
+            until: now.saturating_add(self.hold_ns),
+            pkt,
+        });
+        self.stats.held += 1;
+        Ok(())
+    }
+
+    /// Moves the held fragments of first fragment `p`'s datagram, in the
+    /// order they came, to the back of `out` as (input port, owned,
+    /// packet).
+    pub fn release(&mut self, p: &Parsed, out: &mut VecDeque<(u16, bool, B)>) {
+        if self.q.is_empty() {
+            return;
+        }
+        let key = FragKey::of(p);
+        // One turn of the queue: what stays goes back in its order.
+        for _ in 0..self.q.len() {
+            let Some(h) = self.q.pop_front() else { break };
+            if h.key == key {
+                self.stats.released += 1;
+                out.push_back((h.in_port, h.owned, h.pkt));
+            } else {
+                self.q.push_back(h);
+            }
+        }
+    }
+
+    /// The oldest fragment whose hold time ran out by `now`, taken out (to
+    /// be dropped), if any.
+    pub fn pop_expired(&mut self, now: u64) -> Option<B> {
+        if self.q.front()?.until > now {
+            return None;
+        }
+        self.stats.expired += 1;
+        self.q.pop_front().map(|h| h.pkt)
+    }
+
+    /// Fragments held now.
+    pub fn len(&self) -> usize {
+        self.q.len()
+    }
+
+    /// True when none is held.
+    pub fn is_empty(&self) -> bool {
+        self.q.is_empty()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> HoldStats {
+        self.stats
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -341,6 +466,64 @@ mod tests {
         assert_eq!(t.find(&later, 101), None, "expired");
         t.note(&frag(9, 1, 0), 200);
         assert_eq!(t.len(), 1, "the expired entry went");
+    }
+
+    /// A later fragment of datagram `id` (no ports), as parsed.
+    fn later(id: u32) -> Parsed {
+        let f = frag(id, 0, 185);
+        Parsed {
+            key: FlowKey {
+                src_port: 0,
+                dst_port: 0,
+                ..f.key
+            },
+            ..f
+        }
+    }
+
+    /// Held fragments come back, in their order, when their datagram's
+    /// first is noted; the other datagrams' stay, in theirs, until their
+    /// hold time runs out; a full hold refuses.
+    #[test]
+    fn held_fragments_follow_their_first_or_expire() {
+        let mut h: FragHold<&str> = FragHold::new(4, 100);
+        let mut out = VecDeque::new();
+        h.release(&frag(1, 5000, 0), &mut out);
+        assert!(out.is_empty(), "nothing held");
+        assert!(h.hold(&later(1), false, "1a", 0).is_ok());
+        assert!(h.hold(&later(2), true, "2a", 10).is_ok());
+        assert!(h.hold(&later(1), false, "1b", 20).is_ok());
+        assert!(h.hold(&later(3), false, "3a", 30).is_ok());
+        assert_eq!(h.hold(&later(4), false, "4a", 40), Err("4a"), "full");
+        // Another port's datagram of the same addresses and id is another.
+        let elsewhere = Parsed {
+            in_port: 3,
+            ..frag(1, 5000, 0)
+        };
+        h.release(&elsewhere, &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        h.release(&frag(1, 5000, 0), &mut out);
+        assert_eq!(out, [(0, false, "1a"), (0, false, "1b")]);
+        assert_eq!(h.len(), 2);
+        assert_eq!(h.pop_expired(109), None, "2a waits until 110");
+        assert_eq!(h.pop_expired(110), Some("2a"));
+        assert_eq!(h.pop_expired(110), None, "3a waits until 130");
+        out.clear();
+        h.release(&frag(3, 1, 0), &mut out);
+        assert_eq!(out, [(0, false, "3a")]);
+        assert!(h.is_empty());
+        assert_eq!(
+            h.stats(),
+            HoldStats {
+                held: 4,
+                released: 3,
+                expired: 1,
+                refused: 1,
+            }
+        );
+        // A hold of no room holds nothing.
+        let mut none: FragHold<u8> = FragHold::new(0, 100);
+        assert_eq!(none.hold(&later(1), false, 7, 0), Err(7));
     }
 
     /// A successor's table finds the first fragments its predecessor's

@@ -19,6 +19,7 @@ use lb::balancer::{Backend, VipConfig};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 use vswitch::{
     Policy, Switch, SwitchConfig, SwitchStats, Topology, UplinkDef, VipDef, VmDef, VnetDef,
 };
@@ -621,31 +622,47 @@ fn ipv4_checksum(h: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-#[test]
-fn later_fragments_follow_their_first_through_a_vip() {
-    let mut n = Net::new(false);
-    // A 2 968-byte UDP datagram from the client to the DNS VIP, in three
-    // fragments (1 480 + 1 480 + 16 bytes of IP payload).
+/// A 2 968-byte UDP datagram from the client's port `sport` to the DNS
+/// VIP, in three fragments (1 480 + 1 480 + 16 bytes of IP payload), as
+/// (offset in 8-byte units, payload).
+fn dns_datagram(sport: u16) -> [(u16, Vec<u8>); 3] {
     let mut udp = Vec::new();
-    udp.extend_from_slice(&41000u16.to_be_bytes());
+    udp.extend_from_slice(&sport.to_be_bytes());
     udp.extend_from_slice(&53u16.to_be_bytes());
     udp.extend_from_slice(&2968u16.to_be_bytes());
     udp.extend_from_slice(&[0, 0]); // no checksum
     udp.extend((0..2960).map(|i| (i % 251) as u8));
-    let parts = [
-        (0u16, &udp[..1480]),
-        (185, &udp[1480..2960]),
-        (370, &udp[2960..]),
-    ];
-    // A later fragment before any first: dropped, and counted.
-    assert!(
-        n.send(
-            CLIENT,
-            fragment("10.1.0.20", "10.1.0.101", 7, 185, true, parts[1].1)
-        )
-        .is_empty()
-    );
-    assert_eq!(n.dropped("frag_no_first"), 1);
+    [
+        (0u16, udp[..1480].to_vec()),
+        (185, udp[1480..2960].to_vec()),
+        (370, udp[2960..].to_vec()),
+    ]
+}
+
+/// Checks that `f` is fragment `(offset, data)` of datagram `id` (of
+/// [`dns_datagram`] from `sport`) as sent on to the backend: DNATed, TTL
+/// down by one, header checksum right, fragment fields and payload
+/// untouched.
+fn check_sent_on(f: &[u8], id: u16, (offset, data): (u16, &[u8])) {
+    let ip = &f[14..34];
+    assert_eq!(&ip[16..20], &[10, 1, 0, 4], "fragment at {offset}");
+    assert_eq!(ip[8], 63);
+    assert_eq!(ipv4_checksum(ip), 0, "fragment at {offset}");
+    assert_eq!(u16::from_be_bytes([ip[4], ip[5]]), id);
+    assert_eq!(u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff, offset);
+    if offset == 0 {
+        // The first carries the UDP header: its port is the backend's.
+        assert_eq!(u16::from_be_bytes([f[36], f[37]]), 5353);
+        assert_eq!(&f[42..], &data[8..]);
+    } else {
+        assert_eq!(&f[34..], data, "fragment at {offset}");
+    }
+}
+
+#[test]
+fn later_fragments_follow_their_first_through_a_vip() {
+    let mut n = Net::new(false);
+    let parts = dns_datagram(41000);
     for (i, (offset, data)) in parts.iter().enumerate() {
         let more = i < 2;
         let out = n.send_frames(
@@ -655,23 +672,9 @@ fn later_fragments_follow_their_first_through_a_vip() {
         assert_eq!(out.len(), 1, "fragment {i}");
         let (port, f) = &out[0];
         assert_eq!(*port, SERVER, "fragment {i}");
-        let ip = &f[14..34];
-        // DNATed to the backend, TTL down by one, header checksum right,
-        // fragment fields and payload untouched.
-        assert_eq!(&ip[16..20], &[10, 1, 0, 4], "fragment {i}");
-        assert_eq!(ip[8], 63);
-        assert_eq!(ipv4_checksum(ip), 0, "fragment {i}");
-        assert_eq!(u16::from_be_bytes([ip[4], ip[5]]), 7);
-        assert_eq!(u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff, *offset);
-        if i == 0 {
-            // The first carries the UDP header: its port is the backend's.
-            assert_eq!(u16::from_be_bytes([f[36], f[37]]), 5353);
-            assert_eq!(&f[42..], &data[8..]);
-        } else {
-            assert_eq!(&f[34..], *data, "fragment {i}");
-        }
+        check_sent_on(f, 7, (*offset, data));
     }
-    assert_eq!(n.dropped("frag_no_first"), 1);
+    assert_eq!(n.dropped("frag_no_first"), 0);
     // The backend's answer, fragmented too, comes back from the VIP.
     let mut reply = Vec::new();
     reply.extend_from_slice(&5353u16.to_be_bytes());
@@ -697,6 +700,74 @@ fn later_fragments_follow_their_first_through_a_vip() {
         );
         assert_eq!(ipv4_checksum(ip), 0);
     }
+}
+
+/// Later fragments that come before their first wait for it and follow
+/// it in the order they came; one whose first does not come within the
+/// hold time is dropped and counted; a full hold drops at once.
+#[test]
+fn later_fragments_before_their_first_wait_for_it() {
+    let mut n = Net::with_config(
+        false,
+        SwitchConfig {
+            frag_hold: 3,
+            frag_hold_time: Duration::from_millis(50),
+            ..Net::config()
+        },
+    );
+    let send = |n: &mut Net, id: u16, (offset, data): (u16, &[u8]), more: bool| {
+        n.send_frames(
+            CLIENT,
+            fragment("10.1.0.20", "10.1.0.101", id, offset, more, data),
+        )
+    };
+    // Datagram 8 sent last-first: its later fragments wait, then follow
+    // the first, in the order they came.
+    let parts = dns_datagram(42000);
+    let at = |i: usize| (parts[i].0, &parts[i].1[..]);
+    assert!(send(&mut n, 8, at(2), false).is_empty());
+    assert!(send(&mut n, 8, at(1), true).is_empty());
+    let out = send(&mut n, 8, at(0), true);
+    assert_eq!(out.len(), 3, "{out:?}");
+    assert!(out.iter().all(|(p, _)| *p == SERVER));
+    for (f, i) in out.iter().zip([0, 2, 1]) {
+        check_sent_on(&f.1, 8, at(i));
+    }
+    // A later fragment of datagram 9, whose first never comes: held, then
+    // dropped once the hold time ran out (the worker's periodic step sees
+    // to it while it polls with nothing to do).
+    let lost = dns_datagram(43000);
+    assert!(send(&mut n, 9, (lost[1].0, &lost[1].1), true).is_empty());
+    assert_eq!(n.dropped("frag_no_first"), 0, "held, not dropped");
+    // The hold has room for three: two more wait, a fourth is refused.
+    for id in [10, 11] {
+        assert!(send(&mut n, id, (lost[1].0, &lost[1].1), true).is_empty());
+    }
+    assert!(send(&mut n, 12, (lost[1].0, &lost[1].1), true).is_empty());
+    assert_eq!(n.dropped("frag_no_first"), 1, "the hold is full");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while n.dropped("frag_no_first") < 4 {
+        assert!(Instant::now() < deadline, "held fragments never dropped");
+        n.worker.poll_once();
+        std::thread::yield_now();
+    }
+    // The counter of held fragments is published with the others.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while n.stats.frags_held.load(Ordering::Relaxed) < 5 {
+        assert!(Instant::now() < deadline, "frags_held not published");
+        n.worker.poll_once();
+        std::thread::yield_now();
+    }
+    assert_eq!(
+        n.stats.frags_held.load(Ordering::Relaxed),
+        5,
+        "datagram 8's two and 9, 10, 11"
+    );
+    // The first of datagram 9 now comes too late for its fragment, and
+    // goes on alone.
+    let out = send(&mut n, 9, (lost[0].0, &lost[0].1), true);
+    assert_eq!(out.len(), 1, "{out:?}");
+    check_sent_on(&out[0].1, 9, (lost[0].0, &lost[0].1));
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! and the fragment table.
 //! The flow cache is not carried: it is a cache of this state, rebuilt
 //! by the first packets of each connection through the slow path; nor
-//! is parked SYN-proxy data.
+//! are packets: parked SYN-proxy data, fragments held for their first.
 
 use super::Switch;
 use dataplane::PacketBuf;

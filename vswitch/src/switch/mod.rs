@@ -34,7 +34,7 @@
 //! packet's decisions, layer by layer, on a scratch switch).
 
 use crate::flow::{FlowTable, HAIRPIN_PORT};
-use crate::frag::FragTable;
+use crate::frag::{FragHold, FragTable};
 use crate::policy::{NO_VIP, Policy};
 use arc_swap::{ArcSwap, Cache};
 use dataplane::clock::TscClock;
@@ -89,6 +89,11 @@ pub struct SwitchConfig {
     pub frag_table_size: usize,
     /// How long a first fragment is remembered for its later fragments.
     pub frag_timeout: Duration,
+    /// Later fragments held at most, waiting for their first
+    /// ([`crate::frag::FragHold`]; 0: none, such a fragment is dropped).
+    pub frag_hold: usize,
+    /// How long a later fragment waits for its first.
+    pub frag_hold_time: Duration,
     /// The SYN cookies' secret: every worker's switch must have the same
     /// (clones of one configuration do).
     pub syn_cookies: lb::syncookie::SynCookies,
@@ -108,6 +113,8 @@ impl Default for SwitchConfig {
             port_mtu: Vec::new(),
             frag_table_size: 4096,
             frag_timeout: Duration::from_secs(5),
+            frag_hold: 256,
+            frag_hold_time: Duration::from_millis(100),
             syn_cookies: lb::syncookie::SynCookies::new(),
             preallocate: false,
         }
@@ -136,6 +143,12 @@ pub struct Switch<B = dataplane::pool::PoolBuf> {
     flows: FlowTable,
     /// First fragments' flow keys, for the later fragments.
     frags: FragTable,
+    /// Later fragments waiting for their first.
+    frag_hold: FragHold<B>,
+    /// Held fragments whose first came, with their input port and whether
+    /// they were handed over: they go through the switch again after the
+    /// packets before them (room for all the hold has, reserved up front).
+    frag_released: std::collections::VecDeque<(u16, bool, B)>,
     /// The ICMP-error token buckets (errors to VMs, errors to the wire),
     /// each as the time its tokens start from.
     icmp_bucket: [u64; 2],
@@ -336,6 +349,8 @@ impl<B: PacketBuf> Switch<B> {
             current,
             flows,
             frags: FragTable::new(cfg.frag_table_size, cfg.frag_timeout.as_nanos() as u64),
+            frag_hold: FragHold::new(cfg.frag_hold, cfg.frag_hold_time.as_nanos() as u64),
+            frag_released: std::collections::VecDeque::with_capacity(cfg.frag_hold),
             icmp_bucket: [0; 2],
             lb: Vec::new(),
             generation: u64::MAX,
@@ -585,6 +600,23 @@ impl<B: PacketBuf> Switch<B> {
             self.packet(ctx, policy, port, pkt, now, false, tally, None);
         }
         2 * HAIRPIN_QUEUE
+    }
+
+    /// Sends the held fragments whose first came through the switch again
+    /// (each now finds its first's flow key); returns how many.
+    fn drain_released(
+        &mut self,
+        ctx: &mut Ctx<'_, B>,
+        policy: &Policy,
+        now: u64,
+        tally: &mut (u64, u64, u64),
+    ) -> usize {
+        let mut n = 0;
+        while let Some((port, owned, pkt)) = self.frag_released.pop_front() {
+            self.packet(ctx, policy, usize::from(port), pkt, now, owned, tally, None);
+            n += 1;
+        }
+        n
     }
 
     /// Takes one ICMP error from this worker's token bucket, refilled at
@@ -876,7 +908,17 @@ impl<B: PacketBuf> Switch<B> {
         let later;
         let (pk, hash, hint) = if pk.frag.is_later() {
             let Some(key) = self.frags.find(pk, now) else {
-                self.drop_pkt(pkt, SwitchDrop::FragNoFirst);
+                // Its first has not come (yet): it waits for it a while.
+                match self.frag_hold.hold(pk, owned, pkt, now) {
+                    Ok(()) => self.live_note(LiveEnd::Held, "frag", || {
+                        format!(
+                            "a fragment after the first, before its first: held for it (at \
+                             most {} ms)",
+                            self.cfg.frag_hold_time.as_millis()
+                        )
+                    }),
+                    Err(pkt) => self.drop_pkt(pkt, SwitchDrop::FragNoFirst),
+                }
                 return;
             };
             // The rest of an ICMP message that is no echo (an error, whose
@@ -890,6 +932,8 @@ impl<B: PacketBuf> Switch<B> {
         } else {
             if pk.frag.is_first() {
                 self.frags.note(pk, now);
+                // Its later fragments that came before it follow it.
+                self.frag_hold.release(pk, &mut self.frag_released);
             }
             (pk, hash, hint)
         };
@@ -1106,6 +1150,10 @@ impl<B: PacketBuf> Switch<B> {
         if handed > 0 {
             dataplane::stats::add_own(&self.stats.handed_off, handed);
         }
+        // Fragments that waited for their first in vain.
+        while let Some(pkt) = self.frag_hold.pop_expired(now) {
+            self.drop_pkt(pkt, SwitchDrop::FragNoFirst);
+        }
         // Flow expiry a little every millisecond, in proportion to the time
         // since the last step, so the whole table is swept about once a
         // second (entries expire at most about a second late).
@@ -1145,6 +1193,8 @@ impl<B: PacketBuf> Switch<B> {
             let f = self.frags.stats();
             s.frags_noted.store(f.noted, Ordering::Relaxed);
             s.frags_followed.store(f.found, Ordering::Relaxed);
+            s.frags_held
+                .store(self.frag_hold.stats().held, Ordering::Relaxed);
             self.expire_parked(now);
         }
     }
@@ -1438,6 +1488,9 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
             });
         }
         self.scratch = Some(scratch);
+        if !self.frag_released.is_empty() {
+            self.drain_released(ctx, policy, now, &mut tally);
+        }
         if !self.looped.is_empty() {
             self.drain_looped(ctx, policy, now, &mut tally);
         }
@@ -1463,12 +1516,13 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
         // the queue's size); counted in what this poll did, so that the
         // worker flushes what they sent.
         let mut looped = 0;
-        if !self.looped.is_empty() {
+        if !self.looped.is_empty() || !self.frag_released.is_empty() {
             let mut current = self.take_policy();
             let policy = current.load();
             let now = self.begin(ctx, policy);
             let mut tally = (0, 0, 0);
-            looped = self.drain_looped(ctx, policy, now, &mut tally);
+            looped = self.drain_released(ctx, policy, now, &mut tally);
+            looped += self.drain_looped(ctx, policy, now, &mut tally);
             self.end(now, tally);
             self.current = Some(current);
         }
@@ -1509,6 +1563,9 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                 None,
             );
             n += 1;
+        }
+        if !self.frag_released.is_empty() {
+            n += self.drain_released(ctx, policy, now, &mut tally);
         }
         if !self.looped.is_empty() {
             n += self.drain_looped(ctx, policy, now, &mut tally);

@@ -187,6 +187,10 @@ pub struct SwitchStats {
     pub frags_noted: AtomicU64,
     /// Later fragments that followed their first, published every 100 ms.
     pub frags_followed: AtomicU64,
+    /// Later fragments that came before their first and were held for it,
+    /// published every 100 ms (those it did not come for are dropped as
+    /// `frag_no_first`).
+    pub frags_held: AtomicU64,
     /// SYNs the SYN proxy answered with a cookie, published every 100 ms.
     pub syn_cookies_sent: AtomicU64,
     /// Connections opened by the ACK of a cookie, published every 100 ms.
@@ -236,6 +240,7 @@ impl Default for SwitchStats {
             conns_untracked: AtomicU64::new(0),
             frags_noted: AtomicU64::new(0),
             frags_followed: AtomicU64::new(0),
+            frags_held: AtomicU64::new(0),
             syn_cookies_sent: AtomicU64::new(0),
             syn_proxied: AtomicU64::new(0),
             syn_proxy_held: AtomicU64::new(0),

@@ -88,6 +88,8 @@ impl<B: PacketBuf> Switch<B> {
             flow_table_size: SCRATCH_ENTRIES,
             conn_table_size: SCRATCH_ENTRIES,
             frag_table_size: SCRATCH_ENTRIES,
+            // (A trace takes no packet in through the hold.)
+            frag_hold: 0,
             preallocate: false,
             ..cfg.clone()
         };
@@ -132,7 +134,8 @@ impl<B: PacketBuf> Switch<B> {
         let end = if pk.frag.is_later() {
             self.note("port", || {
                 "a fragment after the first: it takes its first fragment's decision, which \
-                 this trace has not seen"
+                 this trace has not seen (a worker holds it a while for its first, and \
+                 drops it if that does not come)"
                     .into()
             });
             TraceEnd::Drop(SwitchDrop::FragNoFirst)
@@ -354,6 +357,9 @@ pub enum LiveEnd {
     /// Handed to this worker, which owns its connection (not traced
     /// there).
     Handed(usize),
+    /// A later fragment held for its first fragment, which has not come
+    /// yet (it goes on with its first, or is dropped after the hold time).
+    Held,
 }
 
 /// One packet of live traffic, traced.
