@@ -440,6 +440,12 @@ mod tests {
             ..recs[0]
         };
         assert_eq!(FragTable::new(4, 100).restore(&[none], 0), 0);
+        // Held before its first, the later fragment is that datagram's.
+        let mut h = FragHold::new(2, 100);
+        assert!(h.hold(&later, false, 1u8, 0).is_ok());
+        let mut out = VecDeque::new();
+        h.release(&first, &mut out);
+        assert_eq!(out, [(0, false, 1)]);
     }
 
     #[test]
