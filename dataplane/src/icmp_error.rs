@@ -42,11 +42,22 @@ pub struct Quote {
 /// quoting an IPv4 header, or an ICMPv6 error quoting an IPv6 header, with
 /// at least 8 bytes of a TCP, UDP or echo header after it (what
 /// connections are made of).
+#[inline]
 pub fn quote(frame: &[u8], p: &Parsed) -> Option<Quote> {
-    if p.l3 == L3::Ipv6 && p.key.proto == PROTO_ICMPV6 && p.has_l4 {
+    // (Inlined: the slow path asks of every packet, most of them no ICMP.)
+    if !p.key.is_icmp() || !p.has_l4 {
+        return None;
+    }
+    quote_icmp(frame, p)
+}
+
+/// [`quote`] for an ICMP or ICMPv6 message.
+#[inline(never)]
+fn quote_icmp(frame: &[u8], p: &Parsed) -> Option<Quote> {
+    if p.l3 == L3::Ipv6 && p.key.proto == PROTO_ICMPV6 {
         return quote_v6(frame, p);
     }
-    if p.l3 != L3::Ipv4 || p.key.proto != PROTO_ICMP || !p.has_l4 {
+    if p.l3 != L3::Ipv4 || p.key.proto != PROTO_ICMP {
         return None;
     }
     let icmp = usize::from(p.l4_off);

@@ -557,6 +557,7 @@ pub fn neighbor_advert<B: PacketBuf>(
 }
 
 /// True when `frame` is an ICMP (v4) or ICMPv6 echo request.
+#[inline]
 pub fn is_echo_request(frame: &[u8], p: &Parsed) -> bool {
     let want = match (p.l3, p.key.proto) {
         (L3::Ipv4, PROTO_ICMP) => icmp::V4_ECHO_REQUEST,

@@ -98,16 +98,29 @@ impl<B: PacketBuf> Switch<B> {
         s
     }
 
-    /// Notes `detail()` for `layer` when a trace is being taken.
-    #[inline]
+    /// Notes `detail()` for `layer` when a trace is being taken. (The
+    /// test inlined, the rest not: the slow path calls this at every
+    /// step, and its packets are almost never traced.)
+    #[inline(always)]
     pub(super) fn note(&self, layer: &'static str, detail: impl FnOnce() -> String) {
+        if self.noting() {
+            self.push_note(layer, detail());
+        }
+    }
+
+    /// Whether a trace is being taken.
+    #[inline(always)]
+    fn noting(&self) -> bool {
+        self.trace.try_borrow().is_ok_and(|t| t.is_some())
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn push_note(&self, layer: &'static str, detail: String) {
         if let Ok(mut t) = self.trace.try_borrow_mut()
             && let Some(t) = t.as_mut()
         {
-            t.push(TraceStep {
-                layer,
-                detail: detail(),
-            });
+            t.push(TraceStep { layer, detail });
         }
     }
 
@@ -235,10 +248,16 @@ impl<B: PacketBuf> Switch<B> {
 
     /// Notes what the load balancer decided (`d`) for a packet of vnet
     /// `vn` with key `key`.
+    #[inline(always)]
     pub(super) fn note_lb(&self, p: &Policy, vn: usize, key: &FlowKey, d: &Option<Decision>) {
-        if self.trace.try_borrow().is_ok_and(|t| t.is_none()) {
-            return;
+        if self.noting() {
+            self.note_lb_now(p, vn, key, d);
         }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn note_lb_now(&self, p: &Policy, vn: usize, key: &FlowKey, d: &Option<Decision>) {
         let vnet = p.vnets.get(vn).map_or("?", |v| v.name.as_str());
         let detail = match d {
             None | Some(Decision::NotHandled) => {
