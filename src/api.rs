@@ -977,7 +977,8 @@ pub struct LivePacket {
     /// Each layer's decision (a cached flow's hit, or the slow path's).
     pub steps: Vec<TraceStepView>,
     /// `forward`, `answer`, `drop`, `handed` (to the worker that owns its
-    /// connection, not traced there) or `unknown`.
+    /// connection, not traced there), `held` (a later fragment waiting for
+    /// its first) or `unknown`.
     pub result: String,
     /// With `forward` and `answer`: the output port.
     #[serde(default, skip_serializing_if = "Option::is_none")]

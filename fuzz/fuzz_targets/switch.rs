@@ -835,7 +835,9 @@ fn harness() -> &'static Mutex<Harness> {
     })
 }
 
-/// Every packet the switch's ports received: sent, or dropped with a reason.
+/// Every packet the switch's ports received: sent, or dropped with a
+/// reason, or held (for a SYN-proxied connection, or a later fragment for
+/// its first).
 fn accounted(h: &Harness) -> (u64, u64) {
     let snap: Vec<_> = h.port_stats.iter().map(|s| s.snapshot()).collect();
     let rx: u64 = snap.iter().map(|s| s.rx_packets).sum();
@@ -846,7 +848,10 @@ fn accounted(h: &Harness) -> (u64, u64) {
     let held = h
         .switch
         .syn_proxy_held
-        .load(std::sync::atomic::Ordering::Relaxed);
+        .load(std::sync::atomic::Ordering::Relaxed)
+        + h.switch
+            .frags_waiting
+            .load(std::sync::atomic::Ordering::Relaxed);
     (rx, tx + port_drops + switch_drops + worker_drops + held)
 }
 

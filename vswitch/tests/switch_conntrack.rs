@@ -221,13 +221,25 @@ impl Net {
     }
 
     fn with_config(stateless_out: bool, sw_cfg: SwitchConfig) -> Net {
+        Net::traced(stateless_out, sw_cfg, None)
+    }
+
+    /// With a live trace, if given.
+    fn traced(
+        stateless_out: bool,
+        sw_cfg: SwitchConfig,
+        live: Option<Arc<vswitch::switch::LiveTrace>>,
+    ) -> Net {
         let mut cfg = PoolConfig::new("conntrack-test", 1024);
         cfg.huge = HugePages::Never;
         let pool = Pool::new(&cfg).unwrap();
         let policy = Arc::new(ArcSwap::from_pointee(
             Policy::compile(&topology(0, stateless_out), 1).unwrap(),
         ));
-        let sw = Switch::new(policy.clone(), sw_cfg);
+        let mut sw = Switch::new(policy.clone(), sw_cfg);
+        if let Some(l) = live {
+            sw = sw.with_live_trace(0, l);
+        }
         let stats = sw.stats();
         let mut ports: Vec<Box<dyn Port<Buf = PoolBuf>>> = Vec::new();
         let mut ends = Vec::new();
@@ -702,56 +714,87 @@ fn later_fragments_follow_their_first_through_a_vip() {
     }
 }
 
-/// Later fragments that come before their first wait for it and follow
-/// it in the order they came; one whose first does not come within the
-/// hold time is dropped and counted; a full hold drops at once.
-#[test]
-fn later_fragments_before_their_first_wait_for_it() {
-    let mut n = Net::with_config(
+/// Sends fragment `(offset, data)` of datagram `id` from the client to the
+/// DNS VIP; returns what left the switch.
+fn send_fragment(
+    n: &mut Net,
+    id: u16,
+    (offset, data): (u16, &[u8]),
+    more: bool,
+) -> Vec<(usize, Vec<u8>)> {
+    n.send_frames(
+        CLIENT,
+        fragment("10.1.0.20", "10.1.0.101", id, offset, more, data),
+    )
+}
+
+/// A switch whose hold has room for three fragments, each for `hold`.
+fn holding(hold: Duration) -> Net {
+    Net::with_config(
         false,
         SwitchConfig {
             frag_hold: 3,
-            frag_hold_time: Duration::from_millis(50),
+            frag_hold_time: hold,
             ..Net::config()
         },
-    );
-    let send = |n: &mut Net, id: u16, (offset, data): (u16, &[u8]), more: bool| {
-        n.send_frames(
-            CLIENT,
-            fragment("10.1.0.20", "10.1.0.101", id, offset, more, data),
-        )
-    };
-    // Datagram 8 sent last-first: its later fragments wait, then follow
-    // the first, in the order they came.
+    )
+}
+
+/// Later fragments that come before their first wait for it and follow
+/// it at once, in the order they came, ahead of the flow's next packet;
+/// a full hold drops at once.
+#[test]
+fn later_fragments_before_their_first_wait_for_it() {
+    // (A hold long enough that nothing expires during the test.)
+    let mut n = holding(Duration::from_secs(600));
+    // Datagram 8 sent last-first: its later fragments wait.
     let parts = dns_datagram(42000);
     let at = |i: usize| (parts[i].0, &parts[i].1[..]);
-    assert!(send(&mut n, 8, at(2), false).is_empty());
-    assert!(send(&mut n, 8, at(1), true).is_empty());
-    let out = send(&mut n, 8, at(0), true);
-    assert_eq!(out.len(), 3, "{out:?}");
-    assert!(out.iter().all(|(p, _)| *p == SERVER));
+    assert!(send_fragment(&mut n, 8, at(2), false).is_empty());
+    assert!(send_fragment(&mut n, 8, at(1), true).is_empty());
+    assert_eq!(n.stats.frags_waiting.load(Ordering::Relaxed), 2);
+    // Its first, then the flow's next datagram (unfragmented), in one
+    // burst: the first, the held fragments, then the next datagram.
+    let mut next = Vec::new();
+    next.extend_from_slice(&42000u16.to_be_bytes());
+    next.extend_from_slice(&53u16.to_be_bytes());
+    next.extend_from_slice(&16u16.to_be_bytes());
+    next.extend_from_slice(&[0, 0]);
+    next.extend_from_slice(&[0x77; 8]);
+    let mut b = Batch::new();
+    for f in [
+        fragment("10.1.0.20", "10.1.0.101", 8, 0, true, &parts[0].1),
+        fragment("10.1.0.20", "10.1.0.101", 20, 0, false, &next),
+    ] {
+        b.push(n.pool.alloc_copy(&f).unwrap()).unwrap();
+    }
+    n.ends[CLIENT].tx_burst(&mut b);
+    n.worker.poll_once();
+    let mut rx = Batch::new();
+    n.ends[SERVER].rx_burst(&mut rx);
+    let out: Vec<Vec<u8>> = rx.drain().map(|p| p.data().to_vec()).collect();
+    assert_eq!(out.len(), 4, "{out:?}");
     for (f, i) in out.iter().zip([0, 2, 1]) {
-        check_sent_on(&f.1, 8, at(i));
+        check_sent_on(f, 8, at(i));
     }
-    // A later fragment of datagram 9, whose first never comes: held, then
-    // dropped once the hold time ran out (the worker's periodic step sees
-    // to it while it polls with nothing to do).
+    assert_eq!(
+        u16::from_be_bytes([out[3][18], out[3][19]]),
+        20,
+        "the next datagram last"
+    );
+    assert_eq!(n.stats.frags_waiting.load(Ordering::Relaxed), 0);
+    // Three later fragments of datagrams whose first does not come fill
+    // the hold; a fourth is dropped at once.
     let lost = dns_datagram(43000);
-    assert!(send(&mut n, 9, (lost[1].0, &lost[1].1), true).is_empty());
+    for id in [9, 10, 11] {
+        assert!(send_fragment(&mut n, id, (lost[1].0, &lost[1].1), true).is_empty());
+    }
     assert_eq!(n.dropped("frag_no_first"), 0, "held, not dropped");
-    // The hold has room for three: two more wait, a fourth is refused.
-    for id in [10, 11] {
-        assert!(send(&mut n, id, (lost[1].0, &lost[1].1), true).is_empty());
-    }
-    assert!(send(&mut n, 12, (lost[1].0, &lost[1].1), true).is_empty());
+    assert!(send_fragment(&mut n, 12, (lost[1].0, &lost[1].1), true).is_empty());
     assert_eq!(n.dropped("frag_no_first"), 1, "the hold is full");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while n.dropped("frag_no_first") < 4 {
-        assert!(Instant::now() < deadline, "held fragments never dropped");
-        n.worker.poll_once();
-        std::thread::yield_now();
-    }
-    // The counter of held fragments is published with the others.
+    assert_eq!(n.stats.frags_waiting.load(Ordering::Relaxed), 3);
+    // The counter of held fragments is published with the others (every
+    // 100 ms, also while the worker has nothing to do).
     let deadline = Instant::now() + Duration::from_secs(20);
     while n.stats.frags_held.load(Ordering::Relaxed) < 5 {
         assert!(Instant::now() < deadline, "frags_held not published");
@@ -761,11 +804,55 @@ fn later_fragments_before_their_first_wait_for_it() {
     assert_eq!(
         n.stats.frags_held.load(Ordering::Relaxed),
         5,
-        "datagram 8's two and 9, 10, 11"
+        "datagram 8's two, and 9, 10, 11"
     );
-    // The first of datagram 9 now comes too late for its fragment, and
-    // goes on alone.
-    let out = send(&mut n, 9, (lost[0].0, &lost[0].1), true);
+}
+
+/// A live trace shows a later fragment that came before its first as
+/// held.
+#[test]
+fn a_live_trace_shows_a_held_fragment() {
+    let live = vswitch::switch::LiveTrace::new(8);
+    let cfg = SwitchConfig {
+        frag_hold: 3,
+        frag_hold_time: Duration::from_secs(600),
+        ..Net::config()
+    };
+    let mut n = Net::traced(false, cfg, Some(live.clone()));
+    live.arm(
+        dataplane::capture::Spec {
+            port: Some(CLIENT as u16),
+            filter: "udp".parse().unwrap(),
+            snaplen: 2048,
+        },
+        1,
+        u64::MAX,
+    );
+    let parts = dns_datagram(44000);
+    assert!(send_fragment(&mut n, 13, (parts[1].0, &parts[1].1), true).is_empty());
+    let mut got = Vec::new();
+    live.take(&mut got);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].end, Some(vswitch::switch::LiveEnd::Held), "{got:?}");
+    assert!(got[0].steps.iter().any(|s| s.layer == "frag"), "{got:?}");
+}
+
+/// A held fragment whose first does not come within the hold time is
+/// dropped and counted (the worker's periodic step sees to it, also while
+/// it has nothing else to do); its first, coming later, goes on alone.
+#[test]
+fn a_held_fragment_whose_first_does_not_come_is_dropped() {
+    let mut n = holding(Duration::from_millis(1));
+    let lost = dns_datagram(43000);
+    assert!(send_fragment(&mut n, 9, (lost[1].0, &lost[1].1), true).is_empty());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while n.dropped("frag_no_first") < 1 {
+        assert!(Instant::now() < deadline, "the held fragment never dropped");
+        n.worker.poll_once();
+        std::thread::yield_now();
+    }
+    assert_eq!(n.stats.frags_waiting.load(Ordering::Relaxed), 0);
+    let out = send_fragment(&mut n, 9, (lost[0].0, &lost[0].1), true);
     assert_eq!(out.len(), 1, "{out:?}");
     check_sent_on(&out[0].1, 9, (lost[0].0, &lost[0].1));
 }

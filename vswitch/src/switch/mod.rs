@@ -145,9 +145,10 @@ pub struct Switch<B = dataplane::pool::PoolBuf> {
     frags: FragTable,
     /// Later fragments waiting for their first.
     frag_hold: FragHold<B>,
-    /// Held fragments whose first came, with their input port and whether
-    /// they were handed over: they go through the switch again after the
-    /// packets before them (room for all the hold has, reserved up front).
+    /// Held fragments whose first just came, with their input port and
+    /// whether they were handed over: they go through the switch again
+    /// right after it, before any other packet (at most what the hold
+    /// has, for which room is reserved up front).
     frag_released: std::collections::VecDeque<(u16, bool, B)>,
     /// The ICMP-error token buckets (errors to VMs, errors to the wire),
     /// each as the time its tokens start from.
@@ -602,8 +603,8 @@ impl<B: PacketBuf> Switch<B> {
         2 * HAIRPIN_QUEUE
     }
 
-    /// Sends the held fragments whose first came through the switch again
-    /// (each now finds its first's flow key); returns how many.
+    /// Sends the held fragments whose first just came through the switch
+    /// again (each now finds its first's flow key); returns how many.
     fn drain_released(
         &mut self,
         ctx: &mut Ctx<'_, B>,
@@ -612,8 +613,9 @@ impl<B: PacketBuf> Switch<B> {
         tally: &mut (u64, u64, u64),
     ) -> usize {
         let mut n = 0;
+        // (A later fragment releases nothing: one pass empties the queue.)
         while let Some((port, owned, pkt)) = self.frag_released.pop_front() {
-            self.packet(ctx, policy, usize::from(port), pkt, now, owned, tally, None);
+            self.packet_one(ctx, policy, usize::from(port), pkt, now, owned, tally, None);
             n += 1;
         }
         n
@@ -872,10 +874,32 @@ impl<B: PacketBuf> Switch<B> {
     }
 
     /// One packet received on `in_port`; `owned` when placement already
-    /// chose this worker (a packet from the mailbox).
+    /// chose this worker (a packet from the mailbox). A first fragment's
+    /// held later fragments follow it at once, ahead of anything after it
+    /// (its flow's next packets, too).
     #[inline]
     #[allow(clippy::too_many_arguments)]
     fn packet(
+        &mut self,
+        ctx: &mut Ctx<'_, B>,
+        policy: &Policy,
+        in_port: usize,
+        pkt: B,
+        now: u64,
+        owned: bool,
+        tally: &mut (u64, u64, u64),
+        pre: Option<Pre<'_>>,
+    ) {
+        self.packet_one(ctx, policy, in_port, pkt, now, owned, tally, pre);
+        if !self.frag_released.is_empty() {
+            self.drain_released(ctx, policy, now, tally);
+        }
+    }
+
+    /// [`Switch::packet`] without what it releases.
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    fn packet_one(
         &mut self,
         ctx: &mut Ctx<'_, B>,
         policy: &Policy,
@@ -909,7 +933,11 @@ impl<B: PacketBuf> Switch<B> {
         let (pk, hash, hint) = if pk.frag.is_later() {
             let Some(key) = self.frags.find(pk, now) else {
                 // Its first has not come (yet): it waits for it a while.
-                match self.frag_hold.hold(pk, owned, pkt, now) {
+                let held = self.frag_hold.hold(pk, owned, pkt, now);
+                self.stats
+                    .frags_waiting
+                    .store(self.frag_hold.len() as u64, Ordering::Relaxed);
+                match held {
                     Ok(()) => self.live_note(LiveEnd::Held, "frag", || {
                         format!(
                             "a fragment after the first, before its first: held for it (at \
@@ -933,7 +961,12 @@ impl<B: PacketBuf> Switch<B> {
             if pk.frag.is_first() {
                 self.frags.note(pk, now);
                 // Its later fragments that came before it follow it.
-                self.frag_hold.release(pk, &mut self.frag_released);
+                if !self.frag_hold.is_empty() {
+                    self.frag_hold.release(pk, &mut self.frag_released);
+                    self.stats
+                        .frags_waiting
+                        .store(self.frag_hold.len() as u64, Ordering::Relaxed);
+                }
             }
             (pk, hash, hint)
         };
@@ -1151,8 +1184,14 @@ impl<B: PacketBuf> Switch<B> {
             dataplane::stats::add_own(&self.stats.handed_off, handed);
         }
         // Fragments that waited for their first in vain.
-        while let Some(pkt) = self.frag_hold.pop_expired(now) {
+        if let Some(pkt) = self.frag_hold.pop_expired(now) {
             self.drop_pkt(pkt, SwitchDrop::FragNoFirst);
+            while let Some(pkt) = self.frag_hold.pop_expired(now) {
+                self.drop_pkt(pkt, SwitchDrop::FragNoFirst);
+            }
+            self.stats
+                .frags_waiting
+                .store(self.frag_hold.len() as u64, Ordering::Relaxed);
         }
         // Flow expiry a little every millisecond, in proportion to the time
         // since the last step, so the whole table is swept about once a
@@ -1488,9 +1527,6 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
             });
         }
         self.scratch = Some(scratch);
-        if !self.frag_released.is_empty() {
-            self.drain_released(ctx, policy, now, &mut tally);
-        }
         if !self.looped.is_empty() {
             self.drain_looped(ctx, policy, now, &mut tally);
         }
@@ -1516,13 +1552,12 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
         // the queue's size); counted in what this poll did, so that the
         // worker flushes what they sent.
         let mut looped = 0;
-        if !self.looped.is_empty() || !self.frag_released.is_empty() {
+        if !self.looped.is_empty() {
             let mut current = self.take_policy();
             let policy = current.load();
             let now = self.begin(ctx, policy);
             let mut tally = (0, 0, 0);
-            looped = self.drain_released(ctx, policy, now, &mut tally);
-            looped += self.drain_looped(ctx, policy, now, &mut tally);
+            looped = self.drain_looped(ctx, policy, now, &mut tally);
             self.end(now, tally);
             self.current = Some(current);
         }
@@ -1563,9 +1598,6 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                 None,
             );
             n += 1;
-        }
-        if !self.frag_released.is_empty() {
-            n += self.drain_released(ctx, policy, now, &mut tally);
         }
         if !self.looped.is_empty() {
             n += self.drain_looped(ctx, policy, now, &mut tally);

@@ -31,7 +31,9 @@ pub enum SwitchDrop {
     /// The header rewrite failed.
     RewriteFailed,
     /// A fragment after the first whose first fragment this worker has not
-    /// seen (out of order, or expired).
+    /// seen: it did not come within the hold time (lost, or the first's
+    /// entry expired), or the hold of fragments waiting for theirs was
+    /// full.
     FragNoFirst,
     /// An ICMP error about no connection the switch tracks.
     IcmpUnrelated,
@@ -191,6 +193,8 @@ pub struct SwitchStats {
     /// published every 100 ms (those it did not come for are dropped as
     /// `frag_no_first`).
     pub frags_held: AtomicU64,
+    /// Later fragments held now, waiting for their first.
+    pub frags_waiting: AtomicU64,
     /// SYNs the SYN proxy answered with a cookie, published every 100 ms.
     pub syn_cookies_sent: AtomicU64,
     /// Connections opened by the ACK of a cookie, published every 100 ms.
@@ -241,6 +245,7 @@ impl Default for SwitchStats {
             frags_noted: AtomicU64::new(0),
             frags_followed: AtomicU64::new(0),
             frags_held: AtomicU64::new(0),
+            frags_waiting: AtomicU64::new(0),
             syn_cookies_sent: AtomicU64::new(0),
             syn_proxied: AtomicU64::new(0),
             syn_proxy_held: AtomicU64::new(0),

@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct TraceStep {
     /// The layer: `port`, `spoof`, `arp`, `nd`, `icmp`, `lb`, `route`,
     /// `acl`, `output`; live traces also `flow` (a cached flow's hit),
-    /// `drop` and `handoff`.
+    /// `drop`, `handoff` and `frag` (a later fragment held for its first).
     pub layer: &'static str,
     /// What it decided and why, in words.
     pub detail: String,
