@@ -855,6 +855,7 @@ impl<B: PacketBuf> Switch<B> {
 
     /// A packet of a burst that is no hit: [`Switch::packet`], with the
     /// burst's lookup and the Maglev hash its stages computed, if any.
+    #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     fn burst_slow(
         &mut self,
