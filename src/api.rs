@@ -458,6 +458,9 @@ pub struct WorkerCounters {
     /// Later fragments that came before their first and waited for it.
     #[serde(default)]
     pub frags_held: u64,
+    /// Later fragments waiting for their first now.
+    #[serde(default)]
+    pub frags_waiting: u64,
     /// SYNs its SYN proxy answered with a cookie.
     #[serde(default)]
     pub syn_cookies_sent: u64,
@@ -497,7 +500,8 @@ pub struct WorkerCounters {
 impl WorkerCounters {
     /// Adds `base`'s counts to these: what a predecessor process had
     /// counted (a hitless upgrade). Gauges (flow table entries,
-    /// connections, SNAT ports in use) are this process's own.
+    /// connections, SNAT ports in use, fragments waiting) are this
+    /// process's own.
     pub fn add(&mut self, base: &WorkerCounters) {
         for (c, b) in [
             (&mut self.busy_polls, base.busy_polls),
@@ -737,7 +741,7 @@ mod tests {
             let want = match k.as_str() {
                 "worker" => 0,
                 "connections" => 5,
-                "flow_table_entries" | "snat_ports_in_use" => 0,
+                "flow_table_entries" | "snat_ports_in_use" | "frags_waiting" => 0,
                 "drops" | "rx_bursts" => continue,
                 _ => 3,
             };

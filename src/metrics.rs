@@ -243,6 +243,11 @@ pub fn render(
         "pollux_snat_inbound_connections",
         "Connections SNAT mappings let in from the wire (endpoint-independent or address-dependent filtering)",
     );
+    let frags_waiting = gauges(
+        &mut reg,
+        "pollux_fragments_waiting",
+        "Later IP fragments held now for their first fragment",
+    );
     let snat_ports = gauges(
         &mut reg,
         "pollux_snat_ports_in_use",
@@ -337,6 +342,7 @@ pub fn render(
         snat_ports
             .get_or_create(&lw)
             .set(w.snat_ports_in_use as i64);
+        frags_waiting.get_or_create(&lw).set(w.frags_waiting as i64);
         busy.get_or_create(&lw).inc_by(w.busy_polls);
         idle.get_or_create(&lw).inc_by(w.idle_polls);
         sleeps.get_or_create(&lw).inc_by(w.idle_sleeps);

@@ -22,9 +22,9 @@
 //! datagram echoed by a real server), every fragment after the first
 //! following its first, also when the client writes them last-first (a
 //! raw socket): they wait in pollux for their first; and a packet whose
-//! TTL runs out in pollux is answered with ICMP time exceeded from the vnet's gateway (`ping -t 1`,
-//! and `traceroute` VM to VM, to a VIP and out of the uplink shows pollux
-//! as the first hop);
+//! TTL runs out in pollux is answered with ICMP time exceeded from the
+//! vnet's gateway (`ping -t 1`, and `traceroute` VM to VM, to a VIP and
+//! out of the uplink shows pollux as the first hop);
 //! and ICMP errors the servers' kernels send (port unreachable) reach the
 //! client's socket through a VIP and through SNAT, translated; and a VM
 //! behind a port with a smaller MTU is reached by path-MTU discovery (the

@@ -1035,6 +1035,7 @@ pub fn local_counters(state: &ControlState, rt: &Runtime) -> Counters {
             frags_noted: l(&ss.frags_noted),
             frags_followed: l(&ss.frags_followed),
             frags_held: l(&ss.frags_held),
+            frags_waiting: l(&ss.frags_waiting),
             syn_cookies_sent: l(&ss.syn_cookies_sent),
             syn_proxied: l(&ss.syn_proxied),
             hairpinned: l(&ss.hairpinned),

@@ -835,6 +835,52 @@ fn a_live_trace_shows_a_held_fragment() {
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0].end, Some(vswitch::switch::LiveEnd::Held), "{got:?}");
     assert!(got[0].steps.iter().any(|s| s.layer == "frag"), "{got:?}");
+    // A traced first fragment's record is its own, not that of the held
+    // fragments it releases (which go through untraced): here a TCP SYN
+    // with data to the server's port 9000, which its group denies, so
+    // that each fragment takes the slow path and is denied.
+    let mut tcp = Vec::new();
+    tcp.extend_from_slice(&45000u16.to_be_bytes());
+    tcp.extend_from_slice(&9000u16.to_be_bytes());
+    tcp.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+    tcp.extend(std::iter::repeat_n(0x42, 1500));
+    let to_server = |offset: u16, more: bool, data: &[u8]| {
+        let mut f = fragment("10.1.0.20", "10.1.0.4", 14, offset, more, data);
+        // (TCP, with the header checksum again.)
+        f[23] = 6;
+        f[24..26].copy_from_slice(&[0, 0]);
+        let c = ipv4_checksum(&f[14..34]);
+        f[24..26].copy_from_slice(&c.to_be_bytes());
+        f
+    };
+    assert!(
+        n.send(CLIENT, to_server(185, false, &tcp[1480..]))
+            .is_empty()
+    );
+    live.arm(
+        dataplane::capture::Spec {
+            port: Some(CLIENT as u16),
+            filter: "tcp".parse().unwrap(),
+            snaplen: 2048,
+        },
+        1,
+        u64::MAX,
+    );
+    assert!(n.send(CLIENT, to_server(0, true, &tcp[..1480])).is_empty());
+    assert_eq!(n.dropped("acl_deny"), 2, "both fragments denied");
+    let mut got = Vec::new();
+    live.take(&mut got);
+    assert_eq!(got.len(), 1, "{got:?}");
+    let r = &got[0];
+    assert_eq!(
+        r.end,
+        Some(vswitch::switch::LiveEnd::Drop(
+            vswitch::switch::SwitchDrop::AclDeny
+        )),
+        "{r:?}"
+    );
+    let ports = r.steps.iter().filter(|s| s.layer == "port").count();
+    assert_eq!(ports, 1, "one packet's steps: {:?}", r.steps);
 }
 
 /// A held fragment whose first does not come within the hold time is

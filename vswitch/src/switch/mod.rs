@@ -604,21 +604,18 @@ impl<B: PacketBuf> Switch<B> {
     }
 
     /// Sends the held fragments whose first just came through the switch
-    /// again (each now finds its first's flow key); returns how many.
+    /// again (each now finds its first's flow key).
     fn drain_released(
         &mut self,
         ctx: &mut Ctx<'_, B>,
         policy: &Policy,
         now: u64,
         tally: &mut (u64, u64, u64),
-    ) -> usize {
-        let mut n = 0;
+    ) {
         // (A later fragment releases nothing: one pass empties the queue.)
         while let Some((port, owned, pkt)) = self.frag_released.pop_front() {
             self.packet_one(ctx, policy, usize::from(port), pkt, now, owned, tally, None);
-            n += 1;
         }
-        n
     }
 
     /// Takes one ICMP error from this worker's token bucket, refilled at
@@ -893,7 +890,12 @@ impl<B: PacketBuf> Switch<B> {
     ) {
         self.packet_one(ctx, policy, in_port, pkt, now, owned, tally, pre);
         if !self.frag_released.is_empty() {
+            // Each its own packet: a live trace follows only the first.
+            let tracing = std::mem::replace(&mut self.tracing, false);
+            let notes = self.trace.borrow_mut().take();
             self.drain_released(ctx, policy, now, tally);
+            self.tracing = tracing;
+            *self.trace.borrow_mut() = notes;
         }
     }
 
