@@ -18,7 +18,7 @@
 //!
 //! Also shown: IPv4 datagrams larger than the links' MTU, fragmented by the
 //! sending kernel and reassembled by the receiving one, cross pollux VM to
-//! VM (`ping -s 4000`), through a VIP and through SNAT (a 4 000-byte UDP
+//! VM (`ping -s 4000`), through a VIP and through SNAT (a 3 000-byte UDP
 //! datagram echoed by a real server), every fragment after the first
 //! following its first, also when the client writes them last-first (a
 //! raw socket): they wait in pollux for their first; and a packet whose
@@ -37,7 +37,7 @@
 
 mod common;
 
-use common::netns::{Lab, REFUSED_CLIENT, read, wait_for};
+use common::netns::{FRAGMENT_CLIENT, Lab, REFUSED_CLIENT, UDP_ECHO_SERVER, read, wait_for};
 use std::time::{Duration, Instant};
 
 /// (tag, address/prefix, MAC, default gateway) of every namespace.
@@ -487,77 +487,6 @@ fn connections_outlive_policy_changes_and_health_flips() {
     assert!(st.success(), "{report}\n{}", read(&log));
 }
 
-/// A UDP echo server (every datagram sent back to its sender).
-const ECHO_SERVER: &str = "import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind((sys.argv[1], 7007))
-while True:
-    d, a = s.recvfrom(65535)
-    s.sendto(d, a)
-";
-
-/// Sends one 4 000-byte datagram to argv[1]:argv[2] and waits for the same
-/// bytes back (three tries); exit status 0 when they came.
-const ECHO_CLIENT: &str = "import socket, sys
-data = bytes((i * 7) % 251 for i in range(4000))
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.settimeout(2)
-for _ in range(3):
-    s.sendto(data, (sys.argv[1], int(sys.argv[2])))
-    try:
-        got, _ = s.recvfrom(65535)
-    except socket.timeout:
-        continue
-    sys.exit(0 if got == data else 2)
-sys.exit(1)
-";
-
-/// Sends one 3 000-byte UDP datagram from a socket of its own to
-/// argv[1]:argv[2] as IPv4 fragments written by hand (a raw socket), the
-/// last first and the first last, and waits for the same bytes back on
-/// that socket (three tries, a new datagram identification each); exit
-/// status 0 when they came. The receiving kernel reassembles the datagram
-/// and checks its UDP checksum, which the first fragment carries.
-const REVERSED_CLIENT: &str = "import socket, struct, sys, random
-src, dst, dport = '10.1.0.20', sys.argv[1], int(sys.argv[2])
-data = bytes((i * 11) % 251 for i in range(3000))
-u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-u.bind((src, 0))
-u.settimeout(2)
-sport = u.getsockname()[1]
-def csum(b):
-    if len(b) % 2:
-        b += b'\\0'
-    s = sum(struct.unpack('!%dH' % (len(b) // 2), b))
-    while s > 0xffff:
-        s = (s & 0xffff) + (s >> 16)
-    return ~s & 0xffff
-ulen = 8 + len(data)
-pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack('!BBH', 0, 17, ulen)
-c = csum(pseudo + struct.pack('!HHHH', sport, dport, ulen, 0) + data) or 0xffff
-payload = struct.pack('!HHHH', sport, dport, ulen, c) + data
-r = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-for _ in range(3):
-    ident = random.randrange(1, 65536)
-    frags = []
-    for off in range(0, len(payload), 1480):
-        part = payload[off:off + 1480]
-        more = 0x2000 if off + 1480 < len(payload) else 0
-        h = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 20 + len(part), ident,
-                        more | (off // 8), 64, 17, 0,
-                        socket.inet_aton(src), socket.inet_aton(dst))
-        h = h[:10] + struct.pack('!H', csum(h)) + h[12:]
-        frags.append(h + part)
-    for f in reversed(frags):
-        r.sendto(f, (dst, 0))
-    try:
-        got, _ = u.recvfrom(65535)
-    except socket.timeout:
-        continue
-    sys.exit(0 if got == data else 2)
-sys.exit(1)
-";
-
 /// A TCP sink: reads each connection to its end and answers with the
 /// number of bytes it read.
 const SINK_SERVER: &str = "import socket, sys
@@ -594,9 +523,8 @@ fn fragments_cross_and_expiring_ttls_are_answered() {
     }
     let mut lab = lab();
     let dir = lab.dir.clone();
-    std::fs::write(dir.join("echo_server.py"), ECHO_SERVER).unwrap();
-    std::fs::write(dir.join("echo_client.py"), ECHO_CLIENT).unwrap();
-    std::fs::write(dir.join("reversed.py"), REVERSED_CLIENT).unwrap();
+    std::fs::write(dir.join("echo_server.py"), UDP_ECHO_SERVER).unwrap();
+    std::fs::write(dir.join("echo_client.py"), FRAGMENT_CLIENT).unwrap();
     std::fs::write(dir.join("refused.py"), REFUSED_CLIENT).unwrap();
     std::fs::write(dir.join("sink.py"), SINK_SERVER).unwrap();
     std::fs::write(dir.join("upload.py"), UPLOAD).unwrap();
@@ -626,8 +554,6 @@ fn fragments_cross_and_expiring_ttls_are_answered() {
         let client = client.display();
         let refused = dir.join("refused.py");
         let refused = refused.display();
-        let reversed = dir.join("reversed.py");
-        let reversed = reversed.display();
         let upload = dir.join("upload.py");
         let upload = upload.display();
         for (what, tag, cmd) in [
@@ -644,19 +570,19 @@ fn fragments_cross_and_expiring_ttls_are_answered() {
             (
                 "UDP through the VIP",
                 "cl",
-                format!("python3 {client} 10.1.0.101 7"),
+                format!("python3 {client} 10.1.0.20 10.1.0.101 7"),
             ),
             (
                 "UDP through SNAT",
                 "cb",
-                format!("python3 {client} 198.51.100.10 7007"),
+                format!("python3 {client} 10.2.0.20 198.51.100.10 7007"),
             ),
             // Fragments that come before their first wait for it in
             // pollux and follow it.
             (
                 "UDP through the VIP, its fragments sent last first",
                 "cl",
-                format!("python3 {reversed} 10.1.0.101 7"),
+                format!("python3 {client} 10.1.0.20 10.1.0.101 7 reversed"),
             ),
             // The servers' kernels answer a closed port with ICMP port
             // unreachable; translated back through the VIP's and SNAT's

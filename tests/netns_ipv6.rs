@@ -20,64 +20,8 @@
 
 mod common;
 
-use common::netns::{Lab, REFUSED_CLIENT, read, wait_for};
+use common::netns::{FRAGMENT_CLIENT, Lab, REFUSED_CLIENT, UDP_ECHO_SERVER, read, wait_for};
 use std::time::Duration;
-
-/// Echoes every UDP datagram to port 7007 of argv[1].
-const ECHO6_SERVER: &str = "import socket, sys
-s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-s.bind((sys.argv[1], 7007))
-while True:
-    d, a = s.recvfrom(65535)
-    s.sendto(d, a)
-";
-
-/// Sends one 3 000-byte UDP datagram from a socket of its own to
-/// [argv[1]]:argv[2] and waits for the same bytes back (three tries);
-/// with argv[3] = `reversed`, as IPv6 fragments written by hand (a raw
-/// socket), the last first, a new identification each try; otherwise
-/// through the socket (the kernel fragments it). Exit status 0 when the
-/// bytes came back.
-const ECHO6_CLIENT: &str = "import socket, struct, sys, random
-src, dst, dport = 'fd00:1::20', sys.argv[1], int(sys.argv[2])
-data = bytes((i * 13) % 251 for i in range(3000))
-u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-u.bind((src, 0))
-u.settimeout(2)
-sport = u.getsockname()[1]
-def csum(b):
-    if len(b) % 2:
-        b += b'\\0'
-    s = sum(struct.unpack('!%dH' % (len(b) // 2), b))
-    while s > 0xffff:
-        s = (s & 0xffff) + (s >> 16)
-    return ~s & 0xffff
-S, D = socket.inet_pton(socket.AF_INET6, src), socket.inet_pton(socket.AF_INET6, dst)
-ulen = 8 + len(data)
-c = csum(S + D + struct.pack('!IxxxB', ulen, 17) + struct.pack('!HHHH', sport, dport, ulen, 0) + data) or 0xffff
-payload = struct.pack('!HHHH', sport, dport, ulen, c) + data
-r = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
-for _ in range(3):
-    if sys.argv[3:] == ['reversed']:
-        ident = random.randrange(1, 1 << 32)
-        frags = []
-        for off in range(0, len(payload), 1448):
-            part = payload[off:off + 1448]
-            more = 1 if off + 1448 < len(payload) else 0
-            ip = struct.pack('!IHBB16s16s', 6 << 28, 8 + len(part), 44, 64, S, D)
-            fh = struct.pack('!BBHI', 17, 0, (off // 8) << 3 | more, ident)
-            frags.append(ip + fh + part)
-        for f in reversed(frags):
-            r.sendto(f, (dst, 0))
-    else:
-        u.sendto(data, (dst, dport))
-    try:
-        got, _ = u.recvfrom(65535)
-    except socket.timeout:
-        continue
-    sys.exit(0 if got == data else 2)
-sys.exit(1)
-";
 
 const NODES: [(&str, &str, &str, &str); 3] = [
     ("w1", "fd00:1::4", "02:00:00:00:01:04", "a"),
@@ -227,8 +171,8 @@ fn ipv6_stacks_resolve_and_talk_through_pollux() {
     // A datagram larger than the links crosses the UDP VIP in fragments,
     // both ways; and so does one whose fragments come last-first: the
     // later ones wait in pollux for their first.
-    std::fs::write(lab.dir.join("echo6.py"), ECHO6_SERVER).unwrap();
-    std::fs::write(lab.dir.join("echo6_client.py"), ECHO6_CLIENT).unwrap();
+    std::fs::write(lab.dir.join("echo6.py"), UDP_ECHO_SERVER).unwrap();
+    std::fs::write(lab.dir.join("echo6_client.py"), FRAGMENT_CLIENT).unwrap();
     lab.spawn(
         "w1",
         &format!(
@@ -243,7 +187,10 @@ fn ipv6_stacks_resolve_and_talk_through_pollux() {
     // otherwise its first answer is refused with "packet too big" and a
     // try after it crosses.)
     for how in ["", "reversed"] {
-        let cmd = format!("python3 {} fd00:1::102 7 {how}", client.display());
+        let cmd = format!(
+            "python3 {} fd00:1::20 fd00:1::102 7 {how}",
+            client.display()
+        );
         // The server may take a moment to start: a few tries.
         let ok = wait_for(Duration::from_secs(20), || {
             lab.bash("cl", &cmd).status.success()

@@ -392,6 +392,77 @@ for _ in range(3):
 sys.exit(1)
 ";
 
+/// Echoes every UDP datagram to port 7007 of argv[1] (IPv4 or IPv6).
+pub const UDP_ECHO_SERVER: &str = "import socket, sys
+family = socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET
+s = socket.socket(family, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 7007))
+while True:
+    d, a = s.recvfrom(65535)
+    s.sendto(d, a)
+";
+
+/// Sends one 3 000-byte UDP datagram from a socket of its own on argv[1]
+/// to argv[2]:argv[3] (IPv4 or IPv6) and waits for the same bytes back
+/// (three tries); exit status 0 when they came. Through the socket (the
+/// kernel fragments it), or with argv[4] = `reversed` as fragments
+/// written by hand on a raw socket, the last first, a new identification
+/// each try; the receiving kernel reassembles the datagram and checks its
+/// UDP checksum, which the first fragment carries.
+pub const FRAGMENT_CLIENT: &str = "import socket, struct, sys, random
+src, dst, dport = sys.argv[1], sys.argv[2], int(sys.argv[3])
+v6 = ':' in dst
+family = socket.AF_INET6 if v6 else socket.AF_INET
+data = bytes((i * 11) % 251 for i in range(3000))
+u = socket.socket(family, socket.SOCK_DGRAM)
+u.bind((src, 0))
+u.settimeout(2)
+sport = u.getsockname()[1]
+def csum(b):
+    if len(b) % 2:
+        b += b'\\0'
+    s = sum(struct.unpack('!%dH' % (len(b) // 2), b))
+    while s > 0xffff:
+        s = (s & 0xffff) + (s >> 16)
+    return ~s & 0xffff
+S, D = socket.inet_pton(family, src), socket.inet_pton(family, dst)
+ulen = 8 + len(data)
+if v6:
+    pseudo = S + D + struct.pack('!IxxxB', ulen, 17)
+else:
+    pseudo = S + D + struct.pack('!BBH', 0, 17, ulen)
+c = csum(pseudo + struct.pack('!HHHH', sport, dport, ulen, 0) + data) or 0xffff
+payload = struct.pack('!HHHH', sport, dport, ulen, c) + data
+# Fragment payloads: multiples of 8 bytes, each packet 1 496 bytes at most.
+step = 1448 if v6 else 1472
+def fragments(ident):
+    out = []
+    for off in range(0, len(payload), step):
+        part = payload[off:off + step]
+        more = 1 if off + step < len(payload) else 0
+        if v6:
+            ip = struct.pack('!IHBB16s16s', 6 << 28, 8 + len(part), 44, 64, S, D)
+            out.append(ip + struct.pack('!BBHI', 17, 0, (off // 8) << 3 | more, ident) + part)
+        else:
+            h = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 20 + len(part), ident & 0xffff,
+                            more << 13 | (off // 8), 64, 17, 0, S, D)
+            out.append(h[:10] + struct.pack('!H', csum(h)) + h[12:] + part)
+    return out
+r = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW)
+for _ in range(3):
+    if sys.argv[4:] == ['reversed']:
+        for f in reversed(fragments(random.randrange(1, 1 << 16))):
+            r.sendto(f, (dst, 0))
+    else:
+        u.sendto(data, (dst, dport))
+    try:
+        got, _ = u.recvfrom(65535)
+    except socket.timeout:
+        continue
+    sys.exit(0 if got == data else 2)
+sys.exit(1)
+";
+
 /// Polls `what` every 50 ms until it holds or `limit` passes.
 pub fn wait_for(limit: Duration, mut what: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + limit;

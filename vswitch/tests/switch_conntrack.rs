@@ -808,6 +808,16 @@ fn later_fragments_before_their_first_wait_for_it() {
     );
 }
 
+/// Arms `live` for the client's next packet that `filter` selects.
+fn arm(live: &vswitch::switch::LiveTrace, filter: &str) {
+    let spec = dataplane::capture::Spec {
+        port: Some(CLIENT as u16),
+        filter: filter.parse().unwrap(),
+        snaplen: 2048,
+    };
+    live.arm(spec, 1, u64::MAX);
+}
+
 /// A live trace shows a later fragment that came before its first as
 /// held.
 #[test]
@@ -819,15 +829,7 @@ fn a_live_trace_shows_a_held_fragment() {
         ..Net::config()
     };
     let mut n = Net::traced(false, cfg, Some(live.clone()));
-    live.arm(
-        dataplane::capture::Spec {
-            port: Some(CLIENT as u16),
-            filter: "udp".parse().unwrap(),
-            snaplen: 2048,
-        },
-        1,
-        u64::MAX,
-    );
+    arm(&live, "udp");
     let parts = dns_datagram(44000);
     assert!(send_fragment(&mut n, 13, (parts[1].0, &parts[1].1), true).is_empty());
     let mut got = Vec::new();
@@ -857,15 +859,7 @@ fn a_live_trace_shows_a_held_fragment() {
         n.send(CLIENT, to_server(185, false, &tcp[1480..]))
             .is_empty()
     );
-    live.arm(
-        dataplane::capture::Spec {
-            port: Some(CLIENT as u16),
-            filter: "tcp".parse().unwrap(),
-            snaplen: 2048,
-        },
-        1,
-        u64::MAX,
-    );
+    arm(&live, "tcp");
     assert!(n.send(CLIENT, to_server(0, true, &tcp[..1480])).is_empty());
     assert_eq!(n.dropped("acl_deny"), 2, "both fragments denied");
     let mut got = Vec::new();

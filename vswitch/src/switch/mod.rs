@@ -891,12 +891,19 @@ impl<B: PacketBuf> Switch<B> {
         self.packet_one(ctx, policy, in_port, pkt, now, owned, tally, pre);
         if !self.frag_released.is_empty() {
             // Each its own packet: a live trace follows only the first.
-            let tracing = std::mem::replace(&mut self.tracing, false);
-            let notes = self.trace.borrow_mut().take();
-            self.drain_released(ctx, policy, now, tally);
-            self.tracing = tracing;
-            *self.trace.borrow_mut() = notes;
+            self.untraced(|s| s.drain_released(ctx, policy, now, tally));
         }
+    }
+
+    /// Runs `f` with the trace's notes and the live trace off, then puts
+    /// them back: for packets that a traced packet sets going, each its
+    /// own.
+    fn untraced(&mut self, f: impl FnOnce(&mut Self)) {
+        let tracing = std::mem::replace(&mut self.tracing, false);
+        let notes = self.trace.borrow_mut().take();
+        f(self);
+        self.tracing = tracing;
+        *self.trace.borrow_mut() = notes;
     }
 
     /// [`Switch::packet`] without what it releases.
@@ -1046,11 +1053,7 @@ impl<B: PacketBuf> Switch<B> {
                 } else {
                     // The packets held for the connection go on, each its
                     // own (a live trace follows only the ACK).
-                    let tracing = std::mem::replace(&mut self.tracing, false);
-                    let notes = self.trace.borrow_mut().take();
-                    self.unpark(ctx, policy, r, now, tally);
-                    self.tracing = tracing;
-                    *self.trace.borrow_mut() = notes;
+                    self.untraced(|s| s.unpark(ctx, policy, r, now, tally));
                 }
             }
             Ok(Slow::ProxySyn(a, seg, first)) => {
