@@ -37,6 +37,7 @@
 
 mod common;
 
+use common::api::worker_sum;
 use common::netns::{FRAGMENT_CLIENT, Lab, REFUSED_CLIENT, UDP_ECHO_SERVER, read, wait_for};
 use std::time::{Duration, Instant};
 
@@ -683,21 +684,13 @@ fn fragments_cross_and_expiring_ttls_are_answered() {
         // Fragments did cross: none was dropped for want of its first, and
         // those sent before their first waited for it (the counter is
         // published every 100 ms).
-        let sum = |c: &serde_json::Value, f: &dyn Fn(&serde_json::Value) -> Option<u64>| {
-            c["workers"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|w| f(w).unwrap_or(0))
-                .sum::<u64>()
-        };
         let held = wait_for(Duration::from_secs(20), || {
             let c = api.get("/v1/counters").unwrap();
-            sum(&c, &|w| w["frags_held"].as_u64()) >= 2
+            worker_sum(&c, |w| w["frags_held"].as_u64()) >= 2
         });
         let c = api.get("/v1/counters").unwrap();
         assert!(held, "{workers} worker(s): no fragment held: {c}");
-        let lost = sum(&c, &|w| w["drops"]["frag_no_first"].as_u64());
+        let lost = worker_sum(&c, |w| w["drops"]["frag_no_first"].as_u64());
         assert_eq!(lost, 0, "{c}");
         let (st, report) = lab.stop(idx, &out);
         assert!(st.success(), "{report}\n{}", read(&log));

@@ -20,6 +20,7 @@
 
 mod common;
 
+use common::api::worker_sum;
 use common::netns::{FRAGMENT_CLIENT, Lab, REFUSED_CLIENT, UDP_ECHO_SERVER, read, wait_for};
 use std::time::Duration;
 
@@ -198,23 +199,19 @@ fn ipv6_stacks_resolve_and_talk_through_pollux() {
         assert!(ok, "{cmd} failed\n{}", read(&err));
     }
     let api = lab.api("pollux-v6");
-    let sum = |c: &serde_json::Value, f: &dyn Fn(&serde_json::Value) -> Option<u64>| {
-        c["workers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|w| f(w).unwrap_or(0))
-            .sum::<u64>()
-    };
     // (`frags_held` is published every 100 ms.)
     let held = wait_for(Duration::from_secs(20), || {
-        sum(&api.get("/v1/counters").unwrap(), &|w| {
+        worker_sum(&api.get("/v1/counters").unwrap(), |w| {
             w["frags_held"].as_u64()
         }) >= 2
     });
     let c = api.get("/v1/counters").unwrap();
     assert!(held, "no fragment held: {c}");
-    assert_eq!(sum(&c, &|w| w["drops"]["frag_no_first"].as_u64()), 0, "{c}");
+    assert_eq!(
+        worker_sum(&c, |w| w["drops"]["frag_no_first"].as_u64()),
+        0,
+        "{c}"
+    );
     // The other tenant has the same prefix and reaches neither.
     let r = lab.bash(
         "ot",

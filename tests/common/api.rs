@@ -134,3 +134,11 @@ pub fn port(v: &Value, name: &str, field: &str) -> u64 {
 pub fn worker(v: &Value, w: usize, field: &str) -> u64 {
     v["workers"][w][field].as_u64().unwrap_or(0)
 }
+
+/// The sum over the workers of `/v1/counters` (`c`) of what `f` reads of
+/// each (0 where it reads nothing).
+pub fn worker_sum(c: &Value, f: impl Fn(&Value) -> Option<u64>) -> u64 {
+    c["workers"]
+        .as_array()
+        .map_or(0, |ws| ws.iter().map(|w| f(w).unwrap_or(0)).sum())
+}
