@@ -147,8 +147,8 @@ pub struct Switch<B = dataplane::pool::PoolBuf> {
     frag_hold: FragHold<B>,
     /// Held fragments whose first just came, with their input port and
     /// whether they were handed over: they go through the switch again
-    /// right after it, before any other packet (at most what the hold
-    /// has, for which room is reserved up front).
+    /// right after it, before the next packet it decides (at most what
+    /// the hold has, for which room is reserved up front).
     frag_released: std::collections::VecDeque<(u16, bool, B)>,
     /// The ICMP-error token buckets (errors to VMs, errors to the wire),
     /// each as the time its tokens start from.
@@ -873,8 +873,8 @@ impl<B: PacketBuf> Switch<B> {
 
     /// One packet received on `in_port`; `owned` when placement already
     /// chose this worker (a packet from the mailbox). A first fragment's
-    /// held later fragments follow it at once, ahead of anything after it
-    /// (its flow's next packets, too).
+    /// held later fragments follow it at once, ahead of the packets
+    /// decided after it (its flow's next packets among them).
     #[inline]
     #[allow(clippy::too_many_arguments)]
     fn packet(
