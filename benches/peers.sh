@@ -89,14 +89,21 @@ SERVER_MAC=02:00:00:00:00:04
 GW_MAC=12:34:56:78:9a:bc
 VIP=10.1.0.100
 
+# The generator's virtio_user ports connect to the device's sockets, or
+# (`,server=1`, for pollux's own vhost-user ports, which connect as QEMU's
+# clients do) own them.
+vu_server=""
 gen() { # pktgen from CPU 0 into the sockets $1 (client side) and $2 (server side), towards $3, $4 flows; the rest are pktgen's
     local in=$1 out=$2 dst=$3 flows=$4
     shift 4
+    # (A virtio_user server leaves its socket file behind, and cannot bind
+    # to one left so.)
+    [ -z "$vu_server" ] || rm -f "$in" "$out"
     # (Bounded: a generator that hangs fails its trial, or its ready or
     # fill round, rather than the whole run waiting on it.)
     timeout 300 taskset -c 0 "$bin" pktgen --eal "--no-huge -m 1024 --no-pci -l 0 --log-level=error --file-prefix=pp-gen" \
-        --tx "dpdk:virtio_user0,path=$in,mac=$CLIENT_MAC" \
-        --rx "dpdk:virtio_user1,path=$out,mac=$SERVER_MAC" \
+        --tx "dpdk:virtio_user0,path=$in,mac=$CLIENT_MAC$vu_server" \
+        --rx "dpdk:virtio_user1,path=$out,mac=$SERVER_MAC$vu_server" \
         --src-ip 10.1.1.0 --src-ips 16 --sport 1024 --dst-ip "$dst" --dport 80 \
         --dst-mac "$GW_MAC" --flows "$flows" "$@"
 }
@@ -240,26 +247,38 @@ ovs_conns() {
 }
 
 # --- pollux ----------------------------------------------------------------------
-pollux_start() {
-    local ips
+pollux_start() { # $1: dpdk (DPDK's net_vhost ports) or own (pollux's vhost_user ports)
+    local ips ports
     ips=$(python3 -c 'print(", ".join("\"10.1.1.%d\"" % i for i in range(16)))')
     rm -f "$tmp"/px-*.sock
+    if [ "$1" = own ]; then
+        ports="[[port]]
+name = \"client\"
+driver = \"vhost_user\"
+socket = \"$tmp/px-in.sock\"
+[[port]]
+name = \"server\"
+driver = \"vhost_user\"
+socket = \"$tmp/px-out.sock\""
+    else
+        ports="[dpdk]
+eal_args = [\"--no-huge\", \"-m\", \"1024\", \"--no-pci\", \"-l\", \"1\", \"--log-level=error\", \"--file-prefix=pp-pollux\"]
+[[port]]
+name = \"client\"
+driver = \"dpdk\"
+devargs = \"net_vhost0,iface=$tmp/px-in.sock\"
+[[port]]
+name = \"server\"
+driver = \"dpdk\"
+devargs = \"net_vhost1,iface=$tmp/px-out.sock\""
+    fi
     cat > "$tmp/pollux.toml" <<TOML
-[dpdk]
-eal_args = ["--no-huge", "-m", "1024", "--no-pci", "-l", "1", "--log-level=error", "--file-prefix=pp-pollux"]
+$ports
 [control]
 socket = "$tmp/px-ctl.sock"
 [dataplane]
 flow_table_size = 4194304
 conn_table_size = 2097152
-[[port]]
-name = "client"
-driver = "dpdk"
-devargs = "net_vhost0,iface=$tmp/px-in.sock"
-[[port]]
-name = "server"
-driver = "dpdk"
-devargs = "net_vhost1,iface=$tmp/px-out.sock"
 [[vnet]]
 name = "a"
 prefixes = ["10.1.0.0/16"]
@@ -286,7 +305,9 @@ backends = [ { ip = "10.1.0.4", port = 8080 }, { ip = "10.1.0.5", port = 8080 },
 TOML
     taskset -c 1 "$bin" run --config "$tmp/pollux.toml" > "$tmp/pollux.out" 2> "$tmp/pollux.err" &
     dut_pid=$!
-    wait_sock "$tmp/px-out.sock"
+    # (pollux's own ports connect to the generator's sockets, made when
+    # it starts.)
+    [ "$1" = own ] || wait_sock "$tmp/px-out.sock"
     wait_sock "$tmp/px-ctl.sock"
 }
 api() { curl -sf --unix-socket "$tmp/px-ctl.sock" "$@"; }
@@ -306,7 +327,7 @@ print(sum(w.get("connections", 0) for w in json.load(sys.stdin)["workers"]))'
 # --- the run ---------------------------------------------------------------------
 declare -A mpps cpp
 what="(before the first device)"
-devices="${DEVICES:-testpmd ovs pollux acl}"
+devices="${DEVICES:-testpmd ovs pollux own acl}"
 for flows in $sizes; do
     [[ $devices == *testpmd* ]] || break
     # (No `ready` step: testpmd counts its cycles over its whole run, which
@@ -338,21 +359,30 @@ for flows in $sizes; do
 done
 # shellcheck disable=SC2086
 [ -z "$ovs_pids" ] || kill $ovs_pids 2>/dev/null || true; wait 2>/dev/null || true; ovs_pids=""
-for flows in $sizes; do
-    [[ $devices == *pollux* ]] || break
-    for mode in plain vip; do
-        what="pollux $mode, $flows flows"
-        pollux_start
-        dst=10.1.0.4
-        [ "$mode" = vip ] && dst=$VIP
-        fill "$tmp/px-in.sock" "$tmp/px-out.sock" "$dst" "$flows" pollux_conns
-        ready "$tmp/px-in.sock" "$tmp/px-out.sock" "$dst" "$flows"
-        mpps[pollux-$mode,$flows]=$(trial "$tmp/px-in.sock" "$tmp/px-out.sock" "$dst" "$flows" pollux_reset pollux_read)
-        cpp[pollux-$mode,$flows]=$(cat "$tmp/cpp")
-        echo "pollux $mode, $flows flows: ${mpps[pollux-$mode,$flows]} Mpps, ${cpp[pollux-$mode,$flows]} cycles/packet" >&2
-        kill "$dut_pid"; wait "$dut_pid" || true; dut_pid=""
+# pollux on DPDK's vhost library (`pollux`), then on its own vhost-user
+# ports (`own`).
+for kind in pollux own; do
+    [[ " $devices " == *" $kind "* ]] || continue
+    driver=dpdk key=pollux vu_server=""
+    if [ "$kind" = own ]; then
+        driver=own key=own vu_server=",server=1"
+    fi
+    for flows in $sizes; do
+        for mode in plain vip; do
+            what="pollux ($driver vhost-user) $mode, $flows flows"
+            pollux_start "$driver"
+            dst=10.1.0.4
+            [ "$mode" = vip ] && dst=$VIP
+            fill "$tmp/px-in.sock" "$tmp/px-out.sock" "$dst" "$flows" pollux_conns
+            ready "$tmp/px-in.sock" "$tmp/px-out.sock" "$dst" "$flows"
+            mpps[$key-$mode,$flows]=$(trial "$tmp/px-in.sock" "$tmp/px-out.sock" "$dst" "$flows" pollux_reset pollux_read)
+            cpp[$key-$mode,$flows]=$(cat "$tmp/cpp")
+            echo "$what: ${mpps[$key-$mode,$flows]} Mpps, ${cpp[$key-$mode,$flows]} cycles/packet" >&2
+            kill "$dut_pid"; wait "$dut_pid" || true; dut_pid=""
+        done
     done
 done
+vu_server=""
 
 # --- classifiers: rte_acl (dpdk-test-acl) and pollux's, same rules, same trace --------
 declare -A acl
@@ -398,13 +428,15 @@ section=$(
     echo
     echo "| device | flows | Mpps | cycles/packet |"
     echo "|---|---:|---:|---:|"
-    for dev in testpmd ovs-plain ovs-vip pollux-plain pollux-vip; do
+    for dev in testpmd ovs-plain ovs-vip pollux-plain pollux-vip own-plain own-vip; do
         case $dev in
             testpmd) name="dpdk-testpmd io forwarding" ;;
             ovs-plain) name="OVS-DPDK, in_port -> output" ;;
             ovs-vip) name="OVS-DPDK, VIP (ct nat + select group)" ;;
             pollux-plain) name="pollux, VM to VM (conntrack, route)" ;;
             pollux-vip) name="pollux, VIP (Maglev, conntrack, DNAT)" ;;
+            own-plain) name="pollux on its own vhost-user ports, VM to VM" ;;
+            own-vip) name="pollux on its own vhost-user ports, VIP" ;;
         esac
         for flows in $sizes; do
             echo "| $name | $flows | ${mpps[$dev,$flows]:--} | ${cpp[$dev,$flows]:--} |"
@@ -424,7 +456,7 @@ section=$(
     echo "Ratios, same run:"
     echo
     for flows in $sizes; do
-        echo "- $flows flows: pollux VIP / OVS VIP throughput $(ratio "${mpps[pollux-vip,$flows]:-0}" "${mpps[ovs-vip,$flows]:-0}"), cycles per packet $(ratio "${cpp[pollux-vip,$flows]:-0}" "${cpp[ovs-vip,$flows]:-0}"); pollux VIP / testpmd io cycles per packet $(ratio "${cpp[pollux-vip,$flows]:-0}" "${cpp[testpmd,$flows]:-0}")"
+        echo "- $flows flows: pollux VIP / OVS VIP throughput $(ratio "${mpps[pollux-vip,$flows]:-0}" "${mpps[ovs-vip,$flows]:-0}"), cycles per packet $(ratio "${cpp[pollux-vip,$flows]:-0}" "${cpp[ovs-vip,$flows]:-0}"); pollux VIP / testpmd io cycles per packet $(ratio "${cpp[pollux-vip,$flows]:-0}" "${cpp[testpmd,$flows]:-0}"). On pollux's own vhost-user ports: VIP / OVS VIP throughput $(ratio "${mpps[own-vip,$flows]:-0}" "${mpps[ovs-vip,$flows]:-0}"), cycles per packet $(ratio "${cpp[own-vip,$flows]:-0}" "${cpp[ovs-vip,$flows]:-0}"); VIP / testpmd io cycles per packet $(ratio "${cpp[own-vip,$flows]:-0}" "${cpp[testpmd,$flows]:-0}")"
     done
 )
 echo "$section"

@@ -1070,6 +1070,9 @@ impl Config {
                     PortSpec::AfXdp { .. } => format!(
                         "port {name:?}: an af_xdp port binds one queue; with workers = {workers} use af_packet ports"
                     ),
+                    PortSpec::VhostUser { .. } => format!(
+                        "port {name:?}: a vhost_user port has one queue pair, polled by one worker; with workers = {workers} use dpdk net_vhost ports with queues={workers}"
+                    ),
                     _ => format!(
                         "port {name:?}: a {} port has one queue; with workers = {workers} use af_packet or ring ports",
                         p.spec.driver()

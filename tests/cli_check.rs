@@ -99,12 +99,20 @@ fn check_and_run_refuse_the_same_configurations() {
             vec!["port \"x\": an af_xdp port binds one queue; with workers = 2 use af_packet ports"],
         ),
         (
+            "[dataplane]\nworkers = 2\n[[port]]\nname = \"vm\"\ndriver = \"vhost_user\"\nsocket = \"/run/vm.sock\"\n".to_string(),
+            vec!["port \"vm\": a vhost_user port has one queue pair, polled by one worker; with workers = 2 use dpdk net_vhost ports with queues=2"],
+        ),
+        (
+            "[[port]]\nname = \"vm\"\ndriver = \"vhost_user\"\nsocket = \"\"\n".to_string(),
+            vec!["port \"vm\": a vhost_user port needs socket"],
+        ),
+        (
             format!("[[port]]\nname = \"d\"\ndriver = \"dpdk\"\ndevargs = \"net_null0\"\n{ring}"),
             vec!["port \"r\": driver \"ring\" cannot share a worker with dpdk ports (make every port dpdk)"],
         ),
         (
             "[[port]]\nname = \"t\"\ndriver = \"tap\"\n".to_string(),
-            vec!["config line 1: port \"t\": unknown variant `tap`, expected one of `ring`, `pcap`, `af_packet`, `af_xdp`, `dpdk`"],
+            vec!["config line 1: port \"t\": unknown variant `tap`, expected one of `ring`, `pcap`, `af_packet`, `af_xdp`, `vhost_user`, `dpdk`"],
         ),
     ];
     for (i, (text, want)) in cases.iter().enumerate() {

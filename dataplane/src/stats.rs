@@ -39,11 +39,16 @@ pub enum DropReason {
     /// The port's link was down (a VM's vhost-user port with no guest
     /// driver behind it: the VM stopped, rebooting, or not yet booted).
     LinkDown,
+    /// A vhost-user guest's descriptor chain the port could not use: out
+    /// of its ring or its memory, of the wrong direction, looping, or an
+    /// available index more than a ring ahead (which stops the ring until
+    /// the guest sets it up again).
+    BadDescriptor,
     /// The frame failed to parse.
     Malformed(ParseError),
 }
 
-const SIMPLE: [DropReason; 9] = [
+const SIMPLE: [DropReason; 10] = [
     DropReason::TxQueueFull,
     DropReason::RxNoBuffer,
     DropReason::RxOversize,
@@ -53,6 +58,7 @@ const SIMPLE: [DropReason; 9] = [
     DropReason::RxRingOverflow,
     DropReason::TxOversize,
     DropReason::LinkDown,
+    DropReason::BadDescriptor,
 ];
 
 impl DropReason {
@@ -72,6 +78,7 @@ impl DropReason {
             DropReason::RxRingOverflow => 6,
             DropReason::TxOversize => 7,
             DropReason::LinkDown => 8,
+            DropReason::BadDescriptor => 9,
             DropReason::Malformed(e) => SIMPLE.len() + e as usize,
         }
     }
@@ -103,6 +110,7 @@ impl DropReason {
             DropReason::RxRingOverflow => "rx_ring_overflow",
             DropReason::TxOversize => "tx_oversize",
             DropReason::LinkDown => "link_down",
+            DropReason::BadDescriptor => "bad_descriptor",
             DropReason::Malformed(e) => e.name(),
         }
     }

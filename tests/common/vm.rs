@@ -102,6 +102,27 @@ pub fn config(dir: &Path, prefix: &str, workers: usize, queues: u16, vms: &[Vm])
     c
 }
 
+/// pollux's ports and `[[vm]]` sections for `vms` on pollux's own
+/// vhost-user ports (`driver = "vhost_user"`, one queue pair, one worker,
+/// no DPDK); the caller adds vnets, groups, VIPs.
+pub fn own_config(dir: &Path, vms: &[Vm]) -> String {
+    let mut c = String::new();
+    for vm in vms {
+        c += &format!(
+            "[[port]]\nname = \"{}\"\ndriver = \"vhost_user\"\nsocket = \"{}\"\n",
+            vm.name,
+            socket(dir, vm.name).display()
+        );
+    }
+    for vm in vms {
+        c += &format!(
+            "[[vm]]\nname = \"{}\"\nport = \"{}\"\nvnet = \"{}\"\nmac = \"{}\"\nips = [\"{}\"]\n",
+            vm.name, vm.name, vm.vnet, vm.mac, vm.ip
+        );
+    }
+    c
+}
+
 /// Starts a QEMU guest for each VM with `cpus` virtual CPUs and a NIC of
 /// `queues` queue pairs, with a default route through 10.1.0.1. They run
 /// once pollux connects.

@@ -3,7 +3,8 @@
 //! sockets the ports read from, with whatever the kernel has queued.
 //!
 //! A message is an 8-byte big-endian length, which carries the
-//! descriptors, then that many bytes of payload. Written here rather than
+//! descriptors, then that many bytes of payload. The two calls under it
+//! ([`send_raw`], [`recv_fds`]) serve the vhost-user ports' messages too. Written here rather than
 //! taken from a crate because std's ancillary-data API is unstable and the
 //! crates that wrap `sendmsg` bring far more than these two calls.
 
@@ -26,18 +27,25 @@ fn cmsg_space() -> usize {
 
 /// Sends `payload` with `fds` over `sock`.
 pub fn send(sock: &mut UnixStream, payload: &[u8], fds: &[BorrowedFd<'_>]) -> std::io::Result<()> {
+    let head = (payload.len() as u64).to_be_bytes();
+    send_raw(sock, &head, fds)?;
+    sock.write_all(payload)
+}
+
+/// Sends `data` as it is over `sock`, `fds` riding with its first bytes
+/// (the length-prefixed messages of [`send`], a vhost-user request).
+pub fn send_raw(sock: &mut UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -> std::io::Result<()> {
     if fds.len() > MAX_FDS {
         return Err(std::io::Error::other(format!(
             "{} descriptors are more than one message carries ({MAX_FDS})",
             fds.len()
         )));
     }
-    let head = (payload.len() as u64).to_be_bytes();
     let mut cbuf = CmsgBuf([0; 1100]);
     debug_assert!(cmsg_space() <= cbuf.0.len());
     let mut iov = libc::iovec {
-        iov_base: head.as_ptr() as *mut libc::c_void,
-        iov_len: head.len(),
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
     };
     // SAFETY: an all-zero msghdr is a valid value to fill in.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -65,7 +73,7 @@ pub fn send(sock: &mut UnixStream, payload: &[u8], fds: &[BorrowedFd<'_>]) -> st
     let mut sent = 0;
     while sent == 0 {
         // SAFETY: `msg` points at live buffers of the lengths it gives
-        // (`head`, `cbuf`) for the duration of the call.
+        // (`data`, `cbuf`) for the duration of the call.
         let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
@@ -76,21 +84,20 @@ pub fn send(sock: &mut UnixStream, payload: &[u8], fds: &[BorrowedFd<'_>]) -> st
         }
         sent = n as usize;
     }
-    // The descriptors went with the first bytes; the rest of the header and
-    // the payload follow as plain bytes.
-    sock.write_all(&head[sent..])?;
-    sock.write_all(payload)?;
-    Ok(())
+    // The descriptors went with the first bytes; the rest follow as plain
+    // bytes.
+    sock.write_all(&data[sent..])
 }
 
-/// Receives one message from `sock`: its payload (at most `max_len`
-/// bytes) and the descriptors that came with it, owned by the caller.
-pub fn recv(sock: &mut UnixStream, max_len: usize) -> std::io::Result<(Vec<u8>, Vec<OwnedFd>)> {
-    let mut head = [0u8; 8];
+/// One `recvmsg` from `sock` into `buf`: the bytes read (0 at the end of
+/// the stream) and the descriptors that came with them, owned by the
+/// caller. A vhost-user port's control thread reads its front end's
+/// message headers so too.
+pub fn recv_fds(sock: &mut UnixStream, buf: &mut [u8]) -> std::io::Result<(usize, Vec<OwnedFd>)> {
     let mut cbuf = CmsgBuf([0; 1100]);
     let mut iov = libc::iovec {
-        iov_base: head.as_mut_ptr().cast(),
-        iov_len: head.len(),
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
     };
     // SAFETY: an all-zero msghdr is a valid value to fill in.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -134,6 +141,14 @@ pub fn recv(sock: &mut UnixStream, max_len: usize) -> std::io::Result<(Vec<u8>, 
             "descriptors were cut off (more than one message carries)",
         ));
     }
+    Ok((got, fds))
+}
+
+/// Receives one message from `sock`: its payload (at most `max_len`
+/// bytes) and the descriptors that came with it, owned by the caller.
+pub fn recv(sock: &mut UnixStream, max_len: usize) -> std::io::Result<(Vec<u8>, Vec<OwnedFd>)> {
+    let mut head = [0u8; 8];
+    let (got, fds) = recv_fds(sock, &mut head)?;
     if got == 0 {
         return Err(std::io::ErrorKind::UnexpectedEof.into());
     }

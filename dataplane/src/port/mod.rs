@@ -17,6 +17,8 @@ pub mod fdpass;
 pub mod pcap;
 pub mod ring;
 pub mod spec;
+#[cfg(target_os = "linux")]
+pub mod vhost_user;
 
 use crate::batch::Batch;
 use crate::buf::PacketBuf;

@@ -43,6 +43,13 @@ pub enum PortSpec {
         /// The interface.
         iface: String,
     },
+    /// A VM's virtio-net device over vhost-user, served by pollux itself
+    /// (no DPDK): the port connects to the front end's (QEMU's) socket,
+    /// and again whenever the front end comes back. One queue pair.
+    VhostUser {
+        /// The front end's unix socket.
+        socket: PathBuf,
+    },
     /// A DPDK device: a vdev (`devargs`) or a PCI function (`pci`).
     Dpdk {
         /// Device arguments (`net_vhost0,iface=...`).
@@ -71,6 +78,7 @@ impl PortSpec {
             PortSpec::Pcap { .. } => "pcap",
             PortSpec::AfPacket { .. } => "af_packet",
             PortSpec::AfXdp { .. } => "af_xdp",
+            PortSpec::VhostUser { .. } => "vhost_user",
             PortSpec::Dpdk { .. } => "dpdk",
         }
     }
@@ -78,7 +86,9 @@ impl PortSpec {
     /// How many queues the driver has.
     pub fn queues(&self) -> Queues {
         match self {
-            PortSpec::Pcap { .. } | PortSpec::AfXdp { .. } => Queues::One,
+            PortSpec::Pcap { .. } | PortSpec::AfXdp { .. } | PortSpec::VhostUser { .. } => {
+                Queues::One
+            }
             _ => Queues::PerWorker,
         }
     }
@@ -122,6 +132,10 @@ impl PortSpec {
                 vec![bad(format!("an {} port needs iface", self.driver()))]
             }
             PortSpec::AfPacket { .. } | PortSpec::AfXdp { .. } => vec![],
+            PortSpec::VhostUser { socket } if socket.as_os_str().is_empty() => {
+                vec![bad("a vhost_user port needs socket".into())]
+            }
+            PortSpec::VhostUser { .. } => vec![],
             PortSpec::Dpdk { devargs, pci } if empty(devargs) && empty(pci) => {
                 vec![bad("a dpdk port needs devargs or pci".into())]
             }
@@ -204,8 +218,14 @@ pub fn open(
                 name, iface, 0, pool,
             )?));
         }
+        #[cfg(target_os = "linux")]
+        PortSpec::VhostUser { socket } => {
+            queues.push(Box::new(super::vhost_user::VhostUserPort::open(
+                name, socket, mac, pool,
+            )?));
+        }
         #[cfg(not(target_os = "linux"))]
-        PortSpec::AfPacket { .. } | PortSpec::AfXdp { .. } => {
+        PortSpec::AfPacket { .. } | PortSpec::AfXdp { .. } | PortSpec::VhostUser { .. } => {
             return Err(PortError::BadConfig {
                 port: name.to_string(),
                 reason: format!("driver {:?} needs Linux", spec.driver()),

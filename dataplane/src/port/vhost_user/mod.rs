@@ -1,0 +1,679 @@
+//! pollux's own vhost-user network backend: a VM's virtio-net device
+//! (QEMU's `vhost-user` netdev, DPDK's `virtio_user`) served without DPDK.
+//!
+//! The port connects, as a client, to the front end's unix socket and
+//! serves the vhost-user protocol on a control thread of its own ([`proto`]
+//! reads the messages): the guest's memory is mapped as the front end
+//! shares it, and the rings are set up where it says ([`vring`]). The
+//! worker polls the guest's transmit ring (1) and fills its receive ring
+//! (0) itself, with no library between: a frame is copied once out of the
+//! guest's buffer into a pool buffer, and once out of a pool buffer into
+//! the other guest's. The rings are polled, so the port asks the driver
+//! not to kick, and interrupts the guest through its call eventfd only
+//! when the driver asks for interrupts.
+//!
+//! What the worker uses is published by the control thread as one
+//! immutable [`Active`] (memory, rings, call descriptors) behind a
+//! generation counter the worker reads once a burst; before it unmaps
+//! memory, or answers `GET_VRING_BASE`, the control thread waits for the
+//! worker to let go of the previous one. Everything taken from a ring is
+//! returned to it within the same burst, so the used index in guest
+//! memory is always where the device stands: a worker starting on a ring
+//! begins there, and `GET_VRING_BASE` answers it.
+//!
+//! Offered: `VIRTIO_F_VERSION_1` and protocol features (none of them), one
+//! queue pair, no offloads or mergeable buffers (each frame in one chain).
+//! When the front end goes away (QEMU stops, the guest's device resets)
+//! the port drops what it sends as `link_down` and connects again.
+
+pub mod proto;
+pub mod vring;
+
+use crate::batch::{BURST, Batch};
+use crate::buf::PacketBuf;
+use crate::pool::{Pool, PoolBuf};
+use crate::port::{LinkInfo, Port, PortError};
+use crate::stats::{DropReason, LinkState, PortStats};
+use crate::wire::MacAddr;
+use proto::{ProtoError, Request};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use vring::{ChainError, Memory, Split};
+
+/// The guest's receive ring (the device writes it).
+const GUEST_RX: usize = 0;
+/// The guest's transmit ring (the device reads it).
+const GUEST_TX: usize = 1;
+/// How long the control thread waits between connection attempts.
+const RETRY: Duration = Duration::from_millis(100);
+/// How long the control thread waits for the worker to let go of what it
+/// used before it gives up and keeps that mapped for good.
+const QUIESCE: Duration = Duration::from_secs(5);
+
+/// A ring as the worker uses it.
+pub struct ActiveRing {
+    ring: Split,
+    /// The call eventfd, when the driver may want interrupts.
+    call: Option<Arc<OwnedFd>>,
+}
+
+impl ActiveRing {
+    /// Interrupts the guest if its driver asks for it.
+    #[inline]
+    fn notify(&self) {
+        let Some(fd) = &self.call else {
+            return;
+        };
+        if self.ring.wants_interrupt() {
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: an 8-byte write from a live buffer to a live eventfd;
+            // a full counter (EAGAIN) already wakes the guest.
+            unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        }
+    }
+}
+
+/// What the worker uses: the guest's memory and the rings that run.
+pub struct Active {
+    /// Kept alive while the rings in it are used.
+    mem: Arc<Memory>,
+    /// The virtio-net header's length (12 with `VERSION_1`, else 10).
+    hdr_len: usize,
+    rings: [Option<ActiveRing>; 2],
+}
+
+/// What the port and its control thread share.
+struct Shared {
+    name: String,
+    socket: PathBuf,
+    /// Bumped after each publication of `active`.
+    generation: AtomicU64,
+    active: Mutex<Option<Arc<Active>>>,
+    stop: AtomicBool,
+    link: Arc<LinkState>,
+}
+
+/// Where the device stands on a ring.
+#[derive(Debug, Default, Clone, Copy)]
+struct Cursor {
+    /// The next available entry to take (equal to the used index: each
+    /// entry taken is returned in the same burst).
+    next: u16,
+    /// The guest published an available index more than a ring ahead:
+    /// the ring is not polled until it is set up again.
+    broken: bool,
+}
+
+/// A vhost-user port (one queue pair, polled by one worker).
+pub struct VhostUserPort {
+    info: LinkInfo,
+    stats: Arc<PortStats>,
+    pool: Pool,
+    shared: Arc<Shared>,
+    seen: u64,
+    cur: Option<Arc<Active>>,
+    cursors: [Cursor; 2],
+    control: Option<std::thread::JoinHandle<()>>,
+}
+
+impl VhostUserPort {
+    /// Port `name` on the front end's socket `socket` (connected to, and
+    /// connected to again, by a thread of its own), receiving into buffers
+    /// of `pool`.
+    pub fn open(name: &str, socket: &Path, mac: MacAddr, pool: Pool) -> Result<Self, PortError> {
+        if socket.as_os_str().is_empty() {
+            return Err(PortError::BadConfig {
+                port: name.to_string(),
+                reason: "a vhost_user port needs socket".into(),
+            });
+        }
+        let link = Arc::new(LinkState::default());
+        let shared = Arc::new(Shared {
+            name: name.to_string(),
+            socket: socket.to_path_buf(),
+            generation: AtomicU64::new(0),
+            active: Mutex::new(None),
+            stop: AtomicBool::new(false),
+            link: link.clone(),
+        });
+        let s = shared.clone();
+        let control = std::thread::Builder::new()
+            .name(format!("vhost-{name}"))
+            .spawn(move || control_loop(&s))
+            .map_err(|e| PortError::BadConfig {
+                port: name.to_string(),
+                reason: format!("cannot start its control thread: {e}"),
+            })?;
+        Ok(VhostUserPort {
+            info: LinkInfo {
+                mtu: 1500,
+                ..LinkInfo::new(name, mac, "vhost_user")
+            },
+            stats: Arc::new(PortStats {
+                link: Some(link),
+                ..PortStats::default()
+            }),
+            pool,
+            shared,
+            seen: 0,
+            cur: None,
+            cursors: [Cursor::default(); 2],
+            control: Some(control),
+        })
+    }
+
+    /// Takes up what the control thread published last, if it changed:
+    /// the previous one let go first, each ring's place read from its used
+    /// index.
+    #[inline]
+    fn refresh(&mut self) {
+        let g = self.shared.generation.load(Ordering::Acquire);
+        if g != self.seen {
+            self.reload(g);
+        }
+    }
+
+    #[cold]
+    fn reload(&mut self, g: u64) {
+        self.cur = None;
+        self.seen = g;
+        let next = self
+            .shared
+            .active
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        if let Some(a) = &next {
+            for (c, r) in self.cursors.iter_mut().zip(&a.rings) {
+                if let Some(r) = r {
+                    *c = Cursor {
+                        next: r.ring.used_idx(),
+                        broken: false,
+                    };
+                }
+            }
+        }
+        self.cur = next;
+    }
+
+    /// How many entries ring `q` offers from its cursor on; a guest that
+    /// offers more than the ring holds breaks the ring (counted once).
+    #[inline]
+    fn offered(stats: &PortStats, c: &mut Cursor, ring: &Split) -> u16 {
+        if c.broken {
+            return 0;
+        }
+        let n = ring.avail_idx().wrapping_sub(c.next);
+        if n > ring.size {
+            c.broken = true;
+            stats.drops.add(DropReason::BadDescriptor, 1);
+            return 0;
+        }
+        n
+    }
+}
+
+impl Drop for VhostUserPort {
+    fn drop(&mut self) {
+        self.cur = None;
+        self.shared.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.control.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn chain_drop(e: ChainError, too_long: DropReason) -> DropReason {
+    match e {
+        ChainError::Bad => DropReason::BadDescriptor,
+        ChainError::TooLong => too_long,
+    }
+}
+
+impl Port for VhostUserPort {
+    type Buf = PoolBuf;
+
+    fn info(&self) -> &LinkInfo {
+        &self.info
+    }
+
+    fn stats(&self) -> &Arc<PortStats> {
+        &self.stats
+    }
+
+    fn rx_burst(&mut self, batch: &mut Batch<PoolBuf>) -> usize {
+        self.refresh();
+        let Some(a) = self.cur.as_deref() else {
+            return 0;
+        };
+        let Some(r) = &a.rings[GUEST_TX] else {
+            return 0;
+        };
+        let c = &mut self.cursors[GUEST_TX];
+        let offered = Self::offered(&self.stats, c, &r.ring);
+        let want = usize::from(offered).min(batch.free_space()).min(BURST);
+        let (mut got, mut bytes, mut taken) = (0u64, 0u64, 0usize);
+        while taken < want {
+            // (An empty pool leaves the guest's frames in its ring.)
+            let Some(mut buf) = self.pool.alloc() else {
+                break;
+            };
+            let head = r.ring.avail_entry(c.next);
+            let room = buf.tailroom();
+            let read = match buf.append(room) {
+                Ok(dst) => read_frame(&a.mem, &r.ring, head, a.hdr_len, dst),
+                Err(_) => Err(DropReason::RxNoBuffer),
+            };
+            match read {
+                Ok(n) => {
+                    let _ = buf.trim(room - n);
+                    bytes += n as u64;
+                    got += 1;
+                    // Never fails: free space was checked.
+                    let _ = batch.push(buf);
+                }
+                Err(why) => self.stats.drops.add(why, 1),
+            }
+            r.ring.put_used(c.next, head, 0);
+            c.next = c.next.wrapping_add(1);
+            taken += 1;
+        }
+        if taken > 0 {
+            r.ring.set_used_idx(c.next);
+            r.notify();
+        }
+        self.stats.count_rx(got, bytes);
+        got as usize
+    }
+
+    fn tx_burst(&mut self, batch: &mut Batch<PoolBuf>) -> usize {
+        self.refresh();
+        let ring = self
+            .cur
+            .as_deref()
+            .and_then(|a| Some((a, a.rings[GUEST_RX].as_ref()?)));
+        let Some((a, r)) = ring else {
+            let n = batch.len() as u64;
+            batch.clear();
+            self.stats.drops.add(DropReason::LinkDown, n);
+            return 0;
+        };
+        let c = &mut self.cursors[GUEST_RX];
+        let mut offered = Self::offered(&self.stats, c, &r.ring);
+        // The virtio-net header: no offloads; one buffer (`num_buffers`,
+        // its last two bytes, in the 12-byte form).
+        let hdr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+        let hdr = &hdr[..a.hdr_len];
+        let (mut sent, mut bytes, mut used) = (0u64, 0u64, 0u16);
+        for pkt in batch.drain() {
+            if offered == 0 {
+                offered = Self::offered(&self.stats, c, &r.ring);
+                if offered == 0 {
+                    self.stats.drops.add(DropReason::TxQueueFull, 1);
+                    continue;
+                }
+            }
+            let head = r.ring.avail_entry(c.next);
+            let len = match vring::write_chain(&a.mem, &r.ring, head, hdr, pkt.data()) {
+                Ok(len) => {
+                    sent += 1;
+                    bytes += pkt.len() as u64;
+                    len
+                }
+                Err(e) => {
+                    self.stats
+                        .drops
+                        .add(chain_drop(e, DropReason::TxOversize), 1);
+                    0
+                }
+            };
+            r.ring.put_used(c.next, head, len);
+            c.next = c.next.wrapping_add(1);
+            offered -= 1;
+            used += 1;
+        }
+        if used > 0 {
+            r.ring.set_used_idx(c.next);
+            r.notify();
+        }
+        self.stats.count_tx(sent, bytes);
+        sent as usize
+    }
+
+    fn kick(&mut self) {}
+}
+
+/// Reads the frame of chain `head` into `dst`.
+#[inline]
+fn read_frame(
+    mem: &Memory,
+    ring: &Split,
+    head: u16,
+    hdr: usize,
+    dst: &mut [u8],
+) -> Result<usize, DropReason> {
+    vring::read_chain(mem, ring, head, hdr, dst).map_err(|e| chain_drop(e, DropReason::RxOversize))
+}
+
+/// A ring as the front end set it up.
+#[derive(Default)]
+struct RingConf {
+    num: u32,
+    addr: Option<proto::VringAddr>,
+    /// A kick message came (the ring is started).
+    started: bool,
+    /// Enabled (from the start without protocol features).
+    enabled: bool,
+    call: Option<Arc<OwnedFd>>,
+}
+
+/// One connection's device state, on the control thread.
+#[derive(Default)]
+struct Device {
+    features: u64,
+    mem: Option<Arc<Memory>>,
+    rings: [RingConf; 2],
+    /// Published `Active`s the worker did not let go of in time: kept, so
+    /// their memory stays mapped.
+    stuck: Vec<Arc<Active>>,
+}
+
+/// Why a connection ended.
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Proto(#[from] ProtoError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+fn control_loop(s: &Shared) {
+    let mut logged = false;
+    while !s.stop.load(Ordering::Relaxed) {
+        let stream = match UnixStream::connect(&s.socket) {
+            Ok(st) => st,
+            Err(e) => {
+                if !logged {
+                    tracing::info!(
+                        port = %s.name,
+                        socket = %s.socket.display(),
+                        "waiting for the vhost-user front end: {e}"
+                    );
+                    logged = true;
+                }
+                std::thread::sleep(RETRY);
+                continue;
+            }
+        };
+        logged = false;
+        tracing::info!(
+            port = %s.name,
+            socket = %s.socket.display(),
+            "vhost-user front end connected"
+        );
+        let mut dev = Device::default();
+        let end = serve(s, &mut dev, stream);
+        // The front end is gone: the worker stops using the rings, and
+        // the memory is unmapped once it let go.
+        dev.mem = None;
+        dev.rings = Default::default();
+        publish(s, &mut dev);
+        match end {
+            Ok(()) => tracing::info!(port = %s.name, "vhost-user front end closed the connection"),
+            Err(e) => {
+                tracing::warn!(port = %s.name, "vhost-user connection dropped: {e}");
+                // (A front end that sends the same again is not
+                // answered ten times a second.)
+                std::thread::sleep(RETRY * 10);
+            }
+        }
+    }
+}
+
+/// Waits up to `RETRY` for `fd` to be readable: false on a timeout.
+fn readable(fd: &UnixStream) -> std::io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one live pollfd for the duration of the call.
+    let r = unsafe { libc::poll(&mut p, 1, RETRY.as_millis() as libc::c_int) };
+    match r {
+        0 => Ok(false),
+        r if r > 0 => Ok(true),
+        _ => {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                Ok(false)
+            } else {
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Serves one connection until the front end closes it, `stop`, or a
+/// message pollux cannot take.
+fn serve(s: &Shared, dev: &mut Device, mut stream: UnixStream) -> Result<(), ConnError> {
+    let mut head = [0u8; proto::HEADER_LEN];
+    loop {
+        if s.stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        if !readable(&stream)? {
+            continue;
+        }
+        let (got, mut fds) = crate::port::fdpass::recv_fds(&mut stream, &mut head)?;
+        if got == 0 {
+            return Ok(());
+        }
+        stream.read_exact(&mut head[got..])?;
+        let h = proto::Header::parse(&head)?;
+        let mut payload = vec![0u8; h.size as usize];
+        stream.read_exact(&mut payload)?;
+        let req = proto::parse(&h, &payload, fds.len())?;
+        if h.flags & proto::NEED_REPLY != 0 && !req.has_reply() {
+            // REPLY_ACK is not offered: a front end asking for it anyway
+            // gets its acknowledgement (0: done).
+            handle(s, dev, req, h.request, &mut fds)?;
+            stream.write_all(&proto::reply_u64(h.request, 0))?;
+            continue;
+        }
+        if let Some(r) = handle(s, dev, req, h.request, &mut fds)? {
+            stream.write_all(&r)?;
+        }
+    }
+}
+
+/// Applies one request; its reply, if it has one.
+fn handle(
+    s: &Shared,
+    dev: &mut Device,
+    req: Request,
+    c: u32,
+    fds: &mut Vec<OwnedFd>,
+) -> Result<Option<Vec<u8>>, ConnError> {
+    let ring = |index: u32| -> Result<usize, ConnError> {
+        let i = index as usize;
+        if i < 2 {
+            Ok(i)
+        } else {
+            Err(ConnError::Setup(format!(
+                "ring {index}: this device has one queue pair (rings 0 and 1)"
+            )))
+        }
+    };
+    match req {
+        Request::GetFeatures => return Ok(Some(proto::reply_u64(c, proto::FEATURES))),
+        Request::GetProtocolFeatures => return Ok(Some(proto::reply_u64(c, 0))),
+        Request::GetQueueNum => return Ok(Some(proto::reply_u64(c, 2))),
+        Request::SetProtocolFeatures(_) | Request::SetOwner => {}
+        Request::SetFeatures(f) => {
+            if f & !proto::FEATURES != 0 {
+                return Err(ConnError::Setup(format!(
+                    "features {f:#x} include some not offered ({:#x})",
+                    proto::FEATURES
+                )));
+            }
+            dev.features = f;
+            if f & proto::F_PROTOCOL_FEATURES == 0 {
+                // Without protocol features a ring is enabled from the start.
+                for r in &mut dev.rings {
+                    r.enabled = true;
+                }
+            }
+            publish(s, dev);
+        }
+        Request::Reset => {
+            dev.rings = Default::default();
+            dev.mem = None;
+            publish(s, dev);
+        }
+        Request::SetMemTable(regions) => {
+            let mem = Memory::map(&regions, fds).map_err(ConnError::Setup)?;
+            dev.mem = Some(Arc::new(mem));
+            publish(s, dev);
+        }
+        Request::SetVringNum { index, num } => {
+            let i = ring(index)?;
+            if !num.is_power_of_two() || num > vring::MAX_RING {
+                return Err(ConnError::Setup(format!(
+                    "ring {index}: size {num} is not a power of two up to {}",
+                    vring::MAX_RING
+                )));
+            }
+            dev.rings[i].num = num;
+        }
+        Request::SetVringAddr(a) => {
+            let i = ring(a.index)?;
+            dev.rings[i].addr = Some(a);
+        }
+        // The device starts where the used index in guest memory says
+        // (see the module doc); the front end's base is the same for a
+        // ring this device served, or for a new one.
+        Request::SetVringBase { index, .. } => {
+            ring(index)?;
+        }
+        Request::GetVringBase { index } => {
+            let i = ring(index)?;
+            let place = used_place(dev, i);
+            dev.rings[i].started = false;
+            publish(s, dev);
+            // After the worker let go: nothing moves the used index now.
+            let at = place.map_or(0, |(mem, r)| {
+                let _keep = mem;
+                r.used_idx()
+            });
+            return Ok(Some(proto::reply_state(c, index, u32::from(at))));
+        }
+        Request::SetVringKick { index, .. } => {
+            let i = ring(index)?;
+            // (Kicks are not read: the ring is polled.)
+            fds.clear();
+            dev.rings[i].started = true;
+            publish(s, dev);
+        }
+        Request::SetVringCall { index, fd } => {
+            let i = ring(index)?;
+            dev.rings[i].call = if fd { fds.pop().map(Arc::new) } else { None };
+            publish(s, dev);
+        }
+        Request::SetVringErr { index, .. } => {
+            ring(index)?;
+            fds.clear();
+        }
+        Request::SetVringEnable { index, enable } => {
+            let i = ring(index)?;
+            dev.rings[i].enabled = enable;
+            publish(s, dev);
+        }
+    }
+    Ok(None)
+}
+
+/// Ring `i`'s used ring in the current memory, for reading its index.
+fn used_place(dev: &Device, i: usize) -> Option<(Arc<Memory>, Split)> {
+    let mem = dev.mem.clone()?;
+    let r = &dev.rings[i];
+    let ring = Split::new(&mem, r.addr.as_ref()?, r.num).ok()?;
+    Some((mem, ring))
+}
+
+/// Publishes what the worker is to use now, and waits for it to let go of
+/// what it used before.
+fn publish(s: &Shared, dev: &mut Device) {
+    let hdr_len = if dev.features & (proto::F_VERSION_1 | proto::F_MRG_RXBUF) != 0 {
+        12
+    } else {
+        10
+    };
+    let next = dev.mem.clone().map(|mem| {
+        let rings = std::array::from_fn(|i| {
+            let r = &dev.rings[i];
+            if !(r.started && r.enabled) {
+                return None;
+            }
+            let ring = match Split::new(&mem, r.addr.as_ref()?, r.num) {
+                Ok(ring) => ring,
+                Err(e) => {
+                    tracing::warn!(port = %s.name, "vhost-user ring not started: {e}");
+                    return None;
+                }
+            };
+            ring.no_kicks();
+            Some(ActiveRing {
+                ring,
+                call: r.call.clone(),
+            })
+        });
+        Arc::new(Active {
+            mem,
+            hdr_len,
+            rings,
+        })
+    });
+    let up = next
+        .as_ref()
+        .is_some_and(|a| a.rings.iter().all(Option::is_some));
+    let old = {
+        let mut cur = s
+            .active
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        std::mem::replace(&mut *cur, next)
+    };
+    s.generation.fetch_add(1, Ordering::Release);
+    s.link.set(up);
+    let Some(old) = old else {
+        return;
+    };
+    // The worker holds its own reference while it uses `old`; it lets go
+    // at its next burst.
+    let deadline = Instant::now() + QUIESCE;
+    while Arc::strong_count(&old) > 1 {
+        if Instant::now() > deadline {
+            tracing::warn!(
+                port = %s.name,
+                "the worker did not let go of the vhost-user rings in {QUIESCE:?}; their memory stays mapped"
+            );
+            dev.stuck.push(old);
+            return;
+        }
+        std::thread::sleep(Duration::from_micros(50));
+    }
+    // Pairs with the worker's release of its reference: what it wrote in
+    // the rings is visible here.
+    std::sync::atomic::fence(Ordering::Acquire);
+    drop(old);
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,306 @@
+//! The port against a front end written here from the specification (a
+//! unix socket listener that sends the set-up messages, and a driver's
+//! side of the rings in a memfd). The real front ends (QEMU guests with
+//! Linux's virtio-net, DPDK's `virtio_user`) are in the root package's
+//! tests `vm_vhost_user` and `pktgen`.
+
+use super::proto::{self, req};
+use super::vring::tests::{Driver, GPA, Guest};
+use super::vring::{DESC_NEXT, DESC_WRITE};
+use super::*;
+use crate::pool::PoolConfig;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::net::UnixListener;
+
+struct Front {
+    sock: UnixStream,
+    guest: Guest,
+    rx: Driver,
+    tx: Driver,
+}
+
+fn send(s: &mut UnixStream, code: u32, payload: &[u8], fds: &[BorrowedFd<'_>]) {
+    let m = proto::request(code, payload);
+    if fds.is_empty() {
+        s.write_all(&m).unwrap();
+    } else {
+        // The descriptors ride with the header's first bytes.
+        crate::port::fdpass::send_raw(s, &m, fds).unwrap();
+    }
+}
+
+fn reply(s: &mut UnixStream) -> Vec<u8> {
+    let mut h = [0u8; proto::HEADER_LEN];
+    s.read_exact(&mut h).unwrap();
+    let size = u32::from_le_bytes(h[8..12].try_into().unwrap()) as usize;
+    assert_eq!(
+        u32::from_le_bytes(h[4..8].try_into().unwrap()),
+        5,
+        "a reply, version 1"
+    );
+    let mut p = vec![0; size];
+    s.read_exact(&mut p).unwrap();
+    p
+}
+
+fn u64s(v: &[u64]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn state(i: u32, n: u32) -> Vec<u8> {
+    [i.to_le_bytes(), n.to_le_bytes()].concat()
+}
+
+fn eventfd() -> OwnedFd {
+    // SAFETY: a plain call.
+    let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    assert!(raw >= 0);
+    // SAFETY: just created, owned by nothing else.
+    unsafe { crate::port::owned_fd(raw) }
+}
+
+impl Front {
+    /// Accepts the port's connection and sets the device up as QEMU does:
+    /// features, memory, both rings (size 8), enabled.
+    fn accept(l: &UnixListener, call: &OwnedFd) -> Front {
+        let (mut sock, _) = l.accept().unwrap();
+        send(&mut sock, req::GET_FEATURES, &[], &[]);
+        let f = u64::from_le_bytes(reply(&mut sock).try_into().unwrap());
+        assert_eq!(f, proto::FEATURES);
+        send(&mut sock, req::GET_PROTOCOL_FEATURES, &[], &[]);
+        assert_eq!(reply(&mut sock), 0u64.to_le_bytes());
+        send(&mut sock, req::SET_OWNER, &[], &[]);
+        send(&mut sock, req::SET_FEATURES, &u64s(&[f]), &[]);
+        let guest = Guest::new(1 << 20);
+        let r = guest.region;
+        let mut table = vec![1, 0, 0, 0, 0, 0, 0, 0];
+        table.extend(u64s(&[r.gpa, r.size, r.uaddr, r.mmap_offset]));
+        send(&mut sock, req::SET_MEM_TABLE, &table, &[guest.fd.as_fd()]);
+        let rx = Driver::new(0, 0x8000, 8);
+        let tx = Driver::new(1, 0x9000, 8);
+        for d in [&rx, &tx] {
+            let a = d.addr();
+            send(&mut sock, req::SET_VRING_NUM, &state(d.index, 8), &[]);
+            let mut addr = state(d.index, 0);
+            addr.extend(u64s(&[a.desc, a.used, a.avail, 0]));
+            send(&mut sock, req::SET_VRING_ADDR, &addr, &[]);
+            send(&mut sock, req::SET_VRING_BASE, &state(d.index, 0), &[]);
+            send(
+                &mut sock,
+                req::SET_VRING_CALL,
+                &u64s(&[u64::from(d.index)]),
+                &[call.as_fd()],
+            );
+            send(
+                &mut sock,
+                req::SET_VRING_KICK,
+                &u64s(&[u64::from(d.index)]),
+                &[call.as_fd()],
+            );
+            send(&mut sock, req::SET_VRING_ENABLE, &state(d.index, 1), &[]);
+        }
+        Front {
+            sock,
+            guest,
+            rx,
+            tx,
+        }
+    }
+}
+
+/// A socket path of its own for a test, removed afterwards.
+struct Sock(PathBuf);
+
+impl Sock {
+    fn new(name: &str) -> Sock {
+        let p = std::env::temp_dir().join(format!("pollux-{name}-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        Sock(p)
+    }
+}
+
+impl Drop for Sock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Accepts the port's connection and sets it up (`Front::accept`) while
+/// the test, the port's worker, polls it: the port waits for its worker
+/// to let go of the rings it replaces.
+fn accept_polling(port: &mut VhostUserPort, l: &UnixListener, call: &OwnedFd) -> Front {
+    std::thread::scope(|sc| {
+        let t = sc.spawn(|| Front::accept(l, call));
+        let mut b = Batch::new();
+        while !t.is_finished() {
+            port.rx_burst(&mut b);
+        }
+        t.join().unwrap()
+    })
+}
+
+fn pool() -> Pool {
+    Pool::new(&PoolConfig::new("vhost-test", 64)).unwrap()
+}
+
+fn until(port: &mut VhostUserPort, what: &str, mut f: impl FnMut(&mut VhostUserPort) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f(port) {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn link_up(port: &mut VhostUserPort) -> bool {
+    let mut b = Batch::new();
+    port.rx_burst(&mut b);
+    port.stats.link.as_ref().is_some_and(|l| l.is_up())
+}
+
+#[test]
+fn frames_cross_the_rings_both_ways_and_the_device_comes_back_after_its_front_end() {
+    let sock = Sock::new("vhost-port");
+    let path = sock.0.clone();
+    let l = UnixListener::bind(&path).unwrap();
+    let pool = pool();
+    let mut port = VhostUserPort::open("vm1", &path, MacAddr([2, 0, 0, 0, 0, 1]), pool).unwrap();
+    // No front end yet: what it would send is dropped as link_down.
+    let mut b = Batch::new();
+    b.push(pool.alloc_copy(&[1; 60]).unwrap()).unwrap();
+    assert_eq!(port.tx_burst(&mut b), 0);
+    assert_eq!(port.stats.drops.get(DropReason::LinkDown), 1);
+
+    let call = eventfd();
+    let mut f = accept_polling(&mut port, &l, &call);
+    until(&mut port, "the link", link_up);
+
+    // The guest sends: a header and a frame in one descriptor.
+    let frame: Vec<u8> = (0..80u8).collect();
+    let mut buf = vec![0u8; 12];
+    buf.extend_from_slice(&frame);
+    f.guest.write(0x1000, &buf);
+    f.tx.set_desc(&f.guest, 0, GPA + 0x1000, buf.len() as u32, 0, 0);
+    f.tx.offer(&f.guest, 0);
+    let mut got = Batch::new();
+    until(&mut port, "the frame", |p| p.rx_burst(&mut got) == 1);
+    assert_eq!(got.as_slice()[0].data(), &frame[..]);
+    assert_eq!(f.tx.take_used(&f.guest), vec![(0, 0)]);
+    // The device asked for no kicks, and interrupted the guest (whose
+    // driver did not turn interrupts off).
+    assert_eq!(f.guest.u16_at(f.tx.used_off()), 1);
+    let mut n = [0u8; 8];
+    assert_eq!(
+        // SAFETY: an 8-byte read into a live buffer from a live eventfd.
+        unsafe { libc::read(call.as_raw_fd(), n.as_mut_ptr().cast(), 8) },
+        8
+    );
+
+    // The guest receives: a buffer of two descriptors; then a burst of
+    // three frames finds it alone, and two are dropped as the ring is full.
+    f.rx.set_avail_flags(&f.guest, 1);
+    f.rx.set_desc(&f.guest, 2, GPA + 0x2000, 40, DESC_WRITE | DESC_NEXT, 3);
+    f.rx.set_desc(&f.guest, 3, GPA + 0x3000, 2048, DESC_WRITE, 0);
+    f.rx.offer(&f.guest, 2);
+    let mut out = Batch::new();
+    for k in 0..3u8 {
+        out.push(pool.alloc_copy(&[k; 100]).unwrap()).unwrap();
+    }
+    assert_eq!(port.tx_burst(&mut out), 1);
+    assert_eq!(port.stats.drops.get(DropReason::TxQueueFull), 2);
+    assert_eq!(f.rx.take_used(&f.guest), vec![(2, 112)]);
+    let mut hdr = vec![0u8; 12];
+    hdr[10] = 1;
+    assert_eq!(f.guest.read(0x2000, 12), hdr);
+    assert_eq!(f.guest.read(0x2000 + 12, 28), vec![0; 28]);
+    assert_eq!(f.guest.read(0x3000, 72), vec![0; 72]);
+    // (The driver turned interrupts off for that ring: none came.)
+    assert_eq!(
+        // SAFETY: as above; the eventfd is non-blocking.
+        unsafe { libc::read(call.as_raw_fd(), n.as_mut_ptr().cast(), 8) },
+        -1
+    );
+
+    // A chain pointing outside guest memory is returned unused, counted.
+    f.tx.set_desc(&f.guest, 1, GPA + (4 << 20), 100, 0, 0);
+    f.tx.offer(&f.guest, 1);
+    let mut none = Batch::new();
+    until(&mut port, "the bad chain", |p| {
+        p.rx_burst(&mut none);
+        p.stats.drops.get(DropReason::BadDescriptor) == 1
+    });
+    assert!(none.is_empty());
+    assert_eq!(f.tx.take_used(&f.guest), vec![(1, 0)]);
+
+    // GET_VRING_BASE stops the ring and says where the device stands,
+    // while the worker polls on.
+    let base = std::thread::scope(|sc| {
+        let t = sc.spawn(|| {
+            send(&mut f.sock, req::GET_VRING_BASE, &state(1, 0), &[]);
+            reply(&mut f.sock)
+        });
+        while !t.is_finished() {
+            port.rx_burst(&mut none);
+        }
+        t.join().unwrap()
+    });
+    assert_eq!(base, state(1, 2));
+    until(&mut port, "the link down", |p| !link_up(p));
+
+    // The front end goes away; the port connects again, and the new
+    // device starts where its used index is.
+    drop(f);
+    until(&mut port, "the rings let go", |p| {
+        p.rx_burst(&mut none);
+        p.shared.active.lock().unwrap().is_none()
+    });
+    let mut f = accept_polling(&mut port, &l, &call);
+    until(&mut port, "the link again", link_up);
+    f.guest.write(0x1000, &buf);
+    f.tx.set_desc(&f.guest, 0, GPA + 0x1000, buf.len() as u32, 0, 0);
+    f.tx.offer(&f.guest, 0);
+    let mut again = Batch::new();
+    until(&mut port, "a frame after reconnecting", |p| {
+        p.rx_burst(&mut again) == 1
+    });
+    assert_eq!(again.as_slice()[0].data(), &frame[..]);
+}
+
+#[test]
+fn a_guest_offering_more_than_its_ring_stops_that_ring() {
+    let sock = Sock::new("vhost-port-bad");
+    let path = sock.0.clone();
+    let l = UnixListener::bind(&path).unwrap();
+    let mut port = VhostUserPort::open("vm2", &path, MacAddr::ZERO, pool()).unwrap();
+    let call = eventfd();
+    let f = accept_polling(&mut port, &l, &call);
+    until(&mut port, "the link", link_up);
+    // An available index 100 entries ahead of an 8-entry ring.
+    f.guest.write(f.tx.avail_off() + 2, &100u16.to_le_bytes());
+    let mut b = Batch::new();
+    for _ in 0..10 {
+        assert_eq!(port.rx_burst(&mut b), 0);
+    }
+    assert_eq!(port.stats.drops.get(DropReason::BadDescriptor), 1);
+}
+
+#[test]
+fn a_front_end_asking_for_what_is_not_offered_is_dropped() {
+    let sock = Sock::new("vhost-port-refused");
+    let path = sock.0.clone();
+    let l = UnixListener::bind(&path).unwrap();
+    let mut port = VhostUserPort::open("vm3", &path, MacAddr::ZERO, pool()).unwrap();
+    let (mut s, _) = l.accept().unwrap();
+    // Features never offered (VIRTIO_NET_F_CSUM): the connection ends.
+    send(&mut s, req::SET_FEATURES, &u64s(&[1]), &[]);
+    let mut one = [0u8; 1];
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(
+        s.read(&mut one).unwrap(),
+        0,
+        "the port closes the connection"
+    );
+    // It connects again.
+    let (_s2, _) = l.accept().unwrap();
+    let mut b = Batch::new();
+    assert_eq!(port.rx_burst(&mut b), 0);
+}
