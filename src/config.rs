@@ -1829,7 +1829,7 @@ mod tests {
         let cases = [
             (
                 "driver = \"warp\"\n",
-                "config line 2: port \"p1\": unknown variant `warp`, expected one of `ring`, `pcap`, `af_packet`, `af_xdp`, `dpdk`",
+                "config line 2: port \"p1\": unknown variant `warp`, expected one of `ring`, `pcap`, `af_packet`, `af_xdp`, `vhost_user`, `dpdk`",
             ),
             (
                 "driver = \"af_packet\"\n",

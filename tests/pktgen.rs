@@ -453,4 +453,6 @@ fn pktgen_over_virtio_user_through_pollux_own_vhost_user_ports() {
     assert!(port(&c, "dip1", "tx_packets") >= got, "{c}");
     assert!(port(&c, "client", "link_changes") >= 3, "{c}");
     assert!(!c.to_string().contains("bad_descriptor"), "{c}");
+    let log = read(&err);
+    assert!(!log.contains("vhost-user connection dropped"), "{log}");
 }

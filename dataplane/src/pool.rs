@@ -261,10 +261,11 @@ fn give_back(pool: &'static PoolShared, mem: &'static mut [u8]) {
     let mut slot = Some(mem);
     // (A thread's cache is gone while the thread ends: the queue then.)
     let _ = CACHE.try_with(|c| {
-        if let (Ok(mut c), Some(m)) = (c.try_borrow_mut(), slot.take()) {
-            if let Err(m) = c.give(pool, m) {
-                slot = Some(m);
-            }
+        if let Ok(mut c) = c.try_borrow_mut()
+            && let Some(m) = slot.take()
+            && let Err(m) = c.give(pool, m)
+        {
+            slot = Some(m);
         }
     });
     if let Some(m) = slot {

@@ -112,6 +112,15 @@ impl Memory {
         })
     }
 
+    /// Starts loading the first two cache lines of the buffer at guest
+    /// physical address `addr` (nothing if it is not in guest memory).
+    #[inline]
+    pub fn prefetch(&self, addr: u64) {
+        if let Some(p) = self.gpa(addr, 1) {
+            platform::prefetch_place(p.cast_const().cast::<[u8; 128]>());
+        }
+    }
+
     /// The host address of `len` bytes at address `addr` of the front
     /// end's address space, if they lie in one region.
     fn uaddr(&self, addr: u64, len: u64) -> Option<*mut u8> {
@@ -167,7 +176,7 @@ impl Split {
             let p = mem.uaddr(at, len).ok_or_else(|| {
                 format!("ring {i}: the {what} at {at:#x} is outside guest memory")
             })?;
-            if (p as usize) % align != 0 {
+            if !(p as usize).is_multiple_of(align) {
                 return Err(format!(
                     "ring {i}: the {what} at {at:#x} is not {align}-byte aligned"
                 ));
@@ -209,6 +218,12 @@ impl Split {
         // SAFETY: inside the available ring (checked in `new`), aligned;
         // the driver published it before the index read with Acquire.
         u16::from_le(unsafe { std::ptr::read_volatile(self.avail.add(at).cast::<u16>()) })
+    }
+
+    /// Starts loading descriptor `i` (modulo the size).
+    #[inline]
+    pub fn prefetch_desc(&self, i: u16) {
+        platform::prefetch_place(self.desc.wrapping_add(usize::from(i & (self.size - 1))));
     }
 
     /// Descriptor `i`, which the caller has checked is below the size.
