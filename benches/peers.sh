@@ -13,6 +13,9 @@
 #        the new connections, MACs set, output
 #     4. pollux, plain routing (client VM -> server VM: conntrack, route, MACs, TTL)
 #     5. pollux, the VIP (3 backends, Maglev, conntrack, DNAT, MACs, TTL)
+#     6. and 7. (`own`) pollux as 4. and 5. on its own vhost_user ports
+#        (no DPDK in pollux): these connect, as to a QEMU, to sockets the
+#        generator's virtio_user ports own (server=1)
 #   at 1, 10 000 and 1 000 000 flows (16 client addresses x source ports,
 #   each flow a connection for the load balancers).
 #
@@ -33,7 +36,8 @@
 # and busy cycles per packet differ between the two (each poll's fixed
 # costs are shared by fewer packets).
 #
-# DEVICES="testpmd ovs pollux acl" (the default) chooses which to run;
+# DEVICES="testpmd ovs pollux own acl" (the default) chooses which to run
+# (`pollux`: on DPDK's net_vhost; `own`: on its own vhost_user ports);
 # `acl` compares the classifiers: dpdk-test-acl (rte_acl, scalar and AVX2)
 # and pollux's on the same generated rule files and trace at 100, 1 000
 # and 10 000 rules (ACL_SIZES), checking that both give every packet the
@@ -424,7 +428,7 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a > 0 && b > 0) printf "%.2f", a 
 section=$(
     echo "## pollux, OVS-DPDK and testpmd over vhost-user — \`sudo benches/peers.sh $secs\` ($(date -u +%Y-%m-%d), pollux at $(git rev-parse --short HEAD))"
     echo
-    echo "$(nproc) vCPUs: $(lscpu | sed -n 's/^Model name: *//p' | head -1). \`pollux pktgen\` (two \`virtio_user\` ports, $([ -n "${RATE:-}" ] && echo "64-byte UDP paced at $RATE packets/s" || echo "unpaced 64-byte UDP"), ${secs} s per trial after a 1 s warm-up; before it, for the devices that track connections, the flows are sent until the device tracks 99% of them, then for OVS and pollux until packets come back through them; a trial in which none come back fails the run) on CPU 0; the device under test on CPU 1 with one polling core, owning both vhost-user sockets. Mpps: what came back on the server side. Cycles: the device's busy cycles per packet over the measured phase (testpmd \`--record-core-cycles\`, over its whole run; OVS \`dpif-netdev/pmd-stats-show\`, avg processing cycles per packet; pollux \`GET /v1/perf\`). OVS-DPDK $ovs_version (Debian), DPDK $dpdk_version; the VIP in OVS is OVN's pipeline: \`ct(nat)\`, a select group of three buckets each \`ct(commit,nat(dst=DIP:8080))\`, MACs, TTL; in pollux a VIP of three backends (Maglev, connection tracking, DNAT, MACs, TTL). Flows: 16 client addresses times source ports, each a connection to the load balancers."
+    echo "$(nproc) vCPUs: $(lscpu | sed -n 's/^Model name: *//p' | head -1). \`pollux pktgen\` (two \`virtio_user\` ports, $([ -n "${RATE:-}" ] && echo "64-byte UDP paced at $RATE packets/s" || echo "unpaced 64-byte UDP"), ${secs} s per trial after a 1 s warm-up; before it, for the devices that track connections, the flows are sent until the device tracks 99% of them, then for OVS and pollux until packets come back through them; a trial in which none come back fails the run) on CPU 0; the device under test on CPU 1 with one polling core, owning both vhost-user sockets (pollux's own \`vhost_user\` ports connect to the generator's instead, which then own them). Mpps: what came back on the server side. Cycles: the device's busy cycles per packet over the measured phase (testpmd \`--record-core-cycles\`, over its whole run; OVS \`dpif-netdev/pmd-stats-show\`, avg processing cycles per packet; pollux \`GET /v1/perf\`). OVS-DPDK $ovs_version (Debian), DPDK $dpdk_version; the VIP in OVS is OVN's pipeline: \`ct(nat)\`, a select group of three buckets each \`ct(commit,nat(dst=DIP:8080))\`, MACs, TTL; in pollux a VIP of three backends (Maglev, connection tracking, DNAT, MACs, TTL). Flows: 16 client addresses times source ports, each a connection to the load balancers."
     echo
     echo "| device | flows | Mpps | cycles/packet |"
     echo "|---|---:|---:|---:|"

@@ -1051,6 +1051,16 @@ impl Config {
         {
             errs.push(format!("port {name:?}: mtu {m} is outside 68-9000"));
         }
+        // Without mergeable buffers a guest posts receive buffers for a
+        // 1500-byte MTU (Linux: 1518-byte frames); a larger frame would
+        // not fit one.
+        if let (PortSpec::VhostUser { .. }, Some(m)) = (&p.spec, p.mtu)
+            && m > 1500
+        {
+            errs.push(format!(
+                "port {name:?}: a vhost_user port carries an MTU of at most 1500 (no mergeable receive buffers); mtu is {m}"
+            ));
+        }
     }
 
     /// What the workers and ports must agree on: the machine's cores, one

@@ -107,6 +107,10 @@ fn check_and_run_refuse_the_same_configurations() {
             vec!["port \"vm\": a vhost_user port needs socket"],
         ),
         (
+            "[[port]]\nname = \"vm\"\ndriver = \"vhost_user\"\nsocket = \"/run/vm.sock\"\nmtu = 9000\n".to_string(),
+            vec!["port \"vm\": a vhost_user port carries an MTU of at most 1500 (no mergeable receive buffers); mtu is 9000"],
+        ),
+        (
             format!("[[port]]\nname = \"d\"\ndriver = \"dpdk\"\ndevargs = \"net_null0\"\n{ring}"),
             vec!["port \"r\": driver \"ring\" cannot share a worker with dpdk ports (make every port dpdk)"],
         ),

@@ -5,7 +5,8 @@
 //! buffers are in a lock-free queue, and, as a DPDK mempool's per-core
 //! cache keeps them, in a small last-in first-out cache of each thread that
 //! uses the pool ([`Pool::alloc`] takes from the calling thread's, which
-//! refills from the queue 32 at a time; a freed buffer goes to the freeing
+//! refills from the queue up to 32 at a time (at most half its bound); a
+//! freed buffer goes to the freeing
 //! thread's, which gives half back when full): a worker that allocates and
 //! frees on its own core takes no locked instruction per buffer, and takes
 //! back the buffer it freed last, still in its cache, where the queue
@@ -183,7 +184,7 @@ impl Cache {
             return None;
         }
         if self.bufs.is_empty() {
-            for _ in 0..REFILL {
+            for _ in 0..REFILL.min(pool.cache_max / 2).max(1) {
                 match pool.free.pop() {
                     Some(b) => self.bufs.push(b),
                     None => break,
@@ -421,7 +422,9 @@ impl Pool {
             .iter()
             .map(|c| c.load(Ordering::Relaxed))
             .sum();
-        self.shared.free.len() + cached
+        // (Read while buffers move between a cache and the queue, the sum
+        // may be off by those in flight.)
+        (self.shared.free.len() + cached).min(self.shared.capacity)
     }
 
     /// Size of each buffer, headroom included.

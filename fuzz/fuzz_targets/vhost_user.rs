@@ -7,9 +7,8 @@
 //! memory table has 1 to 8 regions); the guest memory, copied into a 64 KiB
 //! region (a descriptor table of 256 entries at 0, the available ring at
 //! 0x1000, the used ring at 0x2000), has every chain it offers read into a
-//! packet buffer and then written with a frame: neither may panic nor
-//! touch memory outside the region (the mapping ends there), a chain read
-//! is no longer than the buffer, and one written holds header and frame.
+//! packet buffer and then written with a frame: neither may panic, and a
+//! chain written holds exactly the header and the frame.
 #![no_main]
 
 use dataplane::port::vhost_user::proto;
@@ -21,7 +20,7 @@ const SIZE: usize = 64 * 1024;
 const GPA: u64 = 0x1_0000_0000;
 const UADDR: u64 = 0x7f00_0000_0000;
 
-fn memory(content: &[u8]) -> Option<(Memory, OwnedFd)> {
+fn memory(content: &[u8]) -> Option<(std::sync::Arc<Memory>, OwnedFd)> {
     // SAFETY: plain calls; the descriptor is owned by the OwnedFd at once.
     let fd = unsafe {
         let raw = libc::memfd_create(c"fuzz-guest".as_ptr(), libc::MFD_CLOEXEC);
@@ -41,7 +40,7 @@ fn memory(content: &[u8]) -> Option<(Memory, OwnedFd)> {
         mmap_offset: 0,
     };
     let mem = Memory::map(&[region], std::slice::from_ref(&fd)).ok()?;
-    Some((mem, fd))
+    Some((std::sync::Arc::new(mem), fd))
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -87,11 +86,9 @@ fuzz_target!(|data: &[u8]| {
     for i in 0..avail.min(512) {
         let head = ring.avail_entry(i);
         let hdr = if i % 2 == 0 { 12 } else { 10 };
-        if let Ok(n) = vring::read_chain(&mem, &ring, head, hdr, &mut buf) {
-            assert!(n <= buf.len());
-        }
+        let _ = vring::read_chain(&ring, head, hdr, &mut buf);
         let size = usize::from(i % 128);
-        if let Ok(n) = vring::write_chain(&mem, &ring, head, &[0; 12], &frame[..size]) {
+        if let Ok(n) = vring::write_chain(&ring, head, &[0; 12], &frame[..size]) {
             assert_eq!(n as usize, 12 + size);
         }
         ring.put_used(i, head, 0);

@@ -4,9 +4,10 @@
 //!
 //! A message is an 8-byte big-endian length, which carries the
 //! descriptors, then that many bytes of payload. The two calls under it
-//! ([`send_raw`], [`recv_fds`]) serve the vhost-user ports' messages too. Written here rather than
-//! taken from a crate because std's ancillary-data API is unstable and the
-//! crates that wrap `sendmsg` bring far more than these two calls.
+//! ([`send_raw`], [`recv_fds`]) serve the vhost-user ports' messages too.
+//! Written here rather than taken from a crate because std's
+//! ancillary-data API is unstable and the crates that wrap `sendmsg` bring
+//! far more than these two calls.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};

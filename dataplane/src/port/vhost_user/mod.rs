@@ -23,8 +23,10 @@
 //!
 //! Offered: `VIRTIO_F_VERSION_1` and protocol features (none of them), one
 //! queue pair, no offloads or mergeable buffers (each frame in one chain).
-//! When the front end goes away (QEMU stops, the guest's device resets)
-//! the port drops what it sends as `link_down` and connects again.
+//! While the rings do not run (the guest's driver reset the device and the
+//! front end stopped them, or the front end is gone) the port drops what
+//! it sends as `link_down`; when the front end goes away (QEMU stops) the
+//! port connects again.
 
 pub mod proto;
 pub mod vring;
@@ -54,12 +56,16 @@ const RETRY: Duration = Duration::from_millis(100);
 /// How long a front end may leave a message half sent, or a reply unread.
 const STALL: Duration = Duration::from_secs(5);
 /// How long the control thread waits for the worker to let go of what it
-/// used before it gives up and keeps that mapped for good.
+/// used before it gives up and keeps that mapped for the port's life.
 const QUIESCE: Duration = Duration::from_secs(5);
 
 /// A ring as the worker uses it.
 pub struct ActiveRing {
     ring: Split,
+    /// Enabled. A started ring that is not carries nothing: what the
+    /// guest sends on it is taken and discarded (`link_down`), as the
+    /// specification asks.
+    enabled: bool,
     /// The call eventfd, when the driver may want interrupts.
     call: Option<Arc<OwnedFd>>,
 }
@@ -73,17 +79,17 @@ impl ActiveRing {
         };
         if self.ring.wants_interrupt() {
             let one = 1u64.to_ne_bytes();
-            // SAFETY: an 8-byte write from a live buffer to a live eventfd;
-            // a full counter (EAGAIN) already wakes the guest.
+            // SAFETY: an 8-byte write from a live buffer to a live
+            // descriptor, non-blocking (set when it came): a full eventfd
+            // counter (EAGAIN) already wakes the guest.
             unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
         }
     }
 }
 
-/// What the worker uses: the guest's memory and the rings that run.
+/// What the worker uses: the rings that run (each keeps the guest's
+/// memory mapped).
 pub struct Active {
-    /// Kept alive while the rings in it are used.
-    mem: Arc<Memory>,
     /// The virtio-net header's length (12 with `VERSION_1`, else 10).
     hdr_len: usize,
     rings: [Option<ActiveRing>; 2],
@@ -107,8 +113,12 @@ struct Cursor {
     /// entry taken is returned in the same burst).
     next: u16,
     /// The guest published an available index more than a ring ahead:
-    /// the ring is not polled until it is set up again.
+    /// the ring is not polled until it is set up again (at other
+    /// addresses, or of another size).
     broken: bool,
+    /// The ring's descriptor table and size, which tell a ring set up
+    /// again from the same ring published again.
+    ring: (usize, u16),
 }
 
 /// A vhost-user port (one queue pair, polled by one worker).
@@ -193,9 +203,11 @@ impl VhostUserPort {
         if let Some(a) = &next {
             for (c, r) in self.cursors.iter_mut().zip(&a.rings) {
                 if let Some(r) = r {
+                    let ring = r.ring.identity();
                     *c = Cursor {
                         next: r.ring.used_idx(),
-                        broken: false,
+                        broken: c.broken && c.ring == ring,
+                        ring,
                     };
                 }
             }
@@ -258,13 +270,17 @@ impl Port for VhostUserPort {
         };
         let c = &mut self.cursors[GUEST_TX];
         let offered = Self::offered(&self.stats, c, &r.ring);
+        if !r.enabled {
+            discard(&self.stats, c, r, offered);
+            return 0;
+        }
         let want = usize::from(offered).min(batch.free_space()).min(BURST);
         if want == 0 {
             return 0;
         }
         // The burst's descriptors and frames, which the guest's core
         // wrote, are loaded all at once before the first is read.
-        let heads = prefetch_chains(a, &r.ring, c.next, want);
+        let heads = prefetch_chains(&r.ring, c.next, want);
         let (mut got, mut bytes, mut taken) = (0u64, 0u64, 0usize);
         while taken < want {
             // (An empty pool leaves the guest's frames in its ring.)
@@ -274,7 +290,7 @@ impl Port for VhostUserPort {
             let head = heads[taken];
             let room = buf.tailroom();
             let read = match buf.append(room) {
-                Ok(dst) => read_frame(&a.mem, &r.ring, head, a.hdr_len, dst),
+                Ok(dst) => read_frame(&r.ring, head, a.hdr_len, dst),
                 Err(_) => Err(DropReason::RxNoBuffer),
             };
             match read {
@@ -304,7 +320,7 @@ impl Port for VhostUserPort {
         let ring = self
             .cur
             .as_deref()
-            .and_then(|a| Some((a, a.rings[GUEST_RX].as_ref()?)));
+            .and_then(|a| Some((a, a.rings[GUEST_RX].as_ref().filter(|r| r.enabled)?)));
         let Some((a, r)) = ring else {
             let n = batch.len() as u64;
             batch.clear();
@@ -315,7 +331,7 @@ impl Port for VhostUserPort {
         let mut offered = Self::offered(&self.stats, c, &r.ring);
         // The buffers the burst fills, loaded all at once (the guest's core
         // wrote their descriptors; this one writes the buffers).
-        let _ = prefetch_chains(a, &r.ring, c.next, usize::from(offered).min(batch.len()));
+        let _ = prefetch_chains(&r.ring, c.next, usize::from(offered).min(batch.len()));
         // The virtio-net header: no offloads; one buffer (`num_buffers`,
         // its last two bytes, in the 12-byte form).
         let hdr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0];
@@ -330,7 +346,7 @@ impl Port for VhostUserPort {
                 }
             }
             let head = r.ring.avail_entry(c.next);
-            let len = match vring::write_chain(&a.mem, &r.ring, head, hdr, pkt.data()) {
+            let len = match vring::write_chain(&r.ring, head, hdr, pkt.data()) {
                 Ok(len) => {
                     sent += 1;
                     bytes += pkt.len() as u64;
@@ -364,7 +380,7 @@ impl Port for VhostUserPort {
 /// lines of those descriptors' buffers: the loads of a whole burst in
 /// flight together, rather than one miss after another in the copies.
 #[inline]
-fn prefetch_chains(a: &Active, ring: &Split, next: u16, n: usize) -> [u16; BURST] {
+fn prefetch_chains(ring: &Split, next: u16, n: usize) -> [u16; BURST] {
     let mut heads = [0u16; BURST];
     let n = n.min(BURST);
     for (k, h) in heads.iter_mut().enumerate().take(n) {
@@ -373,21 +389,32 @@ fn prefetch_chains(a: &Active, ring: &Split, next: u16, n: usize) -> [u16; BURST
     }
     for &h in heads.iter().take(n) {
         // (A head out of the table is refused when its chain is read.)
-        a.mem.prefetch(ring.desc(h & (ring.size - 1)).addr);
+        ring.memory().prefetch(ring.desc(h & (ring.size - 1)).addr);
     }
     heads
 }
 
 /// Reads the frame of chain `head` into `dst`.
 #[inline]
-fn read_frame(
-    mem: &Memory,
-    ring: &Split,
-    head: u16,
-    hdr: usize,
-    dst: &mut [u8],
-) -> Result<usize, DropReason> {
-    vring::read_chain(mem, ring, head, hdr, dst).map_err(|e| chain_drop(e, DropReason::RxOversize))
+fn read_frame(ring: &Split, head: u16, hdr: usize, dst: &mut [u8]) -> Result<usize, DropReason> {
+    vring::read_chain(ring, head, hdr, dst).map_err(|e| chain_drop(e, DropReason::RxOversize))
+}
+
+/// Takes the `offered` entries of a started ring that is not enabled
+/// back unused, counting what the guest sent as `link_down`.
+#[cold]
+fn discard(stats: &PortStats, c: &mut Cursor, r: &ActiveRing, offered: u16) {
+    if offered == 0 {
+        return;
+    }
+    for _ in 0..offered {
+        let head = r.ring.avail_entry(c.next);
+        r.ring.put_used(c.next, head, 0);
+        c.next = c.next.wrapping_add(1);
+    }
+    r.ring.set_used_idx(c.next);
+    r.notify();
+    stats.drops.add(DropReason::LinkDown, u64::from(offered));
 }
 
 /// A ring as the front end set it up.
@@ -408,9 +435,6 @@ struct Device {
     features: u64,
     mem: Option<Arc<Memory>>,
     rings: [RingConf; 2],
-    /// Published `Active`s the worker did not let go of in time: kept, so
-    /// their memory stays mapped.
-    stuck: Vec<Arc<Active>>,
 }
 
 /// Why a connection ended.
@@ -424,8 +448,19 @@ enum ConnError {
     Setup(String),
 }
 
+/// How a connection ended without an error.
+enum End {
+    /// The front end closed it.
+    Closed,
+    /// The port is being dropped.
+    Stopped,
+}
+
 fn control_loop(s: &Shared) {
     let mut logged = false;
+    // Published `Active`s the worker did not let go of in time: kept for
+    // the port's life, so their memory stays mapped.
+    let mut stuck = Vec::new();
     while !s.stop.load(Ordering::Relaxed) {
         let stream = match UnixStream::connect(&s.socket) {
             Ok(st) => st,
@@ -449,22 +484,57 @@ fn control_loop(s: &Shared) {
             "vhost-user front end connected"
         );
         let mut dev = Device::default();
-        let end = serve(s, &mut dev, stream);
-        // The front end is gone: the worker stops using the rings, and
+        let end = serve(s, &mut dev, &mut stuck, stream);
+        // The connection is over: the worker stops using the rings, and
         // the memory is unmapped once it let go.
         dev.mem = None;
         dev.rings = Default::default();
-        publish(s, &mut dev);
+        publish(s, &dev, &mut stuck);
         match end {
-            Ok(()) => tracing::info!(port = %s.name, "vhost-user front end closed the connection"),
+            Ok(End::Closed) => {
+                tracing::info!(port = %s.name, "vhost-user front end closed the connection")
+            }
+            Ok(End::Stopped) => {}
             Err(e) => {
                 tracing::warn!(port = %s.name, "vhost-user connection dropped: {e}");
                 // (A front end that sends the same again is not
                 // answered ten times a second.)
-                std::thread::sleep(RETRY * 10);
+                for _ in 0..10 {
+                    if s.stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    std::thread::sleep(RETRY);
+                }
             }
         }
     }
+}
+
+/// Fills `buf` from `stream` within `deadline` (the whole message's),
+/// giving up when the port stops.
+fn read_full(
+    s: &Shared,
+    stream: &mut UnixStream,
+    mut buf: &mut [u8],
+    deadline: Instant,
+) -> Result<(), ConnError> {
+    while !buf.is_empty() {
+        if s.stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+            return Err(ConnError::Setup(format!(
+                "a message was not sent whole within {STALL:?}"
+            )));
+        }
+        if !readable(stream)? {
+            continue;
+        }
+        match stream.read(buf) {
+            Ok(0) => return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()),
+            Ok(n) => buf = &mut buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 /// Waits up to `RETRY` for `fd` to be readable: false on a timeout.
@@ -492,36 +562,41 @@ fn readable(fd: &UnixStream) -> std::io::Result<bool> {
 
 /// Serves one connection until the front end closes it, `stop`, or a
 /// message pollux cannot take.
-fn serve(s: &Shared, dev: &mut Device, mut stream: UnixStream) -> Result<(), ConnError> {
+fn serve(
+    s: &Shared,
+    dev: &mut Device,
+    stuck: &mut Vec<Arc<Active>>,
+    mut stream: UnixStream,
+) -> Result<End, ConnError> {
     // A front end that stops halfway through a message, or does not read
     // its replies, ends the connection rather than holding this thread.
-    stream.set_read_timeout(Some(STALL))?;
     stream.set_write_timeout(Some(STALL))?;
     let mut head = [0u8; proto::HEADER_LEN];
     loop {
         if s.stop.load(Ordering::Relaxed) {
-            return Ok(());
+            return Ok(End::Stopped);
         }
         if !readable(&stream)? {
             continue;
         }
+        let deadline = Instant::now() + STALL;
         let (got, mut fds) = crate::port::fdpass::recv_fds(&mut stream, &mut head)?;
         if got == 0 {
-            return Ok(());
+            return Ok(End::Closed);
         }
-        stream.read_exact(&mut head[got..])?;
+        read_full(s, &mut stream, &mut head[got..], deadline)?;
         let h = proto::Header::parse(&head)?;
         let mut payload = vec![0u8; h.size as usize];
-        stream.read_exact(&mut payload)?;
+        read_full(s, &mut stream, &mut payload, deadline)?;
         let req = proto::parse(&h, &payload, fds.len())?;
         if h.flags & proto::NEED_REPLY != 0 && !req.has_reply() {
             // REPLY_ACK is not offered: a front end asking for it anyway
             // gets its acknowledgement (0: done).
-            handle(s, dev, req, h.request, &mut fds)?;
+            handle(s, dev, stuck, req, h.request, &mut fds)?;
             stream.write_all(&proto::reply_u64(h.request, 0))?;
             continue;
         }
-        if let Some(r) = handle(s, dev, req, h.request, &mut fds)? {
+        if let Some(r) = handle(s, dev, stuck, req, h.request, &mut fds)? {
             stream.write_all(&r)?;
         }
     }
@@ -531,6 +606,7 @@ fn serve(s: &Shared, dev: &mut Device, mut stream: UnixStream) -> Result<(), Con
 fn handle(
     s: &Shared,
     dev: &mut Device,
+    stuck: &mut Vec<Arc<Active>>,
     req: Request,
     c: u32,
     fds: &mut Vec<OwnedFd>,
@@ -548,7 +624,8 @@ fn handle(
     match req {
         Request::GetFeatures => return Ok(Some(proto::reply_u64(c, proto::FEATURES))),
         Request::GetProtocolFeatures => return Ok(Some(proto::reply_u64(c, 0))),
-        Request::GetQueueNum => return Ok(Some(proto::reply_u64(c, 2))),
+        // (Queue pairs: one.)
+        Request::GetQueueNum => return Ok(Some(proto::reply_u64(c, 1))),
         Request::SetProtocolFeatures(_) | Request::SetOwner => {}
         Request::SetFeatures(f) => {
             if f & !proto::FEATURES != 0 {
@@ -564,17 +641,18 @@ fn handle(
                     r.enabled = true;
                 }
             }
-            publish(s, dev);
+            publish(s, dev, stuck);
         }
         Request::Reset => {
             dev.rings = Default::default();
             dev.mem = None;
-            publish(s, dev);
+            dev.features = 0;
+            publish(s, dev, stuck);
         }
         Request::SetMemTable(regions) => {
             let mem = Memory::map(&regions, fds).map_err(ConnError::Setup)?;
             dev.mem = Some(Arc::new(mem));
-            publish(s, dev);
+            publish(s, dev, stuck);
         }
         Request::SetVringNum { index, num } => {
             let i = ring(index)?;
@@ -600,12 +678,9 @@ fn handle(
             let i = ring(index)?;
             let place = used_place(dev, i);
             dev.rings[i].started = false;
-            publish(s, dev);
+            publish(s, dev, stuck);
             // After the worker let go: nothing moves the used index now.
-            let at = place.map_or(0, |(mem, r)| {
-                let _keep = mem;
-                r.used_idx()
-            });
+            let at = place.map_or(0, |r| r.used_idx());
             return Ok(Some(proto::reply_state(c, index, u32::from(at))));
         }
         Request::SetVringKick { index, .. } => {
@@ -613,12 +688,20 @@ fn handle(
             // (Kicks are not read: the ring is polled.)
             fds.clear();
             dev.rings[i].started = true;
-            publish(s, dev);
+            publish(s, dev, stuck);
         }
         Request::SetVringCall { index, fd } => {
             let i = ring(index)?;
-            dev.rings[i].call = if fd { fds.pop().map(Arc::new) } else { None };
-            publish(s, dev);
+            let call = if fd { fds.pop() } else { None };
+            if let Some(c) = &call {
+                // The worker writes it: it must never block there (an
+                // eventfd whose counter is full, or not an eventfd).
+                nonblocking(c).map_err(|e| {
+                    ConnError::Setup(format!("ring {index}: its call descriptor: {e}"))
+                })?;
+            }
+            dev.rings[i].call = call.map(Arc::new);
+            publish(s, dev, stuck);
         }
         Request::SetVringErr { index, .. } => {
             ring(index)?;
@@ -627,23 +710,39 @@ fn handle(
         Request::SetVringEnable { index, enable } => {
             let i = ring(index)?;
             dev.rings[i].enabled = enable;
-            publish(s, dev);
+            publish(s, dev, stuck);
         }
     }
     Ok(None)
 }
 
-/// Ring `i`'s used ring in the current memory, for reading its index.
-fn used_place(dev: &Device, i: usize) -> Option<(Arc<Memory>, Split)> {
-    let mem = dev.mem.clone()?;
+/// Sets `O_NONBLOCK` on `fd`.
+fn nonblocking(fd: &OwnedFd) -> std::io::Result<()> {
+    // SAFETY: fcntl on a live descriptor, reading then setting its flags.
+    let r = unsafe {
+        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        if flags < 0 {
+            flags
+        } else {
+            libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK)
+        }
+    };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Ring `i` in the current memory, for reading its used index.
+fn used_place(dev: &Device, i: usize) -> Option<Split> {
     let r = &dev.rings[i];
-    let ring = Split::new(&mem, r.addr.as_ref()?, r.num).ok()?;
-    Some((mem, ring))
+    Split::new(dev.mem.as_ref()?, r.addr.as_ref()?, r.num).ok()
 }
 
 /// Publishes what the worker is to use now, and waits for it to let go of
 /// what it used before.
-fn publish(s: &Shared, dev: &mut Device) {
+fn publish(s: &Shared, dev: &Device, stuck: &mut Vec<Arc<Active>>) {
     let hdr_len = if dev.features & (proto::F_VERSION_1 | proto::F_MRG_RXBUF) != 0 {
         12
     } else {
@@ -652,7 +751,7 @@ fn publish(s: &Shared, dev: &mut Device) {
     let next = dev.mem.clone().map(|mem| {
         let rings = std::array::from_fn(|i| {
             let r = &dev.rings[i];
-            if !(r.started && r.enabled) {
+            if !r.started {
                 return None;
             }
             let ring = match Split::new(&mem, r.addr.as_ref()?, r.num) {
@@ -665,18 +764,17 @@ fn publish(s: &Shared, dev: &mut Device) {
             ring.no_kicks();
             Some(ActiveRing {
                 ring,
+                enabled: r.enabled,
                 call: r.call.clone(),
             })
         });
-        Arc::new(Active {
-            mem,
-            hdr_len,
-            rings,
-        })
+        Arc::new(Active { hdr_len, rings })
     });
-    let up = next
-        .as_ref()
-        .is_some_and(|a| a.rings.iter().all(Option::is_some));
+    let up = next.as_ref().is_some_and(|a| {
+        a.rings
+            .iter()
+            .all(|r| r.as_ref().is_some_and(|r| r.enabled))
+    });
     let old = {
         let mut cur = s
             .active
@@ -698,7 +796,7 @@ fn publish(s: &Shared, dev: &mut Device) {
                 port = %s.name,
                 "the worker did not let go of the vhost-user rings in {QUIESCE:?}; their memory stays mapped"
             );
-            dev.stuck.push(old);
+            stuck.push(old);
             return;
         }
         std::thread::sleep(Duration::from_micros(50));

@@ -63,6 +63,12 @@ impl Front {
     /// Accepts the port's connection and sets the device up as QEMU does:
     /// features, memory, both rings (size 8), enabled.
     fn accept(l: &UnixListener, call: &OwnedFd) -> Front {
+        Self::accept_with(l, call, proto::FEATURES)
+    }
+
+    /// As `accept`, choosing `features` (without protocol features the
+    /// rings are not enabled by message: they run once kicked).
+    fn accept_with(l: &UnixListener, call: &OwnedFd, features: u64) -> Front {
         let (mut sock, _) = l.accept().unwrap();
         send(&mut sock, req::GET_FEATURES, &[], &[]);
         let f = u64::from_le_bytes(reply(&mut sock).try_into().unwrap());
@@ -70,7 +76,8 @@ impl Front {
         send(&mut sock, req::GET_PROTOCOL_FEATURES, &[], &[]);
         assert_eq!(reply(&mut sock), 0u64.to_le_bytes());
         send(&mut sock, req::SET_OWNER, &[], &[]);
-        send(&mut sock, req::SET_FEATURES, &u64s(&[f]), &[]);
+        send(&mut sock, req::SET_FEATURES, &u64s(&[features]), &[]);
+        let f = features;
         let guest = Guest::new(1 << 20);
         let r = guest.region;
         let mut table = vec![1, 0, 0, 0, 0, 0, 0, 0];
@@ -97,7 +104,9 @@ impl Front {
                 &u64s(&[u64::from(d.index)]),
                 &[call.as_fd()],
             );
-            send(&mut sock, req::SET_VRING_ENABLE, &state(d.index, 1), &[]);
+            if f & proto::F_PROTOCOL_FEATURES != 0 {
+                send(&mut sock, req::SET_VRING_ENABLE, &state(d.index, 1), &[]);
+            }
         }
         Front {
             sock,
@@ -281,6 +290,31 @@ fn a_guest_offering_more_than_its_ring_stops_that_ring() {
         assert_eq!(port.rx_burst(&mut b), 0);
     }
     assert_eq!(port.stats.drops.get(DropReason::BadDescriptor), 1);
+    // A new call descriptor publishes the rings again: the broken ring
+    // stays stopped, and is not counted again.
+    let mut f = f;
+    let other = eventfd();
+    std::thread::scope(|sc| {
+        let t = sc.spawn(|| {
+            send(
+                &mut f.sock,
+                req::SET_VRING_CALL,
+                &u64s(&[0]),
+                &[other.as_fd()],
+            );
+            // (A reply-bearing request after it: the call was applied.)
+            send(&mut f.sock, req::GET_FEATURES, &[], &[]);
+            reply(&mut f.sock)
+        });
+        while !t.is_finished() {
+            port.rx_burst(&mut b);
+        }
+        t.join().unwrap();
+    });
+    for _ in 0..10 {
+        assert_eq!(port.rx_burst(&mut b), 0);
+    }
+    assert_eq!(port.stats.drops.get(DropReason::BadDescriptor), 1);
 }
 
 #[test]
@@ -303,4 +337,68 @@ fn a_front_end_asking_for_what_is_not_offered_is_dropped() {
     let (_s2, _) = l.accept().unwrap();
     let mut b = Batch::new();
     assert_eq!(port.rx_burst(&mut b), 0);
+}
+
+#[test]
+fn a_legacy_front_end_gets_running_rings_and_the_10_byte_header() {
+    let sock = Sock::new("vhost-port-legacy");
+    let path = sock.0.clone();
+    let l = UnixListener::bind(&path).unwrap();
+    let pool = pool();
+    let mut port = VhostUserPort::open("vm4", &path, MacAddr::ZERO, pool).unwrap();
+    let call = eventfd();
+    // Neither VERSION_1 nor protocol features: no SET_VRING_ENABLE comes.
+    let mut f = std::thread::scope(|sc| {
+        let t = sc.spawn(|| Front::accept_with(&l, &call, 0));
+        let mut b = Batch::new();
+        while !t.is_finished() {
+            port.rx_burst(&mut b);
+        }
+        t.join().unwrap()
+    });
+    until(&mut port, "the link", link_up);
+    let frame: Vec<u8> = (0..60u8).collect();
+    let mut buf = vec![0u8; 10];
+    buf.extend_from_slice(&frame);
+    f.guest.write(0x1000, &buf);
+    f.tx.set_desc(&f.guest, 0, GPA + 0x1000, buf.len() as u32, 0, 0);
+    f.tx.offer(&f.guest, 0);
+    let mut got = Batch::new();
+    until(&mut port, "the frame", |p| p.rx_burst(&mut got) == 1);
+    assert_eq!(got.as_slice()[0].data(), &frame[..]);
+    f.rx.set_desc(&f.guest, 0, GPA + 0x2000, 2048, DESC_WRITE, 0);
+    f.rx.offer(&f.guest, 0);
+    let mut out = Batch::new();
+    out.push(pool.alloc_copy(&frame).unwrap()).unwrap();
+    assert_eq!(port.tx_burst(&mut out), 1);
+    assert_eq!(f.rx.take_used(&f.guest), vec![(0, 70)]);
+    assert_eq!(f.guest.read(0x2000, 10), vec![0; 10]);
+    assert_eq!(f.guest.read(0x2000 + 10, 60), frame);
+}
+
+#[test]
+fn a_disabled_ring_has_what_the_guest_sends_discarded_and_the_link_down() {
+    let sock = Sock::new("vhost-port-disabled");
+    let path = sock.0.clone();
+    let l = UnixListener::bind(&path).unwrap();
+    let pool = pool();
+    let mut port = VhostUserPort::open("vm5", &path, MacAddr::ZERO, pool).unwrap();
+    let call = eventfd();
+    let mut f = accept_polling(&mut port, &l, &call);
+    until(&mut port, "the link", link_up);
+    std::thread::scope(|sc| {
+        let t = sc.spawn(|| send(&mut f.sock, req::SET_VRING_ENABLE, &state(1, 0), &[]));
+        until(&mut port, "the link down", |p| !link_up(p));
+        t.join().unwrap();
+    });
+    f.guest.write(0x1000, &[0u8; 72]);
+    f.tx.set_desc(&f.guest, 0, GPA + 0x1000, 72, 0, 0);
+    f.tx.offer(&f.guest, 0);
+    let mut got = Batch::new();
+    until(&mut port, "the frame taken back", |p| {
+        p.rx_burst(&mut got);
+        p.stats.drops.get(DropReason::LinkDown) == 1
+    });
+    assert!(got.is_empty());
+    assert_eq!(f.tx.take_used(&f.guest), vec![(0, 0)]);
 }

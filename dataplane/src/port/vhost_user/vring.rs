@@ -75,6 +75,19 @@ impl Memory {
                     std::io::Error::last_os_error()
                 ));
             }
+            // A region past the file's end would fault (SIGBUS) when
+            // touched. (The front end must not shrink the file later:
+            // QEMU's memory backends never do.)
+            let end = r
+                .size
+                .checked_add(r.mmap_offset)
+                .ok_or_else(|| format!("memory region {k}: offset and size overflow"))?;
+            if u64::try_from(st.st_size).unwrap_or(0) < end {
+                return Err(format!(
+                    "memory region {k}: {} bytes at offset {} are past the end of its file ({} bytes)",
+                    r.size, r.mmap_offset, st.st_size
+                ));
+            }
             let block = u64::try_from(st.st_blksize).unwrap_or(4096).max(4096);
             let len = r
                 .size
@@ -82,13 +95,10 @@ impl Memory {
                 .and_then(|l| l.checked_next_multiple_of(block))
                 .and_then(|l| usize::try_from(l).ok())
                 .ok_or_else(|| format!("memory region {k}: offset and size overflow"))?;
-            let map = Mapping::new(
-                len,
-                libc::MAP_SHARED | libc::MAP_POPULATE,
-                Some(fd.as_fd()),
-                0,
-            )
-            .map_err(|e| format!("memory region {k} ({} bytes): mmap: {e}", r.size))?;
+            // (Not populated: the guest's memory may be backed lazily,
+            // and touching all of it would allocate all of it.)
+            let map = Mapping::new(len, libc::MAP_SHARED, Some(fd.as_fd()), 0)
+                .map_err(|e| format!("memory region {k} ({} bytes): mmap: {e}", r.size))?;
             let host = map.as_ptr().wrapping_add(r.mmap_offset as usize);
             out.push(Mapped {
                 gpa: r.gpa,
@@ -145,15 +155,24 @@ pub struct Desc {
     pub next: u16,
 }
 
-/// A split virtqueue in a guest's memory. Its pointers are valid while the
-/// [`Memory`] it was made in lives.
-#[derive(Debug)]
+/// A split virtqueue in a guest's memory, which it keeps mapped: its
+/// pointers are valid while it lives.
 pub struct Split {
+    mem: std::sync::Arc<Memory>,
     desc: *const Desc,
     avail: *const u8,
     used: *mut u8,
     /// Entries (a power of two).
     pub size: u16,
+}
+
+impl std::fmt::Debug for Split {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Split")
+            .field("desc", &self.desc)
+            .field("size", &self.size)
+            .finish()
+    }
 }
 
 // SAFETY: as for `Memory`, whose mapping the pointers lie in.
@@ -164,7 +183,7 @@ unsafe impl Sync for Split {}
 impl Split {
     /// The ring of `num` entries at `addr` in `mem`: every part inside one
     /// region and aligned as the specification requires.
-    pub fn new(mem: &Memory, addr: &VringAddr, num: u32) -> Result<Split, String> {
+    pub fn new(mem: &std::sync::Arc<Memory>, addr: &VringAddr, num: u32) -> Result<Split, String> {
         let i = addr.index;
         if !num.is_power_of_two() || num > MAX_RING {
             return Err(format!(
@@ -187,6 +206,7 @@ impl Split {
         let avail = part("available ring", addr.avail, 6 + 2 * n, 2)?;
         let used = part("used ring", addr.used, 6 + 8 * n, 4)?;
         Ok(Split {
+            mem: mem.clone(),
             desc: desc.cast_const().cast(),
             avail: avail.cast_const(),
             used,
@@ -218,6 +238,19 @@ impl Split {
         // SAFETY: inside the available ring (checked in `new`), aligned;
         // the driver published it before the index read with Acquire.
         u16::from_le(unsafe { std::ptr::read_volatile(self.avail.add(at).cast::<u16>()) })
+    }
+
+    /// What tells this ring from another: its descriptor table's place
+    /// and its size.
+    #[inline]
+    pub fn identity(&self) -> (usize, u16) {
+        (self.desc as usize, self.size)
+    }
+
+    /// The memory the ring and its buffers lie in.
+    #[inline]
+    pub fn memory(&self) -> &Memory {
+        &self.mem
     }
 
     /// Starts loading descriptor `i` (modulo the size).
@@ -302,19 +335,25 @@ pub enum ChainError {
     TooLong,
 }
 
+/// The most descriptors a chain may have: a frame without indirect
+/// descriptors needs a few (Linux sends at most 19), and a guest's chain
+/// of thousands would cost the one worker that serves every VM that many
+/// reads.
+pub const MAX_CHAIN: u16 = 64;
+
 /// Copies the frame of the device-readable chain at `head` (after `hdr`
 /// bytes of virtio-net header) to the start of `dst`. Returns the frame's
 /// length.
 #[inline]
 pub fn read_chain(
-    mem: &Memory,
     ring: &Split,
     head: u16,
     hdr: usize,
     dst: &mut [u8],
 ) -> Result<usize, ChainError> {
+    let mem = ring.memory();
     let (mut i, mut skip, mut total) = (head, hdr, 0usize);
-    for _ in 0..ring.size {
+    for _ in 0..ring.size.min(MAX_CHAIN) {
         if i >= ring.size {
             return Err(ChainError::Bad);
         }
@@ -338,7 +377,12 @@ pub fn read_chain(
             total += n;
         }
         if d.flags & DESC_NEXT == 0 {
-            return Ok(total);
+            // (A chain shorter than its header carries no frame.)
+            return if skip > 0 {
+                Err(ChainError::Bad)
+            } else {
+                Ok(total)
+            };
         }
         i = d.next;
     }
@@ -348,16 +392,11 @@ pub fn read_chain(
 /// Writes `hdr` then `frame` into the device-writable chain at `head`.
 /// Returns the bytes written.
 #[inline]
-pub fn write_chain(
-    mem: &Memory,
-    ring: &Split,
-    head: u16,
-    hdr: &[u8],
-    frame: &[u8],
-) -> Result<u32, ChainError> {
+pub fn write_chain(ring: &Split, head: u16, hdr: &[u8], frame: &[u8]) -> Result<u32, ChainError> {
+    let mem = ring.memory();
     let (mut i, mut h, mut f) = (head, hdr, frame);
     let mut written = 0u32;
-    for _ in 0..ring.size {
+    for _ in 0..ring.size.min(MAX_CHAIN) {
         if i >= ring.size {
             return Err(ChainError::Bad);
         }
@@ -533,9 +572,10 @@ pub(crate) mod tests {
         }
     }
 
-    fn setup() -> (Guest, Memory, Driver, Split) {
+    fn setup() -> (Guest, std::sync::Arc<Memory>, Driver, Split) {
         let g = Guest::new(1 << 20);
-        let mem = Memory::map(&[g.region], std::slice::from_ref(&g.fd)).unwrap();
+        let mem =
+            std::sync::Arc::new(Memory::map(&[g.region], std::slice::from_ref(&g.fd)).unwrap());
         let d = Driver::new(1, 0, 8);
         let ring = Split::new(&mem, &d.addr(), 8).unwrap();
         (g, mem, d, ring)
@@ -543,7 +583,7 @@ pub(crate) mod tests {
 
     #[test]
     fn a_chain_is_read_past_its_header_and_returned_on_the_used_ring() {
-        let (g, mem, mut d, ring) = setup();
+        let (g, _mem, mut d, ring) = setup();
         // The header in its own descriptor, the frame split over two.
         let frame: Vec<u8> = (0..100u8).collect();
         g.write(0x1000, &[0xee; 12]);
@@ -557,11 +597,11 @@ pub(crate) mod tests {
         let head = ring.avail_entry(0);
         assert_eq!(head, 3);
         let mut out = vec![0u8; 2048];
-        let n = read_chain(&mem, &ring, head, 12, &mut out).unwrap();
+        let n = read_chain(&ring, head, 12, &mut out).unwrap();
         assert_eq!(n, 100);
         assert_eq!(&out[..100], &frame[..]);
         assert_eq!(
-            read_chain(&mem, &ring, head, 12, &mut out[..99]),
+            read_chain(&ring, head, 12, &mut out[..99]),
             Err(ChainError::TooLong)
         );
         ring.put_used(0, head, 0);
@@ -577,27 +617,41 @@ pub(crate) mod tests {
         let d = Driver::new(1, 0, 8);
         // Outside guest memory.
         d.set_desc(&g, 0, GPA + (1 << 20) - 4, 100, 0, 0);
-        assert_eq!(read_chain(&mem, &ring, 0, 0, take), Err(ChainError::Bad));
+        assert_eq!(read_chain(&ring, 0, 0, take), Err(ChainError::Bad));
         // A loop of descriptors.
         d.set_desc(&g, 1, GPA, 10, DESC_NEXT, 2);
         d.set_desc(&g, 2, GPA, 10, DESC_NEXT, 1);
-        assert_eq!(read_chain(&mem, &ring, 1, 0, take), Err(ChainError::Bad));
+        assert_eq!(read_chain(&ring, 1, 0, take), Err(ChainError::Bad));
         // A next beyond the table, a head beyond the table.
         d.set_desc(&g, 3, GPA, 10, DESC_NEXT, 9);
-        assert_eq!(read_chain(&mem, &ring, 3, 0, take), Err(ChainError::Bad));
-        assert_eq!(read_chain(&mem, &ring, 8, 0, take), Err(ChainError::Bad));
+        assert_eq!(read_chain(&ring, 3, 0, take), Err(ChainError::Bad));
+        assert_eq!(read_chain(&ring, 8, 0, take), Err(ChainError::Bad));
         // Writable where a readable one is due, and the reverse.
         d.set_desc(&g, 4, GPA, 10, DESC_WRITE, 0);
-        assert_eq!(read_chain(&mem, &ring, 4, 0, take), Err(ChainError::Bad));
+        assert_eq!(read_chain(&ring, 4, 0, take), Err(ChainError::Bad));
         d.set_desc(&g, 5, GPA, 10, 0, 0);
         assert_eq!(
-            write_chain(&mem, &ring, 5, &[0; 12], &[1; 10]),
+            write_chain(&ring, 5, &[0; 12], &[1; 10]),
             Err(ChainError::Bad)
         );
+        // Shorter than its header; longer than a chain may be.
+        d.set_desc(&g, 7, GPA, 8, 0, 0);
+        assert_eq!(read_chain(&ring, 7, 12, take), Err(ChainError::Bad));
+        let long = Driver::new(1, 0, 128);
+        let g2 = Guest::new(1 << 20);
+        let mem2 =
+            std::sync::Arc::new(Memory::map(&[g2.region], std::slice::from_ref(&g2.fd)).unwrap());
+        let ring2 = Split::new(&mem2, &long.addr(), 128).unwrap();
+        for i in 0..MAX_CHAIN + 1 {
+            long.set_desc(&g2, i, GPA, 1, DESC_NEXT, i + 1);
+        }
+        long.set_desc(&g2, MAX_CHAIN, GPA, 1, 0, 0);
+        assert_eq!(read_chain(&ring2, 1, 0, take), Ok(usize::from(MAX_CHAIN)));
+        assert_eq!(read_chain(&ring2, 0, 0, take), Err(ChainError::Bad));
         // Too small for the frame.
         d.set_desc(&g, 6, GPA, 16, DESC_WRITE, 0);
         assert_eq!(
-            write_chain(&mem, &ring, 6, &[0; 12], &[1; 10]),
+            write_chain(&ring, 6, &[0; 12], &[1; 10]),
             Err(ChainError::TooLong)
         );
         // A ring outside memory or of a bad size.
@@ -612,17 +666,24 @@ pub(crate) mod tests {
         a = d.addr();
         a.desc += 8;
         assert!(Split::new(&mem, &a, 8).unwrap_err().contains("aligned"));
+        // A region past its file's end.
+        let mut r = g.region;
+        r.mmap_offset = 4096;
+        let e = Memory::map(&[r], std::slice::from_ref(&g.fd))
+            .err()
+            .unwrap();
+        assert!(e.contains("past the end of its file"), "{e}");
     }
 
     #[test]
     fn a_frame_is_written_after_its_header_across_the_chain() {
-        let (g, mem, _d, ring) = setup();
+        let (g, _mem, _d, ring) = setup();
         let d = Driver::new(1, 0, 8);
         d.set_desc(&g, 0, GPA + 0x1000, 20, DESC_WRITE | DESC_NEXT, 1);
         d.set_desc(&g, 1, GPA + 0x2000, 2048, DESC_WRITE, 0);
         let frame: Vec<u8> = (0..64u8).collect();
         let hdr = [7u8; 12];
-        assert_eq!(write_chain(&mem, &ring, 0, &hdr, &frame), Ok(76));
+        assert_eq!(write_chain(&ring, 0, &hdr, &frame), Ok(76));
         assert_eq!(g.read(0x1000, 12), hdr);
         assert_eq!(g.read(0x1000 + 12, 8), frame[..8]);
         assert_eq!(g.read(0x2000, 56), frame[8..]);
