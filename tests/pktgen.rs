@@ -341,13 +341,7 @@ fn pktgen_over_virtio_user_through_pollux_own_vhost_user_ports() {
         return;
     }
     let id = std::process::id();
-    struct Dirs(u32);
-    impl Drop for Dirs {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/pgown{}", self.0));
-        }
-    }
-    let _dirs = Dirs(id);
+    let _dirs = common::vm::DpdkDir(format!("pgown{id}"));
     let mut lab = Lab::new("pktgen-own");
     let dir = lab.dir.clone();
     let sock = |n: &str| dir.join(format!("{n}.sock")).display().to_string();

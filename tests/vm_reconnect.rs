@@ -20,10 +20,9 @@ mod common;
 
 use common::api::port;
 use common::netns::Lab;
-use common::vm::{self, Vm, guest, ok};
-use serde_json::Value;
+use common::vm::{self, Vm, guest, link, ok, reachable};
 use std::time::Duration;
-use testkit::guest::{Guest, Nic, Spec, accel};
+use testkit::guest::{Guest, accel};
 
 const VMS: [Vm; 2] = [vm::CLIENT, vm::WEB1];
 
@@ -33,37 +32,6 @@ name = "a"
 prefixes = ["10.1.0.0/16"]
 gateway_mac = "12:34:56:78:9a:bc"
 "#;
-
-fn link(v: &Value, name: &str) -> (String, u64) {
-    let p = v["ports"]
-        .as_array()
-        .and_then(|ps| ps.iter().find(|p| p["name"] == name))
-        .cloned()
-        .unwrap_or(Value::Null);
-    (
-        p["link"].as_str().unwrap_or("").to_string(),
-        p["link_changes"].as_u64().unwrap_or(0),
-    )
-}
-
-fn drops(v: &Value, name: &str, reason: &str) -> u64 {
-    v["ports"]
-        .as_array()
-        .and_then(|ps| ps.iter().find(|p| p["name"] == name))
-        .and_then(|p| p["drops"][reason].as_u64())
-        .unwrap_or(0)
-}
-
-/// Pings from the client to web1 until one gets through (a link just back
-/// may lose the first).
-fn reachable(client: &mut Guest) {
-    let o = ok(
-        client,
-        "for i in $(seq 30); do ping -c 1 -W 2 10.1.0.4 >/dev/null && echo ok && break; done",
-        120,
-    );
-    assert!(o.contains("ok"), "web1 unreachable: {o}");
-}
 
 #[test]
 fn guests_and_pollux_reconnect_after_either_restarts() {
@@ -76,20 +44,8 @@ fn guests_and_pollux_reconnect_after_either_restarts() {
     let _dpdk = vm::DpdkDir(prefix.clone());
     let (a, why) = accel();
     eprintln!("guests run on {a}: {why}");
-    let mut guests: Vec<Guest> = VMS
-        .iter()
-        .map(|v| {
-            let nic = Nic::new(vm::socket(&dir, v.name), v.mac, &format!("{}/16", v.ip))
-                .gateway("10.1.0.1");
-            // web1 reboots below: QEMU keeps running through it.
-            let spec = Spec::new(v.name)
-                .memory(v.memory_mb)
-                .host_cpus("0")
-                .nic(nic)
-                .rebootable();
-            Guest::start(&dir, spec).unwrap_or_else(|e| panic!("{e}"))
-        })
-        .collect();
+    // web1 reboots below: QEMU keeps running through it.
+    let mut guests = vm::start_rebootable(&dir, &VMS);
     let cfg = vm::config(&dir, &prefix, 1, 1, &VMS) + POLICY;
     let (idx, out, log) = lab.pollux("pollux", &cfg);
     vm::wait_all(&mut guests, &log);
@@ -103,7 +59,7 @@ fn guests_and_pollux_reconnect_after_either_restarts() {
         || ctx(&guests),
     );
     ok(guest(&mut guests, "web1"), "httpd -p 8080 -h /www", 10);
-    reachable(guest(&mut guests, "client"));
+    reachable(guest(&mut guests, "client"), "10.1.0.4");
 
     // pollux restarts under a download: it stalls in the client's pipe
     // until /tmp/go exists, pollux stops and starts again, then it goes on.
@@ -167,23 +123,7 @@ fn guests_and_pollux_reconnect_after_either_restarts() {
     }
 
     // web1 reboots; pollux sees its link go down and come back.
-    let (_, changes) = link(&api.get("/v1/counters").unwrap(), "web1");
-    let web1 = guest(&mut guests, "web1");
-    let old = web1.boot_id.clone();
-    web1.start_command("reboot -f")
-        .unwrap_or_else(|e| panic!("{e}"));
-    web1.wait_rebooted(&old, vm::BOOT)
-        .unwrap_or_else(|e| panic!("{e}"));
-    api.wait_for(
-        "/v1/counters",
-        Duration::from_secs(60),
-        "web1's link down and up again",
-        |v| {
-            let (l, n) = link(v, "web1");
-            l == "up" && n >= changes + 2
-        },
-        || ctx(&guests),
-    );
+    vm::reboot_relinked(&api, &mut guests, "web1", ctx);
     ok(guest(&mut guests, "web1"), "httpd -p 8080 -h /www", 10);
     let body = ok(
         guest(&mut guests, "client"),
@@ -194,16 +134,7 @@ fn guests_and_pollux_reconnect_after_either_restarts() {
 
     // web1's QEMU dies and starts again: pollux reconnects by itself. What
     // it had for web1 meanwhile is counted link_down.
-    let web1 = guest(&mut guests, "web1");
-    let before_kill = web1.boot_id.clone();
-    web1.kill();
-    api.wait_for(
-        "/v1/counters",
-        Duration::from_secs(60),
-        "web1's link down",
-        |v| link(v, "web1").0 == "down",
-        || ctx(&guests),
-    );
+    let before_kill = vm::kill_unreachable(&api, &mut guests, "web1", "client", "10.1.0.4", ctx);
     // ... and logs it.
     assert!(
         common::netns::wait_for(Duration::from_secs(10), || {
@@ -214,29 +145,6 @@ fn guests_and_pollux_reconnect_after_either_restarts() {
         "no link-down event:\n{}",
         common::netns::read(&log2)
     );
-    let o = guest(&mut guests, "client")
-        .run("ping -c 3 -W 1 10.1.0.4", Duration::from_secs(20))
-        .unwrap();
-    assert_ne!(o.status, 0, "web1 answered while its QEMU was gone: {o:?}");
-    // The client's ARP for web1 is answered by pollux; its pings reach the
-    // switch and find web1's link down.
-    api.wait_for(
-        "/v1/counters",
-        Duration::from_secs(30),
-        "link_down drops on web1",
-        |v| drops(v, "web1", "link_down") > 0,
-        || ctx(&guests),
-    );
-    let web1 = guest(&mut guests, "web1");
-    web1.restart().unwrap_or_else(|e| panic!("{e}"));
-    web1.wait_rebooted(&before_kill, vm::BOOT)
-        .unwrap_or_else(|e| panic!("{e}"));
-    api.wait_for(
-        "/v1/counters",
-        Duration::from_secs(60),
-        "web1's link up after its QEMU restarted",
-        |v| link(v, "web1").0 == "up",
-        || ctx(&guests),
-    );
-    reachable(guest(&mut guests, "client"));
+    vm::restart_relinked(&api, &mut guests, "web1", &before_kill, ctx);
+    reachable(guest(&mut guests, "client"), "10.1.0.4");
 }

@@ -17,10 +17,9 @@
 mod common;
 
 use common::netns::Lab;
-use common::vm::{self, Vm, guest, ok};
-use serde_json::Value;
+use common::vm::{self, Vm, guest, link, ok, port_of, reachable};
 use std::time::Duration;
-use testkit::guest::{Guest, Nic, Spec, accel};
+use testkit::guest::{Guest, accel};
 
 const VMS: [Vm; 2] = [vm::CLIENT, vm::WEB1];
 
@@ -31,36 +30,6 @@ prefixes = ["10.1.0.0/16"]
 gateway_mac = "12:34:56:78:9a:bc"
 "#;
 
-fn port_of<'a>(v: &'a Value, name: &str) -> &'a Value {
-    v["ports"]
-        .as_array()
-        .and_then(|ps| ps.iter().find(|p| p["name"] == name))
-        .unwrap_or(&Value::Null)
-}
-
-fn link(v: &Value, name: &str) -> (String, u64) {
-    let p = port_of(v, name);
-    (
-        p["link"].as_str().unwrap_or("").to_string(),
-        p["link_changes"].as_u64().unwrap_or(0),
-    )
-}
-
-/// Pings `to` from `from` until one gets through (a link just back may
-/// lose the first).
-fn reachable(from: &mut Guest, to: &str) {
-    let o = ok(
-        from,
-        &format!("for i in $(seq 30); do ping -c 1 -W 2 {to} >/dev/null && echo ok && break; done"),
-        120,
-    );
-    assert!(
-        o.contains("ok"),
-        "{to} unreachable from {}: {o}",
-        from.spec.name
-    );
-}
-
 #[test]
 fn guests_talk_through_pollux_own_vhost_user_ports_across_reboots_and_restarts() {
     if !vm::required() {
@@ -70,20 +39,8 @@ fn guests_talk_through_pollux_own_vhost_user_ports_across_reboots_and_restarts()
     let dir = lab.dir.clone();
     let (a, why) = accel();
     eprintln!("guests run on {a}: {why}");
-    let mut guests: Vec<Guest> = VMS
-        .iter()
-        .map(|v| {
-            let nic = Nic::new(vm::socket(&dir, v.name), v.mac, &format!("{}/16", v.ip))
-                .gateway("10.1.0.1");
-            // web1 reboots below: QEMU keeps running through it.
-            let spec = Spec::new(v.name)
-                .memory(v.memory_mb)
-                .host_cpus("0")
-                .nic(nic)
-                .rebootable();
-            Guest::start(&dir, spec).unwrap_or_else(|e| panic!("{e}"))
-        })
-        .collect();
+    // web1 reboots below: QEMU keeps running through it.
+    let mut guests = vm::start_rebootable(&dir, &VMS);
     let cfg = vm::own_config(&dir, &VMS) + POLICY;
     let (idx, out, log) = lab.pollux("pollux", &cfg);
     vm::wait_all(&mut guests, &log);
@@ -128,23 +85,7 @@ fn guests_talk_through_pollux_own_vhost_user_ports_across_reboots_and_restarts()
     }
 
     // web1 reboots: its driver resets the device and sets it up again.
-    let (_, changes) = link(&c, "web1");
-    let w = guest(&mut guests, "web1");
-    let old = w.boot_id.clone();
-    w.start_command("reboot -f")
-        .unwrap_or_else(|e| panic!("{e}"));
-    w.wait_rebooted(&old, vm::BOOT)
-        .unwrap_or_else(|e| panic!("{e}"));
-    api.wait_for(
-        "/v1/counters",
-        Duration::from_secs(60),
-        "web1's link down and up again",
-        |v| {
-            let (l, n) = link(v, "web1");
-            l == "up" && n >= changes + 2
-        },
-        || ctx(&guests),
-    );
+    vm::reboot_relinked(&api, &mut guests, "web1", ctx);
     ok(guest(&mut guests, "web1"), "httpd -p 8080 -h /www", 10);
     let body = ok(
         guest(&mut guests, "client"),
@@ -154,43 +95,8 @@ fn guests_talk_through_pollux_own_vhost_user_ports_across_reboots_and_restarts()
     assert_eq!(body.trim(), "web1");
 
     // web1's QEMU dies and starts again on the same socket.
-    let w = guest(&mut guests, "web1");
-    let before = w.boot_id.clone();
-    w.kill();
-    api.wait_for(
-        "/v1/counters",
-        Duration::from_secs(60),
-        "web1's link down",
-        |v| link(v, "web1").0 == "down",
-        || ctx(&guests),
-    );
-    let o = guest(&mut guests, "client")
-        .run("ping -c 3 -W 1 10.1.0.4", Duration::from_secs(20))
-        .unwrap();
-    assert_ne!(o.status, 0, "web1 answered while its QEMU was gone: {o:?}");
-    api.wait_for(
-        "/v1/counters",
-        Duration::from_secs(30),
-        "link_down drops on web1",
-        |v| {
-            port_of(v, "web1")["drops"]["link_down"]
-                .as_u64()
-                .unwrap_or(0)
-                > 0
-        },
-        || ctx(&guests),
-    );
-    let w = guest(&mut guests, "web1");
-    w.restart().unwrap_or_else(|e| panic!("{e}"));
-    w.wait_rebooted(&before, vm::BOOT)
-        .unwrap_or_else(|e| panic!("{e}"));
-    api.wait_for(
-        "/v1/counters",
-        Duration::from_secs(60),
-        "web1's link up after its QEMU restarted",
-        |v| link(v, "web1").0 == "up",
-        || ctx(&guests),
-    );
+    let before = vm::kill_unreachable(&api, &mut guests, "web1", "client", "10.1.0.4", ctx);
+    vm::restart_relinked(&api, &mut guests, "web1", &before, ctx);
     reachable(guest(&mut guests, "client"), "10.1.0.4");
     let (status, report) = lab.stop(idx, &out);
     assert!(status.success(), "{report}");

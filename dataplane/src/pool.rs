@@ -13,8 +13,8 @@
 //! alone hands them out oldest first, cold. So no packet ever touches the
 //! heap. A buffer may be freed on any thread and goes back to the pool it
 //! came from. A thread caches for the first pool it uses only, at most a
-//! 64th of the pool (256 buffers), none for pools under 64 buffers; its
-//! cache goes back to the queue when the thread ends.
+//! 64th of the pool and at most 256 buffers, none for pools under 64
+//! buffers; its cache goes back to the queue when the thread ends.
 //!
 //! Pools live for the rest of the process, like DPDK mempools: their memory is
 //! never unmapped, which is what lets a buffer hold a plain `&'static mut`

@@ -90,6 +90,12 @@ pub fn config(dir: &Path, prefix: &str, workers: usize, queues: u16, vms: &[Vm])
             socket(dir, vm.name).display()
         );
     }
+    c + &vm_sections(vms)
+}
+
+/// The `[[vm]]` sections of `vms`, each on the port of its name.
+fn vm_sections(vms: &[Vm]) -> String {
+    let mut c = String::new();
     for vm in vms {
         c += &format!(
             "[[vm]]\nname = \"{}\"\nport = \"{}\"\nvnet = \"{}\"\nmac = \"{}\"\nips = [\"{}\"]\n",
@@ -114,13 +120,7 @@ pub fn own_config(dir: &Path, vms: &[Vm]) -> String {
             socket(dir, vm.name).display()
         );
     }
-    for vm in vms {
-        c += &format!(
-            "[[vm]]\nname = \"{}\"\nport = \"{}\"\nvnet = \"{}\"\nmac = \"{}\"\nips = [\"{}\"]\n",
-            vm.name, vm.name, vm.vnet, vm.mac, vm.ip
-        );
-    }
-    c
+    c + &vm_sections(vms)
 }
 
 /// Starts a QEMU guest for each VM with `cpus` virtual CPUs and a NIC of
@@ -204,4 +204,147 @@ pub fn host_tool(name: &str) -> String {
         .map(|d| d.join(name))
         .find(|p| p.is_file())
         .map_or_else(|| name.to_string(), |p| p.display().to_string())
+}
+
+/// Starts a one-CPU QEMU guest for each VM, on host CPU 0, that reboots
+/// rather than stops when its kernel restarts (the tests reboot them).
+pub fn start_rebootable(dir: &Path, vms: &[Vm]) -> Vec<Guest> {
+    vms.iter()
+        .map(|v| {
+            let nic =
+                Nic::new(socket(dir, v.name), v.mac, &format!("{}/16", v.ip)).gateway("10.1.0.1");
+            let spec = Spec::new(v.name)
+                .memory(v.memory_mb)
+                .host_cpus("0")
+                .nic(nic)
+                .rebootable();
+            Guest::start(dir, spec).unwrap_or_else(|e| panic!("{e}"))
+        })
+        .collect()
+}
+
+/// Port `name` of a `/v1/counters` answer (null if absent).
+pub fn port_of<'a>(v: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    v["ports"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == name))
+        .unwrap_or(&serde_json::Value::Null)
+}
+
+/// Port `name`'s link ("up", "down") and how often it changed.
+pub fn link(v: &serde_json::Value, name: &str) -> (String, u64) {
+    let p = port_of(v, name);
+    (
+        p["link"].as_str().unwrap_or("").to_string(),
+        p["link_changes"].as_u64().unwrap_or(0),
+    )
+}
+
+/// Port `name`'s drops for `reason`.
+pub fn port_drops(v: &serde_json::Value, name: &str, reason: &str) -> u64 {
+    port_of(v, name)["drops"][reason].as_u64().unwrap_or(0)
+}
+
+/// Pings `to` from `from` until one gets through (a link just back may
+/// lose the first).
+pub fn reachable(from: &mut Guest, to: &str) {
+    let o = ok(
+        from,
+        &format!("for i in $(seq 30); do ping -c 1 -W 2 {to} >/dev/null && echo ok && break; done"),
+        120,
+    );
+    assert!(
+        o.contains("ok"),
+        "{to} unreachable from {}: {o}",
+        from.spec.name
+    );
+}
+
+/// Reboots guest `name` and waits for its port's link to go down and come
+/// up again (counted).
+pub fn reboot_relinked(
+    api: &super::api::Api,
+    guests: &mut [Guest],
+    name: &str,
+    ctx: impl Fn(&[Guest]) -> String,
+) {
+    let (_, changes) = link(&api.get("/v1/counters").unwrap(), name);
+    let g = guest(guests, name);
+    let old = g.boot_id.clone();
+    g.start_command("reboot -f")
+        .unwrap_or_else(|e| panic!("{e}"));
+    g.wait_rebooted(&old, BOOT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    api.wait_for(
+        "/v1/counters",
+        Duration::from_secs(60),
+        &format!("{name}'s link down and up again"),
+        |v| {
+            let (l, n) = link(v, name);
+            l == "up" && n >= changes + 2
+        },
+        || ctx(guests),
+    );
+}
+
+/// Kills guest `name`'s QEMU and waits for its port's link to go down;
+/// then `from` cannot reach `ip`, and what pollux had for `name` is
+/// counted `link_down`. Returns the killed guest's boot id.
+pub fn kill_unreachable(
+    api: &super::api::Api,
+    guests: &mut [Guest],
+    name: &str,
+    from: &str,
+    ip: &str,
+    ctx: impl Fn(&[Guest]) -> String,
+) -> String {
+    let g = guest(guests, name);
+    let before = g.boot_id.clone();
+    g.kill();
+    api.wait_for(
+        "/v1/counters",
+        Duration::from_secs(60),
+        &format!("{name}'s link down"),
+        |v| link(v, name).0 == "down",
+        || ctx(guests),
+    );
+    let o = guest(guests, from)
+        .run(&format!("ping -c 3 -W 1 {ip}"), Duration::from_secs(20))
+        .unwrap();
+    assert_ne!(
+        o.status, 0,
+        "{name} answered while its QEMU was gone: {o:?}"
+    );
+    // The ARP for it is answered by pollux; the pings reach the switch and
+    // find its link down.
+    api.wait_for(
+        "/v1/counters",
+        Duration::from_secs(30),
+        &format!("link_down drops on {name}"),
+        |v| port_drops(v, name, "link_down") > 0,
+        || ctx(guests),
+    );
+    before
+}
+
+/// Starts guest `name`'s QEMU again (killed with `kill_unreachable`, boot
+/// id `before`) and waits for its port's link to come up.
+pub fn restart_relinked(
+    api: &super::api::Api,
+    guests: &mut [Guest],
+    name: &str,
+    before: &str,
+    ctx: impl Fn(&[Guest]) -> String,
+) {
+    let g = guest(guests, name);
+    g.restart().unwrap_or_else(|e| panic!("{e}"));
+    g.wait_rebooted(before, BOOT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    api.wait_for(
+        "/v1/counters",
+        Duration::from_secs(60),
+        &format!("{name}'s link up after its QEMU restarted"),
+        |v| link(v, name).0 == "up",
+        || ctx(guests),
+    );
 }

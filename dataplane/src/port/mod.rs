@@ -63,7 +63,8 @@ pub(crate) fn kernel_interface(
 }
 
 /// A memory mapping made with `mmap` (a kernel ring of a packet or XDP
-/// socket, or an anonymous region), unmapped when dropped.
+/// socket, a vhost-user guest's memory region, or an anonymous region),
+/// unmapped when dropped.
 #[cfg(target_os = "linux")]
 pub(crate) struct Mapping {
     ptr: std::ptr::NonNull<u8>,

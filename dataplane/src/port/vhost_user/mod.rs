@@ -62,6 +62,9 @@ const QUIESCE: Duration = Duration::from_secs(5);
 /// A ring as the worker uses it.
 pub struct ActiveRing {
     ring: Split,
+    /// Which start of the ring this is (a kick on any connection of the
+    /// port starts it anew).
+    start: u64,
     /// Enabled. A started ring that is not carries nothing: what the
     /// guest sends on it is taken and discarded (`link_down`), as the
     /// specification asks.
@@ -104,6 +107,8 @@ struct Shared {
     active: Mutex<Option<Arc<Active>>>,
     stop: AtomicBool,
     link: Arc<LinkState>,
+    /// Numbers the rings' starts (from 1).
+    starts: AtomicU64,
 }
 
 /// Where the device stands on a ring.
@@ -116,9 +121,9 @@ struct Cursor {
     /// the ring is not polled until it is set up again (at other
     /// addresses, or of another size).
     broken: bool,
-    /// The ring's descriptor table and size, which tell a ring set up
+    /// The ring's start (`ActiveRing::start`), which tells a ring set up
     /// again from the same ring published again.
-    ring: (usize, u16),
+    start: u64,
 }
 
 /// A vhost-user port (one queue pair, polled by one worker).
@@ -152,6 +157,7 @@ impl VhostUserPort {
             active: Mutex::new(None),
             stop: AtomicBool::new(false),
             link: link.clone(),
+            starts: AtomicU64::new(1),
         });
         let s = shared.clone();
         let control = std::thread::Builder::new()
@@ -203,11 +209,10 @@ impl VhostUserPort {
         if let Some(a) = &next {
             for (c, r) in self.cursors.iter_mut().zip(&a.rings) {
                 if let Some(r) = r {
-                    let ring = r.ring.identity();
                     *c = Cursor {
                         next: r.ring.used_idx(),
-                        broken: c.broken && c.ring == ring,
-                        ring,
+                        broken: c.broken && c.start == r.start,
+                        start: r.start,
                     };
                 }
             }
@@ -341,7 +346,13 @@ impl Port for VhostUserPort {
             if offered == 0 {
                 offered = Self::offered(&self.stats, c, &r.ring);
                 if offered == 0 {
-                    self.stats.drops.add(DropReason::TxQueueFull, 1);
+                    // (A ring the guest broke offers nothing either.)
+                    let why = if c.broken {
+                        DropReason::BadDescriptor
+                    } else {
+                        DropReason::TxQueueFull
+                    };
+                    self.stats.drops.add(why, 1);
                     continue;
                 }
             }
@@ -404,6 +415,8 @@ fn read_frame(ring: &Split, head: u16, hdr: usize, dst: &mut [u8]) -> Result<usi
 /// back unused, counting what the guest sent as `link_down`.
 #[cold]
 fn discard(stats: &PortStats, c: &mut Cursor, r: &ActiveRing, offered: u16) {
+    // (A burst's worth a poll, as any ring.)
+    let offered = offered.min(BURST as u16);
     if offered == 0 {
         return;
     }
@@ -422,8 +435,9 @@ fn discard(stats: &PortStats, c: &mut Cursor, r: &ActiveRing, offered: u16) {
 struct RingConf {
     num: u32,
     addr: Option<proto::VringAddr>,
-    /// A kick message came (the ring is started).
-    started: bool,
+    /// A kick message came (the ring is started): which start (0: not
+    /// started).
+    started: u64,
     /// Enabled (from the start without protocol features).
     enabled: bool,
     call: Option<Arc<OwnedFd>>,
@@ -446,6 +460,8 @@ enum ConnError {
     Proto(#[from] ProtoError),
     #[error("{0}")]
     Setup(String),
+    #[error("the port stopped")]
+    Stopped,
 }
 
 /// How a connection ended without an error.
@@ -489,12 +505,12 @@ fn control_loop(s: &Shared) {
         // the memory is unmapped once it let go.
         dev.mem = None;
         dev.rings = Default::default();
-        publish(s, &dev, &mut stuck);
+        let _ = publish(s, &dev, &mut stuck);
         match end {
             Ok(End::Closed) => {
                 tracing::info!(port = %s.name, "vhost-user front end closed the connection")
             }
-            Ok(End::Stopped) => {}
+            Ok(End::Stopped) | Err(ConnError::Stopped) => {}
             Err(e) => {
                 tracing::warn!(port = %s.name, "vhost-user connection dropped: {e}");
                 // (A front end that sends the same again is not
@@ -519,7 +535,10 @@ fn read_full(
     deadline: Instant,
 ) -> Result<(), ConnError> {
     while !buf.is_empty() {
-        if s.stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+        if s.stop.load(Ordering::Relaxed) {
+            return Err(ConnError::Stopped);
+        }
+        if Instant::now() > deadline {
             return Err(ConnError::Setup(format!(
                 "a message was not sent whole within {STALL:?}"
             )));
@@ -641,18 +660,18 @@ fn handle(
                     r.enabled = true;
                 }
             }
-            publish(s, dev, stuck);
+            let _ = publish(s, dev, stuck);
         }
         Request::Reset => {
             dev.rings = Default::default();
             dev.mem = None;
             dev.features = 0;
-            publish(s, dev, stuck);
+            let _ = publish(s, dev, stuck);
         }
         Request::SetMemTable(regions) => {
             let mem = Memory::map(&regions, fds).map_err(ConnError::Setup)?;
             dev.mem = Some(Arc::new(mem));
-            publish(s, dev, stuck);
+            let _ = publish(s, dev, stuck);
         }
         Request::SetVringNum { index, num } => {
             let i = ring(index)?;
@@ -677,8 +696,14 @@ fn handle(
         Request::GetVringBase { index } => {
             let i = ring(index)?;
             let place = used_place(dev, i);
-            dev.rings[i].started = false;
-            publish(s, dev, stuck);
+            dev.rings[i].started = 0;
+            if !publish(s, dev, stuck) {
+                // The worker may still be on the ring: the front end must
+                // not be told it stopped.
+                return Err(ConnError::Setup(format!(
+                    "ring {index}: the worker did not let go of it in {QUIESCE:?}"
+                )));
+            }
             // After the worker let go: nothing moves the used index now.
             let at = place.map_or(0, |r| r.used_idx());
             return Ok(Some(proto::reply_state(c, index, u32::from(at))));
@@ -687,21 +712,21 @@ fn handle(
             let i = ring(index)?;
             // (Kicks are not read: the ring is polled.)
             fds.clear();
-            dev.rings[i].started = true;
-            publish(s, dev, stuck);
+            dev.rings[i].started = s.starts.fetch_add(1, Ordering::Relaxed);
+            let _ = publish(s, dev, stuck);
         }
         Request::SetVringCall { index, fd } => {
             let i = ring(index)?;
             let call = if fd { fds.pop() } else { None };
             if let Some(c) = &call {
                 // The worker writes it: it must never block there (an
-                // eventfd whose counter is full, or not an eventfd).
-                nonblocking(c).map_err(|e| {
+                // eventfd whose counter is full; a file is refused).
+                nonblocking_event(c).map_err(|e| {
                     ConnError::Setup(format!("ring {index}: its call descriptor: {e}"))
                 })?;
             }
             dev.rings[i].call = call.map(Arc::new);
-            publish(s, dev, stuck);
+            let _ = publish(s, dev, stuck);
         }
         Request::SetVringErr { index, .. } => {
             ring(index)?;
@@ -710,14 +735,25 @@ fn handle(
         Request::SetVringEnable { index, enable } => {
             let i = ring(index)?;
             dev.rings[i].enabled = enable;
-            publish(s, dev, stuck);
+            let _ = publish(s, dev, stuck);
         }
     }
     Ok(None)
 }
 
-/// Sets `O_NONBLOCK` on `fd`.
-fn nonblocking(fd: &OwnedFd) -> std::io::Result<()> {
+/// Checks that `fd` is not a file or a directory (an eventfd, as front
+/// ends send, or a pipe), and sets `O_NONBLOCK` on it.
+fn nonblocking_event(fd: &OwnedFd) -> std::io::Result<()> {
+    // SAFETY: an all-zero `stat` is a valid value to fill in.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat on a live descriptor into a valid `stat`.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let kind = st.st_mode & libc::S_IFMT;
+    if kind == libc::S_IFREG || kind == libc::S_IFDIR {
+        return Err(std::io::Error::other("a file or directory, not an eventfd"));
+    }
     // SAFETY: fcntl on a live descriptor, reading then setting its flags.
     let r = unsafe {
         let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
@@ -741,8 +777,8 @@ fn used_place(dev: &Device, i: usize) -> Option<Split> {
 }
 
 /// Publishes what the worker is to use now, and waits for it to let go of
-/// what it used before.
-fn publish(s: &Shared, dev: &Device, stuck: &mut Vec<Arc<Active>>) {
+/// what it used before: false if it did not in time.
+fn publish(s: &Shared, dev: &Device, stuck: &mut Vec<Arc<Active>>) -> bool {
     let hdr_len = if dev.features & (proto::F_VERSION_1 | proto::F_MRG_RXBUF) != 0 {
         12
     } else {
@@ -751,7 +787,7 @@ fn publish(s: &Shared, dev: &Device, stuck: &mut Vec<Arc<Active>>) {
     let next = dev.mem.clone().map(|mem| {
         let rings = std::array::from_fn(|i| {
             let r = &dev.rings[i];
-            if !r.started {
+            if r.started == 0 {
                 return None;
             }
             let ring = match Split::new(&mem, r.addr.as_ref()?, r.num) {
@@ -764,6 +800,7 @@ fn publish(s: &Shared, dev: &Device, stuck: &mut Vec<Arc<Active>>) {
             ring.no_kicks();
             Some(ActiveRing {
                 ring,
+                start: r.started,
                 enabled: r.enabled,
                 call: r.call.clone(),
             })
@@ -785,7 +822,7 @@ fn publish(s: &Shared, dev: &Device, stuck: &mut Vec<Arc<Active>>) {
     s.generation.fetch_add(1, Ordering::Release);
     s.link.set(up);
     let Some(old) = old else {
-        return;
+        return true;
     };
     // The worker holds its own reference while it uses `old`; it lets go
     // at its next burst.
@@ -797,7 +834,7 @@ fn publish(s: &Shared, dev: &Device, stuck: &mut Vec<Arc<Active>>) {
                 "the worker did not let go of the vhost-user rings in {QUIESCE:?}; their memory stays mapped"
             );
             stuck.push(old);
-            return;
+            return false;
         }
         std::thread::sleep(Duration::from_micros(50));
     }
@@ -805,6 +842,7 @@ fn publish(s: &Shared, dev: &Device, stuck: &mut Vec<Arc<Active>>) {
     // the rings is visible here.
     std::sync::atomic::fence(Ordering::Acquire);
     drop(old);
+    true
 }
 
 #[cfg(test)]

@@ -202,7 +202,7 @@ pub enum Request {
     GetProtocolFeatures,
     /// The protocol features chosen.
     SetProtocolFeatures(u64),
-    /// Reply with the number of queues (2: one pair).
+    /// Reply with the number of queue pairs (1).
     GetQueueNum,
     /// Enable or disable ring `index`.
     SetVringEnable {

@@ -63,13 +63,16 @@ impl Front {
     /// Accepts the port's connection and sets the device up as QEMU does:
     /// features, memory, both rings (size 8), enabled.
     fn accept(l: &UnixListener, call: &OwnedFd) -> Front {
-        Self::accept_with(l, call, proto::FEATURES)
+        Self::accept_with(l, call, proto::FEATURES, 0)
     }
 
     /// As `accept`, choosing `features` (without protocol features the
     /// rings are not enabled by message: they run once kicked).
-    fn accept_with(l: &UnixListener, call: &OwnedFd, features: u64) -> Front {
-        let (mut sock, _) = l.accept().unwrap();
+    /// Its rings begin at entry `start` (a guest's driver that goes on
+    /// with rings it used before: their indexes in its memory, the base
+    /// said too).
+    fn accept_with(l: &UnixListener, call: &OwnedFd, features: u64, start: u16) -> Front {
+        let mut sock = accept_within(l);
         send(&mut sock, req::GET_FEATURES, &[], &[]);
         let f = u64::from_le_bytes(reply(&mut sock).try_into().unwrap());
         assert_eq!(f, proto::FEATURES);
@@ -83,15 +86,26 @@ impl Front {
         let mut table = vec![1, 0, 0, 0, 0, 0, 0, 0];
         table.extend(u64s(&[r.gpa, r.size, r.uaddr, r.mmap_offset]));
         send(&mut sock, req::SET_MEM_TABLE, &table, &[guest.fd.as_fd()]);
-        let rx = Driver::new(0, 0x8000, 8);
-        let tx = Driver::new(1, 0x9000, 8);
+        let mut rx = Driver::new(0, 0x8000, 8);
+        let mut tx = Driver::new(1, 0x9000, 8);
+        for d in [&mut rx, &mut tx] {
+            d.next_avail = start;
+            d.last_used = start;
+            guest.write(d.avail_off() + 2, &start.to_le_bytes());
+            guest.write(d.used_off() + 2, &start.to_le_bytes());
+        }
         for d in [&rx, &tx] {
             let a = d.addr();
             send(&mut sock, req::SET_VRING_NUM, &state(d.index, 8), &[]);
             let mut addr = state(d.index, 0);
             addr.extend(u64s(&[a.desc, a.used, a.avail, 0]));
             send(&mut sock, req::SET_VRING_ADDR, &addr, &[]);
-            send(&mut sock, req::SET_VRING_BASE, &state(d.index, 0), &[]);
+            send(
+                &mut sock,
+                req::SET_VRING_BASE,
+                &state(d.index, u32::from(start)),
+                &[],
+            );
             send(
                 &mut sock,
                 req::SET_VRING_CALL,
@@ -134,18 +148,43 @@ impl Drop for Sock {
     }
 }
 
-/// Accepts the port's connection and sets it up (`Front::accept`) while
-/// the test, the port's worker, polls it: the port waits for its worker
-/// to let go of the rings it replaces.
-fn accept_polling(port: &mut VhostUserPort, l: &UnixListener, call: &OwnedFd) -> Front {
+/// The port's next connection to `l`, within 10 s.
+fn accept_within(l: &UnixListener) -> UnixStream {
+    l.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match l.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).unwrap();
+                return s;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(Instant::now() < deadline, "the port did not connect");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+}
+
+/// Runs `f` (the front end's side) on a thread of its own while the test,
+/// the port's worker, polls the port: the port waits for its worker to let
+/// go of the rings it replaces.
+fn polling<T: Send>(port: &mut VhostUserPort, f: impl FnOnce() -> T + Send) -> T {
     std::thread::scope(|sc| {
-        let t = sc.spawn(|| Front::accept(l, call));
+        let t = sc.spawn(f);
         let mut b = Batch::new();
         while !t.is_finished() {
             port.rx_burst(&mut b);
         }
         t.join().unwrap()
     })
+}
+
+/// Accepts the port's connection and sets it up (`Front::accept`) while
+/// the port is polled.
+fn accept_polling(port: &mut VhostUserPort, l: &UnixListener, call: &OwnedFd) -> Front {
+    polling(port, || Front::accept(l, call))
 }
 
 fn pool() -> Pool {
@@ -242,27 +281,24 @@ fn frames_cross_the_rings_both_ways_and_the_device_comes_back_after_its_front_en
 
     // GET_VRING_BASE stops the ring and says where the device stands,
     // while the worker polls on.
-    let base = std::thread::scope(|sc| {
-        let t = sc.spawn(|| {
-            send(&mut f.sock, req::GET_VRING_BASE, &state(1, 0), &[]);
-            reply(&mut f.sock)
-        });
-        while !t.is_finished() {
-            port.rx_burst(&mut none);
-        }
-        t.join().unwrap()
+    let base = polling(&mut port, || {
+        send(&mut f.sock, req::GET_VRING_BASE, &state(1, 0), &[]);
+        reply(&mut f.sock)
     });
     assert_eq!(base, state(1, 2));
     until(&mut port, "the link down", |p| !link_up(p));
 
     // The front end goes away; the port connects again, and the new
-    // device starts where its used index is.
+    // device starts where its used index is (a driver going on with rings
+    // it used before: entry 5).
     drop(f);
     until(&mut port, "the rings let go", |p| {
         p.rx_burst(&mut none);
         p.shared.active.lock().unwrap().is_none()
     });
-    let mut f = accept_polling(&mut port, &l, &call);
+    let mut f = polling(&mut port, || {
+        Front::accept_with(&l, &call, proto::FEATURES, 5)
+    });
     until(&mut port, "the link again", link_up);
     f.guest.write(0x1000, &buf);
     f.tx.set_desc(&f.guest, 0, GPA + 0x1000, buf.len() as u32, 0, 0);
@@ -272,6 +308,8 @@ fn frames_cross_the_rings_both_ways_and_the_device_comes_back_after_its_front_en
         p.rx_burst(&mut again) == 1
     });
     assert_eq!(again.as_slice()[0].data(), &frame[..]);
+    assert_eq!(f.tx.take_used(&f.guest), vec![(0, 0)]);
+    assert_eq!(f.guest.u16_at(f.tx.used_off() + 2), 6);
 }
 
 #[test]
@@ -294,22 +332,16 @@ fn a_guest_offering_more_than_its_ring_stops_that_ring() {
     // stays stopped, and is not counted again.
     let mut f = f;
     let other = eventfd();
-    std::thread::scope(|sc| {
-        let t = sc.spawn(|| {
-            send(
-                &mut f.sock,
-                req::SET_VRING_CALL,
-                &u64s(&[0]),
-                &[other.as_fd()],
-            );
-            // (A reply-bearing request after it: the call was applied.)
-            send(&mut f.sock, req::GET_FEATURES, &[], &[]);
-            reply(&mut f.sock)
-        });
-        while !t.is_finished() {
-            port.rx_burst(&mut b);
-        }
-        t.join().unwrap();
+    polling(&mut port, || {
+        send(
+            &mut f.sock,
+            req::SET_VRING_CALL,
+            &u64s(&[0]),
+            &[other.as_fd()],
+        );
+        // (A reply-bearing request after it: the call was applied.)
+        send(&mut f.sock, req::GET_FEATURES, &[], &[]);
+        reply(&mut f.sock)
     });
     for _ in 0..10 {
         assert_eq!(port.rx_burst(&mut b), 0);
@@ -323,7 +355,7 @@ fn a_front_end_asking_for_what_is_not_offered_is_dropped() {
     let path = sock.0.clone();
     let l = UnixListener::bind(&path).unwrap();
     let mut port = VhostUserPort::open("vm3", &path, MacAddr::ZERO, pool()).unwrap();
-    let (mut s, _) = l.accept().unwrap();
+    let mut s = accept_within(&l);
     // Features never offered (VIRTIO_NET_F_CSUM): the connection ends.
     send(&mut s, req::SET_FEATURES, &u64s(&[1]), &[]);
     let mut one = [0u8; 1];
@@ -334,7 +366,7 @@ fn a_front_end_asking_for_what_is_not_offered_is_dropped() {
         "the port closes the connection"
     );
     // It connects again.
-    let (_s2, _) = l.accept().unwrap();
+    let _s2 = accept_within(&l);
     let mut b = Batch::new();
     assert_eq!(port.rx_burst(&mut b), 0);
 }
@@ -348,14 +380,7 @@ fn a_legacy_front_end_gets_running_rings_and_the_10_byte_header() {
     let mut port = VhostUserPort::open("vm4", &path, MacAddr::ZERO, pool).unwrap();
     let call = eventfd();
     // Neither VERSION_1 nor protocol features: no SET_VRING_ENABLE comes.
-    let mut f = std::thread::scope(|sc| {
-        let t = sc.spawn(|| Front::accept_with(&l, &call, 0));
-        let mut b = Batch::new();
-        while !t.is_finished() {
-            port.rx_burst(&mut b);
-        }
-        t.join().unwrap()
-    });
+    let mut f = polling(&mut port, || Front::accept_with(&l, &call, 0, 0));
     until(&mut port, "the link", link_up);
     let frame: Vec<u8> = (0..60u8).collect();
     let mut buf = vec![0u8; 10];
@@ -386,11 +411,10 @@ fn a_disabled_ring_has_what_the_guest_sends_discarded_and_the_link_down() {
     let call = eventfd();
     let mut f = accept_polling(&mut port, &l, &call);
     until(&mut port, "the link", link_up);
-    std::thread::scope(|sc| {
-        let t = sc.spawn(|| send(&mut f.sock, req::SET_VRING_ENABLE, &state(1, 0), &[]));
-        until(&mut port, "the link down", |p| !link_up(p));
-        t.join().unwrap();
+    polling(&mut port, || {
+        send(&mut f.sock, req::SET_VRING_ENABLE, &state(1, 0), &[])
     });
+    until(&mut port, "the link down", |p| !link_up(p));
     f.guest.write(0x1000, &[0u8; 72]);
     f.tx.set_desc(&f.guest, 0, GPA + 0x1000, 72, 0, 0);
     f.tx.offer(&f.guest, 0);

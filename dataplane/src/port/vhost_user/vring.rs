@@ -240,13 +240,6 @@ impl Split {
         u16::from_le(unsafe { std::ptr::read_volatile(self.avail.add(at).cast::<u16>()) })
     }
 
-    /// What tells this ring from another: its descriptor table's place
-    /// and its size.
-    #[inline]
-    pub fn identity(&self) -> (usize, u16) {
-        (self.desc as usize, self.size)
-    }
-
     /// The memory the ring and its buffers lie in.
     #[inline]
     pub fn memory(&self) -> &Memory {
@@ -329,7 +322,8 @@ impl Split {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChainError {
     /// A descriptor out of the table, of the wrong direction, indirect,
-    /// outside guest memory, or a chain longer than the table.
+    /// outside guest memory; a chain longer than the table or than
+    /// [`MAX_CHAIN`], or shorter than the virtio-net header.
     Bad,
     /// The packet is longer than the room it goes to.
     TooLong,
@@ -422,7 +416,12 @@ pub fn write_chain(ring: &Split, head: u16, hdr: &[u8], frame: &[u8]) -> Result<
             return Ok(written);
         }
         if d.flags & DESC_NEXT == 0 {
-            return Err(ChainError::TooLong);
+            // (A chain shorter than the header is as bad as a read one.)
+            return Err(if h.is_empty() {
+                ChainError::TooLong
+            } else {
+                ChainError::Bad
+            });
         }
         i = d.next;
     }
