@@ -118,8 +118,8 @@ struct Cursor {
     /// entry taken is returned in the same burst).
     next: u16,
     /// The guest published an available index more than a ring ahead:
-    /// the ring is not polled until it is set up again (at other
-    /// addresses, or of another size).
+    /// the ring is not polled until the front end starts it again (a new
+    /// kick).
     broken: bool,
     /// The ring's start (`ActiveRing::start`), which tells a ring set up
     /// again from the same ring published again.
