@@ -2,19 +2,19 @@
 //!
 //! A pool is one anonymous memory region — 2 MiB huge pages when the system has
 //! them reserved, normal pages otherwise — cut into equal buffers. Its free
-//! buffers are in a lock-free queue, and, as a DPDK mempool's per-core
-//! cache keeps them, in a small last-in first-out cache of each thread that
-//! uses the pool ([`Pool::alloc`] takes from the calling thread's, which
-//! refills from the queue up to 32 at a time (at most half its bound); a
-//! freed buffer goes to the freeing
-//! thread's, which gives half back when full): a worker that allocates and
-//! frees on its own core takes no locked instruction per buffer, and takes
-//! back the buffer it freed last, still in its cache, where the queue
-//! alone hands them out oldest first, cold. So no packet ever touches the
-//! heap. A buffer may be freed on any thread and goes back to the pool it
-//! came from. A thread caches for the first pool it uses only, at most a
-//! 64th of the pool and at most 256 buffers, none for pools under 64
-//! buffers; its cache goes back to the queue when the thread ends.
+//! buffers are in a lock-free queue and, as a DPDK mempool's per-core cache
+//! keeps them, in a small last-in first-out cache of each thread that uses
+//! the pool: [`Pool::alloc`] takes from the calling thread's cache, which
+//! refills from the queue up to 32 at a time (at most half its bound), and
+//! a freed buffer goes to the freeing thread's cache, which gives half back
+//! when full. A worker that allocates and frees on its own core so takes no
+//! locked instruction per buffer, and takes back the buffer it freed last,
+//! still in its cache, where the queue alone hands them out oldest first,
+//! cold. No packet ever touches the heap. A buffer may be freed on any
+//! thread and goes back to the pool it came from. A thread caches for the
+//! first pool it uses only, at most a 64th of the pool and at most 256
+//! buffers, none for pools under 64 buffers; its cache goes back to the
+//! queue when the thread ends.
 //!
 //! Pools live for the rest of the process, like DPDK mempools: their memory is
 //! never unmapped, which is what lets a buffer hold a plain `&'static mut`
