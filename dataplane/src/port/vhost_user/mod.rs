@@ -454,7 +454,9 @@ struct Device {
 /// Why a connection ended.
 #[derive(Debug, thiserror::Error)]
 enum ConnError {
-    #[error("{0}")]
+    /// The socket failed (the front end went away mid-message, or reset
+    /// the connection as it died).
+    #[error("the socket failed: {0}")]
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Proto(#[from] ProtoError),
