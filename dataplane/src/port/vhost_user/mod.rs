@@ -74,6 +74,22 @@ pub struct ActiveRing {
 }
 
 impl ActiveRing {
+    /// Returns entry `head`, taken at the cursor, with `len` bytes
+    /// written, and moves the cursor on.
+    #[inline]
+    fn return_entry(&self, c: &mut Cursor, head: u16, len: u32) {
+        self.ring.put_used(c.next, head, len);
+        c.next = c.next.wrapping_add(1);
+    }
+
+    /// Publishes the entries returned up to the cursor, and interrupts the
+    /// guest if its driver asks for it.
+    #[inline]
+    fn publish_used(&self, c: &Cursor) {
+        self.ring.set_used_idx(c.next);
+        self.notify();
+    }
+
     /// Interrupts the guest if its driver asks for it.
     #[inline]
     fn notify(&self) {
@@ -308,13 +324,11 @@ impl Port for VhostUserPort {
                 }
                 Err(why) => self.stats.drops.add(why, 1),
             }
-            r.ring.put_used(c.next, head, 0);
-            c.next = c.next.wrapping_add(1);
+            r.return_entry(c, head, 0);
             taken += 1;
         }
         if taken > 0 {
-            r.ring.set_used_idx(c.next);
-            r.notify();
+            r.publish_used(c);
         }
         self.stats.count_rx(got, bytes);
         got as usize
@@ -370,14 +384,12 @@ impl Port for VhostUserPort {
                     0
                 }
             };
-            r.ring.put_used(c.next, head, len);
-            c.next = c.next.wrapping_add(1);
+            r.return_entry(c, head, len);
             offered -= 1;
             used += 1;
         }
         if used > 0 {
-            r.ring.set_used_idx(c.next);
-            r.notify();
+            r.publish_used(c);
         }
         self.stats.count_tx(sent, bytes);
         sent as usize
@@ -422,11 +434,9 @@ fn discard(stats: &PortStats, c: &mut Cursor, r: &ActiveRing, offered: u16) {
     }
     for _ in 0..offered {
         let head = r.ring.avail_entry(c.next);
-        r.ring.put_used(c.next, head, 0);
-        c.next = c.next.wrapping_add(1);
+        r.return_entry(c, head, 0);
     }
-    r.ring.set_used_idx(c.next);
-    r.notify();
+    r.publish_used(c);
     stats.drops.add(DropReason::LinkDown, u64::from(offered));
 }
 

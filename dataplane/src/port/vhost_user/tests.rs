@@ -187,6 +187,19 @@ fn accept_polling(port: &mut VhostUserPort, l: &UnixListener, call: &OwnedFd) ->
     polling(port, || Front::accept(l, call))
 }
 
+impl Front {
+    /// The guest sends `frame` behind a zero virtio-net header of `hdr`
+    /// bytes, in one descriptor (0) at 0x1000.
+    fn transmit(&mut self, hdr: usize, frame: &[u8]) {
+        let mut buf = vec![0u8; hdr];
+        buf.extend_from_slice(frame);
+        self.guest.write(0x1000, &buf);
+        self.tx
+            .set_desc(&self.guest, 0, GPA + 0x1000, buf.len() as u32, 0, 0);
+        self.tx.offer(&self.guest, 0);
+    }
+}
+
 fn pool() -> Pool {
     Pool::new(&PoolConfig::new("vhost-test", 64)).unwrap()
 }
@@ -224,11 +237,7 @@ fn frames_cross_the_rings_both_ways_and_the_device_comes_back_after_its_front_en
 
     // The guest sends: a header and a frame in one descriptor.
     let frame: Vec<u8> = (0..80u8).collect();
-    let mut buf = vec![0u8; 12];
-    buf.extend_from_slice(&frame);
-    f.guest.write(0x1000, &buf);
-    f.tx.set_desc(&f.guest, 0, GPA + 0x1000, buf.len() as u32, 0, 0);
-    f.tx.offer(&f.guest, 0);
+    f.transmit(12, &frame);
     let mut got = Batch::new();
     until(&mut port, "the frame", |p| p.rx_burst(&mut got) == 1);
     assert_eq!(got.as_slice()[0].data(), &frame[..]);
@@ -300,9 +309,7 @@ fn frames_cross_the_rings_both_ways_and_the_device_comes_back_after_its_front_en
         Front::accept_with(&l, &call, proto::FEATURES, 5)
     });
     until(&mut port, "the link again", link_up);
-    f.guest.write(0x1000, &buf);
-    f.tx.set_desc(&f.guest, 0, GPA + 0x1000, buf.len() as u32, 0, 0);
-    f.tx.offer(&f.guest, 0);
+    f.transmit(12, &frame);
     let mut again = Batch::new();
     until(&mut port, "a frame after reconnecting", |p| {
         p.rx_burst(&mut again) == 1
@@ -383,11 +390,7 @@ fn a_legacy_front_end_gets_running_rings_and_the_10_byte_header() {
     let mut f = polling(&mut port, || Front::accept_with(&l, &call, 0, 0));
     until(&mut port, "the link", link_up);
     let frame: Vec<u8> = (0..60u8).collect();
-    let mut buf = vec![0u8; 10];
-    buf.extend_from_slice(&frame);
-    f.guest.write(0x1000, &buf);
-    f.tx.set_desc(&f.guest, 0, GPA + 0x1000, buf.len() as u32, 0, 0);
-    f.tx.offer(&f.guest, 0);
+    f.transmit(10, &frame);
     let mut got = Batch::new();
     until(&mut port, "the frame", |p| p.rx_burst(&mut got) == 1);
     assert_eq!(got.as_slice()[0].data(), &frame[..]);
@@ -415,9 +418,7 @@ fn a_disabled_ring_has_what_the_guest_sends_discarded_and_the_link_down() {
         send(&mut f.sock, req::SET_VRING_ENABLE, &state(1, 0), &[])
     });
     until(&mut port, "the link down", |p| !link_up(p));
-    f.guest.write(0x1000, &[0u8; 72]);
-    f.tx.set_desc(&f.guest, 0, GPA + 0x1000, 72, 0, 0);
-    f.tx.offer(&f.guest, 0);
+    f.transmit(12, &[0u8; 60]);
     let mut got = Batch::new();
     until(&mut port, "the frame taken back", |p| {
         p.rx_burst(&mut got);
