@@ -9,6 +9,7 @@ fn the_demo_shows_what_it_promises() {
         &mut out,
         pollux::demo::Options {
             rate_packets: 50_000,
+            conns: 5_000,
         },
     )
     .unwrap();
@@ -37,4 +38,23 @@ fn the_demo_shows_what_it_promises() {
     assert!(line("4. client").contains("blocked ("), "{report}");
     assert!(line("5. vnet b").contains("unreachable"), "{report}");
     assert!(line("6. through").contains("latency p50"), "{report}");
+    // Every connection arrived, each went through the slow path once, and
+    // the VIP spread them over all three of the sink's ports.
+    assert!(line("7. new connections").contains("(0 lost)"), "{report}");
+    let spread = line("each decided");
+    assert!(spread.contains("(5000 packets there)"), "{report}");
+    let per: Vec<u64> = ["6000 ", "6001 ", "6002 "]
+        .iter()
+        .map(|p| {
+            let at = spread.find(p).unwrap() + p.len();
+            spread[at..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(per.iter().sum::<u64>(), 5_000, "{report}");
+    assert!(per.iter().all(|&n| n > 1_000), "{report}");
 }

@@ -3,7 +3,8 @@
 //! worker thread; the health prober sits on an internal port of the switch so
 //! its probes take the tenant path. The run prints a short report:
 //! load spreading, probe failover with an open connection kept, an ACL drop,
-//! tenant isolation, and latency and packet rate through the switch.
+//! tenant isolation, latency and packet rate through the switch, and the
+//! rate of new connections through a VIP.
 
 use arc_swap::ArcSwap;
 use dataplane::clock::TscClock;
@@ -53,18 +54,33 @@ const WEB: [(&str, Ipv4Addr); 3] = [
 ];
 const GEN_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 30);
 const SINK_IP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 31);
+/// A UDP VIP whose backends are the sink's ports 6000-6002: every flow
+/// from the generator to it is a new connection.
+const CONN_VIP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 101);
+const CONN_PORT: u16 = 7000;
+const SINK_PORTS: [u16; 3] = [6000, 6001, 6002];
 
 fn mac(i: u8) -> MacAddr {
     MacAddr([2, 0, 0, 0, 0, i])
 }
 
 fn rule(name: &str, priority: i64, action: &str, dst_ports: &str) -> RuleSpec {
+    proto_rule(name, priority, action, "tcp", dst_ports)
+}
+
+fn proto_rule(
+    name: &str,
+    priority: i64,
+    action: &str,
+    protocol: &str,
+    dst_ports: &str,
+) -> RuleSpec {
     RuleSpec {
         name: Some(name.into()),
         priority,
         direction: "in".into(),
         action: action.into(),
-        protocol: "tcp".into(),
+        protocol: protocol.into(),
         src: vec!["any".into()],
         dst: vec!["any".into()],
         src_ports: vec!["any".into()],
@@ -107,7 +123,7 @@ fn topology() -> Topology {
     vms.push(vm("other", 4, 1, Ipv4Addr::new(10, 1, 0, 20), None, false));
     vms.push(vm("prober", 5, 0, lb::probe::DEFAULT_SOURCE, None, true));
     vms.push(vm("gen", 6, 0, GEN_IP, None, false));
-    vms.push(vm("sink", 7, 0, SINK_IP, None, false));
+    vms.push(vm("sink", 7, 0, SINK_IP, Some(1), false));
     let backends = WEB
         .iter()
         .map(|(_, ip)| Backend {
@@ -116,22 +132,43 @@ fn topology() -> Topology {
             weight: 1,
         })
         .collect();
+    let sinks = SINK_PORTS
+        .iter()
+        .map(|&port| Backend {
+            ip: IpAddr::V4(SINK_IP),
+            port,
+            weight: 1,
+        })
+        .collect();
     Topology {
         vnets: vec![vnet("a", 0xbc), vnet("b", 0xbd)],
         vms,
-        nsgs: vec![NsgSpec {
-            name: "web".into(),
-            rules: vec![
-                rule("allow-http", 100, "allow", "8080"),
-                rule("deny-ssh", 110, "deny", "22"),
-            ],
-        }],
-        vips: vec![VipDef {
-            vnet: 0,
-            config: VipConfig::new("web", IpAddr::V4(VIP), 80, 6, backends),
-            // Probed backends start down until their first successful probe.
-            health: vec![false; 3],
-        }],
+        nsgs: vec![
+            NsgSpec {
+                name: "web".into(),
+                rules: vec![
+                    rule("allow-http", 100, "allow", "8080"),
+                    rule("deny-ssh", 110, "deny", "22"),
+                ],
+            },
+            NsgSpec {
+                name: "sink".into(),
+                rules: vec![proto_rule("allow-udp", 100, "allow", "udp", "6000-6002")],
+            },
+        ],
+        vips: vec![
+            VipDef {
+                vnet: 0,
+                config: VipConfig::new("web", IpAddr::V4(VIP), 80, 6, backends),
+                // Probed backends start down until their first successful probe.
+                health: vec![false; 3],
+            },
+            VipDef {
+                vnet: 0,
+                config: VipConfig::new("conns", IpAddr::V4(CONN_VIP), CONN_PORT, 17, sinks),
+                health: vec![true; 3],
+            },
+        ],
         ports: 8,
         uplink: None,
         remotes: Vec::new(),
@@ -221,12 +258,13 @@ fn udp_frame(seq: u64, ts: u64) -> Vec<u8> {
     payload[..8].copy_from_slice(&seq.to_le_bytes());
     payload[8..16].copy_from_slice(&ts.to_le_bytes());
     let mut f = Vec::with_capacity(60);
-    build_udp(&mut f, &payload);
+    build_udp(&mut f, (SINK_IP, 5000, 6000), &payload);
     f
 }
 
-/// Appends a 60-byte Ethernet/IPv4/UDP frame gen -> sink with valid checksums.
-fn build_udp(f: &mut Vec<u8>, payload: &[u8; 18]) {
+/// Appends a 60-byte Ethernet/IPv4/UDP frame from gen (source port
+/// `sport`) to `dst`:`dport` with valid checksums.
+fn build_udp(f: &mut Vec<u8>, (dst, sport, dport): (Ipv4Addr, u16, u16), payload: &[u8; 18]) {
     f.extend_from_slice(&[0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc]);
     f.extend_from_slice(&mac(7).0);
     f.extend_from_slice(&[0x08, 0x00]);
@@ -237,23 +275,18 @@ fn build_udp(f: &mut Vec<u8>, payload: &[u8; 18]) {
     ip[8] = 64;
     ip[9] = 17;
     ip[12..16].copy_from_slice(&GEN_IP.octets());
-    ip[16..20].copy_from_slice(&SINK_IP.octets());
+    ip[16..20].copy_from_slice(&dst.octets());
     let c = dataplane::wire::checksum::checksum(&ip);
     ip[10..12].copy_from_slice(&c.to_be_bytes());
     f.extend_from_slice(&ip);
     let mut udp = [0u8; 8];
-    udp[0..2].copy_from_slice(&5000u16.to_be_bytes());
-    udp[2..4].copy_from_slice(&6000u16.to_be_bytes());
+    udp[0..2].copy_from_slice(&sport.to_be_bytes());
+    udp[2..4].copy_from_slice(&dport.to_be_bytes());
     udp[4..6].copy_from_slice(&(8 + payload.len() as u16).to_be_bytes());
     let mut seg = udp.to_vec();
     seg.extend_from_slice(payload);
     let sum = dataplane::wire::checksum::combine(
-        dataplane::wire::checksum::pseudo_v4(
-            GEN_IP.octets(),
-            SINK_IP.octets(),
-            17,
-            seg.len() as u16,
-        ),
+        dataplane::wire::checksum::pseudo_v4(GEN_IP.octets(), dst.octets(), 17, seg.len() as u16),
         dataplane::wire::checksum::sum(&seg),
     );
     let mut c = !dataplane::wire::checksum::fold(sum);
@@ -338,17 +371,79 @@ fn measure(
     (lat, got as f64 / secs / 1e6, sent - got)
 }
 
+/// The most new connections step 7 opens: one per source port from 1024.
+pub const MAX_CONNS: u32 = 65_536 - 1024;
+
+/// New connections (bursts) gen -> the UDP VIP -> the sink's ports, one
+/// frame each from its own source port: returns the rate (connections a
+/// second, from the first send to the last arrival), how many were lost,
+/// and how many arrived at each of [`SINK_PORTS`].
+fn conn_rate(
+    gen_port: &mut RingPort<PoolBuf>,
+    sink: &mut RingPort<PoolBuf>,
+    pool: Pool,
+    conns: u32,
+) -> (f64, u64, [u64; 3]) {
+    let frames: Vec<Vec<u8>> = (0..conns.min(MAX_CONNS))
+        .map(|i| {
+            let mut f = Vec::with_capacity(60);
+            build_udp(&mut f, (CONN_VIP, (1024 + i) as u16, CONN_PORT), &[0; 18]);
+            f
+        })
+        .collect();
+    let mut rx = Batch::new();
+    let mut per = [0u64; 3];
+    let (mut sent, mut got) = (0usize, 0u64);
+    let t0 = Instant::now();
+    let mut last_rx = t0;
+    while got < sent as u64 || sent < frames.len() {
+        if sent < frames.len() {
+            let mut b = Batch::new();
+            for f in frames[sent..].iter().take(dataplane::BURST) {
+                match pool.alloc_copy(f) {
+                    Ok(buf) => {
+                        let _ = b.push(buf);
+                    }
+                    Err(_) => break,
+                }
+            }
+            sent += gen_port.tx_burst(&mut b);
+        }
+        let n = sink.rx_burst(&mut rx) as u64;
+        for p in rx.drain() {
+            // The UDP destination port the VIP's NAT wrote.
+            let d = p.data();
+            if let Some(port) = d.get(36..38).map(|b| u16::from_be_bytes([b[0], b[1]]))
+                && let Some(i) = SINK_PORTS.iter().position(|&s| s == port)
+            {
+                per[i] += 1;
+            }
+        }
+        if n > 0 {
+            got += n;
+            last_rx = Instant::now();
+        } else if sent >= frames.len() && last_rx.elapsed() > Duration::from_millis(200) {
+            break;
+        }
+    }
+    let secs = last_rx.duration_since(t0).as_secs_f64().max(1e-9);
+    (got as f64 / secs, sent as u64 - got, per)
+}
+
 /// Knobs of a demo run.
 #[derive(Debug, Clone, Copy)]
 pub struct Options {
     /// Packets sent for the rate measurement.
     pub rate_packets: u64,
+    /// New connections opened through the UDP VIP (at most [`MAX_CONNS`]).
+    pub conns: u32,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Options {
             rate_packets: 2_000_000,
+            conns: MAX_CONNS,
         }
     }
 }
@@ -419,7 +514,13 @@ pub fn run(out: &mut impl Write, opts: Options) -> Result<(), DemoError> {
             Duration::ZERO,
         );
     }
-    let switch = Switch::new(policy.clone(), SwitchConfig::default());
+    // Tables committed before the first packet, as `pollux run` does by
+    // default (`[dataplane] preallocate_tables`).
+    let sw_cfg = SwitchConfig {
+        preallocate: true,
+        ..SwitchConfig::default()
+    };
+    let switch = Switch::new(policy.clone(), sw_cfg);
     let stats = switch.stats();
     let hits = switch.acl_hits();
     let worker = Worker::new("demo", None, sw_ports, switch);
@@ -607,6 +708,25 @@ pub fn run(out: &mut impl Write, opts: Options) -> Result<(), DemoError> {
         ),
     );
     w(out, format!("   drops by reason: {:?}", stats.nonzero()));
+
+    // New connections.
+    let slow_before = stats.slow_path.load(Ordering::Relaxed);
+    let (rate, lost, per) = conn_rate(&mut gen_port, &mut sink, pool, opts.conns);
+    let slow = stats.slow_path.load(Ordering::Relaxed) - slow_before;
+    w(
+        out,
+        format!(
+            "7. new connections, gen -> UDP VIP {CONN_VIP}:{CONN_PORT} -> sink:6000-6002 (a source port each): {:.2} M/s ({lost} lost)",
+            rate / 1e6
+        ),
+    );
+    w(
+        out,
+        format!(
+            "   each decided on the slow path ({slow} packets there) and load-balanced: sink port 6000 {}, 6001 {}, 6002 {}",
+            per[0], per[1], per[2]
+        ),
+    );
     stop.store(true, Ordering::Relaxed);
     let _ = handle.join();
     Ok(())
