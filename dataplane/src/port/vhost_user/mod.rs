@@ -490,7 +490,7 @@ fn control_loop(s: &Shared) {
     // the port's life, so their memory stays mapped.
     let mut stuck = Vec::new();
     while !s.stop.load(Ordering::Relaxed) {
-        let stream = match UnixStream::connect(&s.socket) {
+        let stream = match connect(&s.socket) {
             Ok(st) => st,
             Err(e) => {
                 if !logged {
@@ -536,6 +536,65 @@ fn control_loop(s: &Shared) {
             }
         }
     }
+}
+
+/// Connects to the unix socket at `path` without waiting. A front end
+/// whose listen backlog is full (a stopped or hung QEMU, which no longer
+/// accepts) refuses at once (`EAGAIN`), and the control thread tries again
+/// later, as when nothing listens: a blocking connect would wait for it
+/// with no end, and so would the port's drop, which joins the thread. (A
+/// unix socket's connect completes or fails at once; it is never left in
+/// progress.) The stream returned blocks, as `serve` expects.
+fn connect(path: &Path) -> std::io::Result<UnixStream> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: `sockaddr_un` is plain data, valid all zero.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    // (Room for the terminating zero the kernel expects of a path.)
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "not a unix socket path (over {} bytes, or with a zero byte)",
+                addr.sun_path.len() - 1
+            ),
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, &b) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = b as libc::c_char;
+    }
+    let len = std::mem::offset_of!(libc::sockaddr_un, sun_path) + bytes.len() + 1;
+    // SAFETY: socket(2) with constant arguments; it returns a new
+    // descriptor or -1.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just made and nothing else owns it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: `addr` is a `sockaddr_un` of at least `len` bytes, alive for
+    // the call.
+    let r = unsafe {
+        libc::connect(
+            owned.as_raw_fd(),
+            (&raw const addr).cast::<libc::sockaddr>(),
+            len as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let stream = UnixStream::from(owned);
+    stream.set_nonblocking(false)?;
+    Ok(stream)
 }
 
 /// Fills `buf` from `stream` within `deadline` (the whole message's),

@@ -427,3 +427,56 @@ fn a_disabled_ring_has_what_the_guest_sends_discarded_and_the_link_down() {
     assert!(got.is_empty());
     assert_eq!(f.tx.take_used(&f.guest), vec![(0, 0)]);
 }
+
+#[test]
+fn a_front_end_that_accepts_nothing_holds_neither_the_port_nor_its_drop() {
+    let sock = Sock::new("vhost-port-full");
+    let path = sock.0.clone();
+    let l = UnixListener::bind(&path).unwrap();
+    // A listener that accepts nothing (a stopped QEMU): each connect
+    // completes at once until its backlog is full, then is refused at once
+    // (a blocking connect would wait there for good).
+    let mut fillers = Vec::new();
+    loop {
+        match connect(&path) {
+            Ok(c) => fillers.push(c),
+            Err(e) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "{e}");
+                break;
+            }
+        }
+        assert!(fillers.len() < 100_000, "the backlog never filled");
+    }
+    // A port on it, dropped once its control thread has been refused a few
+    // times: the drop, which joins that thread, returns.
+    let port = VhostUserPort::open("vm6", &path, MacAddr::ZERO, pool()).unwrap();
+    std::thread::sleep(RETRY * 3);
+    let (done, dropped) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(port);
+        let _ = done.send(());
+    });
+    dropped
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the port's drop returns while the front end accepts nothing");
+    // Another port connects once the listener takes what is waiting: its
+    // connection is the one after the fillers'.
+    let _port = VhostUserPort::open("vm7", &path, MacAddr::ZERO, pool()).unwrap();
+    std::thread::sleep(RETRY * 3);
+    let n = fillers.len();
+    for _ in 0..n {
+        accept_within(&l);
+    }
+    // The next is the port's: it answers as a vhost-user back end.
+    let mut mine = accept_within(&l);
+    mine.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    send(&mut mine, req::GET_FEATURES, &[], &[]);
+    let features = reply(&mut mine);
+    assert_eq!(features.len(), 8);
+    assert_ne!(
+        u64::from_le_bytes(features.try_into().unwrap()) & (1 << 32),
+        0,
+        "VERSION_1 offered"
+    );
+}
