@@ -456,4 +456,14 @@ fn pktgen_over_virtio_user_through_pollux_own_vhost_user_ports() {
             .all(|l| l.contains("the socket failed")),
         "{log}"
     );
+    // virtio_user chose REPLY_ACK and had no request refused.
+    assert!(
+        log.contains("vhost-user protocol features chosen: 0x8"),
+        "{log}"
+    );
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("vhost-user request") && l.contains("refused")),
+        "{log}"
+    );
 }

@@ -114,4 +114,16 @@ fn guests_talk_through_pollux_own_vhost_user_ports_across_reboots_and_restarts()
         text.contains("vhost-user front end closed the connection"),
         "{text}"
     );
+    // QEMU chose REPLY_ACK (its requests are acknowledged) and had none
+    // refused.
+    assert!(
+        text.contains("vhost-user protocol features chosen: 0x8"),
+        "{text}"
+    );
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.contains("vhost-user request") && l.contains("refused")),
+        "{text}"
+    );
 }

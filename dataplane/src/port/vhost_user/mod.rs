@@ -21,7 +21,7 @@
 //! memory is always where the device stands: a worker starting on a ring
 //! begins there, and `GET_VRING_BASE` answers it.
 //!
-//! Offered: `VIRTIO_F_VERSION_1` and protocol features (none of them), one
+//! Offered: `VIRTIO_F_VERSION_1` and protocol features (`REPLY_ACK`), one
 //! queue pair, no offloads or mergeable buffers (each frame in one chain).
 //! While the rings do not run (the guest's driver reset the device and the
 //! front end stopped them, or the front end is gone) the port drops what
@@ -457,6 +457,9 @@ struct RingConf {
 #[derive(Default)]
 struct Device {
     features: u64,
+    /// The protocol features the front end chose (kept across resets:
+    /// they are chosen once a connection).
+    protocol: u64,
     mem: Option<Arc<Memory>>,
     rings: [RingConf; 2],
 }
@@ -680,10 +683,25 @@ fn serve(
         read_full(s, &mut stream, &mut payload, deadline)?;
         let req = proto::parse(&h, &payload, fds.len())?;
         if h.flags & proto::NEED_REPLY != 0 && !req.has_reply() {
-            // REPLY_ACK is not offered: a front end asking for it anyway
-            // gets its acknowledgement (0: done).
-            handle(s, dev, stuck, req, h.request, &mut fds)?;
-            stream.write_all(&proto::reply_u64(h.request, 0))?;
+            // An acknowledgement: 0, done. With REPLY_ACK chosen, a
+            // request refused is answered 1 and the connection stays (the
+            // front end decides what follows: QEMU reports the error);
+            // nothing of it was applied. Without, a front end asking
+            // anyway gets its 0 for what was done, and a refusal ends the
+            // connection as ever.
+            let ack = match handle(s, dev, stuck, req, h.request, &mut fds) {
+                Ok(_) => 0,
+                Err(ConnError::Setup(why)) if dev.protocol & proto::PF_REPLY_ACK != 0 => {
+                    tracing::warn!(
+                        port = %s.name,
+                        "vhost-user request {} refused: {why}",
+                        h.request
+                    );
+                    1
+                }
+                Err(e) => return Err(e),
+            };
+            stream.write_all(&proto::reply_u64(h.request, ack))?;
             continue;
         }
         if let Some(r) = handle(s, dev, stuck, req, h.request, &mut fds)? {
@@ -713,10 +731,22 @@ fn handle(
     };
     match req {
         Request::GetFeatures => return Ok(Some(proto::reply_u64(c, proto::FEATURES))),
-        Request::GetProtocolFeatures => return Ok(Some(proto::reply_u64(c, 0))),
+        Request::GetProtocolFeatures => {
+            return Ok(Some(proto::reply_u64(c, proto::PROTOCOL_FEATURES)));
+        }
         // (Queue pairs: one.)
         Request::GetQueueNum => return Ok(Some(proto::reply_u64(c, 1))),
-        Request::SetProtocolFeatures(_) | Request::SetOwner => {}
+        Request::SetOwner => {}
+        Request::SetProtocolFeatures(f) => {
+            if f & !proto::PROTOCOL_FEATURES != 0 {
+                return Err(ConnError::Setup(format!(
+                    "protocol features {f:#x} include some not offered ({:#x})",
+                    proto::PROTOCOL_FEATURES
+                )));
+            }
+            dev.protocol = f;
+            tracing::info!(port = %s.name, "vhost-user protocol features chosen: {f:#x}");
+        }
         Request::SetFeatures(f) => {
             if f & !proto::FEATURES != 0 {
                 return Err(ConnError::Setup(format!(

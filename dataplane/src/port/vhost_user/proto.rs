@@ -23,7 +23,7 @@ pub const MAX_REGIONS: usize = 8;
 const VERSION: u32 = 0x1;
 /// The header flag of a reply.
 const REPLY: u32 = 0x4;
-/// The header flag asking for an acknowledgement (`REPLY_ACK`, not offered).
+/// The header flag asking for an acknowledgement (`REPLY_ACK`).
 pub const NEED_REPLY: u32 = 0x8;
 
 /// Request codes.
@@ -71,6 +71,12 @@ pub const F_MRG_RXBUF: u64 = 1 << 15;
 pub const F_PROTOCOL_FEATURES: u64 = 1 << 30;
 /// `VIRTIO_F_VERSION_1`: little-endian rings, the 12-byte header.
 pub const F_VERSION_1: u64 = 1 << 32;
+/// `VHOST_USER_PROTOCOL_F_REPLY_ACK`: a request flagged [`NEED_REPLY`]
+/// is acknowledged, zero when done, non-zero when refused (and the
+/// connection stays).
+pub const PF_REPLY_ACK: u64 = 1 << 3;
+/// The protocol features pollux offers.
+pub const PROTOCOL_FEATURES: u64 = PF_REPLY_ACK;
 /// What pollux offers: a plain network device (no offloads, no
 /// mergeable buffers: each packet in one descriptor chain; no indirect
 /// descriptors or event indexes; one queue pair).
@@ -198,7 +204,7 @@ pub enum Request {
         /// Whether a descriptor came with the message.
         fd: bool,
     },
-    /// Reply with the protocol features (none).
+    /// Reply with the protocol features offered.
     GetProtocolFeatures,
     /// The protocol features chosen.
     SetProtocolFeatures(u64),
@@ -441,9 +447,15 @@ pub fn reply_state(request: u32, index: u32, num: u32) -> Vec<u8> {
 /// A request as a front end writes it (header and payload): for tests
 /// and fuzzing.
 pub fn request(code: u32, payload: &[u8]) -> Vec<u8> {
+    request_flagged(code, 0, payload)
+}
+
+/// [`request`] with header flags `flags` besides the version
+/// ([`NEED_REPLY`]).
+pub fn request_flagged(code: u32, flags: u32, payload: &[u8]) -> Vec<u8> {
     let mut m = Vec::with_capacity(HEADER_LEN + payload.len());
     m.extend_from_slice(&code.to_le_bytes());
-    m.extend_from_slice(&VERSION.to_le_bytes());
+    m.extend_from_slice(&(VERSION | flags).to_le_bytes());
     m.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     m.extend_from_slice(payload);
     m

@@ -77,7 +77,7 @@ impl Front {
         let f = u64::from_le_bytes(reply(&mut sock).try_into().unwrap());
         assert_eq!(f, proto::FEATURES);
         send(&mut sock, req::GET_PROTOCOL_FEATURES, &[], &[]);
-        assert_eq!(reply(&mut sock), 0u64.to_le_bytes());
+        assert_eq!(reply(&mut sock), proto::PROTOCOL_FEATURES.to_le_bytes());
         send(&mut sock, req::SET_OWNER, &[], &[]);
         send(&mut sock, req::SET_FEATURES, &u64s(&[features]), &[]);
         let f = features;
@@ -479,4 +479,65 @@ fn a_front_end_that_accepts_nothing_holds_neither_the_port_nor_its_drop() {
         0,
         "VERSION_1 offered"
     );
+}
+
+#[test]
+fn with_reply_ack_a_refused_request_is_answered_and_the_connection_stays() {
+    let sock = Sock::new("vhost-port-ack");
+    let path = sock.0.clone();
+    let l = UnixListener::bind(&path).unwrap();
+    let _port = VhostUserPort::open("vm8", &path, MacAddr::ZERO, pool()).unwrap();
+    let mut s = accept_within(&l);
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let acked = |s: &mut UnixStream, code: u32, payload: &[u8], fds: &[BorrowedFd<'_>]| {
+        let m = proto::request_flagged(code, proto::NEED_REPLY, payload);
+        if fds.is_empty() {
+            s.write_all(&m).unwrap();
+        } else {
+            crate::port::fdpass::send_raw(s, &m, fds).unwrap();
+        }
+        u64::from_le_bytes(reply(s).try_into().unwrap())
+    };
+    send(&mut s, req::GET_PROTOCOL_FEATURES, &[], &[]);
+    assert_eq!(
+        u64::from_le_bytes(reply(&mut s).try_into().unwrap()) & proto::PF_REPLY_ACK,
+        proto::PF_REPLY_ACK
+    );
+    assert_eq!(
+        acked(
+            &mut s,
+            req::SET_PROTOCOL_FEATURES,
+            &u64s(&[proto::PF_REPLY_ACK]),
+            &[]
+        ),
+        0
+    );
+    // Once chosen: protocol features never offered are refused, and
+    // answered so (REPLY_ACK stays chosen).
+    assert_ne!(
+        acked(&mut s, req::SET_PROTOCOL_FEATURES, &u64s(&[1 << 1]), &[]),
+        0
+    );
+    assert_eq!(acked(&mut s, req::SET_OWNER, &[], &[]), 0);
+    // A region past the end of its file: refused, answered non-zero.
+    let guest = Guest::new(1 << 20);
+    let r = guest.region;
+    let mut bad = vec![1, 0, 0, 0, 0, 0, 0, 0];
+    bad.extend(u64s(&[r.gpa, r.size * 2, r.uaddr, r.mmap_offset]));
+    assert_ne!(
+        acked(&mut s, req::SET_MEM_TABLE, &bad, &[guest.fd.as_fd()]),
+        0
+    );
+    // A ring size that is no power of two: likewise.
+    assert_ne!(acked(&mut s, req::SET_VRING_NUM, &state(0, 6), &[]), 0);
+    // The connection stays, and what is right is taken.
+    let mut good = vec![1, 0, 0, 0, 0, 0, 0, 0];
+    good.extend(u64s(&[r.gpa, r.size, r.uaddr, r.mmap_offset]));
+    assert_eq!(
+        acked(&mut s, req::SET_MEM_TABLE, &good, &[guest.fd.as_fd()]),
+        0
+    );
+    assert_eq!(acked(&mut s, req::SET_VRING_NUM, &state(0, 8), &[]), 0);
+    send(&mut s, req::GET_FEATURES, &[], &[]);
+    assert_eq!(reply(&mut s), proto::FEATURES.to_le_bytes());
 }
