@@ -40,7 +40,8 @@ fn the_demo_shows_what_it_promises() {
     assert!(line("6. through").contains("latency p50"), "{report}");
     // Every connection arrived, each went through the slow path once, and
     // the VIP spread them over all three of the sink's ports.
-    assert!(line("7. new connections").contains("(0 lost)"), "{report}");
+    let conns = line("7. 5000 new connections");
+    assert!(conns.contains("(0 lost)"), "{report}");
     let spread = line("each decided");
     assert!(spread.contains("(5000 packets there)"), "{report}");
     let per: Vec<u64> = ["6000 ", "6001 ", "6002 "]

@@ -688,7 +688,8 @@ fn serve(
             // front end decides what follows: QEMU reports the error);
             // nothing of it was applied. Without, a front end asking
             // anyway gets its 0 for what was done, and a refusal ends the
-            // connection as ever.
+            // connection. (A message that is not a request pollux serves,
+            // or is malformed, ends it either way.)
             let ack = match handle(s, dev, stuck, req, h.request, &mut fds) {
                 Ok(_) => 0,
                 Err(ConnError::Setup(why)) if dev.protocol & proto::PF_REPLY_ACK != 0 => {

@@ -29,9 +29,15 @@ fn send(s: &mut UnixStream, code: u32, payload: &[u8], fds: &[BorrowedFd<'_>]) {
     }
 }
 
-fn reply(s: &mut UnixStream) -> Vec<u8> {
+/// The next reply, which must be to request `code`.
+fn reply(s: &mut UnixStream, code: u32) -> Vec<u8> {
     let mut h = [0u8; proto::HEADER_LEN];
     s.read_exact(&mut h).unwrap();
+    assert_eq!(
+        u32::from_le_bytes(h[0..4].try_into().unwrap()),
+        code,
+        "the reply's request"
+    );
     let size = u32::from_le_bytes(h[8..12].try_into().unwrap()) as usize;
     assert_eq!(
         u32::from_le_bytes(h[4..8].try_into().unwrap()),
@@ -72,12 +78,34 @@ impl Front {
     /// with rings it used before: their indexes in its memory, the base
     /// said too).
     fn accept_with(l: &UnixListener, call: &OwnedFd, features: u64, start: u16) -> Front {
+        Self::accept_choosing(l, call, features, start, 0)
+    }
+
+    /// As `accept_with`, choosing protocol features `protocol` too.
+    fn accept_choosing(
+        l: &UnixListener,
+        call: &OwnedFd,
+        features: u64,
+        start: u16,
+        protocol: u64,
+    ) -> Front {
         let mut sock = accept_within(l);
         send(&mut sock, req::GET_FEATURES, &[], &[]);
-        let f = u64::from_le_bytes(reply(&mut sock).try_into().unwrap());
+        let f = u64::from_le_bytes(reply(&mut sock, req::GET_FEATURES).try_into().unwrap());
         assert_eq!(f, proto::FEATURES);
         send(&mut sock, req::GET_PROTOCOL_FEATURES, &[], &[]);
-        assert_eq!(reply(&mut sock), proto::PROTOCOL_FEATURES.to_le_bytes());
+        assert_eq!(
+            reply(&mut sock, req::GET_PROTOCOL_FEATURES),
+            proto::PROTOCOL_FEATURES.to_le_bytes()
+        );
+        if protocol != 0 {
+            send(
+                &mut sock,
+                req::SET_PROTOCOL_FEATURES,
+                &u64s(&[protocol]),
+                &[],
+            );
+        }
         send(&mut sock, req::SET_OWNER, &[], &[]);
         send(&mut sock, req::SET_FEATURES, &u64s(&[features]), &[]);
         let f = features;
@@ -187,6 +215,13 @@ fn accept_polling(port: &mut VhostUserPort, l: &UnixListener, call: &OwnedFd) ->
     polling(port, || Front::accept(l, call))
 }
 
+/// [`accept_polling`] with `REPLY_ACK` chosen.
+fn accept_polling_ack(port: &mut VhostUserPort, l: &UnixListener, call: &OwnedFd) -> Front {
+    polling(port, || {
+        Front::accept_choosing(l, call, proto::FEATURES, 0, proto::PF_REPLY_ACK)
+    })
+}
+
 impl Front {
     /// The guest sends `frame` behind a zero virtio-net header of `hdr`
     /// bytes, in one descriptor (0) at 0x1000.
@@ -292,7 +327,7 @@ fn frames_cross_the_rings_both_ways_and_the_device_comes_back_after_its_front_en
     // while the worker polls on.
     let base = polling(&mut port, || {
         send(&mut f.sock, req::GET_VRING_BASE, &state(1, 0), &[]);
-        reply(&mut f.sock)
+        reply(&mut f.sock, req::GET_VRING_BASE)
     });
     assert_eq!(base, state(1, 2));
     until(&mut port, "the link down", |p| !link_up(p));
@@ -348,7 +383,7 @@ fn a_guest_offering_more_than_its_ring_stops_that_ring() {
         );
         // (A reply-bearing request after it: the call was applied.)
         send(&mut f.sock, req::GET_FEATURES, &[], &[]);
-        reply(&mut f.sock)
+        reply(&mut f.sock, req::GET_FEATURES)
     });
     for _ in 0..10 {
         assert_eq!(port.rx_burst(&mut b), 0);
@@ -433,6 +468,9 @@ fn a_front_end_that_accepts_nothing_holds_neither_the_port_nor_its_drop() {
     let sock = Sock::new("vhost-port-full");
     let path = sock.0.clone();
     let l = UnixListener::bind(&path).unwrap();
+    // A backlog of none: one connection waits, the next finds it full.
+    // SAFETY: listen(2) on the listener's live descriptor.
+    assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 0) }, 0);
     // A listener that accepts nothing (a stopped QEMU): each connect
     // completes at once until its backlog is full, then is refused at once
     // (a blocking connect would wait there for good).
@@ -472,23 +510,20 @@ fn a_front_end_that_accepts_nothing_holds_neither_the_port_nor_its_drop() {
     mine.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     send(&mut mine, req::GET_FEATURES, &[], &[]);
-    let features = reply(&mut mine);
-    assert_eq!(features.len(), 8);
-    assert_ne!(
-        u64::from_le_bytes(features.try_into().unwrap()) & (1 << 32),
-        0,
-        "VERSION_1 offered"
-    );
+    let features = reply(&mut mine, req::GET_FEATURES);
+    assert_eq!(features, proto::FEATURES.to_le_bytes());
 }
 
 #[test]
-fn with_reply_ack_a_refused_request_is_answered_and_the_connection_stays() {
+fn with_reply_ack_a_refused_request_is_answered_and_the_device_goes_on_as_it_was() {
     let sock = Sock::new("vhost-port-ack");
     let path = sock.0.clone();
     let l = UnixListener::bind(&path).unwrap();
-    let _port = VhostUserPort::open("vm8", &path, MacAddr::ZERO, pool()).unwrap();
-    let mut s = accept_within(&l);
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let pool = pool();
+    let mut port = VhostUserPort::open("vm8", &path, MacAddr::ZERO, pool).unwrap();
+    let call = eventfd();
+    let mut f = accept_polling_ack(&mut port, &l, &call);
+    until(&mut port, "the link", link_up);
     let acked = |s: &mut UnixStream, code: u32, payload: &[u8], fds: &[BorrowedFd<'_>]| {
         let m = proto::request_flagged(code, proto::NEED_REPLY, payload);
         if fds.is_empty() {
@@ -496,48 +531,49 @@ fn with_reply_ack_a_refused_request_is_answered_and_the_connection_stays() {
         } else {
             crate::port::fdpass::send_raw(s, &m, fds).unwrap();
         }
-        u64::from_le_bytes(reply(s).try_into().unwrap())
+        u64::from_le_bytes(reply(s, code).try_into().unwrap())
     };
-    send(&mut s, req::GET_PROTOCOL_FEATURES, &[], &[]);
-    assert_eq!(
-        u64::from_le_bytes(reply(&mut s).try_into().unwrap()) & proto::PF_REPLY_ACK,
-        proto::PF_REPLY_ACK
-    );
-    assert_eq!(
-        acked(
-            &mut s,
-            req::SET_PROTOCOL_FEATURES,
-            &u64s(&[proto::PF_REPLY_ACK]),
-            &[]
-        ),
-        0
-    );
-    // Once chosen: protocol features never offered are refused, and
-    // answered so (REPLY_ACK stays chosen).
-    assert_ne!(
-        acked(&mut s, req::SET_PROTOCOL_FEATURES, &u64s(&[1 << 1]), &[]),
-        0
-    );
-    assert_eq!(acked(&mut s, req::SET_OWNER, &[], &[]), 0);
-    // A region past the end of its file: refused, answered non-zero.
-    let guest = Guest::new(1 << 20);
-    let r = guest.region;
-    let mut bad = vec![1, 0, 0, 0, 0, 0, 0, 0];
-    bad.extend(u64s(&[r.gpa, r.size * 2, r.uaddr, r.mmap_offset]));
-    assert_ne!(
-        acked(&mut s, req::SET_MEM_TABLE, &bad, &[guest.fd.as_fd()]),
-        0
-    );
-    // A ring size that is no power of two: likewise.
-    assert_ne!(acked(&mut s, req::SET_VRING_NUM, &state(0, 6), &[]), 0);
-    // The connection stays, and what is right is taken.
-    let mut good = vec![1, 0, 0, 0, 0, 0, 0, 0];
-    good.extend(u64s(&[r.gpa, r.size, r.uaddr, r.mmap_offset]));
-    assert_eq!(
-        acked(&mut s, req::SET_MEM_TABLE, &good, &[guest.fd.as_fd()]),
-        0
-    );
-    assert_eq!(acked(&mut s, req::SET_VRING_NUM, &state(0, 8), &[]), 0);
-    send(&mut s, req::GET_FEATURES, &[], &[]);
-    assert_eq!(reply(&mut s), proto::FEATURES.to_le_bytes());
+    let refused = polling(&mut port, || {
+        let s = &mut f.sock;
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        // Protocol features never offered; a memory region past the end of
+        // its file; a ring size that is no power of two: each refused and
+        // answered so, the connection kept.
+        let features = acked(s, req::SET_PROTOCOL_FEATURES, &u64s(&[1 << 1]), &[]);
+        let other = Guest::new(1 << 20);
+        let r = other.region;
+        let mut bad = vec![1, 0, 0, 0, 0, 0, 0, 0];
+        bad.extend(u64s(&[r.gpa, r.size * 2, r.uaddr, r.mmap_offset]));
+        let mem = acked(s, req::SET_MEM_TABLE, &bad, &[other.fd.as_fd()]);
+        let num = acked(s, req::SET_VRING_NUM, &state(1, 6), &[]);
+        // A request with a reply of its own, flagged: that reply alone
+        // (the next request's reply comes next, no acknowledgement between).
+        s.write_all(&proto::request_flagged(
+            req::GET_FEATURES,
+            proto::NEED_REPLY,
+            &[],
+        ))
+        .unwrap();
+        let features_reply = reply(s, req::GET_FEATURES);
+        send(s, req::GET_QUEUE_NUM, &[], &[]);
+        let queues = reply(s, req::GET_QUEUE_NUM);
+        // A request done: acknowledged 0.
+        let enabled = acked(s, req::SET_VRING_ENABLE, &state(1, 1), &[]);
+        (features, mem, num, features_reply, queues, enabled)
+    });
+    assert_ne!(refused.0, 0, "unoffered protocol features refused");
+    assert_ne!(refused.1, 0, "a region past its file refused");
+    assert_ne!(refused.2, 0, "a ring size of 6 refused");
+    assert_eq!(refused.3, proto::FEATURES.to_le_bytes());
+    assert_eq!(refused.4, 1u64.to_le_bytes());
+    assert_eq!(refused.5, 0);
+    // Nothing refused was applied: the guest's memory and its transmit
+    // ring (size 8) are as they were, and a frame crosses.
+    f.transmit(12, &[7u8; 60]);
+    let mut got = Batch::new();
+    until(&mut port, "the guest's frame", |p| {
+        p.rx_burst(&mut got);
+        !got.is_empty()
+    });
+    assert_eq!(got.iter().next().unwrap().data(), &[7u8; 60][..]);
 }
