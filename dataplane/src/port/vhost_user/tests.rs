@@ -20,7 +20,12 @@ struct Front {
 }
 
 fn send(s: &mut UnixStream, code: u32, payload: &[u8], fds: &[BorrowedFd<'_>]) {
-    let m = proto::request(code, payload);
+    send_flagged(s, code, 0, payload, fds);
+}
+
+/// [`send`] with header flags `flags` ([`proto::NEED_REPLY`]).
+fn send_flagged(s: &mut UnixStream, code: u32, flags: u32, payload: &[u8], fds: &[BorrowedFd<'_>]) {
+    let m = proto::request_flagged(code, flags, payload);
     if fds.is_empty() {
         s.write_all(&m).unwrap();
     } else {
@@ -525,12 +530,7 @@ fn with_reply_ack_a_refused_request_is_answered_and_the_device_goes_on_as_it_was
     let mut f = accept_polling_ack(&mut port, &l, &call);
     until(&mut port, "the link", link_up);
     let acked = |s: &mut UnixStream, code: u32, payload: &[u8], fds: &[BorrowedFd<'_>]| {
-        let m = proto::request_flagged(code, proto::NEED_REPLY, payload);
-        if fds.is_empty() {
-            s.write_all(&m).unwrap();
-        } else {
-            crate::port::fdpass::send_raw(s, &m, fds).unwrap();
-        }
+        send_flagged(s, code, proto::NEED_REPLY, payload, fds);
         u64::from_le_bytes(reply(s, code).try_into().unwrap())
     };
     let refused = polling(&mut port, || {
@@ -548,12 +548,7 @@ fn with_reply_ack_a_refused_request_is_answered_and_the_device_goes_on_as_it_was
         let num = acked(s, req::SET_VRING_NUM, &state(1, 6), &[]);
         // A request with a reply of its own, flagged: that reply alone
         // (the next request's reply comes next, no acknowledgement between).
-        s.write_all(&proto::request_flagged(
-            req::GET_FEATURES,
-            proto::NEED_REPLY,
-            &[],
-        ))
-        .unwrap();
+        send_flagged(s, req::GET_FEATURES, proto::NEED_REPLY, &[], &[]);
         let features_reply = reply(s, req::GET_FEATURES);
         send(s, req::GET_QUEUE_NUM, &[], &[]);
         let queues = reply(s, req::GET_QUEUE_NUM);
