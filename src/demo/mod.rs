@@ -376,26 +376,28 @@ fn measure(
         }
     }
     let secs = last_rx.duration_since(t0).as_secs_f64().max(1e-9);
-    (lat, got as f64 / secs / 1e6, sent.saturating_sub(got))
+    // (What was never sent, the switch having stopped taking frames, is
+    // lost too.)
+    (lat, got as f64 / secs / 1e6, total.saturating_sub(got))
 }
 
-/// The most new connections step 7 opens: one per source port from 1024.
+/// The most new connections the new-connection step opens: one per source
+/// port from 1024.
 pub const MAX_CONNS: u32 = 65_536 - 1024;
 
-/// The first payload bytes of step 7's frames: what the sink counts (a
-/// frame of an earlier step still on its way is not one of them).
+/// The first payload bytes of the new-connection step's frames: what the
+/// sink counts (a frame of the rate step still on its way is not one of
+/// them).
 const CONN_MARK: [u8; 4] = *b"conn";
 
-/// Frames a ring port between the demo and the switch holds.
-const RING: usize = 4096;
-
 /// New connections (bursts) gen -> the UDP VIP -> the sink's ports, one
-/// frame each from its own source port: returns how many were sent, the
-/// rate (connections a second, from the first send to the last arrival),
-/// how many were lost, and how many arrived at each of [`SINK_PORTS`].
-/// No more are in flight than the sink's ring holds, so none is lost for
-/// the demo's own slowness in draining it; a switch that stops moving them
-/// for 2 s ends the step, what is missing counted lost.
+/// frame each from its own source port: returns how many it was to open,
+/// the rate (connections a second, from the first send to the last
+/// arrival), how many of them did not arrive (or were never sent), and how
+/// many arrived at each of [`SINK_PORTS`]. No more are in flight than the
+/// sink's ring holds, so none is lost for the demo's own slowness in
+/// draining it, and the step waits for every one; a switch that moves none
+/// of them for 2 s ends it.
 fn conn_rate(
     gen_port: &mut RingPort<PoolBuf>,
     sink: &mut RingPort<PoolBuf>,
@@ -424,7 +426,7 @@ fn conn_rate(
     let (mut last_rx, mut moved) = (t0, t0);
     while got < sent as u64 || sent < frames.len() {
         let in_flight = sent - (got as usize).min(sent);
-        if sent < frames.len() && in_flight + dataplane::BURST <= RING {
+        if sent < frames.len() && in_flight + dataplane::BURST <= vmsim::VM_RING {
             let mut b = Batch::new();
             for f in frames[sent..].iter().take(dataplane::BURST) {
                 match pool.alloc_copy(f) {
@@ -441,7 +443,10 @@ fn conn_rate(
             }
         }
         loop {
-            let n = sink.rx_burst(&mut rx);
+            if sink.rx_burst(&mut rx) == 0 {
+                break;
+            }
+            let before = got;
             for p in rx.drain() {
                 // One of this step's, at the UDP destination port the
                 // VIP's NAT wrote.
@@ -456,15 +461,12 @@ fn conn_rate(
                     per[i] += 1;
                 }
             }
-            if n == 0 {
-                break;
+            if got > before {
+                last_rx = Instant::now();
+                moved = last_rx;
             }
-            last_rx = Instant::now();
-            moved = last_rx;
         }
-        if moved.elapsed() > Duration::from_secs(2)
-            || (sent >= frames.len() && last_rx.elapsed() > Duration::from_millis(200))
-        {
+        if moved.elapsed() > Duration::from_secs(2) {
             break;
         }
     }
@@ -472,7 +474,7 @@ fn conn_rate(
     (
         frames.len(),
         got as f64 / secs,
-        (sent as u64).saturating_sub(got),
+        (frames.len() as u64).saturating_sub(got),
         per,
     )
 }
@@ -563,7 +565,8 @@ pub fn run(out: &mut impl Write, opts: Options) -> Result<(), DemoError> {
     }
     // Tables committed before the first packet, as `pollux run` does by
     // default (`[dataplane] preallocate_tables`), sized for what the demo
-    // opens (step 7's connections, a flow each way) rather than a host's.
+    // opens (the new-connection step's, a flow each way) rather than a
+    // host's.
     let sw_cfg = SwitchConfig {
         preallocate: true,
         flow_table_size: 1 << 18,

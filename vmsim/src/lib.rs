@@ -50,7 +50,10 @@ pub fn pool(name: &str) -> Result<Pool, VmError> {
     })
 }
 
-/// A VM's port pair: (VM end, switch end), 4096 packets each way.
+/// Packets each way a [`vm_port`] pair holds.
+pub const VM_RING: usize = 4096;
+
+/// A VM's port pair: (VM end, switch end), [`VM_RING`] packets each way.
 pub fn vm_port(name: &str, mac: MacAddr) -> (RingPort<PoolBuf>, RingPort<PoolBuf>) {
     ring::pair(
         LinkInfo::new(name, mac, "ring"),
@@ -59,7 +62,7 @@ pub fn vm_port(name: &str, mac: MacAddr) -> (RingPort<PoolBuf>, RingPort<PoolBuf
             MacAddr([0x12, 0, 0, 0, 0, 1]),
             "ring",
         ),
-        4096,
+        VM_RING,
     )
 }
 
