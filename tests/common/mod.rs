@@ -31,3 +31,26 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
+
+/// pollux's log (`log`) of its own `vhost_user` ports' front ends: each
+/// chose REPLY_ACK, had no request refused, and no connection ended on a
+/// refusal: one that dropped did as its socket failed (a front end that
+/// exits, a QEMU killed or a pktgen ending, may take a connection and
+/// reset it).
+pub fn vhost_user_front_ends_refused_nothing(log: &str) {
+    assert!(
+        log.lines()
+            .filter(|l| l.contains("vhost-user connection dropped"))
+            .all(|l| l.contains("the socket failed")),
+        "{log}"
+    );
+    assert!(
+        log.contains("vhost-user protocol features chosen: 0x8"),
+        "{log}"
+    );
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("vhost-user request") && l.contains("refused")),
+        "{log}"
+    );
+}
