@@ -739,22 +739,12 @@ fn handle(
         Request::GetQueueNum => return Ok(Some(proto::reply_u64(c, 1))),
         Request::SetOwner => {}
         Request::SetProtocolFeatures(f) => {
-            if f & !proto::PROTOCOL_FEATURES != 0 {
-                return Err(ConnError::Setup(format!(
-                    "protocol features {f:#x} include some not offered ({:#x})",
-                    proto::PROTOCOL_FEATURES
-                )));
-            }
+            only_offered("protocol features", f, proto::PROTOCOL_FEATURES)?;
             dev.protocol = f;
             tracing::info!(port = %s.name, "vhost-user protocol features chosen: {f:#x}");
         }
         Request::SetFeatures(f) => {
-            if f & !proto::FEATURES != 0 {
-                return Err(ConnError::Setup(format!(
-                    "features {f:#x} include some not offered ({:#x})",
-                    proto::FEATURES
-                )));
-            }
+            only_offered("features", f, proto::FEATURES)?;
             dev.features = f;
             if f & proto::F_PROTOCOL_FEATURES == 0 {
                 // Without protocol features a ring is enabled from the start.
@@ -841,6 +831,16 @@ fn handle(
         }
     }
     Ok(None)
+}
+
+/// Refuses `what` (feature bits) `f` if it has bits beyond `offered`.
+fn only_offered(what: &str, f: u64, offered: u64) -> Result<(), ConnError> {
+    if f & !offered != 0 {
+        return Err(ConnError::Setup(format!(
+            "{what} {f:#x} include some not offered ({offered:#x})"
+        )));
+    }
+    Ok(())
 }
 
 /// Checks that `fd` is not a file or a directory (an eventfd, as front
