@@ -348,9 +348,12 @@ impl Port for VhostUserPort {
         };
         let c = &mut self.cursors[GUEST_RX];
         let mut offered = Self::offered(&self.stats, c, &r.ring);
-        // The buffers the burst fills, loaded all at once (the guest's core
-        // wrote their descriptors; this one writes the buffers).
-        let _ = prefetch_chains(&r.ring, c.next, usize::from(offered).min(batch.len()));
+        // The descriptors of the chains the burst fills, loaded all at once
+        // (the guest's core wrote them). Not their buffers, which this core
+        // only writes: loaded ahead for reading, each line would cross
+        // between the cores twice (shared first, then taken for the store),
+        // where the store alone takes it once.
+        let _ = prefetch_descs(&r.ring, c.next, usize::from(offered).min(batch.len()));
         // The virtio-net header: no offloads; one buffer (`num_buffers`,
         // its last two bytes, in the 12-byte form).
         let hdr = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0];
@@ -399,17 +402,25 @@ impl Port for VhostUserPort {
 }
 
 /// Reads the heads of the `n` (at most a burst) available entries from
-/// `next` on, and starts loading their first descriptors, then the first
-/// lines of those descriptors' buffers: the loads of a whole burst in
-/// flight together, rather than one miss after another in the copies.
+/// `next` on, and starts loading their first descriptors: the loads of a
+/// whole burst in flight together, rather than one miss after another.
 #[inline]
-fn prefetch_chains(ring: &Split, next: u16, n: usize) -> [u16; BURST] {
+fn prefetch_descs(ring: &Split, next: u16, n: usize) -> [u16; BURST] {
     let mut heads = [0u16; BURST];
     let n = n.min(BURST);
     for (k, h) in heads.iter_mut().enumerate().take(n) {
         *h = ring.avail_entry(next.wrapping_add(k as u16));
         ring.prefetch_desc(*h);
     }
+    heads
+}
+
+/// [`prefetch_descs`], then the first lines of those descriptors'
+/// buffers, which the copies read.
+#[inline]
+fn prefetch_chains(ring: &Split, next: u16, n: usize) -> [u16; BURST] {
+    let heads = prefetch_descs(ring, next, n);
+    let n = n.min(BURST);
     for &h in heads.iter().take(n) {
         // (A head out of the table is refused when its chain is read.)
         ring.memory().prefetch(ring.desc(h & (ring.size - 1)).addr);
