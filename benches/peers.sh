@@ -36,6 +36,12 @@
 # and busy cycles per packet differ between the two (each poll's fixed
 # costs are shared by fewer packets).
 #
+# REPEAT=n (default 1) runs each device's trial n times and keeps the one
+# with the fewest busy cycles a packet (and its rate): a cloud host that
+# gives a vCPU half its speed at times (machine D class does, in stretches
+# of 0.1 s to minutes) only ever makes a trial slower, so the best of a
+# few compares the devices at the same speed. Every trial is logged.
+#
 # DEVICES="testpmd ovs pollux own acl" (the default) chooses which to run
 # (`pollux`: on DPDK's net_vhost; `own`: on its own vhost_user ports);
 # `acl` compares the classifiers: dpdk-test-acl (rte_acl, scalar and AVX2)
@@ -56,6 +62,8 @@ sizes="${2:-1 10000 1000000}"
 # (A percentage would pace each device at a share of its own maximum, after
 # an unpaced trial: not one offered load for all.)
 [[ "${RATE:-}" != *%* ]] || { echo "RATE: packets/s (4M, 2500k), not a percentage"; exit 2; }
+repeat="${REPEAT:-1}"
+[[ $repeat =~ ^[1-9][0-9]*$ ]] || { echo "REPEAT: a count of trials (1, 3...)"; exit 2; }
 
 pkgs=()
 command -v dpdk-testpmd >/dev/null || pkgs+=(dpdk)
@@ -79,6 +87,7 @@ dut_pid=""
 ovs_pids=""
 cleanup() {
     [ -z "$dut_pid" ] || kill "$dut_pid" 2>/dev/null || true
+    [ ! -s "$tmp/testpmd.pid" ] || kill "$(cat "$tmp/testpmd.pid")" 2>/dev/null || true
     # shellcheck disable=SC2086
     [ -z "$ovs_pids" ] || kill $ovs_pids 2>/dev/null || true
     wait 2>/dev/null || true
@@ -176,6 +185,26 @@ print("%.2f" % (t["rx_pps"] / 1e6))
 ' "$tmp/gen.json" "$what"
 }
 
+# Runs "$@" (one trial: prints the rate in Mpps and leaves its busy cycles
+# a packet in $tmp/cpp) $repeat times; prints the rate of the trial with the
+# fewest cycles a packet and leaves those cycles in $tmp/cpp. Each trial
+# goes to stderr when there are several.
+best() {
+    local k out c best_out="" best_c=""
+    for ((k = 1; k <= repeat; k++)); do
+        out=$("$@") || return 1
+        c=$(cat "$tmp/cpp")
+        [ "$repeat" -eq 1 ] || echo "$what, trial $k of $repeat: $out Mpps, $c cycles/packet" >&2
+        # (A reading that is no number never wins over one that is.)
+        [[ $c =~ ^[0-9]+(\.[0-9]+)?$ ]] || { [ -n "$best_out" ] || best_out=$out best_c=$c; continue; }
+        if [[ ! $best_c =~ ^[0-9]+(\.[0-9]+)?$ ]] || awk -v a="$c" -v b="$best_c" 'BEGIN { exit !(a < b) }'; then
+            best_out=$out best_c=$c
+        fi
+    done
+    echo "$best_c" > "$tmp/cpp"
+    echo "$best_out"
+}
+
 wait_sock() { for _ in $(seq 300); do [ -S "$1" ] && return 0; sleep 0.1; done; echo "no socket $1" >&2; return 1; }
 
 # --- testpmd io ------------------------------------------------------------------
@@ -187,14 +216,32 @@ testpmd_start() {
         --total-num-mbufs=16384 --nb-cores=1 --forward-mode=io --port-topology=paired \
         --record-core-cycles --stats-period=1 > "$tmp/testpmd.log" 2>&1 &
     dut_pid=$!
+    # (Its trials run in subshells: the exit trap finds it here.)
+    echo "$dut_pid" > "$tmp/testpmd.pid"
     wait_sock "$tmp/tp-out.sock"
 }
 # testpmd has no reset: its count covers its whole run (io forwarding
 # keeps no state, so its warm-up costs what the rest does).
 testpmd_reset() { :; }
 testpmd_read() { :; }
+# One testpmd trial, on a testpmd started for it (its count covers its
+# whole run); $1: flows.
+testpmd_trial() {
+    local m
+    testpmd_start || {
+        testpmd_stop
+        return 1
+    }
+    m=$(trial "$tmp/tp-in.sock" "$tmp/tp-out.sock" 10.1.0.4 "$1" testpmd_reset testpmd_read) || {
+        testpmd_stop
+        return 1
+    }
+    testpmd_stop
+    echo "$m"
+}
 testpmd_stop() { # testpmd prints its forwarding statistics when it stops
     kill -INT "$dut_pid"; wait "$dut_pid" || true; dut_pid=""
+    rm -f "$tmp/testpmd.pid"
     tr -d '\000' < "$tmp/testpmd.log" | sed -n 's|.*CPU cycles/packet=\([0-9.]*\).*|\1|p' | tail -1 > "$tmp/cpp"
 }
 
@@ -337,9 +384,7 @@ for flows in $sizes; do
     # (No `ready` step: testpmd counts its cycles over its whole run, which
     # is to be the trial's; a trial with nothing back still fails.)
     what="testpmd io, $flows flows"
-    testpmd_start
-    mpps[testpmd,$flows]=$(trial "$tmp/tp-in.sock" "$tmp/tp-out.sock" 10.1.0.4 "$flows" testpmd_reset testpmd_read)
-    testpmd_stop
+    mpps[testpmd,$flows]=$(best testpmd_trial "$flows")
     cpp[testpmd,$flows]=$(cat "$tmp/cpp")
     echo "testpmd io, $flows flows: ${mpps[testpmd,$flows]} Mpps, ${cpp[testpmd,$flows]} cycles/packet" >&2
 done
@@ -356,7 +401,7 @@ for flows in $sizes; do
             fill "$od/vin" "$od/vout" "$dst" "$flows" ovs_conns
         fi
         ready "$od/vin" "$od/vout" "$dst" "$flows"
-        mpps[ovs-$mode,$flows]=$(trial "$od/vin" "$od/vout" "$dst" "$flows" ovs_reset ovs_read)
+        mpps[ovs-$mode,$flows]=$(best trial "$od/vin" "$od/vout" "$dst" "$flows" ovs_reset ovs_read)
         cpp[ovs-$mode,$flows]=$(cat "$tmp/cpp")
         echo "OVS $mode, $flows flows: ${mpps[ovs-$mode,$flows]} Mpps, ${cpp[ovs-$mode,$flows]} cycles/packet" >&2
     done
@@ -379,7 +424,7 @@ for kind in pollux own; do
             [ "$mode" = vip ] && dst=$VIP
             fill "$tmp/px-in.sock" "$tmp/px-out.sock" "$dst" "$flows" pollux_conns
             ready "$tmp/px-in.sock" "$tmp/px-out.sock" "$dst" "$flows"
-            mpps[$key-$mode,$flows]=$(trial "$tmp/px-in.sock" "$tmp/px-out.sock" "$dst" "$flows" pollux_reset pollux_read)
+            mpps[$key-$mode,$flows]=$(best trial "$tmp/px-in.sock" "$tmp/px-out.sock" "$dst" "$flows" pollux_reset pollux_read)
             cpp[$key-$mode,$flows]=$(cat "$tmp/cpp")
             echo "$what: ${mpps[$key-$mode,$flows]} Mpps, ${cpp[$key-$mode,$flows]} cycles/packet" >&2
             kill "$dut_pid"; wait "$dut_pid" || true; dut_pid=""
@@ -426,9 +471,9 @@ ovs_version=$(ovs-vswitchd --version | head -1 | awk '{print $NF}')
 dpdk_version=$(pkg-config --modversion libdpdk 2>/dev/null || echo "?")
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a > 0 && b > 0) printf "%.2f", a / b; else printf "-" }'; }
 section=$(
-    echo "## pollux, OVS-DPDK and testpmd over vhost-user — \`sudo benches/peers.sh $secs\` ($(date -u +%Y-%m-%d), pollux at $(git rev-parse --short HEAD))"
+    echo "## pollux, OVS-DPDK and testpmd over vhost-user — \`sudo $([ "$repeat" -eq 1 ] || echo "REPEAT=$repeat ")benches/peers.sh $secs\` ($(date -u +%Y-%m-%d), pollux at $(git rev-parse --short HEAD))"
     echo
-    echo "$(nproc) vCPUs: $(lscpu | sed -n 's/^Model name: *//p' | head -1). \`pollux pktgen\` (two \`virtio_user\` ports, $([ -n "${RATE:-}" ] && echo "64-byte UDP paced at $RATE packets/s" || echo "unpaced 64-byte UDP"), ${secs} s per trial after a 1 s warm-up; before it, for the devices that track connections, the flows are sent until the device tracks 99% of them, then for OVS and pollux until packets come back through them; a trial in which none come back fails the run) on CPU 0; the device under test on CPU 1 with one polling core, owning both vhost-user sockets (pollux's own \`vhost_user\` ports connect to the generator's instead, which then own them). Mpps: what came back on the server side. Cycles: the device's busy cycles per packet over the measured phase (testpmd \`--record-core-cycles\`, over its whole run; OVS \`dpif-netdev/pmd-stats-show\`, avg processing cycles per packet; pollux \`GET /v1/perf\`). OVS-DPDK $ovs_version (Debian), DPDK $dpdk_version; the VIP in OVS is OVN's pipeline: \`ct(nat)\`, a select group of three buckets each \`ct(commit,nat(dst=DIP:8080))\`, MACs, TTL; in pollux a VIP of three backends (Maglev, connection tracking, DNAT, MACs, TTL). Flows: 16 client addresses times source ports, each a connection to the load balancers."
+    echo "$(nproc) vCPUs: $(lscpu | sed -n 's/^Model name: *//p' | head -1). \`pollux pktgen\` (two \`virtio_user\` ports, $([ -n "${RATE:-}" ] && echo "64-byte UDP paced at $RATE packets/s" || echo "unpaced 64-byte UDP"), ${secs} s per trial after a 1 s warm-up$([ "$repeat" -eq 1 ] || echo ", each row the best of $repeat trials (the one with the fewest busy cycles a packet)"); before it, for the devices that track connections, the flows are sent until the device tracks 99% of them, then for OVS and pollux until packets come back through them; a trial in which none come back fails the run) on CPU 0; the device under test on CPU 1 with one polling core, owning both vhost-user sockets (pollux's own \`vhost_user\` ports connect to the generator's instead, which then own them). Mpps: what came back on the server side. Cycles: the device's busy cycles per packet over the measured phase (testpmd \`--record-core-cycles\`, over its whole run; OVS \`dpif-netdev/pmd-stats-show\`, avg processing cycles per packet; pollux \`GET /v1/perf\`). OVS-DPDK $ovs_version (Debian), DPDK $dpdk_version; the VIP in OVS is OVN's pipeline: \`ct(nat)\`, a select group of three buckets each \`ct(commit,nat(dst=DIP:8080))\`, MACs, TTL; in pollux a VIP of three backends (Maglev, connection tracking, DNAT, MACs, TTL). Flows: 16 client addresses times source ports, each a connection to the load balancers."
     echo
     echo "| device | flows | Mpps | cycles/packet |"
     echo "|---|---:|---:|---:|"
