@@ -40,7 +40,8 @@
 # with the fewest busy cycles a packet (and its rate): a cloud host that
 # gives a vCPU half its speed at times (machine D class does, in stretches
 # of 0.1 s to minutes) only ever makes a trial slower, so the best of a
-# few compares the devices at the same speed. Every trial is logged.
+# few makes it likelier that the devices are compared at the same speed.
+# Every trial is logged.
 #
 # DEVICES="testpmd ovs pollux own acl" (the default) chooses which to run
 # (`pollux`: on DPDK's net_vhost; `own`: on its own vhost_user ports);
