@@ -23,6 +23,7 @@ use dataplane::{FlowKey, Parsed};
 use serde::{Deserialize, Serialize};
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
 use std::net::Ipv6Addr;
 
 /// One remembered datagram as a successor process takes it in (addresses
@@ -285,13 +286,31 @@ struct HeldFrag<B> {
 /// holds at most that many buffers, for at most that long).
 ///
 /// Kept in arrival order, so the oldest is always at the front (handing a
-/// datagram's fragments back keeps the others' order).
+/// datagram's fragments back keeps the others' order). A count of the held
+/// fragments by a seeded hash of their datagram, with [`TAGS_PER_PLACE`]
+/// counts for each place in the hold, spares a first fragment whose
+/// datagram has none held the walk of the whole hold: a flood of first
+/// fragments beside a hold full of fragments whose first never comes
+/// walks the hold for about one in that many, not for each (the seed is
+/// the process's own, so a sender cannot aim its datagrams at the held
+/// ones' counts).
 pub struct FragHold<B> {
     q: VecDeque<HeldFrag<B>>,
     capacity: usize,
     hold_ns: u64,
     stats: HoldStats,
+    seed: RandomState,
+    /// Held fragments, by their datagram's tag ([`FragHold::tag`]); a
+    /// power of two long.
+    tags: Vec<u32>,
+    /// Walks of the hold (for the tests).
+    #[cfg(test)]
+    walks: usize,
 }
+
+/// How many counts of held fragments [`FragHold`] keeps for each place in
+/// it (at least: rounded up to a power of two).
+pub const TAGS_PER_PLACE: usize = 16;
 
 impl<B> FragHold<B> {
     /// A hold for at most `capacity` fragments (0: none is held), each for
@@ -303,7 +322,24 @@ impl<B> FragHold<B> {
             capacity,
             hold_ns,
             stats: HoldStats::default(),
+            seed: RandomState::new(),
+            // (At most 2^24 counts: a hold that large is not for one worker.)
+            tags: vec![
+                0;
+                capacity
+                    .saturating_mul(TAGS_PER_PLACE)
+                    .clamp(1, 1 << 24)
+                    .next_power_of_two()
+            ],
+            #[cfg(test)]
+            walks: 0,
         }
+    }
+
+    /// The count of datagram `key`'s held fragments (and of the other
+    /// datagrams of its tag).
+    fn tag(&self, key: &FragKey) -> usize {
+        self.seed.hash_one(key) as usize & (self.tags.len() - 1)
     }
 
     /// Holds later fragment `p` (packet `pkt`, which came in on `p`'s port,
@@ -315,8 +351,13 @@ impl<B> FragHold<B> {
             self.stats.refused += 1;
             return Err(pkt);
         }
+        let key = FragKey::of(p);
+        let t = self.tag(&key);
+        if let Some(n) = self.tags.get_mut(t) {
+            *n += 1;
+        }
         self.q.push_back(HeldFrag {
-            key: FragKey::of(p),
+            key,
             in_port: p.in_port,
             owned,
             until: now.saturating_add(self.hold_ns),
@@ -334,11 +375,23 @@ impl<B> FragHold<B> {
             return;
         }
         let key = FragKey::of(p);
+        let t = self.tag(&key);
+        // None of its tag held, so none of it: no walk.
+        if self.tags.get(t).is_none_or(|&n| n == 0) {
+            return;
+        }
+        #[cfg(test)]
+        {
+            self.walks += 1;
+        }
         // One turn of the queue: what stays goes back in its order.
         for _ in 0..self.q.len() {
             let Some(h) = self.q.pop_front() else { break };
             if h.key == key {
                 self.stats.released += 1;
+                if let Some(n) = self.tags.get_mut(t) {
+                    *n = n.saturating_sub(1);
+                }
                 out.push_back((h.in_port, h.owned, h.pkt));
             } else {
                 self.q.push_back(h);
@@ -353,7 +406,12 @@ impl<B> FragHold<B> {
             return None;
         }
         self.stats.expired += 1;
-        self.q.pop_front().map(|h| h.pkt)
+        let h = self.q.pop_front()?;
+        let t = self.tag(&h.key);
+        if let Some(n) = self.tags.get_mut(t) {
+            *n = n.saturating_sub(1);
+        }
+        Some(h.pkt)
     }
 
     /// Fragments held now.
@@ -592,5 +650,104 @@ mod tests {
         }
         assert_eq!(t.len(), 3);
         assert_eq!(t.order.len(), 3);
+    }
+
+    /// A first fragment whose datagram has nothing held does not walk the
+    /// hold: beside a full hold of other datagrams' fragments, about one
+    /// in [`TAGS_PER_PLACE`] shares a count with a held one and walks.
+    #[test]
+    fn a_first_fragment_with_nothing_held_does_not_walk_the_hold() {
+        let mut h: FragHold<u32> = FragHold::new(256, 100);
+        for id in 0..256 {
+            assert!(h.hold(&later(id), false, id, 0).is_ok());
+        }
+        let mut out = VecDeque::new();
+        for id in 1000..2000 {
+            h.release(&frag(id, 1, 0), &mut out);
+        }
+        assert!(out.is_empty());
+        assert_eq!(h.len(), 256, "nothing of theirs was held");
+        // (Expected about 1000 / 16; 200 is far out of the binomial's reach.)
+        assert!(h.walks < 200, "{} walks for 1000 first fragments", h.walks);
+        // The held ones still follow their first, each counted out once.
+        h.release(&frag(7, 1, 0), &mut out);
+        assert_eq!(out, [(0, false, 7)]);
+        assert_eq!(h.tags.iter().map(|&n| u64::from(n)).sum::<u64>(), 255);
+    }
+
+    /// One step of a hold's life in the property test below.
+    #[derive(Debug, Clone)]
+    enum HoldOp {
+        /// A later fragment of datagram `id` at time `at`.
+        Hold(u32, u64),
+        /// The first fragment of datagram `id`.
+        Release(u32),
+        /// The expired ones dropped at time `at`.
+        Expire(u64),
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The hold hands back and drops what a plain walk of its queue
+        /// would (the counts only ever spare a walk that finds nothing),
+        /// and its counts add up to what it holds.
+        #[test]
+        fn the_hold_does_what_a_walk_of_its_queue_does(
+            ops in proptest::collection::vec(
+                prop_oneof![
+                    (0u32..6, 0u64..300).prop_map(|(i, t)| HoldOp::Hold(i, t)),
+                    (0u32..8).prop_map(HoldOp::Release),
+                    (0u64..400).prop_map(HoldOp::Expire),
+                ],
+                0..60,
+            )
+        ) {
+            let mut h: FragHold<usize> = FragHold::new(5, 100);
+            // The reference: (datagram, until, packet), oldest first.
+            let mut model: VecDeque<(u32, u64, usize)> = VecDeque::new();
+            let mut clock = 0;
+            for (n, op) in ops.into_iter().enumerate() {
+                match op {
+                    HoldOp::Hold(id, dt) => {
+                        clock += dt;
+                        let got = h.hold(&later(id), false, n, clock);
+                        if model.len() < 5 {
+                            prop_assert!(got.is_ok());
+                            model.push_back((id, clock + 100, n));
+                        } else {
+                            prop_assert_eq!(got, Err(n));
+                        }
+                    }
+                    HoldOp::Release(id) => {
+                        let mut out = VecDeque::new();
+                        h.release(&frag(id, 1, 0), &mut out);
+                        let want: Vec<usize> =
+                            model.iter().filter(|m| m.0 == id).map(|m| m.2).collect();
+                        model.retain(|m| m.0 != id);
+                        let got: Vec<usize> = out.into_iter().map(|o| o.2).collect();
+                        prop_assert_eq!(got, want);
+                    }
+                    HoldOp::Expire(dt) => {
+                        clock += dt;
+                        loop {
+                            let want = match model.front() {
+                                Some(m) if m.1 <= clock => model.pop_front().map(|m| m.2),
+                                _ => None,
+                            };
+                            prop_assert_eq!(h.pop_expired(clock), want);
+                            if want.is_none() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                prop_assert_eq!(h.len(), model.len());
+                prop_assert_eq!(
+                    h.tags.iter().map(|&c| c as usize).sum::<usize>(),
+                    model.len()
+                );
+            }
+        }
     }
 }
