@@ -680,11 +680,12 @@ mod tests {
     /// One step of a hold's life in the property test below.
     #[derive(Debug, Clone)]
     enum HoldOp {
-        /// A later fragment of datagram `id` at time `at`.
+        /// A later fragment of a datagram (its id), this long (ns) after
+        /// the step before.
         Hold(u32, u64),
-        /// The first fragment of datagram `id`.
+        /// The first fragment of a datagram (its id).
         Release(u32),
-        /// The expired ones dropped at time `at`.
+        /// The expired ones dropped, this long after the step before.
         Expire(u64),
     }
 
