@@ -342,6 +342,14 @@ impl<B> FragHold<B> {
         self.seed.hash_one(key) as usize & (self.tags.len() - 1)
     }
 
+    /// Counts out a held fragment of tag `t` that leaves the hold.
+    fn uncount(&mut self, t: usize) {
+        if let Some(n) = self.tags.get_mut(t) {
+            debug_assert!(*n > 0, "a held fragment's count is 0");
+            *n = n.saturating_sub(1);
+        }
+    }
+
     /// Holds later fragment `p` (packet `pkt`, which came in on `p`'s port,
     /// handed over by another worker if `owned`) until its first fragment
     /// is noted or `now` plus the hold time; gives the packet back when the
@@ -389,10 +397,7 @@ impl<B> FragHold<B> {
             let Some(h) = self.q.pop_front() else { break };
             if h.key == key {
                 self.stats.released += 1;
-                if let Some(n) = self.tags.get_mut(t) {
-                    debug_assert!(*n > 0, "a held fragment's count is 0");
-                    *n = n.saturating_sub(1);
-                }
+                self.uncount(t);
                 out.push_back((h.in_port, h.owned, h.pkt));
             } else {
                 self.q.push_back(h);
@@ -408,11 +413,7 @@ impl<B> FragHold<B> {
         }
         self.stats.expired += 1;
         let h = self.q.pop_front()?;
-        let t = self.tag(&h.key);
-        if let Some(n) = self.tags.get_mut(t) {
-            debug_assert!(*n > 0, "a held fragment's count is 0");
-            *n = n.saturating_sub(1);
-        }
+        self.uncount(self.tag(&h.key));
         Some(h.pkt)
     }
 
