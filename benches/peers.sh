@@ -228,17 +228,12 @@ testpmd_read() { :; }
 # One testpmd trial, on a testpmd started for it (its count covers its
 # whole run); $1: flows.
 testpmd_trial() {
-    local m
-    testpmd_start || {
-        testpmd_stop
-        return 1
-    }
-    m=$(trial "$tmp/tp-in.sock" "$tmp/tp-out.sock" 10.1.0.4 "$1" testpmd_reset testpmd_read) || {
-        testpmd_stop
-        return 1
-    }
+    local m ok=0
+    testpmd_start &&
+        m=$(trial "$tmp/tp-in.sock" "$tmp/tp-out.sock" 10.1.0.4 "$1" testpmd_reset testpmd_read) &&
+        ok=1
     testpmd_stop
-    echo "$m"
+    [ "$ok" -eq 1 ] && echo "$m"
 }
 testpmd_stop() { # testpmd prints its forwarding statistics when it stops
     kill -INT "$dut_pid"; wait "$dut_pid" || true; dut_pid=""
