@@ -21,6 +21,7 @@
 
 use crate::FlowKey;
 use platform::HugeVec;
+use std::num::NonZeroU32;
 
 /// Ways per bucket.
 pub const WAYS: usize = 8;
@@ -60,12 +61,38 @@ struct Bucket {
     overflow: u32,
 }
 
-/// Where an entry sits in the index, from [`KeyIndex::find`]: what
-/// [`KeyIndex::remove`] takes.
+/// Where an entry sits in the index, from [`KeyIndex::find`] or
+/// [`KeyIndex::insert`]: what [`KeyIndex::remove`] takes. An entry stays
+/// where it was put until it is removed (nothing is moved or rehashed), so
+/// a table may keep its entries' positions and remove them without
+/// searching. Four bytes (bucket and way, plus one), so that `Option<Pos>`
+/// is four bytes too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Pos {
-    bucket: usize,
-    way: usize,
+pub struct Pos(NonZeroU32);
+
+/// Most buckets an index has ([`Pos`] holds a bucket in 28 bits): 16 GiB
+/// of buckets, for 2^31 entries.
+pub const MAX_BUCKETS: usize = 1 << 28;
+
+impl Pos {
+    #[inline(always)]
+    fn new(bucket: usize, way: usize) -> Pos {
+        // (`bucket` < MAX_BUCKETS and `way` < WAYS: at most 2^31, plus one.)
+        let v = (bucket as u32) << 3 | (way as u32 & 7);
+        Pos(NonZeroU32::MIN.saturating_add(v))
+    }
+
+    /// The bucket.
+    #[inline(always)]
+    pub fn bucket(self) -> usize {
+        ((self.0.get() - 1) >> 3) as usize
+    }
+
+    /// The way in the bucket.
+    #[inline(always)]
+    pub fn way(self) -> usize {
+        ((self.0.get() - 1) & 7) as usize
+    }
 }
 
 /// The index could not be made.
@@ -109,6 +136,12 @@ impl KeyIndex {
     /// holding a few entries costs the pages those touch.
     pub fn with_buckets(buckets: usize) -> Result<Self, IndexError> {
         let n = buckets.next_power_of_two().max(2);
+        if n > MAX_BUCKETS {
+            return Err(IndexError {
+                buckets: n,
+                reason: format!("more than {MAX_BUCKETS} buckets"),
+            });
+        }
         let buckets = HugeVec::zeroed(n).map_err(|e| IndexError {
             buckets: n,
             reason: e.to_string(),
@@ -202,7 +235,7 @@ impl KeyIndex {
                 if let Some(&v) = bucket.value.get(w)
                     && is_key(v)
                 {
-                    return Some((Pos { bucket: b, way: w }, v));
+                    return Some((Pos::new(b, w), v));
                 }
             }
             if bucket.overflow == 0 {
@@ -214,19 +247,18 @@ impl KeyIndex {
     }
 
     /// Stores `value` under `hash` in the first free way from its home
-    /// bucket on, counting the overflow in the buckets passed. False when
-    /// the index is half full already (see [`KeyIndex::has_room`]): nothing
-    /// stored. Does not look for the key first.
-    pub fn insert(&mut self, hash: u64, value: u32) -> bool {
+    /// bucket on, counting the overflow in the buckets passed; returns
+    /// where. `None` when the index is half full already (see
+    /// [`KeyIndex::has_room`]): nothing stored. Does not look for the key
+    /// first.
+    pub fn insert(&mut self, hash: u64, value: u32) -> Option<Pos> {
         if !self.has_room() {
-            return false;
+            return None;
         }
         let sig = sig(hash);
         let mut b = hash as usize & self.mask;
         for _ in 0..self.buckets.len() {
-            let Some(bucket) = self.buckets.get_mut(b) else {
-                return false;
-            };
+            let bucket = self.buckets.get_mut(b)?;
             // The first free way, in one compare (which ways are free is
             // random: a loop stopping at the first would mispredict its
             // exit on most inserts).
@@ -238,34 +270,45 @@ impl KeyIndex {
                     *v = value;
                 }
                 self.len += 1;
-                return true;
+                return Some(Pos::new(b, w));
             }
             bucket.overflow += 1;
             b = (b + 1) & self.mask;
         }
-        false
+        None
+    }
+
+    /// The value stored at `pos`, if its way holds an entry.
+    #[inline(always)]
+    pub fn value_at(&self, pos: Pos) -> Option<u32> {
+        let b = self.buckets.get(pos.bucket())?;
+        if lane(b.sigs, pos.way()) == 0 {
+            return None;
+        }
+        b.value.get(pos.way()).copied()
     }
 
     /// Removes the entry at `pos`, which [`KeyIndex::find`] returned for
     /// `hash` with no change to the index since.
     pub fn remove(&mut self, hash: u64, pos: Pos) {
         // A way that holds nothing (a stale position): nothing to undo.
+        let (bucket, way) = (pos.bucket(), pos.way());
         if self
             .buckets
-            .get(pos.bucket)
-            .is_none_or(|b| lane(b.sigs, pos.way) == 0)
+            .get(bucket)
+            .is_none_or(|b| lane(b.sigs, way) == 0)
         {
             return;
         }
         let mut at = hash as usize & self.mask;
-        while at != pos.bucket {
+        while at != bucket {
             if let Some(x) = self.buckets.get_mut(at) {
                 x.overflow = x.overflow.saturating_sub(1);
             }
             at = (at + 1) & self.mask;
         }
-        if let Some(x) = self.buckets.get_mut(pos.bucket) {
-            x.sigs &= !(0xffff_u128 << (16 * pos.way));
+        if let Some(x) = self.buckets.get_mut(bucket) {
+            x.sigs &= !(0xffff_u128 << (16 * way));
             self.len -= 1;
         }
     }
@@ -332,9 +375,12 @@ mod tests {
         assert_eq!(ix.buckets(), 4);
         let half = ix.buckets() * WAYS / 2;
         for v in 0..half as u32 {
-            assert!(ix.insert(u64::from(v).wrapping_mul(0x9e37_79b9_7f4a_7c15), v));
+            assert!(
+                ix.insert(u64::from(v).wrapping_mul(0x9e37_79b9_7f4a_7c15), v)
+                    .is_some()
+            );
         }
-        assert!(!ix.insert(7, 99), "an insert past half full");
+        assert_eq!(ix.insert(7, 99), None, "an insert past half full");
         assert_eq!(ix.len(), half);
     }
 
@@ -343,7 +389,7 @@ mod tests {
         let mut ix = KeyIndex::with_buckets(64).unwrap();
         let hash = |v: u32| (u64::from(v) << 48) | 0x40_0000; // bucket 0
         for v in 1..=WAYS as u32 {
-            assert!(ix.insert(hash(v), v));
+            assert!(ix.insert(hash(v), v).is_some());
         }
         assert_eq!(ix.buckets[0].value, [1, 2, 3, 4, 5, 6, 7, 8]);
         // Ways 5 and 2 freed: the next inserts fill way 2, then way 5, then
@@ -353,17 +399,18 @@ mod tests {
             ix.remove(hash(v), p);
         }
         for (v, way) in [(20u32, 2usize), (21, 5)] {
-            assert!(ix.insert(hash(v), v));
+            assert!(ix.insert(hash(v), v).is_some());
             assert_eq!(
-                ix.find(hash(v), |x| x == v).map(|(p, _)| (p.bucket, p.way)),
+                ix.find(hash(v), |x| x == v)
+                    .map(|(p, _)| (p.bucket(), p.way())),
                 Some((0, way))
             );
         }
         assert_eq!(ix.buckets[0].overflow, 0);
-        assert!(ix.insert(hash(22), 22));
+        assert!(ix.insert(hash(22), 22).is_some());
         assert_eq!(
             ix.find(hash(22), |x| x == 22)
-                .map(|(p, _)| (p.bucket, p.way)),
+                .map(|(p, _)| (p.bucket(), p.way())),
             Some((1, 0))
         );
         assert_eq!(ix.buckets[0].overflow, 1);
@@ -376,7 +423,7 @@ mod tests {
         let mut ix = KeyIndex::with_buckets(64).unwrap();
         let hash = |v: u32| (u64::from(v) << 48) | 0x40_0000; // bucket 0
         for v in 1..=40u32 {
-            assert!(ix.insert(hash(v), v));
+            assert!(ix.insert(hash(v), v).is_some());
         }
         for v in 1..=40u32 {
             assert_eq!(ix.find(hash(v), |x| x == v).map(|f| f.1), Some(v));
@@ -389,6 +436,19 @@ mod tests {
         assert!(ix.is_empty());
         assert_eq!(ix.overflowing(), 0);
         assert!(ix.buckets.iter().all(|b| b.sigs == 0));
+    }
+
+    #[test]
+    fn positions_hold_bucket_and_way_and_the_size_is_bounded() {
+        for (b, w) in [(0, 0), (0, 7), (1, 3), (MAX_BUCKETS - 1, 7)] {
+            let p = Pos::new(b, w);
+            assert_eq!((p.bucket(), p.way()), (b, w));
+        }
+        assert_eq!(std::mem::size_of::<Option<Pos>>(), 4);
+        // (Refused before any memory is asked for.)
+        let e = KeyIndex::with_buckets(MAX_BUCKETS + 1).unwrap_err();
+        assert_eq!(e.buckets, 2 * MAX_BUCKETS);
+        assert!(e.to_string().contains("more than"), "{e}");
     }
 
     #[test]
@@ -431,23 +491,30 @@ mod tests {
 
     proptest! {
         /// Inserts and removals of values under small hashes (many
-        /// collisions) agree with a map.
+        /// collisions) agree with a map; an entry stays where its insert
+        /// put it until it is removed, and is removed from there.
         #[test]
         fn index_equals_a_map(ops in proptest::collection::vec((any::<bool>(), 0u32..200), 1..400)) {
             let mut ix = KeyIndex::with_buckets(32).unwrap();
-            let mut map: HashMap<u32, u64> = HashMap::new();
+            let mut map: HashMap<u32, (u64, Pos)> = HashMap::new();
             // Few homes and few signatures: collisions everywhere.
             let hash = |v: u32| (u64::from(v % 7) << 48) | u64::from(v % 5);
             for (add, v) in ops {
                 if add && !map.contains_key(&v) {
                     if ix.has_room() {
-                        prop_assert!(ix.insert(hash(v), v));
-                        map.insert(v, hash(v));
+                        let at = ix.insert(hash(v), v);
+                        prop_assert!(at.is_some());
+                        if let Some(at) = at {
+                            map.insert(v, (hash(v), at));
+                        }
                     }
-                } else if let Some(h) = map.remove(&v) {
+                } else if let Some((h, at)) = map.remove(&v) {
                     let (p, got) = ix.find(h, |x| x == v).unwrap();
                     prop_assert_eq!(got, v);
-                    ix.remove(h, p);
+                    prop_assert_eq!(p, at);
+                    prop_assert_eq!(ix.value_at(at), Some(v));
+                    ix.remove(h, at);
+                    prop_assert_eq!(ix.value_at(at), None);
                 }
                 prop_assert_eq!(ix.len(), map.len());
             }

@@ -1495,7 +1495,7 @@ impl LbCore {
     ) -> Result<Option<Decision>, LbDrop> {
         let tcp_flags = seg.flags;
         let held = &mut self.held;
-        let Some((i, dir)) = self.conns.lookup(key, now, |c| held.release(&c)) else {
+        let Some((i, dir)) = self.conns.lookup(key, now, |c| held.release(c)) else {
             return Ok(None);
         };
         // A fresh SYN from the client on a finished connection's tuple (the
@@ -2000,7 +2000,7 @@ impl LbCore {
         let ours = |c: &Conn<ConnInfo>| matches!(&c.value.kind, ConnKind::Dnat { vip, .. } if VipKey::of_cfg(vip.config()) == key);
         let held = &mut self.held;
         self.conns
-            .evict_embryonic(cfg.class(), VIP_EVICT_SCAN, now, ours, |c| held.release(&c))
+            .evict_embryonic(cfg.class(), VIP_EVICT_SCAN, now, ours, |c| held.release(c))
     }
 
     /// Tracks a new connection whose first packet has `key`; its reply key
@@ -2038,7 +2038,7 @@ impl LbCore {
         match self
             .conns
             .insert_in(class, *key, reply, tcp_flags, now, info, |c| {
-                held.release(&c)
+                held.release(c)
             }) {
             // Just inserted: the slot holds it (a missing one would be a
             // table without room).
@@ -2295,7 +2295,7 @@ impl LbCore {
     /// Removes up to `budget` timed-out connections (releasing SNAT ports).
     pub fn expire(&mut self, now: u64, budget: usize) -> usize {
         let held = &mut self.held;
-        self.conns.expire(now, budget, |c| held.release(&c))
+        self.conns.expire(now, budget, |c| held.release(c))
     }
 }
 

@@ -311,6 +311,10 @@ struct Slot<V> {
     /// and loading its buckets ahead of an eviction do not hash its keys
     /// again. Last: nothing a packet reads.
     hashes: [u64; 2],
+    /// Where those keys sit in the index (the reply key's `None` when the
+    /// connection is indexed once, its keys being equal): an entry stays
+    /// where it was put, so taking it out searches nothing.
+    at: [Option<Pos>; 2],
 }
 
 /// The first bytes of a [`Slot`], which hold everything
@@ -668,24 +672,28 @@ impl<V> ConnTable<V> {
     }
 
     /// Takes slot `i`'s key in direction `dir`, whose hash is `h`, out of
-    /// the index.
-    fn unindex(&mut self, h: u64, i: u32, dir: Dir) {
+    /// the index, from `at` where the slot says it is (searched for, were
+    /// it not there).
+    fn unindex(&mut self, h: u64, at: Option<Pos>, i: u32, dir: Dir) {
         let want = entry(i, dir);
-        if let Some((pos, _)) = self.index.find(h, |v| v == want) {
+        let pos = at.filter(|&p| self.index.value_at(p) == Some(want));
+        debug_assert!(pos.is_some(), "slot {i} {dir:?}: not at its position");
+        let pos = pos.or_else(|| self.index.find(h, |v| v == want).map(|(p, _)| p));
+        if let Some(pos) = pos {
             self.index.remove(h, pos);
         }
     }
 
     /// Puts both keys of the connection in slot `i` in the index (a
     /// connection whose keys are equal is indexed once, as its originating
-    /// direction). False, and nothing indexed, when the index has no room
-    /// (it could not be made).
+    /// direction); returns where they went. `None`, and nothing indexed,
+    /// when the index has no room (it could not be made).
     fn index_pair_or_retry(
         &mut self,
         i: u32,
         orig: (&FlowKey, u64),
         reply: (&FlowKey, u64),
-    ) -> bool {
+    ) -> Option<[Option<Pos>; 2]> {
         // An index that could not be made when the table was: tried again
         // (memory may have come free since).
         if self.index.buckets() == 0
@@ -701,35 +709,69 @@ impl<V> ConnTable<V> {
         i: u32,
         (orig, ho): (&FlowKey, u64),
         (reply, hr): (&FlowKey, u64),
-    ) -> bool {
+    ) -> Option<[Option<Pos>; 2]> {
         // (Counted before the inserts: a key found absent before is
         // searched for again from now on, whatever happens below.)
         self.indexed = self.indexed.wrapping_add(1);
-        if !self.index.insert(ho, entry(i, Dir::Orig)) {
-            return false;
+        let ao = self.index.insert(ho, entry(i, Dir::Orig))?;
+        if orig == reply {
+            return Some([Some(ao), None]);
         }
-        if orig != reply && !self.index.insert(hr, entry(i, Dir::Reply)) {
-            self.unindex(ho, i, Dir::Orig);
+        match self.index.insert(hr, entry(i, Dir::Reply)) {
+            Some(ar) => Some([Some(ao), Some(ar)]),
+            None => {
+                self.unindex(ho, Some(ao), i, Dir::Orig);
+                None
+            }
+        }
+    }
+
+    /// Removes the connection in slot `i` and returns it.
+    fn remove_slot(&mut self, i: u32) -> Option<Conn<V>> {
+        let conn = self.slots.get_mut(i as usize)?.conn.take()?;
+        debug_assert_eq!(
+            self.slots.get(i as usize).map(|s| s.hashes),
+            Some([self.hash(&conn.orig), self.hash(&conn.reply)])
+        );
+        self.forget(i);
+        Some(conn)
+    }
+
+    /// Removes the connection in slot `i`, handing it to `f` first; false
+    /// when the slot holds none. (The connection is dropped where it is,
+    /// not moved out: it is a few hundred bytes.)
+    fn remove_slot_with(&mut self, i: u32, f: impl FnOnce(&Conn<V>)) -> bool {
+        let Some(conn) = self.slots.get(i as usize).and_then(|s| s.conn.as_ref()) else {
             return false;
+        };
+        debug_assert_eq!(
+            self.slots.get(i as usize).map(|s| s.hashes),
+            Some([self.hash(&conn.orig), self.hash(&conn.reply)])
+        );
+        f(conn);
+        self.forget(i);
+        if let Some(s) = self.slots.get_mut(i as usize) {
+            s.conn = None;
         }
         true
     }
 
-    fn remove_slot(&mut self, i: u32) -> Option<Conn<V>> {
-        let slot = self.slots.get_mut(i as usize)?;
-        let conn = slot.conn.take()?;
-        let [ho, hr] = slot.hashes;
+    /// Takes slot `i`, whose connection is being removed, out of its list
+    /// and the index, and frees it.
+    fn forget(&mut self, i: u32) {
+        let Some(slot) = self.slots.get_mut(i as usize) else {
+            return;
+        };
+        let ([ho, hr], [ao, ar]) = (slot.hashes, slot.at);
         // References to this connection no longer resolve.
         slot.generation = slot.generation.wrapping_add(1);
         self.unlink(i);
-        debug_assert_eq!([ho, hr], [self.hash(&conn.orig), self.hash(&conn.reply)]);
-        self.unindex(ho, i, Dir::Orig);
-        if conn.reply != conn.orig {
-            self.unindex(hr, i, Dir::Reply);
+        self.unindex(ho, ao, i, Dir::Orig);
+        if ar.is_some() {
+            self.unindex(hr, ar, i, Dir::Reply);
         }
         self.free.push(i);
         self.len -= 1;
-        Some(conn)
     }
 
     /// Looks up `key`: the slot and direction, if tracked and not timed out.
@@ -738,7 +780,7 @@ impl<V> ConnTable<V> {
         &mut self,
         key: &FlowKey,
         now: u64,
-        on_remove: impl FnOnce(Conn<V>),
+        on_remove: impl FnOnce(&Conn<V>),
     ) -> Option<(u32, Dir)> {
         let hash = self.hash(key);
         let Some((_, i, dir)) = self.find(key, hash) else {
@@ -751,9 +793,8 @@ impl<V> ConnTable<V> {
             .as_ref()
             .is_some_and(|c| self.expired(c, slot.class, now));
         if expired {
-            if let Some(c) = self.remove_slot(i) {
+            if self.remove_slot_with(i, on_remove) {
                 self.stats.expired += 1;
-                on_remove(c);
                 // (Both its keys left the index with it.)
                 self.note_missed(key, hash);
             }
@@ -905,7 +946,7 @@ impl<V> ConnTable<V> {
         tcp_flags: u8,
         now: u64,
         value: V,
-        on_evict: impl FnMut(Conn<V>),
+        on_evict: impl FnMut(&Conn<V>),
     ) -> Result<u32, ConnError> {
         self.insert_in(0, orig, reply, tcp_flags, now, value, on_evict)
     }
@@ -923,7 +964,7 @@ impl<V> ConnTable<V> {
         tcp_flags: u8,
         now: u64,
         value: V,
-        mut on_evict: impl FnMut(Conn<V>),
+        mut on_evict: impl FnMut(&Conn<V>),
     ) -> Result<u32, ConnError> {
         let class = if usize::from(class) < self.timeouts.len() {
             class
@@ -963,13 +1004,12 @@ impl<V> ConnTable<V> {
             None => {}
             Some(Some((h, why))) => {
                 let victim_class = self.slots.get(h as usize).map_or(0, |s| s.class);
-                if let Some(c) = self.remove_slot(h) {
+                if self.remove_slot_with(h, &mut on_evict) {
                     match why {
                         List::Closing => self.stats.evicted_closing += 1,
                         List::Embryonic => self.stats.evicted_embryonic += 1,
                         List::Active => self.stats.evicted_idle += 1,
                     }
-                    on_evict(c);
                 }
                 self.prefetch_victims(victim_class, why);
             }
@@ -984,12 +1024,12 @@ impl<V> ConnTable<V> {
             Some(&i) => i,
             None => self.slots.len() as u32,
         };
-        if !self.index_pair_or_retry(i, (&orig, ho), (&reply, hr)) {
+        let Some(at) = self.index_pair_or_retry(i, (&orig, ho), (&reply, hr)) else {
             self.stats.refused_full += 1;
             return Err(ConnError::Full {
                 capacity: self.capacity,
             });
-        }
+        };
         let state = initial_state(orig.proto, tcp_flags);
         let conn = Conn {
             orig,
@@ -1006,6 +1046,7 @@ impl<V> ConnTable<V> {
             s.conn = Some(conn);
             s.class = class;
             s.hashes = [ho, hr];
+            s.at = at;
         } else {
             self.slots.push(Slot {
                 conn: Some(conn),
@@ -1016,6 +1057,7 @@ impl<V> ConnTable<V> {
                 list: List::Active,
                 queued: now,
                 hashes: [ho, hr],
+                at,
             });
             // The place the next push writes, loaded while this connection
             // is finished (its lines are written whole, and in a table
@@ -1062,10 +1104,16 @@ impl<V> ConnTable<V> {
     /// confirmed connection is never pushed out), else the oldest
     /// timed-out active one; `None` when there is none of these.
     fn victim(&mut self, now: u64) -> Option<(u32, List)> {
-        if let Some(h) = self.any_head(List::Closing, now) {
+        // (An empty list, the usual case for the closing ones, is seen as
+        // such without the settling's set-up.)
+        if self.has_any(List::Closing)
+            && let Some(h) = self.any_head(List::Closing, now)
+        {
             return Some((h, List::Closing));
         }
-        if let Some(h) = self.any_head(List::Embryonic, now) {
+        if self.has_any(List::Embryonic)
+            && let Some(h) = self.any_head(List::Embryonic, now)
+        {
             return Some((h, List::Embryonic));
         }
         self.classes()
@@ -1085,6 +1133,13 @@ impl<V> ConnTable<V> {
             })
     }
 
+    /// Whether `list` holds a connection in any class.
+    #[inline(always)]
+    fn has_any(&self, list: List) -> bool {
+        self.classes()
+            .any(|k| self.heads.get(li(k, list)).is_some_and(|&h| h != NIL))
+    }
+
     /// Evicts the oldest embryonic connection that `pred` accepts among the
     /// first `scan` of the embryonic list of timeout class `class`,
     /// handing it to `on_evict`; up to
@@ -1098,7 +1153,7 @@ impl<V> ConnTable<V> {
         scan: usize,
         now: u64,
         pred: impl Fn(&Conn<V>) -> bool,
-        on_evict: impl FnOnce(Conn<V>),
+        on_evict: impl FnOnce(&Conn<V>),
     ) -> bool {
         let Some(&head) = self.heads.get(li(class, List::Embryonic)) else {
             return false;
@@ -1133,11 +1188,10 @@ impl<V> ConnTable<V> {
             }
             i = next;
         }
-        let Some(c) = found.and_then(|i| self.remove_slot(i)) else {
+        if !found.is_some_and(|i| self.remove_slot_with(i, on_evict)) {
             return false;
-        };
+        }
         self.stats.evicted_embryonic += 1;
-        on_evict(c);
         true
     }
 
@@ -1177,21 +1231,23 @@ impl<V> ConnTable<V> {
                     list: List::Active,
                     queued: now,
                     hashes: [0; 2],
+                    at: [None; 2],
                 });
                 self.slots.len() as u32 - 1
             }
         };
-        if !self.index_pair_or_retry(i, (&conn.orig, ho), (&conn.reply, hr)) {
+        let Some(at) = self.index_pair_or_retry(i, (&conn.orig, ho), (&conn.reply, hr)) else {
             self.free.push(i);
             return Err(ConnError::Full {
                 capacity: self.capacity,
             });
-        }
+        };
         let list = List::of(conn.state, conn.packets[1] > 0);
         let s = &mut self.slots[i as usize];
         s.conn = Some(conn);
         s.class = class;
         s.hashes = [ho, hr];
+        s.at = at;
         self.push_tail(i, list, now);
         self.len += 1;
         Ok(())
@@ -1209,7 +1265,12 @@ impl<V> ConnTable<V> {
     /// back to its true LRU place when seen since it was queued); call it
     /// between bursts. Each removed connection goes to `on_remove`. Returns
     /// how many.
-    pub fn expire(&mut self, now: u64, budget: usize, mut on_remove: impl FnMut(Conn<V>)) -> usize {
+    pub fn expire(
+        &mut self,
+        now: u64,
+        budget: usize,
+        mut on_remove: impl FnMut(&Conn<V>),
+    ) -> usize {
         let mut n = 0;
         for class in self.classes() {
             let mut steps = 0;
@@ -1218,9 +1279,8 @@ impl<V> ConnTable<V> {
                     steps += 1;
                     match self.settle_head(class, list, now) {
                         Head::Expired(h) => {
-                            if let Some(c) = self.remove_slot(h) {
+                            if self.remove_slot_with(h, &mut on_remove) {
                                 self.stats.expired += 1;
-                                on_remove(c);
                                 n += 1;
                             }
                         }
@@ -1305,7 +1365,7 @@ mod tests {
                 }
                 if add {
                     let mut evicted = Vec::new();
-                    let got = t.insert(o, r, 0x02, 0, u32::from(a), |c| evicted.push(c));
+                    let got = t.insert(o, r, 0x02, 0, u32::from(a), |c| evicted.push(c.clone()));
                     if model.contains_key(&o) || model.contains_key(&r) {
                         proptest::prop_assert_eq!(got, Err(ConnError::Exists));
                         proptest::prop_assert!(evicted.is_empty());
@@ -1418,14 +1478,14 @@ mod tests {
     fn a_reference_outlives_nothing_its_slot_holds_later() {
         let mut t = table(4);
         let (a, b) = (key(1000), key(1001));
-        let i = t.insert(a, a.reversed(), 0x02, 0, 7, drop).unwrap();
+        let i = t.insert(a, a.reversed(), 0x02, 0, 7, |_| {}).unwrap();
         let ra = t.conn_ref(i).unwrap();
         assert_eq!(t.resolve(ra), Some(i));
         assert!(t.remove(i).is_some());
         assert_eq!(t.resolve(ra), None, "removed");
         assert_eq!(t.conn_ref(i), None, "an empty slot has no connection");
         // The free slot is reused for `b`: a later generation of it.
-        let j = t.insert(b, b.reversed(), 0x02, 1, 8, drop).unwrap();
+        let j = t.insert(b, b.reversed(), 0x02, 1, 8, |_| {}).unwrap();
         assert_eq!(j, i);
         let rb = t.conn_ref(j).unwrap();
         assert_ne!(rb, ra);
@@ -1816,7 +1876,7 @@ mod tests {
         // (Where `Option` keeps whether a slot holds a connection is the
         // compiler's choice; it takes a niche of the connection's.)
         assert_eq!(size_of::<Option<C>>(), size_of::<C>());
-        assert_eq!(size_of::<S>(), 296);
+        assert_eq!(size_of::<S>(), 304);
     }
 
     #[test]

@@ -807,7 +807,7 @@ impl FlowTable {
         };
         // The index has room (checked above); were it refused all the same,
         // the slot goes back rather than live unindexed.
-        if !self.index.insert(hash, s) {
+        if self.index.insert(hash, s).is_none() {
             if let Some(l) = self.live.get_mut(s as usize) {
                 *l = false;
             }
@@ -840,7 +840,7 @@ impl FlowTable {
             };
             // Twice as large, half as full: there is room for every entry.
             let placed = index.insert(self.hash(slot.in_port, &slot.key), i as u32);
-            debug_assert!(placed, "a grown index refused entry {i}");
+            debug_assert!(placed.is_some(), "a grown index refused entry {i}");
         }
         self.index = index;
         true
