@@ -1641,7 +1641,7 @@ impl LbCore {
             None => vip.pick_hashed(&vip.set.load(), key, given),
         };
         let be = c.backends.get(b?)?;
-        let reply = NatBinding::dnat(key, be.ip, be.port).reply_key(key);
+        let reply = NatBinding::dnat_reply_key(key, be.ip, be.port);
         self.conns.prefetch(self.conns.hash(&reply));
         Some(reply)
     }
@@ -1845,11 +1845,15 @@ impl LbCore {
             .backends
             .get(b)
             .ok_or(LbDrop::NoHealthyBackend)?;
-        let nat = match vip.config().mode {
-            VipMode::Mux => NatBinding::default(),
-            _ => NatBinding::dnat(key, be.ip, be.port),
+        let (nat, reply) = match vip.config().mode {
+            VipMode::Mux => (NatBinding::default(), key.reversed()),
+            _ => (
+                NatBinding::dnat(key, be.ip, be.port),
+                NatBinding::dnat_reply_key(key, be.ip, be.port),
+            ),
         };
-        if vip.config().max_conns > 0 && !self.room_for(vip, &nat.reply_key(key), now) {
+        debug_assert_eq!(reply, nat.reply_key(key));
+        if vip.config().max_conns > 0 && !self.room_for(vip, &reply, now) {
             return Err(LbDrop::VipConnLimit);
         }
         let info = ConnInfo {
@@ -1861,7 +1865,7 @@ impl LbCore {
             nat,
             proxy,
         };
-        let conn = self.open_conn(key, tcp_flags, now, info)?;
+        let conn = self.open_conn_to(key, reply, tcp_flags, now, info)?;
         self.stats.new_dnat += 1;
         let s = self.held.per_vip.slot(vip);
         self.held.per_vip.open(vip, s, b);
@@ -2033,6 +2037,19 @@ impl LbCore {
         info: ConnInfo,
     ) -> Result<ConnRef, LbDrop> {
         let reply = info.nat.reply_key(key);
+        self.open_conn_to(key, reply, tcp_flags, now, info)
+    }
+
+    /// [`LbCore::open_conn`] given the reply key (`info.nat.reply_key(key)`).
+    #[inline]
+    fn open_conn_to(
+        &mut self,
+        key: &FlowKey,
+        reply: FlowKey,
+        tcp_flags: u8,
+        now: u64,
+        info: ConnInfo,
+    ) -> Result<ConnRef, LbDrop> {
         let class = info.kind.class();
         let held = &mut self.held;
         match self
