@@ -1594,14 +1594,27 @@ impl LbCore {
     /// Returns the key's flow hash, for the stages that pick.
     #[inline]
     pub fn prefetch_pick(&self, vips: &Vips, key: &FlowKey) -> Option<PickHash> {
+        self.prefetch_pick_of(vips, key).map(|(h, _)| h)
+    }
+
+    /// [`LbCore::prefetch_pick`], returning the VIP too, for
+    /// [`LbCore::prefetch_new_to`] (so that the next stage does not look
+    /// it up again).
+    #[inline]
+    pub fn prefetch_pick_of<'v>(
+        &self,
+        vips: &'v Vips,
+        key: &FlowKey,
+    ) -> Option<(PickHash, &'v Arc<Vip>)> {
         let vip = vips.lookup(key)?;
         if vip.config().mode != VipMode::Local {
             return None;
         }
-        Some(match self.sets.get(vip) {
+        let h = match self.sets.get(vip) {
             Some(set) => vip.prefetch_pick_in(set, key),
             None => vip.prefetch_pick(key),
-        })
+        };
+        Some((h, vip))
     }
 
     /// Starts loading the connection-table bucket of `key` into the cache
@@ -1630,8 +1643,25 @@ impl LbCore {
         key: &FlowKey,
         given: Option<PickHash>,
     ) -> Option<FlowKey> {
+        match vips.lookup(key) {
+            Some(vip) => self.prefetch_new_to(vip, key, given),
+            None => {
+                self.prefetch(key);
+                None
+            }
+        }
+    }
+
+    /// [`LbCore::prefetch_new`] for a packet to `vip` (the VIP its key is
+    /// addressed to, as [`LbCore::prefetch_pick_of`] found it).
+    #[inline]
+    pub fn prefetch_new_to(
+        &self,
+        vip: &Arc<Vip>,
+        key: &FlowKey,
+        given: Option<PickHash>,
+    ) -> Option<FlowKey> {
         self.prefetch(key);
-        let vip = vips.lookup(key)?;
         let c = vip.config();
         if c.mode != VipMode::Local {
             return None;

@@ -735,18 +735,18 @@ impl<B: PacketBuf> Switch<B> {
     /// vnet `vn`, the one that decides it ([`lb_vnet`]: a VM's, or one
     /// reached from the uplink), starts loading the Maglev slot that will
     /// pick its backend (a stage before [`LbCore::prefetch_new`] picks it);
-    /// returns the key's flow hash.
+    /// returns the key's flow hash and the VIP.
     #[inline(always)]
-    fn prefetch_pick(
+    fn prefetch_pick<'p>(
         &self,
-        policy: &Policy,
+        policy: &'p Policy,
         vn: usize,
         key: &dataplane::FlowKey,
-    ) -> Option<lb::PickHash> {
+    ) -> Option<(lb::PickHash, &'p Arc<lb::balancer::Vip>)> {
         let (Some(l), Some(vnet)) = (self.lb.get(vn), policy.vnets.get(vn)) else {
             return None;
         };
-        l.prefetch_pick(&vnet.vips, key)
+        l.prefetch_pick_of(&vnet.vips, key)
     }
 
     /// A packet of a flow cached here that it may follow as it is
@@ -1345,11 +1345,14 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
             }
         }
         // A miss: the vnet that decides it (`lb_vnet`), and to a VIP its
-        // key's flow hash, for the stages that pick.
-        for ((((((r, v), m), p), h), st), port) in hint
+        // key's flow hash, for the stages that pick, and the VIP (borrowed
+        // from the policy, for this burst only).
+        let mut vip_of: [Option<&Arc<lb::balancer::Vip>>; N] = [None; N];
+        for (((((((r, v), m), vp), p), h), st), port) in hint
             .iter_mut()
             .zip(vnets.iter_mut())
             .zip(pick.iter_mut())
+            .zip(vip_of.iter_mut())
             .zip(parsed.iter())
             .zip(hash.iter())
             .zip(status.iter())
@@ -1375,7 +1378,7 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                     if let Some(vn) = lb_vnet(policy, *port, &p.key) {
                         // (A policy has at most `MAX_VNETS`, which fit.)
                         *v = u16::try_from(vn).ok();
-                        *m = self.prefetch_pick(policy, vn, &p.key);
+                        (*m, *vp) = self.prefetch_pick(policy, vn, &p.key).unzip();
                     }
                 }
                 None => {}
@@ -1387,9 +1390,10 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
         // and its reverse flow's bucket) and the flow-table slots their
         // installs will take.
         let mut misses = 0;
-        for ((((r, m), p), st), vn) in hint
+        for (((((r, m), vp), p), st), vn) in hint
             .iter()
             .zip(pick.iter())
+            .zip(vip_of.iter())
             .zip(parsed.iter())
             .zip(status.iter())
             .zip(vnets.iter())
@@ -1402,12 +1406,17 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
             let Some(vn) = vn.map(usize::from) else {
                 continue;
             };
-            let (Some(l), Some(vnet)) = (self.lb.get(vn), policy.vnets.get(vn)) else {
+            let Some(l) = self.lb.get(vn) else {
                 continue;
             };
             // For a new connection to a VIP: the bucket of the reverse flow
-            // its install looks up too, keyed by the backend's port.
-            if let Some(reply) = l.prefetch_new(&vnet.vips, &p.key, *m)
+            // its install looks up too, keyed by the backend's port. (Any
+            // other packet that missed: its connection-table bucket.)
+            let Some(vip) = vp else {
+                l.prefetch(&p.key);
+                continue;
+            };
+            if let Some(reply) = l.prefetch_new_to(vip, &p.key, *m)
                 && let Some((_, be)) = policy.vm_by_addr(vn, reply.src_ip)
             {
                 self.flows.prefetch_bucket(self.flows.hash(be.port, &reply));
