@@ -71,13 +71,16 @@ struct Bucket {
 pub struct Pos(NonZeroU32);
 
 /// Most buckets an index has ([`Pos`] holds a bucket in 28 bits): 16 GiB
-/// of buckets, for 2^31 entries.
+/// of buckets.
 pub const MAX_BUCKETS: usize = 1 << 28;
+
+/// Most entries an index holds (at most half full): 2^30.
+pub const MAX_ENTRIES: usize = MAX_BUCKETS * WAYS / 2;
 
 impl Pos {
     #[inline(always)]
     fn new(bucket: usize, way: usize) -> Pos {
-        // (`bucket` < MAX_BUCKETS and `way` < WAYS: at most 2^31, plus one.)
+        // (`bucket` < MAX_BUCKETS and `way` < WAYS: below 2^31, plus one.)
         let v = (bucket as u32) << 3 | (way as u32 & 7);
         Pos(NonZeroU32::MIN.saturating_add(v))
     }
@@ -97,7 +100,7 @@ impl Pos {
 
 /// The index could not be made.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("no memory for a hash index of {buckets} buckets: {reason}")]
+#[error("cannot make a hash index of {buckets} buckets: {reason}")]
 pub struct IndexError {
     /// Buckets asked for.
     pub buckets: usize,
@@ -139,12 +142,12 @@ impl KeyIndex {
         if n > MAX_BUCKETS {
             return Err(IndexError {
                 buckets: n,
-                reason: format!("more than {MAX_BUCKETS} buckets"),
+                reason: format!("an index has at most {MAX_BUCKETS}"),
             });
         }
         let buckets = HugeVec::zeroed(n).map_err(|e| IndexError {
             buckets: n,
-            reason: e.to_string(),
+            reason: format!("no memory: {e}"),
         })?;
         Ok(KeyIndex {
             mask: n - 1,
@@ -288,8 +291,12 @@ impl KeyIndex {
         b.value.get(pos.way()).copied()
     }
 
-    /// Removes the entry at `pos`, which [`KeyIndex::find`] returned for
-    /// `hash` with no change to the index since.
+    /// Removes the entry at `pos`, where [`KeyIndex::find`] or
+    /// [`KeyIndex::insert`] placed it under `hash` (valid until that entry
+    /// is removed). It checks only that the way holds an entry: a caller
+    /// holding a kept position confirms it is its entry first
+    /// ([`KeyIndex::value_at`]), or would remove another and lower the
+    /// wrong overflow counts.
     pub fn remove(&mut self, hash: u64, pos: Pos) {
         // A way that holds nothing (a stale position): nothing to undo.
         let (bucket, way) = (pos.bucket(), pos.way());
@@ -448,7 +455,7 @@ mod tests {
         // (Refused before any memory is asked for.)
         let e = KeyIndex::with_buckets(MAX_BUCKETS + 1).unwrap_err();
         assert_eq!(e.buckets, 2 * MAX_BUCKETS);
-        assert!(e.to_string().contains("more than"), "{e}");
+        assert!(e.to_string().contains("at most"), "{e}");
     }
 
     #[test]

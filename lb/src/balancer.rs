@@ -1589,9 +1589,10 @@ impl LbCore {
     }
 
     /// Starts loading the Maglev slot of a new connection to a VIP of
-    /// `vips` with key `key` ([`Vip::prefetch_pick`]): a stage of the
-    /// switch's burst before [`LbCore::prefetch_new`], which picks.
-    /// Returns the key's flow hash, for the stages that pick.
+    /// `vips` with key `key` ([`Vip::prefetch_pick`]), before
+    /// [`LbCore::prefetch_new`] picks. Returns the key's flow hash, for the
+    /// stages that pick. (The switch's burst uses
+    /// [`LbCore::prefetch_pick_of`], which returns the VIP too.)
     #[inline]
     pub fn prefetch_pick(&self, vips: &Vips, key: &FlowKey) -> Option<PickHash> {
         self.prefetch_pick_of(vips, key).map(|(h, _)| h)
@@ -1635,7 +1636,8 @@ impl LbCore {
     /// connection already tracked only wastes the pick. A Mux's connections
     /// have no reply here, and a DSR VIP's backend is the Mux's choice.)
     /// Returns that reply key, for the caller's own tables. `given`: the
-    /// key's flow hash, if [`LbCore::prefetch_pick`] gave it.
+    /// key's flow hash, if [`LbCore::prefetch_pick`] gave it. (The
+    /// switch's burst uses [`LbCore::prefetch_new_to`], given the VIP.)
     #[inline]
     pub fn prefetch_new(
         &self,
@@ -2750,6 +2752,13 @@ mod tests {
             let given = if i % 2 == 0 {
                 let h = lb.prefetch_pick(&vips, &k);
                 assert_eq!(h, Some(PickHash::of(&k, Distribution::FiveTuple)));
+                // The VIP it returns is the one the key is addressed to.
+                let (_, vip) = lb.prefetch_pick_of(&vips, &k).unwrap();
+                assert!(Arc::ptr_eq(vip, vips.lookup(&k).unwrap()));
+                assert_eq!(
+                    lb.prefetch_new_to(vip, &k, h),
+                    lb.prefetch_new(&vips, &k, h)
+                );
                 h
             } else {
                 None

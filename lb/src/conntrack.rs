@@ -230,7 +230,7 @@ pub fn next_state(
 /// Laid out as declared (`repr(C)`): what every packet that tells it of
 /// traffic updates ([`ConnTable::touch`]) first, so that with its slot's
 /// own bookkeeping it lies in the slot's first 52 bytes, one or two cache
-/// lines of a 296-byte slot, which a touch loads ahead
+/// lines of a 304-byte slot, which a touch loads ahead
 /// ([`ConnTable::prefetch_slot`]).
 #[derive(Debug, Clone, PartialEq)]
 #[repr(C)]
@@ -254,6 +254,9 @@ pub struct Conn<V> {
 }
 
 const NIL: u32 = u32::MAX;
+
+/// Most connections a table holds: two index entries each.
+const MAX_CONNS: usize = dataplane::index::MAX_ENTRIES / 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum List {
@@ -309,7 +312,7 @@ struct Slot<V> {
     /// The index hashes of the connection's keys (originating, reply),
     /// kept so that taking it out of the index (an expiry, an eviction)
     /// and loading its buckets ahead of an eviction do not hash its keys
-    /// again. Last: nothing a packet reads.
+    /// again. At the end, with `at`: nothing a packet reads.
     hashes: [u64; 2],
     /// Where those keys sit in the index (the reply key's `None` when the
     /// connection is indexed once, its keys being equal): an entry stays
@@ -452,8 +455,9 @@ impl<V> ConnTable<V> {
     /// one, at most 255): [`ConnTable::insert_in`] puts a connection in
     /// one, [`ConnTable::insert`] in the first.
     pub fn with_classes(capacity: usize, mut timeouts: Vec<Timeouts>) -> Self {
-        // Slots are numbered in 31 bits (the index keeps a direction bit).
-        let capacity = capacity.clamp(1, 1 << 30);
+        // Slots are numbered in 31 bits (the index keeps a direction bit),
+        // and the index holds two keys a connection.
+        let capacity = capacity.clamp(1, MAX_CONNS);
         if timeouts.is_empty() {
             timeouts.push(Timeouts::default());
         }
@@ -494,7 +498,7 @@ impl<V> ConnTable<V> {
     /// Bytes [`ConnTable::preallocate`] commits for a table of `capacity`
     /// connections: index, slots and free list.
     pub fn bytes_for(capacity: usize) -> usize {
-        let capacity = capacity.clamp(1, 1 << 30);
+        let capacity = capacity.clamp(1, MAX_CONNS);
         let per = std::mem::size_of::<Slot<V>>() + std::mem::size_of::<u32>();
         dataplane::index::bytes_for(capacity * 2).saturating_add(capacity.saturating_mul(per))
     }
@@ -738,8 +742,8 @@ impl<V> ConnTable<V> {
     }
 
     /// Removes the connection in slot `i`, handing it to `f` first; false
-    /// when the slot holds none. (The connection is dropped where it is,
-    /// not moved out: it is a few hundred bytes.)
+    /// when the slot holds none. (The connection is dropped in its slot: a
+    /// few hundred bytes are not copied.)
     fn remove_slot_with(&mut self, i: u32, f: impl FnOnce(&Conn<V>)) -> bool {
         let Some(conn) = self.slots.get(i as usize).and_then(|s| s.conn.as_ref()) else {
             return false;

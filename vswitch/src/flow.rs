@@ -365,7 +365,8 @@ impl FlowTable {
     /// (the slab for the whole capacity, or for `initial` where the
     /// kernel refuses to reserve that much address space).
     fn sized(capacity: usize, idle_ns: u64, closing_ns: u64, initial: usize) -> Self {
-        let capacity = capacity.clamp(1, u32::MAX as usize / 2);
+        // (Slots are numbered in 32 bits; an index holds at most 2^30.)
+        let capacity = capacity.clamp(1, dataplane::index::MAX_ENTRIES);
         // Without memory for them now, both start empty: inserts then try
         // again, and count the table as full while they fail.
         let index = KeyIndex::for_entries(initial.min(capacity)).unwrap_or_default();
@@ -399,7 +400,8 @@ impl FlowTable {
     /// entries (with the flow logs' data): index, slab, in-use flags and
     /// free list.
     pub fn bytes_for(capacity: usize) -> usize {
-        let capacity = capacity.clamp(1, u32::MAX as usize / 2);
+        // (Slots are numbered in 32 bits; an index holds at most 2^30.)
+        let capacity = capacity.clamp(1, dataplane::index::MAX_ENTRIES);
         // (The slab and the flow logs' data are mapped, and committed, in
         // whole huge pages.)
         let huge = |each: usize| {

@@ -734,8 +734,8 @@ impl<B: PacketBuf> Switch<B> {
     /// For a packet that missed the flow table: when it is to a VIP of
     /// vnet `vn`, the one that decides it ([`lb_vnet`]: a VM's, or one
     /// reached from the uplink), starts loading the Maglev slot that will
-    /// pick its backend (a stage before [`LbCore::prefetch_new`] picks it);
-    /// returns the key's flow hash and the VIP.
+    /// pick its backend (a stage before [`LbCore::prefetch_new_to`] picks
+    /// it); returns the key's flow hash and the VIP.
     #[inline(always)]
     fn prefetch_pick<'p>(
         &self,
