@@ -104,7 +104,7 @@ impl Pos {
 pub struct IndexError {
     /// Buckets asked for.
     pub buckets: usize,
-    /// Why the mapping failed.
+    /// Why: more buckets than an index has, or the mapping failed.
     pub reason: String,
 }
 
