@@ -732,43 +732,42 @@ impl<V> ConnTable<V> {
 
     /// Removes the connection in slot `i` and returns it.
     fn remove_slot(&mut self, i: u32) -> Option<Conn<V>> {
-        let conn = self.slots.get_mut(i as usize)?.conn.take()?;
-        debug_assert_eq!(
-            self.slots.get(i as usize).map(|s| s.hashes),
-            Some([self.hash(&conn.orig), self.hash(&conn.reply)])
-        );
-        self.forget(i);
-        Some(conn)
+        if !self.forget(i) {
+            return None;
+        }
+        self.slots.get_mut(i as usize)?.conn.take()
     }
 
-    /// Removes the connection in slot `i`, handing it to `f` first; false
-    /// when the slot holds none. (The connection is dropped in its slot: a
-    /// few hundred bytes are not copied.)
+    /// Removes the connection in slot `i`, handing it to `f`; false when
+    /// the slot holds none. (The connection is dropped in its slot: a few
+    /// hundred bytes are not copied.)
     fn remove_slot_with(&mut self, i: u32, f: impl FnOnce(&Conn<V>)) -> bool {
-        let Some(conn) = self.slots.get(i as usize).and_then(|s| s.conn.as_ref()) else {
+        if !self.forget(i) {
             return false;
-        };
-        debug_assert_eq!(
-            self.slots.get(i as usize).map(|s| s.hashes),
-            Some([self.hash(&conn.orig), self.hash(&conn.reply)])
-        );
-        f(conn);
-        self.forget(i);
+        }
         if let Some(s) = self.slots.get_mut(i as usize) {
+            if let Some(c) = &s.conn {
+                f(c);
+            }
             s.conn = None;
         }
         true
     }
 
-    /// Takes slot `i`, whose connection is being removed, out of its list
-    /// and the index, and frees it.
-    fn forget(&mut self, i: u32) {
-        let Some(slot) = self.slots.get_mut(i as usize) else {
-            return;
+    /// Takes slot `i`'s connection out of its list and the index, and
+    /// frees the slot; the connection itself stays for the caller to take
+    /// or drop. False when the slot holds none.
+    fn forget(&mut self, i: u32) -> bool {
+        let Some(slot) = self.slots.get_mut(i as usize).filter(|s| s.conn.is_some()) else {
+            return false;
         };
         let ([ho, hr], [ao, ar]) = (slot.hashes, slot.at);
         // References to this connection no longer resolve.
         slot.generation = slot.generation.wrapping_add(1);
+        debug_assert!(
+            self.get(i)
+                .is_some_and(|c| [ho, hr] == [self.hash(&c.orig), self.hash(&c.reply)])
+        );
         self.unlink(i);
         self.unindex(ho, ao, i, Dir::Orig);
         if ar.is_some() {
@@ -776,6 +775,7 @@ impl<V> ConnTable<V> {
         }
         self.free.push(i);
         self.len -= 1;
+        true
     }
 
     /// Looks up `key`: the slot and direction, if tracked and not timed out.

@@ -197,18 +197,12 @@ impl NatBinding {
     /// the binding's rewrites for it costs several times as much).
     #[inline]
     pub fn dnat_reply_key(orig: &FlowKey, dip: IpAddr, dport: u16) -> FlowKey {
-        // (An ICMP echo keeps its identifier, in `src_port` both ways.)
-        let (src_port, dst_port) = if orig.is_icmp() {
-            (orig.src_port, orig.dst_port)
-        } else {
-            (dport, orig.src_port)
-        };
+        // The reverse of the key, from the backend (an ICMP echo keeps its
+        // identifier, in `src_port` both ways).
         FlowKey {
             src_ip: crate::conntrack::to16(dip),
-            dst_ip: orig.src_ip,
-            src_port,
-            dst_port,
-            proto: orig.proto,
+            src_port: if orig.is_icmp() { orig.src_port } else { dport },
+            ..orig.reversed()
         }
     }
 }
