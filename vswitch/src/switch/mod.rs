@@ -171,8 +171,13 @@ pub struct Switch<B = dataplane::pool::PoolBuf> {
     verdicts: std::cell::RefCell<filter::VerdictCache>,
     stats: Arc<SwitchStats>,
     clock: TscClock,
-    /// Ticks deciding slow-path packets since the last burst's end.
-    slow_ticks: u64,
+    /// The clock when this burst's first slow-path decision began, until
+    /// the burst's end (`Switch::end`) counts the ticks since: the
+    /// burst's slow-path packets are decided after its hits have left, one
+    /// after another, so the rest of the burst is theirs. (Two clock reads
+    /// a burst, where one pair around each decision cost a new
+    /// connection a few percent: a read costs tens of cycles.)
+    slow_since: Option<u64>,
     /// The Maglev flow hash the burst's stages computed for the packet
     /// about to enter [`Switch::packet`] (`LbCore::prefetch_pick`: a miss
     /// to a VIP), with its key: the slow path hands it to the load
@@ -363,7 +368,7 @@ impl<B: PacketBuf> Switch<B> {
             verdicts: std::cell::RefCell::new(filter::VerdictCache::default()),
             stats: Arc::default(),
             clock: TscClock::process(),
-            slow_ticks: 0,
+            slow_since: None,
             pick_hash: None,
             last_expire: 0,
             last_sweep: 0,
@@ -1014,13 +1019,14 @@ impl<B: PacketBuf> Switch<B> {
             }
         }
         tally.1 += 1;
-        let t = self.clock.now();
+        if self.slow_since.is_none() {
+            self.slow_since = Some(self.clock.now());
+        }
         self.first_len = u64::from(pk.ip_len());
         self.first_hash = Some((in_port16, hash, absent));
         let decided = self.slow(policy, pkt.data_mut(), pk, in_port16, now);
         // (Never left for another packet's install.)
         self.first_hash = None;
-        self.slow_ticks += self.clock.now().wrapping_sub(t);
         self.live_decided(&decided);
         match decided {
             Ok(Slow::Reply) => self.send_back(ctx, in_port16, pkt),
@@ -1181,9 +1187,11 @@ impl<B: PacketBuf> Switch<B> {
         }
         if slow > 0 {
             dataplane::stats::add_own(&self.stats.slow_path, slow);
+        }
+        if let Some(t) = self.slow_since.take() {
             dataplane::stats::add_own(
                 &self.stats.slow_path_ticks,
-                std::mem::take(&mut self.slow_ticks),
+                self.clock.now().wrapping_sub(t),
             );
         }
         if handed > 0 {

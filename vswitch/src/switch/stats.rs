@@ -157,7 +157,10 @@ pub struct SwitchStats {
     pub slow_path: AtomicU64,
     /// Clock ticks spent deciding slow-path packets (policy, connection
     /// tracking, load balancing, the flow installed), for cycle
-    /// accounting.
+    /// accounting: from the first slow-path decision of a burst to the
+    /// burst's end (its slow-path packets are decided after its hits have
+    /// left; what little else follows the first of them is counted with
+    /// them).
     pub slow_path_ticks: AtomicU64,
     /// ARP requests answered.
     pub arp_replies: AtomicU64,
