@@ -504,11 +504,17 @@ impl<B: PacketBuf> Switch<B> {
                 .map(|m| self.mss_fit(m, &key, [in_port, fwd.out_port]));
             return Ok(Slow::ProxySyn(fwd, Seg { mss, ..seg }, !tracked));
         }
+        // (Its rewrite and connection are the forward flow's, turned
+        // round by `install`: built from its own fields, not copied from
+        // `fwd`, whose just-written fields a whole copy would read back in
+        // other widths, waiting for the store buffer.)
         let back = FlowAction {
             out_port: in_port,
             src_mac: vnet.gateway_mac,
             dst_mac: vm.mac,
-            ..fwd
+            fast: None,
+            lb: None,
+            nat: Rewrite::NONE,
         };
         // The first packet takes the compiled action too.
         Ok(Slow::Forward(self.install(
