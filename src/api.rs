@@ -411,8 +411,9 @@ pub struct WorkerCounters {
     /// sending at the end of a burst) and the loop.
     #[serde(default)]
     pub io_ticks: u64,
-    /// Clock ticks spent deciding slow-path packets (part of
-    /// `pipeline_ticks`; the rest of it is the fast path).
+    /// Clock ticks spent deciding slow-path packets and queueing them
+    /// for sending (part of `pipeline_ticks`; the rest of it is the fast
+    /// path).
     #[serde(default)]
     pub slow_path_ticks: u64,
     /// Receive bursts by size: element `n - 1` counts the bursts of `n`
@@ -651,7 +652,8 @@ pub struct WorkerPerf {
     /// Fast-path ticks per fast-path packet.
     pub fast_path_cycles: f64,
     /// Slow-path ticks per slow-path packet (deciding it: policy,
-    /// connection tracking, load balancing, the flow installed).
+    /// connection tracking, load balancing, the flow installed; queueing
+    /// it for sending).
     pub slow_path_cycles: f64,
     /// Packets per receive burst, on average.
     pub average_burst: f64,

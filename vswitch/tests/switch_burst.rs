@@ -630,3 +630,45 @@ fn a_reverse_flow_is_compiled_at_its_first_packet_and_translates_the_reply() {
         "the reply hit"
     );
 }
+
+#[test]
+fn slow_path_ticks_count_the_slow_paths_runs_and_not_the_hits() {
+    let mut r = rig("slow-ticks");
+    let worker = r.worker.stats();
+    let ticks = |r: &Rig| r.stats.slow_path_ticks.load(Ordering::Relaxed);
+    // A burst of new connections: one run of the slow path, counted.
+    let mut b = Batch::new();
+    for sport in 7000..7000 + BURST as u16 {
+        b.push(r.pool.alloc_copy(&to_vip(sport)).unwrap()).unwrap();
+    }
+    assert_eq!(r.client.tx_burst(&mut b), BURST);
+    r.worker.poll_once();
+    assert_eq!(
+        received(&mut r.dips).iter().map(Vec::len).sum::<usize>(),
+        BURST
+    );
+    assert_eq!(r.stats.slow_path.load(Ordering::Relaxed), BURST as u64);
+    let after_new = ticks(&r);
+    assert!(after_new > 0, "the slow path's run was not counted");
+    // The same flows again: all hits, none of it the slow path's.
+    for _ in 0..3 {
+        for sport in 7000..7000 + BURST as u16 {
+            b.push(r.pool.alloc_copy(&to_vip(sport)).unwrap()).unwrap();
+        }
+        assert_eq!(r.client.tx_burst(&mut b), BURST);
+        r.worker.poll_once();
+    }
+    assert_eq!(
+        received(&mut r.dips).iter().map(Vec::len).sum::<usize>(),
+        3 * BURST
+    );
+    assert_eq!(r.stats.slow_path.load(Ordering::Relaxed), BURST as u64);
+    assert_eq!(ticks(&r), after_new, "hits were counted as the slow path's");
+    // Part of the pipeline's ticks, which the worker counts around it.
+    r.worker.publish();
+    let pipeline = worker.pipeline_ticks.load(Ordering::Relaxed);
+    assert!(
+        after_new <= pipeline,
+        "slow path {after_new} ticks, pipeline {pipeline}"
+    );
+}

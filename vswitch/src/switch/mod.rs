@@ -171,13 +171,18 @@ pub struct Switch<B = dataplane::pool::PoolBuf> {
     verdicts: std::cell::RefCell<filter::VerdictCache>,
     stats: Arc<SwitchStats>,
     clock: TscClock,
-    /// The clock when this burst's first slow-path decision began, until
-    /// the burst's end (`Switch::end`) counts the ticks since: the
-    /// burst's slow-path packets are decided after its hits have left, one
-    /// after another, so the rest of the burst is theirs. (Two clock reads
-    /// a burst, where one pair around each decision cost a new
-    /// connection a few percent: a read costs tens of cycles.)
+    /// The clock when the slow path's current run began: from a
+    /// slow-path decision to the next packet that is a hit or is handed
+    /// to another worker, or to the burst's end (`Switch::end`), the
+    /// ticks are the slow path's, the sending of what it decided
+    /// included. A burst's packets that missed are decided after its
+    /// hits have left, one after another, so a burst of new connections
+    /// reads the clock twice, where a pair of reads around each decision
+    /// cost a new connection several percent (a read costs tens of
+    /// cycles).
     slow_since: Option<u64>,
+    /// Ticks of the slow path's runs closed since the burst's end.
+    slow_ticks: u64,
     /// The Maglev flow hash the burst's stages computed for the packet
     /// about to enter [`Switch::packet`] (`LbCore::prefetch_pick`: a miss
     /// to a VIP), with its key: the slow path hands it to the load
@@ -369,6 +374,7 @@ impl<B: PacketBuf> Switch<B> {
             stats: Arc::default(),
             clock: TscClock::process(),
             slow_since: None,
+            slow_ticks: 0,
             pick_hash: None,
             last_expire: 0,
             last_sweep: 0,
@@ -987,7 +993,10 @@ impl<B: PacketBuf> Switch<B> {
         };
         let (mut pkt, absent) =
             match self.hit(ctx, policy, pkt, (pk, hash, hint), in_port16, now, tally) {
-                Ok(()) => return,
+                Ok(()) => {
+                    self.close_slow_run();
+                    return;
+                }
                 Err(miss) => miss,
             };
         // Not in this worker's table: only the connection's owner may decide
@@ -1002,6 +1011,11 @@ impl<B: PacketBuf> Switch<B> {
                 dataplane::icmp_error::quote(pkt.data(), pk).map_or(pk.key, |q| q.key.reversed());
             let w = crate::placement::owner(policy, in_port16, &place, h.workers());
             if w != *me {
+                // (`close_slow_run` by its fields: `h` borrows the
+                // handoff.)
+                if let Some(t) = self.slow_since.take() {
+                    self.slow_ticks += self.clock.now().wrapping_sub(t);
+                }
                 match h.queues.get(w).map(|q| q.push((in_port16, pkt))) {
                     Some(Ok(())) => {
                         tally.2 += 1;
@@ -1097,6 +1111,15 @@ impl<B: PacketBuf> Switch<B> {
         }
     }
 
+    /// Ends the slow path's current run, if one is open: the ticks since
+    /// its first decision are the slow path's.
+    #[inline]
+    fn close_slow_run(&mut self) {
+        if let Some(t) = self.slow_since.take() {
+            self.slow_ticks += self.clock.now().wrapping_sub(t);
+        }
+    }
+
     /// Records in the flow log (if on) a first packet the security groups
     /// denied: nothing was installed for it. At most
     /// `DENIED_RECORDS_PER_SEC` a second (after a burst of as many); the
@@ -1188,10 +1211,11 @@ impl<B: PacketBuf> Switch<B> {
         if slow > 0 {
             dataplane::stats::add_own(&self.stats.slow_path, slow);
         }
-        if let Some(t) = self.slow_since.take() {
+        self.close_slow_run();
+        if self.slow_ticks > 0 {
             dataplane::stats::add_own(
                 &self.stats.slow_path_ticks,
-                self.clock.now().wrapping_sub(t),
+                std::mem::take(&mut self.slow_ticks),
             );
         }
         if handed > 0 {

@@ -156,11 +156,11 @@ pub struct SwitchStats {
     /// Packets that went through the slow path.
     pub slow_path: AtomicU64,
     /// Clock ticks spent deciding slow-path packets (policy, connection
-    /// tracking, load balancing, the flow installed), for cycle
-    /// accounting: from the first slow-path decision of a burst to the
-    /// burst's end (its slow-path packets are decided after its hits have
-    /// left; what little else follows the first of them is counted with
-    /// them).
+    /// tracking, load balancing, the flow installed) and queueing them for
+    /// sending, for cycle accounting: from a slow-path decision to the
+    /// next packet that is a hit or is handed to another worker, or to the
+    /// burst's end (a burst's packets that missed are decided after its
+    /// hits have left, one after another: one run of the slow path).
     pub slow_path_ticks: AtomicU64,
     /// ARP requests answered.
     pub arp_replies: AtomicU64,
