@@ -631,6 +631,10 @@ fn a_reverse_flow_is_compiled_at_its_first_packet_and_translates_the_reply() {
     );
 }
 
+/// The slow path's ticks: a burst of new connections is counted, bursts
+/// of hits add nothing, and the count is part of the worker's pipeline
+/// ticks. (Where within a burst a run of the slow path ends, at a hit or
+/// a handoff after it, is not seen here: only timing could tell.)
 #[test]
 fn slow_path_ticks_count_the_slow_paths_runs_and_not_the_hits() {
     let mut r = rig("slow-ticks");

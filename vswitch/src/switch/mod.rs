@@ -69,6 +69,42 @@ use slow::Slow;
 pub use stats::{AclHits, SwitchDrop, SwitchStats};
 pub use trace::{LiveEnd, LiveRecord, LiveTrace, Trace, TraceEnd, TraceStep};
 
+/// The slow path's runs, for the cycle accounting
+/// (`SwitchStats::slow_path_ticks`): from a slow-path decision to the next
+/// packet that is a hit or is handed to another worker, or to the burst's
+/// end (`Switch::end`), the ticks are the slow path's, the sending of what
+/// it decided included. A burst's packets that missed are decided after
+/// its hits have left, one after another, so a burst of new connections
+/// reads the clock twice, where a pair of reads around each decision cost
+/// a new connection several percent (a read costs tens of cycles). Under a
+/// live trace, whose burst goes in its order, each slow-path packet is a
+/// run of its own.
+#[derive(Debug, Default)]
+struct SlowRun {
+    /// The clock when the current run began.
+    since: Option<u64>,
+    /// Ticks of the runs closed since the burst's end.
+    ticks: u64,
+}
+
+impl SlowRun {
+    /// A slow-path decision starts: a run, unless one is open.
+    #[inline]
+    fn open(&mut self, clock: &TscClock) {
+        if self.since.is_none() {
+            self.since = Some(clock.now());
+        }
+    }
+
+    /// Ends the current run, if one is open.
+    #[inline]
+    fn close(&mut self, clock: &TscClock) {
+        if let Some(t) = self.since.take() {
+            self.ticks += clock.now().wrapping_sub(t);
+        }
+    }
+}
+
 /// Tunables of a switch worker.
 #[derive(Debug, Clone)]
 pub struct SwitchConfig {
@@ -171,18 +207,8 @@ pub struct Switch<B = dataplane::pool::PoolBuf> {
     verdicts: std::cell::RefCell<filter::VerdictCache>,
     stats: Arc<SwitchStats>,
     clock: TscClock,
-    /// The clock when the slow path's current run began: from a
-    /// slow-path decision to the next packet that is a hit or is handed
-    /// to another worker, or to the burst's end (`Switch::end`), the
-    /// ticks are the slow path's, the sending of what it decided
-    /// included. A burst's packets that missed are decided after its
-    /// hits have left, one after another, so a burst of new connections
-    /// reads the clock twice, where a pair of reads around each decision
-    /// cost a new connection several percent (a read costs tens of
-    /// cycles).
-    slow_since: Option<u64>,
-    /// Ticks of the slow path's runs closed since the burst's end.
-    slow_ticks: u64,
+    /// The slow path's runs, for the cycle accounting.
+    slow_run: SlowRun,
     /// The Maglev flow hash the burst's stages computed for the packet
     /// about to enter [`Switch::packet`] (`LbCore::prefetch_pick`: a miss
     /// to a VIP), with its key: the slow path hands it to the load
@@ -373,8 +399,7 @@ impl<B: PacketBuf> Switch<B> {
             verdicts: std::cell::RefCell::new(filter::VerdictCache::default()),
             stats: Arc::default(),
             clock: TscClock::process(),
-            slow_since: None,
-            slow_ticks: 0,
+            slow_run: SlowRun::default(),
             pick_hash: None,
             last_expire: 0,
             last_sweep: 0,
@@ -994,7 +1019,7 @@ impl<B: PacketBuf> Switch<B> {
         let (mut pkt, absent) =
             match self.hit(ctx, policy, pkt, (pk, hash, hint), in_port16, now, tally) {
                 Ok(()) => {
-                    self.close_slow_run();
+                    self.slow_run.close(&self.clock);
                     return;
                 }
                 Err(miss) => miss,
@@ -1011,11 +1036,7 @@ impl<B: PacketBuf> Switch<B> {
                 dataplane::icmp_error::quote(pkt.data(), pk).map_or(pk.key, |q| q.key.reversed());
             let w = crate::placement::owner(policy, in_port16, &place, h.workers());
             if w != *me {
-                // (`close_slow_run` by its fields: `h` borrows the
-                // handoff.)
-                if let Some(t) = self.slow_since.take() {
-                    self.slow_ticks += self.clock.now().wrapping_sub(t);
-                }
+                self.slow_run.close(&self.clock);
                 match h.queues.get(w).map(|q| q.push((in_port16, pkt))) {
                     Some(Ok(())) => {
                         tally.2 += 1;
@@ -1033,9 +1054,7 @@ impl<B: PacketBuf> Switch<B> {
             }
         }
         tally.1 += 1;
-        if self.slow_since.is_none() {
-            self.slow_since = Some(self.clock.now());
-        }
+        self.slow_run.open(&self.clock);
         self.first_len = u64::from(pk.ip_len());
         self.first_hash = Some((in_port16, hash, absent));
         let decided = self.slow(policy, pkt.data_mut(), pk, in_port16, now);
@@ -1108,15 +1127,6 @@ impl<B: PacketBuf> Switch<B> {
                 }
                 self.drop_pkt(pkt, r)
             }
-        }
-    }
-
-    /// Ends the slow path's current run, if one is open: the ticks since
-    /// its first decision are the slow path's.
-    #[inline]
-    fn close_slow_run(&mut self) {
-        if let Some(t) = self.slow_since.take() {
-            self.slow_ticks += self.clock.now().wrapping_sub(t);
         }
     }
 
@@ -1211,11 +1221,11 @@ impl<B: PacketBuf> Switch<B> {
         if slow > 0 {
             dataplane::stats::add_own(&self.stats.slow_path, slow);
         }
-        self.close_slow_run();
-        if self.slow_ticks > 0 {
+        self.slow_run.close(&self.clock);
+        if self.slow_run.ticks > 0 {
             dataplane::stats::add_own(
                 &self.stats.slow_path_ticks,
-                std::mem::take(&mut self.slow_ticks),
+                std::mem::take(&mut self.slow_run.ticks),
             );
         }
         if handed > 0 {
@@ -1549,6 +1559,9 @@ impl<B: PacketBuf> Pipeline<B> for Switch<B> {
                     }
                     let m = pick.get(at).copied().flatten();
                     self.burst_slow(ctx, policy, port, pkt, (p, *h, *r), m, now, &mut tally);
+                    // (Under a live trace the burst goes in its order: the
+                    // hits after this packet are not the slow path's.)
+                    self.slow_run.close(&self.clock);
                 }
                 Err(e) => ctx.drop_packet(pkt, DropReason::Malformed(*e)),
             }

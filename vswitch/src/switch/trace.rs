@@ -493,6 +493,8 @@ impl<B: PacketBuf> Switch<B> {
         let (pk, hash, _) = pre;
         let key = pk.key;
         self.packet(ctx, policy, in_port, pkt, now, false, tally, Some(pre));
+        // (The record made below is not the slow path's.)
+        self.slow_run.close(&self.clock);
         // Every other way through the switch notes where the packet went:
         // without a word, it took its cached flow (the fast path has no
         // trace test of its own). A later fragment took its first
