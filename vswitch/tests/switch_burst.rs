@@ -640,13 +640,17 @@ fn slow_path_ticks_count_the_slow_paths_runs_and_not_the_hits() {
     let mut r = rig("slow-ticks");
     let worker = r.worker.stats();
     let ticks = |r: &Rig| r.stats.slow_path_ticks.load(Ordering::Relaxed);
+    // One burst from the client to the VIP, from source ports 7000 on.
+    let burst = |r: &mut Rig| {
+        let mut b = Batch::new();
+        for sport in 7000..7000 + BURST as u16 {
+            b.push(r.pool.alloc_copy(&to_vip(sport)).unwrap()).unwrap();
+        }
+        assert_eq!(r.client.tx_burst(&mut b), BURST);
+        r.worker.poll_once();
+    };
     // A burst of new connections: one run of the slow path, counted.
-    let mut b = Batch::new();
-    for sport in 7000..7000 + BURST as u16 {
-        b.push(r.pool.alloc_copy(&to_vip(sport)).unwrap()).unwrap();
-    }
-    assert_eq!(r.client.tx_burst(&mut b), BURST);
-    r.worker.poll_once();
+    burst(&mut r);
     assert_eq!(
         received(&mut r.dips).iter().map(Vec::len).sum::<usize>(),
         BURST
@@ -656,11 +660,7 @@ fn slow_path_ticks_count_the_slow_paths_runs_and_not_the_hits() {
     assert!(after_new > 0, "the slow path's run was not counted");
     // The same flows again: all hits, none of it the slow path's.
     for _ in 0..3 {
-        for sport in 7000..7000 + BURST as u16 {
-            b.push(r.pool.alloc_copy(&to_vip(sport)).unwrap()).unwrap();
-        }
-        assert_eq!(r.client.tx_burst(&mut b), BURST);
-        r.worker.poll_once();
+        burst(&mut r);
     }
     assert_eq!(
         received(&mut r.dips).iter().map(Vec::len).sum::<usize>(),
